@@ -1,0 +1,123 @@
+"""Frozen records exchanged between the engine core's collaborators.
+
+Flow of one step: ``Scheduler.schedule() -> SchedulerOutput``;
+``ModelRunner.execute(SchedulerOutput) -> RunnerOutput``;
+``Scheduler.update(SchedulerOutput, RunnerOutput) -> list[EngineCoreOutput]``.
+No collaborator writes another's state: each keeps its own and learns from these records.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from gpu_worker.sampling_params import SamplingParams
+
+
+class FinishReason(str, enum.Enum):
+    """Why a sequence ended (string values as in vLLM / OpenAI)."""
+
+    STOP = "stop"  # EOS, a stop token id or a stop string
+    LENGTH = "length"  # max_tokens or the model's context length
+    ABORT = "abort"  # cancelled by the client, a deadline or a drain
+
+
+@dataclass(frozen=True)
+class EngineCoreRequest:
+    """A validated, tokenized request as the engine core receives it (one sequence: n == 1;
+    the front fans n > 1 out into n core requests)."""
+
+    request_id: str
+    prompt_token_ids: tuple[int, ...]
+    params: SamplingParams
+    eos_token_ids: frozenset[int] = frozenset()
+    arrival_time: float = 0.0
+    priority: int = 0  # lower runs first; FCFS among equals
+
+
+@dataclass(frozen=True)
+class ScheduledRequest:
+    """What the runner must compute for one request this step.
+
+    ``token_ids`` are the tokens whose K/V are computed this step, at positions
+    ``start_pos .. start_pos + len(token_ids) - 1``. For a request new to the runner
+    (first schedule, or resumed after preemption) ``is_new`` is True, ``block_ids`` is its
+    whole block table and ``params`` / ``prompt_len`` / ``output_token_ids`` are set;
+    otherwise ``block_ids`` holds only the blocks appended this step. ``sample`` is True
+    when this step reaches the end of the request's known tokens, so a new token must be
+    sampled from the last position.
+    """
+
+    req_id: str
+    token_ids: tuple[int, ...]
+    start_pos: int
+    block_ids: tuple[int, ...]
+    sample: bool
+    is_new: bool = False
+    params: SamplingParams | None = None
+    prompt_len: int = 0
+    output_token_ids: tuple[int, ...] = ()  # tokens generated before a preemption (for penalties)
+
+
+@dataclass(frozen=True)
+class SchedulerOutput:
+    """One step's plan. ``requests`` order is the order of rows in the flat batch."""
+
+    requests: tuple[ScheduledRequest, ...]
+    num_scheduled_tokens: int
+    finished_req_ids: frozenset[str] = frozenset()  # runner drops their state
+    preempted_req_ids: frozenset[str] = frozenset()  # runner drops their block tables
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.requests
+
+
+@dataclass(frozen=True)
+class TokenLogprobs:
+    """Logprob of the chosen token and the top-N alternatives (raw model distribution)."""
+
+    token_id: int
+    logprob: float
+    rank: int  # 1 = the most likely token
+    top: tuple[tuple[int, float], ...] = ()  # (token id, logprob), most likely first
+
+
+@dataclass(frozen=True)
+class RunnerOutput:
+    """Sampled tokens, for the requests of the step whose ``sample`` flag was True, in order."""
+
+    req_ids: tuple[str, ...]
+    sampled_token_ids: tuple[int, ...]
+    logprobs: tuple[TokenLogprobs | None, ...] = ()
+
+
+@dataclass(frozen=True)
+class EngineCoreOutput:
+    """What happened to one request in one step, as reported to the front."""
+
+    request_id: str
+    new_token_ids: tuple[int, ...]
+    new_logprobs: tuple[TokenLogprobs, ...] = ()
+    finish_reason: FinishReason | None = None
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache at admission
+    stop_token_id: int | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass(frozen=True)
+class SchedulerStats:
+    """Point-in-time load, for health, heartbeats and metrics."""
+
+    num_running: int
+    num_waiting: int
+    kv_usage: float  # fraction of KV blocks in use by requests (0..1)
+    num_free_blocks: int
+    num_total_blocks: int
+    prefix_cache_queries: int = 0  # prompt tokens looked up (cumulative)
+    prefix_cache_hits: int = 0  # of which found cached (cumulative)
+    num_preemptions: int = 0  # cumulative
+    extra: dict[str, float] = field(default_factory=dict)

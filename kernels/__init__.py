@@ -1,0 +1,53 @@
+"""llmserve's compute kernels: Triton kernels and their torch references.
+
+Every op has a torch reference in :mod:`kernels.reference` and, where it pays, a Triton
+kernel with the same signature. :func:`get_ops` picks the set for a device once; models
+receive the result and never branch on the device themselves.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from kernels import reference
+
+
+@dataclass(frozen=True)
+class KernelOps:
+    """One implementation of each op (see :mod:`kernels.reference` for the contracts)."""
+
+    name: str
+    rms_norm: Callable[..., Any]
+    fused_add_rms_norm: Callable[..., Any]
+    silu_and_mul: Callable[..., Any]
+    rotary_embedding: Callable[..., Any]
+    store_kvcache: Callable[..., Any]
+    paged_attention: Callable[..., Any]
+    paged_decode_attention: Callable[..., Any]
+
+
+def reference_ops() -> KernelOps:
+    """The plain torch implementations (CPU path, and the ground truth in tests)."""
+    return KernelOps(
+        name="reference",
+        rms_norm=reference.rms_norm,
+        fused_add_rms_norm=reference.fused_add_rms_norm,
+        silu_and_mul=reference.silu_and_mul,
+        rotary_embedding=reference.rotary_embedding,
+        store_kvcache=reference.store_kvcache,
+        paged_attention=reference.paged_attention,
+        paged_decode_attention=reference.paged_decode_attention,
+    )
+
+
+def get_ops(device: Any) -> KernelOps:
+    """The ops to use on ``device`` (a ``torch.device`` or string)."""
+    if str(device).startswith("cuda"):
+        try:
+            from kernels.triton_ops import triton_ops
+        except ImportError:
+            return reference_ops()
+        return triton_ops()
+    return reference_ops()
