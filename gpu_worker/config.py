@@ -1,0 +1,85 @@
+"""Engine configuration: one frozen dataclass, validated on construction.
+
+Flags are parsed only in ``__main__``/CLI code, which builds an :class:`EngineConfig`;
+``LLM(model=..., **engine_args)`` takes the same field names as keyword arguments.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any
+
+_DTYPES = ("auto", "float32", "float16", "bfloat16")
+_LOAD_FORMATS = ("auto", "dummy")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Everything that shapes one engine instance.
+
+    ``model`` is an HF model folder, a ``.gguf`` file, or an alias (``smollm2-135m``).
+    With ``load_format="dummy"`` it may also name a config (folder with config.json) whose
+    weights are drawn at random (benchmarks on real shapes). ``dtype="auto"`` means
+    float32 on CPU and bfloat16 on CUDA. The KV pool is sized, in order of precedence,
+    from ``num_kv_blocks``, from ``kv_cache_memory_bytes``, or (CUDA only) from
+    ``gpu_memory_utilization`` after profiling a maximum-size step.
+    """
+
+    model: str = "smollm2-135m"
+    served_model_name: str | None = None
+    tokenizer: str | None = None
+    dtype: str = "auto"
+    device: str = "auto"
+    load_format: str = "auto"
+    seed: int = 0
+    block_size: int = 16
+    max_model_len: int | None = None
+    max_num_batched_tokens: int = 2048
+    max_num_seqs: int = 256
+    num_kv_blocks: int | None = None
+    kv_cache_memory_bytes: int | None = None
+    gpu_memory_utilization: float = 0.90
+    enable_prefix_caching: bool = True
+    enforce_eager: bool = False
+    max_queue_len: int = 1024
+
+    def __post_init__(self) -> None:
+        checks: list[tuple[bool, str]] = [
+            (bool(self.model), "model must not be empty"),
+            (self.dtype in _DTYPES, f"dtype must be one of {_DTYPES}, got {self.dtype!r}"),
+            (self.load_format in _LOAD_FORMATS, f"load_format must be one of {_LOAD_FORMATS}"),
+            (
+                self.block_size > 0 and self.block_size & (self.block_size - 1) == 0,
+                f"block_size must be a positive power of two, got {self.block_size}",
+            ),
+            (self.max_model_len is None or self.max_model_len > 0, "max_model_len must be positive"),
+            (self.max_num_batched_tokens > 0, "max_num_batched_tokens must be positive"),
+            (self.max_num_seqs > 0, "max_num_seqs must be positive"),
+            (self.num_kv_blocks is None or self.num_kv_blocks > 0, "num_kv_blocks must be positive"),
+            (
+                self.kv_cache_memory_bytes is None or self.kv_cache_memory_bytes > 0,
+                "kv_cache_memory_bytes must be positive",
+            ),
+            (
+                0.0 < self.gpu_memory_utilization <= 1.0,
+                f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}",
+            ),
+            (self.max_queue_len > 0, "max_queue_len must be positive"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+    @property
+    def model_name(self) -> str:
+        """The name clients use for this model."""
+        return self.served_model_name or self.model
+
+    @classmethod
+    def from_kwargs(cls, model: str, **kwargs: Any) -> EngineConfig:
+        """Build from ``LLM(model, **kwargs)``-style arguments, rejecting unknown names."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            raise TypeError(f"unknown engine arguments: {unknown}; known: {sorted(known)}")
+        return cls(model=model, **kwargs)
