@@ -42,7 +42,8 @@ class ScheduledRequest:
     ``token_ids`` are the tokens whose K/V are computed this step, at positions
     ``start_pos .. start_pos + len(token_ids) - 1``. For a request new to the runner
     (first schedule, or resumed after preemption) ``is_new`` is True, ``block_ids`` is its
-    whole block table and ``params`` / ``prompt_len`` / ``output_token_ids`` are set;
+    whole block table and ``params`` / ``prompt_len`` / ``output_token_ids`` /
+    ``prompt_token_ids`` are set;
     otherwise ``block_ids`` holds only the blocks appended this step. ``sample`` is True
     when this step reaches the end of the request's known tokens, so a new token must be
     sampled from the last position.
@@ -57,6 +58,7 @@ class ScheduledRequest:
     params: SamplingParams | None = None
     prompt_len: int = 0
     output_token_ids: tuple[int, ...] = ()  # tokens generated before a preemption (for penalties)
+    prompt_token_ids: tuple[int, ...] = ()  # whole prompt when is_new (repetition penalty sees cached tokens)
 
 
 @dataclass(frozen=True)

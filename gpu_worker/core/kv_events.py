@@ -1,0 +1,33 @@
+"""Events describing changes to the set of cached (hash-addressable) KV blocks.
+
+The block pool records them; the engine drains them with ``take_kv_events()`` and the worker
+publishes them to the fleet state store, where the router's prefix index is built from them.
+Only hashes travel: block ids are local to one worker.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TypeAlias
+
+
+@dataclass(frozen=True)
+class BlockStored:
+    """Full, computed blocks that became hash-addressable (a later prompt can hit them)."""
+
+    block_hashes: tuple[bytes, ...]
+
+
+@dataclass(frozen=True)
+class BlockRemoved:
+    """Cached blocks that were evicted (their hashes can no longer be hit)."""
+
+    block_hashes: tuple[bytes, ...]
+
+
+@dataclass(frozen=True)
+class AllBlocksCleared:
+    """The whole prefix cache was dropped (for example after a reset)."""
+
+
+KVEvent: TypeAlias = BlockStored | BlockRemoved | AllBlocksCleared

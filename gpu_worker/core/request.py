@@ -1,0 +1,125 @@
+"""The scheduler's mutable view of one request.
+
+A :class:`Request` is owned by the scheduler alone: the KV cache manager reads it (token ids,
+block hashes, ``num_computed_tokens``) but never writes it, and the runner never sees it (it
+learns from ``ScheduledRequest`` records).
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable
+
+from gpu_worker.core.types import EngineCoreRequest, FinishReason
+from gpu_worker.sampling_params import SamplingParams
+from llmserve.hashing import BlockHash, block_hashes
+
+
+class RequestStatus(enum.Enum):
+    """Lifecycle of a request inside the engine core."""
+
+    WAITING = "waiting"  # queued, never admitted
+    RUNNING = "running"  # admitted, holds KV blocks
+    PREEMPTED = "preempted"  # evicted by recompute, queued again at the front
+    FINISHED_STOPPED = "finished_stopped"
+    FINISHED_LENGTH = "finished_length"
+    FINISHED_ABORTED = "finished_aborted"
+
+    @property
+    def is_finished(self) -> bool:
+        return self in _FINISH_REASONS
+
+    @property
+    def finish_reason(self) -> FinishReason | None:
+        return _FINISH_REASONS.get(self)
+
+
+_FINISH_REASONS = {
+    RequestStatus.FINISHED_STOPPED: FinishReason.STOP,
+    RequestStatus.FINISHED_LENGTH: FinishReason.LENGTH,
+    RequestStatus.FINISHED_ABORTED: FinishReason.ABORT,
+}
+
+
+class Request:
+    """Prompt, generated tokens and progress of one sequence.
+
+    Invariants: ``all_token_ids == prompt_token_ids + output_token_ids``;
+    ``0 <= num_computed_tokens <= num_tokens``; ``block_hashes`` holds exactly one hash per
+    full block of ``all_token_ids`` (prompt and output), chained from ``root_hash(hash_seed)``.
+    """
+
+    def __init__(
+        self,
+        request_id: str,
+        prompt_token_ids: Iterable[int],
+        params: SamplingParams,
+        *,
+        block_size: int,
+        hash_seed: str,
+        eos_token_ids: frozenset[int] = frozenset(),
+        arrival_time: float = 0.0,
+        priority: int = 0,
+    ) -> None:
+        self.request_id = request_id
+        self.prompt_token_ids: tuple[int, ...] = tuple(prompt_token_ids)
+        self.params = params
+        self.eos_token_ids = eos_token_ids
+        self.arrival_time = arrival_time
+        self.priority = priority
+        self.block_size = block_size
+        self.hash_seed = hash_seed
+        self.output_token_ids: list[int] = []
+        self.all_token_ids: list[int] = list(self.prompt_token_ids)
+        self.num_computed_tokens = 0
+        self.num_cached_tokens = 0  # prefix-cache hit at the first admission (not after preemption)
+        self.status = RequestStatus.WAITING
+        self.stop_token_id: int | None = None
+        self.block_hashes: list[BlockHash] = block_hashes(self.all_token_ids, block_size, hash_seed)
+
+    @classmethod
+    def from_core_request(cls, core: EngineCoreRequest, block_size: int, hash_seed: str) -> Request:
+        """Build the scheduler's state for a validated ``EngineCoreRequest``."""
+        return cls(
+            core.request_id,
+            core.prompt_token_ids,
+            core.params,
+            block_size=block_size,
+            hash_seed=hash_seed,
+            eos_token_ids=core.eos_token_ids,
+            arrival_time=core.arrival_time,
+            priority=core.priority,
+        )
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.all_token_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_token_ids)
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status.is_finished
+
+    def append_output_token(self, token_id: int) -> None:
+        """Append a sampled token and extend the hash chain if a block became full."""
+        self.output_token_ids.append(token_id)
+        self.all_token_ids.append(token_id)
+        if self.num_tokens % self.block_size == 0:
+            start = len(self.block_hashes)
+            parent = self.block_hashes[-1] if self.block_hashes else None
+            self.block_hashes.extend(
+                block_hashes(self.all_token_ids, self.block_size, self.hash_seed, start=start, parent=parent)
+            )
+
+    def __repr__(self) -> str:
+        return (
+            f"Request({self.request_id!r}, status={self.status.name}, tokens={self.num_tokens}, "
+            f"computed={self.num_computed_tokens})"
+        )

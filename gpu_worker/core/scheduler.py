@@ -1,0 +1,327 @@
+"""The scheduler: decides, each step, which requests compute how many tokens (pure CPU).
+
+There is no prefill phase and no decode phase: each scheduled request gets ``n`` tokens so that
+``num_computed_tokens`` catches up with its length (prompt + output). A decode is ``n == 1``, a
+long prompt is chunked under ``max_num_batched_tokens``, a prefix hit starts at the first
+uncached token, and a preempted request simply starts again from the cached prefix.
+
+One step: ``schedule()`` -> runner -> ``update(scheduler_output, runner_output)``. ``schedule``
+does not advance ``num_computed_tokens``; ``update`` does, so the two calls alternate.
+"""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from gpu_worker.core.kv_cache_manager import KVCacheManager
+from gpu_worker.core.kv_events import KVEvent
+from gpu_worker.core.request import Request, RequestStatus
+from gpu_worker.core.types import (
+    EngineCoreOutput,
+    EngineCoreRequest,
+    FinishReason,
+    RunnerOutput,
+    ScheduledRequest,
+    SchedulerOutput,
+    SchedulerStats,
+    TokenLogprobs,
+)
+
+
+@dataclass
+class _StepPlan:
+    """What one ``schedule()`` call has decided so far (private, lives for one call)."""
+
+    token_budget: int
+    # (request, tokens this step, blocks appended this step, admitted this step)
+    entries: list[tuple[Request, int, list[int], bool]] = field(default_factory=list)
+    preempted: bool = False
+
+    def add(self, request: Request, num_tokens: int, new_block_ids: list[int], admitted: bool) -> None:
+        self.entries.append((request, num_tokens, new_block_ids, admitted))
+        self.token_budget -= num_tokens
+
+
+class Scheduler:
+    """Continuous batching with chunked prefill, prefix caching and preemption by recompute.
+
+    Running requests are served first, in admission order; then waiting ones: preempted
+    requests first (most recently preempted first), then new ones ordered by
+    ``(priority, arrival_time)`` (lower priority value first, FCFS among equals). A request
+    is always scheduled in the step that admits it, so "admitted this step" is exactly "new
+    to the runner". Not thread-safe: the engine core loop is its only caller.
+    """
+
+    def __init__(
+        self,
+        kv: KVCacheManager,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        max_model_len: int,
+        block_size: int,
+        hash_seed: str,
+    ) -> None:
+        if block_size != kv.block_size:
+            raise ValueError(f"block_size {block_size} differs from the KV cache's {kv.block_size}")
+        if max_model_len > kv.num_blocks * block_size:
+            # Guarantees a lone request always fits, so preemption always makes progress.
+            raise ValueError(
+                f"max_model_len {max_model_len} exceeds the KV pool capacity {kv.num_blocks * block_size}"
+            )
+        if max_num_seqs <= 0 or max_num_batched_tokens <= 0 or max_model_len <= 0:
+            raise ValueError("max_num_seqs, max_num_batched_tokens and max_model_len must be positive")
+        self.kv = kv
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_model_len = max_model_len
+        self.block_size = block_size
+        self.hash_seed = hash_seed
+        self._requests: dict[str, Request] = {}  # every live (unfinished) request
+        self._running: list[Request] = []  # admission order
+        self._preempted: deque[Request] = deque()  # served before _waiting
+        self._waiting: list[tuple[tuple[int, float, int], Request]] = []  # sorted by key
+        self._arrivals = itertools.count()  # tie-breaker: FCFS among equal (priority, arrival)
+        self._finished_ids: set[str] = set()  # since the last schedule()
+        self._preempted_ids: set[str] = set()  # since the last schedule()
+        self._num_preemptions = 0
+
+    # ------------------------------------------------------------------ requests in and out
+
+    def add_request(self, core_request: EngineCoreRequest) -> None:
+        """Queue a request; ``ValueError`` names the problem if it can never be served."""
+        rid = core_request.request_id
+        num_prompt = len(core_request.prompt_token_ids)
+        if rid in self._requests:
+            raise ValueError(f"request_id {rid!r} is already in use")
+        if num_prompt == 0:
+            raise ValueError("prompt_token_ids must not be empty")
+        if num_prompt >= self.max_model_len:
+            raise ValueError(
+                f"prompt has {num_prompt} tokens; it must be shorter than "
+                f"max_model_len ({self.max_model_len})"
+            )
+        request = Request.from_core_request(core_request, self.block_size, self.hash_seed)
+        self._requests[rid] = request
+        key = (request.priority, request.arrival_time, next(self._arrivals))
+        bisect.insort(self._waiting, (key, request), key=lambda item: item[0])
+
+    def abort(self, request_ids: Iterable[str]) -> list[EngineCoreOutput]:
+        """Finish live requests with ABORT and free their blocks; unknown ids are ignored."""
+        outputs = []
+        for rid in request_ids:
+            request = self._requests.get(rid)
+            if request is None:
+                continue
+            if request.status is RequestStatus.RUNNING:
+                self._running.remove(request)
+            elif request.status is RequestStatus.PREEMPTED:
+                self._preempted.remove(request)
+            else:
+                self._waiting = [item for item in self._waiting if item[1] is not request]
+            self._finish(request, RequestStatus.FINISHED_ABORTED)
+            outputs.append(
+                EngineCoreOutput(
+                    rid, (), finish_reason=FinishReason.ABORT, num_cached_tokens=request.num_cached_tokens
+                )
+            )
+        return outputs
+
+    def has_unfinished(self) -> bool:
+        return bool(self._requests)
+
+    def get_request(self, request_id: str) -> Request | None:
+        """The live request with this id (read-only use: the scheduler owns it)."""
+        return self._requests.get(request_id)
+
+    # ------------------------------------------------------------------ schedule
+
+    def schedule(self) -> SchedulerOutput:
+        """Plan one step: running requests first, then admit waiting ones within the budgets."""
+        plan = _StepPlan(token_budget=self.max_num_batched_tokens)
+        self._schedule_running(plan)
+        if not plan.preempted:
+            self._schedule_waiting(plan)
+        return self._build_output(plan)
+
+    def _schedule_running(self, plan: _StepPlan) -> None:
+        i = 0
+        while i < len(self._running) and plan.token_budget > 0:
+            request = self._running[i]
+            num_tokens = min(request.num_tokens - request.num_computed_tokens, plan.token_budget)
+            if num_tokens <= 0:  # nothing to compute until it gets a new token (defensive)
+                i += 1
+                continue
+            new_block_ids = self.kv.allocate(request, num_tokens)
+            while new_block_ids is None:
+                # The most recently admitted request is always at index >= i, so it was not
+                # scheduled earlier in this step.
+                victim = self._running.pop()
+                self._preempt(victim)
+                plan.preempted = True
+                if victim is request:
+                    return
+                new_block_ids = self.kv.allocate(request, num_tokens)
+            plan.add(request, num_tokens, new_block_ids, admitted=False)
+            i += 1
+
+    def _schedule_waiting(self, plan: _StepPlan) -> None:
+        while plan.token_budget > 0 and len(self._running) < self.max_num_seqs:
+            request = self._peek_waiting()
+            if request is None:
+                return
+            cached_ids, num_cached = self.kv.match_prefix(request)
+            num_tokens = min(request.num_tokens - num_cached, plan.token_budget)
+            new_block_ids = self.kv.allocate(request, num_tokens, cached_ids)
+            if new_block_ids is None:
+                return  # the head of the queue waits for blocks; nobody overtakes it
+            self._pop_waiting(request)
+            if request.status is RequestStatus.WAITING:
+                request.num_cached_tokens = num_cached
+            request.num_computed_tokens = num_cached
+            request.status = RequestStatus.RUNNING
+            self._running.append(request)
+            plan.add(request, num_tokens, new_block_ids, admitted=True)
+
+    def _peek_waiting(self) -> Request | None:
+        if self._preempted:
+            return self._preempted[0]
+        return self._waiting[0][1] if self._waiting else None
+
+    def _pop_waiting(self, request: Request) -> None:
+        if self._preempted and self._preempted[0] is request:
+            self._preempted.popleft()
+        else:
+            del self._waiting[0]
+
+    def _preempt(self, request: Request) -> None:
+        self.kv.free(request)
+        request.status = RequestStatus.PREEMPTED
+        request.num_computed_tokens = 0
+        self._preempted.appendleft(request)
+        self._preempted_ids.add(request.request_id)
+        self._num_preemptions += 1
+
+    def _build_output(self, plan: _StepPlan) -> SchedulerOutput:
+        scheduled = []
+        for request, num_tokens, new_block_ids, admitted in plan.entries:
+            start = request.num_computed_tokens
+            end = start + num_tokens
+            token_ids = tuple(request.all_token_ids[start:end])
+            sample = end == request.num_tokens
+            if admitted:  # new to the runner (first admission or resumed): send everything
+                entry = ScheduledRequest(
+                    request.request_id,
+                    token_ids,
+                    start,
+                    tuple(self.kv.block_ids(request)),
+                    sample,
+                    is_new=True,
+                    params=request.params,
+                    prompt_len=request.num_prompt_tokens,
+                    output_token_ids=tuple(request.output_token_ids),
+                    prompt_token_ids=tuple(request.prompt_token_ids),
+                )
+            else:
+                entry = ScheduledRequest(request.request_id, token_ids, start, tuple(new_block_ids), sample)
+            scheduled.append(entry)
+        output = SchedulerOutput(
+            requests=tuple(scheduled),
+            num_scheduled_tokens=self.max_num_batched_tokens - plan.token_budget,
+            finished_req_ids=frozenset(self._finished_ids),
+            preempted_req_ids=frozenset(self._preempted_ids),
+        )
+        self._finished_ids.clear()
+        self._preempted_ids.clear()
+        return output
+
+    # ------------------------------------------------------------------ update
+
+    def update(
+        self, scheduler_output: SchedulerOutput, runner_output: RunnerOutput
+    ) -> list[EngineCoreOutput]:
+        """Account for a computed step: advance, cache full blocks, append samples, stop checks."""
+        sampled = dict(zip(runner_output.req_ids, runner_output.sampled_token_ids, strict=True))
+        logprobs: dict[str, TokenLogprobs | None] = dict(
+            zip(runner_output.req_ids, runner_output.logprobs, strict=False)
+        )
+        missing = [e.req_id for e in scheduler_output.requests if e.sample and e.req_id not in sampled]
+        if missing:  # checked before any state changes
+            raise ValueError(f"runner output has no sampled token for requests {missing}")
+        outputs = []
+        for entry in scheduler_output.requests:
+            request = self._requests.get(entry.req_id)
+            if request is None or request.status is not RequestStatus.RUNNING:
+                continue  # aborted (or finished) between schedule() and update()
+            request.num_computed_tokens += len(entry.token_ids)
+            self.kv.commit_computed(request)
+            if not entry.sample:
+                continue
+            token_id = sampled[entry.req_id]
+            request.append_output_token(token_id)
+            finish_reason = self._check_stop(request, token_id)
+            token_logprobs = logprobs.get(entry.req_id)
+            outputs.append(
+                EngineCoreOutput(
+                    request.request_id,
+                    (token_id,),
+                    new_logprobs=(token_logprobs,) if token_logprobs is not None else (),
+                    finish_reason=finish_reason,
+                    num_cached_tokens=request.num_cached_tokens,
+                    stop_token_id=request.stop_token_id,
+                )
+            )
+        return outputs
+
+    def _check_stop(self, request: Request, token_id: int) -> FinishReason | None:
+        """Finish the request if ``token_id`` ends it; returns the reason (None: keep going)."""
+        params = request.params
+        if request.num_output_tokens >= params.min_tokens:
+            is_eos = not params.ignore_eos and token_id in request.eos_token_ids
+            if is_eos or token_id in params.stop_token_ids:
+                request.stop_token_id = token_id
+                self._running.remove(request)
+                self._finish(request, RequestStatus.FINISHED_STOPPED)
+                return FinishReason.STOP
+        max_tokens = params.max_tokens
+        if (max_tokens is not None and request.num_output_tokens >= max_tokens) or (
+            request.num_tokens >= self.max_model_len
+        ):
+            self._running.remove(request)
+            self._finish(request, RequestStatus.FINISHED_LENGTH)
+            return FinishReason.LENGTH
+        return None
+
+    def _finish(self, request: Request, status: RequestStatus) -> None:
+        """Free a request already taken out of its queue."""
+        request.status = status
+        self.kv.free(request)
+        del self._requests[request.request_id]
+        self._finished_ids.add(request.request_id)
+
+    # ------------------------------------------------------------------ observability
+
+    def stats(self) -> SchedulerStats:
+        """Point-in-time load and cumulative counters."""
+        prefix = self.kv.stats
+        return SchedulerStats(
+            num_running=len(self._running),
+            num_waiting=len(self._waiting) + len(self._preempted),
+            kv_usage=self.kv.usage,
+            num_free_blocks=self.kv.num_free_blocks,
+            num_total_blocks=self.kv.num_blocks,
+            prefix_cache_queries=prefix.queries,
+            prefix_cache_hits=prefix.hits,
+            num_preemptions=self._num_preemptions,
+        )
+
+    def take_kv_events(self) -> list[KVEvent]:
+        """Drain the KV cache's stored/removed events since the last call."""
+        return self.kv.take_events()
+
+    def cached_block_hashes(self) -> set[bytes]:
+        """Snapshot of every cached block hash (for a full resync of the router's index)."""
+        return self.kv.cached_block_hashes()

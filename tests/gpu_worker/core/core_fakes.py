@@ -1,0 +1,129 @@
+"""Test helpers for the engine core: a deterministic paged fake runner and leak checks.
+
+Imported by the tests of this folder as ``core_fakes`` (unique name: tests/ has no packages).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from array import array
+from collections.abc import Sequence
+from typing import Any
+
+from gpu_worker.core.kv_cache_manager import KVCacheManager
+from gpu_worker.core.scheduler import Scheduler
+from gpu_worker.core.types import EngineCoreOutput, EngineCoreRequest, RunnerOutput, SchedulerOutput
+from gpu_worker.sampling_params import SamplingParams
+
+VOCAB = 97
+
+
+def next_token(seq: Sequence[int], vocab: int = VOCAB) -> int:
+    """A deterministic 'model': the next token is a hash of the whole sequence."""
+    digest = hashlib.blake2b(array("q", seq).tobytes(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") % vocab
+
+
+def core_request(
+    rid: str,
+    prompt: Sequence[int],
+    priority: int = 0,
+    arrival: float = 0.0,
+    eos: Sequence[int] = (),
+    **params: Any,
+) -> EngineCoreRequest:
+    return EngineCoreRequest(
+        rid,
+        tuple(prompt),
+        SamplingParams(**params),
+        eos_token_ids=frozenset(eos),
+        arrival_time=arrival,
+        priority=priority,
+    )
+
+
+class PagedFakeRunner:
+    """Writes each token into its paged slot and 'attends' by reading the sequence back
+    through the block table: a wrong block table or a stale cached block changes the output.
+    It also checks positions: ``start_pos`` must equal the tokens it already holds."""
+
+    def __init__(self, num_blocks: int, block_size: int, script: dict[str, list[int]] | None = None) -> None:
+        self.block_size = block_size
+        self.slots: list[list[int | None]] = [[None] * block_size for _ in range(num_blocks)]
+        self.tables: dict[str, list[int]] = {}
+        self.num_written: dict[str, int] = {}
+        self.script = script or {}  # per request: tokens to emit instead of next_token
+        self.steps: list[SchedulerOutput] = []
+
+    def execute(self, out: SchedulerOutput) -> RunnerOutput:
+        self.steps.append(out)
+        for rid in out.finished_req_ids | out.preempted_req_ids:
+            self.tables.pop(rid, None)
+            self.num_written.pop(rid, None)
+        ids: list[str] = []
+        toks: list[int] = []
+        for sr in out.requests:
+            if sr.is_new:
+                self.tables[sr.req_id] = list(sr.block_ids)
+                self.num_written[sr.req_id] = sr.start_pos  # a prefix hit is already in the cache
+            else:
+                self.tables[sr.req_id].extend(sr.block_ids)
+            if sr.start_pos != self.num_written[sr.req_id]:
+                raise AssertionError(
+                    f"{sr.req_id}: start_pos {sr.start_pos} != {self.num_written[sr.req_id]}"
+                )
+            table = self.tables[sr.req_id]
+            for k, tok in enumerate(sr.token_ids):
+                pos = sr.start_pos + k
+                self.slots[table[pos // self.block_size]][pos % self.block_size] = tok
+            end = sr.start_pos + len(sr.token_ids)
+            self.num_written[sr.req_id] = end
+            if sr.sample:
+                seq = [self.slots[table[p // self.block_size]][p % self.block_size] for p in range(end)]
+                ids.append(sr.req_id)
+                toks.append(self._sample(sr.req_id, seq))  # type: ignore[arg-type]
+        return RunnerOutput(tuple(ids), tuple(toks))
+
+    def _sample(self, rid: str, seq: list[int]) -> int:
+        scripted = self.script.get(rid)
+        return scripted.pop(0) if scripted else next_token(seq)
+
+
+def make_scheduler(
+    num_blocks: int = 64,
+    block_size: int = 4,
+    max_num_seqs: int = 8,
+    max_num_batched_tokens: int = 64,
+    max_model_len: int = 64,
+    enable_caching: bool = True,
+) -> Scheduler:
+    kv = KVCacheManager(num_blocks, block_size, enable_caching)
+    return Scheduler(kv, max_num_seqs, max_num_batched_tokens, max_model_len, block_size, "test-model")
+
+
+def run_to_completion(
+    sched: Scheduler, runner: PagedFakeRunner, max_steps: int = 10_000
+) -> dict[str, list[EngineCoreOutput]]:
+    """Step until nothing is left; returns each request's outputs in order."""
+    outputs: dict[str, list[EngineCoreOutput]] = {}
+    for _ in range(max_steps):
+        if not sched.has_unfinished():
+            return outputs
+        out = sched.schedule()
+        for o in sched.update(out, runner.execute(out)):
+            outputs.setdefault(o.request_id, []).append(o)
+    raise AssertionError("scheduler did not finish")
+
+
+def tokens_of(outputs: dict[str, list[EngineCoreOutput]]) -> dict[str, list[int]]:
+    return {rid: [t for o in outs for t in o.new_token_ids] for rid, outs in outputs.items()}
+
+
+def assert_no_leak(kv: KVCacheManager) -> None:
+    """Every block back in the free list with ref count 0, no request holding a table."""
+    pool = kv.pool
+    assert [b.ref_cnt for b in pool.blocks] == [0] * pool.num_blocks
+    assert sorted(pool.free_block_ids()) == list(range(pool.num_blocks))
+    assert kv.num_free_blocks == pool.num_blocks
+    assert kv.usage == 0.0
+    assert kv.num_requests == 0
