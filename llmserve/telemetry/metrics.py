@@ -1,0 +1,257 @@
+"""Prometheus metrics of worker and router, named as vLLM users know them (``llmserve:`` prefix).
+
+Each server creates one metrics object; it owns its own ``CollectorRegistry`` (nothing is
+registered in prometheus_client's global registry), so tests and several servers in one
+process never collide. ``start_metrics_server(port, metrics.registry)`` serves ``/metrics``.
+
+Worker: gauges and prefix-cache/preemption counters come from the engine's ``SchedulerStats``
+(``update_scheduler_stats``, call it whenever you read stats: heartbeat or step loop);
+per-request counters and histograms from ``on_request_finished``. Router: ``on_request_finished``,
+``on_routing_decision``, ``on_retry``, ``update_fleet``.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import NamedTuple, Protocol
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+PREFIX = "llmserve:"
+
+# Buckets as in vLLM, with finer low ends for fast GPUs.
+TTFT_BUCKETS_S = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
+                  10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
+ITL_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2,
+                 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
+REQUEST_LATENCY_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0,
+                             20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
+
+
+class SchedulerStatsLike(Protocol):
+    """The fields of ``gpu_worker.core.types.SchedulerStats`` read here (no import of gpu_worker:
+    this package never imports torch)."""
+
+    @property
+    def num_running(self) -> int: ...
+    @property
+    def num_waiting(self) -> int: ...
+    @property
+    def kv_usage(self) -> float: ...
+    @property
+    def prefix_cache_queries(self) -> int: ...
+    @property
+    def prefix_cache_hits(self) -> int: ...
+    @property
+    def num_preemptions(self) -> int: ...
+
+
+@dataclass
+class _Cumulative:
+    """Last cumulative engine counters seen, to turn them into counter increments."""
+
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
+    num_preemptions: int = 0
+
+
+def _delta(now: int, before: int) -> int:
+    # A smaller value means the engine restarted its counters: all of `now` is new.
+    return now - before if now >= before else now
+
+
+class WorkerMetrics:
+    """The worker's metrics, every series labelled ``model_name``."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = CollectorRegistry() if registry is None else registry
+        r, m = self.registry, ["model_name"]
+        self.num_requests_running = Gauge(
+            PREFIX + "num_requests_running", "Requests in the running batch.", m, registry=r)
+        self.num_requests_waiting = Gauge(
+            PREFIX + "num_requests_waiting", "Requests waiting to be scheduled.", m, registry=r)
+        self.kv_cache_usage_perc = Gauge(
+            PREFIX + "kv_cache_usage_perc", "Fraction of KV-cache blocks in use (0..1).", m, registry=r)
+        self.prefix_cache_queries = Counter(
+            PREFIX + "prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", m, registry=r)
+        self.prefix_cache_hits = Counter(
+            PREFIX + "prefix_cache_hits", "Prompt tokens found in the prefix cache.", m, registry=r)
+        self.num_preemptions = Counter(
+            PREFIX + "num_preemptions", "Requests preempted (recompute).", m, registry=r)
+        self.prompt_tokens = Counter(
+            PREFIX + "prompt_tokens", "Prompt tokens of finished requests.", m, registry=r)
+        self.generation_tokens = Counter(
+            PREFIX + "generation_tokens", "Generated tokens of finished requests.", m, registry=r)
+        self.request_success = Counter(
+            PREFIX + "request_success", "Finished requests by finish reason.",
+            ["model_name", "finished_reason"], registry=r)
+        self.time_to_first_token = Histogram(
+            PREFIX + "time_to_first_token_seconds", "Arrival to first generated token.", m,
+            buckets=TTFT_BUCKETS_S, registry=r)
+        self.inter_token_latency = Histogram(
+            PREFIX + "inter_token_latency_seconds", "Time between consecutive output tokens (time per "
+            "output token), one observation per token after the first.", m, buckets=ITL_BUCKETS_S, registry=r)
+        self.e2e_request_latency = Histogram(
+            PREFIX + "e2e_request_latency_seconds", "Arrival to finish.", m,
+            buckets=REQUEST_LATENCY_BUCKETS_S, registry=r)
+        self.request_queue_time = Histogram(
+            PREFIX + "request_queue_time_seconds", "Arrival to first scheduling.", m,
+            buckets=REQUEST_LATENCY_BUCKETS_S, registry=r)
+        self._cumulative: dict[str, _Cumulative] = {}
+        self._lock = threading.Lock()  # update_scheduler_stats may run on the engine thread
+
+    def update_scheduler_stats(self, model: str, stats: SchedulerStatsLike) -> None:
+        """Set the gauges from a stats snapshot and advance the counters by what the engine's
+        cumulative counters gained since the previous call."""
+        self.num_requests_running.labels(model).set(stats.num_running)
+        self.num_requests_waiting.labels(model).set(stats.num_waiting)
+        self.kv_cache_usage_perc.labels(model).set(stats.kv_usage)
+        with self._lock:
+            seen = self._cumulative.setdefault(model, _Cumulative())
+            queries = _delta(stats.prefix_cache_queries, seen.prefix_cache_queries)
+            hits = _delta(stats.prefix_cache_hits, seen.prefix_cache_hits)
+            preemptions = _delta(stats.num_preemptions, seen.num_preemptions)
+            seen.prefix_cache_queries = stats.prefix_cache_queries
+            seen.prefix_cache_hits = stats.prefix_cache_hits
+            seen.num_preemptions = stats.num_preemptions
+        self.prefix_cache_queries.labels(model).inc(queries)
+        self.prefix_cache_hits.labels(model).inc(hits)
+        self.num_preemptions.labels(model).inc(preemptions)
+
+    def on_request_finished(
+        self,
+        model: str,
+        *,
+        prompt_tokens: int,
+        generation_tokens: int,
+        finish_reason: str,
+        ttft_s: float | None = None,
+        itl_s: Sequence[float] = (),
+        e2e_s: float | None = None,
+        queue_s: float | None = None,
+    ) -> None:
+        """Record one finished request (each of its ``n`` sequences: call once per sequence, or
+        once with summed tokens and the first sequence's timings). A timing left None (e.g. a
+        request aborted before its first token) is not observed. ``itl_s``: one value per token
+        after the first, as ``RequestTimeline.itl_s`` gives; or observe them as they come with
+        ``observe_inter_token_latency`` and pass nothing here."""
+        self.prompt_tokens.labels(model).inc(prompt_tokens)
+        self.generation_tokens.labels(model).inc(generation_tokens)
+        self.request_success.labels(model, finish_reason).inc()
+        if ttft_s is not None:
+            self.time_to_first_token.labels(model).observe(ttft_s)
+        if e2e_s is not None:
+            self.e2e_request_latency.labels(model).observe(e2e_s)
+        if queue_s is not None:
+            self.request_queue_time.labels(model).observe(queue_s)
+        if itl_s:
+            self.observe_inter_token_latency(model, itl_s)
+
+    def observe_inter_token_latency(self, model: str, itl_s: Iterable[float]) -> None:
+        """Observe inter-token latencies as they happen (one value per token)."""
+        histogram = self.inter_token_latency.labels(model)
+        for value in itl_s:
+            histogram.observe(value)
+
+
+class WorkerLoad(NamedTuple):
+    """One live worker as the router sees it, for ``RouterMetrics.update_fleet``."""
+
+    worker_id: str
+    model: str
+    load: float  # the worker's reported load (running + waiting requests)
+
+
+class RouterMetrics:
+    """The router's metrics (prefix ``llmserve:router_``)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = CollectorRegistry() if registry is None else registry
+        r, p = self.registry, PREFIX + "router_"
+        self.requests = Counter(
+            p + "requests", "Generate requests by model and outcome (ok or the gRPC status, lower case).",
+            ["model", "outcome"], registry=r)
+        self.routing_decisions = Counter(
+            p + "routing_decisions", "Routing decisions by policy and reason.", ["policy", "reason"],
+            registry=r)
+        self.retries = Counter(p + "retries", "Requests retried on another worker.", ["model"], registry=r)
+        self.live_workers = Gauge(p + "live_workers", "Live workers per model.", ["model"], registry=r)
+        self.worker_load = Gauge(
+            p + "worker_load", "Load reported by each live worker.", ["worker_id", "model"], registry=r)
+        self.request_latency = Histogram(
+            p + "request_latency_seconds", "Generate latency seen by the router, arrival to last chunk.",
+            ["model"], buckets=REQUEST_LATENCY_BUCKETS_S, registry=r)
+        self.time_to_first_token = Histogram(
+            p + "time_to_first_token_seconds", "Arrival at the router to first chunk with tokens.",
+            ["model"], buckets=TTFT_BUCKETS_S, registry=r)
+        self._fleet_labels: tuple[set[str], set[tuple[str, str]]] = (set(), set())
+        self._lock = threading.Lock()
+
+    def on_request_finished(
+        self, model: str, outcome: str, *, e2e_s: float | None = None, ttft_s: float | None = None
+    ) -> None:
+        """One Generate ended: ``outcome`` is ``ok`` or the gRPC status name in lower case
+        (``not_found``, ``unavailable``, ``cancelled``, ``invalid_argument``...)."""
+        self.requests.labels(model, outcome).inc()
+        if e2e_s is not None:
+            self.request_latency.labels(model).observe(e2e_s)
+        if ttft_s is not None:
+            self.time_to_first_token.labels(model).observe(ttft_s)
+
+    def on_routing_decision(self, policy: str, reason: str) -> None:
+        """The policy picked a worker for ``reason`` (``prefix_hit``, ``load``, ``round_robin``,
+        ``hot_prefix_guard``, ``only_candidate``...)."""
+        self.routing_decisions.labels(policy, reason).inc()
+
+    def on_retry(self, model: str) -> None:
+        """A request is retried on another worker."""
+        self.retries.labels(model).inc()
+
+    def update_fleet(self, workers: Iterable[WorkerLoad]) -> None:
+        """Set live workers per model and per-worker load from the registry's current view;
+        series of models and workers gone since the previous call are removed."""
+        counts: dict[str, int] = {}
+        loads: dict[tuple[str, str], float] = {}
+        for w in workers:
+            counts[w.model] = counts.get(w.model, 0) + 1
+            loads[(w.worker_id, w.model)] = w.load
+        with self._lock:
+            old_models, old_workers = self._fleet_labels
+            for model in old_models - counts.keys():
+                self.live_workers.remove(model)
+            for key in old_workers - loads.keys():
+                self.worker_load.remove(*key)
+            for model, count in counts.items():
+                self.live_workers.labels(model).set(count)
+            for key, load in loads.items():
+                self.worker_load.labels(*key).set(load)
+            self._fleet_labels = (set(counts), set(loads))
+
+
+class MetricsServer:
+    """A running ``/metrics`` HTTP endpoint (daemon thread); ``stop()`` ends it."""
+
+    def __init__(self, httpd: WSGIServer, thread: threading.Thread) -> None:
+        self._httpd = httpd
+        self._thread = thread
+
+    @property
+    def port(self) -> int:
+        """The bound port (useful after asking for port 0)."""
+        return int(self._httpd.server_port)
+
+    def stop(self) -> None:
+        """Stop serving and release the port."""
+        self._httpd.shutdown()
+        self._httpd.server_close()
+        self._thread.join(timeout=5)
+
+
+def start_metrics_server(port: int, registry: CollectorRegistry, addr: str = "0.0.0.0") -> MetricsServer:
+    """Serve ``registry`` in the Prometheus text format at ``http://addr:port/metrics``
+    (port 0 picks a free one: read ``.port``)."""
+    httpd, thread = start_http_server(port, addr=addr, registry=registry)
+    return MetricsServer(httpd, thread)
