@@ -1,0 +1,236 @@
+"""Kernel micro-benchmarks on one CUDA GPU: Triton ops against their torch references.
+
+- copy: a 1 GiB device-to-device copy, the bandwidth ceiling (bytes read + bytes written);
+- decode attention at batch 64, 2k-token contexts, llama3-8b shape (32 q heads, 8 KV heads,
+  head dim 128, bf16, block size 16): achieved bandwidth (K/V bytes read) as a share of the
+  copy bandwidth, the default tiling and a sweep of tilings;
+- prefill attention (fresh, with a cached prefix, mixed with decodes) and the norms,
+  activation and rotary ops: time and ratio against the reference.
+
+Times are medians of ``triton.testing.do_bench`` (CUDA events) after a warm-up.
+``python bench/bench_kernels.py [--json PATH] [--no-sweep]``; prints a table last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import functools
+import json
+import random
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+import triton
+import triton.testing
+
+from kernels import reference
+from kernels import triton_ops as tops
+
+LLAMA3_8B = {"num_heads": 32, "num_kv_heads": 8, "head_dim": 128, "hidden": 4096, "intermediate": 14336}
+
+
+@dataclass(frozen=True)
+class Row:
+    """One measurement."""
+
+    name: str
+    ms: float
+    gb_s: float | None = None
+    share_of_copy: float | None = None
+    ref_ms: float | None = None
+    note: str = ""
+
+    @property
+    def speedup(self) -> float | None:
+        return None if self.ref_ms is None else self.ref_ms / self.ms
+
+
+def bench(fn: Callable[[], object]) -> float:
+    """Median milliseconds of ``fn`` (CUDA events)."""
+    return float(triton.testing.do_bench(fn, warmup=50, rep=300, return_mode="median"))
+
+
+def copy_bandwidth_gb_s() -> float:
+    src = torch.empty(1 << 29, dtype=torch.bfloat16, device="cuda").normal_()  # 1 GiB
+    dst = torch.empty_like(src)
+    ms = bench(lambda: dst.copy_(src))
+    return 2 * src.numel() * src.element_size() / ms / 1e6
+
+
+@dataclass(frozen=True)
+class Paged:
+    """A paged batch in the llama3-8b shape over shuffled blocks."""
+
+    q: torch.Tensor
+    key_cache: torch.Tensor
+    value_cache: torch.Tensor
+    block_tables: torch.Tensor
+    query_start_loc: torch.Tensor
+    seq_lens: torch.Tensor
+    max_query_len: int
+    max_seq_len: int
+    scale: float
+
+
+def make_paged(specs: list[tuple[int, int]], block_size: int = 16) -> Paged:
+    hq, hk, d = LLAMA3_8B["num_heads"], LLAMA3_8B["num_kv_heads"], LLAMA3_8B["head_dim"]
+    max_seq_len = max(s for s, _ in specs)
+    per_seq = -(-max_seq_len // block_size)
+    num_blocks = per_seq * len(specs)
+    ids = list(range(num_blocks))
+    random.Random(0).shuffle(ids)
+    cache = (num_blocks, block_size, hk, d)
+    starts = [0]
+    for _, ql in specs:
+        starts.append(starts[-1] + ql)
+    return Paged(
+        q=torch.randn(starts[-1], hq, d, device="cuda", dtype=torch.bfloat16),
+        key_cache=torch.randn(cache, device="cuda", dtype=torch.bfloat16),
+        value_cache=torch.randn(cache, device="cuda", dtype=torch.bfloat16),
+        block_tables=torch.tensor(ids, dtype=torch.int32, device="cuda").view(len(specs), per_seq),
+        query_start_loc=torch.tensor(starts, dtype=torch.int32, device="cuda"),
+        seq_lens=torch.tensor([s for s, _ in specs], dtype=torch.int32, device="cuda"),
+        max_query_len=max(ql for _, ql in specs),
+        max_seq_len=max_seq_len,
+        scale=d**-0.5,
+    )
+
+
+def decode_rows(copy_gb_s: float, sweep: bool, block_size: int) -> list[Row]:
+    batch, ctx = 64, 2048
+    p = make_paged([(ctx, 1)] * batch, block_size)
+    kv_bytes = 2 * batch * ctx * p.key_cache.shape[2] * p.key_cache.shape[3] * 2
+    args = (p.q, p.key_cache, p.value_cache, p.block_tables, p.seq_lens, p.scale, p.max_seq_len)
+
+    def row(name: str, cfg: tops.DecodeConfig, ref_ms: float | None = None) -> Row:
+        ms = bench(lambda: tops.paged_decode_attention(*args, config=cfg))
+        gb_s = kv_bytes / ms / 1e6
+        return Row(name, ms, gb_s, gb_s / copy_gb_s, ref_ms, str(cfg) if name.startswith("sweep") else "")
+
+    ref_ms = bench(lambda: reference.paged_decode_attention(*args)) if block_size == 16 else None
+    rows = [row(f"decode b64 ctx2k bs{block_size} (default)", tops.DecodeConfig(), ref_ms)]
+    if not sweep:
+        return rows
+    swept = [
+        row("sweep decode", tops.DecodeConfig(part, block_n, warps, stages))
+        for part in (1024, 2048)
+        for block_n in (32, 64, 128)
+        for warps, stages in ((2, 3), (4, 3), (2, 4))
+    ]
+    return rows + sorted(swept, key=lambda r: r.ms)[:4]
+
+
+def split_decode_rows(copy_gb_s: float) -> list[Row]:
+    """Few sequences, long contexts: the split-KV path (8 x 8 KV heads, 16k tokens)."""
+    batch, ctx = 8, 16384
+    p = make_paged([(ctx, 1)] * batch)
+    kv_bytes = 2 * batch * ctx * p.key_cache.shape[2] * p.key_cache.shape[3] * 2
+    args = (p.q, p.key_cache, p.value_cache, p.block_tables, p.seq_lens, p.scale, p.max_seq_len)
+    rows = []
+    for cfg in (tops.DecodeConfig(), tops.DecodeConfig(partition_size=512), tops.DecodeConfig(num_warps=4)):
+        ms = bench(functools.partial(tops.paged_decode_attention, *args, config=cfg))
+        gb_s = kv_bytes / ms / 1e6
+        rows.append(Row("decode b8 ctx16k (split-KV)", ms, gb_s, gb_s / copy_gb_s, note=str(cfg)))
+    return rows
+
+
+def prefill_rows(sweep: bool) -> list[Row]:
+    cases = {
+        "prefill 8x1024 fresh": [(1024, 1024)] * 8,
+        "prefill 16x256 after 1792 cached": [(2048, 256)] * 16,
+        "mixed 1x512 chunk + 63 decodes@2k": [(512, 512)] + [(2048, 1)] * 63,
+    }
+    rows = []
+    for name, specs in cases.items():
+        p = make_paged(specs)
+        args = (p.q, p.key_cache, p.value_cache, p.block_tables, p.query_start_loc, p.seq_lens,
+                p.scale, p.max_query_len, p.max_seq_len)
+        ref_ms = bench(functools.partial(reference.paged_attention, *args))
+        # Causal FLOPs: each query row attends to its visible keys (QK^T and PV: 4*D per pair).
+        pairs = sum(sum(s - ql + i + 1 for i in range(ql)) for s, ql in specs)
+        flop = 4 * pairs * LLAMA3_8B["head_dim"] * LLAMA3_8B["num_heads"]
+        configs = [tops.PrefillConfig()]
+        if sweep:
+            configs += [tops.PrefillConfig(bm, bn, w, st) for bm, bn, w, st in
+                        ((64, 64, 4, 2), (64, 64, 8, 2), (128, 64, 8, 3), (128, 32, 8, 3),
+                         (128, 32, 4, 3), (64, 32, 4, 3), (128, 128, 8, 2))]
+        for i, cfg in enumerate(configs):
+            ms = bench(functools.partial(tops.paged_attention, *args, config=cfg))
+            tiles = f"{cfg.block_m}/{cfg.block_n} w{cfg.num_warps} s{cfg.num_stages}"
+            label = name if i == 0 else f"  sweep {tiles}"
+            rows.append(Row(label, ms, ref_ms=ref_ms, note=f"{flop / ms / 1e9:.0f} TFLOP/s"))
+    # Peer: torch SDPA (flash) on the same fresh prefill, contiguous and unpaged.
+    q = torch.randn(8, 32, 1024, 128, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(8, 8, 1024, 128, device="cuda", dtype=torch.bfloat16)
+    sdpa_ms = bench(lambda: torch.nn.functional.scaled_dot_product_attention(
+        q, k, k, is_causal=True, enable_gqa=True))
+    rows.append(Row("torch SDPA 8x1024 causal (unpaged peer)", sdpa_ms))
+    return rows
+
+
+def elementwise_rows(copy_gb_s: float) -> list[Row]:
+    tokens, hidden, inter = 4096, LLAMA3_8B["hidden"], LLAMA3_8B["intermediate"]
+    hq, hk, d = LLAMA3_8B["num_heads"], LLAMA3_8B["num_kv_heads"], LLAMA3_8B["head_dim"]
+
+    def bf16(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, device="cuda", dtype=torch.bfloat16)
+
+    x, res, w = bf16(tokens, hidden), bf16(tokens, hidden), bf16(hidden)
+    gate_up = bf16(tokens, 2 * inter)
+    qkv = bf16(tokens, hq + 2 * hk, d)
+    q, k = qkv[:, :hq], qkv[:, hq : hq + hk]
+    pos = torch.randint(0, 8192, (tokens,), device="cuda")
+    cache = torch.randn(8192, d, device="cuda")
+    row_bytes = tokens * hidden * 2
+    cases: list[tuple[str, Callable[[], object], Callable[[], object], int]] = [
+        ("rms_norm 4096x4096", lambda: tops.rms_norm(x, w, 1e-5), lambda: reference.rms_norm(x, w, 1e-5),
+         2 * row_bytes),
+        # In place: repeated calls keep growing the residual slowly; timing is unaffected.
+        ("fused_add_rms_norm 4096x4096", lambda: tops.fused_add_rms_norm(x, res, w, 1e-5),
+         lambda: reference.fused_add_rms_norm(x, res, w, 1e-5), 4 * row_bytes),
+        ("silu_and_mul 4096x14336", lambda: tops.silu_and_mul(gate_up),
+         lambda: reference.silu_and_mul(gate_up), 3 * tokens * inter * 2),
+        ("rotary 4096 tok 32+8 heads", lambda: tops.rotary_embedding(pos, q, k, cache),
+         lambda: reference.rotary_embedding(pos, q, k, cache), 2 * tokens * (hq + hk) * d * 2),
+    ]
+    rows = []
+    for name, fn, ref_fn, nbytes in cases:
+        ms = bench(fn)
+        gb_s = nbytes / ms / 1e6
+        rows.append(Row(name, ms, gb_s, gb_s / copy_gb_s, bench(ref_fn)))
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", help="write the rows and context here")
+    parser.add_argument("--no-sweep", action="store_true", help="skip the decode tiling sweep")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    card = torch.cuda.get_device_name()
+    copy = copy_bandwidth_gb_s()
+    rows = [Row("copy 1 GiB d2d", 0.0, copy, 1.0)]
+    rows += decode_rows(copy, not args.no_sweep, 16)
+    rows += decode_rows(copy, False, 64)
+    rows += split_decode_rows(copy)
+    rows += prefill_rows(not args.no_sweep)
+    rows += elementwise_rows(copy)
+    context = {"date": datetime.date.today().isoformat(), "card": card, "torch": torch.__version__,
+               "triton": triton.__version__}
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({**context, "rows": [{**asdict(r), "speedup": r.speedup} for r in rows]}, f, indent=1)
+    print(json.dumps(context))
+    print(f"{'name':<44} {'ms':>9} {'GB/s':>8} {'%copy':>6} {'ref ms':>9} {'x ref':>7}  note")
+    for r in rows:
+        gb = f"{r.gb_s:8.0f}" if r.gb_s else " " * 8
+        share = f"{100 * r.share_of_copy:5.1f}%" if r.share_of_copy else " " * 6
+        ref = f"{r.ref_ms:9.3f}" if r.ref_ms else " " * 9
+        speed = f"{r.speedup:6.1f}x" if r.speedup else " " * 7
+        print(f"{r.name:<44} {r.ms:9.4f} {gb} {share} {ref} {speed}  {r.note}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,44 @@
+"""llmserve's Triton kernels, one per op of :mod:`kernels.reference`, same signatures.
+
+Each kernel module is small and self-contained; :func:`triton_ops` bundles them into the
+:class:`kernels.KernelOps` that :func:`kernels.get_ops` hands out on CUDA. Some ops take
+extra keyword-only arguments (``out=``, tiling) that the reference does not have; callers
+that stick to the reference signature get the defaults.
+"""
+
+from __future__ import annotations
+
+from kernels import KernelOps
+from kernels.triton_ops.activation import silu_and_mul
+from kernels.triton_ops.decode_attention import DecodeConfig, paged_decode_attention
+from kernels.triton_ops.kv_store import store_kvcache
+from kernels.triton_ops.norm import fused_add_rms_norm, rms_norm
+from kernels.triton_ops.prefill_attention import PrefillConfig, paged_attention
+from kernels.triton_ops.rotary import rotary_embedding
+
+__all__ = [
+    "DecodeConfig",
+    "PrefillConfig",
+    "fused_add_rms_norm",
+    "paged_attention",
+    "paged_decode_attention",
+    "rms_norm",
+    "rotary_embedding",
+    "silu_and_mul",
+    "store_kvcache",
+    "triton_ops",
+]
+
+
+def triton_ops() -> KernelOps:
+    """The Triton implementation of every op (CUDA tensors; CPU under ``TRITON_INTERPRET=1``)."""
+    return KernelOps(
+        name="triton",
+        rms_norm=rms_norm,
+        fused_add_rms_norm=fused_add_rms_norm,
+        silu_and_mul=silu_and_mul,
+        rotary_embedding=rotary_embedding,
+        store_kvcache=store_kvcache,
+        paged_attention=paged_attention,
+        paged_decode_attention=paged_decode_attention,
+    )

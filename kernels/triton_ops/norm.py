@@ -1,0 +1,127 @@
+"""RMSNorm and RMSNorm fused with the residual add (one pass over each row).
+
+Rounding follows :func:`kernels.reference.rms_norm` step by step: the residual sum is
+rounded to the input dtype, the normalised row is rounded to the input dtype before the
+weight multiply, and the product is rounded to the promoted output dtype. Only the order of
+the float32 sum of squares differs from torch.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _rms_norm_kernel(
+    x_ptr,
+    res_ptr,
+    w_ptr,
+    out_ptr,
+    sum_out_ptr,
+    stride_x,
+    stride_res,
+    stride_out,
+    stride_sum,
+    hidden,
+    eps,
+    HAS_RESIDUAL: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < hidden
+    x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
+    if HAS_RESIDUAL:
+        r = tl.load(res_ptr + row * stride_res + cols, mask=mask, other=0.0)
+        # Round the sum to its dtype (promoted from x and residual), as torch's add does.
+        x = (x.to(tl.float32) + r.to(tl.float32)).to(sum_out_ptr.dtype.element_ty)
+        tl.store(sum_out_ptr + row * stride_sum + cols, x, mask=mask)
+    xf = x.to(tl.float32)
+    var = tl.sum(xf * xf, axis=0) / hidden
+    rstd = 1.0 / tl.sqrt(var + eps)
+    normed = (xf * rstd).to(x.dtype).to(tl.float32)
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    y = normed * w
+    tl.store(out_ptr + row * stride_out + cols, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as ``[rows, hidden]`` with a unit last stride (a view where possible)."""
+    if t.stride(-1) != 1:
+        t = t.contiguous()
+    try:
+        return t.view(-1, t.shape[-1])
+    except RuntimeError:
+        return t.reshape(-1, t.shape[-1])
+
+
+def _launch(
+    x2: torch.Tensor,
+    res2: torch.Tensor | None,
+    weight: torch.Tensor,
+    out2: torch.Tensor,
+    sum2: torch.Tensor | None,
+    eps: float,
+) -> None:
+    hidden = x2.shape[1]
+    block = triton.next_power_of_2(hidden)
+    num_warps = min(max(block // 256, 1), 16)
+    has_res = res2 is not None and sum2 is not None
+    _rms_norm_kernel[(x2.shape[0],)](
+        x2,
+        res2 if has_res else x2,
+        weight,
+        out2,
+        sum2 if has_res else out2,
+        x2.stride(0),
+        res2.stride(0) if res2 is not None else 0,
+        out2.stride(0),
+        sum2.stride(0) if sum2 is not None else 0,
+        hidden,
+        eps,
+        HAS_RESIDUAL=has_res,
+        BLOCK=block,
+        num_warps=num_warps,
+    )
+
+
+def rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, *, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Triton :func:`kernels.reference.rms_norm`; ``out`` (optional) receives the result."""
+    if weight.stride(-1) != 1:
+        weight = weight.contiguous()
+    out_dtype = torch.promote_types(x.dtype, weight.dtype)
+    if out is None:
+        out = torch.empty(x.shape, dtype=out_dtype, device=x.device)
+    if x.numel() == 0:
+        return out
+    out2 = out.view(-1, x.shape[-1])
+    _launch(_rows(x), None, weight, out2, None, eps)
+    return out
+
+
+def fused_add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton :func:`kernels.reference.fused_add_rms_norm`, computed in place.
+
+    The normalised output overwrites ``x`` and the sum overwrites ``residual`` (when their
+    rows are unit-stride views; otherwise fresh tensors are returned). The returned tensors
+    are the ones to use.
+    """
+    if weight.stride(-1) != 1:
+        weight = weight.contiguous()
+    sum_dtype = torch.promote_types(x.dtype, residual.dtype)
+    out_dtype = torch.promote_types(sum_dtype, weight.dtype)
+    x2 = _rows(x)
+    res2 = _rows(residual)
+    # In place: each program reads its whole row before writing it, so aliasing is safe.
+    out2 = x2 if out_dtype == x.dtype else torch.empty(x2.shape, dtype=out_dtype, device=x.device)
+    sum2 = res2 if sum_dtype == residual.dtype else torch.empty(x2.shape, dtype=sum_dtype, device=x.device)
+    if x.numel() == 0:
+        return out2.view(x.shape), sum2.view(x.shape)
+    _launch(x2, res2, weight, out2, sum2, eps)
+    return out2.view(x.shape), sum2.view(x.shape)

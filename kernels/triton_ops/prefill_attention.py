@@ -1,0 +1,264 @@
+"""Varlen causal attention of query chunks over their paged context (prefill + mixed batches).
+
+One program computes a tile of ``BLOCK_M`` rows for one sequence and one KV head: the rows
+are ``BLOCK_Q`` consecutive query tokens times the ``G = Hq // Hk`` query heads that share
+the KV head (GQA packing), so K/V tiles are loaded once for the whole group and a
+single-token decode still fills ``G`` rows of the matrix product. The keys are gathered
+token by token through the block table, so the key tile ``BLOCK_N`` is independent of the
+cache's block size. Softmax is online, in float32.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+
+@dataclass(frozen=True)
+class PrefillConfig:
+    """Tiling of :func:`paged_attention` (``None``: chosen from the shapes).
+
+    ``block_m``: query rows per program (tokens x query heads of one KV head), a power of
+    two >= 16 and >= Hq/Hk; ``block_n``: keys per inner step, a power of two >= 16.
+    """
+
+    block_m: int | None = None
+    block_n: int | None = None
+    num_warps: int | None = None
+    num_stages: int = 2
+
+    def __post_init__(self) -> None:
+        for name in ("block_m", "block_n"):
+            value = getattr(self, name)
+            if value is not None and (value & (value - 1) or value < 16):
+                raise ValueError(f"{name} must be a power of two >= 16, got {value}")
+
+
+@triton.jit
+def _attend_tile(
+    q,
+    m_i,
+    l_i,
+    acc,
+    k_cache_ptr,
+    v_cache_ptr,
+    bt_row,
+    start,
+    kv_end,
+    q_pos,
+    kv_head,
+    stride_kb,
+    stride_ks,
+    stride_kh,
+    qk_scale_log2,
+    BLOCK_SIZE: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    MASKED: tl.constexpr,
+    IEEE_DOT: tl.constexpr,
+):
+    """One online-softmax step over keys ``start .. start + BLOCK_N``.
+
+    ``MASKED=False`` only for tiles that every row may see whole (below the tile's first
+    query position, hence also below ``kv_end``): no bounds or causal masks there.
+    """
+    kpos = start + tl.arange(0, BLOCK_N)
+    dims = tl.arange(0, HEAD_DIM)
+    if MASKED:
+        k_ok = kpos < kv_end
+        block_id = tl.load(bt_row + kpos // BLOCK_SIZE, mask=k_ok, other=0).to(tl.int64)
+        kv_off = block_id * stride_kb + (kpos % BLOCK_SIZE) * stride_ks + kv_head * stride_kh
+        k = tl.load(k_cache_ptr + kv_off[:, None] + dims[None, :], mask=k_ok[:, None], other=0.0)
+        v = tl.load(v_cache_ptr + kv_off[:, None] + dims[None, :], mask=k_ok[:, None], other=0.0)
+    else:
+        block_id = tl.load(bt_row + kpos // BLOCK_SIZE).to(tl.int64)
+        kv_off = block_id * stride_kb + (kpos % BLOCK_SIZE) * stride_ks + kv_head * stride_kh
+        k = tl.load(k_cache_ptr + kv_off[:, None] + dims[None, :])
+        v = tl.load(v_cache_ptr + kv_off[:, None] + dims[None, :])
+    if IEEE_DOT:
+        s = tl.dot(q, tl.trans(k), input_precision="ieee")
+    else:
+        s = tl.dot(q, tl.trans(k))
+    s = s * qk_scale_log2
+    if MASKED:
+        s = tl.where((kpos[None, :] <= q_pos[:, None]) & k_ok[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    p = tl.exp2(s - m_new[:, None])
+    alpha = tl.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    if IEEE_DOT:
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+    else:
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _prefill_kernel(
+    q_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    block_tables_ptr,
+    query_start_ptr,
+    seq_lens_ptr,
+    out_ptr,
+    stride_qt,
+    stride_qh,
+    stride_ot,
+    stride_oh,
+    stride_bt,
+    stride_kb,
+    stride_ks,
+    stride_kh,
+    qk_scale_log2,
+    G: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_Q: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    IEEE_DOT: tl.constexpr,
+):
+    q_block = tl.program_id(0)
+    seq = tl.program_id(1)
+    kv_head = tl.program_id(2)
+
+    q_start = tl.load(query_start_ptr + seq)
+    q_len = tl.load(query_start_ptr + seq + 1) - q_start
+    # Programs past this sequence's query rows have nothing to do (the grid covers max_query_len).
+    if q_block * BLOCK_Q < q_len:
+        seq_len = tl.load(seq_lens_ptr + seq)
+        ctx_len = seq_len - q_len  # positions before the first query row (cached prefix)
+
+        rows = tl.arange(0, BLOCK_M)
+        tok = q_block * BLOCK_Q + rows // G  # query row within the sequence
+        head = kv_head * G + rows % G
+        row_ok = (rows < BLOCK_Q * G) & (tok < q_len)
+        q_pos = ctx_len + tok  # absolute position of each row
+        dims = tl.arange(0, HEAD_DIM)
+
+        q_off = (q_start + tok).to(tl.int64) * stride_qt + head * stride_qh
+        q = tl.load(q_ptr + q_off[:, None] + dims[None, :], mask=row_ok[:, None], other=0.0)
+
+        # Finite "minus infinity" for the running max: keeps exp2(m_old - m_new) NaN-free for
+        # rows whose keys are all masked so far (padding rows of the tile).
+        m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+        bt_row = block_tables_ptr + seq.to(tl.int64) * stride_bt
+
+        # Keys before the tile's first query position are visible to all its rows: whole
+        # tiles of them need no mask. The rest, up to the last row's position, is masked.
+        first_pos = ctx_len + q_block * BLOCK_Q
+        full_end = (first_pos // BLOCK_N) * BLOCK_N
+        kv_end = tl.minimum(first_pos + BLOCK_Q, seq_len)
+        for start in range(0, full_end, BLOCK_N):
+            m_i, l_i, acc = _attend_tile(
+                q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, bt_row, start, kv_end, q_pos, kv_head,
+                stride_kb, stride_ks, stride_kh, qk_scale_log2,
+                BLOCK_SIZE, HEAD_DIM, BLOCK_N, False, IEEE_DOT,
+            )
+        for start in range(full_end, kv_end, BLOCK_N):
+            m_i, l_i, acc = _attend_tile(
+                q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, bt_row, start, kv_end, q_pos, kv_head,
+                stride_kb, stride_ks, stride_kh, qk_scale_log2,
+                BLOCK_SIZE, HEAD_DIM, BLOCK_N, True, IEEE_DOT,
+            )
+
+        l_i = tl.where(l_i == 0.0, 1.0, l_i)  # padding rows only; real rows see their own key
+        out = acc / l_i[:, None]
+        o_off = (q_start + tok).to(tl.int64) * stride_ot + head * stride_oh
+        tl.store(out_ptr + o_off[:, None] + dims[None, :], out.to(out_ptr.dtype.element_ty),
+                 mask=row_ok[:, None])
+
+
+def check_attention_inputs(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor) -> None:
+    """Shared argument checks of the attention ops."""
+    head_dim = q.shape[-1]
+    block_size = key_cache.shape[1]
+    if head_dim & (head_dim - 1) or head_dim < 16:
+        raise ValueError(f"paged attention: head_dim must be a power of two >= 16, got {head_dim}")
+    if block_size & (block_size - 1):
+        raise ValueError(f"paged attention: block_size must be a power of two, got {block_size}")
+    if q.shape[1] % key_cache.shape[2]:
+        raise ValueError("paged attention: query heads must be a multiple of KV heads")
+    if q.stride(-1) != 1 or not (key_cache.is_contiguous() and value_cache.is_contiguous()):
+        raise ValueError("paged attention: q needs a unit-stride head dim and the caches must be contiguous")
+
+
+def paged_attention(
+    q: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    max_query_len: int,
+    max_seq_len: int,
+    *,
+    out: torch.Tensor | None = None,
+    config: PrefillConfig | None = None,
+) -> torch.Tensor:
+    """Triton :func:`kernels.reference.paged_attention`.
+
+    Keyword-only extras: ``out`` receives the result (``[T, Hq, D]``); ``config`` sets the
+    tiling.
+    """
+    check_attention_inputs(q, key_cache, value_cache)
+    config = config or PrefillConfig()
+    num_tokens, num_heads, head_dim = q.shape
+    _, block_size, num_kv_heads, _ = key_cache.shape
+    group = num_heads // num_kv_heads
+    if out is None:
+        out = torch.empty((num_tokens, num_heads, head_dim), dtype=q.dtype, device=q.device)
+    num_seqs = seq_lens.shape[0]
+    if num_tokens == 0 or num_seqs == 0:
+        return out
+    narrow = q.element_size() <= 2
+    block_m = config.block_m
+    if block_m is None:
+        # Mostly short queries (decodes mixed with chunks): rows past a sequence's q_len are
+        # wasted matrix work, so size the tile to the mean query length.
+        mean_rows = triton.cdiv(num_tokens, num_seqs) * group
+        block_m = min(64, triton.next_power_of_2(mean_rows))
+    block_m = max(block_m, 16, triton.next_power_of_2(group))
+    block_n = config.block_n or (64 if narrow else 32)
+    # Defaults from a sweep on an H200 (bf16, llama3-8b heads; docs/benchmarks/kernels.md):
+    # 64x64 tiles with 4 warps beat 128-row tiles and 8 warps on fresh, prefixed and mixed batches.
+    num_warps = config.num_warps or 4
+    block_q = block_m // group
+    grid = (triton.cdiv(max_query_len, block_q), num_seqs, num_kv_heads)
+    if block_tables.stride(-1) != 1:
+        block_tables = block_tables.contiguous()
+    _prefill_kernel[grid](
+        q,
+        key_cache,
+        value_cache,
+        block_tables,
+        query_start_loc,
+        seq_lens,
+        out,
+        q.stride(0),
+        q.stride(1),
+        out.stride(0),
+        out.stride(1),
+        block_tables.stride(0),
+        key_cache.stride(0),
+        key_cache.stride(1),
+        key_cache.stride(2),
+        scale * 1.4426950408889634,  # log2(e): the kernel uses exp2
+        G=group,
+        BLOCK_SIZE=block_size,
+        HEAD_DIM=head_dim,
+        BLOCK_M=block_m,
+        BLOCK_Q=block_q,
+        BLOCK_N=block_n,
+        IEEE_DOT=q.dtype == torch.float32,
+        num_warps=num_warps,
+        num_stages=config.num_stages,
+    )
+    return out

@@ -1,0 +1,87 @@
+"""NeoX (rotate-half) rotary embedding, applied in place to q and k."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _rotate_heads(
+    ptr, stride_t, stride_h, t, num_heads, cos, sin, HALF: tl.constexpr, BLOCK_H: tl.constexpr
+):
+    heads = tl.arange(0, BLOCK_H)
+    dims = tl.arange(0, HALF)
+    mask = (heads < num_heads)[:, None]
+    base = ptr + t * stride_t + heads[:, None] * stride_h + dims[None, :]
+    x1 = tl.load(base, mask=mask, other=0.0)
+    x2 = tl.load(base + HALF, mask=mask, other=0.0)
+    x1f = x1.to(tl.float32)
+    x2f = x2.to(tl.float32)
+    tl.store(base, (x1f * cos - x2f * sin).to(x1.dtype), mask=mask)
+    tl.store(base + HALF, (x2f * cos + x1f * sin).to(x1.dtype), mask=mask)
+
+
+@triton.jit
+def _rotary_kernel(
+    pos_ptr,
+    q_ptr,
+    k_ptr,
+    cache_ptr,
+    stride_qt,
+    stride_qh,
+    stride_kt,
+    stride_kh,
+    stride_cache,
+    num_q_heads,
+    num_k_heads,
+    HALF: tl.constexpr,
+    BLOCK_HQ: tl.constexpr,
+    BLOCK_HK: tl.constexpr,
+):
+    t = tl.program_id(0).to(tl.int64)
+    pos = tl.load(pos_ptr + t).to(tl.int64)
+    dims = tl.arange(0, HALF)
+    cos = tl.load(cache_ptr + pos * stride_cache + dims)[None, :]
+    sin = tl.load(cache_ptr + pos * stride_cache + HALF + dims)[None, :]
+    _rotate_heads(q_ptr, stride_qt, stride_qh, t, num_q_heads, cos, sin, HALF, BLOCK_HQ)
+    _rotate_heads(k_ptr, stride_kt, stride_kh, t, num_k_heads, cos, sin, HALF, BLOCK_HK)
+
+
+def rotary_embedding(
+    positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin_cache: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton :func:`kernels.reference.rotary_embedding`: rotates ``q`` and ``k`` in place.
+
+    ``q``/``k`` may be strided views (e.g. slices of a fused qkv projection) as long as
+    the head dim is unit-stride. Returns ``(q, k)``.
+    """
+    num_tokens, num_q_heads, head_dim = q.shape
+    num_k_heads = k.shape[1]
+    if head_dim & (head_dim - 1) or head_dim < 4:
+        raise ValueError(f"rotary_embedding: head_dim must be a power of two >= 4, got {head_dim}")
+    if q.stride(-1) != 1 or k.stride(-1) != 1:
+        raise ValueError("rotary_embedding: q and k need a unit-stride head dim to rotate in place")
+    if num_tokens == 0:
+        return q, k
+    if cos_sin_cache.stride(-1) != 1:
+        cos_sin_cache = cos_sin_cache.contiguous()
+    _rotary_kernel[(num_tokens,)](
+        positions,
+        q,
+        k,
+        cos_sin_cache,
+        q.stride(0),
+        q.stride(1),
+        k.stride(0),
+        k.stride(1),
+        cos_sin_cache.stride(0),
+        num_q_heads,
+        num_k_heads,
+        HALF=head_dim // 2,
+        BLOCK_HQ=triton.next_power_of_2(num_q_heads),
+        BLOCK_HK=triton.next_power_of_2(num_k_heads),
+        num_warps=4,
+    )
+    return q, k

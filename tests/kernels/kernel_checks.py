@@ -1,0 +1,279 @@
+"""Kernel-vs-reference checks shared by the interpreted (CPU) and the GPU test modules.
+
+Each check draws fresh random inputs (never zeros), poisons the outputs it can (NaN), runs
+the Triton op and its torch reference on the same inputs, and raises AssertionError on a
+mismatch. ``CHECKS`` maps a name to a check; ``python kernel_checks.py`` runs them all and
+prints one JSON object ``{name: "ok" | traceback}`` (the interpreted tests run it in a
+subprocess with ``TRITON_INTERPRET=1`` so that triton sees the variable at import time).
+"""
+
+from __future__ import annotations
+
+import json
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from kernels import reference
+from kernels import triton_ops as tops
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where and how a check runs: ``big`` adds longer contexts (GPU only)."""
+
+    device: str
+    dtype: torch.dtype
+    big: bool = False
+
+
+def assert_close(
+    out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, what: str, scale: float = 1.0
+) -> None:
+    """Compare with a tolerance reasoned from the dtype.
+
+    float32: kernel and reference do the same float32 arithmetic in a different order, so
+    they agree to a few ulps of values of order 1 (1e-5). bf16: both round their float32
+    result to bf16 (half an ulp each, 2^-9 relative), and the attention kernels also round
+    the softmax weights to bf16 before the P@V product (another 2^-9 relative on a weighted
+    mean of values of order 1): two bf16 ulps (2^-7 ~ 7.8e-3) of absolute and relative slack
+    bound all of it; the relative norm error must stay well under that (4e-3).
+    ``scale`` widens the absolute tolerance for outputs of larger magnitude.
+    """
+    assert not torch.isnan(out).any(), f"{what}: NaN in output (unwritten or poisoned elements)"
+    assert out.shape == ref.shape, f"{what}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
+    assert out.dtype == ref.dtype, f"{what}: dtype {out.dtype} != {ref.dtype}"
+    o, r = out.double(), ref.double()
+    if dtype == torch.float32:
+        atol, rtol, rel_norm = 2e-5 * scale, 2e-5, 1e-5
+    else:
+        atol, rtol, rel_norm = 1.6e-2 * scale, 1.6e-2, 4e-3
+    err = (o - r).abs()
+    bad = err > atol + rtol * r.abs()
+    assert not bad.any(), (
+        f"{what}: {int(bad.sum())}/{bad.numel()} elements off, max abs err {float(err.max()):.3e}"
+    )
+    norm_err = float((o - r).norm() / r.norm().clamp_min(1e-30))
+    assert norm_err <= rel_norm, f"{what}: relative norm error {norm_err:.3e} > {rel_norm}"
+
+
+def _randn(*shape: int, t: Target, gen: torch.Generator) -> torch.Tensor:
+    return torch.randn(*shape, generator=gen, dtype=torch.float32).to(device=t.device, dtype=t.dtype)
+
+
+# ---------------------------------------------------------------------------------------
+# Paged batches
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PagedBatch:
+    """A batch over a random, fully filled cache with shuffled, non-contiguous block tables."""
+
+    q: torch.Tensor
+    key_cache: torch.Tensor
+    value_cache: torch.Tensor
+    block_tables: torch.Tensor
+    query_start_loc: torch.Tensor
+    seq_lens: torch.Tensor
+    max_query_len: int
+    max_seq_len: int
+    scale: float
+
+
+def make_paged_batch(
+    specs: list[tuple[int, int]],
+    num_kv_heads: int,
+    group: int,
+    head_dim: int,
+    block_size: int,
+    t: Target,
+    gen: torch.Generator,
+    seq_len_slack: int = 0,
+) -> PagedBatch:
+    """``specs``: ``(seq_len, q_len)`` per sequence. ``seq_len_slack`` pads max_seq_len."""
+    max_seq_len = max(s for s, _ in specs) + seq_len_slack
+    blocks_per_seq = -(-max_seq_len // block_size)
+    num_blocks = blocks_per_seq * len(specs) + 5
+    # Every sequence owns distinct, shuffled blocks; table columns past a sequence's length
+    # point at blocks of other sequences (valid ids, wrong data: a kernel that reads them fails).
+    perm = torch.randperm(num_blocks, generator=gen)[: blocks_per_seq * len(specs)]
+    table = perm.view(len(specs), blocks_per_seq).to(torch.int32)
+    wide = torch.randint(0, num_blocks, (len(specs), blocks_per_seq + 3), generator=gen, dtype=torch.int32)
+    wide[:, 1 : blocks_per_seq + 1] = table
+    block_tables = wide[:, 1 : blocks_per_seq + 1]  # non-contiguous view (row stride differs)
+    kv_heads_total = num_kv_heads * (group + 2)
+    cache_shape = (num_blocks, block_size, num_kv_heads, head_dim)
+    q_lens = [ql for _, ql in specs]
+    total = sum(q_lens)
+    # q is a strided view of a fused qkv projection, as the model produces it.
+    qkv = _randn(total, kv_heads_total, head_dim, t=t, gen=gen)
+    q = qkv[:, : num_kv_heads * group]
+    starts = [0]
+    for ql in q_lens:
+        starts.append(starts[-1] + ql)
+    return PagedBatch(
+        q=q,
+        key_cache=_randn(*cache_shape, t=t, gen=gen),
+        value_cache=_randn(*cache_shape, t=t, gen=gen),
+        block_tables=block_tables.to(t.device),
+        query_start_loc=torch.tensor(starts, dtype=torch.int32, device=t.device),
+        seq_lens=torch.tensor([s for s, _ in specs], dtype=torch.int32, device=t.device),
+        max_query_len=max(q_lens),
+        max_seq_len=max_seq_len,
+        scale=head_dim**-0.5,
+    )
+
+
+# (block_size, head_dim, GQA group, KV heads): every block size, both head dims, ratios 1/4/8.
+ATTN_SHAPES = [(8, 64, 1, 2), (16, 128, 4, 2), (32, 64, 8, 1), (64, 128, 8, 2), (16, 64, 1, 3)]
+
+
+def _prefill_specs(bs: int, big: bool) -> list[tuple[int, int]]:
+    specs = [
+        (2 * bs + 3, bs + 5),  # chunk after a cached prefix, crossing block boundaries
+        (1, 1),  # first token
+        (bs, 1),  # decode on a block boundary
+        (bs + 1, 1),  # decode just across it
+        (2 * bs - 1, 2 * bs - 1),  # fresh prefill, odd length
+        (3 * bs, bs),  # chunk ending on a boundary
+        (17, 9),
+    ]
+    if big:
+        specs += [(1000, 1000), (777, 300), (2048, 1)]
+    return specs
+
+
+def check_paged_attention(t: Target) -> None:
+    gen = torch.Generator().manual_seed(1)
+    configs = [tops.PrefillConfig(), tops.PrefillConfig(block_m=64, block_n=32)]
+    for bs, d, g, hk in ATTN_SHAPES:
+        for cfg in configs:
+            b = make_paged_batch(_prefill_specs(bs, t.big), hk, g, d, bs, t, gen)
+            args = (b.q, b.key_cache, b.value_cache, b.block_tables, b.query_start_loc, b.seq_lens,
+                    b.scale, b.max_query_len, b.max_seq_len)
+            out = torch.full(b.q.shape, float("nan"), dtype=t.dtype, device=t.device)
+            got = tops.paged_attention(*args, out=out, config=cfg)
+            assert got is out
+            what = f"paged_attention bs={bs} d={d} g={g} {cfg}"
+            assert_close(got, reference.paged_attention(*args), t.dtype, what)
+
+
+def check_paged_decode_attention(t: Target) -> None:
+    gen = torch.Generator().manual_seed(2)
+    configs = [tops.DecodeConfig(), tops.DecodeConfig(partition_size=32, block_n=16),
+               tops.DecodeConfig(partition_size=16, block_n=16)]
+    for bs, d, g, hk in ATTN_SHAPES:
+        lens = [1, bs, bs + 1, 2 * bs + 3, 3 * bs, 7, 5 * bs - 1] + ([2048, 1500, 513] if t.big else [])
+        for cfg in configs:
+            # max_seq_len is an upper bound (as under CUDA graphs): partitions past the end stay unused.
+            b = make_paged_batch([(n, 1) for n in lens], hk, g, d, bs, t, gen, seq_len_slack=37)
+            args = (b.q, b.key_cache, b.value_cache, b.block_tables, b.seq_lens, b.scale, b.max_seq_len)
+            out = torch.full(b.q.shape, float("nan"), dtype=t.dtype, device=t.device)
+            got = tops.paged_decode_attention(*args, out=out, config=cfg)
+            assert got is out
+            what = f"paged_decode_attention bs={bs} d={d} g={g} {cfg}"
+            assert_close(got, reference.paged_decode_attention(*args), t.dtype, what)
+
+
+def check_store_kvcache(t: Target) -> None:
+    gen = torch.Generator().manual_seed(3)
+    for bs, d, hk in [(8, 64, 1), (16, 128, 2), (64, 64, 8), (32, 128, 3)]:
+        num_tokens, num_blocks = 37, 6
+        kv = _randn(num_tokens, 2 * hk + 1, d, t=t, gen=gen)
+        key, value = kv[:, :hk], kv[:, hk : 2 * hk]  # strided views, as from a fused projection
+        slots = torch.randperm(num_blocks * bs, generator=gen)[:num_tokens]
+        slots[torch.randperm(num_tokens, generator=gen)[:5]] = -1  # padding tokens
+        slots = slots.to(device=t.device)
+        k_cache = _randn(num_blocks, bs, hk, d, t=t, gen=gen)
+        v_cache = _randn(num_blocks, bs, hk, d, t=t, gen=gen)
+        k_ref, v_ref = k_cache.clone(), v_cache.clone()
+        tops.store_kvcache(key, value, k_cache, v_cache, slots)
+        reference.store_kvcache(key, value, k_ref, v_ref, slots)
+        # A pure copy: bit-exact, and untouched slots keep their old contents.
+        assert torch.equal(k_cache, k_ref), f"store_kvcache key bs={bs} d={d} hk={hk}"
+        assert torch.equal(v_cache, v_ref), f"store_kvcache value bs={bs} d={d} hk={hk}"
+
+
+_NORM_SHAPES = [(13, 136), (2, 5, 256), (7, 1000)]
+
+
+def check_rms_norm(t: Target) -> None:
+    gen = torch.Generator().manual_seed(4)
+    for shape in _NORM_SHAPES:
+        x = _randn(*shape, t=t, gen=gen) * 3
+        w = _randn(shape[-1], t=t, gen=gen)
+        out = torch.full(x.shape, float("nan"), dtype=t.dtype, device=t.device)
+        got = tops.rms_norm(x, w, 1e-6, out=out)
+        assert got is out
+        assert_close(got, reference.rms_norm(x, w, 1e-6), t.dtype, f"rms_norm {shape}", scale=4)
+        fresh = tops.rms_norm(x, w, 1e-5)
+        assert_close(fresh, reference.rms_norm(x, w, 1e-5), t.dtype, f"rms_norm {shape}", scale=4)
+
+
+def check_fused_add_rms_norm(t: Target) -> None:
+    gen = torch.Generator().manual_seed(5)
+    for shape in _NORM_SHAPES:
+        x = _randn(*shape, t=t, gen=gen)
+        res = _randn(*shape, t=t, gen=gen) * 2
+        w = _randn(shape[-1], t=t, gen=gen)
+        ref_out, ref_sum = reference.fused_add_rms_norm(x, res, w, 1e-6)
+        got_out, got_sum = tops.fused_add_rms_norm(x.clone(), res.clone(), w, 1e-6)
+        assert_close(got_sum, ref_sum, t.dtype, f"fused_add_rms_norm sum {shape}", scale=4)
+        assert_close(got_out, ref_out, t.dtype, f"fused_add_rms_norm out {shape}", scale=4)
+
+
+def check_silu_and_mul(t: Target) -> None:
+    gen = torch.Generator().manual_seed(6)
+    for shape in [(7, 400), (3, 4, 128), (5, 3000)]:
+        x = _randn(*shape, t=t, gen=gen) * 2
+        out = torch.full((*shape[:-1], shape[-1] // 2), float("nan"), dtype=t.dtype, device=t.device)
+        got = tops.silu_and_mul(x, out=out)
+        assert got is out
+        assert_close(got, reference.silu_and_mul(x), t.dtype, f"silu_and_mul {shape}", scale=4)
+
+
+def check_rotary_embedding(t: Target) -> None:
+    gen = torch.Generator().manual_seed(7)
+    for d, hq, hk in [(64, 8, 2), (128, 4, 4), (128, 12, 3)]:
+        num_tokens, max_pos = 11, 64
+        inv_freq = 1.0 / (10000.0 ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
+        freqs = torch.outer(torch.arange(max_pos, dtype=torch.float32), inv_freq)
+        cache = torch.cat((freqs.cos(), freqs.sin()), dim=-1).to(t.device)
+        positions = torch.randint(0, max_pos, (num_tokens,), generator=gen).to(t.device)
+        qkv = _randn(num_tokens, hq + 2 * hk, d, t=t, gen=gen)
+        q, k = qkv[:, :hq], qkv[:, hq : hq + hk]  # strided views: rotated in place
+        ref_q, ref_k = reference.rotary_embedding(positions, q, k, cache)
+        got_q, got_k = tops.rotary_embedding(positions, q, k, cache)
+        assert_close(got_q, ref_q, t.dtype, f"rotary q d={d}", scale=4)
+        assert_close(got_k, ref_k, t.dtype, f"rotary k d={d}", scale=4)
+        assert torch.equal(q, got_q) and torch.equal(k, got_k), "rotary must return its in-place results"
+
+
+CHECKS: dict[str, Callable[[Target], None]] = {
+    "store_kvcache": check_store_kvcache,
+    "paged_attention": check_paged_attention,
+    "paged_decode_attention": check_paged_decode_attention,
+    "rms_norm": check_rms_norm,
+    "fused_add_rms_norm": check_fused_add_rms_norm,
+    "silu_and_mul": check_silu_and_mul,
+    "rotary_embedding": check_rotary_embedding,
+}
+
+
+def run_all(t: Target) -> dict[str, str]:
+    """Run every check; ``{name: "ok" | traceback}``."""
+    results: dict[str, str] = {}
+    for name, check in CHECKS.items():
+        try:
+            check(t)
+            results[name] = "ok"
+        except Exception:  # noqa: BLE001 - reported to the parent test, per check
+            results[name] = traceback.format_exc()
+    return results
+
+
+if __name__ == "__main__":
+    print(json.dumps(run_all(Target("cpu", torch.float32))))
