@@ -5,7 +5,7 @@ import warnings
 
 from llmserve.v1 import internal_pb2 as llmserve_dot_v1_dot_internal__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.66.2'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
@@ -18,14 +18,14 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in llmserve/v1/internal_pb2_grpc.py depends on'
+        + f' but the generated code in llmserve/v1/internal_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
     )
 
 
-class WorkerControlStub:
+class WorkerControlStub(object):
     """Served by workers next to the public Generation service.
     """
 
@@ -52,7 +52,7 @@ class WorkerControlStub:
                 _registered_method=True)
 
 
-class WorkerControlServicer:
+class WorkerControlServicer(object):
     """Served by workers next to the public Generation service.
     """
 
@@ -104,7 +104,7 @@ def add_WorkerControlServicer_to_server(servicer, server):
 
 
  # This class is part of an EXPERIMENTAL API.
-class WorkerControl:
+class WorkerControl(object):
     """Served by workers next to the public Generation service.
     """
 

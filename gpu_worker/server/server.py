@@ -1,0 +1,268 @@
+"""The worker's gRPC server: wiring, lifecycle (load -> serve -> drain -> stop) and ``serve``.
+
+The port is bound and health answers NOT_SERVING before the model loads; the engine is
+built in a thread (``AsyncLLM.from_config`` blocks for load + warm-up), then health turns
+SERVING. A drain (SIGTERM or the Drain RPC) refuses new streams, waits for in-flight
+ones up to the grace period, aborts the rest in the engine, then stops the server and
+the engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import socket
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from gpu_worker.config import EngineConfig
+from gpu_worker.server.interceptor import ErrorInterceptor
+from gpu_worker.server.service import ServedEngine, WorkerService
+from llmserve.v1 import generation_pb2, generation_pb2_grpc, internal_pb2, internal_pb2_grpc
+
+logger = logging.getLogger(__name__)
+
+GENERATION_SERVICE = generation_pb2.DESCRIPTOR.services_by_name["Generation"].full_name
+CONTROL_SERVICE = internal_pb2.DESCRIPTOR.services_by_name["WorkerControl"].full_name
+_HEALTH_NAMES = ("", GENERATION_SERVICE, CONTROL_SERVICE)
+_ABORT_WAIT_S = 5.0  # after aborting leftovers, how long their streams get to send "abort"
+
+EngineFactory = Callable[[EngineConfig], ServedEngine]
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """How the worker serves (the engine's own settings are in ``EngineConfig``).
+
+    ``port=0`` binds a free port (see :attr:`WorkerServer.port`). ``advertise_address``
+    is what routers dial, default ``hostname:port``. ``max_message_bytes`` caps received
+    messages (RESOURCE_EXHAUSTED beyond); replies are not capped, since GetTokenizer returns
+    several megabytes (gzip-compressed) and clients set their own receive limit.
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 50051
+    advertise_address: str | None = None
+    max_concurrent_streams: int = 1024
+    max_message_bytes: int = 16 * 1024 * 1024
+    drain_grace_s: float = 30.0
+    redis_url: str | None = None
+    worker_id: str | None = None
+
+    def __post_init__(self) -> None:
+        checks = [
+            (0 <= self.port < 65536, f"port must be in [0, 65535], got {self.port}"),
+            (self.max_concurrent_streams > 0, "max_concurrent_streams must be positive"),
+            (self.max_message_bytes > 0, "max_message_bytes must be positive"),
+            (self.drain_grace_s >= 0, "drain_grace_s must be >= 0"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+
+def _default_engine_factory(config: EngineConfig) -> ServedEngine:
+    from gpu_worker.engine.async_llm import AsyncLLM  # torch: imported only when serving
+
+    engine: ServedEngine = AsyncLLM.from_config(config)
+    return engine
+
+
+class WorkerServer:
+    """One worker process's gRPC server around one engine."""
+
+    def __init__(
+        self,
+        engine_config: EngineConfig,
+        server_config: ServerConfig,
+        engine_factory: EngineFactory = _default_engine_factory,
+        fleet_store: Any = None,
+    ) -> None:
+        self.engine_config = engine_config
+        self._fleet_store = fleet_store  # an llmserve.fleet.StateStore (in-process stacks)
+        self.config = server_config
+        self._engine_factory = engine_factory
+        self._server: grpc.aio.Server | None = None
+        self._health = health.aio.HealthServicer()  # type: ignore[attr-defined]
+        self._service: WorkerService | None = None
+        self._fleet: Any = None
+        self._port = 0
+        self._load_task: asyncio.Task[None] | None = None
+        self._drain_task: asyncio.Task[None] | None = None
+        self._ready = asyncio.Event()
+        self._stopped = asyncio.Event()
+        self._load_error: BaseException | None = None
+
+    @property
+    def port(self) -> int:
+        return self._port
+
+    @property
+    def target(self) -> str:
+        """Address to dial from this host."""
+        host = "127.0.0.1" if self.config.host in ("0.0.0.0", "::", "") else self.config.host
+        return f"{host}:{self._port}"
+
+    @property
+    def service(self) -> WorkerService:
+        assert self._service is not None, "start() first"
+        return self._service
+
+    async def start(self) -> None:
+        """Bind, start answering (health NOT_SERVING), and load the engine in the background."""
+        if self.config.redis_url:
+            from gpu_worker.server.fleet_link import check_available
+
+            check_available()  # fail now, not after minutes of model loading
+        # The limit is on what clients send; replies (GetTokenizer: megabytes) are not capped.
+        options = [
+            ("grpc.max_receive_message_length", self.config.max_message_bytes),
+            ("grpc.so_reuseport", 0),
+        ]
+        server = grpc.aio.server(interceptors=[ErrorInterceptor()], options=options)
+        self._port = server.add_insecure_port(f"{self.config.host}:{self.config.port}")
+        if self._port == 0:
+            raise OSError(f"could not bind {self.config.host}:{self.config.port}")
+        address = self.config.advertise_address or f"{socket.gethostname()}:{self._port}"
+        worker_id = self.config.worker_id or f"{socket.gethostname()}-{self._port}-{uuid.uuid4().hex[:8]}"
+        self._service = WorkerService(
+            self.engine_config.model_name, worker_id, address, self.config.max_concurrent_streams
+        )
+        self._add_services(server, self._service)
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        await server.start()
+        self._server = server
+        logger.info(
+            "worker %s listening on %s:%d; loading %s",
+            worker_id,
+            self.config.host,
+            self._port,
+            self.engine_config.model,
+        )
+        self._load_task = asyncio.create_task(self._load())
+
+    def _add_services(self, server: grpc.aio.Server, service: WorkerService) -> None:
+        from gpu_worker.server.servicer import GenerationServicer, WorkerControlServicer
+
+        generation_pb2_grpc.add_GenerationServicer_to_server(GenerationServicer(service), server)
+        internal_pb2_grpc.add_WorkerControlServicer_to_server(
+            WorkerControlServicer(service, self.start_drain), server
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        names = (GENERATION_SERVICE, CONTROL_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME)
+        reflection.enable_server_reflection(names, server)
+
+    async def _set_health(self, status: int) -> None:
+        for name in _HEALTH_NAMES:
+            await self._health.set(name, status)
+
+    async def _load(self) -> None:
+        try:
+            engine = await asyncio.to_thread(self._engine_factory, self.engine_config)
+        except Exception as exc:
+            logger.exception("loading the engine failed")
+            self._load_error = exc
+            await self._stop_now()
+            return
+        if self._drain_task is not None:  # drained while loading
+            await engine.shutdown()
+            return
+        self.service.attach_engine(engine)
+        if self.config.redis_url or self._fleet_store is not None:
+            from gpu_worker.server.fleet_link import FleetLink
+
+            self._fleet = FleetLink(self.service, self.config.redis_url, self._fleet_store)
+            await self._fleet.start()
+        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        self._ready.set()
+        logger.info("worker %s serving %s", self.service.worker_id, self.service.model_name)
+
+    async def wait_ready(self) -> None:
+        """Until health is SERVING; raises if loading failed."""
+        assert self._load_task is not None, "start() first"
+        await asyncio.wait({self._load_task}, return_when=asyncio.FIRST_COMPLETED)
+        if self._load_error is not None:
+            raise RuntimeError("the engine failed to load") from self._load_error
+        await self._ready.wait()
+
+    async def start_drain(self, grace_s: float = 0.0) -> int:
+        """Start draining (idempotent) and return how many requests were in flight.
+
+        ``grace_s`` of 0 means the configured ``drain_grace_s``.
+        """
+        in_flight = len(self.service.in_flight)
+        if self._drain_task is None:
+            grace = grace_s or self.config.drain_grace_s
+            self._drain_task = asyncio.create_task(self._drain(grace))
+        return in_flight
+
+    async def _drain(self, grace_s: float) -> None:
+        service = self.service
+        in_flight = service.start_draining()
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        logger.info("draining: %d requests in flight, grace %.1f s", in_flight, grace_s)
+        if self._fleet is not None:
+            await self._fleet.mark_draining()
+        if not await service.wait_idle(grace_s):
+            logger.warning("grace period over: aborting %d requests", len(service.in_flight))
+            await service.abort_all()
+            await service.wait_idle(_ABORT_WAIT_S)
+        await self._stop_now()
+
+    async def _stop_now(self) -> None:
+        await self._health.enter_graceful_shutdown()
+        if self._server is not None:
+            await self._server.stop(grace=1.0)
+        if self._fleet is not None:
+            await self._fleet.close()
+            self._fleet = None
+        if self._service is not None and self._service.ready:
+            await self._service.engine.shutdown()
+        self._stopped.set()
+        logger.info("worker stopped")
+
+    async def drain(self, grace_s: float = 0.0) -> None:
+        """Drain and wait until the worker has stopped."""
+        await self.start_drain(grace_s)
+        await self.wait_stopped()
+
+    async def wait_stopped(self) -> None:
+        """Until the server has stopped; raises if the engine failed to load."""
+        await self._stopped.wait()
+        if self._load_error is not None:
+            raise RuntimeError("the engine failed to load") from self._load_error
+
+    def install_signal_handlers(self) -> None:
+        """SIGTERM / SIGINT drain; a second one aborts what is left at once."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._on_signal, sig)
+
+    def _on_signal(self, sig: signal.Signals) -> None:
+        if self._drain_task is None:
+            logger.info("%s: draining", sig.name)
+            asyncio.get_running_loop().create_task(self.start_drain())
+        else:
+            logger.info("%s again: aborting in-flight requests", sig.name)
+            if self._service is not None and self._service.ready:
+                asyncio.get_running_loop().create_task(self._service.abort_all())
+
+
+async def serve(
+    engine_config: EngineConfig,
+    server_config: ServerConfig,
+    engine_factory: EngineFactory = _default_engine_factory,
+    fleet_store: Any = None,
+) -> None:
+    """Run a worker until it is drained (SIGTERM, SIGINT or the Drain RPC)."""
+    server = WorkerServer(engine_config, server_config, engine_factory, fleet_store)
+    await server.start()
+    server.install_signal_handlers()
+    await server.wait_stopped()

@@ -1,0 +1,190 @@
+"""What the worker does for each RPC, in domain terms (no protobuf here).
+
+:class:`WorkerService` owns the admission rules (ready, draining, served model,
+concurrent-stream limit), keeps the set of requests in flight so a drain can wait for
+them and abort the rest, and reports load. The servicer translates protobuf to and from
+the objects used here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncGenerator
+from contextlib import aclosing
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from gpu_worker.core.types import SchedulerStats
+from gpu_worker.sampling_params import SamplingParams
+from gpu_worker.server.errors import ModelNotFound, Overloaded, Unavailable
+from gpu_worker.server.tokenizer_files import tokenizer_files
+
+logger = logging.getLogger(__name__)
+
+
+class ServedEngine(Protocol):
+    """The part of ``gpu_worker.engine.async_llm.AsyncLLM`` the server uses."""
+
+    @property
+    def tokenizer(self) -> Any: ...
+    @property
+    def model_name(self) -> str: ...
+    @property
+    def max_model_len(self) -> int: ...
+    @property
+    def block_size(self) -> int: ...
+    @property
+    def config(self) -> Any: ...
+
+    def generate(self, prompt: Any, params: SamplingParams, request_id: str) -> AsyncGenerator[Any, None]: ...
+    async def abort(self, request_id: str) -> None: ...
+    def stats(self) -> SchedulerStats: ...
+    async def shutdown(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class GenerateCall:
+    """One decoded Generate request. ``prompt`` is a str, a list of token ids or a ChatPrompt."""
+
+    model: str
+    prompt: Any
+    params: SamplingParams
+    request_id: str
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """A model this worker serves."""
+
+    name: str
+    max_model_len: int
+
+
+@dataclass(frozen=True)
+class WorkerSnapshot:
+    """Identity, limits and load of the worker at one instant."""
+
+    worker_id: str
+    model: str
+    address: str
+    block_size: int
+    max_model_len: int
+    max_num_seqs: int
+    max_queue_len: int
+    draining: bool
+    stats: SchedulerStats
+
+
+class WorkerService:
+    """Admission, in-flight tracking and load reporting for one served engine."""
+
+    def __init__(self, model_name: str, worker_id: str, address: str, max_concurrent_streams: int) -> None:
+        self.model_name = model_name
+        self.worker_id = worker_id
+        self.address = address
+        self.max_concurrent_streams = max_concurrent_streams
+        self._engine: ServedEngine | None = None
+        self._draining = False
+        self._in_flight: set[str] = set()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._tokenizer_files: dict[str, bytes] | None = None
+
+    # -- lifecycle -------------------------------------------------------------------
+    def attach_engine(self, engine: ServedEngine) -> None:
+        """Called once the engine is loaded and warmed up: the worker starts accepting."""
+        self._engine = engine
+
+    @property
+    def engine(self) -> ServedEngine:
+        if self._engine is None:
+            raise Unavailable("worker is not ready: the model is still loading")
+        return self._engine
+
+    @property
+    def ready(self) -> bool:
+        return self._engine is not None
+
+    @property
+    def draining(self) -> bool:
+        return self._draining
+
+    def start_draining(self) -> int:
+        """Refuse new requests from now on; return how many are in flight."""
+        self._draining = True
+        return len(self._in_flight)
+
+    @property
+    def in_flight(self) -> frozenset[str]:
+        return frozenset(self._in_flight)
+
+    async def wait_idle(self, timeout_s: float) -> bool:
+        """Wait until no request is in flight; False if the timeout passed first."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout_s)
+        except asyncio.TimeoutError:
+            return False
+        return True
+
+    async def abort_all(self) -> None:
+        """Abort every request in flight in the engine (their streams end with "abort")."""
+        for request_id in list(self._in_flight):
+            await self.engine.abort(request_id)
+
+    # -- RPCs ------------------------------------------------------------------------
+    def check_model(self, model: str) -> None:
+        """NOT_FOUND unless ``model`` is the served name (an empty name means the served one)."""
+        if model and model != self.model_name:
+            raise ModelNotFound(model, [self.model_name])
+
+    async def generate(self, call: GenerateCall) -> AsyncGenerator[Any, None]:
+        """Admit ``call`` and yield the engine's delta ``RequestOutput``s.
+
+        Closing or cancelling the returned iterator closes the engine's iterator, which
+        aborts the request and frees its KV blocks.
+        """
+        if self._draining:
+            raise Unavailable("worker is draining")
+        engine = self.engine
+        self.check_model(call.model)
+        if len(self._in_flight) >= self.max_concurrent_streams:
+            raise Overloaded(f"too many concurrent streams (limit {self.max_concurrent_streams})")
+        if call.request_id in self._in_flight:
+            raise ValueError(f"request_id {call.request_id!r} is already in flight")
+        self._in_flight.add(call.request_id)
+        self._idle.clear()
+        try:
+            async with aclosing(engine.generate(call.prompt, call.params, call.request_id)) as outputs:
+                async for output in outputs:
+                    yield output
+        finally:
+            self._in_flight.discard(call.request_id)
+            if not self._in_flight:
+                self._idle.set()
+
+    def list_models(self) -> list[ModelEntry]:
+        max_len = self._engine.max_model_len if self._engine is not None else 0
+        return [ModelEntry(self.model_name, max_len)]
+
+    def snapshot(self) -> WorkerSnapshot:
+        """Current identity and load (GetWorkerInfo, heartbeats)."""
+        engine = self.engine
+        config = engine.config
+        return WorkerSnapshot(
+            worker_id=self.worker_id,
+            model=self.model_name,
+            address=self.address,
+            block_size=engine.block_size,
+            max_model_len=engine.max_model_len,
+            max_num_seqs=int(config.max_num_seqs),
+            max_queue_len=int(config.max_queue_len),
+            draining=self._draining,
+            stats=engine.stats(),
+        )
+
+    async def tokenizer_files(self) -> dict[str, bytes]:
+        """The tokenizer as files (computed once, off the event loop)."""
+        if self._tokenizer_files is None:
+            self._tokenizer_files = await asyncio.to_thread(tokenizer_files, self.engine.tokenizer)
+        return self._tokenizer_files

@@ -1,0 +1,235 @@
+"""gRPC servicers: the only place where protobuf meets the worker's domain objects.
+
+``GenerationServicer`` (public ``llmserve.v1.Generation``) and ``WorkerControlServicer``
+(internal ``llmserve.v1.WorkerControl``) decode requests into domain objects, call
+:class:`~gpu_worker.server.service.WorkerService`, and encode its results. Errors are
+raised as exceptions and mapped to statuses by the interceptor.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Awaitable, Callable
+from contextlib import aclosing
+from typing import Any
+
+import grpc
+
+from gpu_worker.engine.processor import ChatPrompt
+from gpu_worker.sampling_params import SamplingParams
+from gpu_worker.server.errors import InvalidRequest
+from gpu_worker.server.service import GenerateCall, WorkerService, WorkerSnapshot
+from llmserve.v1 import generation_pb2 as gen_pb
+from llmserve.v1 import generation_pb2_grpc as gen_grpc
+from llmserve.v1 import internal_pb2 as int_pb
+from llmserve.v1 import internal_pb2_grpc as int_grpc
+
+# proto3 `optional` scalars of SamplingParams, passed on only when set (else vLLM defaults).
+_OPTIONAL_SAMPLING_FIELDS = (
+    "n",
+    "max_tokens",
+    "min_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "seed",
+    "presence_penalty",
+    "frequency_penalty",
+    "repetition_penalty",
+    "include_stop_str_in_output",
+    "ignore_eos",
+    "logprobs",
+)
+
+
+def decode_sampling(msg: gen_pb.SamplingParams) -> SamplingParams:
+    """Proto sampling params -> domain ``SamplingParams`` (ValueError names a bad field)."""
+    kwargs: dict[str, Any] = {
+        name: getattr(msg, name) for name in _OPTIONAL_SAMPLING_FIELDS if msg.HasField(name)
+    }
+    kwargs["stop"] = list(msg.stop)
+    kwargs["stop_token_ids"] = list(msg.stop_token_ids)
+    kwargs["logit_bias"] = dict(msg.logit_bias)
+    return SamplingParams(**kwargs)
+
+
+def decode_prompt(request: gen_pb.GenerateRequest) -> Any:
+    """The request's input as the engine takes it: str, list of token ids or ChatPrompt."""
+    kind = request.WhichOneof("input")
+    if kind is None:
+        raise InvalidRequest("missing input: set one of prompt, prompt_token_ids, messages")
+    if kind == "prompt":
+        if not request.prompt:
+            raise InvalidRequest("prompt must not be empty")
+        return request.prompt
+    if kind == "prompt_token_ids":
+        ids = list(request.prompt_token_ids.ids)
+        if not ids:
+            raise InvalidRequest("prompt_token_ids must not be empty")
+        return ids
+    chat = request.messages
+    if not chat.messages:
+        raise InvalidRequest("messages must not be empty")
+    for i, message in enumerate(chat.messages):
+        if not message.role:
+            raise InvalidRequest(f"messages[{i}].role must not be empty")
+    add_prompt = chat.add_generation_prompt if chat.HasField("add_generation_prompt") else True
+    turns = [{"role": m.role, "content": m.content} for m in chat.messages]
+    return ChatPrompt(messages=turns, add_generation_prompt=add_prompt)
+
+
+def decode_generate(request: gen_pb.GenerateRequest) -> GenerateCall:
+    """A GenerateRequest as a domain call; a request id is generated when empty."""
+    return GenerateCall(
+        model=request.model,
+        prompt=decode_prompt(request),
+        params=decode_sampling(request.sampling),
+        request_id=request.request_id or uuid.uuid4().hex,
+    )
+
+
+def _rank_key(item: tuple[int, Any]) -> int:
+    rank = item[1].rank
+    return rank if rank is not None else 1 << 30
+
+
+def encode_logprobs(
+    token_ids: list[int], logprobs: list[dict[int, Any]], top_n: int
+) -> list[gen_pb.TokenLogprobs]:
+    """Engine logprob dicts (token id -> Logprob) -> one TokenLogprobs per new token."""
+    encoded = []
+    for token_id, by_id in zip(token_ids, logprobs, strict=False):
+        chosen = by_id.get(token_id)
+        ranked = sorted(by_id.items(), key=_rank_key)[:top_n]
+        encoded.append(
+            gen_pb.TokenLogprobs(
+                token_id=token_id,
+                logprob=chosen.logprob if chosen is not None else 0.0,
+                rank=(chosen.rank or 0) if chosen is not None else 0,
+                top=[
+                    gen_pb.TopLogprob(token_id=tid, logprob=lp.logprob, token=lp.decoded_token or "")
+                    for tid, lp in ranked
+                ],
+            )
+        )
+    return encoded
+
+
+class _StreamEncoder:
+    """Turns one request's delta RequestOutputs into GenerateResponse chunks."""
+
+    def __init__(self, call: GenerateCall, worker_id: str) -> None:
+        self._call = call
+        self._worker_id = worker_id
+        self._completion_tokens = 0
+
+    def encode(self, output: Any) -> list[gen_pb.GenerateResponse]:
+        chunks = []
+        top_n = self._call.params.logprobs or 0
+        for seq in output.outputs:
+            token_ids = list(seq.token_ids)
+            self._completion_tokens += len(token_ids)
+            chunk = gen_pb.GenerateResponse(
+                request_id=output.request_id,
+                index=seq.index,
+                text=seq.text,
+                token_ids=token_ids,
+                finish_reason=_finish_reason(seq.finish_reason),
+                stop_reason="" if seq.stop_reason is None else str(seq.stop_reason),
+            )
+            if seq.logprobs:
+                chunk.logprobs.extend(encode_logprobs(token_ids, seq.logprobs, top_n))
+            chunks.append(chunk)
+        if output.finished:
+            if not chunks:
+                chunks.append(gen_pb.GenerateResponse(request_id=output.request_id))
+            chunks[-1].usage.CopyFrom(
+                gen_pb.Usage(
+                    prompt_tokens=len(output.prompt_token_ids or ()),
+                    completion_tokens=self._completion_tokens,
+                    cached_prompt_tokens=output.num_cached_tokens or 0,
+                )
+            )
+            chunks[-1].worker_id = self._worker_id
+        return chunks
+
+
+def _finish_reason(reason: Any) -> str:
+    if reason is None:
+        return ""
+    return str(getattr(reason, "value", reason))
+
+
+class GenerationServicer(gen_grpc.GenerationServicer):
+    """Public ``llmserve.v1.Generation`` service of a worker."""
+
+    def __init__(self, service: WorkerService) -> None:
+        self._service = service
+
+    async def Generate(self, request: gen_pb.GenerateRequest, context: grpc.aio.ServicerContext) -> None:  # noqa: N802
+        call = decode_generate(request)
+        encoder = _StreamEncoder(call, self._service.worker_id)
+        async with aclosing(self._service.generate(call)) as outputs:
+            async for output in outputs:
+                for chunk in encoder.encode(output):
+                    await context.write(chunk)
+
+    async def ListModels(  # noqa: N802
+        self, request: gen_pb.ListModelsRequest, context: grpc.aio.ServicerContext
+    ) -> gen_pb.ListModelsResponse:
+        return gen_pb.ListModelsResponse(
+            models=[
+                gen_pb.ModelInfo(name=m.name, max_model_len=m.max_model_len, num_workers=1)
+                for m in self._service.list_models()
+            ]
+        )
+
+
+def encode_worker_info(snap: WorkerSnapshot) -> int_pb.WorkerInfo:
+    stats = snap.stats
+    return int_pb.WorkerInfo(
+        worker_id=snap.worker_id,
+        model=snap.model,
+        address=snap.address,
+        block_size=snap.block_size,
+        max_model_len=snap.max_model_len,
+        draining=snap.draining,
+        load=int_pb.WorkerLoad(
+            num_running=stats.num_running,
+            num_waiting=stats.num_waiting,
+            kv_usage=stats.kv_usage,
+            max_num_seqs=snap.max_num_seqs,
+            max_queue_len=snap.max_queue_len,
+            num_kv_blocks=stats.num_total_blocks,
+            num_free_kv_blocks=stats.num_free_blocks,
+        ),
+    )
+
+
+class WorkerControlServicer(int_grpc.WorkerControlServicer):
+    """Internal ``llmserve.v1.WorkerControl`` service (routers and operators only)."""
+
+    def __init__(self, service: WorkerService, start_drain: Callable[[float], Awaitable[int]]) -> None:
+        self._service = service
+        self._start_drain = start_drain
+
+    async def GetWorkerInfo(  # noqa: N802
+        self, request: int_pb.GetWorkerInfoRequest, context: grpc.aio.ServicerContext
+    ) -> int_pb.WorkerInfo:
+        return encode_worker_info(self._service.snapshot())
+
+    async def GetTokenizer(  # noqa: N802
+        self, request: int_pb.GetTokenizerRequest, context: grpc.aio.ServicerContext
+    ) -> int_pb.TokenizerFiles:
+        files = await self._service.tokenizer_files()
+        context.set_compression(grpc.Compression.Gzip)  # tokenizer.json shrinks about 4x
+        return int_pb.TokenizerFiles(files=files, model=self._service.model_name)
+
+    async def Drain(
+        self, request: int_pb.DrainRequest, context: grpc.aio.ServicerContext
+    ) -> int_pb.DrainResponse:  # noqa: N802
+        if request.grace_period_s < 0:
+            raise InvalidRequest(f"grace_period_s must be >= 0, got {request.grace_period_s}")
+        in_flight = await self._start_drain(request.grace_period_s)
+        return int_pb.DrainResponse(in_flight=in_flight)

@@ -1,0 +1,310 @@
+"""A small typed client of the public ``llmserve.v1.Generation`` API (router or worker).
+
+``Client`` is synchronous, ``AsyncClient`` is for asyncio; both offer ``generate`` (stream
+of :class:`GenerationChunk` deltas), ``complete`` (stream collected into a
+:class:`Completion`) and ``list_models``. Sampling parameters are keyword arguments with
+vLLM's names (``max_tokens=32, temperature=0``). Failures raise :class:`LLMServeError`
+carrying the gRPC status code. Stopping the iteration (or cancelling the task) cancels
+the RPC, and the server aborts the request.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+
+from llmserve.v1 import generation_pb2 as pb
+from llmserve.v1 import generation_pb2_grpc as pb_grpc
+
+_SAMPLING_FIELDS = frozenset(f.name for f in pb.SamplingParams.DESCRIPTOR.fields)
+
+
+class LLMServeError(Exception):
+    """An RPC failed; ``code`` is the gRPC status code, ``details`` the server's message."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(f"{code.name}: {details}")
+        self.code = code
+        self.details = details
+
+    @classmethod
+    def from_rpc_error(cls, err: grpc.RpcError) -> LLMServeError:
+        code = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
+        details = err.details() if hasattr(err, "details") else str(err)
+        return cls(code, details or "")
+
+
+@dataclass(frozen=True)
+class Usage:
+    """Token counts of a finished request (completion tokens summed over ``n``)."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    cached_prompt_tokens: int
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """Logprob of one generated token and the asked-for top alternatives (id, logprob, text)."""
+
+    token_id: int
+    logprob: float
+    rank: int
+    top: tuple[tuple[int, float, str], ...] = ()
+
+
+@dataclass(frozen=True)
+class GenerationChunk:
+    """One streamed delta of sequence ``index``; the last chunk of the stream has ``usage``."""
+
+    request_id: str
+    index: int
+    text: str
+    token_ids: tuple[int, ...]
+    logprobs: tuple[TokenLogprob, ...] = ()
+    finish_reason: str | None = None
+    stop_reason: str | None = None
+    usage: Usage | None = None
+    worker_id: str | None = None
+
+
+@dataclass
+class CompletionSequence:
+    """One of the ``n`` sequences of a completion, fully collected."""
+
+    index: int
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish_reason: str | None = None
+    stop_reason: str | None = None
+
+
+@dataclass
+class Completion:
+    """A whole response: the sequences in index order, usage and the serving worker."""
+
+    request_id: str
+    sequences: list[CompletionSequence]
+    usage: Usage | None
+    worker_id: str | None
+
+    @property
+    def text(self) -> str:
+        """Text of the first sequence."""
+        return self.sequences[0].text if self.sequences else ""
+
+    @property
+    def token_ids(self) -> list[int]:
+        """Token ids of the first sequence."""
+        return self.sequences[0].token_ids if self.sequences else []
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """A model the server can serve."""
+
+    name: str
+    max_model_len: int
+    num_workers: int
+
+
+def build_request(
+    model: str,
+    prompt: str | None = None,
+    *,
+    prompt_token_ids: Sequence[int] | None = None,
+    messages: Sequence[Mapping[str, str]] | None = None,
+    add_generation_prompt: bool | None = None,
+    request_id: str = "",
+    **sampling: Any,
+) -> pb.GenerateRequest:
+    """A GenerateRequest from Python values; exactly one of the three inputs must be given."""
+    given = [x for x in (prompt, prompt_token_ids, messages) if x is not None]
+    if len(given) != 1:
+        raise ValueError("give exactly one of prompt, prompt_token_ids, messages")
+    unknown = sorted(set(sampling) - _SAMPLING_FIELDS)
+    if unknown:
+        raise TypeError(f"unknown sampling parameters {unknown}; known: {sorted(_SAMPLING_FIELDS)}")
+    request = pb.GenerateRequest(model=model, request_id=request_id)
+    if prompt is not None:
+        request.prompt = prompt
+    elif prompt_token_ids is not None:
+        request.prompt_token_ids.ids.extend(prompt_token_ids)
+    else:
+        assert messages is not None
+        request.messages.SetInParent()
+        for m in messages:
+            request.messages.messages.add(role=m["role"], content=m["content"])
+        if add_generation_prompt is not None:
+            request.messages.add_generation_prompt = add_generation_prompt
+    for name, value in sampling.items():
+        if value is None:
+            continue
+        target = getattr(request.sampling, name)
+        if name == "logit_bias":
+            target.update({int(k): float(v) for k, v in value.items()})
+        elif name in ("stop", "stop_token_ids"):
+            target.extend([value] if isinstance(value, str) else value)
+        else:
+            setattr(request.sampling, name, value)
+    return request
+
+
+def chunk_from_proto(msg: pb.GenerateResponse) -> GenerationChunk:
+    """Protobuf chunk -> :class:`GenerationChunk`."""
+    return GenerationChunk(
+        request_id=msg.request_id,
+        index=msg.index,
+        text=msg.text,
+        token_ids=tuple(msg.token_ids),
+        logprobs=tuple(
+            TokenLogprob(
+                lp.token_id, lp.logprob, lp.rank, tuple((t.token_id, t.logprob, t.token) for t in lp.top)
+            )
+            for lp in msg.logprobs
+        ),
+        finish_reason=msg.finish_reason or None,
+        stop_reason=msg.stop_reason or None,
+        usage=Usage(msg.usage.prompt_tokens, msg.usage.completion_tokens, msg.usage.cached_prompt_tokens)
+        if msg.HasField("usage")
+        else None,
+        worker_id=msg.worker_id or None,
+    )
+
+
+class CompletionCollector:
+    """Accumulates chunks into a :class:`Completion`."""
+
+    def __init__(self) -> None:
+        self._sequences: dict[int, CompletionSequence] = {}
+        self._request_id = ""
+        self._usage: Usage | None = None
+        self._worker_id: str | None = None
+
+    def add(self, chunk: GenerationChunk) -> None:
+        self._request_id = chunk.request_id
+        seq = self._sequences.setdefault(chunk.index, CompletionSequence(chunk.index))
+        seq.text += chunk.text
+        seq.token_ids.extend(chunk.token_ids)
+        seq.logprobs.extend(chunk.logprobs)
+        seq.finish_reason = chunk.finish_reason or seq.finish_reason
+        seq.stop_reason = chunk.stop_reason or seq.stop_reason
+        self._usage = chunk.usage or self._usage
+        self._worker_id = chunk.worker_id or self._worker_id
+
+    def result(self) -> Completion:
+        sequences = [self._sequences[i] for i in sorted(self._sequences)]
+        return Completion(self._request_id, sequences, self._usage, self._worker_id)
+
+
+def _models(response: pb.ListModelsResponse) -> list[ModelInfo]:
+    return [ModelInfo(m.name, m.max_model_len, m.num_workers) for m in response.models]
+
+
+def _channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+    ]
+
+
+class Client:
+    """Synchronous client. ``timeout_s`` is the default deadline of each call (None = none)."""
+
+    def __init__(
+        self, target: str, *, timeout_s: float | None = None, max_message_bytes: int = 16 * 1024 * 1024
+    ) -> None:
+        self._channel = grpc.insecure_channel(target, options=_channel_options(max_message_bytes))
+        self._stub = pb_grpc.GenerationStub(self._channel)
+        self._timeout_s = timeout_s
+
+    def generate(
+        self, model: str, prompt: str | None = None, *, timeout_s: float | None = None, **kwargs: Any
+    ) -> Iterator[GenerationChunk]:
+        """Stream the deltas of one request (see :func:`build_request` for the arguments)."""
+        request = build_request(model, prompt, **kwargs)
+        call = self._stub.Generate(request, timeout=timeout_s or self._timeout_s)
+        try:
+            for msg in call:
+                yield chunk_from_proto(msg)
+        except grpc.RpcError as err:
+            raise LLMServeError.from_rpc_error(err) from None
+        finally:
+            call.cancel()  # no-op once finished; aborts the request if the caller stopped early
+
+    def complete(self, model: str, prompt: str | None = None, **kwargs: Any) -> Completion:
+        """Run one request to the end and return it collected."""
+        collector = CompletionCollector()
+        for chunk in self.generate(model, prompt, **kwargs):
+            collector.add(chunk)
+        return collector.result()
+
+    def list_models(self, *, timeout_s: float | None = None) -> list[ModelInfo]:
+        try:
+            response = self._stub.ListModels(pb.ListModelsRequest(), timeout=timeout_s or self._timeout_s)
+        except grpc.RpcError as err:
+            raise LLMServeError.from_rpc_error(err) from None
+        return _models(response)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class AsyncClient:
+    """asyncio client; create it inside a running event loop."""
+
+    def __init__(
+        self, target: str, *, timeout_s: float | None = None, max_message_bytes: int = 16 * 1024 * 1024
+    ) -> None:
+        self._channel = grpc.aio.insecure_channel(target, options=_channel_options(max_message_bytes))
+        self._stub = pb_grpc.GenerationStub(self._channel)
+        self._timeout_s = timeout_s
+
+    async def generate(
+        self, model: str, prompt: str | None = None, *, timeout_s: float | None = None, **kwargs: Any
+    ) -> AsyncIterator[GenerationChunk]:
+        """Stream the deltas of one request (see :func:`build_request` for the arguments)."""
+        request = build_request(model, prompt, **kwargs)
+        call = self._stub.Generate(request, timeout=timeout_s or self._timeout_s)
+        try:
+            async for msg in call:
+                yield chunk_from_proto(msg)
+        except grpc.RpcError as err:
+            raise LLMServeError.from_rpc_error(err) from None
+        finally:
+            call.cancel()
+
+    async def complete(self, model: str, prompt: str | None = None, **kwargs: Any) -> Completion:
+        """Run one request to the end and return it collected."""
+        collector = CompletionCollector()
+        async for chunk in self.generate(model, prompt, **kwargs):
+            collector.add(chunk)
+        return collector.result()
+
+    async def list_models(self, *, timeout_s: float | None = None) -> list[ModelInfo]:
+        try:
+            response = await self._stub.ListModels(
+                pb.ListModelsRequest(), timeout=timeout_s or self._timeout_s
+            )
+        except grpc.RpcError as err:
+            raise LLMServeError.from_rpc_error(err) from None
+        return _models(response)
+
+    async def close(self) -> None:
+        await self._channel.close(None)
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
