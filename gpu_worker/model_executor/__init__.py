@@ -1,0 +1,1 @@
+"""Models, their shared layers and the weight loader."""

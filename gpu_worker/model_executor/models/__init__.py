@@ -1,0 +1,1 @@
+"""Model families, found through :mod:`gpu_worker.model_executor.models.registry`."""

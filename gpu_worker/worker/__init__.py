@@ -1,0 +1,1 @@
+"""The model runner and its collaborators: input batch, sampler, KV sizing."""

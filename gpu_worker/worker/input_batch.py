@@ -1,0 +1,136 @@
+"""Flat model inputs of one step, built with vectorized numpy into preallocated buffers.
+
+Layout: the scheduled requests' new tokens packed back to back (scheduler order).
+``input_ids``/``positions``/``slot_mapping`` are ``[T]``; ``query_start_loc`` ``[S + 1]``;
+``seq_lens`` ``[S]``; ``block_tables`` ``[S, max_blocks]``. Host buffers are pinned on CUDA
+and copied to fixed device buffers without a sync; the device tensors handed to the model
+are prefixes (views) of those buffers, so their addresses never change (CUDA graphs).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from gpu_worker.core.types import ScheduledRequest
+from gpu_worker.model_executor.layers.attention import AttentionMetadata
+from gpu_worker.worker.request_state import RequestStates
+
+
+@dataclass(frozen=True)
+class StepInputs:
+    """What one forward needs, plus where the sampled rows are."""
+
+    input_ids: torch.Tensor  # [T] int64, device
+    positions: torch.Tensor  # [T] int64, device
+    attn_metadata: AttentionMetadata
+    logits_indices: torch.Tensor  # [N] int64, device: the last token of each sampled request
+    sample_rows: np.ndarray  # [N] state rows of the sampled requests
+    sample_req_ids: tuple[str, ...]
+    sample_positions: np.ndarray  # [N] position the sampled token will take (= its seq_len)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.input_ids.shape[0])
+
+
+class _Buffer:
+    """A host buffer (pinned on CUDA) and its device twin (the same tensor on CPU)."""
+
+    def __init__(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> None:
+        self.host = torch.zeros(shape, dtype=dtype, pin_memory=device.type == "cuda")
+        self.np = self.host.numpy()
+        self.device = self.host if device.type == "cpu" else torch.zeros(shape, dtype=dtype, device=device)
+
+    def upload(self, n: int, cols: int | None = None) -> torch.Tensor:
+        """Copy the first ``n`` rows (and ``cols`` columns) to the device; returns the device view."""
+        index = (slice(0, n),) if cols is None else (slice(0, n), slice(0, cols))
+        if self.device is not self.host:
+            self.device[index].copy_(self.host[index], non_blocking=True)
+        return self.device[index]
+
+
+class InputBatch:
+    """Turns the scheduled requests of a step into flat device tensors."""
+
+    def __init__(
+        self,
+        max_num_tokens: int,
+        max_num_seqs: int,
+        max_blocks_per_seq: int,
+        block_size: int,
+        device: torch.device,
+    ) -> None:
+        self.block_size = block_size
+        self.max_num_tokens = max_num_tokens
+        self.input_ids = _Buffer((max_num_tokens,), torch.int64, device)
+        self.positions = _Buffer((max_num_tokens,), torch.int64, device)
+        self.slot_mapping = _Buffer((max_num_tokens,), torch.int64, device)
+        self.query_start_loc = _Buffer((max_num_seqs + 1,), torch.int32, device)
+        self.seq_lens = _Buffer((max_num_seqs,), torch.int32, device)
+        self.block_tables = _Buffer((max_num_seqs, max_blocks_per_seq), torch.int32, device)
+        self.logits_indices = _Buffer((max_num_seqs,), torch.int64, device)
+        # Host buffers are rewritten each step: wait until the last step's async copies finished.
+        self._uploaded = torch.cuda.Event() if device.type == "cuda" else None
+
+    def prepare(
+        self, requests: Sequence[ScheduledRequest], rows: np.ndarray, states: RequestStates
+    ) -> StepInputs:
+        """Fill the buffers for ``requests`` (whose state rows are ``rows``)."""
+        if self._uploaded is not None:
+            self._uploaded.synchronize()
+        num_seqs = len(requests)
+        q_lens = np.fromiter((len(r.token_ids) for r in requests), dtype=np.int64, count=num_seqs)
+        starts = np.fromiter((r.start_pos for r in requests), dtype=np.int64, count=num_seqs)
+        num_tokens = int(q_lens.sum())
+        if num_tokens > self.max_num_tokens:
+            raise ValueError(f"step has {num_tokens} tokens, more than max_num_batched_tokens")
+        seq_lens = starts + q_lens
+        bs = self.block_size
+        if np.any(seq_lens > states.num_blocks[rows] * bs):
+            raise ValueError("a request's block table is too short for its scheduled tokens")
+
+        qsl = self.query_start_loc.np[: num_seqs + 1]
+        qsl[0] = 0
+        np.cumsum(q_lens, out=qsl[1:])
+        self.seq_lens.np[:num_seqs] = seq_lens
+        ids = self.input_ids.np[:num_tokens]
+        ids[:] = np.fromiter(
+            itertools.chain.from_iterable(r.token_ids for r in requests), dtype=np.int64, count=num_tokens
+        )
+        tok_seq = np.repeat(np.arange(num_seqs), q_lens)
+        positions = self.positions.np[:num_tokens]
+        np.add(np.arange(num_tokens) - qsl[:-1][tok_seq], starts[tok_seq], out=positions)
+        block_ids = states.block_table_np[rows[tok_seq], positions // bs]
+        np.add(block_ids * bs, positions % bs, out=self.slot_mapping.np[:num_tokens])
+        max_blocks = int(-(-int(seq_lens.max()) // bs))
+        self.block_tables.np[:num_seqs, :max_blocks] = states.block_table_np[rows, :max_blocks]
+
+        sample = np.fromiter((r.sample for r in requests), dtype=bool, count=num_seqs)
+        num_sample = int(sample.sum())
+        self.logits_indices.np[:num_sample] = qsl[1:][sample] - 1
+
+        md = AttentionMetadata(
+            slot_mapping=self.slot_mapping.upload(num_tokens),
+            block_tables=self.block_tables.upload(num_seqs, max_blocks),
+            query_start_loc=self.query_start_loc.upload(num_seqs + 1),
+            seq_lens=self.seq_lens.upload(num_seqs),
+            max_query_len=int(q_lens.max()),
+            max_seq_len=int(seq_lens.max()),
+        )
+        inputs = StepInputs(
+            input_ids=self.input_ids.upload(num_tokens),
+            positions=self.positions.upload(num_tokens),
+            attn_metadata=md,
+            logits_indices=self.logits_indices.upload(num_sample),
+            sample_rows=rows[sample],
+            sample_req_ids=tuple(r.req_id for r, s in zip(requests, sample, strict=True) if s),
+            sample_positions=seq_lens[sample],
+        )
+        if self._uploaded is not None:
+            self._uploaded.record()
+        return inputs

@@ -1,0 +1,167 @@
+"""ModelRunner: executes one scheduler step on the device (inputs -> model -> sampler)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from gpu_worker.config import EngineConfig
+from gpu_worker.core.types import RunnerOutput, ScheduledRequest, SchedulerOutput
+from gpu_worker.model_executor.layers.attention import AttentionMetadata
+from gpu_worker.model_executor.models.llama import head_dim_of
+from gpu_worker.sampling_params import SamplingParams
+from gpu_worker.worker.input_batch import InputBatch, StepInputs
+from gpu_worker.worker.request_state import RequestStates
+from gpu_worker.worker.sampler import Sampler
+from gpu_worker.worker.sampling_metadata import build_sampling_metadata
+
+
+def config_eos_ids(hf_config: Any) -> tuple[int, ...]:
+    value = getattr(hf_config, "eos_token_id", None)
+    if value is None:
+        return ()
+    return (int(value),) if isinstance(value, int) else tuple(int(v) for v in value)
+
+
+class ModelRunner:
+    """Owns the KV caches and the per-request device-side state; runs steps.
+
+    ``execute`` is the only per-step entry point. Requests enter with ``is_new`` (full
+    block table and params) and leave through ``finished_req_ids`` / ``preempted_req_ids``.
+    The only host sync per step is reading the sampled token ids.
+    """
+
+    def __init__(
+        self,
+        config: EngineConfig,
+        model: nn.Module,
+        hf_config: Any,
+        device: torch.device,
+        dtype: torch.dtype,
+        num_kv_blocks: int,
+        eos_token_ids: Iterable[int] | None = None,
+    ) -> None:
+        self.config = config
+        self.model = model
+        self.hf_config = hf_config
+        self.device = device
+        self.dtype = dtype
+        self.num_kv_blocks = num_kv_blocks
+        self.block_size = config.block_size
+        self.vocab_size = int(hf_config.vocab_size)
+        self.max_model_len = int(config.max_model_len or hf_config.max_position_embeddings)
+        self.max_blocks_per_seq = -(-self.max_model_len // self.block_size)
+        eos = config_eos_ids(hf_config) if eos_token_ids is None else tuple(eos_token_ids)
+        self.kv_caches = self._allocate_kv_caches()
+        self.states = RequestStates(
+            config.max_num_seqs, self.max_blocks_per_seq, self.max_model_len, eos, device
+        )
+        self.inputs = InputBatch(
+            config.max_num_batched_tokens,
+            config.max_num_seqs,
+            self.max_blocks_per_seq,
+            self.block_size,
+            device,
+        )
+        generator = torch.Generator(device=device)
+        generator.manual_seed(config.seed)
+        self.sampler = Sampler(generator)
+
+    def _allocate_kv_caches(self) -> list[torch.Tensor]:
+        cfg = self.hf_config
+        shape = (2, self.num_kv_blocks, self.block_size, cfg.num_key_value_heads, head_dim_of(cfg))
+        return [
+            torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(cfg.num_hidden_layers)
+        ]
+
+    @property
+    def num_requests(self) -> int:
+        """Requests whose state the runner holds."""
+        return len(self.states)
+
+    def execute(self, sched: SchedulerOutput) -> RunnerOutput:
+        """Run one step: update state, forward the packed tokens, sample where asked."""
+        for req_id in sched.finished_req_ids | sched.preempted_req_ids:
+            self.states.remove(req_id)
+        if sched.is_empty:
+            return RunnerOutput(req_ids=(), sampled_token_ids=())
+        rows = np.fromiter(
+            (self.states.update(r) for r in sched.requests), dtype=np.int64, count=len(sched.requests)
+        )
+        inputs = self.inputs.prepare(sched.requests, rows, self.states)
+        hidden = self.forward(inputs.input_ids, inputs.positions, inputs.attn_metadata)
+        if not inputs.sample_req_ids:
+            return RunnerOutput(req_ids=(), sampled_token_ids=())
+        return self._sample(hidden, inputs)
+
+    @torch.inference_mode()
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, md: AttentionMetadata
+    ) -> torch.Tensor:
+        """The model call alone (the unit a CUDA graph would capture): ``[T]`` -> hidden ``[T, H]``."""
+        hidden: torch.Tensor = self.model(input_ids, positions, md, self.kv_caches)
+        return hidden
+
+    @torch.inference_mode()
+    def _sample(self, hidden: torch.Tensor, inputs: StepInputs) -> RunnerOutput:
+        logits = self.model.compute_logits(hidden.index_select(0, inputs.logits_indices))  # type: ignore[operator]
+        md = build_sampling_metadata(self.states, inputs.sample_rows, self.vocab_size, self.device)
+        out = self.sampler.sample(logits, md)
+        token_ids: list[int] = out.token_ids.tolist()  # the step's one host sync
+        for row, pos, tok in zip(inputs.sample_rows, inputs.sample_positions, token_ids, strict=True):
+            self.states.record_tokens(int(row), int(pos), (tok,))
+        return RunnerOutput(
+            req_ids=inputs.sample_req_ids, sampled_token_ids=tuple(token_ids), logprobs=out.logprobs
+        )
+
+    def profile_run(self) -> int:
+        """Run a maximum-size dummy step (max_num_batched_tokens over max_num_seqs sequences).
+
+        Returns the peak device memory in bytes on CUDA (0 elsewhere). Leaves no request state.
+        """
+        num_tokens = self.config.max_num_batched_tokens
+        num_seqs = max(1, min(self.config.max_num_seqs, num_tokens))
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        self._dummy_step(num_tokens, num_seqs)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            return int(torch.cuda.max_memory_allocated(self.device))
+        return 0
+
+    def warmup(self) -> None:
+        """Run a small prefill and a decode-sized step so lazy initialization happens before serving."""
+        self._dummy_step(min(self.config.max_num_batched_tokens, 2 * self.block_size), 1)
+        self._dummy_step(
+            min(self.config.max_num_seqs, self.config.max_num_batched_tokens),
+            min(self.config.max_num_seqs, self.config.max_num_batched_tokens),
+        )
+
+    def _dummy_step(self, num_tokens: int, num_seqs: int) -> None:
+        """A throwaway step on scratch KV slots (block 0 repeated); state is dropped afterwards."""
+        per_seq = [num_tokens // num_seqs + (1 if i < num_tokens % num_seqs else 0) for i in range(num_seqs)]
+        params = SamplingParams(temperature=1.0, top_p=0.9, top_k=50, max_tokens=1)
+        requests = []
+        for i, n in enumerate(per_seq):
+            n = max(1, min(n, self.max_model_len))
+            blocks = (0,) * (-(-n // self.block_size))  # every token writes into block 0: content is junk
+            requests.append(
+                ScheduledRequest(
+                    req_id=f"__dummy_{i}",
+                    token_ids=(0,) * n,
+                    start_pos=0,
+                    block_ids=blocks,
+                    sample=True,
+                    is_new=True,
+                    params=params,
+                    prompt_len=n,
+                )
+            )
+        ids = frozenset(r.req_id for r in requests)
+        self.execute(SchedulerOutput(requests=tuple(requests), num_scheduled_tokens=sum(per_seq)))
+        self.execute(SchedulerOutput(requests=(), num_scheduled_tokens=0, finished_req_ids=ids))

@@ -1,0 +1,162 @@
+"""Persistent per-request state of the model runner, in preallocated row-indexed arrays.
+
+Each live request owns one row (``0 .. max_num_seqs - 1``) of every array. The block table
+row grows as the scheduler appends blocks; the token history (prompt + output, ``-1`` where
+unknown, e.g. prefix-cached prompt tokens the runner never saw) feeds the penalties.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from gpu_worker.core.types import ScheduledRequest
+from gpu_worker.sampling_params import SamplingParams
+
+UNKNOWN_TOKEN = -1
+
+
+@dataclass(frozen=True)
+class RowSampling:
+    """Sampling inputs of one row that are fixed for the request's lifetime."""
+
+    params: SamplingParams
+    stop_ids: tuple[int, ...]  # masked while fewer than min_tokens outputs
+    bias_ids: np.ndarray  # int64
+    bias_values: np.ndarray  # float32
+    generator: torch.Generator | None  # seeded requests only
+
+
+def seed_for_draw(seed: int, output_index: int) -> int:
+    """A 63-bit seed per (request seed, output index): draws independent of batch and path."""
+    x = (seed * 0x9E3779B97F4A7C15 + (output_index + 1) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    x ^= x >> 31
+    return x & 0x7FFFFFFFFFFFFFFF
+
+
+class RequestStates:
+    """Rows of live requests: block tables, token history, sampling settings."""
+
+    def __init__(
+        self,
+        max_num_seqs: int,
+        max_blocks_per_seq: int,
+        max_model_len: int,
+        eos_token_ids: Sequence[int],
+        device: torch.device,
+    ) -> None:
+        pin = device.type == "cuda"
+        self.device = device
+        self.eos_token_ids = tuple(eos_token_ids)
+        # int32 [max_num_seqs, max_blocks_per_seq]; pinned on CUDA so slices copy asynchronously.
+        self.block_table = torch.zeros(max_num_seqs, max_blocks_per_seq, dtype=torch.int32, pin_memory=pin)
+        self.block_table_np = self.block_table.numpy()
+        self.num_blocks = np.zeros(max_num_seqs, dtype=np.int64)
+        self.token_ids = np.full((max_num_seqs, max_model_len + 1), UNKNOWN_TOKEN, dtype=np.int64)
+        self.num_tokens = np.zeros(max_num_seqs, dtype=np.int64)  # tokens whose position is known
+        self.prompt_len = np.zeros(max_num_seqs, dtype=np.int64)
+        self.sampling: list[RowSampling | None] = [None] * max_num_seqs
+        # Per-row sampling settings as arrays, so a step gathers them with one fancy index.
+        self.temperature = np.ones(max_num_seqs, dtype=np.float32)
+        self.greedy = np.zeros(max_num_seqs, dtype=bool)
+        self.top_k = np.zeros(max_num_seqs, dtype=np.int64)  # 0: disabled
+        self.top_p = np.ones(max_num_seqs, dtype=np.float32)
+        self.min_p = np.zeros(max_num_seqs, dtype=np.float32)
+        self.presence = np.zeros(max_num_seqs, dtype=np.float32)
+        self.frequency = np.zeros(max_num_seqs, dtype=np.float32)
+        self.repetition = np.ones(max_num_seqs, dtype=np.float32)
+        self.min_tokens = np.zeros(max_num_seqs, dtype=np.int64)
+        self.num_logprobs = np.full(max_num_seqs, -1, dtype=np.int64)  # -1: not requested
+        self.seeded = np.zeros(max_num_seqs, dtype=bool)
+        self.has_bias = np.zeros(max_num_seqs, dtype=bool)
+        self.needs_penalties = np.zeros(max_num_seqs, dtype=bool)
+        self.rows: dict[str, int] = {}
+        self._free_rows = list(range(max_num_seqs - 1, -1, -1))
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def remove(self, req_id: str) -> None:
+        """Forget a finished, aborted or preempted request (unknown ids are ignored)."""
+        row = self.rows.pop(req_id, None)
+        if row is not None:
+            self.sampling[row] = None
+            self._free_rows.append(row)
+
+    def update(self, req: ScheduledRequest) -> int:
+        """Register a new request or append its new blocks; record its tokens. Returns its row."""
+        if req.is_new:
+            self.remove(req.req_id)
+            row = self._add(req)
+        else:
+            row = self.rows[req.req_id]
+            self._append_blocks(row, req.block_ids)
+        self.record_tokens(row, req.start_pos, req.token_ids)
+        return row
+
+    def record_tokens(self, row: int, start: int, tokens: Sequence[int]) -> None:
+        end = start + len(tokens)
+        self.token_ids[row, start:end] = tokens
+        self.num_tokens[row] = max(int(self.num_tokens[row]), end)
+
+    def _add(self, req: ScheduledRequest) -> int:
+        if req.params is None:
+            raise ValueError(f"new request {req.req_id!r} comes without sampling params")
+        if not self._free_rows:
+            raise RuntimeError("more live requests than max_num_seqs")
+        row = self._free_rows.pop()
+        self.rows[req.req_id] = row
+        self.num_blocks[row] = 0
+        self._append_blocks(row, req.block_ids)
+        self.prompt_len[row] = req.prompt_len
+        known = req.prompt_len + len(req.output_token_ids)
+        self.token_ids[row, : max(known, req.start_pos)] = UNKNOWN_TOKEN
+        self.num_tokens[row] = 0
+        prompt = getattr(req, "prompt_token_ids", None)  # full prompt, when the scheduler sends it
+        if prompt:
+            self.record_tokens(row, 0, prompt)
+        self.record_tokens(row, req.prompt_len, req.output_token_ids)
+        self._set_sampling(row, req.params)
+        return row
+
+    def _append_blocks(self, row: int, block_ids: Sequence[int]) -> None:
+        start = int(self.num_blocks[row])
+        end = start + len(block_ids)
+        if end > self.block_table_np.shape[1]:
+            raise ValueError(f"block table row overflows max_blocks_per_seq ({self.block_table_np.shape[1]})")
+        self.block_table_np[row, start:end] = block_ids
+        self.num_blocks[row] = end
+
+    def _set_sampling(self, row: int, params: SamplingParams) -> None:
+        self.sampling[row] = self._row_sampling(params)
+        self.greedy[row] = params.greedy
+        self.temperature[row] = 1.0 if params.greedy else params.temperature
+        self.top_k[row] = params.top_k
+        self.top_p[row] = params.top_p
+        self.min_p[row] = params.min_p
+        self.presence[row] = params.presence_penalty
+        self.frequency[row] = params.frequency_penalty
+        self.repetition[row] = params.repetition_penalty
+        self.min_tokens[row] = params.min_tokens
+        self.num_logprobs[row] = -1 if params.logprobs is None else params.logprobs
+        self.seeded[row] = params.seed is not None and not params.greedy
+        self.has_bias[row] = bool(params.logit_bias)
+        self.needs_penalties[row] = params.needs_penalties
+
+    def _row_sampling(self, params: SamplingParams) -> RowSampling:
+        stop_ids = tuple(params.stop_token_ids) + (() if params.ignore_eos else self.eos_token_ids)
+        generator = None
+        if params.seed is not None and not params.greedy:
+            generator = torch.Generator(device=self.device)
+        return RowSampling(
+            params=params,
+            stop_ids=stop_ids,
+            bias_ids=np.fromiter(params.logit_bias.keys(), dtype=np.int64, count=len(params.logit_bias)),
+            bias_values=np.fromiter(
+                params.logit_bias.values(), dtype=np.float32, count=len(params.logit_bias)
+            ),
+            generator=generator,
+        )

@@ -1,0 +1,153 @@
+"""Batched sampling on the device, vLLM semantics.
+
+Order: raw logprobs (``log_softmax`` of the model's logits) -> logit bias -> min_tokens mask
+-> penalties -> greedy argmax, or temperature -> min-p -> top-k/top-p -> exponential race.
+Random rows draw ``q ~ Exp(1)`` per token and take ``argmax(probs / q)`` (a categorical
+sample); a seeded row draws its ``q`` from its own generator, so its tokens do not depend
+on what else is in the batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from gpu_worker.core.types import TokenLogprobs
+
+
+@dataclass(frozen=True)
+class PenaltyInputs:
+    """Per-row penalties and token statistics (rows = sampled rows)."""
+
+    presence: torch.Tensor  # [N] float32
+    frequency: torch.Tensor  # [N] float32
+    repetition: torch.Tensor  # [N] float32
+    output_counts: torch.Tensor  # [N, V] float32, occurrences of each token in the output so far
+    prompt_mask: torch.Tensor  # [N, V] bool, token occurs in the prompt
+
+
+@dataclass(frozen=True)
+class SamplingMetadata:
+    """Everything the sampler needs for one step; ``None`` fields mean "no row uses it"."""
+
+    all_greedy: bool
+    greedy_mask: torch.Tensor | None  # [N] bool (rows sampled greedily); None when all or none are
+    temperature: torch.Tensor | None  # [N] float32 (1.0 on greedy rows); None when all greedy
+    top_k: torch.Tensor | None  # [N] int64, vocab size where disabled
+    top_p: torch.Tensor | None  # [N] float32, 1.0 where disabled
+    min_p: torch.Tensor | None  # [N] float32, 0.0 where disabled
+    seeded: tuple[tuple[int, torch.Generator], ...] = ()  # (row, generator seeded for this draw)
+    penalties: PenaltyInputs | None = None
+    logit_bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # rows, token ids, values
+    banned: tuple[torch.Tensor, torch.Tensor] | None = None  # rows, token ids set to -inf (min_tokens)
+    num_logprobs: tuple[int | None, ...] | None = None  # per row top-N (None: none); None: no row asks
+
+
+@dataclass(frozen=True)
+class SamplerOutput:
+    token_ids: torch.Tensor  # [N] int64, on the device
+    logprobs: tuple[TokenLogprobs | None, ...] = ()  # one per row when any row asked, else ()
+
+
+def apply_penalties(logits: torch.Tensor, p: PenaltyInputs) -> torch.Tensor:
+    """Repetition over prompt + output tokens, then frequency and presence over output tokens."""
+    output_mask = p.output_counts > 0
+    seen = output_mask | p.prompt_mask
+    rep = p.repetition[:, None].expand_as(logits)
+    penalized = torch.where(logits > 0, logits / rep, logits * rep)
+    logits = torch.where(seen, penalized, logits)
+    logits = logits - p.frequency[:, None] * p.output_counts
+    return logits - p.presence[:, None] * output_mask.to(logits.dtype)
+
+
+def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """Drop tokens whose probability is below ``min_p`` times the top probability."""
+    probs = logits.softmax(dim=-1)
+    threshold = probs.amax(dim=-1, keepdim=True) * min_p[:, None]
+    return logits.masked_fill(probs < threshold, float("-inf"))
+
+
+def apply_top_k_top_p(
+    logits: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None
+) -> torch.Tensor:
+    """Keep the ``top_k`` largest logits, then the smallest set whose probability reaches ``top_p``."""
+    sorted_logits, order = logits.sort(dim=-1, descending=False)
+    if top_k is not None:
+        kth = (sorted_logits.shape[-1] - top_k.clamp(min=1)).clamp(min=0)
+        threshold = sorted_logits.gather(1, kth[:, None])
+        sorted_logits = sorted_logits.masked_fill(sorted_logits < threshold, float("-inf"))
+    if top_p is not None:
+        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        drop = cum <= (1.0 - top_p)[:, None]
+        drop[:, -1] = False  # always keep the most likely token
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    return torch.empty_like(logits).scatter_(1, order, sorted_logits)
+
+
+class Sampler:
+    """Turns a step's logits into tokens (and logprobs) for every sampled row at once."""
+
+    def __init__(self, generator: torch.Generator) -> None:
+        """``generator`` (on the logits' device) drives the draws of unseeded rows."""
+        self.generator = generator
+
+    def sample(self, logits: torch.Tensor, md: SamplingMetadata) -> SamplerOutput:
+        """``logits``: ``[N, V]`` float32, raw from the model. Returns ``N`` token ids."""
+        raw_logprobs = logits.log_softmax(dim=-1) if md.num_logprobs is not None else None
+        logits = self._process(logits, md)
+        if md.all_greedy:
+            token_ids = logits.argmax(dim=-1)
+        else:
+            token_ids = self._sample_random(logits, md)
+            if md.greedy_mask is not None:
+                token_ids = torch.where(md.greedy_mask, logits.argmax(dim=-1), token_ids)
+        logprobs: tuple[TokenLogprobs | None, ...] = ()
+        if raw_logprobs is not None and md.num_logprobs is not None:
+            logprobs = gather_logprobs(raw_logprobs, token_ids, md.num_logprobs)
+        return SamplerOutput(token_ids=token_ids, logprobs=logprobs)
+
+    @staticmethod
+    def _process(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
+        if md.logit_bias is not None:
+            rows, cols, values = md.logit_bias
+            logits = logits.index_put((rows, cols), values, accumulate=True)
+        if md.banned is not None:
+            rows, cols = md.banned
+            logits = logits.index_put((rows, cols), torch.tensor(float("-inf"), device=logits.device))
+        if md.penalties is not None:
+            logits = apply_penalties(logits, md.penalties)
+        return logits
+
+    def _sample_random(self, logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
+        assert md.temperature is not None  # invariant: set whenever not all_greedy
+        logits = logits / md.temperature[:, None]
+        if md.min_p is not None:
+            logits = apply_min_p(logits, md.min_p)
+        if md.top_k is not None or md.top_p is not None:
+            logits = apply_top_k_top_p(logits, md.top_k, md.top_p)
+        probs = logits.softmax(dim=-1)
+        q = torch.empty_like(probs).exponential_(generator=self.generator)
+        for row, generator in md.seeded:
+            q[row].exponential_(generator=generator)
+        return probs.div_(q).argmax(dim=-1)
+
+
+def gather_logprobs(
+    raw: torch.Tensor, token_ids: torch.Tensor, num_logprobs: tuple[int | None, ...]
+) -> tuple[TokenLogprobs | None, ...]:
+    """Chosen-token logprob, its rank (1 = most likely) and the top-N, from the raw distribution."""
+    top_n = max(n or 0 for n in num_logprobs)
+    chosen = raw.gather(1, token_ids[:, None])
+    ranks = (raw > chosen).sum(dim=-1) + 1
+    top_vals, top_ids = raw.topk(top_n, dim=-1) if top_n else (raw[:, :0], token_ids[:, None][:, :0])
+    chosen_l, ranks_l = chosen[:, 0].tolist(), ranks.tolist()
+    ids_l, top_vals_l, top_ids_l = token_ids.tolist(), top_vals.tolist(), top_ids.tolist()
+    out: list[TokenLogprobs | None] = []
+    for row, n in enumerate(num_logprobs):
+        if n is None:
+            out.append(None)
+            continue
+        top = tuple(zip(top_ids_l[row][:n], top_vals_l[row][:n], strict=True))
+        out.append(TokenLogprobs(token_id=ids_l[row], logprob=chosen_l[row], rank=ranks_l[row], top=top))
+    return tuple(out)
