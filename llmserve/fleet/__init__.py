@@ -1,0 +1,37 @@
+"""Fleet state shared by workers and routers: records, the state store, publisher and registry.
+
+Torch-free. ``redis_store`` is the only module importing ``redis``; it is not imported here,
+so the in-process store works without a Redis client installed.
+"""
+
+from llmserve.fleet.publisher import PublisherTiming, WorkerIdentity, WorkerPublisher
+from llmserve.fleet.records import KVDelta, WorkerLoad, WorkerRecord, as_kv_delta
+from llmserve.fleet.registry import FleetSnapshot, Registry
+from llmserve.fleet.store import FleetView, MemoryStateStore, StateStore, StoreUnavailable
+
+
+def open_store(redis_url: str | None) -> StateStore:
+    """A Redis store for ``redis_url``, or a fresh in-process store when it is None."""
+    if redis_url:
+        from llmserve.fleet.redis_store import RedisStateStore
+
+        return RedisStateStore(redis_url)
+    return MemoryStateStore()
+
+
+__all__ = [
+    "FleetSnapshot",
+    "FleetView",
+    "KVDelta",
+    "MemoryStateStore",
+    "PublisherTiming",
+    "Registry",
+    "StateStore",
+    "StoreUnavailable",
+    "WorkerIdentity",
+    "WorkerLoad",
+    "WorkerPublisher",
+    "WorkerRecord",
+    "as_kv_delta",
+    "open_store",
+]

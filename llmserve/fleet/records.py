@@ -1,0 +1,91 @@
+"""Frozen records of the fleet state: a worker's identity, its load, and KV deltas.
+
+Torch-free and Redis-free: router, worker and the local stack all use these.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class WorkerLoad:
+    """Load of one worker at one instant, as published in its heartbeat."""
+
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_usage: float = 0.0  # fraction of KV blocks held by requests, 0..1
+    max_num_seqs: int = 1
+    max_queue_len: int = 1
+    num_kv_blocks: int = 0
+
+    @property
+    def queue(self) -> int:
+        """Requests the worker holds: computing plus waiting."""
+        return self.num_running + self.num_waiting
+
+
+@dataclass(frozen=True)
+class WorkerRecord:
+    """What a worker publishes about itself every heartbeat."""
+
+    worker_id: str
+    model: str
+    address: str  # host:port routers dial
+    block_size: int
+    max_model_len: int
+    load: WorkerLoad = WorkerLoad()
+    draining: bool = False
+    heartbeat_at: float = 0.0  # wall-clock time.time() of the heartbeat
+
+    def to_json(self) -> str:
+        """Serialize for the state store."""
+        return json.dumps(asdict(self), separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, data: str | bytes) -> WorkerRecord:
+        """Parse what :meth:`to_json` wrote; unknown fields are ignored (rolling upgrades)."""
+        raw: dict[str, Any] = json.loads(data)
+        load_raw = raw.pop("load", {}) or {}
+        load = WorkerLoad(**{k: v for k, v in load_raw.items() if k in WorkerLoad.__dataclass_fields__})
+        known = {k: v for k, v in raw.items() if k in cls.__dataclass_fields__}
+        return cls(load=load, **known)
+
+
+@dataclass(frozen=True)
+class KVDelta:
+    """A change to a worker's set of cached block hashes, applied in order.
+
+    ``stored`` hashes are added, then ``removed`` hashes are taken away. ``cleared`` means the
+    worker dropped its whole prefix cache: the publisher then republishes its full set.
+    """
+
+    stored: tuple[bytes, ...] = ()
+    removed: tuple[bytes, ...] = ()
+    cleared: bool = False
+
+
+def as_kv_delta(event: object) -> KVDelta:
+    """Turn an engine KV event into a :class:`KVDelta`.
+
+    Accepts a :class:`KVDelta`, a ``(stored, removed)`` pair, or the engine's events
+    (``BlockStored(block_hashes)``, ``BlockRemoved(block_hashes)``, ``AllBlocksCleared()``,
+    matched by class name so this module needs no import of the worker package).
+    """
+    if isinstance(event, KVDelta):
+        return event
+    if isinstance(event, tuple) and len(event) == 2:
+        stored, removed = event
+        return KVDelta(stored=tuple(stored), removed=tuple(removed))
+    kind = type(event).__name__
+    hashes: Iterable[bytes] = getattr(event, "block_hashes", ())
+    if kind == "BlockStored":
+        return KVDelta(stored=tuple(hashes))
+    if kind == "BlockRemoved":
+        return KVDelta(removed=tuple(hashes))
+    if kind == "AllBlocksCleared":
+        return KVDelta(cleared=True)
+    raise TypeError(f"not a KV event: {event!r}")

@@ -1,0 +1,161 @@
+"""``StateStore`` over Redis: the only module of llmserve that imports ``redis``.
+
+Layout (``docs/DESIGN.md``, prefix ``llmserve``):
+
+``{p}:worker:{id}``  JSON WorkerRecord, TTL;  ``{p}:workers``  set of ids;  ``{p}:models``  set of
+model names ever served;  ``{p}:kv:{id}``  set of 16-byte block hashes, TTL refreshed by heartbeat;
+``{p}:kvsync:{id}``  marker, TTL; missing means the KV set must be republished;
+``{p}:epoch``  random token set once (``SET NX``) per Redis lifetime: a change tells routers that
+Redis lost its data and workers are re-registering.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from typing import Any, TypeVar
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+
+from llmserve.fleet.records import KVDelta, WorkerRecord
+from llmserve.fleet.store import FleetView, StateStore, StoreUnavailable, leading_matches
+
+T = TypeVar("T")
+_CHUNK = 1000  # hashes per SADD when republishing a whole KV set
+
+
+class RedisStateStore(StateStore):
+    """Fleet state in Redis. Fails fast (one reconnect attempt) so callers can fall back."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        prefix: str = "llmserve",
+        connect_timeout_s: float = 1.0,
+        op_timeout_s: float = 2.0,
+    ) -> None:
+        self._redis = aioredis.Redis.from_url(
+            url,
+            socket_connect_timeout=connect_timeout_s,
+            socket_timeout=op_timeout_s,
+            retry=Retry(NoBackoff(), 1),
+            decode_responses=False,
+        )
+        self._p = prefix
+        self._epoch = uuid.uuid4().hex.encode()
+
+    def _k(self, *parts: str) -> str:
+        return ":".join((self._p, *parts))
+
+    async def _call(self, fn: Callable[[], Awaitable[T]]) -> T:
+        try:
+            return await fn()
+        except (RedisError, OSError, TimeoutError) as exc:
+            raise StoreUnavailable(f"redis: {exc}") from exc
+
+    async def heartbeat(self, record: WorkerRecord, ttl_s: float) -> bool:
+        ttl_ms = int(ttl_s * 1000)
+        wid = record.worker_id
+
+        async def run() -> list[Any]:
+            pipe = self._redis.pipeline(transaction=False)
+            pipe.set(self._k("worker", wid), record.to_json(), px=ttl_ms)
+            pipe.sadd(self._k("workers"), wid)
+            pipe.sadd(self._k("models"), record.model)
+            pipe.pexpire(self._k("kv", wid), ttl_ms)
+            pipe.pexpire(self._k("kvsync", wid), ttl_ms)
+            pipe.set(self._k("epoch"), self._epoch, nx=True)
+            return await pipe.execute()
+
+        results = await self._call(run)
+        return bool(results[4])
+
+    async def replace_kv(self, worker_id: str, hashes: Iterable[bytes], ttl_s: float) -> None:
+        ttl_ms = int(ttl_s * 1000)
+        items = list(hashes)
+        key = self._k("kv", worker_id)
+
+        async def run() -> None:
+            pipe = self._redis.pipeline(transaction=True)
+            pipe.delete(key)
+            for i in range(0, len(items), _CHUNK):
+                pipe.sadd(key, *items[i : i + _CHUNK])
+            pipe.pexpire(key, ttl_ms)
+            pipe.set(self._k("kvsync", worker_id), b"1", px=ttl_ms)
+            await pipe.execute()
+
+        await self._call(run)
+
+    async def apply_kv(self, worker_id: str, deltas: Sequence[KVDelta], ttl_s: float) -> None:
+        key = self._k("kv", worker_id)
+
+        async def run() -> None:
+            pipe = self._redis.pipeline(transaction=False)
+            for delta in deltas:
+                if delta.stored:
+                    pipe.sadd(key, *delta.stored)
+                if delta.removed:
+                    pipe.srem(key, *delta.removed)
+            pipe.pexpire(key, int(ttl_s * 1000))
+            await pipe.execute()
+
+        await self._call(run)
+
+    async def remove_worker(self, worker_id: str) -> None:
+        async def run() -> None:
+            pipe = self._redis.pipeline(transaction=True)
+            pipe.delete(self._k("worker", worker_id), self._k("kv", worker_id), self._k("kvsync", worker_id))
+            pipe.srem(self._k("workers"), worker_id)
+            await pipe.execute()
+
+        await self._call(run)
+
+    async def read_fleet(self) -> FleetView:
+        async def run() -> FleetView:
+            pipe = self._redis.pipeline(transaction=False)
+            pipe.smembers(self._k("workers"))
+            pipe.smembers(self._k("models"))
+            pipe.get(self._k("epoch"))
+            ids_raw, models_raw, epoch = await pipe.execute()
+            ids = sorted(i.decode() for i in ids_raw)
+            records: list[WorkerRecord] = []
+            if ids:
+                blobs = await self._redis.mget([self._k("worker", i) for i in ids])
+                stale = [i for i, blob in zip(ids, blobs, strict=True) if blob is None]
+                records = [WorkerRecord.from_json(b) for b in blobs if b is not None]
+                if stale:
+                    await self._redis.srem(self._k("workers"), *stale)
+            return FleetView(
+                workers=tuple(records),
+                models=frozenset(m.decode() for m in models_raw),
+                epoch=epoch.decode() if epoch is not None else None,
+            )
+
+        return await self._call(run)
+
+    async def match_prefixes(self, queries: Mapping[str, Sequence[bytes]]) -> dict[str, int]:
+        asked = [(wid, chain) for wid, chain in queries.items() if chain]
+        out = {wid: 0 for wid in queries}
+        if not asked:
+            return out
+
+        async def run() -> list[Any]:
+            pipe = self._redis.pipeline(transaction=False)
+            for wid, chain in asked:
+                pipe.smismember(self._k("kv", wid), list(chain))
+            return await pipe.execute()
+
+        results = await self._call(run)
+        for (wid, _), flags in zip(asked, results, strict=True):
+            out[wid] = leading_matches(flags)
+        return out
+
+    async def close(self) -> None:
+        try:
+            await self._redis.aclose()
+        except (RedisError, OSError):
+            pass

@@ -1,0 +1,136 @@
+"""Router side of the fleet state: a cached view of live workers and the prefix lookup.
+
+The router asks :meth:`Registry.snapshot` on every request; the store is read at most once per
+``cache_s`` (single flight). When the store is unreachable the last known snapshot keeps
+serving. When the store's epoch changes (Redis restarted and lost its data), workers of the
+previous snapshot stay listed for ``grace_s`` while they re-register, so no model disappears
+during the gap. Worker-side publishing lives in :mod:`llmserve.fleet.publisher`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+from llmserve.fleet.publisher import PublisherTiming, WorkerIdentity, WorkerPublisher
+from llmserve.fleet.records import KVDelta, WorkerLoad, WorkerRecord
+from llmserve.fleet.store import FleetView, StateStore, StoreUnavailable
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class FleetSnapshot:
+    """What the router knows of the fleet at one instant."""
+
+    workers: tuple[WorkerRecord, ...]
+    models: frozenset[str]  # every model ever served (NOT_FOUND vs UNAVAILABLE)
+    stale: bool = False  # True while serving the last known state (store down or re-syncing)
+
+    def workers_of(self, model: str) -> list[WorkerRecord]:
+        """Workers of ``model`` that accept new requests, sorted by id."""
+        return sorted(
+            (w for w in self.workers if w.model == model and not w.draining), key=lambda w: w.worker_id
+        )
+
+    def live_models(self) -> dict[str, list[WorkerRecord]]:
+        """Model name -> its non-draining workers."""
+        out: dict[str, list[WorkerRecord]] = {}
+        for w in self.workers:
+            if not w.draining:
+                out.setdefault(w.model, []).append(w)
+        return out
+
+
+class Registry:
+    """Cached, failure-tolerant view of the fleet for one router process."""
+
+    def __init__(
+        self,
+        store: StateStore,
+        *,
+        cache_s: float = 1.0,
+        grace_s: float = 5.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._store = store
+        self._cache_s = cache_s
+        self._grace_s = grace_s
+        self._clock = clock
+        self._snapshot = FleetSnapshot(workers=(), models=frozenset(), stale=True)
+        self._epoch: str | None = None
+        self._have_read = False
+        self._next_refresh = 0.0
+        self._carry: tuple[WorkerRecord, ...] = ()
+        self._carry_until = 0.0
+        self._lock = asyncio.Lock()
+
+    async def snapshot(self) -> FleetSnapshot:
+        """The fleet as of at most ``cache_s`` ago (or the last known one if the store is down)."""
+        if self._clock() < self._next_refresh:
+            return self._snapshot
+        async with self._lock:
+            if self._clock() >= self._next_refresh:
+                await self._refresh()
+        return self._snapshot
+
+    async def refresh(self) -> FleetSnapshot:
+        """Read the store now, ignoring the cache."""
+        async with self._lock:
+            await self._refresh()
+        return self._snapshot
+
+    async def _refresh(self) -> None:
+        now = self._clock()
+        self._next_refresh = now + self._cache_s
+        try:
+            view = await self._store.read_fleet()
+        except StoreUnavailable as exc:
+            if not self._snapshot.stale:
+                log.warning("fleet store unreachable, serving the last known registry: %s", exc)
+            self._snapshot = FleetSnapshot(self._snapshot.workers, self._snapshot.models, stale=True)
+            return
+        self._snapshot = self._merge(view, now)
+
+    def _merge(self, view: FleetView, now: float) -> FleetSnapshot:
+        if self._have_read and view.epoch != self._epoch:
+            log.warning("fleet store epoch changed (%s -> %s): keeping known workers %.1fs",
+                        self._epoch, view.epoch, self._grace_s)
+            self._carry = self._snapshot.workers
+            self._carry_until = now + self._grace_s
+        self._epoch = view.epoch
+        self._have_read = True
+        workers = list(view.workers)
+        stale = False
+        if now < self._carry_until:
+            fresh_ids = {w.worker_id for w in workers}
+            carried = [w for w in self._carry if w.worker_id not in fresh_ids]
+            workers.extend(carried)
+            stale = bool(carried)
+        models = view.models | self._snapshot.models | {w.model for w in workers}
+        return FleetSnapshot(tuple(sorted(workers, key=lambda w: w.worker_id)), frozenset(models), stale)
+
+    async def longest_prefixes(self, chains: Mapping[str, Sequence[bytes]]) -> dict[str, int]:
+        """Matched leading blocks per worker id, in one store round trip; zeros if the store is down."""
+        if not chains:
+            return {}
+        try:
+            return await self._store.match_prefixes(chains)
+        except StoreUnavailable as exc:
+            log.debug("prefix lookup skipped: %s", exc)
+            return {wid: 0 for wid in chains}
+
+
+__all__ = [
+    "FleetSnapshot",
+    "KVDelta",
+    "PublisherTiming",
+    "Registry",
+    "WorkerIdentity",
+    "WorkerLoad",
+    "WorkerPublisher",
+    "WorkerRecord",
+]

@@ -1,0 +1,150 @@
+"""The fleet state store interface and its in-process implementation.
+
+Workers write (heartbeat, KV deltas); routers read (live workers, models, prefix matches).
+:class:`MemoryStateStore` serves the one-process local stack; ``RedisStateStore`` in
+``redis_store.py`` is the same interface over Redis, the only module importing ``redis``.
+"""
+
+from __future__ import annotations
+
+import abc
+import time
+import uuid
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+from llmserve.fleet.records import KVDelta, WorkerRecord
+
+
+class StoreUnavailable(Exception):
+    """The state store could not be reached; callers keep their last known state and retry."""
+
+
+@dataclass(frozen=True)
+class FleetView:
+    """One read of the fleet: live worker records, every model ever served, and the store epoch.
+
+    ``epoch`` is a random token written once per store lifetime; a change means the store lost
+    its data (a Redis restart) and workers are re-registering.
+    """
+
+    workers: tuple[WorkerRecord, ...]
+    models: frozenset[str]
+    epoch: str | None
+
+
+class StateStore(abc.ABC):
+    """Shared fleet state. All methods raise :class:`StoreUnavailable` when the store is down."""
+
+    @abc.abstractmethod
+    async def heartbeat(self, record: WorkerRecord, ttl_s: float) -> bool:
+        """Write ``record`` with a TTL, register its id and model, refresh the TTL of its KV set.
+
+        Returns True when the worker's KV-sync marker exists, False when the store has lost the
+        worker's KV set (the worker must then call :meth:`replace_kv`).
+        """
+
+    @abc.abstractmethod
+    async def replace_kv(self, worker_id: str, hashes: Iterable[bytes], ttl_s: float) -> None:
+        """Atomically replace the worker's KV set with ``hashes`` and set its sync marker."""
+
+    @abc.abstractmethod
+    async def apply_kv(self, worker_id: str, deltas: Sequence[KVDelta], ttl_s: float) -> None:
+        """Apply KV deltas in order (``cleared`` deltas are the caller's business)."""
+
+    @abc.abstractmethod
+    async def remove_worker(self, worker_id: str) -> None:
+        """Deregister: drop the record, the KV set and the marker."""
+
+    @abc.abstractmethod
+    async def read_fleet(self) -> FleetView:
+        """Live workers (stale ids are pruned), models ever served, and the epoch."""
+
+    @abc.abstractmethod
+    async def match_prefixes(self, queries: Mapping[str, Sequence[bytes]]) -> dict[str, int]:
+        """For each worker id, how many leading hashes of its chain are in its KV set.
+
+        One round trip for all workers; the match ends at the first missing hash.
+        """
+
+    async def close(self) -> None:  # noqa: B027 - optional hook
+        """Release connections."""
+
+
+def leading_matches(flags: Sequence[bool | int]) -> int:
+    """Index of the first false flag (length of the matched prefix)."""
+    for i, flag in enumerate(flags):
+        if not flag:
+            return i
+    return len(flags)
+
+
+class MemoryStateStore(StateStore):
+    """In-process store with the same semantics as Redis, TTLs included (one event loop)."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._now = clock
+        self._records: dict[str, tuple[WorkerRecord, float]] = {}
+        self._kv: dict[str, set[bytes]] = {}
+        self._kv_expiry: dict[str, float] = {}
+        self._markers: dict[str, float] = {}
+        self._models: set[str] = set()
+        self._epoch = uuid.uuid4().hex
+
+    def _alive(self, expiry: dict[str, float], key: str) -> bool:
+        deadline = expiry.get(key)
+        if deadline is None:
+            return False
+        if deadline <= self._now():
+            expiry.pop(key, None)
+            return False
+        return True
+
+    def _kv_set(self, worker_id: str) -> set[bytes]:
+        if not self._alive(self._kv_expiry, worker_id):
+            self._kv.pop(worker_id, None)
+        return self._kv.setdefault(worker_id, set())
+
+    async def heartbeat(self, record: WorkerRecord, ttl_s: float) -> bool:
+        deadline = self._now() + ttl_s
+        self._records[record.worker_id] = (record, deadline)
+        self._models.add(record.model)
+        if self._alive(self._kv_expiry, record.worker_id):
+            self._kv_expiry[record.worker_id] = deadline
+        if self._alive(self._markers, record.worker_id):
+            self._markers[record.worker_id] = deadline
+            return True
+        return False
+
+    async def replace_kv(self, worker_id: str, hashes: Iterable[bytes], ttl_s: float) -> None:
+        deadline = self._now() + ttl_s
+        self._kv[worker_id] = set(hashes)
+        self._kv_expiry[worker_id] = deadline
+        self._markers[worker_id] = deadline
+
+    async def apply_kv(self, worker_id: str, deltas: Sequence[KVDelta], ttl_s: float) -> None:
+        kv = self._kv_set(worker_id)
+        for delta in deltas:
+            kv.update(delta.stored)
+            kv.difference_update(delta.removed)
+        self._kv_expiry[worker_id] = self._now() + ttl_s
+
+    async def remove_worker(self, worker_id: str) -> None:
+        self._records.pop(worker_id, None)
+        self._kv.pop(worker_id, None)
+        self._kv_expiry.pop(worker_id, None)
+        self._markers.pop(worker_id, None)
+
+    async def read_fleet(self) -> FleetView:
+        now = self._now()
+        for wid in [w for w, (_, deadline) in self._records.items() if deadline <= now]:
+            del self._records[wid]
+        workers = tuple(sorted((r for r, _ in self._records.values()), key=lambda r: r.worker_id))
+        return FleetView(workers=workers, models=frozenset(self._models), epoch=self._epoch)
+
+    async def match_prefixes(self, queries: Mapping[str, Sequence[bytes]]) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for wid, chain in queries.items():
+            kv = self._kv.get(wid, set()) if self._alive(self._kv_expiry, wid) else set()
+            out[wid] = leading_matches([h in kv for h in chain])
+        return out

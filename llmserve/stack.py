@@ -1,0 +1,133 @@
+"""``llmserve up``: a router and one CPU worker in one process, ready on localhost.
+
+By default the components share an embedded :class:`~llmserve.fleet.MemoryStateStore` (the same
+interface as the Redis store); with ``--redis-url`` everything uses Redis instead, so more
+workers and routers started elsewhere join the same fleet. Serves until Ctrl-C (or SIGTERM),
+then drains the worker and stops the router.
+
+This module imports torch only inside :func:`run_stack`, when a worker is actually started.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+from dataclasses import dataclass
+from typing import Any
+
+from llmserve.fleet import open_store
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StackConfig:
+    """What ``llmserve up`` starts."""
+
+    model: str = "smollm2-135m"
+    served_model_name: str | None = None
+    host: str = "127.0.0.1"
+    router_port: int = 50051
+    worker_port: int = 50052
+    redis_url: str | None = None
+    policy: str = "prefix"
+    device: str = "cpu"
+    max_num_seqs: int = 32
+    num_kv_blocks: int | None = None
+    drain_grace_s: float = 5.0
+
+    def __post_init__(self) -> None:
+        if not (0 < self.router_port < 65536 and 0 < self.worker_port < 65536):
+            raise ValueError("router_port and worker_port must be in [1, 65535]")
+        if self.router_port == self.worker_port:
+            raise ValueError("router and worker need different ports")
+
+
+async def run_stack(config: StackConfig, started: asyncio.Event | None = None,
+                    stop: asyncio.Event | None = None) -> None:
+    """Start worker and router on one state store; run until ``stop`` is set (or SIGINT / SIGTERM).
+
+    The worker publishes its heartbeat and KV events through its own fleet link
+    (``WorkerServer(fleet_store=...)``), exactly as a standalone worker does with ``--redis-url``.
+    """
+    from gpu_worker.config import EngineConfig
+    from gpu_worker.server import ServerConfig, WorkerServer
+    from router.server import RouterConfig, RouterServer
+
+    store = open_store(config.redis_url)
+    engine_config = EngineConfig(
+        model=config.model,
+        served_model_name=config.served_model_name,
+        device=config.device,
+        max_num_seqs=config.max_num_seqs,
+        num_kv_blocks=config.num_kv_blocks,
+    )
+    worker = WorkerServer(
+        engine_config,
+        ServerConfig(host=config.host, port=config.worker_port, drain_grace_s=config.drain_grace_s,
+                     advertise_address=f"{config.host}:{config.worker_port}"),
+        fleet_store=store,
+    )
+    await worker.start()
+    log.info("loading %s ...", config.model)
+    await worker.wait_ready()
+    router_config = RouterConfig(host=config.host, port=config.router_port, policy=config.policy)
+    router = RouterServer(router_config, store)
+    await router.start()
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+        except (RuntimeError, ValueError):  # not the main thread (tests)
+            pass
+    print(f"llmserve up: router on {router.target} (worker {worker.target}, model "
+          f"{worker.service.model_name!r}, state store {'redis' if config.redis_url else 'in-process'}); "
+          "Ctrl-C to stop", flush=True)
+    if started is not None:
+        started.set()
+    try:
+        await stop.wait()
+    finally:
+        log.info("stopping")
+        await router.stop(grace_s=1.0)
+        await worker.drain(config.drain_grace_s)  # marks draining, waits, deregisters
+        await store.close()
+
+
+def register(subparsers: Any) -> None:
+    """Add the ``up`` subcommand to the ``llmserve`` CLI."""
+    p = subparsers.add_parser("up", help="start a local router + CPU worker (Ctrl-C to stop)")
+    p.add_argument("--model", default="smollm2-135m", help="HF folder, .gguf file or alias (%(default)s)")
+    p.add_argument("--served-model-name", default=None, help="name clients use (default: --model)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=50051, help="router port (clients connect here)")
+    p.add_argument("--worker-port", type=int, default=50052)
+    p.add_argument("--redis-url", default=None, help="use Redis instead of the in-process state store")
+    p.add_argument("--policy", default="prefix", choices=("prefix", "least-load", "round-robin"))
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--max-num-seqs", type=int, default=32)
+    p.add_argument("--num-kv-blocks", type=int, default=None)
+    p.add_argument("--log-level", default="INFO")
+    p.set_defaults(func=_run_up)
+
+
+def _run_up(args: argparse.Namespace) -> int:
+    fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    logging.basicConfig(level=args.log_level.upper(), format=fmt)
+    config = StackConfig(
+        model=args.model,
+        served_model_name=args.served_model_name,
+        host=args.host,
+        router_port=args.port,
+        worker_port=args.worker_port,
+        redis_url=args.redis_url,
+        policy=args.policy,
+        device=args.device,
+        max_num_seqs=args.max_num_seqs,
+        num_kv_blocks=args.num_kv_blocks,
+    )
+    asyncio.run(run_stack(config))
+    return 0

@@ -1,0 +1,159 @@
+"""Forwarding a Generate stream to workers: channels, retries, cancellation, deadlines.
+
+The router is a gRPC proxy here: it forwards the (re-tokenized) request message and the
+worker's response chunks as they are, so protobuf crosses this module by design.
+Before the first chunk reaches the client, a failure that another worker may not share
+(UNAVAILABLE, a broken stream, RESOURCE_EXHAUSTED) moves the request to the next candidate,
+at most ``max_attempts`` workers in all. After it, the worker's status is passed through.
+Cancelling the iterator (client gone) cancels the worker's call, which aborts the request
+there and frees its KV blocks; the client's remaining deadline bounds every attempt.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+import grpc
+
+from llmserve.fleet import WorkerRecord
+from llmserve.v1 import generation_pb2 as gen_pb
+from llmserve.v1 import generation_pb2_grpc as gen_grpc
+from llmserve.v1 import internal_pb2 as int_pb
+from llmserve.v1 import internal_pb2_grpc as int_grpc
+from router.errors import ModelUnavailable, UpstreamError, WorkersBusy
+
+log = logging.getLogger(__name__)
+
+RETRYABLE = frozenset({
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.UNKNOWN,
+    grpc.StatusCode.ABORTED,
+})
+
+
+class ChannelPool:
+    """One ``grpc.aio`` channel per worker address, closed when the worker is gone."""
+
+    def __init__(self, options: Sequence[tuple[str, int]] = ()) -> None:
+        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._options = list(options)
+
+    def get(self, address: str) -> grpc.aio.Channel:
+        channel = self._channels.get(address)
+        if channel is None:
+            channel = grpc.aio.insecure_channel(address, options=self._options)
+            self._channels[address] = channel
+        return channel
+
+    async def retain(self, addresses: Iterable[str]) -> None:
+        """Close the channels of addresses not in ``addresses``."""
+        keep = set(addresses)
+        for address in [a for a in self._channels if a not in keep]:
+            await self._channels.pop(address).close(None)
+
+    async def close(self) -> None:
+        for channel in self._channels.values():
+            await channel.close(None)
+        self._channels.clear()
+
+
+class InflightTracker:
+    """Requests this router has in flight per worker, with their wall-clock send times.
+
+    Heartbeats report load about once a second; what this router sent since a worker's
+    heartbeat is added on top so a burst does not all land on the worker that looked idle.
+    """
+
+    def __init__(self) -> None:
+        self._sent: dict[str, dict[int, float]] = {}
+        self._next = 0
+
+    def start(self, worker_id: str) -> int:
+        self._next += 1
+        self._sent.setdefault(worker_id, {})[self._next] = time.time()
+        return self._next
+
+    def finish(self, worker_id: str, token: int) -> None:
+        sent = self._sent.get(worker_id)
+        if sent is not None:
+            sent.pop(token, None)
+            if not sent:
+                del self._sent[worker_id]
+
+    def unreported(self, worker: WorkerRecord) -> int:
+        """In-flight requests sent to ``worker`` after its record's heartbeat."""
+        return sum(1 for t in self._sent.get(worker.worker_id, {}).values() if t > worker.heartbeat_at)
+
+    def in_flight(self, worker_id: str) -> int:
+        return len(self._sent.get(worker_id, {}))
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """One failed try, for logs and the final error message."""
+
+    worker_id: str
+    code: grpc.StatusCode
+    details: str
+
+
+class Dispatcher:
+    """Streams a request from the first candidate that takes it."""
+
+    def __init__(self, channels: ChannelPool, tracker: InflightTracker, max_attempts: int = 3) -> None:
+        if max_attempts < 1:
+            raise ValueError("max_attempts must be >= 1")
+        self._channels = channels
+        self._tracker = tracker
+        self.max_attempts = max_attempts
+
+    async def generate(
+        self,
+        request: gen_pb.GenerateRequest,
+        workers: Sequence[WorkerRecord],
+        time_remaining: Callable[[], float | None],
+    ) -> AsyncIterator[gen_pb.GenerateResponse]:
+        """The worker's chunks; raises a ``RouterError`` when no candidate serves the request."""
+        if not request.request_id:
+            request.request_id = uuid.uuid4().hex
+        failures: list[Attempt] = []
+        for worker in workers[: self.max_attempts]:
+            stub = gen_grpc.GenerationStub(self._channels.get(worker.address))
+            call = stub.Generate(request, timeout=time_remaining())
+            token = self._tracker.start(worker.worker_id)
+            forwarded = False
+            try:
+                async for chunk in call:
+                    forwarded = True
+                    yield chunk
+                if forwarded:
+                    return
+                failures.append(Attempt(worker.worker_id, grpc.StatusCode.UNAVAILABLE, "empty stream"))
+            except grpc.aio.AioRpcError as exc:
+                code, details = exc.code(), exc.details() or ""
+                if forwarded or code not in RETRYABLE:
+                    raise UpstreamError(code, details) from None
+                failures.append(Attempt(worker.worker_id, code, details))
+                log.info("request %s: worker %s failed before its first token (%s: %s); trying the next",
+                         request.request_id, worker.worker_id, code.name, details)
+            finally:
+                call.cancel()  # no-op when finished; aborts the worker's request otherwise
+                self._tracker.finish(worker.worker_id, token)
+        if failures and all(f.code == grpc.StatusCode.RESOURCE_EXHAUSTED for f in failures):
+            raise WorkersBusy(request.model)
+        summary = "; ".join(f"{f.worker_id}: {f.code.name} {f.details}" for f in failures)
+        raise ModelUnavailable(request.model, f"no worker could serve the request ({summary})")
+
+
+async def fetch_tokenizer_files(
+    channels: ChannelPool, worker: WorkerRecord, timeout_s: float = 30.0
+) -> dict[str, bytes]:
+    """A worker's tokenizer files through ``WorkerControl.GetTokenizer``."""
+    stub = int_grpc.WorkerControlStub(channels.get(worker.address))
+    reply = await stub.GetTokenizer(int_pb.GetTokenizerRequest(), timeout=timeout_s)
+    return dict(reply.files)

@@ -1,0 +1,65 @@
+"""Domain errors of the router and the one table mapping them to gRPC status codes.
+
+Handlers raise these; ``interceptor.py`` turns them into statuses with the message as details.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import grpc
+
+
+class RouterError(Exception):
+    """Base of the errors a client may see; the message is sent as the status details."""
+
+    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+
+
+class InvalidRequest(RouterError):
+    """Malformed request: no model, no input, an input the tokenizer rejects."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class ModelNotFound(RouterError):
+    """No worker has ever served this model."""
+
+    code = grpc.StatusCode.NOT_FOUND
+
+    def __init__(self, model: str, live: Iterable[str]) -> None:
+        super().__init__(f"model {model!r} is not served by any worker; available models: {sorted(live)}")
+
+
+class ModelUnavailable(RouterError):
+    """The model was served, but no worker of it is live (or every attempt failed)."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+
+    def __init__(self, model: str, why: str = "all of its workers are gone") -> None:
+        super().__init__(f"model {model!r} is unavailable: {why}")
+
+
+class WorkersBusy(RouterError):
+    """Every candidate worker is over its queue limit."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+    def __init__(self, model: str) -> None:
+        super().__init__(f"every worker of model {model!r} is over its queue limit; retry later")
+
+
+class UpstreamError(RouterError):
+    """A worker's error that the router passes through unchanged (after the first token, or
+    a non-retryable status such as INVALID_ARGUMENT)."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(details)
+        self.code = code
+
+
+def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    """Status code and client-visible message for an exception raised by a handler."""
+    if isinstance(exc, RouterError):
+        return exc.code, str(exc)
+    return grpc.StatusCode.INTERNAL, "internal router error"

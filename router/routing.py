@@ -1,0 +1,131 @@
+"""The router's decisions in domain terms: which model, which token ids, which workers.
+
+No protobuf here: the servicer decodes requests into these calls, and the dispatcher
+forwards the stream to the ranked workers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from llmserve.fleet import FleetSnapshot, Registry, WorkerRecord
+from llmserve.hashing import block_hashes
+from router.dispatch import InflightTracker
+from router.errors import InvalidRequest, ModelNotFound, ModelUnavailable, WorkersBusy
+from router.policy import Candidate, Policy, Ranked, RouteQuery
+from router.tokenizers import TokenizerCache
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ChatInput:
+    """A conversation to render with the model's chat template."""
+
+    messages: tuple[tuple[str, str], ...]  # (role, content)
+    add_generation_prompt: bool = True
+
+
+PromptInput = str | Sequence[int] | ChatInput
+
+
+@dataclass(frozen=True)
+class ModelSummary:
+    """One live model for ListModels."""
+
+    name: str
+    max_model_len: int
+    num_workers: int
+
+
+class Router:
+    """Resolves models to live workers, tokenizes, and ranks workers with the policy."""
+
+    def __init__(
+        self, registry: Registry, tokenizers: TokenizerCache, policy: Policy, tracker: InflightTracker
+    ) -> None:
+        self.registry = registry
+        self.tokenizers = tokenizers
+        self.policy = policy
+        self.tracker = tracker
+
+    async def resolve(self, model: str) -> tuple[str, list[WorkerRecord]]:
+        """(model name, its live workers); NOT_FOUND / UNAVAILABLE / INVALID_ARGUMENT otherwise."""
+        snap = await self.registry.snapshot()
+        live = snap.live_models()
+        if not model:
+            if len(live) == 1:
+                model = next(iter(live))
+            else:
+                raise InvalidRequest(f"model is required; available models: {sorted(live)}")
+        workers = snap.workers_of(model)
+        if workers:
+            return model, workers
+        if model in snap.models:
+            raise ModelUnavailable(model)
+        raise ModelNotFound(model, live)
+
+    async def token_ids(self, model: str, workers: Sequence[WorkerRecord], prompt: PromptInput) -> list[int]:
+        """The prompt's token ids, tokenized exactly as the model's workers would."""
+        if isinstance(prompt, ChatInput | str):
+            tok = await self.tokenizers.get(model, workers)
+            if isinstance(prompt, str):
+                return await asyncio.to_thread(tok.encode_prompt, prompt)
+            messages = [{"role": r, "content": c} for r, c in prompt.messages]
+            return await asyncio.to_thread(tok.encode_chat, messages, prompt.add_generation_prompt)
+        ids = list(prompt)
+        if not ids:
+            raise InvalidRequest("prompt_token_ids must not be empty")
+        return ids
+
+    async def rank(self, model: str, workers: Sequence[WorkerRecord], token_ids: Sequence[int],
+                   request_id: str) -> Ranked:
+        """Candidates best first; RESOURCE_EXHAUSTED when all are over their queue limit."""
+        chains = self._chains(model, workers, token_ids) if self.policy.uses_prefix else {}
+        matched: Mapping[str, int] = await self.registry.longest_prefixes(chains) if chains else {}
+        candidates = [
+            Candidate(w, matched.get(w.worker_id, 0), self.tracker.unreported(w)) for w in workers
+        ]
+        open_ = [c for c in candidates if not c.full]
+        if not open_:
+            raise WorkersBusy(model)
+        first = chains[workers[0].worker_id][:1] if chains else []
+        query = RouteQuery(
+            model=model,
+            prompt_blocks=len(token_ids) // max(1, workers[0].block_size),
+            affinity_key=first[0] if first else _digest(token_ids),
+            request_key=request_id.encode(),
+        )
+        ranked = self.policy.rank(query, open_)
+        log.debug("route %s -> %s (%s) scores=%s", request_id, [w.worker_id for w in ranked.workers],
+                  ranked.reason, ranked.scores)
+        return ranked
+
+    @staticmethod
+    def _chains(
+        model: str, workers: Sequence[WorkerRecord], token_ids: Sequence[int]
+    ) -> dict[str, list[bytes]]:
+        by_block_size: dict[int, list[bytes]] = {}
+        out: dict[str, list[bytes]] = {}
+        for w in workers:
+            chain = by_block_size.get(w.block_size)
+            if chain is None:
+                chain = block_hashes(token_ids, w.block_size, seed=model)
+                by_block_size[w.block_size] = chain
+            out[w.worker_id] = chain
+        return out
+
+    async def list_models(self) -> list[ModelSummary]:
+        snap: FleetSnapshot = await self.registry.snapshot()
+        return [
+            ModelSummary(name, min(w.max_model_len for w in ws), len(ws))
+            for name, ws in sorted(snap.live_models().items())
+        ]
+
+
+def _digest(token_ids: Sequence[int]) -> bytes:
+    return hashlib.blake2b(repr(list(token_ids[:64])).encode(), digest_size=16).digest()

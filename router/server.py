@@ -1,0 +1,153 @@
+"""The router's gRPC server: wiring and lifecycle.
+
+``RouterServer(config, store)`` serves ``llmserve.v1.Generation`` plus health and reflection;
+the state store (Redis or in-process) is the caller's and outlives the server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import _async as health_aio
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from llmserve.fleet import Registry, StateStore, WorkerRecord
+from llmserve.v1 import generation_pb2, generation_pb2_grpc
+from router.dispatch import ChannelPool, Dispatcher, InflightTracker, fetch_tokenizer_files
+from router.interceptor import ErrorInterceptor
+from router.policy import POLICY_NAMES, make_policy
+from router.routing import Router
+from router.servicer import RouterServicer
+from router.tokenizers import TokenizerCache
+
+log = logging.getLogger(__name__)
+
+GENERATION_SERVICE = generation_pb2.DESCRIPTOR.services_by_name["Generation"].full_name
+_CHANNEL_SWEEP_S = 10.0
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    """How one router replica serves. ``port=0`` binds a free port (see ``RouterServer.port``)."""
+
+    host: str = "127.0.0.1"
+    port: int = 50050
+    policy: str = "prefix"
+    registry_cache_s: float = 1.0
+    registry_grace_s: float = 5.0
+    max_attempts: int = 3
+    max_message_bytes: int = 16 * 1024 * 1024
+
+    def __post_init__(self) -> None:
+        checks = [
+            (0 <= self.port < 65536, f"port must be in [0, 65535], got {self.port}"),
+            (self.policy in POLICY_NAMES, f"policy must be one of {POLICY_NAMES}, got {self.policy!r}"),
+            (self.registry_cache_s >= 0, "registry_cache_s must be >= 0"),
+            (self.registry_grace_s >= 0, "registry_grace_s must be >= 0"),
+            (self.max_attempts >= 1, "max_attempts must be >= 1"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+
+class RouterServer:
+    """One router replica."""
+
+    def __init__(self, config: RouterConfig, store: StateStore) -> None:
+        self.config = config
+        options = [
+            ("grpc.max_receive_message_length", config.max_message_bytes),
+            ("grpc.max_send_message_length", config.max_message_bytes),
+        ]
+        self.channels = ChannelPool(options)
+        self.tracker = InflightTracker()
+        self.registry = Registry(store, cache_s=config.registry_cache_s, grace_s=config.registry_grace_s)
+        self.router = Router(
+            self.registry, TokenizerCache(self._fetch_tokenizer), make_policy(config.policy), self.tracker
+        )
+        self.dispatcher = Dispatcher(self.channels, self.tracker, config.max_attempts)
+        self._server: grpc.aio.Server | None = None
+        self._health = health_aio.HealthServicer()
+        self._port = 0
+        self._sweeper: asyncio.Task[None] | None = None
+        self._stopped = asyncio.Event()
+
+    @property
+    def port(self) -> int:
+        return self._port
+
+    @property
+    def target(self) -> str:
+        host = "127.0.0.1" if self.config.host in ("0.0.0.0", "::", "") else self.config.host
+        return f"{host}:{self._port}"
+
+    async def _fetch_tokenizer(self, worker: WorkerRecord) -> dict[str, bytes]:
+        return await fetch_tokenizer_files(self.channels, worker)
+
+    async def start(self) -> None:
+        server = grpc.aio.server(
+            interceptors=[ErrorInterceptor()],
+            options=[("grpc.max_receive_message_length", self.config.max_message_bytes),
+                     ("grpc.max_send_message_length", self.config.max_message_bytes),
+                     ("grpc.so_reuseport", 0)],
+        )
+        servicer = RouterServicer(self.router, self.dispatcher)
+        generation_pb2_grpc.add_GenerationServicer_to_server(servicer, server)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        names = (GENERATION_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME)
+        reflection.enable_server_reflection(names, server)
+        self._port = server.add_insecure_port(f"{self.config.host}:{self.config.port}")
+        if self._port == 0:
+            raise OSError(f"could not bind {self.config.host}:{self.config.port}")
+        await server.start()
+        self._server = server
+        for name in ("", GENERATION_SERVICE):
+            await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        await self.registry.refresh()
+        self._sweeper = asyncio.create_task(self._sweep_channels())
+        log.info("router listening on %s:%d (policy %s)", self.config.host, self._port, self.config.policy)
+
+    async def _sweep_channels(self) -> None:
+        while True:
+            await asyncio.sleep(_CHANNEL_SWEEP_S)
+            snap = await self.registry.snapshot()
+            await self.channels.retain(w.address for w in snap.workers)
+
+    async def stop(self, grace_s: float = 5.0) -> None:
+        """Stop accepting, let in-flight streams finish within ``grace_s``, close channels."""
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+        await self._health.enter_graceful_shutdown()
+        if self._server is not None:
+            await self._server.stop(grace=grace_s)
+        await self.channels.close()
+        self._stopped.set()
+
+    async def wait_stopped(self) -> None:
+        await self._stopped.wait()
+
+    def install_signal_handlers(self) -> None:
+        """SIGTERM / SIGINT stop the router gracefully."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, lambda: loop.create_task(self.stop()))
+
+
+async def serve(config: RouterConfig, store: StateStore) -> None:
+    """Run a router until SIGTERM / SIGINT."""
+    server = RouterServer(config, store)
+    await server.start()
+    server.install_signal_handlers()
+    try:
+        await server.wait_stopped()
+    finally:
+        await store.close()

@@ -1,0 +1,72 @@
+"""gRPC servicer of the router: decodes requests, asks :class:`Router`, forwards the stream.
+
+The router serves the public ``llmserve.v1.Generation`` service, like a worker. Requests reach
+workers as ``prompt_token_ids`` (tokenized here, so every router hashes the same tokens the
+worker will cache) with the caller's sampling parameters and request id.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+
+import grpc
+
+from llmserve.v1 import generation_pb2 as gen_pb
+from llmserve.v1 import generation_pb2_grpc as gen_grpc
+from router.dispatch import Dispatcher
+from router.errors import InvalidRequest
+from router.routing import ChatInput, PromptInput, Router
+
+
+def decode_prompt(request: gen_pb.GenerateRequest) -> PromptInput:
+    """The request's input: text, token ids or a chat."""
+    kind = request.WhichOneof("input")
+    if kind is None:
+        raise InvalidRequest("missing input: set one of prompt, prompt_token_ids, messages")
+    if kind == "prompt":
+        if not request.prompt:
+            raise InvalidRequest("prompt must not be empty")
+        return request.prompt
+    if kind == "prompt_token_ids":
+        return list(request.prompt_token_ids.ids)
+    chat = request.messages
+    for i, message in enumerate(chat.messages):
+        if not message.role:
+            raise InvalidRequest(f"messages[{i}].role must not be empty")
+    add = chat.add_generation_prompt if chat.HasField("add_generation_prompt") else True
+    return ChatInput(tuple((m.role, m.content) for m in chat.messages), add)
+
+
+class RouterServicer(gen_grpc.GenerationServicer):
+    """Public ``llmserve.v1.Generation`` of the router."""
+
+    def __init__(self, router: Router, dispatcher: Dispatcher) -> None:
+        self._router = router
+        self._dispatcher = dispatcher
+
+    async def Generate(  # noqa: N802
+        self, request: gen_pb.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[gen_pb.GenerateResponse]:
+        prompt = decode_prompt(request)
+        model, workers = await self._router.resolve(request.model)
+        token_ids = await self._router.token_ids(model, workers, prompt)
+        request_id = request.request_id or uuid.uuid4().hex
+        ranked = await self._router.rank(model, workers, token_ids, request_id)
+        forward = gen_pb.GenerateRequest(
+            model=model,
+            prompt_token_ids=gen_pb.TokenIds(ids=token_ids),
+            sampling=request.sampling,
+            request_id=request_id,
+        )
+        async for chunk in self._dispatcher.generate(forward, ranked.workers, context.time_remaining):
+            yield chunk
+
+    async def ListModels(  # noqa: N802
+        self, request: gen_pb.ListModelsRequest, context: grpc.aio.ServicerContext
+    ) -> gen_pb.ListModelsResponse:
+        models = await self._router.list_models()
+        return gen_pb.ListModelsResponse(
+            models=[gen_pb.ModelInfo(name=m.name, max_model_len=m.max_model_len, num_workers=m.num_workers)
+                    for m in models]
+        )

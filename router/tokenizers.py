@@ -1,0 +1,102 @@
+"""Per-model tokenizers at the router, fetched from a worker and cached.
+
+A worker sends its tokenizer as files (``WorkerControl.GetTokenizer``); the router writes them
+to a temporary folder and loads them with ``AutoTokenizer`` (transformers imports without
+torch). Tokenization mirrors the worker's ``InputProcessor`` exactly: a plain prompt is
+``encode(text)`` (special tokens added as the tokenizer does by default); a chat is rendered
+with the chat template as text, then encoded without adding special tokens (the template
+holds them). ``tests/router/test_router_tokenization.py`` proves the parity.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import tempfile
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from llmserve.fleet import WorkerRecord
+from router.errors import InvalidRequest, ModelUnavailable
+
+log = logging.getLogger(__name__)
+
+FetchTokenizer = Callable[[WorkerRecord], Awaitable[Mapping[str, bytes]]]
+
+
+class RouterTokenizer:
+    """One model's tokenizer, used from worker threads (the Rust tokenizer releases the GIL)."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self._tok = tokenizer
+
+    @classmethod
+    def from_files(cls, files: Mapping[str, bytes]) -> RouterTokenizer:
+        """Load from a tokenizer's files (names as ``save_pretrained`` writes them)."""
+        from transformers import AutoTokenizer
+
+        with tempfile.TemporaryDirectory(prefix="llmserve-router-tok-") as tmp:
+            for name, content in files.items():
+                if Path(name).name != name:
+                    raise ValueError(f"bad tokenizer file name {name!r}")
+                (Path(tmp) / name).write_bytes(content)
+            return cls(AutoTokenizer.from_pretrained(tmp))
+
+    def encode_prompt(self, text: str) -> list[int]:
+        """Token ids of a plain prompt, as the worker computes them."""
+        if not text:
+            raise InvalidRequest("prompt must not be empty")
+        return list(self._tok.encode(text))
+
+    def encode_chat(
+        self, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool = True
+    ) -> list[int]:
+        """Token ids of a chat rendered with the model's template, as the worker computes them."""
+        if not messages:
+            raise InvalidRequest("messages must not be empty")
+        try:
+            text = self._tok.apply_chat_template(
+                [dict(m) for m in messages], add_generation_prompt=add_generation_prompt, tokenize=False
+            )
+        except Exception as exc:  # template errors (bad roles, no template) are the client's
+            raise InvalidRequest(f"messages could not be rendered with the chat template: {exc}") from exc
+        return list(self._tok.encode(str(text), add_special_tokens=False))
+
+
+class TokenizerCache:
+    """Model name -> :class:`RouterTokenizer`, loaded once per model (single flight)."""
+
+    def __init__(self, fetch: FetchTokenizer) -> None:
+        self._fetch = fetch
+        self._loaded: dict[str, RouterTokenizer] = {}
+        self._pending: dict[str, asyncio.Future[RouterTokenizer]] = {}
+
+    def cached(self, model: str) -> RouterTokenizer | None:
+        return self._loaded.get(model)
+
+    async def get(self, model: str, workers: Sequence[WorkerRecord]) -> RouterTokenizer:
+        """The tokenizer of ``model``, fetched from the first of ``workers`` that answers."""
+        tok = self._loaded.get(model)
+        if tok is not None:
+            return tok
+        pending = self._pending.get(model)
+        if pending is None:
+            pending = asyncio.ensure_future(self._load(model, list(workers)))
+            self._pending[model] = pending
+            pending.add_done_callback(lambda _f: self._pending.pop(model, None))
+        return await asyncio.shield(pending)
+
+    async def _load(self, model: str, workers: list[WorkerRecord]) -> RouterTokenizer:
+        errors: list[str] = []
+        for worker in workers:
+            try:
+                files = await self._fetch(worker)
+            except Exception as exc:  # noqa: BLE001 - try the next worker
+                errors.append(f"{worker.worker_id}: {exc}")
+                continue
+            tok = await asyncio.to_thread(RouterTokenizer.from_files, files)
+            self._loaded[model] = tok
+            log.info("loaded the tokenizer of %s from worker %s", model, worker.worker_id)
+            return tok
+        raise ModelUnavailable(model, f"no worker sent its tokenizer ({'; '.join(errors) or 'no workers'})")

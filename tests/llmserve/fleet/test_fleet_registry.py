@@ -1,0 +1,67 @@
+"""Router-side Registry: 1 s cache, last known state when the store is down, epoch grace."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from llmserve.fleet import MemoryStateStore, Registry, WorkerLoad, WorkerRecord
+from llmserve.fleet.redis_store import RedisStateStore
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 100.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def rec(wid: str, model: str = "m", draining: bool = False) -> WorkerRecord:
+    return WorkerRecord(wid, model, "127.0.0.1:1", 16, 2048, WorkerLoad(), draining=draining)
+
+
+async def test_cache_hides_changes_until_it_expires() -> None:
+    store, clock = MemoryStateStore(), Clock()
+    reg = Registry(store, cache_s=1.0, clock=clock)
+    await store.heartbeat(rec("w1"), 60)
+    assert [w.worker_id for w in (await reg.snapshot()).workers] == ["w1"]
+    await store.heartbeat(rec("w2"), 60)
+    assert [w.worker_id for w in (await reg.snapshot()).workers] == ["w1"]  # cached
+    clock.t += 1.01
+    snap = await reg.snapshot()
+    assert [w.worker_id for w in snap.workers] == ["w1", "w2"]
+    assert [w.worker_id for w in snap.workers_of("m")] == ["w1", "w2"]
+
+
+async def test_draining_workers_are_not_candidates() -> None:
+    store = MemoryStateStore()
+    await store.heartbeat(rec("w1", draining=True), 60)
+    await store.heartbeat(rec("w2", model="other"), 60)
+    snap = await Registry(store).snapshot()
+    assert snap.workers_of("m") == []
+    assert snap.models == {"m", "other"}
+    assert set(snap.live_models()) == {"other"}
+
+
+async def test_keeps_last_known_registry_while_redis_is_down(redis_server: Any) -> None:
+    store, clock = RedisStateStore(redis_server.url), Clock()
+    reg = Registry(store, cache_s=1.0, grace_s=5.0, clock=clock)
+    await store.heartbeat(rec("w1"), 60)
+    assert not (await reg.snapshot()).stale
+    redis_server.stop()
+    clock.t += 2
+    snap = await reg.snapshot()
+    assert snap.stale and [w.worker_id for w in snap.workers] == ["w1"]
+    assert await reg.longest_prefixes({"w1": [b"x" * 16]}) == {"w1": 0}  # degrades, never raises
+    redis_server.start()  # empty: new epoch, nobody registered yet
+    clock.t += 2
+    snap = await reg.snapshot()
+    assert [w.worker_id for w in snap.workers] == ["w1"], "known workers are kept while they re-register"
+    assert snap.models == {"m"}
+    await store.heartbeat(rec("w2"), 60)  # w2 registers, w1 never comes back
+    clock.t += 2
+    assert [w.worker_id for w in (await reg.snapshot()).workers] == ["w1", "w2"]
+    clock.t += 6  # grace over
+    snap = await reg.snapshot()
+    assert [w.worker_id for w in snap.workers] == ["w2"] and not snap.stale
+    await store.close()

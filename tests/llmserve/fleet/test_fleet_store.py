@@ -1,0 +1,65 @@
+"""Both StateStore implementations behave the same: records with TTL, KV sets, prefix matches."""
+
+from __future__ import annotations
+
+import asyncio
+
+from llmserve.fleet import KVDelta, StateStore, WorkerLoad, WorkerRecord
+from llmserve.hashing import block_hashes
+
+
+def record(wid: str, model: str = "m", **load: int) -> WorkerRecord:
+    return WorkerRecord(wid, model, f"127.0.0.1:{1000 + len(wid)}", 16, 2048, WorkerLoad(**load))
+
+
+async def test_record_roundtrip_and_models(store: StateStore) -> None:
+    assert await store.heartbeat(record("w1", "a", num_running=3), ttl_s=5) is False  # no KV marker yet
+    await store.heartbeat(record("w2", "b"), ttl_s=5)
+    view = await store.read_fleet()
+    assert [w.worker_id for w in view.workers] == ["w1", "w2"]
+    assert view.workers[0].load.num_running == 3
+    assert view.workers[0] == record("w1", "a", num_running=3)
+    assert view.models == {"a", "b"}
+    assert view.epoch
+
+
+async def test_record_expires_after_ttl_but_model_is_remembered(store: StateStore) -> None:
+    await store.heartbeat(record("w1", "a"), ttl_s=0.3)
+    await store.heartbeat(record("w2", "a"), ttl_s=30)
+    for _ in range(100):
+        view = await store.read_fleet()
+        if [w.worker_id for w in view.workers] == ["w2"]:
+            break
+        await asyncio.sleep(0.05)
+    assert [w.worker_id for w in view.workers] == ["w2"]
+    assert view.models == {"a"}
+
+
+async def test_kv_deltas_in_order_and_prefix_match(store: StateStore) -> None:
+    chain = block_hashes(list(range(64)), 16, seed="m")  # 4 blocks
+    await store.heartbeat(record("w1"), ttl_s=5)
+    await store.heartbeat(record("w2"), ttl_s=5)
+    await store.replace_kv("w1", chain[:3], ttl_s=5)
+    assert await store.heartbeat(record("w1"), ttl_s=5) is True  # marker now present
+    # w2: stored then removed in one batch -> only chain[0] remains; chain[2] alone does not count.
+    await store.apply_kv("w2", [KVDelta(stored=(chain[0], chain[1])), KVDelta(removed=(chain[1],)),
+                                KVDelta(stored=(chain[2],))], ttl_s=5)
+    got = await store.match_prefixes({"w1": chain, "w2": chain, "w3": chain, "w4": []})
+    assert got == {"w1": 3, "w2": 1, "w3": 0, "w4": 0}
+
+
+async def test_replace_kv_drops_old_hashes(store: StateStore) -> None:
+    chain = block_hashes(list(range(48)), 16, seed="m")
+    await store.apply_kv("w1", [KVDelta(stored=tuple(chain))], ttl_s=5)
+    await store.replace_kv("w1", [chain[0]], ttl_s=5)
+    assert await store.match_prefixes({"w1": chain}) == {"w1": 1}
+
+
+async def test_remove_worker(store: StateStore) -> None:
+    chain = block_hashes(list(range(32)), 16, seed="m")
+    await store.heartbeat(record("w1"), ttl_s=5)
+    await store.replace_kv("w1", chain, ttl_s=5)
+    await store.remove_worker("w1")
+    assert (await store.read_fleet()).workers == ()
+    assert await store.match_prefixes({"w1": chain}) == {"w1": 0}
+    assert await store.heartbeat(record("w1"), ttl_s=5) is False  # marker gone: resync needed

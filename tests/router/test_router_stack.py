@@ -1,0 +1,46 @@
+"""`llmserve up`: router + worker in one process on the embedded state store, then stopped."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+from pathlib import Path
+
+import grpc
+from router_procs import free_port, generate
+
+from llmserve.stack import StackConfig, run_stack
+from llmserve.v1 import generation_pb2 as gen_pb
+from llmserve.v1 import generation_pb2_grpc as gen_grpc
+
+
+async def test_stack_serves_through_the_router_on_the_memory_store(router_tiny_model: Path) -> None:
+    config = StackConfig(model=str(router_tiny_model), served_model_name="tiny", router_port=free_port(),
+                         worker_port=free_port(), num_kv_blocks=64, max_num_seqs=4, drain_grace_s=1.0)
+    started, stop = asyncio.Event(), asyncio.Event()
+    task = asyncio.create_task(run_stack(config, started, stop))
+    await asyncio.wait({task, asyncio.create_task(started.wait())}, return_when=asyncio.FIRST_COMPLETED,
+                       timeout=120)
+    assert started.is_set(), task.exception() if task.done() else "stack did not start"
+    target = f"127.0.0.1:{config.router_port}"
+    async with grpc.aio.insecure_channel(target) as channel:
+        models = await gen_grpc.GenerationStub(channel).ListModels(gen_pb.ListModelsRequest())
+    assert [(m.name, m.num_workers) for m in models.models] == [("tiny", 1)]
+    prompt = "hello " * 40
+    _, wid = await generate(target, model="tiny", prompt=prompt)
+    # The worker's KV events reach the in-process store too: the repeat hits the prefix cache.
+    for _ in range(50):
+        chunks, wid2 = await generate(target, model="", prompt=prompt)  # one model: the name may be omitted
+        if chunks[-1].usage.cached_prompt_tokens > 0:
+            break
+        await asyncio.sleep(0.1)
+    assert wid2 == wid and chunks[-1].usage.cached_prompt_tokens >= 32
+    stop.set()
+    await asyncio.wait_for(task, timeout=60)
+
+
+def test_llmserve_up_help() -> None:
+    out = subprocess.run([sys.executable, "-m", "llmserve.cli", "up", "--help"], capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0 and "--redis-url" in out.stdout and "smollm2-135m" in out.stdout
