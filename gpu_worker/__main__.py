@@ -4,6 +4,9 @@ Engine flags mirror the fields of :class:`gpu_worker.config.EngineConfig`
 (``--max-num-seqs 64``, ``--no-enable-prefix-caching``, ...); server flags are those of
 :class:`gpu_worker.server.ServerConfig`. ``--redis-url`` (with ``--advertise-address``,
 the host:port routers dial) registers the worker in the fleet registry.
+
+Every flag also reads ``LLMSERVE_<FLAG>`` (docs/CONFIG.md); tracing is configured by the
+standard ``OTEL_*`` variables only (docs/OBSERVABILITY.md).
 """
 
 from __future__ import annotations
@@ -15,9 +18,14 @@ import logging
 import sys
 import types
 import typing
+from collections.abc import Mapping
 from typing import Any
 
 from gpu_worker.config import EngineConfig
+from llmserve.envflags import apply_env_defaults
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+LOG_FORMATS = ("text", "json")
 
 
 def _flag_type(hint: Any) -> Any:
@@ -48,7 +56,8 @@ def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
             )
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
+    """The worker's flags, with ``LLMSERVE_*`` defaults read from ``environ`` (default os.environ)."""
     parser = argparse.ArgumentParser(
         prog="llmserve-worker", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -79,8 +88,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="on SIGTERM/Drain, seconds in-flight streams get before they are aborted",
     )
     server.add_argument("--worker-id", default=None, help="unique id (default hostname-port-random)")
-    server.add_argument("--log-level", default="INFO")
+    _add_observability_flags(parser)
+    apply_env_defaults(parser, environ)
     return parser
+
+
+def _add_observability_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("observability (tracing: OTEL_* variables)")
+    group.add_argument(
+        "--metrics-port", type=int, default=None, help="serve Prometheus /metrics on this port (default off)"
+    )
+    group.add_argument("--log-level", type=str.upper, choices=LOG_LEVELS, default="INFO")
+    group.add_argument(
+        "--log-format", choices=LOG_FORMATS, default="text", help="text for people, json for log pipelines"
+    )
 
 
 def configs_from_args(args: argparse.Namespace) -> tuple[EngineConfig, Any]:
@@ -97,27 +118,31 @@ def configs_from_args(args: argparse.Namespace) -> tuple[EngineConfig, Any]:
         drain_grace_s=args.drain_grace_s,
         redis_url=args.redis_url,
         worker_id=args.worker_id,
+        metrics_port=args.metrics_port,
     )
     return EngineConfig(**engine_args), server_config
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    from llmserve.telemetry import configure_logging, setup_tracing
+
+    configure_logging(args.log_level, args.log_format)
     try:
         engine_config, server_config = configs_from_args(args)
+        tracing = setup_tracing("llmserve-worker")  # OTEL_* environment; off imports no OpenTelemetry
     except ValueError as exc:
         print(f"llmserve-worker: {exc}", file=sys.stderr)
         return 2
     from gpu_worker.server import serve
 
     try:
-        asyncio.run(serve(engine_config, server_config))
+        asyncio.run(serve(engine_config, server_config, tracing=tracing))
     except RuntimeError as exc:
         logging.getLogger("gpu_worker").error("%s", exc)
         return 1
+    finally:
+        tracing.shutdown()  # flushes the spans still buffered
     return 0
 
 

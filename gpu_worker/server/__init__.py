@@ -2,7 +2,9 @@
 
 Modules: ``server`` (wiring and lifecycle), ``servicer`` (protobuf <-> domain),
 ``service`` (admission and load, domain only), ``errors`` + ``interceptor`` (status
-codes), ``tokenizer_files``, ``fleet_link`` (registry heartbeat when ``--redis-url``).
+codes), ``tokenizer_files``, ``fleet_link`` (registry heartbeat when ``--redis-url``),
+``request_telemetry`` (per-request span, metrics, log line) and ``engine_metrics``
+(``WorkerMetrics`` refreshed from engine stats, ``/metrics``).
 """
 
 from gpu_worker.server.server import ServerConfig, WorkerServer, serve

@@ -10,8 +10,10 @@ reports CANCELLED / DEADLINE_EXCEEDED to the caller.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from contextlib import aclosing
 from typing import Any, cast
 
 import grpc
@@ -81,17 +83,34 @@ def _wrap_unary(behavior: _UnaryBehavior, method: str) -> _UnaryBehavior:
 
 
 def _wrap_stream(behavior: Callable[..., Any], method: str) -> Callable[..., Any]:
-    """Stream handlers are coroutines writing with ``context.write`` (see servicer.py);
-    async-generator handlers are supported too."""
+    """Wrap a stream handler, keeping its kind: our servicers' handlers are async generators
+    (the tracing interceptor, installed before this one, can only wrap those); grpc's health
+    Watch is a coroutine writing with ``context.write`` (and is never traced)."""
+    if inspect.isasyncgenfunction(behavior):
+        return _wrap_async_generator(behavior, method)
 
     async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> None:
         try:
-            result = behavior(request, context)
-            if isinstance(result, AsyncIterator):
-                async for message in result:
-                    await context.write(message)
-            else:
-                await result
+            await behavior(request, context)
+        except asyncio.CancelledError:
+            _log_cancel(context, method)
+            raise
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the point of this interceptor
+            await _abort(context, method, exc)
+
+    return wrapped
+
+
+def _wrap_async_generator(
+    behavior: Callable[..., AsyncGenerator[Any, None]], method: str
+) -> Callable[..., AsyncIterator[Any]]:
+    async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        try:
+            async with aclosing(behavior(request, context)) as messages:
+                async for message in messages:
+                    yield message
         except asyncio.CancelledError:
             _log_cancel(context, method)
             raise

@@ -5,6 +5,10 @@ built in a thread (``AsyncLLM.from_config`` blocks for load + warm-up), then hea
 SERVING. A drain (SIGTERM or the Drain RPC) refuses new streams, waits for in-flight
 ones up to the grace period, aborts the rest in the engine, then stops the server and
 the engine.
+
+Observability (docs/OBSERVABILITY.md): the ``Tracing`` given by the entry point supplies the
+gRPC server interceptors (health and reflection untraced) and the per-request spans; the
+server owns its ``WorkerMetrics`` (``EngineMetrics``), served on ``metrics_port``.
 """
 
 from __future__ import annotations
@@ -23,8 +27,12 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from gpu_worker.config import EngineConfig
+from gpu_worker.core.types import SchedulerStats
+from gpu_worker.server.engine_metrics import EngineMetrics
 from gpu_worker.server.interceptor import ErrorInterceptor
+from gpu_worker.server.request_telemetry import RequestTelemetry
 from gpu_worker.server.service import ServedEngine, WorkerService
+from llmserve.telemetry.tracing import Tracing
 from llmserve.v1 import generation_pb2, generation_pb2_grpc, internal_pb2, internal_pb2_grpc
 
 logger = logging.getLogger(__name__)
@@ -45,6 +53,8 @@ class ServerConfig:
     is what routers dial, default ``hostname:port``. ``max_message_bytes`` caps received
     messages (RESOURCE_EXHAUSTED beyond); replies are not capped, since GetTokenizer returns
     several megabytes (gzip-compressed) and clients set their own receive limit.
+    ``metrics_port`` serves Prometheus ``/metrics`` on ``host`` (None: off; 0: a free port);
+    engine stats are copied into the metrics every ``stats_interval_s`` and on each scrape.
     """
 
     host: str = "127.0.0.1"
@@ -55,6 +65,8 @@ class ServerConfig:
     drain_grace_s: float = 30.0
     redis_url: str | None = None
     worker_id: str | None = None
+    metrics_port: int | None = None
+    stats_interval_s: float = 1.0
 
     def __post_init__(self) -> None:
         checks = [
@@ -62,6 +74,11 @@ class ServerConfig:
             (self.max_concurrent_streams > 0, "max_concurrent_streams must be positive"),
             (self.max_message_bytes > 0, "max_message_bytes must be positive"),
             (self.drain_grace_s >= 0, "drain_grace_s must be >= 0"),
+            (
+                self.metrics_port is None or 0 <= self.metrics_port < 65536,
+                f"metrics_port must be in [0, 65535], got {self.metrics_port}",
+            ),
+            (self.stats_interval_s > 0, "stats_interval_s must be positive"),
         ]
         for ok, message in checks:
             if not ok:
@@ -76,7 +93,11 @@ def _default_engine_factory(config: EngineConfig) -> ServedEngine:
 
 
 class WorkerServer:
-    """One worker process's gRPC server around one engine."""
+    """One worker process's gRPC server around one engine.
+
+    ``tracing`` comes from ``setup_tracing("llmserve-worker")`` in the entry point, which also
+    shuts it down; None means untraced (no OpenTelemetry import).
+    """
 
     def __init__(
         self,
@@ -84,8 +105,14 @@ class WorkerServer:
         server_config: ServerConfig,
         engine_factory: EngineFactory = _default_engine_factory,
         fleet_store: Any = None,
+        *,
+        tracing: Tracing | None = None,
     ) -> None:
         self.engine_config = engine_config
+        self.tracing = tracing if tracing is not None else Tracing("llmserve-worker")
+        self.engine_metrics = EngineMetrics(
+            engine_config.model_name, self._engine_stats, server_config.stats_interval_s
+        )
         self._fleet_store = fleet_store  # an llmserve.fleet.StateStore (in-process stacks)
         self.config = server_config
         self._engine_factory = engine_factory
@@ -111,6 +138,15 @@ class WorkerServer:
         return f"{host}:{self._port}"
 
     @property
+    def metrics_port(self) -> int | None:
+        """Port of ``/metrics`` once started (None when ``metrics_port`` is unset)."""
+        return self.engine_metrics.port
+
+    def _engine_stats(self) -> SchedulerStats | None:
+        service = self._service
+        return service.engine.stats() if service is not None and service.ready else None
+
+    @property
     def service(self) -> WorkerService:
         assert self._service is not None, "start() first"
         return self._service
@@ -126,17 +162,22 @@ class WorkerServer:
             ("grpc.max_receive_message_length", self.config.max_message_bytes),
             ("grpc.so_reuseport", 0),
         ]
-        server = grpc.aio.server(interceptors=[ErrorInterceptor()], options=options)
+        # Tracing first: its SERVER span then sees the status the error interceptor sets.
+        interceptors = [*self.tracing.server_interceptors(), ErrorInterceptor()]
+        server = grpc.aio.server(interceptors=interceptors, options=options)
         self._port = server.add_insecure_port(f"{self.config.host}:{self.config.port}")
         if self._port == 0:
             raise OSError(f"could not bind {self.config.host}:{self.config.port}")
         address = self.config.advertise_address or f"{socket.gethostname()}:{self._port}"
         worker_id = self.config.worker_id or f"{socket.gethostname()}-{self._port}-{uuid.uuid4().hex[:8]}"
+        model_name = self.engine_config.model_name
+        telemetry = RequestTelemetry(self.tracing, self.engine_metrics.metrics, model_name, worker_id)
         self._service = WorkerService(
-            self.engine_config.model_name, worker_id, address, self.config.max_concurrent_streams
+            model_name, worker_id, address, self.config.max_concurrent_streams, telemetry
         )
         self._add_services(server, self._service)
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.engine_metrics.start(self.config.metrics_port, self.config.host)
         await server.start()
         self._server = server
         logger.info(
@@ -225,6 +266,7 @@ class WorkerServer:
             self._fleet = None
         if self._service is not None and self._service.ready:
             await self._service.engine.shutdown()
+        await self.engine_metrics.stop()
         self._stopped.set()
         logger.info("worker stopped")
 
@@ -260,9 +302,11 @@ async def serve(
     server_config: ServerConfig,
     engine_factory: EngineFactory = _default_engine_factory,
     fleet_store: Any = None,
+    *,
+    tracing: Tracing | None = None,
 ) -> None:
     """Run a worker until it is drained (SIGTERM, SIGINT or the Drain RPC)."""
-    server = WorkerServer(engine_config, server_config, engine_factory, fleet_store)
+    server = WorkerServer(engine_config, server_config, engine_factory, fleet_store, tracing=tracing)
     await server.start()
     server.install_signal_handlers()
     await server.wait_stopped()

@@ -13,12 +13,15 @@ import logging
 from collections.abc import AsyncGenerator
 from contextlib import aclosing
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from gpu_worker.core.types import SchedulerStats
 from gpu_worker.sampling_params import SamplingParams
 from gpu_worker.server.errors import ModelNotFound, Overloaded, Unavailable
 from gpu_worker.server.tokenizer_files import tokenizer_files
+
+if TYPE_CHECKING:
+    from gpu_worker.server.request_telemetry import RequestTelemetry
 
 logger = logging.getLogger(__name__)
 
@@ -77,9 +80,19 @@ class WorkerSnapshot:
 
 
 class WorkerService:
-    """Admission, in-flight tracking and load reporting for one served engine."""
+    """Admission, in-flight tracking and load reporting for one served engine.
 
-    def __init__(self, model_name: str, worker_id: str, address: str, max_concurrent_streams: int) -> None:
+    Every admitted Generate is observed by ``telemetry`` (span, metrics, request log line).
+    """
+
+    def __init__(
+        self,
+        model_name: str,
+        worker_id: str,
+        address: str,
+        max_concurrent_streams: int,
+        telemetry: RequestTelemetry,
+    ) -> None:
         self.model_name = model_name
         self.worker_id = worker_id
         self.address = address
@@ -90,6 +103,7 @@ class WorkerService:
         self._idle = asyncio.Event()
         self._idle.set()
         self._tokenizer_files: dict[str, bytes] | None = None
+        self._telemetry = telemetry
 
     # -- lifecycle -------------------------------------------------------------------
     def attach_engine(self, engine: ServedEngine) -> None:
@@ -155,9 +169,11 @@ class WorkerService:
         self._in_flight.add(call.request_id)
         self._idle.clear()
         try:
-            async with aclosing(engine.generate(call.prompt, call.params, call.request_id)) as outputs:
-                async for output in outputs:
-                    yield output
+            with self._telemetry.observe(call) as observation:
+                async with aclosing(engine.generate(call.prompt, call.params, call.request_id)) as outputs:
+                    async for output in outputs:
+                        observation.on_output(output)
+                        yield output
         finally:
             self._in_flight.discard(call.request_id)
             if not self._in_flight:

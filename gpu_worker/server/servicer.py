@@ -9,7 +9,7 @@ raised as exceptions and mapped to statuses by the interceptor.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
 from typing import Any
 
@@ -167,13 +167,16 @@ class GenerationServicer(gen_grpc.GenerationServicer):
     def __init__(self, service: WorkerService) -> None:
         self._service = service
 
-    async def Generate(self, request: gen_pb.GenerateRequest, context: grpc.aio.ServicerContext) -> None:  # noqa: N802
+    async def Generate(  # noqa: N802
+        self, request: gen_pb.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[gen_pb.GenerateResponse]:
+        # An async generator, not context.write: the tracing interceptor wraps only those.
         call = decode_generate(request)
         encoder = _StreamEncoder(call, self._service.worker_id)
         async with aclosing(self._service.generate(call)) as outputs:
             async for output in outputs:
                 for chunk in encoder.encode(output):
-                    await context.write(chunk)
+                    yield chunk
 
     async def ListModels(  # noqa: N802
         self, request: gen_pb.ListModelsRequest, context: grpc.aio.ServicerContext

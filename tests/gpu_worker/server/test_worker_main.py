@@ -4,69 +4,15 @@ registry; SIGTERM drains (in-flight streams finish), deregisters and exits 0."""
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from worker_server_helpers import SERVED_NAME, collect, greedy
+import pytest
+from worker_server_helpers import SERVED_NAME, collect, greedy, start_worker
 
 from llmserve.v1 import generation_pb2 as pb
 from llmserve.v1 import generation_pb2_grpc as pb_grpc
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _wait_serving(proc: subprocess.Popen[bytes], target: str) -> None:
-    """Poll health until SERVING (bounded), failing early if the process died."""
-    with grpc.insecure_channel(target) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        for _ in range(600):
-            assert proc.poll() is None, f"worker exited with {proc.returncode}"
-            try:
-                reply = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                pass
-            subprocess.run(["sleep", "0.1"], check=True)
-    raise AssertionError("worker never became SERVING")
-
-
-def start_worker(model_dir: Path, *extra: str) -> tuple[subprocess.Popen[bytes], str]:
-    port = _free_port()
-    cmd = [
-        sys.executable,
-        "-m",
-        "gpu_worker",
-        "--model",
-        str(model_dir),
-        "--served-model-name",
-        SERVED_NAME,
-        "--num-kv-blocks",
-        "512",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        *extra,
-    ]
-    proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    target = f"127.0.0.1:{port}"
-    try:
-        _wait_serving(proc, target)
-    except BaseException:
-        proc.kill()
-        raise
-    return proc, target
 
 
 async def test_sigterm_drains_registered_worker(tiny_model_dir: Path, redis_server: object) -> None:
@@ -97,3 +43,25 @@ async def test_sigterm_drains_registered_worker(tiny_model_dir: Path, redis_serv
             proc.kill()
             proc.wait()
         await store.close()
+
+
+def test_every_flag_reads_its_llmserve_variable() -> None:
+    """LLMSERVE_<FLAG> supplies defaults (required --model included); a flag on the command line wins."""
+    from gpu_worker.__main__ import build_parser, configs_from_args
+
+    env = {
+        "LLMSERVE_MODEL": "some-model", "LLMSERVE_METRICS_PORT": "9401", "LLMSERVE_LOG_FORMAT": "json",
+        "LLMSERVE_LOG_LEVEL": "debug", "LLMSERVE_ENABLE_PREFIX_CACHING": "false",
+        "LLMSERVE_MAX_NUM_SEQS": "8",
+    }
+    args = build_parser(env).parse_args(["--max-num-seqs", "4"])
+    assert (args.model, args.metrics_port) == ("some-model", 9401)
+    assert (args.log_format, args.log_level) == ("json", "DEBUG")
+    assert (args.enable_prefix_caching, args.max_num_seqs) == (False, 4)
+    engine_config, server_config = configs_from_args(args)
+    assert server_config.metrics_port == 9401 and engine_config.max_num_seqs == 4
+    assert build_parser({"LLMSERVE_MODEL": "m"}).parse_args([]).metrics_port is None  # off by default
+    helps = " ".join(a.help or "" for a in build_parser({})._actions)
+    assert "[env: LLMSERVE_METRICS_PORT]" in helps and "[env: LLMSERVE_LOG_FORMAT]" in helps
+    with pytest.raises(SystemExit):
+        build_parser({"LLMSERVE_MODEL": "m", "LLMSERVE_LOG_FORMAT": "xml"})

@@ -1,12 +1,21 @@
-"""Shared helpers of the worker server tests (streams collected per sequence, idle polling)."""
+"""Shared helpers of the worker server tests (streams collected per sequence, idle polling,
+``python -m gpu_worker`` as a process)."""
 
 from __future__ import annotations
 
 import asyncio
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from llmserve.v1 import generation_pb2 as pb
 from llmserve.v1 import internal_pb2 as ipb
@@ -59,3 +68,48 @@ async def wait_idle(control: ipb_grpc.WorkerControlStub) -> ipb.WorkerInfo:
             return info
         await asyncio.sleep(0.01)
     raise AssertionError(f"KV blocks still held: {info.load}")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait_serving(proc: subprocess.Popen[Any], target: str) -> None:
+    """Poll health until SERVING (bounded), failing early if the process died."""
+    with grpc.insecure_channel(target) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        for _ in range(600):
+            assert proc.poll() is None, f"worker exited with {proc.returncode}"
+            try:
+                reply = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.1)
+    raise AssertionError("worker never became SERVING")
+
+
+def start_worker(
+    model_dir: Path, *extra: str, env: Mapping[str, str] | None = None, stdout: Any = None,
+    stderr: Any = None,
+) -> tuple[subprocess.Popen[bytes], str]:
+    """``python -m gpu_worker`` serving ``model_dir`` on a free loopback port, once SERVING.
+
+    ``env`` adds variables to this process's environment; ``stdout``/``stderr`` as for ``Popen``."""
+    port = free_port()
+    cmd = [
+        sys.executable, "-m", "gpu_worker", "--model", str(model_dir), "--served-model-name", SERVED_NAME,
+        "--num-kv-blocks", "512", "--host", "127.0.0.1", "--port", str(port), *extra,
+    ]
+    proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+                            stdout=stdout, stderr=stderr)
+    target = f"127.0.0.1:{port}"
+    try:
+        _wait_serving(proc, target)
+    except BaseException:
+        proc.kill()
+        raise
+    return proc, target
