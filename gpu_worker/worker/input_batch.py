@@ -53,6 +53,13 @@ class _Buffer:
             self.device[index].copy_(self.host[index], non_blocking=True)
         return self.device[index]
 
+    def upload_range(self, start: int, end: int, cols: int | None = None) -> None:
+        """Copy rows ``start .. end - 1`` (first ``cols`` columns) to the device."""
+        if self.device is self.host:
+            return
+        index = (slice(start, end),) if cols is None else (slice(start, end), slice(0, cols))
+        self.device[index].copy_(self.host[index], non_blocking=True)
+
 
 class InputBatch:
     """Turns the scheduled requests of a step into flat device tensors."""
@@ -78,9 +85,18 @@ class InputBatch:
         self._uploaded = torch.cuda.Event() if device.type == "cuda" else None
 
     def prepare(
-        self, requests: Sequence[ScheduledRequest], rows: np.ndarray, states: RequestStates
+        self,
+        requests: Sequence[ScheduledRequest],
+        rows: np.ndarray,
+        states: RequestStates,
+        pad_to: int | None = None,
     ) -> StepInputs:
-        """Fill the buffers for ``requests`` (whose state rows are ``rows``)."""
+        """Fill the buffers for ``requests`` (whose state rows are ``rows``).
+
+        ``pad_to`` (decode-only steps replayed by a CUDA graph): also fill and upload padding
+        rows up to that many sequences (see :meth:`write_decode_padding`). The returned views
+        cover the real rows only.
+        """
         if self._uploaded is not None:
             self._uploaded.synchronize()
         num_seqs = len(requests)
@@ -113,6 +129,11 @@ class InputBatch:
         sample = np.fromiter((r.sample for r in requests), dtype=bool, count=num_seqs)
         num_sample = int(sample.sum())
         self.logits_indices.np[:num_sample] = qsl[1:][sample] - 1
+        if pad_to is not None and pad_to > num_seqs:
+            if num_tokens != num_seqs:
+                raise ValueError("only decode-only steps (one token per sequence) can be padded")
+            self.write_decode_padding(num_seqs, pad_to)
+            self._upload_padding(num_seqs, pad_to, max_blocks)
 
         md = AttentionMetadata(
             slot_mapping=self.slot_mapping.upload(num_tokens),
@@ -134,3 +155,33 @@ class InputBatch:
         if self._uploaded is not None:
             self._uploaded.record()
         return inputs
+
+    def write_decode_padding(self, start: int, end: int) -> None:
+        """Host rows ``start .. end - 1`` become inert decode rows.
+
+        Token 0 at position 0, slot -1 (K/V not stored), context length 1 over block 0: the
+        attention reads one valid cache row and the row's output is never sampled.
+        """
+        self.input_ids.np[start:end] = 0
+        self.positions.np[start:end] = 0
+        self.slot_mapping.np[start:end] = -1
+        self.seq_lens.np[start:end] = 1
+        self.block_tables.np[start:end, 0] = 0
+        self.query_start_loc.np[start + 1 : end + 1] = np.arange(start + 1, end + 1)
+
+    def _upload_padding(self, start: int, end: int, max_blocks: int) -> None:
+        for buf in (self.input_ids, self.positions, self.slot_mapping, self.seq_lens):
+            buf.upload_range(start, end)
+        self.query_start_loc.upload_range(start + 1, end + 1)
+        self.block_tables.upload_range(start, end, max(max_blocks, 1))
+
+    def upload_decode_padding(self, end: int) -> None:
+        """Make rows ``0 .. end - 1`` inert decode rows on the device (graph capture inputs)."""
+        if self._uploaded is not None:
+            self._uploaded.synchronize()
+        self.write_decode_padding(0, end)
+        self.query_start_loc.np[0] = 0
+        self._upload_padding(0, end, 1)
+        self.query_start_loc.upload_range(0, 1)
+        if self._uploaded is not None:
+            self._uploaded.record()

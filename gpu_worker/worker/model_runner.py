@@ -14,6 +14,7 @@ from gpu_worker.core.types import RunnerOutput, ScheduledRequest, SchedulerOutpu
 from gpu_worker.model_executor.layers.attention import AttentionMetadata
 from gpu_worker.model_executor.models.llama import head_dim_of
 from gpu_worker.sampling_params import SamplingParams
+from gpu_worker.worker.cuda_graphs import DecodeGraphs, decode_buckets
 from gpu_worker.worker.input_batch import InputBatch, StepInputs
 from gpu_worker.worker.request_state import RequestStates
 from gpu_worker.worker.sampler import Sampler
@@ -33,6 +34,10 @@ class ModelRunner:
     ``execute`` is the only per-step entry point. Requests enter with ``is_new`` (full
     block table and params) and leave through ``finished_req_ids`` / ``preempted_req_ids``.
     The only host sync per step is reading the sampled token ids.
+
+    On CUDA (unless ``enforce_eager``) decode-only steps replay CUDA graphs captured by
+    :meth:`capture_decode_graphs` (called from :meth:`warmup`), padded to a size bucket;
+    prefill and mixed steps, and decode batches before capture, run eagerly.
     """
 
     def __init__(
@@ -70,6 +75,11 @@ class ModelRunner:
         generator = torch.Generator(device=device)
         generator.manual_seed(config.seed)
         self.sampler = Sampler(generator)
+        self.graphs: DecodeGraphs | None = None
+        if device.type == "cuda" and not config.enforce_eager:
+            self.graphs = DecodeGraphs(
+                decode_buckets(min(config.max_num_seqs, config.max_num_batched_tokens))
+            )
 
     def _allocate_kv_caches(self) -> list[torch.Tensor]:
         cfg = self.hf_config
@@ -92,8 +102,14 @@ class ModelRunner:
         rows = np.fromiter(
             (self.states.update(r) for r in sched.requests), dtype=np.int64, count=len(sched.requests)
         )
-        inputs = self.inputs.prepare(sched.requests, rows, self.states)
-        hidden = self.forward(inputs.input_ids, inputs.positions, inputs.attn_metadata)
+        bucket = None
+        if self.graphs is not None and sched.num_scheduled_tokens == len(sched.requests):
+            bucket = self.graphs.bucket_for(len(sched.requests))  # decode-only step
+        inputs = self.inputs.prepare(sched.requests, rows, self.states, pad_to=bucket)
+        if bucket is None:
+            hidden = self.forward(inputs.input_ids, inputs.positions, inputs.attn_metadata)
+        else:
+            hidden = self.graphs.replay(bucket)  # type: ignore[union-attr]
         if not inputs.sample_req_ids:
             return RunnerOutput(req_ids=(), sampled_token_ids=())
         return self._sample(hidden, inputs)
@@ -106,14 +122,45 @@ class ModelRunner:
         hidden: torch.Tensor = self.model(input_ids, positions, md, self.kv_caches)
         return hidden
 
+    def _forward_padded_decode(self, size: int) -> torch.Tensor:
+        """The model over the first ``size`` rows of the fixed buffers, one token per sequence.
+
+        ``max_seq_len`` is ``max_model_len``: the decode kernel only sizes its grid with it,
+        so one captured graph serves every context length.
+        """
+        ib = self.inputs
+        md = AttentionMetadata(
+            slot_mapping=ib.slot_mapping.device[:size],
+            block_tables=ib.block_tables.device[:size],
+            query_start_loc=ib.query_start_loc.device[: size + 1],
+            seq_lens=ib.seq_lens.device[:size],
+            max_query_len=1,
+            max_seq_len=self.max_model_len,
+        )
+        return self.forward(ib.input_ids.device[:size], ib.positions.device[:size], md)
+
+    def capture_decode_graphs(self) -> int:
+        """Capture the decode graphs (CUDA only, no-op otherwise); returns the bytes their pool took."""
+        if self.graphs is None:
+            return 0
+        self.graphs.clear()
+        torch.cuda.synchronize(self.device)
+        # Capturing empties the allocator's cache (torch.cuda.graph does): empty it first too,
+        # so the growth of reserved memory is the graphs' private pool alone.
+        torch.cuda.empty_cache()
+        before = torch.cuda.memory_reserved(self.device)
+        self.inputs.upload_decode_padding(max(self.graphs.buckets))
+        self.graphs.capture(self._forward_padded_decode, self.device)
+        torch.cuda.empty_cache()
+        return max(0, int(torch.cuda.memory_reserved(self.device) - before))
+
     @torch.inference_mode()
     def _sample(self, hidden: torch.Tensor, inputs: StepInputs) -> RunnerOutput:
         logits = self.model.compute_logits(hidden.index_select(0, inputs.logits_indices))  # type: ignore[operator]
         md = build_sampling_metadata(self.states, inputs.sample_rows, self.vocab_size, self.device)
         out = self.sampler.sample(logits, md)
         token_ids: list[int] = out.token_ids.tolist()  # the step's one host sync
-        for row, pos, tok in zip(inputs.sample_rows, inputs.sample_positions, token_ids, strict=True):
-            self.states.record_tokens(int(row), int(pos), (tok,))
+        self.states.record_sampled(inputs.sample_rows, inputs.sample_positions, token_ids)
         return RunnerOutput(
             req_ids=inputs.sample_req_ids, sampled_token_ids=tuple(token_ids), logprobs=out.logprobs
         )
@@ -121,7 +168,9 @@ class ModelRunner:
     def profile_run(self) -> int:
         """Run a maximum-size dummy step (max_num_batched_tokens over max_num_seqs sequences).
 
-        Returns the peak device memory in bytes on CUDA (0 elsewhere). Leaves no request state.
+        Returns the peak device memory in bytes on CUDA (0 elsewhere), plus, when decode
+        graphs are enabled, the memory pool that capturing them takes (graphs are captured
+        and dropped again). Leaves no request state.
         """
         num_tokens = self.config.max_num_batched_tokens
         num_seqs = max(1, min(self.config.max_num_seqs, num_tokens))
@@ -129,18 +178,24 @@ class ModelRunner:
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
         self._dummy_step(num_tokens, num_seqs)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            return int(torch.cuda.max_memory_allocated(self.device))
-        return 0
+        if self.device.type != "cuda":
+            return 0
+        torch.cuda.synchronize(self.device)
+        peak = int(torch.cuda.max_memory_allocated(self.device))
+        graph_bytes = self.capture_decode_graphs()
+        if self.graphs is not None:
+            self.graphs.clear()
+        return peak + graph_bytes
 
     def warmup(self) -> None:
-        """Run a small prefill and a decode-sized step so lazy initialization happens before serving."""
+        """Run a small prefill and a decode-sized step so lazy initialization happens before
+        serving, then capture the decode CUDA graphs (on CUDA, unless ``enforce_eager``)."""
         self._dummy_step(min(self.config.max_num_batched_tokens, 2 * self.block_size), 1)
         self._dummy_step(
             min(self.config.max_num_seqs, self.config.max_num_batched_tokens),
             min(self.config.max_num_seqs, self.config.max_num_batched_tokens),
         )
+        self.capture_decode_graphs()
 
     def _dummy_step(self, num_tokens: int, num_seqs: int) -> None:
         """A throwaway step on scratch KV slots (block 0 repeated); state is dropped afterwards."""

@@ -93,7 +93,8 @@ class RequestStates:
             row = self._add(req)
         else:
             row = self.rows[req.req_id]
-            self._append_blocks(row, req.block_ids)
+            if req.block_ids:
+                self._append_blocks(row, req.block_ids)
         self.record_tokens(row, req.start_pos, req.token_ids)
         return row
 
@@ -101,6 +102,11 @@ class RequestStates:
         end = start + len(tokens)
         self.token_ids[row, start:end] = tokens
         self.num_tokens[row] = max(int(self.num_tokens[row]), end)
+
+    def record_sampled(self, rows: np.ndarray, positions: np.ndarray, tokens: Sequence[int]) -> None:
+        """One sampled token per row (rows distinct) at ``positions``: vectorized record_tokens."""
+        self.token_ids[rows, positions] = tokens
+        self.num_tokens[rows] = np.maximum(self.num_tokens[rows], positions + 1)
 
     def _add(self, req: ScheduledRequest) -> int:
         if req.params is None:

@@ -1,0 +1,358 @@
+"""GPU benchmarks W1-W3 (shared/BASELINES.md): our engine vs HF transformers, same process, same card.
+
+    PYTHONPATH=. python bench/bench_gpu.py --commit $(git rev-parse HEAD) \\
+        [--workloads W1,W2,W3] [--engines ours,hf,hf_batch] [--out-dir DIR]
+
+Models have random bf16 weights in the shapes of llama3-8b / llama3-1b (configs written here,
+``load_format="dummy"``). Our engine runs as its engine core (scheduler + KV cache manager +
+model runner, the KV pool sized from ``gpu_memory_utilization`` by profiling): it excludes
+detokenization, like HF's token-id outputs. HF ``generate`` runs static batches; with
+``--hf-batches-timed k`` only ``k`` batches of each size are timed (throughput of one full
+batch is what a static batch of that size gives over the whole workload). HF
+``generate_batch`` runs on ``--gen-batch-requests`` of W1's requests (its own warm-up
+included, as in BASELINES.md). Prints a table, appends JSON lines and writes a Markdown report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_gpu_report as report  # noqa: E402
+from results import ResultRow, append_results, new_run_id, today  # noqa: E402
+
+SHAPES: dict[str, dict[str, Any]] = {
+    "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                      num_attention_heads=32, num_key_value_heads=8, head_dim=128),
+    "llama3-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                      num_attention_heads=32, num_key_value_heads=8, head_dim=64),
+}
+WORKLOADS = {  # name -> (shape, requests, prompt tokens, output tokens)
+    "W1": ("llama3-8b", 256, 512, 256),
+    "W2": ("llama3-8b", 1, 32, 128),
+    "W3": ("llama3-1b", 256, 512, 256),
+}
+MAX_MODEL_LEN = 2048
+
+
+def write_config(shape: str, root: Path) -> Path:
+    folder = root / shape
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg = dict(
+        architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=128256, rope_theta=500000.0,
+        max_position_embeddings=8192, rms_norm_eps=1e-5, tie_word_embeddings=False, hidden_act="silu",
+        torch_dtype="bfloat16", bos_token_id=128000, eos_token_id=128001, **SHAPES[shape],
+    )
+    (folder / "config.json").write_text(json.dumps(cfg, indent=1))
+    return folder
+
+
+def prompts_for(n: int, length: int, seed: int) -> list[list[int]]:
+    return np.random.default_rng(seed).integers(0, 128000, size=(n, length)).tolist()
+
+
+# ----------------------------------------------------------------------------- our engine
+
+
+class OurEngine:
+    """Engine core pieces wired as EngineCore does, with the KV pool sized by profiling."""
+
+    def __init__(self, model_dir: Path, max_num_seqs: int = 256, enforce_eager: bool = False) -> None:
+        from gpu_worker.config import EngineConfig
+        from gpu_worker.core.kv_cache_manager import KVCacheManager
+        from gpu_worker.core.scheduler import Scheduler
+        from gpu_worker.model_executor import loader
+        from gpu_worker.worker import kv_sizing
+        from gpu_worker.worker.model_runner import ModelRunner
+
+        t0 = time.perf_counter()
+        config = EngineConfig(model=str(model_dir), load_format="dummy", max_model_len=MAX_MODEL_LEN,
+                              max_num_seqs=max_num_seqs, max_num_batched_tokens=8192,
+                              gpu_memory_utilization=0.9, enable_prefix_caching=False,
+                              enforce_eager=enforce_eager)
+        source = loader.resolve_model(config.model)
+        hf = loader.load_hf_config(source)
+        dev, dtype = torch.device("cuda"), torch.bfloat16
+        model = loader.load_model(config, dev, dtype, source=source, hf_config=hf)
+        self.peak_bytes = 0
+
+        def profile() -> int:
+            self.peak_bytes = kv_sizing.profile_peak_bytes(config, model, hf, dev, dtype)
+            return self.peak_bytes
+
+        self.num_blocks = kv_sizing.num_kv_blocks(config, hf, dev, dtype, profile)
+        kv = KVCacheManager(self.num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(kv, max_num_seqs=config.max_num_seqs,
+                                   max_num_batched_tokens=config.max_num_batched_tokens,
+                                   max_model_len=MAX_MODEL_LEN, block_size=config.block_size,
+                                   hash_seed=config.model_name)
+        self.runner = ModelRunner(config, model, hf, dev, dtype, self.num_blocks, ())
+        t1 = time.perf_counter()
+        self.runner.warmup()  # includes CUDA graph capture
+        torch.cuda.synchronize()
+        self.load_s, self.warmup_s = t1 - t0, time.perf_counter() - t1
+        self._ids = 0
+
+    def run(self, prompts: list[list[int]], max_tokens: int,
+            on_step: Callable[[int], None] | None = None) -> dict[str, Any]:
+        """All prompts submitted at once, run to completion. Returns timings per step."""
+        from gpu_worker.core.types import EngineCoreRequest
+        from gpu_worker.sampling_params import SamplingParams
+
+        params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+        t_start = time.perf_counter()
+        for p in prompts:
+            self._ids += 1
+            self.scheduler.add_request(EngineCoreRequest(f"b{self._ids}", tuple(p), params))
+        first: list[float] = []
+        steps: list[tuple[int, float, float]] = []  # (scheduled tokens, step end, execute seconds)
+        n_out = 0
+        while self.scheduler.has_unfinished():
+            if on_step is not None:
+                on_step(len(steps))
+            sched = self.scheduler.schedule()
+            t_exec = time.perf_counter()
+            out = self.runner.execute(sched)
+            t_exec = time.perf_counter() - t_exec
+            for o in self.scheduler.update(sched, out):
+                if o.new_token_ids and n_out < len(prompts) and not first:
+                    first.append(time.perf_counter())
+                n_out += len(o.new_token_ids)
+            steps.append((sched.num_scheduled_tokens, time.perf_counter(), t_exec))
+        elapsed = time.perf_counter() - t_start
+        return dict(elapsed_s=elapsed, output_tokens=n_out, steps=steps, t_start=t_start,
+                    ttft_s=(first[0] - t_start) if first else None)
+
+    def close(self) -> None:
+        if self.runner.graphs is not None:
+            self.runner.graphs.clear()
+        del self.runner, self.scheduler
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
+def decode_step_stats(res: dict[str, Any], num_seqs: int) -> dict[str, float]:
+    """Wall time of the decode steps with a full batch (one token per running request)."""
+    times, execs = [], []
+    prev = res["t_start"]
+    for tokens, end, t_exec in res["steps"]:
+        if tokens == num_seqs:
+            times.append(end - prev)
+            execs.append(t_exec)
+        prev = end
+    if not times:
+        return {}
+    return dict(decode_steps=len(times), decode_step_ms=1e3 * float(np.median(times)),
+                execute_ms=1e3 * float(np.median(execs)))
+
+
+def profile_decode(engine: OurEngine, prompts: list[list[int]], out_dir: Path, tag: str) -> dict[str, float]:
+    """torch.profiler over 6 full-batch decode steps: wall time vs GPU kernel time per step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    n = len(prompts)
+    state: dict[str, Any] = {}
+    prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+
+    def on_step(i: int) -> None:
+        if i == 24:
+            torch.cuda.synchronize()
+            prof.start()
+            state["t0"] = time.perf_counter()
+        elif i == 30:
+            torch.cuda.synchronize()
+            state["wall"] = time.perf_counter() - state["t0"]
+            prof.stop()
+
+    prompt_steps = -(-n * len(prompts[0]) // 8192)
+    assert prompt_steps < 24, "profiled steps must be decode steps"
+    engine.run(prompts, max_tokens=40, on_step=on_step)
+    events = prof.key_averages()
+    gpu_us = sum(e.self_device_time_total for e in events)
+    table = events.table(sort_by="self_device_time_total", row_limit=25)
+    (out_dir / f"profile_{tag}.txt").write_text(table)
+    cpu_table = events.table(sort_by="self_cpu_time_total", row_limit=25)
+    (out_dir / f"profile_{tag}_cpu.txt").write_text(cpu_table)
+    return dict(profiled_step_ms=1e3 * state["wall"] / 6, gpu_kernel_ms_per_step=gpu_us / 1e3 / 6)
+
+
+# ----------------------------------------------------------------------------- HF transformers
+
+
+def hf_model(model_dir: Path) -> Any:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.from_pretrained(model_dir)
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+    return model.eval()
+
+
+def hf_static(
+    model: Any, prompts: list[list[int]], batch: int, max_tokens: int, timed: int
+) -> dict[str, Any]:
+    from transformers import GenerationConfig
+
+    gen = GenerationConfig(max_new_tokens=max_tokens, min_new_tokens=max_tokens, do_sample=False,
+                           pad_token_id=0, eos_token_id=None)
+    ids = torch.tensor(prompts, device="cuda")
+    with torch.inference_mode():
+        model.generate(ids[:2, :16], attention_mask=torch.ones_like(ids[:2, :16]),
+                       generation_config=GenerationConfig(max_new_tokens=4, do_sample=False,
+                                                          pad_token_id=0, eos_token_id=None))
+        torch.cuda.synchronize()
+        batches = [ids[i : i + batch] for i in range(0, len(prompts), batch)][:timed]
+        t0 = time.perf_counter()
+        n_out = 0
+        for b in batches:
+            out = model.generate(b, attention_mask=torch.ones_like(b), generation_config=gen)
+            n_out += (out.shape[1] - b.shape[1]) * b.shape[0]
+        torch.cuda.synchronize()
+    elapsed = time.perf_counter() - t0
+    return dict(elapsed_s=elapsed, output_tokens=n_out, batches_timed=len(batches),
+                batches_total=-(-len(prompts) // batch))
+
+
+def hf_generate_batch(model: Any, prompts: list[list[int]], max_tokens: int) -> dict[str, Any]:
+    from transformers import GenerationConfig
+
+    gen = GenerationConfig(max_new_tokens=max_tokens, do_sample=False, pad_token_id=0, eos_token_id=None)
+    t0 = time.perf_counter()
+    with torch.no_grad():  # not inference_mode: generate_batch updates its own buffers in place
+        outs = model.generate_batch(inputs=prompts, generation_config=gen)
+    torch.cuda.synchronize()
+    elapsed = time.perf_counter() - t0
+    n_out = sum(len(o.generated_tokens) for o in outs.values())
+    return dict(elapsed_s=elapsed, output_tokens=n_out)
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+@dataclass
+class Ctx:
+    args: argparse.Namespace
+    card: str
+    ceilings: dict[str, float]
+    run_id: str
+    rows: list[ResultRow]
+    out_dir: Path
+
+    def add(self, workload: str, shape: str, engine: str, tok_s: float, **extra: Any) -> None:
+        self.rows.append(ResultRow(self.run_id, today(), self.args.commit, self.card, workload, shape,
+                                   engine, tok_s, {k: v for k, v in extra.items() if v is not None}))
+        print(f"  {workload} {shape} {engine}: {tok_s:,.0f} tok/s {extra}", flush=True)
+
+
+def bench_ours(ctx: Ctx, shape: str, model_dir: Path, workloads: list[str]) -> None:
+    engine = OurEngine(model_dir, enforce_eager=ctx.args.eager)
+    cfg = report.shape_numbers(SHAPES[shape])
+    print(f"[ours {shape}] load {engine.load_s:.1f}s warmup+capture {engine.warmup_s:.1f}s "
+          f"profiled peak {engine.peak_bytes / 2**30:.2f} GiB, {engine.num_blocks} KV blocks", flush=True)
+    for w in workloads:
+        _, n, p_len, o_len = WORKLOADS[w]
+        if w == "W2":
+            engine.run(prompts_for(1, p_len, 99), o_len)  # warm-up
+            res = engine.run(prompts_for(1, p_len, 2), o_len)
+            tpot = (res["elapsed_s"] - res["ttft_s"]) / (o_len - 1)
+            floor = report.w2_roofline_tok_s(cfg, ctx.ceilings, p_len, o_len)
+            ctx.add(w, shape, "llmserve", 1 / tpot, ttft_s=round(res["ttft_s"], 5),
+                    tpot_ms=round(tpot * 1e3, 4), e2e_s=round(res["elapsed_s"], 4),
+                    floor_tok_s=round(floor, 1), share_of_floor=round(1 / tpot / floor, 4))
+            if ctx.args.profile:
+                stats = profile_decode(engine, prompts_for(1, p_len, 3), ctx.out_dir, f"{w}_{shape}")
+                print(f"  profile {w} {shape}: {stats}", flush=True)
+                ctx.rows[-1].extra.update({k: round(v, 4) for k, v in stats.items()})
+            continue
+        prompts = prompts_for(n, p_len, 1)
+        res = engine.run(prompts, o_len)
+        tok_s = res["output_tokens"] / res["elapsed_s"]
+        floor = report.w1_floor_tok_s(cfg, ctx.ceilings, n, p_len, o_len)
+        ctx.add(w, shape, "llmserve", tok_s, elapsed_s=round(res["elapsed_s"], 3),
+                ttft_s=round(res["ttft_s"], 4), floor_tok_s=round(floor, 1),
+                share_of_floor=round(tok_s / floor, 4), num_kv_blocks=engine.num_blocks,
+                cuda_graphs=not ctx.args.eager, **decode_step_stats(res, n))
+        if ctx.args.profile:
+            stats = profile_decode(engine, prompts, ctx.out_dir, f"{w}_{shape}")
+            print(f"  profile {w} {shape}: {stats}", flush=True)
+            ctx.rows[-1].extra.update({k: round(v, 4) for k, v in stats.items()})
+    engine.close()
+
+
+def bench_hf(ctx: Ctx, shape: str, model_dir: Path, workloads: list[str], engines: list[str]) -> None:
+    t0 = time.perf_counter()
+    model = hf_model(model_dir)
+    print(f"[hf {shape}] init {time.perf_counter() - t0:.1f}s", flush=True)
+    for w in workloads:
+        _, n, p_len, o_len = WORKLOADS[w]
+        prompts = prompts_for(n, p_len, 1 if w != "W2" else 2)
+        if "hf" in engines:
+            for batch in ([1] if w == "W2" else ctx.args.hf_batches):
+                res = hf_static(model, prompts, batch, o_len, ctx.args.hf_batches_timed)
+                ctx.add(w, shape, f"hf_generate_static_b{batch}", res["output_tokens"] / res["elapsed_s"],  # noqa: E501
+                        elapsed_s=round(res["elapsed_s"], 3), batches_timed=res["batches_timed"],
+                        batches_total=res["batches_total"])
+        if "hf_batch" in engines and w != "W2":
+            sub = prompts[: ctx.args.gen_batch_requests]
+            try:
+                res = hf_generate_batch(model, sub, o_len)
+                ctx.add(w, shape, "hf_generate_batch", res["output_tokens"] / res["elapsed_s"],
+                        elapsed_s=round(res["elapsed_s"], 3), requests=len(sub), includes_warmup=True)
+            except Exception as exc:  # noqa: BLE001 - report and go on with the other engines
+                print(f"  hf_generate_batch failed: {exc!r}", flush=True)
+    del model
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--commit", default="unknown")
+    ap.add_argument("--workloads", default="W1,W2,W3")
+    ap.add_argument("--engines", default="ours,hf,hf_batch")
+    ap.add_argument("--hf-batches", default="64,256", type=lambda s: [int(x) for x in s.split(",")])
+    ap.add_argument("--hf-batches-timed", type=int, default=1)
+    ap.add_argument("--gen-batch-requests", type=int, default=64)
+    ap.add_argument("--eager", action="store_true", help="our engine without CUDA graphs")
+    ap.add_argument("--profile", action="store_true", help="torch.profiler on decode steps of W1/W3")
+    ap.add_argument("--out-dir", type=Path, default=Path("bench_out"))
+    ap.add_argument("--results", type=Path, default=Path("docs/benchmarks/results.jsonl"))
+    ap.add_argument("--markdown", type=Path, default=Path("docs/benchmarks/gpu.md"))
+    args = ap.parse_args()
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    workloads = args.workloads.split(",")
+    engines = args.engines.split(",")
+    card = torch.cuda.get_device_name()
+    ceilings = report.measure_ceilings()
+    print(f"card {card}: copy {ceilings['copy_GBps']:,.0f} GB/s, "
+          f"bf16 matmul {ceilings['matmul_TFLOPs']:.0f} TFLOP/s", flush=True)
+    ctx = Ctx(args, card, ceilings, new_run_id(), [], args.out_dir)
+    for shape in SHAPES:
+        shape_workloads = [w for w in workloads if WORKLOADS[w][0] == shape]
+        if not shape_workloads:
+            continue
+        model_dir = write_config(shape, args.out_dir / "configs")
+        if "ours" in engines:
+            bench_ours(ctx, shape, model_dir, shape_workloads)
+        if {"hf", "hf_batch"} & set(engines):
+            bench_hf(ctx, shape, model_dir, shape_workloads, engines)
+    append_results(args.results, ctx.rows)
+    text = report.markdown(ctx.rows, card, ceilings, args.commit)
+    args.markdown.parent.mkdir(parents=True, exist_ok=True)
+    args.markdown.write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

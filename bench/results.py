@@ -1,0 +1,64 @@
+"""Benchmark result records: one JSON object per line in ``docs/benchmarks/results.jsonl``.
+
+Required fields (issue 5): ``run_id``, ``date``, ``commit``, ``card``, ``workload``,
+``model_shape``, ``engine``, ``output_tok_s``; anything else (latencies, ratios, notes) is
+added as extra keys.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import uuid
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+def new_run_id() -> str:
+    """A sortable, unique id: UTC time plus a random suffix."""
+    return dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ-") + uuid.uuid4().hex[:6]
+
+
+def today() -> str:
+    return dt.datetime.now(dt.timezone.utc).date().isoformat()
+
+
+@dataclass(frozen=True)
+class ResultRow:
+    """One measured (workload, model shape, engine) on one card."""
+
+    run_id: str
+    date: str
+    commit: str
+    card: str
+    workload: str
+    model_shape: str
+    engine: str
+    output_tok_s: float
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        row = asdict(self)
+        extra = row.pop("extra")
+        row["output_tok_s"] = round(self.output_tok_s, 2)
+        row.update(extra)
+        return json.dumps(row, sort_keys=False)
+
+
+def append_results(path: Path, rows: Iterable[ResultRow]) -> int:
+    """Append ``rows`` as JSON lines to ``path`` (created with its folder if missing)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = [row.to_json() for row in rows]
+    with path.open("a", encoding="utf-8") as f:
+        for line in lines:
+            f.write(line + "\n")
+    return len(lines)
+
+
+def read_results(path: Path) -> list[dict[str, Any]]:
+    """Every record of a results file (blank lines skipped)."""
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
