@@ -7,10 +7,13 @@ runs the same multi-tenant chat workload through in-process routers for each pol
 - ``--groups`` tenants, each with a long shared system prompt (``--system-words``);
 - ``--users`` users per group, each a ``--turns``-turn chat whose history grows every turn
   (user message ``--user-words`` words, assistant reply ``--max-tokens`` tokens, greedy);
-- ``--concurrency`` requests in flight; a user's next turn is queued when its reply arrives.
+- ``--concurrency`` chat sessions in flight, users started in a shuffled (seeded) order; a user's
+  next turn is sent as soon as its reply arrives, as in an interactive chat or an agent loop.
 
-Every run salts its prompts, so earlier runs' cache entries are useless to it (they are evicted
-by LRU as any cold entry would be). The KV pool per worker (``--kv-blocks``) is smaller than the
+Every policy gets the same workload: system prompts and every user turn are drawn up front from
+``--seed`` (per group, user and turn), so only the order in which replies arrive differs. Every
+run salts its prompts, so earlier runs' cache entries are useless to it (they are evicted by LRU
+as any cold entry would be). The KV pool per worker (``--kv-blocks``) is smaller than the
 set of distinct prefixes but the four pools together hold it. Workers chunk prefill at
 ``--max-batched-tokens`` tokens per step, so a cached prefix saves whole engine steps.
 
@@ -190,30 +193,43 @@ def words(rng: random.Random, n: int) -> str:
     return " ".join(rng.choice(WORDS) for _ in range(n))
 
 
+@dataclass(frozen=True)
+class Workload:
+    """The chats of one run, fixed before the run starts (the same for every policy)."""
+
+    systems: tuple[str, ...]  # one system prompt per group
+    turns: dict[tuple[int, int], tuple[str, ...]]  # (group, user) -> user messages in order
+    order: tuple[tuple[int, int], ...]  # order in which users start
+
+
+def make_workload(args: argparse.Namespace, salt: str) -> Workload:
+    """Deterministic in ``args.seed``; ``salt`` only prefixes the system prompts."""
+    rng = random.Random(args.seed)
+    systems = tuple(f"{salt} tenant {g}: " + words(rng, args.system_words) for g in range(args.groups))
+    users = [(g, u) for g in range(args.groups) for u in range(args.users)]
+    turns = {key: tuple(words(rng, args.user_words) for _ in range(args.turns)) for key in users}
+    rng.shuffle(users)
+    return Workload(systems, turns, tuple(users))
+
+
 async def run_workload(policy: str, targets: list[str], args: argparse.Namespace, salt: str) -> RunResult:
     """All users' chats through ``targets`` (requests alternate between routers)."""
-    rng = random.Random(args.seed)
-    systems = [f"{salt} tenant {g}: " + words(rng, args.system_words) for g in range(args.groups)]
-    users = [(g, u) for g in range(args.groups) for u in range(args.users)]
+    work = make_workload(args, salt)
     histories: dict[tuple[int, int], list[dict[str, str]]] = {
-        key: [{"role": "system", "content": systems[key[0]]}] for key in users}
-    queue: asyncio.Queue[tuple[int, int] | None] = asyncio.Queue()
-    order = list(users)
-    rng.shuffle(order)
-    for key in order:
+        key: [{"role": "system", "content": work.systems[key[0]]}] for key in work.order}
+    queue: asyncio.Queue[tuple[int, int]] = asyncio.Queue()
+    for key in work.order:
         queue.put_nowait(key)
-    remaining = {key: args.turns for key in users}
     samples: list[Sample] = []
     sampling = gen_pb.SamplingParams(max_tokens=args.max_tokens, temperature=0.0, ignore_eos=True)
     channels = [grpc.aio.insecure_channel(t) for t in targets]
     stubs = [gen_grpc.GenerationStub(c) for c in channels]
     counter = 0
-    active = len(users)
 
-    async def one_turn(key: tuple[int, int]) -> None:
+    async def one_turn(key: tuple[int, int], turn: int) -> None:
         nonlocal counter
         history = histories[key]
-        history.append({"role": "user", "content": words(rng, args.user_words)})
+        history.append({"role": "user", "content": work.turns[key][turn]})
         stub = stubs[counter % len(stubs)]
         counter += 1
         request = gen_pb.GenerateRequest(
@@ -235,26 +251,17 @@ async def run_workload(policy: str, targets: list[str], args: argparse.Namespace
             Sample(ttft, u.prompt_tokens, u.cached_prompt_tokens, u.completion_tokens, last.worker_id))
 
     async def client() -> None:
-        nonlocal active
-        while True:
-            key = await queue.get()
-            if key is None:
-                return
-            await one_turn(key)
-            remaining[key] -= 1
-            if remaining[key] > 0:
-                queue.put_nowait(key)
-            else:
-                active -= 1
-                if active == 0:
-                    for _ in range(args.concurrency):
-                        queue.put_nowait(None)
+        # One chat session at a time: a user's next turn is sent as soon as its reply arrives.
+        while not queue.empty():
+            key = queue.get_nowait()
+            for turn in range(args.turns):
+                await one_turn(key, turn)
 
     start = time.perf_counter()
     await asyncio.gather(*(client() for _ in range(args.concurrency)))
     wall = time.perf_counter() - start
     for c in channels:
-        await c.close()
+        await c.close(None)
     return RunResult(policy, len(targets), tuple(samples), wall)
 
 
@@ -310,7 +317,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-batched-tokens", type=int, default=64)
     p.add_argument("--groups", type=int, default=16)
     p.add_argument("--users", type=int, default=4)
-    p.add_argument("--turns", type=int, default=3)
+    p.add_argument("--turns", type=int, default=6)
     p.add_argument("--system-words", type=int, default=220)
     p.add_argument("--user-words", type=int, default=24)
     p.add_argument("--max-tokens", type=int, default=12)
@@ -326,20 +333,38 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     print(HEADER, flush=True)
     results = asyncio.run(bench(args))
+    load = os.getloadavg()
+    verdict = target_lines(results)
+    for line in verdict:
+        print(line)
     if args.markdown:
         with open(args.markdown, "a") as f:
-            f.write(f"\n`{' '.join(sys.argv[1:])}` — {args.workers} workers x {args.kv_blocks} KV blocks, "
+            f.write(f"\n{time.strftime('%Y-%m-%d %H:%M')} `python bench/bench_routing.py "
+                    f"{' '.join(sys.argv[1:])}` — {args.workers} workers x {args.kv_blocks} KV blocks, "
                     f"{args.groups} groups x {args.users} users x {args.turns} turns, "
-                    f"concurrency {args.concurrency}, {os.cpu_count()} CPUs:\n\n{HEADER}\n")
-            f.write("\n".join(r.row() for r in results) + "\n")
+                    f"concurrency {args.concurrency}, {os.cpu_count()} CPUs, load average after the run "
+                    f"{load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} (1 / 5 / 15 min):\n\n{HEADER}\n")
+            f.write("\n".join(r.row() for r in results) + "\n\n")
+            f.write("\n".join(f"- {line}" for line in verdict) + "\n")
+
+
+def target_lines(results: list[RunResult]) -> list[str]:
+    """The issue's three targets, each with its measured value and whether it is met."""
     by = {(r.policy, r.routers): r for r in results}
+    out: list[str] = []
     if ("prefix", 1) in by and ("round-robin", 1) in by:
         p, rr = by[("prefix", 1)], by[("round-robin", 1)]
-        print(f"hit rate prefix/round-robin: {p.hit_rate / max(rr.hit_rate, 1e-9):.2f}x; "
-              f"TTFT p90 round-robin/prefix: {rr.ttft_ms(0.9) / p.ttft_ms(0.9):.2f}x")
+        hit = p.hit_rate / max(rr.hit_rate, 1e-9)
+        p90 = rr.ttft_ms(0.9) / p.ttft_ms(0.9)
+        out.append(f"hit rate prefix / round-robin (1 router): {hit:.2f}x (target >= 2x: "
+                   f"{'met' if hit >= 2 else 'NOT met'})")
+        out.append(f"TTFT p90 round-robin / prefix (1 router): {p90:.2f}x (target >= 2x: "
+                   f"{'met' if p90 >= 2 else 'NOT met'})")
     if ("prefix", 1) in by and ("prefix", 2) in by:
         ratio = by[("prefix", 2)].hit_rate / by[("prefix", 1)].hit_rate
-        print(f"prefix hit rate, 2 routers vs 1: {ratio:.3f}")
+        out.append(f"prefix hit rate, 2 routers / 1 router: {100 * ratio:.1f}% (target >= 95%: "
+                   f"{'met' if ratio >= 0.95 else 'NOT met'})")
+    return out
 
 
 if __name__ == "__main__":

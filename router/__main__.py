@@ -1,45 +1,86 @@
 """``python -m router`` / ``llmserve-router``: one stateless router replica.
 
     python -m router --port 50050 --redis-url redis://localhost:6379/0 [--policy prefix]
+
+Every flag also reads ``LLMSERVE_<FLAG>`` (docs/CONFIG.md); tracing is configured by the
+standard ``OTEL_*`` variables (docs/OBSERVABILITY.md).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
-from collections.abc import Sequence
+import sys
+from collections.abc import Mapping, Sequence
 
+from llmserve.envflags import apply_env_defaults
+from llmserve.telemetry.logging import LOG_FORMATS
 from router.policy import POLICY_NAMES
 from router.server import RouterConfig, serve
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="llmserve-router", description=__doc__.splitlines()[0])
+
+def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
+    """The router's flags, each with its ``LLMSERVE_*`` variable as default."""
+    p = argparse.ArgumentParser(prog="llmserve-router", description=(__doc__ or "").splitlines()[0])
     p.add_argument("--host", default="0.0.0.0", help="interface to bind (default: all)")
-    p.add_argument("--port", type=int, default=50050)
+    p.add_argument("--port", type=int, default=50050, help="gRPC port")
     p.add_argument("--redis-url", required=True, help="fleet state store, e.g. redis://localhost:6379/0")
-    p.add_argument("--policy", choices=POLICY_NAMES, default="prefix")
+    p.add_argument("--policy", choices=POLICY_NAMES, default="prefix", help="worker choice")
     p.add_argument("--max-attempts", type=int, default=3, help="workers tried before the first token")
-    p.add_argument("--registry-cache-s", type=float, default=1.0)
-    p.add_argument("--log-level", default="INFO")
-    return p.parse_args(argv)
+    p.add_argument("--registry-cache-s", type=float, default=1.0,
+                   help="seconds the worker registry is cached")
+    p.add_argument("--drain-grace-s", type=float, default=30.0,
+                   help="on SIGTERM: health NOT_SERVING, new calls refused, streams get this long to end")
+    group = p.add_argument_group("observability (tracing: OTEL_* variables)")
+    group.add_argument("--metrics-port", type=int, default=None,
+                       help="serve Prometheus /metrics on this port (default off)")
+    group.add_argument("--log-level", type=str.upper, choices=LOG_LEVELS, default="INFO")
+    group.add_argument("--log-format", choices=LOG_FORMATS, default="text",
+                       help="text for people, json for log pipelines")
+    apply_env_defaults(p, environ)
+    return p
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    args = parse_args(argv)
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    config = RouterConfig(
+def parse_args(
+    argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None
+) -> argparse.Namespace:
+    return build_parser(environ).parse_args(argv)
+
+
+def config_from_args(args: argparse.Namespace) -> RouterConfig:
+    """The ``RouterConfig`` the flags describe (ValueError when a value is out of range)."""
+    return RouterConfig(
         host=args.host,
         port=args.port,
         policy=args.policy,
         max_attempts=args.max_attempts,
         registry_cache_s=args.registry_cache_s,
+        drain_grace_s=args.drain_grace_s,
+        metrics_port=args.metrics_port,
     )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    from llmserve.telemetry import configure_logging, setup_tracing
+
+    configure_logging(args.log_level, args.log_format)
+    try:
+        config = config_from_args(args)
+        tracing = setup_tracing("llmserve-router")  # OTEL_* environment; off imports no OpenTelemetry
+    except ValueError as exc:
+        print(f"llmserve-router: {exc}", file=sys.stderr)
+        return 2
     from llmserve.fleet.redis_store import RedisStateStore
 
-    asyncio.run(serve(config, RedisStateStore(args.redis_url)))
+    try:
+        asyncio.run(serve(config, RedisStateStore(args.redis_url), tracing))
+    finally:
+        tracing.shutdown()  # flushes the spans still buffered
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -16,6 +16,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import grpc
 
@@ -37,16 +38,23 @@ RETRYABLE = frozenset({
 
 
 class ChannelPool:
-    """One ``grpc.aio`` channel per worker address, closed when the worker is gone."""
+    """One ``grpc.aio`` channel per worker address, closed when the worker is gone.
 
-    def __init__(self, options: Sequence[tuple[str, int]] = ()) -> None:
+    ``interceptors`` (the tracing's client interceptors) go on every channel, so each call to a
+    worker carries the caller's W3C trace context.
+    """
+
+    def __init__(self, options: Sequence[tuple[str, int]] = (), interceptors: Sequence[Any] = ()) -> None:
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._options = list(options)
+        self._interceptors = list(interceptors)
 
     def get(self, address: str) -> grpc.aio.Channel:
         channel = self._channels.get(address)
         if channel is None:
-            channel = grpc.aio.insecure_channel(address, options=self._options)
+            channel = grpc.aio.insecure_channel(
+                address, options=self._options, interceptors=self._interceptors or None
+            )
             self._channels[address] = channel
         return channel
 
@@ -102,6 +110,24 @@ class Attempt:
     details: str
 
 
+class AttemptObserver(Protocol):
+    """Told about each try of one request (span events, metrics)."""
+
+    def on_attempt(self, attempt: int, worker_id: str) -> None:
+        """Attempt ``attempt`` (1-based) is about to call ``worker_id``."""
+
+    def on_failure(self, attempt: int, worker_id: str, error: str) -> None:
+        """Attempt ``attempt`` failed before its first chunk; the next candidate is tried."""
+
+
+class _NoObserver:
+    def on_attempt(self, attempt: int, worker_id: str) -> None:
+        pass
+
+    def on_failure(self, attempt: int, worker_id: str, error: str) -> None:
+        pass
+
+
 class Dispatcher:
     """Streams a request from the first candidate that takes it."""
 
@@ -117,12 +143,17 @@ class Dispatcher:
         request: gen_pb.GenerateRequest,
         workers: Sequence[WorkerRecord],
         time_remaining: Callable[[], float | None],
+        observer: AttemptObserver | None = None,
     ) -> AsyncIterator[gen_pb.GenerateResponse]:
-        """The worker's chunks; raises a ``RouterError`` when no candidate serves the request."""
+        """The worker's chunks; raises a ``RouterError`` when no candidate serves the request.
+
+        Open the iteration inside the request's span: each worker call is then its child."""
         if not request.request_id:
             request.request_id = uuid.uuid4().hex
+        watch: AttemptObserver = observer if observer is not None else _NoObserver()
         failures: list[Attempt] = []
-        for worker in workers[: self.max_attempts]:
+        for attempt, worker in enumerate(workers[: self.max_attempts], start=1):
+            watch.on_attempt(attempt, worker.worker_id)
             stub = gen_grpc.GenerationStub(self._channels.get(worker.address))
             call = stub.Generate(request, timeout=time_remaining())
             token = self._tracker.start(worker.worker_id)
@@ -134,11 +165,13 @@ class Dispatcher:
                 if forwarded:
                     return
                 failures.append(Attempt(worker.worker_id, grpc.StatusCode.UNAVAILABLE, "empty stream"))
+                watch.on_failure(attempt, worker.worker_id, "UNAVAILABLE: empty stream")
             except grpc.aio.AioRpcError as exc:
                 code, details = exc.code(), exc.details() or ""
                 if forwarded or code not in RETRYABLE:
                     raise UpstreamError(code, details) from None
                 failures.append(Attempt(worker.worker_id, code, details))
+                watch.on_failure(attempt, worker.worker_id, f"{code.name}: {details}")
                 log.info("request %s: worker %s failed before its first token (%s: %s); trying the next",
                          request.request_id, worker.worker_id, code.name, details)
             finally:

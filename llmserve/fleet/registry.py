@@ -55,8 +55,12 @@ class Registry:
         cache_s: float = 1.0,
         grace_s: float = 5.0,
         clock: Callable[[], float] = time.monotonic,
+        on_refresh: Callable[[FleetSnapshot], None] | None = None,
     ) -> None:
+        """``on_refresh`` is called with every snapshot read from the store (e.g. to update the
+        live-workers metrics); it must be quick and must not raise."""
         self._store = store
+        self._on_refresh = on_refresh
         self._cache_s = cache_s
         self._grace_s = grace_s
         self._clock = clock
@@ -94,6 +98,8 @@ class Registry:
             self._snapshot = FleetSnapshot(self._snapshot.workers, self._snapshot.models, stale=True)
             return
         self._snapshot = self._merge(view, now)
+        if self._on_refresh is not None:
+            self._on_refresh(self._snapshot)
 
     def _merge(self, view: FleetView, now: float) -> FleetSnapshot:
         if self._have_read and view.epoch != self._epoch:

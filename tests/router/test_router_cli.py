@@ -1,0 +1,35 @@
+"""Router flags: each has its LLMSERVE_* variable; flags win; bad values name the variable."""
+
+from __future__ import annotations
+
+import pytest
+
+from router.__main__ import build_parser, config_from_args, parse_args
+
+
+def test_variables_supply_every_observability_and_drain_flag() -> None:
+    env = {"LLMSERVE_REDIS_URL": "redis://r:6379/0", "LLMSERVE_METRICS_PORT": "9400",
+           "LLMSERVE_LOG_FORMAT": "json", "LLMSERVE_LOG_LEVEL": "debug", "LLMSERVE_DRAIN_GRACE_S": "7.5",
+           "LLMSERVE_POLICY": "round-robin"}
+    args = parse_args([], env)
+    assert (args.redis_url, args.log_format, args.log_level) == ("redis://r:6379/0", "json", "DEBUG")
+    config = config_from_args(args)
+    assert (config.metrics_port, config.drain_grace_s, config.policy) == (9400, 7.5, "round-robin")
+
+
+def test_flags_win_and_defaults_hold() -> None:
+    args = parse_args(["--redis-url", "redis://x", "--drain-grace-s", "2"], {"LLMSERVE_DRAIN_GRACE_S": "9"})
+    config = config_from_args(args)
+    assert (config.drain_grace_s, config.metrics_port, args.log_format) == (2.0, None, "text")
+
+
+def test_bad_variable_is_an_error_naming_it(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        build_parser({"LLMSERVE_LOG_FORMAT": "xml"})
+    assert "LLMSERVE_LOG_FORMAT" in capsys.readouterr().err
+
+
+def test_help_shows_the_variables() -> None:
+    text = " ".join(build_parser({}).format_help().split())  # undo line wrapping
+    names = ("LLMSERVE_METRICS_PORT", "LLMSERVE_LOG_FORMAT", "LLMSERVE_DRAIN_GRACE_S", "LLMSERVE_REDIS_URL")
+    assert all(f"env: {name}" in text for name in names)
