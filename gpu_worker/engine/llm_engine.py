@@ -1,0 +1,87 @@
+"""LLMEngine: the synchronous engine (input processor + engine core + output processor).
+
+The caller drives it: ``add_request`` then ``step()`` until ``has_unfinished_requests()``
+is False. Used by the offline :class:`gpu_worker.llm.LLM`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from gpu_worker.config import EngineConfig
+from gpu_worker.core.types import SchedulerStats
+from gpu_worker.engine.core import EngineCore
+from gpu_worker.engine.output_processor import OutputKind, OutputProcessor
+from gpu_worker.engine.processor import InputProcessor, ProcessedRequest, PromptType
+from gpu_worker.outputs import RequestOutput
+from gpu_worker.sampling_params import SamplingParams
+
+
+class LLMEngine:
+    """Synchronous engine over one :class:`EngineCore`; single-threaded use only."""
+
+    def __init__(self, core: EngineCore) -> None:
+        self.core = core
+        self.processor = InputProcessor(
+            core.tokenizer, core.vocab_size, core.max_model_len, core.eos_token_ids
+        )
+        self.output_processor = OutputProcessor(core.tokenizer)
+
+    @classmethod
+    def from_config(cls, config: EngineConfig) -> LLMEngine:
+        """Load the model (blocking) and warm it up."""
+        core = EngineCore(config)
+        core.warmup()
+        return cls(core)
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.core.tokenizer
+
+    @property
+    def config(self) -> EngineConfig:
+        return self.core.config
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt: PromptType,
+        params: SamplingParams | None = None,
+        kind: OutputKind = OutputKind.CUMULATIVE,
+        priority: int = 0,
+    ) -> None:
+        """Validate (``ValueError`` naming the field) and queue a request."""
+        self.add_processed(self.processor.process(request_id, prompt, params, priority=priority), kind)
+
+    def add_processed(self, processed: ProcessedRequest, kind: OutputKind) -> None:
+        """Queue a request already validated by ``self.processor``."""
+        self.output_processor.add_request(processed, kind)
+        added: list[str] = []
+        try:
+            for core_request in processed.core_requests:
+                self.core.add_request(core_request)
+                added.append(core_request.request_id)
+        except BaseException:
+            self.core.abort(added)
+            self.output_processor.abort_request(processed.request_id)
+            raise
+
+    def abort_request(self, request_ids: Iterable[str]) -> None:
+        """Forget requests and free their KV blocks; unknown ids are ignored."""
+        for request_id in request_ids:
+            core_ids, _ = self.output_processor.abort_request(request_id)
+            self.core.abort(core_ids)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.output_processor.num_unfinished > 0
+
+    def step(self) -> list[RequestOutput]:
+        """Run one engine step; outputs of the requests it changed (per their OutputKind)."""
+        processed = self.output_processor.process_outputs(self.core.step())
+        if processed.reqs_to_abort:  # finished by a stop string: free their KV now
+            self.core.abort(processed.reqs_to_abort)
+        return processed.request_outputs
+
+    def stats(self) -> SchedulerStats:
+        return self.core.stats()

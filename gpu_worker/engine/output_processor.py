@@ -1,0 +1,221 @@
+"""Turns engine-core outputs (token ids per core request) into user-facing RequestOutputs.
+
+One :class:`_RequestState` per user request aggregates its ``n`` samples (core requests),
+runs each sample's incremental detokenizer, builds logprob dicts and decides when a stop
+string ends a sample; the front must then abort that core request (``reqs_to_abort``).
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from gpu_worker.core.types import EngineCoreOutput, FinishReason, TokenLogprobs
+from gpu_worker.engine.detokenizer import IncrementalDetokenizer
+from gpu_worker.engine.processor import ProcessedRequest
+from gpu_worker.outputs import CompletionOutput, Logprob, RequestOutput
+from gpu_worker.sampling_params import SamplingParams
+
+
+class OutputKind(enum.Enum):
+    """What each RequestOutput of a request carries."""
+
+    CUMULATIVE = "cumulative"  # everything so far, after every step that changed it
+    DELTA = "delta"  # only what is new, for the samples that changed (streaming)
+    FINAL_ONLY = "final_only"  # one output, when the request has finished (offline)
+
+
+@dataclass
+class _Sample:
+    """Mutable progress of one sample; owned by the OutputProcessor only."""
+
+    index: int
+    detokenizer: IncrementalDetokenizer
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[dict[int, Logprob]] | None = None
+    cumulative_logprob: float | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    num_sent_tokens: int = 0  # delta mode: token ids / logprobs already handed out
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class _RequestState:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    kind: OutputKind
+    samples: list[_Sample]
+    core_ids: list[str] = field(default_factory=list)  # core request id of each sample
+    num_cached_tokens: int = 0
+
+    @property
+    def finished(self) -> bool:
+        return all(s.finished for s in self.samples)
+
+
+@dataclass(frozen=True)
+class ProcessedOutputs:
+    """Outputs for the user, and core requests that a stop string ended (abort them)."""
+
+    request_outputs: list[RequestOutput]
+    reqs_to_abort: list[str]
+
+
+class OutputProcessor:
+    """Keeps the per-request state of the front; not thread-safe (one owner thread/loop)."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self._tokenizer = tokenizer
+        self._requests: dict[str, _RequestState] = {}
+        self._samples: dict[str, tuple[_RequestState, _Sample]] = {}  # core request id -> sample
+        self._token_text: dict[int, str] = {}  # decoded single tokens, for logprobs
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self._requests)
+
+    def has_request(self, request_id: str) -> bool:
+        return request_id in self._requests
+
+    def add_request(self, processed: ProcessedRequest, kind: OutputKind) -> None:
+        """Start tracking a request; its id must not be in flight already."""
+        if processed.request_id in self._requests:
+            raise ValueError(f"request_id {processed.request_id!r} is already in flight")
+        params = processed.params
+        state = _RequestState(
+            processed.request_id, processed.prompt, list(processed.prompt_token_ids), params, kind, []
+        )
+        for i, core_req in enumerate(processed.core_requests):
+            detok = IncrementalDetokenizer(
+                self._tokenizer, processed.prompt_token_ids, params.stop, params.include_stop_str_in_output
+            )
+            sample = _Sample(i, detok)
+            if params.logprobs is not None:
+                sample.logprobs, sample.cumulative_logprob = [], 0.0
+            state.samples.append(sample)
+            state.core_ids.append(core_req.request_id)
+            self._samples[core_req.request_id] = (state, sample)
+        self._requests[processed.request_id] = state
+
+    def process_outputs(self, outputs: Sequence[EngineCoreOutput]) -> ProcessedOutputs:
+        """Apply one step's core outputs; outputs of unknown (finished, aborted) ids are ignored."""
+        touched: dict[str, tuple[_RequestState, list[_Sample]]] = {}
+        to_abort: list[str] = []
+        for out in outputs:
+            entry = self._samples.get(out.request_id)
+            if entry is None or entry[1].finished:
+                continue
+            state, sample = entry
+            if out.num_cached_tokens > state.num_cached_tokens:
+                state.num_cached_tokens = out.num_cached_tokens
+            if self._apply(sample, out) and not out.finished:
+                to_abort.append(out.request_id)
+            touched.setdefault(state.request_id, (state, []))[1].append(sample)
+        request_outputs = []
+        for state, changed in touched.values():
+            result = self._make_output(state, changed)
+            if result is not None:
+                request_outputs.append(result)
+            if state.finished:
+                self._forget(state)
+        return ProcessedOutputs(request_outputs, to_abort)
+
+    def abort_request(self, request_id: str) -> tuple[list[str], RequestOutput | None]:
+        """Stop tracking a request: (its unfinished core request ids, its final output or None)."""
+        state = self._requests.get(request_id)
+        if state is None:
+            return [], None
+        core_ids = [cid for cid, s in zip(state.core_ids, state.samples, strict=True) if not s.finished]
+        changed = [s for s in state.samples if not s.finished]
+        for sample in changed:
+            sample.finish_reason = FinishReason.ABORT.value
+            sample.detokenizer.finish()
+        result = self._make_output(state, changed)
+        self._forget(state)
+        return core_ids, result
+
+    def _apply(self, sample: _Sample, out: EngineCoreOutput) -> bool:
+        """Add a core output's tokens to a sample; True if a stop string ended it."""
+        for i, token_id in enumerate(out.new_token_ids):
+            sample.token_ids.append(token_id)
+            if sample.logprobs is not None and i < len(out.new_logprobs):
+                self._add_logprobs(sample, out.new_logprobs[i])
+            if sample.detokenizer.add_token(token_id):
+                sample.finish_reason = FinishReason.STOP.value
+                sample.stop_reason = sample.detokenizer.stop_reason
+                return True  # tokens after the one completing the stop string are dropped
+        if out.finish_reason is not None:
+            sample.finish_reason = out.finish_reason.value
+            sample.stop_reason = out.stop_token_id
+            sample.detokenizer.finish()
+        return False
+
+    def _add_logprobs(self, sample: _Sample, lp: TokenLogprobs) -> None:
+        entry = {lp.token_id: Logprob(lp.logprob, lp.rank, self._decode_token(lp.token_id))}
+        for rank, (token_id, logprob) in enumerate(lp.top, start=1):
+            if token_id not in entry:
+                entry[token_id] = Logprob(logprob, rank, self._decode_token(token_id))
+        assert sample.logprobs is not None and sample.cumulative_logprob is not None
+        sample.logprobs.append(entry)
+        sample.cumulative_logprob += lp.logprob
+
+    def _decode_token(self, token_id: int) -> str:
+        text = self._token_text.get(token_id)
+        if text is None:
+            text = str(self._tokenizer.decode([token_id]))
+            self._token_text[token_id] = text
+        return text
+
+    def _make_output(self, state: _RequestState, changed: list[_Sample]) -> RequestOutput | None:
+        if state.kind is OutputKind.FINAL_ONLY and not state.finished:
+            return None
+        if state.kind is OutputKind.DELTA:
+            completions = [self._delta(s) for s in sorted(changed, key=lambda s: s.index)]
+        else:
+            completions = [self._cumulative(s) for s in state.samples]
+        return RequestOutput(
+            request_id=state.request_id,
+            prompt=state.prompt,
+            prompt_token_ids=state.prompt_token_ids,
+            outputs=completions,
+            finished=state.finished,
+            num_cached_tokens=state.num_cached_tokens,
+        )
+
+    @staticmethod
+    def _cumulative(s: _Sample) -> CompletionOutput:
+        return CompletionOutput(
+            s.index,
+            s.detokenizer.text,
+            list(s.token_ids),
+            s.cumulative_logprob,
+            None if s.logprobs is None else list(s.logprobs),
+            s.finish_reason,
+            s.stop_reason,
+        )
+
+    @staticmethod
+    def _delta(s: _Sample) -> CompletionOutput:
+        start, s.num_sent_tokens = s.num_sent_tokens, len(s.token_ids)
+        return CompletionOutput(
+            s.index,
+            s.detokenizer.take_delta(),
+            s.token_ids[start:],
+            s.cumulative_logprob,
+            None if s.logprobs is None else s.logprobs[start:],
+            s.finish_reason,
+            s.stop_reason,
+        )
+
+    def _forget(self, state: _RequestState) -> None:
+        self._requests.pop(state.request_id, None)
+        for cid in state.core_ids:
+            self._samples.pop(cid, None)

@@ -1,0 +1,140 @@
+"""Turns a user prompt and its sampling parameters into validated engine-core requests.
+
+Everything that can be wrong with a request is found here, before the engine core sees
+it, and reported as a ``ValueError`` whose message starts with the offending field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from gpu_worker.core.types import EngineCoreRequest
+from gpu_worker.sampling_params import SamplingParams
+
+
+@dataclass(frozen=True)
+class ChatPrompt:
+    """A conversation to render with the model's chat template (roles and contents)."""
+
+    messages: list[dict[str, str]]
+    add_generation_prompt: bool = True
+
+
+PromptType = str | Sequence[int] | ChatPrompt
+
+
+@dataclass(frozen=True)
+class ProcessedRequest:
+    """A request ready for the core: one ``EngineCoreRequest`` per sample (``n`` of them)."""
+
+    request_id: str
+    prompt: str | None  # the prompt text (rendered template for chat), None for token ids
+    prompt_token_ids: tuple[int, ...]
+    params: SamplingParams
+    core_requests: tuple[EngineCoreRequest, ...]
+
+    @property
+    def child_ids(self) -> list[str]:
+        return [r.request_id for r in self.core_requests]
+
+
+def child_request_id(request_id: str, index: int, n: int) -> str:
+    """Core request id of sample ``index`` of a request with ``n`` samples."""
+    return request_id if n == 1 else f"{request_id}#{index}"
+
+
+class InputProcessor:
+    """Tokenizes and validates prompts for one model.
+
+    ``vocab_size`` is the model's (embedding rows), ``max_model_len`` the context length
+    the engine serves (already capped to the KV pool).
+    """
+
+    def __init__(self, tokenizer: Any, vocab_size: int, max_model_len: int, eos_token_ids: frozenset[int]):
+        self.tokenizer = tokenizer
+        self.vocab_size = vocab_size
+        self.max_model_len = max_model_len
+        self.eos_token_ids = eos_token_ids
+
+    def render_chat(self, messages: Sequence[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        """The prompt text of a conversation, through the tokenizer's chat template."""
+        if not messages:
+            raise ValueError("messages must not be empty")
+        for i, message in enumerate(messages):
+            if not isinstance(message, dict) or "role" not in message or "content" not in message:
+                raise ValueError(f"messages[{i}] must have a role and a content")
+        text = self.tokenizer.apply_chat_template(
+            list(messages), add_generation_prompt=add_generation_prompt, tokenize=False
+        )
+        return str(text)
+
+    def tokenize(self, prompt: PromptType) -> tuple[str | None, tuple[int, ...]]:
+        """(prompt text or None, prompt token ids), without length or vocabulary checks."""
+        if isinstance(prompt, ChatPrompt):
+            text = self.render_chat(prompt.messages, prompt.add_generation_prompt)
+            # The template already holds the special tokens (BOS) the model expects.
+            return text, tuple(self.tokenizer.encode(text, add_special_tokens=False))
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ValueError("prompt must not be empty")
+            return prompt, tuple(self.tokenizer.encode(prompt))
+        if isinstance(prompt, Sequence):
+            if not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+                raise ValueError("prompt_token_ids must be a list of integers")
+            return None, tuple(int(t) for t in prompt)
+        raise ValueError(f"prompt must be a string, a list of token ids or a ChatPrompt, got {type(prompt)}")
+
+    def process(
+        self,
+        request_id: str,
+        prompt: PromptType,
+        params: SamplingParams | None = None,
+        arrival_time: float | None = None,
+        priority: int = 0,
+    ) -> ProcessedRequest:
+        """Validate and tokenize; fan ``n > 1`` out into ``n`` core requests.
+
+        Child ``i`` of a seeded request samples with ``seed + i`` so that the samples
+        differ yet the whole request stays reproducible.
+        """
+        if not request_id:
+            raise ValueError("request_id must not be empty")
+        params = params if params is not None else SamplingParams()
+        params.validate(self.vocab_size)
+        text, ids = self.tokenize(prompt)
+        self.check_prompt_token_ids(ids, field="prompt_token_ids" if text is None else "prompt")
+        arrival = time.monotonic() if arrival_time is None else arrival_time
+        children = []
+        for i in range(params.n):
+            seed = None if params.seed is None else params.seed + i
+            child_params = dataclasses.replace(params, n=1, seed=seed) if params.n > 1 else params
+            children.append(
+                EngineCoreRequest(
+                    request_id=child_request_id(request_id, i, params.n),
+                    prompt_token_ids=ids,
+                    params=child_params,
+                    eos_token_ids=self.eos_token_ids,
+                    arrival_time=arrival,
+                    priority=priority,
+                )
+            )
+        return ProcessedRequest(request_id, text, ids, params, tuple(children))
+
+    def check_prompt_token_ids(self, ids: Sequence[int], field: str) -> None:
+        """Raise ``ValueError`` naming ``field`` for an empty, too long or out-of-vocabulary prompt."""
+        if not ids:
+            raise ValueError(f"{field} must not be empty")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(
+                f"{field} is too long: {len(ids)} tokens; the model's context (max_model_len) is "
+                f"{self.max_model_len} tokens, which must leave room for at least one output token"
+            )
+        bad = [t for t in ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise ValueError(
+                f"{field} has token ids outside the vocabulary [0, {self.vocab_size}): {bad[:5]}"
+            )

@@ -1,0 +1,96 @@
+"""The offline API, as vLLM users know it: ``LLM(model=...).generate(prompts, params)``."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from typing import Any
+
+from gpu_worker.config import EngineConfig
+from gpu_worker.engine.llm_engine import LLMEngine
+from gpu_worker.engine.output_processor import OutputKind
+from gpu_worker.engine.processor import ChatPrompt, ProcessedRequest, PromptType
+from gpu_worker.outputs import RequestOutput
+from gpu_worker.sampling_params import SamplingParams
+
+Conversation = Sequence[dict[str, str]]
+
+
+class LLM:
+    """Generate completions for batches of prompts with one model.
+
+    ``engine_args`` are :class:`gpu_worker.config.EngineConfig` fields
+    (``LLM(model="smollm2-135m", max_num_seqs=32, num_kv_blocks=256)``).
+    """
+
+    def __init__(self, model: str = "smollm2-135m", **engine_args: Any) -> None:
+        self.engine = LLMEngine.from_config(EngineConfig.from_kwargs(model, **engine_args))
+        self._ids = itertools.count()
+
+    def get_tokenizer(self) -> Any:
+        return self.engine.tokenizer
+
+    def generate(
+        self,
+        prompts: str | Sequence[int] | Sequence[str] | Sequence[Sequence[int]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+    ) -> list[RequestOutput]:
+        """Complete each prompt (a string or a list of token ids); results in input order.
+
+        Every prompt is validated before any runs: an invalid one raises ``ValueError``
+        naming the field and nothing is generated.
+        """
+        if isinstance(prompts, str) or (
+            isinstance(prompts, Sequence) and prompts and isinstance(prompts[0], int)
+        ):
+            batch: list[PromptType] = [prompts]  # type: ignore[list-item]
+        else:
+            batch = list(prompts)  # type: ignore[arg-type]
+        return self._run(batch, sampling_params)
+
+    def chat(
+        self,
+        messages: Conversation | Sequence[Conversation],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        add_generation_prompt: bool = True,
+    ) -> list[RequestOutput]:
+        """Complete one conversation or a list of them, rendered with the model's chat template."""
+        if messages and isinstance(messages[0], dict):
+            conversations = [messages]
+        else:
+            conversations = list(messages)  # type: ignore[arg-type]
+        prompts: list[PromptType] = [
+            ChatPrompt(list(c), add_generation_prompt) for c in conversations  # type: ignore[arg-type]
+        ]
+        return self._run(prompts, sampling_params)
+
+    def _run(
+        self, prompts: list[PromptType], sampling_params: SamplingParams | Sequence[SamplingParams] | None
+    ) -> list[RequestOutput]:
+        if sampling_params is None or isinstance(sampling_params, SamplingParams):
+            params_list = [sampling_params or SamplingParams()] * len(prompts)
+        else:
+            params_list = list(sampling_params)
+            if len(params_list) != len(prompts):
+                raise ValueError(
+                    f"sampling_params has {len(params_list)} entries for {len(prompts)} prompts"
+                )
+        processed = [
+            self.engine.processor.process(str(next(self._ids)), prompt, params)
+            for prompt, params in zip(prompts, params_list, strict=True)
+        ]
+        return self._run_to_completion(processed)
+
+    def _run_to_completion(self, processed: list[ProcessedRequest]) -> list[RequestOutput]:
+        results: dict[str, RequestOutput] = {}
+        try:
+            for request in processed:
+                self.engine.add_processed(request, OutputKind.FINAL_ONLY)
+            while self.engine.has_unfinished_requests():
+                for output in self.engine.step():
+                    if output.finished:
+                        results[output.request_id] = output
+        except BaseException:
+            self.engine.abort_request(r.request_id for r in processed if r.request_id not in results)
+            raise
+        return [results[r.request_id] for r in processed]

@@ -1,0 +1,106 @@
+"""IncrementalDetokenizer with the real SmolLM2 tokenizer: UTF-8 safety and stop strings."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from gpu_worker.engine.detokenizer import IncrementalDetokenizer
+
+MULTIBYTE = "Héllo 世界 🎉🎉 naïve — ok 😀 Привет мир! 日本語のテキスト 👩‍👩‍👧 done."
+
+
+def feed(detok: IncrementalDetokenizer, ids: list[int]) -> list[str]:
+    deltas = []
+    for token_id in ids:
+        stopped = detok.add_token(token_id)
+        deltas.append(detok.take_delta())
+        if stopped:
+            break
+    else:
+        detok.finish()
+        deltas.append(detok.take_delta())
+    return deltas
+
+
+def test_multibyte_characters_never_split(smollm2_tokenizer: Any) -> None:
+    tok = smollm2_tokenizer
+    prompt = tok.encode("Say something:")
+    ids = tok.encode(MULTIBYTE)
+    # The tokenizer does split characters across tokens: the test is meaningful.
+    assert any("\ufffd" in tok.decode([t]) for t in ids)
+    detok = IncrementalDetokenizer(tok, prompt)
+    deltas = feed(detok, ids)
+    assert all("\ufffd" not in d for d in deltas)
+    assert "".join(deltas) == MULTIBYTE == detok.text
+    assert deltas.count("") > 0  # held back while a character was incomplete
+
+
+def test_first_token_keeps_leading_space(smollm2_tokenizer: Any) -> None:
+    tok = smollm2_tokenizer
+    ids = tok.encode(" world, hello")
+    detok = IncrementalDetokenizer(tok, tok.encode("Hello"))
+    assert "".join(feed(detok, ids)) == " world, hello"
+
+
+def test_unfinished_character_is_flushed_at_finish(smollm2_tokenizer: Any) -> None:
+    tok = smollm2_tokenizer
+    ids = tok.encode("ok 😀")
+    detok = IncrementalDetokenizer(tok, [])
+    for token_id in ids[:-1]:  # stop in the middle of the emoji
+        detok.add_token(token_id)
+    released = detok.take_delta()
+    assert released == "ok"  # " \xf0\x9f.." (space + half the emoji) is one token: held back
+    detok.finish()
+    flushed = detok.take_delta()
+    assert flushed.startswith(" ") and flushed.endswith("\ufffd")
+    assert released + flushed == tok.decode(ids[:-1])
+
+
+@pytest.mark.parametrize("include", [False, True])
+def test_stop_string_across_tokens(smollm2_tokenizer: Any, include: bool) -> None:
+    tok = smollm2_tokenizer
+    text = "The answer is forty-two. Then more text follows here."
+    ids = tok.encode(text)
+    stop = "two. Th"  # spans several tokens
+    pieces = [tok.decode([t]) for t in ids]
+    assert not any(stop in p for p in pieces)
+    detok = IncrementalDetokenizer(tok, [], stop=[stop], include_stop_str_in_output=include)
+    deltas = feed(detok, ids)
+    expected = "The answer is forty-" + (stop if include else "")
+    assert "".join(deltas) == expected == detok.text
+    assert detok.stopped and detok.stop_reason == stop
+    assert detok.add_token(ids[-1])  # later tokens are ignored
+    assert detok.text == expected
+
+
+def test_stop_prefix_is_held_back_then_released(smollm2_tokenizer: Any) -> None:
+    tok = smollm2_tokenizer
+    ids = tok.encode("one two three")
+    detok = IncrementalDetokenizer(tok, [], stop=[" two thousand", "xyz"])
+    released = []
+    for token_id in ids:
+        assert not detok.add_token(token_id)
+        released.append(detok.take_delta())
+        # Never shows a tail that could still become a stop string.
+        assert not detok.text.endswith((" ", " t", " tw", " two", " two "))
+    detok.finish()
+    released.append(detok.take_delta())
+    assert "".join(released) == "one two three"
+    assert not detok.stopped
+
+
+def test_earliest_stop_string_wins_and_multibyte_stop(smollm2_tokenizer: Any) -> None:
+    tok = smollm2_tokenizer
+    ids = tok.encode("alpha 世界 beta gamma")
+    detok = IncrementalDetokenizer(tok, [], stop=["gamma", "界"])
+    assert "".join(feed(detok, ids)) == "alpha 世"
+    assert detok.stop_reason == "界"
+
+
+def test_special_tokens_are_skipped(smollm2_tokenizer: Any) -> None:
+    tok = smollm2_tokenizer
+    ids = tok.encode("hi there") + [tok.eos_token_id]
+    detok = IncrementalDetokenizer(tok, [])
+    assert "".join(feed(detok, ids)) == "hi there"
