@@ -40,7 +40,14 @@ class EngineCore:
         self.device = loader.resolve_device(config.device)
         self.dtype = loader.resolve_dtype(config.dtype, self.device)
         model = loader.load_model(config, self.device, self.dtype, source=source, hf_config=self.hf_config)
-        self.num_kv_blocks = kv_sizing.num_kv_blocks(config, self.hf_config, self.device, self.dtype)
+        # On CUDA without an explicit size, the pool gets what a profiled maximum-size step leaves.
+        self.num_kv_blocks = kv_sizing.num_kv_blocks(
+            config,
+            self.hf_config,
+            self.device,
+            self.dtype,
+            lambda: kv_sizing.profile_peak_bytes(config, model, self.hf_config, self.device, self.dtype),
+        )
         self.max_model_len = self._max_model_len(config)
         # From here on the config carries the effective context length.
         self.config = config = dataclasses.replace(config, max_model_len=self.max_model_len)

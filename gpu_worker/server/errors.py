@@ -11,7 +11,7 @@ import asyncio
 
 import grpc
 
-from gpu_worker.engine.errors import EngineClosedError, QueueFullError
+from gpu_worker.engine.errors import EngineClosedError, EngineDeadError, QueueFullError
 
 
 class WorkerError(Exception):
@@ -47,10 +47,11 @@ class Unavailable(WorkerError):
     code = grpc.StatusCode.UNAVAILABLE
 
 
-# Engine errors by type; anything else the engine raises (EngineDeadError, ...) is INTERNAL.
+# Engine errors by type; anything else the engine raises is INTERNAL.
 _ENGINE_ERROR_CODES: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
     (QueueFullError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (EngineClosedError, grpc.StatusCode.UNAVAILABLE),
+    (EngineDeadError, grpc.StatusCode.UNAVAILABLE),  # the engine loop crashed: try another worker
 )
 
 
