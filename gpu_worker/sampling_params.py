@@ -100,4 +100,6 @@ class SamplingParams:
             for name, ids in (("stop_token_ids", self.stop_token_ids), ("logit_bias", self.logit_bias)):
                 bad = [t for t in ids if not 0 <= t < vocab_size]
                 if bad:
-                    raise ValueError(f"{name} has token ids outside the vocabulary [0, {vocab_size}): {bad[:5]}")
+                    raise ValueError(
+                        f"{name} has token ids outside the vocabulary [0, {vocab_size}): {bad[:5]}"
+                    )

@@ -49,7 +49,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     with tempfile.TemporaryDirectory() as tmp:
         files = generate(Path(tmp))
-        stale = [f for f in files if not (ROOT / f).exists() or not filecmp.cmp(Path(tmp) / f, ROOT / f, False)]
+        fresh = Path(tmp)
+        stale = [f for f in files if not (ROOT / f).exists() or not filecmp.cmp(fresh / f, ROOT / f, False)]
     if stale:
         print("stale generated files (run `make protos`):", *map(str, stale), file=sys.stderr)
         return 1
