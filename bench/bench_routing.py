@@ -1,21 +1,33 @@
 """Routing benchmark: prefix-aware vs least-load vs round-robin, with 1 and 2 routers (CPU).
 
 Starts a redis-server and 4 worker processes (``python -m gpu_worker``) serving a tiny random
-llama (built on the fly with the SmolLM2 tokenizer, or ``--model DIR``) with small KV pools, then
-runs the same multi-tenant chat workload through in-process routers for each policy:
+llama (built on the fly with the SmolLM2 tokenizer, or ``--model DIR``), then runs the same
+multi-tenant chat workload through in-process routers for each policy:
 
-- ``--groups`` tenants, each with a long shared system prompt (``--system-words``);
+- ``--groups`` tenants, each with a long shared system prompt (``--system-words``, about one
+  token per word), long relative to a user turn (``--user-words``);
 - ``--users`` users per group, each a ``--turns``-turn chat whose history grows every turn
-  (user message ``--user-words`` words, assistant reply ``--max-tokens`` tokens, greedy);
-- ``--concurrency`` chat sessions in flight, users started in a shuffled (seeded) order; a user's
-  next turn is sent as soon as its reply arrives, as in an interactive chat or an agent loop.
+  (assistant reply ``--max-tokens`` tokens, greedy);
+- ``--concurrency`` chat sessions in flight; users start tenant-interleaved (user 0 of every
+  tenant, in a seeded shuffled order, then user 1 of every tenant, ...), so with concurrency >=
+  groups every tenant is active at once; a user's next turn is sent a seeded think time
+  (``--think-s`` on average) after its reply arrives. The think time keeps the offered load below
+  what 4 workers on a small machine can serve, so TTFT measures prefill and cache hits rather
+  than a saturated closed loop's queue.
+
+Pool sizing (the premise of the benchmark): the *working set* is every tenant's system prompt
+plus ``--concurrency`` live chat histories, in KV blocks, computed with the model's tokenizer.
+Each worker's pool (``--kv-blocks``, default ``--pool-fraction`` of the working set) must be
+smaller than the working set but larger than a quarter of it: one worker cannot hold every
+tenant, four can. Both numbers are printed (and written with ``--markdown``); the run refuses
+a pool outside that range. Workers chunk prefill at ``--max-batched-tokens`` tokens per step, so
+a cached prefix saves whole engine steps and TTFT tracks the uncached prompt length.
 
 Every policy gets the same workload: system prompts and every user turn are drawn up front from
-``--seed`` (per group, user and turn), so only the order in which replies arrive differs. Every
-run salts its prompts, so earlier runs' cache entries are useless to it (they are evicted by LRU
-as any cold entry would be). The KV pool per worker (``--kv-blocks``) is smaller than the
-set of distinct prefixes but the four pools together hold it. Workers chunk prefill at
-``--max-batched-tokens`` tokens per step, so a cached prefix saves whole engine steps.
+``--seed``, so only the order in which replies arrive differs. Every run salts its prompts, so
+earlier runs' cache entries are useless to it. Before the runs, an unloaded calibration (one
+request at a time) measures TTFT of a cold and of a cached prompt of the workload's shape, so
+TTFT under load can be read against pure prefill cost.
 
 Reports, per (policy, routers): prefix cache hit rate (sum cached prompt tokens / sum prompt
 tokens), TTFT p50/p90 measured at the client through the router, output tokens/s and requests/s.
@@ -27,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import os
 import random
 import shutil
@@ -123,12 +136,13 @@ class Procs:
             [exe, "--port", str(self.redis_port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
              "--dir", str(self.workdir)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
 
-    def start_worker(self, model_dir: Path, index: int, args: argparse.Namespace) -> str:
+    def start_worker(self, model_dir: Path, index: int, args: argparse.Namespace, kv_blocks: int) -> str:
         port = free_port()
         cmd = [sys.executable, "-m", "gpu_worker", "--model", str(model_dir), "--served-model-name", MODEL,
                "--host", "127.0.0.1", "--port", str(port), "--advertise-address", f"127.0.0.1:{port}",
                "--redis-url", self.redis_url, "--worker-id", f"w{index}", "--device", "cpu",
-               "--num-kv-blocks", str(args.kv_blocks), "--max-num-seqs", str(args.max_num_seqs),
+               "--num-kv-blocks", str(kv_blocks), "--block-size", str(args.block_size),
+               "--max-num-seqs", str(args.max_num_seqs),
                "--max-num-batched-tokens", str(args.max_batched_tokens)]
         log = open(self.workdir / f"worker{index}.log", "wb")  # noqa: SIM115 - lives as long as the worker
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -159,7 +173,7 @@ def wait_serving(address: str, timeout_s: float = 300) -> None:
     raise SystemExit(f"worker {address} did not start")
 
 
-def build_model(workdir: Path, hidden_size: int, num_layers: int) -> Path:
+def build_model(workdir: Path, hidden_size: int, num_layers: int, max_len: int = 8192) -> Path:
     """A random llama of the given width/depth with the SmolLM2 tokenizer (and chat template)."""
     sys.path.insert(0, str(REPO / "tests"))
     import importlib.util
@@ -176,7 +190,7 @@ def build_model(workdir: Path, hidden_size: int, num_layers: int) -> Path:
     config = LlamaConfig(
         vocab_size=49152, hidden_size=hidden_size, intermediate_size=3 * hidden_size,
         num_hidden_layers=num_layers, num_attention_heads=hidden_size // 32,
-        num_key_value_heads=hidden_size // 64, max_position_embeddings=1024,
+        num_key_value_heads=hidden_size // 64, max_position_embeddings=max_len,
         bos_token_id=1, eos_token_id=2, pad_token_id=2, tie_word_embeddings=True,
     )
     torch.manual_seed(0)
@@ -200,6 +214,7 @@ class Workload:
     systems: tuple[str, ...]  # one system prompt per group
     turns: dict[tuple[int, int], tuple[str, ...]]  # (group, user) -> user messages in order
     order: tuple[tuple[int, int], ...]  # order in which users start
+    think_s: dict[tuple[int, int], tuple[float, ...]]  # pause before each turn (reading, typing)
 
 
 def make_workload(args: argparse.Namespace, salt: str) -> Workload:
@@ -208,8 +223,33 @@ def make_workload(args: argparse.Namespace, salt: str) -> Workload:
     systems = tuple(f"{salt} tenant {g}: " + words(rng, args.system_words) for g in range(args.groups))
     users = [(g, u) for g in range(args.groups) for u in range(args.users)]
     turns = {key: tuple(words(rng, args.user_words) for _ in range(args.turns)) for key in users}
-    rng.shuffle(users)
-    return Workload(systems, turns, tuple(users))
+    order: list[tuple[int, int]] = []
+    for u in range(args.users):  # every tenant's user u, tenants in a shuffled order
+        tenants = list(range(args.groups))
+        rng.shuffle(tenants)
+        order.extend((g, u) for g in tenants)
+    pauses = random.Random(args.seed + 2)  # separate stream: --think-s does not change the text
+    think = {key: tuple(args.think_s * pauses.uniform(0.5, 1.5) for _ in range(args.turns)) for key in users}
+    return Workload(systems, turns, tuple(order), think)
+
+
+async def timed_generate(stub: gen_grpc.GenerationStub, messages: list[dict[str, str]],
+                         sampling: gen_pb.SamplingParams) -> tuple[float, str, gen_pb.GenerateResponse]:
+    """(TTFT in s, reply text, last chunk) of one chat request, timed at the client."""
+    request = gen_pb.GenerateRequest(
+        model=MODEL, sampling=sampling,
+        messages=gen_pb.ChatMessages(messages=[gen_pb.ChatMessage(**m) for m in messages]))
+    t0 = time.perf_counter()
+    ttft = None
+    text: list[str] = []
+    last = None
+    async for chunk in stub.Generate(request, timeout=600):
+        if ttft is None and chunk.token_ids:
+            ttft = time.perf_counter() - t0
+        text.append(chunk.text)
+        last = chunk
+    assert last is not None and ttft is not None
+    return ttft, "".join(text), last
 
 
 async def run_workload(policy: str, targets: list[str], args: argparse.Namespace, salt: str) -> RunResult:
@@ -232,29 +272,19 @@ async def run_workload(policy: str, targets: list[str], args: argparse.Namespace
         history.append({"role": "user", "content": work.turns[key][turn]})
         stub = stubs[counter % len(stubs)]
         counter += 1
-        request = gen_pb.GenerateRequest(
-            model=MODEL, sampling=sampling,
-            messages=gen_pb.ChatMessages(messages=[gen_pb.ChatMessage(**m) for m in history]))
-        t0 = time.perf_counter()
-        ttft = None
-        text: list[str] = []
-        last = None
-        async for chunk in stub.Generate(request, timeout=600):
-            if ttft is None and chunk.token_ids:
-                ttft = time.perf_counter() - t0
-            text.append(chunk.text)
-            last = chunk
-        assert last is not None and ttft is not None
-        history.append({"role": "assistant", "content": "".join(text)})
+        ttft, text, last = await timed_generate(stub, history, sampling)
+        history.append({"role": "assistant", "content": text})
         u = last.usage
         samples.append(
             Sample(ttft, u.prompt_tokens, u.cached_prompt_tokens, u.completion_tokens, last.worker_id))
 
     async def client() -> None:
-        # One chat session at a time: a user's next turn is sent as soon as its reply arrives.
+        # One chat session at a time: a user's next turn is sent a think time after its reply
+        # arrives (and its first turn a think time after the previous user left).
         while not queue.empty():
             key = queue.get_nowait()
             for turn in range(args.turns):
+                await asyncio.sleep(work.think_s[key][turn])
                 await one_turn(key, turn)
 
     start = time.perf_counter()
@@ -265,45 +295,165 @@ async def run_workload(policy: str, targets: list[str], args: argparse.Namespace
     return RunResult(policy, len(targets), tuple(samples), wall)
 
 
-async def bench(args: argparse.Namespace) -> list[RunResult]:
+@dataclass(frozen=True)
+class Sizing:
+    """The benchmark's premise in KV blocks: one pool < working set <= all pools together."""
+
+    groups: int
+    system_blocks: int  # full blocks of all tenants' system prompts
+    history_blocks: int  # blocks of one chat beyond its system prompt at its last turn (mean, approx.)
+    live_histories: int  # chats in flight
+    pool_blocks: int  # per worker
+    workers: int
+    block_size: int
+    longest_prompt_tokens: int
+
+    @property
+    def working_set(self) -> int:
+        return self.system_blocks + self.live_histories * self.history_blocks
+
+    def describe(self) -> str:
+        ws = self.working_set
+        return (f"working set {ws} blocks of {self.block_size} tokens = {self.groups} system prompts "
+                f"({self.system_blocks} blocks, {self.system_blocks // self.groups} each) + "
+                f"{self.live_histories} live histories x ~{self.history_blocks} blocks; pool "
+                f"{self.pool_blocks} blocks per worker = {100 * self.pool_blocks / ws:.0f}% of the working "
+                f"set (1/{self.workers} = {ws / self.workers:.0f}), {self.workers} pools = "
+                f"{self.workers * self.pool_blocks}; longest prompt {self.longest_prompt_tokens} tokens")
+
+    def check(self) -> None:
+        ws = self.working_set
+        if not ws / self.workers < self.pool_blocks < ws:
+            raise SystemExit(f"--kv-blocks {self.pool_blocks} breaks the premise: {self.describe()}")
+        if self.longest_prompt_tokens + 64 > self.pool_blocks * self.block_size:
+            raise SystemExit(f"--kv-blocks {self.pool_blocks} cannot hold the longest prompt")
+
+
+def size_pools(model_dir: Path, args: argparse.Namespace) -> Sizing:
+    """Working set of the workload in blocks, with the model's own tokenizer and chat template."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+
+    def ntok(messages: list[dict[str, str]], prompt: bool) -> int:
+        text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=prompt)
+        return len(tok(str(text), add_special_tokens=False)["input_ids"])
+
+    work = make_workload(args, salt="run1")
+    rng = random.Random(args.seed)
+    bs = args.block_size
+    sys_blocks = [ntok([{"role": "system", "content": s}], False) // bs for s in work.systems]
+    history: list[int] = []
+    longest = 0
+    for g, u in work.order:
+        chat = [{"role": "system", "content": work.systems[g]}]
+        for text in work.turns[(g, u)][:-1]:  # replies approximated by max_tokens words
+            reply = words(rng, args.max_tokens)
+            chat += [{"role": "user", "content": text}, {"role": "assistant", "content": reply}]
+        n = ntok(chat + [{"role": "user", "content": work.turns[(g, u)][-1]}], True)
+        longest = max(longest, n)
+        history.append(-(-(n + args.max_tokens) // bs) - sys_blocks[g])
+    sizing = Sizing(args.groups, sum(sys_blocks), round(sum(history) / len(history)), args.concurrency, 0,
+                    args.workers, bs, longest)
+    pool = args.kv_blocks or round(args.pool_fraction * sizing.working_set)
+    sizing = dataclasses.replace(sizing, pool_blocks=pool)
+    sizing.check()
+    return sizing
+
+
+async def calibrate(target: str, args: argparse.Namespace, repeats: int = 3) -> tuple[float, float, int]:
+    """Unloaded TTFT (median ms) of a cold and of a cached request of the workload's shape, and the
+    cached request's cached tokens: the prefill cost that TTFT under load is made of."""
+    rng = random.Random(args.seed + 1)
+    sampling = gen_pb.SamplingParams(max_tokens=args.max_tokens, temperature=0.0, ignore_eos=True)
+    cold: list[float] = []
+    warm: list[float] = []
+    cached = 0
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = gen_grpc.GenerationStub(channel)
+        for i in range(repeats):
+            system = {"role": "system", "content": f"calibration {i}: " + words(rng, args.system_words)}
+            for out in (cold, warm):
+                ttft, _, last = await timed_generate(
+                    stub, [system, {"role": "user", "content": words(rng, args.user_words)}], sampling)
+                out.append(ttft)
+            cached = last.usage.cached_prompt_tokens
+    return 1000 * sorted(cold)[repeats // 2], 1000 * sorted(warm)[repeats // 2], cached
+
+
+@dataclass(frozen=True)
+class Report:
+    sizing: Sizing
+    calibration: tuple[float, float, int]
+    results: list[RunResult]
+
+    def lines(self) -> list[str]:
+        cold, warm, cached = self.calibration
+        return [self.sizing.describe(),
+                f"unloaded TTFT (one request at a time, median of 3): cold {cold:.0f} ms, cached system "
+                f"prompt {warm:.0f} ms ({cached} cached tokens)"]
+
+
+async def start_routers(policy: str, num_routers: int, redis_url: str,
+                        warm_prompt: str) -> tuple[list[RouterServer], list[RedisStateStore]]:
+    """In-process routers on one Redis, tokenizer cache warmed off the clock."""
+    stores = [RedisStateStore(redis_url) for _ in range(num_routers)]
+    routers = [RouterServer(RouterConfig(port=free_port(), policy=policy), s) for s in stores]
+    for r in routers:
+        await r.start()
+        async with grpc.aio.insecure_channel(r.target) as ch:
+            await gen_grpc.GenerationStub(ch).ListModels(gen_pb.ListModelsRequest())
+            req = gen_pb.GenerateRequest(model=MODEL, prompt=warm_prompt,
+                                         sampling=gen_pb.SamplingParams(max_tokens=1))
+            [_ async for _ in gen_grpc.GenerationStub(ch).Generate(req)]
+    return routers, stores
+
+
+async def stop_routers(routers: list[RouterServer], stores: list[RedisStateStore]) -> None:
+    for r, s in zip(routers, stores, strict=True):
+        await r.stop(grace_s=1)
+        await s.close()
+
+
+async def bench(args: argparse.Namespace) -> Report:
     workdir = Path(tempfile.mkdtemp(prefix="bench-routing-"))
     procs = Procs(workdir)
     results: list[RunResult] = []
     try:
         procs.start_redis()
         model_dir = Path(args.model) if args.model else build_model(workdir, args.hidden_size, args.layers)
-        addresses = [procs.start_worker(model_dir, i, args) for i in range(args.workers)]
+        sizing = size_pools(model_dir, args)
+        print(sizing.describe(), flush=True)
+        addresses = [procs.start_worker(model_dir, i, args, sizing.pool_blocks) for i in range(args.workers)]
         for a in addresses:
             await asyncio.to_thread(wait_serving, a)
         await asyncio.sleep(1.5)  # heartbeats reach Redis
-        run_index = 0
-        for num_routers in args.routers:
-            for policy in args.policies:
-                stores = [RedisStateStore(procs.redis_url) for _ in range(num_routers)]
-                routers = [RouterServer(RouterConfig(port=free_port(), policy=policy), s) for s in stores]
-                for r in routers:
-                    await r.start()
-                # Warm the tokenizer cache off the clock (one tiny request per router).
-                for r in routers:
-                    async with grpc.aio.insecure_channel(r.target) as ch:
-                        await gen_grpc.GenerationStub(ch).ListModels(gen_pb.ListModelsRequest())
-                        req = gen_pb.GenerateRequest(model=MODEL, prompt=f"warm {run_index}",
-                                                     sampling=gen_pb.SamplingParams(max_tokens=1))
-                        [_ async for _ in gen_grpc.GenerationStub(ch).Generate(req)]
-                run_index += 1
-                result = await run_workload(policy, [r.target for r in routers], args, salt=f"run{run_index}")
-                print(result.row(), flush=True)
-                results.append(result)
-                for r, s in zip(routers, stores, strict=True):
-                    await r.stop(grace_s=1)
-                    await s.close()
+        routers, stores = await start_routers("prefix", 1, procs.redis_url, "warm")
+        calibration = await calibrate(routers[0].target, args)
+        await stop_routers(routers, stores)
+        print(Report(sizing, calibration, []).lines()[1], flush=True)
+        print(HEADER, flush=True)
+        for run_index, (policy, num_routers) in enumerate(args.runs, start=1):
+            routers, stores = await start_routers(policy, num_routers, procs.redis_url, f"warm {run_index}")
+            result = await run_workload(policy, [r.target for r in routers], args, salt=f"run{run_index}")
+            print(result.row(), flush=True)
+            results.append(result)
+            await stop_routers(routers, stores)
     finally:
         procs.stop()
-    return results
+    return Report(sizing, calibration, results)
 
 
 HEADER = ("| policy | routers | prefix hit rate | TTFT p50 (ms) | TTFT p90 (ms) | output tok/s | req/s | "
           "requests | workers used |\n|---|---|---|---|---|---|---|---|---|")
+DEFAULT_RUNS = ("prefix:1", "least-load:1", "round-robin:1", "prefix:2", "least-load:2", "round-robin:2")
+
+
+def parse_run(text: str) -> tuple[str, int]:
+    policy, _, routers = text.partition(":")
+    if policy not in ("prefix", "least-load", "round-robin") or not routers.isdigit() or int(routers) < 1:
+        raise argparse.ArgumentTypeError(f"expected POLICY:ROUTERS (e.g. prefix:2), got {text!r}")
+    return policy, int(routers)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -312,39 +462,47 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--hidden-size", type=int, default=256, help="width of the random llama built")
     p.add_argument("--layers", type=int, default=4, help="depth of the random llama built")
     p.add_argument("--workers", type=int, default=4)
-    p.add_argument("--kv-blocks", type=int, default=224, help="KV blocks (16 tokens) per worker")
+    p.add_argument("--kv-blocks", type=int, default=None,
+                   help="KV blocks per worker (default: --pool-fraction of the working set)")
+    p.add_argument("--pool-fraction", type=float, default=0.4, help="pool per worker / working set")
+    p.add_argument("--block-size", type=int, default=16, help="the workers' KV block size (tokens)")
     p.add_argument("--max-num-seqs", type=int, default=8)
     p.add_argument("--max-batched-tokens", type=int, default=64)
     p.add_argument("--groups", type=int, default=16)
-    p.add_argument("--users", type=int, default=4)
+    p.add_argument("--users", type=int, default=3)
     p.add_argument("--turns", type=int, default=6)
-    p.add_argument("--system-words", type=int, default=220)
+    p.add_argument("--system-words", type=int, default=1000)
     p.add_argument("--user-words", type=int, default=24)
     p.add_argument("--max-tokens", type=int, default=12)
-    p.add_argument("--concurrency", type=int, default=8)
+    p.add_argument("--concurrency", type=int, default=16, help="chat sessions in flight")
+    p.add_argument("--think-s", type=float, default=6.0, help="mean pause before each turn "
+                   "(uniform 0.5x-1.5x, seeded); bounds the offered load below the machine's capacity")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--policies", nargs="+", default=["prefix", "least-load", "round-robin"])
-    p.add_argument("--routers", nargs="+", type=int, default=[1, 2])
+    p.add_argument("--runs", nargs="+", type=parse_run, default=[parse_run(r) for r in DEFAULT_RUNS],
+                   metavar="POLICY:ROUTERS", help=f"runs in order (default: {' '.join(DEFAULT_RUNS)})")
     p.add_argument("--markdown", default=None, help="append the result table to this file")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    print(HEADER, flush=True)
-    results = asyncio.run(bench(args))
+    load_before = os.getloadavg()
+    report = asyncio.run(bench(args))
     load = os.getloadavg()
-    verdict = target_lines(results)
+    verdict = target_lines(report.results)
     for line in verdict:
         print(line)
     if args.markdown:
         with open(args.markdown, "a") as f:
             f.write(f"\n{time.strftime('%Y-%m-%d %H:%M')} `python bench/bench_routing.py "
-                    f"{' '.join(sys.argv[1:])}` — {args.workers} workers x {args.kv_blocks} KV blocks, "
+                    f"{' '.join(sys.argv[1:])}` — {args.workers} workers x {report.sizing.pool_blocks} "
+                    f"KV blocks, "
                     f"{args.groups} groups x {args.users} users x {args.turns} turns, "
-                    f"concurrency {args.concurrency}, {os.cpu_count()} CPUs, load average after the run "
-                    f"{load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} (1 / 5 / 15 min):\n\n{HEADER}\n")
-            f.write("\n".join(r.row() for r in results) + "\n\n")
+                    f"concurrency {args.concurrency}, {os.cpu_count()} CPUs, load average before "
+                    f"{load_before[0]:.1f} / {load_before[1]:.1f} / {load_before[2]:.1f} and after the runs "
+                    f"{load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} (1 / 5 / 15 min).\n\n")
+            f.write("\n".join(f"- {line}" for line in report.lines()) + f"\n\n{HEADER}\n")
+            f.write("\n".join(r.row() for r in report.results) + "\n\n")
             f.write("\n".join(f"- {line}" for line in verdict) + "\n")
 
 
