@@ -23,6 +23,11 @@ class EngineConfig:
     float32 on CPU and bfloat16 on CUDA. The KV pool is sized, in order of precedence,
     from ``num_kv_blocks``, from ``kv_cache_memory_bytes``, or (CUDA only) from
     ``gpu_memory_utilization`` after profiling a maximum-size step.
+
+    ``skip_tokenizer_init`` serves the model without a tokenizer (vLLM's flag of that name):
+    prompts must be token ids, outputs carry token ids with empty text, stop strings are
+    refused and EOS comes from the model's config. It is also implied when
+    ``load_format="dummy"`` and the model folder has no tokenizer files (benchmark shapes).
     """
 
     model: str = "smollm2-135m"
@@ -42,6 +47,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     enforce_eager: bool = False
     max_queue_len: int = 1024
+    skip_tokenizer_init: bool = False
 
     def __post_init__(self) -> None:
         checks: list[tuple[bool, str]] = [
@@ -65,6 +71,10 @@ class EngineConfig:
                 f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}",
             ),
             (self.max_queue_len > 0, "max_queue_len must be positive"),
+            (
+                not (self.skip_tokenizer_init and self.tokenizer),
+                "skip_tokenizer_init and tokenizer exclude each other",
+            ),
         ]
         for ok, message in checks:
             if not ok:

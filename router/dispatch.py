@@ -25,7 +25,7 @@ from llmserve.v1 import generation_pb2 as gen_pb
 from llmserve.v1 import generation_pb2_grpc as gen_grpc
 from llmserve.v1 import internal_pb2 as int_pb
 from llmserve.v1 import internal_pb2_grpc as int_grpc
-from router.errors import ModelUnavailable, UpstreamError, WorkersBusy
+from router.errors import ModelUnavailable, NoTokenizer, UpstreamError, WorkersBusy
 
 log = logging.getLogger(__name__)
 
@@ -186,7 +186,15 @@ class Dispatcher:
 async def fetch_tokenizer_files(
     channels: ChannelPool, worker: WorkerRecord, timeout_s: float = 30.0
 ) -> dict[str, bytes]:
-    """A worker's tokenizer files through ``WorkerControl.GetTokenizer``."""
+    """A worker's tokenizer files through ``WorkerControl.GetTokenizer``.
+
+    :class:`NoTokenizer` when the worker serves its model without one (FAILED_PRECONDITION).
+    """
     stub = int_grpc.WorkerControlStub(channels.get(worker.address))
-    reply = await stub.GetTokenizer(int_pb.GetTokenizerRequest(), timeout=timeout_s)
+    try:
+        reply = await stub.GetTokenizer(int_pb.GetTokenizerRequest(), timeout=timeout_s)
+    except grpc.aio.AioRpcError as exc:
+        if exc.code() == grpc.StatusCode.FAILED_PRECONDITION:
+            raise NoTokenizer(worker.model) from None
+        raise
     return dict(reply.files)

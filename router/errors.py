@@ -22,6 +22,13 @@ class InvalidRequest(RouterError):
     code = grpc.StatusCode.INVALID_ARGUMENT
 
 
+class NoTokenizer(InvalidRequest):
+    """The model's workers serve it without a tokenizer: only ``prompt_token_ids`` can be routed."""
+
+    def __init__(self, model: str) -> None:
+        super().__init__(f"model {model!r}: this model has no tokenizer: send prompt_token_ids")
+
+
 class ModelNotFound(RouterError):
     """No worker has ever served this model."""
 

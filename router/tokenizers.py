@@ -5,7 +5,9 @@ to a temporary folder and loads them with ``AutoTokenizer`` (transformers import
 torch). Tokenization mirrors the worker's ``InputProcessor`` exactly: a plain prompt is
 ``encode(text)`` (special tokens added as the tokenizer does by default); a chat is rendered
 with the chat template as text, then encoded without adding special tokens (the template
-holds them). ``tests/router/test_router_tokenization.py`` proves the parity.
+holds them). ``tests/router/test_router_tokenization.py`` proves the parity. A model served
+without a tokenizer (``skip_tokenizer_init``) needs none here: token-id requests are routed
+as they are, text and chat requests get INVALID_ARGUMENT (:class:`~router.errors.NoTokenizer`).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from llmserve.fleet import WorkerRecord
-from router.errors import InvalidRequest, ModelUnavailable
+from router.errors import InvalidRequest, ModelUnavailable, NoTokenizer
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +94,8 @@ class TokenizerCache:
         for worker in workers:
             try:
                 files = await self._fetch(worker)
+            except NoTokenizer:
+                raise  # the client's to fix (send token ids); not cached, as workers may change
             except Exception as exc:  # noqa: BLE001 - try the next worker
                 errors.append(f"{worker.worker_id}: {exc}")
                 continue

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 from gpu_worker.config import EngineConfig
@@ -22,9 +23,26 @@ from gpu_worker.worker.model_runner import ModelRunner
 
 logger = logging.getLogger(__name__)
 
+# Files of which at least one is present wherever ``AutoTokenizer.from_pretrained`` can load.
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def skips_tokenizer(config: EngineConfig, model_dir: Path) -> bool:
+    """Serve without a tokenizer: asked for, or random weights from a folder that has none."""
+    if config.skip_tokenizer_init:
+        return True
+    return (
+        config.load_format == "dummy"
+        and config.tokenizer is None
+        and not any((model_dir / name).is_file() for name in _TOKENIZER_FILES)
+    )
+
 
 class EngineCore:
     """Loads the model and tokenizer, sizes the KV pool and runs engine steps.
+
+    ``tokenizer`` is None when the model is served without one (:func:`skips_tokenizer`);
+    EOS ids then come from the config and generation_config.json alone.
 
     ``max_model_len`` is the smallest of the configured value, the model's context
     length and the KV pool's token capacity, so a request that fits the context always
@@ -34,7 +52,8 @@ class EngineCore:
     def __init__(self, config: EngineConfig) -> None:
         source = loader.resolve_model(config.model)
         self.hf_config = loader.load_hf_config(source)
-        self.tokenizer: Any = loader.load_tokenizer(source, config.tokenizer)
+        skip = skips_tokenizer(config, source.model_dir)
+        self.tokenizer: Any = None if skip else loader.load_tokenizer(source, config.tokenizer)
         self.eos_token_ids = loader.eos_token_ids(source, self.hf_config, self.tokenizer)
         self.vocab_size = int(self.hf_config.vocab_size)
         self.device = loader.resolve_device(config.device)

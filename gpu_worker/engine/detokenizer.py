@@ -140,3 +140,23 @@ class IncrementalDetokenizer:
                     longest = k
                     break
         return longest
+
+
+class TokenIdsOnly:
+    """The detokenizer of a model served without a tokenizer: no text, never a stop string.
+
+    Same interface as :class:`IncrementalDetokenizer`; outputs carry token ids only.
+    """
+
+    stop_reason: str | None = None
+    stopped = False
+    text = ""
+
+    def take_delta(self) -> str:
+        return ""
+
+    def add_token(self, token_id: int) -> bool:
+        return False
+
+    def finish(self) -> None:
+        return None

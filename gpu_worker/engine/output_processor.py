@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gpu_worker.core.types import EngineCoreOutput, FinishReason, TokenLogprobs
-from gpu_worker.engine.detokenizer import IncrementalDetokenizer
+from gpu_worker.engine.detokenizer import IncrementalDetokenizer, TokenIdsOnly
 from gpu_worker.engine.processor import ProcessedRequest
 from gpu_worker.outputs import CompletionOutput, Logprob, RequestOutput
 from gpu_worker.sampling_params import SamplingParams
@@ -32,7 +32,7 @@ class _Sample:
     """Mutable progress of one sample; owned by the OutputProcessor only."""
 
     index: int
-    detokenizer: IncrementalDetokenizer
+    detokenizer: IncrementalDetokenizer | TokenIdsOnly
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[dict[int, Logprob]] | None = None
     cumulative_logprob: float | None = None
@@ -70,7 +70,11 @@ class ProcessedOutputs:
 
 
 class OutputProcessor:
-    """Keeps the per-request state of the front; not thread-safe (one owner thread/loop)."""
+    """Keeps the per-request state of the front; not thread-safe (one owner thread/loop).
+
+    With ``tokenizer=None`` outputs carry token ids with empty text (and logprobs without
+    decoded tokens).
+    """
 
     def __init__(self, tokenizer: Any) -> None:
         self._tokenizer = tokenizer
@@ -94,8 +98,13 @@ class OutputProcessor:
             processed.request_id, processed.prompt, list(processed.prompt_token_ids), params, kind, []
         )
         for i, core_req in enumerate(processed.core_requests):
-            detok = IncrementalDetokenizer(
-                self._tokenizer, processed.prompt_token_ids, params.stop, params.include_stop_str_in_output
+            detok: IncrementalDetokenizer | TokenIdsOnly = (
+                TokenIdsOnly()
+                if self._tokenizer is None
+                else IncrementalDetokenizer(
+                    self._tokenizer, processed.prompt_token_ids, params.stop,
+                    params.include_stop_str_in_output,
+                )
             )
             sample = _Sample(i, detok)
             if params.logprobs is not None:
@@ -167,7 +176,9 @@ class OutputProcessor:
         sample.logprobs.append(entry)
         sample.cumulative_logprob += lp.logprob
 
-    def _decode_token(self, token_id: int) -> str:
+    def _decode_token(self, token_id: int) -> str | None:
+        if self._tokenizer is None:
+            return None
         text = self._token_text.get(token_id)
         if text is None:
             text = str(self._tokenizer.decode([token_id]))
@@ -219,3 +230,35 @@ class OutputProcessor:
         self._requests.pop(state.request_id, None)
         for cid in state.core_ids:
             self._samples.pop(cid, None)
+
+
+def merge_deltas(earlier: RequestOutput, later: RequestOutput) -> RequestOutput:
+    """One DELTA output equal to ``earlier`` followed by ``later`` (same request).
+
+    A stream whose consumer falls behind the engine sends one message for all the steps it
+    missed instead of one per step (vLLM's ``RequestOutputCollector`` does the same).
+    """
+    merged = {c.index: c for c in earlier.outputs}
+    for c in later.outputs:
+        prev = merged.get(c.index)
+        if prev is None:
+            merged[c.index] = c
+            continue
+        logprobs = None if prev.logprobs is None or c.logprobs is None else prev.logprobs + c.logprobs
+        merged[c.index] = CompletionOutput(
+            c.index,
+            prev.text + c.text,
+            prev.token_ids + c.token_ids,
+            c.cumulative_logprob,
+            logprobs,
+            c.finish_reason,
+            c.stop_reason,
+        )
+    return RequestOutput(
+        request_id=later.request_id,
+        prompt=earlier.prompt,
+        prompt_token_ids=earlier.prompt_token_ids,
+        outputs=[merged[i] for i in sorted(merged)],
+        finished=later.finished,
+        num_cached_tokens=max(earlier.num_cached_tokens, later.num_cached_tokens),
+    )

@@ -26,6 +26,8 @@ class ChatPrompt:
 
 PromptType = str | Sequence[int] | ChatPrompt
 
+NO_TOKENIZER = "this model has no tokenizer"
+
 
 @dataclass(frozen=True)
 class ProcessedRequest:
@@ -51,7 +53,8 @@ class InputProcessor:
     """Tokenizes and validates prompts for one model.
 
     ``vocab_size`` is the model's (embedding rows), ``max_model_len`` the context length
-    the engine serves (already capped to the KV pool).
+    the engine serves (already capped to the KV pool). With ``tokenizer=None`` (a model served
+    without one) only token-id prompts without stop strings are accepted.
     """
 
     def __init__(self, tokenizer: Any, vocab_size: int, max_model_len: int, eos_token_ids: frozenset[int]):
@@ -62,6 +65,7 @@ class InputProcessor:
 
     def render_chat(self, messages: Sequence[dict[str, str]], add_generation_prompt: bool = True) -> str:
         """The prompt text of a conversation, through the tokenizer's chat template."""
+        self._require_tokenizer("messages")
         if not messages:
             raise ValueError("messages must not be empty")
         for i, message in enumerate(messages):
@@ -79,6 +83,7 @@ class InputProcessor:
             # The template already holds the special tokens (BOS) the model expects.
             return text, tuple(self.tokenizer.encode(text, add_special_tokens=False))
         if isinstance(prompt, str):
+            self._require_tokenizer("prompt")
             if not prompt:
                 raise ValueError("prompt must not be empty")
             return prompt, tuple(self.tokenizer.encode(prompt))
@@ -105,6 +110,8 @@ class InputProcessor:
             raise ValueError("request_id must not be empty")
         params = params if params is not None else SamplingParams()
         params.validate(self.vocab_size)
+        if params.stop and self.tokenizer is None:
+            raise ValueError(f"stop: {NO_TOKENIZER}; stop strings cannot be matched (use stop_token_ids)")
         text, ids = self.tokenize(prompt)
         self.check_prompt_token_ids(ids, field="prompt_token_ids" if text is None else "prompt")
         arrival = time.monotonic() if arrival_time is None else arrival_time
@@ -123,6 +130,10 @@ class InputProcessor:
                 )
             )
         return ProcessedRequest(request_id, text, ids, params, tuple(children))
+
+    def _require_tokenizer(self, field: str) -> None:
+        if self.tokenizer is None:
+            raise ValueError(f"{field}: {NO_TOKENIZER}: send prompt_token_ids")
 
     def check_prompt_token_ids(self, ids: Sequence[int], field: str) -> None:
         """Raise ``ValueError`` naming ``field`` for an empty, too long or out-of-vocabulary prompt."""

@@ -41,6 +41,18 @@ class Overloaded(WorkerError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
+class NoTokenizer(WorkerError):
+    """The model is served without a tokenizer: clients (and routers) must send token ids."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+    def __init__(self, model: str) -> None:
+        super().__init__(
+            f"model {model!r} is served without a tokenizer (skip_tokenizer_init): "
+            "send prompt_token_ids and read token_ids"
+        )
+
+
 class Unavailable(WorkerError):
     """The worker cannot take requests right now (still loading, draining, engine closed)."""
 

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from gpu_worker.core.types import SchedulerStats
 from gpu_worker.sampling_params import SamplingParams
-from gpu_worker.server.errors import ModelNotFound, Overloaded, Unavailable
+from gpu_worker.server.errors import ModelNotFound, NoTokenizer, Overloaded, Unavailable
 from gpu_worker.server.tokenizer_files import tokenizer_files
 
 if TYPE_CHECKING:
@@ -200,7 +200,10 @@ class WorkerService:
         )
 
     async def tokenizer_files(self) -> dict[str, bytes]:
-        """The tokenizer as files (computed once, off the event loop)."""
+        """The tokenizer as files (computed once, off the event loop); FAILED_PRECONDITION without one."""
+        tokenizer = self.engine.tokenizer
+        if tokenizer is None:
+            raise NoTokenizer(self.model_name)
         if self._tokenizer_files is None:
-            self._tokenizer_files = await asyncio.to_thread(tokenizer_files, self.engine.tokenizer)
+            self._tokenizer_files = await asyncio.to_thread(tokenizer_files, tokenizer)
         return self._tokenizer_files

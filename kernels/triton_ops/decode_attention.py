@@ -5,7 +5,10 @@ Phase 1: one program per (sequence, KV head, partition of the context). Its rows
 each K/V tile is read from memory once for the whole group. It writes the partition's
 normalised output and its softmax statistics (running max in log2 units, sum of weights).
 Phase 2: one program per (sequence, query head) merges the partitions. With a single
-partition, phase 1 writes the final output and phase 2 is skipped.
+partition, phase 1 writes the final output and phase 2 is not launched; a sequence that fits
+in its first partition (a short one in a batch, or any under CUDA graphs, whose grid is sized
+for ``max_model_len``) is also written directly by phase 1 and skipped by phase 2, so a
+batch-1 decode with a short context does no reduction work.
 """
 
 from __future__ import annotations
@@ -113,8 +116,12 @@ def _decode_partition_kernel(
             m_i = m_new
 
         out = acc / l_i[:, None]
+        o_off = seq.to(tl.int64) * stride_os + head * stride_oh
         if ONE_SPLIT:
-            o_off = seq.to(tl.int64) * stride_os + head * stride_oh
+            tl.store(out_ptr + o_off[:, None] + dims[None, :], out.to(out_ptr.dtype.element_ty),
+                     mask=row_ok[:, None])
+        elif seq_len <= partition_size:
+            # The whole sequence is this partition: final output, phase 2 skips the sequence.
             tl.store(out_ptr + o_off[:, None] + dims[None, :], out.to(out_ptr.dtype.element_ty),
                      mask=row_ok[:, None])
         else:
@@ -143,6 +150,15 @@ def _decode_reduce_kernel(
     head = tl.program_id(1)
     seq_len = tl.load(seq_lens_ptr + seq)
     used = tl.cdiv(seq_len, partition_size)  # partitions phase 1 wrote for this sequence
+    if used > 1:  # one partition: phase 1 wrote the final output itself
+        _merge_partitions(seq, head, used, out_ptr, part_out_ptr, part_m_ptr, part_l_ptr,
+                          stride_os, stride_oh, num_splits, HEAD_DIM, BLOCK_SPLITS)
+
+
+@triton.jit
+def _merge_partitions(seq, head, used, out_ptr, part_out_ptr, part_m_ptr, part_l_ptr,
+                      stride_os, stride_oh, num_splits,
+                      HEAD_DIM: tl.constexpr, BLOCK_SPLITS: tl.constexpr):
     splits = tl.arange(0, BLOCK_SPLITS)
     ok = splits < used
     base = (seq.to(tl.int64) * tl.num_programs(1) + head) * num_splits

@@ -1,0 +1,324 @@
+"""W4 (shared/BASELINES.md): W1's requests through the gRPC stack, against the offline API.
+
+    PYTHONPATH=. python bench/bench_w4.py --commit $(git rev-parse HEAD) [--out-dir DIR]
+
+W1's requests (256 x 512 random prompt tokens, 256 output tokens, ``ignore_eos``, greedy) on
+the llama3-8b shape (random bf16 weights, ``load_format="dummy"``, served without a tokenizer
+since the written config folder has none), measured three ways on the same card, one after
+the other, each engine in its own process so each sizes its KV pool from the whole GPU:
+
+- ``offline``: ``LLM.generate`` on all prompts at once (the offline API);
+- ``grpc_worker``: a ``python -m gpu_worker`` process; a client process sends the 256
+  requests at once as concurrent ``Generate`` streams;
+- ``grpc_router``: router and worker in one process on the in-memory state store (as
+  ``llmserve up`` runs them; no Redis needed), the client talking to the router.
+
+The client (``bench_w4.py client``, its own process, asyncio + grpc.aio on one channel)
+reports output tok/s (all tokens over first submit to last token), TTFT and inter-token
+latency percentiles (a chunk carrying k tokens counts k gaps of 1/k of its wait). The stack
+process also reports its engine's busy time and its CPU time. Appends JSON lines to the
+results file and prints a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from results import ResultRow, append_results, new_run_id, today  # noqa: E402
+
+NUM_REQUESTS, PROMPT_LEN, OUTPUT_LEN = 256, 512, 256
+SHAPE = "llama3-8b"
+# Same engine settings for all three: bench_gpu.py's W1 settings.
+ENGINE = dict(load_format="dummy", max_model_len=2048, max_num_batched_tokens=8192, max_num_seqs=256,
+              enable_prefix_caching=False, gpu_memory_utilization=0.9)
+RESULT = "W4RESULT "
+TARGET_COST = 0.10
+# CPU smoke test of the script's plumbing: W4_SMOKE_MODEL=<tiny model folder> shrinks everything.
+SMOKE_MODEL = os.environ.get("W4_SMOKE_MODEL")
+if SMOKE_MODEL:
+    NUM_REQUESTS, PROMPT_LEN, OUTPUT_LEN = 8, 16, 8
+    ENGINE = dict(load_format="dummy", device="cpu", num_kv_blocks=128, max_num_seqs=8,
+                  enable_prefix_caching=False)
+
+
+def write_config(root: Path) -> Path:
+    if SMOKE_MODEL:
+        return Path(SMOKE_MODEL)
+    import bench_gpu  # torch at import: only in subprocesses / the GPU machine
+
+    return bench_gpu.write_config(SHAPE, root)
+
+
+def prompts() -> list[list[int]]:
+    vocab = 40000 if SMOKE_MODEL else 128000
+    return np.random.default_rng(1).integers(0, vocab, size=(NUM_REQUESTS, PROMPT_LEN)).tolist()
+
+
+def _emit(payload: dict[str, Any]) -> None:
+    print(RESULT + json.dumps(payload), flush=True)
+
+
+# ----------------------------------------------------------------------------- offline
+
+
+def run_offline(model_dir: str) -> None:
+    import torch
+
+    from gpu_worker.llm import LLM
+    from gpu_worker.sampling_params import SamplingParams
+
+    t0 = time.perf_counter()
+    llm = LLM(model_dir, **ENGINE)  # type: ignore[arg-type]
+    load_s = time.perf_counter() - t0
+    params = SamplingParams(temperature=0.0, max_tokens=OUTPUT_LEN, ignore_eos=True)
+    llm.generate(prompts()[:8], SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True))
+    t0 = time.perf_counter()
+    outs = llm.generate(prompts(), params)
+    elapsed = time.perf_counter() - t0
+    tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+    card = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    _emit(dict(engine="offline_llm", card=card, output_tok_s=tokens / elapsed,
+               elapsed_s=elapsed, output_tokens=tokens, load_s=load_s))
+
+
+# ----------------------------------------------------------------------------- client
+
+
+async def _one(stub: Any, pb: Any, ids: list[int], max_tokens: int, t0: float) -> list[tuple[float, int]]:
+    request = pb.GenerateRequest(
+        prompt_token_ids=pb.TokenIds(ids=ids),
+        sampling=pb.SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True),
+    )
+    arrivals = []
+    async for chunk in stub.Generate(request):
+        if chunk.token_ids:
+            arrivals.append((time.perf_counter() - t0, len(chunk.token_ids)))
+    return arrivals
+
+
+async def _client(target: str) -> dict[str, Any]:
+    import grpc
+
+    from llmserve.v1 import generation_pb2 as pb
+    from llmserve.v1 import generation_pb2_grpc as pb_grpc
+
+    options = [("grpc.max_receive_message_length", -1)]
+    async with grpc.aio.insecure_channel(target, options=options) as channel:
+        stub = pb_grpc.GenerationStub(channel)
+        warm = prompts()[:8]
+        await asyncio.gather(*(_one(stub, pb, p, 16, time.perf_counter()) for p in warm))
+        t0 = time.perf_counter()
+        streams = await asyncio.gather(*(_one(stub, pb, p, OUTPUT_LEN, t0) for p in prompts()))
+    ttft, itl = [], []
+    tokens = chunks = 0
+    end = 0.0
+    for arrivals in streams:
+        ttft.append(arrivals[0][0])
+        prev = arrivals[0][0]
+        for t, k in arrivals[1:]:
+            itl.extend([(t - prev) / k] * k)
+            prev = t
+        tokens += sum(k for _, k in arrivals)
+        chunks += len(arrivals)
+        end = max(end, arrivals[-1][0])
+
+    def pct(xs: list[float], q: float) -> float:
+        return float(np.percentile(np.asarray(xs), q)) * 1e3
+
+    return dict(output_tok_s=tokens / end, elapsed_s=end, output_tokens=tokens,
+                tokens_per_chunk=tokens / chunks, ttft_p50_ms=pct(ttft, 50), ttft_p99_ms=pct(ttft, 99),
+                itl_p50_ms=pct(itl, 50), itl_p99_ms=pct(itl, 99))
+
+
+def run_client(target: str) -> None:
+    _emit(asyncio.run(_client(target)))
+
+
+# ----------------------------------------------------------------------------- router + worker
+
+
+async def _stack(model_dir: str, router_port: int, worker_port: int) -> None:
+    """Router + worker on one in-memory state store in this process (as llmserve/stack.py)."""
+    from gpu_worker.config import EngineConfig
+    from gpu_worker.server import ServerConfig, WorkerServer
+    from llmserve.fleet import open_store
+    from router.server import RouterConfig, RouterServer
+
+    store = open_store(None)
+    worker = WorkerServer(
+        EngineConfig(model=model_dir, **ENGINE),  # type: ignore[arg-type]
+        ServerConfig(host="127.0.0.1", port=worker_port, drain_grace_s=1.0,
+                     advertise_address=f"127.0.0.1:{worker_port}"),
+        fleet_store=store,
+    )
+    await worker.start()
+    await worker.wait_ready()
+    router = RouterServer(RouterConfig(host="127.0.0.1", port=router_port), store)
+    await router.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    cpu0, wall0 = os.times(), time.perf_counter()
+    print("STACK READY", flush=True)
+    await stop.wait()
+    cpu1, wall = os.times(), time.perf_counter() - wall0
+    extra = worker.service.engine.stats().extra
+    _emit(dict(stack_wall_s=wall, stack_cpu_s=(cpu1.user + cpu1.system) - (cpu0.user + cpu0.system),
+               engine_steps=extra.get("engine_steps"), engine_step_time_s=extra.get("engine_step_time_s")))
+    await router.stop(grace_s=0.5)
+    await worker.drain(0.5)
+    await store.close()
+
+
+def run_stack(model_dir: str, router_port: int, worker_port: int) -> None:
+    asyncio.run(_stack(model_dir, router_port, worker_port))
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _script(*args: str) -> list[str]:
+    return [sys.executable, str(Path(__file__).resolve()), *args]
+
+
+def _results(text: str) -> list[dict[str, Any]]:
+    return [json.loads(line[len(RESULT):]) for line in text.splitlines() if line.startswith(RESULT)]
+
+
+def _wait_models(target: str, timeout_s: float, proc: subprocess.Popen[str]) -> None:
+    import grpc
+
+    from llmserve.v1 import generation_pb2 as pb
+    from llmserve.v1 import generation_pb2_grpc as pb_grpc
+
+    deadline = time.monotonic() + timeout_s
+    with grpc.insecure_channel(target) as channel:
+        stub = pb_grpc.GenerationStub(channel)
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited with {proc.returncode}")
+            try:
+                models = stub.ListModels(pb.ListModelsRequest(), timeout=2).models
+                if models and models[0].max_model_len > 0:  # 0 while the worker still loads
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.5)
+    raise TimeoutError(f"{target} did not list a model in {timeout_s} s")
+
+
+def _serve_and_measure(cmd: list[str], target: str, log: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Start a server process, run the client against it, stop it; (client result, server results)."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    with log.open("w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, text=True, env=env)
+        try:
+            _wait_models(target, 600, proc)
+            client = subprocess.run(_script("client", "--target", target), capture_output=True, text=True,
+                                    env=env, timeout=600)
+            if client.returncode != 0:
+                raise RuntimeError(f"client failed: {client.stderr[-3000:]}")
+            result = _results(client.stdout)[0]
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    return result, _results(log.read_text())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="cmd")
+    sub.add_parser("offline").add_argument("--model", required=True)
+    sub.add_parser("client").add_argument("--target", required=True)
+    st = sub.add_parser("stack")
+    st.add_argument("--model", required=True)
+    st.add_argument("--router-port", type=int, required=True)
+    st.add_argument("--worker-port", type=int, required=True)
+    ap.add_argument("--commit", default="unknown")
+    ap.add_argument("--out-dir", type=Path, default=Path("bench_out"))
+    ap.add_argument("--results", type=Path, default=Path("docs/benchmarks/results.jsonl"))
+    args = ap.parse_args()
+    if args.cmd == "offline":
+        return run_offline(args.model)
+    if args.cmd == "client":
+        return run_client(args.target)
+    if args.cmd == "stack":
+        return run_stack(args.model, args.router_port, args.worker_port)
+    drive(args)
+
+
+def drive(args: argparse.Namespace) -> None:
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    model_dir = str(write_config(args.out_dir / "configs"))
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    off = subprocess.run(_script("offline", "--model", model_dir), capture_output=True, text=True, env=env,
+                         timeout=600)
+    (args.out_dir / "w4_offline.log").write_text(off.stdout + off.stderr)
+    offline = _results(off.stdout)[0]
+    print(f"offline: {offline}", flush=True)
+    card = offline.pop("card")
+    port = _free_port()
+    worker_cmd = [sys.executable, "-m", "gpu_worker", "--model", model_dir, "--host", "127.0.0.1",
+                  "--port", str(port), "--drain-grace-s", "1", "--log-level", "WARNING",
+                  *[f"--{k.replace('_', '-')}={v}" for k, v in ENGINE.items() if not isinstance(v, bool)],
+                  "--no-enable-prefix-caching"]
+    direct, _ = _serve_and_measure(worker_cmd, f"127.0.0.1:{port}", args.out_dir / "w4_worker.log")
+    print(f"grpc_worker: {direct}", flush=True)
+    router_port, worker_port = _free_port(), _free_port()
+    stack_cmd = _script("stack", "--model", model_dir, "--router-port", str(router_port),
+                        "--worker-port", str(worker_port))
+    routed, server = _serve_and_measure(stack_cmd, f"127.0.0.1:{router_port}", args.out_dir / "w4_stack.log")
+    routed.update(server[0] if server else {})
+    print(f"grpc_router: {routed}", flush=True)
+    run_id, rows = new_run_id(), []
+    base = offline["output_tok_s"]
+    for engine, res in (("offline_llm", offline), ("grpc_worker", direct), ("grpc_router_stack", routed)):
+        extra = {k: round(v, 4) if isinstance(v, float) else v for k, v in res.items() if k != "output_tok_s"}
+        if engine != "offline_llm":
+            extra["cost_vs_offline"] = round(1 - res["output_tok_s"] / base, 4)
+        tok_s = res["output_tok_s"]
+        rows.append(ResultRow(run_id, today(), args.commit, card, "W4", SHAPE, engine, tok_s, extra))
+    append_results(args.results, rows)
+    print(markdown(rows))
+
+
+def markdown(rows: list[ResultRow]) -> str:
+    out = ["| path | output tok/s | cost vs offline | TTFT p50 / p99 (ms) | ITL p50 / p99 (ms) "
+           "| tokens/chunk |",
+           "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        e = r.extra
+        cost = e.get("cost_vs_offline")
+        verdict = "" if cost is None else f"{cost:.1%} ({'met' if cost <= TARGET_COST else 'MISSED'})"
+        lat = ("", "") if "ttft_p50_ms" not in e else (
+            f"{e['ttft_p50_ms']:,.0f} / {e['ttft_p99_ms']:,.0f}",
+            f"{e['itl_p50_ms']:.1f} / {e['itl_p99_ms']:.1f}")
+        out.append(f"| {r.engine} | {r.output_tok_s:,.0f} | {verdict} | {lat[0]} | {lat[1]} "
+                   f"| {e.get('tokens_per_chunk', '')} |")
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    main()
