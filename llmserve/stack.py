@@ -17,6 +17,7 @@ import signal
 from dataclasses import dataclass
 from typing import Any
 
+from llmserve.envflags import apply_env_defaults
 from llmserve.fleet import open_store
 
 log = logging.getLogger(__name__)
@@ -46,8 +47,11 @@ class StackConfig:
 
 
 async def run_stack(config: StackConfig, started: asyncio.Event | None = None,
-                    stop: asyncio.Event | None = None) -> None:
+                    stop: asyncio.Event | None = None, tracing: Any = None) -> None:
     """Start worker and router on one state store; run until ``stop`` is set (or SIGINT / SIGTERM).
+
+    ``tracing`` (an :class:`llmserve.telemetry.Tracing`, shared by both servers) is optional;
+    without it neither server traces.
 
     The worker publishes its heartbeat and KV events through its own fleet link
     (``WorkerServer(fleet_store=...)``), exactly as a standalone worker does with ``--redis-url``.
@@ -69,12 +73,13 @@ async def run_stack(config: StackConfig, started: asyncio.Event | None = None,
         ServerConfig(host=config.host, port=config.worker_port, drain_grace_s=config.drain_grace_s,
                      advertise_address=f"{config.host}:{config.worker_port}"),
         fleet_store=store,
+        tracing=tracing,
     )
     await worker.start()
     log.info("loading %s ...", config.model)
     await worker.wait_ready()
     router_config = RouterConfig(host=config.host, port=config.router_port, policy=config.policy)
-    router = RouterServer(router_config, store)
+    router = RouterServer(router_config, store, tracing=tracing)
     await router.start()
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -111,12 +116,16 @@ def register(subparsers: Any) -> None:
     p.add_argument("--max-num-seqs", type=int, default=32)
     p.add_argument("--num-kv-blocks", type=int, default=None)
     p.add_argument("--log-level", default="INFO")
+    p.add_argument("--log-format", default="text", choices=("text", "json"))
+    apply_env_defaults(p)
     p.set_defaults(func=_run_up)
 
 
 def _run_up(args: argparse.Namespace) -> int:
-    fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-    logging.basicConfig(level=args.log_level.upper(), format=fmt)
+    from llmserve.telemetry import configure_logging, setup_tracing
+
+    configure_logging(args.log_level, args.log_format)
+    tracing = setup_tracing("llmserve")  # OTEL_* environment; off by default, then a no-op
     config = StackConfig(
         model=args.model,
         served_model_name=args.served_model_name,
@@ -129,5 +138,8 @@ def _run_up(args: argparse.Namespace) -> int:
         max_num_seqs=args.max_num_seqs,
         num_kv_blocks=args.num_kv_blocks,
     )
-    asyncio.run(run_stack(config))
+    try:
+        asyncio.run(run_stack(config, tracing=tracing))
+    finally:
+        tracing.shutdown()
     return 0
