@@ -1,6 +1,10 @@
 """W4 (shared/BASELINES.md): W1's requests through the gRPC stack, against the offline API.
 
     PYTHONPATH=. python bench/bench_w4.py --commit $(git rev-parse HEAD) [--out-dir DIR]
+        [--engine-core-process | --no-engine-core-process] [--note TEXT]
+
+``--engine-core-process`` serves with the engine core in its own process (worker and stack
+alike); the default here is the thread, so the flag is explicit in every recorded run.
 
 W1's requests (256 x 512 random prompt tokens, 256 output tokens, ``ignore_eos``, greedy) on
 the llama3-8b shape (random bf16 weights, ``load_format="dummy"``, served without a tokenizer
@@ -150,7 +154,7 @@ def run_client(target: str) -> None:
 # ----------------------------------------------------------------------------- router + worker
 
 
-async def _stack(model_dir: str, router_port: int, worker_port: int) -> None:
+async def _stack(model_dir: str, router_port: int, worker_port: int, core_process: bool) -> None:
     """Router + worker on one in-memory state store in this process (as llmserve/stack.py)."""
     from gpu_worker.config import EngineConfig
     from gpu_worker.server import ServerConfig, WorkerServer
@@ -159,7 +163,7 @@ async def _stack(model_dir: str, router_port: int, worker_port: int) -> None:
 
     store = open_store(None)
     worker = WorkerServer(
-        EngineConfig(model=model_dir, **ENGINE),  # type: ignore[arg-type]
+        EngineConfig(model=model_dir, engine_core_process=core_process, **ENGINE),  # type: ignore[arg-type]
         ServerConfig(host="127.0.0.1", port=worker_port, drain_grace_s=1.0,
                      advertise_address=f"127.0.0.1:{worker_port}"),
         fleet_store=store,
@@ -183,11 +187,15 @@ async def _stack(model_dir: str, router_port: int, worker_port: int) -> None:
     await store.close()
 
 
-def run_stack(model_dir: str, router_port: int, worker_port: int) -> None:
-    asyncio.run(_stack(model_dir, router_port, worker_port))
+def run_stack(model_dir: str, router_port: int, worker_port: int, core_process: bool) -> None:
+    asyncio.run(_stack(model_dir, router_port, worker_port, core_process))
 
 
 # ----------------------------------------------------------------------------- driver
+
+
+def _core_flag(core_process: bool) -> str:
+    return "--engine-core-process" if core_process else "--no-engine-core-process"
 
 
 def _free_port() -> int:
@@ -256,7 +264,11 @@ def main() -> None:
     st.add_argument("--model", required=True)
     st.add_argument("--router-port", type=int, required=True)
     st.add_argument("--worker-port", type=int, required=True)
+    st.add_argument("--engine-core-process", action=argparse.BooleanOptionalAction, default=False)
     ap.add_argument("--commit", default="unknown")
+    ap.add_argument("--engine-core-process", action=argparse.BooleanOptionalAction, default=False,
+                    help="serve with the engine core in its own process (EngineConfig.engine_core_process)")
+    ap.add_argument("--note", default=None, help="note stored with each result row")
     ap.add_argument("--out-dir", type=Path, default=Path("bench_out"))
     ap.add_argument("--results", type=Path, default=Path("docs/benchmarks/results.jsonl"))
     args = ap.parse_args()
@@ -265,7 +277,7 @@ def main() -> None:
     if args.cmd == "client":
         return run_client(args.target)
     if args.cmd == "stack":
-        return run_stack(args.model, args.router_port, args.worker_port)
+        return run_stack(args.model, args.router_port, args.worker_port, args.engine_core_process)
     drive(args)
 
 
@@ -283,12 +295,12 @@ def drive(args: argparse.Namespace) -> None:
     worker_cmd = [sys.executable, "-m", "gpu_worker", "--model", model_dir, "--host", "127.0.0.1",
                   "--port", str(port), "--drain-grace-s", "1", "--log-level", "WARNING",
                   *[f"--{k.replace('_', '-')}={v}" for k, v in ENGINE.items() if not isinstance(v, bool)],
-                  "--no-enable-prefix-caching"]
+                  "--no-enable-prefix-caching", _core_flag(args.engine_core_process)]
     direct, _ = _serve_and_measure(worker_cmd, f"127.0.0.1:{port}", args.out_dir / "w4_worker.log")
     print(f"grpc_worker: {direct}", flush=True)
     router_port, worker_port = _free_port(), _free_port()
     stack_cmd = _script("stack", "--model", model_dir, "--router-port", str(router_port),
-                        "--worker-port", str(worker_port))
+                        "--worker-port", str(worker_port), _core_flag(args.engine_core_process))
     routed, server = _serve_and_measure(stack_cmd, f"127.0.0.1:{router_port}", args.out_dir / "w4_stack.log")
     routed.update(server[0] if server else {})
     print(f"grpc_router: {routed}", flush=True)
@@ -299,6 +311,10 @@ def drive(args: argparse.Namespace) -> None:
         if engine != "offline_llm":
             extra["cost_vs_offline"] = round(1 - res["output_tok_s"] / base, 4)
         tok_s = res["output_tok_s"]
+        if engine != "offline_llm":
+            extra["engine_core_process"] = args.engine_core_process
+        if args.note:
+            extra["note"] = args.note
         rows.append(ResultRow(run_id, today(), args.commit, card, "W4", SHAPE, engine, tok_s, extra))
     append_results(args.results, rows)
     print(markdown(rows))

@@ -28,6 +28,11 @@ class EngineConfig:
     prompts must be token ids, outputs carry token ids with empty text, stop strings are
     refused and EOS comes from the model's config. It is also implied when
     ``load_format="dummy"`` and the model folder has no tokenizer files (benchmark shapes).
+
+    ``engine_core_process`` runs the serving engine core (``AsyncLLM``) in a child process
+    instead of a thread, so its step loop never competes with the gRPC event loop for the GIL
+    (vLLM v1's ``EngineCoreProc``); ``None`` (auto) means a process on CUDA, a thread on CPU
+    (W4 on an H200: gRPC cost 30% -> 15% vs offline). The offline ``LLM`` ignores it.
     """
 
     model: str = "smollm2-135m"
@@ -48,6 +53,7 @@ class EngineConfig:
     enforce_eager: bool = False
     max_queue_len: int = 1024
     skip_tokenizer_init: bool = False
+    engine_core_process: bool | None = None
 
     def __post_init__(self) -> None:
         checks: list[tuple[bool, str]] = [

@@ -32,6 +32,7 @@ from gpu_worker.config import EngineConfig
 from gpu_worker.core.kv_events import KVEvent
 from gpu_worker.core.types import EngineCoreOutput, SchedulerStats
 from gpu_worker.engine.core import EngineCore
+from gpu_worker.engine.core_proc import EngineCoreProc
 from gpu_worker.engine.errors import EngineClosedError, EngineDeadError, QueueFullError
 from gpu_worker.engine.output_processor import OutputKind, OutputProcessor, merge_deltas
 from gpu_worker.engine.processor import InputProcessor, ProcessedRequest, PromptType
@@ -81,6 +82,17 @@ class AsyncLLM:
 
     def __init__(self, core: EngineCore) -> None:
         self._core = core
+        self._init_front(core)
+        self._core_lock = threading.Lock()  # held by the core thread while it uses the core
+        self._num_steps = 0  # core thread only, published in stats().extra
+        self._step_time_s = 0.0  # time spent inside EngineCore.step (busy fraction = its rate)
+        self._stats = self._snapshot()  # replaced (never mutated) by the core thread
+        self._start_thread(self._run_core, "engine-core")
+
+    def _init_front(self, core: EngineCore | EngineCoreProc) -> None:
+        """The event-loop side and the state shared with the thread that feeds it."""
+        self._tokenizer = core.tokenizer
+        self._config = core.config  # the effective one (max_model_len filled in)
         self._processor = InputProcessor(
             core.tokenizer, core.vocab_size, core.max_model_len, core.eos_token_ids
         )
@@ -92,22 +104,28 @@ class AsyncLLM:
         self._stopping = False
         self._closed = False  # no new requests (shutdown started)
         self._dead: BaseException | None = None  # set once a step failed
-        self._core_lock = threading.Lock()  # held by the core thread while it uses the core
         self._events_lock = threading.Lock()
         self._kv_events: list[KVEvent] = []
-        self._num_steps = 0  # core thread only, published in stats().extra
-        self._step_time_s = 0.0  # time spent inside EngineCore.step (busy fraction = its rate)
-        self._stats = self._snapshot()  # replaced (never mutated) by the core thread
+
+    def _start_thread(self, target: Any, name: str) -> None:
         # Every torch call releases the GIL and must win it back from the event loop, which by
         # default waits out a 5 ms switch interval each time: W4 measured decode steps twice as
         # long as offline. A short interval keeps the core thread (the critical path) moving.
         sys.setswitchinterval(min(sys.getswitchinterval(), _GIL_SWITCH_INTERVAL_S))
-        self._thread = threading.Thread(target=self._run_core, name="engine-core", daemon=True)
+        self._thread = threading.Thread(target=target, name=name, daemon=True)
         self._thread.start()
 
     @classmethod
     def from_config(cls, config: EngineConfig) -> AsyncLLM:
-        """Load the model and warm it up (blocking: call it from a worker thread if needed)."""
+        """Load the model and warm it up (blocking: call it from a worker thread if needed).
+
+        With ``config.engine_core_process`` (default: on CUDA) the core runs in a child process
+        (:class:`~gpu_worker.engine.async_llm_proc.AsyncLLMProc`), else on a thread of this one.
+        """
+        if _wants_core_process(config):
+            from gpu_worker.engine.async_llm_proc import AsyncLLMProc
+
+            return AsyncLLMProc(EngineCoreProc(config))
         core = EngineCore(config)
         core.warmup()
         return cls(core)
@@ -116,23 +134,23 @@ class AsyncLLM:
 
     @property
     def tokenizer(self) -> Any:
-        return self._core.tokenizer
+        return self._tokenizer
 
     @property
     def config(self) -> EngineConfig:
-        return self._core.config
+        return self._config
 
     @property
     def model_name(self) -> str:
-        return self._core.config.model_name
+        return self._config.model_name
 
     @property
     def max_model_len(self) -> int:
-        return self._core.max_model_len
+        return self._config.max_model_len or 0
 
     @property
     def block_size(self) -> int:
-        return self._core.config.block_size
+        return self._config.block_size
 
     @property
     def num_in_flight(self) -> int:
@@ -191,9 +209,9 @@ class AsyncLLM:
     def _check_queue_room(self) -> None:
         with self._wake:
             waiting = self._stats.num_waiting + self._num_queued_adds
-        if waiting >= self._core.config.max_queue_len:
+        if waiting >= self._config.max_queue_len:
             raise QueueFullError(
-                f"{waiting} requests are waiting (max_queue_len {self._core.config.max_queue_len})"
+                f"{waiting} requests are waiting (max_queue_len {self._config.max_queue_len})"
             )
 
     def _send(self, command: _Add | _Abort) -> None:
@@ -225,14 +243,17 @@ class AsyncLLM:
 
     async def shutdown(self) -> None:
         """Refuse new requests, fail the open streams with EngineClosedError, stop the core thread."""
-        self._closed = True
-        for request_id, queue in list(self._queues.items()):
-            self._abort_on_loop(request_id)
-            queue.put_nowait(EngineClosedError("the engine shut down"))
+        self._close_streams()
         with self._wake:
             self._stopping = True
             self._wake.notify()
         await asyncio.get_running_loop().run_in_executor(None, self._thread.join)
+
+    def _close_streams(self) -> None:
+        self._closed = True
+        for request_id, queue in list(self._queues.items()):
+            self._abort_on_loop(request_id)
+            queue.put_nowait(EngineClosedError("the engine shut down"))
 
     # ------------------------------------------------------------------ event-loop side of outputs
 
@@ -313,7 +334,10 @@ class AsyncLLM:
             by_loop.setdefault(route.loop, []).append(output)
         for loop, loop_outputs in by_loop.items():
             if not self._post(loop, self._on_outputs, loop_outputs):
-                self._core.abort([o.request_id for o in loop_outputs])
+                self._abort_in_core([o.request_id for o in loop_outputs])
+
+    def _abort_in_core(self, core_ids: list[str]) -> None:
+        self._core.abort(core_ids)
 
     @staticmethod
     def _post(loop: asyncio.AbstractEventLoop, callback: Any, *args: Any) -> bool:
@@ -338,7 +362,7 @@ class AsyncLLM:
             with self._events_lock:
                 self._kv_events.extend(events)
 
-    def _die(self, exc: Exception, routes: dict[str, _Route]) -> None:
+    def _die(self, exc: BaseException, routes: dict[str, _Route]) -> None:
         self._dead = exc
         error = EngineDeadError(f"the engine core failed: {exc!r}")
         error.__cause__ = exc
@@ -352,6 +376,17 @@ class AsyncLLM:
             self._inbox.clear()
         for loop, request_ids in by_loop.items():
             self._post(loop, self._on_error, sorted(set(request_ids)), error)
+
+
+def _wants_core_process(config: EngineConfig) -> bool:
+    """``engine_core_process``, or when unset (auto): whether the engine runs on CUDA."""
+    if config.engine_core_process is not None:
+        return config.engine_core_process
+    if config.device == "auto":
+        import torch
+
+        return bool(torch.cuda.is_available())
+    return config.device.startswith("cuda")
 
 
 def _coalesce(

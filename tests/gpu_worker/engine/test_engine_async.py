@@ -26,9 +26,14 @@ def llama_dir(tiny_model: Callable[[str], Path]) -> Path:
     return tiny_model("llama")
 
 
-@pytest.fixture(scope="module")
-def engine(llama_dir: Path) -> Iterator[AsyncLLM]:
-    engine = AsyncLLM.from_config(EngineConfig(model=str(llama_dir), num_kv_blocks=64, max_num_seqs=32))
+@pytest.fixture(scope="module", params=["thread", "process"])
+def engine(llama_dir: Path, request: pytest.FixtureRequest) -> Iterator[AsyncLLM]:
+    """The engine core on a thread, and in a child process: every test below holds for both."""
+    config = EngineConfig(
+        model=str(llama_dir), num_kv_blocks=64, max_num_seqs=32,
+        engine_core_process=request.param == "process",
+    )
+    engine = AsyncLLM.from_config(config)
     yield engine
     asyncio.run(engine.shutdown())
 
@@ -127,8 +132,12 @@ async def test_invalid_input_fails_alone(engine: AsyncLLM) -> None:
     await wait_idle(engine)
 
 
-async def test_queue_full_and_shutdown(llama_dir: Path) -> None:
-    config = EngineConfig(model=str(llama_dir), num_kv_blocks=64, max_num_seqs=1, max_queue_len=2)
+@pytest.mark.parametrize("in_process", [False, True], ids=["thread", "process"])
+async def test_queue_full_and_shutdown(llama_dir: Path, in_process: bool) -> None:
+    config = EngineConfig(
+        model=str(llama_dir), num_kv_blocks=64, max_num_seqs=1, max_queue_len=2,
+        engine_core_process=in_process,
+    )
     engine = AsyncLLM.from_config(config)
     params = SamplingParams(temperature=0.0, max_tokens=50, ignore_eos=True)
     running = engine.generate(PROMPTS[0], params, "r0")

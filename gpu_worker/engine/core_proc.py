@@ -1,0 +1,269 @@
+"""The engine core in its own process (vLLM v1's ``EngineCoreProc``), and the parent's handle.
+
+The child builds :class:`EngineCore` and loops on its own: it applies every command waiting
+in its inbox (adds, aborts, queries, shutdown), runs one step, and sends **one**
+:class:`StepResult` per loop (that step's outputs, a stats snapshot and the KV events) over a
+pipe. So no Python work of the step shares a GIL with the server's event loop, and the
+parent pays one unpickle per step instead of competing with the core for the GIL.
+
+The parent (:class:`EngineCoreProc`) only sends commands and reads results; it never loads
+the model weights (the tokenizer comes back pickled in the ready message). The child is
+started with the ``spawn`` context so it may initialise CUDA.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import queue
+import time
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from typing import Any
+
+from gpu_worker.config import EngineConfig
+from gpu_worker.core.kv_events import KVEvent
+from gpu_worker.core.types import EngineCoreOutput, EngineCoreRequest, SchedulerStats
+
+logger = logging.getLogger(__name__)
+
+_SHUTDOWN_TIMEOUT_S = 10.0
+_PARENT_CHECK_S = 1.0  # how often an idle child checks that its parent is alive
+
+
+# ---------------------------------------------------------------------- messages (all picklable)
+
+
+@dataclass(frozen=True)
+class AddRequests:
+    """Core requests of one user request: added all or none (``ValueError`` -> AddFailed)."""
+
+    request_id: str
+    core_requests: tuple[EngineCoreRequest, ...]
+
+
+@dataclass(frozen=True)
+class AbortRequests:
+    core_ids: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class QueryCachedHashes:
+    query_id: int
+
+
+@dataclass(frozen=True)
+class Shutdown:
+    pass
+
+
+Command = AddRequests | AbortRequests | QueryCachedHashes | Shutdown
+
+
+@dataclass(frozen=True)
+class AddFailed:
+    request_id: str
+    error: BaseException
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """One loop of the child: what it applied, and the step's outputs if it stepped."""
+
+    outputs: list[EngineCoreOutput]
+    stats: SchedulerStats
+    kv_events: list[KVEvent]
+    num_applied_adds: int  # core requests taken from the inbox by this loop
+    failed_adds: list[AddFailed] = field(default_factory=list)
+    replies: list[tuple[int, Any]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Ready:
+    config: EngineConfig  # the effective one (max_model_len filled in)
+    tokenizer: Any
+    vocab_size: int
+    max_model_len: int
+    eos_token_ids: tuple[int, ...]
+    stats: SchedulerStats
+
+
+@dataclass(frozen=True)
+class Failed:
+    """Start-up or a step raised: the child exits after sending this."""
+
+    error: BaseException
+
+
+# ---------------------------------------------------------------------- child
+
+
+def _picklable(exc: BaseException) -> BaseException:
+    import pickle
+
+    try:
+        pickle.loads(pickle.dumps(exc))
+    except Exception:
+        return RuntimeError(repr(exc))
+    return exc
+
+
+def run_engine_core(config: EngineConfig, inbox: Any, conn: Connection) -> None:
+    """Child entry point: build the core, report Ready (or Failed), then loop until Shutdown."""
+    from gpu_worker.engine.core import EngineCore  # torch and the model: child only
+
+    try:
+        core = EngineCore(config)
+        core.warmup()
+        conn.send(Ready(core.config, core.tokenizer, core.vocab_size, core.max_model_len,
+                        tuple(core.eos_token_ids), core.stats()))
+    except BaseException as exc:  # the parent re-raises it from from_config
+        conn.send(Failed(_picklable(exc)))
+        return
+    try:
+        _loop(core, inbox, conn)
+    except Exception as exc:  # a failed step: the parent fails every in-flight request
+        logger.exception("engine core process failed")
+        conn.send(Failed(_picklable(exc)))
+
+
+def _take_commands(inbox: Any, block: bool) -> list[Command]:
+    commands: list[Command] = [_wait_command(inbox)] if block else []
+    while True:
+        try:
+            commands.append(inbox.get_nowait())
+        except queue.Empty:
+            return commands
+
+
+def _wait_command(inbox: Any) -> Command:
+    """The next command; Shutdown if the parent died (a killed parent must not leave the GPU held)."""
+    parent = multiprocessing.parent_process()
+    while True:
+        try:
+            command: Command = inbox.get(timeout=_PARENT_CHECK_S)
+            return command
+        except queue.Empty:
+            if parent is not None and not parent.is_alive():
+                return Shutdown()
+
+
+def _loop(core: Any, inbox: Any, conn: Connection) -> None:
+    num_steps, step_time_s = 0, 0.0
+    while True:
+        commands = _take_commands(inbox, block=not core.has_unfinished())
+        failed: list[AddFailed] = []
+        replies: list[tuple[int, Any]] = []
+        num_adds = 0
+        for command in commands:
+            if isinstance(command, Shutdown):
+                return
+            if isinstance(command, AbortRequests):
+                core.abort(command.core_ids)
+            elif isinstance(command, QueryCachedHashes):
+                replies.append((command.query_id, core.cached_block_hashes()))
+            else:
+                num_adds += len(command.core_requests)
+                error = _add(core, command)
+                if error is not None:
+                    failed.append(AddFailed(command.request_id, error))
+        outputs: list[EngineCoreOutput] = []
+        if core.has_unfinished():
+            start = time.perf_counter()
+            outputs = core.step()
+            num_steps += 1
+            step_time_s += time.perf_counter() - start
+        stats = core.stats()
+        extra = {"engine_steps": float(num_steps), "engine_step_time_s": step_time_s}
+        stats = _with_extra(stats, extra)
+        conn.send(StepResult(outputs, stats, core.take_kv_events(), num_adds, failed, replies))
+
+
+def _add(core: Any, command: AddRequests) -> BaseException | None:
+    added: list[str] = []
+    try:
+        for request in command.core_requests:
+            core.add_request(request)
+            added.append(request.request_id)
+    except ValueError as exc:
+        core.abort(added)
+        return exc
+    return None
+
+
+def _with_extra(stats: SchedulerStats, extra: dict[str, float]) -> SchedulerStats:
+    import dataclasses
+
+    return dataclasses.replace(stats, extra={**stats.extra, **extra})
+
+
+# ---------------------------------------------------------------------- parent
+
+
+class EngineCoreProc:
+    """The parent's handle on the child: start it, send commands, receive results.
+
+    ``send`` is safe from any thread (a multiprocessing queue: its feeder thread writes, so
+    the event loop never blocks on a full pipe). Exactly one thread calls ``recv``.
+    """
+
+    def __init__(self, config: EngineConfig) -> None:
+        ctx = multiprocessing.get_context("spawn")
+        self._inbox: Any = ctx.Queue()
+        self._conn, child_conn = ctx.Pipe(duplex=False)
+        self._process = ctx.Process(
+            target=run_engine_core, args=(config, self._inbox, child_conn), name="engine-core", daemon=True
+        )
+        self._process.start()
+        child_conn.close()  # only the child holds the write end: its death reads as EOF here
+        try:
+            ready = self._conn.recv()
+        except EOFError:
+            self._process.join(_SHUTDOWN_TIMEOUT_S)
+            raise RuntimeError(
+                f"the engine core process exited during start-up (exit code {self._process.exitcode})"
+            ) from None
+        if isinstance(ready, Failed):
+            self._process.join(_SHUTDOWN_TIMEOUT_S)
+            raise ready.error
+        self.ready: Ready = ready
+        self.config = ready.config
+        self.tokenizer = ready.tokenizer
+        self.vocab_size = ready.vocab_size
+        self.max_model_len = ready.max_model_len
+        self.eos_token_ids = ready.eos_token_ids
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid
+
+    @property
+    def exitcode(self) -> int | None:
+        return self._process.exitcode
+
+    def wait_exitcode(self, timeout_s: float = 5.0) -> int | None:
+        """The child's exit code, waiting up to ``timeout_s`` for it to be reaped."""
+        self._process.join(timeout_s)
+        return self._process.exitcode
+
+    def send(self, command: Command) -> None:
+        self._inbox.put(command)
+
+    def abort(self, core_ids: list[str]) -> None:
+        self.send(AbortRequests(tuple(core_ids)))
+
+    def recv(self) -> StepResult | Failed:
+        """The child's next message; ``EOFError`` once it is gone."""
+        message: StepResult | Failed = self._conn.recv()
+        return message
+
+    def join(self) -> None:
+        """Ask the child to stop and wait for it (killing it if it does not stop)."""
+        if self._process.is_alive():
+            self.send(Shutdown())
+            self._process.join(_SHUTDOWN_TIMEOUT_S)
+        if self._process.is_alive():
+            self._process.kill()
+            self._process.join()
+        self._inbox.close()
+        self._inbox.cancel_join_thread()  # the child is gone: nothing will read what is left
