@@ -26,6 +26,14 @@ class KernelOps:
     store_kvcache: Callable[..., Any]
     paged_attention: Callable[..., Any]
     paged_decode_attention: Callable[..., Any]
+    # Optional per-step plans (None: the set has none, layers call the ops above). A plan
+    # holds the work that depends only on the step's metadata (context gather indices, query
+    # layout, mask; rotary cos/sin rows): the first layer of a step builds it, every layer
+    # reuses it. The planned attention also stores the new K/V (it replaces store_kvcache).
+    plan_paged_attention: Callable[..., Any] | None = None
+    paged_attention_with_plan: Callable[..., Any] | None = None
+    plan_rotary_embedding: Callable[..., Any] | None = None
+    rotary_embedding_with_plan: Callable[..., Any] | None = None
 
 
 def reference_ops() -> KernelOps:
@@ -39,6 +47,10 @@ def reference_ops() -> KernelOps:
         store_kvcache=reference.store_kvcache,
         paged_attention=reference.paged_attention,
         paged_decode_attention=reference.paged_decode_attention,
+        plan_paged_attention=reference.plan_paged_attention,
+        paged_attention_with_plan=reference.paged_attention_with_plan,
+        plan_rotary_embedding=reference.plan_rotary_embedding,
+        rotary_embedding_with_plan=reference.rotary_embedding_with_plan,
     )
 
 

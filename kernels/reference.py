@@ -10,15 +10,21 @@ slot ``block_table[t // block_size] * block_size + t % block_size``.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm over the last dim, computed in float32, returned in ``x.dtype``."""
-    xf = x.float()
+    xf = x if x.dtype == torch.float32 else x.float()
     var = xf.pow(2).mean(dim=-1, keepdim=True)
-    return (xf * torch.rsqrt(var + eps)).to(x.dtype) * weight
+    normed = xf * var.add_(eps).rsqrt_()
+    if normed.dtype != x.dtype:
+        normed = normed.to(x.dtype)
+    # In place when that keeps the result dtype (same products as ``normed * weight``).
+    return normed.mul_(weight) if weight.dtype == normed.dtype else normed * weight
 
 
 def fused_add_rms_norm(
@@ -36,7 +42,7 @@ def fused_add_rms_norm(
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     """``silu(x[..., :d]) * x[..., d:]`` for ``x`` of last dim ``2d``."""
     d = x.shape[-1] // 2
-    return F.silu(x[..., :d]) * x[..., d:]
+    return F.silu(x[..., :d]).mul_(x[..., d:])
 
 
 def rotary_embedding(
@@ -49,17 +55,42 @@ def rotary_embedding(
     ``sin`` in the last ``D/2`` (any rope scaling is already folded into it).
     Returns the rotated ``(q, k)``; kernels may rotate in place and return the inputs.
     """
+    return rotary_embedding_with_plan(q, k, plan_rotary_embedding(positions, cos_sin_cache))
+
+
+@dataclass(frozen=True)
+class RotaryPlan:
+    """The cos/sin rows of one step's positions, shared by every layer.
+
+    ``x * cos + swap_halves(x) * sin`` is the rotation: ``sin`` carries the sign of
+    rotate-half (``-sin`` in the first half), so the products and sums are HF's, bit for bit.
+    """
+
+    cos: torch.Tensor  # [T, 1, D] float32: (cos, cos)
+    sin: torch.Tensor  # [T, 1, D] float32: (-sin, sin)
+
+
+def plan_rotary_embedding(positions: torch.Tensor, cos_sin_cache: torch.Tensor) -> RotaryPlan:
+    """Gather the cos/sin rows of ``positions`` once per step (see :func:`rotary_embedding`)."""
     cos_sin = cos_sin_cache.index_select(0, positions)
     half = cos_sin.shape[-1] // 2
-    cos = cos_sin[:, None, :half]
-    sin = cos_sin[:, None, half:]
+    cos, sin = cos_sin[:, None, :half], cos_sin[:, None, half:]
+    return RotaryPlan(cos=torch.cat((cos, cos), dim=-1), sin=torch.cat((-sin, sin), dim=-1))
 
-    def rotate(x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        x1, x2 = xf[..., :half], xf[..., half:]
-        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
 
-    return rotate(q), rotate(k)
+def rotary_embedding_with_plan(
+    q: torch.Tensor, k: torch.Tensor, plan: RotaryPlan
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`rotary_embedding` with the cos/sin rows gathered by :func:`plan_rotary_embedding`."""
+    return _rotate(q, plan), _rotate(k, plan)
+
+
+def _rotate(x: torch.Tensor, plan: RotaryPlan) -> torch.Tensor:
+    xf = x if x.dtype == torch.float32 else x.float()
+    num_tokens, num_heads, head_dim = xf.shape
+    swapped = xf.unflatten(-1, (2, head_dim // 2)).flip(-2).flatten(-2)  # (x2, x1)
+    out = (xf * plan.cos).add_(swapped.mul_(plan.sin))
+    return out if out.dtype == x.dtype else out.to(x.dtype)
 
 
 def store_kvcache(
@@ -101,40 +132,10 @@ def paged_attention(
     sequence are its last ``ql`` positions. block_tables: ``[S, >= ceil(max_seq_len /
     block_size)]`` int32. Hq must be a multiple of Hk (GQA). Returns ``[T, Hq, D]``.
     """
-    num_tokens, num_heads, head_dim = q.shape
-    block_size, num_kv_heads = key_cache.shape[1], key_cache.shape[2]
-    num_seqs = seq_lens.shape[0]
-    device = q.device
-    seq_lens_l = seq_lens.long()
-    starts = query_start_loc[:-1].long()
-    q_lens = query_start_loc[1:].long() - starts
-
-    # Gather each sequence's context into a padded [S, L, Hk, D] view of the cache.
-    kpos = torch.arange(max_seq_len, device=device)
-    slots = block_tables[:, kpos // block_size].long() * block_size + kpos % block_size
-    k = key_cache.view(-1, num_kv_heads, head_dim)[slots]
-    v = value_cache.view(-1, num_kv_heads, head_dim)[slots]
-
-    # Scatter the packed queries into a padded [S, Qmax, Hq, D] tensor.
-    seq_idx = torch.repeat_interleave(torch.arange(num_seqs, device=device), q_lens, output_size=num_tokens)
-    row = torch.arange(num_tokens, device=device) - starts[seq_idx]
-    qp = q.new_zeros(num_seqs, max_query_len, num_heads, head_dim)
-    qp[seq_idx, row] = q
-
-    # Query row i of sequence s sits at position seq_len - q_len + i; it sees keys <= it.
-    qpos = (seq_lens_l - q_lens)[:, None] + torch.arange(max_query_len, device=device)[None, :]
-    mask = kpos[None, None, :] <= qpos[:, :, None]  # [S, Qmax, L]
-    mask &= kpos[None, None, :] < seq_lens_l[:, None, None]
-
-    out = F.scaled_dot_product_attention(
-        qp.transpose(1, 2).float(),
-        k.transpose(1, 2).float(),
-        v.transpose(1, 2).float(),
-        attn_mask=mask[:, None],
-        scale=scale,
-        enable_gqa=num_heads != num_kv_heads,
-    )  # [S, Hq, Qmax, D]
-    return out.transpose(1, 2)[seq_idx, row].to(q.dtype)
+    plan = plan_paged_attention(
+        None, block_tables, query_start_loc, seq_lens, key_cache.shape[1], max_query_len, max_seq_len
+    )
+    return _attend(q, key_cache, value_cache, plan, scale)
 
 
 def paged_decode_attention(
@@ -155,3 +156,146 @@ def paged_decode_attention(
     return paged_attention(
         q, key_cache, value_cache, block_tables, query_start_loc, seq_lens, scale, 1, max_seq_len
     )
+
+
+@dataclass(frozen=True)
+class PagedAttentionPlan:
+    """The index work of one step's attention, which every layer shares.
+
+    Built once per step by :func:`plan_paged_attention`; each layer then only stores its new
+    K/V, gathers its context blocks and runs SDPA (:func:`paged_attention_with_plan`).
+    """
+
+    store_slots: torch.Tensor | None  # [T'] int64 cache slots to write (None: no store)
+    store_rows: torch.Tensor | None  # [T'] rows of k/v for store_slots; None: every row in order
+    block_ids: torch.Tensor  # [S * nb] int64: the first nb blocks of each sequence, row by row
+    num_seqs: int
+    max_seq_len: int  # L: keys at or past a sequence's own length are masked
+    max_query_len: int  # Qmax
+    # (sequence, row) of each packed query row in the padded [S, Qmax] layout; None when every
+    # sequence has Qmax rows (q is then a view of the padded layout).
+    scatter: tuple[torch.Tensor, torch.Tensor] | None
+    mask: torch.Tensor | None  # [S, 1, Qmax, L] bool (True: attend); None: no mask
+    is_causal: bool  # no mask, plain causal (Qmax == L, one length): SDPA's is_causal
+
+
+def plan_paged_attention(
+    slot_mapping: torch.Tensor | None,
+    block_tables: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    seq_lens: torch.Tensor,
+    block_size: int,
+    max_query_len: int,
+    max_seq_len: int,
+) -> PagedAttentionPlan:
+    """Build the gather blocks, query layout and mask of a step (arguments as in
+    :func:`paged_attention` and :func:`store_kvcache`; ``slot_mapping`` None: nothing to store).
+
+    Costs a host sync (the shapes depend on the lengths): fine on the CPU, not for CUDA graphs.
+    """
+    device = block_tables.device
+    num_seqs = seq_lens.shape[0]
+    num_tokens = int(query_start_loc[-1])
+    seq_lens_l = seq_lens.long()
+    starts = query_start_loc[:-1].long()
+    q_lens = query_start_loc[1:].long() - starts
+
+    # Whole blocks (a block-level gather moves block_size rows per index); entries past a
+    # sequence's own blocks are never attended to and may be stale, so read block 0 there.
+    num_blocks = -(-max_seq_len // block_size)
+    tables = block_tables[:, :num_blocks].long()
+    used = torch.arange(num_blocks, device=device)[None, :] * block_size < seq_lens_l[:, None]
+    block_ids = torch.where(used, tables, 0).reshape(-1)
+
+    uniform_q = num_tokens == num_seqs * max_query_len  # every sequence has Qmax query rows
+    scatter = None
+    if not uniform_q:
+        seq_idx = torch.repeat_interleave(
+            torch.arange(num_seqs, device=device), q_lens, output_size=num_tokens
+        )
+        scatter = (seq_idx, torch.arange(num_tokens, device=device) - starts[seq_idx])
+
+    # Query row i of sequence s sits at position seq_len - q_len + i; it sees keys <= it.
+    one_len = bool((seq_lens_l == max_seq_len).all())
+    mask = None
+    is_causal = uniform_q and one_len and max_query_len == max_seq_len and max_query_len > 1
+    if not is_causal and not (uniform_q and one_len and max_query_len == 1):
+        kpos = torch.arange(max_seq_len, device=device)
+        qpos = (seq_lens_l - q_lens)[:, None] + torch.arange(max_query_len, device=device)[None, :]
+        mask = kpos[None, None, :] <= qpos[:, :, None]  # [S, Qmax, L]
+        mask &= kpos[None, None, :] < seq_lens_l[:, None, None]
+        mask = mask[:, None]
+
+    store_slots = store_rows = None
+    if slot_mapping is not None:
+        valid = slot_mapping >= 0
+        store_slots = slot_mapping
+        if not bool(valid.all()):
+            store_rows = valid.nonzero().squeeze(1)
+            store_slots = slot_mapping[store_rows]
+    return PagedAttentionPlan(
+        store_slots=store_slots,
+        store_rows=store_rows,
+        block_ids=block_ids,
+        num_seqs=num_seqs,
+        max_seq_len=max_seq_len,
+        max_query_len=max_query_len,
+        scatter=scatter,
+        mask=mask,
+        is_causal=is_causal,
+    )
+
+
+def paged_attention_with_plan(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    plan: PagedAttentionPlan,
+    scale: float,
+) -> torch.Tensor:
+    """:func:`store_kvcache` of ``k``/``v`` then :func:`paged_attention` of ``q``, with the
+    step's index work already done by :func:`plan_paged_attention`. Returns ``[T, Hq, D]``."""
+    if plan.store_slots is not None:
+        num_kv_heads, head_dim = key_cache.shape[-2:]
+        if plan.store_rows is not None:
+            k, v = k.index_select(0, plan.store_rows), v.index_select(0, plan.store_rows)
+        key_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, plan.store_slots, k.to(key_cache.dtype))
+        value_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, plan.store_slots, v.to(value_cache.dtype))
+    return _attend(q, key_cache, value_cache, plan, scale)
+
+
+def _attend(
+    q: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    plan: PagedAttentionPlan,
+    scale: float,
+) -> torch.Tensor:
+    num_tokens, num_heads, head_dim = q.shape
+    num_seqs, ctx_len, q_len = plan.num_seqs, plan.max_seq_len, plan.max_query_len
+    num_kv_heads = key_cache.shape[2]
+
+    def context(cache: torch.Tensor) -> torch.Tensor:  # [S, Hk, L, D] float32
+        blocks = cache.index_select(0, plan.block_ids)
+        ctx = blocks.view(num_seqs, -1, num_kv_heads, head_dim)[:, :ctx_len].transpose(1, 2)
+        return ctx if ctx.dtype == torch.float32 else ctx.float()
+
+    qf = q if q.dtype == torch.float32 else q.float()
+    if plan.scatter is None:
+        qp = qf.view(num_seqs, q_len, num_heads, head_dim)
+    else:
+        qp = qf.new_zeros(num_seqs, q_len, num_heads, head_dim)
+        qp[plan.scatter] = qf
+    out = F.scaled_dot_product_attention(
+        qp.transpose(1, 2),
+        context(key_cache),
+        context(value_cache),
+        attn_mask=plan.mask,
+        is_causal=plan.is_causal,
+        scale=scale,
+        enable_gqa=num_heads != num_kv_heads,
+    ).transpose(1, 2)  # [S, Qmax, Hq, D]
+    out = out.reshape(num_tokens, num_heads, head_dim) if plan.scatter is None else out[plan.scatter]
+    return out if out.dtype == q.dtype else out.to(q.dtype)

@@ -12,6 +12,7 @@ from torch import nn
 from gpu_worker.config import EngineConfig
 from gpu_worker.core.types import RunnerOutput, ScheduledRequest, SchedulerOutput
 from gpu_worker.model_executor.layers.attention import AttentionMetadata
+from gpu_worker.model_executor.layers.linear import transpose_linears
 from gpu_worker.model_executor.models.llama import head_dim_of
 from gpu_worker.sampling_params import SamplingParams
 from gpu_worker.worker.cuda_graphs import DecodeGraphs, decode_buckets
@@ -51,6 +52,8 @@ class ModelRunner:
         eos_token_ids: Iterable[int] | None = None,
     ) -> None:
         self.config = config
+        if device.type == "cpu":
+            transpose_linears(model)  # the CPU's faster weight layout at batch 1 (layers/linear.py)
         self.model = model
         self.hf_config = hf_config
         self.device = device

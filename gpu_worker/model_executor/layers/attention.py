@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
 
 from kernels import KernelOps
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -24,6 +28,17 @@ class AttentionMetadata:
     seq_lens: torch.Tensor  # [S] int32, context length including this step's tokens
     max_query_len: int
     max_seq_len: int
+    # Per-step work derived from the fields above (and the step's positions), built by the
+    # first layer that asks (:meth:`plan`) and shared by the others. Only op sets with plans
+    # (the CPU references) fill it; it never holds inputs, so the dataclass stays a value.
+    plans: dict[str, Any] = field(default_factory=dict, init=False, compare=False, repr=False)
+
+    def plan(self, key: str, build: Callable[[], T]) -> T:
+        """The step's plan named ``key``: ``build()`` on the first call, the same object after."""
+        found = self.plans.get(key)
+        if found is None:
+            found = self.plans[key] = build()
+        return found  # type: ignore[no-any-return]
 
     @property
     def decode_only(self) -> bool:
@@ -45,6 +60,10 @@ class PagedAttention(nn.Module):
         self.head_dim = head_dim
         self.scale = scale
         self.ops = ops
+        # Op sets with plans (the CPU references) do the step's index work once, in the first
+        # layer, and store + attend in one call; the others store, then attend.
+        self.plan_op = ops.plan_paged_attention
+        self.planned_op = ops.paged_attention_with_plan
 
     def forward(
         self,
@@ -56,6 +75,10 @@ class PagedAttention(nn.Module):
     ) -> torch.Tensor:
         """q ``[T, Hq, D]``, k/v ``[T, Hk, D]``, kv_cache ``[2, blocks, block, Hk, D]`` -> ``[T, Hq, D]``."""
         key_cache, value_cache = kv_cache[0], kv_cache[1]
+        if self.plan_op is not None and self.planned_op is not None:
+            plan = md.plan("paged_attention", lambda: self._plan(md, key_cache.shape[1]))
+            out: torch.Tensor = self.planned_op(q, k, v, key_cache, value_cache, plan, self.scale)
+            return out
         self.ops.store_kvcache(k, v, key_cache, value_cache, md.slot_mapping)
         if md.decode_only:
             return self.ops.paged_decode_attention(
@@ -69,6 +92,18 @@ class PagedAttention(nn.Module):
             md.query_start_loc,
             md.seq_lens,
             self.scale,
+            md.max_query_len,
+            md.max_seq_len,
+        )
+
+    def _plan(self, md: AttentionMetadata, block_size: int) -> Any:
+        assert self.plan_op is not None  # invariant: only called when the ops plan
+        return self.plan_op(
+            md.slot_mapping,
+            md.block_tables,
+            md.query_start_loc,
+            md.seq_lens,
+            block_size,
             md.max_query_len,
             md.max_seq_len,
         )

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from gpu_worker.model_executor.layers.attention import AttentionMetadata
 from kernels import KernelOps
 
 
@@ -78,6 +79,16 @@ class RotaryEmbedding(nn.Module):
         self.cos_sin_cache = nn.Buffer(cache.to(device), persistent=False)
 
     def forward(
-        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
+        self,
+        positions: torch.Tensor,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        md: AttentionMetadata | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.ops.rotary_embedding(positions, q, k, self.cos_sin_cache)
+        """Rotate ``q``/``k`` by ``positions``; with the step's ``md`` (whose positions these
+        are), op sets that plan gather the cos/sin rows once per step instead of per layer."""
+        plan_op, apply_op = self.ops.plan_rotary_embedding, self.ops.rotary_embedding_with_plan
+        if md is None or plan_op is None or apply_op is None:
+            return self.ops.rotary_embedding(positions, q, k, self.cos_sin_cache)
+        plan = md.plan(f"rotary:{id(self)}", lambda: plan_op(positions, self.cos_sin_cache))
+        return apply_op(q, k, plan)  # type: ignore[no-any-return]

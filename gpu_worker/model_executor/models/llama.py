@@ -70,7 +70,7 @@ class DecoderAttention(nn.Module):
         v = v.reshape(num_tokens, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary(positions, q, k)
+        q, k = self.rotary(positions, q, k, md)
         out = self.attn(q, k, v, kv_cache, md)
         return self.o_proj(out.reshape(num_tokens, self.q_size))
 
@@ -141,7 +141,7 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.config = hf_config
         self.model = DecoderModel(hf_config, self.flags_for(hf_config), ops, dtype)
-        self.lm_head: nn.Linear | None = None
+        self.lm_head: nn.Module | None = None
         if not _is_tied(hf_config):
             self.lm_head = nn.Linear(hf_config.hidden_size, hf_config.vocab_size, bias=False, dtype=dtype)
 
@@ -165,8 +165,22 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """``[N, H]`` -> float32 logits ``[N, V]``."""
-        weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return nn.functional.linear(hidden, weight).float()
+        if self.lm_head is None:
+            logits = nn.functional.linear(hidden, self.model.embed_tokens.weight)
+        else:
+            logits = self.lm_head(hidden)
+        return logits if logits.dtype == torch.float32 else logits.float()
+
+    def untie_lm_head(self) -> None:
+        """Give a tied LM head its own ``nn.Linear`` holding a copy of the embedding (after
+        loading), so that weight-layout transforms reach it; costs vocab x hidden memory."""
+        if self.lm_head is not None:
+            return
+        embed = self.model.embed_tokens.weight
+        head = nn.Linear(embed.shape[1], embed.shape[0], bias=False, dtype=embed.dtype, device=embed.device)
+        with torch.no_grad():
+            head.weight.copy_(embed)
+        self.lm_head = head.requires_grad_(False)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Copy HF-named tensors into the (fused) parameters; returns the parameter names filled."""
