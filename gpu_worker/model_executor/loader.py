@@ -112,8 +112,14 @@ def eos_token_ids(source: ModelSource, hf_config: Any, tokenizer: Any | None = N
 
 
 def max_context_len(hf_config: Any) -> int:
-    """The longest sequence the model was built for (``max_position_embeddings``)."""
-    return int(hf_config.max_position_embeddings)
+    """The longest sequence we serve exactly: ``max_position_embeddings``, capped by the
+    attention window when the config enables sliding-window attention (Mistral). Our attention
+    is full causal, which equals sliding-window attention only within the window."""
+    limit = int(hf_config.max_position_embeddings)
+    window = getattr(hf_config, "sliding_window", None)
+    if window and getattr(hf_config, "use_sliding_window", True):
+        limit = min(limit, int(window))
+    return limit
 
 
 def build_model(hf_config: Any, device: torch.device, dtype: torch.dtype) -> nn.Module:

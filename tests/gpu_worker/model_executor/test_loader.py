@@ -128,3 +128,14 @@ def test_rope_cache_equals_hf_cos_sin(family: str) -> None:
     cos, sin = LlamaRotaryEmbedding(cfg)(torch.zeros(1, dtype=torch.float32), positions)
     half = head_dim // 2
     assert torch.equal(ours[:, :half], cos[0, :, :half]) and torch.equal(ours[:, half:], sin[0, :, :half])
+
+
+def test_sliding_window_caps_the_context_only_when_enabled() -> None:
+    from transformers import MistralConfig, Qwen2Config
+
+    from gpu_worker.model_executor.loader import max_context_len
+
+    assert max_context_len(MistralConfig(max_position_embeddings=32768, sliding_window=4096)) == 4096
+    assert max_context_len(MistralConfig(max_position_embeddings=32768, sliding_window=None)) == 32768
+    qwen2 = Qwen2Config(max_position_embeddings=32768, sliding_window=4096, use_sliding_window=False)
+    assert max_context_len(qwen2) == 32768
