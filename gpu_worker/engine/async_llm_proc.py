@@ -111,7 +111,8 @@ class AsyncLLMProc(AsyncLLM):
 
     def _on_step(self, result: StepResult) -> None:
         with self._wake:  # before the outputs: a consumer sees stats at least as new
-            self._stats = result.stats
+            if result.stats is not None:  # None: the child held an unchanged snapshot back
+                self._stats = result.stats
             self._num_queued_adds -= result.num_applied_adds
         if result.kv_events:
             with self._events_lock:
@@ -124,7 +125,7 @@ class AsyncLLMProc(AsyncLLM):
             if future is not None:
                 future.set_result(value)
         if result.outputs:
-            self._deliver(result.outputs)
+            self._deliver(result.outputs.unpack())
 
     def _deliver(self, outputs: list[EngineCoreOutput]) -> None:
         with self._routes_lock:

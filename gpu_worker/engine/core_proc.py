@@ -6,6 +6,13 @@ in its inbox (adds, aborts, queries, shutdown), runs one step, and sends **one**
 pipe. So no Python work of the step shares a GIL with the server's event loop, and the
 parent pays one unpickle per step instead of competing with the core for the GIL.
 
+As in vLLM's ``EngineCoreProc``, the child's main thread only applies commands and steps: an
+**input thread** moves commands from the inbox (unpickling them) into a local queue the loop
+drains without blocking, and an **output thread** pickles each :class:`StepResult` and writes it
+to the pipe, so both overlap the next step (torch and the wait for the sampled ids release the
+GIL). The outputs travel as :class:`PackedOutputs` (a few flat columns, not one pickled
+dataclass per request); the stats snapshot only when it matters (see :class:`_StatsGate`).
+
 The parent (:class:`EngineCoreProc`) only sends commands and reads results; it never loads
 the model weights (the tokenizer comes back pickled in the ready message). The child is
 started with the ``spawn`` context so it may initialise CUDA.
@@ -16,6 +23,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import queue
+import threading
 import time
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
@@ -23,12 +31,19 @@ from typing import Any
 
 from gpu_worker.config import EngineConfig
 from gpu_worker.core.kv_events import KVEvent
-from gpu_worker.core.types import EngineCoreOutput, EngineCoreRequest, SchedulerStats
+from gpu_worker.core.types import (
+    EngineCoreOutput,
+    EngineCoreRequest,
+    FinishReason,
+    SchedulerStats,
+    TokenLogprobs,
+)
 
 logger = logging.getLogger(__name__)
 
 _SHUTDOWN_TIMEOUT_S = 10.0
-_PARENT_CHECK_S = 1.0  # how often an idle child checks that its parent is alive
+_PARENT_CHECK_S = 1.0  # how often the child's input thread checks that its parent is alive
+_STATS_INTERVAL_S = 0.05  # while stepping, the stats snapshot is sent at least this often
 
 
 # ---------------------------------------------------------------------- messages (all picklable)
@@ -67,11 +82,63 @@ class AddFailed:
 
 
 @dataclass(frozen=True)
-class StepResult:
-    """One loop of the child: what it applied, and the step's outputs if it stepped."""
+class PackedOutputs:
+    """One step's :class:`EngineCoreOutput` list as flat columns (cheap to pickle).
 
-    outputs: list[EngineCoreOutput]
-    stats: SchedulerStats
+    ``extras`` holds, sparsely, what most outputs lack: ``(row, new_logprobs, finish_reason,
+    stop_token_id)`` for rows with logprobs, a finish reason or a stop token.
+    """
+
+    request_ids: list[str]
+    new_token_ids: list[tuple[int, ...]]
+    num_cached_tokens: list[int]
+    extras: list[tuple[int, tuple[TokenLogprobs, ...], str | None, int | None]]
+
+    @staticmethod
+    def pack(outputs: list[EngineCoreOutput]) -> PackedOutputs:
+        extras = [
+            (row, o.new_logprobs, None if o.finish_reason is None else o.finish_reason.value, o.stop_token_id)
+            for row, o in enumerate(outputs)
+            if o.new_logprobs or o.finish_reason is not None or o.stop_token_id is not None
+        ]
+        return PackedOutputs(
+            [o.request_id for o in outputs],
+            [o.new_token_ids for o in outputs],
+            [o.num_cached_tokens for o in outputs],
+            extras,
+        )
+
+    def unpack(self) -> list[EngineCoreOutput]:
+        outputs = [
+            EngineCoreOutput(rid, tokens, num_cached_tokens=cached)
+            for rid, tokens, cached in zip(
+                self.request_ids, self.new_token_ids, self.num_cached_tokens, strict=True
+            )
+        ]
+        for row, logprobs, reason, stop_token_id in self.extras:
+            outputs[row] = EngineCoreOutput(
+                self.request_ids[row],
+                self.new_token_ids[row],
+                new_logprobs=logprobs,
+                finish_reason=FinishReason(reason) if reason is not None else None,
+                num_cached_tokens=self.num_cached_tokens[row],
+                stop_token_id=stop_token_id,
+            )
+        return outputs
+
+    def __len__(self) -> int:
+        return len(self.request_ids)
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """One loop of the child: what it applied, and the step's outputs if it stepped.
+
+    ``stats`` is None when the snapshot was held back (the parent keeps its last one).
+    """
+
+    outputs: PackedOutputs | None
+    stats: SchedulerStats | None
     kv_events: list[KVEvent]
     num_applied_adds: int  # core requests taken from the inbox by this loop
     failed_adds: list[AddFailed] = field(default_factory=list)
@@ -120,42 +187,88 @@ def run_engine_core(config: EngineConfig, inbox: Any, conn: Connection) -> None:
     except BaseException as exc:  # the parent re-raises it from from_config
         conn.send(Failed(_picklable(exc)))
         return
+    commands: queue.Queue[Command] = queue.Queue()
+    sends: queue.Queue[StepResult | Failed | None] = queue.Queue()  # None: no more
+    threading.Thread(target=_read_commands, args=(inbox, commands), name="core-input", daemon=True).start()
+    sender = threading.Thread(target=_send_results, args=(sends, conn), name="core-output", daemon=True)
+    sender.start()
     try:
-        _loop(core, inbox, conn)
+        _loop(core, commands, sends)
     except Exception as exc:  # a failed step: the parent fails every in-flight request
         logger.exception("engine core process failed")
-        conn.send(Failed(_picklable(exc)))
+        sends.put(Failed(_picklable(exc)))
+    finally:
+        sends.put(None)
+        sender.join()  # everything queued reaches the pipe before the child exits
 
 
-def _take_commands(inbox: Any, block: bool) -> list[Command]:
-    commands: list[Command] = [_wait_command(inbox)] if block else []
-    while True:
-        try:
-            commands.append(inbox.get_nowait())
-        except queue.Empty:
-            return commands
-
-
-def _wait_command(inbox: Any) -> Command:
-    """The next command; Shutdown if the parent died (a killed parent must not leave the GPU held)."""
+def _read_commands(inbox: Any, commands: queue.Queue[Command]) -> None:
+    """Input thread: inbox -> ``commands`` until Shutdown (also queued if the parent died)."""
     parent = multiprocessing.parent_process()
     while True:
         try:
             command: Command = inbox.get(timeout=_PARENT_CHECK_S)
-            return command
         except queue.Empty:
-            if parent is not None and not parent.is_alive():
-                return Shutdown()
+            if parent is not None and not parent.is_alive():  # a killed parent must not leave the GPU held
+                commands.put(Shutdown())
+                return
+            continue
+        except (EOFError, OSError):
+            commands.put(Shutdown())
+            return
+        commands.put(command)
+        if isinstance(command, Shutdown):
+            return
 
 
-def _loop(core: Any, inbox: Any, conn: Connection) -> None:
-    num_steps, step_time_s = 0, 0.0
+def _send_results(sends: queue.Queue[StepResult | Failed | None], conn: Connection) -> None:
+    """Output thread: pickle and write each message, in order, until None."""
     while True:
-        commands = _take_commands(inbox, block=not core.has_unfinished())
+        message = sends.get()
+        if message is None:
+            return
+        try:
+            conn.send(message)
+        except (BrokenPipeError, OSError):  # the parent is gone: nothing to tell
+            return
+
+
+def _take_commands(commands: queue.Queue[Command], block: bool) -> list[Command]:
+    taken: list[Command] = [commands.get()] if block else []
+    while True:
+        try:
+            taken.append(commands.get_nowait())
+        except queue.Empty:
+            return taken
+
+
+class _StatsGate:
+    """Decides whether a loop's stats snapshot is sent: whenever the request counts change
+    (or something was added, failed or queried), when the core goes idle (so the final state
+    is always seen), and at least every ``_STATS_INTERVAL_S`` while stepping."""
+
+    def __init__(self) -> None:
+        self._last_key: tuple[int, int, int] | None = None
+        self._last_sent = 0.0
+
+    def should_send(self, stats: SchedulerStats, eventful: bool, idle: bool) -> bool:
+        key = (stats.num_running, stats.num_waiting, stats.num_preemptions)
+        now = time.monotonic()
+        if eventful or idle or key != self._last_key or now - self._last_sent >= _STATS_INTERVAL_S:
+            self._last_key, self._last_sent = key, now
+            return True
+        return False
+
+
+def _loop(core: Any, commands: queue.Queue[Command], sends: queue.Queue[StepResult | Failed | None]) -> None:
+    num_steps, step_time_s = 0, 0.0
+    gate = _StatsGate()
+    while True:
+        taken = _take_commands(commands, block=not core.has_unfinished())
         failed: list[AddFailed] = []
         replies: list[tuple[int, Any]] = []
         num_adds = 0
-        for command in commands:
+        for command in taken:
             if isinstance(command, Shutdown):
                 return
             if isinstance(command, AbortRequests):
@@ -167,16 +280,20 @@ def _loop(core: Any, inbox: Any, conn: Connection) -> None:
                 error = _add(core, command)
                 if error is not None:
                     failed.append(AddFailed(command.request_id, error))
-        outputs: list[EngineCoreOutput] = []
+        outputs: PackedOutputs | None = None
         if core.has_unfinished():
             start = time.perf_counter()
-            outputs = core.step()
+            step_outputs = core.step()
             num_steps += 1
             step_time_s += time.perf_counter() - start
-        stats = core.stats()
-        extra = {"engine_steps": float(num_steps), "engine_step_time_s": step_time_s}
-        stats = _with_extra(stats, extra)
-        conn.send(StepResult(outputs, stats, core.take_kv_events(), num_adds, failed, replies))
+            if step_outputs:
+                outputs = PackedOutputs.pack(step_outputs)
+        snapshot = core.stats()
+        stats: SchedulerStats | None = None
+        if gate.should_send(snapshot, bool(num_adds or failed or replies), not core.has_unfinished()):
+            extra = {"engine_steps": float(num_steps), "engine_step_time_s": step_time_s}
+            stats = _with_extra(snapshot, extra)
+        sends.put(StepResult(outputs, stats, core.take_kv_events(), num_adds, failed, replies))
 
 
 def _add(core: Any, command: AddRequests) -> BaseException | None:
