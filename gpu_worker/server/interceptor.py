@@ -88,19 +88,7 @@ def _wrap_stream(behavior: Callable[..., Any], method: str) -> Callable[..., Any
     Watch is a coroutine writing with ``context.write`` (and is never traced)."""
     if inspect.isasyncgenfunction(behavior):
         return _wrap_async_generator(behavior, method)
-
-    async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> None:
-        try:
-            await behavior(request, context)
-        except asyncio.CancelledError:
-            _log_cancel(context, method)
-            raise
-        except grpc.aio.AbortError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - the point of this interceptor
-            await _abort(context, method, exc)
-
-    return wrapped
+    return _wrap_unary(behavior, method)  # a coroutine handler: same error handling as unary
 
 
 def _wrap_async_generator(
