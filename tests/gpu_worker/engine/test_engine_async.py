@@ -124,7 +124,10 @@ async def test_invalid_input_fails_alone(engine: AsyncLLM) -> None:
     with pytest.raises(ValueError, match="^messages"):
         await collect(engine, ChatPrompt([]), params, "bad-chat")
     results = await good
-    assert all(len(r[-1].outputs[0].token_ids) == 1 and r[-1].finished for r in results)
+    # A consumer that lags gets its waiting deltas merged (AsyncLLM's contract), so only the
+    # totals and the finish are fixed, not how many tokens each chunk holds.
+    assert all(r[-1].finished and r[-1].outputs[0].finish_reason == "length" for r in results)
+    assert all(not o.finished for r in results for o in r[:-1])
     assert [sum(len(o.outputs[0].token_ids) for o in r) for r in results] == [8] * len(PROMPTS)
     events = engine.take_kv_events()
     assert any(isinstance(e, BlockStored) for e in events) and engine.take_kv_events() == []
