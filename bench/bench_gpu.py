@@ -1,7 +1,7 @@
 """GPU benchmarks W1-W3 (shared/BASELINES.md): our engine vs HF transformers, same process, same card.
 
     PYTHONPATH=. python bench/bench_gpu.py --commit $(git rev-parse HEAD) \\
-        [--workloads W1,W2,W3] [--engines ours,hf,hf_batch] [--out-dir DIR]
+        [--workloads W1,W2,W3] [--engines ours,ours_sync,hf,hf_batch] [--out-dir DIR]
 
 Models have random bf16 weights in the shapes of llama3-8b / llama3-1b (configs written here,
 ``load_format="dummy"``). Our engine runs as its engine core (scheduler + KV cache manager +
@@ -66,40 +66,24 @@ def prompts_for(n: int, length: int, seed: int) -> list[list[int]]:
 
 
 class OurEngine:
-    """Engine core pieces wired as EngineCore does, with the KV pool sized by profiling."""
+    """The engine core as the worker runs it (scheduler + KV cache manager + model runner, the
+    KV pool sized by profiling), without tokenizer or detokenizer, like HF's token-id outputs."""
 
-    def __init__(self, model_dir: Path, max_num_seqs: int = 256, enforce_eager: bool = False) -> None:
+    def __init__(self, model_dir: Path, max_num_seqs: int = 256, enforce_eager: bool = False,
+                 async_scheduling: bool = True) -> None:
         from gpu_worker.config import EngineConfig
-        from gpu_worker.core.kv_cache_manager import KVCacheManager
-        from gpu_worker.core.scheduler import Scheduler
-        from gpu_worker.model_executor import loader
-        from gpu_worker.worker import kv_sizing
-        from gpu_worker.worker.model_runner import ModelRunner
+        from gpu_worker.engine.core import EngineCore
 
         t0 = time.perf_counter()
         config = EngineConfig(model=str(model_dir), load_format="dummy", max_model_len=MAX_MODEL_LEN,
                               max_num_seqs=max_num_seqs, max_num_batched_tokens=8192,
                               gpu_memory_utilization=0.9, enable_prefix_caching=False,
-                              enforce_eager=enforce_eager)
-        source = loader.resolve_model(config.model)
-        hf = loader.load_hf_config(source)
-        dev, dtype = torch.device("cuda"), torch.bfloat16
-        model = loader.load_model(config, dev, dtype, source=source, hf_config=hf)
-        self.peak_bytes = 0
-
-        def profile() -> int:
-            self.peak_bytes = kv_sizing.profile_peak_bytes(config, model, hf, dev, dtype)
-            return self.peak_bytes
-
-        self.num_blocks = kv_sizing.num_kv_blocks(config, hf, dev, dtype, profile)
-        kv = KVCacheManager(self.num_blocks, config.block_size, config.enable_prefix_caching)
-        self.scheduler = Scheduler(kv, max_num_seqs=config.max_num_seqs,
-                                   max_num_batched_tokens=config.max_num_batched_tokens,
-                                   max_model_len=MAX_MODEL_LEN, block_size=config.block_size,
-                                   hash_seed=config.model_name)
-        self.runner = ModelRunner(config, model, hf, dev, dtype, self.num_blocks, ())
+                              enforce_eager=enforce_eager, skip_tokenizer_init=True,
+                              async_scheduling=async_scheduling)
+        self.core = EngineCore(config)
+        self.num_blocks = self.core.num_kv_blocks
         t1 = time.perf_counter()
-        self.runner.warmup()  # includes CUDA graph capture
+        self.core.warmup()  # includes CUDA graph capture
         torch.cuda.synchronize()
         self.load_s, self.warmup_s = t1 - t0, time.perf_counter() - t1
         self._ids = 0
@@ -114,47 +98,41 @@ class OurEngine:
         t_start = time.perf_counter()
         for p in prompts:
             self._ids += 1
-            self.scheduler.add_request(EngineCoreRequest(f"b{self._ids}", tuple(p), params))
+            self.core.add_request(EngineCoreRequest(f"b{self._ids}", tuple(p), params))
         first: list[float] = []
-        steps: list[tuple[int, float, float]] = []  # (scheduled tokens, step end, execute seconds)
+        steps: list[tuple[int, float]] = []  # (requests that got a token, step end)
         n_out = 0
-        while self.scheduler.has_unfinished():
+        while self.core.has_unfinished():
             if on_step is not None:
                 on_step(len(steps))
-            sched = self.scheduler.schedule()
-            t_exec = time.perf_counter()
-            out = self.runner.execute(sched)
-            t_exec = time.perf_counter() - t_exec
-            for o in self.scheduler.update(sched, out):
-                if o.new_token_ids and n_out < len(prompts) and not first:
-                    first.append(time.perf_counter())
-                n_out += len(o.new_token_ids)
-            steps.append((sched.num_scheduled_tokens, time.perf_counter(), t_exec))
+            outputs = self.core.step()
+            if outputs and not first:
+                first.append(time.perf_counter())
+            n_out += sum(len(o.new_token_ids) for o in outputs)
+            steps.append((len(outputs), time.perf_counter()))
         elapsed = time.perf_counter() - t_start
         return dict(elapsed_s=elapsed, output_tokens=n_out, steps=steps, t_start=t_start,
                     ttft_s=(first[0] - t_start) if first else None)
 
     def close(self) -> None:
-        if self.runner.graphs is not None:
-            self.runner.graphs.clear()
-        del self.runner, self.scheduler
+        if self.core.runner.graphs is not None:
+            self.core.runner.graphs.clear()
+        del self.core
         gc.collect()
         torch.cuda.empty_cache()
 
 
 def decode_step_stats(res: dict[str, Any], num_seqs: int) -> dict[str, float]:
-    """Wall time of the decode steps with a full batch (one token per running request)."""
-    times, execs = [], []
+    """Wall time of the decode steps with a full batch (a token for every request)."""
+    times = []
     prev = res["t_start"]
-    for tokens, end, t_exec in res["steps"]:
-        if tokens == num_seqs:
+    for num_outputs, end in res["steps"]:
+        if num_outputs == num_seqs:
             times.append(end - prev)
-            execs.append(t_exec)
         prev = end
     if not times:
         return {}
-    return dict(decode_steps=len(times), decode_step_ms=1e3 * float(np.median(times)),
-                execute_ms=1e3 * float(np.median(execs)))
+    return dict(decode_steps=len(times), decode_step_ms=1e3 * float(np.median(times)))
 
 
 def profile_decode(engine: OurEngine, prompts: list[list[int]], out_dir: Path, tag: str) -> dict[str, float]:
@@ -255,11 +233,15 @@ class Ctx:
         print(f"  {workload} {shape} {engine}: {tok_s:,.0f} tok/s {extra}", flush=True)
 
 
-def bench_ours(ctx: Ctx, shape: str, model_dir: Path, workloads: list[str]) -> None:
-    engine = OurEngine(model_dir, enforce_eager=ctx.args.eager)
+def bench_ours(
+    ctx: Ctx, shape: str, model_dir: Path, workloads: list[str], async_scheduling: bool = True
+) -> None:
+    """Our engine core; ``llmserve`` rows with async scheduling (the CUDA default), else ``llmserve_sync``."""
+    engine = OurEngine(model_dir, enforce_eager=ctx.args.eager, async_scheduling=async_scheduling)
+    name = "llmserve" if async_scheduling else "llmserve_sync"
     cfg = report.shape_numbers(SHAPES[shape])
-    print(f"[ours {shape}] load {engine.load_s:.1f}s warmup+capture {engine.warmup_s:.1f}s "
-          f"profiled peak {engine.peak_bytes / 2**30:.2f} GiB, {engine.num_blocks} KV blocks", flush=True)
+    print(f"[{name} {shape}] load {engine.load_s:.1f}s warmup+capture {engine.warmup_s:.1f}s, "
+          f"{engine.num_blocks} KV blocks", flush=True)
     for w in workloads:
         _, n, p_len, o_len = WORKLOADS[w]
         if w == "W2":
@@ -267,7 +249,7 @@ def bench_ours(ctx: Ctx, shape: str, model_dir: Path, workloads: list[str]) -> N
             res = engine.run(prompts_for(1, p_len, 2), o_len)
             tpot = (res["elapsed_s"] - res["ttft_s"]) / (o_len - 1)
             floor = report.w2_roofline_tok_s(cfg, ctx.ceilings, p_len, o_len)
-            ctx.add(w, shape, "llmserve", 1 / tpot, ttft_s=round(res["ttft_s"], 5),
+            ctx.add(w, shape, name, 1 / tpot, ttft_s=round(res["ttft_s"], 5),
                     tpot_ms=round(tpot * 1e3, 4), e2e_s=round(res["elapsed_s"], 4),
                     floor_tok_s=round(floor, 1), share_of_floor=round(1 / tpot / floor, 4))
             if ctx.args.profile:
@@ -279,7 +261,7 @@ def bench_ours(ctx: Ctx, shape: str, model_dir: Path, workloads: list[str]) -> N
         res = engine.run(prompts, o_len)
         tok_s = res["output_tokens"] / res["elapsed_s"]
         floor = report.w1_floor_tok_s(cfg, ctx.ceilings, n, p_len, o_len)
-        ctx.add(w, shape, "llmserve", tok_s, elapsed_s=round(res["elapsed_s"], 3),
+        ctx.add(w, shape, name, tok_s, elapsed_s=round(res["elapsed_s"], 3),
                 ttft_s=round(res["ttft_s"], 4), floor_tok_s=round(floor, 1),
                 share_of_floor=round(tok_s / floor, 4), num_kv_blocks=engine.num_blocks,
                 cuda_graphs=not ctx.args.eager, **decode_step_stats(res, n))
@@ -320,7 +302,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--commit", default="unknown")
     ap.add_argument("--workloads", default="W1,W2,W3")
-    ap.add_argument("--engines", default="ours,hf,hf_batch")
+    ap.add_argument("--engines", default="ours,hf,hf_batch",
+                    help="ours (async scheduling), ours_sync (synchronous steps), hf, hf_batch")
     ap.add_argument("--hf-batches", default="64,256", type=lambda s: [int(x) for x in s.split(",")])
     ap.add_argument("--hf-batches-timed", type=int, default=1)
     ap.add_argument("--gen-batch-requests", type=int, default=64)
@@ -345,6 +328,8 @@ def main() -> None:
         model_dir = write_config(shape, args.out_dir / "configs")
         if "ours" in engines:
             bench_ours(ctx, shape, model_dir, shape_workloads)
+        if "ours_sync" in engines:
+            bench_ours(ctx, shape, model_dir, shape_workloads, async_scheduling=False)
         if {"hf", "hf_batch"} & set(engines):
             bench_hf(ctx, shape, model_dir, shape_workloads, engines)
     append_results(args.results, ctx.rows)

@@ -5,7 +5,8 @@
   head dim 128, bf16, block size 16): achieved bandwidth (K/V bytes read) as a share of the
   copy bandwidth, the default tiling and a sweep of tilings;
 - prefill attention (fresh, with a cached prefix, mixed with decodes) and the norms,
-  activation and rotary ops: time and ratio against the reference.
+  activation and rotary ops (also rotary + K/V store: two launches, and fused in one, at 4096
+  tokens and at one decode token): time and ratio against the reference.
 
 Times are medians of ``triton.testing.do_bench`` (CUDA events) after a warm-up.
 ``python bench/bench_kernels.py [--json PATH] [--no-sweep]``; prints a table last.
@@ -184,6 +185,20 @@ def elementwise_rows(copy_gb_s: float) -> list[Row]:
     pos = torch.randint(0, 8192, (tokens,), device="cuda")
     cache = torch.randn(8192, d, device="cuda")
     row_bytes = tokens * hidden * 2
+    v = qkv[:, hq + hk :]
+    kv_cache = bf16(2, tokens // 16, 16, hk, d)  # block size 16
+    slots = torch.randperm(tokens, device="cuda")
+
+    def on_tokens(n: int, fn: Callable[..., object]) -> Callable[[], object]:
+        """``fn`` with the rotary_store_kvcache arguments of the first ``n`` tokens."""
+        args = (pos[:n], q[:n], k[:n], v[:n], cache, kv_cache[0], kv_cache[1], slots[:n])
+        return lambda: fn(*args)
+
+    def two_launches(p: torch.Tensor, q_: torch.Tensor, k_: torch.Tensor, v_: torch.Tensor,
+                     cos_sin: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, s: torch.Tensor) -> None:
+        tops.rotary_embedding(p, q_, k_, cos_sin)
+        tops.store_kvcache(k_, v_, kc, vc, s)
+
     cases: list[tuple[str, Callable[[], object], Callable[[], object], int]] = [
         ("rms_norm 4096x4096", lambda: tops.rms_norm(x, w, 1e-5), lambda: reference.rms_norm(x, w, 1e-5),
          2 * row_bytes),
@@ -195,6 +210,13 @@ def elementwise_rows(copy_gb_s: float) -> list[Row]:
         ("rotary 4096 tok 32+8 heads", lambda: tops.rotary_embedding(pos, q, k, cache),
          lambda: reference.rotary_embedding(pos, q, k, cache), 2 * tokens * (hq + hk) * d * 2),
     ]
+    # Rotary + K/V store as two launches and as one, at a prefill's 4096 tokens and at one decode
+    # token (launch-bound). Bytes per token: q read + written, k and v read, k and v written.
+    for n in (tokens, 1):
+        ref, nbytes = on_tokens(n, reference.rotary_store_kvcache), n * (2 * hq + 4 * hk) * d * 2
+        for name, op in (("rotary + store_kvcache, 2 launches", two_launches),
+                         ("rotary_store_kvcache fused", tops.rotary_store_kvcache)):
+            cases.append((f"{name}, {n} tok", on_tokens(n, op), ref, nbytes))
     rows = []
     for name, fn, ref_fn, nbytes in cases:
         ms = bench(fn)

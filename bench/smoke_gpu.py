@@ -2,8 +2,9 @@
 
 Writes a small llama3-shaped config (2 layers, random bf16 weights, no tokenizer), then runs
 ``LLM.generate`` on token-id prompts with the CUDA defaults (engine core in its own process,
-CUDA graphs, Triton kernels, KV pool sized from ``gpu_memory_utilization``) and with the engine
-core on a thread in eager mode, and checks that greedy outputs agree.
+CUDA graphs, async scheduling, Triton kernels, KV pool sized from ``gpu_memory_utilization``)
+and with the engine core on a thread in eager mode, and checks that greedy outputs agree; with
+CUDA graphs, async and synchronous scheduling must agree exactly (same batches, same kernels).
 
     PYTHONPATH=. python bench/smoke_gpu.py
 """
@@ -35,10 +36,13 @@ def main() -> int:
     rng = random.Random(0)
     prompts = [[rng.randrange(1000, 100000) for _ in range(rng.randrange(5, 300))] for _ in range(24)]
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
-    results = [_offline(LLM, folder, prompts, params, enforce_eager=True)]
+    results = [_offline(LLM, folder, prompts, params, enforce_eager=True, async_scheduling=False)]
     results.append(_offline(LLM, folder, prompts, params))
     results.append(asyncio.run(_served(folder, prompts, params)))
-    ok = True
+    graphs_sync = _offline(LLM, folder, prompts, params, async_scheduling=False)
+    same_sync = sum(a == b for a, b in zip(results[1], graphs_sync, strict=True))
+    print(f"offline, CUDA graphs: async vs synchronous scheduling {same_sync}/{len(prompts)} equal")
+    ok = same_sync == len(prompts)
     for name, got in zip(("offline, CUDA graphs", "AsyncLLM, engine core process"), results[1:], strict=True):
         same = sum(a == b for a, b in zip(results[0], got, strict=True))
         # bf16 graphs vs eager may flip a near-tie argmax; most sequences must agree exactly.

@@ -33,6 +33,11 @@ class EngineConfig:
     instead of a thread, so its step loop never competes with the gRPC event loop for the GIL
     (vLLM v1's ``EngineCoreProc``); ``None`` (auto) means a process on CUDA, a thread on CPU
     (W4 on an H200: gRPC cost 30% -> 15% vs offline). The offline ``LLM`` ignores it.
+
+    ``async_scheduling`` plans and launches step k+1 before waiting for step k's sampled
+    tokens (vLLM's ``--async-scheduling``), hiding the host's work behind the device's;
+    ``None`` (auto) means on with CUDA, off on CPU (where there is nothing to overlap).
+    Outputs are the same token for token either way.
     """
 
     model: str = "smollm2-135m"
@@ -54,6 +59,7 @@ class EngineConfig:
     max_queue_len: int = 1024
     skip_tokenizer_init: bool = False
     engine_core_process: bool | None = None
+    async_scheduling: bool | None = None
 
     def __post_init__(self) -> None:
         checks: list[tuple[bool, str]] = [

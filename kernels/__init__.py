@@ -34,6 +34,17 @@ class KernelOps:
     paged_attention_with_plan: Callable[..., Any] | None = None
     plan_rotary_embedding: Callable[..., Any] | None = None
     rotary_embedding_with_plan: Callable[..., Any] | None = None
+    # Optional fused rotary_embedding + store_kvcache (None: layers call the two ops). With it
+    # a layer rotates and stores in one call, then only attends. Sets whose planned attention
+    # stores K/V itself must not have it: the K/V would be stored twice.
+    rotary_store_kvcache: Callable[..., Any] | None = None
+
+    def __post_init__(self) -> None:
+        if self.rotary_store_kvcache is not None and self.paged_attention_with_plan is not None:
+            raise ValueError(
+                f"op set {self.name!r}: rotary_store_kvcache and paged_attention_with_plan both "
+                "store K/V; give one of them"
+            )
 
 
 def reference_ops() -> KernelOps:

@@ -112,6 +112,27 @@ def store_kvcache(
     value_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, value.to(value_cache.dtype))
 
 
+def rotary_store_kvcache(
+    positions: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cos_sin_cache: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> torch.Tensor:
+    """:func:`rotary_embedding` of ``q``/``k``, then :func:`store_kvcache` of the rotated ``k``
+    and ``v``; returns the rotated ``q`` (arguments as in those two ops).
+
+    Padding tokens (negative slots) still get ``q`` rotated; nothing is stored for them.
+    Kernels may rotate ``q`` in place and return it; ``k`` and ``v`` are left as they are.
+    """
+    q, k = rotary_embedding(positions, q, k, cos_sin_cache)
+    store_kvcache(k, v, key_cache, value_cache, slot_mapping)
+    return q
+
+
 def paged_attention(
     q: torch.Tensor,
     key_cache: torch.Tensor,

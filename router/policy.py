@@ -13,7 +13,8 @@ rather than on whichever worker looked idlest to each router. A hot-prefix guard
 piling up: a worker whose queue exceeds the least-loaded candidate's by more than
 ``max(GUARD_MIN, GUARD_FRACTION * max_num_seqs)`` gets neither prefix credit nor the home bonus,
 so one popular shared prefix spreads to other workers (which then cache it too).
-``least-load`` ranks by load alone and ``round-robin`` rotates; both ignore the prefix.
+``least-load`` ranks by load alone and ``round-robin`` rotates through each model's workers; both
+ignore the prefix.
 All rankings except round-robin are pure functions of the fleet state and the request, so
 routers sharing Redis agree.
 """
@@ -22,7 +23,6 @@ from __future__ import annotations
 
 import abc
 import hashlib
-import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -143,14 +143,18 @@ class LeastLoadPolicy(Policy):
 
 @dataclass
 class RoundRobinPolicy(Policy):
-    """Rotates through the candidates (per router process; the counter is its only state)."""
+    """Rotates through each model's candidates (per router process; one turn counter per model
+    is its only state, so requests for one model never skip another's workers). The counters
+    are as many as the models this router has routed, the fleet's models."""
 
     name = "round-robin"
-    _counter: itertools.count[int] = field(default_factory=itertools.count)
+    _turns: dict[str, int] = field(default_factory=dict)
 
     def rank(self, query: RouteQuery, candidates: Sequence[Candidate]) -> Ranked:
         ordered = sorted(candidates, key=lambda c: c.worker.worker_id)
-        start = next(self._counter) % len(ordered)
+        turn = self._turns.get(query.model, 0)
+        self._turns[query.model] = turn + 1
+        start = turn % len(ordered)
         ordered = ordered[start:] + ordered[:start]
         return Ranked(tuple(ordered), tuple(0.0 for _ in ordered), "round_robin")
 

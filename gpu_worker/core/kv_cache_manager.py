@@ -99,7 +99,8 @@ class KVCacheManager:
         if cached:
             self._check_prefix_hit(request, table, cached)
         num_held = len(table) if table else 0
-        num_computed = request.num_computed_tokens + len(cached) * self.block_size
+        # Tokens of a step still in flight (async scheduling) already hold their slots.
+        num_computed = request.num_scheduled_tokens + len(cached) * self.block_size
         num_needed = _cdiv(num_computed + num_new_tokens, self.block_size) - num_held - len(cached)
         # Touching a free cached block takes it off the free list too.
         num_free_after_touch = self.pool.num_free_blocks - sum(1 for b in cached if b.ref_cnt == 0)

@@ -47,6 +47,12 @@ class Request:
     Invariants: ``all_token_ids == prompt_token_ids + output_token_ids``;
     ``0 <= num_computed_tokens <= num_tokens``; ``block_hashes`` holds exactly one hash per
     full block of ``all_token_ids`` (prompt and output), chained from ``root_hash(hash_seed)``.
+
+    With async scheduling one step can be in flight while the next is scheduled:
+    ``num_inflight_tokens`` are the tokens scheduled in that step (computed once the step
+    is accounted for) and ``num_pending_outputs`` (0 or 1) says whether it samples a token
+    for this request. A decode scheduled behind it computes that not-yet-known token (a
+    placeholder the runner fills on the device). Both are 0 between synchronous steps.
     """
 
     def __init__(
@@ -72,6 +78,8 @@ class Request:
         self.output_token_ids: list[int] = []
         self.all_token_ids: list[int] = list(self.prompt_token_ids)
         self.num_computed_tokens = 0
+        self.num_inflight_tokens = 0
+        self.num_pending_outputs = 0
         self.num_cached_tokens = 0  # prefix-cache hit at the first admission (not after preemption)
         self.status = RequestStatus.WAITING
         self.stop_token_id: int | None = None
@@ -94,6 +102,11 @@ class Request:
     @property
     def num_tokens(self) -> int:
         return len(self.all_token_ids)
+
+    @property
+    def num_scheduled_tokens(self) -> int:
+        """Tokens whose K/V are computed or being computed by the step in flight."""
+        return self.num_computed_tokens + self.num_inflight_tokens
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -6,7 +6,11 @@ long prompt is chunked under ``max_num_batched_tokens``, a prefix hit starts at 
 uncached token, and a preempted request simply starts again from the cached prefix.
 
 One step: ``schedule()`` -> runner -> ``update(scheduler_output, runner_output)``. ``schedule``
-does not advance ``num_computed_tokens``; ``update`` does, so the two calls alternate.
+does not advance ``num_computed_tokens``; ``update`` does. Synchronously the two calls
+alternate. With async scheduling the engine core plans step k+1 while step k is in flight
+(``schedule(k+1)`` comes before ``update(k)``): a request that step k samples for is then
+scheduled for one more token, a placeholder (``PLACEHOLDER_TOKEN_ID``) the runner fills on
+the device, unless that token already ends it by length. At most one step is in flight.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from gpu_worker.core.kv_cache_manager import KVCacheManager
 from gpu_worker.core.kv_events import KVEvent
 from gpu_worker.core.request import Request, RequestStatus
 from gpu_worker.core.types import (
+    PLACEHOLDER_TOKEN_ID,
     EngineCoreOutput,
     EngineCoreRequest,
     FinishReason,
@@ -116,12 +121,7 @@ class Scheduler:
             request = self._requests.get(rid)
             if request is None:
                 continue
-            if request.status is RequestStatus.RUNNING:
-                self._running.remove(request)
-            elif request.status is RequestStatus.PREEMPTED:
-                self._preempted.remove(request)
-            else:
-                self._waiting = [item for item in self._waiting if item[1] is not request]
+            self._dequeue(request)
             self._finish(request, RequestStatus.FINISHED_ABORTED)
             outputs.append(
                 EngineCoreOutput(
@@ -151,8 +151,8 @@ class Scheduler:
         i = 0
         while i < len(self._running) and plan.token_budget > 0:
             request = self._running[i]
-            num_tokens = min(request.num_tokens - request.num_computed_tokens, plan.token_budget)
-            if num_tokens <= 0:  # nothing to compute until it gets a new token (defensive)
+            num_tokens = min(self._num_schedulable(request), plan.token_budget)
+            if num_tokens <= 0:  # nothing to compute until the step in flight is accounted for
                 i += 1
                 continue
             new_block_ids = self.kv.allocate(request, num_tokens)
@@ -168,10 +168,24 @@ class Scheduler:
             plan.add(request, num_tokens, new_block_ids, admitted=False)
             i += 1
 
+    def _num_schedulable(self, request: Request) -> int:
+        """Tokens a running request can compute now: its tokens not scheduled yet, plus the
+        one the step in flight samples for it unless that one ends it by length anyway."""
+        pending = request.num_pending_outputs
+        if pending:
+            max_tokens = request.params.max_tokens
+            if (max_tokens is not None and request.num_output_tokens + pending >= max_tokens) or (
+                request.num_tokens + pending >= self.max_model_len
+            ):
+                return 0
+        return request.num_tokens + pending - request.num_scheduled_tokens
+
     def _schedule_waiting(self, plan: _StepPlan) -> None:
         while plan.token_budget > 0 and len(self._running) < self.max_num_seqs:
             request = self._peek_waiting()
-            if request is None:
+            if request is None or request.num_pending_outputs:
+                # A request preempted while a step in flight samples for it resumes once that
+                # token is known (the next update); nobody overtakes the head of the queue.
                 return
             cached_ids, num_cached = self.kv.match_prefix(request)
             num_tokens = min(request.num_tokens - num_cached, plan.token_budget)
@@ -201,6 +215,7 @@ class Scheduler:
         self.kv.free(request)
         request.status = RequestStatus.PREEMPTED
         request.num_computed_tokens = 0
+        request.num_inflight_tokens = 0  # recomputed on resume; a pending output still comes
         self._preempted.appendleft(request)
         self._preempted_ids.add(request.request_id)
         self._num_preemptions += 1
@@ -208,10 +223,14 @@ class Scheduler:
     def _build_output(self, plan: _StepPlan) -> SchedulerOutput:
         scheduled = []
         for request, num_tokens, new_block_ids, admitted in plan.entries:
-            start = request.num_computed_tokens
+            start = request.num_scheduled_tokens
             end = start + num_tokens
             token_ids = tuple(request.all_token_ids[start:end])
-            sample = end == request.num_tokens
+            if end > request.num_tokens:  # the token the step in flight samples (at most one)
+                token_ids += (PLACEHOLDER_TOKEN_ID,) * (end - max(start, request.num_tokens))
+            sample = end == request.num_tokens + request.num_pending_outputs
+            request.num_inflight_tokens += num_tokens
+            request.num_pending_outputs += sample
             if admitted:  # new to the runner (first admission or resumed): send everything
                 entry = ScheduledRequest(
                     request.request_id,
@@ -254,12 +273,17 @@ class Scheduler:
         outputs = []
         for entry in scheduler_output.requests:
             request = self._requests.get(entry.req_id)
-            if request is None or request.status is not RequestStatus.RUNNING:
-                continue  # aborted (or finished) between schedule() and update()
-            request.num_computed_tokens += len(entry.token_ids)
-            self.kv.commit_computed(request)
+            if request is None:
+                continue  # finished or aborted between schedule() and update()
+            if request.status is RequestStatus.RUNNING:
+                request.num_inflight_tokens -= len(entry.token_ids)
+                request.num_computed_tokens += len(entry.token_ids)
+                self.kv.commit_computed(request)
+            # Otherwise it was preempted after this step was planned (async scheduling): its
+            # K/V are recomputed on resume, but the token sampled for it is as good as any.
             if not entry.sample:
                 continue
+            request.num_pending_outputs -= 1
             token_id = sampled[entry.req_id]
             request.append_output_token(token_id)
             finish_reason = self._check_stop(request, token_id)
@@ -283,17 +307,26 @@ class Scheduler:
             is_eos = not params.ignore_eos and token_id in request.eos_token_ids
             if is_eos or token_id in params.stop_token_ids:
                 request.stop_token_id = token_id
-                self._running.remove(request)
+                self._dequeue(request)
                 self._finish(request, RequestStatus.FINISHED_STOPPED)
                 return FinishReason.STOP
         max_tokens = params.max_tokens
         if (max_tokens is not None and request.num_output_tokens >= max_tokens) or (
             request.num_tokens >= self.max_model_len
         ):
-            self._running.remove(request)
+            self._dequeue(request)
             self._finish(request, RequestStatus.FINISHED_LENGTH)
             return FinishReason.LENGTH
         return None
+
+    def _dequeue(self, request: Request) -> None:
+        """Take a live request out of whichever queue holds it."""
+        if request.status is RequestStatus.RUNNING:
+            self._running.remove(request)
+        elif request.status is RequestStatus.PREEMPTED:
+            self._preempted.remove(request)
+        else:
+            self._waiting = [item for item in self._waiting if item[1] is not request]
 
     def _finish(self, request: Request, status: RequestStatus) -> None:
         """Free a request already taken out of its queue."""

@@ -13,6 +13,10 @@ from dataclasses import dataclass, field
 
 from gpu_worker.sampling_params import SamplingParams
 
+# In ``ScheduledRequest.token_ids``: the token the step in flight samples for this request
+# (async scheduling). The runner fills it in on the device from that step's sampled ids.
+PLACEHOLDER_TOKEN_ID = -1
+
 
 class FinishReason(str, enum.Enum):
     """Why a sequence ended (string values as in vLLM / OpenAI)."""
@@ -45,8 +49,10 @@ class ScheduledRequest:
     whole block table and ``params`` / ``prompt_len`` / ``output_token_ids`` /
     ``prompt_token_ids`` are set;
     otherwise ``block_ids`` holds only the blocks appended this step. ``sample`` is True
-    when this step reaches the end of the request's known tokens, so a new token must be
-    sampled from the last position.
+    when this step reaches the end of the request's tokens, so a new token must be
+    sampled from the last position. With async scheduling the last entry of ``token_ids``
+    may be :data:`PLACEHOLDER_TOKEN_ID`: the token the previous step samples for this
+    request, unknown on the host when this step is planned.
     """
 
     req_id: str

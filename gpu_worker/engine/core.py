@@ -16,10 +16,10 @@ from gpu_worker.config import EngineConfig
 from gpu_worker.core.kv_cache_manager import KVCacheManager
 from gpu_worker.core.kv_events import KVEvent
 from gpu_worker.core.scheduler import Scheduler
-from gpu_worker.core.types import EngineCoreOutput, EngineCoreRequest, SchedulerStats
+from gpu_worker.core.types import EngineCoreOutput, EngineCoreRequest, SchedulerOutput, SchedulerStats
 from gpu_worker.model_executor import loader
 from gpu_worker.worker import kv_sizing
-from gpu_worker.worker.model_runner import ModelRunner
+from gpu_worker.worker.model_runner import ModelRunner, PendingRunnerOutput
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +47,12 @@ class EngineCore:
     ``max_model_len`` is the smallest of the configured value, the model's context
     length and the KV pool's token capacity, so a request that fits the context always
     fits the pool (preemption can always make progress).
+
+    With async scheduling (``config.async_scheduling``; auto: on CUDA) a step plans and
+    launches step k+1 before it waits for step k's sampled ids, so scheduling, input
+    preparation and output handling run while the device computes. Each ``step()`` then
+    reports what step k produced. A token sampled for a request that step k already
+    finished is dropped (it costs one wasted slot, never a wrong token).
     """
 
     def __init__(self, config: EngineConfig) -> None:
@@ -82,6 +88,10 @@ class EngineCore:
         self.runner = ModelRunner(
             config, model, self.hf_config, self.device, self.dtype, self.num_kv_blocks, self.eos_token_ids
         )
+        self.async_scheduling = (
+            self.device.type == "cuda" if config.async_scheduling is None else config.async_scheduling
+        )
+        self._in_flight: tuple[SchedulerOutput, PendingRunnerOutput] | None = None
         logger.info(
             "engine core ready: model %s on %s (%s), %d KV blocks of %d tokens, max_model_len %d",
             config.model_name, self.device, self.dtype, self.num_kv_blocks, config.block_size,
@@ -107,13 +117,23 @@ class EngineCore:
         return self.scheduler.abort(request_ids)
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        """Requests are live, or a launched step still has to be accounted for."""
+        return self.scheduler.has_unfinished() or self._in_flight is not None
 
     def step(self) -> list[EngineCoreOutput]:
-        """One engine step: what each scheduled request produced."""
-        sched_out = self.scheduler.schedule()
-        runner_out = self.runner.execute(sched_out)
-        return self.scheduler.update(sched_out, runner_out)
+        """One engine step: what each request scheduled in it (async: in the step before) produced."""
+        if not self.async_scheduling:
+            sched_out = self.scheduler.schedule()
+            return self.scheduler.update(sched_out, self.runner.execute(sched_out))
+        in_flight = self._in_flight
+        self._in_flight = None
+        if self.scheduler.has_unfinished():
+            sched_out = self.scheduler.schedule()  # may contain placeholders for in_flight's samples
+            if not sched_out.is_empty or sched_out.finished_req_ids or sched_out.preempted_req_ids:
+                self._in_flight = (sched_out, self.runner.execute_async(sched_out))
+        if in_flight is None:
+            return []
+        return self.scheduler.update(in_flight[0], in_flight[1].result())
 
     def stats(self) -> SchedulerStats:
         return self.scheduler.stats()

@@ -15,7 +15,9 @@ dataclass per request); the stats snapshot only when it matters (see :class:`_St
 
 The parent (:class:`EngineCoreProc`) only sends commands and reads results; it never loads
 the model weights (the tokenizer comes back pickled in the ready message). The child is
-started with the ``spawn`` context so it may initialise CUDA.
+started with the ``spawn`` context so it may initialise CUDA; a spawned interpreter starts
+with logging unconfigured, so the parent hands it its :class:`LogSettings` (level, text or
+JSON) and the child's lines reach the shared stderr in the parent's format.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from gpu_worker.core.types import (
     SchedulerStats,
     TokenLogprobs,
 )
+from llmserve.telemetry.logging import LogSettings
 
 logger = logging.getLogger(__name__)
 
@@ -175,8 +178,13 @@ def _picklable(exc: BaseException) -> BaseException:
     return exc
 
 
-def run_engine_core(config: EngineConfig, inbox: Any, conn: Connection) -> None:
-    """Child entry point: build the core, report Ready (or Failed), then loop until Shutdown."""
+def run_engine_core(
+    config: EngineConfig, inbox: Any, conn: Connection, log_settings: LogSettings | None = None
+) -> None:
+    """Child entry point: configure logging as the parent did (``log_settings``; None leaves it
+    alone), build the core, report Ready (or Failed), then loop until Shutdown."""
+    if log_settings is not None:
+        log_settings.apply()
     from gpu_worker.engine.core import EngineCore  # torch and the model: child only
 
     try:
@@ -328,9 +336,8 @@ class EngineCoreProc:
         ctx = multiprocessing.get_context("spawn")
         self._inbox: Any = ctx.Queue()
         self._conn, child_conn = ctx.Pipe(duplex=False)
-        self._process = ctx.Process(
-            target=run_engine_core, args=(config, self._inbox, child_conn), name="engine-core", daemon=True
-        )
+        args = (config, self._inbox, child_conn, LogSettings.of_this_process())
+        self._process = ctx.Process(target=run_engine_core, args=args, name="engine-core", daemon=True)
         self._process.start()
         child_conn.close()  # only the child holds the write end: its death reads as EOF here
         try:

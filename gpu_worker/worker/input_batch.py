@@ -10,7 +10,7 @@ are prefixes (views) of those buffers, so their addresses never change (CUDA gra
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,6 +32,10 @@ class StepInputs:
     sample_rows: np.ndarray  # [N] state rows of the sampled requests
     sample_req_ids: tuple[str, ...]
     sample_positions: np.ndarray  # [N] position the sampled token will take (= its seq_len)
+    # Placeholder tokens (async scheduling): input_ids[placeholder_dst[i]] must become the
+    # previous step's sampled token number placeholder_src[i]. None when there are none.
+    placeholder_dst: torch.Tensor | None = None  # [P] int64, device
+    placeholder_src: torch.Tensor | None = None  # [P] int64, device
 
     @property
     def num_tokens(self) -> int:
@@ -81,6 +85,8 @@ class InputBatch:
         self.seq_lens = _Buffer((max_num_seqs,), torch.int32, device)
         self.block_tables = _Buffer((max_num_seqs, max_blocks_per_seq), torch.int32, device)
         self.logits_indices = _Buffer((max_num_seqs,), torch.int64, device)
+        self.placeholder_dst = _Buffer((max_num_seqs,), torch.int64, device)
+        self.placeholder_src = _Buffer((max_num_seqs,), torch.int64, device)
         # Host buffers are rewritten each step: wait until the last step's async copies finished.
         self._uploaded = torch.cuda.Event() if device.type == "cuda" else None
 
@@ -90,12 +96,15 @@ class InputBatch:
         rows: np.ndarray,
         states: RequestStates,
         pad_to: int | None = None,
+        prev_sample_index: Callable[[], Mapping[str, int]] | None = None,
     ) -> StepInputs:
         """Fill the buffers for ``requests`` (whose state rows are ``rows``).
 
         ``pad_to`` (decode-only steps replayed by a CUDA graph): also fill and upload padding
         rows up to that many sequences (see :meth:`write_decode_padding`). The returned views
-        cover the real rows only.
+        cover the real rows only. ``prev_sample_index`` gives, per request id, the index of
+        its token among the previous step's samples; it is asked only when some token is a
+        placeholder (``ids < 0``), which is then left for the caller to fill on the device.
         """
         if self._uploaded is not None:
             self._uploaded.synchronize()
@@ -126,6 +135,19 @@ class InputBatch:
         max_blocks = int(-(-int(seq_lens.max()) // bs))
         self.block_tables.np[:num_seqs, :max_blocks] = states.block_table_np[rows, :max_blocks]
 
+        placeholders = np.flatnonzero(ids < 0)
+        ph_dst: torch.Tensor | None = None
+        ph_src: torch.Tensor | None = None
+        if len(placeholders):
+            if prev_sample_index is None:
+                raise ValueError("placeholder tokens in a step without a previous step's samples")
+            index = prev_sample_index()
+            seqs = np.searchsorted(qsl[1:], placeholders, side="right")
+            num_ph = len(placeholders)
+            self.placeholder_dst.np[:num_ph] = placeholders
+            self.placeholder_src.np[:num_ph] = [index[requests[int(i)].req_id] for i in seqs]
+            ph_dst, ph_src = self.placeholder_dst.upload(num_ph), self.placeholder_src.upload(num_ph)
+
         sample = np.fromiter((r.sample for r in requests), dtype=bool, count=num_seqs)
         num_sample = int(sample.sum())
         self.logits_indices.np[:num_sample] = qsl[1:][sample] - 1
@@ -151,6 +173,8 @@ class InputBatch:
             sample_rows=rows[sample],
             sample_req_ids=tuple(r.req_id for r, s in zip(requests, sample, strict=True) if s),
             sample_positions=seq_lens[sample],
+            placeholder_dst=ph_dst,
+            placeholder_src=ph_src,
         )
         if self._uploaded is not None:
             self._uploaded.record()

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import functools
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -18,8 +20,10 @@ from gpu_worker.sampling_params import SamplingParams
 from gpu_worker.worker.cuda_graphs import DecodeGraphs, decode_buckets
 from gpu_worker.worker.input_batch import InputBatch, StepInputs
 from gpu_worker.worker.request_state import RequestStates
-from gpu_worker.worker.sampler import Sampler
+from gpu_worker.worker.sampler import Sampler, SamplerOutput
 from gpu_worker.worker.sampling_metadata import build_sampling_metadata
+
+_EMPTY_OUTPUT = RunnerOutput(req_ids=(), sampled_token_ids=())
 
 
 def config_eos_ids(hf_config: Any) -> tuple[int, ...]:
@@ -29,12 +33,56 @@ def config_eos_ids(hf_config: Any) -> tuple[int, ...]:
     return (int(value),) if isinstance(value, int) else tuple(int(v) for v in value)
 
 
+class PendingRunnerOutput:
+    """The :class:`RunnerOutput` of a launched step, whose sampled ids may still be on their
+    way to the host. :meth:`result` waits for them (and nothing else) the first time and
+    returns the same object after."""
+
+    def __init__(self, finalize: Callable[[], RunnerOutput]) -> None:
+        self._finalize: Callable[[], RunnerOutput] | None = finalize
+        self._output: RunnerOutput | None = None
+
+    @classmethod
+    def ready(cls, output: RunnerOutput) -> PendingRunnerOutput:
+        pending = cls(lambda: output)
+        pending.result()
+        return pending
+
+    @property
+    def done(self) -> bool:
+        return self._finalize is None
+
+    def result(self) -> RunnerOutput:
+        if self._finalize is not None:
+            self._output, self._finalize = self._finalize(), None
+        assert self._output is not None  # invariant: set when _finalize is cleared
+        return self._output
+
+
+@dataclass(frozen=True)
+class _LastSample:
+    """The previous step's sampled ids, on the device: placeholders of the next step read them."""
+
+    req_ids: tuple[str, ...]
+    token_ids: torch.Tensor  # [N] int64, device
+
+    @functools.cached_property
+    def index(self) -> Mapping[str, int]:
+        return {rid: i for i, rid in enumerate(self.req_ids)}
+
+
 class ModelRunner:
     """Owns the KV caches and the per-request device-side state; runs steps.
 
-    ``execute`` is the only per-step entry point. Requests enter with ``is_new`` (full
-    block table and params) and leave through ``finished_req_ids`` / ``preempted_req_ids``.
-    The only host sync per step is reading the sampled token ids.
+    ``execute_async`` (or its waiting form ``execute``) is the only per-step entry point.
+    Requests enter with ``is_new`` (full block table and params) and leave through
+    ``finished_req_ids`` / ``preempted_req_ids``. Nothing in a step waits for the device
+    except reading the sampled token ids, which ``execute_async`` leaves to the returned
+    :class:`PendingRunnerOutput`: the engine core plans and launches the next step first.
+    That next step may contain placeholder tokens (async scheduling, see the scheduler):
+    they are filled on the device from this step's sampled ids, so the host never needs
+    them in time. Penalties count every earlier token, so a step with penalty rows first
+    waits for the previous step's ids.
 
     On CUDA (unless ``enforce_eager``) decode-only steps replay CUDA graphs captured by
     :meth:`capture_decode_graphs` (called from :meth:`warmup`), padded to a size bucket;
@@ -78,6 +126,8 @@ class ModelRunner:
         generator = torch.Generator(device=device)
         generator.manual_seed(config.seed)
         self.sampler = Sampler(generator)
+        self._last_sample: _LastSample | None = None
+        self._pending: PendingRunnerOutput | None = None  # the newest step's output
         self.graphs: DecodeGraphs | None = None
         if device.type == "cuda" and not config.enforce_eager:
             self.graphs = DecodeGraphs(
@@ -97,24 +147,42 @@ class ModelRunner:
         return len(self.states)
 
     def execute(self, sched: SchedulerOutput) -> RunnerOutput:
-        """Run one step: update state, forward the packed tokens, sample where asked."""
+        """Run one step and wait for its sampled ids."""
+        return self.execute_async(sched).result()
+
+    def execute_async(self, sched: SchedulerOutput) -> PendingRunnerOutput:
+        """Launch one step: update state, forward the packed tokens, sample where asked.
+
+        The returned output's ``result()`` must be taken before the step after next is
+        launched (the engine core takes it right after launching the next one).
+        """
         for req_id in sched.finished_req_ids | sched.preempted_req_ids:
             self.states.remove(req_id)
         if sched.is_empty:
-            return RunnerOutput(req_ids=(), sampled_token_ids=())
+            return PendingRunnerOutput.ready(_EMPTY_OUTPUT)
         rows = np.fromiter(
             (self.states.update(r) for r in sched.requests), dtype=np.int64, count=len(sched.requests)
         )
         bucket = None
         if self.graphs is not None and sched.num_scheduled_tokens == len(sched.requests):
             bucket = self.graphs.bucket_for(len(sched.requests))  # decode-only step
-        inputs = self.inputs.prepare(sched.requests, rows, self.states, pad_to=bucket)
+        last = self._last_sample
+        inputs = self.inputs.prepare(
+            sched.requests, rows, self.states, pad_to=bucket,
+            prev_sample_index=None if last is None else lambda: last.index,
+        )
+        if inputs.placeholder_dst is not None:
+            assert last is not None and inputs.placeholder_src is not None  # checked by prepare
+            with torch.inference_mode():
+                inputs.input_ids.index_copy_(
+                    0, inputs.placeholder_dst, last.token_ids.index_select(0, inputs.placeholder_src)
+                )
         if bucket is None:
             hidden = self.forward(inputs.input_ids, inputs.positions, inputs.attn_metadata)
         else:
             hidden = self.graphs.replay(bucket)  # type: ignore[union-attr]
         if not inputs.sample_req_ids:
-            return RunnerOutput(req_ids=(), sampled_token_ids=())
+            return PendingRunnerOutput.ready(_EMPTY_OUTPUT)
         return self._sample(hidden, inputs)
 
     @torch.inference_mode()
@@ -158,15 +226,37 @@ class ModelRunner:
         return max(0, int(torch.cuda.memory_reserved(self.device) - before))
 
     @torch.inference_mode()
-    def _sample(self, hidden: torch.Tensor, inputs: StepInputs) -> RunnerOutput:
+    def _sample(self, hidden: torch.Tensor, inputs: StepInputs) -> PendingRunnerOutput:
         logits = self.model.compute_logits(hidden.index_select(0, inputs.logits_indices))  # type: ignore[operator]
+        if self._pending is not None and self.states.needs_penalties[inputs.sample_rows].any():
+            self._pending.result()  # penalties count the previous step's tokens too
         md = build_sampling_metadata(self.states, inputs.sample_rows, self.vocab_size, self.device)
         out = self.sampler.sample(logits, md)
-        token_ids: list[int] = out.token_ids.tolist()  # the step's one host sync
-        self.states.record_sampled(inputs.sample_rows, inputs.sample_positions, token_ids)
-        return RunnerOutput(
-            req_ids=inputs.sample_req_ids, sampled_token_ids=tuple(token_ids), logprobs=out.logprobs
-        )
+        self._last_sample = _LastSample(inputs.sample_req_ids, out.token_ids)
+        self._pending = self._pending_output(out, inputs)
+        return self._pending
+
+    def _pending_output(self, out: SamplerOutput, inputs: StepInputs) -> PendingRunnerOutput:
+        """Start the copies of the sampled ids (and logprobs) to the host; the returned
+        output waits for them alone and records the tokens in the request state."""
+        ids_host = out.token_ids.to("cpu", non_blocking=True)  # pinned on CUDA: truly async
+        logprobs_host = out.logprobs.to_host() if out.logprobs is not None else None
+        copied = None
+        if self.device.type == "cuda":
+            copied = torch.cuda.Event()
+            copied.record()
+        req_ids, rows, positions = inputs.sample_req_ids, inputs.sample_rows, inputs.sample_positions
+
+        def finalize() -> RunnerOutput:
+            if copied is not None:
+                copied.synchronize()  # the step's one wait for the device
+            token_ids: list[int] = ids_host.tolist()
+            # Later steps may have been planned meanwhile: skip rows that changed hands.
+            self.states.record_sampled(rows, positions, token_ids, req_ids)
+            logprobs = logprobs_host.to_list() if logprobs_host is not None else ()
+            return RunnerOutput(req_ids=req_ids, sampled_token_ids=tuple(token_ids), logprobs=logprobs)
+
+        return PendingRunnerOutput(finalize)
 
     def profile_run(self) -> int:
         """Run a maximum-size dummy step (max_num_batched_tokens over max_num_seqs sequences).

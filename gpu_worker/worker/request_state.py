@@ -103,8 +103,27 @@ class RequestStates:
         self.token_ids[row, start:end] = tokens
         self.num_tokens[row] = max(int(self.num_tokens[row]), end)
 
-    def record_sampled(self, rows: np.ndarray, positions: np.ndarray, tokens: Sequence[int]) -> None:
-        """One sampled token per row (rows distinct) at ``positions``: vectorized record_tokens."""
+    def record_sampled(
+        self,
+        rows: np.ndarray,
+        positions: np.ndarray,
+        tokens: Sequence[int],
+        req_ids: Sequence[str] | None = None,
+    ) -> None:
+        """One sampled token per row (rows distinct) at ``positions``: vectorized record_tokens.
+
+        With ``req_ids`` (tokens that arrive after later steps were planned), rows that no
+        longer belong to the request they were sampled for are skipped.
+        """
+        if req_ids is not None:
+            owned = np.fromiter(
+                (self.rows.get(r) == row for r, row in zip(req_ids, rows.tolist(), strict=True)),
+                dtype=bool,
+                count=len(rows),
+            )
+            if not owned.all():
+                rows, positions = rows[owned], positions[owned]
+                tokens = [t for t, keep in zip(tokens, owned, strict=True) if keep]
         self.token_ids[rows, positions] = tokens
         self.num_tokens[rows] = np.maximum(self.num_tokens[rows], positions + 1)
 

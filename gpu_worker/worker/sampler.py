@@ -45,9 +45,46 @@ class SamplingMetadata:
 
 
 @dataclass(frozen=True)
+class LogprobsTensors:
+    """Logprobs of a step's sampled rows, still as tensors (on the device until :meth:`to_host`)."""
+
+    token_ids: torch.Tensor  # [N] int64, the sampled tokens
+    chosen: torch.Tensor  # [N] float32, logprob of the sampled token
+    ranks: torch.Tensor  # [N] int64, 1 = the most likely token
+    top_ids: torch.Tensor  # [N, top_n] int64, most likely first
+    top_vals: torch.Tensor  # [N, top_n] float32
+    num_logprobs: tuple[int | None, ...]  # per row top-N (None: the row asked for no logprobs)
+
+    def to_host(self) -> LogprobsTensors:
+        """Start copying to the host without waiting (pinned memory on CUDA); read the result
+        only after the step's copies are known to be done."""
+
+        def host(t: torch.Tensor) -> torch.Tensor:
+            return t.to("cpu", non_blocking=True)
+
+        return LogprobsTensors(
+            host(self.token_ids), host(self.chosen), host(self.ranks), host(self.top_ids),
+            host(self.top_vals), self.num_logprobs,
+        )
+
+    def to_list(self) -> tuple[TokenLogprobs | None, ...]:
+        """One :class:`TokenLogprobs` per row (None where the row asked for none)."""
+        ids_l, chosen_l, ranks_l = self.token_ids.tolist(), self.chosen.tolist(), self.ranks.tolist()
+        top_ids_l, top_vals_l = self.top_ids.tolist(), self.top_vals.tolist()
+        out: list[TokenLogprobs | None] = []
+        for row, n in enumerate(self.num_logprobs):
+            if n is None:
+                out.append(None)
+                continue
+            top = tuple(zip(top_ids_l[row][:n], top_vals_l[row][:n], strict=True))
+            out.append(TokenLogprobs(token_id=ids_l[row], logprob=chosen_l[row], rank=ranks_l[row], top=top))
+        return tuple(out)
+
+
+@dataclass(frozen=True)
 class SamplerOutput:
     token_ids: torch.Tensor  # [N] int64, on the device
-    logprobs: tuple[TokenLogprobs | None, ...] = ()  # one per row when any row asked, else ()
+    logprobs: LogprobsTensors | None = None  # when any row asked for logprobs
 
 
 def apply_penalties(logits: torch.Tensor, p: PenaltyInputs) -> torch.Tensor:
@@ -102,7 +139,7 @@ class Sampler:
             token_ids = self._sample_random(logits, md)
             if md.greedy_mask is not None:
                 token_ids = torch.where(md.greedy_mask, logits.argmax(dim=-1), token_ids)
-        logprobs: tuple[TokenLogprobs | None, ...] = ()
+        logprobs = None
         if raw_logprobs is not None and md.num_logprobs is not None:
             logprobs = gather_logprobs(raw_logprobs, token_ids, md.num_logprobs)
         return SamplerOutput(token_ids=token_ids, logprobs=logprobs)
@@ -135,19 +172,11 @@ class Sampler:
 
 def gather_logprobs(
     raw: torch.Tensor, token_ids: torch.Tensor, num_logprobs: tuple[int | None, ...]
-) -> tuple[TokenLogprobs | None, ...]:
-    """Chosen-token logprob, its rank (1 = most likely) and the top-N, from the raw distribution."""
+) -> LogprobsTensors:
+    """Chosen-token logprob, its rank (1 = most likely) and the top-N, from the raw distribution
+    (device work only: nothing waits for the device here)."""
     top_n = max(n or 0 for n in num_logprobs)
     chosen = raw.gather(1, token_ids[:, None])
     ranks = (raw > chosen).sum(dim=-1) + 1
     top_vals, top_ids = raw.topk(top_n, dim=-1) if top_n else (raw[:, :0], token_ids[:, None][:, :0])
-    chosen_l, ranks_l = chosen[:, 0].tolist(), ranks.tolist()
-    ids_l, top_vals_l, top_ids_l = token_ids.tolist(), top_vals.tolist(), top_ids.tolist()
-    out: list[TokenLogprobs | None] = []
-    for row, n in enumerate(num_logprobs):
-        if n is None:
-            out.append(None)
-            continue
-        top = tuple(zip(top_ids_l[row][:n], top_vals_l[row][:n], strict=True))
-        out.append(TokenLogprobs(token_id=ids_l[row], logprob=chosen_l[row], rank=ranks_l[row], top=top))
-    return tuple(out)
+    return LogprobsTensors(token_ids, chosen[:, 0], ranks, top_ids, top_vals, num_logprobs)

@@ -22,7 +22,13 @@ def build_sampling_metadata(
     num_outputs = states.num_tokens[rows] - states.prompt_len[rows]  # index of the token sampled now
 
     def dev(a: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(np.ascontiguousarray(a)).to(device, non_blocking=True)
+        host = torch.from_numpy(np.ascontiguousarray(a))
+        if device.type == "cuda":
+            # From pageable memory the copy may wait for the stream; pinned, it is queued
+            # behind the step in flight (async scheduling), and the caching host allocator
+            # keeps the buffer until the copy has run.
+            host = host.pin_memory()
+        return host.to(device, non_blocking=True)
 
     temperature = top_k = top_p = min_p = greedy_mask = None
     seeded: tuple[tuple[int, torch.Generator], ...] = ()

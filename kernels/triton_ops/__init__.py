@@ -15,6 +15,7 @@ from kernels.triton_ops.kv_store import store_kvcache
 from kernels.triton_ops.norm import fused_add_rms_norm, rms_norm
 from kernels.triton_ops.prefill_attention import PrefillConfig, paged_attention
 from kernels.triton_ops.rotary import rotary_embedding
+from kernels.triton_ops.rotary_kv import rotary_store_kvcache
 
 __all__ = [
     "DecodeConfig",
@@ -24,6 +25,7 @@ __all__ = [
     "paged_decode_attention",
     "rms_norm",
     "rotary_embedding",
+    "rotary_store_kvcache",
     "silu_and_mul",
     "store_kvcache",
     "triton_ops",
@@ -41,4 +43,5 @@ def triton_ops() -> KernelOps:
         store_kvcache=store_kvcache,
         paged_attention=paged_attention,
         paged_decode_attention=paged_decode_attention,
+        rotary_store_kvcache=rotary_store_kvcache,
     )

@@ -8,6 +8,16 @@ import triton.language as tl
 
 
 @triton.jit
+def _load_cos_sin(pos_ptr, cos_sin_ptr, stride_cos_sin, t, HALF: tl.constexpr):
+    """The float32 cos and sin rows (each ``[1, HALF]``) of token ``t``'s position."""
+    pos = tl.load(pos_ptr + t).to(tl.int64)
+    dims = tl.arange(0, HALF)
+    cos = tl.load(cos_sin_ptr + pos * stride_cos_sin + dims)[None, :]
+    sin = tl.load(cos_sin_ptr + pos * stride_cos_sin + HALF + dims)[None, :]
+    return cos, sin
+
+
+@triton.jit
 def _rotate_heads(
     ptr, stride_t, stride_h, t, num_heads, cos, sin, HALF: tl.constexpr, BLOCK_H: tl.constexpr
 ):
@@ -41,10 +51,7 @@ def _rotary_kernel(
     BLOCK_HK: tl.constexpr,
 ):
     t = tl.program_id(0).to(tl.int64)
-    pos = tl.load(pos_ptr + t).to(tl.int64)
-    dims = tl.arange(0, HALF)
-    cos = tl.load(cache_ptr + pos * stride_cache + dims)[None, :]
-    sin = tl.load(cache_ptr + pos * stride_cache + HALF + dims)[None, :]
+    cos, sin = _load_cos_sin(pos_ptr, cache_ptr, stride_cache, t, HALF)
     _rotate_heads(q_ptr, stride_qt, stride_qh, t, num_q_heads, cos, sin, HALF, BLOCK_HQ)
     _rotate_heads(k_ptr, stride_kt, stride_kh, t, num_k_heads, cos, sin, HALF, BLOCK_HK)
 

@@ -12,7 +12,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from llmserve.telemetry.logging import configure_logging, log_request_finished
+    from llmserve.telemetry.logging import LogSettings, configure_logging, log_request_finished
     from llmserve.telemetry.metrics import (
         MetricsServer,
         RouterMetrics,
@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from llmserve.telemetry.tracing import Tracing, TracingConfig, setup_tracing
 
 _EXPORTS = {
+    "LogSettings": "logging",
     "configure_logging": "logging",
     "log_request_finished": "logging",
     "MetricsServer": "metrics",
@@ -41,6 +42,7 @@ _EXPORTS = {
 }
 
 __all__ = [
+    "LogSettings",
     "MetricsServer",
     "RequestTimeline",
     "RouterGenerateSpan",

@@ -12,6 +12,7 @@ import json
 import logging
 import sys
 import time
+from dataclasses import dataclass
 from typing import Any, TextIO
 
 LOG_FORMATS = ("text", "json")
@@ -19,6 +20,7 @@ REQUEST_FINISHED = "request finished"
 FIELDS_ATTR = "llmserve_fields"
 EVENT_ATTR = "llmserve_event"
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+_HANDLER_NAME = "llmserve"  # names the root handler configure_logging installs
 
 
 class JsonFormatter(logging.Formatter):
@@ -48,12 +50,41 @@ def configure_logging(level: str | int = "INFO", fmt: str = "text", stream: Text
     if fmt not in LOG_FORMATS:
         raise ValueError(f"log format must be one of {LOG_FORMATS}, got {fmt!r}")
     handler = logging.StreamHandler(sys.stderr if stream is None else stream)
+    handler.set_name(_HANDLER_NAME)
     handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT))
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level.upper() if isinstance(level, str) else level)
+
+
+@dataclass(frozen=True)
+class LogSettings:
+    """The arguments of :func:`configure_logging` (less the stream), picklable: how a child
+    process (the engine core, for one) is told to log the way its parent does."""
+
+    level: int
+    fmt: str = "text"
+
+    def __post_init__(self) -> None:
+        if self.fmt not in LOG_FORMATS:
+            raise ValueError(f"log format must be one of {LOG_FORMATS}, got {self.fmt!r}")
+
+    @classmethod
+    def of_this_process(cls) -> LogSettings | None:
+        """What :func:`configure_logging` installed here; None if it was never called (then
+        logging belongs to whoever embeds us, and a child should leave its own alone)."""
+        root = logging.getLogger()
+        for handler in root.handlers:
+            if handler.get_name() == _HANDLER_NAME:
+                fmt = "json" if isinstance(handler.formatter, JsonFormatter) else "text"
+                return cls(root.level, fmt)
+        return None
+
+    def apply(self) -> None:
+        """:func:`configure_logging` with these settings, writing to this process's stderr."""
+        configure_logging(self.level, self.fmt)
 
 
 def _fmt_value(value: object) -> str:

@@ -1,6 +1,7 @@
 """Tiny random HF models saved with ``save_pretrained``, one per family we serve.
 
-Usage (session fixtures recommended; each model takes well under a second to build)::
+Tests use the session fixtures of ``tests/conftest.py`` (``tiny_model(family)``, built once per
+family and shared by every area); direct use, as in the benchmarks::
 
     tok_dir = save_smollm2_tokenizer(tmp / "tok", smollm2_gguf)   # once per session (~4 s)
     model_dir = make_tiny_model("qwen3", tmp / "qwen3", tokenizer_dir=tok_dir)
@@ -96,11 +97,16 @@ FAMILIES: MappingProxyType[str, Callable[[], Any]] = MappingProxyType(
 )
 
 
-def save_smollm2_tokenizer(dst: Path, gguf_file: Path) -> Path:
-    """Convert the SmolLM2 tokenizer from its GGUF and save it into ``dst`` (do it once per session)."""
+def load_smollm2_tokenizer(gguf_file: Path) -> Any:
+    """The SmolLM2 tokenizer (byte-level BPE), converted by transformers from its GGUF (~4 s)."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
+    return AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
+
+
+def save_smollm2_tokenizer(dst: Path, gguf_file: Path) -> Path:
+    """Convert the SmolLM2 tokenizer from its GGUF and save it into ``dst`` (do it once per session)."""
+    tokenizer = load_smollm2_tokenizer(gguf_file)
     dst.mkdir(parents=True, exist_ok=True)
     tokenizer.save_pretrained(dst)
     return dst

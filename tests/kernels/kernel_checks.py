@@ -2,14 +2,16 @@
 
 Each check draws fresh random inputs (never zeros), poisons the outputs it can (NaN), runs
 the Triton op and its torch reference on the same inputs, and raises AssertionError on a
-mismatch. ``CHECKS`` maps a name to a check; ``python kernel_checks.py`` runs them all and
-prints one JSON object ``{name: "ok" | traceback}`` (the interpreted tests run it in a
-subprocess with ``TRITON_INTERPRET=1`` so that triton sees the variable at import time).
+mismatch. ``CHECKS`` maps a name to a check; ``python kernel_checks.py [DTYPE [CHECK ...]]``
+runs them (default: all, float32) on the CPU and prints one JSON object
+``{name: "ok" | traceback}`` (the interpreted tests run it in a subprocess with
+``TRITON_INTERPRET=1`` so that triton sees the variable at import time).
 """
 
 from __future__ import annotations
 
 import json
+import sys
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -252,6 +254,81 @@ def check_rotary_embedding(t: Target) -> None:
         assert torch.equal(q, got_q) and torch.equal(k, got_k), "rotary must return its in-place results"
 
 
+def assert_one_rounding_apart(out: torch.Tensor, ref: torch.Tensor, what: str) -> None:
+    """bf16 outputs that both round the same float32 value: at most one bf16 ulp apart.
+
+    Kernel and reference compute in float32 (agreeing to a few float32 ulps) and round once
+    to bf16. Torch and the GPU round to nearest even, Triton's interpreter toward zero (its
+    bias pushes the relative norm error to ~4e-3, past :func:`assert_close`'s bound), so the
+    two bf16 results may land on neighbouring values, never further apart.
+    """
+    assert not torch.isnan(out).any(), f"{what}: NaN in output"
+    assert out.shape == ref.shape and out.dtype == ref.dtype == torch.bfloat16, what
+    o, r = out.double(), ref.double()
+    top = torch.maximum(o.abs(), r.abs()).clamp_min(2.0**-100)
+    ulp = torch.exp2(torch.floor(torch.log2(top)) - 7)  # bf16: 7 explicit mantissa bits
+    bad = (o - r).abs() > ulp
+    assert not bad.any(), f"{what}: {int(bad.sum())}/{bad.numel()} elements more than one bf16 ulp off"
+
+
+def _fused_qkv_views(
+    num_tokens: int, hq: int, hk: int, d: int, t: Target, gen: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q/k/v as the model makes them: reshaped column slices of one fused qkv projection."""
+    qkv = _randn(num_tokens, (hq + 2 * hk) * d, t=t, gen=gen)
+    q, k, v = qkv.split([hq * d, hk * d, hk * d], dim=-1)
+    return q.reshape(num_tokens, hq, d), k.reshape(num_tokens, hk, d), v.reshape(num_tokens, hk, d)
+
+
+def _store_slots(num_tokens: int, block_size: int, num_blocks: int, gen: torch.Generator) -> torch.Tensor:
+    """Distinct slots: a run across a block boundary, a block's first and last slots, padding.
+
+    Needs ``num_blocks >= 4`` and enough blocks for ``num_tokens`` slots."""
+    run = torch.arange(block_size - 3, block_size + 4)  # crosses from block 0 into block 1
+    edges = torch.tensor([0, 2 * block_size, 3 * block_size - 1])
+    rest = torch.randperm(num_blocks * block_size - 3 * block_size, generator=gen) + 3 * block_size
+    slots = torch.cat((run, edges, rest))[:num_tokens]
+    slots = slots[torch.randperm(num_tokens, generator=gen)]
+    slots[torch.randperm(num_tokens, generator=gen)[: num_tokens // 4]] = -1  # padding tokens
+    return slots
+
+
+def check_rotary_store_kvcache(t: Target) -> None:
+    """The fused op against the reference and, bit for bit, against the two Triton launches it replaces."""
+    gen = torch.Generator().manual_seed(8)
+    # (head_dim, KV heads, GQA group, block size, tokens): head dims 64/128, ratios 1/4/8.
+    for d, hk, g, bs, num_tokens in [(64, 2, 1, 8, 37), (128, 2, 4, 16, 13), (64, 1, 8, 16, 1),
+                                     (128, 3, 8, 8, 21), (64, 4, 4, 32, 9)]:
+        what = f"rotary_store_kvcache d={d} hk={hk} g={g} bs={bs} T={num_tokens}"
+        max_pos, num_blocks = 4096, -(-num_tokens // bs) + 4  # room for the slots _store_slots picks
+        inv_freq = 1.0 / (10000.0 ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
+        freqs = torch.outer(torch.arange(max_pos, dtype=torch.float32), inv_freq)
+        cos_sin = torch.cat((freqs.cos(), freqs.sin()), dim=-1).to(t.device)
+        positions = torch.randint(0, max_pos, (num_tokens,), generator=gen).to(t.device)
+        slots = _store_slots(num_tokens, bs, num_blocks, gen).to(t.device)
+        q, k, v = _fused_qkv_views(num_tokens, hk * g, hk, d, t, gen)
+        k_in, v_in = k.clone(), v.clone()
+        # Random old contents: slots not stored to must keep them.
+        caches = [_randn(num_blocks, bs, hk, d, t=t, gen=gen) for _ in range(2)]
+        ref_caches = [c.clone() for c in caches]
+        ref_q = reference.rotary_store_kvcache(positions, q, k, v, cos_sin, *ref_caches, slots)
+        two_q, two_k = tops.rotary_embedding(positions, q.clone(), k.clone(), cos_sin)
+        two_caches = [c.clone() for c in caches]
+        tops.store_kvcache(two_k, v, *two_caches, slots)
+
+        got_q = tops.rotary_store_kvcache(positions, q, k, v, cos_sin, *caches, slots)
+        assert got_q is q, f"{what}: q must be rotated in place and returned"
+        assert torch.equal(k, k_in) and torch.equal(v, v_in), f"{what}: k/v must be left as they are"
+        assert torch.equal(got_q, two_q), f"{what}: q differs from the rotary kernel's"
+        assert torch.equal(caches[0], two_caches[0]), f"{what}: key cache differs from rotary + store"
+        assert torch.equal(caches[1], ref_caches[1]), f"{what}: value cache (a pure copy)"
+        for name, got, ref in [("q", got_q, ref_q), ("key cache", caches[0], ref_caches[0])]:
+            if t.dtype == torch.bfloat16:
+                assert_one_rounding_apart(got, ref, f"{what} {name}")
+            else:
+                assert_close(got, ref, t.dtype, f"{what} {name}", scale=4)
+
+
 CHECKS: dict[str, Callable[[Target], None]] = {
     "store_kvcache": check_store_kvcache,
     "paged_attention": check_paged_attention,
@@ -260,15 +337,16 @@ CHECKS: dict[str, Callable[[Target], None]] = {
     "fused_add_rms_norm": check_fused_add_rms_norm,
     "silu_and_mul": check_silu_and_mul,
     "rotary_embedding": check_rotary_embedding,
+    "rotary_store_kvcache": check_rotary_store_kvcache,
 }
 
 
-def run_all(t: Target) -> dict[str, str]:
-    """Run every check; ``{name: "ok" | traceback}``."""
+def run_all(t: Target, names: list[str] | None = None) -> dict[str, str]:
+    """Run the checks ``names`` (default: all); ``{name: "ok" | traceback}``."""
     results: dict[str, str] = {}
-    for name, check in CHECKS.items():
+    for name in names or list(CHECKS):
         try:
-            check(t)
+            CHECKS[name](t)
             results[name] = "ok"
         except Exception:  # noqa: BLE001 - reported to the parent test, per check
             results[name] = traceback.format_exc()
@@ -276,4 +354,6 @@ def run_all(t: Target) -> dict[str, str]:
 
 
 if __name__ == "__main__":
-    print(json.dumps(run_all(Target("cpu", torch.float32))))
+    # python kernel_checks.py [DTYPE [CHECK ...]]: DTYPE a torch dtype name (default float32).
+    dtype = getattr(torch, sys.argv[1]) if len(sys.argv) > 1 else torch.float32
+    print(json.dumps(run_all(Target("cpu", dtype), sys.argv[2:] or None)))

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
 import pytest_asyncio
-from helpers.tiny_models import make_tiny_model, save_smollm2_tokenizer
 
 from gpu_worker.config import EngineConfig
 from gpu_worker.server import ServerConfig, WorkerServer
@@ -20,11 +19,8 @@ MODEL = "tiny-cli"
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory, smollm2_gguf: Path) -> Path:
-    root = tmp_path_factory.mktemp("cli-model")
-    return make_tiny_model(
-        "llama", root / "m", tokenizer_dir=save_smollm2_tokenizer(root / "tok", smollm2_gguf)
-    )
+def model_dir(tiny_model: Callable[[str], Path]) -> Path:
+    return tiny_model("llama")
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import pytest_asyncio
-from helpers.tiny_models import make_tiny_model, save_smollm2_tokenizer
 from router_procs import RedisProc, free_port
 
 from llmserve.fleet import StateStore
@@ -16,11 +15,9 @@ from router.server import RouterConfig, RouterServer
 
 
 @pytest.fixture(scope="session")
-def router_tiny_model(tmp_path_factory: pytest.TempPathFactory, smollm2_gguf: Path) -> Path:
-    """A 2-layer random llama with the SmolLM2 tokenizer (and chat template)."""
-    root = tmp_path_factory.mktemp("router-model")
-    tokenizer_dir = save_smollm2_tokenizer(root / "tokenizer", smollm2_gguf)
-    return make_tiny_model("llama", root / "llama", tokenizer_dir=tokenizer_dir)
+def router_tiny_model(tiny_model: Callable[[str], Path]) -> Path:
+    """The 2-layer random llama with the SmolLM2 tokenizer (and chat template), tests/conftest.py."""
+    return tiny_model("llama")
 
 
 @pytest.fixture(scope="module")

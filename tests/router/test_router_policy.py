@@ -9,9 +9,9 @@ from router.policy import Candidate, RouteQuery, make_policy
 
 
 def cand(wid: str, matched: int = 0, running: int = 0, waiting: int = 0, unreported: int = 0,
-         kv: float = 0.0, max_num_seqs: int = 8, max_queue_len: int = 8) -> Candidate:
+         kv: float = 0.0, max_num_seqs: int = 8, max_queue_len: int = 8, model: str = "m") -> Candidate:
     load = WorkerLoad(running, waiting, kv, max_num_seqs, max_queue_len, 64)
-    return Candidate(WorkerRecord(wid, "m", f"h:{wid}", 16, 512, load), matched, unreported)
+    return Candidate(WorkerRecord(wid, model, f"h:{wid}", 16, 512, load), matched, unreported)
 
 
 Q = RouteQuery("m", prompt_blocks=10, affinity_key=b"k" * 16, request_key=b"r1")
@@ -65,6 +65,16 @@ def test_round_robin_rotates() -> None:
     policy = make_policy("round-robin")
     cands = [cand("a", matched=10), cand("b"), cand("c")]
     assert [ids(policy.rank(Q, cands))[0] for _ in range(4)] == ["a", "b", "c", "a"]
+
+
+def test_round_robin_rotates_each_model_on_its_own() -> None:
+    policy = make_policy("round-robin")
+    fleet = {m: [cand(f"{m}{i}", model=m) for i in range(2)] for m in ("x", "y")}
+    # Interleaved x, y, x, y, ...: one shared counter would send every x to x0 and every y to y1.
+    picks: dict[str, list[str]] = {"x": [], "y": []}
+    for model in ["x", "y"] * 4 + ["x", "x", "y"]:
+        picks[model].append(ids(policy.rank(RouteQuery(model, 10, b"k" * 16), fleet[model]))[0])
+    assert picks == {"x": ["x0", "x1"] * 3, "y": ["y0", "y1", "y0", "y1", "y0"]}
 
 
 def test_full_flag_and_unknown_policy() -> None:

@@ -47,7 +47,11 @@ class AttentionMetadata:
 
 
 class PagedAttention(nn.Module):
-    """Stores the new K/V in the cache, then attends over each sequence's paged context."""
+    """Stores the new K/V in the cache, then attends over each sequence's paged context.
+
+    :meth:`forward` does both; :meth:`attend` only attends, for callers that already stored
+    this step's K/V (an op set's fused ``rotary_store_kvcache``).
+    """
 
     def __init__(
         self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float, ops: KernelOps
@@ -80,6 +84,16 @@ class PagedAttention(nn.Module):
             out: torch.Tensor = self.planned_op(q, k, v, key_cache, value_cache, plan, self.scale)
             return out
         self.ops.store_kvcache(k, v, key_cache, value_cache, md.slot_mapping)
+        return self.attend(q, kv_cache, md)
+
+    def attend(self, q: torch.Tensor, kv_cache: torch.Tensor, md: AttentionMetadata) -> torch.Tensor:
+        """Attention only: q ``[T, Hq, D]`` -> ``[T, Hq, D]``; this step's K/V must already be in
+        ``kv_cache`` (at ``md.slot_mapping``). Not for op sets with plans, whose planned
+        attention stores K/V itself (:class:`kernels.KernelOps` never pairs them with a fused store).
+        """
+        if self.plan_op is not None and self.planned_op is not None:
+            raise RuntimeError(f"op set {self.ops.name!r} stores K/V inside attention; call forward")
+        key_cache, value_cache = kv_cache[0], kv_cache[1]
         if md.decode_only:
             return self.ops.paged_decode_attention(
                 q, key_cache, value_cache, md.block_tables, md.seq_lens, self.scale, md.max_seq_len

@@ -92,3 +92,29 @@ class RotaryEmbedding(nn.Module):
             return self.ops.rotary_embedding(positions, q, k, self.cos_sin_cache)
         plan = md.plan(f"rotary:{id(self)}", lambda: plan_op(positions, self.cos_sin_cache))
         return apply_op(q, k, plan)  # type: ignore[no-any-return]
+
+    @property
+    def stores_kv(self) -> bool:
+        """Whether the op set fuses rotary with the K/V store (:meth:`rotate_and_store`)."""
+        return self.ops.rotary_store_kvcache is not None
+
+    def rotate_and_store(
+        self,
+        positions: torch.Tensor,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        kv_cache: torch.Tensor,
+        md: AttentionMetadata,
+    ) -> torch.Tensor:
+        """Rotate ``q``/``k`` by ``positions`` and write the rotated ``k`` and ``v`` into
+        ``kv_cache`` (``[2, blocks, block, Hk, D]``) at ``md.slot_mapping``, in one op; returns
+        the rotated ``q``. The attention then only attends (``PagedAttention.attend``).
+        Only when :attr:`stores_kv`."""
+        op = self.ops.rotary_store_kvcache
+        if op is None:
+            raise RuntimeError(f"op set {self.ops.name!r} has no rotary_store_kvcache")
+        out: torch.Tensor = op(
+            positions, q, k, v, self.cos_sin_cache, kv_cache[0], kv_cache[1], md.slot_mapping
+        )
+        return out

@@ -70,8 +70,12 @@ class DecoderAttention(nn.Module):
         v = v.reshape(num_tokens, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary(positions, q, k, md)
-        out = self.attn(q, k, v, kv_cache, md)
+        if self.rotary.stores_kv:  # one launch rotates and stores; attention reads the cache
+            q = self.rotary.rotate_and_store(positions, q, k, v, kv_cache, md)
+            out = self.attn.attend(q, kv_cache, md)
+        else:
+            q, k = self.rotary(positions, q, k, md)
+            out = self.attn(q, k, v, kv_cache, md)
         return self.o_proj(out.reshape(num_tokens, self.q_size))
 
 

@@ -12,7 +12,13 @@ from typing import Any
 
 from gpu_worker.core.kv_cache_manager import KVCacheManager
 from gpu_worker.core.scheduler import Scheduler
-from gpu_worker.core.types import EngineCoreOutput, EngineCoreRequest, RunnerOutput, SchedulerOutput
+from gpu_worker.core.types import (
+    PLACEHOLDER_TOKEN_ID,
+    EngineCoreOutput,
+    EngineCoreRequest,
+    RunnerOutput,
+    SchedulerOutput,
+)
 from gpu_worker.sampling_params import SamplingParams
 
 VOCAB = 97
@@ -45,7 +51,9 @@ def core_request(
 class PagedFakeRunner:
     """Writes each token into its paged slot and 'attends' by reading the sequence back
     through the block table: a wrong block table or a stale cached block changes the output.
-    It also checks positions: ``start_pos`` must equal the tokens it already holds."""
+    It also checks positions: ``start_pos`` must equal the tokens it already holds.
+    A placeholder token (async scheduling) becomes what the previous step sampled for the
+    same request, as the real runner fills it on the device (KeyError if there is none)."""
 
     def __init__(self, num_blocks: int, block_size: int, script: dict[str, list[int]] | None = None) -> None:
         self.block_size = block_size
@@ -54,6 +62,8 @@ class PagedFakeRunner:
         self.num_written: dict[str, int] = {}
         self.script = script or {}  # per request: tokens to emit instead of next_token
         self.steps: list[SchedulerOutput] = []
+        self.last_sampled: dict[str, int] = {}
+        self.num_placeholders = 0
 
     def execute(self, out: SchedulerOutput) -> RunnerOutput:
         self.steps.append(out)
@@ -74,6 +84,9 @@ class PagedFakeRunner:
                 )
             table = self.tables[sr.req_id]
             for k, tok in enumerate(sr.token_ids):
+                if tok == PLACEHOLDER_TOKEN_ID:
+                    tok = self.last_sampled[sr.req_id]
+                    self.num_placeholders += 1
                 pos = sr.start_pos + k
                 self.slots[table[pos // self.block_size]][pos % self.block_size] = tok
             end = sr.start_pos + len(sr.token_ids)
@@ -82,6 +95,7 @@ class PagedFakeRunner:
                 seq = [self.slots[table[p // self.block_size]][p % self.block_size] for p in range(end)]
                 ids.append(sr.req_id)
                 toks.append(self._sample(sr.req_id, seq))  # type: ignore[arg-type]
+        self.last_sampled = dict(zip(ids, toks, strict=True))
         return RunnerOutput(tuple(ids), tuple(toks))
 
     def _sample(self, rid: str, seq: list[int]) -> int:
@@ -102,16 +116,26 @@ def make_scheduler(
 
 
 def run_to_completion(
-    sched: Scheduler, runner: PagedFakeRunner, max_steps: int = 10_000
+    sched: Scheduler, runner: PagedFakeRunner, max_steps: int = 10_000, async_scheduling: bool = False
 ) -> dict[str, list[EngineCoreOutput]]:
-    """Step until nothing is left; returns each request's outputs in order."""
+    """Step until nothing is left; returns each request's outputs in order.
+
+    ``async_scheduling``: as the engine core does then, step k+1 is scheduled and run before
+    step k is accounted for (``update``)."""
     outputs: dict[str, list[EngineCoreOutput]] = {}
+    in_flight: tuple[SchedulerOutput, RunnerOutput] | None = None
     for _ in range(max_steps):
-        if not sched.has_unfinished():
+        if not sched.has_unfinished() and in_flight is None:
             return outputs
-        out = sched.schedule()
-        for o in sched.update(out, runner.execute(out)):
-            outputs.setdefault(o.request_id, []).append(o)
+        launched = None
+        if sched.has_unfinished():
+            out = sched.schedule()
+            launched = (out, runner.execute(out))
+        done = in_flight if async_scheduling else launched
+        in_flight = launched if async_scheduling else None
+        if done is not None:
+            for o in sched.update(*done):
+                outputs.setdefault(o.request_id, []).append(o)
     raise AssertionError("scheduler did not finish")
 
 

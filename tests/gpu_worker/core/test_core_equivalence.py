@@ -1,6 +1,7 @@
 """Same tokens whatever the path: prefix hit vs cold, chunked vs whole, preemption vs ample pool,
-32 requests together vs one at a time. Every run is checked against a plain-Python oracle that
-generates from the whole sequence, and ends with every block back in the free list."""
+32 requests together vs one at a time, synchronous or async scheduling (one step in flight).
+Every run is checked against a plain-Python oracle that generates from the whole sequence, and
+ends with every block back in the free list."""
 
 from __future__ import annotations
 
@@ -66,6 +67,7 @@ def run(
     together: bool,
     suffix: str = "",
     runner: PagedFakeRunner | None = None,
+    async_scheduling: bool = False,
 ) -> dict:
     """Run ``requests`` to completion; the runner (its paged cache) must live as long as the
     scheduler's prefix cache."""
@@ -75,7 +77,7 @@ def run(
     for batch in batches:
         for r in batch:
             sched.add_request(dataclasses.replace(r, request_id=r.request_id + suffix))
-        outputs.update(run_to_completion(sched, runner))
+        outputs.update(run_to_completion(sched, runner, async_scheduling=async_scheduling))
     assert_no_leak(sched.kv)
     return outputs
 
@@ -84,6 +86,7 @@ def expected(requests: list[EngineCoreRequest], suffix: str = "") -> dict:
     return {r.request_id + suffix: oracle(r)[0] for r in requests}
 
 
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
 @pytest.mark.parametrize("together", [True, False], ids=["together", "one_at_a_time"])
 @pytest.mark.parametrize(
     ("config", "path"),
@@ -94,10 +97,14 @@ def expected(requests: list[EngineCoreRequest], suffix: str = "") -> dict:
         ({"num_blocks": 16, "max_num_batched_tokens": 7, "max_num_seqs": 5}, "tiny_pool_chunked"),
     ],
 )
-def test_same_tokens_whatever_the_path(config: dict, path: str, together: bool) -> None:
+def test_same_tokens_whatever_the_path(
+    config: dict, path: str, together: bool, async_scheduling: bool
+) -> None:
     requests = workload()
     sched = make_scheduler(block_size=BLOCK_SIZE, max_model_len=MAX_MODEL_LEN, **config)
-    outputs = run(sched, requests, together)
+    runner = PagedFakeRunner(sched.kv.num_blocks, BLOCK_SIZE)
+    outputs = run(sched, requests, together, runner=runner, async_scheduling=async_scheduling)
+    assert (runner.num_placeholders > 0) == async_scheduling  # decodes really ran one step ahead
     assert tokens_of(outputs) == expected(requests)
     reasons = {rid: outs[-1].finish_reason for rid, outs in outputs.items()}
     assert reasons == {r.request_id: oracle(r)[1] for r in requests}
@@ -108,14 +115,17 @@ def test_same_tokens_whatever_the_path(config: dict, path: str, together: bool) 
         assert stats.num_preemptions == 0
 
 
-def test_prefix_cache_hits_give_the_same_tokens_as_cold_runs() -> None:
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
+def test_prefix_cache_hits_give_the_same_tokens_as_cold_runs(async_scheduling: bool) -> None:
     requests = workload()
     sched = make_scheduler(num_blocks=512, block_size=BLOCK_SIZE, max_model_len=MAX_MODEL_LEN)
     runner = PagedFakeRunner(512, BLOCK_SIZE)
-    first = run(sched, requests, together=False, runner=runner)
+    first = run(sched, requests, together=False, runner=runner, async_scheduling=async_scheduling)
     hits_after_first = sched.stats().prefix_cache_hits
     assert hits_after_first > 0  # the shared 13-token prefix: 3 full blocks
-    second = run(sched, requests, together=True, suffix="-again", runner=runner)
+    second = run(
+        sched, requests, together=True, suffix="-again", runner=runner, async_scheduling=async_scheduling
+    )
     assert tokens_of(first) == expected(requests)
     assert tokens_of(second) == expected(requests, "-again")
     # Every second-pass prompt hits its own earlier blocks (all but the last token).

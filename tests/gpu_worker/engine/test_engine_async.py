@@ -28,10 +28,12 @@ def llama_dir(tiny_model: Callable[[str], Path]) -> Path:
 
 @pytest.fixture(scope="module", params=["thread", "process"])
 def engine(llama_dir: Path, request: pytest.FixtureRequest) -> Iterator[AsyncLLM]:
-    """The engine core on a thread, and in a child process: every test below holds for both."""
+    """The engine core on a thread, and in a child process planning one step ahead (CUDA's
+    defaults): every test below holds for both."""
+    in_process = request.param == "process"
     config = EngineConfig(
         model=str(llama_dir), num_kv_blocks=64, max_num_seqs=32,
-        engine_core_process=request.param == "process",
+        engine_core_process=in_process, async_scheduling=in_process,
     )
     engine = AsyncLLM.from_config(config)
     yield engine

@@ -1,5 +1,6 @@
 """The same tokens whatever the path: prefix hit vs cold, chunked vs whole prefill, preemption vs
-ample KV, 32 together vs one at a time; no KV block leaks after finish, abort or preemption."""
+ample KV, 32 together vs one at a time, each with synchronous and with async scheduling; no KV
+block leaks after finish, abort or preemption."""
 
 from __future__ import annotations
 
@@ -30,6 +31,12 @@ def llama_dir(tiny_model: Callable[[str], Path]) -> Path:
     return tiny_model("llama")
 
 
+@pytest.fixture(params=[False, True], ids=["sync", "async"])
+def async_scheduling(request: pytest.FixtureRequest) -> bool:
+    """Each path with the engine core waiting for every step, and planning one step ahead."""
+    return bool(request.param)
+
+
 @pytest.fixture(scope="module")
 def reference(llama_dir: Path) -> tuple[LLM, list[list[int]]]:
     """An LLM with an ample pool and no prefix caching, and its greedy tokens for PROMPTS."""
@@ -37,8 +44,10 @@ def reference(llama_dir: Path) -> tuple[LLM, list[list[int]]]:
     return llm, token_ids(llm.generate(PROMPTS, GREEDY))
 
 
-def test_prefix_cache_hit_equals_cold(llama_dir: Path, reference: tuple[LLM, list[list[int]]]) -> None:
-    llm = LLM(model=str(llama_dir), num_kv_blocks=256, max_num_seqs=32)
+def test_prefix_cache_hit_equals_cold(
+    llama_dir: Path, reference: tuple[LLM, list[list[int]]], async_scheduling: bool
+) -> None:
+    llm = LLM(model=str(llama_dir), num_kv_blocks=256, max_num_seqs=32, async_scheduling=async_scheduling)
     long_prompt = PROMPTS[2]  # several full blocks
     (cold,) = llm.generate(long_prompt, GREEDY)
     assert cold.num_cached_tokens == 0
@@ -54,15 +63,22 @@ def test_prefix_cache_hit_equals_cold(llama_dir: Path, reference: tuple[LLM, lis
     assert_no_leaks(llm)
 
 
-def test_chunked_prefill_equals_whole(llama_dir: Path, reference: tuple[LLM, list[list[int]]]) -> None:
-    llm = LLM(model=str(llama_dir), num_kv_blocks=256, max_num_batched_tokens=7, enable_prefix_caching=False)
+def test_chunked_prefill_equals_whole(
+    llama_dir: Path, reference: tuple[LLM, list[list[int]]], async_scheduling: bool
+) -> None:
+    llm = LLM(
+        model=str(llama_dir), num_kv_blocks=256, max_num_batched_tokens=7, enable_prefix_caching=False,
+        async_scheduling=async_scheduling,
+    )
     assert token_ids(llm.generate(PROMPTS, GREEDY)) == reference[1]
     assert_no_leaks(llm)
 
 
-def test_preemption_equals_ample_pool(llama_dir: Path, reference: tuple[LLM, list[list[int]]]) -> None:
+def test_preemption_equals_ample_pool(
+    llama_dir: Path, reference: tuple[LLM, list[list[int]]], async_scheduling: bool
+) -> None:
     # 8 blocks: 128 tokens for ~120 prompt + 120 output tokens.
-    llm = LLM(model=str(llama_dir), num_kv_blocks=8, max_num_seqs=32)
+    llm = LLM(model=str(llama_dir), num_kv_blocks=8, max_num_seqs=32, async_scheduling=async_scheduling)
     assert token_ids(llm.generate(PROMPTS, GREEDY)) == reference[1]
     assert llm.engine.stats().num_preemptions > 0
     assert_no_leaks(llm)

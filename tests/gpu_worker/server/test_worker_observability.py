@@ -227,3 +227,23 @@ async def test_worker_process_env_flags_json_logs_metrics_and_console_traces(
         ("proc-0", "w-proc", 2), ("proc-1", "w-proc", 2)]
     assert all(len(x["trace_id"]) == 32 for x in finished)
     assert (tmp_path / "stdout").read_text().count(f'"name": "{s.WORKER_GENERATE_SPAN}"') == 2
+
+
+async def test_engine_core_process_logs_in_the_workers_format(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """With ``--engine-core-process`` the core runs in a spawned child: its lines follow the
+    worker's ``--log-format json`` and ``--log-level`` too (the child builds the core, so its
+    "engine core ready" INFO line can only come from there)."""
+    flags = ("--engine-core-process", "--log-format", "json", "--log-level", "info")
+    with open(tmp_path / "stderr", "wb") as err:
+        proc, _ = await asyncio.to_thread(start_worker, tiny_model_dir, *flags, stderr=err)
+        proc.terminate()  # SERVING: the child has logged its ready line
+        try:
+            await asyncio.to_thread(proc.wait, 60)
+        finally:
+            proc.kill()  # a no-op once it has exited
+            proc.wait()
+    stderr = (tmp_path / "stderr").read_text()
+    ready = [json.loads(x) for x in stderr.splitlines() if "engine core ready" in x]
+    assert len(ready) == 1, stderr[-2000:]
+    assert ready[0]["level"] == "INFO" and ready[0]["logger"] == "gpu_worker.engine.core"
+    assert ready[0]["message"].startswith(f"engine core ready: model {SERVED_NAME} on cpu")

@@ -1,4 +1,5 @@
-"""Fixtures of the runner/sampler tests: tiny models (built once) and a minimal scheduler stand-in."""
+"""Fixtures of the runner/sampler tests: runners on the tiny models (``tiny_model``, tests/conftest.py)
+and a minimal scheduler stand-in."""
 
 from __future__ import annotations
 
@@ -16,30 +17,6 @@ from gpu_worker.core.types import RunnerOutput, ScheduledRequest, SchedulerOutpu
 from gpu_worker.model_executor import loader
 from gpu_worker.sampling_params import SamplingParams
 from gpu_worker.worker.model_runner import ModelRunner
-
-
-@pytest.fixture(scope="session")
-def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory, smollm2_gguf: Path) -> Path:
-    from helpers.tiny_models import save_smollm2_tokenizer
-
-    return save_smollm2_tokenizer(tmp_path_factory.mktemp("tok"), smollm2_gguf)
-
-
-@pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> Callable[[str], Path]:
-    """``tiny_model(family)`` -> folder of a tiny random model (built once per family)."""
-    from helpers.tiny_models import make_tiny_model
-
-    built: dict[str, Path] = {}
-
-    def get(family: str) -> Path:
-        if family not in built:
-            built[family] = make_tiny_model(
-                family, tmp_path_factory.mktemp(family), tokenizer_dir=tokenizer_dir
-            )
-        return built[family]
-
-    return get
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from llmserve.telemetry import RequestTimeline, configure_logging, log_request_finished
+from llmserve.telemetry import LogSettings, RequestTimeline, configure_logging, log_request_finished
 
 FIELDS = dict(request_id="r-1", trace_id="0af7651916cd43dd8448eb211c80319c", model="m", worker="w0",
               prompt_tokens=12, completion_tokens=5, cached_tokens=8, ttft_s=0.25, e2e_s=1.5,
@@ -63,6 +63,18 @@ def test_below_info_logs_nothing(root_logger: logging.Logger) -> None:
 def test_unknown_log_format_is_refused() -> None:
     with pytest.raises(ValueError, match="log format"):
         configure_logging("INFO", fmt="xml")
+
+
+def test_log_settings_read_back_what_configure_logging_installed(root_logger: logging.Logger) -> None:
+    for handler in list(root_logger.handlers):  # pytest's own capture handlers are not ours
+        root_logger.removeHandler(handler)
+    assert LogSettings.of_this_process() is None
+    configure_logging("warning", fmt="json", stream=io.StringIO())
+    assert LogSettings.of_this_process() == LogSettings(logging.WARNING, "json")
+    configure_logging("DEBUG", fmt="text", stream=io.StringIO())
+    assert LogSettings.of_this_process() == LogSettings(logging.DEBUG, "text")
+    with pytest.raises(ValueError, match="log format"):
+        LogSettings(logging.INFO, "xml")
 
 
 def test_timeline_stages_and_inter_token_latencies() -> None:

@@ -1,0 +1,124 @@
+"""Rotary embedding and the paged K/V store in one launch (one program per token).
+
+Replaces :func:`kernels.triton_ops.rotary_embedding` followed by
+:func:`kernels.triton_ops.store_kvcache`, with the same arithmetic: q goes through the rotary
+kernel's own helper, k through the same float32 expression, so the results are bitwise those
+of the two launches. The rotated k is written to the cache only, never back into ``k``.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.triton_ops.rotary import _load_cos_sin, _rotate_heads
+
+
+@triton.jit
+def _rotary_store_kvcache_kernel(
+    pos_ptr,
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    cos_sin_ptr,
+    key_cache_ptr,
+    value_cache_ptr,
+    slot_ptr,
+    stride_qt,
+    stride_qh,
+    stride_kt,
+    stride_kh,
+    stride_vt,
+    stride_vh,
+    stride_cos_sin,
+    num_q_heads,
+    num_kv_heads,
+    HALF: tl.constexpr,
+    BLOCK_HQ: tl.constexpr,
+    BLOCK_HK: tl.constexpr,
+):
+    t = tl.program_id(0).to(tl.int64)
+    cos, sin = _load_cos_sin(pos_ptr, cos_sin_ptr, stride_cos_sin, t, HALF)
+    dims = tl.arange(0, HALF)
+    # Every token's q is rotated, padding tokens included (their rows are simply unused).
+    _rotate_heads(q_ptr, stride_qt, stride_qh, t, num_q_heads, cos, sin, HALF, BLOCK_HQ)
+
+    # A negative slot is a padding token: nothing of its k/v is read or written.
+    slot = tl.load(slot_ptr + t).to(tl.int64)
+    heads = tl.arange(0, BLOCK_HK)
+    keep = tl.full([BLOCK_HK, HALF], 0, tl.int64) + slot >= 0
+    mask = (heads < num_kv_heads)[:, None] & keep
+    src_k = k_ptr + t * stride_kt + heads[:, None] * stride_kh + dims[None, :]
+    src_v = v_ptr + t * stride_vt + heads[:, None] * stride_vh + dims[None, :]
+    # The caches are contiguous: a slot is num_kv_heads * 2 * HALF consecutive elements.
+    dst = slot * num_kv_heads * (2 * HALF) + heads[:, None] * (2 * HALF) + dims[None, :]
+
+    k1 = tl.load(src_k, mask=mask, other=0.0)
+    k2 = tl.load(src_k + HALF, mask=mask, other=0.0)
+    k1f = k1.to(tl.float32)
+    k2f = k2.to(tl.float32)
+    # Round to k's dtype first (what the rotary kernel writes back), then to the cache's.
+    cache_ty = key_cache_ptr.dtype.element_ty
+    tl.store(key_cache_ptr + dst, (k1f * cos - k2f * sin).to(k1.dtype).to(cache_ty), mask=mask)
+    tl.store(key_cache_ptr + dst + HALF, (k2f * cos + k1f * sin).to(k1.dtype).to(cache_ty), mask=mask)
+
+    value_ty = value_cache_ptr.dtype.element_ty
+    tl.store(value_cache_ptr + dst, tl.load(src_v, mask=mask).to(value_ty), mask=mask)
+    tl.store(value_cache_ptr + dst + HALF, tl.load(src_v + HALF, mask=mask).to(value_ty), mask=mask)
+
+
+def rotary_store_kvcache(
+    positions: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cos_sin_cache: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> torch.Tensor:
+    """Triton :func:`kernels.reference.rotary_store_kvcache`: rotates ``q`` in place and
+    returns it; writes the rotated ``k`` and ``v`` into their cache slots (negative: skipped).
+
+    ``q``/``k``/``v`` may be strided views (e.g. slices of a fused qkv projection) as long as
+    the head dim is unit-stride; ``k`` and ``v`` are not modified. The caches must be contiguous.
+    """
+    num_tokens, num_q_heads, head_dim = q.shape
+    num_kv_heads = k.shape[1]
+    if head_dim & (head_dim - 1) or head_dim < 4:
+        raise ValueError(f"rotary_store_kvcache: head_dim must be a power of two >= 4, got {head_dim}")
+    if q.stride(-1) != 1:
+        raise ValueError("rotary_store_kvcache: q needs a unit-stride head dim to rotate in place")
+    if not (key_cache.is_contiguous() and value_cache.is_contiguous()):
+        raise ValueError("rotary_store_kvcache: the KV caches must be contiguous")
+    if k.stride(-1) != 1 or v.stride(-1) != 1:
+        k, v = k.contiguous(), v.contiguous()
+    if num_tokens == 0:
+        return q
+    if cos_sin_cache.stride(-1) != 1:
+        cos_sin_cache = cos_sin_cache.contiguous()
+    _rotary_store_kvcache_kernel[(num_tokens,)](
+        positions,
+        q,
+        k,
+        v,
+        cos_sin_cache,
+        key_cache,
+        value_cache,
+        slot_mapping,
+        q.stride(0),
+        q.stride(1),
+        k.stride(0),
+        k.stride(1),
+        v.stride(0),
+        v.stride(1),
+        cos_sin_cache.stride(0),
+        num_q_heads,
+        num_kv_heads,
+        HALF=head_dim // 2,
+        BLOCK_HQ=triton.next_power_of_2(num_q_heads),
+        BLOCK_HK=triton.next_power_of_2(num_kv_heads),
+        num_warps=4,
+    )
+    return q
