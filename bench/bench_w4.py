@@ -66,9 +66,9 @@ def write_config(root: Path) -> Path:
     return bench_gpu.write_config(SHAPE, root)
 
 
-def prompts() -> list[list[int]]:
+def prompts(num_requests: int = NUM_REQUESTS, prompt_len: int = PROMPT_LEN) -> list[list[int]]:
     vocab = 40000 if SMOKE_MODEL else 128000
-    return np.random.default_rng(1).integers(0, vocab, size=(NUM_REQUESTS, PROMPT_LEN)).tolist()
+    return np.random.default_rng(1).integers(0, vocab, size=(num_requests, prompt_len)).tolist()
 
 
 def _emit(payload: dict[str, Any]) -> None:
@@ -113,7 +113,7 @@ async def _one(stub: Any, pb: Any, ids: list[int], max_tokens: int, t0: float) -
     return arrivals
 
 
-async def _client(target: str) -> dict[str, Any]:
+async def _client(target: str, num_requests: int, prompt_len: int, output_len: int) -> dict[str, Any]:
     import grpc
 
     from llmserve.v1 import generation_pb2 as pb
@@ -122,10 +122,10 @@ async def _client(target: str) -> dict[str, Any]:
     options = [("grpc.max_receive_message_length", -1)]
     async with grpc.aio.insecure_channel(target, options=options) as channel:
         stub = pb_grpc.GenerationStub(channel)
-        warm = prompts()[:8]
-        await asyncio.gather(*(_one(stub, pb, p, 16, time.perf_counter()) for p in warm))
+        batch = prompts(num_requests, prompt_len)
+        await asyncio.gather(*(_one(stub, pb, p, 16, time.perf_counter()) for p in batch[:8]))
         t0 = time.perf_counter()
-        streams = await asyncio.gather(*(_one(stub, pb, p, OUTPUT_LEN, t0) for p in prompts()))
+        streams = await asyncio.gather(*(_one(stub, pb, p, output_len, t0) for p in batch))
     ttft, itl = [], []
     tokens = chunks = 0
     end = 0.0
@@ -142,19 +142,21 @@ async def _client(target: str) -> dict[str, Any]:
     def pct(xs: list[float], q: float) -> float:
         return float(np.percentile(np.asarray(xs), q)) * 1e3
 
-    return dict(output_tok_s=tokens / end, elapsed_s=end, output_tokens=tokens,
+    return dict(output_tok_s=tokens / end, elapsed_s=end, output_tokens=tokens, output_chunks=chunks,
                 tokens_per_chunk=tokens / chunks, ttft_p50_ms=pct(ttft, 50), ttft_p99_ms=pct(ttft, 99),
                 itl_p50_ms=pct(itl, 50), itl_p99_ms=pct(itl, 99))
 
 
-def run_client(target: str) -> None:
-    _emit(asyncio.run(_client(target)))
+def run_client(target: str, num_requests: int = NUM_REQUESTS, prompt_len: int = PROMPT_LEN,
+               output_len: int = OUTPUT_LEN) -> None:
+    _emit(asyncio.run(_client(target, num_requests, prompt_len, output_len)))
 
 
 # ----------------------------------------------------------------------------- router + worker
 
 
-async def _stack(model_dir: str, router_port: int, worker_port: int, core_process: bool) -> None:
+async def _stack(model_dir: str, router_port: int, worker_port: int, core_process: bool,
+                 engine: dict[str, Any]) -> None:
     """Router + worker on one in-memory state store in this process (as llmserve/stack.py)."""
     from gpu_worker.config import EngineConfig
     from gpu_worker.server import ServerConfig, WorkerServer
@@ -163,7 +165,7 @@ async def _stack(model_dir: str, router_port: int, worker_port: int, core_proces
 
     store = open_store(None)
     worker = WorkerServer(
-        EngineConfig(model=model_dir, engine_core_process=core_process, **ENGINE),  # type: ignore[arg-type]
+        EngineConfig(model=model_dir, engine_core_process=core_process, **engine),
         ServerConfig(host="127.0.0.1", port=worker_port, drain_grace_s=1.0,
                      advertise_address=f"127.0.0.1:{worker_port}"),
         fleet_store=store,
@@ -187,8 +189,9 @@ async def _stack(model_dir: str, router_port: int, worker_port: int, core_proces
     await store.close()
 
 
-def run_stack(model_dir: str, router_port: int, worker_port: int, core_process: bool) -> None:
-    asyncio.run(_stack(model_dir, router_port, worker_port, core_process))
+def run_stack(model_dir: str, router_port: int, worker_port: int, core_process: bool,
+              engine: dict[str, Any] | None = None) -> None:
+    asyncio.run(_stack(model_dir, router_port, worker_port, core_process, {**ENGINE, **(engine or {})}))
 
 
 # ----------------------------------------------------------------------------- driver
@@ -259,12 +262,21 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd")
     sub.add_parser("offline").add_argument("--model", required=True)
-    sub.add_parser("client").add_argument("--target", required=True)
+    cl = sub.add_parser("client")
+    cl.add_argument("--target", required=True)
+    _size_args(cl)
     st = sub.add_parser("stack")
     st.add_argument("--model", required=True)
     st.add_argument("--router-port", type=int, required=True)
     st.add_argument("--worker-port", type=int, required=True)
     st.add_argument("--engine-core-process", action=argparse.BooleanOptionalAction, default=False)
+    st.add_argument("--engine-json", default="{}", help="EngineConfig fields overriding ENGINE (JSON)")
+    local = sub.add_parser("local", help="CPU reproduction: stack + client on this machine, "
+                           "stack CPU per chunk (see run_local)")
+    local.add_argument("--model", required=True)
+    local.add_argument("--profile", default=None, help="py-spy output file (.txt: raw stacks, else svg)")
+    local.add_argument("--engine-core-process", action=argparse.BooleanOptionalAction, default=True)
+    _size_args(local)
     ap.add_argument("--commit", default="unknown")
     ap.add_argument("--engine-core-process", action=argparse.BooleanOptionalAction, default=False,
                     help="serve with the engine core in its own process (EngineConfig.engine_core_process)")
@@ -275,10 +287,70 @@ def main() -> None:
     if args.cmd == "offline":
         return run_offline(args.model)
     if args.cmd == "client":
-        return run_client(args.target)
+        return run_client(args.target, args.num_requests, args.prompt_len, args.output_len)
     if args.cmd == "stack":
-        return run_stack(args.model, args.router_port, args.worker_port, args.engine_core_process)
+        return run_stack(args.model, args.router_port, args.worker_port, args.engine_core_process,
+                         json.loads(args.engine_json))
+    if args.cmd == "local":
+        return run_local(args)
     drive(args)
+
+
+def _size_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--num-requests", type=int, default=NUM_REQUESTS)
+    parser.add_argument("--prompt-len", type=int, default=PROMPT_LEN)
+    parser.add_argument("--output-len", type=int, default=OUTPUT_LEN)
+
+
+def run_local(args: argparse.Namespace) -> None:
+    """The router + worker stack on a tiny CPU model, so the stack process's own CPU per chunk shows.
+
+        PYTHONPATH=. python bench/bench_w4.py local --model TINY_DIR --num-requests 256 \\
+            --prompt-len 32 --output-len 128 [--profile stack.txt]
+
+    ``TINY_DIR``: ``make_tiny_model("llama", dir)`` (tests/helpers/tiny_models.py). Prints the
+    client's result and the stack's CPU seconds per output chunk / token (the engine core runs
+    in its own process unless ``--no-engine-core-process``, so it is not counted).
+    """
+    blocks_per_seq = -(-(args.prompt_len + args.output_len) // 16) + 1
+    engine = dict(load_format="dummy", device="cpu", max_num_seqs=args.num_requests,
+                  num_kv_blocks=args.num_requests * blocks_per_seq + 64, enable_prefix_caching=False,
+                  max_num_batched_tokens=max(2048, args.prompt_len * 16))
+    router_port, worker_port = _free_port(), _free_port()
+    cmd = _script("stack", "--model", args.model, "--router-port", str(router_port), "--worker-port",
+                  str(worker_port), _core_flag(args.engine_core_process), "--engine-json", json.dumps(engine))
+    target = f"127.0.0.1:{router_port}"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    log = Path(args.out_dir) / "w4_local_stack.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, text=True, env=env)
+        spy = None
+        try:
+            _wait_models(target, 300, proc)
+            if args.profile:  # attached after loading: only serving is sampled
+                fmt = "raw" if args.profile.endswith(".txt") else "flamegraph"
+                spy = subprocess.Popen([str(Path(sys.executable).with_name("py-spy")), "record", "-r", "200",
+                                        "-f", fmt, "-o", args.profile, "--pid", str(proc.pid)])
+                time.sleep(1.0)
+            client = subprocess.run(
+                _script("client", "--target", target, "--num-requests", str(args.num_requests),
+                        "--prompt-len", str(args.prompt_len), "--output-len", str(args.output_len)),
+                capture_output=True, text=True, env=env, timeout=600)
+            if client.returncode != 0:
+                raise RuntimeError(f"client failed: {client.stderr[-3000:]}")
+            result = _results(client.stdout)[0]
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=120)
+            if spy is not None:
+                spy.wait(timeout=120)
+    server = _results(log.read_text())
+    result.update(server[0] if server else {})
+    if "stack_cpu_s" in result:
+        result["stack_cpu_us_per_chunk"] = result["stack_cpu_s"] / result["output_chunks"] * 1e6
+        result["stack_cpu_us_per_token"] = result["stack_cpu_s"] / result["output_tokens"] * 1e6
+    print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in result.items()}), flush=True)
 
 
 def drive(args: argparse.Namespace) -> None:
