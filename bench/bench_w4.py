@@ -8,7 +8,7 @@ alike); the default here is the thread, so the flag is explicit in every recorde
 
 W1's requests (256 x 512 random prompt tokens, 256 output tokens, ``ignore_eos``, greedy) on
 the llama3-8b shape (random bf16 weights, ``load_format="dummy"``, served without a tokenizer
-since the written config folder has none), measured three ways on the same card, one after
+since the written config folder has none), measured three (four) ways on the same card, one after
 the other, each engine in its own process so each sizes its KV pool from the whole GPU:
 
 - ``offline``: ``LLM.generate`` on all prompts at once (the offline API);
@@ -16,6 +16,9 @@ the other, each engine in its own process so each sizes its KV pool from the who
   requests at once as concurrent ``Generate`` streams;
 - ``grpc_router``: router and worker in one process on the in-memory state store (as
   ``llmserve up`` runs them; no Redis needed), the client talking to the router.
+- ``grpc_router_worker_procs`` (when a ``redis-server`` is found: ``$W4_REDIS_SERVER`` or
+  PATH): the deployed layout, Redis, a worker process registered in it and a router process,
+  each its own process; the client talks to the router.
 
 The client (``bench_w4.py client``, its own process, asyncio + grpc.aio on one channel)
 reports output tok/s (all tokens over first submit to last token), TTFT and inter-token
@@ -28,13 +31,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import cProfile
+import gc
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -161,6 +168,7 @@ async def _stack(model_dir: str, router_port: int, worker_port: int, core_proces
     from gpu_worker.config import EngineConfig
     from gpu_worker.server import ServerConfig, WorkerServer
     from llmserve.fleet import open_store
+    from llmserve.gc_tuning import freeze_startup_objects, unfreeze_objects
     from router.server import RouterConfig, RouterServer
 
     store = open_store(None)
@@ -177,16 +185,53 @@ async def _stack(model_dir: str, router_port: int, worker_port: int, core_proces
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
+    if not os.environ.get("W4_NO_GC_FREEZE"):  # as llmserve/stack.py does once started
+        freeze_startup_objects()
+    gc_watch = _GcWatch()
+    profile_path = os.environ.get("W4_CPROFILE")  # event-loop thread only, e.g. /tmp/stack.prof
+    profiler = cProfile.Profile() if profile_path else None
     cpu0, wall0 = os.times(), time.perf_counter()
     print("STACK READY", flush=True)
+    if profiler is not None:
+        profiler.enable()
     await stop.wait()
+    if profiler is not None and profile_path:
+        profiler.disable()
+        profiler.dump_stats(profile_path)
     cpu1, wall = os.times(), time.perf_counter() - wall0
+    gc_watch.close()
     extra = worker.service.engine.stats().extra
     _emit(dict(stack_wall_s=wall, stack_cpu_s=(cpu1.user + cpu1.system) - (cpu0.user + cpu0.system),
-               engine_steps=extra.get("engine_steps"), engine_step_time_s=extra.get("engine_step_time_s")))
+               engine_steps=extra.get("engine_steps"), engine_step_time_s=extra.get("engine_step_time_s"),
+               gc_s=gc_watch.seconds, gc_collections=gc_watch.collections,
+               gc_s_by_generation=[round(x, 3) for x in gc_watch.seconds_by_generation]))
     await router.stop(grace_s=0.5)
     await worker.drain(0.5)
     await store.close()
+    unfreeze_objects()
+
+
+class _GcWatch:
+    """CPU time of the cyclic garbage collector, and collections per generation, while open."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self.collections = [0, 0, 0]
+        self.seconds_by_generation = [0.0, 0.0, 0.0]
+        self._start = 0.0
+        gc.callbacks.append(self._on_gc)
+
+    def _on_gc(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._start = time.thread_time()  # CPU time: a preempted collection is not inflated
+        else:
+            elapsed = time.thread_time() - self._start
+            self.seconds += elapsed
+            self.collections[info["generation"]] += 1
+            self.seconds_by_generation[info["generation"]] += elapsed
+
+    def close(self) -> None:
+        gc.callbacks.remove(self._on_gc)
 
 
 def run_stack(model_dir: str, router_port: int, worker_port: int, core_process: bool,
@@ -237,25 +282,40 @@ def _wait_models(target: str, timeout_s: float, proc: subprocess.Popen[str]) -> 
     raise TimeoutError(f"{target} did not list a model in {timeout_s} s")
 
 
-def _serve_and_measure(cmd: list[str], target: str, log: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Start a server process, run the client against it, stop it; (client result, server results)."""
+def _serve_and_measure(
+    cmd: list[str], target: str, log: Path, before: Sequence[tuple[list[str], Path]] = ()
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Start a server process (after the ``before`` processes, e.g. Redis and a worker), run
+    the client against ``target``, stop them all (last started first); (client result, results
+    printed by the ``cmd`` process)."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    with log.open("w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, text=True, env=env)
-        try:
-            _wait_models(target, 600, proc)
-            client = subprocess.run(_script("client", "--target", target), capture_output=True, text=True,
-                                    env=env, timeout=600)
-            if client.returncode != 0:
-                raise RuntimeError(f"client failed: {client.stderr[-3000:]}")
-            result = _results(client.stdout)[0]
-        finally:
+    procs: list[subprocess.Popen[str]] = []
+    try:
+        for other_cmd, other_log in [*before, (cmd, log)]:
+            out = other_log.open("w")
+            procs.append(
+                subprocess.Popen(other_cmd, stdout=out, stderr=subprocess.STDOUT, text=True, env=env)
+            )
+            out.close()  # the child holds its own descriptor
+        _wait_models(target, 600, procs[-1])
+        client = subprocess.run(_script("client", "--target", target), capture_output=True, text=True,
+                                env=env, timeout=600)
+        if client.returncode != 0:
+            raise RuntimeError(f"client failed: {client.stderr[-3000:]}")
+        result = _results(client.stdout)[0]
+    finally:
+        for proc in reversed(procs):
             proc.send_signal(signal.SIGTERM)
             try:
                 proc.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 proc.kill()
     return result, _results(log.read_text())
+
+
+def _redis_server() -> str | None:
+    """A redis-server binary: ``$W4_REDIS_SERVER`` or the one on PATH (None: skip that path)."""
+    return os.environ.get("W4_REDIS_SERVER") or shutil.which("redis-server")
 
 
 def main() -> None:
@@ -330,8 +390,10 @@ def run_local(args: argparse.Namespace) -> None:
             _wait_models(target, 300, proc)
             if args.profile:  # attached after loading: only serving is sampled
                 fmt = "raw" if args.profile.endswith(".txt") else "flamegraph"
-                spy = subprocess.Popen([str(Path(sys.executable).with_name("py-spy")), "record", "-r", "200",
-                                        "-f", fmt, "-o", args.profile, "--pid", str(proc.pid)])
+                native = ["--native"] if os.environ.get("W4_SPY_NATIVE") else []
+                spy_bin = str(Path(sys.executable).with_name("py-spy"))
+                spy = subprocess.Popen([spy_bin, "record", "-r", "200", "--gil", *native, "-f", fmt,
+                                        "-o", args.profile, "--pid", str(proc.pid)])
                 time.sleep(1.0)
             client = subprocess.run(
                 _script("client", "--target", target, "--num-requests", str(args.num_requests),
@@ -376,9 +438,18 @@ def drive(args: argparse.Namespace) -> None:
     routed, server = _serve_and_measure(stack_cmd, f"127.0.0.1:{router_port}", args.out_dir / "w4_stack.log")
     routed.update(server[0] if server else {})
     print(f"grpc_router: {routed}", flush=True)
+    paths = [("offline_llm", offline), ("grpc_worker", direct), ("grpc_router_stack", routed)]
+    redis_bin = _redis_server()
+    if redis_bin is not None:
+        procs = _router_worker_procs(redis_bin, worker_cmd, args.out_dir)
+        split, _ = _serve_and_measure(*procs)
+        print(f"grpc_router_worker_procs: {split}", flush=True)
+        paths.append(("grpc_router_worker_procs", split))
+    else:
+        print("no redis-server (W4_REDIS_SERVER or PATH): the separate-process path is skipped", flush=True)
     run_id, rows = new_run_id(), []
     base = offline["output_tok_s"]
-    for engine, res in (("offline_llm", offline), ("grpc_worker", direct), ("grpc_router_stack", routed)):
+    for engine, res in paths:
         extra = {k: round(v, 4) if isinstance(v, float) else v for k, v in res.items() if k != "output_tok_s"}
         if engine != "offline_llm":
             extra["cost_vs_offline"] = round(1 - res["output_tok_s"] / base, 4)
@@ -390,6 +461,24 @@ def drive(args: argparse.Namespace) -> None:
         rows.append(ResultRow(run_id, today(), args.commit, card, "W4", SHAPE, engine, tok_s, extra))
     append_results(args.results, rows)
     print(markdown(rows))
+
+
+def _router_worker_procs(
+    redis_bin: str, worker_cmd: list[str], out_dir: Path
+) -> tuple[list[str], str, Path, list[tuple[list[str], Path]]]:
+    """The deployed layout: Redis, a worker process registered in it, a router process that
+    finds the worker there. Returns ``_serve_and_measure``'s arguments (router last)."""
+    redis_port, worker_port, router_port = _free_port(), _free_port(), _free_port()
+    redis_url = f"redis://127.0.0.1:{redis_port}/0"
+    redis_cmd = [redis_bin, "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "",
+                 "--appendonly", "no"]
+    port_at = worker_cmd.index("--port") + 1
+    worker = [*worker_cmd[:port_at], str(worker_port), *worker_cmd[port_at + 1:],
+              "--redis-url", redis_url, "--advertise-address", f"127.0.0.1:{worker_port}"]
+    router = [sys.executable, "-m", "router", "--host", "127.0.0.1", "--port", str(router_port),
+              "--redis-url", redis_url, "--drain-grace-s", "1", "--log-level", "WARNING"]
+    before = [(redis_cmd, out_dir / "w4_redis.log"), (worker, out_dir / "w4_split_worker.log")]
+    return router, f"127.0.0.1:{router_port}", out_dir / "w4_split_router.log", before
 
 
 def markdown(rows: list[ResultRow]) -> str:

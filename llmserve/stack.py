@@ -19,6 +19,7 @@ from typing import Any
 
 from llmserve.envflags import apply_env_defaults
 from llmserve.fleet import open_store
+from llmserve.gc_tuning import freeze_startup_objects, unfreeze_objects
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +82,7 @@ async def run_stack(config: StackConfig, started: asyncio.Event | None = None,
     router_config = RouterConfig(host=config.host, port=config.router_port, policy=config.policy)
     router = RouterServer(router_config, store, tracing=tracing)
     await router.start()
+    freeze_startup_objects()
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -100,6 +102,7 @@ async def run_stack(config: StackConfig, started: asyncio.Event | None = None,
         await router.stop(grace_s=1.0)
         await worker.drain(config.drain_grace_s)  # marks draining, waits, deregisters
         await store.close()
+        unfreeze_objects()
 
 
 def register(subparsers: Any) -> None:

@@ -21,6 +21,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from llmserve.fleet import FleetSnapshot, Registry, StateStore, WorkerRecord
+from llmserve.gc_tuning import freeze_startup_objects, unfreeze_objects
 from llmserve.telemetry.metrics import MetricsServer, RouterMetrics, WorkerLoad, start_metrics_server
 from llmserve.telemetry.tracing import Tracing
 from llmserve.v1 import generation_pb2, generation_pb2_grpc
@@ -186,8 +187,10 @@ async def serve(config: RouterConfig, store: StateStore, tracing: Tracing | None
     """Run a router until SIGTERM / SIGINT, then drain."""
     server = RouterServer(config, store, tracing=tracing)
     await server.start()
+    freeze_startup_objects()
     server.install_signal_handlers()
     try:
         await server.wait_stopped()
     finally:
         await store.close()
+        unfreeze_objects()

@@ -40,6 +40,7 @@ from gpu_worker.core.types import (
     SchedulerStats,
     TokenLogprobs,
 )
+from llmserve.gc_tuning import freeze_startup_objects
 from llmserve.telemetry.logging import LogSettings
 
 logger = logging.getLogger(__name__)
@@ -200,6 +201,7 @@ def run_engine_core(
     threading.Thread(target=_read_commands, args=(inbox, commands), name="core-input", daemon=True).start()
     sender = threading.Thread(target=_send_results, args=(sends, conn), name="core-output", daemon=True)
     sender.start()
+    freeze_startup_objects()  # the model and torch's objects: never walked by collections again
     try:
         _loop(core, commands, sends)
     except Exception as exc:  # a failed step: the parent fails every in-flight request

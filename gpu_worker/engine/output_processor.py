@@ -58,7 +58,11 @@ class _RequestState:
 
     @property
     def finished(self) -> bool:
-        return all(s.finished for s in self.samples)
+        # Twice per output of every step: a loop, not all() over a generator of properties.
+        for sample in self.samples:
+            if sample.finish_reason is None:
+                return False
+        return True
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ server owns its ``WorkerMetrics`` (``EngineMetrics``), served on ``metrics_port`
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import socket
@@ -32,6 +33,7 @@ from gpu_worker.server.engine_metrics import EngineMetrics
 from gpu_worker.server.interceptor import ErrorInterceptor
 from gpu_worker.server.request_telemetry import RequestTelemetry
 from gpu_worker.server.service import ServedEngine, WorkerService
+from llmserve.gc_tuning import freeze_startup_objects, unfreeze_objects
 from llmserve.telemetry.tracing import Tracing
 from llmserve.v1 import generation_pb2, generation_pb2_grpc, internal_pb2, internal_pb2_grpc
 
@@ -309,4 +311,16 @@ async def serve(
     server = WorkerServer(engine_config, server_config, engine_factory, fleet_store, tracing=tracing)
     await server.start()
     server.install_signal_handlers()
-    await server.wait_stopped()
+    freezer = asyncio.create_task(_freeze_gc_when_ready(server))
+    try:
+        await server.wait_stopped()
+    finally:
+        freezer.cancel()
+        unfreeze_objects()
+
+
+async def _freeze_gc_when_ready(server: WorkerServer) -> None:
+    """Once the engine is loaded, take startup's objects out of the GC's reach (see gc_tuning)."""
+    with contextlib.suppress(RuntimeError):  # a failed load: wait_stopped() reports it
+        await server.wait_ready()
+        freeze_startup_objects()
