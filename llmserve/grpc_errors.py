@@ -14,6 +14,7 @@ import inspect
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
+from types import TracebackType
 from typing import Any, cast
 
 import grpc
@@ -77,18 +78,44 @@ class _Errors:
         reason = "deadline exceeded" if expired else "cancelled by the client"
         self.logger.info("%s %s", method, reason)
 
+    def handling(self, context: grpc.aio.ServicerContext, method: str) -> _Handling:
+        """The handler's body runs inside this: see :class:`_Handling`."""
+        return _Handling(self, context, method)
+
+
+class _Handling:
+    """Async context manager around one handler call: a cancellation is logged and re-raised,
+    an abort passes through, any other exception aborts the call with its mapped status."""
+
+    __slots__ = ("_errors", "_context", "_method")
+
+    def __init__(self, errors: _Errors, context: grpc.aio.ServicerContext, method: str) -> None:
+        self._errors = errors
+        self._context = context
+        self._method = method
+
+    async def __aenter__(self) -> None:
+        return None
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> bool:
+        if exc is None or isinstance(exc, grpc.aio.AbortError):
+            return False
+        if isinstance(exc, asyncio.CancelledError):
+            self._errors.log_cancel(self._context, self._method)
+            return False
+        if isinstance(exc, Exception):  # the point of this interceptor
+            await self._errors.abort(self._context, self._method, exc)  # raises AbortError
+            return True
+        return False
+
 
 def _wrap_unary(behavior: _UnaryBehavior, method: str, errors: _Errors) -> _UnaryBehavior:
     async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        try:
+        async with errors.handling(context, method):
             return await behavior(request, context)
-        except asyncio.CancelledError:
-            errors.log_cancel(context, method)
-            raise
-        except grpc.aio.AbortError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - the point of this interceptor
-            await errors.abort(context, method, exc)
+        return None  # only if a mapped exception was suppressed without abort() raising
 
     return wrapped
 
@@ -106,16 +133,8 @@ def _wrap_async_generator(
     behavior: Callable[..., AsyncGenerator[Any, None]], method: str, errors: _Errors
 ) -> Callable[..., AsyncIterator[Any]]:
     async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-        try:
-            async with aclosing(behavior(request, context)) as messages:
-                async for message in messages:
-                    yield message
-        except asyncio.CancelledError:
-            errors.log_cancel(context, method)
-            raise
-        except grpc.aio.AbortError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - the point of this interceptor
-            await errors.abort(context, method, exc)
+        async with errors.handling(context, method), aclosing(behavior(request, context)) as messages:
+            async for message in messages:
+                yield message
 
     return wrapped

@@ -14,20 +14,13 @@ from dataclasses import dataclass
 
 from llmserve.fleet import FleetSnapshot, Registry, WorkerRecord
 from llmserve.hashing import block_hashes
+from llmserve.prompt_input import ChatInput
 from router.dispatch import InflightTracker
 from router.errors import InvalidRequest, ModelNotFound, ModelUnavailable, WorkersBusy
 from router.policy import Candidate, Policy, Ranked, RouteQuery
 from router.tokenizers import TokenizerCache
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class ChatInput:
-    """A conversation to render with the model's chat template."""
-
-    messages: tuple[tuple[str, str], ...]  # (role, content)
-    add_generation_prompt: bool = True
 
 
 PromptInput = str | Sequence[int] | ChatInput

@@ -17,14 +17,14 @@ from dataclasses import dataclass
 
 import grpc
 from grpc_health.v1 import _async as health_aio
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_health.v1 import health_pb2
 
 from llmserve.fleet import FleetSnapshot, Registry, StateStore, WorkerRecord
 from llmserve.gc_tuning import freeze_startup_objects, unfreeze_objects
+from llmserve.grpc_server import GENERATION_SERVICE, add_health_and_reflection, bind_server, dial_target
 from llmserve.telemetry.metrics import MetricsServer, RouterMetrics, WorkerLoad, start_metrics_server
 from llmserve.telemetry.tracing import Tracing
-from llmserve.v1 import generation_pb2, generation_pb2_grpc
+from llmserve.v1 import generation_pb2_grpc
 from router.dispatch import ChannelPool, Dispatcher, InflightTracker, fetch_tokenizer_files
 from router.interceptor import ErrorInterceptor
 from router.policy import POLICY_NAMES, make_policy
@@ -35,7 +35,6 @@ from router.tokenizers import TokenizerCache
 
 log = logging.getLogger(__name__)
 
-GENERATION_SERVICE = generation_pb2.DESCRIPTOR.services_by_name["Generation"].full_name
 _CHANNEL_SWEEP_S = 10.0
 
 
@@ -103,8 +102,7 @@ class RouterServer:
 
     @property
     def target(self) -> str:
-        host = "127.0.0.1" if self.config.host in ("0.0.0.0", "::", "") else self.config.host
-        return f"{host}:{self._port}"
+        return dial_target(self.config.host, self._port)
 
     @property
     def metrics_port(self) -> int | None:
@@ -119,21 +117,17 @@ class RouterServer:
         return await fetch_tokenizer_files(self.channels, worker)
 
     async def start(self) -> None:
-        server = grpc.aio.server(
+        server, self._port = bind_server(
+            self.config.host,
+            self.config.port,
             interceptors=[*self.tracing.server_interceptors(), ErrorInterceptor()],
             options=[("grpc.max_receive_message_length", self.config.max_message_bytes),
-                     ("grpc.max_send_message_length", self.config.max_message_bytes),
-                     ("grpc.so_reuseport", 0)],
+                     ("grpc.max_send_message_length", self.config.max_message_bytes)],
         )
         telemetry = RouterTelemetry(self.tracing, self.metrics, self.config.policy)
         servicer = RouterServicer(self.router, self.dispatcher, telemetry)
         generation_pb2_grpc.add_GenerationServicer_to_server(servicer, server)
-        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
-        names = (GENERATION_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME)
-        reflection.enable_server_reflection(names, server)
-        self._port = server.add_insecure_port(f"{self.config.host}:{self.config.port}")
-        if self._port == 0:
-            raise OSError(f"could not bind {self.config.host}:{self.config.port}")
+        add_health_and_reflection(server, self._health, [GENERATION_SERVICE])
         await server.start()
         self._server = server
         for name in ("", GENERATION_SERVICE):

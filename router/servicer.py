@@ -12,31 +12,13 @@ from collections.abc import AsyncIterator
 
 import grpc
 
+from llmserve.prompt_input import decode_prompt_input
 from llmserve.v1 import generation_pb2 as gen_pb
 from llmserve.v1 import generation_pb2_grpc as gen_grpc
 from router.dispatch import Dispatcher
 from router.errors import InvalidRequest
 from router.request_telemetry import RequestObservation, RouterTelemetry
-from router.routing import ChatInput, PromptInput, Router
-
-
-def decode_prompt(request: gen_pb.GenerateRequest) -> PromptInput:
-    """The request's input: text, token ids or a chat."""
-    kind = request.WhichOneof("input")
-    if kind is None:
-        raise InvalidRequest("missing input: set one of prompt, prompt_token_ids, messages")
-    if kind == "prompt":
-        if not request.prompt:
-            raise InvalidRequest("prompt must not be empty")
-        return request.prompt
-    if kind == "prompt_token_ids":
-        return list(request.prompt_token_ids.ids)
-    chat = request.messages
-    for i, message in enumerate(chat.messages):
-        if not message.role:
-            raise InvalidRequest(f"messages[{i}].role must not be empty")
-    add = chat.add_generation_prompt if chat.HasField("add_generation_prompt") else True
-    return ChatInput(tuple((m.role, m.content) for m in chat.messages), add)
+from router.routing import Router
 
 
 class RouterServicer(gen_grpc.GenerationServicer):
@@ -52,7 +34,7 @@ class RouterServicer(gen_grpc.GenerationServicer):
     ) -> AsyncIterator[gen_pb.GenerateResponse]:
         request_id = request.request_id or uuid.uuid4().hex
         with self._telemetry.observe(request.model, request_id) as obs:
-            prompt = decode_prompt(request)
+            prompt = decode_prompt_input(request, InvalidRequest)
             model, workers = await self._router.resolve(request.model)
             obs.set_model(model)
             token_ids = await self._router.token_ids(model, workers, prompt)

@@ -1,5 +1,5 @@
 """Fixtures shared by the whole suite: a real redis-server, the SmolLM2 GGUF and tokenizer, the
-tiny random models (tests/helpers/tiny_models.py), GPU markers.
+tiny random models (tests/helpers/tiny_models.py) and their HF references, GPU markers.
 
 Area-specific fixtures live in the conftest.py of each tests/ subfolder. Torch and transformers
 are imported inside the fixtures that need them, so suites without models never load them.
@@ -83,5 +83,22 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer_dir: Pat
                 family, tmp_path_factory.mktemp(family), tokenizer_dir=tiny_tokenizer_dir
             )
         return built[family]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def hf_model() -> Callable[[Path], Any]:
+    """``hf_model(folder)`` -> the HF transformers model of a folder, float32, loaded once (the
+    reference of the engine and runner tests; treat it as read-only)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    loaded: dict[Path, Any] = {}
+
+    def get(path: Path) -> Any:
+        if path not in loaded:
+            loaded[path] = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        return loaded[path]
 
     return get

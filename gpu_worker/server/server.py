@@ -24,8 +24,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_health.v1 import _async as health_aio
+from grpc_health.v1 import health_pb2
 
 from gpu_worker.config import EngineConfig
 from gpu_worker.core.types import SchedulerStats
@@ -34,12 +34,12 @@ from gpu_worker.server.interceptor import ErrorInterceptor
 from gpu_worker.server.request_telemetry import RequestTelemetry
 from gpu_worker.server.service import ServedEngine, WorkerService
 from llmserve.gc_tuning import freeze_startup_objects, unfreeze_objects
+from llmserve.grpc_server import GENERATION_SERVICE, add_health_and_reflection, bind_server, dial_target
 from llmserve.telemetry.tracing import Tracing
-from llmserve.v1 import generation_pb2, generation_pb2_grpc, internal_pb2, internal_pb2_grpc
+from llmserve.v1 import generation_pb2_grpc, internal_pb2, internal_pb2_grpc
 
 logger = logging.getLogger(__name__)
 
-GENERATION_SERVICE = generation_pb2.DESCRIPTOR.services_by_name["Generation"].full_name
 CONTROL_SERVICE = internal_pb2.DESCRIPTOR.services_by_name["WorkerControl"].full_name
 _HEALTH_NAMES = ("", GENERATION_SERVICE, CONTROL_SERVICE)
 _ABORT_WAIT_S = 5.0  # after aborting leftovers, how long their streams get to send "abort"
@@ -119,7 +119,7 @@ class WorkerServer:
         self.config = server_config
         self._engine_factory = engine_factory
         self._server: grpc.aio.Server | None = None
-        self._health = health.aio.HealthServicer()  # type: ignore[attr-defined]
+        self._health = health_aio.HealthServicer()
         self._service: WorkerService | None = None
         self._fleet: Any = None
         self._port = 0
@@ -136,8 +136,7 @@ class WorkerServer:
     @property
     def target(self) -> str:
         """Address to dial from this host."""
-        host = "127.0.0.1" if self.config.host in ("0.0.0.0", "::", "") else self.config.host
-        return f"{host}:{self._port}"
+        return dial_target(self.config.host, self._port)
 
     @property
     def metrics_port(self) -> int | None:
@@ -160,16 +159,10 @@ class WorkerServer:
 
             check_available()  # fail now, not after minutes of model loading
         # The limit is on what clients send; replies (GetTokenizer: megabytes) are not capped.
-        options = [
-            ("grpc.max_receive_message_length", self.config.max_message_bytes),
-            ("grpc.so_reuseport", 0),
-        ]
+        options = [("grpc.max_receive_message_length", self.config.max_message_bytes)]
         # Tracing first: its SERVER span then sees the status the error interceptor sets.
         interceptors = [*self.tracing.server_interceptors(), ErrorInterceptor()]
-        server = grpc.aio.server(interceptors=interceptors, options=options)
-        self._port = server.add_insecure_port(f"{self.config.host}:{self.config.port}")
-        if self._port == 0:
-            raise OSError(f"could not bind {self.config.host}:{self.config.port}")
+        server, self._port = bind_server(self.config.host, self.config.port, interceptors, options)
         address = self.config.advertise_address or f"{socket.gethostname()}:{self._port}"
         worker_id = self.config.worker_id or f"{socket.gethostname()}-{self._port}-{uuid.uuid4().hex[:8]}"
         model_name = self.engine_config.model_name
@@ -198,9 +191,7 @@ class WorkerServer:
         internal_pb2_grpc.add_WorkerControlServicer_to_server(
             WorkerControlServicer(service, self.start_drain), server
         )
-        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
-        names = (GENERATION_SERVICE, CONTROL_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME)
-        reflection.enable_server_reflection(names, server)
+        add_health_and_reflection(server, self._health, [GENERATION_SERVICE, CONTROL_SERVICE])
 
     async def _set_health(self, status: int) -> None:
         for name in _HEALTH_NAMES:

@@ -19,6 +19,7 @@ from gpu_worker.engine.processor import ChatPrompt
 from gpu_worker.sampling_params import SamplingParams
 from gpu_worker.server.errors import InvalidRequest
 from gpu_worker.server.service import GenerateCall, WorkerService, WorkerSnapshot
+from llmserve.prompt_input import ChatInput, decode_prompt_input
 from llmserve.v1 import generation_pb2 as gen_pb
 from llmserve.v1 import generation_pb2_grpc as gen_grpc
 from llmserve.v1 import internal_pb2 as int_pb
@@ -56,27 +57,15 @@ def decode_sampling(msg: gen_pb.SamplingParams) -> SamplingParams:
 
 def decode_prompt(request: gen_pb.GenerateRequest) -> Any:
     """The request's input as the engine takes it: str, list of token ids or ChatPrompt."""
-    kind = request.WhichOneof("input")
-    if kind is None:
-        raise InvalidRequest("missing input: set one of prompt, prompt_token_ids, messages")
-    if kind == "prompt":
-        if not request.prompt:
-            raise InvalidRequest("prompt must not be empty")
-        return request.prompt
-    if kind == "prompt_token_ids":
-        ids = list(request.prompt_token_ids.ids)
-        if not ids:
-            raise InvalidRequest("prompt_token_ids must not be empty")
-        return ids
-    chat = request.messages
-    if not chat.messages:
-        raise InvalidRequest("messages must not be empty")
-    for i, message in enumerate(chat.messages):
-        if not message.role:
-            raise InvalidRequest(f"messages[{i}].role must not be empty")
-    add_prompt = chat.add_generation_prompt if chat.HasField("add_generation_prompt") else True
-    turns = [{"role": m.role, "content": m.content} for m in chat.messages]
-    return ChatPrompt(messages=turns, add_generation_prompt=add_prompt)
+    prompt = decode_prompt_input(request, InvalidRequest)
+    if isinstance(prompt, ChatInput):
+        if not prompt.messages:
+            raise InvalidRequest("messages must not be empty")
+        turns = [{"role": role, "content": content} for role, content in prompt.messages]
+        return ChatPrompt(messages=turns, add_generation_prompt=prompt.add_generation_prompt)
+    if isinstance(prompt, list) and not prompt:
+        raise InvalidRequest("prompt_token_ids must not be empty")
+    return prompt
 
 
 def decode_generate(request: gen_pb.GenerateRequest) -> GenerateCall:

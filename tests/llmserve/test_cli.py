@@ -9,28 +9,18 @@ from pathlib import Path
 
 import pytest
 import pytest_asyncio
+from loopback_worker import loopback_worker
 
-from gpu_worker.config import EngineConfig
-from gpu_worker.server import ServerConfig, WorkerServer
 from llmserve.client import AsyncClient
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 MODEL = "tiny-cli"
 
 
-@pytest.fixture(scope="module")
-def model_dir(tiny_model: Callable[[str], Path]) -> Path:
-    return tiny_model("llama")
-
-
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def target(model_dir: Path) -> AsyncIterator[str]:
-    config = EngineConfig(model=str(model_dir), served_model_name=MODEL, num_kv_blocks=128)
-    server = WorkerServer(config, ServerConfig(port=0))
-    await server.start()
-    await server.wait_ready()
-    yield server.target
-    await server.drain(0.1)
+async def target(tiny_model: Callable[[str], Path]) -> AsyncIterator[str]:
+    async with loopback_worker(tiny_model("llama"), MODEL, num_kv_blocks=128) as address:
+        yield address
 
 
 async def cli(*args: str) -> tuple[int, str, str]:

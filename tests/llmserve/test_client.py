@@ -9,28 +9,18 @@ from pathlib import Path
 import grpc
 import pytest
 import pytest_asyncio
+from loopback_worker import loopback_worker
 
-from gpu_worker.config import EngineConfig
-from gpu_worker.server import ServerConfig, WorkerServer
 from llmserve.client import AsyncClient, Client, LLMServeError, build_request
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 MODEL = "tiny-client"
 
 
-@pytest.fixture(scope="module")
-def model_dir(tiny_model: Callable[[str], Path]) -> Path:
-    return tiny_model("qwen2")
-
-
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def target(model_dir: Path) -> AsyncIterator[str]:
-    config = EngineConfig(model=str(model_dir), served_model_name=MODEL, num_kv_blocks=256)
-    server = WorkerServer(config, ServerConfig(port=0))
-    await server.start()
-    await server.wait_ready()
-    yield server.target
-    await server.drain(0.1)
+async def target(tiny_model: Callable[[str], Path]) -> AsyncIterator[str]:
+    async with loopback_worker(tiny_model("qwen2"), MODEL, num_kv_blocks=256) as address:
+        yield address
 
 
 async def test_async_generate_streams_deltas_and_complete_collects_them(target: str) -> None:

@@ -176,12 +176,19 @@ def test_preempts_the_most_recently_admitted_and_resumes_it_first() -> None:
     assert_no_leak(sched.kv)
 
 
-def test_request_being_scheduled_preempts_itself_when_it_is_the_newest() -> None:
+def two_requests_in_four_blocks() -> tuple[Scheduler, PagedFakeRunner]:
+    """A pool of 4 blocks of 2 tokens after one step of "a" (3 prompt tokens, 4 new) and "b"
+    (4 prompt tokens, 3 new): the next step needs more blocks than are free."""
     sched = make_scheduler(num_blocks=4, block_size=2, max_model_len=8)
     runner = PagedFakeRunner(4, 2)
     sched.add_request(core_request("a", [1, 2, 3], max_tokens=4))
     sched.add_request(core_request("b", [4, 5, 6, 7], max_tokens=3))
     step(sched, runner)
+    return sched, runner
+
+
+def test_request_being_scheduled_preempts_itself_when_it_is_the_newest() -> None:
+    sched, runner = two_requests_in_four_blocks()
     out = sched.schedule()
     # "a" fits in its 2 blocks; "b" needs a third block and is itself the newest.
     assert summary(list(out.requests)) == [("a", 3, 1, (), True, False)]
@@ -221,11 +228,7 @@ def test_abort_waiting_running_and_in_flight_requests() -> None:
 
 
 def test_abort_of_a_preempted_request() -> None:
-    sched = make_scheduler(num_blocks=4, block_size=2, max_model_len=8)
-    runner = PagedFakeRunner(4, 2)
-    sched.add_request(core_request("a", [1, 2, 3], max_tokens=4))
-    sched.add_request(core_request("b", [4, 5, 6, 7], max_tokens=3))
-    step(sched, runner)
+    sched, runner = two_requests_in_four_blocks()
     step(sched, runner)
     assert sched.get_request("b").status is RequestStatus.PREEMPTED  # type: ignore[union-attr]
     assert [o.request_id for o in sched.abort(["b"])] == ["b"]

@@ -34,15 +34,19 @@ def assert_no_leaks(llm: LLM) -> None:
     assert stats.num_free_blocks == stats.num_total_blocks and stats.kv_usage == 0.0
 
 
-@pytest.mark.parametrize("family", list(FAMILIES))
-def test_greedy_matches_hf_generate(
-    family: str,
+@pytest.fixture(params=list(FAMILIES))
+def llm_and_hf(
+    request: pytest.FixtureRequest,
     tiny_llm: Callable[[str], LLM],
     tiny_model: Callable[[str], Path],
     hf_model: Callable[[Path], Any],
-) -> None:
-    llm = tiny_llm(family)
-    ref = hf_model(tiny_model(family))
+) -> tuple[LLM, Any]:
+    """One family at a time: our LLM over its tiny model and the HF reference of that model."""
+    return tiny_llm(request.param), hf_model(tiny_model(request.param))
+
+
+def test_greedy_matches_hf_generate(llm_and_hf: tuple[LLM, Any]) -> None:
+    llm, ref = llm_and_hf
     params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS)
     outputs = llm.generate(PROMPTS, params)  # all submitted together
     assert [o.prompt for o in outputs] == PROMPTS
@@ -55,15 +59,8 @@ def test_greedy_matches_hf_generate(
     assert_no_leaks(llm)
 
 
-@pytest.mark.parametrize("family", list(FAMILIES))
-def test_logprobs_match_hf_log_softmax(
-    family: str,
-    tiny_llm: Callable[[str], LLM],
-    tiny_model: Callable[[str], Path],
-    hf_model: Callable[[Path], Any],
-) -> None:
-    llm = tiny_llm(family)
-    ref = hf_model(tiny_model(family))
+def test_logprobs_match_hf_log_softmax(llm_and_hf: tuple[LLM, Any]) -> None:
+    llm, ref = llm_and_hf
     params = [
         SamplingParams(temperature=0.0, max_tokens=6, logprobs=3),
         SamplingParams(temperature=1.0, seed=5, max_tokens=6, logprobs=0),  # sampled: raw logprobs too

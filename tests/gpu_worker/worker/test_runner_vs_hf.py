@@ -15,20 +15,6 @@ PROMPT_LENS = {"a": 5, "b": 12, "c": 19}
 NUM_DECODE_STEPS = 6
 
 
-@pytest.fixture(scope="session")
-def hf_models() -> Callable[[Path], Any]:
-    from transformers import AutoModelForCausalLM
-
-    loaded: dict[Path, Any] = {}
-
-    def get(path: Path) -> Any:
-        if path not in loaded:
-            loaded[path] = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-        return loaded[path]
-
-    return get
-
-
 def _prompts(vocab: int) -> dict[str, list[int]]:
     rng = np.random.default_rng(7)
     return {k: rng.integers(3, vocab, size=n).tolist() for k, n in PROMPT_LENS.items()}
@@ -40,13 +26,13 @@ def test_logits_and_greedy_match_hf(
     family: str,
     chunk: int | None,
     tiny_model: Callable[[str], Path],
-    hf_models: Callable[[Path], Any],
+    hf_model: Callable[[Path], Any],
     runner_factory: Any,
     driver_cls: Any,
     logits_spy: Any,
 ) -> None:
     path = tiny_model(family)
-    hf = hf_models(path)
+    hf = hf_model(path)
     runner = runner_factory(path)
     logits = logits_spy(runner)
     driver = driver_cls(runner)
