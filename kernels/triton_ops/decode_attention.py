@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton_ops.prefill_attention import check_attention_inputs
+from kernels.triton_ops import attention_common as common
 
 # Below this many (sequence, KV head) programs the context is split to fill the GPU (about
 # four per multiprocessor of an H100/H200; on an H200, batch 64 x 8 KV heads at 2k tokens ran
@@ -85,45 +85,27 @@ def _decode_partition_kernel(
         head = kv_head * G + rows
         row_ok = rows < G
         dims = tl.arange(0, HEAD_DIM)
-        q_off = seq.to(tl.int64) * stride_qs + head * stride_qh
-        q = tl.load(q_ptr + q_off[:, None] + dims[None, :], mask=row_ok[:, None], other=0.0)
-
-        m_i = tl.full([BLOCK_G], -1.0e30, dtype=tl.float32)  # finite: see prefill_attention
-        l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
-        acc = tl.zeros([BLOCK_G, HEAD_DIM], dtype=tl.float32)
+        q = common.load_rows(q_ptr, common.row_offsets(seq, head, stride_qs, stride_qh), row_ok, dims)
+        m_i, l_i, acc = common.init_softmax_state(BLOCK_G, HEAD_DIM)
         bt_row = block_tables_ptr + seq.to(tl.int64) * stride_bt
         for start in range(part_start, part_end, BLOCK_N):
             kpos = start + tl.arange(0, BLOCK_N)
             k_ok = kpos < part_end
-            block_id = tl.load(bt_row + kpos // BLOCK_SIZE, mask=k_ok, other=0).to(tl.int64)
-            kv_off = block_id * stride_kb + (kpos % BLOCK_SIZE) * stride_ks + kv_head * stride_kh
+            kv_off = common.paged_kv_offsets(bt_row, kpos, k_ok, kv_head, stride_kb, stride_ks,
+                                             stride_kh, BLOCK_SIZE)
             k = tl.load(k_cache_ptr + kv_off[None, :] + dims[:, None], mask=k_ok[None, :], other=0.0)
             v = tl.load(v_cache_ptr + kv_off[:, None] + dims[None, :], mask=k_ok[:, None], other=0.0)
-            if IEEE_DOT:
-                s = tl.dot(q, k, input_precision="ieee")
-            else:
-                s = tl.dot(q, k)
             # The query sits at position seq_len - 1, so every key below part_end is visible.
-            s = tl.where(k_ok[None, :], s * qk_scale_log2, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            p = tl.exp2(s - m_new[:, None])
-            alpha = tl.exp2(m_i - m_new)
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            if IEEE_DOT:
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
-            else:
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-            m_i = m_new
+            s = tl.where(k_ok[None, :], common.dot(q, k, IEEE_DOT) * qk_scale_log2, float("-inf"))
+            m_i, l_i, acc = common.online_softmax_step(s, v, m_i, l_i, acc, IEEE_DOT)
 
         out = acc / l_i[:, None]
-        o_off = seq.to(tl.int64) * stride_os + head * stride_oh
+        o_off = common.row_offsets(seq, head, stride_os, stride_oh)
         if ONE_SPLIT:
-            tl.store(out_ptr + o_off[:, None] + dims[None, :], out.to(out_ptr.dtype.element_ty),
-                     mask=row_ok[:, None])
+            common.store_rows(out_ptr, o_off, row_ok, dims, out)
         elif seq_len <= partition_size:
             # The whole sequence is this partition: final output, phase 2 skips the sequence.
-            tl.store(out_ptr + o_off[:, None] + dims[None, :], out.to(out_ptr.dtype.element_ty),
-                     mask=row_ok[:, None])
+            common.store_rows(out_ptr, o_off, row_ok, dims, out)
         else:
             # Partial buffers are [S, Hq, num_splits(, D)], contiguous.
             stat_off = (seq.to(tl.int64) * G * tl.num_programs(1) + head) * num_splits + split
@@ -203,31 +185,26 @@ def paged_decode_attention(
     Keyword-only extras: ``out`` receives the result (``[S, Hq, D]``); ``config`` sets the
     tiling. ``max_seq_len`` only sizes the grid, so an upper bound (e.g. for CUDA graphs) works.
     """
-    check_attention_inputs(q, key_cache, value_cache)
+    num_seqs, num_heads, head_dim, block_size, num_kv_heads, group = common.check_attention_inputs(
+        q, key_cache, value_cache
+    )
     config = config or DecodeConfig()
-    num_seqs, num_heads, head_dim = q.shape
-    _, block_size, num_kv_heads, _ = key_cache.shape
-    group = num_heads // num_kv_heads
-    if out is None:
-        out = torch.empty((num_seqs, num_heads, head_dim), dtype=q.dtype, device=q.device)
+    out = common.output_like(q, out)
     if num_seqs == 0:
         return out
     partition, block_n = _choose_tiles(config, num_seqs * num_kv_heads, max_seq_len, q.element_size())
     num_splits = max(triton.cdiv(max_seq_len, partition), 1)
-    if block_tables.stride(-1) != 1:
-        block_tables = block_tables.contiguous()
+    block_tables = common.unit_stride_rows(block_tables)
     one_split = num_splits == 1
     shape = (num_seqs, num_heads, num_splits)
     # Unused on the one-split path: tiny placeholders keep the launch signature fixed.
     part_out = q.new_empty((1,) if one_split else (*shape, head_dim), dtype=torch.float32)
     part_m = q.new_empty((1,) if one_split else shape, dtype=torch.float32)
     part_l = q.new_empty((1,) if one_split else shape, dtype=torch.float32)
-    scale_log2 = scale * 1.4426950408889634  # log2(e): the kernels use exp2
     _decode_partition_kernel[(num_seqs, num_kv_heads, num_splits)](
         q, key_cache, value_cache, block_tables, seq_lens, out, part_out, part_m, part_l,
-        q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
-        key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
-        scale_log2, partition, num_splits,
+        *common.paged_strides(q, out, block_tables, key_cache),
+        scale * common.LOG2E, partition, num_splits,
         G=group,
         BLOCK_G=max(16, triton.next_power_of_2(group)),
         BLOCK_SIZE=block_size,

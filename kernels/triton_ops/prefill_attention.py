@@ -16,6 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.triton_ops import attention_common as common
+
 
 @dataclass(frozen=True)
 class PrefillConfig:
@@ -69,31 +71,19 @@ def _attend_tile(
     dims = tl.arange(0, HEAD_DIM)
     if MASKED:
         k_ok = kpos < kv_end
-        block_id = tl.load(bt_row + kpos // BLOCK_SIZE, mask=k_ok, other=0).to(tl.int64)
-        kv_off = block_id * stride_kb + (kpos % BLOCK_SIZE) * stride_ks + kv_head * stride_kh
+        kv_off = common.paged_kv_offsets(bt_row, kpos, k_ok, kv_head, stride_kb, stride_ks, stride_kh,
+                                         BLOCK_SIZE)
         k = tl.load(k_cache_ptr + kv_off[:, None] + dims[None, :], mask=k_ok[:, None], other=0.0)
         v = tl.load(v_cache_ptr + kv_off[:, None] + dims[None, :], mask=k_ok[:, None], other=0.0)
     else:
-        block_id = tl.load(bt_row + kpos // BLOCK_SIZE).to(tl.int64)
-        kv_off = block_id * stride_kb + (kpos % BLOCK_SIZE) * stride_ks + kv_head * stride_kh
+        kv_off = common.paged_kv_offsets(bt_row, kpos, None, kv_head, stride_kb, stride_ks, stride_kh,
+                                         BLOCK_SIZE)
         k = tl.load(k_cache_ptr + kv_off[:, None] + dims[None, :])
         v = tl.load(v_cache_ptr + kv_off[:, None] + dims[None, :])
-    if IEEE_DOT:
-        s = tl.dot(q, tl.trans(k), input_precision="ieee")
-    else:
-        s = tl.dot(q, tl.trans(k))
-    s = s * qk_scale_log2
+    s = common.dot(q, tl.trans(k), IEEE_DOT) * qk_scale_log2
     if MASKED:
         s = tl.where((kpos[None, :] <= q_pos[:, None]) & k_ok[None, :], s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, axis=1))
-    p = tl.exp2(s - m_new[:, None])
-    alpha = tl.exp2(m_i - m_new)
-    l_i = l_i * alpha + tl.sum(p, axis=1)
-    if IEEE_DOT:
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
-    else:
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-    return m_new, l_i, acc
+    return common.online_softmax_step(s, v, m_i, l_i, acc, IEEE_DOT)
 
 
 @triton.jit
@@ -139,15 +129,9 @@ def _prefill_kernel(
         row_ok = (rows < BLOCK_Q * G) & (tok < q_len)
         q_pos = ctx_len + tok  # absolute position of each row
         dims = tl.arange(0, HEAD_DIM)
-
-        q_off = (q_start + tok).to(tl.int64) * stride_qt + head * stride_qh
-        q = tl.load(q_ptr + q_off[:, None] + dims[None, :], mask=row_ok[:, None], other=0.0)
-
-        # Finite "minus infinity" for the running max: keeps exp2(m_old - m_new) NaN-free for
-        # rows whose keys are all masked so far (padding rows of the tile).
-        m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
-        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-        acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+        q_off = common.row_offsets(q_start + tok, head, stride_qt, stride_qh)
+        q = common.load_rows(q_ptr, q_off, row_ok, dims)
+        m_i, l_i, acc = common.init_softmax_state(BLOCK_M, HEAD_DIM)
         bt_row = block_tables_ptr + seq.to(tl.int64) * stride_bt
 
         # Keys before the tile's first query position are visible to all its rows: whole
@@ -170,23 +154,8 @@ def _prefill_kernel(
 
         l_i = tl.where(l_i == 0.0, 1.0, l_i)  # padding rows only; real rows see their own key
         out = acc / l_i[:, None]
-        o_off = (q_start + tok).to(tl.int64) * stride_ot + head * stride_oh
-        tl.store(out_ptr + o_off[:, None] + dims[None, :], out.to(out_ptr.dtype.element_ty),
-                 mask=row_ok[:, None])
-
-
-def check_attention_inputs(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor) -> None:
-    """Shared argument checks of the attention ops."""
-    head_dim = q.shape[-1]
-    block_size = key_cache.shape[1]
-    if head_dim & (head_dim - 1) or head_dim < 16:
-        raise ValueError(f"paged attention: head_dim must be a power of two >= 16, got {head_dim}")
-    if block_size & (block_size - 1):
-        raise ValueError(f"paged attention: block_size must be a power of two, got {block_size}")
-    if q.shape[1] % key_cache.shape[2]:
-        raise ValueError("paged attention: query heads must be a multiple of KV heads")
-    if q.stride(-1) != 1 or not (key_cache.is_contiguous() and value_cache.is_contiguous()):
-        raise ValueError("paged attention: q needs a unit-stride head dim and the caches must be contiguous")
+        o_off = common.row_offsets(q_start + tok, head, stride_ot, stride_oh)
+        common.store_rows(out_ptr, o_off, row_ok, dims, out)
 
 
 def paged_attention(
@@ -208,13 +177,11 @@ def paged_attention(
     Keyword-only extras: ``out`` receives the result (``[T, Hq, D]``); ``config`` sets the
     tiling.
     """
-    check_attention_inputs(q, key_cache, value_cache)
+    num_tokens, _, head_dim, block_size, num_kv_heads, group = common.check_attention_inputs(
+        q, key_cache, value_cache
+    )
     config = config or PrefillConfig()
-    num_tokens, num_heads, head_dim = q.shape
-    _, block_size, num_kv_heads, _ = key_cache.shape
-    group = num_heads // num_kv_heads
-    if out is None:
-        out = torch.empty((num_tokens, num_heads, head_dim), dtype=q.dtype, device=q.device)
+    out = common.output_like(q, out)
     num_seqs = seq_lens.shape[0]
     if num_tokens == 0 or num_seqs == 0:
         return out
@@ -232,8 +199,7 @@ def paged_attention(
     num_warps = config.num_warps or 4
     block_q = block_m // group
     grid = (triton.cdiv(max_query_len, block_q), num_seqs, num_kv_heads)
-    if block_tables.stride(-1) != 1:
-        block_tables = block_tables.contiguous()
+    block_tables = common.unit_stride_rows(block_tables)
     _prefill_kernel[grid](
         q,
         key_cache,
@@ -242,15 +208,8 @@ def paged_attention(
         query_start_loc,
         seq_lens,
         out,
-        q.stride(0),
-        q.stride(1),
-        out.stride(0),
-        out.stride(1),
-        block_tables.stride(0),
-        key_cache.stride(0),
-        key_cache.stride(1),
-        key_cache.stride(2),
-        scale * 1.4426950408889634,  # log2(e): the kernel uses exp2
+        *common.paged_strides(q, out, block_tables, key_cache),
+        scale * common.LOG2E,
         G=group,
         BLOCK_SIZE=block_size,
         HEAD_DIM=head_dim,
