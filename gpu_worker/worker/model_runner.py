@@ -48,10 +48,6 @@ class PendingRunnerOutput:
         pending.result()
         return pending
 
-    @property
-    def done(self) -> bool:
-        return self._finalize is None
-
     def result(self) -> RunnerOutput:
         if self._finalize is not None:
             self._output, self._finalize = self._finalize(), None
@@ -253,7 +249,7 @@ class ModelRunner:
             token_ids: list[int] = ids_host.tolist()
             # Later steps may have been planned meanwhile: skip rows that changed hands.
             self.states.record_sampled(rows, positions, token_ids, req_ids)
-            logprobs = logprobs_host.to_list() if logprobs_host is not None else ()
+            logprobs = logprobs_host.to_list(token_ids) if logprobs_host is not None else ()
             return RunnerOutput(req_ids=req_ids, sampled_token_ids=tuple(token_ids), logprobs=logprobs)
 
         return PendingRunnerOutput(finalize)

@@ -9,6 +9,7 @@ on what else is in the batch.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -48,7 +49,6 @@ class SamplingMetadata:
 class LogprobsTensors:
     """Logprobs of a step's sampled rows, still as tensors (on the device until :meth:`to_host`)."""
 
-    token_ids: torch.Tensor  # [N] int64, the sampled tokens
     chosen: torch.Tensor  # [N] float32, logprob of the sampled token
     ranks: torch.Tensor  # [N] int64, 1 = the most likely token
     top_ids: torch.Tensor  # [N, top_n] int64, most likely first
@@ -63,13 +63,13 @@ class LogprobsTensors:
             return t.to("cpu", non_blocking=True)
 
         return LogprobsTensors(
-            host(self.token_ids), host(self.chosen), host(self.ranks), host(self.top_ids),
-            host(self.top_vals), self.num_logprobs,
+            host(self.chosen), host(self.ranks), host(self.top_ids), host(self.top_vals), self.num_logprobs
         )
 
-    def to_list(self) -> tuple[TokenLogprobs | None, ...]:
-        """One :class:`TokenLogprobs` per row (None where the row asked for none)."""
-        ids_l, chosen_l, ranks_l = self.token_ids.tolist(), self.chosen.tolist(), self.ranks.tolist()
+    def to_list(self, token_ids: Sequence[int]) -> tuple[TokenLogprobs | None, ...]:
+        """One :class:`TokenLogprobs` per row (None where the row asked for none); ``token_ids``
+        are the step's sampled tokens, already on the host."""
+        ids_l, chosen_l, ranks_l = token_ids, self.chosen.tolist(), self.ranks.tolist()
         top_ids_l, top_vals_l = self.top_ids.tolist(), self.top_vals.tolist()
         out: list[TokenLogprobs | None] = []
         for row, n in enumerate(self.num_logprobs):
@@ -179,4 +179,4 @@ def gather_logprobs(
     chosen = raw.gather(1, token_ids[:, None])
     ranks = (raw > chosen).sum(dim=-1) + 1
     top_vals, top_ids = raw.topk(top_n, dim=-1) if top_n else (raw[:, :0], token_ids[:, None][:, :0])
-    return LogprobsTensors(token_ids, chosen[:, 0], ranks, top_ids, top_vals, num_logprobs)
+    return LogprobsTensors(chosen[:, 0], ranks, top_ids, top_vals, num_logprobs)

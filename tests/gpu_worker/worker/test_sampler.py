@@ -123,7 +123,7 @@ def test_logprobs_are_raw_log_softmax_with_rank() -> None:
     out = _sample(logits, items)
     ref = torch.log_softmax(logits, -1)
     assert out.logprobs is not None
-    logprobs = out.logprobs.to_host().to_list()
+    logprobs = out.logprobs.to_host().to_list(out.token_ids.tolist())
     assert logprobs[1] is None
     for row in (0, 2):
         lp = logprobs[row]
