@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from helpers.health import wait_until_serving
 from helpers.redis_server import RedisServer, free_port
 
 from llmserve.v1 import generation_pb2 as gen_pb
@@ -46,19 +46,11 @@ class WorkerProc:
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, cwd=REPO, env=env)
 
     def wait_serving(self, timeout_s: float = 120.0) -> None:
-        deadline = time.monotonic() + timeout_s
-        with grpc.insecure_channel(self.address) as channel:
-            stub = health_pb2_grpc.HealthStub(channel)
-            while time.monotonic() < deadline:
-                assert self.proc.poll() is None, f"worker died: {self.log_path.read_text()[-3000:]}"
-                try:
-                    reply = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1)
-                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                        return
-                except grpc.RpcError:
-                    pass
-                time.sleep(0.1)
-        raise AssertionError(f"worker not serving in time: {self.log_path.read_text()[-3000:]}")
+        def alive() -> None:
+            assert self.proc.poll() is None, f"worker died: {self.log_path.read_text()[-3000:]}"
+
+        if not wait_until_serving(self.address, alive, timeout_s):
+            raise AssertionError(f"worker not serving in time: {self.log_path.read_text()[-3000:]}")
 
     def kill(self) -> None:
         """SIGKILL: no drain, no deregistration."""

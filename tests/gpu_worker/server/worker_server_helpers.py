@@ -8,14 +8,13 @@ import os
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from helpers.health import wait_until_serving
 
 from llmserve.v1 import generation_pb2 as pb
 from llmserve.v1 import internal_pb2 as ipb
@@ -77,19 +76,13 @@ def free_port() -> int:
 
 
 def _wait_serving(proc: subprocess.Popen[Any], target: str) -> None:
-    """Poll health until SERVING (bounded), failing early if the process died."""
-    with grpc.insecure_channel(target) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        for _ in range(600):
-            assert proc.poll() is None, f"worker exited with {proc.returncode}"
-            try:
-                reply = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                pass
-            time.sleep(0.1)
-    raise AssertionError("worker never became SERVING")
+    """Wait (bounded) until the worker is SERVING, failing early if the process died."""
+
+    def alive() -> None:
+        assert proc.poll() is None, f"worker exited with {proc.returncode}"
+
+    if not wait_until_serving(target, alive, timeout_s=120.0):
+        raise AssertionError("worker never became SERVING")
 
 
 def start_worker(

@@ -3,7 +3,7 @@ and a minimal scheduler stand-in."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from helpers.torch_threads import _one_torch_thread  # noqa: F401 - autouse fixture
 
 from gpu_worker.config import EngineConfig
 from gpu_worker.core.types import RunnerOutput, ScheduledRequest, SchedulerOutput
@@ -150,14 +151,3 @@ def capture_logits(runner: ModelRunner) -> list[torch.Tensor]:
 @pytest.fixture
 def logits_spy() -> Callable[[ModelRunner], list[torch.Tensor]]:
     return capture_logits
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread() -> Iterator[None]:
-    """Small CPU matmuls run faster on one thread, and the test machine's cores are shared."""
-    import torch
-
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
