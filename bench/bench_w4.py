@@ -164,7 +164,7 @@ def run_client(target: str, num_requests: int = NUM_REQUESTS, prompt_len: int = 
 
 async def _stack(model_dir: str, router_port: int, worker_port: int, core_process: bool,
                  engine: dict[str, Any]) -> None:
-    """Router + worker on one in-memory state store in this process (as llmserve/stack.py)."""
+    """Router + worker on one in-memory state store in this process (as gpu_worker/stack.py)."""
     from gpu_worker.config import EngineConfig
     from gpu_worker.server import ServerConfig, WorkerServer
     from llmserve.fleet import open_store
@@ -185,7 +185,7 @@ async def _stack(model_dir: str, router_port: int, worker_port: int, core_proces
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
-    if not os.environ.get("W4_NO_GC_FREEZE"):  # as llmserve/stack.py does once started
+    if not os.environ.get("W4_NO_GC_FREEZE"):  # as gpu_worker/stack.py does once started
         freeze_startup_objects()
     gc_watch = _GcWatch()
     profile_path = os.environ.get("W4_CPROFILE")  # event-loop thread only, e.g. /tmp/stack.prof

@@ -3,14 +3,16 @@
 - ``llmserve generate --target HOST:PORT --model NAME "prompt"`` streams the completion to
   stdout (``--chat`` sends the prompt as a user message through the chat template).
 - ``llmserve models --target HOST:PORT`` lists the served models.
-- ``llmserve up`` starts a local stack (provided by ``llmserve.stack`` when installed).
+- ``llmserve up`` starts a local stack. This torch-free package does not import it: the worker
+  package registers the command under the entry-point group ``llmserve.commands``
+  (``gpu_worker.stack:register``), found here when the worker is installed.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
+from importlib.metadata import entry_points
 from typing import Any
 
 from llmserve.client import Client, LLMServeError
@@ -55,17 +57,23 @@ def _add_models(subparsers: Any) -> None:
     p.set_defaults(func=_run_models)
 
 
-def _add_up(subparsers: Any) -> None:
-    """Delegate to ``llmserve.stack.register`` when that module exists."""
-    try:
-        stack = importlib.import_module("llmserve.stack")
-    except ModuleNotFoundError as exc:
-        if exc.name not in ("llmserve.stack",):
-            raise
-        p = subparsers.add_parser("up", help="start a local stack (not available in this build)")
-        p.set_defaults(func=lambda args: _fail("`llmserve up` needs llmserve.stack, which is not installed"))
-        return
-    stack.register(subparsers)
+COMMANDS_GROUP = "llmserve.commands"
+
+
+def _add_installed_commands(subparsers: Any) -> None:
+    """Subcommands other installed packages register (``llmserve up`` from ``gpu_worker``).
+
+    Each entry point of :data:`COMMANDS_GROUP` names a ``register(subparsers)`` function. Without
+    the worker installed, ``up`` still parses and explains what is missing.
+    """
+    names = set()
+    for entry in sorted(entry_points(group=COMMANDS_GROUP), key=lambda e: e.name):
+        entry.load()(subparsers)
+        names.add(entry.name)
+    if "up" not in names:
+        p = subparsers.add_parser("up", help="start a local stack (needs the worker: llmserve[worker])")
+        missing = "`llmserve up` needs the worker package (pip install llmserve[worker])"
+        p.set_defaults(func=lambda args: _fail(missing))
 
 
 def _fail(message: str) -> int:
@@ -117,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True)
     _add_generate(subparsers)
     _add_models(subparsers)
-    _add_up(subparsers)
+    _add_installed_commands(subparsers)
     return parser
 
 

@@ -5,7 +5,7 @@ to a temporary folder and loads them with ``AutoTokenizer`` (transformers import
 torch). Tokenization mirrors the worker's ``InputProcessor`` exactly: a plain prompt is
 ``encode(text)`` (special tokens added as the tokenizer does by default); a chat is rendered
 with the chat template as text, then encoded without adding special tokens (the template
-holds them). ``tests/router/test_router_tokenization.py`` proves the parity. A model served
+holds them). ``tests/router/test_e2e.py`` proves the parity. A model served
 without a tokenizer (``skip_tokenizer_init``) needs none here: token-id requests are routed
 as they are, text and chat requests get INVALID_ARGUMENT (:class:`~router.errors.NoTokenizer`).
 """

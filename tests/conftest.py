@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers.redis_server import RedisServer
+
+from tests.helpers.redis_server import RedisServer
 
 
 def _cuda_available() -> bool:
@@ -56,7 +57,7 @@ def smollm2_gguf() -> Path:
 @pytest.fixture(scope="session")
 def smollm2_tokenizer(smollm2_gguf: Path) -> Any:
     """The SmolLM2-135M-Instruct tokenizer (byte-level BPE), read from the GGUF by transformers."""
-    from helpers.tiny_models import load_smollm2_tokenizer
+    from tests.helpers.tiny_models import load_smollm2_tokenizer
 
     return load_smollm2_tokenizer(smollm2_gguf)
 
@@ -73,7 +74,7 @@ def tiny_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory, smollm2_tokeniz
 def tiny_model(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer_dir: Path) -> Callable[[str], Path]:
     """``tiny_model(family)`` -> folder of a tiny random model of seed 0 with the SmolLM2
     tokenizer (built once per family per session; treat it as read-only)."""
-    from helpers.tiny_models import make_tiny_model
+    from tests.helpers.tiny_models import make_tiny_model
 
     built: dict[str, Path] = {}
 

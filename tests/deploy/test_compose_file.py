@@ -8,7 +8,8 @@ from typing import Any
 
 import pytest
 import yaml
-from deploy_manifests import (
+
+from tests.deploy.deploy_manifests import (
     COMPOSE_FILE,
     DEPLOY,
     HEALTHCHECK_COMMAND,

@@ -5,7 +5,8 @@ from __future__ import annotations
 import re
 
 import pytest
-from deploy_manifests import ROOT, help_flags
+
+from tests.deploy.deploy_manifests import ROOT, help_flags
 
 CONFIG_DOC = ROOT / "docs" / "CONFIG.md"
 

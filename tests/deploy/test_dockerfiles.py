@@ -11,7 +11,8 @@ from pathlib import Path
 import dockerfile as dockerfile_pkg
 import pytest
 import tomllib
-from deploy_manifests import (
+
+from tests.deploy.deploy_manifests import (
     DEPLOY,
     ROOT,
     dockerfile_copies,

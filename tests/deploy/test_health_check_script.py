@@ -10,8 +10,9 @@ from concurrent import futures
 
 import grpc
 import pytest
-from deploy_manifests import HEALTHCHECK_SCRIPT
 from grpc_health.v1 import health, health_pb2
+
+from tests.deploy.deploy_manifests import HEALTHCHECK_SCRIPT
 
 
 @pytest.fixture

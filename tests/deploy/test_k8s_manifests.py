@@ -7,7 +7,8 @@ from typing import Any
 
 import kubernetes_validate
 import pytest
-from deploy_manifests import (
+
+from tests.deploy.deploy_manifests import (
     KUSTOMIZE_TARGETS,
     containers,
     env_refs,

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 import pytest_asyncio
-from loopback_worker import loopback_worker
 
 from llmserve.client import AsyncClient
+from tests.llmserve.loopback_worker import loopback_worker
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 MODEL = "tiny-cli"

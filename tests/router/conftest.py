@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 import pytest_asyncio
-from router_procs import RedisProc, free_port
 
 from llmserve.fleet import StateStore
 from llmserve.fleet.redis_store import RedisStateStore
 from router.server import RouterConfig, RouterServer
+from tests.router.router_procs import RedisProc, free_port
 
 
 @pytest.fixture(scope="session")

@@ -15,11 +15,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import grpc
-from helpers.health import wait_until_serving
-from helpers.redis_server import RedisServer, free_port
 
 from llmserve.v1 import generation_pb2 as gen_pb
 from llmserve.v1 import generation_pb2_grpc as gen_grpc
+from tests.helpers.health import wait_until_serving
+from tests.helpers.redis_server import RedisServer, free_port
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -1,6 +1,6 @@
 """Test helpers for the engine core: a deterministic paged fake runner and leak checks.
 
-Imported by the tests of this folder as ``core_fakes`` (unique name: tests/ has no packages).
+Imported by the tests of this folder (``tests.gpu_worker.core.core_fakes``).
 """
 
 from __future__ import annotations

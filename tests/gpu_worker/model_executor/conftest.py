@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from helpers.torch_threads import _one_torch_thread  # noqa: F401 - autouse fixture
 
 from gpu_worker.model_executor import loader
+from tests.helpers.torch_threads import _one_torch_thread  # noqa: F401 - autouse fixture
 
 
 @pytest.fixture(scope="session")

@@ -8,13 +8,13 @@ import dataclasses
 
 import pytest
 import torch
-from helpers.tiny_models import FAMILIES, make_tiny_config
-from tiny_model_steps import STEPS, build_model, run_steps, step_metadata
 from torch import nn
 
 from gpu_worker.model_executor.layers.attention import PagedAttention
 from gpu_worker.model_executor.layers.linear import TransposedLinear, transpose_linears
 from kernels import KernelOps, reference, reference_ops
+from tests.gpu_worker.model_executor.tiny_model_steps import STEPS, build_model, run_steps, step_metadata
+from tests.helpers.tiny_models import FAMILIES, make_tiny_config
 
 
 def _unplanned_ops() -> KernelOps:

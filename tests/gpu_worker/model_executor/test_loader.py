@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers.tiny_models import make_tiny_config, make_tiny_model
 
 from gpu_worker.config import EngineConfig
 from gpu_worker.model_executor import gguf_cache, loader
 from gpu_worker.model_executor.layers.rotary import build_cos_sin_cache
 from gpu_worker.model_executor.models.registry import resolve_model_class
+from tests.helpers.tiny_models import make_tiny_config, make_tiny_model
 
 CPU = torch.device("cpu")
 

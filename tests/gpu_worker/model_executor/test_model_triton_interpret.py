@@ -15,20 +15,20 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers.tiny_models import FAMILIES
+
+from tests.helpers.tiny_models import FAMILIES
 
 pytest.importorskip("triton")
 
 _HERE = Path(__file__).resolve().parent
-_TESTS = _HERE.parents[1]
-_ROOT = _TESTS.parent
+_ROOT = _HERE.parents[2]
 
 
 @pytest.fixture(scope="module")
 def interpreted_results() -> dict[str, str]:
     """``{family: "ok" | traceback}`` from one interpreted run."""
     env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_ROOT), str(_TESTS), env.get("PYTHONPATH")]))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_ROOT), env.get("PYTHONPATH")]))
     proc = subprocess.run(
         [sys.executable, str(_HERE / "triton_model_check.py")],
         cwd=_ROOT, env=env, capture_output=True, text=True, timeout=300, check=False,

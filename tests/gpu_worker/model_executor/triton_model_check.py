@@ -15,11 +15,11 @@ import traceback
 from typing import NoReturn
 
 import torch
-from helpers.tiny_models import FAMILIES, make_tiny_config
-from tiny_model_steps import STEPS, build_model, run_steps
 
 from kernels import reference_ops
 from kernels.triton_ops import triton_ops
+from tests.gpu_worker.model_executor.tiny_model_steps import STEPS, build_model, run_steps
+from tests.helpers.tiny_models import FAMILIES, make_tiny_config
 
 
 def _not_called(*_: object) -> NoReturn:

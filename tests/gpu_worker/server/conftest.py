@@ -6,9 +6,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from worker_server_helpers import ENGINE_ARGS
 
 from gpu_worker.config import EngineConfig
+from tests.gpu_worker.server.worker_server_helpers import ENGINE_ARGS
 
 
 @pytest.fixture(scope="session")

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import grpc
 import pytest
-from worker_server_helpers import SERVED_NAME, collect, greedy, start_worker
 
 from llmserve.v1 import generation_pb2 as pb
 from llmserve.v1 import generation_pb2_grpc as pb_grpc
+from tests.gpu_worker.server.worker_server_helpers import SERVED_NAME, collect, greedy, start_worker
 
 
 async def test_sigterm_drains_registered_worker(tiny_model_dir: Path, redis_server: object) -> None:

@@ -21,7 +21,6 @@ from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
 from prometheus_client.parser import text_string_to_metric_families
-from worker_server_helpers import SERVED_NAME, collect, free_port, greedy, start_worker
 
 from gpu_worker.config import EngineConfig
 from gpu_worker.server import ServerConfig, WorkerServer
@@ -31,6 +30,13 @@ from llmserve.telemetry import spans as s
 from llmserve.telemetry.logging import FIELDS_ATTR, JsonFormatter
 from llmserve.v1 import generation_pb2 as pb
 from llmserve.v1 import generation_pb2_grpc as pb_grpc
+from tests.gpu_worker.server.worker_server_helpers import (
+    SERVED_NAME,
+    collect,
+    free_port,
+    greedy,
+    start_worker,
+)
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 TRACE_ID = "0af7651916cd43dd8448eb211c80319c"

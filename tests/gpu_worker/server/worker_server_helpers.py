@@ -14,11 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from helpers.health import wait_until_serving
 
 from llmserve.v1 import generation_pb2 as pb
 from llmserve.v1 import internal_pb2 as ipb
 from llmserve.v1 import internal_pb2_grpc as ipb_grpc
+from tests.helpers.health import wait_until_serving
 
 SERVED_NAME = "tiny-llama"
 # Small, explicit KV pool: 512 blocks of 16 tokens, enough for 64 concurrent short streams.

@@ -11,13 +11,13 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from helpers.torch_threads import _one_torch_thread  # noqa: F401 - autouse fixture
 
 from gpu_worker.config import EngineConfig
 from gpu_worker.core.types import RunnerOutput, ScheduledRequest, SchedulerOutput
 from gpu_worker.model_executor import loader
 from gpu_worker.sampling_params import SamplingParams
 from gpu_worker.worker.model_runner import ModelRunner
+from tests.helpers.torch_threads import _one_torch_thread  # noqa: F401 - autouse fixture
 
 
 @pytest.fixture(scope="session")

@@ -8,11 +8,11 @@ from typing import Any
 
 import pytest
 import torch
-from helpers.tiny_models import make_tiny_config
 
 from gpu_worker.config import EngineConfig
 from gpu_worker.sampling_params import SamplingParams
 from gpu_worker.worker import kv_sizing
+from tests.helpers.tiny_models import make_tiny_config
 
 CPU = torch.device("cpu")
 

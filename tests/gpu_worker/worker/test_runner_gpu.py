@@ -7,13 +7,13 @@ from typing import Any
 
 import pytest
 import torch
-from helpers.tiny_models import make_tiny_model
 
 from gpu_worker.config import EngineConfig
 from gpu_worker.model_executor import loader
 from gpu_worker.sampling_params import SamplingParams
 from gpu_worker.worker import kv_sizing
 from gpu_worker.worker.model_runner import ModelRunner
+from tests.helpers.tiny_models import make_tiny_model
 
 pytestmark = pytest.mark.gpu
 

@@ -9,7 +9,8 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from helpers.tiny_models import FAMILIES
+
+from tests.helpers.tiny_models import FAMILIES
 
 PROMPT_LENS = {"a": 5, "b": 12, "c": 19}
 NUM_DECODE_STEPS = 6

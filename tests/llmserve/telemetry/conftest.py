@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 import pytest
-from telemetry_stack import Stack, start_stack
+
+from tests.llmserve.telemetry.telemetry_stack import Stack, start_stack
 
 
 @pytest.fixture

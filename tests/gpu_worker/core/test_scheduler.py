@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from core_fakes import PagedFakeRunner, assert_no_leak, core_request, make_scheduler, run_to_completion
 
 from gpu_worker.core.request import RequestStatus
 from gpu_worker.core.scheduler import Scheduler
@@ -16,6 +15,13 @@ from gpu_worker.core.types import (
     ScheduledRequest,
     SchedulerStats,
     TokenLogprobs,
+)
+from tests.gpu_worker.core.core_fakes import (
+    PagedFakeRunner,
+    assert_no_leak,
+    core_request,
+    make_scheduler,
+    run_to_completion,
 )
 
 

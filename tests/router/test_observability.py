@@ -25,7 +25,6 @@ from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
 from prometheus_client.parser import text_string_to_metric_families
-from router_procs import free_port
 
 from gpu_worker.config import EngineConfig
 from gpu_worker.server import ServerConfig, WorkerServer
@@ -39,6 +38,7 @@ from llmserve.v1 import generation_pb2_grpc as pb_grpc
 from router.policy import rendezvous
 from router.request_telemetry import REQUEST_LOGGER
 from router.server import RouterConfig, RouterServer
+from tests.router.router_procs import free_port
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 MODEL = "tiny"

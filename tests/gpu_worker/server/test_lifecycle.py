@@ -9,7 +9,6 @@ import threading
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from worker_server_helpers import SERVED_NAME, collect, greedy
 
 from gpu_worker.config import EngineConfig
 from gpu_worker.server import ServerConfig, WorkerServer
@@ -18,6 +17,7 @@ from llmserve.v1 import generation_pb2 as pb
 from llmserve.v1 import generation_pb2_grpc as pb_grpc
 from llmserve.v1 import internal_pb2 as ipb
 from llmserve.v1 import internal_pb2_grpc as ipb_grpc
+from tests.gpu_worker.server.worker_server_helpers import SERVED_NAME, collect, greedy
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING

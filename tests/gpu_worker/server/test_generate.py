@@ -13,7 +13,6 @@ import pytest
 import pytest_asyncio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from worker_server_helpers import ENGINE_ARGS, SERVED_NAME, Collected, collect, greedy, wait_idle
 
 from gpu_worker.config import EngineConfig
 from gpu_worker.sampling_params import SamplingParams
@@ -22,6 +21,14 @@ from llmserve.v1 import generation_pb2 as pb
 from llmserve.v1 import generation_pb2_grpc as pb_grpc
 from llmserve.v1 import internal_pb2 as ipb
 from llmserve.v1 import internal_pb2_grpc as ipb_grpc
+from tests.gpu_worker.server.worker_server_helpers import (
+    ENGINE_ARGS,
+    SERVED_NAME,
+    Collected,
+    collect,
+    greedy,
+    wait_idle,
+)
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 MAX_MESSAGE_BYTES = 1 << 20

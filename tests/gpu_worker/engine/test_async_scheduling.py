@@ -8,10 +8,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from engine_helpers import PROMPTS
 
 from gpu_worker import LLM, SamplingParams
 from gpu_worker.core.types import PLACEHOLDER_TOKEN_ID, SchedulerOutput
+from tests.gpu_worker.engine.engine_helpers import PROMPTS
 
 
 @pytest.fixture(scope="module")

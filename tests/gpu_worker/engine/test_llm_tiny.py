@@ -7,10 +7,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from engine_helpers import PROMPTS, hf_greedy, hf_token_logprobs
-from helpers.tiny_models import FAMILIES
 
 from gpu_worker import LLM, SamplingParams
+from tests.gpu_worker.engine.engine_helpers import PROMPTS, hf_greedy, hf_token_logprobs
+from tests.helpers.tiny_models import FAMILIES
 
 MAX_TOKENS = 12
 

@@ -7,9 +7,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from engine_helpers import PROMPTS
 
 from gpu_worker import LLM, SamplingParams
+from tests.gpu_worker.engine.engine_helpers import PROMPTS
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,9 @@ interface as the Redis store); with ``--redis-url`` everything uses Redis instea
 workers and routers started elsewhere join the same fleet. Serves until Ctrl-C (or SIGTERM),
 then drains the worker and stops the router.
 
-This module imports torch only inside :func:`run_stack`, when a worker is actually started.
+It lives in the worker package because it starts a worker (and a router, which the worker may
+import: the arrow points down). The torch-free ``llmserve`` CLI finds :func:`register` through
+the entry point ``llmserve.commands: up``. Torch is imported only inside :func:`run_stack`.
 """
 
 from __future__ import annotations

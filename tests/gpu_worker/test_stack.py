@@ -5,18 +5,19 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
-from router_procs import free_port, generate
 
-from llmserve.stack import StackConfig, run_stack
+from gpu_worker.stack import StackConfig, run_stack
 from llmserve.v1 import generation_pb2 as gen_pb
 from llmserve.v1 import generation_pb2_grpc as gen_grpc
+from tests.router.router_procs import free_port, generate
 
 
-async def test_stack_serves_through_the_router_on_the_memory_store(router_tiny_model: Path) -> None:
-    config = StackConfig(model=str(router_tiny_model), served_model_name="tiny", router_port=free_port(),
+async def test_stack_serves_through_the_router_on_the_memory_store(tiny_model: Callable[[str], Path]) -> None:
+    config = StackConfig(model=str(tiny_model("llama")), served_model_name="tiny", router_port=free_port(),
                          worker_port=free_port(), num_kv_blocks=64, max_num_seqs=4, drain_grace_s=1.0)
     started, stop = asyncio.Event(), asyncio.Event()
     task = asyncio.create_task(run_stack(config, started, stop))

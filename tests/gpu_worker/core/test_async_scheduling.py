@@ -1,16 +1,21 @@
 """Async scheduling at the scheduler: step k+1 is planned before step k is accounted for.
 
-The oracle comparison of every path lives in test_core_equivalence.py; these tests pin down
+The oracle comparison of every path lives in test_equivalence.py; these tests pin down
 the cases only async scheduling has: a request preempted while a step samples for it, and
 how much work is planned past a request's end.
 """
 
 from __future__ import annotations
 
-from core_fakes import PagedFakeRunner, assert_no_leak, core_request, make_scheduler, next_token
-
 from gpu_worker.core.scheduler import Scheduler
 from gpu_worker.core.types import PLACEHOLDER_TOKEN_ID, FinishReason, RunnerOutput, SchedulerOutput
+from tests.gpu_worker.core.core_fakes import (
+    PagedFakeRunner,
+    assert_no_leak,
+    core_request,
+    make_scheduler,
+    next_token,
+)
 
 
 def drive_async(

@@ -15,7 +15,6 @@ from typing import Any
 import grpc
 import pytest
 import pytest_asyncio
-from router_procs import RedisProc, WorkerProc, generate, wait_until
 
 from llmserve.fleet.redis_store import RedisStateStore
 from llmserve.hashing import block_hashes
@@ -23,6 +22,7 @@ from llmserve.v1 import generation_pb2 as gen_pb
 from llmserve.v1 import generation_pb2_grpc as gen_grpc
 from llmserve.v1 import internal_pb2 as int_pb
 from llmserve.v1 import internal_pb2_grpc as int_grpc
+from tests.router.router_procs import RedisProc, WorkerProc, generate, wait_until
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 MODEL = "kappa"

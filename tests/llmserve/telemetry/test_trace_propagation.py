@@ -8,11 +8,18 @@ from collections.abc import Callable, Sequence
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.trace import SpanKind, StatusCode
-from telemetry_stack import CACHED_TOKENS, DEAD_WORKER_ID, HANG, MODEL, WORKER_ID, Stack
 
 from llmserve.telemetry import spans as s
 from llmserve.v1 import generation_pb2 as pb
 from llmserve.v1 import generation_pb2_grpc as pb_grpc
+from tests.llmserve.telemetry.telemetry_stack import (
+    CACHED_TOKENS,
+    DEAD_WORKER_ID,
+    HANG,
+    MODEL,
+    WORKER_ID,
+    Stack,
+)
 
 GENERATE = "/llmserve.v1.Generation/Generate"
 

@@ -10,7 +10,10 @@ import random
 from typing import Any
 
 import pytest
-from core_fakes import (
+
+from gpu_worker.core.scheduler import Scheduler
+from gpu_worker.core.types import EngineCoreRequest, FinishReason
+from tests.gpu_worker.core.core_fakes import (
     PagedFakeRunner,
     assert_no_leak,
     core_request,
@@ -19,9 +22,6 @@ from core_fakes import (
     run_to_completion,
     tokens_of,
 )
-
-from gpu_worker.core.scheduler import Scheduler
-from gpu_worker.core.types import EngineCoreRequest, FinishReason
 
 BLOCK_SIZE = 4
 MAX_MODEL_LEN = 64

@@ -10,7 +10,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from engine_helpers import PROMPTS
 
 from gpu_worker import EngineConfig, SamplingParams
 from gpu_worker.core.types import EngineCoreOutput, FinishReason, SchedulerStats, TokenLogprobs
@@ -18,6 +17,7 @@ from gpu_worker.engine.async_llm import AsyncLLM
 from gpu_worker.engine.async_llm_proc import AsyncLLMProc
 from gpu_worker.engine.core_proc import PackedOutputs, _StatsGate
 from gpu_worker.engine.errors import EngineDeadError
+from tests.gpu_worker.engine.engine_helpers import PROMPTS
 
 
 @pytest.fixture(scope="module")

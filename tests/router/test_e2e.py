@@ -17,7 +17,6 @@ import grpc
 import pytest
 import pytest_asyncio
 import redis.asyncio as aioredis
-from router_procs import RedisProc, WorkerProc, generate, wait_until
 
 from llmserve.fleet.redis_store import RedisStateStore
 from llmserve.hashing import block_hashes
@@ -26,6 +25,7 @@ from llmserve.v1 import generation_pb2_grpc as gen_grpc
 from llmserve.v1 import internal_pb2 as int_pb
 from llmserve.v1 import internal_pb2_grpc as int_grpc
 from router.server import RouterServer
+from tests.router.router_procs import RedisProc, WorkerProc, generate, wait_until
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 

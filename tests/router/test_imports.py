@@ -7,7 +7,7 @@ import sys
 
 CHECK = """
 import sys
-import router, router.server, router.__main__, llmserve.fleet, llmserve.stack
+import router, router.server, router.__main__, llmserve.fleet
 assert 'torch' not in sys.modules, 'router imported torch'
 assert 'redis' not in sys.modules, 'llmserve.fleet imported redis outside redis_store'
 import llmserve.fleet.redis_store

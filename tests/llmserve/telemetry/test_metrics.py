@@ -10,11 +10,11 @@ import pytest
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
-from telemetry_stack import MODEL, Stack
 
 from llmserve.telemetry import RouterMetrics, WorkerLoad, WorkerMetrics, start_metrics_server
 from llmserve.v1 import generation_pb2 as pb
 from llmserve.v1 import generation_pb2_grpc as pb_grpc
+from tests.llmserve.telemetry.telemetry_stack import MODEL, Stack
 
 W = "llmserve:"
 R = "llmserve:router_"

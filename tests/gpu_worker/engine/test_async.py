@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from engine_helpers import PROMPTS
 
 from gpu_worker import LLM, EngineConfig, SamplingParams
 from gpu_worker.core.kv_events import BlockStored
@@ -17,6 +16,7 @@ from gpu_worker.engine.async_llm import AsyncLLM
 from gpu_worker.engine.errors import EngineClosedError, EngineDeadError, QueueFullError
 from gpu_worker.engine.processor import ChatPrompt
 from gpu_worker.outputs import RequestOutput
+from tests.gpu_worker.engine.engine_helpers import PROMPTS
 
 MULTIBYTE = "😀🎉世界Привет"
 

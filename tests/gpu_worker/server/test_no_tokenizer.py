@@ -11,8 +11,6 @@ from collections.abc import AsyncIterator
 import grpc
 import pytest
 import pytest_asyncio
-from helpers.tiny_models import make_tiny_model
-from worker_server_helpers import collect, free_port, greedy
 
 from gpu_worker.config import EngineConfig
 from gpu_worker.server import ServerConfig, WorkerServer
@@ -22,6 +20,8 @@ from llmserve.v1 import generation_pb2_grpc as pb_grpc
 from llmserve.v1 import internal_pb2 as ipb
 from llmserve.v1 import internal_pb2_grpc as ipb_grpc
 from router.server import RouterConfig, RouterServer
+from tests.gpu_worker.server.worker_server_helpers import collect, free_port, greedy
+from tests.helpers.tiny_models import make_tiny_model
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 MODEL = "bare"

@@ -12,7 +12,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from helpers.tiny_models import EOS_TOKEN_ID, make_tiny_model
 
 from gpu_worker.config import EngineConfig
 from gpu_worker.engine.async_llm import AsyncLLM
@@ -21,6 +20,7 @@ from gpu_worker.engine.output_processor import merge_deltas
 from gpu_worker.llm import LLM
 from gpu_worker.outputs import CompletionOutput, Logprob, RequestOutput
 from gpu_worker.sampling_params import SamplingParams
+from tests.helpers.tiny_models import EOS_TOKEN_ID, make_tiny_model
 
 PROMPT = [1, 504, 3458, 282, 4649, 314, 17, 900]
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)

@@ -9,9 +9,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from engine_helpers import PROMPTS
 
 from gpu_worker import LLM, SamplingParams
+from tests.gpu_worker.engine.engine_helpers import PROMPTS
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
 

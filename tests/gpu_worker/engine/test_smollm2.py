@@ -7,9 +7,9 @@ from typing import Any
 
 import pytest
 import torch
-from engine_helpers import hf_greedy, hf_token_logprobs
 
 from gpu_worker import LLM, SamplingParams
+from tests.gpu_worker.engine.engine_helpers import hf_greedy, hf_token_logprobs
 
 MAX_TOKENS = 12
 
