@@ -1,8 +1,9 @@
 """llmserve's compute kernels: Triton kernels and their torch references.
 
-Every op has a torch reference in :mod:`kernels.reference` and, where it pays, a Triton
-kernel with the same signature. :func:`get_ops` picks the set for a device once; models
-receive the result and never branch on the device themselves.
+Every op has a torch reference in :mod:`kernels.reference` (the quantized linears in
+:mod:`kernels.quant_reference`) and, where it pays, a Triton kernel with the same signature.
+:func:`get_ops` picks the set for a device once; models receive the result and never branch
+on the device themselves.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from kernels import reference
+from kernels import quant_reference, reference
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,10 @@ class KernelOps:
     store_kvcache: Callable[..., Any]
     paged_attention: Callable[..., Any]
     paged_decode_attention: Callable[..., Any]
+    # Quantized linears (kernels.quant_reference has the contracts): fp8 W8A8 and WnA16.
+    quantize_fp8_per_token: Callable[..., Any]
+    fp8_linear: Callable[..., Any]
+    wna16_linear: Callable[..., Any]
     # Optional per-step plans (None: the set has none, layers call the ops above). A plan
     # holds the work that depends only on the step's metadata (context gather indices, query
     # layout, mask; rotary cos/sin rows): the first layer of a step builds it, every layer
@@ -58,6 +63,9 @@ def reference_ops() -> KernelOps:
         store_kvcache=reference.store_kvcache,
         paged_attention=reference.paged_attention,
         paged_decode_attention=reference.paged_decode_attention,
+        quantize_fp8_per_token=quant_reference.quantize_fp8_per_token,
+        fp8_linear=quant_reference.fp8_linear,
+        wna16_linear=quant_reference.wna16_linear,
         plan_paged_attention=reference.plan_paged_attention,
         paged_attention_with_plan=reference.paged_attention_with_plan,
         plan_rotary_embedding=reference.plan_rotary_embedding,

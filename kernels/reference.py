@@ -6,6 +6,12 @@ here; tests compare the two on random inputs. The CPU engine runs on these.
 KV cache layout (shared by every op): ``key_cache``/``value_cache`` are
 ``[num_blocks, block_size, num_kv_heads, head_dim]``; token ``t`` of a sequence lives in
 slot ``block_table[t // block_size] * block_size + t % block_size``.
+
+FP8 KV cache: caches of dtype ``float8_e4m3fn`` hold ``e4m3(x / scale)`` with float32 scales
+``k_scale``/``v_scale`` of shape ``[1]`` (per tensor) or ``[num_kv_heads]`` (per head), given
+to every op that reads or writes the cache (keyword-only; ignored for 16/32-bit caches).
+Stores quantize as :func:`kernels.quant_reference.quantize_fp8_with_scale`; attention reads
+``e4m3 value * scale``.
 """
 
 from __future__ import annotations
@@ -14,6 +20,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from kernels.quant_reference import FP8_DTYPE, quantize_fp8_with_scale
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -99,17 +107,50 @@ def store_kvcache(
     key_cache: torch.Tensor,
     value_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
+    *,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> None:
     """Write ``key``/``value`` (``[T, Hk, D]``) into cache slots ``slot_mapping`` (``[T]``).
 
-    A negative slot means "do not store" (padding tokens).
+    A negative slot means "do not store" (padding tokens). fp8 caches need ``k_scale`` and
+    ``v_scale`` (module docstring).
     """
-    num_kv_heads, head_dim = key_cache.shape[-2:]
     valid = slot_mapping >= 0
     if not bool(valid.all()):
         key, value, slot_mapping = key[valid], value[valid], slot_mapping[valid]
-    key_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, key.to(key_cache.dtype))
-    value_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, value.to(value_cache.dtype))
+    _write_slots(key_cache, slot_mapping, key, k_scale)
+    _write_slots(value_cache, slot_mapping, value, v_scale)
+
+
+def _write_slots(
+    cache: torch.Tensor, slots: torch.Tensor, x: torch.Tensor, scale: torch.Tensor | None
+) -> None:
+    num_kv_heads, head_dim = cache.shape[-2:]
+    values = to_cache(x, cache, scale)
+    if cache.dtype == FP8_DTYPE:  # index_copy_ has no float8 kernel: copy the bytes
+        cache, values = cache.view(torch.uint8), values.view(torch.uint8)
+    cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slots, values)
+
+
+def to_cache(x: torch.Tensor, cache: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    """``x`` (``[T, Hk, D]``) as ``cache`` stores it: cast, or quantized with ``scale`` for fp8."""
+    if cache.dtype != FP8_DTYPE:
+        return x.to(cache.dtype)
+    if scale is None:
+        raise ValueError("an fp8 KV cache needs k_scale and v_scale")
+    return quantize_fp8_with_scale(x, scale.reshape(-1, 1))
+
+
+def from_cache(ctx: torch.Tensor, scale: torch.Tensor | None, head_dim: int = 1) -> torch.Tensor:
+    """Float32 values of cache entries ``ctx`` (fp8: times ``scale`` per KV head, the KV-head
+    dim of ``ctx`` being ``head_dim``)."""
+    ctx = ctx if ctx.dtype == torch.float32 else ctx.float()
+    if scale is None:
+        return ctx
+    shape = [1] * ctx.dim()
+    shape[head_dim] = -1
+    return ctx * scale.float().reshape(shape)
 
 
 def rotary_store_kvcache(
@@ -121,6 +162,9 @@ def rotary_store_kvcache(
     key_cache: torch.Tensor,
     value_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
+    *,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """:func:`rotary_embedding` of ``q``/``k``, then :func:`store_kvcache` of the rotated ``k``
     and ``v``; returns the rotated ``q`` (arguments as in those two ops).
@@ -129,7 +173,7 @@ def rotary_store_kvcache(
     Kernels may rotate ``q`` in place and return it; ``k`` and ``v`` are left as they are.
     """
     q, k = rotary_embedding(positions, q, k, cos_sin_cache)
-    store_kvcache(k, v, key_cache, value_cache, slot_mapping)
+    store_kvcache(k, v, key_cache, value_cache, slot_mapping, k_scale=k_scale, v_scale=v_scale)
     return q
 
 
@@ -143,6 +187,9 @@ def paged_attention(
     scale: float,
     max_query_len: int,
     max_seq_len: int,
+    *,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal attention of variable-length query chunks over their paged context.
 
@@ -152,11 +199,12 @@ def paged_attention(
     its new tokens, whose K/V must already be in the cache: the ``ql`` query rows of a
     sequence are its last ``ql`` positions. block_tables: ``[S, >= ceil(max_seq_len /
     block_size)]`` int32. Hq must be a multiple of Hk (GQA). Returns ``[T, Hq, D]``.
+    fp8 caches: ``k_scale``/``v_scale`` as in the module docstring.
     """
     plan = plan_paged_attention(
         None, block_tables, query_start_loc, seq_lens, key_cache.shape[1], max_query_len, max_seq_len
     )
-    return _attend(q, key_cache, value_cache, plan, scale)
+    return _attend(q, key_cache, value_cache, plan, scale, _kv_scales(key_cache, k_scale, v_scale))
 
 
 def paged_decode_attention(
@@ -167,6 +215,9 @@ def paged_decode_attention(
     seq_lens: torch.Tensor,
     scale: float,
     max_seq_len: int,
+    *,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Decode attention: one query token per sequence, at position ``seq_lens[s] - 1``.
 
@@ -175,8 +226,20 @@ def paged_decode_attention(
     num_seqs = q.shape[0]
     query_start_loc = torch.arange(num_seqs + 1, device=q.device, dtype=torch.int32)
     return paged_attention(
-        q, key_cache, value_cache, block_tables, query_start_loc, seq_lens, scale, 1, max_seq_len
+        q, key_cache, value_cache, block_tables, query_start_loc, seq_lens, scale, 1, max_seq_len,
+        k_scale=k_scale, v_scale=v_scale,
     )
+
+
+def _kv_scales(
+    key_cache: torch.Tensor, k_scale: torch.Tensor | None, v_scale: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The scales attention applies: ``None`` for 16/32-bit caches, both scales for fp8."""
+    if key_cache.dtype != FP8_DTYPE:
+        return None
+    if k_scale is None or v_scale is None:
+        raise ValueError("an fp8 KV cache needs k_scale and v_scale")
+    return k_scale, v_scale
 
 
 @dataclass(frozen=True)
@@ -275,16 +338,19 @@ def paged_attention_with_plan(
     value_cache: torch.Tensor,
     plan: PagedAttentionPlan,
     scale: float,
+    *,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """:func:`store_kvcache` of ``k``/``v`` then :func:`paged_attention` of ``q``, with the
     step's index work already done by :func:`plan_paged_attention`. Returns ``[T, Hq, D]``."""
+    kv_scales = _kv_scales(key_cache, k_scale, v_scale)
     if plan.store_slots is not None:
-        num_kv_heads, head_dim = key_cache.shape[-2:]
         if plan.store_rows is not None:
             k, v = k.index_select(0, plan.store_rows), v.index_select(0, plan.store_rows)
-        key_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, plan.store_slots, k.to(key_cache.dtype))
-        value_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, plan.store_slots, v.to(value_cache.dtype))
-    return _attend(q, key_cache, value_cache, plan, scale)
+        _write_slots(key_cache, plan.store_slots, k, k_scale)
+        _write_slots(value_cache, plan.store_slots, v, v_scale)
+    return _attend(q, key_cache, value_cache, plan, scale, kv_scales)
 
 
 def _attend(
@@ -293,15 +359,16 @@ def _attend(
     value_cache: torch.Tensor,
     plan: PagedAttentionPlan,
     scale: float,
+    kv_scales: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     num_tokens, num_heads, head_dim = q.shape
     num_seqs, ctx_len, q_len = plan.num_seqs, plan.max_seq_len, plan.max_query_len
     num_kv_heads = key_cache.shape[2]
 
-    def context(cache: torch.Tensor) -> torch.Tensor:  # [S, Hk, L, D] float32
+    def context(cache: torch.Tensor, cache_scale: torch.Tensor | None) -> torch.Tensor:  # [S, Hk, L, D] fp32
         blocks = cache.index_select(0, plan.block_ids)
         ctx = blocks.view(num_seqs, -1, num_kv_heads, head_dim)[:, :ctx_len].transpose(1, 2)
-        return ctx if ctx.dtype == torch.float32 else ctx.float()
+        return from_cache(ctx, cache_scale)
 
     qf = q if q.dtype == torch.float32 else q.float()
     if plan.scatter is None:
@@ -311,8 +378,8 @@ def _attend(
         qp[plan.scatter] = qf
     out = F.scaled_dot_product_attention(
         qp.transpose(1, 2),
-        context(key_cache),
-        context(value_cache),
+        context(key_cache, None if kv_scales is None else kv_scales[0]),
+        context(value_cache, None if kv_scales is None else kv_scales[1]),
         attn_mask=plan.mask,
         is_causal=plan.is_causal,
         scale=scale,

@@ -11,24 +11,31 @@ from __future__ import annotations
 from kernels import KernelOps
 from kernels.triton_ops.activation import silu_and_mul
 from kernels.triton_ops.decode_attention import DecodeConfig, paged_decode_attention
+from kernels.triton_ops.fp8_matmul import Fp8LinearConfig, fp8_linear, quantize_fp8_per_token
 from kernels.triton_ops.kv_store import store_kvcache
 from kernels.triton_ops.norm import fused_add_rms_norm, rms_norm
 from kernels.triton_ops.prefill_attention import PrefillConfig, paged_attention
 from kernels.triton_ops.rotary import rotary_embedding
 from kernels.triton_ops.rotary_kv import rotary_store_kvcache
+from kernels.triton_ops.wna16 import WnA16Config, wna16_linear
 
 __all__ = [
     "DecodeConfig",
+    "Fp8LinearConfig",
     "PrefillConfig",
+    "WnA16Config",
+    "fp8_linear",
     "fused_add_rms_norm",
     "paged_attention",
     "paged_decode_attention",
+    "quantize_fp8_per_token",
     "rms_norm",
     "rotary_embedding",
     "rotary_store_kvcache",
     "silu_and_mul",
     "store_kvcache",
     "triton_ops",
+    "wna16_linear",
 ]
 
 
@@ -43,5 +50,8 @@ def triton_ops() -> KernelOps:
         store_kvcache=store_kvcache,
         paged_attention=paged_attention,
         paged_decode_attention=paged_decode_attention,
+        quantize_fp8_per_token=quantize_fp8_per_token,
+        fp8_linear=fp8_linear,
+        wna16_linear=wna16_linear,
         rotary_store_kvcache=rotary_store_kvcache,
     )

@@ -3,6 +3,11 @@
 Device side: ``@triton.jit`` helpers, which Triton inlines into each kernel, so a kernel
 compiles to the same code as with the lines written out in place. Host side: the argument
 checks, the output buffer and the stride arguments, which both kernels take in one order.
+
+FP8 KV caches (``KV_FP8``, a constexpr: 16/32-bit caches compile to the code they had
+before): K/V tiles are loaded as e4m3 and converted to the query's dtype (exact: every e4m3
+value is a bf16/fp16/fp32 value); the K scale of the program's KV head is folded into the
+score scale and the V scale multiplies the normalised output.
 """
 
 from __future__ import annotations
@@ -42,6 +47,38 @@ def check_attention_inputs(
     if q.stride(-1) != 1 or not (key_cache.is_contiguous() and value_cache.is_contiguous()):
         raise ValueError("paged attention: q needs a unit-stride head dim and the caches must be contiguous")
     return AttentionShape(num_rows, num_heads, head_dim, block_size, num_kv_heads, num_heads // num_kv_heads)
+
+
+class KVScaleArgs(NamedTuple):
+    """The fp8 arguments of the attention and KV-store kernels."""
+
+    fp8: bool  # the KV_FP8 constexpr
+    k_scale: torch.Tensor  # float32 [1] or [Hk] (a placeholder for 16/32-bit caches)
+    v_scale: torch.Tensor
+    stride: int  # 0: one scale for every KV head, 1: one per KV head
+
+
+def kv_scale_args(
+    key_cache: torch.Tensor,
+    k_scale: torch.Tensor | None,
+    v_scale: torch.Tensor | None,
+    num_kv_heads: int,
+    placeholder: torch.Tensor,
+) -> KVScaleArgs:
+    """Check and pack ``k_scale``/``v_scale`` (see :mod:`kernels.reference`) for the kernels."""
+    if key_cache.dtype != torch.float8_e4m3fn:
+        return KVScaleArgs(False, placeholder, placeholder, 0)
+    if k_scale is None or v_scale is None:
+        raise ValueError("an fp8 KV cache needs k_scale and v_scale")
+    scales = []
+    for s in (k_scale, v_scale):
+        s = s.reshape(-1)
+        if s.dtype != torch.float32 or s.numel() not in (1, num_kv_heads):
+            raise ValueError(f"KV scales: float32 of 1 or {num_kv_heads} elements, got {s.dtype} {s.numel()}")
+        scales.append(s if s.stride(0) == 1 else s.contiguous())
+    if scales[0].numel() != scales[1].numel():
+        raise ValueError("k_scale and v_scale must both be per tensor or both per head")
+    return KVScaleArgs(True, scales[0], scales[1], 0 if scales[0].numel() == 1 else 1)
 
 
 def output_like(q: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:

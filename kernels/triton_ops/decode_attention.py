@@ -65,6 +65,9 @@ def _decode_partition_kernel(
     qk_scale_log2,
     partition_size,
     num_splits,
+    k_scale_ptr,
+    v_scale_ptr,
+    stride_kv_scale,
     G: tl.constexpr,
     BLOCK_G: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
@@ -72,6 +75,7 @@ def _decode_partition_kernel(
     BLOCK_N: tl.constexpr,
     ONE_SPLIT: tl.constexpr,
     IEEE_DOT: tl.constexpr,
+    KV_FP8: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -88,6 +92,8 @@ def _decode_partition_kernel(
         q = common.load_rows(q_ptr, common.row_offsets(seq, head, stride_qs, stride_qh), row_ok, dims)
         m_i, l_i, acc = common.init_softmax_state(BLOCK_G, HEAD_DIM)
         bt_row = block_tables_ptr + seq.to(tl.int64) * stride_bt
+        if KV_FP8:
+            qk_scale_log2 = qk_scale_log2 * tl.load(k_scale_ptr + kv_head * stride_kv_scale)
         for start in range(part_start, part_end, BLOCK_N):
             kpos = start + tl.arange(0, BLOCK_N)
             k_ok = kpos < part_end
@@ -95,11 +101,16 @@ def _decode_partition_kernel(
                                              stride_kh, BLOCK_SIZE)
             k = tl.load(k_cache_ptr + kv_off[None, :] + dims[:, None], mask=k_ok[None, :], other=0.0)
             v = tl.load(v_cache_ptr + kv_off[:, None] + dims[None, :], mask=k_ok[:, None], other=0.0)
+            if KV_FP8:
+                k = k.to(q.dtype)
+                v = v.to(q.dtype)
             # The query sits at position seq_len - 1, so every key below part_end is visible.
             s = tl.where(k_ok[None, :], common.dot(q, k, IEEE_DOT) * qk_scale_log2, float("-inf"))
             m_i, l_i, acc = common.online_softmax_step(s, v, m_i, l_i, acc, IEEE_DOT)
 
         out = acc / l_i[:, None]
+        if KV_FP8:
+            out = out * tl.load(v_scale_ptr + kv_head * stride_kv_scale)
         o_off = common.row_offsets(seq, head, stride_os, stride_oh)
         if ONE_SPLIT:
             common.store_rows(out_ptr, o_off, row_ok, dims, out)
@@ -177,6 +188,8 @@ def paged_decode_attention(
     scale: float,
     max_seq_len: int,
     *,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
     config: DecodeConfig | None = None,
 ) -> torch.Tensor:
@@ -184,10 +197,12 @@ def paged_decode_attention(
 
     Keyword-only extras: ``out`` receives the result (``[S, Hq, D]``); ``config`` sets the
     tiling. ``max_seq_len`` only sizes the grid, so an upper bound (e.g. for CUDA graphs) works.
+    fp8 caches need ``k_scale``/``v_scale`` (as in the reference).
     """
     num_seqs, num_heads, head_dim, block_size, num_kv_heads, group = common.check_attention_inputs(
         q, key_cache, value_cache
     )
+    fp8 = common.kv_scale_args(key_cache, k_scale, v_scale, num_kv_heads, seq_lens)
     config = config or DecodeConfig()
     out = common.output_like(q, out)
     if num_seqs == 0:
@@ -204,7 +219,7 @@ def paged_decode_attention(
     _decode_partition_kernel[(num_seqs, num_kv_heads, num_splits)](
         q, key_cache, value_cache, block_tables, seq_lens, out, part_out, part_m, part_l,
         *common.paged_strides(q, out, block_tables, key_cache),
-        scale * common.LOG2E, partition, num_splits,
+        scale * common.LOG2E, partition, num_splits, fp8.k_scale, fp8.v_scale, fp8.stride,
         G=group,
         BLOCK_G=max(16, triton.next_power_of_2(group)),
         BLOCK_SIZE=block_size,
@@ -212,6 +227,7 @@ def paged_decode_attention(
         BLOCK_N=block_n,
         ONE_SPLIT=one_split,
         IEEE_DOT=q.dtype == torch.float32,
+        KV_FP8=fp8.fp8,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )

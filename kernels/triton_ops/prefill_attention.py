@@ -61,6 +61,7 @@ def _attend_tile(
     BLOCK_N: tl.constexpr,
     MASKED: tl.constexpr,
     IEEE_DOT: tl.constexpr,
+    KV_FP8: tl.constexpr,
 ):
     """One online-softmax step over keys ``start .. start + BLOCK_N``.
 
@@ -80,6 +81,9 @@ def _attend_tile(
                                          BLOCK_SIZE)
         k = tl.load(k_cache_ptr + kv_off[:, None] + dims[None, :])
         v = tl.load(v_cache_ptr + kv_off[:, None] + dims[None, :])
+    if KV_FP8:
+        k = k.to(q.dtype)
+        v = v.to(q.dtype)
     s = common.dot(q, tl.trans(k), IEEE_DOT) * qk_scale_log2
     if MASKED:
         s = tl.where((kpos[None, :] <= q_pos[:, None]) & k_ok[None, :], s, float("-inf"))
@@ -104,6 +108,9 @@ def _prefill_kernel(
     stride_ks,
     stride_kh,
     qk_scale_log2,
+    k_scale_ptr,
+    v_scale_ptr,
+    stride_kv_scale,
     G: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
     HEAD_DIM: tl.constexpr,
@@ -111,6 +118,7 @@ def _prefill_kernel(
     BLOCK_Q: tl.constexpr,
     BLOCK_N: tl.constexpr,
     IEEE_DOT: tl.constexpr,
+    KV_FP8: tl.constexpr,
 ):
     q_block = tl.program_id(0)
     seq = tl.program_id(1)
@@ -133,6 +141,8 @@ def _prefill_kernel(
         q = common.load_rows(q_ptr, q_off, row_ok, dims)
         m_i, l_i, acc = common.init_softmax_state(BLOCK_M, HEAD_DIM)
         bt_row = block_tables_ptr + seq.to(tl.int64) * stride_bt
+        if KV_FP8:
+            qk_scale_log2 = qk_scale_log2 * tl.load(k_scale_ptr + kv_head * stride_kv_scale)
 
         # Keys before the tile's first query position are visible to all its rows: whole
         # tiles of them need no mask. The rest, up to the last row's position, is masked.
@@ -143,17 +153,19 @@ def _prefill_kernel(
             m_i, l_i, acc = _attend_tile(
                 q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, bt_row, start, kv_end, q_pos, kv_head,
                 stride_kb, stride_ks, stride_kh, qk_scale_log2,
-                BLOCK_SIZE, HEAD_DIM, BLOCK_N, False, IEEE_DOT,
+                BLOCK_SIZE, HEAD_DIM, BLOCK_N, False, IEEE_DOT, KV_FP8,
             )
         for start in range(full_end, kv_end, BLOCK_N):
             m_i, l_i, acc = _attend_tile(
                 q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, bt_row, start, kv_end, q_pos, kv_head,
                 stride_kb, stride_ks, stride_kh, qk_scale_log2,
-                BLOCK_SIZE, HEAD_DIM, BLOCK_N, True, IEEE_DOT,
+                BLOCK_SIZE, HEAD_DIM, BLOCK_N, True, IEEE_DOT, KV_FP8,
             )
 
         l_i = tl.where(l_i == 0.0, 1.0, l_i)  # padding rows only; real rows see their own key
         out = acc / l_i[:, None]
+        if KV_FP8:
+            out = out * tl.load(v_scale_ptr + kv_head * stride_kv_scale)
         o_off = common.row_offsets(q_start + tok, head, stride_ot, stride_oh)
         common.store_rows(out_ptr, o_off, row_ok, dims, out)
 
@@ -169,17 +181,20 @@ def paged_attention(
     max_query_len: int,
     max_seq_len: int,
     *,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
     config: PrefillConfig | None = None,
 ) -> torch.Tensor:
     """Triton :func:`kernels.reference.paged_attention`.
 
     Keyword-only extras: ``out`` receives the result (``[T, Hq, D]``); ``config`` sets the
-    tiling.
+    tiling. fp8 caches need ``k_scale``/``v_scale`` (as in the reference).
     """
     num_tokens, _, head_dim, block_size, num_kv_heads, group = common.check_attention_inputs(
         q, key_cache, value_cache
     )
+    fp8 = common.kv_scale_args(key_cache, k_scale, v_scale, num_kv_heads, seq_lens)
     config = config or PrefillConfig()
     out = common.output_like(q, out)
     num_seqs = seq_lens.shape[0]
@@ -210,6 +225,9 @@ def paged_attention(
         out,
         *common.paged_strides(q, out, block_tables, key_cache),
         scale * common.LOG2E,
+        fp8.k_scale,
+        fp8.v_scale,
+        fp8.stride,
         G=group,
         BLOCK_SIZE=block_size,
         HEAD_DIM=head_dim,
@@ -217,6 +235,7 @@ def paged_attention(
         BLOCK_Q=block_q,
         BLOCK_N=block_n,
         IEEE_DOT=q.dtype == torch.float32,
+        KV_FP8=fp8.fp8,
         num_warps=num_warps,
         num_stages=config.num_stages,
     )

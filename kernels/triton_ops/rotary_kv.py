@@ -4,6 +4,8 @@ Replaces :func:`kernels.triton_ops.rotary_embedding` followed by
 :func:`kernels.triton_ops.store_kvcache`, with the same arithmetic: q goes through the rotary
 kernel's own helper, k through the same float32 expression, so the results are bitwise those
 of the two launches. The rotated k is written to the cache only, never back into ``k``.
+fp8 caches (``KV_FP8``) get the rotated k, rounded to k's dtype, and v quantized with their
+scales exactly as :func:`kernels.triton_ops.store_kvcache` quantizes them.
 """
 
 from __future__ import annotations
@@ -12,6 +14,9 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.triton_ops.attention_common import kv_scale_args
+from kernels.triton_ops.fp8_common import quantize_e4m3, software_fp8
+from kernels.triton_ops.kv_store import _inverse_scales
 from kernels.triton_ops.rotary import _load_cos_sin, _rotate_heads
 
 
@@ -34,9 +39,14 @@ def _rotary_store_kvcache_kernel(
     stride_cos_sin,
     num_q_heads,
     num_kv_heads,
+    k_scale_ptr,
+    v_scale_ptr,
+    stride_kv_scale,
     HALF: tl.constexpr,
     BLOCK_HQ: tl.constexpr,
     BLOCK_HK: tl.constexpr,
+    KV_FP8: tl.constexpr,
+    SOFT_FP8: tl.constexpr,
 ):
     t = tl.program_id(0).to(tl.int64)
     cos, sin = _load_cos_sin(pos_ptr, cos_sin_ptr, stride_cos_sin, t, HALF)
@@ -59,13 +69,24 @@ def _rotary_store_kvcache_kernel(
     k1f = k1.to(tl.float32)
     k2f = k2.to(tl.float32)
     # Round to k's dtype first (what the rotary kernel writes back), then to the cache's.
-    cache_ty = key_cache_ptr.dtype.element_ty
-    tl.store(key_cache_ptr + dst, (k1f * cos - k2f * sin).to(k1.dtype).to(cache_ty), mask=mask)
-    tl.store(key_cache_ptr + dst + HALF, (k2f * cos + k1f * sin).to(k1.dtype).to(cache_ty), mask=mask)
+    if KV_FP8:
+        k_inv, v_inv = _inverse_scales(k_scale_ptr, v_scale_ptr, heads, num_kv_heads, stride_kv_scale)
+        k_lo = (k1f * cos - k2f * sin).to(k1.dtype).to(tl.float32)
+        k_hi = (k2f * cos + k1f * sin).to(k1.dtype).to(tl.float32)
+        tl.store(key_cache_ptr + dst, quantize_e4m3(k_lo, k_inv[:, None], SOFT_FP8), mask=mask)
+        tl.store(key_cache_ptr + dst + HALF, quantize_e4m3(k_hi, k_inv[:, None], SOFT_FP8), mask=mask)
+        v_lo = tl.load(src_v, mask=mask).to(tl.float32)
+        v_hi = tl.load(src_v + HALF, mask=mask).to(tl.float32)
+        tl.store(value_cache_ptr + dst, quantize_e4m3(v_lo, v_inv[:, None], SOFT_FP8), mask=mask)
+        tl.store(value_cache_ptr + dst + HALF, quantize_e4m3(v_hi, v_inv[:, None], SOFT_FP8), mask=mask)
+    else:
+        cache_ty = key_cache_ptr.dtype.element_ty
+        tl.store(key_cache_ptr + dst, (k1f * cos - k2f * sin).to(k1.dtype).to(cache_ty), mask=mask)
+        tl.store(key_cache_ptr + dst + HALF, (k2f * cos + k1f * sin).to(k1.dtype).to(cache_ty), mask=mask)
 
-    value_ty = value_cache_ptr.dtype.element_ty
-    tl.store(value_cache_ptr + dst, tl.load(src_v, mask=mask).to(value_ty), mask=mask)
-    tl.store(value_cache_ptr + dst + HALF, tl.load(src_v + HALF, mask=mask).to(value_ty), mask=mask)
+        value_ty = value_cache_ptr.dtype.element_ty
+        tl.store(value_cache_ptr + dst, tl.load(src_v, mask=mask).to(value_ty), mask=mask)
+        tl.store(value_cache_ptr + dst + HALF, tl.load(src_v + HALF, mask=mask).to(value_ty), mask=mask)
 
 
 def rotary_store_kvcache(
@@ -77,12 +98,16 @@ def rotary_store_kvcache(
     key_cache: torch.Tensor,
     value_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
+    *,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Triton :func:`kernels.reference.rotary_store_kvcache`: rotates ``q`` in place and
     returns it; writes the rotated ``k`` and ``v`` into their cache slots (negative: skipped).
 
     ``q``/``k``/``v`` may be strided views (e.g. slices of a fused qkv projection) as long as
     the head dim is unit-stride; ``k`` and ``v`` are not modified. The caches must be contiguous.
+    fp8 caches need ``k_scale``/``v_scale``.
     """
     num_tokens, num_q_heads, head_dim = q.shape
     num_kv_heads = k.shape[1]
@@ -94,6 +119,7 @@ def rotary_store_kvcache(
         raise ValueError("rotary_store_kvcache: the KV caches must be contiguous")
     if k.stride(-1) != 1 or v.stride(-1) != 1:
         k, v = k.contiguous(), v.contiguous()
+    fp8 = kv_scale_args(key_cache, k_scale, v_scale, num_kv_heads, slot_mapping)
     if num_tokens == 0:
         return q
     if cos_sin_cache.stride(-1) != 1:
@@ -116,9 +142,14 @@ def rotary_store_kvcache(
         cos_sin_cache.stride(0),
         num_q_heads,
         num_kv_heads,
+        fp8.k_scale,
+        fp8.v_scale,
+        fp8.stride,
         HALF=head_dim // 2,
         BLOCK_HQ=triton.next_power_of_2(num_q_heads),
         BLOCK_HK=triton.next_power_of_2(num_kv_heads),
+        KV_FP8=fp8.fp8,
+        SOFT_FP8=software_fp8(key_cache),
         num_warps=4,
     )
     return q

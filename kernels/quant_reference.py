@@ -1,0 +1,243 @@
+"""Torch references of the quantized ops, and the packed weight layout they share.
+
+FP8 (W8A8): float8 e4m3 weights with one float32 scale per output channel, activations
+quantized per token on the fly. Both quantizations use :func:`quantize_fp8_rows`: the
+row's absolute maximum (floored at :data:`FP8_MIN_AMAX`) maps to :data:`FP8_E4M3_MAX`,
+``q = e4m3(clamp(x * (448 / amax)))`` (one float32 multiply, round to nearest even) and
+``scale = amax / 448``. The Triton kernels do the same float32 operations, so quantized
+values agree bit for bit; products of two e4m3 values are exact in float32, so the fp8
+linear differs from this reference only in the order of its float32 sums.
+
+WnA16: 4- or 8-bit integer weights in groups along the input dim, each group with a
+scale and an optional offset (:class:`WnA16Weight`), dequantized to the activation dtype
+and multiplied in 16/32-bit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_E4M3_MAX = 448.0
+# Floor of a row's absolute maximum: an all-zero row gets a tiny, finite scale, not 0/0.
+FP8_MIN_AMAX = 1e-12
+
+
+def quantize_fp8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic fp8 quantization of each row (last dim) of ``x``.
+
+    Returns ``(q, scale)``: ``q`` e4m3 of ``x``'s shape, ``scale`` float32 of shape
+    ``[..., 1]`` with ``x ~= q.float() * scale``.
+    """
+    xf = x.float()
+    amax = xf.abs().amax(dim=-1, keepdim=True).clamp_min(FP8_MIN_AMAX)
+    inv = _true_div(FP8_E4M3_MAX, amax)
+    q = (xf * inv).clamp_(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(FP8_DTYPE)
+    return q, _true_div(amax, FP8_E4M3_MAX)
+
+
+def _true_div(a: torch.Tensor | float, b: torch.Tensor | float) -> torch.Tensor:
+    """``a / b`` in float32 rounded once, as the kernels' ``div_rn``. Torch computes
+    ``scalar / tensor`` as a reciprocal times the scalar, and on CUDA ``tensor / scalar`` as a
+    multiply by the scalar's reciprocal (two roundings each); tensor / tensor is one division."""
+    ref = a if isinstance(a, torch.Tensor) else b
+    assert isinstance(ref, torch.Tensor)
+    ta = a if isinstance(a, torch.Tensor) else torch.full_like(ref, a, dtype=torch.float32)
+    tb = b if isinstance(b, torch.Tensor) else torch.full_like(ref, b, dtype=torch.float32)
+    return torch.div(ta.float(), tb.float())
+
+
+def quantize_fp8_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token activation quantization: ``x`` ``[M, K]`` -> ``(x_fp8 [M, K], scale [M, 1] float32)``."""
+    return quantize_fp8_rows(x)
+
+
+def quantize_fp8_with_scale(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """e4m3 of ``x / scale`` for a given float32 ``scale`` (broadcast against ``x``), computed as
+    ``x * (1 / scale)`` with the reciprocal rounded once, then clamped to +-448 (the KV store)."""
+    inv = _true_div(1.0, scale)
+    return (x.float() * inv).clamp_(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(FP8_DTYPE)
+
+
+def fp8_linear(
+    x: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """W8A8 linear: ``x`` ``[..., K]`` (bf16/fp16/fp32), ``w_fp8`` ``[N, K]`` e4m3, ``w_scale``
+    ``[N]`` float32, ``bias`` ``[N]`` or None. Returns ``[..., N]`` in ``x.dtype``.
+
+    ``x`` is quantized per token (:func:`quantize_fp8_per_token`); the product is accumulated
+    in float32 and scaled by ``x_scale[m] * w_scale[n]``, then the bias is added.
+    """
+    n, k = w_fp8.shape
+    x2 = x.reshape(-1, k)
+    xq, xs = quantize_fp8_per_token(x2)
+    y = (xq.float() @ w_fp8.float().t()) * xs * w_scale.float()[None, :]
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype).reshape(*x.shape[:-1], n)
+
+
+def dequantize_fp8(
+    w_fp8: torch.Tensor, w_scale: torch.Tensor, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """``w_fp8`` ``[N, K]`` times its per-channel ``w_scale`` ``[N]``, in float32, cast to ``dtype``."""
+    return (w_fp8.float() * w_scale.float()[:, None]).to(dtype)
+
+
+def fp8_kv_scale(x: torch.Tensor, per_head: bool) -> torch.Tensor:
+    """A KV-cache scale computed from ``x`` ``[T, Hk, D]``: float32 ``[Hk]`` (per head) or ``[1]``."""
+    xf = x.float().abs()
+    amax = xf.amax(dim=(0, 2)) if per_head else xf.amax().reshape(1)
+    return _true_div(amax.clamp_min(FP8_MIN_AMAX), FP8_E4M3_MAX)
+
+
+# ---------------------------------------------------------------------------------------
+# WnA16
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class WnA16Weight:
+    """A grouped integer weight in the kernels' layout (docs/QUANTIZATION.md).
+
+    ``qweight``: 4 bits: ``[N, K // 2]`` uint8, byte ``j`` of row ``n`` holds input ``2j`` in
+    its low nibble and ``2j + 1`` in its high nibble; 8 bits: ``[N, K]`` int8 or uint8.
+    ``scales``/``offsets``: ``[N, K // group_size]`` float16 or float32; ``offsets`` None
+    means symmetric. Dequantized: ``w[n, k] = q * scales[n, g] + offsets[n, g]`` with
+    ``g = k // group_size``, where ``q`` is the stored integer, minus 8 for 4-bit weights
+    without offsets (a signed nibble in offset-binary); 8-bit weights without offsets are
+    stored signed (int8).
+    """
+
+    qweight: torch.Tensor
+    scales: torch.Tensor
+    offsets: torch.Tensor | None
+    bits: int
+    group_size: int
+
+    def __post_init__(self) -> None:
+        n, k = self.out_features, self.in_features
+        if self.bits == 4:
+            if self.qweight.dtype != torch.uint8:
+                raise ValueError(f"4-bit qweight must be uint8, got {self.qweight.dtype}")
+        elif self.bits == 8:
+            if self.qweight.dtype not in (torch.int8, torch.uint8):
+                raise ValueError(f"8-bit qweight must be int8 or uint8, got {self.qweight.dtype}")
+            if self.offsets is None and self.qweight.dtype != torch.int8:
+                raise ValueError("8-bit weights without offsets must be stored signed (int8)")
+        else:
+            raise ValueError(f"bits must be 4 or 8, got {self.bits}")
+        if self.group_size < 16 or self.group_size % 16 or k % self.group_size:
+            raise ValueError(f"group_size {self.group_size} must be a multiple of 16 dividing K={k}")
+        want = (n, k // self.group_size)
+        for name in ("scales", "offsets"):
+            t = getattr(self, name)
+            if t is None:
+                continue
+            if tuple(t.shape) != want or t.dtype not in (torch.float16, torch.float32):
+                raise ValueError(f"{name} must be float16/float32 {want}, got {t.dtype} {tuple(t.shape)}")
+
+    @property
+    def out_features(self) -> int:
+        return int(self.qweight.shape[0])
+
+    @property
+    def in_features(self) -> int:
+        return int(self.qweight.shape[1]) * (2 if self.bits == 4 else 1)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the packed weight, scales and offsets."""
+        parts = [self.qweight, self.scales] + ([self.offsets] if self.offsets is not None else [])
+        return sum(t.numel() * t.element_size() for t in parts)
+
+    def select_rows(self, index: torch.Tensor) -> WnA16Weight:
+        """The output channels ``index`` (a row permutation or a shard): exact, rows are independent."""
+        return WnA16Weight(
+            self.qweight.index_select(0, index),
+            self.scales.index_select(0, index),
+            None if self.offsets is None else self.offsets.index_select(0, index),
+            self.bits,
+            self.group_size,
+        )
+
+    def to(self, device: torch.device | str) -> WnA16Weight:
+        return WnA16Weight(
+            self.qweight.to(device),
+            self.scales.to(device),
+            None if self.offsets is None else self.offsets.to(device),
+            self.bits,
+            self.group_size,
+        )
+
+
+def concat_rows(weights: list[WnA16Weight]) -> WnA16Weight:
+    """Stack weights along the output dim (fused QKV, gate/up). They must share bits, group
+    size, signedness and whether they have offsets; scales/offsets are widened to float32 when
+    their dtypes differ (exact)."""
+    first = weights[0]
+    if any(w.bits != first.bits or w.group_size != first.group_size or w.qweight.dtype != first.qweight.dtype
+           or (w.offsets is None) != (first.offsets is None) for w in weights):
+        raise ValueError("concat_rows: weights differ in bits, group size, storage or offsets")
+
+    def cat(ts: list[torch.Tensor]) -> torch.Tensor:
+        dtype = ts[0].dtype if all(t.dtype == ts[0].dtype for t in ts) else torch.float32
+        return torch.cat([t.to(dtype) for t in ts])
+
+    offsets = None if first.offsets is None else cat([w.offsets for w in weights if w.offsets is not None])
+    return WnA16Weight(
+        torch.cat([w.qweight for w in weights]), cat([w.scales for w in weights]), offsets,
+        first.bits, first.group_size,
+    )
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """``[N, K]`` values 0..15 (any integer dtype) -> ``[N, K // 2]`` uint8 (even k low nibble)."""
+    q = q.to(torch.uint8)
+    return q[:, 0::2] | (q[:, 1::2] << 4)
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`pack_int4`: ``[N, K // 2]`` uint8 -> ``[N, K]`` uint8."""
+    return torch.stack((packed & 0xF, packed >> 4), dim=-1).reshape(packed.shape[0], -1)
+
+
+def dequantize_wna16(
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    offsets: torch.Tensor | None,
+    bits: int,
+    group_size: int,
+) -> torch.Tensor:
+    """The float32 ``[N, K]`` weight of a packed WnA16 weight (see :class:`WnA16Weight`):
+    ``q * scale`` then ``+ offset``, each rounded once in float32."""
+    q = unpack_int4(qweight) if bits == 4 else qweight
+    qf = q.float()
+    if bits == 4 and offsets is None:
+        qf -= 8.0
+    w = qf * scales.float().repeat_interleave(group_size, dim=1)
+    if offsets is not None:
+        w += offsets.float().repeat_interleave(group_size, dim=1)
+    return w
+
+
+def wna16_linear(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    offsets: torch.Tensor | None,
+    bits: int,
+    group_size: int,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``x @ W.T + bias`` with ``W`` dequantized (:func:`dequantize_wna16`) and rounded to
+    ``x.dtype``, the product accumulated in float32: what a 16-bit layer holding the
+    dequantized weight computes. ``x`` ``[..., K]``; returns ``[..., N]`` in ``x.dtype``."""
+    w = dequantize_wna16(qweight, scales, offsets, bits, group_size).to(x.dtype)
+    k = w.shape[1]
+    y = x.reshape(-1, k).float() @ w.float().t()
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype).reshape(*x.shape[:-1], w.shape[0])

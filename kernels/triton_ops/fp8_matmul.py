@@ -1,0 +1,293 @@
+"""FP8 W8A8 linear: per-token activation quantization, a fused GEMV for small batches, a
+tiled GEMM, and :func:`fp8_linear`, which picks between them and ``torch._scaled_mm``.
+
+Numerics are those of :func:`kernels.quant_reference.fp8_linear` whichever path runs:
+activations quantized per token with the same float32 operations (bit-identical e4m3
+values and scales), e4m3 x e4m3 products (exact in float32), float32 sums, then
+``acc * x_scale[m] * w_scale[n] (+ bias)``.
+
+Paths, by the number of tokens ``M`` (``Fp8LinearConfig.gemv_max_m`` is the threshold):
+- ``M <= gemv_max_m``: :func:`fp8_gemv`, one launch. Each program owns ``block_n`` output
+  channels and ``block_m`` tokens; it finds its tokens' absolute maxima (a first pass over
+  their activations, which stay in L1/L2), then streams its weight rows once, quantizing the
+  activations tile by tile in registers: decode reads each weight byte once and never
+  writes the quantized activations.
+- larger ``M``: :func:`quantize_fp8_per_token` then ``torch._scaled_mm`` (cuBLASLt,
+  row-wise scales) on CUDA with bf16/fp16 activations, else :func:`fp8_gemm` (Triton,
+  ``tl.dot`` on e4m3 tiles).
+``_scaled_mm`` wants ``mat2`` column-major: ``w_fp8.t()`` of our row-major ``[N, K]`` weight
+is exactly that, so the weight is stored once, as ``nn.Linear`` holds it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.triton_ops.fp8_common import quantize_e4m3, row_scales, software_fp8
+
+
+@dataclass(frozen=True)
+class Fp8LinearConfig:
+    """Dispatch and tiling of :func:`fp8_linear` (``None``: chosen from the shapes)."""
+
+    gemv_max_m: int = 16  # tokens up to which the fused GEMV runs
+    use_scaled_mm: bool = True  # torch._scaled_mm above gemv_max_m where it applies
+    scaled_mm_fast_accum: bool = False
+    gemv_block_n: int | None = None
+    gemv_block_k: int | None = None
+    gemv_num_warps: int = 4
+    gemm_block_m: int = 128
+    gemm_block_n: int = 128
+    gemm_block_k: int = 128
+    gemm_num_warps: int = 8
+    gemm_num_stages: int = 3
+
+    def __post_init__(self) -> None:
+        if self.gemv_max_m < 0:
+            raise ValueError("gemv_max_m must be >= 0")
+        for name in ("gemv_block_n", "gemv_block_k", "gemm_block_m", "gemm_block_n", "gemm_block_k"):
+            v = getattr(self, name)
+            if v is not None and (v & (v - 1) or v < 1):
+                raise ValueError(f"{name} must be a power of two, got {v}")
+
+
+_DEFAULT = Fp8LinearConfig()
+
+
+@triton.jit
+def _quantize_rows_kernel(
+    x_ptr, q_ptr, s_ptr, K, stride_x, stride_q, BLOCK_K: tl.constexpr, SOFT_FP8: tl.constexpr
+):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_K)
+    amax = tl.zeros([BLOCK_K], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        x = tl.load(x_ptr + row * stride_x + k0 + cols, mask=k0 + cols < K, other=0.0)
+        amax = tl.maximum(amax, tl.abs(x.to(tl.float32)))
+    inv, scale = row_scales(tl.max(amax, axis=0))
+    tl.store(s_ptr + row, scale)
+    for k0 in range(0, K, BLOCK_K):
+        ok = k0 + cols < K
+        x = tl.load(x_ptr + row * stride_x + k0 + cols, mask=ok, other=0.0).to(tl.float32)
+        tl.store(q_ptr + row * stride_q + k0 + cols, quantize_e4m3(x, inv, SOFT_FP8), mask=ok)
+
+
+def quantize_fp8_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton :func:`kernels.quant_reference.quantize_fp8_per_token`: ``x`` ``[M, K]`` ->
+    ``(x_fp8 [M, K] e4m3, scale [M, 1] float32)``, bit-identical to the reference."""
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    m, k = x.shape
+    q = torch.empty((m, k), dtype=torch.float8_e4m3fn, device=x.device)
+    scale = torch.empty((m, 1), dtype=torch.float32, device=x.device)
+    if m == 0:
+        return q, scale
+    block_k = min(triton.next_power_of_2(k), 4096)
+    _quantize_rows_kernel[(m,)](
+        x, q, scale, k, x.stride(0), q.stride(0),
+        BLOCK_K=block_k, SOFT_FP8=software_fp8(x), num_warps=4 if block_k <= 2048 else 8,
+    )
+    return q, scale
+
+
+@triton.jit
+def _fp8_gemv_kernel(
+    x_ptr, w_ptr, ws_ptr, bias_ptr, out_ptr,
+    M, N, K,
+    stride_xm, stride_wn, stride_om,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    SOFT_FP8: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok = rm < M
+    n_ok = rn < N
+    kk = tl.arange(0, BLOCK_K)
+    x_rows = x_ptr + rm.to(tl.int64)[:, None] * stride_xm
+    w_rows = w_ptr + rn.to(tl.int64)[:, None] * stride_wn
+
+    # Pass 1: each token's absolute maximum (the per-token scale needs the whole row).
+    amax = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        x = tl.load(x_rows + (k0 + kk)[None, :], mask=m_ok[:, None] & (k0 + kk < K)[None, :], other=0.0)
+        amax = tl.maximum(amax, tl.abs(x.to(tl.float32)))
+    inv, x_scale = row_scales(tl.max(amax, axis=1))
+
+    # Pass 2: stream the weight rows; quantize the activation tile in registers.
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_ok = (k0 + kk < K)[None, :]
+        x = tl.load(x_rows + (k0 + kk)[None, :], mask=m_ok[:, None] & k_ok, other=0.0).to(tl.float32)
+        xq = quantize_e4m3(x, inv[:, None], SOFT_FP8).to(tl.float32)
+        w = tl.load(w_rows + (k0 + kk)[None, :], mask=n_ok[:, None] & k_ok, other=0.0).to(tl.float32)
+        acc += tl.sum(xq[:, None, :] * w[None, :, :], axis=2)
+
+    w_scale = tl.load(ws_ptr + rn, mask=n_ok, other=0.0)
+    y = acc * x_scale[:, None] * w_scale[None, :]
+    if HAS_BIAS:
+        y += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    out = out_ptr + rm.to(tl.int64)[:, None] * stride_om + rn[None, :]
+    tl.store(out, y.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+def _gemv_tiles(m: int, config: Fp8LinearConfig) -> tuple[int, int, int]:
+    block_m = min(triton.next_power_of_2(max(m, 1)), 16)
+    block_n = config.gemv_block_n or (16 if block_m <= 2 else 8)
+    # Keep the [block_m, block_n, block_k] product tile near 8k elements (registers).
+    block_k = config.gemv_block_k or max(32, min(512, 8192 // (block_m * block_n)))
+    return block_m, block_n, block_k
+
+
+def fp8_gemv(
+    x: torch.Tensor,
+    w_fp8: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    out: torch.Tensor | None = None,
+    config: Fp8LinearConfig | None = None,
+) -> torch.Tensor:
+    """The fused per-token quantization + GEMV (any ``M``; meant for small ones).
+
+    ``x`` ``[M, K]`` unquantized; other arguments as in :func:`fp8_linear`."""
+    config = config or _DEFAULT
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    m, k = x.shape
+    n = w_fp8.shape[0]
+    out = torch.empty((m, n), dtype=x.dtype, device=x.device) if out is None else out
+    if m == 0:
+        return out
+    block_m, block_n, block_k = _gemv_tiles(m, config)
+    grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m))
+    _fp8_gemv_kernel[grid](
+        x, w_fp8, w_scale, bias if bias is not None else w_scale, out,
+        m, n, k, x.stride(0), w_fp8.stride(0), out.stride(0),
+        HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        SOFT_FP8=software_fp8(x), num_warps=config.gemv_num_warps,
+    )
+    return out
+
+
+@triton.jit
+def _fp8_gemm_kernel(
+    xq_ptr, xs_ptr, w_ptr, ws_ptr, bias_ptr, out_ptr,
+    M, N, K,
+    stride_xm, stride_wn, stride_om,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    # Grouped ordering: GROUP_M row tiles share each weight tile while it is in L2.
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * num_n
+    first_m = (pid // per_group) * GROUP_M
+    group_rows = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_rows
+    pid_n = (pid % per_group) // group_rows
+
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok = rm < M
+    n_ok = rn < N
+    kk = tl.arange(0, BLOCK_K)
+    a_rows = xq_ptr + rm.to(tl.int64)[:, None] * stride_xm
+    b_rows = w_ptr + rn.to(tl.int64)[:, None] * stride_wn
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_ok = (k0 + kk < K)[None, :]
+        a = tl.load(a_rows + (k0 + kk)[None, :], mask=m_ok[:, None] & k_ok, other=0.0)
+        b = tl.load(b_rows + (k0 + kk)[None, :], mask=n_ok[:, None] & k_ok, other=0.0)
+        acc = tl.dot(a, tl.trans(b), acc)
+
+    x_scale = tl.load(xs_ptr + rm, mask=m_ok, other=0.0)
+    w_scale = tl.load(ws_ptr + rn, mask=n_ok, other=0.0)
+    y = acc * x_scale[:, None] * w_scale[None, :]
+    if HAS_BIAS:
+        y += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    out = out_ptr + rm.to(tl.int64)[:, None] * stride_om + rn[None, :]
+    tl.store(out, y.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+def fp8_gemm(
+    x_fp8: torch.Tensor,
+    x_scale: torch.Tensor,
+    w_fp8: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    out_dtype: torch.dtype,
+    *,
+    config: Fp8LinearConfig | None = None,
+) -> torch.Tensor:
+    """Triton GEMM of pre-quantized activations (``x_fp8`` ``[M, K]``, ``x_scale`` ``[M, 1]``)."""
+    config = config or _DEFAULT
+    m, k = x_fp8.shape
+    n = w_fp8.shape[0]
+    out = torch.empty((m, n), dtype=out_dtype, device=x_fp8.device)
+    if m == 0:
+        return out
+    bm, bn, bk = config.gemm_block_m, config.gemm_block_n, config.gemm_block_k
+    grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
+    _fp8_gemm_kernel[grid](
+        x_fp8, x_scale, w_fp8, w_scale, bias if bias is not None else w_scale, out,
+        m, n, k, x_fp8.stride(0), w_fp8.stride(0), out.stride(0),
+        HAS_BIAS=bias is not None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8,
+        num_warps=config.gemm_num_warps, num_stages=config.gemm_num_stages,
+    )
+    return out
+
+
+def scaled_mm_applies(x: torch.Tensor, w_fp8: torch.Tensor) -> bool:
+    """Whether ``torch._scaled_mm`` with row-wise scales takes this call: CUDA, bf16/fp16
+    activations (its row-wise output dtypes), ``K`` and ``N`` multiples of 16."""
+    n, k = w_fp8.shape
+    return x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and k % 16 == 0 and n % 16 == 0
+
+
+def fp8_linear(
+    x: torch.Tensor,
+    w_fp8: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    config: Fp8LinearConfig | None = None,
+) -> torch.Tensor:
+    """Triton/cuBLASLt :func:`kernels.quant_reference.fp8_linear`.
+
+    ``x`` ``[..., K]``, ``w_fp8`` ``[N, K]`` e4m3 row-major (contiguous), ``w_scale`` ``[N]``
+    float32 (contiguous), ``bias`` ``[N]`` or None; returns ``[..., N]`` in ``x.dtype``.
+    ``config`` sets the dispatch threshold and tilings (module docstring).
+    """
+    config = config or _DEFAULT
+    n, k = w_fp8.shape
+    x2 = x.reshape(-1, k)
+    m = x2.shape[0]
+    if m <= config.gemv_max_m:
+        y = fp8_gemv(x2, w_fp8, w_scale, bias, config=config)
+    else:
+        xq, xs = quantize_fp8_per_token(x2)
+        if config.use_scaled_mm and scaled_mm_applies(x2, w_fp8):
+            fused_bias = bias is not None and bias.dtype == x.dtype
+            y = torch._scaled_mm(
+                xq, w_fp8.t(), scale_a=xs, scale_b=w_scale.view(1, n),
+                bias=bias if fused_bias else None, out_dtype=x.dtype,
+                use_fast_accum=config.scaled_mm_fast_accum,
+            )
+            if bias is not None and not fused_bias:
+                y = (y.float() + bias.float()).to(x.dtype)
+        else:
+            y = fp8_gemm(xq, xs, w_fp8, w_scale, bias, x.dtype, config=config)
+    return y.reshape(*x.shape[:-1], n)

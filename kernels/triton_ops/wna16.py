@@ -1,0 +1,253 @@
+"""WnA16 linear: 4- or 8-bit grouped integer weights dequantized in registers, 16/32-bit
+activations (GPTQ and GGUF weights after repacking, see :class:`kernels.quant_reference.WnA16Weight`).
+
+Each weight tile is dequantized as ``q * scale[g] (+ offset[g])`` in float32, rounded to the
+activation dtype (what :func:`kernels.quant_reference.wna16_linear` multiplies by), then:
+- ``M <= WnA16Config.gemv_max_m``: a GEMV. Each program owns ``block_n`` output channels and
+  every token (``M`` padded to a power of two): it streams its rows of packed weight once,
+  along ``K`` (the layout's contiguous dim: 16-byte loads cover 32 four-bit weights of one
+  row), and multiplies on the CUDA cores with float32 sums. The grid is ``N / block_n``
+  programs, so decode needs no split-K.
+- larger ``M``: a tiled GEMM, ``tl.dot`` of an activation tile with the dequantized
+  weight tile (float32 accumulation), grouped program order for L2 reuse of weight tiles.
+Four-bit tiles are unpacked with ``tl.interleave(low, high)``: byte ``j`` holds inputs
+``2j`` and ``2j + 1``. ``block_k`` and ``group_size`` divide one another (the host shrinks
+``block_k`` until they do): a tile within one group loads one scale (and offset) per row,
+a tile spanning ``block_k / group_size`` groups loads that many per row and applies them
+through a ``[rows, groups, group_size]`` view of the tile (no per-element gathers).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+
+@dataclass(frozen=True)
+class WnA16Config:
+    """Dispatch and tiling of :func:`wna16_linear` (``None``: chosen from the shapes)."""
+
+    gemv_max_m: int = 16
+    gemv_block_n: int | None = None
+    gemv_block_k: int | None = None
+    gemv_num_warps: int = 4
+    gemm_block_m: int | None = None
+    gemm_block_n: int = 128
+    gemm_block_k: int = 64
+    gemm_num_warps: int = 4
+    gemm_num_stages: int = 3
+
+    def __post_init__(self) -> None:
+        for name in ("gemv_block_n", "gemv_block_k", "gemm_block_m", "gemm_block_n", "gemm_block_k"):
+            v = getattr(self, name)
+            if v is not None and (v & (v - 1) or v < 1):
+                raise ValueError(f"{name} must be a power of two, got {v}")
+        if self.gemm_block_k < 16 or (self.gemv_block_k is not None and self.gemv_block_k < 16):
+            raise ValueError("block_k must be >= 16")
+
+
+_DEFAULT = WnA16Config()
+
+
+@triton.jit
+def _dequant_tile(
+    q_rows, s_rows, o_rows, k0, K, n_ok,
+    BITS: tl.constexpr,
+    GROUP: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    HAS_OFFSET: tl.constexpr,
+    SCALE_PER_TILE: tl.constexpr,
+):
+    """float32 ``[rows, BLOCK_K]`` weights of inputs ``k0 .. k0 + BLOCK_K`` (``*_rows``: ``[rows, 1]``
+    pointers to each row's packed weight, scales and offsets). ``SCALE_PER_TILE``: ``GROUP`` is
+    a multiple of ``BLOCK_K``; else ``BLOCK_K`` is a multiple of ``GROUP``."""
+    kk = k0 + tl.arange(0, BLOCK_K)
+    if BITS == 4:
+        jj = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+        b = tl.load(q_rows + jj[None, :], mask=n_ok[:, None] & (2 * jj < K)[None, :], other=0)
+        q = tl.interleave(b & 0xF, b >> 4).to(tl.float32)
+        if not HAS_OFFSET:
+            q = q - 8.0
+    else:
+        q = tl.load(q_rows + kk[None, :], mask=n_ok[:, None] & (kk < K)[None, :], other=0).to(tl.float32)
+    if SCALE_PER_TILE:
+        g = k0 // GROUP
+        w = q * tl.load(s_rows + g, mask=n_ok[:, None], other=0.0).to(tl.float32)
+        if HAS_OFFSET:
+            w += tl.load(o_rows + g, mask=n_ok[:, None], other=0.0).to(tl.float32)
+    else:
+        gg = tl.arange(0, BLOCK_K // GROUP)
+        g = (k0 // GROUP + gg)[None, :]
+        ok = n_ok[:, None] & (k0 + gg * GROUP < K)[None, :]
+        s = tl.load(s_rows + g, mask=ok, other=0.0).to(tl.float32)
+        w3 = tl.reshape(q, [q.shape[0], BLOCK_K // GROUP, GROUP]) * s[:, :, None]
+        if HAS_OFFSET:
+            w3 += tl.load(o_rows + g, mask=ok, other=0.0).to(tl.float32)[:, :, None]
+        w = tl.reshape(w3, [q.shape[0], BLOCK_K])
+    return w
+
+
+@triton.jit
+def _wna16_gemv_kernel(
+    x_ptr, q_ptr, s_ptr, o_ptr, bias_ptr, out_ptr,
+    M, N, K,
+    stride_xm, stride_qn, stride_sn, stride_om,
+    BITS: tl.constexpr,
+    GROUP: tl.constexpr,
+    HAS_OFFSET: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    SCALE_PER_TILE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok = rm < M
+    n_ok = rn < N
+    kk = tl.arange(0, BLOCK_K)
+    x_rows = x_ptr + rm.to(tl.int64)[:, None] * stride_xm
+    rn64 = rn.to(tl.int64)[:, None]
+    q_rows = q_ptr + rn64 * stride_qn
+    s_rows = s_ptr + rn64 * stride_sn
+    o_rows = o_ptr + rn64 * stride_sn
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        w = _dequant_tile(q_rows, s_rows, o_rows, k0, K, n_ok,
+                          BITS, GROUP, BLOCK_K, HAS_OFFSET, SCALE_PER_TILE)
+        w = w.to(x_ptr.dtype.element_ty).to(tl.float32)  # the 16-bit weight the reference multiplies by
+        x = tl.load(x_rows + (k0 + kk)[None, :], mask=m_ok[:, None] & (k0 + kk < K)[None, :], other=0.0)
+        acc += tl.sum(x.to(tl.float32)[:, None, :] * w[None, :, :], axis=2)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    out = out_ptr + rm.to(tl.int64)[:, None] * stride_om + rn[None, :]
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _wna16_gemm_kernel(
+    x_ptr, q_ptr, s_ptr, o_ptr, bias_ptr, out_ptr,
+    M, N, K,
+    stride_xm, stride_qn, stride_sn, stride_om,
+    BITS: tl.constexpr,
+    GROUP: tl.constexpr,
+    HAS_OFFSET: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    SCALE_PER_TILE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    IEEE_DOT: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * num_n
+    first_m = (pid // per_group) * GROUP_M
+    group_rows = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_rows
+    pid_n = (pid % per_group) // group_rows
+
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok = rm < M
+    n_ok = rn < N
+    kk = tl.arange(0, BLOCK_K)
+    x_rows = x_ptr + rm.to(tl.int64)[:, None] * stride_xm
+    rn64 = rn.to(tl.int64)[:, None]
+    q_rows = q_ptr + rn64 * stride_qn
+    s_rows = s_ptr + rn64 * stride_sn
+    o_rows = o_ptr + rn64 * stride_sn
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        x = tl.load(x_rows + (k0 + kk)[None, :], mask=m_ok[:, None] & (k0 + kk < K)[None, :], other=0.0)
+        w = _dequant_tile(q_rows, s_rows, o_rows, k0, K, n_ok,
+                          BITS, GROUP, BLOCK_K, HAS_OFFSET, SCALE_PER_TILE)
+        w = w.to(x.dtype)
+        if IEEE_DOT:
+            acc = tl.dot(x, tl.trans(w), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(x, tl.trans(w), acc)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    out = out_ptr + rm.to(tl.int64)[:, None] * stride_om + rn[None, :]
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+def _check(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | None,
+           bits: int, group_size: int) -> None:
+    k = x2.shape[1]
+    if bits not in (4, 8) or qweight.shape[1] * (2 if bits == 4 else 1) != k:
+        raise ValueError(f"wna16_linear: qweight {tuple(qweight.shape)} is not {bits}-bit rows of K={k}")
+    if group_size % 16 or k % group_size or scales.shape != (qweight.shape[0], k // group_size):
+        raise ValueError(f"wna16_linear: scales {tuple(scales.shape)} do not match group_size {group_size}")
+    if offsets is not None and (offsets.shape != scales.shape or offsets.stride() != scales.stride()):
+        raise ValueError("wna16_linear: offsets must have the scales' shape and strides")
+    if qweight.stride(-1) != 1 or scales.stride(-1) != 1:
+        raise ValueError("wna16_linear: qweight and scales need a unit last stride")
+
+
+def _block_k(block_k: int, group_size: int) -> int:
+    """``block_k`` halved until it and ``group_size`` divide one another (>= 16: groups are
+    multiples of 16)."""
+    while group_size % block_k and block_k % group_size:
+        block_k //= 2
+    return block_k
+
+
+def wna16_linear(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    offsets: torch.Tensor | None,
+    bits: int,
+    group_size: int,
+    bias: torch.Tensor | None = None,
+    *,
+    config: WnA16Config | None = None,
+) -> torch.Tensor:
+    """Triton :func:`kernels.quant_reference.wna16_linear` (arguments as there; ``config`` sets
+    the GEMV/GEMM threshold and tilings). Returns ``[..., N]`` in ``x.dtype``."""
+    config = config or _DEFAULT
+    n = qweight.shape[0]
+    k = x.shape[-1]
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    _check(x2, qweight, scales, offsets, bits, group_size)
+    m = x2.shape[0]
+    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    if m == 0:
+        return out.reshape(*x.shape[:-1], n)
+    common: dict[str, int | bool] = dict(
+        BITS=bits, GROUP=group_size, HAS_OFFSET=offsets is not None, HAS_BIAS=bias is not None,
+    )
+    args = (
+        x2, qweight, scales,
+        offsets if offsets is not None else scales, bias if bias is not None else scales, out,
+        m, n, k, x2.stride(0), qweight.stride(0), scales.stride(0), out.stride(0),
+    )
+    if m <= config.gemv_max_m:
+        block_m = min(triton.next_power_of_2(m), 16)
+        block_n = config.gemv_block_n or (16 if block_m <= 2 else 8)
+        block_k = _block_k(config.gemv_block_k or max(32, min(512, 8192 // (block_m * block_n))), group_size)
+        _wna16_gemv_kernel[(triton.cdiv(n, block_n), triton.cdiv(m, block_m))](
+            *args, **common, SCALE_PER_TILE=group_size % block_k == 0,
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=config.gemv_num_warps,
+        )
+    else:
+        block_m = config.gemm_block_m or (64 if m > 64 else max(16, triton.next_power_of_2(m)))
+        block_n, block_k = config.gemm_block_n, _block_k(config.gemm_block_k, group_size)
+        _wna16_gemm_kernel[(triton.cdiv(m, block_m) * triton.cdiv(n, block_n),)](
+            *args, **common, SCALE_PER_TILE=group_size % block_k == 0,
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8,
+            IEEE_DOT=x.dtype == torch.float32,
+            num_warps=config.gemm_num_warps, num_stages=config.gemm_num_stages,
+        )
+    return out.reshape(*x.shape[:-1], n)

@@ -1,0 +1,347 @@
+"""Quantized kernels (fp8 linear, WnA16 linear, fp8 KV cache) against their torch references.
+
+Shared by the interpreted (CPU) and the GPU test modules, like ``kernel_checks.py``:
+``python -m tests.kernels.quant_kernel_checks [DTYPE [CHECK ...]]`` prints one JSON object
+``{name: "ok" | traceback}``. Inputs are random (never zeros); fp8 values are bit-compared
+where kernel and reference do the same float32 operations.
+
+Tolerances (``dtype`` is the activation dtype):
+- quantization (activations, KV store): bit-identical e4m3 values and float32 scales;
+- linear outputs, float32: :func:`assert_close` with ``scale`` the output's magnitude (the
+  float32 sums differ only in order); bf16: within one bf16 rounding (2^-7 relative) plus
+  2e-3 of the output's magnitude (float32 order and FMA-contraction differences before it);
+- attention over fp8 caches: :func:`kernel_checks.assert_close` as for 16/32-bit caches
+  (both read the same e4m3 values, exactly converted, and scale in float32).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import traceback
+from collections.abc import Callable
+
+import torch
+
+from kernels import quant_reference as qref
+from kernels import reference
+from kernels import triton_ops as tops
+from kernels.triton_ops import fp8_matmul as tfp8
+from tests.kernels.kernel_checks import (
+    PagedBatch,
+    Target,
+    _fused_qkv_views,
+    _store_slots,
+    assert_close,
+    make_paged_batch,
+)
+
+FP8 = torch.float8_e4m3fn
+
+
+def _randn(*shape: int, t: Target, gen: torch.Generator, dtype: torch.dtype | None = None) -> torch.Tensor:
+    x = torch.randn(*shape, generator=gen, dtype=torch.float32)
+    return x.to(device=t.device, dtype=dtype or t.dtype)
+
+
+def assert_linear_close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, what: str) -> None:
+    """Linear outputs: see the module docstring."""
+    assert out.shape == ref.shape, f"{what}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
+    assert out.dtype == ref.dtype, f"{what}: dtype {out.dtype} != {ref.dtype}"
+    top = float(ref.abs().max())
+    if dtype == torch.float32:
+        assert_close(out, ref, dtype, what, scale=max(top, 1.0))
+        return
+    assert not torch.isnan(out).any(), f"{what}: NaN in output"
+    o, r = out.double(), ref.double()
+    bad = (o - r).abs() > 2.0**-7 * r.abs() + 2e-3 * top
+    err = float((o - r).abs().max())
+    assert not bad.any(), f"{what}: {int(bad.sum())}/{bad.numel()} off, max abs err {err:.3e}"
+
+
+def assert_fp8_equal(got: torch.Tensor, ref: torch.Tensor, what: str) -> None:
+    assert got.dtype == ref.dtype == FP8, f"{what}: dtypes {got.dtype} {ref.dtype}"
+    diff = got.view(torch.uint8) != ref.view(torch.uint8)
+    assert not diff.any(), f"{what}: {int(diff.sum())}/{diff.numel()} e4m3 codes differ"
+
+
+def assert_fp8_one_step(got: torch.Tensor, ref: torch.Tensor, what: str) -> None:
+    """e4m3 values at most one e4m3 step apart (two roundings of nearly equal numbers)."""
+    g, r = got.double(), ref.double()
+    top = torch.maximum(g.abs(), r.abs())
+    step = torch.exp2(torch.floor(torch.log2(top.clamp_min(2.0**-6))) - 3)  # 3 mantissa bits
+    bad = (g - r).abs() > step
+    assert not bad.any(), f"{what}: {int(bad.sum())}/{bad.numel()} values more than one e4m3 step apart"
+
+
+# ---------------------------------------------------------------------------------------
+# FP8 linear
+# ---------------------------------------------------------------------------------------
+
+
+def _activations(m: int, k: int, t: Target, gen: torch.Generator) -> torch.Tensor:
+    x = _randn(m, k, t=t, gen=gen) * 3
+    if m > 2:
+        x[1] *= 1e-3  # a row of small values: its own scale
+    return x
+
+
+def _fp8_weight(n: int, k: int, t: Target, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    w = _randn(n, k, t=t, gen=gen, dtype=torch.float32) * 0.05
+    q, s = qref.quantize_fp8_rows(w)
+    return q, s.reshape(-1)
+
+
+def check_fp8_quantize(t: Target) -> None:
+    gen = torch.Generator().manual_seed(11)
+    for m, k in [(1, 64), (7, 300), (3, 5000), (4, 33)]:
+        x = _activations(m, k, t, gen)
+        if m > 3:
+            x[3] = 0.0  # an all-zero row: the floored scale
+        q, s = tops.quantize_fp8_per_token(x)
+        rq, rs = qref.quantize_fp8_per_token(x)
+        assert_fp8_equal(q, rq, f"quantize_fp8_per_token {m}x{k}")
+        assert torch.equal(s, rs), f"quantize_fp8_per_token {m}x{k}: scales differ"
+
+
+_LINEAR_SHAPES = [(1, 40, 96), (1, 64, 1100), (3, 33, 200), (16, 64, 128), (5, 48, 520)]
+
+
+def check_fp8_gemv(t: Target) -> None:
+    gen = torch.Generator().manual_seed(12)
+    shapes = _LINEAR_SHAPES + ([(1, 4096, 4096), (8, 6144, 4096)] if t.big else [])
+    for i, (m, n, k) in enumerate(shapes):
+        x = _activations(m, k, t, gen)
+        w, ws = _fp8_weight(n, k, t, gen)
+        bias = _randn(n, t=t, gen=gen) if i % 2 else None
+        got = tfp8.fp8_gemv(x, w, ws, bias)
+        assert_linear_close(got, qref.fp8_linear(x, w, ws, bias), t.dtype, f"fp8_gemv {m}x{n}x{k}")
+
+
+def check_fp8_gemm(t: Target) -> None:
+    gen = torch.Generator().manual_seed(13)
+    small = tfp8.Fp8LinearConfig(gemm_block_m=16, gemm_block_n=32, gemm_block_k=32, gemm_num_warps=4)
+    configs = [small] + ([tfp8.Fp8LinearConfig()] if t.device == "cuda" else [])
+    shapes = [(20, 48, 96), (37, 40, 160)] + ([(300, 1024, 4096)] if t.big else [])
+    for cfg in configs:
+        for i, (m, n, k) in enumerate(shapes):
+            x = _activations(m, k, t, gen)
+            w, ws = _fp8_weight(n, k, t, gen)
+            bias = _randn(n, t=t, gen=gen) if i % 2 else None
+            xq, xs = tops.quantize_fp8_per_token(x)
+            got = tfp8.fp8_gemm(xq, xs, w, ws, bias, x.dtype, config=cfg)
+            assert_linear_close(got, qref.fp8_linear(x, w, ws, bias), t.dtype, f"fp8_gemm {m}x{n}x{k} {cfg}")
+
+
+def check_fp8_linear(t: Target) -> None:
+    """The dispatching op on both sides of its threshold (on CUDA in bf16: torch._scaled_mm)."""
+    gen = torch.Generator().manual_seed(14)
+    x = _randn(2, 5, 96, t=t, gen=gen) * 2  # 3-D input, M = 10
+    w, ws = _fp8_weight(48, 96, t, gen)
+    bias = _randn(48, t=t, gen=gen)
+    ref = qref.fp8_linear(x, w, ws, bias)
+    for threshold in (16, 4):
+        cfg = tfp8.Fp8LinearConfig(gemv_max_m=threshold, gemm_block_m=16, gemm_block_n=32, gemm_block_k=32,
+                                   gemm_num_warps=4)
+        got = tops.fp8_linear(x, w, ws, bias, config=cfg)
+        assert_linear_close(got, ref, t.dtype, f"fp8_linear gemv_max_m={threshold}")
+    assert_linear_close(tops.fp8_linear(x, w, ws), qref.fp8_linear(x, w, ws), t.dtype, "fp8_linear no bias")
+
+
+# ---------------------------------------------------------------------------------------
+# WnA16
+# ---------------------------------------------------------------------------------------
+
+# (bits, group size, offsets, scale dtype)
+_WNA16_CASES = [
+    (4, 32, True, torch.float16),  # GGUF Q4_1
+    (4, 128, False, torch.float16),  # GPTQ symmetric
+    (4, 16, True, torch.float32),  # GGUF Q2_K
+    (8, 32, False, torch.float16),  # GGUF Q8_0
+    (8, 16, False, torch.float32),  # GGUF Q6_K
+    (8, 64, True, torch.float32),  # GGUF Q5_K-like, group 64
+]
+
+
+def random_wna16(
+    n: int, k: int, bits: int, group: int, offsets: bool, scale_dtype: torch.dtype, device: str,
+    gen: torch.Generator,
+) -> qref.WnA16Weight:
+    """A random packed weight (values of every code, scales around 0.01, offsets around 0)."""
+    g = k // group
+    if bits == 4:
+        qweight = qref.pack_int4(torch.randint(0, 16, (n, k), generator=gen))
+    elif offsets:
+        qweight = torch.randint(0, 256, (n, k), generator=gen).to(torch.uint8)
+    else:
+        qweight = torch.randint(-128, 128, (n, k), generator=gen).to(torch.int8)
+    scales = (torch.rand(n, g, generator=gen) * 0.02 + 0.001).to(scale_dtype)
+    offs = (torch.randn(n, g, generator=gen) * 0.05).to(scale_dtype) if offsets else None
+    return qref.WnA16Weight(qweight, scales, offs, bits, group).to(device)
+
+
+def _check_wna16(t: Target, seed: int, ms: list[int], shapes: list[tuple[int, int]], what: str) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    for i, (bits, group, offsets, sdt) in enumerate(_WNA16_CASES):
+        for m in ms:
+            for n, k in shapes:
+                w = random_wna16(n, k, bits, group, offsets, sdt, t.device, gen)
+                x = _randn(m, k, t=t, gen=gen)
+                bias = _randn(n, t=t, gen=gen) if (i + m) % 2 else None
+                args = (x, w.qweight, w.scales, w.offsets, w.bits, w.group_size, bias)
+                got = tops.wna16_linear(*args)
+                ref = qref.wna16_linear(*args)
+                case = f"{what} M={m} {n}x{k} bits={bits} g={group} off={offsets}"
+                assert_linear_close(got, ref, t.dtype, case)
+
+
+def check_wna16_gemv(t: Target) -> None:
+    shapes = [(40, 128), (33, 384)] + ([(4096, 4096), (1024, 14336)] if t.big else [])
+    _check_wna16(t, 15, [1, 3, 16], shapes, "wna16 gemv")
+
+
+def check_wna16_gemm(t: Target) -> None:
+    shapes = [(40, 128), (24, 256)] + ([(4096, 4096)] if t.big else [])
+    _check_wna16(t, 16, [17, 40] + ([300] if t.big else []), shapes, "wna16 gemm")
+
+
+# ---------------------------------------------------------------------------------------
+# FP8 KV cache
+# ---------------------------------------------------------------------------------------
+
+
+def _kv_scales(hk: int, per_head: bool, t: Target, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scales that make the random K/V use most of e4m3's range (and saturate a few values)."""
+    n = hk if per_head else 1
+    k_scale = (torch.rand(n, generator=gen) * 0.004 + 0.006).to(t.device)
+    v_scale = (torch.rand(n, generator=gen) * 0.004 + 0.006).to(t.device)
+    return k_scale, v_scale
+
+
+def _fp8_cache(n: int, bs: int, hk: int, d: int, t: Target, gen: torch.Generator) -> torch.Tensor:
+    """Old cache contents: random e4m3 codes (finite)."""
+    x = torch.randn(n, bs, hk, d, generator=gen) * 100
+    return x.clamp(-448, 448).to(FP8).to(t.device)
+
+
+def check_store_kvcache_fp8(t: Target) -> None:
+    gen = torch.Generator().manual_seed(17)
+    for (bs, d, hk), per_head in [((8, 64, 1), False), ((16, 128, 2), True), ((32, 64, 3), True)]:
+        num_tokens, num_blocks = 37, 6
+        kv = _randn(num_tokens, 2 * hk + 1, d, t=t, gen=gen)
+        key, value = kv[:, :hk], kv[:, hk : 2 * hk]
+        slots = torch.randperm(num_blocks * bs, generator=gen)[:num_tokens]
+        slots[torch.randperm(num_tokens, generator=gen)[:5]] = -1
+        slots = slots.to(t.device)
+        ks, vs = _kv_scales(hk, per_head, t, gen)
+        caches = [_fp8_cache(num_blocks, bs, hk, d, t, gen) for _ in range(2)]
+        refs = [c.clone() for c in caches]
+        tops.store_kvcache(key, value, *caches, slots, k_scale=ks, v_scale=vs)
+        reference.store_kvcache(key, value, *refs, slots, k_scale=ks, v_scale=vs)
+        what = f"store_kvcache fp8 bs={bs} d={d} hk={hk} per_head={per_head}"
+        assert_fp8_equal(caches[0], refs[0], f"{what} key")
+        assert_fp8_equal(caches[1], refs[1], f"{what} value")
+
+
+def check_rotary_store_kvcache_fp8(t: Target) -> None:
+    gen = torch.Generator().manual_seed(18)
+    for d, hk, g, bs, num_tokens, per_head in [(64, 2, 1, 8, 37, True), (128, 2, 4, 16, 13, False),
+                                               (64, 3, 8, 16, 9, True)]:
+        what = f"rotary_store_kvcache fp8 d={d} hk={hk} g={g} per_head={per_head}"
+        max_pos, num_blocks = 4096, -(-num_tokens // bs) + 4
+        inv_freq = 1.0 / (10000.0 ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
+        freqs = torch.outer(torch.arange(max_pos, dtype=torch.float32), inv_freq)
+        cos_sin = torch.cat((freqs.cos(), freqs.sin()), dim=-1).to(t.device)
+        positions = torch.randint(0, max_pos, (num_tokens,), generator=gen).to(t.device)
+        slots = _store_slots(num_tokens, bs, num_blocks, gen).to(t.device)
+        q, k, v = _fused_qkv_views(num_tokens, hk * g, hk, d, t, gen)
+        ks, vs = _kv_scales(hk, per_head, t, gen)
+        caches = [_fp8_cache(num_blocks, bs, hk, d, t, gen) for _ in range(2)]
+        two = [c.clone() for c in caches]
+        ref = [c.clone() for c in caches]
+        two_q, two_k = tops.rotary_embedding(positions, q.clone(), k.clone(), cos_sin)
+        tops.store_kvcache(two_k, v, *two, slots, k_scale=ks, v_scale=vs)
+        scales = {"k_scale": ks, "v_scale": vs}
+        reference.rotary_store_kvcache(positions, q.clone(), k, v, cos_sin, *ref, slots, **scales)
+        got_q = tops.rotary_store_kvcache(positions, q, k, v, cos_sin, *caches, slots, **scales)
+        assert torch.equal(got_q, two_q), f"{what}: q differs from the rotary kernel's"
+        assert_fp8_equal(caches[0], two[0], f"{what}: key cache vs rotary + store")
+        assert_fp8_equal(caches[1], ref[1], f"{what}: value cache")
+        assert_fp8_one_step(caches[0], ref[0], f"{what}: key cache vs reference")
+
+
+def fp8_paged_batch(
+    specs: list[tuple[int, int]], hk: int, g: int, d: int, bs: int, per_head: bool, t: Target,
+    gen: torch.Generator, slack: int = 0,
+) -> tuple[PagedBatch, torch.Tensor, torch.Tensor]:
+    """A paged batch whose caches are quantized to e4m3 with scales from their own values;
+    returns ``(batch, k_scale, v_scale)``."""
+    b = make_paged_batch(specs, hk, g, d, bs, t, gen, seq_len_slack=slack)
+    ks = qref.fp8_kv_scale(b.key_cache.reshape(-1, hk, d), per_head)
+    vs = qref.fp8_kv_scale(b.value_cache.reshape(-1, hk, d), per_head)
+    kc = qref.quantize_fp8_with_scale(b.key_cache, ks.reshape(-1, 1))
+    vc = qref.quantize_fp8_with_scale(b.value_cache, vs.reshape(-1, 1))
+    return dataclasses.replace(b, key_cache=kc, value_cache=vc), ks, vs
+
+
+_FP8_ATTN = [((16, 128, 4, 2), True), ((8, 64, 1, 3), False), ((32, 64, 8, 1), True)]
+
+
+def check_paged_attention_fp8(t: Target) -> None:
+    gen = torch.Generator().manual_seed(19)
+    for (bs, d, g, hk), per_head in _FP8_ATTN:
+        specs = [(2 * bs + 3, bs + 5), (1, 1), (bs + 1, 1), (2 * bs - 1, 2 * bs - 1), (17, 9)]
+        if t.big:
+            specs += [(1000, 1000), (777, 300)]
+        b, ks, vs = fp8_paged_batch(specs, hk, g, d, bs, per_head, t, gen)
+        args = (b.q, b.key_cache, b.value_cache, b.block_tables, b.query_start_loc, b.seq_lens,
+                b.scale, b.max_query_len, b.max_seq_len)
+        got = tops.paged_attention(*args, k_scale=ks, v_scale=vs)
+        ref = reference.paged_attention(*args, k_scale=ks, v_scale=vs)
+        assert_close(got, ref, t.dtype, f"paged_attention fp8 bs={bs} d={d} g={g} per_head={per_head}")
+
+
+def check_paged_decode_attention_fp8(t: Target) -> None:
+    gen = torch.Generator().manual_seed(20)
+    configs = [tops.DecodeConfig(), tops.DecodeConfig(partition_size=32, block_n=16)]
+    for (bs, d, g, hk), per_head in _FP8_ATTN:
+        lens = [1, bs + 1, 2 * bs + 3, 7, 5 * bs - 1] + ([2048, 513] if t.big else [])
+        for cfg in configs:
+            b, ks, vs = fp8_paged_batch([(n, 1) for n in lens], hk, g, d, bs, per_head, t, gen, slack=37)
+            args = (b.q, b.key_cache, b.value_cache, b.block_tables, b.seq_lens, b.scale, b.max_seq_len)
+            got = tops.paged_decode_attention(*args, k_scale=ks, v_scale=vs, config=cfg)
+            ref = reference.paged_decode_attention(*args, k_scale=ks, v_scale=vs)
+            assert_close(got, ref, t.dtype, f"paged_decode_attention fp8 bs={bs} d={d} g={g} {cfg}")
+
+
+CHECKS: dict[str, Callable[[Target], None]] = {
+    "fp8_quantize": check_fp8_quantize,
+    "fp8_gemv": check_fp8_gemv,
+    "fp8_gemm": check_fp8_gemm,
+    "fp8_linear": check_fp8_linear,
+    "wna16_gemv": check_wna16_gemv,
+    "wna16_gemm": check_wna16_gemm,
+    "store_kvcache_fp8": check_store_kvcache_fp8,
+    "rotary_store_kvcache_fp8": check_rotary_store_kvcache_fp8,
+    "paged_attention_fp8": check_paged_attention_fp8,
+    "paged_decode_attention_fp8": check_paged_decode_attention_fp8,
+}
+
+
+def run_all(t: Target, names: list[str] | None = None) -> dict[str, str]:
+    """Run the checks ``names`` (default: all); ``{name: "ok" | traceback}``."""
+    results: dict[str, str] = {}
+    for name in names or list(CHECKS):
+        try:
+            CHECKS[name](t)
+            results[name] = "ok"
+        except Exception:  # noqa: BLE001 - reported to the parent test, per check
+            results[name] = traceback.format_exc()
+    return results
+
+
+if __name__ == "__main__":
+    # python -m tests.kernels.quant_kernel_checks [DTYPE [CHECK ...]] (default float32, all)
+    dtype = getattr(torch, sys.argv[1]) if len(sys.argv) > 1 else torch.float32
+    print(json.dumps(run_all(Target("cpu", dtype), sys.argv[2:] or None)))

@@ -1,0 +1,97 @@
+"""The quantized kernels on a CUDA GPU: every check of ``quant_kernel_checks.py`` in bf16, fp16
+and float32 with larger shapes (llama3-8b projections), the ``torch._scaled_mm`` path, and fp8
+KV-cache attention against bf16 KV-cache attention (errors printed: run with ``-s``).
+
+One command: ``python -m pytest -q -s tests/kernels/test_quant_ops_gpu.py``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from kernels import quant_reference as qref  # noqa: E402
+from kernels import triton_ops as tops  # noqa: E402
+from tests.kernels import quant_kernel_checks as checks  # noqa: E402
+from tests.kernels.kernel_checks import Target, make_paged_batch  # noqa: E402
+
+
+def _fp8_capable() -> bool:
+    return torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"]
+)
+@pytest.mark.parametrize("check", sorted(checks.CHECKS))
+def test_quant_kernel_matches_reference_gpu(check: str, dtype: torch.dtype) -> None:
+    if "fp8" in check and not _fp8_capable():
+        pytest.skip("fp8 needs compute capability >= 8.9")
+    checks.CHECKS[check](Target("cuda", dtype, big=True))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("use_scaled_mm", [True, False], ids=["scaled_mm", "triton"])
+def test_fp8_linear_llama_shapes_gpu(use_scaled_mm: bool) -> None:
+    """Prefill-sized fp8 linears on the llama3-8b projections, both large-M paths."""
+    if not _fp8_capable():
+        pytest.skip("fp8 needs compute capability >= 8.9")
+    gen = torch.Generator().manual_seed(30)
+    config = tops.Fp8LinearConfig(use_scaled_mm=use_scaled_mm)
+    for n, k in [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)]:
+        x = torch.randn(256, k, generator=gen).to("cuda", torch.bfloat16)
+        w, ws = qref.quantize_fp8_rows(torch.randn(n, k, generator=gen).cuda() * 0.02)
+        got = tops.fp8_linear(x, w, ws.view(-1), config=config)
+        ref = qref.fp8_linear(x, w, ws.view(-1))
+        err = float((got.float() - ref.float()).abs().max())
+        path = "scaled_mm" if use_scaled_mm else "triton"
+        top = float(ref.abs().max())
+        print(f"fp8_linear M=256 N={n} K={k} {path}: max abs err {err:.3e} (|ref| max {top:.2f})")
+        checks.assert_linear_close(got, ref, torch.bfloat16, f"fp8_linear {n}x{k}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("per_head", [True, False], ids=["per_head", "per_tensor"])
+def test_fp8_kv_attention_vs_bf16_kv_gpu(per_head: bool) -> None:
+    """The same K/V in a bf16 cache and in an fp8 one (scales from the data), llama3-8b heads:
+    the attention outputs differ by the e4m3 rounding of K and V. Bounds as for the CPU
+    reference (tests/kernels/test_quant_reference.py): max abs error < 0.2, mean < 0.01."""
+    if not _fp8_capable():
+        pytest.skip("fp8 needs compute capability >= 8.9")
+    gen = torch.Generator().manual_seed(31)
+    t = Target("cuda", torch.bfloat16)
+    hk, g, d, bs = 8, 4, 128, 16
+    for kind, specs in [("decode", [(n, 1) for n in (1, 17, 500, 2048, 4000)]),
+                        ("prefill", [(1024, 1024), (777, 300), (2 * bs + 3, bs + 5)])]:
+        b = make_paged_batch(specs, hk, g, d, bs, t, gen)
+        ks = qref.fp8_kv_scale(b.key_cache.reshape(-1, hk, d), per_head)
+        vs = qref.fp8_kv_scale(b.value_cache.reshape(-1, hk, d), per_head)
+        k8 = qref.quantize_fp8_with_scale(b.key_cache, ks.reshape(-1, 1))
+        v8 = qref.quantize_fp8_with_scale(b.value_cache, vs.reshape(-1, 1))
+        if kind == "decode":
+            common = (b.block_tables, b.seq_lens, b.scale, b.max_seq_len)
+            out16 = tops.paged_decode_attention(b.q, b.key_cache, b.value_cache, *common)
+            out8 = tops.paged_decode_attention(b.q, k8, v8, *common, k_scale=ks, v_scale=vs)
+        else:
+            common = (b.block_tables, b.query_start_loc, b.seq_lens, b.scale, b.max_query_len, b.max_seq_len)
+            out16 = tops.paged_attention(b.q, b.key_cache, b.value_cache, *common)
+            out8 = tops.paged_attention(b.q, k8, v8, *common, k_scale=ks, v_scale=vs)
+        err = (out8.float() - out16.float()).abs()
+        print(f"fp8 KV vs bf16 KV {kind} (per_head={per_head}): max abs err {float(err.max()):.4f}, "
+              f"mean {float(err.mean()):.5f}")
+        assert float(err.max()) < 0.2 and float(err.mean()) < 0.01
+
+
+@pytest.mark.gpu
+def test_fp8_support_is_detected_gpu() -> None:
+    from gpu_worker.model_executor.layers.quantization.fp8_format import fp8_supported, require_fp8
+
+    assert fp8_supported("cuda") == _fp8_capable()
+    if _fp8_capable():
+        require_fp8("cuda")
+    else:
+        with pytest.raises(RuntimeError, match="compute capability"):
+            require_fp8("cuda")
