@@ -1,0 +1,137 @@
+"""GPTQ checkpoints (HF ``quantization_config.quant_method == "gptq"``) -> :class:`WnA16Weight`.
+
+A GPTQ linear holds, for ``K`` inputs, ``N`` outputs and groups of ``group_size`` inputs:
+- ``qweight`` int32 ``[K * bits / 32, N]``: input ``k`` of output ``n`` in bits
+  ``bits * (k % (32 / bits))`` and up of word ``qweight[k // (32 / bits), n]``;
+- ``qzeros`` int32 ``[G, N * bits / 32]``: the zero point of output ``n`` packed the same way
+  along ``N``;
+- ``scales`` float16 ``[G, N]``; ``g_idx`` int32 ``[K]`` (the group of each input).
+Dequantized: ``w[n, k] = scales[g, n] * (q[k, n] - zero[g, n])`` with ``g = g_idx[k]``.
+
+Zero points: AutoGPTQ/optimum (``checkpoint_format: "gptq"``, the HF default) store
+``zero - 1`` and every GPTQ inference kernel adds the 1 back after unpacking the field, so a
+stored field ``z`` means zero point ``z + 1`` (1..16 for 4 bits; zero 0, which the packer
+writes as -1 and so also floods the fields above it, reads back as 16: we reproduce what
+those kernels compute). GPTQModel's ``checkpoint_format: "gptq_v2"`` stores the zero point
+itself. Symmetric checkpoints (``sym: true``) have zero point ``2^(bits - 1)`` everywhere.
+
+Conversion (exact): the little-endian bytes of ``qweight`` transposed to ``[N, K*bits/32]``
+are our ``[N, K / 2]`` nibble layout (4 bits) or ``[N, K]`` bytes (8 bits). Scales become
+``[N, G]`` float16; zero points become offsets ``-zero * scale`` in float32 (products of a
+float16 and a 5-bit integer are exact there, and ``q * s - z * s`` equals ``s * (q - z)``
+exactly), or no offsets at all when every zero point is ``2^(bits - 1)`` (symmetric).
+``desc_act`` (act-order) checkpoints whose ``g_idx`` is not ``k // group_size`` are refused.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from kernels.quant_reference import WnA16Weight
+
+_FORMATS = ("gptq", "gptq_v2")
+
+
+@dataclass(frozen=True)
+class GptqConfig:
+    """The fields of an HF GPTQ ``quantization_config`` that the conversion needs."""
+
+    bits: int = 4
+    group_size: int = 128  # -1: one group over the whole input dim
+    sym: bool = True
+    desc_act: bool = False
+    checkpoint_format: str = "gptq"
+
+    def __post_init__(self) -> None:
+        if self.bits not in (4, 8):
+            raise ValueError(f"GPTQ: only 4- and 8-bit weights are supported, got bits={self.bits}")
+        if self.group_size != -1 and (self.group_size < 16 or self.group_size % 16):
+            raise ValueError(f"GPTQ: group_size must be -1 or a multiple of 16, got {self.group_size}")
+        if self.checkpoint_format not in _FORMATS:
+            raise ValueError(f"GPTQ: checkpoint_format must be in {_FORMATS}, got {self.checkpoint_format!r}")
+
+    @classmethod
+    def from_hf(cls, quantization_config: Mapping[str, Any]) -> GptqConfig:
+        """From an HF ``config.json`` ``quantization_config`` (``quant_method: "gptq"``)."""
+        method = quantization_config.get("quant_method")
+        if method != "gptq":
+            raise ValueError(f"not a GPTQ quantization_config (quant_method={method!r})")
+        return cls(
+            bits=int(quantization_config.get("bits", 4)),
+            group_size=int(quantization_config.get("group_size", 128)),
+            sym=bool(quantization_config.get("sym", True)),
+            desc_act=bool(quantization_config.get("desc_act", False)),
+            checkpoint_format=str(quantization_config.get("checkpoint_format", "gptq")),
+        )
+
+
+def _unpack_along_last(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """int32 ``[..., C]`` -> int64 ``[..., C * 32 / bits]`` fields (lowest bits first)."""
+    per_word = 32 // bits
+    shifts = torch.arange(0, 32, bits, dtype=torch.int64)
+    fields = (packed.to(torch.int64)[..., None] >> shifts) & ((1 << bits) - 1)
+    return fields.reshape(*packed.shape[:-1], packed.shape[-1] * per_word)
+
+
+def gptq_zero_points(qzeros: torch.Tensor, config: GptqConfig) -> torch.Tensor:
+    """int64 ``[G, N]`` zero points as GPTQ kernels use them (module docstring)."""
+    zeros = _unpack_along_last(qzeros, config.bits)
+    return zeros + 1 if config.checkpoint_format == "gptq" else zeros
+
+
+def convert_gptq(
+    qweight: torch.Tensor,
+    qzeros: torch.Tensor,
+    scales: torch.Tensor,
+    g_idx: torch.Tensor | None,
+    config: GptqConfig,
+) -> WnA16Weight:
+    """One GPTQ linear (tensors as in the module docstring) in our layout, exactly."""
+    if sys.byteorder != "little":
+        raise RuntimeError("GPTQ repacking reinterprets int32 words as bytes: needs a little-endian host")
+    bits = config.bits
+    k = qweight.shape[0] * 32 // bits
+    n = qweight.shape[1]
+    group_size = k if config.group_size == -1 else config.group_size
+    if k % group_size:
+        raise ValueError(f"GPTQ: K={k} is not a multiple of group_size={group_size}")
+    num_groups = k // group_size
+    if tuple(scales.shape) != (num_groups, n) or qzeros.shape[0] != num_groups:
+        raise ValueError(f"GPTQ: scales {tuple(scales.shape)} / qzeros {tuple(qzeros.shape)} do not match "
+                         f"qweight {tuple(qweight.shape)} with group_size {group_size}")
+    if g_idx is not None:
+        trivial = torch.arange(k, dtype=torch.int64) // group_size
+        if not torch.equal(g_idx.to(torch.int64).cpu(), trivial):
+            raise ValueError("GPTQ: act-order checkpoints (g_idx not k // group_size) are not supported")
+
+    packed = qweight.to(torch.int32).t().contiguous().view(torch.uint8)  # [N, K * bits / 8]
+    zeros = gptq_zero_points(qzeros.to(torch.int32), config)[:, :n].t()  # [N, G]
+    scales_t = scales.t().contiguous()
+    half = 1 << (bits - 1)
+    if bool((zeros == half).all()):
+        # Symmetric: 4-bit nibbles are offset-binary already (the kernel subtracts 8);
+        # 8-bit values are stored signed.
+        if bits == 8:
+            packed = (packed.to(torch.int16) - half).to(torch.int8)
+        offsets = None
+    else:
+        offsets = -(zeros.to(torch.float32) * scales_t.float())
+    return WnA16Weight(packed, scales_t.to(torch.float16), offsets, bits, group_size)
+
+
+def dequantize_gptq(
+    qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor | None,
+    config: GptqConfig,
+) -> torch.Tensor:
+    """float32 ``[N, K]`` by the GPTQ formula itself (a test oracle, independent of our layout)."""
+    q = _unpack_along_last(qweight.to(torch.int32).t(), config.bits)  # [N, K]
+    k = q.shape[1]
+    group_size = k if config.group_size == -1 else config.group_size
+    g = g_idx.to(torch.int64) if g_idx is not None else torch.arange(k) // group_size
+    zeros = gptq_zero_points(qzeros.to(torch.int32), config)[:, : q.shape[0]]  # [G, N]
+    return (scales.float()[g].t() * (q - zeros[g].t()).float()).contiguous()

@@ -1,0 +1,115 @@
+"""GPTQ -> WnA16: weights packed as AutoGPTQ/optimum pack them, converted, dequantized through our
+layout, compared with the GPTQ formula (bit for bit) and with the weight that was packed."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from gpu_worker.model_executor.layers.quantization.gptq_format import (
+    GptqConfig,
+    convert_gptq,
+    dequantize_gptq,
+)
+from kernels.quant_reference import dequantize_wna16
+
+
+def autogptq_pack(
+    weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int, bits: int,
+    v1: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``QuantLinear.pack`` of AutoGPTQ (what optimum writes): ``weight`` ``[N, K]`` already on
+    the grid ``scales * (q - zeros)``; ``scales`` ``[G, N]`` float16, ``zeros`` ``[G, N]`` ints.
+
+    Returns ``(qweight, qzeros, scales, g_idx)``. ``v1``: the ``zeros -= 1`` of the
+    ``checkpoint_format: "gptq"`` packer (a zero of 0 becomes -1, i.e. all ones in uint32).
+    """
+    n, k = weight.shape
+    g_idx = torch.arange(k, dtype=torch.int32) // group_size
+    scale_zeros = zeros.float() * scales.float()
+    g = g_idx.long()
+    intweight = torch.round((weight.float() + scale_zeros[g].t()) / scales.float()[g].t()).to(torch.int64)
+    intweight_np = intweight.t().contiguous().numpy().astype(np.uint32)  # [K, N]
+    per_word = 32 // bits
+    qweight = np.zeros((k // per_word, n), dtype=np.uint32)
+    for row in range(qweight.shape[0]):
+        for j in range(per_word):
+            qweight[row] |= intweight_np[row * per_word + j] << np.uint32(bits * j)
+    zeros_np = (zeros.to(torch.int64) - (1 if v1 else 0)).numpy().astype(np.uint32)
+    qzeros = np.zeros((zeros_np.shape[0], n // per_word), dtype=np.uint32)
+    for col in range(qzeros.shape[1]):
+        for j in range(per_word):
+            qzeros[:, col] |= zeros_np[:, col * per_word + j] << np.uint32(bits * j)
+    return (torch.from_numpy(qweight.view(np.int32)), torch.from_numpy(qzeros.view(np.int32)),
+            scales.to(torch.float16), g_idx)
+
+
+def _grid_weight(
+    n: int, k: int, group_size: int, bits: int, sym: bool, gen: torch.Generator, zero_min: int = 1
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A random weight on a GPTQ grid: ``(weight, q, scales, zeros)``."""
+    groups = k // group_size
+    maxq = (1 << bits) - 1
+    q = torch.randint(0, maxq + 1, (n, k), generator=gen)
+    scales = (torch.rand(groups, n, generator=gen) * 0.02 + 0.002).half()
+    if sym:
+        zeros = torch.full((groups, n), 1 << (bits - 1))
+    else:
+        zeros = torch.randint(zero_min, maxq + 1, (groups, n), generator=gen)
+    g = torch.arange(k) // group_size
+    weight = scales.float()[g].t() * (q - zeros[g].t()).float()
+    return weight, q, scales, zeros
+
+
+@pytest.mark.parametrize(
+    ("bits", "group_size", "sym", "fmt"),
+    [(4, 128, True, "gptq"), (4, 32, False, "gptq"), (4, 64, False, "gptq_v2"), (8, 32, True, "gptq"),
+     (8, 128, False, "gptq"), (4, -1, False, "gptq")],
+)
+def test_gptq_round_trip(bits: int, group_size: int, sym: bool, fmt: str) -> None:
+    gen = torch.Generator().manual_seed(bits * 1000 + group_size)
+    n, k = 48, 256
+    gs = k if group_size == -1 else group_size
+    # v1 cannot store a zero point of 0 (next test); v2 can.
+    weight, _, scales, zeros = _grid_weight(n, k, gs, bits, sym, gen, zero_min=0 if fmt == "gptq_v2" else 1)
+    packed = autogptq_pack(weight, scales, zeros, gs, bits, v1=fmt == "gptq")
+    config = GptqConfig(bits=bits, group_size=group_size, sym=sym, checkpoint_format=fmt)
+    w = convert_gptq(*packed, config)
+    assert (w.out_features, w.in_features, w.bits, w.group_size) == (n, k, bits, gs)
+    assert (w.offsets is None) == sym  # symmetric checkpoints need no offsets
+    ours = dequantize_wna16(w.qweight, w.scales, w.offsets, w.bits, w.group_size)
+    assert torch.equal(ours, dequantize_gptq(*packed, config))  # the GPTQ formula, bit for bit
+    assert torch.equal(ours, weight)  # and the weight that was packed
+
+
+def test_gptq_v1_zero_of_zero_reads_back_as_sixteen() -> None:
+    """AutoGPTQ packs a zero point of 0 as -1 (all ones): its kernels then read 15 + 1 = 16 for
+    that field and the fields above it in the word. We convert to what those kernels compute."""
+    gen = torch.Generator().manual_seed(7)
+    n, k, gs = 16, 64, 32
+    weight, _, scales, zeros = _grid_weight(n, k, gs, 4, False, gen)
+    zeros[0, 3] = 0
+    packed = autogptq_pack(weight, scales, zeros, gs, 4, v1=True)
+    config = GptqConfig(bits=4, group_size=gs, sym=False)
+    w = convert_gptq(*packed, config)
+    ours = dequantize_wna16(w.qweight, w.scales, w.offsets, 4, gs)
+    assert torch.equal(ours, dequantize_gptq(*packed, config))
+    assert not torch.equal(ours[3, :gs], weight[3, :gs])  # the packer's corruption, reproduced
+    assert torch.equal(ours[:3], weight[:3]) and torch.equal(ours[:, gs:], weight[:, gs:])
+
+
+def test_gptq_config_from_hf_and_refusals() -> None:
+    cfg = GptqConfig.from_hf({"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": False,
+                              "sym": False, "checkpoint_format": "gptq"})
+    assert cfg == GptqConfig(bits=4, group_size=128, sym=False)
+    with pytest.raises(ValueError):
+        GptqConfig.from_hf({"quant_method": "awq"})
+    with pytest.raises(ValueError):
+        GptqConfig(bits=3)
+    gen = torch.Generator().manual_seed(8)
+    weight, _, scales, zeros = _grid_weight(16, 64, 32, 4, True, gen)
+    qweight, qzeros, scales16, g_idx = autogptq_pack(weight, scales, zeros, 32, 4)
+    act_order = g_idx[torch.randperm(64, generator=gen)]
+    with pytest.raises(ValueError, match="act-order"):
+        convert_gptq(qweight, qzeros, scales16, act_order, GptqConfig(bits=4, group_size=32))
