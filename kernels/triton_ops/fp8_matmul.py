@@ -13,7 +13,7 @@ Paths, by the number of tokens ``M`` (``Fp8LinearConfig.gemv_max_m`` is the thre
   activations tile by tile in registers: decode reads each weight byte once and never
   writes the quantized activations.
 - larger ``M``: :func:`quantize_fp8_per_token` then ``torch._scaled_mm`` (cuBLASLt,
-  row-wise scales) on CUDA with bf16/fp16 activations, else :func:`fp8_gemm` (Triton,
+  row-wise scales) on CUDA with bf16 activations, else :func:`fp8_gemm` (Triton,
   ``tl.dot`` on e4m3 tiles).
 ``_scaled_mm`` wants ``mat2`` column-major: ``w_fp8.t()`` of our row-major ``[N, K]`` weight
 is exactly that, so the weight is stored once, as ``nn.Linear`` holds it.
@@ -251,10 +251,11 @@ def fp8_gemm(
 
 
 def scaled_mm_applies(x: torch.Tensor, w_fp8: torch.Tensor) -> bool:
-    """Whether ``torch._scaled_mm`` with row-wise scales takes this call: CUDA, bf16/fp16
-    activations (its row-wise output dtypes), ``K`` and ``N`` multiples of 16."""
+    """Whether ``torch._scaled_mm`` with row-wise scales takes this call: CUDA, bf16 activations
+    (the one output dtype every row-wise backend accepts: the CUTLASS fallback takes only bf16),
+    ``K`` and ``N`` multiples of 16."""
     n, k = w_fp8.shape
-    return x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and k % 16 == 0 and n % 16 == 0
+    return x.is_cuda and x.dtype == torch.bfloat16 and k % 16 == 0 and n % 16 == 0
 
 
 def fp8_linear(
