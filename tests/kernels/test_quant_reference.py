@@ -134,3 +134,25 @@ def test_fp8_kv_cache_reference_stores_codes_and_attends_close_to_16bit(per_head
     print(f"fp8 KV attention vs float32 KV (per_head={per_head}): max abs err {float(err.max()):.4f}, "
           f"mean {float(err.mean()):.5f}")
     assert 0 < float(err.max()) < 0.2 and float(err.mean()) < 0.01
+
+
+def test_planned_attention_stores_and_reads_fp8_like_the_unplanned_ops() -> None:
+    """The CPU engine's planned path (store + attend in one call) on an fp8 cache equals
+    store_kvcache followed by paged_attention."""
+    gen = torch.Generator().manual_seed(6)
+    num_blocks, bs, hk, d, g, seq_len = 4, 8, 2, 32, 2, 20
+    k, v = torch.randn(seq_len, hk, d, generator=gen), torch.randn(seq_len, hk, d, generator=gen)
+    q = torch.randn(seq_len, hk * g, d, generator=gen)
+    slots = torch.arange(seq_len)
+    scales = {"k_scale": qref.fp8_kv_scale(k, True), "v_scale": qref.fp8_kv_scale(v, True)}
+    table = torch.tensor([[0, 1, 2]], dtype=torch.int32)
+    starts, lens = torch.tensor([0, seq_len], dtype=torch.int32), torch.tensor([seq_len], dtype=torch.int32)
+    planned = [torch.zeros(num_blocks, bs, hk, d, dtype=FP8) for _ in range(2)]
+    plan = reference.plan_paged_attention(slots, table, starts, lens, bs, seq_len, seq_len)
+    got = reference.paged_attention_with_plan(q, k, v, *planned, plan, d**-0.5, **scales)
+    two = [torch.zeros(num_blocks, bs, hk, d, dtype=FP8) for _ in range(2)]
+    reference.store_kvcache(k, v, *two, slots, **scales)
+    want = reference.paged_attention(q, *two, table, starts, lens, d**-0.5, seq_len, seq_len, **scales)
+    assert torch.equal(planned[0].view(torch.uint8), two[0].view(torch.uint8))
+    assert torch.equal(planned[1].view(torch.uint8), two[1].view(torch.uint8))
+    assert torch.equal(got, want)
