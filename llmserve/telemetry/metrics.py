@@ -12,13 +12,15 @@ per-request counters and histograms from ``on_request_finished``. Router: ``on_r
 
 from __future__ import annotations
 
+import socket
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import NamedTuple, Protocol
-from wsgiref.simple_server import WSGIServer
+from typing import Any, NamedTuple, Protocol
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
+from prometheus_client.exposition import ThreadingWSGIServer
 
 PREFIX = "llmserve:"
 
@@ -250,8 +252,35 @@ class MetricsServer:
         self._thread.join(timeout=5)
 
 
+# Every scrape gets the classic text format: prometheus_client's OpenMetrics output turns the ':' of
+# sample names into '_' unless the scraper asks for UTF-8 names (Prometheus 2.x and the OpenTelemetry
+# collector do not), so `llmserve:...` queries would find nothing (prometheus/client_python#1177).
+_TEXT_FORMAT = "text/plain; version=0.0.4"
+
+
+def _text_format_app(registry: CollectorRegistry) -> Callable[..., Any]:
+    app = make_wsgi_app(registry)
+
+    def text_format(environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
+        return app({**environ, "HTTP_ACCEPT": _TEXT_FORMAT}, start_response)
+
+    return text_format
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - scrapes need no access log
+        pass
+
+
+class _IPv6Server(ThreadingWSGIServer):
+    address_family = socket.AF_INET6
+
+
 def start_metrics_server(port: int, registry: CollectorRegistry, addr: str = "0.0.0.0") -> MetricsServer:
-    """Serve ``registry`` in the Prometheus text format at ``http://addr:port/metrics``
-    (port 0 picks a free one: read ``.port``)."""
-    httpd, thread = start_http_server(port, addr=addr, registry=registry)
+    """Serve ``registry`` in the Prometheus text format (0.0.4, whatever the scraper's Accept header)
+    at ``http://addr:port/metrics`` from a daemon thread (port 0 picks a free one: read ``.port``)."""
+    server_class = _IPv6Server if ":" in addr else ThreadingWSGIServer
+    httpd = make_server(addr, port, _text_format_app(registry), server_class, handler_class=_QuietHandler)
+    thread = threading.Thread(target=httpd.serve_forever, name="metrics-http", daemon=True)
+    thread.start()
     return MetricsServer(httpd, thread)

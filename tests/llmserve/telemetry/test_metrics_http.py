@@ -1,0 +1,50 @@
+"""``start_metrics_server``: the ``llmserve:`` names reach every scraper unchanged.
+
+prometheus_client answers an OpenMetrics Accept header (what Prometheus 2.x and the OpenTelemetry
+collector send) with ``llmserve_...`` sample names under ``llmserve:...`` metadata; the server must
+answer every scraper in the text format instead, so dashboards and alerts find the real names.
+"""
+
+from __future__ import annotations
+
+import urllib.request
+from collections.abc import Iterator
+
+import pytest
+from prometheus_client import CollectorRegistry, Counter
+from prometheus_client.parser import text_string_to_metric_families
+
+from llmserve.telemetry.metrics import MetricsServer, start_metrics_server
+
+PROMETHEUS_2_ACCEPT = ("application/openmetrics-text;version=1.0.0,"
+                       "application/openmetrics-text;version=0.0.1;q=0.75,"
+                       "text/plain;version=0.0.4;q=0.5,*/*;q=0.1")
+
+
+@pytest.fixture
+def served() -> Iterator[MetricsServer]:
+    registry = CollectorRegistry()
+    Counter("llmserve:router_requests", "Requests.", ["model"], registry=registry).labels("m").inc(3)
+    server = start_metrics_server(0, registry, "127.0.0.1")
+    yield server
+    server.stop()
+
+
+@pytest.mark.parametrize("accept", ["", "text/plain; version=0.0.4", PROMETHEUS_2_ACCEPT,
+                                    "application/openmetrics-text; version=1.0.0"])
+def test_names_keep_their_colon_whatever_the_scraper_accepts(served: MetricsServer, accept: str) -> None:
+    request = urllib.request.Request(f"http://127.0.0.1:{served.port}/metrics", headers={"Accept": accept})
+    with urllib.request.urlopen(request, timeout=5) as reply:
+        content_type = reply.headers["Content-Type"]
+        text = reply.read().decode()
+    assert content_type.startswith("text/plain; version=0.0.4")
+    samples = {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples}
+    assert samples["llmserve:router_requests_total"] == 3
+    assert not any(name.startswith("llmserve_") for name in samples), sorted(samples)
+
+
+def test_stop_releases_the_port(served: MetricsServer) -> None:
+    port = served.port
+    served.stop()
+    with pytest.raises(OSError):
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2)
