@@ -30,6 +30,7 @@ import torch
 
 from gpu_worker import LLM, SamplingParams
 from gpu_worker.engine.async_llm import AsyncLLM
+from gpu_worker.engine.core_client import ThreadCoreClient
 from gpu_worker.model_executor.loader import resolve_alias
 
 HF_BATCH1_TARGET_NOTE = "Targets: batch 1 >= HF batch 1; concurrent >= 3x HF batch 1."
@@ -151,7 +152,7 @@ def main() -> None:
     llm = LLM(model="smollm2-135m", dtype="float32")
     prompts = [PROMPTS[i % len(PROMPTS)] + ("" if i < len(PROMPTS) else f" ({i})") for i in range(c)]
 
-    engine = AsyncLLM(llm.engine.core)  # the same core; its thread idles while LLM.generate runs
+    engine = AsyncLLM(ThreadCoreClient(llm.engine.core))  # the same core; idle while LLM.generate runs
     async_wall = [0.0]
 
     def timed_async() -> None:

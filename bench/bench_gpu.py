@@ -80,7 +80,7 @@ class OurEngine:
                               gpu_memory_utilization=0.9, enable_prefix_caching=False,
                               enforce_eager=enforce_eager, skip_tokenizer_init=True,
                               async_scheduling=async_scheduling)
-        self.core = EngineCore(config)
+        self.core = EngineCore(config, kv_events=False)
         self.num_blocks = self.core.num_kv_blocks
         t1 = time.perf_counter()
         self.core.warmup()  # includes CUDA graph capture
@@ -98,7 +98,7 @@ class OurEngine:
         t_start = time.perf_counter()
         for p in prompts:
             self._ids += 1
-            self.core.add_request(EngineCoreRequest(f"b{self._ids}", tuple(p), params))
+            self.core.add_requests([EngineCoreRequest(f"b{self._ids}", tuple(p), params)])
         first: list[float] = []
         steps: list[tuple[int, float]] = []  # (requests that got a token, step end)
         n_out = 0
@@ -272,6 +272,35 @@ def bench_ours(
     engine.close()
 
 
+def bench_offline(ctx: Ctx, shape: str, model_dir: Path, workloads: list[str], tuned: bool) -> None:
+    """The public offline API as a user calls it: ``LLM(model=...)`` with nothing else but the
+    random-weights load format (``offline_defaults``), or with ``max_num_batched_tokens=8192``
+    (``offline_tuned``, the setting an independent run found best before the device defaults)."""
+    from gpu_worker import LLM, SamplingParams
+
+    extra: dict[str, Any] = {"max_num_batched_tokens": 8192} if tuned else {}
+    name = "offline_tuned" if tuned else "offline_defaults"
+    llm = LLM(model=str(model_dir), load_format="dummy", **extra)
+    budget = llm.engine.config.max_num_batched_tokens
+    cfg = report.shape_numbers(SHAPES[shape])
+    for w in [w for w in workloads if w != "W2"]:
+        _, n, p_len, o_len = WORKLOADS[w]
+        params = SamplingParams(temperature=0.0, max_tokens=o_len, ignore_eos=True)
+        llm.generate(prompts_for(8, p_len, 99), params)  # warm-up
+        prompts = prompts_for(n, p_len, 1)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        outs = llm.generate(prompts, params)
+        elapsed = time.perf_counter() - t0
+        tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+        floor = report.w1_floor_tok_s(cfg, ctx.ceilings, n, p_len, o_len)
+        ctx.add(w, shape, name, tokens / elapsed, elapsed_s=round(elapsed, 3), floor_tok_s=round(floor, 1),
+                share_of_floor=round(tokens / elapsed / floor, 4), max_num_batched_tokens=budget)
+    del llm
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
 def bench_hf(ctx: Ctx, shape: str, model_dir: Path, workloads: list[str], engines: list[str]) -> None:
     t0 = time.perf_counter()
     model = hf_model(model_dir)
@@ -303,7 +332,8 @@ def main() -> None:
     ap.add_argument("--commit", default="unknown")
     ap.add_argument("--workloads", default="W1,W2,W3")
     ap.add_argument("--engines", default="ours,hf,hf_batch",
-                    help="ours (async scheduling), ours_sync (synchronous steps), hf, hf_batch")
+                    help="ours (async scheduling), ours_sync (synchronous steps), offline_defaults and "
+                    "offline_tuned (the public LLM API), hf, hf_batch")
     ap.add_argument("--hf-batches", default="64,256", type=lambda s: [int(x) for x in s.split(",")])
     ap.add_argument("--hf-batches-timed", type=int, default=1)
     ap.add_argument("--gen-batch-requests", type=int, default=64)
@@ -330,6 +360,9 @@ def main() -> None:
             bench_ours(ctx, shape, model_dir, shape_workloads)
         if "ours_sync" in engines:
             bench_ours(ctx, shape, model_dir, shape_workloads, async_scheduling=False)
+        for key, tuned in (("offline_defaults", False), ("offline_tuned", True)):
+            if key in engines:
+                bench_offline(ctx, shape, model_dir, shape_workloads, tuned)
         if {"hf", "hf_batch"} & set(engines):
             bench_hf(ctx, shape, model_dir, shape_workloads, engines)
     append_results(args.results, ctx.rows)

@@ -1,8 +1,11 @@
 """Benchmark result records: one JSON object per line in ``docs/benchmarks/results.jsonl``.
 
-Required fields (issue 5): ``run_id``, ``date``, ``commit``, ``card``, ``workload``,
-``model_shape``, ``engine``, ``output_tok_s``; anything else (latencies, ratios, notes) is
-added as extra keys.
+Required fields (shared/BASELINES.md): ``run_id``, ``date``, ``commit``, ``card``, ``workload``,
+``model_shape``, ``engine``, ``output_tok_s``, and the engine configuration that makes two rows
+of one run comparable: ``quantization`` (``none``, ``fp8``, ``w4a16``, ``gptq``, ``gguf``),
+``kv_cache_dtype`` (``auto``, ``fp8``), ``tensor_parallel_size``, ``pipeline_parallel_size``;
+``share_of_floor`` where a floor applies. Anything else (latencies, ratios, notes) is added as
+extra keys.
 """
 
 from __future__ import annotations
@@ -38,6 +41,10 @@ class ResultRow:
     engine: str
     output_tok_s: float
     extra: dict[str, Any] = field(default_factory=dict)
+    quantization: str = "none"
+    kv_cache_dtype: str = "auto"
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
 
     def to_json(self) -> str:
         row = asdict(self)

@@ -6,11 +6,14 @@ Flags are parsed only in ``__main__``/CLI code, which builds an :class:`EngineCo
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 _DTYPES = ("auto", "float32", "float16", "bfloat16")
 _LOAD_FORMATS = ("auto", "dummy")
+# Per-step token budgets when max_num_batched_tokens is left unset (see EngineConfig).
+CUDA_MAX_NUM_BATCHED_TOKENS = 8192
+CPU_MAX_NUM_BATCHED_TOKENS = 2048
 
 
 @dataclass(frozen=True)
@@ -38,6 +41,12 @@ class EngineConfig:
     tokens (vLLM's ``--async-scheduling``), hiding the host's work behind the device's;
     ``None`` (auto) means on with CUDA, off on CPU (where there is nothing to overlap).
     Outputs are the same token for token either way.
+
+    Left unset, ``max_num_batched_tokens`` (the per-step token budget, i.e. the chunked-prefill
+    chunk) is chosen by device (:meth:`with_device_defaults`, docs/CONFIG.md): 8192 on CUDA,
+    where larger steps keep the GPU's matrix units busy (W1 on an H200: 9,003 tok/s at 2048
+    vs 10,467 at 8192, W3 31,116 vs ~44,500), and 2048 on the CPU, where a step's time grows
+    with its tokens and a smaller chunk keeps decodes of other requests flowing.
     """
 
     model: str = "smollm2-135m"
@@ -49,7 +58,7 @@ class EngineConfig:
     seed: int = 0
     block_size: int = 16
     max_model_len: int | None = None
-    max_num_batched_tokens: int = 2048
+    max_num_batched_tokens: int | None = None
     max_num_seqs: int = 256
     num_kv_blocks: int | None = None
     kv_cache_memory_bytes: int | None = None
@@ -71,7 +80,10 @@ class EngineConfig:
                 f"block_size must be a positive power of two, got {self.block_size}",
             ),
             (self.max_model_len is None or self.max_model_len > 0, "max_model_len must be positive"),
-            (self.max_num_batched_tokens > 0, "max_num_batched_tokens must be positive"),
+            (
+                self.max_num_batched_tokens is None or self.max_num_batched_tokens > 0,
+                "max_num_batched_tokens must be positive",
+            ),
             (self.max_num_seqs > 0, "max_num_seqs must be positive"),
             (self.num_kv_blocks is None or self.num_kv_blocks > 0, "num_kv_blocks must be positive"),
             (
@@ -91,6 +103,20 @@ class EngineConfig:
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+
+    def with_device_defaults(self, device_type: str) -> EngineConfig:
+        """This config with every device-dependent default that is still unset filled in."""
+        if self.max_num_batched_tokens is not None:
+            return self
+        default = CUDA_MAX_NUM_BATCHED_TOKENS if device_type == "cuda" else CPU_MAX_NUM_BATCHED_TOKENS
+        return replace(self, max_num_batched_tokens=default)
+
+    @property
+    def token_budget(self) -> int:
+        """``max_num_batched_tokens`` once resolved (by :meth:`with_device_defaults`)."""
+        if self.max_num_batched_tokens is None:
+            raise ValueError("max_num_batched_tokens is unset: call with_device_defaults first")
+        return self.max_num_batched_tokens
 
     @property
     def model_name(self) -> str:

@@ -9,9 +9,10 @@ from typing import Any
 from gpu_worker.config import EngineConfig
 from gpu_worker.engine.llm_engine import LLMEngine
 from gpu_worker.engine.output_processor import OutputKind
-from gpu_worker.engine.processor import ChatPrompt, ProcessedRequest, PromptType
+from gpu_worker.engine.processor import ProcessedRequest
 from gpu_worker.outputs import RequestOutput
 from gpu_worker.sampling_params import SamplingParams
+from llmserve.prompt_input import ChatPrompt, PromptInput
 
 Conversation = Sequence[dict[str, str]]
 
@@ -43,7 +44,7 @@ class LLM:
         if isinstance(prompts, str) or (
             isinstance(prompts, Sequence) and prompts and isinstance(prompts[0], int)
         ):
-            batch: list[PromptType] = [prompts]  # type: ignore[list-item]
+            batch: list[PromptInput] = [prompts]  # type: ignore[list-item]
         else:
             batch = list(prompts)  # type: ignore[arg-type]
         return self._run(batch, sampling_params)
@@ -59,13 +60,18 @@ class LLM:
             conversations = [messages]
         else:
             conversations = list(messages)  # type: ignore[arg-type]
-        prompts: list[PromptType] = [
-            ChatPrompt(list(c), add_generation_prompt) for c in conversations  # type: ignore[arg-type]
+        prompts: list[PromptInput] = [
+            ChatPrompt(tuple(c), add_generation_prompt) for c in conversations  # type: ignore[arg-type]
         ]
         return self._run(prompts, sampling_params)
 
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached prefix block (as vLLM's ``LLM.reset_prefix_cache``), e.g. between
+        the runs of a benchmark that must start cold. False (nothing done) while requests run."""
+        return self.engine.reset_prefix_cache()
+
     def _run(
-        self, prompts: list[PromptType], sampling_params: SamplingParams | Sequence[SamplingParams] | None
+        self, prompts: list[PromptInput], sampling_params: SamplingParams | Sequence[SamplingParams] | None
     ) -> list[RequestOutput]:
         if sampling_params is None or isinstance(sampling_params, SamplingParams):
             params_list = [sampling_params or SamplingParams()] * len(prompts)

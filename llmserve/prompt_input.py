@@ -1,43 +1,84 @@
-"""The ``input`` of a ``GenerateRequest`` (text, token ids or a chat), decoded alike by the router's
-and the worker's servicers. Torch-free: the router imports it.
+"""The input of a request (text, token ids or a chat), as router, worker and offline API take it.
+
+One type per concept, shared by every side and torch-free (the router imports it):
+:data:`PromptInput` is what a caller may send and :class:`ChatPrompt` a conversation.
+:func:`check_prompt_input` is the one place that refuses an empty input; the servicers decode
+``GenerateRequest.input`` with :func:`decode_prompt_input`, which applies it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:  # the servicers pass requests in; ChatInput users need no protobuf
+if TYPE_CHECKING:  # the servicers pass requests in; offline users need no protobuf
     from llmserve.v1 import generation_pb2 as gen_pb
 
 
 @dataclass(frozen=True)
-class ChatInput:
-    """A conversation to render with the model's chat template."""
+class ChatPrompt:
+    """A conversation to render with the model's chat template.
 
-    messages: tuple[tuple[str, str], ...]  # (role, content)
+    ``messages`` are mappings with at least ``role`` and ``content`` (as ``apply_chat_template``
+    takes them).
+    """
+
+    messages: Sequence[Mapping[str, str]]
     add_generation_prompt: bool = True
+
+
+PromptInput = str | Sequence[int] | ChatPrompt
+
+
+def check_prompt_input(prompt: PromptInput) -> None:
+    """Raise ``ValueError`` naming the field when ``prompt`` is empty or malformed.
+
+    Text must be non-empty, token ids a non-empty list of integers, a chat at least one message,
+    each with a non-empty string ``role`` and a string ``content``. Whether the ids fit the
+    model (vocabulary, context length) is the engine's to say.
+    """
+    if isinstance(prompt, ChatPrompt):
+        if not prompt.messages:
+            raise ValueError("messages must not be empty")
+        for i, message in enumerate(prompt.messages):
+            if not isinstance(message, Mapping) or not isinstance(message.get("content"), str):
+                raise ValueError(f"messages[{i}] must have a role and a content")
+            role = message.get("role")
+            if not isinstance(role, str) or not role:
+                raise ValueError(f"messages[{i}].role must not be empty")
+        return
+    if isinstance(prompt, str):
+        if not prompt:
+            raise ValueError("prompt must not be empty")
+        return
+    if not isinstance(prompt, Sequence):
+        raise ValueError(f"prompt must be a string, a list of token ids or a ChatPrompt, got {type(prompt)}")
+    if not prompt:
+        raise ValueError("prompt_token_ids must not be empty")
+    if not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        raise ValueError("prompt_token_ids must be a list of integers")
 
 
 def decode_prompt_input(
     request: gen_pb.GenerateRequest, invalid: Callable[[str], Exception]
-) -> str | list[int] | ChatInput:
-    """The request's input; a missing input, an empty prompt or a message without a role raises
-    ``invalid(message)`` (each service's own INVALID_ARGUMENT error). Token ids and messages may
-    be empty here: whether that is an error is the caller's to say."""
+) -> PromptInput:
+    """The request's input, checked by :func:`check_prompt_input`; a missing or empty input
+    raises ``invalid(message)`` (each service's own INVALID_ARGUMENT error)."""
     kind = request.WhichOneof("input")
+    prompt: PromptInput
     if kind is None:
         raise invalid("missing input: set one of prompt, prompt_token_ids, messages")
     if kind == "prompt":
-        if not request.prompt:
-            raise invalid("prompt must not be empty")
-        return request.prompt
-    if kind == "prompt_token_ids":
-        return list(request.prompt_token_ids.ids)
-    chat = request.messages
-    for i, message in enumerate(chat.messages):
-        if not message.role:
-            raise invalid(f"messages[{i}].role must not be empty")
-    add = chat.add_generation_prompt if chat.HasField("add_generation_prompt") else True
-    return ChatInput(tuple((m.role, m.content) for m in chat.messages), add)
+        prompt = request.prompt
+    elif kind == "prompt_token_ids":
+        prompt = list(request.prompt_token_ids.ids)
+    else:
+        chat = request.messages
+        add = chat.add_generation_prompt if chat.HasField("add_generation_prompt") else True
+        prompt = ChatPrompt(tuple({"role": m.role, "content": m.content} for m in chat.messages), add)
+    try:
+        check_prompt_input(prompt)
+    except ValueError as exc:
+        raise invalid(str(exc)) from None
+    return prompt

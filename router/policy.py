@@ -48,7 +48,8 @@ class Candidate:
         return self.worker.load.queue + self.unreported
 
     @property
-    def load(self) -> float:
+    def load_score(self) -> float:
+        """Queue over capacity plus weighted KV usage: what the policies weigh against prefix hits."""
         load = self.worker.load
         return self.queue / max(1, load.max_num_seqs) + KV_WEIGHT * load.kv_usage
 
@@ -109,10 +110,10 @@ class PrefixPolicy(Policy):
         slack = max(GUARD_MIN, GUARD_FRACTION * c.worker.load.max_num_seqs)
         guarded = c.queue - min_queue > slack
         if guarded:
-            return -LOAD_WEIGHT * c.load, True
+            return -LOAD_WEIGHT * c.load_score, True
         hit = c.matched_blocks / query.prompt_blocks if query.prompt_blocks else 0.0
         bonus = HOME_BONUS if c.worker.worker_id == home else 0.0
-        return hit + bonus - LOAD_WEIGHT * c.load, False
+        return hit + bonus - LOAD_WEIGHT * c.load_score, False
 
     def rank(self, query: RouteQuery, candidates: Sequence[Candidate]) -> Ranked:
         min_queue = min(c.queue for c in candidates)
@@ -137,8 +138,8 @@ class LeastLoadPolicy(Policy):
 
     def rank(self, query: RouteQuery, candidates: Sequence[Candidate]) -> Ranked:
         key = query.request_key
-        ordered = sorted(candidates, key=lambda c: (c.load, rendezvous(key, c.worker.worker_id)))
-        return Ranked(tuple(ordered), tuple(-c.load for c in ordered), "least_load")
+        ordered = sorted(candidates, key=lambda c: (c.load_score, rendezvous(key, c.worker.worker_id)))
+        return Ranked(tuple(ordered), tuple(-c.load_score for c in ordered), "least_load")
 
 
 @dataclass

@@ -65,7 +65,7 @@ class RequestObservation:
         self.reason = ONLY_CANDIDATE if len(ranked.candidates) == 1 else ranked.reason
         for candidate, score in zip(ranked.candidates, ranked.scores, strict=True):
             self.span.add_candidate(candidate.worker.worker_id, score, candidate.matched_blocks,
-                                    load=candidate.load)
+                                    load=candidate.load_score)
 
     def on_attempt(self, attempt: int, worker_id: str) -> None:
         reason = self.reason if attempt == 1 else RETRY_REASON

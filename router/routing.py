@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from llmserve.fleet import FleetSnapshot, Registry, WorkerRecord
 from llmserve.hashing import block_hashes
-from llmserve.prompt_input import ChatInput
+from llmserve.prompt_input import ChatPrompt, PromptInput
 from router.dispatch import InflightTracker
 from router.errors import InvalidRequest, ModelNotFound, ModelUnavailable, WorkersBusy
 from router.policy import Candidate, Policy, Ranked, RouteQuery
@@ -22,8 +22,6 @@ from router.tokenizers import TokenizerCache
 
 log = logging.getLogger(__name__)
 
-
-PromptInput = str | Sequence[int] | ChatInput
 
 
 @dataclass(frozen=True)
@@ -64,16 +62,13 @@ class Router:
 
     async def token_ids(self, model: str, workers: Sequence[WorkerRecord], prompt: PromptInput) -> list[int]:
         """The prompt's token ids, tokenized exactly as the model's workers would."""
-        if isinstance(prompt, ChatInput | str):
+        if isinstance(prompt, ChatPrompt | str):
             tok = await self.tokenizers.get(model, workers)
             if isinstance(prompt, str):
                 return await asyncio.to_thread(tok.encode_prompt, prompt)
-            messages = [{"role": r, "content": c} for r, c in prompt.messages]
+            messages = [dict(m) for m in prompt.messages]
             return await asyncio.to_thread(tok.encode_chat, messages, prompt.add_generation_prompt)
-        ids = list(prompt)
-        if not ids:
-            raise InvalidRequest("prompt_token_ids must not be empty")
-        return ids
+        return list(prompt)
 
     async def rank(self, model: str, workers: Sequence[WorkerRecord], token_ids: Sequence[int],
                    request_id: str) -> Ranked:

@@ -22,7 +22,7 @@ from grpc_health.v1 import health_pb2
 from llmserve.fleet import FleetSnapshot, Registry, StateStore, WorkerRecord
 from llmserve.gc_tuning import freeze_startup_objects, unfreeze_objects
 from llmserve.grpc_server import GENERATION_SERVICE, add_health_and_reflection, bind_server, dial_target
-from llmserve.telemetry.metrics import MetricsServer, RouterMetrics, WorkerLoad, start_metrics_server
+from llmserve.telemetry.metrics import MetricsServer, RouterMetrics, WorkerQueueDepth, start_metrics_server
 from llmserve.telemetry.tracing import Tracing
 from llmserve.v1 import generation_pb2_grpc
 from router.dispatch import ChannelPool, Dispatcher, InflightTracker, fetch_tokenizer_files
@@ -111,7 +111,7 @@ class RouterServer:
 
     def _update_fleet_metrics(self, snapshot: FleetSnapshot) -> None:
         live = [w for w in snapshot.workers if not w.draining]
-        self.metrics.update_fleet(WorkerLoad(w.worker_id, w.model, w.load.queue) for w in live)
+        self.metrics.update_fleet(WorkerQueueDepth(w.worker_id, w.model, w.load.queue) for w in live)
 
     async def _fetch_tokenizer(self, worker: WorkerRecord) -> dict[str, bytes]:
         return await fetch_tokenizer_files(self.channels, worker)

@@ -2,9 +2,9 @@
 
 from gpu_worker.core.block_pool import BlockPool, KVBlock
 from gpu_worker.core.kv_cache_manager import KVCacheManager, PrefixCacheStats
-from gpu_worker.core.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
 from gpu_worker.core.request import Request, RequestStatus
 from gpu_worker.core.scheduler import Scheduler
+from llmserve.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
 
 __all__ = [
     "AllBlocksCleared",

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
 
-from gpu_worker.core.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
 from llmserve.hashing import BlockHash
+from llmserve.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
 
 
 class KVBlock:
@@ -88,11 +88,12 @@ class FreeBlockQueue:
 class BlockPool:
     """All KV blocks of one worker, ids ``0 .. num_blocks - 1``.
 
-    Records :mod:`kv_events` when blocks enter (``cache_full_blocks``) or leave (eviction,
-    ``reset_prefix_cache``) the hash map; ``take_events()`` drains them.
+    With ``record_events`` it records :mod:`llmserve.kv_events` when blocks enter
+    (``cache_full_blocks``) or leave (eviction, ``reset_prefix_cache``) the hash map;
+    ``take_events()`` drains them. Whoever turns recording on must drain them.
     """
 
-    def __init__(self, num_blocks: int, enable_caching: bool = True) -> None:
+    def __init__(self, num_blocks: int, enable_caching: bool = True, record_events: bool = True) -> None:
         if num_blocks <= 0:
             raise ValueError(f"num_blocks must be positive, got {num_blocks}")
         self.num_blocks = num_blocks
@@ -101,6 +102,7 @@ class BlockPool:
         self._free = FreeBlockQueue(self.blocks)
         self._cached: dict[BlockHash, KVBlock] = {}
         self._events: list[KVEvent] = []
+        self._record_events = record_events
 
     @property
     def num_free_blocks(self) -> int:
@@ -130,7 +132,7 @@ class BlockPool:
                 block.block_hash = None
             block.ref_cnt = 1
             out.append(block)
-        if evicted:
+        if evicted and self._record_events:
             self._events.append(BlockRemoved(tuple(evicted)))
         return out
 
@@ -171,7 +173,7 @@ class BlockPool:
             block.block_hash = block_hash
             self._cached[block_hash] = block
             stored.append(block_hash)
-        if stored:
+        if stored and self._record_events:
             self._events.append(BlockStored(tuple(stored)))
 
     def cached_block_hashes(self) -> set[BlockHash]:
@@ -185,7 +187,8 @@ class BlockPool:
         for block in self._cached.values():
             block.block_hash = None
         self._cached.clear()
-        self._events.append(AllBlocksCleared())
+        if self._record_events:
+            self._events.append(AllBlocksCleared())
         return True
 
     def take_events(self) -> list[KVEvent]:

@@ -12,9 +12,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from gpu_worker.core.block_pool import BlockPool, KVBlock
-from gpu_worker.core.kv_events import KVEvent
 from gpu_worker.core.request import Request
 from llmserve.hashing import BlockHash
+from llmserve.kv_events import KVEvent
 
 
 @dataclass(frozen=True)
@@ -36,12 +36,14 @@ class KVCacheManager:
     ``_num_committed[id]`` blocks have been offered to the hash map (``commit_computed``).
     """
 
-    def __init__(self, num_blocks: int, block_size: int, enable_caching: bool = True) -> None:
+    def __init__(
+        self, num_blocks: int, block_size: int, enable_caching: bool = True, record_events: bool = True
+    ) -> None:
         if block_size <= 0:
             raise ValueError(f"block_size must be positive, got {block_size}")
         self.block_size = block_size
         self.enable_caching = enable_caching
-        self.pool = BlockPool(num_blocks, enable_caching)
+        self.pool = BlockPool(num_blocks, enable_caching, record_events)
         self._blocks: dict[str, list[KVBlock]] = {}
         self._num_committed: dict[str, int] = {}
         self._queries = 0
@@ -155,6 +157,7 @@ class KVCacheManager:
         return self.pool.cached_block_hashes()
 
     def reset_prefix_cache(self) -> bool:
+        """Forget every cached hash; only while no request holds blocks. Returns success."""
         return self.pool.reset_prefix_cache()
 
     def take_events(self) -> list[KVEvent]:

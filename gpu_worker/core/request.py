@@ -10,7 +10,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Iterable
 
-from gpu_worker.core.types import EngineCoreRequest, FinishReason
+from gpu_worker.core.types import EngineCoreRequest
 from gpu_worker.sampling_params import SamplingParams
 from llmserve.hashing import BlockHash, block_hashes
 
@@ -24,21 +24,6 @@ class RequestStatus(enum.Enum):
     FINISHED_STOPPED = "finished_stopped"
     FINISHED_LENGTH = "finished_length"
     FINISHED_ABORTED = "finished_aborted"
-
-    @property
-    def is_finished(self) -> bool:
-        return self in _FINISH_REASONS
-
-    @property
-    def finish_reason(self) -> FinishReason | None:
-        return _FINISH_REASONS.get(self)
-
-
-_FINISH_REASONS = {
-    RequestStatus.FINISHED_STOPPED: FinishReason.STOP,
-    RequestStatus.FINISHED_LENGTH: FinishReason.LENGTH,
-    RequestStatus.FINISHED_ABORTED: FinishReason.ABORT,
-}
 
 
 class Request:
@@ -115,10 +100,6 @@ class Request:
     @property
     def num_output_tokens(self) -> int:
         return len(self.output_token_ids)
-
-    @property
-    def is_finished(self) -> bool:
-        return self.status.is_finished
 
     def append_output_token(self, token_id: int) -> None:
         """Append a sampled token and extend the hash chain if a block became full."""

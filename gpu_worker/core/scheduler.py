@@ -22,7 +22,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from gpu_worker.core.kv_cache_manager import KVCacheManager
-from gpu_worker.core.kv_events import KVEvent
 from gpu_worker.core.request import Request, RequestStatus
 from gpu_worker.core.types import (
     PLACEHOLDER_TOKEN_ID,
@@ -35,6 +34,7 @@ from gpu_worker.core.types import (
     SchedulerStats,
     TokenLogprobs,
 )
+from llmserve.kv_events import KVEvent
 
 
 @dataclass
@@ -102,8 +102,6 @@ class Scheduler:
         num_prompt = len(core_request.prompt_token_ids)
         if rid in self._requests:
             raise ValueError(f"request_id {rid!r} is already in use")
-        if num_prompt == 0:
-            raise ValueError("prompt_token_ids must not be empty")
         if num_prompt >= self.max_model_len:
             raise ValueError(
                 f"prompt has {num_prompt} tokens; it must be shorter than "
@@ -358,3 +356,7 @@ class Scheduler:
     def cached_block_hashes(self) -> set[bytes]:
         """Snapshot of every cached block hash (for a full resync of the router's index)."""
         return self.kv.cached_block_hashes()
+
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached block; False (nothing done) while requests hold blocks."""
+        return self.kv.reset_prefix_cache()

@@ -1,58 +1,55 @@
-"""AsyncLLM: the asyncio front of the engine, with the engine core on its own thread.
+"""AsyncLLM: the asyncio front of the engine, over an :class:`EngineCoreClient`.
 
 Threads and ownership:
 
-* the **core thread** owns the :class:`EngineCore` (scheduler, KV pool, model). It loops
-  ``step()`` while there is work and sleeps on a condition when idle. Requests and aborts
-  reach it through ``_inbox`` (a deque guarded by ``_wake``), applied between steps, so
-  gRPC, tokenization and detokenization never stall a step;
+* the **engine core** runs its busy loop where the client put it (a thread of this process,
+  or a child process) and owns the scheduler, the KV pool and the model;
 * the **event loop** owns the :class:`InputProcessor` (tokenization, validation), the
   :class:`OutputProcessor` (detokenization, stop strings) and one ``asyncio.Queue`` per
-  request. The core thread hands each step's outputs over with
-  ``loop.call_soon_threadsafe``.
+  request. It sends adds and aborts straight to the client;
+* the **client's thread** (the core thread, or the reader of the child's pipe) calls
+  :meth:`AsyncLLM._on_result` once per core loop turn: it updates the load snapshot and the KV
+  events, and hands the turn's outputs to each request's event loop in one callback.
 
-A step that raises fails every in-flight request with :class:`EngineDeadError` (never a
-hang) and the engine refuses new work from then on.
+``_lock`` guards what both sides touch: routes (core request id -> event loop and user
+request), pending queries, the stats snapshot, the adds not yet seen by the core, the KV events
+and the dead flag. A core that fails or dies fails every in-flight request with
+:class:`EngineDeadError` (never a hang) and the engine refuses new work from then on.
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
+import itertools
 import logging
 import sys
 import threading
-import time
-from collections import deque
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 from typing import Any
 
 from gpu_worker.config import EngineConfig
-from gpu_worker.core.kv_events import KVEvent
 from gpu_worker.core.types import EngineCoreOutput, SchedulerStats
-from gpu_worker.engine.core import EngineCore
-from gpu_worker.engine.core_proc import EngineCoreProc
+from gpu_worker.engine.core_client import EngineCoreClient, make_core_client
+from gpu_worker.engine.core_messages import (
+    AbortRequests,
+    AddRequest,
+    QueryCachedHashes,
+    ResetPrefixCache,
+    StepResult,
+)
 from gpu_worker.engine.errors import EngineClosedError, EngineDeadError, QueueFullError
 from gpu_worker.engine.output_processor import OutputKind, OutputProcessor, merge_deltas
-from gpu_worker.engine.processor import InputProcessor, ProcessedRequest, PromptType
+from gpu_worker.engine.processor import InputProcessor
 from gpu_worker.outputs import RequestOutput
 from gpu_worker.sampling_params import SamplingParams
+from llmserve.kv_events import KVEvent
+from llmserve.prompt_input import PromptInput
 
 logger = logging.getLogger(__name__)
 
 # Process-wide GIL switch interval set when an AsyncLLM starts (Python's default is 5 ms).
 _GIL_SWITCH_INTERVAL_S = 0.0005
-
-
-@dataclass(frozen=True)
-class _Add:
-    request: ProcessedRequest
-    loop: asyncio.AbstractEventLoop
-
-    @property
-    def num_core_requests(self) -> int:
-        return len(self.request.core_requests)
 
 
 @dataclass(frozen=True)
@@ -63,72 +60,50 @@ class _Route:
     request_id: str
 
 
-@dataclass(frozen=True)
-class _Abort:
-    core_ids: tuple[str, ...]
-    num_core_requests = 0  # adds nothing to the queue
-
-
 class AsyncLLM:
-    """Streams DELTA :class:`RequestOutput`s per request from an engine core thread.
+    """Streams DELTA :class:`RequestOutput`s per request from one engine core.
 
     Use from one event loop at a time. ``generate`` is an async generator: when its consumer
-    lags behind the engine, the deltas waiting in its queue are merged into one output, so
-    a slow stream costs one message per read, not one per engine step. Validation
-    errors (``ValueError``), :class:`QueueFullError` and :class:`EngineClosedError` are
-    raised by its first ``__anext__``; leaving it early (break, cancellation, ``aclose``)
-    aborts the request in the core, which frees its KV blocks before the next step.
+    lags behind the engine, the deltas waiting in its queue are merged into one output, so a
+    slow stream costs one message per read, not one per engine step. Validation errors
+    (``ValueError``), :class:`QueueFullError` and :class:`EngineClosedError` are raised by its
+    first ``__anext__``; leaving it early (break, cancellation, ``aclose``) aborts the request
+    in the core, which frees its KV blocks before the next step.
     """
 
-    def __init__(self, core: EngineCore) -> None:
-        self._core = core
-        self._init_front(core)
-        self._core_lock = threading.Lock()  # held by the core thread while it uses the core
-        self._num_steps = 0  # core thread only, published in stats().extra
-        self._step_time_s = 0.0  # time spent inside EngineCore.step (busy fraction = its rate)
-        self._stats = self._snapshot()  # replaced (never mutated) by the core thread
-        self._start_thread(self._run_core, "engine-core")
-
-    def _init_front(self, core: EngineCore | EngineCoreProc) -> None:
-        """The event-loop side and the state shared with the thread that feeds it."""
-        self._tokenizer = core.tokenizer
-        self._config = core.config  # the effective one (max_model_len filled in)
+    def __init__(self, client: EngineCoreClient) -> None:
+        self.client = client
+        info = client.info
+        self._tokenizer = info.tokenizer
+        self._config = info.config  # the effective one (max_model_len filled in)
         self._processor = InputProcessor(
-            core.tokenizer, core.vocab_size, core.max_model_len, core.eos_token_ids
+            info.tokenizer, info.vocab_size, info.max_model_len, info.eos_token_ids
         )
-        self._outputs = OutputProcessor(core.tokenizer)  # event-loop side only
+        self._outputs = OutputProcessor(info.tokenizer)  # event-loop side only
         self._queues: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}  # event-loop side
-        self._wake = threading.Condition()  # guards _inbox, _num_queued_adds, _stopping
-        self._inbox: deque[_Add | _Abort] = deque()
-        self._num_queued_adds = 0  # core requests in _inbox not yet handed to the scheduler
-        self._stopping = False
-        self._closed = False  # no new requests (shutdown started)
-        self._dead: BaseException | None = None  # set once a step failed
-        self._events_lock = threading.Lock()
+        self._lock = threading.Lock()
+        self._routes: dict[str, _Route] = {}
+        self._queries: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Future[Any]]] = {}
+        self._query_ids = itertools.count()
+        self._stats = info.stats  # replaced (never mutated) by the client's thread
+        self._num_queued_adds = 0  # core requests sent but not yet taken by the core
         self._kv_events: list[KVEvent] = []
-
-    def _start_thread(self, target: Any, name: str) -> None:
+        self._dead: BaseException | None = None  # set once the core failed
+        self._closed = False  # no new requests (shutdown started)
         # Every torch call releases the GIL and must win it back from the event loop, which by
         # default waits out a 5 ms switch interval each time: W4 measured decode steps twice as
-        # long as offline. A short interval keeps the core thread (the critical path) moving.
+        # long as offline with the core on a thread. A short interval keeps the core moving.
         sys.setswitchinterval(min(sys.getswitchinterval(), _GIL_SWITCH_INTERVAL_S))
-        self._thread = threading.Thread(target=target, name=name, daemon=True)
-        self._thread.start()
+        client.start(self._on_result, self._on_dead)
 
     @classmethod
     def from_config(cls, config: EngineConfig) -> AsyncLLM:
         """Load the model and warm it up (blocking: call it from a worker thread if needed).
 
-        With ``config.engine_core_process`` (default: on CUDA) the core runs in a child process
-        (:class:`~gpu_worker.engine.async_llm_proc.AsyncLLMProc`), else on a thread of this one.
+        With ``config.engine_core_process`` (default: on CUDA) the core runs in a child process,
+        else on a thread of this one (:func:`~gpu_worker.engine.core_client.make_core_client`).
         """
-        if _wants_core_process(config):
-            from gpu_worker.engine.async_llm_proc import AsyncLLMProc
-
-            return AsyncLLMProc(EngineCoreProc(config))
-        core = EngineCore(config)
-        core.warmup()
-        return cls(core)
+        return cls(make_core_client(config))
 
     # ------------------------------------------------------------------ properties
 
@@ -146,7 +121,7 @@ class AsyncLLM:
 
     @property
     def max_model_len(self) -> int:
-        return self._config.max_model_len or 0
+        return self.client.info.max_model_len
 
     @property
     def block_size(self) -> int:
@@ -160,7 +135,7 @@ class AsyncLLM:
     # ------------------------------------------------------------------ requests
 
     async def generate(
-        self, prompt: PromptType, params: SamplingParams | None, request_id: str
+        self, prompt: PromptInput, params: SamplingParams | None, request_id: str
     ) -> AsyncGenerator[RequestOutput, None]:
         """Stream the request's outputs as deltas; the last one has ``finished=True``."""
         self._check_accepting()
@@ -171,7 +146,17 @@ class AsyncLLM:
         queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
         self._outputs.add_request(processed, OutputKind.DELTA)
         self._queues[request_id] = queue
-        self._send(_Add(processed, asyncio.get_running_loop()))
+        loop = asyncio.get_running_loop()
+        with self._lock:
+            dead = self._dead
+            if dead is None:
+                for core_request in processed.core_requests:
+                    self._routes[core_request.request_id] = _Route(loop, request_id)
+                self._num_queued_adds += len(processed.core_requests)
+        if dead is None:
+            self.client.send(AddRequest(request_id, processed.core_requests))
+        else:  # died between the admission check and here
+            self._on_error([request_id], _dead_error(dead))
         finished = False
         error: BaseException | None = None  # found behind merged deltas: raised after them
         try:
@@ -197,65 +182,128 @@ class AsyncLLM:
     def _abort_on_loop(self, request_id: str) -> RequestOutput | None:
         core_ids, final = self._outputs.abort_request(request_id)
         if core_ids:
-            self._send(_Abort(tuple(core_ids)))
+            self._abort_in_core(core_ids)
         return final
+
+    def _abort_in_core(self, core_ids: list[str]) -> None:
+        with self._lock:
+            for core_id in core_ids:
+                self._routes.pop(core_id, None)
+        self.client.send(AbortRequests(tuple(core_ids)))
 
     def _check_accepting(self) -> None:
         if self._dead is not None:
-            raise EngineDeadError(f"the engine core failed: {self._dead!r}")
+            raise _dead_error(self._dead)
         if self._closed:
             raise EngineClosedError("the engine is shut down")
 
     def _check_queue_room(self) -> None:
-        with self._wake:
+        with self._lock:
             waiting = self._stats.num_waiting + self._num_queued_adds
         if waiting >= self._config.max_queue_len:
             raise QueueFullError(
                 f"{waiting} requests are waiting (max_queue_len {self._config.max_queue_len})"
             )
 
-    def _send(self, command: _Add | _Abort) -> None:
-        with self._wake:
-            self._inbox.append(command)
-            self._num_queued_adds += command.num_core_requests
-            self._wake.notify()
-
-    # ------------------------------------------------------------------ observability
+    # ------------------------------------------------------------------ queries and observability
 
     def stats(self) -> SchedulerStats:
-        """Load as of the last step (a snapshot; safe from any thread).
+        """Load as of the core's last reported turn (a snapshot; safe from any thread).
 
         ``extra`` holds ``engine_steps`` and ``engine_step_time_s`` (cumulative seconds inside
-        ``EngineCore.step``): their rate over wall time is how busy the core thread kept the device.
+        ``EngineCore.step``): their rate over wall time is how busy the core kept the device.
         """
         return self._stats
 
     def take_kv_events(self) -> list[KVEvent]:
         """KV block events since the last call (safe from any thread)."""
-        with self._events_lock:
+        with self._lock:
             events, self._kv_events = self._kv_events, []
         return events
 
-    def cached_block_hashes(self) -> set[bytes]:
-        """Every cached block hash; waits for the current step to end (rare: full resyncs)."""
-        with self._core_lock:
-            return self._core.cached_block_hashes()
+    async def cached_block_hashes(self) -> set[bytes]:
+        """Every cached block hash, answered by the core between two steps (the event loop
+        keeps serving meanwhile)."""
+        hashes: set[bytes] = await self._query(QueryCachedHashes)
+        return hashes
+
+    async def reset_prefix_cache(self) -> bool:
+        """Forget every cached block (benchmarks' cold runs); False while requests hold blocks."""
+        done: bool = await self._query(ResetPrefixCache)
+        return done
+
+    async def _query(self, make: Callable[[int], Any]) -> Any:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        with self._lock:
+            if self._dead is not None:
+                raise _dead_error(self._dead)
+            query_id = next(self._query_ids)
+            self._queries[query_id] = (loop, future)
+        self.client.send(make(query_id))
+        return await future
 
     async def shutdown(self) -> None:
-        """Refuse new requests, fail the open streams with EngineClosedError, stop the core thread."""
-        self._close_streams()
-        with self._wake:
-            self._stopping = True
-            self._wake.notify()
-        await asyncio.get_running_loop().run_in_executor(None, self._thread.join)
-
-    def _close_streams(self) -> None:
+        """Refuse new requests, fail the open streams with EngineClosedError, stop the core."""
         self._closed = True
         for request_id, queue in list(self._queues.items()):
             self._abort_on_loop(request_id)
             queue.put_nowait(EngineClosedError("the engine shut down"))
+        await asyncio.get_running_loop().run_in_executor(None, self.client.shutdown)
 
-    # ------------------------------------------------------------------ event-loop side of outputs
+    # ------------------------------------------------------------------ the client's thread
+
+    def _on_result(self, result: StepResult) -> None:
+        """One core loop turn (client thread): state first, so a consumer that sees the
+        outputs sees stats at least as new."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[EngineCoreOutput]] = {}
+        failed: list[tuple[_Route, BaseException]] = []
+        replies: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[Any], Any]] = []
+        with self._lock:
+            if result.stats is not None:  # None: the core held an unchanged snapshot back
+                self._stats = result.stats
+            self._num_queued_adds -= result.num_applied_adds
+            self._kv_events.extend(result.kv_events)
+            for add in result.failed_adds:
+                failed.extend(
+                    (self._routes.pop(cid), add.error)
+                    for cid in [c for c, r in self._routes.items() if r.request_id == add.request_id]
+                )
+            for query_id, value in result.replies:
+                entry = self._queries.pop(query_id, None)
+                if entry is not None:
+                    replies.append((*entry, value))
+            for output in result.outputs:
+                route = self._routes.get(output.request_id)
+                if route is None:
+                    continue  # aborted by the front meanwhile
+                if output.finished:
+                    del self._routes[output.request_id]
+                by_loop.setdefault(route.loop, []).append(output)
+        for route, error in {r.request_id: (r, e) for r, e in failed}.values():
+            _post(route.loop, self._on_error, [route.request_id], error)
+        for loop, future, value in replies:
+            _post(loop, _resolve, future, value)
+        for loop, outputs in by_loop.items():
+            if not _post(loop, self._on_outputs, outputs):  # nobody listens: free their blocks
+                self.client.send(AbortRequests(tuple(o.request_id for o in outputs)))
+
+    def _on_dead(self, exc: BaseException) -> None:
+        """The core failed or died (client thread): fail every request and query in flight."""
+        error = _dead_error(exc)
+        with self._lock:
+            self._dead = exc
+            routes, self._routes = self._routes, {}
+            queries, self._queries = self._queries, {}
+        for loop, future in queries.values():
+            _post(loop, _fail, future, error)
+        by_loop: dict[asyncio.AbstractEventLoop, set[str]] = {}
+        for route in routes.values():
+            by_loop.setdefault(route.loop, set()).add(route.request_id)
+        for loop, request_ids in by_loop.items():
+            _post(loop, self._on_error, sorted(request_ids), error)
+
+    # ------------------------------------------------------------------ event-loop side of results
 
     def _on_outputs(self, outputs: list[EngineCoreOutput]) -> None:
         processed = self._outputs.process_outputs(outputs)
@@ -264,7 +312,7 @@ class AsyncLLM:
             if queue is not None:
                 queue.put_nowait(output)
         if processed.reqs_to_abort:  # ended by a stop string: free their KV blocks now
-            self._send(_Abort(tuple(processed.reqs_to_abort)))
+            self._abort_in_core(processed.reqs_to_abort)
 
     def _on_error(self, request_ids: list[str], error: BaseException) -> None:
         for request_id in request_ids:
@@ -273,120 +321,29 @@ class AsyncLLM:
             if queue is not None:
                 queue.put_nowait(error)
 
-    # ------------------------------------------------------------------ core thread
 
-    def _run_core(self) -> None:
-        routes: dict[str, _Route] = {}  # core request id -> where its outputs go
-        has_work = False
-        while True:
-            with self._wake:
-                while not self._inbox and not has_work and not self._stopping:
-                    self._wake.wait()
-                if self._stopping:
-                    return
-                commands = list(self._inbox)
-                self._inbox.clear()
-            with self._core_lock:
-                try:
-                    self._apply(commands, routes)
-                    # Requests just added count as queued until this snapshot shows them waiting.
-                    self._publish_state(num_applied_adds=sum(c.num_core_requests for c in commands))
-                    if self._core.has_unfinished():
-                        start = time.perf_counter()
-                        outputs = self._core.step()
-                        self._num_steps += 1
-                        self._step_time_s += time.perf_counter() - start
-                        self._publish_state()  # before the outputs: a consumer sees stats at least as new
-                        self._dispatch(outputs, routes)
-                    has_work = self._core.has_unfinished()
-                except Exception as exc:  # a failed step must not leave streams hanging
-                    logger.exception("engine core step failed; failing %d requests", len(routes))
-                    self._die(exc, routes)
-                    return
-
-    def _apply(self, commands: list[_Add | _Abort], routes: dict[str, _Route]) -> None:
-        for command in commands:
-            if isinstance(command, _Abort):
-                self._core.abort(command.core_ids)
-                for core_id in command.core_ids:
-                    routes.pop(core_id, None)
-                continue
-            added: list[str] = []
-            try:
-                for core_request in command.request.core_requests:
-                    self._core.add_request(core_request)
-                    added.append(core_request.request_id)
-                    routes[core_request.request_id] = _Route(command.loop, command.request.request_id)
-            except ValueError as exc:
-                self._core.abort(added)
-                for core_id in added:
-                    routes.pop(core_id, None)
-                self._post(command.loop, self._on_error, [command.request.request_id], exc)
-
-    def _dispatch(self, outputs: list[EngineCoreOutput], routes: dict[str, _Route]) -> None:
-        by_loop: dict[asyncio.AbstractEventLoop, list[EngineCoreOutput]] = {}
-        for output in outputs:
-            route = routes.get(output.request_id)
-            if route is None:
-                continue  # aborted by the front meanwhile
-            if output.finished:
-                del routes[output.request_id]
-            by_loop.setdefault(route.loop, []).append(output)
-        for loop, loop_outputs in by_loop.items():
-            if not self._post(loop, self._on_outputs, loop_outputs):
-                self._abort_in_core([o.request_id for o in loop_outputs])
-
-    def _abort_in_core(self, core_ids: list[str]) -> None:
-        self._core.abort(core_ids)
-
-    @staticmethod
-    def _post(loop: asyncio.AbstractEventLoop, callback: Any, *args: Any) -> bool:
-        try:
-            loop.call_soon_threadsafe(callback, *args)
-        except RuntimeError:  # the loop is closed: nobody is listening any more
-            return False
-        return True
-
-    def _snapshot(self) -> SchedulerStats:
-        stats = self._core.stats()
-        extra = {"engine_steps": float(self._num_steps), "engine_step_time_s": self._step_time_s}
-        return dataclasses.replace(stats, extra={**stats.extra, **extra})
-
-    def _publish_state(self, num_applied_adds: int = 0) -> None:
-        stats = self._snapshot()
-        with self._wake:
-            self._stats = stats
-            self._num_queued_adds -= num_applied_adds
-        events = self._core.take_kv_events()
-        if events:
-            with self._events_lock:
-                self._kv_events.extend(events)
-
-    def _die(self, exc: BaseException, routes: dict[str, _Route]) -> None:
-        self._dead = exc
-        error = EngineDeadError(f"the engine core failed: {exc!r}")
-        error.__cause__ = exc
-        by_loop: dict[asyncio.AbstractEventLoop, list[str]] = {}
-        for route in routes.values():
-            by_loop.setdefault(route.loop, []).append(route.request_id)
-        with self._wake:
-            for command in self._inbox:
-                if isinstance(command, _Add):
-                    by_loop.setdefault(command.loop, []).append(command.request.request_id)
-            self._inbox.clear()
-        for loop, request_ids in by_loop.items():
-            self._post(loop, self._on_error, sorted(set(request_ids)), error)
+def _dead_error(exc: BaseException) -> EngineDeadError:
+    error = EngineDeadError(f"the engine core failed: {exc!r}")
+    error.__cause__ = exc
+    return error
 
 
-def _wants_core_process(config: EngineConfig) -> bool:
-    """``engine_core_process``, or when unset (auto): whether the engine runs on CUDA."""
-    if config.engine_core_process is not None:
-        return config.engine_core_process
-    if config.device == "auto":
-        import torch
+def _post(loop: asyncio.AbstractEventLoop, callback: Callable[..., None], *args: Any) -> bool:
+    try:
+        loop.call_soon_threadsafe(callback, *args)
+    except RuntimeError:  # the loop is closed: nobody is listening any more
+        return False
+    return True
 
-        return bool(torch.cuda.is_available())
-    return config.device.startswith("cuda")
+
+def _resolve(future: asyncio.Future[Any], value: Any) -> None:
+    if not future.done():
+        future.set_result(value)
+
+
+def _fail(future: asyncio.Future[Any], error: BaseException) -> None:
+    if not future.done():
+        future.set_exception(error)
 
 
 def _coalesce(

@@ -1,30 +1,48 @@
 """EngineCore: one model, its KV pool and the step loop (schedule -> execute -> update).
 
-Not thread-safe: exactly one thread drives it (the caller of LLMEngine, or AsyncLLM's
-core thread). Requests arrive validated (see :mod:`gpu_worker.engine.processor`).
+Not thread-safe: exactly one thread drives it. The offline :class:`~gpu_worker.engine.
+llm_engine.LLMEngine` calls :meth:`EngineCore.add_requests` / :meth:`EngineCore.step` itself;
+every serving mode runs :meth:`EngineCore.run_busy_loop` (on a thread or in a child process,
+:mod:`gpu_worker.engine.core_client`), whose turn :meth:`EngineCore.run_once` is the only
+code that applies commands, steps for the front and counts step statistics. Requests arrive
+validated (see :mod:`gpu_worker.engine.processor`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 from gpu_worker.config import EngineConfig
 from gpu_worker.core.kv_cache_manager import KVCacheManager
-from gpu_worker.core.kv_events import KVEvent
 from gpu_worker.core.scheduler import Scheduler
 from gpu_worker.core.types import EngineCoreOutput, EngineCoreRequest, SchedulerOutput, SchedulerStats
+from gpu_worker.engine.core_messages import (
+    AbortRequests,
+    AddFailed,
+    AddRequest,
+    Command,
+    CoreInfo,
+    QueryCachedHashes,
+    ResetPrefixCache,
+    Shutdown,
+    StepResult,
+)
 from gpu_worker.model_executor import loader
+from gpu_worker.model_executor.model_config import max_context_len
 from gpu_worker.worker import kv_sizing
 from gpu_worker.worker.model_runner import ModelRunner, PendingRunnerOutput
+from llmserve.kv_events import KVEvent
 
 logger = logging.getLogger(__name__)
 
 # Files of which at least one is present wherever ``AutoTokenizer.from_pretrained`` can load.
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+_STATS_INTERVAL_S = 0.05  # while stepping, a stats snapshot is reported at least this often
 
 
 def skips_tokenizer(config: EngineConfig, model_dir: Path) -> bool:
@@ -44,18 +62,22 @@ class EngineCore:
     ``tokenizer`` is None when the model is served without one (:func:`skips_tokenizer`);
     EOS ids then come from the config and generation_config.json alone.
 
-    ``max_model_len`` is the smallest of the configured value, the model's context
-    length and the KV pool's token capacity, so a request that fits the context always
-    fits the pool (preemption can always make progress).
+    ``max_model_len`` is the smallest of the configured value, the model's context length and
+    the KV pool's token capacity, so a request that fits the context always fits the pool
+    (preemption can always make progress). It is computed once, here; ``config`` is the
+    effective configuration (device defaults and ``max_model_len`` filled in).
 
     With async scheduling (``config.async_scheduling``; auto: on CUDA) a step plans and
     launches step k+1 before it waits for step k's sampled ids, so scheduling, input
     preparation and output handling run while the device computes. Each ``step()`` then
     reports what step k produced. A token sampled for a request that step k already
     finished is dropped (it costs one wasted slot, never a wrong token).
+
+    ``kv_events``: record KV block stored/removed events for a fleet publisher
+    (:meth:`take_kv_events`); off for the offline API, which has nobody to drain them.
     """
 
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, kv_events: bool = True) -> None:
         source = loader.resolve_model(config.model)
         self.hf_config = loader.load_hf_config(source)
         skip = skips_tokenizer(config, source.model_dir)
@@ -64,53 +86,69 @@ class EngineCore:
         self.vocab_size = int(self.hf_config.vocab_size)
         self.device = loader.resolve_device(config.device)
         self.dtype = loader.resolve_dtype(config.dtype, self.device)
+        config = config.with_device_defaults(self.device.type)
         model = loader.load_model(config, self.device, self.dtype, source=source, hf_config=self.hf_config)
+        self.runner = ModelRunner(config, model, self.hf_config, self.device, self.dtype, self.eos_token_ids)
+        context_len = max_context_len(self.hf_config)
+        if config.max_model_len is not None:
+            context_len = min(context_len, config.max_model_len)
         # On CUDA without an explicit size, the pool gets what a profiled maximum-size step leaves.
         self.num_kv_blocks = kv_sizing.num_kv_blocks(
-            config,
-            self.hf_config,
-            self.device,
-            self.dtype,
-            lambda: kv_sizing.profile_peak_bytes(config, model, self.hf_config, self.device, self.dtype),
+            config, self.hf_config, self.device, self.dtype, lambda: self.runner.profile_run(context_len)
         )
-        self.max_model_len = self._max_model_len(config)
-        # From here on the config carries the effective context length.
+        self.max_model_len = min(context_len, self.num_kv_blocks * config.block_size)
         self.config = config = dataclasses.replace(config, max_model_len=self.max_model_len)
-        self.kv = KVCacheManager(self.num_kv_blocks, config.block_size, config.enable_prefix_caching)
+        self.runner.initialize_kv_cache(self.num_kv_blocks, self.max_model_len)
+        self.kv = KVCacheManager(
+            self.num_kv_blocks, config.block_size, config.enable_prefix_caching, record_events=kv_events
+        )
         self.scheduler = Scheduler(
             self.kv,
             max_num_seqs=config.max_num_seqs,
-            max_num_batched_tokens=config.max_num_batched_tokens,
+            max_num_batched_tokens=config.token_budget,
             max_model_len=self.max_model_len,
             block_size=config.block_size,
             hash_seed=config.model_name,
-        )
-        self.runner = ModelRunner(
-            config, model, self.hf_config, self.device, self.dtype, self.num_kv_blocks, self.eos_token_ids
         )
         self.async_scheduling = (
             self.device.type == "cuda" if config.async_scheduling is None else config.async_scheduling
         )
         self._in_flight: tuple[SchedulerOutput, PendingRunnerOutput] | None = None
+        self._num_steps = 0  # steps run by run_once (reported in stats().extra)
+        self._step_time_s = 0.0  # seconds inside step() during run_once (busy fraction = its rate)
+        self._stats_key: tuple[int, int, int] | None = None
+        self._stats_sent_at = 0.0
         logger.info(
-            "engine core ready: model %s on %s (%s), %d KV blocks of %d tokens, max_model_len %d",
+            "engine core ready: model %s on %s (%s), %d KV blocks of %d tokens, max_model_len %d, "
+            "max_num_batched_tokens %d",
             config.model_name, self.device, self.dtype, self.num_kv_blocks, config.block_size,
-            self.max_model_len,
+            self.max_model_len, config.token_budget,
         )
 
-    def _max_model_len(self, config: EngineConfig) -> int:
-        limits = [loader.max_context_len(self.hf_config), self.num_kv_blocks * config.block_size]
-        if config.max_model_len is not None:
-            limits.append(config.max_model_len)
-        return min(limits)
+    def info(self) -> CoreInfo:
+        """What a front needs to know of this core (also sent by a child process when ready)."""
+        return CoreInfo(
+            self.config, self.tokenizer, self.vocab_size, self.max_model_len,
+            frozenset(self.eos_token_ids), self.stats(),
+        )
 
     def warmup(self) -> None:
         """Run the model once on dummy inputs so the first request pays no start-up cost."""
         self.runner.warmup()
 
-    def add_request(self, request: EngineCoreRequest) -> None:
-        """Queue a validated request (``ValueError`` if the scheduler refuses it)."""
-        self.scheduler.add_request(request)
+    # ------------------------------------------------------------------ requests and steps
+
+    def add_requests(self, core_requests: Sequence[EngineCoreRequest]) -> None:
+        """Queue the core requests of one user request, all or none: when the scheduler refuses
+        one (``ValueError``), those already added are aborted and the error is raised."""
+        added: list[str] = []
+        try:
+            for request in core_requests:
+                self.scheduler.add_request(request)
+                added.append(request.request_id)
+        except ValueError:
+            self.scheduler.abort(added)
+            raise
 
     def abort(self, request_ids: Iterable[str]) -> list[EngineCoreOutput]:
         """Finish requests with ABORT and free their KV blocks; unknown ids are ignored."""
@@ -135,8 +173,80 @@ class EngineCore:
             return []
         return self.scheduler.update(in_flight[0], in_flight[1].result())
 
+    # ------------------------------------------------------------------ the serving loop
+
+    def run_busy_loop(
+        self, take_commands: Callable[[bool], list[Command]], emit: Callable[[StepResult], None]
+    ) -> None:
+        """Serve until a :class:`Shutdown` command: each turn takes the waiting commands
+        (``take_commands(block)`` blocks for at least one when the core is idle), runs
+        :meth:`run_once` and hands its result to ``emit``. A step that raises ends the loop with
+        that exception (the caller fails every request in flight)."""
+        while True:
+            result = self.run_once(take_commands(not self.has_unfinished()))
+            if result is None:
+                return
+            emit(result)
+
+    def run_once(self, commands: Sequence[Command]) -> StepResult | None:
+        """One turn: apply ``commands`` in order, step once if there is work, report.
+
+        None means a :class:`Shutdown` was among the commands (nothing after it is applied).
+        """
+        failed: list[AddFailed] = []
+        replies: list[tuple[int, Any]] = []
+        num_adds = 0
+        for command in commands:
+            if isinstance(command, Shutdown):
+                return None
+            if isinstance(command, AddRequest):
+                num_adds += len(command.core_requests)
+                try:
+                    self.add_requests(command.core_requests)
+                except ValueError as exc:
+                    failed.append(AddFailed(command.request_id, exc))
+            elif isinstance(command, AbortRequests):
+                self.abort(command.core_ids)
+            elif isinstance(command, QueryCachedHashes):
+                replies.append((command.query_id, self.cached_block_hashes()))
+            elif isinstance(command, ResetPrefixCache):
+                replies.append((command.query_id, self.reset_prefix_cache()))
+        outputs: list[EngineCoreOutput] = []
+        if self.has_unfinished():
+            start = time.perf_counter()
+            outputs = self.step()
+            self._num_steps += 1
+            self._step_time_s += time.perf_counter() - start
+        eventful = bool(num_adds or failed or replies)
+        return StepResult(outputs, self._stats_to_report(eventful), self.take_kv_events(), num_adds,
+                          failed, replies)
+
+    def _stats_to_report(self, eventful: bool) -> SchedulerStats | None:
+        """A stats snapshot whenever the request counts change (or something was added, failed
+        or queried), when the core goes idle (so the final state is always seen), and at least
+        every ``_STATS_INTERVAL_S`` while stepping; None (keep the last one) otherwise."""
+        stats = self.stats()
+        key = (stats.num_running, stats.num_waiting, stats.num_preemptions)
+        now = time.monotonic()
+        if (
+            eventful
+            or not self.has_unfinished()
+            or key != self._stats_key
+            or now - self._stats_sent_at >= _STATS_INTERVAL_S
+        ):
+            self._stats_key, self._stats_sent_at = key, now
+            return stats
+        return None
+
+    # ------------------------------------------------------------------ observability
+
     def stats(self) -> SchedulerStats:
-        return self.scheduler.stats()
+        """Scheduler load, with ``engine_steps`` and ``engine_step_time_s`` (cumulative seconds
+        inside :meth:`step` during :meth:`run_once`) in ``extra``: their rate over wall time is
+        how busy the loop kept the device."""
+        stats = self.scheduler.stats()
+        extra = {"engine_steps": float(self._num_steps), "engine_step_time_s": self._step_time_s}
+        return dataclasses.replace(stats, extra={**stats.extra, **extra})
 
     def take_kv_events(self) -> list[KVEvent]:
         """KV block stored/removed events since the last call."""
@@ -145,3 +255,7 @@ class EngineCore:
     def cached_block_hashes(self) -> set[bytes]:
         """Hashes of every block in the prefix cache (for a full resync of the router's index)."""
         return self.scheduler.cached_block_hashes()
+
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached block (benchmarks' cold runs); False while requests hold blocks."""
+        return self.scheduler.reset_prefix_cache()

@@ -1,7 +1,9 @@
 """LLMEngine: the synchronous engine (input processor + engine core + output processor).
 
 The caller drives it: ``add_request`` then ``step()`` until ``has_unfinished_requests()``
-is False. Used by the offline :class:`gpu_worker.llm.LLM`.
+is False. Used by the offline :class:`gpu_worker.llm.LLM`. It calls the core directly (vLLM's
+in-process client) through the same all-or-none add (:meth:`EngineCore.add_requests`) the
+serving loop uses.
 """
 
 from __future__ import annotations
@@ -13,9 +15,10 @@ from gpu_worker.config import EngineConfig
 from gpu_worker.core.types import SchedulerStats
 from gpu_worker.engine.core import EngineCore
 from gpu_worker.engine.output_processor import OutputKind, OutputProcessor
-from gpu_worker.engine.processor import InputProcessor, ProcessedRequest, PromptType
+from gpu_worker.engine.processor import InputProcessor, ProcessedRequest
 from gpu_worker.outputs import RequestOutput
 from gpu_worker.sampling_params import SamplingParams
+from llmserve.prompt_input import PromptInput
 
 
 class LLMEngine:
@@ -30,8 +33,9 @@ class LLMEngine:
 
     @classmethod
     def from_config(cls, config: EngineConfig) -> LLMEngine:
-        """Load the model (blocking) and warm it up."""
-        core = EngineCore(config)
+        """Load the model (blocking) and warm it up. No KV events are recorded: offline, nobody
+        publishes them."""
+        core = EngineCore(config, kv_events=False)
         core.warmup()
         return cls(core)
 
@@ -46,7 +50,7 @@ class LLMEngine:
     def add_request(
         self,
         request_id: str,
-        prompt: PromptType,
+        prompt: PromptInput,
         params: SamplingParams | None = None,
         kind: OutputKind = OutputKind.CUMULATIVE,
         priority: int = 0,
@@ -55,15 +59,11 @@ class LLMEngine:
         self.add_processed(self.processor.process(request_id, prompt, params, priority=priority), kind)
 
     def add_processed(self, processed: ProcessedRequest, kind: OutputKind) -> None:
-        """Queue a request already validated by ``self.processor``."""
+        """Queue a request already validated by ``self.processor`` (all its samples or none)."""
         self.output_processor.add_request(processed, kind)
-        added: list[str] = []
         try:
-            for core_request in processed.core_requests:
-                self.core.add_request(core_request)
-                added.append(core_request.request_id)
+            self.core.add_requests(processed.core_requests)
         except BaseException:
-            self.core.abort(added)
             self.output_processor.abort_request(processed.request_id)
             raise
 
@@ -82,6 +82,10 @@ class LLMEngine:
         if processed.reqs_to_abort:  # finished by a stop string: free their KV now
             self.core.abort(processed.reqs_to_abort)
         return processed.request_outputs
+
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached block (cold-cache runs); False while requests hold blocks."""
+        return self.core.reset_prefix_cache()
 
     def stats(self) -> SchedulerStats:
         return self.core.stats()

@@ -14,17 +14,7 @@ from typing import Any
 
 from gpu_worker.core.types import EngineCoreRequest
 from gpu_worker.sampling_params import SamplingParams
-
-
-@dataclass(frozen=True)
-class ChatPrompt:
-    """A conversation to render with the model's chat template (roles and contents)."""
-
-    messages: list[dict[str, str]]
-    add_generation_prompt: bool = True
-
-
-PromptType = str | Sequence[int] | ChatPrompt
+from llmserve.prompt_input import ChatPrompt, PromptInput, check_prompt_input
 
 NO_TOKENIZER = "this model has no tokenizer"
 
@@ -63,40 +53,31 @@ class InputProcessor:
         self.max_model_len = max_model_len
         self.eos_token_ids = eos_token_ids
 
-    def render_chat(self, messages: Sequence[dict[str, str]], add_generation_prompt: bool = True) -> str:
-        """The prompt text of a conversation, through the tokenizer's chat template."""
+    def render_chat(self, prompt: ChatPrompt) -> str:
+        """The prompt text of a (checked) conversation, through the tokenizer's chat template."""
         self._require_tokenizer("messages")
-        if not messages:
-            raise ValueError("messages must not be empty")
-        for i, message in enumerate(messages):
-            if not isinstance(message, dict) or "role" not in message or "content" not in message:
-                raise ValueError(f"messages[{i}] must have a role and a content")
         text = self.tokenizer.apply_chat_template(
-            list(messages), add_generation_prompt=add_generation_prompt, tokenize=False
+            [dict(m) for m in prompt.messages], add_generation_prompt=prompt.add_generation_prompt,
+            tokenize=False,
         )
         return str(text)
 
-    def tokenize(self, prompt: PromptType) -> tuple[str | None, tuple[int, ...]]:
+    def tokenize(self, prompt: PromptInput) -> tuple[str | None, tuple[int, ...]]:
         """(prompt text or None, prompt token ids), without length or vocabulary checks."""
+        check_prompt_input(prompt)
         if isinstance(prompt, ChatPrompt):
-            text = self.render_chat(prompt.messages, prompt.add_generation_prompt)
+            text = self.render_chat(prompt)
             # The template already holds the special tokens (BOS) the model expects.
             return text, tuple(self.tokenizer.encode(text, add_special_tokens=False))
         if isinstance(prompt, str):
             self._require_tokenizer("prompt")
-            if not prompt:
-                raise ValueError("prompt must not be empty")
             return prompt, tuple(self.tokenizer.encode(prompt))
-        if isinstance(prompt, Sequence):
-            if not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-                raise ValueError("prompt_token_ids must be a list of integers")
-            return None, tuple(int(t) for t in prompt)
-        raise ValueError(f"prompt must be a string, a list of token ids or a ChatPrompt, got {type(prompt)}")
+        return None, tuple(int(t) for t in prompt)
 
     def process(
         self,
         request_id: str,
-        prompt: PromptType,
+        prompt: PromptInput,
         params: SamplingParams | None = None,
         arrival_time: float | None = None,
         priority: int = 0,
@@ -136,9 +117,10 @@ class InputProcessor:
             raise ValueError(f"{field}: {NO_TOKENIZER}: send prompt_token_ids")
 
     def check_prompt_token_ids(self, ids: Sequence[int], field: str) -> None:
-        """Raise ``ValueError`` naming ``field`` for an empty, too long or out-of-vocabulary prompt."""
+        """Raise ``ValueError`` naming ``field`` for tokenized ids that are none, too many for
+        the context or outside the vocabulary (empty inputs are refused before tokenizing)."""
         if not ids:
-            raise ValueError(f"{field} must not be empty")
+            raise ValueError(f"{field} produced no tokens")
         if len(ids) >= self.max_model_len:
             raise ValueError(
                 f"{field} is too long: {len(ids)} tokens; the model's context (max_model_len) is "

@@ -20,6 +20,7 @@ from torch import nn
 
 from gpu_worker.config import EngineConfig
 from gpu_worker.model_executor.gguf_cache import convert_gguf, fill_architectures
+from gpu_worker.model_executor.layers.linear import transpose_linears
 from gpu_worker.model_executor.layers.rotary import RotaryEmbedding
 from gpu_worker.model_executor.models.registry import resolve_model_class
 from gpu_worker.model_executor.weights import fill_random, iter_safetensors
@@ -111,17 +112,6 @@ def eos_token_ids(source: ModelSource, hf_config: Any, tokenizer: Any | None = N
     return frozenset(ids)
 
 
-def max_context_len(hf_config: Any) -> int:
-    """The longest sequence we serve exactly: ``max_position_embeddings``, capped by the
-    attention window when the config enables sliding-window attention (Mistral). Our attention
-    is full causal, which equals sliding-window attention only within the window."""
-    limit = int(hf_config.max_position_embeddings)
-    window = getattr(hf_config, "sliding_window", None)
-    if window and getattr(hf_config, "use_sliding_window", True):
-        limit = min(limit, int(window))
-    return limit
-
-
 def build_model(hf_config: Any, device: torch.device, dtype: torch.dtype) -> nn.Module:
     """The registry's class for ``hf_config``, on ``device`` in ``dtype``, weights uninitialized."""
     cls = resolve_model_class(getattr(hf_config, "architectures", None))
@@ -143,15 +133,18 @@ def load_model(
     source: ModelSource | None = None,
     hf_config: Any | None = None,
 ) -> nn.Module:
-    """Build the model and fill its weights (checkpoint, or random for ``load_format="dummy"``)."""
+    """Build the model, fill its weights (checkpoint, or random for ``load_format="dummy"``) and
+    put them in the device's layout (on the CPU: transposed projections, ``layers/linear.py``)."""
     source = source or resolve_model(config.model)
     hf_config = hf_config or load_hf_config(source)
     model = build_model(hf_config, device, dtype)
     if config.load_format == "dummy":
         fill_random(model, config.seed)
-        return model.eval()
-    loaded = model.load_weights(iter_safetensors(source.model_dir, device))  # type: ignore[operator]
-    missing = sorted({name for name, _ in model.named_parameters()} - loaded)
-    if missing:
-        raise ValueError(f"checkpoint {source.model_dir} lacks weights for {missing[:5]}")
+    else:
+        loaded = model.load_weights(iter_safetensors(source.model_dir, device))  # type: ignore[operator]
+        missing = sorted({name for name, _ in model.named_parameters()} - loaded)
+        if missing:
+            raise ValueError(f"checkpoint {source.model_dir} lacks weights for {missing[:5]}")
+    if device.type == "cpu":
+        transpose_linears(model)  # the CPU's faster weight layout at batch 1
     return model.eval()

@@ -6,7 +6,6 @@ Thin glue between :class:`~gpu_worker.server.service.WorkerService` and
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 from typing import Any
 
@@ -15,18 +14,12 @@ from gpu_worker.server.service import WorkerService
 logger = logging.getLogger(__name__)
 
 
-def check_available() -> None:
-    """Raise a clear error when the fleet package is missing from this installation."""
-    if importlib.util.find_spec("llmserve.fleet") is None:
-        raise RuntimeError("--redis-url needs the llmserve.fleet package, which this installation lacks")
-
-
 def _load_fn(service: WorkerService) -> Any:
-    from llmserve.fleet import WorkerLoad
+    from llmserve.fleet import LoadReport
 
-    def load() -> WorkerLoad:
+    def load() -> LoadReport:
         snap = service.snapshot()
-        return WorkerLoad(
+        return LoadReport(
             num_running=snap.stats.num_running,
             num_waiting=snap.stats.num_waiting,
             kv_usage=snap.stats.kv_usage,
@@ -46,7 +39,6 @@ class FleetLink:
     """
 
     def __init__(self, service: WorkerService, redis_url: str | None = None, store: Any = None) -> None:
-        check_available()
         from llmserve.fleet import WorkerIdentity, WorkerPublisher, open_store
 
         if store is None and not redis_url:
@@ -54,7 +46,7 @@ class FleetLink:
         self._owns_store = store is None
         self._store = store if store is not None else open_store(redis_url)
         snap = service.snapshot()
-        engine: Any = service.engine
+        engine = service.engine
         identity = WorkerIdentity(
             snap.worker_id, snap.model, snap.address, snap.block_size, snap.max_model_len
         )

@@ -23,7 +23,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from gpu_worker.server.service import GenerateCall
+from gpu_worker.server.types import GenerateCall
 from llmserve.telemetry.logging import log_request_finished
 from llmserve.telemetry.metrics import WorkerMetrics
 from llmserve.telemetry.timeline import RequestTimeline

@@ -32,7 +32,8 @@ from gpu_worker.core.types import SchedulerStats
 from gpu_worker.server.engine_metrics import EngineMetrics
 from gpu_worker.server.interceptor import ErrorInterceptor
 from gpu_worker.server.request_telemetry import RequestTelemetry
-from gpu_worker.server.service import ServedEngine, WorkerService
+from gpu_worker.server.service import WorkerService
+from gpu_worker.server.types import ServedEngine
 from llmserve.gc_tuning import freeze_startup_objects, unfreeze_objects
 from llmserve.grpc_server import GENERATION_SERVICE, add_health_and_reflection, bind_server, dial_target
 from llmserve.telemetry.tracing import Tracing
@@ -154,10 +155,6 @@ class WorkerServer:
 
     async def start(self) -> None:
         """Bind, start answering (health NOT_SERVING), and load the engine in the background."""
-        if self.config.redis_url:
-            from gpu_worker.server.fleet_link import check_available
-
-            check_available()  # fail now, not after minutes of model loading
         # The limit is on what clients send; replies (GetTokenizer: megabytes) are not capped.
         options = [("grpc.max_receive_message_length", self.config.max_message_bytes)]
         # Tracing first: its SERVER span then sees the status the error interceptor sets.

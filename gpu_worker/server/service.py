@@ -13,47 +13,15 @@ import logging
 from collections.abc import AsyncGenerator
 from contextlib import aclosing
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any
 
 from gpu_worker.core.types import SchedulerStats
-from gpu_worker.sampling_params import SamplingParams
 from gpu_worker.server.errors import ModelNotFound, NoTokenizer, Overloaded, Unavailable
+from gpu_worker.server.request_telemetry import RequestTelemetry
 from gpu_worker.server.tokenizer_files import tokenizer_files
-
-if TYPE_CHECKING:
-    from gpu_worker.server.request_telemetry import RequestTelemetry
+from gpu_worker.server.types import GenerateCall, ServedEngine
 
 logger = logging.getLogger(__name__)
-
-
-class ServedEngine(Protocol):
-    """The part of ``gpu_worker.engine.async_llm.AsyncLLM`` the server uses."""
-
-    @property
-    def tokenizer(self) -> Any: ...
-    @property
-    def model_name(self) -> str: ...
-    @property
-    def max_model_len(self) -> int: ...
-    @property
-    def block_size(self) -> int: ...
-    @property
-    def config(self) -> Any: ...
-
-    def generate(self, prompt: Any, params: SamplingParams, request_id: str) -> AsyncGenerator[Any, None]: ...
-    async def abort(self, request_id: str) -> None: ...
-    def stats(self) -> SchedulerStats: ...
-    async def shutdown(self) -> None: ...
-
-
-@dataclass(frozen=True)
-class GenerateCall:
-    """One decoded Generate request. ``prompt`` is a str, a list of token ids or a ChatPrompt."""
-
-    model: str
-    prompt: Any
-    params: SamplingParams
-    request_id: str
 
 
 @dataclass(frozen=True)

@@ -15,11 +15,11 @@ from typing import Any
 
 import grpc
 
-from gpu_worker.engine.processor import ChatPrompt
 from gpu_worker.sampling_params import SamplingParams
 from gpu_worker.server.errors import InvalidRequest
-from gpu_worker.server.service import GenerateCall, WorkerService, WorkerSnapshot
-from llmserve.prompt_input import ChatInput, decode_prompt_input
+from gpu_worker.server.service import WorkerService, WorkerSnapshot
+from gpu_worker.server.types import GenerateCall
+from llmserve.prompt_input import decode_prompt_input
 from llmserve.v1 import generation_pb2 as gen_pb
 from llmserve.v1 import generation_pb2_grpc as gen_grpc
 from llmserve.v1 import internal_pb2 as int_pb
@@ -55,24 +55,11 @@ def decode_sampling(msg: gen_pb.SamplingParams) -> SamplingParams:
     return SamplingParams(**kwargs)
 
 
-def decode_prompt(request: gen_pb.GenerateRequest) -> Any:
-    """The request's input as the engine takes it: str, list of token ids or ChatPrompt."""
-    prompt = decode_prompt_input(request, InvalidRequest)
-    if isinstance(prompt, ChatInput):
-        if not prompt.messages:
-            raise InvalidRequest("messages must not be empty")
-        turns = [{"role": role, "content": content} for role, content in prompt.messages]
-        return ChatPrompt(messages=turns, add_generation_prompt=prompt.add_generation_prompt)
-    if isinstance(prompt, list) and not prompt:
-        raise InvalidRequest("prompt_token_ids must not be empty")
-    return prompt
-
-
 def decode_generate(request: gen_pb.GenerateRequest) -> GenerateCall:
     """A GenerateRequest as a domain call; a request id is generated when empty."""
     return GenerateCall(
         model=request.model,
-        prompt=decode_prompt(request),
+        prompt=decode_prompt_input(request, InvalidRequest),
         params=decode_sampling(request.sampling),
         request_id=request.request_id or uuid.uuid4().hex,
     )
@@ -187,7 +174,7 @@ def encode_worker_info(snap: WorkerSnapshot) -> int_pb.WorkerInfo:
         block_size=snap.block_size,
         max_model_len=snap.max_model_len,
         draining=snap.draining,
-        load=int_pb.WorkerLoad(
+        load=int_pb.LoadReport(
             num_running=stats.num_running,
             num_waiting=stats.num_waiting,
             kv_usage=stats.kv_usage,

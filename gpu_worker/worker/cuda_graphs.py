@@ -2,7 +2,7 @@
 
 A decode step of ``n`` sequences is padded to the smallest bucket ``b >= n`` and replays the
 graph captured for ``b`` over the runner's fixed input buffers (their addresses never change,
-see :mod:`gpu_worker.worker.input_batch`). Padding rows carry slot ``-1`` (their K/V are not
+see :mod:`gpu_worker.worker.step_inputs`). Padding rows carry slot ``-1`` (their K/V are not
 stored), context length 1 and block 0, so they read one valid cache row and write nothing;
 their outputs are never sampled. The graph is a transform the runner applies to the model
 call; the model itself knows nothing about it.

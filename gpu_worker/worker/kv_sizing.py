@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from gpu_worker.config import EngineConfig
-from gpu_worker.model_executor.models.llama import head_dim_of
+from gpu_worker.model_executor.model_config import head_dim_of
 
 CPU_DEFAULT_KV_BYTES = 512 * 1024 * 1024
 
@@ -22,20 +22,6 @@ def kv_bytes_per_block(hf_config: Any, block_size: int, dtype: torch.dtype) -> i
     return int(per_token * block_size)
 
 
-def profile_peak_bytes(
-    config: EngineConfig, model: Any, hf_config: Any, device: torch.device, dtype: torch.dtype
-) -> int:
-    """Peak device bytes of a maximum-size step (weights included), on a throwaway one-block pool."""
-    from gpu_worker.worker.model_runner import ModelRunner
-
-    runner = ModelRunner(config, model, hf_config, device, dtype, num_kv_blocks=1)
-    peak = runner.profile_run()
-    del runner
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    return peak
-
-
 def num_kv_blocks(
     config: EngineConfig,
     hf_config: Any,
@@ -47,8 +33,8 @@ def num_kv_blocks(
 
     1. ``config.num_kv_blocks``; 2. ``config.kv_cache_memory_bytes`` (CPU default 512 MiB when
     neither is set); 3. on CUDA: ``gpu_memory_utilization * total - peak``, where ``peak`` is what
-    ``profile_peak_bytes()`` (e.g. ``ModelRunner.profile_run`` on a runner with a minimal pool)
-    measured for a maximum-size step, weights included (see :func:`profile_peak_bytes`).
+    ``profile_peak_bytes()``
+    measured for a maximum-size step, weights included (``ModelRunner.profile_run``).
     """
     if config.num_kv_blocks is not None:
         return config.num_kv_blocks

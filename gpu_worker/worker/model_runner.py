@@ -14,23 +14,15 @@ from torch import nn
 from gpu_worker.config import EngineConfig
 from gpu_worker.core.types import RunnerOutput, ScheduledRequest, SchedulerOutput
 from gpu_worker.model_executor.layers.attention import AttentionMetadata
-from gpu_worker.model_executor.layers.linear import transpose_linears
-from gpu_worker.model_executor.models.llama import head_dim_of
+from gpu_worker.model_executor.model_config import head_dim_of
 from gpu_worker.sampling_params import SamplingParams
 from gpu_worker.worker.cuda_graphs import DecodeGraphs, decode_buckets
-from gpu_worker.worker.input_batch import InputBatch, StepInputs
 from gpu_worker.worker.request_state import RequestStates
 from gpu_worker.worker.sampler import Sampler, SamplerOutput
 from gpu_worker.worker.sampling_metadata import build_sampling_metadata
+from gpu_worker.worker.step_inputs import StepInputBuffers, StepInputs
 
 _EMPTY_OUTPUT = RunnerOutput(req_ids=(), sampled_token_ids=())
-
-
-def config_eos_ids(hf_config: Any) -> tuple[int, ...]:
-    value = getattr(hf_config, "eos_token_id", None)
-    if value is None:
-        return ()
-    return (int(value),) if isinstance(value, int) else tuple(int(v) for v in value)
 
 
 class PendingRunnerOutput:
@@ -92,33 +84,19 @@ class ModelRunner:
         hf_config: Any,
         device: torch.device,
         dtype: torch.dtype,
-        num_kv_blocks: int,
-        eos_token_ids: Iterable[int] | None = None,
+        eos_token_ids: Iterable[int],
     ) -> None:
+        """``config`` must have its device defaults resolved (``EngineConfig.with_device_defaults``).
+        The runner holds no KV cache until :meth:`initialize_kv_cache` (vLLM's order: build,
+        :meth:`profile_run` to size the pool, then allocate it)."""
         self.config = config
-        if device.type == "cpu":
-            transpose_linears(model)  # the CPU's faster weight layout at batch 1 (layers/linear.py)
         self.model = model
         self.hf_config = hf_config
         self.device = device
         self.dtype = dtype
-        self.num_kv_blocks = num_kv_blocks
         self.block_size = config.block_size
         self.vocab_size = int(hf_config.vocab_size)
-        self.max_model_len = int(config.max_model_len or hf_config.max_position_embeddings)
-        self.max_blocks_per_seq = -(-self.max_model_len // self.block_size)
-        eos = config_eos_ids(hf_config) if eos_token_ids is None else tuple(eos_token_ids)
-        self.kv_caches = self._allocate_kv_caches()
-        self.states = RequestStates(
-            config.max_num_seqs, self.max_blocks_per_seq, self.max_model_len, eos, device
-        )
-        self.inputs = InputBatch(
-            config.max_num_batched_tokens,
-            config.max_num_seqs,
-            self.max_blocks_per_seq,
-            self.block_size,
-            device,
-        )
+        self.eos_token_ids = tuple(eos_token_ids)
         generator = torch.Generator(device=device)
         generator.manual_seed(config.seed)
         self.sampler = Sampler(generator)
@@ -126,16 +104,49 @@ class ModelRunner:
         self._pending: PendingRunnerOutput | None = None  # the newest step's output
         self.graphs: DecodeGraphs | None = None
         if device.type == "cuda" and not config.enforce_eager:
-            self.graphs = DecodeGraphs(
-                decode_buckets(min(config.max_num_seqs, config.max_num_batched_tokens))
-            )
+            self.graphs = DecodeGraphs(decode_buckets(min(config.max_num_seqs, config.token_budget)))
+        # Set by _allocate (initialize_kv_cache, or a scratch pool during profile_run).
+        self.num_kv_blocks = 0
+        self.max_model_len = 0
+        self.kv_caches: list[torch.Tensor] = []
+        self._states: RequestStates | None = None
+        self._inputs: StepInputBuffers | None = None
 
-    def _allocate_kv_caches(self) -> list[torch.Tensor]:
+    @property
+    def states(self) -> RequestStates:
+        """Per-request rows (block tables, token history, sampling settings)."""
+        if self._states is None:
+            raise RuntimeError("the runner has no KV pool yet: call initialize_kv_cache")
+        return self._states
+
+    @property
+    def inputs(self) -> StepInputBuffers:
+        """The step's preallocated input buffers."""
+        if self._inputs is None:
+            raise RuntimeError("the runner has no KV pool yet: call initialize_kv_cache")
+        return self._inputs
+
+    def initialize_kv_cache(self, num_kv_blocks: int, max_model_len: int) -> None:
+        """Allocate the KV pool and the per-request state for ``max_model_len``-token sequences."""
+        self._allocate(num_kv_blocks, max_model_len)
+
+    def _allocate(self, num_kv_blocks: int, max_model_len: int) -> None:
+        self._release()  # free the old ones first
+        self.num_kv_blocks = num_kv_blocks
+        self.max_model_len = max_model_len
+        max_blocks_per_seq = -(-max_model_len // self.block_size)
         cfg = self.hf_config
-        shape = (2, self.num_kv_blocks, self.block_size, cfg.num_key_value_heads, head_dim_of(cfg))
-        return [
+        shape = (2, num_kv_blocks, self.block_size, cfg.num_key_value_heads, head_dim_of(cfg))
+        self.kv_caches = [
             torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(cfg.num_hidden_layers)
         ]
+        max_num_seqs = self.config.max_num_seqs
+        self._states = RequestStates(
+            max_num_seqs, max_blocks_per_seq, max_model_len, self.eos_token_ids, self.device
+        )
+        self._inputs = StepInputBuffers(
+            self.config.token_budget, max_num_seqs, max_blocks_per_seq, self.block_size, self.device
+        )
 
     @property
     def num_requests(self) -> int:
@@ -254,36 +265,46 @@ class ModelRunner:
 
         return PendingRunnerOutput(finalize)
 
-    def profile_run(self) -> int:
-        """Run a maximum-size dummy step (max_num_batched_tokens over max_num_seqs sequences).
+    def profile_run(self, max_seq_len: int) -> int:
+        """Run a maximum-size dummy step (max_num_batched_tokens over max_num_seqs sequences of
+        at most ``max_seq_len`` tokens) on a scratch one-block pool, before the real pool exists.
 
-        Returns the peak device memory in bytes on CUDA (0 elsewhere), plus, when decode
-        graphs are enabled, the memory pool that capturing them takes (graphs are captured
-        and dropped again). Leaves no request state.
+        Returns the peak device memory in bytes on CUDA (0 elsewhere), weights included, plus,
+        when decode graphs are enabled, the memory pool that capturing them takes (graphs are
+        captured and dropped again). Leaves no KV pool and no request state behind.
         """
-        num_tokens = self.config.max_num_batched_tokens
+        self._allocate(1, max_seq_len)
+        num_tokens = self.config.token_budget
         num_seqs = max(1, min(self.config.max_num_seqs, num_tokens))
-        if self.device.type == "cuda":
+        try:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+                torch.cuda.reset_peak_memory_stats(self.device)
+            self._dummy_step(num_tokens, num_seqs)
+            if self.device.type != "cuda":
+                return 0
             torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-        self._dummy_step(num_tokens, num_seqs)
-        if self.device.type != "cuda":
-            return 0
-        torch.cuda.synchronize(self.device)
-        peak = int(torch.cuda.max_memory_allocated(self.device))
-        graph_bytes = self.capture_decode_graphs()
-        if self.graphs is not None:
-            self.graphs.clear()
-        return peak + graph_bytes
+            peak = int(torch.cuda.max_memory_allocated(self.device))
+            graph_bytes = self.capture_decode_graphs()
+            if self.graphs is not None:
+                self.graphs.clear()
+            return peak + graph_bytes
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        self.kv_caches, self._states, self._inputs = [], None, None
+        self._last_sample = self._pending = None
+        self.num_kv_blocks = self.max_model_len = 0
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     def warmup(self) -> None:
         """Run a small prefill and a decode-sized step so lazy initialization happens before
         serving, then capture the decode CUDA graphs (on CUDA, unless ``enforce_eager``)."""
-        self._dummy_step(min(self.config.max_num_batched_tokens, 2 * self.block_size), 1)
-        self._dummy_step(
-            min(self.config.max_num_seqs, self.config.max_num_batched_tokens),
-            min(self.config.max_num_seqs, self.config.max_num_batched_tokens),
-        )
+        budget = self.config.token_budget
+        self._dummy_step(min(budget, 2 * self.block_size), 1)
+        self._dummy_step(min(self.config.max_num_seqs, budget), min(self.config.max_num_seqs, budget))
         self.capture_decode_graphs()
 
     def _dummy_step(self, num_tokens: int, num_seqs: int) -> None:

@@ -5,7 +5,7 @@ so the in-process store works without a Redis client installed.
 """
 
 from llmserve.fleet.publisher import PublisherTiming, WorkerIdentity, WorkerPublisher
-from llmserve.fleet.records import KVDelta, WorkerLoad, WorkerRecord, as_kv_delta
+from llmserve.fleet.records import KVDelta, LoadReport, WorkerRecord, as_kv_delta
 from llmserve.fleet.registry import FleetSnapshot, Registry
 from llmserve.fleet.store import FleetView, MemoryStateStore, StateStore, StoreUnavailable
 
@@ -29,7 +29,7 @@ __all__ = [
     "StateStore",
     "StoreUnavailable",
     "WorkerIdentity",
-    "WorkerLoad",
+    "LoadReport",
     "WorkerPublisher",
     "WorkerRecord",
     "as_kv_delta",

@@ -5,17 +5,20 @@ plain callables, so this module knows nothing of the engine:
 
     publisher = WorkerPublisher(
         store, identity=WorkerIdentity(worker_id, model, address, block_size, max_model_len),
-        load_fn=lambda: WorkerLoad(...),          # current load
+        load_fn=lambda: LoadReport(...),          # current load
         kv_events_fn=engine.take_kv_events,       # drains pending KV events (see as_kv_delta)
-        cached_hashes_fn=engine.cached_block_hashes,  # snapshot of every cached hash, for resync
+        cached_hashes_fn=engine.cached_block_hashes,  # async: every cached hash, for resync
     )
     await publisher.start()      # registers at once, then runs in the background
     await publisher.drain()      # heartbeats draining=True: routers stop sending
     await publisher.deregister()  # stops and removes the worker from the store
 
-All three callables are called on the event loop's thread and must be safe to call while the
-engine runs. Store outages never raise out of the publisher: it retries every tick and, once the
-store answers again, republishes its whole KV set (events drained meanwhile are lost).
+All three are called on the event loop's thread. ``load_fn`` and ``kv_events_fn`` return at once
+(snapshots); ``cached_hashes_fn`` is a coroutine function the engine answers between two steps,
+so a resync never blocks the event loop (and with it every other call on the worker).
+
+Store outages never raise out of the publisher: it retries every tick and, once the store
+answers again, republishes its whole KV set (events drained meanwhile are lost).
 """
 
 from __future__ import annotations
@@ -24,11 +27,12 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, replace
 
-from llmserve.fleet.records import KVDelta, WorkerLoad, WorkerRecord, as_kv_delta
+from llmserve.fleet.records import KVDelta, LoadReport, WorkerRecord, as_kv_delta
 from llmserve.fleet.store import StateStore, StoreUnavailable
+from llmserve.kv_events import KVEvent
 
 log = logging.getLogger(__name__)
 
@@ -66,9 +70,9 @@ class WorkerPublisher:
         self,
         store: StateStore,
         identity: WorkerIdentity,
-        load_fn: Callable[[], WorkerLoad],
-        kv_events_fn: Callable[[], Iterable[object]],
-        cached_hashes_fn: Callable[[], Iterable[bytes]],
+        load_fn: Callable[[], LoadReport],
+        kv_events_fn: Callable[[], Iterable[KVEvent | KVDelta]],
+        cached_hashes_fn: Callable[[], Awaitable[Iterable[bytes]]],
         timing: PublisherTiming = PublisherTiming(),
     ) -> None:
         self._store = store
@@ -144,7 +148,7 @@ class WorkerPublisher:
                 self._needs_resync = self._needs_resync or not in_sync
             if self._needs_resync:
                 # The snapshot is taken after draining, so it already reflects those deltas.
-                await self._store.replace_kv(wid, self._cached_hashes_fn(), ttl)
+                await self._store.replace_kv(wid, await self._cached_hashes_fn(), ttl)
                 self._needs_resync = False
             elif deltas:
                 await self._store.apply_kv(wid, [replace(d, cleared=False) for d in deltas], ttl)

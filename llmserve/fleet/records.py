@@ -6,13 +6,14 @@ Torch-free and Redis-free: router, worker and the local stack all use these.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from llmserve.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
+
 
 @dataclass(frozen=True)
-class WorkerLoad:
+class LoadReport:
     """Load of one worker at one instant, as published in its heartbeat."""
 
     num_running: int = 0
@@ -37,7 +38,7 @@ class WorkerRecord:
     address: str  # host:port routers dial
     block_size: int
     max_model_len: int
-    load: WorkerLoad = WorkerLoad()
+    load: LoadReport = LoadReport()
     draining: bool = False
     heartbeat_at: float = 0.0  # wall-clock time.time() of the heartbeat
 
@@ -50,7 +51,7 @@ class WorkerRecord:
         """Parse what :meth:`to_json` wrote; unknown fields are ignored (rolling upgrades)."""
         raw: dict[str, Any] = json.loads(data)
         load_raw = raw.pop("load", {}) or {}
-        load = WorkerLoad(**{k: v for k, v in load_raw.items() if k in WorkerLoad.__dataclass_fields__})
+        load = LoadReport(**{k: v for k, v in load_raw.items() if k in LoadReport.__dataclass_fields__})
         known = {k: v for k, v in raw.items() if k in cls.__dataclass_fields__}
         return cls(load=load, **known)
 
@@ -68,24 +69,14 @@ class KVDelta:
     cleared: bool = False
 
 
-def as_kv_delta(event: object) -> KVDelta:
-    """Turn an engine KV event into a :class:`KVDelta`.
-
-    Accepts a :class:`KVDelta`, a ``(stored, removed)`` pair, or the engine's events
-    (``BlockStored(block_hashes)``, ``BlockRemoved(block_hashes)``, ``AllBlocksCleared()``,
-    matched by class name so this module needs no import of the worker package).
-    """
+def as_kv_delta(event: KVEvent | KVDelta) -> KVDelta:
+    """Turn an engine KV event (:mod:`llmserve.kv_events`) into a :class:`KVDelta`."""
     if isinstance(event, KVDelta):
         return event
-    if isinstance(event, tuple) and len(event) == 2:
-        stored, removed = event
-        return KVDelta(stored=tuple(stored), removed=tuple(removed))
-    kind = type(event).__name__
-    hashes: Iterable[bytes] = getattr(event, "block_hashes", ())
-    if kind == "BlockStored":
-        return KVDelta(stored=tuple(hashes))
-    if kind == "BlockRemoved":
-        return KVDelta(removed=tuple(hashes))
-    if kind == "AllBlocksCleared":
+    if isinstance(event, BlockStored):
+        return KVDelta(stored=event.block_hashes)
+    if isinstance(event, BlockRemoved):
+        return KVDelta(removed=event.block_hashes)
+    if isinstance(event, AllBlocksCleared):
         return KVDelta(cleared=True)
     raise TypeError(f"not a KV event: {event!r}")

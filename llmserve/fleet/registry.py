@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from llmserve.fleet.publisher import PublisherTiming, WorkerIdentity, WorkerPublisher
-from llmserve.fleet.records import KVDelta, WorkerLoad, WorkerRecord
+from llmserve.fleet.records import KVDelta, LoadReport, WorkerRecord
 from llmserve.fleet.store import FleetView, StateStore, StoreUnavailable
 
 log = logging.getLogger(__name__)
@@ -136,7 +136,7 @@ __all__ = [
     "PublisherTiming",
     "Registry",
     "WorkerIdentity",
-    "WorkerLoad",
+    "LoadReport",
     "WorkerPublisher",
     "WorkerRecord",
 ]

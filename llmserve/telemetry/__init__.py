@@ -16,8 +16,8 @@ if TYPE_CHECKING:
     from llmserve.telemetry.metrics import (
         MetricsServer,
         RouterMetrics,
-        WorkerLoad,
         WorkerMetrics,
+        WorkerQueueDepth,
         start_metrics_server,
     )
     from llmserve.telemetry.spans import RouterGenerateSpan, WorkerGenerateSpan
@@ -30,7 +30,7 @@ _EXPORTS = {
     "log_request_finished": "logging",
     "MetricsServer": "metrics",
     "RouterMetrics": "metrics",
-    "WorkerLoad": "metrics",
+    "WorkerQueueDepth": "metrics",
     "WorkerMetrics": "metrics",
     "start_metrics_server": "metrics",
     "RouterGenerateSpan": "spans",
@@ -50,7 +50,7 @@ __all__ = [
     "Tracing",
     "TracingConfig",
     "WorkerGenerateSpan",
-    "WorkerLoad",
+    "WorkerQueueDepth",
     "WorkerMetrics",
     "configure_logging",
     "log_request_finished",

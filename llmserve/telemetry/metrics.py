@@ -159,12 +159,12 @@ class WorkerMetrics:
             histogram.observe(value)
 
 
-class WorkerLoad(NamedTuple):
-    """One live worker as the router sees it, for ``RouterMetrics.update_fleet``."""
+class WorkerQueueDepth(NamedTuple):
+    """One live worker's queue as the router sees it, for ``RouterMetrics.update_fleet``."""
 
     worker_id: str
     model: str
-    load: float  # the worker's reported load (running + waiting requests)
+    queue: int  # the worker's reported running + waiting requests
 
 
 class RouterMetrics:
@@ -212,14 +212,14 @@ class RouterMetrics:
         """A request is retried on another worker."""
         self.retries.labels(model).inc()
 
-    def update_fleet(self, workers: Iterable[WorkerLoad]) -> None:
+    def update_fleet(self, workers: Iterable[WorkerQueueDepth]) -> None:
         """Set live workers per model and per-worker load from the registry's current view;
         series of models and workers gone since the previous call are removed."""
         counts: dict[str, int] = {}
         loads: dict[tuple[str, str], float] = {}
         for w in workers:
             counts[w.model] = counts.get(w.model, 0) + 1
-            loads[(w.worker_id, w.model)] = w.load
+            loads[(w.worker_id, w.model)] = w.queue
         with self._lock:
             old_models, old_workers = self._fleet_labels
             for model in old_models - counts.keys():

@@ -9,7 +9,7 @@ class GetWorkerInfoRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
-class WorkerLoad(_message.Message):
+class LoadReport(_message.Message):
     __slots__ = ("num_running", "num_waiting", "kv_usage", "max_num_seqs", "max_queue_len", "num_kv_blocks", "num_free_kv_blocks")
     NUM_RUNNING_FIELD_NUMBER: _ClassVar[int]
     NUM_WAITING_FIELD_NUMBER: _ClassVar[int]
@@ -41,9 +41,9 @@ class WorkerInfo(_message.Message):
     address: str
     block_size: int
     max_model_len: int
-    load: WorkerLoad
+    load: LoadReport
     draining: bool
-    def __init__(self, worker_id: _Optional[str] = ..., model: _Optional[str] = ..., address: _Optional[str] = ..., block_size: _Optional[int] = ..., max_model_len: _Optional[int] = ..., load: _Optional[_Union[WorkerLoad, _Mapping]] = ..., draining: bool = ...) -> None: ...
+    def __init__(self, worker_id: _Optional[str] = ..., model: _Optional[str] = ..., address: _Optional[str] = ..., block_size: _Optional[int] = ..., max_model_len: _Optional[int] = ..., load: _Optional[_Union[LoadReport, _Mapping]] = ..., draining: bool = ...) -> None: ...
 
 class GetTokenizerRequest(_message.Message):
     __slots__ = ()

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import subprocess
 import sys
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
@@ -18,7 +20,8 @@ from tests.router.router_procs import free_port, generate
 
 async def test_stack_serves_through_the_router_on_the_memory_store(tiny_model: Callable[[str], Path]) -> None:
     config = StackConfig(model=str(tiny_model("llama")), served_model_name="tiny", router_port=free_port(),
-                         worker_port=free_port(), num_kv_blocks=64, max_num_seqs=4, drain_grace_s=1.0)
+                         worker_port=free_port(), http_port=free_port(), num_kv_blocks=64, max_num_seqs=4,
+                         drain_grace_s=1.0)
     started, stop = asyncio.Event(), asyncio.Event()
     task = asyncio.create_task(run_stack(config, started, stop))
     await asyncio.wait({task, asyncio.create_task(started.wait())}, return_when=asyncio.FIRST_COMPLETED,
@@ -28,6 +31,10 @@ async def test_stack_serves_through_the_router_on_the_memory_store(tiny_model: C
     async with grpc.aio.insecure_channel(target) as channel:
         models = await gen_grpc.GenerationStub(channel).ListModels(gen_pb.ListModelsRequest())
     assert [(m.name, m.num_workers) for m in models.models] == [("tiny", 1)]
+    # the OpenAI HTTP door is on (llmserve up serves it on 8000 by default)
+    url = f"http://127.0.0.1:{config.http_port}/v1/models"
+    listing = await asyncio.to_thread(lambda: json.load(urllib.request.urlopen(url, timeout=30)))
+    assert [m["id"] for m in listing["data"]] == ["tiny"]
     prompt = "hello " * 40
     _, wid = await generate(target, model="tiny", prompt=prompt)
     # The worker's KV events reach the in-process store too: the repeat hits the prefix cache.
@@ -45,3 +52,4 @@ def test_llmserve_up_help() -> None:
     out = subprocess.run([sys.executable, "-m", "llmserve.cli", "up", "--help"], capture_output=True,
                          text=True, timeout=120)
     assert out.returncode == 0 and "--redis-url" in out.stdout and "smollm2-135m" in out.stdout
+    assert "--http-port" in out.stdout

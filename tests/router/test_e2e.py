@@ -197,7 +197,8 @@ async def test_router_tokenizes_like_the_worker(
 ) -> None:
     from transformers import AutoTokenizer
 
-    from gpu_worker.engine.processor import ChatPrompt, InputProcessor
+    from gpu_worker.engine.processor import InputProcessor
+    from llmserve.prompt_input import ChatPrompt
 
     router = await make_router("prefix")
     worker_side = InputProcessor(AutoTokenizer.from_pretrained(router_tiny_model), 49152, 512, frozenset({2}))

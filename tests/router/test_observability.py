@@ -28,7 +28,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from gpu_worker.config import EngineConfig
 from gpu_worker.server import ServerConfig, WorkerServer
-from llmserve.fleet import MemoryStateStore, WorkerLoad, WorkerRecord
+from llmserve.fleet import LoadReport, MemoryStateStore, WorkerRecord
 from llmserve.hashing import block_hashes
 from llmserve.telemetry import Tracing, setup_tracing
 from llmserve.telemetry import spans as s
@@ -84,7 +84,7 @@ async def _router(observed: Observed, **config: object) -> RouterServer:
 
 async def _register_dead_worker(store: MemoryStateStore) -> None:
     dead = WorkerRecord(DEAD_ID, MODEL, f"127.0.0.1:{free_port()}", BLOCK, 1024,
-                        WorkerLoad(max_num_seqs=4, max_queue_len=4), heartbeat_at=time.time())
+                        LoadReport(max_num_seqs=4, max_queue_len=4), heartbeat_at=time.time())
     await store.heartbeat(dead, ttl_s=600)
 
 

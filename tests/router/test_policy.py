@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from llmserve.fleet import WorkerLoad, WorkerRecord
+from llmserve.fleet import LoadReport, WorkerRecord
 from router.policy import Candidate, RouteQuery, make_policy
 
 
 def cand(wid: str, matched: int = 0, running: int = 0, waiting: int = 0, unreported: int = 0,
          kv: float = 0.0, max_num_seqs: int = 8, max_queue_len: int = 8, model: str = "m") -> Candidate:
-    load = WorkerLoad(running, waiting, kv, max_num_seqs, max_queue_len, 64)
+    load = LoadReport(running, waiting, kv, max_num_seqs, max_queue_len, 64)
     return Candidate(WorkerRecord(wid, model, f"h:{wid}", 16, 512, load), matched, unreported)
 
 

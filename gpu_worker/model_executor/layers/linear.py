@@ -8,7 +8,7 @@ and 40 vs 62 ms at two, the 49152 x 576 LM head 5.4 vs 9.7 ms. From about four r
 standard layout is 5-10% faster; batch-1 latency is what this layout is for.
 
 Applied after the weights are loaded (:func:`transpose_linears`), on the CPU only, by the
-model runner: the models themselves keep plain ``nn.Linear`` modules.
+loader (``loader.load_model``): the models themselves keep plain ``nn.Linear`` modules.
 """
 
 from __future__ import annotations

@@ -19,6 +19,7 @@ from gpu_worker.model_executor.layers.activation import SiluAndMul
 from gpu_worker.model_executor.layers.attention import AttentionMetadata, PagedAttention
 from gpu_worker.model_executor.layers.norm import RMSNorm
 from gpu_worker.model_executor.layers.rotary import RotaryEmbedding
+from gpu_worker.model_executor.model_config import head_dim_of
 from kernels import KernelOps
 
 
@@ -30,11 +31,6 @@ class DecoderFlags:
     o_bias: bool = False
     mlp_bias: bool = False
     qk_norm: bool = False
-
-
-def head_dim_of(hf_config: Any) -> int:
-    """``head_dim`` from the config when given, else hidden_size / num_attention_heads."""
-    return int(getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads)
 
 
 def _is_tied(hf_config: Any) -> bool:

@@ -21,11 +21,6 @@ _MODELS = MappingProxyType(
 )
 
 
-def supported_architectures() -> tuple[str, ...]:
-    """The HF ``architectures`` names we can serve."""
-    return tuple(_MODELS)
-
-
 def resolve_model_class(architectures: Sequence[str] | None) -> type[nn.Module]:
     """The first supported class among ``architectures``; ``ValueError`` when none is."""
     for arch in architectures or ():

@@ -9,7 +9,7 @@ import pytest
 
 import gpu_worker.core
 from gpu_worker.core.block_pool import BlockPool, FreeBlockQueue, KVBlock
-from gpu_worker.core.kv_events import AllBlocksCleared, BlockRemoved, BlockStored
+from llmserve.kv_events import AllBlocksCleared, BlockRemoved, BlockStored
 
 H = [bytes([i]) * 16 for i in range(10)]  # stand-in block hashes
 

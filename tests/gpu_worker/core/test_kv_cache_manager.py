@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from gpu_worker.core.kv_cache_manager import KVCacheManager, PrefixCacheStats
-from gpu_worker.core.kv_events import BlockRemoved, BlockStored
 from gpu_worker.core.request import Request
 from gpu_worker.sampling_params import SamplingParams
 from llmserve.hashing import block_hashes
+from llmserve.kv_events import BlockRemoved, BlockStored
 from tests.gpu_worker.core.core_fakes import assert_no_leak
 
 BS = 4

@@ -11,11 +11,11 @@ from typing import Any
 import pytest
 
 from gpu_worker import LLM, EngineConfig, SamplingParams
-from gpu_worker.core.kv_events import BlockStored
 from gpu_worker.engine.async_llm import AsyncLLM
 from gpu_worker.engine.errors import EngineClosedError, EngineDeadError, QueueFullError
-from gpu_worker.engine.processor import ChatPrompt
 from gpu_worker.outputs import RequestOutput
+from llmserve.kv_events import BlockStored
+from llmserve.prompt_input import ChatPrompt
 from tests.gpu_worker.engine.engine_helpers import PROMPTS
 
 MULTIBYTE = "😀🎉世界Привет"
@@ -133,7 +133,7 @@ async def test_invalid_input_fails_alone(engine: AsyncLLM) -> None:
     assert [sum(len(o.outputs[0].token_ids) for o in r) for r in results] == [8] * len(PROMPTS)
     events = engine.take_kv_events()
     assert any(isinstance(e, BlockStored) for e in events) and engine.take_kv_events() == []
-    assert engine.cached_block_hashes()
+    assert await engine.cached_block_hashes()
     await wait_idle(engine)
 
 
@@ -165,7 +165,7 @@ async def test_queue_full_and_shutdown(llama_dir: Path, in_process: bool) -> Non
 
 async def test_failed_step_fails_requests(llama_dir: Path) -> None:
     engine = AsyncLLM.from_config(EngineConfig(model=str(llama_dir), num_kv_blocks=64, max_num_seqs=32))
-    runner = engine._core.runner
+    runner = engine.client.core.runner  # type: ignore[attr-defined]
     execute, calls = runner.execute, []
 
     def failing_execute(sched_out: Any) -> Any:  # fault injection: the 4th step raises

@@ -12,10 +12,17 @@ from pathlib import Path
 import pytest
 
 from gpu_worker import EngineConfig, SamplingParams
-from gpu_worker.core.types import EngineCoreOutput, FinishReason, SchedulerStats, TokenLogprobs
+from gpu_worker.core.types import (
+    EngineCoreOutput,
+    EngineCoreRequest,
+    FinishReason,
+    SchedulerStats,
+    TokenLogprobs,
+)
 from gpu_worker.engine.async_llm import AsyncLLM
-from gpu_worker.engine.async_llm_proc import AsyncLLMProc
-from gpu_worker.engine.core_proc import PackedOutputs, _StatsGate
+from gpu_worker.engine.core import EngineCore
+from gpu_worker.engine.core_client import ProcessCoreClient
+from gpu_worker.engine.core_messages import AddRequest, PackedOutputs, StepResult
 from gpu_worker.engine.errors import EngineDeadError
 from tests.gpu_worker.engine.engine_helpers import PROMPTS
 
@@ -34,28 +41,48 @@ def test_packed_outputs_round_trip() -> None:
         EngineCoreOutput("e", (9, 10), finish_reason=FinishReason.LENGTH),
     ]
     packed = pickle.loads(pickle.dumps(PackedOutputs.pack(outputs)))
-    assert len(packed) == 5
+    assert len(packed.request_ids) == 5
     assert [row for row, *_ in packed.extras] == [1, 2, 3, 4]  # "a" has nothing beyond the columns
     assert packed.unpack() == outputs
     assert PackedOutputs.pack([]).unpack() == []
+    # A StepResult crosses the pipe with its outputs packed, and arrives equal.
+    result = StepResult(outputs, SchedulerStats(1, 2, 0.5, 10, 20), [], num_applied_adds=3)
+    assert pickle.loads(pickle.dumps(result)) == result
 
 
-def test_stats_gate_sends_changes_events_idle_and_periodically(monkeypatch: pytest.MonkeyPatch) -> None:
-    import gpu_worker.engine.core_proc as core_proc
+def test_stats_reported_on_changes_events_idle_and_periodically(
+    llama_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import gpu_worker.engine.core as core_module
 
+    core = EngineCore(EngineConfig(model=str(llama_dir), num_kv_blocks=64, max_num_seqs=4))
     now = [100.0]
-    monkeypatch.setattr(core_proc.time, "monotonic", lambda: now[0])
-    gate = _StatsGate()
-    stats = SchedulerStats(4, 0, 0.1, 90, 100)
-    assert gate.should_send(stats, eventful=False, idle=False)  # first snapshot
-    assert not gate.should_send(stats, eventful=False, idle=False)  # unchanged, too soon
-    assert gate.should_send(stats, eventful=True, idle=False)  # adds / failures / replies
-    assert gate.should_send(SchedulerStats(3, 0, 0.1, 90, 100), eventful=False, idle=False)  # counts changed
-    assert gate.should_send(SchedulerStats(3, 0, 0.1, 90, 100), eventful=False, idle=True)  # final state
-    now[0] += core_proc._STATS_INTERVAL_S / 2
-    assert not gate.should_send(SchedulerStats(3, 0, 0.2, 80, 100), eventful=False, idle=False)  # kv only
-    now[0] += core_proc._STATS_INTERVAL_S
-    assert gate.should_send(SchedulerStats(3, 0, 0.2, 80, 100), eventful=False, idle=False)  # periodic
+    monkeypatch.setattr(core_module.time, "monotonic", lambda: now[0])
+    first = core.run_once([])
+    assert first is not None and first.stats is not None  # first snapshot (and idle)
+    params = SamplingParams(temperature=0.0, max_tokens=50, ignore_eos=True)
+    requests = [core_request(core, f"r{i}", params) for i in range(2)]
+    added = core.run_once([AddRequest("r", tuple(requests))])
+    assert added is not None and added.stats is not None and added.stats.num_running == 2  # eventful
+    assert added.num_applied_adds == 2 and not added.failed_adds
+    steady = core.run_once([])  # same counts, too soon: held back
+    assert steady is not None and steady.stats is None and steady.outputs
+    now[0] += 1.5 * core_module._STATS_INTERVAL_S
+    periodic = core.run_once([])
+    assert periodic is not None and periodic.stats is not None  # at least every interval
+    assert periodic.stats.extra["engine_steps"] == 3.0
+    aborted = core.run_once([])
+    core.abort(["r0", "r1"])
+    final = core.run_once([])
+    assert aborted is not None and final is not None and final.stats is not None  # idle: always sent
+    assert final.stats.num_running == 0 and not core.has_unfinished()
+
+
+def core_request(core: EngineCore, rid: str, params: SamplingParams) -> EngineCoreRequest:
+    from gpu_worker.engine.processor import InputProcessor
+
+    processor = InputProcessor(core.tokenizer, core.vocab_size, core.max_model_len, core.eos_token_ids)
+    return processor.process(rid, PROMPTS[0], params).core_requests[0]
 
 
 def test_load_error_propagates(tmp_path: Path) -> None:
@@ -67,8 +94,8 @@ def test_load_error_propagates(tmp_path: Path) -> None:
 async def test_killed_child_fails_requests(llama_dir: Path) -> None:
     config = EngineConfig(model=str(llama_dir), num_kv_blocks=64, max_num_seqs=32, engine_core_process=True)
     engine = AsyncLLM.from_config(config)
-    assert isinstance(engine, AsyncLLMProc)
-    assert not hasattr(engine, "_core")  # the parent holds no EngineCore (no model weights)
+    assert isinstance(engine.client, ProcessCoreClient)
+    assert not hasattr(engine.client, "core")  # the parent holds no EngineCore (no model weights)
     params = SamplingParams(temperature=0.0, max_tokens=10_000, ignore_eos=True)
     started = asyncio.Event()
 
@@ -78,7 +105,7 @@ async def test_killed_child_fails_requests(llama_dir: Path) -> None:
 
     tasks = [asyncio.create_task(consume(p, f"k{i}")) for i, p in enumerate(PROMPTS[:3])]
     await asyncio.wait_for(started.wait(), 60)
-    pid = engine._proc.pid
+    pid = engine.client.pid
     assert pid is not None
     os.kill(pid, signal.SIGKILL)
     results = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 30)
@@ -86,5 +113,5 @@ async def test_killed_child_fails_requests(llama_dir: Path) -> None:
     with pytest.raises(EngineDeadError):
         await engine.generate(PROMPTS[0], params, "after").__anext__()
     with pytest.raises(EngineDeadError):
-        engine.cached_block_hashes()
+        await engine.cached_block_hashes()
     await engine.shutdown()

@@ -8,8 +8,9 @@ import pytest
 
 from gpu_worker.core.types import EngineCoreOutput, FinishReason, TokenLogprobs
 from gpu_worker.engine.output_processor import OutputKind, OutputProcessor
-from gpu_worker.engine.processor import ChatPrompt, InputProcessor
+from gpu_worker.engine.processor import InputProcessor
 from gpu_worker.sampling_params import SamplingParams
+from llmserve.prompt_input import ChatPrompt
 
 VOCAB = 49152
 

@@ -12,6 +12,7 @@ import torch
 from gpu_worker.config import EngineConfig
 from gpu_worker.model_executor import gguf_cache, loader
 from gpu_worker.model_executor.layers.rotary import build_cos_sin_cache
+from gpu_worker.model_executor.model_config import max_context_len
 from gpu_worker.model_executor.models.registry import resolve_model_class
 from tests.helpers.tiny_models import make_tiny_config, make_tiny_model
 
@@ -48,7 +49,7 @@ def test_sharded_checkpoint_loads_like_the_single_file(tmp_path: Path) -> None:
     from safetensors.torch import load_file
 
     hf = load_file(str(single / "model.safetensors"))
-    qkv = a["model.layers.1.self_attn.qkv_proj.weight"]
+    qkv = a["model.layers.1.self_attn.qkv_proj.weight_t"].t()  # CPU layout: [in, out] (layers/linear.py)
     expected = torch.cat([hf[f"model.layers.1.self_attn.{p}_proj.weight"] for p in "qkv"])
     assert torch.equal(qkv, expected)
 
@@ -74,7 +75,7 @@ def test_gguf_conversion_is_cached(
     tokenizer = loader.load_tokenizer(again)
     assert len(tokenizer) == 49152
     assert loader.eos_token_ids(again, hf_config, tokenizer) == {2}
-    assert loader.max_context_len(hf_config) == 8192
+    assert max_context_len(hf_config) == 8192
     # The cached weights load into our model unchanged (HF parity of the logits: runner tests).
     from safetensors.torch import load_file
 
@@ -84,9 +85,8 @@ def test_gguf_conversion_is_cached(
     stored = load_file(str(again.model_dir / "model.safetensors"))
     params = dict(model.named_parameters())
     assert torch.equal(params["model.embed_tokens.weight"], stored["model.embed_tokens.weight"])
-    assert torch.equal(
-        params["model.layers.29.mlp.gate_up_proj.weight"][1536:], stored["model.layers.29.mlp.up_proj.weight"]
-    )
+    gate_up = params["model.layers.29.mlp.gate_up_proj.weight_t"].t()  # CPU layout: [in, out]
+    assert torch.equal(gate_up[1536:], stored["model.layers.29.mlp.up_proj.weight"])
 
 
 def test_dummy_load_builds_real_shapes_from_a_config(tmp_path: Path) -> None:
@@ -96,13 +96,11 @@ def test_dummy_load_builds_real_shapes_from_a_config(tmp_path: Path) -> None:
     model = _load(tmp_path, load_format="dummy")
     params = dict(model.named_parameters())
     head_dim = cfg.head_dim
-    qkv = params["model.layers.0.self_attn.qkv_proj.weight"]
-    assert qkv.shape == ((cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * head_dim, cfg.hidden_size)
-    assert params["model.layers.0.mlp.gate_up_proj.weight"].shape == (
-        2 * cfg.intermediate_size,
-        cfg.hidden_size,
-    )
-    assert params["lm_head.weight"].shape == (cfg.vocab_size, cfg.hidden_size)
+    # On the CPU the loader stores projections transposed, [in, out] (layers/linear.py).
+    qkv = params["model.layers.0.self_attn.qkv_proj.weight_t"]
+    assert qkv.shape == (cfg.hidden_size, (cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * head_dim)
+    assert params["model.layers.0.mlp.gate_up_proj.weight_t"].shape == (cfg.hidden_size, 2 * cfg.intermediate_size)
+    assert params["lm_head.weight_t"].shape == (cfg.hidden_size, cfg.vocab_size)
     assert params["model.layers.1.self_attn.q_norm.weight"].shape == (head_dim,)
     assert torch.all(params["model.norm.weight"] == 1)
     emb = params["model.embed_tokens.weight"]
@@ -133,7 +131,6 @@ def test_rope_cache_equals_hf_cos_sin(family: str) -> None:
 def test_sliding_window_caps_the_context_only_when_enabled() -> None:
     from transformers import MistralConfig, Qwen2Config
 
-    from gpu_worker.model_executor.loader import max_context_len
 
     assert max_context_len(MistralConfig(max_position_embeddings=32768, sliding_window=4096)) == 4096
     assert max_context_len(MistralConfig(max_position_embeddings=32768, sliding_window=None)) == 32768

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from gpu_worker.model_executor.layers.attention import AttentionMetadata
-from gpu_worker.model_executor.models.llama import head_dim_of
+from gpu_worker.model_executor.model_config import head_dim_of
 from gpu_worker.model_executor.models.registry import resolve_model_class
 from gpu_worker.model_executor.weights import fill_random
 from kernels import KernelOps

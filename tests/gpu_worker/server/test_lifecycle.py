@@ -12,7 +12,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gpu_worker.config import EngineConfig
 from gpu_worker.server import ServerConfig, WorkerServer
-from gpu_worker.server.service import ServedEngine
+from gpu_worker.server.types import ServedEngine
 from llmserve.v1 import generation_pb2 as pb
 from llmserve.v1 import generation_pb2_grpc as pb_grpc
 from llmserve.v1 import internal_pb2 as ipb

@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 import torch
 
-from gpu_worker.config import EngineConfig
 from gpu_worker.core.types import RunnerOutput, ScheduledRequest, SchedulerOutput
 from gpu_worker.model_executor import loader
 from gpu_worker.sampling_params import SamplingParams
 from gpu_worker.worker.model_runner import ModelRunner
+from tests.helpers.runners import build_runner
 from tests.helpers.torch_threads import _one_torch_thread  # noqa: F401 - autouse fixture
 
 
@@ -30,12 +30,7 @@ def smollm2_source(tmp_path_factory: pytest.TempPathFactory, smollm2_gguf: Path)
 
 def make_runner(model_dir: Path, *, num_kv_blocks: int = 96, block_size: int = 4, **kw: Any) -> ModelRunner:
     """A CPU float32 runner for ``model_dir``."""
-    config = EngineConfig(model=str(model_dir), block_size=block_size, num_kv_blocks=num_kv_blocks, **kw)
-    source = loader.resolve_model(config.model)
-    hf_config = loader.load_hf_config(source)
-    device = torch.device("cpu")
-    model = loader.load_model(config, device, torch.float32, source=source, hf_config=hf_config)
-    return ModelRunner(config, model, hf_config, device, torch.float32, num_kv_blocks)
+    return build_runner(model_dir, num_kv_blocks=num_kv_blocks, block_size=block_size, **kw)
 
 
 @dataclass

@@ -9,8 +9,8 @@ import torch
 from gpu_worker.core.types import ScheduledRequest
 from gpu_worker.sampling_params import SamplingParams
 from gpu_worker.worker.cuda_graphs import DecodeGraphs, bucket_for, decode_buckets
-from gpu_worker.worker.input_batch import InputBatch
 from gpu_worker.worker.request_state import RequestStates
+from gpu_worker.worker.step_inputs import StepInputBuffers
 
 CPU = torch.device("cpu")
 
@@ -64,7 +64,7 @@ def _decode_step(
 def test_padded_decode_inputs_are_inert_rows_after_the_real_ones() -> None:
     rng = np.random.default_rng(0)
     states = RequestStates(8, 16, 64, (), CPU)
-    batch = InputBatch(32, 8, 16, 4, CPU)
+    batch = StepInputBuffers(32, 8, 16, 4, CPU)
     # Dirty every buffer first: padding must overwrite stale values of earlier steps.
     for buf in (batch.input_ids, batch.positions, batch.slot_mapping, batch.seq_lens):
         buf.np[:] = 77
@@ -94,7 +94,7 @@ def test_padded_decode_inputs_are_inert_rows_after_the_real_ones() -> None:
 
 def test_only_decode_steps_can_be_padded() -> None:
     states = RequestStates(4, 16, 64, (), CPU)
-    batch = InputBatch(32, 4, 16, 4, CPU)
+    batch = StepInputBuffers(32, 4, 16, 4, CPU)
     req = ScheduledRequest(
         req_id="p", token_ids=(1, 2, 3), start_pos=0, block_ids=(1,), sample=True, is_new=True,
         params=SamplingParams(), prompt_len=3,
@@ -106,7 +106,7 @@ def test_only_decode_steps_can_be_padded() -> None:
 
 
 def test_capture_inputs_are_all_padding() -> None:
-    batch = InputBatch(32, 8, 16, 4, CPU)
+    batch = StepInputBuffers(32, 8, 16, 4, CPU)
     batch.slot_mapping.np[:] = 9
     batch.upload_decode_padding(8)
     assert batch.slot_mapping.np[:8].tolist() == [-1] * 8

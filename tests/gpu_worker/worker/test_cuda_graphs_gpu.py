@@ -35,6 +35,7 @@ from gpu_worker.model_executor.weights import fill_random
 from gpu_worker.sampling_params import SamplingParams
 from gpu_worker.worker.model_runner import ModelRunner
 from kernels import reference_ops
+from tests.helpers.runners import build_runner
 
 pytestmark = pytest.mark.gpu
 
@@ -63,10 +64,10 @@ def _write_config(path: Path, shape: dict[str, int]) -> Path:
 
 
 def _runner(path: Path, *, eager: bool, reference: bool = False) -> ModelRunner:
-    config = EngineConfig(
-        model=str(path), load_format="dummy", block_size=BLOCK, num_kv_blocks=NUM_BLOCKS,
-        max_model_len=MAX_LEN, max_num_seqs=8, enforce_eager=eager,
+    engine_args: dict[str, Any] = dict(
+        load_format="dummy", block_size=BLOCK, max_model_len=MAX_LEN, max_num_seqs=8, enforce_eager=eager
     )
+    config = EngineConfig(model=str(path), num_kv_blocks=NUM_BLOCKS, **engine_args)
     source = loader.resolve_model(config.model)
     hf_config = loader.load_hf_config(source)
     dev = torch.device("cuda")
@@ -81,7 +82,7 @@ def _runner(path: Path, *, eager: bool, reference: bool = False) -> ModelRunner:
         model.requires_grad_(False).eval()
     else:
         model = loader.load_model(config, dev, torch.bfloat16, source=source, hf_config=hf_config)
-    runner = ModelRunner(config, model, hf_config, dev, torch.bfloat16, NUM_BLOCKS)
+    runner = build_runner(path, dev, torch.bfloat16, NUM_BLOCKS, model=model, **engine_args)
     runner.warmup()
     return runner
 

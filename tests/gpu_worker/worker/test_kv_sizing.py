@@ -43,7 +43,10 @@ def test_profile_run_and_warmup_leave_no_state(
     tiny_model: Callable[[str], Path], runner_factory: Any, driver_cls: Any
 ) -> None:
     runner = runner_factory(tiny_model("llama"), max_num_batched_tokens=64, max_num_seqs=8)
-    assert runner.profile_run() == 0  # CPU: no device peak to report
+    num_blocks, max_model_len = runner.num_kv_blocks, runner.max_model_len
+    assert runner.profile_run(max_model_len) == 0  # CPU: no device peak to report
+    assert not runner.kv_caches and runner.num_kv_blocks == 0  # profiling runs before the pool exists
+    runner.initialize_kv_cache(num_blocks, max_model_len)
     runner.warmup()
     assert runner.num_requests == 0
     # The runner still serves correctly afterwards, seeded rows included.
@@ -56,9 +59,3 @@ def test_profile_run_and_warmup_leave_no_state(
     alone.run(5)
     assert driver.seqs["s"].output == alone.seqs["s"].output
     assert len(driver.seqs["g"].output) == 5
-
-
-def test_profile_peak_bytes_on_cpu_is_zero(tiny_model: Callable[[str], Path], runner_factory: Any) -> None:
-    runner = runner_factory(tiny_model("qwen2"))
-    peak = kv_sizing.profile_peak_bytes(runner.config, runner.model, runner.hf_config, CPU, torch.float32)
-    assert peak == 0

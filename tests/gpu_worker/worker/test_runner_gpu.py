@@ -10,21 +10,18 @@ import torch
 
 from gpu_worker.config import EngineConfig
 from gpu_worker.model_executor import loader
+from gpu_worker.model_executor.model_config import max_context_len
 from gpu_worker.sampling_params import SamplingParams
 from gpu_worker.worker import kv_sizing
 from gpu_worker.worker.model_runner import ModelRunner
+from tests.helpers.runners import build_runner
 from tests.helpers.tiny_models import make_tiny_model
 
 pytestmark = pytest.mark.gpu
 
 
 def _runner(path: Path, device: str, dtype: torch.dtype, **kw: Any) -> ModelRunner:
-    config = EngineConfig(model=str(path), block_size=4, num_kv_blocks=96, **kw)
-    source = loader.resolve_model(config.model)
-    hf_config = loader.load_hf_config(source)
-    dev = torch.device(device)
-    model = loader.load_model(config, dev, dtype, source=source, hf_config=hf_config)
-    return ModelRunner(config, model, hf_config, dev, dtype, 96)
+    return build_runner(path, device, dtype, num_kv_blocks=96, block_size=4, **kw)
 
 
 def test_cuda_matches_cpu_and_samples(tmp_path: Path, driver_cls: Any, logits_spy: Any) -> None:
@@ -78,8 +75,11 @@ def test_kv_blocks_from_gpu_memory_utilization(tmp_path: Path) -> None:
     hf_config = loader.load_hf_config(source)
     dev = torch.device("cuda")
     model = loader.load_model(config, dev, torch.bfloat16, source=source, hf_config=hf_config)
-    peak = kv_sizing.profile_peak_bytes(config, model, hf_config, dev, torch.bfloat16)
-    assert peak > 0
+    config = config.with_device_defaults("cuda")
+    eos = loader.eos_token_ids(source, hf_config)
+    runner = ModelRunner(config, model, hf_config, dev, torch.bfloat16, eos)
+    peak = runner.profile_run(max_context_len(hf_config))
+    assert peak > 0 and not runner.kv_caches  # the scratch pool is gone again
     blocks = kv_sizing.num_kv_blocks(config, hf_config, dev, torch.bfloat16, lambda: peak)
     total = torch.cuda.get_device_properties(dev).total_memory
     per_block = kv_sizing.kv_bytes_per_block(hf_config, 16, torch.bfloat16)

@@ -8,23 +8,23 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from llmserve.fleet import (
-    KVDelta,
+    LoadReport,
     MemoryStateStore,
     PublisherTiming,
     StateStore,
     WorkerIdentity,
-    WorkerLoad,
     WorkerPublisher,
 )
 from llmserve.fleet.redis_store import RedisStateStore
 from llmserve.hashing import block_hashes
+from llmserve.kv_events import AllBlocksCleared, BlockRemoved, BlockStored
 
 FAST = PublisherTiming(heartbeat_interval_s=0.1, ttl_s=1.0, kv_flush_interval_s=0.02)
 
 
 @dataclass
 class FakeEngine:
-    """What the publisher's callables read: a cached-hash set and a queue of events."""
+    """What the publisher's callables read: a cached-hash set and a queue of the engine's KV events."""
 
     cached: set[bytes] = field(default_factory=set)
     events: list[Any] = field(default_factory=list)
@@ -32,24 +32,28 @@ class FakeEngine:
 
     def store(self, hashes: list[bytes]) -> None:
         self.cached.update(hashes)
-        self.events.append(KVDelta(stored=tuple(hashes)))
+        self.events.append(BlockStored(tuple(hashes)))
 
     def evict(self, hashes: list[bytes]) -> None:
         self.cached.difference_update(hashes)
-        self.events.append(KVDelta(removed=tuple(hashes)))
+        self.events.append(BlockRemoved(tuple(hashes)))
 
     def take_events(self) -> list[Any]:
         out, self.events = self.events, []
         return out
+
+    async def cached_block_hashes(self) -> set[bytes]:
+        await asyncio.sleep(0)  # answered later, as the engine answers between two steps
+        return set(self.cached)
 
 
 def make_publisher(store: StateStore, engine: FakeEngine, wid: str = "w1") -> WorkerPublisher:
     return WorkerPublisher(
         store,
         WorkerIdentity(wid, "m", "127.0.0.1:1", 16, 2048),
-        load_fn=lambda: WorkerLoad(num_running=engine.running, max_num_seqs=8, max_queue_len=64),
+        load_fn=lambda: LoadReport(num_running=engine.running, max_num_seqs=8, max_queue_len=64),
         kv_events_fn=engine.take_events,
-        cached_hashes_fn=lambda: set(engine.cached),
+        cached_hashes_fn=engine.cached_block_hashes,
         timing=FAST,
     )
 
@@ -96,10 +100,6 @@ async def test_all_blocks_cleared_resyncs_from_snapshot() -> None:
     pub = make_publisher(store, engine)
     await pub.publish_once()
     engine.cached = set(CHAIN[:2])  # cache dropped then two blocks stored again
-
-    class AllBlocksCleared:  # the engine's event, matched by name
-        pass
-
     engine.events.append(AllBlocksCleared())
     assert await pub.publish_once()
     assert await store.match_prefixes({"w1": CHAIN}) == {"w1": 2}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from llmserve.fleet import MemoryStateStore, Registry, WorkerLoad, WorkerRecord
+from llmserve.fleet import LoadReport, MemoryStateStore, Registry, WorkerRecord
 from llmserve.fleet.redis_store import RedisStateStore
 
 
@@ -17,7 +17,7 @@ class Clock:
 
 
 def rec(wid: str, model: str = "m", draining: bool = False) -> WorkerRecord:
-    return WorkerRecord(wid, model, "127.0.0.1:1", 16, 2048, WorkerLoad(), draining=draining)
+    return WorkerRecord(wid, model, "127.0.0.1:1", 16, 2048, LoadReport(), draining=draining)
 
 
 async def test_cache_hides_changes_until_it_expires() -> None:

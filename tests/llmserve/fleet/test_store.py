@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import asyncio
 
-from llmserve.fleet import KVDelta, StateStore, WorkerLoad, WorkerRecord
+from llmserve.fleet import KVDelta, LoadReport, StateStore, WorkerRecord
 from llmserve.hashing import block_hashes
 
 
 def record(wid: str, model: str = "m", **load: int) -> WorkerRecord:
-    return WorkerRecord(wid, model, f"127.0.0.1:{1000 + len(wid)}", 16, 2048, WorkerLoad(**load))
+    return WorkerRecord(wid, model, f"127.0.0.1:{1000 + len(wid)}", 16, 2048, LoadReport(**load))
 
 
 async def test_record_roundtrip_and_models(store: StateStore) -> None:

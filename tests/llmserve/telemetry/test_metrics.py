@@ -11,7 +11,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
-from llmserve.telemetry import RouterMetrics, WorkerLoad, WorkerMetrics, start_metrics_server
+from llmserve.telemetry import RouterMetrics, WorkerMetrics, WorkerQueueDepth, start_metrics_server
 from llmserve.v1 import generation_pb2 as pb
 from llmserve.v1 import generation_pb2_grpc as pb_grpc
 from tests.llmserve.telemetry.telemetry_stack import MODEL, Stack
@@ -126,8 +126,9 @@ def test_histogram_buckets_and_sums_are_exact() -> None:
 
 def test_fleet_gauges_follow_the_registry_view() -> None:
     metrics = RouterMetrics()
-    metrics.update_fleet([WorkerLoad("w0", "a", 2), WorkerLoad("w1", "a", 0), WorkerLoad("w2", "b", 5)])
-    metrics.update_fleet([WorkerLoad("w0", "a", 3), WorkerLoad("w3", "c", 1)])
+    depth = WorkerQueueDepth
+    metrics.update_fleet([depth("w0", "a", 2), depth("w1", "a", 0), depth("w2", "b", 5)])
+    metrics.update_fleet([depth("w0", "a", 3), depth("w3", "c", 1)])
     samples = scrape(metrics.registry)
     assert sorted(names(samples, R + "live_workers"), key=str) == [{"model": "a"}, {"model": "c"}]
     assert value(samples, R + "live_workers", model="a") == 1

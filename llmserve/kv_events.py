@@ -1,8 +1,9 @@
 """Events describing changes to the set of cached (hash-addressable) KV blocks.
 
-The block pool records them; the engine drains them with ``take_kv_events()`` and the worker
-publishes them to the fleet state store, where the router's prefix index is built from them.
-Only hashes travel: block ids are local to one worker.
+The worker's block pool records them; the engine drains them with ``take_kv_events()`` and the
+worker's fleet publisher turns them into deltas of the state store, where the router's prefix
+index is built from them. Only hashes travel: block ids are local to one worker. Torch-free and
+shared, so the engine and the fleet package use the same types.
 """
 
 from __future__ import annotations

@@ -65,8 +65,12 @@ class _Buffer:
         self.device[index].copy_(self.host[index], non_blocking=True)
 
 
-class InputBatch:
-    """Turns the scheduled requests of a step into flat device tensors."""
+class StepInputBuffers:
+    """Preallocated buffers that turn the scheduled requests of a step into flat device tensors.
+
+    (Not vLLM's ``InputBatch``, the persistent per-request state: ours is
+    :class:`~gpu_worker.worker.request_state.RequestStates`.)
+    """
 
     def __init__(
         self,

@@ -1,0 +1,50 @@
+"""What the worker's server modules share: the engine interface they serve and one decoded call.
+
+Kept apart from :mod:`gpu_worker.server.service` so that the service and its telemetry
+(:mod:`gpu_worker.server.request_telemetry`) both import it and not each other.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from gpu_worker.core.types import SchedulerStats
+from gpu_worker.sampling_params import SamplingParams
+from llmserve.kv_events import KVEvent
+from llmserve.prompt_input import PromptInput
+
+
+class ServedEngine(Protocol):
+    """The part of ``gpu_worker.engine.async_llm.AsyncLLM`` the server uses."""
+
+    @property
+    def tokenizer(self) -> Any: ...
+    @property
+    def model_name(self) -> str: ...
+    @property
+    def max_model_len(self) -> int: ...
+    @property
+    def block_size(self) -> int: ...
+    @property
+    def config(self) -> Any: ...
+
+    def generate(
+        self, prompt: PromptInput, params: SamplingParams, request_id: str
+    ) -> AsyncGenerator[Any, None]: ...
+    async def abort(self, request_id: str) -> None: ...
+    def stats(self) -> SchedulerStats: ...
+    def take_kv_events(self) -> list[KVEvent]: ...
+    async def cached_block_hashes(self) -> set[bytes]: ...
+    async def shutdown(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class GenerateCall:
+    """One decoded Generate request."""
+
+    model: str
+    prompt: PromptInput
+    params: SamplingParams
+    request_id: str
