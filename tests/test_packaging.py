@@ -145,7 +145,8 @@ ENTRY_POINTS = sorted({inv.command[0] for inv in INVOCATIONS})
 
 
 def test_manifests_use_the_expected_entry_points() -> None:
-    assert set(ENTRY_POINTS) == {"llmserve-router", "llmserve-worker", deploy.HEALTHCHECK_COMMAND}
+    assert set(ENTRY_POINTS) == {"llmserve-router", "llmserve-worker", deploy.HEALTHCHECK_COMMAND,
+                                 deploy.DRAIN_COMMAND}
 
 
 @pytest.mark.parametrize("entry_point", ENTRY_POINTS)

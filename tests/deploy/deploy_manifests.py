@@ -25,15 +25,20 @@ import yaml
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 COMPOSE_FILE = DEPLOY / "compose.yaml"
-KUSTOMIZE_TARGETS = ("base", "overlays/cpu", "overlays/gpu")
+KUSTOMIZE_TARGETS = ("base", "overlays/cpu", "overlays/gpu", "overlays/gpu-autoscale-hpa",
+                     "overlays/gpu-autoscale-keda")
 HEALTHCHECK_SCRIPT = DEPLOY / "grpc_health_check.py"
 HEALTHCHECK_COMMAND = "llmserve-healthcheck"
+DRAIN_SCRIPT = DEPLOY / "drain_worker.py"
+DRAIN_COMMAND = "llmserve-drain"
+# Scripts the images copy in, by the command name they get there.
+IMAGE_SCRIPTS = {HEALTHCHECK_COMMAND: HEALTHCHECK_SCRIPT, DRAIN_COMMAND: DRAIN_SCRIPT}
 
 # Images we build, by the last path component of the image name.
 OUR_IMAGES = {"llmserve-router": "Dockerfile.router", "llmserve-worker": "Dockerfile.worker"}
 # Public images allowed besides ours (repository names, any pinned tag).
 PUBLIC_IMAGES = {"redis", "otel/opentelemetry-collector-contrib", "jaegertracing/jaeger",
-                 "jaegertracing/all-in-one"}
+                 "jaegertracing/all-in-one", "prom/prometheus", "grafana/grafana"}
 
 _ENV_REF = re.compile(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)")
 
@@ -306,6 +311,9 @@ def _k8s_invocations() -> Iterator[Invocation]:
                 entry = c.get("command") or dockerfile_entrypoint(dockerfile)
                 where = f"k8s {target} {res['kind']}/{res['metadata']['name']}/{c['name']}"
                 yield Invocation(where, dockerfile, tuple(list(entry) + list(c.get("args", []))))
+                hook = c.get("lifecycle", {}).get("preStop", {}).get("exec", {}).get("command")
+                if hook:
+                    yield Invocation(f"{where}:preStop", dockerfile, tuple(hook))
 
 
 def invocations() -> list[Invocation]:
@@ -329,9 +337,9 @@ def console_script(name: str) -> Path | None:
 
 def command_for(entry_point: str) -> list[str]:
     """How to run an image's entry point here: the installed console script, or the script the
-    images copy in as ``llmserve-healthcheck``."""
-    if entry_point == HEALTHCHECK_COMMAND:
-        return [sys.executable, str(HEALTHCHECK_SCRIPT)]
+    images copy in under that name (``llmserve-healthcheck``, ``llmserve-drain``)."""
+    if entry_point in IMAGE_SCRIPTS:
+        return [sys.executable, str(IMAGE_SCRIPTS[entry_point])]
     script = console_script(entry_point)
     if script is None:
         raise FileNotFoundError(f"console script {entry_point!r} is not installed in {sys.prefix}")
