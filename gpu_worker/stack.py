@@ -35,6 +35,7 @@ class StackConfig:
     host: str = "127.0.0.1"
     router_port: int = 50051
     worker_port: int = 50052
+    http_port: int | None = 8000  # the OpenAI HTTP API; None = off
     redis_url: str | None = None
     policy: str = "prefix"
     device: str = "cpu"
@@ -47,6 +48,8 @@ class StackConfig:
             raise ValueError("router_port and worker_port must be in [1, 65535]")
         if self.router_port == self.worker_port:
             raise ValueError("router and worker need different ports")
+        if self.http_port is not None and not 0 < self.http_port < 65536:
+            raise ValueError("http_port must be in [1, 65535]")
 
 
 async def run_stack(config: StackConfig, started: asyncio.Event | None = None,
@@ -81,7 +84,8 @@ async def run_stack(config: StackConfig, started: asyncio.Event | None = None,
     await worker.start()
     log.info("loading %s ...", config.model)
     await worker.wait_ready()
-    router_config = RouterConfig(host=config.host, port=config.router_port, policy=config.policy)
+    router_config = RouterConfig(host=config.host, port=config.router_port, policy=config.policy,
+                                 http_port=config.http_port)
     router = RouterServer(router_config, store, tracing=tracing)
     await router.start()
     freeze_startup_objects()
@@ -92,7 +96,8 @@ async def run_stack(config: StackConfig, started: asyncio.Event | None = None,
             loop.add_signal_handler(sig, stop.set)
         except (RuntimeError, ValueError):  # not the main thread (tests)
             pass
-    print(f"llmserve up: router on {router.target} (worker {worker.target}, model "
+    http = "" if router.http_port is None else f", OpenAI API on http://{config.host}:{router.http_port}/v1"
+    print(f"llmserve up: router on {router.target}{http} (worker {worker.target}, model "
           f"{worker.service.model_name!r}, state store {'redis' if config.redis_url else 'in-process'}); "
           "Ctrl-C to stop", flush=True)
     if started is not None:
@@ -115,6 +120,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=50051, help="router port (clients connect here)")
     p.add_argument("--worker-port", type=int, default=50052)
+    p.add_argument("--http-port", type=int, default=8000,
+                   help="OpenAI-compatible HTTP API port (%(default)s; 0 turns it off)")
     p.add_argument("--redis-url", default=None, help="use Redis instead of the in-process state store")
     p.add_argument("--policy", default="prefix", choices=("prefix", "least-load", "round-robin"))
     p.add_argument("--device", default="cpu")
@@ -137,6 +144,7 @@ def _run_up(args: argparse.Namespace) -> int:
         host=args.host,
         router_port=args.port,
         worker_port=args.worker_port,
+        http_port=args.http_port or None,
         redis_url=args.redis_url,
         policy=args.policy,
         device=args.device,

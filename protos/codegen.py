@@ -5,6 +5,13 @@ package tree (``llmserve/v1/*_pb2*.py`` and ``.pyi``) with import paths that nee
 patching, because the proto package ``llmserve.v1`` maps onto the Python package
 ``llmserve.v1``. ``--check`` regenerates into a temporary folder and fails if the
 committed files differ (used by the tests).
+
+The KServe v2 protocol (``protos/llmserve/kserve/``, proto package ``inference``) keeps the
+protocol's own names for the wire, and ``tritonclient``'s generated code registers the same
+names in protobuf's process-wide descriptor pool; one pool cannot hold both. Its module
+therefore registers in a pool of its own (:data:`PRIVATE_POOL_MODULES`), so a process may load
+the router's KServe door and Triton's client side by side. Nothing else changes: messages
+serialize and parse as usual, and gRPC needs no descriptors.
 """
 
 from __future__ import annotations
@@ -17,6 +24,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PROTO_ROOT = ROOT / "protos"
+PRIVATE_POOL_MODULES = ("llmserve/kserve/grpc_service_pb2.py",)
+_DEFAULT_POOL = "_descriptor_pool.Default().AddSerializedFile("
+_PRIVATE_POOL = "_descriptor_pool.DescriptorPool().AddSerializedFile("
 
 
 def generate(out_dir: Path) -> list[Path]:
@@ -36,7 +46,17 @@ def generate(out_dir: Path) -> list[Path]:
     ]
     if protoc.main(args) != 0:
         raise RuntimeError("protoc failed")
+    for module in PRIVATE_POOL_MODULES:
+        _use_private_pool(out_dir / module)
     return sorted(p.relative_to(out_dir) for p in (out_dir / "llmserve").rglob("*_pb2*.py*"))
+
+
+def _use_private_pool(path: Path) -> None:
+    """Make a generated module register its descriptors in a new pool, not the default one."""
+    text = path.read_text()
+    if text.count(_DEFAULT_POOL) != 1:
+        raise RuntimeError(f"{path}: expected one registration in the default descriptor pool")
+    path.write_text(text.replace(_DEFAULT_POOL, _PRIVATE_POOL))
 
 
 def main(argv: list[str] | None = None) -> int:

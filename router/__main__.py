@@ -25,7 +25,10 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
     """The router's flags, each with its ``LLMSERVE_*`` variable as default."""
     p = argparse.ArgumentParser(prog="llmserve-router", description=(__doc__ or "").splitlines()[0])
     p.add_argument("--host", default="0.0.0.0", help="interface to bind (default: all)")
-    p.add_argument("--port", type=int, default=50050, help="gRPC port")
+    p.add_argument("--port", type=int, default=50050,
+                   help="gRPC port (llmserve.v1.Generation and the KServe v2 inference protocol)")
+    p.add_argument("--http-port", type=int, default=None,
+                   help="serve the OpenAI-compatible HTTP API on this port (default off)")
     p.add_argument("--redis-url", required=True, help="fleet state store, e.g. redis://localhost:6379/0")
     p.add_argument("--policy", choices=POLICY_NAMES, default="prefix", help="worker choice")
     p.add_argument("--max-attempts", type=int, default=3, help="workers tried before the first token")
@@ -59,6 +62,7 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
         registry_cache_s=args.registry_cache_s,
         drain_grace_s=args.drain_grace_s,
         metrics_port=args.metrics_port,
+        http_port=args.http_port,
     )
 
 

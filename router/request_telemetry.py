@@ -106,9 +106,13 @@ class RouterTelemetry:
         self._log = logging.getLogger(REQUEST_LOGGER)
 
     @contextmanager
-    def observe(self, model: str, request_id: str) -> Iterator[RequestObservation]:
-        """Span, metrics and log line around one Generate; exceptions pass through."""
-        with self.tracing.router_generate(model=model, request_id=request_id, policy=self.policy) as span:
+    def observe(
+        self, model: str, request_id: str, operation: str = "text_completion"
+    ) -> Iterator[RequestObservation]:
+        """Span, metrics and log line around one request; exceptions pass through. ``operation``
+        is the GenAI operation name on the span (``text_completion``, ``chat``)."""
+        with self.tracing.router_generate(model=model, request_id=request_id, policy=self.policy,
+                                          operation=operation) as span:
             obs = RequestObservation(span, self.metrics, self.policy, request_id)
             outcome = "ok"
             try:

@@ -1,7 +1,9 @@
 """The router's gRPC server: wiring and lifecycle.
 
-``RouterServer(config, store, tracing=...)`` serves ``llmserve.v1.Generation`` plus health and
-reflection; the state store (Redis or in-process) is the caller's and outlives the server, as is
+``RouterServer(config, store, tracing=...)`` serves ``llmserve.v1.Generation`` and the KServe v2
+door (``inference.GRPCInferenceService``) plus health and reflection on its gRPC port, and the
+OpenAI HTTP door on ``http_port`` when set; all three run through one ``GenerationCore``. The
+state store (Redis or in-process) is the caller's and outlives the server, as is
 the ``Tracing`` (the entry point shuts it down). The server owns its ``RouterMetrics``, served on
 ``/metrics`` when ``metrics_port`` is set. Stopping drains: health turns NOT_SERVING, new calls
 are refused and relayed streams get ``drain_grace_s`` to end.
@@ -11,9 +13,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.metadata
 import logging
 import signal
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import grpc
 from grpc_health.v1 import _async as health_aio
@@ -22,16 +26,22 @@ from grpc_health.v1 import health_pb2
 from llmserve.fleet import FleetSnapshot, Registry, StateStore, WorkerRecord
 from llmserve.gc_tuning import freeze_startup_objects, unfreeze_objects
 from llmserve.grpc_server import GENERATION_SERVICE, add_health_and_reflection, bind_server, dial_target
+from llmserve.kserve import grpc_service_pb2_grpc as kserve_grpc
 from llmserve.telemetry.metrics import MetricsServer, RouterMetrics, WorkerQueueDepth, start_metrics_server
 from llmserve.telemetry.tracing import Tracing
 from llmserve.v1 import generation_pb2_grpc
 from router.dispatch import ChannelPool, Dispatcher, InflightTracker, fetch_tokenizer_files
+from router.frontends.kserve import KSERVE_SERVICE, KServeServicer
+from router.generation import GenerationCore
 from router.interceptor import ErrorInterceptor
 from router.policy import POLICY_NAMES, make_policy
 from router.request_telemetry import RouterTelemetry
 from router.routing import Router
 from router.servicer import RouterServicer
 from router.tokenizers import TokenizerCache
+
+if TYPE_CHECKING:  # FastAPI and uvicorn load only when the HTTP door is on
+    from router.frontends.http_server import HttpServer
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +51,8 @@ _CHANNEL_SWEEP_S = 10.0
 @dataclass(frozen=True)
 class RouterConfig:
     """How one router replica serves. ``port=0`` binds a free port (see ``RouterServer.port``);
-    ``metrics_port``: None = no ``/metrics``, 0 = a free port (see ``RouterServer.metrics_port``)."""
+    ``metrics_port``: None = no ``/metrics``, 0 = a free port (see ``RouterServer.metrics_port``);
+    ``http_port``: the OpenAI HTTP API, None = off, 0 = a free port (``RouterServer.http_port``)."""
 
     host: str = "127.0.0.1"
     port: int = 50050
@@ -52,6 +63,7 @@ class RouterConfig:
     max_message_bytes: int = 16 * 1024 * 1024
     drain_grace_s: float = 30.0
     metrics_port: int | None = None
+    http_port: int | None = None
 
     def __post_init__(self) -> None:
         checks = [
@@ -63,6 +75,8 @@ class RouterConfig:
             (self.drain_grace_s >= 0, "drain_grace_s must be >= 0"),
             (self.metrics_port is None or 0 <= self.metrics_port < 65536,
              f"metrics_port must be in [0, 65535], got {self.metrics_port}"),
+            (self.http_port is None or 0 <= self.http_port < 65536,
+             f"http_port must be in [0, 65535], got {self.http_port}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -93,6 +107,8 @@ class RouterServer:
         self._port = 0
         self._sweeper: asyncio.Task[None] | None = None
         self._metrics_server: MetricsServer | None = None
+        self._http_server: HttpServer | None = None
+        self._serving = False
         self._stopping: asyncio.Task[None] | None = None
         self._stopped = asyncio.Event()
 
@@ -103,6 +119,15 @@ class RouterServer:
     @property
     def target(self) -> str:
         return dial_target(self.config.host, self._port)
+
+    @property
+    def http_port(self) -> int | None:
+        """Port of the OpenAI HTTP API once started (None when off)."""
+        return None if self._http_server is None else self._http_server.port
+
+    def is_serving(self) -> bool:
+        """True from start until a drain begins (readiness of the HTTP and KServe doors)."""
+        return self._serving
 
     @property
     def metrics_port(self) -> int | None:
@@ -124,13 +149,20 @@ class RouterServer:
             options=[("grpc.max_receive_message_length", self.config.max_message_bytes),
                      ("grpc.max_send_message_length", self.config.max_message_bytes)],
         )
-        telemetry = RouterTelemetry(self.tracing, self.metrics, self.config.policy)
-        servicer = RouterServicer(self.router, self.dispatcher, telemetry)
-        generation_pb2_grpc.add_GenerationServicer_to_server(servicer, server)
+        core = GenerationCore(self.router, self.dispatcher,
+                              RouterTelemetry(self.tracing, self.metrics, self.config.policy))
+        generation_pb2_grpc.add_GenerationServicer_to_server(RouterServicer(core), server)
+        kserve_grpc.add_GRPCInferenceServiceServicer_to_server(
+            KServeServicer(core, self.is_serving, _version()), server)
+        # Reflection lists llmserve.v1 only: the KServe descriptors live in a pool of their own
+        # (protos/codegen.py); KServe clients bring their own stubs.
         add_health_and_reflection(server, self._health, [GENERATION_SERVICE])
+        if self.config.http_port is not None:
+            await self._start_http(core)
         await server.start()
         self._server = server
-        for name in ("", GENERATION_SERVICE):
+        self._serving = True
+        for name in ("", GENERATION_SERVICE, KSERVE_SERVICE):
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
         if self.config.metrics_port is not None:
             self._metrics_server = start_metrics_server(self.config.metrics_port, self.metrics.registry,
@@ -138,6 +170,15 @@ class RouterServer:
         await self.registry.refresh()
         self._sweeper = asyncio.create_task(self._sweep_channels())
         log.info("router listening on %s:%d (policy %s)", self.config.host, self._port, self.config.policy)
+
+    async def _start_http(self, core: GenerationCore) -> None:
+        from router.frontends.http_server import HttpServer
+        from router.frontends.openai_http import OpenAIDoor
+
+        app = OpenAIDoor(core, self.tracing, self.is_serving).app()
+        http = HttpServer(app, self.config.host, int(self.config.http_port or 0), self.config.drain_grace_s)
+        await http.start()
+        self._http_server = http
 
     async def _sweep_channels(self) -> None:
         while True:
@@ -153,10 +194,16 @@ class RouterServer:
             self._sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._sweeper
+        self._serving = False
         await self._health.enter_graceful_shutdown()
+        stops = []
         if self._server is not None:
             log.info("router draining: up to %.1fs for in-flight streams", grace)
-            await self._server.stop(grace=grace)
+            stops.append(self._server.stop(grace=grace))
+        if self._http_server is not None:
+            stops.append(self._http_server.stop(grace))
+            self._http_server = None
+        await asyncio.gather(*stops)
         await self.channels.close()
         if self._metrics_server is not None:
             self._metrics_server.stop()
@@ -175,6 +222,13 @@ class RouterServer:
     def _begin_stop(self) -> None:
         if self._stopping is None:
             self._stopping = asyncio.get_running_loop().create_task(self.stop())
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("llmserve")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
 
 
 async def serve(config: RouterConfig, store: StateStore, tracing: Tracing | None = None) -> None:

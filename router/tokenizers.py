@@ -32,6 +32,7 @@ class RouterTokenizer:
 
     def __init__(self, tokenizer: Any) -> None:
         self._tok = tokenizer
+        self._token_texts: dict[int, str] = {}
 
     @classmethod
     def from_files(cls, files: Mapping[str, bytes]) -> RouterTokenizer:
@@ -50,6 +51,20 @@ class RouterTokenizer:
         if not text:
             raise InvalidRequest("prompt must not be empty")
         return list(self._tok.encode(text))
+
+    def decode(self, token_ids: Sequence[int]) -> str:
+        """The text of ``token_ids`` (special tokens kept, as the worker's output text)."""
+        return str(self._tok.decode(list(token_ids)))
+
+    def token_texts(self, token_ids: Sequence[int]) -> list[str]:
+        """Each token's text on its own, as logprobs show tokens (cached per id: a vocabulary
+        is bounded, and the same tokens recur)."""
+        cache = self._token_texts
+        missing = sorted({t for t in token_ids if t not in cache})
+        if missing:
+            for token_id, text in zip(missing, self._tok.batch_decode([[t] for t in missing]), strict=True):
+                cache[token_id] = str(text)
+        return [cache[t] for t in token_ids]
 
     def encode_chat(
         self, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool = True

@@ -12,6 +12,7 @@ from typing import Any
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
+from opentelemetry.propagate import extract
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer
 from opentelemetry.util.types import AttributeValue
 
@@ -28,8 +29,11 @@ def _without_none(attributes: Mapping[str, AttributeValue | None]) -> dict[str, 
 class _SpanScope:
     """Starts a span, makes it current on enter, ends it on exit (recording any exception)."""
 
-    def __init__(self, tracer: Tracer, name: str, attributes: dict[str, AttributeValue]) -> None:
-        self._span: Span = tracer.start_span(name, kind=SpanKind.INTERNAL, attributes=attributes)
+    def __init__(
+        self, tracer: Tracer, name: str, attributes: dict[str, AttributeValue],
+        kind: SpanKind = SpanKind.INTERNAL, parent: otel_context.Context | None = None,
+    ) -> None:
+        self._span: Span = tracer.start_span(name, context=parent, kind=kind, attributes=attributes)
         self._token: object | None = None
 
     def _enter(self) -> None:
@@ -194,3 +198,30 @@ class OtelWorkerGenerateSpan(_SpanScope, s.WorkerGenerateSpan):
                 continue
             child = self._tracer.start_span(name, context=parent, start_time=timeline.epoch_ns(start_s))
             child.end(end_time=timeline.epoch_ns(end_s))
+
+
+class OtelHttpServerSpan(_SpanScope, s.HttpServerSpan):
+    """Recording ``HttpServerSpan``: a SERVER span whose parent is the W3C context of the headers."""
+
+    def __init__(self, tracer: Tracer, *, method: str, route: str, headers: Mapping[str, str]) -> None:
+        super().__init__(
+            tracer,
+            f"{method} {route}",
+            {s.HTTP_REQUEST_METHOD: method, s.HTTP_ROUTE: route},
+            kind=SpanKind.SERVER,
+            parent=extract(headers),
+        )
+
+    def __enter__(self) -> OtelHttpServerSpan:
+        self._enter()
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self._exit(exc)
+
+    def set_status_code(self, status_code: int) -> None:
+        self._span.set_attribute(s.HTTP_RESPONSE_STATUS_CODE, status_code)
+        if status_code >= 500:
+            self._span.set_status(Status(StatusCode.ERROR, f"HTTP {status_code}"))

@@ -31,6 +31,7 @@ WORKER_GENERATE_SPAN = "llmserve.worker.generate"
 WORKER_QUEUE_SPAN = "llmserve.worker.queue"
 WORKER_PREFILL_SPAN = "llmserve.worker.prefill"
 WORKER_DECODE_SPAN = "llmserve.worker.decode"
+# HTTP SERVER spans (OpenAI door) are named "{method} {route}", as the HTTP conventions say.
 
 # GenAI semantic-convention attributes.
 GEN_AI_OPERATION_NAME = "gen_ai.operation.name"
@@ -45,6 +46,11 @@ GEN_AI_RESPONSE_ID = "gen_ai.response.id"
 GEN_AI_RESPONSE_FINISH_REASONS = "gen_ai.response.finish_reasons"
 GEN_AI_USAGE_INPUT_TOKENS = "gen_ai.usage.input_tokens"
 GEN_AI_USAGE_OUTPUT_TOKENS = "gen_ai.usage.output_tokens"
+
+# HTTP semantic-convention attributes.
+HTTP_REQUEST_METHOD = "http.request.method"
+HTTP_ROUTE = "http.route"
+HTTP_RESPONSE_STATUS_CODE = "http.response.status_code"
 
 # llmserve attributes.
 LLMSERVE_REQUEST_ID = "llmserve.request.id"
@@ -148,8 +154,19 @@ class WorkerGenerateSpan(_NoopContext):
         request has finished (or failed), before leaving the ``with`` block."""
 
 
+class HttpServerSpan(_NoopContext):
+    """The SERVER span of one HTTP request (the router's OpenAI door), continuing the caller's
+    W3C ``traceparent``; the router's Generate span opened inside becomes its child."""
+
+    def set_status_code(self, status_code: int) -> None:
+        """The HTTP status of the response (5xx marks the span failed)."""
+
+
 NOOP_ROUTER_SPAN = RouterGenerateSpan()
 """Stateless; returned by a disabled ``Tracing`` so that tracing off allocates nothing."""
 
 NOOP_WORKER_SPAN = WorkerGenerateSpan()
+"""Stateless; returned by a disabled ``Tracing``."""
+
+NOOP_HTTP_SERVER_SPAN = HttpServerSpan()
 """Stateless; returned by a disabled ``Tracing``."""

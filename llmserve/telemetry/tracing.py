@@ -26,8 +26,10 @@ from llmserve.telemetry.spans import (
     GEN_AI_REQUEST_TEMPERATURE,
     GEN_AI_REQUEST_TOP_K,
     GEN_AI_REQUEST_TOP_P,
+    NOOP_HTTP_SERVER_SPAN,
     NOOP_ROUTER_SPAN,
     NOOP_WORKER_SPAN,
+    HttpServerSpan,
     RouterGenerateSpan,
     WorkerGenerateSpan,
 )
@@ -126,6 +128,16 @@ class Tracing:
         from llmserve.telemetry._grpc_client import client_interceptors
 
         return list(client_interceptors(self._provider.get_tracer("llmserve.grpc"), is_traced_method))
+
+    def http_server(self, *, method: str, route: str, headers: Mapping[str, str]) -> HttpServerSpan:
+        """The SERVER span of one HTTP request, a child of the W3C context in ``headers``
+        (``traceparent``, ``tracestate``; a new trace without them). Use it as a context manager
+        around the whole handling, so the spans made inside become its children."""
+        if self._tracer is None:
+            return NOOP_HTTP_SERVER_SPAN
+        from llmserve.telemetry._otel_spans import OtelHttpServerSpan
+
+        return OtelHttpServerSpan(self._tracer, method=method, route=route, headers=headers)
 
     def router_generate(
         self, *, model: str, request_id: str, policy: str, operation: str = "text_completion"

@@ -1,0 +1,177 @@
+"""The OpenAI-compatible HTTP door of the router (FastAPI), served by ``http_server``.
+
+``POST /v1/completions`` and ``POST /v1/chat/completions`` (streamed as server-sent events ending
+with ``data: [DONE]``, or whole), ``GET /v1/models``, ``GET /v1/models/{model}``, ``GET /health``.
+A request is validated (``openai_schemas``), translated into a
+:class:`~router.generation.RouterRequest` and run by the shared
+:class:`~router.generation.GenerationCore` inside the request's observation; the worker's chunks
+are shaped by ``openai_responses``; errors become OpenAI's error JSON (``openai_errors``).
+The HTTP SERVER span continues the caller's W3C ``traceparent``; the router's Generate span and
+its calls to workers are its children, so one trace runs from the HTTP client to the worker.
+A client that disconnects cancels its request on the worker (``sse.ReplyOrStream``).
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import AsyncGenerator, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import FastAPI, Request
+from starlette.responses import Response
+
+from llmserve.telemetry.tracing import Tracing
+from router.frontends.openai_errors import InvalidParam, http_error
+from router.frontends.openai_responses import (
+    DONE_EVENT,
+    ChatRenderer,
+    ChoiceRenderer,
+    CompletionRenderer,
+    json_bytes,
+    sse_event,
+)
+from router.frontends.openai_schemas import ChatCompletionRequest, CompletionRequest, validate
+from router.frontends.sse import Reply, ReplyOrStream
+from router.generation import GenerationCore, RequestScope
+
+COMPLETIONS_ROUTE = "/v1/completions"
+CHAT_ROUTE = "/v1/chat/completions"
+
+
+@dataclass(frozen=True)
+class _Endpoint:
+    """What differs between completions and chat."""
+
+    route: str
+    operation: str  # GenAI operation name on the router span
+    id_prefix: str
+    schema: type[CompletionRequest] | type[ChatCompletionRequest]
+    renderer: type[ChoiceRenderer]
+    prompt_param: str  # the parameter holding the input
+
+
+_COMPLETIONS = _Endpoint(COMPLETIONS_ROUTE, "text_completion", "cmpl", CompletionRequest, CompletionRenderer,
+                         "prompt")
+_CHAT = _Endpoint(CHAT_ROUTE, "chat", "chatcmpl", ChatCompletionRequest, ChatRenderer, "messages")
+
+
+class OpenAIDoor:
+    """Builds the FastAPI app of the OpenAI API over a :class:`GenerationCore`.
+
+    ``serving`` tells whether the router takes requests (False while it drains: ``/health``
+    answers 503).
+    """
+
+    def __init__(self, core: GenerationCore, tracing: Tracing, serving: Callable[[], bool]) -> None:
+        self._core = core
+        self._tracing = tracing
+        self._serving = serving
+
+    def app(self) -> FastAPI:
+        app = FastAPI(title="llmserve OpenAI-compatible API", docs_url=None, redoc_url=None,
+                      openapi_url=None)
+
+        async def completions(request: Request) -> Response:
+            return ReplyOrStream(self._serve(_COMPLETIONS, await request.body(), request.headers))
+
+        async def chat(request: Request) -> Response:
+            return ReplyOrStream(self._serve(_CHAT, await request.body(), request.headers))
+
+        app.add_api_route(COMPLETIONS_ROUTE, completions, methods=["POST"])
+        app.add_api_route(CHAT_ROUTE, chat, methods=["POST"])
+        app.add_api_route("/v1/models", self._models, methods=["GET"])
+        app.add_api_route("/v1/models/{model:path}", self._model, methods=["GET"])
+        app.add_api_route("/health", self._health, methods=["GET"])
+        return app
+
+    async def _serve(self, endpoint: _Endpoint, body: bytes, headers: Mapping[str, str]
+                     ) -> AsyncGenerator[Reply | bytes, None]:
+        """One request, start to end, in one task: a JSON reply or SSE events."""
+        request_id = f"{endpoint.id_prefix}-{uuid.uuid4().hex}"
+        data = _json_object(body)
+        model_hint = data.get("model") if isinstance(data, dict) else None
+        with self._tracing.http_server(method="POST", route=endpoint.route, headers=headers) as http_span:
+            streaming = False
+            try:
+                with self._core.observe(model_hint if isinstance(model_hint, str) else "", request_id,
+                                        operation=endpoint.operation) as scope:
+                    if not isinstance(data, dict):
+                        raise InvalidParam("body", "the request body must be a JSON object")
+                    parsed = validate(endpoint.schema, data)
+                    routed = parsed.to_router_request(request_id)
+                    chunks = scope.generate(routed)
+                    if not parsed.stream:
+                        renderer = None
+                        async for chunk in chunks:
+                            renderer = renderer or await self._renderer(endpoint, parsed, scope, request_id)
+                            renderer.add(chunk)
+                        assert renderer is not None  # the dispatcher never ends a stream empty
+                        http_span.set_status_code(200)
+                        yield Reply(200, json_bytes(renderer.full()))
+                        return
+                    renderer = None
+                    async for chunk in chunks:
+                        if renderer is None:
+                            renderer = await self._renderer(endpoint, parsed, scope, request_id)
+                            http_span.set_status_code(200)
+                            streaming = True
+                        for event in renderer.event(chunk):
+                            yield event
+                    yield DONE_EVENT
+            except Exception as exc:  # noqa: BLE001 - every error becomes the door's error JSON
+                error = http_error(exc, endpoint.prompt_param)
+                if streaming:  # the status is sent: the error goes in the stream
+                    yield sse_event(error.body)
+                    yield DONE_EVENT
+                    return
+                http_span.set_status_code(error.status)
+                yield Reply(error.status, json_bytes(error.body))
+
+    async def _renderer(self, endpoint: _Endpoint, parsed: Any, scope: RequestScope,
+                        request_id: str) -> ChoiceRenderer:
+        """The renderer of a request whose first chunk arrived (the model is resolved by then)."""
+        wants_logprobs = parsed.logprobs is not None if endpoint is _COMPLETIONS else bool(parsed.logprobs)
+        echo = endpoint is _COMPLETIONS and parsed.echo
+        tokenizer = await scope.tokenizer() if wants_logprobs or echo else None
+        echo_text = ""
+        if echo:
+            prompt = parsed.prompt_input()
+            assert tokenizer is not None
+            echo_text = prompt if isinstance(prompt, str) else tokenizer.decode(prompt)
+        return endpoint.renderer(request_id, scope.model, logprobs=wants_logprobs,
+                                 include_usage=parsed.include_usage, tokenizer=tokenizer, echo=echo_text)
+
+    async def _models(self) -> Response:
+        models = await self._core.list_models()
+        data = [_model_card(m.name, m.max_model_len) for m in models]
+        return Response(json_bytes({"object": "list", "data": data}), media_type="application/json")
+
+    async def _model(self, model: str) -> Response:
+        for m in await self._core.list_models():
+            if m.name == model:
+                card = _model_card(m.name, m.max_model_len)
+                return Response(json_bytes(card), media_type="application/json")
+        body = {"error": {"message": f"model {model!r} is not served by any worker",
+                          "type": "invalid_request_error", "param": "model", "code": "model_not_found"}}
+        return Response(json_bytes(body), status_code=404, media_type="application/json")
+
+    async def _health(self) -> Response:
+        status = 200 if self._serving() else 503
+        return Response(json_bytes({"status": "ok" if status == 200 else "draining"}), status_code=status,
+                        media_type="application/json")
+
+
+def _model_card(name: str, max_model_len: int) -> dict[str, Any]:
+    return {"id": name, "object": "model", "created": 0, "owned_by": "llmserve",
+            "max_model_len": max_model_len}
+
+
+def _json_object(body: bytes) -> Any:
+    """The parsed body, or None when it is not JSON (the validation reports it)."""
+    try:
+        return json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return None
+

@@ -1,0 +1,199 @@
+"""OpenAI request bodies, validated, and their translation into the router's internal request.
+
+The parameters are OpenAI's (``/v1/completions``, ``/v1/chat/completions``) plus vLLM's extras
+(``top_k``, ``min_p``, ``repetition_penalty``, ``ignore_eos``, ``min_tokens``, ``stop_token_ids``,
+``include_stop_str_in_output``, ``add_generation_prompt``), with OpenAI's documented ranges.
+Unknown fields are ignored, as OpenAI-compatible servers do. A value out of range, of the wrong
+type, or a feature this server does not have (tools, image parts, ``suffix``, several prompts in
+one request) is an :class:`~router.frontends.openai_errors.InvalidParam` naming the parameter.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from llmserve.prompt_input import ChatPrompt, PromptInput
+from llmserve.v1 import generation_pb2 as gen_pb
+from router.frontends.openai_errors import InvalidParam, validation_param
+from router.generation import RouterRequest
+
+MAX_N = 128
+MAX_LOGPROBS = 20
+
+
+class StreamOptions(BaseModel):
+    """``stream_options``: ``include_usage`` adds a last chunk with the usage and no choices."""
+
+    model_config = ConfigDict(extra="ignore")
+    include_usage: bool = False
+
+
+class _SamplingRequest(BaseModel):
+    """What completions and chat share: model, sampling, streaming."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str = ""
+    n: int = Field(1, ge=1, le=MAX_N)
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    seed: int | None = Field(None, ge=0, lt=2**64)
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    logit_bias: dict[int, float] | None = None
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+    # vLLM's extras
+    top_k: int | None = Field(None, ge=-1)
+    min_p: float | None = Field(None, ge=0.0, le=1.0)
+    repetition_penalty: float | None = Field(None, gt=0.0, le=2.0)
+    ignore_eos: bool = False
+    min_tokens: int = Field(0, ge=0)
+    stop_token_ids: list[int] | None = None
+    include_stop_str_in_output: bool = False
+
+    @property
+    def include_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
+
+    def sampling(self, max_tokens: int | None, logprobs: int | None) -> gen_pb.SamplingParams:
+        """The request's sampling as the worker takes it (unset fields keep vLLM's defaults)."""
+        s = gen_pb.SamplingParams(n=self.n, ignore_eos=self.ignore_eos, min_tokens=self.min_tokens,
+                                  include_stop_str_in_output=self.include_stop_str_in_output)
+        optional = {
+            "max_tokens": max_tokens, "temperature": self.temperature, "top_p": self.top_p,
+            "seed": self.seed, "presence_penalty": self.presence_penalty,
+            "frequency_penalty": self.frequency_penalty, "top_k": self.top_k, "min_p": self.min_p,
+            "repetition_penalty": self.repetition_penalty, "logprobs": logprobs,
+        }
+        for name, value in optional.items():
+            if value is not None:
+                setattr(s, name, value)
+        s.stop.extend([self.stop] if isinstance(self.stop, str) else self.stop or [])
+        s.stop_token_ids.extend(self.stop_token_ids or [])
+        for token_id, bias in (self.logit_bias or {}).items():
+            s.logit_bias[token_id] = bias
+        return s
+
+    def check_common(self) -> None:
+        if self.stream_options is not None and not self.stream:
+            raise InvalidParam("stream_options", "stream_options is only allowed with stream=true")
+        for token_id, bias in (self.logit_bias or {}).items():
+            if not -100.0 <= bias <= 100.0:
+                raise InvalidParam("logit_bias", f"logit_bias[{token_id}] must be in [-100, 100], got {bias}")
+            if token_id < 0:
+                raise InvalidParam("logit_bias", f"logit_bias keys must be token ids >= 0, got {token_id}")
+        if isinstance(self.stop, list) and any(not s for s in self.stop) or self.stop == "":
+            raise InvalidParam("stop", "stop must not contain empty strings")
+        if any(t < 0 for t in self.stop_token_ids or []):
+            raise InvalidParam("stop_token_ids", "stop_token_ids must be token ids >= 0")
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise InvalidParam("min_tokens", f"min_tokens ({self.min_tokens}) must not exceed max_tokens "
+                               f"({self.max_tokens})")
+
+
+class CompletionRequest(_SamplingRequest):
+    """``POST /v1/completions``."""
+
+    prompt: str | list[int] | list[str] | list[list[int]]
+    echo: bool = False
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    suffix: str | None = None
+    best_of: int | None = None
+
+    def prompt_input(self) -> PromptInput:
+        """The one prompt: text or token ids (a list holding one of them is accepted too)."""
+        prompt: Any = self.prompt
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], str | list):
+            if len(prompt) != 1:
+                raise InvalidParam("prompt", f"one prompt per request is supported, got {len(prompt)}")
+            prompt = prompt[0]
+        if not prompt:
+            raise InvalidParam("prompt", "prompt must not be empty")
+        if isinstance(prompt, list) and any(t < 0 for t in prompt):
+            raise InvalidParam("prompt", "prompt token ids must be >= 0")
+        return prompt  # type: ignore[no-any-return]
+
+    def to_router_request(self, request_id: str) -> RouterRequest:
+        self.check_common()
+        if self.suffix:
+            raise InvalidParam("suffix", "suffix is not supported")
+        if self.best_of is not None and self.best_of != self.n:
+            raise InvalidParam("best_of", "best_of is not supported (only best_of == n)")
+        if self.echo and self.logprobs is not None:
+            raise InvalidParam("echo", "echo with logprobs is not supported (no prompt logprobs)")
+        return RouterRequest(model=self.model, prompt=self.prompt_input(),
+                             sampling=self.sampling(self.max_tokens, self.logprobs), request_id=request_id)
+
+
+class TextPart(BaseModel):
+    """A text part of a message's content; other part types (images, audio) are refused."""
+
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessageIn(BaseModel):
+    """One message: role and content (a string, or text parts joined by newlines)."""
+
+    model_config = ConfigDict(extra="ignore")
+    role: str = Field(min_length=1)
+    content: str | list[TextPart] | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "\n".join(part.text for part in self.content)
+        return self.content or ""
+
+
+class ChatCompletionRequest(_SamplingRequest):
+    """``POST /v1/chat/completions``."""
+
+    messages: list[ChatMessageIn] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    response_format: dict[str, Any] | None = None
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    add_generation_prompt: bool = True
+
+    def to_router_request(self, request_id: str) -> RouterRequest:
+        self.check_common()
+        if self.tools:
+            raise InvalidParam("tools", "tools are not supported")
+        if self.tool_choice not in (None, "none"):
+            raise InvalidParam("tool_choice", "tool_choice is not supported")
+        if self.response_format is not None and self.response_format.get("type") != "text":
+            raise InvalidParam("response_format", "only response_format {'type': 'text'} is supported")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise InvalidParam("top_logprobs", "top_logprobs needs logprobs=true")
+        max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+        logprobs = (self.top_logprobs or 0) if self.logprobs else None
+        messages = tuple({"role": m.role, "content": m.text()} for m in self.messages)
+        return RouterRequest(
+            model=self.model, prompt=ChatPrompt(messages, self.add_generation_prompt),
+            sampling=self.sampling(max_tokens, logprobs), request_id=request_id,
+            max_tokens_to_context=max_tokens is None,
+        )
+
+
+RequestT = TypeVar("RequestT", bound=BaseModel)
+
+
+def validate(model: type[RequestT], data: dict[str, Any]) -> RequestT:
+    """The validated request; :class:`InvalidParam` naming the first bad field otherwise."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        param = validation_param(tuple(error.get("loc", ())))
+        if not param:
+            raise InvalidParam("body", f"invalid request body: {error.get('msg')}") from None
+        raise InvalidParam(param, f"{param}: {error.get('msg')}") from None

@@ -1,0 +1,133 @@
+"""The router's one request path, shared by every front door.
+
+``llmserve.v1.Generate`` (``servicer.py``), the OpenAI HTTP door and the KServe v2 door
+(``frontends/``) each translate their request into a :class:`RouterRequest` and run it here:
+resolve the model to its live workers, tokenize (chat template included), rank the workers,
+dispatch with retries, all inside the request's span, metrics and log line. A door opens the
+observation first, so that its own decoding errors are counted like any other::
+
+    with core.observe(model, request_id, operation="chat") as scope:
+        request = translate(body)                     # the door's errors: InvalidRequest
+        async for chunk in scope.generate(request):   # llmserve.v1.GenerateResponse chunks
+            ...
+
+The internal request is the ``GenerateRequest`` the worker receives (sampling as
+``llmserve.v1.SamplingParams``) and the chunks are the worker's own messages, forwarded as they
+are, so the native door adds no re-encoding; the other doors convert only shapes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from llmserve.prompt_input import PromptInput
+from llmserve.v1 import generation_pb2 as gen_pb
+from router.dispatch import Dispatcher
+from router.request_telemetry import RequestObservation, RouterTelemetry
+from router.routing import ModelSummary, Router
+from router.tokenizers import RouterTokenizer
+
+TimeRemaining = Callable[[], "float | None"]
+
+
+def _no_deadline() -> float | None:
+    return None
+
+
+@dataclass(frozen=True)
+class RouterRequest:
+    """One generation as every door hands it to the core.
+
+    ``model`` may be "" when the fleet serves one model. ``max_tokens_to_context``: an unset
+    ``sampling.max_tokens`` means "until the context is full" (OpenAI chat) rather than the
+    API's default of 16; the core sets it from the model's ``max_model_len`` and the prompt.
+    """
+
+    model: str
+    prompt: PromptInput
+    sampling: gen_pb.SamplingParams
+    request_id: str
+    max_tokens_to_context: bool = False
+
+
+class RequestScope:
+    """One observed request: :meth:`generate` runs it; the resolved model and its tokenizer
+    are there for doors that render tokens (logprobs, echo)."""
+
+    def __init__(self, core: GenerationCore, obs: RequestObservation) -> None:
+        self._core = core
+        self._obs = obs
+
+    @property
+    def model(self) -> str:
+        """The resolved model name ("" until :meth:`generate` has resolved it)."""
+        return self._obs.model
+
+    async def generate(
+        self, request: RouterRequest, time_remaining: TimeRemaining = _no_deadline
+    ) -> AsyncIterator[gen_pb.GenerateResponse]:
+        """The worker's chunks for ``request``; a ``RouterError`` when it cannot be served.
+
+        ``time_remaining`` gives the client's remaining deadline in seconds (None: none).
+        Closing the iteration cancels the worker's call, which aborts the request there."""
+        router = self._core.router
+        obs = self._obs
+        model, workers = await router.resolve(request.model)
+        obs.set_model(model)
+        token_ids = await router.token_ids(model, workers, request.prompt)
+        ranked = await router.rank(model, workers, token_ids, request.request_id)
+        obs.on_ranked(ranked)
+        sampling = request.sampling
+        if request.max_tokens_to_context and not sampling.HasField("max_tokens"):
+            sampling = gen_pb.SamplingParams()
+            sampling.CopyFrom(request.sampling)
+            context = min(w.max_model_len for w in workers)
+            sampling.max_tokens = max(1, context - len(token_ids))
+        forward = gen_pb.GenerateRequest(
+            model=model,
+            prompt_token_ids=gen_pb.TokenIds(ids=token_ids),
+            sampling=sampling,
+            request_id=request.request_id,
+        )
+        chunks = self._core.dispatcher.generate(forward, ranked.workers, time_remaining, obs)
+        async for chunk in chunks:
+            obs.on_chunk(bool(chunk.token_ids), chunk.finish_reason)
+            if chunk.HasField("usage"):
+                u = chunk.usage
+                obs.on_usage(prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens,
+                             cached_tokens=u.cached_prompt_tokens, worker_id=chunk.worker_id)
+            yield chunk
+
+    async def tokenizer(self) -> RouterTokenizer:
+        """The resolved model's tokenizer (fetched from a worker when not loaded yet)."""
+        router = self._core.router
+        model, workers = await router.resolve(self._obs.model)
+        return await router.tokenizers.get(model, workers)
+
+
+class GenerationCore:
+    """Resolve, tokenize, rank and dispatch, observed: what every door runs."""
+
+    def __init__(self, router: Router, dispatcher: Dispatcher, telemetry: RouterTelemetry) -> None:
+        self.router = router
+        self.dispatcher = dispatcher
+        self.telemetry = telemetry
+
+    @contextmanager
+    def observe(
+        self, model: str, request_id: str, operation: str = "text_completion"
+    ) -> Iterator[RequestScope]:
+        """Span, metrics and log line around one request (see ``RouterTelemetry.observe``);
+        everything the door does inside, its own decoding included, is counted."""
+        with self.telemetry.observe(model, request_id, operation=operation) as obs:
+            yield RequestScope(self, obs)
+
+    async def list_models(self) -> list[ModelSummary]:
+        """The live models, sorted by name."""
+        return await self.router.list_models()
+
+    async def model_ready(self, model: str) -> bool:
+        """True when ``model`` has at least one live worker."""
+        return any(m.name == model for m in await self.router.list_models())

@@ -1,0 +1,189 @@
+"""The official ``openai`` SDK (sync and async) against the router's OpenAI door of a real
+``llmserve up`` stack: completions and chat, streamed and whole, n=2, stop strings, logprobs,
+cached-token usage, vLLM's extras; greedy text equals the same request through
+``llmserve.v1.Generation``."""
+
+from __future__ import annotations
+
+import openai
+import pytest
+from openai import AsyncOpenAI, OpenAI
+
+from llmserve.client import AsyncClient, Client
+from tests.router.frontends.stack_proc import MODEL, StackProc
+
+PROMPT = "The quick brown fox jumps over the lazy dog. Once upon a time"
+MESSAGES = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name a color."}]
+
+
+@pytest.fixture(scope="module")
+def client(stack: StackProc) -> OpenAI:
+    return OpenAI(base_url=stack.openai_url, api_key="unused", max_retries=0)
+
+
+def _native(stack: StackProc, **kwargs: object) -> str:
+    with Client(stack.grpc_target) as native:
+        return native.complete(MODEL, **kwargs).text  # type: ignore[arg-type]
+
+
+def test_models(client: OpenAI) -> None:
+    assert [m.id for m in client.models.list()] == [MODEL]
+    assert client.models.retrieve(MODEL).id == MODEL
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("no-such-model")
+
+
+def test_completion_greedy_matches_native(client: OpenAI, stack: StackProc) -> None:
+    reply = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=12, temperature=0)
+    native = _native(stack, prompt=PROMPT, max_tokens=12, temperature=0.0)
+    assert reply.object == "text_completion" and reply.model == MODEL and reply.id.startswith("cmpl-")
+    assert [c.text for c in reply.choices] == [native]
+    assert reply.choices[0].finish_reason == "length"
+    assert reply.usage is not None and reply.usage.completion_tokens == 12
+    assert reply.usage.total_tokens == reply.usage.prompt_tokens + 12
+
+
+def test_chat_greedy_matches_native(client: OpenAI, stack: StackProc) -> None:
+    reply = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=10,  # type: ignore[arg-type]
+                                           temperature=0)
+    native = _native(stack, messages=MESSAGES, max_tokens=10, temperature=0.0)
+    assert reply.object == "chat.completion" and reply.id.startswith("chatcmpl-")
+    message = reply.choices[0].message
+    assert message.role == "assistant" and message.content == native
+
+
+def test_streamed_completion_equals_whole(client: OpenAI) -> None:
+    whole = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=10, temperature=0)
+    chunks = list(client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=10, temperature=0,
+                                            stream=True, stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert text == whole.choices[0].text
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finishes == ["length"]
+    assert chunks[-1].choices == [] and chunks[-1].usage is not None
+    assert chunks[-1].usage.completion_tokens == 10
+    assert all(c.usage is None for c in chunks[:-1])
+
+
+def test_stream_without_usage_option_has_no_usage_chunk(client: OpenAI) -> None:
+    chunks = list(client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=3, temperature=0,
+                                            stream=True))
+    assert all(c.choices and c.usage is None for c in chunks)
+
+
+async def test_async_chat_streamed_equals_whole_and_native(stack: StackProc) -> None:
+    client = AsyncOpenAI(base_url=stack.openai_url, api_key="unused", max_retries=0)
+    whole = await client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=8,  # type: ignore[arg-type]
+                                                 temperature=0)
+    stream = await client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=8,  # type: ignore[arg-type]
+                                                  temperature=0, stream=True,
+                                                  stream_options={"include_usage": True})
+    chunks = [chunk async for chunk in stream]
+    deltas = [c.choices[0].delta for c in chunks if c.choices]
+    assert deltas[0].role == "assistant"
+    assert "".join(d.content or "" for d in deltas) == whole.choices[0].message.content
+    async with AsyncClient(stack.grpc_target) as native:
+        expected = await native.complete(MODEL, messages=MESSAGES, max_tokens=8, temperature=0.0)
+    assert whole.choices[0].message.content == expected.text
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 8
+    await client.close()
+
+
+async def test_async_completion_matches_native(stack: StackProc) -> None:
+    client = AsyncOpenAI(base_url=stack.openai_url, api_key="unused", max_retries=0)
+    reply = await client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=6, temperature=0)
+    async with AsyncClient(stack.grpc_target) as native:
+        expected = await native.complete(MODEL, prompt=PROMPT, max_tokens=6, temperature=0.0)
+    assert reply.choices[0].text == expected.text
+    await client.close()
+
+
+def test_n2_whole_and_streamed(client: OpenAI) -> None:
+    reply = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=5, n=2,  # type: ignore[arg-type]
+                                           temperature=1.0, seed=11)
+    assert sorted(c.index for c in reply.choices) == [0, 1]
+    assert reply.usage is not None and reply.usage.completion_tokens == 10
+    chunks = list(client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=4, n=2, temperature=1.0,
+                                            seed=11, stream=True))
+    texts = {0: "", 1: ""}
+    for chunk in chunks:
+        for choice in chunk.choices:
+            texts[choice.index] += choice.text
+    whole = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=4, n=2, temperature=1.0, seed=11)
+    assert texts == {c.index: c.text for c in whole.choices}  # seeded: the same samples
+
+
+def test_stop_string_cuts_the_text(client: OpenAI, stack: StackProc) -> None:
+    full = _native(stack, prompt=PROMPT, max_tokens=16, temperature=0.0)
+    stop = full[len(full) // 2: len(full) // 2 + 3]
+    expected = full[: full.index(stop)]
+    reply = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=16, temperature=0, stop=[stop])
+    assert reply.choices[0].text == expected and reply.choices[0].finish_reason == "stop"
+    chunks = list(client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=16, temperature=0,
+                                            stop=stop, stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == expected
+
+
+def test_chat_logprobs(client: OpenAI) -> None:
+    reply = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=6, temperature=0,  # type: ignore[arg-type]
+                                           logprobs=True, top_logprobs=3)
+    content = reply.choices[0].logprobs.content  # type: ignore[union-attr]
+    assert content is not None and len(content) == 6
+    for entry in content:
+        assert len(entry.top_logprobs) == 3
+        assert entry.bytes == list(entry.token.encode())
+        # greedy: the chosen token is the most likely one
+        assert entry.top_logprobs[0].token == entry.token
+        assert entry.top_logprobs[0].logprob == pytest.approx(entry.logprob)
+        assert [t.logprob for t in entry.top_logprobs] == sorted((t.logprob for t in entry.top_logprobs),
+                                                                 reverse=True)
+
+
+def test_completion_logprobs_whole_and_streamed(client: OpenAI) -> None:
+    reply = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=5, temperature=0, logprobs=2)
+    logprobs = reply.choices[0].logprobs
+    assert logprobs is not None and logprobs.tokens is not None and len(logprobs.tokens) == 5
+    assert logprobs.text_offset == [sum(len(t) for t in logprobs.tokens[:i]) for i in range(5)]
+    assert logprobs.top_logprobs is not None
+    for token, top in zip(logprobs.tokens, logprobs.top_logprobs, strict=True):
+        assert token in top and 1 <= len(top) <= 3
+    streamed = list(client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=5, temperature=0,
+                                              logprobs=2, stream=True))
+    tokens = [t for c in streamed for t in (c.choices[0].logprobs.tokens or [])]  # type: ignore[union-attr]
+    assert tokens == logprobs.tokens
+
+
+def test_repeated_prompt_reports_cached_tokens(client: OpenAI) -> None:
+    prompt = "Caching test. " + " ".join(f"word{i}" for i in range(60))
+    first = client.completions.create(model=MODEL, prompt=prompt, max_tokens=2, temperature=0)
+    second = client.completions.create(model=MODEL, prompt=prompt, max_tokens=2, temperature=0)
+    assert first.usage is not None and second.usage is not None
+    assert first.usage.prompt_tokens == second.usage.prompt_tokens >= 48
+    assert first.usage.prompt_tokens_details is not None and second.usage.prompt_tokens_details is not None
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    assert second.usage.prompt_tokens_details.cached_tokens >= 32  # whole 16-token blocks
+
+
+def test_echo_and_vllm_extras(client: OpenAI, stack: StackProc) -> None:
+    echoed = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=4, temperature=0, echo=True)
+    plain = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=4, temperature=0)
+    assert echoed.choices[0].text == PROMPT + plain.choices[0].text
+    # top_k=1 samples the argmax: the greedy text, at any temperature
+    top1 = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=4, temperature=1.0,
+                                     extra_body={"top_k": 1, "min_p": 0.0, "repetition_penalty": 1.0})
+    assert top1.choices[0].text == plain.choices[0].text
+    ids = client.completions.create(model=MODEL, prompt=[1, 2, 3, 4], max_tokens=3, temperature=0,
+                                    extra_body={"ignore_eos": True, "min_tokens": 3, "stop_token_ids": [7]})
+    assert ids.usage is not None and ids.usage.prompt_tokens == 4
+
+
+def test_chat_max_completion_tokens_and_context_default(client: OpenAI) -> None:
+    capped = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_completion_tokens=3,  # type: ignore[arg-type]
+                                            temperature=0, extra_body={"ignore_eos": True})
+    assert capped.usage is not None and capped.usage.completion_tokens == 3
+    # No max_tokens in chat: until the context (512 tokens for the tiny model) is full.
+    open_ended = client.chat.completions.create(model=MODEL, messages=MESSAGES, temperature=0,  # type: ignore[arg-type]
+                                                extra_body={"ignore_eos": True})
+    usage = open_ended.usage
+    assert usage is not None and open_ended.choices[0].finish_reason == "length"
+    assert usage.prompt_tokens + usage.completion_tokens == 512
