@@ -145,3 +145,19 @@ def test_client_disconnect_aborts_the_request_on_the_worker(stack: StackProc,
 
     _wait_for(cancelled_on_worker, "the worker never saw the request cancelled")
     _wait_for(lambda: _worker_idle(stack), "the worker still runs the request")
+
+
+def test_disconnect_before_a_whole_response_aborts_too(stack: StackProc, otlp_receiver: OtlpReceiver) -> None:
+    def cancelled() -> set[str]:
+        return {str(s.attributes.get("llmserve.request.id")) for s in otlp_receiver.spans()
+                if s.name == "llmserve.worker.generate" and "cancelled" in s.events
+                and str(s.attributes.get("llmserve.request.id", "")).startswith("cmpl-")}
+
+    before = cancelled()
+    body = {**_P, "max_tokens": 480, "ignore_eos": True, "temperature": 0}  # not streamed
+    connection = http.client.HTTPConnection("127.0.0.1", stack.http_port, timeout=60)
+    connection.request("POST", COMPLETIONS, json.dumps(body), {"content-type": "application/json"})
+    _wait_for(lambda: not _worker_idle(stack), "the request never reached the worker")
+    connection.close()  # gone before the whole response exists
+    _wait_for(lambda: cancelled() - before, "the worker never saw the request cancelled")
+    _wait_for(lambda: _worker_idle(stack), "the worker still runs the request")
