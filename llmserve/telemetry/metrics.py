@@ -6,8 +6,9 @@ process never collide. ``start_metrics_server(port, metrics.registry)`` serves `
 
 Worker: gauges and prefix-cache/preemption counters come from the engine's ``SchedulerStats``
 (``update_scheduler_stats``, call it whenever you read stats: heartbeat or step loop);
-per-request counters and histograms from ``on_request_finished``. Router: ``on_request_finished``,
-``on_routing_decision``, ``on_retry``, ``update_fleet``.
+per-request counters and histograms from ``on_request_finished``; ``on_refusal`` counts requests
+refused by an admission limit. Router: ``on_request_finished``, ``on_routing_decision``,
+``on_retry``, ``on_migration``, ``on_refusal``, ``set_breaker_state``, ``update_fleet``.
 """
 
 from __future__ import annotations
@@ -102,8 +103,16 @@ class WorkerMetrics:
         self.request_queue_time = Histogram(
             PREFIX + "request_queue_time_seconds", "Arrival to first scheduling.", m,
             buckets=REQUEST_LATENCY_BUCKETS_S, registry=r)
+        self.request_refusals = Counter(
+            PREFIX + "request_refusals", "Requests refused by an admission limit, by limit (the setting's "
+            "name: max_n, max_queue_len, max_tokens, max_request_id_len, ...).", ["model_name", "limit"],
+            registry=r)
         self._cumulative: dict[str, _Cumulative] = {}
         self._lock = threading.Lock()  # update_scheduler_stats may run on the engine thread
+
+    def on_refusal(self, model: str, limit: str) -> None:
+        """A request was refused because it exceeded ``limit`` (a bounded set of setting names)."""
+        self.request_refusals.labels(model, limit).inc()
 
     def update_scheduler_stats(self, model: str, stats: SchedulerStatsLike) -> None:
         """Set the gauges from a stats snapshot and advance the counters by what the engine's
@@ -180,6 +189,16 @@ class RouterMetrics:
             p + "routing_decisions", "Routing decisions by policy and reason.", ["policy", "reason"],
             registry=r)
         self.retries = Counter(p + "retries", "Requests retried on another worker.", ["model"], registry=r)
+        self.migrations = Counter(
+            p + "migrations", "Streams resumed on another worker after their first token (the worker failed "
+            "mid-stream).", ["model"], registry=r)
+        self.refusals = Counter(
+            p + "refusals", "Requests refused by the router before reaching a worker, by limit (the "
+            "setting's name: max_n, max_tokens, max_chat_turns, rate limits, ...).", ["model", "limit"],
+            registry=r)
+        self.circuit_breaker_state = Gauge(
+            p + "circuit_breaker_state", "Circuit breaker of each worker this router knows: 0 closed, "
+            "1 half-open, 2 open.", ["worker_id"], registry=r)
         self.live_workers = Gauge(p + "live_workers", "Live workers per model.", ["model"], registry=r)
         self.worker_load = Gauge(
             p + "worker_load", "Load reported by each live worker.", ["worker_id", "model"], registry=r)
@@ -211,6 +230,27 @@ class RouterMetrics:
     def on_retry(self, model: str) -> None:
         """A request is retried on another worker."""
         self.retries.labels(model).inc()
+
+    def on_migration(self, model: str) -> None:
+        """A stream is resumed on another worker after its first token."""
+        self.migrations.labels(model).inc()
+
+    def on_refusal(self, model: str, limit: str) -> None:
+        """A request was refused because it exceeded ``limit``; ``model`` is ``unknown`` when it never
+        resolved (a bounded label set, as for ``requests``)."""
+        self.refusals.labels(model, limit).inc()
+
+    def set_breaker_state(self, worker_id: str, state: int | None) -> None:
+        """Export a worker's breaker state (0 closed, 1 half-open, 2 open); None removes its series
+        (the worker is gone, so the label set stays bounded by the live fleet)."""
+        with self._lock:
+            if state is None:
+                try:
+                    self.circuit_breaker_state.remove(worker_id)
+                except KeyError:
+                    pass
+            else:
+                self.circuit_breaker_state.labels(worker_id).set(state)
 
     def update_fleet(self, workers: Iterable[WorkerQueueDepth]) -> None:
         """Set live workers per model and per-worker load from the registry's current view;
