@@ -36,6 +36,8 @@ from llmserve.kv_events import KVEvent
 
 log = logging.getLogger(__name__)
 
+_STOP_RETRY_S = 1.0  # stop(): how long to wait for the loop to end before cancelling it again
+
 
 @dataclass(frozen=True)
 class WorkerIdentity:
@@ -85,6 +87,7 @@ class WorkerPublisher:
         self._needs_resync = True
         self._next_heartbeat = 0.0
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False
         self._store_down = False
 
     @property
@@ -109,15 +112,24 @@ class WorkerPublisher:
         """Publish once (best effort), then keep publishing in the background."""
         await self.publish_once()
         if self._task is None:
+            self._stopping = False
             self._task = asyncio.create_task(self._run(), name=f"publisher-{self._identity.worker_id}")
 
     async def stop(self) -> None:
-        """Stop publishing; the record then expires after its TTL."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        """Stop publishing; the record then expires after its TTL.
+
+        The loop also checks a stop flag, and the task is cancelled until it is done: redis-py
+        can swallow a cancellation that lands inside one of its calls, and a drain must never
+        hang on that."""
+        task, self._task = self._task, None
+        if task is None:
+            return
+        self._stopping = True
+        while not task.done():
+            task.cancel()
+            await asyncio.wait({task}, timeout=_STOP_RETRY_S)
+        with contextlib.suppress(asyncio.CancelledError):
+            task.result()
 
     async def drain(self) -> None:
         """Announce draining at once: routers stop sending new requests here."""
@@ -164,7 +176,7 @@ class WorkerPublisher:
         return True
 
     async def _run(self) -> None:
-        while True:
+        while not self._stopping:
             await asyncio.sleep(self._timing.kv_flush_interval_s)
             try:
                 await self.publish_once()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -143,4 +144,23 @@ async def test_marker_loss_triggers_full_resync(redis_server: Any) -> None:
     await asyncio.sleep(FAST.heartbeat_interval_s)
     await pub.publish_once()
     assert await store.match_prefixes({"w1": CHAIN}) == {"w1": 3}
+    await store.close()
+
+
+async def test_stop_returns_even_when_redis_swallows_the_cancellation(redis_server: Any) -> None:
+    """redis-py can swallow a cancellation that lands inside one of its calls; stop() (and with it
+    a worker's drain) must still end. Cancels are made to land at random points of the ticks."""
+    store = RedisStateStore(redis_server.url)
+    engine = FakeEngine()
+    engine.store(CHAIN[:4])
+    pub = make_publisher(store, engine)
+    rng = random.Random(0)
+    for _ in range(40):
+        await pub.start()
+        await asyncio.sleep(rng.uniform(0.0, 0.05))
+        await asyncio.wait_for(pub.stop(), timeout=30)  # a hang guard, not a timing check
+    await pub.start()  # still publishes after being stopped and started again
+    engine.store(CHAIN[4:6])
+    assert await pub.publish_once()
+    await pub.deregister()
     await store.close()
