@@ -70,7 +70,10 @@ class _Errors:
             self.logger.error("%s failed", method, exc_info=exc)
         else:
             self.logger.info("%s -> %s: %s", method, code.name, message)
-        await context.abort(code, message)
+        # An exception may carry trailers for the client (a tuple attribute, e.g. ``retry-after``
+        # of a rate limit; grpc's own errors have a method of that name, which is not sent).
+        trailers = getattr(exc, "trailing_metadata", ())
+        await context.abort(code, message, trailing_metadata=trailers if isinstance(trailers, tuple) else ())
 
     def log_cancel(self, context: grpc.aio.ServicerContext, method: str) -> None:
         remaining = context.time_remaining()

@@ -28,12 +28,16 @@ def bind_server(
     port: int,
     interceptors: Sequence[grpc.aio.ServerInterceptor],
     options: Sequence[tuple[str, Any]],
+    credentials: grpc.ServerCredentials | None = None,
 ) -> tuple[grpc.aio.Server, int]:
     """A new server, not started yet, bound to ``host:port``, and the port it bound (``port=0``:
     a free one). Raises OSError when the address cannot be bound: ``SO_REUSEPORT`` is off, so a
-    second server on a taken port fails instead of silently sharing it."""
+    second server on a taken port fails instead of silently sharing it. ``credentials``: TLS
+    (``llmserve.security.tls.ServerTls``); None serves plaintext."""
     server = grpc.aio.server(interceptors=list(interceptors), options=[*options, ("grpc.so_reuseport", 0)])
-    bound = server.add_insecure_port(f"{host}:{port}")
+    address = f"{host}:{port}"
+    bound = (server.add_insecure_port(address) if credentials is None
+             else server.add_secure_port(address, credentials))
     if bound == 0:
         raise OSError(f"could not bind {host}:{port}")
     return server, bound

@@ -33,6 +33,7 @@ from dataclasses import dataclass, replace
 from llmserve.fleet.records import KVDelta, LoadReport, WorkerRecord, as_kv_delta
 from llmserve.fleet.store import StateStore, StoreUnavailable
 from llmserve.kv_events import KVEvent
+from llmserve.security.records import SecretSource
 
 log = logging.getLogger(__name__)
 
@@ -76,8 +77,11 @@ class WorkerPublisher:
         kv_events_fn: Callable[[], Iterable[KVEvent | KVDelta]],
         cached_hashes_fn: Callable[[], Awaitable[Iterable[bytes]]],
         timing: PublisherTiming = PublisherTiming(),
+        secret: SecretSource | None = None,
     ) -> None:
+        """``secret`` returns the fleet secret that signs each record (None: unsigned)."""
         self._store = store
+        self._secret = secret
         self._identity = identity
         self._load_fn = load_fn
         self._kv_events_fn = kv_events_fn
@@ -95,9 +99,9 @@ class WorkerPublisher:
         return self._identity
 
     def record(self) -> WorkerRecord:
-        """The record the next heartbeat writes."""
+        """The record the next heartbeat writes (signed when the publisher has a fleet secret)."""
         i = self._identity
-        return WorkerRecord(
+        record = WorkerRecord(
             worker_id=i.worker_id,
             model=i.model,
             address=i.address,
@@ -107,6 +111,9 @@ class WorkerPublisher:
             draining=self._draining,
             heartbeat_at=time.time(),
         )
+        if self._secret is None:
+            return record
+        return replace(record, sig=self._secret().sign(record.fields()))
 
     async def start(self) -> None:
         """Publish once (best effort), then keep publishing in the background."""

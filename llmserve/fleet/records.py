@@ -31,7 +31,11 @@ class LoadReport:
 
 @dataclass(frozen=True)
 class WorkerRecord:
-    """What a worker publishes about itself every heartbeat."""
+    """What a worker publishes about itself every heartbeat.
+
+    ``sig``: the record's HMAC-SHA256 under the fleet secret (``llmserve.security.records``),
+    empty when unsigned. Records read from the store are checked before use (``from_json``).
+    """
 
     worker_id: str
     model: str
@@ -41,19 +45,27 @@ class WorkerRecord:
     load: LoadReport = LoadReport()
     draining: bool = False
     heartbeat_at: float = 0.0  # wall-clock time.time() of the heartbeat
+    sig: str = ""
+
+    def fields(self) -> dict[str, Any]:
+        """The JSON object stored for this record (``sig`` only when signed)."""
+        out = asdict(self)
+        if not self.sig:
+            del out["sig"]
+        return out
 
     def to_json(self) -> str:
         """Serialize for the state store."""
-        return json.dumps(asdict(self), separators=(",", ":"))
+        return json.dumps(self.fields(), separators=(",", ":"))
 
     @classmethod
     def from_json(cls, data: str | bytes) -> WorkerRecord:
-        """Parse what :meth:`to_json` wrote; unknown fields are ignored (rolling upgrades)."""
-        raw: dict[str, Any] = json.loads(data)
-        load_raw = raw.pop("load", {}) or {}
-        load = LoadReport(**{k: v for k, v in load_raw.items() if k in LoadReport.__dataclass_fields__})
-        known = {k: v for k, v in raw.items() if k in cls.__dataclass_fields__}
-        return cls(load=load, **known)
+        """Parse what :meth:`to_json` wrote, every field type- and range-checked; unknown fields
+        are ignored (rolling upgrades). ``llmserve.security.records.RecordRejected`` (a
+        ValueError) when the bytes are not a valid record."""
+        from llmserve.security.records import load_fields, record_from_fields
+
+        return record_from_fields(load_fields(data))
 
 
 @dataclass(frozen=True)

@@ -6,14 +6,21 @@ Layout (``docs/DESIGN.md``, prefix ``llmserve``):
 model names ever served;  ``{p}:kv:{id}``  set of 16-byte block hashes, TTL refreshed by heartbeat;
 ``{p}:kvsync:{id}``  marker, TTL; missing means the KV set must be republished;
 ``{p}:epoch``  random token set once (``SET NX``) per Redis lifetime: a change tells routers that
-Redis lost its data and workers are re-registering.
+Redis lost its data and workers are re-registering. Every heartbeat offers a *fresh* random
+token, so the first heartbeat after a loss writes a new epoch (no worker re-writes an old one).
+
+Authentication and TLS come with the URL (``rediss://user:password@host:6380/0``, an ACL user
+and password) and :class:`RedisTls` (CA bundle, client certificate). Everything read back is
+untrusted: records go through a ``RecordReader``, names are decoded leniently and checked.
 """
 
 from __future__ import annotations
 
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
@@ -21,10 +28,51 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from llmserve.fleet.records import KVDelta, WorkerRecord
-from llmserve.fleet.store import FleetView, StateStore, StoreUnavailable, leading_matches
+from llmserve.fleet.store import (
+    FleetView,
+    StateStore,
+    StoreUnavailable,
+    checked_models,
+    leading_matches,
+    parse_records,
+)
+from llmserve.security.records import RecordReader, over_limit
 
 T = TypeVar("T")
 _CHUNK = 1000  # hashes per SADD when republishing a whole KV set
+
+
+@dataclass(frozen=True)
+class RedisTls:
+    """TLS settings for a ``rediss://`` URL: the CA that signed Redis's certificate (default:
+    the system's), and a client certificate when Redis requires one (``tls-auth-clients yes``)."""
+
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+
+    def __post_init__(self) -> None:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("a Redis client certificate needs both its certificate and its key file")
+
+    def connection_kwargs(self, url: str) -> dict[str, Any]:
+        """redis-py keyword arguments for ``url`` (ValueError: TLS files with a plain URL)."""
+        given = any((self.ca_file, self.cert_file, self.key_file))
+        if urlsplit(url).scheme != "rediss":
+            if given:
+                raise ValueError("Redis TLS files need a rediss:// URL")
+            return {}
+        kwargs: dict[str, Any] = {"ssl_cert_reqs": "required"}
+        if self.ca_file:
+            kwargs["ssl_ca_certs"] = self.ca_file
+        if self.cert_file:
+            kwargs["ssl_certfile"] = self.cert_file
+            kwargs["ssl_keyfile"] = self.key_file
+        return kwargs
+
+
+def _text(raw: bytes) -> str:
+    return raw.decode("utf-8", errors="replace")
 
 
 class RedisStateStore(StateStore):
@@ -37,6 +85,7 @@ class RedisStateStore(StateStore):
         prefix: str = "llmserve",
         connect_timeout_s: float = 1.0,
         op_timeout_s: float = 2.0,
+        tls: RedisTls = RedisTls(),
     ) -> None:
         self._redis = aioredis.Redis.from_url(
             url,
@@ -44,9 +93,9 @@ class RedisStateStore(StateStore):
             socket_timeout=op_timeout_s,
             retry=Retry(NoBackoff(), 1),
             decode_responses=False,
+            **tls.connection_kwargs(url),
         )
         self._p = prefix
-        self._epoch = uuid.uuid4().hex.encode()
 
     def _k(self, *parts: str) -> str:
         return ":".join((self._p, *parts))
@@ -68,7 +117,8 @@ class RedisStateStore(StateStore):
             pipe.sadd(self._k("models"), record.model)
             pipe.pexpire(self._k("kv", wid), ttl_ms)
             pipe.pexpire(self._k("kvsync", wid), ttl_ms)
-            pipe.set(self._k("epoch"), self._epoch, nx=True)
+            # A fresh token each time: only the first write after the store lost its data lands.
+            pipe.set(self._k("epoch"), uuid.uuid4().hex, nx=True)
             return await pipe.execute()
 
         results = await self._call(run)
@@ -114,25 +164,30 @@ class RedisStateStore(StateStore):
 
         await self._call(run)
 
-    async def read_fleet(self) -> FleetView:
+    async def read_fleet(self, reader: RecordReader | None = None) -> FleetView:
+        reader = reader or RecordReader()
+
         async def run() -> FleetView:
             pipe = self._redis.pipeline(transaction=False)
             pipe.smembers(self._k("workers"))
             pipe.smembers(self._k("models"))
             pipe.get(self._k("epoch"))
             ids_raw, models_raw, epoch = await pipe.execute()
-            ids = sorted(i.decode() for i in ids_raw)
+            ids, rejected = over_limit([_text(i) for i in ids_raw], reader.max_records)
             records: list[WorkerRecord] = []
             if ids:
                 blobs = await self._redis.mget([self._k("worker", i) for i in ids])
                 stale = [i for i, blob in zip(ids, blobs, strict=True) if blob is None]
-                records = [WorkerRecord.from_json(b) for b in blobs if b is not None]
+                records, bad = parse_records(
+                    [(i, blob) for i, blob in zip(ids, blobs, strict=True) if blob is not None], reader)
+                rejected = bad + rejected
                 if stale:
                     await self._redis.srem(self._k("workers"), *stale)
             return FleetView(
                 workers=tuple(records),
-                models=frozenset(m.decode() for m in models_raw),
-                epoch=epoch.decode() if epoch is not None else None,
+                models=checked_models((_text(m) for m in models_raw), reader.max_records),
+                epoch=_text(epoch) if isinstance(epoch, bytes) else None,
+                rejected=tuple(rejected),
             )
 
         return await self._call(run)

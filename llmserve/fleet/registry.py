@@ -2,9 +2,16 @@
 
 The router asks :meth:`Registry.snapshot` on every request; the store is read at most once per
 ``cache_s`` (single flight). When the store is unreachable the last known snapshot keeps
-serving. When the store's epoch changes (Redis restarted and lost its data), workers of the
-previous snapshot stay listed for ``grace_s`` while they re-register, so no model disappears
-during the gap. Worker-side publishing lives in :mod:`llmserve.fleet.publisher`.
+serving. When the store's epoch changes (Redis restarted and lost its data), the view is
+rebuilt from what the store holds now, and workers of the previous snapshot stay listed for
+``grace_s`` while they re-register, so no model disappears during the gap. Worker-side
+publishing lives in :mod:`llmserve.fleet.publisher`.
+
+Nothing read from the store is trusted: every record goes through a
+:class:`~llmserve.security.records.RecordReader` (types, ranges, heartbeat age, optional
+signature); bad ones are skipped, logged (rate-limited) and handed to ``on_refresh`` in
+``FleetSnapshot.rejected`` for counting. At most ``max_workers_per_model`` workers of a model
+are kept (by worker id), so memory stays bounded whatever the store holds.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ from dataclasses import dataclass
 from llmserve.fleet.publisher import PublisherTiming, WorkerIdentity, WorkerPublisher
 from llmserve.fleet.records import KVDelta, LoadReport, WorkerRecord
 from llmserve.fleet.store import FleetView, StateStore, StoreUnavailable
+from llmserve.security.records import RecordReader, Rejection, RejectionLog
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +37,8 @@ class FleetSnapshot:
     workers: tuple[WorkerRecord, ...]
     models: frozenset[str]  # every model ever served (NOT_FOUND vs UNAVAILABLE)
     stale: bool = False  # True while serving the last known state (store down or re-syncing)
+    rejected: tuple[Rejection, ...] = ()  # records the read that made this snapshot skipped
+    epoch_changed: bool = False  # the read that made this snapshot found a new store epoch
 
     def workers_of(self, model: str) -> list[WorkerRecord]:
         """Workers of ``model`` that accept new requests, sorted by id."""
@@ -56,11 +66,20 @@ class Registry:
         grace_s: float = 5.0,
         clock: Callable[[], float] = time.monotonic,
         on_refresh: Callable[[FleetSnapshot], None] | None = None,
+        reader: RecordReader | None = None,
+        max_workers_per_model: int = 256,
     ) -> None:
         """``on_refresh`` is called with every snapshot read from the store (e.g. to update the
-        live-workers metrics); it must be quick and must not raise."""
+        live-workers metrics); it must be quick and must not raise. ``reader`` checks each
+        record (default ``RecordReader()``: no signatures)."""
+        if max_workers_per_model < 1:
+            raise ValueError("max_workers_per_model must be >= 1")
         self._store = store
         self._on_refresh = on_refresh
+        self._reader = reader or RecordReader()
+        self._max_per_model = max_workers_per_model
+        self._rejections = RejectionLog(log)
+        self.epoch_changes = 0  # times the store was seen losing its data
         self._cache_s = cache_s
         self._grace_s = grace_s
         self._clock = clock
@@ -91,7 +110,7 @@ class Registry:
         now = self._clock()
         self._next_refresh = now + self._cache_s
         try:
-            view = await self._store.read_fleet()
+            view = await self._store.read_fleet(self._reader)
         except StoreUnavailable as exc:
             if not self._snapshot.stale:
                 log.warning("fleet store unreachable, serving the last known registry: %s", exc)
@@ -101,23 +120,57 @@ class Registry:
         if self._on_refresh is not None:
             self._on_refresh(self._snapshot)
 
+    @property
+    def epoch(self) -> str | None:
+        """The store epoch of the last read (None before the first, or if the store has none)."""
+        return self._epoch
+
     def _merge(self, view: FleetView, now: float) -> FleetSnapshot:
-        if self._have_read and view.epoch != self._epoch:
-            log.warning("fleet store epoch changed (%s -> %s): keeping known workers %.1fs",
+        # X -> None (emptied) and X -> Y (emptied and rewritten) are a loss; None -> Y is only the
+        # first heartbeat into an empty store, after a loss already counted or at start-up.
+        changed = self._have_read and self._epoch is not None and view.epoch != self._epoch
+        if changed:
+            self.epoch_changes += 1
+            log.warning("fleet store epoch changed (%s -> %s): the store lost its data; rebuilding the "
+                        "view, keeping known workers %.1fs while they re-register",
                         self._epoch, view.epoch, self._grace_s)
             self._carry = self._snapshot.workers
             self._carry_until = now + self._grace_s
         self._epoch = view.epoch
         self._have_read = True
-        workers = list(view.workers)
+        workers, over = self._capped(view.workers)
+        rejected = (*view.rejected, *over)
+        for rejection in rejected:
+            self._rejections.report(rejection)
         stale = False
         if now < self._carry_until:
             fresh_ids = {w.worker_id for w in workers}
             carried = [w for w in self._carry if w.worker_id not in fresh_ids]
             workers.extend(carried)
             stale = bool(carried)
-        models = view.models | self._snapshot.models | {w.model for w in workers}
-        return FleetSnapshot(tuple(sorted(workers, key=lambda w: w.worker_id)), frozenset(models), stale)
+        models = view.models | {w.model for w in workers}
+        if len(models | self._snapshot.models) <= self._reader.max_records:  # bounded whatever Redis holds
+            models |= self._snapshot.models
+        return FleetSnapshot(tuple(sorted(workers, key=lambda w: w.worker_id)), frozenset(models), stale,
+                             rejected, changed)
+
+    def _capped(self, records: tuple[WorkerRecord, ...]) -> tuple[list[WorkerRecord], list[Rejection]]:
+        """At most ``max_workers_per_model`` records per model (lowest ids: every router keeps the
+        same ones), and a rejection counting the rest of each model."""
+        by_model: dict[str, list[WorkerRecord]] = {}
+        for record in records:
+            by_model.setdefault(record.model, []).append(record)
+        kept: list[WorkerRecord] = []
+        over: list[Rejection] = []
+        for model, group in by_model.items():
+            group.sort(key=lambda w: w.worker_id)
+            kept.extend(group[: self._max_per_model])
+            if len(group) > self._max_per_model:
+                rest = len(group) - self._max_per_model
+                over.append(Rejection(group[self._max_per_model].worker_id, "over_limit",
+                                      f"model {model[:64]!r} has {rest} workers beyond the first "
+                                      f"{self._max_per_model}", rest))
+        return kept, over
 
     async def longest_prefixes(self, chains: Mapping[str, Sequence[bytes]]) -> dict[str, int]:
         """Matched leading blocks per worker id, in one store round trip; zeros if the store is down."""

@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from llmserve.fleet.records import KVDelta, WorkerRecord
+from llmserve.security.records import RecordReader, RecordRejected, Rejection, check_model_name, over_limit
 
 
 class StoreUnavailable(Exception):
@@ -25,12 +26,33 @@ class FleetView:
     """One read of the fleet: live worker records, every model ever served, and the store epoch.
 
     ``epoch`` is a random token written once per store lifetime; a change means the store lost
-    its data (a Redis restart) and workers are re-registering.
+    its data (a Redis restart) and workers are re-registering. ``workers`` holds only records
+    that passed the read's :class:`~llmserve.security.records.RecordReader`; the others are
+    listed in ``rejected`` (never an error: a bad record only takes itself out).
     """
 
     workers: tuple[WorkerRecord, ...]
     models: frozenset[str]
     epoch: str | None
+    rejected: tuple[Rejection, ...] = ()
+
+
+def parse_records(blobs: Sequence[tuple[str, bytes | str]], reader: RecordReader) -> tuple[
+        list[WorkerRecord], list[Rejection]]:
+    """Check each ``(stored id, bytes)`` with ``reader``: (good records, rejections)."""
+    records: list[WorkerRecord] = []
+    rejected: list[Rejection] = []
+    for key_id, blob in blobs:
+        try:
+            records.append(reader.read(key_id, blob))
+        except RecordRejected as exc:
+            rejected.append(Rejection(key_id, exc.reason, exc.detail))
+    return records, rejected
+
+
+def checked_models(names: Iterable[str], limit: int) -> frozenset[str]:
+    """Model names that may be names (bounded, printable), at most ``limit`` of them."""
+    return frozenset(sorted(n for n in names if check_model_name(n))[:limit])
 
 
 class StateStore(abc.ABC):
@@ -57,8 +79,12 @@ class StateStore(abc.ABC):
         """Deregister: drop the record, the KV set and the marker."""
 
     @abc.abstractmethod
-    async def read_fleet(self) -> FleetView:
-        """Live workers (stale ids are pruned), models ever served, and the epoch."""
+    async def read_fleet(self, reader: RecordReader | None = None) -> FleetView:
+        """Live workers (stale ids are pruned), models ever served, and the epoch.
+
+        Every record is checked by ``reader`` (default: ``RecordReader()``, types, ranges and
+        heartbeat age; no signature); those that fail are in ``FleetView.rejected``.
+        """
 
     @abc.abstractmethod
     async def match_prefixes(self, queries: Mapping[str, Sequence[bytes]]) -> dict[str, int]:
@@ -84,7 +110,7 @@ class MemoryStateStore(StateStore):
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._now = clock
-        self._records: dict[str, tuple[WorkerRecord, float]] = {}
+        self._records: dict[str, tuple[str, float]] = {}  # id -> (JSON, expiry), as Redis holds them
         self._kv: dict[str, set[bytes]] = {}
         self._kv_expiry: dict[str, float] = {}
         self._markers: dict[str, float] = {}
@@ -107,7 +133,7 @@ class MemoryStateStore(StateStore):
 
     async def heartbeat(self, record: WorkerRecord, ttl_s: float) -> bool:
         deadline = self._now() + ttl_s
-        self._records[record.worker_id] = (record, deadline)
+        self._records[record.worker_id] = (record.to_json(), deadline)
         self._models.add(record.model)
         if self._alive(self._kv_expiry, record.worker_id):
             self._kv_expiry[record.worker_id] = deadline
@@ -135,12 +161,16 @@ class MemoryStateStore(StateStore):
         self._kv_expiry.pop(worker_id, None)
         self._markers.pop(worker_id, None)
 
-    async def read_fleet(self) -> FleetView:
+    async def read_fleet(self, reader: RecordReader | None = None) -> FleetView:
+        reader = reader or RecordReader()
         now = self._now()
         for wid in [w for w, (_, deadline) in self._records.items() if deadline <= now]:
             del self._records[wid]
-        workers = tuple(sorted((r for r, _ in self._records.values()), key=lambda r: r.worker_id))
-        return FleetView(workers=workers, models=frozenset(self._models), epoch=self._epoch)
+        ids, skipped = over_limit(list(self._records), reader.max_records)
+        records, rejected = parse_records([(w, self._records[w][0]) for w in ids], reader)
+        rejected.extend(skipped)
+        return FleetView(workers=tuple(records), models=checked_models(self._models, reader.max_records),
+                         epoch=self._epoch, rejected=tuple(rejected))
 
     async def match_prefixes(self, queries: Mapping[str, Sequence[bytes]]) -> dict[str, int]:
         out: dict[str, int] = {}

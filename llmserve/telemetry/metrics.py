@@ -8,7 +8,8 @@ Worker: gauges and prefix-cache/preemption counters come from the engine's ``Sch
 (``update_scheduler_stats``, call it whenever you read stats: heartbeat or step loop);
 per-request counters and histograms from ``on_request_finished``; ``on_refusal`` counts requests
 refused by an admission limit. Router: ``on_request_finished``, ``on_routing_decision``,
-``on_retry``, ``on_migration``, ``on_refusal``, ``set_breaker_state``, ``update_fleet``.
+``on_retry``, ``on_migration``, ``on_refusal``, ``on_auth_failure``, ``on_invalid_records``,
+``set_breaker_state``, ``update_fleet``.
 """
 
 from __future__ import annotations
@@ -199,6 +200,14 @@ class RouterMetrics:
         self.circuit_breaker_state = Gauge(
             p + "circuit_breaker_state", "Circuit breaker of each worker this router knows: 0 closed, "
             "1 half-open, 2 open.", ["worker_id"], registry=r)
+        self.auth_failures = Counter(
+            p + "auth_failures", "Calls refused for their API key, by reason (missing, unknown, revoked, "
+            "model_not_allowed).", ["reason"], registry=r)
+        self.invalid_worker_records = Counter(
+            p + "invalid_worker_records", "Worker records read from the state store and skipped, by reason "
+            "(not_json, schema, out_of_range, stale, unsigned, bad_signature, ...).", ["reason"], registry=r)
+        self.fleet_store_resets = Counter(
+            p + "fleet_store_resets", "Times the state store's epoch changed (it lost its data).", registry=r)
         self.live_workers = Gauge(p + "live_workers", "Live workers per model.", ["model"], registry=r)
         self.worker_load = Gauge(
             p + "worker_load", "Load reported by each live worker.", ["worker_id", "model"], registry=r)
@@ -239,6 +248,14 @@ class RouterMetrics:
         """A request was refused because it exceeded ``limit``; ``model`` is ``unknown`` when it never
         resolved (a bounded label set, as for ``requests``)."""
         self.refusals.labels(model, limit).inc()
+
+    def on_auth_failure(self, reason: str) -> None:
+        """A call was refused for its API key (``reason``: a bounded set, see ``auth_failures``)."""
+        self.auth_failures.labels(reason).inc()
+
+    def on_invalid_records(self, reason: str, count: int = 1) -> None:
+        """``count`` worker records were skipped by a registry read for ``reason``."""
+        self.invalid_worker_records.labels(reason).inc(count)
 
     def set_breaker_state(self, worker_id: str, state: int | None) -> None:
         """Export a worker's breaker state (0 closed, 1 half-open, 2 open); None removes its series

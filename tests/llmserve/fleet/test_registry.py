@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from llmserve.fleet import LoadReport, MemoryStateStore, Registry, WorkerRecord
@@ -17,7 +18,8 @@ class Clock:
 
 
 def rec(wid: str, model: str = "m", draining: bool = False) -> WorkerRecord:
-    return WorkerRecord(wid, model, "127.0.0.1:1", 16, 2048, LoadReport(), draining=draining)
+    return WorkerRecord(wid, model, "127.0.0.1:1", 16, 2048, LoadReport(), draining=draining,
+                        heartbeat_at=time.time())
 
 
 async def test_cache_hides_changes_until_it_expires() -> None:

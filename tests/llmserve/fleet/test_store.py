@@ -3,22 +3,25 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 from llmserve.fleet import KVDelta, LoadReport, StateStore, WorkerRecord
 from llmserve.hashing import block_hashes
 
 
 def record(wid: str, model: str = "m", **load: int) -> WorkerRecord:
-    return WorkerRecord(wid, model, f"127.0.0.1:{1000 + len(wid)}", 16, 2048, LoadReport(**load))
+    return WorkerRecord(wid, model, f"127.0.0.1:{1000 + len(wid)}", 16, 2048, LoadReport(**load),
+                        heartbeat_at=time.time())
 
 
 async def test_record_roundtrip_and_models(store: StateStore) -> None:
-    assert await store.heartbeat(record("w1", "a", num_running=3), ttl_s=5) is False  # no KV marker yet
+    w1 = record("w1", "a", num_running=3)
+    assert await store.heartbeat(w1, ttl_s=5) is False  # no KV marker yet
     await store.heartbeat(record("w2", "b"), ttl_s=5)
     view = await store.read_fleet()
     assert [w.worker_id for w in view.workers] == ["w1", "w2"]
     assert view.workers[0].load.num_running == 3
-    assert view.workers[0] == record("w1", "a", num_running=3)
+    assert view.workers[0] == w1
     assert view.models == {"a", "b"}
     assert view.epoch
 
