@@ -23,6 +23,7 @@ from typing import Any
 
 from gpu_worker.config import EngineConfig
 from llmserve.envflags import apply_env_defaults
+from llmserve.security.flags import add_worker_security_flags, redis_tls_from_args, tls_from_args
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 LOG_FORMATS = ("text", "json")
@@ -63,7 +64,8 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
     )
     _add_engine_flags(parser)
     server = parser.add_argument_group("server")
-    server.add_argument("--host", default="0.0.0.0", help="interface to bind (default all)")
+    server.add_argument("--host", default="127.0.0.1",
+                        help="interface to bind (default loopback only; 0.0.0.0 for all)")
     server.add_argument("--port", type=int, default=50051, help="port to bind, 0 = any free port")
     server.add_argument(
         "--advertise-address", default=None, help="host:port routers dial (default hostname:port)"
@@ -88,6 +90,7 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
         help="on SIGTERM/Drain, seconds in-flight streams get before they are aborted",
     )
     server.add_argument("--worker-id", default=None, help="unique id (default hostname-port-random)")
+    add_worker_security_flags(parser)
     _add_observability_flags(parser)
     apply_env_defaults(parser, environ)
     return parser
@@ -119,6 +122,10 @@ def configs_from_args(args: argparse.Namespace) -> tuple[EngineConfig, Any]:
         redis_url=args.redis_url,
         worker_id=args.worker_id,
         metrics_port=args.metrics_port,
+        tls=tls_from_args(args),
+        allow_remote_control=args.allow_remote_control,
+        fleet_secret_file=args.fleet_secret_file,
+        redis_tls=redis_tls_from_args(args),
     )
     return EngineConfig(**engine_args), server_config
 

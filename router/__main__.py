@@ -16,6 +16,7 @@ from collections.abc import Mapping, Sequence
 from llmserve.envflags import apply_env_defaults
 from llmserve.telemetry.logging import LOG_FORMATS
 from router.policy import POLICY_NAMES
+from router.security_cli import add_security_flags, redis_tls, security_from_args
 from router.server import RouterConfig, serve
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -36,6 +37,7 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
                    help="seconds the worker registry is cached")
     p.add_argument("--drain-grace-s", type=float, default=30.0,
                    help="on SIGTERM: health NOT_SERVING, new calls refused, streams get this long to end")
+    add_security_flags(p)
     group = p.add_argument_group("observability (tracing: OTEL_* variables)")
     group.add_argument("--metrics-port", type=int, default=None,
                        help="serve Prometheus /metrics on this port (default off)")
@@ -63,6 +65,7 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
         drain_grace_s=args.drain_grace_s,
         metrics_port=args.metrics_port,
         http_port=args.http_port,
+        security=security_from_args(args),
     )
 
 
@@ -73,6 +76,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(args.log_level, args.log_format)
     try:
         config = config_from_args(args)
+        store_tls = redis_tls(args)
         tracing = setup_tracing("llmserve-router")  # OTEL_* environment; off imports no OpenTelemetry
     except ValueError as exc:
         print(f"llmserve-router: {exc}", file=sys.stderr)
@@ -80,7 +84,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from llmserve.fleet.redis_store import RedisStateStore
 
     try:
-        asyncio.run(serve(config, RedisStateStore(args.redis_url), tracing))
+        asyncio.run(serve(config, RedisStateStore(args.redis_url, tls=store_tls), tracing))
     finally:
         tracing.shutdown()  # flushes the spans still buffered
     return 0

@@ -11,6 +11,7 @@ there and frees its KV blocks; the client's remaining deadline bounds every atte
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import uuid
@@ -21,6 +22,7 @@ from typing import Any, Protocol
 import grpc
 
 from llmserve.fleet import WorkerRecord
+from llmserve.security.tls import ClientTls
 from llmserve.v1 import generation_pb2 as gen_pb
 from llmserve.v1 import generation_pb2_grpc as gen_grpc
 from llmserve.v1 import internal_pb2 as int_pb
@@ -41,33 +43,54 @@ class ChannelPool:
     """One ``grpc.aio`` channel per worker address, closed when the worker is gone.
 
     ``interceptors`` (the tracing's client interceptors) go on every channel, so each call to a
-    worker carries the caller's W3C trace context.
+    worker carries the caller's W3C trace context. With ``tls`` (the fleet CA and the router's
+    client certificate, ``llmserve.security.tls.ClientTls``) channels are secure; when its files
+    change, the next call to a worker dials a new channel with the new credentials, and the old
+    one closes once its calls end (at most ``retire_grace_s`` later).
     """
 
-    def __init__(self, options: Sequence[tuple[str, int]] = (), interceptors: Sequence[Any] = ()) -> None:
-        self._channels: dict[str, grpc.aio.Channel] = {}
+    def __init__(self, options: Sequence[tuple[str, int]] = (), interceptors: Sequence[Any] = (),
+                 tls: ClientTls | None = None, retire_grace_s: float = 300.0) -> None:
+        self._channels: dict[str, tuple[grpc.aio.Channel, int]] = {}
         self._options = list(options)
         self._interceptors = list(interceptors)
+        self._tls = tls
+        self._retire_grace_s = retire_grace_s
+        self._retiring: dict[grpc.aio.Channel, asyncio.Task[None]] = {}
 
     def get(self, address: str) -> grpc.aio.Channel:
-        channel = self._channels.get(address)
-        if channel is None:
-            channel = grpc.aio.insecure_channel(
-                address, options=self._options, interceptors=self._interceptors or None
-            )
-            self._channels[address] = channel
+        generation = self._tls.generation if self._tls is not None else 0
+        entry = self._channels.get(address)
+        if entry is not None and entry[1] == generation:
+            return entry[0]
+        if entry is not None:
+            self._retire(entry[0])
+        interceptors = self._interceptors or None
+        if self._tls is None:
+            channel = grpc.aio.insecure_channel(address, options=self._options, interceptors=interceptors)
+        else:
+            channel = self._tls.dial(address, self._options, interceptors)
+        self._channels[address] = (channel, generation)
         return channel
+
+    def _retire(self, channel: grpc.aio.Channel) -> None:
+        task = asyncio.get_running_loop().create_task(channel.close(self._retire_grace_s))
+        self._retiring[channel] = task
+        task.add_done_callback(lambda _: self._retiring.pop(channel, None))
 
     async def retain(self, addresses: Iterable[str]) -> None:
         """Close the channels of addresses not in ``addresses``."""
         keep = set(addresses)
         for address in [a for a in self._channels if a not in keep]:
-            await self._channels.pop(address).close(None)
+            await self._channels.pop(address)[0].close(None)
 
     async def close(self) -> None:
-        for channel in self._channels.values():
+        for channel, _ in self._channels.values():
             await channel.close(None)
         self._channels.clear()
+        for channel, task in list(self._retiring.items()):
+            task.cancel()
+            await channel.close(None)
 
 
 class InflightTracker:

@@ -5,6 +5,7 @@ Handlers raise these; ``interceptor.py`` turns them into statuses with the messa
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 import grpc
@@ -54,6 +55,34 @@ class WorkersBusy(RouterError):
 
     def __init__(self, model: str) -> None:
         super().__init__(f"every worker of model {model!r} is over its queue limit; retry later")
+
+
+class Unauthenticated(RouterError):
+    """No API key, or one the router does not know (or has revoked)."""
+
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class PermissionDenied(RouterError):
+    """The caller's API key may not use this model."""
+
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
+class RateLimited(RouterError):
+    """The caller's API key is over one of its rate limits; ``retry_after_s`` says when it would
+    fit (sent as the ``retry-after`` trailer in whole seconds, HTTP's ``Retry-After``)."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+    def __init__(self, limit: str, retry_after_s: float) -> None:
+        self.limit = limit
+        self.retry_after_s = max(1, math.ceil(retry_after_s))
+        super().__init__(f"rate limit {limit} exceeded for this API key; retry after {self.retry_after_s}s")
+
+    @property
+    def trailing_metadata(self) -> tuple[tuple[str, str], ...]:
+        return (("retry-after", str(self.retry_after_s)),)
 
 
 class UpstreamError(RouterError):

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 from llmserve.prompt_input import PromptInput
 from llmserve.v1 import generation_pb2 as gen_pb
+from router.access import AccessConfig, AccessControl
 from router.dispatch import Dispatcher
 from router.request_telemetry import RequestObservation, RouterTelemetry
 from router.routing import ModelSummary, Router
@@ -76,6 +77,7 @@ class RequestScope:
         obs = self._obs
         model, workers = await router.resolve(request.model)
         obs.set_model(model)
+        self._core.access.admit(model)  # the caller's key may use the model; its request budget
         token_ids = await router.token_ids(model, workers, request.prompt)
         ranked = await router.rank(model, workers, token_ids, request.request_id)
         obs.on_ranked(ranked)
@@ -85,6 +87,9 @@ class RequestScope:
             sampling.CopyFrom(request.sampling)
             context = min(w.max_model_len for w in workers)
             sampling.max_tokens = max(1, context - len(token_ids))
+        charge = self._core.access.charge_tokens(
+            model, len(token_ids), sampling.max_tokens if sampling.HasField("max_tokens") else None,
+            sampling.n if sampling.HasField("n") else 1)
         forward = gen_pb.GenerateRequest(
             model=model,
             prompt_token_ids=gen_pb.TokenIds(ids=token_ids),
@@ -92,13 +97,18 @@ class RequestScope:
             request_id=request.request_id,
         )
         chunks = self._core.dispatcher.generate(forward, ranked.workers, time_remaining, obs)
-        async for chunk in chunks:
-            obs.on_chunk(bool(chunk.token_ids), chunk.finish_reason)
-            if chunk.HasField("usage"):
-                u = chunk.usage
-                obs.on_usage(prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens,
-                             cached_tokens=u.cached_prompt_tokens, worker_id=chunk.worker_id)
-            yield chunk
+        generated = 0
+        try:
+            async for chunk in chunks:
+                generated += len(chunk.token_ids)
+                obs.on_chunk(bool(chunk.token_ids), chunk.finish_reason)
+                if chunk.HasField("usage"):
+                    u = chunk.usage
+                    obs.on_usage(prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens,
+                                 cached_tokens=u.cached_prompt_tokens, worker_id=chunk.worker_id)
+                yield chunk
+        finally:
+            charge.settle(len(token_ids) + generated)  # the unused part of the estimate goes back
 
     async def tokenizer(self) -> RouterTokenizer:
         """The resolved model's tokenizer (fetched from a worker when not loaded yet)."""
@@ -110,10 +120,13 @@ class RequestScope:
 class GenerationCore:
     """Resolve, tokenize, rank and dispatch, observed: what every door runs."""
 
-    def __init__(self, router: Router, dispatcher: Dispatcher, telemetry: RouterTelemetry) -> None:
+    def __init__(self, router: Router, dispatcher: Dispatcher, telemetry: RouterTelemetry,
+                 access: AccessControl | None = None) -> None:
+        """``access``: API-key model allow-lists and rate limits (default: everyone, unlimited)."""
         self.router = router
         self.dispatcher = dispatcher
         self.telemetry = telemetry
+        self.access = access if access is not None else AccessControl(AccessConfig())
 
     @contextmanager
     def observe(
@@ -125,8 +138,10 @@ class GenerationCore:
             yield RequestScope(self, obs)
 
     async def list_models(self) -> list[ModelSummary]:
-        """The live models, sorted by name."""
-        return await self.router.list_models()
+        """The live models the caller may use, sorted by name."""
+        models = await self.router.list_models()
+        visible = set(self.access.visible_models(m.name for m in models))
+        return [m for m in models if m.name in visible]
 
     async def model_ready(self, model: str) -> bool:
         """True when ``model`` has at least one live worker."""

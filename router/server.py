@@ -16,7 +16,7 @@ import contextlib
 import importlib.metadata
 import logging
 import signal
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import grpc
@@ -30,6 +30,8 @@ from llmserve.kserve import grpc_service_pb2_grpc as kserve_grpc
 from llmserve.telemetry.metrics import MetricsServer, RouterMetrics, WorkerQueueDepth, start_metrics_server
 from llmserve.telemetry.tracing import Tracing
 from llmserve.v1 import generation_pb2_grpc
+from router.access import AccessControl
+from router.auth import ApiKeyInterceptor, ApiKeyMiddleware
 from router.dispatch import ChannelPool, Dispatcher, InflightTracker, fetch_tokenizer_files
 from router.frontends.kserve import KSERVE_SERVICE, KServeServicer
 from router.generation import GenerationCore
@@ -37,6 +39,7 @@ from router.interceptor import ErrorInterceptor
 from router.policy import POLICY_NAMES, make_policy
 from router.request_telemetry import RouterTelemetry
 from router.routing import Router
+from router.security import RouterSecurityConfig
 from router.servicer import RouterServicer
 from router.tokenizers import TokenizerCache
 
@@ -52,7 +55,8 @@ _CHANNEL_SWEEP_S = 10.0
 class RouterConfig:
     """How one router replica serves. ``port=0`` binds a free port (see ``RouterServer.port``);
     ``metrics_port``: None = no ``/metrics``, 0 = a free port (see ``RouterServer.metrics_port``);
-    ``http_port``: the OpenAI HTTP API, None = off, 0 = a free port (``RouterServer.http_port``)."""
+    ``http_port``: the OpenAI HTTP API, None = off, 0 = a free port (``RouterServer.http_port``);
+    ``security``: TLS, API keys and rate limits, trust in the state store (``router/security.py``)."""
 
     host: str = "127.0.0.1"
     port: int = 50050
@@ -64,6 +68,7 @@ class RouterConfig:
     drain_grace_s: float = 30.0
     metrics_port: int | None = None
     http_port: int | None = None
+    security: RouterSecurityConfig = field(default_factory=RouterSecurityConfig)
 
     def __post_init__(self) -> None:
         checks = [
@@ -94,10 +99,13 @@ class RouterServer:
             ("grpc.max_receive_message_length", config.max_message_bytes),
             ("grpc.max_send_message_length", config.max_message_bytes),
         ]
-        self.channels = ChannelPool(options, self.tracing.client_interceptors())
+        security = config.security
+        self.channels = ChannelPool(options, self.tracing.client_interceptors(), tls=security.tls.client())
         self.tracker = InflightTracker()
         self.registry = Registry(store, cache_s=config.registry_cache_s, grace_s=config.registry_grace_s,
-                                 on_refresh=self._update_fleet_metrics)
+                                 on_refresh=self._update_fleet_metrics, reader=security.record_reader(),
+                                 max_workers_per_model=security.max_workers_per_model)
+        self.access = AccessControl(security.access, self.metrics)
         self.router = Router(
             self.registry, TokenizerCache(self._fetch_tokenizer), make_policy(config.policy), self.tracker
         )
@@ -136,6 +144,10 @@ class RouterServer:
 
     def _update_fleet_metrics(self, snapshot: FleetSnapshot) -> None:
         live = [w for w in snapshot.workers if not w.draining]
+        for rejection in snapshot.rejected:
+            self.metrics.on_invalid_records(rejection.reason, rejection.count)
+        if snapshot.epoch_changed:
+            self.metrics.fleet_store_resets.inc()
         self.metrics.update_fleet(WorkerQueueDepth(w.worker_id, w.model, w.load.queue) for w in live)
 
     async def _fetch_tokenizer(self, worker: WorkerRecord) -> dict[str, bytes]:
@@ -145,12 +157,15 @@ class RouterServer:
         server, self._port = bind_server(
             self.config.host,
             self.config.port,
-            interceptors=[*self.tracing.server_interceptors(), ErrorInterceptor()],
+            # API keys last: the error interceptor maps what the calls it lets through raise.
+            interceptors=[*self.tracing.server_interceptors(), ErrorInterceptor(),
+                          ApiKeyInterceptor(self.access)],
             options=[("grpc.max_receive_message_length", self.config.max_message_bytes),
                      ("grpc.max_send_message_length", self.config.max_message_bytes)],
+            credentials=self._server_credentials(),
         )
         core = GenerationCore(self.router, self.dispatcher,
-                              RouterTelemetry(self.tracing, self.metrics, self.config.policy))
+                              RouterTelemetry(self.tracing, self.metrics, self.config.policy), self.access)
         generation_pb2_grpc.add_GenerationServicer_to_server(RouterServicer(core), server)
         kserve_grpc.add_GRPCInferenceServiceServicer_to_server(
             KServeServicer(core, self.is_serving, _version()), server)
@@ -175,10 +190,16 @@ class RouterServer:
         from router.frontends.http_server import HttpServer
         from router.frontends.openai_http import OpenAIDoor
 
-        app = OpenAIDoor(core, self.tracing, self.is_serving).app()
-        http = HttpServer(app, self.config.host, int(self.config.http_port or 0), self.config.drain_grace_s)
+        app = ApiKeyMiddleware(OpenAIDoor(core, self.tracing, self.is_serving).app(), self.access)
+        tls = self.config.security.tls.http()
+        http = HttpServer(app, self.config.host, int(self.config.http_port or 0), self.config.drain_grace_s,
+                          ssl_context=tls.context if tls is not None else None)
         await http.start()
         self._http_server = http
+
+    def _server_credentials(self) -> grpc.ServerCredentials | None:
+        tls = self.config.security.tls.server(require_client_certs=False)  # clients bring API keys
+        return tls.credentials() if tls is not None else None
 
     async def _sweep_channels(self) -> None:
         while True:

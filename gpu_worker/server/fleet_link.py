@@ -35,16 +35,23 @@ class FleetLink:
     """Keeps this worker's record and KV set in a fleet state store.
 
     ``store`` is an ``llmserve.fleet.StateStore``; when None, one is opened for
-    ``redis_url`` (and closed again by :meth:`close`).
+    ``redis_url`` (with ``redis_tls``, and closed again by :meth:`close`). With
+    ``fleet_secret_file`` every record is signed with the fleet secret.
     """
 
-    def __init__(self, service: WorkerService, redis_url: str | None = None, store: Any = None) -> None:
-        from llmserve.fleet import WorkerIdentity, WorkerPublisher, open_store
+    def __init__(self, service: WorkerService, redis_url: str | None = None, store: Any = None, *,
+                 redis_tls: Any = None, fleet_secret_file: str | None = None) -> None:
+        from llmserve.fleet import WorkerIdentity, WorkerPublisher
+        from llmserve.fleet.redis_store import RedisStateStore, RedisTls
+        from llmserve.security.records import FleetSecretFile
 
         if store is None and not redis_url:
             raise ValueError("FleetLink needs a redis_url or a store")
         self._owns_store = store is None
-        self._store = store if store is not None else open_store(redis_url)
+        if store is None:
+            store = RedisStateStore(str(redis_url), tls=redis_tls or RedisTls())
+        self._store = store
+        secret = FleetSecretFile(fleet_secret_file).current if fleet_secret_file else None
         snap = service.snapshot()
         engine = service.engine
         identity = WorkerIdentity(
@@ -56,6 +63,7 @@ class FleetLink:
             load_fn=_load_fn(service),
             kv_events_fn=engine.take_kv_events,
             cached_hashes_fn=engine.cached_block_hashes,
+            secret=secret,
         )
 
     async def start(self) -> None:

@@ -20,7 +20,7 @@ import signal
 import socket
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
@@ -36,6 +36,8 @@ from gpu_worker.server.service import WorkerService
 from gpu_worker.server.types import ServedEngine
 from llmserve.gc_tuning import freeze_startup_objects, unfreeze_objects
 from llmserve.grpc_server import GENERATION_SERVICE, add_health_and_reflection, bind_server, dial_target
+from llmserve.security.control import ControlAccessInterceptor
+from llmserve.security.tls import RedisTls, TlsSettings
 from llmserve.telemetry.tracing import Tracing
 from llmserve.v1 import generation_pb2_grpc, internal_pb2, internal_pb2_grpc
 
@@ -58,6 +60,10 @@ class ServerConfig:
     several megabytes (gzip-compressed) and clients set their own receive limit.
     ``metrics_port`` serves Prometheus ``/metrics`` on ``host`` (None: off; 0: a free port);
     engine stats are copied into the metrics every ``stats_interval_s`` and on each scrape.
+    Security (docs/SECURITY.md): ``tls`` serves the port over TLS, with ``tls.ca`` requiring
+    client certificates from the fleet CA; ``WorkerControl`` answers only mTLS-authenticated
+    and loopback peers unless ``allow_remote_control``; ``fleet_secret_file`` signs the
+    worker's records; ``redis_tls`` is for a ``rediss://`` URL.
     """
 
     host: str = "127.0.0.1"
@@ -70,6 +76,10 @@ class ServerConfig:
     worker_id: str | None = None
     metrics_port: int | None = None
     stats_interval_s: float = 1.0
+    tls: TlsSettings = field(default_factory=TlsSettings)
+    allow_remote_control: bool = False
+    fleet_secret_file: str | None = None
+    redis_tls: RedisTls = field(default_factory=RedisTls)
 
     def __post_init__(self) -> None:
         checks = [
@@ -158,8 +168,11 @@ class WorkerServer:
         # The limit is on what clients send; replies (GetTokenizer: megabytes) are not capped.
         options = [("grpc.max_receive_message_length", self.config.max_message_bytes)]
         # Tracing first: its SERVER span then sees the status the error interceptor sets.
-        interceptors = [*self.tracing.server_interceptors(), ErrorInterceptor()]
-        server, self._port = bind_server(self.config.host, self.config.port, interceptors, options)
+        interceptors = [*self.tracing.server_interceptors(), ErrorInterceptor(),
+                        ControlAccessInterceptor(self.config.allow_remote_control)]
+        tls = self.config.tls.server(require_client_certs=self.config.tls.ca is not None)
+        server, self._port = bind_server(self.config.host, self.config.port, interceptors, options,
+                                         tls.credentials() if tls is not None else None)
         address = self.config.advertise_address or f"{socket.gethostname()}:{self._port}"
         worker_id = self.config.worker_id or f"{socket.gethostname()}-{self._port}-{uuid.uuid4().hex[:8]}"
         model_name = self.engine_config.model_name
@@ -209,7 +222,9 @@ class WorkerServer:
         if self.config.redis_url or self._fleet_store is not None:
             from gpu_worker.server.fleet_link import FleetLink
 
-            self._fleet = FleetLink(self.service, self.config.redis_url, self._fleet_store)
+            self._fleet = FleetLink(self.service, self.config.redis_url, self._fleet_store,
+                                    redis_tls=self.config.redis_tls,
+                                    fleet_secret_file=self.config.fleet_secret_file)
             await self._fleet.start()
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         self._ready.set()

@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any, TypeVar
-from urllib.parse import urlsplit
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
@@ -37,38 +35,10 @@ from llmserve.fleet.store import (
     parse_records,
 )
 from llmserve.security.records import RecordReader, over_limit
+from llmserve.security.tls import RedisTls
 
 T = TypeVar("T")
 _CHUNK = 1000  # hashes per SADD when republishing a whole KV set
-
-
-@dataclass(frozen=True)
-class RedisTls:
-    """TLS settings for a ``rediss://`` URL: the CA that signed Redis's certificate (default:
-    the system's), and a client certificate when Redis requires one (``tls-auth-clients yes``)."""
-
-    ca_file: str | None = None
-    cert_file: str | None = None
-    key_file: str | None = None
-
-    def __post_init__(self) -> None:
-        if (self.cert_file is None) != (self.key_file is None):
-            raise ValueError("a Redis client certificate needs both its certificate and its key file")
-
-    def connection_kwargs(self, url: str) -> dict[str, Any]:
-        """redis-py keyword arguments for ``url`` (ValueError: TLS files with a plain URL)."""
-        given = any((self.ca_file, self.cert_file, self.key_file))
-        if urlsplit(url).scheme != "rediss":
-            if given:
-                raise ValueError("Redis TLS files need a rediss:// URL")
-            return {}
-        kwargs: dict[str, Any] = {"ssl_cert_reqs": "required"}
-        if self.ca_file:
-            kwargs["ssl_ca_certs"] = self.ca_file
-        if self.cert_file:
-            kwargs["ssl_certfile"] = self.cert_file
-            kwargs["ssl_keyfile"] = self.key_file
-        return kwargs
 
 
 def _text(raw: bytes) -> str:

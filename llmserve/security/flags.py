@@ -6,8 +6,7 @@ from __future__ import annotations
 
 import argparse
 
-from llmserve.fleet.redis_store import RedisTls
-from llmserve.security.tls import TlsSettings
+from llmserve.security.tls import RedisTls, TlsSettings
 
 
 def add_tls_flags(group: argparse._ArgumentGroup, *, router: bool) -> None:

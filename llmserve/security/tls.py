@@ -28,6 +28,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import grpc
 
@@ -279,3 +280,32 @@ class TlsSettings:
     def http(self) -> HttpTls | None:
         """TLS for an HTTP port with this process's certificate (None: plaintext)."""
         return None if self.cert is None or self.key is None else HttpTls(self.cert, self.key)
+
+
+@dataclass(frozen=True)
+class RedisTls:
+    """TLS settings for a ``rediss://`` URL: the CA that signed Redis's certificate (default:
+    the system's), and a client certificate when Redis requires one (``tls-auth-clients yes``)."""
+
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+
+    def __post_init__(self) -> None:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("a Redis client certificate needs both its certificate and its key file")
+
+    def connection_kwargs(self, url: str) -> dict[str, Any]:
+        """redis-py keyword arguments for ``url`` (ValueError: TLS files with a plain URL)."""
+        given = any((self.ca_file, self.cert_file, self.key_file))
+        if urlsplit(url).scheme != "rediss":
+            if given:
+                raise ValueError("Redis TLS files need a rediss:// URL")
+            return {}
+        kwargs: dict[str, Any] = {"ssl_cert_reqs": "required"}
+        if self.ca_file:
+            kwargs["ssl_ca_certs"] = self.ca_file
+        if self.cert_file:
+            kwargs["ssl_certfile"] = self.cert_file
+            kwargs["ssl_keyfile"] = self.key_file
+        return kwargs

@@ -14,6 +14,7 @@ import contextlib
 import logging
 import math
 import socket
+import ssl
 from collections.abc import Iterator
 from typing import Any
 
@@ -49,13 +50,18 @@ def bind_socket(host: str, port: int) -> socket.socket:
 class HttpServer:
     """Serves ``app`` on ``host:port`` in the running loop until :meth:`stop`."""
 
-    def __init__(self, app: Any, host: str, port: int, grace_s: float = 30.0) -> None:
+    def __init__(self, app: Any, host: str, port: int, grace_s: float = 30.0,
+                 ssl_context: ssl.SSLContext | None = None) -> None:
+        """``ssl_context``: serve HTTPS with it (``llmserve.security.tls.HttpTls``)."""
         self._host = host
         self._requested_port = port
         self._config = uvicorn.Config(
             app, log_config=None, access_log=False, lifespan="off", ws="none",
             timeout_graceful_shutdown=_whole_seconds(grace_s), server_header=False,
         )
+        if ssl_context is not None:
+            self._config.load()
+            self._config.ssl = ssl_context  # uvicorn hands it to loop.create_server
         self._server = _EmbeddedServer(self._config)
         self._task: asyncio.Task[None] | None = None
         self._port = 0

@@ -1,8 +1,10 @@
 """Errors of the OpenAI door: a router error becomes an HTTP status and OpenAI's error JSON.
 
 ``{"error": {"message": ..., "type": ..., "param": ..., "code": ...}}`` with 400 for a bad
-parameter (``param`` names it), 404 for an unknown model, 429 when every worker is full, 503
-when no worker can serve, 504 past the deadline, 500 otherwise. The gRPC status of a router
+parameter (``param`` names it), 401 for a missing or unknown API key, 403 for a model the key
+may not use, 404 for an unknown model, 429 when every worker is full or the key is over a rate
+limit (then with ``Retry-After``), 503 when no worker can serve, 504 past the deadline, 500
+otherwise. The gRPC status of a router
 error (``router/errors.py``) decides the HTTP status, so the door follows the native API's rules.
 """
 
@@ -15,7 +17,7 @@ from typing import Any
 
 import grpc
 
-from router.errors import InvalidRequest, RouterError
+from router.errors import InvalidRequest, RateLimited, RouterError
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +27,8 @@ _BY_STATUS: dict[grpc.StatusCode, tuple[int, str, str | None]] = {
     grpc.StatusCode.FAILED_PRECONDITION: (400, "invalid_request_error", None),
     grpc.StatusCode.OUT_OF_RANGE: (400, "invalid_request_error", None),
     grpc.StatusCode.NOT_FOUND: (404, "invalid_request_error", "model_not_found"),
+    grpc.StatusCode.UNAUTHENTICATED: (401, "invalid_request_error", "invalid_api_key"),
+    grpc.StatusCode.PERMISSION_DENIED: (403, "permission_error", "model_not_allowed"),
     grpc.StatusCode.RESOURCE_EXHAUSTED: (429, "server_error", "overloaded"),
     grpc.StatusCode.UNAVAILABLE: (503, "server_error", "unavailable"),
     grpc.StatusCode.DEADLINE_EXCEEDED: (504, "server_error", "timeout"),
@@ -54,10 +58,11 @@ class InvalidParam(InvalidRequest):
 
 @dataclass(frozen=True)
 class HttpError:
-    """What the client gets for an exception."""
+    """What the client gets for an exception (``headers``: ``Retry-After`` of a rate limit)."""
 
     status: int
     body: dict[str, Any]
+    headers: tuple[tuple[str, str], ...] = ()
 
 
 def http_error(exc: BaseException, prompt_param: str = "prompt") -> HttpError:
@@ -69,6 +74,9 @@ def http_error(exc: BaseException, prompt_param: str = "prompt") -> HttpError:
         log.error("OpenAI request failed", exc_info=exc)
         status, kind, code = _INTERNAL
         return HttpError(status, _body("internal router error", kind, None, code))
+    if isinstance(exc, RateLimited):  # OpenAI's rate-limit error, with the wait in Retry-After
+        return HttpError(429, _body(str(exc), "requests" if exc.limit.endswith("rps") else "tokens", None,
+                                    "rate_limit_exceeded"), (("Retry-After", str(exc.retry_after_s)),))
     status, kind, code = _BY_STATUS.get(exc.code, _INTERNAL)
     message = str(exc)
     param: str | None

@@ -127,7 +127,7 @@ class OpenAIDoor:
                     yield DONE_EVENT
                     return
                 http_span.set_status_code(error.status)
-                yield Reply(error.status, json_bytes(error.body))
+                yield Reply(error.status, json_bytes(error.body), error.headers)
 
     async def _renderer(self, endpoint: _Endpoint, parsed: Any, scope: RequestScope,
                         request_id: str) -> ChoiceRenderer:

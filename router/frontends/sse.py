@@ -32,10 +32,11 @@ _SSE_HEADERS = [
 
 @dataclass(frozen=True)
 class Reply:
-    """A whole JSON response."""
+    """A whole JSON response (``headers``: extra ones, e.g. ``Retry-After``)."""
 
     status: int
     body: bytes
+    headers: tuple[tuple[str, str], ...] = ()
 
 
 EventSource = AsyncGenerator["Reply | bytes", None]
@@ -69,7 +70,8 @@ class ReplyOrStream(Response):
                 raise RuntimeError("the event source yielded nothing")
             if isinstance(first, Reply):
                 headers = [(b"content-type", b"application/json"),
-                           (b"content-length", str(len(first.body)).encode())]
+                           (b"content-length", str(len(first.body)).encode()),
+                           *((k.encode("latin-1"), v.encode("latin-1")) for k, v in first.headers)]
                 await send({"type": "http.response.start", "status": first.status, "headers": headers})
                 await send({"type": "http.response.body", "body": first.body})
                 return

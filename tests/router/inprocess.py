@@ -1,0 +1,37 @@
+"""A real worker (tiny model, real engine) and a real router in the test's event loop, on
+loopback, each configured as the test needs (TLS, API keys, fleet secret, Redis)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from gpu_worker.config import EngineConfig
+from gpu_worker.server import ServerConfig, WorkerServer
+from llmserve.fleet import StateStore
+from router.server import RouterConfig, RouterServer
+from tests.helpers.redis_server import free_port
+
+
+async def start_worker(model_dir: Path, name: str, redis_url: str, **server: Any) -> WorkerServer:
+    """A worker serving ``model_dir`` as ``name`` on a free loopback port, registered at
+    ``redis_url`` and advertising ``127.0.0.1:port``; returns once it is SERVING."""
+    port = free_port()
+    engine = EngineConfig(model=str(model_dir), served_model_name=name, device="cpu", num_kv_blocks=128,
+                          max_num_seqs=8)
+    config = ServerConfig(host=server.pop("host", "127.0.0.1"), port=port,
+                          advertise_address=f"127.0.0.1:{port}", redis_url=redis_url, drain_grace_s=1.0,
+                          **server)
+    worker = WorkerServer(engine, config)
+    await worker.start()
+    await worker.wait_ready()
+    return worker
+
+
+async def start_router(store: StateStore, **config: Any) -> RouterServer:
+    """A router on a free loopback port reading ``store`` (``registry_cache_s`` 0: every request
+    sees the store as it is now)."""
+    fields = {"port": free_port(), "registry_cache_s": 0.0, **config}
+    router = RouterServer(RouterConfig(**fields), store)
+    await router.start()
+    return router
