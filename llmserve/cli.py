@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from importlib.metadata import entry_points
 from typing import Any
@@ -45,6 +46,7 @@ def _add_generate(subparsers: Any) -> None:
     p.add_argument("--ignore-eos", action="store_true", default=None, help="keep generating past EOS")
     p.add_argument("--timeout-s", type=float, default=None, help="deadline of the request")
     p.add_argument("--usage", action="store_true", help="print token usage to stderr at the end")
+    _add_connection_flags(p)
     for name, (kind, help_text) in _SAMPLING_FLAGS.items():
         p.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, default=None, help=help_text)
     p.set_defaults(func=_run_generate)
@@ -54,7 +56,19 @@ def _add_models(subparsers: Any) -> None:
     p = subparsers.add_parser("models", help="list served models")
     p.add_argument("--target", default=DEFAULT_TARGET, help="router or worker address host:port")
     p.add_argument("--timeout-s", type=float, default=10.0)
+    _add_connection_flags(p)
     p.set_defaults(func=_run_models)
+
+
+def _add_connection_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--api-key", default=os.environ.get("LLMSERVE_API_KEY"),
+                   help="API key sent as 'authorization: Bearer' (default: $LLMSERVE_API_KEY)")
+    p.add_argument("--tls", action="store_true", help="dial over TLS, trusting the system's CAs")
+    p.add_argument("--tls-ca", default=None, help="dial over TLS, trusting this PEM CA bundle")
+
+
+def _client(args: argparse.Namespace, **kwargs: Any) -> Client:
+    return Client(args.target, api_key=args.api_key, tls=args.tls, tls_ca=args.tls_ca, **kwargs)
 
 
 COMMANDS_GROUP = "llmserve.commands"
@@ -92,7 +106,7 @@ def _run_generate(args: argparse.Namespace) -> int:
     else:
         inputs = {"prompt": args.prompt}
     out = sys.stdout
-    with Client(args.target) as client:
+    with _client(args) as client:
         last_index = 0
         for chunk in client.generate(args.model, timeout_s=args.timeout_s, **inputs, **sampling):
             if chunk.index != last_index:
@@ -112,7 +126,7 @@ def _run_generate(args: argparse.Namespace) -> int:
 
 
 def _run_models(args: argparse.Namespace) -> int:
-    with Client(args.target, timeout_s=args.timeout_s) as client:
+    with _client(args, timeout_s=args.timeout_s) as client:
         for model in client.list_models():
             print(f"{model.name}\tmax_model_len={model.max_model_len}\tworkers={model.num_workers}")
     return 0

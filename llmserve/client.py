@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -212,22 +213,40 @@ def _channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
     ]
 
 
+def _credentials(tls: bool, tls_ca: str | Path | None) -> grpc.ChannelCredentials | None:
+    """TLS credentials (the system's CAs, or ``tls_ca``'s PEM bundle), or None for plaintext."""
+    if not tls and tls_ca is None:
+        return None
+    return grpc.ssl_channel_credentials(Path(tls_ca).read_bytes() if tls_ca is not None else None)
+
+
+def _auth_metadata(api_key: str | None) -> tuple[tuple[str, str], ...] | None:
+    return (("authorization", f"Bearer {api_key}"),) if api_key else None
+
+
 class Client:
-    """Synchronous client. ``timeout_s`` is the default deadline of each call (None = none)."""
+    """Synchronous client. ``timeout_s`` is the default deadline of each call (None = none);
+    ``api_key`` is sent as ``authorization: Bearer``; ``tls`` (system CAs) or ``tls_ca`` (a PEM
+    bundle) dial over TLS (docs/SECURITY.md)."""
 
     def __init__(
-        self, target: str, *, timeout_s: float | None = None, max_message_bytes: int = 16 * 1024 * 1024
+        self, target: str, *, timeout_s: float | None = None, max_message_bytes: int = 16 * 1024 * 1024,
+        api_key: str | None = None, tls: bool = False, tls_ca: str | Path | None = None,
     ) -> None:
-        self._channel = grpc.insecure_channel(target, options=_channel_options(max_message_bytes))
+        options = _channel_options(max_message_bytes)
+        creds = _credentials(tls, tls_ca)
+        self._channel = (grpc.insecure_channel(target, options=options) if creds is None
+                         else grpc.secure_channel(target, creds, options=options))
         self._stub = pb_grpc.GenerationStub(self._channel)
         self._timeout_s = timeout_s
+        self._metadata = _auth_metadata(api_key)
 
     def generate(
         self, model: str, prompt: str | None = None, *, timeout_s: float | None = None, **kwargs: Any
     ) -> Iterator[GenerationChunk]:
         """Stream the deltas of one request (see :func:`build_request` for the arguments)."""
         request = build_request(model, prompt, **kwargs)
-        call = self._stub.Generate(request, timeout=timeout_s or self._timeout_s)
+        call = self._stub.Generate(request, timeout=timeout_s or self._timeout_s, metadata=self._metadata)
         try:
             for msg in call:
                 yield chunk_from_proto(msg)
@@ -245,7 +264,8 @@ class Client:
 
     def list_models(self, *, timeout_s: float | None = None) -> list[ModelInfo]:
         try:
-            response = self._stub.ListModels(pb.ListModelsRequest(), timeout=timeout_s or self._timeout_s)
+            response = self._stub.ListModels(pb.ListModelsRequest(), timeout=timeout_s or self._timeout_s,
+                                             metadata=self._metadata)
         except grpc.RpcError as err:
             raise LLMServeError.from_rpc_error(err) from None
         return _models(response)
@@ -261,21 +281,26 @@ class Client:
 
 
 class AsyncClient:
-    """asyncio client; create it inside a running event loop."""
+    """asyncio client; create it inside a running event loop (arguments as for :class:`Client`)."""
 
     def __init__(
-        self, target: str, *, timeout_s: float | None = None, max_message_bytes: int = 16 * 1024 * 1024
+        self, target: str, *, timeout_s: float | None = None, max_message_bytes: int = 16 * 1024 * 1024,
+        api_key: str | None = None, tls: bool = False, tls_ca: str | Path | None = None,
     ) -> None:
-        self._channel = grpc.aio.insecure_channel(target, options=_channel_options(max_message_bytes))
+        options = _channel_options(max_message_bytes)
+        creds = _credentials(tls, tls_ca)
+        self._channel = (grpc.aio.insecure_channel(target, options=options) if creds is None
+                         else grpc.aio.secure_channel(target, creds, options=options))
         self._stub = pb_grpc.GenerationStub(self._channel)
         self._timeout_s = timeout_s
+        self._metadata = _auth_metadata(api_key)
 
     async def generate(
         self, model: str, prompt: str | None = None, *, timeout_s: float | None = None, **kwargs: Any
     ) -> AsyncIterator[GenerationChunk]:
         """Stream the deltas of one request (see :func:`build_request` for the arguments)."""
         request = build_request(model, prompt, **kwargs)
-        call = self._stub.Generate(request, timeout=timeout_s or self._timeout_s)
+        call = self._stub.Generate(request, timeout=timeout_s or self._timeout_s, metadata=self._metadata)
         try:
             async for msg in call:
                 yield chunk_from_proto(msg)
@@ -294,7 +319,7 @@ class AsyncClient:
     async def list_models(self, *, timeout_s: float | None = None) -> list[ModelInfo]:
         try:
             response = await self._stub.ListModels(
-                pb.ListModelsRequest(), timeout=timeout_s or self._timeout_s
+                pb.ListModelsRequest(), timeout=timeout_s or self._timeout_s, metadata=self._metadata
             )
         except grpc.RpcError as err:
             raise LLMServeError.from_rpc_error(err) from None

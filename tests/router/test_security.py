@@ -23,6 +23,7 @@ import pytest_asyncio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gpu_worker.server import WorkerServer
+from llmserve.client import AsyncClient, LLMServeError
 from llmserve.fleet.redis_store import RedisStateStore
 from llmserve.kserve import grpc_service_pb2 as kserve_pb
 from llmserve.kserve import grpc_service_pb2_grpc as kserve_grpc
@@ -239,3 +240,15 @@ async def test_the_worker_refuses_callers_without_a_fleet_client_certificate(sec
     async with grpc.aio.secure_channel(target, creds) as channel:
         info = await ipb_grpc.WorkerControlStub(channel).GetWorkerInfo(ipb.GetWorkerInfoRequest(), timeout=10)
     assert info.model == MODEL and not info.draining
+
+
+async def test_our_client_sends_the_key_over_tls(secure: Secure) -> None:
+    target, ca = secure.router.target, secure.public.ca_file
+    async with AsyncClient(target, api_key=KEYS["alice"], tls_ca=ca) as client:
+        completion = await client.complete(MODEL, "Once upon a time", max_tokens=3, temperature=0)
+        assert completion.sequences[0].finish_reason == "length"
+        assert [m.name for m in await client.list_models()] == [MODEL]
+    async with AsyncClient(target, tls_ca=ca) as anonymous:
+        with pytest.raises(LLMServeError) as err:
+            await anonymous.list_models()
+        assert err.value.code == grpc.StatusCode.UNAUTHENTICATED

@@ -4,6 +4,9 @@ certificate rotation without restart (server and client side), and WorkerControl
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -14,7 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from llmserve.grpc_server import bind_server
 from llmserve.security.control import ControlAccessInterceptor
-from llmserve.security.tls import ClientTls, ServerTls, peer_is_loopback
+from llmserve.security.tls import ClientTls, HttpTls, ServerTls, peer_is_loopback
 from llmserve.v1 import internal_pb2 as ipb
 from llmserve.v1 import internal_pb2_grpc as ipb_grpc
 from router.dispatch import ChannelPool
@@ -182,3 +185,39 @@ def test_loopback_peers() -> None:
         assert peer_is_loopback(peer), peer
     for peer in ("ipv4:10.0.0.1:5000", "ipv6:[fd00::2]:5000", "ipv6:[::ffff:10.0.0.1]:80", "garbage"):
         assert not peer_is_loopback(peer), peer
+
+
+async def _https_handshake(port: int, ca: Path) -> bool:
+    """Whether a TLS client trusting only ``ca`` completes a handshake with the server."""
+    context = ssl.create_default_context(cafile=str(ca))
+    try:
+        _, writer = await asyncio.open_connection("127.0.0.1", port, ssl=context, server_hostname="localhost")
+    except ssl.SSLError:
+        return False
+    writer.close()
+    with contextlib.suppress(ssl.SSLError, ConnectionError):
+        await writer.wait_closed()
+    return True
+
+
+async def test_the_http_door_certificate_is_reloaded_too(fleet: CertificateAuthority,
+                                                          other: CertificateAuthority) -> None:
+    files = fleet.issue("edge")
+    tls = HttpTls(files.cert, files.key, min_interval_s=0)
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.close()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0, ssl=tls.context)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        assert await _https_handshake(port, fleet.ca_file)
+        assert not await _https_handshake(port, other.ca_file)
+        rotated = other.issue("edge-next")
+        rotated.cert.replace(files.cert)
+        rotated.key.replace(files.key)
+        assert await _https_handshake(port, other.ca_file), "new connections get the new certificate"
+        assert not await _https_handshake(port, fleet.ca_file)
+    finally:
+        server.close()
+        await server.wait_closed()
