@@ -97,8 +97,3 @@ class WatchedFile(Generic[T]):
             log.warning("keeping the previous content of %s: %s",
                         ", ".join(str(p) for p in self.paths), exc)
         self._failed_stamps = seen
-
-
-def read_bytes(path: Path) -> bytes:
-    """The whole file (OSError when missing or unreadable)."""
-    return path.read_bytes()
