@@ -8,6 +8,9 @@
 - ``rate_limit``: token buckets per API key on requests/s and tokens/s.
 - ``records``: validation of the worker records read from the state store (schema, types,
   ranges, heartbeat age) and their optional HMAC-SHA256 signature with a fleet secret.
+- ``control``: the worker's interceptor that serves ``WorkerControl`` only to mTLS-authenticated
+  routers and local callers.
+- ``flags``: the command-line flags of these settings, shared by router and worker.
 
 Nothing read from the network or from Redis is unpickled or evaluated: records are JSON,
 checked field by field before use.
