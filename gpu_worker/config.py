@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
+from gpu_worker.core.scheduling_policy import BUILTIN_POLICIES
+
 _DTYPES = ("auto", "float32", "float16", "bfloat16")
 _LOAD_FORMATS = ("auto", "dummy")
 # Per-step token budgets when max_num_batched_tokens is left unset (see EngineConfig).
@@ -42,6 +44,10 @@ class EngineConfig:
     ``None`` (auto) means on with CUDA, off on CPU (where there is nothing to overlap).
     Outputs are the same token for token either way.
 
+    ``scheduling_policy`` orders the waiting queue and picks who is preempted: ``fcfs`` (arrival
+    order, the default), ``priority`` (the request's ``priority``, lower first, as vLLM's
+    ``--scheduling-policy priority``) or a policy from an installed package (docs/PLUGINS.md).
+
     Left unset, ``max_num_batched_tokens`` (the per-step token budget, i.e. the chunked-prefill
     chunk) is chosen by device (:meth:`with_device_defaults`, docs/CONFIG.md): 8192 on CUDA,
     where larger steps keep the GPU's matrix units busy (W1 on an H200: 9,003 tok/s at 2048
@@ -69,6 +75,7 @@ class EngineConfig:
     skip_tokenizer_init: bool = False
     engine_core_process: bool | None = None
     async_scheduling: bool | None = None
+    scheduling_policy: str = "fcfs"
 
     def __post_init__(self) -> None:
         checks: list[tuple[bool, str]] = [
@@ -103,6 +110,17 @@ class EngineConfig:
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+        if self.scheduling_policy not in BUILTIN_POLICIES:
+            self._check_policy_plugin()
+
+    def _check_policy_plugin(self) -> None:
+        from gpu_worker.plugins.registry import scheduling_policy_registry
+
+        policies = scheduling_policy_registry()
+        if self.scheduling_policy not in policies:
+            raise ValueError(
+                f"scheduling_policy must be one of {policies.names()}, got {self.scheduling_policy!r}"
+            )
 
     def with_device_defaults(self, device_type: str) -> EngineConfig:
         """This config with every device-dependent default that is still unset filled in."""

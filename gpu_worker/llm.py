@@ -35,11 +35,13 @@ class LLM:
         self,
         prompts: str | Sequence[int] | Sequence[str] | Sequence[Sequence[int]],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        priority: Sequence[int] | None = None,
     ) -> list[RequestOutput]:
         """Complete each prompt (a string or a list of token ids); results in input order.
 
         Every prompt is validated before any runs: an invalid one raises ``ValueError``
-        naming the field and nothing is generated.
+        naming the field and nothing is generated. ``priority`` (one per prompt, lower runs
+        first) orders them when the engine's ``scheduling_policy`` is ``priority``.
         """
         if isinstance(prompts, str) or (
             isinstance(prompts, Sequence) and prompts and isinstance(prompts[0], int)
@@ -47,7 +49,7 @@ class LLM:
             batch: list[PromptInput] = [prompts]  # type: ignore[list-item]
         else:
             batch = list(prompts)  # type: ignore[arg-type]
-        return self._run(batch, sampling_params)
+        return self._run(batch, sampling_params, priority)
 
     def chat(
         self,
@@ -71,7 +73,10 @@ class LLM:
         return self.engine.reset_prefix_cache()
 
     def _run(
-        self, prompts: list[PromptInput], sampling_params: SamplingParams | Sequence[SamplingParams] | None
+        self,
+        prompts: list[PromptInput],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None,
+        priority: Sequence[int] | None = None,
     ) -> list[RequestOutput]:
         if sampling_params is None or isinstance(sampling_params, SamplingParams):
             params_list = [sampling_params or SamplingParams()] * len(prompts)
@@ -81,9 +86,12 @@ class LLM:
                 raise ValueError(
                     f"sampling_params has {len(params_list)} entries for {len(prompts)} prompts"
                 )
+        priorities = [0] * len(prompts) if priority is None else [int(p) for p in priority]
+        if len(priorities) != len(prompts):
+            raise ValueError(f"priority has {len(priorities)} entries for {len(prompts)} prompts")
         processed = [
-            self.engine.processor.process(str(next(self._ids)), prompt, params)
-            for prompt, params in zip(prompts, params_list, strict=True)
+            self.engine.processor.process(str(next(self._ids)), prompt, params, priority=p)
+            for prompt, params, p in zip(prompts, params_list, priorities, strict=True)
         ]
         return self._run_to_completion(processed)
 

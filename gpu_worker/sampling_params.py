@@ -2,9 +2,126 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 _GREEDY_EPS = 1e-5
+STRUCTURED_OUTPUT_KINDS = ("json", "regex", "grammar", "choice", "json_object")
+
+
+@dataclass(frozen=True)
+class StructuredOutputsParams:
+    """Decoding constrained to a format (vLLM's ``StructuredOutputsParams``): exactly one of
+    ``json`` (a JSON schema, as text or a dict), ``regex``, ``grammar`` (EBNF with a ``root``
+    rule), ``choice`` (the output is one of these strings) or ``json_object=True`` (any JSON
+    object). ``SamplingParams(structured_output={"json": schema})`` builds one from a dict.
+
+    A schema given as a dict (or as text) is kept as compact JSON text in its own key order
+    (the order properties are generated in), so equal schemas share one compiled grammar."""
+
+    json: str | None = None
+    regex: str | None = None
+    grammar: str | None = None
+    choice: tuple[str, ...] | None = None
+    json_object: bool = False
+
+    def __post_init__(self) -> None:
+        schema: Any = self.json
+        if schema is not None:
+            if isinstance(schema, str):
+                try:
+                    schema = json.loads(schema)
+                except ValueError as exc:
+                    raise ValueError(f"structured_output.json is not valid JSON: {exc}") from None
+            if not isinstance(schema, dict | bool):
+                raise ValueError("structured_output.json must be a JSON schema (an object)")
+            object.__setattr__(self, "json", json.dumps(schema, ensure_ascii=False))
+        if self.choice is not None:
+            choice = self.choice
+            if isinstance(choice, str) or not all(isinstance(c, str) for c in choice):
+                raise ValueError("structured_output.choice must be a list of strings")
+            if not choice or not all(choice):
+                raise ValueError("structured_output.choice must hold at least one non-empty string")
+            object.__setattr__(self, "choice", tuple(choice))
+        for name in ("regex", "grammar"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise ValueError(f"structured_output.{name} must be a non-empty string")
+        if not isinstance(self.json_object, bool):
+            raise ValueError("structured_output.json_object must be a boolean")
+        kinds = [k for k in STRUCTURED_OUTPUT_KINDS if getattr(self, k) not in (None, False)]
+        if len(kinds) != 1:
+            raise ValueError(
+                f"structured_output must set exactly one of {list(STRUCTURED_OUTPUT_KINDS)}, got {kinds}"
+            )
+
+    @classmethod
+    def from_value(cls, value: StructuredOutputsParams | Mapping[str, Any]) -> StructuredOutputsParams:
+        """``value`` itself, or one built from a dict with one of the keys above."""
+        if isinstance(value, StructuredOutputsParams):
+            return value
+        if not isinstance(value, Mapping):
+            raise ValueError(
+                "structured_output must be a dict such as {'json': schema} or a StructuredOutputsParams"
+            )
+        unknown = sorted(set(value) - set(STRUCTURED_OUTPUT_KINDS))
+        if unknown:
+            raise ValueError(
+                f"structured_output has unknown keys {unknown}; known: {list(STRUCTURED_OUTPUT_KINDS)}"
+            )
+        return cls(**dict(value))
+
+    @property
+    def kind(self) -> str:
+        """Which one is set: ``json``, ``regex``, ``grammar``, ``choice`` or ``json_object``."""
+        return next(k for k in STRUCTURED_OUTPUT_KINDS if getattr(self, k) not in (None, False))
+
+    @property
+    def key(self) -> tuple[str, str]:
+        """(kind, text): what identifies the compiled grammar (the compile cache's key)."""
+        kind = self.kind
+        value: Any = getattr(self, kind)
+        if kind == "choice":
+            return kind, json.dumps(list(value), ensure_ascii=False)
+        return kind, "" if kind == "json_object" else str(value)
+
+
+@dataclass(frozen=True)
+class PluginCall:
+    """A request's use of an installed plug-in (logits processor or stopping criterion): its
+    entry-point ``name`` and JSON-compatible ``args`` (the plug-in validates them). Only names
+    are looked up, in the registry of installed entry points; nothing is imported from requests."""
+
+    name: str
+    args: Any = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError("a plug-in name must be a non-empty string")
+        try:
+            json.dumps(self.args)
+        except (TypeError, ValueError):
+            raise ValueError(f"plug-in {self.name!r}: args must be JSON data (null, numbers, strings, "
+                             "lists, objects)") from None
+
+    @classmethod
+    def from_value(cls, value: PluginCall | str | Mapping[str, Any]) -> PluginCall:
+        """``value`` itself, a bare name, or ``{"name": ..., "args": ...}``."""
+        if isinstance(value, PluginCall):
+            return value
+        if isinstance(value, str):
+            return cls(value)
+        if isinstance(value, Mapping) and set(value) <= {"name", "args"} and "name" in value:
+            return cls(value["name"], value.get("args"))
+        raise ValueError(f"a plug-in call must be a name or {{'name': ..., 'args': ...}}, got {value!r}")
+
+
+def _plugin_calls(values: Sequence[Any] | None) -> list[PluginCall]:
+    if isinstance(values, str | Mapping | PluginCall):
+        values = [values]
+    return [PluginCall.from_value(v) for v in values or ()]
 
 
 @dataclass
@@ -17,6 +134,11 @@ class SamplingParams:
     are those of the model's raw distribution, before penalties, temperature and
     truncation, as in vLLM. ``seed`` makes one request's sampling reproducible whatever
     else runs in the batch.
+
+    ``structured_output`` constrains the output to a format (a dict such as ``{"json": schema}``
+    or a :class:`StructuredOutputsParams`; docs/STRUCTURED_OUTPUT.md). ``logits_processors``
+    and ``stopping_criteria`` name installed plug-ins, each a name or ``{"name", "args"}``
+    (docs/PLUGINS.md).
     """
 
     n: int = 1
@@ -36,8 +158,15 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None
     logit_bias: dict[int, float] = field(default_factory=dict)
+    structured_output: StructuredOutputsParams | None = None
+    logits_processors: list[PluginCall] = field(default_factory=list)
+    stopping_criteria: list[PluginCall] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        if self.structured_output is not None:
+            self.structured_output = StructuredOutputsParams.from_value(self.structured_output)
+        self.logits_processors = _plugin_calls(self.logits_processors)
+        self.stopping_criteria = _plugin_calls(self.stopping_criteria)
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = list(self.stop)
@@ -93,6 +222,13 @@ class SamplingParams:
             (all(s for s in self.stop), "stop must not contain empty strings"),
             (self.seed is None or self.seed >= 0, f"seed must be >= 0, got {self.seed}"),
         ]
+        if self.structured_output is not None:
+            checks += [
+                (not self.ignore_eos, "ignore_eos cannot be combined with structured_output: the "
+                 "format ends the output with EOS"),
+                (self.min_tokens == 0, "min_tokens cannot be combined with structured_output: the "
+                 "format decides where the output ends"),
+            ]
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)

@@ -17,6 +17,7 @@ from typing import Any
 
 import grpc
 
+from llmserve.sampling_extras import plugin_call_messages, structured_output_message
 from llmserve.v1 import generation_pb2 as pb
 from llmserve.v1 import generation_pb2_grpc as pb_grpc
 
@@ -121,9 +122,14 @@ def build_request(
     messages: Sequence[Mapping[str, str]] | None = None,
     add_generation_prompt: bool | None = None,
     request_id: str = "",
+    priority: int | None = None,
     **sampling: Any,
 ) -> pb.GenerateRequest:
-    """A GenerateRequest from Python values; exactly one of the three inputs must be given."""
+    """A GenerateRequest from Python values; exactly one of the three inputs must be given.
+
+    ``sampling`` holds ``SamplingParams`` fields by name; ``structured_output`` is a dict such
+    as ``{"json": schema}``, ``logits_processors`` / ``stopping_criteria`` lists of names or
+    ``{"name", "args"}`` dicts. ``priority``: lower runs first (``--scheduling-policy priority``)."""
     given = [x for x in (prompt, prompt_token_ids, messages) if x is not None]
     if len(given) != 1:
         raise ValueError("give exactly one of prompt, prompt_token_ids, messages")
@@ -131,6 +137,8 @@ def build_request(
     if unknown:
         raise TypeError(f"unknown sampling parameters {unknown}; known: {sorted(_SAMPLING_FIELDS)}")
     request = pb.GenerateRequest(model=model, request_id=request_id)
+    if priority is not None:
+        request.priority = priority
     if prompt is not None:
         request.prompt = prompt
     elif prompt_token_ids is not None:
@@ -148,6 +156,10 @@ def build_request(
         target = getattr(request.sampling, name)
         if name == "logit_bias":
             target.update({int(k): float(v) for k, v in value.items()})
+        elif name == "structured_output":
+            target.CopyFrom(structured_output_message(value))
+        elif name in ("logits_processors", "stopping_criteria"):
+            target.extend(plugin_call_messages(name, list(value)))
         elif name in ("stop", "stop_token_ids"):
             target.extend([value] if isinstance(value, str) else value)
         else:

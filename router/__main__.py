@@ -37,6 +37,9 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
                    help="seconds the worker registry is cached")
     p.add_argument("--drain-grace-s", type=float, default=30.0,
                    help="on SIGTERM: health NOT_SERVING, new calls refused, streams get this long to end")
+    p.add_argument("--default-priority", action="append", default=[], metavar="MODEL=PRIORITY",
+                   help="priority of MODEL's requests that set none (repeatable, or comma-separated in "
+                        "the variable; lower runs first on workers with --scheduling-policy priority)")
     add_security_flags(p)
     group = p.add_argument_group("observability (tracing: OTEL_* variables)")
     group.add_argument("--metrics-port", type=int, default=None,
@@ -66,7 +69,25 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
         metrics_port=args.metrics_port,
         http_port=args.http_port,
         security=security_from_args(args),
+        default_priority=parse_default_priority(args.default_priority),
     )
+
+
+def parse_default_priority(values: Sequence[str] | str) -> dict[str, int]:
+    """``["MODEL=PRIORITY", ...]`` (flag values; the variable ``LLMSERVE_DEFAULT_PRIORITY`` holds
+    them comma-separated) -> {model: priority}; ValueError names a bad one."""
+    if isinstance(values, str):
+        values = [v for v in values.split(",") if v.strip()]
+    out: dict[str, int] = {}
+    for value in values:
+        model, sep, priority = value.rpartition("=")
+        try:
+            if not sep or not model:
+                raise ValueError
+            out[model] = int(priority)
+        except ValueError:
+            raise ValueError(f"--default-priority takes MODEL=PRIORITY (an integer), got {value!r}") from None
+    return out
 
 
 def main(argv: Sequence[str] | None = None) -> int:

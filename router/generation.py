@@ -18,7 +18,7 @@ are, so the native door adds no re-encoding; the other doors convert only shapes
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -44,6 +44,8 @@ class RouterRequest:
     ``model`` may be "" when the fleet serves one model. ``max_tokens_to_context``: an unset
     ``sampling.max_tokens`` means "until the context is full" (OpenAI chat) rather than the
     API's default of 16; the core sets it from the model's ``max_model_len`` and the prompt.
+    ``priority``: lower runs first on workers with ``--scheduling-policy priority``; None takes the
+    model's default (router flag ``--default-priority``), else the worker's (0).
     """
 
     model: str
@@ -51,6 +53,7 @@ class RouterRequest:
     sampling: gen_pb.SamplingParams
     request_id: str
     max_tokens_to_context: bool = False
+    priority: int | None = None
 
 
 class RequestScope:
@@ -96,6 +99,9 @@ class RequestScope:
             sampling=sampling,
             request_id=request.request_id,
         )
+        priority = self._core.default_priority.get(model) if request.priority is None else request.priority
+        if priority is not None:
+            forward.priority = priority
         chunks = self._core.dispatcher.generate(forward, ranked.workers, time_remaining, obs)
         generated = 0
         try:
@@ -121,8 +127,11 @@ class GenerationCore:
     """Resolve, tokenize, rank and dispatch, observed: what every door runs."""
 
     def __init__(self, router: Router, dispatcher: Dispatcher, telemetry: RouterTelemetry,
-                 access: AccessControl | None = None) -> None:
-        """``access``: API-key model allow-lists and rate limits (default: everyone, unlimited)."""
+                 access: AccessControl | None = None,
+                 default_priority: Mapping[str, int] | None = None) -> None:
+        """``access``: API-key model allow-lists and rate limits (default: everyone, unlimited);
+        ``default_priority``: per model, the priority of requests that set none."""
+        self.default_priority: Mapping[str, int] = dict(default_priority or {})
         self.router = router
         self.dispatcher = dispatcher
         self.telemetry = telemetry

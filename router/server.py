@@ -16,6 +16,7 @@ import contextlib
 import importlib.metadata
 import logging
 import signal
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -69,6 +70,8 @@ class RouterConfig:
     metrics_port: int | None = None
     http_port: int | None = None
     security: RouterSecurityConfig = field(default_factory=RouterSecurityConfig)
+    # model -> priority of its requests that set none (--default-priority MODEL=P)
+    default_priority: Mapping[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         checks = [
@@ -165,7 +168,8 @@ class RouterServer:
             credentials=self._server_credentials(),
         )
         core = GenerationCore(self.router, self.dispatcher,
-                              RouterTelemetry(self.tracing, self.metrics, self.config.policy), self.access)
+                              RouterTelemetry(self.tracing, self.metrics, self.config.policy), self.access,
+                              self.config.default_priority)
         generation_pb2_grpc.add_GenerationServicer_to_server(RouterServicer(core), server)
         kserve_grpc.add_GRPCInferenceServiceServicer_to_server(
             KServeServicer(core, self.is_serving, _version()), server)

@@ -36,6 +36,7 @@ class RouterServicer(gen_grpc.GenerationServicer):
                 prompt=decode_prompt_input(request, InvalidRequest),
                 sampling=request.sampling,
                 request_id=request_id,
+                priority=request.priority if request.HasField("priority") else None,
             )
             async for chunk in scope.generate(routed, context.time_remaining):
                 yield chunk

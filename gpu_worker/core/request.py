@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Iterable
+from typing import Any
 
 from gpu_worker.core.types import EngineCoreRequest
 from gpu_worker.sampling_params import SamplingParams
@@ -58,6 +59,8 @@ class Request:
         self.eos_token_ids = eos_token_ids
         self.arrival_time = arrival_time
         self.priority = priority
+        self.rank: Any = 0  # the scheduling policy's rank (set by the scheduler when queued)
+        self.order = 0  # the scheduler's tie-breaker among equal ranks (admission / preemption)
         self.block_size = block_size
         self.hash_seed = hash_seed
         self.output_token_ids: list[int] = []

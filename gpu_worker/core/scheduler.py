@@ -11,18 +11,20 @@ alternate. With async scheduling the engine core plans step k+1 while step k is 
 (``schedule(k+1)`` comes before ``update(k)``): a request that step k samples for is then
 scheduled for one more token, a placeholder (``PLACEHOLDER_TOKEN_ID``) the runner fills on
 the device, unless that token already ends it by length. At most one step is in flight.
+A request with structured output is never given a placeholder: the grammar mask of its next
+token depends on the previous one, so it waits for that token (one step) before it is planned.
 """
 
 from __future__ import annotations
 
 import bisect
 import itertools
-from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from gpu_worker.core.kv_cache_manager import KVCacheManager
 from gpu_worker.core.request import Request, RequestStatus
+from gpu_worker.core.scheduling_policy import FCFSPolicy, SchedulingPolicy
 from gpu_worker.core.types import (
     PLACEHOLDER_TOKEN_ID,
     EngineCoreOutput,
@@ -54,11 +56,15 @@ class _StepPlan:
 class Scheduler:
     """Continuous batching with chunked prefill, prefix caching and preemption by recompute.
 
-    Running requests are served first, in admission order; then waiting ones: preempted
-    requests first (most recently preempted first), then new ones ordered by
-    ``(priority, arrival_time)`` (lower priority value first, FCFS among equals). A request
-    is always scheduled in the step that admits it, so "admitted this step" is exactly "new
-    to the runner". Not thread-safe: the engine core loop is its only caller.
+    The ``policy`` (:mod:`~gpu_worker.core.scheduling_policy`; default FCFS) ranks requests.
+    Running requests are served first, in (rank, admission) order; then waiting ones: preempted
+    requests first (best rank, then most recently preempted first) unless a new one ranks
+    strictly better, then new ones ordered by ``(rank, arrival_time)`` (FCFS among equals).
+    Under KV pressure the last running request in (rank, admission) order is preempted. A
+    waiting request for which ``ready(request)`` is False (its grammar is still compiling) is
+    passed over without holding up the others. A request is always scheduled in the step that
+    admits it, so "admitted this step" is exactly "new to the runner". Not thread-safe: the
+    engine core loop is its only caller.
     """
 
     def __init__(
@@ -69,6 +75,8 @@ class Scheduler:
         max_model_len: int,
         block_size: int,
         hash_seed: str,
+        policy: SchedulingPolicy | None = None,
+        ready: Callable[[Request], bool] | None = None,
     ) -> None:
         if block_size != kv.block_size:
             raise ValueError(f"block_size {block_size} differs from the KV cache's {kv.block_size}")
@@ -86,10 +94,13 @@ class Scheduler:
         self.block_size = block_size
         self.hash_seed = hash_seed
         self._requests: dict[str, Request] = {}  # every live (unfinished) request
-        self._running: list[Request] = []  # admission order
-        self._preempted: deque[Request] = deque()  # served before _waiting
-        self._waiting: list[tuple[tuple[int, float, int], Request]] = []  # sorted by key
-        self._arrivals = itertools.count()  # tie-breaker: FCFS among equal (priority, arrival)
+        self.policy = policy if policy is not None else FCFSPolicy()
+        self._ready = ready
+        self._running: list[Request] = []  # sorted by (rank, admission)
+        self._preempted: list[Request] = []  # served before _waiting; sorted by (rank, -preemption)
+        self._waiting: list[tuple[tuple[object, float, int], Request]] = []  # sorted by key
+        self._arrivals = itertools.count()  # tie-breaker: FCFS among equal (rank, arrival)
+        self._admissions = itertools.count()  # admission / preemption order
         self._finished_ids: set[str] = set()  # since the last schedule()
         self._preempted_ids: set[str] = set()  # since the last schedule()
         self._num_preemptions = 0
@@ -109,7 +120,8 @@ class Scheduler:
             )
         request = Request.from_core_request(core_request, self.block_size, self.hash_seed)
         self._requests[rid] = request
-        key = (request.priority, request.arrival_time, next(self._arrivals))
+        request.rank = self.policy.rank(request)
+        key = (request.rank, request.arrival_time, next(self._arrivals))
         bisect.insort(self._waiting, (key, request), key=lambda item: item[0])
 
     def abort(self, request_ids: Iterable[str]) -> list[EngineCoreOutput]:
@@ -155,7 +167,7 @@ class Scheduler:
                 continue
             new_block_ids = self.kv.allocate(request, num_tokens)
             while new_block_ids is None:
-                # The most recently admitted request is always at index >= i, so it was not
+                # The last in (rank, admission) order is always at index >= i, so it was not
                 # scheduled earlier in this step.
                 victim = self._running.pop()
                 self._preempt(victim)
@@ -170,6 +182,8 @@ class Scheduler:
         """Tokens a running request can compute now: its tokens not scheduled yet, plus the
         one the step in flight samples for it unless that one ends it by length anyway."""
         pending = request.num_pending_outputs
+        if pending and request.params.structured_output is not None:
+            return 0  # its grammar mask needs the pending token: no placeholder (module docstring)
         if pending:
             max_tokens = request.params.max_tokens
             if (max_tokens is not None and request.num_output_tokens + pending >= max_tokens) or (
@@ -180,7 +194,7 @@ class Scheduler:
 
     def _schedule_waiting(self, plan: _StepPlan) -> None:
         while plan.token_budget > 0 and len(self._running) < self.max_num_seqs:
-            request = self._peek_waiting()
+            request, index = self._peek_waiting()
             if request is None or request.num_pending_outputs:
                 # A request preempted while a step in flight samples for it resumes once that
                 # token is known (the next update); nobody overtakes the head of the queue.
@@ -190,31 +204,42 @@ class Scheduler:
             new_block_ids = self.kv.allocate(request, num_tokens, cached_ids)
             if new_block_ids is None:
                 return  # the head of the queue waits for blocks; nobody overtakes it
-            self._pop_waiting(request)
+            self._pop_waiting(request, index)
             if request.status is RequestStatus.WAITING:
                 request.num_cached_tokens = num_cached
             request.num_computed_tokens = num_cached
             request.status = RequestStatus.RUNNING
-            self._running.append(request)
+            request.order = next(self._admissions)
+            bisect.insort(self._running, request, key=lambda r: (r.rank, r.order))
             plan.add(request, num_tokens, new_block_ids, admitted=True)
 
-    def _peek_waiting(self) -> Request | None:
-        if self._preempted:
-            return self._preempted[0]
-        return self._waiting[0][1] if self._waiting else None
+    def _peek_waiting(self) -> tuple[Request | None, int]:
+        """The next request to admit and its index in ``_waiting`` (-1: the preempted head).
 
-    def _pop_waiting(self, request: Request) -> None:
-        if self._preempted and self._preempted[0] is request:
-            self._preempted.popleft()
+        The first waiting request that is ready (its grammar compiled) competes with the
+        preempted head, which wins ties (module docstring of ``scheduling_policy``)."""
+        index, ready = 0, self._ready
+        if ready is not None:
+            while index < len(self._waiting) and not ready(self._waiting[index][1]):
+                index += 1
+        waiting = self._waiting[index][1] if index < len(self._waiting) else None
+        if self._preempted and (waiting is None or not waiting.rank < self._preempted[0].rank):
+            return self._preempted[0], -1
+        return waiting, index
+
+    def _pop_waiting(self, request: Request, index: int) -> None:
+        if index < 0:
+            del self._preempted[0]
         else:
-            del self._waiting[0]
+            del self._waiting[index]
 
     def _preempt(self, request: Request) -> None:
         self.kv.free(request)
         request.status = RequestStatus.PREEMPTED
         request.num_computed_tokens = 0
         request.num_inflight_tokens = 0  # recomputed on resume; a pending output still comes
-        self._preempted.appendleft(request)
+        request.order = -next(self._admissions)  # most recently preempted first among equal ranks
+        bisect.insort(self._preempted, request, key=lambda r: (r.rank, r.order))
         self._preempted_ids.add(request.request_id)
         self._num_preemptions += 1
 

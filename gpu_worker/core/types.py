@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import Any
 
 from gpu_worker.sampling_params import SamplingParams
 
@@ -68,6 +69,20 @@ class ScheduledRequest:
 
 
 @dataclass(frozen=True)
+class GrammarBitmask:
+    """Structured output of one step: the tokens each constrained request may sample next.
+
+    ``bitmask`` is an int32 numpy array ``[len(req_ids), ceil(vocab / 32)]``: bit ``t % 32`` of
+    word ``t // 32`` is set when token ``t`` is allowed. Filled by the engine core (grammar
+    matchers, CPU) for the sampled requests that have structured output; the runner applies it
+    to their logits rows in one device op.
+    """
+
+    req_ids: tuple[str, ...]
+    bitmask: Any  # numpy int32 [len(req_ids), words]: core/ stays free of numpy and torch
+
+
+@dataclass(frozen=True)
 class SchedulerOutput:
     """One step's plan. ``requests`` order is the order of rows in the flat batch."""
 
@@ -75,6 +90,7 @@ class SchedulerOutput:
     num_scheduled_tokens: int
     finished_req_ids: frozenset[str] = frozenset()  # runner drops their state
     preempted_req_ids: frozenset[str] = frozenset()  # runner drops their block tables
+    grammar: GrammarBitmask | None = None  # set by the engine core when a sampled row is constrained
 
     @property
     def is_empty(self) -> bool:

@@ -34,6 +34,8 @@ from gpu_worker.engine.core_messages import (
 )
 from gpu_worker.model_executor import loader
 from gpu_worker.model_executor.model_config import max_context_len
+from gpu_worker.plugins.registry import scheduling_policy_registry
+from gpu_worker.structured.manager import StructuredOutputManager
 from gpu_worker.worker import kv_sizing
 from gpu_worker.worker.model_runner import ModelRunner, PendingRunnerOutput
 from llmserve.kv_events import KVEvent
@@ -102,6 +104,8 @@ class EngineCore:
         self.kv = KVCacheManager(
             self.num_kv_blocks, config.block_size, config.enable_prefix_caching, record_events=kv_events
         )
+        # Grammars compile on a thread pool; a request waits in the queue until its grammar is ready.
+        self.structured = StructuredOutputManager(self.tokenizer, self.vocab_size, self.eos_token_ids)
         self.scheduler = Scheduler(
             self.kv,
             max_num_seqs=config.max_num_seqs,
@@ -109,6 +113,8 @@ class EngineCore:
             max_model_len=self.max_model_len,
             block_size=config.block_size,
             hash_seed=config.model_name,
+            policy=scheduling_policy_registry().get(config.scheduling_policy)(),
+            ready=self.structured.is_ready,
         )
         self.async_scheduling = (
             self.device.type == "cuda" if config.async_scheduling is None else config.async_scheduling
@@ -146,6 +152,7 @@ class EngineCore:
             for request in core_requests:
                 self.scheduler.add_request(request)
                 added.append(request.request_id)
+                self.structured.add(request)
         except ValueError:
             self.scheduler.abort(added)
             raise
@@ -161,12 +168,13 @@ class EngineCore:
     def step(self) -> list[EngineCoreOutput]:
         """One engine step: what each request scheduled in it (async: in the step before) produced."""
         if not self.async_scheduling:
-            sched_out = self.scheduler.schedule()
+            sched_out = self.structured.prepare_step(self.scheduler.schedule(), self.scheduler.get_request)
             return self.scheduler.update(sched_out, self.runner.execute(sched_out))
         in_flight = self._in_flight
         self._in_flight = None
         if self.scheduler.has_unfinished():
             sched_out = self.scheduler.schedule()  # may contain placeholders for in_flight's samples
+            sched_out = self.structured.prepare_step(sched_out, self.scheduler.get_request)
             if not sched_out.is_empty or sched_out.finished_req_ids or sched_out.preempted_req_ids:
                 self._in_flight = (sched_out, self.runner.execute_async(sched_out))
         if in_flight is None:

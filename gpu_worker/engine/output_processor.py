@@ -16,6 +16,9 @@ from gpu_worker.core.types import EngineCoreOutput, FinishReason, TokenLogprobs
 from gpu_worker.engine.detokenizer import IncrementalDetokenizer, TokenIdsOnly
 from gpu_worker.engine.processor import ProcessedRequest
 from gpu_worker.outputs import CompletionOutput, Logprob, RequestOutput
+from gpu_worker.plugins.interfaces import StoppingCriterion
+from gpu_worker.plugins.registry import PluginRegistry, stopping_criterion_registry
+from gpu_worker.plugins.stopping import SampleCriteria
 from gpu_worker.sampling_params import SamplingParams
 
 
@@ -39,6 +42,7 @@ class _Sample:
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     num_sent_tokens: int = 0  # delta mode: token ids / logprobs already handed out
+    criteria: SampleCriteria | None = None  # stopping criteria (plug-ins) the request named
 
     @property
     def finished(self) -> bool:
@@ -85,6 +89,7 @@ class OutputProcessor:
         self._requests: dict[str, _RequestState] = {}
         self._samples: dict[str, tuple[_RequestState, _Sample]] = {}  # core request id -> sample
         self._token_text: dict[int, str] = {}  # decoded single tokens, for logprobs
+        self._criteria: PluginRegistry[StoppingCriterion] | None = None
 
     @property
     def num_unfinished(self) -> int:
@@ -110,7 +115,7 @@ class OutputProcessor:
                     params.include_stop_str_in_output,
                 )
             )
-            sample = _Sample(i, detok)
+            sample = _Sample(i, detok, criteria=self._sample_criteria(params))
             if params.logprobs is not None:
                 sample.logprobs, sample.cumulative_logprob = [], 0.0
             state.samples.append(sample)
@@ -165,11 +170,24 @@ class OutputProcessor:
                 sample.finish_reason = FinishReason.STOP.value
                 sample.stop_reason = sample.detokenizer.stop_reason
                 return True  # tokens after the one completing the stop string are dropped
+            if sample.criteria is not None:
+                name = sample.criteria.check(sample.token_ids, sample.detokenizer.text)
+                if name is not None:  # a stopping criterion (plug-in) ends it after this token
+                    sample.finish_reason, sample.stop_reason = FinishReason.STOP.value, name
+                    sample.detokenizer.finish()
+                    return True
         if out.finish_reason is not None:
             sample.finish_reason = out.finish_reason.value
             sample.stop_reason = out.stop_token_id
             sample.detokenizer.finish()
         return False
+
+    def _sample_criteria(self, params: SamplingParams) -> SampleCriteria | None:
+        if not params.stopping_criteria:
+            return None
+        if self._criteria is None:
+            self._criteria = stopping_criterion_registry()
+        return SampleCriteria(params.stopping_criteria, self._criteria)
 
     def _add_logprobs(self, sample: _Sample, lp: TokenLogprobs) -> None:
         entry = {lp.token_id: Logprob(lp.logprob, lp.rank, self._decode_token(lp.token_id))}

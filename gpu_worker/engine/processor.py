@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from gpu_worker.core.types import EngineCoreRequest
+from gpu_worker.engine.feature_checks import FeatureChecks
 from gpu_worker.sampling_params import SamplingParams
 from llmserve.prompt_input import ChatPrompt, PromptInput, check_prompt_input
 
@@ -52,6 +53,7 @@ class InputProcessor:
         self.vocab_size = vocab_size
         self.max_model_len = max_model_len
         self.eos_token_ids = eos_token_ids
+        self.features = FeatureChecks(tokenizer)  # structured output, plug-ins
 
     def render_chat(self, prompt: ChatPrompt) -> str:
         """The prompt text of a (checked) conversation, through the tokenizer's chat template."""
@@ -93,6 +95,7 @@ class InputProcessor:
         params.validate(self.vocab_size)
         if params.stop and self.tokenizer is None:
             raise ValueError(f"stop: {NO_TOKENIZER}; stop strings cannot be matched (use stop_token_ids)")
+        self.features.check(params)
         text, ids = self.tokenize(prompt)
         self.check_prompt_token_ids(ids, field="prompt_token_ids" if text is None else "prompt")
         arrival = time.monotonic() if arrival_time is None else arrival_time

@@ -8,6 +8,7 @@ raised as exceptions and mapped to statuses by the interceptor.
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
@@ -15,7 +16,7 @@ from typing import Any
 
 import grpc
 
-from gpu_worker.sampling_params import SamplingParams
+from gpu_worker.sampling_params import PluginCall, SamplingParams
 from gpu_worker.server.errors import InvalidRequest
 from gpu_worker.server.service import WorkerService, WorkerSnapshot
 from gpu_worker.server.types import GenerateCall
@@ -52,7 +53,30 @@ def decode_sampling(msg: gen_pb.SamplingParams) -> SamplingParams:
     kwargs["stop"] = list(msg.stop)
     kwargs["stop_token_ids"] = list(msg.stop_token_ids)
     kwargs["logit_bias"] = dict(msg.logit_bias)
+    if msg.HasField("structured_output"):
+        kwargs["structured_output"] = decode_structured_output(msg.structured_output)
+    kwargs["logits_processors"] = [decode_plugin_call("logits_processors", c) for c in msg.logits_processors]
+    kwargs["stopping_criteria"] = [decode_plugin_call("stopping_criteria", c) for c in msg.stopping_criteria]
     return SamplingParams(**kwargs)
+
+
+def decode_structured_output(msg: gen_pb.StructuredOutput) -> dict[str, Any]:
+    """The oneof as ``SamplingParams.structured_output`` takes it (``{"json": schema}``, ...)."""
+    kind = msg.WhichOneof("kind")
+    if kind is None:
+        raise InvalidRequest("structured_output: set one of json, regex, grammar, choice, json_object")
+    if kind == "choice":
+        return {"choice": list(msg.choice.choices)}
+    return {kind: getattr(msg, kind)}
+
+
+def decode_plugin_call(field: str, msg: gen_pb.PluginCall) -> PluginCall:
+    """A plug-in call; its arguments are parsed as JSON (data only, never evaluated)."""
+    try:
+        args = json.loads(msg.args_json) if msg.args_json else None
+    except ValueError as exc:
+        raise InvalidRequest(f"{field}: args_json of {msg.name!r} is not valid JSON: {exc}") from None
+    return PluginCall(msg.name, args)
 
 
 def decode_generate(request: gen_pb.GenerateRequest) -> GenerateCall:

@@ -12,11 +12,12 @@ import torch
 from torch import nn
 
 from gpu_worker.config import EngineConfig
-from gpu_worker.core.types import RunnerOutput, ScheduledRequest, SchedulerOutput
+from gpu_worker.core.types import GrammarBitmask, RunnerOutput, ScheduledRequest, SchedulerOutput
 from gpu_worker.model_executor.layers.attention import AttentionMetadata
 from gpu_worker.model_executor.model_config import head_dim_of
 from gpu_worker.sampling_params import SamplingParams
 from gpu_worker.worker.cuda_graphs import DecodeGraphs, decode_buckets
+from gpu_worker.worker.logits_processing import LogitsProcessing
 from gpu_worker.worker.request_state import RequestStates
 from gpu_worker.worker.sampler import Sampler, SamplerOutput
 from gpu_worker.worker.sampling_metadata import build_sampling_metadata
@@ -100,6 +101,7 @@ class ModelRunner:
         generator = torch.Generator(device=device)
         generator.manual_seed(config.seed)
         self.sampler = Sampler(generator)
+        self.logits_processing = LogitsProcessing(self.vocab_size, device)  # plug-ins, grammar masks
         self._last_sample: _LastSample | None = None
         self._pending: PendingRunnerOutput | None = None  # the newest step's output
         self.graphs: DecodeGraphs | None = None
@@ -190,7 +192,7 @@ class ModelRunner:
             hidden = self.graphs.replay(bucket)  # type: ignore[union-attr]
         if not inputs.sample_req_ids:
             return PendingRunnerOutput.ready(_EMPTY_OUTPUT)
-        return self._sample(hidden, inputs)
+        return self._sample(hidden, inputs, sched.grammar)
 
     @torch.inference_mode()
     def forward(
@@ -233,11 +235,15 @@ class ModelRunner:
         return max(0, int(torch.cuda.memory_reserved(self.device) - before))
 
     @torch.inference_mode()
-    def _sample(self, hidden: torch.Tensor, inputs: StepInputs) -> PendingRunnerOutput:
+    def _sample(
+        self, hidden: torch.Tensor, inputs: StepInputs, grammar: GrammarBitmask | None = None
+    ) -> PendingRunnerOutput:
         logits = self.model.compute_logits(hidden.index_select(0, inputs.logits_indices))  # type: ignore[operator]
-        if self._pending is not None and self.states.needs_penalties[inputs.sample_rows].any():
-            self._pending.result()  # penalties count the previous step's tokens too
+        if self._pending is not None and self.states.needs_history[inputs.sample_rows].any():
+            self._pending.result()  # penalties and plug-ins see the previous step's tokens too
         md = build_sampling_metadata(self.states, inputs.sample_rows, self.vocab_size, self.device)
+        md = self.logits_processing.attach(md, self.states, inputs.sample_rows, inputs.sample_req_ids,
+                                           grammar)
         out = self.sampler.sample(logits, md)
         self._last_sample = _LastSample(inputs.sample_req_ids, out.token_ids)
         self._pending = self._pending_output(out, inputs)

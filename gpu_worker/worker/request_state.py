@@ -73,6 +73,9 @@ class RequestStates:
         self.seeded = np.zeros(max_num_seqs, dtype=bool)
         self.has_bias = np.zeros(max_num_seqs, dtype=bool)
         self.needs_penalties = np.zeros(max_num_seqs, dtype=bool)
+        self.has_logits_processors = np.zeros(max_num_seqs, dtype=bool)  # plug-ins named by the request
+        # Sampling reads the output so far (penalties, plug-ins): wait for the step in flight first.
+        self.needs_history = np.zeros(max_num_seqs, dtype=bool)
         self.rows: dict[str, int] = {}
         self._free_rows = list(range(max_num_seqs - 1, -1, -1))
 
@@ -170,6 +173,8 @@ class RequestStates:
         self.seeded[row] = params.seed is not None and not params.greedy
         self.has_bias[row] = bool(params.logit_bias)
         self.needs_penalties[row] = params.needs_penalties
+        self.has_logits_processors[row] = bool(params.logits_processors)
+        self.needs_history[row] = params.needs_penalties or bool(params.logits_processors)
 
     def _row_sampling(self, params: SamplingParams) -> RowSampling:
         stop_ids = tuple(params.stop_token_ids) + (() if params.ignore_eos else self.eos_token_ids)

@@ -1,7 +1,8 @@
 """Batched sampling on the device, vLLM semantics.
 
 Order: raw logprobs (``log_softmax`` of the model's logits) -> logit bias -> min_tokens mask
--> penalties -> greedy argmax, or temperature -> min-p -> top-k/top-p -> exponential race.
+-> penalties -> logits stages (plug-in processors, grammar mask) -> greedy argmax, or
+temperature -> min-p -> top-k/top-p -> exponential race.
 Random rows draw ``q ~ Exp(1)`` per token and take ``argmax(probs / q)`` (a categorical
 sample); a seeded row draws its ``q`` from its own generator, so its tokens do not depend
 on what else is in the batch.
@@ -9,7 +10,7 @@ on what else is in the batch.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -43,6 +44,9 @@ class SamplingMetadata:
     logit_bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # rows, token ids, values
     banned: tuple[torch.Tensor, torch.Tensor] | None = None  # rows, token ids set to -inf (min_tokens)
     num_logprobs: tuple[int | None, ...] | None = None  # per row top-N (None: none); None: no row asks
+    # Logits processing (plug-in processors, then the grammar mask), applied after penalties:
+    # each maps the [N, V] logits to new ones (gpu_worker/worker/logits_processing.py).
+    logits_stages: tuple[Callable[[torch.Tensor], torch.Tensor], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -154,6 +158,8 @@ class Sampler:
             logits = logits.index_put((rows, cols), torch.tensor(float("-inf"), device=logits.device))
         if md.penalties is not None:
             logits = apply_penalties(logits, md.penalties)
+        for stage in md.logits_stages:
+            logits = stage(logits)
         return logits
 
     def _sample_random(self, logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:

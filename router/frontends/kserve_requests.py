@@ -8,6 +8,12 @@ strings such as ``"0.7"``), ``exclude_input_in_output`` (BOOL: whole responses s
 prompt unless set), ``return_finish_reason`` and ``return_num_output_tokens`` (BOOL: add those
 outputs). Without a ``sampling_parameters`` input, the request's own ``parameters`` are the
 sampling parameters (Triton's reserved ones left out), as in the backend.
+
+Beyond vLLM's scalar parameters, the sampling parameters may hold ``priority`` (lower runs
+first), ``structured_outputs`` (``{"json": schema}``, ``{"regex": ...}``, ``{"choice": [...]}``,
+``{"grammar": ...}``, ``{"json_object": true}``) or vLLM's older ``guided_json`` /
+``guided_regex`` / ``guided_choice`` / ``guided_grammar``, and ``logits_processors`` /
+``stopping_criteria`` (installed plug-ins, docs/PLUGINS.md).
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from llmserve.kserve import grpc_service_pb2 as kserve_pb
+from llmserve.sampling_extras import GUIDED_FIELDS, plugin_call_messages, structured_output_message
 from llmserve.v1 import generation_pb2 as gen_pb
 from router.errors import InvalidRequest
 from router.frontends.kserve_tensors import TensorSpec, one_element, parameter_value, read_inputs
@@ -119,11 +126,35 @@ def sampling_from(params: Mapping[str, Any]) -> gen_pb.SamplingParams:
             elif name == "logit_bias":
                 for token_id, bias in _as_bias(value).items():
                     s.logit_bias[token_id] = bias
+            elif name in ("structured_outputs", *GUIDED_FIELDS):
+                spec = value if name == "structured_outputs" else {GUIDED_FIELDS[name]: value}
+                if s.HasField("structured_output"):
+                    raise ValueError("only one structured output may be given")
+                s.structured_output.CopyFrom(structured_output_message(spec))
+            elif name in ("logits_processors", "stopping_criteria"):
+                getattr(s, name).extend(plugin_call_messages(name, value))
+            elif name == "priority":
+                continue  # a request field, not sampling (priority_from)
             else:
                 raise InvalidRequest(f"sampling_parameters: unsupported parameter {name!r}")
         except (ValueError, TypeError, OverflowError) as exc:
             raise InvalidRequest(f"sampling_parameters: {name} = {value!r} is invalid ({exc})") from None
     return s
+
+
+def priority_from(params: Mapping[str, Any]) -> int | None:
+    """The sampling parameters' ``priority`` (lower runs first), None when absent."""
+    if "priority" not in params:
+        return None
+    try:
+        priority = _as_int(params["priority"])
+        if not -(2**31) <= priority < 2**31:
+            raise ValueError("out of the int32 range")
+    except (ValueError, TypeError) as exc:
+        raise InvalidRequest(
+            f"sampling_parameters: priority = {params['priority']!r} is invalid ({exc})"
+        ) from None
+    return priority
 
 
 @dataclass(frozen=True)
@@ -151,12 +182,14 @@ def decode_infer(request: kserve_pb.ModelInferRequest, request_id: str) -> Infer
     if not text:
         raise InvalidRequest("input 'text_input' must not be empty")
     stream = bool(one_element(values, "stream", False))
-    sampling = sampling_from(_sampling_parameters(request, values))
+    params = _sampling_parameters(request, values)
+    sampling = sampling_from(params)
     if stream and sampling.HasField("n") and sampling.n > 1:
         raise InvalidRequest("sampling_parameters: n > 1 needs stream=false")
     exclude_input = bool(one_element(values, "exclude_input_in_output", False))
     return InferCall(
-        routed=RouterRequest(model=request.model_name, prompt=text, sampling=sampling, request_id=request_id),
+        routed=RouterRequest(model=request.model_name, prompt=text, sampling=sampling, request_id=request_id,
+                             priority=priority_from(params)),
         client_id=request.id,
         model_name=request.model_name,
         stream=stream,

@@ -2,7 +2,10 @@
 
 The parameters are OpenAI's (``/v1/completions``, ``/v1/chat/completions``) plus vLLM's extras
 (``top_k``, ``min_p``, ``repetition_penalty``, ``ignore_eos``, ``min_tokens``, ``stop_token_ids``,
-``include_stop_str_in_output``, ``add_generation_prompt``), with OpenAI's documented ranges.
+``include_stop_str_in_output``, ``add_generation_prompt``, ``priority``, ``structured_outputs`` and
+the older ``guided_json`` / ``guided_regex`` / ``guided_choice`` / ``guided_grammar``), with
+OpenAI's documented ranges; ``response_format`` (``text``, ``json_object``, ``json_schema``) on
+both endpoints, and llmserve's ``logits_processors`` / ``stopping_criteria`` (docs/PLUGINS.md).
 Unknown fields are ignored, as OpenAI-compatible servers do. A value out of range, of the wrong
 type, or a feature this server does not have (tools, image parts, ``suffix``, several prompts in
 one request) is an :class:`~router.frontends.openai_errors.InvalidParam` naming the parameter.
@@ -15,6 +18,7 @@ from typing import Any, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from llmserve.prompt_input import ChatPrompt, PromptInput
+from llmserve.sampling_extras import GUIDED_FIELDS, plugin_call_messages, structured_output_message
 from llmserve.v1 import generation_pb2 as gen_pb
 from router.frontends.openai_errors import InvalidParam, validation_param
 from router.generation import RouterRequest
@@ -56,6 +60,15 @@ class _SamplingRequest(BaseModel):
     min_tokens: int = Field(0, ge=0)
     stop_token_ids: list[int] | None = None
     include_stop_str_in_output: bool = False
+    priority: int | None = Field(None, ge=-(2**31), lt=2**31)
+    response_format: dict[str, Any] | None = None
+    structured_outputs: dict[str, Any] | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    logits_processors: list[Any] | None = None
+    stopping_criteria: list[Any] | None = None
 
     @property
     def include_usage(self) -> bool:
@@ -78,7 +91,45 @@ class _SamplingRequest(BaseModel):
         s.stop_token_ids.extend(self.stop_token_ids or [])
         for token_id, bias in (self.logit_bias or {}).items():
             s.logit_bias[token_id] = bias
+        self._add_extras(s)
         return s
+
+    def _add_extras(self, s: gen_pb.SamplingParams) -> None:
+        """Structured output (one way of asking for it) and plug-in calls."""
+        formats = [(param, spec) for param, spec in (
+            ("response_format", self._response_format()),
+            ("structured_outputs", self.structured_outputs),
+            *((name, {kind: getattr(self, name)}) for name, kind in GUIDED_FIELDS.items()
+              if getattr(self, name) is not None),
+        ) if spec is not None]
+        if len(formats) > 1:
+            raise InvalidParam(formats[1][0], f"{formats[0][0]} and {formats[1][0]} exclude each other")
+        for param, spec in formats:
+            try:
+                s.structured_output.CopyFrom(structured_output_message(spec))
+            except ValueError as exc:
+                raise InvalidParam(param, f"{param}: {exc}") from None
+        for field in ("logits_processors", "stopping_criteria"):
+            try:
+                getattr(s, field).extend(plugin_call_messages(field, getattr(self, field)))
+            except ValueError as exc:
+                raise InvalidParam(field, str(exc)) from None
+
+    def _response_format(self) -> dict[str, Any] | None:
+        """OpenAI's ``response_format`` as a structured-output spec (None: free text)."""
+        rf = self.response_format
+        kind = rf.get("type") if rf is not None else "text"
+        if kind == "text":
+            return None
+        if kind == "json_object":
+            return {"json_object": True}
+        if kind == "json_schema" and isinstance(rf, dict):
+            spec = rf.get("json_schema")
+            schema = spec.get("schema") if isinstance(spec, dict) else None
+            if not isinstance(schema, dict):
+                raise InvalidParam("response_format", "response_format.json_schema.schema must be an object")
+            return {"json": schema}
+        raise InvalidParam("response_format", "response_format.type must be text, json_object or json_schema")
 
     def check_common(self) -> None:
         if self.stream_options is not None and not self.stream:
@@ -128,7 +179,8 @@ class CompletionRequest(_SamplingRequest):
         if self.echo and self.logprobs is not None:
             raise InvalidParam("echo", "echo with logprobs is not supported (no prompt logprobs)")
         return RouterRequest(model=self.model, prompt=self.prompt_input(),
-                             sampling=self.sampling(self.max_tokens, self.logprobs), request_id=request_id)
+                             sampling=self.sampling(self.max_tokens, self.logprobs), request_id=request_id,
+                             priority=self.priority)
 
 
 class TextPart(BaseModel):
@@ -159,7 +211,6 @@ class ChatCompletionRequest(_SamplingRequest):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
-    response_format: dict[str, Any] | None = None
     tools: list[Any] | None = None
     tool_choice: Any = None
     add_generation_prompt: bool = True
@@ -170,8 +221,6 @@ class ChatCompletionRequest(_SamplingRequest):
             raise InvalidParam("tools", "tools are not supported")
         if self.tool_choice not in (None, "none"):
             raise InvalidParam("tool_choice", "tool_choice is not supported")
-        if self.response_format is not None and self.response_format.get("type") != "text":
-            raise InvalidParam("response_format", "only response_format {'type': 'text'} is supported")
         if self.top_logprobs is not None and not self.logprobs:
             raise InvalidParam("top_logprobs", "top_logprobs needs logprobs=true")
         max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
@@ -180,7 +229,7 @@ class ChatCompletionRequest(_SamplingRequest):
         return RouterRequest(
             model=self.model, prompt=ChatPrompt(messages, self.add_generation_prompt),
             sampling=self.sampling(max_tokens, logprobs), request_id=request_id,
-            max_tokens_to_context=max_tokens is None,
+            max_tokens_to_context=max_tokens is None, priority=self.priority,
         )
 
 

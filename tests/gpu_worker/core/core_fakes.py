@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import hashlib
 from array import array
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from gpu_worker.core.kv_cache_manager import KVCacheManager
+from gpu_worker.core.request import Request
 from gpu_worker.core.scheduler import Scheduler
+from gpu_worker.core.scheduling_policy import SchedulingPolicy
 from gpu_worker.core.types import (
     PLACEHOLDER_TOKEN_ID,
     EngineCoreOutput,
@@ -110,9 +112,13 @@ def make_scheduler(
     max_num_batched_tokens: int = 64,
     max_model_len: int = 64,
     enable_caching: bool = True,
+    policy: SchedulingPolicy | None = None,
+    ready: Callable[[Request], bool] | None = None,
 ) -> Scheduler:
     kv = KVCacheManager(num_blocks, block_size, enable_caching)
-    return Scheduler(kv, max_num_seqs, max_num_batched_tokens, max_model_len, block_size, "test-model")
+    return Scheduler(
+        kv, max_num_seqs, max_num_batched_tokens, max_model_len, block_size, "test-model", policy, ready
+    )
 
 
 def run_to_completion(

@@ -158,6 +158,7 @@ def test_engine_core_modules_never_import_torch() -> None:
                 imported.add(node.module.split(".")[0])
     assert imported - {
         "__future__",
+        "abc",
         "bisect",
         "collections",
         "dataclasses",

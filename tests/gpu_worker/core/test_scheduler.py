@@ -8,6 +8,7 @@ import pytest
 
 from gpu_worker.core.request import RequestStatus
 from gpu_worker.core.scheduler import Scheduler
+from gpu_worker.core.scheduling_policy import PriorityPolicy
 from gpu_worker.core.types import (
     EngineCoreOutput,
     FinishReason,
@@ -131,7 +132,7 @@ def test_max_num_seqs_bounds_the_running_set() -> None:
 
 
 def test_admission_is_by_priority_then_arrival_then_insertion() -> None:
-    sched = make_scheduler(max_num_seqs=1)
+    sched = make_scheduler(max_num_seqs=1, policy=PriorityPolicy())
     runner = PagedFakeRunner(64, 4)
     sched.add_request(core_request("late", [1, 2], arrival=2.0, max_tokens=1))
     sched.add_request(core_request("early", [1, 3], arrival=1.0, max_tokens=1))
