@@ -23,6 +23,7 @@ from typing import Any
 
 from gpu_worker.config import EngineConfig
 from llmserve.envflags import apply_env_defaults
+from llmserve.limits import add_limit_flags, limits_from_args
 from llmserve.security.flags import add_worker_security_flags, redis_tls_from_args, tls_from_args
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -90,6 +91,7 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
         help="on SIGTERM/Drain, seconds in-flight streams get before they are aborted",
     )
     server.add_argument("--worker-id", default=None, help="unique id (default hostname-port-random)")
+    add_limit_flags(parser)
     add_worker_security_flags(parser)
     _add_observability_flags(parser)
     apply_env_defaults(parser, environ)
@@ -122,6 +124,8 @@ def configs_from_args(args: argparse.Namespace) -> tuple[EngineConfig, Any]:
         redis_url=args.redis_url,
         worker_id=args.worker_id,
         metrics_port=args.metrics_port,
+        limits=limits_from_args(args),
+        max_metadata_bytes=args.max_metadata_bytes,
         tls=tls_from_args(args),
         allow_remote_control=args.allow_remote_control,
         fleet_secret_file=args.fleet_secret_file,

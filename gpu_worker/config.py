@@ -44,6 +44,10 @@ class EngineConfig:
     ``None`` (auto) means on with CUDA, off on CPU (where there is nothing to overlap).
     Outputs are the same token for token either way.
 
+    The serving front (``AsyncLLM``) admits a request only while the waiting queue has room for
+    all its sequences (``n`` of them): at most ``max_queue_len`` sequences and
+    ``max_queued_tokens`` tokens wait for their first admission; beyond, RESOURCE_EXHAUSTED.
+
     ``scheduling_policy`` orders the waiting queue and picks who is preempted: ``fcfs`` (arrival
     order, the default), ``priority`` (the request's ``priority``, lower first, as vLLM's
     ``--scheduling-policy priority``) or a policy from an installed package (docs/PLUGINS.md).
@@ -72,6 +76,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     enforce_eager: bool = False
     max_queue_len: int = 1024
+    max_queued_tokens: int = 1 << 20
     skip_tokenizer_init: bool = False
     engine_core_process: bool | None = None
     async_scheduling: bool | None = None
@@ -102,6 +107,7 @@ class EngineConfig:
                 f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}",
             ),
             (self.max_queue_len > 0, "max_queue_len must be positive"),
+            (self.max_queued_tokens > 0, "max_queued_tokens must be positive"),
             (
                 not (self.skip_tokenizer_init and self.tokenizer),
                 "skip_tokenizer_init and tokenizer exclude each other",

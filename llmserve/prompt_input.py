@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # the servicers pass requests in; offline users need no protobuf
+    from llmserve.limits import RequestLimits
     from llmserve.v1 import generation_pb2 as gen_pb
 
 
@@ -29,6 +30,14 @@ class ChatPrompt:
 
 
 PromptInput = str | Sequence[int] | ChatPrompt
+
+
+def input_field(prompt: PromptInput) -> str:
+    """The request field the client used for ``prompt`` (errors name it, whatever the router made
+    of it): ``messages``, ``prompt`` or ``prompt_token_ids``."""
+    if isinstance(prompt, ChatPrompt):
+        return "messages"
+    return "prompt" if isinstance(prompt, str) else "prompt_token_ids"
 
 
 def check_prompt_input(prompt: PromptInput) -> None:
@@ -61,10 +70,12 @@ def check_prompt_input(prompt: PromptInput) -> None:
 
 
 def decode_prompt_input(
-    request: gen_pb.GenerateRequest, invalid: Callable[[str], Exception]
+    request: gen_pb.GenerateRequest, invalid: Callable[[str], Exception], limits: RequestLimits | None = None
 ) -> PromptInput:
     """The request's input, checked by :func:`check_prompt_input`; a missing or empty input
-    raises ``invalid(message)`` (each service's own INVALID_ARGUMENT error)."""
+    raises ``invalid(message)`` (each service's own INVALID_ARGUMENT error). With ``limits``, a
+    chat's turns are counted before any message is copied and the prompt's characters checked
+    (``LimitExceeded``)."""
     kind = request.WhichOneof("input")
     prompt: PromptInput
     if kind is None:
@@ -75,8 +86,12 @@ def decode_prompt_input(
         prompt = list(request.prompt_token_ids.ids)
     else:
         chat = request.messages
+        if limits is not None:
+            limits.check_chat_turns(len(chat.messages))
         add = chat.add_generation_prompt if chat.HasField("add_generation_prompt") else True
         prompt = ChatPrompt(tuple({"role": m.role, "content": m.content} for m in chat.messages), add)
+    if limits is not None:
+        limits.check_prompt(prompt)
     try:
         check_prompt_input(prompt)
     except ValueError as exc:

@@ -52,6 +52,7 @@ class Request:
         eos_token_ids: frozenset[int] = frozenset(),
         arrival_time: float = 0.0,
         priority: int = 0,
+        output_token_ids: Iterable[int] = (),
     ) -> None:
         self.request_id = request_id
         self.prompt_token_ids: tuple[int, ...] = tuple(prompt_token_ids)
@@ -63,8 +64,8 @@ class Request:
         self.order = 0  # the scheduler's tie-breaker among equal ranks (admission / preemption)
         self.block_size = block_size
         self.hash_seed = hash_seed
-        self.output_token_ids: list[int] = []
-        self.all_token_ids: list[int] = list(self.prompt_token_ids)
+        self.output_token_ids: list[int] = list(output_token_ids)  # non-empty: resumed elsewhere
+        self.all_token_ids: list[int] = [*self.prompt_token_ids, *self.output_token_ids]
         self.num_computed_tokens = 0
         self.num_inflight_tokens = 0
         self.num_pending_outputs = 0
@@ -85,6 +86,7 @@ class Request:
             eos_token_ids=core.eos_token_ids,
             arrival_time=core.arrival_time,
             priority=core.priority,
+            output_token_ids=core.output_token_ids,
         )
 
     @property

@@ -38,6 +38,10 @@ class EngineCoreRequest:
     eos_token_ids: frozenset[int] = frozenset()
     arrival_time: float = 0.0
     priority: int = 0  # lower runs first; FCFS among equals
+    # Outputs generated before this request reached this engine (a stream resumed after its
+    # worker failed): the request starts as a preempted one would resume, so max_tokens,
+    # min_tokens, penalties and seeded draws count them.
+    output_token_ids: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -144,4 +148,5 @@ class SchedulerStats:
     prefix_cache_queries: int = 0  # prompt tokens looked up (cumulative)
     prefix_cache_hits: int = 0  # of which found cached (cumulative)
     num_preemptions: int = 0  # cumulative
+    num_waiting_tokens: int = 0  # tokens of the requests waiting for their first admission
     extra: dict[str, float] = field(default_factory=dict)

@@ -24,7 +24,8 @@ import itertools
 import logging
 import sys
 import threading
-from collections.abc import AsyncGenerator, Callable
+from collections import deque
+from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,10 +41,11 @@ from gpu_worker.engine.core_messages import (
 )
 from gpu_worker.engine.errors import EngineClosedError, EngineDeadError, QueueFullError
 from gpu_worker.engine.output_processor import OutputKind, OutputProcessor, merge_deltas
-from gpu_worker.engine.processor import InputProcessor
+from gpu_worker.engine.processor import InputProcessor, ProcessedRequest
 from gpu_worker.outputs import RequestOutput
 from gpu_worker.sampling_params import SamplingParams
 from llmserve.kv_events import KVEvent
+from llmserve.limits import LimitExceeded, flag_of
 from llmserve.prompt_input import PromptInput
 
 logger = logging.getLogger(__name__)
@@ -87,6 +89,8 @@ class AsyncLLM:
         self._query_ids = itertools.count()
         self._stats = info.stats  # replaced (never mutated) by the client's thread
         self._num_queued_adds = 0  # core requests sent but not yet taken by the core
+        self._num_queued_add_tokens = 0  # their tokens
+        self._queued_adds: deque[tuple[int, int]] = deque()  # (core requests, tokens) per add, in order
         self._kv_events: list[KVEvent] = []
         self._dead: BaseException | None = None  # set once the core failed
         self._closed = False  # no new requests (shutdown started)
@@ -135,14 +139,22 @@ class AsyncLLM:
     # ------------------------------------------------------------------ requests
 
     async def generate(
-        self, prompt: PromptInput, params: SamplingParams | None, request_id: str
+        self,
+        prompt: PromptInput,
+        params: SamplingParams | None,
+        request_id: str,
+        resumed_token_ids: Sequence[int] = (),
     ) -> AsyncGenerator[RequestOutput, None]:
-        """Stream the request's outputs as deltas; the last one has ``finished=True``."""
+        """Stream the request's outputs as deltas; the last one has ``finished=True``.
+
+        ``resumed_token_ids``: outputs another worker produced before it failed; the stream
+        continues after them (see :meth:`InputProcessor.process`)."""
         self._check_accepting()
-        processed = self._processor.process(request_id, prompt, params)
+        self._check_sequence_room(params.n if params is not None else 1)  # before tokenizing
+        processed = self._processor.process(request_id, prompt, params, resumed_token_ids=resumed_token_ids)
         if request_id in self._queues:
             raise ValueError(f"request_id {request_id!r} is already in flight")
-        self._check_queue_room()
+        self._check_queue_room(processed)
         queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
         self._outputs.add_request(processed, OutputKind.DELTA)
         self._queues[request_id] = queue
@@ -152,7 +164,10 @@ class AsyncLLM:
             if dead is None:
                 for core_request in processed.core_requests:
                     self._routes[core_request.request_id] = _Route(loop, request_id)
-                self._num_queued_adds += len(processed.core_requests)
+                num_adds, num_tokens = _queue_cost(processed)
+                self._num_queued_adds += num_adds
+                self._num_queued_add_tokens += num_tokens
+                self._queued_adds.append((num_adds, num_tokens))
         if dead is None:
             self.client.send(AddRequest(request_id, processed.core_requests))
         else:  # died between the admission check and here
@@ -197,13 +212,28 @@ class AsyncLLM:
         if self._closed:
             raise EngineClosedError("the engine is shut down")
 
-    def _check_queue_room(self) -> None:
+    def _check_queue_room(self, processed: ProcessedRequest) -> None:
+        """Room in the waiting queue for every sequence (``n``) and token of ``processed``,
+        counting what the core has not taken from its inbox yet. Refused with
+        :class:`QueueFullError` (retry later) or, when the request alone is over a limit,
+        :class:`LimitExceeded` (it never fits)."""
+        sequences, tokens = _queue_cost(processed)
+        config = self._config
+        for limit, need, bound in (
+            ("max_queue_len", sequences, config.max_queue_len),
+            ("max_queued_tokens", tokens, config.max_queued_tokens),
+        ):
+            if need > bound:
+                unit = "sequences (n)" if limit == "max_queue_len" else "prompt tokens over its n sequences"
+                raise LimitExceeded(limit, f"the request alone needs {need} {unit}; the queue holds at most "
+                                           f"{bound} ({limit}, flag {flag_of(limit)})")
+        self._check_sequence_room(sequences)
         with self._lock:
-            waiting = self._stats.num_waiting + self._num_queued_adds
-        if waiting >= self._config.max_queue_len:
-            raise QueueFullError(
-                f"{waiting} requests are waiting (max_queue_len {self._config.max_queue_len})"
-            )
+            waiting_tokens = self._stats.num_waiting_tokens + self._num_queued_add_tokens
+        if waiting_tokens + tokens > config.max_queued_tokens:
+            raise QueueFullError("max_queued_tokens", (
+                f"queue full: {waiting_tokens} tokens are waiting and this request adds {tokens}; the "
+                f"limit is {config.max_queued_tokens} tokens (max_queued_tokens, flag --max-queued-tokens)"))
 
     # ------------------------------------------------------------------ queries and observability
 
@@ -263,6 +293,7 @@ class AsyncLLM:
             if result.stats is not None:  # None: the core held an unchanged snapshot back
                 self._stats = result.stats
             self._num_queued_adds -= result.num_applied_adds
+            self._take_applied_adds(result.num_applied_adds)
             self._kv_events.extend(result.kv_events)
             for add in result.failed_adds:
                 failed.extend(
@@ -287,6 +318,23 @@ class AsyncLLM:
         for loop, outputs in by_loop.items():
             if not _post(loop, self._on_outputs, outputs):  # nobody listens: free their blocks
                 self.client.send(AbortRequests(tuple(o.request_id for o in outputs)))
+
+    def _check_sequence_room(self, sequences: int) -> None:
+        with self._lock:
+            waiting = self._stats.num_waiting + self._num_queued_adds
+        limit = self._config.max_queue_len
+        if waiting + sequences > limit and sequences <= limit:
+            raise QueueFullError("max_queue_len", (
+                f"queue full: {waiting} sequences are waiting and this request adds {sequences}; the "
+                f"limit is {limit} sequences (max_queue_len, flag --max-queue-len)"))
+
+    def _take_applied_adds(self, num_applied: int) -> None:
+        """Stop counting the tokens of the adds the core took this turn (it applies them in the
+        order they were sent, each one whole). Called with ``_lock`` held."""
+        while num_applied > 0 and self._queued_adds:
+            num_adds, num_tokens = self._queued_adds.popleft()
+            num_applied -= num_adds
+            self._num_queued_add_tokens -= num_tokens
 
     def _on_dead(self, exc: BaseException) -> None:
         """The core failed or died (client thread): fail every request and query in flight."""
@@ -320,6 +368,12 @@ class AsyncLLM:
             queue = self._queues.get(request_id)
             if queue is not None:
                 queue.put_nowait(error)
+
+
+def _queue_cost(processed: ProcessedRequest) -> tuple[int, int]:
+    """(sequences, tokens) a request adds to the waiting queue."""
+    sequences = len(processed.core_requests)
+    return sequences, sequences * (len(processed.prompt_token_ids) + len(processed.resumed_token_ids))
 
 
 def _dead_error(exc: BaseException) -> EngineDeadError:

@@ -12,7 +12,13 @@ class EngineError(RuntimeError):
 
 
 class QueueFullError(EngineError):
-    """More than ``EngineConfig.max_queue_len`` requests are already waiting."""
+    """The waiting queue has no room for the request's sequences or tokens (retry later or
+    elsewhere). ``limit`` names the setting that refused it: ``max_queue_len`` (sequences) or
+    ``max_queued_tokens``."""
+
+    def __init__(self, limit: str, message: str) -> None:
+        super().__init__(message)
+        self.limit = limit
 
 
 class EngineClosedError(EngineError):

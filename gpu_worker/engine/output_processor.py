@@ -115,6 +115,8 @@ class OutputProcessor:
                     params.include_stop_str_in_output,
                 )
             )
+            if processed.resumed_token_ids:
+                _replay(detok, processed.resumed_token_ids)
             sample = _Sample(i, detok, criteria=self._sample_criteria(params))
             if params.logprobs is not None:
                 sample.logprobs, sample.cumulative_logprob = [], 0.0
@@ -252,6 +254,16 @@ class OutputProcessor:
         self._requests.pop(state.request_id, None)
         for cid in state.core_ids:
             self._samples.pop(cid, None)
+
+
+def _replay(detok: IncrementalDetokenizer | TokenIdsOnly, token_ids: Sequence[int]) -> None:
+    """Feed a resumed stream's earlier outputs to its detokenizer and drop their text (the
+    client has it): the detokenizer is then exactly where the first worker's was, held-back
+    bytes of an unfinished character and a possible stop-string prefix included, so the text
+    continues without a repeated or missing character at the seam."""
+    for token_id in token_ids:
+        detok.add_token(token_id)
+    detok.take_delta()
 
 
 def merge_deltas(earlier: RequestOutput, later: RequestOutput) -> RequestOutput:

@@ -1,7 +1,12 @@
 """Turns a user prompt and its sampling parameters into validated engine-core requests.
 
 Everything that can be wrong with a request is found here, before the engine core sees
-it, and reported as a ``ValueError`` whose message starts with the offending field.
+it, and reported as a ``ValueError`` whose message starts with the offending field (the one
+the client sent: ``messages`` for a chat). Requests over the context are
+:class:`~llmserve.limits.LimitExceeded` (a ``ValueError``): a prompt of ``max_model_len``
+tokens or more (limit ``max_model_len``), or ``prompt + max_tokens > max_model_len`` (limit
+``max_tokens``): refused, not clamped, as vLLM does, so a client never gets fewer tokens than
+it asked for without being told.
 """
 
 from __future__ import annotations
@@ -15,7 +20,8 @@ from typing import Any
 from gpu_worker.core.types import EngineCoreRequest
 from gpu_worker.engine.feature_checks import FeatureChecks
 from gpu_worker.sampling_params import SamplingParams
-from llmserve.prompt_input import ChatPrompt, PromptInput, check_prompt_input
+from llmserve.limits import LimitExceeded, flag_of
+from llmserve.prompt_input import ChatPrompt, PromptInput, check_prompt_input, input_field
 
 NO_TOKENIZER = "this model has no tokenizer"
 
@@ -29,6 +35,7 @@ class ProcessedRequest:
     prompt_token_ids: tuple[int, ...]
     params: SamplingParams
     core_requests: tuple[EngineCoreRequest, ...]
+    resumed_token_ids: tuple[int, ...] = ()  # outputs generated elsewhere before (a resumed stream)
 
     @property
     def child_ids(self) -> list[str]:
@@ -83,11 +90,14 @@ class InputProcessor:
         params: SamplingParams | None = None,
         arrival_time: float | None = None,
         priority: int = 0,
+        resumed_token_ids: Sequence[int] = (),
     ) -> ProcessedRequest:
         """Validate and tokenize; fan ``n > 1`` out into ``n`` core requests.
 
         Child ``i`` of a seeded request samples with ``seed + i`` so that the samples
-        differ yet the whole request stays reproducible.
+        differ yet the whole request stays reproducible. ``resumed_token_ids``: outputs another
+        worker generated before it failed (``n == 1`` only); the request continues after them
+        exactly as if it had generated them (they count toward ``max_tokens``).
         """
         if not request_id:
             raise ValueError("request_id must not be empty")
@@ -97,7 +107,11 @@ class InputProcessor:
             raise ValueError(f"stop: {NO_TOKENIZER}; stop strings cannot be matched (use stop_token_ids)")
         self.features.check(params)
         text, ids = self.tokenize(prompt)
-        self.check_prompt_token_ids(ids, field="prompt_token_ids" if text is None else "prompt")
+        field = input_field(prompt)
+        self.check_prompt_token_ids(ids, field=field)
+        resumed = tuple(int(t) for t in resumed_token_ids)
+        self._check_resumed(resumed, params)
+        self._check_max_tokens(len(ids), params, field)  # max_tokens counts resumed tokens too
         arrival = time.monotonic() if arrival_time is None else arrival_time
         children = []
         for i in range(params.n):
@@ -111,9 +125,38 @@ class InputProcessor:
                     eos_token_ids=self.eos_token_ids,
                     arrival_time=arrival,
                     priority=priority,
+                    output_token_ids=resumed,
                 )
             )
-        return ProcessedRequest(request_id, text, ids, params, tuple(children))
+        return ProcessedRequest(request_id, text, ids, params, tuple(children), resumed)
+
+    def _check_max_tokens(self, num_tokens: int, params: SamplingParams, field: str) -> None:
+        """``prompt + max_tokens`` must fit the context (vLLM refuses such requests too)."""
+        max_tokens = params.max_tokens
+        if max_tokens is not None and num_tokens + max_tokens > self.max_model_len:
+            raise LimitExceeded(
+                "max_tokens",
+                f"max_tokens is too large: {max_tokens}; the {field} has {num_tokens} tokens and the "
+                f"model's context (max_model_len, flag {flag_of('max_model_len')}) is {self.max_model_len} "
+                f"tokens, so at most {self.max_model_len - num_tokens} tokens can be generated",
+            )
+
+    def _check_resumed(self, resumed: tuple[int, ...], params: SamplingParams) -> None:
+        if not resumed:
+            return
+        if params.n != 1:
+            raise ValueError(f"resume needs n = 1, got n = {params.n}")
+        if params.max_tokens is not None and len(resumed) >= params.max_tokens:
+            raise ValueError(
+                f"resume.output_token_ids has {len(resumed)} tokens: max_tokens ({params.max_tokens}) "
+                "leaves nothing to generate"
+            )
+        bad = [t for t in resumed if not 0 <= t < self.vocab_size]
+        if bad:
+            raise ValueError(
+                "resume.output_token_ids has token ids outside the vocabulary "
+                f"[0, {self.vocab_size}): {bad[:5]}"
+            )
 
     def _require_tokenizer(self, field: str) -> None:
         if self.tokenizer is None:
@@ -125,9 +168,11 @@ class InputProcessor:
         if not ids:
             raise ValueError(f"{field} produced no tokens")
         if len(ids) >= self.max_model_len:
-            raise ValueError(
-                f"{field} is too long: {len(ids)} tokens; the model's context (max_model_len) is "
-                f"{self.max_model_len} tokens, which must leave room for at least one output token"
+            raise LimitExceeded(
+                "max_model_len",
+                f"{field} is too long: {len(ids)} tokens; the model's context (max_model_len, flag "
+                f"{flag_of('max_model_len')}) is {self.max_model_len} tokens, which must leave room for "
+                "at least one output token",
             )
         bad = [t for t in ids if not 0 <= t < self.vocab_size]
         if bad:

@@ -36,6 +36,7 @@ from gpu_worker.server.service import WorkerService
 from gpu_worker.server.types import ServedEngine
 from llmserve.gc_tuning import freeze_startup_objects, unfreeze_objects
 from llmserve.grpc_server import GENERATION_SERVICE, add_health_and_reflection, bind_server, dial_target
+from llmserve.limits import RequestLimits
 from llmserve.security.control import ControlAccessInterceptor
 from llmserve.security.tls import RedisTls, TlsSettings
 from llmserve.telemetry.tracing import Tracing
@@ -46,6 +47,7 @@ logger = logging.getLogger(__name__)
 CONTROL_SERVICE = internal_pb2.DESCRIPTOR.services_by_name["WorkerControl"].full_name
 _HEALTH_NAMES = ("", GENERATION_SERVICE, CONTROL_SERVICE)
 _ABORT_WAIT_S = 5.0  # after aborting leftovers, how long their streams get to send "abort"
+_MIN_PING_INTERVAL_MS = 500  # keepalive pings accepted this often (routers: --worker-keepalive-s >= 1)
 
 EngineFactory = Callable[[EngineConfig], ServedEngine]
 
@@ -60,6 +62,8 @@ class ServerConfig:
     several megabytes (gzip-compressed) and clients set their own receive limit.
     ``metrics_port`` serves Prometheus ``/metrics`` on ``host`` (None: off; 0: a free port);
     engine stats are copied into the metrics every ``stats_interval_s`` and on each scrape.
+    ``limits``: per-request admission limits (``llmserve.limits``); ``max_metadata_bytes`` caps a
+    call's metadata (refused by the gRPC transport with RESOURCE_EXHAUSTED beyond).
     Security (docs/SECURITY.md): ``tls`` serves the port over TLS, with ``tls.ca`` requiring
     client certificates from the fleet CA; ``WorkerControl`` answers only mTLS-authenticated
     and loopback peers unless ``allow_remote_control``; ``fleet_secret_file`` signs the
@@ -76,6 +80,8 @@ class ServerConfig:
     worker_id: str | None = None
     metrics_port: int | None = None
     stats_interval_s: float = 1.0
+    limits: RequestLimits = RequestLimits()
+    max_metadata_bytes: int = 8192
     tls: TlsSettings = field(default_factory=TlsSettings)
     allow_remote_control: bool = False
     fleet_secret_file: str | None = None
@@ -84,6 +90,7 @@ class ServerConfig:
     def __post_init__(self) -> None:
         checks = [
             (0 <= self.port < 65536, f"port must be in [0, 65535], got {self.port}"),
+            (self.max_metadata_bytes >= 1024, "max_metadata_bytes must be at least 1024"),
             (self.max_concurrent_streams > 0, "max_concurrent_streams must be positive"),
             (self.max_message_bytes > 0, "max_message_bytes must be positive"),
             (self.drain_grace_s >= 0, "drain_grace_s must be >= 0"),
@@ -166,7 +173,15 @@ class WorkerServer:
     async def start(self) -> None:
         """Bind, start answering (health NOT_SERVING), and load the engine in the background."""
         # The limit is on what clients send; replies (GetTokenizer: megabytes) are not capped.
-        options = [("grpc.max_receive_message_length", self.config.max_message_bytes)]
+        options = [
+            ("grpc.max_receive_message_length", self.config.max_message_bytes),
+            # Soft = hard limit: refused every time beyond it, not at random between the two.
+            ("grpc.max_metadata_size", self.config.max_metadata_bytes),
+            ("grpc.absolute_max_metadata_size", self.config.max_metadata_bytes),
+            # Routers ping idle streams (a request waiting in the queue) to find frozen workers;
+            # gRPC's default policy would answer pings more often than every 5 min with GOAWAY.
+            ("grpc.http2.min_ping_interval_without_data_ms", _MIN_PING_INTERVAL_MS),
+        ]
         # Tracing first: its SERVER span then sees the status the error interceptor sets.
         interceptors = [*self.tracing.server_interceptors(), ErrorInterceptor(),
                         ControlAccessInterceptor(self.config.allow_remote_control)]
@@ -178,7 +193,7 @@ class WorkerServer:
         model_name = self.engine_config.model_name
         telemetry = RequestTelemetry(self.tracing, self.engine_metrics.metrics, model_name, worker_id)
         self._service = WorkerService(
-            model_name, worker_id, address, self.config.max_concurrent_streams, telemetry
+            model_name, worker_id, address, self.config.max_concurrent_streams, telemetry, self.config.limits
         )
         self._add_services(server, self._service)
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)

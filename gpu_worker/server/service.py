@@ -16,10 +16,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from gpu_worker.core.types import SchedulerStats
+from gpu_worker.engine.errors import QueueFullError
 from gpu_worker.server.errors import ModelNotFound, NoTokenizer, Overloaded, Unavailable
 from gpu_worker.server.request_telemetry import RequestTelemetry
 from gpu_worker.server.tokenizer_files import tokenizer_files
 from gpu_worker.server.types import GenerateCall, ServedEngine
+from llmserve.limits import LimitExceeded, RequestLimits
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +53,9 @@ class WorkerService:
     """Admission, in-flight tracking and load reporting for one served engine.
 
     Every admitted Generate is observed by ``telemetry`` (span, metrics, request log line).
+    ``limits`` are the per-request limits the servicer checks while decoding; every refusal by
+    a limit (those, the stream limit, the engine's queue and context limits) is counted in
+    ``llmserve:request_refusals_total`` through :meth:`on_refusal`.
     """
 
     def __init__(
@@ -60,11 +65,13 @@ class WorkerService:
         address: str,
         max_concurrent_streams: int,
         telemetry: RequestTelemetry,
+        limits: RequestLimits | None = None,
     ) -> None:
         self.model_name = model_name
         self.worker_id = worker_id
         self.address = address
         self.max_concurrent_streams = max_concurrent_streams
+        self.limits = limits if limits is not None else RequestLimits()
         self._engine: ServedEngine | None = None
         self._draining = False
         self._in_flight: set[str] = set()
@@ -115,6 +122,10 @@ class WorkerService:
             await self.engine.abort(request_id)
 
     # -- RPCs ------------------------------------------------------------------------
+    def on_refusal(self, limit: str) -> None:
+        """Count a request refused by ``limit``."""
+        self._telemetry.metrics.on_refusal(self.model_name, limit)
+
     def check_model(self, model: str) -> None:
         """NOT_FOUND unless ``model`` is the served name (an empty name means the served one)."""
         if model and model != self.model_name:
@@ -131,17 +142,25 @@ class WorkerService:
         engine = self.engine
         self.check_model(call.model)
         if len(self._in_flight) >= self.max_concurrent_streams:
-            raise Overloaded(f"too many concurrent streams (limit {self.max_concurrent_streams})")
+            self.on_refusal("max_concurrent_streams")
+            raise Overloaded(
+                f"too many concurrent streams: the limit is {self.max_concurrent_streams} "
+                "(max_concurrent_streams, flag --max-concurrent-streams)"
+            )
         if call.request_id in self._in_flight:
             raise ValueError(f"request_id {call.request_id!r} is already in flight")
         self._in_flight.add(call.request_id)
         self._idle.clear()
         try:
             with self._telemetry.observe(call) as observation:
-                async with aclosing(engine.generate(call.prompt, call.params, call.request_id)) as outputs:
+                outputs = engine.generate(call.prompt, call.params, call.request_id, call.resumed_token_ids)
+                async with aclosing(outputs):
                     async for output in outputs:
                         observation.on_output(output)
                         yield output
+        except (LimitExceeded, QueueFullError) as exc:
+            self.on_refusal(exc.limit)
+            raise
         finally:
             self._in_flight.discard(call.request_id)
             if not self._in_flight:

@@ -20,6 +20,7 @@ from gpu_worker.sampling_params import PluginCall, SamplingParams
 from gpu_worker.server.errors import InvalidRequest
 from gpu_worker.server.service import WorkerService, WorkerSnapshot
 from gpu_worker.server.types import GenerateCall
+from llmserve.limits import LimitExceeded, RequestLimits
 from llmserve.prompt_input import decode_prompt_input
 from llmserve.v1 import generation_pb2 as gen_pb
 from llmserve.v1 import generation_pb2_grpc as gen_grpc
@@ -79,13 +80,22 @@ def decode_plugin_call(field: str, msg: gen_pb.PluginCall) -> PluginCall:
     return PluginCall(msg.name, args)
 
 
-def decode_generate(request: gen_pb.GenerateRequest) -> GenerateCall:
-    """A GenerateRequest as a domain call; a request id is generated when empty."""
+def decode_generate(request: gen_pb.GenerateRequest, limits: RequestLimits | None = None) -> GenerateCall:
+    """A GenerateRequest as a domain call; a request id is generated when empty.
+
+    With ``limits``, the request id, ``n`` and the input's turns and characters are checked
+    first (``LimitExceeded``), before anything is copied, templated or tokenized."""
+    if limits is not None:
+        limits.check_request_id(request.request_id)
+        if request.sampling.HasField("n"):
+            limits.check_n(request.sampling.n)
+    resumed = tuple(request.resume.output_token_ids) if request.HasField("resume") else ()
     return GenerateCall(
         model=request.model,
-        prompt=decode_prompt_input(request, InvalidRequest),
+        prompt=decode_prompt_input(request, InvalidRequest, limits),
         params=decode_sampling(request.sampling),
         request_id=request.request_id or uuid.uuid4().hex,
+        resumed_token_ids=resumed,
     )
 
 
@@ -122,7 +132,7 @@ class _StreamEncoder:
     def __init__(self, call: GenerateCall, worker_id: str) -> None:
         self._call = call
         self._worker_id = worker_id
-        self._completion_tokens = 0
+        self._completion_tokens = len(call.resumed_token_ids)  # usage covers the whole stream
 
     def encode(self, output: Any) -> list[gen_pb.GenerateResponse]:
         chunks = []
@@ -171,7 +181,14 @@ class GenerationServicer(gen_grpc.GenerationServicer):
         self, request: gen_pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[gen_pb.GenerateResponse]:
         # An async generator, not context.write: the tracing interceptor wraps only those.
-        call = decode_generate(request)
+        # Headers go out at once: a router takes them as "this worker is alive and has the call"
+        # (a frozen worker never sends them), however long the request then waits in the queue.
+        await context.send_initial_metadata(())
+        try:
+            call = decode_generate(request, self._service.limits)
+        except LimitExceeded as exc:
+            self._service.on_refusal(exc.limit)
+            raise
         encoder = _StreamEncoder(call, self._service.worker_id)
         async with aclosing(self._service.generate(call)) as outputs:
             async for output in outputs:

@@ -6,7 +6,7 @@ Kept apart from :mod:`gpu_worker.server.service` so that the service and its tel
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -31,7 +31,8 @@ class ServedEngine(Protocol):
     def config(self) -> Any: ...
 
     def generate(
-        self, prompt: PromptInput, params: SamplingParams, request_id: str
+        self, prompt: PromptInput, params: SamplingParams, request_id: str,
+        resumed_token_ids: Sequence[int] = (),
     ) -> AsyncGenerator[Any, None]: ...
     async def abort(self, request_id: str) -> None: ...
     def stats(self) -> SchedulerStats: ...
@@ -42,9 +43,11 @@ class ServedEngine(Protocol):
 
 @dataclass(frozen=True)
 class GenerateCall:
-    """One decoded Generate request."""
+    """One decoded Generate request. ``resumed_token_ids``: outputs another worker generated
+    before it failed (a router resumes the stream here)."""
 
     model: str
     prompt: PromptInput
     params: SamplingParams
     request_id: str
+    resumed_token_ids: tuple[int, ...] = ()

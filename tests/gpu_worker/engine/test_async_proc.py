@@ -96,7 +96,7 @@ async def test_killed_child_fails_requests(llama_dir: Path) -> None:
     engine = AsyncLLM.from_config(config)
     assert isinstance(engine.client, ProcessCoreClient)
     assert not hasattr(engine.client, "core")  # the parent holds no EngineCore (no model weights)
-    params = SamplingParams(temperature=0.0, max_tokens=10_000, ignore_eos=True)
+    params = SamplingParams(temperature=0.0, max_tokens=None, ignore_eos=True)  # up to the context
     started = asyncio.Event()
 
     async def consume(prompt: str, rid: str) -> None:
