@@ -14,7 +14,9 @@ import sys
 from collections.abc import Mapping, Sequence
 
 from llmserve.envflags import apply_env_defaults
+from llmserve.limits import add_limit_flags, limits_from_args
 from llmserve.telemetry.logging import LOG_FORMATS
+from router.failover import add_failover_flags, failover_from_args
 from router.policy import POLICY_NAMES
 from router.security_cli import add_security_flags, redis_tls, security_from_args
 from router.server import RouterConfig, serve
@@ -32,7 +34,8 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
                    help="serve the OpenAI-compatible HTTP API on this port (default off)")
     p.add_argument("--redis-url", required=True, help="fleet state store, e.g. redis://localhost:6379/0")
     p.add_argument("--policy", choices=POLICY_NAMES, default="prefix", help="worker choice")
-    p.add_argument("--max-attempts", type=int, default=3, help="workers tried before the first token")
+    p.add_argument("--max-attempts", type=int, default=3,
+                   help="worker calls per request: retries before the first token and resumptions after it")
     p.add_argument("--registry-cache-s", type=float, default=1.0,
                    help="seconds the worker registry is cached")
     p.add_argument("--drain-grace-s", type=float, default=30.0,
@@ -40,6 +43,8 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
     p.add_argument("--default-priority", action="append", default=[], metavar="MODEL=PRIORITY",
                    help="priority of MODEL's requests that set none (repeatable, or comma-separated in "
                         "the variable; lower runs first on workers with --scheduling-policy priority)")
+    add_limit_flags(p)
+    add_failover_flags(p)
     add_security_flags(p)
     group = p.add_argument_group("observability (tracing: OTEL_* variables)")
     group.add_argument("--metrics-port", type=int, default=None,
@@ -68,6 +73,9 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
         drain_grace_s=args.drain_grace_s,
         metrics_port=args.metrics_port,
         http_port=args.http_port,
+        limits=limits_from_args(args),
+        failover=failover_from_args(args),
+        max_metadata_bytes=args.max_metadata_bytes,
         security=security_from_args(args),
         default_priority=parse_default_priority(args.default_priority),
     )

@@ -3,19 +3,26 @@
 The router is a gRPC proxy here: it forwards the (re-tokenized) request message and the
 worker's response chunks as they are, so protobuf crosses this module by design.
 Before the first chunk reaches the client, a failure that another worker may not share
-(UNAVAILABLE, a broken stream, RESOURCE_EXHAUSTED) moves the request to the next candidate,
-at most ``max_attempts`` workers in all. After it, the worker's status is passed through.
-Cancelling the iterator (client gone) cancels the worker's call, which aborts the request
-there and frees its KV blocks; the client's remaining deadline bounds every attempt.
+(UNAVAILABLE, UNKNOWN, ABORTED, RESOURCE_EXHAUSTED, a stream that ends early, a call the worker
+does not accept within ``accept_timeout_s``) moves the request to the next candidate after a
+jittered exponential backoff. After it, a one-sequence stream is *resumed* on the next candidate
+with the prompt plus the tokens already relayed (``GenerateRequest.resume``), so the client sees
+one unbroken stream; other statuses, and failures of ``n > 1`` streams, are passed through. At
+most ``max_attempts`` calls per request (retries and resumptions together), each to a different
+worker whose circuit breaker lets it through (``router.failover``). Cancelling the iterator
+(client gone) cancels the worker's call, which aborts the request there and frees its KV blocks;
+the client's remaining deadline bounds every attempt and every backoff.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Sequence
+from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -28,6 +35,7 @@ from llmserve.v1 import generation_pb2_grpc as gen_grpc
 from llmserve.v1 import internal_pb2 as int_pb
 from llmserve.v1 import internal_pb2_grpc as int_grpc
 from router.errors import ModelUnavailable, NoTokenizer, UpstreamError, WorkersBusy
+from router.failover import CircuitBreakers, FailoverConfig, StreamRelay, backoff_s
 
 log = logging.getLogger(__name__)
 
@@ -142,6 +150,10 @@ class AttemptObserver(Protocol):
     def on_failure(self, attempt: int, worker_id: str, error: str) -> None:
         """Attempt ``attempt`` failed before its first chunk; the next candidate is tried."""
 
+    def on_migration(self, attempt: int, worker_id: str, error: str) -> None:
+        """Attempt ``attempt`` failed after chunks reached the client; the stream is resumed on
+        the next candidate (which gets ``on_attempt`` too)."""
+
 
 class _NoObserver:
     def on_attempt(self, attempt: int, worker_id: str) -> None:
@@ -150,16 +162,38 @@ class _NoObserver:
     def on_failure(self, attempt: int, worker_id: str, error: str) -> None:
         pass
 
+    def on_migration(self, attempt: int, worker_id: str, error: str) -> None:
+        pass
+
+
+class _NotAccepted(Exception):
+    """The worker did not accept the call (no response headers) within the accept timeout."""
+
+
+@dataclass
+class _Outcome:
+    """How one attempt ended: ``failure`` is None when it finished the stream."""
+
+    failure: Attempt | None = None
+
 
 class Dispatcher:
-    """Streams a request from the first candidate that takes it."""
+    """Streams a request from the first candidate that takes it, and keeps it going when that
+    worker fails (module docstring; ``router.failover`` has the breakers and the relay).
 
-    def __init__(self, channels: ChannelPool, tracker: InflightTracker, max_attempts: int = 3) -> None:
+    ``breakers`` are shared by every request of the router; ``rng`` draws the backoff jitter."""
+
+    def __init__(self, channels: ChannelPool, tracker: InflightTracker, max_attempts: int = 3,
+                 failover: FailoverConfig | None = None, breakers: CircuitBreakers | None = None,
+                 rng: random.Random | None = None) -> None:
         if max_attempts < 1:
             raise ValueError("max_attempts must be >= 1")
         self._channels = channels
         self._tracker = tracker
         self.max_attempts = max_attempts
+        self.failover = failover if failover is not None else FailoverConfig()
+        self.breakers = breakers if breakers is not None else CircuitBreakers(self.failover)
+        self._rng = rng if rng is not None else random.Random()
 
     async def generate(
         self,
@@ -174,36 +208,128 @@ class Dispatcher:
         if not request.request_id:
             request.request_id = uuid.uuid4().hex
         watch: AttemptObserver = observer if observer is not None else _NoObserver()
+        relay = StreamRelay(request)
         failures: list[Attempt] = []
-        for attempt, worker in enumerate(workers[: self.max_attempts], start=1):
+        tried: set[str] = set()
+        for attempt in range(1, self.max_attempts + 1):
+            worker = self._pick(workers, tried)
+            if worker is None:
+                break
+            tried.add(worker.worker_id)
+            if failures and not relay.started:
+                await self._backoff(len(failures), time_remaining)
             watch.on_attempt(attempt, worker.worker_id)
-            stub = gen_grpc.GenerationStub(self._channels.get(worker.address))
-            call = stub.Generate(request, timeout=time_remaining())
-            token = self._tracker.start(worker.worker_id)
-            forwarded = False
-            try:
-                async for chunk in call:
-                    forwarded = True
+            outcome = _Outcome()
+            async with aclosing(self._attempt(worker, relay, time_remaining, outcome)) as chunks:
+                async for chunk in chunks:
                     yield chunk
-                if forwarded:
-                    return
-                failures.append(Attempt(worker.worker_id, grpc.StatusCode.UNAVAILABLE, "empty stream"))
-                watch.on_failure(attempt, worker.worker_id, "UNAVAILABLE: empty stream")
-            except grpc.aio.AioRpcError as exc:
-                code, details = exc.code(), exc.details() or ""
-                if forwarded or code not in RETRYABLE:
-                    raise UpstreamError(code, details) from None
-                failures.append(Attempt(worker.worker_id, code, details))
-                watch.on_failure(attempt, worker.worker_id, f"{code.name}: {details}")
-                log.info("request %s: worker %s failed before its first token (%s: %s); trying the next",
-                         request.request_id, worker.worker_id, code.name, details)
-            finally:
-                call.cancel()  # no-op when finished; aborts the worker's request otherwise
-                self._tracker.finish(worker.worker_id, token)
-        if failures and all(f.code == grpc.StatusCode.RESOURCE_EXHAUSTED for f in failures):
-            raise WorkersBusy(request.model)
-        summary = "; ".join(f"{f.worker_id}: {f.code.name} {f.details}" for f in failures)
-        raise ModelUnavailable(request.model, f"no worker could serve the request ({summary})")
+            if outcome.failure is None:
+                return
+            failures.append(outcome.failure)
+            error = f"{outcome.failure.code.name}: {outcome.failure.details}"
+            if not relay.started:
+                watch.on_failure(attempt, worker.worker_id, error)
+                log.info("request %s: worker %s failed before its first token (%s); trying the next",
+                         request.request_id, worker.worker_id, error)
+                continue
+            left = relay.left_to_generate()
+            if left is not None and left <= 0:  # it died after its last token, before its end
+                yield relay.length_end(worker.worker_id)
+                return
+            if not relay.resumable:
+                raise UpstreamError(outcome.failure.code, outcome.failure.details)
+            watch.on_migration(attempt, worker.worker_id, error)
+            log.warning("request %s: worker %s failed after %d tokens (%s); resuming on another worker",
+                        request.request_id, worker.worker_id, len(relay.sent_token_ids), error)
+        raise _exhausted(request, relay, failures)
+
+    def _pick(self, workers: Sequence[WorkerRecord], tried: set[str]) -> WorkerRecord | None:
+        """The best candidate not tried yet whose breaker lets a request through."""
+        for worker in workers:
+            if worker.worker_id not in tried and self.breakers.allow(worker.worker_id):
+                return worker
+        return None
+
+    async def _backoff(self, retry: int, time_remaining: Callable[[], float | None]) -> None:
+        delay = backoff_s(retry, self.failover, self._rng)
+        remaining = time_remaining()
+        if remaining is not None:
+            delay = min(delay, max(0.0, remaining))
+        if delay > 0:
+            await asyncio.sleep(delay)
+
+    async def _attempt(
+        self, worker: WorkerRecord, relay: StreamRelay, time_remaining: Callable[[], float | None],
+        outcome: _Outcome,
+    ) -> AsyncGenerator[gen_pb.GenerateResponse, None]:
+        """One call to ``worker``: forward its chunks through ``relay``; a failure another worker
+        may not share is left in ``outcome`` (anything else raises), and the worker's breaker
+        learns the verdict."""
+        worker_id = worker.worker_id
+        remaining = time_remaining()
+        if remaining is not None and remaining <= 0:
+            raise UpstreamError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded")
+        stub = gen_grpc.GenerationStub(self._channels.get(worker.address))
+        call = stub.Generate(relay.request_for_next_attempt(), timeout=remaining)
+        token = self._tracker.start(worker_id)
+        served: bool | None = None  # the breaker's verdict: True served, False failed, None neither
+        try:
+            await self._accepted(call)
+            async for chunk in call:
+                served = True
+                forwarded = relay.forward(chunk)
+                if forwarded is not None:
+                    yield forwarded
+            if relay.done:  # read to the status, so the call ends OK on both sides
+                return
+            served = False
+            why = "the worker aborted the stream" if relay.aborted_by_worker else (
+                "the stream ended early" if relay.started else "empty stream")
+            outcome.failure = Attempt(worker_id, grpc.StatusCode.UNAVAILABLE, why)
+        except _NotAccepted:
+            served = False
+            timeout_s = self.failover.accept_timeout_s
+            outcome.failure = Attempt(worker_id, grpc.StatusCode.UNAVAILABLE,
+                                      f"the call was not accepted within {timeout_s:g} s")
+        except grpc.aio.AioRpcError as exc:
+            code, details = exc.code(), exc.details() or ""
+            if relay.done:  # failed after the stream's last chunk: the client has it all
+                return
+            if code not in RETRYABLE:
+                if code not in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED):
+                    served = True  # it answered: the request is at fault, not the worker
+                raise UpstreamError(code, details) from None
+            served = None if code == grpc.StatusCode.RESOURCE_EXHAUSTED else False
+            outcome.failure = Attempt(worker_id, code, details)
+        finally:
+            call.cancel()  # no-op when finished; aborts the worker's request otherwise
+            self._tracker.finish(worker_id, token)
+            if served is True:
+                self.breakers.record_success(worker_id)
+            elif served is False:
+                self.breakers.record_failure(worker_id)
+            else:
+                self.breakers.release(worker_id)
+
+    async def _accepted(self, call: Any) -> None:
+        """Wait for the worker's response headers: a worker sends them as soon as it has the call
+        (an error's trailers count too), however long the request then queues."""
+        try:
+            await asyncio.wait_for(call.initial_metadata(), self.failover.accept_timeout_s)
+        except asyncio.TimeoutError:
+            raise _NotAccepted() from None
+
+
+def _exhausted(request: gen_pb.GenerateRequest, relay: StreamRelay, failures: list[Attempt]) -> Exception:
+    """The error of a request no attempt could finish."""
+    if not failures:
+        return ModelUnavailable(request.model, "the circuit breaker of every candidate worker is open")
+    if relay.started:  # mid-stream, and no worker left to resume on
+        return UpstreamError(failures[-1].code, failures[-1].details)
+    if all(f.code == grpc.StatusCode.RESOURCE_EXHAUSTED for f in failures):
+        return WorkersBusy(request.model)
+    summary = "; ".join(f"{f.worker_id}: {f.code.name} {f.details}" for f in failures)
+    return ModelUnavailable(request.model, f"no worker could serve the request ({summary})")
 
 
 async def fetch_tokenizer_files(

@@ -23,6 +23,15 @@ class InvalidRequest(RouterError):
     code = grpc.StatusCode.INVALID_ARGUMENT
 
 
+class LimitRefused(InvalidRequest):
+    """A request over one of the router's admission limits (``llmserve.limits``); ``limit`` names
+    the setting, the label of ``llmserve:router_refusals_total``."""
+
+    def __init__(self, limit: str, message: str) -> None:
+        super().__init__(message)
+        self.limit = limit
+
+
 class NoTokenizer(InvalidRequest):
     """The model's workers serve it without a tokenizer: only ``prompt_token_ids`` can be routed."""
 

@@ -80,6 +80,8 @@ class RequestScope:
         obs = self._obs
         model, workers = await router.resolve(request.model)
         obs.set_model(model)
+        sampling_n = request.sampling.n if request.sampling.HasField("n") else 1
+        router.admit(request.request_id, request.prompt, sampling_n)  # before the prompt costs anything
         self._core.access.admit(model)  # the caller's key may use the model; its request budget
         token_ids = await router.token_ids(model, workers, request.prompt)
         ranked = await router.rank(model, workers, token_ids, request.request_id)

@@ -29,7 +29,7 @@ from llmserve.telemetry.logging import log_request_finished
 from llmserve.telemetry.metrics import RouterMetrics
 from llmserve.telemetry.spans import RouterGenerateSpan
 from llmserve.telemetry.tracing import Tracing
-from router.errors import ModelUnavailable, RouterError
+from router.errors import LimitRefused, ModelUnavailable, RouterError
 from router.policy import Ranked
 
 REQUEST_LOGGER = "llmserve.router"
@@ -37,6 +37,7 @@ UNKNOWN_MODEL = "unknown"  # metrics label of requests whose model never resolve
 RETRY_REASON = "retry"  # route reason of attempts after the first
 ONLY_CANDIDATE = "only_candidate"
 _CANCELLED = (asyncio.CancelledError, GeneratorExit)
+_SHOWN_ID_CHARS = 256  # a longer request id (refused by max_request_id_len) is cut in spans and logs
 
 
 @dataclass
@@ -78,6 +79,11 @@ class RequestObservation:
     def on_failure(self, attempt: int, worker_id: str, error: str) -> None:
         self.span.add_retry(attempt, worker_id, error)
 
+    def on_migration(self, attempt: int, worker_id: str, error: str) -> None:
+        """Attempt ``attempt`` failed after its first token; the stream resumes on another worker."""
+        self.span.add_retry(attempt, worker_id, f"mid-stream, resumed elsewhere: {error}")
+        self.metrics.on_migration(self.model or UNKNOWN_MODEL)
+
     def on_chunk(self, has_tokens: bool, finish_reason: str = "") -> None:
         """A chunk reached the client (TTFT at the first one with tokens)."""
         if has_tokens and self.ttft_s is None:
@@ -111,6 +117,7 @@ class RouterTelemetry:
     ) -> Iterator[RequestObservation]:
         """Span, metrics and log line around one request; exceptions pass through. ``operation``
         is the GenAI operation name on the span (``text_completion``, ``chat``)."""
+        request_id = _shown_id(request_id)
         with self.tracing.router_generate(model=model, request_id=request_id, policy=self.policy,
                                           operation=operation) as span:
             obs = RequestObservation(span, self.metrics, self.policy, request_id)
@@ -125,6 +132,8 @@ class RouterTelemetry:
                 span.set_error(str(exc))
                 if isinstance(exc, ModelUnavailable) and not obs.model:
                     obs.model = model  # a model once served: a bounded label
+                if isinstance(exc, LimitRefused):
+                    self.metrics.on_refusal(obs.model or UNKNOWN_MODEL, exc.limit)
                 raise
             except Exception:
                 outcome = "internal"
@@ -141,6 +150,12 @@ class RouterTelemetry:
             cached_tokens=obs.cached_tokens, ttft_s=obs.ttft_s, e2e_s=e2e_s,
             finish_reason=_finish_reason(outcome, obs.finish_reasons),
         )
+
+
+def _shown_id(request_id: str) -> str:
+    if len(request_id) <= _SHOWN_ID_CHARS:
+        return request_id
+    return f"{request_id[:64]}...({len(request_id)} characters)"
 
 
 def _finish_reason(outcome: str, reasons: Sequence[str]) -> str:

@@ -14,9 +14,10 @@ from dataclasses import dataclass
 
 from llmserve.fleet import FleetSnapshot, Registry, WorkerRecord
 from llmserve.hashing import block_hashes
-from llmserve.prompt_input import ChatPrompt, PromptInput
+from llmserve.limits import LimitExceeded, RequestLimits, flag_of
+from llmserve.prompt_input import ChatPrompt, PromptInput, input_field
 from router.dispatch import InflightTracker
-from router.errors import InvalidRequest, ModelNotFound, ModelUnavailable, WorkersBusy
+from router.errors import InvalidRequest, LimitRefused, ModelNotFound, ModelUnavailable, WorkersBusy
 from router.policy import Candidate, Policy, Ranked, RouteQuery
 from router.tokenizers import TokenizerCache
 
@@ -34,15 +35,31 @@ class ModelSummary:
 
 
 class Router:
-    """Resolves models to live workers, tokenizes, and ranks workers with the policy."""
+    """Resolves models to live workers, admits, tokenizes, and ranks workers with the policy.
+
+    ``limits`` (``llmserve.limits``) are checked by :meth:`admit` before the prompt costs
+    anything; :meth:`token_ids` refuses a prompt over the context, naming the field the client
+    sent (a worker only sees ``prompt_token_ids``)."""
 
     def __init__(
-        self, registry: Registry, tokenizers: TokenizerCache, policy: Policy, tracker: InflightTracker
+        self, registry: Registry, tokenizers: TokenizerCache, policy: Policy, tracker: InflightTracker,
+        limits: RequestLimits | None = None,
     ) -> None:
         self.registry = registry
         self.tokenizers = tokenizers
         self.policy = policy
         self.tracker = tracker
+        self.limits = limits if limits is not None else RequestLimits()
+
+    def admit(self, request_id: str, prompt: PromptInput, n: int) -> None:
+        """Request id, ``n``, chat turns and prompt characters within the limits, else
+        :class:`LimitRefused` (INVALID_ARGUMENT) naming the field, the limit and its flag."""
+        try:
+            self.limits.check_request_id(request_id)
+            self.limits.check_n(n)
+            self.limits.check_prompt(prompt)
+        except LimitExceeded as exc:
+            raise LimitRefused(exc.limit, str(exc)) from None
 
     async def resolve(self, model: str) -> tuple[str, list[WorkerRecord]]:
         """(model name, its live workers); NOT_FOUND / UNAVAILABLE / INVALID_ARGUMENT otherwise."""
@@ -61,14 +78,25 @@ class Router:
         raise ModelNotFound(model, live)
 
     async def token_ids(self, model: str, workers: Sequence[WorkerRecord], prompt: PromptInput) -> list[int]:
-        """The prompt's token ids, tokenized exactly as the model's workers would."""
+        """The prompt's token ids, tokenized exactly as the model's workers would; a prompt that
+        leaves no room for an output token in the smallest context of ``workers`` is refused
+        (:class:`LimitRefused`, limit ``max_model_len``) naming the field the client sent."""
         if isinstance(prompt, ChatPrompt | str):
             tok = await self.tokenizers.get(model, workers)
             if isinstance(prompt, str):
-                return await asyncio.to_thread(tok.encode_prompt, prompt)
-            messages = [dict(m) for m in prompt.messages]
-            return await asyncio.to_thread(tok.encode_chat, messages, prompt.add_generation_prompt)
-        return list(prompt)
+                ids = await asyncio.to_thread(tok.encode_prompt, prompt)
+            else:
+                messages = [dict(m) for m in prompt.messages]
+                ids = await asyncio.to_thread(tok.encode_chat, messages, prompt.add_generation_prompt)
+        else:
+            ids = list(prompt)
+        context = min((w.max_model_len for w in workers), default=0)
+        if workers and len(ids) >= context:
+            raise LimitRefused("max_model_len", (
+                f"{input_field(prompt)} is too long: {len(ids)} tokens; the model's context (max_model_len, "
+                f"flag {flag_of('max_model_len')} of its workers) is {context} tokens, which must leave room "
+                "for at least one output token"))
+        return ids
 
     async def rank(self, model: str, workers: Sequence[WorkerRecord], token_ids: Sequence[int],
                    request_id: str) -> Ranked:

@@ -28,12 +28,14 @@ from llmserve.fleet import FleetSnapshot, Registry, StateStore, WorkerRecord
 from llmserve.gc_tuning import freeze_startup_objects, unfreeze_objects
 from llmserve.grpc_server import GENERATION_SERVICE, add_health_and_reflection, bind_server, dial_target
 from llmserve.kserve import grpc_service_pb2_grpc as kserve_grpc
+from llmserve.limits import RequestLimits
 from llmserve.telemetry.metrics import MetricsServer, RouterMetrics, WorkerQueueDepth, start_metrics_server
 from llmserve.telemetry.tracing import Tracing
 from llmserve.v1 import generation_pb2_grpc
 from router.access import AccessControl
 from router.auth import ApiKeyInterceptor, ApiKeyMiddleware
 from router.dispatch import ChannelPool, Dispatcher, InflightTracker, fetch_tokenizer_files
+from router.failover import CircuitBreakers, FailoverConfig
 from router.frontends.kserve import KSERVE_SERVICE, KServeServicer
 from router.generation import GenerationCore
 from router.interceptor import ErrorInterceptor
@@ -69,6 +71,9 @@ class RouterConfig:
     drain_grace_s: float = 30.0
     metrics_port: int | None = None
     http_port: int | None = None
+    limits: RequestLimits = RequestLimits()  # per-request admission limits (llmserve.limits)
+    failover: FailoverConfig = FailoverConfig()  # retries, breakers, liveness (router/failover.py)
+    max_metadata_bytes: int = 8192
     security: RouterSecurityConfig = field(default_factory=RouterSecurityConfig)
     # model -> priority of its requests that set none (--default-priority MODEL=P)
     default_priority: Mapping[str, int] = field(default_factory=dict)
@@ -80,6 +85,7 @@ class RouterConfig:
             (self.registry_cache_s >= 0, "registry_cache_s must be >= 0"),
             (self.registry_grace_s >= 0, "registry_grace_s must be >= 0"),
             (self.max_attempts >= 1, "max_attempts must be >= 1"),
+            (self.max_metadata_bytes >= 1024, "max_metadata_bytes must be at least 1024"),
             (self.drain_grace_s >= 0, "drain_grace_s must be >= 0"),
             (self.metrics_port is None or 0 <= self.metrics_port < 65536,
              f"metrics_port must be in [0, 65535], got {self.metrics_port}"),
@@ -101,6 +107,7 @@ class RouterServer:
         options = [
             ("grpc.max_receive_message_length", config.max_message_bytes),
             ("grpc.max_send_message_length", config.max_message_bytes),
+            *config.failover.channel_options(),
         ]
         security = config.security
         self.channels = ChannelPool(options, self.tracing.client_interceptors(), tls=security.tls.client())
@@ -110,9 +117,12 @@ class RouterServer:
                                  max_workers_per_model=security.max_workers_per_model)
         self.access = AccessControl(security.access, self.metrics)
         self.router = Router(
-            self.registry, TokenizerCache(self._fetch_tokenizer), make_policy(config.policy), self.tracker
+            self.registry, TokenizerCache(self._fetch_tokenizer), make_policy(config.policy), self.tracker,
+            config.limits,
         )
-        self.dispatcher = Dispatcher(self.channels, self.tracker, config.max_attempts)
+        self.breakers = CircuitBreakers(config.failover, on_change=self._export_breaker)
+        self.dispatcher = Dispatcher(self.channels, self.tracker, config.max_attempts, config.failover,
+                                     self.breakers)
         self._server: grpc.aio.Server | None = None
         self._health = health_aio.HealthServicer()
         self._port = 0
@@ -152,6 +162,10 @@ class RouterServer:
         if snapshot.epoch_changed:
             self.metrics.fleet_store_resets.inc()
         self.metrics.update_fleet(WorkerQueueDepth(w.worker_id, w.model, w.load.queue) for w in live)
+        self.breakers.sync(w.worker_id for w in snapshot.workers)
+
+    def _export_breaker(self, worker_id: str, state: int | None) -> None:
+        self.metrics.set_breaker_state(worker_id, None if state is None else int(state))
 
     async def _fetch_tokenizer(self, worker: WorkerRecord) -> dict[str, bytes]:
         return await fetch_tokenizer_files(self.channels, worker)
@@ -164,7 +178,9 @@ class RouterServer:
             interceptors=[*self.tracing.server_interceptors(), ErrorInterceptor(),
                           ApiKeyInterceptor(self.access)],
             options=[("grpc.max_receive_message_length", self.config.max_message_bytes),
-                     ("grpc.max_send_message_length", self.config.max_message_bytes)],
+                     ("grpc.max_send_message_length", self.config.max_message_bytes),
+                     ("grpc.max_metadata_size", self.config.max_metadata_bytes),
+                     ("grpc.absolute_max_metadata_size", self.config.max_metadata_bytes)],
             credentials=self._server_credentials(),
         )
         core = GenerationCore(self.router, self.dispatcher,

@@ -31,6 +31,9 @@ class RouterServicer(gen_grpc.GenerationServicer):
     ) -> AsyncIterator[gen_pb.GenerateResponse]:
         request_id = request.request_id or uuid.uuid4().hex
         with self._core.observe(request.model, request_id) as scope:
+            if request.HasField("resume"):
+                raise InvalidRequest("resume is internal: routers set it when they move a stream to "
+                                     "another worker")
             routed = RouterRequest(
                 model=request.model,
                 prompt=decode_prompt_input(request, InvalidRequest),

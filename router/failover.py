@@ -1,0 +1,303 @@
+"""How the router survives failing workers: circuit breakers, retry backoff, and what a stream has
+delivered so far so that another worker can resume it (docs/ROUTER.md, "Failures").
+
+* :class:`CircuitBreakers`: per worker, *closed* (send) -> *open* after ``failure_threshold``
+  consecutive failures (send nothing for ``cooldown_s``) -> *half-open* (one probe request at a
+  time) -> closed on the probe's success, open again on its failure. A failure is the worker's
+  fault: unreachable, not accepting the call within ``accept_timeout_s`` (a frozen process), a
+  stream broken or ended early. A full queue (RESOURCE_EXHAUSTED), the client's deadline or
+  cancellation say nothing about the worker. Only workers with a recent failure hold an entry,
+  entries of workers gone from the registry are dropped (:meth:`CircuitBreakers.sync`) and the
+  table is capped at ``max_tracked_workers``: memory stays bounded whatever the fleet.
+* :func:`backoff_s`: exponential backoff with full jitter between attempts before the first token.
+* :class:`StreamRelay`: the tokens of a stream that reached the client, and the request that
+  resumes it elsewhere (``GenerateRequest.resume``) when its worker fails after the first token.
+
+Protobuf crosses this module (the relay sees the chunks it forwards), as it does ``dispatch.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import enum
+import random
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from llmserve.v1 import generation_pb2 as gen_pb
+
+ABORT = "abort"
+
+
+@dataclass(frozen=True)
+class FailoverConfig:
+    """Retry, breaker and liveness settings of one router (flags: :func:`add_failover_flags`)."""
+
+    breaker_failure_threshold: int = 3
+    breaker_cooldown_s: float = 5.0
+    retry_backoff_base_s: float = 0.05
+    retry_backoff_max_s: float = 1.0
+    accept_timeout_s: float = 5.0
+    keepalive_s: float = 5.0
+    max_tracked_workers: int = 4096
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.breaker_failure_threshold >= 1, "breaker_failure_threshold must be >= 1"),
+            (self.breaker_cooldown_s > 0, "breaker_cooldown_s must be positive"),
+            (self.retry_backoff_base_s >= 0, "retry_backoff_base_s must be >= 0"),
+            (self.retry_backoff_max_s >= self.retry_backoff_base_s,
+             "retry_backoff_max_s must be >= retry_backoff_base_s"),
+            (self.accept_timeout_s > 0, "accept_timeout_s must be positive"),
+            (self.keepalive_s >= 1.0, "keepalive_s must be >= 1 (workers accept pings every 0.5 s at most)"),
+            (self.max_tracked_workers >= 1, "max_tracked_workers must be >= 1"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+    def channel_options(self) -> list[tuple[str, int]]:
+        """gRPC options of the channels to workers: ping a connection idle for ``keepalive_s`` and
+        drop it when the ping is not answered within ``keepalive_s`` (a frozen or unreachable
+        worker), which fails its streams with UNAVAILABLE so they can be resumed elsewhere."""
+        ms = int(self.keepalive_s * 1000)
+        return [
+            ("grpc.keepalive_time_ms", ms),
+            ("grpc.keepalive_timeout_ms", ms),
+            ("grpc.http2.ping_timeout_ms", ms),  # what enforces the timeout in recent gRPC cores
+            ("grpc.http2.max_pings_without_data", 0),
+        ]
+
+
+def add_failover_flags(parser: argparse.ArgumentParser) -> None:
+    d = FailoverConfig()
+    g = parser.add_argument_group("fault tolerance (docs/ROUTER.md)")
+    g.add_argument("--breaker-failure-threshold", type=int, default=d.breaker_failure_threshold,
+                   help="consecutive failures that open a worker's circuit breaker")
+    g.add_argument("--breaker-cooldown-s", type=float, default=d.breaker_cooldown_s,
+                   help="seconds an open breaker sends nothing before one probe request")
+    g.add_argument("--retry-backoff-base-s", type=float, default=d.retry_backoff_base_s,
+                   help="first retry waits up to this long (full jitter), doubling per attempt")
+    g.add_argument("--retry-backoff-max-s", type=float, default=d.retry_backoff_max_s,
+                   help="longest wait between two attempts")
+    g.add_argument("--worker-accept-timeout-s", type=float, default=d.accept_timeout_s,
+                   help="an attempt fails when the worker has not accepted the call (response headers) "
+                        "within this many seconds: a frozen worker")
+    g.add_argument("--worker-keepalive-s", type=float, default=d.keepalive_s,
+                   help="ping idle worker connections this often; drop a connection (its streams resume "
+                        "elsewhere) when a ping is not answered as long")
+
+
+def failover_from_args(args: argparse.Namespace) -> FailoverConfig:
+    return FailoverConfig(
+        breaker_failure_threshold=args.breaker_failure_threshold, breaker_cooldown_s=args.breaker_cooldown_s,
+        retry_backoff_base_s=args.retry_backoff_base_s, retry_backoff_max_s=args.retry_backoff_max_s,
+        accept_timeout_s=args.worker_accept_timeout_s, keepalive_s=args.worker_keepalive_s,
+    )
+
+
+def backoff_s(retry: int, config: FailoverConfig, rng: random.Random | None = None) -> float:
+    """Wait before retry number ``retry`` (1 = the second attempt): uniform in
+    ``[0, min(max, base * 2**(retry - 1))]`` ("full jitter": routers retrying at once spread out)."""
+    ceiling = min(config.retry_backoff_max_s, config.retry_backoff_base_s * 2 ** (retry - 1))
+    return (rng or random).uniform(0.0, ceiling)
+
+
+# ---------------------------------------------------------------------- circuit breakers
+
+
+class BreakerState(enum.IntEnum):
+    """Values of ``llmserve:router_circuit_breaker_state``."""
+
+    CLOSED = 0
+    HALF_OPEN = 1
+    OPEN = 2
+
+
+class _Breaker:
+    __slots__ = ("state", "failures", "opened_at", "probing")
+
+    def __init__(self) -> None:
+        self.state = BreakerState.CLOSED
+        self.failures = 0
+        self.opened_at = 0.0
+        self.probing = False
+
+
+OnChange = Callable[[str, "BreakerState | None"], None]
+
+
+class CircuitBreakers:
+    """One breaker per worker id (see the module docstring). Not thread-safe: the router's event
+    loop is the only caller. ``on_change(worker_id, state)`` reports every change (None: the
+    worker is no longer tracked nor exported), for the state gauge."""
+
+    def __init__(self, config: FailoverConfig, clock: Callable[[], float] = time.monotonic,
+                 on_change: OnChange | None = None) -> None:
+        self._config = config
+        self._clock = clock
+        self._on_change = on_change
+        self._breakers: OrderedDict[str, _Breaker] = OrderedDict()  # least recently failed first
+        self._exported: set[str] = set()
+
+    def __len__(self) -> int:
+        return len(self._breakers)
+
+    def state(self, worker_id: str) -> BreakerState:
+        breaker = self._breakers.get(worker_id)
+        if breaker is None:
+            return BreakerState.CLOSED
+        if breaker.state is BreakerState.OPEN and self._cooled_down(breaker):
+            return BreakerState.HALF_OPEN
+        return breaker.state
+
+    def allow(self, worker_id: str) -> bool:
+        """May a request be sent to ``worker_id`` now? An open breaker whose cool-down is over
+        turns half-open and lets exactly one probe through (this call claims it)."""
+        breaker = self._breakers.get(worker_id)
+        if breaker is None or breaker.state is BreakerState.CLOSED:
+            return True
+        if breaker.state is BreakerState.OPEN:
+            if not self._cooled_down(breaker):
+                return False
+            self._set(worker_id, breaker, BreakerState.HALF_OPEN)
+        if breaker.probing:
+            return False
+        breaker.probing = True
+        return True
+
+    def record_success(self, worker_id: str) -> None:
+        """The worker served (a first token, or an answer that is not its fault): close."""
+        breaker = self._breakers.pop(worker_id, None)
+        if breaker is not None and breaker.state is not BreakerState.CLOSED:
+            self._report(worker_id, BreakerState.CLOSED)
+
+    def record_failure(self, worker_id: str) -> None:
+        """The worker failed a request: count it; open at the threshold (at once when half-open)."""
+        breaker = self._breakers.pop(worker_id, None) or _Breaker()
+        self._breakers[worker_id] = breaker  # most recently failed last
+        breaker.failures += 1
+        breaker.probing = False
+        threshold = self._config.breaker_failure_threshold
+        if breaker.state is BreakerState.HALF_OPEN or (
+            breaker.state is BreakerState.CLOSED and breaker.failures >= threshold
+        ):
+            breaker.opened_at = self._clock()
+            self._set(worker_id, breaker, BreakerState.OPEN)
+        self._evict_over_cap()
+
+    def release(self, worker_id: str) -> None:
+        """An attempt ended with no verdict on the worker (cancelled, deadline, full queue): a
+        half-open probe slot it held is free again."""
+        breaker = self._breakers.get(worker_id)
+        if breaker is not None:
+            breaker.probing = False
+
+    def sync(self, live_worker_ids: Iterable[str]) -> None:
+        """The registry's current workers: forget breakers of the others, export every live one's
+        state (closed ones as 0) and stop exporting the gone."""
+        live = set(live_worker_ids)
+        for worker_id in [w for w in self._breakers if w not in live]:
+            del self._breakers[worker_id]
+        for worker_id in self._exported - live:
+            self._report(worker_id, None)
+        for worker_id in sorted(live):
+            self._report(worker_id, self.state(worker_id))
+        self._exported = live
+
+    def _cooled_down(self, breaker: _Breaker) -> bool:
+        return self._clock() - breaker.opened_at >= self._config.breaker_cooldown_s
+
+    def _set(self, worker_id: str, breaker: _Breaker, state: BreakerState) -> None:
+        if breaker.state is not state:
+            breaker.state = state
+            self._report(worker_id, state)
+
+    def _evict_over_cap(self) -> None:
+        while len(self._breakers) > self._config.max_tracked_workers:
+            worker_id, _ = self._breakers.popitem(last=False)
+            if worker_id not in self._exported:
+                self._report(worker_id, None)
+
+    def _report(self, worker_id: str, state: BreakerState | None) -> None:
+        if self._on_change is not None:
+            self._on_change(worker_id, state)
+
+
+# ---------------------------------------------------------------------- resuming a stream
+
+
+class StreamRelay:
+    """What one request's stream delivered to the client so far, whichever workers served it.
+
+    :meth:`forward` sees every chunk before the client does. Once any chunk went out the stream
+    has *started*: a worker failing after that cannot be retried from scratch, but a one-sequence
+    request can be *resumed* elsewhere with :meth:`resume_request` (the original prompt plus the
+    tokens sent, ``GenerateRequest.resume``), so the client sees one unbroken stream. A stream is
+    *done* at its last chunk (the one carrying ``usage``). A worker that gives a sequence up
+    itself (``finish_reason`` "abort": its drain grace ran out, it shut down) fails like a broken
+    stream when the request can be resumed; its tokens are forwarded, its end is not.
+    """
+
+    def __init__(self, request: gen_pb.GenerateRequest) -> None:
+        self.request = request
+        n = request.sampling.n if request.sampling.HasField("n") else 1
+        self.resumable = n == 1 and request.WhichOneof("input") == "prompt_token_ids"
+        self.sent_token_ids: list[int] = []  # sequence 0's tokens that reached the client
+        self.started = False
+        self.done = False
+        self.aborted_by_worker = False
+
+    def forward(self, chunk: gen_pb.GenerateResponse) -> gen_pb.GenerateResponse | None:
+        """The chunk to send to the client (None: nothing to send)."""
+        if chunk.finish_reason == ABORT and self.resumable:
+            self.aborted_by_worker = True
+            if not chunk.token_ids:
+                return None
+            trimmed = gen_pb.GenerateResponse(request_id=chunk.request_id, index=chunk.index, text=chunk.text,
+                                              token_ids=chunk.token_ids, logprobs=chunk.logprobs)
+            return self._sent(trimmed)
+        if chunk.HasField("usage"):
+            self.done = True
+        return self._sent(chunk)
+
+    def _sent(self, chunk: gen_pb.GenerateResponse) -> gen_pb.GenerateResponse:
+        self.started = True
+        if chunk.index == 0:
+            self.sent_token_ids.extend(chunk.token_ids)
+        return chunk
+
+    def left_to_generate(self) -> int | None:
+        """Tokens the request may still generate (None: no max_tokens, up to the context)."""
+        sampling = self.request.sampling
+        if not sampling.HasField("max_tokens"):
+            return None
+        return sampling.max_tokens - len(self.sent_token_ids)
+
+    def resume_request(self) -> gen_pb.GenerateRequest:
+        """The same request, continuing after the tokens already sent."""
+        resumed = gen_pb.GenerateRequest()
+        resumed.CopyFrom(self.request)
+        resumed.resume.output_token_ids[:] = self.sent_token_ids
+        return resumed
+
+    def request_for_next_attempt(self) -> gen_pb.GenerateRequest:
+        return self.resume_request() if self.started else self.request
+
+    def length_end(self, worker_id: str) -> gen_pb.GenerateResponse:
+        """The last chunk of a stream whose worker failed after sending its last token but before
+        its end (nothing is left to generate): finish "length", usage as the worker would say."""
+        end = gen_pb.GenerateResponse(request_id=self.request.request_id, finish_reason="length",
+                                      worker_id=worker_id)
+        end.usage.prompt_tokens = len(self.request.prompt_token_ids.ids)
+        end.usage.completion_tokens = len(self.sent_token_ids)
+        self.done = True
+        return end
+
+
+def describe(exc: Any) -> str:
+    """``CODE: details`` of a gRPC error, for logs and span events."""
+    return f"{exc.code().name}: {exc.details() or ''}"
