@@ -90,10 +90,15 @@ class Registry:
         self._carry: tuple[WorkerRecord, ...] = ()
         self._carry_until = 0.0
         self._lock = asyncio.Lock()
+        self._refreshing = False
 
     async def snapshot(self) -> FleetSnapshot:
-        """The fleet as of at most ``cache_s`` ago (or the last known one if the store is down)."""
-        if self._clock() < self._next_refresh:
+        """The fleet as of at most ``cache_s`` ago (or the last known one if the store is down).
+
+        While a read is in flight, callers get the previous snapshot, unless it lists no worker
+        (a router that started before its workers, or idle since): they wait for the read rather
+        than answer NOT_FOUND to a burst of requests."""
+        if self._clock() < self._next_refresh and not (self._refreshing and not self._snapshot.workers):
             return self._snapshot
         async with self._lock:
             if self._clock() >= self._next_refresh:
@@ -109,6 +114,7 @@ class Registry:
     async def _refresh(self) -> None:
         now = self._clock()
         self._next_refresh = now + self._cache_s
+        self._refreshing = True
         try:
             view = await self._store.read_fleet(self._reader)
         except StoreUnavailable as exc:
@@ -116,6 +122,8 @@ class Registry:
                 log.warning("fleet store unreachable, serving the last known registry: %s", exc)
             self._snapshot = FleetSnapshot(self._snapshot.workers, self._snapshot.models, stale=True)
             return
+        finally:
+            self._refreshing = False
         self._snapshot = self._merge(view, now)
         if self._on_refresh is not None:
             self._on_refresh(self._snapshot)

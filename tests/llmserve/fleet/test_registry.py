@@ -67,3 +67,25 @@ async def test_keeps_last_known_registry_while_redis_is_down(redis_server: Any) 
     snap = await reg.snapshot()
     assert [w.worker_id for w in snap.workers] == ["w2"] and not snap.stale
     await store.close()
+
+
+async def test_a_burst_on_a_cold_registry_waits_for_the_read(redis_server: Any) -> None:
+    """A router whose last read found no worker (it started first) must not answer the requests
+    that arrive during the next read from that empty snapshot (issue 17: NOT_FOUND under load)."""
+    import asyncio
+
+    import redis.asyncio as aioredis
+
+    store, clock = RedisStateStore(redis_server.url), Clock()
+    reg = Registry(store, cache_s=1.0, clock=clock)
+    assert (await reg.snapshot()).workers == ()  # started before any worker
+    await store.heartbeat(rec("w1"), 60)
+    clock.t += 2  # the cache has expired: the first call of the burst reads, the others arrive meanwhile
+    admin = aioredis.from_url(redis_server.url)
+    try:
+        await admin.execute_command("CLIENT", "PAUSE", "300", "ALL")  # every read now takes 0.3 s
+        snaps = await asyncio.gather(*(reg.snapshot() for _ in range(20)))
+    finally:
+        await admin.aclose()
+        await store.close()
+    assert all([w.worker_id for w in s.workers] == ["w1"] for s in snaps)
