@@ -360,9 +360,8 @@ def main() -> None:
             bench_ours(ctx, shape, model_dir, shape_workloads)
         if "ours_sync" in engines:
             bench_ours(ctx, shape, model_dir, shape_workloads, async_scheduling=False)
-        for key, tuned in (("offline_defaults", False), ("offline_tuned", True)):
-            if key in engines:
-                bench_offline(ctx, shape, model_dir, shape_workloads, tuned)
+        for key in [e for e in engines if e in ("offline_defaults", "offline_tuned")]:  # in the order given
+            bench_offline(ctx, shape, model_dir, shape_workloads, tuned=key == "offline_tuned")
         if {"hf", "hf_batch"} & set(engines):
             bench_hf(ctx, shape, model_dir, shape_workloads, engines)
     append_results(args.results, ctx.rows)

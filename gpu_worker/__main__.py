@@ -21,7 +21,7 @@ import typing
 from collections.abc import Mapping
 from typing import Any
 
-from gpu_worker.config import EngineConfig
+from gpu_worker.config import AUTO_TENSOR_PARALLEL, EngineConfig
 from llmserve.envflags import apply_env_defaults
 from llmserve.limits import add_limit_flags, limits_from_args
 from llmserve.security.flags import add_worker_security_flags, redis_tls_from_args, tls_from_args
@@ -37,12 +37,21 @@ def _flag_type(hint: Any) -> Any:
     return hint
 
 
+def _tensor_parallel_size(value: str) -> int:
+    """A rank count, or ``auto`` (0: chosen from the model and the visible GPUs)."""
+    return AUTO_TENSOR_PARALLEL if value == "auto" else int(value)
+
+
+# Engine flags whose values are not plain ``int`` / ``float`` / ``str``.
+_FLAG_TYPES: dict[str, Any] = {"tensor_parallel_size": _tensor_parallel_size}
+
+
 def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("engine (EngineConfig fields)")
     hints = typing.get_type_hints(EngineConfig)
     for field in dataclasses.fields(EngineConfig):
         flag = "--" + field.name.replace("_", "-")
-        kind = _flag_type(hints[field.name])
+        kind = _FLAG_TYPES.get(field.name) or _flag_type(hints[field.name])
         if kind is bool:
             group.add_argument(
                 flag, dest=field.name, action=argparse.BooleanOptionalAction, default=field.default

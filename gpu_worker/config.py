@@ -13,6 +13,7 @@ from gpu_worker.core.scheduling_policy import BUILTIN_POLICIES
 
 _DTYPES = ("auto", "float32", "float16", "bfloat16")
 _LOAD_FORMATS = ("auto", "dummy")
+AUTO_TENSOR_PARALLEL = 0  # tensor_parallel_size "auto": chosen from the model and the GPUs
 # Per-step token budgets when max_num_batched_tokens is left unset (see EngineConfig).
 CUDA_MAX_NUM_BATCHED_TOKENS = 8192
 CPU_MAX_NUM_BATCHED_TOKENS = 2048
@@ -48,6 +49,13 @@ class EngineConfig:
     all its sequences (``n`` of them): at most ``max_queue_len`` sequences and
     ``max_queued_tokens`` tokens wait for their first admission; beyond, RESOURCE_EXHAUSTED.
 
+    ``tensor_parallel_size`` x ``pipeline_parallel_size`` ranks serve the model, one per device
+    (GPUs ``0 .. N-1`` of the visible ones; on the CPU, processes joined by gloo): each rank holds
+    its shard, the engine core stays one (docs/PARALLELISM.md). ``distributed_port`` is the
+    ranks' rendezvous port (default: a free one). ``tensor_parallel_size=0`` (``"auto"`` in
+    ``LLM(...)`` and on the command line) picks the fewest GPUs that hold the weights and a useful
+    KV pool (``gpu_worker/distributed/auto_size.py``), TP first, then PP.
+
     ``scheduling_policy`` orders the waiting queue and picks who is preempted: ``fcfs`` (arrival
     order, the default), ``priority`` (the request's ``priority``, lower first, as vLLM's
     ``--scheduling-policy priority``) or a policy from an installed package (docs/PLUGINS.md).
@@ -81,6 +89,9 @@ class EngineConfig:
     engine_core_process: bool | None = None
     async_scheduling: bool | None = None
     scheduling_policy: str = "fcfs"
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    distributed_port: int | None = None
 
     def __post_init__(self) -> None:
         checks: list[tuple[bool, str]] = [
@@ -111,6 +122,12 @@ class EngineConfig:
             (
                 not (self.skip_tokenizer_init and self.tokenizer),
                 "skip_tokenizer_init and tokenizer exclude each other",
+            ),
+            (self.tensor_parallel_size >= 0, "tensor_parallel_size must be >= 1, or 0 (auto)"),
+            (self.pipeline_parallel_size >= 1, "pipeline_parallel_size must be >= 1"),
+            (
+                self.distributed_port is None or 0 < self.distributed_port < 65536,
+                "distributed_port must be in [1, 65535]",
             ),
         ]
         for ok, message in checks:
@@ -150,6 +167,8 @@ class EngineConfig:
     @classmethod
     def from_kwargs(cls, model: str, **kwargs: Any) -> EngineConfig:
         """Build from ``LLM(model, **kwargs)``-style arguments, rejecting unknown names."""
+        if kwargs.get("tensor_parallel_size") == "auto":
+            kwargs["tensor_parallel_size"] = AUTO_TENSOR_PARALLEL
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(kwargs) - known)
         if unknown:

@@ -67,6 +67,17 @@ class LLM:
         ]
         return self._run(prompts, sampling_params)
 
+    def shutdown(self) -> None:
+        """Release the engine's other ranks (tensor/pipeline parallel) now; with one rank there is
+        nothing to release. Also what leaving a ``with LLM(...) as llm:`` block does."""
+        self.engine.shutdown()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
     def reset_prefix_cache(self) -> bool:
         """Forget every cached prefix block (as vLLM's ``LLM.reset_prefix_cache``), e.g. between
         the runs of a benchmark that must start cold. False (nothing done) while requests run."""

@@ -41,6 +41,8 @@ class StackConfig:
     device: str = "cpu"
     max_num_seqs: int = 32
     num_kv_blocks: int | None = None
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
     drain_grace_s: float = 5.0
 
     def __post_init__(self) -> None:
@@ -73,6 +75,8 @@ async def run_stack(config: StackConfig, started: asyncio.Event | None = None,
         device=config.device,
         max_num_seqs=config.max_num_seqs,
         num_kv_blocks=config.num_kv_blocks,
+        tensor_parallel_size=config.tensor_parallel_size,
+        pipeline_parallel_size=config.pipeline_parallel_size,
     )
     worker = WorkerServer(
         engine_config,
@@ -112,6 +116,12 @@ async def run_stack(config: StackConfig, started: asyncio.Event | None = None,
         unfreeze_objects()
 
 
+def _tensor_parallel_size(value: str) -> int:
+    from gpu_worker.config import AUTO_TENSOR_PARALLEL
+
+    return AUTO_TENSOR_PARALLEL if value == "auto" else int(value)
+
+
 def register(subparsers: Any) -> None:
     """Add the ``up`` subcommand to the ``llmserve`` CLI."""
     p = subparsers.add_parser("up", help="start a local router + CPU worker (Ctrl-C to stop)")
@@ -127,6 +137,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--max-num-seqs", type=int, default=32)
     p.add_argument("--num-kv-blocks", type=int, default=None)
+    p.add_argument("--tensor-parallel-size", type=_tensor_parallel_size, default=1,
+                   help="ranks (GPUs) per pipeline stage, or auto (docs/PARALLELISM.md)")
+    p.add_argument("--pipeline-parallel-size", type=int, default=1, help="pipeline stages")
     p.add_argument("--log-level", default="INFO")
     p.add_argument("--log-format", default="text", choices=("text", "json"))
     apply_env_defaults(p)
@@ -150,6 +163,8 @@ def _run_up(args: argparse.Namespace) -> int:
         device=args.device,
         max_num_seqs=args.max_num_seqs,
         num_kv_blocks=args.num_kv_blocks,
+        tensor_parallel_size=args.tensor_parallel_size,
+        pipeline_parallel_size=args.pipeline_parallel_size,
     )
     try:
         asyncio.run(run_stack(config, tracing=tracing))

@@ -77,6 +77,7 @@ class Scheduler:
         hash_seed: str,
         policy: SchedulingPolicy | None = None,
         ready: Callable[[Request], bool] | None = None,
+        overlap: bool = True,
     ) -> None:
         if block_size != kv.block_size:
             raise ValueError(f"block_size {block_size} differs from the KV cache's {kv.block_size}")
@@ -93,6 +94,9 @@ class Scheduler:
         self.max_model_len = max_model_len
         self.block_size = block_size
         self.hash_seed = hash_seed
+        # False (pipeline parallel): a request with a step in flight is not planned again until
+        # that step is accounted for, so several steps (micro-batches) in flight never share one.
+        self.overlap = overlap
         self._requests: dict[str, Request] = {}  # every live (unfinished) request
         self.policy = policy if policy is not None else FCFSPolicy()
         self._ready = ready
@@ -195,6 +199,8 @@ class Scheduler:
         """Tokens a running request can compute now: its tokens not scheduled yet, plus the
         one the step in flight samples for it unless that one ends it by length anyway."""
         pending = request.num_pending_outputs
+        if not self.overlap and (pending or request.num_inflight_tokens):
+            return 0  # pipeline micro-batches: a request is in at most one step in flight
         if pending and request.params.structured_output is not None:
             return 0  # its grammar mask needs the pending token: no placeholder (module docstring)
         if pending:

@@ -13,14 +13,18 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from gpu_worker.config import EngineConfig
 from gpu_worker.core.kv_cache_manager import KVCacheManager
 from gpu_worker.core.scheduler import Scheduler
 from gpu_worker.core.types import EngineCoreOutput, EngineCoreRequest, SchedulerOutput, SchedulerStats
+from gpu_worker.distributed.auto_size import resolve_parallel_sizes
 from gpu_worker.engine.core_messages import (
     AbortRequests,
     AddFailed,
@@ -32,12 +36,12 @@ from gpu_worker.engine.core_messages import (
     Shutdown,
     StepResult,
 )
+from gpu_worker.executor.factory import make_executor
 from gpu_worker.model_executor import loader
 from gpu_worker.model_executor.model_config import max_context_len
 from gpu_worker.plugins.registry import scheduling_policy_registry
 from gpu_worker.structured.manager import StructuredOutputManager
-from gpu_worker.worker import kv_sizing
-from gpu_worker.worker.model_runner import ModelRunner, PendingRunnerOutput
+from gpu_worker.worker.model_runner import PendingRunnerOutput
 from llmserve.kv_events import KVEvent
 
 logger = logging.getLogger(__name__)
@@ -89,18 +93,19 @@ class EngineCore:
         self.device = loader.resolve_device(config.device)
         self.dtype = loader.resolve_dtype(config.dtype, self.device)
         config = config.with_device_defaults(self.device.type)
-        model = loader.load_model(config, self.device, self.dtype, source=source, hf_config=self.hf_config)
-        self.runner = ModelRunner(config, model, self.hf_config, self.device, self.dtype, self.eos_token_ids)
+        element_size = torch.empty((), dtype=self.dtype).element_size()
+        config = resolve_parallel_sizes(config, self.hf_config, self.device, element_size)
+        self.executor = make_executor(config, self.device, self.dtype, self.eos_token_ids)
+        self.runner = self.executor.runner  # the driver rank's
         context_len = max_context_len(self.hf_config)
         if config.max_model_len is not None:
             context_len = min(context_len, config.max_model_len)
-        # On CUDA without an explicit size, the pool gets what a profiled maximum-size step leaves.
-        self.num_kv_blocks = kv_sizing.num_kv_blocks(
-            config, self.hf_config, self.device, self.dtype, lambda: self.runner.profile_run(context_len)
-        )
+        # On CUDA without an explicit size, each rank's pool gets what a profiled maximum-size step
+        # leaves on its device; the engine takes the smallest.
+        self.num_kv_blocks = self.executor.determine_num_kv_blocks(context_len)
         self.max_model_len = min(context_len, self.num_kv_blocks * config.block_size)
         self.config = config = dataclasses.replace(config, max_model_len=self.max_model_len)
-        self.runner.initialize_kv_cache(self.num_kv_blocks, self.max_model_len)
+        self.executor.initialize_kv_cache(self.num_kv_blocks, self.max_model_len)
         self.kv = KVCacheManager(
             self.num_kv_blocks, config.block_size, config.enable_prefix_caching, record_events=kv_events
         )
@@ -113,13 +118,19 @@ class EngineCore:
             max_model_len=self.max_model_len,
             block_size=config.block_size,
             hash_seed=config.model_name,
+            overlap=config.pipeline_parallel_size == 1,
             policy=scheduling_policy_registry().get(config.scheduling_policy)(),
             ready=self.structured.is_ready,
         )
         self.async_scheduling = (
             self.device.type == "cuda" if config.async_scheduling is None else config.async_scheduling
         )
-        self._in_flight: tuple[SchedulerOutput, PendingRunnerOutput] | None = None
+        # Steps in flight at once: 1 (synchronous), 2 (async scheduling: step k+1 is launched
+        # before step k's ids are known) or, with pipeline stages, one micro-batch per stage.
+        self._depth = config.pipeline_parallel_size if config.pipeline_parallel_size > 1 else (
+            2 if self.async_scheduling else 1
+        )
+        self._in_flight: deque[tuple[SchedulerOutput, PendingRunnerOutput]] = deque()
         self._num_steps = 0  # steps run by run_once (reported in stats().extra)
         self._step_time_s = 0.0  # seconds inside step() during run_once (busy fraction = its rate)
         self._stats_key: tuple[int, int, int] | None = None
@@ -140,7 +151,12 @@ class EngineCore:
 
     def warmup(self) -> None:
         """Run the model once on dummy inputs so the first request pays no start-up cost."""
-        self.runner.warmup()
+        self.executor.warmup()
+
+    def shutdown(self) -> None:
+        """Stop the executor's other ranks (if any; idempotent)."""
+        self.executor.shutdown()
+        self.structured.shutdown()
 
     # ------------------------------------------------------------------ requests and steps
 
@@ -163,23 +179,26 @@ class EngineCore:
 
     def has_unfinished(self) -> bool:
         """Requests are live, or a launched step still has to be accounted for."""
-        return self.scheduler.has_unfinished() or self._in_flight is not None
+        return self.scheduler.has_unfinished() or bool(self._in_flight)
 
     def step(self) -> list[EngineCoreOutput]:
-        """One engine step: what each request scheduled in it (async: in the step before) produced."""
-        if not self.async_scheduling:
+        """One engine step: plan and launch a step, and report what the oldest step in flight
+        produced once as many steps as the depth allows are in flight (or nothing more can be
+        planned). Synchronously that is the step just launched."""
+        if self._depth == 1:
             sched_out = self.structured.prepare_step(self.scheduler.schedule(), self.scheduler.get_request)
-            return self.scheduler.update(sched_out, self.runner.execute(sched_out))
-        in_flight = self._in_flight
-        self._in_flight = None
+            return self.scheduler.update(sched_out, self.executor.execute(sched_out))
+        launched = False
         if self.scheduler.has_unfinished():
-            sched_out = self.scheduler.schedule()  # may contain placeholders for in_flight's samples
+            sched_out = self.scheduler.schedule()  # async: may hold placeholders for the newest's samples
             sched_out = self.structured.prepare_step(sched_out, self.scheduler.get_request)
             if not sched_out.is_empty or sched_out.finished_req_ids or sched_out.preempted_req_ids:
-                self._in_flight = (sched_out, self.runner.execute_async(sched_out))
-        if in_flight is None:
+                self._in_flight.append((sched_out, self.executor.execute_async(sched_out)))
+                launched = True
+        if not self._in_flight or (launched and len(self._in_flight) < self._depth):
             return []
-        return self.scheduler.update(in_flight[0], in_flight[1].result())
+        oldest, pending = self._in_flight.popleft()
+        return self.scheduler.update(oldest, pending.result())
 
     # ------------------------------------------------------------------ the serving loop
 
@@ -190,11 +209,14 @@ class EngineCore:
         (``take_commands(block)`` blocks for at least one when the core is idle), runs
         :meth:`run_once` and hands its result to ``emit``. A step that raises ends the loop with
         that exception (the caller fails every request in flight)."""
-        while True:
-            result = self.run_once(take_commands(not self.has_unfinished()))
-            if result is None:
-                return
-            emit(result)
+        try:
+            while True:
+                result = self.run_once(take_commands(not self.has_unfinished()))
+                if result is None:
+                    return
+                emit(result)
+        finally:
+            self.shutdown()
 
     def run_once(self, commands: Sequence[Command]) -> StepResult | None:
         """One turn: apply ``commands`` in order, step once if there is work, report.

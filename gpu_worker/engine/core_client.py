@@ -17,6 +17,7 @@ the client delivers nothing after it.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import multiprocessing
 import queue
@@ -69,6 +70,10 @@ def make_core_client(config: EngineConfig) -> EngineCoreClient:
 
 
 def _wants_core_process(config: EngineConfig) -> bool:
+    if config.tensor_parallel_size * config.pipeline_parallel_size != 1:  # 0: auto, maybe several
+        # Several ranks: the core (rank 0) in its own process, which ends itself when a rank dies
+        # (the worker then learns it through the pipe, stops serving and exits).
+        return True
     if config.engine_core_process is not None:
         return config.engine_core_process
     if config.device == "auto":
@@ -120,10 +125,17 @@ class ProcessCoreClient(EngineCoreClient):
         self._inbox: Any = ctx.Queue()
         self._conn, child_conn = ctx.Pipe(duplex=False)
         args = (config, self._inbox, child_conn, LogSettings.of_this_process())
-        self._process = ctx.Process(target=run_engine_core, args=args, name="engine-core", daemon=True)
-        self._process.start()
-        child_conn.close()
+        # Several ranks: the core spawns the other ranks itself, which a daemonic process may not;
+        # it is then stopped at exit by the handler below (and stops itself if this process dies).
+        several = config.tensor_parallel_size * config.pipeline_parallel_size != 1
         self._stopping = False
+        self._process = ctx.Process(
+            target=run_engine_core, args=args, name="engine-core", daemon=not several
+        )
+        self._process.start()
+        if several:
+            atexit.register(self.shutdown)
+        child_conn.close()
         self._reader: threading.Thread | None = None
         try:
             ready = self._conn.recv()
@@ -168,6 +180,8 @@ class ProcessCoreClient(EngineCoreClient):
         self._inbox.put(command)
 
     def shutdown(self) -> None:
+        if self._stopping:
+            return
         self._stopping = True  # the reader takes the child's exit as a shutdown, not a death
         if self._process.is_alive():
             self.send(Shutdown())

@@ -89,3 +89,7 @@ class LLMEngine:
 
     def stats(self) -> SchedulerStats:
         return self.core.stats()
+
+    def shutdown(self) -> None:
+        """Stop the other ranks of a multi-GPU engine (a no-op with one rank)."""
+        self.core.shutdown()

@@ -19,9 +19,11 @@ import torch
 from torch import nn
 
 from gpu_worker.config import EngineConfig
+from gpu_worker.distributed.parallel_state import ModelParallel
 from gpu_worker.model_executor.gguf_cache import convert_gguf, fill_architectures
-from gpu_worker.model_executor.layers.linear import transpose_linears
+from gpu_worker.model_executor.layers.quantization.base import UnquantizedLinearMethod
 from gpu_worker.model_executor.layers.rotary import RotaryEmbedding
+from gpu_worker.model_executor.models.llama import LinearMethods
 from gpu_worker.model_executor.models.registry import resolve_model_class
 from gpu_worker.model_executor.weights import fill_random, iter_safetensors
 from kernels import get_ops
@@ -112,11 +114,22 @@ def eos_token_ids(source: ModelSource, hf_config: Any, tokenizer: Any | None = N
     return frozenset(ids)
 
 
-def build_model(hf_config: Any, device: torch.device, dtype: torch.dtype) -> nn.Module:
-    """The registry's class for ``hf_config``, on ``device`` in ``dtype``, weights uninitialized."""
+def build_model(
+    hf_config: Any,
+    device: torch.device,
+    dtype: torch.dtype,
+    parallel: ModelParallel | None = None,
+    linear: LinearMethods | None = None,
+) -> nn.Module:
+    """The registry's class for ``hf_config`` (this rank's shard under ``parallel``), on
+    ``device`` in ``dtype``, weights uninitialized. ``linear`` picks each linear layer's method
+    (default: plain weights, stored transposed on the CPU)."""
     cls = resolve_model_class(getattr(hf_config, "architectures", None))
+    if linear is None:
+        method = UnquantizedLinearMethod(transposed=device.type == "cpu")
+        linear = lambda prefix: method  # noqa: E731 - one shared stateless method
     with torch.device("meta"):
-        model = cls(hf_config, get_ops(device), dtype)  # type: ignore[call-arg]
+        model = cls(hf_config, get_ops(device), dtype, parallel=parallel, linear=linear)  # type: ignore[call-arg]
     model = model.to_empty(device=device).requires_grad_(False)
     # to_empty leaves buffers uninitialized too: rebuild the cos/sin caches on the device.
     for module in model.modules():
@@ -132,19 +145,23 @@ def load_model(
     *,
     source: ModelSource | None = None,
     hf_config: Any | None = None,
+    parallel: ModelParallel | None = None,
 ) -> nn.Module:
-    """Build the model, fill its weights (checkpoint, or random for ``load_format="dummy"``) and
-    put them in the device's layout (on the CPU: transposed projections, ``layers/linear.py``)."""
+    """Build this rank's model, fill its weights (its shard of the checkpoint, or random for
+    ``load_format="dummy"``) and convert them into the layout each linear layer's method reads
+    (on the CPU: transposed projections, ``layers/linear.py``)."""
     source = source or resolve_model(config.model)
     hf_config = hf_config or load_hf_config(source)
-    model = build_model(hf_config, device, dtype)
+    model = build_model(hf_config, device, dtype, parallel)
     if config.load_format == "dummy":
         fill_random(model, config.seed)
     else:
-        loaded = model.load_weights(iter_safetensors(source.model_dir, device))  # type: ignore[operator]
+        loaded = model.load_weights(iter_safetensors(source.model_dir))  # type: ignore[operator]
         missing = sorted({name for name, _ in model.named_parameters()} - loaded)
         if missing:
             raise ValueError(f"checkpoint {source.model_dir} lacks weights for {missing[:5]}")
-    if device.type == "cpu":
-        transpose_linears(model)  # the CPU's faster weight layout at batch 1
+    for module in list(model.modules()):
+        method = getattr(module, "linear_method", None)
+        if method is not None:
+            method.process_weights_after_loading(module)
     return model.eval()

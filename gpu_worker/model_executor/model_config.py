@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 
@@ -19,3 +20,16 @@ def max_context_len(hf_config: Any) -> int:
     if window and getattr(hf_config, "use_sliding_window", True):
         limit = min(limit, int(window))
     return limit
+
+
+@dataclass(frozen=True)
+class KVCacheSpec:
+    """The KV cache one rank keeps: ``num_layers`` caches (its pipeline stage's layers) of
+    ``[2, num_blocks, block_size, num_kv_heads, head_dim]`` (its tensor-parallel share of heads)."""
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+
+    def bytes_per_block(self, block_size: int, element_size: int) -> int:
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * element_size * block_size

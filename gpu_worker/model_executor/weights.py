@@ -1,9 +1,14 @@
-"""Checkpoint tensors of an HF folder (single or sharded safetensors) and random fills."""
+r"""Checkpoint tensors of an HF folder (single or sharded safetensors) and random fills.
+
+Tensors come as :class:`TensorSource`\ s: a rank reads only the slice of each tensor it holds
+(``narrow``), straight from the safetensors file, so loading a sharded model never holds more
+than a rank's part of the weights in memory.
+"""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -24,15 +29,39 @@ def safetensors_files(model_dir: Path) -> list[Path]:
     return files
 
 
-def iter_safetensors(model_dir: Path, device: torch.device) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield ``(HF name, tensor)`` for every tensor of the checkpoint, read onto ``device``."""
+class TensorSource:
+    """One checkpoint tensor, read lazily: :meth:`narrow` reads only the slice asked for."""
+
+    def __init__(self, shape: tuple[int, ...], read: Callable[[tuple[slice, ...]], torch.Tensor]) -> None:
+        self.shape = shape
+        self._read = read
+
+    @classmethod
+    def of(cls, tensor: torch.Tensor) -> TensorSource:
+        """A source over a tensor already in memory."""
+        return cls(tuple(tensor.shape), lambda index: tensor[index])
+
+    def narrow(self, dim: int, start: int, length: int) -> torch.Tensor:
+        """``tensor.narrow(dim, start, length)``, reading only those elements."""
+        index = tuple(
+            slice(start, start + length) if d == dim else slice(None) for d in range(len(self.shape))
+        )
+        return self._read(index)
+
+    def full(self) -> torch.Tensor:
+        return self._read(tuple(slice(None) for _ in self.shape))
+
+
+def iter_safetensors(model_dir: Path) -> Iterator[tuple[str, TensorSource]]:
+    """Yield ``(HF name, source)`` for every tensor of the checkpoint (CPU reads; the layers
+    copy what they keep onto their device)."""
     from safetensors import safe_open
 
-    target = "cpu" if device.type == "cpu" else str(device)
     for file in safetensors_files(model_dir):
-        with safe_open(str(file), framework="pt", device=target) as f:
+        with safe_open(str(file), framework="pt", device="cpu") as f:
             for name in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
-                yield name, f.get_tensor(name)
+                part = f.get_slice(name)
+                yield name, TensorSource(tuple(part.get_shape()), part.__getitem__)
 
 
 def fill_random(model: nn.Module, seed: int, std: float = 0.02) -> None:

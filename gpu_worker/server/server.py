@@ -146,6 +146,7 @@ class WorkerServer:
         self._ready = asyncio.Event()
         self._stopped = asyncio.Event()
         self._load_error: BaseException | None = None
+        self._engine_error: BaseException | None = None  # the engine core died while serving
 
     @property
     def port(self) -> int:
@@ -234,6 +235,7 @@ class WorkerServer:
             await engine.shutdown()
             return
         self.service.attach_engine(engine)
+        engine.on_dead(self._on_engine_dead)
         if self.config.redis_url or self._fleet_store is not None:
             from gpu_worker.server.fleet_link import FleetLink
 
@@ -244,6 +246,20 @@ class WorkerServer:
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         self._ready.set()
         logger.info("worker %s serving %s", self.service.worker_id, self.service.model_name)
+
+    def _on_engine_dead(self, error: BaseException) -> None:
+        """The engine core died (a crash, a killed process, a lost tensor-parallel rank): nothing
+        this process holds can serve again, so stop at once and let the orchestrator restart it."""
+        if self._engine_error is not None:
+            return
+        self._engine_error = error
+        logger.critical("engine core died (%s): NOT_SERVING, stopping the worker", error)
+        asyncio.get_running_loop().create_task(self._stop_dead())
+
+    async def _stop_dead(self) -> None:
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        if self._drain_task is None:  # requests in flight already failed with EngineDeadError
+            self._drain_task = asyncio.create_task(self._stop_now())
 
     async def wait_ready(self) -> None:
         """Until health is SERVING; raises if loading failed."""
@@ -296,10 +312,12 @@ class WorkerServer:
         await self.wait_stopped()
 
     async def wait_stopped(self) -> None:
-        """Until the server has stopped; raises if the engine failed to load."""
+        """Until the server has stopped; raises if the engine failed to load or died."""
         await self._stopped.wait()
         if self._load_error is not None:
             raise RuntimeError("the engine failed to load") from self._load_error
+        if self._engine_error is not None:
+            raise RuntimeError("the engine core died") from self._engine_error
 
     def install_signal_handlers(self) -> None:
         """SIGTERM / SIGINT drain; a second one aborts what is left at once."""

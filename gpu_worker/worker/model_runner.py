@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import threading
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -13,8 +14,9 @@ from torch import nn
 
 from gpu_worker.config import EngineConfig
 from gpu_worker.core.types import GrammarBitmask, RunnerOutput, ScheduledRequest, SchedulerOutput
+from gpu_worker.distributed.parallel_state import IntermediateTensors, ModelParallel
 from gpu_worker.model_executor.layers.attention import AttentionMetadata
-from gpu_worker.model_executor.model_config import head_dim_of
+from gpu_worker.model_executor.model_config import KVCacheSpec
 from gpu_worker.sampling_params import SamplingParams
 from gpu_worker.worker.cuda_graphs import DecodeGraphs, decode_buckets
 from gpu_worker.worker.logits_processing import LogitsProcessing
@@ -34,6 +36,9 @@ class PendingRunnerOutput:
     def __init__(self, finalize: Callable[[], RunnerOutput]) -> None:
         self._finalize: Callable[[], RunnerOutput] | None = finalize
         self._output: RunnerOutput | None = None
+        # A pipeline's sampling rank takes results on a sender thread while its loop may take
+        # them too (penalties): the first caller finalizes, the others wait for it.
+        self._lock = threading.Lock()
 
     @classmethod
     def ready(cls, output: RunnerOutput) -> PendingRunnerOutput:
@@ -42,8 +47,9 @@ class PendingRunnerOutput:
         return pending
 
     def result(self) -> RunnerOutput:
-        if self._finalize is not None:
-            self._output, self._finalize = self._finalize(), None
+        with self._lock:
+            if self._finalize is not None:
+                self._output, self._finalize = self._finalize(), None
         assert self._output is not None  # invariant: set when _finalize is cleared
         return self._output
 
@@ -98,6 +104,8 @@ class ModelRunner:
         self.block_size = config.block_size
         self.vocab_size = int(hf_config.vocab_size)
         self.eos_token_ids = tuple(eos_token_ids)
+        parallel = getattr(model, "parallel", None)
+        self.parallel: ModelParallel = parallel if isinstance(parallel, ModelParallel) else ModelParallel()
         generator = torch.Generator(device=device)
         generator.manual_seed(config.seed)
         self.sampler = Sampler(generator)
@@ -105,7 +113,8 @@ class ModelRunner:
         self._last_sample: _LastSample | None = None
         self._pending: PendingRunnerOutput | None = None  # the newest step's output
         self.graphs: DecodeGraphs | None = None
-        if device.type == "cuda" and not config.enforce_eager:
+        # Pipeline stages run eagerly: their activations arrive by point-to-point transfers.
+        if device.type == "cuda" and not config.enforce_eager and self.parallel.pp_size == 1:
             self.graphs = DecodeGraphs(decode_buckets(min(config.max_num_seqs, config.token_budget)))
         # Set by _allocate (initialize_kv_cache, or a scratch pool during profile_run).
         self.num_kv_blocks = 0
@@ -113,6 +122,12 @@ class ModelRunner:
         self.kv_caches: list[torch.Tensor] = []
         self._states: RequestStates | None = None
         self._inputs: StepInputBuffers | None = None
+
+    @property
+    def kv_cache_spec(self) -> KVCacheSpec:
+        """This rank's KV caches: its stage's layers, its share of the KV heads."""
+        spec: KVCacheSpec = self.model.kv_cache_spec  # type: ignore[assignment]
+        return spec
 
     @property
     def states(self) -> RequestStates:
@@ -137,10 +152,10 @@ class ModelRunner:
         self.num_kv_blocks = num_kv_blocks
         self.max_model_len = max_model_len
         max_blocks_per_seq = -(-max_model_len // self.block_size)
-        cfg = self.hf_config
-        shape = (2, num_kv_blocks, self.block_size, cfg.num_key_value_heads, head_dim_of(cfg))
+        spec = self.kv_cache_spec
+        shape = (2, num_kv_blocks, self.block_size, spec.num_kv_heads, spec.head_dim)
         self.kv_caches = [
-            torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(cfg.num_hidden_layers)
+            torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(spec.num_layers)
         ]
         max_num_seqs = self.config.max_num_seqs
         self._states = RequestStates(
@@ -187,12 +202,36 @@ class ModelRunner:
                     0, inputs.placeholder_dst, last.token_ids.index_select(0, inputs.placeholder_src)
                 )
         if bucket is None:
-            hidden = self.forward(inputs.input_ids, inputs.positions, inputs.attn_metadata)
+            hidden = self._forward_stage(inputs)
         else:
             hidden = self.graphs.replay(bucket)  # type: ignore[union-attr]
-        if not inputs.sample_req_ids:
+        if hidden is None or not inputs.sample_req_ids:  # None: the activations went to the next stage
             return PendingRunnerOutput.ready(_EMPTY_OUTPUT)
         return self._sample(hidden, inputs, sched.grammar)
+
+    @torch.inference_mode()
+    def _forward_stage(self, inputs: StepInputs) -> torch.Tensor | None:
+        """This rank's pipeline stage of the model: take the previous stage's activations (or the
+        token ids), run the stage's layers, and hand the result on (None) or return the hidden
+        states (last stage)."""
+        parallel = self.parallel
+        if parallel.pp_size == 1:
+            return self.forward(inputs.input_ids, inputs.positions, inputs.attn_metadata)
+        intermediate = None
+        if not parallel.is_first_stage:
+            hidden_size = int(self.hf_config.hidden_size)
+            intermediate = parallel.recv_from_prev_stage(
+                inputs.num_tokens, hidden_size, self.dtype, self.device
+            )
+        out = self.model(
+            inputs.input_ids if parallel.is_first_stage else None, inputs.positions, inputs.attn_metadata,
+            self.kv_caches, intermediate,
+        )
+        if isinstance(out, IntermediateTensors):
+            parallel.send_to_next_stage(out)
+            return None
+        hidden: torch.Tensor = out
+        return hidden
 
     @torch.inference_mode()
     def forward(
@@ -239,12 +278,18 @@ class ModelRunner:
         self, hidden: torch.Tensor, inputs: StepInputs, grammar: GrammarBitmask | None = None
     ) -> PendingRunnerOutput:
         logits = self.model.compute_logits(hidden.index_select(0, inputs.logits_indices))  # type: ignore[operator]
+        tp = self.parallel.tp
+        if logits is None:  # another TP rank samples: take its ids (placeholders of later steps)
+            ids = torch.empty(len(inputs.sample_req_ids), dtype=torch.int64, device=self.device)
+            self._last_sample = _LastSample(inputs.sample_req_ids, tp.broadcast_from_first(ids))
+            return PendingRunnerOutput.ready(_EMPTY_OUTPUT)
         if self._pending is not None and self.states.needs_history[inputs.sample_rows].any():
             self._pending.result()  # penalties and plug-ins see the previous step's tokens too
         md = build_sampling_metadata(self.states, inputs.sample_rows, self.vocab_size, self.device)
         md = self.logits_processing.attach(md, self.states, inputs.sample_rows, inputs.sample_req_ids,
                                            grammar)
         out = self.sampler.sample(logits, md)
+        tp.broadcast_from_first(out.token_ids)
         self._last_sample = _LastSample(inputs.sample_req_ids, out.token_ids)
         self._pending = self._pending_output(out, inputs)
         return self._pending

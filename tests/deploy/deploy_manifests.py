@@ -25,8 +25,8 @@ import yaml
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 COMPOSE_FILE = DEPLOY / "compose.yaml"
-KUSTOMIZE_TARGETS = ("base", "overlays/cpu", "overlays/gpu", "overlays/gpu-autoscale-hpa",
-                     "overlays/gpu-autoscale-keda")
+KUSTOMIZE_TARGETS = ("base", "overlays/cpu", "overlays/gpu", "overlays/gpu-tp2",
+                     "overlays/gpu-autoscale-hpa", "overlays/gpu-autoscale-keda")
 HEALTHCHECK_SCRIPT = DEPLOY / "grpc_health_check.py"
 HEALTHCHECK_COMMAND = "llmserve-healthcheck"
 DRAIN_SCRIPT = DEPLOY / "drain_worker.py"

@@ -126,15 +126,19 @@ def make_tiny_model(
     tokenizer_dir: Path | None = None,
     seed: int = 0,
     max_shard_size: str | None = None,
+    **shape: Any,
 ) -> Path:
     """Build a random model of ``family``, ``save_pretrained`` it (safetensors) into ``dst``.
 
     ``tokenizer_dir``: a saved tokenizer whose files are copied next to the model.
     ``max_shard_size`` (e.g. ``"1MB"``) writes a sharded checkpoint with its index json.
+    ``shape``: config fields to change (``hidden_size=512``, ...) for a larger model.
     """
     from transformers import AutoModelForCausalLM
 
     config = make_tiny_config(family)
+    for name, value in shape.items():
+        setattr(config, name, value)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)

@@ -1,26 +1,47 @@
 """Llama-style decoders: Llama 2/3 (SmolLM2, TinyLlama), Mistral, Qwen2, Qwen3.
 
 The families differ only in flags (:class:`DecoderFlags`): biases, per-head q/k RMSNorm.
-Projections are fused (``qkv_proj``, ``gate_up_proj``); :meth:`LlamaForCausalLM.load_weights`
-maps HF's separate tensors into them. Every model is constructed as
-``cls(hf_config, ops, dtype)`` under a ``torch.device(...)`` context.
+Projections are fused (``qkv_proj``, ``gate_up_proj``) and tensor-parallel
+(``layers/parallel.py``); :meth:`LlamaForCausalLM.load_weights` maps HF's separate tensors into
+them, each layer reading only its shard. A pipeline stage builds only its own layers (the
+others are :class:`MissingLayer` placeholders, so parameter names keep HF's layer numbers); the
+first stage embeds, the last normalizes and computes logits. Every model is constructed as
+``cls(hf_config, ops, dtype, parallel=..., linear=...)`` under a ``torch.device(...)`` context;
+with the defaults (one rank, plain 16/32-bit weights) it is exactly the single-GPU model.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
+from gpu_worker.distributed.parallel_state import IntermediateTensors, ModelParallel
 from gpu_worker.model_executor.layers.activation import SiluAndMul
 from gpu_worker.model_executor.layers.attention import AttentionMetadata, PagedAttention
 from gpu_worker.model_executor.layers.norm import RMSNorm
+from gpu_worker.model_executor.layers.parallel import (
+    MergedColumnParallelLinear,
+    ParallelLMHead,
+    QKVParallelLinear,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+)
+from gpu_worker.model_executor.layers.quantization.base import LinearMethod, UnquantizedLinearMethod
 from gpu_worker.model_executor.layers.rotary import RotaryEmbedding
-from gpu_worker.model_executor.model_config import head_dim_of
+from gpu_worker.model_executor.model_config import KVCacheSpec, head_dim_of
+from gpu_worker.model_executor.weights import TensorSource
 from kernels import KernelOps
+
+# The linear method of the layer at a parameter-name prefix ("model.layers.3.self_attn.qkv_proj").
+LinearMethods = Callable[[str], LinearMethod]
+
+
+def plain_linear(prefix: str) -> LinearMethod:
+    return UnquantizedLinearMethod()
 
 
 @dataclass(frozen=True)
@@ -33,28 +54,43 @@ class DecoderFlags:
     qk_norm: bool = False
 
 
+@dataclass(frozen=True)
+class BuildContext:
+    """What every layer of one model is built with."""
+
+    ops: KernelOps
+    dtype: torch.dtype
+    parallel: ModelParallel = field(default_factory=ModelParallel)
+    linear: LinearMethods = plain_linear
+
+
 def _is_tied(hf_config: Any) -> bool:
     return bool(getattr(hf_config, "tie_word_embeddings", False))
 
 
 class DecoderAttention(nn.Module):
     def __init__(
-        self, cfg: Any, flags: DecoderFlags, rotary: RotaryEmbedding, ops: KernelOps, dtype: torch.dtype
+        self, cfg: Any, flags: DecoderFlags, rotary: RotaryEmbedding, ctx: BuildContext, prefix: str
     ) -> None:
         super().__init__()
-        self.num_heads = cfg.num_attention_heads
-        self.num_kv_heads = cfg.num_key_value_heads
-        self.head_dim = head_dim_of(cfg)
-        self.q_size = self.num_heads * self.head_dim
-        self.kv_size = self.num_kv_heads * self.head_dim
-        self.qkv_proj = nn.Linear(
-            cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=flags.qkv_bias, dtype=dtype
+        tp = ctx.parallel.tp
+        head_dim = head_dim_of(cfg)
+        self.qkv_proj = QKVParallelLinear(
+            cfg.hidden_size, head_dim, cfg.num_attention_heads, cfg.num_key_value_heads, bias=flags.qkv_bias,
+            dtype=ctx.dtype, tp=tp, method=ctx.linear(f"{prefix}.qkv_proj"),
         )
-        self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=flags.o_bias, dtype=dtype)
-        self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, ops, dtype) if flags.qk_norm else None
-        self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, ops, dtype) if flags.qk_norm else None
+        self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
+        self.head_dim = head_dim
+        self.q_size = self.num_heads * head_dim
+        self.kv_size = self.num_kv_heads * head_dim
+        self.o_proj = RowParallelLinear(
+            cfg.num_attention_heads * head_dim, cfg.hidden_size, bias=flags.o_bias, dtype=ctx.dtype, tp=tp,
+            method=ctx.linear(f"{prefix}.o_proj"),
+        )
+        self.q_norm = RMSNorm(head_dim, cfg.rms_norm_eps, ctx.ops, ctx.dtype) if flags.qk_norm else None
+        self.k_norm = RMSNorm(head_dim, cfg.rms_norm_eps, ctx.ops, ctx.dtype) if flags.qk_norm else None
         self.rotary = rotary
-        self.attn = PagedAttention(self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim**-0.5, ops)
+        self.attn = PagedAttention(self.num_heads, self.num_kv_heads, head_dim, head_dim**-0.5, ctx.ops)
 
     def forward(
         self, positions: torch.Tensor, hidden: torch.Tensor, md: AttentionMetadata, kv_cache: torch.Tensor
@@ -76,14 +112,20 @@ class DecoderAttention(nn.Module):
 
 
 class DecoderMLP(nn.Module):
-    def __init__(self, cfg: Any, flags: DecoderFlags, ops: KernelOps, dtype: torch.dtype) -> None:
+    def __init__(self, cfg: Any, flags: DecoderFlags, ctx: BuildContext, prefix: str) -> None:
         super().__init__()
         if getattr(cfg, "hidden_act", "silu") != "silu":
             raise ValueError(f"unsupported hidden_act {cfg.hidden_act!r} (only silu)")
-        size = cfg.intermediate_size
-        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * size, bias=flags.mlp_bias, dtype=dtype)
-        self.down_proj = nn.Linear(size, cfg.hidden_size, bias=flags.mlp_bias, dtype=dtype)
-        self.act = SiluAndMul(ops)
+        size, tp = cfg.intermediate_size, ctx.parallel.tp
+        self.gate_up_proj = MergedColumnParallelLinear(
+            cfg.hidden_size, [size, size], bias=flags.mlp_bias, dtype=ctx.dtype, tp=tp,
+            method=ctx.linear(f"{prefix}.gate_up_proj"),
+        )
+        self.down_proj = RowParallelLinear(
+            size, cfg.hidden_size, bias=flags.mlp_bias, dtype=ctx.dtype, tp=tp,
+            method=ctx.linear(f"{prefix}.down_proj"),
+        )
+        self.act = SiluAndMul(ctx.ops)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act(self.gate_up_proj(x)))
@@ -91,13 +133,13 @@ class DecoderMLP(nn.Module):
 
 class DecoderLayer(nn.Module):
     def __init__(
-        self, cfg: Any, flags: DecoderFlags, rotary: RotaryEmbedding, ops: KernelOps, dtype: torch.dtype
+        self, cfg: Any, flags: DecoderFlags, rotary: RotaryEmbedding, ctx: BuildContext, prefix: str
     ) -> None:
         super().__init__()
-        self.self_attn = DecoderAttention(cfg, flags, rotary, ops, dtype)
-        self.mlp = DecoderMLP(cfg, flags, ops, dtype)
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops, dtype)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops, dtype)
+        self.self_attn = DecoderAttention(cfg, flags, rotary, ctx, f"{prefix}.self_attn")
+        self.mlp = DecoderMLP(cfg, flags, ctx, f"{prefix}.mlp")
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ctx.ops, ctx.dtype)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ctx.ops, ctx.dtype)
 
     def forward(
         self,
@@ -117,16 +159,30 @@ class DecoderLayer(nn.Module):
         return self.mlp(hidden), residual
 
 
+class MissingLayer(nn.Module):
+    """A layer another pipeline stage holds: no parameters, never called."""
+
+
 class DecoderModel(nn.Module):
-    def __init__(self, cfg: Any, flags: DecoderFlags, ops: KernelOps, dtype: torch.dtype) -> None:
+    def __init__(self, cfg: Any, flags: DecoderFlags, ctx: BuildContext) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype)
+        parallel = ctx.parallel
+        self.start, self.end = parallel.layers(cfg.num_hidden_layers)
+        self.embed_tokens: VocabParallelEmbedding | None = None
+        if parallel.is_first_stage:
+            self.embed_tokens = VocabParallelEmbedding(
+                cfg.vocab_size, cfg.hidden_size, dtype=ctx.dtype, tp=parallel.tp
+            )
         # One cos/sin cache shared by all layers (registered once, under the first layer's path).
-        rotary = RotaryEmbedding(cfg, head_dim_of(cfg), cfg.max_position_embeddings, ops)
+        rotary = RotaryEmbedding(cfg, head_dim_of(cfg), cfg.max_position_embeddings, ctx.ops)
         self.layers = nn.ModuleList(
-            DecoderLayer(cfg, flags, rotary, ops, dtype) for _ in range(cfg.num_hidden_layers)
+            DecoderLayer(cfg, flags, rotary, ctx, f"model.layers.{i}") if self.start <= i < self.end
+            else MissingLayer()
+            for i in range(cfg.num_hidden_layers)
         )
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops, dtype)
+        self.norm: RMSNorm | None = None
+        if parallel.is_last_stage:
+            self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ctx.ops, ctx.dtype)
 
 
 class LlamaForCausalLM(nn.Module):
@@ -137,87 +193,115 @@ class LlamaForCausalLM(nn.Module):
         bias = bool(getattr(hf_config, "attention_bias", False))
         return DecoderFlags(qkv_bias=bias, o_bias=bias, mlp_bias=bool(getattr(hf_config, "mlp_bias", False)))
 
-    def __init__(self, hf_config: Any, ops: KernelOps, dtype: torch.dtype = torch.float32) -> None:
+    def __init__(
+        self,
+        hf_config: Any,
+        ops: KernelOps,
+        dtype: torch.dtype = torch.float32,
+        parallel: ModelParallel | None = None,
+        linear: LinearMethods = plain_linear,
+    ) -> None:
         super().__init__()
+        ctx = BuildContext(ops, dtype, parallel or ModelParallel(), linear)
         self.config = hf_config
-        self.model = DecoderModel(hf_config, self.flags_for(hf_config), ops, dtype)
-        self.lm_head: nn.Module | None = None
-        if not _is_tied(hf_config):
-            self.lm_head = nn.Linear(hf_config.hidden_size, hf_config.vocab_size, bias=False, dtype=dtype)
+        self.parallel = ctx.parallel
+        self.model = DecoderModel(hf_config, self.flags_for(hf_config), ctx)
+        self.lm_head: ParallelLMHead | None = None
+        if ctx.parallel.is_last_stage:
+            # A tied head shares the embedding's shard when this stage has it; a last stage
+            # without the embedding (pipeline parallel) loads its own copy of it.
+            tied = self.model.embed_tokens if _is_tied(hf_config) else None
+            self.lm_head = ParallelLMHead(
+                hf_config.vocab_size, hf_config.hidden_size, dtype=dtype, tp=ctx.parallel.tp,
+                method=linear("lm_head"), tied=tied,
+            )
+
+    @property
+    def kv_cache_spec(self) -> KVCacheSpec:
+        """This rank's KV cache: one per layer of its stage, its share of the KV heads."""
+        layer = self.model.layers[self.model.start]
+        assert isinstance(layer, DecoderLayer)  # invariant: the stage's own layers are built
+        attn = layer.self_attn
+        return KVCacheSpec(self.model.end - self.model.start, attn.num_kv_heads, attn.head_dim)
 
     def forward(
         self,
-        input_ids: torch.Tensor,
+        input_ids: torch.Tensor | None,
         positions: torch.Tensor,
         attn_metadata: AttentionMetadata,
         kv_caches: list[torch.Tensor],
-    ) -> torch.Tensor:
-        """``input_ids``/``positions`` ``[T]`` -> final hidden states ``[T, H]``.
+        intermediate: IntermediateTensors | None = None,
+    ) -> torch.Tensor | IntermediateTensors:
+        """``input_ids`` (first stage) or the previous stage's ``intermediate``, ``positions``
+        ``[T]`` -> final hidden states ``[T, H]`` (last stage) or this stage's intermediate.
 
-        ``kv_caches[i]`` is layer ``i``'s ``[2, num_blocks, block_size, Hk, D]`` cache.
+        ``kv_caches[i]`` is the ``[2, num_blocks, block_size, Hk, D]`` cache of this stage's
+        ``i``-th layer.
         """
-        hidden = self.model.embed_tokens(input_ids)
-        residual: torch.Tensor | None = None
-        for layer, kv_cache in zip(self.model.layers, kv_caches, strict=True):
+        residual: torch.Tensor | None
+        if self.model.embed_tokens is not None:
+            hidden, residual = self.model.embed_tokens(input_ids), None
+        else:
+            assert intermediate is not None  # invariant: later stages receive the previous one's
+            hidden, residual = intermediate.hidden, intermediate.residual
+        layers = self.model.layers[self.model.start : self.model.end]
+        for layer, kv_cache in zip(layers, kv_caches, strict=True):
             hidden, residual = layer(positions, hidden, residual, attn_metadata, kv_cache)
+        if self.model.norm is None:
+            assert residual is not None  # invariant: a stage computes at least one layer
+            return IntermediateTensors(hidden, residual)
         hidden, _ = self.model.norm(hidden, residual)
         return hidden
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """``[N, H]`` -> float32 logits ``[N, V]``."""
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """``[N, H]`` -> float32 logits ``[N, V]`` on the sampling rank (None on other TP ranks)."""
         if self.lm_head is None:
-            logits = nn.functional.linear(hidden, self.model.embed_tokens.weight)
-        else:
-            logits = self.lm_head(hidden)
-        return logits if logits.dtype == torch.float32 else logits.float()
+            raise RuntimeError("only the last pipeline stage computes logits")
+        return self.lm_head.compute_logits(hidden)
 
-    def untie_lm_head(self) -> None:
-        """Give a tied LM head its own ``nn.Linear`` holding a copy of the embedding (after
-        loading), so that weight-layout transforms reach it; costs vocab x hidden memory."""
-        if self.lm_head is not None:
-            return
-        embed = self.model.embed_tokens.weight
-        head = nn.Linear(embed.shape[1], embed.shape[0], bias=False, dtype=embed.dtype, device=embed.device)
-        with torch.no_grad():
-            head.weight.copy_(embed)
-        self.lm_head = head.requires_grad_(False)
-
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        """Copy HF-named tensors into the (fused) parameters; returns the parameter names filled."""
-        params = dict(self.named_parameters())
+    def load_weights(self, weights: Iterable[tuple[str, TensorSource]]) -> set[str]:
+        """Copy this rank's shard of HF-named tensors into the (fused) parameters; returns the
+        parameter names filled. Tensors of other pipeline stages are skipped unread."""
+        modules = dict(self.named_modules())
+        own = {name for name, _ in self.named_parameters()}
         loaded: set[str] = set()
-        for name, tensor in weights:
-            if "rotary_emb.inv_freq" in name or (self.lm_head is None and name.startswith("lm_head.")):
-                continue
-            target, start = self._map_name(name)
-            if target not in params:
-                raise KeyError(f"checkpoint tensor {name!r} has no parameter in {type(self).__name__}")
-            param = params[target]
-            with torch.no_grad():
-                if start is None:
-                    param.copy_(tensor)
+        for name, source in weights:
+            for target, shard in self._targets(name):
+                if target not in own:
+                    continue  # another stage's tensor, or the head a tied embedding serves
+                module_name, _, attr = target.rpartition(".")
+                module = modules[module_name]
+                loader = getattr(module, "load", None)
+                if loader is not None:
+                    loader(attr, source, shard)
                 else:
-                    param[start : start + tensor.shape[0]].copy_(tensor)
-            loaded.add(target)
-        return loaded
+                    with torch.no_grad():
+                        getattr(module, attr).copy_(source.full())
+                loaded.add(target)
+        return loaded & own
 
-    def _map_name(self, name: str) -> tuple[str, int | None]:
-        """HF tensor name -> (our parameter name, row offset inside a fused parameter or None)."""
-        cfg = self.config
-        head_dim = head_dim_of(cfg)
-        q_size = cfg.num_attention_heads * head_dim
-        kv_size = cfg.num_key_value_heads * head_dim
+    @property
+    def _head_copies_embedding(self) -> bool:
+        """A tied LM head on a stage without the embedding (pipeline parallel) loads its own copy."""
+        return self.lm_head is not None and self.model.embed_tokens is None and _is_tied(self.config)
+
+    def _targets(self, name: str) -> list[tuple[str, int]]:
+        """HF tensor name -> [(our parameter name, fused shard index)]."""
+        if "rotary_emb.inv_freq" in name:
+            return []
+        if name == "model.embed_tokens.weight" and self._head_copies_embedding:
+            return [(name, 0), ("lm_head.weight", 0)]
         fused = {
             ".q_proj.": (".qkv_proj.", 0),
-            ".k_proj.": (".qkv_proj.", q_size),
-            ".v_proj.": (".qkv_proj.", q_size + kv_size),
+            ".k_proj.": (".qkv_proj.", 1),
+            ".v_proj.": (".qkv_proj.", 2),
             ".gate_proj.": (".gate_up_proj.", 0),
-            ".up_proj.": (".gate_up_proj.", cfg.intermediate_size),
+            ".up_proj.": (".gate_up_proj.", 1),
         }
-        for old, (new, offset) in fused.items():
+        for old, (new, shard) in fused.items():
             if old in name:
-                return name.replace(old, new), offset
-        return name, None
+                return [(name.replace(old, new), shard)]
+        return [(name, 0)]
 
 
 class MistralForCausalLM(LlamaForCausalLM):

@@ -166,7 +166,7 @@ async def test_queue_full_and_shutdown(llama_dir: Path, in_process: bool) -> Non
 async def test_failed_step_fails_requests(llama_dir: Path) -> None:
     engine = AsyncLLM.from_config(EngineConfig(model=str(llama_dir), num_kv_blocks=64, max_num_seqs=32))
     runner = engine.client.core.runner  # type: ignore[attr-defined]
-    execute, calls = runner.execute, []
+    execute, calls = runner.execute_async, []
 
     def failing_execute(sched_out: Any) -> Any:  # fault injection: the 4th step raises
         calls.append(1)
@@ -174,7 +174,7 @@ async def test_failed_step_fails_requests(llama_dir: Path) -> None:
             raise RuntimeError("device lost")
         return execute(sched_out)
 
-    runner.execute = failing_execute  # type: ignore[method-assign,assignment]
+    runner.execute_async = failing_execute  # type: ignore[method-assign]
     params = SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True)
     results = await asyncio.gather(
         *(collect(engine, p, params, f"f{i}") for i, p in enumerate(PROMPTS[:3])), return_exceptions=True

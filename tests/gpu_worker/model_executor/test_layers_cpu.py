@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from gpu_worker.model_executor.layers.attention import PagedAttention
-from gpu_worker.model_executor.layers.linear import TransposedLinear, transpose_linears
+from gpu_worker.model_executor.layers.linear import transposed_linear
+from gpu_worker.model_executor.layers.quantization.base import UnquantizedLinearMethod
 from kernels import KernelOps, reference, reference_ops
 from tests.gpu_worker.model_executor.tiny_model_steps import STEPS, build_model, run_steps, step_metadata
 from tests.helpers.tiny_models import FAMILIES, make_tiny_config
@@ -34,10 +35,13 @@ def test_plans_and_transposed_weights_give_the_plain_logits(family: str) -> None
     want = run_steps(build_model(cfg, _unplanned_ops()), cfg, STEPS)
     model = build_model(cfg, reference_ops())
     torch.testing.assert_close(run_steps(model, cfg, STEPS), want, rtol=1e-5, atol=1e-5)
-    replaced = transpose_linears(model)
-    assert not any(isinstance(m, nn.Linear) for m in model.modules())
-    assert isinstance(model.lm_head, TransposedLinear)  # tied heads too
-    assert replaced == 4 * cfg.num_hidden_layers + 1
+    transposed = UnquantizedLinearMethod(transposed=True)
+    linears = [m for m in model.modules() if hasattr(m, "linear_method")]
+    for module in linears:
+        module.linear_method = transposed
+        transposed.process_weights_after_loading(module)
+    assert len(linears) == 4 * cfg.num_hidden_layers + 1  # tied heads too
+    assert all(hasattr(m, "weight_t") and "weight" not in m._parameters for m in linears)
     torch.testing.assert_close(run_steps(model, cfg, STEPS), want, rtol=1e-5, atol=1e-5)
 
 
@@ -90,11 +94,13 @@ def test_transposed_linear_matches_nn_linear_with_bias() -> None:
     with torch.no_grad():
         linear.weight.copy_(torch.randn(7, 12, generator=gen))
         linear.bias.copy_(torch.randn(7, generator=gen))
-    fast = TransposedLinear(linear.weight, linear.bias)
+    weight_t = linear.weight.detach().t().contiguous()
     for x in (
         torch.randn(1, 12, generator=gen),
         torch.randn(5, 12, generator=gen),
         torch.randn(2, 3, 12, generator=gen),
     ):
-        torch.testing.assert_close(fast(x), linear(x), rtol=1e-6, atol=1e-6)
-    assert fast.weight_t.shape == (12, 7) and fast.weight_t.is_contiguous()
+        want = linear(x)
+        torch.testing.assert_close(transposed_linear(x, weight_t, linear.bias), want, rtol=1e-6, atol=1e-6)
+        no_bias = transposed_linear(x, weight_t, None)
+        torch.testing.assert_close(no_bias, want - linear.bias, rtol=1e-5, atol=1e-5)

@@ -99,7 +99,8 @@ def test_dummy_load_builds_real_shapes_from_a_config(tmp_path: Path) -> None:
     # On the CPU the loader stores projections transposed, [in, out] (layers/linear.py).
     qkv = params["model.layers.0.self_attn.qkv_proj.weight_t"]
     assert qkv.shape == (cfg.hidden_size, (cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * head_dim)
-    assert params["model.layers.0.mlp.gate_up_proj.weight_t"].shape == (cfg.hidden_size, 2 * cfg.intermediate_size)
+    gate_up = params["model.layers.0.mlp.gate_up_proj.weight_t"]
+    assert gate_up.shape == (cfg.hidden_size, 2 * cfg.intermediate_size)
     assert params["lm_head.weight_t"].shape == (cfg.hidden_size, cfg.vocab_size)
     assert params["model.layers.1.self_attn.q_norm.weight"].shape == (head_dim,)
     assert torch.all(params["model.norm.weight"] == 1)

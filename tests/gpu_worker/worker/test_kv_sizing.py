@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from gpu_worker.config import EngineConfig
+from gpu_worker.model_executor.model_config import KVCacheSpec, head_dim_of
 from gpu_worker.sampling_params import SamplingParams
 from gpu_worker.worker import kv_sizing
 from tests.helpers.tiny_models import make_tiny_config
@@ -17,14 +18,23 @@ from tests.helpers.tiny_models import make_tiny_config
 CPU = torch.device("cpu")
 
 
+def spec_of(family: str) -> KVCacheSpec:
+    """One rank's KV caches for the whole tiny model (the shape the loaded model reports)."""
+    cfg = make_tiny_config(family)
+    return KVCacheSpec(cfg.num_hidden_layers, cfg.num_key_value_heads, head_dim_of(cfg))
+
+
 def test_bytes_per_block_follow_the_model_shape() -> None:
-    cfg = make_tiny_config("qwen3")  # 2 layers, 2 KV heads, head_dim 32
+    cfg = spec_of("qwen3")  # 2 layers, 2 KV heads, head_dim 32
     assert kv_sizing.kv_bytes_per_block(cfg, 16, torch.float32) == 2 * 2 * 2 * 32 * 4 * 16
     assert kv_sizing.kv_bytes_per_block(cfg, 16, torch.bfloat16) == 2 * 2 * 2 * 32 * 2 * 16
+    half = KVCacheSpec(cfg.num_layers, 1, cfg.head_dim)  # a TP=2 rank holds one of the 2 KV heads
+    assert kv_sizing.kv_bytes_per_block(half, 16, torch.float32) == kv_sizing.kv_bytes_per_block(
+        cfg, 16, torch.float32) // 2
 
 
 def test_number_of_blocks_precedence() -> None:
-    cfg = make_tiny_config("llama")  # head_dim 16: 4096 bytes per 16-token float32 block
+    cfg = spec_of("llama")  # head_dim 16: 4096 bytes per 16-token float32 block
     per_block = kv_sizing.kv_bytes_per_block(cfg, 16, torch.float32)
     assert (
         kv_sizing.num_kv_blocks(

@@ -1,0 +1,111 @@
+"""The engine core's view of the model: build, size the KV pool, warm up, run steps.
+
+One rank: :class:`~gpu_worker.executor.uniproc.UniProcExecutor` calls the runner in the core's
+process and costs nothing. Several ranks (tensor / pipeline parallel):
+:class:`~gpu_worker.executor.multiproc.MultiprocExecutor` runs rank 0 here and one process per
+other device, and sends each step's plan to all of them.
+"""
+
+from __future__ import annotations
+
+import logging
+import resource
+from abc import ABC, abstractmethod
+
+import torch
+
+from gpu_worker.config import EngineConfig
+from gpu_worker.core.types import RunnerOutput, SchedulerOutput
+from gpu_worker.distributed.parallel_state import ModelParallel
+from gpu_worker.model_executor import loader
+from gpu_worker.worker import kv_sizing
+from gpu_worker.worker.model_runner import ModelRunner, PendingRunnerOutput
+
+logger = logging.getLogger(__name__)
+
+
+class Executor(ABC):
+    """Runs the engine core's steps on the model shard(s). ``runner`` is the driver rank's."""
+
+    runner: ModelRunner
+
+    @abstractmethod
+    def determine_num_kv_blocks(self, max_seq_len: int) -> int:
+        """KV blocks every rank can hold (the smallest over ranks), profiling a maximum-size
+        step of sequences up to ``max_seq_len`` tokens where the pool is sized from free memory."""
+
+    @abstractmethod
+    def initialize_kv_cache(self, num_blocks: int, max_model_len: int) -> None:
+        """Allocate every rank's KV pool and per-request state."""
+
+    @abstractmethod
+    def warmup(self) -> None:
+        """Dummy steps and CUDA graph capture on every rank."""
+
+    @abstractmethod
+    def execute_async(self, sched: SchedulerOutput) -> PendingRunnerOutput:
+        """Launch one step on every rank; the sampled ids come with the pending output."""
+
+    def execute(self, sched: SchedulerOutput) -> RunnerOutput:
+        return self.execute_async(sched).result()
+
+    def shutdown(self) -> None:  # noqa: B027 - one rank holds nothing to release
+        """Stop the other ranks (if any)."""
+
+
+def load_runner(
+    config: EngineConfig,
+    device: torch.device,
+    dtype: torch.dtype,
+    eos_token_ids: frozenset[int] | tuple[int, ...],
+    parallel: ModelParallel | None = None,
+) -> ModelRunner:
+    """This rank's model shard (its slice of the checkpoint) in a runner with no KV pool yet.
+
+    Logs the shard's weight bytes and how much this process's peak resident memory grew while
+    loading it (each rank reads only its slices, so it holds about its share)."""
+    source = loader.resolve_model(config.model)
+    hf_config = loader.load_hf_config(source)
+    rss_before = _reset_peak_resident()
+    model = loader.load_model(config, device, dtype, source=source, hf_config=hf_config, parallel=parallel)
+    weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    grew = _peak_resident() - rss_before
+    rank = 0 if parallel is None else parallel.pp_rank * parallel.tp.size + parallel.tp.rank
+    logger.info(
+        "rank %d loaded its model shard: %d MiB of weights on %s; peak resident memory grew by %d MiB",
+        rank, weights >> 20, device, max(grew, 0) >> 20,
+    )
+    return ModelRunner(config, model, hf_config, device, dtype, eos_token_ids)
+
+
+def _reset_peak_resident() -> int:
+    """Reset this process's peak resident memory to the current one (Linux: ``clear_refs``);
+    returns the current resident bytes."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+    return _status_bytes("VmRSS")
+
+
+def _peak_resident() -> int:
+    """Peak resident bytes since the last reset (``VmHWM``; ``ru_maxrss`` where there is none)."""
+    return _status_bytes("VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _status_bytes(field: str) -> int:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def rank_num_kv_blocks(runner: ModelRunner, max_seq_len: int) -> int:
+    """This rank's KV pool size (profiling its maximum-size step when sized from free memory)."""
+    profile = lambda: runner.profile_run(max_seq_len)  # noqa: E731 - only when sized from free memory
+    return kv_sizing.num_kv_blocks(runner.config, runner.kv_cache_spec, runner.device, runner.dtype, profile)

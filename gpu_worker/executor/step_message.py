@@ -1,0 +1,133 @@
+"""A step's plan (:class:`SchedulerOutput`) as one compact byte message for the other ranks, and
+a pipeline's step result (:class:`RunnerOutput`) on its way back to the driver.
+
+Sent once per step from the driver to every rank, so it is packed as columns, not pickled per
+request: integer columns (start positions, token and block counts, flags) and the concatenated
+token and block ids as int64 arrays, request ids as one NUL-separated UTF-8 string, and, only
+for requests new to the runner (admitted or resumed), their sampling parameters and token
+history as JSON. Nothing is unpickled on the receiving side.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+import numpy as np
+
+from gpu_worker.core.types import RunnerOutput, ScheduledRequest, SchedulerOutput, TokenLogprobs
+from gpu_worker.sampling_params import SamplingParams
+
+_SEP = "\0"
+_COLUMNS = ("start_pos", "num_tokens", "num_blocks", "sample", "is_new")
+
+
+def _ids(names: Any) -> bytes:
+    return _SEP.join(names).encode()
+
+
+def _names(data: bytes) -> list[str]:
+    return data.decode().split(_SEP) if data else []
+
+
+def encode_step(sched: SchedulerOutput) -> bytes:
+    """``sched`` as bytes for :func:`decode_step`."""
+    reqs = sched.requests
+    cols = np.array(
+        [[r.start_pos, len(r.token_ids), len(r.block_ids), r.sample, r.is_new] for r in reqs], dtype=np.int64
+    ).reshape(len(reqs), len(_COLUMNS))
+    tokens = np.fromiter((t for r in reqs for t in r.token_ids), dtype=np.int64)
+    blocks = np.fromiter((b for r in reqs for b in r.block_ids), dtype=np.int64)
+    new = [
+        {
+            "params": dataclasses.asdict(r.params) if r.params is not None else None,
+            "prompt_len": r.prompt_len,
+            "output_token_ids": list(r.output_token_ids),
+            "prompt_token_ids": list(r.prompt_token_ids),
+        }
+        for r in reqs
+        if r.is_new
+    ]
+    sections = [
+        np.array([sched.num_scheduled_tokens], dtype=np.int64).tobytes(),
+        cols.tobytes(),
+        tokens.tobytes(),
+        blocks.tobytes(),
+        _ids(r.req_id for r in reqs),
+        _ids(sorted(sched.finished_req_ids)),
+        _ids(sorted(sched.preempted_req_ids)),
+        json.dumps(new, separators=(",", ":")).encode(),
+    ]
+    header = np.array([len(s) for s in sections], dtype=np.int64).tobytes()
+    return np.array([len(sections)], dtype=np.int64).tobytes() + header + b"".join(sections)
+
+
+def decode_step(data: bytes) -> SchedulerOutput:
+    """The :class:`SchedulerOutput` that :func:`encode_step` packed."""
+    count = int(np.frombuffer(data, dtype=np.int64, count=1)[0])
+    sizes = np.frombuffer(data, dtype=np.int64, count=count, offset=8).tolist()
+    offset, sections = 8 + 8 * count, []
+    for size in sizes:
+        sections.append(data[offset : offset + size])
+        offset += size
+    num_scheduled = int(np.frombuffer(sections[0], dtype=np.int64)[0])
+    cols = np.frombuffer(sections[1], dtype=np.int64).reshape(-1, len(_COLUMNS)).tolist()
+    tokens = np.frombuffer(sections[2], dtype=np.int64).tolist()
+    blocks = np.frombuffer(sections[3], dtype=np.int64).tolist()
+    req_ids = _names(sections[4])
+    new = iter(json.loads(sections[7]))
+    requests, t, b = [], 0, 0
+    for req_id, (start, n_tok, n_blk, sample, is_new) in zip(req_ids, cols, strict=True):
+        token_ids, block_ids = tuple(tokens[t : t + n_tok]), tuple(blocks[b : b + n_blk])
+        t, b = t + n_tok, b + n_blk
+        if not is_new:
+            requests.append(ScheduledRequest(req_id, token_ids, start, block_ids, bool(sample)))
+            continue
+        extra = next(new)
+        params = extra["params"]
+        requests.append(
+            ScheduledRequest(
+                req_id, token_ids, start, block_ids, bool(sample), is_new=True,
+                params=None if params is None else _sampling_params(params),
+                prompt_len=extra["prompt_len"],
+                output_token_ids=tuple(extra["output_token_ids"]),
+                prompt_token_ids=tuple(extra["prompt_token_ids"]),
+            )
+        )
+    return SchedulerOutput(
+        requests=tuple(requests),
+        num_scheduled_tokens=num_scheduled,
+        finished_req_ids=frozenset(_names(sections[5])),
+        preempted_req_ids=frozenset(_names(sections[6])),
+    )
+
+
+def _sampling_params(fields: dict[str, Any]) -> SamplingParams:
+    # SamplingParams.__post_init__ turns logit_bias's JSON string keys back into ints.
+    return SamplingParams(**fields)
+
+
+def encode_output(out: RunnerOutput) -> bytes:
+    """A step's sampled ids (and logprobs), from a pipeline's sampling rank to the driver."""
+    ids = np.asarray(out.sampled_token_ids, dtype=np.int64).tobytes()
+    logprobs = [
+        None if lp is None else [lp.token_id, lp.logprob, lp.rank, [list(t) for t in lp.top]]
+        for lp in out.logprobs
+    ]
+    rest = json.dumps([list(out.req_ids), logprobs], separators=(",", ":")).encode()
+    return np.array([len(ids)], dtype=np.int64).tobytes() + ids + rest
+
+
+def decode_output(data: bytes) -> RunnerOutput:
+    size = int(np.frombuffer(data, dtype=np.int64, count=1)[0])
+    ids = tuple(np.frombuffer(data, dtype=np.int64, count=size // 8, offset=8).tolist())
+    req_ids, logprobs = json.loads(data[8 + size :])
+    return RunnerOutput(
+        req_ids=tuple(req_ids),
+        sampled_token_ids=ids,
+        logprobs=tuple(
+            None if lp is None else TokenLogprobs(lp[0], lp[1], lp[2], tuple((int(t), v) for t, v in lp[3]))
+            for lp in logprobs
+        ),
+    )

@@ -1,0 +1,231 @@
+"""Tensor-parallel layers: each rank holds a shard and one collective joins the shards.
+
+- :class:`ColumnParallelLinear` splits the output features (QKV and gate/up: merged per rank,
+  :class:`QKVParallelLinear`, :class:`MergedColumnParallelLinear`);
+- :class:`RowParallelLinear` splits the input features and sums the partial products with one
+  all-reduce (O and down projections); its bias is added once, after the sum;
+- :class:`VocabParallelEmbedding` and :class:`ParallelLMHead` split the vocabulary: lookups are
+  masked to the rank's range and summed; logits are gathered on the sampling rank.
+
+With one rank each layer is the plain one and computes exactly what ``nn.Linear`` /
+``nn.Embedding`` compute. Every layer loads its shard itself (:meth:`load`), from a
+:class:`~gpu_worker.model_executor.weights.TensorSource` that reads only the slice asked for,
+so a rank never holds more than its part of the checkpoint. The product itself is the layer's
+:class:`~gpu_worker.model_executor.layers.quantization.base.LinearMethod`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from gpu_worker.distributed.parallel_state import TensorParallelGroup
+from gpu_worker.model_executor.layers.quantization.base import LinearMethod
+from gpu_worker.model_executor.weights import TensorSource
+
+
+def divide(total: int, parts: int, what: str) -> int:
+    if total % parts:
+        raise ValueError(f"{what} ({total}) is not divisible by tensor_parallel_size ({parts})")
+    return total // parts
+
+
+def _copy_rows(target: torch.Tensor, dst: int, source: TensorSource, dim: int, src: int, length: int) -> None:
+    with torch.no_grad():
+        target.narrow(0, dst, length).copy_(source.narrow(dim, src, length))
+
+
+class _Linear(nn.Module):
+    """Weight ``[out_local, in_local]`` through ``method``, optional bias ``[bias_size]``."""
+
+    def __init__(
+        self, in_local: int, out_local: int, bias_size: int | None, dtype: torch.dtype, method: LinearMethod
+    ) -> None:
+        super().__init__()
+        self.linear_method = method
+        method.create_weights(self, in_local, out_local, dtype)
+        self.bias = None
+        if bias_size:
+            self.bias = nn.Parameter(torch.empty(bias_size, dtype=dtype), requires_grad=False)
+
+    def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return self.linear_method.apply(self, x, bias)
+
+
+class ColumnParallelLinear(_Linear):
+    """``y = x W^T + b`` with W's output rows (and b) split across the TP ranks: each rank
+    computes its slice of ``y``. ``output_sizes`` lists the sub-matrices fused in W (gate and
+    up, say): each is split on its own, so rank r holds rows ``r/tp`` of every one of them."""
+
+    def __init__(
+        self,
+        in_features: int,
+        output_sizes: Sequence[int],
+        *,
+        bias: bool,
+        dtype: torch.dtype,
+        tp: TensorParallelGroup,
+        method: LinearMethod,
+    ) -> None:
+        self.tp = tp
+        self.local_sizes = [divide(n, tp.size, "output features") for n in output_sizes]
+        out_local = sum(self.local_sizes)
+        super().__init__(in_features, out_local, out_local if bias else None, dtype, method)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.matmul(x, self.bias)
+
+    def shard_rows(self, shard: int) -> tuple[int, int, int]:
+        """(first local row, first checkpoint row, rows) of fused sub-matrix ``shard``."""
+        size = self.local_sizes[shard]
+        return sum(self.local_sizes[:shard]), self.tp.rank * size, size
+
+    def load(self, name: str, source: TensorSource, shard: int = 0) -> None:
+        """Copy this rank's rows of checkpoint tensor ``source`` (sub-matrix ``shard``) into
+        parameter ``name`` (``weight`` or ``bias``)."""
+        dst, src, rows = self.shard_rows(shard)
+        _copy_rows(getattr(self, name), dst, source, 0, src, rows)
+
+
+class MergedColumnParallelLinear(ColumnParallelLinear):
+    """Several column-parallel projections of one input in one matrix (gate and up)."""
+
+
+class QKVParallelLinear(ColumnParallelLinear):
+    """Q, K and V in one matrix, split by heads: each rank holds ``num_heads / tp`` query heads
+    and ``num_kv_heads / tp`` KV heads; when there are fewer KV heads than ranks, each KV head is
+    replicated on ``tp / num_kv_heads`` consecutive ranks (rank r holds head ``r // replicas``)."""
+
+    def __init__(
+        self,
+        hidden_size: int,
+        head_dim: int,
+        num_heads: int,
+        num_kv_heads: int,
+        *,
+        bias: bool,
+        dtype: torch.dtype,
+        tp: TensorParallelGroup,
+        method: LinearMethod,
+    ) -> None:
+        self.num_heads = divide(num_heads, tp.size, "num_attention_heads")
+        if num_kv_heads >= tp.size:
+            self.num_kv_heads = divide(num_kv_heads, tp.size, "num_key_value_heads")
+            self.kv_head_start = tp.rank * self.num_kv_heads
+        else:
+            replicas = divide(tp.size, num_kv_heads, "tensor_parallel_size over num_key_value_heads")
+            self.num_kv_heads, self.kv_head_start = 1, tp.rank // replicas
+        self.head_dim = head_dim
+        q, kv = num_heads * head_dim, self.num_kv_heads * tp.size * head_dim
+        super().__init__(hidden_size, [q, kv, kv], bias=bias, dtype=dtype, tp=tp, method=method)
+
+    def shard_rows(self, shard: int) -> tuple[int, int, int]:
+        if shard == 0:
+            return super().shard_rows(0)
+        rows = self.num_kv_heads * self.head_dim
+        dst = self.local_sizes[0] + (shard - 1) * rows
+        return dst, self.kv_head_start * self.head_dim, rows
+
+
+class RowParallelLinear(_Linear):
+    """``y = x W^T + b`` with W's input columns split: rank r multiplies its slice of ``x`` (the
+    output of a column-parallel layer) and one all-reduce sums the partial products."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        bias: bool,
+        dtype: torch.dtype,
+        tp: TensorParallelGroup,
+        method: LinearMethod,
+    ) -> None:
+        self.tp = tp
+        self.in_local = divide(in_features, tp.size, "input features")
+        super().__init__(self.in_local, out_features, out_features if bias else None, dtype, method)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.tp.size == 1:
+            return self.matmul(x, self.bias)
+        y = self.tp.all_reduce(self.matmul(x, None))
+        return y if self.bias is None else y + self.bias
+
+    def load(self, name: str, source: TensorSource, shard: int = 0) -> None:
+        target = getattr(self, name)
+        if name == "bias":  # replicated: added once, after the all-reduce
+            _copy_rows(target, 0, source, 0, 0, target.shape[0])
+            return
+        with torch.no_grad():
+            target.copy_(source.narrow(1, self.tp.rank * self.in_local, self.in_local))
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Token embeddings with the vocabulary split in ``tp`` equal ranges (the last padded):
+    each rank looks up the ids in its range, zeros the others, and an all-reduce sums them."""
+
+    def __init__(self, vocab_size: int, hidden_size: int, *, dtype: torch.dtype, tp: TensorParallelGroup):
+        super().__init__()
+        self.tp = tp
+        self.vocab_size = vocab_size
+        self.rows = -(-vocab_size // tp.size)
+        self.start = tp.rank * self.rows
+        self.end = min(self.start + self.rows, vocab_size)
+        self.weight = nn.Parameter(torch.empty(self.rows, hidden_size, dtype=dtype), requires_grad=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.tp.size == 1:
+            return nn.functional.embedding(ids, self.weight)
+        inside = (ids >= self.start) & (ids < self.end)
+        out = nn.functional.embedding(torch.where(inside, ids - self.start, 0), self.weight)
+        out.masked_fill_(~inside.unsqueeze(-1), 0)
+        return self.tp.all_reduce(out)
+
+    def load(self, name: str, source: TensorSource, shard: int = 0) -> None:
+        rows = self.end - self.start
+        with torch.no_grad():
+            self.weight[rows:].zero_()  # padding rows of the last rank: never looked up
+        _copy_rows(self.weight, 0, source, 0, self.start, rows)
+
+
+class ParallelLMHead(VocabParallelEmbedding):
+    """The output projection over the vocabulary, split like the embedding: each rank computes
+    the logits of its range; they are gathered, unpadded, on the sampling rank.
+
+    ``tied``: the embedding whose weight this head reads (same shard, no copy on the GPU). It
+    is looked up at call time rather than shared as one parameter: moving a model off the meta
+    device gives every module its own tensors, which would silently untie them."""
+
+    def __init__(
+        self,
+        vocab_size: int,
+        hidden_size: int,
+        *,
+        dtype: torch.dtype,
+        tp: TensorParallelGroup,
+        method: LinearMethod,
+        tied: VocabParallelEmbedding | None = None,
+    ) -> None:
+        super().__init__(vocab_size, hidden_size, dtype=dtype, tp=tp)
+        self.linear_method = method
+        self._tied = (tied,) if tied is not None else ()  # a tuple: not registered as a submodule
+        if tied is not None:
+            del self.weight
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "weight" and self._tied:
+            return self._tied[0].weight
+        return super().__getattr__(name)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """Float32 logits ``[N, vocab]`` on the sampling TP rank (None on the others)."""
+        logits = self.linear_method.apply(self, hidden, None)
+        if self.tp.size > 1:
+            gathered = self.tp.gather_to_first(logits)
+            if gathered is None:
+                return None
+            logits = gathered[..., : self.vocab_size]
+        return logits if logits.dtype == torch.float32 else logits.float()
