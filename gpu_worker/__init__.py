@@ -11,12 +11,21 @@ from typing import TYPE_CHECKING, Any
 
 from gpu_worker.config import EngineConfig
 from gpu_worker.outputs import CompletionOutput, Logprob, RequestOutput
-from gpu_worker.sampling_params import SamplingParams
+from gpu_worker.sampling_params import PluginCall, SamplingParams, StructuredOutputsParams
 
 if TYPE_CHECKING:
     from gpu_worker.llm import LLM
 
-__all__ = ["LLM", "CompletionOutput", "EngineConfig", "Logprob", "RequestOutput", "SamplingParams"]
+__all__ = [
+    "LLM",
+    "CompletionOutput",
+    "EngineConfig",
+    "Logprob",
+    "PluginCall",
+    "RequestOutput",
+    "SamplingParams",
+    "StructuredOutputsParams",
+]
 
 _LAZY = {"LLM": "gpu_worker.llm"}
 

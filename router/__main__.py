@@ -42,7 +42,7 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
                    help="on SIGTERM: health NOT_SERVING, new calls refused, streams get this long to end")
     p.add_argument("--default-priority", action="append", default=[], metavar="MODEL=PRIORITY",
                    help="priority of MODEL's requests that set none (repeatable, or comma-separated in "
-                        "the variable; lower runs first on workers with --scheduling-policy priority)")
+                        "the variable; lower runs first on workers whose scheduling policy is priority)")
     add_limit_flags(p)
     add_failover_flags(p)
     add_security_flags(p)

@@ -93,7 +93,6 @@ class AsyncLLM:
         self._queued_adds: deque[tuple[int, int]] = deque()  # (core requests, tokens) per add, in order
         self._kv_events: list[KVEvent] = []
         self._dead: BaseException | None = None  # set once the core failed
-        self._dead_callbacks: list[tuple[asyncio.AbstractEventLoop, Callable[[BaseException], None]]] = []
         self._closed = False  # no new requests (shutdown started)
         # Every torch call releases the GIL and must win it back from the event loop, which by
         # default waits out a 5 ms switch interval each time: W4 measured decode steps twice as
@@ -145,14 +144,18 @@ class AsyncLLM:
         params: SamplingParams | None,
         request_id: str,
         resumed_token_ids: Sequence[int] = (),
+        priority: int = 0,
     ) -> AsyncGenerator[RequestOutput, None]:
         """Stream the request's outputs as deltas; the last one has ``finished=True``.
 
         ``resumed_token_ids``: outputs another worker produced before it failed; the stream
-        continues after them (see :meth:`InputProcessor.process`)."""
+        continues after them (see :meth:`InputProcessor.process`). ``priority``: lower runs first
+        when the engine's scheduling policy is ``priority``."""
         self._check_accepting()
         self._check_sequence_room(params.n if params is not None else 1)  # before tokenizing
-        processed = self._processor.process(request_id, prompt, params, resumed_token_ids=resumed_token_ids)
+        processed = self._processor.process(
+            request_id, prompt, params, priority=priority, resumed_token_ids=resumed_token_ids
+        )
         if request_id in self._queues:
             raise ValueError(f"request_id {request_id!r} is already in flight")
         self._check_queue_room(processed)
@@ -235,17 +238,6 @@ class AsyncLLM:
             raise QueueFullError("max_queued_tokens", (
                 f"queue full: {waiting_tokens} tokens are waiting and this request adds {tokens}; the "
                 f"limit is {config.max_queued_tokens} tokens (max_queued_tokens, flag --max-queued-tokens)"))
-
-    def on_dead(self, callback: Callable[[BaseException], None]) -> None:
-        """Call ``callback(error)`` on this event loop once the engine core fails or dies (at once
-        if it already has): the worker then stops serving and exits for its orchestrator."""
-        loop = asyncio.get_running_loop()
-        with self._lock:
-            dead = self._dead
-            if dead is None:
-                self._dead_callbacks.append((loop, callback))
-        if dead is not None:
-            loop.call_soon(callback, dead)
 
     # ------------------------------------------------------------------ queries and observability
 
@@ -355,9 +347,6 @@ class AsyncLLM:
             self._dead = exc
             routes, self._routes = self._routes, {}
             queries, self._queries = self._queries, {}
-            callbacks, self._dead_callbacks = self._dead_callbacks, []
-        for loop, callback in callbacks:
-            _post(loop, callback, exc)
         for loop, future in queries.values():
             _post(loop, _fail, future, error)
         by_loop: dict[asyncio.AbstractEventLoop, set[str]] = {}

@@ -153,7 +153,8 @@ class WorkerService:
         self._idle.clear()
         try:
             with self._telemetry.observe(call) as observation:
-                outputs = engine.generate(call.prompt, call.params, call.request_id, call.resumed_token_ids)
+                outputs = engine.generate(call.prompt, call.params, call.request_id, call.resumed_token_ids,
+                                          priority=call.priority)
                 async with aclosing(outputs):
                     async for output in outputs:
                         observation.on_output(output)

@@ -96,6 +96,7 @@ def decode_generate(request: gen_pb.GenerateRequest, limits: RequestLimits | Non
         params=decode_sampling(request.sampling),
         request_id=request.request_id or uuid.uuid4().hex,
         resumed_token_ids=resumed,
+        priority=request.priority,
     )
 
 

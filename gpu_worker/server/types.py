@@ -6,7 +6,7 @@ Kept apart from :mod:`gpu_worker.server.service` so that the service and its tel
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, Callable, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -32,14 +32,13 @@ class ServedEngine(Protocol):
 
     def generate(
         self, prompt: PromptInput, params: SamplingParams, request_id: str,
-        resumed_token_ids: Sequence[int] = (),
+        resumed_token_ids: Sequence[int] = (), priority: int = 0,
     ) -> AsyncGenerator[Any, None]: ...
     async def abort(self, request_id: str) -> None: ...
     def stats(self) -> SchedulerStats: ...
     def take_kv_events(self) -> list[KVEvent]: ...
     async def cached_block_hashes(self) -> set[bytes]: ...
     async def shutdown(self) -> None: ...
-    def on_dead(self, callback: Callable[[BaseException], None]) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -52,3 +51,4 @@ class GenerateCall:
     params: SamplingParams
     request_id: str
     resumed_token_ids: tuple[int, ...] = ()
+    priority: int = 0  # lower runs first (with --scheduling-policy priority)

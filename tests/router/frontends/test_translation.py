@@ -3,13 +3,15 @@ router's internal request, and back."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from llmserve.kserve import grpc_service_pb2 as kserve_pb
 from llmserve.prompt_input import ChatPrompt
 from llmserve.v1 import generation_pb2 as gen_pb
 from router.errors import InvalidRequest
-from router.frontends.kserve_requests import decode_infer, sampling_from
+from router.frontends.kserve_requests import decode_infer, priority_from, sampling_from
 from router.frontends.kserve_tensors import decode_bytes_elements, encode_bytes_elements
 from router.frontends.openai_errors import InvalidParam, validation_param
 from router.frontends.openai_responses import ChatRenderer, CompletionRenderer
@@ -107,3 +109,39 @@ def test_infer_request_reads_typed_contents_and_request_parameters() -> None:
     assert call.routed.prompt == "Hi" and call.routed.sampling.max_tokens == 3
     assert (call.client_id, call.stream, call.prompt_text) == ("7", False, "Hi")
     assert call.outputs == ("text_output",)
+
+
+def test_openai_formats_priority_and_plugins_become_the_internal_request() -> None:
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    body = {"messages": [{"role": "user", "content": "x"}], "priority": -2,
+            "response_format": {"type": "json_schema", "json_schema": {"name": "s", "schema": schema}},
+            "logits_processors": ["p", {"name": "q", "args": {"k": [1]}}],
+            "stopping_criteria": [{"name": "c"}]}
+    routed = validate(ChatCompletionRequest, body).to_router_request("c1")
+    s = routed.sampling
+    assert routed.priority == -2 and s.structured_output.WhichOneof("kind") == "json"
+    assert json.loads(s.structured_output.json) == schema
+    assert [(c.name, c.args_json) for c in s.logits_processors] == [("p", ""), ("q", '{"k": [1]}')]
+    assert [c.name for c in s.stopping_criteria] == ["c"]
+    as_object = validate(CompletionRequest, {"prompt": "x", "response_format": {"type": "json_object"}})
+    assert as_object.to_router_request("c2").sampling.structured_output.json_object
+    guided = validate(CompletionRequest, {"prompt": "x", "guided_choice": ["a", "b"]}).to_router_request("c3")
+    assert list(guided.sampling.structured_output.choice.choices) == ["a", "b"]
+    vllm = validate(CompletionRequest, {"prompt": "x", "structured_outputs": {"regex": "[0-9]+"}})
+    assert vllm.to_router_request("c4").sampling.structured_output.regex == "[0-9]+"
+    text = validate(CompletionRequest, {"prompt": "x", "response_format": {"type": "text"}})
+    plain = text.to_router_request("c5")
+    assert not plain.sampling.HasField("structured_output") and plain.priority is None
+
+
+def test_kserve_sampling_parameters_carry_formats_priority_and_plugins() -> None:
+    s = sampling_from({"guided_json": {"type": "object"}, "stopping_criteria": [{"name": "c", "args": 3}]})
+    assert s.structured_output.json == '{"type": "object"}' and s.stopping_criteria[0].args_json == "3"
+    assert sampling_from({"structured_outputs": {"choice": ["x"]}}).structured_output.choice.choices == ["x"]
+    with pytest.raises(InvalidRequest, match="structured_outputs"):
+        sampling_from({"structured_outputs": {"regex": "a", "choice": ["b"]}})
+    with pytest.raises(InvalidRequest, match="only one structured output"):
+        sampling_from({"guided_regex": "a", "guided_choice": ["b"]})
+    assert priority_from({"priority": "3"}) == 3 and priority_from({}) is None
+    with pytest.raises(InvalidRequest, match="priority"):
+        priority_from({"priority": 1.5})
