@@ -93,6 +93,7 @@ class AsyncLLM:
         self._queued_adds: deque[tuple[int, int]] = deque()  # (core requests, tokens) per add, in order
         self._kv_events: list[KVEvent] = []
         self._dead: BaseException | None = None  # set once the core failed
+        self._dead_callbacks: list[tuple[asyncio.AbstractEventLoop, Callable[[BaseException], None]]] = []
         self._closed = False  # no new requests (shutdown started)
         # Every torch call releases the GIL and must win it back from the event loop, which by
         # default waits out a 5 ms switch interval each time: W4 measured decode steps twice as
@@ -239,6 +240,17 @@ class AsyncLLM:
                 f"queue full: {waiting_tokens} tokens are waiting and this request adds {tokens}; the "
                 f"limit is {config.max_queued_tokens} tokens (max_queued_tokens, flag --max-queued-tokens)"))
 
+    def on_dead(self, callback: Callable[[BaseException], None]) -> None:
+        """Call ``callback(error)`` on this event loop once the engine core fails or dies (at once
+        if it already has): the worker then stops serving and exits for its orchestrator."""
+        loop = asyncio.get_running_loop()
+        with self._lock:
+            dead = self._dead
+            if dead is None:
+                self._dead_callbacks.append((loop, callback))
+        if dead is not None:
+            loop.call_soon(callback, dead)
+
     # ------------------------------------------------------------------ queries and observability
 
     def stats(self) -> SchedulerStats:
@@ -347,6 +359,9 @@ class AsyncLLM:
             self._dead = exc
             routes, self._routes = self._routes, {}
             queries, self._queries = self._queries, {}
+            callbacks, self._dead_callbacks = self._dead_callbacks, []
+        for loop, callback in callbacks:
+            _post(loop, callback, exc)
         for loop, future in queries.values():
             _post(loop, _fail, future, error)
         by_loop: dict[asyncio.AbstractEventLoop, set[str]] = {}

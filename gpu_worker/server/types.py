@@ -6,7 +6,7 @@ Kept apart from :mod:`gpu_worker.server.service` so that the service and its tel
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -39,6 +39,7 @@ class ServedEngine(Protocol):
     def take_kv_events(self) -> list[KVEvent]: ...
     async def cached_block_hashes(self) -> set[bytes]: ...
     async def shutdown(self) -> None: ...
+    def on_dead(self, callback: Callable[[BaseException], None]) -> None: ...
 
 
 @dataclass(frozen=True)
