@@ -87,6 +87,10 @@ class AsyncLLM:
         self._routes: dict[str, _Route] = {}
         self._queries: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Future[Any]]] = {}
         self._query_ids = itertools.count()
+        # Core request ids are the user's id plus this tag: a client may reuse an id as soon as
+        # its stream ended, while outputs of the old one (a stop string ends it here, the abort
+        # reaches the core later) are still on their way.
+        self._submissions = itertools.count()
         self._stats = info.stats  # replaced (never mutated) by the client's thread
         self._num_queued_adds = 0  # core requests sent but not yet taken by the core
         self._num_queued_add_tokens = 0  # their tokens
@@ -155,7 +159,8 @@ class AsyncLLM:
         self._check_accepting()
         self._check_sequence_room(params.n if params is not None else 1)  # before tokenizing
         processed = self._processor.process(
-            request_id, prompt, params, priority=priority, resumed_token_ids=resumed_token_ids
+            request_id, prompt, params, priority=priority, resumed_token_ids=resumed_token_ids,
+            core_tag=f"@{next(self._submissions)}",
         )
         if request_id in self._queues:
             raise ValueError(f"request_id {request_id!r} is already in flight")

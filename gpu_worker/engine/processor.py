@@ -91,13 +91,16 @@ class InputProcessor:
         arrival_time: float | None = None,
         priority: int = 0,
         resumed_token_ids: Sequence[int] = (),
+        core_tag: str = "",
     ) -> ProcessedRequest:
         """Validate and tokenize; fan ``n > 1`` out into ``n`` core requests.
 
         Child ``i`` of a seeded request samples with ``seed + i`` so that the samples
         differ yet the whole request stays reproducible. ``resumed_token_ids``: outputs another
         worker generated before it failed (``n == 1`` only); the request continues after them
-        exactly as if it had generated them (they count toward ``max_tokens``).
+        exactly as if it had generated them (they count toward ``max_tokens``). ``core_tag`` is
+        appended to the core request ids: a serving front makes them unique per submission, so
+        outputs still in flight for an earlier request of the same id never reach this one.
         """
         if not request_id:
             raise ValueError("request_id must not be empty")
@@ -119,7 +122,7 @@ class InputProcessor:
             child_params = dataclasses.replace(params, n=1, seed=seed) if params.n > 1 else params
             children.append(
                 EngineCoreRequest(
-                    request_id=child_request_id(request_id, i, params.n),
+                    request_id=child_request_id(request_id + core_tag, i, params.n),
                     prompt_token_ids=ids,
                     params=child_params,
                     eos_token_ids=self.eos_token_ids,
