@@ -5,7 +5,7 @@ Sent once per step from the driver to every rank, so it is packed as columns, no
 request: integer columns (start positions, token and block counts, flags) and the concatenated
 token and block ids as int64 arrays, request ids as one NUL-separated UTF-8 string, and, only
 for requests new to the runner (admitted or resumed), their sampling parameters and token
-history as JSON. Nothing is unpickled on the receiving side.
+history as JSON; a structured-output bitmask as raw int32 words. Nothing is unpickled on the receiving side.
 """
 
 from __future__ import annotations
@@ -16,7 +16,13 @@ from typing import Any
 
 import numpy as np
 
-from gpu_worker.core.types import RunnerOutput, ScheduledRequest, SchedulerOutput, TokenLogprobs
+from gpu_worker.core.types import (
+    GrammarBitmask,
+    RunnerOutput,
+    ScheduledRequest,
+    SchedulerOutput,
+    TokenLogprobs,
+)
 from gpu_worker.sampling_params import SamplingParams
 
 _SEP = "\0"
@@ -58,6 +64,7 @@ def encode_step(sched: SchedulerOutput) -> bytes:
         _ids(sorted(sched.finished_req_ids)),
         _ids(sorted(sched.preempted_req_ids)),
         json.dumps(new, separators=(",", ":")).encode(),
+        *_grammar_sections(sched.grammar),
     ]
     header = np.array([len(s) for s in sections], dtype=np.int64).tobytes()
     return np.array([len(sections)], dtype=np.int64).tobytes() + header + b"".join(sections)
@@ -100,7 +107,24 @@ def decode_step(data: bytes) -> SchedulerOutput:
         num_scheduled_tokens=num_scheduled,
         finished_req_ids=frozenset(_names(sections[5])),
         preempted_req_ids=frozenset(_names(sections[6])),
+        grammar=_grammar(sections[8], sections[9]),
     )
+
+
+def _grammar_sections(grammar: GrammarBitmask | None) -> list[bytes]:
+    """The structured-output bitmask of the step (the sampling rank may be another process)."""
+    if grammar is None:
+        return [b"", b""]
+    mask = np.ascontiguousarray(grammar.bitmask, dtype=np.int32)
+    return [_ids(grammar.req_ids), np.array([mask.shape[1]], dtype=np.int64).tobytes() + mask.tobytes()]
+
+
+def _grammar(ids: bytes, mask: bytes) -> GrammarBitmask | None:
+    if not mask:
+        return None
+    words = int(np.frombuffer(mask, dtype=np.int64, count=1)[0])
+    bitmask = np.frombuffer(mask, dtype=np.int32, offset=8).reshape(-1, words).copy()
+    return GrammarBitmask(tuple(_names(ids)), bitmask)
 
 
 def _sampling_params(fields: dict[str, Any]) -> SamplingParams:
