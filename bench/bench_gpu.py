@@ -30,7 +30,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_gpu_report as report  # noqa: E402
-from results import ResultRow, append_results, new_run_id, today  # noqa: E402
+from results import (  # noqa: E402
+    DEFAULT_GPU_PRICE_PER_HOUR_USD,
+    ResultRow,
+    append_results,
+    cost_per_million_output_tokens,
+    new_run_id,
+    today,
+)
 
 SHAPES: dict[str, dict[str, Any]] = {
     "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
@@ -228,6 +235,10 @@ class Ctx:
     out_dir: Path
 
     def add(self, workload: str, shape: str, engine: str, tok_s: float, **extra: Any) -> None:
+        price = self.args.price_per_gpu_hour  # one GPU per row here
+        cost = cost_per_million_output_tokens(price, 1, tok_s)
+        extra.update(gpu_price_per_hour_usd=price,
+                     cost_per_million_output_tokens_usd=None if cost is None else round(cost, 4))
         self.rows.append(ResultRow(self.run_id, today(), self.args.commit, self.card, workload, shape,
                                    engine, tok_s, {k: v for k, v in extra.items() if v is not None}))
         print(f"  {workload} {shape} {engine}: {tok_s:,.0f} tok/s {extra}", flush=True)
@@ -342,6 +353,9 @@ def main() -> None:
     ap.add_argument("--out-dir", type=Path, default=Path("bench_out"))
     ap.add_argument("--results", type=Path, default=Path("docs/benchmarks/results.jsonl"))
     ap.add_argument("--markdown", type=Path, default=Path("docs/benchmarks/gpu.md"))
+    ap.add_argument("--price-per-gpu-hour", type=float, default=DEFAULT_GPU_PRICE_PER_HOUR_USD,
+                    help="USD per GPU-hour for cost_per_million_output_tokens_usd (default: an H100-class "
+                    "card at a common cloud price)")
     args = ap.parse_args()
     args.out_dir.mkdir(parents=True, exist_ok=True)
     workloads = args.workloads.split(",")

@@ -80,19 +80,23 @@ def markdown(rows: list[ResultRow], card: str, ceil: dict[str, float], commit: s
         f"Measured ceilings: copy {ceil['copy_GBps']:,.0f} GB/s (read + write), "
         f"bf16 matmul {ceil['matmul_TFLOPs']:.0f} TFLOP/s. All engines in one process on this card.",
         "",
-        "| workload | model | engine | output tok/s | vs HF static (best batch) | share of floor | notes |",
-        "| --- | --- | --- | ---: | ---: | ---: | --- |",
+        "| workload | model | engine | output tok/s | vs HF static (best batch) | share of floor "
+        "| $ per M output tokens | notes |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | --- |",
     ]
     for r in rows:
         best = _best_static(rows, r.workload)
         ratio = f"{r.output_tok_s / best.output_tok_s:.2f}x" if best else ""
         floor = r.extra.get("floor_tok_s")
         share = f"{r.output_tok_s / floor:.0%} of {floor:,.0f}" if floor else ""
-        notes = ", ".join(
-            f"{k} {v}" for k, v in r.extra.items() if k not in ("floor_tok_s", "share_of_floor")
-        )
+        cost = r.extra.get("cost_per_million_output_tokens_usd")
+        price = r.extra.get("gpu_price_per_hour_usd")
+        dollars = f"${cost:,.2f} at ${price}/GPU-h" if cost is not None else ""
+        hidden = ("floor_tok_s", "share_of_floor", "cost_per_million_output_tokens_usd",
+                  "gpu_price_per_hour_usd")
+        notes = ", ".join(f"{k} {v}" for k, v in r.extra.items() if k not in hidden)
         out.append(f"| {r.workload} | {r.model_shape} | {r.engine} | {r.output_tok_s:,.0f} | {ratio} "
-                   f"| {share} | {notes} |")
+                   f"| {share} | {dollars} | {notes} |")
     out += ["", "## Targets (issue 5)", ""]
     for workload, (min_ratio, min_share) in TARGETS.items():
         ours = next((r for r in rows if r.workload == workload and r.engine == "llmserve"), None)

@@ -35,7 +35,14 @@ import torch  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from results import ResultRow, append_results, new_run_id, today  # noqa: E402
+from results import (  # noqa: E402
+    DEFAULT_GPU_PRICE_PER_HOUR_USD,
+    ResultRow,
+    append_results,
+    cost_per_million_output_tokens,
+    new_run_id,
+    today,
+)
 
 SHAPES: dict[str, dict[str, Any]] = {
     "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
@@ -128,6 +135,9 @@ def main() -> None:
     ap.add_argument("--workloads", default="W1,W2")
     ap.add_argument("--out-dir", type=Path, default=Path("bench_out"))
     ap.add_argument("--results", type=Path, default=Path("docs/benchmarks/results.jsonl"))
+    ap.add_argument("--price-per-gpu-hour", type=float, default=DEFAULT_GPU_PRICE_PER_HOUR_USD,
+                    help="USD per GPU-hour for cost_per_million_output_tokens_usd (all TP x PP GPUs of a "
+                    "row)")
     args = ap.parse_args()
     gpus = torch.cuda.device_count()
     card = f"{torch.cuda.get_device_name()} x{gpus}"
@@ -169,6 +179,9 @@ def main() -> None:
                     comm_ms = 2 * layers * comm[tp][8 * 1024] * 1e3
                     extra["comm_share_of_decode_step_est"] = round(comm_ms / r["decode_step_ms"], 3)
                 tok_s = r["output_tok_s"]
+                cost = cost_per_million_output_tokens(args.price_per_gpu_hour, tp * pp, tok_s)
+                extra["gpu_price_per_hour_usd"] = args.price_per_gpu_hour
+                extra["cost_per_million_output_tokens_usd"] = None if cost is None else round(cost, 4)
                 print(f"{shape} {w} TP={tp} PP={pp}: {tok_s:,.0f} tok/s ({ratio:.2f}x TP=1) {extra}",
                       flush=True)
                 rows.append(ResultRow(run_id, today(), args.commit, card, w, shape, "llmserve", tok_s, extra,

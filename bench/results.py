@@ -5,7 +5,8 @@ Required fields (shared/BASELINES.md): ``run_id``, ``date``, ``commit``, ``card`
 of one run comparable: ``quantization`` (``none``, ``fp8``, ``w4a16``, ``gptq``, ``gguf``),
 ``kv_cache_dtype`` (``auto``, ``fp8``), ``tensor_parallel_size``, ``pipeline_parallel_size``;
 ``share_of_floor`` where a floor applies. Anything else (latencies, ratios, notes) is added as
-extra keys.
+extra keys; the GPU benchmarks add ``cost_per_million_output_tokens_usd`` at
+``gpu_price_per_hour_usd`` (:func:`cost_per_million_output_tokens`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,17 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+DEFAULT_GPU_PRICE_PER_HOUR_USD = 2.69  # an H100-class card at a common cloud price (issue 18)
+
+
+def cost_per_million_output_tokens(price_per_gpu_hour: float, gpus: int, output_tok_s: float) -> float | None:
+    """What a million output tokens cost at ``output_tok_s``: price x GPUs x elapsed / output tokens
+    x 1e6, with elapsed / output tokens = 1 / ``output_tok_s`` (None without throughput). It prices
+    the whole wall time of the run, idle or not."""
+    if output_tok_s <= 0:
+        return None
+    return price_per_gpu_hour * gpus * 1e6 / (3600.0 * output_tok_s)
 
 
 def new_run_id() -> str:

@@ -102,9 +102,29 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
     server.add_argument("--worker-id", default=None, help="unique id (default hostname-port-random)")
     add_limit_flags(parser)
     add_worker_security_flags(parser)
+    _add_operations_flags(parser)
     _add_observability_flags(parser)
     apply_env_defaults(parser, environ)
     return parser
+
+
+def _add_operations_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("operations (docs/OPERATIONS.md: warm standby, cost)")
+    group.add_argument(
+        "--standby", action=argparse.BooleanOptionalAction, default=False,
+        help="load the model, then register as a warm standby (never routed to) that promotes itself "
+        "when its model's live capacity drops (needs --redis-url)")
+    group.add_argument(
+        "--standby-min-live", type=int, default=1,
+        help="a standby promotes itself when its model has fewer live workers than this")
+    group.add_argument(
+        "--standby-queue-threshold", type=float, default=None,
+        help="a standby also promotes itself when the model's waiting requests per live worker stay "
+        "above this (default: only on lost capacity)")
+    group.add_argument(
+        "--device-cost-per-hour", type=float, default=0.0,
+        help="price of this worker's devices per hour (all its GPUs), for llmserve:cost_total and the "
+        "request logs' cost, in any currency (default 0: unknown)")
 
 
 def _add_observability_flags(parser: argparse.ArgumentParser) -> None:
@@ -139,7 +159,13 @@ def configs_from_args(args: argparse.Namespace) -> tuple[EngineConfig, Any]:
         allow_remote_control=args.allow_remote_control,
         fleet_secret_file=args.fleet_secret_file,
         redis_tls=redis_tls_from_args(args),
+        standby=args.standby,
+        standby_min_live=args.standby_min_live,
+        standby_queue_threshold=args.standby_queue_threshold,
+        device_cost_per_hour=args.device_cost_per_hour,
     )
+    if server_config.standby and not server_config.redis_url:
+        raise ValueError("--standby needs --redis-url: a standby watches the fleet registry")
     return EngineConfig(**engine_args), server_config
 
 

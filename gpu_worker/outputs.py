@@ -47,7 +47,9 @@ class RequestOutput:
 
     ``num_cached_tokens`` is the number of prompt tokens served from the prefix cache
     (the largest over the request's samples). ``finished`` is True once every
-    completion has finished.
+    completion has finished. ``device_s``: device seconds the request has used so far, all
+    samples together (its share of each engine step's time, split by tokens; cumulative in
+    every output kind, delta outputs included).
     """
 
     request_id: str
@@ -56,3 +58,4 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     num_cached_tokens: int = 0
+    device_s: float = 0.0

@@ -118,7 +118,8 @@ def _run_generate(args: argparse.Namespace) -> int:
                 u = chunk.usage
                 print(
                     f"\n[prompt_tokens={u.prompt_tokens} completion_tokens={u.completion_tokens} "
-                    f"cached_prompt_tokens={u.cached_prompt_tokens} worker={chunk.worker_id}]",
+                    f"cached_prompt_tokens={u.cached_prompt_tokens} device_seconds={u.device_seconds:.6f} "
+                    f"worker={chunk.worker_id}]",
                     file=sys.stderr,
                 )
     out.write("\n")
@@ -128,7 +129,8 @@ def _run_generate(args: argparse.Namespace) -> int:
 def _run_models(args: argparse.Namespace) -> int:
     with _client(args, timeout_s=args.timeout_s) as client:
         for model in client.list_models():
-            print(f"{model.name}\tmax_model_len={model.max_model_len}\tworkers={model.num_workers}")
+            print(f"{model.name}\tmax_model_len={model.max_model_len}\tworkers={model.num_workers}"
+                  f"\tstandby={model.num_standby_workers}")
     return 0
 
 

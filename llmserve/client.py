@@ -41,11 +41,13 @@ class LLMServeError(Exception):
 
 @dataclass(frozen=True)
 class Usage:
-    """Token counts of a finished request (completion tokens summed over ``n``)."""
+    """Token counts of a finished request (completion tokens summed over ``n``) and the device
+    seconds it used on the worker that finished it."""
 
     prompt_tokens: int
     completion_tokens: int
     cached_prompt_tokens: int
+    device_seconds: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -112,6 +114,7 @@ class ModelInfo:
     name: str
     max_model_len: int
     num_workers: int
+    num_standby_workers: int = 0  # warm standbys (not routed to until one promotes itself)
 
 
 def build_request(
@@ -182,7 +185,8 @@ def chunk_from_proto(msg: pb.GenerateResponse) -> GenerationChunk:
         ),
         finish_reason=msg.finish_reason or None,
         stop_reason=msg.stop_reason or None,
-        usage=Usage(msg.usage.prompt_tokens, msg.usage.completion_tokens, msg.usage.cached_prompt_tokens)
+        usage=Usage(msg.usage.prompt_tokens, msg.usage.completion_tokens, msg.usage.cached_prompt_tokens,
+                    msg.usage.device_seconds)
         if msg.HasField("usage")
         else None,
         worker_id=msg.worker_id or None,
@@ -215,7 +219,7 @@ class CompletionCollector:
 
 
 def _models(response: pb.ListModelsResponse) -> list[ModelInfo]:
-    return [ModelInfo(m.name, m.max_model_len, m.num_workers) for m in response.models]
+    return [ModelInfo(m.name, m.max_model_len, m.num_workers, m.num_standby_workers) for m in response.models]
 
 
 def _channel_options(max_message_bytes: int) -> list[tuple[str, int]]:

@@ -26,6 +26,8 @@ from llmserve.prompt_input import PromptInput
 from llmserve.v1 import generation_pb2 as gen_pb
 from router.access import AccessConfig, AccessControl
 from router.dispatch import Dispatcher
+from router.errors import ModelUnavailable
+from router.policy import Ranked
 from router.request_telemetry import RequestObservation, RouterTelemetry
 from router.routing import ModelSummary, Router
 from router.tokenizers import RouterTokenizer
@@ -104,7 +106,7 @@ class RequestScope:
         priority = self._core.default_priority.get(model) if request.priority is None else request.priority
         if priority is not None:
             forward.priority = priority
-        chunks = self._core.dispatcher.generate(forward, ranked.workers, time_remaining, obs)
+        chunks = self._dispatch(forward, ranked, token_ids, time_remaining)
         generated = 0
         try:
             async for chunk in chunks:
@@ -113,10 +115,34 @@ class RequestScope:
                 if chunk.HasField("usage"):
                     u = chunk.usage
                     obs.on_usage(prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens,
-                                 cached_tokens=u.cached_prompt_tokens, worker_id=chunk.worker_id)
+                                 cached_tokens=u.cached_prompt_tokens, worker_id=chunk.worker_id,
+                                 device_s=u.device_seconds)
                 yield chunk
         finally:
             charge.settle(len(token_ids) + generated)  # the unused part of the estimate goes back
+
+    async def _dispatch(
+        self, forward: gen_pb.GenerateRequest, ranked: Ranked, token_ids: list[int],
+        time_remaining: TimeRemaining,
+    ) -> AsyncIterator[gen_pb.GenerateResponse]:
+        """The dispatcher's chunks. When every candidate failed before the first chunk, once more
+        on the live workers a fresh read of the registry adds: the cached view is up to
+        ``registry_cache_s`` behind a worker that died and the standby promoted in its place."""
+        core, obs = self._core, self._obs
+        started = False
+        try:
+            async for chunk in core.dispatcher.generate(forward, ranked.workers, time_remaining, obs):
+                started = True
+                yield chunk
+            return
+        except ModelUnavailable:
+            fresh = [] if started else await core.router.fresh_workers(forward.model, ranked.workers)
+            if not fresh:
+                raise
+        ranked = await core.router.rank(forward.model, fresh, token_ids, forward.request_id)
+        obs.on_ranked(ranked)
+        async for chunk in core.dispatcher.generate(forward, ranked.workers, time_remaining, obs):
+            yield chunk
 
     async def tokenizer(self) -> RouterTokenizer:
         """The resolved model's tokenizer (fetched from a worker when not loaded yet)."""

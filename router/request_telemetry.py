@@ -56,6 +56,7 @@ class RequestObservation:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0
+    device_s: float | None = None  # the serving worker's Usage.device_seconds (None: no usage came)
     finish_reasons: list[str] = field(default_factory=list)
 
     def set_model(self, model: str) -> None:
@@ -92,14 +93,18 @@ class RequestObservation:
             self.finish_reasons.append(finish_reason)
 
     def on_usage(
-        self, *, prompt_tokens: int, completion_tokens: int, cached_tokens: int, worker_id: str
+        self, *, prompt_tokens: int, completion_tokens: int, cached_tokens: int, worker_id: str,
+        device_s: float | None = None,
     ) -> None:
-        """The stream's last chunk: token counts and the serving worker."""
+        """The stream's last chunk: token counts, the serving worker and the device seconds it
+        reported (a resumed stream: only the last worker's)."""
         self.prompt_tokens, self.completion_tokens = prompt_tokens, completion_tokens
         self.cached_tokens = cached_tokens
+        self.device_s = device_s
         self.worker_id = worker_id or self.worker_id
         self.span.set_usage(input_tokens=prompt_tokens, output_tokens=completion_tokens,
-                            cached_tokens=cached_tokens, finish_reasons=self.finish_reasons)
+                            cached_tokens=cached_tokens, finish_reasons=self.finish_reasons,
+                            device_seconds=device_s)
 
 
 class RouterTelemetry:
@@ -148,7 +153,7 @@ class RouterTelemetry:
             self._log, request_id=obs.request_id, trace_id=trace_id, model=obs.model or requested,
             worker=obs.worker_id, prompt_tokens=obs.prompt_tokens, completion_tokens=obs.completion_tokens,
             cached_tokens=obs.cached_tokens, ttft_s=obs.ttft_s, e2e_s=e2e_s,
-            finish_reason=_finish_reason(outcome, obs.finish_reasons),
+            finish_reason=_finish_reason(outcome, obs.finish_reasons), device_s=obs.device_s,
         )
 
 

@@ -23,15 +23,20 @@ from router.tokenizers import TokenizerCache
 
 log = logging.getLogger(__name__)
 
+# After its cached view failed (no live worker, or every candidate unreachable), a router reads
+# the registry again if its last read is older than this: a worker died and a standby may have
+# been promoted. It also bounds how often a failing model's requests read the store.
+FRESH_VIEW_S = 0.1
 
 
 @dataclass(frozen=True)
 class ModelSummary:
-    """One live model for ListModels."""
+    """One live model for ListModels (``num_standby_workers``: its warm standbys)."""
 
     name: str
     max_model_len: int
     num_workers: int
+    num_standby_workers: int = 0
 
 
 class Router:
@@ -71,6 +76,8 @@ class Router:
             else:
                 raise InvalidRequest(f"model is required; available models: {sorted(live)}")
         workers = snap.workers_of(model)
+        if not workers and model in snap.models:  # the cached view may be behind a promotion
+            workers = (await self.registry.recent(FRESH_VIEW_S)).workers_of(model)
         if workers:
             return model, workers
         if model in snap.models:
@@ -135,10 +142,19 @@ class Router:
             out[w.worker_id] = chain
         return out
 
+    async def fresh_workers(self, model: str, tried: Sequence[WorkerRecord]) -> list[WorkerRecord]:
+        """Live workers of ``model`` not in ``tried``, from a view at most ``FRESH_VIEW_S`` old."""
+        seen = {w.worker_id for w in tried}
+        snap = await self.registry.recent(FRESH_VIEW_S)
+        return [w for w in snap.workers_of(model) if w.worker_id not in seen]
+
     async def list_models(self) -> list[ModelSummary]:
+        """Models with a live worker, with their standby capacity (a model with standbys only is
+        about to have one promoted, and is not listed until then)."""
         snap: FleetSnapshot = await self.registry.snapshot()
+        standby = snap.standby_counts()
         return [
-            ModelSummary(name, min(w.max_model_len for w in ws), len(ws))
+            ModelSummary(name, min(w.max_model_len for w in ws), len(ws), standby.get(name, 0))
             for name, ws in sorted(snap.live_models().items())
         ]
 

@@ -156,12 +156,13 @@ class RouterServer:
         return None if self._metrics_server is None else self._metrics_server.port
 
     def _update_fleet_metrics(self, snapshot: FleetSnapshot) -> None:
-        live = [w for w in snapshot.workers if not w.draining]
+        live = [w for w in snapshot.workers if not w.draining and not w.standby]
         for rejection in snapshot.rejected:
             self.metrics.on_invalid_records(rejection.reason, rejection.count)
         if snapshot.epoch_changed:
             self.metrics.fleet_store_resets.inc()
         self.metrics.update_fleet(WorkerQueueDepth(w.worker_id, w.model, w.load.queue) for w in live)
+        self.metrics.update_standby(snapshot.standby_counts())
         self.breakers.sync(w.worker_id for w in snapshot.workers)
 
     def _export_breaker(self, worker_id: str, state: int | None) -> None:

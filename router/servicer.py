@@ -49,6 +49,7 @@ class RouterServicer(gen_grpc.GenerationServicer):
     ) -> gen_pb.ListModelsResponse:
         models = await self._core.list_models()
         return gen_pb.ListModelsResponse(
-            models=[gen_pb.ModelInfo(name=m.name, max_model_len=m.max_model_len, num_workers=m.num_workers)
+            models=[gen_pb.ModelInfo(name=m.name, max_model_len=m.max_model_len, num_workers=m.num_workers,
+                                     num_standby_workers=m.num_standby_workers)
                     for m in models]
         )

@@ -72,6 +72,7 @@ class Request:
         self.num_cached_tokens = 0  # prefix-cache hit at the first admission (not after preemption)
         self.status = RequestStatus.WAITING
         self.stop_token_id: int | None = None
+        self.unreported_device_s = 0.0  # step time attributed since the last output (Scheduler.update)
         self.block_hashes: list[BlockHash] = block_hashes(self.all_token_ids, block_size, hash_seed)
 
     @classmethod

@@ -13,6 +13,12 @@ scheduled for one more token, a placeholder (``PLACEHOLDER_TOKEN_ID``) the runne
 the device, unless that token already ends it by length. At most one step is in flight.
 A request with structured output is never given a placeholder: the grammar mask of its next
 token depends on the previous one, so it waits for that token (one step) before it is planned.
+
+Device time: ``update`` takes the step's device time (the engine core measures it) and splits it
+over the step's requests in proportion to the tokens each computed in it; each request's
+output carries what it was given since its previous output (``EngineCoreOutput.device_s``), a
+finishing or aborted request's output the rest. The share of a request that ended before the
+step's results (aborted, or finished by the step before under async scheduling) is dropped.
 """
 
 from __future__ import annotations
@@ -109,6 +115,7 @@ class Scheduler:
         self._finished_ids: set[str] = set()  # since the last schedule()
         self._preempted_ids: set[str] = set()  # since the last schedule()
         self._num_preemptions = 0
+        self._device_seconds = 0.0  # step time attributed to requests, cumulative
 
     # ------------------------------------------------------------------ requests in and out
 
@@ -150,7 +157,8 @@ class Scheduler:
             self._finish(request, RequestStatus.FINISHED_ABORTED)
             outputs.append(
                 EngineCoreOutput(
-                    rid, (), finish_reason=FinishReason.ABORT, num_cached_tokens=request.num_cached_tokens
+                    rid, (), finish_reason=FinishReason.ABORT, num_cached_tokens=request.num_cached_tokens,
+                    device_s=request.unreported_device_s,
                 )
             )
         if gone:
@@ -303,9 +311,10 @@ class Scheduler:
     # ------------------------------------------------------------------ update
 
     def update(
-        self, scheduler_output: SchedulerOutput, runner_output: RunnerOutput
+        self, scheduler_output: SchedulerOutput, runner_output: RunnerOutput, device_s: float = 0.0
     ) -> list[EngineCoreOutput]:
-        """Account for a computed step: advance, cache full blocks, append samples, stop checks."""
+        """Account for a computed step: advance, cache full blocks, append samples, stop checks;
+        ``device_s`` (the step's device time) is split over its requests by tokens."""
         sampled = dict(zip(runner_output.req_ids, runner_output.sampled_token_ids, strict=True))
         logprobs: dict[str, TokenLogprobs | None] = dict(
             zip(runner_output.req_ids, runner_output.logprobs, strict=False)
@@ -314,10 +323,16 @@ class Scheduler:
         if missing:  # checked before any state changes
             raise ValueError(f"runner output has no sampled token for requests {missing}")
         outputs = []
+        num_tokens = scheduler_output.num_scheduled_tokens
+        per_token_s = device_s / num_tokens if num_tokens else 0.0
         for entry in scheduler_output.requests:
             request = self._requests.get(entry.req_id)
             if request is None:
-                continue  # finished or aborted between schedule() and update()
+                continue  # finished or aborted between schedule() and update(): its share is dropped
+            if per_token_s:
+                share = per_token_s * len(entry.token_ids)
+                request.unreported_device_s += share
+                self._device_seconds += share
             if request.status is RequestStatus.RUNNING:
                 request.num_inflight_tokens -= len(entry.token_ids)
                 request.num_computed_tokens += len(entry.token_ids)
@@ -339,8 +354,10 @@ class Scheduler:
                     finish_reason=finish_reason,
                     num_cached_tokens=request.num_cached_tokens,
                     stop_token_id=request.stop_token_id,
+                    device_s=request.unreported_device_s,
                 )
             )
+            request.unreported_device_s = 0.0
         return outputs
 
     def _check_stop(self, request: Request, token_id: int) -> FinishReason | None:
@@ -394,6 +411,7 @@ class Scheduler:
             prefix_cache_hits=prefix.hits,
             num_preemptions=self._num_preemptions,
             num_waiting_tokens=self._num_waiting_tokens,
+            device_seconds=self._device_seconds,
         )
 
     def take_kv_events(self) -> list[KVEvent]:

@@ -130,6 +130,9 @@ class EngineCoreOutput:
     finish_reason: FinishReason | None = None
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache at admission
     stop_token_id: int | None = None
+    # Device seconds attributed to the request since its previous output (its share of each
+    # step's time, split by tokens: ``Scheduler.update``); a finishing output carries the rest.
+    device_s: float = 0.0
 
     @property
     def finished(self) -> bool:
@@ -149,4 +152,5 @@ class SchedulerStats:
     prefix_cache_hits: int = 0  # of which found cached (cumulative)
     num_preemptions: int = 0  # cumulative
     num_waiting_tokens: int = 0  # tokens of the requests waiting for their first admission
+    device_seconds: float = 0.0  # step time attributed to requests (cumulative; Scheduler.update)
     extra: dict[str, float] = field(default_factory=dict)

@@ -81,6 +81,14 @@ class EngineCore:
 
     ``kv_events``: record KV block stored/removed events for a fleet publisher
     (:meth:`take_kv_events`); off for the offline API, which has nobody to drain them.
+
+    Device time (cost): each step's device time is split over the requests it computed, by
+    tokens (``Scheduler.update``). A step's device time runs from the later of its launch (the
+    start of its planning, ``schedule()``) and the previous step's completion, to its completion
+    (its sampled ids are on the host, before ``update``). Synchronously that is
+    schedule + inputs + model + sampling; with async scheduling or pipeline stages, where steps
+    overlap, consecutive intervals tile the time the device had a step in flight, so no second
+    is counted twice and idle time is counted for nobody.
     """
 
     def __init__(self, config: EngineConfig, kv_events: bool = True) -> None:
@@ -130,7 +138,9 @@ class EngineCore:
         self._depth = config.pipeline_parallel_size if config.pipeline_parallel_size > 1 else (
             2 if self.async_scheduling else 1
         )
-        self._in_flight: deque[tuple[SchedulerOutput, PendingRunnerOutput]] = deque()
+        # (plan, pending result, launch time) of each step in flight, oldest first
+        self._in_flight: deque[tuple[SchedulerOutput, PendingRunnerOutput, float]] = deque()
+        self._last_step_done = 0.0  # perf_counter() when the previous step's results arrived
         self._num_steps = 0  # steps run by run_once (reported in stats().extra)
         self._step_time_s = 0.0  # seconds inside step() during run_once (busy fraction = its rate)
         self._stats_key: tuple[int, int, int] | None = None
@@ -185,20 +195,30 @@ class EngineCore:
         """One engine step: plan and launch a step, and report what the oldest step in flight
         produced once as many steps as the depth allows are in flight (or nothing more can be
         planned). Synchronously that is the step just launched."""
+        launched_at = time.perf_counter()
         if self._depth == 1:
             sched_out = self.structured.prepare_step(self.scheduler.schedule(), self.scheduler.get_request)
-            return self.scheduler.update(sched_out, self.executor.execute(sched_out))
+            runner_out = self.executor.execute(sched_out)
+            return self.scheduler.update(sched_out, runner_out, self._device_time(launched_at))
         launched = False
         if self.scheduler.has_unfinished():
             sched_out = self.scheduler.schedule()  # async: may hold placeholders for the newest's samples
             sched_out = self.structured.prepare_step(sched_out, self.scheduler.get_request)
             if not sched_out.is_empty or sched_out.finished_req_ids or sched_out.preempted_req_ids:
-                self._in_flight.append((sched_out, self.executor.execute_async(sched_out)))
+                self._in_flight.append((sched_out, self.executor.execute_async(sched_out), launched_at))
                 launched = True
         if not self._in_flight or (launched and len(self._in_flight) < self._depth):
             return []
-        oldest, pending = self._in_flight.popleft()
-        return self.scheduler.update(oldest, pending.result())
+        oldest, pending, oldest_launched_at = self._in_flight.popleft()
+        runner_out = pending.result()
+        return self.scheduler.update(oldest, runner_out, self._device_time(oldest_launched_at))
+
+    def _device_time(self, launched_at: float) -> float:
+        """The device time of the step whose results just arrived (class docstring)."""
+        done = time.perf_counter()
+        start = max(launched_at, self._last_step_done)
+        self._last_step_done = done
+        return done - start
 
     # ------------------------------------------------------------------ the serving loop
 

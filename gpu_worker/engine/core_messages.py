@@ -87,6 +87,7 @@ class PackedOutputs:
     request_ids: list[str]
     new_token_ids: list[tuple[int, ...]]
     num_cached_tokens: list[int]
+    device_s: list[float]
     extras: list[tuple[int, tuple[TokenLogprobs, ...], str | None, int | None]]
 
     @staticmethod
@@ -100,14 +101,15 @@ class PackedOutputs:
             [o.request_id for o in outputs],
             [o.new_token_ids for o in outputs],
             [o.num_cached_tokens for o in outputs],
+            [o.device_s for o in outputs],
             extras,
         )
 
     def unpack(self) -> list[EngineCoreOutput]:
         outputs = [
-            EngineCoreOutput(rid, tokens, num_cached_tokens=cached)
-            for rid, tokens, cached in zip(
-                self.request_ids, self.new_token_ids, self.num_cached_tokens, strict=True
+            EngineCoreOutput(rid, tokens, num_cached_tokens=cached, device_s=device_s)
+            for rid, tokens, cached, device_s in zip(
+                self.request_ids, self.new_token_ids, self.num_cached_tokens, self.device_s, strict=True
             )
         ]
         for row, logprobs, reason, stop_token_id in self.extras:
@@ -118,6 +120,7 @@ class PackedOutputs:
                 finish_reason=FinishReason(reason) if reason is not None else None,
                 num_cached_tokens=self.num_cached_tokens[row],
                 stop_token_id=stop_token_id,
+                device_s=self.device_s[row],
             )
         return outputs
 

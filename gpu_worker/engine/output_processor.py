@@ -59,6 +59,7 @@ class _RequestState:
     samples: list[_Sample]
     core_ids: list[str] = field(default_factory=list)  # core request id of each sample
     num_cached_tokens: int = 0
+    device_s: float = 0.0  # device seconds of all samples so far
 
     @property
     def finished(self) -> bool:
@@ -134,6 +135,7 @@ class OutputProcessor:
             if entry is None or entry[1].finished:
                 continue
             state, sample = entry
+            state.device_s += out.device_s
             if out.num_cached_tokens > state.num_cached_tokens:
                 state.num_cached_tokens = out.num_cached_tokens
             if self._apply(sample, out) and not out.finished:
@@ -223,6 +225,7 @@ class OutputProcessor:
             outputs=completions,
             finished=state.finished,
             num_cached_tokens=state.num_cached_tokens,
+            device_s=state.device_s,
         )
 
     @staticmethod
@@ -295,4 +298,5 @@ def merge_deltas(earlier: RequestOutput, later: RequestOutput) -> RequestOutput:
         outputs=[merged[i] for i in sorted(merged)],
         finished=later.finished,
         num_cached_tokens=max(earlier.num_cached_tokens, later.num_cached_tokens),
+        device_s=later.device_s,  # cumulative
     )

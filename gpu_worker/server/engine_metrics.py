@@ -43,9 +43,11 @@ class _RefreshOnScrape:
 
 
 class EngineMetrics:
-    """``WorkerMetrics`` for one served model, refreshed from ``stats_source``."""
+    """``WorkerMetrics`` for one served model, refreshed from ``stats_source``; device seconds are
+    priced at ``device_cost_per_hour`` (0 = unknown: no cost series)."""
 
-    def __init__(self, model_name: str, stats_source: StatsSource, interval_s: float = 1.0) -> None:
+    def __init__(self, model_name: str, stats_source: StatsSource, interval_s: float = 1.0,
+                 device_cost_per_hour: float = 0.0) -> None:
         if interval_s <= 0:
             raise ValueError(f"interval_s must be positive, got {interval_s}")
         self.model_name = model_name
@@ -53,7 +55,8 @@ class EngineMetrics:
         self._interval_s = interval_s
         registry = CollectorRegistry()
         registry.register(_RefreshOnScrape(self.refresh))
-        self.metrics = WorkerMetrics(registry)
+        self.metrics = WorkerMetrics(registry, device_cost_per_hour)
+        self.metrics.standby_promotions.labels(model_name)  # exported as 0 until a promotion
         self._server: MetricsServer | None = None
         self._task: asyncio.Task[None] | None = None
 

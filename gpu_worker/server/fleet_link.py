@@ -7,6 +7,7 @@ Thin glue between :class:`~gpu_worker.server.service.WorkerService` and
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from gpu_worker.server.service import WorkerService
@@ -31,19 +32,28 @@ def _load_fn(service: WorkerService) -> Any:
     return load
 
 
+def _ignore(reason: str) -> None:
+    pass
+
+
 class FleetLink:
     """Keeps this worker's record and KV set in a fleet state store.
 
     ``store`` is an ``llmserve.fleet.StateStore``; when None, one is opened for
     ``redis_url`` (with ``redis_tls``, and closed again by :meth:`close`). With
-    ``fleet_secret_file`` every record is signed with the fleet secret.
+    ``fleet_secret_file`` every record is signed with the fleet secret (and, for a standby,
+    only signed records of other workers are believed). With ``standby`` (a
+    ``llmserve.fleet.standby.StandbyPolicy``) the worker registers as a warm standby and
+    promotes itself by that policy (``standby_link.py``); ``on_promoted(reason)`` is then called.
+    ``probe_peers``: the standby watches its live peers' health streams (off with TLS).
     """
 
     def __init__(self, service: WorkerService, redis_url: str | None = None, store: Any = None, *,
-                 redis_tls: Any = None, fleet_secret_file: str | None = None) -> None:
+                 redis_tls: Any = None, fleet_secret_file: str | None = None, standby: Any = None,
+                 on_promoted: Callable[[str], None] | None = None, probe_peers: bool = True) -> None:
         from llmserve.fleet import WorkerIdentity, WorkerPublisher
         from llmserve.fleet.redis_store import RedisStateStore, RedisTls
-        from llmserve.security.records import FleetSecretFile
+        from llmserve.security.records import FleetSecretFile, RecordReader
 
         if store is None and not redis_url:
             raise ValueError("FleetLink needs a redis_url or a store")
@@ -64,12 +74,23 @@ class FleetLink:
             kv_events_fn=engine.take_kv_events,
             cached_hashes_fn=engine.cached_block_hashes,
             secret=secret,
+            standby=standby is not None,
         )
+        self._standby: Any = None
+        if standby is not None:
+            from gpu_worker.server.standby_link import StandbyLink
+
+            reader = RecordReader(max_age_s=self._publisher.timing.ttl_s, secret=secret)
+            self._standby = StandbyLink(self._store, self._publisher, standby, on_promoted or _ignore,
+                                        reader=reader, probe_peers=probe_peers)
 
     async def start(self) -> None:
-        """Register now and heartbeat in the background."""
+        """Register now and heartbeat in the background (a standby also starts watching)."""
         await self._publisher.start()
-        logger.info("registered in the fleet registry as %s", self._publisher.identity.worker_id)
+        role = "warm standby" if self._publisher.standby else "worker"
+        logger.info("registered in the fleet registry as %s (%s)", self._publisher.identity.worker_id, role)
+        if self._standby is not None:
+            self._standby.start()
 
     async def mark_draining(self) -> None:
         """Publish draining=True so routers send nothing new."""
@@ -77,6 +98,8 @@ class FleetLink:
 
     async def close(self) -> None:
         """Deregister, stop heartbeating, close the store if this link opened it."""
+        if self._standby is not None:
+            await self._standby.close()
         await self._publisher.deregister()
         if self._owns_store:
             await self._store.close()

@@ -10,7 +10,9 @@
 It opens the ``llmserve.worker.generate`` span (a child of the gRPC SERVER span, itself
 continuing the caller's W3C trace), marks a :class:`RequestTimeline` per sequence as delta
 ``RequestOutput``s arrive, and when the block ends sets usage and stage events on the span,
-records ``WorkerMetrics.on_request_finished`` and writes one ``request finished`` log line.
+records ``WorkerMetrics.on_request_finished`` and writes one ``request finished`` log line. Span and
+line carry the device seconds the request used (``RequestOutput.device_s``) and, when the
+worker knows its device's price, their cost.
 Domain objects only: no protobuf, no OpenTelemetry import.
 """
 
@@ -45,11 +47,13 @@ class RequestObservation:
     finish_reasons: dict[int, str] = field(default_factory=dict)
     prompt_tokens: int = 0
     cached_tokens: int = 0
+    device_s: float = 0.0  # cumulative, as RequestOutput.device_s
 
     def on_output(self, output: Any) -> None:
         """Account one delta ``RequestOutput`` (new tokens per sequence, finish reasons)."""
         self.prompt_tokens = len(output.prompt_token_ids or ())
         self.cached_tokens = output.num_cached_tokens or 0
+        self.device_s = getattr(output, "device_s", 0.0)
         for seq in output.outputs:
             timeline = self._timeline(seq.index)
             scheduled_s = getattr(output, "scheduled_s", None)  # when the engine reports it
@@ -119,6 +123,7 @@ class RequestTelemetry:
                 span.set_usage(
                     input_tokens=observation.prompt_tokens, output_tokens=observation.generation_tokens,
                     cached_tokens=observation.cached_tokens, finish_reasons=observation.reasons,
+                    device_seconds=observation.device_s, cost=self._cost(observation.device_s),
                 )
                 span.record_timeline(observation.arrival)
                 self._record(call.request_id, observation, span.trace_id, outcome)
@@ -137,5 +142,10 @@ class RequestTelemetry:
             self._log, request_id=request_id, trace_id=trace_id, model=self.model_name,
             worker=self.worker_id, prompt_tokens=observation.prompt_tokens,
             completion_tokens=observation.generation_tokens, cached_tokens=observation.cached_tokens,
-            ttft_s=first.ttft_s, e2e_s=first.e2e_s, finish_reason=reason,
+            ttft_s=first.ttft_s, e2e_s=first.e2e_s, finish_reason=reason, device_s=observation.device_s,
+            cost=self._cost(observation.device_s),
         )
+
+    def _cost(self, device_s: float) -> float | None:
+        """The cost of ``device_s`` at the worker's price; None when the price is unknown."""
+        return self.metrics.cost_of(device_s) if self.metrics.device_cost_per_hour > 0 else None

@@ -68,6 +68,11 @@ class ServerConfig:
     client certificates from the fleet CA; ``WorkerControl`` answers only mTLS-authenticated
     and loopback peers unless ``allow_remote_control``; ``fleet_secret_file`` signs the
     worker's records; ``redis_tls`` is for a ``rediss://`` URL.
+    Operations (docs/OPERATIONS.md): ``standby`` registers the loaded worker as a warm standby that
+    promotes itself when its model has fewer than ``standby_min_live`` live workers or more than
+    ``standby_queue_threshold`` waiting requests per live worker (None: never on the queue); it
+    needs a fleet store. ``device_cost_per_hour`` (0 = unknown) prices device seconds
+    (``llmserve:cost_total``, the ``cost`` of request logs and spans).
     """
 
     host: str = "127.0.0.1"
@@ -86,6 +91,10 @@ class ServerConfig:
     allow_remote_control: bool = False
     fleet_secret_file: str | None = None
     redis_tls: RedisTls = field(default_factory=RedisTls)
+    standby: bool = False
+    standby_min_live: int = 1
+    standby_queue_threshold: float | None = None
+    device_cost_per_hour: float = 0.0
 
     def __post_init__(self) -> None:
         checks = [
@@ -99,6 +108,11 @@ class ServerConfig:
                 f"metrics_port must be in [0, 65535], got {self.metrics_port}",
             ),
             (self.stats_interval_s > 0, "stats_interval_s must be positive"),
+            (self.standby_min_live >= 1, f"standby_min_live must be >= 1, got {self.standby_min_live}"),
+            (self.standby_queue_threshold is None or self.standby_queue_threshold > 0,
+             f"standby_queue_threshold must be > 0, got {self.standby_queue_threshold}"),
+            (self.device_cost_per_hour >= 0,
+             f"device_cost_per_hour must be >= 0, got {self.device_cost_per_hour}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -131,8 +145,11 @@ class WorkerServer:
         self.engine_config = engine_config
         self.tracing = tracing if tracing is not None else Tracing("llmserve-worker")
         self.engine_metrics = EngineMetrics(
-            engine_config.model_name, self._engine_stats, server_config.stats_interval_s
+            engine_config.model_name, self._engine_stats, server_config.stats_interval_s,
+            server_config.device_cost_per_hour,
         )
+        if server_config.standby and not (server_config.redis_url or fleet_store is not None):
+            raise ValueError("a standby worker needs a fleet to watch: set --redis-url")
         self._fleet_store = fleet_store  # an llmserve.fleet.StateStore (in-process stacks)
         self.config = server_config
         self._engine_factory = engine_factory
@@ -196,6 +213,7 @@ class WorkerServer:
         self._service = WorkerService(
             model_name, worker_id, address, self.config.max_concurrent_streams, telemetry, self.config.limits
         )
+        self._service.standby = self.config.standby
         self._add_services(server, self._service)
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         self.engine_metrics.start(self.config.metrics_port, self.config.host)
@@ -241,11 +259,25 @@ class WorkerServer:
 
             self._fleet = FleetLink(self.service, self.config.redis_url, self._fleet_store,
                                     redis_tls=self.config.redis_tls,
-                                    fleet_secret_file=self.config.fleet_secret_file)
+                                    fleet_secret_file=self.config.fleet_secret_file,
+                                    standby=self._standby_policy(), on_promoted=self._on_promoted,
+                                    probe_peers=self.config.tls.cert is None)
             await self._fleet.start()
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         self._ready.set()
         logger.info("worker %s serving %s", self.service.worker_id, self.service.model_name)
+
+    def _standby_policy(self) -> Any:
+        if not self.config.standby:
+            return None
+        from llmserve.fleet.standby import StandbyPolicy
+
+        return StandbyPolicy(self.config.standby_min_live, self.config.standby_queue_threshold)
+
+    def _on_promoted(self, reason: str) -> None:
+        """The standby is live now: it lists itself as serving and counts the promotion."""
+        self.service.standby = False
+        self.engine_metrics.metrics.on_standby_promotion(self.engine_config.model_name)
 
     def _on_engine_dead(self, error: BaseException) -> None:
         """The engine core died (a crash, a killed process, a lost tensor-parallel rank): nothing

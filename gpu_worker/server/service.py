@@ -28,10 +28,11 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class ModelEntry:
-    """A model this worker serves."""
+    """A model this worker serves (``standby``: as a warm standby, not yet promoted)."""
 
     name: str
     max_model_len: int
+    standby: bool = False
 
 
 @dataclass(frozen=True)
@@ -79,6 +80,7 @@ class WorkerService:
         self._idle.set()
         self._tokenizer_files: dict[str, bytes] | None = None
         self._telemetry = telemetry
+        self.standby = False  # a warm standby not yet promoted (set by the server)
 
     # -- lifecycle -------------------------------------------------------------------
     def attach_engine(self, engine: ServedEngine) -> None:
@@ -169,7 +171,7 @@ class WorkerService:
 
     def list_models(self) -> list[ModelEntry]:
         max_len = self._engine.max_model_len if self._engine is not None else 0
-        return [ModelEntry(self.model_name, max_len)]
+        return [ModelEntry(self.model_name, max_len, self.standby)]
 
     def snapshot(self) -> WorkerSnapshot:
         """Current identity and load (GetWorkerInfo, heartbeats)."""

@@ -160,6 +160,7 @@ class _StreamEncoder:
                     prompt_tokens=len(output.prompt_token_ids or ()),
                     completion_tokens=self._completion_tokens,
                     cached_prompt_tokens=output.num_cached_tokens or 0,
+                    device_seconds=getattr(output, "device_s", 0.0),
                 )
             )
             chunks[-1].worker_id = self._worker_id
@@ -201,7 +202,8 @@ class GenerationServicer(gen_grpc.GenerationServicer):
     ) -> gen_pb.ListModelsResponse:
         return gen_pb.ListModelsResponse(
             models=[
-                gen_pb.ModelInfo(name=m.name, max_model_len=m.max_model_len, num_workers=1)
+                gen_pb.ModelInfo(name=m.name, max_model_len=m.max_model_len,
+                                 num_workers=0 if m.standby else 1, num_standby_workers=int(m.standby))
                 for m in self._service.list_models()
             ]
         )

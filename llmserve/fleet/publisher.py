@@ -13,6 +13,9 @@ plain callables, so this module knows nothing of the engine:
     await publisher.drain()      # heartbeats draining=True: routers stop sending
     await publisher.deregister()  # stops and removes the worker from the store
 
+A warm standby publishes with ``standby=True`` (routers do not route to it) until
+``await publisher.promote()`` heartbeats it as a live worker at once.
+
 All three are called on the event loop's thread. ``load_fn`` and ``kv_events_fn`` return at once
 (snapshots); ``cached_hashes_fn`` is a coroutine function the engine answers between two steps,
 so a resync never blocks the event loop (and with it every other call on the worker).
@@ -78,9 +81,12 @@ class WorkerPublisher:
         cached_hashes_fn: Callable[[], Awaitable[Iterable[bytes]]],
         timing: PublisherTiming = PublisherTiming(),
         secret: SecretSource | None = None,
+        standby: bool = False,
     ) -> None:
-        """``secret`` returns the fleet secret that signs each record (None: unsigned)."""
+        """``secret`` returns the fleet secret that signs each record (None: unsigned);
+        ``standby``: register as a warm standby until :meth:`promote`."""
         self._store = store
+        self._standby = standby
         self._secret = secret
         self._identity = identity
         self._load_fn = load_fn
@@ -98,6 +104,15 @@ class WorkerPublisher:
     def identity(self) -> WorkerIdentity:
         return self._identity
 
+    @property
+    def timing(self) -> PublisherTiming:
+        return self._timing
+
+    @property
+    def standby(self) -> bool:
+        """True while this worker is registered as a warm standby."""
+        return self._standby
+
     def record(self) -> WorkerRecord:
         """The record the next heartbeat writes (signed when the publisher has a fleet secret)."""
         i = self._identity
@@ -110,6 +125,7 @@ class WorkerPublisher:
             load=self._load_fn(),
             draining=self._draining,
             heartbeat_at=time.time(),
+            standby=self._standby,
         )
         if self._secret is None:
             return record
@@ -143,6 +159,14 @@ class WorkerPublisher:
         self._draining = True
         self._next_heartbeat = 0.0
         await self.publish_once()
+
+    async def promote(self) -> bool:
+        """Stop being a standby: heartbeat as a live worker now, so routers route here from their
+        next read of the registry. True when the store took the heartbeat (otherwise the next tick
+        retries, as for any heartbeat)."""
+        self._standby = False
+        self._next_heartbeat = 0.0
+        return await self.publish_once()
 
     async def deregister(self) -> None:
         """Stop and remove this worker from the store (best effort: TTL cleans up otherwise)."""

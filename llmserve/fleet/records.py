@@ -35,6 +35,9 @@ class WorkerRecord:
 
     ``sig``: the record's HMAC-SHA256 under the fleet secret (``llmserve.security.records``),
     empty when unsigned. Records read from the store are checked before use (``from_json``).
+    ``standby``: a warm standby (model loaded, registered): routers never route to it until it
+    promotes itself (``llmserve.fleet.standby``). Stored only when True, so a live worker's record
+    is what it was before standbys existed.
     """
 
     worker_id: str
@@ -46,12 +49,16 @@ class WorkerRecord:
     draining: bool = False
     heartbeat_at: float = 0.0  # wall-clock time.time() of the heartbeat
     sig: str = ""
+    standby: bool = False
 
     def fields(self) -> dict[str, Any]:
-        """The JSON object stored for this record (``sig`` only when signed)."""
+        """The JSON object stored for this record (``sig`` only when signed, ``standby`` only
+        when True)."""
         out = asdict(self)
         if not self.sig:
             del out["sig"]
+        if not self.standby:
+            del out["standby"]
         return out
 
     def to_json(self) -> str:

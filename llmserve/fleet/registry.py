@@ -41,17 +41,26 @@ class FleetSnapshot:
     epoch_changed: bool = False  # the read that made this snapshot found a new store epoch
 
     def workers_of(self, model: str) -> list[WorkerRecord]:
-        """Workers of ``model`` that accept new requests, sorted by id."""
+        """Workers of ``model`` that accept new requests (neither draining nor standby), by id."""
         return sorted(
-            (w for w in self.workers if w.model == model and not w.draining), key=lambda w: w.worker_id
+            (w for w in self.workers if w.model == model and not w.draining and not w.standby),
+            key=lambda w: w.worker_id,
         )
 
     def live_models(self) -> dict[str, list[WorkerRecord]]:
-        """Model name -> its non-draining workers."""
+        """Model name -> its workers that accept new requests (neither draining nor standby)."""
         out: dict[str, list[WorkerRecord]] = {}
         for w in self.workers:
-            if not w.draining:
+            if not w.draining and not w.standby:
                 out.setdefault(w.model, []).append(w)
+        return out
+
+    def standby_counts(self) -> dict[str, int]:
+        """Model name -> its warm standby workers (not draining); models without one are absent."""
+        out: dict[str, int] = {}
+        for w in self.workers:
+            if w.standby and not w.draining:
+                out[w.model] = out.get(w.model, 0) + 1
         return out
 
 
@@ -87,6 +96,7 @@ class Registry:
         self._epoch: str | None = None
         self._have_read = False
         self._next_refresh = 0.0
+        self._read_at = float("-inf")  # clock() when the last read of the store started
         self._carry: tuple[WorkerRecord, ...] = ()
         self._carry_until = 0.0
         self._lock = asyncio.Lock()
@@ -105,6 +115,18 @@ class Registry:
                 await self._refresh()
         return self._snapshot
 
+    async def recent(self, max_age_s: float) -> FleetSnapshot:
+        """The fleet as of at most ``max_age_s`` ago, read now if the last read is older (one read
+        in flight at a time). For a router that has just seen its view fail (every candidate
+        unreachable): a worker died, a standby may have taken over; the bound keeps a failing
+        model's requests from reading the store more often than once per ``max_age_s``."""
+        if self._clock() - self._read_at <= max_age_s:
+            return self._snapshot
+        async with self._lock:
+            if self._clock() - self._read_at > max_age_s:
+                await self._refresh()
+        return self._snapshot
+
     async def refresh(self) -> FleetSnapshot:
         """Read the store now, ignoring the cache."""
         async with self._lock:
@@ -114,6 +136,7 @@ class Registry:
     async def _refresh(self) -> None:
         now = self._clock()
         self._next_refresh = now + self._cache_s
+        self._read_at = now
         self._refreshing = True
         try:
             view = await self._store.read_fleet(self._reader)

@@ -7,7 +7,8 @@ user's prompt is sent to, so a router accepts it only when
 - every field has its type and range: ``worker_id`` and ``address`` printable and bounded,
   ``address`` a plain ``host:port`` (never a gRPC target such as ``unix:/...``), ``model``
   bounded, ``block_size`` a power of two in [1, 2048], ``max_model_len`` >= 1, load counters
-  non-negative integers, ``kv_usage`` in [0, 1], ``max_num_seqs`` >= 1, booleans real booleans,
+  non-negative integers, ``kv_usage`` in [0, 1], ``max_num_seqs`` >= 1, booleans (``draining``,
+  ``standby``) real booleans,
 - its ``worker_id`` is the id under which it is stored,
 - its ``heartbeat_at`` (the worker's wall clock) is at most ``max_age_s`` old and not in the
   future, allowing ``clock_skew_s`` either way: a record whose key never expires is ignored
@@ -236,6 +237,7 @@ def record_from_fields(fields: Mapping[str, Any]) -> WorkerRecord:
         draining=_field(fields, "draining", bool, False),
         heartbeat_at=_number(fields, "heartbeat_at", 0.0, 1e11),
         sig=sig,
+        standby=_field(fields, "standby", bool, False),
     )
 
 

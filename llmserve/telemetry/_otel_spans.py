@@ -70,15 +70,19 @@ class _SpanScope:
         output_tokens: int,
         cached_tokens: int = 0,
         finish_reasons: Sequence[str] = (),
+        device_seconds: float | None = None,
+        cost: float | None = None,
     ) -> None:
-        self._span.set_attributes(
+        self._span.set_attributes(_without_none(
             {
                 s.GEN_AI_USAGE_INPUT_TOKENS: input_tokens,
                 s.GEN_AI_USAGE_OUTPUT_TOKENS: output_tokens,
                 s.LLMSERVE_USAGE_CACHED_TOKENS: cached_tokens,
                 s.GEN_AI_RESPONSE_FINISH_REASONS: list(finish_reasons),
+                s.LLMSERVE_USAGE_DEVICE_SECONDS: device_seconds,
+                s.LLMSERVE_USAGE_COST: cost,
             }
-        )
+        ))
 
     def set_error(self, message: str) -> None:
         self._span.set_attribute(s.LLMSERVE_ERROR_MESSAGE, message)

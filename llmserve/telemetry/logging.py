@@ -107,9 +107,13 @@ def log_request_finished(
     ttft_s: float | None,
     e2e_s: float | None,
     finish_reason: str,
+    device_s: float | None = None,
+    cost: float | None = None,
 ) -> None:
     """One INFO line for a finished request. ``trace_id``: ``span.trace_id`` ("" when untraced);
-    ``worker``: the worker id (on the worker, its own). Timings in seconds, None when unknown."""
+    ``worker``: the worker id (on the worker, its own). Timings in seconds, None when unknown.
+    ``device_s`` (device seconds the request used) and ``cost`` (in the currency of
+    ``--device-cost-per-hour``) are added to the line when given."""
     if not logger.isEnabledFor(logging.INFO):
         return
     fields: dict[str, Any] = {
@@ -124,5 +128,9 @@ def log_request_finished(
         "e2e_s": e2e_s,
         "finish_reason": finish_reason,
     }
+    if device_s is not None:
+        fields["device_s"] = device_s
+    if cost is not None:
+        fields["cost"] = cost
     text = " ".join(f"{k}={_fmt_value(v)}" for k, v in fields.items())
     logger.info("%s %s", REQUEST_FINISHED, text, extra={EVENT_ATTR: REQUEST_FINISHED, FIELDS_ATTR: fields})

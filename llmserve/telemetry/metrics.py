@@ -5,18 +5,19 @@ registered in prometheus_client's global registry), so tests and several servers
 process never collide. ``start_metrics_server(port, metrics.registry)`` serves ``/metrics``.
 
 Worker: gauges and prefix-cache/preemption counters come from the engine's ``SchedulerStats``
-(``update_scheduler_stats``, call it whenever you read stats: heartbeat or step loop);
-per-request counters and histograms from ``on_request_finished``; ``on_refusal`` counts requests
-refused by an admission limit. Router: ``on_request_finished``, ``on_routing_decision``,
-``on_retry``, ``on_migration``, ``on_refusal``, ``on_auth_failure``, ``on_invalid_records``,
-``set_breaker_state``, ``update_fleet``.
+(``update_scheduler_stats``, call it whenever you read stats: heartbeat or step loop), device
+seconds and their cost too; per-request counters and histograms from ``on_request_finished``;
+``on_refusal`` counts requests refused by an admission limit; ``on_standby_promotion`` counts a
+standby's promotion. Router: ``on_request_finished``, ``on_routing_decision``, ``on_retry``,
+``on_migration``, ``on_refusal``, ``on_auth_failure``, ``on_invalid_records``,
+``set_breaker_state``, ``update_fleet``, ``update_standby``.
 """
 
 from __future__ import annotations
 
 import socket
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
@@ -51,6 +52,8 @@ class SchedulerStatsLike(Protocol):
     def prefix_cache_hits(self) -> int: ...
     @property
     def num_preemptions(self) -> int: ...
+    @property
+    def device_seconds(self) -> float: ...
 
 
 @dataclass
@@ -60,17 +63,24 @@ class _Cumulative:
     prefix_cache_queries: int = 0
     prefix_cache_hits: int = 0
     num_preemptions: int = 0
+    device_seconds: float = 0.0
 
 
-def _delta(now: int, before: int) -> int:
+def _delta(now: float, before: float) -> float:
     # A smaller value means the engine restarted its counters: all of `now` is new.
     return now - before if now >= before else now
 
 
 class WorkerMetrics:
-    """The worker's metrics, every series labelled ``model_name``."""
+    """The worker's metrics, every series labelled ``model_name``.
 
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    ``device_cost_per_hour`` (``--device-cost-per-hour``; 0 = unknown) turns device seconds into
+    ``llmserve:cost_total``, which is exported only when the price is known."""
+
+    def __init__(self, registry: CollectorRegistry | None = None, device_cost_per_hour: float = 0.0) -> None:
+        if device_cost_per_hour < 0:
+            raise ValueError(f"device_cost_per_hour must be >= 0, got {device_cost_per_hour}")
+        self.device_cost_per_hour = device_cost_per_hour
         self.registry = CollectorRegistry() if registry is None else registry
         r, m = self.registry, ["model_name"]
         self.num_requests_running = Gauge(
@@ -108,6 +118,15 @@ class WorkerMetrics:
             PREFIX + "request_refusals", "Requests refused by an admission limit, by limit (the setting's "
             "name: max_n, max_queue_len, max_tokens, max_request_id_len, ...).", ["model_name", "limit"],
             registry=r)
+        self.device_seconds = Counter(
+            PREFIX + "device_seconds", "Device (GPU) seconds used by requests: each engine step's time split "
+            "over the requests it computed, by tokens.", m, registry=r)
+        self.cost = Counter(
+            PREFIX + "cost", "Cost of the device seconds at --device-cost-per-hour, in its currency "
+            "(exported only when the price is set).", m, registry=r)
+        self.standby_promotions = Counter(
+            PREFIX + "standby_promotions", "Times this worker, started as a warm standby, promoted itself to "
+            "serve (0 or 1 per worker).", m, registry=r)
         self._cumulative: dict[str, _Cumulative] = {}
         self._lock = threading.Lock()  # update_scheduler_stats may run on the engine thread
 
@@ -126,12 +145,25 @@ class WorkerMetrics:
             queries = _delta(stats.prefix_cache_queries, seen.prefix_cache_queries)
             hits = _delta(stats.prefix_cache_hits, seen.prefix_cache_hits)
             preemptions = _delta(stats.num_preemptions, seen.num_preemptions)
+            device_s = _delta(stats.device_seconds, seen.device_seconds)
             seen.prefix_cache_queries = stats.prefix_cache_queries
             seen.prefix_cache_hits = stats.prefix_cache_hits
             seen.num_preemptions = stats.num_preemptions
+            seen.device_seconds = stats.device_seconds
         self.prefix_cache_queries.labels(model).inc(queries)
         self.prefix_cache_hits.labels(model).inc(hits)
         self.num_preemptions.labels(model).inc(preemptions)
+        self.device_seconds.labels(model).inc(device_s)
+        if self.device_cost_per_hour > 0:
+            self.cost.labels(model).inc(self.cost_of(device_s))
+
+    def cost_of(self, device_s: float) -> float:
+        """What ``device_s`` device seconds cost at ``device_cost_per_hour`` (0 when unknown)."""
+        return device_s * self.device_cost_per_hour / 3600.0
+
+    def on_standby_promotion(self, model: str) -> None:
+        """This worker was a warm standby and now serves."""
+        self.standby_promotions.labels(model).inc()
 
     def on_request_finished(
         self,
@@ -209,6 +241,9 @@ class RouterMetrics:
         self.fleet_store_resets = Counter(
             p + "fleet_store_resets", "Times the state store's epoch changed (it lost its data).", registry=r)
         self.live_workers = Gauge(p + "live_workers", "Live workers per model.", ["model"], registry=r)
+        self.standby_workers = Gauge(
+            p + "standby_workers", "Warm standby workers per model (loaded, registered, not routed to until "
+            "one promotes itself).", ["model"], registry=r)
         self.worker_load = Gauge(
             p + "worker_load", "Load reported by each live worker.", ["worker_id", "model"], registry=r)
         self.request_latency = Histogram(
@@ -218,6 +253,7 @@ class RouterMetrics:
             p + "time_to_first_token_seconds", "Arrival at the router to first chunk with tokens.",
             ["model"], buckets=TTFT_BUCKETS_S, registry=r)
         self._fleet_labels: tuple[set[str], set[tuple[str, str]]] = (set(), set())
+        self._standby_models: set[str] = set()
         self._lock = threading.Lock()
 
     def on_request_finished(
@@ -288,6 +324,16 @@ class RouterMetrics:
             for key, load in loads.items():
                 self.worker_load.labels(*key).set(load)
             self._fleet_labels = (set(counts), set(loads))
+
+    def update_standby(self, counts: Mapping[str, int]) -> None:
+        """Set standby workers per model from the registry's current view; models with none
+        since the previous call lose their series."""
+        with self._lock:
+            for model in self._standby_models - counts.keys():
+                self.standby_workers.remove(model)
+            for model, count in counts.items():
+                self.standby_workers.labels(model).set(count)
+            self._standby_models = set(counts)
 
 
 class MetricsServer:

@@ -55,6 +55,8 @@ HTTP_RESPONSE_STATUS_CODE = "http.response.status_code"
 # llmserve attributes.
 LLMSERVE_REQUEST_ID = "llmserve.request.id"
 LLMSERVE_USAGE_CACHED_TOKENS = "llmserve.usage.cached_tokens"
+LLMSERVE_USAGE_DEVICE_SECONDS = "llmserve.usage.device_seconds"
+LLMSERVE_USAGE_COST = "llmserve.usage.cost"
 LLMSERVE_WORKER_ID = "llmserve.worker.id"
 LLMSERVE_ROUTE_POLICY = "llmserve.route.policy"
 LLMSERVE_ROUTE_WORKER_ID = "llmserve.route.worker_id"
@@ -113,8 +115,11 @@ class _NoopContext:
         output_tokens: int,
         cached_tokens: int = 0,
         finish_reasons: Sequence[str] = (),
+        device_seconds: float | None = None,
+        cost: float | None = None,
     ) -> None:
-        """Token counts and finish reasons of the finished request (one reason per sequence)."""
+        """Token counts and finish reasons of the finished request (one reason per sequence);
+        the device seconds it used and their cost (``--device-cost-per-hour``), when known."""
 
     def set_error(self, message: str) -> None:
         """Mark the span failed (the request returned a gRPC error) with a short reason."""

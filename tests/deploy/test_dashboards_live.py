@@ -10,7 +10,9 @@ autoscalers' queries):
   and returns at least one finite value. Alert rules evaluate without error.
 Traffic comes in two rounds so that every counter has grown between scrapes: a fresh prompt
 homed on a registered but dead worker (a retry), a repeated prompt (a prefix-cache hit), an
-unknown model (an error outcome).
+unknown model (an error outcome). A warm standby is registered (a publisher heartbeating a
+standby record: routers count it, never dial it), and the worker has a device price, so the
+standby and cost panels have data.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import yaml
 
 from gpu_worker.config import EngineConfig
 from gpu_worker.server import ServerConfig, WorkerServer
-from llmserve.fleet import MemoryStateStore, WorkerRecord
+from llmserve.fleet import LoadReport, MemoryStateStore, WorkerIdentity, WorkerPublisher, WorkerRecord
 from llmserve.hashing import block_hashes
 from llmserve.v1 import generation_pb2 as pb
 from llmserve.v1 import generation_pb2_grpc as pb_grpc
@@ -57,6 +59,7 @@ pytestmark = pytest.mark.asyncio(loop_scope="module")
 BLOCK = 16
 WORKER_ID = "live-worker"
 DEAD_ID = "live-dead"  # registered in Redis, nothing listens: the router retries elsewhere
+STANDBY_ID = "live-standby"  # a registered warm standby (never dialed)
 WORKER_POD = "llmserve-worker-0"  # the pod label Kubernetes service discovery would add
 RATE_FUNCTIONS = {"rate", "irate", "increase"}
 COUNTER_FUNCTIONS = RATE_FUNCTIONS | {"resets", "changes"}
@@ -154,14 +157,19 @@ async def stack(
                           num_kv_blocks=64, max_num_seqs=4, block_size=BLOCK)
     worker = WorkerServer(engine, ServerConfig(port=port, advertise_address=f"127.0.0.1:{port}",
                                                worker_id=WORKER_ID, metrics_port=0, drain_grace_s=0.5,
-                                               stats_interval_s=0.2), fleet_store=store)
+                                               stats_interval_s=0.2, device_cost_per_hour=2.69),
+                          fleet_store=store)
     router = RouterServer(RouterConfig(port=0, registry_cache_s=0.05, metrics_port=0), store)
+    standby = WorkerPublisher(
+        store, WorkerIdentity(STANDBY_ID, MODEL, f"127.0.0.1:{free_port()}", BLOCK, 1024),
+        load_fn=LoadReport, kv_events_fn=list, cached_hashes_fn=_no_hashes, standby=True)
     prometheus: PrometheusServer | None = None
     try:
         await worker.start()
         await worker.wait_ready()
         dead = WorkerRecord(DEAD_ID, MODEL, f"127.0.0.1:{free_port()}", BLOCK, 1024, heartbeat_at=time.time())
         await store.heartbeat(dead, ttl_s=600)
+        await standby.start()
         await router.start()
         prometheus = PrometheusServer(tmp_path_factory.mktemp("prometheus"), [
             {"job_name": "llmserve-router",
@@ -181,8 +189,13 @@ async def stack(
     finally:
         if prometheus is not None:
             prometheus.stop()
+        await standby.stop()
         await router.stop(grace_s=0.5)
         await worker.drain(0.5)
+
+
+async def _no_hashes() -> set[bytes]:
+    return set()
 
 
 def _scrape(port: int | None) -> str:

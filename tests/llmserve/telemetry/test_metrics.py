@@ -82,6 +82,7 @@ class Stats:
     prefix_cache_queries: int
     prefix_cache_hits: int
     num_preemptions: int
+    device_seconds: float = 0.0
 
 
 def test_scheduler_stats_become_gauges_and_counter_increments() -> None:
@@ -135,6 +136,35 @@ def test_fleet_gauges_follow_the_registry_view() -> None:
     assert value(samples, R + "worker_load", worker_id="w0", model="a") == 3
     assert value(samples, R + "worker_load", worker_id="w3", model="c") == 1
     assert len(names(samples, R + "worker_load")) == 2
+
+
+def test_device_seconds_and_their_cost_at_the_configured_price() -> None:
+    metrics = WorkerMetrics(device_cost_per_hour=7200.0)  # 2 per device-second
+    metrics.update_scheduler_stats("m", Stats(0, 0, 0.0, 0, 0, 0, device_seconds=1.5))
+    metrics.update_scheduler_stats("m", Stats(0, 0, 0.0, 0, 0, 0, device_seconds=4.0))
+    metrics.update_scheduler_stats("m", Stats(0, 0, 0.0, 0, 0, 0, device_seconds=0.5))  # engine restarted
+    samples = scrape(metrics.registry)
+    assert value(samples, W + "device_seconds_total", model_name="m") == pytest.approx(4.5)
+    assert value(samples, W + "cost_total", model_name="m") == pytest.approx(9.0)
+    unpriced = WorkerMetrics()
+    unpriced.update_scheduler_stats("m", Stats(0, 0, 0.0, 0, 0, 0, device_seconds=2.0))
+    samples = scrape(unpriced.registry)
+    assert value(samples, W + "device_seconds_total", model_name="m") == 2.0
+    assert names(samples, W + "cost_total") == []  # unknown price: no cost series at all
+    with pytest.raises(ValueError, match="device_cost_per_hour"):
+        WorkerMetrics(device_cost_per_hour=-1)
+
+
+def test_standby_gauge_follows_the_registry_view() -> None:
+    metrics = RouterMetrics()
+    metrics.update_standby({"a": 2, "b": 1})
+    metrics.update_standby({"a": 1})  # b's standby promoted itself
+    samples = scrape(metrics.registry)
+    assert names(samples, R + "standby_workers") == [{"model": "a"}]
+    assert value(samples, R + "standby_workers", model="a") == 1
+    worker = WorkerMetrics()
+    worker.on_standby_promotion("a")
+    assert value(scrape(worker.registry), W + "standby_promotions_total", model_name="a") == 1
 
 
 def test_two_metrics_objects_in_one_process_do_not_collide() -> None:
