@@ -3,15 +3,16 @@
 The router is a gRPC proxy here: it forwards the (re-tokenized) request message and the
 worker's response chunks as they are, so protobuf crosses this module by design.
 Before the first chunk reaches the client, a failure that another worker may not share
-(UNAVAILABLE, UNKNOWN, ABORTED, RESOURCE_EXHAUSTED, a stream that ends early, a call the worker
-does not accept within ``accept_timeout_s``) moves the request to the next candidate after a
-jittered exponential backoff. After it, a one-sequence stream is *resumed* on the next candidate
-with the prompt plus the tokens already relayed (``GenerateRequest.resume``), so the client sees
-one unbroken stream; other statuses, and failures of ``n > 1`` streams, are passed through. At
-most ``max_attempts`` calls per request (retries and resumptions together), each to a different
-worker whose circuit breaker lets it through (``router.failover``). Cancelling the iterator
-(client gone) cancels the worker's call, which aborts the request there and frees its KV blocks;
-the client's remaining deadline bounds every attempt and every backoff.
+(UNAVAILABLE, including a worker that cannot be connected to or whose connection stops answering
+keepalive pings; UNKNOWN, ABORTED, RESOURCE_EXHAUSTED, a stream that ends early) moves the
+request to the next candidate after a jittered exponential backoff. After it, a one-sequence
+stream is *resumed* on the next candidate with the prompt plus the tokens already relayed
+(``GenerateRequest.resume``), so the client sees one unbroken stream; other statuses, and
+failures of ``n > 1`` streams, are passed through. At most ``max_attempts`` calls per request
+(retries and resumptions together), each to a different worker whose circuit breaker lets it
+through (``router.failover``). Cancelling the iterator (client gone) cancels the worker's call,
+which aborts the request there and frees its KV blocks; the client's remaining deadline bounds
+every attempt and every backoff.
 """
 
 from __future__ import annotations
@@ -166,10 +167,6 @@ class _NoObserver:
         pass
 
 
-class _NotAccepted(Exception):
-    """The worker did not accept the call (no response headers) within the accept timeout."""
-
-
 @dataclass
 class _Outcome:
     """How one attempt ended: ``failure`` is None when it finished the stream."""
@@ -248,6 +245,8 @@ class Dispatcher:
         for worker in workers:
             if worker.worker_id not in tried and self.breakers.allow(worker.worker_id):
                 return worker
+        log.info("no candidate left: tried %s; breakers %s", sorted(tried),
+                 {w.worker_id: self.breakers.state(w.worker_id).name for w in workers})
         return None
 
     async def _backoff(self, retry: int, time_remaining: Callable[[], float | None]) -> None:
@@ -274,7 +273,6 @@ class Dispatcher:
         token = self._tracker.start(worker_id)
         served: bool | None = None  # the breaker's verdict: True served, False failed, None neither
         try:
-            await self._accepted(call)
             async for chunk in call:
                 served = True
                 forwarded = relay.forward(chunk)
@@ -286,11 +284,6 @@ class Dispatcher:
             why = "the worker aborted the stream" if relay.aborted_by_worker else (
                 "the stream ended early" if relay.started else "empty stream")
             outcome.failure = Attempt(worker_id, grpc.StatusCode.UNAVAILABLE, why)
-        except _NotAccepted:
-            served = False
-            timeout_s = self.failover.accept_timeout_s
-            outcome.failure = Attempt(worker_id, grpc.StatusCode.UNAVAILABLE,
-                                      f"the call was not accepted within {timeout_s:g} s")
         except grpc.aio.AioRpcError as exc:
             code, details = exc.code(), exc.details() or ""
             if relay.done:  # failed after the stream's last chunk: the client has it all
@@ -310,14 +303,6 @@ class Dispatcher:
                 self.breakers.record_failure(worker_id)
             else:
                 self.breakers.release(worker_id)
-
-    async def _accepted(self, call: Any) -> None:
-        """Wait for the worker's response headers: a worker sends them as soon as it has the call
-        (an error's trailers count too), however long the request then queues."""
-        try:
-            await asyncio.wait_for(call.initial_metadata(), self.failover.accept_timeout_s)
-        except asyncio.TimeoutError:
-            raise _NotAccepted() from None
 
 
 def _exhausted(request: gen_pb.GenerateRequest, relay: StreamRelay, failures: list[Attempt]) -> Exception:

@@ -4,9 +4,12 @@ delivered so far so that another worker can resume it (docs/ROUTER.md, "Failures
 * :class:`CircuitBreakers`: per worker, *closed* (send) -> *open* after ``failure_threshold``
   consecutive failures (send nothing for ``cooldown_s``) -> *half-open* (one probe request at a
   time) -> closed on the probe's success, open again on its failure. A failure is the worker's
-  fault: unreachable, not accepting the call within ``accept_timeout_s`` (a frozen process), a
-  stream broken or ended early. A full queue (RESOURCE_EXHAUSTED), the client's deadline or
-  cancellation say nothing about the worker. Only workers with a recent failure hold an entry,
+  fault: unreachable (including a connection attempt that does not complete within
+  ``connect_timeout_s`` and a connection whose keepalive ping is not answered: a frozen
+  process), a stream broken or ended early. A full queue (RESOURCE_EXHAUSTED), the client's
+  deadline or cancellation say nothing about the worker. A worker that is merely slow (its event
+  loop busy for seconds) is not a failure: its connection's pings are answered by gRPC's own
+  threads. Only workers with a recent failure hold an entry,
   entries of workers gone from the registry are dropped (:meth:`CircuitBreakers.sync`) and the
   table is capped at ``max_tracked_workers``: memory stays bounded whatever the fleet.
 * :func:`backoff_s`: exponential backoff with full jitter between attempts before the first token.
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import enum
+import logging
 import random
 import time
 from collections import OrderedDict
@@ -30,6 +34,8 @@ from typing import Any
 from llmserve.v1 import generation_pb2 as gen_pb
 
 ABORT = "abort"
+STREAM_WINDOW_BYTES = 64 * 1024  # per-stream HTTP/2 receive window of the router's worker channels
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -40,7 +46,7 @@ class FailoverConfig:
     breaker_cooldown_s: float = 5.0
     retry_backoff_base_s: float = 0.05
     retry_backoff_max_s: float = 1.0
-    accept_timeout_s: float = 5.0
+    connect_timeout_s: float = 5.0
     keepalive_s: float = 5.0
     max_tracked_workers: int = 4096
 
@@ -51,7 +57,7 @@ class FailoverConfig:
             (self.retry_backoff_base_s >= 0, "retry_backoff_base_s must be >= 0"),
             (self.retry_backoff_max_s >= self.retry_backoff_base_s,
              "retry_backoff_max_s must be >= retry_backoff_base_s"),
-            (self.accept_timeout_s > 0, "accept_timeout_s must be positive"),
+            (self.connect_timeout_s > 0, "connect_timeout_s must be positive"),
             (self.keepalive_s >= 1.0, "keepalive_s must be >= 1 (workers accept pings every 0.5 s at most)"),
             (self.max_tracked_workers >= 1, "max_tracked_workers must be >= 1"),
         ]
@@ -60,15 +66,27 @@ class FailoverConfig:
                 raise ValueError(message)
 
     def channel_options(self) -> list[tuple[str, int]]:
-        """gRPC options of the channels to workers: ping a connection idle for ``keepalive_s`` and
-        drop it when the ping is not answered within ``keepalive_s`` (a frozen or unreachable
-        worker), which fails its streams with UNAVAILABLE so they can be resumed elsewhere."""
-        ms = int(self.keepalive_s * 1000)
+        """gRPC options of the channels to workers: ping a connection silent for ``keepalive_s``
+        and drop it when the ping is not answered within ``keepalive_s``, and give up a connection
+        attempt after ``connect_timeout_s`` (gRPC's default is 20 s): a frozen or unreachable
+        worker's calls then fail with UNAVAILABLE, to be retried or resumed elsewhere, instead of
+        waiting for their deadlines. Reconnection backs off at most ``breaker_cooldown_s``, so a
+        worker that comes back is reachable by the time its breaker probes it. Windows are fixed
+        at :data:`STREAM_WINDOW_BYTES` (below)."""
+        keepalive_ms = int(self.keepalive_s * 1000)
+        connect_ms = int(self.connect_timeout_s * 1000)
         return [
-            ("grpc.keepalive_time_ms", ms),
-            ("grpc.keepalive_timeout_ms", ms),
-            ("grpc.http2.ping_timeout_ms", ms),  # what enforces the timeout in recent gRPC cores
+            ("grpc.keepalive_time_ms", keepalive_ms),
+            ("grpc.keepalive_timeout_ms", keepalive_ms),
+            ("grpc.http2.ping_timeout_ms", keepalive_ms),  # what enforces it in recent gRPC cores
             ("grpc.http2.max_pings_without_data", 0),
+            ("grpc.min_reconnect_backoff_ms", connect_ms),  # gRPC's name for the connect timeout
+            ("grpc.max_reconnect_backoff_ms", max(connect_ms, int(self.breaker_cooldown_s * 1000))),
+            # Bounded memory: a stream read from a worker holds at most one fixed HTTP/2 window here
+            # (BDP probing grows windows to megabytes on a fast link), so a slow client's backlog
+            # stays on the worker, which merges the deltas its reader has not taken yet.
+            ("grpc.http2.bdp_probe", 0),
+            ("grpc.http2.lookahead_bytes", STREAM_WINDOW_BYTES),
         ]
 
 
@@ -83,9 +101,9 @@ def add_failover_flags(parser: argparse.ArgumentParser) -> None:
                    help="first retry waits up to this long (full jitter), doubling per attempt")
     g.add_argument("--retry-backoff-max-s", type=float, default=d.retry_backoff_max_s,
                    help="longest wait between two attempts")
-    g.add_argument("--worker-accept-timeout-s", type=float, default=d.accept_timeout_s,
-                   help="an attempt fails when the worker has not accepted the call (response headers) "
-                        "within this many seconds: a frozen worker")
+    g.add_argument("--worker-connect-timeout-s", type=float, default=d.connect_timeout_s,
+                   help="give up a connection attempt to a worker after this many seconds (a frozen "
+                        "worker accepts TCP connections but never answers)")
     g.add_argument("--worker-keepalive-s", type=float, default=d.keepalive_s,
                    help="ping idle worker connections this often; drop a connection (its streams resume "
                         "elsewhere) when a ping is not answered as long")
@@ -95,7 +113,7 @@ def failover_from_args(args: argparse.Namespace) -> FailoverConfig:
     return FailoverConfig(
         breaker_failure_threshold=args.breaker_failure_threshold, breaker_cooldown_s=args.breaker_cooldown_s,
         retry_backoff_base_s=args.retry_backoff_base_s, retry_backoff_max_s=args.retry_backoff_max_s,
-        accept_timeout_s=args.worker_accept_timeout_s, keepalive_s=args.worker_keepalive_s,
+        connect_timeout_s=args.worker_connect_timeout_s, keepalive_s=args.worker_keepalive_s,
     )
 
 
@@ -173,6 +191,7 @@ class CircuitBreakers:
         """The worker served (a first token, or an answer that is not its fault): close."""
         breaker = self._breakers.pop(worker_id, None)
         if breaker is not None and breaker.state is not BreakerState.CLOSED:
+            log.warning("circuit breaker of worker %s: closed (the probe succeeded)", worker_id)
             self._report(worker_id, BreakerState.CLOSED)
 
     def record_failure(self, worker_id: str) -> None:
@@ -214,6 +233,8 @@ class CircuitBreakers:
     def _set(self, worker_id: str, breaker: _Breaker, state: BreakerState) -> None:
         if breaker.state is not state:
             breaker.state = state
+            log.warning("circuit breaker of worker %s: %s (%d consecutive failures)", worker_id,
+                        state.name.lower().replace("_", "-"), breaker.failures)
             self._report(worker_id, state)
 
     def _evict_over_cap(self) -> None:

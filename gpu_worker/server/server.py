@@ -196,8 +196,8 @@ class WorkerServer:
             # Soft = hard limit: refused every time beyond it, not at random between the two.
             ("grpc.max_metadata_size", self.config.max_metadata_bytes),
             ("grpc.absolute_max_metadata_size", self.config.max_metadata_bytes),
-            # Routers ping idle streams (a request waiting in the queue) to find frozen workers;
-            # gRPC's default policy would answer pings more often than every 5 min with GOAWAY.
+            # Routers ping silent connections (requests waiting in the queue) to find frozen
+            # workers; gRPC's default policy answers pings more often than every 5 min with GOAWAY.
             ("grpc.http2.min_ping_interval_without_data_ms", _MIN_PING_INTERVAL_MS),
         ]
         # Tracing first: its SERVER span then sees the status the error interceptor sets.

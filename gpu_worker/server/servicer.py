@@ -183,9 +183,6 @@ class GenerationServicer(gen_grpc.GenerationServicer):
         self, request: gen_pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[gen_pb.GenerateResponse]:
         # An async generator, not context.write: the tracing interceptor wraps only those.
-        # Headers go out at once: a router takes them as "this worker is alive and has the call"
-        # (a frozen worker never sends them), however long the request then waits in the queue.
-        await context.send_initial_metadata(())
         try:
             call = decode_generate(request, self._service.limits)
         except LimitExceeded as exc:
