@@ -22,7 +22,7 @@ import logging
 import random
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -174,6 +174,9 @@ class _Outcome:
     failure: Attempt | None = None
 
 
+MoreWorkers = Callable[[frozenset[str]], Awaitable[Sequence[WorkerRecord]]]
+
+
 class Dispatcher:
     """Streams a request from the first candidate that takes it, and keeps it going when that
     worker fails (module docstring; ``router.failover`` has the breakers and the relay).
@@ -198,9 +201,13 @@ class Dispatcher:
         workers: Sequence[WorkerRecord],
         time_remaining: Callable[[], float | None],
         observer: AttemptObserver | None = None,
+        more_workers: MoreWorkers | None = None,
     ) -> AsyncIterator[gen_pb.GenerateResponse]:
         """The worker's chunks; raises a ``RouterError`` when no candidate serves the request.
 
+        ``more_workers(tried)``: live workers not in ``tried``, best first, from a fresh read of
+        the registry; asked once, when a started stream has no candidate left to resume on
+        (``workers`` came from a cached view that may miss workers registered since).
         Open the iteration inside the request's span: each worker call is then its child."""
         if not request.request_id:
             request.request_id = uuid.uuid4().hex
@@ -208,8 +215,13 @@ class Dispatcher:
         relay = StreamRelay(request)
         failures: list[Attempt] = []
         tried: set[str] = set()
+        refilled = False
         for attempt in range(1, self.max_attempts + 1):
             worker = self._pick(workers, tried)
+            if worker is None and relay.started and more_workers is not None and not refilled:
+                refilled = True
+                workers = await more_workers(frozenset(tried))
+                worker = self._pick(workers, tried)
             if worker is None:
                 break
             tried.add(worker.worker_id)

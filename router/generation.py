@@ -22,11 +22,12 @@ from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+from llmserve.fleet import WorkerRecord
 from llmserve.prompt_input import PromptInput
 from llmserve.v1 import generation_pb2 as gen_pb
 from router.access import AccessConfig, AccessControl
 from router.dispatch import Dispatcher
-from router.errors import ModelUnavailable
+from router.errors import ModelUnavailable, WorkersBusy
 from router.policy import Ranked
 from router.request_telemetry import RequestObservation, RouterTelemetry
 from router.routing import ModelSummary, Router
@@ -130,8 +131,22 @@ class RequestScope:
         ``registry_cache_s`` behind a worker that died and the standby promoted in its place."""
         core, obs = self._core, self._obs
         started = False
+
+        async def more_workers(tried: frozenset[str]) -> list[WorkerRecord]:
+            """Live workers not tried yet, ranked: a stream whose candidates all failed after its
+            first token resumes on a worker the cached view missed."""
+            live = await core.router.fresh_workers(forward.model, ())
+            fresh = [w for w in live if w.worker_id not in tried]
+            if not fresh:
+                return []
+            try:
+                return (await core.router.rank(forward.model, fresh, token_ids, forward.request_id)).workers
+            except WorkersBusy:  # every queue looks full: resuming there beats failing the stream
+                return fresh
+
         try:
-            async for chunk in core.dispatcher.generate(forward, ranked.workers, time_remaining, obs):
+            async for chunk in core.dispatcher.generate(forward, ranked.workers, time_remaining, obs,
+                                                        more_workers):
                 started = True
                 yield chunk
             return
@@ -141,7 +156,8 @@ class RequestScope:
                 raise
         ranked = await core.router.rank(forward.model, fresh, token_ids, forward.request_id)
         obs.on_ranked(ranked)
-        async for chunk in core.dispatcher.generate(forward, ranked.workers, time_remaining, obs):
+        async for chunk in core.dispatcher.generate(forward, ranked.workers, time_remaining, obs,
+                                                    more_workers):
             yield chunk
 
     async def tokenizer(self) -> RouterTokenizer:

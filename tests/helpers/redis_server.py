@@ -17,11 +17,14 @@ def free_port() -> int:
 
 
 class RedisServer:
-    """redis-server on a free loopback port, without persistence; restartable on the same port."""
+    """redis-server on a free loopback port, restartable on the same port. Without persistence
+    (the default) a restart starts empty; with ``persistence=True`` every write goes to an
+    append-only file in ``workdir`` (fsync always), so a restart, even after SIGKILL, keeps the data."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, persistence: bool = False) -> None:
         self.port = free_port()
         self.workdir = workdir
+        self.persistence = persistence
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -32,8 +35,13 @@ class RedisServer:
         exe = shutil.which("redis-server")
         if exe is None:
             raise RuntimeError("redis-server is not installed (.ci/run installs it with apt-get)")
+        aof = (
+            ["--appendonly", "yes", "--appendfsync", "always"]
+            if self.persistence
+            else ["--appendonly", "no"]
+        )
         self.proc = subprocess.Popen(
-            [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+            [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", *aof,
              "--dir", str(self.workdir)],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -52,6 +60,13 @@ class RedisServer:
     def stop(self) -> None:
         if self.proc is not None:
             self.proc.terminate()
+            self.proc.wait(timeout=10)
+            self.proc = None
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown save, connections cut at once."""
+        if self.proc is not None:
+            self.proc.kill()
             self.proc.wait(timeout=10)
             self.proc = None
 

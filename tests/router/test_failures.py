@@ -183,3 +183,53 @@ async def _ids(router: Any, text: str) -> list[int]:
 
 async def _true(value: bool) -> bool:
     return value
+
+
+async def test_a_stream_resumes_on_a_worker_the_routers_cached_view_missed(
+    workers: dict[str, WorkerProc], module_redis: RedisProc, make_router: Any, router_tiny_model: Path,
+    tmp_path: Path,
+) -> None:
+    """Found by the chaos suite: a stream's candidates come from the router's cached view of the
+    fleet; when all of them failed after the first token (here the only one, the view taken while
+    the other worker's record was missing), the stream failed UNAVAILABLE although a live worker
+    had registered since. It now resumes there, found by a fresh read of the registry."""
+    survivors = {w for w, proc in workers.items() if proc.proc.poll() is None}
+    victim = WorkerProc(router_tiny_model, MODEL, module_redis.url, tmp_path, WORKER_ARGS, "k-victim")
+    store = RedisStateStore(module_redis.url)
+    try:
+        await asyncio.to_thread(victim.wait_serving)
+        router = await make_router("least-load", registry_cache_s=600.0)
+        for _ in range(20):  # the survivors' records removed just before the router's read
+            for worker_id in survivors:
+                await store.remove_worker(worker_id)
+            view = await router.router.registry.refresh()
+            if {w.worker_id for w in view.workers} == {victim.worker_id}:
+                break
+            await asyncio.sleep(0.05)
+        else:
+            pytest.fail("could not take a view without the survivor")
+        await wait_until(lambda: _registered(store, survivors), timeout_s=10)  # they heartbeat again
+
+        sampling = gen_pb.SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True)
+        base = prompt("missed", 30)
+        async with grpc.aio.insecure_channel(router.target) as channel:
+            call = gen_grpc.GenerationStub(channel).Generate(
+                gen_pb.GenerateRequest(model=MODEL, prompt=base, sampling=sampling), timeout=120)
+            first = await call.read()
+            assert first.token_ids and first.worker_id in ("", victim.worker_id)
+            victim.kill()
+            rest = []
+            while (chunk := await call.read()) is not grpc.aio.EOF:
+                rest.append(chunk)
+        tokens = list(first.token_ids) + [t for c in rest for t in c.token_ids]
+        assert rest[-1].worker_id in survivors and rest[-1].finish_reason == "length"
+        alone, _ = await generate(router.target, model=MODEL, prompt=base, sampling=sampling)
+        assert tokens == [t for c in alone for t in c.token_ids], "the same tokens as an uninterrupted run"
+    finally:
+        victim.stop()
+        await store.remove_worker(victim.worker_id)
+        await store.close()
+
+
+async def _registered(store: RedisStateStore, worker_ids: set[str]) -> bool:
+    return worker_ids <= {w.worker_id for w in (await store.read_fleet()).workers}
