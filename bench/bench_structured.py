@@ -13,13 +13,15 @@ and bitmask work, ``StructuredOutputManager.prepare_step``, plus the runner's ma
 ``GrammarMask``), against the step time: on a shared machine other jobs move wall-clock rates by
 more than the effect measured. Target: constrained tokens/s within 10% of unconstrained.
 
-Denormals: on the CPU, float32 matmuls slow down several-fold when activations hold denormal
-numbers, and SmolLM2's activations do for some outputs: the JSON this schema produces ran at 0.14x
-the unconstrained rate with 6 ms of structured-output work in a 1.3 s step (docs/BENCHMARKS.md).
-That is the model's arithmetic on those tokens, not structured output, so the bench flushes
-denormals to zero (``torch.set_flush_denormal``, x86 FTZ/DAZ) unless ``--keep-denormals``.
+Threads: the bench runs torch on ``--threads`` intra-op threads (default 1). On the shared 2-core
+machine, two OpenMP threads wait for each other at every barrier of every op while the other is
+descheduled by other jobs: a step's time then depends on the machine's load, not on the workload
+(decode steps of the same shape took 0.12 to 2 s, with 3 to 10 times the CPU time, spinning), and
+which round it hits is chance. On one thread the model's forward costs the same CPU time for the
+JSON tokens and the free text (docs/BENCHMARKS.md). Denormals are flushed to zero
+(``torch.set_flush_denormal``) unless ``--keep-denormals``; it made no measured difference.
 
-``python bench/bench_structured.py [--repeats 3] [--max-tokens 64]``
+``python bench/bench_structured.py [--repeats 3] [--max-tokens 64] [--threads 1]``
 """
 
 from __future__ import annotations
@@ -66,7 +68,8 @@ class StructuredTimer:
     def __init__(self) -> None:
         self.seconds = 0.0
         self.steps = 0
-        prepare, mask = StructuredOutputManager.prepare_step, GrammarMask.__call__
+        prepare = StructuredOutputManager.prepare_step
+        build, mask = GrammarMask.__init__, GrammarMask.__call__
 
         def timed_prepare(manager: Any, sched: Any, lookup: Any) -> Any:
             start = time.perf_counter()
@@ -75,6 +78,11 @@ class StructuredTimer:
             self.steps += out.grammar is not None
             return out
 
+        def timed_build(stage: Any, *args: Any) -> None:
+            start = time.perf_counter()
+            build(stage, *args)
+            self.seconds += time.perf_counter() - start
+
         def timed_mask(stage: Any, logits: Any) -> Any:
             start = time.perf_counter()
             out = mask(stage, logits)
@@ -82,6 +90,7 @@ class StructuredTimer:
             return out
 
         StructuredOutputManager.prepare_step = timed_prepare  # type: ignore[method-assign,assignment]
+        GrammarMask.__init__ = timed_build  # type: ignore[method-assign,assignment]
         GrammarMask.__call__ = timed_mask  # type: ignore[method-assign,assignment]
 
 
@@ -90,7 +99,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--keep-denormals", action="store_true", help="do not flush denormals to zero")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (both workloads)")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     flushed = not args.keep_denormals and torch.set_flush_denormal(True)
     llm = LLM(model="smollm2-135m", max_num_seqs=CONCURRENCY)
     tokenizer = llm.get_tokenizer()
@@ -113,7 +124,7 @@ def main() -> None:
     print(json.dumps({
         "bench": "structured_output", "model": "smollm2-135m", "device": "cpu", "concurrency": CONCURRENCY,
         "max_tokens": args.max_tokens, "repeats": args.repeats,
-        "flush_denormal": flushed, "cpus": os.cpu_count(),
+        "flush_denormal": flushed, "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
         "load_avg": os.getloadavg(), "unconstrained_tok_s": round(best["unconstrained"], 1),
         "json_schema_tok_s": round(best["json_schema"], 1), "ratio": round(ratio, 3),
         "unconstrained_cpu_ms_per_1k_tok": round(cpu_ms["unconstrained"]),
