@@ -181,7 +181,9 @@ def linear_rows(ms_list: list[int], copy: float) -> list[Row]:
 
 
 GEMV_TILES = {  # M -> (block_n, block_k, warps)
-    1: [(16, 512, 4), (8, 512, 4), (16, 256, 4), (32, 256, 8), (4, 1024, 4), (8, 1024, 8)],
+    1: [(16, 512, 4), (8, 512, 4), (16, 256, 4), (32, 256, 8), (4, 1024, 4), (8, 1024, 8),
+        (1, 1024, 4), (1, 2048, 4), (2, 1024, 4), (2, 2048, 8), (4, 512, 2), (4, 1024, 2),
+        (4, 2048, 4), (4, 2048, 8), (8, 256, 2), (8, 512, 8), (2, 512, 2), (1, 512, 1)],
     16: [(8, 64, 4), (16, 32, 4), (8, 128, 8), (4, 128, 4), (16, 64, 8)],
 }
 GEMM_TILES = {  # (block_m, block_n, block_k, warps, stages)
@@ -215,14 +217,14 @@ def _sweep_cases(x: torch.Tensor, lw: LayerWeights) -> list[Case]:
     return cases
 
 
-def sweep_rows(copy: float) -> list[Row]:
+def sweep_rows(copy: float, sweep_ms: tuple[int, ...] = (1, 16, 256, 4096)) -> list[Row]:
     """GEMV tilings at M = 1 and 16, GEMM tilings at 256 and 4096 (o and gate_up shapes)."""
     gen = torch.Generator().manual_seed(1)
     rows: list[Row] = []
     for shape in ("o", "gate_up"):
         n, k = SHAPES[shape]
         lw = make_weights(n, k, gen)
-        for m in (1, 16, 256, 4096):
+        for m in sweep_ms:
             x = torch.randn(m, k, generator=gen).to(DEVICE, torch.bfloat16)
             io = _nbytes(x) + m * n * 2
             for path, weight_bytes, note, fn in _sweep_cases(x, lw):
@@ -318,6 +320,7 @@ def main() -> None:
     parser.add_argument("--json", help="append the rows here (JSON lines)")
     parser.add_argument("--ms", default=",".join(map(str, DEFAULT_MS)), help="token counts M (1,16,...)")
     parser.add_argument("--no-sweep", action="store_true", help="skip the tiling sweep")
+    parser.add_argument("--sweep-ms", default="1,16,256,4096", help="token counts the sweep times")
     args = parser.parse_args()
     ms_list = [int(v) for v in args.ms.split(",")]
     torch.manual_seed(0)
@@ -330,7 +333,7 @@ def main() -> None:
     rows = linear_rows(ms_list, copy)
     rows += attention_rows(copy)
     if not args.no_sweep:
-        rows += sweep_rows(copy)
+        rows += sweep_rows(copy, tuple(int(v) for v in args.sweep_ms.split(",")))
     if args.json:
         with open(args.json, "a") as f:
             for r in rows:

@@ -22,6 +22,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from gpu_worker.config import AUTO_TENSOR_PARALLEL, EngineConfig
+from gpu_worker.spec_decode.config import SpeculativeConfig
 from llmserve.envflags import apply_env_defaults
 from llmserve.limits import add_limit_flags, limits_from_args
 from llmserve.security.flags import add_worker_security_flags, redis_tls_from_args, tls_from_args
@@ -42,8 +43,19 @@ def _tensor_parallel_size(value: str) -> int:
     return AUTO_TENSOR_PARALLEL if value == "auto" else int(value)
 
 
+def _speculative_config(value: str) -> SpeculativeConfig:
+    """The JSON object of ``--speculative-config`` (vLLM's shape)."""
+    try:
+        return SpeculativeConfig.from_value(value)
+    except ValueError as exc:  # argparse shows this message instead of "invalid value"
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 # Engine flags whose values are not plain ``int`` / ``float`` / ``str``.
-_FLAG_TYPES: dict[str, Any] = {"tensor_parallel_size": _tensor_parallel_size}
+_FLAG_TYPES: dict[str, Any] = {
+    "tensor_parallel_size": _tensor_parallel_size,
+    "speculative_config": _speculative_config,
+}
 
 
 def _add_engine_flags(parser: argparse.ArgumentParser) -> None:

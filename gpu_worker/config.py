@@ -10,9 +10,14 @@ from dataclasses import dataclass, fields, replace
 from typing import Any
 
 from gpu_worker.core.scheduling_policy import BUILTIN_POLICIES
+from gpu_worker.spec_decode.config import SpeculativeConfig
 
 _DTYPES = ("auto", "float32", "float16", "bfloat16")
 _LOAD_FORMATS = ("auto", "dummy")
+# Weight quantization (docs/QUANTIZATION.md; resolved by layers/quantization/select.py) and the
+# KV pool's element type.
+QUANTIZATIONS = ("auto", "none", "fp8", "gptq", "gguf")
+KV_CACHE_DTYPES = ("auto", "fp8")
 AUTO_TENSOR_PARALLEL = 0  # tensor_parallel_size "auto": chosen from the model and the GPUs
 # Per-step token budgets when max_num_batched_tokens is left unset (see EngineConfig).
 CUDA_MAX_NUM_BATCHED_TOKENS = 8192
@@ -60,6 +65,22 @@ class EngineConfig:
     order, the default), ``priority`` (the request's ``priority``, lower first, as vLLM's
     ``--scheduling-policy priority``) or a policy from an installed package (docs/PLUGINS.md).
 
+    ``speculative_config`` turns on speculative decoding (docs/SPEC_DECODE.md; vLLM's shape, a
+    :class:`~gpu_worker.spec_decode.config.SpeculativeConfig` or its dict, e.g.
+    ``{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4}`` or
+    ``{"method": "draft_model", "model": ..., "num_speculative_tokens": 4}``). Greedy outputs are
+    unchanged, token for token; sampled ones keep their distribution. Async scheduling then
+    defaults to off.
+
+    ``quantization`` picks the weights' format (docs/QUANTIZATION.md): ``auto`` serves what the
+    checkpoint is (fp8 or GPTQ when its ``quantization_config`` says so; a ``.gguf`` quantized on
+    CUDA and through its dequantized cache on the CPU), ``none`` 16/32-bit weights, ``fp8`` e4m3
+    weights (a 16/32-bit checkpoint quantized as it loads), ``gptq`` a GPTQ checkpoint (or random
+    4-bit weights with ``load_format="dummy"``), ``gguf`` a ``.gguf`` served quantized.
+    ``kv_cache_dtype`` ``fp8`` stores K/V as e4m3 (about twice the tokens in the same memory;
+    scales from the checkpoint, else 1.0), ``auto`` in the model's dtype. Once the engine has
+    loaded, its effective config holds the resolved quantization, never ``auto``.
+
     Left unset, ``max_num_batched_tokens`` (the per-step token budget, i.e. the chunked-prefill
     chunk) is chosen by device (:meth:`with_device_defaults`, docs/CONFIG.md): 8192 on CUDA,
     where larger steps keep the GPU's matrix units busy (W1 on an H200: 9,003 tok/s at 2048
@@ -89,11 +110,17 @@ class EngineConfig:
     engine_core_process: bool | None = None
     async_scheduling: bool | None = None
     scheduling_policy: str = "fcfs"
+    speculative_config: SpeculativeConfig | None = None
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
     distributed_port: int | None = None
+    quantization: str = "auto"
+    kv_cache_dtype: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.speculative_config is not None:  # LLM(speculative_config={...}) passes a dict
+            spec = SpeculativeConfig.from_value(self.speculative_config)
+            object.__setattr__(self, "speculative_config", spec)
         checks: list[tuple[bool, str]] = [
             (bool(self.model), "model must not be empty"),
             (self.dtype in _DTYPES, f"dtype must be one of {_DTYPES}, got {self.dtype!r}"),
@@ -129,6 +156,10 @@ class EngineConfig:
                 self.distributed_port is None or 0 < self.distributed_port < 65536,
                 "distributed_port must be in [1, 65535]",
             ),
+            (self.quantization in QUANTIZATIONS, f"quantization must be one of {QUANTIZATIONS}, "
+             f"got {self.quantization!r}"),
+            (self.kv_cache_dtype in KV_CACHE_DTYPES, f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, "
+             f"got {self.kv_cache_dtype!r}"),
         ]
         for ok, message in checks:
             if not ok:

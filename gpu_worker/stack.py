@@ -19,6 +19,7 @@ import signal
 from dataclasses import dataclass
 from typing import Any
 
+from gpu_worker.config import KV_CACHE_DTYPES, QUANTIZATIONS
 from llmserve.envflags import apply_env_defaults
 from llmserve.fleet import open_store
 from llmserve.gc_tuning import freeze_startup_objects, unfreeze_objects
@@ -43,6 +44,8 @@ class StackConfig:
     num_kv_blocks: int | None = None
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
+    quantization: str = "auto"
+    kv_cache_dtype: str = "auto"
     drain_grace_s: float = 5.0
 
     def __post_init__(self) -> None:
@@ -77,6 +80,8 @@ async def run_stack(config: StackConfig, started: asyncio.Event | None = None,
         num_kv_blocks=config.num_kv_blocks,
         tensor_parallel_size=config.tensor_parallel_size,
         pipeline_parallel_size=config.pipeline_parallel_size,
+        quantization=config.quantization,
+        kv_cache_dtype=config.kv_cache_dtype,
     )
     worker = WorkerServer(
         engine_config,
@@ -140,6 +145,10 @@ def register(subparsers: Any) -> None:
     p.add_argument("--tensor-parallel-size", type=_tensor_parallel_size, default=1,
                    help="ranks (GPUs) per pipeline stage, or auto (docs/PARALLELISM.md)")
     p.add_argument("--pipeline-parallel-size", type=int, default=1, help="pipeline stages")
+    p.add_argument("--quantization", default="auto", choices=QUANTIZATIONS,
+                   help="weight format (docs/QUANTIZATION.md; default %(default)s)")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES,
+                   help="KV pool element type (default %(default)s)")
     p.add_argument("--log-level", default="INFO")
     p.add_argument("--log-format", default="text", choices=("text", "json"))
     apply_env_defaults(p)
@@ -165,6 +174,8 @@ def _run_up(args: argparse.Namespace) -> int:
         num_kv_blocks=args.num_kv_blocks,
         tensor_parallel_size=args.tensor_parallel_size,
         pipeline_parallel_size=args.pipeline_parallel_size,
+        quantization=args.quantization,
+        kv_cache_dtype=args.kv_cache_dtype,
     )
     try:
         asyncio.run(run_stack(config, tracing=tracing))

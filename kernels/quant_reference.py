@@ -25,14 +25,18 @@ FP8_E4M3_MAX = 448.0
 FP8_MIN_AMAX = 1e-12
 
 
-def quantize_fp8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_fp8_rows(x: torch.Tensor, amax: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Dynamic fp8 quantization of each row (last dim) of ``x``.
 
     Returns ``(q, scale)``: ``q`` e4m3 of ``x``'s shape, ``scale`` float32 of shape
-    ``[..., 1]`` with ``x ~= q.float() * scale``.
+    ``[..., 1]`` with ``x ~= q.float() * scale``. ``amax`` (``[..., 1]``): each row's absolute
+    maximum when the row is longer than ``x`` holds (a row-parallel shard of a weight: the
+    maximum over every rank's columns); default ``x``'s own.
     """
     xf = x.float()
-    amax = xf.abs().amax(dim=-1, keepdim=True).clamp_min(FP8_MIN_AMAX)
+    if amax is None:
+        amax = xf.abs().amax(dim=-1, keepdim=True)
+    amax = amax.float().clamp_min(FP8_MIN_AMAX)
     inv = _true_div(FP8_E4M3_MAX, amax)
     q = (xf * inv).clamp_(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(FP8_DTYPE)
     return q, _true_div(amax, FP8_E4M3_MAX)
@@ -162,6 +166,23 @@ class WnA16Weight:
             self.bits,
             self.group_size,
         )
+
+    def select_inputs(self, start: int, length: int) -> WnA16Weight:
+        """Input columns ``[start, start + length)`` (a row-parallel shard): whole groups only,
+        or any range of a weight with a single group (its scale applies to every column)."""
+        g = self.group_size
+        single = self.in_features == g
+        if not single and (start % g or length % g):
+            raise ValueError(f"input range [{start}, {start + length}) does not cut whole groups of {g}")
+        if self.bits == 4 and (start % 2 or length % 2):
+            raise ValueError("4-bit weights split at even input columns only")
+        per_byte = 2 if self.bits == 4 else 1
+        qweight = self.qweight[:, start // per_byte : (start + length) // per_byte]
+        groups = slice(0, 1) if single else slice(start // g, (start + length) // g)
+        offsets = None if self.offsets is None else self.offsets[:, groups]
+        group_size = length if single else g
+        return WnA16Weight(qweight.contiguous(), self.scales[:, groups].contiguous(),
+                           None if offsets is None else offsets.contiguous(), self.bits, group_size)
 
     def to(self, device: torch.device | str) -> WnA16Weight:
         return WnA16Weight(

@@ -130,7 +130,9 @@ def _run_models(args: argparse.Namespace) -> int:
     with _client(args, timeout_s=args.timeout_s) as client:
         for model in client.list_models():
             print(f"{model.name}\tmax_model_len={model.max_model_len}\tworkers={model.num_workers}"
-                  f"\tstandby={model.num_standby_workers}")
+                  f"\tstandby={model.num_standby_workers}\tquantization={model.quantization or '?'}"
+                  f"\tkv_cache_dtype={model.kv_cache_dtype or '?'}"
+                  f"\tweight_GiB={model.weight_bytes / 2**30:.2f}\tkv_cache_tokens={model.kv_cache_tokens}")
     return 0
 
 

@@ -115,6 +115,10 @@ class ModelInfo:
     max_model_len: int
     num_workers: int
     num_standby_workers: int = 0  # warm standbys (not routed to until one promotes itself)
+    quantization: str = ""  # weights' format: "none", "fp8", "gptq", "gguf" (docs/QUANTIZATION.md)
+    kv_cache_dtype: str = ""  # "auto" or "fp8"
+    weight_bytes: int = 0  # the weights as the worker stores them
+    kv_cache_tokens: int = 0  # the KV pool's capacity
 
 
 def build_request(
@@ -219,7 +223,11 @@ class CompletionCollector:
 
 
 def _models(response: pb.ListModelsResponse) -> list[ModelInfo]:
-    return [ModelInfo(m.name, m.max_model_len, m.num_workers, m.num_standby_workers) for m in response.models]
+    return [
+        ModelInfo(m.name, m.max_model_len, m.num_workers, m.num_standby_workers, m.quantization,
+                  m.kv_cache_dtype, m.weight_bytes, m.kv_cache_tokens)
+        for m in response.models
+    ]
 
 
 def _channel_options(max_message_bytes: int) -> list[tuple[str, int]]:

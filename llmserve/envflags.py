@@ -42,7 +42,7 @@ def _convert(action: argparse.Action, name: str, raw: str) -> object:
     converter = action.type if callable(action.type) else str
     try:
         value = converter(raw)
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, argparse.ArgumentTypeError) as exc:
         raise ValueError(f"{name}={raw!r} is invalid: {exc}") from exc
     if action.choices is not None and value not in action.choices:
         raise ValueError(f"{name}={raw!r} must be one of {sorted(map(str, action.choices))}")

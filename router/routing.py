@@ -31,12 +31,18 @@ FRESH_VIEW_S = 0.1
 
 @dataclass(frozen=True)
 class ModelSummary:
-    """One live model for ListModels (``num_standby_workers``: its warm standbys)."""
+    """One live model for ListModels (``num_standby_workers``: its warm standbys). Its workers'
+    weight format and KV cache dtype (distinct values joined by ","), their largest weight size
+    and smallest KV pool in tokens."""
 
     name: str
     max_model_len: int
     num_workers: int
     num_standby_workers: int = 0
+    quantization: str = ""
+    kv_cache_dtype: str = ""
+    weight_bytes: int = 0
+    kv_cache_tokens: int = 0
 
 
 class Router:
@@ -154,7 +160,13 @@ class Router:
         snap: FleetSnapshot = await self.registry.snapshot()
         standby = snap.standby_counts()
         return [
-            ModelSummary(name, min(w.max_model_len for w in ws), len(ws), standby.get(name, 0))
+            ModelSummary(
+                name, min(w.max_model_len for w in ws), len(ws), standby.get(name, 0),
+                ",".join(sorted({w.quantization for w in ws} - {""})),
+                ",".join(sorted({w.kv_cache_dtype for w in ws} - {""})),
+                max(w.weight_bytes for w in ws),
+                min(w.load.num_kv_blocks * w.block_size for w in ws),
+            )
             for name, ws in sorted(snap.live_models().items())
         ]
 

@@ -39,6 +39,9 @@ class Request:
     is accounted for) and ``num_pending_outputs`` (0 or 1) says whether it samples a token
     for this request. A decode scheduled behind it computes that not-yet-known token (a
     placeholder the runner fills on the device). Both are 0 between synchronous steps.
+
+    Speculative decoding: ``spec_token_ids`` are the drafts the proposer offered for the step
+    being planned (consumed when it is built).
     """
 
     def __init__(
@@ -69,6 +72,7 @@ class Request:
         self.num_computed_tokens = 0
         self.num_inflight_tokens = 0
         self.num_pending_outputs = 0
+        self.spec_token_ids: list[int] = []
         self.num_cached_tokens = 0  # prefix-cache hit at the first admission (not after preemption)
         self.status = RequestStatus.WAITING
         self.stop_token_id: int | None = None

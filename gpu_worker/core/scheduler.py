@@ -14,6 +14,18 @@ the device, unless that token already ends it by length. At most one step is in 
 A request with structured output is never given a placeholder: the grammar mask of its next
 token depends on the previous one, so it waits for that token (one step) before it is planned.
 
+Speculative decoding (``proposer``, :mod:`gpu_worker.core.drafts`): when a step is planned, each
+running request that decodes with nothing in flight may get drafts from the proposer and is
+scheduled for its last token plus the drafts (budget permitting: drafts are cut first). The
+runner verifies them in that one step; ``update`` advances ``num_computed_tokens`` by the
+accepted tokens only, so rejected drafts' K/V never count as computed (their slots are
+overwritten by later tokens, and never reach the prefix cache, which hashes computed tokens
+of the request's accepted sequence only), and appends the accepted drafts plus the runner's
+token, cut at a stop. With a proposer, requests get no placeholders (async scheduling): drafts
+are proposed from a request's known tokens, and how many tokens a step with drafts adds is
+unknown until it is accounted for; so with async scheduling a request is planned every other
+step (the engine core turns async scheduling off by default when speculating).
+
 Device time: ``update`` takes the step's device time (the engine core measures it) and splits it
 over the step's requests in proportion to the tokens each computed in it; each request's
 output carries what it was given since its previous output (``EngineCoreOutput.device_s``), a
@@ -28,6 +40,7 @@ import itertools
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
+from gpu_worker.core.drafts import DraftPlanner, DraftSource
 from gpu_worker.core.kv_cache_manager import KVCacheManager
 from gpu_worker.core.request import Request, RequestStatus
 from gpu_worker.core.scheduling_policy import FCFSPolicy, SchedulingPolicy
@@ -84,6 +97,7 @@ class Scheduler:
         policy: SchedulingPolicy | None = None,
         ready: Callable[[Request], bool] | None = None,
         overlap: bool = True,
+        proposer: DraftSource | None = None,
     ) -> None:
         if block_size != kv.block_size:
             raise ValueError(f"block_size {block_size} differs from the KV cache's {kv.block_size}")
@@ -106,6 +120,7 @@ class Scheduler:
         self._requests: dict[str, Request] = {}  # every live (unfinished) request
         self.policy = policy if policy is not None else FCFSPolicy()
         self._ready = ready
+        self._drafts = DraftPlanner(proposer) if proposer is not None else None
         self._running: list[Request] = []  # sorted by (rank, admission)
         self._preempted: list[Request] = []  # served before _waiting; sorted by (rank, -preemption)
         self._waiting: list[tuple[tuple[object, float, int], Request]] = []  # sorted by key
@@ -177,6 +192,8 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         """Plan one step: running requests first, then admit waiting ones within the budgets."""
         plan = _StepPlan(token_budget=self.max_num_batched_tokens)
+        if self._drafts is not None:
+            self._drafts.plan(self._running, self.max_model_len)
         self._schedule_running(plan)
         if not plan.preempted:
             self._schedule_waiting(plan)
@@ -190,6 +207,7 @@ class Scheduler:
             if num_tokens <= 0:  # nothing to compute until the step in flight is accounted for
                 i += 1
                 continue
+            del request.spec_token_ids[max(num_tokens - 1, 0) :]  # the budget cuts drafts first
             new_block_ids = self.kv.allocate(request, num_tokens)
             while new_block_ids is None:
                 # The last in (rank, admission) order is always at index >= i, so it was not
@@ -209,15 +227,15 @@ class Scheduler:
         pending = request.num_pending_outputs
         if not self.overlap and (pending or request.num_inflight_tokens):
             return 0  # pipeline micro-batches: a request is in at most one step in flight
-        if pending and request.params.structured_output is not None:
-            return 0  # its grammar mask needs the pending token: no placeholder (module docstring)
+        if pending and (request.params.structured_output is not None or self._drafts is not None):
+            return 0  # its grammar mask / its drafts need the pending token(s): no placeholder
         if pending:
             max_tokens = request.params.max_tokens
             if (max_tokens is not None and request.num_output_tokens + pending >= max_tokens) or (
                 request.num_tokens + pending >= self.max_model_len
             ):
                 return 0
-        return request.num_tokens + pending - request.num_scheduled_tokens
+        return request.num_tokens + pending - request.num_scheduled_tokens + len(request.spec_token_ids)
 
     def _schedule_waiting(self, plan: _StepPlan) -> None:
         while plan.token_budget > 0 and len(self._running) < self.max_num_seqs:
@@ -266,6 +284,7 @@ class Scheduler:
         request.status = RequestStatus.PREEMPTED
         request.num_computed_tokens = 0
         request.num_inflight_tokens = 0  # recomputed on resume; a pending output still comes
+        request.spec_token_ids = []
         request.order = -next(self._admissions)  # most recently preempted first among equal ranks
         bisect.insort(self._preempted, request, key=lambda r: (r.rank, r.order))
         self._preempted_ids.add(request.request_id)
@@ -274,11 +293,13 @@ class Scheduler:
     def _build_output(self, plan: _StepPlan) -> SchedulerOutput:
         scheduled = []
         for request, num_tokens, new_block_ids, admitted in plan.entries:
+            drafts, request.spec_token_ids = request.spec_token_ids, []
             start = request.num_scheduled_tokens
-            end = start + num_tokens
+            end = start + num_tokens - len(drafts)
             token_ids = tuple(request.all_token_ids[start:end])
             if end > request.num_tokens:  # the token the step in flight samples (at most one)
                 token_ids += (PLACEHOLDER_TOKEN_ID,) * (end - max(start, request.num_tokens))
+            token_ids += tuple(drafts)
             sample = end == request.num_tokens + request.num_pending_outputs
             request.num_inflight_tokens += num_tokens
             request.num_pending_outputs += sample
@@ -296,7 +317,10 @@ class Scheduler:
                     prompt_token_ids=tuple(request.prompt_token_ids),
                 )
             else:
-                entry = ScheduledRequest(request.request_id, token_ids, start, tuple(new_block_ids), sample)
+                entry = ScheduledRequest(
+                    request.request_id, token_ids, start, tuple(new_block_ids), sample,
+                    num_draft_tokens=len(drafts),
+                )
             scheduled.append(entry)
         output = SchedulerOutput(
             requests=tuple(scheduled),
@@ -322,6 +346,7 @@ class Scheduler:
         missing = [e.req_id for e in scheduler_output.requests if e.sample and e.req_id not in sampled]
         if missing:  # checked before any state changes
             raise ValueError(f"runner output has no sampled token for requests {missing}")
+        accepted = self._accepted_drafts(scheduler_output, runner_output)
         outputs = []
         num_tokens = scheduler_output.num_scheduled_tokens
         per_token_s = device_s / num_tokens if num_tokens else 0.0
@@ -335,22 +360,28 @@ class Scheduler:
                 self._device_seconds += share
             if request.status is RequestStatus.RUNNING:
                 request.num_inflight_tokens -= len(entry.token_ids)
-                request.num_computed_tokens += len(entry.token_ids)
+                # Rejected drafts' K/V are not computed tokens: later tokens overwrite their slots.
+                request.num_computed_tokens += len(entry.token_ids) - entry.num_draft_tokens
+                request.num_computed_tokens += len(accepted.get(entry.req_id, ((), ()))[0])
                 self.kv.commit_computed(request)
             # Otherwise it was preempted after this step was planned (async scheduling): its
             # K/V are recomputed on resume, but the token sampled for it is as good as any.
             if not entry.sample:
                 continue
             request.num_pending_outputs -= 1
-            token_id = sampled[entry.req_id]
-            request.append_output_token(token_id)
-            finish_reason = self._check_stop(request, token_id)
+            draft_ids, draft_logprobs = accepted.get(entry.req_id, ((), ()))
+            if entry.num_draft_tokens and self._drafts is not None:
+                self._drafts.record(entry.num_draft_tokens, len(draft_ids))
             token_logprobs = logprobs.get(entry.req_id)
+            new_ids, new_logprobs, finish_reason = self._append_tokens(
+                request, (*draft_ids, sampled[entry.req_id]),
+                (*draft_logprobs, token_logprobs) if token_logprobs is not None else (),
+            )
             outputs.append(
                 EngineCoreOutput(
                     request.request_id,
-                    (token_id,),
-                    new_logprobs=(token_logprobs,) if token_logprobs is not None else (),
+                    new_ids,
+                    new_logprobs=new_logprobs,
                     finish_reason=finish_reason,
                     num_cached_tokens=request.num_cached_tokens,
                     stop_token_id=request.stop_token_id,
@@ -359,6 +390,38 @@ class Scheduler:
             )
             request.unreported_device_s = 0.0
         return outputs
+
+    @staticmethod
+    def _accepted_drafts(
+        sched: SchedulerOutput, out: RunnerOutput
+    ) -> dict[str, tuple[tuple[int, ...], tuple[TokenLogprobs, ...]]]:
+        """Per request, the drafts the runner accepted (a prefix of those scheduled, checked before
+        any state changes) and their logprobs."""
+        if not out.accepted_draft_ids:
+            return {}
+        lps = out.accepted_logprobs or ((),) * len(out.req_ids)
+        accepted = dict(zip(out.req_ids, zip(out.accepted_draft_ids, lps, strict=True), strict=True))
+        for entry in sched.requests:
+            ids = accepted.get(entry.req_id, ((), ()))[0]
+            drafts = entry.token_ids[len(entry.token_ids) - entry.num_draft_tokens :]
+            if tuple(ids) != drafts[: len(ids)]:
+                raise ValueError(f"runner accepted {ids} for {entry.req_id}: not a prefix of {drafts}")
+        return accepted
+
+    def _append_tokens(
+        self, request: Request, token_ids: tuple[int, ...], token_logprobs: tuple[TokenLogprobs | None, ...]
+    ) -> tuple[tuple[int, ...], tuple[TokenLogprobs, ...], FinishReason | None]:
+        """Append a step's new tokens (accepted drafts, then the sampled one) up to the first that
+        ends the request; returns those tokens, their logprobs and the finish reason."""
+        finish_reason = None
+        num = 0
+        for token_id in token_ids:
+            request.append_output_token(token_id)
+            num += 1
+            finish_reason = self._check_stop(request, token_id)
+            if finish_reason is not None:
+                break
+        return token_ids[:num], tuple(lp for lp in token_logprobs[:num] if lp is not None), finish_reason
 
     def _check_stop(self, request: Request, token_id: int) -> FinishReason | None:
         """Finish the request if ``token_id`` ends it; returns the reason (None: keep going)."""
@@ -393,6 +456,8 @@ class Scheduler:
         """Free a request already taken out of its queue."""
         request.status = status
         self.kv.free(request)
+        if self._drafts is not None:
+            self._drafts.proposer.drop((request.request_id,))
         del self._requests[request.request_id]
         self._finished_ids.add(request.request_id)
 
@@ -407,6 +472,7 @@ class Scheduler:
             kv_usage=self.kv.usage,
             num_free_blocks=self.kv.num_free_blocks,
             num_total_blocks=self.kv.num_blocks,
+            spec_decode=self._drafts.stats() if self._drafts is not None else None,
             prefix_cache_queries=prefix.queries,
             prefix_cache_hits=prefix.hits,
             num_preemptions=self._num_preemptions,

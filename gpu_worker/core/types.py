@@ -58,6 +58,11 @@ class ScheduledRequest:
     sampled from the last position. With async scheduling the last entry of ``token_ids``
     may be :data:`PLACEHOLDER_TOKEN_ID`: the token the previous step samples for this
     request, unknown on the host when this step is planned.
+
+    Speculative decoding: the last ``num_draft_tokens`` entries of ``token_ids`` are draft
+    tokens (``sample`` is then True). The runner computes logits at each of the last
+    ``1 + num_draft_tokens`` positions, accepts the longest prefix of drafts the target agrees
+    with and samples one more token after it (:class:`RunnerOutput`).
     """
 
     req_id: str
@@ -70,6 +75,7 @@ class ScheduledRequest:
     prompt_len: int = 0
     output_token_ids: tuple[int, ...] = ()  # tokens generated before a preemption (for penalties)
     prompt_token_ids: tuple[int, ...] = ()  # whole prompt when is_new (repetition penalty sees cached tokens)
+    num_draft_tokens: int = 0  # speculative decoding: drafts at the end of token_ids
 
 
 @dataclass(frozen=True)
@@ -83,7 +89,10 @@ class GrammarBitmask:
     """
 
     req_ids: tuple[str, ...]
-    bitmask: Any  # numpy int32 [len(req_ids), words]: core/ stays free of numpy and torch
+    bitmask: Any  # numpy int32 [sum(row_counts), words]: core/ stays free of numpy and torch
+    # Rows per request, consecutive in req_ids order (speculative decoding: 1 + its drafts, one
+    # mask per verified position); empty: one row each.
+    row_counts: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -113,11 +122,20 @@ class TokenLogprobs:
 
 @dataclass(frozen=True)
 class RunnerOutput:
-    """Sampled tokens, for the requests of the step whose ``sample`` flag was True, in order."""
+    """Sampled tokens, for the requests of the step whose ``sample`` flag was True, in order.
+
+    Speculative decoding: ``accepted_draft_ids[i]`` are the draft tokens of request ``i`` the
+    target accepted, in order; its new tokens are those followed by ``sampled_token_ids[i]``
+    (the target's own token after the last accepted draft), and ``accepted_logprobs[i]`` holds
+    the accepted drafts' logprobs when the request asked for them. Both are empty when no
+    request of the step had drafts.
+    """
 
     req_ids: tuple[str, ...]
     sampled_token_ids: tuple[int, ...]
     logprobs: tuple[TokenLogprobs | None, ...] = ()
+    accepted_draft_ids: tuple[tuple[int, ...], ...] = ()
+    accepted_logprobs: tuple[tuple[TokenLogprobs, ...], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -140,6 +158,27 @@ class EngineCoreOutput:
 
 
 @dataclass(frozen=True)
+class SpecDecodeStats:
+    """Speculative decoding counters (cumulative), as vLLM's ``spec_decode_*`` metrics.
+
+    ``num_drafts``: requests-steps that verified drafts; ``num_draft_tokens``: drafts verified;
+    ``num_accepted_tokens``: of which the target accepted; ``num_accepted_tokens_per_pos[i]``:
+    drafts accepted at position ``i`` (0 = the first draft of a step), so its ratio to
+    ``num_drafts`` is the acceptance rate at that position.
+    """
+
+    num_drafts: int = 0
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+    num_accepted_tokens_per_pos: tuple[int, ...] = ()
+
+    @property
+    def acceptance_rate(self) -> float:
+        """Accepted over verified drafts (0 when none was verified)."""
+        return self.num_accepted_tokens / self.num_draft_tokens if self.num_draft_tokens else 0.0
+
+
+@dataclass(frozen=True)
 class SchedulerStats:
     """Point-in-time load, for health, heartbeats and metrics."""
 
@@ -154,3 +193,4 @@ class SchedulerStats:
     num_waiting_tokens: int = 0  # tokens of the requests waiting for their first admission
     device_seconds: float = 0.0  # step time attributed to requests (cumulative; Scheduler.update)
     extra: dict[str, float] = field(default_factory=dict)
+    spec_decode: SpecDecodeStats | None = None  # None: speculative decoding is off

@@ -30,8 +30,10 @@ class ParallelChoice:
     reason: str
 
 
-def weight_bytes(hf_config: Any, element_size: int) -> int:
-    """Bytes of the model's weights in the serving dtype (embeddings and LM head included)."""
+def weight_bytes(hf_config: Any, element_size: float) -> int:
+    """Bytes of the model's weights in the serving dtype (embeddings and LM head included;
+    ``element_size`` below 2 for quantized linear layers, an upper bound there: their embedding
+    and LM head stay 16-bit)."""
     h, inter, vocab = hf_config.hidden_size, hf_config.intermediate_size, hf_config.vocab_size
     d = head_dim_of(hf_config)
     q, kv = hf_config.num_attention_heads * d, hf_config.num_key_value_heads * d
@@ -52,14 +54,16 @@ def _tp_divides(hf_config: Any, tp: int) -> bool:
 
 
 def choose(
-    hf_config: Any, element_size: int, device_bytes: int, num_devices: int, utilization: float,
-    max_model_len: int | None = None, pipeline: int = 1,
+    hf_config: Any, element_size: float, device_bytes: int, num_devices: int, utilization: float,
+    max_model_len: int | None = None, pipeline: int = 1, kv_element_size: int | None = None,
 ) -> ParallelChoice:
     """The smallest TP (then PP) for which each device's share fits ``utilization`` of it;
-    ``pipeline`` above 1 fixes the number of stages and only TP is chosen."""
+    ``pipeline`` above 1 fixes the number of stages and only TP is chosen. ``element_size``:
+    bytes per weight; ``kv_element_size``: per KV element (default the same)."""
     context = min(max_model_len or max_context_len(hf_config), USEFUL_KV_TOKENS)
     weights = weight_bytes(hf_config, element_size)
-    kv = USEFUL_KV_SEQUENCES * context * kv_bytes_per_token(hf_config, element_size)
+    kv_elem = int(element_size) if kv_element_size is None else kv_element_size
+    kv = USEFUL_KV_SEQUENCES * context * kv_bytes_per_token(hf_config, kv_elem)
     budget = device_bytes * (utilization - ACTIVATION_RESERVE)
     gib = 2**30
     need = f"weights {weights / gib:.1f} GiB + KV for {USEFUL_KV_SEQUENCES} x {context} tokens "
@@ -80,7 +84,9 @@ def choose(
     raise ValueError(f"{need} does not fit {num_devices} devices of {device_bytes / 2**30:.0f} GiB")
 
 
-def resolve_parallel_sizes(config: Any, hf_config: Any, device: Any, element_size: int) -> Any:
+def resolve_parallel_sizes(
+    config: Any, hf_config: Any, device: Any, element_size: float, kv_element_size: int | None = None
+) -> Any:
     """``config`` with ``tensor_parallel_size`` "auto" (0) replaced by :func:`choose`'s answer
     on the visible GPUs (one rank on the CPU); a given ``pipeline_parallel_size`` above 1 is kept."""
     import dataclasses
@@ -97,7 +103,8 @@ def resolve_parallel_sizes(config: Any, hf_config: Any, device: Any, element_siz
         total = torch.cuda.get_device_properties(device).total_memory
         devices = torch.cuda.device_count()
         choice = choose(hf_config, element_size, total, devices, config.gpu_memory_utilization,
-                        config.max_model_len, pipeline=config.pipeline_parallel_size)
+                        config.max_model_len, pipeline=config.pipeline_parallel_size,
+                        kv_element_size=kv_element_size)
     logger.info(
         "tensor_parallel_size auto: TP=%d x PP=%d (%s)",
         choice.tensor_parallel_size, choice.pipeline_parallel_size, choice.reason,

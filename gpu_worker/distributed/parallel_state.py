@@ -59,6 +59,13 @@ class TensorParallelGroup:
             torch.distributed.all_reduce(x, group=self.group)
         return x
 
+    def all_reduce_max(self, x: torch.Tensor) -> torch.Tensor:
+        """Elementwise maximum of ``x`` over the group, in place (quantization scales of
+        row-parallel weights: a row's maximum over every rank's columns)."""
+        if self.size > 1:
+            torch.distributed.all_reduce(x, op=torch.distributed.ReduceOp.MAX, group=self.group)
+        return x
+
     def gather_to_first(self, x: torch.Tensor) -> torch.Tensor | None:
         """``x`` of every rank concatenated along the last dim on TP rank 0 (None elsewhere)."""
         if self.size == 1:

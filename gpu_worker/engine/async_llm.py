@@ -137,6 +137,16 @@ class AsyncLLM:
         return self._config.block_size
 
     @property
+    def weight_bytes(self) -> int:
+        """Bytes of the model's weights as the engine stores them (all ranks)."""
+        return self.client.info.weight_bytes
+
+    @property
+    def kv_cache_tokens(self) -> int:
+        """Tokens the KV pool holds."""
+        return self.client.info.stats.num_total_blocks * self._config.block_size
+
+    @property
     def num_in_flight(self) -> int:
         """Requests whose stream is still open."""
         return len(self._queues)

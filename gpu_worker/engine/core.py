@@ -38,8 +38,10 @@ from gpu_worker.engine.core_messages import (
 )
 from gpu_worker.executor.factory import make_executor
 from gpu_worker.model_executor import loader
+from gpu_worker.model_executor.layers.quantization.select import bytes_per_weight
 from gpu_worker.model_executor.model_config import max_context_len
 from gpu_worker.plugins.registry import scheduling_policy_registry
+from gpu_worker.spec_decode.factory import load_draft_runner, make_proposer, share_kv_blocks
 from gpu_worker.structured.manager import StructuredOutputManager
 from gpu_worker.worker.model_runner import PendingRunnerOutput
 from llmserve.kv_events import KVEvent
@@ -79,6 +81,12 @@ class EngineCore:
     reports what step k produced. A token sampled for a request that step k already
     finished is dropped (it costs one wasted slot, never a wrong token).
 
+    Speculative decoding (``config.speculative_config``): the scheduler asks the proposer for
+    drafts when it plans a step (structured output cuts those a grammar forbids) and the target
+    verifies them in that step. A draft model is loaded before the KV pool is sized and gets a
+    pool of as many blocks as the target's, both within the KV budget
+    (``gpu_worker/spec_decode/factory.py``). Async scheduling defaults to off then.
+
     ``kv_events``: record KV block stored/removed events for a fleet publisher
     (:meth:`take_kv_events`); off for the offline API, which has nobody to drain them.
 
@@ -92,25 +100,32 @@ class EngineCore:
     """
 
     def __init__(self, config: EngineConfig, kv_events: bool = True) -> None:
-        source = loader.resolve_model(config.model)
-        self.hf_config = loader.load_hf_config(source)
+        self.device = loader.resolve_device(config.device)
+        # Settles config.quantization (auto -> what the checkpoint is, docs/QUANTIZATION.md).
+        config, source, self.hf_config = loader.resolve_served_model(config, self.device)
         skip = skips_tokenizer(config, source.model_dir)
         self.tokenizer: Any = None if skip else loader.load_tokenizer(source, config.tokenizer)
         self.eos_token_ids = loader.eos_token_ids(source, self.hf_config, self.tokenizer)
         self.vocab_size = int(self.hf_config.vocab_size)
-        self.device = loader.resolve_device(config.device)
         self.dtype = loader.resolve_dtype(config.dtype, self.device)
         config = config.with_device_defaults(self.device.type)
         element_size = torch.empty((), dtype=self.dtype).element_size()
-        config = resolve_parallel_sizes(config, self.hf_config, self.device, element_size)
+        kv_element_size = 1 if config.kv_cache_dtype == "fp8" else element_size
+        config = resolve_parallel_sizes(
+            config, self.hf_config, self.device, bytes_per_weight(config.quantization, element_size),
+            kv_element_size=kv_element_size,
+        )
         self.executor = make_executor(config, self.device, self.dtype, self.eos_token_ids)
         self.runner = self.executor.runner  # the driver rank's
+        self.draft_runner = load_draft_runner(config, self.device, self.dtype, frozenset(self.eos_token_ids))
         context_len = max_context_len(self.hf_config)
         if config.max_model_len is not None:
             context_len = min(context_len, config.max_model_len)
         # On CUDA without an explicit size, each rank's pool gets what a profiled maximum-size step
         # leaves on its device; the engine takes the smallest.
         self.num_kv_blocks = self.executor.determine_num_kv_blocks(context_len)
+        self.num_kv_blocks = share_kv_blocks(config, self.num_kv_blocks, self.runner, self.draft_runner)
+        self.weight_bytes = self.executor.weight_bytes  # every rank's, as stored (fp8, 4-bit, 16-bit)
         self.max_model_len = min(context_len, self.num_kv_blocks * config.block_size)
         self.config = config = dataclasses.replace(config, max_model_len=self.max_model_len)
         self.executor.initialize_kv_cache(self.num_kv_blocks, self.max_model_len)
@@ -119,6 +134,10 @@ class EngineCore:
         )
         # Grammars compile on a thread pool; a request waits in the queue until its grammar is ready.
         self.structured = StructuredOutputManager(self.tokenizer, self.vocab_size, self.eos_token_ids)
+        self.proposer = make_proposer(
+            config, self.draft_runner, self.num_kv_blocks, self.max_model_len, self.vocab_size,
+            validate=self.structured.validate_drafts,
+        )
         self.scheduler = Scheduler(
             self.kv,
             max_num_seqs=config.max_num_seqs,
@@ -129,9 +148,12 @@ class EngineCore:
             overlap=config.pipeline_parallel_size == 1,
             policy=scheduling_policy_registry().get(config.scheduling_policy)(),
             ready=self.structured.is_ready,
+            proposer=self.proposer,
         )
         self.async_scheduling = (
-            self.device.type == "cuda" if config.async_scheduling is None else config.async_scheduling
+            self.device.type == "cuda" and config.speculative_config is None
+            if config.async_scheduling is None
+            else config.async_scheduling
         )
         # Steps in flight at once: 1 (synchronous), 2 (async scheduling: step k+1 is launched
         # before step k's ids are known) or, with pipeline stages, one micro-batch per stage.
@@ -146,22 +168,25 @@ class EngineCore:
         self._stats_key: tuple[int, int, int] | None = None
         self._stats_sent_at = 0.0
         logger.info(
-            "engine core ready: model %s on %s (%s), %d KV blocks of %d tokens, max_model_len %d, "
-            "max_num_batched_tokens %d",
-            config.model_name, self.device, self.dtype, self.num_kv_blocks, config.block_size,
-            self.max_model_len, config.token_budget,
+            "engine core ready: model %s on %s (%s), quantization %s, weights %.2f GiB, KV cache %s: "
+            "%d tokens (%d blocks of %d), max_model_len %d, max_num_batched_tokens %d",
+            config.model_name, self.device, self.dtype, config.quantization, self.weight_bytes / 2**30,
+            self.runner.kv_cache_dtype, self.num_kv_blocks * config.block_size, self.num_kv_blocks,
+            config.block_size, self.max_model_len, config.token_budget,
         )
 
     def info(self) -> CoreInfo:
         """What a front needs to know of this core (also sent by a child process when ready)."""
         return CoreInfo(
             self.config, self.tokenizer, self.vocab_size, self.max_model_len,
-            frozenset(self.eos_token_ids), self.stats(),
+            frozenset(self.eos_token_ids), self.stats(), weight_bytes=self.weight_bytes,
         )
 
     def warmup(self) -> None:
         """Run the model once on dummy inputs so the first request pays no start-up cost."""
         self.executor.warmup()
+        if self.draft_runner is not None:
+            self.draft_runner.warmup()
 
     def shutdown(self) -> None:
         """Stop the executor's other ranks (if any; idempotent)."""

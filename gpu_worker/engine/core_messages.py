@@ -162,6 +162,7 @@ class CoreInfo:
     max_model_len: int
     eos_token_ids: frozenset[int]
     stats: SchedulerStats
+    weight_bytes: int = 0  # the model's weights over all ranks, as stored
 
 
 @dataclass(frozen=True)

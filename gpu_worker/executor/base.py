@@ -28,6 +28,14 @@ class Executor(ABC):
     """Runs the engine core's steps on the model shard(s). ``runner`` is the driver rank's."""
 
     runner: ModelRunner
+    # Weight bytes of every rank together (set by executors with several ranks when they size
+    # the KV pool); None: the driver's runner holds all of them.
+    total_weight_bytes: int | None = None
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of the model's weights over all ranks (as stored: fp8, packed 4-bit, 16-bit)."""
+        return self.runner.weight_bytes if self.total_weight_bytes is None else self.total_weight_bytes
 
     @abstractmethod
     def determine_num_kv_blocks(self, max_seq_len: int) -> int:
@@ -64,18 +72,18 @@ def load_runner(
 
     Logs the shard's weight bytes and how much this process's peak resident memory grew while
     loading it (each rank reads only its slices, so it holds about its share)."""
-    source = loader.resolve_model(config.model)
+    source = loader.resolve_model(config.model, gguf_quantized=config.quantization == "gguf")
     hf_config = loader.load_hf_config(source)
     rss_before = _reset_peak_resident()
     model = loader.load_model(config, device, dtype, source=source, hf_config=hf_config, parallel=parallel)
-    weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     grew = _peak_resident() - rss_before
     rank = 0 if parallel is None else parallel.pp_rank * parallel.tp.size + parallel.tp.rank
+    runner = ModelRunner(config, model, hf_config, device, dtype, eos_token_ids)
     logger.info(
-        "rank %d loaded its model shard: %d MiB of weights on %s; peak resident memory grew by %d MiB",
-        rank, weights >> 20, device, max(grew, 0) >> 20,
+        "rank %d loaded its model shard: %d MiB of weights (quantization %s) on %s; peak resident memory "
+        "grew by %d MiB", rank, runner.weight_bytes >> 20, config.quantization, device, max(grew, 0) >> 20,
     )
-    return ModelRunner(config, model, hf_config, device, dtype, eos_token_ids)
+    return runner
 
 
 def _reset_peak_resident() -> int:
@@ -108,4 +116,6 @@ def _status_bytes(field: str) -> int:
 def rank_num_kv_blocks(runner: ModelRunner, max_seq_len: int) -> int:
     """This rank's KV pool size (profiling its maximum-size step when sized from free memory)."""
     profile = lambda: runner.profile_run(max_seq_len)  # noqa: E731 - only when sized from free memory
-    return kv_sizing.num_kv_blocks(runner.config, runner.kv_cache_spec, runner.device, runner.dtype, profile)
+    return kv_sizing.num_kv_blocks(
+        runner.config, runner.kv_cache_spec, runner.device, runner.kv_cache_dtype, profile
+    )

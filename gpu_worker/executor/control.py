@@ -43,9 +43,9 @@ class DriverChannels:
         for conn in self.conns:
             conn.send_bytes(message)
 
-    def min_reply(self, value: int) -> int:
-        """The smallest of ``value`` and every rank's integer answer."""
-        return min([value, *(unpack_ints(conn.recv_bytes())[0] for conn in self.conns)])
+    def replies(self) -> list[tuple[int, ...]]:
+        """Every other rank's integer answer, in rank order."""
+        return [tuple(unpack_ints(conn.recv_bytes())) for conn in self.conns]
 
     def recv_from(self, rank: int) -> bytes:
         return self.conns[rank - 1].recv_bytes()

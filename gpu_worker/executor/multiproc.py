@@ -88,7 +88,10 @@ class MultiprocExecutor(Executor):
 
     def determine_num_kv_blocks(self, max_seq_len: int) -> int:
         self._control.send(Op.PROFILE, pack_ints(max_seq_len))
-        return self._control.min_reply(rank_num_kv_blocks(self.runner, max_seq_len))
+        blocks = rank_num_kv_blocks(self.runner, max_seq_len)
+        replies = self._control.replies()  # (blocks, weight bytes) of every other rank
+        self.total_weight_bytes = self.runner.weight_bytes + sum(r[1] for r in replies)
+        return min([blocks, *(r[0] for r in replies)])
 
     def initialize_kv_cache(self, num_blocks: int, max_model_len: int) -> None:
         self._control.send(Op.INIT_KV, pack_ints(num_blocks, max_model_len))
@@ -176,7 +179,9 @@ def serve_rank(runner: ModelRunner, control: RankChannel) -> None:
             results.put(pending)
 
     handlers: dict[Op, Any] = {
-        Op.PROFILE: lambda data: control.reply(pack_ints(rank_num_kv_blocks(runner, unpack_ints(data)[0]))),
+        Op.PROFILE: lambda data: control.reply(
+            pack_ints(rank_num_kv_blocks(runner, unpack_ints(data)[0]), runner.weight_bytes)
+        ),
         Op.INIT_KV: lambda data: runner.initialize_kv_cache(*unpack_ints(data)),
         Op.WARMUP: lambda data: runner.warmup(),
         Op.STEP: step,

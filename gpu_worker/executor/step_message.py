@@ -5,7 +5,9 @@ Sent once per step from the driver to every rank, so it is packed as columns, no
 request: integer columns (start positions, token and block counts, flags) and the concatenated
 token and block ids as int64 arrays, request ids as one NUL-separated UTF-8 string, and, only
 for requests new to the runner (admitted or resumed), their sampling parameters and token
-history as JSON; a structured-output bitmask as raw int32 words. Nothing is unpickled on the receiving side.
+history as JSON; a structured-output bitmask as raw int32 words (and its rows per request when
+speculative decoding verifies several positions of one). Draft tokens travel at the end of their
+request's token ids, counted by a column. Nothing is unpickled on the receiving side.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from gpu_worker.core.types import (
 from gpu_worker.sampling_params import SamplingParams
 
 _SEP = "\0"
-_COLUMNS = ("start_pos", "num_tokens", "num_blocks", "sample", "is_new")
+_COLUMNS = ("start_pos", "num_tokens", "num_blocks", "sample", "is_new", "num_draft_tokens")
 
 
 def _ids(names: Any) -> bytes:
@@ -41,7 +43,11 @@ def encode_step(sched: SchedulerOutput) -> bytes:
     """``sched`` as bytes for :func:`decode_step`."""
     reqs = sched.requests
     cols = np.array(
-        [[r.start_pos, len(r.token_ids), len(r.block_ids), r.sample, r.is_new] for r in reqs], dtype=np.int64
+        [
+            [r.start_pos, len(r.token_ids), len(r.block_ids), r.sample, r.is_new, r.num_draft_tokens]
+            for r in reqs
+        ],
+        dtype=np.int64,
     ).reshape(len(reqs), len(_COLUMNS))
     tokens = np.fromiter((t for r in reqs for t in r.token_ids), dtype=np.int64)
     blocks = np.fromiter((b for r in reqs for b in r.block_ids), dtype=np.int64)
@@ -85,11 +91,13 @@ def decode_step(data: bytes) -> SchedulerOutput:
     req_ids = _names(sections[4])
     new = iter(json.loads(sections[7]))
     requests, t, b = [], 0, 0
-    for req_id, (start, n_tok, n_blk, sample, is_new) in zip(req_ids, cols, strict=True):
+    for req_id, (start, n_tok, n_blk, sample, is_new, n_draft) in zip(req_ids, cols, strict=True):
         token_ids, block_ids = tuple(tokens[t : t + n_tok]), tuple(blocks[b : b + n_blk])
         t, b = t + n_tok, b + n_blk
         if not is_new:
-            requests.append(ScheduledRequest(req_id, token_ids, start, block_ids, bool(sample)))
+            requests.append(
+                ScheduledRequest(req_id, token_ids, start, block_ids, bool(sample), num_draft_tokens=n_draft)
+            )
             continue
         extra = next(new)
         params = extra["params"]
@@ -100,6 +108,7 @@ def decode_step(data: bytes) -> SchedulerOutput:
                 prompt_len=extra["prompt_len"],
                 output_token_ids=tuple(extra["output_token_ids"]),
                 prompt_token_ids=tuple(extra["prompt_token_ids"]),
+                num_draft_tokens=n_draft,
             )
         )
     return SchedulerOutput(
@@ -107,24 +116,29 @@ def decode_step(data: bytes) -> SchedulerOutput:
         num_scheduled_tokens=num_scheduled,
         finished_req_ids=frozenset(_names(sections[5])),
         preempted_req_ids=frozenset(_names(sections[6])),
-        grammar=_grammar(sections[8], sections[9]),
+        grammar=_grammar(sections[8], sections[9], sections[10]),
     )
 
 
 def _grammar_sections(grammar: GrammarBitmask | None) -> list[bytes]:
     """The structured-output bitmask of the step (the sampling rank may be another process)."""
     if grammar is None:
-        return [b"", b""]
+        return [b"", b"", b""]
     mask = np.ascontiguousarray(grammar.bitmask, dtype=np.int32)
-    return [_ids(grammar.req_ids), np.array([mask.shape[1]], dtype=np.int64).tobytes() + mask.tobytes()]
+    return [
+        _ids(grammar.req_ids),
+        np.array([mask.shape[1]], dtype=np.int64).tobytes() + mask.tobytes(),
+        np.asarray(grammar.row_counts, dtype=np.int64).tobytes(),
+    ]
 
 
-def _grammar(ids: bytes, mask: bytes) -> GrammarBitmask | None:
+def _grammar(ids: bytes, mask: bytes, row_counts: bytes) -> GrammarBitmask | None:
     if not mask:
         return None
     words = int(np.frombuffer(mask, dtype=np.int64, count=1)[0])
     bitmask = np.frombuffer(mask, dtype=np.int32, offset=8).reshape(-1, words).copy()
-    return GrammarBitmask(tuple(_names(ids)), bitmask)
+    counts = tuple(np.frombuffer(row_counts, dtype=np.int64).tolist())
+    return GrammarBitmask(tuple(_names(ids)), bitmask, row_counts=counts)
 
 
 def _sampling_params(fields: dict[str, Any]) -> SamplingParams:
@@ -133,25 +147,32 @@ def _sampling_params(fields: dict[str, Any]) -> SamplingParams:
 
 
 def encode_output(out: RunnerOutput) -> bytes:
-    """A step's sampled ids (and logprobs), from a pipeline's sampling rank to the driver."""
+    """A step's sampled ids (and logprobs; accepted drafts), from a pipeline's sampling rank to the
+    driver."""
     ids = np.asarray(out.sampled_token_ids, dtype=np.int64).tobytes()
-    logprobs = [
-        None if lp is None else [lp.token_id, lp.logprob, lp.rank, [list(t) for t in lp.top]]
-        for lp in out.logprobs
-    ]
-    rest = json.dumps([list(out.req_ids), logprobs], separators=(",", ":")).encode()
+    logprobs = [None if lp is None else _logprob_json(lp) for lp in out.logprobs]
+    drafts = [list(d) for d in out.accepted_draft_ids]
+    draft_logprobs = [[_logprob_json(lp) for lp in lps] for lps in out.accepted_logprobs]
+    rest = json.dumps([list(out.req_ids), logprobs, drafts, draft_logprobs], separators=(",", ":")).encode()
     return np.array([len(ids)], dtype=np.int64).tobytes() + ids + rest
 
 
 def decode_output(data: bytes) -> RunnerOutput:
     size = int(np.frombuffer(data, dtype=np.int64, count=1)[0])
     ids = tuple(np.frombuffer(data, dtype=np.int64, count=size // 8, offset=8).tolist())
-    req_ids, logprobs = json.loads(data[8 + size :])
+    req_ids, logprobs, drafts, draft_logprobs = json.loads(data[8 + size :])
     return RunnerOutput(
         req_ids=tuple(req_ids),
         sampled_token_ids=ids,
-        logprobs=tuple(
-            None if lp is None else TokenLogprobs(lp[0], lp[1], lp[2], tuple((int(t), v) for t, v in lp[3]))
-            for lp in logprobs
-        ),
+        logprobs=tuple(None if lp is None else _logprob(lp) for lp in logprobs),
+        accepted_draft_ids=tuple(tuple(d) for d in drafts),
+        accepted_logprobs=tuple(tuple(_logprob(lp) for lp in lps) for lps in draft_logprobs),
     )
+
+
+def _logprob_json(lp: TokenLogprobs) -> list[Any]:
+    return [lp.token_id, lp.logprob, lp.rank, [list(t) for t in lp.top]]
+
+
+def _logprob(fields: list[Any]) -> TokenLogprobs:
+    return TokenLogprobs(fields[0], fields[1], fields[2], tuple((int(t), v) for t, v in fields[3]))

@@ -4,7 +4,10 @@ transformers reads a GGUF's config and tokenizer (``gguf_file=``) and dequantize
 tensors into HF names (its GGUF checkpoint loader). That takes seconds, so the result is
 written once as an ordinary HF folder (config.json, model.safetensors, tokenizer files)
 under ``$LLMSERVE_CACHE_DIR`` (default ``~/.cache/llmserve``), keyed by the file's path,
-size and mtime, and loaded from there afterwards. ``gguf`` is imported only here, lazily.
+size and mtime, and loaded from there afterwards. A GGUF served quantized needs only the
+config and tokenizer (its tensors are read from the file itself, ``gguf_weights.py``):
+``convert_gguf(path, weights=False)`` writes those alone, into a sibling folder (or reuses a
+complete one). ``gguf`` is imported only here, lazily.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from typing import Any
 import torch
 
 _COMPLETE_MARKER = "model.safetensors"
+_METADATA_MARKER = "config.json"
 
 
 def cache_root() -> Path:
@@ -34,33 +38,43 @@ def cache_dir_for(gguf_file: Path) -> Path:
     return cache_root() / "gguf" / f"{path.stem}-{key}"
 
 
-def convert_gguf(gguf_file: Path) -> Path:
-    """The cached HF folder for ``gguf_file``, converting it first on a cache miss."""
-    target = cache_dir_for(gguf_file)
-    if (target / _COMPLETE_MARKER).is_file():
+def convert_gguf(gguf_file: Path, weights: bool = True) -> Path:
+    """The cached HF folder for ``gguf_file``, converting it first on a cache miss; with
+    ``weights=False`` a folder with at least its config and tokenizer."""
+    full = cache_dir_for(gguf_file)
+    if (full / _COMPLETE_MARKER).is_file():
+        return full
+    target, marker = (full, _COMPLETE_MARKER)
+    if not weights:
+        target, marker = full.with_name(full.name + "-meta"), _METADATA_MARKER
+    if (target / marker).is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     # Build in a temporary sibling and rename: readers never see a half-written folder.
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
     try:
-        _write_hf_folder(gguf_file.resolve(), tmp)
+        _write_hf_folder(gguf_file.resolve(), tmp, weights)
         try:
             os.replace(tmp, target)
         except OSError:  # another process finished first
-            if not (target / _COMPLETE_MARKER).is_file():
+            if not (target / marker).is_file():
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 
-def _write_hf_folder(gguf_file: Path, out: Path) -> None:
+def _write_hf_folder(gguf_file: Path, out: Path, weights: bool = True) -> None:
     from safetensors.torch import save_file
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     config = AutoConfig.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
     fill_architectures(config)
     tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
+    if not weights:
+        tokenizer.save_pretrained(out)
+        config.save_pretrained(out)  # config.json last: it marks the folder complete
+        return
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(config)  # only for HF tensor names
     tensors = _read_gguf_tensors(gguf_file, skeleton)

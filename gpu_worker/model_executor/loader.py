@@ -2,12 +2,15 @@
 
 ``resolve_model(spec)`` turns what the user wrote into a :class:`ModelSource` whose
 ``model_dir`` is an ordinary HF folder (a GGUF is converted once into a cached folder,
-see :mod:`gpu_worker.model_executor.gguf_cache`). ``load_hf_config``, ``load_tokenizer``
-and ``load_model`` then read from that folder.
+see :mod:`gpu_worker.model_executor.gguf_cache`; a GGUF served quantized gets a folder with
+its config and tokenizer only, its tensors are read from the file). ``load_hf_config``,
+``load_tokenizer`` and ``load_model`` then read from that folder. :func:`resolve_served_model`
+also settles the quantization (``layers/quantization/select.py``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 from dataclasses import dataclass
@@ -21,7 +24,14 @@ from torch import nn
 from gpu_worker.config import EngineConfig
 from gpu_worker.distributed.parallel_state import ModelParallel
 from gpu_worker.model_executor.gguf_cache import convert_gguf, fill_architectures
+from gpu_worker.model_executor.layers.attention import PagedAttention
 from gpu_worker.model_executor.layers.quantization.base import UnquantizedLinearMethod
+from gpu_worker.model_executor.layers.quantization.select import (
+    is_gguf,
+    make_linear_methods,
+    resolve_quantization,
+    serves_gguf_quantized,
+)
 from gpu_worker.model_executor.layers.rotary import RotaryEmbedding
 from gpu_worker.model_executor.models.llama import LinearMethods
 from gpu_worker.model_executor.models.registry import resolve_model_class
@@ -41,6 +51,7 @@ class ModelSource:
     spec: str  # what the user asked for (path or alias)
     model_dir: Path
     gguf_file: Path | None = None  # the original file when model_dir is its converted cache
+    gguf_quantized: bool = False  # the GGUF's tensors are read from the file (4-bit layers)
 
 
 def resolve_alias(alias: str) -> Path:
@@ -55,16 +66,37 @@ def resolve_alias(alias: str) -> Path:
     return files[0]
 
 
-def resolve_model(spec: str) -> ModelSource:
-    """Resolve an alias, a ``.gguf`` file or an HF folder (converting a GGUF into the cache)."""
-    path = resolve_alias(spec) if spec in ALIASES else Path(spec).expanduser()
+def model_path(spec: str) -> Path:
+    """The file or folder ``spec`` names (an alias's file)."""
+    return resolve_alias(spec) if spec in ALIASES else Path(spec).expanduser()
+
+
+def resolve_model(spec: str, gguf_quantized: bool = False) -> ModelSource:
+    """Resolve an alias, a ``.gguf`` file or an HF folder (converting a GGUF into the cache:
+    dequantized weights, or with ``gguf_quantized`` only its config and tokenizer)."""
+    path = model_path(spec)
     if path.is_file() and path.suffix == ".gguf":
-        return ModelSource(spec=spec, model_dir=convert_gguf(path), gguf_file=path)
+        folder = convert_gguf(path, weights=not gguf_quantized)
+        return ModelSource(spec=spec, model_dir=folder, gguf_file=path, gguf_quantized=gguf_quantized)
     if path.is_dir() and (path / "config.json").is_file():
         return ModelSource(spec=spec, model_dir=path)
     raise FileNotFoundError(
         f"model {spec!r} is not a known alias ({list(ALIASES)}), a .gguf file, or a folder with config.json"
     )
+
+
+def resolve_served_model(config: EngineConfig, device: torch.device) -> tuple[EngineConfig, ModelSource, Any]:
+    """``(config, source, hf_config)`` with ``config.quantization`` settled (``none``, ``fp8``,
+    ``gptq`` or ``gguf``): every rank then loads the same way."""
+    path = model_path(config.model)
+    gguf_quantized = serves_gguf_quantized(config.quantization, path if is_gguf(path) else None, device)
+    source = resolve_model(config.model, gguf_quantized=gguf_quantized)
+    hf_config = load_hf_config(source)
+    quantization = resolve_quantization(
+        config.quantization, hf_config, gguf_file=source.gguf_file, gguf_quantized=source.gguf_quantized,
+        load_format=config.load_format,
+    )
+    return dataclasses.replace(config, quantization=quantization), source, hf_config
 
 
 def resolve_device(device: str) -> torch.device:
@@ -131,10 +163,13 @@ def build_model(
     with torch.device("meta"):
         model = cls(hf_config, get_ops(device), dtype, parallel=parallel, linear=linear)  # type: ignore[call-arg]
     model = model.to_empty(device=device).requires_grad_(False)
-    # to_empty leaves buffers uninitialized too: rebuild the cos/sin caches on the device.
+    # to_empty leaves buffers uninitialized too: rebuild the cos/sin caches on the device,
+    # and set KV-cache scales to 1.0 (a checkpoint may replace them).
     for module in model.modules():
         if isinstance(module, RotaryEmbedding):
             module.reset_cache(device)
+        elif isinstance(module, PagedAttention):
+            module.reset_kv_scales()
     return model
 
 
@@ -149,14 +184,27 @@ def load_model(
 ) -> nn.Module:
     """Build this rank's model, fill its weights (its shard of the checkpoint, or random for
     ``load_format="dummy"``) and convert them into the layout each linear layer's method reads
-    (on the CPU: transposed projections, ``layers/linear.py``)."""
-    source = source or resolve_model(config.model)
+    (``config.quantization``: fp8, 4-bit, or 16/32-bit weights, on the CPU transposed
+    projections, ``layers/linear.py``)."""
+    source = source or resolve_model(config.model, gguf_quantized=config.quantization == "gguf")
     hf_config = hf_config or load_hf_config(source)
-    model = build_model(hf_config, device, dtype, parallel)
+    quantization = resolve_quantization(
+        config.quantization, hf_config, gguf_file=source.gguf_file, gguf_quantized=source.gguf_quantized,
+        load_format=config.load_format,
+    )
+    linear = make_linear_methods(quantization, hf_config, device)
+    model = build_model(hf_config, device, dtype, parallel, linear)
     if config.load_format == "dummy":
         fill_random(model, config.seed)
     else:
-        loaded = model.load_weights(iter_safetensors(source.model_dir))  # type: ignore[operator]
+        if source.gguf_quantized:
+            assert source.gguf_file is not None  # invariant: set with gguf_quantized
+            from gpu_worker.model_executor.gguf_weights import iter_gguf  # imports gguf
+
+            weights = iter_gguf(source.gguf_file, hf_config)
+        else:
+            weights = iter_safetensors(source.model_dir)
+        loaded = model.load_weights(weights)  # type: ignore[operator]
         missing = sorted({name for name, _ in model.named_parameters()} - loaded)
         if missing:
             raise ValueError(f"checkpoint {source.model_dir} lacks weights for {missing[:5]}")

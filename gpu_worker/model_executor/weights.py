@@ -65,9 +65,20 @@ def iter_safetensors(model_dir: Path) -> Iterator[tuple[str, TensorSource]]:
 
 
 def fill_random(model: nn.Module, seed: int, std: float = 0.02) -> None:
-    """Dummy weights: norm scales 1, everything else N(0, std), drawn on the parameters' device."""
+    """Dummy weights: norm scales 1, everything else N(0, std), drawn on the parameters' device.
+
+    A linear layer whose method has a layout of its own (fp8, 4-bit) draws its weight in that
+    layout directly, layer by layer (``LinearMethod.fill_random``): the model never exists in
+    16 bits."""
+    drawn: set[str] = set()
+    for prefix, module in model.named_modules():
+        method = getattr(module, "linear_method", None)
+        if method is not None and method.fill_random(module, seed + _stable_offset(f"{prefix}.weight"), std):
+            drawn |= {f"{prefix}.{n}" for n, _ in module.named_parameters(recurse=False) if n != "bias"}
     with torch.no_grad():
         for name, param in model.named_parameters():
+            if name in drawn:
+                continue
             generator = torch.Generator(device=param.device)
             generator.manual_seed(seed + _stable_offset(name))
             if "norm" in name:

@@ -47,10 +47,12 @@ class EngineMetrics:
     priced at ``device_cost_per_hour`` (0 = unknown: no cost series)."""
 
     def __init__(self, model_name: str, stats_source: StatsSource, interval_s: float = 1.0,
-                 device_cost_per_hour: float = 0.0) -> None:
+                 device_cost_per_hour: float = 0.0, block_size: int = 0) -> None:
+        """``block_size``: tokens per KV block (the pool's capacity in tokens is exported when set)."""
         if interval_s <= 0:
             raise ValueError(f"interval_s must be positive, got {interval_s}")
         self.model_name = model_name
+        self._block_size = block_size
         self._stats_source = stats_source
         self._interval_s = interval_s
         registry = CollectorRegistry()
@@ -69,7 +71,11 @@ class EngineMetrics:
         """Copy the engine's current stats into the gauges and counters (any thread)."""
         stats = self._stats_source()
         if stats is not None:
+            if self._block_size:
+                self.metrics.set_kv_cache_capacity(self.model_name, stats.num_total_blocks * self._block_size)
             self.metrics.update_scheduler_stats(self.model_name, stats)
+            if stats.spec_decode is not None:
+                self.metrics.update_spec_decode_stats(self.model_name, stats.spec_decode)
 
     def start(self, port: int | None, host: str = "0.0.0.0") -> None:
         """Start the periodic refresh and, when ``port`` is not None, serve ``/metrics``."""

@@ -64,8 +64,10 @@ class FleetLink:
         secret = FleetSecretFile(fleet_secret_file).current if fleet_secret_file else None
         snap = service.snapshot()
         engine = service.engine
+        served = service.list_models()[0]
         identity = WorkerIdentity(
-            snap.worker_id, snap.model, snap.address, snap.block_size, snap.max_model_len
+            snap.worker_id, snap.model, snap.address, snap.block_size, snap.max_model_len,
+            served.quantization, served.kv_cache_dtype, served.weight_bytes,
         )
         self._publisher = WorkerPublisher(
             self._store,

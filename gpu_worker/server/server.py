@@ -146,7 +146,7 @@ class WorkerServer:
         self.tracing = tracing if tracing is not None else Tracing("llmserve-worker")
         self.engine_metrics = EngineMetrics(
             engine_config.model_name, self._engine_stats, server_config.stats_interval_s,
-            server_config.device_cost_per_hour,
+            server_config.device_cost_per_hour, block_size=engine_config.block_size,
         )
         if server_config.standby and not (server_config.redis_url or fleet_store is not None):
             raise ValueError("a standby worker needs a fleet to watch: set --redis-url")

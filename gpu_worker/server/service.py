@@ -28,11 +28,16 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class ModelEntry:
-    """A model this worker serves (``standby``: as a warm standby, not yet promoted)."""
+    """A model this worker serves (``standby``: as a warm standby, not yet promoted), its weight
+    format and KV cache (docs/QUANTIZATION.md)."""
 
     name: str
     max_model_len: int
     standby: bool = False
+    quantization: str = ""
+    kv_cache_dtype: str = ""
+    weight_bytes: int = 0
+    kv_cache_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -170,8 +175,12 @@ class WorkerService:
                 self._idle.set()
 
     def list_models(self) -> list[ModelEntry]:
-        max_len = self._engine.max_model_len if self._engine is not None else 0
-        return [ModelEntry(self.model_name, max_len, self.standby)]
+        engine = self._engine
+        if engine is None:
+            return [ModelEntry(self.model_name, 0, self.standby)]
+        config = engine.config
+        return [ModelEntry(self.model_name, engine.max_model_len, self.standby, config.quantization,
+                           config.kv_cache_dtype, engine.weight_bytes, engine.kv_cache_tokens)]
 
     def snapshot(self) -> WorkerSnapshot:
         """Current identity and load (GetWorkerInfo, heartbeats)."""

@@ -16,13 +16,18 @@ class GrammarMask:
     Built once per step from the core's :class:`GrammarBitmask` and the step's sampled rows:
     the rows of unconstrained requests keep an all-ones mask and are left out of ``indices``, so
     one xgrammar kernel call (its CPU kernel, or its CUDA/Triton one) masks the whole batch.
+    ``row_of`` gives each request's first row; with speculative decoding a request has
+    ``grammar.row_counts`` consecutive rows (one per verified position).
     """
 
     def __init__(self, grammar: GrammarBitmask, row_of: Mapping[str, int], num_rows: int,
                  device: torch.device) -> None:
         words = grammar.bitmask.shape[1]
         full = np.full((num_rows, words), -1, dtype=np.int32)
-        indices = [row_of[rid] for rid in grammar.req_ids]
+        counts = grammar.row_counts or (1,) * len(grammar.req_ids)
+        indices = [
+            row_of[rid] + j for rid, count in zip(grammar.req_ids, counts, strict=True) for j in range(count)
+        ]
         full[indices] = grammar.bitmask
         host = torch.from_numpy(full)
         if device.type == "cuda":

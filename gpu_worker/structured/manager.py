@@ -17,13 +17,18 @@ Lifecycle of a constrained sequence:
    flight (async scheduling): its mask depends on that token.
 4. When the grammar is complete the mask allows only the stop tokens (EOS), so the scheduler
    finishes the sequence with ``stop``. State is dropped with the step's ``finished_req_ids``.
+5. Speculative decoding: :meth:`StructuredOutputManager.validate_drafts` cuts a sequence's drafts
+   at the first one its grammar forbids (when the step is planned), and ``prepare_step`` fills
+   one bitmask row per verified position (the matcher accepts the drafts one by one, then rolls
+   them back): the target can only accept drafts the grammar allows, and the matcher still
+   accepts exactly the tokens the scheduler keeps (step 2).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, wait
 from typing import Any
 
@@ -94,6 +99,28 @@ class StructuredOutputManager:
         for rid in request_ids:
             self._sequences.pop(rid, None)
 
+    def validate_drafts(self, requests: Sequence[Request], drafts: list[list[int]]) -> list[list[int]]:
+        """Each request's drafts up to the first its grammar forbids (unconstrained: unchanged)."""
+        if not self._sequences:
+            return drafts
+        out = []
+        for request, proposed in zip(requests, drafts, strict=True):
+            seq = self._sequences.get(request.request_id)
+            if seq is None or not proposed:
+                out.append(proposed)
+                continue
+            self._catch_up(request.request_id, seq, request.output_token_ids)
+            num_ok = 0
+            if not seq.broken:
+                for token_id in proposed:
+                    if not seq.matcher.accept_token(token_id):
+                        break
+                    num_ok += 1
+                if num_ok:
+                    seq.matcher.rollback(num_ok)
+            out.append(proposed[:num_ok])
+        return out
+
     def prepare_step(
         self, sched: SchedulerOutput, lookup: Callable[[str], Request | None]
     ) -> SchedulerOutput:
@@ -110,7 +137,7 @@ class StructuredOutputManager:
                 wait(compiling, timeout=_IDLE_WAIT_S, return_when=FIRST_COMPLETED)
             return sched
         rows = [
-            (r.req_id, seq)
+            (r.req_id, seq, r.token_ids[len(r.token_ids) - r.num_draft_tokens :])
             for r in sched.requests
             if r.sample and (seq := self._sequences.get(r.req_id)) is not None
         ]
@@ -118,17 +145,32 @@ class StructuredOutputManager:
             return sched
         import xgrammar as xgr
 
-        bitmask = xgr.allocate_token_bitmask(len(rows), self.vocab_size)
-        for i, (rid, seq) in enumerate(rows):
+        counts = tuple(1 + len(drafts) for _, _, drafts in rows)
+        bitmask = xgr.allocate_token_bitmask(sum(counts), self.vocab_size)
+        first = 0
+        for rid, seq, drafts in rows:
             request = lookup(rid)
             if request is not None:
                 self._catch_up(rid, seq, request.output_token_ids)
-            if seq.broken:
-                self._allow_only_stop(bitmask, i)
-            else:
-                seq.matcher.fill_next_token_bitmask(bitmask, i)
-        grammar = GrammarBitmask(tuple(rid for rid, _ in rows), bitmask.numpy())
+            self._fill_rows(seq, drafts, bitmask, first)
+            first += 1 + len(drafts)
+        grammar = GrammarBitmask(
+            tuple(rid for rid, _, _ in rows), bitmask.numpy(), row_counts=counts if first > len(rows) else ()
+        )
         return dataclasses.replace(sched, grammar=grammar)
+
+    def _fill_rows(self, seq: _Sequence, drafts: tuple[int, ...], bitmask: Any, first: int) -> None:
+        """The mask of the sequence's next token, then (drafts) of each verified position after it."""
+        num_ok = 0
+        for j in range(len(drafts) + 1):
+            if seq.broken or j > num_ok:  # after a draft the grammar forbids nothing counts
+                self._allow_only_stop(bitmask, first + j)
+                continue
+            seq.matcher.fill_next_token_bitmask(bitmask, first + j)
+            if j < len(drafts) and seq.matcher.accept_token(drafts[j]):
+                num_ok += 1
+        if num_ok:
+            seq.matcher.rollback(num_ok)
 
     def _catch_up(self, rid: str, seq: _Sequence, output_token_ids: list[int]) -> None:
         if seq.broken:

@@ -49,7 +49,9 @@ class LogitsProcessing:
         if states.has_logits_processors[rows].any():
             stages.extend(self._plugin_stages(states, rows))
         if grammar is not None:
-            row_of = {rid: i for i, rid in enumerate(req_ids)}
+            row_of: dict[str, int] = {}
+            for i, rid in enumerate(req_ids):  # speculative decoding: a row per position, from here
+                row_of.setdefault(rid, i)
             stages.append(GrammarMask(grammar, row_of, len(req_ids), self.device))
         if not stages:
             return md

@@ -16,8 +16,10 @@ from gpu_worker.config import EngineConfig
 from gpu_worker.core.types import GrammarBitmask, RunnerOutput, ScheduledRequest, SchedulerOutput
 from gpu_worker.distributed.parallel_state import IntermediateTensors, ModelParallel
 from gpu_worker.model_executor.layers.attention import AttentionMetadata
+from gpu_worker.model_executor.layers.quantization.select import kv_cache_torch_dtype
 from gpu_worker.model_executor.model_config import KVCacheSpec
 from gpu_worker.sampling_params import SamplingParams
+from gpu_worker.spec_decode.verify_step import verify_drafts
 from gpu_worker.worker.cuda_graphs import DecodeGraphs, decode_buckets
 from gpu_worker.worker.logits_processing import LogitsProcessing
 from gpu_worker.worker.request_state import RequestStates
@@ -101,6 +103,9 @@ class ModelRunner:
         self.hf_config = hf_config
         self.device = device
         self.dtype = dtype
+        # The KV pool's element type: the model's, or e4m3 (kv_cache_dtype "fp8").
+        self.kv_cache_dtype = kv_cache_torch_dtype(config.kv_cache_dtype, dtype, device)
+        self.weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         self.block_size = config.block_size
         self.vocab_size = int(hf_config.vocab_size)
         self.eos_token_ids = tuple(eos_token_ids)
@@ -155,7 +160,7 @@ class ModelRunner:
         spec = self.kv_cache_spec
         shape = (2, num_kv_blocks, self.block_size, spec.num_kv_heads, spec.head_dim)
         self.kv_caches = [
-            torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(spec.num_layers)
+            torch.zeros(shape, dtype=self.kv_cache_dtype, device=self.device) for _ in range(spec.num_layers)
         ]
         max_num_seqs = self.config.max_num_seqs
         self._states = RequestStates(
@@ -285,6 +290,14 @@ class ModelRunner:
             return PendingRunnerOutput.ready(_EMPTY_OUTPUT)
         if self._pending is not None and self.states.needs_history[inputs.sample_rows].any():
             self._pending.result()  # penalties and plug-ins see the previous step's tokens too
+        if inputs.num_draft_tokens is not None:  # speculative decoding (gpu_worker/spec_decode/)
+            final_ids, finalize = verify_drafts(
+                logits, inputs, self.states, self.logits_processing, self.sampler.generator, grammar
+            )
+            tp.broadcast_from_first(final_ids)
+            self._last_sample = _LastSample(inputs.sample_req_ids, final_ids)
+            self._pending = PendingRunnerOutput(finalize)
+            return self._pending
         md = build_sampling_metadata(self.states, inputs.sample_rows, self.vocab_size, self.device)
         md = self.logits_processing.attach(md, self.states, inputs.sample_rows, inputs.sample_req_ids,
                                            grammar)

@@ -130,6 +130,21 @@ class RequestStates:
         self.token_ids[rows, positions] = tokens
         self.num_tokens[rows] = np.maximum(self.num_tokens[rows], positions + 1)
 
+    def record_verified(
+        self, rows: np.ndarray, positions: np.ndarray, tokens: Sequence[int], req_ids: Sequence[str]
+    ) -> None:
+        """Speculative decoding: each row's token after its accepted drafts, at ``positions``; the
+        row's known tokens end there (the step recorded all its drafts; rejected ones are dropped).
+        Rows that no longer belong to their request are skipped, as in :meth:`record_sampled`."""
+        owned = np.fromiter(
+            (self.rows.get(r) == row for r, row in zip(req_ids, rows.tolist(), strict=True)),
+            dtype=bool,
+            count=len(rows),
+        )
+        tokens_array = np.asarray(tokens, dtype=np.int64)
+        self.token_ids[rows[owned], positions[owned]] = tokens_array[owned]
+        self.num_tokens[rows[owned]] = positions[owned] + 1
+
     def _add(self, req: ScheduledRequest) -> int:
         if req.params is None:
             raise ValueError(f"new request {req.req_id!r} comes without sampling params")

@@ -136,7 +136,7 @@ class Sampler:
     def sample(self, logits: torch.Tensor, md: SamplingMetadata) -> SamplerOutput:
         """``logits``: ``[N, V]`` float32, raw from the model. Returns ``N`` token ids."""
         raw_logprobs = logits.log_softmax(dim=-1) if md.num_logprobs is not None else None
-        logits = self._process(logits, md)
+        logits = self.process(logits, md)
         if md.all_greedy:
             token_ids = logits.argmax(dim=-1)
         else:
@@ -149,7 +149,8 @@ class Sampler:
         return SamplerOutput(token_ids=token_ids, logprobs=logprobs)
 
     @staticmethod
-    def _process(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
+    def process(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
+        """Bias, min_tokens mask, penalties and logits stages: what greedy rows take the argmax of."""
         if md.logit_bias is not None:
             rows, cols, values = md.logit_bias
             logits = logits.index_put((rows, cols), values, accumulate=True)
@@ -162,14 +163,20 @@ class Sampler:
             logits = stage(logits)
         return logits
 
-    def _sample_random(self, logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
+    @staticmethod
+    def probs(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
+        """The distribution random rows draw from: temperature, min-p, top-k/top-p over
+        :meth:`process`'s logits (speculative decoding verifies drafts against it)."""
         assert md.temperature is not None  # invariant: set whenever not all_greedy
         logits = logits / md.temperature[:, None]
         if md.min_p is not None:
             logits = apply_min_p(logits, md.min_p)
         if md.top_k is not None or md.top_p is not None:
             logits = apply_top_k_top_p(logits, md.top_k, md.top_p)
-        probs = logits.softmax(dim=-1)
+        return logits.softmax(dim=-1)
+
+    def _sample_random(self, logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
+        probs = self.probs(logits, md)
         q = torch.empty_like(probs).exponential_(generator=self.generator)
         for row, generator in md.seeded:
             q[row].exponential_(generator=generator)

@@ -10,16 +10,23 @@ from gpu_worker.worker.sampler import PenaltyInputs, SamplingMetadata
 
 
 def build_sampling_metadata(
-    states: RequestStates, rows: np.ndarray, vocab_size: int, device: torch.device
+    states: RequestStates,
+    rows: np.ndarray,
+    vocab_size: int,
+    device: torch.device,
+    num_tokens: np.ndarray | None = None,
 ) -> SamplingMetadata:
     """Gather the per-row settings of ``rows`` (in order) into device tensors.
 
     Optional parts (top-k, top-p, min-p, penalties, bias, min_tokens, logprobs, seeds) are
     built only when some row uses them, so the common case stays a few small copies.
+    ``num_tokens`` (speculative decoding, where a state row appears once per verified position):
+    the tokens before the one each row samples; default: all the row's known tokens.
     """
     greedy = states.greedy[rows]
     all_greedy = bool(greedy.all())
-    num_outputs = states.num_tokens[rows] - states.prompt_len[rows]  # index of the token sampled now
+    n_tok = states.num_tokens[rows] if num_tokens is None else num_tokens
+    num_outputs = n_tok - states.prompt_len[rows]  # index of the token sampled now
 
     def dev(a: np.ndarray) -> torch.Tensor:
         host = torch.from_numpy(np.ascontiguousarray(a))
@@ -51,7 +58,7 @@ def build_sampling_metadata(
         top_p=top_p,
         min_p=min_p,
         seeded=seeded,
-        penalties=_penalties(states, rows, vocab_size, device)
+        penalties=_penalties(states, rows, n_tok, vocab_size, device)
         if states.needs_penalties[rows].any()
         else None,
         logit_bias=_logit_bias(states, rows, device),
@@ -73,9 +80,8 @@ def _seeded_generators(
 
 
 def _penalties(
-    states: RequestStates, rows: np.ndarray, vocab_size: int, device: torch.device
+    states: RequestStates, rows: np.ndarray, n_tok: np.ndarray, vocab_size: int, device: torch.device
 ) -> PenaltyInputs:
-    n_tok = states.num_tokens[rows]
     length = int(n_tok.max())
     tokens = states.token_ids[rows, :length]
     pos = np.arange(length)[None, :]

@@ -29,6 +29,7 @@ class StepInputs:
     positions: torch.Tensor  # [T] int64, device
     attn_metadata: AttentionMetadata
     logits_indices: torch.Tensor  # [N] int64, device: the last token of each sampled request
+    # (speculative decoding: its last 1 + drafts tokens, one row per verified position)
     sample_rows: np.ndarray  # [N] state rows of the sampled requests
     sample_req_ids: tuple[str, ...]
     sample_positions: np.ndarray  # [N] position the sampled token will take (= its seq_len)
@@ -36,6 +37,10 @@ class StepInputs:
     # previous step's sampled token number placeholder_src[i]. None when there are none.
     placeholder_dst: torch.Tensor | None = None  # [P] int64, device
     placeholder_src: torch.Tensor | None = None  # [P] int64, device
+    # Speculative decoding (None: no request of the step has drafts): per sampled request, its
+    # number of drafts and the drafts themselves ([N, max drafts], -1 padding), host arrays.
+    num_draft_tokens: np.ndarray | None = None
+    draft_token_ids: np.ndarray | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -88,7 +93,8 @@ class StepInputBuffers:
         self.query_start_loc = _Buffer((max_num_seqs + 1,), torch.int32, device)
         self.seq_lens = _Buffer((max_num_seqs,), torch.int32, device)
         self.block_tables = _Buffer((max_num_seqs, max_blocks_per_seq), torch.int32, device)
-        self.logits_indices = _Buffer((max_num_seqs,), torch.int64, device)
+        # One row per sampled request, or per verified position with drafts (at most one per token).
+        self.logits_indices = _Buffer((max(max_num_seqs, max_num_tokens),), torch.int64, device)
         self.placeholder_dst = _Buffer((max_num_seqs,), torch.int64, device)
         self.placeholder_src = _Buffer((max_num_seqs,), torch.int64, device)
         # Host buffers are rewritten each step: wait until the last step's async copies finished.
@@ -154,7 +160,14 @@ class StepInputBuffers:
 
         sample = np.fromiter((r.sample for r in requests), dtype=bool, count=num_seqs)
         num_sample = int(sample.sum())
-        self.logits_indices.np[:num_sample] = qsl[1:][sample] - 1
+        all_drafts = np.fromiter((r.num_draft_tokens for r in requests), dtype=np.int64, count=num_seqs)
+        num_drafts = drafts = None
+        if all_drafts.any():
+            num_drafts, drafts = all_drafts[sample], _draft_ids(requests, sample, all_drafts)
+            num_logits = self._fill_draft_logits_indices(qsl[1:][sample], num_drafts)
+        else:
+            num_logits = num_sample
+            self.logits_indices.np[:num_sample] = qsl[1:][sample] - 1
         if pad_to is not None and pad_to > num_seqs:
             if num_tokens != num_seqs:
                 raise ValueError("only decode-only steps (one token per sequence) can be padded")
@@ -173,16 +186,28 @@ class StepInputBuffers:
             input_ids=self.input_ids.upload(num_tokens),
             positions=self.positions.upload(num_tokens),
             attn_metadata=md,
-            logits_indices=self.logits_indices.upload(num_sample),
+            logits_indices=self.logits_indices.upload(num_logits),
             sample_rows=rows[sample],
             sample_req_ids=tuple(r.req_id for r, s in zip(requests, sample, strict=True) if s),
             sample_positions=seq_lens[sample],
             placeholder_dst=ph_dst,
             placeholder_src=ph_src,
+            num_draft_tokens=num_drafts,
+            draft_token_ids=drafts,
         )
         if self._uploaded is not None:
             self._uploaded.record()
         return inputs
+
+    def _fill_draft_logits_indices(self, ends: np.ndarray, num_drafts: np.ndarray) -> int:
+        """Logits rows of a step with drafts: each sampled request's last ``1 + drafts`` tokens
+        (``ends``: one past each one's last token). Returns the number of rows."""
+        counts = num_drafts + 1
+        num_rows = int(counts.sum())
+        first_row = np.cumsum(counts) - counts
+        within = np.arange(num_rows) - np.repeat(first_row, counts)
+        self.logits_indices.np[:num_rows] = np.repeat(ends - counts, counts) + within
+        return num_rows
 
     def write_decode_padding(self, start: int, end: int) -> None:
         """Host rows ``start .. end - 1`` become inert decode rows.
@@ -213,3 +238,19 @@ class StepInputBuffers:
         self.query_start_loc.upload_range(0, 1)
         if self._uploaded is not None:
             self._uploaded.record()
+
+
+def _draft_ids(
+    requests: Sequence[ScheduledRequest], sample: np.ndarray, num_drafts: np.ndarray
+) -> np.ndarray:
+    """The sampled requests' drafts (``num_drafts``: every request's), ``[N, max drafts]`` with
+    -1 padding."""
+    width = int(num_drafts.max())
+    out = np.full((int(sample.sum()), width), -1, dtype=np.int64)
+    i = 0
+    for request, sampled, d in zip(requests, sample.tolist(), num_drafts.tolist(), strict=True):
+        if sampled:
+            if d:
+                out[i, :d] = request.token_ids[-d:]
+            i += 1
+    return out

@@ -39,16 +39,24 @@ class Fp8LinearConfig:
     scaled_mm_fast_accum: bool = False
     gemv_block_n: int | None = None
     gemv_block_k: int | None = None
-    gemv_num_warps: int = 4
+    gemv_num_warps: int | None = None
     gemm_block_m: int = 128
     gemm_block_n: int = 128
     gemm_block_k: int = 128
     gemm_num_warps: int = 8
     gemm_num_stages: int = 3
+    # Products of e4m3 tiles that the tensor cores sum in their reduced-precision accumulator
+    # (about 13 fraction bits, truncated, on sm_90) before the partial sum is added to a float32
+    # accumulator (Triton's max_num_imprecise_acc; capped at gemm_block_k). None: Triton's own
+    # default, which on sm_90 never promotes: the whole K sum then carries that precision
+    # (docs/QUANTIZATION.md, "Accumulation on the tensor cores").
+    gemm_max_imprecise_acc: int | None = 128
 
     def __post_init__(self) -> None:
         if self.gemv_max_m < 0:
             raise ValueError("gemv_max_m must be >= 0")
+        if self.gemm_max_imprecise_acc is not None and self.gemm_max_imprecise_acc < 1:
+            raise ValueError("gemm_max_imprecise_acc must be >= 1 (or None)")
         for name in ("gemv_block_n", "gemv_block_k", "gemm_block_m", "gemm_block_n", "gemm_block_k"):
             v = getattr(self, name)
             if v is not None and (v & (v - 1) or v < 1):
@@ -139,12 +147,22 @@ def _fp8_gemv_kernel(
     tl.store(out, y.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
-def _gemv_tiles(m: int, config: Fp8LinearConfig) -> tuple[int, int, int]:
+# One token (batch-1 decode): (block_n, block_k, warps) measured fastest on an H200 over the
+# llama3-8b o and gate_up shapes among 18 tilings (bench_quant_kernels.py sweep, docs/QUANTIZATION.md).
+GEMV_M1_TILES = (4, 1024, 2)
+
+
+def _gemv_tiles(m: int, config: Fp8LinearConfig) -> tuple[int, int, int, int]:
+    """(block_m, block_n, block_k, num_warps) of the GEMV for ``m`` tokens."""
     block_m = min(triton.next_power_of_2(max(m, 1)), 16)
-    block_n = config.gemv_block_n or (16 if block_m <= 2 else 8)
-    # Keep the [block_m, block_n, block_k] product tile near 8k elements (registers).
-    block_k = config.gemv_block_k or max(32, min(512, 8192 // (block_m * block_n)))
-    return block_m, block_n, block_k
+    if block_m == 1:
+        block_n, block_k, warps = GEMV_M1_TILES
+    else:
+        # Keep the [block_m, block_n, block_k] product tile near 8k elements (registers).
+        block_n = 16 if block_m <= 2 else 8
+        block_k, warps = max(32, min(512, 8192 // (block_m * block_n))), 4
+    return (block_m, config.gemv_block_n or block_n, config.gemv_block_k or block_k,
+            config.gemv_num_warps or warps)
 
 
 def fp8_gemv(
@@ -167,13 +185,13 @@ def fp8_gemv(
     out = torch.empty((m, n), dtype=x.dtype, device=x.device) if out is None else out
     if m == 0:
         return out
-    block_m, block_n, block_k = _gemv_tiles(m, config)
+    block_m, block_n, block_k, num_warps = _gemv_tiles(m, config)
     grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m))
     _fp8_gemv_kernel[grid](
         x, w_fp8, w_scale, bias if bias is not None else w_scale, out,
         m, n, k, x.stride(0), w_fp8.stride(0), out.stride(0),
         HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-        SOFT_FP8=software_fp8(x), num_warps=config.gemv_num_warps,
+        SOFT_FP8=software_fp8(x), num_warps=num_warps,
     )
     return out
 
@@ -188,6 +206,7 @@ def _fp8_gemm_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
+    IMPRECISE_ACC: tl.constexpr,
 ):
     # Grouped ordering: GROUP_M row tiles share each weight tile while it is in L2.
     pid = tl.program_id(0)
@@ -211,7 +230,7 @@ def _fp8_gemm_kernel(
         k_ok = (k0 + kk < K)[None, :]
         a = tl.load(a_rows + (k0 + kk)[None, :], mask=m_ok[:, None] & k_ok, other=0.0)
         b = tl.load(b_rows + (k0 + kk)[None, :], mask=n_ok[:, None] & k_ok, other=0.0)
-        acc = tl.dot(a, tl.trans(b), acc)
+        acc = tl.dot(a, tl.trans(b), acc, max_num_imprecise_acc=IMPRECISE_ACC)
 
     x_scale = tl.load(xs_ptr + rm, mask=m_ok, other=0.0)
     w_scale = tl.load(ws_ptr + rn, mask=n_ok, other=0.0)
@@ -240,11 +259,12 @@ def fp8_gemm(
     if m == 0:
         return out
     bm, bn, bk = config.gemm_block_m, config.gemm_block_n, config.gemm_block_k
+    imprecise = None if config.gemm_max_imprecise_acc is None else min(config.gemm_max_imprecise_acc, bk)
     grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
     _fp8_gemm_kernel[grid](
         x_fp8, x_scale, w_fp8, w_scale, bias if bias is not None else w_scale, out,
         m, n, k, x_fp8.stride(0), w_fp8.stride(0), out.stride(0),
-        HAS_BIAS=bias is not None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8,
+        HAS_BIAS=bias is not None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, IMPRECISE_ACC=imprecise,
         num_warps=config.gemm_num_warps, num_stages=config.gemm_num_stages,
     )
     return out

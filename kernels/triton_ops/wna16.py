@@ -25,6 +25,10 @@ import torch
 import triton
 import triton.language as tl
 
+# One token (batch-1 decode): (block_n, block_k, warps) measured fastest on an H200 over the
+# llama3-8b o and gate_up shapes among 18 tilings (bench_quant_kernels.py sweep, docs/QUANTIZATION.md).
+GEMV_M1_TILES = (4, 1024, 2)
+
 
 @dataclass(frozen=True)
 class WnA16Config:
@@ -33,7 +37,7 @@ class WnA16Config:
     gemv_max_m: int = 16
     gemv_block_n: int | None = None
     gemv_block_k: int | None = None
-    gemv_num_warps: int = 4
+    gemv_num_warps: int | None = None
     gemm_block_m: int | None = None
     gemm_block_n: int = 128
     gemm_block_k: int = 64
@@ -187,10 +191,16 @@ def _check(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, offset
         raise ValueError(f"wna16_linear: qweight {tuple(qweight.shape)} is not {bits}-bit rows of K={k}")
     if group_size % 16 or k % group_size or scales.shape != (qweight.shape[0], k // group_size):
         raise ValueError(f"wna16_linear: scales {tuple(scales.shape)} do not match group_size {group_size}")
-    if offsets is not None and (offsets.shape != scales.shape or offsets.stride() != scales.stride()):
+    if offsets is not None and (offsets.shape != scales.shape or not _same_strides(offsets, scales)):
         raise ValueError("wna16_linear: offsets must have the scales' shape and strides")
-    if qweight.stride(-1) != 1 or scales.stride(-1) != 1:
+    if qweight.stride(-1) != 1 or (scales.stride(-1) != 1 and scales.shape[-1] > 1):
         raise ValueError("wna16_linear: qweight and scales need a unit last stride")
+
+
+def _same_strides(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal strides where they matter (a dimension of size 1 is never stepped along: one group
+    per row gives scales ``[N, 1]`` whatever stride that dimension carries)."""
+    return all(sa == sb for sa, sb, size in zip(a.stride(), b.stride(), a.shape, strict=True) if size > 1)
 
 
 def _block_k(block_k: int, group_size: int) -> int:
@@ -235,11 +245,16 @@ def wna16_linear(
     )
     if m <= config.gemv_max_m:
         block_m = min(triton.next_power_of_2(m), 16)
-        block_n = config.gemv_block_n or (16 if block_m <= 2 else 8)
-        block_k = _block_k(config.gemv_block_k or max(32, min(512, 8192 // (block_m * block_n))), group_size)
+        if block_m == 1:  # batch-1 decode: the tiling measured fastest (GEMV_M1_TILES)
+            block_n, block_k, warps = GEMV_M1_TILES
+        else:
+            block_n, warps = (16 if block_m <= 2 else 8), 4
+            block_k = max(32, min(512, 8192 // (block_m * block_n)))
+        block_n = config.gemv_block_n or block_n
+        block_k = _block_k(config.gemv_block_k or block_k, group_size)
         _wna16_gemv_kernel[(triton.cdiv(n, block_n), triton.cdiv(m, block_m))](
             *args, **common, SCALE_PER_TILE=group_size % block_k == 0,
-            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=config.gemv_num_warps,
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=config.gemv_num_warps or warps,
         )
     else:
         block_m = config.gemm_block_m or (64 if m > 64 else max(16, triton.next_power_of_2(m)))

@@ -52,6 +52,9 @@ class WorkerIdentity:
     address: str  # host:port routers dial
     block_size: int
     max_model_len: int
+    quantization: str = ""  # weights' format ("none", "fp8", "gptq", "gguf")
+    kv_cache_dtype: str = ""  # "auto" or "fp8"
+    weight_bytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -126,6 +129,9 @@ class WorkerPublisher:
             draining=self._draining,
             heartbeat_at=time.time(),
             standby=self._standby,
+            quantization=i.quantization,
+            kv_cache_dtype=i.kv_cache_dtype,
+            weight_bytes=i.weight_bytes,
         )
         if self._secret is None:
             return record

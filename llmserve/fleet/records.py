@@ -37,7 +37,9 @@ class WorkerRecord:
     empty when unsigned. Records read from the store are checked before use (``from_json``).
     ``standby``: a warm standby (model loaded, registered): routers never route to it until it
     promotes itself (``llmserve.fleet.standby``). Stored only when True, so a live worker's record
-    is what it was before standbys existed.
+    is what it was before standbys existed. ``quantization``, ``kv_cache_dtype``, ``weight_bytes``:
+    the served weights' format, the KV cache's element type and the weights' size (ListModels
+    on a router; docs/QUANTIZATION.md); stored only when set.
     """
 
     worker_id: str
@@ -50,15 +52,17 @@ class WorkerRecord:
     heartbeat_at: float = 0.0  # wall-clock time.time() of the heartbeat
     sig: str = ""
     standby: bool = False
+    quantization: str = ""
+    kv_cache_dtype: str = ""
+    weight_bytes: int = 0
 
     def fields(self) -> dict[str, Any]:
         """The JSON object stored for this record (``sig`` only when signed, ``standby`` only
-        when True)."""
+        when True, the model's formats and size only when known)."""
         out = asdict(self)
-        if not self.sig:
-            del out["sig"]
-        if not self.standby:
-            del out["standby"]
+        for name in ("sig", "standby", "quantization", "kv_cache_dtype", "weight_bytes"):
+            if not out[name]:
+                del out[name]
         return out
 
     def to_json(self) -> str:

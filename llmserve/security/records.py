@@ -8,7 +8,8 @@ user's prompt is sent to, so a router accepts it only when
   ``address`` a plain ``host:port`` (never a gRPC target such as ``unix:/...``), ``model``
   bounded, ``block_size`` a power of two in [1, 2048], ``max_model_len`` >= 1, load counters
   non-negative integers, ``kv_usage`` in [0, 1], ``max_num_seqs`` >= 1, booleans (``draining``,
-  ``standby``) real booleans,
+  ``standby``) real booleans, ``quantization`` / ``kv_cache_dtype`` short lowercase names and
+  ``weight_bytes`` a non-negative integer when present,
 - its ``worker_id`` is the id under which it is stored,
 - its ``heartbeat_at`` (the worker's wall clock) is at most ``max_age_s`` old and not in the
   future, allowing ``clock_skew_s`` either way: a record whose key never expires is ignored
@@ -50,6 +51,8 @@ MAX_ADDRESS_CHARS = 261  # 255-byte host name + ":" + 5-digit port
 MAX_BLOCK_SIZE = 2048
 MAX_MODEL_LEN = 1 << 30
 MAX_COUNT = 1 << 31  # load counters
+MAX_WEIGHT_BYTES = 1 << 50
+_FORMAT_NAME = re.compile(r"[a-z0-9_+-]{1,32}")
 SIGNATURE_FIELD = "sig"
 _SIGNING_CONTEXT = b"llmserve.worker-record.v1\n"
 _PRINTABLE_ID = re.compile(r"[\x21-\x7e]+")
@@ -238,7 +241,19 @@ def record_from_fields(fields: Mapping[str, Any]) -> WorkerRecord:
         heartbeat_at=_number(fields, "heartbeat_at", 0.0, 1e11),
         sig=sig,
         standby=_field(fields, "standby", bool, False),
+        quantization=_format_name(fields, "quantization"),
+        kv_cache_dtype=_format_name(fields, "kv_cache_dtype"),
+        weight_bytes=_int(fields, "weight_bytes", 0, MAX_WEIGHT_BYTES, 0),
     )
+
+
+def _format_name(fields: Mapping[str, Any], name: str) -> str:
+    """An optional short lowercase name (a weight format, a KV cache dtype); "" when absent."""
+    if name not in fields:
+        return ""
+    value: str = _field(fields, name, str)
+    _check(bool(_FORMAT_NAME.fullmatch(value)), f"{name} is not a short lowercase name")
+    return value
 
 
 @dataclass(frozen=True)

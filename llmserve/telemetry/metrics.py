@@ -56,6 +56,19 @@ class SchedulerStatsLike(Protocol):
     def device_seconds(self) -> float: ...
 
 
+class SpecDecodeStatsLike(Protocol):
+    """The engine's cumulative speculative-decoding counters (``gpu_worker``'s ``SpecDecodeStats``)."""
+
+    @property
+    def num_drafts(self) -> int: ...
+    @property
+    def num_draft_tokens(self) -> int: ...
+    @property
+    def num_accepted_tokens(self) -> int: ...
+    @property
+    def num_accepted_tokens_per_pos(self) -> Sequence[int]: ...
+
+
 @dataclass
 class _Cumulative:
     """Last cumulative engine counters seen, to turn them into counter increments."""
@@ -89,12 +102,29 @@ class WorkerMetrics:
             PREFIX + "num_requests_waiting", "Requests waiting to be scheduled.", m, registry=r)
         self.kv_cache_usage_perc = Gauge(
             PREFIX + "kv_cache_usage_perc", "Fraction of KV-cache blocks in use (0..1).", m, registry=r)
+        self.kv_cache_capacity_tokens = Gauge(
+            PREFIX + "kv_cache_capacity_tokens", "Tokens the KV pool holds (blocks x block size; an fp8 "
+            "KV cache holds about twice a 16-bit one's).", m, registry=r)
         self.prefix_cache_queries = Counter(
             PREFIX + "prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", m, registry=r)
         self.prefix_cache_hits = Counter(
             PREFIX + "prefix_cache_hits", "Prompt tokens found in the prefix cache.", m, registry=r)
         self.num_preemptions = Counter(
             PREFIX + "num_preemptions", "Requests preempted (recompute).", m, registry=r)
+        self.spec_decode_num_drafts = Counter(
+            PREFIX + "spec_decode_num_drafts", "Speculative decoding: request-steps that verified drafts.",
+            m, registry=r)
+        self.spec_decode_num_draft_tokens = Counter(
+            PREFIX + "spec_decode_num_draft_tokens", "Speculative decoding: draft tokens verified.", m,
+            registry=r)
+        self.spec_decode_num_accepted_tokens = Counter(
+            PREFIX + "spec_decode_num_accepted_tokens", "Speculative decoding: draft tokens accepted.", m,
+            registry=r)
+        self.spec_decode_num_accepted_tokens_per_pos = Counter(
+            PREFIX + "spec_decode_num_accepted_tokens_per_pos", "Speculative decoding: drafts accepted at "
+            "each position of a step (0 = first); divided by num_drafts, the acceptance rate there.",
+            ["model_name", "position"], registry=r)
+        self._spec_seen: dict[str, tuple[int, int, int, tuple[int, ...]]] = {}
         self.prompt_tokens = Counter(
             PREFIX + "prompt_tokens", "Prompt tokens of finished requests.", m, registry=r)
         self.generation_tokens = Counter(
@@ -133,6 +163,26 @@ class WorkerMetrics:
     def on_refusal(self, model: str, limit: str) -> None:
         """A request was refused because it exceeded ``limit`` (a bounded set of setting names)."""
         self.request_refusals.labels(model, limit).inc()
+
+    def set_kv_cache_capacity(self, model: str, tokens: int) -> None:
+        """The KV pool's capacity in tokens (fixed once the engine has sized it)."""
+        self.kv_cache_capacity_tokens.labels(model).set(tokens)
+
+    def update_spec_decode_stats(self, model: str, stats: SpecDecodeStatsLike) -> None:
+        """Advance the speculative-decoding counters by what the engine's cumulative counters
+        gained since the previous call (``SchedulerStats.spec_decode``)."""
+        now = (stats.num_drafts, stats.num_draft_tokens, stats.num_accepted_tokens,
+               tuple(stats.num_accepted_tokens_per_pos))
+        with self._lock:
+            before = self._spec_seen.get(model, (0, 0, 0, ()))
+            self._spec_seen[model] = now
+        self.spec_decode_num_drafts.labels(model).inc(_delta(now[0], before[0]))
+        self.spec_decode_num_draft_tokens.labels(model).inc(_delta(now[1], before[1]))
+        self.spec_decode_num_accepted_tokens.labels(model).inc(_delta(now[2], before[2]))
+        per_pos = self.spec_decode_num_accepted_tokens_per_pos
+        for position, accepted in enumerate(now[3]):
+            seen = before[3][position] if position < len(before[3]) else 0
+            per_pos.labels(model, str(position)).inc(_delta(accepted, seen))
 
     def update_scheduler_stats(self, model: str, stats: SchedulerStatsLike) -> None:
         """Set the gauges from a stats snapshot and advance the counters by what the engine's

@@ -21,7 +21,7 @@ from tests.router.router_procs import free_port, generate
 async def test_stack_serves_through_the_router_on_the_memory_store(tiny_model: Callable[[str], Path]) -> None:
     config = StackConfig(model=str(tiny_model("llama")), served_model_name="tiny", router_port=free_port(),
                          worker_port=free_port(), http_port=free_port(), num_kv_blocks=64, max_num_seqs=4,
-                         drain_grace_s=1.0)
+                         drain_grace_s=1.0, kv_cache_dtype="fp8")
     started, stop = asyncio.Event(), asyncio.Event()
     task = asyncio.create_task(run_stack(config, started, stop))
     await asyncio.wait({task, asyncio.create_task(started.wait())}, return_when=asyncio.FIRST_COMPLETED,
@@ -31,6 +31,8 @@ async def test_stack_serves_through_the_router_on_the_memory_store(tiny_model: C
     async with grpc.aio.insecure_channel(target) as channel:
         models = await gen_grpc.GenerationStub(channel).ListModels(gen_pb.ListModelsRequest())
     assert [(m.name, m.num_workers) for m in models.models] == [("tiny", 1)]
+    # engine flags reach the worker, and the router's ListModels says what is served
+    assert (models.models[0].quantization, models.models[0].kv_cache_dtype) == ("none", "fp8")
     # the OpenAI HTTP door is on (llmserve up serves it on 8000 by default)
     url = f"http://127.0.0.1:{config.http_port}/v1/models"
     listing = await asyncio.to_thread(lambda: json.load(urllib.request.urlopen(url, timeout=30)))
@@ -53,3 +55,4 @@ def test_llmserve_up_help() -> None:
                          text=True, timeout=120)
     assert out.returncode == 0 and "--redis-url" in out.stdout and "smollm2-135m" in out.stdout
     assert "--http-port" in out.stdout
+    assert "--quantization" in out.stdout and "--kv-cache-dtype" in out.stdout

@@ -27,7 +27,7 @@ def build_runner(
     dev = torch.device(device)
     config = EngineConfig(model=str(model_dir), num_kv_blocks=num_kv_blocks, **engine_args)
     config = config.with_device_defaults(dev.type)
-    source = loader.resolve_model(config.model)
+    source = loader.resolve_model(config.model, gguf_quantized=config.quantization == "gguf")
     hf_config = loader.load_hf_config(source)
     if model is None:
         model = loader.load_model(config, dev, dtype, source=source, hf_config=hf_config)

@@ -1,6 +1,7 @@
 """The quantized kernels on a CUDA GPU: every check of ``quant_kernel_checks.py`` in bf16, fp16
-and float32 with larger shapes (llama3-8b projections), the ``torch._scaled_mm`` path, and fp8
-KV-cache attention against bf16 KV-cache attention (errors printed: run with ``-s``).
+and float32 with larger shapes (llama3-8b projections), the ``torch._scaled_mm`` path, the fp8
+GEMM's accumulator promotion, and fp8 KV-cache attention against bf16 KV-cache attention
+(errors printed: run with ``-s``).
 
 One command: ``python -m pytest -q -s tests/kernels/test_quant_ops_gpu.py``.
 """
@@ -14,6 +15,7 @@ pytest.importorskip("triton")
 
 from kernels import quant_reference as qref  # noqa: E402
 from kernels import triton_ops as tops  # noqa: E402
+from kernels.triton_ops.fp8_matmul import fp8_gemm  # noqa: E402
 from tests.kernels import quant_kernel_checks as checks  # noqa: E402
 from tests.kernels.kernel_checks import Target, make_paged_batch  # noqa: E402
 
@@ -50,7 +52,40 @@ def test_fp8_linear_llama_shapes_gpu(use_scaled_mm: bool) -> None:
         path = "scaled_mm" if use_scaled_mm else "triton"
         top = float(ref.abs().max())
         print(f"fp8_linear M=256 N={n} K={k} {path}: max abs err {err:.3e} (|ref| max {top:.2f})")
-        checks.assert_linear_close(got, ref, torch.bfloat16, f"fp8_linear {n}x{k}")
+        abs_products = checks.fp8_abs_products(x, w, ws.view(-1))
+        checks.assert_fp8_product_close(got, ref, abs_products, torch.bfloat16, f"fp8_linear {n}x{k}")
+
+
+@pytest.mark.gpu
+def test_fp8_gemm_accumulator_promotion_gpu() -> None:
+    """The Triton GEMM in float32 against the reference whose sums are exact float32: with its
+    partial sums promoted to float32 every 128 products (the default) and with Triton's sm_90
+    default (never promoted), errors printed relative to 2^-12 of the sum of |products|, the
+    scale of the fp8 MMA's truncation (docs/QUANTIZATION.md). The promoted kernel stays within
+    the tests' bound, and its largest error is no larger than the unpromoted one's."""
+    if not _fp8_capable():
+        pytest.skip("fp8 needs compute capability >= 8.9")
+    gen = torch.Generator().manual_seed(32)
+    for m, n, k in [(20, 48, 96), (300, 1024, 4096), (256, 4096, 14336)]:
+        x = (torch.randn(m, k, generator=gen) * 3).cuda()
+        w, ws = qref.quantize_fp8_rows(torch.randn(n, k, generator=gen).cuda() * 0.05)
+        ws = ws.view(-1)
+        xq, xs = tops.quantize_fp8_per_token(x)
+        ref = qref.fp8_linear(x, w, ws)
+        abs_products = checks.fp8_abs_products(x, w, ws)
+        errors = {}
+        for label, imprecise in (("promoted every 128", 128), ("never promoted", None)):
+            cfg = tops.Fp8LinearConfig(gemm_max_imprecise_acc=imprecise)
+            got = fp8_gemm(xq, xs, w, ws, None, torch.float32, config=cfg)
+            err = (got.double() - ref.double()).abs()
+            errors[label] = float(err.max())
+            rel = float((err / (2.0**-12 * abs_products.to(err.device) + 1e-30)).max())
+            print(f"fp8_gemm float32 {m}x{n}x{k} {label}: max abs err {errors[label]:.3e} "
+                  f"({rel:.2f} x 2^-12 of the sum of |products|)")
+            if imprecise is not None:
+                what = f"fp8_gemm {m}x{n}x{k}"
+                checks.assert_fp8_product_close(got, ref, abs_products, torch.float32, what)
+        assert errors["promoted every 128"] <= errors["never promoted"]
 
 
 @pytest.mark.gpu

@@ -98,6 +98,9 @@ async def test_multi_model_routing_and_list_models(fleet: Fleet, make_router: An
         reply = await gen_grpc.GenerationStub(channel).ListModels(gen_pb.ListModelsRequest())
     listed = [(m.name, m.num_workers, m.max_model_len) for m in reply.models]
     assert listed == [("alpha", 2, 512), ("beta", 1, 512)]
+    # Forwarded from the workers' records: weight format, KV cache, sizes (96 blocks of 16 tokens).
+    formats = {(m.quantization, m.kv_cache_dtype, m.kv_cache_tokens) for m in reply.models}
+    assert formats == {("none", "auto", 96 * 16)} and all(m.weight_bytes > 0 for m in reply.models)
     for i in range(4):
         chunks, wid = await generate(router.target, model="beta", prompt=text(f"b{i}", 40))
         assert wid == "beta-0" and chunks[-1].usage.completion_tokens == 4

@@ -16,14 +16,14 @@ so a rank never holds more than its part of the checkpoint. The product itself i
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
 from gpu_worker.distributed.parallel_state import TensorParallelGroup
-from gpu_worker.model_executor.layers.quantization.base import LinearMethod
+from gpu_worker.model_executor.layers.quantization.base import LinearMethod, WeightShard
 from gpu_worker.model_executor.weights import TensorSource
 
 
@@ -83,11 +83,15 @@ class ColumnParallelLinear(_Linear):
         size = self.local_sizes[shard]
         return sum(self.local_sizes[:shard]), self.tp.rank * size, size
 
-    def load(self, name: str, source: TensorSource, shard: int = 0) -> None:
-        """Copy this rank's rows of checkpoint tensor ``source`` (sub-matrix ``shard``) into
-        parameter ``name`` (``weight`` or ``bias``)."""
+    def load(self, name: str, source: TensorSource, shard: int = 0) -> Iterable[str]:
+        """Copy this rank's rows of checkpoint tensor ``source`` (sub-matrix ``shard``): the bias
+        here, the weight (and whatever a quantized checkpoint stores with it) through the
+        layer's linear method. Returns the names of the parameters filled."""
         dst, src, rows = self.shard_rows(shard)
-        _copy_rows(getattr(self, name), dst, source, 0, src, rows)
+        if name == "bias":
+            _copy_rows(getattr(self, name), dst, source, 0, src, rows)
+            return (name,)
+        return self.linear_method.load_weight(self, name, source, WeightShard(0, src, rows, dst, shard))
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
@@ -154,13 +158,13 @@ class RowParallelLinear(_Linear):
         y = self.tp.all_reduce(self.matmul(x, None))
         return y if self.bias is None else y + self.bias
 
-    def load(self, name: str, source: TensorSource, shard: int = 0) -> None:
-        target = getattr(self, name)
+    def load(self, name: str, source: TensorSource, shard: int = 0) -> Iterable[str]:
         if name == "bias":  # replicated: added once, after the all-reduce
+            target = getattr(self, name)
             _copy_rows(target, 0, source, 0, 0, target.shape[0])
-            return
-        with torch.no_grad():
-            target.copy_(source.narrow(1, self.tp.rank * self.in_local, self.in_local))
+            return (name,)
+        shard_cols = WeightShard(1, self.tp.rank * self.in_local, self.in_local)
+        return self.linear_method.load_weight(self, name, source, shard_cols)
 
 
 class VocabParallelEmbedding(nn.Module):

@@ -106,15 +106,17 @@ class RotaryEmbedding(nn.Module):
         v: torch.Tensor,
         kv_cache: torch.Tensor,
         md: AttentionMetadata,
+        **kv_scales: torch.Tensor,
     ) -> torch.Tensor:
         """Rotate ``q``/``k`` by ``positions`` and write the rotated ``k`` and ``v`` into
         ``kv_cache`` (``[2, blocks, block, Hk, D]``) at ``md.slot_mapping``, in one op; returns
         the rotated ``q``. The attention then only attends (``PagedAttention.attend``).
+        ``kv_scales``: ``k_scale``/``v_scale`` of an fp8 cache (``PagedAttention.kv_scales``).
         Only when :attr:`stores_kv`."""
         op = self.ops.rotary_store_kvcache
         if op is None:
             raise RuntimeError(f"op set {self.ops.name!r} has no rotary_store_kvcache")
         out: torch.Tensor = op(
-            positions, q, k, v, self.cos_sin_cache, kv_cache[0], kv_cache[1], md.slot_mapping
+            positions, q, k, v, self.cos_sin_cache, kv_cache[0], kv_cache[1], md.slot_mapping, **kv_scales
         )
         return out

@@ -12,6 +12,7 @@ with the defaults (one rank, plain 16/32-bit weights) it is exactly the single-G
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -42,6 +43,19 @@ LinearMethods = Callable[[str], LinearMethod]
 
 def plain_linear(prefix: str) -> LinearMethod:
     return UnquantizedLinearMethod()
+
+
+# KV-cache scales as fp8 checkpoints name them (vLLM's names: compressed-tensors writes
+# k_proj/v_proj.output_scale or self_attn.k_scale, ModelOpt k_proj.k_scale, older ones one kv_scale).
+_KV_SCALE = re.compile(
+    r"(model\.layers\.\d+\.self_attn)\.(?:attn\.)?"
+    r"(k_scale|v_scale|kv_scale|k_proj\.output_scale|v_proj\.output_scale|k_proj\.k_scale|v_proj\.v_scale)"
+)
+_KV_SCALE_TARGETS = {
+    "k_scale": ("k_scale",), "v_scale": ("v_scale",), "kv_scale": ("k_scale", "v_scale"),
+    "k_proj.output_scale": ("k_scale",), "v_proj.output_scale": ("v_scale",),
+    "k_proj.k_scale": ("k_scale",), "v_proj.v_scale": ("v_scale",),
+}
 
 
 @dataclass(frozen=True)
@@ -90,7 +104,10 @@ class DecoderAttention(nn.Module):
         self.q_norm = RMSNorm(head_dim, cfg.rms_norm_eps, ctx.ops, ctx.dtype) if flags.qk_norm else None
         self.k_norm = RMSNorm(head_dim, cfg.rms_norm_eps, ctx.ops, ctx.dtype) if flags.qk_norm else None
         self.rotary = rotary
-        self.attn = PagedAttention(self.num_heads, self.num_kv_heads, head_dim, head_dim**-0.5, ctx.ops)
+        self.attn = PagedAttention(
+            self.num_heads, self.num_kv_heads, head_dim, head_dim**-0.5, ctx.ops,
+            kv_head_start=self.qkv_proj.kv_head_start, total_kv_heads=cfg.num_key_value_heads,
+        )
 
     def forward(
         self, positions: torch.Tensor, hidden: torch.Tensor, md: AttentionMetadata, kv_cache: torch.Tensor
@@ -103,7 +120,8 @@ class DecoderAttention(nn.Module):
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         if self.rotary.stores_kv:  # one launch rotates and stores; attention reads the cache
-            q = self.rotary.rotate_and_store(positions, q, k, v, kv_cache, md)
+            scales = self.attn.kv_scales(kv_cache)
+            q = self.rotary.rotate_and_store(positions, q, k, v, kv_cache, md, **scales)
             out = self.attn.attend(q, kv_cache, md)
         else:
             q, k = self.rotary(positions, q, k, md)
@@ -264,20 +282,22 @@ class LlamaForCausalLM(nn.Module):
         parameter names filled. Tensors of other pipeline stages are skipped unread."""
         modules = dict(self.named_modules())
         own = {name for name, _ in self.named_parameters()}
+        own |= {name for name, _ in self.named_buffers() if name.endswith((".k_scale", ".v_scale"))}
         loaded: set[str] = set()
         for name, source in weights:
             for target, shard in self._targets(name):
-                if target not in own:
-                    continue  # another stage's tensor, or the head a tied embedding serves
                 module_name, _, attr = target.rpartition(".")
-                module = modules[module_name]
+                module = modules.get(module_name)
+                if module is None or (target not in own and not _claims(module, attr)):
+                    continue  # another stage's tensor, or the head a tied embedding serves
                 loader = getattr(module, "load", None)
+                filled = None
                 if loader is not None:
-                    loader(attr, source, shard)
+                    filled = loader(attr, source, shard)
                 else:
                     with torch.no_grad():
                         getattr(module, attr).copy_(source.full())
-                loaded.add(target)
+                loaded.update([target] if filled is None else [f"{module_name}.{n}" for n in filled])
         return loaded & own
 
     @property
@@ -289,6 +309,9 @@ class LlamaForCausalLM(nn.Module):
         """HF tensor name -> [(our parameter name, fused shard index)]."""
         if "rotary_emb.inv_freq" in name:
             return []
+        kv_scale = _KV_SCALE.fullmatch(name)
+        if kv_scale is not None:
+            return [(f"{kv_scale.group(1)}.attn.{t}", 0) for t in _KV_SCALE_TARGETS[kv_scale.group(2)]]
         if name == "model.embed_tokens.weight" and self._head_copies_embedding:
             return [(name, 0), ("lm_head.weight", 0)]
         fused = {
@@ -302,6 +325,13 @@ class LlamaForCausalLM(nn.Module):
             if old in name:
                 return [(name.replace(old, new), shard)]
         return [(name, 0)]
+
+
+def _claims(module: nn.Module, attr: str) -> bool:
+    """Whether ``module``'s linear method loads checkpoint tensor ``attr`` although the module
+    has no parameter of that name (quantized checkpoints: ``qzeros``, ``weight_scale_inv``...)."""
+    method = getattr(module, "linear_method", None)
+    return isinstance(method, LinearMethod) and attr in method.checkpoint_names()
 
 
 class MistralForCausalLM(LlamaForCausalLM):

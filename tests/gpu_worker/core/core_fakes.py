@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import hashlib
 from array import array
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from gpu_worker.core.kv_cache_manager import KVCacheManager
@@ -55,9 +55,19 @@ class PagedFakeRunner:
     through the block table: a wrong block table or a stale cached block changes the output.
     It also checks positions: ``start_pos`` must equal the tokens it already holds.
     A placeholder token (async scheduling) becomes what the previous step sampled for the
-    same request, as the real runner fills it on the device (KeyError if there is none)."""
+    same request, as the real runner fills it on the device (KeyError if there is none).
+    Draft tokens (speculative decoding) are verified greedily against ``model``, reading every
+    position back through the block table: the longest agreeing prefix is accepted and the
+    model's token after it returned."""
 
-    def __init__(self, num_blocks: int, block_size: int, script: dict[str, list[int]] | None = None) -> None:
+    def __init__(
+        self,
+        num_blocks: int,
+        block_size: int,
+        script: dict[str, list[int]] | None = None,
+        model: Callable[[Sequence[int]], int] = next_token,
+    ) -> None:
+        self.model = model
         self.block_size = block_size
         self.slots: list[list[int | None]] = [[None] * block_size for _ in range(num_blocks)]
         self.tables: dict[str, list[int]] = {}
@@ -74,6 +84,7 @@ class PagedFakeRunner:
             self.num_written.pop(rid, None)
         ids: list[str] = []
         toks: list[int] = []
+        accepted: list[tuple[int, ...]] = []
         for sr in out.requests:
             if sr.is_new:
                 self.tables[sr.req_id] = list(sr.block_ids)
@@ -96,13 +107,34 @@ class PagedFakeRunner:
             if sr.sample:
                 seq = [self.slots[table[p // self.block_size]][p % self.block_size] for p in range(end)]
                 ids.append(sr.req_id)
-                toks.append(self._sample(sr.req_id, seq))  # type: ignore[arg-type]
+                first_draft = end - sr.num_draft_tokens
+                ok = 0  # drafts accepted: the model agrees with each
+                while ok < sr.num_draft_tokens and (
+                    self.model(seq[: first_draft + ok]) == seq[first_draft + ok]  # type: ignore[arg-type]
+                ):
+                    ok += 1
+                accepted.append(tuple(seq[first_draft : first_draft + ok]))  # type: ignore[arg-type]
+                self.num_written[sr.req_id] = first_draft + ok  # rejected drafts' slots get rewritten
+                toks.append(self._sample(sr.req_id, seq[: first_draft + ok]))  # type: ignore[arg-type]
         self.last_sampled = dict(zip(ids, toks, strict=True))
-        return RunnerOutput(tuple(ids), tuple(toks))
+        if not any(sr.num_draft_tokens for sr in out.requests):
+            accepted = []
+        return RunnerOutput(tuple(ids), tuple(toks), accepted_draft_ids=tuple(accepted))
 
     def _sample(self, rid: str, seq: list[int]) -> int:
         scripted = self.script.get(rid)
-        return scripted.pop(0) if scripted else next_token(seq)
+        return scripted.pop(0) if scripted else self.model(seq)
+
+
+class FnProposer:
+    """A proposer made of a function (speculative decoding tests); remembers dropped requests."""
+
+    def __init__(self, propose: Callable[[Sequence[Request], Sequence[int]], list[list[int]]]) -> None:
+        self.propose = propose
+        self.dropped: list[str] = []
+
+    def drop(self, request_ids: Iterable[str]) -> None:
+        self.dropped.extend(request_ids)
 
 
 def make_scheduler(
@@ -114,10 +146,13 @@ def make_scheduler(
     enable_caching: bool = True,
     policy: SchedulingPolicy | None = None,
     ready: Callable[[Request], bool] | None = None,
+    propose: Callable[[Sequence[Request], Sequence[int]], list[list[int]]] | None = None,
+    proposer: FnProposer | None = None,
 ) -> Scheduler:
     kv = KVCacheManager(num_blocks, block_size, enable_caching)
     return Scheduler(
-        kv, max_num_seqs, max_num_batched_tokens, max_model_len, block_size, "test-model", policy, ready
+        kv, max_num_seqs, max_num_batched_tokens, max_model_len, block_size, "test-model", policy, ready,
+        proposer=proposer if propose is None else FnProposer(propose),
     )
 
 

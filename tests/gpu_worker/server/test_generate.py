@@ -336,6 +336,9 @@ async def test_list_models_and_worker_info(
 ) -> None:
     models = await gen.ListModels(pb.ListModelsRequest())
     assert [(m.name, m.max_model_len, m.num_workers) for m in models.models] == [(SERVED_NAME, 512, 1)]
+    (model,) = models.models
+    assert (model.quantization, model.kv_cache_dtype, model.kv_cache_tokens) == ("none", "auto", 512 * 16)
+    assert model.weight_bytes == worker.service.engine.weight_bytes > 0
     info = await control.GetWorkerInfo(ipb.GetWorkerInfoRequest())
     assert info.model == SERVED_NAME and info.block_size == 16 and info.max_model_len == 512
     assert info.worker_id == worker.service.worker_id and not info.draining

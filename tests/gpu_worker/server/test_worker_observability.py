@@ -147,6 +147,7 @@ async def test_metrics_count_what_was_served(traced: TracedWorker) -> None:
     # Engine series, refreshed on scrape: idle again, and the prompts were looked up.
     assert after[("llmserve:num_requests_running", model)] == 0
     assert after[("llmserve:kv_cache_usage_perc", model)] == 0
+    assert after[("llmserve:kv_cache_capacity_tokens", model)] == 512 * 16  # the pool, in tokens
     assert delta("llmserve:prefix_cache_queries_total") >= delta("llmserve:prefix_cache_hits_total") >= 0
     assert delta("llmserve:prefix_cache_queries_total") > 0
 

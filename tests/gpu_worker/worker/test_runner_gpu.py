@@ -80,7 +80,7 @@ def test_kv_blocks_from_gpu_memory_utilization(tmp_path: Path) -> None:
     runner = ModelRunner(config, model, hf_config, dev, torch.bfloat16, eos)
     peak = runner.profile_run(max_context_len(hf_config))
     assert peak > 0 and not runner.kv_caches  # the scratch pool is gone again
-    blocks = kv_sizing.num_kv_blocks(config, hf_config, dev, torch.bfloat16, lambda: peak)
+    blocks = kv_sizing.num_kv_blocks(config, runner.kv_cache_spec, dev, torch.bfloat16, lambda: peak)
     total = torch.cuda.get_device_properties(dev).total_memory
-    per_block = kv_sizing.kv_bytes_per_block(hf_config, 16, torch.bfloat16)
+    per_block = kv_sizing.kv_bytes_per_block(runner.kv_cache_spec, 16, torch.bfloat16)
     assert blocks == (int(0.5 * total) - peak) // per_block

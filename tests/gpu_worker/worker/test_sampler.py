@@ -150,7 +150,7 @@ def test_penalties_and_logit_bias_match_the_formula() -> None:
     )
     states, rows = _states([(params, prompt, output), (SamplingParams(temperature=0.0), [1], [])])
     md = build_sampling_metadata(states, rows, V, CPU)
-    got = Sampler._process(logits, md)
+    got = Sampler.process(logits, md)
 
     expected = logits.clone()
     expected[0, 13] += 2.5

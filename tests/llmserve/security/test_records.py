@@ -72,9 +72,20 @@ def test_bytes_that_are_not_a_record(data: bytes, expected: str) -> None:
     ({"worker_id": "w 1"}, "out_of_range"),
     ({"draining": "no"}, "schema"),
     ({"heartbeat_at": 10**400}, "out_of_range"),
+    ({"quantization": "FP8; rm -rf"}, "out_of_range"),
+    ({"quantization": 8}, "schema"),
+    ({"kv_cache_dtype": "x" * 40}, "out_of_range"),
+    ({"weight_bytes": -1}, "out_of_range"),
+    ({"weight_bytes": 1 << 60}, "out_of_range"),
 ])
 def test_each_field_is_type_and_range_checked(overrides: dict[str, Any], expected: str) -> None:
     assert reason(blob(**overrides)) == expected
+
+
+def test_model_formats_read_back_and_are_optional() -> None:
+    record = RecordReader().read("w1", blob(quantization="fp8", kv_cache_dtype="fp8", weight_bytes=72 << 30))
+    assert (record.quantization, record.kv_cache_dtype, record.weight_bytes) == ("fp8", "fp8", 72 << 30)
+    assert "quantization" not in fields() and RecordReader().read("w1", blob()).quantization == ""
 
 
 def test_missing_fields_and_id_mismatch() -> None:

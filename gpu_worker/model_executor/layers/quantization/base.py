@@ -1,20 +1,46 @@
 """How a linear layer stores its weight and multiplies by it: the seam quantization plugs into.
 
 A :class:`LinearMethod` is chosen at load time for each linear layer (ARCHITECTURE: quantization
-is a property of a linear layer): it creates the layer's weight parameters, converts them once
-the checkpoint is loaded, and performs the product. The model code never branches on it.
-:class:`UnquantizedLinearMethod` is the 16/32-bit method; on the CPU it stores the weight
-transposed (``[in, out]``, see :mod:`gpu_worker.model_executor.layers.linear`).
+is a property of a linear layer): it creates the layer's weight parameters, copies this rank's
+part of each checkpoint tensor into them (:meth:`LinearMethod.load_weight`, converting where the
+layout differs), finishes the conversion once the checkpoint is loaded, and performs the
+product. The model code never branches on it. :class:`UnquantizedLinearMethod` is the
+16/32-bit method; on the CPU it stores the weight transposed (``[in, out]``, see
+:mod:`gpu_worker.model_executor.layers.linear`). The quantized ones live next to this module
+(``fp8.py``, ``wna16.py``; docs/QUANTIZATION.md).
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Iterable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from gpu_worker.model_executor.layers.linear import transposed_linear
+from gpu_worker.model_executor.weights import TensorSource
+
+
+@dataclass(frozen=True)
+class WeightShard:
+    """The part of a checkpoint weight (``[out, in]``) that this rank's layer holds.
+
+    ``dim`` 0 (column-parallel): checkpoint rows ``[start, start + length)`` of fused
+    sub-matrix ``index`` (q/k/v, gate/up) go to the layer's rows ``[dst, dst + length)``, all
+    columns. ``dim`` 1 (row-parallel): checkpoint columns ``[start, start + length)``, all rows.
+    """
+
+    dim: int
+    start: int
+    length: int
+    dst: int = 0
+    index: int = 0
+
+    def read(self, source: TensorSource) -> torch.Tensor:
+        """This rank's slice of ``source`` (rows for ``dim`` 0, columns for ``dim`` 1)."""
+        return source.narrow(self.dim, self.start, self.length)
 
 
 class LinearMethod(ABC):
@@ -34,8 +60,33 @@ class LinearMethod(ABC):
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """``x @ W^T (+ bias)`` for ``x`` ``[T, in]``."""
 
+    def load_weight(
+        self, layer: nn.Module, name: str, source: TensorSource, shard: WeightShard
+    ) -> Iterable[str]:
+        """Copy ``shard`` of checkpoint tensor ``name`` (``weight``, or one of
+        :meth:`checkpoint_names`) into the layer; returns the names of the parameters it filled.
+
+        The default copies into parameter ``name`` as it is (the 16/32-bit layout)."""
+        target: torch.Tensor = getattr(layer, name)
+        with torch.no_grad():
+            if shard.dim == 0:
+                target.narrow(0, shard.dst, shard.length).copy_(shard.read(source))
+            else:
+                target.copy_(shard.read(source))
+        return (name,)
+
+    def checkpoint_names(self) -> frozenset[str]:
+        """Checkpoint tensor names of a linear layer (``q_proj.<name>``) that this method loads
+        although the layer has no parameter of that name (``qzeros``, ``input_scale``, ...)."""
+        return frozenset()
+
     def process_weights_after_loading(self, layer: nn.Module) -> None:  # noqa: B027 - optional hook
         """Convert the loaded weights into the layout :meth:`apply` reads (once, after loading)."""
+
+    def fill_random(self, layer: nn.Module, seed: int, std: float) -> bool:
+        """Random ("dummy") weights of about ``std`` drawn directly in this method's layout;
+        False: the method has none of its own and the parameters are drawn like any other."""
+        return False
 
 
 class UnquantizedLinearMethod(LinearMethod):
@@ -52,18 +103,18 @@ class UnquantizedLinearMethod(LinearMethod):
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if self.transposed:
-            return transposed_linear(x, _param(layer, "weight_t"), bias)
-        return nn.functional.linear(x, _param(layer, "weight"), bias)
+            return transposed_linear(x, param(layer, "weight_t"), bias)
+        return nn.functional.linear(x, param(layer, "weight"), bias)
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
         if not self.transposed or not hasattr(layer, "weight"):
             return
-        weight = _param(layer, "weight")
+        weight = param(layer, "weight")
         if "weight" in layer._parameters:  # a tied LM head reads its embedding's: nothing to drop
             del layer.weight
         layer.weight_t = nn.Parameter(weight.detach().t().contiguous(), requires_grad=False)
 
 
-def _param(layer: nn.Module, name: str) -> torch.Tensor:
+def param(layer: nn.Module, name: str) -> torch.Tensor:
     value: torch.Tensor = getattr(layer, name)
     return value

@@ -111,7 +111,7 @@ def convert_gptq(
 
     packed = qweight.to(torch.int32).t().contiguous().view(torch.uint8)  # [N, K * bits / 8]
     zeros = gptq_zero_points(qzeros.to(torch.int32), config)[:, :n].t()  # [N, G]
-    scales_t = scales.t().contiguous()
+    scales_t = scales.t().clone(memory_format=torch.contiguous_format)  # [N, 1] too: strides (1, 1)
     half = 1 << (bits - 1)
     if bool((zeros == half).all()):
         # Symmetric: 4-bit nibbles are offset-binary already (the kernel subtracts 8);
@@ -120,7 +120,9 @@ def convert_gptq(
             packed = (packed.to(torch.int16) - half).to(torch.int8)
         offsets = None
     else:
-        offsets = -(zeros.to(torch.float32) * scales_t.float())
+        # contiguous: the product of the transposed zeros and the scales may keep the zeros'
+        # strides, and the kernels read offsets with the scales' strides.
+        offsets = -(zeros.to(torch.float32) * scales_t.float()).contiguous()
     return WnA16Weight(packed, scales_t.to(torch.float16), offsets, bits, group_size)
 
 

@@ -3,7 +3,6 @@ layout, compared with the GPTQ formula (bit for bit) and with the weight that wa
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
@@ -13,36 +12,7 @@ from gpu_worker.model_executor.layers.quantization.gptq_format import (
     dequantize_gptq,
 )
 from kernels.quant_reference import dequantize_wna16
-
-
-def autogptq_pack(
-    weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int, bits: int,
-    v1: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``QuantLinear.pack`` of AutoGPTQ (what optimum writes): ``weight`` ``[N, K]`` already on
-    the grid ``scales * (q - zeros)``; ``scales`` ``[G, N]`` float16, ``zeros`` ``[G, N]`` ints.
-
-    Returns ``(qweight, qzeros, scales, g_idx)``. ``v1``: the ``zeros -= 1`` of the
-    ``checkpoint_format: "gptq"`` packer (a zero of 0 becomes -1, i.e. all ones in uint32).
-    """
-    n, k = weight.shape
-    g_idx = torch.arange(k, dtype=torch.int32) // group_size
-    scale_zeros = zeros.float() * scales.float()
-    g = g_idx.long()
-    intweight = torch.round((weight.float() + scale_zeros[g].t()) / scales.float()[g].t()).to(torch.int64)
-    intweight_np = intweight.t().contiguous().numpy().astype(np.uint32)  # [K, N]
-    per_word = 32 // bits
-    qweight = np.zeros((k // per_word, n), dtype=np.uint32)
-    for row in range(qweight.shape[0]):
-        for j in range(per_word):
-            qweight[row] |= intweight_np[row * per_word + j] << np.uint32(bits * j)
-    zeros_np = (zeros.to(torch.int64) - (1 if v1 else 0)).numpy().astype(np.uint32)
-    qzeros = np.zeros((zeros_np.shape[0], n // per_word), dtype=np.uint32)
-    for col in range(qzeros.shape[1]):
-        for j in range(per_word):
-            qzeros[:, col] |= zeros_np[:, col * per_word + j] << np.uint32(bits * j)
-    return (torch.from_numpy(qweight.view(np.int32)), torch.from_numpy(qzeros.view(np.int32)),
-            scales.to(torch.float16), g_idx)
+from tests.helpers.quantized_checkpoints import autogptq_pack
 
 
 def _grid_weight(
@@ -78,6 +48,11 @@ def test_gptq_round_trip(bits: int, group_size: int, sym: bool, fmt: str) -> Non
     w = convert_gptq(*packed, config)
     assert (w.out_features, w.in_features, w.bits, w.group_size) == (n, k, bits, gs)
     assert (w.offsets is None) == sym  # symmetric checkpoints need no offsets
+    # The kernels' layout: row-major scales, offsets with the scales' strides (one group per
+    # row too, where a transposed [1, N] keeps stride N on its size-1 dimension: a GPU failure).
+    groups = w.scales.shape[1]
+    assert w.scales.stride() == (groups, 1)
+    assert w.offsets is None or w.offsets.stride() == (groups, 1)
     ours = dequantize_wna16(w.qweight, w.scales, w.offsets, w.bits, w.group_size)
     assert torch.equal(ours, dequantize_gptq(*packed, config))  # the GPTQ formula, bit for bit
     assert torch.equal(ours, weight)  # and the weight that was packed

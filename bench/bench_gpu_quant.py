@@ -1,0 +1,293 @@
+"""Issue 13 on the GPU: quantized weights and KV cache against bf16, same process, same card.
+
+    PYTHONPATH=. python bench/bench_gpu.py --suite quantization --commit $(git rev-parse HEAD)
+
+On an H200 (2026-12-02) each shape's part took about 65 s (suite time, after the ceilings are
+measured); ``--quant-shapes`` runs some shapes only (one call per shape, ``--run-id`` joining
+them). In order:
+
+1. llama3-8b bf16: W1, W2 (the baseline rows of this run);
+2. llama3-8b fp8 weights: W2, W1;
+3. llama3-8b fp8 weights + fp8 KV cache: W1, W2;
+4. llama3-8b W4A16 (random symmetric 4-bit weights, groups of 128, created packed): W2;
+5. W5, llama3-70b fp8 weights + fp8 KV cache on one card: W1 (256 requests: tok/s, KV pool in
+   tokens), W2 against its fp8 bandwidth roofline;
+6. HF transformers with llama3-70b in bf16 on the same card: its out-of-memory (building the
+   model, or, if the ~131 GiB of weights fit, generating W1's 256 requests) is recorded.
+
+Every row carries ``quantization``, ``kv_cache_dtype``, ``tensor_parallel_size`` and
+``pipeline_parallel_size``; W1/W2 rows carry ``share_of_floor`` against the floor of their own
+format (bytes per weight and per KV element; prefill at twice the bf16 matmul rate for fp8
+weights, whose products run on fp8 tensor cores). The table and the issue's targets are
+printed at the end, rows appended to ``--results``, the Markdown report written.
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import bench_gpu as bench
+import bench_gpu_report as report
+import torch
+from results import ResultRow, append_results, new_run_id, today
+
+# Bytes per weight of a projection as served: e4m3 (the float32 scale per row is negligible);
+# 4-bit: a nibble plus a float16 scale per group of 128.
+LINEAR_BYTES = {"none": 2.0, "fp8": 1.0, "w4a16": 0.5 + 2 / 128}
+VOCAB = 128256
+# (name, engine arguments, workloads): the engines of steps 1-5 of the module docstring.
+PLAN: list[tuple[str, str, dict[str, Any], list[str]]] = [
+    ("llama3-8b", "bf16", {}, ["W1", "W2"]),
+    ("llama3-8b", "fp8", {"quantization": "fp8"}, ["W2", "W1"]),
+    ("llama3-8b", "fp8+fp8kv", {"quantization": "fp8", "kv_cache_dtype": "fp8"}, ["W1", "W2"]),
+    ("llama3-8b", "w4a16", {"quantization": "gptq"}, ["W2"]),
+    ("llama3-70b", "fp8+fp8kv", {"quantization": "fp8", "kv_cache_dtype": "fp8"}, ["W1", "W2"]),
+]
+# (what, numerator (shape, engine, workload), denominator, minimum ratio): issue 13's targets.
+TARGETS = [
+    ("W2 llama3-8b fp8 vs bf16", ("llama3-8b", "fp8", "W2"), ("llama3-8b", "bf16", "W2"), 1.6),
+    ("W1 llama3-8b fp8+fp8 KV vs bf16", ("llama3-8b", "fp8+fp8kv", "W1"), ("llama3-8b", "bf16", "W1"), 1.3),
+    ("W2 llama3-8b W4A16 vs bf16", ("llama3-8b", "w4a16", "W2"), ("llama3-8b", "bf16", "W2"), 2.2),
+]
+
+
+def shape_numbers(shape: str, quantization: str, kv_cache_dtype: str) -> dict[str, float]:
+    """``report.shape_numbers`` with the bytes of a quantized model: projections at their
+    format's bytes per weight, the LM head in bf16, KV elements of 1 (fp8) or 2 bytes."""
+    dims = bench.SHAPES[shape]
+    cfg = report.shape_numbers(dims)
+    h, inter, layers = dims["hidden_size"], dims["intermediate_size"], dims["num_hidden_layers"]
+    hq, hk, d = dims["num_attention_heads"], dims["num_key_value_heads"], dims["head_dim"]
+    linear = layers * (h * (hq + 2 * hk) * d + hq * d * h + 3 * h * inter)
+    rest = cfg["params"] - linear  # norms and the LM head
+    cfg["weight_bytes"] = linear * LINEAR_BYTES[quantization] + rest * 2
+    kv_elem = 1 if kv_cache_dtype == "fp8" else 2
+    cfg["kv_bytes_per_token"] = 2 * layers * hk * d * kv_elem
+    return cfg
+
+
+@dataclass
+class Run:
+    args: Any
+    card: str
+    ceilings: dict[str, float]
+    run_id: str = field(default_factory=new_run_id)
+    rows: list[ResultRow] = field(default_factory=list)
+
+    def add(
+        self, workload: str, shape: str, engine: str, tok_s: float, quantization: str, kv: str, **extra: Any
+    ) -> None:
+        self.rows.append(
+            ResultRow(
+                self.run_id,
+                today(),
+                self.args.commit,
+                self.card,
+                workload,
+                shape,
+                engine,
+                tok_s,
+                {k: v for k, v in extra.items() if v is not None},
+                quantization=quantization,
+                kv_cache_dtype=kv,
+            )
+        )
+        print(
+            f"  {workload} {shape} {engine} [{quantization}, kv {kv}]: {tok_s:,.1f} tok/s {extra}", flush=True
+        )
+
+    def find(self, shape: str, label: str, workload: str) -> ResultRow | None:
+        return next(
+            (
+                r
+                for r in self.rows
+                if (r.model_shape, r.extra.get("label"), r.workload) == (shape, label, workload)
+            ),
+            None,
+        )
+
+
+def bench_engine(run: Run, shape: str, label: str, engine_args: dict[str, Any], workloads: list[str]) -> None:
+    model_dir = bench.write_config(shape, run.args.out_dir / "configs")
+    quantization = {"fp8": "fp8", "gptq": "w4a16"}.get(engine_args.get("quantization", ""), "none")
+    kv = engine_args.get("kv_cache_dtype", "auto")
+    engine = bench.OurEngine(model_dir, **engine_args)
+    try:
+        _bench_workloads(run, engine, shape, label, quantization, kv, workloads)
+    finally:
+        engine.close()
+
+
+def _bench_workloads(
+    run: Run, engine: Any, shape: str, label: str, quantization: str, kv: str, workloads: list[str]
+) -> None:
+    core = engine.core
+    kv_tokens = engine.num_blocks * core.config.block_size
+    print(
+        f"[llmserve {shape} {label}] load {engine.load_s:.1f}s warmup+capture {engine.warmup_s:.1f}s, "
+        f"weights {core.weight_bytes / 2**30:.1f} GiB, KV pool {kv_tokens:,} tokens "
+        f"({core.runner.kv_cache_dtype})",
+        flush=True,
+    )
+    cfg = shape_numbers(shape, quantization, kv)
+    ceilings = dict(run.ceilings)
+    if quantization == "fp8":
+        ceilings["matmul_TFLOPs"] *= 2  # fp8 tensor cores
+    common = dict(
+        label=label,
+        weight_GiB=round(core.weight_bytes / 2**30, 2),
+        kv_pool_tokens=kv_tokens,
+        load_s=round(engine.load_s, 1),
+    )
+    for w in workloads:
+        _, n, p_len, o_len = bench.WORKLOADS[w]
+        name = "W5" if shape == "llama3-70b" else w
+        if w == "W2":
+            engine.run(bench.prompts_for(1, p_len, 99), o_len)  # warm-up
+            res = engine.run(bench.prompts_for(1, p_len, 2), o_len)
+            tpot = (res["elapsed_s"] - res["ttft_s"]) / (o_len - 1)
+            floor = report.w2_roofline_tok_s(cfg, ceilings, p_len, o_len)
+            run.add(
+                f"{name}-W2" if name == "W5" else w,
+                shape,
+                "llmserve",
+                1 / tpot,
+                quantization,
+                kv,
+                tpot_ms=round(tpot * 1e3, 4),
+                ttft_s=round(res["ttft_s"], 4),
+                floor_tok_s=round(floor, 1),
+                share_of_floor=round(1 / tpot / floor, 4),
+                **common,
+            )
+            continue
+        prompts = bench.prompts_for(n, p_len, 1)
+        res = engine.run(prompts, o_len)
+        tok_s = res["output_tokens"] / res["elapsed_s"]
+        floor = report.w1_floor_tok_s(cfg, ceilings, n, p_len, o_len)
+        assert res["output_tokens"] == n * o_len, "every request completes"
+        run.add(
+            f"{name}-W1" if name == "W5" else w,
+            shape,
+            "llmserve",
+            tok_s,
+            quantization,
+            kv,
+            elapsed_s=round(res["elapsed_s"], 3),
+            requests_completed=n,
+            floor_tok_s=round(floor, 1),
+            share_of_floor=round(tok_s / floor, 4),
+            preemptions=core.stats().num_preemptions,
+            **bench.decode_step_stats(res, n),
+            **common,
+        )
+
+
+def bench_hf_70b(run: Run) -> None:
+    """HF transformers with llama3-70b in bf16 on this card: its weights alone are ~131 GiB. If
+    they fit, W1's 256 requests are tried as one static batch (its KV cache needs ~60 GiB more):
+    the out-of-memory (at load or in generate) or the result is recorded."""
+    model_dir = bench.write_config("llama3-70b", run.args.out_dir / "configs")
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    tok_s, stage, model = 0.0, "load", None
+    try:
+        model = bench.hf_model(model_dir)
+        stage = "generate W1 (256 requests, one static batch)"
+        _, n, p_len, o_len = bench.WORKLOADS["W1"]
+        res = bench.hf_static(model, bench.prompts_for(n, p_len, 1), n, o_len, 1)
+        tok_s = res["output_tokens"] / res["elapsed_s"]
+        outcome = f"completed W1 in one static batch of {n}"
+    except torch.OutOfMemoryError as exc:
+        outcome = f"CUDA out of memory at {stage}: " + str(exc).split("\n")[0][:160]
+    peak = torch.cuda.max_memory_allocated() / 2**30
+    del model
+    gc.collect()
+    torch.cuda.empty_cache()
+    run.add(
+        "W5-W1",
+        "llama3-70b",
+        "hf_generate_static",
+        tok_s,
+        "none",
+        "auto",
+        label="hf-bf16",
+        outcome=outcome,
+        peak_allocated_GiB=round(peak, 1),
+        seconds_to_outcome=round(time.perf_counter() - t0, 1),
+    )
+
+
+def table(run: Run) -> str:
+    head = (
+        "| workload | model | engine | quantization | KV | output tok/s | share of floor | KV pool tokens "
+        "| notes |"
+    )
+    out = [head, "| --- | --- | --- | --- | --- | ---: | ---: | ---: | --- |"]
+    for r in run.rows:
+        share = r.extra.get("share_of_floor")
+        out.append(
+            f"| {r.workload} | {r.model_shape} | {r.engine} | {r.quantization} | {r.kv_cache_dtype} "
+            f"| {r.output_tok_s:,.1f} | {'' if share is None else f'{share:.0%}'} "
+            f"| {r.extra.get('kv_pool_tokens', '')} | {r.extra.get('outcome', '')} |"
+        )
+    out += ["", "Targets (issue 13):"]
+    for what, num, den, minimum in TARGETS:
+        a, b = run.find(*num), run.find(*den)
+        if a is not None and b is not None and b.output_tok_s > 0:
+            ratio = a.output_tok_s / b.output_tok_s
+            out.append(
+                f"- {what}: {ratio:.2f}x (target {minimum}x): {'met' if ratio >= minimum else 'MISSED'}"
+            )
+    w5 = run.find("llama3-70b", "fp8+fp8kv", "W5-W2")
+    if w5 is not None:
+        share = w5.extra["share_of_floor"]
+        out.append(
+            f"- W5-W2 llama3-70b fp8: {share:.0%} of its roofline {w5.extra['floor_tok_s']} tok/s "
+            f"(target 75%): {'met' if share >= 0.75 else 'MISSED'}"
+        )
+    w5_w1 = run.find("llama3-70b", "fp8+fp8kv", "W5-W1")
+    if w5_w1 is not None:
+        out.append(
+            f"- W5-W1 llama3-70b fp8 on one card: {w5_w1.extra['requests_completed']} requests completed, "
+            f"{w5_w1.output_tok_s:,.0f} tok/s, KV pool {w5_w1.extra['kv_pool_tokens']:,} tokens"
+        )
+    return "\n".join(out) + "\n"
+
+
+def run_suite(args: Any, card: str, ceilings: dict[str, float]) -> None:
+    """The suite of the module docstring (``bench_gpu.py --suite quantization``)."""
+    run = Run(args, card, ceilings, run_id=args.run_id or new_run_id())
+    shapes = args.quant_shapes.split(",")
+    t0 = time.perf_counter()
+    saved = 0
+    for shape, label, engine_args, workloads in PLAN:
+        workloads = [w for w in workloads if w in args.workloads.split(",")]  # --workloads
+        if shape not in shapes or not workloads:
+            continue
+        try:
+            bench_engine(run, shape, label, engine_args, workloads)
+        except Exception as exc:  # one engine's failure is reported; the others still run
+            print(f"[llmserve {shape} {label}] FAILED: {exc!r}", flush=True)
+            gc.collect()
+            torch.cuda.empty_cache()
+        saved += append_results(args.results, run.rows[saved:])  # kept if a later step is killed
+    if "llama3-70b" in shapes:
+        bench_hf_70b(run)
+    append_results(args.results, run.rows[saved:])
+    text = f"# Quantization on {card} (run {run.run_id}, commit {args.commit[:12]})\n\n" + table(run)
+    markdown = (
+        args.markdown
+        if args.markdown != Path("docs/benchmarks/gpu.md")
+        else Path(f"docs/benchmarks/quantization_gpu_{'_'.join(shapes)}.md")
+    )
+    markdown.parent.mkdir(parents=True, exist_ok=True)
+    markdown.write_text(text)
+    print(text)
+    print(f"suite took {time.perf_counter() - t0:.0f} s", flush=True)

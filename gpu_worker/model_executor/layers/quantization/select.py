@@ -1,0 +1,174 @@
+"""Which quantization serves a model, and the linear method of each layer (docs/QUANTIZATION.md).
+
+``EngineConfig.quantization`` (``--quantization``):
+
+- ``auto`` (default): what the checkpoint is. A ``quantization_config`` with ``quant_method``
+  ``fp8`` or ``compressed-tensors`` (fp8 weights) -> ``fp8``; ``gptq`` -> ``gptq``. A ``.gguf`` file
+  -> ``gguf`` (served quantized) on CUDA, ``none`` (the dequantized cache) on the CPU, where a
+  dequantizing matmul per step is slower than 32-bit weights. Otherwise ``none``.
+- ``none``: 16/32-bit weights (a ``.gguf`` through its dequantized cache).
+- ``fp8``: fp8 weights; a 16/32-bit checkpoint (or a ``.gguf``'s dequantized cache) is quantized
+  as it loads, a pre-quantized fp8 checkpoint loads as it is.
+- ``gptq``: a GPTQ checkpoint, or random 4-bit weights with ``load_format="dummy"``.
+- ``gguf``: a ``.gguf`` file served quantized (also on the CPU).
+
+The LM head and the embeddings stay 16-bit whatever the choice (the head is one matrix read per
+step, and its logits decide sampling; the embedding is a lookup). The KV cache dtype is the KV
+pool's (``kv_cache_dtype``), independent of the weights.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gpu_worker.config import KV_CACHE_DTYPES, QUANTIZATIONS
+from gpu_worker.model_executor.layers.quantization.base import LinearMethod, UnquantizedLinearMethod
+from gpu_worker.model_executor.layers.quantization.fp8 import Fp8LinearMethod
+from gpu_worker.model_executor.layers.quantization.fp8_format import parse_fp8_checkpoint, require_fp8
+from gpu_worker.model_executor.layers.quantization.gptq_format import GptqConfig
+from gpu_worker.model_executor.layers.quantization.wna16 import WnA16LinearMethod
+from kernels import get_ops
+from kernels.quant_reference import FP8_DTYPE
+
+# HF module names inside our fused layers (a checkpoint's ignore list names the former).
+_FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+
+
+def quantization_config(hf_config: Any) -> Mapping[str, Any] | None:
+    """The HF ``quantization_config`` of a model config, as a mapping (None when absent)."""
+    qc = getattr(hf_config, "quantization_config", None)
+    if qc is None:
+        return None
+    if not isinstance(qc, Mapping):
+        qc = qc.to_dict() if hasattr(qc, "to_dict") else vars(qc)
+    return qc
+
+
+def checkpoint_quantization(hf_config: Any) -> str | None:
+    """``fp8`` / ``gptq`` for a pre-quantized checkpoint we serve, None for a 16/32-bit one;
+    ValueError for quantized formats we do not."""
+    qc = quantization_config(hf_config)
+    if qc is None:
+        return None
+    method = qc.get("quant_method")
+    if method in ("fp8", "compressed-tensors"):
+        parse_fp8_checkpoint(qc)  # raises for block-wise fp8 and non-fp8 compressed-tensors
+        return "fp8"
+    if method == "gptq":
+        GptqConfig.from_hf(qc)
+        return "gptq"
+    raise ValueError(f"checkpoint quantization {method!r} is not supported "
+                     "(fp8, compressed-tensors fp8, gptq)")
+
+
+def is_gguf(model: str | Path) -> bool:
+    return str(model).endswith(".gguf")
+
+
+def serves_gguf_quantized(requested: str, gguf_file: Path | None, device: torch.device) -> bool:
+    """Whether a ``.gguf`` model is read directly into 4-bit layers (else: the dequantized cache)."""
+    if gguf_file is None:
+        return False
+    return requested == "gguf" or (requested == "auto" and device.type == "cuda")
+
+
+def resolve_quantization(
+    requested: str, hf_config: Any, *, gguf_file: Path | None, gguf_quantized: bool, load_format: str
+) -> str:
+    """The concrete quantization (``none``, ``fp8``, ``gptq``, ``gguf``) for a request (module
+    docstring); ValueError where the model cannot be served that way."""
+    if requested not in QUANTIZATIONS:
+        raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {requested!r}")
+    if gguf_quantized:
+        return "gguf"
+    if requested == "gguf":
+        raise ValueError("quantization 'gguf' serves a .gguf file; the model is not one")
+    pre_quantized = gguf_file is None and load_format != "dummy"
+    checkpoint = checkpoint_quantization(hf_config) if pre_quantized else None
+    if checkpoint is not None:
+        if requested not in ("auto", checkpoint):
+            raise ValueError(f"the checkpoint is {checkpoint}-quantized: serve it with quantization "
+                             f"'auto' or '{checkpoint}', not {requested!r}")
+        return checkpoint
+    if requested == "gptq" and load_format != "dummy":
+        raise ValueError("quantization 'gptq' needs a GPTQ checkpoint (quantization_config quant_method "
+                         "'gptq'), or load_format='dummy' for random 4-bit weights")
+    return "none" if requested == "auto" else requested
+
+
+def bytes_per_weight(quantization: str, element_size: int) -> float:
+    """Bytes per weight of a linear layer as served (4-bit: a nibble plus a float16 scale per
+    group of 32, an upper bound for GPTQ's 128), for sizing ahead of loading."""
+    return {"fp8": 1.0, "gptq": 0.5625, "gguf": 0.5625}.get(quantization, float(element_size))
+
+
+def kv_cache_torch_dtype(kv_cache_dtype: str, model_dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The KV pool's element type: the model's (``auto``) or e4m3 (``fp8``, refused on CUDA
+    devices without fp8 conversions)."""
+    if kv_cache_dtype == "auto":
+        return model_dtype
+    if kv_cache_dtype != "fp8":
+        raise ValueError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {kv_cache_dtype!r}")
+    if device.type == "cuda":
+        require_fp8(device)
+    return FP8_DTYPE
+
+
+def make_linear_methods(
+    quantization: str, hf_config: Any, device: torch.device
+) -> Callable[[str], LinearMethod]:
+    """The linear method of each layer, by its parameter prefix (``model.layers.3.mlp.down_proj``):
+    the quantized one, except the LM head and modules a checkpoint leaves unquantized."""
+    plain = UnquantizedLinearMethod(transposed=device.type == "cpu")
+    if quantization == "none":
+        return lambda prefix: plain
+    ops = get_ops(device)
+    qc = quantization_config(hf_config)
+    ignore: tuple[str, ...] = ()
+    method: LinearMethod
+    if quantization == "fp8":
+        if device.type == "cuda":
+            require_fp8(device)
+        fmt = parse_fp8_checkpoint(qc) if qc is not None else None
+        ignore = fmt.ignore if fmt is not None else ()
+        method = Fp8LinearMethod(ops, fmt)
+    elif quantization == "gptq":
+        method = WnA16LinearMethod(ops, device, GptqConfig.from_hf(qc) if qc is not None else None)
+    elif quantization == "gguf":
+        method = WnA16LinearMethod(ops, device)
+    else:
+        raise ValueError(f"unknown quantization {quantization!r}")
+
+    def pick(prefix: str) -> LinearMethod:
+        if prefix == "lm_head" or _ignored(prefix, ignore):
+            return plain
+        return method
+
+    return pick
+
+
+def _ignored(prefix: str, ignore: tuple[str, ...]) -> bool:
+    """Whether a checkpoint's ignore list (names, or ``re:`` patterns, of HF modules) leaves
+    our layer ``prefix`` unquantized; a fused layer must be ignored whole or not at all."""
+    if not ignore:
+        return False
+    head, _, last = prefix.rpartition(".")
+    names = [f"{head}.{part}" for part in _FUSED[last]] if last in _FUSED else [prefix]
+    hits = [any(_matches(name, rule) for rule in ignore) for name in names]
+    if any(hits) and not all(hits):
+        raise ValueError(f"the checkpoint leaves only some of {names} unquantized; "
+                         "they are one fused layer here")
+    return all(hits)
+
+
+def _matches(name: str, rule: str) -> bool:
+    """compressed-tensors' ``re:<pattern>`` (full match), or a module name (a full name, or a
+    trailing part such as ``lm_head`` / ``mlp.down_proj`` as HF's ``modules_to_not_convert``)."""
+    if rule.startswith("re:"):
+        return re.fullmatch(rule[3:], name) is not None
+    return name == rule or name.endswith("." + rule)

@@ -1,0 +1,265 @@
+"""4-bit (and 8-bit) integer weights with 16-bit activations: :class:`WnA16LinearMethod`.
+
+One method for every WnA16 source (the layout: :class:`kernels.quant_reference.WnA16Weight`,
+DECISIONS 35): GPTQ checkpoints, GGUF files served quantized, and random packed weights for
+benchmarks. A layer collects one *part* per fused sub-matrix (q, k, v; gate, up) as the
+checkpoint loads, each already cut to this rank's shard and moved to the device;
+:meth:`WnA16LinearMethod.process_weights_after_loading` joins consecutive parts of one format
+into a *segment* (``concat_rows``: exact), so a layer whose parts agree (GPTQ, SmolLM2's Q4_1)
+runs one ``ops.wna16_linear``; a GGUF that mixes types inside a fused layer (Q4_K_M's Q6_K
+``attn_v`` next to Q4_K ``attn_q``) runs one call per segment and concatenates. Tensors of a
+type with no exact WnA16 form (IQ*, ...) or stored dense (F16, F32) become dense 16-bit
+segments (``F.linear``).
+
+Tensor parallelism: a column-parallel layer takes output rows (GPTQ: columns of ``qweight``,
+``scales`` and, 8 per word, ``qzeros``); a row-parallel layer takes input columns at whole group
+boundaries (GPTQ: rows of ``qweight``, groups of ``scales``/``qzeros``/``g_idx``); both exact.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
+
+import torch
+from torch import nn
+
+from gpu_worker.model_executor.layers.quantization.base import LinearMethod, WeightShard
+from gpu_worker.model_executor.layers.quantization.gptq_format import GptqConfig, convert_gptq
+from gpu_worker.model_executor.weights import TensorSource
+from kernels import KernelOps
+from kernels.quant_reference import WnA16Weight, concat_rows
+
+_GPTQ_NAMES = frozenset({"qweight", "qzeros", "scales", "g_idx"})
+# Random 4-bit weights: (q - 8) is uniform on -8..7, whose standard deviation is this.
+_NIBBLE_STD = (255 / 12) ** 0.5
+
+Part = WnA16Weight | torch.Tensor  # a packed weight, or a dense [rows, K] one
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Consecutive output rows of one layer in one format."""
+
+    weight: WnA16Weight | None
+    dense: torch.Tensor | None
+
+    def __call__(self, ops: KernelOps, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if self.weight is None:
+            assert self.dense is not None  # invariant: one of the two is set
+            return nn.functional.linear(x, self.dense, bias)
+        w = self.weight
+        out: torch.Tensor = ops.wna16_linear(x, w.qweight, w.scales, w.offsets, w.bits, w.group_size, bias)
+        return out
+
+
+class LayerState:
+    """A 4-bit layer's weights: parts while loading, segments after."""
+
+    def __init__(self, out_features: int, in_features: int, dtype: torch.dtype) -> None:
+        self.shape = (out_features, in_features)
+        self.dtype = dtype  # of dense segments (the activations')
+        self.parts: dict[int, Part] = {}  # fused sub-matrix -> its converted shard
+        self.staged: dict[int, dict[str, torch.Tensor]] = {}  # GPTQ tensors waiting for the rest
+        self.segments: tuple[Segment, ...] = ()
+
+
+def layer_state(layer: nn.Module) -> LayerState:
+    state: LayerState = layer.__dict__["wna16"]
+    return state
+
+
+class WnA16LinearMethod(LinearMethod):
+    """Grouped integer weights dequantized in the kernel (``ops.wna16_linear``).
+
+    ``device``: where the layers live; ``gptq``: the checkpoint's GPTQ configuration (None: GGUF
+    tensors, or random weights)."""
+
+    def __init__(
+        self,
+        ops: KernelOps,
+        device: torch.device,
+        gptq: GptqConfig | None = None,
+        random_group_size: int = 128,
+    ) -> None:
+        self.ops = ops
+        self.device = device
+        self.gptq = gptq
+        self.random_group_size = random_group_size
+
+    def create_weights(
+        self, layer: nn.Module, in_features: int, out_features: int, dtype: torch.dtype
+    ) -> None:
+        # The parameters' shapes depend on what the checkpoint holds (GGUF types vary per
+        # tensor): parts are collected by load_weight, segments built after loading.
+        layer.__dict__["wna16"] = LayerState(out_features, in_features, dtype)
+
+    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        segments = layer_state(layer).segments
+        if len(segments) == 1:
+            return segments[0](self.ops, x, bias)
+        y = torch.cat([s(self.ops, x, None) for s in segments], dim=-1)
+        return y if bias is None else y + bias
+
+    def checkpoint_names(self) -> frozenset[str]:
+        return _GPTQ_NAMES | {"weight"}
+
+    # ------------------------------------------------------------------ loading
+
+    def load_weight(
+        self, layer: nn.Module, name: str, source: TensorSource, shard: WeightShard
+    ) -> Iterable[str]:
+        state = layer_state(layer)
+        if name == "weight":
+            state.parts[shard.index] = self._weight_part(state, source, shard).to(self.device)
+            return ()
+        if name not in _GPTQ_NAMES or self.gptq is None:
+            raise ValueError(f"4-bit linear layers load weight or GPTQ tensors, not {name!r}")
+        piece = _gptq_slice(name, source, shard, self.gptq)
+        if shard.index in state.parts:  # converted already: only a late g_idx comes here
+            if name == "g_idx":
+                _check_g_idx(piece, self.gptq)
+            return ()
+        staged = state.staged.setdefault(shard.index, {})
+        staged[name] = piece
+        if {"qweight", "qzeros", "scales"} <= staged.keys():
+            config = self.gptq
+            if shard.dim == 1 and staged["scales"].shape[0] == 1:  # one group: it spans the shard
+                config = replace(self.gptq, group_size=-1)
+            part = convert_gptq(
+                staged["qweight"], staged["qzeros"], staged["scales"], staged.get("g_idx"), config
+            )
+            del state.staged[shard.index]
+            state.parts[shard.index] = part.to(self.device)
+        return ()
+
+    def _weight_part(self, state: LayerState, source: TensorSource, shard: WeightShard) -> Part:
+        """A GGUF tensor repacked (when its type has an exact WnA16 form), else dense."""
+        wna16 = getattr(source, "wna16", None)
+        packed: WnA16Weight | None = wna16() if callable(wna16) else None
+        if packed is None:
+            return shard.read(source).to(state.dtype)
+        if shard.dim == 0:
+            return packed.select_rows(torch.arange(shard.start, shard.start + shard.length))
+        return packed.select_inputs(shard.start, shard.length)
+
+    def process_weights_after_loading(self, layer: nn.Module) -> None:
+        state = layer_state(layer)
+        if state.segments:  # random weights: built already
+            return
+        expected = len(getattr(layer, "local_sizes", [0]))
+        if sorted(state.parts) != list(range(expected)) or state.staged:
+            raise ValueError(f"4-bit layer of shape {state.shape}: checkpoint parts {sorted(state.parts)} "
+                             f"of {expected} (a GPTQ tensor or a GGUF projection is missing)")
+        _set_segments(layer, join_parts([state.parts[i] for i in range(expected)]))
+        state.parts, state.staged = {}, {}
+
+    def fill_random(self, layer: nn.Module, seed: int, std: float) -> bool:
+        """Symmetric 4-bit weights (every nibble uniform), one scale per group of
+        ``random_group_size`` (or the largest power of two dividing K), standard deviation ``std``."""
+        n, k = layer_state(layer).shape
+        group = self.random_group_size
+        while k % group and group > 16:
+            group //= 2
+        device = self.device
+        generator = torch.Generator(device=device)
+        generator.manual_seed(seed)
+        qweight = torch.randint(0, 256, (n, k // 2), generator=generator, device=device, dtype=torch.uint8)
+        scales = torch.full((n, k // group), std / _NIBBLE_STD, dtype=torch.float16, device=device)
+        _set_segments(layer, [Segment(WnA16Weight(qweight, scales, None, 4, group), None)])
+        return True
+
+
+def _set_segments(layer: nn.Module, segments: list[Segment]) -> None:
+    state = layer_state(layer)
+    rows = sum(_rows_of(s) for s in segments)
+    if rows != state.shape[0]:
+        raise ValueError(f"4-bit layer holds {rows} output rows, expected {state.shape[0]}")
+    # Registered as (frozen) parameters: weight accounting and state_dict() see them.
+    for i, s in enumerate(segments):
+        tensors = {"dense": s.dense} if s.weight is None else {
+            "qweight": s.weight.qweight, "scales": s.weight.scales, "offsets": s.weight.offsets}
+        for key, t in tensors.items():
+            if t is not None:
+                layer.register_parameter(f"segment{i}_{key}", nn.Parameter(t, requires_grad=False))
+    state.segments = tuple(segments)
+
+
+def _rows_of(s: Segment) -> int:
+    return s.weight.out_features if s.weight is not None else int(s.dense.shape[0])  # type: ignore[union-attr]
+
+
+def _check_g_idx(g_idx: torch.Tensor, config: GptqConfig) -> None:
+    k = g_idx.shape[0]
+    g = k if config.group_size == -1 else config.group_size
+    if not torch.equal(g_idx.to(torch.int64).cpu(), torch.arange(k) // g):
+        raise ValueError("GPTQ: act-order checkpoints (g_idx not k // group_size) are not supported")
+
+
+def _gptq_slice(name: str, source: TensorSource, shard: WeightShard, config: GptqConfig) -> torch.Tensor:
+    """This rank's part of one GPTQ tensor (module docstring)."""
+    pack = 32 // config.bits  # values per int32 word
+    start, length = shard.start, shard.length
+    if shard.dim == 0:  # output columns of the GPTQ tensors
+        if name == "g_idx":
+            return source.full()
+        if name == "qzeros":
+            if start % pack or length % pack:
+                raise ValueError(f"GPTQ qzeros pack {pack} outputs per word: cannot cut at {start}+{length}")
+            return source.narrow(1, start // pack, length // pack)
+        return source.narrow(1, start, length)
+    # Input rows: whole words of qweight, whole groups of scales / qzeros / g_idx.
+    if name == "qweight":
+        return source.narrow(0, start // pack, length // pack)
+    if name == "g_idx":
+        g_idx = source.narrow(0, start, length).to(torch.int64)
+        group = int(source.shape[0]) if config.group_size == -1 else config.group_size
+        return g_idx - start // group  # this shard's groups, numbered from 0
+    num_groups = int(source.shape[0])
+    if num_groups == 1:
+        return source.full()
+    g = config.group_size
+    if start % g or length % g:
+        raise ValueError(f"GPTQ groups of {g} inputs: a row-parallel shard of {length} at {start} cuts one")
+    return source.narrow(0, start // g, length // g)
+
+
+def _with_offsets(w: WnA16Weight) -> WnA16Weight:
+    """The same weight stored unsigned with explicit offsets (exact for float16 scales)."""
+    if w.offsets is not None:
+        return w
+    half = 8 if w.bits == 4 else 128
+    qweight = w.qweight if w.bits == 4 else (w.qweight.to(torch.int16) + half).to(torch.uint8)
+    offsets = -(w.scales.float() * half)
+    return WnA16Weight(qweight, w.scales, offsets, w.bits, w.group_size)
+
+
+def join_parts(parts: list[Part]) -> list[Segment]:
+    """Consecutive parts of one format joined into segments (module docstring)."""
+    segments: list[Segment] = []
+    run: list[Part] = []
+
+    def flush() -> None:
+        if not run:
+            return
+        if isinstance(run[0], torch.Tensor):
+            segments.append(Segment(None, torch.cat(run)))  # type: ignore[arg-type]
+        else:
+            packed: list[WnA16Weight] = run  # type: ignore[assignment]
+            if len({w.offsets is None for w in packed}) > 1:
+                packed = [_with_offsets(w) for w in packed]
+            segments.append(Segment(packed[0] if len(packed) == 1 else concat_rows(packed), None))
+        run.clear()
+
+    for part in parts:
+        if run and not _same_format(run[-1], part):
+            flush()
+        run.append(part)
+    flush()
+    return segments
+
+
+def _same_format(a: Part, b: Part) -> bool:
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)
+    return a.bits == b.bits and a.group_size == b.group_size

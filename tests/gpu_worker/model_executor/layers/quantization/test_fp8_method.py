@@ -1,0 +1,93 @@
+"""The fp8 linear method in a layer: a 16/32-bit checkpoint quantized per output channel as it
+loads (the codes of ``quantize_fp8_per_channel``), its product through ``ops.fp8_linear``, random
+weights drawn directly in e4m3; and the weight bytes an engine reports for each quantization."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from gpu_worker import LLM
+from gpu_worker.distributed.parallel_state import TensorParallelGroup
+from gpu_worker.model_executor.layers.parallel import MergedColumnParallelLinear, RowParallelLinear
+from gpu_worker.model_executor.layers.quantization.fp8 import Fp8LinearMethod
+from gpu_worker.model_executor.layers.quantization.fp8_format import quantize_fp8_per_channel
+from gpu_worker.model_executor.weights import TensorSource
+from kernels import reference_ops
+from kernels.quant_reference import FP8_DTYPE, dequantize_fp8, fp8_linear
+
+
+def test_16bit_weights_quantized_as_they_load() -> None:
+    gen = torch.Generator().manual_seed(0)
+    gate, up = torch.randn(48, 64, generator=gen) * 0.1, torch.randn(48, 64, generator=gen) * 0.3
+    layer = MergedColumnParallelLinear(
+        64,
+        [48, 48],
+        bias=False,
+        dtype=torch.float32,
+        tp=TensorParallelGroup(),
+        method=Fp8LinearMethod(reference_ops()),
+    )
+    assert layer.weight.dtype == FP8_DTYPE  # e4m3 from the start: never a 16-bit copy of the layer
+    assert set(layer.load("weight", TensorSource.of(gate), 0)) == {"weight", "weight_scale"}
+    layer.load("weight", TensorSource.of(up.bfloat16()), 1)
+    q, s = quantize_fp8_per_channel(torch.cat([gate, up.bfloat16().float()]))
+    assert torch.equal(layer.weight.view(torch.uint8), q.view(torch.uint8)) and torch.equal(
+        layer.weight_scale, s
+    )
+    x = torch.randn(3, 64, generator=gen)
+    assert torch.equal(layer(x), fp8_linear(x, q, s))
+
+
+def test_random_fp8_weights() -> None:
+    layer = RowParallelLinear(
+        512,
+        256,
+        bias=False,
+        dtype=torch.bfloat16,
+        tp=TensorParallelGroup(),
+        method=Fp8LinearMethod(reference_ops()),
+    )
+    assert layer.linear_method.fill_random(layer, seed=3, std=0.02)
+    assert layer.weight.dtype == FP8_DTYPE and bool((layer.weight_scale > 0).all())
+    std = float(dequantize_fp8(layer.weight, layer.weight_scale).std())
+    assert 0.019 < std < 0.021
+
+
+def test_weight_bytes_per_quantization(tiny_model: Callable[[str], Path]) -> None:
+    """fp8 stores each projection weight in one byte plus a float32 scale per row; random
+    symmetric 4-bit weights half a byte plus a float16 scale per group (128 inputs, or the
+    largest power of two dividing K); embeddings and the LM head stay float32."""
+
+    def group(k: int) -> int:
+        g = 128
+        while k % g:
+            g //= 2
+        return g
+
+    sizes = {}
+    for quantization in ("none", "fp8", "gptq"):
+        llm = LLM(
+            model=str(tiny_model("llama")),
+            load_format="dummy",
+            quantization=quantization,
+            skip_tokenizer_init=True,
+            num_kv_blocks=8,
+        )
+        sizes[quantization] = llm.engine.core.weight_bytes
+        if quantization == "none":
+            model = llm.engine.core.runner.model
+            linear = [
+                m
+                for name, m in model.named_modules()
+                if name.endswith(("qkv_proj", "o_proj", "up_proj", "down_proj"))
+            ]
+            numel = sum(m.weight_t.numel() for m in linear)
+            rows = sum(m.weight_t.shape[1] for m in linear)
+            groups = sum(
+                m.weight_t.shape[1] * (m.weight_t.shape[0] // group(m.weight_t.shape[0])) for m in linear
+            )
+    assert sizes["fp8"] == sizes["none"] - 4 * numel + numel + 4 * rows
+    assert sizes["gptq"] == sizes["none"] - 4 * numel + numel // 2 + 2 * groups

@@ -1,0 +1,204 @@
+"""Pre-quantized checkpoints in their published formats, written from a 16/32-bit HF folder.
+
+- :func:`write_fp8_checkpoint`: compressed-tensors fp8 (``quant_method: "compressed-tensors"``,
+  ``format: "float-quantized"``, ``weight_scale`` per channel ``[N, 1]`` or per tensor ``[1]``,
+  dynamic per-token input activations, ``ignore: ["lm_head"]``, as published for Llama 3) or HF
+  ``quant_method: "fp8"`` (``weight_scale_inv``, one per tensor, ``modules_to_not_convert``);
+  optionally per-layer KV-cache scales (``self_attn.k_scale`` / ``v_scale``).
+- :func:`write_gptq_checkpoint`: GPTQ as AutoGPTQ/optimum write it (``qweight``/``qzeros``/
+  ``scales``/``g_idx``, :func:`autogptq_pack`), round-to-nearest on the GPTQ grid.
+
+Each writer also returns the weights the quantized checkpoint stands for, dequantized
+(float32), and :func:`write_dense_checkpoint` saves them as an ordinary folder: the reference a
+test compares the engine with.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from gpu_worker.model_executor.layers.quantization.gptq_format import GptqConfig, dequantize_gptq
+from kernels.quant_reference import dequantize_fp8, quantize_fp8_rows
+
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def _read(model_dir: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    tensors: dict[str, torch.Tensor] = {}
+    for file in sorted(model_dir.glob("*.safetensors")):
+        tensors.update(load_file(str(file)))
+    return tensors
+
+
+def _copy_folder(src: Path, dst: Path, quantization_config: dict[str, Any] | None) -> None:
+    """Config (with ``quantization_config``) and tokenizer files of ``src`` into ``dst``."""
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in src.iterdir():
+        if f.is_file() and not f.name.endswith(".safetensors") and f.name != "model.safetensors.index.json":
+            shutil.copy(f, dst / f.name)
+    config = json.loads((src / "config.json").read_text())
+    config.pop("quantization_config", None)
+    if quantization_config is not None:
+        config["quantization_config"] = quantization_config
+    (dst / "config.json").write_text(json.dumps(config, indent=1))
+
+
+def _save(tensors: dict[str, torch.Tensor], dst: Path) -> None:
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(dst / "model.safetensors"),
+              metadata={"format": "pt"})
+
+
+def _is_projection(name: str) -> bool:
+    return name.endswith(".weight") and name.rsplit(".", 2)[-2] in PROJECTIONS
+
+
+def write_dense_checkpoint(src: Path, dst: Path, weights: dict[str, torch.Tensor]) -> Path:
+    """``src`` with ``weights`` (float32) in place of its own: a 16/32-bit reference folder."""
+    _copy_folder(src, dst, None)
+    _save({**_read(src), **weights}, dst)
+    return dst
+
+
+def write_fp8_checkpoint(
+    src: Path, dst: Path, *, naming: str = "compressed-tensors", per_channel: bool = True,
+    kv_scales: tuple[float, float] | None = None,
+) -> dict[str, torch.Tensor]:
+    """An fp8 checkpoint of ``src``'s projections (module docstring); returns the dequantized
+    projections (float32, by HF name). ``kv_scales``: ``(k_scale, v_scale)`` of every layer."""
+    tensors = _read(src)
+    out: dict[str, torch.Tensor] = {}
+    dequantized: dict[str, torch.Tensor] = {}
+    num_layers = 0
+    for name, t in tensors.items():
+        if not _is_projection(name):
+            out[name] = t
+            continue
+        num_layers = max(num_layers, int(name.split(".")[2]) + 1)
+        w = t.float()
+        if per_channel:
+            q, scale = quantize_fp8_rows(w)  # scale [N, 1]
+        else:
+            q, scale = quantize_fp8_rows(w.reshape(1, -1))
+            q, scale = q.reshape(w.shape), scale.reshape(())
+        base = name[: -len("weight")]
+        out[name] = q
+        if naming == "compressed-tensors":
+            out[base + "weight_scale"] = scale if per_channel else scale.reshape(1)
+            out[base + "input_scale"] = torch.ones(1)  # static activation scale: ignored (dynamic)
+        else:
+            out[base + "weight_scale_inv"] = scale  # per tensor: a 0-d tensor, as transformers writes
+        dequantized[name] = dequantize_fp8(q, scale.reshape(-1).expand(w.shape[0]))
+    if kv_scales is not None:
+        for i in range(num_layers):
+            out[f"model.layers.{i}.self_attn.k_scale"] = torch.tensor([kv_scales[0]])
+            out[f"model.layers.{i}.self_attn.v_scale"] = torch.tensor([kv_scales[1]])
+    if naming == "compressed-tensors":
+        weights = {"type": "float", "num_bits": 8, "strategy": "channel" if per_channel else "tensor",
+                   "symmetric": True, "dynamic": False}
+        activations = {"type": "float", "num_bits": 8, "strategy": "token", "symmetric": True,
+                       "dynamic": True}
+        qc: dict[str, Any] = {
+            "quant_method": "compressed-tensors", "format": "float-quantized",
+            "quantization_status": "compressed",
+            "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights,
+                                          "input_activations": activations}},
+            "ignore": ["lm_head"],
+        }
+        if kv_scales is not None:
+            qc["kv_cache_scheme"] = {"type": "float", "num_bits": 8, "strategy": "tensor", "dynamic": False,
+                                     "symmetric": True}
+    elif naming == "hf":
+        if per_channel:
+            raise ValueError("HF quant_method fp8 without block sizes has one scale per tensor")
+        qc = {"quant_method": "fp8", "activation_scheme": "dynamic", "modules_to_not_convert": ["lm_head"]}
+    else:
+        raise ValueError(f"naming must be compressed-tensors or hf, got {naming!r}")
+    _copy_folder(src, dst, qc)
+    _save(out, dst)
+    return dequantized
+
+
+def autogptq_pack(
+    weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int, bits: int,
+    v1: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``QuantLinear.pack`` of AutoGPTQ (what optimum writes): ``weight`` ``[N, K]`` already on
+    the grid ``scales * (q - zeros)``; ``scales`` ``[G, N]`` float16, ``zeros`` ``[G, N]`` ints.
+
+    Returns ``(qweight, qzeros, scales, g_idx)``. ``v1``: the ``zeros -= 1`` of the
+    ``checkpoint_format: "gptq"`` packer (a zero of 0 becomes -1, i.e. all ones in uint32).
+    """
+    n, k = weight.shape
+    g_idx = torch.arange(k, dtype=torch.int32) // group_size
+    scale_zeros = zeros.float() * scales.float()
+    g = g_idx.long()
+    intweight = torch.round((weight.float() + scale_zeros[g].t()) / scales.float()[g].t()).to(torch.int64)
+    intweight_np = intweight.t().contiguous().numpy().astype(np.uint32)  # [K, N]
+    per_word = 32 // bits
+    qweight = np.zeros((k // per_word, n), dtype=np.uint32)
+    for row in range(qweight.shape[0]):
+        for j in range(per_word):
+            qweight[row] |= intweight_np[row * per_word + j] << np.uint32(bits * j)
+    zeros_np = (zeros.to(torch.int64) - (1 if v1 else 0)).numpy().astype(np.uint32)
+    qzeros = np.zeros((zeros_np.shape[0], n // per_word), dtype=np.uint32)
+    for col in range(qzeros.shape[1]):
+        for j in range(per_word):
+            qzeros[:, col] |= zeros_np[:, col * per_word + j] << np.uint32(bits * j)
+    return (torch.from_numpy(qweight.view(np.int32)), torch.from_numpy(qzeros.view(np.int32)),
+            scales.to(torch.float16), g_idx)
+
+
+def gptq_rtn(weight: torch.Tensor, group_size: int, bits: int, sym: bool) -> tuple[torch.Tensor, ...]:
+    """Round-to-nearest on GPTQ's grid (AutoGPTQ's quantizer without the Hessian updates):
+    ``(weight on the grid, scales [G, N] float16, zeros [G, N])``."""
+    n, k = weight.shape
+    maxq = (1 << bits) - 1
+    w = weight.float().reshape(n, k // group_size, group_size)
+    if sym:
+        top = w.abs().amax(-1)
+        scales = (2 * top / maxq).clamp_min(1e-6).half()
+        zeros = torch.full_like(top, (maxq + 1) // 2, dtype=torch.int64)
+    else:
+        low, high = w.amin(-1).clamp(max=0), w.amax(-1).clamp(min=0)
+        scales = ((high - low) / maxq).clamp_min(1e-6).half()
+        # A zero point of 0 would hit AutoGPTQ's packing quirk (tested on its own elsewhere).
+        zeros = torch.round(-low / scales.float()).to(torch.int64).clamp(1, maxq)
+    q = torch.clamp(torch.round(w / scales.float()[..., None]) + zeros[..., None], 0, maxq)
+    on_grid = (scales.float()[..., None] * (q - zeros[..., None])).reshape(n, k)
+    return on_grid, scales.t().contiguous(), zeros.t().contiguous()
+
+
+def write_gptq_checkpoint(
+    src: Path, dst: Path, *, bits: int = 4, group_size: int = 32, sym: bool = True
+) -> dict[str, torch.Tensor]:
+    """A GPTQ checkpoint (``checkpoint_format: "gptq"``, ``desc_act: false``) of ``src``'s
+    projections; returns their dequantized weights (float32, by HF name, the GPTQ formula)."""
+    tensors = _read(src)
+    out: dict[str, torch.Tensor] = {}
+    dequantized: dict[str, torch.Tensor] = {}
+    config = GptqConfig(bits=bits, group_size=group_size, sym=sym)
+    for name, t in tensors.items():
+        if not _is_projection(name):
+            out[name] = t
+            continue
+        on_grid, scales, zeros = gptq_rtn(t, group_size, bits, sym)
+        qweight, qzeros, scales16, g_idx = autogptq_pack(on_grid, scales, zeros, group_size, bits)
+        base = name[: -len("weight")]
+        out.update({base + "qweight": qweight, base + "qzeros": qzeros, base + "scales": scales16,
+                    base + "g_idx": g_idx})
+        dequantized[name] = dequantize_gptq(qweight, qzeros, scales16, g_idx, config)
+    qc = {"quant_method": "gptq", "bits": bits, "group_size": group_size, "desc_act": False, "sym": sym,
+          "checkpoint_format": "gptq", "damp_percent": 0.01, "true_sequential": True}
+    _copy_folder(src, dst, qc)
+    _save(out, dst)
+    return dequantized
