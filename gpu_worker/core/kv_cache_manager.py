@@ -97,6 +97,10 @@ class KVCacheManager:
         the request's table, or ``None`` (nothing changed) when too few blocks are free.
         """
         table = self._blocks.get(request.request_id)
+        if table is not None and not cached_block_ids and (
+            _cdiv(request.num_scheduled_tokens + num_new_tokens, self.block_size) <= len(table)
+        ):
+            return []  # the common decode step: the request's last block has room (no change)
         cached = [self.pool.blocks[i] for i in cached_block_ids]
         if cached:
             self._check_prefix_hit(request, table, cached)
