@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import sys
 import time
@@ -30,11 +29,11 @@ from typing import Any
 os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
 os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_gpu import SHAPES, prompts_for, write_config  # noqa: E402  (the W1-W3 bench's shapes and inputs)
 from results import (  # noqa: E402
     DEFAULT_GPU_PRICE_PER_HOUR_USD,
     ResultRow,
@@ -44,29 +43,7 @@ from results import (  # noqa: E402
     today,
 )
 
-SHAPES: dict[str, dict[str, Any]] = {
-    "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                      num_attention_heads=32, num_key_value_heads=8, head_dim=128),
-    "llama3-70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
-                       num_attention_heads=64, num_key_value_heads=8, head_dim=128),
-}
 WORKLOADS = {"W1": (256, 512, 256), "W2": (1, 32, 128)}  # requests, prompt tokens, output tokens
-
-
-def write_config(shape: str, root: Path) -> Path:
-    folder = root / shape
-    folder.mkdir(parents=True, exist_ok=True)
-    cfg = dict(
-        architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=128256, rope_theta=500000.0,
-        max_position_embeddings=8192, rms_norm_eps=1e-5, tie_word_embeddings=False, hidden_act="silu",
-        torch_dtype="bfloat16", bos_token_id=128000, eos_token_id=128001, **SHAPES[shape],
-    )
-    (folder / "config.json").write_text(json.dumps(cfg, indent=1))
-    return folder
-
-
-def prompts_for(n: int, length: int, seed: int) -> list[list[int]]:
-    return np.random.default_rng(seed).integers(0, 128000, size=(n, length)).tolist()
 
 
 def run_engine(model_dir: Path, tp: int, pp: int, workloads: list[str]) -> dict[str, dict[str, float]]:

@@ -4,29 +4,13 @@ the core computed one more token for it, and that token must not land in the new
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
-import grpc
 import pytest
-import pytest_asyncio
 
-from gpu_worker.config import EngineConfig
-from gpu_worker.server import ServerConfig, WorkerServer
 from llmserve.v1 import generation_pb2 as pb
 from llmserve.v1 import generation_pb2_grpc as pb_grpc
 from tests.gpu_worker.server.worker_server_helpers import SERVED_NAME, collect
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
-
-
-@pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def gen(engine_config: EngineConfig) -> AsyncIterator[pb_grpc.GenerationStub]:
-    server = WorkerServer(engine_config, ServerConfig(port=0))
-    await server.start()
-    await server.wait_ready()
-    async with grpc.aio.insecure_channel(server.target) as channel:
-        yield pb_grpc.GenerationStub(channel)
-    await server.drain(0.1)
 
 
 def _request(sampling: pb.SamplingParams, request_id: str = "") -> pb.GenerateRequest:
