@@ -4,12 +4,16 @@
 - decode attention at batch 64, 2k-token contexts, llama3-8b shape (32 q heads, 8 KV heads,
   head dim 128, bf16, block size 16): achieved bandwidth (K/V bytes read) as a share of the
   copy bandwidth, the default tiling and a sweep of tilings;
+- prefill attention at W6's ITL shapes (a 224/480-token chunk at the end of a 32k context,
+  alone and beside 32 decodes; an 8,192-token chunk): the split-KV path on and off
+  (``--prefill-split-kv on|off|both``), and a sweep of its ``split_target_programs``;
 - prefill attention (fresh, with a cached prefix, mixed with decodes) and the norms,
   activation and rotary ops (also rotary + K/V store: two launches, and fused in one, at 4096
   tokens and at one decode token): time and ratio against the reference.
 
 Times are medians of ``triton.testing.do_bench`` (CUDA events) after a warm-up.
-``python bench/bench_kernels.py [--json PATH] [--no-sweep]``; prints a table last.
+``python bench/bench_kernels.py [--json PATH] [--no-sweep] [--prefill-split-kv on|off|both]``;
+prints a table last.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import triton.testing
 
 from kernels import reference
 from kernels import triton_ops as tops
+from kernels.triton_ops.prefill_attention import choose_tiles
 
 LLAMA3_8B = {"num_heads": 32, "num_kv_heads": 8, "head_dim": 128, "hidden": 4096, "intermediate": 14336}
 
@@ -171,6 +176,34 @@ def prefill_rows(sweep: bool) -> list[Row]:
     return rows
 
 
+def long_prefill_rows(split_modes: list[bool], sweep: bool) -> list[Row]:
+    """W6's ITL shapes: a short chunk at the end of a 32k context, alone and beside 32 decodes
+    (``PrefillConfig.split_kv`` on and/or off; the sweep varies ``split_target_programs``)."""
+    cases = {
+        "chunk 224 @32k": [(32768, 224)],
+        "chunk 480 @32k": [(32768, 480)],
+        "chunk 224 @32k + 32 decodes@300": [(32768, 224)] + [(300, 1)] * 32,
+        "chunk 480 @32k + 32 decodes@300": [(32768, 480)] + [(300, 1)] * 32,
+        "chunk 8192 @32k (W6 prefill step)": [(32768, 8192)],
+    }
+    group, kv_heads = LLAMA3_8B["num_heads"] // LLAMA3_8B["num_kv_heads"], LLAMA3_8B["num_kv_heads"]
+    rows = []
+    for name, specs in cases.items():
+        p = make_paged(specs)
+        args = (p.q, p.key_cache, p.value_cache, p.block_tables, p.query_start_loc, p.seq_lens,
+                p.scale, p.max_query_len, p.max_seq_len)
+        configs = [(f"split {'on' if on else 'off'}", tops.PrefillConfig(split_kv=on)) for on in split_modes]
+        if sweep and True in split_modes:
+            configs += [(f"  sweep target {n}", tops.PrefillConfig(split_target_programs=n))
+                        for n in (256, 512, 2048, 4096)]
+        for label, cfg in configs:
+            tiles = choose_tiles(cfg, p.q.shape[0], len(specs), group, kv_heads, p.max_seq_len, 2)
+            ms = bench(functools.partial(tops.paged_attention, *args, config=cfg))
+            note = f"block_m {tiles.block_m}, {tiles.num_splits} x {tiles.partition or p.max_seq_len} keys"
+            rows.append(Row(f"{name}, {label}" if not label.startswith(" ") else label, ms, note=note))
+    return rows
+
+
 def elementwise_rows(copy_gb_s: float) -> list[Row]:
     tokens, hidden, inter = 4096, LLAMA3_8B["hidden"], LLAMA3_8B["intermediate"]
     hq, hk, d = LLAMA3_8B["num_heads"], LLAMA3_8B["num_kv_heads"], LLAMA3_8B["head_dim"]
@@ -229,6 +262,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", help="write the rows and context here")
     parser.add_argument("--no-sweep", action="store_true", help="skip the decode tiling sweep")
+    parser.add_argument("--prefill-split-kv", choices=("on", "off", "both"), default="both",
+                        help="long-context prefill rows with PrefillConfig.split_kv on, off or both")
     args = parser.parse_args()
     torch.manual_seed(0)
     card = torch.cuda.get_device_name()
@@ -238,6 +273,8 @@ def main() -> None:
     rows += decode_rows(copy, False, 64)
     rows += split_decode_rows(copy)
     rows += prefill_rows(not args.no_sweep)
+    split_modes = {"on": [True], "off": [False], "both": [False, True]}[args.prefill_split_kv]
+    rows += long_prefill_rows(split_modes, not args.no_sweep)
     rows += elementwise_rows(copy)
     context = {"date": datetime.date.today().isoformat(), "card": card, "torch": torch.__version__,
                "triton": triton.__version__}

@@ -4,7 +4,7 @@ KV-cache attention, and the dispatch thresholds they imply.
 - linears: ``M`` tokens (default 1, 2, 4, 8, 16, 32, 64, 256, 4096) through the qkv, o, gate_up
   and down projections of llama3-8b (N x K = 6144x4096, 4096x4096, 28672x4096, 4096x14336):
   bf16 cuBLAS (``F.linear``), fp8 ``torch._scaled_mm`` (cuBLASLt, row-wise scales) with and
-  without our per-token activation quantization, our fp8 Triton GEMV (M <= 64) and GEMM, and
+  without our per-token activation quantization, our fp8 Triton GEMV (M <= 16) and GEMM, and
   the WnA16 Triton kernels: 4-bit group 128 symmetric (GPTQ), 4-bit group 32 with float32
   scales and offsets (GGUF Q4_K), 8-bit group 32 (GGUF Q8_0), GEMV and GEMM forced at small M.
   Bytes counted: weight (+ scales/offsets) + activations in + outputs; GB/s as a share of a
@@ -35,6 +35,8 @@ import triton.testing
 from kernels import quant_reference as qref
 from kernels import triton_ops as tops
 from kernels.triton_ops import fp8_matmul
+from kernels.triton_ops.gemv import MAX_M as GEMV_MAX_M
+from kernels.triton_ops.gemv import GemvTiles
 
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
 DEFAULT_MS = [1, 2, 4, 8, 16, 32, 64, 256, 4096]
@@ -143,14 +145,14 @@ def _linear_cases(x: torch.Tensor, lw: LayerWeights) -> list[Case]:
     m = x.shape[0]
     fp8 = (x, lw.fp8, lw.fp8_scale)
     cases: list[Case] = [("bf16 cublas", _nbytes(lw.bf16), "", partial(F.linear, x, lw.bf16))]
-    if fp8_matmul.scaled_mm_applies(x, lw.fp8):
+    if fp8_matmul.scaled_mm_applies(x, x.dtype, lw.fp8):
         xq, xs = tops.quantize_fp8_per_token(x)
         no_gemv = tops.Fp8LinearConfig(gemv_max_m=0)
         quant_mm = partial(tops.fp8_linear, *fp8, config=no_gemv)
         cases.append(("fp8 scaled_mm+quant", lw.fp8_bytes, "", quant_mm))
         only = partial(_scaled_mm_only, xq, xs, lw.fp8, lw.fp8_scale)
         cases.append(("fp8 scaled_mm only", lw.fp8_bytes, "pre-quantized x", only))
-    if m <= GEMV_LIMIT:
+    if m <= GEMV_MAX_M:
         cases.append(("fp8 triton gemv", lw.fp8_bytes, "", partial(fp8_matmul.fp8_gemv, *fp8)))
     if m >= 16:
         gemm = tops.Fp8LinearConfig(gemv_max_m=0, use_scaled_mm=False)
@@ -198,7 +200,7 @@ def _sweep_cases(x: torch.Tensor, lw: LayerWeights) -> list[Case]:
     w4 = lw.w4_g128
     for bn, bk, warps in GEMV_TILES.get(x.shape[0], []):
         note = f"block_n={bn} block_k={bk} warps={warps}"
-        fcfg = tops.Fp8LinearConfig(gemv_block_n=bn, gemv_block_k=bk, gemv_num_warps=warps)
+        fcfg = tops.Fp8LinearConfig(gemv_tiles=GemvTiles(bn, bk, warps))
         cases.append(("fp8 triton gemv", lw.fp8_bytes, note, partial(fp8_matmul.fp8_gemv, *fp8, config=fcfg)))
         wcfg = tops.WnA16Config(gemv_max_m=64, gemv_block_n=bn, gemv_block_k=bk, gemv_num_warps=warps)
         cases.append(("w4a16 g128 gemv", w4.nbytes, note, partial(_wna16, x, w4, wcfg)))

@@ -1,7 +1,7 @@
 """W4 (shared/BASELINES.md): W1's requests through the gRPC stack, against the offline API.
 
     PYTHONPATH=. python bench/bench_w4.py --commit $(git rev-parse HEAD) [--out-dir DIR]
-        [--engine-core-process | --no-engine-core-process] [--note TEXT]
+        [--engine-core-process | --no-engine-core-process] [--stack-hops inprocess grpc] [--note TEXT]
 
 ``--engine-core-process`` serves with the engine core in its own process (worker and stack
 alike); the default here is the thread, so the flag is explicit in every recorded run.
@@ -14,8 +14,11 @@ the other, each engine in its own process so each sizes its KV pool from the who
 - ``offline``: ``LLM.generate`` on all prompts at once (the offline API);
 - ``grpc_worker``: a ``python -m gpu_worker`` process; a client process sends the 256
   requests at once as concurrent ``Generate`` streams;
-- ``grpc_router``: router and worker in one process on the in-memory state store (as
-  ``llmserve up`` runs them; no Redis needed), the client talking to the router.
+- ``grpc_router_stack``: router and worker in one process on the in-memory state store (as
+  ``llmserve up`` runs them; no Redis needed), the client talking to the router, which calls
+  the worker in-process (``llmserve up``'s default); ``--stack-hops inprocess grpc`` also
+  measures ``grpc_router_stack_grpc_hop``, the same stack with the router calling the worker over
+  its gRPC port (``--no-inprocess-worker``). Each row records its ``worker_hop``.
 - ``grpc_router_worker_procs`` (when a ``redis-server`` is found: ``$W4_REDIS_SERVER`` or
   PATH): the deployed layout, Redis, a worker process registered in it and a router process,
   each its own process; the client talks to the router.
@@ -56,6 +59,8 @@ SHAPE = "llama3-8b"
 ENGINE = dict(load_format="dummy", max_model_len=2048, max_num_batched_tokens=8192, max_num_seqs=256,
               enable_prefix_caching=False, gpu_memory_utilization=0.9)
 RESULT = "W4RESULT "
+HOPS = ("inprocess", "grpc")  # how the one-process stack's router calls its worker
+STACK_ENGINES = {"inprocess": "grpc_router_stack", "grpc": "grpc_router_stack_grpc_hop"}
 TARGET_COST = 0.10
 # CPU smoke test of the script's plumbing: W4_SMOKE_MODEL=<tiny model folder> shrinks everything.
 SMOKE_MODEL = os.environ.get("W4_SMOKE_MODEL")
@@ -163,8 +168,9 @@ def run_client(target: str, num_requests: int = NUM_REQUESTS, prompt_len: int = 
 
 
 async def _stack(model_dir: str, router_port: int, worker_port: int, core_process: bool,
-                 engine: dict[str, Any]) -> None:
-    """Router + worker on one in-memory state store in this process (as gpu_worker/stack.py)."""
+                 engine: dict[str, Any], worker_hop: str = "inprocess") -> None:
+    """Router + worker on one in-memory state store in this process (as gpu_worker/stack.py);
+    ``worker_hop``: how the router calls the worker, "inprocess" or "grpc"."""
     from gpu_worker.config import EngineConfig
     from gpu_worker.server import ServerConfig, WorkerServer
     from llmserve.fleet import open_store
@@ -181,6 +187,8 @@ async def _stack(model_dir: str, router_port: int, worker_port: int, core_proces
     await worker.start()
     await worker.wait_ready()
     router = RouterServer(RouterConfig(host="127.0.0.1", port=router_port), store)
+    if worker_hop == "inprocess":
+        router.channels.add_local(worker.service.address, worker.in_process)
     await router.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -201,7 +209,8 @@ async def _stack(model_dir: str, router_port: int, worker_port: int, core_proces
     cpu1, wall = os.times(), time.perf_counter() - wall0
     gc_watch.close()
     extra = worker.service.engine.stats().extra
-    _emit(dict(stack_wall_s=wall, stack_cpu_s=(cpu1.user + cpu1.system) - (cpu0.user + cpu0.system),
+    _emit(dict(worker_hop=worker_hop, stack_wall_s=wall,
+               stack_cpu_s=(cpu1.user + cpu1.system) - (cpu0.user + cpu0.system),
                engine_steps=extra.get("engine_steps"), engine_step_time_s=extra.get("engine_step_time_s"),
                gc_s=gc_watch.seconds, gc_collections=gc_watch.collections,
                gc_s_by_generation=[round(x, 3) for x in gc_watch.seconds_by_generation]))
@@ -235,8 +244,9 @@ class _GcWatch:
 
 
 def run_stack(model_dir: str, router_port: int, worker_port: int, core_process: bool,
-              engine: dict[str, Any] | None = None) -> None:
-    asyncio.run(_stack(model_dir, router_port, worker_port, core_process, {**ENGINE, **(engine or {})}))
+              engine: dict[str, Any] | None = None, worker_hop: str = "inprocess") -> None:
+    asyncio.run(_stack(model_dir, router_port, worker_port, core_process, {**ENGINE, **(engine or {})},
+                       worker_hop))
 
 
 # ----------------------------------------------------------------------------- driver
@@ -331,16 +341,22 @@ def main() -> None:
     st.add_argument("--worker-port", type=int, required=True)
     st.add_argument("--engine-core-process", action=argparse.BooleanOptionalAction, default=False)
     st.add_argument("--engine-json", default="{}", help="EngineConfig fields overriding ENGINE (JSON)")
+    st.add_argument("--worker-hop", choices=HOPS, default="inprocess")
     local = sub.add_parser("local", help="CPU reproduction: stack + client on this machine, "
                            "stack CPU per chunk (see run_local)")
     local.add_argument("--model", required=True)
     local.add_argument("--profile", default=None, help="py-spy output file (.txt: raw stacks, else svg)")
     local.add_argument("--engine-core-process", action=argparse.BooleanOptionalAction, default=True)
+    local.add_argument("--worker-hop", choices=HOPS, default="inprocess",
+                       help="how the router calls the worker (%(default)s)")
     _size_args(local)
     ap.add_argument("--commit", default="unknown")
     ap.add_argument("--engine-core-process", action=argparse.BooleanOptionalAction, default=False,
                     help="serve with the engine core in its own process (EngineConfig.engine_core_process)")
     ap.add_argument("--note", default=None, help="note stored with each result row")
+    ap.add_argument("--stack-hops", nargs="+", choices=HOPS, default=["inprocess"],
+                    help="router-to-worker hops of the one-process stack to measure, one row each "
+                    "(default: inprocess, as llmserve up)")
     ap.add_argument("--out-dir", type=Path, default=Path("bench_out"))
     ap.add_argument("--results", type=Path, default=Path("docs/benchmarks/results.jsonl"))
     args = ap.parse_args()
@@ -350,7 +366,7 @@ def main() -> None:
         return run_client(args.target, args.num_requests, args.prompt_len, args.output_len)
     if args.cmd == "stack":
         return run_stack(args.model, args.router_port, args.worker_port, args.engine_core_process,
-                         json.loads(args.engine_json))
+                         json.loads(args.engine_json), args.worker_hop)
     if args.cmd == "local":
         return run_local(args)
     drive(args)
@@ -378,7 +394,8 @@ def run_local(args: argparse.Namespace) -> None:
                   max_num_batched_tokens=max(2048, args.prompt_len * 16))
     router_port, worker_port = _free_port(), _free_port()
     cmd = _script("stack", "--model", args.model, "--router-port", str(router_port), "--worker-port",
-                  str(worker_port), _core_flag(args.engine_core_process), "--engine-json", json.dumps(engine))
+                  str(worker_port), _core_flag(args.engine_core_process), "--engine-json", json.dumps(engine),
+                  "--worker-hop", args.worker_hop)
     target = f"127.0.0.1:{router_port}"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     log = Path(args.out_dir) / "w4_local_stack.log"
@@ -432,13 +449,18 @@ def drive(args: argparse.Namespace) -> None:
                   "--no-enable-prefix-caching", _core_flag(args.engine_core_process)]
     direct, _ = _serve_and_measure(worker_cmd, f"127.0.0.1:{port}", args.out_dir / "w4_worker.log")
     print(f"grpc_worker: {direct}", flush=True)
-    router_port, worker_port = _free_port(), _free_port()
-    stack_cmd = _script("stack", "--model", model_dir, "--router-port", str(router_port),
-                        "--worker-port", str(worker_port), _core_flag(args.engine_core_process))
-    routed, server = _serve_and_measure(stack_cmd, f"127.0.0.1:{router_port}", args.out_dir / "w4_stack.log")
-    routed.update(server[0] if server else {})
-    print(f"grpc_router: {routed}", flush=True)
-    paths = [("offline_llm", offline), ("grpc_worker", direct), ("grpc_router_stack", routed)]
+    paths = [("offline_llm", offline), ("grpc_worker", direct)]
+    for hop in dict.fromkeys(args.stack_hops):
+        router_port, worker_port = _free_port(), _free_port()
+        stack_cmd = _script("stack", "--model", model_dir, "--router-port", str(router_port),
+                            "--worker-port", str(worker_port), _core_flag(args.engine_core_process),
+                            "--worker-hop", hop)
+        routed, server = _serve_and_measure(stack_cmd, f"127.0.0.1:{router_port}",
+                                            args.out_dir / f"w4_stack_{hop}.log")
+        routed.update(server[0] if server else {})
+        routed.setdefault("worker_hop", hop)
+        print(f"{STACK_ENGINES[hop]}: {routed}", flush=True)
+        paths.append((STACK_ENGINES[hop], routed))
     redis_bin = _redis_server()
     if redis_bin is not None:
         procs = _router_worker_procs(redis_bin, worker_cmd, args.out_dir)

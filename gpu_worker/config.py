@@ -78,8 +78,9 @@ class EngineConfig:
     weights (a 16/32-bit checkpoint quantized as it loads), ``gptq`` a GPTQ checkpoint (or random
     4-bit weights with ``load_format="dummy"``), ``gguf`` a ``.gguf`` served quantized.
     ``kv_cache_dtype`` ``fp8`` stores K/V as e4m3 (about twice the tokens in the same memory;
-    scales from the checkpoint, else 1.0), ``auto`` in the model's dtype. Once the engine has
-    loaded, its effective config holds the resolved quantization, never ``auto``.
+    scales from the checkpoint, else computed from the first real prefill, per layer, with
+    ``calculate_kv_scales`` (the default; off: 1.0)), ``auto`` in the model's dtype. Once the
+    engine has loaded, its effective config holds the resolved quantization, never ``auto``.
 
     Left unset, ``max_num_batched_tokens`` (the per-step token budget, i.e. the chunked-prefill
     chunk) is chosen by device (:meth:`with_device_defaults`, docs/CONFIG.md): 8192 on CUDA,
@@ -116,6 +117,7 @@ class EngineConfig:
     distributed_port: int | None = None
     quantization: str = "auto"
     kv_cache_dtype: str = "auto"
+    calculate_kv_scales: bool = True
 
     def __post_init__(self) -> None:
         if self.speculative_config is not None:  # LLM(speculative_config={...}) passes a dict

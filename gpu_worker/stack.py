@@ -8,6 +8,13 @@ then drains the worker and stops the router.
 It lives in the worker package because it starts a worker (and a router, which the worker may
 import: the arrow points down). The torch-free ``llmserve`` CLI finds :func:`register` through
 the entry point ``llmserve.commands: up``. Torch is imported only inside :func:`run_stack`.
+
+The router reaches this worker in-process (``StackConfig.inprocess_worker``, on by default):
+its calls go straight to the worker's servicers through ``llmserve.grpc_inprocess``, with the
+same interceptors, deadlines, cancellation and trace context as over gRPC, but without
+serializing each chunk and crossing HTTP/2 twice. The worker still serves its gRPC port, which
+other routers of a Redis fleet dial; workers started elsewhere are reached over gRPC.
+``--no-inprocess-worker`` sends this worker's calls over its gRPC port too.
 """
 
 from __future__ import annotations
@@ -46,7 +53,9 @@ class StackConfig:
     pipeline_parallel_size: int = 1
     quantization: str = "auto"
     kv_cache_dtype: str = "auto"
+    calculate_kv_scales: bool = True  # fp8 KV scales the checkpoint lacks, from the first prefill
     drain_grace_s: float = 5.0
+    inprocess_worker: bool = True  # the router calls this worker in-process (False: over gRPC)
 
     def __post_init__(self) -> None:
         if not (0 < self.router_port < 65536 and 0 < self.worker_port < 65536):
@@ -82,6 +91,7 @@ async def run_stack(config: StackConfig, started: asyncio.Event | None = None,
         pipeline_parallel_size=config.pipeline_parallel_size,
         quantization=config.quantization,
         kv_cache_dtype=config.kv_cache_dtype,
+        calculate_kv_scales=config.calculate_kv_scales,
     )
     worker = WorkerServer(
         engine_config,
@@ -96,6 +106,8 @@ async def run_stack(config: StackConfig, started: asyncio.Event | None = None,
     router_config = RouterConfig(host=config.host, port=config.router_port, policy=config.policy,
                                  http_port=config.http_port)
     router = RouterServer(router_config, store, tracing=tracing)
+    if config.inprocess_worker:
+        router.channels.add_local(worker.service.address, worker.in_process)
     await router.start()
     freeze_startup_objects()
     stop = stop or asyncio.Event()
@@ -106,7 +118,8 @@ async def run_stack(config: StackConfig, started: asyncio.Event | None = None,
         except (RuntimeError, ValueError):  # not the main thread (tests)
             pass
     http = "" if router.http_port is None else f", OpenAI API on http://{config.host}:{router.http_port}/v1"
-    print(f"llmserve up: router on {router.target}{http} (worker {worker.target}, model "
+    hop = "in-process" if config.inprocess_worker else "gRPC"
+    print(f"llmserve up: router on {router.target}{http} (worker {worker.target}, called {hop}, model "
           f"{worker.service.model_name!r}, state store {'redis' if config.redis_url else 'in-process'}); "
           "Ctrl-C to stop", flush=True)
     if started is not None:
@@ -149,6 +162,11 @@ def register(subparsers: Any) -> None:
                    help="weight format (docs/QUANTIZATION.md; default %(default)s)")
     p.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES,
                    help="KV pool element type (default %(default)s)")
+    p.add_argument("--calculate-kv-scales", action=argparse.BooleanOptionalAction, default=True,
+                   help="with --kv-cache-dtype fp8: scales the checkpoint lacks from the first prefill "
+                        "(default on; off: 1.0)")
+    p.add_argument("--inprocess-worker", action=argparse.BooleanOptionalAction, default=True,
+                   help="the router calls this worker in-process, not over its gRPC port (default on)")
     p.add_argument("--log-level", default="INFO")
     p.add_argument("--log-format", default="text", choices=("text", "json"))
     apply_env_defaults(p)
@@ -176,6 +194,8 @@ def _run_up(args: argparse.Namespace) -> int:
         pipeline_parallel_size=args.pipeline_parallel_size,
         quantization=args.quantization,
         kv_cache_dtype=args.kv_cache_dtype,
+        calculate_kv_scales=args.calculate_kv_scales,
+        inprocess_worker=args.inprocess_worker,
     )
     try:
         asyncio.run(run_stack(config, tracing=tracing))

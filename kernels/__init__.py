@@ -43,6 +43,11 @@ class KernelOps:
     # a layer rotates and stores in one call, then only attends. Sets whose planned attention
     # stores K/V itself must not have it: the K/V would be stored twice.
     rotary_store_kvcache: Callable[..., Any] | None = None
+    # Optional norm / activation fused with the per-token fp8 quantization of their output
+    # (an Fp8Activation for the fp8 linear that follows; None: layers quantize in the linear).
+    rms_norm_fp8: Callable[..., Any] | None = None
+    fused_add_rms_norm_fp8: Callable[..., Any] | None = None
+    silu_and_mul_fp8: Callable[..., Any] | None = None
 
     def __post_init__(self) -> None:
         if self.rotary_store_kvcache is not None and self.paged_attention_with_plan is not None:
@@ -70,6 +75,9 @@ def reference_ops() -> KernelOps:
         paged_attention_with_plan=reference.paged_attention_with_plan,
         plan_rotary_embedding=reference.plan_rotary_embedding,
         rotary_embedding_with_plan=reference.rotary_embedding_with_plan,
+        rms_norm_fp8=reference.rms_norm_fp8,
+        fused_add_rms_norm_fp8=reference.fused_add_rms_norm_fp8,
+        silu_and_mul_fp8=reference.silu_and_mul_fp8,
     )
 
 

@@ -58,6 +58,31 @@ def quantize_fp8_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     return quantize_fp8_rows(x)
 
 
+@dataclass(frozen=True)
+class Fp8Activation:
+    """Activations already quantized per token for an fp8 (W8A8) linear: what a norm or an
+    activation fused with the quantization (``rms_norm_fp8``, ``fused_add_rms_norm_fp8``,
+    ``silu_and_mul_fp8``) hands to the next projection, so the linear skips its own
+    :func:`quantize_fp8_per_token` (the same values, bit for bit).
+
+    ``q`` ``[..., K]`` e4m3, ``scale`` ``[..., 1]`` float32, ``dtype`` the unquantized
+    activations' dtype (the linear's output dtype)."""
+
+    q: torch.Tensor
+    scale: torch.Tensor
+    dtype: torch.dtype
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.q.shape
+
+    @staticmethod
+    def of(x: torch.Tensor) -> Fp8Activation:
+        """``x`` quantized per token (:func:`quantize_fp8_rows` over its last dim)."""
+        q, scale = quantize_fp8_rows(x)
+        return Fp8Activation(q, scale, x.dtype)
+
+
 def quantize_fp8_with_scale(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """e4m3 of ``x / scale`` for a given float32 ``scale`` (broadcast against ``x``), computed as
     ``x * (1 / scale)`` with the reciprocal rounded once, then clamped to +-448 (the KV store)."""
@@ -66,17 +91,23 @@ def quantize_fp8_with_scale(x: torch.Tensor, scale: torch.Tensor) -> torch.Tenso
 
 
 def fp8_linear(
-    x: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None = None
+    x: torch.Tensor | Fp8Activation,
+    w_fp8: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """W8A8 linear: ``x`` ``[..., K]`` (bf16/fp16/fp32), ``w_fp8`` ``[N, K]`` e4m3, ``w_scale``
     ``[N]`` float32, ``bias`` ``[N]`` or None. Returns ``[..., N]`` in ``x.dtype``.
 
-    ``x`` is quantized per token (:func:`quantize_fp8_per_token`); the product is accumulated
-    in float32 and scaled by ``x_scale[m] * w_scale[n]``, then the bias is added.
+    ``x`` is quantized per token (:func:`quantize_fp8_per_token`), unless it is an
+    :class:`Fp8Activation` already; the product is accumulated in float32 and scaled by
+    ``x_scale[m] * w_scale[n]``, then the bias is added.
     """
     n, k = w_fp8.shape
-    x2 = x.reshape(-1, k)
-    xq, xs = quantize_fp8_per_token(x2)
+    if isinstance(x, Fp8Activation):
+        xq, xs = x.q.reshape(-1, k), x.scale.reshape(-1, 1)
+    else:
+        xq, xs = quantize_fp8_per_token(x.reshape(-1, k))
     y = (xq.float() @ w_fp8.float().t()) * xs * w_scale.float()[None, :]
     if bias is not None:
         y = y + bias.float()

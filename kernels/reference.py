@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from kernels.quant_reference import FP8_DTYPE, quantize_fp8_with_scale
+from kernels.quant_reference import FP8_DTYPE, Fp8Activation, quantize_fp8_with_scale
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -51,6 +51,28 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     """``silu(x[..., :d]) * x[..., d:]`` for ``x`` of last dim ``2d``."""
     d = x.shape[-1] // 2
     return F.silu(x[..., :d]).mul_(x[..., d:])
+
+
+# Fused with the per-token fp8 quantization of the result, for an fp8 (W8A8) linear that takes
+# it next: exactly the op, then Fp8Activation.of (kernels may skip writing the 16-bit result).
+
+
+def rms_norm_fp8(x: torch.Tensor, weight: torch.Tensor, eps: float) -> Fp8Activation:
+    """:func:`rms_norm` quantized per token (:meth:`Fp8Activation.of`)."""
+    return Fp8Activation.of(rms_norm(x, weight, eps))
+
+
+def fused_add_rms_norm_fp8(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[Fp8Activation, torch.Tensor]:
+    """:func:`fused_add_rms_norm` with its normalised output quantized per token."""
+    out, summed = fused_add_rms_norm(x, residual, weight, eps)
+    return Fp8Activation.of(out), summed
+
+
+def silu_and_mul_fp8(x: torch.Tensor) -> Fp8Activation:
+    """:func:`silu_and_mul` quantized per token."""
+    return Fp8Activation.of(silu_and_mul(x))
 
 
 def rotary_embedding(

@@ -30,6 +30,7 @@ from typing import Any, Protocol
 import grpc
 
 from llmserve.fleet import WorkerRecord
+from llmserve.grpc_inprocess import InProcessChannel, InProcessServer
 from llmserve.security.tls import ClientTls
 from llmserve.v1 import generation_pb2 as gen_pb
 from llmserve.v1 import generation_pb2_grpc as gen_grpc
@@ -56,6 +57,11 @@ class ChannelPool:
     client certificate, ``llmserve.security.tls.ClientTls``) channels are secure; when its files
     change, the next call to a worker dials a new channel with the new credentials, and the old
     one closes once its calls end (at most ``retire_grace_s`` later).
+
+    A worker in this process (``llmserve up``) is reached in-process: :meth:`add_local` maps its
+    address to an ``InProcessChannel`` to its ``InProcessServer`` (``llmserve.grpc_inprocess``),
+    with the same interceptors, so the dispatcher's retries, deadlines and cancellation and the
+    trace context in the metadata work as over gRPC, without serializing or crossing HTTP/2.
     """
 
     def __init__(self, options: Sequence[tuple[str, int]] = (), interceptors: Sequence[Any] = (),
@@ -66,8 +72,21 @@ class ChannelPool:
         self._tls = tls
         self._retire_grace_s = retire_grace_s
         self._retiring: dict[grpc.aio.Channel, asyncio.Task[None]] = {}
+        self._local: dict[str, InProcessChannel] = {}
+
+    def add_local(self, address: str, server: InProcessServer) -> None:
+        """Reach the worker advertised at ``address`` in-process, through ``server`` (its owner
+        stops it; a stopped server answers UNAVAILABLE, as a stopped worker's port does)."""
+        self._local[address] = InProcessChannel(server, self._interceptors)
+
+    def is_local(self, address: str) -> bool:
+        """True when calls to ``address`` stay in this process."""
+        return address in self._local
 
     def get(self, address: str) -> grpc.aio.Channel:
+        local = self._local.get(address)
+        if local is not None:
+            return local
         generation = self._tls.generation if self._tls is not None else 0
         entry = self._channels.get(address)
         if entry is not None and entry[1] == generation:

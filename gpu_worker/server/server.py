@@ -35,6 +35,7 @@ from gpu_worker.server.request_telemetry import RequestTelemetry
 from gpu_worker.server.service import WorkerService
 from gpu_worker.server.types import ServedEngine
 from llmserve.gc_tuning import freeze_startup_objects, unfreeze_objects
+from llmserve.grpc_inprocess import InProcessServer
 from llmserve.grpc_server import GENERATION_SERVICE, add_health_and_reflection, bind_server, dial_target
 from llmserve.limits import RequestLimits
 from llmserve.security.control import ControlAccessInterceptor
@@ -154,6 +155,7 @@ class WorkerServer:
         self.config = server_config
         self._engine_factory = engine_factory
         self._server: grpc.aio.Server | None = None
+        self._in_process: InProcessServer | None = None
         self._health = health_aio.HealthServicer()
         self._service: WorkerService | None = None
         self._fleet: Any = None
@@ -182,6 +184,13 @@ class WorkerServer:
     def _engine_stats(self) -> SchedulerStats | None:
         service = self._service
         return service.engine.stats() if service is not None and service.ready else None
+
+    @property
+    def in_process(self) -> InProcessServer:
+        """The same services and interceptors as the gRPC port, for a router in this process
+        (``llmserve up``; ``llmserve.grpc_inprocess``): stopped with the gRPC server."""
+        assert self._in_process is not None, "start() first"
+        return self._in_process
 
     @property
     def service(self) -> WorkerService:
@@ -215,6 +224,8 @@ class WorkerServer:
         )
         self._service.standby = self.config.standby
         self._add_services(server, self._service)
+        self._in_process = InProcessServer(interceptors)
+        self._add_servicers(self._in_process, self._service)
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         self.engine_metrics.start(self.config.metrics_port, self.config.host)
         await server.start()
@@ -229,13 +240,16 @@ class WorkerServer:
         self._load_task = asyncio.create_task(self._load())
 
     def _add_services(self, server: grpc.aio.Server, service: WorkerService) -> None:
+        self._add_servicers(server, service)
+        add_health_and_reflection(server, self._health, [GENERATION_SERVICE, CONTROL_SERVICE])
+
+    def _add_servicers(self, server: grpc.aio.Server | InProcessServer, service: WorkerService) -> None:
         from gpu_worker.server.servicer import GenerationServicer, WorkerControlServicer
 
         generation_pb2_grpc.add_GenerationServicer_to_server(GenerationServicer(service), server)
         internal_pb2_grpc.add_WorkerControlServicer_to_server(
             WorkerControlServicer(service, self.start_drain), server
         )
-        add_health_and_reflection(server, self._health, [GENERATION_SERVICE, CONTROL_SERVICE])
 
     async def _set_health(self, status: int) -> None:
         for name in _HEALTH_NAMES:
@@ -327,8 +341,8 @@ class WorkerServer:
 
     async def _stop_now(self) -> None:
         await self._health.enter_graceful_shutdown()
-        if self._server is not None:
-            await self._server.stop(grace=1.0)
+        stops = [s.stop(grace=1.0) for s in (self._server, self._in_process) if s is not None]
+        await asyncio.gather(*stops)
         if self._fleet is not None:
             await self._fleet.close()
             self._fleet = None

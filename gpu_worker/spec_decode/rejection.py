@@ -33,7 +33,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from gpu_worker.worker.sampler import Sampler, SamplingMetadata
+from gpu_worker.worker.sampler import Sampler, SamplingMetadata, draw_by_row, exponential_, uniform_
 
 
 @dataclass(frozen=True)
@@ -133,13 +133,10 @@ def verify(
         accepted = recovered == row_drafts
     else:
         probs = Sampler.probs(processed, md)
-        noise = torch.empty_like(probs).exponential_(generator=generator)
-        uniform = torch.rand(len(probs), generator=generator, device=device)
-        for row, seed in seeded_rows:
-            row_generator = torch.Generator(device=device)
-            row_generator.manual_seed(seed)
-            noise[row].exponential_(generator=row_generator)
-            uniform[row] = torch.rand((), generator=row_generator, device=device)
+        # Each row's generator draws its noise, then its uniform (one generator per seeded row).
+        seeded = [(row, torch.Generator(device=device).manual_seed(seed)) for row, seed in seeded_rows]
+        noise = draw_by_row(torch.empty_like(probs), generator, seeded, exponential_)
+        uniform = draw_by_row(torch.empty(len(probs), device=device), generator, seeded, uniform_)
         accepted, recovered = rejection_sample(probs, row_drafts, uniform, noise)
         if md.greedy_mask is not None:
             argmax = processed.argmax(dim=-1)

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import functools
 import threading
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -21,6 +19,7 @@ from gpu_worker.model_executor.model_config import KVCacheSpec
 from gpu_worker.sampling_params import SamplingParams
 from gpu_worker.spec_decode.verify_step import verify_drafts
 from gpu_worker.worker.cuda_graphs import DecodeGraphs, decode_buckets
+from gpu_worker.worker.kv_scales import KVScaleCalibration
 from gpu_worker.worker.logits_processing import LogitsProcessing
 from gpu_worker.worker.request_state import RequestStates
 from gpu_worker.worker.sampler import Sampler, SamplerOutput
@@ -62,10 +61,6 @@ class _LastSample:
 
     req_ids: tuple[str, ...]
     token_ids: torch.Tensor  # [N] int64, device
-
-    @functools.cached_property
-    def index(self) -> Mapping[str, int]:
-        return {rid: i for i, rid in enumerate(self.req_ids)}
 
 
 class ModelRunner:
@@ -118,6 +113,11 @@ class ModelRunner:
         self._last_sample: _LastSample | None = None
         self._pending: PendingRunnerOutput | None = None  # the newest step's output
         self.graphs: DecodeGraphs | None = None
+        # fp8 KV scales the checkpoint lacks: computed by the first real step (worker/kv_scales.py).
+        self.kv_scales = KVScaleCalibration(
+            model, self.kv_cache_dtype == torch.float8_e4m3fn, config.calculate_kv_scales
+        )
+        self._dummy = False  # inside _dummy_step: profile and warm-up steps never calibrate
         # Pipeline stages run eagerly: their activations arrive by point-to-point transfers.
         if device.type == "cuda" and not config.enforce_eager and self.parallel.pp_size == 1:
             self.graphs = DecodeGraphs(decode_buckets(min(config.max_num_seqs, config.token_budget)))
@@ -189,16 +189,15 @@ class ModelRunner:
             self.states.remove(req_id)
         if sched.is_empty:
             return PendingRunnerOutput.ready(_EMPTY_OUTPUT)
-        rows = np.fromiter(
-            (self.states.update(r) for r in sched.requests), dtype=np.int64, count=len(sched.requests)
-        )
+        rows = self.states.update_batch(sched.requests)
         bucket = None
-        if self.graphs is not None and sched.num_scheduled_tokens == len(sched.requests):
+        calibrate = self.kv_scales.pending and not self._dummy  # the first real step: eager
+        if self.graphs is not None and not calibrate and sched.num_scheduled_tokens == len(sched.requests):
             bucket = self.graphs.bucket_for(len(sched.requests))  # decode-only step
         last = self._last_sample
         inputs = self.inputs.prepare(
             sched.requests, rows, self.states, pad_to=bucket,
-            prev_sample_index=None if last is None else lambda: last.index,
+            prev_sample_ids=None if last is None else last.req_ids,
         )
         if inputs.placeholder_dst is not None:
             assert last is not None and inputs.placeholder_src is not None  # checked by prepare
@@ -206,7 +205,10 @@ class ModelRunner:
                 inputs.input_ids.index_copy_(
                     0, inputs.placeholder_dst, last.token_ids.index_select(0, inputs.placeholder_src)
                 )
-        if bucket is None:
+        if calibrate:
+            with self.kv_scales.first_forward():
+                hidden = self._forward_stage(inputs)
+        elif bucket is None:
             hidden = self._forward_stage(inputs)
         else:
             hidden = self.graphs.replay(bucket)  # type: ignore[union-attr]
@@ -368,6 +370,9 @@ class ModelRunner:
         serving, then capture the decode CUDA graphs (on CUDA, unless ``enforce_eager``)."""
         budget = self.config.token_budget
         self._dummy_step(min(budget, 2 * self.block_size), 1)
+        if self.kv_scales.pending:  # compile the first real step's calibrating path now
+            with self.kv_scales.rehearsal():
+                self._dummy_step(min(budget, 2 * self.block_size), 1)
         self._dummy_step(min(self.config.max_num_seqs, budget), min(self.config.max_num_seqs, budget))
         self.capture_decode_graphs()
 
@@ -392,5 +397,9 @@ class ModelRunner:
                 )
             )
         ids = frozenset(r.req_id for r in requests)
-        self.execute(SchedulerOutput(requests=tuple(requests), num_scheduled_tokens=sum(per_seq)))
-        self.execute(SchedulerOutput(requests=(), num_scheduled_tokens=0, finished_req_ids=ids))
+        self._dummy = True
+        try:
+            self.execute(SchedulerOutput(requests=tuple(requests), num_scheduled_tokens=sum(per_seq)))
+            self.execute(SchedulerOutput(requests=(), num_scheduled_tokens=0, finished_req_ids=ids))
+        finally:
+            self._dummy = False

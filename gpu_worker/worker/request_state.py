@@ -7,6 +7,7 @@ unknown, e.g. prefix-cached prompt tokens the runner never saw) feeds the penalt
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -91,14 +92,39 @@ class RequestStates:
 
     def update(self, req: ScheduledRequest) -> int:
         """Register a new request or append its new blocks; record its tokens. Returns its row."""
+        row = self._register(req)
+        self.record_tokens(row, req.start_pos, req.token_ids)
+        return row
+
+    def update_batch(self, requests: Sequence[ScheduledRequest]) -> np.ndarray:
+        """:meth:`update` for every request of a step (each request once), in order; returns
+        their rows (int64). The scheduled tokens are recorded with one vectorized write instead
+        of one small write per request (the bulk of the per-request cost at 256 decodes)."""
+        num_seqs = len(requests)
+        rows = np.fromiter(map(self._register, requests), dtype=np.int64, count=num_seqs)
+        q_lens = np.fromiter((len(r.token_ids) for r in requests), dtype=np.int64, count=num_seqs)
+        starts = np.fromiter((r.start_pos for r in requests), dtype=np.int64, count=num_seqs)
+        num_tokens = int(q_lens.sum())
+        tokens = np.fromiter(
+            itertools.chain.from_iterable(r.token_ids for r in requests), dtype=np.int64, count=num_tokens
+        )
+        if np.all(q_lens == 1):  # one token per request (decode): no flattening needed
+            self.token_ids[rows, starts] = tokens
+        else:
+            first = np.cumsum(q_lens) - q_lens  # each request's first index in ``tokens``
+            offsets = np.arange(num_tokens) - np.repeat(first - starts, q_lens)  # positions
+            self.token_ids[np.repeat(rows, q_lens), offsets] = tokens
+        self.num_tokens[rows] = np.maximum(self.num_tokens[rows], starts + q_lens)
+        return rows
+
+    def _register(self, req: ScheduledRequest) -> int:
+        """Add a new (or resumed) request, or append a running one's new blocks; its row."""
         if req.is_new:
             self.remove(req.req_id)
-            row = self._add(req)
-        else:
-            row = self.rows[req.req_id]
-            if req.block_ids:
-                self._append_blocks(row, req.block_ids)
-        self.record_tokens(row, req.start_pos, req.token_ids)
+            return self._add(req)
+        row = self.rows[req.req_id]
+        if req.block_ids:
+            self._append_blocks(row, req.block_ids)
         return row
 
     def record_tokens(self, row: int, start: int, tokens: Sequence[int]) -> None:

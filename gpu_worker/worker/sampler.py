@@ -177,10 +177,43 @@ class Sampler:
 
     def _sample_random(self, logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
         probs = self.probs(logits, md)
-        q = torch.empty_like(probs).exponential_(generator=self.generator)
-        for row, generator in md.seeded:
-            q[row].exponential_(generator=generator)
-        return probs.div_(q).argmax(dim=-1)
+        noise = draw_by_row(torch.empty_like(probs), self.generator, md.seeded, exponential_)
+        return probs.div_(noise).argmax(dim=-1)
+
+
+def exponential_(out: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Fill ``out`` with ``Exp(1)`` draws from ``generator``, in place."""
+    return out.exponential_(generator=generator)
+
+
+def uniform_(out: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Fill ``out`` with ``U[0, 1)`` draws from ``generator``, in place (as ``torch.rand``)."""
+    return out.uniform_(generator=generator)
+
+
+def draw_by_row(
+    out: torch.Tensor,
+    generator: torch.Generator,
+    seeded: Sequence[tuple[int, torch.Generator]],
+    draw: Callable[[torch.Tensor, torch.Generator], torch.Tensor],
+) -> torch.Tensor:
+    """Fill ``out`` (rows on dim 0) in place with ``draw``, each element drawn once: the rows in
+    ``seeded`` (``(row, generator)``, distinct rows) from their own generator, the other rows
+    from ``generator``, in row order. Returns ``out``.
+
+    The unseeded rows are the runs between seeded ones: one draw per run on a slice of ``out``
+    (no row index to copy to the device, no second buffer); a seeded row takes nothing from
+    ``generator``."""
+    if not seeded:
+        return draw(out, generator)
+    start = 0
+    for row in sorted(row for row, _ in seeded) + [out.shape[0]]:
+        if row > start:
+            draw(out[start:row], generator)
+        start = row + 1
+    for row, row_generator in seeded:
+        draw(out[row], row_generator)
+    return out
 
 
 def gather_logprobs(

@@ -10,7 +10,7 @@ are prefixes (views) of those buffers, so their addresses never change (CUDA gra
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -106,15 +106,15 @@ class StepInputBuffers:
         rows: np.ndarray,
         states: RequestStates,
         pad_to: int | None = None,
-        prev_sample_index: Callable[[], Mapping[str, int]] | None = None,
+        prev_sample_ids: Sequence[str] | None = None,
     ) -> StepInputs:
         """Fill the buffers for ``requests`` (whose state rows are ``rows``).
 
         ``pad_to`` (decode-only steps replayed by a CUDA graph): also fill and upload padding
         rows up to that many sequences (see :meth:`write_decode_padding`). The returned views
-        cover the real rows only. ``prev_sample_index`` gives, per request id, the index of
-        its token among the previous step's samples; it is asked only when some token is a
-        placeholder (``ids < 0``), which is then left for the caller to fill on the device.
+        cover the real rows only. ``prev_sample_ids``: the request ids of the previous step's
+        samples, in order; each placeholder token (``ids < 0``) gets the index of its request's
+        sample among them, and is left for the caller to fill on the device.
         """
         if self._uploaded is not None:
             self._uploaded.synchronize()
@@ -149,13 +149,16 @@ class StepInputBuffers:
         ph_dst: torch.Tensor | None = None
         ph_src: torch.Tensor | None = None
         if len(placeholders):
-            if prev_sample_index is None:
+            if prev_sample_ids is None:
                 raise ValueError("placeholder tokens in a step without a previous step's samples")
-            index = prev_sample_index()
-            seqs = np.searchsorted(qsl[1:], placeholders, side="right")
             num_ph = len(placeholders)
             self.placeholder_dst.np[:num_ph] = placeholders
-            self.placeholder_src.np[:num_ph] = [index[requests[int(i)].req_id] for i in seqs]
+            ph_req_ids = tuple(requests[i].req_id for i in tok_seq[placeholders].tolist())
+            if ph_req_ids == tuple(prev_sample_ids):  # steady decode: the same requests, in order
+                self.placeholder_src.np[:num_ph] = np.arange(num_ph)
+            else:
+                index = {rid: i for i, rid in enumerate(prev_sample_ids)}
+                self.placeholder_src.np[:num_ph] = [index[rid] for rid in ph_req_ids]
             ph_dst, ph_src = self.placeholder_dst.upload(num_ph), self.placeholder_src.upload(num_ph)
 
         sample = np.fromiter((r.sample for r in requests), dtype=bool, count=num_seqs)
@@ -188,7 +191,7 @@ class StepInputBuffers:
             attn_metadata=md,
             logits_indices=self.logits_indices.upload(num_logits),
             sample_rows=rows[sample],
-            sample_req_ids=tuple(r.req_id for r, s in zip(requests, sample, strict=True) if s),
+            sample_req_ids=tuple(r.req_id for r in itertools.compress(requests, sample.tolist())),
             sample_positions=seq_lens[sample],
             placeholder_dst=ph_dst,
             placeholder_src=ph_src,

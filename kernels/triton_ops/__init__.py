@@ -9,11 +9,11 @@ that stick to the reference signature get the defaults.
 from __future__ import annotations
 
 from kernels import KernelOps
-from kernels.triton_ops.activation import silu_and_mul
+from kernels.triton_ops.activation import silu_and_mul, silu_and_mul_fp8
 from kernels.triton_ops.decode_attention import DecodeConfig, paged_decode_attention
 from kernels.triton_ops.fp8_matmul import Fp8LinearConfig, fp8_linear, quantize_fp8_per_token
 from kernels.triton_ops.kv_store import store_kvcache
-from kernels.triton_ops.norm import fused_add_rms_norm, rms_norm
+from kernels.triton_ops.norm import fused_add_rms_norm, fused_add_rms_norm_fp8, rms_norm, rms_norm_fp8
 from kernels.triton_ops.prefill_attention import PrefillConfig, paged_attention
 from kernels.triton_ops.rotary import rotary_embedding
 from kernels.triton_ops.rotary_kv import rotary_store_kvcache
@@ -26,13 +26,16 @@ __all__ = [
     "WnA16Config",
     "fp8_linear",
     "fused_add_rms_norm",
+    "fused_add_rms_norm_fp8",
     "paged_attention",
     "paged_decode_attention",
     "quantize_fp8_per_token",
     "rms_norm",
+    "rms_norm_fp8",
     "rotary_embedding",
     "rotary_store_kvcache",
     "silu_and_mul",
+    "silu_and_mul_fp8",
     "store_kvcache",
     "triton_ops",
     "wna16_linear",
@@ -54,4 +57,7 @@ def triton_ops() -> KernelOps:
         fp8_linear=fp8_linear,
         wna16_linear=wna16_linear,
         rotary_store_kvcache=rotary_store_kvcache,
+        rms_norm_fp8=rms_norm_fp8,
+        fused_add_rms_norm_fp8=fused_add_rms_norm_fp8,
+        silu_and_mul_fp8=silu_and_mul_fp8,
     )

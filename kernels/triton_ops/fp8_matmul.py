@@ -7,11 +7,12 @@ values and scales), e4m3 x e4m3 products (exact in float32), float32 sums, then
 ``acc * x_scale[m] * w_scale[n] (+ bias)``.
 
 Paths, by the number of tokens ``M`` (``Fp8LinearConfig.gemv_max_m`` is the threshold):
-- ``M <= gemv_max_m``: :func:`fp8_gemv`, one launch. Each program owns ``block_n`` output
-  channels and ``block_m`` tokens; it finds its tokens' absolute maxima (a first pass over
-  their activations, which stay in L1/L2), then streams its weight rows once, quantizing the
-  activations tile by tile in registers: decode reads each weight byte once and never
-  writes the quantized activations.
+- ``M <= gemv_max_m``: :func:`quantize_fp8_per_token` (unless the activation comes quantized
+  already, an :class:`~kernels.quant_reference.Fp8Activation` from a fused norm or activation)
+  then :func:`kernels.triton_ops.gemv.gemv_fp8`, which streams the weight at 78-94% of copy
+  bandwidth on an H200 at one token (docs/QUANTIZATION.md, "One-token GEMV"). The fused kernel
+  it replaced re-read and re-quantized the activation in every program (22-46%; 2-6x slower
+  at 2-16 tokens).
 - larger ``M``: :func:`quantize_fp8_per_token` then ``torch._scaled_mm`` (cuBLASLt,
   row-wise scales) on CUDA with bf16 activations, else :func:`fp8_gemm` (Triton,
   ``tl.dot`` on e4m3 tiles).
@@ -27,19 +28,20 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.quant_reference import Fp8Activation
 from kernels.triton_ops.fp8_common import quantize_e4m3, row_scales, software_fp8
+from kernels.triton_ops.gemv import MAX_M as MAX_GEMV_M
+from kernels.triton_ops.gemv import GemvTiles, gemv_fp8
 
 
 @dataclass(frozen=True)
 class Fp8LinearConfig:
     """Dispatch and tiling of :func:`fp8_linear` (``None``: chosen from the shapes)."""
 
-    gemv_max_m: int = 16  # tokens up to which the fused GEMV runs
+    gemv_max_m: int = 1  # tokens up to which gemv.gemv_fp8 runs (at most gemv.MAX_M)
     use_scaled_mm: bool = True  # torch._scaled_mm above gemv_max_m where it applies
     scaled_mm_fast_accum: bool = False
-    gemv_block_n: int | None = None
-    gemv_block_k: int | None = None
-    gemv_num_warps: int | None = None
+    gemv_tiles: GemvTiles | None = None  # None: gemv.fp8_tiles(M)
     gemm_block_m: int = 128
     gemm_block_n: int = 128
     gemm_block_k: int = 128
@@ -53,11 +55,11 @@ class Fp8LinearConfig:
     gemm_max_imprecise_acc: int | None = 128
 
     def __post_init__(self) -> None:
-        if self.gemv_max_m < 0:
-            raise ValueError("gemv_max_m must be >= 0")
+        if not 0 <= self.gemv_max_m <= MAX_GEMV_M:
+            raise ValueError(f"gemv_max_m must be in [0, {MAX_GEMV_M}]")
         if self.gemm_max_imprecise_acc is not None and self.gemm_max_imprecise_acc < 1:
             raise ValueError("gemm_max_imprecise_acc must be >= 1 (or None)")
-        for name in ("gemv_block_n", "gemv_block_k", "gemm_block_m", "gemm_block_n", "gemm_block_k"):
+        for name in ("gemm_block_m", "gemm_block_n", "gemm_block_k"):
             v = getattr(self, name)
             if v is not None and (v & (v - 1) or v < 1):
                 raise ValueError(f"{name} must be a power of two, got {v}")
@@ -102,98 +104,20 @@ def quantize_fp8_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     return q, scale
 
 
-@triton.jit
-def _fp8_gemv_kernel(
-    x_ptr, w_ptr, ws_ptr, bias_ptr, out_ptr,
-    M, N, K,
-    stride_xm, stride_wn, stride_om,
-    HAS_BIAS: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    SOFT_FP8: tl.constexpr,
-):
-    pid_n = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_ok = rm < M
-    n_ok = rn < N
-    kk = tl.arange(0, BLOCK_K)
-    x_rows = x_ptr + rm.to(tl.int64)[:, None] * stride_xm
-    w_rows = w_ptr + rn.to(tl.int64)[:, None] * stride_wn
-
-    # Pass 1: each token's absolute maximum (the per-token scale needs the whole row).
-    amax = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        x = tl.load(x_rows + (k0 + kk)[None, :], mask=m_ok[:, None] & (k0 + kk < K)[None, :], other=0.0)
-        amax = tl.maximum(amax, tl.abs(x.to(tl.float32)))
-    inv, x_scale = row_scales(tl.max(amax, axis=1))
-
-    # Pass 2: stream the weight rows; quantize the activation tile in registers.
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        k_ok = (k0 + kk < K)[None, :]
-        x = tl.load(x_rows + (k0 + kk)[None, :], mask=m_ok[:, None] & k_ok, other=0.0).to(tl.float32)
-        xq = quantize_e4m3(x, inv[:, None], SOFT_FP8).to(tl.float32)
-        w = tl.load(w_rows + (k0 + kk)[None, :], mask=n_ok[:, None] & k_ok, other=0.0).to(tl.float32)
-        acc += tl.sum(xq[:, None, :] * w[None, :, :], axis=2)
-
-    w_scale = tl.load(ws_ptr + rn, mask=n_ok, other=0.0)
-    y = acc * x_scale[:, None] * w_scale[None, :]
-    if HAS_BIAS:
-        y += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    out = out_ptr + rm.to(tl.int64)[:, None] * stride_om + rn[None, :]
-    tl.store(out, y.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
-
-
-# One token (batch-1 decode): (block_n, block_k, warps) measured fastest on an H200 over the
-# llama3-8b o and gate_up shapes among 18 tilings (bench_quant_kernels.py sweep, docs/QUANTIZATION.md).
-GEMV_M1_TILES = (4, 1024, 2)
-
-
-def _gemv_tiles(m: int, config: Fp8LinearConfig) -> tuple[int, int, int, int]:
-    """(block_m, block_n, block_k, num_warps) of the GEMV for ``m`` tokens."""
-    block_m = min(triton.next_power_of_2(max(m, 1)), 16)
-    if block_m == 1:
-        block_n, block_k, warps = GEMV_M1_TILES
-    else:
-        # Keep the [block_m, block_n, block_k] product tile near 8k elements (registers).
-        block_n = 16 if block_m <= 2 else 8
-        block_k, warps = max(32, min(512, 8192 // (block_m * block_n))), 4
-    return (block_m, config.gemv_block_n or block_n, config.gemv_block_k or block_k,
-            config.gemv_num_warps or warps)
-
-
 def fp8_gemv(
     x: torch.Tensor,
     w_fp8: torch.Tensor,
     w_scale: torch.Tensor,
     bias: torch.Tensor | None = None,
     *,
-    out: torch.Tensor | None = None,
     config: Fp8LinearConfig | None = None,
 ) -> torch.Tensor:
-    """The fused per-token quantization + GEMV (any ``M``; meant for small ones).
-
-    ``x`` ``[M, K]`` unquantized; other arguments as in :func:`fp8_linear`."""
+    """The GEMV path for a few tokens (``M <= gemv.MAX_M``): per-token quantization, then
+    :func:`kernels.triton_ops.gemv.gemv_fp8`. ``x`` ``[M, K]`` unquantized; other arguments as
+    in :func:`fp8_linear`."""
     config = config or _DEFAULT
-    if x.stride(-1) != 1:
-        x = x.contiguous()
-    m, k = x.shape
-    n = w_fp8.shape[0]
-    out = torch.empty((m, n), dtype=x.dtype, device=x.device) if out is None else out
-    if m == 0:
-        return out
-    block_m, block_n, block_k, num_warps = _gemv_tiles(m, config)
-    grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m))
-    _fp8_gemv_kernel[grid](
-        x, w_fp8, w_scale, bias if bias is not None else w_scale, out,
-        m, n, k, x.stride(0), w_fp8.stride(0), out.stride(0),
-        HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-        SOFT_FP8=software_fp8(x), num_warps=num_warps,
-    )
-    return out
+    xq, xs = quantize_fp8_per_token(x)
+    return gemv_fp8(xq, xs, w_fp8, w_scale, bias, x.dtype, tiles=config.gemv_tiles)
 
 
 @triton.jit
@@ -270,16 +194,16 @@ def fp8_gemm(
     return out
 
 
-def scaled_mm_applies(x: torch.Tensor, w_fp8: torch.Tensor) -> bool:
+def scaled_mm_applies(x: torch.Tensor, dtype: torch.dtype, w_fp8: torch.Tensor) -> bool:
     """Whether ``torch._scaled_mm`` with row-wise scales takes this call: CUDA, bf16 activations
-    (the one output dtype every row-wise backend accepts: the CUTLASS fallback takes only bf16),
-    ``K`` and ``N`` multiples of 16."""
+    ``dtype`` (the one output dtype every row-wise backend accepts: the CUTLASS fallback takes
+    only bf16), ``K`` and ``N`` multiples of 16."""
     n, k = w_fp8.shape
-    return x.is_cuda and x.dtype == torch.bfloat16 and k % 16 == 0 and n % 16 == 0
+    return x.is_cuda and dtype == torch.bfloat16 and k % 16 == 0 and n % 16 == 0
 
 
 def fp8_linear(
-    x: torch.Tensor,
+    x: torch.Tensor | Fp8Activation,
     w_fp8: torch.Tensor,
     w_scale: torch.Tensor,
     bias: torch.Tensor | None = None,
@@ -288,27 +212,40 @@ def fp8_linear(
 ) -> torch.Tensor:
     """Triton/cuBLASLt :func:`kernels.quant_reference.fp8_linear`.
 
-    ``x`` ``[..., K]``, ``w_fp8`` ``[N, K]`` e4m3 row-major (contiguous), ``w_scale`` ``[N]``
-    float32 (contiguous), ``bias`` ``[N]`` or None; returns ``[..., N]`` in ``x.dtype``.
+    ``x`` ``[..., K]`` (or an :class:`Fp8Activation`: quantized already, by a fused norm or
+    activation), ``w_fp8`` ``[N, K]`` e4m3 row-major (contiguous), ``w_scale`` ``[N]`` float32
+    (contiguous), ``bias`` ``[N]`` or None; returns ``[..., N]`` in ``x.dtype``.
     ``config`` sets the dispatch threshold and tilings (module docstring).
     """
     config = config or _DEFAULT
     n, k = w_fp8.shape
-    x2 = x.reshape(-1, k)
-    m = x2.shape[0]
-    if m <= config.gemv_max_m:
-        y = fp8_gemv(x2, w_fp8, w_scale, bias, config=config)
+    lead = x.shape[:-1]
+    if isinstance(x, Fp8Activation):
+        out_dtype = x.dtype
+        xq, xs = x.q.reshape(-1, k), x.scale.reshape(-1, 1)
     else:
-        xq, xs = quantize_fp8_per_token(x2)
-        if config.use_scaled_mm and scaled_mm_applies(x2, w_fp8):
-            fused_bias = bias is not None and bias.dtype == x.dtype
-            y = torch._scaled_mm(
-                xq, w_fp8.t(), scale_a=xs, scale_b=w_scale.view(1, n),
-                bias=bias if fused_bias else None, out_dtype=x.dtype,
-                use_fast_accum=config.scaled_mm_fast_accum,
-            )
-            if bias is not None and not fused_bias:
-                y = (y.float() + bias.float()).to(x.dtype)
-        else:
-            y = fp8_gemm(xq, xs, w_fp8, w_scale, bias, x.dtype, config=config)
-    return y.reshape(*x.shape[:-1], n)
+        out_dtype = x.dtype
+        xq, xs = quantize_fp8_per_token(x.reshape(-1, k))
+    if xq.shape[0] <= config.gemv_max_m:
+        y = gemv_fp8(xq, xs, w_fp8, w_scale, bias, out_dtype, tiles=config.gemv_tiles)
+    else:
+        y = _fp8_gemm_path(xq, xs, w_fp8, w_scale, bias, out_dtype, config)
+    return y.reshape(*lead, n)
+
+
+def _fp8_gemm_path(xq: torch.Tensor, xs: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor,
+                   bias: torch.Tensor | None, out_dtype: torch.dtype,
+                   config: Fp8LinearConfig) -> torch.Tensor:
+    """Quantized activations through ``torch._scaled_mm`` where it applies, else :func:`fp8_gemm`."""
+    n = w_fp8.shape[0]
+    if config.use_scaled_mm and scaled_mm_applies(xq, out_dtype, w_fp8):
+        fused_bias = bias is not None and bias.dtype == out_dtype
+        y = torch._scaled_mm(
+            xq, w_fp8.t(), scale_a=xs, scale_b=w_scale.view(1, n),
+            bias=bias if fused_bias else None, out_dtype=out_dtype,
+            use_fast_accum=config.scaled_mm_fast_accum,
+        )
+        if bias is not None and not fused_bias:
+            y = (y.float() + bias.float()).to(out_dtype)
+        return y
+    return fp8_gemm(xq, xs, w_fp8, w_scale, bias, out_dtype, config=config)

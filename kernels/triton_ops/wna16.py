@@ -3,6 +3,8 @@ activations (GPTQ and GGUF weights after repacking, see :class:`kernels.quant_re
 
 Each weight tile is dequantized as ``q * scale[g] (+ offset[g])`` in float32, rounded to the
 activation dtype (what :func:`kernels.quant_reference.wna16_linear` multiplies by), then:
+- ``M == 1`` (batch-1 decode): :func:`kernels.triton_ops.gemv.gemv_wna16` (``GEMV_M1_TILES``),
+  the exponent-trick conversion and per-group scaling (that module's docstring).
 - ``M <= WnA16Config.gemv_max_m``: a GEMV. Each program owns ``block_n`` output channels and
   every token (``M`` padded to a power of two): it streams its rows of packed weight once,
   along ``K`` (the layout's contiguous dim: 16-byte loads cover 32 four-bit weights of one
@@ -25,9 +27,13 @@ import torch
 import triton
 import triton.language as tl
 
-# One token (batch-1 decode): (block_n, block_k, warps) measured fastest on an H200 over the
-# llama3-8b o and gate_up shapes among 18 tilings (bench_quant_kernels.py sweep, docs/QUANTIZATION.md).
-GEMV_M1_TILES = (4, 1024, 2)
+from kernels.triton_ops.gemv import GemvTiles, gemv_wna16
+
+# One token (batch-1 decode), gemv.gemv_wna16: fastest on an H200 over the four llama3-8b
+# projections in 4-bit groups of 128 (docs/QUANTIZATION.md, "One-token GEMV").
+GEMV_M1_TILES = GemvTiles(block_n=16, block_k=1024, num_warps=4, split_k=1)
+# This module's GEMV at one token (block_n, block_k, warps), kept for one_token_gemv=False.
+FUSED_M1_TILES = (4, 1024, 2)
 
 
 @dataclass(frozen=True)
@@ -35,6 +41,7 @@ class WnA16Config:
     """Dispatch and tiling of :func:`wna16_linear` (``None``: chosen from the shapes)."""
 
     gemv_max_m: int = 16
+    one_token_gemv: bool = True  # M == 1: gemv.gemv_wna16 (module docstring)
     gemv_block_n: int | None = None
     gemv_block_k: int | None = None
     gemv_num_warps: int | None = None
@@ -232,6 +239,9 @@ def wna16_linear(
         x2 = x2.contiguous()
     _check(x2, qweight, scales, offsets, bits, group_size)
     m = x2.shape[0]
+    if m == 1 and config.one_token_gemv and config.gemv_max_m >= 1:
+        y = gemv_wna16(x2, qweight, scales, offsets, bits, group_size, bias, tiles=GEMV_M1_TILES)
+        return y.reshape(*x.shape[:-1], n)
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0:
         return out.reshape(*x.shape[:-1], n)
@@ -245,8 +255,8 @@ def wna16_linear(
     )
     if m <= config.gemv_max_m:
         block_m = min(triton.next_power_of_2(m), 16)
-        if block_m == 1:  # batch-1 decode: the tiling measured fastest (GEMV_M1_TILES)
-            block_n, block_k, warps = GEMV_M1_TILES
+        if block_m == 1:  # batch-1 decode: the tiling measured fastest (FUSED_M1_TILES)
+            block_n, block_k, warps = FUSED_M1_TILES
         else:
             block_n, warps = (16 if block_m <= 2 else 8), 4
             block_k = max(32, min(512, 8192 // (block_m * block_n)))

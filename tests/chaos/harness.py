@@ -14,27 +14,21 @@ import asyncio
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
-import urllib.request
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import grpc
-from prometheus_client.parser import text_string_to_metric_families
 
 from llmserve.fleet.redis_store import RedisStateStore
 from llmserve.v1 import generation_pb2 as pb
 from llmserve.v1 import generation_pb2_grpc as pb_grpc
 from llmserve.v1 import internal_pb2 as ipb
 from llmserve.v1 import internal_pb2_grpc as ipb_grpc
-from tests.helpers.health import wait_until_serving
-from tests.helpers.redis_server import RedisServer, free_port
-from tests.router.router_procs import WorkerProc
+from tests.helpers.redis_server import RedisServer
+from tests.helpers.service_procs import RouterProc, WorkerProc, stop_all
 
-REPO = Path(__file__).resolve().parents[2]
 MODEL = "chaos"
 # Fast failure detection on loopback (production defaults are 5 s): a frozen worker's connection
 # is dropped after 1 s + 1 s without a ping answer, a new connection attempt to it after 2 s.
@@ -42,56 +36,6 @@ ROUTER_FAILOVER_ARGS = ("--worker-connect-timeout-s", "2", "--worker-keepalive-s
                         "--breaker-cooldown-s", "3", "--registry-cache-s", "0.5")
 WORDS = ("the", "cache", "router", "worker", "stream", "token", "block", "queue", "model", "fleet",
          "prefix", "kernel", "batch", "paged", "redis", "chaos")
-
-
-class RouterProc:
-    """One ``python -m router`` on loopback with ``/metrics``."""
-
-    def __init__(self, redis_url: str, log_dir: Path, name: str, extra: Sequence[str] = ()) -> None:
-        self.port = free_port()
-        self.metrics_port = free_port()
-        self.name = name
-        self.target = f"127.0.0.1:{self.port}"
-        self.log_path = log_dir / f"router-{name}.log"
-        cmd = [sys.executable, "-m", "router", "--host", "127.0.0.1", "--port", str(self.port),
-               "--redis-url", redis_url, "--metrics-port", str(self.metrics_port), "--drain-grace-s", "2",
-               *ROUTER_FAILOVER_ARGS, *extra]
-        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, cwd=REPO, env=env)
-
-    def wait_serving(self, timeout_s: float = 60.0) -> None:
-        def alive() -> None:
-            assert self.proc.poll() is None, f"router died: {self.log_path.read_text()[-3000:]}"
-
-        if not wait_until_serving(self.target, alive, timeout_s):
-            raise AssertionError(f"router not serving in time: {self.log_path.read_text()[-3000:]}")
-
-    def metrics(self) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
-        """Every sample of ``/metrics``: (name, labels) -> value."""
-        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
-        with urllib.request.urlopen(url, timeout=5) as reply:  # noqa: S310 - loopback
-            text = reply.read().decode()
-        out = {}
-        for family in text_string_to_metric_families(text):
-            for sample in family.samples:
-                out[(sample.name, frozenset(sample.labels.items()))] = sample.value
-        return out
-
-    def metric(self, name: str, **labels: str) -> float:
-        """Sum of the samples of ``name`` whose labels include ``labels``."""
-        want = set(labels.items())
-        return sum(v for (n, ls), v in self.metrics().items() if n == name and want <= ls)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
-        self._log.close()
 
 
 @dataclass
@@ -148,21 +92,7 @@ class Fleet:
         for worker in self.workers.values():
             if worker.proc.poll() is None:
                 worker.proc.send_signal(signal.SIGCONT)  # a frozen worker must be able to exit
-        procs = [r.proc for r in self.routers] + [w.proc for w in self.workers.values()]
-        for proc in procs:
-            if proc.poll() is None:
-                proc.terminate()
-        deadline = time.monotonic() + 20
-        for proc in procs:
-            try:
-                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=10)
-        for router in self.routers:
-            router.stop()  # exited: closes its log
-        for worker in self.workers.values():
-            worker.stop()
+        stop_all([*self.routers, *self.workers.values()], timeout_s=20)
         self.redis.stop()
 
 
@@ -179,7 +109,8 @@ async def start_fleet(model_dir: Path, workdir: Path, *, workers: int = 2, route
         for i in range(workers):
             w = WorkerProc(model_dir, MODEL, redis.url, workdir, worker_args, f"w{i}")
             procs[w.worker_id] = w
-        fleet.routers.extend(RouterProc(redis.url, workdir, f"r{i}", router_args) for i in range(routers))
+        fleet.routers.extend(RouterProc(redis.url, workdir, f"r{i}", (*ROUTER_FAILOVER_ARGS, *router_args))
+                             for i in range(routers))
         for w in procs.values():
             await asyncio.to_thread(w.wait_serving)
         for r in fleet.routers:
@@ -305,7 +236,7 @@ async def references(target: str, specs: Iterable[Spec], timeout_s: float = 120.
     """Each distinct (prompt, sampling) run alone, one after the other: the uninterrupted,
     unbatched answer every stream of the load must equal."""
     unique = {spec.key: spec for spec in specs}
-    out = {}
+    out: dict[tuple[str, bytes], Result] = {}
     async with grpc.aio.insecure_channel(target) as channel:
         stub = pb_grpc.GenerationStub(channel)
         for key, spec in unique.items():

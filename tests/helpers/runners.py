@@ -38,3 +38,19 @@ def build_runner(
         limits.append(config.max_model_len)
     runner.initialize_kv_cache(num_kv_blocks, min(limits))
     return runner
+
+
+def prefill_step(runner: ModelRunner, req_id: str, prompt: list[int], first_block: int = 0) -> None:
+    """One engine-shaped step (``runner.execute``, a real step: the first computes fp8 KV
+    scales) prefilling ``prompt`` as a new request in blocks from ``first_block``, then its end."""
+    from gpu_worker.core.types import ScheduledRequest, SchedulerOutput
+    from gpu_worker.sampling_params import SamplingParams
+
+    n, bs = len(prompt), runner.block_size
+    request = ScheduledRequest(
+        req_id, tuple(prompt), 0, tuple(range(first_block, first_block - (-n // bs))), sample=True,
+        is_new=True, params=SamplingParams(temperature=0.0, max_tokens=1), prompt_len=n,
+        prompt_token_ids=tuple(prompt),
+    )
+    runner.execute(SchedulerOutput(requests=(request,), num_scheduled_tokens=n))
+    runner.execute(SchedulerOutput(requests=(), num_scheduled_tokens=0, finished_req_ids=frozenset({req_id})))

@@ -10,6 +10,7 @@ runs them (default: all, float32) on the CPU and prints one JSON object
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import traceback
@@ -161,6 +162,73 @@ def check_paged_attention(t: Target) -> None:
             assert got is out
             what = f"paged_attention bs={bs} d={d} g={g} {cfg}"
             assert_close(got, reference.paged_attention(*args), t.dtype, what)
+
+
+def _split_specs(bs: int, big: bool) -> list[tuple[int, int]]:
+    """Mixed batches for the split-KV path; lengths are not multiples of the block size."""
+    specs = [
+        (5 * bs + 3, 7),  # short chunk at the end of the longest context
+        (3 * bs + 1, bs + 2),  # chunk over a shorter context (partitions past it unused)
+        (2 * bs - 3, 2 * bs - 3),  # fresh prefill: early tiles fit one partition, later ones not
+        (4 * bs + 5, 1),  # decodes: long context, first token, on a block boundary
+        (1, 1),
+        (bs, 1),
+    ]
+    if big:
+        specs += [(5000, 40), (4500, 1), (700, 300)]  # the default thresholds split these
+    return specs
+
+
+# (block_size, head_dim, GQA group, KV heads, KV cache: "" | "fp8" per tensor | "fp8/head").
+_SPLIT_SHAPES = [(8, 64, 1, 2, ""), (16, 64, 4, 2, "fp8/head"), (32, 64, 8, 1, ""), (16, 128, 8, 1, "fp8")]
+
+
+def check_paged_attention_split(t: Target) -> None:
+    """The split-KV path, forced by small thresholds, against the reference; run to run equal.
+
+    On the GPU (``big``) the default config also runs on contexts long enough to split.
+    """
+    from kernels import quant_reference as qref
+    from kernels.triton_ops.prefill_attention import choose_tiles
+
+    gen = torch.Generator().manual_seed(9)
+    forced = [
+        tops.PrefillConfig(block_n=16, split_kv=True, split_min_context=1, split_target_programs=1 << 20,
+                           split_min_partition=16),
+        tops.PrefillConfig(block_m=16, block_n=16, split_kv=True, split_min_context=1,
+                           split_target_programs=1 << 20,
+                           split_min_partition=32),
+    ]
+    for i, (bs, d, g, hk, kv) in enumerate(_SPLIT_SHAPES):
+        specs = _split_specs(bs, t.big)
+        b = make_paged_batch(specs, hk, g, d, bs, t, gen)
+        scales: dict[str, torch.Tensor] = {}
+        if kv:
+            per_head = kv == "fp8/head"
+            ks = qref.fp8_kv_scale(b.key_cache.reshape(-1, hk, d), per_head)
+            vs = qref.fp8_kv_scale(b.value_cache.reshape(-1, hk, d), per_head)
+            kc = qref.quantize_fp8_with_scale(b.key_cache, ks.reshape(-1, 1))
+            vc = qref.quantize_fp8_with_scale(b.value_cache, vs.reshape(-1, 1))
+            b = dataclasses.replace(b, key_cache=kc, value_cache=vc)
+            scales = {"k_scale": ks, "v_scale": vs}
+        args = (b.q, b.key_cache, b.value_cache, b.block_tables, b.query_start_loc, b.seq_lens,
+                b.scale, b.max_query_len, b.max_seq_len)
+        ref = reference.paged_attention(*args, **scales)
+        cfg = forced[i % len(forced)]
+        if t.big:  # partitions of 128+ keys: a few dozen over the 5,000-token context
+            cfg = dataclasses.replace(cfg, split_min_partition=128)
+        configs = [cfg] + ([tops.PrefillConfig(split_kv=True)] if t.big else [])
+        for c in configs:
+            what = f"paged_attention split bs={bs} d={d} g={g} kv={kv or t.dtype} {c}"
+            tiles = choose_tiles(c, b.q.shape[0], len(specs), g, hk, b.max_seq_len, b.q.element_size())
+            assert tiles.num_splits > 1, f"{what}: the split path was not taken ({tiles})"
+            out = torch.full(b.q.shape, float("nan"), dtype=t.dtype, device=t.device)
+            got = tops.paged_attention(*args, out=out, config=c, **scales)
+            assert got is out
+            assert_close(got, ref, t.dtype, what)
+            if t.big or i == 0:  # (the interpreter's runs are short of time, not of determinism)
+                again = tops.paged_attention(*args, config=c, **scales)
+                assert torch.equal(got, again), f"{what}: not the same output run to run"
 
 
 def check_paged_decode_attention(t: Target) -> None:
@@ -332,6 +400,7 @@ def check_rotary_store_kvcache(t: Target) -> None:
 CHECKS: dict[str, Callable[[Target], None]] = {
     "store_kvcache": check_store_kvcache,
     "paged_attention": check_paged_attention,
+    "paged_attention_split": check_paged_attention_split,
     "paged_decode_attention": check_paged_decode_attention,
     "rms_norm": check_rms_norm,
     "fused_add_rms_norm": check_fused_add_rms_norm,

@@ -36,6 +36,7 @@ from kernels import quant_reference as qref
 from kernels import reference
 from kernels import triton_ops as tops
 from kernels.triton_ops import fp8_matmul as tfp8
+from kernels.triton_ops import gemv as tgemv
 from tests.kernels.kernel_checks import (
     PagedBatch,
     Target,
@@ -229,6 +230,25 @@ def random_wna16(
     return qref.WnA16Weight(qweight, scales, offs, bits, group).to(device)
 
 
+def assert_wna16_gemv_close(got: torch.Tensor, ref: torch.Tensor, x: torch.Tensor, w: qref.WnA16Weight,
+                            dtype: torch.dtype, what: str) -> None:
+    """The one-token WnA16 GEMV (gemv.gemv_wna16) multiplies by the float32 dequantized weight;
+    the reference first rounds it to the activation dtype. On top of :func:`assert_linear_close`'s
+    tolerance each output may differ by that rounding: ``u * sum_k |x_k w_k|``, ``u`` the
+    dtype's unit roundoff (2^-8 bf16, 2^-11 fp16, 0 float32)."""
+    u = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}.get(dtype, 0.0)
+    if u == 0.0:
+        assert_linear_close(got, ref, dtype, what)
+        return
+    wf = qref.dequantize_wna16(w.qweight, w.scales, w.offsets, w.bits, w.group_size)
+    bound = u * (x.double().abs() @ wf.double().abs().t()) + 2.0**-7 * ref.double().abs()
+    bound += 2e-3 * float(ref.abs().max())
+    err = (got.double() - ref.double()).abs()
+    assert not torch.isnan(got).any(), f"{what}: NaN in output"
+    bad = err > bound
+    assert not bad.any(), f"{what}: {int(bad.sum())}/{err.numel()} off, max abs err {float(err.max()):.3e}"
+
+
 def _check_wna16(t: Target, seed: int, ms: list[int], shapes: list[tuple[int, int]], what: str) -> None:
     gen = torch.Generator().manual_seed(seed)
     for i, (bits, group, offsets, sdt) in enumerate(_WNA16_CASES):
@@ -241,7 +261,10 @@ def _check_wna16(t: Target, seed: int, ms: list[int], shapes: list[tuple[int, in
                 got = tops.wna16_linear(*args)
                 ref = qref.wna16_linear(*args)
                 case = f"{what} M={m} {n}x{k} bits={bits} g={group} off={offsets}"
-                assert_linear_close(got, ref, t.dtype, case)
+                if m == 1:  # gemv.gemv_wna16
+                    assert_wna16_gemv_close(got, ref, x, w, t.dtype, case)
+                else:
+                    assert_linear_close(got, ref, t.dtype, case)
 
 
 def check_wna16_gemv(t: Target) -> None:
@@ -252,6 +275,99 @@ def check_wna16_gemv(t: Target) -> None:
 def check_wna16_gemm(t: Target) -> None:
     shapes = [(40, 128), (24, 256)] + ([(4096, 4096)] if t.big else [])
     _check_wna16(t, 16, [17, 40] + ([300] if t.big else []), shapes, "wna16 gemm")
+
+
+# ---------------------------------------------------------------------------------------
+# One-token GEMVs (kernels/triton_ops/gemv.py) and the fp8-quantizing norm / activation
+# ---------------------------------------------------------------------------------------
+
+# Tilings that cover one and several tiles per row, tiles past K, split-K (2 and 3 splits, the
+# last one short) and rows past N.
+_GEMV_TILES = [None, tgemv.GemvTiles(8, 64, 4, 1), tgemv.GemvTiles(4, 32, 2, 3),
+               tgemv.GemvTiles(16, 128, 4, 2)]
+
+
+def check_gemv16(t: Target) -> None:
+    gen = torch.Generator().manual_seed(21)
+    shapes = [(40, 128), (33, 384)] + ([(4096, 4096), (6144, 4096)] if t.big else [])
+    for i, (n, k) in enumerate(shapes):
+        x = _randn(1, k, t=t, gen=gen)
+        w = _randn(n, k, t=t, gen=gen) * 0.05
+        bias = _randn(n, t=t, gen=gen) if i % 2 else None
+        ref = (x.float() @ w.float().t() + (0 if bias is None else bias.float())).to(t.dtype)
+        for tiles in _GEMV_TILES:
+            got = tgemv.gemv16(x, w, bias, tiles=tiles)
+            assert_linear_close(got, ref, t.dtype, f"gemv16 {n}x{k} {tiles}")
+
+
+def check_gemv_fp8(t: Target) -> None:
+    """Pre-quantized activations, one and several tokens, against the W8A8 reference."""
+    gen = torch.Generator().manual_seed(22)
+    shapes = [(1, 40, 96), (1, 64, 1100), (3, 33, 200), (16, 64, 128), (5, 48, 520)]
+    shapes += [(1, 4096, 4096), (4, 6144, 4096)] if t.big else []
+    for i, (m, n, k) in enumerate(shapes):
+        x = _activations(m, k, t, gen)
+        w, ws = _fp8_weight(n, k, t, gen)
+        bias = _randn(n, t=t, gen=gen) if i % 2 else None
+        xq, xs = tops.quantize_fp8_per_token(x)
+        ref = qref.fp8_linear(x, w, ws, bias)
+        for tiles in _GEMV_TILES:
+            got = tgemv.gemv_fp8(xq, xs, w, ws, bias, t.dtype, tiles=tiles)
+            assert_linear_close(got, ref, t.dtype, f"gemv_fp8 {m}x{n}x{k} {tiles}")
+        act = qref.Fp8Activation(xq, xs, t.dtype)  # fp8_linear on an activation quantized before it
+        what = f"fp8_linear(Fp8Activation) {m}x{n}x{k}"
+        assert_linear_close(tops.fp8_linear(act, w, ws, bias), ref, t.dtype, what)
+
+
+def check_gemv_wna16(t: Target) -> None:
+    """Every WnA16 case (4/8-bit, groups 16-128, offsets, int8), scales per weight or per group."""
+    gen = torch.Generator().manual_seed(23)
+    shapes = [(40, 128), (33, 384)] + ([(4096, 4096), (1024, 14336)] if t.big else [])
+    for i, (bits, group, offsets, sdt) in enumerate(_WNA16_CASES):
+        for n, k in shapes:
+            w = random_wna16(n, k, bits, group, offsets, sdt, t.device, gen)
+            x = _randn(1, k, t=t, gen=gen)
+            bias = _randn(n, t=t, gen=gen) if i % 2 else None
+            args = (x, w.qweight, w.scales, w.offsets, w.bits, w.group_size, bias)
+            ref = qref.wna16_linear(*args)
+            for tiles in _GEMV_TILES:
+                for factored in (True, False):
+                    got = tgemv.gemv_wna16(*args, tiles=tiles, factored=factored)
+                    what = f"gemv_wna16 {n}x{k} bits={bits} g={group} off={offsets} {tiles} fact={factored}"
+                    assert_wna16_gemv_close(got, ref, x, w, t.dtype, what)
+
+
+def _assert_same_fp8(got: qref.Fp8Activation, want: qref.Fp8Activation, what: str) -> None:
+    assert got.dtype == want.dtype, f"{what}: dtype {got.dtype} != {want.dtype}"
+    assert got.q.shape == want.q.shape and got.scale.shape == want.scale.shape, f"{what}: shapes"
+    assert_fp8_equal(got.q, want.q, what)
+    assert torch.equal(got.scale, want.scale), f"{what}: scales differ"
+
+
+def check_fused_fp8_quant(t: Target) -> None:
+    """rms_norm_fp8, fused_add_rms_norm_fp8, silu_and_mul_fp8: bit for bit the kernel's own
+    16-bit op then the per-token quantization. (Against the reference ops the norm kernel sums
+    squares in its own order: its 16-bit output, checked in kernel_checks.py, may differ in the
+    last bit, and then so may a code.)"""
+    gen = torch.Generator().manual_seed(24)
+    for rows, h in [(1, 64), (3, 100), (2, 4096), (5, 33)]:
+        x = _randn(rows, h, t=t, gen=gen) * 3
+        res = _randn(rows, h, t=t, gen=gen)
+        w = (torch.rand(h, generator=gen) + 0.5).to(device=t.device, dtype=t.dtype)
+        _assert_same_fp8(tops.rms_norm_fp8(x, w, 1e-5), qref.Fp8Activation.of(tops.rms_norm(x, w, 1e-5)),
+                         f"rms_norm_fp8 {rows}x{h}")
+        got, summed = tops.fused_add_rms_norm_fp8(x.clone(), res.clone(), w, 1e-5)
+        out, want_sum = tops.fused_add_rms_norm(x.clone(), res.clone(), w, 1e-5)
+        _assert_same_fp8(got, qref.Fp8Activation.of(out), f"fused_add_rms_norm_fp8 {rows}x{h}")
+        assert torch.equal(summed, want_sum), f"fused_add_rms_norm_fp8 {rows}x{h}: residual sum"
+    for rows, d in [(1, 40), (3, 300), (1, 20000), (2, 1000)]:
+        x = _randn(rows, 2 * d, t=t, gen=gen) * 2
+        _assert_same_fp8(tops.silu_and_mul_fp8(x), qref.Fp8Activation.of(tops.silu_and_mul(x)),
+                         f"silu_and_mul_fp8 {rows}x{d}")
+    x3 = _randn(2, 3, 64, t=t, gen=gen)
+    w3 = torch.ones(64, device=t.device, dtype=t.dtype)
+    want = qref.Fp8Activation.of(tops.rms_norm(x3, w3, 1e-6))
+    _assert_same_fp8(tops.rms_norm_fp8(x3, w3, 1e-6), want, "3-D")
 
 
 # ---------------------------------------------------------------------------------------
@@ -370,6 +486,10 @@ CHECKS: dict[str, Callable[[Target], None]] = {
     "fp8_linear": check_fp8_linear,
     "wna16_gemv": check_wna16_gemv,
     "wna16_gemm": check_wna16_gemm,
+    "gemv16": check_gemv16,
+    "gemv_fp8": check_gemv_fp8,
+    "gemv_wna16": check_gemv_wna16,
+    "fused_fp8_quant": check_fused_fp8_quant,
     "store_kvcache_fp8": check_store_kvcache_fp8,
     "rotary_store_kvcache_fp8": check_rotary_store_kvcache_fp8,
     "paged_attention_fp8": check_paged_attention_fp8,

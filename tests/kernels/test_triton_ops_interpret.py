@@ -25,6 +25,7 @@ _ROOT = _HERE.parents[1]
 _KERNELS = [
     "store_kvcache",
     "paged_attention",
+    "paged_attention_split",
     "paged_decode_attention",
     "rms_norm",
     "fused_add_rms_norm",

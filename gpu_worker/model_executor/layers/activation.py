@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -9,11 +11,17 @@ from kernels import KernelOps
 
 
 class SiluAndMul(nn.Module):
-    """``silu(x[..., :d]) * x[..., d:]`` (the SwiGLU gate of a fused gate_up projection)."""
+    """``silu(x[..., :d]) * x[..., d:]`` (the SwiGLU gate of a fused gate_up projection).
+
+    ``fp8_out`` (set by the model when its consumer is an fp8 W8A8 linear): the result comes
+    quantized per token, as an :class:`~kernels.quant_reference.Fp8Activation`."""
 
     def __init__(self, ops: KernelOps) -> None:
         super().__init__()
         self.ops = ops
+        self.fp8_out = False
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> Any:
+        if self.fp8_out and self.ops.silu_and_mul_fp8 is not None:
+            return self.ops.silu_and_mul_fp8(x)
         return self.ops.silu_and_mul(x)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any, TypeVar
 
 import torch
@@ -11,8 +12,20 @@ from torch import nn
 
 from gpu_worker.model_executor.weights import TensorSource
 from kernels import KernelOps
+from kernels.quant_reference import FP8_MIN_AMAX
 
 T = TypeVar("T")
+
+# fp8 KV scales computed from data (``EngineConfig.calculate_kv_scales``): ``amax(|x|) / divisor``,
+# vLLM's K_SCALE_CONSTANT / V_SCALE_CONSTANT (200, 100) rather than e4m3's 448: the one prefill
+# they come from rarely holds the largest K/V the engine will see, and larger values saturate
+# at +-448 * scale, so the calibration maximum lands at 200 (K) / 100 (V) and values up to 2.2x /
+# 4.5x it still fit. e4m3 keeps 3 mantissa bits down to 2^-6, so the headroom costs small values
+# nothing until they are 2^-6 * scale (relative to amax: 2^-6 / 200 = 7.8e-5).
+KV_SCALE_DIVISORS = MappingProxyType({"k_scale": 200.0, "v_scale": 100.0})
+# Floor of the amax (kernels.quant_reference's, shared with the fp8 linears): a layer whose
+# calibration K or V is all zeros gets a tiny finite scale, never 0 (whose reciprocal is inf).
+KV_SCALE_MIN_AMAX = FP8_MIN_AMAX
 
 
 @dataclass(frozen=True)
@@ -61,8 +74,10 @@ class PagedAttention(nn.Module):
 
     An fp8 (e4m3) cache stores ``K / k_scale`` and ``V / v_scale``: float32 buffers ``[1]`` (per
     tensor) or ``[num_kv_heads]`` (this rank's KV heads, from ``kv_head_start`` of
-    ``total_kv_heads``), 1.0 unless the checkpoint has them (:meth:`load`); every KV op gets them
-    (:meth:`kv_scales`). A 16/32-bit cache ignores them.
+    ``total_kv_heads``), from the checkpoint when it has them (:meth:`load`), else 1.0 until
+    computed from the first real forward (:attr:`calibrate`, :meth:`calibrate_kv_scales`); every
+    KV op gets them (:meth:`kv_scales`). A 16/32-bit cache ignores them. :attr:`scale_sources`
+    says where each came from: ``default`` (1.0), ``checkpoint`` or ``computed``.
     """
 
     def __init__(
@@ -88,6 +103,10 @@ class PagedAttention(nn.Module):
         self.total_kv_heads = total_kv_heads or num_kv_heads
         self.register_buffer("k_scale", torch.ones(1, dtype=torch.float32))
         self.register_buffer("v_scale", torch.ones(1, dtype=torch.float32))
+        self.scale_sources = {"k_scale": "default", "v_scale": "default"}
+        # Set by the runner for the first real forward only: the next forward computes the
+        # scales not from the checkpoint from the K/V it stores, then clears it.
+        self.calibrate = False
         # Op sets with plans (the CPU references) do the step's index work once, in the first
         # layer, and store + attend in one call; the others store, then attend.
         self.plan_op = ops.plan_paged_attention
@@ -102,6 +121,8 @@ class PagedAttention(nn.Module):
         md: AttentionMetadata,
     ) -> torch.Tensor:
         """q ``[T, Hq, D]``, k/v ``[T, Hk, D]``, kv_cache ``[2, blocks, block, Hk, D]`` -> ``[T, Hq, D]``."""
+        if self.calibrate:
+            self.calibrate_kv_scales(k, v, md.slot_mapping)
         key_cache, value_cache = kv_cache[0], kv_cache[1]
         scales = self.kv_scales(kv_cache)
         if self.plan_op is not None and self.planned_op is not None:
@@ -121,6 +142,28 @@ class PagedAttention(nn.Module):
         """Scales 1.0 (after the model is materialized, before a checkpoint may set them)."""
         for name in ("k_scale", "v_scale"):
             setattr(self, name, torch.ones(1, dtype=torch.float32, device=param_of(self, name).device))
+            self.scale_sources[name] = "default"
+
+    def calibrate_kv_scales(self, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+        """Per-tensor scales ``max(amax(|x|), KV_SCALE_MIN_AMAX) / KV_SCALE_DIVISORS[name]`` of this
+        step's ``k``/``v`` ``[T, Hk, D]`` (tokens with a slot: padding excluded), for each scale the
+        checkpoint did not set; clears :attr:`calibrate`. On the device, no host sync.
+
+        Invariant: called once, from the engine's first real forward, before that forward stores
+        any K/V; the scales are frozen from then on. Every fp8 entry in the cache was written
+        with the scale it is read with: nothing was written before (the profile and warm-up
+        steps' junk slots are never read), and no scale changes after. So prefix-cache hits,
+        preempted-and-resumed requests and later decode steps read valid K/V. The buffers are
+        updated in place: decode CUDA graphs captured during warm-up read them by address.
+        """
+        valid = (slot_mapping >= 0)[:, None, None]
+        for name, x in (("k_scale", k), ("v_scale", v)):
+            if self.scale_sources[name] == "checkpoint":
+                continue  # a checkpoint's scales are never overwritten
+            amax = torch.where(valid, x.abs(), 0).amax().float().clamp_min(KV_SCALE_MIN_AMAX)
+            param_of(self, name).copy_(torch.div(amax, torch.full_like(amax, KV_SCALE_DIVISORS[name])))
+            self.scale_sources[name] = "computed"
+        self.calibrate = False
 
     def load(self, name: str, source: TensorSource, shard: int = 0) -> None:
         """A checkpoint's ``k_scale``/``v_scale`` (vLLM's names): one value, or one per KV head
@@ -133,6 +176,7 @@ class PagedAttention(nn.Module):
         elif value.numel() != 1:
             raise ValueError(f"{name} of {value.numel()} values for {self.total_kv_heads} KV heads")
         setattr(self, name, value.contiguous().to(param_of(self, name).device))
+        self.scale_sources[name] = "checkpoint"
 
     def attend(self, q: torch.Tensor, kv_cache: torch.Tensor, md: AttentionMetadata) -> torch.Tensor:
         """Attention only: q ``[T, Hq, D]`` -> ``[T, Hq, D]``; this step's K/V must already be in

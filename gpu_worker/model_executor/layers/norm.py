@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -9,7 +11,11 @@ from kernels import KernelOps
 
 
 class RMSNorm(nn.Module):
-    """RMSNorm over the last dim; ``forward(x, residual)`` also returns the new residual."""
+    """RMSNorm over the last dim; ``forward(x, residual)`` also returns the new residual.
+
+    With ``fp8_out`` set (by the model, when the one consumer of the output is an fp8 W8A8
+    linear) the output is an :class:`~kernels.quant_reference.Fp8Activation`: the norm and the
+    per-token quantization in one kernel, the same codes as quantizing in the linear."""
 
     def __init__(
         self, hidden_size: int, eps: float, ops: KernelOps, dtype: torch.dtype = torch.float32
@@ -18,11 +24,15 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(hidden_size, dtype=dtype))
         self.eps = eps
         self.ops = ops
+        self.fp8_out = False
 
-    def forward(
-        self, x: torch.Tensor, residual: torch.Tensor | None = None
-    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> Any:
+        ops = self.ops
         if residual is None:
-            return self.ops.rms_norm(x, self.weight, self.eps)
-        out, summed = self.ops.fused_add_rms_norm(x, residual, self.weight, self.eps)
+            norm = ops.rms_norm_fp8 if self.fp8_out and ops.rms_norm_fp8 is not None else ops.rms_norm
+            return norm(x, self.weight, self.eps)
+        add_norm = ops.fused_add_rms_norm
+        if self.fp8_out and ops.fused_add_rms_norm_fp8 is not None:
+            add_norm = ops.fused_add_rms_norm_fp8
+        out, summed = add_norm(x, residual, self.weight, self.eps)
         return out, summed

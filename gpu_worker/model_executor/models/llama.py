@@ -119,7 +119,9 @@ class DecoderAttention(nn.Module):
         v = v.reshape(num_tokens, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        if self.rotary.stores_kv:  # one launch rotates and stores; attention reads the cache
+        # One launch rotates and stores, attention reads the cache; not while the attention
+        # computes its fp8 KV scales (first real forward), which it does from the rotated K.
+        if self.rotary.stores_kv and not self.attn.calibrate:
             scales = self.attn.kv_scales(kv_cache)
             q = self.rotary.rotate_and_store(positions, q, k, v, kv_cache, md, **scales)
             out = self.attn.attend(q, kv_cache, md)
@@ -144,6 +146,8 @@ class DecoderMLP(nn.Module):
             method=ctx.linear(f"{prefix}.down_proj"),
         )
         self.act = SiluAndMul(ctx.ops)
+        # The product is down_proj's only input: quantized with the activation when it is fp8.
+        self.act.fp8_out = self.down_proj.linear_method.takes_fp8_activation
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act(self.gate_up_proj(x)))
@@ -158,6 +162,10 @@ class DecoderLayer(nn.Module):
         self.mlp = DecoderMLP(cfg, flags, ctx, f"{prefix}.mlp")
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ctx.ops, ctx.dtype)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ctx.ops, ctx.dtype)
+        # Each norm's output feeds one projection only (qkv, gate_up): an fp8 one takes it
+        # quantized by the norm kernel (kernels.quant_reference.Fp8Activation).
+        self.input_layernorm.fp8_out = self.self_attn.qkv_proj.linear_method.takes_fp8_activation
+        self.post_attention_layernorm.fp8_out = self.mlp.gate_up_proj.linear_method.takes_fp8_activation
 
     def forward(
         self,

@@ -142,6 +142,59 @@ def test_seeded_rows_do_not_depend_on_the_batch() -> None:
     assert batched.final_ids[1] == alone.final_ids[0]
 
 
+def _random_md(rows: int) -> SamplingMetadata:
+    return SamplingMetadata(all_greedy=False, greedy_mask=None, temperature=torch.ones(rows), top_k=None,
+                            top_p=None, min_p=None)
+
+
+def test_seeded_rows_draw_nothing_from_the_batch_generator() -> None:
+    """Each row's noise and uniform are drawn once: with every row seeded the batch generator is
+    untouched."""
+    generator = torch.Generator().manual_seed(0)
+    before = generator.get_state()
+    layout = DraftLayout(np.array([3, 0]), np.array([[3, 2, 1], [-1, -1, -1]]))
+    verify(torch.cat([P, P[:1]]).log(), _random_md(5), layout, generator, [(j, 100 + j) for j in range(5)])
+    assert torch.equal(generator.get_state(), before)
+
+
+def test_a_seeded_row_draws_its_noise_then_its_uniform_from_its_seed() -> None:
+    """The documented draws: a generator seeded with the row's draw seed gives the row's ``Exp(1)``
+    noise, then its uniform; the unseeded rows around it do not change them."""
+    layout = DraftLayout(np.array([1, 1, 1]), np.array([[2], [0], [4]]))
+    logits = torch.cat([P[:2], P[:2], P[:2]]).log()
+    seeded_rows = [(2, 21), (3, 22)]  # the middle request
+    result = verify(logits, _random_md(6), layout, torch.Generator().manual_seed(3), seeded_rows)
+    noise, uniform = torch.empty(2, V), torch.empty(2)
+    for i, (_, seed) in enumerate(seeded_rows):
+        row_generator = torch.Generator().manual_seed(seed)
+        noise[i].exponential_(generator=row_generator)
+        uniform[i] = torch.rand((), generator=row_generator)
+    accepted, recovered = rejection_sample(P[:2], torch.tensor([0, -1]), uniform, noise)
+    expected_accepted = int(accepted[0])
+    assert result.num_accepted[1] == expected_accepted
+    assert result.final_ids[1] == recovered[expected_accepted]
+
+
+def test_unseeded_rows_next_to_seeded_ones_keep_the_target_distribution() -> None:
+    """Every other request seeded: the unseeded requests' emitted tokens are still distributed as p."""
+    g = torch.Generator().manual_seed(17)
+    n = 16_000
+    mix = 0.5 * (P[:K] + Q)
+    drafts = torch.stack([torch.multinomial(mix[j], n, replacement=True, generator=g) for j in range(K)],
+                         dim=1)
+    layout = layout_of(drafts.numpy())
+    seeded_rows = [(int(layout.first_row[i]) + j, 1000 * i + j) for i in range(0, n, 2) for j in range(K + 1)]
+    result = verify(P.log().repeat(n, 1), _random_md(layout.num_rows), layout, g, seeded_rows)
+    unseeded = slice(1, None, 2)
+    hist = emitted_by_position(
+        drafts.numpy()[unseeded], result.num_accepted.numpy()[unseeded], result.final_ids.numpy()[unseeded]
+    )
+    for j in range(2):  # the positions enough unseeded requests reach for a sharp check
+        assert hist[j].sum() > 1_000, j
+        assert tv(hist[j], P[j]) < tv_bound(hist[j].sum()), (j, hist[j] / hist[j].sum())
+    assert tv(mix[0].numpy() * 1000, P[0]) > 5 * tv_bound(hist[0].sum())  # accepting every draft would fail
+
+
 def test_count_accepted_stops_at_the_first_rejection() -> None:
     layout = DraftLayout(np.array([3, 0, 2]), np.array([[5, 5, 5], [-1, -1, -1], [5, 5, -1]]))
     accepted = torch.tensor([True, False, True, False, False, True, True, False])

@@ -99,6 +99,29 @@ def test_sampling_follows_the_distribution() -> None:
     torch.testing.assert_close(freq, expected, atol=0.03, rtol=0)
 
 
+def test_seeded_rows_draw_nothing_from_the_batch_generator() -> None:
+    """Each row's noise is drawn once: with every row seeded the batch generator is untouched."""
+    generator = torch.Generator().manual_seed(0)
+    before = generator.get_state()
+    states, rows = _states([(SamplingParams(temperature=1.0, seed=s), [1], []) for s in (1, 2, 3)])
+    md = build_sampling_metadata(states, rows, V, CPU)
+    Sampler(generator).sample(_logits(3), md)
+    assert torch.equal(generator.get_state(), before)
+
+
+def test_unseeded_rows_next_to_seeded_ones_follow_the_distribution() -> None:
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0] + [-1e9] * (V - 4)]).repeat(4000, 1)
+    seeded = SamplingParams(temperature=1.0, seed=7)
+    states, _ = _states([(seeded, [1], []), (SamplingParams(temperature=1.0), [1], [])])
+    rows = np.ones(4000, dtype=np.int64)
+    rows[::4] = 0  # every fourth row seeded
+    md = build_sampling_metadata(states, rows, V, CPU)
+    tokens = Sampler(torch.Generator().manual_seed(5)).sample(logits, md).token_ids
+    unseeded = tokens[torch.from_numpy(rows == 1)]
+    freq = torch.bincount(unseeded, minlength=V)[:4].float() / len(unseeded)
+    torch.testing.assert_close(freq, logits[0, :4].softmax(-1), atol=0.03, rtol=0)
+
+
 def test_top_p_and_min_p_restrict_the_support() -> None:
     logits = torch.tensor([[3.0, 2.5, 0.0, -0.5] + [-4.0] * (V - 4)])
     probs = logits.softmax(-1)[0]

@@ -5,8 +5,6 @@ receiver. One per test session (``conftest.py``)."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 import time
 import urllib.error
@@ -14,14 +12,13 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from tests.helpers.health import wait_until_serving
 from tests.helpers.redis_server import free_port
+from tests.helpers.service_procs import ONE_THREAD_ENV, ServiceProc
 
-REPO = Path(__file__).resolve().parents[3]
 MODEL = "tiny"
 
 
-class StackProc:
+class StackProc(ServiceProc):
     """One ``llmserve up`` process on free loopback ports."""
 
     def __init__(self, model_dir: Path, log_path: Path, otlp_endpoint: str) -> None:
@@ -30,43 +27,25 @@ class StackProc:
         self.worker_target = f"127.0.0.1:{self.worker_port}"
         self.http_url = f"http://127.0.0.1:{self.http_port}"
         self.openai_url = f"{self.http_url}/v1"
-        self.log_path = log_path
         cmd = [sys.executable, "-m", "llmserve.cli", "up", "--model", str(model_dir),
                "--served-model-name", MODEL, "--port", str(self.router_port),
                "--worker-port", str(self.worker_port), "--http-port", str(self.http_port),
                "--num-kv-blocks", "512", "--max-num-seqs", "8"]
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1",
+        env = {**ONE_THREAD_ENV,
                "OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_ENDPOINT": otlp_endpoint,
                "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc", "OTEL_BSP_SCHEDULE_DELAY": "50"}
-        for var in ("OTEL_SDK_DISABLED", "OTEL_SERVICE_NAME", "OTEL_TRACES_SAMPLER"):
-            env.pop(var, None)
-        self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, cwd=REPO, env=env)
-
-    def _alive(self) -> None:
-        assert self.proc.poll() is None, f"llmserve up died: {self.log_tail()}"
-
-    def log_tail(self) -> str:
-        return self.log_path.read_text(errors="replace")[-4000:]
+        super().__init__("llmserve up", cmd, self.grpc_target, log_path, env=env,
+                         unset_env=("OTEL_SDK_DISABLED", "OTEL_SERVICE_NAME", "OTEL_TRACES_SAMPLER"),
+                         stop_timeout_s=30.0, log_tail_chars=4000)
 
     def wait_ready(self, timeout_s: float = 180.0) -> None:
-        if not wait_until_serving(self.grpc_target, self._alive, timeout_s):
-            raise AssertionError(f"router not serving in time: {self.log_tail()}")
+        """Until the router's gRPC door serves (``timeout_s``), then its HTTP door is healthy (30 s)."""
+        self.wait_serving(timeout_s)
         deadline = time.monotonic() + 30
         while http_json("GET", f"{self.http_url}/health")[0] != 200:
-            self._alive()
+            self.check_alive()
             assert time.monotonic() < deadline, f"HTTP door not healthy: {self.log_tail()}"
             time.sleep(0.1)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
-        self._log.close()
 
 
 def http_json(method: str, url: str, body: bytes | dict[str, Any] | None = None,

@@ -46,6 +46,9 @@ class WeightShard:
 class LinearMethod(ABC):
     """Weight layout and matrix product of linear layers."""
 
+    # Whether apply() also takes an Fp8Activation (activations quantized by the op before it).
+    takes_fp8_activation = False
+
     @abstractmethod
     def create_weights(
         self, layer: nn.Module, in_features: int, out_features: int, dtype: torch.dtype

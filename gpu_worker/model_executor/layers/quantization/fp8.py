@@ -36,7 +36,7 @@ from gpu_worker.model_executor.layers.quantization.fp8_format import (
 )
 from gpu_worker.model_executor.weights import TensorSource
 from kernels import KernelOps
-from kernels.quant_reference import FP8_DTYPE, quantize_fp8_rows
+from kernels.quant_reference import FP8_DTYPE, Fp8Activation, quantize_fp8_rows
 
 # Rows of a random weight drawn at once: about 64M float32 values (256 MiB) whatever the shape.
 _RANDOM_CHUNK_ELEMENTS = 1 << 26
@@ -47,6 +47,8 @@ class Fp8LinearMethod(LinearMethod):
 
     ``checkpoint``: the format of a pre-quantized checkpoint (None: the checkpoint is 16/32-bit
     and is quantized as it loads)."""
+
+    takes_fp8_activation = True
 
     def __init__(self, ops: KernelOps, checkpoint: Fp8CheckpointFormat | None = None) -> None:
         self.ops = ops
@@ -59,7 +61,9 @@ class Fp8LinearMethod(LinearMethod):
         layer.weight = nn.Parameter(weight, requires_grad=False)
         layer.weight_scale = nn.Parameter(torch.empty(out_features, dtype=torch.float32), requires_grad=False)
 
-    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    def apply(
+        self, layer: nn.Module, x: torch.Tensor | Fp8Activation, bias: torch.Tensor | None
+    ) -> torch.Tensor:
         out: torch.Tensor = self.ops.fp8_linear(x, param(layer, "weight"), param(layer, "weight_scale"), bias)
         return out
 

@@ -122,6 +122,11 @@ def test_fp8_checkpoint_loads_as_is_and_matches_w8a8_reference(
                         for n in names])
     assert torch.equal(qkv.weight_scale, scales)
     assert model.lm_head.weight_t.dtype == torch.float32  # the LM head stays unquantized (CPU layout)
+    # The norms before qkv / gate_up and SiLU-and-mul before down hand their fp8 linear its input
+    # quantized (Fp8Activation); the final norm feeds the 16-bit LM head and does not.
+    for layer in model.model.layers:
+        assert all(m.fp8_out for m in (layer.input_layernorm, layer.post_attention_layernorm, layer.mlp.act))
+    assert model.model.norm is not None and not model.model.norm.fp8_out
     if kind == "ct-channel":  # the checkpoint's KV scales reached the attention layers
         attn = model.model.layers[1].self_attn.attn
         assert float(attn.k_scale) == pytest.approx(0.05) and float(attn.v_scale) == pytest.approx(0.02)
@@ -133,6 +138,8 @@ def test_fp8_checkpoint_loads_as_is_and_matches_w8a8_reference(
 def test_gptq_checkpoint_matches_dequantized_reference(checkpoints: Callable[[str], Path], kind: str) -> None:
     folder = checkpoints(kind)
     tokens, llm = engine_tokens(folder)
+    layers = llm.engine.core.runner.model.model.layers
+    assert not any(m.fp8_out for layer in layers for m in (layer.input_layernorm, layer.mlp.act))
     assert llm.engine.config.quantization == "gptq"
     layer = llm.engine.core.runner.model.model.layers[0]
     segments = layer.self_attn.qkv_proj.wna16.segments

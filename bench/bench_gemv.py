@@ -1,0 +1,225 @@
+"""One-token GEMVs on one CUDA GPU (``kernels/triton_ops/gemv.py``), the way decode reads them.
+
+    PYTHONPATH=. python bench/bench_gemv.py [--parts bf16,fp8,w4,fp8_70b,fp8_small_m] [--json rows.jsonl]
+
+Per projection shape, a chain of distinct layers (32 of llama3-8b, 6 of llama3-70b: more bytes
+than L2 holds) is captured in one CUDA graph and timed by replays (median of 10): kernels run
+back to back as in a decode step, and no layer's weight is in L2 when it is read. Bytes are the
+weights' (plus scales); the share is of a 1 GiB device-to-device copy measured first.
+
+- ``bf16``: cuBLAS ``F.linear`` and a sweep of ``gemv16`` tilings;
+- ``fp8``: the per-token quantization alone, ``torch._scaled_mm`` on a pre-quantized activation,
+  a sweep of ``gemv_fp8`` tilings;
+- ``w4``: ``gemv_wna16`` (4-bit, groups of 128, float16 scales), factored and not, swept;
+- ``fp8_70b``: the fp8 sweep on the llama3-70b projections;
+- ``fp8_small_m``: 1-16 tokens, quantization + ``gemv_fp8`` (default tiles) against quantization +
+  ``_scaled_mm``: where ``Fp8LinearConfig.gemv_max_m`` belongs.
+
+Sweep: ``block_n`` 4/8/16 x ``block_k`` 512/1024 x 4/8 warps, plus (4, 1024, 2), (2, 1024, 2),
+(32, 256, 4); each with split-K 1, 2, 4. Prints the best tiling per shape and one summary line per
+format (microseconds per layer).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Callable, Sequence
+from functools import partial
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from kernels import quant_reference as qref
+from kernels.triton_ops import fp8_matmul
+from kernels.triton_ops import gemv as G
+
+DEV = "cuda"
+SHAPES_8B = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
+SHAPES_70B = {"qkv": (10240, 8192), "o": (8192, 8192), "gate_up": (57344, 8192), "down": (8192, 28672)}
+TILES = [(bn, bk, w) for bn in (4, 8, 16) for bk in (512, 1024) for w in (4, 8)]
+TILES += [(4, 1024, 2), (2, 1024, 2), (32, 256, 4)]
+SPLITS = (1, 2, 4)
+
+
+def copy_gb_s() -> float:
+    a = torch.empty(1 << 30, dtype=torch.uint8, device=DEV)
+    b = torch.empty_like(a)
+    for _ in range(3):
+        b.copy_(a)
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(10):
+        b.copy_(a)
+    torch.cuda.synchronize()
+    return 2 * (1 << 30) * 10 / (time.perf_counter() - t) / 1e9
+
+
+def time_chain(fn: Callable[[], object], reps: int = 10) -> float:
+    """Milliseconds per replay of ``fn`` captured in a CUDA graph (median of ``reps``)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):  # compile and warm up outside the capture
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(reps):
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[reps // 2]
+
+
+def chain(call: Callable[..., object], items: Sequence[tuple[Any, ...]]) -> Callable[[], list[object]]:
+    """A function that runs ``call(*item)`` for every item (one per layer), in order."""
+    return lambda: [call(*item) for item in items]
+
+
+def _scaled_mm(xq: torch.Tensor, xs: torch.Tensor, q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    return torch._scaled_mm(xq, q.t(), scale_a=xs, scale_b=s.view(1, -1), out_dtype=torch.bfloat16)
+
+
+class Recorder:
+    """Rows ``{format, shape, variant, us_per_layer, gb_s, share_of_copy}``."""
+
+    def __init__(self, copy: float) -> None:
+        self.copy = copy
+        self.rows: list[dict[str, Any]] = []
+
+    def add(self, fmt: str, shape: str, variant: str, ms: float, layer_bytes: int,
+            layers: int) -> dict[str, Any]:
+        gb_s = layer_bytes * layers / ms / 1e6
+        row = dict(format=fmt, shape=shape, variant=variant, us_per_layer=ms / layers * 1e3, gb_s=gb_s,
+                   share_of_copy=gb_s / self.copy)
+        self.rows.append(row)
+        return row
+
+    def sweep(self, fmt: str, shape: str, layer_bytes: int, layers: int,
+              make: Callable[[G.GemvTiles], Callable[[], object]]) -> dict[str, Any]:
+        best: dict[str, Any] | None = None
+        for bn, bk, warps in TILES:
+            for split in SPLITS:
+                tiles = G.GemvTiles(bn, bk, warps, split)
+                ms = time_chain(make(tiles))
+                row = self.add(fmt, shape, f"{bn},{bk},{warps},{split}", ms, layer_bytes, layers)
+                if best is None or row["us_per_layer"] < best["us_per_layer"]:
+                    best = row
+        assert best is not None
+        print(f"best {fmt} {shape}: tiles {best['variant']} {best['us_per_layer']:.1f} us "
+              f"({best['share_of_copy']:.0%})", flush=True)
+        return best
+
+
+def fp8_layers(n: int, k: int, layers: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    out = []
+    for _ in range(layers):
+        q, s = qref.quantize_fp8_rows(torch.randn(n, k, device=DEV, dtype=torch.bfloat16) * 0.02)
+        out.append((q, s.reshape(-1).contiguous()))
+    return out
+
+
+def _gemv16_chain(x: torch.Tensor, ws: list[tuple[torch.Tensor]], tiles: G.GemvTiles) -> Callable[[], object]:
+    return chain(partial(G.gemv16, x, tiles=tiles), ws)
+
+
+def _gemv_fp8_chain(xq: torch.Tensor, xs: torch.Tensor, wq: list[tuple[torch.Tensor, torch.Tensor]],
+                    tiles: G.GemvTiles) -> Callable[[], object]:
+    def one(q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        return G.gemv_fp8(xq, xs, q, s, None, torch.bfloat16, tiles=tiles)
+    return chain(one, wq)
+
+
+def _gemv_w4_chain(x: torch.Tensor, w4: list[tuple[torch.Tensor, torch.Tensor]], factored: bool,
+                   tiles: G.GemvTiles) -> Callable[[], object]:
+    def one(q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        return G.gemv_wna16(x, q, s, None, 4, 128, tiles=tiles, factored=factored)
+    return chain(one, w4)
+
+
+def bench_format(rec: Recorder, part: str) -> None:
+    shapes, layers = (SHAPES_70B, 6) if part == "fp8_70b" else (SHAPES_8B, 32)
+    fmt = "fp8" if part.startswith("fp8") else part
+    for shape, (n, k) in shapes.items():
+        x = torch.randn(1, k, device=DEV, dtype=torch.bfloat16)
+        if fmt == "bf16":
+            ws = [(torch.randn(n, k, device=DEV, dtype=torch.bfloat16) * 0.02,) for _ in range(layers)]
+            rec.add(fmt, shape, "cublas", time_chain(chain(partial(F.linear, x), ws)), n * k * 2, layers)
+            rec.sweep(fmt, shape, n * k * 2, layers, partial(_gemv16_chain, x, ws))
+        elif fmt == "fp8":
+            wq = fp8_layers(n, k, layers)
+            quant = chain(partial(fp8_matmul.quantize_fp8_per_token, x), [()] * layers)
+            rec.add(fmt, shape, "quantize", time_chain(quant), n * k, layers)
+            xq, xs = fp8_matmul.quantize_fp8_per_token(x)
+            rec.add(fmt, shape, "scaled_mm_prequantized", time_chain(chain(partial(_scaled_mm, xq, xs), wq)),
+                    n * k, layers)
+            rec.sweep(fmt, shape, n * k, layers, partial(_gemv_fp8_chain, xq, xs, wq))
+        else:  # w4
+            w4 = [(torch.randint(0, 256, (n, k // 2), device=DEV, dtype=torch.uint8),
+                   (torch.rand(n, k // 128, device=DEV) * 0.02 + 0.001).half()) for _ in range(layers)]
+            nbytes = n * k // 2 + n * (k // 128) * 2
+            for factored in (True, False):
+                rec.sweep(f"w4_{'factored' if factored else 'per_weight'}", shape, nbytes, layers,
+                          partial(_gemv_w4_chain, x, w4, factored))
+        torch.cuda.empty_cache()
+
+
+def bench_small_m(rec: Recorder) -> None:
+    configs = {"gemv": fp8_matmul.Fp8LinearConfig(gemv_max_m=16),
+               "scaled_mm": fp8_matmul.Fp8LinearConfig(gemv_max_m=0)}
+    for m in (1, 2, 4, 8, 16):
+        total = dict.fromkeys(configs, 0.0)
+        for shape, (n, k) in SHAPES_8B.items():
+            wq = fp8_layers(n, k, 16)
+            x = torch.randn(m, k, device=DEV, dtype=torch.bfloat16)
+            for name, cfg in configs.items():
+                ms = time_chain(chain(partial(_fp8_linear, x, cfg), wq))
+                total[name] += rec.add("fp8", shape, f"M={m} quantize+{name}", ms, n * k, 16)["us_per_layer"]
+        print(f"fp8 M={m}: quantize+gemv {total['gemv']:.1f} us/layer, quantize+_scaled_mm "
+              f"{total['scaled_mm']:.1f} us/layer", flush=True)
+
+
+def _fp8_linear(x: torch.Tensor, cfg: fp8_matmul.Fp8LinearConfig, q: torch.Tensor,
+                s: torch.Tensor) -> torch.Tensor:
+    return fp8_matmul.fp8_linear(x, q, s, config=cfg)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--parts", default="bf16,fp8,w4,fp8_70b,fp8_small_m")
+    ap.add_argument("--json", default="", help="append the rows here (JSON lines)")
+    args = ap.parse_args()
+    rec = Recorder(copy_gb_s())
+    print(f"{torch.cuda.get_device_name()}: copy {rec.copy:,.0f} GB/s", flush=True)
+    for part in args.parts.split(","):
+        if part == "fp8_small_m":
+            bench_small_m(rec)
+        else:
+            bench_format(rec, part)
+    layer: dict[tuple[str, str], float] = {}
+    for row in rec.rows:
+        if "," in row["variant"] or row["variant"] == "cublas":
+            key = (row["format"], row["variant"])
+            layer[key] = layer.get(key, 0.0) + row["us_per_layer"]
+    for fmt in sorted({f for f, _ in layer}):
+        variant, us = min(((v, t) for (f, v), t in layer.items() if f == fmt), key=lambda vt: vt[1])
+        print(f"summary {fmt}: best single tiling {variant}: {us:.1f} us per layer (all shapes of a part)")
+    if args.json:
+        with open(args.json, "a") as f:
+            for row in rec.rows:
+                f.write(json.dumps(row) + "\n")
+
+
+if __name__ == "__main__":
+    main()

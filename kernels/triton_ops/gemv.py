@@ -1,0 +1,334 @@
+"""One-token GEMVs (batch-1 decode): 16-bit, fp8 (W8A8) and grouped 4/8-bit (WnA16) weights.
+
+At one token a linear layer is a stream of its weight bytes; these kernels are built to keep
+that stream at the card's bandwidth:
+- each program owns ``block_n`` output channels and one ``K`` range (split-K); it reads the
+  activation tile once per ``block_k`` and multiplies it into all of its rows;
+- products accumulate elementwise in a ``[block_n, block_k]`` float32 register tile and are
+  reduced across threads once, after the loop: no cross-warp reduction (shared memory and a
+  barrier) per tile, so a warp's next weight loads are not held behind one;
+- weight loads are marked evict-first and activation loads evict-last: the weights are read
+  once, the activation by every program;
+- split-K (``GemvTiles.split_k`` > 1) writes float32 partial sums ``[split_k, N]`` that
+  :func:`_reduce_splits_kernel` adds in split order (deterministic: no atomics) before the
+  epilogue; with one split the epilogue runs in the GEMV kernel;
+- fp8 takes the activation already quantized (:func:`~kernels.triton_ops.fp8_matmul.quantize_fp8_per_token`,
+  once per linear instead of once per program); e4m3 x e4m3 products are exact in float32, so
+  the result differs from :func:`kernels.quant_reference.fp8_linear` only in the order of sums;
+- 4/8-bit integers become floats by the exponent trick (``bits | 0x4B000000`` read as float32
+  is ``2^23 + q``; subtracting ``2^23`` is exact), integer logic and one add instead of an
+  int-to-float conversion, which runs at an eighth of the FMA rate on sm_90. With
+  ``factored`` the group's scale multiplies the group's partial sum instead of each weight
+  (``sum_k x_k (q_k s + o) = s sum_k x_k q_k + o sum_k x_k``): one FMA per weight. The weight
+  is not rounded to the activation dtype first, as the reference does: the result differs
+  from :func:`kernels.quant_reference.wna16_linear` by that rounding (relative 2^-9 per
+  weight in bf16) and the order of sums.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+TWO_23 = 8388608.0  # 2^23: the float32 whose low mantissa bits hold a small integer exactly
+
+
+@dataclass(frozen=True)
+class GemvTiles:
+    """Tiling of a one-token GEMV: output channels per program, inputs per tile, warps, and
+    how many programs share one row's ``K`` (split-K)."""
+
+    block_n: int = 8
+    block_k: int = 512
+    num_warps: int = 4
+    split_k: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("block_n", "block_k"):
+            v = getattr(self, name)
+            if v < 1 or v & (v - 1):
+                raise ValueError(f"{name} must be a power of two, got {v}")
+        if self.split_k < 1 or self.num_warps < 1:
+            raise ValueError("split_k and num_warps must be >= 1")
+
+
+@triton.jit
+def _epilogue(acc, rm, m_ok, rn, n_ok, pid_k, M, N, stride_om, part_ptr, out_ptr, xs_ptr, ws_ptr, bias_ptr,
+              HAS_XS: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr):
+    """Store ``acc`` ``[BLOCK_M, BLOCK_N]``: partial sums (``[splits, M, N]`` float32) when
+    ``SPLIT``, else ``acc * xs[m] * ws[n] + bias[n]`` in the output's dtype."""
+    ok = m_ok[:, None] & n_ok[None, :]
+    if SPLIT:
+        tl.store(part_ptr + (pid_k * M + rm)[:, None].to(tl.int64) * N + rn[None, :], acc, mask=ok)
+    else:
+        y = acc
+        if HAS_XS:
+            xs = tl.load(xs_ptr + rm, mask=m_ok, other=0.0)
+            y = y * xs[:, None] * tl.load(ws_ptr + rn, mask=n_ok, other=0.0)[None, :]
+        if HAS_BIAS:
+            y += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        out = out_ptr + rm.to(tl.int64)[:, None] * stride_om + rn[None, :]
+        tl.store(out, y.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _reduce_splits_kernel(part_ptr, out_ptr, xs_ptr, ws_ptr, bias_ptr, M, N, stride_om, SPLITS,
+                          HAS_XS: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
+    rn = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    rm = tl.program_id(1) + tl.arange(0, 1)
+    n_ok = rn < N
+    m_ok = rm < M
+    row = part_ptr + rm.to(tl.int64)[:, None] * N + rn[None, :]
+    acc = tl.load(row, mask=n_ok[None, :], other=0.0)
+    for s in range(1, SPLITS):  # split order: the same sum every run
+        acc += tl.load(row + s * M * N, mask=n_ok[None, :], other=0.0)
+    _epilogue(acc, rm, m_ok, rn, n_ok, 0, M, N, stride_om, part_ptr, out_ptr, xs_ptr, ws_ptr, bias_ptr,
+              HAS_XS, HAS_BIAS, False)
+
+
+@triton.jit
+def _gemv16_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, part_ptr, M, N, K, K_PER_SPLIT, stride_wn,
+                   HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = rn < N
+    w_rows = w_ptr + rn.to(tl.int64)[:, None] * stride_wn
+    k_lo = pid_k * K_PER_SPLIT
+    k_hi = tl.minimum(k_lo + K_PER_SPLIT, K)
+    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        kk = k0 + tl.arange(0, BLOCK_K)
+        k_ok = kk < k_hi
+        x = tl.load(x_ptr + kk, mask=k_ok, other=0.0, eviction_policy="evict_last").to(tl.float32)
+        w = tl.load(w_rows + kk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0,
+                    eviction_policy="evict_first")
+        acc += x[None, :] * w.to(tl.float32)
+    rm = tl.arange(0, 1)
+    _epilogue(tl.sum(acc, axis=1)[None, :], rm, rm < 1, rn, n_ok, pid_k, 1, N, N, part_ptr, out_ptr,
+              out_ptr, out_ptr, bias_ptr, False, HAS_BIAS, SPLIT)
+
+
+@triton.jit
+def _gemv_fp8_kernel(xq_ptr, xs_ptr, w_ptr, ws_ptr, bias_ptr, out_ptr, part_ptr, M, N, K, K_PER_SPLIT,
+                     stride_xm, stride_wn, stride_om, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rm = tl.arange(0, BLOCK_M)  # every token (M <= BLOCK_M): each weight byte is read once
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok = rm < M
+    n_ok = rn < N
+    x_rows = xq_ptr + rm.to(tl.int64)[:, None] * stride_xm
+    w_rows = w_ptr + rn.to(tl.int64)[:, None] * stride_wn
+    k_lo = pid_k * K_PER_SPLIT
+    k_hi = tl.minimum(k_lo + K_PER_SPLIT, K)
+    if BLOCK_M == 1:  # a [BLOCK_N, BLOCK_K] tile: the 3-D one with one row compiles 1.9x slower
+        acc1 = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            kk = k0 + tl.arange(0, BLOCK_K)
+            k_ok = kk < k_hi
+            x1 = tl.load(xq_ptr + kk, mask=k_ok, other=0.0, eviction_policy="evict_last").to(tl.float32)
+            w = tl.load(w_rows + kk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0,
+                        eviction_policy="evict_first")
+            acc1 += x1[None, :] * w.to(tl.float32)  # e4m3 x e4m3: exact in float32
+        _epilogue(tl.sum(acc1, axis=1)[None, :], rm, m_ok, rn, n_ok, pid_k, M, N, stride_om, part_ptr,
+                  out_ptr, xs_ptr, ws_ptr, bias_ptr, True, HAS_BIAS, SPLIT)
+    else:
+        acc = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K], dtype=tl.float32)
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            kk = k0 + tl.arange(0, BLOCK_K)
+            k_ok = kk < k_hi
+            x = tl.load(x_rows + kk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0,
+                        eviction_policy="evict_last").to(tl.float32)
+            w = tl.load(w_rows + kk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0,
+                        eviction_policy="evict_first")
+            acc += x[:, None, :] * w.to(tl.float32)[None, :, :]
+        _epilogue(tl.sum(acc, axis=2), rm, m_ok, rn, n_ok, pid_k, M, N, stride_om, part_ptr, out_ptr,
+                  xs_ptr, ws_ptr, bias_ptr, True, HAS_BIAS, SPLIT)
+
+
+@triton.jit
+def _int_as_float(b, SUB: tl.constexpr):
+    """``b`` (int32 holding 0..255) as float32 ``b - SUB``, exact, without an int-to-float conversion."""
+    return (b | 0x4B000000).to(tl.float32, bitcast=True) - (8388608.0 + SUB)
+
+
+@triton.jit
+def _gemv_int_kernel(x_ptr, q_ptr, s_ptr, o_ptr, bias_ptr, out_ptr, part_ptr, M, N, K, K_PER_SPLIT,
+                     stride_qn, stride_sn,
+                     BITS: tl.constexpr, GROUP: tl.constexpr, SUB: tl.constexpr, SIGNED8: tl.constexpr,
+                     HAS_OFFSET: tl.constexpr, HAS_BIAS: tl.constexpr, FACTORED: tl.constexpr,
+                     SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    # GROUP and BLOCK_K divide one another; a tile holds TILE_G groups (or part of one) of G_W inputs.
+    # (Multiplying the low nibbles by the even inputs and the high ones by the odd inputs instead
+    # of interleaving measured 15% slower on an H200.)
+    TILE_G: tl.constexpr = BLOCK_K // GROUP if BLOCK_K > GROUP else 1
+    G_W: tl.constexpr = BLOCK_K // TILE_G
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = rn < N
+    rn64 = rn.to(tl.int64)[:, None]
+    q_rows = q_ptr + rn64 * stride_qn
+    s_rows = s_ptr + rn64 * stride_sn
+    o_rows = o_ptr + rn64 * stride_sn
+    gg = tl.arange(0, TILE_G)
+    k_lo = pid_k * K_PER_SPLIT
+    k_hi = tl.minimum(k_lo + K_PER_SPLIT, K)
+    if FACTORED:
+        acc = tl.zeros([BLOCK_N, TILE_G], dtype=tl.float32)
+    else:
+        acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        g_ok = n_ok[:, None] & (k0 + gg * (BLOCK_K // TILE_G) < k_hi)[None, :]
+        s = tl.load(s_rows + (k0 // GROUP + gg)[None, :], mask=g_ok, other=0.0).to(tl.float32)
+        if HAS_OFFSET:
+            o = tl.load(o_rows + (k0 // GROUP + gg)[None, :], mask=g_ok, other=0.0).to(tl.float32)
+        kk = k0 + tl.arange(0, BLOCK_K)
+        k_ok = kk < k_hi
+        x = tl.load(x_ptr + kk, mask=k_ok, other=0.0, eviction_policy="evict_last").to(tl.float32)
+        if BITS == 4:
+            jj = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+            b = tl.load(q_rows + jj[None, :], mask=n_ok[:, None] & (2 * jj < k_hi)[None, :], other=0,
+                        eviction_policy="evict_first").to(tl.int32)
+            b = tl.interleave(b & 0xF, b >> 4)  # byte j holds inputs 2j (low nibble) and 2j + 1
+        else:
+            b = tl.load(q_rows + kk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0,
+                        eviction_policy="evict_first").to(tl.int32)
+            if SIGNED8:
+                b += 128
+        q = _int_as_float(b, SUB)
+        if FACTORED:
+            p = x[None, :] * q
+        else:
+            w3 = tl.reshape(q, [BLOCK_N, TILE_G, G_W]) * s[:, :, None]
+            if HAS_OFFSET:
+                w3 += o[:, :, None]
+            p = x[None, :] * tl.reshape(w3, [BLOCK_N, BLOCK_K])
+        if FACTORED:
+            # s * sum(x q) (+ o * sum(x)) per group of the tile.
+            part = tl.sum(tl.reshape(p, [BLOCK_N, TILE_G, G_W]), axis=2) * s
+            if HAS_OFFSET:
+                part += o * tl.sum(tl.reshape(x, [TILE_G, G_W]), axis=1)[None, :]
+            acc += part
+        else:
+            acc += p
+    rm = tl.arange(0, 1)
+    _epilogue(tl.sum(acc, axis=1)[None, :], rm, rm < 1, rn, n_ok, pid_k, 1, N, N, part_ptr, out_ptr,
+              out_ptr, out_ptr, bias_ptr, False, HAS_BIAS, SPLIT)
+
+
+def _k_per_split(k: int, tiles: GemvTiles) -> int:
+    """Inputs per split, a multiple of ``block_k``."""
+    return triton.cdiv(triton.cdiv(k, tiles.split_k), tiles.block_k) * tiles.block_k
+
+
+def _launch(kernel: triton.JITFunction, args: tuple[object, ...], m: int, n: int, k: int, out: torch.Tensor,
+            xs: torch.Tensor | None, ws: torch.Tensor | None, bias: torch.Tensor | None, tiles: GemvTiles,
+            **meta: object) -> torch.Tensor:
+    per_split = _k_per_split(k, tiles)
+    split = triton.cdiv(k, per_split)
+    part = out if split == 1 else torch.empty((split, m, n), dtype=torch.float32, device=out.device)
+    kernel[(triton.cdiv(n, tiles.block_n), split)](
+        *args, out, part, m, n, k, per_split, **meta,
+        HAS_BIAS=bias is not None, SPLIT=split > 1,
+        BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, num_warps=tiles.num_warps,
+    )
+    if split > 1:
+        block = 1024
+        _reduce_splits_kernel[(triton.cdiv(n, block), m)](
+            part, out, xs if xs is not None else out, ws if ws is not None else out,
+            bias if bias is not None else out, m, n, out.stride(0), split,
+            HAS_XS=xs is not None, HAS_BIAS=bias is not None, BLOCK=block, num_warps=4,
+        )
+    return out
+
+
+def _one_row(x: torch.Tensor) -> torch.Tensor:
+    if x.dim() != 2 or x.shape[0] != 1:
+        raise ValueError(f"one-token GEMV takes x [1, K], got {tuple(x.shape)}")
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def gemv16(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, *,
+           tiles: GemvTiles | None = None) -> torch.Tensor:
+    """``x @ w.T + bias`` for ``x`` ``[1, K]`` and a 16/32-bit ``w`` ``[N, K]`` (unit last stride):
+    float32 sums, result in ``x.dtype``."""
+    tiles = tiles or GemvTiles()
+    x = _one_row(x)
+    n, k = w.shape
+    out = torch.empty((1, n), dtype=x.dtype, device=x.device)
+    bias_arg = bias if bias is not None else out
+    return _launch(_gemv16_kernel, (x, w, bias_arg), 1, n, k, out, None, None, bias, tiles,
+                   stride_wn=w.stride(0))
+
+
+def gemv_fp8(xq: torch.Tensor, xs: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor,
+             bias: torch.Tensor | None, out_dtype: torch.dtype, *,
+             tiles: GemvTiles | None = None) -> torch.Tensor:
+    """fp8 W8A8 for a few tokens: ``xq`` ``[M, K]`` e4m3 and ``xs`` ``[M, 1]`` from the per-token
+    quantization (``M <= 16``: every program holds all tokens), ``w_fp8`` ``[N, K]`` e4m3 with
+    ``w_scale`` ``[N]``; returns ``(sum_k xq wq) * xs[m] * ws[n] + bias[n]`` ``[M, N]``."""
+    if xq.stride(-1) != 1:
+        xq = xq.contiguous()
+    m, k = xq.shape
+    n = w_fp8.shape[0]
+    if m > MAX_M:
+        raise ValueError(f"gemv_fp8 takes at most {MAX_M} tokens, got {m}")
+    tiles = tiles or fp8_tiles(m)
+    out = torch.empty((m, n), dtype=out_dtype, device=xq.device)
+    if m == 0:
+        return out
+    bias_arg = bias if bias is not None else w_scale
+    block_m = triton.next_power_of_2(m)
+    args = (xq, xs, w_fp8, w_scale, bias_arg)
+    return _launch(_gemv_fp8_kernel, args, m, n, k, out, xs, w_scale, bias, tiles, stride_xm=xq.stride(0),
+                   stride_wn=w_fp8.stride(0), stride_om=out.stride(0), BLOCK_M=block_m)
+
+
+MAX_M = 16  # tokens gemv_fp8 takes (its register tile is [BLOCK_M, BLOCK_N, BLOCK_K])
+# One token: fastest on an H200 for all four llama3-8b and llama3-70b projections among 45
+# tilings (docs/QUANTIZATION.md, "One-token GEMV").
+FP8_M1_TILES = GemvTiles(block_n=2, block_k=1024, num_warps=2, split_k=1)
+
+
+def fp8_tiles(m: int) -> GemvTiles:
+    """The tiling of :func:`gemv_fp8` for ``m`` tokens: the measured one at one token; above it
+    the ``[BLOCK_M, BLOCK_N, BLOCK_K]`` product tile kept near 8k elements (registers)."""
+    if m <= 1:
+        return FP8_M1_TILES
+    block_m = triton.next_power_of_2(m)
+    block_n = 8 if block_m <= 4 else 4
+    return GemvTiles(block_n=block_n, block_k=max(64, 8192 // (block_m * block_n)), num_warps=4, split_k=1)
+
+
+def _int_block_k(block_k: int, group_size: int) -> int:
+    while group_size % block_k and block_k % group_size:
+        block_k //= 2
+    return block_k
+
+
+def gemv_wna16(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | None,
+               bits: int, group_size: int, bias: torch.Tensor | None = None, *,
+               tiles: GemvTiles | None = None, factored: bool = True) -> torch.Tensor:
+    """WnA16 at one token (:class:`kernels.quant_reference.WnA16Weight` layout; checked by
+    :func:`kernels.triton_ops.wna16.wna16_linear`): ``x`` ``[1, K]``, float32 sums, result in
+    ``x.dtype``. ``factored``: scales applied per group sum (module docstring)."""
+    tiles = tiles or GemvTiles()
+    tiles = GemvTiles(tiles.block_n, _int_block_k(tiles.block_k, group_size), tiles.num_warps, tiles.split_k)
+    x = _one_row(x)
+    n = qweight.shape[0]
+    k = x.shape[1]
+    out = torch.empty((1, n), dtype=x.dtype, device=x.device)
+    # 8-bit signed: the kernel adds 128 to the sign-extended value and subtracts it again as a float.
+    signed8 = bits == 8 and qweight.dtype == torch.int8
+    sub = 8.0 if (bits == 4 and offsets is None) else (128.0 if signed8 else 0.0)
+    args = (x, qweight, scales, offsets if offsets is not None else scales,
+            bias if bias is not None else scales)
+    return _launch(_gemv_int_kernel, args, 1, n, k, out, None, None, bias, tiles,
+                   stride_qn=qweight.stride(0), stride_sn=scales.stride(0), BITS=bits, GROUP=group_size,
+                   SUB=sub, SIGNED8=signed8, HAS_OFFSET=offsets is not None, FACTORED=factored)
