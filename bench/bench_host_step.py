@@ -3,7 +3,7 @@
 Issue 16, item 2: a W1-shaped step (256 requests, 512-token prompts, greedy) on the host.
 
 1. ``Scheduler.schedule`` + ``update`` alone, with no runner: every request is prefilled first,
-   then ``--steps`` decode steps are timed and the medians printed (wall clock).
+   then ``--steps`` decode steps are timed and the medians printed (CPU time of this thread).
 2. The same loop with the real :class:`ModelRunner` in it, once with async scheduling (the engine
    core's depth-2 pipeline: step k+1 is planned and launched before step k's ids are taken, so
    decode tokens are placeholders filled on the device) and once without. The model is a stub
@@ -69,7 +69,7 @@ def _add_requests(sched: Scheduler, n: int, p: int, max_tokens: int) -> None:
 
 
 def bench_scheduler(args: argparse.Namespace) -> None:
-    """Part 1: ``schedule`` + ``update`` with no runner (wall clock medians)."""
+    """Part 1: ``schedule`` + ``update`` with no runner (medians of this thread's CPU time)."""
     n, p = args.requests, args.prompt_tokens
     # Requests prefilled first decode while the others prefill (~p * n / 8192 steps): no
     # request may finish before the timed steps end.
@@ -87,13 +87,13 @@ def bench_scheduler(args: argparse.Namespace) -> None:
     for _ in range(args.steps):
         if prof is not None:
             prof.enable()
-        t0 = time.perf_counter()
+        t0 = time.thread_time()
         out = sched.schedule()
-        t1 = time.perf_counter()
+        t1 = time.thread_time()
         runner_out = _sampled(out)
-        t2 = time.perf_counter()
+        t2 = time.thread_time()
         sched.update(out, runner_out, 0.0)
-        t3 = time.perf_counter()
+        t3 = time.thread_time()
         if prof is not None:
             prof.disable()
         t_sched.append(t1 - t0)

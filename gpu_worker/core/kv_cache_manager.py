@@ -98,7 +98,8 @@ class KVCacheManager:
         """
         table = self._blocks.get(request.request_id)
         if table is not None and not cached_block_ids and (
-            _cdiv(request.num_scheduled_tokens + num_new_tokens, self.block_size) <= len(table)
+            _cdiv(request.num_computed_tokens + request.num_inflight_tokens + num_new_tokens, self.block_size)
+            <= len(table)
         ):
             return []  # the common decode step: the request's last block has room (no change)
         cached = [self.pool.blocks[i] for i in cached_block_ids]
@@ -136,7 +137,10 @@ class KVCacheManager:
         if table is None:
             return
         done = self._num_committed[request.request_id]
-        num_full = min(request.num_computed_tokens // self.block_size, len(table), len(request.block_hashes))
+        num_full = request.num_computed_tokens // self.block_size
+        if num_full <= done:  # the common decode step: no block became full
+            return
+        num_full = min(num_full, len(table), len(request.block_hashes))
         if num_full <= done:
             return
         self.pool.cache_full_blocks(table[done:num_full], request.block_hashes[done:num_full])

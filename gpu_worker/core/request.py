@@ -61,6 +61,10 @@ class Request:
         self.prompt_token_ids: tuple[int, ...] = tuple(prompt_token_ids)
         self.params = params
         self.eos_token_ids = eos_token_ids
+        # The token ids that stop the request (once min_tokens are out): read per token.
+        self.stop_ids: frozenset[int] = frozenset(params.stop_token_ids).union(
+            () if params.ignore_eos else eos_token_ids
+        )
         self.arrival_time = arrival_time
         self.priority = priority
         self.rank: Any = 0  # the scheduling policy's rank (set by the scheduler when queued)
@@ -115,7 +119,7 @@ class Request:
         """Append a sampled token and extend the hash chain if a block became full."""
         self.output_token_ids.append(token_id)
         self.all_token_ids.append(token_id)
-        if self.num_tokens % self.block_size == 0:
+        if len(self.all_token_ids) % self.block_size == 0:
             start = len(self.block_hashes)
             parent = self.block_hashes[-1] if self.block_hashes else None
             self.block_hashes.extend(

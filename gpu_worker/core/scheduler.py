@@ -72,6 +72,16 @@ class _StepPlan:
         self.token_budget -= num_tokens
 
 
+def _for_known_general(
+    req_id: str, token_ids: tuple[int, ...], start_pos: int, block_ids: tuple[int, ...], sample: bool,
+    num_draft_tokens: int,
+) -> ScheduledRequest:
+    """``ScheduledRequest.for_known`` through the dataclass constructor (the general path)."""
+    return ScheduledRequest(
+        req_id, token_ids, start_pos, block_ids, sample, num_draft_tokens=num_draft_tokens
+    )
+
+
 class Scheduler:
     """Continuous batching with chunked prefill, prefix caching and preemption by recompute.
 
@@ -85,6 +95,11 @@ class Scheduler:
     admits it, so "admitted this step" is exactly "new to the runner". Not thread-safe: the
     engine core loop is its only caller.
     """
+
+    # False: the general path everywhere (tests prove the fast paths give the same outputs and
+    # states, on a subclass that turns them off): records built by their dataclass constructors,
+    # and a sampled token without drafts appended by ``_append_tokens``.
+    _FAST_PATHS = True
 
     def __init__(
         self,
@@ -200,42 +215,55 @@ class Scheduler:
         return self._build_output(plan)
 
     def _schedule_running(self, plan: _StepPlan) -> None:
+        running, allocate, num_schedulable = self._running, self.kv.allocate, self._num_schedulable
+        entries = plan.entries
         i = 0
-        while i < len(self._running) and plan.token_budget > 0:
-            request = self._running[i]
-            num_tokens = min(self._num_schedulable(request), plan.token_budget)
+        while i < len(running) and plan.token_budget > 0:
+            request = running[i]
+            num_tokens = num_schedulable(request)
+            if num_tokens > plan.token_budget:
+                num_tokens = plan.token_budget
             if num_tokens <= 0:  # nothing to compute until the step in flight is accounted for
                 i += 1
                 continue
-            del request.spec_token_ids[max(num_tokens - 1, 0) :]  # the budget cuts drafts first
-            new_block_ids = self.kv.allocate(request, num_tokens)
+            if request.spec_token_ids:
+                del request.spec_token_ids[max(num_tokens - 1, 0) :]  # the budget cuts drafts first
+            new_block_ids = allocate(request, num_tokens)
             while new_block_ids is None:
                 # The last in (rank, admission) order is always at index >= i, so it was not
                 # scheduled earlier in this step.
-                victim = self._running.pop()
+                victim = running.pop()
                 self._preempt(victim)
                 plan.preempted = True
                 if victim is request:
                     return
-                new_block_ids = self.kv.allocate(request, num_tokens)
-            plan.add(request, num_tokens, new_block_ids, admitted=False)
+                new_block_ids = allocate(request, num_tokens)
+            entries.append((request, num_tokens, new_block_ids, False))  # plan.add, inlined
+            plan.token_budget -= num_tokens
             i += 1
 
     def _num_schedulable(self, request: Request) -> int:
         """Tokens a running request can compute now: its tokens not scheduled yet, plus the
         one the step in flight samples for it unless that one ends it by length anyway."""
         pending = request.num_pending_outputs
-        if not self.overlap and (pending or request.num_inflight_tokens):
-            return 0  # pipeline micro-batches: a request is in at most one step in flight
-        if pending and (request.params.structured_output is not None or self._drafts is not None):
-            return 0  # its grammar mask / its drafts need the pending token(s): no placeholder
+        num_tokens = len(request.all_token_ids)
         if pending:
-            max_tokens = request.params.max_tokens
-            if (max_tokens is not None and request.num_output_tokens + pending >= max_tokens) or (
-                request.num_tokens + pending >= self.max_model_len
+            if not self.overlap:
+                return 0  # pipeline micro-batches: a request is in at most one step in flight
+            params = request.params
+            if params.structured_output is not None or self._drafts is not None:
+                return 0  # its grammar mask / its drafts need the pending token(s): no placeholder
+            max_tokens = params.max_tokens
+            if (max_tokens is not None and len(request.output_token_ids) + pending >= max_tokens) or (
+                num_tokens + pending >= self.max_model_len
             ):
                 return 0
-        return request.num_tokens + pending - request.num_scheduled_tokens + len(request.spec_token_ids)
+        elif request.num_inflight_tokens and not self.overlap:
+            return 0
+        return (
+            num_tokens + pending - request.num_computed_tokens - request.num_inflight_tokens
+            + len(request.spec_token_ids)
+        )
 
     def _schedule_waiting(self, plan: _StepPlan) -> None:
         while plan.token_budget > 0 and len(self._running) < self.max_num_seqs:
@@ -291,18 +319,32 @@ class Scheduler:
         self._num_preemptions += 1
 
     def _build_output(self, plan: _StepPlan) -> SchedulerOutput:
-        scheduled = []
+        scheduled: list[ScheduledRequest] = []
+        append = scheduled.append
+        for_known = ScheduledRequest.for_known if self._FAST_PATHS else _for_known_general
         for request, num_tokens, new_block_ids, admitted in plan.entries:
-            drafts, request.spec_token_ids = request.spec_token_ids, []
-            start = request.num_scheduled_tokens
+            drafts = request.spec_token_ids
+            if drafts:
+                request.spec_token_ids = []
+            all_token_ids = request.all_token_ids
+            num_known = len(all_token_ids)
+            start = request.num_computed_tokens + request.num_inflight_tokens
             end = start + num_tokens - len(drafts)
-            token_ids = tuple(request.all_token_ids[start:end])
-            if end > request.num_tokens:  # the token the step in flight samples (at most one)
-                token_ids += (PLACEHOLDER_TOKEN_ID,) * (end - max(start, request.num_tokens))
-            token_ids += tuple(drafts)
-            sample = end == request.num_tokens + request.num_pending_outputs
+            if end > num_known:  # the token the step in flight samples (at most one)
+                if start >= num_known:  # a decode of that token alone
+                    token_ids = (PLACEHOLDER_TOKEN_ID,) * (end - start)
+                else:
+                    token_ids = tuple(all_token_ids[start:]) + (PLACEHOLDER_TOKEN_ID,) * (end - num_known)
+            elif end == start + 1:  # a decode
+                token_ids = (all_token_ids[start],)
+            else:
+                token_ids = tuple(all_token_ids[start:end])
+            if drafts:
+                token_ids += tuple(drafts)
+            sample = end == num_known + request.num_pending_outputs
             request.num_inflight_tokens += num_tokens
-            request.num_pending_outputs += sample
+            if sample:
+                request.num_pending_outputs += 1
             if admitted:  # new to the runner (first admission or resumed): send everything
                 entry = ScheduledRequest(
                     request.request_id,
@@ -317,11 +359,11 @@ class Scheduler:
                     prompt_token_ids=tuple(request.prompt_token_ids),
                 )
             else:
-                entry = ScheduledRequest(
-                    request.request_id, token_ids, start, tuple(new_block_ids), sample,
-                    num_draft_tokens=len(drafts),
+                entry = for_known(
+                    request.request_id, token_ids, start, tuple(new_block_ids) if new_block_ids else (),
+                    sample, len(drafts),
                 )
-            scheduled.append(entry)
+            append(entry)
         output = SchedulerOutput(
             requests=tuple(scheduled),
             num_scheduled_tokens=self.max_num_batched_tokens - plan.token_budget,
@@ -347,45 +389,56 @@ class Scheduler:
         if missing:  # checked before any state changes
             raise ValueError(f"runner output has no sampled token for requests {missing}")
         accepted = self._accepted_drafts(scheduler_output, runner_output)
-        outputs = []
+        outputs: list[EngineCoreOutput] = []
+        append, requests, commit_computed = outputs.append, self._requests, self.kv.commit_computed
+        running, fast_paths = RequestStatus.RUNNING, self._FAST_PATHS
+        make_output = EngineCoreOutput.fast if fast_paths else EngineCoreOutput
         num_tokens = scheduler_output.num_scheduled_tokens
         per_token_s = device_s / num_tokens if num_tokens else 0.0
         for entry in scheduler_output.requests:
-            request = self._requests.get(entry.req_id)
+            req_id = entry.req_id
+            request = requests.get(req_id)
             if request is None:
                 continue  # finished or aborted between schedule() and update(): its share is dropped
+            num_entry_tokens = len(entry.token_ids)
+            num_drafts = entry.num_draft_tokens
             if per_token_s:
-                share = per_token_s * len(entry.token_ids)
+                share = per_token_s * num_entry_tokens
                 request.unreported_device_s += share
                 self._device_seconds += share
-            if request.status is RequestStatus.RUNNING:
-                request.num_inflight_tokens -= len(entry.token_ids)
+            if request.status is running:
+                request.num_inflight_tokens -= num_entry_tokens
                 # Rejected drafts' K/V are not computed tokens: later tokens overwrite their slots.
-                request.num_computed_tokens += len(entry.token_ids) - entry.num_draft_tokens
-                request.num_computed_tokens += len(accepted.get(entry.req_id, ((), ()))[0])
-                self.kv.commit_computed(request)
+                # An entry without drafts has none accepted (``_accepted_drafts`` checked it).
+                request.num_computed_tokens += num_entry_tokens - num_drafts
+                if num_drafts:
+                    request.num_computed_tokens += len(accepted.get(req_id, ((), ()))[0])
+                commit_computed(request)
             # Otherwise it was preempted after this step was planned (async scheduling): its
             # K/V are recomputed on resume, but the token sampled for it is as good as any.
             if not entry.sample:
                 continue
             request.num_pending_outputs -= 1
-            draft_ids, draft_logprobs = accepted.get(entry.req_id, ((), ()))
-            if entry.num_draft_tokens and self._drafts is not None:
-                self._drafts.record(entry.num_draft_tokens, len(draft_ids))
-            token_logprobs = logprobs.get(entry.req_id)
-            new_ids, new_logprobs, finish_reason = self._append_tokens(
-                request, (*draft_ids, sampled[entry.req_id]),
-                (*draft_logprobs, token_logprobs) if token_logprobs is not None else (),
-            )
-            outputs.append(
-                EngineCoreOutput(
-                    request.request_id,
-                    new_ids,
-                    new_logprobs=new_logprobs,
-                    finish_reason=finish_reason,
-                    num_cached_tokens=request.num_cached_tokens,
-                    stop_token_id=request.stop_token_id,
-                    device_s=request.unreported_device_s,
+            token_logprobs = logprobs.get(req_id) if logprobs else None
+            if not num_drafts and fast_paths:
+                # One sampled token and no drafts: ``_append_tokens`` for one token, inlined.
+                token_id = sampled[req_id]
+                request.append_output_token(token_id)
+                finish_reason = self._check_stop(request, token_id)
+                new_ids: tuple[int, ...] = (token_id,)
+                new_logprobs: tuple[TokenLogprobs, ...] = () if token_logprobs is None else (token_logprobs,)
+            else:
+                draft_ids, draft_logprobs = accepted.get(req_id, ((), ()))
+                if num_drafts and self._drafts is not None:
+                    self._drafts.record(num_drafts, len(draft_ids))
+                new_ids, new_logprobs, finish_reason = self._append_tokens(
+                    request, (*draft_ids, sampled[req_id]),
+                    (*draft_logprobs, token_logprobs) if token_logprobs is not None else (),
+                )
+            append(
+                make_output(
+                    req_id, new_ids, new_logprobs, finish_reason, request.num_cached_tokens,
+                    request.stop_token_id, request.unreported_device_s,
                 )
             )
             request.unreported_device_s = 0.0
@@ -426,16 +479,16 @@ class Scheduler:
     def _check_stop(self, request: Request, token_id: int) -> FinishReason | None:
         """Finish the request if ``token_id`` ends it; returns the reason (None: keep going)."""
         params = request.params
-        if request.num_output_tokens >= params.min_tokens:
-            is_eos = not params.ignore_eos and token_id in request.eos_token_ids
-            if is_eos or token_id in params.stop_token_ids:
-                request.stop_token_id = token_id
-                self._dequeue(request)
-                self._finish(request, RequestStatus.FINISHED_STOPPED)
-                return FinishReason.STOP
+        num_output_tokens = len(request.output_token_ids)
+        # stop_ids: the EOS ids (unless ignore_eos) and the stop token ids.
+        if token_id in request.stop_ids and num_output_tokens >= params.min_tokens:
+            request.stop_token_id = token_id
+            self._dequeue(request)
+            self._finish(request, RequestStatus.FINISHED_STOPPED)
+            return FinishReason.STOP
         max_tokens = params.max_tokens
-        if (max_tokens is not None and request.num_output_tokens >= max_tokens) or (
-            request.num_tokens >= self.max_model_len
+        if (max_tokens is not None and num_output_tokens >= max_tokens) or (
+            len(request.all_token_ids) >= self.max_model_len
         ):
             self._dequeue(request)
             self._finish(request, RequestStatus.FINISHED_LENGTH)

@@ -9,7 +9,8 @@ No collaborator writes another's state: each keeps its own and learns from these
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
+from types import MappingProxyType
 from typing import Any
 
 from gpu_worker.sampling_params import SamplingParams
@@ -76,6 +77,48 @@ class ScheduledRequest:
     output_token_ids: tuple[int, ...] = ()  # tokens generated before a preemption (for penalties)
     prompt_token_ids: tuple[int, ...] = ()  # whole prompt when is_new (repetition penalty sees cached tokens)
     num_draft_tokens: int = 0  # speculative decoding: drafts at the end of token_ids
+
+    @classmethod
+    def for_known(
+        cls, req_id: str, token_ids: tuple[int, ...], start_pos: int, block_ids: tuple[int, ...],
+        sample: bool, num_draft_tokens: int = 0,
+    ) -> ScheduledRequest:
+        """``ScheduledRequest(req_id, token_ids, start_pos, block_ids, sample,
+        num_draft_tokens=num_draft_tokens)`` (a request the runner already knows), built ~4x
+        faster: the scheduler builds one per running request per step (:func:`_fast_record`)."""
+        values = _SCHEDULED_DEFAULTS.copy()
+        values["req_id"] = req_id
+        values["token_ids"] = token_ids
+        values["start_pos"] = start_pos
+        values["block_ids"] = block_ids
+        values["sample"] = sample
+        values["num_draft_tokens"] = num_draft_tokens
+        return _fast_record(cls, values)
+
+
+def _record_defaults(cls: type) -> MappingProxyType[str, Any]:
+    """Every field of a frozen dataclass with its plain default (None where it has none; no
+    field may have a ``default_factory``): the template of :func:`_fast_record`."""
+    out = {}
+    for f in fields(cls):
+        if f.default_factory is not MISSING:
+            raise TypeError(f"{cls.__name__}.{f.name}: _fast_record needs plain defaults")
+        out[f.name] = None if f.default is MISSING else f.default
+    return MappingProxyType(out)  # read-only: each record gets a copy
+
+
+def _fast_record(cls: type[Any], values: dict[str, Any]) -> Any:
+    """An instance of the frozen dataclass ``cls`` holding ``values`` (one entry per field),
+    equal to the one its generated ``__init__`` builds, without that ``__init__``'s one
+    ``object.__setattr__`` call per field (~1 us per record on CPython 3.11). For records built
+    per request per step (``ScheduledRequest``, ``EngineCoreOutput``); ``__post_init__`` is not
+    run, so only for classes that have none."""
+    obj = object.__new__(cls)
+    object.__setattr__(obj, "__dict__", values)
+    return obj
+
+
+_SCHEDULED_DEFAULTS = _record_defaults(ScheduledRequest)
 
 
 @dataclass(frozen=True)
@@ -155,6 +198,24 @@ class EngineCoreOutput:
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+    @classmethod
+    def fast(
+        cls, request_id: str, new_token_ids: tuple[int, ...], new_logprobs: tuple[TokenLogprobs, ...],
+        finish_reason: FinishReason | None, num_cached_tokens: int, stop_token_id: int | None,
+        device_s: float,
+    ) -> EngineCoreOutput:
+        """The same record as the constructor with these (all) fields, built ~3x faster:
+        ``Scheduler.update`` builds one per sampled request per step (:func:`_fast_record`)."""
+        return _fast_record(cls, {
+            "request_id": request_id,
+            "new_token_ids": new_token_ids,
+            "new_logprobs": new_logprobs,
+            "finish_reason": finish_reason,
+            "num_cached_tokens": num_cached_tokens,
+            "stop_token_id": stop_token_id,
+            "device_s": device_s,
+        })
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ that stream at the card's bandwidth:
   barrier) per tile, so a warp's next weight loads are not held behind one;
 - weight loads are marked evict-first and activation loads evict-last: the weights are read
   once, the activation by every program;
-- split-K (``GemvTiles.split_k`` > 1) writes float32 partial sums ``[split_k, N]`` that
+- split-K (``GemvTiles.split_k`` > 1) writes float32 partial sums ``[split_k, M, N]`` that
   :func:`_reduce_splits_kernel` adds in split order (deterministic: no atomics) before the
   epilogue; with one split the epilogue runs in the GEMV kernel;
 - fp8 takes the activation already quantized (:func:`~kernels.triton_ops.fp8_matmul.quantize_fp8_per_token`,
@@ -21,8 +21,8 @@ that stream at the card's bandwidth:
   ``factored`` the group's scale multiplies the group's partial sum instead of each weight
   (``sum_k x_k (q_k s + o) = s sum_k x_k q_k + o sum_k x_k``): one FMA per weight. The weight
   is not rounded to the activation dtype first, as the reference does: the result differs
-  from :func:`kernels.quant_reference.wna16_linear` by that rounding (relative 2^-9 per
-  weight in bf16) and the order of sums.
+  from :func:`kernels.quant_reference.wna16_linear` by that rounding (at most the dtype's unit
+  roundoff per weight: 2^-8 in bf16) and the order of sums.
 """
 
 from __future__ import annotations
@@ -32,8 +32,6 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
-
-TWO_23 = 8388608.0  # 2^23: the float32 whose low mantissa bits hold a small integer exactly
 
 
 @dataclass(frozen=True)
