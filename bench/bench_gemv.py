@@ -24,13 +24,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from bench_quant_kernels import copy_bandwidth_gb_s  # bench/ is on sys.path when run as a script
 
 from kernels import quant_reference as qref
 from kernels.triton_ops import fp8_matmul
@@ -42,19 +42,6 @@ SHAPES_70B = {"qkv": (10240, 8192), "o": (8192, 8192), "gate_up": (57344, 8192),
 TILES = [(bn, bk, w) for bn in (4, 8, 16) for bk in (512, 1024) for w in (4, 8)]
 TILES += [(4, 1024, 2), (2, 1024, 2), (32, 256, 4)]
 SPLITS = (1, 2, 4)
-
-
-def copy_gb_s() -> float:
-    a = torch.empty(1 << 30, dtype=torch.uint8, device=DEV)
-    b = torch.empty_like(a)
-    for _ in range(3):
-        b.copy_(a)
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(10):
-        b.copy_(a)
-    torch.cuda.synchronize()
-    return 2 * (1 << 30) * 10 / (time.perf_counter() - t) / 1e9
 
 
 def time_chain(fn: Callable[[], object], reps: int = 10) -> float:
@@ -200,7 +187,7 @@ def main() -> None:
     ap.add_argument("--parts", default="bf16,fp8,w4,fp8_70b,fp8_small_m")
     ap.add_argument("--json", default="", help="append the rows here (JSON lines)")
     args = ap.parse_args()
-    rec = Recorder(copy_gb_s())
+    rec = Recorder(copy_bandwidth_gb_s())
     print(f"{torch.cuda.get_device_name()}: copy {rec.copy:,.0f} GB/s", flush=True)
     for part in args.parts.split(","):
         if part == "fp8_small_m":

@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass
 import torch
 import triton
 import triton.testing
+from bench_quant_kernels import copy_bandwidth_gb_s  # bench/ is on sys.path when run as a script
 
 from kernels import reference
 from kernels import triton_ops as tops
@@ -56,13 +57,6 @@ class Row:
 def bench(fn: Callable[[], object]) -> float:
     """Median milliseconds of ``fn`` (CUDA events)."""
     return float(triton.testing.do_bench(fn, warmup=50, rep=300, return_mode="median"))
-
-
-def copy_bandwidth_gb_s() -> float:
-    src = torch.empty(1 << 29, dtype=torch.bfloat16, device="cuda").normal_()  # 1 GiB
-    dst = torch.empty_like(src)
-    ms = bench(lambda: dst.copy_(src))
-    return 2 * src.numel() * src.element_size() / ms / 1e6
 
 
 @dataclass(frozen=True)

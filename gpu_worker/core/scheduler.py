@@ -216,7 +216,6 @@ class Scheduler:
 
     def _schedule_running(self, plan: _StepPlan) -> None:
         running, allocate, num_schedulable = self._running, self.kv.allocate, self._num_schedulable
-        entries = plan.entries
         i = 0
         while i < len(running) and plan.token_budget > 0:
             request = running[i]
@@ -238,8 +237,7 @@ class Scheduler:
                 if victim is request:
                     return
                 new_block_ids = allocate(request, num_tokens)
-            entries.append((request, num_tokens, new_block_ids, False))  # plan.add, inlined
-            plan.token_budget -= num_tokens
+            plan.add(request, num_tokens, new_block_ids, admitted=False)
             i += 1
 
     def _num_schedulable(self, request: Request) -> int:

@@ -220,11 +220,10 @@ def fp8_linear(
     config = config or _DEFAULT
     n, k = w_fp8.shape
     lead = x.shape[:-1]
+    out_dtype = x.dtype
     if isinstance(x, Fp8Activation):
-        out_dtype = x.dtype
         xq, xs = x.q.reshape(-1, k), x.scale.reshape(-1, 1)
     else:
-        out_dtype = x.dtype
         xq, xs = quantize_fp8_per_token(x.reshape(-1, k))
     if xq.shape[0] <= config.gemv_max_m:
         y = gemv_fp8(xq, xs, w_fp8, w_scale, bias, out_dtype, tiles=config.gemv_tiles)

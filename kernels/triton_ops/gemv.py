@@ -88,32 +88,12 @@ def _reduce_splits_kernel(part_ptr, out_ptr, xs_ptr, ws_ptr, bias_ptr, M, N, str
 
 
 @triton.jit
-def _gemv16_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, part_ptr, M, N, K, K_PER_SPLIT, stride_wn,
-                   HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = rn < N
-    w_rows = w_ptr + rn.to(tl.int64)[:, None] * stride_wn
-    k_lo = pid_k * K_PER_SPLIT
-    k_hi = tl.minimum(k_lo + K_PER_SPLIT, K)
-    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-    for k0 in range(k_lo, k_hi, BLOCK_K):
-        kk = k0 + tl.arange(0, BLOCK_K)
-        k_ok = kk < k_hi
-        x = tl.load(x_ptr + kk, mask=k_ok, other=0.0, eviction_policy="evict_last").to(tl.float32)
-        w = tl.load(w_rows + kk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0,
-                    eviction_policy="evict_first")
-        acc += x[None, :] * w.to(tl.float32)
-    rm = tl.arange(0, 1)
-    _epilogue(tl.sum(acc, axis=1)[None, :], rm, rm < 1, rn, n_ok, pid_k, 1, N, N, part_ptr, out_ptr,
-              out_ptr, out_ptr, bias_ptr, False, HAS_BIAS, SPLIT)
-
-
-@triton.jit
-def _gemv_fp8_kernel(xq_ptr, xs_ptr, w_ptr, ws_ptr, bias_ptr, out_ptr, part_ptr, M, N, K, K_PER_SPLIT,
-                     stride_xm, stride_wn, stride_om, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _gemv_dense_kernel(xq_ptr, xs_ptr, w_ptr, ws_ptr, bias_ptr, out_ptr, part_ptr, M, N, K, K_PER_SPLIT,
+                       stride_xm, stride_wn, stride_om, HAS_XS: tl.constexpr, HAS_BIAS: tl.constexpr,
+                       SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                       BLOCK_K: tl.constexpr):
+    # 16/32-bit weights (HAS_XS False) and fp8 W8A8 on quantized activations (HAS_XS: the
+    # per-token and per-channel scales in the epilogue); e4m3 x e4m3 products are exact in float32.
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     rm = tl.arange(0, BLOCK_M)  # every token (M <= BLOCK_M): each weight byte is read once
@@ -132,9 +112,9 @@ def _gemv_fp8_kernel(xq_ptr, xs_ptr, w_ptr, ws_ptr, bias_ptr, out_ptr, part_ptr,
             x1 = tl.load(xq_ptr + kk, mask=k_ok, other=0.0, eviction_policy="evict_last").to(tl.float32)
             w = tl.load(w_rows + kk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0,
                         eviction_policy="evict_first")
-            acc1 += x1[None, :] * w.to(tl.float32)  # e4m3 x e4m3: exact in float32
+            acc1 += x1[None, :] * w.to(tl.float32)
         _epilogue(tl.sum(acc1, axis=1)[None, :], rm, m_ok, rn, n_ok, pid_k, M, N, stride_om, part_ptr,
-                  out_ptr, xs_ptr, ws_ptr, bias_ptr, True, HAS_BIAS, SPLIT)
+                  out_ptr, xs_ptr, ws_ptr, bias_ptr, HAS_XS, HAS_BIAS, SPLIT)
     else:
         acc = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K], dtype=tl.float32)
         for k0 in range(k_lo, k_hi, BLOCK_K):
@@ -146,7 +126,7 @@ def _gemv_fp8_kernel(xq_ptr, xs_ptr, w_ptr, ws_ptr, bias_ptr, out_ptr, part_ptr,
                         eviction_policy="evict_first")
             acc += x[:, None, :] * w.to(tl.float32)[None, :, :]
         _epilogue(tl.sum(acc, axis=2), rm, m_ok, rn, n_ok, pid_k, M, N, stride_om, part_ptr, out_ptr,
-                  xs_ptr, ws_ptr, bias_ptr, True, HAS_BIAS, SPLIT)
+                  xs_ptr, ws_ptr, bias_ptr, HAS_XS, HAS_BIAS, SPLIT)
 
 
 @triton.jit
@@ -260,9 +240,9 @@ def gemv16(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, *
     x = _one_row(x)
     n, k = w.shape
     out = torch.empty((1, n), dtype=x.dtype, device=x.device)
-    bias_arg = bias if bias is not None else out
-    return _launch(_gemv16_kernel, (x, w, bias_arg), 1, n, k, out, None, None, bias, tiles,
-                   stride_wn=w.stride(0))
+    args = (x, out, w, out, bias if bias is not None else out)  # no scales: out stands in
+    return _launch(_gemv_dense_kernel, args, 1, n, k, out, None, None, bias, tiles, stride_xm=x.stride(0),
+                   stride_wn=w.stride(0), stride_om=out.stride(0), HAS_XS=False, BLOCK_M=1)
 
 
 def gemv_fp8(xq: torch.Tensor, xs: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor,
@@ -284,8 +264,8 @@ def gemv_fp8(xq: torch.Tensor, xs: torch.Tensor, w_fp8: torch.Tensor, w_scale: t
     bias_arg = bias if bias is not None else w_scale
     block_m = triton.next_power_of_2(m)
     args = (xq, xs, w_fp8, w_scale, bias_arg)
-    return _launch(_gemv_fp8_kernel, args, m, n, k, out, xs, w_scale, bias, tiles, stride_xm=xq.stride(0),
-                   stride_wn=w_fp8.stride(0), stride_om=out.stride(0), BLOCK_M=block_m)
+    return _launch(_gemv_dense_kernel, args, m, n, k, out, xs, w_scale, bias, tiles, stride_xm=xq.stride(0),
+                   stride_wn=w_fp8.stride(0), stride_om=out.stride(0), HAS_XS=True, BLOCK_M=block_m)
 
 
 MAX_M = 16  # tokens gemv_fp8 takes (its register tile is [BLOCK_M, BLOCK_N, BLOCK_K])
@@ -304,7 +284,9 @@ def fp8_tiles(m: int) -> GemvTiles:
     return GemvTiles(block_n=block_n, block_k=max(64, 8192 // (block_m * block_n)), num_warps=4, split_k=1)
 
 
-def _int_block_k(block_k: int, group_size: int) -> int:
+def fit_block_k(block_k: int, group_size: int) -> int:
+    """``block_k`` halved until it and ``group_size`` divide one another (>= 16: groups are
+    multiples of 16): a tile then holds whole groups or part of one."""
     while group_size % block_k and block_k % group_size:
         block_k //= 2
     return block_k
@@ -317,7 +299,7 @@ def gemv_wna16(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, off
     :func:`kernels.triton_ops.wna16.wna16_linear`): ``x`` ``[1, K]``, float32 sums, result in
     ``x.dtype``. ``factored``: scales applied per group sum (module docstring)."""
     tiles = tiles or GemvTiles()
-    tiles = GemvTiles(tiles.block_n, _int_block_k(tiles.block_k, group_size), tiles.num_warps, tiles.split_k)
+    tiles = GemvTiles(tiles.block_n, fit_block_k(tiles.block_k, group_size), tiles.num_warps, tiles.split_k)
     x = _one_row(x)
     n = qweight.shape[0]
     k = x.shape[1]

@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton_ops.gemv import GemvTiles, gemv_wna16
+from kernels.triton_ops.gemv import GemvTiles, fit_block_k, gemv_wna16
 
 # One token (batch-1 decode), gemv.gemv_wna16: fastest on an H200 over the four llama3-8b
 # projections in 4-bit groups of 128 (docs/QUANTIZATION.md, "One-token GEMV").
@@ -210,14 +210,6 @@ def _same_strides(a: torch.Tensor, b: torch.Tensor) -> bool:
     return all(sa == sb for sa, sb, size in zip(a.stride(), b.stride(), a.shape, strict=True) if size > 1)
 
 
-def _block_k(block_k: int, group_size: int) -> int:
-    """``block_k`` halved until it and ``group_size`` divide one another (>= 16: groups are
-    multiples of 16)."""
-    while group_size % block_k and block_k % group_size:
-        block_k //= 2
-    return block_k
-
-
 def wna16_linear(
     x: torch.Tensor,
     qweight: torch.Tensor,
@@ -261,14 +253,14 @@ def wna16_linear(
             block_n, warps = (16 if block_m <= 2 else 8), 4
             block_k = max(32, min(512, 8192 // (block_m * block_n)))
         block_n = config.gemv_block_n or block_n
-        block_k = _block_k(config.gemv_block_k or block_k, group_size)
+        block_k = fit_block_k(config.gemv_block_k or block_k, group_size)
         _wna16_gemv_kernel[(triton.cdiv(n, block_n), triton.cdiv(m, block_m))](
             *args, **common, SCALE_PER_TILE=group_size % block_k == 0,
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=config.gemv_num_warps or warps,
         )
     else:
         block_m = config.gemm_block_m or (64 if m > 64 else max(16, triton.next_power_of_2(m)))
-        block_n, block_k = config.gemm_block_n, _block_k(config.gemm_block_k, group_size)
+        block_n, block_k = config.gemm_block_n, fit_block_k(config.gemm_block_k, group_size)
         _wna16_gemm_kernel[(triton.cdiv(m, block_m) * triton.cdiv(n, block_n),)](
             *args, **common, SCALE_PER_TILE=group_size % block_k == 0,
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8,

@@ -104,8 +104,8 @@ class PagedAttention(nn.Module):
         self.register_buffer("k_scale", torch.ones(1, dtype=torch.float32))
         self.register_buffer("v_scale", torch.ones(1, dtype=torch.float32))
         self.scale_sources = {"k_scale": "default", "v_scale": "default"}
-        # Set by the runner for the first real forward only: the next forward computes the
-        # scales not from the checkpoint from the K/V it stores, then clears it.
+        # Set by the runner for the first real forward only: that forward computes, from the K/V
+        # it stores, the scales the checkpoint did not set, then clears it.
         self.calibrate = False
         # Op sets with plans (the CPU references) do the step's index work once, in the first
         # layer, and store + attend in one call; the others store, then attend.
