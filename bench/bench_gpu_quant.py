@@ -7,7 +7,8 @@ measured); ``--quant-shapes`` runs some shapes only (one call per shape, ``--run
 them). In order:
 
 1. llama3-8b bf16: W1, W2 (the baseline rows of this run);
-2. llama3-8b fp8 weights: W2, W1;
+2. llama3-8b fp8 weights: W2, W1; then W2 again with ``fp8_weight_only_max_tokens=0`` (W8A8 at
+   one token, the configuration before fp8 decode went weight-only);
 3. llama3-8b fp8 weights + fp8 KV cache: W1, W2;
 4. llama3-8b W4A16 (random symmetric 4-bit weights, groups of 128, created packed): W2;
 5. W5, llama3-70b fp8 weights + fp8 KV cache on one card: W1 (256 requests: tok/s, KV pool in
@@ -43,6 +44,8 @@ VOCAB = 128256
 PLAN: list[tuple[str, str, dict[str, Any], list[str]]] = [
     ("llama3-8b", "bf16", {}, ["W1", "W2"]),
     ("llama3-8b", "fp8", {"quantization": "fp8"}, ["W2", "W1"]),
+    # The previous configuration, same run: W8A8 at one token too (activation quantized).
+    ("llama3-8b", "fp8-w8a8", {"quantization": "fp8", "fp8_weight_only_max_tokens": 0}, ["W2"]),
     ("llama3-8b", "fp8+fp8kv", {"quantization": "fp8", "kv_cache_dtype": "fp8"}, ["W1", "W2"]),
     ("llama3-8b", "w4a16", {"quantization": "gptq"}, ["W2"]),
     ("llama3-70b", "fp8+fp8kv", {"quantization": "fp8", "kv_cache_dtype": "fp8"}, ["W1", "W2"]),
@@ -139,6 +142,7 @@ def _bench_workloads(
         ceilings["matmul_TFLOPs"] *= 2  # fp8 tensor cores
     common = dict(
         label=label,
+        fp8_weight_only_max_tokens=_weight_only_max_tokens(core.config) if quantization == "fp8" else None,
         weight_GiB=round(core.weight_bytes / 2**30, 2),
         kv_pool_tokens=kv_tokens,
         load_s=round(engine.load_s, 1),
@@ -185,6 +189,14 @@ def _bench_workloads(
             **bench.decode_step_stats(res, n),
             **common,
         )
+
+
+def _weight_only_max_tokens(config: Any) -> int:
+    """The engine's fp8 weight-only threshold, its default resolved."""
+    from kernels import FP8_WEIGHT_ONLY_MAX_M
+
+    value = config.fp8_weight_only_max_tokens
+    return FP8_WEIGHT_ONLY_MAX_M if value is None else int(value)
 
 
 def bench_hf_70b(run: Run) -> None:
@@ -245,6 +257,10 @@ def table(run: Run) -> str:
             out.append(
                 f"- {what}: {ratio:.2f}x (target {minimum}x): {'met' if ratio >= minimum else 'MISSED'}"
             )
+    a, b = run.find("llama3-8b", "fp8", "W2"), run.find("llama3-8b", "fp8-w8a8", "W2")
+    if a is not None and b is not None and b.output_tok_s > 0:
+        out.append(f"- W2 llama3-8b fp8, weight-only (W8A16) vs W8A8 at one token: "
+                   f"{a.output_tok_s / b.output_tok_s:.3f}x")
     w5 = run.find("llama3-70b", "fp8+fp8kv", "W5-W2")
     if w5 is not None:
         share = w5.extra["share_of_floor"]

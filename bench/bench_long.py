@@ -204,20 +204,27 @@ def close_llm(llm: Any) -> None:
     llm.shutdown()
 
 
-def set_prefill_split_kv(model: Any, mode: str) -> int:
-    """Bind ``PrefillConfig(split_kv=mode == "on")`` to the Triton prefill attention of every
-    attention layer of ``model`` (``mode`` ``default``: nothing changes). Returns the number of
-    layers set; refuses op sets other than Triton's (the CPU references have no such path)."""
-    if mode == "default":
+def set_prefill_split_kv(model: Any, mode: str, long_chunk_tiles: str = "default") -> int:
+    """Bind ``PrefillConfig(split_kv=mode == "on", long_chunk_tiles=long_chunk_tiles == "on")``
+    to the Triton prefill attention of every attention layer of ``model`` (``default``: that
+    field keeps its default; both ``default``: nothing changes). Returns the number of layers
+    set; refuses op sets other than Triton's (the CPU references have no such path)."""
+    if mode == "default" and long_chunk_tiles == "default":
         return 0
-    if mode not in ("on", "off"):
-        raise ValueError(f"prefill split-KV mode must be default, on or off, got {mode!r}")
+    for value in (mode, long_chunk_tiles):
+        if value not in ("default", "on", "off"):
+            raise ValueError(f"prefill modes must be default, on or off, got {value!r}")
     import functools
 
     from gpu_worker.model_executor.layers.attention import PagedAttention
     from kernels import triton_ops as tops
 
-    config = tops.PrefillConfig(split_kv=mode == "on")
+    base = tops.PrefillConfig()
+    config = replace(
+        base,
+        split_kv=base.split_kv if mode == "default" else mode == "on",
+        long_chunk_tiles=base.long_chunk_tiles if long_chunk_tiles == "default" else long_chunk_tiles == "on",
+    )
     layers = [m for m in model.modules() if isinstance(m, PagedAttention)]
     for layer in layers:
         if layer.ops.name != "triton":
@@ -364,7 +371,8 @@ class Run:
         extra.update(max_model_len=config.max_model_len, num_kv_blocks=llm.engine.core.num_kv_blocks,
                      rope_scaling="llama3 x8 (Llama 3.1)", matmul_TFLOPs=self.ceilings.matmul_tflops,
                      copy_GBps=self.ceilings.copy_gbps, ceilings=self.ceilings.source,
-                     prefill_split_kv=self.args.prefill_split_kv)
+                     prefill_split_kv=self.args.prefill_split_kv,
+                     prefill_long_chunk_tiles=self.args.prefill_long_chunk_tiles)
         row = ResultRow(self.run_id, today(), self.args.commit, self.card, workload, shape, ENGINE, tok_s,
                         extra, quantization=config.quantization, kv_cache_dtype=config.kv_cache_dtype,
                         tensor_parallel_size=config.tensor_parallel_size,
@@ -379,7 +387,8 @@ def run_big(run: Run, root: Path, parts: list[str]) -> None:
     model_dir = write_config(spec.big, shape, root, LLAMA31_MAX_POSITIONS)
     t0 = time.perf_counter()
     llm = make_llm(model_dir, spec.big_max_model_len, run.args.smoke)
-    set_prefill_split_kv(llm.engine.core.runner.model, run.args.prefill_split_kv)
+    set_prefill_split_kv(llm.engine.core.runner.model, run.args.prefill_split_kv,
+                         run.args.prefill_long_chunk_tiles)
     driver = StepDriver(llm)
     warm_up(driver, llm, shape.vocab)
     print(f"[{spec.big}] engine ready in {time.perf_counter() - t0:.1f}s", flush=True)
@@ -424,7 +433,8 @@ def run_small(run: Run, root: Path) -> None:
     model_dir = write_config(spec.small, shape, root, max(LLAMA31_MAX_POSITIONS, max_len))
     t0 = time.perf_counter()
     llm = make_llm(model_dir, max_len, run.args.smoke)
-    set_prefill_split_kv(llm.engine.core.runner.model, run.args.prefill_split_kv)
+    set_prefill_split_kv(llm.engine.core.runner.model, run.args.prefill_split_kv,
+                         run.args.prefill_long_chunk_tiles)
     driver = StepDriver(llm)
     warm_up(driver, llm, shape.vocab)
     print(f"[{spec.small}] engine ready in {time.perf_counter() - t0:.1f}s", flush=True)
@@ -472,13 +482,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--prefill-split-kv", choices=("default", "on", "off"), default="default",
                     help="A/B the prefill attention's split-KV path in every part (CUDA only; "
                          "default: the engine's own op set)")
+    ap.add_argument("--prefill-long-chunk-tiles", choices=("default", "on", "off"), default="default",
+                    help="A/B PrefillConfig.long_chunk_tiles (tile height from the longest query when a "
+                         "context is long; CUDA only)")
     ap.add_argument("--run-id", default="", help="the rows' run_id (default: a new one)")
     ap.add_argument("--out-dir", type=Path, default=Path("bench_out"))
     ap.add_argument("--results", type=Path, default=Path("docs/benchmarks/results.jsonl"))
     ap.add_argument("--markdown", type=Path, default=Path("docs/benchmarks/long_context.md"))
     args = ap.parse_args(argv)
-    if args.smoke and args.prefill_split_kv != "default":
-        ap.error("--prefill-split-kv needs the Triton kernels (CUDA); the CPU smoke runs the references")
+    if args.smoke and (args.prefill_split_kv, args.prefill_long_chunk_tiles) != ("default", "default"):
+        ap.error("--prefill-split-kv and --prefill-long-chunk-tiles need the Triton kernels (CUDA); "
+                 "the CPU smoke runs the references")
     unknown = set(args.parts.split(",")) - set(PARTS)
     if unknown:
         ap.error(f"unknown parts {sorted(unknown)}; known: {', '.join(PARTS)}")

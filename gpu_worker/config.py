@@ -11,6 +11,7 @@ from typing import Any
 
 from gpu_worker.core.scheduling_policy import BUILTIN_POLICIES
 from gpu_worker.spec_decode.config import SpeculativeConfig
+from kernels import FP8_WEIGHT_ONLY_MAX_M_LIMIT
 
 _DTYPES = ("auto", "float32", "float16", "bfloat16")
 _LOAD_FORMATS = ("auto", "dummy")
@@ -81,6 +82,9 @@ class EngineConfig:
     scales from the checkpoint, else computed from the first real prefill, per layer, with
     ``calculate_kv_scales`` (the default; off: 1.0)), ``auto`` in the model's dtype. Once the
     engine has loaded, its effective config holds the resolved quantization, never ``auto``.
+    ``fp8_weight_only_max_tokens``: with fp8 weights, steps of at most this many tokens skip the
+    activation's quantization and read fp8 weights against the 16-bit activation (W8A16; None:
+    the kernels' default, 1, i.e. batch-1 decode; 0: always W8A8; at most 16).
 
     Left unset, ``max_num_batched_tokens`` (the per-step token budget, i.e. the chunked-prefill
     chunk) is chosen by device (:meth:`with_device_defaults`, docs/CONFIG.md): 8192 on CUDA,
@@ -118,6 +122,7 @@ class EngineConfig:
     quantization: str = "auto"
     kv_cache_dtype: str = "auto"
     calculate_kv_scales: bool = True
+    fp8_weight_only_max_tokens: int | None = None
 
     def __post_init__(self) -> None:
         if self.speculative_config is not None:  # LLM(speculative_config={...}) passes a dict
@@ -162,6 +167,12 @@ class EngineConfig:
              f"got {self.quantization!r}"),
             (self.kv_cache_dtype in KV_CACHE_DTYPES, f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, "
              f"got {self.kv_cache_dtype!r}"),
+            (
+                self.fp8_weight_only_max_tokens is None
+                or 0 <= self.fp8_weight_only_max_tokens <= FP8_WEIGHT_ONLY_MAX_M_LIMIT,
+                f"fp8_weight_only_max_tokens must be in [0, {FP8_WEIGHT_ONLY_MAX_M_LIMIT}], "
+                f"got {self.fp8_weight_only_max_tokens}",
+            ),
         ]
         for ok, message in checks:
             if not ok:

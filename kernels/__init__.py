@@ -48,8 +48,18 @@ class KernelOps:
     rms_norm_fp8: Callable[..., Any] | None = None
     fused_add_rms_norm_fp8: Callable[..., Any] | None = None
     silu_and_mul_fp8: Callable[..., Any] | None = None
+    # fp8 weights on the unquantized activation (W8A16, quant_reference.fp8_weight_only_linear)
+    # for steps of at most fp8_weight_only_max_m tokens (0: never): there the norms and SiLU
+    # before an fp8 linear skip their quantization and the linear reads the 16-bit activation.
+    fp8_weight_only_linear: Callable[..., Any] | None = None
+    fp8_weight_only_max_m: int = 0
 
     def __post_init__(self) -> None:
+        if not 0 <= self.fp8_weight_only_max_m <= FP8_WEIGHT_ONLY_MAX_M_LIMIT:
+            raise ValueError(
+                f"fp8_weight_only_max_m must be in [0, {FP8_WEIGHT_ONLY_MAX_M_LIMIT}], "
+                f"got {self.fp8_weight_only_max_m}"
+            )
         if self.rotary_store_kvcache is not None and self.paged_attention_with_plan is not None:
             raise ValueError(
                 f"op set {self.name!r}: rotary_store_kvcache and paged_attention_with_plan both "
@@ -57,8 +67,22 @@ class KernelOps:
             )
 
 
-def reference_ops() -> KernelOps:
-    """The plain torch implementations (CPU path, and the ground truth in tests)."""
+    def fp8_weight_only(self, tokens: int) -> bool:
+        """Whether an fp8 linear over ``tokens`` tokens reads the unquantized activation (W8A16):
+        the norm or activation before it then hands it over unquantized."""
+        return self.fp8_weight_only_linear is not None and tokens <= self.fp8_weight_only_max_m
+
+
+# fp8 steps of up to this many tokens run weight-only by default (one-token decode: the GEMV
+# reads the 16-bit activation, no quantization launch; docs/QUANTIZATION.md, DECISIONS 95).
+FP8_WEIGHT_ONLY_MAX_M = 1
+# The most tokens the weight-only GEMV takes (kernels.triton_ops.gemv.MAX_M).
+FP8_WEIGHT_ONLY_MAX_M_LIMIT = 16
+
+
+def reference_ops(fp8_weight_only_max_m: int = FP8_WEIGHT_ONLY_MAX_M) -> KernelOps:
+    """The plain torch implementations (CPU path, and the ground truth in tests). The fp8
+    dispatch threshold is the CUDA set's, so the CPU emulates what the GPU computes."""
     return KernelOps(
         name="reference",
         rms_norm=reference.rms_norm,
@@ -78,15 +102,19 @@ def reference_ops() -> KernelOps:
         rms_norm_fp8=reference.rms_norm_fp8,
         fused_add_rms_norm_fp8=reference.fused_add_rms_norm_fp8,
         silu_and_mul_fp8=reference.silu_and_mul_fp8,
+        fp8_weight_only_linear=quant_reference.fp8_weight_only_linear,
+        fp8_weight_only_max_m=fp8_weight_only_max_m,
     )
 
 
-def get_ops(device: Any) -> KernelOps:
-    """The ops to use on ``device`` (a ``torch.device`` or string)."""
+def get_ops(device: Any, *, fp8_weight_only_max_m: int | None = None) -> KernelOps:
+    """The ops to use on ``device`` (a ``torch.device`` or string). ``fp8_weight_only_max_m``:
+    tokens up to which fp8 linears run weight-only (None: :data:`FP8_WEIGHT_ONLY_MAX_M`)."""
+    max_m = FP8_WEIGHT_ONLY_MAX_M if fp8_weight_only_max_m is None else fp8_weight_only_max_m
     if str(device).startswith("cuda"):
         try:
             from kernels.triton_ops import triton_ops
         except ImportError:
-            return reference_ops()
-        return triton_ops()
-    return reference_ops()
+            return reference_ops(max_m)
+        return triton_ops(max_m)
+    return reference_ops(max_m)

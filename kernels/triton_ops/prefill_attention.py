@@ -60,6 +60,10 @@ class PrefillConfig:
     # per SM, so the split step still runs a few waves.
     split_target_programs: int = 1024
     split_min_partition: int = 512  # keys per split program; the merge's cost stays small
+    # Steps with a long context (>= split_min_context): size block_m from the longest query (the
+    # chunk) instead of the mean (decodes beside a chunk pull the mean to a few rows, and every
+    # tile of the chunk re-reads the whole context's K/V).
+    long_chunk_tiles: bool = False
 
     def __post_init__(self) -> None:
         for name in ("block_m", "block_n"):
@@ -323,14 +327,19 @@ def choose_tiles(
     num_kv_heads: int,
     max_seq_len: int,
     elem_bytes: int,
+    max_query_len: int | None = None,
 ) -> PrefillTiles:
     """The tiling of a step of these shapes (host ints only: no device sync)."""
     block_m = config.block_m
+    long_context = max_seq_len >= config.split_min_context
     if block_m is None:
         # Mostly short queries (decodes mixed with chunks): rows past a sequence's q_len are
-        # wasted matrix work, so size the tile to the mean query length.
-        mean_rows = triton.cdiv(num_tokens, num_seqs) * group
-        block_m = min(64, triton.next_power_of_2(mean_rows))
+        # wasted matrix work, so size the tile to the mean query length; with a long context
+        # (long_chunk_tiles) to the longest query, whose tiles each read that whole context.
+        rows = triton.cdiv(num_tokens, num_seqs) * group
+        if config.long_chunk_tiles and long_context and max_query_len is not None:
+            rows = max(rows, max_query_len * group)
+        block_m = min(64, triton.next_power_of_2(rows))
     block_m = max(block_m, 16, triton.next_power_of_2(group))
     block_n = config.block_n or (64 if elem_bytes <= 2 else 32)
     # Defaults from a sweep on an H200 (bf16, llama3-8b heads; docs/benchmarks/kernels.md):
@@ -339,7 +348,6 @@ def choose_tiles(
     block_q = block_m // group
     partition = 0
     programs = triton.cdiv(num_tokens, block_q) * num_kv_heads
-    long_context = max_seq_len >= config.split_min_context
     if config.split_kv and long_context and programs < config.split_target_programs:
         splits = triton.cdiv(config.split_target_programs, programs)
         partition = max(triton.cdiv(max_seq_len, splits), config.split_min_partition, block_n)
@@ -381,7 +389,8 @@ def paged_attention(
     num_seqs = seq_lens.shape[0]
     if num_tokens == 0 or num_seqs == 0:
         return out
-    tiles = choose_tiles(config, num_tokens, num_seqs, group, num_kv_heads, max_seq_len, q.element_size())
+    tiles = choose_tiles(config, num_tokens, num_seqs, group, num_kv_heads, max_seq_len, q.element_size(),
+                         max_query_len)
     block_m, block_q, partition, num_splits = tiles.block_m, tiles.block_q, tiles.partition, tiles.num_splits
     q_blocks = triton.cdiv(max_query_len, block_q)
     block_tables = common.unit_stride_rows(block_tables)

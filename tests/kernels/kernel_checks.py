@@ -198,6 +198,8 @@ def check_paged_attention_split(t: Target) -> None:
         tops.PrefillConfig(block_m=16, block_n=16, split_kv=True, split_min_context=1,
                            split_target_programs=1 << 20,
                            split_min_partition=32),
+        tops.PrefillConfig(block_n=16, split_kv=True, split_min_context=1, split_target_programs=1 << 20,
+                           split_min_partition=16, long_chunk_tiles=True),
     ]
     for i, (bs, d, g, hk, kv) in enumerate(_SPLIT_SHAPES):
         specs = _split_specs(bs, t.big)
@@ -217,10 +219,12 @@ def check_paged_attention_split(t: Target) -> None:
         cfg = forced[i % len(forced)]
         if t.big:  # partitions of 128+ keys: a few dozen over the 5,000-token context
             cfg = dataclasses.replace(cfg, split_min_partition=128)
-        configs = [cfg] + ([tops.PrefillConfig(split_kv=True)] if t.big else [])
+        configs = [cfg] + ([tops.PrefillConfig(split_kv=True),
+                            tops.PrefillConfig(split_kv=True, long_chunk_tiles=True)] if t.big else [])
         for c in configs:
             what = f"paged_attention split bs={bs} d={d} g={g} kv={kv or t.dtype} {c}"
-            tiles = choose_tiles(c, b.q.shape[0], len(specs), g, hk, b.max_seq_len, b.q.element_size())
+            tiles = choose_tiles(c, b.q.shape[0], len(specs), g, hk, b.max_seq_len, b.q.element_size(),
+                                 b.max_query_len)
             assert tiles.num_splits > 1, f"{what}: the split path was not taken ({tiles})"
             out = torch.full(b.q.shape, float("nan"), dtype=t.dtype, device=t.device)
             got = tops.paged_attention(*args, out=out, config=c, **scales)

@@ -319,6 +319,27 @@ def check_gemv_fp8(t: Target) -> None:
         assert_linear_close(tops.fp8_linear(act, w, ws, bias), ref, t.dtype, what)
 
 
+def check_gemv_fp8_weight_only(t: Target) -> None:
+    """fp8 weights on the unquantized activation (W8A16), one and several tokens, against
+    ``x @ dequantize(w).T`` (quant_reference.fp8_weight_only_linear), also through the op."""
+    gen = torch.Generator().manual_seed(23)
+    shapes = [(1, 40, 96), (1, 64, 1100), (3, 33, 200), (16, 64, 128)]
+    shapes += [(1, 4096, 4096), (1, 14336, 4096)] if t.big else []
+    for i, (m, n, k) in enumerate(shapes):
+        x = _activations(m, k, t, gen)
+        w, ws = _fp8_weight(n, k, t, gen)
+        bias = _randn(n, t=t, gen=gen) if i % 2 else None
+        ref = qref.fp8_weight_only_linear(x, w, ws, bias)
+        deq = (x.float() @ qref.dequantize_fp8(w, ws).t() + (0 if bias is None else bias.float())).to(t.dtype)
+        assert_linear_close(ref, deq, t.dtype, f"reference fp8_weight_only_linear {m}x{n}x{k}")
+        for tiles in _GEMV_TILES:
+            got = tgemv.gemv_fp8_weight_only(x, w, ws, bias, tiles=tiles)
+            assert_linear_close(got, ref, t.dtype, f"gemv_fp8_weight_only {m}x{n}x{k} {tiles}")
+        got = tops.fp8_weight_only_linear(x.reshape(1, m, k), w, ws, bias)
+        assert got.shape == (1, m, n), got.shape
+        assert_linear_close(got.reshape(m, n), ref, t.dtype, f"fp8_weight_only_linear {m}x{n}x{k}")
+
+
 def check_gemv_wna16(t: Target) -> None:
     """Every WnA16 case (4/8-bit, groups 16-128, offsets, int8), scales per weight or per group."""
     gen = torch.Generator().manual_seed(23)
@@ -488,6 +509,7 @@ CHECKS: dict[str, Callable[[Target], None]] = {
     "wna16_gemm": check_wna16_gemm,
     "gemv16": check_gemv16,
     "gemv_fp8": check_gemv_fp8,
+    "gemv_fp8_weight_only": check_gemv_fp8_weight_only,
     "gemv_wna16": check_gemv_wna16,
     "fused_fp8_quant": check_fused_fp8_quant,
     "store_kvcache_fp8": check_store_kvcache_fp8,

@@ -23,7 +23,7 @@ def _tiles(specs: list[tuple[int, int]], config: PrefillConfig | None = None) ->
     """Tiles of a step of ``(seq_len, q_len)`` sequences."""
     num_tokens = sum(q for _, q in specs)
     return choose_tiles(config or PrefillConfig(split_kv=True), num_tokens, len(specs), GROUP, KV_HEADS,
-                        max(s for s, _ in specs), BF16)
+                        max(s for s, _ in specs), BF16, max(q for _, q in specs))
 
 
 @pytest.mark.parametrize(
@@ -71,3 +71,17 @@ def test_split_kv_off_and_thresholds() -> None:
 def test_thresholds_must_be_positive(field: str) -> None:
     with pytest.raises(ValueError, match=field):
         PrefillConfig(**{field: 0})
+
+
+def test_long_chunk_tiles_size_the_tile_from_the_chunk() -> None:
+    # A 128-token chunk at 32k beside 32 decodes: the mean query length gives 32-row tiles (8
+    # tokens: 16 tiles, each reading the whole 32k context); from the chunk, 64 rows (8 tiles).
+    itl_step = [(32768, 128)] + [(300, 1)] * 32
+    assert _tiles(itl_step, PrefillConfig()).block_m == 32
+    assert _tiles(itl_step, PrefillConfig(long_chunk_tiles=True)).block_m == 64
+    # Short contexts (W1/W3) keep the mean: the decodes' tiles stay small.
+    w1_step = [(512, 256)] + [(700, 1)] * 255
+    assert _tiles(w1_step, PrefillConfig(long_chunk_tiles=True)) == _tiles(w1_step, PrefillConfig())
+    # Without the longest query (older callers) nothing changes.
+    cfg = PrefillConfig(long_chunk_tiles=True)
+    assert choose_tiles(cfg, 160, 33, GROUP, KV_HEADS, 32768, BF16).block_m == 32

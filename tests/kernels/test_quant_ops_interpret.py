@@ -30,6 +30,7 @@ _ALL = [
     "wna16_gemm",
     "gemv16",
     "gemv_fp8",
+    "gemv_fp8_weight_only",
     "gemv_wna16",
     "fused_fp8_quant",
     "store_kvcache_fp8",
@@ -37,8 +38,8 @@ _ALL = [
     "paged_attention_fp8",
     "paged_decode_attention_fp8",
 ]
-_BF16 = ["fp8_quantize", "fp8_gemv", "fp8_gemm", "fp8_linear", "gemv16", "gemv_fp8", "fused_fp8_quant",
-         "store_kvcache_fp8", "rotary_store_kvcache_fp8"]
+_BF16 = ["fp8_quantize", "fp8_gemv", "fp8_gemm", "fp8_linear", "gemv16", "gemv_fp8", "gemv_fp8_weight_only",
+         "fused_fp8_quant", "store_kvcache_fp8", "rotary_store_kvcache_fp8"]
 _RUNS = {"float32": _ALL, "float16": _ALL, "bfloat16": _BF16}
 
 

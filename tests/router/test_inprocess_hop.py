@@ -202,12 +202,24 @@ def _span(spans: list[ReadableSpan], **match: object) -> ReadableSpan:
     return found[0]
 
 
+async def _spans_when(stack: Stack, wanted: set[tuple[SpanKind, str]]) -> list[ReadableSpan]:
+    """The finished spans once every (kind, name) in ``wanted`` is among them (bounded wait): the
+    CLIENT span ends in its own task after the call's status arrives, which can trail the stream."""
+    for _ in range(500):
+        spans = list(stack.exporter.get_finished_spans())
+        if wanted <= {(sp.kind, sp.name) for sp in spans}:
+            return spans
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"spans never finished: {[(sp.kind, sp.name) for sp in spans]}")
+
+
 @pytest.mark.parametrize("hop", HOPS)
 async def test_one_trace_from_client_to_worker(stack: Stack, hop: str) -> None:
     stack.exporter.clear()
     await _generate(stack, hop, _request(f"trace-{hop}", 3))
     await _wait_kv_free(stack.worker)
-    spans = list(stack.exporter.get_finished_spans())
+    spans = await _spans_when(stack, {(SpanKind.CLIENT, GENERATE), (SpanKind.SERVER, GENERATE),
+                                      (SpanKind.INTERNAL, s.ROUTER_GENERATE_SPAN)})
     routed = _span(spans, name=s.ROUTER_GENERATE_SPAN)
     by_service: dict[str, list[ReadableSpan]] = {}
     for sp in spans:

@@ -97,6 +97,16 @@ def _prompt_homed_on(worker_id: str, other: str, rng: random.Random) -> list[int
             return ids
 
 
+async def _wait_cached(store: MemoryStateStore, worker_id: str, ids: list[int]) -> None:
+    """Until the store holds every full prompt block of ``ids`` for ``worker_id`` (bounded)."""
+    chain = block_hashes(ids, BLOCK, seed=MODEL)
+    for _ in range(1000):
+        if (await store.match_prefixes({worker_id: chain}))[worker_id] == len(chain):
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"{worker_id} never published the {len(chain)} blocks of the prompt")
+
+
 async def _generate(
     observed: Observed, target: str, request: pb.GenerateRequest
 ) -> list[pb.GenerateResponse]:
@@ -137,7 +147,7 @@ async def test_one_trace_from_client_through_router_to_worker(
     try:
         chunks = await _generate(observed, router.target, _request(ids, "trace-1"))
         assert chunks[-1].worker_id == WORKER_ID
-        await asyncio.sleep(0.3)  # KV events of the first request reach the store
+        await _wait_cached(observed.store, WORKER_ID, ids)  # the first request's KV events
         chunks = await _generate(observed, router.target, _request(ids, "trace-2"))
         assert chunks[-1].usage.cached_prompt_tokens >= 2 * BLOCK
     finally:

@@ -22,6 +22,7 @@ class SiluAndMul(nn.Module):
         self.fp8_out = False
 
     def forward(self, x: torch.Tensor) -> Any:
-        if self.fp8_out and self.ops.silu_and_mul_fp8 is not None:
+        fp8_out = self.fp8_out and not self.ops.fp8_weight_only(x.numel() // x.shape[-1])
+        if fp8_out and self.ops.silu_and_mul_fp8 is not None:
             return self.ops.silu_and_mul_fp8(x)
         return self.ops.silu_and_mul(x)

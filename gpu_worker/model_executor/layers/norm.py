@@ -28,11 +28,13 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> Any:
         ops = self.ops
+        # Steps the fp8 linear runs weight-only (one-token decode) take the 16-bit output.
+        fp8_out = self.fp8_out and not ops.fp8_weight_only(x.numel() // x.shape[-1])
         if residual is None:
-            norm = ops.rms_norm_fp8 if self.fp8_out and ops.rms_norm_fp8 is not None else ops.rms_norm
+            norm = ops.rms_norm_fp8 if fp8_out and ops.rms_norm_fp8 is not None else ops.rms_norm
             return norm(x, self.weight, self.eps)
         add_norm = ops.fused_add_rms_norm
-        if self.fp8_out and ops.fused_add_rms_norm_fp8 is not None:
+        if fp8_out and ops.fused_add_rms_norm_fp8 is not None:
             add_norm = ops.fused_add_rms_norm_fp8
         out, summed = add_norm(x, residual, self.weight, self.eps)
         return out, summed

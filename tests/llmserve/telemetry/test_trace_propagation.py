@@ -55,23 +55,46 @@ def _parent_id(span: ReadableSpan) -> int:
     return span.parent.span_id
 
 
+async def _finished_spans_when(
+    stack: Stack, ready: Callable[[Sequence[ReadableSpan]], bool]
+) -> Sequence[ReadableSpan]:
+    """The finished spans once ``ready`` holds for them (bounded wait; no timing is asserted)."""
+    for _ in range(1000):
+        spans = stack.exporter.get_finished_spans()
+        if ready(spans):
+            return spans
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"spans never got ready: {[x.name for x in stack.exporter.get_finished_spans()]}")
+
+
+ONE_REQUEST_SPANS = {
+    ("client", GENERATE),
+    ("router", GENERATE),
+    ("router", s.ROUTER_GENERATE_SPAN),
+    ("worker", GENERATE),
+    ("worker", s.WORKER_GENERATE_SPAN),
+    ("worker", s.WORKER_QUEUE_SPAN),
+    ("worker", s.WORKER_PREFILL_SPAN),
+    ("worker", s.WORKER_DECODE_SPAN),
+}
+
+
+async def _one_request_spans(stack: Stack) -> Sequence[ReadableSpan]:
+    """The spans of one finished request: a span ends in its own task after the RPC's status
+    arrives (the CLIENT span's watcher), so the last chunk can reach the test before it."""
+    return await _finished_spans_when(
+        stack, lambda spans: {(_service(x), x.name) for x in spans} >= ONE_REQUEST_SPANS
+    )
+
+
 async def test_one_trace_across_client_router_worker(stack: Stack) -> None:
     chunks = await _generate(stack, _request(max_tokens=3))
     assert [c.token_ids[0] for c in chunks if c.token_ids] == [0, 1, 2]
     assert chunks[-1].worker_id == WORKER_ID
 
-    spans = stack.exporter.get_finished_spans()
+    spans = await _one_request_spans(stack)
     assert len({x.context.trace_id for x in spans}) == 1
-    assert {(_service(x), x.name) for x in spans} == {
-        ("client", GENERATE),
-        ("router", GENERATE),
-        ("router", s.ROUTER_GENERATE_SPAN),
-        ("worker", GENERATE),
-        ("worker", s.WORKER_GENERATE_SPAN),
-        ("worker", s.WORKER_QUEUE_SPAN),
-        ("worker", s.WORKER_PREFILL_SPAN),
-        ("worker", s.WORKER_DECODE_SPAN),
-    }
+    assert {(_service(x), x.name) for x in spans} == ONE_REQUEST_SPANS
     # The parent chain: client -> router server -> router generate -> router clients -> worker.
     client = _one(spans, GENERATE, "client", SpanKind.CLIENT)
     router_server = _one(spans, GENERATE, "router", SpanKind.SERVER)
@@ -95,7 +118,7 @@ async def test_one_trace_across_client_router_worker(stack: Stack) -> None:
 
 async def test_router_span_attributes_and_events(stack: Stack) -> None:
     await _generate(stack, _request(max_tokens=3))
-    span = _one(stack.exporter.get_finished_spans(), s.ROUTER_GENERATE_SPAN, "router")
+    span = _one(await _one_request_spans(stack), s.ROUTER_GENERATE_SPAN, "router")
     attrs = dict(span.attributes or {})
     assert attrs == {
         s.GEN_AI_OPERATION_NAME: "text_completion",
@@ -126,7 +149,7 @@ async def test_router_span_attributes_and_events(stack: Stack) -> None:
 
 async def test_worker_span_attributes_and_stage_events(stack: Stack) -> None:
     await _generate(stack, _request(max_tokens=3))
-    spans = stack.exporter.get_finished_spans()
+    spans = await _one_request_spans(stack)
     span = _one(spans, s.WORKER_GENERATE_SPAN, "worker")
     attrs = dict(span.attributes or {})
     ttft, queue = attrs.pop(s.LLMSERVE_TIME_TO_FIRST_TOKEN_S), attrs.pop(s.LLMSERVE_QUEUE_TIME_S)
@@ -168,7 +191,10 @@ async def test_health_checks_make_no_spans(stack: Stack) -> None:
 async def test_each_request_gets_its_own_trace(stack: Stack) -> None:
     for i in range(3):
         await _generate(stack, _request(max_tokens=2, request_id=f"r{i}"))
-    spans = stack.exporter.get_finished_spans()
+    spans = await _finished_spans_when(
+        stack, lambda spans: sum(x.name == s.WORKER_GENERATE_SPAN for x in spans) == 3
+        and sum(x.name == s.ROUTER_GENERATE_SPAN for x in spans) == 3
+    )
     by_request = {
         str((x.attributes or {})[s.LLMSERVE_REQUEST_ID]): x.context.trace_id
         for x in spans if x.name == s.WORKER_GENERATE_SPAN
@@ -177,18 +203,6 @@ async def test_each_request_gets_its_own_trace(stack: Stack) -> None:
     routers = {str((x.attributes or {})[s.LLMSERVE_REQUEST_ID]): x.context.trace_id
                for x in spans if x.name == s.ROUTER_GENERATE_SPAN}
     assert routers == by_request
-
-
-async def _finished_spans_when(
-    stack: Stack, ready: Callable[[Sequence[ReadableSpan]], bool]
-) -> Sequence[ReadableSpan]:
-    """The finished spans once ``ready`` holds for them (bounded wait; no timing is asserted)."""
-    for _ in range(1000):
-        spans = stack.exporter.get_finished_spans()
-        if ready(spans):
-            return spans
-        await asyncio.sleep(0.01)
-    raise AssertionError(f"spans never got ready: {[x.name for x in stack.exporter.get_finished_spans()]}")
 
 
 async def test_cancelled_call_ends_client_and_worker_spans(stack: Stack) -> None:

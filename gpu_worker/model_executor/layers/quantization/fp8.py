@@ -3,7 +3,9 @@
 Each linear layer holds ``weight`` e4m3 ``[N, K]`` (the ``nn.Linear`` layout) and
 ``weight_scale`` float32 ``[N]`` (one per output channel); activations are quantized per token
 on the fly and the product is ``ops.fp8_linear`` (DECISIONS 33-34): on CUDA the fused Triton
-GEMV up to ``Fp8LinearConfig.gemv_max_m`` tokens, ``torch._scaled_mm`` (cuBLASLt) above; on the
+GEMV up to ``Fp8LinearConfig.gemv_max_m`` tokens, ``torch._scaled_mm`` (cuBLASLt) above. Steps
+of at most ``ops.fp8_weight_only_max_m`` tokens (one-token decode by default) skip the
+activation's quantization: ``ops.fp8_weight_only_linear`` (W8A16, DECISIONS 95). On the
 CPU the torch reference, which computes what the GPU computes (same e4m3 codes, exact products,
 float32 sums): the "fp8-emulated" path the accuracy tests run.
 
@@ -64,7 +66,14 @@ class Fp8LinearMethod(LinearMethod):
     def apply(
         self, layer: nn.Module, x: torch.Tensor | Fp8Activation, bias: torch.Tensor | None
     ) -> torch.Tensor:
-        out: torch.Tensor = self.ops.fp8_linear(x, param(layer, "weight"), param(layer, "weight_scale"), bias)
+        weight, scale = param(layer, "weight"), param(layer, "weight_scale")
+        weight_only = self.ops.fp8_weight_only_linear
+        if weight_only is not None and not isinstance(x, Fp8Activation) and self.ops.fp8_weight_only(
+            x.numel() // x.shape[-1]
+        ):
+            y: torch.Tensor = weight_only(x, weight, scale, bias)
+            return y
+        out: torch.Tensor = self.ops.fp8_linear(x, weight, scale, bias)
         return out
 
     def checkpoint_names(self) -> frozenset[str]:

@@ -32,7 +32,7 @@ from gpu_worker.model_executor.layers.quantization.fp8 import Fp8LinearMethod
 from gpu_worker.model_executor.layers.quantization.fp8_format import parse_fp8_checkpoint, require_fp8
 from gpu_worker.model_executor.layers.quantization.gptq_format import GptqConfig
 from gpu_worker.model_executor.layers.quantization.wna16 import WnA16LinearMethod
-from kernels import get_ops
+from kernels import KernelOps, get_ops
 from kernels.quant_reference import FP8_DTYPE
 
 # HF module names inside our fused layers (a checkpoint's ignore list names the former).
@@ -120,14 +120,15 @@ def kv_cache_torch_dtype(kv_cache_dtype: str, model_dtype: torch.dtype, device: 
 
 
 def make_linear_methods(
-    quantization: str, hf_config: Any, device: torch.device
+    quantization: str, hf_config: Any, device: torch.device, ops: KernelOps | None = None
 ) -> Callable[[str], LinearMethod]:
     """The linear method of each layer, by its parameter prefix (``model.layers.3.mlp.down_proj``):
-    the quantized one, except the LM head and modules a checkpoint leaves unquantized."""
+    the quantized one, except the LM head and modules a checkpoint leaves unquantized. ``ops``:
+    the kernels (default: ``get_ops(device)``)."""
     plain = UnquantizedLinearMethod(transposed=device.type == "cpu")
     if quantization == "none":
         return lambda prefix: plain
-    ops = get_ops(device)
+    ops = ops or get_ops(device)
     qc = quantization_config(hf_config)
     ignore: tuple[str, ...] = ()
     method: LinearMethod

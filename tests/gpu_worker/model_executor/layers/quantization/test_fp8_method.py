@@ -11,12 +11,20 @@ import torch
 
 from gpu_worker import LLM
 from gpu_worker.distributed.parallel_state import TensorParallelGroup
+from gpu_worker.model_executor.layers.activation import SiluAndMul
+from gpu_worker.model_executor.layers.norm import RMSNorm
 from gpu_worker.model_executor.layers.parallel import MergedColumnParallelLinear, RowParallelLinear
 from gpu_worker.model_executor.layers.quantization.fp8 import Fp8LinearMethod
 from gpu_worker.model_executor.layers.quantization.fp8_format import quantize_fp8_per_channel
 from gpu_worker.model_executor.weights import TensorSource
-from kernels import reference_ops
-from kernels.quant_reference import FP8_DTYPE, dequantize_fp8, fp8_linear
+from kernels import FP8_WEIGHT_ONLY_MAX_M, reference_ops
+from kernels.quant_reference import (
+    FP8_DTYPE,
+    Fp8Activation,
+    dequantize_fp8,
+    fp8_linear,
+    fp8_weight_only_linear,
+)
 
 
 def test_16bit_weights_quantized_as_they_load() -> None:
@@ -39,6 +47,33 @@ def test_16bit_weights_quantized_as_they_load() -> None:
     )
     x = torch.randn(3, 64, generator=gen)
     assert torch.equal(layer(x), fp8_linear(x, q, s))
+
+
+def test_one_token_runs_weight_only_and_its_norm_hands_over_16_bit() -> None:
+    """With ``fp8_weight_only_max_m`` 1 (the default), a one-token step's fp8 linear reads the
+    unquantized activation (W8A16) and the norm and SiLU before it skip their quantization;
+    two tokens, or the threshold at 0, keep W8A8 with the activation quantized by the op."""
+    gen = torch.Generator().manual_seed(4)
+    q, s = quantize_fp8_per_channel(torch.randn(48, 64, generator=gen) * 0.1)
+    ops, w8a8_ops = reference_ops(), reference_ops(fp8_weight_only_max_m=0)
+    assert ops.fp8_weight_only_max_m == FP8_WEIGHT_ONLY_MAX_M == 1
+    for tokens, o, weight_only in ((1, ops, True), (2, ops, False), (1, w8a8_ops, False)):
+        layer = RowParallelLinear(64, 48, bias=False, dtype=torch.float32, tp=TensorParallelGroup(),
+                                  method=Fp8LinearMethod(o))
+        layer.weight.copy_(q)
+        layer.weight_scale.copy_(s)
+        norm, act = RMSNorm(64, 1e-6, o), SiluAndMul(o)
+        norm.fp8_out = act.fp8_out = True
+        x = torch.randn(tokens, 64, generator=gen)
+        handed = [norm(x), norm(x, x.clone())[0], act(torch.randn(tokens, 128, generator=gen))]
+        assert all(isinstance(h, Fp8Activation) != weight_only for h in handed), tokens
+        want = fp8_weight_only_linear(x, q, s) if weight_only else fp8_linear(x, q, s)
+        assert torch.equal(layer(x), want)
+    # Weight-only is the dequantized weight's product; W8A8 also rounds the activation.
+    x = torch.randn(1, 64, generator=gen)
+    dense = x @ dequantize_fp8(q, s).t()
+    torch.testing.assert_close(fp8_weight_only_linear(x, q, s), dense, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(fp8_linear(x, q, s), dense, rtol=1e-5, atol=1e-6)
 
 
 def test_random_fp8_weights() -> None:
