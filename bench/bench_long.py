@@ -413,7 +413,9 @@ def run_itl(run: Run, llm: Any, driver: StepDriver) -> None:
         for i, budget in enumerate(run.args.itl_budgets or spec.itl_budgets):
             old = set_token_budget(llm, budget)
             try:
-                warm = replace(spec, itl_long_prompt=min(2 * budget + 16, spec.itl_long_prompt),
+                # Past 4,096 tokens of context (PrefillConfig.split_min_context) the long-context
+                # kernel variants compile here, not in the timed round (a ~1 s stall otherwise).
+                warm = replace(spec, itl_long_prompt=min(max(2 * budget, 4608) + 16, spec.itl_long_prompt),
                                itl_baseline_steps=4)
                 itl_run(driver, warm, budget, seed=99)
                 gc.collect()

@@ -37,7 +37,7 @@ class PrefillConfig:
     ``block_m``: query rows per program (tokens x query heads of one KV head), a power of
     two >= 16 and >= Hq/Hk; ``block_n``: keys per inner step, a power of two >= 16.
 
-    Split-KV (see the module docstring; defaults not yet measured on a GPU): a step is split
+    Split-KV (see the module docstring): a step is split
     when ``split_kv`` is on, its longest sequence has at least ``split_min_context`` tokens and
     it has fewer than ``split_target_programs`` (tile, KV head) programs (counted as
     ``cdiv(tokens, tile tokens) x KV heads``). It is then split into about
@@ -45,16 +45,18 @@ class PrefillConfig:
     ``split_min_partition`` keys (rounded up to a power of two >= ``block_n``). The defaults
     leave W1/W3-shaped steps (512-token prompts, contexts under 4,096; 8,192-token chunks:
     4,096 programs on llama3-8b) unsplit, and split a 224-token chunk at the end of a 32k
-    context (112 programs on llama3-8b: 8 partitions of 4,096 keys). Off by default until a
-    GPU run has measured it (docs/DECISIONS.md); ``bench/bench_long.py --prefill-split-kv on``
-    and ``bench/bench_kernels.py --prefill-split-kv both`` turn it on for A/B runs.
+    context (112 programs on llama3-8b: 8 partitions of 4,096 keys). On by default together
+    with ``long_chunk_tiles`` since W6's ITL run on an H200 (docs/DECISIONS.md 96: a 32k
+    prompt's chunked prefill 26-35% faster, the decodes beside it 25-30% faster at the median);
+    ``bench/bench_long.py --prefill-split-kv`` / ``--prefill-long-chunk-tiles`` and
+    ``bench/bench_kernels.py --prefill-split-kv both`` A/B them.
     """
 
     block_m: int | None = None
     block_n: int | None = None
     num_warps: int | None = None
     num_stages: int = 2
-    split_kv: bool = False
+    split_kv: bool = True
     split_min_context: int = 4096  # tokens of the longest sequence
     # About 8 per multiprocessor of a 132-SM H200: 64-row tiles keep 2-4 programs resident
     # per SM, so the split step still runs a few waves.
@@ -63,7 +65,7 @@ class PrefillConfig:
     # Steps with a long context (>= split_min_context): size block_m from the longest query (the
     # chunk) instead of the mean (decodes beside a chunk pull the mean to a few rows, and every
     # tile of the chunk re-reads the whole context's K/V).
-    long_chunk_tiles: bool = False
+    long_chunk_tiles: bool = True
 
     def __post_init__(self) -> None:
         for name in ("block_m", "block_n"):

@@ -219,8 +219,8 @@ def check_paged_attention_split(t: Target) -> None:
         cfg = forced[i % len(forced)]
         if t.big:  # partitions of 128+ keys: a few dozen over the 5,000-token context
             cfg = dataclasses.replace(cfg, split_min_partition=128)
-        configs = [cfg] + ([tops.PrefillConfig(split_kv=True),
-                            tops.PrefillConfig(split_kv=True, long_chunk_tiles=True)] if t.big else [])
+        defaults = [tops.PrefillConfig(), tops.PrefillConfig(long_chunk_tiles=False)]
+        configs = [cfg] + (defaults if t.big else [])
         for c in configs:
             what = f"paged_attention split bs={bs} d={d} g={g} kv={kv or t.dtype} {c}"
             tiles = choose_tiles(c, b.q.shape[0], len(specs), g, hk, b.max_seq_len, b.q.element_size(),

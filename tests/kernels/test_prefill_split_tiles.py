@@ -2,8 +2,8 @@
 
 The kernels themselves are checked against the reference in ``kernel_checks.py`` (forced
 splits on the CPU, default thresholds on long contexts on the GPU); these tests pin which
-step shapes split with the default thresholds of :class:`PrefillConfig` once ``split_kv`` is
-on (it is off by default until measured on a GPU), on llama3-8b heads in bf16.
+step shapes split with the default thresholds of :class:`PrefillConfig` (``split_kv`` and
+``long_chunk_tiles`` on by default since W6's ITL run), on llama3-8b heads in bf16.
 """
 
 from __future__ import annotations
@@ -22,8 +22,9 @@ GROUP, KV_HEADS, BF16 = 4, 8, 2  # llama3-8b: 32 query heads over 8 KV heads
 def _tiles(specs: list[tuple[int, int]], config: PrefillConfig | None = None) -> PrefillTiles:
     """Tiles of a step of ``(seq_len, q_len)`` sequences."""
     num_tokens = sum(q for _, q in specs)
-    return choose_tiles(config or PrefillConfig(split_kv=True), num_tokens, len(specs), GROUP, KV_HEADS,
-                        max(s for s, _ in specs), BF16, max(q for _, q in specs))
+    config = config or PrefillConfig(long_chunk_tiles=False)
+    return choose_tiles(config, num_tokens, len(specs), GROUP, KV_HEADS, max(s for s, _ in specs), BF16,
+                        max(q for _, q in specs))
 
 
 @pytest.mark.parametrize(
@@ -55,10 +56,10 @@ def test_short_chunk_at_the_end_of_a_long_context_splits() -> None:
 
 def test_split_kv_off_and_thresholds() -> None:
     long_step = [(32768, 224)] + [(300, 1)] * 32
-    assert _tiles(long_step, PrefillConfig()).num_splits == 1  # off by default until measured on a GPU
+    assert _tiles(long_step, PrefillConfig()).num_splits > 1  # on by default (DECISIONS 96)
     assert _tiles(long_step, PrefillConfig(split_kv=False)).num_splits == 1
     assert _tiles(long_step, PrefillConfig(split_kv=True, split_min_context=65536)).num_splits == 1
-    on = PrefillConfig(split_kv=True)
+    on = PrefillConfig(long_chunk_tiles=False)  # 32-row tiles: 256 programs
     assert _tiles(long_step, replace(on, split_target_programs=256)).num_splits == 1  # 256 programs
     # Partitions never below split_min_partition, and always a power of two >= block_n.
     small = _tiles(long_step, replace(on, split_target_programs=1 << 20, split_min_partition=1000))
@@ -77,11 +78,10 @@ def test_long_chunk_tiles_size_the_tile_from_the_chunk() -> None:
     # A 128-token chunk at 32k beside 32 decodes: the mean query length gives 32-row tiles (8
     # tokens: 16 tiles, each reading the whole 32k context); from the chunk, 64 rows (8 tiles).
     itl_step = [(32768, 128)] + [(300, 1)] * 32
-    assert _tiles(itl_step, PrefillConfig()).block_m == 32
-    assert _tiles(itl_step, PrefillConfig(long_chunk_tiles=True)).block_m == 64
+    assert _tiles(itl_step, PrefillConfig(long_chunk_tiles=False)).block_m == 32
+    assert _tiles(itl_step, PrefillConfig()).block_m == 64  # on by default (DECISIONS 96)
     # Short contexts (W1/W3) keep the mean: the decodes' tiles stay small.
     w1_step = [(512, 256)] + [(700, 1)] * 255
-    assert _tiles(w1_step, PrefillConfig(long_chunk_tiles=True)) == _tiles(w1_step, PrefillConfig())
-    # Without the longest query (older callers) nothing changes.
-    cfg = PrefillConfig(long_chunk_tiles=True)
-    assert choose_tiles(cfg, 160, 33, GROUP, KV_HEADS, 32768, BF16).block_m == 32
+    assert _tiles(w1_step, PrefillConfig()) == _tiles(w1_step, PrefillConfig(long_chunk_tiles=False))
+    # Without the longest query nothing changes.
+    assert choose_tiles(PrefillConfig(), 160, 33, GROUP, KV_HEADS, 32768, BF16).block_m == 32
