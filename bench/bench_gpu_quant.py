@@ -36,6 +36,8 @@ import bench_gpu_report as report
 import torch
 from results import ResultRow, append_results, new_run_id, today
 
+from kernels import resolve_fp8_weight_only_max_m
+
 # Bytes per weight of a projection as served: e4m3 (the float32 scale per row is negligible);
 # 4-bit: a nibble plus a float16 scale per group of 128.
 LINEAR_BYTES = {"none": 2.0, "fp8": 1.0, "w4a16": 0.5 + 2 / 128}
@@ -142,7 +144,10 @@ def _bench_workloads(
         ceilings["matmul_TFLOPs"] *= 2  # fp8 tensor cores
     common = dict(
         label=label,
-        fp8_weight_only_max_tokens=_weight_only_max_tokens(core.config) if quantization == "fp8" else None,
+        fp8_weight_only_max_tokens=(
+            resolve_fp8_weight_only_max_m(core.config.fp8_weight_only_max_tokens)
+            if quantization == "fp8" else None
+        ),
         weight_GiB=round(core.weight_bytes / 2**30, 2),
         kv_pool_tokens=kv_tokens,
         load_s=round(engine.load_s, 1),
@@ -194,14 +199,6 @@ def _bench_workloads(
             **bench.decode_step_stats(res, n),
             **common,
         )
-
-
-def _weight_only_max_tokens(config: Any) -> int:
-    """The engine's fp8 weight-only threshold, its default resolved."""
-    from kernels import FP8_WEIGHT_ONLY_MAX_M
-
-    value = config.fp8_weight_only_max_tokens
-    return FP8_WEIGHT_ONLY_MAX_M if value is None else int(value)
 
 
 def bench_hf_70b(run: Run) -> None:

@@ -80,6 +80,11 @@ FP8_WEIGHT_ONLY_MAX_M = 1
 FP8_WEIGHT_ONLY_MAX_M_LIMIT = 16
 
 
+def resolve_fp8_weight_only_max_m(value: int | None) -> int:
+    """An engine's ``fp8_weight_only_max_tokens`` as the op sets take it (None: the default)."""
+    return FP8_WEIGHT_ONLY_MAX_M if value is None else value
+
+
 def reference_ops(fp8_weight_only_max_m: int = FP8_WEIGHT_ONLY_MAX_M) -> KernelOps:
     """The plain torch implementations (CPU path, and the ground truth in tests). The fp8
     dispatch threshold is the CUDA set's, so the CPU emulates what the GPU computes."""
@@ -110,7 +115,7 @@ def reference_ops(fp8_weight_only_max_m: int = FP8_WEIGHT_ONLY_MAX_M) -> KernelO
 def get_ops(device: Any, *, fp8_weight_only_max_m: int | None = None) -> KernelOps:
     """The ops to use on ``device`` (a ``torch.device`` or string). ``fp8_weight_only_max_m``:
     tokens up to which fp8 linears run weight-only (None: :data:`FP8_WEIGHT_ONLY_MAX_M`)."""
-    max_m = FP8_WEIGHT_ONLY_MAX_M if fp8_weight_only_max_m is None else fp8_weight_only_max_m
+    max_m = resolve_fp8_weight_only_max_m(fp8_weight_only_max_m)
     if str(device).startswith("cuda"):
         try:
             from kernels.triton_ops import triton_ops

@@ -257,22 +257,9 @@ def gemv_fp8(xq: torch.Tensor, xs: torch.Tensor, w_fp8: torch.Tensor, w_scale: t
     """fp8 W8A8 for a few tokens: ``xq`` ``[M, K]`` e4m3 and ``xs`` ``[M, 1]`` from the per-token
     quantization (``M <= 16``: every program holds all tokens), ``w_fp8`` ``[N, K]`` e4m3 with
     ``w_scale`` ``[N]``; returns ``(sum_k xq wq) * xs[m] * ws[n] + bias[n]`` ``[M, N]``."""
-    if xq.stride(-1) != 1:
-        xq = xq.contiguous()
-    m, k = xq.shape
-    n = w_fp8.shape[0]
-    if m > MAX_M:
-        raise ValueError(f"gemv_fp8 takes at most {MAX_M} tokens, got {m}")
-    tiles = tiles or fp8_tiles(m)
-    out = torch.empty((m, n), dtype=out_dtype, device=xq.device)
-    if m == 0:
-        return out
-    bias_arg = bias if bias is not None else w_scale
-    block_m = triton.next_power_of_2(m)
-    args = (xq, xs, w_fp8, w_scale, bias_arg)
-    return _launch(_gemv_dense_kernel, args, m, n, k, out, xs, w_scale, bias, tiles, stride_xm=xq.stride(0),
-                   stride_wn=w_fp8.stride(0), stride_om=out.stride(0), HAS_XS=True, HAS_WS=True,
-                   BLOCK_M=block_m)
+    if xq.shape[0] > MAX_M:
+        raise ValueError(f"gemv_fp8 takes at most {MAX_M} tokens, got {xq.shape[0]}")
+    return _gemv_fp8_weights(xq, xs, w_fp8, w_scale, bias, out_dtype, tiles)
 
 
 def gemv_fp8_weight_only(x: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor,
@@ -284,17 +271,26 @@ def gemv_fp8_weight_only(x: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Te
     rounding (:func:`kernels.quant_reference.fp8_weight_only_linear`)."""
     if x.dim() != 2 or x.shape[0] > MAX_M:
         raise ValueError(f"gemv_fp8_weight_only takes x [M <= {MAX_M}, K], got {tuple(x.shape)}")
+    return _gemv_fp8_weights(x, None, w_fp8, w_scale, bias, x.dtype, tiles)
+
+
+def _gemv_fp8_weights(x: torch.Tensor, xs: torch.Tensor | None, w_fp8: torch.Tensor, w_scale: torch.Tensor,
+                      bias: torch.Tensor | None, out_dtype: torch.dtype,
+                      tiles: GemvTiles | None) -> torch.Tensor:
+    """The dense GEMV over e4m3 weights for ``M <= MAX_M`` tokens: ``x`` quantized with per-token
+    scales ``xs`` (W8A8), or 16/32-bit with ``xs`` None (W8A16)."""
     if x.stride(-1) != 1:
         x = x.contiguous()
     m, k = x.shape
     n = w_fp8.shape[0]
     tiles = tiles or fp8_tiles(m)
-    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    out = torch.empty((m, n), dtype=out_dtype, device=x.device)
     if m == 0:
         return out
-    args = (x, w_scale, w_fp8, w_scale, bias if bias is not None else w_scale)  # no xs: w_scale stands in
-    return _launch(_gemv_dense_kernel, args, m, n, k, out, None, w_scale, bias, tiles, stride_xm=x.stride(0),
-                   stride_wn=w_fp8.stride(0), stride_om=out.stride(0), HAS_XS=False, HAS_WS=True,
+    # Absent scales and bias: w_scale stands in (never read).
+    args = (x, xs if xs is not None else w_scale, w_fp8, w_scale, bias if bias is not None else w_scale)
+    return _launch(_gemv_dense_kernel, args, m, n, k, out, xs, w_scale, bias, tiles, stride_xm=x.stride(0),
+                   stride_wn=w_fp8.stride(0), stride_om=out.stride(0), HAS_XS=xs is not None, HAS_WS=True,
                    BLOCK_M=triton.next_power_of_2(m))
 
 

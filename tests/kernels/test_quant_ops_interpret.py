@@ -69,3 +69,12 @@ def test_quant_kernel_matches_reference_interpreted(
     interpreted: dict[str, dict[str, str]], dtype: str, check: str
 ) -> None:
     assert interpreted[dtype][check] == "ok", interpreted[dtype][check]
+
+
+def test_weight_only_token_limit_is_the_gemvs() -> None:
+    """``kernels`` (torch only, no triton import) states the weight-only GEMV's token limit
+    again; it must be the GEMV's own."""
+    from kernels import FP8_WEIGHT_ONLY_MAX_M_LIMIT
+    from kernels.triton_ops import gemv
+
+    assert FP8_WEIGHT_ONLY_MAX_M_LIMIT == gemv.MAX_M
