@@ -10,13 +10,16 @@ weights' (plus scales); the share is of a 1 GiB device-to-device copy measured f
 - ``bf16``: cuBLAS ``F.linear`` and a sweep of ``gemv16`` tilings;
 - ``fp8``: the per-token quantization alone, ``torch._scaled_mm`` on a pre-quantized activation,
   a sweep of ``gemv_fp8`` tilings;
-- ``w4``: ``gemv_wna16`` (4-bit, groups of 128, float16 scales), factored and not, swept;
+- ``w4``: ``gemv_wna16`` (4-bit, groups of 128, float16 scales) through the int32-word kernel
+  (the default), swept, against the byte kernel (factored) at its measured tiling;
+- ``w4_bytes``: the byte kernel, factored and not, swept (the earlier sweep);
 - ``fp8_70b``: the fp8 sweep on the llama3-70b projections;
 - ``fp8_small_m``: 1-16 tokens, quantization + ``gemv_fp8`` (default tiles) against quantization +
   ``_scaled_mm``: where ``Fp8LinearConfig.gemv_max_m`` belongs.
 
 Sweep: ``block_n`` 4/8/16 x ``block_k`` 512/1024 x 4/8 warps, plus (4, 1024, 2), (2, 1024, 2),
-(32, 256, 4); each with split-K 1, 2, 4. Prints the best tiling per shape and one summary line per
+(32, 256, 4); each with split-K 1, 2, 4 (``w4``: also (32, 1024, 8), (32, 512, 8), (16, 2048, 8),
+(8, 2048, 4); split-K 1 only). Prints the best tiling per shape and one summary line per
 format (microseconds per layer).
 """
 
@@ -42,6 +45,8 @@ SHAPES_70B = {"qkv": (10240, 8192), "o": (8192, 8192), "gate_up": (57344, 8192),
 TILES = [(bn, bk, w) for bn in (4, 8, 16) for bk in (512, 1024) for w in (4, 8)]
 TILES += [(4, 1024, 2), (2, 1024, 2), (32, 256, 4)]
 SPLITS = (1, 2, 4)
+W4_TILES = TILES + [(32, 1024, 8), (32, 512, 8), (16, 2048, 8), (8, 2048, 4)]
+W4_BYTES_TILES = G.GemvTiles(16, 1024, 4, 1)  # the byte kernel's measured best (docs/QUANTIZATION.md)
 
 
 def time_chain(fn: Callable[[], object], reps: int = 10) -> float:
@@ -94,10 +99,12 @@ class Recorder:
         return row
 
     def sweep(self, fmt: str, shape: str, layer_bytes: int, layers: int,
-              make: Callable[[G.GemvTiles], Callable[[], object]]) -> dict[str, Any]:
+              make: Callable[[G.GemvTiles], Callable[[], object]],
+              tiles_list: Sequence[tuple[int, int, int]] = TILES,
+              splits: Sequence[int] = SPLITS) -> dict[str, Any]:
         best: dict[str, Any] | None = None
-        for bn, bk, warps in TILES:
-            for split in SPLITS:
+        for bn, bk, warps in tiles_list:
+            for split in splits:
                 tiles = G.GemvTiles(bn, bk, warps, split)
                 ms = time_chain(make(tiles))
                 row = self.add(fmt, shape, f"{bn},{bk},{warps},{split}", ms, layer_bytes, layers)
@@ -129,15 +136,15 @@ def _gemv_fp8_chain(xq: torch.Tensor, xs: torch.Tensor, wq: list[tuple[torch.Ten
 
 
 def _gemv_w4_chain(x: torch.Tensor, w4: list[tuple[torch.Tensor, torch.Tensor]], factored: bool,
-                   tiles: G.GemvTiles) -> Callable[[], object]:
+                   words: bool, tiles: G.GemvTiles) -> Callable[[], object]:
     def one(q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-        return G.gemv_wna16(x, q, s, None, 4, 128, tiles=tiles, factored=factored)
+        return G.gemv_wna16(x, q, s, None, 4, 128, tiles=tiles, factored=factored, words=words)
     return chain(one, w4)
 
 
 def bench_format(rec: Recorder, part: str) -> None:
     shapes, layers = (SHAPES_70B, 6) if part == "fp8_70b" else (SHAPES_8B, 32)
-    fmt = "fp8" if part.startswith("fp8") else part
+    fmt = "fp8" if part.startswith("fp8") else ("w4" if part.startswith("w4") else part)
     for shape, (n, k) in shapes.items():
         x = torch.randn(1, k, device=DEV, dtype=torch.bfloat16)
         if fmt == "bf16":
@@ -156,9 +163,15 @@ def bench_format(rec: Recorder, part: str) -> None:
             w4 = [(torch.randint(0, 256, (n, k // 2), device=DEV, dtype=torch.uint8),
                    (torch.rand(n, k // 128, device=DEV) * 0.02 + 0.001).half()) for _ in range(layers)]
             nbytes = n * k // 2 + n * (k // 128) * 2
-            for factored in (True, False):
-                rec.sweep(f"w4_{'factored' if factored else 'per_weight'}", shape, nbytes, layers,
-                          partial(_gemv_w4_chain, x, w4, factored))
+            if part == "w4":
+                rec.sweep("w4_words", shape, nbytes, layers, partial(_gemv_w4_chain, x, w4, True, True),
+                          tiles_list=W4_TILES, splits=(1,))
+                bytes_ms = time_chain(_gemv_w4_chain(x, w4, True, False, W4_BYTES_TILES))
+                rec.add("w4_bytes_factored", shape, "16,1024,4,1", bytes_ms, nbytes, layers)
+            else:
+                for factored in (True, False):
+                    rec.sweep(f"w4_bytes_{'factored' if factored else 'per_weight'}", shape, nbytes, layers,
+                              partial(_gemv_w4_chain, x, w4, factored, False))
         torch.cuda.empty_cache()
 
 
@@ -184,7 +197,8 @@ def _fp8_linear(x: torch.Tensor, cfg: fp8_matmul.Fp8LinearConfig, q: torch.Tenso
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--parts", default="bf16,fp8,w4,fp8_70b,fp8_small_m")
+    ap.add_argument("--parts", default="bf16,fp8,w4,fp8_70b,fp8_small_m",
+                    help="comma-separated: bf16, fp8, w4, w4_bytes, fp8_70b, fp8_small_m")
     ap.add_argument("--json", default="", help="append the rows here (JSON lines)")
     args = ap.parse_args()
     rec = Recorder(copy_bandwidth_gb_s())

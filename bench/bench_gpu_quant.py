@@ -155,8 +155,8 @@ def _bench_workloads(
     for w in workloads:
         _, n, p_len, o_len = bench.WORKLOADS[w]
         name = "W5" if shape == "llama3-70b" else w
+        bench.warm_up(engine, w)
         if w == "W2":
-            engine.run(bench.prompts_for(1, p_len, 99), o_len)  # warm-up
             res = engine.run(bench.prompts_for(1, p_len, 2), o_len)
             tpot = (res["elapsed_s"] - res["ttft_s"]) / (o_len - 1)
             floor = report.w2_roofline_tok_s(cfg, ceilings, p_len, o_len)
@@ -174,11 +174,6 @@ def _bench_workloads(
                 **common,
             )
             continue
-        # Warm-up: W1's own mixed steps (all its prompts, each request still running when the last
-        # chunk is prefilled: 24 tokens > its 17 prefill steps) compile their kernel variants
-        # here, not inside the timed run. A first run's compile cost 0.87 s of W1's ~5 s (one
-        # step of 866 ms, 252 requests in); a 64-request warm-up did not reach it.
-        engine.run(bench.prompts_for(n, p_len, 98), 24)
         prompts = bench.prompts_for(n, p_len, 1)
         res = engine.run(prompts, o_len)
         tok_s = res["output_tokens"] / res["elapsed_s"]

@@ -17,14 +17,18 @@ that stream at the card's bandwidth:
   the result differs from :func:`kernels.quant_reference.fp8_linear` only in the order of sums;
 - fp8 weight-only (:func:`gemv_fp8_weight_only`) runs the same loop on the 16-bit activation
   (no quantization launch before it) with the weight's scale in the epilogue;
-- 4/8-bit integers become floats by the exponent trick (``bits | 0x4B000000`` read as float32
-  is ``2^23 + q``; subtracting ``2^23`` is exact), integer logic and one add instead of an
-  int-to-float conversion, which runs at an eighth of the FMA rate on sm_90. With
-  ``factored`` the group's scale multiplies the group's partial sum instead of each weight
-  (``sum_k x_k (q_k s + o) = s sum_k x_k q_k + o sum_k x_k``): one FMA per weight. The weight
-  is not rounded to the activation dtype first, as the reference does: the result differs
-  from :func:`kernels.quant_reference.wna16_linear` by that rounding (at most the dtype's unit
-  roundoff per weight: 2^-8 in bf16) and the order of sums.
+- 4-bit weights whose rows are whole int32 words (every GPTQ / GGUF layout we build) go to
+  :func:`_gemv_int4_words_kernel`: each nibble is masked in place into a float's mantissa
+  (:func:`_nibble_as_float`) and multiplied by its input, the group's scale once per word
+  (1.54x the byte kernel below on an H200; docs/QUANTIZATION.md, "4-bit weights as int32 words");
+- otherwise (8-bit, or ``words=False``) 4/8-bit integers become floats by the exponent trick
+  (``bits | 0x4B000000`` read as float32 is ``2^23 + q``; subtracting ``2^23`` is exact),
+  integer logic and one add instead of an int-to-float conversion, which runs at an eighth of
+  the FMA rate on sm_90. With ``factored`` the group's scale multiplies the group's partial sum
+  instead of each weight (``sum_k x_k (q_k s + o) = s sum_k x_k q_k + o sum_k x_k``): one FMA
+  per weight. The weight is not rounded to the activation dtype first, as the reference does:
+  the result differs from :func:`kernels.quant_reference.wna16_linear` by that rounding (at most
+  the dtype's unit roundoff per weight: 2^-8 in bf16) and the order of sums.
 """
 
 from __future__ import annotations
@@ -141,6 +145,18 @@ def _int_as_float(b, SUB: tl.constexpr):
 
 
 @triton.jit
+def _int_program_rows(q_ptr, s_ptr, o_ptr, N, K, K_PER_SPLIT, stride_qn, stride_sn, BLOCK_N: tl.constexpr):
+    """This program's rows of an integer GEMV (grid: row blocks x splits): the row indices and
+    their mask, ``[BLOCK_N, 1]`` pointers to each row's weights, scales and offsets, and the
+    ``K`` range ``[k_lo, k_hi)`` of its split."""
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rn64 = rn.to(tl.int64)[:, None]
+    k_lo = tl.program_id(1) * K_PER_SPLIT
+    return (rn, rn < N, q_ptr + rn64 * stride_qn, s_ptr + rn64 * stride_sn, o_ptr + rn64 * stride_sn,
+            k_lo, tl.minimum(k_lo + K_PER_SPLIT, K))
+
+
+@triton.jit
 def _gemv_int_kernel(x_ptr, q_ptr, s_ptr, o_ptr, bias_ptr, out_ptr, part_ptr, M, N, K, K_PER_SPLIT,
                      stride_qn, stride_sn,
                      BITS: tl.constexpr, GROUP: tl.constexpr, SUB: tl.constexpr, SIGNED8: tl.constexpr,
@@ -151,17 +167,9 @@ def _gemv_int_kernel(x_ptr, q_ptr, s_ptr, o_ptr, bias_ptr, out_ptr, part_ptr, M,
     # of interleaving measured 15% slower on an H200.)
     TILE_G: tl.constexpr = BLOCK_K // GROUP if BLOCK_K > GROUP else 1
     G_W: tl.constexpr = BLOCK_K // TILE_G
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = rn < N
-    rn64 = rn.to(tl.int64)[:, None]
-    q_rows = q_ptr + rn64 * stride_qn
-    s_rows = s_ptr + rn64 * stride_sn
-    o_rows = o_ptr + rn64 * stride_sn
+    rn, n_ok, q_rows, s_rows, o_rows, k_lo, k_hi = _int_program_rows(
+        q_ptr, s_ptr, o_ptr, N, K, K_PER_SPLIT, stride_qn, stride_sn, BLOCK_N)
     gg = tl.arange(0, TILE_G)
-    k_lo = pid_k * K_PER_SPLIT
-    k_hi = tl.minimum(k_lo + K_PER_SPLIT, K)
     if FACTORED:
         acc = tl.zeros([BLOCK_N, TILE_G], dtype=tl.float32)
     else:
@@ -201,8 +209,91 @@ def _gemv_int_kernel(x_ptr, q_ptr, s_ptr, o_ptr, bias_ptr, out_ptr, part_ptr, M,
         else:
             acc += p
     rm = tl.arange(0, 1)
-    _epilogue(tl.sum(acc, axis=1)[None, :], rm, rm < 1, rn, n_ok, pid_k, 1, N, N, part_ptr, out_ptr,
-              out_ptr, out_ptr, bias_ptr, False, False, HAS_BIAS, SPLIT)
+    _epilogue(tl.sum(acc, axis=1)[None, :], rm, rm < 1, rn, n_ok, tl.program_id(1), 1, N, N, part_ptr,
+              out_ptr, out_ptr, out_ptr, bias_ptr, False, False, HAS_BIAS, SPLIT)
+
+
+@triton.jit
+def _nibble_as_float(w, SHIFT: tl.constexpr, SUB: tl.constexpr):
+    """The 4-bit field at bits ``SHIFT .. SHIFT + 3`` of int32 ``w`` (``SHIFT <= 16``) as float32
+    ``q - SUB``, exact: the field becomes the low mantissa bits of a float whose exponent gives
+    them unit weight (``2^(23 - SHIFT) + q``), one AND-OR (LOP3) and one add, no shift."""
+    f = ((w & (0xF << SHIFT)) | ((150 - SHIFT) << 23)).to(tl.float32, bitcast=True)
+    return f - ((1 << (23 - SHIFT)) + SUB)
+
+
+@triton.jit
+def _gemv_int4_words_kernel(x_ptr, q_ptr, s_ptr, o_ptr, bias_ptr, out_ptr, part_ptr, M, N, K, K_PER_SPLIT,
+                            stride_qn, stride_sn,
+                            GROUP: tl.constexpr, SUB: tl.constexpr, HAS_OFFSET: tl.constexpr,
+                            HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, BLOCK_N: tl.constexpr,
+                            BLOCK_K: tl.constexpr, EVEN: tl.constexpr):
+    # 4-bit weights read as int32 words (``q_ptr``: [N, K / 8] int32, ``stride_qn`` in words):
+    # word j holds inputs 8j .. 8j + 7, input 8j + i in bits 4i .. 4i + 3 (bytes little-endian,
+    # low nibble first). Each nibble is masked in place (_nibble_as_float) and multiplied by the
+    # input it belongs to, loaded with stride 8 (activation loads hit L1: every program reads
+    # the same tile), so no byte extraction, shift per weight or interleave. A word's eight
+    # products sum in ``t``; its group's scale multiplies the word's sum (and the offset the
+    # word's activation sum), one FMA per word. EVEN: whole tiles only (BLOCK_N divides N,
+    # BLOCK_K divides K, one split): no masks, so the word loads vectorize.
+    WORDS: tl.constexpr = BLOCK_K // 8
+    TILE_G: tl.constexpr = BLOCK_K // GROUP if BLOCK_K > GROUP else 1
+    WPG: tl.constexpr = WORDS // TILE_G  # words of one group in a tile
+    rn, n_ok, q_rows, s_rows, o_rows, k_lo, k_hi = _int_program_rows(
+        q_ptr, s_ptr, o_ptr, N, K, K_PER_SPLIT, stride_qn, stride_sn, BLOCK_N)
+    gg = tl.arange(0, TILE_G)
+    acc = tl.zeros([BLOCK_N, TILE_G, WPG], dtype=tl.float32)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        jj = k0 // 8 + tl.arange(0, WORDS)
+        xw = x_ptr + 8 * jj
+        if EVEN:
+            w = tl.load(q_rows + jj[None, :], eviction_policy="evict_first")
+            x0 = tl.load(xw, eviction_policy="evict_last").to(tl.float32)
+            x1 = tl.load(xw + 1, eviction_policy="evict_last").to(tl.float32)
+            x2 = tl.load(xw + 2, eviction_policy="evict_last").to(tl.float32)
+            x3 = tl.load(xw + 3, eviction_policy="evict_last").to(tl.float32)
+            x4 = tl.load(xw + 4, eviction_policy="evict_last").to(tl.float32)
+            x5 = tl.load(xw + 5, eviction_policy="evict_last").to(tl.float32)
+            x6 = tl.load(xw + 6, eviction_policy="evict_last").to(tl.float32)
+            x7 = tl.load(xw + 7, eviction_policy="evict_last").to(tl.float32)
+        else:
+            j_ok = jj < k_hi // 8
+            w = tl.load(q_rows + jj[None, :], mask=n_ok[:, None] & j_ok[None, :], other=0,
+                        eviction_policy="evict_first")
+            x0 = tl.load(xw, mask=j_ok, other=0.0, eviction_policy="evict_last").to(tl.float32)
+            x1 = tl.load(xw + 1, mask=j_ok, other=0.0, eviction_policy="evict_last").to(tl.float32)
+            x2 = tl.load(xw + 2, mask=j_ok, other=0.0, eviction_policy="evict_last").to(tl.float32)
+            x3 = tl.load(xw + 3, mask=j_ok, other=0.0, eviction_policy="evict_last").to(tl.float32)
+            x4 = tl.load(xw + 4, mask=j_ok, other=0.0, eviction_policy="evict_last").to(tl.float32)
+            x5 = tl.load(xw + 5, mask=j_ok, other=0.0, eviction_policy="evict_last").to(tl.float32)
+            x6 = tl.load(xw + 6, mask=j_ok, other=0.0, eviction_policy="evict_last").to(tl.float32)
+            x7 = tl.load(xw + 7, mask=j_ok, other=0.0, eviction_policy="evict_last").to(tl.float32)
+        h = w >> 20  # nibbles 5, 6, 7 at bits 0, 4, 8 (the sign bits above are masked off)
+        t = x0[None, :] * _nibble_as_float(w, 0, SUB)
+        t += x1[None, :] * _nibble_as_float(w, 4, SUB)
+        t += x2[None, :] * _nibble_as_float(w, 8, SUB)
+        t += x3[None, :] * _nibble_as_float(w, 12, SUB)
+        t += x4[None, :] * _nibble_as_float(w, 16, SUB)
+        t += x5[None, :] * _nibble_as_float(h, 0, SUB)
+        t += x6[None, :] * _nibble_as_float(h, 4, SUB)
+        t += x7[None, :] * _nibble_as_float(h, 8, SUB)
+        g_ok = n_ok[:, None] & (k0 + gg * (BLOCK_K // TILE_G) < k_hi)[None, :]
+        if EVEN:
+            s = tl.load(s_rows + (k0 // GROUP + gg)[None, :]).to(tl.float32)
+        else:
+            s = tl.load(s_rows + (k0 // GROUP + gg)[None, :], mask=g_ok, other=0.0).to(tl.float32)
+        acc += tl.reshape(t, [BLOCK_N, TILE_G, WPG]) * s[:, :, None]
+        if HAS_OFFSET:
+            if EVEN:
+                o = tl.load(o_rows + (k0 // GROUP + gg)[None, :]).to(tl.float32)
+            else:
+                o = tl.load(o_rows + (k0 // GROUP + gg)[None, :], mask=g_ok, other=0.0).to(tl.float32)
+            xsum = tl.reshape(x0 + x1 + x2 + x3 + x4 + x5 + x6 + x7, [TILE_G, WPG])
+            acc += o[:, :, None] * xsum[None, :, :]
+    rm = tl.arange(0, 1)
+    _epilogue(tl.sum(tl.sum(acc, axis=2), axis=1)[None, :], rm, rm < 1, rn, n_ok, tl.program_id(1), 1, N, N,
+              part_ptr,
+              out_ptr, out_ptr, out_ptr, bias_ptr, False, False, HAS_BIAS, SPLIT)
 
 
 def _k_per_split(k: int, tiles: GemvTiles) -> int:
@@ -320,10 +411,12 @@ def fit_block_k(block_k: int, group_size: int) -> int:
 
 def gemv_wna16(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | None,
                bits: int, group_size: int, bias: torch.Tensor | None = None, *,
-               tiles: GemvTiles | None = None, factored: bool = True) -> torch.Tensor:
+               tiles: GemvTiles | None = None, factored: bool = True, words: bool = True) -> torch.Tensor:
     """WnA16 at one token (:class:`kernels.quant_reference.WnA16Weight` layout; checked by
     :func:`kernels.triton_ops.wna16.wna16_linear`): ``x`` ``[1, K]``, float32 sums, result in
-    ``x.dtype``. ``factored``: scales applied per group sum (module docstring)."""
+    ``x.dtype``. ``factored``: scales applied per group sum (module docstring). ``words``:
+    4-bit weights whose rows can be read as int32 words go to :func:`_gemv_int4_words_kernel`
+    (``factored`` is then implied: it scales each word's sum)."""
     tiles = tiles or GemvTiles()
     tiles = GemvTiles(tiles.block_n, fit_block_k(tiles.block_k, group_size), tiles.num_warps, tiles.split_k)
     x = _one_row(x)
@@ -333,8 +426,26 @@ def gemv_wna16(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, off
     # 8-bit signed: the kernel adds 128 to the sign-extended value and subtracts it again as a float.
     signed8 = bits == 8 and qweight.dtype == torch.int8
     sub = 8.0 if (bits == 4 and offsets is None) else (128.0 if signed8 else 0.0)
+    q_words = _as_words(qweight) if (words and bits == 4) else None
+    if q_words is not None:
+        args = (x, q_words, scales, offsets if offsets is not None else scales,
+                bias if bias is not None else scales)
+        return _launch(_gemv_int4_words_kernel, args, 1, n, k, out, None, None, bias, tiles,
+                       stride_qn=q_words.stride(0), stride_sn=scales.stride(0), GROUP=group_size, SUB=sub,
+                       HAS_OFFSET=offsets is not None,
+                       EVEN=n % tiles.block_n == 0 and k % tiles.block_k == 0 and _k_per_split(k, tiles) >= k)
     args = (x, qweight, scales, offsets if offsets is not None else scales,
             bias if bias is not None else scales)
     return _launch(_gemv_int_kernel, args, 1, n, k, out, None, None, bias, tiles,
                    stride_qn=qweight.stride(0), stride_sn=scales.stride(0), BITS=bits, GROUP=group_size,
                    SUB=sub, SIGNED8=signed8, HAS_OFFSET=offsets is not None, FACTORED=factored)
+
+
+def _as_words(qweight: torch.Tensor) -> torch.Tensor | None:
+    """Packed 4-bit rows ``[N, K / 2]`` (bytes) as int32 words ``[N, K / 8]`` without a copy, or
+    None where the storage does not allow it (a row stride or offset that is not whole words)."""
+    if qweight.element_size() != 1 or qweight.shape[1] % 4 or qweight.stride(1) != 1:
+        return None
+    if qweight.stride(0) % 4 or qweight.storage_offset() % 4 or qweight.data_ptr() % 4:
+        return None
+    return qweight.view(torch.int32)

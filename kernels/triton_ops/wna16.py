@@ -29,9 +29,10 @@ import triton.language as tl
 
 from kernels.triton_ops.gemv import GemvTiles, fit_block_k, gemv_wna16
 
-# One token (batch-1 decode), gemv.gemv_wna16: fastest on an H200 over the four llama3-8b
-# projections in 4-bit groups of 128 (docs/QUANTIZATION.md, "One-token GEMV").
-GEMV_M1_TILES = GemvTiles(block_n=16, block_k=1024, num_warps=4, split_k=1)
+# One token (batch-1 decode), gemv.gemv_wna16 (4-bit: its int32-word kernel): fastest on an
+# H200 over the four llama3-8b projections in 4-bit groups of 128 among 19 tilings
+# (docs/QUANTIZATION.md, "One-token GEMV").
+GEMV_M1_TILES = GemvTiles(block_n=8, block_k=2048, num_warps=4, split_k=1)
 # This module's GEMV at one token (block_n, block_k, warps), kept for one_token_gemv=False.
 FUSED_M1_TILES = (4, 1024, 2)
 

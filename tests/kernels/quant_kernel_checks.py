@@ -353,7 +353,10 @@ def check_gemv_fp8_weight_only(t: Target) -> None:
 
 
 def check_gemv_wna16(t: Target) -> None:
-    """Every WnA16 case (4/8-bit, groups 16-128, offsets, int8), scales per weight or per group."""
+    """Every WnA16 case (4/8-bit, groups 16-128, offsets, int8), scales per weight or per group;
+    4-bit weights through the int32-word kernel and the byte kernel. The tilings cover both of
+    the word kernel's forms: whole tiles (no masks) and masked tiles (rows past N, tiles past K,
+    split-K)."""
     gen = torch.Generator().manual_seed(23)
     shapes = [(40, 128), (33, 384)] + ([(4096, 4096), (1024, 14336)] if t.big else [])
     for i, (bits, group, offsets, sdt) in enumerate(_WNA16_CASES):
@@ -363,10 +366,13 @@ def check_gemv_wna16(t: Target) -> None:
             bias = _randn(n, t=t, gen=gen) if i % 2 else None
             args = (x, w.qweight, w.scales, w.offsets, w.bits, w.group_size, bias)
             ref = qref.wna16_linear(*args)
+            # 4-bit: the int32-word kernel (the default) and the byte kernel factored and not.
+            variants = [(True, True), (True, False)] + ([(False, True)] if bits == 4 else [])
             for tiles in _GEMV_TILES:
-                for factored in (True, False):
-                    got = tgemv.gemv_wna16(*args, tiles=tiles, factored=factored)
-                    what = f"gemv_wna16 {n}x{k} bits={bits} g={group} off={offsets} {tiles} fact={factored}"
+                for factored, byte_kernel in variants:
+                    got = tgemv.gemv_wna16(*args, tiles=tiles, factored=factored, words=not byte_kernel)
+                    what = (f"gemv_wna16 {n}x{k} bits={bits} g={group} off={offsets} {tiles} "
+                            f"fact={factored} words={not byte_kernel}")
                     assert_wna16_gemv_close(got, ref, x, w, t.dtype, what)
 
 

@@ -1,0 +1,30 @@
+"""bench/bench_gpu.py's per-run step statistics: the full-batch decode steps' median and the
+slowest step of the run (where a kernel compiling inside a timed run shows)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+
+import bench_gpu  # noqa: E402
+
+
+def test_decode_step_stats_median_of_full_steps_and_slowest_of_all() -> None:
+    # A 0.5 s first (prefill) step, two partial steps, then three full-batch steps of 10, 12, 30 ms.
+    t0 = 100.0
+    ends = [0.5, 0.51, 0.52, 0.53, 0.542, 0.572]
+    outputs = [0, 2, 3, 4, 4, 4]
+    res = {"t_start": t0, "steps": [(k, t0 + e) for k, e in zip(outputs, ends, strict=True)]}
+    stats = bench_gpu.decode_step_stats(res, num_seqs=4)
+    assert stats["decode_steps"] == 3
+    assert stats["decode_step_ms"] == pytest.approx(12.0)
+    assert stats["slowest_step_ms"] == pytest.approx(500.0)
+
+
+def test_decode_step_stats_without_a_full_batch_step_is_empty() -> None:
+    res = {"t_start": 0.0, "steps": [(1, 0.1), (2, 0.2)]}
+    assert bench_gpu.decode_step_stats(res, num_seqs=4) == {}
