@@ -52,13 +52,14 @@ class FleetLink:
                  redis_tls: Any = None, fleet_secret_file: str | None = None, standby: Any = None,
                  on_promoted: Callable[[str], None] | None = None, probe_peers: bool = True) -> None:
         from llmserve.fleet import WorkerIdentity, WorkerPublisher
-        from llmserve.fleet.redis_store import RedisStateStore, RedisTls
         from llmserve.security.records import FleetSecretFile, RecordReader
 
         if store is None and not redis_url:
             raise ValueError("FleetLink needs a redis_url or a store")
         self._owns_store = store is None
-        if store is None:
+        if store is None:  # only a link that opens Redis itself needs the client library
+            from llmserve.fleet.redis_store import RedisStateStore, RedisTls
+
             store = RedisStateStore(str(redis_url), tls=redis_tls or RedisTls())
         self._store = store
         secret = FleetSecretFile(fleet_secret_file).current if fleet_secret_file else None

@@ -44,6 +44,7 @@ from llmserve.telemetry.tracing import Tracing
 from llmserve.v1 import generation_pb2_grpc, internal_pb2, internal_pb2_grpc
 
 logger = logging.getLogger(__name__)
+_LOAD_FAILED = "the worker failed to load (the engine, or joining its fleet)"
 
 CONTROL_SERVICE = internal_pb2.DESCRIPTOR.services_by_name["WorkerControl"].full_name
 _HEALTH_NAMES = ("", GENERATION_SERVICE, CONTROL_SERVICE)
@@ -269,17 +270,29 @@ class WorkerServer:
         self.service.attach_engine(engine)
         engine.on_dead(self._on_engine_dead)
         if self.config.redis_url or self._fleet_store is not None:
-            from gpu_worker.server.fleet_link import FleetLink
-
-            self._fleet = FleetLink(self.service, self.config.redis_url, self._fleet_store,
-                                    redis_tls=self.config.redis_tls,
-                                    fleet_secret_file=self.config.fleet_secret_file,
-                                    standby=self._standby_policy(), on_promoted=self._on_promoted,
-                                    probe_peers=self.config.tls.cert is None)
-            await self._fleet.start()
+            try:
+                await self._join_fleet()
+            except Exception as exc:
+                # Joining the fleet failed after the engine loaded (an unreachable store, a
+                # missing client library): the worker cannot be routed to, so it stops, and
+                # wait_ready raises instead of waiting for a readiness that never comes.
+                logger.exception("joining the fleet failed")
+                self._load_error = exc
+                await self._stop_now()
+                return
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         self._ready.set()
         logger.info("worker %s serving %s", self.service.worker_id, self.service.model_name)
+
+    async def _join_fleet(self) -> None:
+        from gpu_worker.server.fleet_link import FleetLink
+
+        self._fleet = FleetLink(self.service, self.config.redis_url, self._fleet_store,
+                                redis_tls=self.config.redis_tls,
+                                fleet_secret_file=self.config.fleet_secret_file,
+                                standby=self._standby_policy(), on_promoted=self._on_promoted,
+                                probe_peers=self.config.tls.cert is None)
+        await self._fleet.start()
 
     def _standby_policy(self) -> Any:
         if not self.config.standby:
@@ -308,12 +321,16 @@ class WorkerServer:
             self._drain_task = asyncio.create_task(self._stop_now())
 
     async def wait_ready(self) -> None:
-        """Until health is SERVING; raises if loading failed."""
+        """Until health is SERVING; raises if loading failed or the worker stopped first."""
         assert self._load_task is not None, "start() first"
         await asyncio.wait({self._load_task}, return_when=asyncio.FIRST_COMPLETED)
         if self._load_error is not None:
-            raise RuntimeError("the engine failed to load") from self._load_error
-        await self._ready.wait()
+            raise RuntimeError(_LOAD_FAILED) from self._load_error
+        # The load task is done: it set ready, or it ended without (drained while loading, or
+        # an error it did not expect), and then readiness never comes.
+        if not self._ready.is_set():
+            error = None if self._load_task.cancelled() else self._load_task.exception()
+            raise RuntimeError("the worker stopped before it was ready") from error
 
     async def start_drain(self, grace_s: float = 0.0) -> int:
         """Start draining (idempotent) and return how many requests were in flight.
@@ -361,7 +378,7 @@ class WorkerServer:
         """Until the server has stopped; raises if the engine failed to load or died."""
         await self._stopped.wait()
         if self._load_error is not None:
-            raise RuntimeError("the engine failed to load") from self._load_error
+            raise RuntimeError(_LOAD_FAILED) from self._load_error
         if self._engine_error is not None:
             raise RuntimeError("the engine core died") from self._engine_error
 

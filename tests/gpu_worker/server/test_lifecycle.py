@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import socket
 import threading
+from pathlib import Path
 
 import grpc
 import pytest
@@ -152,3 +154,26 @@ async def _wait_in_flight(server: WorkerServer, count: int) -> None:
             return
         await asyncio.sleep(0.01)
     raise AssertionError(f"expected {count} streams in flight, got {len(server.service.in_flight)}")
+
+
+async def test_fleet_join_failure_after_the_engine_loads_is_reported(
+    engine_config: EngineConfig, tmp_path: Path
+) -> None:
+    """The engine loads, then joining the fleet fails (the fleet secret file it is given does not
+    exist): the worker stops and ``wait_ready`` raises instead of waiting forever (it did: the
+    failure was lost in the load task, the state the one-process stack hung in on a machine
+    without the Redis client). An unreachable Redis is not such a failure: the worker serves
+    and its publisher retries."""
+    with socket.socket() as s:  # a free port that nothing listens on
+        s.bind(("127.0.0.1", 0))
+        dead_port = s.getsockname()[1]
+    config = ServerConfig(port=0, redis_url=f"redis://127.0.0.1:{dead_port}",
+                          fleet_secret_file=str(tmp_path / "missing-secret"))
+    server = WorkerServer(engine_config, config, real_engine)
+    await server.start()
+    with pytest.raises(RuntimeError, match="failed to load") as err:
+        await asyncio.wait_for(server.wait_ready(), 120)
+    assert "fleet" in str(err.value)
+    assert isinstance(err.value.__cause__, OSError), repr(err.value.__cause__)
+    with pytest.raises(RuntimeError, match="failed to load"):
+        await asyncio.wait_for(server.wait_stopped(), 60)
