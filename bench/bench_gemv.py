@@ -11,7 +11,8 @@ weights' (plus scales); the share is of a 1 GiB device-to-device copy measured f
 - ``fp8``: the per-token quantization alone, ``torch._scaled_mm`` on a pre-quantized activation,
   a sweep of ``gemv_fp8`` tilings;
 - ``w4``: ``gemv_wna16`` (4-bit, groups of 128, float16 scales) through the int32-word kernel
-  (the default), swept, against the byte kernel (factored) at its measured tiling;
+  (the default), swept without and with ``prefetch``, against the byte kernel (factored) at its
+  measured tiling;
 - ``w4_bytes``: the byte kernel, factored and not, swept (the earlier sweep);
 - ``fp8_70b``: the fp8 sweep on the llama3-70b projections;
 - ``fp8_small_m``: 1-16 tokens, quantization + ``gemv_fp8`` (default tiles) against quantization +
@@ -136,10 +137,16 @@ def _gemv_fp8_chain(xq: torch.Tensor, xs: torch.Tensor, wq: list[tuple[torch.Ten
 
 
 def _gemv_w4_chain(x: torch.Tensor, w4: list[tuple[torch.Tensor, torch.Tensor]], factored: bool,
-                   words: bool, tiles: G.GemvTiles) -> Callable[[], object]:
+                   words: bool, tiles: G.GemvTiles, prefetch: bool = False) -> Callable[[], object]:
     def one(q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-        return G.gemv_wna16(x, q, s, None, 4, 128, tiles=tiles, factored=factored, words=words)
+        return G.gemv_wna16(x, q, s, None, 4, 128, tiles=tiles, factored=factored, words=words,
+                            prefetch=prefetch)
     return chain(one, w4)
+
+
+def _gemv_w4_prefetch_chain(x: torch.Tensor, w4: list[tuple[torch.Tensor, torch.Tensor]],
+                            tiles: G.GemvTiles) -> Callable[[], object]:
+    return _gemv_w4_chain(x, w4, True, True, tiles, prefetch=True)
 
 
 def bench_format(rec: Recorder, part: str) -> None:
@@ -165,6 +172,8 @@ def bench_format(rec: Recorder, part: str) -> None:
             nbytes = n * k // 2 + n * (k // 128) * 2
             if part == "w4":
                 rec.sweep("w4_words", shape, nbytes, layers, partial(_gemv_w4_chain, x, w4, True, True),
+                          tiles_list=W4_TILES, splits=(1,))
+                rec.sweep("w4_words_prefetch", shape, nbytes, layers, partial(_gemv_w4_prefetch_chain, x, w4),
                           tiles_list=W4_TILES, splits=(1,))
                 bytes_ms = time_chain(_gemv_w4_chain(x, w4, True, False, W4_BYTES_TILES))
                 rec.add("w4_bytes_factored", shape, "16,1024,4,1", bytes_ms, nbytes, layers)

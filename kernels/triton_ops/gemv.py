@@ -223,11 +223,36 @@ def _nibble_as_float(w, SHIFT: tl.constexpr, SUB: tl.constexpr):
 
 
 @triton.jit
+def _load_words(q_rows, jj, n_ok, w_hi, EVEN: tl.constexpr):
+    """Words ``jj`` of every row (``EVEN``: unmasked; else rows past N and words past ``w_hi`` read 0)."""
+    if EVEN:
+        return tl.load(q_rows + jj[None, :], eviction_policy="evict_first")
+    return tl.load(q_rows + jj[None, :], mask=n_ok[:, None] & (jj < w_hi)[None, :], other=0,
+                   eviction_policy="evict_first")
+
+
+@triton.jit
+def _load_input(xw, NIBBLE: tl.constexpr, jj, w_hi, EVEN: tl.constexpr):
+    """Input ``8 jj + NIBBLE`` of each word as float32 (0 past the last word)."""
+    if EVEN:
+        return tl.load(xw + NIBBLE, eviction_policy="evict_last").to(tl.float32)
+    return tl.load(xw + NIBBLE, mask=jj < w_hi, other=0.0, eviction_policy="evict_last").to(tl.float32)
+
+
+@triton.jit
+def _load_groups(rows, k0, gg, ok, GROUP: tl.constexpr, EVEN: tl.constexpr):
+    """The scale (or offset) of each of the tile's groups, float32 ``[rows, groups]``."""
+    if EVEN:
+        return tl.load(rows + (k0 // GROUP + gg)[None, :]).to(tl.float32)
+    return tl.load(rows + (k0 // GROUP + gg)[None, :], mask=ok, other=0.0).to(tl.float32)
+
+
+@triton.jit
 def _gemv_int4_words_kernel(x_ptr, q_ptr, s_ptr, o_ptr, bias_ptr, out_ptr, part_ptr, M, N, K, K_PER_SPLIT,
                             stride_qn, stride_sn,
                             GROUP: tl.constexpr, SUB: tl.constexpr, HAS_OFFSET: tl.constexpr,
                             HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, BLOCK_N: tl.constexpr,
-                            BLOCK_K: tl.constexpr, EVEN: tl.constexpr):
+                            BLOCK_K: tl.constexpr, EVEN: tl.constexpr, PREFETCH: tl.constexpr):
     # 4-bit weights read as int32 words (``q_ptr``: [N, K / 8] int32, ``stride_qn`` in words):
     # word j holds inputs 8j .. 8j + 7, input 8j + i in bits 4i .. 4i + 3 (bytes little-endian,
     # low nibble first). Each nibble is masked in place (_nibble_as_float) and multiplied by the
@@ -235,39 +260,34 @@ def _gemv_int4_words_kernel(x_ptr, q_ptr, s_ptr, o_ptr, bias_ptr, out_ptr, part_
     # the same tile), so no byte extraction, shift per weight or interleave. A word's eight
     # products sum in ``t``; its group's scale multiplies the word's sum (and the offset the
     # word's activation sum), one FMA per word. EVEN: whole tiles only (BLOCK_N divides N,
-    # BLOCK_K divides K, one split): no masks, so the word loads vectorize.
+    # BLOCK_K divides K, one split): no masks. PREFETCH: the next tile's words are loaded
+    # before this tile is multiplied (in flight during it; the last tile's next is masked off).
     WORDS: tl.constexpr = BLOCK_K // 8
     TILE_G: tl.constexpr = BLOCK_K // GROUP if BLOCK_K > GROUP else 1
     WPG: tl.constexpr = WORDS // TILE_G  # words of one group in a tile
     rn, n_ok, q_rows, s_rows, o_rows, k_lo, k_hi = _int_program_rows(
         q_ptr, s_ptr, o_ptr, N, K, K_PER_SPLIT, stride_qn, stride_sn, BLOCK_N)
+    w_hi = k_hi // 8
     gg = tl.arange(0, TILE_G)
     acc = tl.zeros([BLOCK_N, TILE_G, WPG], dtype=tl.float32)
+    if PREFETCH:
+        w_next = _load_words(q_rows, k_lo // 8 + tl.arange(0, WORDS), n_ok, w_hi, EVEN)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         jj = k0 // 8 + tl.arange(0, WORDS)
-        xw = x_ptr + 8 * jj
-        if EVEN:
-            w = tl.load(q_rows + jj[None, :], eviction_policy="evict_first")
-            x0 = tl.load(xw, eviction_policy="evict_last").to(tl.float32)
-            x1 = tl.load(xw + 1, eviction_policy="evict_last").to(tl.float32)
-            x2 = tl.load(xw + 2, eviction_policy="evict_last").to(tl.float32)
-            x3 = tl.load(xw + 3, eviction_policy="evict_last").to(tl.float32)
-            x4 = tl.load(xw + 4, eviction_policy="evict_last").to(tl.float32)
-            x5 = tl.load(xw + 5, eviction_policy="evict_last").to(tl.float32)
-            x6 = tl.load(xw + 6, eviction_policy="evict_last").to(tl.float32)
-            x7 = tl.load(xw + 7, eviction_policy="evict_last").to(tl.float32)
+        if PREFETCH:
+            w = w_next
+            w_next = _load_words(q_rows, jj + WORDS, n_ok, w_hi, False)
         else:
-            j_ok = jj < k_hi // 8
-            w = tl.load(q_rows + jj[None, :], mask=n_ok[:, None] & j_ok[None, :], other=0,
-                        eviction_policy="evict_first")
-            x0 = tl.load(xw, mask=j_ok, other=0.0, eviction_policy="evict_last").to(tl.float32)
-            x1 = tl.load(xw + 1, mask=j_ok, other=0.0, eviction_policy="evict_last").to(tl.float32)
-            x2 = tl.load(xw + 2, mask=j_ok, other=0.0, eviction_policy="evict_last").to(tl.float32)
-            x3 = tl.load(xw + 3, mask=j_ok, other=0.0, eviction_policy="evict_last").to(tl.float32)
-            x4 = tl.load(xw + 4, mask=j_ok, other=0.0, eviction_policy="evict_last").to(tl.float32)
-            x5 = tl.load(xw + 5, mask=j_ok, other=0.0, eviction_policy="evict_last").to(tl.float32)
-            x6 = tl.load(xw + 6, mask=j_ok, other=0.0, eviction_policy="evict_last").to(tl.float32)
-            x7 = tl.load(xw + 7, mask=j_ok, other=0.0, eviction_policy="evict_last").to(tl.float32)
+            w = _load_words(q_rows, jj, n_ok, w_hi, EVEN)
+        xw = x_ptr + 8 * jj
+        x0 = _load_input(xw, 0, jj, w_hi, EVEN)
+        x1 = _load_input(xw, 1, jj, w_hi, EVEN)
+        x2 = _load_input(xw, 2, jj, w_hi, EVEN)
+        x3 = _load_input(xw, 3, jj, w_hi, EVEN)
+        x4 = _load_input(xw, 4, jj, w_hi, EVEN)
+        x5 = _load_input(xw, 5, jj, w_hi, EVEN)
+        x6 = _load_input(xw, 6, jj, w_hi, EVEN)
+        x7 = _load_input(xw, 7, jj, w_hi, EVEN)
         h = w >> 20  # nibbles 5, 6, 7 at bits 0, 4, 8 (the sign bits above are masked off)
         t = x0[None, :] * _nibble_as_float(w, 0, SUB)
         t += x1[None, :] * _nibble_as_float(w, 4, SUB)
@@ -278,22 +298,15 @@ def _gemv_int4_words_kernel(x_ptr, q_ptr, s_ptr, o_ptr, bias_ptr, out_ptr, part_
         t += x6[None, :] * _nibble_as_float(h, 4, SUB)
         t += x7[None, :] * _nibble_as_float(h, 8, SUB)
         g_ok = n_ok[:, None] & (k0 + gg * (BLOCK_K // TILE_G) < k_hi)[None, :]
-        if EVEN:
-            s = tl.load(s_rows + (k0 // GROUP + gg)[None, :]).to(tl.float32)
-        else:
-            s = tl.load(s_rows + (k0 // GROUP + gg)[None, :], mask=g_ok, other=0.0).to(tl.float32)
+        s = _load_groups(s_rows, k0, gg, g_ok, GROUP, EVEN)
         acc += tl.reshape(t, [BLOCK_N, TILE_G, WPG]) * s[:, :, None]
         if HAS_OFFSET:
-            if EVEN:
-                o = tl.load(o_rows + (k0 // GROUP + gg)[None, :]).to(tl.float32)
-            else:
-                o = tl.load(o_rows + (k0 // GROUP + gg)[None, :], mask=g_ok, other=0.0).to(tl.float32)
+            o = _load_groups(o_rows, k0, gg, g_ok, GROUP, EVEN)
             xsum = tl.reshape(x0 + x1 + x2 + x3 + x4 + x5 + x6 + x7, [TILE_G, WPG])
             acc += o[:, :, None] * xsum[None, :, :]
     rm = tl.arange(0, 1)
     _epilogue(tl.sum(tl.sum(acc, axis=2), axis=1)[None, :], rm, rm < 1, rn, n_ok, tl.program_id(1), 1, N, N,
-              part_ptr,
-              out_ptr, out_ptr, out_ptr, bias_ptr, False, False, HAS_BIAS, SPLIT)
+              part_ptr, out_ptr, out_ptr, out_ptr, bias_ptr, False, False, HAS_BIAS, SPLIT)
 
 
 def _k_per_split(k: int, tiles: GemvTiles) -> int:
@@ -411,12 +424,14 @@ def fit_block_k(block_k: int, group_size: int) -> int:
 
 def gemv_wna16(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | None,
                bits: int, group_size: int, bias: torch.Tensor | None = None, *,
-               tiles: GemvTiles | None = None, factored: bool = True, words: bool = True) -> torch.Tensor:
+               tiles: GemvTiles | None = None, factored: bool = True, words: bool = True,
+               prefetch: bool = False) -> torch.Tensor:
     """WnA16 at one token (:class:`kernels.quant_reference.WnA16Weight` layout; checked by
     :func:`kernels.triton_ops.wna16.wna16_linear`): ``x`` ``[1, K]``, float32 sums, result in
     ``x.dtype``. ``factored``: scales applied per group sum (module docstring). ``words``:
     4-bit weights whose rows can be read as int32 words go to :func:`_gemv_int4_words_kernel`
-    (``factored`` is then implied: it scales each word's sum)."""
+    (``factored`` is then implied: it scales each word's sum); ``prefetch``: that kernel loads
+    the next tile's words before multiplying the current one (off: not yet measured on a GPU)."""
     tiles = tiles or GemvTiles()
     tiles = GemvTiles(tiles.block_n, fit_block_k(tiles.block_k, group_size), tiles.num_warps, tiles.split_k)
     x = _one_row(x)
@@ -432,7 +447,7 @@ def gemv_wna16(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, off
                 bias if bias is not None else scales)
         return _launch(_gemv_int4_words_kernel, args, 1, n, k, out, None, None, bias, tiles,
                        stride_qn=q_words.stride(0), stride_sn=scales.stride(0), GROUP=group_size, SUB=sub,
-                       HAS_OFFSET=offsets is not None,
+                       HAS_OFFSET=offsets is not None, PREFETCH=prefetch,
                        EVEN=n % tiles.block_n == 0 and k % tiles.block_k == 0 and _k_per_split(k, tiles) >= k)
     args = (x, qweight, scales, offsets if offsets is not None else scales,
             bias if bias is not None else scales)

@@ -366,13 +366,16 @@ def check_gemv_wna16(t: Target) -> None:
             bias = _randn(n, t=t, gen=gen) if i % 2 else None
             args = (x, w.qweight, w.scales, w.offsets, w.bits, w.group_size, bias)
             ref = qref.wna16_linear(*args)
-            # 4-bit: the int32-word kernel (the default) and the byte kernel factored and not.
-            variants = [(True, True), (True, False)] + ([(False, True)] if bits == 4 else [])
+            # 4-bit: the int32-word kernel (the default; with and without prefetch) and the byte
+            # kernel factored and not. (factored, byte kernel, prefetch):
+            variants = [(True, True, False), (True, False, False)]
+            variants += [(False, True, False), (True, False, True)] if bits == 4 else []
             for tiles in _GEMV_TILES:
-                for factored, byte_kernel in variants:
-                    got = tgemv.gemv_wna16(*args, tiles=tiles, factored=factored, words=not byte_kernel)
+                for factored, byte_kernel, prefetch in variants:
+                    got = tgemv.gemv_wna16(*args, tiles=tiles, factored=factored, words=not byte_kernel,
+                                           prefetch=prefetch)
                     what = (f"gemv_wna16 {n}x{k} bits={bits} g={group} off={offsets} {tiles} "
-                            f"fact={factored} words={not byte_kernel}")
+                            f"fact={factored} words={not byte_kernel} prefetch={prefetch}")
                     assert_wna16_gemv_close(got, ref, x, w, t.dtype, what)
 
 
