@@ -397,7 +397,9 @@ def run_local(args: argparse.Namespace) -> None:
                   str(worker_port), _core_flag(args.engine_core_process), "--engine-json", json.dumps(engine),
                   "--worker-hop", args.worker_hop)
     target = f"127.0.0.1:{router_port}"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    # The client's prompts stay inside the tiny model's vocabulary (prompts(): W4_SMOKE_MODEL).
+    env = {**os.environ, "PYTHONUNBUFFERED": "1",
+           "W4_SMOKE_MODEL": os.environ.get("W4_SMOKE_MODEL", args.model)}
     log = Path(args.out_dir) / "w4_local_stack.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("w") as out:
