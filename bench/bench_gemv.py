@@ -144,10 +144,6 @@ def _gemv_w4_chain(x: torch.Tensor, w4: list[tuple[torch.Tensor, torch.Tensor]],
     return chain(one, w4)
 
 
-def _gemv_w4_prefetch_chain(x: torch.Tensor, w4: list[tuple[torch.Tensor, torch.Tensor]],
-                            tiles: G.GemvTiles) -> Callable[[], object]:
-    return _gemv_w4_chain(x, w4, True, True, tiles, prefetch=True)
-
 
 def bench_format(rec: Recorder, part: str) -> None:
     shapes, layers = (SHAPES_70B, 6) if part == "fp8_70b" else (SHAPES_8B, 32)
@@ -171,10 +167,10 @@ def bench_format(rec: Recorder, part: str) -> None:
                    (torch.rand(n, k // 128, device=DEV) * 0.02 + 0.001).half()) for _ in range(layers)]
             nbytes = n * k // 2 + n * (k // 128) * 2
             if part == "w4":
-                rec.sweep("w4_words", shape, nbytes, layers, partial(_gemv_w4_chain, x, w4, True, True),
-                          tiles_list=W4_TILES, splits=(1,))
-                rec.sweep("w4_words_prefetch", shape, nbytes, layers, partial(_gemv_w4_prefetch_chain, x, w4),
-                          tiles_list=W4_TILES, splits=(1,))
+                for variant, prefetch in (("w4_words", False), ("w4_words_prefetch", True)):
+                    rec.sweep(variant, shape, nbytes, layers,
+                              partial(_gemv_w4_chain, x, w4, True, True, prefetch=prefetch),
+                              tiles_list=W4_TILES, splits=(1,))
                 bytes_ms = time_chain(_gemv_w4_chain(x, w4, True, False, W4_BYTES_TILES))
                 rec.add("w4_bytes_factored", shape, "16,1024,4,1", bytes_ms, nbytes, layers)
             else:

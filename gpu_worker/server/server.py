@@ -273,9 +273,10 @@ class WorkerServer:
             try:
                 await self._join_fleet()
             except Exception as exc:
-                # Joining the fleet failed after the engine loaded (an unreachable store, a
-                # missing client library): the worker cannot be routed to, so it stops, and
-                # wait_ready raises instead of waiting for a readiness that never comes.
+                # Joining the fleet failed after the engine loaded (a missing secret file or
+                # client library; an unreachable store is not a failure: the publisher retries):
+                # the worker cannot be routed to, so it stops, and wait_ready raises instead of
+                # waiting for a readiness that never comes.
                 logger.exception("joining the fleet failed")
                 self._load_error = exc
                 await self._stop_now()

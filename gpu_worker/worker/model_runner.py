@@ -369,16 +369,17 @@ class ModelRunner:
         """Run a small prefill and a decode-sized step so lazy initialization happens before
         serving, then capture the decode CUDA graphs (on CUDA, unless ``enforce_eager``)."""
         budget = self.config.token_budget
-        self._dummy_step(min(budget, 2 * self.block_size), 1)
-        if self.device.type == "cuda" and min(budget, 2 * self.block_size) > 1:
+        small = min(budget, 2 * self.block_size)
+        self._dummy_step(small, 1)
+        if self.device.type == "cuda" and small > 1:
             # A step whose token count is not a multiple of 16: Triton specializes integer
             # arguments on divisibility by 16, and every other warm-up step's count is one, so
             # the first real step of another size compiled new variants inside a request
             # (the prefill kernel with an fp8 cache: a 612 ms step in W1 on an H200).
-            self._dummy_step(min(budget, 2 * self.block_size) - 1, 1)
+            self._dummy_step(small - 1, 1)
         if self.kv_scales.pending:  # compile the first real step's calibrating path now
             with self.kv_scales.rehearsal():
-                self._dummy_step(min(budget, 2 * self.block_size), 1)
+                self._dummy_step(small, 1)
         self._dummy_step(min(self.config.max_num_seqs, budget), min(self.config.max_num_seqs, budget))
         self.capture_decode_graphs()
 

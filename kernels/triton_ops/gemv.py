@@ -442,15 +442,13 @@ def gemv_wna16(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, off
     signed8 = bits == 8 and qweight.dtype == torch.int8
     sub = 8.0 if (bits == 4 and offsets is None) else (128.0 if signed8 else 0.0)
     q_words = _as_words(qweight) if (words and bits == 4) else None
+    q = q_words if q_words is not None else qweight
+    args = (x, q, scales, offsets if offsets is not None else scales, bias if bias is not None else scales)
     if q_words is not None:
-        args = (x, q_words, scales, offsets if offsets is not None else scales,
-                bias if bias is not None else scales)
         return _launch(_gemv_int4_words_kernel, args, 1, n, k, out, None, None, bias, tiles,
                        stride_qn=q_words.stride(0), stride_sn=scales.stride(0), GROUP=group_size, SUB=sub,
                        HAS_OFFSET=offsets is not None, PREFETCH=prefetch,
                        EVEN=n % tiles.block_n == 0 and k % tiles.block_k == 0 and _k_per_split(k, tiles) >= k)
-    args = (x, qweight, scales, offsets if offsets is not None else scales,
-            bias if bias is not None else scales)
     return _launch(_gemv_int_kernel, args, 1, n, k, out, None, None, bias, tiles,
                    stride_qn=qweight.stride(0), stride_sn=scales.stride(0), BITS=bits, GROUP=group_size,
                    SUB=sub, SIGNED8=signed8, HAS_OFFSET=offsets is not None, FACTORED=factored)
