@@ -173,6 +173,11 @@ def _bench_workloads(
                 share_of_floor=round(1 / tpot / floor, 4),
                 **common,
             )
+            if run.args.profile:  # bench_gpu.py --profile: the kernels of six batch-1 decode steps
+                stats = bench.profile_decode(engine, bench.prompts_for(1, p_len, 3), run.args.out_dir,
+                                             f"{w}_{shape}_{label}")
+                print(f"  profile {w} {shape} {label}: {stats}", flush=True)
+                run.rows[-1].extra.update({k: round(v, 4) for k, v in stats.items()})
             continue
         prompts = bench.prompts_for(n, p_len, 1)
         res = engine.run(prompts, o_len)

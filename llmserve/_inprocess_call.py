@@ -34,6 +34,9 @@ class Rpc:
         self.locally_cancelled = False
         self.status: Status | None = None
         self._messages: asyncio.Queue[Any] = asyncio.Queue()
+        # Set while no message waits unread (or the call ended): a streaming handler's flow control.
+        self._drained = asyncio.Event()
+        self._drained.set()
         self._ended_early = False  # cancelled, expired or stopped: unread messages are dropped
         self._finished = asyncio.Event()
         self._callbacks: list[Callable[[], None]] = []
@@ -59,6 +62,18 @@ class Rpc:
     def deliver(self, message: Any) -> None:
         if self.status is None:
             self._messages.put_nowait(message)
+            self._drained.clear()
+
+    async def send(self, message: Any) -> None:
+        """Deliver a stream message, then wait until the caller has read it (or the call ended).
+
+        The in-process twin of HTTP/2 flow control: a handler runs at most one unread message
+        ahead of its caller. While it waits, what it streams from piles up on its side (the
+        engine merges a request's deltas that its reader has not taken), so a caller slower
+        than the engine gets fewer, larger messages, as over gRPC, instead of a queue of one
+        message per step."""
+        self.deliver(message)
+        await self._drained.wait()
 
     def finish(self, code: grpc.StatusCode, details: str) -> None:
         """The handler ended: the caller reads what it sent, then this status."""
@@ -82,6 +97,7 @@ class Rpc:
         if self._timer is not None:
             self._timer.cancel()
         self._messages.put_nowait(_EOF)
+        self._drained.set()
         self._finished.set()
         for callback in self._callbacks:
             callback()
@@ -100,6 +116,8 @@ class Rpc:
     async def read(self) -> Any:
         """The next message, or ``grpc.aio.EOF`` after an OK end; raises the call's error."""
         item = _EOF if self._ended_early else await self._messages.get()
+        if self._messages.empty():
+            self._drained.set()
         if item is not _EOF and not self._ended_early:
             return item
         return self.end()
@@ -128,7 +146,7 @@ class ServicerContext(grpc.aio.ServicerContext):  # type: ignore[type-arg]
         raise RuntimeError("in-process calls have no request stream")
 
     async def write(self, message: Any) -> None:
-        self._rpc.deliver(message)
+        await self._rpc.send(message)
 
     async def send_initial_metadata(self, initial_metadata: Any) -> None:
         pass

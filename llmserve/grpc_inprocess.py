@@ -16,6 +16,8 @@ deadline and cancellation code stay the same. What a call does, as over gRPC:
 - ``call.cancel()`` ends the call with CANCELLED and cancels the handler task likewise;
 - a handler's ``context.abort(code, details, trailers)`` reaches the caller as an
   ``AioRpcError`` with that code, details and trailing metadata; any other exception as UNKNOWN;
+- a stream handler runs at most one unread message ahead of its caller (``Rpc.send``, the
+  twin of HTTP/2 flow control): a slow caller gets fewer, larger messages, not a backlog;
 - :meth:`InProcessServer.stop` refuses new calls (UNAVAILABLE), gives running ones ``grace``
   seconds, then cancels them (UNAVAILABLE).
 
@@ -130,7 +132,16 @@ class InProcessServer:
                 messages: AsyncIterator[Any] = result
                 try:
                     async for message in messages:
-                        rpc.deliver(message)
+                        await rpc.send(message)
+                except asyncio.CancelledError as cancel:
+                    # Cancelled while waiting for the reader: the handler gets the cancellation
+                    # where it waits (its yield), as when cancelled inside it; its own handlers
+                    # (the error interceptor's log line, the engine's abort) run in this task.
+                    try:
+                        await result.athrow(cancel)
+                    except (asyncio.CancelledError, StopAsyncIteration):
+                        pass
+                    raise
                 finally:
                     await result.aclose()
             else:  # a coroutine: unary, or a stream written with context.write

@@ -278,3 +278,24 @@ async def test_worker_giving_up_mid_stream_fails_over(router_tiny_model: Path, h
                 _request("after-stop", 2), timeout=5):
             pass
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+async def test_a_slow_reader_gets_the_engines_merged_deltas_in_process(stack: Stack) -> None:
+    """The in-process hop's flow control: the worker runs one unread message ahead of its
+    caller, so while the caller does not read, the engine merges the request's deltas and the
+    caller gets few messages with every token, in order, as over gRPC (before, one per step)."""
+    channel = InProcessChannel(stack.worker.in_process)
+    call = pb_grpc.GenerationStub(channel).Generate(_request("slow-reader", 16), timeout=60.0)
+    first = await call.read()
+    engine = stack.worker.service.engine
+    for _ in range(1000):  # the request runs to its end while nothing is read (bounded)
+        stats = engine.stats()
+        if stats.num_running == stats.num_waiting == 0 and stats.num_free_blocks == stats.num_total_blocks:
+            break
+        await asyncio.sleep(0.01)
+    rest = [c async for c in call]
+    chunks = [first, *rest]
+    fast = await _generate(stack, "grpc", _request("fast-reader", 16))
+    assert _tokens(chunks) == _tokens(fast) and len(_tokens(chunks)) == 16
+    assert len(chunks) <= 3, [len(c.token_ids) for c in chunks]
+    assert chunks[-1].usage.completion_tokens == 16
