@@ -11,12 +11,13 @@ weights' (plus scales); the share is of a 1 GiB device-to-device copy measured f
 - ``fp8``: the per-token quantization alone, ``torch._scaled_mm`` on a pre-quantized activation,
   a sweep of ``gemv_fp8`` tilings;
 - ``w4``: ``gemv_wna16`` (4-bit, groups of 128, float16 scales) through the int32-word kernel
-  (the default), swept without and with ``prefetch``, against the byte kernel (factored) at its
-  measured tiling;
+  (the default), swept, against the byte kernel (factored) at its measured tiling;
 - ``w4_bytes``: the byte kernel, factored and not, swept (the earlier sweep);
 - ``fp8_70b``: the fp8 sweep on the llama3-70b projections;
 - ``fp8_small_m``: 1-16 tokens, quantization + ``gemv_fp8`` (default tiles) against quantization +
-  ``_scaled_mm``: where ``Fp8LinearConfig.gemv_max_m`` belongs.
+  ``_scaled_mm``: where ``Fp8LinearConfig.gemv_max_m`` belongs;
+- ``gated``: llama3-8b's gate_up then SiLU-and-mul, two launches against one (``gated=True``), in
+  bf16 (cuBLAS, and ``gemv16`` at five tilings), fp8 weight-only and 4-bit words.
 
 Sweep: ``block_n`` 4/8/16 x ``block_k`` 512/1024 x 4/8 warps, plus (4, 1024, 2), (2, 1024, 2),
 (32, 256, 4); each with split-K 1, 2, 4 (``w4``: also (32, 1024, 8), (32, 512, 8), (16, 2048, 8),
@@ -39,6 +40,8 @@ from bench_quant_kernels import copy_bandwidth_gb_s  # bench/ is on sys.path whe
 from kernels import quant_reference as qref
 from kernels.triton_ops import fp8_matmul
 from kernels.triton_ops import gemv as G
+from kernels.triton_ops.activation import silu_and_mul
+from kernels.triton_ops.wna16 import GEMV_M1_TILES
 
 DEV = "cuda"
 SHAPES_8B = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
@@ -137,11 +140,62 @@ def _gemv_fp8_chain(xq: torch.Tensor, xs: torch.Tensor, wq: list[tuple[torch.Ten
 
 
 def _gemv_w4_chain(x: torch.Tensor, w4: list[tuple[torch.Tensor, torch.Tensor]], factored: bool,
-                   words: bool, tiles: G.GemvTiles, prefetch: bool = False) -> Callable[[], object]:
+                   words: bool, tiles: G.GemvTiles) -> Callable[[], object]:
     def one(q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-        return G.gemv_wna16(x, q, s, None, 4, 128, tiles=tiles, factored=factored, words=words,
-                            prefetch=prefetch)
+        return G.gemv_wna16(x, q, s, None, 4, 128, tiles=tiles, factored=factored, words=words)
     return chain(one, w4)
+
+
+# Tilings of the gated sweep (block_n, block_k, warps; one split).
+GATED_TILES = [(8, 512, 4), (16, 512, 4), (8, 1024, 4), (4, 1024, 2), (16, 1024, 8), (4, 2048, 4),
+               (8, 2048, 8), (16, 2048, 8)]
+
+
+def bench_gated(rec: Recorder) -> None:
+    """llama3-8b's gate_up (32 layers) then SiLU-and-mul, as two launches and as one (``gated``:
+    the activation in the GEMV's epilogue): bf16 (cuBLAS and gemv16), fp8 weight-only, 4-bit words."""
+    n, k = SHAPES_8B["gate_up"]
+    x = torch.randn(1, k, device=DEV, dtype=torch.bfloat16)
+    ws = [(torch.randn(n, k, device=DEV, dtype=torch.bfloat16) * 0.02,) for _ in range(32)]
+
+    def two(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+        return lambda *w: silu_and_mul(fn(*w))
+
+    cublas = chain(two(partial(F.linear, x)), ws)
+    rec.add("gated_bf16", "gate_up", "cublas+silu", time_chain(cublas), n * k * 2, 32)
+    for t in GATED_TILES:
+        tiles = G.GemvTiles(*t, 1)
+        name = ",".join(map(str, t))
+        rec.add("gated_bf16", "gate_up", f"gemv16 {name}+silu",
+                time_chain(chain(two(partial(G.gemv16, x, tiles=tiles)), ws)), n * k * 2, 32)
+        rec.add("gated_bf16", "gate_up", f"gemv16 {name} gated",
+                time_chain(chain(partial(G.gemv16, x, tiles=tiles, gated=True), ws)), n * k * 2, 32)
+    del ws
+    wq = fp8_layers(n, k, 32)
+    fp8 = partial(G.gemv_fp8_weight_only, x, tiles=G.FP8_M1_TILES)
+    rec.add("gated_fp8", "gate_up", "weight_only+silu", time_chain(chain(two(fp8), wq)), n * k, 32)
+    for t in ((2, 1024, 2), *GATED_TILES):
+        fused = chain(partial(G.gemv_fp8_weight_only, x, tiles=G.GemvTiles(*t, 1), gated=True), wq)
+        name = f"weight_only {','.join(map(str, t))} gated"
+        rec.add("gated_fp8", "gate_up", name, time_chain(fused), n * k, 32)
+    del wq
+    w4 = [(torch.randint(0, 256, (n, k // 2), device=DEV, dtype=torch.uint8),
+           (torch.rand(n, k // 128, device=DEV) * 0.02 + 0.001).half()) for _ in range(32)]
+    nbytes = n * k // 2 + n * (k // 128) * 2
+
+    def w4_one(q: torch.Tensor, s: torch.Tensor, tiles: G.GemvTiles = GEMV_M1_TILES,
+               gated: bool = False) -> torch.Tensor:
+        return G.gemv_wna16(x, q, s, None, 4, 128, tiles=tiles, gated=gated)
+
+    rec.add("gated_w4", "gate_up", "words+silu", time_chain(chain(two(w4_one), w4)), nbytes, 32)
+    for t in ((8, 2048, 4), (16, 1024, 4), (16, 2048, 8), (8, 1024, 4)):
+        fused = chain(partial(w4_one, tiles=G.GemvTiles(*t, 1), gated=True), w4)
+        rec.add("gated_w4", "gate_up", f"words {','.join(map(str, t))} gated", time_chain(fused), nbytes, 32)
+    for row in rec.rows:
+        if row["format"].startswith("gated"):
+            us, share = row["us_per_layer"], row["share_of_copy"]
+            print(f"{row['format']} {row['variant']}: {us:.1f} us ({share:.0%})", flush=True)
+    torch.cuda.empty_cache()
 
 
 
@@ -167,10 +221,8 @@ def bench_format(rec: Recorder, part: str) -> None:
                    (torch.rand(n, k // 128, device=DEV) * 0.02 + 0.001).half()) for _ in range(layers)]
             nbytes = n * k // 2 + n * (k // 128) * 2
             if part == "w4":
-                for variant, prefetch in (("w4_words", False), ("w4_words_prefetch", True)):
-                    rec.sweep(variant, shape, nbytes, layers,
-                              partial(_gemv_w4_chain, x, w4, True, True, prefetch=prefetch),
-                              tiles_list=W4_TILES, splits=(1,))
+                rec.sweep("w4_words", shape, nbytes, layers, partial(_gemv_w4_chain, x, w4, True, True),
+                          tiles_list=W4_TILES, splits=(1,))
                 bytes_ms = time_chain(_gemv_w4_chain(x, w4, True, False, W4_BYTES_TILES))
                 rec.add("w4_bytes_factored", shape, "16,1024,4,1", bytes_ms, nbytes, layers)
             else:
@@ -203,7 +255,7 @@ def _fp8_linear(x: torch.Tensor, cfg: fp8_matmul.Fp8LinearConfig, q: torch.Tenso
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--parts", default="bf16,fp8,w4,fp8_70b,fp8_small_m",
-                    help="comma-separated: bf16, fp8, w4, w4_bytes, fp8_70b, fp8_small_m")
+                    help="comma-separated: bf16, fp8, w4, w4_bytes, fp8_70b, fp8_small_m, gated")
     ap.add_argument("--json", default="", help="append the rows here (JSON lines)")
     args = ap.parse_args()
     rec = Recorder(copy_bandwidth_gb_s())
@@ -211,6 +263,8 @@ def main() -> None:
     for part in args.parts.split(","):
         if part == "fp8_small_m":
             bench_small_m(rec)
+        elif part == "gated":
+            bench_gated(rec)
         else:
             bench_format(rec, part)
     layer: dict[tuple[str, str], float] = {}

@@ -369,6 +369,8 @@ def main() -> None:
     ap.add_argument("--quant-shapes", default="llama3-8b,llama3-70b",
                     help="--suite quantization: the shapes to run (llama3-70b includes W5 and HF's OOM); "
                     "two calls of one shape each fit a 10-minute limit")
+    ap.add_argument("--quant-labels", default="",
+                    help="--suite quantization: only these engines (bf16, fp8, fp8-w8a8, fp8+fp8kv, w4a16)")
     ap.add_argument("--run-id", default="",
                     help="the rows' run_id (default: a new one; pass one to join calls)")
     ap.add_argument("--engines", default="ours,hf,hf_batch",

@@ -16,6 +16,9 @@ them). In order:
 6. HF transformers with llama3-70b in bf16 on the same card: its out-of-memory (building the
    model, or, if the ~131 GiB of weights fit, generating W1's 256 requests) is recorded.
 
+``--quant-labels bf16,fp8,...`` runs only those engines; ``--profile`` adds a torch.profiler table
+of six W2 decode steps per engine (``profile_W2_<shape>_<label>.txt``).
+
 Every row carries ``quantization``, ``kv_cache_dtype``, ``tensor_parallel_size`` and
 ``pipeline_parallel_size``; W1/W2 rows carry ``share_of_floor`` against the floor of their own
 format (bytes per weight and per KV element; prefill at twice the bf16 matmul rate for fp8
@@ -287,7 +290,8 @@ def run_suite(args: Any, card: str, ceilings: dict[str, float]) -> None:
     saved = 0
     for shape, label, engine_args, workloads in PLAN:
         workloads = [w for w in workloads if w in args.workloads.split(",")]  # --workloads
-        if shape not in shapes or not workloads:
+        labels = args.quant_labels.split(",") if args.quant_labels else [label]  # --quant-labels
+        if shape not in shapes or not workloads or label not in labels:
             continue
         try:
             bench_engine(run, shape, label, engine_args, workloads)

@@ -47,6 +47,10 @@ Measures (`long_floors.py` holds the floor arithmetic; unit-tested in tests/benc
   which the runner's buffers are sized), so the sweep needs no reload; the KV pool (sized for
   the configured budget) does not matter here.
 
+``--itl-profile`` (CUDA): after each ITL round, a torch.profiler table of six steps at the deep
+end of another long prompt's chunked prefill (its last chunks, beside the short decodes) and
+their wall times, written to ``itl_profile_<budget>.txt`` in ``--out-dir``.
+
 ``--prefill-split-kv on|off`` (CUDA only) sets the prefill attention's split-KV path
 (``kernels.triton_ops.PrefillConfig.split_kv``) on every attention layer of the engine's model
 after it is built (``set_prefill_split_kv``), for A/B runs; rows record it as
@@ -340,6 +344,34 @@ def itl_run(driver: StepDriver, spec: Spec, budget: int, seed: int) -> dict[str,
     )
 
 
+def profile_deep_steps(driver: StepDriver, spec: Spec, budget: int, path: Path, steps: int = 6) -> None:
+    """torch.profiler over ``steps`` steps at the deep end of the long prompt's chunked prefill
+    (its last chunks, beside the short requests' decodes): the kernels by GPU time, and each
+    step's wall time, written to ``path`` (``--itl-profile``; untimed, after the ITL round)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    vocab = driver.engine.core.vocab_size
+    n = spec.itl_requests
+    short = driver.add(random_prompts(n, spec.itl_prompt, 7, vocab), max_tokens=spec.itl_long_prompt)
+    driver.run_until(lambda: all(len(driver.tokens[r]) >= 3 for r in short))
+    (long_id,) = driver.add(random_prompts(1, spec.itl_long_prompt, 8, vocab), max_tokens=1)
+    chunk_steps = math.ceil(spec.itl_long_prompt / max(1, budget - n))
+    for _ in range(max(0, chunk_steps - steps - 2)):
+        driver.step()
+    walls = []
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            driver.step()
+            walls.append(1e3 * (time.perf_counter() - t0))
+    driver.finish(abort=[*short, long_id])
+    table = prof.key_averages().table(sort_by="self_device_time_total", row_limit=20)
+    head = (f"budget {budget}: {steps} steps from chunk {chunk_steps - steps - 2} of {chunk_steps}, "
+            f"wall ms per step {[round(w, 1) for w in walls]}\n")
+    path.write_text(head + table)
+    print(head + "\n".join(table.splitlines()[:16]), flush=True)
+
+
 def set_token_budget(llm: Any, budget: int) -> int:
     """Set the scheduler's per-step token budget (at most the configured one); returns the old."""
     configured = llm.engine.config.token_budget
@@ -420,6 +452,8 @@ def run_itl(run: Run, llm: Any, driver: StepDriver) -> None:
                 itl_run(driver, warm, budget, seed=99)
                 gc.collect()
                 run.add("W6-itl", spec.big, llm, itl_run(driver, spec, budget, seed=100 + 2 * i))
+                if run.args.itl_profile:
+                    profile_deep_steps(driver, spec, budget, run.args.out_dir / f"itl_profile_{budget}.txt")
             finally:
                 set_token_budget(llm, old)
     finally:
@@ -487,6 +521,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--prefill-long-chunk-tiles", choices=("default", "on", "off"), default="default",
                     help="A/B PrefillConfig.long_chunk_tiles (tile height from the longest query when a "
                          "context is long; CUDA only)")
+    ap.add_argument("--itl-profile", action="store_true",
+                    help="after each ITL round, profile steps at the deep end of a long prefill (CUDA)")
     ap.add_argument("--run-id", default="", help="the rows' run_id (default: a new one)")
     ap.add_argument("--out-dir", type=Path, default=Path("bench_out"))
     ap.add_argument("--results", type=Path, default=Path("docs/benchmarks/results.jsonl"))

@@ -53,6 +53,14 @@ class KernelOps:
     # before an fp8 linear skip their quantization and the linear reads the 16-bit activation.
     fp8_weight_only_linear: Callable[..., Any] | None = None
     fp8_weight_only_max_m: int = 0
+    # Optional one-token [gate; up] products with SiLU-and-mul in the GEMV's epilogue:
+    # silu_and_mul(fp8_weight_only_linear(...)) and silu_and_mul(wna16_linear(...)) for x of one
+    # token, bit-for-bit the two ops (None: the MLP runs the linear, then silu_and_mul).
+    fp8_weight_only_gated_linear: Callable[..., Any] | None = None
+    wna16_gated_linear: Callable[..., Any] | None = None
+    # The same for 16/32-bit weights: silu_and_mul(x @ w.T + bias) for x of one token (not the
+    # same bits as cuBLAS + silu_and_mul: its own order of sums).
+    linear16_gated: Callable[..., Any] | None = None
 
     def __post_init__(self) -> None:
         if not 0 <= self.fp8_weight_only_max_m <= FP8_WEIGHT_ONLY_MAX_M_LIMIT:

@@ -159,11 +159,12 @@ def build_model(
     (default: plain weights, stored transposed on the CPU); ``ops`` the kernels (default:
     ``get_ops(device)``; give the linear methods' own)."""
     cls = resolve_model_class(getattr(hf_config, "architectures", None))
+    ops = ops or get_ops(device)
     if linear is None:
-        method = UnquantizedLinearMethod(transposed=device.type == "cpu")
+        method = UnquantizedLinearMethod(transposed=device.type == "cpu", gated=ops.linear16_gated)
         linear = lambda prefix: method  # noqa: E731 - one shared stateless method
     with torch.device("meta"):
-        model = cls(hf_config, ops or get_ops(device), dtype, parallel=parallel, linear=linear)  # type: ignore[call-arg]
+        model = cls(hf_config, ops, dtype, parallel=parallel, linear=linear)  # type: ignore[call-arg]
     model = model.to_empty(device=device).requires_grad_(False)
     # to_empty leaves buffers uninitialized too: rebuild the cos/sin caches on the device,
     # and set KV-cache scales to 1.0 (a checkpoint may replace them).

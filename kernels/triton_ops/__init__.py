@@ -14,15 +14,17 @@ from kernels.triton_ops.decode_attention import DecodeConfig, paged_decode_atten
 from kernels.triton_ops.fp8_matmul import (
     Fp8LinearConfig,
     fp8_linear,
+    fp8_weight_only_gated_linear,
     fp8_weight_only_linear,
     quantize_fp8_per_token,
 )
+from kernels.triton_ops.gemv import gemv16_gated_linear
 from kernels.triton_ops.kv_store import store_kvcache
 from kernels.triton_ops.norm import fused_add_rms_norm, fused_add_rms_norm_fp8, rms_norm, rms_norm_fp8
 from kernels.triton_ops.prefill_attention import PrefillConfig, paged_attention
 from kernels.triton_ops.rotary import rotary_embedding
 from kernels.triton_ops.rotary_kv import rotary_store_kvcache
-from kernels.triton_ops.wna16 import WnA16Config, wna16_linear
+from kernels.triton_ops.wna16 import WnA16Config, wna16_gated_linear, wna16_linear
 
 __all__ = [
     "DecodeConfig",
@@ -30,9 +32,11 @@ __all__ = [
     "PrefillConfig",
     "WnA16Config",
     "fp8_linear",
+    "fp8_weight_only_gated_linear",
     "fp8_weight_only_linear",
     "fused_add_rms_norm",
     "fused_add_rms_norm_fp8",
+    "gemv16_gated_linear",
     "paged_attention",
     "paged_decode_attention",
     "quantize_fp8_per_token",
@@ -44,6 +48,7 @@ __all__ = [
     "silu_and_mul_fp8",
     "store_kvcache",
     "triton_ops",
+    "wna16_gated_linear",
     "wna16_linear",
 ]
 
@@ -69,4 +74,9 @@ def triton_ops(fp8_weight_only_max_m: int = FP8_WEIGHT_ONLY_MAX_M) -> KernelOps:
         silu_and_mul_fp8=silu_and_mul_fp8,
         fp8_weight_only_linear=fp8_weight_only_linear,
         fp8_weight_only_max_m=fp8_weight_only_max_m,
+        # fp8_weight_only_gated_linear: not in the set; slower than the two ops on an H200
+        # (docs/QUANTIZATION.md, "SiLU-and-mul in the one-token GEMV").
+        wna16_gated_linear=wna16_gated_linear,
+        # linear16_gated (gemv16_gated_linear): measured faster than cuBLAS + silu_and_mul at
+        # kernel level, not in the set until its GPU check passes (DECISIONS 101).
     )

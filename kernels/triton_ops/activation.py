@@ -18,12 +18,12 @@ def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, stride_out, d, BLOCK: tl.cons
     mask = cols < d
     gate = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
     up = tl.load(x_ptr + row * stride_x + d + cols, mask=mask, other=0.0)
-    y = _silu_mul(gate, up)
+    y = silu_mul_tile(gate, up)
     tl.store(out_ptr + row * stride_out + cols, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _silu_mul(gate, up):
+def silu_mul_tile(gate, up):
     g = gate.to(tl.float32)
     # torch rounds silu(gate) to the input dtype before the multiply; so do we.
     act = (g / (1.0 + tl.exp(-g))).to(gate.dtype).to(tl.float32)
@@ -41,7 +41,7 @@ def _silu_and_mul_fp8_kernel(x_ptr, q_ptr, s_ptr, stride_x, d,
     if ONE_BLOCK:
         mask = cols < d
         gate = tl.load(x_row + cols, mask=mask, other=0.0)
-        y = _silu_mul(gate, tl.load(x_row + d + cols, mask=mask, other=0.0)).to(gate.dtype).to(tl.float32)
+        y = silu_mul_tile(gate, tl.load(x_row + d + cols, mask=mask, other=0.0)).to(gate.dtype).to(tl.float32)
         inv, scale = row_scales(tl.max(tl.abs(y), axis=0))
         tl.store(s_ptr + row, scale)
         tl.store(q_ptr + row * d + cols, quantize_e4m3(y, inv, SOFT_FP8), mask=mask)
@@ -50,14 +50,14 @@ def _silu_and_mul_fp8_kernel(x_ptr, q_ptr, s_ptr, stride_x, d,
         for c0 in range(0, d, BLOCK):
             mask = c0 + cols < d
             gate = tl.load(x_row + c0 + cols, mask=mask, other=0.0)
-            y = _silu_mul(gate, tl.load(x_row + d + c0 + cols, mask=mask, other=0.0)).to(gate.dtype)
+            y = silu_mul_tile(gate, tl.load(x_row + d + c0 + cols, mask=mask, other=0.0)).to(gate.dtype)
             amax = tl.maximum(amax, tl.abs(y.to(tl.float32)))
         inv, scale = row_scales(tl.max(amax, axis=0))
         tl.store(s_ptr + row, scale)
         for c0 in range(0, d, BLOCK):
             mask = c0 + cols < d
             gate = tl.load(x_row + c0 + cols, mask=mask, other=0.0)
-            y = _silu_mul(gate, tl.load(x_row + d + c0 + cols, mask=mask, other=0.0)).to(gate.dtype)
+            y = silu_mul_tile(gate, tl.load(x_row + d + c0 + cols, mask=mask, other=0.0)).to(gate.dtype)
             tl.store(q_ptr + row * d + c0 + cols, quantize_e4m3(y.to(tl.float32), inv, SOFT_FP8), mask=mask)
 
 

@@ -246,6 +246,18 @@ def fp8_weight_only_linear(
     return y.reshape(*x.shape[:-1], n)
 
 
+def fp8_weight_only_gated_linear(
+    x: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None = None, *,
+    tiles: GemvTiles | None = None,
+) -> torch.Tensor:
+    """``silu_and_mul(fp8_weight_only_linear(x, w_fp8, ...))`` for one token of ``x`` ``[..., K]``
+    and a ``[gate; up]`` weight: the activation in the GEMV's epilogue, bit-for-bit the two ops
+    (:func:`kernels.triton_ops.gemv.gemv_fp8_weight_only` with ``gated``). Returns ``[..., N / 2]``."""
+    n, k = w_fp8.shape
+    y = gemv_fp8_weight_only(x.reshape(-1, k), w_fp8, w_scale, bias, tiles=tiles, gated=True)
+    return y.reshape(*x.shape[:-1], n // 2)
+
+
 def _fp8_gemm_path(xq: torch.Tensor, xs: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor,
                    bias: torch.Tensor | None, out_dtype: torch.dtype,
                    config: Fp8LinearConfig) -> torch.Tensor:

@@ -39,6 +39,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.triton_ops.activation import silu_and_mul, silu_mul_tile
+
 
 @dataclass(frozen=True)
 class GemvTiles:
@@ -96,19 +98,53 @@ def _reduce_splits_kernel(part_ptr, out_ptr, xs_ptr, ws_ptr, bias_ptr, M, N, str
 
 
 @triton.jit
+def _gemv_rows(N, BLOCK_N: tl.constexpr, GATED: tl.constexpr):
+    """The weight rows this program reads (``[BLOCK_N]``) and which exist. ``GATED``: the weight
+    is ``[gate; up]`` (``N`` rows, gate rows ``< N / 2``) and the program owns outputs
+    ``pid * BLOCK_N / 2 + i``, reading gate row ``o`` and up row ``o + N / 2`` of each, paired in
+    the tile (rows ``2i`` and ``2i + 1``) for :func:`_gated_epilogue`; the tile holds ``BLOCK_N``
+    weight rows either way, so a tiling reads the same bytes per program gated or not."""
+    r = tl.arange(0, BLOCK_N)
+    if GATED:
+        o = tl.program_id(0) * (BLOCK_N // 2) + r // 2
+        return o + (r % 2) * (N // 2), o < N // 2
+    rn = tl.program_id(0) * BLOCK_N + r
+    return rn, rn < N
+
+
+@triton.jit
+def _gated_epilogue(acc, rows, ok, N, out_ptr, xs_ptr, ws_ptr, bias_ptr, HAS_XS: tl.constexpr,
+                    HAS_WS: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """SiLU-and-mul in the epilogue of a one-token ``[gate; up]`` GEMV (rows from
+    :func:`_gemv_rows` with ``GATED``): each row's sum is scaled and rounded to the output dtype
+    exactly as :func:`_epilogue` stores it, then paired gate/up values go through the activation
+    kernel's own :func:`~kernels.triton_ops.activation.silu_mul_tile`, so the result is bit-for-bit
+    the unfused GEMV followed by ``silu_and_mul``, without writing and reading the ``2 I`` values."""
+    y = acc
+    if HAS_XS:
+        y = y * tl.load(xs_ptr)
+    if HAS_WS:
+        y = y * tl.load(ws_ptr + rows, mask=ok, other=0.0)
+    if HAS_BIAS:
+        y += tl.load(bias_ptr + rows, mask=ok, other=0.0).to(tl.float32)
+    gate, up = tl.split(tl.reshape(y.to(out_ptr.dtype.element_ty), [BLOCK_N // 2, 2]))
+    o = tl.program_id(0) * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
+    tl.store(out_ptr + o, silu_mul_tile(gate, up).to(out_ptr.dtype.element_ty), mask=o < N // 2)
+
+
+@triton.jit
 def _gemv_dense_kernel(xq_ptr, xs_ptr, w_ptr, ws_ptr, bias_ptr, out_ptr, part_ptr, M, N, K, K_PER_SPLIT,
                        stride_xm, stride_wn, stride_om, HAS_XS: tl.constexpr, HAS_WS: tl.constexpr,
                        HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr,
-                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GATED: tl.constexpr):
     # 16/32-bit weights (no scales); fp8 weights on 16/32-bit activations (W8A16: HAS_WS, the
     # per-channel scale in the epilogue); fp8 W8A8 on quantized activations (HAS_XS and HAS_WS:
     # the per-token and per-channel scales; e4m3 x e4m3 products are exact in float32).
-    pid_n = tl.program_id(0)
+    # GATED (one token, one split): SiLU-and-mul of a [gate; up] weight (_gemv_rows).
     pid_k = tl.program_id(1)
     rm = tl.arange(0, BLOCK_M)  # every token (M <= BLOCK_M): each weight byte is read once
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rn, n_ok = _gemv_rows(N, BLOCK_N, GATED)
     m_ok = rm < M
-    n_ok = rn < N
     x_rows = xq_ptr + rm.to(tl.int64)[:, None] * stride_xm
     w_rows = w_ptr + rn.to(tl.int64)[:, None] * stride_wn
     k_lo = pid_k * K_PER_SPLIT
@@ -122,8 +158,12 @@ def _gemv_dense_kernel(xq_ptr, xs_ptr, w_ptr, ws_ptr, bias_ptr, out_ptr, part_pt
             w = tl.load(w_rows + kk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0,
                         eviction_policy="evict_first")
             acc1 += x1[None, :] * w.to(tl.float32)
-        _epilogue(tl.sum(acc1, axis=1)[None, :], rm, m_ok, rn, n_ok, pid_k, M, N, stride_om, part_ptr,
-                  out_ptr, xs_ptr, ws_ptr, bias_ptr, HAS_XS, HAS_WS, HAS_BIAS, SPLIT)
+        if GATED:
+            _gated_epilogue(tl.sum(acc1, axis=1), rn, n_ok, N, out_ptr, xs_ptr, ws_ptr, bias_ptr,
+                            HAS_XS, HAS_WS, HAS_BIAS, BLOCK_N)
+        else:
+            _epilogue(tl.sum(acc1, axis=1)[None, :], rm, m_ok, rn, n_ok, pid_k, M, N, stride_om, part_ptr,
+                      out_ptr, xs_ptr, ws_ptr, bias_ptr, HAS_XS, HAS_WS, HAS_BIAS, SPLIT)
     else:
         acc = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K], dtype=tl.float32)
         for k0 in range(k_lo, k_hi, BLOCK_K):
@@ -145,14 +185,15 @@ def _int_as_float(b, SUB: tl.constexpr):
 
 
 @triton.jit
-def _int_program_rows(q_ptr, s_ptr, o_ptr, N, K, K_PER_SPLIT, stride_qn, stride_sn, BLOCK_N: tl.constexpr):
+def _int_program_rows(q_ptr, s_ptr, o_ptr, N, K, K_PER_SPLIT, stride_qn, stride_sn, BLOCK_N: tl.constexpr,
+                      GATED: tl.constexpr):
     """This program's rows of an integer GEMV (grid: row blocks x splits): the row indices and
-    their mask, ``[BLOCK_N, 1]`` pointers to each row's weights, scales and offsets, and the
-    ``K`` range ``[k_lo, k_hi)`` of its split."""
-    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    their mask (:func:`_gemv_rows`), ``[BLOCK_N, 1]`` pointers to each row's weights, scales and
+    offsets, and the ``K`` range ``[k_lo, k_hi)`` of its split."""
+    rn, n_ok = _gemv_rows(N, BLOCK_N, GATED)
     rn64 = rn.to(tl.int64)[:, None]
     k_lo = tl.program_id(1) * K_PER_SPLIT
-    return (rn, rn < N, q_ptr + rn64 * stride_qn, s_ptr + rn64 * stride_sn, o_ptr + rn64 * stride_sn,
+    return (rn, n_ok, q_ptr + rn64 * stride_qn, s_ptr + rn64 * stride_sn, o_ptr + rn64 * stride_sn,
             k_lo, tl.minimum(k_lo + K_PER_SPLIT, K))
 
 
@@ -168,7 +209,7 @@ def _gemv_int_kernel(x_ptr, q_ptr, s_ptr, o_ptr, bias_ptr, out_ptr, part_ptr, M,
     TILE_G: tl.constexpr = BLOCK_K // GROUP if BLOCK_K > GROUP else 1
     G_W: tl.constexpr = BLOCK_K // TILE_G
     rn, n_ok, q_rows, s_rows, o_rows, k_lo, k_hi = _int_program_rows(
-        q_ptr, s_ptr, o_ptr, N, K, K_PER_SPLIT, stride_qn, stride_sn, BLOCK_N)
+        q_ptr, s_ptr, o_ptr, N, K, K_PER_SPLIT, stride_qn, stride_sn, BLOCK_N, False)
     gg = tl.arange(0, TILE_G)
     if FACTORED:
         acc = tl.zeros([BLOCK_N, TILE_G], dtype=tl.float32)
@@ -252,7 +293,7 @@ def _gemv_int4_words_kernel(x_ptr, q_ptr, s_ptr, o_ptr, bias_ptr, out_ptr, part_
                             stride_qn, stride_sn,
                             GROUP: tl.constexpr, SUB: tl.constexpr, HAS_OFFSET: tl.constexpr,
                             HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, BLOCK_N: tl.constexpr,
-                            BLOCK_K: tl.constexpr, EVEN: tl.constexpr, PREFETCH: tl.constexpr):
+                            BLOCK_K: tl.constexpr, EVEN: tl.constexpr, GATED: tl.constexpr):
     # 4-bit weights read as int32 words (``q_ptr``: [N, K / 8] int32, ``stride_qn`` in words):
     # word j holds inputs 8j .. 8j + 7, input 8j + i in bits 4i .. 4i + 3 (bytes little-endian,
     # low nibble first). Each nibble is masked in place (_nibble_as_float) and multiplied by the
@@ -260,25 +301,18 @@ def _gemv_int4_words_kernel(x_ptr, q_ptr, s_ptr, o_ptr, bias_ptr, out_ptr, part_
     # the same tile), so no byte extraction, shift per weight or interleave. A word's eight
     # products sum in ``t``; its group's scale multiplies the word's sum (and the offset the
     # word's activation sum), one FMA per word. EVEN: whole tiles only (BLOCK_N divides N,
-    # BLOCK_K divides K, one split): no masks. PREFETCH: the next tile's words are loaded
-    # before this tile is multiplied (in flight during it; the last tile's next is masked off).
+    # BLOCK_K divides K, one split): no masks. GATED: see _gemv_rows.
     WORDS: tl.constexpr = BLOCK_K // 8
     TILE_G: tl.constexpr = BLOCK_K // GROUP if BLOCK_K > GROUP else 1
     WPG: tl.constexpr = WORDS // TILE_G  # words of one group in a tile
     rn, n_ok, q_rows, s_rows, o_rows, k_lo, k_hi = _int_program_rows(
-        q_ptr, s_ptr, o_ptr, N, K, K_PER_SPLIT, stride_qn, stride_sn, BLOCK_N)
+        q_ptr, s_ptr, o_ptr, N, K, K_PER_SPLIT, stride_qn, stride_sn, BLOCK_N, GATED)
     w_hi = k_hi // 8
     gg = tl.arange(0, TILE_G)
     acc = tl.zeros([BLOCK_N, TILE_G, WPG], dtype=tl.float32)
-    if PREFETCH:
-        w_next = _load_words(q_rows, k_lo // 8 + tl.arange(0, WORDS), n_ok, w_hi, EVEN)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         jj = k0 // 8 + tl.arange(0, WORDS)
-        if PREFETCH:
-            w = w_next
-            w_next = _load_words(q_rows, jj + WORDS, n_ok, w_hi, False)
-        else:
-            w = _load_words(q_rows, jj, n_ok, w_hi, EVEN)
+        w = _load_words(q_rows, jj, n_ok, w_hi, EVEN)
         xw = x_ptr + 8 * jj
         x0 = _load_input(xw, 0, jj, w_hi, EVEN)
         x1 = _load_input(xw, 1, jj, w_hi, EVEN)
@@ -305,8 +339,12 @@ def _gemv_int4_words_kernel(x_ptr, q_ptr, s_ptr, o_ptr, bias_ptr, out_ptr, part_
             xsum = tl.reshape(x0 + x1 + x2 + x3 + x4 + x5 + x6 + x7, [TILE_G, WPG])
             acc += o[:, :, None] * xsum[None, :, :]
     rm = tl.arange(0, 1)
-    _epilogue(tl.sum(tl.sum(acc, axis=2), axis=1)[None, :], rm, rm < 1, rn, n_ok, tl.program_id(1), 1, N, N,
-              part_ptr, out_ptr, out_ptr, out_ptr, bias_ptr, False, False, HAS_BIAS, SPLIT)
+    if GATED:
+        _gated_epilogue(tl.sum(tl.sum(acc, axis=2), axis=1), rn, n_ok, N, out_ptr, out_ptr, out_ptr, bias_ptr,
+                        False, False, HAS_BIAS, BLOCK_N)
+    else:
+        _epilogue(tl.sum(tl.sum(acc, axis=2), axis=1)[None, :], rm, rm < 1, rn, n_ok, tl.program_id(1), 1, N,
+                  N, part_ptr, out_ptr, out_ptr, out_ptr, bias_ptr, False, False, HAS_BIAS, SPLIT)
 
 
 def _k_per_split(k: int, tiles: GemvTiles) -> int:
@@ -336,6 +374,15 @@ def _launch(kernel: triton.JITFunction, args: tuple[object, ...], m: int, n: int
     return out
 
 
+def _gated_out(n: int, tiles: GemvTiles, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The ``[1, n / 2]`` result of a gated GEMV over ``n`` weight rows, after checking that the
+    tiling allows it (whole gate/up pairs per program, one split)."""
+    if n % 2 or tiles.block_n < 2 or _k_per_split(x.shape[1], tiles) < x.shape[1]:
+        raise ValueError(f"a gated GEMV needs an even row count ({n}), block_n >= 2 "
+                         f"({tiles.block_n}) and one split ({tiles.split_k})")
+    return torch.empty((1, n // 2), dtype=dtype, device=x.device)
+
+
 def _one_row(x: torch.Tensor) -> torch.Tensor:
     if x.dim() != 2 or x.shape[0] != 1:
         raise ValueError(f"one-token GEMV takes x [1, K], got {tuple(x.shape)}")
@@ -343,16 +390,32 @@ def _one_row(x: torch.Tensor) -> torch.Tensor:
 
 
 def gemv16(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, *,
-           tiles: GemvTiles | None = None) -> torch.Tensor:
+           tiles: GemvTiles | None = None, gated: bool = False) -> torch.Tensor:
     """``x @ w.T + bias`` for ``x`` ``[1, K]`` and a 16/32-bit ``w`` ``[N, K]`` (unit last stride):
-    float32 sums, result in ``x.dtype``."""
+    float32 sums, result in ``x.dtype``. ``gated``: ``w`` is ``[gate; up]`` and the result is
+    ``silu_and_mul`` of that product, ``[1, N / 2]``, bit-for-bit the two ops (one split only)."""
     tiles = tiles or GemvTiles()
     x = _one_row(x)
     n, k = w.shape
-    out = torch.empty((1, n), dtype=x.dtype, device=x.device)
+    out = _gated_out(n, tiles, x, x.dtype) if gated else torch.empty((1, n), dtype=x.dtype, device=x.device)
     args = (x, out, w, out, bias if bias is not None else out)  # no scales: out stands in
     return _launch(_gemv_dense_kernel, args, 1, n, k, out, None, None, bias, tiles, stride_xm=x.stride(0),
-                   stride_wn=w.stride(0), stride_om=out.stride(0), HAS_XS=False, HAS_WS=False, BLOCK_M=1)
+                   stride_wn=w.stride(0), stride_om=out.stride(0), HAS_XS=False, HAS_WS=False, BLOCK_M=1,
+                   GATED=gated)
+
+
+# One token, [gate; up] with SiLU-and-mul (gemv16 gated): fastest of five tilings on an H200 for
+# llama3-8b's gate_up, 56.3 us per layer against 63.2 for cuBLAS + silu_and_mul
+# (docs/QUANTIZATION.md, "SiLU-and-mul in the one-token GEMV").
+GATED16_TILES = GemvTiles(block_n=8, block_k=1024, num_warps=4, split_k=1)
+
+
+def gemv16_gated_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``silu_and_mul(x @ w.T + bias)`` for one token of ``x`` ``[..., K]`` and a 16/32-bit
+    ``[gate; up]`` ``w`` (:func:`gemv16` with ``gated``, :data:`GATED16_TILES`): ``[..., N / 2]``."""
+    n, k = w.shape
+    y = gemv16(x.reshape(-1, k), w, bias, tiles=GATED16_TILES, gated=True)
+    return y.reshape(*x.shape[:-1], n // 2)
 
 
 def gemv_fp8(xq: torch.Tensor, xs: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor,
@@ -367,20 +430,24 @@ def gemv_fp8(xq: torch.Tensor, xs: torch.Tensor, w_fp8: torch.Tensor, w_scale: t
 
 
 def gemv_fp8_weight_only(x: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor,
-                         bias: torch.Tensor | None = None, *, tiles: GemvTiles | None = None) -> torch.Tensor:
+                         bias: torch.Tensor | None = None, *, tiles: GemvTiles | None = None,
+                         gated: bool = False) -> torch.Tensor:
     """fp8 weights on 16/32-bit activations (W8A16) for a few tokens: ``x`` ``[M, K]``
     (``M <= MAX_M``), ``w_fp8`` ``[N, K]`` e4m3 with ``w_scale`` ``[N]``; returns
     ``(sum_k x w_q) * w_scale[n] + bias[n]`` ``[M, N]`` in ``x.dtype`` (float32 sums). The
     activation is not quantized: no quantization launch before the product, and no activation
-    rounding (:func:`kernels.quant_reference.fp8_weight_only_linear`)."""
+    rounding (:func:`kernels.quant_reference.fp8_weight_only_linear`). ``gated`` (one token):
+    ``w_fp8`` is ``[gate; up]`` and the result ``silu_and_mul`` of the product, ``[1, N / 2]``."""
     if x.dim() != 2 or x.shape[0] > MAX_M:
         raise ValueError(f"gemv_fp8_weight_only takes x [M <= {MAX_M}, K], got {tuple(x.shape)}")
-    return _gemv_fp8_weights(x, None, w_fp8, w_scale, bias, x.dtype, tiles)
+    if gated and x.shape[0] != 1:
+        raise ValueError(f"a gated GEMV takes one token, got {x.shape[0]}")
+    return _gemv_fp8_weights(x, None, w_fp8, w_scale, bias, x.dtype, tiles, gated)
 
 
 def _gemv_fp8_weights(x: torch.Tensor, xs: torch.Tensor | None, w_fp8: torch.Tensor, w_scale: torch.Tensor,
                       bias: torch.Tensor | None, out_dtype: torch.dtype,
-                      tiles: GemvTiles | None) -> torch.Tensor:
+                      tiles: GemvTiles | None, gated: bool = False) -> torch.Tensor:
     """The dense GEMV over e4m3 weights for ``M <= MAX_M`` tokens: ``x`` quantized with per-token
     scales ``xs`` (W8A8), or 16/32-bit with ``xs`` None (W8A16)."""
     if x.stride(-1) != 1:
@@ -388,14 +455,17 @@ def _gemv_fp8_weights(x: torch.Tensor, xs: torch.Tensor | None, w_fp8: torch.Ten
     m, k = x.shape
     n = w_fp8.shape[0]
     tiles = tiles or fp8_tiles(m)
-    out = torch.empty((m, n), dtype=out_dtype, device=x.device)
+    if gated:
+        out = _gated_out(n, tiles, x, out_dtype)
+    else:
+        out = torch.empty((m, n), dtype=out_dtype, device=x.device)
     if m == 0:
         return out
     # Absent scales and bias: w_scale stands in (never read).
     args = (x, xs if xs is not None else w_scale, w_fp8, w_scale, bias if bias is not None else w_scale)
     return _launch(_gemv_dense_kernel, args, m, n, k, out, xs, w_scale, bias, tiles, stride_xm=x.stride(0),
                    stride_wn=w_fp8.stride(0), stride_om=out.stride(0), HAS_XS=xs is not None, HAS_WS=True,
-                   BLOCK_M=triton.next_power_of_2(m))
+                   BLOCK_M=triton.next_power_of_2(m), GATED=gated)
 
 
 MAX_M = 16  # tokens gemv_fp8 takes (its register tile is [BLOCK_M, BLOCK_N, BLOCK_K])
@@ -425,29 +495,33 @@ def fit_block_k(block_k: int, group_size: int) -> int:
 def gemv_wna16(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | None,
                bits: int, group_size: int, bias: torch.Tensor | None = None, *,
                tiles: GemvTiles | None = None, factored: bool = True, words: bool = True,
-               prefetch: bool = False) -> torch.Tensor:
+               gated: bool = False) -> torch.Tensor:
     """WnA16 at one token (:class:`kernels.quant_reference.WnA16Weight` layout; checked by
     :func:`kernels.triton_ops.wna16.wna16_linear`): ``x`` ``[1, K]``, float32 sums, result in
     ``x.dtype``. ``factored``: scales applied per group sum (module docstring). ``words``:
     4-bit weights whose rows can be read as int32 words go to :func:`_gemv_int4_words_kernel`
-    (``factored`` is then implied: it scales each word's sum); ``prefetch``: that kernel loads
-    the next tile's words before multiplying the current one (off: not yet measured on a GPU)."""
+    (``factored`` is then implied: it scales each word's sum). ``gated``: the weight is
+    ``[gate; up]`` and the result ``silu_and_mul`` of the product, ``[1, N / 2]``, bit-for-bit
+    the two ops (fused in the word kernel; other layouts run the two ops)."""
     tiles = tiles or GemvTiles()
     tiles = GemvTiles(tiles.block_n, fit_block_k(tiles.block_k, group_size), tiles.num_warps, tiles.split_k)
     x = _one_row(x)
     n = qweight.shape[0]
     k = x.shape[1]
-    out = torch.empty((1, n), dtype=x.dtype, device=x.device)
     # 8-bit signed: the kernel adds 128 to the sign-extended value and subtracts it again as a float.
     signed8 = bits == 8 and qweight.dtype == torch.int8
     sub = 8.0 if (bits == 4 and offsets is None) else (128.0 if signed8 else 0.0)
     q_words = _as_words(qweight) if (words and bits == 4) else None
     q = q_words if q_words is not None else qweight
     args = (x, q, scales, offsets if offsets is not None else scales, bias if bias is not None else scales)
+    if gated and q_words is None:
+        return silu_and_mul(gemv_wna16(x, qweight, scales, offsets, bits, group_size, bias, tiles=tiles,
+                                       factored=factored, words=words))
+    out = _gated_out(n, tiles, x, x.dtype) if gated else torch.empty((1, n), dtype=x.dtype, device=x.device)
     if q_words is not None:
         return _launch(_gemv_int4_words_kernel, args, 1, n, k, out, None, None, bias, tiles,
                        stride_qn=q_words.stride(0), stride_sn=scales.stride(0), GROUP=group_size, SUB=sub,
-                       HAS_OFFSET=offsets is not None, PREFETCH=prefetch,
+                       HAS_OFFSET=offsets is not None, GATED=gated,
                        EVEN=n % tiles.block_n == 0 and k % tiles.block_k == 0 and _k_per_split(k, tiles) >= k)
     return _launch(_gemv_int_kernel, args, 1, n, k, out, None, None, bias, tiles,
                    stride_qn=qweight.stride(0), stride_sn=scales.stride(0), BITS=bits, GROUP=group_size,

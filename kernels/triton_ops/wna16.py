@@ -211,6 +211,20 @@ def _same_strides(a: torch.Tensor, b: torch.Tensor) -> bool:
     return all(sa == sb for sa, sb, size in zip(a.stride(), b.stride(), a.shape, strict=True) if size > 1)
 
 
+
+def wna16_gated_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+                       offsets: torch.Tensor | None, bits: int, group_size: int,
+                       bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``silu_and_mul(wna16_linear(x, ...))`` for one token of ``x`` ``[..., K]`` and a
+    ``[gate; up]`` weight: the activation in the one-token GEMV's epilogue, bit-for-bit the two
+    ops (:func:`kernels.triton_ops.gemv.gemv_wna16` with ``gated``). Returns ``[..., N / 2]``."""
+    n = qweight.shape[0]
+    x2 = x.reshape(-1, x.shape[-1])
+    _check(x2, qweight, scales, offsets, bits, group_size)
+    y = gemv_wna16(x2, qweight, scales, offsets, bits, group_size, bias, tiles=GEMV_M1_TILES, gated=True)
+    return y.reshape(*x.shape[:-1], n // 2)
+
+
 def wna16_linear(
     x: torch.Tensor,
     qweight: torch.Tensor,

@@ -366,17 +366,72 @@ def check_gemv_wna16(t: Target) -> None:
             bias = _randn(n, t=t, gen=gen) if i % 2 else None
             args = (x, w.qweight, w.scales, w.offsets, w.bits, w.group_size, bias)
             ref = qref.wna16_linear(*args)
-            # 4-bit: the int32-word kernel (the default; with and without prefetch) and the byte
-            # kernel factored and not. (factored, byte kernel, prefetch):
-            variants = [(True, True, False), (True, False, False)]
-            variants += [(False, True, False), (True, False, True)] if bits == 4 else []
+            # 4-bit: the int32-word kernel (the default) and the byte kernel factored and not.
+            # (factored, byte kernel):
+            variants = [(True, True), (True, False)] + ([(False, True)] if bits == 4 else [])
             for tiles in _GEMV_TILES:
-                for factored, byte_kernel, prefetch in variants:
-                    got = tgemv.gemv_wna16(*args, tiles=tiles, factored=factored, words=not byte_kernel,
-                                           prefetch=prefetch)
+                for factored, byte_kernel in variants:
+                    got = tgemv.gemv_wna16(*args, tiles=tiles, factored=factored, words=not byte_kernel)
                     what = (f"gemv_wna16 {n}x{k} bits={bits} g={group} off={offsets} {tiles} "
-                            f"fact={factored} words={not byte_kernel} prefetch={prefetch}")
+                            f"fact={factored} words={not byte_kernel}")
                     assert_wna16_gemv_close(got, ref, x, w, t.dtype, what)
+
+
+# Gated tilings: one split, whole gate/up pairs (block_n >= 2): the default, the fp8 one-token
+# tiling (one output per program), several tiles per row with outputs past N / 2.
+_GATED_TILES = [None, tgemv.FP8_M1_TILES, tgemv.GemvTiles(8, 64, 4, 1), tgemv.GemvTiles(4, 32, 2, 1)]
+
+
+def _assert_gated(got: torch.Tensor, unfused: torch.Tensor, what: str) -> None:
+    """The fused SiLU-and-mul equals the GEMV followed by the activation kernel, bit for bit."""
+    want = tops.silu_and_mul(unfused)
+    assert got.shape == want.shape and got.dtype == want.dtype, (what, got.shape, want.shape)
+    assert torch.equal(got, want), f"{what}: max |diff| {(got.float() - want.float()).abs().max().item()}"
+
+
+def check_gemv_gated(t: Target) -> None:
+    """``gated=True`` of the one-token GEMVs (gemv16, fp8 weight-only, 4-bit words and the byte
+    layout's two-op fallback) against the unfused GEMV + ``silu_and_mul`` with the same tiling
+    (bitwise) and against the torch reference of both (4-bit: the unfused GEMV against its
+    reference, with check_gemv_wna16's bound); a tiling that cannot pair gate and up rows
+    (split-K, one row per program) is refused."""
+    gen = torch.Generator().manual_seed(24)
+    shapes = [(37, 128), (48, 384)] + ([(14336, 4096)] if t.big else [])  # (outputs, K)
+    for i, (d, k) in enumerate(shapes):
+        x = _randn(1, k, t=t, gen=gen)
+        bias = _randn(2 * d, t=t, gen=gen) if i % 2 else None
+        w16 = _randn(2 * d, k, t=t, gen=gen) * 0.05
+        ref16 = reference.silu_and_mul((x.float() @ w16.float().t() + (0 if bias is None else bias.float()))
+                                       .to(t.dtype))
+        w8, ws = _fp8_weight(2 * d, k, t, gen)
+        ref8 = reference.silu_and_mul(qref.fp8_weight_only_linear(x, w8, ws, bias))
+        w4 = random_wna16(2 * d, k, 4, 64, i % 2 == 1, torch.float16, t.device, gen)
+        args4 = (x, w4.qweight, w4.scales, w4.offsets, w4.bits, w4.group_size, bias)
+        ref4 = qref.wna16_linear(*args4)
+        for tiles in _GATED_TILES:
+            what = f"{d}x{k} {tiles}"
+            got = tgemv.gemv16(x, w16, bias, tiles=tiles, gated=True)
+            _assert_gated(got, tgemv.gemv16(x, w16, bias, tiles=tiles), f"gemv16 gated {what}")
+            assert_close(got, ref16, t.dtype, f"gemv16 gated vs reference {what}")
+            got = tgemv.gemv_fp8_weight_only(x, w8, ws, bias, tiles=tiles, gated=True)
+            _assert_gated(got, tgemv.gemv_fp8_weight_only(x, w8, ws, bias, tiles=tiles),
+                          f"gemv_fp8_weight_only gated {what}")
+            assert_close(got, ref8, t.dtype, f"gemv_fp8_weight_only gated vs reference {what}")
+            for words in (True, False):
+                # Against the reference through the unfused GEMV (check_gemv_wna16's bound: the
+                # reference rounds each weight to the activation dtype, the GEMV does not).
+                unfused = tgemv.gemv_wna16(*args4, tiles=tiles, words=words)
+                got = tgemv.gemv_wna16(*args4, tiles=tiles, words=words, gated=True)
+                _assert_gated(got, unfused, f"gemv_wna16 gated words={words} {what}")
+                assert_wna16_gemv_close(unfused, ref4, x, w4, t.dtype, f"gemv_wna16 words={words} {what}")
+    x, w16 = _randn(1, 64, t=t, gen=gen), _randn(8, 64, t=t, gen=gen)
+    for tiles in (tgemv.GemvTiles(8, 16, 4, 2), tgemv.GemvTiles(1, 64, 4, 1)):
+        try:
+            tgemv.gemv16(x, w16, tiles=tiles, gated=True)
+        except ValueError as exc:
+            assert "gated GEMV needs" in str(exc), exc
+        else:
+            raise AssertionError(f"gated GEMV with {tiles} was not refused")
 
 
 def _assert_same_fp8(got: qref.Fp8Activation, want: qref.Fp8Activation, what: str) -> None:
@@ -532,6 +587,7 @@ CHECKS: dict[str, Callable[[Target], None]] = {
     "gemv_fp8": check_gemv_fp8,
     "gemv_fp8_weight_only": check_gemv_fp8_weight_only,
     "gemv_wna16": check_gemv_wna16,
+    "gemv_gated": check_gemv_gated,
     "fused_fp8_quant": check_fused_fp8_quant,
     "store_kvcache_fp8": check_store_kvcache_fp8,
     "rotary_store_kvcache_fp8": check_rotary_store_kvcache_fp8,

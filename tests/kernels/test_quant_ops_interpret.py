@@ -32,6 +32,7 @@ _ALL = [
     "gemv_fp8",
     "gemv_fp8_weight_only",
     "gemv_wna16",
+    "gemv_gated",
     "fused_fp8_quant",
     "store_kvcache_fp8",
     "rotary_store_kvcache_fp8",

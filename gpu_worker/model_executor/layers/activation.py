@@ -21,8 +21,12 @@ class SiluAndMul(nn.Module):
         self.ops = ops
         self.fp8_out = False
 
+    def quantizes(self, tokens: int) -> bool:
+        """Whether the result for ``tokens`` tokens comes fp8-quantized (else 16-bit)."""
+        return self.fp8_out and not self.ops.fp8_weight_only(tokens)
+
     def forward(self, x: torch.Tensor) -> Any:
-        fp8_out = self.fp8_out and not self.ops.fp8_weight_only(x.numel() // x.shape[-1])
+        fp8_out = self.quantizes(x.numel() // x.shape[-1])
         if fp8_out and self.ops.silu_and_mul_fp8 is not None:
             return self.ops.silu_and_mul_fp8(x)
         return self.ops.silu_and_mul(x)

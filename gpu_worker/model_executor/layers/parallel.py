@@ -97,6 +97,14 @@ class ColumnParallelLinear(_Linear):
 class MergedColumnParallelLinear(ColumnParallelLinear):
     """Several column-parallel projections of one input in one matrix (gate and up)."""
 
+    def gated(self, x: torch.Tensor) -> torch.Tensor | None:
+        """``silu(gate) * up`` of this ``[gate; up]`` layer's product with ``x``, when its linear
+        method fuses the activation for ``x`` (``LinearMethod.apply_gated``); else None. Each
+        rank holds its own shard of both halves, so the pairs are rank-local."""
+        if len(self.local_sizes) != 2 or self.local_sizes[0] != self.local_sizes[1]:
+            return None
+        return self.linear_method.apply_gated(self, x, self.bias)
+
 
 class QKVParallelLinear(ColumnParallelLinear):
     """Q, K and V in one matrix, split by heads: each rank holds ``num_heads / tp`` query heads

@@ -150,6 +150,11 @@ class DecoderMLP(nn.Module):
         self.act.fp8_out = self.down_proj.linear_method.takes_fp8_activation
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # One token on a fused kernel: SiLU-and-mul in gate_up's GEMV epilogue (the same bits).
+        if isinstance(x, torch.Tensor) and not self.act.quantizes(x.numel() // x.shape[-1]):
+            h = self.gate_up_proj.gated(x)
+            if h is not None:
+                return self.down_proj(h)
         return self.down_proj(self.act(self.gate_up_proj(x)))
 
 

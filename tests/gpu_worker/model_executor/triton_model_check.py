@@ -2,7 +2,8 @@
 
 Run as ``python triton_model_check.py`` with ``TRITON_INTERPRET=1`` (triton reads it when the
 kernels are defined, so ``test_model_triton_interpret.py`` runs this in a fresh subprocess);
-prints one JSON object ``{family: "ok" | traceback}``. The Triton set rotates and stores K/V
+prints one JSON object ``{check: "ok" | traceback}``: one per family, and the fused gated MLP
+(fp8, 4-bit and 16-bit weights) against the unfused one. The Triton set rotates and stores K/V
 with its fused ``rotary_store_kvcache``; its separate rotary and store ops are replaced by
 failing stubs, so a model that still called them would fail.
 """
@@ -10,13 +11,20 @@ failing stubs, so a model that still called them would fail.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import traceback
-from typing import NoReturn
+from collections.abc import Callable
+from typing import Any, NoReturn
 
 import torch
 
-from kernels import reference_ops
+from gpu_worker.model_executor.layers.quantization.base import LinearMethod, UnquantizedLinearMethod
+from gpu_worker.model_executor.layers.quantization.select import make_linear_methods
+from gpu_worker.model_executor.models.registry import resolve_model_class
+from gpu_worker.model_executor.weights import fill_random
+from kernels import KernelOps, reference_ops
+from kernels import triton_ops as tops
 from kernels.triton_ops import triton_ops
 from tests.gpu_worker.model_executor.tiny_model_steps import STEPS, build_model, run_steps
 from tests.helpers.tiny_models import FAMILIES, make_tiny_config
@@ -37,14 +45,69 @@ def check_family(family: str) -> None:
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
+# One sequence: a prefill, then two one-token decode steps (the fused gated MLP's case).
+ONE_SEQUENCE = [([5], [5]), ([6], [1]), ([7], [1])]
+GATED = {"gated_mlp_fp8": "fp8", "gated_mlp_w4": "gptq", "gated_mlp_16bit": "none"}  # name -> quantization
+
+
+def _counted(fn: Callable[..., Any], calls: list[int]) -> Callable[..., Any]:
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        return fn(*args, **kwargs)
+
+    return wrapper
+
+
+def _linear_methods(quantization: str, cfg: Any, ops: KernelOps) -> Callable[[str], LinearMethod]:
+    if quantization == "none":  # the GPU's layout ([out, in], not the CPU's transposed one)
+        plain = UnquantizedLinearMethod(gated=ops.linear16_gated)
+        return lambda prefix: plain
+    return make_linear_methods(quantization, cfg, torch.device("cpu"), ops)
+
+
+def check_gated_mlp(quantization: str) -> None:
+    """A tiny llama on the Triton set: the one-token decode steps take the fused SiLU-and-mul
+    GEMV (``LinearMethod.apply_gated``; counted) and give the logits of the same model with the
+    fused op removed (GEMV, then ``silu_and_mul``): bit for bit for fp8 and 4-bit weights (the
+    same sums), within float32 rounding for 16-bit ones (``gemv16`` against ``F.linear``)."""
+    cfg = make_tiny_config("llama")
+    calls: list[int] = []
+    fused = dataclasses.replace(
+        triton_ops(),
+        fp8_weight_only_gated_linear=_counted(tops.fp8_weight_only_gated_linear, calls),
+        wna16_gated_linear=_counted(tops.wna16_gated_linear, calls),
+        linear16_gated=_counted(tops.gemv16_gated_linear, calls),
+    )
+    unfused = dataclasses.replace(fused, fp8_weight_only_gated_linear=None, wna16_gated_linear=None,
+                                  linear16_gated=None)
+    logits = []
+    for ops in (fused, unfused):
+        cls = resolve_model_class(cfg.architectures or ["LlamaForCausalLM"])
+        model = cls(cfg, ops, torch.float32, linear=_linear_methods(quantization, cfg, ops))  # type: ignore[call-arg]
+        fill_random(model, seed=5, std=0.2)
+        for module in model.modules():
+            method = getattr(module, "linear_method", None)
+            if method is not None:
+                method.process_weights_after_loading(module)
+        logits.append(run_steps(model.requires_grad_(False).eval(), cfg, ONE_SEQUENCE))
+    assert len(calls) == 2 * cfg.num_hidden_layers, f"fused gated GEMV calls: {len(calls)}"
+    for step, (got, want) in enumerate(zip(*logits, strict=True)):
+        if quantization == "none":
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        else:
+            assert torch.equal(got, want), f"step {step}: max |diff| {(got - want).abs().max().item()}"
+
+
 def run_all() -> dict[str, str]:
     results: dict[str, str] = {}
-    for family in FAMILIES:
+    checks: dict[str, Callable[[], None]] = {f: functools.partial(check_family, f) for f in FAMILIES}
+    checks |= {name: functools.partial(check_gated_mlp, q) for name, q in GATED.items()}
+    for name, check in checks.items():
         try:
-            check_family(family)
-            results[family] = "ok"
-        except Exception:  # noqa: BLE001 - reported to the parent test, per family
-            results[family] = traceback.format_exc()
+            check()
+            results[name] = "ok"
+        except Exception:  # noqa: BLE001 - reported to the parent test, per check
+            results[name] = traceback.format_exc()
     return results
 
 

@@ -13,7 +13,7 @@ product. The model code never branches on it. :class:`UnquantizedLinearMethod` i
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -63,6 +63,14 @@ class LinearMethod(ABC):
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """``x @ W^T (+ bias)`` for ``x`` ``[T, in]``."""
 
+    def apply_gated(
+        self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None
+    ) -> torch.Tensor | None:
+        """``silu_and_mul(apply(layer, x, bias))`` for a ``[gate; up]`` layer, when this method has
+        a fused kernel for ``x`` (the one-token GEMVs: the activation in their epilogue, bit-for-bit
+        the two ops); None otherwise, and the caller runs :meth:`apply` and the activation."""
+        return None
+
     def load_weight(
         self, layer: nn.Module, name: str, source: TensorSource, shard: WeightShard
     ) -> Iterable[str]:
@@ -94,10 +102,13 @@ class LinearMethod(ABC):
 
 class UnquantizedLinearMethod(LinearMethod):
     """Weights in the model dtype. ``transposed`` (the CPU's layout): ``weight_t`` ``[in, out]``
-    replaces ``weight`` after loading, which the CPU multiplies faster at batch 1."""
+    replaces ``weight`` after loading, which the CPU multiplies faster at batch 1. ``gated``:
+    the op set's one-token ``[gate; up]`` GEMV with SiLU-and-mul in its epilogue
+    (``KernelOps.linear16_gated``; None: the MLP runs the product and the activation)."""
 
-    def __init__(self, transposed: bool = False) -> None:
+    def __init__(self, transposed: bool = False, gated: Callable[..., torch.Tensor] | None = None) -> None:
         self.transposed = transposed
+        self.gated = gated
 
     def create_weights(
         self, layer: nn.Module, in_features: int, out_features: int, dtype: torch.dtype
@@ -108,6 +119,13 @@ class UnquantizedLinearMethod(LinearMethod):
         if self.transposed:
             return transposed_linear(x, param(layer, "weight_t"), bias)
         return nn.functional.linear(x, param(layer, "weight"), bias)
+
+    def apply_gated(
+        self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None
+    ) -> torch.Tensor | None:
+        if self.gated is None or self.transposed or x.numel() != x.shape[-1]:
+            return None
+        return self.gated(x, param(layer, "weight"), bias)
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
         if not self.transposed or not hasattr(layer, "weight"):

@@ -76,6 +76,16 @@ class Fp8LinearMethod(LinearMethod):
         out: torch.Tensor = self.ops.fp8_linear(x, weight, scale, bias)
         return out
 
+    def apply_gated(
+        self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None
+    ) -> torch.Tensor | None:
+        gated = self.ops.fp8_weight_only_gated_linear
+        if gated is None or not isinstance(x, torch.Tensor) or x.numel() != x.shape[-1] \
+                or not self.ops.fp8_weight_only(1):
+            return None  # not one token, or one token does not run weight-only
+        y: torch.Tensor = gated(x, param(layer, "weight"), param(layer, "weight_scale"), bias)
+        return y
+
     def checkpoint_names(self) -> frozenset[str]:
         # HF fp8 names its (multiplying) scale weight_scale_inv; input_scale (static activation
         # scales) is ignored: activations are quantized per token.

@@ -125,10 +125,10 @@ def make_linear_methods(
     """The linear method of each layer, by its parameter prefix (``model.layers.3.mlp.down_proj``):
     the quantized one, except the LM head and modules a checkpoint leaves unquantized. ``ops``:
     the kernels (default: ``get_ops(device)``)."""
-    plain = UnquantizedLinearMethod(transposed=device.type == "cpu")
+    ops = ops or get_ops(device)
+    plain = UnquantizedLinearMethod(transposed=device.type == "cpu", gated=ops.linear16_gated)
     if quantization == "none":
         return lambda prefix: plain
-    ops = ops or get_ops(device)
     qc = quantization_config(hf_config)
     ignore: tuple[str, ...] = ()
     method: LinearMethod

@@ -101,6 +101,17 @@ class WnA16LinearMethod(LinearMethod):
         y = torch.cat([s(self.ops, x, None) for s in segments], dim=-1)
         return y if bias is None else y + bias
 
+    def apply_gated(
+        self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None
+    ) -> torch.Tensor | None:
+        segments = layer_state(layer).segments
+        w = segments[0].weight if len(segments) == 1 else None
+        if self.ops.wna16_gated_linear is None or w is None or x.numel() != x.shape[-1]:
+            return None  # not one token, or gate and up in different formats (a mixed GGUF)
+        y: torch.Tensor = self.ops.wna16_gated_linear(x, w.qweight, w.scales, w.offsets, w.bits, w.group_size,
+                                                      bias)
+        return y
+
     def checkpoint_names(self) -> frozenset[str]:
         return _GPTQ_NAMES | {"weight"}
 
