@@ -77,6 +77,5 @@ def triton_ops(fp8_weight_only_max_m: int = FP8_WEIGHT_ONLY_MAX_M) -> KernelOps:
         # fp8_weight_only_gated_linear: not in the set; slower than the two ops on an H200
         # (docs/QUANTIZATION.md, "SiLU-and-mul in the one-token GEMV").
         wna16_gated_linear=wna16_gated_linear,
-        # linear16_gated (gemv16_gated_linear): measured faster than cuBLAS + silu_and_mul at
-        # kernel level, not in the set until its GPU check passes (DECISIONS 101).
+        linear16_gated=gemv16_gated_linear,
     )
