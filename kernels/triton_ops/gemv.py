@@ -21,6 +21,10 @@ that stream at the card's bandwidth:
   :func:`_gemv_int4_words_kernel`: each nibble is masked in place into a float's mantissa
   (:func:`_nibble_as_float`) and multiplied by its input, the group's scale once per word
   (1.54x the byte kernel below on an H200; docs/QUANTIZATION.md, "4-bit weights as int32 words");
+- ``gated=True`` (one token, one split): the weight is ``[gate; up]``, a program reads gate row
+  ``o`` and up row ``o + N / 2`` side by side (:func:`_gemv_rows`) and its epilogue applies
+  SiLU-and-mul with the activation kernel's arithmetic (:func:`_gated_epilogue`): ``[1, N / 2]``,
+  bit-for-bit the GEMV then ``silu_and_mul`` at the same tiling, in one launch;
 - otherwise (8-bit, or ``words=False``) 4/8-bit integers become floats by the exponent trick
   (``bits | 0x4B000000`` read as float32 is ``2^23 + q``; subtracting ``2^23`` is exact),
   integer logic and one add instead of an int-to-float conversion, which runs at an eighth of
