@@ -198,7 +198,6 @@ def bench_gated(rec: Recorder) -> None:
     torch.cuda.empty_cache()
 
 
-
 def bench_format(rec: Recorder, part: str) -> None:
     shapes, layers = (SHAPES_70B, 6) if part == "fp8_70b" else (SHAPES_8B, 32)
     fmt = "fp8" if part.startswith("fp8") else ("w4" if part.startswith("w4") else part)

@@ -98,10 +98,11 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
     """Several column-parallel projections of one input in one matrix (gate and up)."""
 
     def gated(self, x: torch.Tensor) -> torch.Tensor | None:
-        """``silu(gate) * up`` of this ``[gate; up]`` layer's product with ``x``, when its linear
-        method fuses the activation for ``x`` (``LinearMethod.apply_gated``); else None. Each
-        rank holds its own shard of both halves, so the pairs are rank-local."""
-        if len(self.local_sizes) != 2 or self.local_sizes[0] != self.local_sizes[1]:
+        """``silu(gate) * up`` of this ``[gate; up]`` layer's product with ``x``, when ``x`` is one
+        token and the linear method fuses the activation (``LinearMethod.apply_gated``); else
+        None. Each rank holds its own shard of both halves, so the pairs are rank-local."""
+        halves = len(self.local_sizes) == 2 and self.local_sizes[0] == self.local_sizes[1]
+        if not halves or x.numel() != x.shape[-1]:
             return None
         return self.linear_method.apply_gated(self, x, self.bias)
 

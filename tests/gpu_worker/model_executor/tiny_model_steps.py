@@ -6,12 +6,14 @@ subprocess; see ``test_model_triton_interpret.py``).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 
 from gpu_worker.model_executor.layers.attention import AttentionMetadata
+from gpu_worker.model_executor.layers.quantization.base import LinearMethod
 from gpu_worker.model_executor.model_config import head_dim_of
 from gpu_worker.model_executor.models.registry import resolve_model_class
 from gpu_worker.model_executor.weights import fill_random
@@ -23,12 +25,20 @@ BLOCK = 4
 STEPS = [([5, 9, 3], [5, 9, 3]), ([6, 10, 4], [1, 1, 1]), ([7, 11, 5], [1, 1, 1])]
 
 
-def build_model(cfg: Any, ops: KernelOps, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """The registry's class for ``cfg`` on the CPU with ``ops``, seeded random weights."""
+def build_model(cfg: Any, ops: KernelOps, dtype: torch.dtype = torch.float32,
+                linear: Callable[[str], LinearMethod] | None = None) -> nn.Module:
+    """The registry's class for ``cfg`` on the CPU with ``ops``, seeded random weights;
+    ``linear``: each linear layer's method (default: the model's plain one), finished after
+    the weights as the loader does (``process_weights_after_loading``)."""
     cls = resolve_model_class(cfg.architectures or [type(cfg).__name__.replace("Config", "ForCausalLM")])
+    extra = {} if linear is None else {"linear": linear}
     with torch.device("cpu"):
-        model = cls(cfg, ops, dtype)  # type: ignore[call-arg]
+        model = cls(cfg, ops, dtype, **extra)  # type: ignore[call-arg]
     fill_random(model, seed=5, std=0.2)
+    for module in model.modules():
+        method = getattr(module, "linear_method", None)
+        if method is not None:
+            method.process_weights_after_loading(module)
     return model.requires_grad_(False).eval()
 
 

@@ -21,8 +21,6 @@ import torch
 
 from gpu_worker.model_executor.layers.quantization.base import LinearMethod, UnquantizedLinearMethod
 from gpu_worker.model_executor.layers.quantization.select import make_linear_methods
-from gpu_worker.model_executor.models.registry import resolve_model_class
-from gpu_worker.model_executor.weights import fill_random
 from kernels import KernelOps, reference_ops
 from kernels import triton_ops as tops
 from kernels.triton_ops import triton_ops
@@ -82,14 +80,8 @@ def check_gated_mlp(quantization: str) -> None:
                                   linear16_gated=None)
     logits = []
     for ops in (fused, unfused):
-        cls = resolve_model_class(cfg.architectures or ["LlamaForCausalLM"])
-        model = cls(cfg, ops, torch.float32, linear=_linear_methods(quantization, cfg, ops))  # type: ignore[call-arg]
-        fill_random(model, seed=5, std=0.2)
-        for module in model.modules():
-            method = getattr(module, "linear_method", None)
-            if method is not None:
-                method.process_weights_after_loading(module)
-        logits.append(run_steps(model.requires_grad_(False).eval(), cfg, ONE_SEQUENCE))
+        model = build_model(cfg, ops, linear=_linear_methods(quantization, cfg, ops))
+        logits.append(run_steps(model, cfg, ONE_SEQUENCE))
     assert len(calls) == 2 * cfg.num_hidden_layers, f"fused gated GEMV calls: {len(calls)}"
     for step, (got, want) in enumerate(zip(*logits, strict=True)):
         if quantization == "none":

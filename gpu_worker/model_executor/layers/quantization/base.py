@@ -66,9 +66,10 @@ class LinearMethod(ABC):
     def apply_gated(
         self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None
     ) -> torch.Tensor | None:
-        """``silu_and_mul(apply(layer, x, bias))`` for a ``[gate; up]`` layer, when this method has
-        a fused kernel for ``x`` (the one-token GEMVs: the activation in their epilogue, bit-for-bit
-        the two ops); None otherwise, and the caller runs :meth:`apply` and the activation."""
+        """``silu_and_mul(apply(layer, x, bias))`` for a ``[gate; up]`` layer and ``x`` of one token
+        (``MergedColumnParallelLinear.gated`` asks only then), when this method has a fused kernel
+        (the one-token GEMVs: the activation in their epilogue); None otherwise, and the caller
+        runs :meth:`apply` and the activation."""
         return None
 
     def load_weight(
@@ -123,7 +124,7 @@ class UnquantizedLinearMethod(LinearMethod):
     def apply_gated(
         self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None
     ) -> torch.Tensor | None:
-        if self.gated is None or self.transposed or x.numel() != x.shape[-1]:
+        if self.gated is None or self.transposed:
             return None
         return self.gated(x, param(layer, "weight"), bias)
 

@@ -106,8 +106,8 @@ class WnA16LinearMethod(LinearMethod):
     ) -> torch.Tensor | None:
         segments = layer_state(layer).segments
         w = segments[0].weight if len(segments) == 1 else None
-        if self.ops.wna16_gated_linear is None or w is None or x.numel() != x.shape[-1]:
-            return None  # not one token, or gate and up in different formats (a mixed GGUF)
+        if self.ops.wna16_gated_linear is None or w is None:
+            return None  # gate and up in different formats (a mixed GGUF)
         y: torch.Tensor = self.ops.wna16_gated_linear(x, w.qweight, w.scales, w.offsets, w.bits, w.group_size,
                                                       bias)
         return y
