@@ -17,7 +17,10 @@ weights' (plus scales); the share is of a 1 GiB device-to-device copy measured f
 - ``fp8_small_m``: 1-16 tokens, quantization + ``gemv_fp8`` (default tiles) against quantization +
   ``_scaled_mm``: where ``Fp8LinearConfig.gemv_max_m`` belongs;
 - ``gated``: llama3-8b's gate_up then SiLU-and-mul, two launches against one (``gated=True``), in
-  bf16 (cuBLAS, and ``gemv16`` at five tilings), fp8 weight-only and 4-bit words.
+  bf16 (cuBLAS, and ``gemv16`` at five tilings), fp8 weight-only and 4-bit words;
+- ``linear16``: the one-token bf16 linears as the engine runs them, against cuBLAS, with and
+  without programmatic dependent launch, per projection and over 32 decoder layers
+  (:func:`bench_linear16`).
 
 Sweep: ``block_n`` 4/8/16 x ``block_k`` 512/1024 x 4/8 warps, plus (4, 1024, 2), (2, 1024, 2),
 (32, 256, 4); each with split-K 1, 2, 4 (``w4``: also (32, 1024, 8), (32, 512, 8), (16, 2048, 8),
@@ -41,6 +44,7 @@ from kernels import quant_reference as qref
 from kernels.triton_ops import fp8_matmul
 from kernels.triton_ops import gemv as G
 from kernels.triton_ops.activation import silu_and_mul
+from kernels.triton_ops.norm import fused_add_rms_norm
 from kernels.triton_ops.wna16 import GEMV_M1_TILES
 
 DEV = "cuda"
@@ -198,7 +202,68 @@ def bench_gated(rec: Recorder) -> None:
     torch.cuda.empty_cache()
 
 
-def bench_format(rec: Recorder, part: str) -> None:
+GATED16_SWEEP = [(8, 1024, 4), (2, 4096, 4), (2, 4096, 8), (4, 4096, 8), (2, 2048, 4), (4, 2048, 4)]
+
+
+def bench_linear16(rec: Recorder) -> None:
+    """The one-token 16-bit linears as the engine runs them (bf16, llama3-8b): per projection (and
+    the LM head, 4 copies) cuBLAS against ``gemv16_linear`` at :func:`~G.linear16_tiles`; gate_up
+    with SiLU-and-mul at the tilings of ``GATED16_SWEEP``; then 32 decoder layers' norms and
+    projections chained as the engine chains them (fused add + RMSNorm, qkv, o, fused add +
+    RMSNorm, gated gate_up, down; attention left out), cuBLAS or ``gemv16_linear`` for qkv/o/down."""
+    shapes = {**SHAPES_8B, "lm_head": (128256, 4096)}
+    for shape, (n, k) in shapes.items():
+        layers = 4 if shape == "lm_head" else 32
+        x = torch.randn(1, k, device=DEV, dtype=torch.bfloat16)
+        ws = [(torch.randn(n, k, device=DEV, dtype=torch.bfloat16) * 0.02,) for _ in range(layers)]
+        runs = {"cublas": chain(partial(F.linear, x), ws), "gemv16": chain(partial(G.gemv16_linear, x), ws)}
+        line = []
+        for name, fn in runs.items():
+            row = rec.add("linear16", shape, name, time_chain(fn), n * k * 2, layers)
+            line.append(f"{name} {row['us_per_layer']:.1f} us ({row['share_of_copy']:.0%})")
+        print(f"linear16 {shape} {G.linear16_tiles(k)}: " + ", ".join(line), flush=True)
+        if shape == "gate_up":
+            for t in GATED16_SWEEP:
+                fn = chain(partial(G.gemv16, x, tiles=G.GemvTiles(*t, 1), gated=True), ws)
+                name = ",".join(map(str, t))
+                row = rec.add("linear16_gated", shape, name, time_chain(fn), n * k * 2, layers)
+                us, share = row["us_per_layer"], row["share_of_copy"]
+                print(f"linear16 gate_up gated {name}: {us:.1f} us ({share:.0%})", flush=True)
+        ws.clear()
+        torch.cuda.empty_cache()
+    hidden = SHAPES_8B["o"][0]
+    layers_w = [{name: torch.randn(n, k, device=DEV, dtype=torch.bfloat16) * 0.02
+                 for name, (n, k) in SHAPES_8B.items()} for _ in range(32)]
+    norm_w = torch.ones(hidden, device=DEV, dtype=torch.bfloat16)
+    x0 = torch.randn(1, hidden, device=DEV, dtype=torch.bfloat16)
+    nbytes = sum(n * k * 2 for n, k in SHAPES_8B.values())
+
+    def step(linear: Callable[..., torch.Tensor]) -> Callable[[], torch.Tensor]:
+        def run() -> torch.Tensor:
+            h, res = x0.clone(), x0.clone()
+            for w in layers_w:
+                h, res = fused_add_rms_norm(h, res, norm_w, 1e-5)
+                qkv = linear(h, w["qkv"])
+                h = linear(qkv[:, :hidden], w["o"])
+                h, res = fused_add_rms_norm(h, res, norm_w, 1e-5)
+                h = G.gemv16_gated_linear(h, w["gate_up"])
+                h = linear(h, w["down"])
+            return h
+        return run
+
+    variants = {"cublas": step(F.linear), "gemv16": step(G.gemv16_linear)}
+    for name, fn in variants.items():
+        row = rec.add("linear16_layers", "decoder", name, time_chain(fn), nbytes, 32)
+        us, share = row["us_per_layer"], row["share_of_copy"]
+        print(f"linear16 layers {name}: {us:.1f} us per layer ({share:.0%} of copy)", flush=True)
+    layers_w.clear()
+    torch.cuda.empty_cache()
+
+
+def bench_format(rec: Recorder, part: str, tiles_list: Sequence[tuple[int, int, int]] = TILES,
+                 splits: Sequence[int] = SPLITS) -> None:
+    """One format's projections: its baselines, then the sweep of ``tiles_list`` x ``splits``
+    (the 4-bit parts sweep their own lists)."""
     shapes, layers = (SHAPES_70B, 6) if part == "fp8_70b" else (SHAPES_8B, 32)
     fmt = "fp8" if part.startswith("fp8") else ("w4" if part.startswith("w4") else part)
     for shape, (n, k) in shapes.items():
@@ -206,7 +271,7 @@ def bench_format(rec: Recorder, part: str) -> None:
         if fmt == "bf16":
             ws = [(torch.randn(n, k, device=DEV, dtype=torch.bfloat16) * 0.02,) for _ in range(layers)]
             rec.add(fmt, shape, "cublas", time_chain(chain(partial(F.linear, x), ws)), n * k * 2, layers)
-            rec.sweep(fmt, shape, n * k * 2, layers, partial(_gemv16_chain, x, ws))
+            rec.sweep(fmt, shape, n * k * 2, layers, partial(_gemv16_chain, x, ws), tiles_list, splits)
         elif fmt == "fp8":
             wq = fp8_layers(n, k, layers)
             quant = chain(partial(fp8_matmul.quantize_fp8_per_token, x), [()] * layers)
@@ -214,7 +279,7 @@ def bench_format(rec: Recorder, part: str) -> None:
             xq, xs = fp8_matmul.quantize_fp8_per_token(x)
             rec.add(fmt, shape, "scaled_mm_prequantized", time_chain(chain(partial(_scaled_mm, xq, xs), wq)),
                     n * k, layers)
-            rec.sweep(fmt, shape, n * k, layers, partial(_gemv_fp8_chain, xq, xs, wq))
+            rec.sweep(fmt, shape, n * k, layers, partial(_gemv_fp8_chain, xq, xs, wq), tiles_list, splits)
         else:  # w4
             w4 = [(torch.randint(0, 256, (n, k // 2), device=DEV, dtype=torch.uint8),
                    (torch.rand(n, k // 128, device=DEV) * 0.02 + 0.001).half()) for _ in range(layers)]
@@ -254,9 +319,15 @@ def _fp8_linear(x: torch.Tensor, cfg: fp8_matmul.Fp8LinearConfig, q: torch.Tenso
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--parts", default="bf16,fp8,w4,fp8_70b,fp8_small_m",
-                    help="comma-separated: bf16, fp8, w4, w4_bytes, fp8_70b, fp8_small_m, gated")
+                    help="comma-separated: bf16, fp8, w4, w4_bytes, fp8_70b, fp8_small_m, gated, linear16")
     ap.add_argument("--json", default="", help="append the rows here (JSON lines)")
+    ap.add_argument("--tiles", default="",
+                    help="the bf16/fp8 sweep's tilings instead of the default list: 'bn,bk,warps;...'")
+    ap.add_argument("--splits", default=",".join(map(str, SPLITS)), help="split-K values of that sweep")
     args = ap.parse_args()
+    tiles_list = ([tuple(int(v) for v in t.split(",")) for t in args.tiles.split(";")] if args.tiles
+                  else TILES)
+    splits = [int(v) for v in args.splits.split(",")]
     rec = Recorder(copy_bandwidth_gb_s())
     print(f"{torch.cuda.get_device_name()}: copy {rec.copy:,.0f} GB/s", flush=True)
     for part in args.parts.split(","):
@@ -264,8 +335,10 @@ def main() -> None:
             bench_small_m(rec)
         elif part == "gated":
             bench_gated(rec)
+        elif part == "linear16":
+            bench_linear16(rec)
         else:
-            bench_format(rec, part)
+            bench_format(rec, part, tiles_list, splits)  # type: ignore[arg-type]
     layer: dict[tuple[str, str], float] = {}
     for row in rec.rows:
         if "," in row["variant"] or row["variant"] == "cublas":

@@ -61,6 +61,9 @@ class KernelOps:
     # The same for 16/32-bit weights: silu_and_mul(x @ w.T + bias) for x of one token (not the
     # same bits as cuBLAS + silu_and_mul: its own order of sums).
     linear16_gated: Callable[..., Any] | None = None
+    # The one-token 16/32-bit linear: x @ w.T + bias for x of one token (None: torch's linear,
+    # cuBLAS on CUDA; not the same bits: its own order of sums).
+    linear16: Callable[..., Any] | None = None
 
     def __post_init__(self) -> None:
         if not 0 <= self.fp8_weight_only_max_m <= FP8_WEIGHT_ONLY_MAX_M_LIMIT:

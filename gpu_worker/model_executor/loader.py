@@ -161,7 +161,7 @@ def build_model(
     cls = resolve_model_class(getattr(hf_config, "architectures", None))
     ops = ops or get_ops(device)
     if linear is None:
-        method = UnquantizedLinearMethod(transposed=device.type == "cpu", gated=ops.linear16_gated)
+        method = UnquantizedLinearMethod.for_ops(ops, device)
         linear = lambda prefix: method  # noqa: E731 - one shared stateless method
     with torch.device("meta"):
         model = cls(hf_config, ops, dtype, parallel=parallel, linear=linear)  # type: ignore[call-arg]

@@ -18,7 +18,7 @@ from kernels.triton_ops.fp8_matmul import (
     fp8_weight_only_linear,
     quantize_fp8_per_token,
 )
-from kernels.triton_ops.gemv import gemv16_gated_linear
+from kernels.triton_ops.gemv import gemv16_gated_linear, gemv16_linear
 from kernels.triton_ops.kv_store import store_kvcache
 from kernels.triton_ops.norm import fused_add_rms_norm, fused_add_rms_norm_fp8, rms_norm, rms_norm_fp8
 from kernels.triton_ops.prefill_attention import PrefillConfig, paged_attention
@@ -37,6 +37,7 @@ __all__ = [
     "fused_add_rms_norm",
     "fused_add_rms_norm_fp8",
     "gemv16_gated_linear",
+    "gemv16_linear",
     "paged_attention",
     "paged_decode_attention",
     "quantize_fp8_per_token",
@@ -78,4 +79,5 @@ def triton_ops(fp8_weight_only_max_m: int = FP8_WEIGHT_ONLY_MAX_M) -> KernelOps:
         # (docs/QUANTIZATION.md, "SiLU-and-mul in the one-token GEMV").
         wna16_gated_linear=wna16_gated_linear,
         linear16_gated=gemv16_gated_linear,
+        linear16=gemv16_linear,
     )

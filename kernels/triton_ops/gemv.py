@@ -137,6 +137,18 @@ def _gated_epilogue(acc, rows, ok, N, out_ptr, xs_ptr, ws_ptr, bias_ptr, HAS_XS:
 
 
 @triton.jit
+def _dense_tile(x_ptr, w_rows, k0, k_hi, n_ok, BLOCK_K: tl.constexpr):
+    """One token's products with the weight tile at inputs ``k0 .. k0 + BLOCK_K`` (float32,
+    ``[BLOCK_N, BLOCK_K]``; 0 past ``k_hi`` and past the last row)."""
+    kk = k0 + tl.arange(0, BLOCK_K)
+    k_ok = kk < k_hi
+    w = tl.load(w_rows + kk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0,
+                eviction_policy="evict_first")
+    x = tl.load(x_ptr + kk, mask=k_ok, other=0.0, eviction_policy="evict_last").to(tl.float32)
+    return x[None, :] * w.to(tl.float32)
+
+
+@triton.jit
 def _gemv_dense_kernel(xq_ptr, xs_ptr, w_ptr, ws_ptr, bias_ptr, out_ptr, part_ptr, M, N, K, K_PER_SPLIT,
                        stride_xm, stride_wn, stride_om, HAS_XS: tl.constexpr, HAS_WS: tl.constexpr,
                        HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -154,14 +166,13 @@ def _gemv_dense_kernel(xq_ptr, xs_ptr, w_ptr, ws_ptr, bias_ptr, out_ptr, part_pt
     k_lo = pid_k * K_PER_SPLIT
     k_hi = tl.minimum(k_lo + K_PER_SPLIT, K)
     if BLOCK_M == 1:  # a [BLOCK_N, BLOCK_K] tile: the 3-D one with one row compiles 1.9x slower
-        acc1 = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-        for k0 in range(k_lo, k_hi, BLOCK_K):
-            kk = k0 + tl.arange(0, BLOCK_K)
-            k_ok = kk < k_hi
-            x1 = tl.load(xq_ptr + kk, mask=k_ok, other=0.0, eviction_policy="evict_last").to(tl.float32)
-            w = tl.load(w_rows + kk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0,
-                        eviction_policy="evict_first")
-            acc1 += x1[None, :] * w.to(tl.float32)
+        # The first tile is read before the loop (every split has one): a tile that holds the
+        # whole row (the one-token 16-bit tiling, linear16_tiles) is then straight-line loads,
+        # all in flight at once. Read in the loop, the same tiling measured 32-37% slower on an
+        # H200 (qkv 17.9 against 13.1 us, gate_up 69.2 against 52.6; docs/QUANTIZATION.md).
+        acc1 = _dense_tile(xq_ptr, w_rows, k_lo, k_hi, n_ok, BLOCK_K)
+        for k0 in range(k_lo + BLOCK_K, k_hi, BLOCK_K):
+            acc1 += _dense_tile(xq_ptr, w_rows, k0, k_hi, n_ok, BLOCK_K)
         if GATED:
             _gated_epilogue(tl.sum(acc1, axis=1), rn, n_ok, N, out_ptr, xs_ptr, ws_ptr, bias_ptr,
                             HAS_XS, HAS_WS, HAS_BIAS, BLOCK_N)
@@ -408,18 +419,36 @@ def gemv16(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, *
                    GATED=gated)
 
 
-# One token, [gate; up] with SiLU-and-mul (gemv16 gated): fastest of five tilings on an H200 for
-# llama3-8b's gate_up, 56.3 us per layer against 63.2 for cuBLAS + silu_and_mul
-# (docs/QUANTIZATION.md, "SiLU-and-mul in the one-token GEMV").
-GATED16_TILES = GemvTiles(block_n=8, block_k=1024, num_warps=4, split_k=1)
+def linear16_tiles(k: int, gated: bool = False) -> GemvTiles:
+    """The tiling of a one-token 16-bit GEMV over rows of ``k`` inputs. Measured on an H200
+    (bf16 llama3-8b, 32 layers per chain; docs/QUANTIZATION.md, "One-token 16-bit GEMV"): a row
+    of up to 4,096 inputs read whole by a program of 4 warps (one tile, no loop: all of its loads
+    in flight at once) beat cuBLAS on qkv, o, gate_up and the LM head (13.4 / 9.7 / 53.8 / 233.7
+    us against 15.6 / 13.3 / 56.7 / 251.3); ``gated`` (``[gate; up]`` with SiLU-and-mul) two such
+    rows, a gate and its up row (54.0 us against 55.8 at the 8 x 1,024 tiles before); longer rows
+    (down, 14,336) 8 rows x 2,048 x 8 warps (29.7 against 32.3)."""
+    if k <= 4096:
+        block_k = max(16, triton.next_power_of_2(k))
+        return GemvTiles(block_n=2 if gated else 1, block_k=block_k, num_warps=4, split_k=1)
+    return GemvTiles(block_n=8, block_k=2048, num_warps=8, split_k=1)
 
 
 def gemv16_gated_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``silu_and_mul(x @ w.T + bias)`` for one token of ``x`` ``[..., K]`` and a 16/32-bit
-    ``[gate; up]`` ``w`` (:func:`gemv16` with ``gated``, :data:`GATED16_TILES`): ``[..., N / 2]``."""
+    ``[gate; up]`` ``w`` (:func:`gemv16` with ``gated``, :func:`linear16_tiles`): ``[..., N / 2]``."""
     n, k = w.shape
-    y = gemv16(x.reshape(-1, k), w, bias, tiles=GATED16_TILES, gated=True)
+    y = gemv16(x.reshape(-1, k), w, bias, tiles=linear16_tiles(k, gated=True), gated=True)
     return y.reshape(*x.shape[:-1], n // 2)
+
+
+def gemv16_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, *,
+                  tiles: GemvTiles | None = None) -> torch.Tensor:
+    """``x @ w.T + bias`` for one token of ``x`` ``[..., K]`` and a 16/32-bit ``w`` ``[N, K]``
+    (:func:`gemv16` at ``tiles``, default :func:`linear16_tiles`): ``[..., N]``. Not cuBLAS's
+    bits (its own order of sums)."""
+    n, k = w.shape
+    y = gemv16(x.reshape(-1, k), w, bias, tiles=tiles or linear16_tiles(k))
+    return y.reshape(*x.shape[:-1], n)
 
 
 def gemv_fp8(xq: torch.Tensor, xs: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor,

@@ -300,16 +300,24 @@ _GEMV_TILES = [None, tgemv.GemvTiles(8, 64, 4, 1), tgemv.GemvTiles(4, 32, 2, 3),
 
 
 def check_gemv16(t: Target) -> None:
+    """``gemv16`` at several tilings, and the one-token op ``gemv16_linear`` at its own
+    (:func:`~kernels.triton_ops.gemv.linear16_tiles`: one whole row per program up to 4,096
+    inputs, 8 rows x 2,048 past it), against the float32 product."""
     gen = torch.Generator().manual_seed(21)
-    shapes = [(40, 128), (33, 384)] + ([(4096, 4096), (6144, 4096)] if t.big else [])
+    shapes = [(40, 128), (33, 384), (9, 4608)]
+    shapes += [(4096, 4096), (6144, 4096), (4096, 14336)] if t.big else []
     for i, (n, k) in enumerate(shapes):
         x = _randn(1, k, t=t, gen=gen)
         w = _randn(n, k, t=t, gen=gen) * 0.05
         bias = _randn(n, t=t, gen=gen) if i % 2 else None
         ref = (x.float() @ w.float().t() + (0 if bias is None else bias.float())).to(t.dtype)
-        for tiles in _GEMV_TILES:
+        for tiles in _GEMV_TILES if (t.big or k < 1024) else [None]:
             got = tgemv.gemv16(x, w, bias, tiles=tiles)
             assert_linear_close(got, ref, t.dtype, f"gemv16 {n}x{k} {tiles}")
+        got = tops.gemv16_linear(x.reshape(1, 1, k), w, bias)
+        assert got.shape == (1, 1, n), got.shape
+        what = f"gemv16_linear {n}x{k} {tgemv.linear16_tiles(k)}"
+        assert_linear_close(got.reshape(1, n), ref, t.dtype, what)
 
 
 def check_gemv_fp8(t: Target) -> None:
@@ -408,7 +416,7 @@ def check_gemv_gated(t: Target) -> None:
         w4 = random_wna16(2 * d, k, 4, 64, i % 2 == 1, torch.float16, t.device, gen)
         args4 = (x, w4.qweight, w4.scales, w4.offsets, w4.bits, w4.group_size, bias)
         ref4 = qref.wna16_linear(*args4)
-        for tiles in _GATED_TILES:
+        for tiles in [*_GATED_TILES, tgemv.linear16_tiles(k, gated=True)]:  # the last: the 16-bit op's
             what = f"{d}x{k} {tiles}"
             got = tgemv.gemv16(x, w16, bias, tiles=tiles, gated=True)
             _assert_gated(got, tgemv.gemv16(x, w16, bias, tiles=tiles), f"gemv16 gated {what}")

@@ -24,6 +24,7 @@ from gpu_worker.model_executor.layers.quantization.select import make_linear_met
 from kernels import KernelOps, reference_ops
 from kernels import triton_ops as tops
 from kernels.triton_ops import triton_ops
+from kernels.triton_ops.gemv import GemvTiles
 from tests.gpu_worker.model_executor.tiny_model_steps import STEPS, build_model, run_steps
 from tests.helpers.tiny_models import FAMILIES, make_tiny_config
 
@@ -58,31 +59,43 @@ def _counted(fn: Callable[..., Any], calls: list[int]) -> Callable[..., Any]:
 
 def _linear_methods(quantization: str, cfg: Any, ops: KernelOps) -> Callable[[str], LinearMethod]:
     if quantization == "none":  # the GPU's layout ([out, in], not the CPU's transposed one)
-        plain = UnquantizedLinearMethod(gated=ops.linear16_gated)
+        plain = UnquantizedLinearMethod(gated=ops.linear16_gated, one_token=ops.linear16)
         return lambda prefix: plain
     return make_linear_methods(quantization, cfg, torch.device("cpu"), ops)
+
+
+_COARSE_TILES = GemvTiles(block_n=512, block_k=64, num_warps=4, split_k=1)
 
 
 def check_gated_mlp(quantization: str) -> None:
     """A tiny llama on the Triton set: the one-token decode steps take the fused SiLU-and-mul
     GEMV (``LinearMethod.apply_gated``; counted) and give the logits of the same model with the
     fused op removed (GEMV, then ``silu_and_mul``): bit for bit for fp8 and 4-bit weights (the
-    same sums), within float32 rounding for 16-bit ones (``gemv16`` against ``F.linear``)."""
+    same sums), within float32 rounding for 16-bit ones (``gemv16`` against ``F.linear``). With
+    16-bit weights the other one-token linears (qkv, o, down, the LM head) run ``gemv16_linear``
+    (``KernelOps.linear16``; counted) in the fused model and ``F.linear`` in the other."""
     cfg = make_tiny_config("llama")
     calls: list[int] = []
+    one_token: list[int] = []
     fused = dataclasses.replace(
         triton_ops(),
         fp8_weight_only_gated_linear=_counted(tops.fp8_weight_only_gated_linear, calls),
         wna16_gated_linear=_counted(tops.wna16_gated_linear, calls),
         linear16_gated=_counted(tops.gemv16_gated_linear, calls),
+        # Coarse tiles: the interpreter runs programs one at a time, and the op's own tiling (one
+        # row per program) would be 49,152 of them for the LM head; quant_kernel_checks checks it.
+        linear16=_counted(functools.partial(tops.gemv16_linear, tiles=_COARSE_TILES), one_token),
     )
     unfused = dataclasses.replace(fused, fp8_weight_only_gated_linear=None, wna16_gated_linear=None,
-                                  linear16_gated=None)
+                                  linear16_gated=None, linear16=None)
     logits = []
     for ops in (fused, unfused):
         model = build_model(cfg, ops, linear=_linear_methods(quantization, cfg, ops))
         logits.append(run_steps(model, cfg, ONE_SEQUENCE))
     assert len(calls) == 2 * cfg.num_hidden_layers, f"fused gated GEMV calls: {len(calls)}"
+    # Two one-token steps: qkv, o and down per layer, and the LM head (16-bit weights only).
+    want_one_token = 2 * (3 * cfg.num_hidden_layers + 1) if quantization == "none" else 0
+    assert len(one_token) == want_one_token, f"one-token linear16 calls: {len(one_token)}"
     for step, (got, want) in enumerate(zip(*logits, strict=True)):
         if quantization == "none":
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

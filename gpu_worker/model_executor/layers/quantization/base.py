@@ -21,6 +21,7 @@ from torch import nn
 
 from gpu_worker.model_executor.layers.linear import transposed_linear
 from gpu_worker.model_executor.weights import TensorSource
+from kernels import KernelOps
 
 
 @dataclass(frozen=True)
@@ -105,11 +106,23 @@ class UnquantizedLinearMethod(LinearMethod):
     """Weights in the model dtype. ``transposed`` (the CPU's layout): ``weight_t`` ``[in, out]``
     replaces ``weight`` after loading, which the CPU multiplies faster at batch 1. ``gated``:
     the op set's one-token ``[gate; up]`` GEMV with SiLU-and-mul in its epilogue
-    (``KernelOps.linear16_gated``; None: the MLP runs the product and the activation)."""
+    (``KernelOps.linear16_gated``; None: the MLP runs the product and the activation).
+    ``one_token``: the op set's one-token GEMV (``KernelOps.linear16``) for inputs of one token
+    (None: torch's linear at every size)."""
 
-    def __init__(self, transposed: bool = False, gated: Callable[..., torch.Tensor] | None = None) -> None:
+    def __init__(self, transposed: bool = False, gated: Callable[..., torch.Tensor] | None = None,
+                 one_token: Callable[..., torch.Tensor] | None = None) -> None:
         self.transposed = transposed
         self.gated = gated
+        self.one_token = one_token
+
+    @classmethod
+    def for_ops(cls, ops: KernelOps, device: torch.device) -> UnquantizedLinearMethod:
+        """The plain method on ``device`` with ``ops``' one-token kernels (the CPU's transposed
+        layout uses neither)."""
+        if device.type == "cpu":
+            return cls(transposed=True)
+        return cls(gated=ops.linear16_gated, one_token=ops.linear16)
 
     def create_weights(
         self, layer: nn.Module, in_features: int, out_features: int, dtype: torch.dtype
@@ -119,6 +132,8 @@ class UnquantizedLinearMethod(LinearMethod):
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if self.transposed:
             return transposed_linear(x, param(layer, "weight_t"), bias)
+        if self.one_token is not None and x.numel() == x.shape[-1]:
+            return self.one_token(x, param(layer, "weight"), bias)
         return nn.functional.linear(x, param(layer, "weight"), bias)
 
     def apply_gated(

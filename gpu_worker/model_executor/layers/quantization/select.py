@@ -126,7 +126,7 @@ def make_linear_methods(
     the quantized one, except the LM head and modules a checkpoint leaves unquantized. ``ops``:
     the kernels (default: ``get_ops(device)``)."""
     ops = ops or get_ops(device)
-    plain = UnquantizedLinearMethod(transposed=device.type == "cpu", gated=ops.linear16_gated)
+    plain = UnquantizedLinearMethod.for_ops(ops, device)
     if quantization == "none":
         return lambda prefix: plain
     qc = quantization_config(hf_config)
