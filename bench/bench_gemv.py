@@ -18,14 +18,13 @@ weights' (plus scales); the share is of a 1 GiB device-to-device copy measured f
   ``_scaled_mm``: where ``Fp8LinearConfig.gemv_max_m`` belongs;
 - ``gated``: llama3-8b's gate_up then SiLU-and-mul, two launches against one (``gated=True``), in
   bf16 (cuBLAS, and ``gemv16`` at five tilings), fp8 weight-only and 4-bit words;
-- ``linear16``: the one-token bf16 linears as the engine runs them, against cuBLAS, with and
-  without programmatic dependent launch, per projection and over 32 decoder layers
-  (:func:`bench_linear16`).
+- ``linear16``: the one-token bf16 linears as the engine runs them (``gemv16_linear``), against
+  cuBLAS, per projection and over 32 decoder layers (:func:`bench_linear16`).
 
 Sweep: ``block_n`` 4/8/16 x ``block_k`` 512/1024 x 4/8 warps, plus (4, 1024, 2), (2, 1024, 2),
 (32, 256, 4); each with split-K 1, 2, 4 (``w4``: also (32, 1024, 8), (32, 512, 8), (16, 2048, 8),
-(8, 2048, 4); split-K 1 only). Prints the best tiling per shape and one summary line per
-format (microseconds per layer).
+(8, 2048, 4); split-K 1 only); ``--tiles`` and ``--splits`` replace the bf16 / fp8 lists. Prints
+the best tiling per shape and one summary line per format (microseconds per layer).
 """
 
 from __future__ import annotations
@@ -316,6 +315,15 @@ def _fp8_linear(x: torch.Tensor, cfg: fp8_matmul.Fp8LinearConfig, q: torch.Tenso
     return fp8_matmul.fp8_linear(x, q, s, config=cfg)
 
 
+def _parse_tiles(text: str) -> list[tuple[int, int, int]]:
+    """``'bn,bk,warps;...'`` as tilings."""
+    out = []
+    for item in text.split(";"):
+        bn, bk, warps = (int(v) for v in item.split(","))
+        out.append((bn, bk, warps))
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--parts", default="bf16,fp8,w4,fp8_70b,fp8_small_m",
@@ -325,8 +333,7 @@ def main() -> None:
                     help="the bf16/fp8 sweep's tilings instead of the default list: 'bn,bk,warps;...'")
     ap.add_argument("--splits", default=",".join(map(str, SPLITS)), help="split-K values of that sweep")
     args = ap.parse_args()
-    tiles_list = ([tuple(int(v) for v in t.split(",")) for t in args.tiles.split(";")] if args.tiles
-                  else TILES)
+    tiles_list = _parse_tiles(args.tiles) if args.tiles else TILES
     splits = [int(v) for v in args.splits.split(",")]
     rec = Recorder(copy_bandwidth_gb_s())
     print(f"{torch.cuda.get_device_name()}: copy {rec.copy:,.0f} GB/s", flush=True)
@@ -338,9 +345,11 @@ def main() -> None:
         elif part == "linear16":
             bench_linear16(rec)
         else:
-            bench_format(rec, part, tiles_list, splits)  # type: ignore[arg-type]
+            bench_format(rec, part, tiles_list, splits)
     layer: dict[tuple[str, str], float] = {}
     for row in rec.rows:
+        if row["format"].startswith("linear16"):  # bench_linear16 prints its own comparison
+            continue
         if "," in row["variant"] or row["variant"] == "cublas":
             key = (row["format"], row["variant"])
             layer[key] = layer.get(key, 0.0) + row["us_per_layer"]
