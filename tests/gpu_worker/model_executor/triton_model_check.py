@@ -58,8 +58,8 @@ def _counted(fn: Callable[..., Any], calls: list[int]) -> Callable[..., Any]:
 
 
 def _linear_methods(quantization: str, cfg: Any, ops: KernelOps) -> Callable[[str], LinearMethod]:
-    if quantization == "none":  # the GPU's layout ([out, in], not the CPU's transposed one)
-        plain = UnquantizedLinearMethod(gated=ops.linear16_gated, one_token=ops.linear16)
+    if quantization == "none":  # as the GPU builds it ([out, in], not the CPU's transposed layout)
+        plain = UnquantizedLinearMethod.for_ops(ops, torch.device("cuda"))
         return lambda prefix: plain
     return make_linear_methods(quantization, cfg, torch.device("cpu"), ops)
 
