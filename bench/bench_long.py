@@ -1,7 +1,8 @@
 """W6 long contexts (shared/BASELINES.md) through the public offline API, against physical floors.
 
     PYTHONPATH=. python bench/bench_long.py --commit $(git rev-parse HEAD) \\
-        [--parts w6_8b,w6_1b,itl] [--itl-budgets 8192,2048,512,256] [--measure-ceilings]
+        [--parts w6_8b,w6_1b,itl] [--itl-budgets 8192,2048,512,256] [--itl-attention-budgets 0,4194304]
+        [--measure-ceilings]
     PYTHONPATH=. python bench/bench_long.py --smoke   # the same code on the CPU: tiny shapes and lengths
 
 Parts (each selectable with ``--parts``; ``w6_8b`` and ``itl`` share one llama3-8b engine):
@@ -14,7 +15,9 @@ Parts (each selectable with ``--parts``; ``w6_8b`` and ``itl`` share one llama3-
   Llama 3.1's 131,072 to that: llama3 rope depends only on the original 8,192). Row ``W6-131k``.
 - ``itl``: 32 requests of 64-token prompts decode; their inter-token latency (ITL) is
   measured alone, then while one 32,768-token prompt is prefilled in chunks beside them. Rows
-  ``W6-itl``, one per per-step token budget (``--itl-budgets``, the chunk size).
+  ``W6-itl``, one per per-step token budget (``--itl-budgets``, the chunk size) and
+  ``prefill_attention_budget`` (``--itl-attention-budgets``, 0: none; chunks deep in the long
+  prompt cut so that ``n * (start + n)`` query-key pairs fit).
 
 Models have random bf16 weights (``load_format="dummy"``), configs written here. Everything
 runs through ``LLM(model, load_format="dummy", max_model_len=...)`` with the engine's defaults
@@ -107,6 +110,7 @@ class Spec:
     itl_prompt: int = 64
     itl_long_prompt: int = 32768
     itl_budgets: tuple[int, ...] = (8192, 2048, 512, 256)
+    itl_attention_budgets: tuple[int, ...] = (0,)  # 0: no prefill_attention_budget
     itl_baseline_steps: int = 64
     itl_target: float = 3.0
 
@@ -114,9 +118,10 @@ class Spec:
         return SMOKE_SHAPE if name.startswith("smoke") else SHAPES[name]
 
 
+SMOKE_BLOCK_SIZE = 4  # small blocks: the smoke's attention budget cuts its tiny chunks
 SMOKE = Spec(big="smoke-big", small="smoke-small", requests=2, prompt=40, output=4, big_max_model_len=96,
              huge_prompt=72, huge_output=3, itl_requests=3, itl_prompt=6, itl_long_prompt=40,
-             itl_budgets=(16, 8), itl_baseline_steps=4)
+             itl_budgets=(16, 8), itl_attention_budgets=(0, 120), itl_baseline_steps=4)
 
 
 def write_config(name: str, shape: Shape, root: Path, max_positions: int) -> Path:
@@ -195,7 +200,8 @@ def make_llm(model_dir: Path, max_model_len: int, smoke: bool) -> Any:
     # Smoke: a small budget, so that the tiny prompts are chunked as W6's are.
     extra: dict[str, Any] = {}
     if smoke:
-        extra = {"device": "cpu", "max_num_seqs": 16, "max_num_batched_tokens": 32}
+        extra = {"device": "cpu", "max_num_seqs": 16, "max_num_batched_tokens": 32,
+                 "block_size": SMOKE_BLOCK_SIZE}
     return LLM(model=str(model_dir), load_format="dummy", max_model_len=max_model_len, **extra)
 
 
@@ -297,11 +303,26 @@ def prefill_decode(
     )
 
 
-def itl_run(driver: StepDriver, spec: Spec, budget: int, seed: int) -> dict[str, Any]:
+def prefill_steps(prompt: int, budget: int, decodes: int, attention_budget: int, block: int) -> int:
+    """Steps a ``prompt``-token prefill takes beside ``decodes`` one-token decodes at this token
+    budget and ``prefill_attention_budget`` (0: none), as the scheduler cuts its chunks."""
+    done = steps = 0
+    while done < prompt:
+        n = min(prompt - done, max(1, budget - decodes))
+        if attention_budget:
+            fit = (math.isqrt(done * done + 4 * attention_budget) - done) // 2
+            n = min(n, max(fit, block))
+        done, steps = done + n, steps + 1
+    return steps
+
+
+def itl_run(
+    driver: StepDriver, spec: Spec, budget: int, seed: int, attention_budget: int = 0
+) -> dict[str, Any]:
     """Short requests decode alone, then beside a long prompt's chunked prefill (module docstring)."""
     vocab = driver.engine.core.vocab_size
     n, baseline = spec.itl_requests, spec.itl_baseline_steps
-    chunk_steps = math.ceil(spec.itl_long_prompt / max(1, budget - n))
+    chunk_steps = chunk_steps_of(driver, spec, budget, attention_budget)
     # Outlasts the prefill (aborted after it), within the context.
     max_tokens = 16 + baseline + 2 * chunk_steps + 64
     max_tokens = min(max_tokens, driver.engine.config.max_model_len - spec.itl_prompt)
@@ -341,10 +362,18 @@ def itl_run(driver: StepDriver, spec: Spec, budget: int, seed: int) -> dict[str,
         itl_samples_during=len(during), long_prompt_tokens=spec.itl_long_prompt,
         long_prefill_s=round(window, 4), long_prefill_tok_s=round(spec.itl_long_prompt / window, 1),
         short_requests=n, short_prompt_tokens=spec.itl_prompt,
+        prefill_attention_budget=attention_budget or None, long_prefill_steps=chunk_steps,
     )
 
 
-def profile_deep_steps(driver: StepDriver, spec: Spec, budget: int, path: Path, steps: int = 6) -> None:
+def chunk_steps_of(driver: StepDriver, spec: Spec, budget: int, attention_budget: int) -> int:
+    """:func:`prefill_steps` of the ITL round's long prompt on this engine."""
+    block = driver.engine.config.block_size
+    return prefill_steps(spec.itl_long_prompt, budget, spec.itl_requests, attention_budget, block)
+
+
+def profile_deep_steps(driver: StepDriver, spec: Spec, budget: int, path: Path, steps: int = 6,
+                       attention_budget: int = 0) -> None:
     """torch.profiler over ``steps`` steps at the deep end of the long prompt's chunked prefill
     (its last chunks, beside the short requests' decodes): the kernels by GPU time, and each
     step's wall time, written to ``path`` (``--itl-profile``; untimed, after the ITL round)."""
@@ -355,7 +384,7 @@ def profile_deep_steps(driver: StepDriver, spec: Spec, budget: int, path: Path, 
     short = driver.add(random_prompts(n, spec.itl_prompt, 7, vocab), max_tokens=spec.itl_long_prompt)
     driver.run_until(lambda: all(len(driver.tokens[r]) >= 3 for r in short))
     (long_id,) = driver.add(random_prompts(1, spec.itl_long_prompt, 8, vocab), max_tokens=1)
-    chunk_steps = math.ceil(spec.itl_long_prompt / max(1, budget - n))
+    chunk_steps = chunk_steps_of(driver, spec, budget, attention_budget)
     for _ in range(max(0, chunk_steps - steps - 2)):
         driver.step()
     walls = []
@@ -366,10 +395,19 @@ def profile_deep_steps(driver: StepDriver, spec: Spec, budget: int, path: Path, 
             walls.append(1e3 * (time.perf_counter() - t0))
     driver.finish(abort=[*short, long_id])
     table = prof.key_averages().table(sort_by="self_device_time_total", row_limit=20)
-    head = (f"budget {budget}: {steps} steps from chunk {chunk_steps - steps - 2} of {chunk_steps}, "
+    head = (f"budget {budget}, attention budget {attention_budget or None}: {steps} steps from chunk "
+            f"{chunk_steps - steps - 2} of {chunk_steps}, "
             f"wall ms per step {[round(w, 1) for w in walls]}\n")
     path.write_text(head + table)
     print(head + "\n".join(table.splitlines()[:16]), flush=True)
+
+
+def set_attention_budget(llm: Any, attention_budget: int) -> int | None:
+    """Set the scheduler's ``prefill_attention_budget`` (0: none); returns the old one."""
+    scheduler = llm.engine.core.scheduler
+    old: int | None = scheduler.prefill_attention_budget
+    scheduler.prefill_attention_budget = attention_budget or None
+    return old
 
 
 def set_token_budget(llm: Any, budget: int) -> int:
@@ -440,22 +478,29 @@ def run_itl(run: Run, llm: Any, driver: StepDriver) -> None:
     from llmserve.gc_tuning import freeze_startup_objects, unfreeze_objects
 
     spec = run.spec
+    rounds = [(budget, attention)
+              for budget in run.args.itl_budgets or spec.itl_budgets
+              for attention in run.args.itl_attention_budgets or spec.itl_attention_budgets]
     freeze_startup_objects()
     try:
-        for i, budget in enumerate(run.args.itl_budgets or spec.itl_budgets):
-            old = set_token_budget(llm, budget)
+        for i, (budget, attention) in enumerate(rounds):
+            old, old_attention = set_token_budget(llm, budget), set_attention_budget(llm, attention)
             try:
                 # Past 4,096 tokens of context (PrefillConfig.split_min_context) the long-context
                 # kernel variants compile here, not in the timed round (a ~1 s stall otherwise).
                 warm = replace(spec, itl_long_prompt=min(max(2 * budget, 4608) + 16, spec.itl_long_prompt),
                                itl_baseline_steps=4)
-                itl_run(driver, warm, budget, seed=99)
+                itl_run(driver, warm, budget, seed=99, attention_budget=attention)
                 gc.collect()
-                run.add("W6-itl", spec.big, llm, itl_run(driver, spec, budget, seed=100 + 2 * i))
+                measured = itl_run(driver, spec, budget, seed=100 + 2 * i, attention_budget=attention)
+                run.add("W6-itl", spec.big, llm, measured)
                 if run.args.itl_profile:
-                    profile_deep_steps(driver, spec, budget, run.args.out_dir / f"itl_profile_{budget}.txt")
+                    name = f"itl_profile_{budget}" + (f"_attn{attention}" if attention else "") + ".txt"
+                    profile_deep_steps(driver, spec, budget, run.args.out_dir / name,
+                                       attention_budget=attention)
             finally:
                 set_token_budget(llm, old)
+                set_attention_budget(llm, old_attention or 0)
     finally:
         unfreeze_objects()
 
@@ -499,7 +544,9 @@ def markdown(run: Run) -> str:
         if "itl_p50_ms_alone" in e:
             met = "met" if e["target_met"] else "missed"
             itl = (f"{e['itl_p50_ms_alone']:.1f} / {e['itl_p99_ms_during_prefill']:.1f} ms "
-                   f"({e['p99_during_over_p50_alone']:.1f}x, {met}; budget {e['max_num_batched_tokens']})")
+                   f"({e['p99_during_over_p50_alone']:.1f}x, {met}; budget {e['max_num_batched_tokens']}"
+                   + (f", attention budget {e['prefill_attention_budget']:,}"
+                      if e.get("prefill_attention_budget") else "") + ")")
         cells = [r.workload, r.model_shape, f"{r.output_tok_s:,.1f}", share, prefill, decode, itl]
         out.append("| " + " | ".join(cells) + " |")
     return "\n".join(out) + "\n"
@@ -511,6 +558,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, of {', '.join(PARTS)}")
     ap.add_argument("--itl-budgets", type=lambda s: [int(x) for x in s.split(",")], default=None,
                     help="per-step token budgets (chunk sizes) of the ITL part (default 8192,2048,512,256)")
+    ap.add_argument("--itl-attention-budgets", type=lambda s: [int(x) for x in s.split(",")], default=None,
+                    help="prefill_attention_budget values (query-key pairs per step; 0: none) to run each "
+                         "ITL budget with (default 0)")
     ap.add_argument("--measure-ceilings", action="store_true",
                     help="measure this card's bf16 matmul rate and copy bandwidth (else BASELINES.md's)")
     ap.add_argument("--smoke", action="store_true",

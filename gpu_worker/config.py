@@ -91,6 +91,13 @@ class EngineConfig:
     where larger steps keep the GPU's matrix units busy (W1 on an H200: 9,003 tok/s at 2048
     vs 10,467 at 8192, W3 31,116 vs ~44,500), and 2048 on the CPU, where a step's time grows
     with its tokens and a smaller chunk keeps decodes of other requests flowing.
+
+    ``prefill_attention_budget``: the most query-key pairs (a chunk's tokens times the positions
+    each attends to, ``n * (start + n)``) the prefill chunks of one step compute. Deep in a long
+    prompt a chunk of ``max_num_batched_tokens`` tokens costs as much attention as its whole
+    context; with this set, such chunks are cut (never below one block for the step's first
+    chunk), so a step's time, hence the inter-token latency of requests decoding beside a long
+    prefill, stays bounded at any depth. None (default): chunks are cut by the token budget only.
     """
 
     model: str = "smollm2-135m"
@@ -103,6 +110,7 @@ class EngineConfig:
     block_size: int = 16
     max_model_len: int | None = None
     max_num_batched_tokens: int | None = None
+    prefill_attention_budget: int | None = None
     max_num_seqs: int = 256
     num_kv_blocks: int | None = None
     kv_cache_memory_bytes: int | None = None
@@ -140,6 +148,10 @@ class EngineConfig:
             (
                 self.max_num_batched_tokens is None or self.max_num_batched_tokens > 0,
                 "max_num_batched_tokens must be positive",
+            ),
+            (
+                self.prefill_attention_budget is None or self.prefill_attention_budget > 0,
+                "prefill_attention_budget must be positive",
             ),
             (self.max_num_seqs > 0, "max_num_seqs must be positive"),
             (self.num_kv_blocks is None or self.num_kv_blocks > 0, "num_kv_blocks must be positive"),

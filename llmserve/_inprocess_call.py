@@ -203,7 +203,11 @@ class ServicerContext(grpc.aio.ServicerContext):  # type: ignore[type-arg]
 
     def time_remaining(self) -> float | None:
         deadline = self._rpc.deadline
-        return None if deadline is None else max(0.0, deadline - asyncio.get_running_loop().time())
+        if deadline is None:
+            return None
+        if self._rpc.status is not None and self._rpc.status[0] == grpc.StatusCode.DEADLINE_EXCEEDED:
+            return 0.0  # expired, even if the loop's timer fired within its resolution of the deadline
+        return max(0.0, deadline - asyncio.get_running_loop().time())
 
     def cancelled(self) -> bool:
         return self._rpc.done() and self._rpc.status is not None and (

@@ -3,7 +3,8 @@
 Worker and router each install one, with their own ``status_for`` (their ``errors.py``):
 domain errors become their status code with a message naming the problem; anything else
 becomes INTERNAL with a generic message, and the stack trace goes to the log only. A handler
-cancelled by the client or by an expired deadline is logged and re-raised, so grpc reports
+cancelled by the client or by an expired deadline (or, a stream handler, closed at its yield
+because the call ended) is logged and re-raised, so grpc reports
 CANCELLED / DEADLINE_EXCEEDED to the caller. Torch-free: the router imports it.
 """
 
@@ -105,7 +106,9 @@ class _Handling:
     ) -> bool:
         if exc is None or isinstance(exc, grpc.aio.AbortError):
             return False
-        if isinstance(exc, asyncio.CancelledError):
+        # GeneratorExit: a stream handler closed at its yield because the call ended while its
+        # message waited to be sent (grpc.aio closes it so): a cancellation all the same.
+        if isinstance(exc, (asyncio.CancelledError, GeneratorExit)):
             self._errors.log_cancel(self._context, self._method)
             return False
         if isinstance(exc, Exception):  # the point of this interceptor

@@ -134,13 +134,7 @@ class InProcessServer:
                     async for message in messages:
                         await rpc.send(message)
                 except asyncio.CancelledError as cancel:
-                    # Cancelled while waiting for the reader: the handler gets the cancellation
-                    # where it waits (its yield), as when cancelled inside it; its own handlers
-                    # (the error interceptor's log line, the engine's abort) run in this task.
-                    try:
-                        await result.athrow(cancel)
-                    except (asyncio.CancelledError, StopAsyncIteration):
-                        pass
+                    await _cancel_inside(result, cancel)
                     raise
                 finally:
                     await result.aclose()
@@ -156,6 +150,33 @@ class InProcessServer:
         except Exception as exc:  # grpc.aio's server answers an uncaught exception the same way
             log.exception("in-process %s failed", method)
             rpc.finish(grpc.StatusCode.UNKNOWN, f"Unexpected {type(exc)}: {exc}")
+
+
+async def _cancel_inside(handler: Any, cancel: asyncio.CancelledError) -> None:
+    """Deliver ``cancel``, caught while a stream handler waited for its reader (``Rpc.send``),
+    inside the handler, as if it had been cancelled there.
+
+    Throwing it in at the handler's ``yield`` reaches only the outermost generator of an
+    interceptor chain: a wrapper that iterates its inner generator with ``async for`` (as
+    OpenTelemetry's server interceptor does) does not pass the exception on, and the inner
+    generators are left for the garbage collector to close later, in another task and context
+    (no "deadline exceeded" log line, the engine's abort out of order, OpenTelemetry's context
+    detach failing). So the cancellation is armed again on this task and the handler resumed:
+    it is raised where the handler next waits (the engine's output), at the bottom of the chain,
+    and goes up through every wrapper in this task. Only a handler that yields again without
+    waiting gets it at that ``yield``."""
+    task = asyncio.current_task()
+    assert task is not None
+    task.uncancel()  # the one cancellation, armed again, not a second one
+    task.cancel()
+    try:
+        await handler.__anext__()  # raises the cancellation from where the handler waits
+    except StopAsyncIteration:
+        return
+    try:
+        await handler.athrow(cancel)  # it yielded without waiting: the cancellation reaches that yield
+    except StopAsyncIteration:
+        pass
 
 
 class InProcessChannel(grpc.aio.Channel):

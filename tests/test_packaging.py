@@ -180,3 +180,22 @@ def test_flag_values_in_manifests_are_accepted_choices(entry_point: str) -> None
             flag, _, value = arg.partition("=")
             if flag in choices and value and not value.startswith("$("):
                 assert value in choices[flag], f"{inv.where}: {arg} not in {sorted(choices[flag])}"
+
+
+def test_transformers_models_import_beside_our_kernels_package() -> None:
+    """Our top-level ``kernels`` package is the one imported, and transformers' modeling code
+    imports beside it: no installed distribution of Hugging Face's ``kernels`` (which
+    transformers >= 5.25 requires) shadows it or is shadowed by it (pyproject's pin, DECISIONS 106)."""
+    script = textwrap.dedent(
+        """
+        import kernels
+        import transformers.modeling_utils  # imports Hugging Face's `kernels` if it is installed
+        print(kernels.__file__)
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert Path(done.stdout.strip()).resolve().parent == ROOT / "kernels"
+    with pytest.raises(metadata.PackageNotFoundError):
+        metadata.distribution("kernels")

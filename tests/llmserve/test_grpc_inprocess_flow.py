@@ -7,6 +7,7 @@ waits (an ``except CancelledError`` there runs, as when cancelled inside it), th
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
 
 import grpc
@@ -85,7 +86,9 @@ async def test_cancel_ends_a_handler_waiting_for_its_reader(style: str) -> None:
     await _settle()
     assert call.cancel()
     await asyncio.wait_for(counter.closed.wait(), 5.0)
-    assert counter.produced == 1 and counter.saw_cancel
+    # A writer gets it in its write; a generator is resumed, and as it yields again without
+    # waiting, the cancellation reaches it at that yield: one message more made, none sent.
+    assert counter.produced == (2 if style == "generator" else 1) and counter.saw_cancel
     assert await call.code() == grpc.StatusCode.CANCELLED
 
 
@@ -93,7 +96,64 @@ async def test_a_deadline_ends_a_handler_waiting_for_its_reader() -> None:
     counter = Counter(total=50)
     call = _channel(counter, "generator").unary_stream(METHOD)(b"", timeout=0.05)
     await asyncio.wait_for(counter.closed.wait(), 5.0)
-    assert counter.produced == 1 and counter.saw_cancel
+    assert counter.produced == 2 and counter.saw_cancel
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await call.read()
     assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+class Waiter:
+    """A handler like the worker's Generate: one message, then a wait for more that never come
+    (the engine's output); records where the cancellation reached it and in which task."""
+
+    def __init__(self) -> None:
+        self.closed = asyncio.Event()
+        self.ended_by = ""  # the exception that ended it: CancelledError, GeneratorExit
+        self.tasks: list[asyncio.Task[object] | None] = []
+
+    async def generator(self, request: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+        self.tasks.append(asyncio.current_task())
+        try:
+            yield b"first"
+            await asyncio.Event().wait()
+        except BaseException as exc:
+            self.ended_by = type(exc).__name__
+            raise
+        finally:
+            self.tasks.append(asyncio.current_task())
+            self.closed.set()
+
+
+@pytest.mark.parametrize("end", ["deadline", "cancel"])
+async def test_a_cancellation_in_send_reaches_the_bottom_of_a_traced_interceptor_chain(
+    end: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The worker's chain: OpenTelemetry's server interceptor (which iterates the next handler
+    with ``async for``, passing nothing thrown at its yield on) around our error interceptor.
+    The call ends while the handler waits for its reader: the cancellation must still reach the
+    servicer where it waits, in the handler's own task, through both interceptors (the error
+    interceptor's log line says why; no context detached in a foreign task)."""
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from gpu_worker.server.interceptor import ErrorInterceptor
+    from llmserve.telemetry import setup_tracing
+
+    caplog.set_level(logging.INFO)
+    exporter = InMemorySpanExporter()
+    tracing = setup_tracing("flow-test", span_exporter=exporter)
+    waiter = Waiter()
+    server = InProcessServer([*tracing.server_interceptors(), ErrorInterceptor()])
+    handler = grpc.unary_stream_rpc_method_handler(waiter.generator)
+    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("test.Flow", {"Count": handler})])
+    call = InProcessChannel(server).unary_stream(METHOD)(b"", timeout=0.1 if end == "deadline" else 60)
+    await _settle()  # the handler sent its first message and waits for the reader
+    if end == "cancel":
+        assert call.cancel()
+    await asyncio.wait_for(server.stop(grace=5.0), 10.0)  # its task ended
+    assert waiter.closed.is_set() and waiter.ended_by == "CancelledError"
+    assert len(waiter.tasks) == 2 and waiter.tasks[0] is waiter.tasks[1]  # closed in its own task
+    reason = "deadline exceeded" if end == "deadline" else "cancelled by the client"
+    assert f"{METHOD} {reason}" in caplog.messages
+    assert not [r for r in caplog.records if "detach" in r.getMessage().lower()]
+    assert [span.name for span in exporter.get_finished_spans()] == [METHOD]
+    tracing.shutdown()

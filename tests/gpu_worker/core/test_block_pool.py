@@ -161,6 +161,7 @@ def test_engine_core_modules_never_import_torch() -> None:
         "abc",
         "bisect",
         "collections",
+        "math",
         "dataclasses",
         "enum",
         "itertools",

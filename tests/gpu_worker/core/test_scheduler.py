@@ -306,3 +306,44 @@ def test_outputs_carry_cached_tokens_logprobs_and_stats() -> None:
     assert sched.get_request("x").num_computed_tokens == 0  # type: ignore[union-attr]
     sched.abort(["x"])
     assert_no_leak(sched.kv)
+
+
+def test_the_attention_budget_cuts_deep_chunks_and_keeps_decodes_going() -> None:
+    """``prefill_attention_budget``: each step's prefill chunks compute at most that many
+    query-key pairs (``n * (start + n)``), so a chunk shrinks as its prompt's context grows,
+    down to one block for the step's first chunk; a request decoding beside it gets its token
+    every step; a second prompt waits while the first one's chunk spends the budget."""
+    budget, block = 600, 4
+    sched = make_scheduler(block_size=block, max_num_batched_tokens=64, max_model_len=128,
+                           num_blocks=128, prefill_attention_budget=budget)
+    runner = PagedFakeRunner(128, block)
+    sched.add_request(core_request("d", range(1, 3), max_tokens=60, ignore_eos=True))
+    step(sched, runner)  # d's prompt
+    sched.add_request(core_request("long", range(100), max_tokens=1))
+    chunks = []
+    while True:
+        entries, _ = step(sched, runner)
+        by_id = {e.req_id: e for e in entries}
+        assert len(by_id["d"].token_ids) == 1  # the decode runs every step
+        if "long" not in by_id:
+            break
+        chunks.append((by_id["long"].start_pos, len(by_id["long"].token_ids)))
+        if chunks[-1][0] + chunks[-1][1] >= 100:
+            break
+    starts = [start for start, _ in chunks]
+    assert starts == sorted(starts) and sum(n for _, n in chunks) == 100
+    for start, n in chunks:
+        assert n * (start + n) <= budget or n == block, (start, n)
+    assert chunks[0] == (0, 24)  # 24 * 24 = 576 <= 600 < 25 * 25
+    assert chunks[-1][1] < 8  # deep in the prompt: one block (or the rest)
+    # Two prompts at once: the first chunk spends the budget, the second prompt waits.
+    sched2 = make_scheduler(block_size=block, max_num_batched_tokens=64, max_model_len=128,
+                            num_blocks=128, prefill_attention_budget=100)
+    sched2.add_request(core_request("a", range(50), max_tokens=1))
+    sched2.add_request(core_request("b", range(50, 100), max_tokens=1))
+    runner2 = PagedFakeRunner(128, block)
+    assert [(e.req_id, len(e.token_ids)) for e in step(sched2, runner2)[0]] == [("a", 10)]
+    run_to_completion(sched2, runner2)
+    assert_no_leak(sched2.kv)
+    with pytest.raises(ValueError, match="prefill_attention_budget must be positive"):
+        make_scheduler(prefill_attention_budget=0)
