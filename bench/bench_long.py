@@ -394,12 +394,17 @@ def profile_deep_steps(driver: StepDriver, spec: Spec, budget: int, path: Path, 
             driver.step()
             walls.append(1e3 * (time.perf_counter() - t0))
     driver.finish(abort=[*short, long_id])
-    table = prof.key_averages().table(sort_by="self_device_time_total", row_limit=20)
+    averages = prof.key_averages()
+    table = averages.table(sort_by="self_device_time_total", row_limit=20)
+    # Host side: where a step's CPU time goes (a step whose launches take longer than its
+    # kernels run is bound by the host, whatever the attention costs).
+    host = averages.table(sort_by="self_cpu_time_total", row_limit=25)
+    device_ms = sum(e.self_device_time_total for e in averages) / 1e3 / steps
     head = (f"budget {budget}, attention budget {attention_budget or None}: {steps} steps from chunk "
             f"{chunk_steps - steps - 2} of {chunk_steps}, "
-            f"wall ms per step {[round(w, 1) for w in walls]}\n")
-    path.write_text(head + table)
-    print(head + "\n".join(table.splitlines()[:16]), flush=True)
+            f"wall ms per step {[round(w, 1) for w in walls]}, device ms per step {device_ms:.1f}\n")
+    path.write_text(head + table + "\n\nBy host (self CPU) time:\n" + host)
+    print(head + "\n".join(table.splitlines()[:16]) + "\n" + "\n".join(host.splitlines()[:22]), flush=True)
 
 
 def set_attention_budget(llm: Any, attention_budget: int) -> int | None:
@@ -486,10 +491,11 @@ def run_itl(run: Run, llm: Any, driver: StepDriver) -> None:
         for i, (budget, attention) in enumerate(rounds):
             old, old_attention = set_token_budget(llm, budget), set_attention_budget(llm, attention)
             try:
-                # Past 4,096 tokens of context (PrefillConfig.split_min_context) the long-context
-                # kernel variants compile here, not in the timed round (a ~1 s stall otherwise).
-                warm = replace(spec, itl_long_prompt=min(max(2 * budget, 4608) + 16, spec.itl_long_prompt),
-                               itl_baseline_steps=4)
+                # A whole long prompt: every kernel variant its chunks need compiles here, not in
+                # the timed round (a ~1 s stall each otherwise: the split-KV partition counts as
+                # the context grows, token counts that are not multiples of 16 once an attention
+                # budget cuts the chunks; H200, run 20261203T154417Z-cdbc1f).
+                warm = replace(spec, itl_baseline_steps=4)
                 itl_run(driver, warm, budget, seed=99, attention_budget=attention)
                 gc.collect()
                 measured = itl_run(driver, spec, budget, seed=100 + 2 * i, attention_budget=attention)
