@@ -194,11 +194,14 @@ class StepDriver:
             self.step()
 
 
-def make_llm(model_dir: Path, max_model_len: int, smoke: bool) -> Any:
+def make_llm(model_dir: Path, max_model_len: int, smoke: bool,
+             mixed_graph_max_tokens: int | None = None) -> Any:
     from gpu_worker import LLM
 
     # Smoke: a small budget, so that the tiny prompts are chunked as W6's are.
     extra: dict[str, Any] = {}
+    if mixed_graph_max_tokens is not None:
+        extra["mixed_graph_max_tokens"] = mixed_graph_max_tokens
     if smoke:
         extra = {"device": "cpu", "max_num_seqs": 16, "max_num_batched_tokens": 32,
                  "block_size": SMOKE_BLOCK_SIZE}
@@ -209,8 +212,9 @@ def close_llm(llm: Any) -> None:
     """Drop the engine's CUDA graphs and other ranks; the caller then drops its references and
     calls :func:`free_device_memory`."""
     runner = llm.engine.core.runner
-    if getattr(runner, "graphs", None) is not None:
-        runner.graphs.clear()
+    for name in ("graphs", "mixed_graphs"):
+        if getattr(runner, name, None) is not None:
+            getattr(runner, name).clear()
     llm.shutdown()
 
 
@@ -447,6 +451,7 @@ class Run:
                      rope_scaling="llama3 x8 (Llama 3.1)", matmul_TFLOPs=self.ceilings.matmul_tflops,
                      copy_GBps=self.ceilings.copy_gbps, ceilings=self.ceilings.source,
                      prefill_split_kv=self.args.prefill_split_kv,
+                     mixed_graph_max_tokens=config.mixed_graph_max_tokens,
                      prefill_long_chunk_tiles=self.args.prefill_long_chunk_tiles)
         row = ResultRow(self.run_id, today(), self.args.commit, self.card, workload, shape, ENGINE, tok_s,
                         extra, quantization=config.quantization, kv_cache_dtype=config.kv_cache_dtype,
@@ -461,7 +466,7 @@ def run_big(run: Run, root: Path, parts: list[str]) -> None:
     shape = spec.shape(spec.big)
     model_dir = write_config(spec.big, shape, root, LLAMA31_MAX_POSITIONS)
     t0 = time.perf_counter()
-    llm = make_llm(model_dir, spec.big_max_model_len, run.args.smoke)
+    llm = make_llm(model_dir, spec.big_max_model_len, run.args.smoke, run.args.mixed_graph_max_tokens)
     set_prefill_split_kv(llm.engine.core.runner.model, run.args.prefill_split_kv,
                          run.args.prefill_long_chunk_tiles)
     driver = StepDriver(llm)
@@ -577,6 +582,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--prefill-long-chunk-tiles", choices=("default", "on", "off"), default="default",
                     help="A/B PrefillConfig.long_chunk_tiles (tile height from the longest query when a "
                          "context is long; CUDA only)")
+    ap.add_argument("--mixed-graph-max-tokens", type=int, default=None,
+                    help="the llama3-8b engine's mixed_graph_max_tokens (0: mixed steps eager; default: "
+                         "the engine's)")
     ap.add_argument("--itl-profile", action="store_true",
                     help="after each ITL round, profile steps at the deep end of a long prefill (CUDA)")
     ap.add_argument("--run-id", default="", help="the rows' run_id (default: a new one)")

@@ -98,6 +98,11 @@ class EngineConfig:
     context; with this set, such chunks are cut (never below one block for the step's first
     chunk), so a step's time, hence the inter-token latency of requests decoding beside a long
     prefill, stays bounded at any depth. None (default): chunks are cut by the token budget only.
+
+    ``mixed_graph_max_tokens``: on CUDA (unless ``enforce_eager``; one GPU per stage and no tensor
+    parallelism), steps of prefill chunks beside decodes of up to this many tokens replay
+    piecewise CUDA graphs (everything but the attention, per token-count bucket: 16, 32, ...,
+    this; gpu_worker/worker/mixed_graphs.py). Larger steps, and every step when 0, run eagerly.
     """
 
     model: str = "smollm2-135m"
@@ -111,6 +116,7 @@ class EngineConfig:
     max_model_len: int | None = None
     max_num_batched_tokens: int | None = None
     prefill_attention_budget: int | None = None
+    mixed_graph_max_tokens: int = 512
     max_num_seqs: int = 256
     num_kv_blocks: int | None = None
     kv_cache_memory_bytes: int | None = None
@@ -153,6 +159,7 @@ class EngineConfig:
                 self.prefill_attention_budget is None or self.prefill_attention_budget > 0,
                 "prefill_attention_budget must be positive",
             ),
+            (self.mixed_graph_max_tokens >= 0, "mixed_graph_max_tokens must be >= 0"),
             (self.max_num_seqs > 0, "max_num_seqs must be positive"),
             (self.num_kv_blocks is None or self.num_kv_blocks > 0, "num_kv_blocks must be positive"),
             (

@@ -21,6 +21,7 @@ from gpu_worker.spec_decode.verify_step import verify_drafts
 from gpu_worker.worker.cuda_graphs import DecodeGraphs, decode_buckets
 from gpu_worker.worker.kv_scales import KVScaleCalibration
 from gpu_worker.worker.logits_processing import LogitsProcessing
+from gpu_worker.worker.mixed_graphs import MixedGraphs, PiecewiseCapture, mixed_buckets
 from gpu_worker.worker.request_state import RequestStates
 from gpu_worker.worker.sampler import Sampler, SamplerOutput
 from gpu_worker.worker.sampling_metadata import build_sampling_metadata
@@ -78,7 +79,9 @@ class ModelRunner:
 
     On CUDA (unless ``enforce_eager``) decode-only steps replay CUDA graphs captured by
     :meth:`capture_decode_graphs` (called from :meth:`warmup`), padded to a size bucket;
-    prefill and mixed steps, and decode batches before capture, run eagerly.
+    steps with prefill chunks of up to ``mixed_graph_max_tokens`` tokens replay piecewise
+    graphs (:meth:`capture_mixed_graphs`: all but the attention, which runs eagerly between the
+    pieces); larger steps, and every step before capture, run eagerly.
     """
 
     def __init__(
@@ -113,6 +116,7 @@ class ModelRunner:
         self._last_sample: _LastSample | None = None
         self._pending: PendingRunnerOutput | None = None  # the newest step's output
         self.graphs: DecodeGraphs | None = None
+        self.mixed_graphs: MixedGraphs | None = None
         # fp8 KV scales the checkpoint lacks: computed by the first real step (worker/kv_scales.py).
         self.kv_scales = KVScaleCalibration(
             model, self.kv_cache_dtype == torch.float8_e4m3fn, config.calculate_kv_scales
@@ -121,6 +125,11 @@ class ModelRunner:
         # Pipeline stages run eagerly: their activations arrive by point-to-point transfers.
         if device.type == "cuda" and not config.enforce_eager and self.parallel.pp_size == 1:
             self.graphs = DecodeGraphs(decode_buckets(min(config.max_num_seqs, config.token_budget)))
+            # Piecewise: the attention between pieces sees the step's metadata; a piece must not
+            # hold collectives (tensor parallelism), which the decode graphs capture whole.
+            buckets = mixed_buckets(config.mixed_graph_max_tokens, config.token_budget)
+            if buckets and self.parallel.tp.size == 1:
+                self.mixed_graphs = MixedGraphs(buckets)
         # Set by _allocate (initialize_kv_cache, or a scratch pool during profile_run).
         self.num_kv_blocks = 0
         self.max_model_len = 0
@@ -194,10 +203,13 @@ class ModelRunner:
         calibrate = self.kv_scales.pending and not self._dummy  # the first real step: eager
         if self.graphs is not None and not calibrate and sched.num_scheduled_tokens == len(sched.requests):
             bucket = self.graphs.bucket_for(len(sched.requests))  # decode-only step
+        mixed = None
+        if bucket is None and self.mixed_graphs is not None and not calibrate:
+            mixed = self.mixed_graphs.bucket_for(sched.num_scheduled_tokens)
         last = self._last_sample
         inputs = self.inputs.prepare(
             sched.requests, rows, self.states, pad_to=bucket,
-            prev_sample_ids=None if last is None else last.req_ids,
+            prev_sample_ids=None if last is None else last.req_ids, pad_tokens_to=mixed,
         )
         if inputs.placeholder_dst is not None:
             assert last is not None and inputs.placeholder_src is not None  # checked by prepare
@@ -208,6 +220,10 @@ class ModelRunner:
         if calibrate:
             with self.kv_scales.first_forward():
                 hidden = self._forward_stage(inputs)
+        elif mixed is not None:
+            with torch.inference_mode():
+                hidden = self.mixed_graphs.replay(  # type: ignore[union-attr]
+                    mixed, inputs.num_tokens, inputs.attn_metadata)
         elif bucket is None:
             hidden = self._forward_stage(inputs)
         else:
@@ -264,6 +280,36 @@ class ModelRunner:
             max_seq_len=self.max_model_len,
         )
         return self.forward(ib.input_ids.device[:size], ib.positions.device[:size], md)
+
+    def _forward_piecewise(self, size: int, capture: PiecewiseCapture) -> torch.Tensor:
+        """The model over the first ``size`` token rows of the fixed buffers, its attention calls
+        handed to ``capture`` (piece boundaries). Only ``slot_mapping`` is read by the pieces;
+        the other fields are placeholders of the right kinds."""
+        ib = self.inputs
+        md = AttentionMetadata(
+            slot_mapping=ib.slot_mapping.device[:size],
+            block_tables=ib.block_tables.device[:1],
+            query_start_loc=ib.query_start_loc.device[:2],
+            seq_lens=ib.seq_lens.device[:1],
+            max_query_len=size,
+            max_seq_len=size,
+            piecewise=capture,
+        )
+        return self.forward(ib.input_ids.device[:size], ib.positions.device[:size], md)
+
+    def capture_mixed_graphs(self) -> int:
+        """Capture the mixed steps' piecewise graphs (CUDA only, no-op otherwise); returns the
+        bytes they took (their pool and the attention output buffers)."""
+        if self.mixed_graphs is None:
+            return 0
+        self.mixed_graphs.clear()
+        torch.cuda.synchronize(self.device)
+        torch.cuda.empty_cache()
+        before = torch.cuda.memory_reserved(self.device)
+        self.inputs.upload_token_padding(max(self.mixed_graphs.buckets))
+        self.mixed_graphs.capture(self._forward_piecewise, self.device)
+        torch.cuda.empty_cache()
+        return max(0, int(torch.cuda.memory_reserved(self.device) - before))
 
     def capture_decode_graphs(self) -> int:
         """Capture the decode graphs (CUDA only, no-op otherwise); returns the bytes their pool took."""
@@ -351,9 +397,11 @@ class ModelRunner:
                 return 0
             torch.cuda.synchronize(self.device)
             peak = int(torch.cuda.max_memory_allocated(self.device))
-            graph_bytes = self.capture_decode_graphs()
+            graph_bytes = self.capture_decode_graphs() + self.capture_mixed_graphs()
             if self.graphs is not None:
                 self.graphs.clear()
+            if self.mixed_graphs is not None:
+                self.mixed_graphs.clear()
             return peak + graph_bytes
         finally:
             self._release()
@@ -367,7 +415,8 @@ class ModelRunner:
 
     def warmup(self) -> None:
         """Run a small prefill and a decode-sized step so lazy initialization happens before
-        serving, then capture the decode CUDA graphs (on CUDA, unless ``enforce_eager``)."""
+        serving, then capture the decode and the mixed steps' CUDA graphs (on CUDA, unless
+        ``enforce_eager``)."""
         budget = self.config.token_budget
         small = min(budget, 2 * self.block_size)
         self._dummy_step(small, 1)
@@ -382,6 +431,7 @@ class ModelRunner:
                 self._dummy_step(small, 1)
         self._dummy_step(min(self.config.max_num_seqs, budget), min(self.config.max_num_seqs, budget))
         self.capture_decode_graphs()
+        self.capture_mixed_graphs()
 
     def _dummy_step(self, num_tokens: int, num_seqs: int) -> None:
         """A throwaway step on scratch KV slots (block 0 repeated); state is dropped afterwards."""

@@ -107,14 +107,17 @@ class StepInputBuffers:
         states: RequestStates,
         pad_to: int | None = None,
         prev_sample_ids: Sequence[str] | None = None,
+        pad_tokens_to: int | None = None,
     ) -> StepInputs:
         """Fill the buffers for ``requests`` (whose state rows are ``rows``).
 
         ``pad_to`` (decode-only steps replayed by a CUDA graph): also fill and upload padding
-        rows up to that many sequences (see :meth:`write_decode_padding`). The returned views
-        cover the real rows only. ``prev_sample_ids``: the request ids of the previous step's
-        samples, in order; each placeholder token (``ids < 0``) gets the index of its request's
-        sample among them, and is left for the caller to fill on the device.
+        rows up to that many sequences (see :meth:`write_decode_padding`). ``pad_tokens_to``
+        (mixed steps replayed by piecewise graphs): inert token rows up to that many tokens
+        (:meth:`write_token_padding`). The returned views cover the real rows only.
+        ``prev_sample_ids``: the request ids of the previous step's samples, in order; each
+        placeholder token (``ids < 0``) gets the index of its request's sample among them, and
+        is left for the caller to fill on the device.
         """
         if self._uploaded is not None:
             self._uploaded.synchronize()
@@ -176,6 +179,8 @@ class StepInputBuffers:
                 raise ValueError("only decode-only steps (one token per sequence) can be padded")
             self.write_decode_padding(num_seqs, pad_to)
             self._upload_padding(num_seqs, pad_to, max_blocks)
+        if pad_tokens_to is not None and pad_tokens_to > num_tokens:
+            self.write_token_padding(num_tokens, pad_tokens_to)
 
         md = AttentionMetadata(
             slot_mapping=self.slot_mapping.upload(num_tokens),
@@ -224,6 +229,23 @@ class StepInputBuffers:
         self.seq_lens.np[start:end] = 1
         self.block_tables.np[start:end, 0] = 0
         self.query_start_loc.np[start + 1 : end + 1] = np.arange(start + 1, end + 1)
+
+    def write_token_padding(self, start: int, end: int) -> None:
+        """Token rows ``start .. end - 1`` become inert, on the host and the device: token 0 at
+        position 0, slot -1 (K/V not stored). Rows no attention reads (a piecewise graph's padding)."""
+        self.input_ids.np[start:end] = 0
+        self.positions.np[start:end] = 0
+        self.slot_mapping.np[start:end] = -1
+        for buf in (self.input_ids, self.positions, self.slot_mapping):
+            buf.upload_range(start, end)
+
+    def upload_token_padding(self, end: int) -> None:
+        """Make token rows ``0 .. end - 1`` inert on the device (piecewise graph capture inputs)."""
+        if self._uploaded is not None:
+            self._uploaded.synchronize()
+        self.write_token_padding(0, end)
+        if self._uploaded is not None:
+            self._uploaded.record()
 
     def _upload_padding(self, start: int, end: int, max_blocks: int) -> None:
         for buf in (self.input_ids, self.positions, self.slot_mapping, self.seq_lens):

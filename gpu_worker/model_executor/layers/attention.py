@@ -46,6 +46,9 @@ class AttentionMetadata:
     # first layer that asks (:meth:`plan`) and shared by the others. Only op sets with plans
     # (the CPU references) fill it; it never holds inputs, so the dataclass stays a value.
     plans: dict[str, Any] = field(default_factory=dict, init=False, compare=False, repr=False)
+    # Set only while the runner captures a mixed step's piecewise CUDA graphs: each attention
+    # call then ends a captured piece instead of attending (gpu_worker.worker.mixed_graphs).
+    piecewise: Any = field(default=None, compare=False, repr=False)
 
     def plan(self, key: str, build: Callable[[], T]) -> T:
         """The step's plan named ``key``: ``build()`` on the first call, the same object after."""
@@ -121,13 +124,16 @@ class PagedAttention(nn.Module):
         md: AttentionMetadata,
     ) -> torch.Tensor:
         """q ``[T, Hq, D]``, k/v ``[T, Hk, D]``, kv_cache ``[2, blocks, block, Hk, D]`` -> ``[T, Hq, D]``."""
+        if md.piecewise is not None:  # capturing: a piece ends here (gpu_worker.worker.mixed_graphs)
+            out: torch.Tensor = md.piecewise.split(self, q, k, v, kv_cache)
+            return out
         if self.calibrate:
             self.calibrate_kv_scales(k, v, md.slot_mapping)
         key_cache, value_cache = kv_cache[0], kv_cache[1]
         scales = self.kv_scales(kv_cache)
         if self.plan_op is not None and self.planned_op is not None:
             plan = md.plan("paged_attention", lambda: self._plan(md, key_cache.shape[1]))
-            out: torch.Tensor = self.planned_op(q, k, v, key_cache, value_cache, plan, self.scale, **scales)
+            out = self.planned_op(q, k, v, key_cache, value_cache, plan, self.scale, **scales)
             return out
         self.ops.store_kvcache(k, v, key_cache, value_cache, md.slot_mapping, **scales)
         return self.attend(q, kv_cache, md)
@@ -185,6 +191,9 @@ class PagedAttention(nn.Module):
         """
         if self.plan_op is not None and self.planned_op is not None:
             raise RuntimeError(f"op set {self.ops.name!r} stores K/V inside attention; call forward")
+        if md.piecewise is not None:  # capturing: a piece ends here (gpu_worker.worker.mixed_graphs)
+            piece_out: torch.Tensor = md.piecewise.split(self, q, None, None, kv_cache)
+            return piece_out
         key_cache, value_cache = kv_cache[0], kv_cache[1]
         scales = self.kv_scales(kv_cache)
         if md.decode_only:

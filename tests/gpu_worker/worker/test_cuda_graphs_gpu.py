@@ -171,3 +171,63 @@ def test_triton_path_matches_torch_reference(tmp_path: Path, shape: str, logits_
     assert attn.ops.name != "reference"
     spies = [logits_spy(ref_runner), logits_spy(triton_runner)]
     _check(_lockstep([ref_runner, triton_runner], spies, _prompts(4, 7), steps=8), rel_tol=3e-2)
+
+
+def _chunked_lockstep(runners: list[ModelRunner], spies: list[list[torch.Tensor]], chunk: int,
+                      steps: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Request ``a`` decodes while ``b``'s 300-token prompt is prefilled ``chunk`` tokens a step
+    beside it (mixed steps), then both decode; teacher-forced from the first runner."""
+    g = torch.Generator().manual_seed(11)
+    prompts = {"a": torch.randint(1, 128000, (20,), generator=g).tolist(),
+               "b": torch.randint(1, 128000, (300,), generator=g).tolist()}
+    params = SamplingParams(temperature=0.0, max_tokens=steps + 1, ignore_eos=True)
+    tables = {"a": tuple(range(1, 5)), "b": tuple(range(5, 5 + -(-(300 + steps + 1) // BLOCK)))}
+    seqs = {rid: list(p) for rid, p in prompts.items()}
+    done = {"a": 0, "b": 0}  # tokens whose K/V are computed
+    pairs = []
+    for step in range(steps):
+        reqs = []
+        for rid in ("a", "b") if step else ("a",):  # b arrives once a is decoding
+            seq, start = seqs[rid], done[rid]
+            n = min(chunk, len(seq) - start) if start < len(prompts[rid]) else 1
+            new = start == 0
+            sample = start + n >= len(prompts[rid])
+            reqs.append(ScheduledRequest(
+                req_id=rid, token_ids=tuple(seq[start:start + n]), start_pos=start,
+                block_ids=tables[rid] if new else (), sample=sample, is_new=new,
+                params=params if new else None, prompt_len=len(prompts[rid]),
+            ))
+        num_tokens = sum(len(r.token_ids) for r in reqs)
+        sched = SchedulerOutput(requests=tuple(reqs), num_scheduled_tokens=num_tokens)
+        outs = [r.execute(sched) for r in runners]
+        pairs.append((spies[0][-1].float(), spies[1][-1].float()))
+        for r in reqs:
+            done[r.req_id] += len(r.token_ids)
+        for rid, tok in zip(outs[0].req_ids, outs[0].sampled_token_ids, strict=True):
+            seqs[rid].append(tok)
+    return pairs
+
+
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+def test_mixed_graphs_match_eager(tmp_path: Path, shape: str, logits_spy: Any) -> None:
+    """Steps of a prefill chunk beside a decode replay piecewise graphs (attention eager between
+    captured pieces, padded to a token bucket) and give the eager results."""
+    path = _write_config(tmp_path / shape, SHAPES[shape])
+    graphed, eager = _runner(path, eager=False), _runner(path, eager=True)
+    assert graphed.mixed_graphs is not None and graphed.mixed_graphs.captured and eager.mixed_graphs is None
+    assert graphed.mixed_graphs.buckets == (16, 32, 64, 128, 256, 512)
+    replays: list[tuple[int, int]] = []
+    original = graphed.mixed_graphs.replay
+
+    def counting_replay(size: int, num_tokens: int, md: Any) -> torch.Tensor:
+        replays.append((size, num_tokens))
+        return original(size, num_tokens, md)
+
+    graphed.mixed_graphs.replay = counting_replay  # type: ignore[method-assign]
+    spies = [logits_spy(graphed), logits_spy(eager)]
+    _check(_chunked_lockstep([graphed, eager], spies, chunk=37, steps=14), rel_tol=1e-2)
+    # a's 20-token prompt (bucket 32), then 9 steps of a decode beside b's chunks (38 tokens:
+    # bucket 64; b's last chunk 4 + 1 = 5: bucket 16); then decodes (decode graphs).
+    assert replays[0] == (32, 20)
+    assert replays[1:9] == [(64, 38)] * 8 and replays[9] == (16, 5)
+    assert len(replays) == 10
