@@ -1,8 +1,7 @@
 """W6 long contexts (shared/BASELINES.md) through the public offline API, against physical floors.
 
     PYTHONPATH=. python bench/bench_long.py --commit $(git rev-parse HEAD) \\
-        [--parts w6_8b,w6_1b,itl] [--itl-budgets 8192,2048,512,256] [--itl-attention-budgets 0,4194304]
-        [--measure-ceilings]
+        [--parts w6_8b,w6_1b,itl] [--itl-budgets 8192,2048,512,256] [--measure-ceilings]
     PYTHONPATH=. python bench/bench_long.py --smoke   # the same code on the CPU: tiny shapes and lengths
 
 Parts (each selectable with ``--parts``; ``w6_8b`` and ``itl`` share one llama3-8b engine):
@@ -15,9 +14,7 @@ Parts (each selectable with ``--parts``; ``w6_8b`` and ``itl`` share one llama3-
   Llama 3.1's 131,072 to that: llama3 rope depends only on the original 8,192). Row ``W6-131k``.
 - ``itl``: 32 requests of 64-token prompts decode; their inter-token latency (ITL) is
   measured alone, then while one 32,768-token prompt is prefilled in chunks beside them. Rows
-  ``W6-itl``, one per per-step token budget (``--itl-budgets``, the chunk size) and
-  ``prefill_attention_budget`` (``--itl-attention-budgets``, 0: none; chunks deep in the long
-  prompt cut so that ``n * (start + n)`` query-key pairs fit).
+  ``W6-itl``, one per per-step token budget (``--itl-budgets``, the chunk size).
 
 Models have random bf16 weights (``load_format="dummy"``), configs written here. Everything
 runs through ``LLM(model, load_format="dummy", max_model_len=...)`` with the engine's defaults
@@ -52,7 +49,11 @@ Measures (`long_floors.py` holds the floor arithmetic; unit-tested in tests/benc
 
 ``--itl-profile`` (CUDA): after each ITL round, a torch.profiler table of six steps at the deep
 end of another long prompt's chunked prefill (its last chunks, beside the short decodes) and
-their wall times, written to ``itl_profile_<budget>.txt`` in ``--out-dir``.
+their wall times, written to ``itl_profile_<budget>.txt`` in ``--out-dir``; the same file has
+the host side (self CPU time) and the kernels' time per step.
+
+``--mixed-graph-max-tokens N`` sets the llama3-8b engine's ``mixed_graph_max_tokens`` (0: steps
+with prefill chunks run eagerly; default the engine's, 512: piecewise CUDA graphs); rows record it.
 
 ``--prefill-split-kv on|off`` (CUDA only) sets the prefill attention's split-KV path
 (``kernels.triton_ops.PrefillConfig.split_kv``) on every attention layer of the engine's model
@@ -110,7 +111,6 @@ class Spec:
     itl_prompt: int = 64
     itl_long_prompt: int = 32768
     itl_budgets: tuple[int, ...] = (8192, 2048, 512, 256)
-    itl_attention_budgets: tuple[int, ...] = (0,)  # 0: no prefill_attention_budget
     itl_baseline_steps: int = 64
     itl_target: float = 3.0
 
@@ -118,10 +118,9 @@ class Spec:
         return SMOKE_SHAPE if name.startswith("smoke") else SHAPES[name]
 
 
-SMOKE_BLOCK_SIZE = 4  # small blocks: the smoke's attention budget cuts its tiny chunks
 SMOKE = Spec(big="smoke-big", small="smoke-small", requests=2, prompt=40, output=4, big_max_model_len=96,
              huge_prompt=72, huge_output=3, itl_requests=3, itl_prompt=6, itl_long_prompt=40,
-             itl_budgets=(16, 8), itl_attention_budgets=(0, 120), itl_baseline_steps=4)
+             itl_budgets=(16, 8), itl_baseline_steps=4)
 
 
 def write_config(name: str, shape: Shape, root: Path, max_positions: int) -> Path:
@@ -203,8 +202,7 @@ def make_llm(model_dir: Path, max_model_len: int, smoke: bool,
     if mixed_graph_max_tokens is not None:
         extra["mixed_graph_max_tokens"] = mixed_graph_max_tokens
     if smoke:
-        extra = {"device": "cpu", "max_num_seqs": 16, "max_num_batched_tokens": 32,
-                 "block_size": SMOKE_BLOCK_SIZE}
+        extra = {"device": "cpu", "max_num_seqs": 16, "max_num_batched_tokens": 32}
     return LLM(model=str(model_dir), load_format="dummy", max_model_len=max_model_len, **extra)
 
 
@@ -307,26 +305,11 @@ def prefill_decode(
     )
 
 
-def prefill_steps(prompt: int, budget: int, decodes: int, attention_budget: int, block: int) -> int:
-    """Steps a ``prompt``-token prefill takes beside ``decodes`` one-token decodes at this token
-    budget and ``prefill_attention_budget`` (0: none), as the scheduler cuts its chunks."""
-    done = steps = 0
-    while done < prompt:
-        n = min(prompt - done, max(1, budget - decodes))
-        if attention_budget:
-            fit = (math.isqrt(done * done + 4 * attention_budget) - done) // 2
-            n = min(n, max(fit, block))
-        done, steps = done + n, steps + 1
-    return steps
-
-
-def itl_run(
-    driver: StepDriver, spec: Spec, budget: int, seed: int, attention_budget: int = 0
-) -> dict[str, Any]:
+def itl_run(driver: StepDriver, spec: Spec, budget: int, seed: int) -> dict[str, Any]:
     """Short requests decode alone, then beside a long prompt's chunked prefill (module docstring)."""
     vocab = driver.engine.core.vocab_size
     n, baseline = spec.itl_requests, spec.itl_baseline_steps
-    chunk_steps = chunk_steps_of(driver, spec, budget, attention_budget)
+    chunk_steps = math.ceil(spec.itl_long_prompt / max(1, budget - n))
     # Outlasts the prefill (aborted after it), within the context.
     max_tokens = 16 + baseline + 2 * chunk_steps + 64
     max_tokens = min(max_tokens, driver.engine.config.max_model_len - spec.itl_prompt)
@@ -366,18 +349,10 @@ def itl_run(
         itl_samples_during=len(during), long_prompt_tokens=spec.itl_long_prompt,
         long_prefill_s=round(window, 4), long_prefill_tok_s=round(spec.itl_long_prompt / window, 1),
         short_requests=n, short_prompt_tokens=spec.itl_prompt,
-        prefill_attention_budget=attention_budget or None, long_prefill_steps=chunk_steps,
     )
 
 
-def chunk_steps_of(driver: StepDriver, spec: Spec, budget: int, attention_budget: int) -> int:
-    """:func:`prefill_steps` of the ITL round's long prompt on this engine."""
-    block = driver.engine.config.block_size
-    return prefill_steps(spec.itl_long_prompt, budget, spec.itl_requests, attention_budget, block)
-
-
-def profile_deep_steps(driver: StepDriver, spec: Spec, budget: int, path: Path, steps: int = 6,
-                       attention_budget: int = 0) -> None:
+def profile_deep_steps(driver: StepDriver, spec: Spec, budget: int, path: Path, steps: int = 6) -> None:
     """torch.profiler over ``steps`` steps at the deep end of the long prompt's chunked prefill
     (its last chunks, beside the short requests' decodes): the kernels by GPU time, and each
     step's wall time, written to ``path`` (``--itl-profile``; untimed, after the ITL round)."""
@@ -388,7 +363,7 @@ def profile_deep_steps(driver: StepDriver, spec: Spec, budget: int, path: Path, 
     short = driver.add(random_prompts(n, spec.itl_prompt, 7, vocab), max_tokens=spec.itl_long_prompt)
     driver.run_until(lambda: all(len(driver.tokens[r]) >= 3 for r in short))
     (long_id,) = driver.add(random_prompts(1, spec.itl_long_prompt, 8, vocab), max_tokens=1)
-    chunk_steps = chunk_steps_of(driver, spec, budget, attention_budget)
+    chunk_steps = math.ceil(spec.itl_long_prompt / max(1, budget - n))
     for _ in range(max(0, chunk_steps - steps - 2)):
         driver.step()
     walls = []
@@ -404,19 +379,10 @@ def profile_deep_steps(driver: StepDriver, spec: Spec, budget: int, path: Path, 
     # kernels run is bound by the host, whatever the attention costs).
     host = averages.table(sort_by="self_cpu_time_total", row_limit=25)
     device_ms = sum(e.self_device_time_total for e in averages) / 1e3 / steps
-    head = (f"budget {budget}, attention budget {attention_budget or None}: {steps} steps from chunk "
-            f"{chunk_steps - steps - 2} of {chunk_steps}, "
+    head = (f"budget {budget}: {steps} steps from chunk {chunk_steps - steps - 2} of {chunk_steps}, "
             f"wall ms per step {[round(w, 1) for w in walls]}, device ms per step {device_ms:.1f}\n")
     path.write_text(head + table + "\n\nBy host (self CPU) time:\n" + host)
     print(head + "\n".join(table.splitlines()[:16]) + "\n" + "\n".join(host.splitlines()[:22]), flush=True)
-
-
-def set_attention_budget(llm: Any, attention_budget: int) -> int | None:
-    """Set the scheduler's ``prefill_attention_budget`` (0: none); returns the old one."""
-    scheduler = llm.engine.core.scheduler
-    old: int | None = scheduler.prefill_attention_budget
-    scheduler.prefill_attention_budget = attention_budget or None
-    return old
 
 
 def set_token_budget(llm: Any, budget: int) -> int:
@@ -488,30 +454,22 @@ def run_itl(run: Run, llm: Any, driver: StepDriver) -> None:
     from llmserve.gc_tuning import freeze_startup_objects, unfreeze_objects
 
     spec = run.spec
-    rounds = [(budget, attention)
-              for budget in run.args.itl_budgets or spec.itl_budgets
-              for attention in run.args.itl_attention_budgets or spec.itl_attention_budgets]
     freeze_startup_objects()
     try:
-        for i, (budget, attention) in enumerate(rounds):
-            old, old_attention = set_token_budget(llm, budget), set_attention_budget(llm, attention)
+        for i, budget in enumerate(run.args.itl_budgets or spec.itl_budgets):
+            old = set_token_budget(llm, budget)
             try:
                 # A whole long prompt: every kernel variant its chunks need compiles here, not in
-                # the timed round (a ~1 s stall each otherwise: the split-KV partition counts as
-                # the context grows, token counts that are not multiples of 16 once an attention
-                # budget cuts the chunks; H200, run 20261203T154417Z-cdbc1f).
+                # the timed round (a ~1 s stall each otherwise, e.g. the split-KV partition counts
+                # as the context grows; H200, run 20261203T154417Z-cdbc1f).
                 warm = replace(spec, itl_baseline_steps=4)
-                itl_run(driver, warm, budget, seed=99, attention_budget=attention)
+                itl_run(driver, warm, budget, seed=99)
                 gc.collect()
-                measured = itl_run(driver, spec, budget, seed=100 + 2 * i, attention_budget=attention)
-                run.add("W6-itl", spec.big, llm, measured)
+                run.add("W6-itl", spec.big, llm, itl_run(driver, spec, budget, seed=100 + 2 * i))
                 if run.args.itl_profile:
-                    name = f"itl_profile_{budget}" + (f"_attn{attention}" if attention else "") + ".txt"
-                    profile_deep_steps(driver, spec, budget, run.args.out_dir / name,
-                                       attention_budget=attention)
+                    profile_deep_steps(driver, spec, budget, run.args.out_dir / f"itl_profile_{budget}.txt")
             finally:
                 set_token_budget(llm, old)
-                set_attention_budget(llm, old_attention or 0)
     finally:
         unfreeze_objects()
 
@@ -555,9 +513,7 @@ def markdown(run: Run) -> str:
         if "itl_p50_ms_alone" in e:
             met = "met" if e["target_met"] else "missed"
             itl = (f"{e['itl_p50_ms_alone']:.1f} / {e['itl_p99_ms_during_prefill']:.1f} ms "
-                   f"({e['p99_during_over_p50_alone']:.1f}x, {met}; budget {e['max_num_batched_tokens']}"
-                   + (f", attention budget {e['prefill_attention_budget']:,}"
-                      if e.get("prefill_attention_budget") else "") + ")")
+                   f"({e['p99_during_over_p50_alone']:.1f}x, {met}; budget {e['max_num_batched_tokens']})")
         cells = [r.workload, r.model_shape, f"{r.output_tok_s:,.1f}", share, prefill, decode, itl]
         out.append("| " + " | ".join(cells) + " |")
     return "\n".join(out) + "\n"
@@ -569,9 +525,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, of {', '.join(PARTS)}")
     ap.add_argument("--itl-budgets", type=lambda s: [int(x) for x in s.split(",")], default=None,
                     help="per-step token budgets (chunk sizes) of the ITL part (default 8192,2048,512,256)")
-    ap.add_argument("--itl-attention-budgets", type=lambda s: [int(x) for x in s.split(",")], default=None,
-                    help="prefill_attention_budget values (query-key pairs per step; 0: none) to run each "
-                         "ITL budget with (default 0)")
     ap.add_argument("--measure-ceilings", action="store_true",
                     help="measure this card's bf16 matmul rate and copy bandwidth (else BASELINES.md's)")
     ap.add_argument("--smoke", action="store_true",

@@ -92,13 +92,6 @@ class EngineConfig:
     vs 10,467 at 8192, W3 31,116 vs ~44,500), and 2048 on the CPU, where a step's time grows
     with its tokens and a smaller chunk keeps decodes of other requests flowing.
 
-    ``prefill_attention_budget``: the most query-key pairs (a chunk's tokens times the positions
-    each attends to, ``n * (start + n)``) the prefill chunks of one step compute. Deep in a long
-    prompt a chunk of ``max_num_batched_tokens`` tokens costs as much attention as its whole
-    context; with this set, such chunks are cut (never below one block for the step's first
-    chunk), so a step's time, hence the inter-token latency of requests decoding beside a long
-    prefill, stays bounded at any depth. None (default): chunks are cut by the token budget only.
-
     ``mixed_graph_max_tokens``: on CUDA (unless ``enforce_eager``; one GPU per stage and no tensor
     parallelism), steps of prefill chunks beside decodes of up to this many tokens replay
     piecewise CUDA graphs (everything but the attention, per token-count bucket: 16, 32, ...,
@@ -115,7 +108,6 @@ class EngineConfig:
     block_size: int = 16
     max_model_len: int | None = None
     max_num_batched_tokens: int | None = None
-    prefill_attention_budget: int | None = None
     mixed_graph_max_tokens: int = 512
     max_num_seqs: int = 256
     num_kv_blocks: int | None = None
@@ -154,10 +146,6 @@ class EngineConfig:
             (
                 self.max_num_batched_tokens is None or self.max_num_batched_tokens > 0,
                 "max_num_batched_tokens must be positive",
-            ),
-            (
-                self.prefill_attention_budget is None or self.prefill_attention_budget > 0,
-                "prefill_attention_budget must be positive",
             ),
             (self.mixed_graph_max_tokens >= 0, "mixed_graph_max_tokens must be >= 0"),
             (self.max_num_seqs > 0, "max_num_seqs must be positive"),

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import bisect
 import itertools
-import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -64,9 +63,6 @@ class _StepPlan:
     """What one ``schedule()`` call has decided so far (private, lives for one call)."""
 
     token_budget: int
-    # Query-key pairs the step's prefill chunks may still compute (None: no such cap).
-    attention_budget: int | None = None
-    has_chunk: bool = False  # a prefill chunk is planned: later chunks may be cut to nothing
     # (request, tokens this step, blocks appended this step, admitted this step)
     entries: list[tuple[Request, int, list[int], bool]] = field(default_factory=list)
     preempted: bool = False
@@ -74,24 +70,6 @@ class _StepPlan:
     def add(self, request: Request, num_tokens: int, new_block_ids: list[int], admitted: bool) -> None:
         self.entries.append((request, num_tokens, new_block_ids, admitted))
         self.token_budget -= num_tokens
-
-    def fit_chunk(self, start: int, num_tokens: int, min_tokens: int) -> int:
-        """How many of a prefill chunk's ``num_tokens`` tokens (from position ``start``) fit the
-        attention budget: the most ``n`` with ``n * (start + n)`` pairs left, at least
-        ``min_tokens`` for the step's first chunk (every step moves one prefill on)."""
-        if self.attention_budget is None:
-            return num_tokens
-        left = max(self.attention_budget, 0)
-        n = (math.isqrt(start * start + 4 * left) - start) // 2  # n * (start + n) <= left
-        if not self.has_chunk:
-            n = max(n, min_tokens)
-        return min(num_tokens, n)
-
-    def add_chunk(self, start: int, num_tokens: int) -> None:
-        """Count a planned prefill chunk against the attention budget."""
-        self.has_chunk = True
-        if self.attention_budget is not None:
-            self.attention_budget -= num_tokens * (start + num_tokens)
 
 
 def _for_known_general(
@@ -135,7 +113,6 @@ class Scheduler:
         ready: Callable[[Request], bool] | None = None,
         overlap: bool = True,
         proposer: DraftSource | None = None,
-        prefill_attention_budget: int | None = None,
     ) -> None:
         if block_size != kv.block_size:
             raise ValueError(f"block_size {block_size} differs from the KV cache's {kv.block_size}")
@@ -146,19 +123,12 @@ class Scheduler:
             )
         if max_num_seqs <= 0 or max_num_batched_tokens <= 0 or max_model_len <= 0:
             raise ValueError("max_num_seqs, max_num_batched_tokens and max_model_len must be positive")
-        if prefill_attention_budget is not None and prefill_attention_budget <= 0:
-            raise ValueError("prefill_attention_budget must be positive")
         self.kv = kv
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_model_len = max_model_len
         self.block_size = block_size
         self.hash_seed = hash_seed
-        # The most query-key pairs (a chunk's tokens times the positions each attends to) the
-        # prefill chunks of one step compute: deep in a long prompt a chunk is cut so that the
-        # step's attention, hence its time and the other requests' inter-token latency, stays
-        # bounded however long the context grows. None: chunks are cut by the token budget only.
-        self.prefill_attention_budget = prefill_attention_budget
         # False (pipeline parallel): a request with a step in flight is not planned again until
         # that step is accounted for, so several steps (micro-batches) in flight never share one.
         self.overlap = overlap
@@ -236,7 +206,7 @@ class Scheduler:
 
     def schedule(self) -> SchedulerOutput:
         """Plan one step: running requests first, then admit waiting ones within the budgets."""
-        plan = _StepPlan(self.max_num_batched_tokens, attention_budget=self.prefill_attention_budget)
+        plan = _StepPlan(token_budget=self.max_num_batched_tokens)
         if self._drafts is not None:
             self._drafts.plan(self._running, self.max_model_len)
         self._schedule_running(plan)
@@ -252,10 +222,6 @@ class Scheduler:
             num_tokens = num_schedulable(request)
             if num_tokens > plan.token_budget:
                 num_tokens = plan.token_budget
-            # A prefill chunk (known tokens past the first, not drafts) meets the attention budget.
-            chunk = plan.attention_budget is not None and num_tokens - len(request.spec_token_ids) > 1
-            if chunk:
-                num_tokens = plan.fit_chunk(request.num_scheduled_tokens, num_tokens, self.block_size)
             if num_tokens <= 0:  # nothing to compute until the step in flight is accounted for
                 i += 1
                 continue
@@ -271,8 +237,6 @@ class Scheduler:
                 if victim is request:
                     return
                 new_block_ids = allocate(request, num_tokens)
-            if chunk:
-                plan.add_chunk(request.num_scheduled_tokens, num_tokens)
             plan.add(request, num_tokens, new_block_ids, admitted=False)
             i += 1
 
@@ -308,9 +272,6 @@ class Scheduler:
                 return
             cached_ids, num_cached = self.kv.match_prefix(request)
             num_tokens = min(request.num_tokens - num_cached, plan.token_budget)
-            num_tokens = plan.fit_chunk(num_cached, num_tokens, self.block_size)
-            if num_tokens <= 0:
-                return  # the step's attention budget is spent; the head of the queue waits
             new_block_ids = self.kv.allocate(request, num_tokens, cached_ids)
             if new_block_ids is None:
                 return  # the head of the queue waits for blocks; nobody overtakes it
@@ -321,7 +282,6 @@ class Scheduler:
             request.status = RequestStatus.RUNNING
             request.order = next(self._admissions)
             bisect.insort(self._running, request, key=lambda r: (r.rank, r.order))
-            plan.add_chunk(num_cached, num_tokens)
             plan.add(request, num_tokens, new_block_ids, admitted=True)
 
     def _peek_waiting(self) -> tuple[Request | None, int]:

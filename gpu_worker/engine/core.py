@@ -142,7 +142,6 @@ class EngineCore:
             self.kv,
             max_num_seqs=config.max_num_seqs,
             max_num_batched_tokens=config.token_budget,
-            prefill_attention_budget=config.prefill_attention_budget,
             max_model_len=self.max_model_len,
             block_size=config.block_size,
             hash_seed=config.model_name,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -300,29 +301,31 @@ class ModelRunner:
     def capture_mixed_graphs(self) -> int:
         """Capture the mixed steps' piecewise graphs (CUDA only, no-op otherwise); returns the
         bytes they took (their pool and the attention output buffers)."""
-        if self.mixed_graphs is None:
+        mixed = self.mixed_graphs
+        if mixed is None:
             return 0
-        self.mixed_graphs.clear()
-        torch.cuda.synchronize(self.device)
-        torch.cuda.empty_cache()
-        before = torch.cuda.memory_reserved(self.device)
-        self.inputs.upload_token_padding(max(self.mixed_graphs.buckets))
-        self.mixed_graphs.capture(self._forward_piecewise, self.device)
-        torch.cuda.empty_cache()
-        return max(0, int(torch.cuda.memory_reserved(self.device) - before))
+        mixed.clear()
+        return self._reserved_growth(partial(self.inputs.upload_token_padding, max(mixed.buckets)),
+                                     partial(mixed.capture, self._forward_piecewise, self.device))
 
     def capture_decode_graphs(self) -> int:
         """Capture the decode graphs (CUDA only, no-op otherwise); returns the bytes their pool took."""
-        if self.graphs is None:
+        graphs = self.graphs
+        if graphs is None:
             return 0
-        self.graphs.clear()
+        graphs.clear()
+        return self._reserved_growth(partial(self.inputs.upload_decode_padding, max(graphs.buckets)),
+                                     partial(graphs.capture, self._forward_padded_decode, self.device))
+
+    def _reserved_growth(self, pad: Callable[[], None], capture: Callable[[], None]) -> int:
+        """The growth of reserved device memory while ``capture()`` captures graphs over the
+        inert rows ``pad()`` uploads. Capturing empties the allocator's cache (torch.cuda.graph
+        does): it is emptied first too, so the growth is the graphs' own memory."""
         torch.cuda.synchronize(self.device)
-        # Capturing empties the allocator's cache (torch.cuda.graph does): empty it first too,
-        # so the growth of reserved memory is the graphs' private pool alone.
         torch.cuda.empty_cache()
         before = torch.cuda.memory_reserved(self.device)
-        self.inputs.upload_decode_padding(max(self.graphs.buckets))
-        self.graphs.capture(self._forward_padded_decode, self.device)
+        pad()
+        capture()
         torch.cuda.empty_cache()
         return max(0, int(torch.cuda.memory_reserved(self.device) - before))
 

@@ -148,13 +148,11 @@ def make_scheduler(
     ready: Callable[[Request], bool] | None = None,
     propose: Callable[[Sequence[Request], Sequence[int]], list[list[int]]] | None = None,
     proposer: FnProposer | None = None,
-    prefill_attention_budget: int | None = None,
 ) -> Scheduler:
     kv = KVCacheManager(num_blocks, block_size, enable_caching)
     return Scheduler(
         kv, max_num_seqs, max_num_batched_tokens, max_model_len, block_size, "test-model", policy, ready,
         proposer=proposer if propose is None else FnProposer(propose),
-        prefill_attention_budget=prefill_attention_budget,
     )
 
 

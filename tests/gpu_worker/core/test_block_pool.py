@@ -161,7 +161,6 @@ def test_engine_core_modules_never_import_torch() -> None:
         "abc",
         "bisect",
         "collections",
-        "math",
         "dataclasses",
         "enum",
         "itertools",

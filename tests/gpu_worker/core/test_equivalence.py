@@ -1,7 +1,7 @@
-"""Same tokens whatever the path: prefix hit vs cold, chunked vs whole (by tokens or by the
-chunks' attention), preemption vs ample pool, 32 requests together vs one at a time, synchronous
-or async scheduling (one step in flight). Every run is checked against a plain-Python oracle that
-generates from the whole sequence, and ends with every block back in the free list."""
+"""Same tokens whatever the path: prefix hit vs cold, chunked vs whole, preemption vs ample pool,
+32 requests together vs one at a time, synchronous or async scheduling (one step in flight).
+Every run is checked against a plain-Python oracle that generates from the whole sequence, and
+ends with every block back in the free list."""
 
 from __future__ import annotations
 
@@ -95,9 +95,6 @@ def expected(requests: list[EngineCoreRequest], suffix: str = "") -> dict:
         ({"num_blocks": 512, "max_num_batched_tokens": 5}, "chunked"),
         ({"num_blocks": 16, "max_num_batched_tokens": 64}, "tiny_pool"),
         ({"num_blocks": 16, "max_num_batched_tokens": 7, "max_num_seqs": 5}, "tiny_pool_chunked"),
-        # Chunks cut by their attention (n * (start + n) <= 150 pairs per step): 12 tokens at the
-        # start of a prompt, 4 (one block, the floor) past 30 tokens of context.
-        ({"num_blocks": 512, "max_num_batched_tokens": 64, "prefill_attention_budget": 150}, "attention_cut"),
     ],
 )
 def test_same_tokens_whatever_the_path(

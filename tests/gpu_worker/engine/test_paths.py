@@ -1,6 +1,6 @@
-"""The same tokens whatever the path: prefix hit vs cold, chunked (by tokens or by the chunks'
-attention) vs whole prefill, preemption vs ample KV, 32 together vs one at a time, each with
-synchronous and with async scheduling; no KV block leaks after finish, abort or preemption."""
+"""The same tokens whatever the path: prefix hit vs cold, chunked vs whole prefill, preemption vs
+ample KV, 32 together vs one at a time, each with synchronous and with async scheduling; no KV
+block leaks after finish, abort or preemption."""
 
 from __future__ import annotations
 
@@ -69,19 +69,6 @@ def test_chunked_prefill_equals_whole(
     llm = LLM(
         model=str(llama_dir), num_kv_blocks=256, max_num_batched_tokens=7, enable_prefix_caching=False,
         async_scheduling=async_scheduling,
-    )
-    assert token_ids(llm.generate(PROMPTS, GREEDY)) == reference[1]
-    assert_no_leaks(llm)
-
-
-def test_attention_cut_chunks_equal_whole(
-    llama_dir: Path, reference: tuple[LLM, list[list[int]]], async_scheduling: bool
-) -> None:
-    """Chunks cut by ``prefill_attention_budget`` (200 pairs: 14 tokens at a prompt's start,
-    one 16-token block, the floor, deeper in) give the whole prefill's tokens."""
-    llm = LLM(
-        model=str(llama_dir), num_kv_blocks=256, max_num_seqs=32, enable_prefix_caching=False,
-        prefill_attention_budget=200, async_scheduling=async_scheduling,
     )
     assert token_ids(llm.generate(PROMPTS, GREEDY)) == reference[1]
     assert_no_leaks(llm)
