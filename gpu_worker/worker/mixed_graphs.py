@@ -4,7 +4,7 @@ A decode-only step replays one graph of the whole model (:mod:`gpu_worker.worker
 A step with a prefill chunk cannot: its attention's tiling and grid depend on the step's query
 and context lengths (host ints, ``kernels.triton_ops.prefill_attention.choose_tiles``). Run
 eagerly, such a step pays every launch on the host (about 320 Triton launches and 130 cuBLAS
-calls for llama3-8b), which on an H200 took longer than its kernels: 16-26 ms per step beside
+calls for llama3-8b), which on an H200 took longer than its kernels: 16-35 ms per step beside
 a 32k prefill whatever the chunk's size (docs/BENCHMARKS.md, W6 ITL). So, as vLLM's piecewise
 graphs do, everything between two attention calls is captured, per token-count bucket, and
 each attention runs eagerly between the pieces, on the step's real metadata:
@@ -78,9 +78,10 @@ class AttentionPoint:
 
 
 class PiecewiseCapture:
-    """What the model's attention layers call while one bucket is warmed up (``graphs`` None:
+    """What the model's attention layers call while one bucket is warmed up (``capture`` False:
     nothing is captured, the pieces run once so that kernels compile outside the capture) or
-    captured. ``out_buffer(shape, dtype)`` gives the fixed output buffer of an attention."""
+    captured (into graphs on the memory pool ``pool``). ``out_buffer(shape, dtype)`` gives the
+    fixed output buffer of an attention."""
 
     def __init__(self, out_buffer: Callable[[torch.Size, torch.dtype], torch.Tensor],
                  pool: Any = None, capture: bool = False) -> None:
@@ -92,13 +93,13 @@ class PiecewiseCapture:
         self._graph: torch.cuda.CUDAGraph | None = None
 
     def begin(self) -> None:
-        """Start the first piece (call on the capture stream, before the model runs)."""
+        """Start a piece (the first: call on the capture stream, before the model runs)."""
         if self._capture:
             self._graph = torch.cuda.CUDAGraph()
             self._graph.capture_begin(pool=self._pool)
 
     def end(self) -> None:
-        """End the last piece (after the model returned)."""
+        """End the piece being captured (the last: after the model returned)."""
         if self._graph is not None:
             self._graph.capture_end()
             self.pieces.append(self._graph)
