@@ -167,7 +167,8 @@ async def _cancel_inside(handler: Any, cancel: asyncio.CancelledError) -> None:
     waiting gets it at that ``yield``."""
     task = asyncio.current_task()
     assert task is not None
-    task.uncancel()  # the one cancellation, armed again, not a second one
+    if hasattr(task, "uncancel"):  # Python >= 3.11: the one cancellation, armed again, not a second
+        task.uncancel()
     task.cancel()
     try:
         await handler.__anext__()  # raises the cancellation from where the handler waits

@@ -1,5 +1,6 @@
-"""On a GPU, with real-shaped random models (bf16): decode CUDA graphs give the eager results,
-and the Triton kernels give the torch-reference results, for the first generated tokens.
+"""On a GPU, with real-shaped random models (bf16): decode CUDA graphs and the mixed steps'
+piecewise graphs (prefill chunks beside a decode) give the eager results, and the Triton kernels
+give the torch-reference results, for the first generated tokens.
 
 Both comparisons run two runners in lockstep on identical scheduler outputs and feed both
 the first runner's tokens (teacher forcing), so one near-tie cannot make the sequences, and
