@@ -11,7 +11,13 @@ import numpy as np
 import pytest
 import torch
 
-from gpu_worker.worker.mixed_graphs import MixedGraphs, PiecewiseCapture, mixed_buckets
+from gpu_worker.worker.mixed_graphs import (
+    AttentionPoint,
+    MixedGraph,
+    MixedGraphs,
+    PiecewiseCapture,
+    mixed_buckets,
+)
 from gpu_worker.worker.step_inputs import StepInputBuffers
 from tests.gpu_worker.worker.conftest import make_runner
 
@@ -76,3 +82,58 @@ def test_a_negative_mixed_graph_cap_is_refused() -> None:
 
     with pytest.raises(ValueError, match="mixed_graph_max_tokens must be >= 0"):
         EngineConfig(mixed_graph_max_tokens=-1)
+
+
+class _Piece:
+    """Stands in for a captured graph: records its replays in a shared log."""
+
+    def __init__(self, name: str, log: list[str]) -> None:
+        self.name, self.log = name, log
+
+    def replay(self) -> None:
+        self.log.append(self.name)
+
+
+class _Attention:
+    """Stands in for PagedAttention: ``attend`` (K/V stored by the piece) or ``__call__`` (stores
+    them), both returning ``q + 1`` and logging the rows and the metadata they saw."""
+
+    def __init__(self, name: str, log: list[str]) -> None:
+        self.name, self.log = name, log
+
+    def attend(self, q: torch.Tensor, kv_cache: torch.Tensor, md: object) -> torch.Tensor:
+        self.log.append(f"{self.name}.attend({q.shape[0]}, {md})")
+        return q + 1
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
+                 md: object) -> torch.Tensor:
+        assert k.shape[0] == v.shape[0] == q.shape[0]
+        self.log.append(f"{self.name}.store_and_attend({q.shape[0]}, {md})")
+        return q + 1
+
+
+def test_replay_alternates_pieces_and_eager_attention_over_the_real_rows() -> None:
+    """A bucket's replay: piece 0, attention 0 (on the step's metadata, over the real rows
+    only, its result copied into the buffer the next piece reads), piece 1, ...; the padding
+    rows of that buffer keep what they held."""
+    log: list[str] = []
+    bucket, real = 16, 5
+    out = torch.full((bucket, 2, 4), -7.0)
+    q0, q1 = torch.zeros(bucket, 2, 4), torch.full((bucket, 2, 4), 10.0)
+    kv = torch.zeros(1)
+    points = (
+        _point(_Attention("a0", log), q0, None, out, kv),
+        _point(_Attention("a1", log), q1, torch.zeros(bucket, 1, 4), out, kv),
+    )
+    pieces = tuple(_Piece(f"p{i}", log) for i in range(3))
+    hidden = torch.zeros(bucket, 8)
+    graph = MixedGraph(pieces, points, hidden)  # type: ignore[arg-type]
+    assert graph.replay(real, "md") is hidden
+    assert log == ["p0", "a0.attend(5, md)", "p1", "a1.store_and_attend(5, md)", "p2"]
+    assert torch.equal(out[:real], q1[:real] + 1)  # the last attention's result, real rows only
+    assert bool((out[real:] == -7.0).all())
+
+
+def _point(module: object, q: torch.Tensor, k: torch.Tensor | None, out: torch.Tensor,
+           kv: torch.Tensor) -> AttentionPoint:
+    return AttentionPoint(module, q, k, k, kv, out)
