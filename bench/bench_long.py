@@ -202,7 +202,7 @@ def make_llm(model_dir: Path, max_model_len: int, smoke: bool,
     if mixed_graph_max_tokens is not None:
         extra["mixed_graph_max_tokens"] = mixed_graph_max_tokens
     if smoke:
-        extra = {"device": "cpu", "max_num_seqs": 16, "max_num_batched_tokens": 32}
+        extra.update(device="cpu", max_num_seqs=16, max_num_batched_tokens=32)
     return LLM(model=str(model_dir), load_format="dummy", max_model_len=max_model_len, **extra)
 
 

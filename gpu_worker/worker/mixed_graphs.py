@@ -30,12 +30,13 @@ with fp8 KV scales to compute (the runner runs those eagerly).
 
 from __future__ import annotations
 
-import bisect
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from gpu_worker.worker.cuda_graphs import bucket_for
 
 _MIN_BUCKET = 16
 
@@ -149,10 +150,7 @@ class MixedGraphs:
 
     def bucket_for(self, num_tokens: int) -> int | None:
         """The bucket a mixed step of ``num_tokens`` tokens replays, or None (run it eagerly)."""
-        if not self.captured:
-            return None
-        i = bisect.bisect_left(self.buckets, num_tokens)
-        return self.buckets[i] if i < len(self.buckets) else None
+        return bucket_for(self.buckets, num_tokens) if self.captured else None
 
     def _out_buffer(self, shape: torch.Size, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         rows, rest = self.buckets[-1], tuple(shape[1:])

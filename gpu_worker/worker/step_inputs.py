@@ -223,9 +223,7 @@ class StepInputBuffers:
         Token 0 at position 0, slot -1 (K/V not stored), context length 1 over block 0: the
         attention reads one valid cache row and the row's output is never sampled.
         """
-        self.input_ids.np[start:end] = 0
-        self.positions.np[start:end] = 0
-        self.slot_mapping.np[start:end] = -1
+        self._write_inert_tokens(start, end)
         self.seq_lens.np[start:end] = 1
         self.block_tables.np[start:end, 0] = 0
         self.query_start_loc.np[start + 1 : end + 1] = np.arange(start + 1, end + 1)
@@ -233,11 +231,15 @@ class StepInputBuffers:
     def write_token_padding(self, start: int, end: int) -> None:
         """Token rows ``start .. end - 1`` become inert, on the host and the device: token 0 at
         position 0, slot -1 (K/V not stored). Rows no attention reads (a piecewise graph's padding)."""
+        self._write_inert_tokens(start, end)
+        for buf in (self.input_ids, self.positions, self.slot_mapping):
+            buf.upload_range(start, end)
+
+    def _write_inert_tokens(self, start: int, end: int) -> None:
+        """Host token rows ``start .. end - 1``: token 0 at position 0, slot -1 (K/V not stored)."""
         self.input_ids.np[start:end] = 0
         self.positions.np[start:end] = 0
         self.slot_mapping.np[start:end] = -1
-        for buf in (self.input_ids, self.positions, self.slot_mapping):
-            buf.upload_range(start, end)
 
     def upload_token_padding(self, end: int) -> None:
         """Make token rows ``0 .. end - 1`` inert on the device (piecewise graph capture inputs)."""
