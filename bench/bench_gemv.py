@@ -19,7 +19,9 @@ weights' (plus scales); the share is of a 1 GiB device-to-device copy measured f
 - ``gated``: llama3-8b's gate_up then SiLU-and-mul, two launches against one (``gated=True``), in
   bf16 (cuBLAS, and ``gemv16`` at five tilings), fp8 weight-only and 4-bit words;
 - ``linear16``: the one-token bf16 linears as the engine runs them (``gemv16_linear``), against
-  cuBLAS, per projection and over 32 decoder layers (:func:`bench_linear16`).
+  cuBLAS, per projection and over 32 decoder layers (:func:`bench_linear16`);
+- ``w4_ptx``: the 4-bit word kernel with its nibbles decoded in inline PTX (the CUDA default)
+  against the Triton-op decode the interpreter runs, at ``W4_PTX_TILES`` (:func:`bench_w4_ptx`).
 
 Sweep: ``block_n`` 4/8/16 x ``block_k`` 512/1024 x 4/8 warps, plus (4, 1024, 2), (2, 1024, 2),
 (32, 256, 4); each with split-K 1, 2, 4 (``w4``: also (32, 1024, 8), (32, 512, 8), (16, 2048, 8),
@@ -295,6 +297,32 @@ def bench_format(rec: Recorder, part: str, tiles_list: Sequence[tuple[int, int, 
         torch.cuda.empty_cache()
 
 
+W4_PTX_TILES = [(8, 2048, 4), (4, 1024, 2), (8, 1024, 4), (16, 1024, 4), (16, 2048, 8), (32, 512, 8),
+                (4, 2048, 4), (8, 4096, 8), (16, 512, 4)]
+
+
+def bench_w4_ptx(rec: Recorder) -> None:
+    """The word kernel's two nibble decodes (``nibble_asm``) at each of ``W4_PTX_TILES``."""
+    for shape, (n, k) in SHAPES_8B.items():
+        x = torch.randn(1, k, device=DEV, dtype=torch.bfloat16)
+        w4 = [(torch.randint(0, 256, (n, k // 2), device=DEV, dtype=torch.uint8),
+               (torch.rand(n, k // 128, device=DEV) * 0.02 + 0.001).half()) for _ in range(32)]
+        nbytes = n * k // 2 + n * (k // 128) * 2
+        for bn, bk, warps in W4_PTX_TILES:
+            for asm in (False, True):
+                tiles = G.GemvTiles(bn, bk, warps, 1)
+                call = partial(_w4_decode, x, tiles, asm)
+                rec.add(f"w4_words_{'ptx' if asm else 'triton'}_decode", shape, f"{bn},{bk},{warps},1",
+                        time_chain(chain(call, w4)), nbytes, 32)
+        del w4
+        torch.cuda.empty_cache()
+
+
+def _w4_decode(x: torch.Tensor, tiles: G.GemvTiles, asm: bool, q: torch.Tensor,
+               s: torch.Tensor) -> torch.Tensor:
+    return G.gemv_wna16(x, q, s, None, 4, 128, tiles=tiles, nibble_asm=asm)
+
+
 def bench_small_m(rec: Recorder) -> None:
     configs = {"gemv": fp8_matmul.Fp8LinearConfig(gemv_max_m=16),
                "scaled_mm": fp8_matmul.Fp8LinearConfig(gemv_max_m=0)}
@@ -327,7 +355,8 @@ def _parse_tiles(text: str) -> list[tuple[int, int, int]]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--parts", default="bf16,fp8,w4,fp8_70b,fp8_small_m",
-                    help="comma-separated: bf16, fp8, w4, w4_bytes, fp8_70b, fp8_small_m, gated, linear16")
+                    help="comma-separated: bf16, fp8, w4, w4_bytes, fp8_70b, fp8_small_m, gated, linear16, "
+                         "w4_ptx")
     ap.add_argument("--json", default="", help="append the rows here (JSON lines)")
     ap.add_argument("--tiles", default="",
                     help="the bf16/fp8 sweep's tilings instead of the default list: 'bn,bk,warps;...'")
@@ -344,6 +373,8 @@ def main() -> None:
             bench_gated(rec)
         elif part == "linear16":
             bench_linear16(rec)
+        elif part == "w4_ptx":
+            bench_w4_ptx(rec)
         else:
             bench_format(rec, part, tiles_list, splits)
     layer: dict[tuple[str, str], float] = {}

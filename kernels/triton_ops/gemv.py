@@ -37,6 +37,7 @@ that stream at the card's bandwidth:
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass
 
 import torch
@@ -278,6 +279,42 @@ def _nibble_as_float(w, SHIFT: tl.constexpr, SUB: tl.constexpr):
     return f - ((1 << (23 - SHIFT)) + SUB)
 
 
+def _nibbles_ptx(sub: float) -> str:
+    """PTX for :func:`_nibbles_asm`: the eight nibbles of word ``$8`` as float32 ``q - sub`` in
+    ``$0 .. $7``, each by one ``lop3`` (AND-OR) and one ``sub.f32``, the arithmetic of
+    :func:`_nibble_as_float` (the same bits)."""
+    fields = [("$8", 0), ("$8", 4), ("$8", 8), ("$8", 12), ("$8", 16), ("h", 0), ("h", 4), ("h", 8)]
+    lines = ["{", ".reg .b32 h;", "shr.u32 h, $8, 20;"]
+    for out, (src, shift) in enumerate(fields):
+        magic = struct.unpack(">I", struct.pack(">f", 2.0 ** (23 - shift) + sub))[0]
+        lines.append(f"lop3.b32 ${out}, {src}, {0xF << shift:#x}, {(150 - shift) << 23:#x}, 0xEA;")
+        lines.append(f"sub.f32 ${out}, ${out}, 0f{magic:08X};")
+    lines.append("}")
+    return "\n".join(lines)
+
+
+# Module globals read by a kernel are tl.constexpr (Triton 3.6).
+_NIBBLES_PTX_SYMMETRIC = tl.constexpr(_nibbles_ptx(8.0))
+_NIBBLES_PTX_OFFSETS = tl.constexpr(_nibbles_ptx(0.0))
+
+
+@triton.jit
+def _nibbles_asm(w, SUB: tl.constexpr):
+    """The eight nibbles of each int32 word of ``w`` as float32 ``q - SUB`` (SUB 8 or 0), eight
+    tensors, in inline PTX: Triton 3.6 emits the AND and the OR of :func:`_nibble_as_float` as
+    two LOP3s and rematerialises their constants; here one LOP3 each, the constants hoisted
+    (the loop of the llama3-8b tiling: 561 instructions per 128 weights per thread, against
+    719; ``bench/sass_report.py``). CUDA only: the CPU interpreter runs no PTX."""
+    if SUB == 8.0:
+        q = tl.inline_asm_elementwise(_NIBBLES_PTX_SYMMETRIC, "=f,=f,=f,=f,=f,=f,=f,=f,r", [w],
+                                      dtype=(tl.float32,) * 8, is_pure=True, pack=1)
+    else:
+        tl.static_assert(SUB == 0.0, "the PTX nibble decode takes SUB 8 or 0")
+        q = tl.inline_asm_elementwise(_NIBBLES_PTX_OFFSETS, "=f,=f,=f,=f,=f,=f,=f,=f,r", [w],
+                                      dtype=(tl.float32,) * 8, is_pure=True, pack=1)
+    return q
+
+
 @triton.jit
 def _load_words(q_rows, jj, n_ok, w_hi, EVEN: tl.constexpr):
     """Words ``jj`` of every row (``EVEN``: unmasked; else rows past N and words past ``w_hi`` read 0)."""
@@ -308,7 +345,8 @@ def _gemv_int4_words_kernel(x_ptr, q_ptr, s_ptr, o_ptr, bias_ptr, out_ptr, part_
                             stride_qn, stride_sn,
                             GROUP: tl.constexpr, SUB: tl.constexpr, HAS_OFFSET: tl.constexpr,
                             HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, BLOCK_N: tl.constexpr,
-                            BLOCK_K: tl.constexpr, EVEN: tl.constexpr, GATED: tl.constexpr):
+                            BLOCK_K: tl.constexpr, EVEN: tl.constexpr, GATED: tl.constexpr,
+                            ASM: tl.constexpr):
     # 4-bit weights read as int32 words (``q_ptr``: [N, K / 8] int32, ``stride_qn`` in words):
     # word j holds inputs 8j .. 8j + 7, input 8j + i in bits 4i .. 4i + 3 (bytes little-endian,
     # low nibble first). Each nibble is masked in place (_nibble_as_float) and multiplied by the
@@ -337,15 +375,26 @@ def _gemv_int4_words_kernel(x_ptr, q_ptr, s_ptr, o_ptr, bias_ptr, out_ptr, part_
         x5 = _load_input(xw, 5, jj, w_hi, EVEN)
         x6 = _load_input(xw, 6, jj, w_hi, EVEN)
         x7 = _load_input(xw, 7, jj, w_hi, EVEN)
-        h = w >> 20  # nibbles 5, 6, 7 at bits 0, 4, 8 (the sign bits above are masked off)
-        t = x0[None, :] * _nibble_as_float(w, 0, SUB)
-        t += x1[None, :] * _nibble_as_float(w, 4, SUB)
-        t += x2[None, :] * _nibble_as_float(w, 8, SUB)
-        t += x3[None, :] * _nibble_as_float(w, 12, SUB)
-        t += x4[None, :] * _nibble_as_float(w, 16, SUB)
-        t += x5[None, :] * _nibble_as_float(h, 0, SUB)
-        t += x6[None, :] * _nibble_as_float(h, 4, SUB)
-        t += x7[None, :] * _nibble_as_float(h, 8, SUB)
+        if ASM:  # the same floats, fewer instructions (_nibbles_asm)
+            q0, q1, q2, q3, q4, q5, q6, q7 = _nibbles_asm(w, SUB)
+        else:
+            h = w >> 20  # nibbles 5, 6, 7 at bits 0, 4, 8 (the sign bits above are masked off)
+            q0 = _nibble_as_float(w, 0, SUB)
+            q1 = _nibble_as_float(w, 4, SUB)
+            q2 = _nibble_as_float(w, 8, SUB)
+            q3 = _nibble_as_float(w, 12, SUB)
+            q4 = _nibble_as_float(w, 16, SUB)
+            q5 = _nibble_as_float(h, 0, SUB)
+            q6 = _nibble_as_float(h, 4, SUB)
+            q7 = _nibble_as_float(h, 8, SUB)
+        t = x0[None, :] * q0
+        t += x1[None, :] * q1
+        t += x2[None, :] * q2
+        t += x3[None, :] * q3
+        t += x4[None, :] * q4
+        t += x5[None, :] * q5
+        t += x6[None, :] * q6
+        t += x7[None, :] * q7
         g_ok = n_ok[:, None] & (k0 + gg * (BLOCK_K // TILE_G) < k_hi)[None, :]
         s = _load_groups(s_rows, k0, gg, g_ok, GROUP, EVEN)
         acc += tl.reshape(t, [BLOCK_N, TILE_G, WPG]) * s[:, :, None]
@@ -528,14 +577,16 @@ def fit_block_k(block_k: int, group_size: int) -> int:
 def gemv_wna16(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | None,
                bits: int, group_size: int, bias: torch.Tensor | None = None, *,
                tiles: GemvTiles | None = None, factored: bool = True, words: bool = True,
-               gated: bool = False) -> torch.Tensor:
+               gated: bool = False, nibble_asm: bool | None = None) -> torch.Tensor:
     """WnA16 at one token (:class:`kernels.quant_reference.WnA16Weight` layout; checked by
     :func:`kernels.triton_ops.wna16.wna16_linear`): ``x`` ``[1, K]``, float32 sums, result in
     ``x.dtype``. ``factored``: scales applied per group sum (module docstring). ``words``:
     4-bit weights whose rows can be read as int32 words go to :func:`_gemv_int4_words_kernel`
     (``factored`` is then implied: it scales each word's sum). ``gated``: the weight is
     ``[gate; up]`` and the result ``silu_and_mul`` of the product, ``[1, N / 2]``, bit-for-bit
-    the two ops (fused in the word kernel; other layouts run the two ops)."""
+    the two ops (fused in the word kernel; other layouts run the two ops). ``nibble_asm``: the
+    word kernel decodes nibbles in inline PTX (:func:`_nibbles_asm`; the same bits); None: on
+    CUDA (the CPU interpreter cannot)."""
     tiles = tiles or GemvTiles()
     tiles = GemvTiles(tiles.block_n, fit_block_k(tiles.block_k, group_size), tiles.num_warps, tiles.split_k)
     x = _one_row(x)
@@ -549,12 +600,13 @@ def gemv_wna16(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, off
     args = (x, q, scales, offsets if offsets is not None else scales, bias if bias is not None else scales)
     if gated and q_words is None:
         return silu_and_mul(gemv_wna16(x, qweight, scales, offsets, bits, group_size, bias, tiles=tiles,
-                                       factored=factored, words=words))
+                                       factored=factored, words=words, nibble_asm=nibble_asm))
     out = _gated_out(n, tiles, x, x.dtype) if gated else torch.empty((1, n), dtype=x.dtype, device=x.device)
     if q_words is not None:
         return _launch(_gemv_int4_words_kernel, args, 1, n, k, out, None, None, bias, tiles,
                        stride_qn=q_words.stride(0), stride_sn=scales.stride(0), GROUP=group_size, SUB=sub,
                        HAS_OFFSET=offsets is not None, GATED=gated,
+                       ASM=x.is_cuda if nibble_asm is None else nibble_asm,
                        EVEN=n % tiles.block_n == 0 and k % tiles.block_k == 0 and _k_per_split(k, tiles) >= k)
     return _launch(_gemv_int_kernel, args, 1, n, k, out, None, None, bias, tiles,
                    stride_qn=qweight.stride(0), stride_sn=scales.stride(0), BITS=bits, GROUP=group_size,

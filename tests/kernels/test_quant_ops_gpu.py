@@ -130,3 +130,24 @@ def test_fp8_support_is_detected_gpu() -> None:
     else:
         with pytest.raises(RuntimeError, match="compute capability"):
             require_fp8("cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("offsets", [False, True], ids=["symmetric", "offsets"])
+@pytest.mark.parametrize("gated", [False, True], ids=["plain", "gated"])
+def test_gemv_wna16_nibble_ptx_is_bit_for_bit_the_triton_decode_gpu(offsets: bool, gated: bool) -> None:
+    """The 4-bit word GEMV's inline-PTX nibble decode (``nibble_asm``, the CUDA default) gives
+    the same bits as the Triton-op decode that the CPU interpreter runs, on llama3-8b's gate_up
+    (gated: its [gate; up] with SiLU-and-mul) and o shapes."""
+    from kernels.triton_ops.gemv import GemvTiles, gemv_wna16
+
+    gen = torch.Generator().manual_seed(7)
+    for n, k in ((28672, 4096), (4096, 4096)):
+        q = torch.randint(0, 256, (n, k // 2), generator=gen, dtype=torch.uint8).cuda()
+        s = (torch.rand(n, k // 128, generator=gen) * 0.02 + 0.001).half().cuda()
+        o = (torch.randn(n, k // 128, generator=gen) * 0.01).half().cuda() if offsets else None
+        x = torch.randn(1, k, generator=gen).to("cuda", torch.bfloat16)
+        tiles = GemvTiles(8, 2048, 4, 1)
+        a = gemv_wna16(x, q, s, o, 4, 128, tiles=tiles, gated=gated, nibble_asm=True)
+        b = gemv_wna16(x, q, s, o, 4, 128, tiles=tiles, gated=gated, nibble_asm=False)
+        assert torch.equal(a, b), (n, k, (a.float() - b.float()).abs().max())
