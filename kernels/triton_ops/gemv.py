@@ -305,14 +305,10 @@ def _nibbles_asm(w, SUB: tl.constexpr):
     two LOP3s and rematerialises their constants; here one LOP3 each, the constants hoisted
     (the loop of the llama3-8b tiling: 561 instructions per 128 weights per thread, against
     719; ``bench/sass_report.py``). CUDA only: the CPU interpreter runs no PTX."""
-    if SUB == 8.0:
-        q = tl.inline_asm_elementwise(_NIBBLES_PTX_SYMMETRIC, "=f,=f,=f,=f,=f,=f,=f,=f,r", [w],
-                                      dtype=(tl.float32,) * 8, is_pure=True, pack=1)
-    else:
-        tl.static_assert(SUB == 0.0, "the PTX nibble decode takes SUB 8 or 0")
-        q = tl.inline_asm_elementwise(_NIBBLES_PTX_OFFSETS, "=f,=f,=f,=f,=f,=f,=f,=f,r", [w],
-                                      dtype=(tl.float32,) * 8, is_pure=True, pack=1)
-    return q
+    tl.static_assert((SUB == 8.0) or (SUB == 0.0), "the PTX nibble decode takes SUB 8 or 0")
+    ptx: tl.constexpr = _NIBBLES_PTX_SYMMETRIC if SUB == 8.0 else _NIBBLES_PTX_OFFSETS
+    return tl.inline_asm_elementwise(ptx, "=f,=f,=f,=f,=f,=f,=f,=f,r", [w], dtype=(tl.float32,) * 8,
+                                     is_pure=True, pack=1)
 
 
 @triton.jit
