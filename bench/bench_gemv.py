@@ -21,7 +21,9 @@ weights' (plus scales); the share is of a 1 GiB device-to-device copy measured f
 - ``linear16``: the one-token bf16 linears as the engine runs them (``gemv16_linear``), against
   cuBLAS, per projection and over 32 decoder layers (:func:`bench_linear16`);
 - ``w4_ptx``: the 4-bit word kernel with its nibbles decoded in inline PTX (the CUDA default)
-  against the Triton-op decode the interpreter runs, at ``W4_PTX_TILES`` (:func:`bench_w4_ptx`).
+  against the Triton-op decode the interpreter runs, at ``W4_PTX_TILES`` (:func:`bench_w4_ptx`);
+- ``linear_fp8``: the one-token fp8 weight-only GEMV swept per projection (whole-row tiles among
+  them), gated, and over 32 decoder layers (:func:`bench_linear_fp8`).
 
 Sweep: ``block_n`` 4/8/16 x ``block_k`` 512/1024 x 4/8 warps, plus (4, 1024, 2), (2, 1024, 2),
 (32, 256, 4); each with split-K 1, 2, 4 (``w4``: also (32, 1024, 8), (32, 512, 8), (16, 2048, 8),
@@ -253,8 +255,8 @@ def bench_linear16(rec: Recorder) -> None:
         return run
 
     variants = {"cublas": step(F.linear), "gemv16": step(G.gemv16_linear)}
-    for name, fn in variants.items():
-        row = rec.add("linear16_layers", "decoder", name, time_chain(fn), nbytes, 32)
+    for name, run_step in variants.items():
+        row = rec.add("linear16_layers", "decoder", name, time_chain(run_step), nbytes, 32)
         us, share = row["us_per_layer"], row["share_of_copy"]
         print(f"linear16 layers {name}: {us:.1f} us per layer ({share:.0%} of copy)", flush=True)
     layers_w.clear()
@@ -295,6 +297,68 @@ def bench_format(rec: Recorder, part: str, tiles_list: Sequence[tuple[int, int, 
                     rec.sweep(f"w4_bytes_{'factored' if factored else 'per_weight'}", shape, nbytes, layers,
                               partial(_gemv_w4_chain, x, w4, factored, False))
         torch.cuda.empty_cache()
+
+
+# One-token fp8 weight-only tilings (block_n, block_k, warps; one split): the loop tiling of the
+# first sweep, then tiles of whole rows (up to 4,096 inputs, straight-line loads) and of 2,048.
+FP8_WO_TILES = [(2, 1024, 2), (4, 1024, 4), (1, 4096, 2), (1, 4096, 4), (2, 4096, 4), (2, 4096, 8),
+                (4, 4096, 4), (4, 4096, 8), (8, 4096, 8), (16, 4096, 8), (2, 2048, 2), (2, 2048, 4),
+                (4, 2048, 4), (8, 2048, 4), (8, 2048, 8), (16, 2048, 8)]
+FP8_WO_GATED_TILES = [(2, 1024, 2), (2, 4096, 4), (2, 4096, 8), (4, 4096, 4), (4, 4096, 8), (8, 4096, 8),
+                      (4, 2048, 4), (8, 2048, 8)]
+
+
+def bench_linear_fp8(rec: Recorder) -> None:
+    """fp8 weight-only at one token as the engine runs it (llama3-8b, 32 layers per chain): per
+    projection the sweep of ``FP8_WO_TILES`` (the default ``FP8_M1_TILES`` first); gate_up with
+    SiLU-and-mul in one launch at ``FP8_WO_GATED_TILES``; then 32 decoder layers' norms and
+    projections chained as the engine chains them (fused add + RMSNorm, qkv, o, fused add +
+    RMSNorm, gate_up and SiLU-and-mul, down) at the default tiling, gate_up in two launches and
+    gated."""
+    for shape, (n, k) in SHAPES_8B.items():
+        x = torch.randn(1, k, device=DEV, dtype=torch.bfloat16)
+        wq = fp8_layers(n, k, 32)
+        for t in FP8_WO_TILES:
+            fn = chain(partial(G.gemv_fp8_weight_only, x, tiles=G.GemvTiles(*t, 1)), wq)
+            row = rec.add("fp8_wo", shape, ",".join(map(str, t)), time_chain(fn), n * k, 32)
+            us, share = row["us_per_layer"], row["share_of_copy"]
+            print(f"fp8_wo {shape} {row['variant']}: {us:.1f} us ({share:.0%})", flush=True)
+        if shape == "gate_up":
+            for t in FP8_WO_GATED_TILES:
+                fn = chain(partial(G.gemv_fp8_weight_only, x, tiles=G.GemvTiles(*t, 1), gated=True), wq)
+                row = rec.add("fp8_wo_gated", shape, ",".join(map(str, t)), time_chain(fn), n * k, 32)
+                us, share = row["us_per_layer"], row["share_of_copy"]
+                print(f"fp8_wo gate_up gated {row['variant']}: {us:.1f} us ({share:.0%})", flush=True)
+        del wq
+        torch.cuda.empty_cache()
+    hidden = SHAPES_8B["o"][0]
+    layers_w = [{name: fp8_layers(n, k, 1)[0] for name, (n, k) in SHAPES_8B.items()} for _ in range(32)]
+    norm_w = torch.ones(hidden, device=DEV, dtype=torch.bfloat16)
+    x0 = torch.randn(1, hidden, device=DEV, dtype=torch.bfloat16)
+    nbytes = sum(n * k for n, k in SHAPES_8B.values())
+
+    def step(gated: bool) -> Callable[[], torch.Tensor]:
+        def run() -> torch.Tensor:
+            h, res = x0.clone(), x0.clone()
+            for w in layers_w:
+                h, res = fused_add_rms_norm(h, res, norm_w, 1e-5)
+                qkv = G.gemv_fp8_weight_only(h, *w["qkv"])
+                h = G.gemv_fp8_weight_only(qkv[:, :hidden], *w["o"])
+                h, res = fused_add_rms_norm(h, res, norm_w, 1e-5)
+                if gated:
+                    h = G.gemv_fp8_weight_only(h, *w["gate_up"], gated=True)
+                else:
+                    h = silu_and_mul(G.gemv_fp8_weight_only(h, *w["gate_up"]))
+                h = G.gemv_fp8_weight_only(h, *w["down"])
+            return h
+        return run
+
+    for name, run_step in {"two launches": step(False), "gated gate_up": step(True)}.items():
+        row = rec.add("fp8_wo_layers", "decoder", name, time_chain(run_step), nbytes, 32)
+        us, share = row["us_per_layer"], row["share_of_copy"]
+        print(f"fp8_wo layers {name}: {us:.1f} us per layer ({share:.0%} of copy)", flush=True)
+    layers_w.clear()
+    torch.cuda.empty_cache()
 
 
 W4_PTX_TILES = [(8, 2048, 4), (4, 1024, 2), (8, 1024, 4), (16, 1024, 4), (16, 2048, 8), (32, 512, 8),
@@ -375,6 +439,8 @@ def main() -> None:
             bench_linear16(rec)
         elif part == "w4_ptx":
             bench_w4_ptx(rec)
+        elif part == "linear_fp8":
+            bench_linear_fp8(rec)
         else:
             bench_format(rec, part, tiles_list, splits)
     layer: dict[tuple[str, str], float] = {}
