@@ -82,13 +82,14 @@ class OurEngine:
     KV pool sized by profiling), without tokenizer or detokenizer, like HF's token-id outputs."""
 
     def __init__(self, model_dir: Path, max_num_seqs: int = 256, enforce_eager: bool = False,
-                 async_scheduling: bool = True, **engine_args: Any) -> None:
+                 async_scheduling: bool = True, max_num_batched_tokens: int = 8192,
+                 **engine_args: Any) -> None:
         from gpu_worker.config import EngineConfig
         from gpu_worker.engine.core import EngineCore
 
         t0 = time.perf_counter()
         config = EngineConfig(model=str(model_dir), load_format="dummy", max_model_len=MAX_MODEL_LEN,
-                              max_num_seqs=max_num_seqs, max_num_batched_tokens=8192,
+                              max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                               gpu_memory_utilization=0.9, enable_prefix_caching=False,
                               enforce_eager=enforce_eager, skip_tokenizer_init=True,
                               async_scheduling=async_scheduling, **engine_args)
@@ -148,20 +149,24 @@ def warm_up(engine: OurEngine, workload: str) -> None:
 
 
 def decode_step_stats(res: dict[str, Any], num_seqs: int) -> dict[str, float]:
-    """Wall time of the decode steps with a full batch (a token for every request), and of the
-    slowest step of the run (a kernel compiling inside the timed run shows there)."""
+    """Wall time of the decode steps with a full batch (a token for every request), of the
+    slowest step of the run (a kernel compiling inside the timed run shows there), and from the
+    start to the first full-batch step (``prefill_phase_s``: the prompts' steps)."""
     times = []
     prev = res["t_start"]
+    first_full = None
     for num_outputs, end in res["steps"]:
         if num_outputs == num_seqs:
             times.append(end - prev)
+            if first_full is None:
+                first_full = prev - res["t_start"]
         prev = end
     if not times:
         return {}
     ends = [res["t_start"]] + [end for _, end in res["steps"]]
     slowest = max(b - a for a, b in zip(ends, ends[1:], strict=False))
     return dict(decode_steps=len(times), decode_step_ms=1e3 * float(np.median(times)),
-                slowest_step_ms=round(1e3 * slowest, 1))
+                slowest_step_ms=round(1e3 * slowest, 1), prefill_phase_s=round(first_full or 0.0, 4))
 
 
 def profile_decode(engine: OurEngine, prompts: list[list[int]], out_dir: Path, tag: str) -> dict[str, float]:
@@ -326,7 +331,8 @@ def bench_ours(
     ctx: Ctx, shape: str, model_dir: Path, workloads: list[str], async_scheduling: bool = True
 ) -> None:
     """Our engine core; ``llmserve`` rows with async scheduling (the CUDA default), else ``llmserve_sync``."""
-    engine = OurEngine(model_dir, enforce_eager=ctx.args.eager, async_scheduling=async_scheduling)
+    engine = OurEngine(model_dir, enforce_eager=ctx.args.eager, async_scheduling=async_scheduling,
+                       max_num_batched_tokens=ctx.args.max_num_batched_tokens)
     name = "llmserve" if async_scheduling else "llmserve_sync"
     cfg = report.shape_numbers(SHAPES[shape])
     print(f"[{name} {shape}] load {engine.load_s:.1f}s warmup+capture {engine.warmup_s:.1f}s, "
@@ -353,7 +359,8 @@ def bench_ours(
         ctx.add(w, shape, name, tok_s, elapsed_s=round(res["elapsed_s"], 3),
                 ttft_s=round(res["ttft_s"], 4), floor_tok_s=round(floor, 1),
                 share_of_floor=round(tok_s / floor, 4), num_kv_blocks=engine.num_blocks,
-                cuda_graphs=not ctx.args.eager, **decode_step_stats(res, n))
+                cuda_graphs=not ctx.args.eager, max_num_batched_tokens=ctx.args.max_num_batched_tokens,
+                **decode_step_stats(res, n))
         if ctx.args.profile:
             stats = profile_decode(engine, prompts, ctx.out_dir, f"{w}_{shape}")
             print(f"  profile {w} {shape}: {stats}", flush=True)
@@ -439,6 +446,8 @@ def main() -> None:
     ap.add_argument("--hf-batches-timed", type=int, default=1)
     ap.add_argument("--gen-batch-requests", type=int, default=64)
     ap.add_argument("--eager", action="store_true", help="our engine without CUDA graphs")
+    ap.add_argument("--max-num-batched-tokens", type=int, default=8192,
+                    help="the token budget per step of our engine core (ours, ours_sync)")
     ap.add_argument("--profile", action="store_true", help="torch.profiler on decode steps of W1/W3")
     ap.add_argument("--host-profile", action="store_true",
                     help="cProfile of a 64-token W1/W3 run after the timed one (host_profile_*.txt)")

@@ -1,5 +1,6 @@
 """bench/bench_gpu.py's per-run step statistics: the full-batch decode steps' median and the
-slowest step of the run (where a kernel compiling inside a timed run shows)."""
+slowest step of the run (where a kernel compiling inside a timed run shows), and the time to the
+first full-batch step (the prompts' phase)."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ def test_decode_step_stats_median_of_full_steps_and_slowest_of_all() -> None:
     assert stats["decode_steps"] == 3
     assert stats["decode_step_ms"] == pytest.approx(12.0)
     assert stats["slowest_step_ms"] == pytest.approx(500.0)
+    assert stats["prefill_phase_s"] == pytest.approx(0.52)  # the first full step starts at 0.52 s
 
 
 def test_decode_step_stats_without_a_full_batch_step_is_empty() -> None:
