@@ -146,6 +146,11 @@ def _gemv_fp8_chain(xq: torch.Tensor, xs: torch.Tensor, wq: list[tuple[torch.Ten
     return chain(one, wq)
 
 
+def _fp8_weight_only_chain(x: torch.Tensor, wq: list[tuple[torch.Tensor, torch.Tensor]], gated: bool,
+                           tiles: G.GemvTiles) -> Callable[[], object]:
+    return chain(partial(G.gemv_fp8_weight_only, x, tiles=tiles, gated=gated), wq)
+
+
 def _gemv_w4_chain(x: torch.Tensor, w4: list[tuple[torch.Tensor, torch.Tensor]], factored: bool,
                    words: bool, tiles: G.GemvTiles) -> Callable[[], object]:
     def one(q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
@@ -208,6 +213,28 @@ def bench_gated(rec: Recorder) -> None:
 GATED16_SWEEP = [(8, 1024, 4), (2, 4096, 4), (2, 4096, 8), (4, 4096, 8), (2, 2048, 4), (4, 2048, 4)]
 
 
+def decoder_chain(layers_w: list[dict[str, Any]], linear: Callable[[torch.Tensor, Any], torch.Tensor],
+                  gate_up: Callable[[torch.Tensor, Any], torch.Tensor]) -> Callable[[], torch.Tensor]:
+    """One token through ``layers_w``'s decoder layers (llama3-8b's projections, attention left
+    out) as the engine chains them: fused add + RMSNorm, qkv, o, fused add + RMSNorm, gate_up with
+    SiLU-and-mul (``gate_up(h, w)``), down; ``linear(h, w)`` runs qkv, o and down."""
+    hidden = SHAPES_8B["o"][0]
+    norm_w = torch.ones(hidden, device=DEV, dtype=torch.bfloat16)
+    x0 = torch.randn(1, hidden, device=DEV, dtype=torch.bfloat16)
+
+    def run() -> torch.Tensor:
+        h, res = x0.clone(), x0.clone()
+        for w in layers_w:
+            h, res = fused_add_rms_norm(h, res, norm_w, 1e-5)
+            qkv = linear(h, w["qkv"])
+            h = linear(qkv[:, :hidden], w["o"])
+            h, res = fused_add_rms_norm(h, res, norm_w, 1e-5)
+            h = gate_up(h, w["gate_up"])
+            h = linear(h, w["down"])
+        return h
+    return run
+
+
 def bench_linear16(rec: Recorder) -> None:
     """The one-token 16-bit linears as the engine runs them (bf16, llama3-8b): per projection (and
     the LM head, 4 copies) cuBLAS against ``gemv16_linear`` at :func:`~G.linear16_tiles`; gate_up
@@ -234,27 +261,11 @@ def bench_linear16(rec: Recorder) -> None:
                 print(f"linear16 gate_up gated {name}: {us:.1f} us ({share:.0%})", flush=True)
         ws.clear()
         torch.cuda.empty_cache()
-    hidden = SHAPES_8B["o"][0]
     layers_w = [{name: torch.randn(n, k, device=DEV, dtype=torch.bfloat16) * 0.02
                  for name, (n, k) in SHAPES_8B.items()} for _ in range(32)]
-    norm_w = torch.ones(hidden, device=DEV, dtype=torch.bfloat16)
-    x0 = torch.randn(1, hidden, device=DEV, dtype=torch.bfloat16)
     nbytes = sum(n * k * 2 for n, k in SHAPES_8B.values())
-
-    def step(linear: Callable[..., torch.Tensor]) -> Callable[[], torch.Tensor]:
-        def run() -> torch.Tensor:
-            h, res = x0.clone(), x0.clone()
-            for w in layers_w:
-                h, res = fused_add_rms_norm(h, res, norm_w, 1e-5)
-                qkv = linear(h, w["qkv"])
-                h = linear(qkv[:, :hidden], w["o"])
-                h, res = fused_add_rms_norm(h, res, norm_w, 1e-5)
-                h = G.gemv16_gated_linear(h, w["gate_up"])
-                h = linear(h, w["down"])
-            return h
-        return run
-
-    variants = {"cublas": step(F.linear), "gemv16": step(G.gemv16_linear)}
+    variants = {"cublas": decoder_chain(layers_w, F.linear, G.gemv16_gated_linear),
+                "gemv16": decoder_chain(layers_w, G.gemv16_linear, G.gemv16_gated_linear)}
     for name, run_step in variants.items():
         row = rec.add("linear16_layers", "decoder", name, time_chain(run_step), nbytes, 32)
         us, share = row["us_per_layer"], row["share_of_copy"]
@@ -311,49 +322,30 @@ FP8_WO_GATED_TILES = [(2, 1024, 2), (2, 4096, 4), (2, 4096, 8), (4, 4096, 4), (4
 def bench_linear_fp8(rec: Recorder) -> None:
     """fp8 weight-only at one token as the engine runs it (llama3-8b, 32 layers per chain): per
     projection the sweep of ``FP8_WO_TILES`` (the default ``FP8_M1_TILES`` first); gate_up with
-    SiLU-and-mul in one launch at ``FP8_WO_GATED_TILES``; then 32 decoder layers' norms and
-    projections chained as the engine chains them (fused add + RMSNorm, qkv, o, fused add +
-    RMSNorm, gate_up and SiLU-and-mul, down) at the default tiling, gate_up in two launches and
-    gated."""
+    SiLU-and-mul in one launch at ``FP8_WO_GATED_TILES``; then 32 decoder layers
+    (:func:`decoder_chain`) at the default tiling, gate_up in two launches and gated."""
     for shape, (n, k) in SHAPES_8B.items():
         x = torch.randn(1, k, device=DEV, dtype=torch.bfloat16)
         wq = fp8_layers(n, k, 32)
-        for t in FP8_WO_TILES:
-            fn = chain(partial(G.gemv_fp8_weight_only, x, tiles=G.GemvTiles(*t, 1)), wq)
-            row = rec.add("fp8_wo", shape, ",".join(map(str, t)), time_chain(fn), n * k, 32)
-            us, share = row["us_per_layer"], row["share_of_copy"]
-            print(f"fp8_wo {shape} {row['variant']}: {us:.1f} us ({share:.0%})", flush=True)
+        rec.sweep("fp8_wo", shape, n * k, 32, partial(_fp8_weight_only_chain, x, wq, False),
+                  FP8_WO_TILES, (1,))
         if shape == "gate_up":
-            for t in FP8_WO_GATED_TILES:
-                fn = chain(partial(G.gemv_fp8_weight_only, x, tiles=G.GemvTiles(*t, 1), gated=True), wq)
-                row = rec.add("fp8_wo_gated", shape, ",".join(map(str, t)), time_chain(fn), n * k, 32)
-                us, share = row["us_per_layer"], row["share_of_copy"]
-                print(f"fp8_wo gate_up gated {row['variant']}: {us:.1f} us ({share:.0%})", flush=True)
+            rec.sweep("fp8_wo_gated", shape, n * k, 32, partial(_fp8_weight_only_chain, x, wq, True),
+                      FP8_WO_GATED_TILES, (1,))
         del wq
         torch.cuda.empty_cache()
-    hidden = SHAPES_8B["o"][0]
     layers_w = [{name: fp8_layers(n, k, 1)[0] for name, (n, k) in SHAPES_8B.items()} for _ in range(32)]
-    norm_w = torch.ones(hidden, device=DEV, dtype=torch.bfloat16)
-    x0 = torch.randn(1, hidden, device=DEV, dtype=torch.bfloat16)
     nbytes = sum(n * k for n, k in SHAPES_8B.values())
 
-    def step(gated: bool) -> Callable[[], torch.Tensor]:
-        def run() -> torch.Tensor:
-            h, res = x0.clone(), x0.clone()
-            for w in layers_w:
-                h, res = fused_add_rms_norm(h, res, norm_w, 1e-5)
-                qkv = G.gemv_fp8_weight_only(h, *w["qkv"])
-                h = G.gemv_fp8_weight_only(qkv[:, :hidden], *w["o"])
-                h, res = fused_add_rms_norm(h, res, norm_w, 1e-5)
-                if gated:
-                    h = G.gemv_fp8_weight_only(h, *w["gate_up"], gated=True)
-                else:
-                    h = silu_and_mul(G.gemv_fp8_weight_only(h, *w["gate_up"]))
-                h = G.gemv_fp8_weight_only(h, *w["down"])
-            return h
-        return run
+    def linear(h: torch.Tensor, w: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        return G.gemv_fp8_weight_only(h, *w)
 
-    for name, run_step in {"two launches": step(False), "gated gate_up": step(True)}.items():
+    def gated(h: torch.Tensor, w: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        return G.gemv_fp8_weight_only(h, *w, gated=True)
+
+    variants = {"two launches": decoder_chain(layers_w, linear, lambda h, w: silu_and_mul(linear(h, w))),
+                "gated gate_up": decoder_chain(layers_w, linear, gated)}
+    for name, run_step in variants.items():
         row = rec.add("fp8_wo_layers", "decoder", name, time_chain(run_step), nbytes, 32)
         us, share = row["us_per_layer"], row["share_of_copy"]
         print(f"fp8_wo layers {name}: {us:.1f} us per layer ({share:.0%} of copy)", flush=True)

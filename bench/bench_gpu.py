@@ -77,12 +77,17 @@ def prompts_for(n: int, length: int, seed: int) -> list[list[int]]:
 # ----------------------------------------------------------------------------- our engine
 
 
+# The step token budget of our engine in these benches (and of offline_tuned): the W1 setting an
+# independent run found best; --max-num-batched-tokens replaces it for our engine core.
+STEP_TOKEN_BUDGET = 8192
+
+
 class OurEngine:
     """The engine core as the worker runs it (scheduler + KV cache manager + model runner, the
     KV pool sized by profiling), without tokenizer or detokenizer, like HF's token-id outputs."""
 
     def __init__(self, model_dir: Path, max_num_seqs: int = 256, enforce_eager: bool = False,
-                 async_scheduling: bool = True, max_num_batched_tokens: int = 8192,
+                 async_scheduling: bool = True, max_num_batched_tokens: int = STEP_TOKEN_BUDGET,
                  **engine_args: Any) -> None:
         from gpu_worker.config import EngineConfig
         from gpu_worker.engine.core import EngineCore
@@ -94,6 +99,7 @@ class OurEngine:
                               enforce_eager=enforce_eager, skip_tokenizer_init=True,
                               async_scheduling=async_scheduling, **engine_args)
         self.core = EngineCore(config, kv_events=False)
+        self.max_num_batched_tokens = max_num_batched_tokens
         self.num_blocks = self.core.num_kv_blocks
         t1 = time.perf_counter()
         self.core.warmup()  # includes CUDA graph capture
@@ -138,14 +144,16 @@ class OurEngine:
 def warm_up(engine: OurEngine, workload: str) -> None:
     """Run ``workload``'s shape once before its timed run: W2 its own request; W1/W3 all of its
     prompts (another seed) for 24 tokens, so every request is still running when the last chunk
-    is prefilled (24 > the 17 prefill steps) and the timed run's mixed steps find their kernel
-    variants compiled. Without it a first W1 run carried a 0.36-0.87 s compile in one step
-    (bf16 and fp8 KV alike, H200, 2026-12-03)."""
+    is prefilled (24 > the 17 prefill steps at a budget of 8,192 tokens; more tokens at smaller
+    budgets) and the timed run's mixed steps find their kernel variants compiled. Without it a
+    first W1 run carried a 0.36-0.87 s compile in one step (bf16 and fp8 KV alike, H200,
+    2026-12-03)."""
     _, n, p_len, o_len = WORKLOADS[workload]
     if workload == "W2":
         engine.run(prompts_for(1, p_len, 99), o_len)
     else:
-        engine.run(prompts_for(n, p_len, 98), 24)
+        prompt_steps = -(-n * p_len // engine.max_num_batched_tokens)
+        engine.run(prompts_for(n, p_len, 98), max(24, prompt_steps + 8))
 
 
 def decode_step_stats(res: dict[str, Any], num_seqs: int) -> dict[str, float]:
@@ -187,7 +195,7 @@ def profile_decode(engine: OurEngine, prompts: list[list[int]], out_dir: Path, t
             state["wall"] = time.perf_counter() - state["t0"]
             prof.stop()
 
-    prompt_steps = -(-n * len(prompts[0]) // 8192)
+    prompt_steps = -(-n * len(prompts[0]) // engine.max_num_batched_tokens)
     assert prompt_steps < 24, "profiled steps must be decode steps"
     engine.run(prompts, max_tokens=40, on_step=on_step)
     events = prof.key_averages()
@@ -377,7 +385,7 @@ def bench_offline(ctx: Ctx, shape: str, model_dir: Path, workloads: list[str], t
     (``offline_tuned``, the setting an independent run found best before the device defaults)."""
     from gpu_worker import LLM, SamplingParams
 
-    extra: dict[str, Any] = {"max_num_batched_tokens": 8192} if tuned else {}
+    extra: dict[str, Any] = {"max_num_batched_tokens": STEP_TOKEN_BUDGET} if tuned else {}
     name = "offline_tuned" if tuned else "offline_defaults"
     llm = LLM(model=str(model_dir), load_format="dummy", **extra)
     budget = llm.engine.config.max_num_batched_tokens
@@ -446,7 +454,7 @@ def main() -> None:
     ap.add_argument("--hf-batches-timed", type=int, default=1)
     ap.add_argument("--gen-batch-requests", type=int, default=64)
     ap.add_argument("--eager", action="store_true", help="our engine without CUDA graphs")
-    ap.add_argument("--max-num-batched-tokens", type=int, default=8192,
+    ap.add_argument("--max-num-batched-tokens", type=int, default=STEP_TOKEN_BUDGET,
                     help="the token budget per step of our engine core (ours, ours_sync)")
     ap.add_argument("--profile", action="store_true", help="torch.profiler on decode steps of W1/W3")
     ap.add_argument("--host-profile", action="store_true",
