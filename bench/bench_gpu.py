@@ -14,6 +14,10 @@ detokenization, like HF's token-id outputs. HF ``generate`` runs static batches;
 batch is what a static batch of that size gives over the whole workload). HF
 ``generate_batch`` runs on ``--gen-batch-requests`` of W1's requests (its own warm-up
 included, as in BASELINES.md). Prints a table, appends JSON lines and writes a Markdown report.
+
+Profiles (our engine, W1/W3): ``--profile`` (six full-batch decode steps), ``--profile-prefill``
+(the prompts' steps), ``--host-profile`` (the host's parts of a step, and a cProfile). Kernel time
+per step counts the device's own events only (``kernel_us``).
 """
 
 from __future__ import annotations
@@ -177,34 +181,64 @@ def decode_step_stats(res: dict[str, Any], num_seqs: int) -> dict[str, float]:
                 slowest_step_ms=round(1e3 * slowest, 1), prefill_phase_s=round(first_full or 0.0, 4))
 
 
-def profile_decode(engine: OurEngine, prompts: list[list[int]], out_dir: Path, tag: str) -> dict[str, float]:
-    """torch.profiler over 6 full-batch decode steps: wall time vs GPU kernel time per step."""
+def kernel_us(events: Any) -> float:
+    """Microseconds on the device in a profiler's ``key_averages()``: the device's own events
+    (kernels, copies, memsets) only. An operator whose kernel the profiler also lists (``aten::mm``,
+    ``aten::argmax``) carries the same time as its own device time, so summing every row counts
+    such kernels twice (about 10% of a W3 decode step, 2x for eager prompt steps)."""
+    from torch.autograd import DeviceType
+
+    return float(sum(e.self_device_time_total for e in events if e.device_type == DeviceType.CUDA))
+
+
+def _profiled_run(engine: OurEngine, prompts: list[list[int]], first: int, stop: int,
+                  max_tokens: int) -> tuple[Any, float]:
+    """Run ``prompts`` under torch.profiler from engine step ``first`` to step ``stop`` (the
+    device drained at both ends); returns the profiler's ``key_averages()`` and the wall time."""
     from torch.profiler import ProfilerActivity, profile
 
-    n = len(prompts)
-    state: dict[str, Any] = {}
+    state: dict[str, float] = {}
     prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
 
     def on_step(i: int) -> None:
-        if i == 24:
+        if i == first:
             torch.cuda.synchronize()
             prof.start()
             state["t0"] = time.perf_counter()
-        elif i == 30:
+        elif i == stop:
             torch.cuda.synchronize()
             state["wall"] = time.perf_counter() - state["t0"]
             prof.stop()
 
-    prompt_steps = -(-n * len(prompts[0]) // engine.max_num_batched_tokens)
-    assert prompt_steps < 24, "profiled steps must be decode steps"
-    engine.run(prompts, max_tokens=40, on_step=on_step)
-    events = prof.key_averages()
-    gpu_us = sum(e.self_device_time_total for e in events)
+    engine.run(prompts, max_tokens=max_tokens, on_step=on_step)
+    return prof.key_averages(), state["wall"]
+
+
+def _prompt_steps(engine: OurEngine, prompts: list[list[int]]) -> int:
+    """Steps the prompts take at the engine's step token budget."""
+    return -(-len(prompts) * len(prompts[0]) // engine.max_num_batched_tokens)
+
+
+def profile_decode(engine: OurEngine, prompts: list[list[int]], out_dir: Path, tag: str) -> dict[str, float]:
+    """torch.profiler over 6 full-batch decode steps: wall time vs GPU kernel time per step."""
+    assert _prompt_steps(engine, prompts) < 24, "profiled steps must be decode steps"
+    events, wall = _profiled_run(engine, prompts, 24, 30, max_tokens=40)
     table = events.table(sort_by="self_device_time_total", row_limit=25)
     (out_dir / f"profile_{tag}.txt").write_text(table)
     cpu_table = events.table(sort_by="self_cpu_time_total", row_limit=25)
     (out_dir / f"profile_{tag}_cpu.txt").write_text(cpu_table)
-    return dict(profiled_step_ms=1e3 * state["wall"] / 6, gpu_kernel_ms_per_step=gpu_us / 1e3 / 6)
+    return dict(profiled_step_ms=1e3 * wall / 6, gpu_kernel_ms_per_step=kernel_us(events) / 1e3 / 6)
+
+
+def profile_prefill(engine: OurEngine, prompts: list[list[int]], out_dir: Path, tag: str) -> dict[str, float]:
+    """torch.profiler over the prompts' steps of a W1/W3-shaped run (every step before the first
+    full-batch decode): wall time vs GPU kernel time per step, and the kernels by GPU time."""
+    steps = _prompt_steps(engine, prompts)
+    events, wall = _profiled_run(engine, prompts, 0, steps, max_tokens=steps + 8)
+    table = events.table(sort_by="self_device_time_total", row_limit=30)
+    (out_dir / f"profile_prefill_{tag}.txt").write_text(table)
+    return dict(prefill_profiled_steps=steps, prefill_step_ms=1e3 * wall / steps,
+                prefill_gpu_kernel_ms_per_step=kernel_us(events) / 1e3 / steps)
 
 
 def _timed(obj: Any, name: str, times: dict[str, list[float]]) -> None:
@@ -373,6 +407,10 @@ def bench_ours(
             stats = profile_decode(engine, prompts, ctx.out_dir, f"{w}_{shape}")
             print(f"  profile {w} {shape}: {stats}", flush=True)
             ctx.rows[-1].extra.update({k: round(v, 4) for k, v in stats.items()})
+        if ctx.args.profile_prefill:
+            stats = profile_prefill(engine, prompts, ctx.out_dir, f"{w}_{shape}")
+            print(f"  prefill profile {w} {shape}: {stats}", flush=True)
+            ctx.rows[-1].extra.update({k: round(v, 4) for k, v in stats.items()})
         if ctx.args.host_profile:
             parts = host_profile(engine, prompts, ctx.out_dir, f"{w}_{shape}")
             print(f"  host profile {w} {shape}: {parts}", flush=True)
@@ -457,6 +495,8 @@ def main() -> None:
     ap.add_argument("--max-num-batched-tokens", type=int, default=STEP_TOKEN_BUDGET,
                     help="the token budget per step of our engine core (ours, ours_sync)")
     ap.add_argument("--profile", action="store_true", help="torch.profiler on decode steps of W1/W3")
+    ap.add_argument("--profile-prefill", action="store_true",
+                    help="torch.profiler on the prompts' steps of W1/W3 (profile_prefill_*.txt)")
     ap.add_argument("--host-profile", action="store_true",
                     help="cProfile of a 64-token W1/W3 run after the timed one (host_profile_*.txt)")
     ap.add_argument("--out-dir", type=Path, default=Path("bench_out"))

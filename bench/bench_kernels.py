@@ -1,6 +1,9 @@
 """Kernel micro-benchmarks on one CUDA GPU: Triton ops against their torch references.
 
 - copy: a 1 GiB device-to-device copy, the bandwidth ceiling (bytes read + bytes written);
+- decode attention at W1/W3's batch (256 sequences x 640 tokens, head dim 128 and 64, the grid
+  sized for ``max_model_len`` as under CUDA graphs): the default and the best of a sweep that
+  includes KV heads per program (``--only-batch-decode`` runs this part alone);
 - decode attention at batch 64, 2k-token contexts, llama3-8b shape (32 q heads, 8 KV heads,
   head dim 128, bf16, block size 16): achieved bandwidth (K/V bytes read) as a share of the
   copy bandwidth, the default tiling and a sweep of tilings;
@@ -12,7 +15,8 @@
   tokens and at one decode token): time and ratio against the reference.
 
 Times are medians of ``triton.testing.do_bench`` (CUDA events) after a warm-up.
-``python bench/bench_kernels.py [--json PATH] [--no-sweep] [--prefill-split-kv on|off|both]``;
+``python bench/bench_kernels.py [--json PATH] [--no-sweep] [--prefill-split-kv on|off|both]
+[--only-batch-decode]``;
 prints a table last.
 """
 
@@ -74,8 +78,8 @@ class Paged:
     scale: float
 
 
-def make_paged(specs: list[tuple[int, int]], block_size: int = 16) -> Paged:
-    hq, hk, d = LLAMA3_8B["num_heads"], LLAMA3_8B["num_kv_heads"], LLAMA3_8B["head_dim"]
+def make_paged(specs: list[tuple[int, int]], block_size: int = 16, head_dim: int | None = None) -> Paged:
+    hq, hk, d = LLAMA3_8B["num_heads"], LLAMA3_8B["num_kv_heads"], head_dim or LLAMA3_8B["head_dim"]
     max_seq_len = max(s for s, _ in specs)
     per_seq = -(-max_seq_len // block_size)
     num_blocks = per_seq * len(specs)
@@ -120,6 +124,34 @@ def decode_rows(copy_gb_s: float, sweep: bool, block_size: int) -> list[Row]:
         for warps, stages in ((2, 3), (4, 3), (2, 4))
     ]
     return rows + sorted(swept, key=lambda r: r.ms)[:4]
+
+
+def batch_decode_rows(copy_gb_s: float) -> list[Row]:
+    """W1/W3's decode attention: 256 sequences at 640-token contexts (the middle of their
+    decode), the grid sized for ``max_model_len`` 2,048 as under their CUDA graphs; head dim
+    128 (llama3-8b) and 64 (llama3-1b); the default tiling and the best five of a sweep (KV
+    heads per program, keys per step, warps, stages)."""
+    rows = []
+    for head_dim in (128, 64):
+        p = make_paged([(640, 1)] * 256, 16, head_dim)
+        kv_bytes = 2 * 256 * 640 * p.key_cache.shape[2] * head_dim * 2
+        args = (p.q, p.key_cache, p.value_cache, p.block_tables, p.seq_lens, p.scale, 2048)
+
+        def row(name: str, cfg: tops.DecodeConfig, args: tuple = args, kv_bytes: int = kv_bytes) -> Row:
+            ms = bench(functools.partial(tops.paged_decode_attention, *args, config=cfg))
+            gb_s = kv_bytes / ms / 1e6
+            return Row(name, ms, gb_s, gb_s / copy_gb_s, note=str(cfg))
+
+        name = f"decode b256 ctx640 d{head_dim}"
+        swept = [
+            row(f"{name} sweep", tops.DecodeConfig(None, block_n, warps, stages, heads))
+            for heads in ((1, 2, 4) if head_dim < 128 else (1, 2))
+            for block_n in (32, 64)
+            for warps in (2, 4)
+            for stages in (2, 3)
+        ]
+        rows += [row(f"{name} (default)", tops.DecodeConfig())] + sorted(swept, key=lambda r: r.ms)[:5]
+    return rows
 
 
 def split_decode_rows(copy_gb_s: float) -> list[Row]:
@@ -258,11 +290,17 @@ def main() -> None:
     parser.add_argument("--no-sweep", action="store_true", help="skip the decode tiling sweep")
     parser.add_argument("--prefill-split-kv", choices=("on", "off", "both"), default="both",
                         help="long-context prefill rows with PrefillConfig.split_kv on, off or both")
+    parser.add_argument("--only-batch-decode", action="store_true",
+                        help="only W1/W3's decode attention (256 x 640 tokens) and its tiling sweep")
     args = parser.parse_args()
     torch.manual_seed(0)
     card = torch.cuda.get_device_name()
     copy = copy_bandwidth_gb_s()
     rows = [Row("copy 1 GiB d2d", 0.0, copy, 1.0)]
+    rows += batch_decode_rows(copy)
+    if args.only_batch_decode:
+        _report(args.json, card, rows)
+        return
     rows += decode_rows(copy, not args.no_sweep, 16)
     rows += decode_rows(copy, False, 64)
     rows += split_decode_rows(copy)
@@ -270,10 +308,15 @@ def main() -> None:
     split_modes = {"on": [True], "off": [False], "both": [False, True]}[args.prefill_split_kv]
     rows += long_prefill_rows(split_modes, not args.no_sweep)
     rows += elementwise_rows(copy)
+    _report(args.json, card, rows)
+
+
+def _report(json_path: str | None, card: str, rows: list[Row]) -> None:
+    """Write the rows (``json_path``) and print them as a table."""
     context = {"date": datetime.date.today().isoformat(), "card": card, "torch": torch.__version__,
                "triton": triton.__version__}
-    if args.json:
-        with open(args.json, "w") as f:
+    if json_path:
+        with open(json_path, "w") as f:
             json.dump({**context, "rows": [{**asdict(r), "speedup": r.speedup} for r in rows]}, f, indent=1)
     print(json.dumps(context))
     print(f"{'name':<44} {'ms':>9} {'GB/s':>8} {'%copy':>6} {'ref ms':>9} {'x ref':>7}  note")

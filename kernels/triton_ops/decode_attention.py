@@ -1,8 +1,13 @@
 """Split-KV decode attention (flash-decoding) over the paged cache.
 
-Phase 1: one program per (sequence, KV head, partition of the context). Its rows are the
-``G = Hq // Hk`` query heads that share the KV head (padded to 16 for the matrix unit), so
-each K/V tile is read from memory once for the whole group. It writes the partition's
+Phase 1: one program per (sequence, ``H`` adjacent KV heads, partition of the context). Its
+rows are the ``H * G`` query heads (``G = Hq // Hk``) that share those KV heads (padded to 16
+for the matrix unit), so each K/V tile is read from memory once for the whole group. With
+``H > 1`` (``heads_per_program``; by default as many heads as make 128 dims, so 2 at head dim
+64) the program's K/V rows are ``H * D`` contiguous elements of the cache instead of ``D``, and
+its query tile is block-diagonal (row ``r`` holds its head's query in the columns of its own KV
+head, zeros elsewhere): the scores of a row see its own head's keys only, and each row keeps
+only its own head's columns of the output. The extra products are exact zeros. It writes the partition's
 normalised output and its softmax statistics (running max in log2 units, sum of weights).
 Phase 2: one program per (sequence, query head) merges the partitions. With a single
 partition, phase 1 writes the final output and phase 2 is not launched; a sequence that fits
@@ -35,10 +40,16 @@ class DecodeConfig:
     block_n: int | None = None  # keys per inner step
     num_warps: int = 2
     num_stages: int = 3
+    # Adjacent KV heads per phase-1 program (a power of two dividing Hk; None: 128 // head_dim,
+    # at least 1, so K/V rows of at least 256 bytes in 16-bit).
+    heads_per_program: int | None = None
 
     def __post_init__(self) -> None:
         if self.block_n is not None and (self.block_n & (self.block_n - 1) or self.block_n < 16):
             raise ValueError(f"block_n must be a power of two >= 16, got {self.block_n}")
+        hp = self.heads_per_program
+        if hp is not None and (hp < 1 or hp & (hp - 1)):
+            raise ValueError(f"heads_per_program must be a power of two >= 1, got {hp}")
         if self.partition_size and self.block_n and self.partition_size % self.block_n:
             raise ValueError("partition_size must be a multiple of block_n")
 
@@ -69,6 +80,7 @@ def _decode_partition_kernel(
     v_scale_ptr,
     stride_kv_scale,
     G: tl.constexpr,
+    HEADS: tl.constexpr,
     BLOCK_G: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
     HEAD_DIM: tl.constexpr,
@@ -78,7 +90,7 @@ def _decode_partition_kernel(
     KV_FP8: tl.constexpr,
 ):
     seq = tl.program_id(0)
-    kv_head = tl.program_id(1)
+    kv_head = tl.program_id(1) * HEADS  # the first of the program's HEADS adjacent KV heads
     split = tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + seq)
     part_start = split * partition_size
@@ -86,14 +98,22 @@ def _decode_partition_kernel(
     if part_start < seq_len:
         part_end = tl.minimum(part_start + partition_size, seq_len)
         rows = tl.arange(0, BLOCK_G)
-        head = kv_head * G + rows
-        row_ok = rows < G
-        dims = tl.arange(0, HEAD_DIM)
-        q = common.load_rows(q_ptr, common.row_offsets(seq, head, stride_qs, stride_qh), row_ok, dims)
-        m_i, l_i, acc = common.init_softmax_state(BLOCK_G, HEAD_DIM)
+        head = kv_head * G + rows  # the program's query heads are adjacent too
+        row_ok = rows < HEADS * G
+        # Columns span the HEADS KV heads (adjacent in the cache row); a row reads and writes
+        # only its own KV head's columns (``own``), so its query tile is block-diagonal.
+        dims = tl.arange(0, HEADS * HEAD_DIM)
+        own = row_ok[:, None] & ((rows // G)[:, None] == (dims // HEAD_DIM)[None, :])
+        head_dims = dims % HEAD_DIM
+        q_off = common.row_offsets(seq, head, stride_qs, stride_qh)
+        q = tl.load(q_ptr + q_off[:, None] + head_dims[None, :], mask=own, other=0.0)
+        m_i, l_i, acc = common.init_softmax_state(BLOCK_G, HEADS * HEAD_DIM)
         bt_row = block_tables_ptr + seq.to(tl.int64) * stride_bt
         if KV_FP8:
-            qk_scale_log2 = qk_scale_log2 * tl.load(k_scale_ptr + kv_head * stride_kv_scale)
+            # Per row: the scale of the row's KV head (all equal for a per-tensor scale).
+            row_kv = kv_head + rows // G
+            k_scale = tl.load(k_scale_ptr + row_kv * stride_kv_scale, mask=row_ok, other=1.0)
+            v_scale = tl.load(v_scale_ptr + row_kv * stride_kv_scale, mask=row_ok, other=1.0)
         for start in range(part_start, part_end, BLOCK_N):
             kpos = start + tl.arange(0, BLOCK_N)
             k_ok = kpos < part_end
@@ -105,24 +125,29 @@ def _decode_partition_kernel(
                 k = k.to(q.dtype)
                 v = v.to(q.dtype)
             # The query sits at position seq_len - 1, so every key below part_end is visible.
-            s = tl.where(k_ok[None, :], common.dot(q, k, IEEE_DOT) * qk_scale_log2, float("-inf"))
+            if KV_FP8:
+                s = common.dot(q, k, IEEE_DOT) * (qk_scale_log2 * k_scale)[:, None]
+            else:
+                s = common.dot(q, k, IEEE_DOT) * qk_scale_log2
+            s = tl.where(k_ok[None, :], s, float("-inf"))
             m_i, l_i, acc = common.online_softmax_step(s, v, m_i, l_i, acc, IEEE_DOT)
 
         out = acc / l_i[:, None]
         if KV_FP8:
-            out = out * tl.load(v_scale_ptr + kv_head * stride_kv_scale)
-        o_off = common.row_offsets(seq, head, stride_os, stride_oh)
+            out = out * v_scale[:, None]
+        o_ptrs = out_ptr + common.row_offsets(seq, head, stride_os, stride_oh)[:, None] + head_dims[None, :]
         if ONE_SPLIT:
-            common.store_rows(out_ptr, o_off, row_ok, dims, out)
+            tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=own)
         elif seq_len <= partition_size:
             # The whole sequence is this partition: final output, phase 2 skips the sequence.
-            common.store_rows(out_ptr, o_off, row_ok, dims, out)
+            tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=own)
         else:
             # Partial buffers are [S, Hq, num_splits(, D)], contiguous.
-            stat_off = (seq.to(tl.int64) * G * tl.num_programs(1) + head) * num_splits + split
+            num_heads = G * HEADS * tl.num_programs(1)
+            stat_off = (seq.to(tl.int64) * num_heads + head) * num_splits + split
             tl.store(part_m_ptr + stat_off, m_i, mask=row_ok)
             tl.store(part_l_ptr + stat_off, l_i, mask=row_ok)
-            tl.store(part_out_ptr + stat_off[:, None] * HEAD_DIM + dims[None, :], out, mask=row_ok[:, None])
+            tl.store(part_out_ptr + stat_off[:, None] * HEAD_DIM + head_dims[None, :], out, mask=own)
 
 
 @triton.jit
@@ -166,6 +191,14 @@ def _merge_partitions(seq, head, used, out_ptr, part_out_ptr, part_m_ptr, part_l
     tl.store(out_ptr + o_off + dims, out.to(out_ptr.dtype.element_ty))
 
 
+def _heads_per_program(config: DecodeConfig, num_kv_heads: int, head_dim: int) -> int:
+    """KV heads per phase-1 program: the config's, else enough for 128 dims (at most Hk)."""
+    heads = config.heads_per_program or max(1, 128 // head_dim)
+    while num_kv_heads % heads:
+        heads //= 2
+    return heads
+
+
 def _choose_tiles(config: DecodeConfig, num_pairs: int, max_seq_len: int, elem_bytes: int) -> tuple[int, int]:
     block_n = config.block_n or (64 if elem_bytes <= 2 else 32)
     if config.partition_size is not None:
@@ -207,7 +240,9 @@ def paged_decode_attention(
     out = common.output_like(q, out)
     if num_seqs == 0:
         return out
-    partition, block_n = _choose_tiles(config, num_seqs * num_kv_heads, max_seq_len, q.element_size())
+    heads = _heads_per_program(config, num_kv_heads, head_dim)
+    num_programs = num_kv_heads // heads
+    partition, block_n = _choose_tiles(config, num_seqs * num_programs, max_seq_len, q.element_size())
     num_splits = max(triton.cdiv(max_seq_len, partition), 1)
     block_tables = common.unit_stride_rows(block_tables)
     one_split = num_splits == 1
@@ -216,12 +251,15 @@ def paged_decode_attention(
     part_out = q.new_empty((1,) if one_split else (*shape, head_dim), dtype=torch.float32)
     part_m = q.new_empty((1,) if one_split else shape, dtype=torch.float32)
     part_l = q.new_empty((1,) if one_split else shape, dtype=torch.float32)
-    _decode_partition_kernel[(num_seqs, num_kv_heads, num_splits)](
+    # The program's KV heads are one run of heads * head_dim elements of a cache row (contiguous
+    # caches, checked above).
+    _decode_partition_kernel[(num_seqs, num_programs, num_splits)](
         q, key_cache, value_cache, block_tables, seq_lens, out, part_out, part_m, part_l,
         *common.paged_strides(q, out, block_tables, key_cache),
         scale * common.LOG2E, partition, num_splits, fp8.k_scale, fp8.v_scale, fp8.stride,
         G=group,
-        BLOCK_G=max(16, triton.next_power_of_2(group)),
+        HEADS=heads,
+        BLOCK_G=max(16, triton.next_power_of_2(heads * group)),
         BLOCK_SIZE=block_size,
         HEAD_DIM=head_dim,
         BLOCK_N=block_n,

@@ -30,3 +30,20 @@ def test_decode_step_stats_median_of_full_steps_and_slowest_of_all() -> None:
 def test_decode_step_stats_without_a_full_batch_step_is_empty() -> None:
     res = {"t_start": 0.0, "steps": [(1, 0.1), (2, 0.2)]}
     assert bench_gpu.decode_step_stats(res, num_seqs=4) == {}
+
+
+def test_kernel_us_counts_device_events_only() -> None:
+    """An operator whose kernel the profiler also lists carries that kernel's time as its own
+    device time: only the device's rows (kernels, copies) are summed."""
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    events = [
+        SimpleNamespace(key="aten::mm", device_type=DeviceType.CPU, self_device_time_total=190.0),
+        SimpleNamespace(key="nvjet_gemm", device_type=DeviceType.CUDA, self_device_time_total=190.0),
+        SimpleNamespace(key="Memcpy HtoD", device_type=DeviceType.CUDA, self_device_time_total=2.5),
+        SimpleNamespace(key="aten::argmax", device_type=DeviceType.CPU, self_device_time_total=51.0),
+        SimpleNamespace(key="reduce_kernel", device_type=DeviceType.CUDA, self_device_time_total=51.0),
+    ]
+    assert bench_gpu.kernel_us(events) == pytest.approx(243.5)

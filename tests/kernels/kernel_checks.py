@@ -237,9 +237,13 @@ def check_paged_attention_split(t: Target) -> None:
 
 def check_paged_decode_attention(t: Target) -> None:
     gen = torch.Generator().manual_seed(2)
+    # heads_per_program 1 and several (block-diagonal query tiles; the default takes 2 at head
+    # dim 64 where the KV heads divide), split and not; 4 is cut to a divisor of Hk.
     configs = [tops.DecodeConfig(), tops.DecodeConfig(partition_size=32, block_n=16),
-               tops.DecodeConfig(partition_size=16, block_n=16)]
-    for bs, d, g, hk in ATTN_SHAPES:
+               tops.DecodeConfig(partition_size=16, block_n=16, heads_per_program=1),
+               tops.DecodeConfig(heads_per_program=4),
+               tops.DecodeConfig(partition_size=32, block_n=16, heads_per_program=2)]
+    for bs, d, g, hk in ATTN_SHAPES + [(16, 32, 2, 4)]:
         lens = [1, bs, bs + 1, 2 * bs + 3, 3 * bs, 7, 5 * bs - 1] + ([2048, 1500, 513] if t.big else [])
         for cfg in configs:
             # max_seq_len is an upper bound (as under CUDA graphs): partitions past the end stay unused.

@@ -573,8 +573,10 @@ def check_paged_attention_fp8(t: Target) -> None:
 
 def check_paged_decode_attention_fp8(t: Target) -> None:
     gen = torch.Generator().manual_seed(20)
-    configs = [tops.DecodeConfig(), tops.DecodeConfig(partition_size=32, block_n=16)]
-    for (bs, d, g, hk), per_head in _FP8_ATTN:
+    configs = [tops.DecodeConfig(), tops.DecodeConfig(partition_size=32, block_n=16),
+               tops.DecodeConfig(partition_size=32, block_n=16, heads_per_program=2)]
+    # + four KV heads at head dim 64: two per program by default, each row with its own scale.
+    for (bs, d, g, hk), per_head in _FP8_ATTN + [((16, 64, 2, 4), True), ((16, 64, 2, 4), False)]:
         lens = [1, bs + 1, 2 * bs + 3, 7, 5 * bs - 1] + ([2048, 513] if t.big else [])
         for cfg in configs:
             b, ks, vs = fp8_paged_batch([(n, 1) for n in lens], hk, g, d, bs, per_head, t, gen, slack=37)

@@ -42,3 +42,28 @@ def test_get_ops_picks_triton_on_cuda() -> None:
     from kernels import get_ops
 
     assert get_ops("cuda").name == "triton"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize(("head_dim", "group", "num_kv_heads"), [(64, 4, 8), (32, 2, 4), (128, 4, 8)])
+def test_decode_attention_heads_per_program_gives_the_same_bits_gpu(
+    head_dim: int, group: int, num_kv_heads: int, dtype: torch.dtype
+) -> None:
+    """Several KV heads per decode program (block-diagonal query tiles: the extra products are
+    exact zeros) give the bits of one head per program, split and unsplit, on W3's layout
+    (llama3-1b: head dim 64, 8 KV heads of 4 query heads) and others."""
+    from kernels import triton_ops as tops
+
+    t = _checks.Target("cuda", dtype)
+    gen = torch.Generator().manual_seed(5)
+    lens = [1, 15, 16, 17, 300, 641, 1000, 33]
+    b = _checks.make_paged_batch([(n, 1) for n in lens], num_kv_heads, group, head_dim, 16, t, gen,
+                                 seq_len_slack=40)
+    args = (b.q, b.key_cache, b.value_cache, b.block_tables, b.seq_lens, b.scale, b.max_seq_len)
+    for partition in (None, 256):
+        one = tops.paged_decode_attention(*args, config=tops.DecodeConfig(partition, heads_per_program=1))
+        for heads in (2, 4):
+            many = tops.paged_decode_attention(
+                *args, config=tops.DecodeConfig(partition, heads_per_program=heads))
+            assert torch.equal(one, many), f"heads_per_program={heads} partition={partition}"
