@@ -17,7 +17,8 @@ included, as in BASELINES.md). Prints a table, appends JSON lines and writes a M
 
 Profiles (our engine, W1/W3): ``--profile`` (six full-batch decode steps), ``--profile-prefill``
 (the prompts' steps), ``--host-profile`` (the host's parts of a step, and a cProfile). Kernel time
-per step counts the device's own events only (``kernel_us``).
+per step counts the device's own events only (``kernel_us``). W1/W3 rows carry the host's speed at
+the engine core's Python (``host_sched_update_ms``, :func:`host_speed_ms`), measured before the run.
 """
 
 from __future__ import annotations
@@ -179,6 +180,17 @@ def decode_step_stats(res: dict[str, Any], num_seqs: int) -> dict[str, float]:
     slowest = max(b - a for a, b in zip(ends, ends[1:], strict=False))
     return dict(decode_steps=len(times), decode_step_ms=1e3 * float(np.median(times)),
                 slowest_step_ms=round(1e3 * slowest, 1), prefill_phase_s=round(first_full or 0.0, 4))
+
+
+def host_speed_ms() -> float:
+    """This host's speed at the engine core's own Python: ``schedule`` + ``update`` medians (ms)
+    of a W1/W3-shaped decode step (256 requests, 512-token prompts; ``bench_host_step.py``'s
+    part 1, 40 steps, no GPU work), measured just before a W1/W3 run. W3's decode is bound by
+    the host on slower hosts, so its rows carry the host's speed beside the result."""
+    from bench_host_step import scheduler_step_ms
+
+    sched_ms, update_ms = scheduler_step_ms(256, 512, 40)
+    return round(sched_ms + update_ms, 3)
 
 
 def kernel_us(events: Any) -> float:
@@ -395,6 +407,7 @@ def bench_ours(
                 ctx.rows[-1].extra.update({k: round(v, 4) for k, v in stats.items()})
             continue
         prompts = prompts_for(n, p_len, 1)
+        host_ms = host_speed_ms()
         res = engine.run(prompts, o_len)
         tok_s = res["output_tokens"] / res["elapsed_s"]
         floor = report.w1_floor_tok_s(cfg, ctx.ceilings, n, p_len, o_len)
@@ -402,7 +415,7 @@ def bench_ours(
                 ttft_s=round(res["ttft_s"], 4), floor_tok_s=round(floor, 1),
                 share_of_floor=round(tok_s / floor, 4), num_kv_blocks=engine.num_blocks,
                 cuda_graphs=not ctx.args.eager, max_num_batched_tokens=ctx.args.max_num_batched_tokens,
-                **decode_step_stats(res, n))
+                host_sched_update_ms=host_ms, **decode_step_stats(res, n))
         if ctx.args.profile:
             stats = profile_decode(engine, prompts, ctx.out_dir, f"{w}_{shape}")
             print(f"  profile {w} {shape}: {stats}", flush=True)

@@ -68,12 +68,15 @@ def _add_requests(sched: Scheduler, n: int, p: int, max_tokens: int) -> None:
         sched.add_request(EngineCoreRequest(f"r{i}", tuple(rng.randrange(32000) for _ in range(p)), params))
 
 
-def bench_scheduler(args: argparse.Namespace) -> None:
-    """Part 1: ``schedule`` + ``update`` with no runner (medians of this thread's CPU time)."""
-    n, p = args.requests, args.prompt_tokens
+def scheduler_step_ms(
+    n: int, p: int, steps: int, profile: cProfile.Profile | None = None
+) -> tuple[float, float]:
+    """``schedule`` and ``update`` medians (ms of this thread's CPU time) over ``steps`` decode
+    steps of ``n`` running requests with ``p``-token prompts, no runner (sampled ids stubbed).
+    A fixed Python workload: ``bench_gpu.py`` records it beside W1/W3 as the host's speed."""
     # Requests prefilled first decode while the others prefill (~p * n / 8192 steps): no
     # request may finish before the timed steps end.
-    max_tokens = args.steps + -(-p * n // 8192) + 8
+    max_tokens = steps + -(-p * n // 8192) + 8
     kv = KVCacheManager(n * -(-(p + max_tokens) // BLOCK_SIZE) + 64, BLOCK_SIZE, True)
     sched = Scheduler(kv, n, 8192, p + max_tokens, BLOCK_SIZE, "bench")
     _add_requests(sched, n, p, max_tokens)
@@ -82,11 +85,10 @@ def bench_scheduler(args: argparse.Namespace) -> None:
         sched.update(out, _sampled(out), 0.0)
         if len(out.requests) == n and out.num_scheduled_tokens == n:
             break
-    prof = cProfile.Profile() if args.profile else None
     t_sched, t_update = [], []
-    for _ in range(args.steps):
-        if prof is not None:
-            prof.enable()
+    for _ in range(steps):
+        if profile is not None:
+            profile.enable()
         t0 = time.thread_time()
         out = sched.schedule()
         t1 = time.thread_time()
@@ -94,12 +96,18 @@ def bench_scheduler(args: argparse.Namespace) -> None:
         t2 = time.thread_time()
         sched.update(out, runner_out, 0.0)
         t3 = time.thread_time()
-        if prof is not None:
-            prof.disable()
+        if profile is not None:
+            profile.disable()
         t_sched.append(t1 - t0)
         t_update.append(t3 - t2)
-    ms_sched, ms_update = statistics.median(t_sched) * 1e3, statistics.median(t_update) * 1e3
-    print(f"{n} running requests, {args.steps} decode steps: schedule median {ms_sched:.2f} ms, "
+    return statistics.median(t_sched) * 1e3, statistics.median(t_update) * 1e3
+
+
+def bench_scheduler(args: argparse.Namespace) -> None:
+    """Part 1: ``schedule`` + ``update`` with no runner (medians of this thread's CPU time)."""
+    prof = cProfile.Profile() if args.profile else None
+    ms_sched, ms_update = scheduler_step_ms(args.requests, args.prompt_tokens, args.steps, prof)
+    print(f"{args.requests} running requests, {args.steps} decode steps: schedule median {ms_sched:.2f} ms, "
           f"update median {ms_update:.2f} ms")
     if prof is not None:
         pstats.Stats(prof).sort_stats("tottime").print_stats(15)

@@ -47,3 +47,13 @@ def test_kernel_us_counts_device_events_only() -> None:
         SimpleNamespace(key="reduce_kernel", device_type=DeviceType.CUDA, self_device_time_total=51.0),
     ]
     assert bench_gpu.kernel_us(events) == pytest.approx(243.5)
+
+
+def test_host_speed_runs_the_real_scheduler_on_a_w3_shaped_step() -> None:
+    """The host-speed probe recorded beside W1/W3 times the real scheduler (256 decoding
+    requests): a positive, finite number of milliseconds, rounded for the row."""
+    import math
+
+    ms = bench_gpu.host_speed_ms()
+    assert ms > 0 and math.isfinite(ms)
+    assert ms == round(ms, 3)
