@@ -146,6 +146,11 @@ class OurEngine:
         torch.cuda.empty_cache()
 
 
+def _prompt_steps(engine: OurEngine, prompts: list[list[int]]) -> int:
+    """Steps the prompts take at the engine's step token budget."""
+    return -(-len(prompts) * len(prompts[0]) // engine.max_num_batched_tokens)
+
+
 def warm_up(engine: OurEngine, workload: str) -> None:
     """Run ``workload``'s shape once before its timed run: W2 its own request; W1/W3 all of its
     prompts (another seed) for 24 tokens, so every request is still running when the last chunk
@@ -157,8 +162,8 @@ def warm_up(engine: OurEngine, workload: str) -> None:
     if workload == "W2":
         engine.run(prompts_for(1, p_len, 99), o_len)
     else:
-        prompt_steps = -(-n * p_len // engine.max_num_batched_tokens)
-        engine.run(prompts_for(n, p_len, 98), max(24, prompt_steps + 8))
+        prompts = prompts_for(n, p_len, 98)
+        engine.run(prompts, max(24, _prompt_steps(engine, prompts) + 8))
 
 
 def decode_step_stats(res: dict[str, Any], num_seqs: int) -> dict[str, float]:
@@ -224,11 +229,6 @@ def _profiled_run(engine: OurEngine, prompts: list[list[int]], first: int, stop:
 
     engine.run(prompts, max_tokens=max_tokens, on_step=on_step)
     return prof.key_averages(), state["wall"]
-
-
-def _prompt_steps(engine: OurEngine, prompts: list[list[int]]) -> int:
-    """Steps the prompts take at the engine's step token budget."""
-    return -(-len(prompts) * len(prompts[0]) // engine.max_num_batched_tokens)
 
 
 def profile_decode(engine: OurEngine, prompts: list[list[int]], out_dir: Path, tag: str) -> dict[str, float]:
