@@ -270,19 +270,22 @@ def _timed(obj: Any, name: str, times: dict[str, list[float]]) -> None:
 
 def host_profile(engine: OurEngine, prompts: list[list[int]], out_dir: Path, tag: str) -> dict[str, float]:
     """The host side of a W1/W3-shaped run, after the timed run, in two untimed 64-token runs:
-    (1) the wall time of each part of an engine step (schedule, launch, update; the runner's
-    graph replay and sampling inside the launch; the rest, mostly the wait for the sampled
-    ids), medians over the run's last 32 steps (all decode), returned; (2) a cProfile (functions by own and by
-    cumulative time) in ``host_profile_<tag>.txt``: it slows the host, so its shares matter,
-    not its times."""
+    (1) the wall time of each part of an engine step (schedule, launch, update; inside the
+    launch the runner's state update, input preparation, graph replay and sampling, and inside
+    that the LM head, the sampler and the start of the ids' copy; the rest, mostly the wait for
+    the sampled ids), medians over the run's last 32 steps (all decode), returned; (2) a
+    cProfile (functions by own and by cumulative time) in ``host_profile_<tag>.txt``: it slows
+    the host, so its shares matter, not its times."""
     import cProfile
     import io
     import pstats
 
     core = engine.core
     times: dict[str, list[float]] = {}
+    runner = core.runner
     wrapped = [(core.scheduler, "schedule"), (core.scheduler, "update"), (core.executor, "execute_async"),
-               (core.runner, "_sample")]
+               (runner, "_sample"), (runner.states, "update_batch"), (runner.inputs, "prepare"),
+               (runner.model, "compute_logits"), (runner.sampler, "sample"), (runner, "_pending_output")]
     if core.runner.graphs is not None:
         wrapped.append((core.runner.graphs, "replay"))
     for obj, name in wrapped:

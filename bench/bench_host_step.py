@@ -182,6 +182,7 @@ def bench_runner(args: argparse.Namespace, async_scheduling: bool) -> None:
     # Instance-level wrappers: each measures the real method it wraps.
     runner.inputs.prepare = sec.wrap("prepare", runner.inputs.prepare)  # type: ignore[method-assign]
     runner.sampler.sample = sec.wrap("sampler", runner.sampler.sample)  # type: ignore[method-assign]
+    runner.sampler.greedy = sec.wrap("sampler", runner.sampler.greedy)  # type: ignore[method-assign]
     runner.logits_processing.attach = sec.wrap("metadata", runner.logits_processing.attach)  # type: ignore[method-assign]
     runner.forward = sec.wrap("forward", runner.forward)  # type: ignore[method-assign]
     model_runner_module.build_sampling_metadata = sec.wrap(  # type: ignore[assignment]

@@ -53,6 +53,7 @@ from gpu_worker.core.types import (
     ScheduledRequest,
     SchedulerOutput,
     SchedulerStats,
+    StepColumns,
     TokenLogprobs,
 )
 from llmserve.kv_events import KVEvent
@@ -70,6 +71,40 @@ class _StepPlan:
     def add(self, request: Request, num_tokens: int, new_block_ids: list[int], admitted: bool) -> None:
         self.entries.append((request, num_tokens, new_block_ids, admitted))
         self.token_budget -= num_tokens
+
+
+@dataclass
+class _Built:
+    """Records and their columns (:class:`StepColumns`) built so far by one ``schedule()``."""
+
+    records: list[ScheduledRequest] = field(default_factory=list)
+    req_ids: list[str] = field(default_factory=list)
+    num_tokens: list[int] = field(default_factory=list)
+    start_pos: list[int] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
+    sample: list[bool] = field(default_factory=list)
+    changed: list[int] = field(default_factory=list)
+
+    def add(self, record: ScheduledRequest) -> None:
+        """Append one record and its columns (the general path; the fast loop appends inline)."""
+        if record.is_new or record.block_ids:
+            self.changed.append(len(self.records))
+        self.records.append(record)
+        self.req_ids.append(record.req_id)
+        self.num_tokens.append(len(record.token_ids))
+        self.start_pos.append(record.start_pos)
+        self.token_ids.extend(record.token_ids)
+        self.sample.append(record.sample)
+
+    def columns(self) -> StepColumns:
+        """The columns (no record of a ``_Built`` has drafts: the fast path runs without a proposer)."""
+        return StepColumns(
+            tuple(self.req_ids), tuple(self.num_tokens), tuple(self.start_pos), tuple(self.token_ids),
+            tuple(self.sample), (0,) * len(self.records), tuple(self.changed),
+        )
+
+
+_ONE_PLACEHOLDER = (PLACEHOLDER_TOKEN_ID,)
 
 
 def _for_known_general(
@@ -207,12 +242,16 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         """Plan one step: running requests first, then admit waiting ones within the budgets."""
         plan = _StepPlan(token_budget=self.max_num_batched_tokens)
+        built = None
         if self._drafts is not None:
             self._drafts.plan(self._running, self.max_model_len)
-        self._schedule_running(plan)
+        if self._FAST_PATHS and self._drafts is None:
+            built = self._schedule_running_fast(plan)
+        else:
+            self._schedule_running(plan)
         if not plan.preempted:
             self._schedule_waiting(plan)
-        return self._build_output(plan)
+        return self._build_output(plan, built)
 
     def _schedule_running(self, plan: _StepPlan) -> None:
         running, allocate, num_schedulable = self._running, self.kv.allocate, self._num_schedulable
@@ -239,6 +278,89 @@ class Scheduler:
                 new_block_ids = allocate(request, num_tokens)
             plan.add(request, num_tokens, new_block_ids, admitted=False)
             i += 1
+
+    def _schedule_running_fast(self, plan: _StepPlan) -> _Built:
+        """``_schedule_running`` and ``_build_output``'s work for the running requests, in one
+        pass that writes their records and columns (no proposer: no request has drafts).
+
+        The same decisions as the two general methods, inlined (``_num_schedulable``, the token
+        slice, the in-flight counters), because this loop runs for every running request every
+        step. Building a request's record as soon as it is planned is the same as building it
+        after the whole plan: nothing later in ``schedule()`` changes a planned running request
+        (preemption takes victims from the end of ``_running``, which are not planned yet, and
+        admissions touch waiting requests only)."""
+        built = _Built()
+        records, req_ids, num_tokens_col = built.records, built.req_ids, built.num_tokens
+        starts, tokens, samples, changed = built.start_pos, built.token_ids, built.sample, built.changed
+        running, allocate, for_known = self._running, self.kv.allocate, ScheduledRequest.for_known
+        overlap, max_model_len = self.overlap, self.max_model_len
+        budget = plan.token_budget
+        i = 0
+        while i < len(running) and budget > 0:
+            request = running[i]
+            all_token_ids = request.all_token_ids
+            num_known = len(all_token_ids)
+            pending = request.num_pending_outputs
+            inflight = request.num_inflight_tokens
+            if pending:  # _num_schedulable: may a placeholder follow the token in flight?
+                params = request.params
+                max_tokens = params.max_tokens
+                if (
+                    not overlap
+                    or params.structured_output is not None
+                    or (max_tokens is not None and len(request.output_token_ids) + pending >= max_tokens)
+                    or num_known + pending >= max_model_len
+                ):
+                    i += 1
+                    continue
+            elif inflight and not overlap:
+                i += 1
+                continue
+            start = request.num_computed_tokens + inflight
+            num_tokens = num_known + pending - start
+            if num_tokens > budget:
+                num_tokens = budget
+            if num_tokens <= 0:  # nothing to compute until the step in flight is accounted for
+                i += 1
+                continue
+            new_block_ids = allocate(request, num_tokens)
+            while new_block_ids is None:
+                victim = running.pop()  # the last in (rank, admission) order: not planned yet
+                self._preempt(victim)
+                plan.preempted = True
+                if victim is request:
+                    plan.token_budget = budget
+                    return built
+                new_block_ids = allocate(request, num_tokens)
+            budget -= num_tokens
+            end = start + num_tokens
+            if end > num_known:  # the token the step in flight samples (at most one)
+                if start >= num_known:
+                    token_ids = _ONE_PLACEHOLDER if num_tokens == 1 else _ONE_PLACEHOLDER * num_tokens
+                else:
+                    token_ids = tuple(all_token_ids[start:]) + _ONE_PLACEHOLDER * (end - num_known)
+            elif num_tokens == 1:  # a decode
+                token_ids = (all_token_ids[start],)
+            else:
+                token_ids = tuple(all_token_ids[start:end])
+            sample = end == num_known + pending
+            request.num_inflight_tokens = inflight + num_tokens
+            if sample:
+                request.num_pending_outputs = pending + 1
+            if new_block_ids:
+                changed.append(len(records))
+                block_ids: tuple[int, ...] = tuple(new_block_ids)
+            else:
+                block_ids = ()
+            records.append(for_known(request.request_id, token_ids, start, block_ids, sample, 0))
+            req_ids.append(request.request_id)
+            num_tokens_col.append(num_tokens)
+            starts.append(start)
+            tokens += token_ids
+            samples.append(sample)
+            i += 1
+        plan.token_budget = budget
+        return built
 
     def _num_schedulable(self, request: Request) -> int:
         """Tokens a running request can compute now: its tokens not scheduled yet, plus the
@@ -316,9 +438,11 @@ class Scheduler:
         self._preempted_ids.add(request.request_id)
         self._num_preemptions += 1
 
-    def _build_output(self, plan: _StepPlan) -> SchedulerOutput:
-        scheduled: list[ScheduledRequest] = []
-        append = scheduled.append
+    def _build_output(self, plan: _StepPlan, built: _Built | None = None) -> SchedulerOutput:
+        """The step's records: those ``built`` already (the fast path's running requests, with
+        their columns), then one per entry of ``plan``."""
+        scheduled: list[ScheduledRequest] = built.records if built is not None else []
+        append = scheduled.append if built is None else built.add
         for_known = ScheduledRequest.for_known if self._FAST_PATHS else _for_known_general
         for request, num_tokens, new_block_ids, admitted in plan.entries:
             drafts = request.spec_token_ids
@@ -367,6 +491,7 @@ class Scheduler:
             num_scheduled_tokens=self.max_num_batched_tokens - plan.token_budget,
             finished_req_ids=frozenset(self._finished_ids),
             preempted_req_ids=frozenset(self._preempted_ids),
+            columns=built.columns() if built is not None else None,
         )
         self._finished_ids.clear()
         self._preempted_ids.clear()
@@ -379,6 +504,14 @@ class Scheduler:
     ) -> list[EngineCoreOutput]:
         """Account for a computed step: advance, cache full blocks, append samples, stop checks;
         ``device_s`` (the step's device time) is split over its requests by tokens."""
+        if self._FAST_PATHS and not runner_output.accepted_draft_ids:
+            cols = scheduler_output.step_columns()
+            if (
+                not any(cols.num_draft_tokens)
+                and len(runner_output.sampled_token_ids) == len(runner_output.req_ids)
+                and runner_output.req_ids == tuple(itertools.compress(cols.req_ids, cols.sample))
+            ):
+                return self._update_columns(scheduler_output, cols, runner_output, device_s)
         sampled = dict(zip(runner_output.req_ids, runner_output.sampled_token_ids, strict=True))
         logprobs: dict[str, TokenLogprobs | None] = dict(
             zip(runner_output.req_ids, runner_output.logprobs, strict=False)
@@ -440,6 +573,68 @@ class Scheduler:
                 )
             )
             request.unreported_device_s = 0.0
+        return outputs
+
+    def _update_columns(
+        self, scheduler_output: SchedulerOutput, cols: StepColumns, runner_output: RunnerOutput,
+        device_s: float,
+    ) -> list[EngineCoreOutput]:
+        """``update`` for a step without drafts whose sampled tokens come in the plan's order (as
+        the runner returns them): the same state changes and outputs, read from the plan's
+        columns, with one sampled token appended and stop-checked inline."""
+        outputs: list[EngineCoreOutput] = []
+        append, requests, commit_computed = outputs.append, self._requests, self.kv.commit_computed
+        running, make_output, max_model_len = RequestStatus.RUNNING, EngineCoreOutput.fast, self.max_model_len
+        block_size = self.block_size
+        num_tokens = scheduler_output.num_scheduled_tokens
+        per_token_s = device_s / num_tokens if num_tokens else 0.0
+        device_seconds = self._device_seconds
+        sampled = iter(runner_output.sampled_token_ids)
+        logprobs = iter(runner_output.logprobs)  # may be shorter (empty): None past its end
+        token_id = 0
+        token_logprobs: TokenLogprobs | None = None
+        for req_id, num_entry_tokens, sample in zip(cols.req_ids, cols.num_tokens, cols.sample, strict=True):
+            if sample:
+                token_id = next(sampled)
+                token_logprobs = next(logprobs, None)
+            request = requests.get(req_id)
+            if request is None:
+                continue  # finished or aborted between schedule() and update(): its share is dropped
+            if per_token_s:
+                share = per_token_s * num_entry_tokens
+                request.unreported_device_s += share
+                device_seconds += share
+            if request.status is running:
+                request.num_inflight_tokens -= num_entry_tokens
+                request.num_computed_tokens += num_entry_tokens
+                commit_computed(request)
+            if not sample:
+                continue
+            request.num_pending_outputs -= 1
+            # Request.append_output_token, inlined:
+            output_token_ids, all_token_ids = request.output_token_ids, request.all_token_ids
+            output_token_ids.append(token_id)
+            all_token_ids.append(token_id)
+            num_known = len(all_token_ids)
+            if num_known % block_size == 0:
+                request.extend_block_hashes()
+            # _check_stop decides; it is only called when one of its conditions may hold.
+            max_tokens = request.params.max_tokens
+            finish_reason = (
+                self._check_stop(request, token_id)
+                if token_id in request.stop_ids
+                or (max_tokens is not None and len(output_token_ids) >= max_tokens)
+                or num_known >= max_model_len
+                else None
+            )
+            append(
+                make_output(
+                    req_id, (token_id,), () if token_logprobs is None else (token_logprobs,), finish_reason,
+                    request.num_cached_tokens, request.stop_token_id, request.unreported_device_s,
+                )
+            )
+            request.unreported_device_s = 0.0
+        self._device_seconds = device_seconds
         return outputs
 
     @staticmethod

@@ -42,7 +42,8 @@ class DecodeGraphs:
     """Captured decode graphs, keyed by bucket size, sharing one memory pool.
 
     ``forward(size)`` must run the model over the first ``size`` rows of the runner's fixed
-    buffers and return the hidden states; it is called eagerly once per size (Triton
+    buffers and return its output (the runner's: the logits of every row, or the hidden states
+    where the LM head stays out of the graph); it is called eagerly once per size (Triton
     compilation and cuBLAS heuristics happen outside the capture), then captured.
     """
 
@@ -73,7 +74,7 @@ class DecodeGraphs:
         torch.cuda.synchronize(device)
 
     def replay(self, size: int) -> torch.Tensor:
-        """Run the graph of bucket ``size``; returns its (reused) ``[size, H]`` output."""
+        """Run the graph of bucket ``size``; returns its (reused) ``[size, ...]`` output."""
         graph, out = self._graphs[size]
         graph.replay()
         return out

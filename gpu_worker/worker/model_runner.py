@@ -79,8 +79,9 @@ class ModelRunner:
     waits for the previous step's ids.
 
     On CUDA (unless ``enforce_eager``) decode-only steps replay CUDA graphs captured by
-    :meth:`capture_decode_graphs` (called from :meth:`warmup`), padded to a size bucket;
-    steps with prefill chunks of up to ``mixed_graph_max_tokens`` tokens replay piecewise
+    :meth:`capture_decode_graphs` (called from :meth:`warmup`), padded to a size bucket, the
+    LM head included with one tensor parallel rank (:meth:`_decode_graph_body`); steps with
+    prefill chunks of up to ``mixed_graph_max_tokens`` tokens replay piecewise
     graphs (:meth:`capture_mixed_graphs`: all but the attention, which runs eagerly between the
     pieces); larger steps, and every step before capture, run eagerly.
     """
@@ -124,6 +125,8 @@ class ModelRunner:
         )
         self._dummy = False  # inside _dummy_step: profile and warm-up steps never calibrate
         # Pipeline stages run eagerly: their activations arrive by point-to-point transfers.
+        # Decode graphs end with the LM head (their output is logits) on a single TP rank.
+        self._graph_logits = self.parallel.tp.size == 1
         if device.type == "cuda" and not config.enforce_eager and self.parallel.pp_size == 1:
             self.graphs = DecodeGraphs(decode_buckets(min(config.max_num_seqs, config.token_budget)))
             # Piecewise: the attention between pieces sees the step's metadata; a piece must not
@@ -199,7 +202,8 @@ class ModelRunner:
             self.states.remove(req_id)
         if sched.is_empty:
             return PendingRunnerOutput.ready(_EMPTY_OUTPUT)
-        rows = self.states.update_batch(sched.requests)
+        columns = sched.step_columns()
+        rows = self.states.update_batch(sched.requests, columns)
         bucket = None
         calibrate = self.kv_scales.pending and not self._dummy  # the first real step: eager
         if self.graphs is not None and not calibrate and sched.num_scheduled_tokens == len(sched.requests):
@@ -210,7 +214,7 @@ class ModelRunner:
         last = self._last_sample
         inputs = self.inputs.prepare(
             sched.requests, rows, self.states, pad_to=bucket,
-            prev_sample_ids=None if last is None else last.req_ids, pad_tokens_to=mixed,
+            prev_sample_ids=None if last is None else last.req_ids, pad_tokens_to=mixed, columns=columns,
         )
         if inputs.placeholder_dst is not None:
             assert last is not None and inputs.placeholder_src is not None  # checked by prepare
@@ -228,7 +232,12 @@ class ModelRunner:
         elif bucket is None:
             hidden = self._forward_stage(inputs)
         else:
-            hidden = self.graphs.replay(bucket)  # type: ignore[union-attr]
+            out = self.graphs.replay(bucket)  # type: ignore[union-attr]
+            if self._graph_logits:  # the graph ran the LM head too
+                if not inputs.sample_req_ids:
+                    return PendingRunnerOutput.ready(_EMPTY_OUTPUT)
+                return self._sample(None, inputs, sched.grammar, graph_logits=out)
+            hidden = out
         if hidden is None or not inputs.sample_req_ids:  # None: the activations went to the next stage
             return PendingRunnerOutput.ready(_EMPTY_OUTPUT)
         return self._sample(hidden, inputs, sched.grammar)
@@ -282,6 +291,20 @@ class ModelRunner:
         )
         return self.forward(ib.input_ids.device[:size], ib.positions.device[:size], md)
 
+    @torch.inference_mode()
+    def _decode_graph_body(self, size: int) -> torch.Tensor:
+        """What a decode graph captures: :meth:`_forward_padded_decode` and, with one tensor
+        parallel rank, the LM head over all ``size`` rows (``[size, vocab]`` logits), so that a
+        graphed step launches neither the LM head nor the gather of its sampled rows (padding
+        rows' logits are computed and never read). With several ranks the LM head's gather is
+        a collective: it stays out of the graph, which then returns the hidden states."""
+        hidden = self._forward_padded_decode(size)
+        if not self._graph_logits:
+            return hidden
+        logits = self.model.compute_logits(hidden)  # type: ignore[operator]
+        assert logits is not None  # one rank: it samples
+        return logits
+
     def _forward_piecewise(self, size: int, capture: PiecewiseCapture) -> torch.Tensor:
         """The model over the first ``size`` token rows of the fixed buffers, its attention calls
         handed to ``capture`` (piece boundaries). Only ``slot_mapping`` is read by the pieces;
@@ -315,7 +338,7 @@ class ModelRunner:
             return 0
         graphs.clear()
         return self._reserved_growth(partial(self.inputs.upload_decode_padding, max(graphs.buckets)),
-                                     partial(graphs.capture, self._forward_padded_decode, self.device))
+                                     partial(graphs.capture, self._decode_graph_body, self.device))
 
     def _reserved_growth(self, pad: Callable[[], None], capture: Callable[[], None]) -> int:
         """The growth of reserved device memory while ``capture()`` captures graphs over the
@@ -331,9 +354,18 @@ class ModelRunner:
 
     @torch.inference_mode()
     def _sample(
-        self, hidden: torch.Tensor, inputs: StepInputs, grammar: GrammarBitmask | None = None
+        self, hidden: torch.Tensor | None, inputs: StepInputs, grammar: GrammarBitmask | None = None,
+        graph_logits: torch.Tensor | None = None,
     ) -> PendingRunnerOutput:
-        logits = self.model.compute_logits(hidden.index_select(0, inputs.logits_indices))  # type: ignore[operator]
+        """Sample the step's sampled rows from ``hidden`` (its LM head runs here) or, after a
+        decode graph that ran the LM head, from ``graph_logits`` (one row per padded sequence)."""
+        if graph_logits is None:
+            assert hidden is not None
+            logits = self.model.compute_logits(hidden.index_select(0, inputs.logits_indices))  # type: ignore[operator]
+        elif len(inputs.sample_req_ids) == inputs.num_tokens:  # a decode step sampling every row
+            logits = graph_logits[: inputs.num_tokens]  # its logits rows are 0 .. n - 1
+        else:
+            logits = graph_logits.index_select(0, inputs.logits_indices)
         tp = self.parallel.tp
         if logits is None:  # another TP rank samples: take its ids (placeholders of later steps)
             ids = torch.empty(len(inputs.sample_req_ids), dtype=torch.int64, device=self.device)
@@ -349,10 +381,15 @@ class ModelRunner:
             self._last_sample = _LastSample(inputs.sample_req_ids, final_ids)
             self._pending = PendingRunnerOutput(finalize)
             return self._pending
-        md = build_sampling_metadata(self.states, inputs.sample_rows, self.vocab_size, self.device)
-        md = self.logits_processing.attach(md, self.states, inputs.sample_rows, inputs.sample_req_ids,
-                                           grammar)
-        out = self.sampler.sample(logits, md)
+        if grammar is None and self.states.plain_greedy[inputs.sample_rows].all():
+            # What ``sample`` does for a plain greedy step, without gathering the metadata that
+            # would say so (W1/W3's every step).
+            out = self.sampler.greedy(logits)
+        else:
+            md = build_sampling_metadata(self.states, inputs.sample_rows, self.vocab_size, self.device)
+            md = self.logits_processing.attach(md, self.states, inputs.sample_rows, inputs.sample_req_ids,
+                                               grammar)
+            out = self.sampler.sample(logits, md)
         tp.broadcast_from_first(out.token_ids)
         self._last_sample = _LastSample(inputs.sample_req_ids, out.token_ids)
         self._pending = self._pending_output(out, inputs)

@@ -7,14 +7,13 @@ unknown, e.g. prefix-cached prompt tokens the runner never saw) feeds the penalt
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from gpu_worker.core.types import ScheduledRequest
+from gpu_worker.core.types import ScheduledRequest, StepColumns
 from gpu_worker.sampling_params import SamplingParams
 
 UNKNOWN_TOKEN = -1
@@ -77,6 +76,9 @@ class RequestStates:
         self.has_logits_processors = np.zeros(max_num_seqs, dtype=bool)  # plug-ins named by the request
         # Sampling reads the output so far (penalties, plug-ins): wait for the step in flight first.
         self.needs_history = np.zeros(max_num_seqs, dtype=bool)
+        # Greedy with nothing that changes or reads its logits (no bias, penalties, plug-ins,
+        # logprobs or min_tokens): a step whose sampled rows all are takes the bare argmax.
+        self.plain_greedy = np.zeros(max_num_seqs, dtype=bool)
         self.rows: dict[str, int] = {}
         self._free_rows = list(range(max_num_seqs - 1, -1, -1))
 
@@ -96,21 +98,27 @@ class RequestStates:
         self.record_tokens(row, req.start_pos, req.token_ids)
         return row
 
-    def update_batch(self, requests: Sequence[ScheduledRequest]) -> np.ndarray:
+    def update_batch(
+        self, requests: Sequence[ScheduledRequest], columns: StepColumns | None = None
+    ) -> np.ndarray:
         """:meth:`update` for every request of a step (each request once), in order; returns
-        their rows (int64). The scheduled tokens are recorded with one vectorized write instead
-        of one small write per request (the bulk of the per-request cost at 256 decodes)."""
-        num_seqs = len(requests)
-        rows = np.fromiter(map(self._register, requests), dtype=np.int64, count=num_seqs)
-        q_lens = np.fromiter((len(r.token_ids) for r in requests), dtype=np.int64, count=num_seqs)
-        starts = np.fromiter((r.start_pos for r in requests), dtype=np.int64, count=num_seqs)
-        num_tokens = int(q_lens.sum())
-        tokens = np.fromiter(
-            itertools.chain.from_iterable(r.token_ids for r in requests), dtype=np.int64, count=num_tokens
-        )
-        if np.all(q_lens == 1):  # one token per request (decode): no flattening needed
+        their rows (int64). ``columns`` are the step's :class:`StepColumns` (derived from
+        ``requests`` when None): only the records they name as changed (new, or with blocks
+        appended) are read whole, and the scheduled tokens are recorded with one vectorized
+        write instead of one small write per request (the bulk of the per-request cost at 256
+        decodes)."""
+        cols = columns if columns is not None else StepColumns.of(requests)
+        for i in cols.changed:  # in order: a new request's row comes off the free list
+            self._register(requests[i])
+        num_seqs = len(cols.req_ids)
+        rows = np.fromiter(map(self.rows.__getitem__, cols.req_ids), dtype=np.int64, count=num_seqs)
+        q_lens = np.array(cols.num_tokens, dtype=np.int64)
+        starts = np.array(cols.start_pos, dtype=np.int64)
+        tokens = np.array(cols.token_ids, dtype=np.int64)
+        if len(tokens) == num_seqs:  # one token per request (decode): no flattening needed
             self.token_ids[rows, starts] = tokens
         else:
+            num_tokens = len(tokens)
             first = np.cumsum(q_lens) - q_lens  # each request's first index in ``tokens``
             offsets = np.arange(num_tokens) - np.repeat(first - starts, q_lens)  # positions
             self.token_ids[np.repeat(rows, q_lens), offsets] = tokens
@@ -216,6 +224,10 @@ class RequestStates:
         self.needs_penalties[row] = params.needs_penalties
         self.has_logits_processors[row] = bool(params.logits_processors)
         self.needs_history[row] = params.needs_penalties or bool(params.logits_processors)
+        self.plain_greedy[row] = (
+            params.greedy and not params.logit_bias and not params.needs_penalties
+            and not params.logits_processors and params.logprobs is None and params.min_tokens == 0
+        )
 
     def _row_sampling(self, params: SamplingParams) -> RowSampling:
         stop_ids = tuple(params.stop_token_ids) + (() if params.ignore_eos else self.eos_token_ids)

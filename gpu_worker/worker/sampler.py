@@ -148,7 +148,7 @@ class Sampler:
         ids are the same, without writing and reading the ``[N, V]`` float32 copy (about 0.15 ms
         per step at 256 rows of a 128k vocabulary on an H200). Everything else runs in float32."""
         if md.plain_greedy:
-            return SamplerOutput(token_ids=logits.argmax(dim=-1), logprobs=None)
+            return self.greedy(logits)
         logits = logits.float()
         raw_logprobs = logits.log_softmax(dim=-1) if md.num_logprobs is not None else None
         logits = self.process(logits, md)
@@ -162,6 +162,11 @@ class Sampler:
         if raw_logprobs is not None and md.num_logprobs is not None:
             logprobs = gather_logprobs(raw_logprobs, token_ids, md.num_logprobs)
         return SamplerOutput(token_ids=token_ids, logprobs=logprobs)
+
+    @staticmethod
+    def greedy(logits: torch.Tensor) -> SamplerOutput:
+        """A plain greedy step's tokens: the argmax of the logits as they come (:meth:`sample`)."""
+        return SamplerOutput(token_ids=logits.argmax(dim=-1), logprobs=None)
 
     @staticmethod
     def process(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:

@@ -10,13 +10,14 @@ are prefixes (views) of those buffers, so their addresses never change (CUDA gra
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from gpu_worker.core.types import ScheduledRequest
+from gpu_worker.core.types import ScheduledRequest, StepColumns
 from gpu_worker.model_executor.layers.attention import AttentionMetadata
 from gpu_worker.worker.request_state import RequestStates
 
@@ -47,27 +48,67 @@ class StepInputs:
         return int(self.input_ids.shape[0])
 
 
+_ALIGN = 64  # bytes: each region of an arena starts on this boundary
+
+
 class _Buffer:
-    """A host buffer (pinned on CUDA) and its device twin (the same tensor on CPU)."""
+    """A typed host buffer (pinned on CUDA) and its device twin (the same tensor on CPU).
 
-    def __init__(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> None:
-        self.host = torch.zeros(shape, dtype=dtype, pin_memory=device.type == "cuda")
-        self.np = self.host.numpy()
-        self.device = self.host if device.type == "cpu" else torch.zeros(shape, dtype=dtype, device=device)
+    ``offset`` is its byte offset in the :class:`_Arena` that holds it (-1: a buffer of its own)."""
 
-    def upload(self, n: int, cols: int | None = None) -> torch.Tensor:
-        """Copy the first ``n`` rows (and ``cols`` columns) to the device; returns the device view."""
-        index = (slice(0, n),) if cols is None else (slice(0, n), slice(0, cols))
-        if self.device is not self.host:
-            self.device[index].copy_(self.host[index], non_blocking=True)
-        return self.device[index]
+    def __init__(self, host: torch.Tensor, device: torch.Tensor, offset: int = -1) -> None:
+        self.host = host
+        self.np = host.numpy()
+        self.device = device
+        self.offset = offset
+        self.row_bytes = host[0].numel() * host.element_size() if host.dim() else host.element_size()
 
-    def upload_range(self, start: int, end: int, cols: int | None = None) -> None:
-        """Copy rows ``start .. end - 1`` (first ``cols`` columns) to the device."""
-        if self.device is self.host:
-            return
-        index = (slice(start, end),) if cols is None else (slice(start, end), slice(0, cols))
-        self.device[index].copy_(self.host[index], non_blocking=True)
+    @classmethod
+    def standalone(cls, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> _Buffer:
+        host = torch.zeros(shape, dtype=dtype, pin_memory=device.type == "cuda")
+        return cls(host, host if device.type == "cpu" else torch.zeros(shape, dtype=dtype, device=device))
+
+    def end(self, rows: int) -> int:
+        """The arena byte just past this buffer's first ``rows`` rows."""
+        return self.offset + rows * self.row_bytes
+
+
+class _Arena:
+    """Typed regions of one byte buffer on the host (pinned on CUDA) and its device twin.
+
+    A step's small inputs are written into the host regions, then :meth:`upload` moves the
+    bytes from the arena's start to the end of what the step used in **one** host-to-device
+    copy (earlier regions go whole, unused tails included: nothing reads those rows). One copy
+    per buffer cost the host tens of microseconds each (dispatch, slicing, the pinned
+    allocator's event) at every step. Regions keep fixed device addresses (CUDA graphs). On CPU
+    the device twin is the host buffer itself.
+    """
+
+    def __init__(self, specs: Sequence[tuple[tuple[int, ...], torch.dtype]], device: torch.device) -> None:
+        offsets, size = [], 0
+        for shape, dtype in specs:
+            offsets.append(size)
+            nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+            size += -(-nbytes // _ALIGN) * _ALIGN
+        self.host = torch.zeros(size, dtype=torch.uint8, pin_memory=device.type == "cuda")
+        self.device = (
+            self.host if device.type == "cpu" else torch.zeros(size, dtype=torch.uint8, device=device)
+        )
+        region = self._region
+        self.buffers = [
+            _Buffer(region(self.host, off, shape, dtype), region(self.device, off, shape, dtype), off)
+            for off, (shape, dtype) in zip(offsets, specs, strict=True)
+        ]
+
+    @staticmethod
+    def _region(buf: torch.Tensor, offset: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        return buf[offset : offset + nbytes].view(dtype).view(shape)
+
+    def upload(self, end: int) -> None:
+        """Copy the arena's first ``end`` bytes to the device (asynchronously from pinned memory)."""
+        if self.device is not self.host and end > 0:
+            self.device[:end].copy_(self.host[:end], non_blocking=True)
 
 
 class StepInputBuffers:
@@ -87,16 +128,28 @@ class StepInputBuffers:
     ) -> None:
         self.block_size = block_size
         self.max_num_tokens = max_num_tokens
-        self.input_ids = _Buffer((max_num_tokens,), torch.int64, device)
-        self.positions = _Buffer((max_num_tokens,), torch.int64, device)
-        self.slot_mapping = _Buffer((max_num_tokens,), torch.int64, device)
-        self.query_start_loc = _Buffer((max_num_seqs + 1,), torch.int32, device)
-        self.seq_lens = _Buffer((max_num_seqs,), torch.int32, device)
-        self.block_tables = _Buffer((max_num_seqs, max_blocks_per_seq), torch.int32, device)
-        # One row per sampled request, or per verified position with drafts (at most one per token).
-        self.logits_indices = _Buffer((max(max_num_seqs, max_num_tokens),), torch.int64, device)
-        self.placeholder_dst = _Buffer((max_num_seqs,), torch.int64, device)
-        self.placeholder_src = _Buffer((max_num_seqs,), torch.int64, device)
+        max_logits = max(max_num_seqs, max_num_tokens)  # one per sampled request, or per verified position
+        # Ordered so that a step's single upload (``_Arena.upload``) ends at the block tables'
+        # staging copy, the only region whose size follows the step.
+        self.arena = _Arena(
+            [
+                ((max_num_seqs + 1,), torch.int32),  # query_start_loc
+                ((max_num_seqs,), torch.int32),  # seq_lens
+                ((max_num_seqs,), torch.int64),  # placeholder_dst
+                ((max_num_seqs,), torch.int64),  # placeholder_src
+                ((max_num_tokens,), torch.int64),  # input_ids
+                ((max_num_tokens,), torch.int64),  # positions
+                ((max_num_tokens,), torch.int64),  # slot_mapping
+                ((max_logits,), torch.int64),  # logits_indices
+                ((max_num_seqs * max_blocks_per_seq,), torch.int32),  # block tables' staging copy
+            ],
+            device,
+        )
+        (self.query_start_loc, self.seq_lens, self.placeholder_dst, self.placeholder_src, self.input_ids,
+         self.positions, self.slot_mapping, self.logits_indices, self._block_stage) = self.arena.buffers
+        # The step's rows of the block tables (the model reads its rows at a fixed address, with
+        # the full row stride); on CUDA they reach it through the staging region.
+        self.block_tables = _Buffer.standalone((max_num_seqs, max_blocks_per_seq), torch.int32, device)
         # Host buffers are rewritten each step: wait until the last step's async copies finished.
         self._uploaded = torch.cuda.Event() if device.type == "cuda" else None
 
@@ -108,6 +161,7 @@ class StepInputBuffers:
         pad_to: int | None = None,
         prev_sample_ids: Sequence[str] | None = None,
         pad_tokens_to: int | None = None,
+        columns: StepColumns | None = None,
     ) -> StepInputs:
         """Fill the buffers for ``requests`` (whose state rows are ``rows``).
 
@@ -117,14 +171,17 @@ class StepInputBuffers:
         (:meth:`write_token_padding`). The returned views cover the real rows only.
         ``prev_sample_ids``: the request ids of the previous step's samples, in order; each
         placeholder token (``ids < 0``) gets the index of its request's sample among them, and
-        is left for the caller to fill on the device.
+        is left for the caller to fill on the device. ``columns``: the step's
+        :class:`StepColumns` (derived from ``requests`` when None); the records themselves are
+        read only for drafts.
         """
         if self._uploaded is not None:
             self._uploaded.synchronize()
-        num_seqs = len(requests)
-        q_lens = np.fromiter((len(r.token_ids) for r in requests), dtype=np.int64, count=num_seqs)
-        starts = np.fromiter((r.start_pos for r in requests), dtype=np.int64, count=num_seqs)
-        num_tokens = int(q_lens.sum())
+        cols = columns if columns is not None else StepColumns.of(requests)
+        num_seqs = len(cols.req_ids)
+        q_lens = np.array(cols.num_tokens, dtype=np.int64)
+        starts = np.array(cols.start_pos, dtype=np.int64)
+        num_tokens = len(cols.token_ids)
         if num_tokens > self.max_num_tokens:
             raise ValueError(f"step has {num_tokens} tokens, more than max_num_batched_tokens")
         seq_lens = starts + q_lens
@@ -133,40 +190,42 @@ class StepInputBuffers:
             raise ValueError("a request's block table is too short for its scheduled tokens")
 
         qsl = self.query_start_loc.np[: num_seqs + 1]
-        qsl[0] = 0
-        np.cumsum(q_lens, out=qsl[1:])
         self.seq_lens.np[:num_seqs] = seq_lens
         ids = self.input_ids.np[:num_tokens]
-        ids[:] = np.fromiter(
-            itertools.chain.from_iterable(r.token_ids for r in requests), dtype=np.int64, count=num_tokens
-        )
-        tok_seq = np.repeat(np.arange(num_seqs), q_lens)
+        ids[:] = cols.token_ids
         positions = self.positions.np[:num_tokens]
-        np.add(np.arange(num_tokens) - qsl[:-1][tok_seq], starts[tok_seq], out=positions)
-        block_ids = states.block_table_np[rows[tok_seq], positions // bs]
+        if num_tokens == num_seqs and q_lens.min(initial=1) == 1:  # decodes: token i is sequence i's
+            tok_seq = np.arange(num_seqs)
+            qsl[:] = np.arange(num_seqs + 1)
+            positions[:] = starts
+            block_ids = states.block_table_np[rows, starts // bs]
+        else:
+            qsl[0] = 0
+            np.cumsum(q_lens, out=qsl[1:])
+            tok_seq = np.repeat(np.arange(num_seqs), q_lens)
+            np.add(np.arange(num_tokens) - qsl[:-1][tok_seq], starts[tok_seq], out=positions)
+            block_ids = states.block_table_np[rows[tok_seq], positions // bs]
         np.add(block_ids * bs, positions % bs, out=self.slot_mapping.np[:num_tokens])
         max_blocks = int(-(-int(seq_lens.max()) // bs))
         self.block_tables.np[:num_seqs, :max_blocks] = states.block_table_np[rows, :max_blocks]
 
         placeholders = np.flatnonzero(ids < 0)
-        ph_dst: torch.Tensor | None = None
-        ph_src: torch.Tensor | None = None
-        if len(placeholders):
+        num_ph = len(placeholders)
+        if num_ph:
             if prev_sample_ids is None:
                 raise ValueError("placeholder tokens in a step without a previous step's samples")
-            num_ph = len(placeholders)
             self.placeholder_dst.np[:num_ph] = placeholders
-            ph_req_ids = tuple(requests[i].req_id for i in tok_seq[placeholders].tolist())
+            req_ids = cols.req_ids
+            ph_req_ids = tuple(req_ids[i] for i in tok_seq[placeholders].tolist())
             if ph_req_ids == tuple(prev_sample_ids):  # steady decode: the same requests, in order
                 self.placeholder_src.np[:num_ph] = np.arange(num_ph)
             else:
                 index = {rid: i for i, rid in enumerate(prev_sample_ids)}
                 self.placeholder_src.np[:num_ph] = [index[rid] for rid in ph_req_ids]
-            ph_dst, ph_src = self.placeholder_dst.upload(num_ph), self.placeholder_src.upload(num_ph)
 
-        sample = np.fromiter((r.sample for r in requests), dtype=bool, count=num_seqs)
+        sample = np.array(cols.sample, dtype=bool)
         num_sample = int(sample.sum())
-        all_drafts = np.fromiter((r.num_draft_tokens for r in requests), dtype=np.int64, count=num_seqs)
+        all_drafts = np.array(cols.num_draft_tokens, dtype=np.int64)
         num_drafts = drafts = None
         if all_drafts.any():
             num_drafts, drafts = all_drafts[sample], _draft_ids(requests, sample, all_drafts)
@@ -174,38 +233,55 @@ class StepInputBuffers:
         else:
             num_logits = num_sample
             self.logits_indices.np[:num_sample] = qsl[1:][sample] - 1
+        table_rows = num_seqs
         if pad_to is not None and pad_to > num_seqs:
             if num_tokens != num_seqs:
                 raise ValueError("only decode-only steps (one token per sequence) can be padded")
             self.write_decode_padding(num_seqs, pad_to)
-            self._upload_padding(num_seqs, pad_to, max_blocks)
+            table_rows = pad_to
         if pad_tokens_to is not None and pad_tokens_to > num_tokens:
             self.write_token_padding(num_tokens, pad_tokens_to)
+        self._upload(table_rows, max_blocks)
 
         md = AttentionMetadata(
-            slot_mapping=self.slot_mapping.upload(num_tokens),
-            block_tables=self.block_tables.upload(num_seqs, max_blocks),
-            query_start_loc=self.query_start_loc.upload(num_seqs + 1),
-            seq_lens=self.seq_lens.upload(num_seqs),
+            slot_mapping=self.slot_mapping.device[:num_tokens],
+            block_tables=self.block_tables.device[:num_seqs, :max_blocks],
+            query_start_loc=self.query_start_loc.device[: num_seqs + 1],
+            seq_lens=self.seq_lens.device[:num_seqs],
             max_query_len=int(q_lens.max()),
             max_seq_len=int(seq_lens.max()),
         )
         inputs = StepInputs(
-            input_ids=self.input_ids.upload(num_tokens),
-            positions=self.positions.upload(num_tokens),
+            input_ids=self.input_ids.device[:num_tokens],
+            positions=self.positions.device[:num_tokens],
             attn_metadata=md,
-            logits_indices=self.logits_indices.upload(num_logits),
+            logits_indices=self.logits_indices.device[:num_logits],
             sample_rows=rows[sample],
-            sample_req_ids=tuple(r.req_id for r in itertools.compress(requests, sample.tolist())),
+            sample_req_ids=tuple(itertools.compress(cols.req_ids, cols.sample)),
             sample_positions=seq_lens[sample],
-            placeholder_dst=ph_dst,
-            placeholder_src=ph_src,
+            placeholder_dst=self.placeholder_dst.device[:num_ph] if num_ph else None,
+            placeholder_src=self.placeholder_src.device[:num_ph] if num_ph else None,
             num_draft_tokens=num_drafts,
             draft_token_ids=drafts,
         )
         if self._uploaded is not None:
             self._uploaded.record()
         return inputs
+
+    def _upload(self, table_rows: int, table_cols: int) -> None:
+        """Send what the host buffers hold to the device: the arena in one copy, through the
+        block tables' first ``table_rows`` x ``table_cols`` (staged contiguously, so that no
+        strided host copy is needed), which one device copy then puts in their rows."""
+        if self.arena.device is self.arena.host:
+            return  # CPU: the model reads the host buffers themselves
+        n = table_rows * table_cols
+        stage = self._block_stage
+        stage.np[:n].reshape(table_rows, table_cols)[:] = self.block_tables.np[:table_rows, :table_cols]
+        self.arena.upload(stage.end(n))
+        if n:
+            self.block_tables.device[:table_rows, :table_cols].copy_(
+                stage.device[:n].view(table_rows, table_cols), non_blocking=True
+            )
 
     def _fill_draft_logits_indices(self, ends: np.ndarray, num_drafts: np.ndarray) -> int:
         """Logits rows of a step with drafts: each sampled request's last ``1 + drafts`` tokens
@@ -229,11 +305,10 @@ class StepInputBuffers:
         self.query_start_loc.np[start + 1 : end + 1] = np.arange(start + 1, end + 1)
 
     def write_token_padding(self, start: int, end: int) -> None:
-        """Token rows ``start .. end - 1`` become inert, on the host and the device: token 0 at
-        position 0, slot -1 (K/V not stored). Rows no attention reads (a piecewise graph's padding)."""
+        """Token rows ``start .. end - 1`` become inert on the host (the next upload sends them):
+        token 0 at position 0, slot -1 (K/V not stored). Rows no attention reads (a piecewise
+        graph's padding)."""
         self._write_inert_tokens(start, end)
-        for buf in (self.input_ids, self.positions, self.slot_mapping):
-            buf.upload_range(start, end)
 
     def _write_inert_tokens(self, start: int, end: int) -> None:
         """Host token rows ``start .. end - 1``: token 0 at position 0, slot -1 (K/V not stored)."""
@@ -246,14 +321,9 @@ class StepInputBuffers:
         if self._uploaded is not None:
             self._uploaded.synchronize()
         self.write_token_padding(0, end)
+        self.arena.upload(self.slot_mapping.end(end))  # input_ids and positions come before it
         if self._uploaded is not None:
             self._uploaded.record()
-
-    def _upload_padding(self, start: int, end: int, max_blocks: int) -> None:
-        for buf in (self.input_ids, self.positions, self.slot_mapping, self.seq_lens):
-            buf.upload_range(start, end)
-        self.query_start_loc.upload_range(start + 1, end + 1)
-        self.block_tables.upload_range(start, end, max(max_blocks, 1))
 
     def upload_decode_padding(self, end: int) -> None:
         """Make rows ``0 .. end - 1`` inert decode rows on the device (graph capture inputs)."""
@@ -261,8 +331,7 @@ class StepInputBuffers:
             self._uploaded.synchronize()
         self.write_decode_padding(0, end)
         self.query_start_loc.np[0] = 0
-        self._upload_padding(0, end, 1)
-        self.query_start_loc.upload_range(0, 1)
+        self._upload(end, 1)
         if self._uploaded is not None:
             self._uploaded.record()
 

@@ -1,5 +1,6 @@
-"""The scheduler's fast paths (decode records built without the dataclass ``__init__``, one
-sampled token appended inline) give exactly what the general path gives.
+"""The scheduler's fast paths (the running requests planned and their records and columns built
+in one pass, decode records built without the dataclass ``__init__``, ``update`` reading the
+plan's columns with one sampled token appended inline) give exactly what the general path gives.
 
 Two schedulers, one with the fast paths off, run the same workload in lockstep, each with its
 own paged fake runner: every ``SchedulerOutput``, every list of ``EngineCoreOutput`` and the
@@ -29,6 +30,7 @@ from gpu_worker.core.types import (
     RunnerOutput,
     ScheduledRequest,
     SchedulerOutput,
+    StepColumns,
     TokenLogprobs,
 )
 from tests.gpu_worker.core.core_fakes import (
@@ -145,6 +147,10 @@ def test_fast_paths_match_the_general_path(config: str, async_scheduling: bool, 
             in_flight[k] = launched if async_scheduling else None
             results.append(sched.update(*done, 0.001 * (step % 5)) if done is not None else [])
         assert runners[0].steps[-1] == runners[1].steps[-1]  # the same SchedulerOutput
+        # The fast path's columns are those of its records (the general path builds none).
+        fast_out = runners[0].steps[-1]
+        assert fast_out.columns == (None if spec else StepColumns.of(fast_out.requests))
+        assert runners[1].steps[-1].columns is None
         assert results[0] == results[1]
         assert request_state(pair[0]) == request_state(pair[1])
         num_preempted += len(runners[0].steps[-1].preempted_req_ids)

@@ -130,16 +130,28 @@ def runner_factory() -> Callable[..., ModelRunner]:
 
 
 def capture_logits(runner: ModelRunner) -> list[torch.Tensor]:
-    """Record every logits tensor the runner computes (a spy around ``compute_logits``)."""
+    """Record the logits every step samples from (a spy on the sampler's two entries, ``sample``
+    and the plain greedy ``greedy``, which ``sample`` itself may call: one record per step).
+    The sampler, not ``compute_logits``: a graphed decode step runs the LM head inside its
+    CUDA graph."""
     captured: list[torch.Tensor] = []
-    original = runner.model.compute_logits
+    sampler = runner.sampler
+    inside = [False]
 
-    def spy(hidden: torch.Tensor) -> torch.Tensor:
-        logits: torch.Tensor = original(hidden)  # type: ignore[operator]
-        captured.append(logits.clone())
-        return logits
+    def spying(fn: Any) -> Any:
+        def spy(logits: torch.Tensor, *args: Any) -> Any:
+            if inside[0]:
+                return fn(logits, *args)
+            captured.append(logits.clone())
+            inside[0] = True
+            try:
+                return fn(logits, *args)
+            finally:
+                inside[0] = False
+        return spy
 
-    runner.model.compute_logits = spy  # type: ignore[method-assign,assignment]
+    sampler.sample = spying(sampler.sample)  # type: ignore[method-assign]
+    sampler.greedy = spying(sampler.greedy)  # type: ignore[method-assign]
     return captured
 
 

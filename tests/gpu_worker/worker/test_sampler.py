@@ -89,6 +89,32 @@ def test_plain_greedy_takes_the_argmax_of_16_bit_logits_as_float32_would() -> No
         assert torch.equal(bf16.token_ids, f32.token_ids)
 
 
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams(temperature=0.0),
+        SamplingParams(temperature=0.0, max_tokens=3, stop_token_ids=[7], ignore_eos=True),
+        SamplingParams(temperature=0.0, logprobs=0),
+        SamplingParams(temperature=0.0, logit_bias={9: 3.0}),
+        SamplingParams(temperature=0.0, presence_penalty=0.5),
+        SamplingParams(temperature=0.0, min_tokens=2),
+        SamplingParams(temperature=0.7),
+        SamplingParams(temperature=0.7, seed=3),
+    ],
+)
+def test_the_plain_greedy_row_flag_agrees_with_the_metadata(params: SamplingParams) -> None:
+    """``RequestStates.plain_greedy`` (the runner's shortcut past the metadata) is set for the
+    rows whose metadata is plain greedy (a row with ``min_tokens`` never is, even once its
+    minimum is out: a conservative choice), and the shortcut's ids are the sampler's."""
+    states, rows = _states([(params, [5, 6], [])] * 3)
+    md = build_sampling_metadata(states, rows, V, CPU)
+    assert bool(states.plain_greedy[rows].all()) == md.plain_greedy
+    logits = _logits(3, seed=4)
+    if md.plain_greedy:
+        sampled = _sample(logits, [(params, [5, 6], [])] * 3)
+        assert torch.equal(Sampler.greedy(logits).token_ids, sampled.token_ids)
+
+
 def test_mixed_greedy_and_random_rows() -> None:
     logits = _logits(4)
     items: list[tuple[SamplingParams, list[int], list[int]]] = [
