@@ -189,3 +189,46 @@ def test_fast_records_equal_constructed_ones() -> None:
         assert pickle.loads(pickle.dumps(fast)) == slow
         with pytest.raises(dataclasses.FrozenInstanceError):
             fast.sample = False  # type: ignore[misc,union-attr]
+
+
+class ReversedRunner(LogprobRunner):
+    """The same samples, reported in reverse order: ``update``'s column walk takes samples in
+    plan order only, so such an output goes the general way."""
+
+    def execute(self, out: SchedulerOutput) -> RunnerOutput:
+        result = super().execute(out)
+        return dataclasses.replace(
+            result, req_ids=result.req_ids[::-1], sampled_token_ids=result.sampled_token_ids[::-1],
+            logprobs=result.logprobs[::-1],
+        )
+
+
+def test_a_runner_output_in_another_order_is_accounted_alike() -> None:
+    """Steps with two or more samples in reverse order take the general path (the column walk
+    runs for the others only) and give the same outputs and states."""
+    cfg = CONFIGS["preempting"]
+    pair = [make(Scheduler, cfg, False), make(Scheduler, cfg, False)]
+    runners = [LogprobRunner(cfg["num_blocks"], BLOCK_SIZE), ReversedRunner(cfg["num_blocks"], BLOCK_SIZE)]
+    column_walks: list[int] = []
+    walk = pair[1]._update_columns
+
+    def counted(*args: Any) -> list[EngineCoreOutput]:
+        column_walks.append(1)
+        return walk(*args)
+
+    pair[1]._update_columns = counted  # type: ignore[method-assign]
+    for sched in pair:
+        for r in workload(seed=3):
+            sched.add_request(r)
+    reordered = 0
+    while pair[0].has_unfinished():
+        results = []
+        for sched, runner in zip(pair, runners, strict=True):
+            out = sched.schedule()
+            results.append(sched.update(out, runner.execute(out), 0.001))
+        reordered += sum(e.sample for e in runners[1].steps[-1].requests) > 1
+        assert results[0] == results[1]
+        assert request_state(pair[0]) == request_state(pair[1])
+    assert not pair[1].has_unfinished() and reordered > 0
+    assert len(column_walks) == len(runners[1].steps) - reordered
+    assert pair[0].stats() == pair[1].stats()

@@ -72,6 +72,15 @@ def _steps() -> list[tuple[list[ScheduledRequest], set[str], tuple[str, ...] | N
             {"c"},
             ("a", "b", "c"),
         ),
+        (
+            [  # decodes only (one token each: prepare's decode path; padded to 4 rows below)
+                _running("e", [PH], 3),
+                _running("a", [PH], 14),
+                _running("b", [PH], 10),
+            ],
+            set(),
+            ("e", "a", "b"),
+        ),
     ]
 
 
@@ -103,10 +112,20 @@ def _ints(t: torch.Tensor | None) -> list[int]:
     return [] if t is None else [int(x) for x in t.tolist()]
 
 
-def test_prepare_and_update_batch_match_a_per_token_reference() -> None:
-    states = RequestStates(4, 8, 32, [2], CPU)
-    one_by_one = RequestStates(4, 8, 32, [2], CPU)  # the per-request update path, for comparison
-    buffers = StepInputBuffers(64, 4, 8, BS, CPU)
+DEVICES = [
+    pytest.param(CPU, id="cpu"),
+    pytest.param(torch.device("cuda"), id="cuda", marks=[
+        pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_prepare_and_update_batch_match_a_per_token_reference(device: torch.device) -> None:
+    """On CUDA the inputs are read back from the device: the one-copy upload of the arena and the
+    staged block-table rows deliver what the host buffers hold."""
+    states = RequestStates(4, 8, 32, [2], device)
+    one_by_one = RequestStates(4, 8, 32, [2], device)  # the per-request update path, for comparison
+    buffers = StepInputBuffers(64, 4, 8, BS, device)
     tables: dict[str, list[int]] = {}
     for requests, removed, prev in _steps():
         for req_id in removed:
@@ -123,8 +142,16 @@ def test_prepare_and_update_batch_match_a_per_token_reference() -> None:
 
         for prev_ids in ([prev] if prev is None else [prev, tuple(reversed(prev)) + ("zz",)]):
             ref = _reference(requests, tables, prev_ids)
-            inputs = buffers.prepare(requests, rows, states, prev_sample_ids=prev_ids)
+            decodes = all(len(r.token_ids) == 1 for r in requests)
+            inputs = buffers.prepare(requests, rows, states, prev_sample_ids=prev_ids,
+                                     pad_to=4 if decodes else None)
             md = inputs.attn_metadata
+            if decodes:  # the padding row, as the graph reads it on the device: inert
+                n = len(requests)
+                assert _ints(buffers.seq_lens.device[n:4]) == [1]
+                assert _ints(buffers.slot_mapping.device[n:4]) == [-1]
+                assert _ints(buffers.block_tables.device[n:4, 0]) == [0]
+                assert _ints(buffers.query_start_loc.device[: 4 + 1]) == list(range(5))
             assert _ints(inputs.input_ids) == ref["ids"]
             assert _ints(inputs.positions) == ref["pos"]
             assert _ints(md.slot_mapping) == ref["slots"]
@@ -161,3 +188,23 @@ def test_placeholder_of_a_request_missing_from_the_previous_samples_is_an_error(
         buffers.prepare(step, rows, states, prev_sample_ids=("b",))
     with pytest.raises(ValueError, match="placeholder"):
         buffers.prepare(step, rows, states, prev_sample_ids=None)
+
+
+def test_the_arena_holds_every_input_in_disjoint_aligned_regions_in_upload_order() -> None:
+    """One copy from the arena's start to the staged block-table rows covers every input: the
+    regions come in that order, do not overlap, and start on 64-byte boundaries."""
+    buffers = StepInputBuffers(64, 4, 8, BS, CPU)
+    order = [buffers.query_start_loc, buffers.seq_lens, buffers.placeholder_dst, buffers.placeholder_src,
+             buffers.input_ids, buffers.positions, buffers.slot_mapping, buffers.logits_indices]
+    assert buffers.arena.buffers[: len(order)] == order
+    shapes = [(5,), (4,), (4,), (4,), (64,), (64,), (64,), (64,), (4 * 8,)]
+    dtypes = [torch.int32] * 2 + [torch.int64] * 6 + [torch.int32]
+    end = 0
+    for buf, shape, dtype in zip(buffers.arena.buffers, shapes, dtypes, strict=True):
+        assert tuple(buf.host.shape) == shape and buf.host.dtype == dtype
+        assert buf.offset % 64 == 0 and buf.offset >= end
+        assert buf.host.data_ptr() == buffers.arena.host.data_ptr() + buf.offset
+        end = buf.end(shape[0])
+        assert end == buf.offset + buf.host.numel() * buf.host.element_size()
+    assert end <= buffers.arena.host.numel()
+    assert buffers.block_tables.offset == -1 and tuple(buffers.block_tables.host.shape) == (4, 8)
