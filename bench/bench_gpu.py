@@ -286,8 +286,8 @@ def host_profile(engine: OurEngine, prompts: list[list[int]], out_dir: Path, tag
     wrapped = [(core.scheduler, "schedule"), (core.scheduler, "update"), (core.executor, "execute_async"),
                (runner, "_sample"), (runner.states, "update_batch"), (runner.inputs, "prepare"),
                (runner.model, "compute_logits"), (runner.sampler, "sample"), (runner, "_pending_output")]
-    if core.runner.graphs is not None:
-        wrapped.append((core.runner.graphs, "replay"))
+    if runner.graphs is not None:
+        wrapped.append((runner.graphs, "replay"))
     for obj, name in wrapped:
         _timed(obj, name, times)
     res = engine.run(prompts, max_tokens=64)

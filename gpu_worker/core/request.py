@@ -120,16 +120,11 @@ class Request:
         self.output_token_ids.append(token_id)
         self.all_token_ids.append(token_id)
         if len(self.all_token_ids) % self.block_size == 0:
-            self.extend_block_hashes()
-
-    def extend_block_hashes(self) -> None:
-        """Hash the full blocks that ``block_hashes`` does not cover yet (after appending tokens
-        that filled one: ``append_output_token``, or its copy inlined in ``Scheduler.update``)."""
-        start = len(self.block_hashes)
-        parent = self.block_hashes[-1] if self.block_hashes else None
-        self.block_hashes.extend(
-            block_hashes(self.all_token_ids, self.block_size, self.hash_seed, start=start, parent=parent)
-        )
+            start = len(self.block_hashes)
+            parent = self.block_hashes[-1] if self.block_hashes else None
+            self.block_hashes.extend(
+                block_hashes(self.all_token_ids, self.block_size, self.hash_seed, start=start, parent=parent)
+            )
 
     def __repr__(self) -> str:
         return (

@@ -581,11 +581,10 @@ class Scheduler:
     ) -> list[EngineCoreOutput]:
         """``update`` for a step without drafts whose sampled tokens come in the plan's order (as
         the runner returns them): the same state changes and outputs, read from the plan's
-        columns, with one sampled token appended and stop-checked inline."""
+        columns, one sampled token per sampled request."""
         outputs: list[EngineCoreOutput] = []
         append, requests, commit_computed = outputs.append, self._requests, self.kv.commit_computed
-        running, make_output, max_model_len = RequestStatus.RUNNING, EngineCoreOutput.fast, self.max_model_len
-        block_size = self.block_size
+        running, make_output, check_stop = RequestStatus.RUNNING, EngineCoreOutput.fast, self._check_stop
         num_tokens = scheduler_output.num_scheduled_tokens
         per_token_s = device_s / num_tokens if num_tokens else 0.0
         device_seconds = self._device_seconds
@@ -611,22 +610,8 @@ class Scheduler:
             if not sample:
                 continue
             request.num_pending_outputs -= 1
-            # Request.append_output_token, inlined:
-            output_token_ids, all_token_ids = request.output_token_ids, request.all_token_ids
-            output_token_ids.append(token_id)
-            all_token_ids.append(token_id)
-            num_known = len(all_token_ids)
-            if num_known % block_size == 0:
-                request.extend_block_hashes()
-            # _check_stop decides; it is only called when one of its conditions may hold.
-            max_tokens = request.params.max_tokens
-            finish_reason = (
-                self._check_stop(request, token_id)
-                if token_id in request.stop_ids
-                or (max_tokens is not None and len(output_token_ids) >= max_tokens)
-                or num_known >= max_model_len
-                else None
-            )
+            request.append_output_token(token_id)
+            finish_reason = check_stop(request, token_id)
             append(
                 make_output(
                     req_id, (token_id,), () if token_logprobs is None else (token_logprobs,), finish_reason,

@@ -232,15 +232,12 @@ class ModelRunner:
         elif bucket is None:
             hidden = self._forward_stage(inputs)
         else:
-            out = self.graphs.replay(bucket)  # type: ignore[union-attr]
-            if self._graph_logits:  # the graph ran the LM head too
-                if not inputs.sample_req_ids:
-                    return PendingRunnerOutput.ready(_EMPTY_OUTPUT)
-                return self._sample(None, inputs, sched.grammar, graph_logits=out)
-            hidden = out
+            hidden = self.graphs.replay(bucket)  # type: ignore[union-attr]
         if hidden is None or not inputs.sample_req_ids:  # None: the activations went to the next stage
             return PendingRunnerOutput.ready(_EMPTY_OUTPUT)
-        return self._sample(hidden, inputs, sched.grammar)
+        # A replayed decode graph ran the LM head too (one TP rank): ``hidden`` holds its logits.
+        graphed_logits = bucket is not None and self._graph_logits
+        return self._sample(hidden, inputs, sched.grammar, is_logits=graphed_logits)
 
     @torch.inference_mode()
     def _forward_stage(self, inputs: StepInputs) -> torch.Tensor | None:
@@ -354,18 +351,17 @@ class ModelRunner:
 
     @torch.inference_mode()
     def _sample(
-        self, hidden: torch.Tensor | None, inputs: StepInputs, grammar: GrammarBitmask | None = None,
-        graph_logits: torch.Tensor | None = None,
+        self, hidden: torch.Tensor, inputs: StepInputs, grammar: GrammarBitmask | None = None,
+        is_logits: bool = False,
     ) -> PendingRunnerOutput:
-        """Sample the step's sampled rows from ``hidden`` (its LM head runs here) or, after a
-        decode graph that ran the LM head, from ``graph_logits`` (one row per padded sequence)."""
-        if graph_logits is None:
-            assert hidden is not None
+        """Sample the step's sampled rows from ``hidden``: hidden states (the LM head runs here),
+        or, with ``is_logits``, the logits of every padded row a decode graph computed."""
+        if not is_logits:
             logits = self.model.compute_logits(hidden.index_select(0, inputs.logits_indices))  # type: ignore[operator]
         elif len(inputs.sample_req_ids) == inputs.num_tokens:  # a decode step sampling every row
-            logits = graph_logits[: inputs.num_tokens]  # its logits rows are 0 .. n - 1
+            logits = hidden[: inputs.num_tokens]  # its logits rows are 0 .. n - 1
         else:
-            logits = graph_logits.index_select(0, inputs.logits_indices)
+            logits = hidden.index_select(0, inputs.logits_indices)
         tp = self.parallel.tp
         if logits is None:  # another TP rank samples: take its ids (placeholders of later steps)
             ids = torch.empty(len(inputs.sample_req_ids), dtype=torch.int64, device=self.device)

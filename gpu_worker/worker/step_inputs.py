@@ -61,11 +61,12 @@ class _Buffer:
         self.np = host.numpy()
         self.device = device
         self.offset = offset
-        self.row_bytes = host[0].numel() * host.element_size() if host.dim() else host.element_size()
+        self.row_bytes = host.stride(0) * host.element_size()
 
     @classmethod
     def standalone(cls, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> _Buffer:
-        host = torch.zeros(shape, dtype=dtype, pin_memory=device.type == "cuda")
+        """A buffer outside the arena; its host side is never copied from asynchronously (not pinned)."""
+        host = torch.zeros(shape, dtype=dtype)
         return cls(host, host if device.type == "cpu" else torch.zeros(shape, dtype=dtype, device=device))
 
     def end(self, rows: int) -> int:
@@ -88,8 +89,7 @@ class _Arena:
         offsets, size = [], 0
         for shape, dtype in specs:
             offsets.append(size)
-            nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-            size += -(-nbytes // _ALIGN) * _ALIGN
+            size += -(-math.prod(shape) * dtype.itemsize // _ALIGN) * _ALIGN
         self.host = torch.zeros(size, dtype=torch.uint8, pin_memory=device.type == "cuda")
         self.device = (
             self.host if device.type == "cpu" else torch.zeros(size, dtype=torch.uint8, device=device)
@@ -102,8 +102,7 @@ class _Arena:
 
     @staticmethod
     def _region(buf: torch.Tensor, offset: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-        return buf[offset : offset + nbytes].view(dtype).view(shape)
+        return buf[offset : offset + math.prod(shape) * dtype.itemsize].view(dtype).view(shape)
 
     def upload(self, end: int) -> None:
         """Copy the arena's first ``end`` bytes to the device (asynchronously from pinned memory)."""
