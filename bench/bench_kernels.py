@@ -63,6 +63,15 @@ def bench(fn: Callable[[], object]) -> float:
     return float(triton.testing.do_bench(fn, warmup=50, rep=300, return_mode="median"))
 
 
+def graph_bench(fn: Callable[[], object]) -> float:
+    """Median milliseconds of ``fn`` replayed from a CUDA graph of back-to-back calls: the
+    device's time alone. :func:`bench` launches from Python, and a kernel shorter than its
+    wrapper's host work (the attention ops' checks and launch, 50-100 us on the H200's host)
+    measures the host instead: the engine runs these kernels inside CUDA graphs, or queued
+    behind a step's long GEMMs."""
+    return float(triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median"))
+
+
 @dataclass(frozen=True)
 class Paged:
     """A paged batch in the llama3-8b shape over shuffled blocks."""
@@ -126,7 +135,7 @@ def decode_rows(copy_gb_s: float, sweep: bool, block_size: int) -> list[Row]:
     return rows + sorted(swept, key=lambda r: r.ms)[:4]
 
 
-def batch_decode_rows(copy_gb_s: float) -> list[Row]:
+def batch_decode_rows(copy_gb_s: float, sweep: bool = True) -> list[Row]:
     """W1/W3's decode attention: 256 sequences at 640-token contexts (the middle of their
     decode), the grid sized for ``max_model_len`` 2,048 as under their CUDA graphs; head dim
     128 (llama3-8b) and 64 (llama3-1b); the default tiling and the best five of a sweep (KV
@@ -138,19 +147,22 @@ def batch_decode_rows(copy_gb_s: float) -> list[Row]:
         args = (p.q, p.key_cache, p.value_cache, p.block_tables, p.seq_lens, p.scale, 2048)
 
         def row(name: str, cfg: tops.DecodeConfig, args: tuple = args, kv_bytes: int = kv_bytes) -> Row:
-            ms = bench(functools.partial(tops.paged_decode_attention, *args, config=cfg))
+            ms = graph_bench(functools.partial(tops.paged_decode_attention, *args, config=cfg))
             gb_s = kv_bytes / ms / 1e6
             return Row(name, ms, gb_s, gb_s / copy_gb_s, note=str(cfg))
 
         name = f"decode b256 ctx640 d{head_dim}"
+        row(f"{name} (default, warm-up)", tops.DecodeConfig())
         swept = [
-            row(f"{name} sweep", tops.DecodeConfig(None, block_n, warps, stages, heads))
-            for heads in ((1, 2, 4) if head_dim < 128 else (1, 2))
+            row(f"{name} sweep", tops.DecodeConfig(part, block_n, warps, stages, heads))
+            for part in (None, 256)
+            for heads in ((2, 4) if head_dim < 128 else (1, 2))
             for block_n in (32, 64)
             for warps in (2, 4)
-            for stages in (2, 3)
+            for stages in ((2, 3, 4) if head_dim < 128 else (2, 3))
+            if sweep and (part is None or part % block_n == 0)
         ]
-        rows += [row(f"{name} (default)", tops.DecodeConfig())] + sorted(swept, key=lambda r: r.ms)[:5]
+        rows += [row(f"{name} (default)", tops.DecodeConfig())] + sorted(swept, key=lambda r: r.ms)[:8]
     return rows
 
 
@@ -168,7 +180,9 @@ def split_decode_rows(copy_gb_s: float) -> list[Row]:
     return rows
 
 
-def prefill_rows(sweep: bool) -> list[Row]:
+def prefill_rows(sweep: bool, head_dim: int = 128) -> list[Row]:
+    """Prefill attention cases at llama3-8b's heads, head dim ``head_dim`` (128: llama3-8b;
+    64: llama3-1b's), the default tiling and a sweep; and the unpaged SDPA peer."""
     cases = {
         "prefill 8x1024 fresh": [(1024, 1024)] * 8,
         "prefill 16x256 after 1792 cached": [(2048, 256)] * 16,
@@ -176,29 +190,80 @@ def prefill_rows(sweep: bool) -> list[Row]:
     }
     rows = []
     for name, specs in cases.items():
-        p = make_paged(specs)
+        p = make_paged(specs, 16, head_dim)
+        name = f"{name} d{head_dim}"
         args = (p.q, p.key_cache, p.value_cache, p.block_tables, p.query_start_loc, p.seq_lens,
                 p.scale, p.max_query_len, p.max_seq_len)
         ref_ms = bench(functools.partial(reference.paged_attention, *args))
         # Causal FLOPs: each query row attends to its visible keys (QK^T and PV: 4*D per pair).
         pairs = sum(sum(s - ql + i + 1 for i in range(ql)) for s, ql in specs)
-        flop = 4 * pairs * LLAMA3_8B["head_dim"] * LLAMA3_8B["num_heads"]
+        flop = 4 * pairs * head_dim * LLAMA3_8B["num_heads"]
         configs = [tops.PrefillConfig()]
         if sweep:
             configs += [tops.PrefillConfig(bm, bn, w, st) for bm, bn, w, st in
                         ((64, 64, 4, 2), (64, 64, 8, 2), (128, 64, 8, 3), (128, 32, 8, 3),
-                         (128, 32, 4, 3), (64, 32, 4, 3), (128, 128, 8, 2))]
+                         (128, 32, 4, 3), (64, 32, 4, 3), (64, 32, 4, 2), (128, 32, 4, 2),
+                         (128, 128, 8, 2))]
         for i, cfg in enumerate(configs):
-            ms = bench(functools.partial(tops.paged_attention, *args, config=cfg))
+            ms = graph_bench(functools.partial(tops.paged_attention, *args, config=cfg))
             tiles = f"{cfg.block_m}/{cfg.block_n} w{cfg.num_warps} s{cfg.num_stages}"
             label = name if i == 0 else f"  sweep {tiles}"
             rows.append(Row(label, ms, ref_ms=ref_ms, note=f"{flop / ms / 1e9:.0f} TFLOP/s"))
     # Peer: torch SDPA (flash) on the same fresh prefill, contiguous and unpaged.
     q = torch.randn(8, 32, 1024, 128, device="cuda", dtype=torch.bfloat16)
     k = torch.randn(8, 8, 1024, 128, device="cuda", dtype=torch.bfloat16)
-    sdpa_ms = bench(lambda: torch.nn.functional.scaled_dot_product_attention(
+    sdpa_ms = graph_bench(lambda: torch.nn.functional.scaled_dot_product_attention(
         q, k, k, is_causal=True, enable_gqa=True))
     rows.append(Row("torch SDPA 8x1024 causal (unpaged peer)", sdpa_ms))
+    return rows
+
+
+def prompt_step_rows(sweep: bool) -> list[Row]:
+    """W1/W3's prompt steps: 16 fresh 512-token prompts beside the decodes of the requests the
+    earlier prompt steps admitted (0, 128 and 240 decodes at 520-token contexts), head dim 64
+    (llama3-1b) and 128 (llama3-8b). The whole step in one launch of the prefill kernel at 64
+    keys per step (the engine before DECISIONS 122), against ``paged_attention`` with
+    ``num_decodes`` (the decodes on the decode kernel, the prompts on the prefill kernel at the
+    default tiles, 32 keys per step at these contexts); the decodes alone; and a tiling sweep of
+    the prompts alone. TFLOP/s count the prompts' causal pairs only."""
+    rows = []
+    for head_dim in (64, 128):
+        for decodes in (0, 128, 240):
+            specs = [(520, 1)] * decodes + [(512, 512)] * 16
+            p = make_paged(specs, 16, head_dim)
+            flop = 4 * 16 * (512 * 513 // 2) * head_dim * LLAMA3_8B["num_heads"]
+            whole = (p.q, p.key_cache, p.value_cache, p.block_tables, p.query_start_loc, p.seq_lens,
+                     p.scale, p.max_query_len, p.max_seq_len)
+            prompts = (p.q, p.key_cache, p.value_cache, p.block_tables[decodes:],
+                       p.query_start_loc[decodes:], p.seq_lens[decodes:], p.scale, 512, 520)
+            name = f"prompt step d{head_dim} 16x512 + {decodes} dec"
+            one = functools.partial(tops.paged_attention, *whole, config=tops.PrefillConfig(block_n=64))
+            ms = graph_bench(one)
+            rows.append(Row(f"{name}, one launch, 64 keys", ms, note=f"{flop / ms / 1e9:.0f} TFLOP/s"))
+            ms = graph_bench(functools.partial(tops.paged_attention, *whole, num_decodes=decodes))
+            rows.append(Row(f"{name}, num_decodes (default)", ms, note=f"{flop / ms / 1e9:.0f} TFLOP/s"))
+            if decodes:
+                ms = graph_bench(functools.partial(tops.paged_decode_attention, p.q[:decodes], p.key_cache,
+                                                   p.value_cache, p.block_tables[:decodes],
+                                                   p.seq_lens[:decodes], p.scale, 520))
+                rows.append(Row(f"{name}, the decodes alone", ms))
+            if not sweep or decodes:
+                continue
+            swept = []
+            for bm in (64, 128):
+                for bn in (32, 64, 128):
+                    for warps in (4, 8):
+                        for stages in (2, 3):
+                            cfg = tops.PrefillConfig(bm, bn, warps, stages)
+                            try:
+                                fn = functools.partial(tops.paged_attention, *prompts, config=cfg)
+                                ms = graph_bench(fn)
+                            except Exception as exc:  # out of shared memory or registers
+                                print(f"skip {cfg}: {type(exc).__name__}", flush=True)
+                                continue
+                            swept.append(Row(f"  sweep {bm}/{bn} w{warps} s{stages}", ms,
+                                             note=f"{flop / ms / 1e9:.0f} TFLOP/s"))
+            rows += sorted(swept, key=lambda r: r.ms)[:6]
     return rows
 
 
@@ -292,12 +357,21 @@ def main() -> None:
                         help="long-context prefill rows with PrefillConfig.split_kv on, off or both")
     parser.add_argument("--only-batch-decode", action="store_true",
                         help="only W1/W3's decode attention (256 x 640 tokens) and its tiling sweep")
+    parser.add_argument("--only-prompt-steps", action="store_true",
+                        help="only W1/W3's prompt steps (16 x 512 fresh tokens beside decodes) and (unless "
+                             "--no-sweep) the prefill cases at head dim 128 and 64, swept")
     args = parser.parse_args()
     torch.manual_seed(0)
     card = torch.cuda.get_device_name()
     copy = copy_bandwidth_gb_s()
     rows = [Row("copy 1 GiB d2d", 0.0, copy, 1.0)]
-    rows += batch_decode_rows(copy)
+    if args.only_prompt_steps:
+        rows += prompt_step_rows(not args.no_sweep)
+        if not args.no_sweep:
+            rows += prefill_rows(True, 128) + prefill_rows(True, 64)
+        _report(args.json, card, rows)
+        return
+    rows += batch_decode_rows(copy, not (args.no_sweep and args.only_batch_decode))
     if args.only_batch_decode:
         _report(args.json, card, rows)
         return

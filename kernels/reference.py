@@ -212,6 +212,8 @@ def paged_attention(
     *,
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+    num_decodes: int = 0,
 ) -> torch.Tensor:
     """Causal attention of variable-length query chunks over their paged context.
 
@@ -221,12 +223,16 @@ def paged_attention(
     its new tokens, whose K/V must already be in the cache: the ``ql`` query rows of a
     sequence are its last ``ql`` positions. block_tables: ``[S, >= ceil(max_seq_len /
     block_size)]`` int32. Hq must be a multiple of Hk (GQA). Returns ``[T, Hq, D]``.
-    fp8 caches: ``k_scale``/``v_scale`` as in the module docstring.
+    fp8 caches: ``k_scale``/``v_scale`` as in the module docstring. ``out``: receives the
+    result (and is returned). ``num_decodes``: a hint, not an input: the first ``num_decodes``
+    sequences have one query token each, so an implementation may attend them with its
+    decode kernel (the result is the same attention); the reference ignores it.
     """
     plan = plan_paged_attention(
         None, block_tables, query_start_loc, seq_lens, key_cache.shape[1], max_query_len, max_seq_len
     )
-    return _attend(q, key_cache, value_cache, plan, scale, _kv_scales(key_cache, k_scale, v_scale))
+    result = _attend(q, key_cache, value_cache, plan, scale, _kv_scales(key_cache, k_scale, v_scale))
+    return result if out is None else out.copy_(result)
 
 
 def paged_decode_attention(
@@ -240,6 +246,7 @@ def paged_decode_attention(
     *,
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Decode attention: one query token per sequence, at position ``seq_lens[s] - 1``.
 
@@ -249,7 +256,7 @@ def paged_decode_attention(
     query_start_loc = torch.arange(num_seqs + 1, device=q.device, dtype=torch.int32)
     return paged_attention(
         q, key_cache, value_cache, block_tables, query_start_loc, seq_lens, scale, 1, max_seq_len,
-        k_scale=k_scale, v_scale=v_scale,
+        k_scale=k_scale, v_scale=v_scale, out=out,
     )
 
 

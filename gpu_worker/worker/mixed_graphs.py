@@ -70,12 +70,11 @@ class AttentionPoint:
 
     def run(self, num_tokens: int, md: Any) -> None:
         """Attend over the step's ``num_tokens`` real rows and leave the result in ``out``."""
-        q = self.q[:num_tokens]
+        q, out = self.q[:num_tokens], self.out[:num_tokens]
         if self.k is None or self.v is None:
-            result = self.module.attend(q, self.kv_cache, md)
+            self.module.attend(q, self.kv_cache, md, out=out)  # the kernels write out in place
         else:
-            result = self.module(q, self.k[:num_tokens], self.v[:num_tokens], self.kv_cache, md)
-        self.out[:num_tokens].copy_(result)
+            out.copy_(self.module(q, self.k[:num_tokens], self.v[:num_tokens], self.kv_cache, md))
 
 
 class PiecewiseCapture:

@@ -249,6 +249,7 @@ class StepInputBuffers:
             seq_lens=self.seq_lens.device[:num_seqs],
             max_query_len=int(q_lens.max()),
             max_seq_len=int(seq_lens.max()),
+            num_decodes=_leading_decodes(q_lens),
         )
         inputs = StepInputs(
             input_ids=self.input_ids.device[:num_tokens],
@@ -349,3 +350,10 @@ def _draft_ids(
                 out[i, :d] = request.token_ids[-d:]
             i += 1
     return out
+
+
+def _leading_decodes(q_lens: np.ndarray) -> int:
+    """How many sequences at the front of the step have one query token each (the attention's
+    ``num_decodes`` hint: a one-token query is a decode whatever the request's phase)."""
+    not_one = np.flatnonzero(q_lens != 1)
+    return int(not_one[0]) if not_one.size else int(q_lens.size)

@@ -28,6 +28,7 @@ import triton
 import triton.language as tl
 
 from kernels.triton_ops import attention_common as common
+from kernels.triton_ops.decode_attention import DecodeConfig, paged_decode_attention
 
 
 @dataclass(frozen=True)
@@ -66,13 +67,20 @@ class PrefillConfig:
     # chunk) instead of the mean (decodes beside a chunk pull the mean to a few rows, and every
     # tile of the chunk re-reads the whole context's K/V).
     long_chunk_tiles: bool = True
+    # Keys per inner step (``block_n`` None, 16-bit caches) when the step's longest sequence has
+    # at most ``short_context`` tokens: a program's last key tile straddles its diagonal, and
+    # with 16-token query tiles over short contexts that masked tile is a large part of the
+    # work (H200, docs/DECISIONS.md 122: 512-token prompts 9-10% faster at 32 keys than 64,
+    # contexts of 2,048 4% slower).
+    short_context: int = 1024
+    short_context_block_n: int = 32
 
     def __post_init__(self) -> None:
-        for name in ("block_m", "block_n"):
+        for name in ("block_m", "block_n", "short_context_block_n"):
             value = getattr(self, name)
             if value is not None and (value & (value - 1) or value < 16):
                 raise ValueError(f"{name} must be a power of two >= 16, got {value}")
-        for name in ("split_min_context", "split_target_programs", "split_min_partition"):
+        for name in ("split_min_context", "split_target_programs", "split_min_partition", "short_context"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
@@ -343,7 +351,14 @@ def choose_tiles(
             rows = max(rows, max_query_len * group)
         block_m = min(64, triton.next_power_of_2(rows))
     block_m = max(block_m, 16, triton.next_power_of_2(group))
-    block_n = config.block_n or (64 if elem_bytes <= 2 else 32)
+    block_n = config.block_n
+    if block_n is None:
+        if elem_bytes > 2:
+            block_n = 32
+        elif max_seq_len <= config.short_context:
+            block_n = config.short_context_block_n
+        else:
+            block_n = 64
     # Defaults from a sweep on an H200 (bf16, llama3-8b heads; docs/benchmarks/kernels.md):
     # 64x64 tiles with 4 warps beat 128-row tiles and 8 warps on fresh, prefixed and mixed batches.
     num_warps = config.num_warps or 4
@@ -374,13 +389,24 @@ def paged_attention(
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
+    num_decodes: int = 0,
     config: PrefillConfig | None = None,
+    decode_config: DecodeConfig | None = None,
 ) -> torch.Tensor:
     """Triton :func:`kernels.reference.paged_attention`.
 
-    Keyword-only extras: ``out`` receives the result (``[T, Hq, D]``); ``config`` sets the
-    tiling and the split-KV path. fp8 caches need ``k_scale``/``v_scale`` (as in the reference).
-    ``max_seq_len`` must bound every sequence's length (it sizes the split path's partitions).
+    Keyword-only extras: ``out`` receives the result (``[T, Hq, D]``); ``num_decodes`` (the
+    reference's hint: the first ``num_decodes`` sequences have one query token each) sends
+    those sequences to :func:`paged_decode_attention` (``decode_config``) and the rest to this
+    kernel, two launches into ``out``; ``config`` sets the tiling and the split-KV path. fp8
+    caches need ``k_scale``/``v_scale`` (as in the reference). ``max_seq_len`` must bound every
+    sequence's length (it sizes the split path's partitions).
+
+    Why two launches: in one launch a decode is a tile of ``G`` real rows out of ``BLOCK_M``
+    on the tensor cores, and its programs for the other query tiles start and exit empty.
+    Measured on the H200 (docs/DECISIONS.md 122), a W3 prompt step's attention (16 prompts of
+    512 tokens beside 240 decodes, llama3-1b's heads) took 168 us in two launches against 221
+    in one.
     """
     num_tokens, num_heads, head_dim, block_size, num_kv_heads, group = common.check_attention_inputs(
         q, key_cache, value_cache
@@ -391,8 +417,23 @@ def paged_attention(
     num_seqs = seq_lens.shape[0]
     if num_tokens == 0 or num_seqs == 0:
         return out
-    tiles = choose_tiles(config, num_tokens, num_seqs, group, num_kv_heads, max_seq_len, q.element_size(),
-                         max_query_len)
+    if num_decodes > 0:
+        if num_decodes > min(num_seqs, num_tokens):
+            raise ValueError(f"num_decodes {num_decodes} exceeds the step's {num_seqs} sequences")
+        scales = {"k_scale": k_scale, "v_scale": v_scale} if fp8.fp8 else {}
+        # The decodes' query rows are the first num_decodes rows (one token each, packed first).
+        paged_decode_attention(q[:num_decodes], key_cache, value_cache, block_tables[:num_decodes],
+                               seq_lens[:num_decodes], scale, max_seq_len, out=out[:num_decodes],
+                               config=decode_config, **scales)
+        if num_decodes == num_seqs:
+            return out
+        # The rest: query_start_loc keeps absolute rows, so q and out stay whole.
+        block_tables = block_tables[num_decodes:]
+        query_start_loc = query_start_loc[num_decodes:]
+        seq_lens = seq_lens[num_decodes:]
+        num_seqs -= num_decodes
+    tiles = choose_tiles(config, num_tokens - num_decodes, num_seqs, group, num_kv_heads, max_seq_len,
+                         q.element_size(), max_query_len)
     block_m, block_q, partition, num_splits = tiles.block_m, tiles.block_q, tiles.partition, tiles.num_splits
     q_blocks = triton.cdiv(max_query_len, block_q)
     block_tables = common.unit_stride_rows(block_tables)

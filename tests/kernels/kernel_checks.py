@@ -130,6 +130,22 @@ def make_paged_batch(
     )
 
 
+def with_kv_cache(b: PagedBatch, kv: str) -> tuple[PagedBatch, dict[str, torch.Tensor]]:
+    """``b`` with its caches as ``kv`` says ("": as made; "fp8": e4m3 with one scale; "fp8/head":
+    one scale per KV head, from the caches' own amax) and the scale arguments the ops take."""
+    if not kv:
+        return b, {}
+    from kernels import quant_reference as qref
+
+    hk, d = b.key_cache.shape[2], b.key_cache.shape[3]
+    per_head = kv == "fp8/head"
+    ks = qref.fp8_kv_scale(b.key_cache.reshape(-1, hk, d), per_head)
+    vs = qref.fp8_kv_scale(b.value_cache.reshape(-1, hk, d), per_head)
+    kc = qref.quantize_fp8_with_scale(b.key_cache, ks.reshape(-1, 1))
+    vc = qref.quantize_fp8_with_scale(b.value_cache, vs.reshape(-1, 1))
+    return dataclasses.replace(b, key_cache=kc, value_cache=vc), {"k_scale": ks, "v_scale": vs}
+
+
 # (block_size, head_dim, GQA group, KV heads): every block size, both head dims, ratios 1/4/8.
 ATTN_SHAPES = [(8, 64, 1, 2), (16, 128, 4, 2), (32, 64, 8, 1), (64, 128, 8, 2), (16, 64, 1, 3)]
 
@@ -164,6 +180,29 @@ def check_paged_attention(t: Target) -> None:
             assert_close(got, reference.paged_attention(*args), t.dtype, what)
 
 
+def check_paged_attention_decodes(t: Target) -> None:
+    """``num_decodes``: the leading one-token sequences go to the decode kernel, the rest to the
+    prefill kernel, both into ``out``; against the reference, which ignores the hint. Covers
+    decodes on block boundaries, a first token, every sequence a decode, and an fp8 cache."""
+
+    gen = torch.Generator().manual_seed(4)
+    for bs, d, g, hk in ATTN_SHAPES[:3]:
+        chunks = [(2 * bs + 3, bs + 5), (2 * bs - 1, 2 * bs - 1), (17, 1), (9, 9)]
+        decodes = [(bs, 1), (1, 1), (bs + 1, 1), (3 * bs + 2, 1)] + ([(2000, 1), (700, 1)] if t.big else [])
+        for specs, n, kv in [(decodes + chunks, len(decodes), ""), (decodes, len(decodes), ""),
+                             (decodes[:2] + chunks, 2, "fp8/head")]:
+            b, scales = with_kv_cache(make_paged_batch(specs, hk, g, d, bs, t, gen), kv)
+            args = (b.q, b.key_cache, b.value_cache, b.block_tables, b.query_start_loc, b.seq_lens,
+                    b.scale, b.max_query_len, b.max_seq_len)
+            out = torch.full(b.q.shape, float("nan"), dtype=t.dtype, device=t.device)
+            got = tops.paged_attention(*args, out=out, num_decodes=n, **scales)
+            assert got is out
+            what = f"paged_attention num_decodes={n} of {len(specs)} bs={bs} d={d} g={g} kv={kv or t.dtype}"
+            ref = reference.paged_attention(*args, **scales)
+            assert_close(got, ref, t.dtype, what)
+            assert torch.equal(reference.paged_attention(*args, num_decodes=n, **scales), ref), what
+
+
 def _split_specs(bs: int, big: bool) -> list[tuple[int, int]]:
     """Mixed batches for the split-KV path; lengths are not multiples of the block size."""
     specs = [
@@ -188,7 +227,6 @@ def check_paged_attention_split(t: Target) -> None:
 
     On the GPU (``big``) the default config also runs on contexts long enough to split.
     """
-    from kernels import quant_reference as qref
     from kernels.triton_ops.prefill_attention import choose_tiles
 
     gen = torch.Generator().manual_seed(9)
@@ -203,16 +241,7 @@ def check_paged_attention_split(t: Target) -> None:
     ]
     for i, (bs, d, g, hk, kv) in enumerate(_SPLIT_SHAPES):
         specs = _split_specs(bs, t.big)
-        b = make_paged_batch(specs, hk, g, d, bs, t, gen)
-        scales: dict[str, torch.Tensor] = {}
-        if kv:
-            per_head = kv == "fp8/head"
-            ks = qref.fp8_kv_scale(b.key_cache.reshape(-1, hk, d), per_head)
-            vs = qref.fp8_kv_scale(b.value_cache.reshape(-1, hk, d), per_head)
-            kc = qref.quantize_fp8_with_scale(b.key_cache, ks.reshape(-1, 1))
-            vc = qref.quantize_fp8_with_scale(b.value_cache, vs.reshape(-1, 1))
-            b = dataclasses.replace(b, key_cache=kc, value_cache=vc)
-            scales = {"k_scale": ks, "v_scale": vs}
+        b, scales = with_kv_cache(make_paged_batch(specs, hk, g, d, bs, t, gen), kv)
         args = (b.q, b.key_cache, b.value_cache, b.block_tables, b.query_start_loc, b.seq_lens,
                 b.scale, b.max_query_len, b.max_seq_len)
         ref = reference.paged_attention(*args, **scales)
@@ -409,6 +438,7 @@ CHECKS: dict[str, Callable[[Target], None]] = {
     "store_kvcache": check_store_kvcache,
     "paged_attention": check_paged_attention,
     "paged_attention_split": check_paged_attention_split,
+    "paged_attention_decodes": check_paged_attention_decodes,
     "paged_decode_attention": check_paged_decode_attention,
     "rms_norm": check_rms_norm,
     "fused_add_rms_norm": check_fused_add_rms_norm,

@@ -85,3 +85,18 @@ def test_long_chunk_tiles_size_the_tile_from_the_chunk() -> None:
     assert _tiles(w1_step, PrefillConfig()) == _tiles(w1_step, PrefillConfig(long_chunk_tiles=False))
     # Without the longest query nothing changes.
     assert choose_tiles(PrefillConfig(), 160, 33, GROUP, KV_HEADS, 32768, BF16).block_m == 32
+
+
+def test_short_contexts_step_over_32_keys_longer_ones_over_64() -> None:
+    """``block_n`` (16-bit, not set): 32 keys per step while the longest sequence has at most
+    ``short_context`` tokens (W1/W3's 512-token prompts: the diagonal tile is most of a 16-token
+    query tile's work), 64 above; an explicit ``block_n`` and 32-bit queries are left alone."""
+    assert _tiles([(512, 512)] * 16).block_n == 32
+    assert _tiles([(1024, 1024)] * 8).block_n == 32
+    assert _tiles([(2048, 256)] * 16).block_n == 64
+    assert _tiles([(512, 512)] * 16, PrefillConfig(block_n=64)).block_n == 64
+    assert _tiles([(2048, 256)] * 16, PrefillConfig(short_context=4096)).block_n == 32
+    assert choose_tiles(PrefillConfig(), 8192, 16, GROUP, KV_HEADS, 512, 4, 512).block_n == 32
+    assert choose_tiles(PrefillConfig(), 8192, 16, GROUP, KV_HEADS, 2048, 4, 512).block_n == 32
+    with pytest.raises(ValueError, match="short_context"):
+        PrefillConfig(short_context=0)

@@ -26,6 +26,7 @@ _KERNELS = [
     "store_kvcache",
     "paged_attention",
     "paged_attention_split",
+    "paged_attention_decodes",
     "paged_decode_attention",
     "rms_norm",
     "fused_add_rms_norm",

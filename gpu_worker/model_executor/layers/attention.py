@@ -42,6 +42,9 @@ class AttentionMetadata:
     seq_lens: torch.Tensor  # [S] int32, context length including this step's tokens
     max_query_len: int
     max_seq_len: int
+    # Leading sequences with one query token each (a mixed step's decodes, which the scheduler
+    # plans first): attention may send them to its decode kernel. A hint: 0 is always valid.
+    num_decodes: int = 0
     # Per-step work derived from the fields above (and the step's positions), built by the
     # first layer that asks (:meth:`plan`) and shared by the others. Only op sets with plans
     # (the CPU references) fill it; it never holds inputs, so the dataclass stays a value.
@@ -184,10 +187,13 @@ class PagedAttention(nn.Module):
         setattr(self, name, value.contiguous().to(param_of(self, name).device))
         self.scale_sources[name] = "checkpoint"
 
-    def attend(self, q: torch.Tensor, kv_cache: torch.Tensor, md: AttentionMetadata) -> torch.Tensor:
-        """Attention only: q ``[T, Hq, D]`` -> ``[T, Hq, D]``; this step's K/V must already be in
-        ``kv_cache`` (at ``md.slot_mapping``). Not for op sets with plans, whose planned
-        attention stores K/V itself (:class:`kernels.KernelOps` never pairs them with a fused store).
+    def attend(
+        self, q: torch.Tensor, kv_cache: torch.Tensor, md: AttentionMetadata, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Attention only: q ``[T, Hq, D]`` -> ``[T, Hq, D]`` (written into ``out`` when given);
+        this step's K/V must already be in ``kv_cache`` (at ``md.slot_mapping``). Not for op sets
+        with plans, whose planned attention stores K/V itself (:class:`kernels.KernelOps` never
+        pairs them with a fused store).
         """
         if self.plan_op is not None and self.planned_op is not None:
             raise RuntimeError(f"op set {self.ops.name!r} stores K/V inside attention; call forward")
@@ -195,10 +201,12 @@ class PagedAttention(nn.Module):
             piece_out: torch.Tensor = md.piecewise.split(self, q, None, None, kv_cache)
             return piece_out
         key_cache, value_cache = kv_cache[0], kv_cache[1]
-        scales = self.kv_scales(kv_cache)
+        kwargs = self.kv_scales(kv_cache)
+        if out is not None:
+            kwargs["out"] = out
         if md.decode_only:
             return self.ops.paged_decode_attention(
-                q, key_cache, value_cache, md.block_tables, md.seq_lens, self.scale, md.max_seq_len, **scales
+                q, key_cache, value_cache, md.block_tables, md.seq_lens, self.scale, md.max_seq_len, **kwargs
             )
         return self.ops.paged_attention(
             q,
@@ -210,7 +218,8 @@ class PagedAttention(nn.Module):
             self.scale,
             md.max_query_len,
             md.max_seq_len,
-            **scales,
+            num_decodes=md.num_decodes,
+            **kwargs,
         )
 
     def _plan(self, md: AttentionMetadata, block_size: int) -> Any:

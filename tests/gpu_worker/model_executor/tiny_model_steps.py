@@ -22,7 +22,9 @@ from kernels import KernelOps
 BLOCK = 4
 # (seq_lens, q_lens) per step: a prefill of three sequences (crossing block boundaries), then
 # two decode steps.
-STEPS = [([5, 9, 3], [5, 9, 3]), ([6, 10, 4], [1, 1, 1]), ([7, 11, 5], [1, 1, 1])]
+# A prefill, two decode steps, then a mixed step whose two decodes lead a chunk of 4 tokens
+# (``num_decodes`` 2: attention may send them to its decode kernel).
+STEPS = [([5, 9, 3], [5, 9, 3]), ([6, 10, 4], [1, 1, 1]), ([7, 11, 5], [1, 1, 1]), ([8, 12, 9], [1, 1, 4])]
 
 
 def build_model(cfg: Any, ops: KernelOps, dtype: torch.dtype = torch.float32,
@@ -59,6 +61,7 @@ def step_metadata(seq_lens: list[int], q_lens: list[int]) -> tuple[AttentionMeta
         seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
         max_query_len=max(q_lens),
         max_seq_len=max(seq_lens),
+        num_decodes=next((i for i, q in enumerate(q_lens) if q != 1), len(q_lens)),
     )
     return md, torch.tensor(positions)
 

@@ -101,9 +101,10 @@ class _Attention:
     def __init__(self, name: str, log: list[str]) -> None:
         self.name, self.log = name, log
 
-    def attend(self, q: torch.Tensor, kv_cache: torch.Tensor, md: object) -> torch.Tensor:
+    def attend(self, q: torch.Tensor, kv_cache: torch.Tensor, md: object, out: torch.Tensor) -> torch.Tensor:
+        """As ``PagedAttention.attend`` with ``out``: the result is written there."""
         self.log.append(f"{self.name}.attend({q.shape[0]}, {md})")
-        return q + 1
+        return out.copy_(q + 1)
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
                  md: object) -> torch.Tensor:
@@ -132,6 +133,10 @@ def test_replay_alternates_pieces_and_eager_attention_over_the_real_rows() -> No
     assert log == ["p0", "a0.attend(5, md)", "p1", "a1.store_and_attend(5, md)", "p2"]
     assert torch.equal(out[:real], q1[:real] + 1)  # the last attention's result, real rows only
     assert bool((out[real:] == -7.0).all())
+    # attend writes its rows of the buffer itself (no copy after it): alone, a0 leaves q0 + 1.
+    graph = MixedGraph(pieces[:2], points[:1], hidden)  # type: ignore[arg-type]
+    graph.replay(real, "md")
+    assert torch.equal(out[:real], q0[:real] + 1) and bool((out[real:] == -7.0).all())
 
 
 def _point(module: object, q: torch.Tensor, k: torch.Tensor | None, out: torch.Tensor,

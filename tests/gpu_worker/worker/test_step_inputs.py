@@ -159,6 +159,9 @@ def test_prepare_and_update_batch_match_a_per_token_reference(device: torch.devi
             assert _ints(md.seq_lens) == ref["seq_lens"]
             assert md.max_query_len == max(len(r.token_ids) for r in requests)
             assert md.max_seq_len == max(ref["seq_lens"])
+            # The decodes that lead the step (step 2: "a" before the chunk of "b"; step 4: all).
+            leading = next((i for i, r in enumerate(requests) if len(r.token_ids) != 1), len(requests))
+            assert md.num_decodes == leading
             for i, req in enumerate(requests):  # the columns a row's attention reads
                 n_blocks = -(-ref["seq_lens"][i] // BS)
                 assert _ints(md.block_tables[i, :n_blocks]) == tables[req.req_id][:n_blocks]
