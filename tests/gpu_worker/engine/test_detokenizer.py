@@ -104,3 +104,41 @@ def test_special_tokens_are_skipped(smollm2_tokenizer: Any) -> None:
     ids = tok.encode("hi there") + [tok.eos_token_id]
     detok = IncrementalDetokenizer(tok, [])
     assert "".join(feed(detok, ids)) == "hi there"
+
+
+class _DecodeOnly:
+    """A tokenizer seen only through ``decode`` (what text_decoder's general path calls)."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self._tokenizer = tokenizer
+
+    def decode(self, ids: list[int], **kwargs: Any) -> str:
+        return str(self._tokenizer.decode(ids, **kwargs))
+
+
+def test_the_backend_decoder_gives_the_deltas_of_transformers_decode(smollm2_tokenizer: Any) -> None:
+    """SmolLM2's is a transformers fast tokenizer: the detokenizer calls its Rust backend
+    directly. Over random ids (special tokens, bytes of split characters, invalid UTF-8 runs),
+    real multi-byte text and stop strings, every delta, the final text and the stop reason equal
+    those of the same detokenizer going through ``tokenizer.decode``."""
+    import random
+
+    from gpu_worker.engine.detokenizer import text_decoder
+
+    tok = smollm2_tokenizer
+    rng = random.Random(3)
+    specials = list(tok.all_special_ids)
+    cases = [(tok.encode("Say:"), tok.encode(MULTIBYTE), ())]
+    for i in range(150):
+        ids = [rng.choice(specials) if rng.random() < 0.05 else rng.randrange(len(tok)) for _ in range(40)]
+        stop = (tok.decode(ids[10:12]),) if i % 3 == 0 else ()
+        cases.append(([rng.randrange(len(tok)) for _ in range(rng.randrange(8))], ids, stop))
+    probe = [0, 1, 2] + specials
+    want = tok.decode(probe, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+    assert text_decoder(tok)(probe) == want
+    assert text_decoder(tok).__name__ == "fast" and text_decoder(_DecodeOnly(tok)).__name__ == "general"
+    for prompt, ids, stop in cases:
+        fast = IncrementalDetokenizer(tok, prompt, stop)
+        general = IncrementalDetokenizer(_DecodeOnly(tok), prompt, stop)
+        assert feed(fast, ids) == feed(general, ids)
+        assert (fast.text, fast.stop_reason) == (general.text, general.stop_reason)
