@@ -14,10 +14,16 @@
   activation and rotary ops (also rotary + K/V store: two launches, and fused in one, at 4096
   tokens and at one decode token): time and ratio against the reference.
 
-Times are medians of ``triton.testing.do_bench`` (CUDA events) after a warm-up.
+- W1/W3's prompt steps (16 fresh 512-token prompts beside 0-240 decodes): one launch against the
+  decodes on the decode kernel (``num_decodes``), and a prefill tiling sweep
+  (``--only-prompt-steps`` runs this part and the prefill cases at head dims 128 and 64).
+
+Times are medians of ``triton.testing.do_bench`` (CUDA events) after a warm-up; the attention
+rows of the decode, prefill and prompt-step parts replay the op from a CUDA graph
+(:func:`graph_bench`: device time, as the engine runs them; launched from Python, a short kernel
+measures its wrapper's host work).
 ``python bench/bench_kernels.py [--json PATH] [--no-sweep] [--prefill-split-kv on|off|both]
-[--only-batch-decode]``;
-prints a table last.
+[--only-batch-decode] [--only-prompt-steps]``; prints a table last.
 """
 
 from __future__ import annotations

@@ -87,7 +87,7 @@ class _Built:
 
     def add(self, record: ScheduledRequest) -> None:
         """Append one record and its columns (the general path; the fast loop appends inline)."""
-        if record.is_new or record.block_ids:
+        if record.read_whole:
             self.changed.append(len(self.records))
         self.records.append(record)
         self.req_ids.append(record.req_id)
@@ -347,7 +347,7 @@ class Scheduler:
             request.num_inflight_tokens = inflight + num_tokens
             if sample:
                 request.num_pending_outputs = pending + 1
-            if new_block_ids:
+            if new_block_ids:  # ScheduledRequest.read_whole, for a running (never new) request
                 changed.append(len(records))
                 block_ids: tuple[int, ...] = tuple(new_block_ids)
             else:

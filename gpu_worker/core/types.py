@@ -96,6 +96,12 @@ class ScheduledRequest:
         values["num_draft_tokens"] = num_draft_tokens
         return _fast_record(cls, values)
 
+    @property
+    def read_whole(self) -> bool:
+        """Whether the runner must read this record whole, not only its columns
+        (:attr:`StepColumns.changed`): it is new to the runner, or brings blocks."""
+        return self.is_new or bool(self.block_ids)
+
 
 def _record_defaults(cls: type) -> MappingProxyType[str, Any]:
     """Every field of a frozen dataclass with its plain default (None where it has none; no
@@ -169,7 +175,7 @@ class StepColumns:
             token_ids=tuple(t for r in requests for t in r.token_ids),
             sample=tuple(r.sample for r in requests),
             num_draft_tokens=tuple(r.num_draft_tokens for r in requests),
-            changed=tuple(i for i, r in enumerate(requests) if r.is_new or r.block_ids),
+            changed=tuple(i for i, r in enumerate(requests) if r.read_whole),
         )
 
 
