@@ -359,8 +359,9 @@ def choose_tiles(
             block_n = config.short_context_block_n
         else:
             block_n = 64
-    # Defaults from a sweep on an H200 (bf16, llama3-8b heads; docs/benchmarks/kernels.md):
-    # 64x64 tiles with 4 warps beat 128-row tiles and 8 warps on fresh, prefixed and mixed batches.
+    # Defaults from sweeps on an H200 (bf16; docs/benchmarks/kernels.md, DECISIONS 122): 64-row
+    # tiles with 4 warps beat 128-row tiles and 8 warps on fresh, prefixed and mixed batches;
+    # keys per step as chosen above (32 over short contexts, else 64).
     num_warps = config.num_warps or 4
     block_q = block_m // group
     partition = 0
@@ -404,9 +405,9 @@ def paged_attention(
 
     Why two launches: in one launch a decode is a tile of ``G`` real rows out of ``BLOCK_M``
     on the tensor cores, and its programs for the other query tiles start and exit empty.
-    Measured on the H200 (docs/DECISIONS.md 122), a W3 prompt step's attention (16 prompts of
-    512 tokens beside 240 decodes, llama3-1b's heads) took 168 us in two launches against 221
-    in one.
+    Measured on the H200 (docs/DECISIONS.md 122, device time), a W3 prompt step's attention (16
+    prompts of 512 tokens beside 240 decodes, llama3-1b's heads) took 160 us in two launches
+    against 222 in one (64-key tiles, as before).
     """
     num_tokens, num_heads, head_dim, block_size, num_kv_heads, group = common.check_attention_inputs(
         q, key_cache, value_cache
