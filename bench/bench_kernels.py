@@ -158,7 +158,6 @@ def batch_decode_rows(copy_gb_s: float, sweep: bool = True) -> list[Row]:
             return Row(name, ms, gb_s, gb_s / copy_gb_s, note=str(cfg))
 
         name = f"decode b256 ctx640 d{head_dim}"
-        row(f"{name} (default, warm-up)", tops.DecodeConfig())
         swept = [
             row(f"{name} sweep", tops.DecodeConfig(part, block_n, warps, stages, heads))
             for part in (None, 256)
@@ -240,8 +239,6 @@ def prompt_step_rows(sweep: bool) -> list[Row]:
             flop = 4 * 16 * (512 * 513 // 2) * head_dim * LLAMA3_8B["num_heads"]
             whole = (p.q, p.key_cache, p.value_cache, p.block_tables, p.query_start_loc, p.seq_lens,
                      p.scale, p.max_query_len, p.max_seq_len)
-            prompts = (p.q, p.key_cache, p.value_cache, p.block_tables[decodes:],
-                       p.query_start_loc[decodes:], p.seq_lens[decodes:], p.scale, 512, 520)
             name = f"prompt step d{head_dim} 16x512 + {decodes} dec"
             one = functools.partial(tops.paged_attention, *whole, config=tops.PrefillConfig(block_n=64))
             ms = graph_bench(one)
@@ -253,7 +250,7 @@ def prompt_step_rows(sweep: bool) -> list[Row]:
                                                    p.value_cache, p.block_tables[:decodes],
                                                    p.seq_lens[:decodes], p.scale, 520))
                 rows.append(Row(f"{name}, the decodes alone", ms))
-            if not sweep or decodes:
+            if not sweep or decodes:  # the sweep runs on the prompts alone
                 continue
             swept = []
             for bm in (64, 128):
@@ -262,7 +259,7 @@ def prompt_step_rows(sweep: bool) -> list[Row]:
                         for stages in (2, 3):
                             cfg = tops.PrefillConfig(bm, bn, warps, stages)
                             try:
-                                fn = functools.partial(tops.paged_attention, *prompts, config=cfg)
+                                fn = functools.partial(tops.paged_attention, *whole, config=cfg)
                                 ms = graph_bench(fn)
                             except Exception as exc:  # out of shared memory or registers
                                 print(f"skip {cfg}: {type(exc).__name__}", flush=True)
