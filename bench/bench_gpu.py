@@ -38,6 +38,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_gpu_report as report  # noqa: E402
+import trace_gaps  # noqa: E402
 from results import (  # noqa: E402
     DEFAULT_GPU_PRICE_PER_HOUR_USD,
     ResultRow,
@@ -184,6 +185,8 @@ def decode_step_stats(res: dict[str, Any], num_seqs: int) -> dict[str, float]:
     ends = [res["t_start"]] + [end for _, end in res["steps"]]
     slowest = max(b - a for a, b in zip(ends, ends[1:], strict=False))
     return dict(decode_steps=len(times), decode_step_ms=1e3 * float(np.median(times)),
+                decode_step_mean_ms=round(1e3 * float(np.mean(times)), 4),
+                decode_step_p90_ms=round(1e3 * float(np.percentile(times, 90)), 4),
                 slowest_step_ms=round(1e3 * slowest, 1), prefill_phase_s=round(first_full or 0.0, 4))
 
 
@@ -209,9 +212,10 @@ def kernel_us(events: Any) -> float:
 
 
 def _profiled_run(engine: OurEngine, prompts: list[list[int]], first: int, stop: int,
-                  max_tokens: int) -> tuple[Any, float]:
+                  max_tokens: int, trace: Path | None = None) -> tuple[Any, float]:
     """Run ``prompts`` under torch.profiler from engine step ``first`` to step ``stop`` (the
-    device drained at both ends); returns the profiler's ``key_averages()`` and the wall time."""
+    device drained at both ends); returns the profiler's ``key_averages()`` and the wall time.
+    With ``trace``, the Chrome trace is written there too."""
     from torch.profiler import ProfilerActivity, profile
 
     state: dict[str, float] = {}
@@ -228,29 +232,42 @@ def _profiled_run(engine: OurEngine, prompts: list[list[int]], first: int, stop:
             prof.stop()
 
     engine.run(prompts, max_tokens=max_tokens, on_step=on_step)
+    if trace is not None:
+        prof.export_chrome_trace(str(trace))
     return prof.key_averages(), state["wall"]
 
 
 def profile_decode(engine: OurEngine, prompts: list[list[int]], out_dir: Path, tag: str) -> dict[str, float]:
-    """torch.profiler over 6 full-batch decode steps: wall time vs GPU kernel time per step."""
+    """torch.profiler over 6 full-batch decode steps: wall time vs GPU kernel time per step, and
+    the device's idle time per step by kind (``trace_gaps``), all in ``profile_<tag>.txt``. The
+    profiled steps follow step 24 (the pipeline refilled after the drain at its start); their
+    host-late gaps include the profiler's own host overhead."""
     assert _prompt_steps(engine, prompts) < 24, "profiled steps must be decode steps"
-    events, wall = _profiled_run(engine, prompts, 24, 30, max_tokens=40)
+    trace = out_dir / f"trace_{tag}.json"
+    events, wall = _profiled_run(engine, prompts, 24, 30, max_tokens=40, trace=trace)
     table = events.table(sort_by="self_device_time_total", row_limit=25)
-    (out_dir / f"profile_{tag}.txt").write_text(table)
     cpu_table = events.table(sort_by="self_cpu_time_total", row_limit=25)
-    (out_dir / f"profile_{tag}_cpu.txt").write_text(cpu_table)
-    return dict(profiled_step_ms=1e3 * wall / 6, gpu_kernel_ms_per_step=kernel_us(events) / 1e3 / 6)
+    gaps = trace_gaps.gap_report(trace_gaps.load_trace(trace))
+    (out_dir / f"profile_{tag}.txt").write_text(f"{table}\n{cpu_table}\n{gaps.text(6)}")
+    stats = dict(profiled_step_ms=1e3 * wall / 6, gpu_kernel_ms_per_step=kernel_us(events) / 1e3 / 6)
+    stats.update({f"trace_{k}": v for k, v in gaps.per_step(6).items()})
+    return stats
 
 
 def profile_prefill(engine: OurEngine, prompts: list[list[int]], out_dir: Path, tag: str) -> dict[str, float]:
     """torch.profiler over the prompts' steps of a W1/W3-shaped run (every step before the first
-    full-batch decode): wall time vs GPU kernel time per step, and the kernels by GPU time."""
+    full-batch decode): wall time vs GPU kernel time per step, the kernels by GPU time and the
+    device's idle time by kind (``trace_gaps``)."""
     steps = _prompt_steps(engine, prompts)
-    events, wall = _profiled_run(engine, prompts, 0, steps, max_tokens=steps + 8)
+    trace = out_dir / f"trace_prefill_{tag}.json"
+    events, wall = _profiled_run(engine, prompts, 0, steps, max_tokens=steps + 8, trace=trace)
     table = events.table(sort_by="self_device_time_total", row_limit=30)
-    (out_dir / f"profile_prefill_{tag}.txt").write_text(table)
-    return dict(prefill_profiled_steps=steps, prefill_step_ms=1e3 * wall / steps,
-                prefill_gpu_kernel_ms_per_step=kernel_us(events) / 1e3 / steps)
+    gaps = trace_gaps.gap_report(trace_gaps.load_trace(trace))
+    (out_dir / f"profile_prefill_{tag}.txt").write_text(f"{table}\n{gaps.text(steps)}")
+    stats = dict(prefill_profiled_steps=steps, prefill_step_ms=1e3 * wall / steps,
+                 prefill_gpu_kernel_ms_per_step=kernel_us(events) / 1e3 / steps)
+    stats.update({f"prefill_trace_{k}": v for k, v in gaps.per_step(steps).items()})
+    return stats
 
 
 def _timed(obj: Any, name: str, times: dict[str, list[float]]) -> None:
@@ -388,8 +405,11 @@ def bench_ours(
     ctx: Ctx, shape: str, model_dir: Path, workloads: list[str], async_scheduling: bool = True
 ) -> None:
     """Our engine core; ``llmserve`` rows with async scheduling (the CUDA default), else ``llmserve_sync``."""
+    extra_args = {}
+    if ctx.args.mixed_graph_max_tokens is not None:
+        extra_args["mixed_graph_max_tokens"] = ctx.args.mixed_graph_max_tokens
     engine = OurEngine(model_dir, enforce_eager=ctx.args.eager, async_scheduling=async_scheduling,
-                       max_num_batched_tokens=ctx.args.max_num_batched_tokens)
+                       max_num_batched_tokens=ctx.args.max_num_batched_tokens, **extra_args)
     name = "llmserve" if async_scheduling else "llmserve_sync"
     cfg = report.shape_numbers(SHAPES[shape])
     print(f"[{name} {shape}] load {engine.load_s:.1f}s warmup+capture {engine.warmup_s:.1f}s, "
@@ -412,12 +432,17 @@ def bench_ours(
         prompts = prompts_for(n, p_len, 1)
         host_ms = host_speed_ms()
         res = engine.run(prompts, o_len)
+        # Every step's (requests that got a token, end in seconds from the start): where a run's
+        # time went beyond the median step.
+        steps = [(k, round(end - res["t_start"], 6)) for k, end in res["steps"]]
+        (ctx.out_dir / f"steps_{w}_{shape}_{name}.json").write_text(json.dumps(steps))
         tok_s = res["output_tokens"] / res["elapsed_s"]
         floor = report.w1_floor_tok_s(cfg, ctx.ceilings, n, p_len, o_len)
         ctx.add(w, shape, name, tok_s, elapsed_s=round(res["elapsed_s"], 3),
                 ttft_s=round(res["ttft_s"], 4), floor_tok_s=round(floor, 1),
                 share_of_floor=round(tok_s / floor, 4), num_kv_blocks=engine.num_blocks,
                 cuda_graphs=not ctx.args.eager, max_num_batched_tokens=ctx.args.max_num_batched_tokens,
+                mixed_graph_max_tokens=ctx.args.mixed_graph_max_tokens,
                 host_sched_update_ms=host_ms, **decode_step_stats(res, n))
         if ctx.args.profile:
             stats = profile_decode(engine, prompts, ctx.out_dir, f"{w}_{shape}")
@@ -510,6 +535,8 @@ def main() -> None:
     ap.add_argument("--eager", action="store_true", help="our engine without CUDA graphs")
     ap.add_argument("--max-num-batched-tokens", type=int, default=STEP_TOKEN_BUDGET,
                     help="the token budget per step of our engine core (ours, ours_sync)")
+    ap.add_argument("--mixed-graph-max-tokens", type=int, default=None,
+                    help="our engine core's mixed_graph_max_tokens (default: the engine's)")
     ap.add_argument("--profile", action="store_true", help="torch.profiler on decode steps of W1/W3")
     ap.add_argument("--profile-prefill", action="store_true",
                     help="torch.profiler on the prompts' steps of W1/W3 (profile_prefill_*.txt)")

@@ -23,6 +23,8 @@ def test_decode_step_stats_median_of_full_steps_and_slowest_of_all() -> None:
     stats = bench_gpu.decode_step_stats(res, num_seqs=4)
     assert stats["decode_steps"] == 3
     assert stats["decode_step_ms"] == pytest.approx(12.0)
+    assert stats["decode_step_mean_ms"] == pytest.approx((10 + 12 + 30) / 3, abs=1e-3)
+    assert stats["decode_step_p90_ms"] == pytest.approx(26.4, abs=1e-3)
     assert stats["slowest_step_ms"] == pytest.approx(500.0)
     assert stats["prefill_phase_s"] == pytest.approx(0.52)  # the first full step starts at 0.52 s
 
