@@ -123,6 +123,19 @@ def reference_ops(fp8_weight_only_max_m: int = FP8_WEIGHT_ONLY_MAX_M) -> KernelO
     )
 
 
+def greedy_argmax(device: Any, vocab: int, max_rows: int) -> Callable[[Any], Any] | None:
+    """The argmax greedy sampling takes over ``[N, vocab]`` logits on ``device``: on CUDA the
+    Triton kernel of :mod:`kernels.triton_ops.sampling` for up to ``max_rows`` rows; None
+    (torch's ``argmax``) elsewhere."""
+    if not str(device).startswith("cuda"):
+        return None
+    try:
+        from kernels.triton_ops.sampling import GreedyArgmax
+    except ImportError:
+        return None
+    return GreedyArgmax(vocab, device, max_rows)
+
+
 def get_ops(device: Any, *, fp8_weight_only_max_m: int | None = None) -> KernelOps:
     """The ops to use on ``device`` (a ``torch.device`` or string). ``fp8_weight_only_max_m``:
     tokens up to which fp8 linears run weight-only (None: :data:`FP8_WEIGHT_ONLY_MAX_M`)."""

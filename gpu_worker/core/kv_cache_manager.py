@@ -8,7 +8,7 @@ runner computed tokens, ``commit_computed`` makes the newly full blocks hash-add
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from gpu_worker.core.block_pool import BlockPool, KVBlock
@@ -34,6 +34,7 @@ class KVCacheManager:
 
     Invariant: a request's table covers at least its computed and scheduled tokens; its first
     ``_num_committed[id]`` blocks have been offered to the hash map (``commit_computed``).
+    ``_blocks`` and ``_num_committed`` have the same keys: the requests that hold a table.
     """
 
     def __init__(
@@ -69,6 +70,20 @@ class KVCacheManager:
     @property
     def stats(self) -> PrefixCacheStats:
         return PrefixCacheStats(self._queries, self._hits)
+
+    @property
+    def tables(self) -> Mapping[str, Sequence[KVBlock]]:
+        """Each request's block table, by request id (read-only). The scheduler's decode loop
+        reads it to see, without a call per request, that a decode needs no new block (the
+        test that opens ``allocate``)."""
+        return self._blocks
+
+    @property
+    def num_committed(self) -> Mapping[str, int]:
+        """Per request id, how many of its first blocks were offered to the hash map (read-only).
+        The scheduler's ``update`` loop reads it to see, without a call per request, that no
+        block became full (the test that opens ``commit_computed``)."""
+        return self._num_committed
 
     def match_prefix(self, request: Request) -> tuple[list[int], int]:
         """Longest chain of cached full blocks of the request's tokens: (block ids, tokens).

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import bisect
 import itertools
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from gpu_worker.core.drafts import DraftPlanner, DraftSource
@@ -195,7 +195,9 @@ class Scheduler:
                 f"prompt has {num_tokens} tokens; it must be shorter than "
                 f"max_model_len ({self.max_model_len})"
             )
-        request = Request.from_core_request(core_request, self.block_size, self.hash_seed)
+        # Without prefix caching no block hash is ever read: the request gets none (Request).
+        seed = self.hash_seed if self.kv.enable_caching else None
+        request = Request.from_core_request(core_request, self.block_size, seed)
         self._requests[rid] = request
         self._num_waiting_tokens += request.num_tokens
         request.rank = self.policy.rank(request)
@@ -292,8 +294,12 @@ class Scheduler:
         built = _Built()
         records, req_ids, num_tokens_col = built.records, built.req_ids, built.num_tokens
         starts, tokens, samples, changed = built.start_pos, built.token_ids, built.sample, built.changed
-        running, allocate, for_known = self._running, self.kv.allocate, ScheduledRequest.for_known
-        overlap, max_model_len = self.overlap, self.max_model_len
+        running, allocate, tables = self._running, self.kv.allocate, self.kv.tables
+        overlap, max_model_len, block_size = self.overlap, self.max_model_len, self.block_size
+        # ``ScheduledRequest.for_known``, inlined: a copy of its template with five fields set
+        # becomes the record's ``__dict__`` (``_fast_record``). The lockstep test of the fast
+        # paths holds these records, ``vars()`` included, to the constructor's.
+        template, new_record, set_dict = ScheduledRequest.field_defaults(), object.__new__, object.__setattr__
         budget = plan.token_budget
         i = 0
         while i < len(running) and budget > 0:
@@ -323,15 +329,23 @@ class Scheduler:
             if num_tokens <= 0:  # nothing to compute until the step in flight is accounted for
                 i += 1
                 continue
-            new_block_ids = allocate(request, num_tokens)
-            while new_block_ids is None:
-                victim = running.pop()  # the last in (rank, admission) order: not planned yet
-                self._preempt(victim)
-                plan.preempted = True
-                if victim is request:
-                    plan.token_budget = budget
-                    return built
+            req_id = request.request_id
+            table = tables.get(req_id)
+            if table is not None and start + num_tokens <= len(table) * block_size:
+                block_ids: tuple[int, ...] = ()  # ``allocate``'s opening test, inlined: the table has room
+            else:
                 new_block_ids = allocate(request, num_tokens)
+                while new_block_ids is None:
+                    victim = running.pop()  # the last in (rank, admission) order: not planned yet
+                    self._preempt(victim)
+                    plan.preempted = True
+                    if victim is request:
+                        plan.token_budget = budget
+                        return built
+                    new_block_ids = allocate(request, num_tokens)
+                block_ids = tuple(new_block_ids)
+                if block_ids:  # ScheduledRequest.read_whole, for a running (never new) request
+                    changed.append(len(records))
             budget -= num_tokens
             end = start + num_tokens
             if end > num_known:  # the token the step in flight samples (at most one)
@@ -347,13 +361,16 @@ class Scheduler:
             request.num_inflight_tokens = inflight + num_tokens
             if sample:
                 request.num_pending_outputs = pending + 1
-            if new_block_ids:  # ScheduledRequest.read_whole, for a running (never new) request
-                changed.append(len(records))
-                block_ids: tuple[int, ...] = tuple(new_block_ids)
-            else:
-                block_ids = ()
-            records.append(for_known(request.request_id, token_ids, start, block_ids, sample, 0))
-            req_ids.append(request.request_id)
+            values = template.copy()
+            values["req_id"] = req_id
+            values["token_ids"] = token_ids
+            values["start_pos"] = start
+            values["block_ids"] = block_ids
+            values["sample"] = sample
+            record = new_record(ScheduledRequest)
+            set_dict(record, "__dict__", values)
+            records.append(record)
+            req_ids.append(req_id)
             num_tokens_col.append(num_tokens)
             starts.append(start)
             tokens += token_ids
@@ -581,10 +598,21 @@ class Scheduler:
     ) -> list[EngineCoreOutput]:
         """``update`` for a step without drafts whose sampled tokens come in the plan's order (as
         the runner returns them): the same state changes and outputs, read from the plan's
-        columns, one sampled token per sampled request."""
+        columns, one sampled token per sampled request.
+
+        The common case of the per-request calls is inlined, as this loop runs for every running
+        request every step: ``commit_computed`` is called only when its opening test finds a
+        block that became full, ``append_output_token`` appends here and calls
+        ``hash_full_blocks`` only when a block became full, and ``_check_stop`` is called only
+        when the token can end the request (a stop id, or a length reached)."""
         outputs: list[EngineCoreOutput] = []
         append, requests, commit_computed = outputs.append, self._requests, self.kv.commit_computed
-        running, make_output, check_stop = RequestStatus.RUNNING, EngineCoreOutput.fast, self._check_stop
+        running, check_stop = RequestStatus.RUNNING, self._check_stop
+        # Every request's block size is the scheduler's (``add_request``).
+        block_size, max_model_len = self.block_size, self.max_model_len
+        # Without prefix caching nothing is ever committed (no block hashes): skip the check.
+        num_committed: Mapping[str, int] = self.kv.num_committed if self.kv.enable_caching else {}
+        new_record, set_dict = object.__new__, object.__setattr__
         num_tokens = scheduler_output.num_scheduled_tokens
         per_token_s = device_s / num_tokens if num_tokens else 0.0
         device_seconds = self._device_seconds
@@ -605,19 +633,41 @@ class Scheduler:
                 device_seconds += share
             if request.status is running:
                 request.num_inflight_tokens -= num_entry_tokens
-                request.num_computed_tokens += num_entry_tokens
-                commit_computed(request)
+                num_computed = request.num_computed_tokens + num_entry_tokens
+                request.num_computed_tokens = num_computed
+                done = num_committed.get(req_id)  # None: no block table, nothing to commit
+                if done is not None and num_computed // block_size > done:
+                    commit_computed(request)
             if not sample:
                 continue
             request.num_pending_outputs -= 1
-            request.append_output_token(token_id)
-            finish_reason = check_stop(request, token_id)
-            append(
-                make_output(
-                    req_id, (token_id,), () if token_logprobs is None else (token_logprobs,), finish_reason,
-                    request.num_cached_tokens, request.stop_token_id, request.unreported_device_s,
-                )
-            )
+            output_token_ids = request.output_token_ids
+            all_token_ids = request.all_token_ids
+            output_token_ids.append(token_id)
+            all_token_ids.append(token_id)
+            num_known = len(all_token_ids)
+            if num_known % block_size == 0:
+                request.hash_full_blocks()
+            max_tokens = request.params.max_tokens
+            if (
+                token_id in request.stop_ids
+                or num_known >= max_model_len
+                or (max_tokens is not None and len(output_token_ids) >= max_tokens)
+            ):
+                finish_reason = check_stop(request, token_id)
+            else:
+                finish_reason = None
+            output = new_record(EngineCoreOutput)  # ``EngineCoreOutput.fast``, inlined
+            set_dict(output, "__dict__", {
+                "request_id": req_id,
+                "new_token_ids": (token_id,),
+                "new_logprobs": () if token_logprobs is None else (token_logprobs,),
+                "finish_reason": finish_reason,
+                "num_cached_tokens": request.num_cached_tokens,
+                "stop_token_id": request.stop_token_id,
+                "device_s": request.unreported_device_s,
+            })
+            append(output)
             request.unreported_device_s = 0.0
         self._device_seconds = device_seconds
         return outputs

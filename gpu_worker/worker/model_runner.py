@@ -27,6 +27,7 @@ from gpu_worker.worker.request_state import RequestStates
 from gpu_worker.worker.sampler import Sampler, SamplerOutput
 from gpu_worker.worker.sampling_metadata import build_sampling_metadata
 from gpu_worker.worker.step_inputs import StepInputBuffers, StepInputs
+from kernels import greedy_argmax
 
 _EMPTY_OUTPUT = RunnerOutput(req_ids=(), sampled_token_ids=())
 
@@ -113,7 +114,7 @@ class ModelRunner:
         self.parallel: ModelParallel = parallel if isinstance(parallel, ModelParallel) else ModelParallel()
         generator = torch.Generator(device=device)
         generator.manual_seed(config.seed)
-        self.sampler = Sampler(generator)
+        self.sampler = Sampler(generator, greedy_argmax(device, self.vocab_size, config.max_num_seqs))
         self.logits_processing = LogitsProcessing(self.vocab_size, device)  # plug-ins, grammar masks
         self._last_sample: _LastSample | None = None
         self._pending: PendingRunnerOutput | None = None  # the newest step's output
@@ -219,9 +220,12 @@ class ModelRunner:
         if inputs.placeholder_dst is not None:
             assert last is not None and inputs.placeholder_src is not None  # checked by prepare
             with torch.inference_mode():
-                inputs.input_ids.index_copy_(
-                    0, inputs.placeholder_dst, last.token_ids.index_select(0, inputs.placeholder_src)
-                )
+                if inputs.placeholders_in_order:  # a steady decode step: one copy, no gather
+                    inputs.input_ids.copy_(last.token_ids)
+                else:
+                    inputs.input_ids.index_copy_(
+                        0, inputs.placeholder_dst, last.token_ids.index_select(0, inputs.placeholder_src)
+                    )
         if calibrate:
             with self.kv_scales.first_forward():
                 hidden = self._forward_stage(inputs)
@@ -401,13 +405,16 @@ class ModelRunner:
             copied = torch.cuda.Event()
             copied.record()
         req_ids, rows, positions = inputs.sample_req_ids, inputs.sample_rows, inputs.sample_positions
+        states, removals = self.states, self.states.num_removals
 
         def finalize() -> RunnerOutput:
             if copied is not None:
                 copied.synchronize()  # the step's one wait for the device
             token_ids: list[int] = ids_host.tolist()
-            # Later steps may have been planned meanwhile: skip rows that changed hands.
-            self.states.record_sampled(rows, positions, token_ids, req_ids)
+            # Later steps may have been planned meanwhile: skip rows that changed hands (none can
+            # have while no row was given up since this step's launch).
+            owners = req_ids if states.num_removals != removals else None
+            states.record_sampled(rows, positions, token_ids, owners)
             logprobs = logprobs_host.to_list(token_ids) if logprobs_host is not None else ()
             return RunnerOutput(req_ids=req_ids, sampled_token_ids=tuple(token_ids), logprobs=logprobs)
 
@@ -466,6 +473,8 @@ class ModelRunner:
             with self.kv_scales.rehearsal():
                 self._dummy_step(small, 1)
         self._dummy_step(min(self.config.max_num_seqs, budget), min(self.config.max_num_seqs, budget))
+        if self.device.type == "cuda":  # the dummy steps sample; compile the greedy argmax here too
+            self.sampler.greedy(torch.zeros(1, self.vocab_size, dtype=self.dtype, device=self.device))
         self.capture_decode_graphs()
         self.capture_mixed_graphs()
 

@@ -81,6 +81,9 @@ class RequestStates:
         self.plain_greedy = np.zeros(max_num_seqs, dtype=bool)
         self.rows: dict[str, int] = {}
         self._free_rows = list(range(max_num_seqs - 1, -1, -1))
+        # Rows given up so far. A row only changes hands after a removal, so while this count is
+        # unchanged every row still belongs to the request it belonged to (``record_sampled``).
+        self.num_removals = 0
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -91,6 +94,7 @@ class RequestStates:
         if row is not None:
             self.sampling[row] = None
             self._free_rows.append(row)
+            self.num_removals += 1
 
     def update(self, req: ScheduledRequest) -> int:
         """Register a new request or append its new blocks; record its tokens. Returns its row."""

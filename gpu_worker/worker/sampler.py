@@ -136,9 +136,14 @@ def apply_top_k_top_p(
 class Sampler:
     """Turns a step's logits into tokens (and logprobs) for every sampled row at once."""
 
-    def __init__(self, generator: torch.Generator) -> None:
-        """``generator`` (on the logits' device) drives the draws of unseeded rows."""
+    def __init__(
+        self, generator: torch.Generator, argmax: Callable[[torch.Tensor], torch.Tensor] | None = None
+    ) -> None:
+        """``generator`` (on the logits' device) drives the draws of unseeded rows. ``argmax``:
+        what plain greedy steps take of their logits, equal to ``logits.argmax(dim=-1)``
+        (``kernels.greedy_argmax``; None: that)."""
         self.generator = generator
+        self._argmax = argmax
 
     def sample(self, logits: torch.Tensor, md: SamplingMetadata) -> SamplerOutput:
         """``logits``: ``[N, V]`` raw from the model, in its dtype. Returns ``N`` token ids.
@@ -163,10 +168,10 @@ class Sampler:
             logprobs = gather_logprobs(raw_logprobs, token_ids, md.num_logprobs)
         return SamplerOutput(token_ids=token_ids, logprobs=logprobs)
 
-    @staticmethod
-    def greedy(logits: torch.Tensor) -> SamplerOutput:
+    def greedy(self, logits: torch.Tensor) -> SamplerOutput:
         """A plain greedy step's tokens: the argmax of the logits as they come (:meth:`sample`)."""
-        return SamplerOutput(token_ids=logits.argmax(dim=-1), logprobs=None)
+        ids = logits.argmax(dim=-1) if self._argmax is None else self._argmax(logits)
+        return SamplerOutput(token_ids=ids, logprobs=None)
 
     @staticmethod
     def process(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:

@@ -38,6 +38,9 @@ class StepInputs:
     # previous step's sampled token number placeholder_src[i]. None when there are none.
     placeholder_dst: torch.Tensor | None = None  # [P] int64, device
     placeholder_src: torch.Tensor | None = None  # [P] int64, device
+    # Every token of the step is a placeholder, in the previous step's sample order (a steady
+    # decode step): input_ids are the previous step's sampled ids as they are (one copy).
+    placeholders_in_order: bool = False
     # Speculative decoding (None: no request of the step has drafts): per sampled request, its
     # number of drafts and the drafts themselves ([N, max drafts], -1 padding), host arrays.
     num_draft_tokens: np.ndarray | None = None
@@ -210,6 +213,7 @@ class StepInputBuffers:
 
         placeholders = np.flatnonzero(ids < 0)
         num_ph = len(placeholders)
+        in_order = False
         if num_ph:
             if prev_sample_ids is None:
                 raise ValueError("placeholder tokens in a step without a previous step's samples")
@@ -218,6 +222,7 @@ class StepInputBuffers:
             ph_req_ids = tuple(req_ids[i] for i in tok_seq[placeholders].tolist())
             if ph_req_ids == tuple(prev_sample_ids):  # steady decode: the same requests, in order
                 self.placeholder_src.np[:num_ph] = np.arange(num_ph)
+                in_order = num_ph == num_tokens  # then the placeholders are tokens 0 .. P - 1
             else:
                 index = {rid: i for i, rid in enumerate(prev_sample_ids)}
                 self.placeholder_src.np[:num_ph] = [index[rid] for rid in ph_req_ids]
@@ -261,6 +266,7 @@ class StepInputBuffers:
             sample_positions=seq_lens[sample],
             placeholder_dst=self.placeholder_dst.device[:num_ph] if num_ph else None,
             placeholder_src=self.placeholder_src.device[:num_ph] if num_ph else None,
+            placeholders_in_order=in_order,
             num_draft_tokens=num_drafts,
             draft_token_ids=drafts,
         )

@@ -342,6 +342,39 @@ def check_silu_and_mul(t: Target) -> None:
         assert_close(got, reference.silu_and_mul(x), t.dtype, f"silu_and_mul {shape}", scale=4)
 
 
+def check_argmax_rows(t: Target) -> None:
+    """The greedy argmax against torch's: ties to the lowest index (inside a chunk and across
+    chunks), a row of -inf, widths that are not a multiple of the chunk, the workspace reused
+    (its counters back at zero after every call), and ``GreedyArgmax`` on both sides of its
+    row limit."""
+    from kernels.triton_ops.sampling import ArgmaxWorkspace, GreedyArgmax, argmax_rows
+
+    gen = torch.Generator().manual_seed(11)
+    for rows, vocab, block in [(5, 1000, 256), (3, 4096, 1024), (1, 777, 128), (9, 300, 512)]:
+        ws = ArgmaxWorkspace.for_rows(16, vocab, t.device, block=block)
+        for _ in range(2):
+            x = _randn(rows, vocab, t=t, gen=gen)
+            x[0, 3] = x[0, vocab - 2] = 50.0  # a tie across chunks
+            x[-1, 1] = x[-1, 2] = 60.0  # a tie inside a chunk
+            if rows > 2:
+                x[1] = float("-inf")
+            got = argmax_rows(x, ws)
+            assert got.dtype == torch.int64 and got.shape == (rows,)
+            want = x.argmax(dim=-1)
+            assert torch.equal(got, want), f"argmax_rows {rows}x{vocab}: {got} != {want}"
+            assert int(ws.counts.abs().sum()) == 0, "argmax_rows left a row counter set"
+    greedy = GreedyArgmax(500, t.device, max_rows=4)
+    for rows in (1, 4, 6):  # the kernel up to 4 rows, torch's argmax above
+        x = _randn(rows, 500, t=t, gen=gen)
+        assert torch.equal(greedy(x), x.argmax(dim=-1)), f"GreedyArgmax {rows} rows"
+    try:
+        argmax_rows(_randn(17, 500, t=t, gen=gen), ArgmaxWorkspace.for_rows(16, 500, t.device))
+    except ValueError as exc:
+        assert "up to 16 rows of 500 columns" in str(exc)
+    else:
+        raise AssertionError("argmax_rows took more rows than its workspace holds")
+
+
 def check_rotary_embedding(t: Target) -> None:
     gen = torch.Generator().manual_seed(7)
     for d, hq, hk in [(64, 8, 2), (128, 4, 4), (128, 12, 3)]:
@@ -445,6 +478,7 @@ CHECKS: dict[str, Callable[[Target], None]] = {
     "silu_and_mul": check_silu_and_mul,
     "rotary_embedding": check_rotary_embedding,
     "rotary_store_kvcache": check_rotary_store_kvcache,
+    "argmax_rows": check_argmax_rows,
 }
 
 

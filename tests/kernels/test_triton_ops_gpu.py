@@ -45,6 +45,16 @@ def test_get_ops_picks_triton_on_cuda() -> None:
 
 
 @pytest.mark.gpu
+def test_greedy_argmax_is_the_kernel_on_cuda_and_torchs_on_cpu() -> None:
+    from kernels import greedy_argmax
+    from kernels.triton_ops.sampling import GreedyArgmax
+
+    argmax = greedy_argmax("cuda", 1000, 8)
+    assert isinstance(argmax, GreedyArgmax) and argmax.workspace.max_rows == 8
+    assert greedy_argmax("cpu", 1000, 8) is None
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 @pytest.mark.parametrize(("head_dim", "group", "num_kv_heads"), [(64, 4, 8), (32, 2, 4), (128, 4, 8)])
 def test_decode_attention_heads_per_program_gives_the_same_bits_gpu(

@@ -33,8 +33,9 @@ _KERNELS = [
     "silu_and_mul",
     "rotary_embedding",
     "rotary_store_kvcache",
+    "argmax_rows",
 ]
-_KERNELS_BF16 = ["store_kvcache", "rotary_store_kvcache"]
+_KERNELS_BF16 = ["store_kvcache", "rotary_store_kvcache", "argmax_rows"]
 
 
 def _run_interpreted(dtype: str, kernels: list[str]) -> dict[str, str]:

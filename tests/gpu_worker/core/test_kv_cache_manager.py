@@ -147,6 +147,30 @@ def test_incremental_allocation_and_commit_of_decoded_tokens() -> None:
     assert_no_leak(kv)
 
 
+def test_tables_and_committed_counts_follow_allocate_commit_and_free() -> None:
+    """The read-only views the scheduler's loops test instead of calling ``allocate`` and
+    ``commit_computed``: a key per request holding a table, in both."""
+    kv = KVCacheManager(8, BS)
+    b = req("b", list(range(8)))
+    compute(kv, b, 8)
+    kv.free(b)
+    a = req("a", list(range(6)))
+    assert dict(kv.tables) == {} and dict(kv.num_committed) == {}
+    assert compute(kv, a, 2, [0]) == [2]  # a prefix hit counts as committed
+    assert [blk.block_id for blk in kv.tables["a"]] == kv.block_ids(a) == [0, 2]
+    assert dict(kv.num_committed) == {"a": 1}
+    a.append_output_token(6)
+    a.append_output_token(7)
+    assert compute(kv, a, 2) == []  # room in the table: the test the scheduler inlines
+    assert dict(kv.num_committed) == {"a": 2}  # block 2 became full
+    a.append_output_token(8)
+    assert compute(kv, a, 1) == [3]
+    assert [blk.block_id for blk in kv.tables["a"]] == [0, 2, 3]
+    assert dict(kv.num_committed) == {"a": 2}
+    kv.free(a)
+    assert dict(kv.tables) == {} and dict(kv.num_committed) == {}
+
+
 def test_caching_disabled_never_hits() -> None:
     kv = KVCacheManager(4, BS, enable_caching=False)
     a = req("a", list(range(8)))

@@ -112,7 +112,32 @@ def test_the_plain_greedy_row_flag_agrees_with_the_metadata(params: SamplingPara
     logits = _logits(3, seed=4)
     if md.plain_greedy:
         sampled = _sample(logits, [(params, [5, 6], [])] * 3)
-        assert torch.equal(Sampler.greedy(logits).token_ids, sampled.token_ids)
+        assert torch.equal(Sampler(torch.Generator()).greedy(logits).token_ids, sampled.token_ids)
+
+
+def test_plain_greedy_steps_take_the_samplers_argmax_and_other_steps_do_not() -> None:
+    """A sampler given an ``argmax`` (CUDA: ``kernels.greedy_argmax``) takes it for plain greedy
+    steps only; steps that change or read the logits first take torch's argmax of the result."""
+    calls: list[int] = []
+
+    def argmax(x: torch.Tensor) -> torch.Tensor:
+        calls.append(x.shape[0])
+        return x.argmax(dim=-1)
+
+    sampler = Sampler(torch.Generator().manual_seed(0), argmax=argmax)
+    greedy = [(SamplingParams(temperature=0.0), [5, 6], [])] * 3
+    logits = _logits(3, seed=7)
+    states, rows = _states(greedy)
+    md = build_sampling_metadata(states, rows, V, CPU)
+    assert md.plain_greedy
+    assert torch.equal(sampler.sample(logits, md).token_ids, logits.argmax(dim=-1))
+    assert calls == [3]
+    penalized = [(SamplingParams(temperature=0.0, repetition_penalty=1.3), [5, 6], [])] * 3
+    states, rows = _states(penalized)
+    md = build_sampling_metadata(states, rows, V, CPU)
+    assert not md.plain_greedy
+    assert torch.equal(sampler.sample(logits, md).token_ids, _sample(logits, penalized).token_ids)
+    assert calls == [3]
 
 
 def test_mixed_greedy_and_random_rows() -> None:

@@ -168,6 +168,9 @@ def test_prepare_and_update_batch_match_a_per_token_reference(device: torch.devi
             assert _ints(inputs.logits_indices) == ref["logits"]
             assert _ints(inputs.placeholder_dst) == ref["ph_dst"]
             assert _ints(inputs.placeholder_src) == ref["ph_src"]
+            # In order: every token a placeholder, gathered from samples 0 .. n - 1 (one copy).
+            in_order = bool(ref["ph_dst"]) and ref["ph_dst"] == list(range(len(ref["ids"]))) == ref["ph_src"]
+            assert inputs.placeholders_in_order == in_order
             sampled = [(i, r) for i, r in enumerate(requests) if r.sample]
             assert inputs.sample_req_ids == tuple(r.req_id for _, r in sampled)
             assert inputs.sample_rows.tolist() == [int(rows[i]) for i, _ in sampled]
