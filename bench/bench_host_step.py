@@ -20,6 +20,8 @@ Issue 16, item 2: a W1-shaped step (256 requests, 512-token prompts, greedy) on 
    half and all rows seeded (CPU time).
 4. The front's side of a step: ``OutputProcessor.process_outputs`` for ``--requests`` requests that
    each got one token, per output kind, without a tokenizer and with SmolLM2's (CPU time).
+5. Admission: ``Scheduler.add_request`` for ``--requests`` prompts, prefix caching on and off
+   (without it no block is hashed; CPU time).
 
 ``--profile`` adds a cProfile of the timed steps of part 1, and of part 2's runner steps.
 ``python bench/bench_host_step.py [--requests 256] [--steps 100] [--profile]``
@@ -329,6 +331,29 @@ def bench_outputs(args: argparse.Namespace) -> None:
               f"{args.steps}): " + " | ".join(results))
 
 
+def bench_admission(args: argparse.Namespace) -> None:
+    """Part 5: ``Scheduler.add_request`` for ``--requests`` prompts of ``--prompt-tokens`` tokens,
+    with prefix caching on (each prompt's block hashes computed) and off (none: DECISIONS 129);
+    CPU ms of this thread, median of 5. W1/W3 add all their requests before the first step."""
+    rng = random.Random(0)
+    params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
+    n, p = args.requests, args.prompt_tokens
+    requests = [EngineCoreRequest(f"r{i}", tuple(rng.randrange(32000) for _ in range(p)), params)
+                for i in range(n)]
+    results = []
+    for caching in (True, False):
+        times = []
+        for _ in range(5):
+            sched = Scheduler(KVCacheManager(n * -(-p // BLOCK_SIZE) + 64, BLOCK_SIZE, caching),
+                              n, 8192, p + 64, BLOCK_SIZE, "bench")
+            t0 = time.thread_time()
+            for request in requests:
+                sched.add_request(request)
+            times.append(time.thread_time() - t0)
+        results.append(f"prefix caching {'on' if caching else 'off'} {statistics.median(times) * 1e3:.2f}")
+    print(f"adding {n} requests of {p} prompt tokens (CPU ms, medians of 5): " + " | ".join(results))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--requests", type=int, default=256)
@@ -338,7 +363,7 @@ def main() -> None:
     ap.add_argument("--sampler-rows", type=int, default=16)
     ap.add_argument("--vocab", type=int, default=49152)
     ap.add_argument("--sampler-reps", type=int, default=15)
-    ap.add_argument("--parts", default="1,2,3,4", help="which parts to run (comma-separated)")
+    ap.add_argument("--parts", default="1,2,3,4,5", help="which parts to run (comma-separated)")
     ap.add_argument("--profile", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(1)  # host work is single-threaded; keeps CPU times comparable
@@ -352,6 +377,8 @@ def main() -> None:
         bench_sampler(args)
     if "4" in parts:
         bench_outputs(args)
+    if "5" in parts:
+        bench_admission(args)
 
 
 if __name__ == "__main__":
