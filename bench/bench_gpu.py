@@ -83,9 +83,11 @@ def prompts_for(n: int, length: int, seed: int) -> list[list[int]]:
 # ----------------------------------------------------------------------------- our engine
 
 
-# The step token budget of our engine in these benches (and of offline_tuned): the W1 setting an
-# independent run found best; --max-num-batched-tokens replaces it for our engine core.
-STEP_TOKEN_BUDGET = 8192
+# The step token budget of our engine core in these benches: the offline LLM's default on an
+# H100 / H200-class card (DECISIONS 130; 8192 before); --max-num-batched-tokens replaces it.
+STEP_TOKEN_BUDGET = 16384
+# offline_tuned's budget: the W1 setting an independent run found best before the device defaults.
+TUNED_TOKEN_BUDGET = 8192
 
 
 class OurEngine:
@@ -237,14 +239,15 @@ def _profiled_run(engine: OurEngine, prompts: list[list[int]], first: int, stop:
     return prof.key_averages(), state["wall"]
 
 
-def profile_decode(engine: OurEngine, prompts: list[list[int]], out_dir: Path, tag: str) -> dict[str, float]:
+def profile_decode(engine: OurEngine, prompts: list[list[int]], out_dir: Path, tag: str,
+                   first: int = 24) -> dict[str, float]:
     """torch.profiler over 6 full-batch decode steps: wall time vs GPU kernel time per step, and
     the device's idle time per step by kind (``trace_gaps``), all in ``profile_<tag>.txt``. The
-    profiled steps follow step 24 (the pipeline refilled after the drain at its start); their
-    host-late gaps include the profiler's own host overhead."""
-    assert _prompt_steps(engine, prompts) < 24, "profiled steps must be decode steps"
+    profiled steps follow engine step ``first`` (24 by default: the pipeline refilled after the
+    drain at its start); their host-late gaps include the profiler's own host overhead."""
+    assert _prompt_steps(engine, prompts) < first, "profiled steps must be decode steps"
     trace = out_dir / f"trace_{tag}.json"
-    events, wall = _profiled_run(engine, prompts, 24, 30, max_tokens=40, trace=trace)
+    events, wall = _profiled_run(engine, prompts, first, first + 6, max_tokens=first + 16, trace=trace)
     table = events.table(sort_by="self_device_time_total", row_limit=25)
     cpu_table = events.table(sort_by="self_cpu_time_total", row_limit=25)
     gaps = trace_gaps.gap_report(trace_gaps.load_trace(trace))
@@ -445,7 +448,7 @@ def bench_ours(
                 mixed_graph_max_tokens=ctx.args.mixed_graph_max_tokens,
                 host_sched_update_ms=host_ms, **decode_step_stats(res, n))
         if ctx.args.profile:
-            stats = profile_decode(engine, prompts, ctx.out_dir, f"{w}_{shape}")
+            stats = profile_decode(engine, prompts, ctx.out_dir, f"{w}_{shape}", ctx.args.profile_step)
             print(f"  profile {w} {shape}: {stats}", flush=True)
             ctx.rows[-1].extra.update({k: round(v, 4) for k, v in stats.items()})
         if ctx.args.profile_prefill:
@@ -464,7 +467,7 @@ def bench_offline(ctx: Ctx, shape: str, model_dir: Path, workloads: list[str], t
     (``offline_tuned``, the setting an independent run found best before the device defaults)."""
     from gpu_worker import LLM, SamplingParams
 
-    extra: dict[str, Any] = {"max_num_batched_tokens": STEP_TOKEN_BUDGET} if tuned else {}
+    extra: dict[str, Any] = {"max_num_batched_tokens": TUNED_TOKEN_BUDGET} if tuned else {}
     name = "offline_tuned" if tuned else "offline_defaults"
     llm = LLM(model=str(model_dir), load_format="dummy", **extra)
     budget = llm.engine.config.max_num_batched_tokens
@@ -538,6 +541,8 @@ def main() -> None:
     ap.add_argument("--mixed-graph-max-tokens", type=int, default=None,
                     help="our engine core's mixed_graph_max_tokens (default: the engine's)")
     ap.add_argument("--profile", action="store_true", help="torch.profiler on decode steps of W1/W3")
+    ap.add_argument("--profile-step", type=int, default=24,
+                    help="--profile: the W1/W3 engine step after which six decode steps are profiled")
     ap.add_argument("--profile-prefill", action="store_true",
                     help="torch.profiler on the prompts' steps of W1/W3 (profile_prefill_*.txt)")
     ap.add_argument("--host-profile", action="store_true",

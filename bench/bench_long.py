@@ -18,7 +18,8 @@ Parts (each selectable with ``--parts``; ``w6_8b`` and ``itl`` share one llama3-
 
 Models have random bf16 weights (``load_format="dummy"``), configs written here. Everything
 runs through ``LLM(model, load_format="dummy", max_model_len=...)`` with the engine's defaults
-(``max_num_batched_tokens`` 8192 on CUDA); requests are added to its engine
+but the serving step token budget (``max_num_batched_tokens`` 8192, which offline ``LLM`` raises
+to 16384 on H100 / H200-class cards); requests are added to its engine
 (``LLM.engine.add_request``, streaming deltas) and stepped here, so every token gets the wall
 time at which ``step()`` handed it over, which is when a streaming client could have it.
 
@@ -196,11 +197,14 @@ class StepDriver:
 def make_llm(model_dir: Path, max_model_len: int, smoke: bool,
              mixed_graph_max_tokens: int | None = None) -> Any:
     from gpu_worker import LLM
+    from gpu_worker.config import CUDA_MAX_NUM_BATCHED_TOKENS
 
-    # Smoke: a small budget, so that the tiny prompts are chunked as W6's are.
-    extra: dict[str, Any] = {}
+    # The serving budget (offline LLM's default is larger on H100 / H200-class cards; W6 measures
+    # what a streaming client sees beside a long prefill).
+    extra: dict[str, Any] = {"max_num_batched_tokens": CUDA_MAX_NUM_BATCHED_TOKENS}
     if mixed_graph_max_tokens is not None:
         extra["mixed_graph_max_tokens"] = mixed_graph_max_tokens
+    # Smoke: a small budget, so that the tiny prompts are chunked as W6's are.
     if smoke:
         extra.update(device="cpu", max_num_seqs=16, max_num_batched_tokens=32)
     return LLM(model=str(model_dir), load_format="dummy", max_model_len=max_model_len, **extra)

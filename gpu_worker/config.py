@@ -22,6 +22,9 @@ KV_CACHE_DTYPES = ("auto", "fp8")
 AUTO_TENSOR_PARALLEL = 0  # tensor_parallel_size "auto": chosen from the model and the GPUs
 # Per-step token budgets when max_num_batched_tokens is left unset (see EngineConfig).
 CUDA_MAX_NUM_BATCHED_TOKENS = 8192
+# The offline engine (gpu_worker.LLM) on a large card (loader.is_large_gpu: H100 / H200 class),
+# as vLLM's LLM class there: nobody streams from its steps (docs/DECISIONS.md 130).
+OFFLINE_LARGE_GPU_MAX_NUM_BATCHED_TOKENS = 16384
 CPU_MAX_NUM_BATCHED_TOKENS = 2048
 
 
@@ -87,10 +90,12 @@ class EngineConfig:
     the kernels' default, 1, i.e. batch-1 decode; 0: always W8A8; at most 16).
 
     Left unset, ``max_num_batched_tokens`` (the per-step token budget, i.e. the chunked-prefill
-    chunk) is chosen by device (:meth:`with_device_defaults`, docs/CONFIG.md): 8192 on CUDA,
-    where larger steps keep the GPU's matrix units busy (W1 on an H200: 9,003 tok/s at 2048
-    vs 10,467 at 8192, W3 31,116 vs ~44,500), and 2048 on the CPU, where a step's time grows
-    with its tokens and a smaller chunk keeps decodes of other requests flowing.
+    chunk) is chosen by device and use (:meth:`with_device_defaults`, docs/CONFIG.md): 8192 on
+    CUDA, where larger steps keep the GPU's matrix units busy (W1 on an H200: 9,003 tok/s at
+    2048 vs 10,467 at 8192, W3 31,116 vs ~44,500); 16384 for the offline engine on a large card
+    (H100 / H200 class), where no stream waits on a step (W3 on an H200: fewer, larger prompt
+    steps and a shorter tail); and 2048 on the CPU, where a step's time grows with its tokens
+    and a smaller chunk keeps decodes of other requests flowing.
 
     ``mixed_graph_max_tokens``: on CUDA (unless ``enforce_eager``; one GPU per stage and no tensor
     parallelism), steps of prefill chunks beside decodes of up to this many tokens replay
@@ -196,11 +201,19 @@ class EngineConfig:
                 f"scheduling_policy must be one of {policies.names()}, got {self.scheduling_policy!r}"
             )
 
-    def with_device_defaults(self, device_type: str) -> EngineConfig:
-        """This config with every device-dependent default that is still unset filled in."""
+    def with_device_defaults(self, device_type: str, *, offline: bool = False,
+                             large_gpu: bool = False) -> EngineConfig:
+        """This config with every device-dependent default that is still unset filled in.
+        ``offline``: for the offline engine (no client streams from its steps); ``large_gpu``:
+        the CUDA card is H100 / H200 class (``loader.is_large_gpu``)."""
         if self.max_num_batched_tokens is not None:
             return self
-        default = CUDA_MAX_NUM_BATCHED_TOKENS if device_type == "cuda" else CPU_MAX_NUM_BATCHED_TOKENS
+        if device_type != "cuda":
+            default = CPU_MAX_NUM_BATCHED_TOKENS
+        elif offline and large_gpu:
+            default = OFFLINE_LARGE_GPU_MAX_NUM_BATCHED_TOKENS
+        else:
+            default = CUDA_MAX_NUM_BATCHED_TOKENS
         return replace(self, max_num_batched_tokens=default)
 
     @property

@@ -89,6 +89,8 @@ class EngineCore:
 
     ``kv_events``: record KV block stored/removed events for a fleet publisher
     (:meth:`take_kv_events`); off for the offline API, which has nobody to drain them.
+    ``offline``: the offline API's device defaults (``EngineConfig.with_device_defaults``: a
+    larger step token budget on H100 / H200-class cards).
 
     Device time (cost): each step's device time is split over the requests it computed, by
     tokens (``Scheduler.update``). A step's device time runs from the later of its launch (the
@@ -99,7 +101,7 @@ class EngineCore:
     is counted twice and idle time is counted for nobody.
     """
 
-    def __init__(self, config: EngineConfig, kv_events: bool = True) -> None:
+    def __init__(self, config: EngineConfig, kv_events: bool = True, offline: bool = False) -> None:
         self.device = loader.resolve_device(config.device)
         # Settles config.quantization (auto -> what the checkpoint is, docs/QUANTIZATION.md).
         config, source, self.hf_config = loader.resolve_served_model(config, self.device)
@@ -108,7 +110,8 @@ class EngineCore:
         self.eos_token_ids = loader.eos_token_ids(source, self.hf_config, self.tokenizer)
         self.vocab_size = int(self.hf_config.vocab_size)
         self.dtype = loader.resolve_dtype(config.dtype, self.device)
-        config = config.with_device_defaults(self.device.type)
+        config = config.with_device_defaults(self.device.type, offline=offline,
+                                             large_gpu=loader.is_large_gpu(self.device))
         element_size = torch.empty((), dtype=self.dtype).element_size()
         kv_element_size = 1 if config.kv_cache_dtype == "fp8" else element_size
         config = resolve_parallel_sizes(

@@ -34,8 +34,8 @@ class LLMEngine:
     @classmethod
     def from_config(cls, config: EngineConfig) -> LLMEngine:
         """Load the model (blocking) and warm it up. No KV events are recorded: offline, nobody
-        publishes them."""
-        core = EngineCore(config, kv_events=False)
+        publishes them; the offline defaults apply (``EngineConfig.with_device_defaults``)."""
+        core = EngineCore(config, kv_events=False, offline=True)
         core.warmup()
         return cls(core)
 

@@ -106,6 +106,20 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+# A card of at least this much memory is H100 / H200 class for the offline token budget
+# (config.OFFLINE_LARGE_GPU_MAX_NUM_BATCHED_TOKENS), as vLLM sizes its offline default.
+LARGE_GPU_BYTES = 70 * 2**30
+
+
+def is_large_gpu(device: torch.device) -> bool:
+    """Whether ``device`` is a CUDA card of at least :data:`LARGE_GPU_BYTES` other than an A100
+    (vLLM measured the larger offline budget slower on the A100 and keeps it off there)."""
+    if device.type != "cuda":
+        return False
+    props = torch.cuda.get_device_properties(device)
+    return props.total_memory >= LARGE_GPU_BYTES and "a100" not in props.name.lower()
+
+
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     """``auto`` -> float32 on CPU, bfloat16 on CUDA."""
     if dtype == "auto":

@@ -18,6 +18,8 @@ import pytest
 import torch
 
 from gpu_worker import LLM, SamplingParams
+from gpu_worker.config import CUDA_MAX_NUM_BATCHED_TOKENS, OFFLINE_LARGE_GPU_MAX_NUM_BATCHED_TOKENS
+from gpu_worker.model_executor import loader
 
 pytestmark = pytest.mark.gpu
 
@@ -49,6 +51,10 @@ def test_async_scheduling_equals_sync_on_cuda(tmp_path: Path) -> None:
         llm = LLM(model=str(folder), load_format="dummy", gpu_memory_utilization=0.2,
                   async_scheduling=async_scheduling)
         assert llm.engine.core.async_scheduling is async_scheduling
+        # The offline API's budget on this card (EngineConfig.with_device_defaults).
+        large = loader.is_large_gpu(torch.device("cuda"))
+        assert llm.engine.config.token_budget == (OFFLINE_LARGE_GPU_MAX_NUM_BATCHED_TOKENS if large
+                                                  else CUDA_MAX_NUM_BATCHED_TOKENS)
         results.append([o.outputs[0].token_ids for o in llm.generate(prompts, params)])
         del llm
         gc.collect()

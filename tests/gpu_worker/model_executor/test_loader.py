@@ -9,7 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from gpu_worker.config import EngineConfig
+from gpu_worker.config import (
+    CPU_MAX_NUM_BATCHED_TOKENS,
+    CUDA_MAX_NUM_BATCHED_TOKENS,
+    OFFLINE_LARGE_GPU_MAX_NUM_BATCHED_TOKENS,
+    EngineConfig,
+)
 from gpu_worker.model_executor import gguf_cache, loader
 from gpu_worker.model_executor.layers.rotary import build_cos_sin_cache
 from gpu_worker.model_executor.model_config import max_context_len
@@ -113,6 +118,28 @@ def test_dtype_and_device_defaults() -> None:
     assert loader.resolve_dtype("auto", torch.device("cuda")) == torch.bfloat16
     assert loader.resolve_dtype("float16", CPU) == torch.float16
     assert loader.resolve_device("cpu") == CPU
+
+
+def test_step_token_budget_by_device_and_use() -> None:
+    """The serving engine keeps 8192 on every CUDA card; the offline one takes 16384 on a large
+    card (vLLM's LLM-class default there); the CPU 2048; an explicit value always wins."""
+    config = EngineConfig(model="m")
+
+    def budget(c: EngineConfig, device: str, **use: bool) -> int:
+        return c.with_device_defaults(device, **use).token_budget
+
+    assert budget(config, "cpu", offline=True, large_gpu=True) == CPU_MAX_NUM_BATCHED_TOKENS == 2048
+    assert CUDA_MAX_NUM_BATCHED_TOKENS == 8192 and OFFLINE_LARGE_GPU_MAX_NUM_BATCHED_TOKENS == 16384
+    assert budget(config, "cuda") == budget(config, "cuda", large_gpu=True) == 8192
+    assert budget(config, "cuda", offline=True) == 8192
+    assert budget(config, "cuda", offline=True, large_gpu=True) == 16384
+    given = EngineConfig(model="m", max_num_batched_tokens=4096)
+    assert budget(given, "cuda", offline=True, large_gpu=True) == budget(given, "cpu") == 4096
+    assert not loader.is_large_gpu(CPU)
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        large = props.total_memory >= loader.LARGE_GPU_BYTES and "A100" not in props.name
+        assert loader.is_large_gpu(torch.device("cuda", 0)) == large
 
 
 @pytest.mark.parametrize("family", ["llama", "llama_tied", "qwen3"])
