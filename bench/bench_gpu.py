@@ -18,7 +18,9 @@ included, as in BASELINES.md). Prints a table, appends JSON lines and writes a M
 Profiles (our engine, W1/W3): ``--profile`` (six full-batch decode steps), ``--profile-prefill``
 (the prompts' steps), ``--host-profile`` (the host's parts of a step, and a cProfile). Kernel time
 per step counts the device's own events only (``kernel_us``). W1/W3 rows carry the host's speed at
-the engine core's Python (``host_sched_update_ms``, :func:`host_speed_ms`), measured before the run.
+the engine core's Python (``host_sched_update_ms``, :func:`host_speed_ms`), measured before the run,
+and W1-W3 rows what the card's clock and power did during it (``gpu_clocks.ClockSampler``:
+``sm_clock_mhz_median`` / ``_min``, ``power_w_max``, ``power_capped_share``).
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_gpu_report as report  # noqa: E402
 import trace_gaps  # noqa: E402
+from gpu_clocks import ClockSampler, smi_device_id  # noqa: E402
 from results import (  # noqa: E402
     DEFAULT_GPU_PRICE_PER_HOUR_USD,
     ResultRow,
@@ -421,12 +424,13 @@ def bench_ours(
         _, n, p_len, o_len = WORKLOADS[w]
         warm_up(engine, w)
         if w == "W2":
-            res = engine.run(prompts_for(1, p_len, 2), o_len)
+            with ClockSampler(smi_device_id(torch.cuda.current_device())) as clocks:
+                res = engine.run(prompts_for(1, p_len, 2), o_len)
             tpot = (res["elapsed_s"] - res["ttft_s"]) / (o_len - 1)
             floor = report.w2_roofline_tok_s(cfg, ctx.ceilings, p_len, o_len)
             ctx.add(w, shape, name, 1 / tpot, ttft_s=round(res["ttft_s"], 5),
                     tpot_ms=round(tpot * 1e3, 4), e2e_s=round(res["elapsed_s"], 4),
-                    floor_tok_s=round(floor, 1), share_of_floor=round(1 / tpot / floor, 4))
+                    floor_tok_s=round(floor, 1), share_of_floor=round(1 / tpot / floor, 4), **clocks.fields())
             if ctx.args.profile:
                 stats = profile_decode(engine, prompts_for(1, p_len, 3), ctx.out_dir, f"{w}_{shape}")
                 print(f"  profile {w} {shape}: {stats}", flush=True)
@@ -434,7 +438,8 @@ def bench_ours(
             continue
         prompts = prompts_for(n, p_len, 1)
         host_ms = host_speed_ms()
-        res = engine.run(prompts, o_len)
+        with ClockSampler(smi_device_id(torch.cuda.current_device())) as clocks:
+            res = engine.run(prompts, o_len)
         # Every step's (requests that got a token, end in seconds from the start): where a run's
         # time went beyond the median step.
         steps = [(k, round(end - res["t_start"], 6)) for k, end in res["steps"]]
@@ -446,7 +451,7 @@ def bench_ours(
                 share_of_floor=round(tok_s / floor, 4), num_kv_blocks=engine.num_blocks,
                 cuda_graphs=not ctx.args.eager, max_num_batched_tokens=ctx.args.max_num_batched_tokens,
                 mixed_graph_max_tokens=ctx.args.mixed_graph_max_tokens,
-                host_sched_update_ms=host_ms, **decode_step_stats(res, n))
+                host_sched_update_ms=host_ms, **decode_step_stats(res, n), **clocks.fields())
         if ctx.args.profile:
             stats = profile_decode(engine, prompts, ctx.out_dir, f"{w}_{shape}", ctx.args.profile_step)
             print(f"  profile {w} {shape}: {stats}", flush=True)
