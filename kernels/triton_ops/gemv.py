@@ -21,6 +21,9 @@ that stream at the card's bandwidth:
   :func:`_gemv_int4_words_kernel`: each nibble is masked in place into a float's mantissa
   (:func:`_nibble_as_float`) and multiplied by its input, the group's scale once per word
   (1.54x the byte kernel below on an H200; docs/QUANTIZATION.md, "4-bit weights as int32 words");
+  with ``pairs`` (symmetric weights, bf16 inputs, CUDA) two nibbles at a time become a bf16
+  pair and meet their inputs in packed bf16 FMAs (:func:`_pairs_asm`: 438 instead of 554
+  instructions per loop of 128 weights per thread; products and four-term sums round to bf16);
 - ``gated=True`` (one token, one split): the weight is ``[gate; up]``, a program reads gate row
   ``o`` and up row ``o + N / 2`` side by side (:func:`_gemv_rows`) and its epilogue applies
   SiLU-and-mul with the activation kernel's arithmetic (:func:`_gated_epilogue`): ``[1, N / 2]``,
@@ -311,6 +314,54 @@ def _nibbles_asm(w, SUB: tl.constexpr):
                                      is_pure=True, pack=1)
 
 
+def _pairs_ptx() -> str:
+    """PTX for :func:`_pairs_asm`: word ``$1``'s eight symmetric nibbles times the inputs paired
+    in ``$2 .. $5``, summed, in ``$0``. Each AND-OR (LOP3) makes two nibbles bf16 ``128 + q``
+    side by side (nibbles ``i`` and ``i + 4``: bits ``4i`` and ``4i + 16``, so three shifts for
+    the eight), one packed FMA ``* 1 - 136`` makes them ``q - 8`` (exact), and packed FMAs
+    multiply them by their inputs and sum the four pairs per half in bf16; the two halves are
+    added in float32. 18 instructions per word against 25 for :func:`_nibbles_asm` and its eight
+    float32 FMAs; the products and the four-term sums round to bf16 (8 bits)."""
+    lines = ["{", ".reg .b32 t, a, b, c, d, one, bias, lo, hi;",
+             "mov.b32 one, 0x3F803F80;", "mov.b32 bias, 0xC308C308;",
+             "lop3.b32 a, $1, 0x000F000F, 0x43004300, 0xEA;"]
+    for reg, shift in (("b", 4), ("c", 8), ("d", 12)):
+        lines.append(f"shr.u32 t, $1, {shift};")
+        lines.append(f"lop3.b32 {reg}, t, 0x000F000F, 0x43004300, 0xEA;")
+    for reg in "abcd":
+        lines.append(f"fma.rn.bf16x2 {reg}, {reg}, one, bias;")
+    lines += ["mov.b32 t, 0x80008000;", "fma.rn.bf16x2 a, a, $2, t;", "fma.rn.bf16x2 a, b, $3, a;",
+              "fma.rn.bf16x2 a, c, $4, a;", "fma.rn.bf16x2 a, d, $5, a;",
+              "shl.b32 lo, a, 16;", "and.b32 hi, a, 0xFFFF0000;", "add.f32 $0, lo, hi;", "}"]
+    return "\n".join(lines)
+
+
+_PAIRS_PTX = tl.constexpr(_pairs_ptx())
+
+
+@triton.jit
+def _pairs_asm(w, p0, p1, p2, p3):
+    """``sum_i (q_i - 8) x_i`` over each int32 word of symmetric nibbles ``w``, with the inputs
+    as bf16 pairs ``p_i = (x_i, x_{i+4})`` (:func:`_load_pair`), in inline PTX (:func:`_pairs_ptx`).
+    CUDA only, bf16 inputs, no offsets."""
+    return tl.inline_asm_elementwise(_PAIRS_PTX, "=f,r,r,r,r,r", [w, p0, p1, p2, p3], dtype=tl.float32,
+                                     is_pure=True, pack=1)
+
+
+@triton.jit
+def _load_pair(xw, LANE: tl.constexpr, jj, w_hi, EVEN: tl.constexpr):
+    """Inputs ``8 jj + LANE`` and ``8 jj + LANE + 4`` (bf16) as one int32, the first in the low half."""
+    if EVEN:
+        lo = tl.load(xw + LANE, eviction_policy="evict_last")
+        hi = tl.load(xw + LANE + 4, eviction_policy="evict_last")
+    else:
+        lo = tl.load(xw + LANE, mask=jj < w_hi, other=0.0, eviction_policy="evict_last")
+        hi = tl.load(xw + LANE + 4, mask=jj < w_hi, other=0.0, eviction_policy="evict_last")
+    lo = lo.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+    hi = hi.to(tl.int16, bitcast=True).to(tl.int32) << 16
+    return lo | hi
+
+
 @triton.jit
 def _load_words(q_rows, jj, n_ok, w_hi, EVEN: tl.constexpr):
     """Words ``jj`` of every row (``EVEN``: unmasked; else rows past N and words past ``w_hi`` read 0)."""
@@ -337,12 +388,47 @@ def _load_groups(rows, k0, gg, ok, GROUP: tl.constexpr, EVEN: tl.constexpr):
 
 
 @triton.jit
+def _word_sums(w, xw, jj, w_hi, SUB: tl.constexpr, EVEN: tl.constexpr, ASM: tl.constexpr):
+    """Each word's eight products ``(q_i - SUB) x_i`` summed in float32 (``[rows, words]``), and
+    each word's eight inputs summed (``[words]``, for offsets)."""
+    x0 = _load_input(xw, 0, jj, w_hi, EVEN)
+    x1 = _load_input(xw, 1, jj, w_hi, EVEN)
+    x2 = _load_input(xw, 2, jj, w_hi, EVEN)
+    x3 = _load_input(xw, 3, jj, w_hi, EVEN)
+    x4 = _load_input(xw, 4, jj, w_hi, EVEN)
+    x5 = _load_input(xw, 5, jj, w_hi, EVEN)
+    x6 = _load_input(xw, 6, jj, w_hi, EVEN)
+    x7 = _load_input(xw, 7, jj, w_hi, EVEN)
+    if ASM:  # the same floats, fewer instructions (_nibbles_asm)
+        q0, q1, q2, q3, q4, q5, q6, q7 = _nibbles_asm(w, SUB)
+    else:
+        h = w >> 20  # nibbles 5, 6, 7 at bits 0, 4, 8 (the sign bits above are masked off)
+        q0 = _nibble_as_float(w, 0, SUB)
+        q1 = _nibble_as_float(w, 4, SUB)
+        q2 = _nibble_as_float(w, 8, SUB)
+        q3 = _nibble_as_float(w, 12, SUB)
+        q4 = _nibble_as_float(w, 16, SUB)
+        q5 = _nibble_as_float(h, 0, SUB)
+        q6 = _nibble_as_float(h, 4, SUB)
+        q7 = _nibble_as_float(h, 8, SUB)
+    t = x0[None, :] * q0
+    t += x1[None, :] * q1
+    t += x2[None, :] * q2
+    t += x3[None, :] * q3
+    t += x4[None, :] * q4
+    t += x5[None, :] * q5
+    t += x6[None, :] * q6
+    t += x7[None, :] * q7
+    return t, x0 + x1 + x2 + x3 + x4 + x5 + x6 + x7
+
+
+@triton.jit
 def _gemv_int4_words_kernel(x_ptr, q_ptr, s_ptr, o_ptr, bias_ptr, out_ptr, part_ptr, M, N, K, K_PER_SPLIT,
                             stride_qn, stride_sn,
                             GROUP: tl.constexpr, SUB: tl.constexpr, HAS_OFFSET: tl.constexpr,
                             HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, BLOCK_N: tl.constexpr,
                             BLOCK_K: tl.constexpr, EVEN: tl.constexpr, GATED: tl.constexpr,
-                            ASM: tl.constexpr):
+                            ASM: tl.constexpr, PAIRS: tl.constexpr):
     # 4-bit weights read as int32 words (``q_ptr``: [N, K / 8] int32, ``stride_qn`` in words):
     # word j holds inputs 8j .. 8j + 7, input 8j + i in bits 4i .. 4i + 3 (bytes little-endian,
     # low nibble first). Each nibble is masked in place (_nibble_as_float) and multiplied by the
@@ -350,7 +436,8 @@ def _gemv_int4_words_kernel(x_ptr, q_ptr, s_ptr, o_ptr, bias_ptr, out_ptr, part_
     # the same tile), so no byte extraction, shift per weight or interleave. A word's eight
     # products sum in ``t``; its group's scale multiplies the word's sum (and the offset the
     # word's activation sum), one FMA per word. EVEN: whole tiles only (BLOCK_N divides N,
-    # BLOCK_K divides K, one split): no masks. GATED: see _gemv_rows.
+    # BLOCK_K divides K, one split): no masks. GATED: see _gemv_rows. PAIRS (CUDA, bf16 inputs,
+    # symmetric): a word's sum in packed bf16 arithmetic (_pairs_asm).
     WORDS: tl.constexpr = BLOCK_K // 8
     TILE_G: tl.constexpr = BLOCK_K // GROUP if BLOCK_K > GROUP else 1
     WPG: tl.constexpr = WORDS // TILE_G  # words of one group in a tile
@@ -363,41 +450,20 @@ def _gemv_int4_words_kernel(x_ptr, q_ptr, s_ptr, o_ptr, bias_ptr, out_ptr, part_
         jj = k0 // 8 + tl.arange(0, WORDS)
         w = _load_words(q_rows, jj, n_ok, w_hi, EVEN)
         xw = x_ptr + 8 * jj
-        x0 = _load_input(xw, 0, jj, w_hi, EVEN)
-        x1 = _load_input(xw, 1, jj, w_hi, EVEN)
-        x2 = _load_input(xw, 2, jj, w_hi, EVEN)
-        x3 = _load_input(xw, 3, jj, w_hi, EVEN)
-        x4 = _load_input(xw, 4, jj, w_hi, EVEN)
-        x5 = _load_input(xw, 5, jj, w_hi, EVEN)
-        x6 = _load_input(xw, 6, jj, w_hi, EVEN)
-        x7 = _load_input(xw, 7, jj, w_hi, EVEN)
-        if ASM:  # the same floats, fewer instructions (_nibbles_asm)
-            q0, q1, q2, q3, q4, q5, q6, q7 = _nibbles_asm(w, SUB)
+        if PAIRS:
+            tl.static_assert((SUB == 8.0) and (not HAS_OFFSET), "PAIRS takes symmetric weights")
+            t = _pairs_asm(w, _load_pair(xw, 0, jj, w_hi, EVEN)[None, :],
+                           _load_pair(xw, 1, jj, w_hi, EVEN)[None, :],
+                           _load_pair(xw, 2, jj, w_hi, EVEN)[None, :],
+                           _load_pair(xw, 3, jj, w_hi, EVEN)[None, :])
         else:
-            h = w >> 20  # nibbles 5, 6, 7 at bits 0, 4, 8 (the sign bits above are masked off)
-            q0 = _nibble_as_float(w, 0, SUB)
-            q1 = _nibble_as_float(w, 4, SUB)
-            q2 = _nibble_as_float(w, 8, SUB)
-            q3 = _nibble_as_float(w, 12, SUB)
-            q4 = _nibble_as_float(w, 16, SUB)
-            q5 = _nibble_as_float(h, 0, SUB)
-            q6 = _nibble_as_float(h, 4, SUB)
-            q7 = _nibble_as_float(h, 8, SUB)
-        t = x0[None, :] * q0
-        t += x1[None, :] * q1
-        t += x2[None, :] * q2
-        t += x3[None, :] * q3
-        t += x4[None, :] * q4
-        t += x5[None, :] * q5
-        t += x6[None, :] * q6
-        t += x7[None, :] * q7
+            t, xsum = _word_sums(w, xw, jj, w_hi, SUB, EVEN, ASM)
         g_ok = n_ok[:, None] & (k0 + gg * (BLOCK_K // TILE_G) < k_hi)[None, :]
         s = _load_groups(s_rows, k0, gg, g_ok, GROUP, EVEN)
         acc += tl.reshape(t, [BLOCK_N, TILE_G, WPG]) * s[:, :, None]
         if HAS_OFFSET:
             o = _load_groups(o_rows, k0, gg, g_ok, GROUP, EVEN)
-            xsum = tl.reshape(x0 + x1 + x2 + x3 + x4 + x5 + x6 + x7, [TILE_G, WPG])
-            acc += o[:, :, None] * xsum[None, :, :]
+            acc += o[:, :, None] * tl.reshape(xsum, [TILE_G, WPG])[None, :, :]
     rm = tl.arange(0, 1)
     if GATED:
         _gated_epilogue(tl.sum(tl.sum(acc, axis=2), axis=1), rn, n_ok, N, out_ptr, out_ptr, out_ptr, bias_ptr,
@@ -573,7 +639,7 @@ def fit_block_k(block_k: int, group_size: int) -> int:
 def gemv_wna16(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | None,
                bits: int, group_size: int, bias: torch.Tensor | None = None, *,
                tiles: GemvTiles | None = None, factored: bool = True, words: bool = True,
-               gated: bool = False, nibble_asm: bool | None = None) -> torch.Tensor:
+               gated: bool = False, nibble_asm: bool | None = None, pairs: bool = False) -> torch.Tensor:
     """WnA16 at one token (:class:`kernels.quant_reference.WnA16Weight` layout; checked by
     :func:`kernels.triton_ops.wna16.wna16_linear`): ``x`` ``[1, K]``, float32 sums, result in
     ``x.dtype``. ``factored``: scales applied per group sum (module docstring). ``words``:
@@ -582,7 +648,9 @@ def gemv_wna16(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, off
     ``[gate; up]`` and the result ``silu_and_mul`` of the product, ``[1, N / 2]``, bit-for-bit
     the two ops (fused in the word kernel; other layouts run the two ops). ``nibble_asm``: the
     word kernel decodes nibbles in inline PTX (:func:`_nibbles_asm`; the same bits); None: on
-    CUDA (the CPU interpreter cannot)."""
+    CUDA (the CPU interpreter cannot). ``pairs``: symmetric 4-bit words times bf16 inputs in
+    packed bf16 arithmetic (:func:`_pairs_asm`: fewer instructions, products and four-term sums
+    rounded to bf16), where that applies (CUDA, bf16 ``x``, no offsets); else ignored."""
     tiles = tiles or GemvTiles()
     tiles = GemvTiles(tiles.block_n, fit_block_k(tiles.block_k, group_size), tiles.num_warps, tiles.split_k)
     x = _one_row(x)
@@ -603,6 +671,7 @@ def gemv_wna16(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, off
                        stride_qn=q_words.stride(0), stride_sn=scales.stride(0), GROUP=group_size, SUB=sub,
                        HAS_OFFSET=offsets is not None, GATED=gated,
                        ASM=x.is_cuda if nibble_asm is None else nibble_asm,
+                       PAIRS=pairs and x.is_cuda and x.dtype == torch.bfloat16 and sub == 8.0,
                        EVEN=n % tiles.block_n == 0 and k % tiles.block_k == 0 and _k_per_split(k, tiles) >= k)
     return _launch(_gemv_int_kernel, args, 1, n, k, out, None, None, bias, tiles,
                    stride_qn=qweight.stride(0), stride_sn=scales.stride(0), BITS=bits, GROUP=group_size,

@@ -4,7 +4,8 @@ activations (GPTQ and GGUF weights after repacking, see :class:`kernels.quant_re
 Each weight tile is dequantized as ``q * scale[g] (+ offset[g])`` in float32, rounded to the
 activation dtype (what :func:`kernels.quant_reference.wna16_linear` multiplies by), then:
 - ``M == 1`` (batch-1 decode): :func:`kernels.triton_ops.gemv.gemv_wna16` (``GEMV_M1_TILES``),
-  the exponent-trick conversion and per-group scaling (that module's docstring).
+  the exponent-trick conversion and per-group scaling (that module's docstring); symmetric
+  weights times bf16 inputs on CUDA in packed bf16 arithmetic (``M1_PAIRS``).
 - ``M <= WnA16Config.gemv_max_m``: a GEMV. Each program owns ``block_n`` output channels and
   every token (``M`` padded to a power of two): it streams its rows of packed weight once,
   along ``K`` (the layout's contiguous dim: 16-byte loads cover 32 four-bit weights of one
@@ -33,6 +34,10 @@ from kernels.triton_ops.gemv import GemvTiles, fit_block_k, gemv_wna16
 # H200 over the four llama3-8b projections in 4-bit groups of 128 among 19 tilings
 # (docs/QUANTIZATION.md, "One-token GEMV").
 GEMV_M1_TILES = GemvTiles(block_n=8, block_k=2048, num_warps=4, split_k=1)
+# One token, symmetric 4-bit weights and bf16 inputs: gemv_wna16's packed bf16 decode (``pairs``):
+# on an H200, llama3-8b's four projections 50.7 against 57.9 us per layer, W2 W4A16 413.8
+# against 381.8 tok/s; max error / sum|x w| 3.7e-4 against 2.5e-4 (docs/DECISIONS.md 132).
+M1_PAIRS = True
 # This module's GEMV at one token (block_n, block_k, warps), kept for one_token_gemv=False.
 FUSED_M1_TILES = (4, 1024, 2)
 
@@ -220,7 +225,8 @@ def wna16_gated_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Ten
     n = qweight.shape[0]
     x2 = x.reshape(-1, x.shape[-1])
     _check(x2, qweight, scales, offsets, bits, group_size)
-    y = gemv_wna16(x2, qweight, scales, offsets, bits, group_size, bias, tiles=GEMV_M1_TILES, gated=True)
+    y = gemv_wna16(x2, qweight, scales, offsets, bits, group_size, bias, tiles=GEMV_M1_TILES, gated=True,
+                   pairs=M1_PAIRS)
     return y.reshape(*x.shape[:-1], n // 2)
 
 
@@ -246,7 +252,8 @@ def wna16_linear(
     _check(x2, qweight, scales, offsets, bits, group_size)
     m = x2.shape[0]
     if m == 1 and config.one_token_gemv and config.gemv_max_m >= 1:
-        y = gemv_wna16(x2, qweight, scales, offsets, bits, group_size, bias, tiles=GEMV_M1_TILES)
+        y = gemv_wna16(x2, qweight, scales, offsets, bits, group_size, bias, tiles=GEMV_M1_TILES,
+                       pairs=M1_PAIRS)
         return y.reshape(*x.shape[:-1], n)
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0:

@@ -243,12 +243,13 @@ def random_wna16(
 
 
 def assert_wna16_gemv_close(got: torch.Tensor, ref: torch.Tensor, x: torch.Tensor, w: qref.WnA16Weight,
-                            dtype: torch.dtype, what: str) -> None:
+                            dtype: torch.dtype, what: str, roundings: int = 1) -> None:
     """The one-token WnA16 GEMV (gemv.gemv_wna16) multiplies by the float32 dequantized weight;
     the reference first rounds it to the activation dtype. On top of :func:`assert_linear_close`'s
     tolerance each output may differ by that rounding: ``u * sum_k |x_k w_k|``, ``u`` the
-    dtype's unit roundoff (2^-8 bf16, 2^-11 fp16, 0 float32)."""
-    u = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}.get(dtype, 0.0)
+    dtype's unit roundoff (2^-8 bf16, 2^-11 fp16, 0 float32). ``roundings``: that many such
+    roundings per product (the packed bf16 decode rounds each product and its four-term sums)."""
+    u = roundings * {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}.get(dtype, 0.0)
     if u == 0.0:
         assert_linear_close(got, ref, dtype, what)
         return
@@ -383,6 +384,11 @@ def check_gemv_wna16(t: Target) -> None:
                     what = (f"gemv_wna16 {n}x{k} bits={bits} g={group} off={offsets} {tiles} "
                             f"fact={factored} words={not byte_kernel}")
                     assert_wna16_gemv_close(got, ref, x, w, t.dtype, what)
+                if bits == 4 and not offsets and t.dtype == torch.bfloat16 and t.device != "cpu":
+                    # The packed bf16 decode (CUDA): products and four-term sums rounded to bf16.
+                    got = tgemv.gemv_wna16(*args, tiles=tiles, pairs=True)
+                    what = f"gemv_wna16 pairs {n}x{k} g={group} {tiles}"
+                    assert_wna16_gemv_close(got, ref, x, w, t.dtype, what, roundings=4)
 
 
 # Gated tilings: one split, whole gate/up pairs (block_n >= 2): the default, the fp8 one-token

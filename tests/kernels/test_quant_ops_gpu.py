@@ -151,3 +151,31 @@ def test_gemv_wna16_nibble_ptx_is_bit_for_bit_the_triton_decode_gpu(offsets: boo
         a = gemv_wna16(x, q, s, o, 4, 128, tiles=tiles, gated=gated, nibble_asm=True)
         b = gemv_wna16(x, q, s, o, 4, 128, tiles=tiles, gated=gated, nibble_asm=False)
         assert torch.equal(a, b), (n, k, (a.float() - b.float()).abs().max())
+
+
+@pytest.mark.gpu
+def test_gemv_wna16_packed_bf16_pairs_gpu() -> None:
+    """The packed bf16 decode (``pairs``) on llama3-8b's gate_up and o shapes: within four bf16
+    roundings per product of the float32 product of the dequantized weight (its own stated
+    error), and its gated form bit-for-bit its GEMV followed by ``silu_and_mul``."""
+    from kernels.quant_reference import dequantize_wna16
+    from kernels.triton_ops.activation import silu_and_mul
+    from kernels.triton_ops.gemv import GemvTiles, gemv_wna16
+
+    gen = torch.Generator().manual_seed(11)
+    tiles = GemvTiles(8, 2048, 4, 1)
+    for n, k in ((28672, 4096), (4096, 4096)):
+        q = torch.randint(0, 256, (n, k // 2), generator=gen, dtype=torch.uint8).cuda()
+        s = (torch.rand(n, k // 128, generator=gen) * 0.02 + 0.001).half().cuda()
+        x = torch.randn(1, k, generator=gen).to("cuda", torch.bfloat16)
+        got = gemv_wna16(x, q, s, None, 4, 128, tiles=tiles, pairs=True)
+        w = dequantize_wna16(q, s, None, 4, 128).double()
+        exact = x.double() @ w.t()
+        scale = x.double().abs() @ w.abs().t()
+        err = (got.double() - exact).abs()
+        assert float((err / scale).max()) < 4 * 2.0**-8, float((err / scale).max())
+        word = gemv_wna16(x, q, s, None, 4, 128, tiles=tiles)  # the float32 decode, for the record
+        print(f"{n}x{k}: pairs max err / sum|xw| {float((err / scale).max()):.2e}, "
+              f"float32 decode {float(((word.double() - exact).abs() / scale).max()):.2e}")
+        gated = gemv_wna16(x, q, s, None, 4, 128, tiles=tiles, gated=True, pairs=True)
+        assert torch.equal(gated, silu_and_mul(got)), (n, k)
