@@ -38,6 +38,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from gpu_worker.config import OFFLINE_LARGE_GPU_MAX_NUM_BATCHED_TOKENS
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_gpu_report as report  # noqa: E402
 import trace_gaps  # noqa: E402
@@ -88,7 +90,7 @@ def prompts_for(n: int, length: int, seed: int) -> list[list[int]]:
 
 # The step token budget of our engine core in these benches: the offline LLM's default on an
 # H100 / H200-class card (DECISIONS 130; 8192 before); --max-num-batched-tokens replaces it.
-STEP_TOKEN_BUDGET = 16384
+STEP_TOKEN_BUDGET = OFFLINE_LARGE_GPU_MAX_NUM_BATCHED_TOKENS
 # offline_tuned's budget: the W1 setting an independent run found best before the device defaults.
 TUNED_TOKEN_BUDGET = 8192
 
@@ -418,13 +420,14 @@ def bench_ours(
                        max_num_batched_tokens=ctx.args.max_num_batched_tokens, **extra_args)
     name = "llmserve" if async_scheduling else "llmserve_sync"
     cfg = report.shape_numbers(SHAPES[shape])
+    smi = smi_device_id(torch.cuda.current_device())  # the card whose clocks the rows record
     print(f"[{name} {shape}] load {engine.load_s:.1f}s warmup+capture {engine.warmup_s:.1f}s, "
           f"{engine.num_blocks} KV blocks", flush=True)
     for w in workloads:
         _, n, p_len, o_len = WORKLOADS[w]
         warm_up(engine, w)
         if w == "W2":
-            with ClockSampler(smi_device_id(torch.cuda.current_device())) as clocks:
+            with ClockSampler(smi) as clocks:
                 res = engine.run(prompts_for(1, p_len, 2), o_len)
             tpot = (res["elapsed_s"] - res["ttft_s"]) / (o_len - 1)
             floor = report.w2_roofline_tok_s(cfg, ctx.ceilings, p_len, o_len)
@@ -438,7 +441,7 @@ def bench_ours(
             continue
         prompts = prompts_for(n, p_len, 1)
         host_ms = host_speed_ms()
-        with ClockSampler(smi_device_id(torch.cuda.current_device())) as clocks:
+        with ClockSampler(smi) as clocks:
             res = engine.run(prompts, o_len)
         # Every step's (requests that got a token, end in seconds from the start): where a run's
         # time went beyond the median step.
