@@ -310,18 +310,18 @@ def bench_format(rec: Recorder, part: str, tiles_list: Sequence[tuple[int, int, 
         torch.cuda.empty_cache()
 
 
-# One-token fp8 weight-only tilings (block_n, block_k, warps; one split): the loop tiling of the
-# first sweep, then tiles of whole rows (up to 4,096 inputs, straight-line loads) and of 2,048.
-FP8_WO_TILES = [(2, 1024, 2), (4, 1024, 4), (1, 4096, 2), (1, 4096, 4), (2, 4096, 4), (2, 4096, 8),
-                (4, 4096, 4), (4, 4096, 8), (8, 4096, 8), (16, 4096, 8), (2, 2048, 2), (2, 2048, 4),
-                (4, 2048, 4), (8, 2048, 4), (8, 2048, 8), (16, 2048, 8)]
-FP8_WO_GATED_TILES = [(2, 1024, 2), (2, 4096, 4), (2, 4096, 8), (4, 4096, 4), (4, 4096, 8), (8, 4096, 8),
-                      (4, 2048, 4), (8, 2048, 8)]
+# One-token fp8 weight-only tilings (block_n, block_k, warps; one split): the two defaults
+# (``fp8_tiles``: FP8_M1_TILES, FP8_M1_FEW_ROWS_TILES), the loop tilings of the earlier sweeps,
+# then tiles of whole rows (up to 4,096 inputs, straight-line loads) and of 2,048.
+FP8_WO_TILES = [(4, 1024, 2), (4, 2048, 4), (2, 1024, 2), (2, 2048, 2), (8, 2048, 4), (8, 1024, 4),
+                (2, 1024, 1), (4, 1024, 4), (1, 4096, 2), (2, 4096, 4), (4, 4096, 8), (8, 2048, 8)]
+FP8_WO_GATED_TILES = [(4, 1024, 2), (4, 2048, 4), (2, 1024, 2), (2, 2048, 2), (8, 2048, 4), (2, 4096, 4),
+                      (8, 4096, 8)]
 
 
 def bench_linear_fp8(rec: Recorder) -> None:
     """fp8 weight-only at one token as the engine runs it (llama3-8b, 32 layers per chain): per
-    projection the sweep of ``FP8_WO_TILES`` (the default ``FP8_M1_TILES`` first); gate_up with
+    projection the sweep of ``FP8_WO_TILES`` (the two defaults first); gate_up with
     SiLU-and-mul in one launch at ``FP8_WO_GATED_TILES``; then 32 decoder layers
     (:func:`decoder_chain`) at the default tiling, gate_up in two launches and gated."""
     for shape, (n, k) in SHAPES_8B.items():

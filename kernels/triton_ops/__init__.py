@@ -75,8 +75,9 @@ def triton_ops(fp8_weight_only_max_m: int = FP8_WEIGHT_ONLY_MAX_M) -> KernelOps:
         silu_and_mul_fp8=silu_and_mul_fp8,
         fp8_weight_only_linear=fp8_weight_only_linear,
         fp8_weight_only_max_m=fp8_weight_only_max_m,
-        # fp8_weight_only_gated_linear: not in the set; slower than the two ops on an H200
-        # (docs/QUANTIZATION.md, "SiLU-and-mul in the one-token GEMV").
+        # SiLU-and-mul in the one-token fp8 gate_up GEMV: W2 fp8 1% faster on an H200 since the
+        # GEMV sums per thread (DECISIONS 133; slower before it, docs/QUANTIZATION.md).
+        fp8_weight_only_gated_linear=fp8_weight_only_gated_linear,
         wna16_gated_linear=wna16_gated_linear,
         linear16_gated=gemv16_gated_linear,
         linear16=gemv16_linear,

@@ -153,14 +153,29 @@ def _dense_tile(x_ptr, w_rows, k0, k_hi, n_ok, BLOCK_K: tl.constexpr):
 
 
 @triton.jit
+def _dense_part(x_ptr, w_rows, k0, k_hi, n_ok, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                PART: tl.constexpr):
+    """:func:`_dense_tile`, its products summed in runs of ``PART`` consecutive inputs when
+    ``PART`` (``[BLOCK_N, BLOCK_K / PART]``): each thread holds a 16-byte load's run of 8-bit
+    weights, so the sum stays in the thread and the loop's accumulator is ``PART`` times smaller
+    (fewer registers, more programs resident, more loads in flight; DECISIONS 133)."""
+    p = _dense_tile(x_ptr, w_rows, k0, k_hi, n_ok, BLOCK_K)
+    if PART:
+        p = tl.sum(tl.reshape(p, [BLOCK_N, BLOCK_K // PART, PART]), axis=2)
+    return p
+
+
+@triton.jit
 def _gemv_dense_kernel(xq_ptr, xs_ptr, w_ptr, ws_ptr, bias_ptr, out_ptr, part_ptr, M, N, K, K_PER_SPLIT,
                        stride_xm, stride_wn, stride_om, HAS_XS: tl.constexpr, HAS_WS: tl.constexpr,
                        HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr,
-                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GATED: tl.constexpr):
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GATED: tl.constexpr,
+                       PART: tl.constexpr = 0):
     # 16/32-bit weights (no scales); fp8 weights on 16/32-bit activations (W8A16: HAS_WS, the
     # per-channel scale in the epilogue); fp8 W8A8 on quantized activations (HAS_XS and HAS_WS:
     # the per-token and per-channel scales; e4m3 x e4m3 products are exact in float32).
     # GATED (one token, one split): SiLU-and-mul of a [gate; up] weight (_gemv_rows).
+    # PART (one token): products summed per thread in runs of PART inputs (_dense_part).
     pid_k = tl.program_id(1)
     rm = tl.arange(0, BLOCK_M)  # every token (M <= BLOCK_M): each weight byte is read once
     rn, n_ok = _gemv_rows(N, BLOCK_N, GATED)
@@ -174,9 +189,9 @@ def _gemv_dense_kernel(xq_ptr, xs_ptr, w_ptr, ws_ptr, bias_ptr, out_ptr, part_pt
         # whole row (the one-token 16-bit tiling, linear16_tiles) is then straight-line loads,
         # all in flight at once. Read in the loop, the same tiling measured 32-37% slower on an
         # H200 (qkv 17.9 against 13.1 us, gate_up 69.2 against 52.6; docs/QUANTIZATION.md).
-        acc1 = _dense_tile(xq_ptr, w_rows, k_lo, k_hi, n_ok, BLOCK_K)
+        acc1 = _dense_part(xq_ptr, w_rows, k_lo, k_hi, n_ok, BLOCK_N, BLOCK_K, PART)
         for k0 in range(k_lo + BLOCK_K, k_hi, BLOCK_K):
-            acc1 += _dense_tile(xq_ptr, w_rows, k0, k_hi, n_ok, BLOCK_K)
+            acc1 += _dense_part(xq_ptr, w_rows, k0, k_hi, n_ok, BLOCK_N, BLOCK_K, PART)
         if GATED:
             _gated_epilogue(tl.sum(acc1, axis=1), rn, n_ok, N, out_ptr, xs_ptr, ws_ptr, bias_ptr,
                             HAS_XS, HAS_WS, HAS_BIAS, BLOCK_N)
@@ -598,7 +613,7 @@ def _gemv_fp8_weights(x: torch.Tensor, xs: torch.Tensor | None, w_fp8: torch.Ten
         x = x.contiguous()
     m, k = x.shape
     n = w_fp8.shape[0]
-    tiles = tiles or fp8_tiles(m)
+    tiles = tiles or fp8_tiles(m, n)
     if gated:
         out = _gated_out(n, tiles, x, out_dtype)
     else:
@@ -609,20 +624,26 @@ def _gemv_fp8_weights(x: torch.Tensor, xs: torch.Tensor | None, w_fp8: torch.Ten
     args = (x, xs if xs is not None else w_scale, w_fp8, w_scale, bias if bias is not None else w_scale)
     return _launch(_gemv_dense_kernel, args, m, n, k, out, xs, w_scale, bias, tiles, stride_xm=x.stride(0),
                    stride_wn=w_fp8.stride(0), stride_om=out.stride(0), HAS_XS=xs is not None, HAS_WS=True,
-                   BLOCK_M=triton.next_power_of_2(m), GATED=gated)
+                   BLOCK_M=triton.next_power_of_2(m), GATED=gated, PART=min(FP8_PART, tiles.block_k))
 
 
 MAX_M = 16  # tokens gemv_fp8 takes (its register tile is [BLOCK_M, BLOCK_N, BLOCK_K])
-# One token: fastest on an H200 for all four llama3-8b and llama3-70b projections among 45
-# tilings (docs/QUANTIZATION.md, "One-token GEMV").
-FP8_M1_TILES = GemvTiles(block_n=2, block_k=1024, num_warps=2, split_k=1)
+# One token: fp8 products summed per thread in runs of one 16-byte load's weights (_dense_part).
+FP8_PART = 16
+# One token, with PART (H200, DECISIONS 133): 4 rows x 1,024 inputs on 2 warps; weights of at
+# most 4,096 rows (llama3-8b's o and down: 1,024 programs) 4 x 2,048 on 4 warps, twice the warps.
+FP8_M1_TILES = GemvTiles(block_n=4, block_k=1024, num_warps=2, split_k=1)
+FP8_M1_FEW_ROWS_TILES = GemvTiles(block_n=4, block_k=2048, num_warps=4, split_k=1)
+FP8_M1_FEW_ROWS = 4096
 
 
-def fp8_tiles(m: int) -> GemvTiles:
-    """The tiling of :func:`gemv_fp8` for ``m`` tokens: the measured one at one token; above it
-    the ``[BLOCK_M, BLOCK_N, BLOCK_K]`` product tile kept near 8k elements (registers)."""
+def fp8_tiles(m: int, n: int = 0) -> GemvTiles:
+    """The tiling of :func:`gemv_fp8` for ``m`` tokens of an ``[n, K]`` weight: at one token the
+    measured ones (``FP8_M1_FEW_ROWS_TILES`` up to ``FP8_M1_FEW_ROWS`` rows, else
+    ``FP8_M1_TILES``); above it the ``[BLOCK_M, BLOCK_N, BLOCK_K]`` product tile kept near 8k
+    elements (registers)."""
     if m <= 1:
-        return FP8_M1_TILES
+        return FP8_M1_FEW_ROWS_TILES if 0 < n <= FP8_M1_FEW_ROWS else FP8_M1_TILES
     block_m = triton.next_power_of_2(m)
     block_n = 8 if block_m <= 4 else 4
     return GemvTiles(block_n=block_n, block_k=max(64, 8192 // (block_m * block_n)), num_warps=4, split_k=1)

@@ -1,0 +1,80 @@
+"""One launch of each one-token GEMV, for Nsight Compute (``ncu``) on one CUDA GPU.
+
+    ncu --clock-control none --profile-from-start off --section SpeedOfLight ... \\
+        python bench/ncu_gemv.py [--kernels fp8_qkv,fp8_gate_up,...]
+
+Every kernel is compiled and run twice before ``cudaProfilerStart``, then launched once between
+start and stop, so ``--profile-from-start off`` profiles exactly one launch of each (no
+compilation, no warm-up launches). Shapes are llama3-8b's projections (``bench_gemv.SHAPES_8B``),
+called as the engine calls them at one token: ``fp8_*`` the weight-only fp8 GEMV
+(``gemv_fp8_weight_only``, gate_up gated), ``bf16_*`` ``gemv16_linear`` / ``gemv16_gated_linear``,
+``w4_*`` ``gemv_wna16`` on symmetric 4-bit words with groups of 128 (``wna16.M1_PAIRS`` and
+``GEMV_M1_TILES``: the engine's defaults). Without ncu it prints each kernel's time from CUDA
+events (median of 20 launches, L2 holding whatever the previous launch left), a sanity check only.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from functools import partial
+
+import torch
+from bench_gemv import SHAPES_8B, fp8_layers  # bench/ is on sys.path when run as a script
+
+from kernels.triton_ops import gemv as G
+from kernels.triton_ops import wna16
+
+DEV = "cuda"
+FORMATS = ("fp8", "bf16", "w4")
+
+
+def make_call(name: str) -> Callable[[], torch.Tensor]:
+    """The one-token call ``name`` (``<format>_<projection>``) on fresh random weights."""
+    fmt, shape = name.split("_", 1)
+    if fmt not in FORMATS or shape not in SHAPES_8B:
+        raise ValueError(f"unknown kernel {name!r}: formats {FORMATS}, shapes {tuple(SHAPES_8B)}")
+    n, k = SHAPES_8B[shape]
+    gated = shape == "gate_up"
+    x = torch.randn(1, k, device=DEV, dtype=torch.bfloat16)
+    if fmt == "fp8":
+        q, s = fp8_layers(n, k, 1)[0]
+        return partial(G.gemv_fp8_weight_only, x, q, s, gated=gated)
+    if fmt == "bf16":
+        w = torch.randn(n, k, device=DEV, dtype=torch.bfloat16) * 0.02
+        return partial(G.gemv16_gated_linear, x, w) if gated else partial(G.gemv16_linear, x, w)
+    qw = torch.randint(0, 256, (n, k // 2), device=DEV, dtype=torch.uint8)
+    sc = (torch.rand(n, k // 128, device=DEV) * 0.02 + 0.001).to(torch.bfloat16)
+    return partial(G.gemv_wna16, x, qw, sc, None, 4, 128, tiles=wna16.GEMV_M1_TILES, gated=gated,
+                   pairs=wna16.M1_PAIRS)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    default = ",".join(f"{f}_{s}" for f in FORMATS for s in SHAPES_8B)
+    ap.add_argument("--kernels", default=default, help=f"comma-separated (default {default})")
+    args = ap.parse_args()
+    calls = {name: make_call(name) for name in args.kernels.split(",") if name}
+    for fn in calls.values():
+        fn()
+        fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    for name, fn in calls.items():
+        times = []
+        for _ in range(20):
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) * 1e3)
+        print(f"{name}: {sorted(times)[len(times) // 2]:.1f} us (events, warm L2)", flush=True)
+    torch.cuda.cudart().cudaProfilerStart()
+    for fn in calls.values():
+        fn()
+        torch.cuda.synchronize()
+    torch.cuda.cudart().cudaProfilerStop()
+
+
+if __name__ == "__main__":
+    main()
