@@ -3,14 +3,15 @@
     ncu --clock-control none --profile-from-start off --section SpeedOfLight ... \\
         python bench/ncu_gemv.py [--kernels fp8_qkv,fp8_gate_up,...]
 
-Every kernel is compiled and run twice before ``cudaProfilerStart``, then launched once between
-start and stop, so ``--profile-from-start off`` profiles exactly one launch of each (no
-compilation, no warm-up launches). Shapes are llama3-8b's projections (``bench_gemv.SHAPES_8B``),
-called as the engine calls them at one token: ``fp8_*`` the weight-only fp8 GEMV
-(``gemv_fp8_weight_only``, gate_up gated), ``bf16_*`` ``gemv16_linear`` / ``gemv16_gated_linear``,
-``w4_*`` ``gemv_wna16`` on symmetric 4-bit words with groups of 128 (``wna16.M1_PAIRS`` and
-``GEMV_M1_TILES``: the engine's defaults). Without ncu it prints each kernel's time from CUDA
-events (median of 20 launches, L2 holding whatever the previous launch left), a sanity check only.
+Every kernel is compiled, warmed up and timed (``bench_gemv.time_chain``) before
+``cudaProfilerStart``, then launched once between start and stop, so ``--profile-from-start off``
+profiles exactly one launch of each (no compilation, no warm-up launches). Shapes are llama3-8b's
+projections (``bench_gemv.SHAPES_8B``), called as the engine calls them at one token: ``fp8_*``
+the weight-only fp8 GEMV (``gemv_fp8_weight_only``, gate_up gated), ``bf16_*`` ``gemv16_linear`` /
+``gemv16_gated_linear``, ``w4_*`` ``gemv_wna16`` on symmetric 4-bit words with groups of 128
+(``wna16.M1_PAIRS`` and ``GEMV_M1_TILES``: the engine's defaults). The printed times are medians
+of 20 CUDA-graph replays of one launch (L2 holding what the previous replay left), a sanity check
+only.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from collections.abc import Callable
 from functools import partial
 
 import torch
-from bench_gemv import SHAPES_8B, fp8_layers  # bench/ is on sys.path when run as a script
+from bench_gemv import SHAPES_8B, fp8_layers, time_chain  # bench/ is on sys.path as a script
 
 from kernels.triton_ops import gemv as G
 from kernels.triton_ops import wna16
@@ -55,20 +56,8 @@ def main() -> None:
     ap.add_argument("--kernels", default=default, help=f"comma-separated (default {default})")
     args = ap.parse_args()
     calls = {name: make_call(name) for name in args.kernels.split(",") if name}
-    for fn in calls.values():
-        fn()
-        fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    for name, fn in calls.items():
-        times = []
-        for _ in range(20):
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) * 1e3)
-        print(f"{name}: {sorted(times)[len(times) // 2]:.1f} us (events, warm L2)", flush=True)
+    for name, fn in calls.items():  # compiles and warms up each kernel before the profiled launch
+        print(f"{name}: {time_chain(fn, reps=20) * 1e3:.1f} us (graph replays, warm L2)", flush=True)
     torch.cuda.cudart().cudaProfilerStart()
     for fn in calls.values():
         fn()
