@@ -88,6 +88,10 @@ class EngineConfig:
     ``fp8_weight_only_max_tokens``: with fp8 weights, steps of at most this many tokens skip the
     activation's quantization and read fp8 weights against the 16-bit activation (W8A16; None:
     the kernels' default, 1, i.e. batch-1 decode; 0: always W8A8; at most 16).
+    ``enable_pdl``: on sm_90+ GPUs (Hopper and later) the decode step's Triton kernels launch with
+    programmatic dependent launch, each one's start (its first weight tile) overlapping the end of
+    the kernel before (kernels/triton_ops/pdl.py; the same outputs, bit for bit); False launches
+    them one after another, as before sm_90.
 
     Left unset, ``max_num_batched_tokens`` (the per-step token budget, i.e. the chunked-prefill
     chunk) is chosen by device and use (:meth:`with_device_defaults`, docs/CONFIG.md): 8192 on
@@ -134,6 +138,7 @@ class EngineConfig:
     kv_cache_dtype: str = "auto"
     calculate_kv_scales: bool = True
     fp8_weight_only_max_tokens: int | None = None
+    enable_pdl: bool = True
 
     def __post_init__(self) -> None:
         if self.speculative_config is not None:  # LLM(speculative_config={...}) passes a dict

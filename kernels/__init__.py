@@ -136,14 +136,17 @@ def greedy_argmax(device: Any, vocab: int, max_rows: int) -> Callable[[Any], Any
     return GreedyArgmax(vocab, device, max_rows)
 
 
-def get_ops(device: Any, *, fp8_weight_only_max_m: int | None = None) -> KernelOps:
+def get_ops(device: Any, *, fp8_weight_only_max_m: int | None = None, pdl: bool = True) -> KernelOps:
     """The ops to use on ``device`` (a ``torch.device`` or string). ``fp8_weight_only_max_m``:
-    tokens up to which fp8 linears run weight-only (None: :data:`FP8_WEIGHT_ONLY_MAX_M`)."""
+    tokens up to which fp8 linears run weight-only (None: :data:`FP8_WEIGHT_ONLY_MAX_M`).
+    ``pdl``: on devices that have it (sm_90+), the decode ops launch with programmatic dependent
+    launch (:func:`kernels.triton_ops.triton_ops`)."""
     max_m = resolve_fp8_weight_only_max_m(fp8_weight_only_max_m)
     if str(device).startswith("cuda"):
         try:
             from kernels.triton_ops import triton_ops
+            from kernels.triton_ops.pdl import pdl_supported
         except ImportError:
             return reference_ops(max_m)
-        return triton_ops(max_m)
+        return triton_ops(max_m, pdl=pdl and pdl_supported(device))
     return reference_ops(max_m)

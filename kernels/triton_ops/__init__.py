@@ -8,6 +8,10 @@ that stick to the reference signature get the defaults.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+from typing import Any
+
 from kernels import FP8_WEIGHT_ONLY_MAX_M, KernelOps
 from kernels.triton_ops.activation import silu_and_mul, silu_and_mul_fp8
 from kernels.triton_ops.decode_attention import DecodeConfig, paged_decode_attention
@@ -54,31 +58,39 @@ __all__ = [
 ]
 
 
-def triton_ops(fp8_weight_only_max_m: int = FP8_WEIGHT_ONLY_MAX_M) -> KernelOps:
+def triton_ops(fp8_weight_only_max_m: int = FP8_WEIGHT_ONLY_MAX_M, pdl: bool = False) -> KernelOps:
     """The Triton implementation of every op (CUDA tensors; CPU under ``TRITON_INTERPRET=1``);
-    ``fp8_weight_only_max_m`` as in :class:`kernels.KernelOps`."""
+    ``fp8_weight_only_max_m`` as in :class:`kernels.KernelOps`. ``pdl`` (sm_90+ only,
+    :func:`~kernels.triton_ops.pdl.pdl_supported`): the ops of a one-token decode step (norms,
+    one-token linears, rotary + KV store, decode attention) launch with programmatic dependent
+    launch, each kernel's start overlapping the end of the one before (:mod:`kernels.triton_ops.pdl`;
+    their weights must not be written by the kernel just before them, as no model weight is)."""
+
+    def chained(fn: Callable[..., Any]) -> Callable[..., Any]:
+        return functools.partial(fn, pdl=True) if pdl else fn
+
     return KernelOps(
         name="triton",
-        rms_norm=rms_norm,
-        fused_add_rms_norm=fused_add_rms_norm,
+        rms_norm=chained(rms_norm),
+        fused_add_rms_norm=chained(fused_add_rms_norm),
         silu_and_mul=silu_and_mul,
         rotary_embedding=rotary_embedding,
         store_kvcache=store_kvcache,
         paged_attention=paged_attention,
-        paged_decode_attention=paged_decode_attention,
+        paged_decode_attention=chained(paged_decode_attention),
         quantize_fp8_per_token=quantize_fp8_per_token,
         fp8_linear=fp8_linear,
-        wna16_linear=wna16_linear,
-        rotary_store_kvcache=rotary_store_kvcache,
-        rms_norm_fp8=rms_norm_fp8,
-        fused_add_rms_norm_fp8=fused_add_rms_norm_fp8,
+        wna16_linear=chained(wna16_linear),
+        rotary_store_kvcache=chained(rotary_store_kvcache),
+        rms_norm_fp8=chained(rms_norm_fp8),
+        fused_add_rms_norm_fp8=chained(fused_add_rms_norm_fp8),
         silu_and_mul_fp8=silu_and_mul_fp8,
-        fp8_weight_only_linear=fp8_weight_only_linear,
+        fp8_weight_only_linear=chained(fp8_weight_only_linear),
         fp8_weight_only_max_m=fp8_weight_only_max_m,
         # SiLU-and-mul in the one-token fp8 gate_up GEMV: W2 fp8 1% faster on an H200 since the
         # GEMV sums per thread (DECISIONS 133; slower before it, docs/QUANTIZATION.md).
-        fp8_weight_only_gated_linear=fp8_weight_only_gated_linear,
-        wna16_gated_linear=wna16_gated_linear,
-        linear16_gated=gemv16_gated_linear,
-        linear16=gemv16_linear,
+        fp8_weight_only_gated_linear=chained(fp8_weight_only_gated_linear),
+        wna16_gated_linear=chained(wna16_gated_linear),
+        linear16_gated=chained(gemv16_gated_linear),
+        linear16=chained(gemv16_linear),
     )

@@ -25,6 +25,7 @@ import triton
 import triton.language as tl
 
 from kernels.triton_ops import attention_common as common
+from kernels.triton_ops.pdl import pdl_begin, pdl_launch
 
 # Below this many (sequence, KV head) programs the context is split to fill the GPU (about
 # four per multiprocessor of an H100/H200; on an H200, batch 64 x 8 KV heads at 2k tokens ran
@@ -88,7 +89,9 @@ def _decode_partition_kernel(
     ONE_SPLIT: tl.constexpr,
     IEEE_DOT: tl.constexpr,
     KV_FP8: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
+    pdl_begin(PDL)
     seq = tl.program_id(0)
     kv_head = tl.program_id(1) * HEADS  # the first of the program's HEADS adjacent KV heads
     split = tl.program_id(2)
@@ -163,7 +166,9 @@ def _decode_reduce_kernel(
     num_splits,
     HEAD_DIM: tl.constexpr,
     BLOCK_SPLITS: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
+    pdl_begin(PDL)
     seq = tl.program_id(0)
     head = tl.program_id(1)
     seq_len = tl.load(seq_lens_ptr + seq)
@@ -225,11 +230,14 @@ def paged_decode_attention(
     v_scale: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
     config: DecodeConfig | None = None,
+    pdl: bool = False,
 ) -> torch.Tensor:
     """Triton :func:`kernels.reference.paged_decode_attention` (split-KV, GQA-packed).
 
     Keyword-only extras: ``out`` receives the result (``[S, Hq, D]``); ``config`` sets the
-    tiling. ``max_seq_len`` only sizes the grid, so an upper bound (e.g. for CUDA graphs) works.
+    tiling; ``pdl`` launches both phases with programmatic dependent launch
+    (:mod:`kernels.triton_ops.pdl`). ``max_seq_len`` only sizes the grid, so an upper bound (e.g.
+    for CUDA graphs) works.
     fp8 caches need ``k_scale``/``v_scale`` (as in the reference).
     """
     num_seqs, num_heads, head_dim, block_size, num_kv_heads, group = common.check_attention_inputs(
@@ -268,6 +276,7 @@ def paged_decode_attention(
         KV_FP8=fp8.fp8,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
+        **pdl_launch(pdl),
     )
     if not one_split:
         _decode_reduce_kernel[(num_seqs, num_heads)](
@@ -276,5 +285,6 @@ def paged_decode_attention(
             HEAD_DIM=head_dim,
             BLOCK_SPLITS=triton.next_power_of_2(num_splits),
             num_warps=4,
+            **pdl_launch(pdl),
         )
     return out

@@ -237,24 +237,24 @@ def fp8_linear(
 
 def fp8_weight_only_linear(
     x: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None = None, *,
-    tiles: GemvTiles | None = None,
+    tiles: GemvTiles | None = None, pdl: bool = False,
 ) -> torch.Tensor:
     """Triton :func:`kernels.quant_reference.fp8_weight_only_linear` for up to ``gemv.MAX_M``
     tokens (:func:`kernels.triton_ops.gemv.gemv_fp8_weight_only`): ``x`` ``[..., K]`` 16/32-bit."""
     n, k = w_fp8.shape
-    y = gemv_fp8_weight_only(x.reshape(-1, k), w_fp8, w_scale, bias, tiles=tiles)
+    y = gemv_fp8_weight_only(x.reshape(-1, k), w_fp8, w_scale, bias, tiles=tiles, pdl=pdl)
     return y.reshape(*x.shape[:-1], n)
 
 
 def fp8_weight_only_gated_linear(
     x: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None = None, *,
-    tiles: GemvTiles | None = None,
+    tiles: GemvTiles | None = None, pdl: bool = False,
 ) -> torch.Tensor:
     """``silu_and_mul(fp8_weight_only_linear(x, w_fp8, ...))`` for one token of ``x`` ``[..., K]``
     and a ``[gate; up]`` weight: the activation in the GEMV's epilogue, bit-for-bit the two ops
     (:func:`kernels.triton_ops.gemv.gemv_fp8_weight_only` with ``gated``). Returns ``[..., N / 2]``."""
     n, k = w_fp8.shape
-    y = gemv_fp8_weight_only(x.reshape(-1, k), w_fp8, w_scale, bias, tiles=tiles, gated=True)
+    y = gemv_fp8_weight_only(x.reshape(-1, k), w_fp8, w_scale, bias, tiles=tiles, gated=True, pdl=pdl)
     return y.reshape(*x.shape[:-1], n // 2)
 
 

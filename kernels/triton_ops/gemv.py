@@ -50,6 +50,7 @@ import triton
 import triton.language as tl
 
 from kernels.triton_ops.activation import silu_and_mul, silu_mul_tile
+from kernels.triton_ops.pdl import pdl_begin, pdl_launch
 
 
 @dataclass(frozen=True)
@@ -143,28 +144,34 @@ def _gated_epilogue(acc, rows, ok, N, out_ptr, xs_ptr, ws_ptr, bias_ptr, HAS_XS:
 
 
 @triton.jit
-def _dense_tile(x_ptr, w_rows, k0, k_hi, n_ok, BLOCK_K: tl.constexpr):
-    """One token's products with the weight tile at inputs ``k0 .. k0 + BLOCK_K`` (float32,
-    ``[BLOCK_N, BLOCK_K]``; 0 past ``k_hi`` and past the last row)."""
+def _weight_tile(w_rows, k0, k_hi, n_ok, BLOCK_K: tl.constexpr):
+    """The weight tile at inputs ``k0 .. k0 + BLOCK_K`` (``[BLOCK_N, BLOCK_K]``, 0 past ``k_hi``
+    and past the last row), read once: evict-first."""
     kk = k0 + tl.arange(0, BLOCK_K)
-    k_ok = kk < k_hi
-    w = tl.load(w_rows + kk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0,
-                eviction_policy="evict_first")
-    x = tl.load(x_ptr + kk, mask=k_ok, other=0.0, eviction_policy="evict_last").to(tl.float32)
-    return x[None, :] * w.to(tl.float32)
+    return tl.load(w_rows + kk[None, :], mask=n_ok[:, None] & (kk < k_hi)[None, :], other=0.0,
+                   eviction_policy="evict_first")
+
+
+@triton.jit
+def _tile_part(x_ptr, w, k0, k_hi, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PART: tl.constexpr):
+    """One token's float32 products with weight tile ``w`` (inputs ``k0 .. k0 + BLOCK_K``),
+    ``[BLOCK_N, BLOCK_K]``; summed in runs of ``PART`` consecutive inputs when ``PART``
+    (``[BLOCK_N, BLOCK_K / PART]``): each thread holds a 16-byte load's run of 8-bit weights, so
+    the sum stays in the thread and the loop's accumulator is ``PART`` times smaller (fewer
+    registers, more programs resident, more loads in flight; DECISIONS 133)."""
+    kk = k0 + tl.arange(0, BLOCK_K)
+    x = tl.load(x_ptr + kk, mask=kk < k_hi, other=0.0, eviction_policy="evict_last").to(tl.float32)
+    p = x[None, :] * w.to(tl.float32)
+    if PART:
+        p = tl.sum(tl.reshape(p, [BLOCK_N, BLOCK_K // PART, PART]), axis=2)
+    return p
 
 
 @triton.jit
 def _dense_part(x_ptr, w_rows, k0, k_hi, n_ok, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                 PART: tl.constexpr):
-    """:func:`_dense_tile`, its products summed in runs of ``PART`` consecutive inputs when
-    ``PART`` (``[BLOCK_N, BLOCK_K / PART]``): each thread holds a 16-byte load's run of 8-bit
-    weights, so the sum stays in the thread and the loop's accumulator is ``PART`` times smaller
-    (fewer registers, more programs resident, more loads in flight; DECISIONS 133)."""
-    p = _dense_tile(x_ptr, w_rows, k0, k_hi, n_ok, BLOCK_K)
-    if PART:
-        p = tl.sum(tl.reshape(p, [BLOCK_N, BLOCK_K // PART, PART]), axis=2)
-    return p
+    """:func:`_tile_part` of the weight tile at ``k0``."""
+    return _tile_part(x_ptr, _weight_tile(w_rows, k0, k_hi, n_ok, BLOCK_K), k0, k_hi, BLOCK_N, BLOCK_K, PART)
 
 
 @triton.jit
@@ -172,7 +179,7 @@ def _gemv_dense_kernel(xq_ptr, xs_ptr, w_ptr, ws_ptr, bias_ptr, out_ptr, part_pt
                        stride_xm, stride_wn, stride_om, HAS_XS: tl.constexpr, HAS_WS: tl.constexpr,
                        HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr,
                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GATED: tl.constexpr,
-                       PART: tl.constexpr = 0):
+                       PART: tl.constexpr = 0, PDL: tl.constexpr = False):
     # 16/32-bit weights (no scales); fp8 weights on 16/32-bit activations (W8A16: HAS_WS, the
     # per-channel scale in the epilogue); fp8 W8A8 on quantized activations (HAS_XS and HAS_WS:
     # the per-token and per-channel scales; e4m3 x e4m3 products are exact in float32).
@@ -191,7 +198,10 @@ def _gemv_dense_kernel(xq_ptr, xs_ptr, w_ptr, ws_ptr, bias_ptr, out_ptr, part_pt
         # whole row (the one-token 16-bit tiling, linear16_tiles) is then straight-line loads,
         # all in flight at once. Read in the loop, the same tiling measured 32-37% slower on an
         # H200 (qkv 17.9 against 13.1 us, gate_up 69.2 against 52.6; docs/QUANTIZATION.md).
-        acc1 = _dense_part(xq_ptr, w_rows, k_lo, k_hi, n_ok, BLOCK_N, BLOCK_K, PART)
+        # PDL: the first weight tile is read before waiting for the kernel that writes x.
+        w0 = _weight_tile(w_rows, k_lo, k_hi, n_ok, BLOCK_K)
+        pdl_begin(PDL)
+        acc1 = _tile_part(xq_ptr, w0, k_lo, k_hi, BLOCK_N, BLOCK_K, PART)
         for k0 in range(k_lo + BLOCK_K, k_hi, BLOCK_K):
             acc1 += _dense_part(xq_ptr, w_rows, k0, k_hi, n_ok, BLOCK_N, BLOCK_K, PART)
         if GATED:
@@ -201,6 +211,7 @@ def _gemv_dense_kernel(xq_ptr, xs_ptr, w_ptr, ws_ptr, bias_ptr, out_ptr, part_pt
             _epilogue(tl.sum(acc1, axis=1)[None, :], rm, m_ok, rn, n_ok, pid_k, M, N, stride_om, part_ptr,
                       out_ptr, xs_ptr, ws_ptr, bias_ptr, HAS_XS, HAS_WS, HAS_BIAS, SPLIT)
     else:
+        pdl_begin(PDL)
         acc = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K], dtype=tl.float32)
         for k0 in range(k_lo, k_hi, BLOCK_K):
             kk = k0 + tl.arange(0, BLOCK_K)
@@ -238,7 +249,8 @@ def _gemv_int_kernel(x_ptr, q_ptr, s_ptr, o_ptr, bias_ptr, out_ptr, part_ptr, M,
                      stride_qn, stride_sn,
                      BITS: tl.constexpr, GROUP: tl.constexpr, SUB: tl.constexpr, SIGNED8: tl.constexpr,
                      HAS_OFFSET: tl.constexpr, HAS_BIAS: tl.constexpr, FACTORED: tl.constexpr,
-                     SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                     SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                     PDL: tl.constexpr = False):
     # GROUP and BLOCK_K divide one another; a tile holds TILE_G groups (or part of one) of G_W inputs.
     # (Multiplying the low nibbles by the even inputs and the high ones by the odd inputs instead
     # of interleaving measured 15% slower on an H200.)
@@ -246,6 +258,7 @@ def _gemv_int_kernel(x_ptr, q_ptr, s_ptr, o_ptr, bias_ptr, out_ptr, part_ptr, M,
     G_W: tl.constexpr = BLOCK_K // TILE_G
     rn, n_ok, q_rows, s_rows, o_rows, k_lo, k_hi = _int_program_rows(
         q_ptr, s_ptr, o_ptr, N, K, K_PER_SPLIT, stride_qn, stride_sn, BLOCK_N, False)
+    pdl_begin(PDL)
     gg = tl.arange(0, TILE_G)
     if FACTORED:
         acc = tl.zeros([BLOCK_N, TILE_G], dtype=tl.float32)
@@ -445,7 +458,7 @@ def _gemv_int4_words_kernel(x_ptr, q_ptr, s_ptr, o_ptr, bias_ptr, out_ptr, part_
                             GROUP: tl.constexpr, SUB: tl.constexpr, HAS_OFFSET: tl.constexpr,
                             HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, BLOCK_N: tl.constexpr,
                             BLOCK_K: tl.constexpr, EVEN: tl.constexpr, GATED: tl.constexpr,
-                            ASM: tl.constexpr, PAIRS: tl.constexpr):
+                            ASM: tl.constexpr, PAIRS: tl.constexpr, PDL: tl.constexpr = False):
     # 4-bit weights read as int32 words (``q_ptr``: [N, K / 8] int32, ``stride_qn`` in words):
     # word j holds inputs 8j .. 8j + 7, input 8j + i in bits 4i .. 4i + 3 (bytes little-endian,
     # low nibble first). Each nibble is masked in place (_nibble_as_float) and multiplied by the
@@ -460,6 +473,7 @@ def _gemv_int4_words_kernel(x_ptr, q_ptr, s_ptr, o_ptr, bias_ptr, out_ptr, part_
     WPG: tl.constexpr = WORDS // TILE_G  # words of one group in a tile
     rn, n_ok, q_rows, s_rows, o_rows, k_lo, k_hi = _int_program_rows(
         q_ptr, s_ptr, o_ptr, N, K, K_PER_SPLIT, stride_qn, stride_sn, BLOCK_N, GATED)
+    pdl_begin(PDL)
     w_hi = k_hi // 8
     gg = tl.arange(0, TILE_G)
     acc = tl.zeros([BLOCK_N, TILE_G, WPG], dtype=tl.float32)
@@ -497,14 +511,14 @@ def _k_per_split(k: int, tiles: GemvTiles) -> int:
 
 def _launch(kernel: triton.JITFunction, args: tuple[object, ...], m: int, n: int, k: int, out: torch.Tensor,
             xs: torch.Tensor | None, ws: torch.Tensor | None, bias: torch.Tensor | None, tiles: GemvTiles,
-            **meta: object) -> torch.Tensor:
+            pdl: bool = False, **meta: object) -> torch.Tensor:
     per_split = _k_per_split(k, tiles)
     split = triton.cdiv(k, per_split)
     part = out if split == 1 else torch.empty((split, m, n), dtype=torch.float32, device=out.device)
     kernel[(triton.cdiv(n, tiles.block_n), split)](
         *args, out, part, m, n, k, per_split, **meta,
         HAS_BIAS=bias is not None, SPLIT=split > 1,
-        BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, num_warps=tiles.num_warps,
+        BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, num_warps=tiles.num_warps, **pdl_launch(pdl),
     )
     if split > 1:
         block = 1024
@@ -533,7 +547,7 @@ def _one_row(x: torch.Tensor) -> torch.Tensor:
 
 
 def gemv16(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, *,
-           tiles: GemvTiles | None = None, gated: bool = False) -> torch.Tensor:
+           tiles: GemvTiles | None = None, gated: bool = False, pdl: bool = False) -> torch.Tensor:
     """``x @ w.T + bias`` for ``x`` ``[1, K]`` and a 16/32-bit ``w`` ``[N, K]`` (unit last stride):
     float32 sums, result in ``x.dtype``. ``gated``: ``w`` is ``[gate; up]`` and the result is
     ``silu_and_mul`` of that product, ``[1, N / 2]``, bit-for-bit the two ops (one split only)."""
@@ -544,7 +558,7 @@ def gemv16(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, *
     args = (x, out, w, out, bias if bias is not None else out)  # no scales: out stands in
     return _launch(_gemv_dense_kernel, args, 1, n, k, out, None, None, bias, tiles, stride_xm=x.stride(0),
                    stride_wn=w.stride(0), stride_om=out.stride(0), HAS_XS=False, HAS_WS=False, BLOCK_M=1,
-                   GATED=gated)
+                   GATED=gated, pdl=pdl)
 
 
 def linear16_tiles(k: int, gated: bool = False) -> GemvTiles:
@@ -561,21 +575,22 @@ def linear16_tiles(k: int, gated: bool = False) -> GemvTiles:
     return GemvTiles(block_n=8, block_k=2048, num_warps=8, split_k=1)
 
 
-def gemv16_gated_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def gemv16_gated_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, *,
+                        pdl: bool = False) -> torch.Tensor:
     """``silu_and_mul(x @ w.T + bias)`` for one token of ``x`` ``[..., K]`` and a 16/32-bit
     ``[gate; up]`` ``w`` (:func:`gemv16` with ``gated``, :func:`linear16_tiles`): ``[..., N / 2]``."""
     n, k = w.shape
-    y = gemv16(x.reshape(-1, k), w, bias, tiles=linear16_tiles(k, gated=True), gated=True)
+    y = gemv16(x.reshape(-1, k), w, bias, tiles=linear16_tiles(k, gated=True), gated=True, pdl=pdl)
     return y.reshape(*x.shape[:-1], n // 2)
 
 
 def gemv16_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, *,
-                  tiles: GemvTiles | None = None) -> torch.Tensor:
+                  tiles: GemvTiles | None = None, pdl: bool = False) -> torch.Tensor:
     """``x @ w.T + bias`` for one token of ``x`` ``[..., K]`` and a 16/32-bit ``w`` ``[N, K]``
     (:func:`gemv16` at ``tiles``, default :func:`linear16_tiles`): ``[..., N]``. Not cuBLAS's
     bits (its own order of sums)."""
     n, k = w.shape
-    y = gemv16(x.reshape(-1, k), w, bias, tiles=tiles or linear16_tiles(k))
+    y = gemv16(x.reshape(-1, k), w, bias, tiles=tiles or linear16_tiles(k), pdl=pdl)
     return y.reshape(*x.shape[:-1], n)
 
 
@@ -592,7 +607,7 @@ def gemv_fp8(xq: torch.Tensor, xs: torch.Tensor, w_fp8: torch.Tensor, w_scale: t
 
 def gemv_fp8_weight_only(x: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor,
                          bias: torch.Tensor | None = None, *, tiles: GemvTiles | None = None,
-                         gated: bool = False) -> torch.Tensor:
+                         gated: bool = False, pdl: bool = False) -> torch.Tensor:
     """fp8 weights on 16/32-bit activations (W8A16) for a few tokens: ``x`` ``[M, K]``
     (``M <= MAX_M``), ``w_fp8`` ``[N, K]`` e4m3 with ``w_scale`` ``[N]``; returns
     ``(sum_k x w_q) * w_scale[n] + bias[n]`` ``[M, N]`` in ``x.dtype`` (float32 sums). The
@@ -603,12 +618,12 @@ def gemv_fp8_weight_only(x: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Te
         raise ValueError(f"gemv_fp8_weight_only takes x [M <= {MAX_M}, K], got {tuple(x.shape)}")
     if gated and x.shape[0] != 1:
         raise ValueError(f"a gated GEMV takes one token, got {x.shape[0]}")
-    return _gemv_fp8_weights(x, None, w_fp8, w_scale, bias, x.dtype, tiles, gated)
+    return _gemv_fp8_weights(x, None, w_fp8, w_scale, bias, x.dtype, tiles, gated, pdl)
 
 
 def _gemv_fp8_weights(x: torch.Tensor, xs: torch.Tensor | None, w_fp8: torch.Tensor, w_scale: torch.Tensor,
                       bias: torch.Tensor | None, out_dtype: torch.dtype,
-                      tiles: GemvTiles | None, gated: bool = False) -> torch.Tensor:
+                      tiles: GemvTiles | None, gated: bool = False, pdl: bool = False) -> torch.Tensor:
     """The dense GEMV over e4m3 weights for ``M <= MAX_M`` tokens: ``x`` quantized with per-token
     scales ``xs`` (W8A8), or 16/32-bit with ``xs`` None (W8A16)."""
     if x.stride(-1) != 1:
@@ -626,7 +641,7 @@ def _gemv_fp8_weights(x: torch.Tensor, xs: torch.Tensor | None, w_fp8: torch.Ten
     args = (x, xs if xs is not None else w_scale, w_fp8, w_scale, bias if bias is not None else w_scale)
     return _launch(_gemv_dense_kernel, args, m, n, k, out, xs, w_scale, bias, tiles, stride_xm=x.stride(0),
                    stride_wn=w_fp8.stride(0), stride_om=out.stride(0), HAS_XS=xs is not None, HAS_WS=True,
-                   BLOCK_M=triton.next_power_of_2(m), GATED=gated, PART=min(FP8_PART, tiles.block_k))
+                   BLOCK_M=triton.next_power_of_2(m), GATED=gated, PART=min(FP8_PART, tiles.block_k), pdl=pdl)
 
 
 MAX_M = 16  # tokens gemv_fp8 takes (its register tile is [BLOCK_M, BLOCK_N, BLOCK_K])
@@ -662,7 +677,8 @@ def fit_block_k(block_k: int, group_size: int) -> int:
 def gemv_wna16(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | None,
                bits: int, group_size: int, bias: torch.Tensor | None = None, *,
                tiles: GemvTiles | None = None, factored: bool = True, words: bool = True,
-               gated: bool = False, nibble_asm: bool | None = None, pairs: bool = False) -> torch.Tensor:
+               gated: bool = False, nibble_asm: bool | None = None, pairs: bool = False,
+               pdl: bool = False) -> torch.Tensor:
     """WnA16 at one token (:class:`kernels.quant_reference.WnA16Weight` layout; checked by
     :func:`kernels.triton_ops.wna16.wna16_linear`): ``x`` ``[1, K]``, float32 sums, result in
     ``x.dtype``. ``factored``: scales applied per group sum (module docstring). ``words``:
@@ -687,7 +703,7 @@ def gemv_wna16(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, off
     args = (x, q, scales, offsets if offsets is not None else scales, bias if bias is not None else scales)
     if gated and q_words is None:
         return silu_and_mul(gemv_wna16(x, qweight, scales, offsets, bits, group_size, bias, tiles=tiles,
-                                       factored=factored, words=words, nibble_asm=nibble_asm))
+                                       factored=factored, words=words, nibble_asm=nibble_asm, pdl=pdl))
     out = _gated_out(n, tiles, x, x.dtype) if gated else torch.empty((1, n), dtype=x.dtype, device=x.device)
     if q_words is not None:
         return _launch(_gemv_int4_words_kernel, args, 1, n, k, out, None, None, bias, tiles,
@@ -695,10 +711,11 @@ def gemv_wna16(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, off
                        HAS_OFFSET=offsets is not None, GATED=gated,
                        ASM=x.is_cuda if nibble_asm is None else nibble_asm,
                        PAIRS=pairs and x.is_cuda and x.dtype == torch.bfloat16 and sub == 8.0,
-                       EVEN=n % tiles.block_n == 0 and k % tiles.block_k == 0 and _k_per_split(k, tiles) >= k)
+                       EVEN=n % tiles.block_n == 0 and k % tiles.block_k == 0 and _k_per_split(k, tiles) >= k,
+                       pdl=pdl)
     return _launch(_gemv_int_kernel, args, 1, n, k, out, None, None, bias, tiles,
                    stride_qn=qweight.stride(0), stride_sn=scales.stride(0), BITS=bits, GROUP=group_size,
-                   SUB=sub, SIGNED8=signed8, HAS_OFFSET=offsets is not None, FACTORED=factored)
+                   SUB=sub, SIGNED8=signed8, HAS_OFFSET=offsets is not None, FACTORED=factored, pdl=pdl)
 
 
 def _as_words(qweight: torch.Tensor) -> torch.Tensor | None:

@@ -19,6 +19,7 @@ import triton.language as tl
 
 from kernels.quant_reference import FP8_DTYPE, Fp8Activation
 from kernels.triton_ops.fp8_common import quantize_e4m3, row_scales, software_fp8
+from kernels.triton_ops.pdl import pdl_begin, pdl_launch
 
 
 @triton.jit
@@ -40,10 +41,13 @@ def _rms_norm_kernel(
     QUANT: tl.constexpr,
     SOFT_FP8: tl.constexpr,
     BLOCK: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < hidden
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)  # a weight: read before the wait
+    pdl_begin(PDL)
     x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
     if HAS_RESIDUAL:
         r = tl.load(res_ptr + row * stride_res + cols, mask=mask, other=0.0)
@@ -54,7 +58,6 @@ def _rms_norm_kernel(
     var = tl.sum(xf * xf, axis=0) / hidden
     rstd = 1.0 / tl.sqrt(var + eps)
     normed = (xf * rstd).to(x.dtype).to(tl.float32)
-    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     y = (normed * w).to(out_ptr.dtype.element_ty)
     if QUANT:  # out_ptr only names the output dtype; the codes go to q_ptr (row stride hidden)
         yf = y.to(tl.float32)
@@ -83,6 +86,7 @@ def _launch(
     sum2: torch.Tensor | None,
     eps: float,
     quant: tuple[torch.Tensor, torch.Tensor] | None = None,
+    pdl: bool = False,
 ) -> None:
     hidden = x2.shape[1]
     block = triton.next_power_of_2(hidden)
@@ -107,13 +111,15 @@ def _launch(
         SOFT_FP8=software_fp8(x2),
         BLOCK=block,
         num_warps=num_warps,
+        **pdl_launch(pdl),
     )
 
 
 def rms_norm(
-    x: torch.Tensor, weight: torch.Tensor, eps: float, *, out: torch.Tensor | None = None
+    x: torch.Tensor, weight: torch.Tensor, eps: float, *, out: torch.Tensor | None = None, pdl: bool = False
 ) -> torch.Tensor:
-    """Triton :func:`kernels.reference.rms_norm`; ``out`` (optional) receives the result."""
+    """Triton :func:`kernels.reference.rms_norm`; ``out`` (optional) receives the result. ``pdl``
+    (every function here): launched with programmatic dependent launch (:mod:`kernels.triton_ops.pdl`)."""
     if weight.stride(-1) != 1:
         weight = weight.contiguous()
     out_dtype = torch.promote_types(x.dtype, weight.dtype)
@@ -122,7 +128,7 @@ def rms_norm(
     if x.numel() == 0:
         return out
     out2 = out.view(-1, x.shape[-1])
-    _launch(_rows(x), None, weight, out2, None, eps)
+    _launch(_rows(x), None, weight, out2, None, eps, pdl=pdl)
     return out
 
 
@@ -142,7 +148,7 @@ def _add_norm_operands(
 
 
 def fused_add_rms_norm(
-    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, *, pdl: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton :func:`kernels.reference.fused_add_rms_norm`, computed in place.
 
@@ -155,7 +161,7 @@ def fused_add_rms_norm(
     out2 = x2 if out_dtype == x.dtype else torch.empty(x2.shape, dtype=out_dtype, device=x.device)
     if x.numel() == 0:
         return out2.view(x.shape), sum2.view(x.shape)
-    _launch(x2, res2, weight, out2, sum2, eps)
+    _launch(x2, res2, weight, out2, sum2, eps, pdl=pdl)
     return out2.view(x.shape), sum2.view(x.shape)
 
 
@@ -172,7 +178,7 @@ def _dtype_only(dtype: torch.dtype, like: torch.Tensor) -> torch.Tensor:
     return torch.empty((1, 1), dtype=dtype, device=like.device).expand(like.shape)
 
 
-def rms_norm_fp8(x: torch.Tensor, weight: torch.Tensor, eps: float) -> Fp8Activation:
+def rms_norm_fp8(x: torch.Tensor, weight: torch.Tensor, eps: float, *, pdl: bool = False) -> Fp8Activation:
     """Triton :func:`kernels.reference.rms_norm_fp8`: the 16-bit output is never written."""
     if weight.stride(-1) != 1:
         weight = weight.contiguous()
@@ -180,17 +186,17 @@ def rms_norm_fp8(x: torch.Tensor, weight: torch.Tensor, eps: float) -> Fp8Activa
     q, scale = _fp8_out(x)
     if x.numel():
         x2 = _rows(x)
-        _launch(x2, None, weight, _dtype_only(out_dtype, x2), None, eps, (q, scale))
+        _launch(x2, None, weight, _dtype_only(out_dtype, x2), None, eps, (q, scale), pdl)
     return Fp8Activation(q.view(x.shape), scale.view(*x.shape[:-1], 1), out_dtype)
 
 
 def fused_add_rms_norm_fp8(
-    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, *, pdl: bool = False
 ) -> tuple[Fp8Activation, torch.Tensor]:
     """Triton :func:`kernels.reference.fused_add_rms_norm_fp8`; the sum overwrites ``residual``
     as in :func:`fused_add_rms_norm` (use the returned tensor)."""
     weight, out_dtype, x2, res2, sum2 = _add_norm_operands(x, residual, weight)
     q, scale = _fp8_out(x)
     if x.numel():
-        _launch(x2, res2, weight, _dtype_only(out_dtype, x2), sum2, eps, (q, scale))
+        _launch(x2, res2, weight, _dtype_only(out_dtype, x2), sum2, eps, (q, scale), pdl)
     return Fp8Activation(q.view(x.shape), scale.view(*x.shape[:-1], 1), out_dtype), sum2.view(x.shape)

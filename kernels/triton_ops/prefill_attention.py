@@ -421,11 +421,10 @@ def paged_attention(
     if num_decodes > 0:
         if num_decodes > min(num_seqs, num_tokens):
             raise ValueError(f"num_decodes {num_decodes} exceeds the step's {num_seqs} sequences")
-        scales = {"k_scale": k_scale, "v_scale": v_scale} if fp8.fp8 else {}
         # The decodes' query rows are the first num_decodes rows (one token each, packed first).
         paged_decode_attention(q[:num_decodes], key_cache, value_cache, block_tables[:num_decodes],
                                seq_lens[:num_decodes], scale, max_seq_len, out=out[:num_decodes],
-                               config=decode_config, **scales)
+                               config=decode_config, k_scale=k_scale, v_scale=v_scale)
         if num_decodes == num_seqs:
             return out
         # The rest: query_start_loc keeps absolute rows, so q and out stay whole.

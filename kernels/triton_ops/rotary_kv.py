@@ -17,6 +17,7 @@ import triton.language as tl
 from kernels.triton_ops.attention_common import kv_scale_args
 from kernels.triton_ops.fp8_common import quantize_e4m3, software_fp8
 from kernels.triton_ops.kv_store import _inverse_scales
+from kernels.triton_ops.pdl import pdl_begin, pdl_launch
 from kernels.triton_ops.rotary import _load_cos_sin, _rotate_heads
 
 
@@ -47,8 +48,10 @@ def _rotary_store_kvcache_kernel(
     BLOCK_HK: tl.constexpr,
     KV_FP8: tl.constexpr,
     SOFT_FP8: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     t = tl.program_id(0).to(tl.int64)
+    pdl_begin(PDL)
     cos, sin = _load_cos_sin(pos_ptr, cos_sin_ptr, stride_cos_sin, t, HALF)
     dims = tl.arange(0, HALF)
     # Every token's q is rotated, padding tokens included (their rows are simply unused).
@@ -101,9 +104,11 @@ def rotary_store_kvcache(
     *,
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
+    pdl: bool = False,
 ) -> torch.Tensor:
     """Triton :func:`kernels.reference.rotary_store_kvcache`: rotates ``q`` in place and
     returns it; writes the rotated ``k`` and ``v`` into their cache slots (negative: skipped).
+    ``pdl``: launched with programmatic dependent launch (:mod:`kernels.triton_ops.pdl`).
 
     ``q``/``k``/``v`` may be strided views (e.g. slices of a fused qkv projection) as long as
     the head dim is unit-stride; ``k`` and ``v`` are not modified. The caches must be contiguous.
@@ -151,5 +156,6 @@ def rotary_store_kvcache(
         KV_FP8=fp8.fp8,
         SOFT_FP8=software_fp8(key_cache),
         num_warps=4,
+        **pdl_launch(pdl),
     )
     return q

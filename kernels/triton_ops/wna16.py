@@ -218,7 +218,7 @@ def _same_strides(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 def wna16_gated_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
                        offsets: torch.Tensor | None, bits: int, group_size: int,
-                       bias: torch.Tensor | None = None) -> torch.Tensor:
+                       bias: torch.Tensor | None = None, *, pdl: bool = False) -> torch.Tensor:
     """``silu_and_mul(wna16_linear(x, ...))`` for one token of ``x`` ``[..., K]`` and a
     ``[gate; up]`` weight: the activation in the one-token GEMV's epilogue, bit-for-bit the two
     ops (:func:`kernels.triton_ops.gemv.gemv_wna16` with ``gated``). Returns ``[..., N / 2]``."""
@@ -226,7 +226,7 @@ def wna16_gated_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Ten
     x2 = x.reshape(-1, x.shape[-1])
     _check(x2, qweight, scales, offsets, bits, group_size)
     y = gemv_wna16(x2, qweight, scales, offsets, bits, group_size, bias, tiles=GEMV_M1_TILES, gated=True,
-                   pairs=M1_PAIRS)
+                   pairs=M1_PAIRS, pdl=pdl)
     return y.reshape(*x.shape[:-1], n // 2)
 
 
@@ -240,9 +240,11 @@ def wna16_linear(
     bias: torch.Tensor | None = None,
     *,
     config: WnA16Config | None = None,
+    pdl: bool = False,
 ) -> torch.Tensor:
     """Triton :func:`kernels.quant_reference.wna16_linear` (arguments as there; ``config`` sets
-    the GEMV/GEMM threshold and tilings). Returns ``[..., N]`` in ``x.dtype``."""
+    the GEMV/GEMM threshold and tilings; ``pdl``: the one-token GEMV launches with
+    :mod:`~kernels.triton_ops.pdl`). Returns ``[..., N]`` in ``x.dtype``."""
     config = config or _DEFAULT
     n = qweight.shape[0]
     k = x.shape[-1]
@@ -253,7 +255,7 @@ def wna16_linear(
     m = x2.shape[0]
     if m == 1 and config.one_token_gemv and config.gemv_max_m >= 1:
         y = gemv_wna16(x2, qweight, scales, offsets, bits, group_size, bias, tiles=GEMV_M1_TILES,
-                       pairs=M1_PAIRS)
+                       pairs=M1_PAIRS, pdl=pdl)
         return y.reshape(*x.shape[:-1], n)
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0:

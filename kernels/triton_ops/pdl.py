@@ -1,0 +1,42 @@
+"""Programmatic dependent launch (PDL, sm_90+): a kernel launched with it may start while the
+kernel before it in the stream is still running, and waits for that kernel's writes only where
+it calls :func:`pdl_begin`.
+
+At one token a decoder layer is a chain of short kernels (norm, GEMVs, attention), each bound by
+the latency of its first reads as much as by bandwidth; with PDL the next kernel's programs are
+resident and have their weight loads in flight when the previous kernel's last program ends.
+
+Contract of a kernel that takes ``PDL``: every program calls :func:`pdl_begin` exactly once,
+before it reads anything an earlier kernel in the stream may write (activations, the KV cache)
+and before its first store; only reads of data no kernel writes while serving (weights, norm
+weights) may come before it. A kernel that waits is then complete only after the kernel before
+it is complete, so the order of the stream holds transitively.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+def pdl_supported(device: torch.device | str) -> bool:
+    """Whether kernels on ``device`` can be launched with PDL (CUDA, compute capability 9+)."""
+    device = torch.device(device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return False
+    return torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def pdl_launch(pdl: bool) -> dict[str, bool]:
+    """Launch keywords of a kernel taking ``PDL``: the constexpr and Triton's launch flag."""
+    return {"PDL": True, "launch_pdl": True} if pdl else {}
+
+
+@triton.jit
+def pdl_begin(PDL: tl.constexpr):
+    """With ``PDL``: wait until the kernel before this one is complete and its writes are
+    visible, then let the kernel after this one launch (its programs wait in turn)."""
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
