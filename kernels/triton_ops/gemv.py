@@ -11,6 +11,10 @@ that stream at the card's bandwidth:
   :func:`_dense_part`): a 16 times smaller tile, fewer registers, more warps resident;
 - weight loads are marked evict-first and activation loads evict-last: the weights are read
   once, the activation by every program;
+- ``pdl=True`` (:func:`gemv16`, :func:`gemv_fp8_weight_only`, :func:`gemv_wna16`; sm_90+):
+  launched with programmatic dependent launch (:mod:`kernels.triton_ops.pdl`); the dense kernel
+  reads its first weight tile before it waits for the kernel that writes the activation, the
+  4/8-bit kernels wait first;
 - split-K (``GemvTiles.split_k`` > 1) writes float32 partial sums ``[split_k, M, N]`` that
   :func:`_reduce_splits_kernel` adds in split order (deterministic: no atomics) before the
   epilogue; with one split the epilogue runs in the GEMV kernel;
