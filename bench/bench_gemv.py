@@ -18,6 +18,8 @@ weights' (plus scales); the share is of a 1 GiB device-to-device copy measured f
   ``_scaled_mm``: where ``Fp8LinearConfig.gemv_max_m`` belongs;
 - ``gated``: llama3-8b's gate_up then SiLU-and-mul, two launches against one (``gated=True``), in
   bf16 (cuBLAS, and ``gemv16`` at five tilings), fp8 weight-only and 4-bit words;
+- ``pdl``: 32 llama3-8b decoder layers (norms and GEMVs) in bf16, fp8 and 4-bit with
+  programmatic dependent launch off and on, alternating rounds (:func:`bench_pdl`);
 - ``linear16``: the one-token bf16 linears as the engine runs them (``gemv16_linear``), against
   cuBLAS, per projection and over 32 decoder layers (:func:`bench_linear16`);
 - ``w4_ptx``: the 4-bit word kernel with its nibbles decoded in inline PTX (the CUDA default)
@@ -214,10 +216,12 @@ GATED16_SWEEP = [(8, 1024, 4), (2, 4096, 4), (2, 4096, 8), (4, 4096, 8), (2, 204
 
 
 def decoder_chain(layers_w: list[dict[str, Any]], linear: Callable[[torch.Tensor, Any], torch.Tensor],
-                  gate_up: Callable[[torch.Tensor, Any], torch.Tensor]) -> Callable[[], torch.Tensor]:
+                  gate_up: Callable[[torch.Tensor, Any], torch.Tensor],
+                  norm_pdl: bool = False) -> Callable[[], torch.Tensor]:
     """One token through ``layers_w``'s decoder layers (llama3-8b's projections, attention left
     out) as the engine chains them: fused add + RMSNorm, qkv, o, fused add + RMSNorm, gate_up with
-    SiLU-and-mul (``gate_up(h, w)``), down; ``linear(h, w)`` runs qkv, o and down."""
+    SiLU-and-mul (``gate_up(h, w)``), down; ``linear(h, w)`` runs qkv, o and down. ``norm_pdl``:
+    the norms launch with programmatic dependent launch."""
     hidden = SHAPES_8B["o"][0]
     norm_w = torch.ones(hidden, device=DEV, dtype=torch.bfloat16)
     x0 = torch.randn(1, hidden, device=DEV, dtype=torch.bfloat16)
@@ -225,10 +229,10 @@ def decoder_chain(layers_w: list[dict[str, Any]], linear: Callable[[torch.Tensor
     def run() -> torch.Tensor:
         h, res = x0.clone(), x0.clone()
         for w in layers_w:
-            h, res = fused_add_rms_norm(h, res, norm_w, 1e-5)
+            h, res = fused_add_rms_norm(h, res, norm_w, 1e-5, pdl=norm_pdl)
             qkv = linear(h, w["qkv"])
             h = linear(qkv[:, :hidden], w["o"])
-            h, res = fused_add_rms_norm(h, res, norm_w, 1e-5)
+            h, res = fused_add_rms_norm(h, res, norm_w, 1e-5, pdl=norm_pdl)
             h = gate_up(h, w["gate_up"])
             h = linear(h, w["down"])
         return h
@@ -353,6 +357,50 @@ def bench_linear_fp8(rec: Recorder) -> None:
     torch.cuda.empty_cache()
 
 
+def _pdl_layers(fmt: str) -> tuple[list[dict[str, Any]], int, Callable[..., torch.Tensor]]:
+    """32 llama3-8b layers of ``fmt`` (bf16, fp8, w4), their weight bytes per layer, and
+    ``apply(h, w, gated, pdl)``: the engine's one-token linear for that format."""
+    def make(n: int, k: int) -> Any:
+        if fmt == "bf16":
+            return torch.randn(n, k, device=DEV, dtype=torch.bfloat16) * 0.02
+        if fmt == "fp8":
+            return fp8_layers(n, k, 1)[0]
+        return (torch.randint(0, 256, (n, k // 2), device=DEV, dtype=torch.uint8),
+                (torch.rand(n, k // 128, device=DEV) * 0.02 + 0.001).half())
+
+    def apply(h: torch.Tensor, w: Any, gated: bool, pdl: bool) -> torch.Tensor:
+        if fmt == "bf16":
+            return (G.gemv16_gated_linear if gated else G.gemv16_linear)(h, w, pdl=pdl)
+        if fmt == "fp8":
+            return G.gemv_fp8_weight_only(h, *w, gated=gated, pdl=pdl)
+        return G.gemv_wna16(h, *w, None, 4, 128, tiles=GEMV_M1_TILES, gated=gated, pdl=pdl, pairs=True)
+
+    per_param = {"bf16": 2.0, "fp8": 1.0, "w4": 0.5 + 2 / 128}[fmt]
+    nbytes = int(sum(n * k for n, k in SHAPES_8B.values()) * per_param)
+    return [{name: make(n, k) for name, (n, k) in SHAPES_8B.items()} for _ in range(32)], nbytes, apply
+
+
+def bench_pdl(rec: Recorder, rounds: int = 3) -> None:
+    """Programmatic dependent launch over 32 llama3-8b decoder layers (:func:`decoder_chain`:
+    norms and one-token GEMVs, attention left out), bf16 / fp8 weight-only / 4-bit words, PDL off
+    and on in alternating rounds; fp8 also with PDL on the GEMVs only and on the norms only
+    (DECISIONS 134)."""
+    for fmt in ("bf16", "fp8", "w4"):
+        layers_w, nbytes, apply = _pdl_layers(fmt)
+        variants = {"off": (False, False), "on": (True, True)}
+        if fmt == "fp8":
+            variants |= {"gemv only": (True, False), "norms only": (False, True)}
+        for _ in range(rounds):
+            for name, (gemv_pdl, norm_pdl) in variants.items():
+                run = decoder_chain(layers_w, partial(apply, gated=False, pdl=gemv_pdl),
+                                    partial(apply, gated=True, pdl=gemv_pdl), norm_pdl)
+                row = rec.add(f"pdl_{fmt}", "decoder", name, time_chain(run, reps=20), nbytes, 32)
+                print(f"pdl {fmt} {name}: {row['us_per_layer']:.2f} us per layer "
+                      f"({row['share_of_copy']:.0%} of copy)", flush=True)
+        layers_w.clear()
+        torch.cuda.empty_cache()
+
+
 W4_PTX_TILES = [(8, 2048, 4), (4, 1024, 2), (8, 1024, 4), (16, 1024, 4), (16, 2048, 8), (32, 512, 8),
                 (4, 2048, 4), (8, 4096, 8), (16, 512, 4)]
 
@@ -412,7 +460,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--parts", default="bf16,fp8,w4,fp8_70b,fp8_small_m",
                     help="comma-separated: bf16, fp8, w4, w4_bytes, fp8_70b, fp8_small_m, gated, linear16, "
-                         "w4_ptx")
+                         "w4_ptx, linear_fp8, pdl")
     ap.add_argument("--json", default="", help="append the rows here (JSON lines)")
     ap.add_argument("--tiles", default="",
                     help="the bf16/fp8 sweep's tilings instead of the default list: 'bn,bk,warps;...'")
@@ -433,6 +481,8 @@ def main() -> None:
             bench_w4_ptx(rec)
         elif part == "linear_fp8":
             bench_linear_fp8(rec)
+        elif part == "pdl":
+            bench_pdl(rec)
         else:
             bench_format(rec, part, tiles_list, splits)
     layer: dict[tuple[str, str], float] = {}
