@@ -36,6 +36,7 @@ from gpu_worker.model_executor.weights import fill_random
 from gpu_worker.sampling_params import SamplingParams
 from gpu_worker.worker.model_runner import ModelRunner
 from kernels import reference_ops
+from kernels.triton_ops.pdl import pdl_supported
 from tests.helpers.runners import build_runner
 
 pytestmark = pytest.mark.gpu
@@ -64,9 +65,10 @@ def _write_config(path: Path, shape: dict[str, int]) -> Path:
     return path
 
 
-def _runner(path: Path, *, eager: bool, reference: bool = False) -> ModelRunner:
+def _runner(path: Path, *, eager: bool, reference: bool = False, pdl: bool = True) -> ModelRunner:
     engine_args: dict[str, Any] = dict(
-        load_format="dummy", block_size=BLOCK, max_model_len=MAX_LEN, max_num_seqs=8, enforce_eager=eager
+        load_format="dummy", block_size=BLOCK, max_model_len=MAX_LEN, max_num_seqs=8, enforce_eager=eager,
+        enable_pdl=pdl,
     )
     config = EngineConfig(model=str(path), num_kv_blocks=NUM_BLOCKS, **engine_args)
     source = loader.resolve_model(config.model)
@@ -172,6 +174,22 @@ def test_triton_path_matches_torch_reference(tmp_path: Path, shape: str, logits_
     assert attn.ops.name != "reference"
     spies = [logits_spy(ref_runner), logits_spy(triton_runner)]
     _check(_lockstep([ref_runner, triton_runner], spies, _prompts(4, 7), steps=8), rel_tol=3e-2)
+
+
+@pytest.mark.skipif(not pdl_supported("cuda"), reason="programmatic dependent launch needs sm_90+")
+def test_pdl_runner_gives_the_bits_of_plain_launches(tmp_path: Path, logits_spy: Any) -> None:
+    """``enable_pdl`` (the default) against ``enable_pdl=False``: decode graphs at batch 1 (the
+    one-token GEMVs) and at 4, the same logits bit for bit at every step."""
+    path = _write_config(tmp_path / "llama3-8b", SHAPES["llama3-8b"])
+    chained, plain = _runner(path, eager=False), _runner(path, eager=False, pdl=False)
+    linear16 = chained.model.model.layers[0].self_attn.attn.ops.linear16  # type: ignore[union-attr,index]
+    assert linear16.keywords == {"pdl": True}
+    for n in (1, 4):
+        spies = [logits_spy(chained), logits_spy(plain)]
+        for a, b in _lockstep([chained, plain], spies, _prompts(n, 20 + n), steps=12):
+            assert torch.equal(a, b), f"batch {n}: logits differ with PDL"
+        for r in (chained, plain):
+            r.execute(SchedulerOutput((), 0, finished_req_ids=frozenset(f"r{i}" for i in range(n))))
 
 
 def _chunked_lockstep(runners: list[ModelRunner], spies: list[list[torch.Tensor]], chunk: int,
