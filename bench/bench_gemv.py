@@ -137,6 +137,17 @@ def fp8_layers(n: int, k: int, layers: int) -> list[tuple[torch.Tensor, torch.Te
     return out
 
 
+def w4_layers(n: int, k: int, layers: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Random 4-bit ``[n, k]`` weights (packed bytes, symmetric, groups of 128, float16 scales)."""
+    return [(torch.randint(0, 256, (n, k // 2), device=DEV, dtype=torch.uint8),
+             (torch.rand(n, k // 128, device=DEV) * 0.02 + 0.001).half()) for _ in range(layers)]
+
+
+def w4_nbytes(n: int, k: int) -> int:
+    """Bytes of one :func:`w4_layers` weight: the nibbles and the scales."""
+    return n * k // 2 + n * (k // 128) * 2
+
+
 def _gemv16_chain(x: torch.Tensor, ws: list[tuple[torch.Tensor]], tiles: G.GemvTiles) -> Callable[[], object]:
     return chain(partial(G.gemv16, x, tiles=tiles), ws)
 
@@ -193,9 +204,8 @@ def bench_gated(rec: Recorder) -> None:
         name = f"weight_only {','.join(map(str, t))} gated"
         rec.add("gated_fp8", "gate_up", name, time_chain(fused), n * k, 32)
     del wq
-    w4 = [(torch.randint(0, 256, (n, k // 2), device=DEV, dtype=torch.uint8),
-           (torch.rand(n, k // 128, device=DEV) * 0.02 + 0.001).half()) for _ in range(32)]
-    nbytes = n * k // 2 + n * (k // 128) * 2
+    w4 = w4_layers(n, k, 32)
+    nbytes = w4_nbytes(n, k)
 
     def w4_one(q: torch.Tensor, s: torch.Tensor, tiles: G.GemvTiles = GEMV_M1_TILES,
                gated: bool = False) -> torch.Tensor:
@@ -299,9 +309,8 @@ def bench_format(rec: Recorder, part: str, tiles_list: Sequence[tuple[int, int, 
                     n * k, layers)
             rec.sweep(fmt, shape, n * k, layers, partial(_gemv_fp8_chain, xq, xs, wq), tiles_list, splits)
         else:  # w4
-            w4 = [(torch.randint(0, 256, (n, k // 2), device=DEV, dtype=torch.uint8),
-                   (torch.rand(n, k // 128, device=DEV) * 0.02 + 0.001).half()) for _ in range(layers)]
-            nbytes = n * k // 2 + n * (k // 128) * 2
+            w4 = w4_layers(n, k, layers)
+            nbytes = w4_nbytes(n, k)
             if part == "w4":
                 rec.sweep("w4_words", shape, nbytes, layers, partial(_gemv_w4_chain, x, w4, True, True),
                           tiles_list=W4_TILES, splits=(1,))
@@ -365,8 +374,7 @@ def _pdl_layers(fmt: str) -> tuple[list[dict[str, Any]], int, Callable[..., torc
             return torch.randn(n, k, device=DEV, dtype=torch.bfloat16) * 0.02
         if fmt == "fp8":
             return fp8_layers(n, k, 1)[0]
-        return (torch.randint(0, 256, (n, k // 2), device=DEV, dtype=torch.uint8),
-                (torch.rand(n, k // 128, device=DEV) * 0.02 + 0.001).half())
+        return w4_layers(n, k, 1)[0]
 
     def apply(h: torch.Tensor, w: Any, gated: bool, pdl: bool) -> torch.Tensor:
         if fmt == "bf16":
@@ -375,8 +383,8 @@ def _pdl_layers(fmt: str) -> tuple[list[dict[str, Any]], int, Callable[..., torc
             return G.gemv_fp8_weight_only(h, *w, gated=gated, pdl=pdl)
         return G.gemv_wna16(h, *w, None, 4, 128, tiles=GEMV_M1_TILES, gated=gated, pdl=pdl, pairs=True)
 
-    per_param = {"bf16": 2.0, "fp8": 1.0, "w4": 0.5 + 2 / 128}[fmt]
-    nbytes = int(sum(n * k for n, k in SHAPES_8B.values()) * per_param)
+    nbytes = sum(w4_nbytes(n, k) if fmt == "w4" else n * k * (2 if fmt == "bf16" else 1)
+                 for n, k in SHAPES_8B.values())
     return [{name: make(n, k) for name, (n, k) in SHAPES_8B.items()} for _ in range(32)], nbytes, apply
 
 
@@ -409,9 +417,8 @@ def bench_w4_ptx(rec: Recorder) -> None:
     """The word kernel's two nibble decodes (``nibble_asm``) at each of ``W4_PTX_TILES``."""
     for shape, (n, k) in SHAPES_8B.items():
         x = torch.randn(1, k, device=DEV, dtype=torch.bfloat16)
-        w4 = [(torch.randint(0, 256, (n, k // 2), device=DEV, dtype=torch.uint8),
-               (torch.rand(n, k // 128, device=DEV) * 0.02 + 0.001).half()) for _ in range(32)]
-        nbytes = n * k // 2 + n * (k // 128) * 2
+        w4 = w4_layers(n, k, 32)
+        nbytes = w4_nbytes(n, k)
         for bn, bk, warps in W4_PTX_TILES:
             for asm in (False, True):
                 tiles = G.GemvTiles(bn, bk, warps, 1)
