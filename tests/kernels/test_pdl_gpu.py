@@ -24,6 +24,7 @@ from kernels import quant_reference as qref  # noqa: E402
 from kernels.triton_ops import triton_ops  # noqa: E402
 from kernels.triton_ops.pdl import pdl_supported  # noqa: E402
 from tests.kernels.quant_kernel_checks import random_wna16  # noqa: E402
+from tests.kernels.test_pdl import DECODE_OPS  # noqa: E402
 
 pytestmark = [
     pytest.mark.gpu,
@@ -163,9 +164,9 @@ def test_pdl_decode_chain_is_bit_for_bit_the_plain_launches_gpu(fmt: str, kv_fp8
 
 
 def test_get_ops_launches_decode_ops_with_pdl_unless_told_not_to_gpu() -> None:
+    """On this card ``get_ops`` hands out the chained set (which ops: ``test_pdl.py``)."""
     eager, chained = get_ops("cuda", pdl=False), get_ops("cuda")
-    for name in ("fused_add_rms_norm", "linear16", "fp8_weight_only_linear", "paged_decode_attention",
-                 "rotary_store_kvcache", "wna16_gated_linear"):
+    for name in DECODE_OPS:
         assert getattr(chained, name).keywords == {"pdl": True}, name
         assert not hasattr(getattr(eager, name), "keywords"), name
     # Prefill and multi-token ops keep plain launches.
