@@ -25,7 +25,10 @@ weights' (plus scales); the share is of a 1 GiB device-to-device copy measured f
 - ``w4_ptx``: the 4-bit word kernel with its nibbles decoded in inline PTX (the CUDA default)
   against the Triton-op decode the interpreter runs, at ``W4_PTX_TILES`` (:func:`bench_w4_ptx`);
 - ``linear_fp8``: the one-token fp8 weight-only GEMV swept per projection (whole-row tiles among
-  them), gated, and over 32 decoder layers (:func:`bench_linear_fp8`).
+  them), gated, and over 32 decoder layers (:func:`bench_linear_fp8`);
+- ``w4mma``: the tensor-core 4-bit GEMV (``wna16_mma``) against the word kernel's packed bf16
+  decode, per projection over ``MMA_SWEEP``, over 32 decoder layers with PDL, and at 2-8 tokens
+  against ``wna16_linear``'s CUDA-core GEMV (:func:`bench_w4_mma`).
 
 Sweep: ``block_n`` 4/8/16 x ``block_k`` 512/1024 x 4/8 warps, plus (4, 1024, 2), (2, 1024, 2),
 (32, 256, 4); each with split-K 1, 2, 4 (``w4``: also (32, 1024, 8), (32, 512, 8), (16, 2048, 8),
@@ -50,7 +53,8 @@ from kernels.triton_ops import fp8_matmul
 from kernels.triton_ops import gemv as G
 from kernels.triton_ops.activation import silu_and_mul
 from kernels.triton_ops.norm import fused_add_rms_norm
-from kernels.triton_ops.wna16 import GEMV_M1_TILES
+from kernels.triton_ops.wna16 import GEMV_M1_TILES, wna16_linear
+from kernels.triton_ops.wna16_mma import MmaTiles, gemv_int4_mma, mma_tiles
 
 DEV = "cuda"
 SHAPES_8B = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
@@ -454,6 +458,80 @@ def _fp8_linear(x: torch.Tensor, cfg: fp8_matmul.Fp8LinearConfig, q: torch.Tenso
     return fp8_matmul.fp8_linear(x, q, s, config=cfg)
 
 
+MMA_SWEEP = [(warps, bpi, sub) for warps in (2, 4, 8) for bpi in (1, 2, 4) for sub in (True, False)]
+
+
+def _w4_words(x: torch.Tensor, gated: bool, q: torch.Tensor, s: torch.Tensor,
+              pdl: bool = False) -> torch.Tensor:
+    return G.gemv_wna16(x, q, s, None, 4, 128, tiles=GEMV_M1_TILES, gated=gated, pairs=True, pdl=pdl)
+
+
+def _w4_mma(x: torch.Tensor, tiles: MmaTiles | None, gated: bool, q: torch.Tensor, s: torch.Tensor,
+            pdl: bool = False) -> torch.Tensor:
+    return gemv_int4_mma(x, q, s, 128, gated=gated, tiles=tiles, pdl=pdl)
+
+
+def bench_w4_mma(rec: Recorder, rounds: int = 3) -> None:
+    """The tensor-core 4-bit GEMV against the word kernel with the packed bf16 decode (the
+    one-token default): per llama3-8b projection (gate_up gated, as the engine runs it) at each of
+    ``MMA_SWEEP`` (warps, blocks per iteration, how 136 is subtracted); 32 decoder layers
+    (:func:`decoder_chain`, PDL on) in alternating rounds; then 2, 4 and 8 tokens against
+    ``wna16_linear``'s CUDA-core GEMV.
+    Each shape's first layer is also compared with the torch reference (error printed)."""
+    for shape, (n, k) in SHAPES_8B.items():
+        gated = shape == "gate_up"
+        x = torch.randn(1, k, device=DEV, dtype=torch.bfloat16)
+        w4 = w4_layers(n, k, 32)
+        nbytes = w4_nbytes(n, k)
+        ref = qref.wna16_linear(x, w4[0][0], w4[0][1], None, 4, 128).float()
+        err = float((gemv_int4_mma(x, *w4[0], 128).float() - ref).abs().max() / ref.abs().max())
+        ms = time_chain(chain(partial(_w4_words, x, gated), w4))
+        words = rec.add("w4_mma", shape, "words", ms, nbytes, 32)
+        best: dict[str, Any] | None = None
+        for warps, bpi, sub in MMA_SWEEP:
+            call = partial(_w4_mma, x, MmaTiles(warps, bpi, sub), gated)
+            variant = f"mma {warps},{bpi},{'sub_mma' if sub else 'sub_fma'}"
+            row = rec.add("w4_mma", shape, variant, time_chain(chain(call, w4)), nbytes, 32)
+            if best is None or row["us_per_layer"] < best["us_per_layer"]:
+                best = row
+        assert best is not None
+        print(f"w4 {shape}{' gated' if gated else ''}: words {words['us_per_layer']:.1f} us, "
+              f"best {best['variant']} {best['us_per_layer']:.1f} us ({best['share_of_copy']:.0%} of copy; "
+              f"default {mma_tiles(n, k)}); max error / max |ref| {err:.1e}", flush=True)
+        del w4
+        torch.cuda.empty_cache()
+    layers_w, nbytes, _ = _pdl_layers("w4")
+    for _ in range(rounds):
+        for name in ("words", "mma"):
+            def linear(h: torch.Tensor, w: Any, gated: bool, name: str = name) -> torch.Tensor:
+                if name == "words":
+                    return _w4_words(h, gated, w[0], w[1], pdl=True)
+                return _w4_mma(h, None, gated, w[0], w[1], pdl=True)
+            run = decoder_chain(layers_w, partial(linear, gated=False), partial(linear, gated=True),
+                                norm_pdl=True)
+            row = rec.add("w4_mma_decoder", "decoder", name, time_chain(run, reps=20), nbytes, 32)
+            print(f"w4 decoder {name}: {row['us_per_layer']:.2f} us per layer "
+                  f"({row['share_of_copy']:.0%} of copy)", flush=True)
+    layers_w.clear()
+    torch.cuda.empty_cache()
+    for m in (2, 4, 8):
+        total = {"gemv": 0.0, "mma": 0.0}
+        for shape, (n, k) in SHAPES_8B.items():
+            w4 = w4_layers(n, k, 16)
+            x = torch.randn(m, k, device=DEV, dtype=torch.bfloat16)
+            for name, call in (("gemv", partial(_w4_small_m, x)), ("mma", partial(_w4_mma, x, None, False))):
+                ms = time_chain(chain(call, w4))
+                row = rec.add("w4_mma", shape, f"M={m} {name}", ms, w4_nbytes(n, k), 16)
+                total[name] += row["us_per_layer"]
+            del w4
+        print(f"w4 M={m}: CUDA-core gemv {total['gemv']:.1f} us/layer, mma {total['mma']:.1f} us/layer",
+              flush=True)
+
+
+def _w4_small_m(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    return wna16_linear(x, q, s, None, 4, 128)
+
+
 def _parse_tiles(text: str) -> list[tuple[int, int, int]]:
     """``'bn,bk,warps;...'`` as tilings."""
     out = []
@@ -467,7 +545,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--parts", default="bf16,fp8,w4,fp8_70b,fp8_small_m",
                     help="comma-separated: bf16, fp8, w4, w4_bytes, fp8_70b, fp8_small_m, gated, linear16, "
-                         "w4_ptx, linear_fp8, pdl")
+                         "w4_ptx, linear_fp8, pdl, w4mma")
     ap.add_argument("--json", default="", help="append the rows here (JSON lines)")
     ap.add_argument("--tiles", default="",
                     help="the bf16/fp8 sweep's tilings instead of the default list: 'bn,bk,warps;...'")
@@ -490,6 +568,8 @@ def main() -> None:
             bench_linear_fp8(rec)
         elif part == "pdl":
             bench_pdl(rec)
+        elif part == "w4mma":
+            bench_w4_mma(rec)
         else:
             bench_format(rec, part, tiles_list, splits)
     layer: dict[tuple[str, str], float] = {}

@@ -44,14 +44,20 @@ def _pairs(text: str) -> dict[str, str]:
     return dict(item.split("=", 1) for item in text.split(",") if item)
 
 
-def compile_sass(fn: triton.JITFunction, ptrs: dict[str, str], consts: dict[str, int | float],
-                 num_warps: int, num_stages: int) -> str:
-    """``fn`` compiled for sm_90 as disassembled SASS."""
+def compile_sm90(fn: triton.JITFunction, ptrs: dict[str, str], consts: dict[str, int | float],
+                 num_warps: int, num_stages: int) -> triton.compiler.CompiledKernel:
+    """``fn`` compiled for sm_90 (its ``asm`` holds ``ttgir``, ``ptx`` and ``cubin``)."""
     names = fn.arg_names
     sig = {n: ("*" + ptrs[n]) if n in ptrs else ("constexpr" if n in consts else "i32") for n in names}
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names if sig[n] != "constexpr"}
-    kernel = triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", 90, 32),
-                            options=dict(num_warps=num_warps, num_stages=num_stages))
+    return triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", 90, 32),
+                          options=dict(num_warps=num_warps, num_stages=num_stages))
+
+
+def compile_sass(fn: triton.JITFunction, ptrs: dict[str, str], consts: dict[str, int | float],
+                 num_warps: int, num_stages: int) -> str:
+    """``fn`` compiled for sm_90 as disassembled SASS."""
+    kernel = compile_sm90(fn, ptrs, consts, num_warps, num_stages)
     with tempfile.TemporaryDirectory() as tmp:
         cubin = os.path.join(tmp, "kernel.cubin")
         with open(cubin, "wb") as f:
@@ -91,10 +97,17 @@ def main() -> None:
     ap.add_argument("--warps", type=int, default=4)
     ap.add_argument("--stages", type=int, default=3)
     ap.add_argument("--sass-out", default="", help="also write the whole SASS here")
+    ap.add_argument("--ir-out", default="",
+                    help="also write Triton's GPU IR (PREFIX.ttgir) and PTX (PREFIX.ptx)")
     args = ap.parse_args()
     fn = getattr(importlib.import_module(args.module), args.kernel)
     consts = {k: _value(v) for k, v in _pairs(args.const).items()}
     sass = compile_sass(fn, _pairs(args.ptr), consts, args.warps, args.stages)
+    if args.ir_out:
+        kernel = compile_sm90(fn, _pairs(args.ptr), consts, args.warps, args.stages)
+        for ext in ("ttgir", "ptx"):
+            with open(f"{args.ir_out}.{ext}", "w") as f:
+                f.write(kernel.asm[ext])
     if args.sass_out:
         with open(args.sass_out, "w") as f:
             f.write(sass)

@@ -3,6 +3,9 @@ activations (GPTQ and GGUF weights after repacking, see :class:`kernels.quant_re
 
 Each weight tile is dequantized as ``q * scale[g] (+ offset[g])`` in float32, rounded to the
 activation dtype (what :func:`kernels.quant_reference.wna16_linear` multiplies by), then:
+- ``M <= MMA_GEMV_MAX_M`` (0, off, until measured on a card), symmetric 4-bit weights, bf16
+  inputs on CUDA: the tensor-core GEMV of :mod:`kernels.triton_ops.wna16_mma` (nibbles decoded
+  in each lane's own ``mma`` fragment; exact products, float32 sums);
 - ``M == 1`` (batch-1 decode): :func:`kernels.triton_ops.gemv.gemv_wna16` (``GEMV_M1_TILES``),
   the exponent-trick conversion and per-group scaling (that module's docstring); symmetric
   weights times bf16 inputs on CUDA in packed bf16 arithmetic (``M1_PAIRS``).
@@ -29,6 +32,7 @@ import triton
 import triton.language as tl
 
 from kernels.triton_ops.gemv import GemvTiles, fit_block_k, gemv_wna16
+from kernels.triton_ops.wna16_mma import gemv_int4_mma, mma_applies
 
 # One token (batch-1 decode), gemv.gemv_wna16 (4-bit: its int32-word kernel): fastest on an
 # H200 over the four llama3-8b projections in 4-bit groups of 128 among 19 tilings
@@ -38,6 +42,11 @@ GEMV_M1_TILES = GemvTiles(block_n=8, block_k=2048, num_warps=4, split_k=1)
 # on an H200, llama3-8b's four projections 50.7 against 57.9 us per layer, W2 W4A16 413.8
 # against 381.8 tok/s; max error / sum|x w| 3.7e-4 against 2.5e-4 (docs/DECISIONS.md 132).
 M1_PAIRS = True
+# Up to this many tokens, symmetric 4-bit weights times bf16 inputs on CUDA take the tensor-core
+# GEMV (wna16_mma: about 2.0-2.3 instructions per weight in its sm_90 loop against 3.4 for the
+# packed bf16 decode, and exact products). 0: never. Off until measured on a card against the
+# word kernel (docs/QUANTIZATION.md, "Not done"); bench_gemv.py --parts w4mma measures it.
+MMA_GEMV_MAX_M = 0
 # This module's GEMV at one token (block_n, block_k, warps), kept for one_token_gemv=False.
 FUSED_M1_TILES = (4, 1024, 2)
 
@@ -225,8 +234,11 @@ def wna16_gated_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Ten
     n = qweight.shape[0]
     x2 = x.reshape(-1, x.shape[-1])
     _check(x2, qweight, scales, offsets, bits, group_size)
-    y = gemv_wna16(x2, qweight, scales, offsets, bits, group_size, bias, tiles=GEMV_M1_TILES, gated=True,
-                   pairs=M1_PAIRS, pdl=pdl)
+    if MMA_GEMV_MAX_M >= 1 and mma_applies(x2, qweight, offsets, bits, group_size):
+        y = gemv_int4_mma(x2, qweight, scales, group_size, bias, gated=True, pdl=pdl)
+    else:
+        y = gemv_wna16(x2, qweight, scales, offsets, bits, group_size, bias, tiles=GEMV_M1_TILES, gated=True,
+                       pairs=M1_PAIRS, pdl=pdl)
     return y.reshape(*x.shape[:-1], n // 2)
 
 
@@ -253,6 +265,8 @@ def wna16_linear(
         x2 = x2.contiguous()
     _check(x2, qweight, scales, offsets, bits, group_size)
     m = x2.shape[0]
+    if m <= min(MMA_GEMV_MAX_M, config.gemv_max_m) and mma_applies(x2, qweight, offsets, bits, group_size):
+        return gemv_int4_mma(x2, qweight, scales, group_size, bias, pdl=pdl).reshape(*x.shape[:-1], n)
     if m == 1 and config.one_token_gemv and config.gemv_max_m >= 1:
         y = gemv_wna16(x2, qweight, scales, offsets, bits, group_size, bias, tiles=GEMV_M1_TILES,
                        pairs=M1_PAIRS, pdl=pdl)

@@ -37,6 +37,7 @@ from kernels import reference
 from kernels import triton_ops as tops
 from kernels.triton_ops import fp8_matmul as tfp8
 from kernels.triton_ops import gemv as tgemv
+from kernels.triton_ops import wna16_mma as tmma
 from tests.kernels.kernel_checks import (
     PagedBatch,
     Target,
@@ -592,6 +593,43 @@ def check_paged_decode_attention_fp8(t: Target) -> None:
             assert_close(got, ref, t.dtype, f"paged_decode_attention fp8 bs={bs} d={d} g={g} {cfg}")
 
 
+def check_gemv_int4_mma(t: Target) -> None:
+    """The tensor-core 4-bit GEMV (``wna16_mma``) against the torch reference with
+    :func:`assert_wna16_gemv_close`'s bound: 1, 3 and 8 tokens, groups of 128 and of a whole row,
+    whole and partial loop iterations (3 blocks of 128 over 2 x 2 warp-blocks), bias, scales in
+    each dtype; gated, bit for bit the product followed by the activation kernel. On CUDA the
+    assembly, which takes bf16 inputs only (other dtypes: ``mma_applies`` refuses them); on the
+    CPU the interpreter's direct sums (``asm=False``), which the assembly is checked against
+    lane by lane in ``test_wna16_mma.py``."""
+    on_gpu = t.device != "cpu"
+    if on_gpu and t.dtype != torch.bfloat16:
+        x = torch.zeros(1, 256, device=t.device, dtype=t.dtype)
+        assert not tmma.mma_applies(x, torch.zeros(32, 128, dtype=torch.uint8, device=t.device), None, 4, 128)
+        return
+    gen = torch.Generator().manual_seed(31)
+    shapes = [(32, 256, 128), (48, 384, 128), (32, 256, 256)]
+    big = [(6144, 4096, 128), (4096, 14336, 128), (28672, 4096, 128)] if t.big else []
+    for i, (n, k, group) in enumerate(shapes + big):
+        sdt = (torch.float16, torch.float32)[i % 2]
+        w = random_wna16(n, k, 4, group, False, sdt, t.device, gen)
+        tilings = [None, tmma.MmaTiles(4, 2, sub_mma=False)]
+        if (n, k, group) not in big:
+            tilings += [tmma.MmaTiles(1, 1), tmma.MmaTiles(2, 2)]
+        for m in (1, 3, 8):
+            x = _randn(m, k, t=t, gen=gen)
+            bias = _randn(n, t=t, gen=gen) if m == 3 else None
+            ref = qref.wna16_linear(x, w.qweight, w.scales, None, 4, group, bias)
+            if on_gpu:
+                assert tmma.mma_applies(x, w.qweight, None, 4, group)
+            for tiles in tilings:
+                what = f"gemv_int4_mma {n}x{k} g={group} m={m} scales={sdt} {tiles}"
+                got = tmma.gemv_int4_mma(x, w.qweight, w.scales, group, bias, tiles=tiles, asm=on_gpu)
+                assert_wna16_gemv_close(got, ref, x, w, t.dtype, what)
+                gated = tmma.gemv_int4_mma(x, w.qweight, w.scales, group, bias, tiles=tiles, asm=on_gpu,
+                                           gated=True)
+                _assert_gated(gated, got, what + " gated")
+
+
 CHECKS: dict[str, Callable[[Target], None]] = {
     "fp8_quantize": check_fp8_quantize,
     "fp8_gemv": check_fp8_gemv,
@@ -604,6 +642,7 @@ CHECKS: dict[str, Callable[[Target], None]] = {
     "gemv_fp8_weight_only": check_gemv_fp8_weight_only,
     "gemv_wna16": check_gemv_wna16,
     "gemv_gated": check_gemv_gated,
+    "gemv_int4_mma": check_gemv_int4_mma,
     "fused_fp8_quant": check_fused_fp8_quant,
     "store_kvcache_fp8": check_store_kvcache_fp8,
     "rotary_store_kvcache_fp8": check_rotary_store_kvcache_fp8,

@@ -2,8 +2,9 @@
 ``triton_ops(pdl=True)`` give the bits of the plain launches, eagerly and replayed from a CUDA
 graph, over a chain of decoder layers where every kernel may start while the one before it runs:
 fused add + RMSNorm, the one-token linears (bf16, fp8 weight-only, 4-bit words; gate_up with
-SiLU-and-mul), rotary + KV store into the paged cache (bf16 and fp8) and split-KV decode
-attention (both phases). The KV caches the chain writes are compared too.
+SiLU-and-mul; 4-bit also through the tensor-core GEMV, ``w4mma``), rotary + KV store into the
+paged cache (bf16 and fp8) and split-KV decode attention (both phases). The KV caches the chain
+writes are compared too.
 
 One command: ``python -m pytest -q tests/kernels/test_pdl_gpu.py``.
 """
@@ -22,6 +23,7 @@ pytest.importorskip("triton")
 from kernels import KernelOps, get_ops  # noqa: E402
 from kernels import quant_reference as qref  # noqa: E402
 from kernels.triton_ops import triton_ops  # noqa: E402
+from kernels.triton_ops import wna16 as wna16_module  # noqa: E402
 from kernels.triton_ops.pdl import pdl_supported  # noqa: E402
 from tests.kernels.quant_kernel_checks import random_wna16  # noqa: E402
 from tests.kernels.test_pdl import DECODE_OPS  # noqa: E402
@@ -62,7 +64,7 @@ def _linear(fmt: str, n: int, k: int, gen: torch.Generator) -> Linear:
     if fmt == "fp8":
         q, s = qref.quantize_fp8_rows(w.to("cuda", torch.bfloat16))
         return Linear(fmt, (q, s.reshape(-1).contiguous()))
-    w4 = random_wna16(n, k, 4, GROUP, False, torch.float16, "cuda", gen)
+    w4 = random_wna16(n, k, 4, GROUP, False, torch.float16, "cuda", gen)  # w4 and w4mma
     return Linear(fmt, (w4.qweight, w4.scales, w4.offsets, w4.bits, w4.group_size))
 
 
@@ -133,8 +135,14 @@ def _decode(ops: KernelOps, layers: list[dict[str, Linear]], s: Step,
     return ops.rms_norm(h, s.norm_w, EPS), res
 
 
-@pytest.mark.parametrize(("fmt", "kv_fp8"), [("bf16", False), ("fp8", True), ("w4", False)])
-def test_pdl_decode_chain_is_bit_for_bit_the_plain_launches_gpu(fmt: str, kv_fp8: bool) -> None:
+@pytest.mark.parametrize(("fmt", "kv_fp8"), [("bf16", False), ("fp8", True), ("w4", False), ("w4mma", False)])
+def test_pdl_decode_chain_is_bit_for_bit_the_plain_launches_gpu(fmt: str, kv_fp8: bool,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[int] = []
+    if fmt == "w4mma":  # the tensor-core 4-bit GEMV (off by default): every 4-bit linear takes it
+        mma = wna16_module.gemv_int4_mma
+        monkeypatch.setattr(wna16_module, "MMA_GEMV_MAX_M", 8)
+        monkeypatch.setattr(wna16_module, "gemv_int4_mma", lambda *a, **kw: calls.append(1) or mma(*a, **kw))
     gen = torch.Generator().manual_seed(3)
     layers, step, caches0 = _layers(fmt, gen), _step(kv_fp8, gen), _caches(kv_fp8, gen)
     plain, chained = triton_ops(pdl=False), triton_ops(pdl=True)
@@ -161,6 +169,7 @@ def test_pdl_decode_chain_is_bit_for_bit_the_plain_launches_gpu(fmt: str, kv_fp8
         for i, (got, want) in enumerate(zip(got_caches, ref_caches, strict=True)):
             same = torch.equal(got.view(torch.uint8), want.view(torch.uint8))
             assert same, f"{fmt} {how}: cache {i} differs"
+    assert (fmt == "w4mma") == bool(calls)
 
 
 def test_get_ops_launches_decode_ops_with_pdl_unless_told_not_to_gpu() -> None:

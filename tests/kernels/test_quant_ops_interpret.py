@@ -33,6 +33,7 @@ _ALL = [
     "gemv_fp8_weight_only",
     "gemv_wna16",
     "gemv_gated",
+    "gemv_int4_mma",
     "fused_fp8_quant",
     "store_kvcache_fp8",
     "rotary_store_kvcache_fp8",

@@ -1,0 +1,264 @@
+"""The tensor-core 4-bit GEMV (``kernels/triton_ops/wna16_mma.py``) without a GPU.
+
+- Its inline PTX, run by a small interpreter of the instructions it uses: every lane of one warp
+  executes the block program in lockstep, ``mma.sync`` as the PTX ISA defines its m16n8k16
+  fragments. Each lane's inputs are built from a random block by the kernel's own lane layout
+  (words ``4t .. 4t + 3`` of rows ``g`` and ``g + 8``, token ``g``'s inputs of the same span), and
+  every output element must be ``scale[row] * sum_k (q[row, k] - 8) x[token, k]`` for the row and
+  token the module docstring assigns it: this checks the shipped assembly text, its pairing of
+  nibbles, inputs and fragment slots, and the lane layout together.
+- The Triton kernel's layout assumption: compiled for sm_90 with the installed Triton, the inline
+  assembly's operands are 4 consecutive elements per thread along the 128 columns, the 32 lanes
+  of a warp along the columns, the warps along the rows (no shared-memory hop in the loop).
+- The whole kernel against the torch reference in the CPU interpreter (``asm=False``: the same
+  sums taken directly) is in ``quant_kernel_checks.check_gemv_int4_mma``.
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+
+from kernels.triton_ops import wna16_mma  # noqa: E402
+
+_LANES = 32
+
+
+def _bf16_bits_to_f64(bits: np.ndarray) -> np.ndarray:
+    return (bits.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
+
+
+def _mma_m16n8k16(a: list[np.ndarray], b: list[np.ndarray], c: list[np.ndarray]) -> list[np.ndarray]:
+    """``D = A B + C`` of one warp (PTX ISA, "Matrix Fragments for mma.m16n8k16 with floating point
+    type"): lane ``l``, ``group = l // 4``, ``tig = l % 4``. A (16 x 16 bf16): register ``i`` holds
+    two elements of row ``group + 8 (i % 2)``, columns ``2 tig + 8 (i // 2) + {0, 1}`` (low half
+    first). B (16 x 8): register ``i`` holds rows ``2 tig + 8 i + {0, 1}`` of column ``group``.
+    C/D (16 x 8 float32): element ``i`` is row ``group + 8 (i // 2)``, column ``2 tig + i % 2``."""
+    am = np.zeros((16, 16))
+    bm = np.zeros((16, 8))
+    cm = np.zeros((16, 8))
+    for lane in range(_LANES):
+        grp, tig = lane // 4, lane % 4
+        for i in range(4):
+            lo, hi = a[i][lane] & 0xFFFF, a[i][lane] >> 16
+            row, col = grp + 8 * (i % 2), 2 * tig + 8 * (i // 2)
+            am[row, col], am[row, col + 1] = _bf16_bits_to_f64(np.array([lo, hi]))
+        for i in range(2):
+            lo, hi = b[i][lane] & 0xFFFF, b[i][lane] >> 16
+            row = 2 * tig + 8 * i
+            bm[row, grp], bm[row + 1, grp] = _bf16_bits_to_f64(np.array([lo, hi]))
+        for i in range(4):
+            cm[grp + 8 * (i // 2), 2 * tig + i % 2] = c[i][lane].view(np.float32)
+    dm = (am @ bm + cm).astype(np.float32)
+    out = [np.zeros(_LANES, dtype=np.uint32) for _ in range(4)]
+    for lane in range(_LANES):
+        grp, tig = lane // 4, lane % 4
+        for i in range(4):
+            out[i][lane] = dm[grp + 8 * (i // 2), 2 * tig + i % 2].view(np.uint32)
+    return out
+
+
+def _f64_to_bf16_bits(v: np.ndarray) -> np.ndarray:
+    """Round to nearest even (through float32: exact for the small integers the program makes)."""
+    bits = v.astype(np.float32).view(np.uint32).astype(np.uint64)
+    return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint32) & 0xFFFF
+
+
+def _fma_bf16x2(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> np.ndarray:
+    out = np.zeros_like(a)
+    for half in (0, 16):
+        av, bv, cv = (_bf16_bits_to_f64((r >> half) & 0xFFFF) for r in (a, b, c))
+        out |= _f64_to_bf16_bits(av * bv + cv) << half
+    return out
+
+
+def _lop3(a: np.ndarray, b: int, c: int, lut: int) -> np.ndarray:
+    out = np.zeros_like(a)
+    for bit in range(32):
+        ia, ib, ic = (a >> bit) & 1, (b >> bit) & 1, (c >> bit) & 1
+        out |= ((lut >> (ia * 4 + ib * 2 + ic)) & 1).astype(np.uint32) << bit
+    return out
+
+
+def _prmt(a: np.ndarray, b: np.ndarray, sel: int) -> np.ndarray:
+    src = (b.astype(np.uint64) << 32) | a.astype(np.uint64)
+    out = np.zeros_like(a)
+    for byte in range(4):
+        idx = (sel >> (4 * byte)) & 0x7
+        out |= (((src >> np.uint64(8 * idx)) & np.uint64(0xFF)).astype(np.uint32)) << (8 * byte)
+    return out
+
+
+def run_block_ptx(ptx: str, operands: dict[int, np.ndarray], memory: bytes) -> list[np.ndarray]:
+    """Execute the block program for the 32 lanes of a warp in lockstep. ``operands``: ``$4``..
+    ``$31`` per lane (uint32 registers; ``$28``..``$31`` byte addresses into ``memory``). Returns
+    ``$0``..``$3`` as float32 per lane."""
+    regs: dict[str, np.ndarray] = {f"${i}": v.astype(np.uint32) for i, v in operands.items()}
+
+    def val(tok: str) -> np.ndarray:
+        tok = tok.strip()
+        if tok in regs:
+            return regs[tok]
+        if tok.startswith("0f"):
+            return np.full(_LANES, int(tok[2:], 16), dtype=np.uint32)
+        return np.full(_LANES, int(tok, 0), dtype=np.uint32)
+
+    def load(addr: np.ndarray, nbytes: int) -> np.ndarray:
+        values = [int.from_bytes(memory[int(p): int(p) + nbytes], "little") for p in addr]
+        return np.array(values, dtype=np.uint32)
+
+    body = [line.strip().rstrip(";") for line in ptx.splitlines()]
+    for line in body:
+        if line in ("{", "}") or line.startswith(".reg"):
+            continue
+        op, _, rest = line.partition(" ")
+        if op.startswith("mma.sync"):
+            groups = [g.split(",") for g in re.findall(r"\{([^}]*)\}", rest)]
+            d, a, b, c = ([g.strip() for g in grp] for grp in groups)
+            for name, value in zip(d, _mma_m16n8k16([val(x) for x in a], [val(x) for x in b],
+                                                      [val(x) for x in c]), strict=True):
+                regs[name] = value
+            continue
+        args = [x.strip() for x in re.split(r",(?![^{]*\})", rest)]
+        dst = args[0]
+        if op in ("mov.f32", "mov.b32", "mov.b16"):
+            if args[1].startswith("{"):  # pack two 16-bit halves, low first
+                lo, hi = (val(x) for x in args[1].strip("{}").split(","))
+                regs[dst] = (lo & 0xFFFF) | ((hi & 0xFFFF) << 16)
+            else:
+                regs[dst] = val(args[1])
+        elif op == "prmt.b32":
+            regs[dst] = _prmt(val(args[1]), val(args[2]), int(args[3], 0))
+        elif op == "lop3.b32":
+            regs[dst] = _lop3(val(args[1]), int(args[2], 0), int(args[3], 0), int(args[4], 0))
+        elif op == "fma.rn.bf16x2":
+            regs[dst] = _fma_bf16x2(val(args[1]), val(args[2]), val(args[3]))
+        elif op == "shr.u32":
+            regs[dst] = val(args[1]) >> int(args[2], 0)
+        elif op == "ld.global.nc.b16":
+            regs[dst] = load(val(args[1].strip("[]")), 2)
+        elif op == "ld.global.nc.f32":
+            regs[dst] = load(val(args[1].strip("[]")), 4)
+        elif op == "cvt.f32.f16":
+            half = (val(args[1]) & 0xFFFF).astype(np.uint16).view(np.float16)
+            regs[dst] = half.astype(np.float32).view(np.uint32)
+        elif op == "mul.f32":
+            prod = val(args[1]).view(np.float32) * val(args[2]).view(np.float32)
+            regs[dst] = prod.astype(np.float32).view(np.uint32)
+        else:
+            raise AssertionError(f"instruction not modelled: {line}")
+    return [regs[f"${i}"].view(np.float32) for i in range(4)]
+
+
+def _lane_inputs(words: np.ndarray, x_bits: np.ndarray, m: int) -> dict[int, np.ndarray]:
+    """The kernel's per-lane operands for one block: ``words`` ``[16, 16]`` (16 rows, the block's
+    16 words each; rows a are 0-7, rows b 8-15), ``x_bits`` ``[8, 64]`` (each token's 128 bf16
+    inputs as 64 pairs); tokens ``>= m`` read token ``m - 1`` (the kernel's clamp)."""
+    ops: dict[int, np.ndarray] = {}
+    lane = np.arange(_LANES)
+    g, t = lane // 4, lane % 4
+    tok = np.minimum(g, m - 1)
+    for e in range(4):
+        ops[4 + e] = words[g, 4 * t + e]  # row a
+        ops[8 + e] = words[g + 8, 4 * t + e]  # row b
+        for u in range(4):
+            ops[12 + 4 * u + e] = x_bits[tok, 16 * t + 4 * u + e]
+    return ops
+
+
+@pytest.mark.parametrize("sub_mma", [True, False], ids=["sub_mma", "sub_fma"])
+@pytest.mark.parametrize("scale_dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("m", [1, 3, 8])
+def test_block_assembly_sums_each_lane_element(scale_dtype: torch.dtype, m: int, sub_mma: bool) -> None:
+    gen = torch.Generator().manual_seed(m)
+    q = torch.randint(0, 16, (16, 128), generator=gen)
+    words = np.zeros((16, 16), dtype=np.uint32)
+    for i in range(8):  # input 8 j + i in bits 4 i .. 4 i + 3 of word j
+        words |= (q[:, i::8].numpy().astype(np.uint32) << (4 * i))
+    x = torch.randn(8, 128, generator=gen).to(torch.bfloat16)
+    x_bits = x.view(torch.int16).numpy().astype(np.uint16).astype(np.uint32)
+    x_pairs = x_bits[:, 0::2] | (x_bits[:, 1::2] << 16)
+    scales = (torch.rand(16, generator=gen) * 0.02 + 0.001).to(scale_dtype)
+    memory = scales.view(torch.uint8).numpy().tobytes()
+    size = scales.element_size()
+    ops = _lane_inputs(words, x_pairs, m)
+    g = np.arange(_LANES) // 4
+    for e in range(4):  # element e of a lane: row half e // 2 (the kernel's s_addr)
+        ops[28 + e] = ((g + 8 * (e // 2)) * size).astype(np.uint32)
+    got = run_block_ptx(wna16_mma._mma_ptx("fp16" if scale_dtype == torch.float16 else "fp32", sub_mma),
+                        ops, memory)
+    want = (scales.double()[:, None] * ((q.double() - 8.0) @ x.double().t()))  # [16 rows, 8 tokens]
+    # Each mma rounds its float32 sums, the - 136 x terms included: a few units of 2^-24 of
+    # 136 * sum |x| per token (a wrong pairing is off by far more: the values are about 0.1-1).
+    bound = (2.0**-20 * 136 * scales.double()[:, None] * x.double().abs().sum(dim=1)[None, :]).numpy()
+    lane = np.arange(_LANES)
+    for e in range(4):
+        rows = lane // 4 + 8 * (e // 2)
+        toks = 2 * (lane % 4) + e % 2
+        real = toks < m
+        expect = want[rows, np.minimum(toks, m - 1)].numpy()
+        err = np.abs(got[e].astype(np.float64) - expect)
+        assert (err[real] <= bound[rows, np.minimum(toks, m - 1)][real]).all(), (e, err[real].max())
+
+
+def test_block_assembly_uses_only_the_modelled_instructions() -> None:
+    """Every opcode of the shipped assembly is one the interpreter above models (a new one would
+    otherwise fail there only for the lines it reaches)."""
+    ops = set()
+    for dtype, sub_mma in ((d, sub) for d in ("fp16", "fp32") for sub in (True, False)):
+        for line in wna16_mma._mma_ptx(dtype, sub_mma).splitlines():
+            line = line.strip()
+            if line and line not in ("{", "}") and not line.startswith(".reg"):
+                ops.add(line.split(" ", 1)[0])
+    assert ops == {"mov.f32", "mov.b32", "prmt.b32", "lop3.b32", "fma.rn.bf16x2", "shr.u32",
+                   "ld.global.nc.b16", "ld.global.nc.f32", "cvt.f32.f16", "mul.f32",
+                   "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32"}
+
+
+def _compile_sm90(warps: int, bpi: int, gated: bool, sub_mma: bool) -> str:
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    fn = wna16_mma._gemv_int4_mma_kernel
+    ptrs = dict(x_ptr="*i32", q_ptr="*i32", s_ptr="*fp16", bias_ptr="*fp16", out_ptr="*bf16")
+    consts = dict(GROUP=128, BPI=bpi, WARPS=warps, GATED=gated, HAS_BIAS=False, EVEN=True, ASM=True,
+                  F32_SCALES=False, SUB_MMA=sub_mma, PDL=False)
+    sig = {n: ptrs.get(n, "constexpr" if n in consts else "i32") for n in fn.arg_names}
+    attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]]
+             for n in fn.arg_names if sig[n] != "constexpr"}
+    try:
+        kernel = triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", 90, 32),
+                                options=dict(num_warps=warps))
+    except (RuntimeError, FileNotFoundError) as exc:  # no CUDA toolchain in this Triton build
+        pytest.skip(f"cannot compile for sm_90 here: {exc}")
+    return kernel.asm["ttgir"]
+
+
+@pytest.mark.parametrize(("warps", "bpi", "gated", "sub_mma"), [(4, 2, False, True), (8, 1, True, False)])
+def test_assembly_operands_get_the_lane_layout(warps: int, bpi: int, gated: bool, sub_mma: bool) -> None:
+    ttgir = _compile_sm90(warps, bpi, gated, sub_mma)
+    layouts = dict(re.findall(r"^(#\w+) = (#ttg\.blocked<\{.*\}>)", ttgir, re.M))
+    asm = [line for line in ttgir.splitlines() if "tt.elementwise_inline_asm" in line]
+    assert len(asm) == 1
+    used = set(re.findall(r"tensor<\d+x128x\w+, (#\w+)>", asm[0]))
+    assert len(used) == 1, used
+    layout = layouts[used.pop()]
+    assert "sizePerThread = [1, 4]" in layout and "threadsPerWarp = [1, 32]" in layout, layout
+    assert f"warpsPerCTA = [{warps}, 1]" in layout and "order = [1, 0]" in layout, layout
+    loop = ttgir[ttgir.index("scf.for"): ttgir.index("scf.yield")]
+    assert "ttg.convert_layout" not in loop and "ttg.local_" not in loop
+
+
+def test_mma_applies_only_where_the_assembly_holds() -> None:
+    x = torch.zeros(1, 256, dtype=torch.bfloat16)
+    q = torch.zeros(32, 128, dtype=torch.uint8)
+    assert not wna16_mma.mma_applies(x, q, None, 4, 128)  # CPU
+    with pytest.raises(ValueError, match="M <= 8"):
+        wna16_mma.gemv_int4_mma(torch.zeros(9, 256), q, torch.ones(32, 2), 128, asm=False)
+    with pytest.raises(ValueError, match="multiples of 128"):
+        wna16_mma.gemv_int4_mma(torch.zeros(1, 256), q, torch.ones(32, 4), 64, asm=False)
