@@ -28,8 +28,9 @@ The inline assembly is written as elementwise on ``[blocks, warps, 32, 4]`` tens
 ``pack=4``, so it is correct only in the layout the tensors' loads get (four consecutive
 elements of the last dimension per thread, dimension 2 across a warp's 32 lanes, dimension 1
 across warps): ``tests/kernels/test_wna16_mma.py`` compiles the kernel for sm_90 and checks that
-layout in Triton's IR. ``asm=False`` (the CPU interpreter) sums each block's products directly
-(:func:`_block_sums`, the same numbers). Products are exact (bf16 ``q - 8`` times a bf16 input)
+layout in Triton's IR. On the CPU interpreter ``mode="model"`` runs the same loads with the
+assembly replaced by its model in Triton ops (:func:`_mma_block_model`), ``mode="sums"`` sums
+each block's products directly (:func:`_block_sums`). Products are exact (bf16 ``q - 8`` times a bf16 input)
 and sums are float32: more accurate than the packed bf16 CUDA-core decode.
 
 Each program owns 16 rows (8 gated outputs) and its warps split ``K`` in blocks of 128 inputs,
@@ -197,6 +198,32 @@ def _mma_block_asm(wa, wb, x0, x1, x2, x3, s_addr, F32_SCALES: tl.constexpr, SUB
 
 
 @triton.jit
+def _mma_block_model(wa, wb, x0, x1, x2, x3, s, R: tl.constexpr):
+    """What :func:`_mma_block_asm` returns, from the same lane tensors, in Triton ops the CPU
+    interpreter runs (``mode="model"``): the loads, the lane layout and the epilogue of the
+    assembly path are then checked on the CPU too; the assembly itself is checked against this
+    layout by running its PTX (``tests/kernels/test_wna16_mma.py``). ``s``: the block scales."""
+    nib = tl.arange(0, 8)
+    # Rows: a is row g (0-7) and b row g + 8; lane (g, t) element e holds word 4 t + e.
+    qa = ((tl.reshape(wa, [R, 8, 16])[:, :, :, None] >> (4 * nib)) & 0xF).to(tl.float32) - 8.0
+    qb = ((tl.reshape(wb, [R, 8, 16])[:, :, :, None] >> (4 * nib)) & 0xF).to(tl.float32) - 8.0
+    q = tl.join(tl.reshape(qa, [R, 8, 128]), tl.reshape(qb, [R, 8, 128]))  # [block, g, input, a/b]
+    q = tl.reshape(tl.permute(q, [0, 3, 1, 2]), [R, 16, 128])  # [block, row, input]
+    # Inputs: lane (g, t) element e of x_u holds pair 16 t + 4 u + e of token g.
+    x01 = tl.join(tl.reshape(x0, [R, 8, 4, 4]), tl.reshape(x1, [R, 8, 4, 4]))
+    x23 = tl.join(tl.reshape(x2, [R, 8, 4, 4]), tl.reshape(x3, [R, 8, 4, 4]))
+    pairs = tl.join(x01, x23)  # [block, g, t, e, u % 2, u // 2]
+    pairs = tl.reshape(tl.permute(pairs, [0, 1, 2, 5, 4, 3]), [R, 8, 64])  # pair 16 t + 4 u + e
+    lo = (pairs << 16).to(tl.float32, bitcast=True)  # a bf16's bits are a float32's high half
+    hi = (pairs & -65536).to(tl.float32, bitcast=True)
+    x = tl.reshape(tl.join(lo, hi), [R, 8, 128])  # [block, token, input]
+    d = tl.sum(q[:, :, None, :] * x[:, None, :, :], axis=3)  # [block, 16 rows, 8 tokens]
+    # Back to the lanes: row g + 8 (e // 2), token 2 t + e % 2.
+    d = tl.reshape(tl.permute(tl.reshape(d, [R, 2, 8, 4, 2]), [0, 2, 3, 1, 4]), [R, 128])
+    return d * s
+
+
+@triton.jit
 def _row(pid, g, half, N, GATED: tl.constexpr):
     """Weight row of lane group ``g`` in row half ``half`` (0: row a, 1: row b) of program ``pid``."""
     if GATED:
@@ -223,9 +250,11 @@ def _block_sums(x_ptr, q_ptr, kb, row_e, tok_e, M, stride_xm, stride_qn):
 def _gemv_int4_mma_kernel(x_ptr, q_ptr, s_ptr, bias_ptr, out_ptr, M, N, K, stride_xm, stride_qn, stride_sn,
                           stride_om, GROUP: tl.constexpr, BPI: tl.constexpr, WARPS: tl.constexpr,
                           GATED: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN: tl.constexpr,
-                          ASM: tl.constexpr, F32_SCALES: tl.constexpr,
+                          MODE: tl.constexpr, F32_SCALES: tl.constexpr,
                           SUB_MMA: tl.constexpr, PDL: tl.constexpr = False):
-    # x_ptr: bf16 inputs as int32 pairs when ASM (stride_xm in pairs), else as they are.
+    # MODE 1: the assembly; 2: its Triton model (_mma_block_model, the CPU interpreter); 0: each
+    # block's sums taken directly (_block_sums, no lane loads).
+    # x_ptr: bf16 inputs as int32 pairs in modes 1 and 2 (stride_xm in pairs), else as they are.
     # q_ptr: [N, K / 8] int32 words (stride_qn in words). s_ptr: [N, K / GROUP] scales.
     # Tensors are [BPI * WARPS, 128]: row r is block it + r of the loop, column c is element
     # c % 4 of lane c // 4 (module docstring). Two dimensions, so that every Triton release lays
@@ -255,7 +284,7 @@ def _gemv_int4_mma_kernel(x_ptr, q_ptr, s_ptr, bias_ptr, out_ptr, M, N, K, strid
         ok = kb < nkb
         if not EVEN:
             kb = tl.minimum(kb, nkb - 1)
-        if ASM:
+        if MODE != 0:
             wa = tl.load(wa_ptr + 16 * kb, eviction_policy="evict_first")
             wb = tl.load(wb_ptr + 16 * kb, eviction_policy="evict_first")
             xb = x_lane + 64 * kb
@@ -263,8 +292,12 @@ def _gemv_int4_mma_kernel(x_ptr, q_ptr, s_ptr, bias_ptr, out_ptr, M, N, K, strid
             x1 = tl.load(xb + 4, eviction_policy="evict_last")
             x2 = tl.load(xb + 8, eviction_policy="evict_last")
             x3 = tl.load(xb + 12, eviction_policy="evict_last")
-            sums = _mma_block_asm(wa, wb, x0, x1, x2, x3, (s_rows + (kb * 128) // GROUP).to(tl.int64),
-                                  F32_SCALES, SUB_MMA)
+            if MODE == 1:
+                sums = _mma_block_asm(wa, wb, x0, x1, x2, x3, (s_rows + (kb * 128) // GROUP).to(tl.int64),
+                                      F32_SCALES, SUB_MMA)
+            else:
+                s = tl.load(s_rows + (kb * 128) // GROUP).to(tl.float32)
+                sums = _mma_block_model(wa, wb, x0, x1, x2, x3, s, BPI * WARPS)
         else:
             sums = _block_sums(x_ptr, q_ptr, kb, row_e, tok_e, M, stride_xm, stride_qn)
             sums *= tl.load(s_rows + (kb * 128) // GROUP).to(tl.float32)
@@ -303,33 +336,42 @@ def _mma_epilogue(y, bias_ptr, out_ptr, M, N, stride_om, GATED: tl.constexpr, HA
 
 def gemv_int4_mma(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, group_size: int,
                   bias: torch.Tensor | None = None, *, gated: bool = False, tiles: MmaTiles | None = None,
-                  asm: bool | None = None, pdl: bool = False) -> torch.Tensor:
+                  mode: str | None = None, pdl: bool = False) -> torch.Tensor:
     """``x [M, K] @ dequant(qweight)^T`` for symmetric 4-bit weights (``qweight`` ``[N, K / 2]``
     bytes, low nibble first; ``scales`` ``[N, K / group_size]``; value ``(q - 8) * scale``), M at
-    most 8: ``[M, N]`` in ``x.dtype`` (gated: ``[M, N / 2]``, ``silu_and_mul`` of it). ``asm``
-    (default: on CUDA) runs the tensor-core assembly, which needs :func:`mma_applies`; without it
-    (the CPU interpreter) the same sums are taken directly."""
+    most 8: ``[M, N]`` in ``x.dtype`` (gated: ``[M, N / 2]``, ``silu_and_mul`` of it). ``mode``:
+    ``"asm"`` the tensor-core assembly (the default on CUDA; needs :func:`mma_applies`),
+    ``"model"`` the same lane loads with the assembly replaced by its Triton model (bf16 ``x``;
+    the CPU interpreter's check of the assembly path), ``"sums"`` each block summed directly
+    (the default elsewhere)."""
     m, k = x.shape
     n = qweight.shape[0]
-    asm = x.is_cuda if asm is None else asm
+    mode = mode or ("asm" if x.is_cuda else "sums")
+    if mode not in _MODES:
+        raise ValueError(f"gemv_int4_mma: mode {mode!r} is not one of {sorted(_MODES)}")
     if not 1 <= m <= MMA_MAX_M or k % MMA_K or group_size % MMA_K or n % 16 or qweight.shape[1] * 2 != k:
         raise ValueError(f"gemv_int4_mma: x {tuple(x.shape)}, qweight {tuple(qweight.shape)}, "
                          f"group_size {group_size}: needs M <= 8 and K, group_size multiples of 128, N of 16")
     tiles = tiles or mma_tiles(n, k)
-    if asm and not _aligned(x, qweight):
+    if mode == "asm" and not _aligned(x, qweight):
         raise ValueError("gemv_int4_mma: the assembly needs 16-byte aligned, contiguous rows (mma_applies)")
+    if mode != "sums" and x.dtype != torch.bfloat16:
+        raise ValueError(f"gemv_int4_mma: mode {mode!r} takes bf16 inputs, got {x.dtype}")
     if x.stride(1) != 1:
         x = x.contiguous()
     words = qweight.view(torch.int32)
-    xv = x.view(torch.int32) if asm else x
+    xv = x if mode == "sums" else x.view(torch.int32)
     out = torch.empty((m, n // 2 if gated else n), dtype=x.dtype, device=x.device)
     nkb = k // MMA_K
     _gemv_int4_mma_kernel[(n // 16,)](
         xv, words, scales, bias if bias is not None else scales, out, m, n, k,
         xv.stride(0), words.stride(0), scales.stride(0), out.stride(0),
         GROUP=group_size, BPI=tiles.blocks_per_iter, WARPS=tiles.warps, GATED=gated,
-        HAS_BIAS=bias is not None, EVEN=nkb % (tiles.blocks_per_iter * tiles.warps) == 0, ASM=asm,
+        HAS_BIAS=bias is not None, EVEN=nkb % (tiles.blocks_per_iter * tiles.warps) == 0, MODE=_MODES[mode],
         F32_SCALES=scales.dtype == torch.float32, SUB_MMA=tiles.sub_mma,
         num_warps=tiles.warps, **pdl_launch(pdl),
     )
     return out
+
+
+_MODES = {"sums": 0, "asm": 1, "model": 2}

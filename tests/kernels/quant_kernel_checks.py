@@ -596,11 +596,12 @@ def check_paged_decode_attention_fp8(t: Target) -> None:
 def check_gemv_int4_mma(t: Target) -> None:
     """The tensor-core 4-bit GEMV (``wna16_mma``) against the torch reference with
     :func:`assert_wna16_gemv_close`'s bound: 1, 3 and 8 tokens, groups of 128 and of a whole row,
-    whole and partial loop iterations (3 blocks of 128 over 2 x 2 warp-blocks), bias, scales in
-    each dtype; gated, bit for bit the product followed by the activation kernel. On CUDA the
-    assembly, which takes bf16 inputs only (other dtypes: ``mma_applies`` refuses them); on the
-    CPU the interpreter's direct sums (``asm=False``), which the assembly is checked against
-    lane by lane in ``test_wna16_mma.py``."""
+    whole and partial loop iterations (3 blocks of 128 over 2 x 2 warp-blocks), bias, float16
+    and float32 scales, both ways of subtracting 136; gated, bit for bit the product followed by
+    the activation kernel. On CUDA the assembly, which takes bf16 inputs only (other dtypes:
+    ``mma_applies`` refuses them); on the CPU the assembly path's own loads with its Triton model
+    (``mode="model"``, bf16 inputs) and the direct sums (``mode="sums"``, this target's dtype).
+    The assembly is checked against the model lane by lane in ``test_wna16_mma.py``."""
     on_gpu = t.device != "cpu"
     if on_gpu and t.dtype != torch.bfloat16:
         x = torch.zeros(1, 256, device=t.device, dtype=t.dtype)
@@ -616,18 +617,20 @@ def check_gemv_int4_mma(t: Target) -> None:
         if (n, k, group) not in big:
             tilings += [tmma.MmaTiles(1, 1), tmma.MmaTiles(2, 2)]
         for m in (1, 3, 8):
-            x = _randn(m, k, t=t, gen=gen)
+            x0 = _randn(m, k, t=t, gen=gen)
             bias = _randn(n, t=t, gen=gen) if m == 3 else None
-            ref = qref.wna16_linear(x, w.qweight, w.scales, None, 4, group, bias)
-            if on_gpu:
-                assert tmma.mma_applies(x, w.qweight, None, 4, group)
-            for tiles in tilings:
-                what = f"gemv_int4_mma {n}x{k} g={group} m={m} scales={sdt} {tiles}"
-                got = tmma.gemv_int4_mma(x, w.qweight, w.scales, group, bias, tiles=tiles, asm=on_gpu)
-                assert_wna16_gemv_close(got, ref, x, w, t.dtype, what)
-                gated = tmma.gemv_int4_mma(x, w.qweight, w.scales, group, bias, tiles=tiles, asm=on_gpu,
-                                           gated=True)
-                _assert_gated(gated, got, what + " gated")
+            for mode in ["asm"] if on_gpu else ["sums", "model"]:
+                x = x0.to(torch.bfloat16) if mode == "model" else x0
+                ref = qref.wna16_linear(x, w.qweight, w.scales, None, 4, group, bias)
+                if on_gpu:
+                    assert tmma.mma_applies(x, w.qweight, None, 4, group)
+                for tiles in tilings:
+                    what = f"gemv_int4_mma {mode} {n}x{k} g={group} m={m} scales={sdt} {tiles}"
+                    got = tmma.gemv_int4_mma(x, w.qweight, w.scales, group, bias, tiles=tiles, mode=mode)
+                    assert_wna16_gemv_close(got, ref, x, w, x.dtype, what)
+                    gated = tmma.gemv_int4_mma(x, w.qweight, w.scales, group, bias, tiles=tiles, mode=mode,
+                                               gated=True)
+                    _assert_gated(gated, got, what + " gated")
 
 
 CHECKS: dict[str, Callable[[Target], None]] = {

@@ -10,8 +10,10 @@
 - The Triton kernel's layout assumption: compiled for sm_90 with the installed Triton, the inline
   assembly's operands are 4 consecutive elements per thread along the 128 columns, the 32 lanes
   of a warp along the columns, the warps along the rows (no shared-memory hop in the loop).
-- The whole kernel against the torch reference in the CPU interpreter (``asm=False``: the same
-  sums taken directly) is in ``quant_kernel_checks.check_gemv_int4_mma``.
+- The whole kernel against the torch reference in the CPU interpreter is in
+  ``quant_kernel_checks.check_gemv_int4_mma``: ``mode="model"`` runs the assembly path's own loads
+  with the assembly replaced by a Triton model of what this file checks it computes, so the
+  loads' addresses, the lane layout's convention and the epilogue are covered there.
 """
 
 from __future__ import annotations
@@ -226,7 +228,7 @@ def _compile_sm90(warps: int, bpi: int, gated: bool, sub_mma: bool) -> str:
 
     fn = wna16_mma._gemv_int4_mma_kernel
     ptrs = dict(x_ptr="*i32", q_ptr="*i32", s_ptr="*fp16", bias_ptr="*fp16", out_ptr="*bf16")
-    consts = dict(GROUP=128, BPI=bpi, WARPS=warps, GATED=gated, HAS_BIAS=False, EVEN=True, ASM=True,
+    consts = dict(GROUP=128, BPI=bpi, WARPS=warps, GATED=gated, HAS_BIAS=False, EVEN=True, MODE=1,
                   F32_SCALES=False, SUB_MMA=sub_mma, PDL=False)
     sig = {n: ptrs.get(n, "constexpr" if n in consts else "i32") for n in fn.arg_names}
     attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]]
@@ -259,6 +261,8 @@ def test_mma_applies_only_where_the_assembly_holds() -> None:
     q = torch.zeros(32, 128, dtype=torch.uint8)
     assert not wna16_mma.mma_applies(x, q, None, 4, 128)  # CPU
     with pytest.raises(ValueError, match="M <= 8"):
-        wna16_mma.gemv_int4_mma(torch.zeros(9, 256), q, torch.ones(32, 2), 128, asm=False)
+        wna16_mma.gemv_int4_mma(torch.zeros(9, 256), q, torch.ones(32, 2), 128, mode="sums")
     with pytest.raises(ValueError, match="multiples of 128"):
-        wna16_mma.gemv_int4_mma(torch.zeros(1, 256), q, torch.ones(32, 4), 64, asm=False)
+        wna16_mma.gemv_int4_mma(torch.zeros(1, 256), q, torch.ones(32, 4), 64, mode="sums")
+    with pytest.raises(ValueError, match="bf16"):
+        wna16_mma.gemv_int4_mma(torch.zeros(1, 256), q, torch.ones(32, 2), 128, mode="model")
