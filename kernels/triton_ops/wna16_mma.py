@@ -57,12 +57,14 @@ MMA_MAX_M = 8  # tokens: the mma's 8 columns
 @dataclass(frozen=True)
 class MmaTiles:
     """Warps per program (each takes every ``warps``-th block of 128 inputs), blocks each warp
-    loads per loop iteration, and how the assembly subtracts the nibbles' 136 (``sub_mma``: a
-    constant-A ``mma``, else a bf16 FMA per weight pair; :func:`_mma_ptx`)."""
+    loads per loop iteration, how the assembly subtracts the nibbles' 136 (``sub_mma``: a
+    constant-A ``mma``, else a bf16 FMA per weight pair; :func:`_mma_ptx`), and ``prefetch``:
+    the first iteration's weights are read before the PDL wait."""
 
     warps: int = 4
     blocks_per_iter: int = 2
     sub_mma: bool = True
+    prefetch: bool = True
 
     def __post_init__(self) -> None:
         for name in ("warps", "blocks_per_iter"):
@@ -247,11 +249,33 @@ def _block_sums(x_ptr, q_ptr, kb, row_e, tok_e, M, stride_xm, stride_qn):
 
 
 @triton.jit
+def _mma_blocks(acc, wa, wb, x_lane, s_rows, kb, ok, GROUP: tl.constexpr, R: tl.constexpr, EVEN: tl.constexpr,
+                MODE: tl.constexpr, F32_SCALES: tl.constexpr, SUB_MMA: tl.constexpr):
+    """``acc`` plus blocks ``kb``'s scaled sums (``[R, 128]``) from their weights ``wa``, ``wb``:
+    the inputs' loads, then the assembly (``MODE`` 1) or its model (2); ``ok``: the blocks that
+    exist (the others were clamped to a real one and count zero)."""
+    xb = x_lane + 64 * kb
+    x0 = tl.load(xb, eviction_policy="evict_last")
+    x1 = tl.load(xb + 4, eviction_policy="evict_last")
+    x2 = tl.load(xb + 8, eviction_policy="evict_last")
+    x3 = tl.load(xb + 12, eviction_policy="evict_last")
+    if MODE == 1:
+        sums = _mma_block_asm(wa, wb, x0, x1, x2, x3, (s_rows + (kb * 128) // GROUP).to(tl.int64),
+                              F32_SCALES, SUB_MMA)
+    else:
+        s = tl.load(s_rows + (kb * 128) // GROUP).to(tl.float32)
+        sums = _mma_block_model(wa, wb, x0, x1, x2, x3, s, R)
+    if EVEN:
+        return acc + sums
+    return acc + sums * ok.to(tl.float32)
+
+
+@triton.jit
 def _gemv_int4_mma_kernel(x_ptr, q_ptr, s_ptr, bias_ptr, out_ptr, M, N, K, stride_xm, stride_qn, stride_sn,
                           stride_om, GROUP: tl.constexpr, BPI: tl.constexpr, WARPS: tl.constexpr,
                           GATED: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN: tl.constexpr,
                           MODE: tl.constexpr, F32_SCALES: tl.constexpr,
-                          SUB_MMA: tl.constexpr, PDL: tl.constexpr = False):
+                          SUB_MMA: tl.constexpr, PREFETCH: tl.constexpr, PDL: tl.constexpr = False):
     # MODE 1: the assembly; 2: its Triton model (_mma_block_model, the CPU interpreter); 0: each
     # block's sums taken directly (_block_sums, no lane loads).
     # x_ptr: bf16 inputs as int32 pairs in modes 1 and 2 (stride_xm in pairs), else as they are.
@@ -276,10 +300,24 @@ def _gemv_int4_mma_kernel(x_ptr, q_ptr, s_ptr, bias_ptr, out_ptr, M, N, K, strid
     # scales are 0.
     x_lane = x_ptr + tl.minimum(g, M - 1).to(tl.int64) * stride_xm + 16 * t + e  # word u's pairs at + 4 u
     s_rows = s_ptr + row_e.to(tl.int64) * stride_sn
-    pdl_begin(PDL)
     nkb = K // 128
+    step = BPI * WARPS
     acc = tl.zeros([BPI * WARPS, 128], dtype=tl.float32)
-    for it in range(0, nkb, BPI * WARPS):
+    start = 0
+    if MODE != 0 and PREFETCH:
+        # The first iteration, peeled: its weights are read before the wait for the kernel that
+        # writes x (PDL). (Carrying the next iteration's weights through the loop instead cost
+        # 30-54 register moves per iteration in the sm_90 code.)
+        kb = tl.minimum(r, nkb - 1)
+        wa = tl.load(wa_ptr + 16 * kb, eviction_policy="evict_first")
+        wb = tl.load(wb_ptr + 16 * kb, eviction_policy="evict_first")
+        pdl_begin(PDL)
+        acc = _mma_blocks(acc, wa, wb, x_lane, s_rows, kb, r < nkb, GROUP, BPI * WARPS, EVEN, MODE,
+                          F32_SCALES, SUB_MMA)
+        start = step
+    else:
+        pdl_begin(PDL)
+    for it in range(start, nkb, step):
         kb = it + r  # [BPI * WARPS, 1]
         ok = kb < nkb
         if not EVEN:
@@ -287,24 +325,15 @@ def _gemv_int4_mma_kernel(x_ptr, q_ptr, s_ptr, bias_ptr, out_ptr, M, N, K, strid
         if MODE != 0:
             wa = tl.load(wa_ptr + 16 * kb, eviction_policy="evict_first")
             wb = tl.load(wb_ptr + 16 * kb, eviction_policy="evict_first")
-            xb = x_lane + 64 * kb
-            x0 = tl.load(xb, eviction_policy="evict_last")
-            x1 = tl.load(xb + 4, eviction_policy="evict_last")
-            x2 = tl.load(xb + 8, eviction_policy="evict_last")
-            x3 = tl.load(xb + 12, eviction_policy="evict_last")
-            if MODE == 1:
-                sums = _mma_block_asm(wa, wb, x0, x1, x2, x3, (s_rows + (kb * 128) // GROUP).to(tl.int64),
-                                      F32_SCALES, SUB_MMA)
-            else:
-                s = tl.load(s_rows + (kb * 128) // GROUP).to(tl.float32)
-                sums = _mma_block_model(wa, wb, x0, x1, x2, x3, s, BPI * WARPS)
+            acc = _mma_blocks(acc, wa, wb, x_lane, s_rows, kb, ok, GROUP, BPI * WARPS, EVEN, MODE,
+                              F32_SCALES, SUB_MMA)
         else:
             sums = _block_sums(x_ptr, q_ptr, kb, row_e, tok_e, M, stride_xm, stride_qn)
             sums *= tl.load(s_rows + (kb * 128) // GROUP).to(tl.float32)
-        if EVEN:
-            acc += sums
-        else:
-            acc += sums * ok.to(tl.float32)
+            if EVEN:
+                acc += sums
+            else:
+                acc += sums * ok.to(tl.float32)
     y = tl.reshape(tl.sum(acc, axis=0), [32, 4])
     _mma_epilogue(y, bias_ptr, out_ptr, M, N, stride_om, GATED, HAS_BIAS)
 
@@ -368,7 +397,7 @@ def gemv_int4_mma(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, 
         xv.stride(0), words.stride(0), scales.stride(0), out.stride(0),
         GROUP=group_size, BPI=tiles.blocks_per_iter, WARPS=tiles.warps, GATED=gated,
         HAS_BIAS=bias is not None, EVEN=nkb % (tiles.blocks_per_iter * tiles.warps) == 0, MODE=_MODES[mode],
-        F32_SCALES=scales.dtype == torch.float32, SUB_MMA=tiles.sub_mma,
+        F32_SCALES=scales.dtype == torch.float32, SUB_MMA=tiles.sub_mma, PREFETCH=tiles.prefetch,
         num_warps=tiles.warps, **pdl_launch(pdl),
     )
     return out

@@ -597,10 +597,11 @@ def check_gemv_int4_mma(t: Target) -> None:
     """The tensor-core 4-bit GEMV (``wna16_mma``) against the torch reference with
     :func:`assert_wna16_gemv_close`'s bound: 1, 3 and 8 tokens, groups of 128 and of a whole row,
     whole and partial loop iterations (3 blocks of 128 over 2 x 2 warp-blocks), bias, float16
-    and float32 scales, both ways of subtracting 136; gated, bit for bit the product followed by
-    the activation kernel. On CUDA the assembly, which takes bf16 inputs only (other dtypes:
-    ``mma_applies`` refuses them); on the CPU the assembly path's own loads with its Triton model
-    (``mode="model"``, bf16 inputs) and the direct sums (``mode="sums"``, this target's dtype).
+    and float32 scales, both ways of subtracting 136, with and without the peeled first iteration;
+    gated, bit for bit the product followed by the activation kernel. On CUDA the assembly, which
+    takes bf16 inputs only (other dtypes: ``mma_applies`` refuses them); on the CPU the assembly
+    path's own loads with its Triton model (``mode="model"``, bf16 inputs) and the direct sums
+    (``mode="sums"``, this target's dtype).
     The assembly is checked against the model lane by lane in ``test_wna16_mma.py``."""
     on_gpu = t.device != "cpu"
     if on_gpu and t.dtype != torch.bfloat16:
@@ -613,9 +614,9 @@ def check_gemv_int4_mma(t: Target) -> None:
     for i, (n, k, group) in enumerate(shapes + big):
         sdt = (torch.float16, torch.float32)[i % 2]
         w = random_wna16(n, k, 4, group, False, sdt, t.device, gen)
-        tilings = [None, tmma.MmaTiles(4, 2, sub_mma=False)]
+        tilings = [None, tmma.MmaTiles(4, 2, sub_mma=False), tmma.MmaTiles(8, 1, prefetch=False)]
         if (n, k, group) not in big:
-            tilings += [tmma.MmaTiles(1, 1), tmma.MmaTiles(2, 2)]
+            tilings += [tmma.MmaTiles(1, 1), tmma.MmaTiles(2, 2), tmma.MmaTiles(2, 1, prefetch=False)]
         for m in (1, 3, 8):
             x0 = _randn(m, k, t=t, gen=gen)
             bias = _randn(n, t=t, gen=gen) if m == 3 else None
