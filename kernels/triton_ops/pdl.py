@@ -36,7 +36,15 @@ def pdl_launch(pdl: bool) -> dict[str, bool]:
 @triton.jit
 def pdl_begin(PDL: tl.constexpr):
     """With ``PDL``: wait until the kernel before this one is complete and its writes are
-    visible, then let the kernel after this one launch (its programs wait in turn)."""
+    visible, then let the kernel after this one launch (its programs wait in turn).
+
+    The two ``griddepcontrol`` instructions are emitted here rather than through
+    ``tl.extra.cuda.gdc_wait`` / ``gdc_launch_dependents``: Triton 3.4 (our minimum) ships those
+    with the older ``_builder`` calling convention, and its own compiler then fails on any kernel
+    that calls them (``unexpected keyword argument '_semantic'``; 3.5-3.9 are fine). The
+    instructions are the same."""
     if PDL:
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
+        tl.inline_asm_elementwise("griddepcontrol.wait; // dummy $0", "=r", [], dtype=tl.int32, is_pure=False,
+                                  pack=1)
+        tl.inline_asm_elementwise("griddepcontrol.launch_dependents; // dummy $0", "=r", [], dtype=tl.int32,
+                                  is_pure=False, pack=1)
