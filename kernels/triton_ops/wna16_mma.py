@@ -6,13 +6,15 @@ by instruction issue, not by DRAM: about 3.4 instructions per weight with its pa
 (DECISIONS 111, 132). A ``tl.dot`` of the dequantized tile measured slower still, because the
 tile reached the tensor cores through shared memory (DECISIONS 111). Here each lane decodes
 exactly the weights its own ``mma.m16n8k16`` fragment holds, so nothing moves between lanes
-but the ``mma`` itself: about 1.5 instructions per weight in the block's PTX.
+but the ``mma`` itself: about 1.6 instructions per weight in the block's PTX, 2.0-2.1 in the
+sm_90 loop (Triton 3.4-3.9, DECISIONS 135).
 
 The lane layout (one warp, one block of 128 inputs ``k``, 16 weight rows, up to 8 tokens). Lane
 ``(g, t)`` (``g = lane // 4``, ``t = lane % 4``) loads words ``4 t .. 4 t + 3`` of the block
 (inputs ``32 t .. 32 t + 31``) of two rows, "row a" and "row b" (``_row``: rows ``g`` and
 ``g + 8`` of the program's 16; gated, gate row ``o`` and up row ``o + N / 2``), and the same 32
-inputs of token ``g`` (zeros for ``g >= M``). In word ``w``, input ``8 w + i`` is nibble ``i``;
+inputs of token ``g`` (token ``M - 1``'s for ``g >= M``: those sums are never stored). In word
+``w``, input ``8 w + i`` is nibble ``i``;
 ``(w >> 4 i) & 0x000F000F | 0x43004300`` is the bf16 pair ``(128 + q_i, 128 + q_{i+4})`` (one
 LOP3), and ``prmt`` pairs the inputs the same way, ``(x_i, x_{i+4})``. An ``mma`` sums over 16
 fragment columns; lane ``(g, t)`` holds columns ``2 t, 2 t + 1, 2 t + 8, 2 t + 9`` of rows ``g``
@@ -24,14 +26,15 @@ is unchanged. Word ``u`` of the lane feeds two ``mma``: pairs 0 and 1, then pair
 ``D`` (float32, 16 rows x 8 tokens) leaves lane ``(g, t)`` as rows ``g`` and ``g + 8``, tokens
 ``2 t`` and ``2 t + 1``: element ``e`` is row half ``e // 2`` and token ``2 t + e % 2``.
 
-The inline assembly is written as elementwise on ``[blocks, warps, 32, 4]`` tensors with
-``pack=4``, so it is correct only in the layout the tensors' loads get (four consecutive
-elements of the last dimension per thread, dimension 2 across a warp's 32 lanes, dimension 1
-across warps): ``tests/kernels/test_wna16_mma.py`` compiles the kernel for sm_90 and checks that
-layout in Triton's IR. On the CPU interpreter ``mode="model"`` runs the same loads with the
-assembly replaced by its model in Triton ops (:func:`_mma_block_model`), ``mode="sums"`` sums
-each block's products directly (:func:`_block_sums`). Products are exact (bf16 ``q - 8`` times a bf16 input)
-and sums are float32: more accurate than the packed bf16 CUDA-core decode.
+The inline assembly is written as elementwise on ``[blocks, 128]`` tensors with ``pack=4``
+(column ``c`` is element ``c % 4`` of lane ``c // 4``), so it is correct only in the layout the
+loads give those tensors: four consecutive columns per thread, a warp's 32 threads along the
+columns, the warps along the rows. ``tests/kernels/test_wna16_mma.py`` compiles the kernel for
+sm_90 and checks that layout in Triton's IR, and runs the PTX itself lane by lane. On the CPU
+interpreter ``mode="model"`` runs the same loads with the assembly replaced by its model in
+Triton ops (:func:`_mma_block_model`), ``mode="sums"`` sums each block's products directly
+(:func:`_block_sums`). Products are exact (bf16 ``q - 8`` times a bf16 input) and sums are
+float32: more accurate than the packed bf16 CUDA-core decode.
 
 Each program owns 16 rows (8 gated outputs) and its warps split ``K`` in blocks of 128 inputs,
 ``BPI`` blocks per warp per loop iteration; the block's group scale multiplies its sums, the warps'
@@ -106,7 +109,8 @@ def _aligned(x: torch.Tensor, qweight: torch.Tensor) -> bool:
 
 # One block (16 rows x 128 inputs x 8 tokens) per lane-quad of four consecutive elements:
 # $0-$3 the float32 sums out; $4-$7 row a's words, $8-$11 row b's, then the inputs of word u
-# (u = 0..3) as bf16 pairs (x_{8u}, x_{8u+1}) .. (x_{8u+6}, x_{8u+7}) in $12+4u .. $15+4u.
+# (u = 0..3) as bf16 pairs (x_{8u}, x_{8u+1}) .. (x_{8u+6}, x_{8u+7}) in $12+4u .. $15+4u, then
+# $28-$31 the addresses (int64) of the four elements' scales (rows a, a, b, b).
 # B pair r of a word from its input registers (x_0, x_1), (x_2, x_3), (x_4, x_5), (x_6, x_7):
 # prmt of registers lo and hi, low halves (0x5410) or high halves (0x7632): (x_r, x_{r+4}).
 _B_PAIRS = ((0, 2, "0x5410"), (0, 2, "0x7632"), (1, 3, "0x5410"), (1, 3, "0x7632"))
@@ -115,7 +119,7 @@ _B_PAIRS = ((0, 2, "0x5410"), (0, 2, "0x7632"), (1, 3, "0x5410"), (1, 3, "0x7632
 def _mma_ptx(scale_dtype: str, sub_mma: bool = True) -> str:
     """The block program (operands above) for ``float16`` or ``float32`` scales; ``sub_mma``: the
     ``- 136`` as one constant-A ``mma`` per input pair, else as a packed bf16 FMA per weight pair
-    (``128 + q - 136``, exact; twice the mma count against four more instructions per word)."""
+    (``128 + q - 136``, exact): one more ``mma`` per word of weights, or four more FMAs."""
     def mma(a: str, b: str) -> str:
         return (f"mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {{$0, $1, $2, $3}}, {{{a}}}, {{{b}}}, "
                 "{$0, $1, $2, $3};")
