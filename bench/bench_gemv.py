@@ -463,8 +463,9 @@ MMA_SWEEP = [(warps, bpi) for warps in (2, 4, 8) for bpi in (1, 2, 4)]
 
 
 def _w4_words(x: torch.Tensor, gated: bool, q: torch.Tensor, s: torch.Tensor,
-              pdl: bool = False) -> torch.Tensor:
-    return G.gemv_wna16(x, q, s, None, 4, 128, tiles=GEMV_M1_TILES, gated=gated, pairs=True, pdl=pdl)
+              pdl: bool = False, peel: bool = False) -> torch.Tensor:
+    return G.gemv_wna16(x, q, s, None, 4, 128, tiles=GEMV_M1_TILES, gated=gated, pairs=True, pdl=pdl,
+                        peel=peel)
 
 
 def _w4_mma(x: torch.Tensor, tiles: MmaTiles | None, gated: bool, q: torch.Tensor, s: torch.Tensor,
@@ -481,9 +482,9 @@ def bench_w4_mma(rec: Recorder, rounds: int = 3) -> None:
     """The tensor-core 4-bit GEMV against the word kernel with the packed bf16 decode (the
     one-token default): per llama3-8b projection (gate_up gated, as the engine runs it) at each of
     ``MMA_SWEEP`` (warps, blocks per iteration; then the best with the FMA subtract and without the
-    peeled first iteration); 32 decoder layers
-    (:func:`decoder_chain`, PDL on) in alternating rounds; then 2, 4 and 8 tokens against
-    ``wna16_linear``'s CUDA-core GEMV.
+    peeled first iteration); 32 decoder layers (:func:`decoder_chain`, PDL on) in alternating
+    rounds, the word kernel also with its first tile peeled (``gemv_wna16(peel=True)``); then 2, 4
+    and 8 tokens against ``wna16_linear``'s CUDA-core GEMV.
     Each shape's first layer is also compared with the torch reference (error printed)."""
     for shape, (n, k) in SHAPES_8B.items():
         gated = shape == "gate_up"
@@ -516,10 +517,10 @@ def bench_w4_mma(rec: Recorder, rounds: int = 3) -> None:
         torch.cuda.empty_cache()
     layers_w, nbytes, _ = _pdl_layers("w4")
     for _ in range(rounds):
-        for name in ("words", "mma"):
+        for name in ("words", "words peeled", "mma"):
             def linear(h: torch.Tensor, w: Any, gated: bool, name: str = name) -> torch.Tensor:
-                if name == "words":
-                    return _w4_words(h, gated, w[0], w[1], pdl=True)
+                if name.startswith("words"):
+                    return _w4_words(h, gated, w[0], w[1], pdl=True, peel=name == "words peeled")
                 return _w4_mma(h, None, gated, w[0], w[1], pdl=True)
             run = decoder_chain(layers_w, partial(linear, gated=False), partial(linear, gated=True),
                                 norm_pdl=True)

@@ -457,12 +457,41 @@ def _word_sums(w, xw, jj, w_hi, SUB: tl.constexpr, EVEN: tl.constexpr, ASM: tl.c
 
 
 @triton.jit
+def _words_tile(acc, w, jj, k0, k_hi, w_hi, x_ptr, s_rows, o_rows, n_ok, GROUP: tl.constexpr,
+                SUB: tl.constexpr, HAS_OFFSET: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                EVEN: tl.constexpr, ASM: tl.constexpr, PAIRS: tl.constexpr):
+    """``acc`` (``[BLOCK_N, groups, words per group]``) plus the tile of words ``w`` (words ``jj``,
+    inputs from ``k0``): its inputs' loads, the words' sums, their groups' scales (and offsets)."""
+    WORDS: tl.constexpr = BLOCK_K // 8
+    TILE_G: tl.constexpr = BLOCK_K // GROUP if BLOCK_K > GROUP else 1
+    WPG: tl.constexpr = WORDS // TILE_G
+    gg = tl.arange(0, TILE_G)
+    xw = x_ptr + 8 * jj
+    if PAIRS:
+        tl.static_assert((SUB == 8.0) and (not HAS_OFFSET), "PAIRS takes symmetric weights")
+        t = _pairs_asm(w, _load_pair(xw, 0, jj, w_hi, EVEN)[None, :],
+                       _load_pair(xw, 1, jj, w_hi, EVEN)[None, :],
+                       _load_pair(xw, 2, jj, w_hi, EVEN)[None, :],
+                       _load_pair(xw, 3, jj, w_hi, EVEN)[None, :])
+    else:
+        t, xsum = _word_sums(w, xw, jj, w_hi, SUB, EVEN, ASM)
+    g_ok = n_ok[:, None] & (k0 + gg * (BLOCK_K // TILE_G) < k_hi)[None, :]
+    s = _load_groups(s_rows, k0, gg, g_ok, GROUP, EVEN)
+    acc += tl.reshape(t, [BLOCK_N, TILE_G, WPG]) * s[:, :, None]
+    if HAS_OFFSET:
+        o = _load_groups(o_rows, k0, gg, g_ok, GROUP, EVEN)
+        acc += o[:, :, None] * tl.reshape(xsum, [TILE_G, WPG])[None, :, :]
+    return acc
+
+
+@triton.jit
 def _gemv_int4_words_kernel(x_ptr, q_ptr, s_ptr, o_ptr, bias_ptr, out_ptr, part_ptr, M, N, K, K_PER_SPLIT,
                             stride_qn, stride_sn,
                             GROUP: tl.constexpr, SUB: tl.constexpr, HAS_OFFSET: tl.constexpr,
                             HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, BLOCK_N: tl.constexpr,
                             BLOCK_K: tl.constexpr, EVEN: tl.constexpr, GATED: tl.constexpr,
-                            ASM: tl.constexpr, PAIRS: tl.constexpr, PDL: tl.constexpr = False):
+                            ASM: tl.constexpr, PAIRS: tl.constexpr, PDL: tl.constexpr = False,
+                            PEEL: tl.constexpr = False):
     # 4-bit weights read as int32 words (``q_ptr``: [N, K / 8] int32, ``stride_qn`` in words):
     # word j holds inputs 8j .. 8j + 7, input 8j + i in bits 4i .. 4i + 3 (bytes little-endian,
     # low nibble first). Each nibble is masked in place (_nibble_as_float) and multiplied by the
@@ -471,34 +500,30 @@ def _gemv_int4_words_kernel(x_ptr, q_ptr, s_ptr, o_ptr, bias_ptr, out_ptr, part_
     # products sum in ``t``; its group's scale multiplies the word's sum (and the offset the
     # word's activation sum), one FMA per word. EVEN: whole tiles only (BLOCK_N divides N,
     # BLOCK_K divides K, one split): no masks. GATED: see _gemv_rows. PAIRS (CUDA, bf16 inputs,
-    # symmetric): a word's sum in packed bf16 arithmetic (_pairs_asm).
+    # symmetric): a word's sum in packed bf16 arithmetic (_pairs_asm). PEEL: the first tile is
+    # taken before the loop, its words read before the PDL wait (as the dense kernel's).
     WORDS: tl.constexpr = BLOCK_K // 8
     TILE_G: tl.constexpr = BLOCK_K // GROUP if BLOCK_K > GROUP else 1
     WPG: tl.constexpr = WORDS // TILE_G  # words of one group in a tile
     rn, n_ok, q_rows, s_rows, o_rows, k_lo, k_hi = _int_program_rows(
         q_ptr, s_ptr, o_ptr, N, K, K_PER_SPLIT, stride_qn, stride_sn, BLOCK_N, GATED)
-    pdl_begin(PDL)
     w_hi = k_hi // 8
-    gg = tl.arange(0, TILE_G)
     acc = tl.zeros([BLOCK_N, TILE_G, WPG], dtype=tl.float32)
-    for k0 in range(k_lo, k_hi, BLOCK_K):
+    k_start = k_lo
+    if PEEL:  # the first tile's words are read before the PDL wait (weights only)
+        jj = k_lo // 8 + tl.arange(0, WORDS)
+        w = _load_words(q_rows, jj, n_ok, w_hi, EVEN)
+        pdl_begin(PDL)
+        acc = _words_tile(acc, w, jj, k_lo, k_hi, w_hi, x_ptr, s_rows, o_rows, n_ok, GROUP, SUB, HAS_OFFSET,
+                          BLOCK_N, BLOCK_K, EVEN, ASM, PAIRS)
+        k_start = k_lo + BLOCK_K
+    else:
+        pdl_begin(PDL)
+    for k0 in range(k_start, k_hi, BLOCK_K):
         jj = k0 // 8 + tl.arange(0, WORDS)
         w = _load_words(q_rows, jj, n_ok, w_hi, EVEN)
-        xw = x_ptr + 8 * jj
-        if PAIRS:
-            tl.static_assert((SUB == 8.0) and (not HAS_OFFSET), "PAIRS takes symmetric weights")
-            t = _pairs_asm(w, _load_pair(xw, 0, jj, w_hi, EVEN)[None, :],
-                           _load_pair(xw, 1, jj, w_hi, EVEN)[None, :],
-                           _load_pair(xw, 2, jj, w_hi, EVEN)[None, :],
-                           _load_pair(xw, 3, jj, w_hi, EVEN)[None, :])
-        else:
-            t, xsum = _word_sums(w, xw, jj, w_hi, SUB, EVEN, ASM)
-        g_ok = n_ok[:, None] & (k0 + gg * (BLOCK_K // TILE_G) < k_hi)[None, :]
-        s = _load_groups(s_rows, k0, gg, g_ok, GROUP, EVEN)
-        acc += tl.reshape(t, [BLOCK_N, TILE_G, WPG]) * s[:, :, None]
-        if HAS_OFFSET:
-            o = _load_groups(o_rows, k0, gg, g_ok, GROUP, EVEN)
-            acc += o[:, :, None] * tl.reshape(xsum, [TILE_G, WPG])[None, :, :]
+        acc = _words_tile(acc, w, jj, k0, k_hi, w_hi, x_ptr, s_rows, o_rows, n_ok, GROUP, SUB, HAS_OFFSET,
+                          BLOCK_N, BLOCK_K, EVEN, ASM, PAIRS)
     rm = tl.arange(0, 1)
     if GATED:
         _gated_epilogue(tl.sum(tl.sum(acc, axis=2), axis=1), rn, n_ok, N, out_ptr, out_ptr, out_ptr, bias_ptr,
@@ -682,7 +707,7 @@ def gemv_wna16(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, off
                bits: int, group_size: int, bias: torch.Tensor | None = None, *,
                tiles: GemvTiles | None = None, factored: bool = True, words: bool = True,
                gated: bool = False, nibble_asm: bool | None = None, pairs: bool = False,
-               pdl: bool = False) -> torch.Tensor:
+               pdl: bool = False, peel: bool = False) -> torch.Tensor:
     """WnA16 at one token (:class:`kernels.quant_reference.WnA16Weight` layout; checked by
     :func:`kernels.triton_ops.wna16.wna16_linear`): ``x`` ``[1, K]``, float32 sums, result in
     ``x.dtype``. ``factored``: scales applied per group sum (module docstring). ``words``:
@@ -693,7 +718,9 @@ def gemv_wna16(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, off
     word kernel decodes nibbles in inline PTX (:func:`_nibbles_asm`; the same bits); None: on
     CUDA (the CPU interpreter cannot). ``pairs``: symmetric 4-bit words times bf16 inputs in
     packed bf16 arithmetic (:func:`_pairs_asm`: fewer instructions, products and four-term sums
-    rounded to bf16), where that applies (CUDA, bf16 ``x``, no offsets); else ignored."""
+    rounded to bf16), where that applies (CUDA, bf16 ``x``, no offsets); else ignored. ``peel``:
+    the word kernel takes its first tile before the loop, reading its words before the PDL wait
+    (not yet measured on a card: off by default)."""
     tiles = tiles or GemvTiles()
     tiles = GemvTiles(tiles.block_n, fit_block_k(tiles.block_k, group_size), tiles.num_warps, tiles.split_k)
     x = _one_row(x)
@@ -716,7 +743,7 @@ def gemv_wna16(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, off
                        ASM=x.is_cuda if nibble_asm is None else nibble_asm,
                        PAIRS=pairs and x.is_cuda and x.dtype == torch.bfloat16 and sub == 8.0,
                        EVEN=n % tiles.block_n == 0 and k % tiles.block_k == 0 and _k_per_split(k, tiles) >= k,
-                       pdl=pdl)
+                       PEEL=peel, pdl=pdl)
     return _launch(_gemv_int_kernel, args, 1, n, k, out, None, None, bias, tiles,
                    stride_qn=qweight.stride(0), stride_sn=scales.stride(0), BITS=bits, GROUP=group_size,
                    SUB=sub, SIGNED8=signed8, HAS_OFFSET=offsets is not None, FACTORED=factored, pdl=pdl)

@@ -385,11 +385,16 @@ def check_gemv_wna16(t: Target) -> None:
                     what = (f"gemv_wna16 {n}x{k} bits={bits} g={group} off={offsets} {tiles} "
                             f"fact={factored} words={not byte_kernel}")
                     assert_wna16_gemv_close(got, ref, x, w, t.dtype, what)
+                    if bits == 4 and not byte_kernel:  # the first tile peeled: the same sums
+                        peeled = tgemv.gemv_wna16(*args, tiles=tiles, factored=factored, peel=True)
+                        assert torch.equal(peeled, got), f"{what} peel: {(peeled - got).abs().max()}"
                 if bits == 4 and not offsets and t.dtype == torch.bfloat16 and t.device != "cpu":
                     # The packed bf16 decode (CUDA): products and four-term sums rounded to bf16.
                     got = tgemv.gemv_wna16(*args, tiles=tiles, pairs=True)
                     what = f"gemv_wna16 pairs {n}x{k} g={group} {tiles}"
                     assert_wna16_gemv_close(got, ref, x, w, t.dtype, what, roundings=4)
+                    peeled = tgemv.gemv_wna16(*args, tiles=tiles, pairs=True, peel=True)
+                    assert torch.equal(peeled, got), f"{what} peel: {(peeled - got).abs().max()}"
 
 
 # Gated tilings: one split, whole gate/up pairs (block_n >= 2): the default, the fp8 one-token
