@@ -2,9 +2,9 @@
 ``triton_ops(pdl=True)`` give the bits of the plain launches, eagerly and replayed from a CUDA
 graph, over a chain of decoder layers where every kernel may start while the one before it runs:
 fused add + RMSNorm, the one-token linears (bf16, fp8 weight-only, 4-bit words; gate_up with
-SiLU-and-mul; 4-bit also through the tensor-core GEMV, ``w4mma``), rotary + KV store into the
-paged cache (bf16 and fp8) and split-KV decode attention (both phases). The KV caches the chain
-writes are compared too.
+SiLU-and-mul; 4-bit also through the tensor-core GEMV, ``w4mma``, and with the word kernel's
+first tile peeled, ``w4peel``), rotary + KV store into the paged cache (bf16 and fp8) and
+split-KV decode attention (both phases). The KV caches the chain writes are compared too.
 
 One command: ``python -m pytest -q tests/kernels/test_pdl_gpu.py``.
 """
@@ -64,7 +64,7 @@ def _linear(fmt: str, n: int, k: int, gen: torch.Generator) -> Linear:
     if fmt == "fp8":
         q, s = qref.quantize_fp8_rows(w.to("cuda", torch.bfloat16))
         return Linear(fmt, (q, s.reshape(-1).contiguous()))
-    w4 = random_wna16(n, k, 4, GROUP, False, torch.float16, "cuda", gen)  # w4 and w4mma
+    w4 = random_wna16(n, k, 4, GROUP, False, torch.float16, "cuda", gen)  # w4, w4mma, w4peel
     return Linear(fmt, (w4.qweight, w4.scales, w4.offsets, w4.bits, w4.group_size))
 
 
@@ -135,7 +135,8 @@ def _decode(ops: KernelOps, layers: list[dict[str, Linear]], s: Step,
     return ops.rms_norm(h, s.norm_w, EPS), res
 
 
-@pytest.mark.parametrize(("fmt", "kv_fp8"), [("bf16", False), ("fp8", True), ("w4", False), ("w4mma", False)])
+@pytest.mark.parametrize(("fmt", "kv_fp8"), [("bf16", False), ("fp8", True), ("w4", False), ("w4mma", False),
+                                             ("w4peel", False)])
 def test_pdl_decode_chain_is_bit_for_bit_the_plain_launches_gpu(fmt: str, kv_fp8: bool,
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[int] = []
@@ -143,6 +144,10 @@ def test_pdl_decode_chain_is_bit_for_bit_the_plain_launches_gpu(fmt: str, kv_fp8
         mma = wna16_module.gemv_int4_mma
         monkeypatch.setattr(wna16_module, "MMA_GEMV_MAX_M", 8)
         monkeypatch.setattr(wna16_module, "gemv_int4_mma", lambda *a, **kw: calls.append(1) or mma(*a, **kw))
+    if fmt == "w4peel":  # the word kernel with its first tile peeled (off by default)
+        words = wna16_module.gemv_wna16
+        monkeypatch.setattr(wna16_module, "gemv_wna16",
+                            lambda *a, **kw: calls.append(1) or words(*a, **kw, peel=True))
     gen = torch.Generator().manual_seed(3)
     layers, step, caches0 = _layers(fmt, gen), _step(kv_fp8, gen), _caches(kv_fp8, gen)
     plain, chained = triton_ops(pdl=False), triton_ops(pdl=True)
@@ -169,7 +174,7 @@ def test_pdl_decode_chain_is_bit_for_bit_the_plain_launches_gpu(fmt: str, kv_fp8
         for i, (got, want) in enumerate(zip(got_caches, ref_caches, strict=True)):
             same = torch.equal(got.view(torch.uint8), want.view(torch.uint8))
             assert same, f"{fmt} {how}: cache {i} differs"
-    assert (fmt == "w4mma") == bool(calls)
+    assert (fmt in ("w4mma", "w4peel")) == bool(calls)
 
 
 def test_get_ops_launches_decode_ops_with_pdl_unless_told_not_to_gpu() -> None:
