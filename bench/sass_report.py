@@ -57,7 +57,11 @@ def compile_sm90(fn: triton.JITFunction, ptrs: dict[str, str], consts: dict[str,
 def compile_sass(fn: triton.JITFunction, ptrs: dict[str, str], consts: dict[str, int | float],
                  num_warps: int, num_stages: int) -> str:
     """``fn`` compiled for sm_90 as disassembled SASS."""
-    kernel = compile_sm90(fn, ptrs, consts, num_warps, num_stages)
+    return disassemble(compile_sm90(fn, ptrs, consts, num_warps, num_stages))
+
+
+def disassemble(kernel: triton.compiler.CompiledKernel) -> str:
+    """A compiled kernel's SASS (the nvdisasm Triton ships)."""
     with tempfile.TemporaryDirectory() as tmp:
         cubin = os.path.join(tmp, "kernel.cubin")
         with open(cubin, "wb") as f:
@@ -102,9 +106,9 @@ def main() -> None:
     args = ap.parse_args()
     fn = getattr(importlib.import_module(args.module), args.kernel)
     consts = {k: _value(v) for k, v in _pairs(args.const).items()}
-    sass = compile_sass(fn, _pairs(args.ptr), consts, args.warps, args.stages)
+    kernel = compile_sm90(fn, _pairs(args.ptr), consts, args.warps, args.stages)
+    sass = disassemble(kernel)
     if args.ir_out:
-        kernel = compile_sm90(fn, _pairs(args.ptr), consts, args.warps, args.stages)
         for ext in ("ttgir", "ptx"):
             with open(f"{args.ir_out}.{ext}", "w") as f:
                 f.write(kernel.asm[ext])

@@ -90,11 +90,16 @@ def mma_applies(x: torch.Tensor, qweight: torch.Tensor, offsets: torch.Tensor | 
     16-row blocks, and the alignment the assembly's lane layout needs (:func:`_aligned`)."""
     if not x.is_cuda or x.dtype != torch.bfloat16 or bits != 4 or offsets is not None or x.dim() != 2:
         return False
-    m, k = x.shape
-    n = qweight.shape[0]
-    if not 1 <= m <= MMA_MAX_M or k % MMA_K or group_size % MMA_K or n % 16 or not _aligned(x, qweight):
+    if not _shape_ok(x, qweight, group_size) or not _aligned(x, qweight):
         return False
     return torch.cuda.get_device_capability(x.device) >= (8, 0)
+
+
+def _shape_ok(x: torch.Tensor, qweight: torch.Tensor, group_size: int) -> bool:
+    """``M <= 8`` tokens, ``K`` and the group a multiple of 128 inputs, 16-row blocks."""
+    m, k = x.shape
+    n = qweight.shape[0]
+    return 1 <= m <= MMA_MAX_M and k % MMA_K == 0 and group_size % MMA_K == 0 and n % 16 == 0
 
 
 def _aligned(x: torch.Tensor, qweight: torch.Tensor) -> bool:
@@ -169,38 +174,23 @@ def _mma_ptx(scale_dtype: str, sub_mma: bool = True) -> str:
     return "\n".join(lines)
 
 
-_MMA_PTX_FP16 = tl.constexpr(_mma_ptx("fp16"))
-_MMA_PTX_FP32 = tl.constexpr(_mma_ptx("fp32"))
-_FMA_PTX_FP16 = tl.constexpr(_mma_ptx("fp16", sub_mma=False))
-_FMA_PTX_FP32 = tl.constexpr(_mma_ptx("fp32", sub_mma=False))
+# The block program by (float32 scales, sub_mma); the launch picks one (the kernel's PTX).
+_BLOCK_PTX = {(f32, sub): _mma_ptx("fp32" if f32 else "fp16", sub)
+              for f32 in (False, True) for sub in (False, True)}
 # pack=4: four float32 sums out, then four of each int32 input (words a, words b, the four
 # input-pair tensors), then four int64 scale addresses.
 _MMA_CONSTRAINTS = tl.constexpr("=f,=f,=f,=f" + ",r" * 24 + ",l" * 4)
 
 
 @triton.jit
-def _mma_block_asm(wa, wb, x0, x1, x2, x3, s_addr, F32_SCALES: tl.constexpr, SUB_MMA: tl.constexpr):
+def _mma_block_asm(wa, wb, x0, x1, x2, x3, s_addr, PTX: tl.constexpr):
     """Each lane-quad's block sums (module docstring) from its words and input pairs, times the
     block's scales, read by the assembly from ``s_addr`` (their addresses as int64) so that no
     tensor outside the lane layout meets the sums (a scale tensor loaded by Triton may get a
-    layout of its own and move the sums through shared memory). ``F32_SCALES``: float32 scales,
-    else float16 (:class:`kernels.quant_reference.WnA16Weight`). ``SUB_MMA``: :func:`_mma_ptx`."""
-    args = [wa, wb, x0, x1, x2, x3, s_addr]
-    if SUB_MMA:
-        if F32_SCALES:
-            sums = tl.inline_asm_elementwise(_MMA_PTX_FP32, _MMA_CONSTRAINTS, args, dtype=tl.float32,
-                                             is_pure=True, pack=4)
-        else:
-            sums = tl.inline_asm_elementwise(_MMA_PTX_FP16, _MMA_CONSTRAINTS, args, dtype=tl.float32,
-                                             is_pure=True, pack=4)
-    else:
-        if F32_SCALES:
-            sums = tl.inline_asm_elementwise(_FMA_PTX_FP32, _MMA_CONSTRAINTS, args, dtype=tl.float32,
-                                             is_pure=True, pack=4)
-        else:
-            sums = tl.inline_asm_elementwise(_FMA_PTX_FP16, _MMA_CONSTRAINTS, args, dtype=tl.float32,
-                                             is_pure=True, pack=4)
-    return sums
+    layout of its own and move the sums through shared memory). ``PTX``: the block program for
+    the scales' dtype and the subtract (``_BLOCK_PTX``, :func:`_mma_ptx`)."""
+    return tl.inline_asm_elementwise(PTX, _MMA_CONSTRAINTS, [wa, wb, x0, x1, x2, x3, s_addr],
+                                     dtype=tl.float32, is_pure=True, pack=4)
 
 
 @triton.jit
@@ -254,7 +244,7 @@ def _block_sums(x_ptr, q_ptr, kb, row_e, tok_e, M, stride_xm, stride_qn):
 
 @triton.jit
 def _mma_blocks(acc, wa, wb, x_lane, s_rows, kb, ok, GROUP: tl.constexpr, R: tl.constexpr, EVEN: tl.constexpr,
-                MODE: tl.constexpr, F32_SCALES: tl.constexpr, SUB_MMA: tl.constexpr):
+                MODE: tl.constexpr, PTX: tl.constexpr):
     """``acc`` plus blocks ``kb``'s scaled sums (``[R, 128]``) from their weights ``wa``, ``wb``:
     the inputs' loads, then the assembly (``MODE`` 1) or its model (2); ``ok``: the blocks that
     exist (the others were clamped to a real one and count zero)."""
@@ -264,8 +254,7 @@ def _mma_blocks(acc, wa, wb, x_lane, s_rows, kb, ok, GROUP: tl.constexpr, R: tl.
     x2 = tl.load(xb + 8, eviction_policy="evict_last")
     x3 = tl.load(xb + 12, eviction_policy="evict_last")
     if MODE == 1:
-        sums = _mma_block_asm(wa, wb, x0, x1, x2, x3, (s_rows + (kb * 128) // GROUP).to(tl.int64),
-                              F32_SCALES, SUB_MMA)
+        sums = _mma_block_asm(wa, wb, x0, x1, x2, x3, (s_rows + (kb * 128) // GROUP).to(tl.int64), PTX)
     else:
         s = tl.load(s_rows + (kb * 128) // GROUP).to(tl.float32)
         sums = _mma_block_model(wa, wb, x0, x1, x2, x3, s, R)
@@ -278,8 +267,8 @@ def _mma_blocks(acc, wa, wb, x_lane, s_rows, kb, ok, GROUP: tl.constexpr, R: tl.
 def _gemv_int4_mma_kernel(x_ptr, q_ptr, s_ptr, bias_ptr, out_ptr, M, N, K, stride_xm, stride_qn, stride_sn,
                           stride_om, GROUP: tl.constexpr, BPI: tl.constexpr, WARPS: tl.constexpr,
                           GATED: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN: tl.constexpr,
-                          MODE: tl.constexpr, F32_SCALES: tl.constexpr,
-                          SUB_MMA: tl.constexpr, PREFETCH: tl.constexpr, PDL: tl.constexpr = False):
+                          MODE: tl.constexpr, PTX: tl.constexpr, PREFETCH: tl.constexpr,
+                          PDL: tl.constexpr = False):
     # MODE 1: the assembly; 2: its Triton model (_mma_block_model, the CPU interpreter); 0: each
     # block's sums taken directly (_block_sums, no lane loads).
     # x_ptr: bf16 inputs as int32 pairs in modes 1 and 2 (stride_xm in pairs), else as they are.
@@ -316,8 +305,7 @@ def _gemv_int4_mma_kernel(x_ptr, q_ptr, s_ptr, bias_ptr, out_ptr, M, N, K, strid
         wa = tl.load(wa_ptr + 16 * kb, eviction_policy="evict_first")
         wb = tl.load(wb_ptr + 16 * kb, eviction_policy="evict_first")
         pdl_begin(PDL)
-        acc = _mma_blocks(acc, wa, wb, x_lane, s_rows, kb, r < nkb, GROUP, BPI * WARPS, EVEN, MODE,
-                          F32_SCALES, SUB_MMA)
+        acc = _mma_blocks(acc, wa, wb, x_lane, s_rows, kb, r < nkb, GROUP, BPI * WARPS, EVEN, MODE, PTX)
         start = step
     else:
         pdl_begin(PDL)
@@ -329,8 +317,7 @@ def _gemv_int4_mma_kernel(x_ptr, q_ptr, s_ptr, bias_ptr, out_ptr, M, N, K, strid
         if MODE != 0:
             wa = tl.load(wa_ptr + 16 * kb, eviction_policy="evict_first")
             wb = tl.load(wb_ptr + 16 * kb, eviction_policy="evict_first")
-            acc = _mma_blocks(acc, wa, wb, x_lane, s_rows, kb, ok, GROUP, BPI * WARPS, EVEN, MODE,
-                              F32_SCALES, SUB_MMA)
+            acc = _mma_blocks(acc, wa, wb, x_lane, s_rows, kb, ok, GROUP, BPI * WARPS, EVEN, MODE, PTX)
         else:
             sums = _block_sums(x_ptr, q_ptr, kb, row_e, tok_e, M, stride_xm, stride_qn)
             sums *= tl.load(s_rows + (kb * 128) // GROUP).to(tl.float32)
@@ -382,7 +369,7 @@ def gemv_int4_mma(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, 
     mode = mode or ("asm" if x.is_cuda else "sums")
     if mode not in _MODES:
         raise ValueError(f"gemv_int4_mma: mode {mode!r} is not one of {sorted(_MODES)}")
-    if not 1 <= m <= MMA_MAX_M or k % MMA_K or group_size % MMA_K or n % 16 or qweight.shape[1] * 2 != k:
+    if not _shape_ok(x, qweight, group_size) or qweight.shape[1] * 2 != k:
         raise ValueError(f"gemv_int4_mma: x {tuple(x.shape)}, qweight {tuple(qweight.shape)}, "
                          f"group_size {group_size}: needs M <= 8 and K, group_size multiples of 128, N of 16")
     tiles = tiles or mma_tiles(n, k)
@@ -401,7 +388,7 @@ def gemv_int4_mma(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, 
         xv.stride(0), words.stride(0), scales.stride(0), out.stride(0),
         GROUP=group_size, BPI=tiles.blocks_per_iter, WARPS=tiles.warps, GATED=gated,
         HAS_BIAS=bias is not None, EVEN=nkb % (tiles.blocks_per_iter * tiles.warps) == 0, MODE=_MODES[mode],
-        F32_SCALES=scales.dtype == torch.float32, SUB_MMA=tiles.sub_mma, PREFETCH=tiles.prefetch,
+        PTX=_BLOCK_PTX[(scales.dtype == torch.float32, tiles.sub_mma)], PREFETCH=tiles.prefetch,
         num_warps=tiles.warps, **pdl_launch(pdl),
     )
     return out

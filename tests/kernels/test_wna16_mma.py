@@ -229,7 +229,7 @@ def _compile_sm90(warps: int, bpi: int, gated: bool, sub_mma: bool) -> str:
     fn = wna16_mma._gemv_int4_mma_kernel
     ptrs = dict(x_ptr="*i32", q_ptr="*i32", s_ptr="*fp16", bias_ptr="*fp16", out_ptr="*bf16")
     consts = dict(GROUP=128, BPI=bpi, WARPS=warps, GATED=gated, HAS_BIAS=False, EVEN=True, MODE=1,
-                  F32_SCALES=False, SUB_MMA=sub_mma, PREFETCH=True, PDL=False)
+                  PTX=wna16_mma._BLOCK_PTX[(False, sub_mma)], PREFETCH=True, PDL=False)
     sig = {n: ptrs.get(n, "constexpr" if n in consts else "i32") for n in fn.arg_names}
     attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]]
              for n in fn.arg_names if sig[n] != "constexpr"}
