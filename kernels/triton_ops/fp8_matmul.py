@@ -44,7 +44,7 @@ class Fp8LinearConfig:
     gemv_max_m: int = 1  # tokens up to which gemv.gemv_fp8 runs (at most gemv.MAX_M)
     use_scaled_mm: bool = True  # torch._scaled_mm above gemv_max_m where it applies
     scaled_mm_fast_accum: bool = False
-    gemv_tiles: GemvTiles | None = None  # None: gemv.fp8_tiles(M, N)
+    gemv_tiles: GemvTiles | None = None  # None: gemv.fp8_tiles(M, N, K)
     gemm_block_m: int = 128
     gemm_block_n: int = 128
     gemm_block_k: int = 128

@@ -659,7 +659,7 @@ def _gemv_fp8_weights(x: torch.Tensor, xs: torch.Tensor | None, w_fp8: torch.Ten
         x = x.contiguous()
     m, k = x.shape
     n = w_fp8.shape[0]
-    tiles = tiles or fp8_tiles(m, n)
+    tiles = tiles or fp8_tiles(m, n, k)
     if gated:
         out = _gated_out(n, tiles, x, out_dtype)
     else:
@@ -676,20 +676,29 @@ def _gemv_fp8_weights(x: torch.Tensor, xs: torch.Tensor | None, w_fp8: torch.Ten
 MAX_M = 16  # tokens gemv_fp8 takes (its register tile is [BLOCK_M, BLOCK_N, BLOCK_K])
 # One token: fp8 products summed per thread in runs of one 16-byte load's weights (_dense_part).
 FP8_PART = 16
-# One token, with PART (H200, DECISIONS 133): 4 rows x 1,024 inputs on 2 warps; weights of at
-# most 4,096 rows (llama3-8b's o and down: 1,024 programs) 4 x 2,048 on 4 warps, twice the warps.
+# One token, with PART and PDL (H200, 32 llama3-8b layers, DECISIONS 137), by weight rows N and
+# inputs K: N <= 4,096 (llama3-8b's o and down) 8 rows x 2,048 inputs on 8 warps; K <= 4,096
+# (llama3-8b's qkv, gate_up) 4 x 2,048 on 2 warps up to 8,192 rows, 8 x 2,048 on 4 warps past
+# it; else (llama3-70b, every projection: 97% of copy bandwidth, DECISIONS 133) 4 x 1,024 on 2.
 FP8_M1_TILES = GemvTiles(block_n=4, block_k=1024, num_warps=2, split_k=1)
-FP8_M1_FEW_ROWS_TILES = GemvTiles(block_n=4, block_k=2048, num_warps=4, split_k=1)
+FP8_M1_FEW_ROWS_TILES = GemvTiles(block_n=8, block_k=2048, num_warps=8, split_k=1)
 FP8_M1_FEW_ROWS = 4096
+FP8_M1_SHORT_ROWS_TILES = GemvTiles(block_n=4, block_k=2048, num_warps=2, split_k=1)
+FP8_M1_SHORT_MANY_ROWS_TILES = GemvTiles(block_n=8, block_k=2048, num_warps=4, split_k=1)
+FP8_M1_SHORT_K = 4096
+FP8_M1_MANY_ROWS = 8192
 
 
-def fp8_tiles(m: int, n: int = 0) -> GemvTiles:
-    """The tiling of :func:`gemv_fp8` for ``m`` tokens of an ``[n, K]`` weight: at one token the
-    measured ones (``FP8_M1_FEW_ROWS_TILES`` up to ``FP8_M1_FEW_ROWS`` rows, else
-    ``FP8_M1_TILES``); above it the ``[BLOCK_M, BLOCK_N, BLOCK_K]`` product tile kept near 8k
-    elements (registers)."""
+def fp8_tiles(m: int, n: int = 0, k: int = 0) -> GemvTiles:
+    """The tiling of :func:`gemv_fp8` for ``m`` tokens of an ``[n, k]`` weight: at one token the
+    measured ones (the constants above; ``n`` or ``k`` 0: unknown, ``FP8_M1_TILES``); above it
+    the ``[BLOCK_M, BLOCK_N, BLOCK_K]`` product tile kept near 8k elements (registers)."""
     if m <= 1:
-        return FP8_M1_FEW_ROWS_TILES if 0 < n <= FP8_M1_FEW_ROWS else FP8_M1_TILES
+        if 0 < n <= FP8_M1_FEW_ROWS:
+            return FP8_M1_FEW_ROWS_TILES
+        if 0 < k <= FP8_M1_SHORT_K and n > 0:
+            return FP8_M1_SHORT_ROWS_TILES if n <= FP8_M1_MANY_ROWS else FP8_M1_SHORT_MANY_ROWS_TILES
+        return FP8_M1_TILES
     block_m = triton.next_power_of_2(m)
     block_n = 8 if block_m <= 4 else 4
     return GemvTiles(block_n=block_n, block_k=max(64, 8192 // (block_m * block_n)), num_warps=4, split_k=1)

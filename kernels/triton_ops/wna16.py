@@ -3,12 +3,13 @@ activations (GPTQ and GGUF weights after repacking, see :class:`kernels.quant_re
 
 Each weight tile is dequantized as ``q * scale[g] (+ offset[g])`` in float32, rounded to the
 activation dtype (what :func:`kernels.quant_reference.wna16_linear` multiplies by), then:
-- ``M <= MMA_GEMV_MAX_M`` (0, off, until measured on a card), symmetric 4-bit weights, bf16
-  inputs on CUDA: the tensor-core GEMV of :mod:`kernels.triton_ops.wna16_mma` (nibbles decoded
-  in each lane's own ``mma`` fragment; exact products, float32 sums);
 - ``M == 1`` (batch-1 decode): :func:`kernels.triton_ops.gemv.gemv_wna16` (``GEMV_M1_TILES``),
   the exponent-trick conversion and per-group scaling (that module's docstring); symmetric
-  weights times bf16 inputs on CUDA in packed bf16 arithmetic (``M1_PAIRS``).
+  weights times bf16 inputs on CUDA in packed bf16 arithmetic (``M1_PAIRS``), the first tile's
+  words read before the PDL wait (``M1_PEEL``).
+- ``2 <= M <= MMA_GEMV_MAX_M``, symmetric 4-bit weights, bf16 inputs on CUDA: the tensor-core
+  GEMV of :mod:`kernels.triton_ops.wna16_mma` (nibbles decoded in each lane's own ``mma``
+  fragment; exact products, float32 sums), eight tokens per launch.
 - ``M <= WnA16Config.gemv_max_m``: a GEMV. Each program owns ``block_n`` output channels and
   every token (``M`` padded to a power of two): it streams its rows of packed weight once,
   along ``K`` (the layout's contiguous dim: 16-byte loads cover 32 four-bit weights of one
@@ -32,7 +33,7 @@ import triton
 import triton.language as tl
 
 from kernels.triton_ops.gemv import GemvTiles, fit_block_k, gemv_wna16
-from kernels.triton_ops.wna16_mma import gemv_int4_mma, mma_applies
+from kernels.triton_ops.wna16_mma import MMA_MAX_M, gemv_int4_mma, mma_applies
 
 # One token (batch-1 decode), gemv.gemv_wna16 (4-bit: its int32-word kernel): fastest on an
 # H200 over the four llama3-8b projections in 4-bit groups of 128 among 19 tilings
@@ -42,11 +43,16 @@ GEMV_M1_TILES = GemvTiles(block_n=8, block_k=2048, num_warps=4, split_k=1)
 # on an H200, llama3-8b's four projections 50.7 against 57.9 us per layer, W2 W4A16 413.8
 # against 381.8 tok/s; max error / sum|x w| 3.7e-4 against 2.5e-4 (docs/DECISIONS.md 132).
 M1_PAIRS = True
-# Up to this many tokens, symmetric 4-bit weights times bf16 inputs on CUDA take the tensor-core
-# GEMV (wna16_mma: about 2.0-2.3 instructions per weight in its sm_90 loop against 3.4 for the
-# packed bf16 decode, and exact products). 0: never. Off until measured on a card against the
-# word kernel (docs/QUANTIZATION.md, "Not done"); bench_gemv.py --parts w4mma measures it.
-MMA_GEMV_MAX_M = 0
+# One token: gemv_wna16's first tile taken before its loop, its words read before the PDL wait:
+# on an H200 32 llama3-8b layers 53.4-53.8 against 56.1-56.3 us per layer, W2 W4A16 449.8-450.1
+# against 441.9-442.2 tok/s, the same bits (DECISIONS 137).
+M1_PEEL = True
+# From two tokens up to this many, symmetric 4-bit weights times bf16 inputs on CUDA take the
+# tensor-core GEMV (wna16_mma), eight tokens per launch. On an H200 over llama3-8b's four
+# projections (us per layer): 2 tokens 71 against 407 for this module's CUDA-core GEMV, 8: 79
+# against 2,020, 16: 150 against 3,999 (and 1,084 for the GEMM). At one token the word kernel
+# is faster (53.4 against 68.7: its loads are simpler; DECISIONS 137). 0: never.
+MMA_GEMV_MAX_M = 16
 # This module's GEMV at one token (block_n, block_k, warps), kept for one_token_gemv=False.
 FUSED_M1_TILES = (4, 1024, 2)
 
@@ -225,6 +231,16 @@ def _same_strides(a: torch.Tensor, b: torch.Tensor) -> bool:
     return all(sa == sb for sa, sb, size in zip(a.stride(), b.stride(), a.shape, strict=True) if size > 1)
 
 
+def mma_tokens(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, group_size: int,
+               bias: torch.Tensor | None, pdl: bool = False) -> torch.Tensor:
+    """:func:`~kernels.triton_ops.wna16_mma.gemv_int4_mma` over ``x`` ``[M, K]`` (contiguous) in
+    launches of ``MMA_MAX_M`` tokens (each reads the weight once): ``[M, N]``."""
+    if x.shape[0] <= MMA_MAX_M:
+        return gemv_int4_mma(x, qweight, scales, group_size, bias, pdl=pdl)
+    return torch.cat([gemv_int4_mma(x[i:i + MMA_MAX_M], qweight, scales, group_size, bias, pdl=pdl)
+                      for i in range(0, x.shape[0], MMA_MAX_M)])
+
+
 def wna16_gated_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
                        offsets: torch.Tensor | None, bits: int, group_size: int,
                        bias: torch.Tensor | None = None, *, pdl: bool = False) -> torch.Tensor:
@@ -234,11 +250,8 @@ def wna16_gated_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Ten
     n = qweight.shape[0]
     x2 = x.reshape(-1, x.shape[-1])
     _check(x2, qweight, scales, offsets, bits, group_size)
-    if MMA_GEMV_MAX_M >= 1 and mma_applies(x2, qweight, offsets, bits, group_size):
-        y = gemv_int4_mma(x2, qweight, scales, group_size, bias, gated=True, pdl=pdl)
-    else:
-        y = gemv_wna16(x2, qweight, scales, offsets, bits, group_size, bias, tiles=GEMV_M1_TILES, gated=True,
-                       pairs=M1_PAIRS, pdl=pdl)
+    y = gemv_wna16(x2, qweight, scales, offsets, bits, group_size, bias, tiles=GEMV_M1_TILES, gated=True,
+                   pairs=M1_PAIRS, pdl=pdl, peel=M1_PEEL)
     return y.reshape(*x.shape[:-1], n // 2)
 
 
@@ -265,12 +278,13 @@ def wna16_linear(
         x2 = x2.contiguous()
     _check(x2, qweight, scales, offsets, bits, group_size)
     m = x2.shape[0]
-    if m <= min(MMA_GEMV_MAX_M, config.gemv_max_m) and mma_applies(x2, qweight, offsets, bits, group_size):
-        return gemv_int4_mma(x2, qweight, scales, group_size, bias, pdl=pdl).reshape(*x.shape[:-1], n)
     if m == 1 and config.one_token_gemv and config.gemv_max_m >= 1:
         y = gemv_wna16(x2, qweight, scales, offsets, bits, group_size, bias, tiles=GEMV_M1_TILES,
-                       pairs=M1_PAIRS, pdl=pdl)
+                       pairs=M1_PAIRS, pdl=pdl, peel=M1_PEEL)
         return y.reshape(*x.shape[:-1], n)
+    mma = 2 <= m <= min(MMA_GEMV_MAX_M, config.gemv_max_m)
+    if mma and mma_applies(x2[:MMA_MAX_M], qweight, offsets, bits, group_size):
+        return mma_tokens(x2, qweight, scales, group_size, bias, pdl).reshape(*x.shape[:-1], n)
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0:
         return out.reshape(*x.shape[:-1], n)

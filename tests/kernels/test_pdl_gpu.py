@@ -3,7 +3,7 @@
 graph, over a chain of decoder layers where every kernel may start while the one before it runs:
 fused add + RMSNorm, the one-token linears (bf16, fp8 weight-only, 4-bit words; gate_up with
 SiLU-and-mul; 4-bit also through the tensor-core GEMV, ``w4mma``, and with the word kernel's
-first tile peeled, ``w4peel``), rotary + KV store into the paged cache (bf16 and fp8) and
+first tile not peeled, ``w4unpeeled``), rotary + KV store into the paged cache (bf16 and fp8) and
 split-KV decode attention (both phases). The KV caches the chain writes are compared too.
 
 One command: ``python -m pytest -q tests/kernels/test_pdl_gpu.py``.
@@ -135,19 +135,28 @@ def _decode(ops: KernelOps, layers: list[dict[str, Linear]], s: Step,
     return ops.rms_norm(h, s.norm_w, EPS), res
 
 
+def _mma_for_words(calls: list[int]) -> Any:
+    """A stand-in for ``gemv_wna16`` (symmetric 4-bit, as ``_layers`` makes them) that runs the
+    tensor-core GEMV instead, which the dispatch takes from two tokens on."""
+    def run(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, offsets: None, bits: int, group: int,
+            bias: torch.Tensor | None = None, *, gated: bool = False, pdl: bool = False,
+            **_: Any) -> torch.Tensor:
+        calls.append(1)
+        return wna16_module.gemv_int4_mma(x, q, s, group, bias, gated=gated, pdl=pdl)
+    return run
+
+
 @pytest.mark.parametrize(("fmt", "kv_fp8"), [("bf16", False), ("fp8", True), ("w4", False), ("w4mma", False),
-                                             ("w4peel", False)])
+                                             ("w4unpeeled", False)])
 def test_pdl_decode_chain_is_bit_for_bit_the_plain_launches_gpu(fmt: str, kv_fp8: bool,
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[int] = []
-    if fmt == "w4mma":  # the tensor-core 4-bit GEMV (off by default): every 4-bit linear takes it
-        mma = wna16_module.gemv_int4_mma
-        monkeypatch.setattr(wna16_module, "MMA_GEMV_MAX_M", 8)
-        monkeypatch.setattr(wna16_module, "gemv_int4_mma", lambda *a, **kw: calls.append(1) or mma(*a, **kw))
-    if fmt == "w4peel":  # the word kernel with its first tile peeled (off by default)
+    if fmt == "w4mma":  # the tensor-core 4-bit GEMV in every 4-bit linear of the one-token chain
+        monkeypatch.setattr(wna16_module, "gemv_wna16", _mma_for_words(calls))
+    if fmt == "w4unpeeled":  # the word kernel without its first tile peeled (peeled by default)
         words = wna16_module.gemv_wna16
         monkeypatch.setattr(wna16_module, "gemv_wna16",
-                            lambda *a, **kw: calls.append(1) or words(*a, **kw, peel=True))
+                            lambda *a, **kw: calls.append(1) or words(*a, **{**kw, "peel": False}))
     gen = torch.Generator().manual_seed(3)
     layers, step, caches0 = _layers(fmt, gen), _step(kv_fp8, gen), _caches(kv_fp8, gen)
     plain, chained = triton_ops(pdl=False), triton_ops(pdl=True)
@@ -174,7 +183,7 @@ def test_pdl_decode_chain_is_bit_for_bit_the_plain_launches_gpu(fmt: str, kv_fp8
         for i, (got, want) in enumerate(zip(got_caches, ref_caches, strict=True)):
             same = torch.equal(got.view(torch.uint8), want.view(torch.uint8))
             assert same, f"{fmt} {how}: cache {i} differs"
-    assert (fmt in ("w4mma", "w4peel")) == bool(calls)
+    assert (fmt in ("w4mma", "w4unpeeled")) == bool(calls)
 
 
 def test_get_ops_launches_decode_ops_with_pdl_unless_told_not_to_gpu() -> None:
