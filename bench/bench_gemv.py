@@ -28,7 +28,9 @@ weights' (plus scales); the share is of a 1 GiB device-to-device copy measured f
   them), gated, and over 32 decoder layers (:func:`bench_linear_fp8`);
 - ``w4mma``: the tensor-core 4-bit GEMV (``wna16_mma``) against the word kernel's packed bf16
   decode, per projection over ``MMA_SWEEP``, over 32 decoder layers with PDL, and at 2-8 tokens
-  against ``wna16_linear``'s CUDA-core GEMV (:func:`bench_w4_mma`).
+  against ``wna16_linear``'s CUDA-core GEMV (:func:`bench_w4_mma`);
+- ``w4gemm``: the 4-bit GEMM at 16, 64 and 256 tokens, tilings with and without split-K, against
+  bf16 cuBLAS (:func:`bench_w4_gemm`).
 
 Sweep: ``block_n`` 4/8/16 x ``block_k`` 512/1024 x 4/8 warps, plus (4, 1024, 2), (2, 1024, 2),
 (32, 256, 4); each with split-K 1, 2, 4 (``w4``: also (32, 1024, 8), (32, 512, 8), (16, 2048, 8),
@@ -54,7 +56,7 @@ from kernels.triton_ops import fp8_matmul
 from kernels.triton_ops import gemv as G
 from kernels.triton_ops.activation import silu_and_mul
 from kernels.triton_ops.norm import fused_add_rms_norm
-from kernels.triton_ops.wna16 import GEMV_M1_TILES, wna16_linear
+from kernels.triton_ops.wna16 import GEMV_M1_TILES, WnA16Config, wna16_linear
 from kernels.triton_ops.wna16_mma import MmaTiles, gemv_int4_mma, mma_tiles
 
 DEV = "cuda"
@@ -547,6 +549,50 @@ def _w4_small_m(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor) -> torch.Tens
     return wna16_linear(x, q, s, None, 4, 128)
 
 
+# (block_m or None for the default, block_n, block_k, warps, stages, split_k or None for gemm_splits)
+W4_GEMM_SWEEP: dict[int, list[tuple[int | None, int, int, int, int, int | None]]] = {
+    16: [(None, 128, 64, 4, 3, 1), (None, 128, 64, 4, 3, None), (16, 64, 128, 4, 3, None),
+         (16, 64, 64, 4, 3, None), (16, 32, 128, 4, 3, None), (16, 128, 128, 4, 3, None)],
+    64: [(None, 128, 64, 4, 3, 1), (None, 128, 64, 4, 3, None), (64, 64, 128, 4, 3, None),
+         (32, 64, 128, 4, 3, None), (64, 64, 64, 4, 3, None), (64, 128, 128, 8, 3, None)],
+    256: [(None, 128, 64, 4, 3, 1), (None, 128, 64, 4, 3, None), (128, 128, 64, 8, 3, None),
+          (64, 64, 128, 4, 3, None), (128, 64, 64, 4, 3, None), (64, 128, 128, 8, 3, None)],
+}
+
+
+def bench_w4_gemm(rec: Recorder, layers: int = 8) -> None:
+    """The 4-bit GEMM (``wna16_linear`` above the GEMV range, groups of 128) at 16, 64 and 256
+    tokens over llama3-8b's four projections, at the tilings of ``W4_GEMM_SWEEP`` with split-K
+    off and at ``gemm_splits`` for 2 programs per SM, against bf16 cuBLAS."""
+    w4 = {name: w4_layers(n, k, layers) for name, (n, k) in SHAPES_8B.items()}
+    w16 = {name: [torch.randn(n, k, device=DEV, dtype=torch.bfloat16) * 0.02 for _ in range(2)]
+           for name, (n, k) in SHAPES_8B.items()}
+    for m, sweep in W4_GEMM_SWEEP.items():
+        xs = {name: torch.randn(m, k, device=DEV, dtype=torch.bfloat16) for name, (_, k) in SHAPES_8B.items()}
+        total = 0.0
+        for name, (n, k) in SHAPES_8B.items():
+            pair = w16[name]
+            run16 = chain(F.linear, [(xs[name], pair[i % 2]) for i in range(layers)])
+            row = rec.add("w4_gemm", name, f"M={m} cublas bf16", time_chain(run16), n * k * 2, layers)
+            total += row["us_per_layer"]
+        print(f"w4 gemm M={m}: cublas bf16 {total:.1f} us per layer", flush=True)
+        for bm, bn, bk, warps, stages, split in sweep:
+            cfg = WnA16Config(gemv_max_m=0, gemm_block_m=bm, gemm_block_n=bn, gemm_block_k=bk,
+                              gemm_num_warps=warps, gemm_num_stages=stages, gemm_split_k=split,
+                              gemm_programs_per_sm=2)
+            variant = f"M={m} {bm},{bn},{bk},{warps},{stages} split {split or 'auto'}"
+            total = 0.0
+            for name, (n, k) in SHAPES_8B.items():
+                run = chain(partial(_w4_gemm, xs[name], cfg), w4[name])
+                row = rec.add("w4_gemm", name, variant, time_chain(run), w4_nbytes(n, k), layers)
+                total += row["us_per_layer"]
+            print(f"w4 gemm {variant}: {total:.1f} us per layer", flush=True)
+
+
+def _w4_gemm(x: torch.Tensor, cfg: WnA16Config, q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    return wna16_linear(x, q, s, None, 4, 128, config=cfg)
+
+
 def _parse_tiles(text: str) -> list[tuple[int, int, int]]:
     """``'bn,bk,warps;...'`` as tilings."""
     out = []
@@ -560,7 +606,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--parts", default="bf16,fp8,w4,fp8_70b,fp8_small_m",
                     help="comma-separated: bf16, fp8, w4, w4_bytes, fp8_70b, fp8_small_m, gated, linear16, "
-                         "w4_ptx, linear_fp8, pdl, w4mma")
+                         "w4_ptx, linear_fp8, pdl, w4mma, w4gemm")
     ap.add_argument("--json", default="", help="append the rows here (JSON lines)")
     ap.add_argument("--tiles", default="",
                     help="the bf16/fp8 sweep's tilings instead of the default list: 'bn,bk,warps;...'")
@@ -585,6 +631,8 @@ def main() -> None:
             bench_pdl(rec)
         elif part == "w4mma":
             bench_w4_mma(rec)
+        elif part == "w4gemm":
+            bench_w4_gemm(rec)
         else:
             bench_format(rec, part, tiles_list, splits)
     layer: dict[tuple[str, str], float] = {}

@@ -550,13 +550,23 @@ def _launch(kernel: triton.JITFunction, args: tuple[object, ...], m: int, n: int
         BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, num_warps=tiles.num_warps, **pdl_launch(pdl),
     )
     if split > 1:
-        block = 1024
-        _reduce_splits_kernel[(triton.cdiv(n, block), m)](
-            part, out, xs if xs is not None else out, ws if ws is not None else out,
-            bias if bias is not None else out, m, n, out.stride(0), split,
-            HAS_XS=xs is not None, HAS_WS=ws is not None, HAS_BIAS=bias is not None, BLOCK=block,
-            num_warps=4,
-        )
+        reduce_splits(part, out, bias, xs, ws)
+    return out
+
+
+def reduce_splits(part: torch.Tensor, out: torch.Tensor, bias: torch.Tensor | None,
+                  xs: torch.Tensor | None = None, ws: torch.Tensor | None = None) -> torch.Tensor:
+    """``out`` ``[M, N]`` (unit last stride) = the float32 partial sums ``part`` ``[splits, M, N]``
+    added in split order (the same bits every run) ``(* xs[m]) (* ws[n]) (+ bias[n])``, rounded to
+    ``out``'s dtype."""
+    splits, m, n = part.shape
+    block = 1024
+    _reduce_splits_kernel[(triton.cdiv(n, block), m)](
+        part, out, xs if xs is not None else out, ws if ws is not None else out,
+        bias if bias is not None else out, m, n, out.stride(0), splits,
+        HAS_XS=xs is not None, HAS_WS=ws is not None, HAS_BIAS=bias is not None, BLOCK=block,
+        num_warps=4,
+    )
     return out
 
 

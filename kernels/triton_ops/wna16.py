@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton_ops.gemv import GemvTiles, fit_block_k, gemv_wna16
+from kernels.triton_ops.gemv import GemvTiles, fit_block_k, gemv_wna16, reduce_splits
 from kernels.triton_ops.wna16_mma import MMA_MAX_M, gemv_int4_mma, mma_applies
 
 # One token (batch-1 decode), gemv.gemv_wna16 (4-bit: its int32-word kernel): fastest on an
@@ -53,6 +53,8 @@ M1_PEEL = True
 # against 2,020, 16: 150 against 3,999 (and 1,084 for the GEMM). At one token the word kernel
 # is faster (53.4 against 68.7: its loads are simpler; DECISIONS 137). 0: never.
 MMA_GEMV_MAX_M = 16
+# The GEMM's split-K (gemm_splits): the shortest K range, in tiles.
+GEMM_MIN_SPLIT_TILES = 4
 # This module's GEMV at one token (block_n, block_k, warps), kept for one_token_gemv=False.
 FUSED_M1_TILES = (4, 1024, 2)
 
@@ -71,6 +73,12 @@ class WnA16Config:
     gemm_block_k: int = 64
     gemm_num_warps: int = 4
     gemm_num_stages: int = 3
+    # Split-K of the GEMM: gemm_split_k ranges of K, or (None) gemm_splits aiming at
+    # gemm_programs_per_sm programs per SM (0: no split). Off until a card measures it: at 16
+    # tokens the GEMM takes about 1.08 ms per llama3-8b layer (DECISIONS 137) with 32-224
+    # programs on 132 SMs; bench_gemv.py --parts w4gemm sweeps tilings with and without it.
+    gemm_split_k: int | None = None
+    gemm_programs_per_sm: int = 0
 
     def __post_init__(self) -> None:
         for name in ("gemv_block_n", "gemv_block_k", "gemm_block_m", "gemm_block_n", "gemm_block_k"):
@@ -79,6 +87,9 @@ class WnA16Config:
                 raise ValueError(f"{name} must be a power of two, got {v}")
         if self.gemm_block_k < 16 or (self.gemv_block_k is not None and self.gemv_block_k < 16):
             raise ValueError("block_k must be >= 16")
+        if (self.gemm_split_k is not None and self.gemm_split_k < 1) or self.gemm_programs_per_sm < 0:
+            raise ValueError(f"gemm_split_k must be >= 1 and gemm_programs_per_sm >= 0, "
+                             f"got {self.gemm_split_k} and {self.gemm_programs_per_sm}")
 
 
 _DEFAULT = WnA16Config()
@@ -166,6 +177,7 @@ def _wna16_gemm_kernel(
     x_ptr, q_ptr, s_ptr, o_ptr, bias_ptr, out_ptr,
     M, N, K,
     stride_xm, stride_qn, stride_sn, stride_om,
+    part_ptr, K_PER_SPLIT,
     BITS: tl.constexpr,
     GROUP: tl.constexpr,
     HAS_OFFSET: tl.constexpr,
@@ -176,8 +188,14 @@ def _wna16_gemm_kernel(
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
     IEEE_DOT: tl.constexpr,
+    SPLIT: tl.constexpr = False,
 ):
+    # SPLIT: program axis 1 is a range of K_PER_SPLIT inputs (a multiple of BLOCK_K); its float32
+    # sums go to part_ptr [splits, M, N], added in split order by gemv.reduce_splits (with the bias).
     pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    k_lo = pid_k * K_PER_SPLIT
+    k_hi = tl.minimum(k_lo + K_PER_SPLIT, K)
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
     per_group = GROUP_M * num_n
@@ -197,19 +215,23 @@ def _wna16_gemm_kernel(
     s_rows = s_ptr + rn64 * stride_sn
     o_rows = o_ptr + rn64 * stride_sn
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        x = tl.load(x_rows + (k0 + kk)[None, :], mask=m_ok[:, None] & (k0 + kk < K)[None, :], other=0.0)
-        w = _dequant_tile(q_rows, s_rows, o_rows, k0, K, n_ok,
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        x = tl.load(x_rows + (k0 + kk)[None, :], mask=m_ok[:, None] & (k0 + kk < k_hi)[None, :], other=0.0)
+        w = _dequant_tile(q_rows, s_rows, o_rows, k0, k_hi, n_ok,
                           BITS, GROUP, BLOCK_K, HAS_OFFSET, SCALE_PER_TILE)
         w = w.to(x.dtype)
         if IEEE_DOT:
             acc = tl.dot(x, tl.trans(w), acc, input_precision="ieee")
         else:
             acc = tl.dot(x, tl.trans(w), acc)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    out = out_ptr + rm.to(tl.int64)[:, None] * stride_om + rn[None, :]
-    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+    if SPLIT:
+        part = part_ptr + (pid_k * M + rm).to(tl.int64)[:, None] * N + rn[None, :]
+        tl.store(part, acc, mask=m_ok[:, None] & n_ok[None, :])
+    else:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        out = out_ptr + rm.to(tl.int64)[:, None] * stride_om + rn[None, :]
+        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
 def _check(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | None,
@@ -312,10 +334,29 @@ def wna16_linear(
     else:
         block_m = config.gemm_block_m or (64 if m > 64 else max(16, triton.next_power_of_2(m)))
         block_n, block_k = config.gemm_block_n, fit_block_k(config.gemm_block_k, group_size)
-        _wna16_gemm_kernel[(triton.cdiv(m, block_m) * triton.cdiv(n, block_n),)](
-            *args, **common, SCALE_PER_TILE=group_size % block_k == 0,
+        tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
+        splits = config.gemm_split_k or gemm_splits(tiles, k, block_k, x.device, config.gemm_programs_per_sm)
+        per_split = triton.cdiv(triton.cdiv(k, splits), block_k) * block_k
+        splits = triton.cdiv(k, per_split)
+        part = torch.empty((splits, m, n), dtype=torch.float32, device=x.device) if splits > 1 else out
+        _wna16_gemm_kernel[(tiles, splits)](
+            *args, part, per_split, **common, SCALE_PER_TILE=group_size % block_k == 0,
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8,
-            IEEE_DOT=x.dtype == torch.float32,
+            IEEE_DOT=x.dtype == torch.float32, SPLIT=splits > 1,
             num_warps=config.gemm_num_warps, num_stages=config.gemm_num_stages,
         )
+        if splits > 1:
+            reduce_splits(part, out, bias)
     return out.reshape(*x.shape[:-1], n)
+
+
+def gemm_splits(tiles: int, k: int, block_k: int, device: torch.device, programs_per_sm: int) -> int:
+    """How many ``K`` ranges the W4A16 GEMM splits into when ``tiles`` output tiles would leave the
+    card's SMs idle (decode batches: 17-64 tokens give 32-224 tiles on llama3-8b, against 132
+    SMs on an H200): enough for ``programs_per_sm`` programs per SM, each at least
+    ``GEMM_MIN_SPLIT_TILES`` tiles of ``block_k`` inputs long. 1 off CUDA or with
+    ``programs_per_sm`` 0."""
+    if device.type != "cuda" or programs_per_sm == 0:
+        return 1
+    want = programs_per_sm * torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(triton.cdiv(want, tiles), k // (GEMM_MIN_SPLIT_TILES * block_k)))

@@ -264,7 +264,8 @@ def assert_wna16_gemv_close(got: torch.Tensor, ref: torch.Tensor, x: torch.Tenso
     assert not bad.any(), f"{what}: {int(bad.sum())}/{err.numel()} off, max abs err {float(err.max()):.3e}"
 
 
-def _check_wna16(t: Target, seed: int, ms: list[int], shapes: list[tuple[int, int]], what: str) -> None:
+def _check_wna16(t: Target, seed: int, ms: list[int], shapes: list[tuple[int, int]], what: str,
+                 config: twna16.WnA16Config | None = None) -> None:
     gen = torch.Generator().manual_seed(seed)
     for i, (bits, group, offsets, sdt) in enumerate(_WNA16_CASES):
         for m in ms:
@@ -273,7 +274,7 @@ def _check_wna16(t: Target, seed: int, ms: list[int], shapes: list[tuple[int, in
                 x = _randn(m, k, t=t, gen=gen)
                 bias = _randn(n, t=t, gen=gen) if (i + m) % 2 else None
                 args = (x, w.qweight, w.scales, w.offsets, w.bits, w.group_size, bias)
-                got = tops.wna16_linear(*args)
+                got = twna16.wna16_linear(*args, config=config)
                 ref = qref.wna16_linear(*args)
                 case = f"{what} M={m} {n}x{k} bits={bits} g={group} off={offsets}"
                 # gemv.gemv_wna16 at one token, the tensor-core GEMV from 2 to MMA_GEMV_MAX_M
@@ -292,6 +293,8 @@ def check_wna16_gemv(t: Target) -> None:
 def check_wna16_gemm(t: Target) -> None:
     shapes = [(40, 128), (24, 256)] + ([(4096, 4096)] if t.big else [])
     _check_wna16(t, 16, [17, 40] + ([300] if t.big else []), shapes, "wna16 gemm")
+    # Split-K (2 ranges at these K; on a card the default splits the big shape's small M too).
+    _check_wna16(t, 17, [17], shapes, "wna16 gemm split-K", twna16.WnA16Config(gemm_split_k=3))
 
 
 # ---------------------------------------------------------------------------------------
