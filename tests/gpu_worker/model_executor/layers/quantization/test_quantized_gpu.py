@@ -59,7 +59,11 @@ def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     dense = make_tiny_model("llama", root / "dense", **SHAPE)
     write_fp8_checkpoint(dense, root / "fp8", per_channel=True, kv_scales=(0.05, 0.05))
     write_gptq_checkpoint(dense, root / "gptq", bits=4, group_size=64, sym=False)
-    return {"dense": dense, "fp8": root / "fp8", "gptq": root / "gptq"}
+    # Symmetric, groups of 128 (heads of 32 so that o_proj has 128 inputs): 2-16 tokens take the
+    # tensor-core GEMV (wna16.MMA_GEMV_MAX_M).
+    dense128 = make_tiny_model("llama", root / "dense128", **SHAPE, head_dim=32)
+    write_gptq_checkpoint(dense128, root / "gptq-sym", bits=4, group_size=128, sym=True)
+    return {"dense": dense, "fp8": root / "fp8", "gptq": root / "gptq", "gptq-sym": root / "gptq-sym"}
 
 
 def _runner(folder: Path, **engine: Any) -> ModelRunner:
@@ -84,7 +88,7 @@ def _compare(kind: str, ours: ModelRunner, ref: ModelRunner) -> None:
         top = float(b.abs().max())
         cos = float(torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0))
         print(f"{kind} {n:3d} tokens: logits max abs err {err:.4f} (|ref| max {top:.2f}), cosine {cos:.6f}")
-        if n <= GEMV_MAX_TOKENS["gptq" if kind == "gptq" else "fp8"]:
+        if n <= GEMV_MAX_TOKENS["gptq" if kind.startswith("gptq") else "fp8"]:
             assert err <= 0.05 * top and cos > 0.999, kind
         else:  # tensor-core products (module docstring): a wiring bug gives cosine << 0.99
             assert err <= 0.15 * top and cos > 0.99, kind
@@ -100,6 +104,12 @@ def test_fp8_model_vs_reference_linears(folders: dict[str, Path], kind: str) -> 
     ours, ref = _runner(folder, **extra), _runner(folder, **extra)
     _use_reference_linears(ref)
     _compare(kind, ours, ref)
+
+
+def test_w4a16_symmetric_model_vs_reference_linears(folders: dict[str, Path]) -> None:
+    ours, ref = _runner(folders["gptq-sym"]), _runner(folders["gptq-sym"])
+    _use_reference_linears(ref)
+    _compare("gptq-sym", ours, ref)
 
 
 def test_w4a16_model_vs_reference_linears(folders: dict[str, Path]) -> None:
