@@ -51,7 +51,7 @@ M1_PEEL = True
 # tensor-core GEMV (wna16_mma), eight tokens per launch. On an H200 over llama3-8b's four
 # projections (us per layer): 2 tokens 71 against 407 for this module's CUDA-core GEMV, 8: 79
 # against 2,020, 16: 150 against 3,999 (and 1,084 for the GEMM). At one token the word kernel
-# is faster (53.4 against 68.7: its loads are simpler; DECISIONS 137). 0: never.
+# is faster (53.4 against 68.7; why is not profiled yet: DECISIONS 137). 0: never.
 MMA_GEMV_MAX_M = 16
 # The GEMM's split-K (gemm_splits): the shortest K range, in tiles.
 GEMM_MIN_SPLIT_TILES = 4
