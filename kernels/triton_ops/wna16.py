@@ -7,7 +7,7 @@ activation dtype (what :func:`kernels.quant_reference.wna16_linear` multiplies b
   the exponent-trick conversion and per-group scaling (that module's docstring); symmetric
   weights times bf16 inputs on CUDA in packed bf16 arithmetic (``M1_PAIRS``), the first tile's
   words read before the PDL wait (``M1_PEEL``).
-- ``2 <= M <= MMA_GEMV_MAX_M``, symmetric 4-bit weights, bf16 inputs on CUDA: the tensor-core
+- ``2 <= M <= MMA_GEMV_MAX_M``, symmetric 4-bit weights, bf16 or float16 inputs on CUDA: the tensor-core
   GEMV of :mod:`kernels.triton_ops.wna16_mma` (nibbles decoded in each lane's own ``mma``
   fragment; exact products, float32 sums), eight tokens per launch.
 - ``M <= WnA16Config.gemv_max_m``: a GEMV. Each program owns ``block_n`` output channels and
@@ -48,7 +48,8 @@ M1_PAIRS = True
 # against 441.9-442.2 tok/s, the same bits (DECISIONS 137).
 M1_PEEL = True
 # From two tokens up to this many, symmetric 4-bit weights times bf16 inputs on CUDA take the
-# tensor-core GEMV (wna16_mma), eight tokens per launch. On an H200 over llama3-8b's four
+# tensor-core GEMV (wna16_mma), eight tokens per launch; float16 inputs too, in the same
+# program with float16 types (DECISIONS 138: not timed on a card). On an H200 over llama3-8b's four
 # projections (us per layer): 2 tokens 71 against 407 for this module's CUDA-core GEMV, 8: 79
 # against 2,020, 16: 150 against 3,999 (and 1,084 for the GEMM). At one token the word kernel
 # is faster (53.4 against 68.7; why is not profiled yet: DECISIONS 137). 0: never.

@@ -34,12 +34,14 @@ sm_90 and checks that layout in Triton's IR, and runs the PTX itself lane by lan
 interpreter ``mode="model"`` runs the same loads with the assembly replaced by its model in
 Triton ops (:func:`_mma_block_model`), ``mode="sums"`` sums each block's products directly
 (:func:`_block_sums`). Products are exact (bf16 ``q - 8`` times a bf16 input) and sums are
-float32: more accurate than the packed bf16 CUDA-core decode.
+float32: more accurate than the packed bf16 CUDA-core decode. float16 inputs take the same
+program with float16 pairs (``0x6400 | q`` is ``1024 + q``, a packed FMA makes it ``q - 8``)
+and float16 ``mma`` (DECISIONS 138).
 
 Each program owns 16 rows (8 gated outputs) and its warps split ``K`` in blocks of 128 inputs,
 ``BPI`` blocks per warp per loop iteration; the block's group scale multiplies its sums, the warps'
 sums meet in one reduction at the end. Symmetric weights (no offsets), group sizes that are
-multiples of 128, bf16 inputs, ``N`` a multiple of 16, ``M <= 8``: :func:`mma_applies`.
+multiples of 128, bf16 or float16 inputs, ``N`` a multiple of 16, ``M <= 8``: :func:`mma_applies`.
 """
 
 from __future__ import annotations
@@ -86,9 +88,9 @@ def mma_tiles(n: int, k: int) -> MmaTiles:
 def mma_applies(x: torch.Tensor, qweight: torch.Tensor, offsets: torch.Tensor | None, bits: int,
                 group_size: int) -> bool:
     """Whether :func:`gemv_int4_mma` takes this product: CUDA with ``mma.sync`` bf16 (sm_80+), bf16
-    ``x`` ``[M, K]`` with ``M <= 8``, symmetric 4-bit weights, groups of a multiple of 128 inputs,
-    16-row blocks, and the alignment the assembly's lane layout needs (:func:`_aligned`)."""
-    if not x.is_cuda or x.dtype != torch.bfloat16 or bits != 4 or offsets is not None or x.dim() != 2:
+    or float16 ``x`` ``[M, K]`` with ``M <= 8``, symmetric 4-bit weights, groups of a multiple of
+    128 inputs, 16-row blocks, and the alignment the assembly's lane layout needs (:func:`_aligned`)."""
+    if not x.is_cuda or x.dtype not in _ASM_DTYPES or bits != 4 or offsets is not None or x.dim() != 2:
         return False
     if not _shape_ok(x, qweight, group_size) or not _aligned(x, qweight):
         return False
@@ -121,13 +123,26 @@ def _aligned(x: torch.Tensor, qweight: torch.Tensor) -> bool:
 _B_PAIRS = ((0, 2, "0x5410"), (0, 2, "0x7632"), (1, 3, "0x5410"), (1, 3, "0x7632"))
 
 
-def _mma_ptx(scale_dtype: str, sub_mma: bool = True) -> str:
-    """The block program (operands above) for ``float16`` or ``float32`` scales; ``sub_mma``: the
-    ``- 136`` as one constant-A ``mma`` per input pair, else as a packed bf16 FMA per weight pair
-    (``128 + q - 136``, exact): one more ``mma`` per word of weights, or four more FMAs."""
+# Per input type: the mma's operand type, the OR that makes nibble q the 16-bit pair of
+# (bias + q) (bf16: 128 + q, float16: 1024 + q, both exact), the pair (-bias - 8, -bias - 8) that
+# makes it q - 8, and the pair (1, 1).
+_ACT = {"bf16": ("bf16", "0x43004300", "0xC308C308", "0x3F803F80"),
+        "fp16": ("f16", "0x64006400", "0xE408E408", "0x3C003C00")}
+
+
+def _mma_ptx(scale_dtype: str, sub_mma: bool = True, act: str = "bf16") -> str:
+    """The block program (operands above) for ``float16`` or ``float32`` scales and ``bf16`` or
+    ``fp16`` inputs; ``sub_mma``: the ``- 136`` as one constant-A ``mma`` per input pair, else as
+    a packed FMA per weight pair (``128 + q - 136``, exact): one more ``mma`` per word of
+    weights, or four more FMAs. fp16 inputs take the FMA only: their constant-A form would
+    subtract ``1032 x`` from ``1024 x``-sized sums in float32 (a cancellation of about 7 bits)."""
+    if act == "fp16" and sub_mma:
+        raise ValueError("fp16 inputs subtract with the FMA (sub_mma=False)")
+    typ, bias_or, kc, one = _ACT[act]
+
     def mma(a: str, b: str) -> str:
-        return (f"mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {{$0, $1, $2, $3}}, {{{a}}}, {{{b}}}, "
-                "{$0, $1, $2, $3};")
+        return (f"mma.sync.aligned.m16n8k16.row.col.f32.{typ}.{typ}.f32 {{$0, $1, $2, $3}}, "
+                f"{{{a}}}, {{{b}}}, {{$0, $1, $2, $3}};")
 
     def pairs(dst: tuple[str, str], shift: int) -> list[str]:
         # (128 + q_i, 128 + q_{i+4}) of rows a and b, i = shift / 4 (then - 136 unless sub_mma)
@@ -137,9 +152,9 @@ def _mma_ptx(scale_dtype: str, sub_mma: bool = True) -> str:
             if shift:
                 out.append(f"shr.u32 {tmp}, {w}, {shift};")
                 src = tmp
-            out.append(f"lop3.b32 {d}, {src}, 0x000F000F, 0x43004300, 0xEA;")
+            out.append(f"lop3.b32 {d}, {src}, 0x000F000F, {bias_or}, 0xEA;")
             if not sub_mma:
-                out.append(f"fma.rn.bf16x2 {d}, {d}, one, kc;")
+                out.append(f"fma.rn.{typ}x2 {d}, {d}, one, kc;")
         return out
 
     b = [[f"b{u}{r}" for r in range(4)] for u in range(4)]
@@ -147,8 +162,8 @@ def _mma_ptx(scale_dtype: str, sub_mma: bool = True) -> str:
              ".reg .f32 sa, sb;", ".reg .b16 ha, hb;",
              "mov.f32 $0, 0f00000000;", "mov.f32 $1, 0f00000000;",
              "mov.f32 $2, 0f00000000;", "mov.f32 $3, 0f00000000;",
-             "mov.b32 kc, 0xC308C308;",  # the bf16 pair (-136, -136)
-             "mov.b32 one, 0x3F803F80;"]  # (1, 1)
+             f"mov.b32 kc, {kc};",  # the pair (-136, -136) (fp16: -1032)
+             f"mov.b32 one, {one};"]  # (1, 1)
     for u in range(4):  # word u's inputs as B pairs (x_0, x_4), (x_1, x_5), (x_2, x_6), (x_3, x_7)
         x = [f"${12 + 4 * u + r}" for r in range(4)]
         for r, (lo, hi, sel) in enumerate(_B_PAIRS):
@@ -174,9 +189,9 @@ def _mma_ptx(scale_dtype: str, sub_mma: bool = True) -> str:
     return "\n".join(lines)
 
 
-# The block program by (float32 scales, sub_mma); the launch picks one (the kernel's PTX).
-_BLOCK_PTX = {(f32, sub): _mma_ptx("fp32" if f32 else "fp16", sub)
-              for f32 in (False, True) for sub in (False, True)}
+# The block program by (float32 scales, sub_mma, fp16 inputs); the launch picks one (the kernel's PTX).
+_BLOCK_PTX = {(f32, sub, f16): _mma_ptx("fp32" if f32 else "fp16", sub, "fp16" if f16 else "bf16")
+              for f32 in (False, True) for sub in (False, True) for f16 in (False, True) if not (sub and f16)}
 # pack=4: four float32 sums out, then four of each int32 input (words a, words b, the four
 # input-pair tensors), then four int64 scale addresses.
 _MMA_CONSTRAINTS = tl.constexpr("=f,=f,=f,=f" + ",r" * 24 + ",l" * 4)
@@ -363,7 +378,8 @@ def gemv_int4_mma(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, 
     ``"asm"`` the tensor-core assembly (the default on CUDA; needs :func:`mma_applies`),
     ``"model"`` the same lane loads with the assembly replaced by its Triton model (bf16 ``x``;
     the CPU interpreter's check of the assembly path), ``"sums"`` each block summed directly
-    (the default elsewhere)."""
+    (the default elsewhere). float16 ``x`` (``"asm"``, ``"sums"``) subtracts with the FMA
+    (``tiles.sub_mma`` is ignored: :func:`_mma_ptx`)."""
     m, k = x.shape
     n = qweight.shape[0]
     mode = mode or ("asm" if x.is_cuda else "sums")
@@ -375,8 +391,9 @@ def gemv_int4_mma(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, 
     tiles = tiles or mma_tiles(n, k)
     if mode == "asm" and not _aligned(x, qweight):
         raise ValueError("gemv_int4_mma: the assembly needs 16-byte aligned, contiguous rows (mma_applies)")
-    if mode != "sums" and x.dtype != torch.bfloat16:
-        raise ValueError(f"gemv_int4_mma: mode {mode!r} takes bf16 inputs, got {x.dtype}")
+    if (mode == "model" and x.dtype != torch.bfloat16) or (mode == "asm" and x.dtype not in _ASM_DTYPES):
+        raise ValueError(f"gemv_int4_mma: mode {mode!r} does not take {x.dtype} inputs")
+    f16 = x.dtype == torch.float16
     if x.stride(1) != 1:
         x = x.contiguous()
     words = qweight.view(torch.int32)
@@ -388,10 +405,12 @@ def gemv_int4_mma(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, 
         xv.stride(0), words.stride(0), scales.stride(0), out.stride(0),
         GROUP=group_size, BPI=tiles.blocks_per_iter, WARPS=tiles.warps, GATED=gated,
         HAS_BIAS=bias is not None, EVEN=nkb % (tiles.blocks_per_iter * tiles.warps) == 0, MODE=_MODES[mode],
-        PTX=_BLOCK_PTX[(scales.dtype == torch.float32, tiles.sub_mma)], PREFETCH=tiles.prefetch,
+        PTX=_BLOCK_PTX[(scales.dtype == torch.float32, tiles.sub_mma and not f16, f16)],
+        PREFETCH=tiles.prefetch,
         num_warps=tiles.warps, **pdl_launch(pdl),
     )
     return out
 
 
 _MODES = {"sums": 0, "asm": 1, "model": 2}
+_ASM_DTYPES = (torch.bfloat16, torch.float16)  # inputs the assembly takes (_ACT)

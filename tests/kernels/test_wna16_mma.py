@@ -35,9 +35,18 @@ def _bf16_bits_to_f64(bits: np.ndarray) -> np.ndarray:
     return (bits.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
 
 
-def _mma_m16n8k16(a: list[np.ndarray], b: list[np.ndarray], c: list[np.ndarray]) -> list[np.ndarray]:
+def _f16_bits_to_f64(bits: np.ndarray) -> np.ndarray:
+    return bits.astype(np.uint16).view(np.float16).astype(np.float64)
+
+
+_TO_F64 = {"bf16": _bf16_bits_to_f64, "f16": _f16_bits_to_f64}
+
+
+def _mma_m16n8k16(a: list[np.ndarray], b: list[np.ndarray], c: list[np.ndarray],
+                  typ: str = "bf16") -> list[np.ndarray]:
     """``D = A B + C`` of one warp (PTX ISA, "Matrix Fragments for mma.m16n8k16 with floating point
-    type"): lane ``l``, ``group = l // 4``, ``tig = l % 4``. A (16 x 16 bf16): register ``i`` holds
+    type"), A and B of ``typ`` (bf16 or f16): lane ``l``, ``group = l // 4``, ``tig = l % 4``.
+    A (16 x 16): register ``i`` holds
     two elements of row ``group + 8 (i % 2)``, columns ``2 tig + 8 (i // 2) + {0, 1}`` (low half
     first). B (16 x 8): register ``i`` holds rows ``2 tig + 8 i + {0, 1}`` of column ``group``.
     C/D (16 x 8 float32): element ``i`` is row ``group + 8 (i // 2)``, column ``2 tig + i % 2``."""
@@ -49,11 +58,11 @@ def _mma_m16n8k16(a: list[np.ndarray], b: list[np.ndarray], c: list[np.ndarray])
         for i in range(4):
             lo, hi = a[i][lane] & 0xFFFF, a[i][lane] >> 16
             row, col = grp + 8 * (i % 2), 2 * tig + 8 * (i // 2)
-            am[row, col], am[row, col + 1] = _bf16_bits_to_f64(np.array([lo, hi]))
+            am[row, col], am[row, col + 1] = _TO_F64[typ](np.array([lo, hi]))
         for i in range(2):
             lo, hi = b[i][lane] & 0xFFFF, b[i][lane] >> 16
             row = 2 * tig + 8 * i
-            bm[row, grp], bm[row + 1, grp] = _bf16_bits_to_f64(np.array([lo, hi]))
+            bm[row, grp], bm[row + 1, grp] = _TO_F64[typ](np.array([lo, hi]))
         for i in range(4):
             cm[grp + 8 * (i // 2), 2 * tig + i % 2] = c[i][lane].view(np.float32)
     dm = (am @ bm + cm).astype(np.float32)
@@ -71,11 +80,18 @@ def _f64_to_bf16_bits(v: np.ndarray) -> np.ndarray:
     return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint32) & 0xFFFF
 
 
-def _fma_bf16x2(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> np.ndarray:
+def _f64_to_f16_bits(v: np.ndarray) -> np.ndarray:
+    return v.astype(np.float16).view(np.uint16).astype(np.uint32)
+
+
+def _fma_x2(a: np.ndarray, b: np.ndarray, c: np.ndarray, typ: str = "bf16") -> np.ndarray:
+    """``fma.rn.{typ}x2``: both 16-bit halves, rounded to nearest (exact for the program's
+    small integers)."""
+    to_bits = _f64_to_bf16_bits if typ == "bf16" else _f64_to_f16_bits
     out = np.zeros_like(a)
     for half in (0, 16):
-        av, bv, cv = (_bf16_bits_to_f64((r >> half) & 0xFFFF) for r in (a, b, c))
-        out |= _f64_to_bf16_bits(av * bv + cv) << half
+        av, bv, cv = (_TO_F64[typ]((r >> half) & 0xFFFF) for r in (a, b, c))
+        out |= to_bits(av * bv + cv) << half
     return out
 
 
@@ -122,8 +138,9 @@ def run_block_ptx(ptx: str, operands: dict[int, np.ndarray], memory: bytes) -> l
         if op.startswith("mma.sync"):
             groups = [g.split(",") for g in re.findall(r"\{([^}]*)\}", rest)]
             d, a, b, c = ([g.strip() for g in grp] for grp in groups)
+            typ = op.split(".")[-3]  # mma.sync.aligned.m16n8k16.row.col.f32.<typ>.<typ>.f32
             for name, value in zip(d, _mma_m16n8k16([val(x) for x in a], [val(x) for x in b],
-                                                      [val(x) for x in c]), strict=True):
+                                                      [val(x) for x in c], typ), strict=True):
                 regs[name] = value
             continue
         args = [x.strip() for x in re.split(r",(?![^{]*\})", rest)]
@@ -138,8 +155,8 @@ def run_block_ptx(ptx: str, operands: dict[int, np.ndarray], memory: bytes) -> l
             regs[dst] = _prmt(val(args[1]), val(args[2]), int(args[3], 0))
         elif op == "lop3.b32":
             regs[dst] = _lop3(val(args[1]), int(args[2], 0), int(args[3], 0), int(args[4], 0))
-        elif op == "fma.rn.bf16x2":
-            regs[dst] = _fma_bf16x2(val(args[1]), val(args[2]), val(args[3]))
+        elif op in ("fma.rn.bf16x2", "fma.rn.f16x2"):
+            regs[dst] = _fma_x2(val(args[1]), val(args[2]), val(args[3]), op.split(".")[2][:-2])
         elif op == "shr.u32":
             regs[dst] = val(args[1]) >> int(args[2], 0)
         elif op == "ld.global.nc.b16":
@@ -159,7 +176,7 @@ def run_block_ptx(ptx: str, operands: dict[int, np.ndarray], memory: bytes) -> l
 
 def _lane_inputs(words: np.ndarray, x_bits: np.ndarray, m: int) -> dict[int, np.ndarray]:
     """The kernel's per-lane operands for one block: ``words`` ``[16, 16]`` (16 rows, the block's
-    16 words each; rows a are 0-7, rows b 8-15), ``x_bits`` ``[8, 64]`` (each token's 128 bf16
+    16 words each; rows a are 0-7, rows b 8-15), ``x_bits`` ``[8, 64]`` (each token's 128 16-bit
     inputs as 64 pairs); tokens ``>= m`` read token ``m - 1`` (the kernel's clamp)."""
     ops: dict[int, np.ndarray] = {}
     lane = np.arange(_LANES)
@@ -173,16 +190,20 @@ def _lane_inputs(words: np.ndarray, x_bits: np.ndarray, m: int) -> dict[int, np.
     return ops
 
 
-@pytest.mark.parametrize("sub_mma", [True, False], ids=["sub_mma", "sub_fma"])
+_ACT_CASES = [("bf16", True), ("bf16", False), ("fp16", False)]
+
+
+@pytest.mark.parametrize(("act", "sub_mma"), _ACT_CASES, ids=["bf16-sub_mma", "bf16-sub_fma", "fp16-sub_fma"])
 @pytest.mark.parametrize("scale_dtype", [torch.float16, torch.float32])
 @pytest.mark.parametrize("m", [1, 3, 8])
-def test_block_assembly_sums_each_lane_element(scale_dtype: torch.dtype, m: int, sub_mma: bool) -> None:
+def test_block_assembly_sums_each_lane_element(scale_dtype: torch.dtype, m: int, act: str,
+                                               sub_mma: bool) -> None:
     gen = torch.Generator().manual_seed(m)
     q = torch.randint(0, 16, (16, 128), generator=gen)
     words = np.zeros((16, 16), dtype=np.uint32)
     for i in range(8):  # input 8 j + i in bits 4 i .. 4 i + 3 of word j
         words |= (q[:, i::8].numpy().astype(np.uint32) << (4 * i))
-    x = torch.randn(8, 128, generator=gen).to(torch.bfloat16)
+    x = torch.randn(8, 128, generator=gen).to(torch.bfloat16 if act == "bf16" else torch.float16)
     x_bits = x.view(torch.int16).numpy().astype(np.uint16).astype(np.uint32)
     x_pairs = x_bits[:, 0::2] | (x_bits[:, 1::2] << 16)
     scales = (torch.rand(16, generator=gen) * 0.02 + 0.001).to(scale_dtype)
@@ -192,7 +213,7 @@ def test_block_assembly_sums_each_lane_element(scale_dtype: torch.dtype, m: int,
     g = np.arange(_LANES) // 4
     for e in range(4):  # element e of a lane: row half e // 2 (the kernel's s_addr)
         ops[28 + e] = ((g + 8 * (e // 2)) * size).astype(np.uint32)
-    got = run_block_ptx(wna16_mma._mma_ptx("fp16" if scale_dtype == torch.float16 else "fp32", sub_mma),
+    got = run_block_ptx(wna16_mma._mma_ptx("fp16" if scale_dtype == torch.float16 else "fp32", sub_mma, act),
                         ops, memory)
     want = (scales.double()[:, None] * ((q.double() - 8.0) @ x.double().t()))  # [16 rows, 8 tokens]
     # Each mma rounds its float32 sums, the - 136 x terms included: a few units of 2^-24 of
@@ -212,24 +233,29 @@ def test_block_assembly_uses_only_the_modelled_instructions() -> None:
     """Every opcode of the shipped assembly is one the interpreter above models (a new one would
     otherwise fail there only for the lines it reaches)."""
     ops = set()
-    for dtype, sub_mma in ((d, sub) for d in ("fp16", "fp32") for sub in (True, False)):
-        for line in wna16_mma._mma_ptx(dtype, sub_mma).splitlines():
+    for dtype, (act, sub_mma) in ((d, case) for d in ("fp16", "fp32") for case in _ACT_CASES):
+        for line in wna16_mma._mma_ptx(dtype, sub_mma, act).splitlines():
             line = line.strip()
             if line and line not in ("{", "}") and not line.startswith(".reg"):
                 ops.add(line.split(" ", 1)[0])
-    assert ops == {"mov.f32", "mov.b32", "prmt.b32", "lop3.b32", "fma.rn.bf16x2", "shr.u32",
+    assert ops == {"mov.f32", "mov.b32", "prmt.b32", "lop3.b32", "fma.rn.bf16x2", "fma.rn.f16x2",
+                   "shr.u32",
                    "ld.global.nc.b16", "ld.global.nc.f32", "cvt.f32.f16", "mul.f32",
-                   "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32"}
+                   "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32",
+                   "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32"}
+    with pytest.raises(ValueError, match="FMA"):
+        wna16_mma._mma_ptx("fp16", True, "fp16")
 
 
-def _compile_sm90(warps: int, bpi: int, gated: bool, sub_mma: bool) -> str:
+def _compile_sm90(warps: int, bpi: int, gated: bool, sub_mma: bool, f16: bool = False) -> str:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     fn = wna16_mma._gemv_int4_mma_kernel
-    ptrs = dict(x_ptr="*i32", q_ptr="*i32", s_ptr="*fp16", bias_ptr="*fp16", out_ptr="*bf16")
+    ptrs = dict(x_ptr="*i32", q_ptr="*i32", s_ptr="*fp16", bias_ptr="*fp16",
+                out_ptr="*fp16" if f16 else "*bf16")
     consts = dict(GROUP=128, BPI=bpi, WARPS=warps, GATED=gated, HAS_BIAS=False, EVEN=True, MODE=1,
-                  PTX=wna16_mma._BLOCK_PTX[(False, sub_mma)], PREFETCH=True, PDL=False)
+                  PTX=wna16_mma._BLOCK_PTX[(False, sub_mma, f16)], PREFETCH=True, PDL=False)
     sig = {n: ptrs.get(n, "constexpr" if n in consts else "i32") for n in fn.arg_names}
     attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]]
              for n in fn.arg_names if sig[n] != "constexpr"}
@@ -241,9 +267,11 @@ def _compile_sm90(warps: int, bpi: int, gated: bool, sub_mma: bool) -> str:
     return kernel.asm["ttgir"]
 
 
-@pytest.mark.parametrize(("warps", "bpi", "gated", "sub_mma"), [(4, 2, False, True), (8, 1, True, False)])
-def test_assembly_operands_get_the_lane_layout(warps: int, bpi: int, gated: bool, sub_mma: bool) -> None:
-    ttgir = _compile_sm90(warps, bpi, gated, sub_mma)
+@pytest.mark.parametrize(("warps", "bpi", "gated", "sub_mma", "f16"),
+                         [(4, 2, False, True, False), (8, 1, True, False, False), (4, 2, False, False, True)])
+def test_assembly_operands_get_the_lane_layout(warps: int, bpi: int, gated: bool, sub_mma: bool,
+                                               f16: bool) -> None:
+    ttgir = _compile_sm90(warps, bpi, gated, sub_mma, f16)
     layouts = dict(re.findall(r"^(#\w+) = (#ttg\.blocked<\{.*\}>)", ttgir, re.M))
     asm = [line for line in ttgir.splitlines() if "tt.elementwise_inline_asm" in line]
     assert len(asm) == 2  # the peeled first iteration and the loop's
@@ -264,5 +292,6 @@ def test_mma_applies_only_where_the_assembly_holds() -> None:
         wna16_mma.gemv_int4_mma(torch.zeros(9, 256), q, torch.ones(32, 2), 128, mode="sums")
     with pytest.raises(ValueError, match="multiples of 128"):
         wna16_mma.gemv_int4_mma(torch.zeros(1, 256), q, torch.ones(32, 4), 64, mode="sums")
-    with pytest.raises(ValueError, match="bf16"):
-        wna16_mma.gemv_int4_mma(torch.zeros(1, 256), q, torch.ones(32, 2), 128, mode="model")
+    for dtype, mode in ((torch.float32, "model"), (torch.float16, "model"), (torch.float32, "asm")):
+        with pytest.raises(ValueError, match="does not take"):  # the model is bf16's; the assembly 16-bit
+            wna16_mma.gemv_int4_mma(torch.zeros(1, 256, dtype=dtype), q, torch.ones(32, 2), 128, mode=mode)
