@@ -533,9 +533,15 @@ def _gemv_int4_words_kernel(x_ptr, q_ptr, s_ptr, o_ptr, bias_ptr, out_ptr, part_
                   N, part_ptr, out_ptr, out_ptr, out_ptr, bias_ptr, False, False, HAS_BIAS, SPLIT)
 
 
+def k_per_split(k: int, splits: int, block_k: int) -> int:
+    """Inputs per split of ``k`` into at most ``splits`` ranges, a multiple of ``block_k`` (so
+    ``cdiv(k, k_per_split(...))`` ranges remain)."""
+    return triton.cdiv(triton.cdiv(k, splits), block_k) * block_k
+
+
 def _k_per_split(k: int, tiles: GemvTiles) -> int:
-    """Inputs per split, a multiple of ``block_k``."""
-    return triton.cdiv(triton.cdiv(k, tiles.split_k), tiles.block_k) * tiles.block_k
+    """Inputs per split of a GEMV at ``tiles``."""
+    return k_per_split(k, tiles.split_k, tiles.block_k)
 
 
 def _launch(kernel: triton.JITFunction, args: tuple[object, ...], m: int, n: int, k: int, out: torch.Tensor,
@@ -739,7 +745,7 @@ def gemv_wna16(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, off
     packed bf16 arithmetic (:func:`_pairs_asm`: fewer instructions, products and four-term sums
     rounded to bf16), where that applies (CUDA, bf16 ``x``, no offsets); else ignored. ``peel``:
     the word kernel takes its first tile before the loop, reading its words before the PDL wait
-    (not yet measured on a card: off by default)."""
+    (the same bits; ``wna16.M1_PEEL`` turns it on at one token, DECISIONS 137)."""
     tiles = tiles or GemvTiles()
     tiles = GemvTiles(tiles.block_n, fit_block_k(tiles.block_k, group_size), tiles.num_warps, tiles.split_k)
     x = _one_row(x)

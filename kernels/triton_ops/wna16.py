@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton_ops.gemv import GemvTiles, fit_block_k, gemv_wna16, reduce_splits
+from kernels.triton_ops.gemv import GemvTiles, fit_block_k, gemv_wna16, k_per_split, reduce_splits
 from kernels.triton_ops.wna16_mma import MMA_MAX_M, gemv_int4_mma, mma_applies
 
 # One token (batch-1 decode), gemv.gemv_wna16 (4-bit: its int32-word kernel): fastest on an
@@ -337,7 +337,7 @@ def wna16_linear(
         block_n, block_k = config.gemm_block_n, fit_block_k(config.gemm_block_k, group_size)
         tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
         splits = config.gemm_split_k or gemm_splits(tiles, k, block_k, x.device, config.gemm_programs_per_sm)
-        per_split = triton.cdiv(triton.cdiv(k, splits), block_k) * block_k
+        per_split = k_per_split(k, splits, block_k)
         splits = triton.cdiv(k, per_split)
         part = torch.empty((splits, m, n), dtype=torch.float32, device=x.device) if splits > 1 else out
         _wna16_gemm_kernel[(tiles, splits)](

@@ -278,7 +278,7 @@ def _check_wna16(t: Target, seed: int, ms: list[int], shapes: list[tuple[int, in
                 ref = qref.wna16_linear(*args)
                 case = f"{what} M={m} {n}x{k} bits={bits} g={group} off={offsets}"
                 # gemv.gemv_wna16 at one token, the tensor-core GEMV from 2 to MMA_GEMV_MAX_M
-                # (symmetric 4-bit, bf16 on CUDA): both multiply by the unrounded weight.
+                # (symmetric 4-bit, bf16 or float16 on CUDA): both multiply by the unrounded weight.
                 if m == 1 or m <= twna16.MMA_GEMV_MAX_M:
                     assert_wna16_gemv_close(got, ref, x, w, t.dtype, case)
                 else:

@@ -64,7 +64,7 @@ def _linear(fmt: str, n: int, k: int, gen: torch.Generator) -> Linear:
     if fmt == "fp8":
         q, s = qref.quantize_fp8_rows(w.to("cuda", torch.bfloat16))
         return Linear(fmt, (q, s.reshape(-1).contiguous()))
-    w4 = random_wna16(n, k, 4, GROUP, False, torch.float16, "cuda", gen)  # w4, w4mma, w4peel
+    w4 = random_wna16(n, k, 4, GROUP, False, torch.float16, "cuda", gen)  # w4, w4mma, w4unpeeled
     return Linear(fmt, (w4.qweight, w4.scales, w4.offsets, w4.bits, w4.group_size))
 
 
