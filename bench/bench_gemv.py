@@ -30,7 +30,9 @@ weights' (plus scales); the share is of a 1 GiB device-to-device copy measured f
   decode, per projection over ``MMA_SWEEP``, over 32 decoder layers with PDL, and at 2-8 tokens
   against ``wna16_linear``'s CUDA-core GEMV (:func:`bench_w4_mma`);
 - ``w4gemm``: the 4-bit GEMM at 16, 64 and 256 tokens, tilings with and without split-K, against
-  bf16 cuBLAS (:func:`bench_w4_gemm`).
+  bf16 cuBLAS (:func:`bench_w4_gemm`);
+- ``small_m``: asymmetric 4-bit and 8-bit weights at 1-16 tokens, the one-token GEMV per token
+  (``WnA16Config.gemv_token_loop``) against the multi-token GEMV and the GEMM (:func:`bench_small_m_formats`).
 
 Sweep: ``block_n`` 4/8/16 x ``block_k`` 512/1024 x 4/8 warps, plus (4, 1024, 2), (2, 1024, 2),
 (32, 256, 4); each with split-K 1, 2, 4 (``w4``: also (32, 1024, 8), (32, 512, 8), (16, 2048, 8),
@@ -589,6 +591,61 @@ def bench_w4_gemm(rec: Recorder, layers: int = 8) -> None:
             print(f"w4 gemm {variant}: {total:.1f} us per layer", flush=True)
 
 
+# WnA16 formats the tensor-core GEMV does not take: (bits, offsets).
+SMALL_M_FORMATS = {"w4 asym": (4, True), "w8": (8, False)}
+SMALL_M_CONFIGS = {"token loop": WnA16Config(gemv_token_loop=True),
+                   "multi-token gemv": WnA16Config(gemv_token_loop=False),
+                   "gemm": WnA16Config(gemv_max_m=0)}
+
+
+def _wna16_layers(n: int, k: int, bits: int, offsets: bool,
+                  layers: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+    """Random ``[n, k]`` weights in ``bits`` (4: packed bytes; 8: int8, or uint8 with offsets),
+    groups of 128, float16 scales (and offsets)."""
+    out = []
+    for _ in range(layers):
+        if bits == 4:
+            q = torch.randint(0, 256, (n, k // 2), device=DEV, dtype=torch.uint8)
+        else:
+            q = torch.randint(-128, 128, (n, k), device=DEV, dtype=torch.int8)
+        s = (torch.rand(n, k // 128, device=DEV) * 0.02 + 0.001).half()
+        o = (torch.randn(n, k // 128, device=DEV) * 0.05).half() if offsets else None
+        out.append((q, s, o))
+    return out
+
+
+def _wna16_call(x: torch.Tensor, bits: int, cfg: WnA16Config, q: torch.Tensor, s: torch.Tensor,
+                o: torch.Tensor | None) -> torch.Tensor:
+    return wna16_linear(x, q, s, o, bits, 128, config=cfg)
+
+
+def bench_small_m_formats(rec: Recorder, layers: int = 16) -> None:
+    """2-16 tokens of the WnA16 formats the tensor-core GEMV does not take (asymmetric 4-bit,
+    8-bit) over llama3-8b's four projections: the one-token GEMV once per token, the
+    multi-token CUDA-core GEMV (the default), and the GEMM (``SMALL_M_CONFIGS``); one token too."""
+    for fmt, (bits, offsets) in SMALL_M_FORMATS.items():
+        ws = {name: _wna16_layers(n, k, bits, offsets, layers) for name, (n, k) in SHAPES_8B.items()}
+        nbytes = {name: n * k * bits // 8 + n * (k // 128) * (4 if offsets else 2)
+                  for name, (n, k) in SHAPES_8B.items()}
+        for m in (1, 2, 4, 8, 16):
+            xs = {name: torch.randn(m, k, device=DEV, dtype=torch.bfloat16)
+                  for name, (_, k) in SHAPES_8B.items()}
+            totals = []
+            for variant, cfg in SMALL_M_CONFIGS.items():
+                if m == 1 and variant != "token loop":
+                    continue
+                total = 0.0
+                for name in SHAPES_8B:
+                    run = chain(partial(_wna16_call, xs[name], bits, cfg), ws[name])
+                    row = rec.add(f"small_m {fmt}", name, f"M={m} {variant}", time_chain(run), nbytes[name],
+                                  layers)
+                    total += row["us_per_layer"]
+                totals.append(f"{variant} {total:.1f}")
+            print(f"{fmt} M={m} (us per layer): {', '.join(totals)}", flush=True)
+        del ws
+        torch.cuda.empty_cache()
+
+
 def _w4_gemm(x: torch.Tensor, cfg: WnA16Config, q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     return wna16_linear(x, q, s, None, 4, 128, config=cfg)
 
@@ -606,7 +663,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--parts", default="bf16,fp8,w4,fp8_70b,fp8_small_m",
                     help="comma-separated: bf16, fp8, w4, w4_bytes, fp8_70b, fp8_small_m, gated, linear16, "
-                         "w4_ptx, linear_fp8, pdl, w4mma, w4gemm")
+                         "w4_ptx, linear_fp8, pdl, w4mma, w4gemm, small_m")
     ap.add_argument("--json", default="", help="append the rows here (JSON lines)")
     ap.add_argument("--tiles", default="",
                     help="the bf16/fp8 sweep's tilings instead of the default list: 'bn,bk,warps;...'")
@@ -633,6 +690,8 @@ def main() -> None:
             bench_w4_mma(rec)
         elif part == "w4gemm":
             bench_w4_gemm(rec)
+        elif part == "small_m":
+            bench_small_m_formats(rec)
         else:
             bench_format(rec, part, tiles_list, splits)
     layer: dict[tuple[str, str], float] = {}

@@ -9,9 +9,10 @@ profiles exactly one launch of each (no compilation, no warm-up launches). Shape
 projections (``bench_gemv.SHAPES_8B``), called as the engine calls them at one token: ``fp8_*``
 the weight-only fp8 GEMV (``gemv_fp8_weight_only``, gate_up gated), ``bf16_*`` ``gemv16_linear`` /
 ``gemv16_gated_linear``, ``w4_*`` ``gemv_wna16`` on symmetric 4-bit words with groups of 128
-(``wna16.M1_PAIRS`` and ``GEMV_M1_TILES``: the engine's defaults). The printed times are medians
-of 20 CUDA-graph replays of one launch (L2 holding what the previous replay left), a sanity check
-only.
+(``wna16.M1_PAIRS``, ``M1_PEEL``, ``M1_XLOAD`` and ``GEMV_M1_TILES``: the engine's defaults),
+``w4x_*`` the same with ``xload``, ``w4mma_*`` the tensor-core 4-bit GEMV (``gemv_int4_mma``, its
+default tiles) on the same words. The printed times are medians of 20 CUDA-graph replays of one
+launch (L2 holding what the previous replay left), a sanity check only.
 """
 
 from __future__ import annotations
@@ -25,9 +26,10 @@ from bench_gemv import SHAPES_8B, fp8_layers, time_chain  # bench/ is on sys.pat
 
 from kernels.triton_ops import gemv as G
 from kernels.triton_ops import wna16
+from kernels.triton_ops.wna16_mma import gemv_int4_mma
 
 DEV = "cuda"
-FORMATS = ("fp8", "bf16", "w4")
+FORMATS = ("fp8", "bf16", "w4", "w4x", "w4mma")
 
 
 def make_call(name: str) -> Callable[[], torch.Tensor]:
@@ -46,8 +48,10 @@ def make_call(name: str) -> Callable[[], torch.Tensor]:
         return partial(G.gemv16_gated_linear, x, w) if gated else partial(G.gemv16_linear, x, w)
     qw = torch.randint(0, 256, (n, k // 2), device=DEV, dtype=torch.uint8)
     sc = (torch.rand(n, k // 128, device=DEV) * 0.02 + 0.001).to(torch.bfloat16)
+    if fmt == "w4mma":
+        return partial(gemv_int4_mma, x, qw, sc, 128, gated=gated)
     return partial(G.gemv_wna16, x, qw, sc, None, 4, 128, tiles=wna16.GEMV_M1_TILES, gated=gated,
-                   pairs=wna16.M1_PAIRS)
+                   pairs=wna16.M1_PAIRS, peel=wna16.M1_PEEL, xload=fmt == "w4x" or wna16.M1_XLOAD)
 
 
 def main() -> None:

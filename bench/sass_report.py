@@ -60,14 +60,26 @@ def compile_sass(fn: triton.JITFunction, ptrs: dict[str, str], consts: dict[str,
     return disassemble(compile_sm90(fn, ptrs, consts, num_warps, num_stages))
 
 
-def disassemble(kernel: triton.compiler.CompiledKernel) -> str:
-    """A compiled kernel's SASS (the nvdisasm Triton ships)."""
+def _run_on_cubin(kernel: triton.compiler.CompiledKernel, tool: str, *flags: str) -> str:
+    """The output of one of the CUDA tools Triton ships (``nvdisasm``, ``cuobjdump``) on the
+    kernel's cubin."""
     with tempfile.TemporaryDirectory() as tmp:
         cubin = os.path.join(tmp, "kernel.cubin")
         with open(cubin, "wb") as f:
             f.write(kernel.asm["cubin"])
-        nvdisasm = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
-        return subprocess.run([nvdisasm, "-c", cubin], capture_output=True, text=True, check=True).stdout
+        path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", tool)
+        return subprocess.run([path, *flags, cubin], capture_output=True, text=True, check=True).stdout
+
+
+def disassemble(kernel: triton.compiler.CompiledKernel) -> str:
+    """A compiled kernel's SASS (the nvdisasm Triton ships)."""
+    return _run_on_cubin(kernel, "nvdisasm", "-c")
+
+
+def resource_usage(kernel: triton.compiler.CompiledKernel) -> str:
+    """The kernel's registers, shared memory and stack per thread (``cuobjdump -res-usage``)."""
+    out = _run_on_cubin(kernel, "cuobjdump", "-res-usage")
+    return " ".join(line.strip() for line in out.splitlines() if "REG:" in line)
 
 
 def hot_loop(sass: str) -> list[str]:
@@ -117,6 +129,7 @@ def main() -> None:
             f.write(sass)
     loop = opcodes(hot_loop(sass))
     print(f"triton {triton.__version__}, {args.kernel}: {sum(loop.values())} instructions in the hot loop")
+    print(f"  {resource_usage(kernel)}")
     for op, count in loop.most_common():
         print(f"  {op:10s} {count}")
 

@@ -348,14 +348,35 @@ def _nibbles_asm(w, SUB: tl.constexpr):
                                      is_pure=True, pack=1)
 
 
-def _pairs_ptx() -> str:
+def _pairs_ptx(act: str = "bf16") -> str:
     """PTX for :func:`_pairs_asm`: word ``$1``'s eight symmetric nibbles times the inputs paired
-    in ``$2 .. $5``, summed, in ``$0``. Each AND-OR (LOP3) makes two nibbles bf16 ``128 + q``
+    in ``$2 .. $5``, summed, in ``$0``. bf16: each AND-OR (LOP3) makes two nibbles bf16 ``128 + q``
     side by side (nibbles ``i`` and ``i + 4``: bits ``4i`` and ``4i + 16``, so three shifts for
     the eight), one packed FMA ``* 1 - 136`` makes them ``q - 8`` (exact), and packed FMAs
     multiply them by their inputs and sum the four pairs per half in bf16; the two halves are
     added in float32. 18 instructions per word against 25 for :func:`_nibbles_asm` and its eight
-    float32 FMAs; the products and the four-term sums round to bf16 (8 bits)."""
+    float32 FMAs; the products and the four-term sums round to bf16 (8 bits).
+    fp16 (``act``): float16's ten mantissa bits take a nibble at bits 0-3 (``1024 + q``) or 4-7
+    (``1024 + 16 q``) of each half, so one shift serves the eight, and the packed FMAs
+    ``* 1/16 - 64.5`` and ``* 1/256 - 4.5`` make both ``(q - 8) / 16`` (exact): the products
+    and four-term sums (rounded to float16, 11 bits) stay below ``2 |x|``, so inputs up to half
+    of float16's range cannot overflow them. The sum is a sixteenth of the word's: the caller
+    multiplies the group's scale by 16."""
+    if act == "fp16":
+        lines = ["{", ".reg .b32 t, a, b, c, d, k0, k1, b0, b1;", ".reg .b16 l, h;", ".reg .f32 fl, fh;",
+                 "mov.b32 k0, 0x2C002C00;", "mov.b32 b0, 0xD408D408;",  # 1/16, -64.5
+                 "mov.b32 k1, 0x1C001C00;", "mov.b32 b1, 0xC480C480;",  # 1/256, -4.5
+                 "lop3.b32 a, $1, 0x000F000F, 0x64006400, 0xEA;",
+                 "lop3.b32 b, $1, 0x00F000F0, 0x64006400, 0xEA;",
+                 "shr.u32 t, $1, 8;",
+                 "lop3.b32 c, t, 0x000F000F, 0x64006400, 0xEA;",
+                 "lop3.b32 d, t, 0x00F000F0, 0x64006400, 0xEA;",
+                 "fma.rn.f16x2 a, a, k0, b0;", "fma.rn.f16x2 b, b, k1, b1;",
+                 "fma.rn.f16x2 c, c, k0, b0;", "fma.rn.f16x2 d, d, k1, b1;",
+                 "mov.b32 t, 0x80008000;", "fma.rn.f16x2 a, a, $2, t;", "fma.rn.f16x2 a, b, $3, a;",
+                 "fma.rn.f16x2 a, c, $4, a;", "fma.rn.f16x2 a, d, $5, a;",
+                 "mov.b32 {l, h}, a;", "cvt.f32.f16 fl, l;", "cvt.f32.f16 fh, h;", "add.f32 $0, fl, fh;", "}"]
+        return "\n".join(lines)
     lines = ["{", ".reg .b32 t, a, b, c, d, one, bias, lo, hi;",
              "mov.b32 one, 0x3F803F80;", "mov.b32 bias, 0xC308C308;",
              "lop3.b32 a, $1, 0x000F000F, 0x43004300, 0xEA;"]
@@ -371,15 +392,103 @@ def _pairs_ptx() -> str:
 
 
 _PAIRS_PTX = tl.constexpr(_pairs_ptx())
+_PAIRS_PTX_F16 = tl.constexpr(_pairs_ptx("fp16"))
 
 
 @triton.jit
-def _pairs_asm(w, p0, p1, p2, p3):
-    """``sum_i (q_i - 8) x_i`` over each int32 word of symmetric nibbles ``w``, with the inputs
-    as bf16 pairs ``p_i = (x_i, x_{i+4})`` (:func:`_load_pair`), in inline PTX (:func:`_pairs_ptx`).
-    CUDA only, bf16 inputs, no offsets."""
-    return tl.inline_asm_elementwise(_PAIRS_PTX, "=f,r,r,r,r,r", [w, p0, p1, p2, p3], dtype=tl.float32,
+def _pairs_asm(w, p0, p1, p2, p3, F16: tl.constexpr):
+    """``sum_i (q_i - 8) x_i`` over each int32 word of symmetric nibbles ``w`` (``F16``: a
+    sixteenth of it), with the inputs as 16-bit pairs ``p_i = (x_i, x_{i+4})`` (:func:`_load_pair`),
+    in inline PTX (:func:`_pairs_ptx`). CUDA only, bf16 (``F16``: float16) inputs, no offsets."""
+    ptx: tl.constexpr = _PAIRS_PTX_F16 if F16 else _PAIRS_PTX
+    return tl.inline_asm_elementwise(ptx, "=f,r,r,r,r,r", [w, p0, p1, p2, p3], dtype=tl.float32,
                                      is_pure=True, pack=1)
+
+
+def _pair_loads_ptx() -> str:
+    """PTX for :func:`_load_pairs_asm`: the eight bf16 inputs at address ``$4`` (16-byte aligned)
+    in one 16-byte load, regrouped by four byte permutes into the pairs :func:`_pairs_asm` takes,
+    ``(x_r, x_{r+4})`` in ``$r`` (the first in the low half)."""
+    lines = ["{", ".reg .b32 a, b, c, d;", "// $5: the PDL wait's token (an ordering operand only)",
+             "ld.global.v4.b32 {a, b, c, d}, [$4];"]
+    for out, (lo, hi, sel) in enumerate((("a", "c", "0x5410"), ("a", "c", "0x7632"),
+                                         ("b", "d", "0x5410"), ("b", "d", "0x7632"))):
+        lines.append(f"prmt.b32 ${out}, {lo}, {hi}, {sel};")
+    lines.append("}")
+    return "\n".join(lines)
+
+
+_PAIR_LOADS_PTX = tl.constexpr(_pair_loads_ptx())
+
+
+@triton.jit
+def _load_pairs_asm(xw, token):
+    """The four input pairs of each word (as :func:`_load_pair` makes them) from its inputs'
+    address ``xw``, in inline PTX: the loads then take the layout of the word tile's columns.
+    A ``tl.load`` here gets a layout of its own (strided bf16 loads spread over every thread),
+    and each pair then crossed to the word layout through shared memory behind two barriers
+    (eight barriers per tile). The inputs are what the kernel before wrote: ``token``
+    (:func:`~kernels.triton_ops.pdl.pdl_begin`'s) orders the loads after the PDL wait. CUDA only,
+    whole tiles (no mask), ``xw`` 16-byte aligned."""
+    return tl.inline_asm_elementwise(_PAIR_LOADS_PTX, "=r,=r,=r,=r,l,r", [xw, token], dtype=(tl.int32,) * 4,
+                                     is_pure=True, pack=1)
+
+
+def _input_loads_ptx(act: str) -> str:
+    """PTX for :func:`_load_inputs_asm`: the eight 16-bit inputs at address ``$8`` (16-byte
+    aligned) in one 16-byte load, as float32 ``$0 .. $7`` (bf16: a shift or a mask each; float16:
+    a conversion each). ``$9``: the PDL wait's token (an ordering operand only)."""
+    lines = ["{", ".reg .b32 a, b, c, d;", ".reg .b16 l, h;", "// $9: the PDL wait's token",
+             "ld.global.v4.b32 {a, b, c, d}, [$8];"]
+    for i, reg in enumerate("abcd"):
+        if act == "fp16":
+            lines += [f"mov.b32 {{l, h}}, {reg};", f"cvt.f32.f16 ${2 * i}, l;",
+                      f"cvt.f32.f16 ${2 * i + 1}, h;"]
+        else:
+            lines += [f"shl.b32 ${2 * i}, {reg}, 16;", f"and.b32 ${2 * i + 1}, {reg}, 0xFFFF0000;"]
+    lines.append("}")
+    return "\n".join(lines)
+
+
+_INPUT_LOADS_PTX_BF16 = tl.constexpr(_input_loads_ptx("bf16"))
+_INPUT_LOADS_PTX_F16 = tl.constexpr(_input_loads_ptx("fp16"))
+
+
+@triton.jit
+def _load_inputs_asm(xw, token, F16: tl.constexpr):
+    """The eight inputs of each word from its inputs' address ``xw`` as float32, in inline PTX in
+    the word tile's layout (as :func:`_load_pairs_asm`, whose reasons and ``token`` apply). CUDA
+    only, bf16 (``F16``: float16) inputs, whole tiles, ``xw`` 16-byte aligned."""
+    ptx: tl.constexpr = _INPUT_LOADS_PTX_F16 if F16 else _INPUT_LOADS_PTX_BF16
+    x0, x1, x2, x3, x4, x5, x6, x7 = tl.inline_asm_elementwise(
+        ptx, "=r,=r,=r,=r,=r,=r,=r,=r,l,r", [xw, token], dtype=(tl.int32,) * 8, is_pure=True, pack=1)
+    return (x0.to(tl.float32, bitcast=True), x1.to(tl.float32, bitcast=True), x2.to(tl.float32, bitcast=True),
+            x3.to(tl.float32, bitcast=True), x4.to(tl.float32, bitcast=True), x5.to(tl.float32, bitcast=True),
+            x6.to(tl.float32, bitcast=True), x7.to(tl.float32, bitcast=True))
+
+
+# Scale loads in inline PTX, per dtype, as float32 (see _load_groups_asm).
+_GROUP_LOAD_BF16 = tl.constexpr("{\n.reg .b32 r;\nld.global.u16 r, [$1];\nshl.b32 $0, r, 16;\n}")
+_GROUP_LOAD_F16 = tl.constexpr("{\n.reg .b16 h;\nld.global.b16 h, [$1];\ncvt.f32.f16 $0, h;\n}")
+_GROUP_LOAD_F32 = tl.constexpr("ld.global.b32 $0, [$1];")
+
+
+@triton.jit
+def _load_groups_asm(ptrs):
+    """The scales at ``ptrs`` (bf16, float16 or float32 weights) as float32, in inline PTX, so that
+    they take the layout of the sums they multiply (a ``tl.load`` gets one of its own and crosses
+    to it through shared memory behind barriers). Pure: weights only. CUDA only, no mask."""
+    ty: tl.constexpr = ptrs.dtype.element_ty
+    if ty == tl.bfloat16:
+        bits = tl.inline_asm_elementwise(_GROUP_LOAD_BF16, "=r,l", [ptrs], dtype=tl.int32, is_pure=True,
+                                         pack=1)
+    elif ty == tl.float16:
+        bits = tl.inline_asm_elementwise(_GROUP_LOAD_F16, "=r,l", [ptrs], dtype=tl.int32, is_pure=True,
+                                         pack=1)
+    else:
+        bits = tl.inline_asm_elementwise(_GROUP_LOAD_F32, "=r,l", [ptrs], dtype=tl.int32, is_pure=True,
+                                         pack=1)
+    return bits.to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -422,17 +531,22 @@ def _load_groups(rows, k0, gg, ok, GROUP: tl.constexpr, EVEN: tl.constexpr):
 
 
 @triton.jit
-def _word_sums(w, xw, jj, w_hi, SUB: tl.constexpr, EVEN: tl.constexpr, ASM: tl.constexpr):
+def _word_sums(w, xw, jj, w_hi, token, SUB: tl.constexpr, EVEN: tl.constexpr, ASM: tl.constexpr,
+               XLOAD: tl.constexpr, F16: tl.constexpr):
     """Each word's eight products ``(q_i - SUB) x_i`` summed in float32 (``[rows, words]``), and
-    each word's eight inputs summed (``[words]``, for offsets)."""
-    x0 = _load_input(xw, 0, jj, w_hi, EVEN)
-    x1 = _load_input(xw, 1, jj, w_hi, EVEN)
-    x2 = _load_input(xw, 2, jj, w_hi, EVEN)
-    x3 = _load_input(xw, 3, jj, w_hi, EVEN)
-    x4 = _load_input(xw, 4, jj, w_hi, EVEN)
-    x5 = _load_input(xw, 5, jj, w_hi, EVEN)
-    x6 = _load_input(xw, 6, jj, w_hi, EVEN)
-    x7 = _load_input(xw, 7, jj, w_hi, EVEN)
+    each word's eight inputs summed (``[words]``, for offsets). ``XLOAD``: the inputs read in
+    inline PTX (:func:`_load_inputs_asm`)."""
+    if XLOAD:
+        x0, x1, x2, x3, x4, x5, x6, x7 = _load_inputs_asm(xw, token, F16)
+    else:
+        x0 = _load_input(xw, 0, jj, w_hi, EVEN)
+        x1 = _load_input(xw, 1, jj, w_hi, EVEN)
+        x2 = _load_input(xw, 2, jj, w_hi, EVEN)
+        x3 = _load_input(xw, 3, jj, w_hi, EVEN)
+        x4 = _load_input(xw, 4, jj, w_hi, EVEN)
+        x5 = _load_input(xw, 5, jj, w_hi, EVEN)
+        x6 = _load_input(xw, 6, jj, w_hi, EVEN)
+        x7 = _load_input(xw, 7, jj, w_hi, EVEN)
     if ASM:  # the same floats, fewer instructions (_nibbles_asm)
         q0, q1, q2, q3, q4, q5, q6, q7 = _nibbles_asm(w, SUB)
     else:
@@ -457,9 +571,9 @@ def _word_sums(w, xw, jj, w_hi, SUB: tl.constexpr, EVEN: tl.constexpr, ASM: tl.c
 
 
 @triton.jit
-def _words_tile(acc, w, jj, k0, k_hi, w_hi, x_ptr, s_rows, o_rows, n_ok, GROUP: tl.constexpr,
+def _words_tile(acc, w, jj, k0, k_hi, w_hi, x_ptr, token, s_rows, o_rows, n_ok, GROUP: tl.constexpr,
                 SUB: tl.constexpr, HAS_OFFSET: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                EVEN: tl.constexpr, ASM: tl.constexpr, PAIRS: tl.constexpr):
+                EVEN: tl.constexpr, ASM: tl.constexpr, PAIRS: tl.constexpr, XLOAD: tl.constexpr):
     """``acc`` (``[BLOCK_N, groups, words per group]``) plus the tile of words ``w`` (words ``jj``,
     inputs from ``k0``): its inputs' loads, the words' sums, their groups' scales (and offsets)."""
     WORDS: tl.constexpr = BLOCK_K // 8
@@ -467,19 +581,32 @@ def _words_tile(acc, w, jj, k0, k_hi, w_hi, x_ptr, s_rows, o_rows, n_ok, GROUP: 
     WPG: tl.constexpr = WORDS // TILE_G
     gg = tl.arange(0, TILE_G)
     xw = x_ptr + 8 * jj
-    if PAIRS:
+    F16: tl.constexpr = x_ptr.dtype.element_ty == tl.float16
+    if PAIRS and XLOAD:
+        tl.static_assert((SUB == 8.0) and (not HAS_OFFSET), "PAIRS takes symmetric weights")
+        p0, p1, p2, p3 = _load_pairs_asm(xw, token)
+        t = _pairs_asm(w, p0[None, :], p1[None, :], p2[None, :], p3[None, :], F16)
+    elif PAIRS:
         tl.static_assert((SUB == 8.0) and (not HAS_OFFSET), "PAIRS takes symmetric weights")
         t = _pairs_asm(w, _load_pair(xw, 0, jj, w_hi, EVEN)[None, :],
                        _load_pair(xw, 1, jj, w_hi, EVEN)[None, :],
                        _load_pair(xw, 2, jj, w_hi, EVEN)[None, :],
-                       _load_pair(xw, 3, jj, w_hi, EVEN)[None, :])
+                       _load_pair(xw, 3, jj, w_hi, EVEN)[None, :], F16)
     else:
-        t, xsum = _word_sums(w, xw, jj, w_hi, SUB, EVEN, ASM)
+        t, xsum = _word_sums(w, xw, jj, w_hi, token, SUB, EVEN, ASM, XLOAD, F16)
     g_ok = n_ok[:, None] & (k0 + gg * (BLOCK_K // TILE_G) < k_hi)[None, :]
-    s = _load_groups(s_rows, k0, gg, g_ok, GROUP, EVEN)
+    if XLOAD:
+        s = _load_groups_asm(s_rows + (k0 // GROUP + gg)[None, :])
+    else:
+        s = _load_groups(s_rows, k0, gg, g_ok, GROUP, EVEN)
+    if PAIRS and F16:  # the float16 pair sums are a sixteenth of the word's (_pairs_ptx)
+        s = s * 16.0
     acc += tl.reshape(t, [BLOCK_N, TILE_G, WPG]) * s[:, :, None]
     if HAS_OFFSET:
-        o = _load_groups(o_rows, k0, gg, g_ok, GROUP, EVEN)
+        if XLOAD:
+            o = _load_groups_asm(o_rows + (k0 // GROUP + gg)[None, :])
+        else:
+            o = _load_groups(o_rows, k0, gg, g_ok, GROUP, EVEN)
         acc += o[:, :, None] * tl.reshape(xsum, [TILE_G, WPG])[None, :, :]
     return acc
 
@@ -491,7 +618,8 @@ def _gemv_int4_words_kernel(x_ptr, q_ptr, s_ptr, o_ptr, bias_ptr, out_ptr, part_
                             HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, BLOCK_N: tl.constexpr,
                             BLOCK_K: tl.constexpr, EVEN: tl.constexpr, GATED: tl.constexpr,
                             ASM: tl.constexpr, PAIRS: tl.constexpr, PDL: tl.constexpr = False,
-                            PEEL: tl.constexpr = False):
+                            PEEL: tl.constexpr = False, XLOAD: tl.constexpr = False,
+                            ROTATE: tl.constexpr = False):
     # 4-bit weights read as int32 words (``q_ptr``: [N, K / 8] int32, ``stride_qn`` in words):
     # word j holds inputs 8j .. 8j + 7, input 8j + i in bits 4i .. 4i + 3 (bytes little-endian,
     # low nibble first). Each nibble is masked in place (_nibble_as_float) and multiplied by the
@@ -510,20 +638,36 @@ def _gemv_int4_words_kernel(x_ptr, q_ptr, s_ptr, o_ptr, bias_ptr, out_ptr, part_
     w_hi = k_hi // 8
     acc = tl.zeros([BLOCK_N, TILE_G, WPG], dtype=tl.float32)
     k_start = k_lo
-    if PEEL:  # the first tile's words are read before the PDL wait (weights only)
+    if ROTATE:  # each tile's words are read before the tile before is summed (two tiles in registers)
+        kc = k_lo
         jj = k_lo // 8 + tl.arange(0, WORDS)
         w = _load_words(q_rows, jj, n_ok, w_hi, EVEN)
-        pdl_begin(PDL)
-        acc = _words_tile(acc, w, jj, k_lo, k_hi, w_hi, x_ptr, s_rows, o_rows, n_ok, GROUP, SUB, HAS_OFFSET,
-                          BLOCK_N, BLOCK_K, EVEN, ASM, PAIRS)
-        k_start = k_lo + BLOCK_K
+        token = pdl_begin(PDL)
+        for k0 in range(k_lo + BLOCK_K, k_hi, BLOCK_K):
+            jn = k0 // 8 + tl.arange(0, WORDS)
+            wn = _load_words(q_rows, jn, n_ok, w_hi, EVEN)
+            acc = _words_tile(acc, w, jj, kc, k_hi, w_hi, x_ptr, token, s_rows, o_rows, n_ok, GROUP, SUB,
+                              HAS_OFFSET, BLOCK_N, BLOCK_K, EVEN, ASM, PAIRS, XLOAD)
+            kc = k0
+            jj = jn
+            w = wn
+        acc = _words_tile(acc, w, jj, kc, k_hi, w_hi, x_ptr, token, s_rows, o_rows, n_ok, GROUP, SUB,
+                          HAS_OFFSET, BLOCK_N, BLOCK_K, EVEN, ASM, PAIRS, XLOAD)
     else:
-        pdl_begin(PDL)
-    for k0 in range(k_start, k_hi, BLOCK_K):
-        jj = k0 // 8 + tl.arange(0, WORDS)
-        w = _load_words(q_rows, jj, n_ok, w_hi, EVEN)
-        acc = _words_tile(acc, w, jj, k0, k_hi, w_hi, x_ptr, s_rows, o_rows, n_ok, GROUP, SUB, HAS_OFFSET,
-                          BLOCK_N, BLOCK_K, EVEN, ASM, PAIRS)
+        if PEEL:  # the first tile's words are read before the PDL wait (weights only)
+            jj = k_lo // 8 + tl.arange(0, WORDS)
+            w = _load_words(q_rows, jj, n_ok, w_hi, EVEN)
+            token = pdl_begin(PDL)
+            acc = _words_tile(acc, w, jj, k_lo, k_hi, w_hi, x_ptr, token, s_rows, o_rows, n_ok, GROUP, SUB,
+                              HAS_OFFSET, BLOCK_N, BLOCK_K, EVEN, ASM, PAIRS, XLOAD)
+            k_start = k_lo + BLOCK_K
+        else:
+            token = pdl_begin(PDL)
+        for k0 in range(k_start, k_hi, BLOCK_K):
+            jj = k0 // 8 + tl.arange(0, WORDS)
+            w = _load_words(q_rows, jj, n_ok, w_hi, EVEN)
+            acc = _words_tile(acc, w, jj, k0, k_hi, w_hi, x_ptr, token, s_rows, o_rows, n_ok, GROUP, SUB,
+                              HAS_OFFSET, BLOCK_N, BLOCK_K, EVEN, ASM, PAIRS, XLOAD)
     rm = tl.arange(0, 1)
     if GATED:
         _gated_epilogue(tl.sum(tl.sum(acc, axis=2), axis=1), rn, n_ok, N, out_ptr, out_ptr, out_ptr, bias_ptr,
@@ -732,7 +876,8 @@ def gemv_wna16(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, off
                bits: int, group_size: int, bias: torch.Tensor | None = None, *,
                tiles: GemvTiles | None = None, factored: bool = True, words: bool = True,
                gated: bool = False, nibble_asm: bool | None = None, pairs: bool = False,
-               pdl: bool = False, peel: bool = False) -> torch.Tensor:
+               pdl: bool = False, peel: bool = False, xload: bool = False,
+               rotate: bool = False) -> torch.Tensor:
     """WnA16 at one token (:class:`kernels.quant_reference.WnA16Weight` layout; checked by
     :func:`kernels.triton_ops.wna16.wna16_linear`): ``x`` ``[1, K]``, float32 sums, result in
     ``x.dtype``. ``factored``: scales applied per group sum (module docstring). ``words``:
@@ -745,7 +890,11 @@ def gemv_wna16(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, off
     packed bf16 arithmetic (:func:`_pairs_asm`: fewer instructions, products and four-term sums
     rounded to bf16), where that applies (CUDA, bf16 ``x``, no offsets); else ignored. ``peel``:
     the word kernel takes its first tile before the loop, reading its words before the PDL wait
-    (the same bits; ``wna16.M1_PEEL`` turns it on at one token, DECISIONS 137)."""
+    (the same bits; ``wna16.M1_PEEL`` turns it on at one token, DECISIONS 137). ``xload``: the
+    word kernel on whole tiles, bf16 or float16 ``x`` 16-byte aligned, on CUDA reads the inputs
+    and the scales (and offsets) in inline PTX, in the words' layout (:func:`_load_pairs_asm`,
+    :func:`_load_inputs_asm`, :func:`_load_groups_asm`; the same bits); else ignored.
+    ``rotate``: each tile's words are read before the previous tile is summed (the same bits)."""
     tiles = tiles or GemvTiles()
     tiles = GemvTiles(tiles.block_n, fit_block_k(tiles.block_k, group_size), tiles.num_warps, tiles.split_k)
     x = _one_row(x)
@@ -762,13 +911,15 @@ def gemv_wna16(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, off
                                        factored=factored, words=words, nibble_asm=nibble_asm, pdl=pdl))
     out = _gated_out(n, tiles, x, x.dtype) if gated else torch.empty((1, n), dtype=x.dtype, device=x.device)
     if q_words is not None:
+        use_pairs = pairs and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and sub == 8.0
+        even = n % tiles.block_n == 0 and k % tiles.block_k == 0 and _k_per_split(k, tiles) >= k
         return _launch(_gemv_int4_words_kernel, args, 1, n, k, out, None, None, bias, tiles,
                        stride_qn=q_words.stride(0), stride_sn=scales.stride(0), GROUP=group_size, SUB=sub,
                        HAS_OFFSET=offsets is not None, GATED=gated,
                        ASM=x.is_cuda if nibble_asm is None else nibble_asm,
-                       PAIRS=pairs and x.is_cuda and x.dtype == torch.bfloat16 and sub == 8.0,
-                       EVEN=n % tiles.block_n == 0 and k % tiles.block_k == 0 and _k_per_split(k, tiles) >= k,
-                       PEEL=peel, pdl=pdl)
+                       PAIRS=use_pairs, EVEN=even, PEEL=peel, ROTATE=rotate,
+                       XLOAD=xload and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and even
+                       and x.data_ptr() % 16 == 0, pdl=pdl)
     return _launch(_gemv_int_kernel, args, 1, n, k, out, None, None, bias, tiles,
                    stride_qn=qweight.stride(0), stride_sn=scales.stride(0), BITS=bits, GROUP=group_size,
                    SUB=sub, SIGNED8=signed8, HAS_OFFSET=offsets is not None, FACTORED=factored, pdl=pdl)

@@ -42,9 +42,15 @@ def pdl_begin(PDL: tl.constexpr):
     ``tl.extra.cuda.gdc_wait`` / ``gdc_launch_dependents``: Triton 3.4 (our minimum) ships those
     with the older ``_builder`` calling convention, and its own compiler then fails on any kernel
     that calls them (``unexpected keyword argument '_semantic'``; 3.5-3.9 are fine). The
-    instructions are the same."""
+    instructions are the same.
+
+    Returns a token, an int32 the wait's assembly defines (0 without ``PDL``): a pure inline
+    assembly that reads memory an earlier kernel writes takes it as an operand, so that the
+    compiler cannot move it above the wait (a pure assembly is otherwise free to move)."""
+    token = 0
     if PDL:
-        tl.inline_asm_elementwise("griddepcontrol.wait; // dummy $0", "=r", [], dtype=tl.int32, is_pure=False,
-                                  pack=1)
+        token = tl.inline_asm_elementwise("griddepcontrol.wait; // dummy $0", "=r", [], dtype=tl.int32,
+                                          is_pure=False, pack=1)
         tl.inline_asm_elementwise("griddepcontrol.launch_dependents; // dummy $0", "=r", [], dtype=tl.int32,
                                   is_pure=False, pack=1)
+    return token

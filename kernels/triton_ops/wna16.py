@@ -10,11 +10,13 @@ activation dtype (what :func:`kernels.quant_reference.wna16_linear` multiplies b
 - ``2 <= M <= MMA_GEMV_MAX_M``, symmetric 4-bit weights, bf16 or float16 inputs on CUDA: the tensor-core
   GEMV of :mod:`kernels.triton_ops.wna16_mma` (nibbles decoded in each lane's own ``mma``
   fragment; exact products, float32 sums), eight tokens per launch.
-- ``M <= WnA16Config.gemv_max_m``: a GEMV. Each program owns ``block_n`` output channels and
-  every token (``M`` padded to a power of two): it streams its rows of packed weight once,
-  along ``K`` (the layout's contiguous dim: 16-byte loads cover 32 four-bit weights of one
-  row), and multiplies on the CUDA cores with float32 sums. The grid is ``N / block_n``
-  programs, so decode needs no split-K.
+- ``M <= WnA16Config.gemv_max_m`` otherwise (asymmetric or 8-bit weights, float32 inputs):
+  with ``WnA16Config.gemv_token_loop`` the one-token GEMV once per token, each
+  launch reading the weight again; without it a GEMV over all the tokens: each program owns
+  ``block_n`` output channels and every token (``M`` padded to a power of two), streams its
+  rows of packed weight once along ``K`` (the layout's contiguous dim: 16-byte loads cover 32
+  four-bit weights of one row), and multiplies on the CUDA cores with float32 sums (a grid of
+  ``N / block_n`` programs: decode needs no split-K).
 - larger ``M``: a tiled GEMM, ``tl.dot`` of an activation tile with the dequantized
   weight tile (float32 accumulation), grouped program order for L2 reuse of weight tiles.
 Four-bit tiles are unpacked with ``tl.interleave(low, high)``: byte ``j`` holds inputs
@@ -43,10 +45,16 @@ GEMV_M1_TILES = GemvTiles(block_n=8, block_k=2048, num_warps=4, split_k=1)
 # on an H200, llama3-8b's four projections 50.7 against 57.9 us per layer, W2 W4A16 413.8
 # against 381.8 tok/s; max error / sum|x w| 3.7e-4 against 2.5e-4 (docs/DECISIONS.md 132).
 M1_PAIRS = True
+# The same for float16 inputs (gemv._pairs_ptx("fp16"): one shift per word instead of three,
+# products and sums of a sixteenth in float16): not yet timed on a card, so off.
+M1_PAIRS_F16 = False
 # One token: gemv_wna16's first tile taken before its loop, its words read before the PDL wait:
 # on an H200 32 llama3-8b layers 53.4-53.8 against 56.1-56.3 us per layer, W2 W4A16 449.8-450.1
 # against 441.9-442.2 tok/s, the same bits (DECISIONS 137).
 M1_PEEL = True
+# One token, where the packed bf16 decode runs on whole tiles: its inputs and scales read in
+# inline PTX in the word tile's layout (gemv.gemv_wna16 ``xload``; the same bits).
+M1_XLOAD = False
 # From two tokens up to this many, symmetric 4-bit weights times bf16 inputs on CUDA take the
 # tensor-core GEMV (wna16_mma), eight tokens per launch; float16 inputs too, in the same
 # program with float16 types (DECISIONS 138: not timed on a card). On an H200 over llama3-8b's four
@@ -66,6 +74,10 @@ class WnA16Config:
 
     gemv_max_m: int = 16
     one_token_gemv: bool = True  # M == 1: gemv.gemv_wna16 (module docstring)
+    # 2 <= M <= gemv_max_m where the tensor-core GEMV does not apply: gemv.gemv_wna16 once per
+    # token (module docstring) rather than this module's multi-token GEMV. Not yet timed on a
+    # card (bench_gemv.py --parts small_m), so off.
+    gemv_token_loop: bool = False
     gemv_block_n: int | None = None
     gemv_block_k: int | None = None
     gemv_num_warps: int | None = None
@@ -254,6 +266,11 @@ def _same_strides(a: torch.Tensor, b: torch.Tensor) -> bool:
     return all(sa == sb for sa, sb, size in zip(a.stride(), b.stride(), a.shape, strict=True) if size > 1)
 
 
+def _m1_pairs(x: torch.Tensor) -> bool:
+    """Whether the one-token GEMV takes the packed 16-bit decode for inputs like ``x``."""
+    return M1_PAIRS if x.dtype != torch.float16 else M1_PAIRS_F16
+
+
 def mma_tokens(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, group_size: int,
                bias: torch.Tensor | None, pdl: bool = False) -> torch.Tensor:
     """:func:`~kernels.triton_ops.wna16_mma.gemv_int4_mma` over ``x`` ``[M, K]`` (contiguous) in
@@ -274,7 +291,7 @@ def wna16_gated_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Ten
     x2 = x.reshape(-1, x.shape[-1])
     _check(x2, qweight, scales, offsets, bits, group_size)
     y = gemv_wna16(x2, qweight, scales, offsets, bits, group_size, bias, tiles=GEMV_M1_TILES, gated=True,
-                   pairs=M1_PAIRS, pdl=pdl, peel=M1_PEEL)
+                   pairs=_m1_pairs(x2), pdl=pdl, peel=M1_PEEL, xload=M1_XLOAD)
     return y.reshape(*x.shape[:-1], n // 2)
 
 
@@ -303,11 +320,17 @@ def wna16_linear(
     m = x2.shape[0]
     if m == 1 and config.one_token_gemv and config.gemv_max_m >= 1:
         y = gemv_wna16(x2, qweight, scales, offsets, bits, group_size, bias, tiles=GEMV_M1_TILES,
-                       pairs=M1_PAIRS, pdl=pdl, peel=M1_PEEL)
+                       pairs=_m1_pairs(x2), pdl=pdl, peel=M1_PEEL, xload=M1_XLOAD)
         return y.reshape(*x.shape[:-1], n)
     mma = 2 <= m <= min(MMA_GEMV_MAX_M, config.gemv_max_m)
     if mma and mma_applies(x2[:MMA_MAX_M], qweight, offsets, bits, group_size):
         return mma_tokens(x2, qweight, scales, group_size, bias, pdl).reshape(*x.shape[:-1], n)
+    if 2 <= m <= config.gemv_max_m and config.gemv_token_loop and config.one_token_gemv:
+        y = torch.cat([gemv_wna16(x2[i:i + 1], qweight, scales, offsets, bits, group_size, bias,
+                                  tiles=GEMV_M1_TILES, pairs=_m1_pairs(x2), pdl=pdl, peel=M1_PEEL,
+                                  xload=M1_XLOAD)
+                       for i in range(m)])
+        return y.reshape(*x.shape[:-1], n)
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0:
         return out.reshape(*x.shape[:-1], n)

@@ -277,8 +277,9 @@ def _check_wna16(t: Target, seed: int, ms: list[int], shapes: list[tuple[int, in
                 got = twna16.wna16_linear(*args, config=config)
                 ref = qref.wna16_linear(*args)
                 case = f"{what} M={m} {n}x{k} bits={bits} g={group} off={offsets}"
-                # gemv.gemv_wna16 at one token, the tensor-core GEMV from 2 to MMA_GEMV_MAX_M
-                # (symmetric 4-bit, bf16 or float16 on CUDA): both multiply by the unrounded weight.
+                # gemv.gemv_wna16 at one token and per token up to gemv_max_m, the tensor-core GEMV
+                # from 2 to MMA_GEMV_MAX_M (symmetric 4-bit, bf16 or float16 on CUDA): all multiply
+                # by the unrounded weight.
                 if m == 1 or m <= twna16.MMA_GEMV_MAX_M:
                     assert_wna16_gemv_close(got, ref, x, w, t.dtype, case)
                 else:
@@ -289,6 +290,8 @@ def check_wna16_gemv(t: Target) -> None:
     shapes = [(40, 128), (33, 384)] + ([(4096, 4096), (1024, 14336)] if t.big else [])
     # On a card 11 tokens: the tensor-core GEMV in launches of 8 and 3 (wna16.mma_tokens).
     _check_wna16(t, 15, [1, 3, 16] + ([11] if t.big else []), shapes, "wna16 gemv")
+    # Where the tensor-core GEMV does not apply, 2-16 tokens may run the one-token GEMV per token.
+    _check_wna16(t, 18, [3], shapes, "wna16 gemv token loop", twna16.WnA16Config(gemv_token_loop=True))
 
 
 def check_wna16_gemm(t: Target) -> None:
@@ -395,13 +398,28 @@ def check_gemv_wna16(t: Target) -> None:
                     if bits == 4 and not byte_kernel:  # the first tile peeled: the same sums
                         peeled = tgemv.gemv_wna16(*args, tiles=tiles, factored=factored, peel=True)
                         assert torch.equal(peeled, got), f"{what} peel: {(peeled - got).abs().max()}"
-                if bits == 4 and not offsets and t.dtype == torch.bfloat16 and t.device != "cpu":
-                    # The packed bf16 decode (CUDA): products and four-term sums rounded to bf16.
+                        rotated = tgemv.gemv_wna16(*args, tiles=tiles, factored=factored, rotate=True)
+                        assert torch.equal(rotated, got), f"{what} rotate: {(rotated - got).abs().max()}"
+                        # Inputs, scales and offsets read in PTX (CUDA, whole tiles): the same sums.
+                        xl = tgemv.gemv_wna16(*args, tiles=tiles, factored=factored, xload=True)
+                        assert torch.equal(xl, got), f"{what} xload: {(xl - got).abs().max()}"
+                if bits == 4 and not offsets and t.dtype != torch.float32 and t.device != "cpu":
+                    # The packed 16-bit decode (CUDA): products and four-term sums rounded to the
+                    # inputs' dtype (float16: of a sixteenth of each product).
                     got = tgemv.gemv_wna16(*args, tiles=tiles, pairs=True)
                     what = f"gemv_wna16 pairs {n}x{k} g={group} {tiles}"
                     assert_wna16_gemv_close(got, ref, x, w, t.dtype, what, roundings=4)
                     peeled = tgemv.gemv_wna16(*args, tiles=tiles, pairs=True, peel=True)
                     assert torch.equal(peeled, got), f"{what} peel: {(peeled - got).abs().max()}"
+                    # Inputs and scales read in PTX, tiles read one ahead: the same sums.
+                    for flags in ({"xload": True}, {"rotate": True}, {"xload": True, "rotate": True},
+                                  {"xload": True, "peel": True}):
+                        other = tgemv.gemv_wna16(*args, tiles=tiles, pairs=True, **flags)
+                        assert torch.equal(other, got), f"{what} {flags}: {(other - got).abs().max()}"
+                        if flags == {"xload": True}:
+                            gated = tgemv.gemv_wna16(*args, tiles=tiles, pairs=True, gated=True, **flags)
+                            unfused = tgemv.gemv_wna16(*args, tiles=tiles, pairs=True, gated=True)
+                            assert torch.equal(gated, unfused), f"{what} gated {flags}"
 
 
 # Gated tilings: one split, whole gate/up pairs (block_n >= 2): the default, the fp8 one-token

@@ -1,0 +1,130 @@
+"""The one-token 4-bit word GEMV's inline PTX (``kernels/triton_ops/gemv.py``) without a GPU, run
+by the interpreter of ``ptx_model.py``:
+
+- the packed decode (``_pairs_ptx``, bf16 and float16 inputs): each word's eight nibbles meet the
+  right inputs (small integers: every product and sum exact, so the result must be too), and
+  random inputs stay within the stated roundings of ``sum (q_i - 8) x_i`` (float16: a sixteenth);
+- the input loads: eight 16-bit inputs regrouped into the pairs ``(x_r, x_{r+4})`` the decode
+  takes (``_pair_loads_ptx``), or as float32 (``_input_loads_ptx``, the float32 decode's);
+- the scale loads (``_GROUP_LOAD_*``): bf16, float16 and float32 scales read as float32;
+- compiled for sm_90, the loop of the ``xload`` kernel moves nothing through shared memory.
+The whole kernel against the torch reference runs on a card (``quant_kernel_checks``).
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+
+from kernels.triton_ops import gemv  # noqa: E402
+from tests.kernels.ptx_model import _LANES, MODELLED, opcodes, run_ptx  # noqa: E402
+
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _bits16(x: torch.Tensor) -> np.ndarray:
+    return x.view(torch.int16).numpy().astype(np.uint16).astype(np.uint32)
+
+
+def _pair_operands(q: np.ndarray, x: torch.Tensor) -> dict[int, np.ndarray]:
+    """Word ``$1`` (input ``i`` in bits ``4 i .. 4 i + 3``) and pairs ``$2 .. $5`` = ``(x_r, x_{r+4})``
+    per lane, from nibbles ``q`` ``[lanes, 8]`` and inputs ``x`` ``[lanes, 8]``."""
+    word = np.zeros(_LANES, dtype=np.uint32)
+    for i in range(8):
+        word |= q[:, i].astype(np.uint32) << (4 * i)
+    xb = _bits16(x)
+    return {1: word, **{2 + r: xb[:, r] | (xb[:, r + 4] << 16) for r in range(4)}}
+
+
+@pytest.mark.parametrize("act", ["bf16", "fp16"])
+def test_pairs_program_pairs_each_nibble_with_its_input(act: str) -> None:
+    gen = torch.Generator().manual_seed(5)
+    q = torch.randint(0, 16, (_LANES, 8), generator=gen).numpy()
+    x = torch.randint(-4, 5, (_LANES, 8), generator=gen).to(_DTYPES[act])  # every sum exact
+    got = run_ptx(gemv._pairs_ptx(act), _pair_operands(q, x))["$0"].view(np.float32).astype(np.float64)
+    want = ((q - 8.0) * x.double().numpy()).sum(axis=1) / (16.0 if act == "fp16" else 1.0)
+    np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("act", ["bf16", "fp16"])
+def test_pairs_program_rounds_as_documented(act: str) -> None:
+    """Products and four-term sums rounded to the inputs' dtype: within four roundings of each
+    term (the bound ``assert_wna16_gemv_close(roundings=4)`` gives the kernel)."""
+    gen = torch.Generator().manual_seed(6)
+    q = torch.randint(0, 16, (_LANES, 8), generator=gen).numpy()
+    x = (torch.randn(_LANES, 8, generator=gen) * 3).to(_DTYPES[act])
+    got = run_ptx(gemv._pairs_ptx(act), _pair_operands(q, x))["$0"].view(np.float32).astype(np.float64)
+    terms = (q - 8.0) * x.double().numpy()
+    scale = 16.0 if act == "fp16" else 1.0
+    u = {"bf16": 2.0**-8, "fp16": 2.0**-11}[act]
+    err = np.abs(got * scale - terms.sum(axis=1))
+    assert (err <= 4 * u * np.abs(terms).sum(axis=1) + 1e-30).all(), err.max()
+
+
+def test_pair_loads_regroup_the_inputs() -> None:
+    x = torch.randn(_LANES, 8, generator=torch.Generator().manual_seed(7)).to(torch.bfloat16)
+    memory = x.view(torch.uint8).numpy().tobytes()
+    regs = run_ptx(gemv._pair_loads_ptx(), {4: np.arange(_LANES, dtype=np.uint32) * 16}, memory)
+    xb = _bits16(x)
+    for r in range(4):
+        np.testing.assert_array_equal(regs[f"${r}"], xb[:, r] | (xb[:, r + 4] << 16))
+
+
+@pytest.mark.parametrize("act", ["bf16", "fp16"])
+def test_input_loads_read_eight_inputs_as_float32(act: str) -> None:
+    x = torch.randn(_LANES, 8, generator=torch.Generator().manual_seed(9)).to(_DTYPES[act])
+    regs = run_ptx(gemv._input_loads_ptx(act), {8: np.arange(_LANES, dtype=np.uint32) * 16},
+                   x.view(torch.uint8).numpy().tobytes())
+    for i in range(8):
+        np.testing.assert_array_equal(regs[f"${i}"].view(np.float32), x[:, i].float().numpy())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_group_loads_read_scales_as_float32(dtype: torch.dtype) -> None:
+    s = (torch.rand(_LANES, generator=torch.Generator().manual_seed(8)) * 0.02 + 0.001).to(dtype)
+    ptx = {torch.bfloat16: gemv._GROUP_LOAD_BF16, torch.float16: gemv._GROUP_LOAD_F16,
+           torch.float32: gemv._GROUP_LOAD_F32}[dtype].value
+    regs = run_ptx(ptx, {1: np.arange(_LANES, dtype=np.uint32) * s.element_size()},
+                   s.view(torch.uint8).numpy().tobytes())
+    np.testing.assert_array_equal(regs["$0"].view(np.float32), s.float().numpy())
+
+
+def test_programs_use_only_modelled_instructions() -> None:
+    programs = [gemv._pairs_ptx("bf16"), gemv._pairs_ptx("fp16"), gemv._pair_loads_ptx(),
+                gemv._input_loads_ptx("bf16"), gemv._input_loads_ptx("fp16"),
+                gemv._GROUP_LOAD_BF16.value, gemv._GROUP_LOAD_F16.value, gemv._GROUP_LOAD_F32.value]
+    for ptx in programs:
+        assert opcodes(ptx) <= MODELLED, opcodes(ptx) - MODELLED
+
+
+@pytest.mark.parametrize(("x_dtype", "pairs"), [("bf16", True), ("fp16", True), ("bf16", False)],
+                         ids=["bf16-pairs", "fp16-pairs", "bf16-offsets"])
+def test_xload_loop_moves_nothing_through_shared_memory(x_dtype: str, pairs: bool) -> None:
+    """Inputs and scales read in PTX take the word tile's layout: no layout conversion (shared
+    memory and barriers) in the loop, where ``tl.load`` of the same inputs put eight."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    fn = gemv._gemv_int4_words_kernel
+    ptrs = dict(x_ptr=f"*{x_dtype}", q_ptr="*i32", s_ptr="*fp16", o_ptr="*fp16", bias_ptr="*fp16",
+                out_ptr=f"*{x_dtype}", part_ptr="*fp32")
+    consts = dict(GROUP=128, SUB=8.0 if pairs else 0.0, HAS_OFFSET=not pairs, HAS_BIAS=False, SPLIT=False,
+                  BLOCK_N=8, BLOCK_K=2048, EVEN=True, GATED=False, ASM=True, PAIRS=pairs, PDL=True, PEEL=True,
+                  XLOAD=True, ROTATE=False)
+    sig = {n: ptrs.get(n, "constexpr" if n in consts else "i32") for n in fn.arg_names}
+    attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]]
+             for n in fn.arg_names if sig[n] != "constexpr"}
+    try:
+        kernel = triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", 90, 32),
+                                options=dict(num_warps=4))
+    except (RuntimeError, FileNotFoundError) as exc:  # no CUDA toolchain in this Triton build
+        pytest.skip(f"cannot compile for sm_90 here: {exc}")
+    ttgir = kernel.asm["ttgir"]
+    loop = ttgir[ttgir.index("scf.for"): ttgir.index("scf.yield")]
+    assert "ttg.convert_layout" not in loop and "ttg.local_" not in loop
+    assert len(re.findall("tt.elementwise_inline_asm", loop)) >= 3  # inputs, decode, scales (offsets)
