@@ -31,8 +31,9 @@ weights' (plus scales); the share is of a 1 GiB device-to-device copy measured f
   against ``wna16_linear``'s CUDA-core GEMV (:func:`bench_w4_mma`);
 - ``w4gemm``: the 4-bit GEMM at 16, 64 and 256 tokens, tilings with and without split-K, against
   bf16 cuBLAS (:func:`bench_w4_gemm`);
-- ``small_m``: asymmetric 4-bit and 8-bit weights at 1-16 tokens, the one-token GEMV per token
-  (``WnA16Config.gemv_token_loop``) against the multi-token GEMV and the GEMM (:func:`bench_small_m_formats`).
+- ``small_m``: asymmetric 4-bit and 8-bit weights at 1-16 tokens: the default dispatch, and the
+  one-token GEMV per token (``WnA16Config.gemv_token_loop``), the multi-token GEMV and the GEMM
+  (:func:`bench_small_m_formats`).
 
 Sweep: ``block_n`` 4/8/16 x ``block_k`` 512/1024 x 4/8 warps, plus (4, 1024, 2), (2, 1024, 2),
 (32, 256, 4); each with split-K 1, 2, 4 (``w4``: also (32, 1024, 8), (32, 512, 8), (16, 2048, 8),
@@ -54,7 +55,7 @@ import torch.nn.functional as F
 from bench_quant_kernels import copy_bandwidth_gb_s  # bench/ is on sys.path when run as a script
 
 from kernels import quant_reference as qref
-from kernels.triton_ops import fp8_matmul
+from kernels.triton_ops import fp8_matmul, wna16
 from kernels.triton_ops import gemv as G
 from kernels.triton_ops.activation import silu_and_mul
 from kernels.triton_ops.norm import fused_add_rms_norm
@@ -593,9 +594,11 @@ def bench_w4_gemm(rec: Recorder, layers: int = 8) -> None:
 
 # WnA16 formats the tensor-core GEMV does not take: (bits, offsets).
 SMALL_M_FORMATS = {"w4 asym": (4, True), "w8": (8, False)}
-SMALL_M_CONFIGS = {"token loop": WnA16Config(gemv_token_loop=True),
-                   "multi-token gemv": WnA16Config(gemv_token_loop=False),
-                   "gemm": WnA16Config(gemv_max_m=0)}
+# name: (config, tensor-core GEMV allowed)
+SMALL_M_CONFIGS = {"default": (WnA16Config(), True),
+                   "token loop": (WnA16Config(gemv_token_loop=True), False),
+                   "multi-token gemv": (WnA16Config(gemv_token_loop=False), False),
+                   "gemm": (WnA16Config(gemv_max_m=0), False)}
 
 
 def _wna16_layers(n: int, k: int, bits: int, offsets: bool,
@@ -621,8 +624,9 @@ def _wna16_call(x: torch.Tensor, bits: int, cfg: WnA16Config, q: torch.Tensor, s
 
 def bench_small_m_formats(rec: Recorder, layers: int = 16) -> None:
     """2-16 tokens of the WnA16 formats the tensor-core GEMV does not take (asymmetric 4-bit,
-    8-bit) over llama3-8b's four projections: the one-token GEMV once per token, the
-    multi-token CUDA-core GEMV (the default), and the GEMM (``SMALL_M_CONFIGS``); one token too."""
+    8-bit) over llama3-8b's four projections: the default dispatch (asymmetric 4-bit: the
+    tensor-core GEMV), and without the tensor-core GEMV the one-token GEMV once per token, the
+    multi-token CUDA-core GEMV and the GEMM (``SMALL_M_CONFIGS``); one token too."""
     for fmt, (bits, offsets) in SMALL_M_FORMATS.items():
         ws = {name: _wna16_layers(n, k, bits, offsets, layers) for name, (n, k) in SHAPES_8B.items()}
         nbytes = {name: n * k * bits // 8 + n * (k // 128) * (4 if offsets else 2)
@@ -631,15 +635,19 @@ def bench_small_m_formats(rec: Recorder, layers: int = 16) -> None:
             xs = {name: torch.randn(m, k, device=DEV, dtype=torch.bfloat16)
                   for name, (_, k) in SHAPES_8B.items()}
             totals = []
-            for variant, cfg in SMALL_M_CONFIGS.items():
-                if m == 1 and variant != "token loop":
+            for variant, (cfg, mma) in SMALL_M_CONFIGS.items():
+                if m == 1 and variant != "default":
                     continue
                 total = 0.0
-                for name in SHAPES_8B:
-                    run = chain(partial(_wna16_call, xs[name], bits, cfg), ws[name])
-                    row = rec.add(f"small_m {fmt}", name, f"M={m} {variant}", time_chain(run), nbytes[name],
-                                  layers)
-                    total += row["us_per_layer"]
+                saved, wna16.MMA_GEMV_MAX_M = wna16.MMA_GEMV_MAX_M, (wna16.MMA_GEMV_MAX_M if mma else 0)
+                try:
+                    for name in SHAPES_8B:
+                        run = chain(partial(_wna16_call, xs[name], bits, cfg), ws[name])
+                        row = rec.add(f"small_m {fmt}", name, f"M={m} {variant}", time_chain(run),
+                                      nbytes[name], layers)
+                        total += row["us_per_layer"]
+                finally:
+                    wna16.MMA_GEMV_MAX_M = saved
                 totals.append(f"{variant} {total:.1f}")
             print(f"{fmt} M={m} (us per layer): {', '.join(totals)}", flush=True)
         del ws

@@ -7,10 +7,11 @@ activation dtype (what :func:`kernels.quant_reference.wna16_linear` multiplies b
   the exponent-trick conversion and per-group scaling (that module's docstring); symmetric
   weights times bf16 inputs on CUDA in packed bf16 arithmetic (``M1_PAIRS``), the first tile's
   words read before the PDL wait (``M1_PEEL``).
-- ``2 <= M <= MMA_GEMV_MAX_M``, symmetric 4-bit weights, bf16 or float16 inputs on CUDA: the tensor-core
-  GEMV of :mod:`kernels.triton_ops.wna16_mma` (nibbles decoded in each lane's own ``mma``
-  fragment; exact products, float32 sums), eight tokens per launch.
-- ``M <= WnA16Config.gemv_max_m`` otherwise (asymmetric or 8-bit weights, float32 inputs):
+- ``2 <= M <= MMA_GEMV_MAX_M``, 4-bit weights in groups of multiples of 128 (symmetric, or
+  asymmetric with offsets of the scales' dtype), bf16 or float16 inputs on CUDA: the
+  tensor-core GEMV of :mod:`kernels.triton_ops.wna16_mma` (nibbles decoded in each lane's own
+  ``mma`` fragment; exact products, float32 sums), eight tokens per launch.
+- ``M <= WnA16Config.gemv_max_m`` otherwise (8-bit weights, smaller groups, float32 inputs):
   with ``WnA16Config.gemv_token_loop`` the one-token GEMV once per token, each
   launch reading the weight again; without it a GEMV over all the tokens: each program owns
   ``block_n`` output channels and every token (``M`` padded to a power of two), streams its
@@ -57,7 +58,8 @@ M1_PEEL = True
 M1_XLOAD = False
 # From two tokens up to this many, symmetric 4-bit weights times bf16 inputs on CUDA take the
 # tensor-core GEMV (wna16_mma), eight tokens per launch; float16 inputs too, in the same
-# program with float16 types (DECISIONS 138: not timed on a card). On an H200 over llama3-8b's four
+# program with float16 types (DECISIONS 138: not timed on a card); asymmetric 4-bit weights too
+# (offsets: one more mma per input pair, DECISIONS 139). On an H200 over llama3-8b's four
 # projections (us per layer): 2 tokens 71 against 407 for this module's CUDA-core GEMV, 8: 79
 # against 2,020, 16: 150 against 3,999 (and 1,084 for the GEMM). At one token the word kernel
 # is faster (53.4 against 68.7; why is not profiled yet: DECISIONS 137). 0: never.
@@ -272,12 +274,14 @@ def _m1_pairs(x: torch.Tensor) -> bool:
 
 
 def mma_tokens(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, group_size: int,
-               bias: torch.Tensor | None, pdl: bool = False) -> torch.Tensor:
+               bias: torch.Tensor | None, pdl: bool = False,
+               offsets: torch.Tensor | None = None) -> torch.Tensor:
     """:func:`~kernels.triton_ops.wna16_mma.gemv_int4_mma` over ``x`` ``[M, K]`` (contiguous) in
     launches of ``MMA_MAX_M`` tokens (each reads the weight once): ``[M, N]``."""
     if x.shape[0] <= MMA_MAX_M:
-        return gemv_int4_mma(x, qweight, scales, group_size, bias, pdl=pdl)
-    return torch.cat([gemv_int4_mma(x[i:i + MMA_MAX_M], qweight, scales, group_size, bias, pdl=pdl)
+        return gemv_int4_mma(x, qweight, scales, group_size, bias, pdl=pdl, offsets=offsets)
+    return torch.cat([gemv_int4_mma(x[i:i + MMA_MAX_M], qweight, scales, group_size, bias, pdl=pdl,
+                                    offsets=offsets)
                       for i in range(0, x.shape[0], MMA_MAX_M)])
 
 
@@ -323,8 +327,8 @@ def wna16_linear(
                        pairs=_m1_pairs(x2), pdl=pdl, peel=M1_PEEL, xload=M1_XLOAD)
         return y.reshape(*x.shape[:-1], n)
     mma = 2 <= m <= min(MMA_GEMV_MAX_M, config.gemv_max_m)
-    if mma and mma_applies(x2[:MMA_MAX_M], qweight, offsets, bits, group_size):
-        return mma_tokens(x2, qweight, scales, group_size, bias, pdl).reshape(*x.shape[:-1], n)
+    if mma and mma_applies(x2[:MMA_MAX_M], qweight, offsets, bits, group_size, scales):
+        return mma_tokens(x2, qweight, scales, group_size, bias, pdl, offsets).reshape(*x.shape[:-1], n)
     if 2 <= m <= config.gemv_max_m and config.gemv_token_loop and config.one_token_gemv:
         y = torch.cat([gemv_wna16(x2[i:i + 1], qweight, scales, offsets, bits, group_size, bias,
                                   tiles=GEMV_M1_TILES, pairs=_m1_pairs(x2), pdl=pdl, peel=M1_PEEL,

@@ -40,8 +40,10 @@ and float16 ``mma`` (DECISIONS 138).
 
 Each program owns 16 rows (8 gated outputs) and its warps split ``K`` in blocks of 128 inputs,
 ``BPI`` blocks per warp per loop iteration; the block's group scale multiplies its sums, the warps'
-sums meet in one reduction at the end. Symmetric weights (no offsets), group sizes that are
-multiples of 128, bf16 or float16 inputs, ``N`` a multiple of 16, ``M <= 8``: :func:`mma_applies`.
+sums meet in one reduction at the end. Symmetric weights, or asymmetric ones (offsets: each
+token's sum of the block's inputs from one more ``mma`` of a constant ``A`` of ones, times
+``8 scale + offset``), group sizes that are multiples of 128, bf16 or float16 inputs, ``N`` a
+multiple of 16, ``M <= 8``: :func:`mma_applies`.
 """
 
 from __future__ import annotations
@@ -86,15 +88,23 @@ def mma_tiles(n: int, k: int) -> MmaTiles:
 
 
 def mma_applies(x: torch.Tensor, qweight: torch.Tensor, offsets: torch.Tensor | None, bits: int,
-                group_size: int) -> bool:
+                group_size: int, scales: torch.Tensor | None = None) -> bool:
     """Whether :func:`gemv_int4_mma` takes this product: CUDA with ``mma.sync`` bf16 (sm_80+), bf16
     or float16 ``x`` ``[M, K]`` with ``M <= 8``, symmetric 4-bit weights, groups of a multiple of
     128 inputs, 16-row blocks, and the alignment the assembly's lane layout needs (:func:`_aligned`)."""
-    if not x.is_cuda or x.dtype not in _ASM_DTYPES or bits != 4 or offsets is not None or x.dim() != 2:
+    if not x.is_cuda or x.dtype not in _ASM_DTYPES or bits != 4 or x.dim() != 2:
+        return False
+    if offsets is not None and (scales is None or not offsets_fit(scales, offsets)):
         return False
     if not _shape_ok(x, qweight, group_size) or not _aligned(x, qweight):
         return False
     return torch.cuda.get_device_capability(x.device) >= (8, 0)
+
+
+def offsets_fit(scales: torch.Tensor, offsets: torch.Tensor) -> bool:
+    """Offsets the kernel reads with the scales' addressing: same dtype, shape and strides."""
+    return (offsets.dtype == scales.dtype and offsets.shape == scales.shape
+            and offsets.stride() == scales.stride())
 
 
 def _shape_ok(x: torch.Tensor, qweight: torch.Tensor, group_size: int) -> bool:
@@ -130,19 +140,23 @@ _ACT = {"bf16": ("bf16", "0x43004300", "0xC308C308", "0x3F803F80"),
         "fp16": ("f16", "0x64006400", "0xE408E408", "0x3C003C00")}
 
 
-def _mma_ptx(scale_dtype: str, sub_mma: bool = True, act: str = "bf16") -> str:
+def _mma_ptx(scale_dtype: str, sub_mma: bool = True, act: str = "bf16", offsets: bool = False) -> str:
     """The block program (operands above) for ``float16`` or ``float32`` scales and ``bf16`` or
     ``fp16`` inputs; ``sub_mma``: the ``- 136`` as one constant-A ``mma`` per input pair, else as
     a packed FMA per weight pair (``128 + q - 136``, exact): one more ``mma`` per word of
     weights, or four more FMAs. fp16 inputs take the FMA only: their constant-A form would
-    subtract ``1032 x`` from ``1024 x``-sized sums in float32 (a cancellation of about 7 bits)."""
+    subtract ``1032 x`` from ``1024 x``-sized sums in float32 (a cancellation of about 7 bits).
+    ``offsets`` (asymmetric weights, ``q * scale + offset`` with ``q`` in 0..15): the block's
+    inputs are also summed per token by an ``mma`` of a constant ``A`` of ones (``D'``, every row
+    the token's ``sum x``), the offsets read from ``$32 .. $35`` (the scales' dtype), and each
+    element is ``scale * sum (q - 8) x + (8 scale + offset) * sum x``."""
     if act == "fp16" and sub_mma:
         raise ValueError("fp16 inputs subtract with the FMA (sub_mma=False)")
     typ, bias_or, kc, one = _ACT[act]
 
-    def mma(a: str, b: str) -> str:
-        return (f"mma.sync.aligned.m16n8k16.row.col.f32.{typ}.{typ}.f32 {{$0, $1, $2, $3}}, "
-                f"{{{a}}}, {{{b}}}, {{$0, $1, $2, $3}};")
+    def mma(a: str, b: str, d: str = "$0, $1, $2, $3") -> str:
+        return (f"mma.sync.aligned.m16n8k16.row.col.f32.{typ}.{typ}.f32 {{{d}}}, "
+                f"{{{a}}}, {{{b}}}, {{{d}}};")
 
     def pairs(dst: tuple[str, str], shift: int) -> list[str]:
         # (128 + q_i, 128 + q_{i+4}) of rows a and b, i = shift / 4 (then - 136 unless sub_mma)
@@ -172,6 +186,13 @@ def _mma_ptx(scale_dtype: str, sub_mma: bool = True, act: str = "bf16") -> str:
     for u in range(4 if sub_mma else 0):
         lines += [mma("kc, kc, kc, kc", f"{b[u][0]}, {b[u][1]}")]
         lines += [mma("kc, kc, kc, kc", f"{b[u][2]}, {b[u][3]}")]
+    if offsets:  # each token's sum x (every row of D'), from a constant A of ones
+        lines[1:1] = [".reg .f32 d0, d1, d2, d3, oa, ob, za, zb;"]
+        lines += ["mov.f32 d0, 0f00000000;", "mov.f32 d1, 0f00000000;",
+                  "mov.f32 d2, 0f00000000;", "mov.f32 d3, 0f00000000;"]
+        for u in range(4):
+            lines += [mma("one, one, one, one", f"{b[u][0]}, {b[u][1]}", "d0, d1, d2, d3"),
+                      mma("one, one, one, one", f"{b[u][2]}, {b[u][3]}", "d0, d1, d2, d3")]
     for u in range(4):
         words = dict(wa=f"${4 + u}", wb=f"${8 + u}")
         body = pairs(("a0", "a1"), 0) + pairs(("a2", "a3"), 4)
@@ -180,21 +201,31 @@ def _mma_ptx(scale_dtype: str, sub_mma: bool = True, act: str = "bf16") -> str:
         body.append(mma("a0, a1, a2, a3", f"{b[u][2]}, {b[u][3]}"))  # pairs 2 and 3
         lines += [line.format(**words) if "{w" in line else line for line in body]
     # The block's group scale of rows a and b ($28 and $30: the addresses of elements 0 and 2).
-    if scale_dtype == "fp32":
-        lines += ["ld.global.nc.f32 sa, [$28];", "ld.global.nc.f32 sb, [$30];"]
-    else:
-        lines += ["ld.global.nc.b16 ha, [$28];", "ld.global.nc.b16 hb, [$30];",
-                  "cvt.f32.f16 sa, ha;", "cvt.f32.f16 sb, hb;"]
-    lines += ["mul.f32 $0, $0, sa;", "mul.f32 $1, $1, sa;", "mul.f32 $2, $2, sb;", "mul.f32 $3, $3, sb;", "}"]
+    def group_loads(ra: str, rb: str, addr_a: str, addr_b: str) -> list[str]:
+        if scale_dtype == "fp32":
+            return [f"ld.global.nc.f32 {ra}, [{addr_a}];", f"ld.global.nc.f32 {rb}, [{addr_b}];"]
+        return [f"ld.global.nc.b16 ha, [{addr_a}];", f"ld.global.nc.b16 hb, [{addr_b}];",
+                f"cvt.f32.f16 {ra}, ha;", f"cvt.f32.f16 {rb}, hb;"]
+
+    lines += group_loads("sa", "sb", "$28", "$30")
+    lines += ["mul.f32 $0, $0, sa;", "mul.f32 $1, $1, sa;", "mul.f32 $2, $2, sb;", "mul.f32 $3, $3, sb;"]
+    if offsets:  # + (8 scale + offset) * sum x
+        lines += group_loads("oa", "ob", "$32", "$34")
+        lines += ["fma.rn.f32 za, sa, 0f41000000, oa;", "fma.rn.f32 zb, sb, 0f41000000, ob;",
+                  "fma.rn.f32 $0, d0, za, $0;", "fma.rn.f32 $1, d1, za, $1;",
+                  "fma.rn.f32 $2, d2, zb, $2;", "fma.rn.f32 $3, d3, zb, $3;"]
+    lines.append("}")
     return "\n".join(lines)
 
 
-# The block program by (float32 scales, sub_mma, fp16 inputs); the launch picks one (the kernel's PTX).
-_BLOCK_PTX = {(f32, sub, f16): _mma_ptx("fp32" if f32 else "fp16", sub, "fp16" if f16 else "bf16")
-              for f32 in (False, True) for sub in (False, True) for f16 in (False, True) if not (sub and f16)}
+# The block program by (float32 scales, sub_mma, fp16 inputs, offsets); the launch picks one.
+_BLOCK_PTX = {(f32, sub, f16, off): _mma_ptx("fp32" if f32 else "fp16", sub, "fp16" if f16 else "bf16", off)
+              for f32 in (False, True) for sub in (False, True) for f16 in (False, True)
+              for off in (False, True) if not (sub and f16)}
 # pack=4: four float32 sums out, then four of each int32 input (words a, words b, the four
-# input-pair tensors), then four int64 scale addresses.
+# input-pair tensors), then four int64 scale addresses (and four offset addresses).
 _MMA_CONSTRAINTS = tl.constexpr("=f,=f,=f,=f" + ",r" * 24 + ",l" * 4)
+_MMA_CONSTRAINTS_OFFSETS = tl.constexpr("=f,=f,=f,=f" + ",r" * 24 + ",l" * 8)
 
 
 @triton.jit
@@ -209,11 +240,19 @@ def _mma_block_asm(wa, wb, x0, x1, x2, x3, s_addr, PTX: tl.constexpr):
 
 
 @triton.jit
-def _mma_block_model(wa, wb, x0, x1, x2, x3, s, R: tl.constexpr):
+def _mma_block_asm_offsets(wa, wb, x0, x1, x2, x3, s_addr, o_addr, PTX: tl.constexpr):
+    """:func:`_mma_block_asm` for asymmetric weights: the offsets read from ``o_addr`` too."""
+    return tl.inline_asm_elementwise(PTX, _MMA_CONSTRAINTS_OFFSETS, [wa, wb, x0, x1, x2, x3, s_addr, o_addr],
+                                     dtype=tl.float32, is_pure=True, pack=4)
+
+
+@triton.jit
+def _mma_block_model(wa, wb, x0, x1, x2, x3, s, o, R: tl.constexpr, HAS_OFFSET: tl.constexpr):
     """What :func:`_mma_block_asm` returns, from the same lane tensors, in Triton ops the CPU
     interpreter runs (``mode="model"``): the loads, the lane layout and the epilogue of the
     assembly path are then checked on the CPU too; the assembly itself is checked against this
-    layout by running its PTX (``tests/kernels/test_wna16_mma.py``). ``s``: the block scales."""
+    layout by running its PTX (``tests/kernels/test_wna16_mma.py``). ``s``: the block scales;
+    ``o`` (``HAS_OFFSET``): the offsets."""
     nib = tl.arange(0, 8)
     # Rows: a is row g (0-7) and b row g + 8; lane (g, t) element e holds word 4 t + e.
     qa = ((tl.reshape(wa, [R, 8, 16])[:, :, :, None] >> (4 * nib)) & 0xF).to(tl.float32) - 8.0
@@ -231,6 +270,10 @@ def _mma_block_model(wa, wb, x0, x1, x2, x3, s, R: tl.constexpr):
     d = tl.sum(q[:, :, None, :] * x[:, None, :, :], axis=3)  # [block, 16 rows, 8 tokens]
     # Back to the lanes: row g + 8 (e // 2), token 2 t + e % 2.
     d = tl.reshape(tl.permute(tl.reshape(d, [R, 2, 8, 4, 2]), [0, 2, 3, 1, 4]), [R, 128])
+    if HAS_OFFSET:  # each token's sum x, in every row
+        xs = tl.broadcast_to(tl.sum(x, axis=2)[:, None, :], [R, 16, 8])
+        xs = tl.reshape(tl.permute(tl.reshape(xs, [R, 2, 8, 4, 2]), [0, 2, 3, 1, 4]), [R, 128])
+        return d * s + (8.0 * s + o) * xs
     return d * s
 
 
@@ -245,7 +288,8 @@ def _row(pid, g, half, N, GATED: tl.constexpr):
 @triton.jit
 def _block_sums(x_ptr, q_ptr, kb, row_e, tok_e, M, stride_xm, stride_qn):
     """What the assembly computes, summed directly (the CPU interpreter): element ``[r, c]`` is
-    ``sum_k (q[row_e, k] - 8) x[tok_e, k]`` over the 128 inputs of block ``kb[r]``."""
+    ``sum_k (q[row_e, k] - 8) x[tok_e, k]`` over the 128 inputs of block ``kb[r]``; and
+    ``sum_k x[tok_e, k]`` (for offsets)."""
     wd = tl.arange(0, 16)
     nib = tl.arange(0, 8)
     words = tl.load(q_ptr + (row_e.to(tl.int64) * stride_qn + 16 * kb)[:, :, None] + wd)
@@ -254,12 +298,12 @@ def _block_sums(x_ptr, q_ptr, kb, row_e, tok_e, M, stride_xm, stride_qn):
     x_ok = (tok_e < M) & (kb >= 0)
     x = tl.load(x_ptr + (tok_e.to(tl.int64) * stride_xm + 128 * kb)[:, :, None, None] + kk,
                 mask=x_ok[:, :, None, None], other=0.0).to(tl.float32)
-    return tl.sum(tl.sum(q * x, axis=3), axis=2)
+    return tl.sum(tl.sum(q * x, axis=3), axis=2), tl.sum(tl.sum(x, axis=3), axis=2)
 
 
 @triton.jit
-def _mma_blocks(acc, wa, wb, x_lane, s_rows, kb, ok, GROUP: tl.constexpr, R: tl.constexpr, EVEN: tl.constexpr,
-                MODE: tl.constexpr, PTX: tl.constexpr):
+def _mma_blocks(acc, wa, wb, x_lane, s_rows, o_rows, kb, ok, GROUP: tl.constexpr, R: tl.constexpr,
+                EVEN: tl.constexpr, MODE: tl.constexpr, PTX: tl.constexpr, HAS_OFFSET: tl.constexpr):
     """``acc`` plus blocks ``kb``'s scaled sums (``[R, 128]``) from their weights ``wa``, ``wb``:
     the inputs' loads, then the assembly (``MODE`` 1) or its model (2); ``ok``: the blocks that
     exist (the others were clamped to a real one and count zero)."""
@@ -268,26 +312,33 @@ def _mma_blocks(acc, wa, wb, x_lane, s_rows, kb, ok, GROUP: tl.constexpr, R: tl.
     x1 = tl.load(xb + 4, eviction_policy="evict_last")
     x2 = tl.load(xb + 8, eviction_policy="evict_last")
     x3 = tl.load(xb + 12, eviction_policy="evict_last")
+    g = (kb * 128) // GROUP
     if MODE == 1:
-        sums = _mma_block_asm(wa, wb, x0, x1, x2, x3, (s_rows + (kb * 128) // GROUP).to(tl.int64), PTX)
+        if HAS_OFFSET:
+            sums = _mma_block_asm_offsets(wa, wb, x0, x1, x2, x3, (s_rows + g).to(tl.int64),
+                                          (o_rows + g).to(tl.int64), PTX)
+        else:
+            sums = _mma_block_asm(wa, wb, x0, x1, x2, x3, (s_rows + g).to(tl.int64), PTX)
     else:
-        s = tl.load(s_rows + (kb * 128) // GROUP).to(tl.float32)
-        sums = _mma_block_model(wa, wb, x0, x1, x2, x3, s, R)
+        s = tl.load(s_rows + g).to(tl.float32)
+        o = tl.load(o_rows + g).to(tl.float32) if HAS_OFFSET else s
+        sums = _mma_block_model(wa, wb, x0, x1, x2, x3, s, o, R, HAS_OFFSET)
     if EVEN:
         return acc + sums
     return acc + sums * ok.to(tl.float32)
 
 
 @triton.jit
-def _gemv_int4_mma_kernel(x_ptr, q_ptr, s_ptr, bias_ptr, out_ptr, M, N, K, stride_xm, stride_qn, stride_sn,
-                          stride_om, GROUP: tl.constexpr, BPI: tl.constexpr, WARPS: tl.constexpr,
+def _gemv_int4_mma_kernel(x_ptr, q_ptr, s_ptr, o_ptr, bias_ptr, out_ptr, M, N, K, stride_xm, stride_qn,
+                          stride_sn, stride_om, GROUP: tl.constexpr, BPI: tl.constexpr, WARPS: tl.constexpr,
                           GATED: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN: tl.constexpr,
                           MODE: tl.constexpr, PTX: tl.constexpr, PREFETCH: tl.constexpr,
-                          PDL: tl.constexpr = False):
+                          PDL: tl.constexpr = False, HAS_OFFSET: tl.constexpr = False):
     # MODE 1: the assembly; 2: its Triton model (_mma_block_model, the CPU interpreter); 0: each
     # block's sums taken directly (_block_sums, no lane loads).
     # x_ptr: bf16 inputs as int32 pairs in modes 1 and 2 (stride_xm in pairs), else as they are.
-    # q_ptr: [N, K / 8] int32 words (stride_qn in words). s_ptr: [N, K / GROUP] scales.
+    # q_ptr: [N, K / 8] int32 words (stride_qn in words). s_ptr: [N, K / GROUP] scales; o_ptr
+    # (HAS_OFFSET: asymmetric weights) the offsets, with the scales' dtype and strides.
     # Tensors are [BPI * WARPS, 128]: row r is block it + r of the loop, column c is element
     # c % 4 of lane c // 4 (module docstring). Two dimensions, so that every Triton release lays
     # the loads out alike: 4 consecutive columns per thread, 32 threads along the columns,
@@ -308,6 +359,7 @@ def _gemv_int4_mma_kernel(x_ptr, q_ptr, s_ptr, bias_ptr, out_ptr, M, N, K, strid
     # scales are 0.
     x_lane = x_ptr + tl.minimum(g, M - 1).to(tl.int64) * stride_xm + 16 * t + e  # word u's pairs at + 4 u
     s_rows = s_ptr + row_e.to(tl.int64) * stride_sn
+    o_rows = o_ptr + row_e.to(tl.int64) * stride_sn
     nkb = K // 128
     step = BPI * WARPS
     acc = tl.zeros([BPI * WARPS, 128], dtype=tl.float32)
@@ -320,7 +372,8 @@ def _gemv_int4_mma_kernel(x_ptr, q_ptr, s_ptr, bias_ptr, out_ptr, M, N, K, strid
         wa = tl.load(wa_ptr + 16 * kb, eviction_policy="evict_first")
         wb = tl.load(wb_ptr + 16 * kb, eviction_policy="evict_first")
         pdl_begin(PDL)
-        acc = _mma_blocks(acc, wa, wb, x_lane, s_rows, kb, r < nkb, GROUP, BPI * WARPS, EVEN, MODE, PTX)
+        acc = _mma_blocks(acc, wa, wb, x_lane, s_rows, o_rows, kb, r < nkb, GROUP, BPI * WARPS, EVEN, MODE,
+                          PTX, HAS_OFFSET)
         start = step
     else:
         pdl_begin(PDL)
@@ -332,10 +385,14 @@ def _gemv_int4_mma_kernel(x_ptr, q_ptr, s_ptr, bias_ptr, out_ptr, M, N, K, strid
         if MODE != 0:
             wa = tl.load(wa_ptr + 16 * kb, eviction_policy="evict_first")
             wb = tl.load(wb_ptr + 16 * kb, eviction_policy="evict_first")
-            acc = _mma_blocks(acc, wa, wb, x_lane, s_rows, kb, ok, GROUP, BPI * WARPS, EVEN, MODE, PTX)
+            acc = _mma_blocks(acc, wa, wb, x_lane, s_rows, o_rows, kb, ok, GROUP, BPI * WARPS, EVEN, MODE,
+                              PTX, HAS_OFFSET)
         else:
-            sums = _block_sums(x_ptr, q_ptr, kb, row_e, tok_e, M, stride_xm, stride_qn)
-            sums *= tl.load(s_rows + (kb * 128) // GROUP).to(tl.float32)
+            sums, xsum = _block_sums(x_ptr, q_ptr, kb, row_e, tok_e, M, stride_xm, stride_qn)
+            sc = tl.load(s_rows + (kb * 128) // GROUP).to(tl.float32)
+            sums *= sc
+            if HAS_OFFSET:
+                sums += (8.0 * sc + tl.load(o_rows + (kb * 128) // GROUP).to(tl.float32)) * xsum
             if EVEN:
                 acc += sums
             else:
@@ -371,7 +428,8 @@ def _mma_epilogue(y, bias_ptr, out_ptr, M, N, stride_om, GATED: tl.constexpr, HA
 
 def gemv_int4_mma(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, group_size: int,
                   bias: torch.Tensor | None = None, *, gated: bool = False, tiles: MmaTiles | None = None,
-                  mode: str | None = None, pdl: bool = False) -> torch.Tensor:
+                  mode: str | None = None, pdl: bool = False,
+                  offsets: torch.Tensor | None = None) -> torch.Tensor:
     """``x [M, K] @ dequant(qweight)^T`` for symmetric 4-bit weights (``qweight`` ``[N, K / 2]``
     bytes, low nibble first; ``scales`` ``[N, K / group_size]``; value ``(q - 8) * scale``), M at
     most 8: ``[M, N]`` in ``x.dtype`` (gated: ``[M, N / 2]``, ``silu_and_mul`` of it). ``mode``:
@@ -379,7 +437,8 @@ def gemv_int4_mma(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, 
     ``"model"`` the same lane loads with the assembly replaced by its Triton model (bf16 ``x``;
     the CPU interpreter's check of the assembly path), ``"sums"`` each block summed directly
     (the default elsewhere). float16 ``x`` (``"asm"``, ``"sums"``) subtracts with the FMA
-    (``tiles.sub_mma`` is ignored: :func:`_mma_ptx`)."""
+    (``tiles.sub_mma`` is ignored: :func:`_mma_ptx`). ``offsets``: asymmetric weights, value
+    ``q * scale + offset`` (``q`` 0..15; :func:`offsets_fit` the scales)."""
     m, k = x.shape
     n = qweight.shape[0]
     mode = mode or ("asm" if x.is_cuda else "sums")
@@ -393,6 +452,8 @@ def gemv_int4_mma(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, 
         raise ValueError("gemv_int4_mma: the assembly needs 16-byte aligned, contiguous rows (mma_applies)")
     if (mode == "model" and x.dtype != torch.bfloat16) or (mode == "asm" and x.dtype not in _ASM_DTYPES):
         raise ValueError(f"gemv_int4_mma: mode {mode!r} does not take {x.dtype} inputs")
+    if offsets is not None and not offsets_fit(scales, offsets):
+        raise ValueError("gemv_int4_mma: offsets need the scales' dtype, shape and strides")
     f16 = x.dtype == torch.float16
     if x.stride(1) != 1:
         x = x.contiguous()
@@ -401,12 +462,13 @@ def gemv_int4_mma(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, 
     out = torch.empty((m, n // 2 if gated else n), dtype=x.dtype, device=x.device)
     nkb = k // MMA_K
     _gemv_int4_mma_kernel[(n // 16,)](
-        xv, words, scales, bias if bias is not None else scales, out, m, n, k,
+        xv, words, scales, offsets if offsets is not None else scales, bias if bias is not None else scales,
+        out, m, n, k,
         xv.stride(0), words.stride(0), scales.stride(0), out.stride(0),
         GROUP=group_size, BPI=tiles.blocks_per_iter, WARPS=tiles.warps, GATED=gated,
         HAS_BIAS=bias is not None, EVEN=nkb % (tiles.blocks_per_iter * tiles.warps) == 0, MODE=_MODES[mode],
-        PTX=_BLOCK_PTX[(scales.dtype == torch.float32, tiles.sub_mma and not f16, f16)],
-        PREFETCH=tiles.prefetch,
+        PTX=_BLOCK_PTX[(scales.dtype == torch.float32, tiles.sub_mma and not f16, f16, offsets is not None)],
+        PREFETCH=tiles.prefetch, HAS_OFFSET=offsets is not None,
         num_warps=tiles.warps, **pdl_launch(pdl),
     )
     return out

@@ -98,7 +98,7 @@ def _prmt(a: np.ndarray, b: np.ndarray, sel: int) -> np.ndarray:
 MODELLED = frozenset({
     "mov.f32", "mov.b32", "mov.b16", "prmt.b32", "lop3.b32", "fma.rn.bf16x2", "fma.rn.f16x2", "shr.u32",
     "shl.b32", "and.b32", "add.f32", "ld.global.nc.b16", "ld.global.b16", "ld.global.u16",
-    "ld.global.nc.f32", "ld.global.b32", "ld.global.v4.b32", "cvt.f32.f16", "mul.f32",
+    "ld.global.nc.f32", "ld.global.b32", "ld.global.v4.b32", "cvt.f32.f16", "mul.f32", "fma.rn.f32",
     "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32",
     "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32",
 })
@@ -181,6 +181,9 @@ def run_ptx(ptx: str, operands: dict[int, np.ndarray], memory: bytes = b"") -> d
         elif op == "cvt.f32.f16":
             half = (val(args[1]) & 0xFFFF).astype(np.uint16).view(np.float16)
             regs[dst] = half.astype(np.float32).view(np.uint32)
+        elif op == "fma.rn.f32":
+            a, b, c = (val(x).view(np.float32).astype(np.float64) for x in args[1:4])
+            regs[dst] = (a * b + c).astype(np.float32).view(np.uint32)
         elif op == "mul.f32":
             prod = val(args[1]).view(np.float32) * val(args[2]).view(np.float32)
             regs[dst] = prod.astype(np.float32).view(np.uint32)

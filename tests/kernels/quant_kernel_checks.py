@@ -628,10 +628,10 @@ def check_gemv_int4_mma(t: Target) -> None:
     :func:`assert_wna16_gemv_close`'s bound: 1, 3 and 8 tokens, groups of 128 and of a whole row,
     whole and partial loop iterations (3 blocks of 128 over 2 x 2 warp-blocks), bias, float16
     and float32 scales, both ways of subtracting 136, with and without the peeled first iteration;
-    gated, bit for bit the product followed by the activation kernel. On CUDA the assembly, which
-    takes bf16 and float16 inputs (float32: ``mma_applies`` refuses them); on the CPU the assembly
-    path's own loads with its Triton model (``mode="model"``, bf16 inputs) and the direct sums
-    (``mode="sums"``, this target's dtype).
+    gated, bit for bit the product followed by the activation kernel; asymmetric weights
+    (offsets). On CUDA the assembly, which takes bf16 and float16 inputs (float32: ``mma_applies``
+    refuses them); on the CPU the assembly path's own loads with its Triton model
+    (``mode="model"``, bf16 inputs) and the direct sums (``mode="sums"``, this target's dtype).
     The assembly is checked lane by lane in ``test_wna16_mma.py``."""
     on_gpu = t.device != "cpu"
     if on_gpu and t.dtype == torch.float32:
@@ -662,6 +662,20 @@ def check_gemv_int4_mma(t: Target) -> None:
                     gated = tmma.gemv_int4_mma(x, w.qweight, w.scales, group, bias, tiles=tiles, mode=mode,
                                                gated=True)
                     _assert_gated(gated, got, what + " gated")
+        # Asymmetric weights (offsets: q * scale + offset), two tilings.
+        wa = random_wna16(n, k, 4, group, True, sdt, t.device, gen)
+        for m in (1, 3, 8):
+            x0 = _randn(m, k, t=t, gen=gen)
+            for mode in ["asm"] if on_gpu else ["sums", "model"]:
+                x = x0.to(torch.bfloat16) if mode == "model" else x0
+                ref = qref.wna16_linear(x, wa.qweight, wa.scales, wa.offsets, 4, group, None)
+                if on_gpu:
+                    assert tmma.mma_applies(x, wa.qweight, wa.offsets, 4, group, wa.scales)
+                for tiles in tilings[:2]:
+                    what = f"gemv_int4_mma offsets {mode} {n}x{k} g={group} m={m} scales={sdt} {tiles}"
+                    got = tmma.gemv_int4_mma(x, wa.qweight, wa.scales, group, tiles=tiles, mode=mode,
+                                             offsets=wa.offsets)
+                    assert_wna16_gemv_close(got, ref, x, wa, x.dtype, what)
 
 
 CHECKS: dict[str, Callable[[Target], None]] = {

@@ -27,7 +27,7 @@ import torch
 triton = pytest.importorskip("triton")
 
 from kernels.triton_ops import wna16_mma  # noqa: E402
-from tests.kernels.ptx_model import _LANES, run_ptx  # noqa: E402
+from tests.kernels.ptx_model import _LANES, MODELLED, opcodes, run_ptx  # noqa: E402
 
 
 def run_block_ptx(ptx: str, operands: dict[int, np.ndarray], memory: bytes) -> list[np.ndarray]:
@@ -55,11 +55,12 @@ def _lane_inputs(words: np.ndarray, x_bits: np.ndarray, m: int) -> dict[int, np.
 _ACT_CASES = [("bf16", True), ("bf16", False), ("fp16", False)]
 
 
+@pytest.mark.parametrize("offsets", [False, True], ids=["symmetric", "offsets"])
 @pytest.mark.parametrize(("act", "sub_mma"), _ACT_CASES, ids=["bf16-sub_mma", "bf16-sub_fma", "fp16-sub_fma"])
 @pytest.mark.parametrize("scale_dtype", [torch.float16, torch.float32])
 @pytest.mark.parametrize("m", [1, 3, 8])
 def test_block_assembly_sums_each_lane_element(scale_dtype: torch.dtype, m: int, act: str,
-                                               sub_mma: bool) -> None:
+                                               sub_mma: bool, offsets: bool) -> None:
     gen = torch.Generator().manual_seed(m)
     q = torch.randint(0, 16, (16, 128), generator=gen)
     words = np.zeros((16, 16), dtype=np.uint32)
@@ -69,18 +70,27 @@ def test_block_assembly_sums_each_lane_element(scale_dtype: torch.dtype, m: int,
     x_bits = x.view(torch.int16).numpy().astype(np.uint16).astype(np.uint32)
     x_pairs = x_bits[:, 0::2] | (x_bits[:, 1::2] << 16)
     scales = (torch.rand(16, generator=gen) * 0.02 + 0.001).to(scale_dtype)
-    memory = scales.view(torch.uint8).numpy().tobytes()
+    offs = (torch.randn(16, generator=gen) * 0.05).to(scale_dtype)  # asymmetric: q * scale + offset
+    memory = scales.view(torch.uint8).numpy().tobytes() + offs.view(torch.uint8).numpy().tobytes()
     size = scales.element_size()
     ops = _lane_inputs(words, x_pairs, m)
     g = np.arange(_LANES) // 4
-    for e in range(4):  # element e of a lane: row half e // 2 (the kernel's s_addr)
+    for e in range(4):  # element e of a lane: row half e // 2 (the kernel's s_addr, o_addr)
         ops[28 + e] = ((g + 8 * (e // 2)) * size).astype(np.uint32)
-    got = run_block_ptx(wna16_mma._mma_ptx("fp16" if scale_dtype == torch.float16 else "fp32", sub_mma, act),
-                        ops, memory)
-    want = (scales.double()[:, None] * ((q.double() - 8.0) @ x.double().t()))  # [16 rows, 8 tokens]
+        if offsets:
+            ops[32 + e] = ops[28 + e] + np.uint32(16 * size)
+    ptx = wna16_mma._mma_ptx("fp16" if scale_dtype == torch.float16 else "fp32", sub_mma, act, offsets)
+    got = run_block_ptx(ptx, ops, memory)
+    if offsets:
+        w = q.double() * scales.double()[:, None] + offs.double()[:, None]
+        want = w @ x.double().t()  # [16 rows, 8 tokens]
+    else:
+        want = (scales.double()[:, None] * ((q.double() - 8.0) @ x.double().t()))  # [16 rows, 8 tokens]
     # Each mma rounds its float32 sums, the - 136 x terms included: a few units of 2^-24 of
-    # 136 * sum |x| per token (a wrong pairing is off by far more: the values are about 0.1-1).
-    bound = (2.0**-20 * 136 * scales.double()[:, None] * x.double().abs().sum(dim=1)[None, :]).numpy()
+    # 136 * sum |x| per token (a wrong pairing is off by far more: the values are about 0.1-1);
+    # with offsets also of (8 scale + |offset|) * sum |x|.
+    coef = 136 * scales.double() + (offs.double().abs() if offsets else 0.0)
+    bound = (2.0**-20 * coef[:, None] * x.double().abs().sum(dim=1)[None, :]).numpy()
     lane = np.arange(_LANES)
     for e in range(4):
         rows = lane // 4 + 8 * (e // 2)
@@ -95,29 +105,30 @@ def test_block_assembly_uses_only_the_modelled_instructions() -> None:
     """Every opcode of the shipped assembly is one the interpreter above models (a new one would
     otherwise fail there only for the lines it reaches)."""
     ops = set()
-    for dtype, (act, sub_mma) in ((d, case) for d in ("fp16", "fp32") for case in _ACT_CASES):
-        for line in wna16_mma._mma_ptx(dtype, sub_mma, act).splitlines():
-            line = line.strip()
-            if line and line not in ("{", "}") and not line.startswith(".reg"):
-                ops.add(line.split(" ", 1)[0])
+    for dtype, (act, sub_mma), off in ((d, case, o) for d in ("fp16", "fp32") for case in _ACT_CASES
+                                       for o in (False, True)):
+        ops |= opcodes(wna16_mma._mma_ptx(dtype, sub_mma, act, off))
     assert ops == {"mov.f32", "mov.b32", "prmt.b32", "lop3.b32", "fma.rn.bf16x2", "fma.rn.f16x2",
                    "shr.u32",
-                   "ld.global.nc.b16", "ld.global.nc.f32", "cvt.f32.f16", "mul.f32",
+                   "ld.global.nc.b16", "ld.global.nc.f32", "cvt.f32.f16", "mul.f32", "fma.rn.f32",
                    "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32",
                    "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32"}
+    assert ops <= MODELLED
     with pytest.raises(ValueError, match="FMA"):
         wna16_mma._mma_ptx("fp16", True, "fp16")
 
 
-def _compile_sm90(warps: int, bpi: int, gated: bool, sub_mma: bool, f16: bool = False) -> str:
+def _compile_sm90(warps: int, bpi: int, gated: bool, sub_mma: bool, f16: bool = False,
+                  offsets: bool = False) -> str:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     fn = wna16_mma._gemv_int4_mma_kernel
-    ptrs = dict(x_ptr="*i32", q_ptr="*i32", s_ptr="*fp16", bias_ptr="*fp16",
+    ptrs = dict(x_ptr="*i32", q_ptr="*i32", s_ptr="*fp16", o_ptr="*fp16", bias_ptr="*fp16",
                 out_ptr="*fp16" if f16 else "*bf16")
     consts = dict(GROUP=128, BPI=bpi, WARPS=warps, GATED=gated, HAS_BIAS=False, EVEN=True, MODE=1,
-                  PTX=wna16_mma._BLOCK_PTX[(False, sub_mma, f16)], PREFETCH=True, PDL=False)
+                  PTX=wna16_mma._BLOCK_PTX[(False, sub_mma, f16, offsets)], PREFETCH=True, PDL=False,
+                  HAS_OFFSET=offsets)
     sig = {n: ptrs.get(n, "constexpr" if n in consts else "i32") for n in fn.arg_names}
     attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]]
              for n in fn.arg_names if sig[n] != "constexpr"}
@@ -129,11 +140,12 @@ def _compile_sm90(warps: int, bpi: int, gated: bool, sub_mma: bool, f16: bool = 
     return kernel.asm["ttgir"]
 
 
-@pytest.mark.parametrize(("warps", "bpi", "gated", "sub_mma", "f16"),
-                         [(4, 2, False, True, False), (8, 1, True, False, False), (4, 2, False, False, True)])
+@pytest.mark.parametrize(("warps", "bpi", "gated", "sub_mma", "f16", "offsets"),
+                         [(4, 2, False, True, False, False), (8, 1, True, False, False, False),
+                          (4, 2, False, False, True, False), (4, 2, False, True, False, True)])
 def test_assembly_operands_get_the_lane_layout(warps: int, bpi: int, gated: bool, sub_mma: bool,
-                                               f16: bool) -> None:
-    ttgir = _compile_sm90(warps, bpi, gated, sub_mma, f16)
+                                               f16: bool, offsets: bool) -> None:
+    ttgir = _compile_sm90(warps, bpi, gated, sub_mma, f16, offsets)
     layouts = dict(re.findall(r"^(#\w+) = (#ttg\.blocked<\{.*\}>)", ttgir, re.M))
     asm = [line for line in ttgir.splitlines() if "tt.elementwise_inline_asm" in line]
     assert len(asm) == 2  # the peeled first iteration and the loop's
