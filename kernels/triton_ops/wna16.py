@@ -48,14 +48,14 @@ GEMV_M1_TILES = GemvTiles(block_n=8, block_k=2048, num_warps=4, split_k=1)
 M1_PAIRS = True
 # The same for float16 inputs (gemv._pairs_ptx("fp16"): one shift per word instead of three,
 # products and sums of a sixteenth in float16): not yet timed on a card, so off.
-M1_PAIRS_F16 = False
+M1_PAIRS_F16 = True
 # One token: gemv_wna16's first tile taken before its loop, its words read before the PDL wait:
 # on an H200 32 llama3-8b layers 53.4-53.8 against 56.1-56.3 us per layer, W2 W4A16 449.8-450.1
 # against 441.9-442.2 tok/s, the same bits (DECISIONS 137).
 M1_PEEL = True
 # One token, where the packed bf16 decode runs on whole tiles: its inputs and scales read in
 # inline PTX in the word tile's layout (gemv.gemv_wna16 ``xload``; the same bits).
-M1_XLOAD = False
+M1_XLOAD = True
 # From two tokens up to this many, symmetric 4-bit weights times bf16 inputs on CUDA take the
 # tensor-core GEMV (wna16_mma), eight tokens per launch; float16 inputs too, in the same
 # program with float16 types (DECISIONS 138: not timed on a card); asymmetric 4-bit weights too
@@ -64,6 +64,12 @@ M1_XLOAD = False
 # against 2,020, 16: 150 against 3,999 (and 1,084 for the GEMM). At one token the word kernel
 # is faster (53.4 against 68.7; why is not profiled yet: DECISIONS 137). 0: never.
 MMA_GEMV_MAX_M = 16
+# Where the tensor-core GEMV does not apply, the one-token GEMV once per token up to this many
+# tokens (WnA16Config.gemv_token_loop), the GEMM above. On an H200 over llama3-8b's four
+# projections (us per layer): asymmetric 4-bit per token 132.9 / 257.5 / 503.8 / 991.1 at 2 / 4 /
+# 8 / 16 tokens against 760 for the GEMM; 8-bit 206.1 / 403.4 against 375 (DECISIONS 139).
+TOKEN_LOOP_MAX_M_4BIT = 11
+TOKEN_LOOP_MAX_M_8BIT = 3
 # The GEMM's split-K (gemm_splits): the shortest K range, in tiles.
 GEMM_MIN_SPLIT_TILES = 4
 # This module's GEMV at one token (block_n, block_k, warps), kept for one_token_gemv=False.
@@ -77,30 +83,32 @@ class WnA16Config:
     gemv_max_m: int = 16
     one_token_gemv: bool = True  # M == 1: gemv.gemv_wna16 (module docstring)
     # 2 <= M <= gemv_max_m where the tensor-core GEMV does not apply: gemv.gemv_wna16 once per
-    # token (module docstring) rather than this module's multi-token GEMV. Not yet timed on a
-    # card (bench_gemv.py --parts small_m), so off.
-    gemv_token_loop: bool = False
+    # token up to token_loop_max_m(bits) tokens, the GEMM above (module docstring), rather than
+    # this module's multi-token GEMV, which a card measured never faster (DECISIONS 139).
+    gemv_token_loop: bool = True
     gemv_block_n: int | None = None
     gemv_block_k: int | None = None
     gemv_num_warps: int | None = None
+    # GEMM tiles; None: gemm_tiles(M) (measured on an H200, DECISIONS 139).
     gemm_block_m: int | None = None
-    gemm_block_n: int = 128
-    gemm_block_k: int = 64
-    gemm_num_warps: int = 4
+    gemm_block_n: int | None = None
+    gemm_block_k: int | None = None
+    gemm_num_warps: int | None = None
     gemm_num_stages: int = 3
     # Split-K of the GEMM: gemm_split_k ranges of K, or (None) gemm_splits aiming at
-    # gemm_programs_per_sm programs per SM (0: no split). Off until a card measures it: at 16
-    # tokens the GEMM takes about 1.08 ms per llama3-8b layer (DECISIONS 137) with 32-224
-    # programs on 132 SMs; bench_gemv.py --parts w4gemm sweeps tilings with and without it.
+    # gemm_programs_per_sm programs per SM (0: no split). On an H200 over llama3-8b's four
+    # projections (us per layer, bench_gemv.py --parts w4gemm): 16 tokens 719.6 unsplit against
+    # 190.7 split with gemm_tiles' tiling, 64 tokens 1,037.4 against 237.3, 256: 1,517.7 against
+    # 581.4 (DECISIONS 139).
     gemm_split_k: int | None = None
-    gemm_programs_per_sm: int = 0
+    gemm_programs_per_sm: int = 2
 
     def __post_init__(self) -> None:
         for name in ("gemv_block_n", "gemv_block_k", "gemm_block_m", "gemm_block_n", "gemm_block_k"):
             v = getattr(self, name)
             if v is not None and (v & (v - 1) or v < 1):
                 raise ValueError(f"{name} must be a power of two, got {v}")
-        if self.gemm_block_k < 16 or (self.gemv_block_k is not None and self.gemv_block_k < 16):
+        if any(v is not None and v < 16 for v in (self.gemm_block_k, self.gemv_block_k)):
             raise ValueError("block_k must be >= 16")
         if (self.gemm_split_k is not None and self.gemm_split_k < 1) or self.gemm_programs_per_sm < 0:
             raise ValueError(f"gemm_split_k must be >= 1 and gemm_programs_per_sm >= 0, "
@@ -329,7 +337,8 @@ def wna16_linear(
     mma = 2 <= m <= min(MMA_GEMV_MAX_M, config.gemv_max_m)
     if mma and mma_applies(x2[:MMA_MAX_M], qweight, offsets, bits, group_size, scales):
         return mma_tokens(x2, qweight, scales, group_size, bias, pdl, offsets).reshape(*x.shape[:-1], n)
-    if 2 <= m <= config.gemv_max_m and config.gemv_token_loop and config.one_token_gemv:
+    loop_max = TOKEN_LOOP_MAX_M_4BIT if bits == 4 else TOKEN_LOOP_MAX_M_8BIT
+    if 2 <= m <= min(config.gemv_max_m, loop_max) and config.gemv_token_loop and config.one_token_gemv:
         y = torch.cat([gemv_wna16(x2[i:i + 1], qweight, scales, offsets, bits, group_size, bias,
                                   tiles=GEMV_M1_TILES, pairs=_m1_pairs(x2), pdl=pdl, peel=M1_PEEL,
                                   xload=M1_XLOAD)
@@ -346,7 +355,7 @@ def wna16_linear(
         offsets if offsets is not None else scales, bias if bias is not None else scales, out,
         m, n, k, x2.stride(0), qweight.stride(0), scales.stride(0), out.stride(0),
     )
-    if m <= config.gemv_max_m:
+    if m <= config.gemv_max_m and not (config.gemv_token_loop and config.one_token_gemv and m > 1):
         block_m = min(triton.next_power_of_2(m), 16)
         if block_m == 1:  # batch-1 decode: the tiling measured fastest (FUSED_M1_TILES)
             block_n, block_k, warps = FUSED_M1_TILES
@@ -360,8 +369,10 @@ def wna16_linear(
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=config.gemv_num_warps or warps,
         )
     else:
-        block_m = config.gemm_block_m or (64 if m > 64 else max(16, triton.next_power_of_2(m)))
-        block_n, block_k = config.gemm_block_n, fit_block_k(config.gemm_block_k, group_size)
+        tm, tn, tk, tw = gemm_tiles(m)
+        block_m = config.gemm_block_m or tm
+        block_n, block_k = config.gemm_block_n or tn, fit_block_k(config.gemm_block_k or tk, group_size)
+        warps = config.gemm_num_warps or tw
         tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
         splits = config.gemm_split_k or gemm_splits(tiles, k, block_k, x.device, config.gemm_programs_per_sm)
         per_split = k_per_split(k, splits, block_k)
@@ -371,11 +382,22 @@ def wna16_linear(
             *args, part, per_split, **common, SCALE_PER_TILE=group_size % block_k == 0,
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8,
             IEEE_DOT=x.dtype == torch.float32, SPLIT=splits > 1,
-            num_warps=config.gemm_num_warps, num_stages=config.gemm_num_stages,
+            num_warps=warps, num_stages=config.gemm_num_stages,
         )
         if splits > 1:
             reduce_splits(part, out, bias)
     return out.reshape(*x.shape[:-1], n)
+
+
+def gemm_tiles(m: int) -> tuple[int, int, int, int]:
+    """The GEMM's (block_m, block_n, block_k, warps) at ``m`` tokens, with split-K: the fastest
+    of six tilings at 16, 64 and 256 tokens on an H200 (llama3-8b projections, groups of 128;
+    ``bench_gemv.py --parts w4gemm``, DECISIONS 139)."""
+    if m <= 16:
+        return 16, 128, 128, 4
+    if m <= 64:
+        return 64, 128, 128, 8
+    return 128, 64, 64, 4
 
 
 def gemm_splits(tiles: int, k: int, block_k: int, device: torch.device, programs_per_sm: int) -> int:
