@@ -627,9 +627,10 @@ def _gemv_int4_words_kernel(x_ptr, q_ptr, s_ptr, o_ptr, bias_ptr, out_ptr, part_
     # the same tile), so no byte extraction, shift per weight or interleave. A word's eight
     # products sum in ``t``; its group's scale multiplies the word's sum (and the offset the
     # word's activation sum), one FMA per word. EVEN: whole tiles only (BLOCK_N divides N,
-    # BLOCK_K divides K, one split): no masks. GATED: see _gemv_rows. PAIRS (CUDA, bf16 inputs,
-    # symmetric): a word's sum in packed bf16 arithmetic (_pairs_asm). PEEL: the first tile is
-    # taken before the loop, its words read before the PDL wait (as the dense kernel's).
+    # BLOCK_K divides K, the split length divides K): no masks. GATED: see _gemv_rows. PAIRS
+    # (CUDA, 16-bit inputs, symmetric): a word's sum in packed 16-bit arithmetic (_pairs_asm).
+    # PEEL: the first tile is taken before the loop, its words read before the PDL wait (as the
+    # dense kernel's).
     WORDS: tl.constexpr = BLOCK_K // 8
     TILE_G: tl.constexpr = BLOCK_K // GROUP if BLOCK_K > GROUP else 1
     WPG: tl.constexpr = WORDS // TILE_G  # words of one group in a tile
@@ -912,7 +913,8 @@ def gemv_wna16(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, off
     out = _gated_out(n, tiles, x, x.dtype) if gated else torch.empty((1, n), dtype=x.dtype, device=x.device)
     if q_words is not None:
         use_pairs = pairs and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and sub == 8.0
-        even = n % tiles.block_n == 0 and k % tiles.block_k == 0 and _k_per_split(k, tiles) >= k
+        # Whole tiles: no masks (every split, too, is whole tiles when its length divides K).
+        even = n % tiles.block_n == 0 and k % tiles.block_k == 0 and k % _k_per_split(k, tiles) == 0
         return _launch(_gemv_int4_words_kernel, args, 1, n, k, out, None, None, bias, tiles,
                        stride_qn=q_words.stride(0), stride_sn=scales.stride(0), GROUP=group_size, SUB=sub,
                        HAS_OFFSET=offsets is not None, GATED=gated,
