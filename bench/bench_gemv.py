@@ -31,6 +31,8 @@ weights' (plus scales); the share is of a 1 GiB device-to-device copy measured f
   against ``wna16_linear``'s CUDA-core GEMV (:func:`bench_w4_mma`);
 - ``w4gemm``: the 4-bit GEMM at 16, 64 and 256 tokens, tilings with and without split-K, against
   bf16 cuBLAS (:func:`bench_w4_gemm`);
+- ``w4_split``: the one-token 4-bit GEMV with ``xload`` at more and smaller programs and
+  split-K per projection (:func:`bench_w4_split`);
 - ``small_m``: asymmetric 4-bit and 8-bit weights at 1-16 tokens: the default dispatch, and the
   one-token GEMV per token (``WnA16Config.gemv_token_loop``), the multi-token GEMV and the GEMM
   (:func:`bench_small_m_formats`).
@@ -592,6 +594,39 @@ def bench_w4_gemm(rec: Recorder, layers: int = 8) -> None:
             print(f"w4 gemm {variant}: {total:.1f} us per layer", flush=True)
 
 
+# The one-token 4-bit word GEMV with xload (the engine's path): (block_n, block_k, warps, split_k),
+# splits whose ranges are whole tiles (they keep xload; gated gate_up takes one split only).
+W4_SPLIT_TILES = [(8, 2048, 4, 1), (4, 2048, 4, 1), (4, 4096, 4, 1), (8, 2048, 8, 1), (4, 1024, 4, 1),
+                  (2, 2048, 2, 1), (8, 2048, 4, 2), (8, 1024, 4, 2), (8, 2048, 4, 7), (8, 1024, 4, 4),
+                  (16, 2048, 8, 2)]
+
+
+def _w4_xload(x: torch.Tensor, tiles: G.GemvTiles, gated: bool, q: torch.Tensor,
+              s: torch.Tensor) -> torch.Tensor:
+    return G.gemv_wna16(x, q, s, None, 4, 128, tiles=tiles, gated=gated, pairs=True, peel=True, xload=True)
+
+
+def bench_w4_split(rec: Recorder) -> None:
+    """The one-token 4-bit word GEMV with its loads in PTX (``xload``) per llama3-8b projection at
+    ``W4_SPLIT_TILES``: more and smaller programs, and split-K (partial sums added by a second
+    launch), for more warps in flight (DECISIONS 139)."""
+    for shape, (n, k) in SHAPES_8B.items():
+        gated = shape == "gate_up"
+        x = torch.randn(1, k, device=DEV, dtype=torch.bfloat16)
+        w4 = w4_layers(n, k, 32)
+        out = []
+        for bn, bk, warps, split in W4_SPLIT_TILES:
+            if gated and split > 1:
+                continue
+            tiles = G.GemvTiles(bn, bk, warps, split)
+            ms = time_chain(chain(partial(_w4_xload, x, tiles, gated), w4))
+            row = rec.add("w4_split", shape, f"{bn},{bk},{warps},{split}", ms, w4_nbytes(n, k), 32)
+            out.append(f"{row['variant']} {row['us_per_layer']:.2f}")
+        print(f"w4 xload {shape}: " + " | ".join(out), flush=True)
+        del w4
+        torch.cuda.empty_cache()
+
+
 # WnA16 formats the tensor-core GEMV does not take: (bits, offsets).
 SMALL_M_FORMATS = {"w4 asym": (4, True), "w8": (8, False)}
 # name: (config, tensor-core GEMV allowed)
@@ -671,7 +706,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--parts", default="bf16,fp8,w4,fp8_70b,fp8_small_m",
                     help="comma-separated: bf16, fp8, w4, w4_bytes, fp8_70b, fp8_small_m, gated, linear16, "
-                         "w4_ptx, linear_fp8, pdl, w4mma, w4gemm, small_m")
+                         "w4_ptx, linear_fp8, pdl, w4mma, w4gemm, small_m, w4_split")
     ap.add_argument("--json", default="", help="append the rows here (JSON lines)")
     ap.add_argument("--tiles", default="",
                     help="the bf16/fp8 sweep's tilings instead of the default list: 'bn,bk,warps;...'")
@@ -700,6 +735,8 @@ def main() -> None:
             bench_w4_gemm(rec)
         elif part == "small_m":
             bench_small_m_formats(rec)
+        elif part == "w4_split":
+            bench_w4_split(rec)
         else:
             bench_format(rec, part, tiles_list, splits)
     layer: dict[tuple[str, str], float] = {}
