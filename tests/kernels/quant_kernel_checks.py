@@ -402,9 +402,9 @@ def check_gemv_wna16(t: Target) -> None:
                         assert torch.equal(peeled, got), f"{what} peel: {(peeled - got).abs().max()}"
                         rotated = tgemv.gemv_wna16(*args, tiles=tiles, factored=factored, rotate=True)
                         assert torch.equal(rotated, got), f"{what} rotate: {(rotated - got).abs().max()}"
-                        # Inputs, scales and offsets read in PTX (CUDA, whole tiles): the same sums.
-                        xl = tgemv.gemv_wna16(*args, tiles=tiles, factored=factored, xload=True)
-                        assert torch.equal(xl, got), f"{what} xload: {(xl - got).abs().max()}"
+                        if t.device != "cpu":  # inputs, scales and offsets read in PTX: the same sums
+                            xl = tgemv.gemv_wna16(*args, tiles=tiles, factored=factored, xload=True)
+                            assert torch.equal(xl, got), f"{what} xload: {(xl - got).abs().max()}"
                 if bits == 4 and not offsets and t.dtype != torch.float32 and t.device != "cpu":
                     # The packed 16-bit decode (CUDA): products and four-term sums rounded to the
                     # inputs' dtype (float16: of a sixteenth of each product).
