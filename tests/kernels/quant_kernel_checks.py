@@ -400,8 +400,9 @@ def check_gemv_wna16(t: Target) -> None:
                     if bits == 4 and not byte_kernel:  # the first tile peeled: the same sums
                         peeled = tgemv.gemv_wna16(*args, tiles=tiles, factored=factored, peel=True)
                         assert torch.equal(peeled, got), f"{what} peel: {(peeled - got).abs().max()}"
-                        rotated = tgemv.gemv_wna16(*args, tiles=tiles, factored=factored, rotate=True)
-                        assert torch.equal(rotated, got), f"{what} rotate: {(rotated - got).abs().max()}"
+                        if t.device != "cpu" or tiles in _GEMV_TILES[1:3]:  # one whole, one split
+                            rotated = tgemv.gemv_wna16(*args, tiles=tiles, factored=factored, rotate=True)
+                            assert torch.equal(rotated, got), f"{what} rotate: {(rotated - got).abs().max()}"
                         if t.device != "cpu":  # inputs, scales and offsets read in PTX: the same sums
                             xl = tgemv.gemv_wna16(*args, tiles=tiles, factored=factored, xload=True)
                             assert torch.equal(xl, got), f"{what} xload: {(xl - got).abs().max()}"
@@ -666,14 +667,14 @@ def check_gemv_int4_mma(t: Target) -> None:
                     _assert_gated(gated, got, what + " gated")
         # Asymmetric weights (offsets: q * scale + offset), two tilings.
         wa = random_wna16(n, k, 4, group, True, sdt, t.device, gen)
-        for m in (1, 3, 8):
+        for m in (1, 3, 8) if on_gpu else (1, 3):
             x0 = _randn(m, k, t=t, gen=gen)
             for mode in ["asm"] if on_gpu else ["sums", "model"]:
                 x = x0.to(torch.bfloat16) if mode == "model" else x0
                 ref = qref.wna16_linear(x, wa.qweight, wa.scales, wa.offsets, 4, group, None)
                 if on_gpu:
                     assert tmma.mma_applies(x, wa.qweight, wa.offsets, 4, group, wa.scales)
-                for tiles in tilings[:2]:
+                for tiles in tilings[:2] if on_gpu else tilings[1:2]:
                     what = f"gemv_int4_mma offsets {mode} {n}x{k} g={group} m={m} scales={sdt} {tiles}"
                     got = tmma.gemv_int4_mma(x, wa.qweight, wa.scales, group, tiles=tiles, mode=mode,
                                              offsets=wa.offsets)
