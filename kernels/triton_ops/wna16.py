@@ -47,14 +47,16 @@ GEMV_M1_TILES = GemvTiles(block_n=8, block_k=2048, num_warps=4, split_k=1)
 # against 381.8 tok/s; max error / sum|x w| 3.7e-4 against 2.5e-4 (docs/DECISIONS.md 132).
 M1_PAIRS = True
 # The same for float16 inputs (gemv._pairs_ptx("fp16"): one shift per word instead of three,
-# products and sums of a sixteenth in float16): not yet timed on a card, so off.
+# products and sums of a sixteenth in float16): on an H200 with xload 6.62 / 5.14 / 20.09 / 12.26
+# us per llama3-8b projection, error / max |ref| 4.8e-4 to 8.9e-4 (DECISIONS 139).
 M1_PAIRS_F16 = True
 # One token: gemv_wna16's first tile taken before its loop, its words read before the PDL wait:
 # on an H200 32 llama3-8b layers 53.4-53.8 against 56.1-56.3 us per layer, W2 W4A16 449.8-450.1
 # against 441.9-442.2 tok/s, the same bits (DECISIONS 137).
 M1_PEEL = True
-# One token, where the packed bf16 decode runs on whole tiles: its inputs and scales read in
-# inline PTX in the word tile's layout (gemv.gemv_wna16 ``xload``; the same bits).
+# One token, 16-bit inputs on whole tiles: the word GEMV's inputs and scales read in inline PTX
+# in the word tile's layout (gemv.gemv_wna16 ``xload``; the same bits): on an H200 32 llama3-8b
+# layers 47.1-47.9 against 53.8-54.6 us per layer, W2 W4A16 498.8 against 450.0 tok/s (DECISIONS 139).
 M1_XLOAD = True
 # From two tokens up to this many, symmetric 4-bit weights times bf16 inputs on CUDA take the
 # tensor-core GEMV (wna16_mma), eight tokens per launch; float16 inputs too, in the same
@@ -83,7 +85,7 @@ class WnA16Config:
     gemv_max_m: int = 16
     one_token_gemv: bool = True  # M == 1: gemv.gemv_wna16 (module docstring)
     # 2 <= M <= gemv_max_m where the tensor-core GEMV does not apply: gemv.gemv_wna16 once per
-    # token up to token_loop_max_m(bits) tokens, the GEMM above (module docstring), rather than
+    # token up to TOKEN_LOOP_MAX_M_4BIT / _8BIT tokens, the GEMM above (module docstring), rather than
     # this module's multi-token GEMV, which a card measured never faster (DECISIONS 139).
     gemv_token_loop: bool = True
     gemv_block_n: int | None = None
