@@ -8,9 +8,9 @@ Every kernel is compiled, warmed up and timed (``bench_gemv.time_chain``) before
 profiles exactly one launch of each (no compilation, no warm-up launches). Shapes are llama3-8b's
 projections (``bench_gemv.SHAPES_8B``), called as the engine calls them at one token: ``fp8_*``
 the weight-only fp8 GEMV (``gemv_fp8_weight_only``, gate_up gated), ``bf16_*`` ``gemv16_linear`` /
-``gemv16_gated_linear``, ``w4_*`` ``gemv_wna16`` on symmetric 4-bit words with groups of 128
-(``wna16.M1_PAIRS``, ``M1_PEEL``, ``M1_XLOAD`` and ``GEMV_M1_TILES``: the engine's defaults),
-``w4x_*`` the same with ``xload``, ``w4mma_*`` the tensor-core 4-bit GEMV (``gemv_int4_mma``, its
+``gemv16_gated_linear``, ``w4_*`` ``wna16.one_token_gemv`` (the engine's one-token settings) on
+symmetric 4-bit words with groups of 128, ``w4x_*`` ``gemv_wna16`` with ``xload`` forced on
+(whatever ``wna16.M1_XLOAD`` says), ``w4mma_*`` the tensor-core 4-bit GEMV (``gemv_int4_mma``, its
 default tiles) on the same words. The printed times are medians of 20 CUDA-graph replays of one
 launch (L2 holding what the previous replay left), a sanity check only.
 """
@@ -50,8 +50,10 @@ def make_call(name: str) -> Callable[[], torch.Tensor]:
     sc = (torch.rand(n, k // 128, device=DEV) * 0.02 + 0.001).to(torch.bfloat16)
     if fmt == "w4mma":
         return partial(gemv_int4_mma, x, qw, sc, 128, gated=gated)
-    return partial(G.gemv_wna16, x, qw, sc, None, 4, 128, tiles=wna16.GEMV_M1_TILES, gated=gated,
-                   pairs=wna16.M1_PAIRS, peel=wna16.M1_PEEL, xload=fmt == "w4x" or wna16.M1_XLOAD)
+    if fmt == "w4x":
+        return partial(G.gemv_wna16, x, qw, sc, None, 4, 128, tiles=wna16.GEMV_M1_TILES, gated=gated,
+                       pairs=wna16.M1_PAIRS, peel=wna16.M1_PEEL, xload=True)
+    return partial(wna16.one_token_gemv, x, qw, sc, None, 4, 128, None, pdl=False, gated=gated)
 
 
 def main() -> None:

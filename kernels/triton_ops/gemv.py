@@ -618,8 +618,7 @@ def _gemv_int4_words_kernel(x_ptr, q_ptr, s_ptr, o_ptr, bias_ptr, out_ptr, part_
                             HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, BLOCK_N: tl.constexpr,
                             BLOCK_K: tl.constexpr, EVEN: tl.constexpr, GATED: tl.constexpr,
                             ASM: tl.constexpr, PAIRS: tl.constexpr, PDL: tl.constexpr = False,
-                            PEEL: tl.constexpr = False, XLOAD: tl.constexpr = False,
-                            ROTATE: tl.constexpr = False):
+                            PEEL: tl.constexpr = False, XLOAD: tl.constexpr = False):
     # 4-bit weights read as int32 words (``q_ptr``: [N, K / 8] int32, ``stride_qn`` in words):
     # word j holds inputs 8j .. 8j + 7, input 8j + i in bits 4i .. 4i + 3 (bytes little-endian,
     # low nibble first). Each nibble is masked in place (_nibble_as_float) and multiplied by the
@@ -639,36 +638,20 @@ def _gemv_int4_words_kernel(x_ptr, q_ptr, s_ptr, o_ptr, bias_ptr, out_ptr, part_
     w_hi = k_hi // 8
     acc = tl.zeros([BLOCK_N, TILE_G, WPG], dtype=tl.float32)
     k_start = k_lo
-    if ROTATE:  # each tile's words are read before the tile before is summed (two tiles in registers)
-        kc = k_lo
+    if PEEL:  # the first tile's words are read before the PDL wait (weights only)
         jj = k_lo // 8 + tl.arange(0, WORDS)
         w = _load_words(q_rows, jj, n_ok, w_hi, EVEN)
         token = pdl_begin(PDL)
-        for k0 in range(k_lo + BLOCK_K, k_hi, BLOCK_K):
-            jn = k0 // 8 + tl.arange(0, WORDS)
-            wn = _load_words(q_rows, jn, n_ok, w_hi, EVEN)
-            acc = _words_tile(acc, w, jj, kc, k_hi, w_hi, x_ptr, token, s_rows, o_rows, n_ok, GROUP, SUB,
-                              HAS_OFFSET, BLOCK_N, BLOCK_K, EVEN, ASM, PAIRS, XLOAD)
-            kc = k0
-            jj = jn
-            w = wn
-        acc = _words_tile(acc, w, jj, kc, k_hi, w_hi, x_ptr, token, s_rows, o_rows, n_ok, GROUP, SUB,
+        acc = _words_tile(acc, w, jj, k_lo, k_hi, w_hi, x_ptr, token, s_rows, o_rows, n_ok, GROUP, SUB,
                           HAS_OFFSET, BLOCK_N, BLOCK_K, EVEN, ASM, PAIRS, XLOAD)
+        k_start = k_lo + BLOCK_K
     else:
-        if PEEL:  # the first tile's words are read before the PDL wait (weights only)
-            jj = k_lo // 8 + tl.arange(0, WORDS)
-            w = _load_words(q_rows, jj, n_ok, w_hi, EVEN)
-            token = pdl_begin(PDL)
-            acc = _words_tile(acc, w, jj, k_lo, k_hi, w_hi, x_ptr, token, s_rows, o_rows, n_ok, GROUP, SUB,
-                              HAS_OFFSET, BLOCK_N, BLOCK_K, EVEN, ASM, PAIRS, XLOAD)
-            k_start = k_lo + BLOCK_K
-        else:
-            token = pdl_begin(PDL)
-        for k0 in range(k_start, k_hi, BLOCK_K):
-            jj = k0 // 8 + tl.arange(0, WORDS)
-            w = _load_words(q_rows, jj, n_ok, w_hi, EVEN)
-            acc = _words_tile(acc, w, jj, k0, k_hi, w_hi, x_ptr, token, s_rows, o_rows, n_ok, GROUP, SUB,
-                              HAS_OFFSET, BLOCK_N, BLOCK_K, EVEN, ASM, PAIRS, XLOAD)
+        token = pdl_begin(PDL)
+    for k0 in range(k_start, k_hi, BLOCK_K):
+        jj = k0 // 8 + tl.arange(0, WORDS)
+        w = _load_words(q_rows, jj, n_ok, w_hi, EVEN)
+        acc = _words_tile(acc, w, jj, k0, k_hi, w_hi, x_ptr, token, s_rows, o_rows, n_ok, GROUP, SUB,
+                          HAS_OFFSET, BLOCK_N, BLOCK_K, EVEN, ASM, PAIRS, XLOAD)
     rm = tl.arange(0, 1)
     if GATED:
         _gated_epilogue(tl.sum(tl.sum(acc, axis=2), axis=1), rn, n_ok, N, out_ptr, out_ptr, out_ptr, bias_ptr,
@@ -877,8 +860,7 @@ def gemv_wna16(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, off
                bits: int, group_size: int, bias: torch.Tensor | None = None, *,
                tiles: GemvTiles | None = None, factored: bool = True, words: bool = True,
                gated: bool = False, nibble_asm: bool | None = None, pairs: bool = False,
-               pdl: bool = False, peel: bool = False, xload: bool = False,
-               rotate: bool = False) -> torch.Tensor:
+               pdl: bool = False, peel: bool = False, xload: bool = False) -> torch.Tensor:
     """WnA16 at one token (:class:`kernels.quant_reference.WnA16Weight` layout; checked by
     :func:`kernels.triton_ops.wna16.wna16_linear`): ``x`` ``[1, K]``, float32 sums, result in
     ``x.dtype``. ``factored``: scales applied per group sum (module docstring). ``words``:
@@ -894,8 +876,7 @@ def gemv_wna16(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, off
     (the same bits; ``wna16.M1_PEEL`` turns it on at one token, DECISIONS 137). ``xload``: the
     word kernel on whole tiles, bf16 or float16 ``x`` 16-byte aligned, on CUDA reads the inputs
     and the scales (and offsets) in inline PTX, in the words' layout (:func:`_load_pairs_asm`,
-    :func:`_load_inputs_asm`, :func:`_load_groups_asm`; the same bits); else ignored.
-    ``rotate``: each tile's words are read before the previous tile is summed (the same bits)."""
+    :func:`_load_inputs_asm`, :func:`_load_groups_asm`; the same bits); else ignored."""
     tiles = tiles or GemvTiles()
     tiles = GemvTiles(tiles.block_n, fit_block_k(tiles.block_k, group_size), tiles.num_warps, tiles.split_k)
     x = _one_row(x)
@@ -919,7 +900,7 @@ def gemv_wna16(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, off
                        stride_qn=q_words.stride(0), stride_sn=scales.stride(0), GROUP=group_size, SUB=sub,
                        HAS_OFFSET=offsets is not None, GATED=gated,
                        ASM=x.is_cuda if nibble_asm is None else nibble_asm,
-                       PAIRS=use_pairs, EVEN=even, PEEL=peel, ROTATE=rotate,
+                       PAIRS=use_pairs, EVEN=even, PEEL=peel,
                        XLOAD=xload and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and even
                        and x.data_ptr() % 16 == 0, pdl=pdl)
     return _launch(_gemv_int_kernel, args, 1, n, k, out, None, None, bias, tiles,

@@ -283,6 +283,16 @@ def _m1_pairs(x: torch.Tensor) -> bool:
     return M1_PAIRS if x.dtype != torch.float16 else M1_PAIRS_F16
 
 
+def one_token_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+                   offsets: torch.Tensor | None, bits: int, group_size: int,
+                   bias: torch.Tensor | None, *, pdl: bool, gated: bool = False) -> torch.Tensor:
+    """:func:`~kernels.triton_ops.gemv.gemv_wna16` on one token ``x`` ``[1, K]`` with this module's
+    measured one-token settings (``GEMV_M1_TILES``, ``M1_PAIRS`` / ``M1_PAIRS_F16``, ``M1_PEEL``,
+    ``M1_XLOAD``): the single place the engine's one-token launches take them from."""
+    return gemv_wna16(x, qweight, scales, offsets, bits, group_size, bias, tiles=GEMV_M1_TILES,
+                      gated=gated, pairs=_m1_pairs(x), pdl=pdl, peel=M1_PEEL, xload=M1_XLOAD)
+
+
 def mma_tokens(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, group_size: int,
                bias: torch.Tensor | None, pdl: bool = False,
                offsets: torch.Tensor | None = None) -> torch.Tensor:
@@ -304,8 +314,7 @@ def wna16_gated_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Ten
     n = qweight.shape[0]
     x2 = x.reshape(-1, x.shape[-1])
     _check(x2, qweight, scales, offsets, bits, group_size)
-    y = gemv_wna16(x2, qweight, scales, offsets, bits, group_size, bias, tiles=GEMV_M1_TILES, gated=True,
-                   pairs=_m1_pairs(x2), pdl=pdl, peel=M1_PEEL, xload=M1_XLOAD)
+    y = one_token_gemv(x2, qweight, scales, offsets, bits, group_size, bias, pdl=pdl, gated=True)
     return y.reshape(*x.shape[:-1], n // 2)
 
 
@@ -333,17 +342,14 @@ def wna16_linear(
     _check(x2, qweight, scales, offsets, bits, group_size)
     m = x2.shape[0]
     if m == 1 and config.one_token_gemv and config.gemv_max_m >= 1:
-        y = gemv_wna16(x2, qweight, scales, offsets, bits, group_size, bias, tiles=GEMV_M1_TILES,
-                       pairs=_m1_pairs(x2), pdl=pdl, peel=M1_PEEL, xload=M1_XLOAD)
+        y = one_token_gemv(x2, qweight, scales, offsets, bits, group_size, bias, pdl=pdl)
         return y.reshape(*x.shape[:-1], n)
     mma = 2 <= m <= min(MMA_GEMV_MAX_M, config.gemv_max_m)
     if mma and mma_applies(x2[:MMA_MAX_M], qweight, offsets, bits, group_size, scales):
         return mma_tokens(x2, qweight, scales, group_size, bias, pdl, offsets).reshape(*x.shape[:-1], n)
     loop_max = TOKEN_LOOP_MAX_M_4BIT if bits == 4 else TOKEN_LOOP_MAX_M_8BIT
     if 2 <= m <= min(config.gemv_max_m, loop_max) and config.gemv_token_loop and config.one_token_gemv:
-        y = torch.cat([gemv_wna16(x2[i:i + 1], qweight, scales, offsets, bits, group_size, bias,
-                                  tiles=GEMV_M1_TILES, pairs=_m1_pairs(x2), pdl=pdl, peel=M1_PEEL,
-                                  xload=M1_XLOAD)
+        y = torch.cat([one_token_gemv(x2[i:i + 1], qweight, scales, offsets, bits, group_size, bias, pdl=pdl)
                        for i in range(m)])
         return y.reshape(*x.shape[:-1], n)
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import sys
 import traceback
 from collections.abc import Callable
 from typing import Any, NoReturn
@@ -103,11 +104,13 @@ def check_gated_mlp(quantization: str) -> None:
             assert torch.equal(got, want), f"step {step}: max |diff| {(got - want).abs().max().item()}"
 
 
-def run_all() -> dict[str, str]:
+def run_all(names: list[str] | None = None) -> dict[str, str]:
+    """Run the checks ``names`` (families and ``GATED`` names; default: all); ``{name: "ok" | traceback}``."""
     results: dict[str, str] = {}
     checks: dict[str, Callable[[], None]] = {f: functools.partial(check_family, f) for f in FAMILIES}
     checks |= {name: functools.partial(check_gated_mlp, q) for name, q in GATED.items()}
-    for name, check in checks.items():
+    for name in names or list(checks):
+        check = checks[name]
         try:
             check()
             results[name] = "ok"
@@ -117,5 +120,6 @@ def run_all() -> dict[str, str]:
 
 
 if __name__ == "__main__":
+    # python triton_model_check.py [CHECK ...] (default: every family and gated check)
     torch.set_num_threads(1)
-    print(json.dumps(run_all()))
+    print(json.dumps(run_all(sys.argv[1:] or None)))
