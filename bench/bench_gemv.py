@@ -32,7 +32,8 @@ weights' (plus scales); the share is of a 1 GiB device-to-device copy measured f
 - ``w4gemm``: the 4-bit GEMM at 16, 64 and 256 tokens, tilings with and without split-K, against
   bf16 cuBLAS (:func:`bench_w4_gemm`);
 - ``w4_split``: the one-token 4-bit GEMV with ``xload`` at more and smaller programs and
-  split-K per projection (:func:`bench_w4_split`);
+  split-K per projection, its sums added by a second launch or by the last program
+  (``fixup``) (:func:`bench_w4_split`);
 - ``small_m``: asymmetric 4-bit and 8-bit weights at 1-16 tokens: the default dispatch, and the
   one-token GEMV per token (``WnA16Config.gemv_token_loop``), the multi-token GEMV and the GEMM
   (:func:`bench_small_m_formats`).
@@ -50,6 +51,7 @@ import json
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -598,18 +600,21 @@ def bench_w4_gemm(rec: Recorder, layers: int = 8) -> None:
 # splits whose ranges are whole tiles (they keep xload; gated gate_up takes one split only).
 W4_SPLIT_TILES = [(8, 2048, 4, 1), (4, 2048, 4, 1), (4, 4096, 4, 1), (8, 2048, 8, 1), (4, 1024, 4, 1),
                   (2, 2048, 2, 1), (8, 2048, 4, 2), (8, 1024, 4, 2), (8, 2048, 4, 7), (8, 1024, 4, 4),
-                  (16, 2048, 8, 2)]
+                  (16, 2048, 8, 2), (8, 2048, 4, 4), (8, 1024, 4, 8), (16, 2048, 4, 2)]
 
 
-def _w4_xload(x: torch.Tensor, tiles: G.GemvTiles, gated: bool, q: torch.Tensor,
-              s: torch.Tensor) -> torch.Tensor:
-    return G.gemv_wna16(x, q, s, None, 4, 128, tiles=tiles, gated=gated, pairs=True, peel=True, xload=True)
+def _w4_xload(x: torch.Tensor, tiles: G.GemvTiles, gated: bool, q: torch.Tensor, s: torch.Tensor,
+              counters: torch.Tensor | None = None) -> torch.Tensor:
+    return G.gemv_wna16(x, q, s, None, 4, 128, tiles=tiles, gated=gated, pairs=True, peel=True, xload=True,
+                        pdl=True, counters=counters)
 
 
 def bench_w4_split(rec: Recorder) -> None:
-    """The one-token 4-bit word GEMV with its loads in PTX (``xload``) per llama3-8b projection at
-    ``W4_SPLIT_TILES``: more and smaller programs, and split-K (partial sums added by a second
-    launch), for more warps in flight (DECISIONS 139)."""
+    """The one-token 4-bit word GEMV with its loads in PTX (``xload``) and PDL, as the engine
+    launches it, per llama3-8b projection at ``W4_SPLIT_TILES``: more and smaller programs, and
+    split-K, its partial sums added by a second launch or (``fixup``, one set of ``counters``
+    per layer) by the last program of each row block, for more warps in flight (DECISIONS 139,
+    140)."""
     for shape, (n, k) in SHAPES_8B.items():
         gated = shape == "gate_up"
         x = torch.randn(1, k, device=DEV, dtype=torch.bfloat16)
@@ -619,12 +624,37 @@ def bench_w4_split(rec: Recorder) -> None:
             if gated and split > 1:
                 continue
             tiles = G.GemvTiles(bn, bk, warps, split)
-            ms = time_chain(chain(partial(_w4_xload, x, tiles, gated), w4))
-            row = rec.add("w4_split", shape, f"{bn},{bk},{warps},{split}", ms, w4_nbytes(n, k), 32)
-            out.append(f"{row['variant']} {row['us_per_layer']:.2f}")
+            runs = {f"{bn},{bk},{warps},{split}": w4}
+            if split > 1:
+                fixed = [(q, s, G.split_counters(n, tiles, DEV)) for q, s in w4]
+                runs[f"{bn},{bk},{warps},{split},fixup"] = fixed
+            for variant, layers in runs.items():
+                ms = time_chain(chain(partial(_w4_xload, x, tiles, gated), layers))
+                row = rec.add("w4_split", shape, variant, ms, w4_nbytes(n, k), 32)
+                out.append(f"{row['variant']} {row['us_per_layer']:.2f}")
         print(f"w4 xload {shape}: " + " | ".join(out), flush=True)
         del w4
         torch.cuda.empty_cache()
+
+
+def w4_split_table(rows: Sequence[dict[str, Any]]) -> dict[str, list[int]]:
+    """From ``w4_split`` rows: per llama3-8b shape the engine runs ungated, the fastest of the
+    unsplit and the fixup tilings (the engine adds a split in the GEMV), where it is not
+    ``GEMV_M1_TILES``: ``{"N,K": [block_n, block_k, warps, split]}`` (bench_gpu.py ``--w4-tiles``)."""
+    default = GEMV_M1_TILES
+    table: dict[str, list[int]] = {}
+    for shape, (n, k) in SHAPES_8B.items():
+        if shape == "gate_up":  # gated at one token: one split, GEMV_M1_TILES (wna16.m1_tiles)
+            continue
+        mine = [r for r in rows if r["format"] == "w4_split" and r["shape"] == shape
+                and (r["variant"].endswith(",fixup") or r["variant"].endswith(",1"))]
+        if not mine:
+            continue
+        best = min(mine, key=lambda r: r["us_per_layer"])
+        tiles = [int(v) for v in best["variant"].removesuffix(",fixup").split(",")]
+        if tiles != [default.block_n, default.block_k, default.num_warps, default.split_k]:
+            table[f"{n},{k}"] = tiles
+    return table
 
 
 # WnA16 formats the tensor-core GEMV does not take: (bits, offsets).
@@ -711,6 +741,9 @@ def main() -> None:
     ap.add_argument("--tiles", default="",
                     help="the bf16/fp8 sweep's tilings instead of the default list: 'bn,bk,warps;...'")
     ap.add_argument("--splits", default=",".join(map(str, SPLITS)), help="split-K values of that sweep")
+    ap.add_argument("--w4-table", default="",
+                    help="with w4_split: write here (JSON) the fastest tiling per llama3-8b shape that "
+                         "differs from the engine's, for bench_gpu.py --w4-tiles (wna16.M1_SHAPE_TILES)")
     args = ap.parse_args()
     tiles_list = _parse_tiles(args.tiles) if args.tiles else TILES
     splits = [int(v) for v in args.splits.split(",")]
@@ -737,6 +770,10 @@ def main() -> None:
             bench_small_m_formats(rec)
         elif part == "w4_split":
             bench_w4_split(rec)
+            if args.w4_table:
+                table = w4_split_table(rec.rows)
+                Path(args.w4_table).write_text(json.dumps(table, indent=1) + "\n")
+                print(f"w4 table -> {args.w4_table}: {table}", flush=True)
         else:
             bench_format(rec, part, tiles_list, splits)
     layer: dict[tuple[str, str], float] = {}

@@ -29,9 +29,11 @@ printed at the end, rows appended to ``--results``, the Markdown report written.
 from __future__ import annotations
 
 import gc
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import bench_gpu as bench
@@ -40,6 +42,8 @@ import torch
 from results import ResultRow, append_results, new_run_id, today
 
 from kernels import resolve_fp8_weight_only_max_m
+from kernels.triton_ops import wna16 as twna16
+from kernels.triton_ops.gemv import GemvTiles
 
 # Bytes per weight of a projection as served: e4m3 (the float32 scale per row is negligible);
 # 4-bit: a nibble plus a float16 scale per group of 128.
@@ -85,6 +89,7 @@ class Run:
     ceilings: dict[str, float]
     run_id: str = field(default_factory=new_run_id)
     rows: list[ResultRow] = field(default_factory=list)
+    m1_shape_tiles: str | None = None  # --w4-tiles: recorded on every row of the run
 
     def add(
         self, workload: str, shape: str, engine: str, tok_s: float, quantization: str, kv: str, **extra: Any
@@ -99,7 +104,7 @@ class Run:
                 shape,
                 engine,
                 tok_s,
-                {k: v for k, v in extra.items() if v is not None},
+                {k: v for k, v in (extra | {"m1_shape_tiles": self.m1_shape_tiles}).items() if v is not None},
                 quantization=quantization,
                 kv_cache_dtype=kv,
             )
@@ -282,9 +287,22 @@ def table(run: Run) -> str:
     return "\n".join(out) + "\n"
 
 
+def use_w4_tiles(path: Path) -> str:
+    """Set ``wna16.M1_SHAPE_TILES`` from ``path`` (``{"N,K": [block_n, block_k, warps, split]}``,
+    before any engine loads: layers size their split counts at load); returns it as text."""
+    table = json.loads(path.read_text())
+    twna16.M1_SHAPE_TILES = MappingProxyType({
+        tuple(int(v) for v in key.split(",")): GemvTiles(*(int(v) for v in tiles))
+        for key, tiles in table.items()})
+    return json.dumps(table, separators=(",", ":"), sort_keys=True)
+
+
 def run_suite(args: Any, card: str, ceilings: dict[str, float]) -> None:
     """The suite of the module docstring (``bench_gpu.py --suite quantization``)."""
     run = Run(args, card, ceilings, run_id=args.run_id or new_run_id())
+    if args.w4_tiles is not None:
+        run.m1_shape_tiles = use_w4_tiles(args.w4_tiles)
+        print(f"wna16.M1_SHAPE_TILES from {args.w4_tiles}: {run.m1_shape_tiles}", flush=True)
     shapes = args.quant_shapes.split(",")
     t0 = time.perf_counter()
     saved = 0

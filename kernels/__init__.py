@@ -58,6 +58,10 @@ class KernelOps:
     # token, bit-for-bit the two ops (None: the MLP runs the linear, then silu_and_mul).
     fp8_weight_only_gated_linear: Callable[..., Any] | None = None
     wna16_gated_linear: Callable[..., Any] | None = None
+    # Optional (n, k, device) -> the arrival counts a one-token wna16_linear of an [n, k] weight
+    # takes as ``counters=`` (its split-K sums added in the GEMV instead of a second launch), or
+    # None where it needs none (None: the set's wna16_linear takes no counters).
+    wna16_split_counters: Callable[..., Any] | None = None
     # The same for 16/32-bit weights: silu_and_mul(x @ w.T + bias) for x of one token (not the
     # same bits as cuBLAS + silu_and_mul: its own order of sums).
     linear16_gated: Callable[..., Any] | None = None

@@ -28,7 +28,7 @@ from kernels.triton_ops.norm import fused_add_rms_norm, fused_add_rms_norm_fp8, 
 from kernels.triton_ops.prefill_attention import PrefillConfig, paged_attention
 from kernels.triton_ops.rotary import rotary_embedding
 from kernels.triton_ops.rotary_kv import rotary_store_kvcache
-from kernels.triton_ops.wna16 import WnA16Config, wna16_gated_linear, wna16_linear
+from kernels.triton_ops.wna16 import WnA16Config, m1_counters, wna16_gated_linear, wna16_linear
 
 __all__ = [
     "DecodeConfig",
@@ -81,6 +81,7 @@ def triton_ops(fp8_weight_only_max_m: int = FP8_WEIGHT_ONLY_MAX_M, pdl: bool = F
         quantize_fp8_per_token=quantize_fp8_per_token,
         fp8_linear=fp8_linear,
         wna16_linear=chained(wna16_linear),
+        wna16_split_counters=m1_counters,
         rotary_store_kvcache=chained(rotary_store_kvcache),
         rms_norm_fp8=chained(rms_norm_fp8),
         fused_add_rms_norm_fp8=chained(fused_add_rms_norm_fp8),

@@ -17,7 +17,9 @@ that stream at the card's bandwidth:
   4/8-bit kernels wait first;
 - split-K (``GemvTiles.split_k`` > 1) writes float32 partial sums ``[split_k, M, N]`` that
   :func:`_reduce_splits_kernel` adds in split order (deterministic: no atomics) before the
-  epilogue; with one split the epilogue runs in the GEMV kernel;
+  epilogue; with one split the epilogue runs in the GEMV kernel; the 4-bit word kernel can
+  instead count arrivals per row block (``counters``, :func:`_split_fixup`): the program that
+  arrives last adds the splits in the same order, with no second launch;
 - fp8 takes the activation already quantized (:func:`~kernels.triton_ops.fp8_matmul.quantize_fp8_per_token`,
   once per linear instead of once per program); e4m3 x e4m3 products are exact in float32, so
   the result differs from :func:`kernels.quant_reference.fp8_linear` only in the order of sums;
@@ -110,6 +112,31 @@ def _reduce_splits_kernel(part_ptr, out_ptr, xs_ptr, ws_ptr, bias_ptr, M, N, str
         acc += tl.load(row + s * M * N, mask=n_ok[None, :], other=0.0)
     _epilogue(acc, rm, m_ok, rn, n_ok, 0, M, N, stride_om, part_ptr, out_ptr, xs_ptr, ws_ptr, bias_ptr,
               HAS_XS, HAS_WS, HAS_BIAS, False)
+
+
+@triton.jit
+def _split_fixup(acc, rn, n_ok, N, part_ptr, cnt_ptr, out_ptr, bias_ptr, HAS_BIAS: tl.constexpr):
+    """One token's split-K without a second launch: this program stores its split's float32 sums
+    ``acc`` ``[BLOCK_N]`` (``part_ptr``: ``[splits, 1, N]``) and counts its arrival in
+    ``cnt_ptr[row block]``; the program that arrives last adds every split's sums in split order
+    (:func:`_reduce_splits_kernel`'s order: the same bits), stores the result and sets the count
+    back to 0 for the next launch (a CUDA graph replays it)."""
+    blk = tl.program_id(0)
+    splits = tl.num_programs(1)
+    tl.store(part_ptr + tl.program_id(1) * N + rn, acc, mask=n_ok)
+    # Every thread's stores come before the count (one thread performs a scalar atomic; its
+    # release orders what the barrier ordered before it); the last arrival's acquire makes every
+    # split's stores visible to it, read past L1 (.cg).
+    tl.debug_barrier()
+    arrived = tl.atomic_add(cnt_ptr + blk, 1, sem="acq_rel", scope="gpu")
+    if arrived == splits - 1:
+        total = tl.load(part_ptr + rn, mask=n_ok, other=0.0, cache_modifier=".cg")
+        for s in range(1, splits):
+            total += tl.load(part_ptr + s * N + rn, mask=n_ok, other=0.0, cache_modifier=".cg")
+        rm = tl.arange(0, 1)
+        _epilogue(total[None, :], rm, rm < 1, rn, n_ok, 0, 1, N, N, part_ptr, out_ptr, out_ptr, out_ptr,
+                  bias_ptr, False, False, HAS_BIAS, False)
+        tl.atomic_xchg(cnt_ptr + blk, 0, sem="relaxed", scope="gpu")
 
 
 @triton.jit
@@ -613,12 +640,13 @@ def _words_tile(acc, w, jj, k0, k_hi, w_hi, x_ptr, token, s_rows, o_rows, n_ok, 
 
 @triton.jit
 def _gemv_int4_words_kernel(x_ptr, q_ptr, s_ptr, o_ptr, bias_ptr, out_ptr, part_ptr, M, N, K, K_PER_SPLIT,
-                            stride_qn, stride_sn,
+                            stride_qn, stride_sn, cnt_ptr,
                             GROUP: tl.constexpr, SUB: tl.constexpr, HAS_OFFSET: tl.constexpr,
                             HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, BLOCK_N: tl.constexpr,
                             BLOCK_K: tl.constexpr, EVEN: tl.constexpr, GATED: tl.constexpr,
                             ASM: tl.constexpr, PAIRS: tl.constexpr, PDL: tl.constexpr = False,
-                            PEEL: tl.constexpr = False, XLOAD: tl.constexpr = False):
+                            PEEL: tl.constexpr = False, XLOAD: tl.constexpr = False,
+                            FIXUP: tl.constexpr = False):
     # 4-bit weights read as int32 words (``q_ptr``: [N, K / 8] int32, ``stride_qn`` in words):
     # word j holds inputs 8j .. 8j + 7, input 8j + i in bits 4i .. 4i + 3 (bytes little-endian,
     # low nibble first). Each nibble is masked in place (_nibble_as_float) and multiplied by the
@@ -629,7 +657,8 @@ def _gemv_int4_words_kernel(x_ptr, q_ptr, s_ptr, o_ptr, bias_ptr, out_ptr, part_
     # BLOCK_K divides K, the split length divides K): no masks. GATED: see _gemv_rows. PAIRS
     # (CUDA, 16-bit inputs, symmetric): a word's sum in packed 16-bit arithmetic (_pairs_asm).
     # PEEL: the first tile is taken before the loop, its words read before the PDL wait (as the
-    # dense kernel's).
+    # dense kernel's). FIXUP (with SPLIT): the last split to finish adds the partial sums
+    # (_split_fixup, ``cnt_ptr``: one int32 count per row block, 0 between launches).
     WORDS: tl.constexpr = BLOCK_K // 8
     TILE_G: tl.constexpr = BLOCK_K // GROUP if BLOCK_K > GROUP else 1
     WPG: tl.constexpr = WORDS // TILE_G  # words of one group in a tile
@@ -656,6 +685,9 @@ def _gemv_int4_words_kernel(x_ptr, q_ptr, s_ptr, o_ptr, bias_ptr, out_ptr, part_
     if GATED:
         _gated_epilogue(tl.sum(tl.sum(acc, axis=2), axis=1), rn, n_ok, N, out_ptr, out_ptr, out_ptr, bias_ptr,
                         False, False, HAS_BIAS, BLOCK_N)
+    elif SPLIT and FIXUP:
+        _split_fixup(tl.sum(tl.sum(acc, axis=2), axis=1), rn, n_ok, N, part_ptr, cnt_ptr, out_ptr, bias_ptr,
+                     HAS_BIAS)
     else:
         _epilogue(tl.sum(tl.sum(acc, axis=2), axis=1)[None, :], rm, rm < 1, rn, n_ok, tl.program_id(1), 1, N,
                   N, part_ptr, out_ptr, out_ptr, out_ptr, bias_ptr, False, False, HAS_BIAS, SPLIT)
@@ -674,18 +706,30 @@ def _k_per_split(k: int, tiles: GemvTiles) -> int:
 
 def _launch(kernel: triton.JITFunction, args: tuple[object, ...], m: int, n: int, k: int, out: torch.Tensor,
             xs: torch.Tensor | None, ws: torch.Tensor | None, bias: torch.Tensor | None, tiles: GemvTiles,
-            pdl: bool = False, **meta: object) -> torch.Tensor:
+            pdl: bool = False, counters: torch.Tensor | None = None, **meta: object) -> torch.Tensor:
+    """Launch ``kernel`` on a (row blocks, splits) grid; with several splits, their sums added by
+    :func:`reduce_splits`, or in the kernel (``counters``: the word kernel's FIXUP)."""
     per_split = _k_per_split(k, tiles)
     split = triton.cdiv(k, per_split)
     part = out if split == 1 else torch.empty((split, m, n), dtype=torch.float32, device=out.device)
+    fixup = split > 1 and counters is not None
+    if fixup:
+        meta.update(cnt_ptr=counters, FIXUP=True)
     kernel[(triton.cdiv(n, tiles.block_n), split)](
         *args, out, part, m, n, k, per_split, **meta,
         HAS_BIAS=bias is not None, SPLIT=split > 1,
         BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, num_warps=tiles.num_warps, **pdl_launch(pdl),
     )
-    if split > 1:
+    if split > 1 and not fixup:
         reduce_splits(part, out, bias, xs, ws)
     return out
+
+
+def split_counters(n: int, tiles: GemvTiles, device: torch.device | str) -> torch.Tensor:
+    """The arrival counts :func:`gemv_wna16` (``counters``) needs for ``n`` outputs at ``tiles``:
+    int32 zeros, one per row block; each launch leaves them 0. One set per call site: two
+    launches that may run at once must not share them."""
+    return torch.zeros(triton.cdiv(n, tiles.block_n), dtype=torch.int32, device=device)
 
 
 def reduce_splits(part: torch.Tensor, out: torch.Tensor, bias: torch.Tensor | None,
@@ -860,7 +904,8 @@ def gemv_wna16(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, off
                bits: int, group_size: int, bias: torch.Tensor | None = None, *,
                tiles: GemvTiles | None = None, factored: bool = True, words: bool = True,
                gated: bool = False, nibble_asm: bool | None = None, pairs: bool = False,
-               pdl: bool = False, peel: bool = False, xload: bool = False) -> torch.Tensor:
+               pdl: bool = False, peel: bool = False, xload: bool = False,
+               counters: torch.Tensor | None = None) -> torch.Tensor:
     """WnA16 at one token (:class:`kernels.quant_reference.WnA16Weight` layout; checked by
     :func:`kernels.triton_ops.wna16.wna16_linear`): ``x`` ``[1, K]``, float32 sums, result in
     ``x.dtype``. ``factored``: scales applied per group sum (module docstring). ``words``:
@@ -876,7 +921,10 @@ def gemv_wna16(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, off
     (the same bits; ``wna16.M1_PEEL`` turns it on at one token, DECISIONS 137). ``xload``: the
     word kernel on whole tiles, bf16 or float16 ``x`` 16-byte aligned, on CUDA reads the inputs
     and the scales (and offsets) in inline PTX, in the words' layout (:func:`_load_pairs_asm`,
-    :func:`_load_inputs_asm`, :func:`_load_groups_asm`; the same bits); else ignored."""
+    :func:`_load_inputs_asm`, :func:`_load_groups_asm`; the same bits); else ignored.
+    ``counters`` (:func:`split_counters` for these tiles): with several splits, the word kernel's
+    last program of each row block adds the splits' sums (:func:`_split_fixup`; the same bits)
+    instead of a second launch; ignored by the other kernels and with one split."""
     tiles = tiles or GemvTiles()
     tiles = GemvTiles(tiles.block_n, fit_block_k(tiles.block_k, group_size), tiles.num_warps, tiles.split_k)
     x = _one_row(x)
@@ -896,7 +944,12 @@ def gemv_wna16(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, off
         use_pairs = pairs and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and sub == 8.0
         # Whole tiles: no masks (every split, too, is whole tiles when its length divides K).
         even = n % tiles.block_n == 0 and k % tiles.block_k == 0 and k % _k_per_split(k, tiles) == 0
+        blocks = triton.cdiv(n, tiles.block_n)
+        if counters is not None and (counters.dtype != torch.int32 or counters.numel() < blocks):
+            raise ValueError(f"counters must be int32 with one count per row block ({blocks}; "
+                             f"split_counters), got {counters.dtype} x {counters.numel()}")
         return _launch(_gemv_int4_words_kernel, args, 1, n, k, out, None, None, bias, tiles,
+                       counters=counters, cnt_ptr=out,
                        stride_qn=q_words.stride(0), stride_sn=scales.stride(0), GROUP=group_size, SUB=sub,
                        HAS_OFFSET=offsets is not None, GATED=gated,
                        ASM=x.is_cuda if nibble_asm is None else nibble_asm,

@@ -29,19 +29,33 @@ through a ``[rows, groups, group_size]`` view of the tile (no per-element gather
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 
 import torch
 import triton
 import triton.language as tl
 
-from kernels.triton_ops.gemv import GemvTiles, fit_block_k, gemv_wna16, k_per_split, reduce_splits
+from kernels.triton_ops.gemv import (
+    GemvTiles,
+    fit_block_k,
+    gemv_wna16,
+    k_per_split,
+    reduce_splits,
+    split_counters,
+)
 from kernels.triton_ops.wna16_mma import MMA_MAX_M, gemv_int4_mma, mma_applies
 
 # One token (batch-1 decode), gemv.gemv_wna16 (4-bit: its int32-word kernel): fastest on an
 # H200 over the four llama3-8b projections in 4-bit groups of 128 among 19 tilings
 # (docs/QUANTIZATION.md, "One-token GEMV").
 GEMV_M1_TILES = GemvTiles(block_n=8, block_k=2048, num_warps=4, split_k=1)
+# One token, per weight shape (N, K): a tiling other than GEMV_M1_TILES, split-K ones added by
+# their last program per row block (gemv.gemv_wna16 ``counters``: one set per layer,
+# m1_counters; no second launch). Empty: not measured on a card yet (DECISIONS 140;
+# bench_gemv.py --parts w4_split times the candidates).
+M1_SHAPE_TILES: Mapping[tuple[int, int], GemvTiles] = MappingProxyType({})
 # One token, symmetric 4-bit weights and bf16 inputs: gemv_wna16's packed bf16 decode (``pairs``):
 # on an H200, llama3-8b's four projections 50.7 against 57.9 us per layer, W2 W4A16 413.8
 # against 381.8 tok/s; max error / sum|x w| 3.7e-4 against 2.5e-4 (docs/DECISIONS.md 132).
@@ -283,14 +297,34 @@ def _m1_pairs(x: torch.Tensor) -> bool:
     return M1_PAIRS if x.dtype != torch.float16 else M1_PAIRS_F16
 
 
+def m1_tiles(n: int, k: int, gated: bool = False) -> GemvTiles:
+    """The one-token GEMV's tiling of an ``[n, k]`` weight: ``M1_SHAPE_TILES``' entry, else
+    ``GEMV_M1_TILES`` (always for ``gated``: gated GEMVs take one split)."""
+    return GEMV_M1_TILES if gated else M1_SHAPE_TILES.get((n, k), GEMV_M1_TILES)
+
+
+def m1_counters(n: int, k: int, device: torch.device) -> torch.Tensor | None:
+    """The split-K arrival counts of the one-token GEMV of an ``[n, k]`` weight on ``device``
+    (:func:`~kernels.triton_ops.gemv.split_counters`), or None where its tiling has one split.
+    A layer allocates them once and passes them as ``counters``; they are 0 between launches."""
+    tiles = m1_tiles(n, k)
+    if tiles.split_k == 1:
+        return None
+    return split_counters(n, tiles, device)
+
+
 def one_token_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
                    offsets: torch.Tensor | None, bits: int, group_size: int,
-                   bias: torch.Tensor | None, *, pdl: bool, gated: bool = False) -> torch.Tensor:
+                   bias: torch.Tensor | None, *, pdl: bool, gated: bool = False,
+                   counters: torch.Tensor | None = None) -> torch.Tensor:
     """:func:`~kernels.triton_ops.gemv.gemv_wna16` on one token ``x`` ``[1, K]`` with this module's
-    measured one-token settings (``GEMV_M1_TILES``, ``M1_PAIRS`` / ``M1_PAIRS_F16``, ``M1_PEEL``,
-    ``M1_XLOAD``): the single place the engine's one-token launches take them from."""
-    return gemv_wna16(x, qweight, scales, offsets, bits, group_size, bias, tiles=GEMV_M1_TILES,
-                      gated=gated, pairs=_m1_pairs(x), pdl=pdl, peel=M1_PEEL, xload=M1_XLOAD)
+    measured one-token settings (:func:`m1_tiles`, ``M1_PAIRS`` / ``M1_PAIRS_F16``, ``M1_PEEL``,
+    ``M1_XLOAD``): the single place the engine's one-token launches take them from. ``counters``
+    (:func:`m1_counters`): a split tiling's sums added in the GEMV; None: by a second launch."""
+    tiles = m1_tiles(qweight.shape[0], x.shape[-1], gated)
+    return gemv_wna16(x, qweight, scales, offsets, bits, group_size, bias, tiles=tiles,
+                      gated=gated, pairs=_m1_pairs(x), pdl=pdl, peel=M1_PEEL, xload=M1_XLOAD,
+                      counters=counters)
 
 
 def mma_tokens(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, group_size: int,
@@ -329,10 +363,12 @@ def wna16_linear(
     *,
     config: WnA16Config | None = None,
     pdl: bool = False,
+    counters: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Triton :func:`kernels.quant_reference.wna16_linear` (arguments as there; ``config`` sets
     the GEMV/GEMM threshold and tilings; ``pdl``: the one-token GEMV launches with
-    :mod:`~kernels.triton_ops.pdl`). Returns ``[..., N]`` in ``x.dtype``."""
+    :mod:`~kernels.triton_ops.pdl`; ``counters``: the layer's :func:`m1_counters`, for the
+    one-token GEMV). Returns ``[..., N]`` in ``x.dtype``."""
     config = config or _DEFAULT
     n = qweight.shape[0]
     k = x.shape[-1]
@@ -342,14 +378,17 @@ def wna16_linear(
     _check(x2, qweight, scales, offsets, bits, group_size)
     m = x2.shape[0]
     if m == 1 and config.one_token_gemv and config.gemv_max_m >= 1:
-        y = one_token_gemv(x2, qweight, scales, offsets, bits, group_size, bias, pdl=pdl)
+        y = one_token_gemv(x2, qweight, scales, offsets, bits, group_size, bias, pdl=pdl, counters=counters)
         return y.reshape(*x.shape[:-1], n)
     mma = 2 <= m <= min(MMA_GEMV_MAX_M, config.gemv_max_m)
     if mma and mma_applies(x2[:MMA_MAX_M], qweight, offsets, bits, group_size, scales):
         return mma_tokens(x2, qweight, scales, group_size, bias, pdl, offsets).reshape(*x.shape[:-1], n)
     loop_max = TOKEN_LOOP_MAX_M_4BIT if bits == 4 else TOKEN_LOOP_MAX_M_8BIT
     if 2 <= m <= min(config.gemv_max_m, loop_max) and config.gemv_token_loop and config.one_token_gemv:
-        y = torch.cat([one_token_gemv(x2[i:i + 1], qweight, scales, offsets, bits, group_size, bias, pdl=pdl)
+        # One launch after another on the same counts: each launch's programs reach the count
+        # only after the launch before has finished (stream order; with PDL, after its wait).
+        y = torch.cat([one_token_gemv(x2[i:i + 1], qweight, scales, offsets, bits, group_size, bias, pdl=pdl,
+                                      counters=counters)
                        for i in range(m)])
         return y.reshape(*x.shape[:-1], n)
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)

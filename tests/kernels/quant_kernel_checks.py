@@ -29,6 +29,7 @@ import json
 import sys
 import traceback
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -400,6 +401,9 @@ def check_gemv_wna16(t: Target) -> None:
                     if bits == 4 and not byte_kernel:  # the first tile peeled: the same sums
                         peeled = tgemv.gemv_wna16(*args, tiles=tiles, factored=factored, peel=True)
                         assert torch.equal(peeled, got), f"{what} peel: {(peeled - got).abs().max()}"
+                        split = tiles is not None and tiles.split_k > 1
+                        if split and (t.device != "cpu" or tiles == _GEMV_TILES[2]):  # CPU: one tiling
+                            _check_split_fixup(args, tiles, got, what)
                         if t.device != "cpu":  # inputs, scales and offsets read in PTX: the same sums
                             xl = tgemv.gemv_wna16(*args, tiles=tiles, factored=factored, xload=True)
                             assert torch.equal(xl, got), f"{what} xload: {(xl - got).abs().max()}"
@@ -419,6 +423,20 @@ def check_gemv_wna16(t: Target) -> None:
                             gated = tgemv.gemv_wna16(*args, tiles=tiles, pairs=True, gated=True, **flags)
                             unfused = tgemv.gemv_wna16(*args, tiles=tiles, pairs=True, gated=True)
                             assert torch.equal(gated, unfused), f"{what} gated {flags}"
+
+
+def _check_split_fixup(args: tuple[Any, ...], tiles: tgemv.GemvTiles, want: torch.Tensor, what: str) -> None:
+    """The word kernel's split-K added by its last program per row block (``counters``) gives the
+    second launch's bits and leaves every count 0, launch after launch (on a card: with xload,
+    and many launches, where programs of one row block finish in every order)."""
+    x, n = args[0], args[1].shape[0]
+    counters = tgemv.split_counters(n, tiles, x.device)
+    for flags in ({}, {"peel": True}) + (({"xload": True, "pairs": True},) if x.is_cuda else ()):
+        ref = want if "pairs" not in flags else tgemv.gemv_wna16(*args, tiles=tiles, pairs=True)
+        for launch in range(50 if x.is_cuda else 1):
+            got = tgemv.gemv_wna16(*args, tiles=tiles, counters=counters, **flags)
+            assert torch.equal(got, ref), f"{what} fixup {flags} launch {launch}: {(got - ref).abs().max()}"
+        assert not counters.any(), f"{what} fixup {flags}: counts left {counters.tolist()}"
 
 
 # Gated tilings: one split, whole gate/up pairs (block_n >= 2): the default, the fp8 one-token

@@ -17,6 +17,7 @@ from tests.helpers.interpreted import InterpretedRun, run_interpreted
 from tests.helpers.tiny_models import FAMILIES
 
 GATED_CHECKS = ["gated_mlp_fp8", "gated_mlp_w4", "gated_mlp_16bit"]  # triton_model_check.GATED
+SPLIT_CHECK = "split_fixup_w4"  # triton_model_check.check_split_fixup
 
 pytest.importorskip("triton")
 
@@ -25,13 +26,14 @@ _HERE = Path(__file__).resolve().parent
 
 @pytest.fixture(scope="module")
 def interpreted_results() -> dict[str, str]:
-    """``{family or gated check: "ok" | traceback}`` from two interpreted runs at once: the 4-bit
-    gated check (most of the time: the interpreter runs its prefill's per-token GEMVs program by
-    program) and the rest."""
+    """``{check: "ok" | traceback}`` from three interpreted runs at once: the two 4-bit checks
+    each on its own (most of the time: the interpreter runs their prefills' per-token GEMVs
+    program by program) and the rest."""
     script = str(_HERE / "triton_model_check.py")
-    rest = [*FAMILIES, *(c for c in GATED_CHECKS if c != "gated_mlp_w4")]
-    runs = {"gated_mlp_w4": InterpretedRun((script, "gated_mlp_w4"), ("gated_mlp_w4",)),
-            "rest": InterpretedRun((script, *rest), tuple(rest))}
+    alone = ["gated_mlp_w4", SPLIT_CHECK]
+    rest = [*FAMILIES, *(c for c in GATED_CHECKS if c not in alone)]
+    runs = {name: InterpretedRun((script, name), (name,)) for name in alone}
+    runs["rest"] = InterpretedRun((script, *rest), tuple(rest))
     return {check: result for results in run_interpreted(runs, timeout_s=600).values()
             for check, result in results.items()}
 
@@ -48,3 +50,12 @@ def test_fused_gated_mlp_gives_the_same_logits_interpreted(interpreted_results: 
     SiLU-and-mul in its epilogue give the unfused model's logits (bit for bit where the sums are
     the same; triton_model_check.check_gated_mlp)."""
     assert interpreted_results[check] == "ok", interpreted_results[check]
+
+
+def test_split_k_added_in_the_gemv_gives_the_second_launchs_logits_interpreted(
+        interpreted_results: dict[str, str]) -> None:
+    """A tiny 4-bit llama whose one-token GEMVs split K, their sums added by the last program of
+    each row block (``Segment.counters``), gives the logits of the same model whose splits are
+    added by a second launch, bit for bit, and leaves every count 0
+    (triton_model_check.check_split_fixup)."""
+    assert interpreted_results[SPLIT_CHECK] == "ok", interpreted_results[SPLIT_CHECK]

@@ -15,16 +15,18 @@ import functools
 import json
 import sys
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, NoReturn
 
 import torch
 
 from gpu_worker.model_executor.layers.quantization.base import LinearMethod, UnquantizedLinearMethod
 from gpu_worker.model_executor.layers.quantization.select import make_linear_methods
+from gpu_worker.model_executor.layers.quantization.wna16 import layer_state
 from kernels import KernelOps, reference_ops
 from kernels import triton_ops as tops
 from kernels.triton_ops import triton_ops
+from kernels.triton_ops import wna16 as twna16
 from kernels.triton_ops.gemv import GemvTiles
 from tests.gpu_worker.model_executor.tiny_model_steps import STEPS, build_model, run_steps
 from tests.helpers.tiny_models import FAMILIES, make_tiny_config
@@ -104,11 +106,63 @@ def check_gated_mlp(quantization: str) -> None:
             assert torch.equal(got, want), f"step {step}: max |diff| {(got - want).abs().max().item()}"
 
 
+class EveryShape(Mapping[tuple[int, int], GemvTiles]):
+    """``wna16.M1_SHAPE_TILES`` giving ``tiles`` for every weight shape."""
+
+    def __init__(self, tiles: GemvTiles) -> None:
+        self.tiles = tiles
+
+    def __getitem__(self, key: tuple[int, int]) -> GemvTiles:
+        return self.tiles
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        return iter(())
+
+    def __len__(self) -> int:
+        return 0
+
+
+def check_split_fixup() -> None:
+    """A tiny llama with 4-bit weights whose one-token GEMVs split K in two
+    (``wna16.M1_SHAPE_TILES``): every 4-bit layer holds split counts (``Segment.counters``), and
+    the logits of a two-token prefill (the per-token GEMV twice on the same counts) and a decode
+    step equal, bit for bit, those of the same model whose splits are added by a second launch
+    (a set without ``wna16_split_counters``); every count is 0 afterwards."""
+    cfg = make_tiny_config("llama")
+    saved = twna16.M1_SHAPE_TILES
+    twna16.M1_SHAPE_TILES = EveryShape(GemvTiles(block_n=8, block_k=32, num_warps=4, split_k=2))
+    try:
+        cpu = torch.device("cpu")
+        with_counts: list[int] = []
+
+        def linear(*args: Any, **kwargs: Any) -> Any:
+            with_counts.extend([1] if kwargs.get("counters") is not None else [])
+            return tops.wna16_linear(*args, **kwargs)
+
+        fixup = dataclasses.replace(triton_ops(), wna16_linear=linear)
+        models = [build_model(cfg, ops, linear=make_linear_methods("gptq", cfg, cpu, ops))
+                  for ops in (fixup, dataclasses.replace(triton_ops(), wna16_split_counters=None))]
+        counters = [[seg.counters for m in model.modules() if "wna16" in m.__dict__
+                     for seg in layer_state(m).segments] for model in models]
+        assert counters[0] and all(c is not None for c in counters[0]), counters[0]
+        assert all(c is None for c in counters[1]), counters[1]
+        steps = [([2], [2]), ([3], [1])]
+        got, want = (run_steps(m, cfg, steps) for m in models)
+        for step, (a, b) in enumerate(zip(got, want, strict=True)):
+            assert torch.equal(a, b), f"step {step}: max |diff| {(a - b).abs().max().item()}"
+        assert not any(c.any() for c in counters[0] if c is not None), "counts left after the steps"
+        # qkv, o and down per layer take their counts at every step (gate_up too in the prefill).
+        assert len(with_counts) >= 3 * 2 * cfg.num_hidden_layers, len(with_counts)
+    finally:
+        twna16.M1_SHAPE_TILES = saved
+
+
 def run_all(names: list[str] | None = None) -> dict[str, str]:
     """Run the checks ``names`` (families and ``GATED`` names; default: all); ``{name: "ok" | traceback}``."""
     results: dict[str, str] = {}
     checks: dict[str, Callable[[], None]] = {f: functools.partial(check_family, f) for f in FAMILIES}
     checks |= {name: functools.partial(check_gated_mlp, q) for name, q in GATED.items()}
+    checks["split_fixup_w4"] = check_split_fixup
     for name in names or list(checks):
         check = checks[name]
         try:

@@ -39,18 +39,31 @@ Part = WnA16Weight | torch.Tensor  # a packed weight, or a dense [rows, K] one
 
 @dataclass(frozen=True)
 class Segment:
-    """Consecutive output rows of one layer in one format."""
+    """Consecutive output rows of one layer in one format; ``counters``: the one-token GEMV's
+    split-K arrival counts for this weight (``KernelOps.wna16_split_counters``), if it takes any."""
 
     weight: WnA16Weight | None
     dense: torch.Tensor | None
+    counters: torch.Tensor | None = None
 
     def __call__(self, ops: KernelOps, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if self.weight is None:
             assert self.dense is not None  # invariant: one of the two is set
             return nn.functional.linear(x, self.dense, bias)
         w = self.weight
-        out: torch.Tensor = ops.wna16_linear(x, w.qweight, w.scales, w.offsets, w.bits, w.group_size, bias)
+        extra = {} if self.counters is None else {"counters": self.counters}
+        out: torch.Tensor = ops.wna16_linear(x, w.qweight, w.scales, w.offsets, w.bits, w.group_size, bias,
+                                             **extra)
         return out
+
+    def with_counters(self, ops: KernelOps) -> Segment:
+        """This segment with the counts its one-token GEMV takes on ``ops`` (none for dense rows
+        or sets without split counts)."""
+        if self.weight is None or ops.wna16_split_counters is None:
+            return self
+        w = self.weight
+        counters = ops.wna16_split_counters(w.out_features, w.in_features, w.qweight.device)
+        return self if counters is None else replace(self, counters=counters)
 
 
 class LayerState:
@@ -162,7 +175,8 @@ class WnA16LinearMethod(LinearMethod):
         if sorted(state.parts) != list(range(expected)) or state.staged:
             raise ValueError(f"4-bit layer of shape {state.shape}: checkpoint parts {sorted(state.parts)} "
                              f"of {expected} (a GPTQ tensor or a GGUF projection is missing)")
-        _set_segments(layer, join_parts([state.parts[i] for i in range(expected)]))
+        segments = join_parts([state.parts[i] for i in range(expected)])
+        _set_segments(layer, [s.with_counters(self.ops) for s in segments])
         state.parts, state.staged = {}, {}
 
     def fill_random(self, layer: nn.Module, seed: int, std: float) -> bool:
@@ -177,7 +191,8 @@ class WnA16LinearMethod(LinearMethod):
         generator.manual_seed(seed)
         qweight = torch.randint(0, 256, (n, k // 2), generator=generator, device=device, dtype=torch.uint8)
         scales = torch.full((n, k // group), std / _NIBBLE_STD, dtype=torch.float16, device=device)
-        _set_segments(layer, [Segment(WnA16Weight(qweight, scales, None, 4, group), None)])
+        segment = Segment(WnA16Weight(qweight, scales, None, 4, group), None)
+        _set_segments(layer, [segment.with_counters(self.ops)])
         return True
 
 

@@ -37,6 +37,9 @@ from gpu_worker.worker.model_runner import ModelRunner
 from kernels import reference_ops
 from kernels.quant_reference import dequantize_wna16
 from kernels.triton_ops import Fp8LinearConfig, WnA16Config
+from kernels.triton_ops import wna16 as twna16
+from kernels.triton_ops.gemv import GemvTiles
+from tests.gpu_worker.model_executor.triton_model_check import EveryShape
 from tests.helpers.quantized_checkpoints import write_fp8_checkpoint, write_gptq_checkpoint
 from tests.helpers.runners import build_runner
 from tests.helpers.smollm2_accuracy import sequence_logits
@@ -179,5 +182,29 @@ def test_fp8_kv_and_weights_with_cuda_graphs(folders: dict[str, Path]) -> None:
             max_num_seqs=8,
         )
         assert llm.engine.config.quantization == "fp8"
+        tokens.append([list(o.outputs[0].token_ids) for o in llm.generate(prompts, params)])
+    assert tokens[0] == tokens[1]
+
+
+def test_w4a16_split_k_added_in_the_gemv(folders: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """One-token GEMVs that split K in two, their sums added by the last program of each row
+    block (``wna16.M1_SHAPE_TILES``, ``Segment.counters``): the logits within the GEMV bound of
+    the reference linears (1 token: one GEMV; 7: the per-token GEMV 7 times on the same counts),
+    greedy tokens with decode CUDA graphs equal to the eager ones, every count 0 afterwards."""
+    monkeypatch.setattr(twna16, "M1_SHAPE_TILES", EveryShape(GemvTiles(block_n=8, block_k=128, num_warps=4,
+                                                                         split_k=2)))
+    ours, ref = _runner(folders["gptq"]), _runner(folders["gptq"])
+    _use_reference_linears(ref)
+    counters = [seg.counters for m in ours.model.modules() if "wna16" in m.__dict__
+                for seg in layer_state(m).segments]
+    assert counters and all(c is not None for c in counters)
+    _compare("gptq split-K", ours, ref)
+    assert not any(bool(c.any()) for c in counters if c is not None)
+    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    prompts = [_prompt(5 + 13 * i) for i in range(6)]
+    tokens = []
+    for eager in (False, True):
+        llm = LLM(model=str(folders["gptq"]), enforce_eager=eager, skip_tokenizer_init=True, num_kv_blocks=64,
+                  max_num_seqs=8)
         tokens.append([list(o.outputs[0].token_ids) for o in llm.generate(prompts, params)])
     assert tokens[0] == tokens[1]
