@@ -598,23 +598,23 @@ def bench_w4_gemm(rec: Recorder, layers: int = 8) -> None:
 
 # The one-token 4-bit word GEMV with xload (the engine's path): (block_n, block_k, warps, split_k),
 # splits whose ranges are whole tiles (they keep xload; gated gate_up takes one split only).
-W4_SPLIT_TILES = [(8, 2048, 4, 1), (4, 2048, 4, 1), (4, 4096, 4, 1), (8, 2048, 8, 1), (4, 1024, 4, 1),
-                  (2, 2048, 2, 1), (8, 2048, 4, 2), (8, 1024, 4, 2), (8, 2048, 4, 7), (8, 1024, 4, 4),
-                  (16, 2048, 8, 2), (8, 2048, 4, 4), (8, 1024, 4, 8), (16, 2048, 4, 2)]
+W4_SPLIT_TILES = [(8, 2048, 4, 1), (4, 2048, 4, 1), (8, 2048, 8, 1), (2, 2048, 2, 1),
+                  (8, 2048, 4, 2), (8, 1024, 4, 2), (8, 2048, 4, 4), (8, 1024, 4, 4), (8, 2048, 4, 7),
+                  (16, 2048, 8, 2)]
 
 
-def _w4_xload(x: torch.Tensor, tiles: G.GemvTiles, gated: bool, q: torch.Tensor, s: torch.Tensor,
-              counters: torch.Tensor | None = None) -> torch.Tensor:
+def _w4_xload(x: torch.Tensor, tiles: G.GemvTiles, gated: bool, prefetch: bool, q: torch.Tensor,
+              s: torch.Tensor, counters: torch.Tensor | None = None) -> torch.Tensor:
     return G.gemv_wna16(x, q, s, None, 4, 128, tiles=tiles, gated=gated, pairs=True, peel=True, xload=True,
-                        pdl=True, counters=counters)
+                        pdl=True, counters=counters, prefetch=prefetch)
 
 
 def bench_w4_split(rec: Recorder) -> None:
     """The one-token 4-bit word GEMV with its loads in PTX (``xload``) and PDL, as the engine
     launches it, per llama3-8b projection at ``W4_SPLIT_TILES``: more and smaller programs, and
     split-K, its partial sums added by a second launch or (``fixup``, one set of ``counters``
-    per layer) by the last program of each row block, for more warps in flight (DECISIONS 139,
-    140)."""
+    per layer) by the last program of each row block, for more warps in flight; and each with
+    ``prefetch`` (the words past the first tile asked of L2 before the wait). DECISIONS 139, 140."""
     for shape, (n, k) in SHAPES_8B.items():
         gated = shape == "gate_up"
         x = torch.randn(1, k, device=DEV, dtype=torch.bfloat16)
@@ -624,12 +624,15 @@ def bench_w4_split(rec: Recorder) -> None:
             if gated and split > 1:
                 continue
             tiles = G.GemvTiles(bn, bk, warps, split)
-            runs = {f"{bn},{bk},{warps},{split}": w4}
-            if split > 1:
+            name = f"{bn},{bk},{warps},{split}"
+            if split == 1:
+                runs = {name: (w4, False), f"{name},prefetch": (w4, True)}
+            else:  # the second launch, and the engine's way (fixup) with and without prefetch
                 fixed = [(q, s, G.split_counters(n, tiles, DEV)) for q, s in w4]
-                runs[f"{bn},{bk},{warps},{split},fixup"] = fixed
-            for variant, layers in runs.items():
-                ms = time_chain(chain(partial(_w4_xload, x, tiles, gated), layers))
+                runs = {name: (w4, False), f"{name},fixup": (fixed, False),
+                        f"{name},fixup,prefetch": (fixed, True)}
+            for variant, (layers, prefetch) in runs.items():
+                ms = time_chain(chain(partial(_w4_xload, x, tiles, gated, prefetch), layers))
                 row = rec.add("w4_split", shape, variant, ms, w4_nbytes(n, k), 32)
                 out.append(f"{row['variant']} {row['us_per_layer']:.2f}")
         print(f"w4 xload {shape}: " + " | ".join(out), flush=True)
@@ -637,24 +640,42 @@ def bench_w4_split(rec: Recorder) -> None:
         torch.cuda.empty_cache()
 
 
-def w4_split_table(rows: Sequence[dict[str, Any]]) -> dict[str, list[int]]:
-    """From ``w4_split`` rows: per llama3-8b shape the engine runs ungated, the fastest of the
-    unsplit and the fixup tilings (the engine adds a split in the GEMV), where it is not
-    ``GEMV_M1_TILES``: ``{"N,K": [block_n, block_k, warps, split]}`` (bench_gpu.py ``--w4-tiles``)."""
-    default = GEMV_M1_TILES
-    table: dict[str, list[int]] = {}
-    for shape, (n, k) in SHAPES_8B.items():
-        if shape == "gate_up":  # gated at one token: one split, GEMV_M1_TILES (wna16.m1_tiles)
-            continue
-        mine = [r for r in rows if r["format"] == "w4_split" and r["shape"] == shape
-                and (r["variant"].endswith(",fixup") or r["variant"].endswith(",1"))]
-        if not mine:
-            continue
-        best = min(mine, key=lambda r: r["us_per_layer"])
-        tiles = [int(v) for v in best["variant"].removesuffix(",fixup").split(",")]
-        if tiles != [default.block_n, default.block_k, default.num_warps, default.split_k]:
-            table[f"{n},{k}"] = tiles
-    return table
+def _engine_usable(variant: str, prefetch: bool) -> list[int] | None:
+    """A ``w4_split`` variant's tiling if the engine can run it with ``M1_PREFETCH`` = ``prefetch``
+    (it adds every split in the GEMV: fixup), else None."""
+    parts = variant.split(",")
+    tiles, flags = [int(v) for v in parts[:4]], set(parts[4:])
+    if ("prefetch" in flags) != prefetch or (tiles[3] > 1 and "fixup" not in flags):
+        return None
+    return tiles
+
+
+def w4_split_table(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """From ``w4_split`` rows, what the engine should run (bench_gpu.py ``--w4-tiles``):
+    ``{"prefetch": bool, "tiles": {"N,K": [block_n, block_k, warps, split]}}``. ``prefetch``
+    (``wna16.M1_PREFETCH``, one switch for every shape) where the fastest usable tilings with it
+    sum to less over the four projections; ``tiles`` (``wna16.M1_SHAPE_TILES``) per ungated
+    shape, where the fastest usable tiling is not ``GEMV_M1_TILES`` (gate_up runs gated at one
+    token: one split, the default tiling)."""
+    default = [GEMV_M1_TILES.block_n, GEMV_M1_TILES.block_k, GEMV_M1_TILES.num_warps, GEMV_M1_TILES.split_k]
+    choice: dict[bool, tuple[float, dict[str, list[int]]]] = {}
+    for prefetch in (False, True):
+        total, table = 0.0, {}
+        for shape, (n, k) in SHAPES_8B.items():
+            mine = [r for r in rows if r["format"] == "w4_split" and r["shape"] == shape]
+            usable = [(r["us_per_layer"], tiles) for r in mine
+                      if (tiles := _engine_usable(r["variant"], prefetch)) is not None
+                      and (shape != "gate_up" or tiles == default)]
+            if not usable:
+                total = float("inf")
+                continue
+            us, tiles = min(usable)
+            total += us
+            if tiles != default:
+                table[f"{n},{k}"] = tiles
+        choice[prefetch] = (total, table)
+    prefetch = choice[True][0] < choice[False][0]
+    return {"prefetch": prefetch, "tiles": choice[prefetch][1]}
 
 
 # WnA16 formats the tensor-core GEMV does not take: (bits, offsets).
@@ -742,8 +763,8 @@ def main() -> None:
                     help="the bf16/fp8 sweep's tilings instead of the default list: 'bn,bk,warps;...'")
     ap.add_argument("--splits", default=",".join(map(str, SPLITS)), help="split-K values of that sweep")
     ap.add_argument("--w4-table", default="",
-                    help="with w4_split: write here (JSON) the fastest tiling per llama3-8b shape that "
-                         "differs from the engine's, for bench_gpu.py --w4-tiles (wna16.M1_SHAPE_TILES)")
+                    help="with w4_split: write here (JSON) the one-token settings the sweep finds fastest "
+                         "(wna16.M1_PREFETCH, M1_SHAPE_TILES), for bench_gpu.py --w4-tiles")
     args = ap.parse_args()
     tiles_list = _parse_tiles(args.tiles) if args.tiles else TILES
     splits = [int(v) for v in args.splits.split(",")]

@@ -288,12 +288,14 @@ def table(run: Run) -> str:
 
 
 def use_w4_tiles(path: Path) -> str:
-    """Set ``wna16.M1_SHAPE_TILES`` from ``path`` (``{"N,K": [block_n, block_k, warps, split]}``,
-    before any engine loads: layers size their split counts at load); returns it as text."""
+    """Set ``wna16.M1_PREFETCH`` and ``wna16.M1_SHAPE_TILES`` from ``path`` (``{"prefetch": bool,
+    "tiles": {"N,K": [block_n, block_k, warps, split]}}``, bench_gemv.py ``--w4-table``) before
+    any engine loads (layers size their split counts at load); returns it as text."""
     table = json.loads(path.read_text())
+    twna16.M1_PREFETCH = bool(table["prefetch"])
     twna16.M1_SHAPE_TILES = MappingProxyType({
         tuple(int(v) for v in key.split(",")): GemvTiles(*(int(v) for v in tiles))
-        for key, tiles in table.items()})
+        for key, tiles in table["tiles"].items()})
     return json.dumps(table, separators=(",", ":"), sort_keys=True)
 
 

@@ -518,6 +518,57 @@ def _load_groups_asm(ptrs):
     return bits.to(tl.float32, bitcast=True)
 
 
+# cp.async.bulk.prefetch.L2 of one weight row's bytes per thread (threads 0 .. $3 - 1): row
+# ``$2 + tid`` (below ``$4``), or gated (``_gemv_rows``) output ``o = $2 + tid / 2`` (below ``$4``
+# = N / 2), row ``o + (tid & 1) * $4``; ``$6`` bytes from ``$1 + row * $5`` (``$6`` > 0). ``$0``: 0.
+_PREFETCH_PTX_HEAD = """{
+.reg .pred p, q;
+.reg .u32 t, r, h;
+.reg .u64 off, a;
+mov.u32 t, %tid.x;
+"""
+_PREFETCH_PTX_TAIL = """setp.lt.u32 q, t, $3;
+and.pred p, p, q;
+setp.gt.s32 q, $6, 0;
+and.pred p, p, q;
+mul.wide.u32 off, r, $5;
+add.u64 a, $1, off;
+@p cp.async.bulk.prefetch.L2.global [a], $6;
+mov.u32 $0, 0;
+}"""
+_PREFETCH_ROWS = tl.constexpr(_PREFETCH_PTX_HEAD + """add.u32 r, $2, t;
+setp.lt.u32 p, r, $4;
+""" + _PREFETCH_PTX_TAIL)
+_PREFETCH_GATED_ROWS = tl.constexpr(_PREFETCH_PTX_HEAD + """shr.u32 r, t, 1;
+add.u32 r, r, $2;
+setp.lt.u32 p, r, $4;
+and.b32 h, t, 1;
+mad.lo.u32 r, h, $4, r;
+""" + _PREFETCH_PTX_TAIL)
+
+
+@triton.jit
+def _prefetch_rest_l2(q_ptr, N, stride_qn, k_lo, k_hi, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                      GATED: tl.constexpr):
+    """Ask L2 for this program's words past its first tile (``[k_lo + BLOCK_K, k_hi)`` of each of
+    its rows), one bulk prefetch per row: the rows' later tiles are on their way while the first
+    is summed (and, before the PDL wait, while the kernel before ends), without registers. Not
+    ordered with anything (weights only); CUDA sm_90, whole 16-byte-aligned tiles only."""
+    base = q_ptr + (k_lo + BLOCK_K) // 8
+    nbytes = (k_hi - k_lo - BLOCK_K) // 2
+    rows = tl.full([], BLOCK_N, tl.int32)
+    row_bytes = stride_qn * 4
+    if GATED:
+        first = tl.program_id(0) * (BLOCK_N // 2)
+        tl.inline_asm_elementwise(_PREFETCH_GATED_ROWS, "=r,l,r,r,r,r,r",
+                                  [base, first, rows, N // 2, row_bytes, nbytes],
+                                  dtype=tl.int32, is_pure=False, pack=1)
+    else:
+        first = tl.program_id(0) * BLOCK_N
+        tl.inline_asm_elementwise(_PREFETCH_ROWS, "=r,l,r,r,r,r,r", [base, first, rows, N, row_bytes, nbytes],
+                                  dtype=tl.int32, is_pure=False, pack=1)
+
+
 @triton.jit
 def _load_pair(xw, LANE: tl.constexpr, jj, w_hi, EVEN: tl.constexpr):
     """Inputs ``8 jj + LANE`` and ``8 jj + LANE + 4`` (bf16) as one int32, the first in the low half."""
@@ -646,7 +697,7 @@ def _gemv_int4_words_kernel(x_ptr, q_ptr, s_ptr, o_ptr, bias_ptr, out_ptr, part_
                             BLOCK_K: tl.constexpr, EVEN: tl.constexpr, GATED: tl.constexpr,
                             ASM: tl.constexpr, PAIRS: tl.constexpr, PDL: tl.constexpr = False,
                             PEEL: tl.constexpr = False, XLOAD: tl.constexpr = False,
-                            FIXUP: tl.constexpr = False):
+                            FIXUP: tl.constexpr = False, PREFETCH: tl.constexpr = False):
     # 4-bit weights read as int32 words (``q_ptr``: [N, K / 8] int32, ``stride_qn`` in words):
     # word j holds inputs 8j .. 8j + 7, input 8j + i in bits 4i .. 4i + 3 (bytes little-endian,
     # low nibble first). Each nibble is masked in place (_nibble_as_float) and multiplied by the
@@ -658,7 +709,8 @@ def _gemv_int4_words_kernel(x_ptr, q_ptr, s_ptr, o_ptr, bias_ptr, out_ptr, part_
     # (CUDA, 16-bit inputs, symmetric): a word's sum in packed 16-bit arithmetic (_pairs_asm).
     # PEEL: the first tile is taken before the loop, its words read before the PDL wait (as the
     # dense kernel's). FIXUP (with SPLIT): the last split to finish adds the partial sums
-    # (_split_fixup, ``cnt_ptr``: one int32 count per row block, 0 between launches).
+    # (_split_fixup, ``cnt_ptr``: one int32 count per row block, 0 between launches). PREFETCH:
+    # the words past the first tile are asked of L2 before the PDL wait (_prefetch_rest_l2).
     WORDS: tl.constexpr = BLOCK_K // 8
     TILE_G: tl.constexpr = BLOCK_K // GROUP if BLOCK_K > GROUP else 1
     WPG: tl.constexpr = WORDS // TILE_G  # words of one group in a tile
@@ -670,11 +722,15 @@ def _gemv_int4_words_kernel(x_ptr, q_ptr, s_ptr, o_ptr, bias_ptr, out_ptr, part_
     if PEEL:  # the first tile's words are read before the PDL wait (weights only)
         jj = k_lo // 8 + tl.arange(0, WORDS)
         w = _load_words(q_rows, jj, n_ok, w_hi, EVEN)
+        if PREFETCH:
+            _prefetch_rest_l2(q_ptr, N, stride_qn, k_lo, k_hi, BLOCK_N, BLOCK_K, GATED)
         token = pdl_begin(PDL)
         acc = _words_tile(acc, w, jj, k_lo, k_hi, w_hi, x_ptr, token, s_rows, o_rows, n_ok, GROUP, SUB,
                           HAS_OFFSET, BLOCK_N, BLOCK_K, EVEN, ASM, PAIRS, XLOAD)
         k_start = k_lo + BLOCK_K
     else:
+        if PREFETCH:
+            _prefetch_rest_l2(q_ptr, N, stride_qn, k_lo, k_hi, BLOCK_N, BLOCK_K, GATED)
         token = pdl_begin(PDL)
     for k0 in range(k_start, k_hi, BLOCK_K):
         jj = k0 // 8 + tl.arange(0, WORDS)
@@ -905,7 +961,7 @@ def gemv_wna16(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, off
                tiles: GemvTiles | None = None, factored: bool = True, words: bool = True,
                gated: bool = False, nibble_asm: bool | None = None, pairs: bool = False,
                pdl: bool = False, peel: bool = False, xload: bool = False,
-               counters: torch.Tensor | None = None) -> torch.Tensor:
+               counters: torch.Tensor | None = None, prefetch: bool = False) -> torch.Tensor:
     """WnA16 at one token (:class:`kernels.quant_reference.WnA16Weight` layout; checked by
     :func:`kernels.triton_ops.wna16.wna16_linear`): ``x`` ``[1, K]``, float32 sums, result in
     ``x.dtype``. ``factored``: scales applied per group sum (module docstring). ``words``:
@@ -924,7 +980,9 @@ def gemv_wna16(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, off
     :func:`_load_inputs_asm`, :func:`_load_groups_asm`; the same bits); else ignored.
     ``counters`` (:func:`split_counters` for these tiles): with several splits, the word kernel's
     last program of each row block adds the splits' sums (:func:`_split_fixup`; the same bits)
-    instead of a second launch; ignored by the other kernels and with one split."""
+    instead of a second launch; ignored by the other kernels and with one split. ``prefetch``:
+    the word kernel on whole tiles on CUDA (sm_90) asks L2 for each program's words past its first
+    tile before it waits (:func:`_prefetch_rest_l2`; the same bits); else ignored."""
     tiles = tiles or GemvTiles()
     tiles = GemvTiles(tiles.block_n, fit_block_k(tiles.block_k, group_size), tiles.num_warps, tiles.split_k)
     x = _one_row(x)
@@ -954,6 +1012,8 @@ def gemv_wna16(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, off
                        HAS_OFFSET=offsets is not None, GATED=gated,
                        ASM=x.is_cuda if nibble_asm is None else nibble_asm,
                        PAIRS=use_pairs, EVEN=even, PEEL=peel,
+                       PREFETCH=prefetch and x.is_cuda and even and tiles.block_k % 32 == 0
+                       and q_words.stride(0) % 4 == 0 and q_words.data_ptr() % 16 == 0,
                        XLOAD=xload and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and even
                        and x.data_ptr() % 16 == 0, pdl=pdl)
     return _launch(_gemv_int_kernel, args, 1, n, k, out, None, None, bias, tiles,

@@ -56,6 +56,9 @@ GEMV_M1_TILES = GemvTiles(block_n=8, block_k=2048, num_warps=4, split_k=1)
 # m1_counters; no second launch). Empty: not measured on a card yet (DECISIONS 140;
 # bench_gemv.py --parts w4_split times the candidates).
 M1_SHAPE_TILES: Mapping[tuple[int, int], GemvTiles] = MappingProxyType({})
+# One token: gemv_wna16's ``prefetch`` (each program asks L2 for its words past the first tile
+# before the PDL wait; the same bits). Off: not measured on a card yet (DECISIONS 140).
+M1_PREFETCH = False
 # One token, symmetric 4-bit weights and bf16 inputs: gemv_wna16's packed bf16 decode (``pairs``):
 # on an H200, llama3-8b's four projections 50.7 against 57.9 us per layer, W2 W4A16 413.8
 # against 381.8 tok/s; max error / sum|x w| 3.7e-4 against 2.5e-4 (docs/DECISIONS.md 132).
@@ -318,13 +321,14 @@ def one_token_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
                    bias: torch.Tensor | None, *, pdl: bool, gated: bool = False,
                    counters: torch.Tensor | None = None) -> torch.Tensor:
     """:func:`~kernels.triton_ops.gemv.gemv_wna16` on one token ``x`` ``[1, K]`` with this module's
-    measured one-token settings (:func:`m1_tiles`, ``M1_PAIRS`` / ``M1_PAIRS_F16``, ``M1_PEEL``,
-    ``M1_XLOAD``): the single place the engine's one-token launches take them from. ``counters``
-    (:func:`m1_counters`): a split tiling's sums added in the GEMV; None: by a second launch."""
+    one-token settings (:func:`m1_tiles`, ``M1_PAIRS`` / ``M1_PAIRS_F16``, ``M1_PEEL``,
+    ``M1_XLOAD``, ``M1_PREFETCH``): the single place the engine's one-token launches take them
+    from. ``counters`` (:func:`m1_counters`): a split tiling's sums added in the GEMV; None: by a
+    second launch."""
     tiles = m1_tiles(qweight.shape[0], x.shape[-1], gated)
     return gemv_wna16(x, qweight, scales, offsets, bits, group_size, bias, tiles=tiles,
                       gated=gated, pairs=_m1_pairs(x), pdl=pdl, peel=M1_PEEL, xload=M1_XLOAD,
-                      counters=counters)
+                      counters=counters, prefetch=M1_PREFETCH)
 
 
 def mma_tokens(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, group_size: int,

@@ -407,6 +407,11 @@ def check_gemv_wna16(t: Target) -> None:
                         if t.device != "cpu":  # inputs, scales and offsets read in PTX: the same sums
                             xl = tgemv.gemv_wna16(*args, tiles=tiles, factored=factored, xload=True)
                             assert torch.equal(xl, got), f"{what} xload: {(xl - got).abs().max()}"
+                            # Later tiles asked of L2 first (peeled or not): the same sums.
+                            for peel in (False, True):
+                                pf = tgemv.gemv_wna16(*args, tiles=tiles, factored=factored, prefetch=True,
+                                                      peel=peel)
+                                assert torch.equal(pf, got), f"{what} prefetch: {(pf - got).abs().max()}"
                 if bits == 4 and not offsets and t.dtype != torch.float32 and t.device != "cpu":
                     # The packed 16-bit decode (CUDA): products and four-term sums rounded to the
                     # inputs' dtype (float16: of a sixteenth of each product).
@@ -416,10 +421,12 @@ def check_gemv_wna16(t: Target) -> None:
                     peeled = tgemv.gemv_wna16(*args, tiles=tiles, pairs=True, peel=True)
                     assert torch.equal(peeled, got), f"{what} peel: {(peeled - got).abs().max()}"
                     # Inputs and scales read in PTX: the same sums.
-                    for flags in ({"xload": True}, {"xload": True, "peel": True}):
+                    for flags in ({"xload": True}, {"xload": True, "peel": True},
+                                  {"xload": True, "peel": True, "prefetch": True}):
                         other = tgemv.gemv_wna16(*args, tiles=tiles, pairs=True, **flags)
                         assert torch.equal(other, got), f"{what} {flags}: {(other - got).abs().max()}"
-                        if flags == {"xload": True} and n % 2 == 0 and (tiles is None or tiles.split_k == 1):
+                        one_split = n % 2 == 0 and (tiles is None or tiles.split_k == 1)  # gated GEMVs
+                        if one_split and flags != {"xload": True, "peel": True}:
                             gated = tgemv.gemv_wna16(*args, tiles=tiles, pairs=True, gated=True, **flags)
                             unfused = tgemv.gemv_wna16(*args, tiles=tiles, pairs=True, gated=True)
                             assert torch.equal(gated, unfused), f"{what} gated {flags}"
@@ -431,7 +438,8 @@ def _check_split_fixup(args: tuple[Any, ...], tiles: tgemv.GemvTiles, want: torc
     and many launches, where programs of one row block finish in every order)."""
     x, n = args[0], args[1].shape[0]
     counters = tgemv.split_counters(n, tiles, x.device)
-    for flags in ({}, {"peel": True}) + (({"xload": True, "pairs": True},) if x.is_cuda else ()):
+    cuda = ({"xload": True, "pairs": True}, {"xload": True, "pairs": True, "peel": True, "prefetch": True})
+    for flags in ({}, {"peel": True}) + (cuda if x.is_cuda else ()):
         ref = want if "pairs" not in flags else tgemv.gemv_wna16(*args, tiles=tiles, pairs=True)
         for launch in range(50 if x.is_cuda else 1):
             got = tgemv.gemv_wna16(*args, tiles=tiles, counters=counters, **flags)
