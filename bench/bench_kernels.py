@@ -171,6 +171,32 @@ def batch_decode_rows(copy_gb_s: float, sweep: bool = True) -> list[Row]:
     return rows
 
 
+def w2_decode_rows(copy_gb_s: float) -> list[Row]:
+    """W2's decode attention: one sequence at a 640-token context (the middle of its decode),
+    the grid sized for bench_gpu's ``max_model_len`` 2,048 as under its CUDA graphs, llama3-8b's
+    heads; launched with PDL as the engine does. The default (256-token partitions: 3 live of 8)
+    and shorter partitions, fewer keys per step and more programs, for a batch of one whose
+    attention is a chain of dependent loads rather than a stream (every tiling, sorted)."""
+    p = make_paged([(640, 1)])
+    kv_bytes = 2 * 640 * p.key_cache.shape[2] * p.key_cache.shape[3] * 2
+    args = (p.q, p.key_cache, p.value_cache, p.block_tables, p.seq_lens, p.scale, 2048)
+
+    def row(name: str, cfg: tops.DecodeConfig) -> Row:
+        ms = graph_bench(functools.partial(tops.paged_decode_attention, *args, config=cfg, pdl=True))
+        gb_s = kv_bytes / ms / 1e6
+        return Row(name, ms, gb_s, gb_s / copy_gb_s, note=str(cfg))
+
+    swept = [
+        row("decode b1 ctx640 sweep", tops.DecodeConfig(part, block_n, warps, 3, heads))
+        for part in (64, 128, 256)
+        for block_n in (16, 32, 64)
+        for warps in (2, 4)
+        for heads in (1, 2)
+        if part % block_n == 0
+    ]
+    return [row("decode b1 ctx640 (default)", tops.DecodeConfig())] + sorted(swept, key=lambda r: r.ms)
+
+
 def split_decode_rows(copy_gb_s: float) -> list[Row]:
     """Few sequences, long contexts: the split-KV path (8 x 8 KV heads, 16k tokens)."""
     batch, ctx = 8, 16384
@@ -360,6 +386,8 @@ def main() -> None:
                         help="long-context prefill rows with PrefillConfig.split_kv on, off or both")
     parser.add_argument("--only-batch-decode", action="store_true",
                         help="only W1/W3's decode attention (256 x 640 tokens) and its tiling sweep")
+    parser.add_argument("--only-w2-decode", action="store_true",
+                        help="only W2's decode attention (1 x 640 tokens) and its tiling sweep")
     parser.add_argument("--only-prompt-steps", action="store_true",
                         help="only W1/W3's prompt steps (16 x 512 fresh tokens beside decodes) and (unless "
                              "--no-sweep) the prefill cases at head dim 128 and 64, swept")
@@ -368,6 +396,9 @@ def main() -> None:
     card = torch.cuda.get_device_name()
     copy = copy_bandwidth_gb_s()
     rows = [Row("copy 1 GiB d2d", 0.0, copy, 1.0)]
+    if args.only_w2_decode:
+        _report(args.json, card, rows + w2_decode_rows(copy))
+        return
     if args.only_prompt_steps:
         rows += prompt_step_rows(not args.no_sweep)
         if not args.no_sweep:
