@@ -51,7 +51,9 @@ class Segment:
             assert self.dense is not None  # invariant: one of the two is set
             return nn.functional.linear(x, self.dense, bias)
         w = self.weight
-        extra = {} if self.counters is None else {"counters": self.counters}
+        # Counts go only to a set that takes them (a layer's ops may be swapped after loading).
+        takes = self.counters is not None and ops.wna16_split_counters is not None
+        extra = {"counters": self.counters} if takes else {}
         out: torch.Tensor = ops.wna16_linear(x, w.qweight, w.scales, w.offsets, w.bits, w.group_size, bias,
                                              **extra)
         return out

@@ -128,3 +128,34 @@ def test_gguf_names() -> None:
     assert hf_name("token_embd.weight") == "model.embed_tokens.weight"
     assert hf_name("output.weight") == "lm_head.weight"
     assert hf_name("rope_freqs.weight") is None
+
+
+def test_split_counts_reach_only_a_set_that_takes_them() -> None:
+    """A set whose one-token GEMV takes split counts (``KernelOps.wna16_split_counters``) gives
+    each 4-bit segment its own at load and gets them with every call; after the layer's ops are
+    swapped for a set without them (as the GPU tests' reference runners do) none is passed (the
+    reference op takes no ``counters``: it would raise)."""
+    from dataclasses import replace
+
+    from kernels.quant_reference import wna16_linear
+
+    seen: list[torch.Tensor | None] = []
+
+    def linear(*args: object, counters: torch.Tensor | None = None) -> torch.Tensor:
+        seen.append(counters)
+        return wna16_linear(*args)  # type: ignore[arg-type]
+
+    def counts(n: int, k: int, device: torch.device) -> torch.Tensor:
+        return torch.zeros(n // 8, dtype=torch.int32, device=device)
+
+    ops = replace(reference_ops(), wna16_linear=linear, wna16_split_counters=counts)
+    layer = RowParallelLinear(1024, 256, bias=False, dtype=torch.float32, tp=tp_group(0, 1),
+                              method=WnA16LinearMethod(ops, CPU))
+    assert layer.linear_method.fill_random(layer, seed=1, std=0.02)
+    (segment,) = layer_state(layer).segments
+    assert segment.counters is not None and segment.counters.shape == (256 // 8,)
+    x = torch.randn(1, 1024)
+    y = layer.linear_method.apply(layer, x, None)
+    assert len(seen) == 1 and seen[0] is segment.counters
+    layer.linear_method.ops = reference_ops()
+    assert torch.equal(layer.linear_method.apply(layer, x, None), y)
