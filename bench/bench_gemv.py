@@ -34,6 +34,8 @@ weights' (plus scales); the share is of a 1 GiB device-to-device copy measured f
 - ``w4_split``: the one-token 4-bit GEMV with ``xload`` at more and smaller programs and
   split-K per projection, its sums added by a second launch or by the last program
   (``fixup``) (:func:`bench_w4_split`);
+- ``dense_prefetch``: the one-token bf16 and fp8 weight-only GEMVs at the engine's tiles, with
+  and without ``prefetch`` (:func:`bench_dense_prefetch`);
 - ``small_m``: asymmetric 4-bit and 8-bit weights at 1-16 tokens: the default dispatch, and the
   one-token GEMV per token (``WnA16Config.gemv_token_loop``), the multi-token GEMV and the GEMM
   (:func:`bench_small_m_formats`).
@@ -640,6 +642,35 @@ def bench_w4_split(rec: Recorder) -> None:
         torch.cuda.empty_cache()
 
 
+def bench_dense_prefetch(rec: Recorder) -> None:
+    """The one-token 16-bit and fp8 weight-only GEMVs as the engine launches them (PDL, the
+    engine's tiles: ``linear16_tiles``, ``fp8_tiles``; gate_up gated) per llama3-8b projection,
+    with and without ``prefetch`` (each program asks L2 for its rows past the first tile before
+    the wait; ``gemv.LINEAR16_M1_PREFETCH``, ``gemv.FP8_M1_PREFETCH``, DECISIONS 140)."""
+    for shape, (n, k) in SHAPES_8B.items():
+        gated = shape == "gate_up"
+        x = torch.randn(1, k, device=DEV, dtype=torch.bfloat16)
+        out = []
+        w16 = [(torch.randn(n, k, device=DEV, dtype=torch.bfloat16) * 0.02,) for _ in range(16)]
+        tiles16 = G.linear16_tiles(k, gated=gated)
+        for prefetch in (False, True):
+            run = chain(partial(G.gemv16, x, tiles=tiles16, gated=gated, pdl=True, prefetch=prefetch), w16)
+            ms = time_chain(run)
+            row = rec.add("dense_prefetch bf16", shape, f"prefetch={prefetch}", ms, n * k * 2, 16)
+            out.append(f"bf16 {row['variant']} {row['us_per_layer']:.2f}")
+        del w16
+        wq = fp8_layers(n, k, 32)
+        tiles8 = G.fp8_tiles(1, n, k)
+        for prefetch in (False, True):
+            fp8 = partial(G.gemv_fp8_weight_only, x, tiles=tiles8, gated=gated, pdl=True, prefetch=prefetch)
+            run = chain(fp8, wq)
+            row = rec.add("dense_prefetch fp8", shape, f"prefetch={prefetch}", time_chain(run), n * k, 32)
+            out.append(f"fp8 {row['variant']} {row['us_per_layer']:.2f}")
+        del wq
+        torch.cuda.empty_cache()
+        print(f"dense prefetch {shape}: " + " | ".join(out), flush=True)
+
+
 def _engine_usable(variant: str, prefetch: bool) -> list[int] | None:
     """A ``w4_split`` variant's tiling if the engine can run it with ``M1_PREFETCH`` = ``prefetch``
     (it adds every split in the GEMV: fixup), else None."""
@@ -676,6 +707,22 @@ def w4_split_table(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
         choice[prefetch] = (total, table)
     prefetch = choice[True][0] < choice[False][0]
     return {"prefetch": prefetch, "tiles": choice[prefetch][1]}
+
+
+def engine_settings(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The one-token settings the ``w4_split`` and ``dense_prefetch`` rows favour (bench_gpu.py
+    ``--w4-tiles``): :func:`w4_split_table`'s, and ``linear16_prefetch`` / ``fp8_prefetch``
+    (``gemv.LINEAR16_M1_PREFETCH``, ``gemv.FP8_M1_PREFETCH``) where prefetch sums to less over
+    the four projections; only for the parts that ran."""
+    out: dict[str, Any] = {}
+    if any(r["format"] == "w4_split" for r in rows):
+        out |= w4_split_table(rows)
+    for fmt, key in (("dense_prefetch bf16", "linear16_prefetch"), ("dense_prefetch fp8", "fp8_prefetch")):
+        totals = {v: sum(r["us_per_layer"] for r in rows if r["format"] == fmt and r["variant"] == v)
+                  for v in ("prefetch=False", "prefetch=True")}
+        if all(totals.values()):
+            out[key] = totals["prefetch=True"] < totals["prefetch=False"]
+    return out
 
 
 # WnA16 formats the tensor-core GEMV does not take: (bits, offsets).
@@ -757,14 +804,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--parts", default="bf16,fp8,w4,fp8_70b,fp8_small_m",
                     help="comma-separated: bf16, fp8, w4, w4_bytes, fp8_70b, fp8_small_m, gated, linear16, "
-                         "w4_ptx, linear_fp8, pdl, w4mma, w4gemm, small_m, w4_split")
+                         "w4_ptx, linear_fp8, pdl, w4mma, w4gemm, small_m, w4_split, dense_prefetch")
     ap.add_argument("--json", default="", help="append the rows here (JSON lines)")
     ap.add_argument("--tiles", default="",
                     help="the bf16/fp8 sweep's tilings instead of the default list: 'bn,bk,warps;...'")
     ap.add_argument("--splits", default=",".join(map(str, SPLITS)), help="split-K values of that sweep")
     ap.add_argument("--w4-table", default="",
-                    help="with w4_split: write here (JSON) the one-token settings the sweep finds fastest "
-                         "(wna16.M1_PREFETCH, M1_SHAPE_TILES), for bench_gpu.py --w4-tiles")
+                    help="with w4_split / dense_prefetch: write here (JSON) the one-token settings they "
+                         "find fastest (engine_settings), for bench_gpu.py --w4-tiles")
     args = ap.parse_args()
     tiles_list = _parse_tiles(args.tiles) if args.tiles else TILES
     splits = [int(v) for v in args.splits.split(",")]
@@ -789,14 +836,16 @@ def main() -> None:
             bench_w4_gemm(rec)
         elif part == "small_m":
             bench_small_m_formats(rec)
+        elif part == "dense_prefetch":
+            bench_dense_prefetch(rec)
         elif part == "w4_split":
             bench_w4_split(rec)
-            if args.w4_table:
-                table = w4_split_table(rec.rows)
-                Path(args.w4_table).write_text(json.dumps(table, indent=1) + "\n")
-                print(f"w4 table -> {args.w4_table}: {table}", flush=True)
         else:
             bench_format(rec, part, tiles_list, splits)
+    if args.w4_table:
+        table = engine_settings(rec.rows)
+        Path(args.w4_table).write_text(json.dumps(table, indent=1) + "\n")
+        print(f"engine settings -> {args.w4_table}: {table}", flush=True)
     layer: dict[tuple[str, str], float] = {}
     for row in rec.rows:
         if row["format"].startswith("linear16"):  # bench_linear16 prints its own comparison

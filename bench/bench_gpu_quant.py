@@ -42,6 +42,7 @@ import torch
 from results import ResultRow, append_results, new_run_id, today
 
 from kernels import resolve_fp8_weight_only_max_m
+from kernels.triton_ops import gemv as tgemv
 from kernels.triton_ops import wna16 as twna16
 from kernels.triton_ops.gemv import GemvTiles
 
@@ -288,14 +289,22 @@ def table(run: Run) -> str:
 
 
 def use_w4_tiles(path: Path) -> str:
-    """Set ``wna16.M1_PREFETCH`` and ``wna16.M1_SHAPE_TILES`` from ``path`` (``{"prefetch": bool,
-    "tiles": {"N,K": [block_n, block_k, warps, split]}}``, bench_gemv.py ``--w4-table``) before
-    any engine loads (layers size their split counts at load); returns it as text."""
+    """Set the one-token settings in ``path`` (bench_gemv.py ``--w4-table``: ``{"prefetch": bool,
+    "tiles": {"N,K": [block_n, block_k, warps, split]}, "linear16_prefetch": bool,
+    "fp8_prefetch": bool}``, each key optional) before any engine loads (layers size their
+    split counts at load): ``wna16.M1_PREFETCH``, ``wna16.M1_SHAPE_TILES``,
+    ``gemv.LINEAR16_M1_PREFETCH``, ``gemv.FP8_M1_PREFETCH``. Returns it as text."""
     table = json.loads(path.read_text())
-    twna16.M1_PREFETCH = bool(table["prefetch"])
-    twna16.M1_SHAPE_TILES = MappingProxyType({
-        tuple(int(v) for v in key.split(",")): GemvTiles(*(int(v) for v in tiles))
-        for key, tiles in table["tiles"].items()})
+    if "prefetch" in table:
+        twna16.M1_PREFETCH = bool(table["prefetch"])
+    if "tiles" in table:
+        twna16.M1_SHAPE_TILES = MappingProxyType({
+            tuple(int(v) for v in key.split(",")): GemvTiles(*(int(v) for v in tiles))
+            for key, tiles in table["tiles"].items()})
+    if "linear16_prefetch" in table:
+        tgemv.LINEAR16_M1_PREFETCH = bool(table["linear16_prefetch"])
+    if "fp8_prefetch" in table:
+        tgemv.FP8_M1_PREFETCH = bool(table["fp8_prefetch"])
     return json.dumps(table, separators=(",", ":"), sort_keys=True)
 
 

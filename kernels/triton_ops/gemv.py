@@ -210,12 +210,13 @@ def _gemv_dense_kernel(xq_ptr, xs_ptr, w_ptr, ws_ptr, bias_ptr, out_ptr, part_pt
                        stride_xm, stride_wn, stride_om, HAS_XS: tl.constexpr, HAS_WS: tl.constexpr,
                        HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr,
                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GATED: tl.constexpr,
-                       PART: tl.constexpr = 0, PDL: tl.constexpr = False):
+                       PART: tl.constexpr = 0, PDL: tl.constexpr = False, PREFETCH: tl.constexpr = False):
     # 16/32-bit weights (no scales); fp8 weights on 16/32-bit activations (W8A16: HAS_WS, the
     # per-channel scale in the epilogue); fp8 W8A8 on quantized activations (HAS_XS and HAS_WS:
     # the per-token and per-channel scales; e4m3 x e4m3 products are exact in float32).
     # GATED (one token, one split): SiLU-and-mul of a [gate; up] weight (_gemv_rows).
     # PART (one token): products summed per thread in runs of PART inputs (_dense_part).
+    # PREFETCH (one token): the rows past the first tile asked of L2 before the PDL wait.
     pid_k = tl.program_id(1)
     rm = tl.arange(0, BLOCK_M)  # every token (M <= BLOCK_M): each weight byte is read once
     rn, n_ok = _gemv_rows(N, BLOCK_N, GATED)
@@ -231,6 +232,10 @@ def _gemv_dense_kernel(xq_ptr, xs_ptr, w_ptr, ws_ptr, bias_ptr, out_ptr, part_pt
         # H200 (qkv 17.9 against 13.1 us, gate_up 69.2 against 52.6; docs/QUANTIZATION.md).
         # PDL: the first weight tile is read before waiting for the kernel that writes x.
         w0 = _weight_tile(w_rows, k_lo, k_hi, n_ok, BLOCK_K)
+        if PREFETCH:
+            ELEM: tl.constexpr = w_ptr.dtype.element_ty.primitive_bitwidth // 8
+            _prefetch_rest_l2(w_ptr + k_lo + BLOCK_K, stride_wn * ELEM, (k_hi - k_lo - BLOCK_K) * ELEM, N,
+                              BLOCK_N, GATED)
         pdl_begin(PDL)
         acc1 = _tile_part(xq_ptr, w0, k_lo, k_hi, BLOCK_N, BLOCK_K, PART)
         for k0 in range(k_lo + BLOCK_K, k_hi, BLOCK_K):
@@ -548,24 +553,23 @@ mad.lo.u32 r, h, $4, r;
 
 
 @triton.jit
-def _prefetch_rest_l2(q_ptr, N, stride_qn, k_lo, k_hi, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                      GATED: tl.constexpr):
-    """Ask L2 for this program's words past its first tile (``[k_lo + BLOCK_K, k_hi)`` of each of
-    its rows), one bulk prefetch per row: the rows' later tiles are on their way while the first
-    is summed (and, before the PDL wait, while the kernel before ends), without registers. Not
-    ordered with anything (weights only); CUDA sm_90, whole 16-byte-aligned tiles only."""
-    base = q_ptr + (k_lo + BLOCK_K) // 8
-    nbytes = (k_hi - k_lo - BLOCK_K) // 2
+def _prefetch_rest_l2(rows_ptr, row_bytes, nbytes, N, BLOCK_N: tl.constexpr, GATED: tl.constexpr):
+    """Ask L2 for the rest of this program's weight rows, one bulk prefetch per row: ``nbytes``
+    from ``rows_ptr + row * row_bytes`` (``rows_ptr``: row 0's first byte past the program's first
+    tile, any element type), for its rows as :func:`_gemv_rows` picks them. The later tiles are
+    then on their way while the first is summed (and, before the PDL wait, while the kernel
+    before ends), without registers. Not ordered with anything: weights only. CUDA sm_90;
+    ``rows_ptr``, ``row_bytes`` and ``nbytes`` multiples of 16 bytes (nothing for ``nbytes`` <= 0)."""
     rows = tl.full([], BLOCK_N, tl.int32)
-    row_bytes = stride_qn * 4
     if GATED:
         first = tl.program_id(0) * (BLOCK_N // 2)
         tl.inline_asm_elementwise(_PREFETCH_GATED_ROWS, "=r,l,r,r,r,r,r",
-                                  [base, first, rows, N // 2, row_bytes, nbytes],
+                                  [rows_ptr, first, rows, N // 2, row_bytes, nbytes],
                                   dtype=tl.int32, is_pure=False, pack=1)
     else:
         first = tl.program_id(0) * BLOCK_N
-        tl.inline_asm_elementwise(_PREFETCH_ROWS, "=r,l,r,r,r,r,r", [base, first, rows, N, row_bytes, nbytes],
+        tl.inline_asm_elementwise(_PREFETCH_ROWS, "=r,l,r,r,r,r,r",
+                                  [rows_ptr, first, rows, N, row_bytes, nbytes],
                                   dtype=tl.int32, is_pure=False, pack=1)
 
 
@@ -723,14 +727,16 @@ def _gemv_int4_words_kernel(x_ptr, q_ptr, s_ptr, o_ptr, bias_ptr, out_ptr, part_
         jj = k_lo // 8 + tl.arange(0, WORDS)
         w = _load_words(q_rows, jj, n_ok, w_hi, EVEN)
         if PREFETCH:
-            _prefetch_rest_l2(q_ptr, N, stride_qn, k_lo, k_hi, BLOCK_N, BLOCK_K, GATED)
+            _prefetch_rest_l2(q_ptr + (k_lo + BLOCK_K) // 8, stride_qn * 4, (k_hi - k_lo - BLOCK_K) // 2, N,
+                              BLOCK_N, GATED)
         token = pdl_begin(PDL)
         acc = _words_tile(acc, w, jj, k_lo, k_hi, w_hi, x_ptr, token, s_rows, o_rows, n_ok, GROUP, SUB,
                           HAS_OFFSET, BLOCK_N, BLOCK_K, EVEN, ASM, PAIRS, XLOAD)
         k_start = k_lo + BLOCK_K
     else:
         if PREFETCH:
-            _prefetch_rest_l2(q_ptr, N, stride_qn, k_lo, k_hi, BLOCK_N, BLOCK_K, GATED)
+            _prefetch_rest_l2(q_ptr + (k_lo + BLOCK_K) // 8, stride_qn * 4, (k_hi - k_lo - BLOCK_K) // 2, N,
+                              BLOCK_N, GATED)
         token = pdl_begin(PDL)
     for k0 in range(k_start, k_hi, BLOCK_K):
         jj = k0 // 8 + tl.arange(0, WORDS)
@@ -819,11 +825,30 @@ def _one_row(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
+# One token: ``prefetch`` (each program asks L2 for its rows past the first tile before the PDL
+# wait; the same bits) in the 16-bit (gemv16_linear / gemv16_gated_linear) and the fp8 weight-only
+# (fp8_matmul.fp8_weight_only_linear) GEMVs. Off: not measured on a card (DECISIONS 140).
+LINEAR16_M1_PREFETCH = False
+FP8_M1_PREFETCH = False
+
+
+def _dense_prefetch(prefetch: bool, x: torch.Tensor, w: torch.Tensor, tiles: GemvTiles) -> bool:
+    """Whether the dense kernel can take ``prefetch`` for one token ``x`` and weight ``w``: CUDA,
+    and the rows, tiles and ``K`` in whole 16-byte pieces (:func:`_prefetch_rest_l2`)."""
+    elem = w.element_size()
+    return (prefetch and x.is_cuda and x.shape[0] == 1 and (w.shape[1] * elem) % 16 == 0
+            and (tiles.block_k * elem) % 16 == 0 and (w.stride(0) * elem) % 16 == 0
+            and w.data_ptr() % 16 == 0)
+
+
 def gemv16(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, *,
-           tiles: GemvTiles | None = None, gated: bool = False, pdl: bool = False) -> torch.Tensor:
+           tiles: GemvTiles | None = None, gated: bool = False, pdl: bool = False,
+           prefetch: bool = False) -> torch.Tensor:
     """``x @ w.T + bias`` for ``x`` ``[1, K]`` and a 16/32-bit ``w`` ``[N, K]`` (unit last stride):
     float32 sums, result in ``x.dtype``. ``gated``: ``w`` is ``[gate; up]`` and the result is
-    ``silu_and_mul`` of that product, ``[1, N / 2]``, bit-for-bit the two ops (one split only)."""
+    ``silu_and_mul`` of that product, ``[1, N / 2]``, bit-for-bit the two ops (one split only).
+    ``prefetch``: each program asks L2 for its rows past the first tile before it waits (CUDA,
+    16-byte pieces: :func:`_dense_prefetch`; the same bits)."""
     tiles = tiles or GemvTiles()
     x = _one_row(x)
     n, k = w.shape
@@ -831,7 +856,7 @@ def gemv16(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, *
     args = (x, out, w, out, bias if bias is not None else out)  # no scales: out stands in
     return _launch(_gemv_dense_kernel, args, 1, n, k, out, None, None, bias, tiles, stride_xm=x.stride(0),
                    stride_wn=w.stride(0), stride_om=out.stride(0), HAS_XS=False, HAS_WS=False, BLOCK_M=1,
-                   GATED=gated, pdl=pdl)
+                   GATED=gated, PREFETCH=_dense_prefetch(prefetch, x, w, tiles), pdl=pdl)
 
 
 def linear16_tiles(k: int, gated: bool = False) -> GemvTiles:
@@ -853,7 +878,8 @@ def gemv16_gated_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | N
     """``silu_and_mul(x @ w.T + bias)`` for one token of ``x`` ``[..., K]`` and a 16/32-bit
     ``[gate; up]`` ``w`` (:func:`gemv16` with ``gated``, :func:`linear16_tiles`): ``[..., N / 2]``."""
     n, k = w.shape
-    y = gemv16(x.reshape(-1, k), w, bias, tiles=linear16_tiles(k, gated=True), gated=True, pdl=pdl)
+    y = gemv16(x.reshape(-1, k), w, bias, tiles=linear16_tiles(k, gated=True), gated=True, pdl=pdl,
+               prefetch=LINEAR16_M1_PREFETCH)
     return y.reshape(*x.shape[:-1], n // 2)
 
 
@@ -863,7 +889,8 @@ def gemv16_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = 
     (:func:`gemv16` at ``tiles``, default :func:`linear16_tiles`): ``[..., N]``. Not cuBLAS's
     bits (its own order of sums)."""
     n, k = w.shape
-    y = gemv16(x.reshape(-1, k), w, bias, tiles=tiles or linear16_tiles(k), pdl=pdl)
+    y = gemv16(x.reshape(-1, k), w, bias, tiles=tiles or linear16_tiles(k), pdl=pdl,
+               prefetch=LINEAR16_M1_PREFETCH)
     return y.reshape(*x.shape[:-1], n)
 
 
@@ -880,23 +907,25 @@ def gemv_fp8(xq: torch.Tensor, xs: torch.Tensor, w_fp8: torch.Tensor, w_scale: t
 
 def gemv_fp8_weight_only(x: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor,
                          bias: torch.Tensor | None = None, *, tiles: GemvTiles | None = None,
-                         gated: bool = False, pdl: bool = False) -> torch.Tensor:
+                         gated: bool = False, pdl: bool = False, prefetch: bool = False) -> torch.Tensor:
     """fp8 weights on 16/32-bit activations (W8A16) for a few tokens: ``x`` ``[M, K]``
     (``M <= MAX_M``), ``w_fp8`` ``[N, K]`` e4m3 with ``w_scale`` ``[N]``; returns
     ``(sum_k x w_q) * w_scale[n] + bias[n]`` ``[M, N]`` in ``x.dtype`` (float32 sums). The
     activation is not quantized: no quantization launch before the product, and no activation
     rounding (:func:`kernels.quant_reference.fp8_weight_only_linear`). ``gated`` (one token):
-    ``w_fp8`` is ``[gate; up]`` and the result ``silu_and_mul`` of the product, ``[1, N / 2]``."""
+    ``w_fp8`` is ``[gate; up]`` and the result ``silu_and_mul`` of the product, ``[1, N / 2]``.
+    ``prefetch`` (one token): as :func:`gemv16`'s."""
     if x.dim() != 2 or x.shape[0] > MAX_M:
         raise ValueError(f"gemv_fp8_weight_only takes x [M <= {MAX_M}, K], got {tuple(x.shape)}")
     if gated and x.shape[0] != 1:
         raise ValueError(f"a gated GEMV takes one token, got {x.shape[0]}")
-    return _gemv_fp8_weights(x, None, w_fp8, w_scale, bias, x.dtype, tiles, gated, pdl)
+    return _gemv_fp8_weights(x, None, w_fp8, w_scale, bias, x.dtype, tiles, gated, pdl, prefetch)
 
 
 def _gemv_fp8_weights(x: torch.Tensor, xs: torch.Tensor | None, w_fp8: torch.Tensor, w_scale: torch.Tensor,
                       bias: torch.Tensor | None, out_dtype: torch.dtype,
-                      tiles: GemvTiles | None, gated: bool = False, pdl: bool = False) -> torch.Tensor:
+                      tiles: GemvTiles | None, gated: bool = False, pdl: bool = False,
+                      prefetch: bool = False) -> torch.Tensor:
     """The dense GEMV over e4m3 weights for ``M <= MAX_M`` tokens: ``x`` quantized with per-token
     scales ``xs`` (W8A8), or 16/32-bit with ``xs`` None (W8A16)."""
     if x.stride(-1) != 1:
@@ -914,7 +943,8 @@ def _gemv_fp8_weights(x: torch.Tensor, xs: torch.Tensor | None, w_fp8: torch.Ten
     args = (x, xs if xs is not None else w_scale, w_fp8, w_scale, bias if bias is not None else w_scale)
     return _launch(_gemv_dense_kernel, args, m, n, k, out, xs, w_scale, bias, tiles, stride_xm=x.stride(0),
                    stride_wn=w_fp8.stride(0), stride_om=out.stride(0), HAS_XS=xs is not None, HAS_WS=True,
-                   BLOCK_M=triton.next_power_of_2(m), GATED=gated, PART=min(FP8_PART, tiles.block_k), pdl=pdl)
+                   BLOCK_M=triton.next_power_of_2(m), GATED=gated, PART=min(FP8_PART, tiles.block_k),
+                   PREFETCH=_dense_prefetch(prefetch, x, w_fp8, tiles), pdl=pdl)
 
 
 MAX_M = 16  # tokens gemv_fp8 takes (its register tile is [BLOCK_M, BLOCK_N, BLOCK_K])

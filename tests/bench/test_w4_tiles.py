@@ -1,6 +1,6 @@
-"""The w4_split sweep's choice of one-token settings (bench_gemv.w4_split_table) and its use by
-the engine bench (bench_gpu_quant.use_w4_tiles -> wna16.M1_PREFETCH / M1_SHAPE_TILES ->
-wna16.m1_tiles / m1_counters)."""
+"""The one-token settings the GEMV sweeps choose (bench_gemv.w4_split_table, engine_settings) and
+their use by the engine bench (bench_gpu_quant.use_w4_tiles -> wna16.M1_PREFETCH /
+M1_SHAPE_TILES -> wna16.m1_tiles / m1_counters; gemv.LINEAR16_M1_PREFETCH / FP8_M1_PREFETCH)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 import bench_gemv  # noqa: E402
 import bench_gpu_quant  # noqa: E402
 
-from kernels.triton_ops import wna16  # noqa: E402
+from kernels.triton_ops import gemv, wna16  # noqa: E402
 from kernels.triton_ops.gemv import GemvTiles  # noqa: E402
 
 
@@ -50,16 +50,30 @@ def test_the_table_takes_what_the_engine_can_run_fastest_and_prefetch_where_it_w
     assert bench_gemv.w4_split_table(_sweep(-0.5)) == {"prefetch": False, "tiles": want}
 
 
+def test_engine_settings_take_each_part_that_ran_and_prefetch_per_format_where_it_wins() -> None:
+    dense = [{"format": f"dense_prefetch {fmt}", "shape": shape, "variant": f"prefetch={p}",
+              "us_per_layer": base[shape] - (gain if p else 0.0)}
+             for fmt, gain in (("bf16", -0.2), ("fp8", 0.3)) for p in (False, True)
+             for base in [{"qkv": 6.0, "o": 4.0, "gate_up": 20.0, "down": 10.0}] for shape in base]
+    assert bench_gemv.engine_settings(dense) == {"linear16_prefetch": False, "fp8_prefetch": True}
+    both = bench_gemv.engine_settings(dense + _sweep(0.5))
+    assert both["prefetch"] is True and both["fp8_prefetch"] is True and "tiles" in both
+    assert bench_gemv.engine_settings([]) == {}
+
+
 def test_the_engine_bench_sets_the_settings_the_gemv_and_its_counts_follow(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(wna16, "M1_SHAPE_TILES", wna16.M1_SHAPE_TILES)  # both restored after the test
     monkeypatch.setattr(wna16, "M1_PREFETCH", wna16.M1_PREFETCH)
+    monkeypatch.setattr(gemv, "LINEAR16_M1_PREFETCH", gemv.LINEAR16_M1_PREFETCH)
+    monkeypatch.setattr(gemv, "FP8_M1_PREFETCH", gemv.FP8_M1_PREFETCH)
     path = tmp_path / "w4.json"
-    path.write_text(json.dumps({"prefetch": True,
+    path.write_text(json.dumps({"prefetch": True, "fp8_prefetch": True,
                                 "tiles": {"6144,4096": [8, 2048, 4, 2], "4096,4096": [4, 2048, 4, 1]}}))
     text = bench_gpu_quant.use_w4_tiles(path)
     assert json.loads(text)["tiles"] == {"4096,4096": [4, 2048, 4, 1], "6144,4096": [8, 2048, 4, 2]}
-    assert wna16.M1_PREFETCH is True
+    assert wna16.M1_PREFETCH is True and gemv.FP8_M1_PREFETCH is True
+    assert gemv.LINEAR16_M1_PREFETCH is False  # absent: left as it was
     assert wna16.m1_tiles(6144, 4096) == GemvTiles(8, 2048, 4, 2)
     assert wna16.m1_tiles(6144, 4096, gated=True) == wna16.GEMV_M1_TILES
     assert wna16.m1_tiles(4096, 14336) == wna16.GEMV_M1_TILES

@@ -329,6 +329,9 @@ def check_gemv16(t: Target) -> None:
         for tiles in _GEMV_TILES if (t.big or k < 1024) else [None]:
             got = tgemv.gemv16(x, w, bias, tiles=tiles)
             assert_linear_close(got, ref, t.dtype, f"gemv16 {n}x{k} {tiles}")
+            if t.device != "cpu":  # later tiles asked of L2 first: the same sums
+                pf = tgemv.gemv16(x, w, bias, tiles=tiles, prefetch=True)
+                assert torch.equal(pf, got), f"gemv16 {n}x{k} {tiles} prefetch"
         got = tops.gemv16_linear(x.reshape(1, 1, k), w, bias)
         assert got.shape == (1, 1, n), got.shape
         what = f"gemv16_linear {n}x{k} {tgemv.linear16_tiles(k)}"
@@ -370,6 +373,9 @@ def check_gemv_fp8_weight_only(t: Target) -> None:
         for tiles in _GEMV_TILES:
             got = tgemv.gemv_fp8_weight_only(x, w, ws, bias, tiles=tiles)
             assert_linear_close(got, ref, t.dtype, f"gemv_fp8_weight_only {m}x{n}x{k} {tiles}")
+            if t.device != "cpu" and m == 1:  # later tiles asked of L2 first: the same sums
+                pf = tgemv.gemv_fp8_weight_only(x, w, ws, bias, tiles=tiles, prefetch=True)
+                assert torch.equal(pf, got), f"gemv_fp8_weight_only {n}x{k} {tiles} prefetch"
         got = tops.fp8_weight_only_linear(x.reshape(1, m, k), w, ws, bias)
         assert got.shape == (1, m, n), got.shape
         assert_linear_close(got.reshape(m, n), ref, t.dtype, f"fp8_weight_only_linear {m}x{n}x{k}")
@@ -486,6 +492,12 @@ def check_gemv_gated(t: Target) -> None:
             got = tgemv.gemv_fp8_weight_only(x, w8, ws, bias, tiles=tiles, gated=True)
             _assert_gated(got, tgemv.gemv_fp8_weight_only(x, w8, ws, bias, tiles=tiles),
                           f"gemv_fp8_weight_only gated {what}")
+            if t.device != "cpu":  # gate and up rows asked of L2 first: the same bits
+                pf = tgemv.gemv_fp8_weight_only(x, w8, ws, bias, tiles=tiles, gated=True, prefetch=True)
+                assert torch.equal(pf, got), f"fp8 gated prefetch {what}"
+                pf = tgemv.gemv16(x, w16, bias, tiles=tiles, gated=True, prefetch=True)
+                plain = tgemv.gemv16(x, w16, bias, tiles=tiles, gated=True)
+                assert torch.equal(pf, plain), f"gemv16 gated prefetch {what}"
             assert_close(got, ref8, t.dtype, f"gemv_fp8_weight_only gated vs reference {what}")
             for words in (True, False):
                 # Against the reference through the unfused GEMV (check_gemv_wna16's bound: the
