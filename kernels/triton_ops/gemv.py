@@ -106,12 +106,20 @@ def _reduce_splits_kernel(part_ptr, out_ptr, xs_ptr, ws_ptr, bias_ptr, M, N, str
     rm = tl.program_id(1) + tl.arange(0, 1)
     n_ok = rn < N
     m_ok = rm < M
-    row = part_ptr + rm.to(tl.int64)[:, None] * N + rn[None, :]
-    acc = tl.load(row, mask=n_ok[None, :], other=0.0)
-    for s in range(1, SPLITS):  # split order: the same sum every run
-        acc += tl.load(row + s * M * N, mask=n_ok[None, :], other=0.0)
+    acc = _sum_splits(part_ptr + rm.to(tl.int64)[:, None] * N + rn[None, :], n_ok[None, :], M * N, SPLITS, "")
     _epilogue(acc, rm, m_ok, rn, n_ok, 0, M, N, stride_om, part_ptr, out_ptr, xs_ptr, ws_ptr, bias_ptr,
               HAS_XS, HAS_WS, HAS_BIAS, False)
+
+
+@triton.jit
+def _sum_splits(ptrs, mask, step, splits, CACHE: tl.constexpr):
+    """The float32 partial sums at ``ptrs + s * step`` added in split order ``s = 0 .. splits - 1``:
+    the one order :func:`_reduce_splits_kernel` and :func:`_split_fixup` both use (the same bits
+    every run, and from either). ``CACHE``: the loads' cache modifier."""
+    acc = tl.load(ptrs, mask=mask, other=0.0, cache_modifier=CACHE)
+    for s in range(1, splits):
+        acc += tl.load(ptrs + s * step, mask=mask, other=0.0, cache_modifier=CACHE)
+    return acc
 
 
 @triton.jit
@@ -130,9 +138,7 @@ def _split_fixup(acc, rn, n_ok, N, part_ptr, cnt_ptr, out_ptr, bias_ptr, HAS_BIA
     tl.debug_barrier()
     arrived = tl.atomic_add(cnt_ptr + blk, 1, sem="acq_rel", scope="gpu")
     if arrived == splits - 1:
-        total = tl.load(part_ptr + rn, mask=n_ok, other=0.0, cache_modifier=".cg")
-        for s in range(1, splits):
-            total += tl.load(part_ptr + s * N + rn, mask=n_ok, other=0.0, cache_modifier=".cg")
+        total = _sum_splits(part_ptr + rn, n_ok, N, splits, ".cg")
         rm = tl.arange(0, 1)
         _epilogue(total[None, :], rm, rm < 1, rn, n_ok, 0, 1, N, N, part_ptr, out_ptr, out_ptr, out_ptr,
                   bias_ptr, False, False, HAS_BIAS, False)
@@ -723,20 +729,17 @@ def _gemv_int4_words_kernel(x_ptr, q_ptr, s_ptr, o_ptr, bias_ptr, out_ptr, part_
     w_hi = k_hi // 8
     acc = tl.zeros([BLOCK_N, TILE_G, WPG], dtype=tl.float32)
     k_start = k_lo
+    if PREFETCH:  # weights only: before the PDL wait
+        _prefetch_rest_l2(q_ptr + (k_lo + BLOCK_K) // 8, stride_qn * 4, (k_hi - k_lo - BLOCK_K) // 2, N,
+                          BLOCK_N, GATED)
     if PEEL:  # the first tile's words are read before the PDL wait (weights only)
         jj = k_lo // 8 + tl.arange(0, WORDS)
         w = _load_words(q_rows, jj, n_ok, w_hi, EVEN)
-        if PREFETCH:
-            _prefetch_rest_l2(q_ptr + (k_lo + BLOCK_K) // 8, stride_qn * 4, (k_hi - k_lo - BLOCK_K) // 2, N,
-                              BLOCK_N, GATED)
         token = pdl_begin(PDL)
         acc = _words_tile(acc, w, jj, k_lo, k_hi, w_hi, x_ptr, token, s_rows, o_rows, n_ok, GROUP, SUB,
                           HAS_OFFSET, BLOCK_N, BLOCK_K, EVEN, ASM, PAIRS, XLOAD)
         k_start = k_lo + BLOCK_K
     else:
-        if PREFETCH:
-            _prefetch_rest_l2(q_ptr + (k_lo + BLOCK_K) // 8, stride_qn * 4, (k_hi - k_lo - BLOCK_K) // 2, N,
-                              BLOCK_N, GATED)
         token = pdl_begin(PDL)
     for k0 in range(k_start, k_hi, BLOCK_K):
         jj = k0 // 8 + tl.arange(0, WORDS)
@@ -832,13 +835,17 @@ LINEAR16_M1_PREFETCH = False
 FP8_M1_PREFETCH = False
 
 
+def _prefetch_fits(prefetch: bool, x: torch.Tensor, w: torch.Tensor, k_bytes: int, tile_bytes: int) -> bool:
+    """Whether a kernel can take ``prefetch`` (:func:`_prefetch_rest_l2`) for one token ``x`` and
+    weight rows ``w``: CUDA, and ``K``'s bytes, a tile's and a row's in whole 16-byte pieces."""
+    return (prefetch and x.is_cuda and x.shape[0] == 1 and k_bytes % 16 == 0 and tile_bytes % 16 == 0
+            and (w.stride(0) * w.element_size()) % 16 == 0 and w.data_ptr() % 16 == 0)
+
+
 def _dense_prefetch(prefetch: bool, x: torch.Tensor, w: torch.Tensor, tiles: GemvTiles) -> bool:
-    """Whether the dense kernel can take ``prefetch`` for one token ``x`` and weight ``w``: CUDA,
-    and the rows, tiles and ``K`` in whole 16-byte pieces (:func:`_prefetch_rest_l2`)."""
+    """:func:`_prefetch_fits` for the dense kernel's weight ``w`` ``[N, K]`` at ``tiles``."""
     elem = w.element_size()
-    return (prefetch and x.is_cuda and x.shape[0] == 1 and (w.shape[1] * elem) % 16 == 0
-            and (tiles.block_k * elem) % 16 == 0 and (w.stride(0) * elem) % 16 == 0
-            and w.data_ptr() % 16 == 0)
+    return _prefetch_fits(prefetch, x, w, w.shape[1] * elem, tiles.block_k * elem)
 
 
 def gemv16(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, *,
@@ -1042,8 +1049,7 @@ def gemv_wna16(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, off
                        HAS_OFFSET=offsets is not None, GATED=gated,
                        ASM=x.is_cuda if nibble_asm is None else nibble_asm,
                        PAIRS=use_pairs, EVEN=even, PEEL=peel,
-                       PREFETCH=prefetch and x.is_cuda and even and tiles.block_k % 32 == 0
-                       and q_words.stride(0) % 4 == 0 and q_words.data_ptr() % 16 == 0,
+                       PREFETCH=even and _prefetch_fits(prefetch, x, q_words, k // 2, tiles.block_k // 2),
                        XLOAD=xload and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and even
                        and x.data_ptr() % 16 == 0, pdl=pdl)
     return _launch(_gemv_int_kernel, args, 1, n, k, out, None, None, bias, tiles,
