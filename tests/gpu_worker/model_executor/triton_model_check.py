@@ -122,6 +122,11 @@ class EveryShape(Mapping[tuple[int, int], GemvTiles]):
         return 0
 
 
+def segment_counts(model: torch.nn.Module) -> list[torch.Tensor | None]:
+    """Every 4-bit segment's split counts (``Segment.counters``) in ``model``, in module order."""
+    return [seg.counters for m in model.modules() if "wna16" in m.__dict__ for seg in layer_state(m).segments]
+
+
 def check_split_fixup() -> None:
     """A tiny llama with 4-bit weights whose one-token GEMVs split K in two
     (``wna16.M1_SHAPE_TILES``): every 4-bit layer holds split counts (``Segment.counters``), and
@@ -142,8 +147,7 @@ def check_split_fixup() -> None:
         fixup = dataclasses.replace(triton_ops(), wna16_linear=linear)
         models = [build_model(cfg, ops, linear=make_linear_methods("gptq", cfg, cpu, ops))
                   for ops in (fixup, dataclasses.replace(triton_ops(), wna16_split_counters=None))]
-        counters = [[seg.counters for m in model.modules() if "wna16" in m.__dict__
-                     for seg in layer_state(m).segments] for model in models]
+        counters = [segment_counts(model) for model in models]
         assert counters[0] and all(c is not None for c in counters[0]), counters[0]
         assert all(c is None for c in counters[1]), counters[1]
         steps = [([2], [2]), ([3], [1])]

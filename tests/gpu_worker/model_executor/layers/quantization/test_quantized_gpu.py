@@ -39,7 +39,7 @@ from kernels.quant_reference import dequantize_wna16
 from kernels.triton_ops import Fp8LinearConfig, WnA16Config
 from kernels.triton_ops import wna16 as twna16
 from kernels.triton_ops.gemv import GemvTiles
-from tests.gpu_worker.model_executor.triton_model_check import EveryShape
+from tests.gpu_worker.model_executor.triton_model_check import EveryShape, segment_counts
 from tests.helpers.quantized_checkpoints import write_fp8_checkpoint, write_gptq_checkpoint
 from tests.helpers.runners import build_runner
 from tests.helpers.smollm2_accuracy import sequence_logits
@@ -195,8 +195,7 @@ def test_w4a16_split_k_added_in_the_gemv(folders: dict[str, Path], monkeypatch: 
                                                                          split_k=2)))
     ours, ref = _runner(folders["gptq"]), _runner(folders["gptq"])
     _use_reference_linears(ref)
-    counters = [seg.counters for m in ours.model.modules() if "wna16" in m.__dict__
-                for seg in layer_state(m).segments]
+    counters = segment_counts(ours.model)
     assert counters and all(c is not None for c in counters)
     _compare("gptq split-K", ours, ref)
     assert not any(bool(c.any()) for c in counters if c is not None)
