@@ -600,7 +600,8 @@ def bench_w4_gemm(rec: Recorder, layers: int = 8) -> None:
 
 # The one-token 4-bit word GEMV with xload (the engine's path): (block_n, block_k, warps, split_k),
 # splits whose ranges are whole tiles (they keep xload; gated gate_up takes one split only).
-W4_SPLIT_TILES = [(8, 2048, 4, 1), (4, 2048, 4, 1), (8, 2048, 8, 1), (2, 2048, 2, 1),
+W4_SPLIT_TILES = [(8, 2048, 4, 1), (4, 2048, 4, 1), (8, 2048, 8, 1), (2, 2048, 2, 1), (4, 2048, 8, 1),
+                  (8, 2048, 16, 1),
                   (8, 2048, 4, 2), (8, 1024, 4, 2), (8, 2048, 4, 4), (8, 1024, 4, 4), (8, 2048, 4, 7),
                   (16, 2048, 8, 2)]
 

@@ -90,7 +90,7 @@ class Run:
     ceilings: dict[str, float]
     run_id: str = field(default_factory=new_run_id)
     rows: list[ResultRow] = field(default_factory=list)
-    m1_shape_tiles: str | None = None  # --w4-tiles: recorded on every row of the run
+    m1_shape_tiles: str | None = None  # one_token_settings(): recorded on every row of the run
 
     def add(
         self, workload: str, shape: str, engine: str, tok_s: float, quantization: str, kv: str, **extra: Any
@@ -295,6 +295,8 @@ def use_w4_tiles(path: Path) -> str:
     split counts at load): ``wna16.M1_PREFETCH``, ``wna16.M1_SHAPE_TILES``,
     ``gemv.LINEAR16_M1_PREFETCH``, ``gemv.FP8_M1_PREFETCH``. Returns it as text."""
     table = json.loads(path.read_text())
+    if "tiles" in table and not isinstance(table["tiles"], dict):
+        raise ValueError(f"{path}: 'tiles' must map 'N,K' to [block_n, block_k, warps, split]")
     if "prefetch" in table:
         twna16.M1_PREFETCH = bool(table["prefetch"])
     if "tiles" in table:
@@ -305,6 +307,19 @@ def use_w4_tiles(path: Path) -> str:
         tgemv.LINEAR16_M1_PREFETCH = bool(table["linear16_prefetch"])
     if "fp8_prefetch" in table:
         tgemv.FP8_M1_PREFETCH = bool(table["fp8_prefetch"])
+    return one_token_settings()
+
+
+def one_token_settings() -> str:
+    """The one-token GEMV settings in effect (the defaults, or what :func:`use_w4_tiles` set), in
+    :func:`use_w4_tiles`' format: every row of a run records them (``m1_shape_tiles``)."""
+    table = {
+        "prefetch": twna16.M1_PREFETCH,
+        "tiles": {f"{n},{k}": [t.block_n, t.block_k, t.num_warps, t.split_k]
+                  for (n, k), t in sorted(twna16.M1_SHAPE_TILES.items())},
+        "linear16_prefetch": tgemv.LINEAR16_M1_PREFETCH,
+        "fp8_prefetch": tgemv.FP8_M1_PREFETCH,
+    }
     return json.dumps(table, separators=(",", ":"), sort_keys=True)
 
 
@@ -314,6 +329,8 @@ def run_suite(args: Any, card: str, ceilings: dict[str, float]) -> None:
     if args.w4_tiles is not None:
         run.m1_shape_tiles = use_w4_tiles(args.w4_tiles)
         print(f"wna16.M1_SHAPE_TILES from {args.w4_tiles}: {run.m1_shape_tiles}", flush=True)
+    else:
+        run.m1_shape_tiles = one_token_settings()
     shapes = args.quant_shapes.split(",")
     t0 = time.perf_counter()
     saved = 0

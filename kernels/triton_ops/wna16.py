@@ -51,13 +51,20 @@ from kernels.triton_ops.wna16_mma import MMA_MAX_M, gemv_int4_mma, mma_applies
 # H200 over the four llama3-8b projections in 4-bit groups of 128 among 19 tilings
 # (docs/QUANTIZATION.md, "One-token GEMV").
 GEMV_M1_TILES = GemvTiles(block_n=8, block_k=2048, num_warps=4, split_k=1)
-# One token, per weight shape (N, K): a tiling other than GEMV_M1_TILES, split-K ones added by
-# their last program per row block (gemv.gemv_wna16 ``counters``: one set per layer,
-# m1_counters; no second launch). Empty: not measured on a card yet (DECISIONS 140;
-# bench_gemv.py --parts w4_split times the candidates).
-M1_SHAPE_TILES: Mapping[tuple[int, int], GemvTiles] = MappingProxyType({})
+# One token, per ungated weight shape (N, K): a tiling other than GEMV_M1_TILES, split-K ones
+# added by their last program per row block (gemv.gemv_wna16 ``counters``: one set per layer,
+# m1_counters; no second launch). The fastest of bench_gemv.py --parts w4_split on an H200
+# (DECISIONS 141), us per llama3-8b layer with xload and PDL against GEMV_M1_TILES: qkv 5.93 vs
+# 6.52, o 4.25 vs 4.71, down 11.16 vs 11.98; no split-K tiling won (fixup 7.50-10.25 on qkv).
+# W2 W4A16 512.2 / 511.8 against 496.7 / 496.2 tok/s, alternating in one call.
+M1_SHAPE_TILES: Mapping[tuple[int, int], GemvTiles] = MappingProxyType({
+    (6144, 4096): GemvTiles(block_n=4, block_k=2048, num_warps=4, split_k=1),
+    (4096, 4096): GemvTiles(block_n=8, block_k=2048, num_warps=8, split_k=1),
+    (4096, 14336): GemvTiles(block_n=8, block_k=2048, num_warps=8, split_k=1),
+})
 # One token: gemv_wna16's ``prefetch`` (each program asks L2 for its words past the first tile
-# before the PDL wait; the same bits). Off: not measured on a card yet (DECISIONS 140).
+# before the PDL wait; the same bits). Off: slower on an H200 at the fastest tilings (DECISIONS
+# 141: qkv 6.45-7.60 vs 5.93, o 4.51 vs 4.25, gate_up 22.41 vs 21.04, down 14.24 vs 11.16 us).
 M1_PREFETCH = False
 # One token, symmetric 4-bit weights and bf16 inputs: gemv_wna16's packed bf16 decode (``pairs``):
 # on an H200, llama3-8b's four projections 50.7 against 57.9 us per layer, W2 W4A16 413.8
