@@ -64,7 +64,7 @@ M1_SHAPE_TILES: Mapping[tuple[int, int], GemvTiles] = MappingProxyType({
 })
 # One token: gemv_wna16's ``prefetch`` (each program asks L2 for its words past the first tile
 # before the PDL wait; the same bits). Off: slower on an H200 at the fastest tilings (DECISIONS
-# 141: qkv 6.45-7.60 vs 5.93, o 4.51 vs 4.25, gate_up 22.41 vs 21.04, down 14.24 vs 11.16 us).
+# 141: qkv 6.55 vs 5.93, o 4.51 vs 4.25, gate_up 22.41 vs 21.04, down 14.24 vs 11.16 us).
 M1_PREFETCH = False
 # One token, symmetric 4-bit weights and bf16 inputs: gemv_wna16's packed bf16 decode (``pairs``):
 # on an H200, llama3-8b's four projections 50.7 against 57.9 us per layer, W2 W4A16 413.8
