@@ -34,8 +34,6 @@ weights' (plus scales); the share is of a 1 GiB device-to-device copy measured f
 - ``w4_split``: the one-token 4-bit GEMV with ``xload`` at more and smaller programs and
   split-K per projection, its sums added by a second launch or by the last program
   (``fixup``) (:func:`bench_w4_split`);
-- ``dense_prefetch``: the one-token bf16 and fp8 weight-only GEMVs at the engine's tiles, with
-  and without ``prefetch`` (:func:`bench_dense_prefetch`);
 - ``small_m``: asymmetric 4-bit and 8-bit weights at 1-16 tokens: the default dispatch, and the
   one-token GEMV per token (``WnA16Config.gemv_token_loop``), the multi-token GEMV and the GEMM
   (:func:`bench_small_m_formats`).
@@ -606,18 +604,18 @@ W4_SPLIT_TILES = [(8, 2048, 4, 1), (4, 2048, 4, 1), (8, 2048, 8, 1), (2, 2048, 2
                   (16, 2048, 8, 2)]
 
 
-def _w4_xload(x: torch.Tensor, tiles: G.GemvTiles, gated: bool, prefetch: bool, q: torch.Tensor,
-              s: torch.Tensor, counters: torch.Tensor | None = None) -> torch.Tensor:
+def _w4_xload(x: torch.Tensor, tiles: G.GemvTiles, gated: bool, q: torch.Tensor, s: torch.Tensor,
+              counters: torch.Tensor | None = None) -> torch.Tensor:
     return G.gemv_wna16(x, q, s, None, 4, 128, tiles=tiles, gated=gated, pairs=True, peel=True, xload=True,
-                        pdl=True, counters=counters, prefetch=prefetch)
+                        pdl=True, counters=counters)
 
 
 def bench_w4_split(rec: Recorder) -> None:
     """The one-token 4-bit word GEMV with its loads in PTX (``xload``) and PDL, as the engine
     launches it, per llama3-8b projection at ``W4_SPLIT_TILES``: more and smaller programs, and
     split-K, its partial sums added by a second launch or (``fixup``, one set of ``counters``
-    per layer) by the last program of each row block, for more warps in flight; and each with
-    ``prefetch`` (the words past the first tile asked of L2 before the wait). DECISIONS 139, 140."""
+    per layer) by the last program of each row block, for more warps in flight (DECISIONS 139,
+    140)."""
     for shape, (n, k) in SHAPES_8B.items():
         gated = shape == "gate_up"
         x = torch.randn(1, k, device=DEV, dtype=torch.bfloat16)
@@ -627,15 +625,12 @@ def bench_w4_split(rec: Recorder) -> None:
             if gated and split > 1:
                 continue
             tiles = G.GemvTiles(bn, bk, warps, split)
-            name = f"{bn},{bk},{warps},{split}"
-            if split == 1:
-                runs = {name: (w4, False), f"{name},prefetch": (w4, True)}
-            else:  # the second launch, and the engine's way (fixup) with and without prefetch
+            runs = {f"{bn},{bk},{warps},{split}": w4}
+            if split > 1:  # the second launch, and the engine's way (fixup)
                 fixed = [(q, s, G.split_counters(n, tiles, DEV)) for q, s in w4]
-                runs = {name: (w4, False), f"{name},fixup": (fixed, False),
-                        f"{name},fixup,prefetch": (fixed, True)}
-            for variant, (layers, prefetch) in runs.items():
-                ms = time_chain(chain(partial(_w4_xload, x, tiles, gated, prefetch), layers))
+                runs[f"{bn},{bk},{warps},{split},fixup"] = fixed
+            for variant, layers in runs.items():
+                ms = time_chain(chain(partial(_w4_xload, x, tiles, gated), layers))
                 row = rec.add("w4_split", shape, variant, ms, w4_nbytes(n, k), 32)
                 out.append(f"{row['variant']} {row['us_per_layer']:.2f}")
         print(f"w4 xload {shape}: " + " | ".join(out), flush=True)
@@ -643,87 +638,38 @@ def bench_w4_split(rec: Recorder) -> None:
         torch.cuda.empty_cache()
 
 
-def bench_dense_prefetch(rec: Recorder) -> None:
-    """The one-token 16-bit and fp8 weight-only GEMVs as the engine launches them (PDL, the
-    engine's tiles: ``linear16_tiles``, ``fp8_tiles``; gate_up gated) per llama3-8b projection,
-    with and without ``prefetch`` (each program asks L2 for its rows past the first tile before
-    the wait; ``gemv.LINEAR16_M1_PREFETCH``, ``gemv.FP8_M1_PREFETCH``, DECISIONS 140)."""
-    for shape, (n, k) in SHAPES_8B.items():
-        gated = shape == "gate_up"
-        x = torch.randn(1, k, device=DEV, dtype=torch.bfloat16)
-        out = []
-        w16 = [(torch.randn(n, k, device=DEV, dtype=torch.bfloat16) * 0.02,) for _ in range(16)]
-        tiles16 = G.linear16_tiles(k, gated=gated)
-        for prefetch in (False, True):
-            run = chain(partial(G.gemv16, x, tiles=tiles16, gated=gated, pdl=True, prefetch=prefetch), w16)
-            ms = time_chain(run)
-            row = rec.add("dense_prefetch bf16", shape, f"prefetch={prefetch}", ms, n * k * 2, 16)
-            out.append(f"bf16 {row['variant']} {row['us_per_layer']:.2f}")
-        del w16
-        wq = fp8_layers(n, k, 32)
-        tiles8 = G.fp8_tiles(1, n, k)
-        for prefetch in (False, True):
-            fp8 = partial(G.gemv_fp8_weight_only, x, tiles=tiles8, gated=gated, pdl=True, prefetch=prefetch)
-            run = chain(fp8, wq)
-            row = rec.add("dense_prefetch fp8", shape, f"prefetch={prefetch}", time_chain(run), n * k, 32)
-            out.append(f"fp8 {row['variant']} {row['us_per_layer']:.2f}")
-        del wq
-        torch.cuda.empty_cache()
-        print(f"dense prefetch {shape}: " + " | ".join(out), flush=True)
-
-
-def _engine_usable(variant: str, prefetch: bool) -> list[int] | None:
-    """A ``w4_split`` variant's tiling if the engine can run it with ``M1_PREFETCH`` = ``prefetch``
-    (it adds every split in the GEMV: fixup), else None."""
+def _engine_usable(variant: str) -> list[int] | None:
+    """A ``w4_split`` variant's tiling if the engine can run it (it adds every split in the GEMV:
+    fixup), else None."""
     parts = variant.split(",")
     tiles, flags = [int(v) for v in parts[:4]], set(parts[4:])
-    if ("prefetch" in flags) != prefetch or (tiles[3] > 1 and "fixup" not in flags):
+    if flags - {"fixup"} or (tiles[3] > 1 and "fixup" not in flags):
         return None
     return tiles
 
 
 def w4_split_table(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """From ``w4_split`` rows, what the engine should run (bench_gpu.py ``--w4-tiles``):
-    ``{"prefetch": bool, "tiles": {"N,K": [block_n, block_k, warps, split]}}``. ``prefetch``
-    (``wna16.M1_PREFETCH``, one switch for every shape) where the fastest usable tilings with it
-    sum to less over the four projections; ``tiles`` (``wna16.M1_SHAPE_TILES``) per ungated
-    shape, where the fastest usable tiling is not ``GEMV_M1_TILES`` (gate_up runs gated at one
-    token: one split, the default tiling)."""
+    ``{"tiles": {"N,K": [block_n, block_k, warps, split]}}`` (``wna16.M1_SHAPE_TILES``): per
+    ungated shape, the fastest usable tiling where it is not ``GEMV_M1_TILES`` (gate_up runs
+    gated at one token: one split, the default tiling)."""
     default = [GEMV_M1_TILES.block_n, GEMV_M1_TILES.block_k, GEMV_M1_TILES.num_warps, GEMV_M1_TILES.split_k]
-    choice: dict[bool, tuple[float, dict[str, list[int]]]] = {}
-    for prefetch in (False, True):
-        total, table = 0.0, {}
-        for shape, (n, k) in SHAPES_8B.items():
-            mine = [r for r in rows if r["format"] == "w4_split" and r["shape"] == shape]
-            usable = [(r["us_per_layer"], tiles) for r in mine
-                      if (tiles := _engine_usable(r["variant"], prefetch)) is not None
-                      and (shape != "gate_up" or tiles == default)]
-            if not usable:
-                total = float("inf")
-                continue
-            us, tiles = min(usable)
-            total += us
-            if tiles != default:
-                table[f"{n},{k}"] = tiles
-        choice[prefetch] = (total, table)
-    prefetch = choice[True][0] < choice[False][0]
-    return {"prefetch": prefetch, "tiles": choice[prefetch][1]}
+    table: dict[str, list[int]] = {}
+    for shape, (n, k) in SHAPES_8B.items():
+        if shape == "gate_up":
+            continue
+        usable = [(r["us_per_layer"], tiles) for r in rows
+                  if r["format"] == "w4_split" and r["shape"] == shape
+                  and (tiles := _engine_usable(r["variant"])) is not None]
+        if usable and (tiles := min(usable)[1]) != default:
+            table[f"{n},{k}"] = tiles
+    return {"tiles": table}
 
 
 def engine_settings(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """The one-token settings the ``w4_split`` and ``dense_prefetch`` rows favour (bench_gpu.py
-    ``--w4-tiles``): :func:`w4_split_table`'s, and ``linear16_prefetch`` / ``fp8_prefetch``
-    (``gemv.LINEAR16_M1_PREFETCH``, ``gemv.FP8_M1_PREFETCH``) where prefetch sums to less over
-    the four projections; only for the parts that ran."""
-    out: dict[str, Any] = {}
-    if any(r["format"] == "w4_split" for r in rows):
-        out |= w4_split_table(rows)
-    for fmt, key in (("dense_prefetch bf16", "linear16_prefetch"), ("dense_prefetch fp8", "fp8_prefetch")):
-        totals = {v: sum(r["us_per_layer"] for r in rows if r["format"] == fmt and r["variant"] == v)
-                  for v in ("prefetch=False", "prefetch=True")}
-        if all(totals.values()):
-            out[key] = totals["prefetch=True"] < totals["prefetch=False"]
-    return out
+    """The one-token settings the ``w4_split`` rows favour (bench_gpu.py ``--w4-tiles``):
+    :func:`w4_split_table`'s, or none where that part did not run."""
+    return w4_split_table(rows) if any(r["format"] == "w4_split" for r in rows) else {}
 
 
 # WnA16 formats the tensor-core GEMV does not take: (bits, offsets).
@@ -805,14 +751,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--parts", default="bf16,fp8,w4,fp8_70b,fp8_small_m",
                     help="comma-separated: bf16, fp8, w4, w4_bytes, fp8_70b, fp8_small_m, gated, linear16, "
-                         "w4_ptx, linear_fp8, pdl, w4mma, w4gemm, small_m, w4_split, dense_prefetch")
+                         "w4_ptx, linear_fp8, pdl, w4mma, w4gemm, small_m, w4_split")
     ap.add_argument("--json", default="", help="append the rows here (JSON lines)")
     ap.add_argument("--tiles", default="",
                     help="the bf16/fp8 sweep's tilings instead of the default list: 'bn,bk,warps;...'")
     ap.add_argument("--splits", default=",".join(map(str, SPLITS)), help="split-K values of that sweep")
     ap.add_argument("--w4-table", default="",
-                    help="with w4_split / dense_prefetch: write here (JSON) the one-token settings they "
-                         "find fastest (engine_settings), for bench_gpu.py --w4-tiles")
+                    help="with w4_split: write here (JSON) the one-token settings it finds fastest "
+                         "(engine_settings: wna16.M1_SHAPE_TILES), for bench_gpu.py --w4-tiles")
     args = ap.parse_args()
     tiles_list = _parse_tiles(args.tiles) if args.tiles else TILES
     splits = [int(v) for v in args.splits.split(",")]
@@ -837,8 +783,6 @@ def main() -> None:
             bench_w4_gemm(rec)
         elif part == "small_m":
             bench_small_m_formats(rec)
-        elif part == "dense_prefetch":
-            bench_dense_prefetch(rec)
         elif part == "w4_split":
             bench_w4_split(rec)
         else:

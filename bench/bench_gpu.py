@@ -536,9 +536,9 @@ def main() -> None:
     ap.add_argument("--quant-labels", default="",
                     help="--suite quantization: only these engines (bf16, fp8, fp8-w8a8, fp8+fp8kv, w4a16)")
     ap.add_argument("--w4-tiles", type=Path, default=None,
-                    help="--suite quantization: the one-token GEMVs' settings (4-bit prefetch and tiling per "
-                    "weight shape, 16-bit and fp8 prefetch) from this JSON (bench_gemv.py --w4-table); "
-                    "rows record it as m1_shape_tiles")
+                    help="--suite quantization: the one-token 4-bit GEMV's tiling per weight shape "
+                    "(wna16.M1_SHAPE_TILES) from this JSON (bench_gemv.py --w4-table); rows record it as "
+                    "m1_shape_tiles")
     ap.add_argument("--run-id", default="",
                     help="the rows' run_id (default: a new one; pass one to join calls)")
     ap.add_argument("--engines", default="ours,hf,hf_batch",

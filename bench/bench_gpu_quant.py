@@ -42,7 +42,6 @@ import torch
 from results import ResultRow, append_results, new_run_id, today
 
 from kernels import resolve_fp8_weight_only_max_m
-from kernels.triton_ops import gemv as tgemv
 from kernels.triton_ops import wna16 as twna16
 from kernels.triton_ops.gemv import GemvTiles
 
@@ -289,37 +288,30 @@ def table(run: Run) -> str:
 
 
 def use_w4_tiles(path: Path) -> str:
-    """Set the one-token settings in ``path`` (bench_gemv.py ``--w4-table``: ``{"prefetch": bool,
-    "tiles": {"N,K": [block_n, block_k, warps, split]}, "linear16_prefetch": bool,
-    "fp8_prefetch": bool}``, each key optional) before any engine loads (layers size their
-    split counts at load): ``wna16.M1_PREFETCH``, ``wna16.M1_SHAPE_TILES``,
-    ``gemv.LINEAR16_M1_PREFETCH``, ``gemv.FP8_M1_PREFETCH``. Returns it as text."""
+    """Set the one-token settings in ``path`` (bench_gemv.py ``--w4-table``: ``{"tiles": {"N,K":
+    [block_n, block_k, warps, split]}}``, the key optional) before any engine loads (layers size
+    their split counts at load): ``wna16.M1_SHAPE_TILES``. Any other key (an older table's
+    ``prefetch``, ``linear16_prefetch`` or ``fp8_prefetch``: switches since removed, DECISIONS 141)
+    raises ValueError rather than applying the table in part. Returns the settings as text."""
     table = json.loads(path.read_text())
+    others = sorted(set(table) - {"tiles"})
+    if others:
+        raise ValueError(f"{path}: unknown key(s) {', '.join(others)}: a one-token table holds only 'tiles' "
+                         "(the prefetch switches were removed, DECISIONS 141)")
     if "tiles" in table and not isinstance(table["tiles"], dict):
         raise ValueError(f"{path}: 'tiles' must map 'N,K' to [block_n, block_k, warps, split]")
-    if "prefetch" in table:
-        twna16.M1_PREFETCH = bool(table["prefetch"])
     if "tiles" in table:
         twna16.M1_SHAPE_TILES = MappingProxyType({
             tuple(int(v) for v in key.split(",")): GemvTiles(*(int(v) for v in tiles))
             for key, tiles in table["tiles"].items()})
-    if "linear16_prefetch" in table:
-        tgemv.LINEAR16_M1_PREFETCH = bool(table["linear16_prefetch"])
-    if "fp8_prefetch" in table:
-        tgemv.FP8_M1_PREFETCH = bool(table["fp8_prefetch"])
     return one_token_settings()
 
 
 def one_token_settings() -> str:
     """The one-token GEMV settings in effect (the defaults, or what :func:`use_w4_tiles` set), in
     :func:`use_w4_tiles`' format: every row of a run records them (``m1_shape_tiles``)."""
-    table = {
-        "prefetch": twna16.M1_PREFETCH,
-        "tiles": {f"{n},{k}": [t.block_n, t.block_k, t.num_warps, t.split_k]
-                  for (n, k), t in sorted(twna16.M1_SHAPE_TILES.items())},
-        "linear16_prefetch": tgemv.LINEAR16_M1_PREFETCH,
-        "fp8_prefetch": tgemv.FP8_M1_PREFETCH,
-    }
+    table = {"tiles": {f"{n},{k}": [t.block_n, t.block_k, t.num_warps, t.split_k]
+                       for (n, k), t in sorted(twna16.M1_SHAPE_TILES.items())}}
     return json.dumps(table, separators=(",", ":"), sort_keys=True)
 
 

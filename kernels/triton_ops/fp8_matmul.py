@@ -32,7 +32,6 @@ import triton
 import triton.language as tl
 
 from kernels.quant_reference import Fp8Activation
-from kernels.triton_ops import gemv
 from kernels.triton_ops.fp8_common import quantize_e4m3, row_scales, software_fp8
 from kernels.triton_ops.gemv import MAX_M as MAX_GEMV_M
 from kernels.triton_ops.gemv import GemvTiles, gemv_fp8, gemv_fp8_weight_only
@@ -243,8 +242,7 @@ def fp8_weight_only_linear(
     """Triton :func:`kernels.quant_reference.fp8_weight_only_linear` for up to ``gemv.MAX_M``
     tokens (:func:`kernels.triton_ops.gemv.gemv_fp8_weight_only`): ``x`` ``[..., K]`` 16/32-bit."""
     n, k = w_fp8.shape
-    y = gemv_fp8_weight_only(x.reshape(-1, k), w_fp8, w_scale, bias, tiles=tiles, pdl=pdl,
-                             prefetch=gemv.FP8_M1_PREFETCH)
+    y = gemv_fp8_weight_only(x.reshape(-1, k), w_fp8, w_scale, bias, tiles=tiles, pdl=pdl)
     return y.reshape(*x.shape[:-1], n)
 
 
@@ -256,8 +254,7 @@ def fp8_weight_only_gated_linear(
     and a ``[gate; up]`` weight: the activation in the GEMV's epilogue, bit-for-bit the two ops
     (:func:`kernels.triton_ops.gemv.gemv_fp8_weight_only` with ``gated``). Returns ``[..., N / 2]``."""
     n, k = w_fp8.shape
-    y = gemv_fp8_weight_only(x.reshape(-1, k), w_fp8, w_scale, bias, tiles=tiles, gated=True, pdl=pdl,
-                             prefetch=gemv.FP8_M1_PREFETCH)
+    y = gemv_fp8_weight_only(x.reshape(-1, k), w_fp8, w_scale, bias, tiles=tiles, gated=True, pdl=pdl)
     return y.reshape(*x.shape[:-1], n // 2)
 
 

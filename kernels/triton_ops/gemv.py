@@ -216,13 +216,12 @@ def _gemv_dense_kernel(xq_ptr, xs_ptr, w_ptr, ws_ptr, bias_ptr, out_ptr, part_pt
                        stride_xm, stride_wn, stride_om, HAS_XS: tl.constexpr, HAS_WS: tl.constexpr,
                        HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr,
                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GATED: tl.constexpr,
-                       PART: tl.constexpr = 0, PDL: tl.constexpr = False, PREFETCH: tl.constexpr = False):
+                       PART: tl.constexpr = 0, PDL: tl.constexpr = False):
     # 16/32-bit weights (no scales); fp8 weights on 16/32-bit activations (W8A16: HAS_WS, the
     # per-channel scale in the epilogue); fp8 W8A8 on quantized activations (HAS_XS and HAS_WS:
     # the per-token and per-channel scales; e4m3 x e4m3 products are exact in float32).
     # GATED (one token, one split): SiLU-and-mul of a [gate; up] weight (_gemv_rows).
     # PART (one token): products summed per thread in runs of PART inputs (_dense_part).
-    # PREFETCH (one token): the rows past the first tile asked of L2 before the PDL wait.
     pid_k = tl.program_id(1)
     rm = tl.arange(0, BLOCK_M)  # every token (M <= BLOCK_M): each weight byte is read once
     rn, n_ok = _gemv_rows(N, BLOCK_N, GATED)
@@ -238,10 +237,6 @@ def _gemv_dense_kernel(xq_ptr, xs_ptr, w_ptr, ws_ptr, bias_ptr, out_ptr, part_pt
         # H200 (qkv 17.9 against 13.1 us, gate_up 69.2 against 52.6; docs/QUANTIZATION.md).
         # PDL: the first weight tile is read before waiting for the kernel that writes x.
         w0 = _weight_tile(w_rows, k_lo, k_hi, n_ok, BLOCK_K)
-        if PREFETCH:
-            ELEM: tl.constexpr = w_ptr.dtype.element_ty.primitive_bitwidth // 8
-            _prefetch_rest_l2(w_ptr + k_lo + BLOCK_K, stride_wn * ELEM, (k_hi - k_lo - BLOCK_K) * ELEM, N,
-                              BLOCK_N, GATED)
         pdl_begin(PDL)
         acc1 = _tile_part(xq_ptr, w0, k_lo, k_hi, BLOCK_N, BLOCK_K, PART)
         for k0 in range(k_lo + BLOCK_K, k_hi, BLOCK_K):
@@ -529,56 +524,6 @@ def _load_groups_asm(ptrs):
     return bits.to(tl.float32, bitcast=True)
 
 
-# cp.async.bulk.prefetch.L2 of one weight row's bytes per thread (threads 0 .. $3 - 1): row
-# ``$2 + tid`` (below ``$4``), or gated (``_gemv_rows``) output ``o = $2 + tid / 2`` (below ``$4``
-# = N / 2), row ``o + (tid & 1) * $4``; ``$6`` bytes from ``$1 + row * $5`` (``$6`` > 0). ``$0``: 0.
-_PREFETCH_PTX_HEAD = """{
-.reg .pred p, q;
-.reg .u32 t, r, h;
-.reg .u64 off, a;
-mov.u32 t, %tid.x;
-"""
-_PREFETCH_PTX_TAIL = """setp.lt.u32 q, t, $3;
-and.pred p, p, q;
-setp.gt.s32 q, $6, 0;
-and.pred p, p, q;
-mul.wide.u32 off, r, $5;
-add.u64 a, $1, off;
-@p cp.async.bulk.prefetch.L2.global [a], $6;
-mov.u32 $0, 0;
-}"""
-_PREFETCH_ROWS = tl.constexpr(_PREFETCH_PTX_HEAD + """add.u32 r, $2, t;
-setp.lt.u32 p, r, $4;
-""" + _PREFETCH_PTX_TAIL)
-_PREFETCH_GATED_ROWS = tl.constexpr(_PREFETCH_PTX_HEAD + """shr.u32 r, t, 1;
-add.u32 r, r, $2;
-setp.lt.u32 p, r, $4;
-and.b32 h, t, 1;
-mad.lo.u32 r, h, $4, r;
-""" + _PREFETCH_PTX_TAIL)
-
-
-@triton.jit
-def _prefetch_rest_l2(rows_ptr, row_bytes, nbytes, N, BLOCK_N: tl.constexpr, GATED: tl.constexpr):
-    """Ask L2 for the rest of this program's weight rows, one bulk prefetch per row: ``nbytes``
-    from ``rows_ptr + row * row_bytes`` (``rows_ptr``: row 0's first byte past the program's first
-    tile, any element type), for its rows as :func:`_gemv_rows` picks them. The later tiles are
-    then on their way while the first is summed (and, before the PDL wait, while the kernel
-    before ends), without registers. Not ordered with anything: weights only. CUDA sm_90;
-    ``rows_ptr``, ``row_bytes`` and ``nbytes`` multiples of 16 bytes (nothing for ``nbytes`` <= 0)."""
-    rows = tl.full([], BLOCK_N, tl.int32)
-    if GATED:
-        first = tl.program_id(0) * (BLOCK_N // 2)
-        tl.inline_asm_elementwise(_PREFETCH_GATED_ROWS, "=r,l,r,r,r,r,r",
-                                  [rows_ptr, first, rows, N // 2, row_bytes, nbytes],
-                                  dtype=tl.int32, is_pure=False, pack=1)
-    else:
-        first = tl.program_id(0) * BLOCK_N
-        tl.inline_asm_elementwise(_PREFETCH_ROWS, "=r,l,r,r,r,r,r",
-                                  [rows_ptr, first, rows, N, row_bytes, nbytes],
-                                  dtype=tl.int32, is_pure=False, pack=1)
-
-
 @triton.jit
 def _load_pair(xw, LANE: tl.constexpr, jj, w_hi, EVEN: tl.constexpr):
     """Inputs ``8 jj + LANE`` and ``8 jj + LANE + 4`` (bf16) as one int32, the first in the low half."""
@@ -707,7 +652,7 @@ def _gemv_int4_words_kernel(x_ptr, q_ptr, s_ptr, o_ptr, bias_ptr, out_ptr, part_
                             BLOCK_K: tl.constexpr, EVEN: tl.constexpr, GATED: tl.constexpr,
                             ASM: tl.constexpr, PAIRS: tl.constexpr, PDL: tl.constexpr = False,
                             PEEL: tl.constexpr = False, XLOAD: tl.constexpr = False,
-                            FIXUP: tl.constexpr = False, PREFETCH: tl.constexpr = False):
+                            FIXUP: tl.constexpr = False):
     # 4-bit weights read as int32 words (``q_ptr``: [N, K / 8] int32, ``stride_qn`` in words):
     # word j holds inputs 8j .. 8j + 7, input 8j + i in bits 4i .. 4i + 3 (bytes little-endian,
     # low nibble first). Each nibble is masked in place (_nibble_as_float) and multiplied by the
@@ -719,8 +664,7 @@ def _gemv_int4_words_kernel(x_ptr, q_ptr, s_ptr, o_ptr, bias_ptr, out_ptr, part_
     # (CUDA, 16-bit inputs, symmetric): a word's sum in packed 16-bit arithmetic (_pairs_asm).
     # PEEL: the first tile is taken before the loop, its words read before the PDL wait (as the
     # dense kernel's). FIXUP (with SPLIT): the last split to finish adds the partial sums
-    # (_split_fixup, ``cnt_ptr``: one int32 count per row block, 0 between launches). PREFETCH:
-    # the words past the first tile are asked of L2 before the PDL wait (_prefetch_rest_l2).
+    # (_split_fixup, ``cnt_ptr``: one int32 count per row block, 0 between launches).
     WORDS: tl.constexpr = BLOCK_K // 8
     TILE_G: tl.constexpr = BLOCK_K // GROUP if BLOCK_K > GROUP else 1
     WPG: tl.constexpr = WORDS // TILE_G  # words of one group in a tile
@@ -729,9 +673,6 @@ def _gemv_int4_words_kernel(x_ptr, q_ptr, s_ptr, o_ptr, bias_ptr, out_ptr, part_
     w_hi = k_hi // 8
     acc = tl.zeros([BLOCK_N, TILE_G, WPG], dtype=tl.float32)
     k_start = k_lo
-    if PREFETCH:  # weights only: before the PDL wait
-        _prefetch_rest_l2(q_ptr + (k_lo + BLOCK_K) // 8, stride_qn * 4, (k_hi - k_lo - BLOCK_K) // 2, N,
-                          BLOCK_N, GATED)
     if PEEL:  # the first tile's words are read before the PDL wait (weights only)
         jj = k_lo // 8 + tl.arange(0, WORDS)
         w = _load_words(q_rows, jj, n_ok, w_hi, EVEN)
@@ -828,35 +769,11 @@ def _one_row(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-# One token: ``prefetch`` (each program asks L2 for its rows past the first tile before the PDL
-# wait; the same bits) in the 16-bit (gemv16_linear / gemv16_gated_linear) and the fp8 weight-only
-# (fp8_matmul.fp8_weight_only_linear) GEMVs. Off: slower on an H200 over llama3-8b's four projections
-# with PDL (DECISIONS 141): bf16 113.4 vs 108.6 us per layer, fp8 64.5 vs 55.3.
-LINEAR16_M1_PREFETCH = False
-FP8_M1_PREFETCH = False
-
-
-def _prefetch_fits(prefetch: bool, x: torch.Tensor, w: torch.Tensor, k_bytes: int, tile_bytes: int) -> bool:
-    """Whether a kernel can take ``prefetch`` (:func:`_prefetch_rest_l2`) for one token ``x`` and
-    weight rows ``w``: CUDA, and ``K``'s bytes, a tile's and a row's in whole 16-byte pieces."""
-    return (prefetch and x.is_cuda and x.shape[0] == 1 and k_bytes % 16 == 0 and tile_bytes % 16 == 0
-            and (w.stride(0) * w.element_size()) % 16 == 0 and w.data_ptr() % 16 == 0)
-
-
-def _dense_prefetch(prefetch: bool, x: torch.Tensor, w: torch.Tensor, tiles: GemvTiles) -> bool:
-    """:func:`_prefetch_fits` for the dense kernel's weight ``w`` ``[N, K]`` at ``tiles``."""
-    elem = w.element_size()
-    return _prefetch_fits(prefetch, x, w, w.shape[1] * elem, tiles.block_k * elem)
-
-
 def gemv16(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, *,
-           tiles: GemvTiles | None = None, gated: bool = False, pdl: bool = False,
-           prefetch: bool = False) -> torch.Tensor:
+           tiles: GemvTiles | None = None, gated: bool = False, pdl: bool = False) -> torch.Tensor:
     """``x @ w.T + bias`` for ``x`` ``[1, K]`` and a 16/32-bit ``w`` ``[N, K]`` (unit last stride):
     float32 sums, result in ``x.dtype``. ``gated``: ``w`` is ``[gate; up]`` and the result is
-    ``silu_and_mul`` of that product, ``[1, N / 2]``, bit-for-bit the two ops (one split only).
-    ``prefetch``: each program asks L2 for its rows past the first tile before it waits (CUDA,
-    16-byte pieces: :func:`_dense_prefetch`; the same bits)."""
+    ``silu_and_mul`` of that product, ``[1, N / 2]``, bit-for-bit the two ops (one split only)."""
     tiles = tiles or GemvTiles()
     x = _one_row(x)
     n, k = w.shape
@@ -864,7 +781,7 @@ def gemv16(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, *
     args = (x, out, w, out, bias if bias is not None else out)  # no scales: out stands in
     return _launch(_gemv_dense_kernel, args, 1, n, k, out, None, None, bias, tiles, stride_xm=x.stride(0),
                    stride_wn=w.stride(0), stride_om=out.stride(0), HAS_XS=False, HAS_WS=False, BLOCK_M=1,
-                   GATED=gated, PREFETCH=_dense_prefetch(prefetch, x, w, tiles), pdl=pdl)
+                   GATED=gated, pdl=pdl)
 
 
 def linear16_tiles(k: int, gated: bool = False) -> GemvTiles:
@@ -886,8 +803,7 @@ def gemv16_gated_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | N
     """``silu_and_mul(x @ w.T + bias)`` for one token of ``x`` ``[..., K]`` and a 16/32-bit
     ``[gate; up]`` ``w`` (:func:`gemv16` with ``gated``, :func:`linear16_tiles`): ``[..., N / 2]``."""
     n, k = w.shape
-    y = gemv16(x.reshape(-1, k), w, bias, tiles=linear16_tiles(k, gated=True), gated=True, pdl=pdl,
-               prefetch=LINEAR16_M1_PREFETCH)
+    y = gemv16(x.reshape(-1, k), w, bias, tiles=linear16_tiles(k, gated=True), gated=True, pdl=pdl)
     return y.reshape(*x.shape[:-1], n // 2)
 
 
@@ -897,8 +813,7 @@ def gemv16_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = 
     (:func:`gemv16` at ``tiles``, default :func:`linear16_tiles`): ``[..., N]``. Not cuBLAS's
     bits (its own order of sums)."""
     n, k = w.shape
-    y = gemv16(x.reshape(-1, k), w, bias, tiles=tiles or linear16_tiles(k), pdl=pdl,
-               prefetch=LINEAR16_M1_PREFETCH)
+    y = gemv16(x.reshape(-1, k), w, bias, tiles=tiles or linear16_tiles(k), pdl=pdl)
     return y.reshape(*x.shape[:-1], n)
 
 
@@ -915,25 +830,23 @@ def gemv_fp8(xq: torch.Tensor, xs: torch.Tensor, w_fp8: torch.Tensor, w_scale: t
 
 def gemv_fp8_weight_only(x: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor,
                          bias: torch.Tensor | None = None, *, tiles: GemvTiles | None = None,
-                         gated: bool = False, pdl: bool = False, prefetch: bool = False) -> torch.Tensor:
+                         gated: bool = False, pdl: bool = False) -> torch.Tensor:
     """fp8 weights on 16/32-bit activations (W8A16) for a few tokens: ``x`` ``[M, K]``
     (``M <= MAX_M``), ``w_fp8`` ``[N, K]`` e4m3 with ``w_scale`` ``[N]``; returns
     ``(sum_k x w_q) * w_scale[n] + bias[n]`` ``[M, N]`` in ``x.dtype`` (float32 sums). The
     activation is not quantized: no quantization launch before the product, and no activation
     rounding (:func:`kernels.quant_reference.fp8_weight_only_linear`). ``gated`` (one token):
-    ``w_fp8`` is ``[gate; up]`` and the result ``silu_and_mul`` of the product, ``[1, N / 2]``.
-    ``prefetch`` (one token): as :func:`gemv16`'s."""
+    ``w_fp8`` is ``[gate; up]`` and the result ``silu_and_mul`` of the product, ``[1, N / 2]``."""
     if x.dim() != 2 or x.shape[0] > MAX_M:
         raise ValueError(f"gemv_fp8_weight_only takes x [M <= {MAX_M}, K], got {tuple(x.shape)}")
     if gated and x.shape[0] != 1:
         raise ValueError(f"a gated GEMV takes one token, got {x.shape[0]}")
-    return _gemv_fp8_weights(x, None, w_fp8, w_scale, bias, x.dtype, tiles, gated, pdl, prefetch)
+    return _gemv_fp8_weights(x, None, w_fp8, w_scale, bias, x.dtype, tiles, gated, pdl)
 
 
 def _gemv_fp8_weights(x: torch.Tensor, xs: torch.Tensor | None, w_fp8: torch.Tensor, w_scale: torch.Tensor,
                       bias: torch.Tensor | None, out_dtype: torch.dtype,
-                      tiles: GemvTiles | None, gated: bool = False, pdl: bool = False,
-                      prefetch: bool = False) -> torch.Tensor:
+                      tiles: GemvTiles | None, gated: bool = False, pdl: bool = False) -> torch.Tensor:
     """The dense GEMV over e4m3 weights for ``M <= MAX_M`` tokens: ``x`` quantized with per-token
     scales ``xs`` (W8A8), or 16/32-bit with ``xs`` None (W8A16)."""
     if x.stride(-1) != 1:
@@ -951,8 +864,7 @@ def _gemv_fp8_weights(x: torch.Tensor, xs: torch.Tensor | None, w_fp8: torch.Ten
     args = (x, xs if xs is not None else w_scale, w_fp8, w_scale, bias if bias is not None else w_scale)
     return _launch(_gemv_dense_kernel, args, m, n, k, out, xs, w_scale, bias, tiles, stride_xm=x.stride(0),
                    stride_wn=w_fp8.stride(0), stride_om=out.stride(0), HAS_XS=xs is not None, HAS_WS=True,
-                   BLOCK_M=triton.next_power_of_2(m), GATED=gated, PART=min(FP8_PART, tiles.block_k),
-                   PREFETCH=_dense_prefetch(prefetch, x, w_fp8, tiles), pdl=pdl)
+                   BLOCK_M=triton.next_power_of_2(m), GATED=gated, PART=min(FP8_PART, tiles.block_k), pdl=pdl)
 
 
 MAX_M = 16  # tokens gemv_fp8 takes (its register tile is [BLOCK_M, BLOCK_N, BLOCK_K])
@@ -999,7 +911,7 @@ def gemv_wna16(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, off
                tiles: GemvTiles | None = None, factored: bool = True, words: bool = True,
                gated: bool = False, nibble_asm: bool | None = None, pairs: bool = False,
                pdl: bool = False, peel: bool = False, xload: bool = False,
-               counters: torch.Tensor | None = None, prefetch: bool = False) -> torch.Tensor:
+               counters: torch.Tensor | None = None) -> torch.Tensor:
     """WnA16 at one token (:class:`kernels.quant_reference.WnA16Weight` layout; checked by
     :func:`kernels.triton_ops.wna16.wna16_linear`): ``x`` ``[1, K]``, float32 sums, result in
     ``x.dtype``. ``factored``: scales applied per group sum (module docstring). ``words``:
@@ -1018,9 +930,7 @@ def gemv_wna16(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, off
     :func:`_load_inputs_asm`, :func:`_load_groups_asm`; the same bits); else ignored.
     ``counters`` (:func:`split_counters` for these tiles): with several splits, the word kernel's
     last program of each row block adds the splits' sums (:func:`_split_fixup`; the same bits)
-    instead of a second launch; ignored by the other kernels and with one split. ``prefetch``:
-    the word kernel on whole tiles on CUDA (sm_90) asks L2 for each program's words past its first
-    tile before it waits (:func:`_prefetch_rest_l2`; the same bits); else ignored."""
+    instead of a second launch; ignored by the other kernels and with one split."""
     tiles = tiles or GemvTiles()
     tiles = GemvTiles(tiles.block_n, fit_block_k(tiles.block_k, group_size), tiles.num_warps, tiles.split_k)
     x = _one_row(x)
@@ -1050,7 +960,6 @@ def gemv_wna16(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, off
                        HAS_OFFSET=offsets is not None, GATED=gated,
                        ASM=x.is_cuda if nibble_asm is None else nibble_asm,
                        PAIRS=use_pairs, EVEN=even, PEEL=peel,
-                       PREFETCH=even and _prefetch_fits(prefetch, x, q_words, k // 2, tiles.block_k // 2),
                        XLOAD=xload and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and even
                        and x.data_ptr() % 16 == 0, pdl=pdl)
     return _launch(_gemv_int_kernel, args, 1, n, k, out, None, None, bias, tiles,

@@ -62,10 +62,6 @@ M1_SHAPE_TILES: Mapping[tuple[int, int], GemvTiles] = MappingProxyType({
     (4096, 4096): GemvTiles(block_n=8, block_k=2048, num_warps=8, split_k=1),
     (4096, 14336): GemvTiles(block_n=8, block_k=2048, num_warps=8, split_k=1),
 })
-# One token: gemv_wna16's ``prefetch`` (each program asks L2 for its words past the first tile
-# before the PDL wait; the same bits). Off: slower on an H200 at the fastest tilings (DECISIONS
-# 141: qkv 6.55 vs 5.93, o 4.51 vs 4.25, gate_up 22.41 vs 21.04, down 14.24 vs 11.16 us).
-M1_PREFETCH = False
 # One token, symmetric 4-bit weights and bf16 inputs: gemv_wna16's packed bf16 decode (``pairs``):
 # on an H200, llama3-8b's four projections 50.7 against 57.9 us per layer, W2 W4A16 413.8
 # against 381.8 tok/s; max error / sum|x w| 3.7e-4 against 2.5e-4 (docs/DECISIONS.md 132).
@@ -329,13 +325,13 @@ def one_token_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
                    counters: torch.Tensor | None = None) -> torch.Tensor:
     """:func:`~kernels.triton_ops.gemv.gemv_wna16` on one token ``x`` ``[1, K]`` with this module's
     one-token settings (:func:`m1_tiles`, ``M1_PAIRS`` / ``M1_PAIRS_F16``, ``M1_PEEL``,
-    ``M1_XLOAD``, ``M1_PREFETCH``): the single place the engine's one-token launches take them
+    ``M1_XLOAD``): the single place the engine's one-token launches take them
     from. ``counters`` (:func:`m1_counters`): a split tiling's sums added in the GEMV; None: by a
     second launch."""
     tiles = m1_tiles(qweight.shape[0], x.shape[-1], gated)
     return gemv_wna16(x, qweight, scales, offsets, bits, group_size, bias, tiles=tiles,
                       gated=gated, pairs=_m1_pairs(x), pdl=pdl, peel=M1_PEEL, xload=M1_XLOAD,
-                      counters=counters, prefetch=M1_PREFETCH)
+                      counters=counters)
 
 
 def mma_tokens(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, group_size: int,

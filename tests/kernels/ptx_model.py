@@ -101,8 +101,6 @@ MODELLED = frozenset({
     "ld.global.nc.f32", "ld.global.b32", "ld.global.v4.b32", "cvt.f32.f16", "mul.f32", "fma.rn.f32",
     "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32",
     "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32",
-    "mov.u32", "add.u32", "mad.lo.u32", "mul.wide.u32", "add.u64", "setp.lt.u32", "setp.gt.s32", "and.pred",
-    "cp.async.bulk.prefetch.L2.global",
 })
 
 
@@ -112,22 +110,14 @@ def opcodes(ptx: str) -> set[str]:
     for line in ptx.splitlines():
         line = line.strip()
         if line and line not in ("{", "}") and not line.startswith((".reg", "//")):
-            if line.startswith("@"):  # a guard predicate
-                line = line.split(" ", 1)[1].strip()
             ops.add(line.split(" ", 1)[0])
     return ops
 
 
-def run_ptx(ptx: str, operands: dict[int, np.ndarray], memory: bytes = b"", *, tid: np.ndarray | None = None,
-            prefetches: list[tuple[int, int, int]] | None = None) -> dict[str, np.ndarray]:
+def run_ptx(ptx: str, operands: dict[int, np.ndarray], memory: bytes = b"") -> dict[str, np.ndarray]:
     """Execute ``ptx`` for the 32 lanes of a warp in lockstep. ``operands``: ``$i`` per lane (uint32
-    registers, or uint64 ones for 64-bit operands; addresses are byte offsets into ``memory``).
-    ``tid``: each lane's ``%tid.x`` (default 0-31). ``prefetches`` collects ``(tid, address,
-    bytes)`` of each bulk L2 prefetch a lane issues. Returns every register (per lane; predicates
-    as 0/1)."""
-    regs: dict[str, np.ndarray] = {f"${i}": v if v.dtype == np.uint64 else v.astype(np.uint32)
-                                   for i, v in operands.items()}
-    regs["%tid.x"] = (np.arange(_LANES) if tid is None else tid).astype(np.uint32)
+    registers; addresses are byte offsets into ``memory``). Returns every register (uint32 per lane)."""
+    regs: dict[str, np.ndarray] = {f"${i}": v.astype(np.uint32) for i, v in operands.items()}
 
     def val(tok: str) -> np.ndarray:
         tok = tok.strip()
@@ -153,17 +143,6 @@ def run_ptx(ptx: str, operands: dict[int, np.ndarray], memory: bytes = b"", *, t
             for name, value in zip(d, _mma_m16n8k16([val(x) for x in a], [val(x) for x in b],
                                                       [val(x) for x in c], typ), strict=True):
                 regs[name] = value
-            continue
-        if op.startswith("@"):  # a predicated instruction: only its bulk prefetch is modelled
-            guard = regs[op[1:]].astype(bool)
-            op, _, rest = rest.partition(" ")
-            if op != "cp.async.bulk.prefetch.L2.global":
-                raise AssertionError(f"instruction not modelled: {line}")
-            addr_tok, size_tok = (x.strip() for x in rest.split(","))
-            addr, size = val(addr_tok.strip("[]")), val(size_tok)
-            if prefetches is not None:
-                prefetches += [(int(t), int(a), int(n))
-                               for t, a, n, g in zip(regs["%tid.x"], addr, size, guard, strict=True) if g]
             continue
         args = [x.strip() for x in re.split(r",(?![^{]*\})", rest)]
         dst = args[0]
@@ -208,25 +187,6 @@ def run_ptx(ptx: str, operands: dict[int, np.ndarray], memory: bytes = b"", *, t
         elif op == "mul.f32":
             prod = val(args[1]).view(np.float32) * val(args[2]).view(np.float32)
             regs[dst] = prod.astype(np.float32).view(np.uint32)
-        elif op == "mov.u32":
-            regs[dst] = val(args[1]).astype(np.uint32)
-        elif op == "add.u32":
-            regs[dst] = val(args[1]) + val(args[2])
-        elif op == "mad.lo.u32":
-            regs[dst] = val(args[1]) * val(args[2]) + val(args[3])
-        elif op == "mul.wide.u32":
-            regs[dst] = val(args[1]).astype(np.uint64) * val(args[2]).astype(np.uint64)
-        elif op == "add.u64":
-            regs[dst] = val(args[1]).astype(np.uint64) + val(args[2]).astype(np.uint64)
-        elif op in ("setp.lt.u32", "setp.gt.s32"):
-            a, b = val(args[1]), val(args[2])
-            if op == "setp.gt.s32":
-                a, b = a.astype(np.uint32).view(np.int32), b.astype(np.uint32).view(np.int32)
-                regs[dst] = (a > b).astype(np.uint32)
-            else:
-                regs[dst] = (a < b).astype(np.uint32)
-        elif op == "and.pred":
-            regs[dst] = val(args[1]) & val(args[2])
         else:
             raise AssertionError(f"instruction not modelled: {line}")
     return regs

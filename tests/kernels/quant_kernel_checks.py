@@ -329,9 +329,6 @@ def check_gemv16(t: Target) -> None:
         for tiles in _GEMV_TILES if (t.big or k < 1024) else [None]:
             got = tgemv.gemv16(x, w, bias, tiles=tiles)
             assert_linear_close(got, ref, t.dtype, f"gemv16 {n}x{k} {tiles}")
-            if t.device != "cpu":  # later tiles asked of L2 first: the same sums
-                pf = tgemv.gemv16(x, w, bias, tiles=tiles, prefetch=True)
-                assert torch.equal(pf, got), f"gemv16 {n}x{k} {tiles} prefetch"
         got = tops.gemv16_linear(x.reshape(1, 1, k), w, bias)
         assert got.shape == (1, 1, n), got.shape
         what = f"gemv16_linear {n}x{k} {tgemv.linear16_tiles(k)}"
@@ -373,9 +370,6 @@ def check_gemv_fp8_weight_only(t: Target) -> None:
         for tiles in _GEMV_TILES:
             got = tgemv.gemv_fp8_weight_only(x, w, ws, bias, tiles=tiles)
             assert_linear_close(got, ref, t.dtype, f"gemv_fp8_weight_only {m}x{n}x{k} {tiles}")
-            if t.device != "cpu" and m == 1:  # later tiles asked of L2 first: the same sums
-                pf = tgemv.gemv_fp8_weight_only(x, w, ws, bias, tiles=tiles, prefetch=True)
-                assert torch.equal(pf, got), f"gemv_fp8_weight_only {n}x{k} {tiles} prefetch"
         got = tops.fp8_weight_only_linear(x.reshape(1, m, k), w, ws, bias)
         assert got.shape == (1, m, n), got.shape
         assert_linear_close(got.reshape(m, n), ref, t.dtype, f"fp8_weight_only_linear {m}x{n}x{k}")
@@ -413,11 +407,6 @@ def check_gemv_wna16(t: Target) -> None:
                         if t.device != "cpu":  # inputs, scales and offsets read in PTX: the same sums
                             xl = tgemv.gemv_wna16(*args, tiles=tiles, factored=factored, xload=True)
                             assert torch.equal(xl, got), f"{what} xload: {(xl - got).abs().max()}"
-                            # Later tiles asked of L2 first (peeled or not): the same sums.
-                            for peel in (False, True):
-                                pf = tgemv.gemv_wna16(*args, tiles=tiles, factored=factored, prefetch=True,
-                                                      peel=peel)
-                                assert torch.equal(pf, got), f"{what} prefetch: {(pf - got).abs().max()}"
                 if bits == 4 and not offsets and t.dtype != torch.float32 and t.device != "cpu":
                     # The packed 16-bit decode (CUDA): products and four-term sums rounded to the
                     # inputs' dtype (float16: of a sixteenth of each product).
@@ -427,12 +416,10 @@ def check_gemv_wna16(t: Target) -> None:
                     peeled = tgemv.gemv_wna16(*args, tiles=tiles, pairs=True, peel=True)
                     assert torch.equal(peeled, got), f"{what} peel: {(peeled - got).abs().max()}"
                     # Inputs and scales read in PTX: the same sums.
-                    for flags in ({"xload": True}, {"xload": True, "peel": True},
-                                  {"xload": True, "peel": True, "prefetch": True}):
+                    for flags in ({"xload": True}, {"xload": True, "peel": True}):
                         other = tgemv.gemv_wna16(*args, tiles=tiles, pairs=True, **flags)
                         assert torch.equal(other, got), f"{what} {flags}: {(other - got).abs().max()}"
-                        one_split = n % 2 == 0 and (tiles is None or tiles.split_k == 1)  # gated GEMVs
-                        if one_split and flags != {"xload": True, "peel": True}:
+                        if n % 2 == 0 and (tiles is None or tiles.split_k == 1):  # gated GEMVs: one split
                             gated = tgemv.gemv_wna16(*args, tiles=tiles, pairs=True, gated=True, **flags)
                             unfused = tgemv.gemv_wna16(*args, tiles=tiles, pairs=True, gated=True)
                             assert torch.equal(gated, unfused), f"{what} gated {flags}"
@@ -444,7 +431,7 @@ def _check_split_fixup(args: tuple[Any, ...], tiles: tgemv.GemvTiles, want: torc
     and many launches, where programs of one row block finish in every order)."""
     x, n = args[0], args[1].shape[0]
     counters = tgemv.split_counters(n, tiles, x.device)
-    cuda = ({"xload": True, "pairs": True}, {"xload": True, "pairs": True, "peel": True, "prefetch": True})
+    cuda = ({"xload": True, "pairs": True}, {"xload": True, "pairs": True, "peel": True})
     for flags in ({}, {"peel": True}) + (cuda if x.is_cuda else ()):
         ref = want if "pairs" not in flags else tgemv.gemv_wna16(*args, tiles=tiles, pairs=True)
         for launch in range(50 if x.is_cuda else 1):
@@ -492,12 +479,6 @@ def check_gemv_gated(t: Target) -> None:
             got = tgemv.gemv_fp8_weight_only(x, w8, ws, bias, tiles=tiles, gated=True)
             _assert_gated(got, tgemv.gemv_fp8_weight_only(x, w8, ws, bias, tiles=tiles),
                           f"gemv_fp8_weight_only gated {what}")
-            if t.device != "cpu":  # gate and up rows asked of L2 first: the same bits
-                pf = tgemv.gemv_fp8_weight_only(x, w8, ws, bias, tiles=tiles, gated=True, prefetch=True)
-                assert torch.equal(pf, got), f"fp8 gated prefetch {what}"
-                pf = tgemv.gemv16(x, w16, bias, tiles=tiles, gated=True, prefetch=True)
-                plain = tgemv.gemv16(x, w16, bias, tiles=tiles, gated=True)
-                assert torch.equal(pf, plain), f"gemv16 gated prefetch {what}"
             assert_close(got, ref8, t.dtype, f"gemv_fp8_weight_only gated vs reference {what}")
             for words in (True, False):
                 # Against the reference through the unfused GEMV (check_gemv_wna16's bound: the

@@ -97,35 +97,9 @@ def test_group_loads_read_scales_as_float32(dtype: torch.dtype) -> None:
 def test_programs_use_only_modelled_instructions() -> None:
     programs = [gemv._pairs_ptx("bf16"), gemv._pairs_ptx("fp16"), gemv._pair_loads_ptx(),
                 gemv._input_loads_ptx("bf16"), gemv._input_loads_ptx("fp16"),
-                gemv._GROUP_LOAD_BF16.value, gemv._GROUP_LOAD_F16.value, gemv._GROUP_LOAD_F32.value,
-                gemv._PREFETCH_ROWS.value, gemv._PREFETCH_GATED_ROWS.value]
+                gemv._GROUP_LOAD_BF16.value, gemv._GROUP_LOAD_F16.value, gemv._GROUP_LOAD_F32.value]
     for ptx in programs:
         assert opcodes(ptx) <= MODELLED, opcodes(ptx) - MODELLED
-
-
-@pytest.mark.parametrize("gated", [False, True], ids=["rows", "gated"])
-@pytest.mark.parametrize("nbytes", [3072, 0])
-def test_prefetch_asks_l2_for_each_row_of_the_program_once(gated: bool, nbytes: int) -> None:
-    """``_prefetch_rest_l2``'s program over a program's 128 threads: threads 0 .. BLOCK_N - 1 each ask
-    for one of its weight rows (gated: gate row ``o`` and up row ``o + N / 2`` of each output,
-    paired as ``_gemv_rows`` pairs them), ``nbytes`` from the word past the first tile; rows past
-    N (outputs past N / 2) and empty ranges not at all."""
-    n, block_n, row_words, pid, base = 30, 8, 512, 3, 1 << 33
-    limit = n // 2 if gated else n
-    first = pid * (block_n // 2 if gated else block_n)
-    ops = {1: np.full(32, base, dtype=np.uint64)}
-    scalars = {2: first, 3: block_n, 4: limit, 5: row_words * 4, 6: nbytes}
-    ops |= {i: np.full(32, v) for i, v in scalars.items()}
-    got: list[tuple[int, int, int]] = []
-    for warp in range(4):
-        run_ptx(gemv._PREFETCH_GATED_ROWS.value if gated else gemv._PREFETCH_ROWS.value, ops,
-                tid=np.arange(32) + 32 * warp, prefetches=got)
-    rows = {t: (first + t // 2 + (t % 2) * limit if gated else first + t) for t in range(block_n)}
-    owned = {t: r for t, r in rows.items() if (first + t // 2 if gated else r) < limit}
-    want = [(t, base + r * row_words * 4, nbytes) for t, r in owned.items()] if nbytes > 0 else []
-    assert sorted(got) == sorted(want)
-    if gated and nbytes:  # outputs 12-14 of 15: gate rows 12-14 and up rows 27-29
-        assert sorted(r for r in owned.values()) == [12, 13, 14, 27, 28, 29]
 
 
 @pytest.mark.parametrize(("x_dtype", "pairs"), [("bf16", True), ("fp16", True), ("bf16", False)],
@@ -141,7 +115,7 @@ def test_xload_loop_moves_nothing_through_shared_memory(x_dtype: str, pairs: boo
                 out_ptr=f"*{x_dtype}", part_ptr="*fp32", cnt_ptr="*i32")
     consts = dict(GROUP=128, SUB=8.0 if pairs else 0.0, HAS_OFFSET=not pairs, HAS_BIAS=False, SPLIT=False,
                   BLOCK_N=8, BLOCK_K=2048, EVEN=True, GATED=False, ASM=True, PAIRS=pairs, PDL=True, PEEL=True,
-                  XLOAD=True, FIXUP=False, PREFETCH=False)
+                  XLOAD=True, FIXUP=False)
     sig = {n: ptrs.get(n, "constexpr" if n in consts else "i32") for n in fn.arg_names}
     attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]]
              for n in fn.arg_names if sig[n] != "constexpr"}
