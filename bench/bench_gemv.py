@@ -599,7 +599,7 @@ def bench_w4_gemm(rec: Recorder, layers: int = 8) -> None:
 # The one-token 4-bit word GEMV with xload (the engine's path): (block_n, block_k, warps, split_k),
 # splits whose ranges are whole tiles (they keep xload; gated gate_up takes one split only).
 W4_SPLIT_TILES = [(8, 2048, 4, 1), (4, 2048, 4, 1), (8, 2048, 8, 1), (2, 2048, 2, 1), (4, 2048, 8, 1),
-                  (8, 2048, 16, 1),
+                  (8, 2048, 16, 1), (16, 2048, 8, 1), (8, 4096, 8, 1),
                   (8, 2048, 4, 2), (8, 1024, 4, 2), (8, 2048, 4, 4), (8, 1024, 4, 4), (8, 2048, 4, 7),
                   (16, 2048, 8, 2)]
 
@@ -651,13 +651,11 @@ def _engine_usable(variant: str) -> list[int] | None:
 def w4_split_table(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """From ``w4_split`` rows, what the engine should run (bench_gpu.py ``--w4-tiles``):
     ``{"tiles": {"N,K": [block_n, block_k, warps, split]}}`` (``wna16.M1_SHAPE_TILES``): per
-    ungated shape, the fastest usable tiling where it is not ``GEMV_M1_TILES`` (gate_up runs
-    gated at one token: one split, the default tiling)."""
+    shape, the fastest usable tiling where it is not ``GEMV_M1_TILES`` (gate_up runs gated at
+    one token: :func:`bench_w4_split` times it at one split only, as ``wna16.m1_tiles`` runs it)."""
     default = [GEMV_M1_TILES.block_n, GEMV_M1_TILES.block_k, GEMV_M1_TILES.num_warps, GEMV_M1_TILES.split_k]
     table: dict[str, list[int]] = {}
     for shape, (n, k) in SHAPES_8B.items():
-        if shape == "gate_up":
-            continue
         usable = [(r["us_per_layer"], tiles) for r in rows
                   if r["format"] == "w4_split" and r["shape"] == shape
                   and (tiles := _engine_usable(r["variant"])) is not None]

@@ -51,8 +51,9 @@ from kernels.triton_ops.wna16_mma import MMA_MAX_M, gemv_int4_mma, mma_applies
 # H200 over the four llama3-8b projections in 4-bit groups of 128 among 19 tilings
 # (docs/QUANTIZATION.md, "One-token GEMV").
 GEMV_M1_TILES = GemvTiles(block_n=8, block_k=2048, num_warps=4, split_k=1)
-# One token, per ungated weight shape (N, K): a tiling other than GEMV_M1_TILES, split-K ones
-# added by their last program per row block (gemv.gemv_wna16 ``counters``: one set per layer,
+# One token, per weight shape (N, K; a gated [gate; up] weight only takes an unsplit tiling of
+# 2+ rows, m1_tiles): a tiling other than GEMV_M1_TILES, split-K ones added by their last
+# program per row block (gemv.gemv_wna16 ``counters``: one set per layer,
 # m1_counters; no second launch). The fastest of bench_gemv.py --parts w4_split on an H200
 # (DECISIONS 141), us per llama3-8b layer with xload and PDL against GEMV_M1_TILES: qkv 5.93 vs
 # 6.52, o 4.25 vs 4.71, down 11.16 vs 11.98; no split-K tiling won (fixup 7.50-10.25 on qkv).
@@ -305,8 +306,12 @@ def _m1_pairs(x: torch.Tensor) -> bool:
 
 def m1_tiles(n: int, k: int, gated: bool = False) -> GemvTiles:
     """The one-token GEMV's tiling of an ``[n, k]`` weight: ``M1_SHAPE_TILES``' entry, else
-    ``GEMV_M1_TILES`` (always for ``gated``: gated GEMVs take one split)."""
-    return GEMV_M1_TILES if gated else M1_SHAPE_TILES.get((n, k), GEMV_M1_TILES)
+    ``GEMV_M1_TILES``. A gated GEMV takes one split and whole gate/up pairs: an entry that is not
+    such a tiling gives it ``GEMV_M1_TILES``."""
+    tiles = M1_SHAPE_TILES.get((n, k), GEMV_M1_TILES)
+    if gated and (tiles.split_k != 1 or tiles.block_n < 2):
+        return GEMV_M1_TILES
+    return tiles
 
 
 def m1_counters(n: int, k: int, device: torch.device) -> torch.Tensor | None:

@@ -36,8 +36,9 @@ def _sweep() -> list[dict[str, object]]:
 
 def test_the_table_takes_what_the_engine_can_run_fastest() -> None:
     # qkv: the second launch's split is not the engine's (it adds in the GEMV): its fixup wins;
-    # o: the default is fastest; gate_up: gated at one token, the default tiling only.
-    want = {"tiles": {"6144,4096": [8, 2048, 4, 2], "4096,14336": [8, 2048, 4, 7]}}
+    # o: the default is fastest; gate_up (gated, timed at one split only): its fastest tiling.
+    want = {"tiles": {"6144,4096": [8, 2048, 4, 2], "4096,14336": [8, 2048, 4, 7],
+                      "28672,4096": [4, 2048, 4, 1]}}
     assert bench_gemv.w4_split_table(_sweep()) == want
     # A variant of a flag the engine does not run (an older sweep's prefetch) is never taken.
     old = {"format": "w4_split", "shape": "o", "variant": "4,2048,4,1,prefetch", "us_per_layer": 1.0}
@@ -58,7 +59,8 @@ def test_the_engine_bench_sets_the_tiles_the_gemv_and_its_counts_follow(
     assert json.loads(text) == {"tiles": {"4096,4096": [4, 2048, 4, 1], "6144,4096": [8, 2048, 4, 2]}}
     assert text == bench_gpu_quant.one_token_settings()
     assert wna16.m1_tiles(6144, 4096) == GemvTiles(8, 2048, 4, 2)
-    assert wna16.m1_tiles(6144, 4096, gated=True) == wna16.GEMV_M1_TILES
+    assert wna16.m1_tiles(6144, 4096, gated=True) == wna16.GEMV_M1_TILES  # gated: one split only
+    assert wna16.m1_tiles(4096, 4096, gated=True) == GemvTiles(4, 2048, 4, 1)
     assert wna16.m1_tiles(4096, 14336) == wna16.GEMV_M1_TILES
     counts = wna16.m1_counters(6144, 4096, torch.device("cpu"))
     assert counts is not None and counts.dtype == torch.int32 and counts.shape == (6144 // 8,)
