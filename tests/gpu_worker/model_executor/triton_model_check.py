@@ -107,13 +107,14 @@ def check_gated_mlp(quantization: str) -> None:
 
 
 class EveryShape(Mapping[tuple[int, int], GemvTiles]):
-    """``wna16.M1_SHAPE_TILES`` giving ``tiles`` for every weight shape."""
+    """``wna16.M1_SHAPE_TILES`` giving ``tiles`` for every weight shape but those in ``shapes``."""
 
-    def __init__(self, tiles: GemvTiles) -> None:
+    def __init__(self, tiles: GemvTiles, shapes: Mapping[tuple[int, int], GemvTiles] | None = None) -> None:
         self.tiles = tiles
+        self.shapes = dict(shapes or {})
 
     def __getitem__(self, key: tuple[int, int]) -> GemvTiles:
-        return self.tiles
+        return self.shapes.get(key, self.tiles)
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         return iter(())
@@ -129,13 +130,25 @@ def segment_counts(model: torch.nn.Module) -> list[torch.Tensor | None]:
 
 def check_split_fixup() -> None:
     """A tiny llama with 4-bit weights whose one-token GEMVs split K in two
-    (``wna16.M1_SHAPE_TILES``): every 4-bit layer holds split counts (``Segment.counters``), and
+    (``wna16.M1_SHAPE_TILES``): every 4-bit layer but gate_up holds split counts
+    (``Segment.counters``), and
     the logits of a two-token prefill (the per-token GEMV twice on the same counts) and a decode
     step equal, bit for bit, those of the same model whose splits are added by a second launch
-    (a set without ``wna16_split_counters``); every count is 0 afterwards."""
+    (a set without ``wna16_split_counters``); every count is 0 afterwards. The gated gate_up
+    weight's own entry, an unsplit tiling, is what its gated launches take."""
     cfg = make_tiny_config("llama")
-    saved = twna16.M1_SHAPE_TILES
-    twna16.M1_SHAPE_TILES = EveryShape(GemvTiles(block_n=8, block_k=32, num_warps=4, split_k=2))
+    saved, gemv = twna16.M1_SHAPE_TILES, twna16.gemv_wna16
+    gate_up = (2 * cfg.intermediate_size, cfg.hidden_size)
+    gated_tiles = GemvTiles(block_n=4, block_k=32, num_warps=2, split_k=1)
+    twna16.M1_SHAPE_TILES = EveryShape(GemvTiles(block_n=8, block_k=32, num_warps=4, split_k=2),
+                                       {gate_up: gated_tiles})
+    gated_launches: list[object] = []
+
+    def recording_gemv(*args: Any, **kwargs: Any) -> Any:  # the real GEMV, its gated tiles noted
+        gated_launches.extend([kwargs["tiles"]] if kwargs.get("gated") else [])
+        return gemv(*args, **kwargs)
+
+    twna16.gemv_wna16 = recording_gemv
     try:
         cpu = torch.device("cpu")
         with_counts: list[int] = []
@@ -148,17 +161,20 @@ def check_split_fixup() -> None:
         models = [build_model(cfg, ops, linear=make_linear_methods("gptq", cfg, cpu, ops))
                   for ops in (fixup, dataclasses.replace(triton_ops(), wna16_split_counters=None))]
         counters = [segment_counts(model) for model in models]
-        assert counters[0] and all(c is not None for c in counters[0]), counters[0]
+        # Every 4-bit segment holds counts but gate_up's (one per layer), whose entry is unsplit.
+        unsplit = sum(c is None for c in counters[0])
+        assert unsplit == cfg.num_hidden_layers and len(counters[0]) > unsplit, counters[0]
         assert all(c is None for c in counters[1]), counters[1]
         steps = [([2], [2]), ([3], [1])]
         got, want = (run_steps(m, cfg, steps) for m in models)
         for step, (a, b) in enumerate(zip(got, want, strict=True)):
             assert torch.equal(a, b), f"step {step}: max |diff| {(a - b).abs().max().item()}"
         assert not any(c.any() for c in counters[0] if c is not None), "counts left after the steps"
-        # qkv, o and down per layer take their counts at every step (gate_up too in the prefill).
+        # qkv, o and down per layer take their counts at every step (gate_up: unsplit, none).
         assert len(with_counts) >= 3 * 2 * cfg.num_hidden_layers, len(with_counts)
+        assert gated_launches and all(t == gated_tiles for t in gated_launches), gated_launches
     finally:
-        twna16.M1_SHAPE_TILES = saved
+        twna16.M1_SHAPE_TILES, twna16.gemv_wna16 = saved, gemv
 
 
 def run_all(names: list[str] | None = None) -> dict[str, str]:
