@@ -298,9 +298,9 @@ def use_w4_tiles(path: Path) -> str:
     if others:
         raise ValueError(f"{path}: unknown key(s) {', '.join(others)}: a one-token table holds only 'tiles' "
                          "(the prefetch switches were removed, DECISIONS 141)")
-    if "tiles" in table and not isinstance(table["tiles"], dict):
-        raise ValueError(f"{path}: 'tiles' must map 'N,K' to [block_n, block_k, warps, split]")
     if "tiles" in table:
+        if not isinstance(table["tiles"], dict):
+            raise ValueError(f"{path}: 'tiles' must map 'N,K' to [block_n, block_k, warps, split]")
         twna16.M1_SHAPE_TILES = MappingProxyType({
             tuple(int(v) for v in key.split(",")): GemvTiles(*(int(v) for v in tiles))
             for key, tiles in table["tiles"].items()})
