@@ -69,13 +69,17 @@ WORKLOADS = {  # name -> (shape, requests, prompt tokens, output tokens)
 MAX_MODEL_LEN = 2048
 
 
-def write_config(shape: str, root: Path) -> Path:
-    folder = root / shape
+def write_config(
+    shape: str, root: Path, extra: dict[str, Any] | None = None, name: str | None = None
+) -> Path:
+    """``root/<name or shape>/config.json`` of a Llama of ``shape`` (random weights), with
+    ``extra`` keys (a ``quantization_config``, say) added."""
+    folder = root / (name or shape)
     folder.mkdir(parents=True, exist_ok=True)
     cfg = dict(
         architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=128256, rope_theta=500000.0,
         max_position_embeddings=8192, rms_norm_eps=1e-5, tie_word_embeddings=False, hidden_act="silu",
-        torch_dtype="bfloat16", bos_token_id=128000, eos_token_id=128001, **SHAPES[shape],
+        torch_dtype="bfloat16", bos_token_id=128000, eos_token_id=128001, **SHAPES[shape], **(extra or {}),
     )
     (folder / "config.json").write_text(json.dumps(cfg, indent=1))
     return folder

@@ -10,7 +10,10 @@ them). In order:
 2. llama3-8b fp8 weights: W2, W1; then W2 again with ``fp8_weight_only_max_tokens=0`` (W8A8 at
    one token, the configuration before fp8 decode went weight-only);
 3. llama3-8b fp8 weights + fp8 KV cache: W1, W2;
-4. llama3-8b W4A16 (random symmetric 4-bit weights, groups of 128, created packed): W2;
+4. llama3-8b W4A16 (random symmetric 4-bit weights, groups of 128, created packed): W2, with the
+   LM head in bf16 (``w4a16``, as most GPTQ checkpoints store it) and in 4 bits too
+   (``w4a16+head``: a GPTQ checkpoint's ``lm_head: true``, as a GGUF's quantized
+   ``output.weight`` is served);
 5. W5, llama3-70b fp8 weights + fp8 KV cache on one card: W1 (256 requests: tok/s, KV pool in
    tokens), W2 against its fp8 bandwidth roofline;
 6. HF transformers with llama3-70b in bf16 on the same card: its out-of-memory (building the
@@ -57,25 +60,41 @@ PLAN: list[tuple[str, str, dict[str, Any], list[str]]] = [
     ("llama3-8b", "fp8-w8a8", {"quantization": "fp8", "fp8_weight_only_max_tokens": 0}, ["W2"]),
     ("llama3-8b", "fp8+fp8kv", {"quantization": "fp8", "kv_cache_dtype": "fp8"}, ["W1", "W2"]),
     ("llama3-8b", "w4a16", {"quantization": "gptq"}, ["W2"]),
+    ("llama3-8b", "w4a16+head", {"quantization": "gptq"}, ["W2"]),
     ("llama3-70b", "fp8+fp8kv", {"quantization": "fp8", "kv_cache_dtype": "fp8"}, ["W1", "W2"]),
 ]
+# Config keys of a label's model folder: the 4-bit LM head of a GPTQ checkpoint saved with
+# ``lm_head: true`` (random weights, so only the flag matters).
+CONFIG_EXTRA: dict[str, dict[str, Any]] = {
+    "w4a16+head": {"quantization_config": {"quant_method": "gptq", "bits": 4, "group_size": 128, "sym": True,
+                                           "desc_act": False, "lm_head": True}},
+}
 # (what, numerator (shape, engine, workload), denominator, minimum ratio): issue 13's targets.
 TARGETS = [
     ("W2 llama3-8b fp8 vs bf16", ("llama3-8b", "fp8", "W2"), ("llama3-8b", "bf16", "W2"), 1.6),
     ("W1 llama3-8b fp8+fp8 KV vs bf16", ("llama3-8b", "fp8+fp8kv", "W1"), ("llama3-8b", "bf16", "W1"), 1.3),
     ("W2 llama3-8b W4A16 vs bf16", ("llama3-8b", "w4a16", "W2"), ("llama3-8b", "bf16", "W2"), 2.2),
+    # The same with the LM head in 4 bits too (a GPTQ ``lm_head: true`` checkpoint): not the
+    # issue's configuration (its bf16 head), printed beside it.
+    ("W2 llama3-8b W4A16 + 4-bit LM head vs bf16", ("llama3-8b", "w4a16+head", "W2"),
+     ("llama3-8b", "bf16", "W2"), 2.2),
 ]
 
 
-def shape_numbers(shape: str, quantization: str, kv_cache_dtype: str) -> dict[str, float]:
+def shape_numbers(
+    shape: str, quantization: str, kv_cache_dtype: str, head_quantized: bool = False
+) -> dict[str, float]:
     """``report.shape_numbers`` with the bytes of a quantized model: projections at their
-    format's bytes per weight, the LM head in bf16, KV elements of 1 (fp8) or 2 bytes."""
+    format's bytes per weight, the LM head in bf16 (at the projections' bytes with
+    ``head_quantized``), KV elements of 1 (fp8) or 2 bytes."""
     dims = bench.SHAPES[shape]
     cfg = report.shape_numbers(dims)
     h, inter, layers = dims["hidden_size"], dims["intermediate_size"], dims["num_hidden_layers"]
     hq, hk, d = dims["num_attention_heads"], dims["num_key_value_heads"], dims["head_dim"]
     linear = layers * (h * (hq + 2 * hk) * d + hq * d * h + 3 * h * inter)
-    rest = cfg["params"] - linear  # norms and the LM head
+    if head_quantized:
+        linear += VOCAB * h
+    rest = cfg["params"] - linear  # norms, the embedding (a lookup: not read per step) and a 16-bit head
     cfg["weight_bytes"] = linear * LINEAR_BYTES[quantization] + rest * 2
     kv_elem = 1 if kv_cache_dtype == "fp8" else 2
     cfg["kv_bytes_per_token"] = 2 * layers * hk * d * kv_elem
@@ -125,7 +144,9 @@ class Run:
 
 
 def bench_engine(run: Run, shape: str, label: str, engine_args: dict[str, Any], workloads: list[str]) -> None:
-    model_dir = bench.write_config(shape, run.args.out_dir / "configs")
+    extra = CONFIG_EXTRA.get(label)
+    folder = f"{shape}-{label}" if extra else None
+    model_dir = bench.write_config(shape, run.args.out_dir / "configs", extra, folder)
     quantization = {"fp8": "fp8", "gptq": "w4a16"}.get(engine_args.get("quantization", ""), "none")
     kv = engine_args.get("kv_cache_dtype", "auto")
     engine = bench.OurEngine(model_dir, **engine_args)
@@ -146,12 +167,14 @@ def _bench_workloads(
         f"({core.runner.kv_cache_dtype})",
         flush=True,
     )
-    cfg = shape_numbers(shape, quantization, kv)
+    head_quantized = bool(getattr(core.runner.model.lm_head, "quantized", False))
+    cfg = shape_numbers(shape, quantization, kv, head_quantized)
     ceilings = dict(run.ceilings)
     if quantization == "fp8":
         ceilings["matmul_TFLOPs"] *= 2  # fp8 tensor cores
     common = dict(
         label=label,
+        lm_head=quantization if head_quantized else "bf16",
         fp8_weight_only_max_tokens=(
             resolve_fp8_weight_only_max_m(core.config.fp8_weight_only_max_tokens)
             if quantization == "fp8" else None

@@ -23,7 +23,11 @@ import torch
 from torch import nn
 
 from gpu_worker.distributed.parallel_state import TensorParallelGroup
-from gpu_worker.model_executor.layers.quantization.base import LinearMethod, WeightShard
+from gpu_worker.model_executor.layers.quantization.base import (
+    LinearMethod,
+    UnquantizedLinearMethod,
+    WeightShard,
+)
 from gpu_worker.model_executor.weights import TensorSource
 
 
@@ -197,11 +201,12 @@ class VocabParallelEmbedding(nn.Module):
         out.masked_fill_(~inside.unsqueeze(-1), 0)
         return self.tp.all_reduce(out)
 
-    def load(self, name: str, source: TensorSource, shard: int = 0) -> None:
+    def load(self, name: str, source: TensorSource, shard: int = 0) -> Iterable[str]:
         rows = self.end - self.start
         with torch.no_grad():
             self.weight[rows:].zero_()  # padding rows of the last rank: never looked up
         _copy_rows(self.weight, 0, source, 0, self.start, rows)
+        return ("weight",)
 
 
 class ParallelLMHead(VocabParallelEmbedding):
@@ -210,7 +215,12 @@ class ParallelLMHead(VocabParallelEmbedding):
 
     ``tied``: the embedding whose weight this head reads (same shard, no copy on the GPU). It
     is looked up at call time rather than shared as one parameter: moving a model off the meta
-    device gives every module its own tensors, which would silently untie them."""
+    device gives every module its own tensors, which would silently untie them.
+
+    An untied head with a quantized ``method`` (a GPTQ checkpoint's ``lm_head: true``, a GGUF's
+    ``output.weight``) holds its rows ``[start, end)`` in that method's layout instead of
+    ``weight``, loaded like a column-parallel layer's; the last rank's logits are padded to
+    ``rows`` columns so that every rank's are alike for the gather."""
 
     def __init__(
         self,
@@ -225,8 +235,11 @@ class ParallelLMHead(VocabParallelEmbedding):
         super().__init__(vocab_size, hidden_size, dtype=dtype, tp=tp)
         self.linear_method = method
         self._tied = (tied,) if tied is not None else ()  # a tuple: not registered as a submodule
-        if tied is not None:
+        self.quantized = tied is None and not isinstance(method, UnquantizedLinearMethod)
+        if tied is not None or self.quantized:
             del self.weight
+        if self.quantized:
+            method.create_weights(self, hidden_size, self.end - self.start, dtype)
 
     def __getattr__(self, name: str) -> Any:
         if name == "weight" and self._tied:
@@ -240,8 +253,18 @@ class ParallelLMHead(VocabParallelEmbedding):
         penalties, logprobs, draft verification) converts them itself."""
         logits = self.linear_method.apply(self, hidden, None)
         if self.tp.size > 1:
+            if logits.shape[-1] < self.rows:  # a quantized head's last rank: no padding rows
+                logits = nn.functional.pad(logits, (0, self.rows - logits.shape[-1]))
             gathered = self.tp.gather_to_first(logits)
             if gathered is None:
                 return None
             logits = gathered[..., : self.vocab_size]
         return logits
+
+    def load(self, name: str, source: TensorSource, shard: int = 0) -> Iterable[str]:
+        """A 16-bit head's rows as the embedding loads them; a quantized head's through its
+        method (``weight``, or ``qweight``/``scales``/... of a GPTQ head): this rank's rows."""
+        if not self.quantized:
+            return super().load(name, source, shard)
+        rows = WeightShard(0, self.start, self.end - self.start)
+        return self.linear_method.load_weight(self, name, source, rows)

@@ -241,10 +241,13 @@ class LlamaForCausalLM(nn.Module):
         if ctx.parallel.is_last_stage:
             # A tied head shares the embedding's shard when this stage has it; a last stage
             # without the embedding (pipeline parallel) loads its own copy of it.
-            tied = self.model.embed_tokens if _is_tied(hf_config) else None
+            # A tied head multiplies by the embedding's (16-bit) weight: its method is the
+            # embedding's, not the one a quantized checkpoint's own head would take.
+            tied = _is_tied(hf_config)
             self.lm_head = ParallelLMHead(
                 hf_config.vocab_size, hf_config.hidden_size, dtype=dtype, tp=ctx.parallel.tp,
-                method=linear("lm_head"), tied=tied,
+                method=linear("embed_tokens" if tied else "lm_head"),
+                tied=self.model.embed_tokens if tied else None,
             )
 
     @property

@@ -46,6 +46,9 @@ class GptqConfig:
     sym: bool = True
     desc_act: bool = False
     checkpoint_format: str = "gptq"
+    # The LM head is stored quantized too (``lm_head.qweight`` ...; GPTQModel's and AutoGPTQ's
+    # ``lm_head: true``, vLLM's ``lm_head_quantized``); else it is a 16-bit ``lm_head.weight``.
+    lm_head: bool = False
 
     def __post_init__(self) -> None:
         if self.bits not in (4, 8):
@@ -67,6 +70,7 @@ class GptqConfig:
             sym=bool(quantization_config.get("sym", True)),
             desc_act=bool(quantization_config.get("desc_act", False)),
             checkpoint_format=str(quantization_config.get("checkpoint_format", "gptq")),
+            lm_head=bool(quantization_config.get("lm_head", False)),
         )
 
 

@@ -12,9 +12,13 @@
 - ``gptq``: a GPTQ checkpoint, or random 4-bit weights with ``load_format="dummy"``.
 - ``gguf``: a ``.gguf`` file served quantized (also on the CPU).
 
-The LM head and the embeddings stay 16-bit whatever the choice (the head is one matrix read per
-step, and its logits decide sampling; the embedding is a lookup). The KV cache dtype is the KV
-pool's (``kv_cache_dtype``), independent of the weights.
+The embeddings stay 16-bit whatever the choice (a lookup), and so does a head tied to them. An
+untied LM head is quantized only where the checkpoint stores it so, as vLLM serves them: a GPTQ
+checkpoint with ``lm_head: true``, and a GGUF file's ``output.weight`` (4-bit layers read it in
+its own type: Q6_K in the common Q4_K_M files, dense 16-bit for types with no WnA16 form). fp8
+heads stay 16-bit (compressed-tensors and HF fp8 checkpoints leave ``lm_head`` out), and so does
+the head of random 4-bit weights unless the config's ``quantization_config`` says ``lm_head:
+true``. The KV cache dtype is the KV pool's (``kv_cache_dtype``), independent of the weights.
 """
 
 from __future__ import annotations
@@ -123,8 +127,10 @@ def make_linear_methods(
     quantization: str, hf_config: Any, device: torch.device, ops: KernelOps | None = None
 ) -> Callable[[str], LinearMethod]:
     """The linear method of each layer, by its parameter prefix (``model.layers.3.mlp.down_proj``):
-    the quantized one, except the LM head and modules a checkpoint leaves unquantized. ``ops``:
-    the kernels (default: ``get_ops(device)``)."""
+    the quantized one, except modules a checkpoint leaves unquantized and the LM head where the
+    checkpoint stores it in 16 bits (module docstring). ``embed_tokens`` asks for the method of a
+    head tied to the embedding: always the 16-bit one. ``ops``: the kernels (default:
+    ``get_ops(device)``)."""
     ops = ops or get_ops(device)
     plain = UnquantizedLinearMethod.for_ops(ops, device)
     if quantization == "none":
@@ -132,6 +138,7 @@ def make_linear_methods(
     qc = quantization_config(hf_config)
     ignore: tuple[str, ...] = ()
     method: LinearMethod
+    head_quantized = False
     if quantization == "fp8":
         if device.type == "cuda":
             require_fp8(device)
@@ -139,15 +146,20 @@ def make_linear_methods(
         ignore = fmt.ignore if fmt is not None else ()
         method = Fp8LinearMethod(ops, fmt)
     elif quantization == "gptq":
-        method = WnA16LinearMethod(ops, device, GptqConfig.from_hf(qc) if qc is not None else None)
+        gptq = GptqConfig.from_hf(qc) if qc is not None else None
+        method = WnA16LinearMethod(ops, device, gptq)
+        head_quantized = gptq is not None and gptq.lm_head
     elif quantization == "gguf":
         method = WnA16LinearMethod(ops, device)
+        head_quantized = True  # output.weight in the file's type (dense types load dense)
     else:
         raise ValueError(f"unknown quantization {quantization!r}")
 
     def pick(prefix: str) -> LinearMethod:
-        if prefix == "lm_head" or _ignored(prefix, ignore):
+        if prefix == "embed_tokens" or _ignored(prefix, ignore):
             return plain
+        if prefix == "lm_head":
+            return method if head_quantized else plain
         return method
 
     return pick

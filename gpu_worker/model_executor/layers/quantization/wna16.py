@@ -49,6 +49,9 @@ class Segment:
     def __call__(self, ops: KernelOps, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if self.weight is None:
             assert self.dense is not None  # invariant: one of the two is set
+            if ops.linear16 is not None and x.numel() == x.shape[-1]:  # one token: as a 16-bit layer
+                dense: torch.Tensor = ops.linear16(x, self.dense, bias)
+                return dense
             return nn.functional.linear(x, self.dense, bias)
         w = self.weight
         # Counts go only to a set that takes them (a layer's ops may be swapped after loading).
