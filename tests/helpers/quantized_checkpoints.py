@@ -179,16 +179,20 @@ def gptq_rtn(weight: torch.Tensor, group_size: int, bits: int, sym: bool) -> tup
 
 
 def write_gptq_checkpoint(
-    src: Path, dst: Path, *, bits: int = 4, group_size: int = 32, sym: bool = True
+    src: Path, dst: Path, *, bits: int = 4, group_size: int = 32, sym: bool = True, lm_head: bool = False
 ) -> dict[str, torch.Tensor]:
     """A GPTQ checkpoint (``checkpoint_format: "gptq"``, ``desc_act: false``) of ``src``'s
-    projections; returns their dequantized weights (float32, by HF name, the GPTQ formula)."""
+    projections (and its LM head with ``lm_head``, as GPTQModel's ``lm_head=True`` writes it:
+    ``lm_head.qweight`` ..., ``"lm_head": true`` in the config); returns their dequantized
+    weights (float32, by HF name, the GPTQ formula)."""
     tensors = _read(src)
+    if lm_head and "lm_head.weight" not in tensors:
+        raise ValueError(f"{src} ties its LM head to the embedding: there is no head to quantize")
     out: dict[str, torch.Tensor] = {}
     dequantized: dict[str, torch.Tensor] = {}
     config = GptqConfig(bits=bits, group_size=group_size, sym=sym)
     for name, t in tensors.items():
-        if not _is_projection(name):
+        if not (_is_projection(name) or (lm_head and name == "lm_head.weight")):
             out[name] = t
             continue
         on_grid, scales, zeros = gptq_rtn(t, group_size, bits, sym)
@@ -198,7 +202,7 @@ def write_gptq_checkpoint(
                     base + "g_idx": g_idx})
         dequantized[name] = dequantize_gptq(qweight, qzeros, scales16, g_idx, config)
     qc = {"quant_method": "gptq", "bits": bits, "group_size": group_size, "desc_act": False, "sym": sym,
-          "checkpoint_format": "gptq", "damp_percent": 0.01, "true_sequential": True}
+          "checkpoint_format": "gptq", "damp_percent": 0.01, "true_sequential": True, "lm_head": lm_head}
     _copy_folder(src, dst, qc)
     _save(out, dst)
     return dequantized

@@ -1,7 +1,8 @@
 """Pre-quantized checkpoints through the engine (``LLM(model=dir)``, quantization ``auto``), CPU.
 
 A tiny random Llama is written as compressed-tensors fp8 (per channel and per tensor, with KV
-scales), as HF ``quant_method: "fp8"`` and as GPTQ (4 bits, symmetric and asymmetric), in the
+scales), as HF ``quant_method: "fp8"`` and as GPTQ (4 bits, symmetric and asymmetric, and with
+its LM head quantized too), in the
 published formats (``tests/helpers/quantized_checkpoints.py``). The engine must load each as it
 is (fp8 codes and scales untouched) and compute what HF transformers computes with the
 dequantized weights: for GPTQ exactly that model; for fp8, W8A8, that model with each linear
@@ -86,6 +87,7 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory, llama: Path) -> Iterat
         "hf-fp8": lambda d: write_fp8_checkpoint(llama, d, naming="hf", per_channel=False),
         "gptq-sym": lambda d: write_gptq_checkpoint(llama, d, bits=4, group_size=32, sym=True),
         "gptq-asym": lambda d: write_gptq_checkpoint(llama, d, bits=4, group_size=32, sym=False),
+        "gptq-head": lambda d: write_gptq_checkpoint(llama, d, group_size=32, sym=False, lm_head=True),
     }
     made: dict[str, Path] = {}
 
@@ -147,6 +149,23 @@ def test_gptq_checkpoint_matches_dequantized_reference(checkpoints: Callable[[st
     assert (segments[0].weight.offsets is None) == (kind == "gptq-sym")
     llm.shutdown()
     assert tokens == reference_tokens(folder.parent / f"{kind}-ref", fake_quant_fp8=False)
+
+
+def test_gptq_checkpoint_with_a_quantized_head(checkpoints: Callable[[str], Path]) -> None:
+    """``lm_head: true``: the head loads its GPTQ tensors as they are (no 16-bit ``weight``) and
+    the tokens are HF's over the dequantized head and projections; two TP ranks (each half of the
+    vocabulary, the logits gathered) give the same tokens."""
+    folder = checkpoints("gptq-head")
+    tokens, llm = engine_tokens(folder)
+    head = llm.engine.core.runner.model.lm_head
+    assert head.quantized and not hasattr(head, "weight_t")
+    (segment,) = head.wna16.segments
+    assert (segment.weight.bits, segment.weight.out_features) == (4, 49152)
+    llm.shutdown()
+    assert tokens == reference_tokens(folder.parent / "gptq-head-ref", fake_quant_fp8=False)
+    two, llm = engine_tokens(folder, tensor_parallel_size=2)
+    llm.shutdown()
+    assert two == tokens
 
 
 def test_16bit_checkpoint_quantized_at_load_equals_per_channel_checkpoint(

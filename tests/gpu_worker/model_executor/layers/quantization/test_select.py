@@ -103,6 +103,19 @@ def test_linear_methods_keep_the_head_and_ignored_modules_unquantized() -> None:
     )
 
 
+def test_the_head_is_quantized_only_where_the_checkpoint_stores_it_so() -> None:
+    """GPTQ's ``lm_head: true`` and a GGUF's ``output.weight`` give the untied head the 4-bit
+    method; a tied head asks for the embedding's method, always 16-bit; fp8 heads stay 16-bit."""
+    head_gptq = SimpleNamespace(quantization_config={**GPTQ.quantization_config, "lm_head": True})
+    assert isinstance(make_linear_methods("gptq", head_gptq, CPU)("lm_head"), WnA16LinearMethod)
+    assert isinstance(make_linear_methods("gptq", GPTQ, CPU)("lm_head"), UnquantizedLinearMethod)
+    assert isinstance(make_linear_methods("gguf", DENSE, CPU)("lm_head"), WnA16LinearMethod)
+    for quantization, hf in (("gptq", head_gptq), ("gguf", DENSE), ("fp8", FP8_CT)):
+        assert isinstance(make_linear_methods(quantization, hf, CPU)("embed_tokens"), UnquantizedLinearMethod)
+    no_ignore = SimpleNamespace(quantization_config={**FP8_CT.quantization_config, "ignore": []})
+    assert isinstance(make_linear_methods("fp8", no_ignore, CPU)("lm_head"), UnquantizedLinearMethod)
+
+
 def test_kv_cache_dtype_and_bytes_per_weight() -> None:
     assert kv_cache_torch_dtype("auto", torch.bfloat16, CPU) == torch.bfloat16
     assert kv_cache_torch_dtype("fp8", torch.bfloat16, CPU) == FP8_DTYPE
