@@ -66,7 +66,9 @@ def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     # tensor-core GEMV (wna16.MMA_GEMV_MAX_M).
     dense128 = make_tiny_model("llama", root / "dense128", **SHAPE, head_dim=32)
     write_gptq_checkpoint(dense128, root / "gptq-sym", bits=4, group_size=128, sym=True)
-    return {"dense": dense, "fp8": root / "fp8", "gptq": root / "gptq", "gptq-sym": root / "gptq-sym"}
+    write_gptq_checkpoint(dense128, root / "gptq-head", bits=4, group_size=128, sym=True, lm_head=True)
+    return {"dense": dense, "fp8": root / "fp8", "gptq": root / "gptq", "gptq-sym": root / "gptq-sym",
+            "gptq-head": root / "gptq-head"}
 
 
 def _runner(folder: Path, **engine: Any) -> ModelRunner:
@@ -113,6 +115,15 @@ def test_w4a16_symmetric_model_vs_reference_linears(folders: dict[str, Path]) ->
     ours, ref = _runner(folders["gptq-sym"]), _runner(folders["gptq-sym"])
     _use_reference_linears(ref)
     _compare("gptq-sym", ours, ref)
+
+
+def test_w4a16_quantized_head_vs_reference_linears(folders: dict[str, Path]) -> None:
+    """A GPTQ ``lm_head: true`` checkpoint: the 49,152-row 4-bit head through the one-token GEMV,
+    the tensor-core GEMV (2-16 tokens) and the GEMM, against the dequantizing reference."""
+    ours, ref = _runner(folders["gptq-head"]), _runner(folders["gptq-head"])
+    assert ours.model.lm_head.quantized
+    _use_reference_linears(ref)
+    _compare("gptq-head", ours, ref)
 
 
 def test_w4a16_model_vs_reference_linears(folders: dict[str, Path]) -> None:
