@@ -90,3 +90,50 @@ def test_two_ranks_split_the_vocabulary_and_gather_the_logits(tmp_path: Path) ->
     logits = torch.load(out)
     assert logits.shape == (2, vocab)
     torch.testing.assert_close(logits, hidden @ dense.t(), rtol=1e-5, atol=1e-5)
+
+
+def test_a_gguf_models_output_weight_reaches_its_quantized_head() -> None:
+    """A whole tiny Llama loaded from GGUF sources through ``load_weights`` (the names
+    ``iter_gguf`` gives): ``lm_head.weight`` (the file's ``output.weight``) lands in the head's
+    4-bit method, packed, and its logits are the file's weight's; a projection is packed too."""
+    from transformers import AutoModelForCausalLM
+
+    from gpu_worker.model_executor.layers.quantization.select import make_linear_methods
+    from gpu_worker.model_executor.loader import build_model
+    from kernels.quant_reference import dequantize_wna16
+    from tests.helpers.tiny_models import make_tiny_config
+
+    config = make_tiny_config("llama")
+    config.architectures = ["LlamaForCausalLM"]
+    assert not config.tie_word_embeddings
+    ops = get_ops(CPU)
+    linear = make_linear_methods("gguf", config, CPU, ops)
+    model = build_model(config, CPU, torch.float32, linear=linear, ops=ops)
+    hf_model = AutoModelForCausalLM.from_config(config)
+    hf_shapes = {name: tuple(t.shape) for name, t in hf_model.state_dict().items()}
+    rng = np.random.default_rng(3)
+    dense: dict[str, torch.Tensor] = {}
+    sources = []
+    for name, shape in hf_shapes.items():
+        w = (rng.standard_normal(shape) * 0.05).astype(np.float32)
+        if len(shape) == 2 and name != "model.embed_tokens.weight":
+            data = quantize(w, GGMLQuantizationType.Q8_0)
+            dense[name] = torch.from_numpy(dequantize(data, GGMLQuantizationType.Q8_0).reshape(shape))
+            sources.append((name, GgufTensorSource(name, data, "Q8_0", shape, None)))
+        else:
+            sources.append((name, GgufTensorSource(name, w, "F32", shape, None)))
+    model.load_weights(sources)
+    for module in model.modules():
+        if getattr(module, "linear_method", None) is not None:
+            module.linear_method.process_weights_after_loading(module)
+    head = model.lm_head
+    assert head.quantized
+    (segment,) = head.wna16.segments
+    assert segment.weight is not None and segment.weight.bits == 8
+    hidden = torch.randn(2, config.hidden_size, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(head.compute_logits(hidden), hidden @ dense["lm_head.weight"].t(),
+                               rtol=1e-5, atol=1e-5)
+    (down,) = model.model.layers[0].mlp.down_proj.wna16.segments
+    w = down.weight
+    assert torch.equal(dequantize_wna16(w.qweight, w.scales, w.offsets, w.bits, w.group_size),
+                       dense["model.layers.0.mlp.down_proj.weight"])
