@@ -130,16 +130,19 @@ def write_fp8_checkpoint(
 
 def autogptq_pack(
     weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int, bits: int,
-    v1: bool = True,
+    v1: bool = True, g_idx: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``QuantLinear.pack`` of AutoGPTQ (what optimum writes): ``weight`` ``[N, K]`` already on
-    the grid ``scales * (q - zeros)``; ``scales`` ``[G, N]`` float16, ``zeros`` ``[G, N]`` ints.
+    the grid ``scales * (q - zeros)``; ``scales`` ``[G, N]`` float16, ``zeros`` ``[G, N]`` ints;
+    ``g_idx`` the group of each input (default ``k // group_size``; act-order: any order).
 
     Returns ``(qweight, qzeros, scales, g_idx)``. ``v1``: the ``zeros -= 1`` of the
     ``checkpoint_format: "gptq"`` packer (a zero of 0 becomes -1, i.e. all ones in uint32).
     """
     n, k = weight.shape
-    g_idx = torch.arange(k, dtype=torch.int32) // group_size
+    if g_idx is None:
+        g_idx = torch.arange(k, dtype=torch.int32) // group_size
+    g_idx = g_idx.to(torch.int32)
     scale_zeros = zeros.float() * scales.float()
     g = g_idx.long()
     intweight = torch.round((weight.float() + scale_zeros[g].t()) / scales.float()[g].t()).to(torch.int64)
@@ -178,13 +181,26 @@ def gptq_rtn(weight: torch.Tensor, group_size: int, bits: int, sym: bool) -> tup
     return on_grid, scales.t().contiguous(), zeros.t().contiguous()
 
 
+def act_order_perm(name: str, k: int) -> torch.Tensor:
+    """A stand-in for GPTQ's decreasing-activation order of the inputs of projection ``name``:
+    one random order per input of a decoder layer (q/k/v share theirs, as gate/up do: GPTQ takes
+    it from the Hessian of the layer input), seeded by that input's name."""
+    layer, proj = name.rsplit(".", 2)[0], name.rsplit(".", 2)[1]
+    shared = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "gate_proj": "gate_up", "up_proj": "gate_up"}
+    key = f"{layer.rsplit('.', 1)[0]}.{shared.get(proj, proj)}"
+    seed = sum((i + 1) * ord(c) for i, c in enumerate(key)) % 1_000_003
+    return torch.randperm(k, generator=torch.Generator().manual_seed(seed))
+
+
 def write_gptq_checkpoint(
-    src: Path, dst: Path, *, bits: int = 4, group_size: int = 32, sym: bool = True, lm_head: bool = False
+    src: Path, dst: Path, *, bits: int = 4, group_size: int = 32, sym: bool = True, lm_head: bool = False,
+    desc_act: bool = False,
 ) -> dict[str, torch.Tensor]:
-    """A GPTQ checkpoint (``checkpoint_format: "gptq"``, ``desc_act: false``) of ``src``'s
-    projections (and its LM head with ``lm_head``, as GPTQModel's ``lm_head=True`` writes it:
-    ``lm_head.qweight`` ..., ``"lm_head": true`` in the config); returns their dequantized
-    weights (float32, by HF name, the GPTQ formula)."""
+    """A GPTQ checkpoint (``checkpoint_format: "gptq"``) of ``src``'s projections (and its LM
+    head with ``lm_head``, as GPTQModel's ``lm_head=True`` writes it: ``lm_head.qweight`` ...,
+    ``"lm_head": true`` in the config); returns their dequantized weights (float32, by HF name,
+    the GPTQ formula). ``desc_act``: act-order, each group a random set of inputs
+    (:func:`act_order_perm`) named by ``g_idx``, as GPTQ's ``desc_act=True`` writes them."""
     tensors = _read(src)
     if lm_head and "lm_head.weight" not in tensors:
         raise ValueError(f"{src} ties its LM head to the embedding: there is no head to quantize")
@@ -195,13 +211,23 @@ def write_gptq_checkpoint(
         if not (_is_projection(name) or (lm_head and name == "lm_head.weight")):
             out[name] = t
             continue
-        on_grid, scales, zeros = gptq_rtn(t, group_size, bits, sym)
-        qweight, qzeros, scales16, g_idx = autogptq_pack(on_grid, scales, zeros, group_size, bits)
+        k = t.shape[1]
+        if desc_act:  # groups of consecutive inputs in the layer's order: perm[g * gs:(g + 1) * gs]
+            perm = act_order_perm(name, k)
+            in_order, scales, zeros = gptq_rtn(t[:, perm], group_size, bits, sym)
+            on_grid = torch.empty_like(in_order)
+            on_grid[:, perm] = in_order
+            groups = torch.empty(k, dtype=torch.int32)
+            groups[perm] = torch.arange(k, dtype=torch.int32) // group_size
+        else:
+            (on_grid, scales, zeros), groups = gptq_rtn(t, group_size, bits, sym), None
+        qweight, qzeros, scales16, g_idx = autogptq_pack(on_grid, scales, zeros, group_size, bits,
+                                                         g_idx=groups)
         base = name[: -len("weight")]
         out.update({base + "qweight": qweight, base + "qzeros": qzeros, base + "scales": scales16,
                     base + "g_idx": g_idx})
         dequantized[name] = dequantize_gptq(qweight, qzeros, scales16, g_idx, config)
-    qc = {"quant_method": "gptq", "bits": bits, "group_size": group_size, "desc_act": False, "sym": sym,
+    qc = {"quant_method": "gptq", "bits": bits, "group_size": group_size, "desc_act": desc_act, "sym": sym,
           "checkpoint_format": "gptq", "damp_percent": 0.01, "true_sequential": True, "lm_head": lm_head}
     _copy_folder(src, dst, qc)
     _save(out, dst)

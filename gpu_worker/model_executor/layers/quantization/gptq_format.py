@@ -20,7 +20,15 @@ are our ``[N, K / 2]`` nibble layout (4 bits) or ``[N, K]`` bytes (8 bits). Scal
 ``[N, G]`` float16; zero points become offsets ``-zero * scale`` in float32 (products of a
 float16 and a 5-bit integer are exact there, and ``q * s - z * s`` equals ``s * (q - z)``
 exactly), or no offsets at all when every zero point is ``2^(bits - 1)`` (symmetric).
-``desc_act`` (act-order) checkpoints whose ``g_idx`` is not ``k // group_size`` are refused.
+Act-order (``desc_act: true``): GPTQ quantized the inputs in decreasing activation order, so a
+group is ``group_size`` inputs scattered over K and ``g_idx[k]`` names input ``k``'s group. Our
+layout needs each group contiguous: :func:`act_order` gives the input order ``perm`` that makes
+them so (``g_idx[perm]`` is ``k // group_size``), :func:`permute_inputs` reorders ``qweight``'s
+inputs by it (exact: fields move, none changes), and the layer multiplies ``x[..., perm]`` by the
+result, which is the same sum in another order (vLLM's Marlin does the same). A row-parallel
+shard of an act-order layer holds inputs of every group, a number per group that is not
+``group_size``: refused (serve such checkpoints with ``tensor_parallel_size=1``, or with the
+rows split only: q/k/v, gate/up and the head split by outputs, which keeps ``g_idx`` whole).
 """
 
 from __future__ import annotations
@@ -88,6 +96,32 @@ def gptq_zero_points(qzeros: torch.Tensor, config: GptqConfig) -> torch.Tensor:
     return zeros + 1 if config.checkpoint_format == "gptq" else zeros
 
 
+def act_order(g_idx: torch.Tensor, group_size: int) -> torch.Tensor | None:
+    """The input order that makes an act-order layer's groups contiguous (module docstring):
+    ``perm`` (int64, on the CPU) with ``g_idx[perm] == arange(K) // group_size``; None where
+    ``g_idx`` is that already. ValueError where a group does not have ``group_size`` inputs."""
+    g = g_idx.to(torch.int64).cpu()
+    k = g.shape[0]
+    contiguous = torch.arange(k, dtype=torch.int64) // (k if group_size == -1 else group_size)
+    if torch.equal(g, contiguous):
+        return None
+    perm = torch.argsort(g, stable=True)
+    if not torch.equal(g[perm], contiguous):
+        raise ValueError(f"GPTQ: g_idx does not give every group {group_size} inputs")
+    return perm
+
+
+def permute_inputs(qweight: torch.Tensor, perm: torch.Tensor, bits: int) -> torch.Tensor:
+    """GPTQ ``qweight`` (int32 ``[K * bits / 32, N]``) with its inputs in the order ``perm``:
+    input ``i`` of the result is input ``perm[i]`` of ``qweight`` (fields moved, exact)."""
+    per_word = 32 // bits
+    fields = _unpack_along_last(qweight.to(torch.int32).t(), bits)[:, perm]  # [N, K] in the new order
+    shifts = torch.arange(0, 32, bits, dtype=torch.int64)
+    words = (fields.reshape(fields.shape[0], -1, per_word) << shifts).sum(-1)  # [N, K / per_word] < 2^32
+    words = torch.where(words >= 1 << 31, words - (1 << 32), words)  # the int32 with those bits
+    return words.to(torch.int32).t().contiguous()
+
+
 def convert_gptq(
     qweight: torch.Tensor,
     qzeros: torch.Tensor,
@@ -111,7 +145,8 @@ def convert_gptq(
     if g_idx is not None:
         trivial = torch.arange(k, dtype=torch.int64) // group_size
         if not torch.equal(g_idx.to(torch.int64).cpu(), trivial):
-            raise ValueError("GPTQ: act-order checkpoints (g_idx not k // group_size) are not supported")
+            raise ValueError("GPTQ: act-order weights (g_idx not k // group_size) must have their "
+                             "inputs reordered first (act_order, permute_inputs)")
 
     packed = qweight.to(torch.int32).t().contiguous().view(torch.uint8)  # [N, K * bits / 8]
     zeros = gptq_zero_points(qzeros.to(torch.int32), config)[:, :n].t()  # [N, G]

@@ -25,7 +25,12 @@ import torch
 from torch import nn
 
 from gpu_worker.model_executor.layers.quantization.base import LinearMethod, WeightShard
-from gpu_worker.model_executor.layers.quantization.gptq_format import GptqConfig, convert_gptq
+from gpu_worker.model_executor.layers.quantization.gptq_format import (
+    GptqConfig,
+    act_order,
+    convert_gptq,
+    permute_inputs,
+)
 from gpu_worker.model_executor.weights import TensorSource
 from kernels import KernelOps
 from kernels.quant_reference import WnA16Weight, concat_rows
@@ -40,13 +45,18 @@ Part = WnA16Weight | torch.Tensor  # a packed weight, or a dense [rows, K] one
 @dataclass(frozen=True)
 class Segment:
     """Consecutive output rows of one layer in one format; ``counters``: the one-token GEMV's
-    split-K arrival counts for this weight (``KernelOps.wna16_split_counters``), if it takes any."""
+    split-K arrival counts for this weight (``KernelOps.wna16_split_counters``), if it takes any;
+    ``perm``: the order of the inputs the weight's columns are in (an act-order GPTQ weight,
+    ``gptq_format.act_order``; None: the layer's own order)."""
 
     weight: WnA16Weight | None
     dense: torch.Tensor | None
     counters: torch.Tensor | None = None
+    perm: torch.Tensor | None = None
 
     def __call__(self, ops: KernelOps, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if self.perm is not None:
+            x = x.index_select(-1, self.perm)
         if self.weight is None:
             assert self.dense is not None  # invariant: one of the two is set
             if ops.linear16 is not None and x.numel() == x.shape[-1]:  # one token: as a 16-bit layer
@@ -78,6 +88,7 @@ class LayerState:
         self.shape = (out_features, in_features)
         self.dtype = dtype  # of dense segments (the activations')
         self.parts: dict[int, Part] = {}  # fused sub-matrix -> its converted shard
+        self.perms: dict[int, torch.Tensor] = {}  # fused sub-matrix -> its act-order input order
         self.staged: dict[int, dict[str, torch.Tensor]] = {}  # GPTQ tensors waiting for the rest
         self.segments: tuple[Segment, ...] = ()
 
@@ -125,7 +136,9 @@ class WnA16LinearMethod(LinearMethod):
         segments = layer_state(layer).segments
         w = segments[0].weight if len(segments) == 1 else None
         if self.ops.wna16_gated_linear is None or w is None:
-            return None  # gate and up in different formats (a mixed GGUF)
+            return None  # gate and up in different formats (a mixed GGUF) or input orders
+        if segments[0].perm is not None:
+            x = x.index_select(-1, segments[0].perm)
         y: torch.Tensor = self.ops.wna16_gated_linear(x, w.qweight, w.scales, w.offsets, w.bits, w.group_size,
                                                       bias)
         return y
@@ -151,15 +164,22 @@ class WnA16LinearMethod(LinearMethod):
             return ()
         staged = state.staged.setdefault(shard.index, {})
         staged[name] = piece
-        if {"qweight", "qzeros", "scales"} <= staged.keys():
+        # An act-order layer converts once its g_idx is here too (its inputs are reordered).
+        needed = {"qweight", "qzeros", "scales"} | ({"g_idx"} if self.gptq.desc_act else set())
+        if needed <= staged.keys():
             config = self.gptq
             if shard.dim == 1 and staged["scales"].shape[0] == 1:  # one group: it spans the shard
                 config = replace(self.gptq, group_size=-1)
-            part = convert_gptq(
-                staged["qweight"], staged["qzeros"], staged["scales"], staged.get("g_idx"), config
-            )
+            g_idx = staged.get("g_idx")
+            perm = None if g_idx is None else act_order(g_idx, config.group_size)
+            qweight = staged["qweight"]
+            if perm is not None:
+                qweight, g_idx = permute_inputs(qweight, perm, config.bits), None
+            part = convert_gptq(qweight, staged["qzeros"], staged["scales"], g_idx, config)
             del state.staged[shard.index]
             state.parts[shard.index] = part.to(self.device)
+            if perm is not None:
+                state.perms[shard.index] = perm.to(self.device)
         return ()
 
     def _weight_part(self, state: LayerState, source: TensorSource, shard: WeightShard) -> Part:
@@ -180,9 +200,10 @@ class WnA16LinearMethod(LinearMethod):
         if sorted(state.parts) != list(range(expected)) or state.staged:
             raise ValueError(f"4-bit layer of shape {state.shape}: checkpoint parts {sorted(state.parts)} "
                              f"of {expected} (a GPTQ tensor or a GGUF projection is missing)")
-        segments = join_parts([state.parts[i] for i in range(expected)])
+        segments = join_parts([state.parts[i] for i in range(expected)],
+                              [state.perms.get(i) for i in range(expected)])
         _set_segments(layer, [s.with_counters(self.ops) for s in segments])
-        state.parts, state.staged = {}, {}
+        state.parts, state.staged, state.perms = {}, {}, {}
 
     def fill_random(self, layer: nn.Module, seed: int, std: float) -> bool:
         """Symmetric 4-bit weights (every nibble uniform), one scale per group of
@@ -224,7 +245,8 @@ def _check_g_idx(g_idx: torch.Tensor, config: GptqConfig) -> None:
     k = g_idx.shape[0]
     g = k if config.group_size == -1 else config.group_size
     if not torch.equal(g_idx.to(torch.int64).cpu(), torch.arange(k) // g):
-        raise ValueError("GPTQ: act-order checkpoints (g_idx not k // group_size) are not supported")
+        raise ValueError("GPTQ: an act-order g_idx (not k // group_size) came after its layer's other "
+                         "tensors in a checkpoint whose config says desc_act: false")
 
 
 def _gptq_slice(name: str, source: TensorSource, shard: WeightShard, config: GptqConfig) -> torch.Tensor:
@@ -233,7 +255,7 @@ def _gptq_slice(name: str, source: TensorSource, shard: WeightShard, config: Gpt
     start, length = shard.start, shard.length
     if shard.dim == 0:  # output columns of the GPTQ tensors
         if name == "g_idx":
-            return source.full()
+            return source.full()  # every input: an act-order layer's order stays whole
         if name == "qzeros":
             if start % pack or length % pack:
                 raise ValueError(f"GPTQ qzeros pack {pack} outputs per word: cannot cut at {start}+{length}")
@@ -245,7 +267,12 @@ def _gptq_slice(name: str, source: TensorSource, shard: WeightShard, config: Gpt
     if name == "g_idx":
         g_idx = source.narrow(0, start, length).to(torch.int64)
         group = int(source.shape[0]) if config.group_size == -1 else config.group_size
-        return g_idx - start // group  # this shard's groups, numbered from 0
+        own = g_idx - start // group  # this shard's groups, numbered from 0
+        if length < int(source.shape[0]) and not torch.equal(own.cpu(), torch.arange(length) // group):
+            raise ValueError("GPTQ act-order (desc_act) weights cannot be split by inputs: the "
+                             "o_proj/down_proj shards of tensor_parallel_size > 1 would hold parts of "
+                             "every group; serve this checkpoint with tensor_parallel_size=1")
+        return own
     num_groups = int(source.shape[0])
     if num_groups == 1:
         return source.full()
@@ -265,29 +292,41 @@ def _with_offsets(w: WnA16Weight) -> WnA16Weight:
     return WnA16Weight(qweight, w.scales, offsets, w.bits, w.group_size)
 
 
-def join_parts(parts: list[Part]) -> list[Segment]:
-    """Consecutive parts of one format joined into segments (module docstring)."""
+def join_parts(parts: list[Part], perms: list[torch.Tensor | None] | None = None) -> list[Segment]:
+    """Consecutive parts of one format and one input order (``perms``, per part; None: all in
+    the layer's own order) joined into segments (module docstring)."""
+    orders = perms if perms is not None else [None] * len(parts)
     segments: list[Segment] = []
     run: list[Part] = []
+    run_perm: torch.Tensor | None = None
 
     def flush() -> None:
         if not run:
             return
         if isinstance(run[0], torch.Tensor):
-            segments.append(Segment(None, torch.cat(run)))  # type: ignore[arg-type]
+            segments.append(Segment(None, torch.cat(run), perm=run_perm))  # type: ignore[arg-type]
         else:
             packed: list[WnA16Weight] = run  # type: ignore[assignment]
             if len({w.offsets is None for w in packed}) > 1:
                 packed = [_with_offsets(w) for w in packed]
-            segments.append(Segment(packed[0] if len(packed) == 1 else concat_rows(packed), None))
+            weight = packed[0] if len(packed) == 1 else concat_rows(packed)
+            segments.append(Segment(weight, None, perm=run_perm))
         run.clear()
 
-    for part in parts:
-        if run and not _same_format(run[-1], part):
+    for part, perm in zip(parts, orders, strict=True):
+        if run and not (_same_format(run[-1], part) and _same_order(run_perm, perm)):
             flush()
+        if not run:
+            run_perm = perm
         run.append(part)
     flush()
     return segments
+
+
+def _same_order(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+    if a is None or b is None:
+        return a is None and b is None
+    return bool(torch.equal(a, b))
 
 
 def _same_format(a: Part, b: Part) -> bool:

@@ -8,8 +8,10 @@ import torch
 
 from gpu_worker.model_executor.layers.quantization.gptq_format import (
     GptqConfig,
+    act_order,
     convert_gptq,
     dequantize_gptq,
+    permute_inputs,
 )
 from kernels.quant_reference import dequantize_wna16
 from tests.helpers.quantized_checkpoints import autogptq_pack
@@ -85,6 +87,34 @@ def test_gptq_config_from_hf_and_refusals() -> None:
     gen = torch.Generator().manual_seed(8)
     weight, _, scales, zeros = _grid_weight(16, 64, 32, 4, True, gen)
     qweight, qzeros, scales16, g_idx = autogptq_pack(weight, scales, zeros, 32, 4)
-    act_order = g_idx[torch.randperm(64, generator=gen)]
-    with pytest.raises(ValueError, match="act-order"):
-        convert_gptq(qweight, qzeros, scales16, act_order, GptqConfig(bits=4, group_size=32))
+    act_order_g_idx = g_idx[torch.randperm(64, generator=gen)]
+    with pytest.raises(ValueError, match="act-order"):  # reordered first (next test), not here
+        convert_gptq(qweight, qzeros, scales16, act_order_g_idx, GptqConfig(bits=4, group_size=32))
+
+
+@pytest.mark.parametrize(("bits", "sym"), [(4, True), (4, False), (8, False)])
+def test_act_order_weights_reordered_by_their_groups(bits: int, sym: bool) -> None:
+    """desc_act: group ``g`` is the inputs ``perm[g * gs:(g + 1) * gs]``. After ``permute_inputs``
+    our weight's column ``i`` is the checkpoint's input ``act_order(g_idx)[i]``, bit for bit, and
+    the product with ``x[..., perm]`` is the layer's."""
+    gen = torch.Generator().manual_seed(bits)
+    n, k, gs = 24, 128, 32
+    weight_in_order, _, scales, zeros = _grid_weight(n, k, gs, bits, sym, gen)
+    perm = torch.randperm(k, generator=gen)
+    weight = torch.empty_like(weight_in_order)
+    weight[:, perm] = weight_in_order  # input perm[i] sits in group i // gs
+    g_idx = torch.empty(k, dtype=torch.int32)
+    g_idx[perm] = torch.arange(k, dtype=torch.int32) // gs
+    qweight, qzeros, scales16, g_idx = autogptq_pack(weight, scales, zeros, gs, bits, g_idx=g_idx)
+    config = GptqConfig(bits=bits, group_size=gs, sym=sym)
+    assert torch.equal(dequantize_gptq(qweight, qzeros, scales16, g_idx, config), weight)
+    order = act_order(g_idx, gs)
+    assert order is not None and torch.equal(g_idx[order].long(), torch.arange(k) // gs)
+    w = convert_gptq(permute_inputs(qweight, order, bits), qzeros, scales16, None, config)
+    ours = dequantize_wna16(w.qweight, w.scales, w.offsets, w.bits, w.group_size)
+    assert torch.equal(ours, weight[:, order])
+    x = torch.randn(3, k, generator=gen)
+    torch.testing.assert_close(x[:, order] @ ours.t(), x @ weight.t())
+    assert act_order(torch.arange(k) // gs, gs) is None  # contiguous groups: nothing to reorder
+    with pytest.raises(ValueError, match="every group"):
+        act_order(torch.zeros(k, dtype=torch.int32).index_fill_(0, torch.tensor([0]), 1), gs)

@@ -1,8 +1,8 @@
 """Pre-quantized checkpoints through the engine (``LLM(model=dir)``, quantization ``auto``), CPU.
 
 A tiny random Llama is written as compressed-tensors fp8 (per channel and per tensor, with KV
-scales), as HF ``quant_method: "fp8"`` and as GPTQ (4 bits, symmetric and asymmetric, and with
-its LM head quantized too), in the
+scales), as HF ``quant_method: "fp8"`` and as GPTQ (4 bits, symmetric and asymmetric, with its
+LM head quantized too, and act-order), in the
 published formats (``tests/helpers/quantized_checkpoints.py``). The engine must load each as it
 is (fp8 codes and scales untouched) and compute what HF transformers computes with the
 dequantized weights: for GPTQ exactly that model; for fp8, W8A8, that model with each linear
@@ -88,6 +88,7 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory, llama: Path) -> Iterat
         "gptq-sym": lambda d: write_gptq_checkpoint(llama, d, bits=4, group_size=32, sym=True),
         "gptq-asym": lambda d: write_gptq_checkpoint(llama, d, bits=4, group_size=32, sym=False),
         "gptq-head": lambda d: write_gptq_checkpoint(llama, d, group_size=32, sym=False, lm_head=True),
+        "gptq-act": lambda d: write_gptq_checkpoint(llama, d, group_size=32, sym=False, desc_act=True),
     }
     made: dict[str, Path] = {}
 
@@ -166,6 +167,25 @@ def test_gptq_checkpoint_with_a_quantized_head(checkpoints: Callable[[str], Path
     two, llm = engine_tokens(folder, tensor_parallel_size=2)
     llm.shutdown()
     assert two == tokens
+
+
+def test_gptq_act_order_checkpoint(checkpoints: Callable[[str], Path]) -> None:
+    """``desc_act: true`` (each group a scattered set of inputs, named by ``g_idx``): every layer
+    holds its weight with the inputs reordered group by group and reorders its input the same
+    way; q/k/v (and gate/up) share one order, so each fused layer stays one 4-bit matrix. The
+    tokens are HF's over the dequantized weights. Two TP ranks would split o/down by inputs,
+    which cuts act-order groups apart: refused, naming the fix."""
+    folder = checkpoints("gptq-act")
+    tokens, llm = engine_tokens(folder)
+    layer = llm.engine.core.runner.model.model.layers[0]
+    attn, mlp = layer.self_attn, layer.mlp
+    for proj in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj):
+        (segment,) = proj.wna16.segments
+        assert segment.perm is not None
+    llm.shutdown()
+    assert tokens == reference_tokens(folder.parent / "gptq-act-ref", fake_quant_fp8=False)
+    with pytest.raises(ValueError, match="cannot be split by inputs.*tensor_parallel_size=1"):
+        LLM(model=str(folder), tensor_parallel_size=2, **ENGINE)
 
 
 def test_16bit_checkpoint_quantized_at_load_equals_per_channel_checkpoint(

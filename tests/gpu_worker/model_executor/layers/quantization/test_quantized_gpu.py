@@ -67,8 +67,9 @@ def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     dense128 = make_tiny_model("llama", root / "dense128", **SHAPE, head_dim=32)
     write_gptq_checkpoint(dense128, root / "gptq-sym", bits=4, group_size=128, sym=True)
     write_gptq_checkpoint(dense128, root / "gptq-head", bits=4, group_size=128, sym=True, lm_head=True)
+    write_gptq_checkpoint(dense128, root / "gptq-act", bits=4, group_size=128, sym=True, desc_act=True)
     return {"dense": dense, "fp8": root / "fp8", "gptq": root / "gptq", "gptq-sym": root / "gptq-sym",
-            "gptq-head": root / "gptq-head"}
+            "gptq-head": root / "gptq-head", "gptq-act": root / "gptq-act"}
 
 
 def _runner(folder: Path, **engine: Any) -> ModelRunner:
@@ -124,6 +125,15 @@ def test_w4a16_quantized_head_vs_reference_linears(folders: dict[str, Path]) -> 
     assert ours.model.lm_head.quantized
     _use_reference_linears(ref)
     _compare("gptq-head", ours, ref)
+
+
+def test_w4a16_act_order_vs_reference_linears(folders: dict[str, Path]) -> None:
+    """A GPTQ ``desc_act: true`` checkpoint: inputs reordered by the layer before each 4-bit
+    kernel (one-token GEMV, tensor-core GEMV, GEMM), against the dequantizing reference."""
+    ours, ref = _runner(folders["gptq-act"]), _runner(folders["gptq-act"])
+    assert layer_state(ours.model.model.layers[0].mlp.down_proj).segments[0].perm is not None
+    _use_reference_linears(ref)
+    _compare("gptq-act", ours, ref)
 
 
 def test_w4a16_model_vs_reference_linears(folders: dict[str, Path]) -> None:
