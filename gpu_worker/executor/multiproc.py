@@ -80,8 +80,15 @@ class MultiprocExecutor(Executor):
             ", ".join(f"{rank} (pid {proc.pid})" for rank, proc in enumerate(self._procs, start=1)),
             init_method,
         )
-        model_parallel, _ = init_rank(RankSetup(parallel, 0, init_method, rank_device(device, 0)))
-        self.runner = load_runner(config, rank_device(device, 0), dtype, eos_token_ids, model_parallel)
+        try:
+            model_parallel, _ = init_rank(RankSetup(parallel, 0, init_method, rank_device(device, 0)))
+            self.runner = load_runner(config, rank_device(device, 0), dtype, eos_token_ids, model_parallel)
+        except BaseException:
+            # A refused checkpoint (or any load error) raises here; the spawned ranks are ended
+            # and the group left, so the caller can go on (an offline LLM(...) in a notebook) and
+            # the watchdog does not end this process when they go.
+            self._abandon()
+            raise
         # The rank that samples: TP rank 0 of the last stage (the driver itself with one stage).
         self._sampler_rank = parallel.rank_of(0, parallel.pipeline_parallel_size - 1)
         self.pipeline_depth = parallel.pipeline_parallel_size
@@ -122,6 +129,15 @@ class MultiprocExecutor(Executor):
             if proc.is_alive():
                 proc.kill()
                 proc.join()
+        destroy()
+
+    def _abandon(self) -> None:
+        """Stop the spawned ranks without telling them (they may still be loading), leave the group."""
+        self._stopping = True
+        for proc in self._procs:
+            if proc.is_alive():
+                proc.kill()
+            proc.join(_JOIN_TIMEOUT_S)
         destroy()
 
     def _watch(self) -> None:

@@ -186,6 +186,11 @@ def test_gptq_act_order_checkpoint(checkpoints: Callable[[str], Path]) -> None:
     assert tokens == reference_tokens(folder.parent / "gptq-act-ref", fake_quant_fp8=False)
     with pytest.raises(ValueError, match="cannot be split by inputs.*tensor_parallel_size=1"):
         LLM(model=str(folder), tensor_parallel_size=2, **ENGINE)
+    # The failed engine left the process group and ended its rank: a later one can start.
+    assert not torch.distributed.is_initialized()
+    two, llm = engine_tokens(checkpoints("gptq-asym"), tensor_parallel_size=2)
+    llm.shutdown()
+    assert len(two) == len(PROMPTS)
 
 
 def test_16bit_checkpoint_quantized_at_load_equals_per_channel_checkpoint(
