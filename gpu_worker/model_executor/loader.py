@@ -32,8 +32,9 @@ from gpu_worker.model_executor.layers.quantization.select import (
     resolve_quantization,
     serves_gguf_quantized,
 )
+from gpu_worker.model_executor.layers.quantization.wna16 import fold_input_order
 from gpu_worker.model_executor.layers.rotary import RotaryEmbedding
-from gpu_worker.model_executor.models.llama import LinearMethods
+from gpu_worker.model_executor.models.llama import DecoderMLP, LinearMethods
 from gpu_worker.model_executor.models.registry import resolve_model_class
 from gpu_worker.model_executor.weights import fill_random, iter_safetensors
 from kernels import KernelOps, get_ops
@@ -231,4 +232,8 @@ def load_model(
         method = getattr(module, "linear_method", None)
         if method is not None:
             method.process_weights_after_loading(module)
+    if quantization == "gptq":  # act-order: down_proj's input order made by gate_up's rows
+        for module in model.modules():
+            if isinstance(module, DecoderMLP):
+                fold_input_order(module.gate_up_proj, module.down_proj)
     return model.eval()

@@ -172,16 +172,20 @@ def test_gptq_checkpoint_with_a_quantized_head(checkpoints: Callable[[str], Path
 def test_gptq_act_order_checkpoint(checkpoints: Callable[[str], Path]) -> None:
     """``desc_act: true`` (each group a scattered set of inputs, named by ``g_idx``): every layer
     holds its weight with the inputs reordered group by group and reorders its input the same
-    way; q/k/v (and gate/up) share one order, so each fused layer stays one 4-bit matrix. The
+    way (down_proj's input arrives reordered: gate_up's rows are); q/k/v (and gate/up) share one
+    order, so each fused layer stays one 4-bit matrix. The
     tokens are HF's over the dequantized weights. Two TP ranks would split o/down by inputs,
     which cuts act-order groups apart: refused, naming the fix."""
     folder = checkpoints("gptq-act")
     tokens, llm = engine_tokens(folder)
     layer = llm.engine.core.runner.model.model.layers[0]
     attn, mlp = layer.self_attn, layer.mlp
-    for proj in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj):
+    for proj in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj):
         (segment,) = proj.wna16.segments
         assert segment.perm is not None
+    # down_proj's order is made by gate_up's output rows (wna16.fold_input_order): no reorder.
+    (segment,) = mlp.down_proj.wna16.segments
+    assert segment.perm is None
     llm.shutdown()
     assert tokens == reference_tokens(folder.parent / "gptq-act-ref", fake_quant_fp8=False)
     with pytest.raises(ValueError, match="cannot be split by inputs.*tensor_parallel_size=1"):
