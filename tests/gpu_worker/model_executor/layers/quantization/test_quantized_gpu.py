@@ -131,7 +131,7 @@ def test_w4a16_act_order_vs_reference_linears(folders: dict[str, Path]) -> None:
     """A GPTQ ``desc_act: true`` checkpoint: inputs reordered by the layer before each 4-bit
     kernel (one-token GEMV, tensor-core GEMV, GEMM), against the dequantizing reference."""
     ours, ref = _runner(folders["gptq-act"]), _runner(folders["gptq-act"])
-    assert layer_state(ours.model.model.layers[0].self_attn.o_proj).segments[0].perm is not None
+    assert layer_state(ours.model.model.layers[0].mlp.gate_up_proj).segments[0].perm is not None
     _use_reference_linears(ref)
     _compare("gptq-act", ours, ref)
 
