@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -188,8 +189,7 @@ def act_order_perm(name: str, k: int) -> torch.Tensor:
     layer, proj = name.rsplit(".", 2)[0], name.rsplit(".", 2)[1]
     shared = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "gate_proj": "gate_up", "up_proj": "gate_up"}
     key = f"{layer.rsplit('.', 1)[0]}.{shared.get(proj, proj)}"
-    seed = sum((i + 1) * ord(c) for i, c in enumerate(key)) % 1_000_003
-    return torch.randperm(k, generator=torch.Generator().manual_seed(seed))
+    return torch.randperm(k, generator=torch.Generator().manual_seed(zlib.crc32(key.encode())))
 
 
 def write_gptq_checkpoint(

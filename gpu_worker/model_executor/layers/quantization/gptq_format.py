@@ -96,17 +96,25 @@ def gptq_zero_points(qzeros: torch.Tensor, config: GptqConfig) -> torch.Tensor:
     return zeros + 1 if config.checkpoint_format == "gptq" else zeros
 
 
+def _contiguous_groups(k: int, group_size: int) -> torch.Tensor:
+    """``g_idx`` of ``k`` inputs in groups of consecutive inputs (-1: one group)."""
+    return torch.arange(k, dtype=torch.int64) // (k if group_size == -1 else group_size)
+
+
+def groups_in_order(g_idx: torch.Tensor, group_size: int) -> bool:
+    """Whether ``g_idx`` is ``k // group_size`` (no act-order reordering needed)."""
+    return torch.equal(g_idx.to(torch.int64).cpu(), _contiguous_groups(g_idx.shape[0], group_size))
+
+
 def act_order(g_idx: torch.Tensor, group_size: int) -> torch.Tensor | None:
     """The input order that makes an act-order layer's groups contiguous (module docstring):
     ``perm`` (int64, on the CPU) with ``g_idx[perm] == arange(K) // group_size``; None where
     ``g_idx`` is that already. ValueError where a group does not have ``group_size`` inputs."""
-    g = g_idx.to(torch.int64).cpu()
-    k = g.shape[0]
-    contiguous = torch.arange(k, dtype=torch.int64) // (k if group_size == -1 else group_size)
-    if torch.equal(g, contiguous):
+    if groups_in_order(g_idx, group_size):
         return None
+    g = g_idx.to(torch.int64).cpu()
     perm = torch.argsort(g, stable=True)
-    if not torch.equal(g[perm], contiguous):
+    if not torch.equal(g[perm], _contiguous_groups(g.shape[0], group_size)):
         raise ValueError(f"GPTQ: g_idx does not give every group {group_size} inputs")
     return perm
 
@@ -142,11 +150,9 @@ def convert_gptq(
     if tuple(scales.shape) != (num_groups, n) or qzeros.shape[0] != num_groups:
         raise ValueError(f"GPTQ: scales {tuple(scales.shape)} / qzeros {tuple(qzeros.shape)} do not match "
                          f"qweight {tuple(qweight.shape)} with group_size {group_size}")
-    if g_idx is not None:
-        trivial = torch.arange(k, dtype=torch.int64) // group_size
-        if not torch.equal(g_idx.to(torch.int64).cpu(), trivial):
-            raise ValueError("GPTQ: act-order weights (g_idx not k // group_size) must have their "
-                             "inputs reordered first (act_order, permute_inputs)")
+    if g_idx is not None and not groups_in_order(g_idx, group_size):
+        raise ValueError("GPTQ: act-order weights (g_idx not k // group_size) must have their "
+                         "inputs reordered first (act_order, permute_inputs)")
 
     packed = qweight.to(torch.int32).t().contiguous().view(torch.uint8)  # [N, K * bits / 8]
     zeros = gptq_zero_points(qzeros.to(torch.int32), config)[:, :n].t()  # [N, G]

@@ -29,6 +29,7 @@ from gpu_worker.model_executor.layers.quantization.gptq_format import (
     GptqConfig,
     act_order,
     convert_gptq,
+    groups_in_order,
     permute_inputs,
 )
 from gpu_worker.model_executor.weights import TensorSource
@@ -265,9 +266,7 @@ def _rows_of(s: Segment) -> int:
 
 
 def _check_g_idx(g_idx: torch.Tensor, config: GptqConfig) -> None:
-    k = g_idx.shape[0]
-    g = k if config.group_size == -1 else config.group_size
-    if not torch.equal(g_idx.to(torch.int64).cpu(), torch.arange(k) // g):
+    if not groups_in_order(g_idx, config.group_size):
         raise ValueError("GPTQ: an act-order g_idx (not k // group_size) came after its layer's other "
                          "tensors in a checkpoint whose config says desc_act: false")
 
@@ -291,7 +290,7 @@ def _gptq_slice(name: str, source: TensorSource, shard: WeightShard, config: Gpt
         g_idx = source.narrow(0, start, length).to(torch.int64)
         group = int(source.shape[0]) if config.group_size == -1 else config.group_size
         own = g_idx - start // group  # this shard's groups, numbered from 0
-        if length < int(source.shape[0]) and not torch.equal(own.cpu(), torch.arange(length) // group):
+        if length < int(source.shape[0]) and not groups_in_order(own, group):
             raise ValueError("GPTQ act-order (desc_act) weights cannot be split by inputs: the "
                              "o_proj/down_proj shards of tensor_parallel_size > 1 would hold parts of "
                              "every group; serve this checkpoint with tensor_parallel_size=1")
