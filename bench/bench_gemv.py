@@ -34,6 +34,8 @@ weights' (plus scales); the share is of a 1 GiB device-to-device copy measured f
 - ``w4_split``: the one-token 4-bit GEMV with ``xload`` at more and smaller programs and
   split-K per projection, its sums added by a second launch or by the last program
   (``fixup``) (:func:`bench_w4_split`);
+- ``fp8_block``: block-wise fp8 (128 x 128) against per-channel fp8 and bf16 at 1, 16, 256 and
+  2,048 tokens, as the engine calls them (:func:`bench_fp8_block`);
 - ``small_m``: asymmetric 4-bit and 8-bit weights at 1-16 tokens: the default dispatch, and the
   one-token GEMV per token (``WnA16Config.gemv_token_loop``), the multi-token GEMV and the GEMM
   (:func:`bench_small_m_formats`).
@@ -378,6 +380,49 @@ def bench_linear_fp8(rec: Recorder) -> None:
         print(f"fp8_wo layers {name}: {us:.1f} us per layer ({share:.0%} of copy)", flush=True)
     layers_w.clear()
     torch.cuda.empty_cache()
+
+
+def _block_layers(n: int, k: int, layers: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Random fp8 ``[n, k]`` weights with 128 x 128 block scales (a DeepSeek-style checkpoint's)."""
+    return [qref.quantize_fp8_blocks(torch.randn(n, k, device=DEV) * 0.02, FP8_BLOCK) for _ in range(layers)]
+
+
+FP8_BLOCK = (128, 128)
+FP8_BLOCK_MS = (1, 16, 256, 2048)
+
+
+def bench_fp8_block(rec: Recorder) -> None:
+    """Block-wise fp8 against per-channel fp8 and bf16 cuBLAS on llama3-8b's projections, as the
+    engine calls them: one token weight-only (the GEMV; 32 layers per chain), 16 / 256 / 2,048
+    tokens W8A8 (block: per-token-group quantization + the Triton block GEMM; per channel:
+    per-token quantization + ``torch._scaled_mm``; 8 layers per chain)."""
+    from kernels.triton_ops import fp8_block
+
+    for shape, (n, k) in SHAPES_8B.items():
+        for m in FP8_BLOCK_MS:
+            layers = 32 if m == 1 else 8
+            x = torch.randn(m, k, device=DEV, dtype=torch.bfloat16)
+            channel = fp8_layers(n, k, layers)
+            block = _block_layers(n, k, layers)
+            if m == 1:
+                block_gemv = partial(fp8_block.fp8_block_weight_only_linear, block=FP8_BLOCK)
+                variants = {
+                    "channel": chain(partial(G.gemv_fp8_weight_only, x), channel),
+                    "block": chain(partial(block_gemv, x), block),
+                }
+            else:
+                dense = [(torch.randn(n, k, device=DEV, dtype=torch.bfloat16) * 0.02,) for _ in range(layers)]
+                variants = {
+                    "bf16 cublas": chain(partial(F.linear, x), dense),
+                    "channel": chain(partial(fp8_matmul.fp8_linear, x), channel),
+                    "block": chain(partial(fp8_block.fp8_block_linear, x, block=FP8_BLOCK), block),
+                }
+            for name, fn in variants.items():
+                row = rec.add("fp8_block", f"{shape} m={m}", name, time_chain(fn), n * k, layers)
+                print(f"fp8_block {shape} m={m} {name}: {row['us_per_layer']:.1f} us per layer "
+                      f"({row['share_of_copy']:.0%} of copy for the fp8 bytes)", flush=True)
+            del channel, block, variants
+            torch.cuda.empty_cache()
 
 
 def _pdl_layers(fmt: str) -> tuple[list[dict[str, Any]], int, Callable[..., torch.Tensor]]:
@@ -749,7 +794,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--parts", default="bf16,fp8,w4,fp8_70b,fp8_small_m",
                     help="comma-separated: bf16, fp8, w4, w4_bytes, fp8_70b, fp8_small_m, gated, linear16, "
-                         "w4_ptx, linear_fp8, pdl, w4mma, w4gemm, small_m, w4_split")
+                         "w4_ptx, linear_fp8, pdl, w4mma, w4gemm, small_m, w4_split, fp8_block")
     ap.add_argument("--json", default="", help="append the rows here (JSON lines)")
     ap.add_argument("--tiles", default="",
                     help="the bf16/fp8 sweep's tilings instead of the default list: 'bn,bk,warps;...'")
@@ -783,6 +828,8 @@ def main() -> None:
             bench_small_m_formats(rec)
         elif part == "w4_split":
             bench_w4_split(rec)
+        elif part == "fp8_block":
+            bench_fp8_block(rec)
         else:
             bench_format(rec, part, tiles_list, splits)
     if args.w4_table:

@@ -538,7 +538,8 @@ def main() -> None:
                     help="--suite quantization: the shapes to run (llama3-70b includes W5 and HF's OOM); "
                     "two calls of one shape each fit a 10-minute limit")
     ap.add_argument("--quant-labels", default="",
-                    help="--suite quantization: only these engines (bf16, fp8, fp8-w8a8, fp8+fp8kv, w4a16)")
+                    help="--suite quantization: only these engines (bf16, fp8, fp8-w8a8, fp8+fp8kv, "
+                         "fp8-block, w4a16, w4a16+head)")
     ap.add_argument("--w4-tiles", type=Path, default=None,
                     help="--suite quantization: the one-token 4-bit GEMV's tiling per weight shape "
                     "(wna16.M1_SHAPE_TILES) from this JSON (bench_gemv.py --w4-table); rows record it as "

@@ -9,7 +9,8 @@ them). In order:
 1. llama3-8b bf16: W1, W2 (the baseline rows of this run);
 2. llama3-8b fp8 weights: W2, W1; then W2 again with ``fp8_weight_only_max_tokens=0`` (W8A8 at
    one token, the configuration before fp8 decode went weight-only);
-3. llama3-8b fp8 weights + fp8 KV cache: W1, W2;
+3. llama3-8b fp8 weights + fp8 KV cache: W1, W2; then fp8 weights in 128 x 128 blocks
+   (``fp8-block``, a DeepSeek-style checkpoint's layout, random): W2, W1;
 4. llama3-8b W4A16 (random symmetric 4-bit weights, groups of 128, created packed): W2, with the
    LM head in bf16 (``w4a16``, as most GPTQ checkpoints store it) and in 4 bits too
    (``w4a16+head``: a GPTQ checkpoint's ``lm_head: true``, as a GGUF's quantized
@@ -59,6 +60,8 @@ PLAN: list[tuple[str, str, dict[str, Any], list[str]]] = [
     # The previous configuration, same run: W8A8 at one token too (activation quantized).
     ("llama3-8b", "fp8-w8a8", {"quantization": "fp8", "fp8_weight_only_max_tokens": 0}, ["W2"]),
     ("llama3-8b", "fp8+fp8kv", {"quantization": "fp8", "kv_cache_dtype": "fp8"}, ["W1", "W2"]),
+    # Block-wise fp8 (DeepSeek-style 128 x 128 weight blocks, activations per token group of 128).
+    ("llama3-8b", "fp8-block", {"quantization": "fp8"}, ["W2", "W1"]),
     ("llama3-8b", "w4a16", {"quantization": "gptq"}, ["W2"]),
     ("llama3-8b", "w4a16+head", {"quantization": "gptq"}, ["W2"]),
     ("llama3-70b", "fp8+fp8kv", {"quantization": "fp8", "kv_cache_dtype": "fp8"}, ["W1", "W2"]),
@@ -66,6 +69,8 @@ PLAN: list[tuple[str, str, dict[str, Any], list[str]]] = [
 # Config keys of a label's model folder: the 4-bit LM head of a GPTQ checkpoint saved with
 # ``lm_head: true`` (random weights, so only the flag matters).
 CONFIG_EXTRA: dict[str, dict[str, Any]] = {
+    "fp8-block": {"quantization_config": {"quant_method": "fp8", "activation_scheme": "dynamic",
+                                          "weight_block_size": [128, 128]}},
     "w4a16+head": {"quantization_config": {"quant_method": "gptq", "bits": 4, "group_size": 128, "sym": True,
                                            "desc_act": False, "lm_head": True}},
 }
@@ -156,6 +161,13 @@ def bench_engine(run: Run, shape: str, label: str, engine_args: dict[str, Any], 
         engine.close()
 
 
+def _weight_block(model: Any) -> str | None:
+    """``"128x128"`` for block-wise fp8 weights (the first decoder layer's MLP), else None."""
+    method = getattr(model.model.layers[0].mlp.down_proj, "linear_method", None)
+    block = getattr(method, "block", None)
+    return None if block is None else f"{block[0]}x{block[1]}"
+
+
 def _bench_workloads(
     run: Run, engine: Any, shape: str, label: str, quantization: str, kv: str, workloads: list[str]
 ) -> None:
@@ -179,6 +191,7 @@ def _bench_workloads(
             resolve_fp8_weight_only_max_m(core.config.fp8_weight_only_max_tokens)
             if quantization == "fp8" else None
         ),
+        weight_block=_weight_block(core.runner.model),
         weight_GiB=round(core.weight_bytes / 2**30, 2),
         kv_pool_tokens=kv_tokens,
         load_s=round(engine.load_s, 1),
@@ -290,6 +303,11 @@ def table(run: Run) -> str:
             out.append(
                 f"- {what}: {ratio:.2f}x (target {minimum}x): {'met' if ratio >= minimum else 'MISSED'}"
             )
+    for w in ("W2", "W1"):
+        a, b = run.find("llama3-8b", "fp8-block", w), run.find("llama3-8b", "fp8", w)
+        if a is not None and b is not None and b.output_tok_s > 0:
+            out.append(f"- {w} llama3-8b fp8 128x128 blocks vs fp8 per channel: "
+                       f"{a.output_tok_s / b.output_tok_s:.3f}x")
     a, b = run.find("llama3-8b", "fp8", "W2"), run.find("llama3-8b", "fp8-w8a8", "W2")
     if a is not None and b is not None and b.output_tok_s > 0:
         out.append(f"- W2 llama3-8b fp8, weight-only (W8A16) vs W8A8 at one token: "

@@ -58,6 +58,13 @@ class KernelOps:
     # token, bit-for-bit the two ops (None: the MLP runs the linear, then silu_and_mul).
     fp8_weight_only_gated_linear: Callable[..., Any] | None = None
     wna16_gated_linear: Callable[..., Any] | None = None
+    # Block-wise fp8 weights (``w_scale`` ``[ceil(N / bn), ceil(K / bk)]``, ``block`` ``(bn, bk)``;
+    # quant_reference.fp8_block_linear and fp8_block_weight_only_linear): W8A8 with activations
+    # quantized per token in groups of bk, and W8A16 for steps of at most fp8_weight_only_max_m
+    # tokens; the gated one-token form as above (None: the linear, then silu_and_mul).
+    fp8_block_linear: Callable[..., Any] | None = None
+    fp8_block_weight_only_linear: Callable[..., Any] | None = None
+    fp8_block_weight_only_gated_linear: Callable[..., Any] | None = None
     # Optional (n, k, device) -> the arrival counts a one-token wna16_linear of an [n, k] weight
     # takes as ``counters=`` (its split-K sums added in the GEMV instead of a second launch), or
     # None where it needs none (None: the set's wna16_linear takes no counters).
@@ -124,6 +131,8 @@ def reference_ops(fp8_weight_only_max_m: int = FP8_WEIGHT_ONLY_MAX_M) -> KernelO
         silu_and_mul_fp8=reference.silu_and_mul_fp8,
         fp8_weight_only_linear=quant_reference.fp8_weight_only_linear,
         fp8_weight_only_max_m=fp8_weight_only_max_m,
+        fp8_block_linear=quant_reference.fp8_block_linear,
+        fp8_block_weight_only_linear=quant_reference.fp8_block_weight_only_linear,
     )
 
 

@@ -1,12 +1,15 @@
 """Torch references of the quantized ops, and the packed weight layout they share.
 
 FP8 (W8A8): float8 e4m3 weights with one float32 scale per output channel, activations
-quantized per token on the fly. Both quantizations use :func:`quantize_fp8_rows`: the
-row's absolute maximum (floored at :data:`FP8_MIN_AMAX`) maps to :data:`FP8_E4M3_MAX`,
-``q = e4m3(clamp(x * (448 / amax)))`` (one float32 multiply, round to nearest even) and
-``scale = amax / 448``. The Triton kernels do the same float32 operations, so quantized
-values agree bit for bit; products of two e4m3 values are exact in float32, so the fp8
-linear differs from this reference only in the order of its float32 sums.
+quantized per token on the fly. Block-wise FP8 (DeepSeek-style checkpoints): one scale per
+``[block_n, block_k]`` block of the weight, activations quantized per token in groups of
+``block_k`` inputs, each block's product scaled by its two scales
+(:func:`fp8_block_linear`). Both quantizations use :func:`quantize_fp8_rows`: the row's
+absolute maximum (floored at :data:`FP8_MIN_AMAX`) maps to :data:`FP8_E4M3_MAX`, ``q =
+e4m3(clamp(x * (448 / amax)))`` (one float32 multiply, round to nearest even) and ``scale =
+amax / 448``. The Triton kernels do the same float32 operations, so quantized values agree
+bit for bit; products of two e4m3 values are exact in float32, so the fp8 linear differs
+from this reference only in the order of its float32 sums.
 
 WnA16: 4- or 8-bit integer weights in groups along the input dim, each group with a
 scale and an optional offset (:class:`WnA16Weight`), dequantized to the activation dtype
@@ -139,6 +142,109 @@ def fp8_kv_scale(x: torch.Tensor, per_head: bool) -> torch.Tensor:
     xf = x.float().abs()
     amax = xf.amax(dim=(0, 2)) if per_head else xf.amax().reshape(1)
     return _true_div(amax.clamp_min(FP8_MIN_AMAX), FP8_E4M3_MAX)
+
+
+# ---------------------------------------------------------------------------------------
+# Block-wise FP8
+# ---------------------------------------------------------------------------------------
+
+
+def check_fp8_block(block: tuple[int, int]) -> tuple[int, int]:
+    """A weight block ``(block_n, block_k)`` as the kernels take it: ``block_n`` >= 1 rows,
+    ``block_k`` a power of two >= 16 inputs (a GEMV tile holds whole blocks or part of one)."""
+    if len(block) != 2:
+        raise ValueError(f"an fp8 weight block is (block_n, block_k), got {block!r}")
+    bn, bk = (int(b) for b in block)
+    if bn < 1 or bk < 16 or bk & (bk - 1):
+        raise ValueError(f"fp8 weight block {block!r}: block_n must be >= 1 and block_k a power of two >= 16")
+    return bn, bk
+
+
+def fp8_block_scale_shape(n: int, k: int, block: tuple[int, int]) -> tuple[int, int]:
+    """The ``[ceil(N / block_n), ceil(K / block_k)]`` shape of an ``[N, K]`` weight's block scales."""
+    bn, bk = block
+    return -(-n // bn), -(-k // bk)
+
+
+def fp8_block_row_scales(w_scale: torch.Tensor, n: int, block_n: int) -> torch.Tensor:
+    """Block scales ``[ceil(N / bn), KB]`` as one row per output channel, ``[N, KB]`` float32."""
+    return w_scale.float().repeat_interleave(block_n, dim=0)[:n]
+
+
+def dequantize_fp8_blocks(
+    w_fp8: torch.Tensor, w_scale: torch.Tensor, block: tuple[int, int], dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """``w_fp8`` ``[N, K]`` times the scale of its block (``w_scale`` ``[ceil(N/bn), ceil(K/bk)]``),
+    in float32, cast to ``dtype``."""
+    n, k = w_fp8.shape
+    bn, bk = block
+    s = fp8_block_row_scales(w_scale, n, bn).repeat_interleave(bk, dim=1)[:, :k]
+    return (w_fp8.float() * s).to(dtype)
+
+
+def quantize_fp8_blocks(w: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``w`` ``[N, K]`` -> ``(e4m3 [N, K], scales [ceil(N/bn), ceil(K/bk)] float32)``: each block's
+    absolute maximum maps to 448 (what DeepSeek-style checkpoints hold; random weights, tests)."""
+    n, k = w.shape
+    bn, bk = block
+    nb, kb = fp8_block_scale_shape(n, k, block)
+    padded = torch.zeros(nb * bn, kb * bk, dtype=torch.float32, device=w.device)
+    padded[:n, :k] = w.float()
+    tiles = padded.reshape(nb, bn, kb, bk).permute(0, 2, 1, 3).reshape(nb, kb, bn * bk)
+    q, scale = quantize_fp8_rows(tiles)
+    q = q.reshape(nb, kb, bn, bk).permute(0, 2, 1, 3).reshape(nb * bn, kb * bk)[:n, :k].contiguous()
+    return q, scale.reshape(nb, kb)
+
+
+def quantize_fp8_per_token_group(x: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x`` ``[M, K]`` quantized per token in groups of ``group`` inputs (``K % group == 0``):
+    ``(x_fp8 [M, K], scale [M, K / group] float32)``, each group as :func:`quantize_fp8_rows`."""
+    m, k = x.shape
+    if k % group:
+        raise ValueError(f"per-token-group quantization needs K ({k}) to be a multiple of {group}")
+    q, scale = quantize_fp8_rows(x.reshape(-1, group))
+    return q.reshape(m, k), scale.reshape(m, k // group)
+
+
+def fp8_block_linear(
+    x: torch.Tensor,
+    w_fp8: torch.Tensor,
+    w_scale: torch.Tensor,
+    block: tuple[int, int],
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Block-wise W8A8 linear: ``x`` ``[..., K]`` quantized per token in groups of ``block_k``
+    (:func:`quantize_fp8_per_token_group`), ``w_fp8`` ``[N, K]`` e4m3 with ``w_scale``
+    ``[ceil(N/bn), K/bk]``. Each ``block_k`` slice's product is summed in float32 and scaled by
+    the token group's and the weight block's scales, the slices added in order, then the bias:
+    ``[..., N]`` in ``x.dtype``."""
+    n, k = w_fp8.shape
+    bn, bk = block
+    xq, xs = quantize_fp8_per_token_group(x.reshape(-1, k), bk)
+    ws = fp8_block_row_scales(w_scale, n, bn)
+    y = torch.zeros(xq.shape[0], n, dtype=torch.float32, device=x.device)
+    for j in range(k // bk):
+        part = xq[:, j * bk : (j + 1) * bk].float() @ w_fp8[:, j * bk : (j + 1) * bk].float().t()
+        y += part * xs[:, j : j + 1] * ws[None, :, j]
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype).reshape(*x.shape[:-1], n)
+
+
+def fp8_block_weight_only_linear(
+    x: torch.Tensor,
+    w_fp8: torch.Tensor,
+    w_scale: torch.Tensor,
+    block: tuple[int, int],
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Block-wise W8A16 (the activation as it is): ``x @ dequantize_fp8_blocks(w).T`` in float32,
+    plus the bias, in ``x.dtype`` (what one-token decode runs, as :func:`fp8_weight_only_linear`)."""
+    n, k = w_fp8.shape
+    y = x.reshape(-1, k).float() @ dequantize_fp8_blocks(w_fp8, w_scale, block).t()
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype).reshape(*x.shape[:-1], n)
 
 
 # ---------------------------------------------------------------------------------------

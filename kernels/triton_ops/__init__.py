@@ -15,6 +15,11 @@ from typing import Any
 from kernels import FP8_WEIGHT_ONLY_MAX_M, KernelOps
 from kernels.triton_ops.activation import silu_and_mul, silu_and_mul_fp8
 from kernels.triton_ops.decode_attention import DecodeConfig, paged_decode_attention
+from kernels.triton_ops.fp8_block import (
+    fp8_block_linear,
+    fp8_block_weight_only_gated_linear,
+    fp8_block_weight_only_linear,
+)
 from kernels.triton_ops.fp8_matmul import (
     Fp8LinearConfig,
     fp8_linear,
@@ -35,6 +40,9 @@ __all__ = [
     "Fp8LinearConfig",
     "PrefillConfig",
     "WnA16Config",
+    "fp8_block_linear",
+    "fp8_block_weight_only_gated_linear",
+    "fp8_block_weight_only_linear",
     "fp8_linear",
     "fp8_weight_only_gated_linear",
     "fp8_weight_only_linear",
@@ -92,6 +100,9 @@ def triton_ops(fp8_weight_only_max_m: int = FP8_WEIGHT_ONLY_MAX_M, pdl: bool = F
         # GEMV sums per thread (DECISIONS 133; slower before it, docs/QUANTIZATION.md).
         fp8_weight_only_gated_linear=chained(fp8_weight_only_gated_linear),
         wna16_gated_linear=chained(wna16_gated_linear),
+        fp8_block_linear=fp8_block_linear,
+        fp8_block_weight_only_linear=chained(fp8_block_weight_only_linear),
+        fp8_block_weight_only_gated_linear=chained(fp8_block_weight_only_gated_linear),
         linear16_gated=chained(gemv16_gated_linear),
         linear16=chained(gemv16_linear),
     )

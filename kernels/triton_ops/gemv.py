@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import triton
@@ -212,14 +213,35 @@ def _dense_part(x_ptr, w_rows, k0, k_hi, n_ok, BLOCK_N: tl.constexpr, BLOCK_K: t
 
 
 @triton.jit
+def _block_scaled(p, ws_ptr, rn, n_ok, k0, K, BLOCK_K: tl.constexpr, SBN: tl.constexpr, SBK: tl.constexpr,
+                  SG: tl.constexpr):
+    """``p`` ``[BLOCK_N, W]`` (products or per-thread sums of inputs ``k0 .. k0 + BLOCK_K``, in
+    order) times each one's block scale: ``ws`` ``[ceil(N / SBN), ceil(K / SBK)]`` (row
+    ``n // SBN``, column ``k // SBK``). ``SG``: the ``SBK`` blocks one tile spans (1 when the
+    tile lies inside one block: ``SBK`` and ``BLOCK_K`` are powers of two, tiles start at
+    multiples of ``BLOCK_K``)."""
+    kb_count = tl.cdiv(K, SBK)
+    kb = k0 // SBK + tl.arange(0, SG)
+    s = tl.load(ws_ptr + (rn // SBN).to(tl.int64)[:, None] * kb_count + kb[None, :],
+                mask=n_ok[:, None] & (kb < kb_count)[None, :], other=0.0)
+    if SG == 1:
+        return p * s
+    p3 = tl.reshape(p, [p.shape[0], SG, p.shape[1] // SG])
+    return tl.reshape(p3 * s[:, :, None], [p.shape[0], p.shape[1]])
+
+
+@triton.jit
 def _gemv_dense_kernel(xq_ptr, xs_ptr, w_ptr, ws_ptr, bias_ptr, out_ptr, part_ptr, M, N, K, K_PER_SPLIT,
                        stride_xm, stride_wn, stride_om, HAS_XS: tl.constexpr, HAS_WS: tl.constexpr,
                        HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr,
                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GATED: tl.constexpr,
-                       PART: tl.constexpr = 0, PDL: tl.constexpr = False):
+                       PART: tl.constexpr = 0, PDL: tl.constexpr = False, SBN: tl.constexpr = 0,
+                       SBK: tl.constexpr = 0, SG: tl.constexpr = 1):
     # 16/32-bit weights (no scales); fp8 weights on 16/32-bit activations (W8A16: HAS_WS, the
     # per-channel scale in the epilogue); fp8 W8A8 on quantized activations (HAS_XS and HAS_WS:
     # the per-token and per-channel scales; e4m3 x e4m3 products are exact in float32).
+    # SBN > 0: block-wise fp8 weights on 16/32-bit activations, ws_ptr the [N / SBN, K / SBK]
+    # block scales, each tile's products scaled in the loop (_block_scaled; HAS_WS is False).
     # GATED (one token, one split): SiLU-and-mul of a [gate; up] weight (_gemv_rows).
     # PART (one token): products summed per thread in runs of PART inputs (_dense_part).
     pid_k = tl.program_id(1)
@@ -239,8 +261,13 @@ def _gemv_dense_kernel(xq_ptr, xs_ptr, w_ptr, ws_ptr, bias_ptr, out_ptr, part_pt
         w0 = _weight_tile(w_rows, k_lo, k_hi, n_ok, BLOCK_K)
         pdl_begin(PDL)
         acc1 = _tile_part(xq_ptr, w0, k_lo, k_hi, BLOCK_N, BLOCK_K, PART)
+        if SBN > 0:
+            acc1 = _block_scaled(acc1, ws_ptr, rn, n_ok, k_lo, K, BLOCK_K, SBN, SBK, SG)
         for k0 in range(k_lo + BLOCK_K, k_hi, BLOCK_K):
-            acc1 += _dense_part(xq_ptr, w_rows, k0, k_hi, n_ok, BLOCK_N, BLOCK_K, PART)
+            part = _dense_part(xq_ptr, w_rows, k0, k_hi, n_ok, BLOCK_N, BLOCK_K, PART)
+            if SBN > 0:
+                part = _block_scaled(part, ws_ptr, rn, n_ok, k0, K, BLOCK_K, SBN, SBK, SG)
+            acc1 += part
         if GATED:
             _gated_epilogue(tl.sum(acc1, axis=1), rn, n_ok, N, out_ptr, xs_ptr, ws_ptr, bias_ptr,
                             HAS_XS, HAS_WS, HAS_BIAS, BLOCK_N)
@@ -256,8 +283,10 @@ def _gemv_dense_kernel(xq_ptr, xs_ptr, w_ptr, ws_ptr, bias_ptr, out_ptr, part_pt
             x = tl.load(x_rows + kk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0,
                         eviction_policy="evict_last").to(tl.float32)
             w = tl.load(w_rows + kk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0,
-                        eviction_policy="evict_first")
-            acc += x[:, None, :] * w.to(tl.float32)[None, :, :]
+                        eviction_policy="evict_first").to(tl.float32)
+            if SBN > 0:
+                w = _block_scaled(w, ws_ptr, rn, n_ok, k0, K, BLOCK_K, SBN, SBK, SG)
+            acc += x[:, None, :] * w[None, :, :]
         _epilogue(tl.sum(acc, axis=2), rm, m_ok, rn, n_ok, pid_k, M, N, stride_om, part_ptr, out_ptr,
                   xs_ptr, ws_ptr, bias_ptr, HAS_XS, HAS_WS, HAS_BIAS, SPLIT)
 
@@ -830,25 +859,30 @@ def gemv_fp8(xq: torch.Tensor, xs: torch.Tensor, w_fp8: torch.Tensor, w_scale: t
 
 def gemv_fp8_weight_only(x: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor,
                          bias: torch.Tensor | None = None, *, tiles: GemvTiles | None = None,
-                         gated: bool = False, pdl: bool = False) -> torch.Tensor:
+                         gated: bool = False, pdl: bool = False,
+                         block: tuple[int, int] | None = None) -> torch.Tensor:
     """fp8 weights on 16/32-bit activations (W8A16) for a few tokens: ``x`` ``[M, K]``
     (``M <= MAX_M``), ``w_fp8`` ``[N, K]`` e4m3 with ``w_scale`` ``[N]``; returns
     ``(sum_k x w_q) * w_scale[n] + bias[n]`` ``[M, N]`` in ``x.dtype`` (float32 sums). The
     activation is not quantized: no quantization launch before the product, and no activation
     rounding (:func:`kernels.quant_reference.fp8_weight_only_linear`). ``gated`` (one token):
-    ``w_fp8`` is ``[gate; up]`` and the result ``silu_and_mul`` of the product, ``[1, N / 2]``."""
+    ``w_fp8`` is ``[gate; up]`` and the result ``silu_and_mul`` of the product, ``[1, N / 2]``.
+    ``block`` ``(block_n, block_k)``: ``w_scale`` holds block-wise scales
+    ``[ceil(N / block_n), ceil(K / block_k)]`` instead, each tile's sums scaled by its blocks'
+    (:func:`kernels.quant_reference.fp8_block_weight_only_linear`)."""
     if x.dim() != 2 or x.shape[0] > MAX_M:
         raise ValueError(f"gemv_fp8_weight_only takes x [M <= {MAX_M}, K], got {tuple(x.shape)}")
     if gated and x.shape[0] != 1:
         raise ValueError(f"a gated GEMV takes one token, got {x.shape[0]}")
-    return _gemv_fp8_weights(x, None, w_fp8, w_scale, bias, x.dtype, tiles, gated, pdl)
+    return _gemv_fp8_weights(x, None, w_fp8, w_scale, bias, x.dtype, tiles, gated, pdl, block)
 
 
 def _gemv_fp8_weights(x: torch.Tensor, xs: torch.Tensor | None, w_fp8: torch.Tensor, w_scale: torch.Tensor,
                       bias: torch.Tensor | None, out_dtype: torch.dtype,
-                      tiles: GemvTiles | None, gated: bool = False, pdl: bool = False) -> torch.Tensor:
+                      tiles: GemvTiles | None, gated: bool = False, pdl: bool = False,
+                      block: tuple[int, int] | None = None) -> torch.Tensor:
     """The dense GEMV over e4m3 weights for ``M <= MAX_M`` tokens: ``x`` quantized with per-token
-    scales ``xs`` (W8A8), or 16/32-bit with ``xs`` None (W8A16)."""
+    scales ``xs`` (W8A8), or 16/32-bit with ``xs`` None (W8A16); ``block``: W8A16 with block scales."""
     if x.stride(-1) != 1:
         x = x.contiguous()
     m, k = x.shape
@@ -860,11 +894,24 @@ def _gemv_fp8_weights(x: torch.Tensor, xs: torch.Tensor | None, w_fp8: torch.Ten
         out = torch.empty((m, n), dtype=out_dtype, device=x.device)
     if m == 0:
         return out
+    blocks: dict[str, Any] = {}
+    if block is not None:
+        bn, bk = block
+        if xs is not None or bk < 16 or bk & (bk - 1):
+            raise ValueError(f"block scales take 16/32-bit activations and a power-of-two block_k >= 16, "
+                             f"got block {block}")
+        if tuple(w_scale.shape) != (triton.cdiv(n, bn), triton.cdiv(k, bk)) or not w_scale.is_contiguous():
+            raise ValueError(f"block scales of an [{n}, {k}] weight in blocks {block} are "
+                             f"[{triton.cdiv(n, bn)}, {triton.cdiv(k, bk)}] contiguous, "
+                             f"got {tuple(w_scale.shape)}")
+        blocks = dict(SBN=bn, SBK=bk, SG=max(1, tiles.block_k // bk))
     # Absent scales and bias: w_scale stands in (never read).
     args = (x, xs if xs is not None else w_scale, w_fp8, w_scale, bias if bias is not None else w_scale)
-    return _launch(_gemv_dense_kernel, args, m, n, k, out, xs, w_scale, bias, tiles, stride_xm=x.stride(0),
-                   stride_wn=w_fp8.stride(0), stride_om=out.stride(0), HAS_XS=xs is not None, HAS_WS=True,
-                   BLOCK_M=triton.next_power_of_2(m), GATED=gated, PART=min(FP8_PART, tiles.block_k), pdl=pdl)
+    row_scales = None if block is not None else w_scale
+    return _launch(_gemv_dense_kernel, args, m, n, k, out, xs, row_scales, bias, tiles, stride_xm=x.stride(0),
+                   stride_wn=w_fp8.stride(0), stride_om=out.stride(0), HAS_XS=xs is not None,
+                   HAS_WS=block is None, BLOCK_M=triton.next_power_of_2(m), GATED=gated,
+                   PART=min(FP8_PART, tiles.block_k), pdl=pdl, **blocks)
 
 
 MAX_M = 16  # tokens gemv_fp8 takes (its register tile is [BLOCK_M, BLOCK_N, BLOCK_K])

@@ -4,7 +4,10 @@
   ``format: "float-quantized"``, ``weight_scale`` per channel ``[N, 1]`` or per tensor ``[1]``,
   dynamic per-token input activations, ``ignore: ["lm_head"]``, as published for Llama 3) or HF
   ``quant_method: "fp8"`` (``weight_scale_inv``, one per tensor, ``modules_to_not_convert``);
-  optionally per-layer KV-cache scales (``self_attn.k_scale`` / ``v_scale``).
+  optionally per-layer KV-cache scales (``self_attn.k_scale`` / ``v_scale``). With ``block``:
+  one scale per ``[block_n, block_k]`` block (``[ceil(N / bn), ceil(K / bk)]``), HF's
+  ``weight_block_size`` as DeepSeek-V3 publishes it (no ``modules_to_not_convert``: the head is
+  simply not quantized) or compressed-tensors strategy ``block`` with ``block_structure``.
 - :func:`write_gptq_checkpoint`: GPTQ as AutoGPTQ/optimum write it (``qweight``/``qzeros``/
   ``scales``/``g_idx``, :func:`autogptq_pack`), round-to-nearest on the GPTQ grid.
 
@@ -25,7 +28,12 @@ import numpy as np
 import torch
 
 from gpu_worker.model_executor.layers.quantization.gptq_format import GptqConfig, dequantize_gptq
-from kernels.quant_reference import dequantize_fp8, quantize_fp8_rows
+from kernels.quant_reference import (
+    dequantize_fp8,
+    dequantize_fp8_blocks,
+    quantize_fp8_blocks,
+    quantize_fp8_rows,
+)
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -72,10 +80,11 @@ def write_dense_checkpoint(src: Path, dst: Path, weights: dict[str, torch.Tensor
 
 def write_fp8_checkpoint(
     src: Path, dst: Path, *, naming: str = "compressed-tensors", per_channel: bool = True,
-    kv_scales: tuple[float, float] | None = None,
+    kv_scales: tuple[float, float] | None = None, block: tuple[int, int] | None = None,
 ) -> dict[str, torch.Tensor]:
     """An fp8 checkpoint of ``src``'s projections (module docstring); returns the dequantized
-    projections (float32, by HF name). ``kv_scales``: ``(k_scale, v_scale)`` of every layer."""
+    projections (float32, by HF name). ``kv_scales``: ``(k_scale, v_scale)`` of every layer;
+    ``block``: block-wise scales (``per_channel`` is then ignored)."""
     tensors = _read(src)
     out: dict[str, torch.Tensor] = {}
     dequantized: dict[str, torch.Tensor] = {}
@@ -86,12 +95,18 @@ def write_fp8_checkpoint(
             continue
         num_layers = max(num_layers, int(name.split(".")[2]) + 1)
         w = t.float()
+        base = name[: -len("weight")]
+        if block is not None:
+            q, scale = quantize_fp8_blocks(w, block)
+            out[name] = q
+            out[base + ("weight_scale_inv" if naming == "hf" else "weight_scale")] = scale
+            dequantized[name] = dequantize_fp8_blocks(q, scale, block)
+            continue
         if per_channel:
             q, scale = quantize_fp8_rows(w)  # scale [N, 1]
         else:
             q, scale = quantize_fp8_rows(w.reshape(1, -1))
             q, scale = q.reshape(w.shape), scale.reshape(())
-        base = name[: -len("weight")]
         out[name] = q
         if naming == "compressed-tensors":
             out[base + "weight_scale"] = scale if per_channel else scale.reshape(1)
@@ -108,6 +123,9 @@ def write_fp8_checkpoint(
                    "symmetric": True, "dynamic": False}
         activations = {"type": "float", "num_bits": 8, "strategy": "token", "symmetric": True,
                        "dynamic": True}
+        if block is not None:
+            weights.update(strategy="block", block_structure=list(block))
+            activations.update(strategy="group", group_size=block[1])
         qc: dict[str, Any] = {
             "quant_method": "compressed-tensors", "format": "float-quantized",
             "quantization_status": "compressed",
@@ -118,6 +136,9 @@ def write_fp8_checkpoint(
         if kv_scales is not None:
             qc["kv_cache_scheme"] = {"type": "float", "num_bits": 8, "strategy": "tensor", "dynamic": False,
                                      "symmetric": True}
+    elif naming == "hf" and block is not None:
+        qc = {"quant_method": "fp8", "activation_scheme": "dynamic", "fmt": "e4m3",
+              "weight_block_size": list(block)}
     elif naming == "hf":
         if per_channel:
             raise ValueError("HF quant_method fp8 without block sizes has one scale per tensor")

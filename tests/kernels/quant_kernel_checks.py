@@ -36,6 +36,7 @@ import torch
 from kernels import quant_reference as qref
 from kernels import reference
 from kernels import triton_ops as tops
+from kernels.triton_ops import fp8_block as tblock
 from kernels.triton_ops import fp8_matmul as tfp8
 from kernels.triton_ops import gemv as tgemv
 from kernels.triton_ops import wna16 as twna16
@@ -375,6 +376,80 @@ def check_gemv_fp8_weight_only(t: Target) -> None:
         assert_linear_close(got.reshape(m, n), ref, t.dtype, f"fp8_weight_only_linear {m}x{n}x{k}")
 
 
+def _fp8_block_weight(n: int, k: int, block: tuple[int, int], t: Target,
+                      gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    w = _randn(n, k, t=t, gen=gen, dtype=torch.float32) * 0.05
+    w[: block[0]] *= 8  # one block row of large weights: scales differ by block
+    return qref.quantize_fp8_blocks(w, block)
+
+
+def fp8_block_abs_products(x: torch.Tensor, w: torch.Tensor, ws: torch.Tensor,
+                           block: tuple[int, int]) -> torch.Tensor:
+    """:func:`fp8_abs_products` with activations quantized per token group and block scales."""
+    bn, bk = block
+    k = x.shape[-1]
+    xq, xs = qref.quantize_fp8_per_token_group(x.reshape(-1, k), bk)
+    rows = qref.fp8_block_row_scales(ws, w.shape[0], bn).double()
+    total = torch.zeros(xq.shape[0], w.shape[0], dtype=torch.float64, device=x.device)
+    for j in range(k // bk):
+        sl = slice(j * bk, (j + 1) * bk)
+        sums = xq[:, sl].double().abs() @ w[:, sl].double().abs().t()
+        total += sums * xs[:, j : j + 1].double() * rows[:, j]
+    return total
+
+
+# (tokens, rows, inputs, block): partial last row blocks, blocks smaller and larger than tiles.
+_FP8_BLOCK_SHAPES = [(1, 96, 64, (16, 16)), (1, 100, 256, (32, 64)), (3, 72, 256, (32, 128)),
+                     (16, 64, 128, (128, 128)), (1, 130, 512, (128, 128))]
+
+
+def check_fp8_block_gemv(t: Target) -> None:
+    """Block-wise fp8 weights on the unquantized activation (W8A16), one and several tokens and
+    gated, against ``x @ dequantize_fp8_blocks(w).T`` (``quant_reference.fp8_block_weight_only_linear``)."""
+    gen = torch.Generator().manual_seed(24)
+    big = [(1, 4096, 4096, (128, 128)), (1, 28672, 4096, (128, 128))]
+    shapes = _FP8_BLOCK_SHAPES + (big if t.big else [])
+    for i, (m, n, k, block) in enumerate(shapes):
+        x = _activations(m, k, t, gen)
+        w, ws = _fp8_block_weight(n, k, block, t, gen)
+        bias = _randn(n, t=t, gen=gen) if i % 2 else None
+        ref = qref.fp8_block_weight_only_linear(x, w, ws, block, bias)
+        deq = x.float() @ qref.dequantize_fp8_blocks(w, ws, block).t() + (0 if bias is None else bias.float())
+        assert_linear_close(ref, deq.to(t.dtype), t.dtype, f"reference fp8_block weight-only {m}x{n}x{k}")
+        for tiles in _GEMV_TILES:
+            got = tops.fp8_block_weight_only_linear(x, w, ws, block, bias, tiles=tiles)
+            assert_linear_close(got, ref, t.dtype, f"fp8_block weight-only {m}x{n}x{k} {block} {tiles}")
+        if m == 1 and n % 2 == 0:
+            for tiles in (None, tgemv.GemvTiles(4, 32, 2, 1)):
+                got = tops.fp8_block_weight_only_gated_linear(x, w, ws, block, bias, tiles=tiles)
+                unfused = tops.fp8_block_weight_only_linear(x, w, ws, block, bias,
+                                                            tiles=tiles or tgemv.fp8_tiles(1, n, k))
+                _assert_gated(got, unfused, f"fp8_block gated {n}x{k} {block} {tiles}")
+
+
+def check_fp8_block_gemm(t: Target) -> None:
+    """Block-wise W8A8 (activations per token in groups of block_k) against its reference; the
+    per-token-group quantization bit for bit. On CUDA the products sum on the tensor cores."""
+    gen = torch.Generator().manual_seed(25)
+    shapes = [(5, 48, 64, (16, 32)), (20, 72, 256, (32, 64)), (37, 130, 256, (128, 128)),
+              (70, 64, 128, (64, 128))] + ([(300, 1024, 4096, (128, 128))] if t.big else [])
+    for i, (m, n, k, block) in enumerate(shapes):
+        x = _activations(m, k, t, gen)
+        w, ws = _fp8_block_weight(n, k, block, t, gen)
+        bias = _randn(n, t=t, gen=gen) if i % 2 else None
+        got_q, got_s = tblock.quantize_fp8_per_token_group(x, block[1])
+        want_q, want_s = qref.quantize_fp8_per_token_group(x, block[1])
+        assert_fp8_equal(got_q, want_q, f"per-token-group quantization {m}x{k} / {block[1]}")
+        assert torch.equal(got_s, want_s), f"per-token-group scales {m}x{k} / {block[1]}"
+        ref = qref.fp8_block_linear(x, w, ws, block, bias)
+        got = tops.fp8_block_linear(x, w, ws, block, bias)
+        what = f"fp8_block_linear {m}x{n}x{k} {block}"
+        if t.device == "cuda":
+            assert_fp8_product_close(got, ref, fp8_block_abs_products(x, w, ws, block), t.dtype, what)
+        else:
+            assert_linear_close(got, ref, t.dtype, what)
+
+
 def check_gemv_wna16(t: Target) -> None:
     """Every WnA16 case (4/8-bit, groups 16-128, offsets, int8), scales per weight or per group;
     4-bit weights through the int32-word kernel and the byte kernel. The tilings cover both of
@@ -706,6 +781,8 @@ CHECKS: dict[str, Callable[[Target], None]] = {
     "gemv16": check_gemv16,
     "gemv_fp8": check_gemv_fp8,
     "gemv_fp8_weight_only": check_gemv_fp8_weight_only,
+    "fp8_block_gemv": check_fp8_block_gemv,
+    "fp8_block_gemm": check_fp8_block_gemm,
     "gemv_wna16": check_gemv_wna16,
     "gemv_gated": check_gemv_gated,
     "gemv_int4_mma": check_gemv_int4_mma,

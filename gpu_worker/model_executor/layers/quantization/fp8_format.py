@@ -7,8 +7,10 @@ Three sources:
   ``float-quantized`` (``weight`` e4m3 + ``weight_scale`` per tensor or per channel, as
   published for Llama 3) and HF ``quant_method: "fp8"`` without ``weight_block_size``
   (``weight_scale_inv`` per tensor). :func:`fp8_scales_per_channel` turns their scales into
-  ours; a per-tensor scale broadcasts exactly. Block-wise scales (``weight_block_size``,
-  DeepSeek style) are not per-channel: :func:`parse_fp8_checkpoint` refuses them.
+  ours; a per-tensor scale broadcasts exactly. Block-wise scales (HF ``weight_block_size``,
+  compressed-tensors strategy ``block``: DeepSeek-V3 and the Qwen3 FP8 checkpoints) are served
+  as they are by :mod:`~gpu_worker.model_executor.layers.quantization.fp8_block`
+  (:attr:`Fp8CheckpointFormat.block`).
   Static activation scales (``input_scale``) are ignored: activations are always quantized
   per token, dynamically (at least as accurate).
 - the CPU "fp8-emulated" path: :func:`fp8_emulated_weight`, the weight quantized and
@@ -23,7 +25,7 @@ from typing import Any
 
 import torch
 
-from kernels.quant_reference import FP8_DTYPE, dequantize_fp8, quantize_fp8_rows
+from kernels.quant_reference import FP8_DTYPE, check_fp8_block, dequantize_fp8, quantize_fp8_rows
 
 # Compute capability from which GPUs convert and multiply e4m3 natively (Ada, Hopper, ...).
 FP8_MIN_CAPABILITY = (8, 9)
@@ -69,37 +71,51 @@ class Fp8CheckpointFormat:
     """How a pre-quantized fp8 checkpoint names and scales its weights."""
 
     scale_name: str  # the tensor next to ``weight``: "weight_scale" or "weight_scale_inv"
-    per_channel: bool  # False: one scale per tensor
+    per_channel: bool  # False: one scale per tensor (or per block)
     ignore: tuple[str, ...] = ()  # modules left unquantized (e.g. "lm_head")
+    block: tuple[int, int] | None = None  # (block_n, block_k): one scale per block of the weight
 
 
 def parse_fp8_checkpoint(quantization_config: Mapping[str, Any]) -> Fp8CheckpointFormat:
     """The format of a pre-quantized fp8 checkpoint from its HF ``quantization_config``.
 
     Accepts compressed-tensors (``quant_method: "compressed-tensors"``, float 8-bit weights,
-    strategy ``tensor`` or ``channel``) and HF ``quant_method: "fp8"`` without block scales.
+    strategy ``tensor``, ``channel`` or ``block`` with its ``block_structure``) and HF
+    ``quant_method: "fp8"`` (one scale per tensor, or per block with ``weight_block_size``).
     """
     method = quantization_config.get("quant_method")
     if method == "fp8":
-        if quantization_config.get("weight_block_size"):
-            raise ValueError("fp8 checkpoints with block-wise scales (weight_block_size) are not supported")
         ignore = tuple(quantization_config.get("modules_to_not_convert") or ())
-        return Fp8CheckpointFormat("weight_scale_inv", per_channel=False, ignore=ignore)
+        block_size = quantization_config.get("weight_block_size")
+        block = _block(block_size) if block_size else None
+        return Fp8CheckpointFormat("weight_scale_inv", per_channel=False, ignore=ignore, block=block)
     if method == "compressed-tensors":
         groups = quantization_config.get("config_groups") or {}
         strategies = set()
+        structures = set()
         for group in groups.values():
             w = group.get("weights") or {}
             if w.get("type") != "float" or int(w.get("num_bits", 0)) != 8:
                 raise ValueError(f"compressed-tensors: only float 8-bit weights are fp8, got {w}")
             strategies.add(w.get("strategy"))
-        if not strategies or not strategies <= {"tensor", "channel"}:
-            raise ValueError(f"compressed-tensors fp8: strategy must be tensor or channel, got {strategies}")
-        if len(strategies) > 1:
+            if w.get("strategy") == "block":
+                structures.add(_block(w.get("block_structure")))
+        if not strategies or not strategies <= {"tensor", "channel", "block"}:
+            raise ValueError(f"compressed-tensors fp8: strategy must be tensor, channel or block, "
+                             f"got {strategies}")
+        if len(strategies) > 1 or len(structures) > 1:
             raise ValueError("compressed-tensors fp8: mixed weight strategies are not supported")
         ignore = tuple(quantization_config.get("ignore") or ())
-        return Fp8CheckpointFormat("weight_scale", per_channel=strategies == {"channel"}, ignore=ignore)
+        return Fp8CheckpointFormat("weight_scale", per_channel=strategies == {"channel"}, ignore=ignore,
+                                   block=structures.pop() if structures else None)
     raise ValueError(f"not an fp8 quantization_config (quant_method={method!r})")
+
+
+def _block(value: Any) -> tuple[int, int]:
+    """A checkpoint's block size (``[block_n, block_k]``), checked for our kernels."""
+    if not isinstance(value, (list, tuple)) or len(value) != 2 or not all(isinstance(v, int) for v in value):
+        raise ValueError(f"fp8 block size must be [block_n, block_k] integers, got {value!r}")
+    return check_fp8_block((value[0], value[1]))
 
 
 def fp8_scales_per_channel(weight_scale: torch.Tensor, out_features: int) -> torch.Tensor:

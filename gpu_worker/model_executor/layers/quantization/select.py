@@ -8,7 +8,8 @@
   dequantizing matmul per step is slower than 32-bit weights. Otherwise ``none``.
 - ``none``: 16/32-bit weights (a ``.gguf`` through its dequantized cache).
 - ``fp8``: fp8 weights; a 16/32-bit checkpoint (or a ``.gguf``'s dequantized cache) is quantized
-  as it loads, a pre-quantized fp8 checkpoint loads as it is.
+  as it loads (per output channel), a pre-quantized fp8 checkpoint loads as it is (per tensor,
+  per channel, or per block: ``Fp8BlockLinearMethod``).
 - ``gptq``: a GPTQ checkpoint, or random 4-bit weights with ``load_format="dummy"``.
 - ``gguf``: a ``.gguf`` file served quantized (also on the CPU).
 
@@ -33,6 +34,7 @@ import torch
 from gpu_worker.config import KV_CACHE_DTYPES, QUANTIZATIONS
 from gpu_worker.model_executor.layers.quantization.base import LinearMethod, UnquantizedLinearMethod
 from gpu_worker.model_executor.layers.quantization.fp8 import Fp8LinearMethod
+from gpu_worker.model_executor.layers.quantization.fp8_block import Fp8BlockLinearMethod
 from gpu_worker.model_executor.layers.quantization.fp8_format import parse_fp8_checkpoint, require_fp8
 from gpu_worker.model_executor.layers.quantization.gptq_format import GptqConfig
 from gpu_worker.model_executor.layers.quantization.wna16 import WnA16LinearMethod
@@ -61,7 +63,7 @@ def checkpoint_quantization(hf_config: Any) -> str | None:
         return None
     method = qc.get("quant_method")
     if method in ("fp8", "compressed-tensors"):
-        parse_fp8_checkpoint(qc)  # raises for block-wise fp8 and non-fp8 compressed-tensors
+        parse_fp8_checkpoint(qc)  # raises for non-fp8 compressed-tensors and blocks we cannot tile
         return "fp8"
     if method == "gptq":
         GptqConfig.from_hf(qc)
@@ -144,7 +146,10 @@ def make_linear_methods(
             require_fp8(device)
         fmt = parse_fp8_checkpoint(qc) if qc is not None else None
         ignore = fmt.ignore if fmt is not None else ()
-        method = Fp8LinearMethod(ops, fmt)
+        if fmt is not None and fmt.block:
+            method = Fp8BlockLinearMethod(ops, fmt)
+        else:
+            method = Fp8LinearMethod(ops, fmt)
     elif quantization == "gptq":
         gptq = GptqConfig.from_hf(qc) if qc is not None else None
         method = WnA16LinearMethod(ops, device, gptq)

@@ -57,8 +57,22 @@ def test_parse_fp8_checkpoints() -> None:
     assert not fp8_format.parse_fp8_checkpoint(tensor).per_channel
     hf = fp8_format.parse_fp8_checkpoint({"quant_method": "fp8", "activation_scheme": "dynamic"})
     assert hf.scale_name == "weight_scale_inv" and not hf.per_channel
-    with pytest.raises(ValueError, match="block"):
-        fp8_format.parse_fp8_checkpoint({"quant_method": "fp8", "weight_block_size": [128, 128]})
+    # Block-wise scales: HF's weight_block_size (DeepSeek-V3, Qwen3 FP8) and compressed-tensors'
+    # strategy block; blocks our kernels cannot tile are refused by name.
+    deepseek = {"quant_method": "fp8", "activation_scheme": "dynamic", "fmt": "e4m3",
+                "weight_block_size": [128, 128]}
+    assert fp8_format.parse_fp8_checkpoint(deepseek) == fp8_format.Fp8CheckpointFormat(
+        "weight_scale_inv", per_channel=False, block=(128, 128))
+    ct_block = {**channel, "config_groups": {"g": {"weights": {
+        "num_bits": 8, "type": "float", "strategy": "block", "block_structure": [64, 128]}}}}
+    assert fp8_format.parse_fp8_checkpoint(ct_block).block == (64, 128)
+    for bad in ([128, 96], [128, 8], [0, 128], [128], "128x128", [128.0, 128.0]):
+        with pytest.raises(ValueError, match="block"):
+            fp8_format.parse_fp8_checkpoint({"quant_method": "fp8", "weight_block_size": bad})
+    groups = {"blocks": ct_block["config_groups"]["g"], **_weights("float", "channel")}
+    mixed = {**channel, "config_groups": groups}
+    with pytest.raises(ValueError, match="mixed"):
+        fp8_format.parse_fp8_checkpoint(mixed)
     int8 = {**channel, "config_groups": _weights("int", "channel")}
     with pytest.raises(ValueError):
         fp8_format.parse_fp8_checkpoint(int8)

@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 import torch
 
 from gpu_worker import LLM
@@ -15,13 +16,20 @@ from gpu_worker.model_executor.layers.activation import SiluAndMul
 from gpu_worker.model_executor.layers.norm import RMSNorm
 from gpu_worker.model_executor.layers.parallel import MergedColumnParallelLinear, RowParallelLinear
 from gpu_worker.model_executor.layers.quantization.fp8 import Fp8LinearMethod
-from gpu_worker.model_executor.layers.quantization.fp8_format import quantize_fp8_per_channel
+from gpu_worker.model_executor.layers.quantization.fp8_block import Fp8BlockLinearMethod
+from gpu_worker.model_executor.layers.quantization.fp8_format import (
+    Fp8CheckpointFormat,
+    quantize_fp8_per_channel,
+)
 from gpu_worker.model_executor.weights import TensorSource
 from kernels import FP8_WEIGHT_ONLY_MAX_M, reference_ops
 from kernels.quant_reference import (
     FP8_DTYPE,
     Fp8Activation,
     dequantize_fp8,
+    dequantize_fp8_blocks,
+    fp8_block_linear,
+    fp8_block_weight_only_linear,
     fp8_linear,
     fp8_weight_only_linear,
 )
@@ -89,6 +97,29 @@ def test_random_fp8_weights() -> None:
     assert layer.weight.dtype == FP8_DTYPE and bool((layer.weight_scale > 0).all())
     std = float(dequantize_fp8(layer.weight, layer.weight_scale).std())
     assert 0.019 < std < 0.021
+
+
+def test_random_block_fp8_weights_and_the_two_products() -> None:
+    """Random block-wise weights (drawn in chunks of whole block rows, here 300 rows in blocks of
+    128, the last partial); one token runs weight-only, more tokens W8A8 per token group; a
+    layer whose inputs are not whole blocks is refused."""
+    block = (128, 64)
+    fmt = Fp8CheckpointFormat("weight_scale_inv", False, block=block)
+    method = Fp8BlockLinearMethod(reference_ops(), fmt)
+    layer = MergedColumnParallelLinear(256, [150, 150], bias=False, dtype=torch.float32,
+                                       tp=TensorParallelGroup(), method=method)
+    assert method.fill_random(layer, seed=5, std=0.02)
+    assert layer.weight.dtype == FP8_DTYPE and tuple(layer.weight_scale.shape) == (3, 4)
+    w = dequantize_fp8_blocks(layer.weight, layer.weight_scale, block)
+    assert 0.019 < float(w.std()) < 0.021
+    x = torch.randn(3, 256)
+    one = layer(x[:1])
+    assert torch.equal(one, fp8_block_weight_only_linear(x[:1], layer.weight, layer.weight_scale, block))
+    three = layer(x)
+    assert torch.equal(three, fp8_block_linear(x, layer.weight, layer.weight_scale, block))
+    torch.testing.assert_close(three, x @ w.t(), rtol=0.1, atol=0.05)  # activations' fp8 rounding
+    with pytest.raises(ValueError, match="whole blocks of 64 inputs"):
+        RowParallelLinear(96, 128, bias=False, dtype=torch.float32, tp=TensorParallelGroup(), method=method)
 
 
 def test_weight_bytes_per_quantization(tiny_model: Callable[[str], Path]) -> None:

@@ -1,7 +1,8 @@
 """Pre-quantized checkpoints through the engine (``LLM(model=dir)``, quantization ``auto``), CPU.
 
-A tiny random Llama is written as compressed-tensors fp8 (per channel and per tensor, with KV
-scales), as HF ``quant_method: "fp8"`` and as GPTQ (4 bits, symmetric and asymmetric, with its
+A tiny random Llama is written as compressed-tensors fp8 (per channel, per tensor with KV
+scales, and per block), as HF ``quant_method: "fp8"`` (per tensor, and per block as DeepSeek-V3
+publishes it) and as GPTQ (4 bits, symmetric and asymmetric, with its
 LM head quantized too, and act-order), in the
 published formats (``tests/helpers/quantized_checkpoints.py``). The engine must load each as it
 is (fp8 codes and scales untouched) and compute what HF transformers computes with the
@@ -40,17 +41,20 @@ def engine_tokens(model_dir: Path, **engine: Any) -> tuple[list[list[int]], LLM]
     return [list(o.outputs[0].token_ids) for o in outs], llm
 
 
-def reference_tokens(model_dir: Path, fake_quant_fp8: bool, tp: int = 1) -> list[list[int]]:
+def reference_tokens(
+    model_dir: Path, fake_quant_fp8: bool, tp: int = 1, group: int | None = None
+) -> list[list[int]]:
     """HF transformers over ``model_dir`` (float32); with ``fake_quant_fp8`` every linear layer
     but the LM head sees its input quantized per token and dequantized (W8A8's activations).
     ``tp``: the input of a row-parallel layer (o_proj, down_proj) is quantized in ``tp`` equal
-    slices of columns, each with its own per-token scale, as each rank does with its slice."""
+    slices of columns, each with its own per-token scale, as each rank does with its slice.
+    ``group``: quantized per token in groups of ``group`` inputs (block-wise fp8), whatever ``tp``."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
 
     def fake_quant(x: torch.Tensor) -> torch.Tensor:
-        q, scale = quantize_fp8_rows(x.reshape(-1, x.shape[-1]))
+        q, scale = quantize_fp8_rows(x.reshape(-1, group or x.shape[-1]))
         return (q.float() * scale).reshape(x.shape).to(x.dtype)
 
     def hook(slices: int) -> Callable[[torch.nn.Module, tuple[torch.Tensor, ...]], tuple[torch.Tensor]]:
@@ -62,7 +66,7 @@ def reference_tokens(model_dir: Path, fake_quant_fp8: bool, tp: int = 1) -> list
     if fake_quant_fp8:
         for name, module in model.named_modules():
             if isinstance(module, torch.nn.Linear) and name != "lm_head":
-                row_parallel = name.endswith(("o_proj", "down_proj"))
+                row_parallel = name.endswith(("o_proj", "down_proj")) and group is None
                 module.register_forward_pre_hook(hook(tp if row_parallel else 1))
     return [hf_greedy_ignoring_eos(model, p) for p in PROMPTS]
 
@@ -85,6 +89,8 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory, llama: Path) -> Iterat
         "ct-channel": lambda d: write_fp8_checkpoint(llama, d, per_channel=True, kv_scales=(0.05, 0.02)),
         "ct-tensor": lambda d: write_fp8_checkpoint(llama, d, per_channel=False),
         "hf-fp8": lambda d: write_fp8_checkpoint(llama, d, naming="hf", per_channel=False),
+        "hf-block": lambda d: write_fp8_checkpoint(llama, d, naming="hf", block=BLOCKS["hf-block"]),
+        "ct-block": lambda d: write_fp8_checkpoint(llama, d, block=BLOCKS["ct-block"]),
         "gptq-sym": lambda d: write_gptq_checkpoint(llama, d, bits=4, group_size=32, sym=True),
         "gptq-asym": lambda d: write_gptq_checkpoint(llama, d, bits=4, group_size=32, sym=False),
         "gptq-head": lambda d: write_gptq_checkpoint(llama, d, group_size=32, sym=False, lm_head=True),
@@ -135,6 +141,58 @@ def test_fp8_checkpoint_loads_as_is_and_matches_w8a8_reference(
         assert float(attn.k_scale) == pytest.approx(0.05) and float(attn.v_scale) == pytest.approx(0.02)
     llm.shutdown()
     assert tokens == reference_tokens(folder.parent / f"{kind}-ref", fake_quant_fp8=True)
+
+
+# Block sizes of the block-wise fp8 checkpoints (the tiny Llama: q 64 rows, k / v 32, gate / up
+# 128, inputs 64 and 128): 16 x 16 splits at whole blocks on two TP ranks, 32 x 32 does not.
+BLOCKS = {"hf-block": (16, 16), "ct-block": (32, 32)}
+
+
+@pytest.mark.parametrize("kind", ["hf-block", "ct-block"])
+def test_block_fp8_checkpoint_loads_as_is_and_matches_reference(
+    checkpoints: Callable[[str], Path], kind: str
+) -> None:
+    """Block-wise scales (DeepSeek-style): the fused QKV holds the checkpoint's codes and its
+    parts' block scales stacked; norms hand over 16-bit activations (each linear quantizes its
+    input per token group); the tokens are HF's over the dequantized weights with each linear's
+    input quantized per token in groups of block_k."""
+    folder = checkpoints(kind)
+    tokens, llm = engine_tokens(folder)
+    assert llm.engine.config.quantization == "fp8"
+    model = llm.engine.core.runner.model
+    from safetensors.torch import load_file
+
+    ckpt = load_file(str(folder / "model.safetensors"))
+    qkv = model.model.layers[0].self_attn.qkv_proj
+    names = [f"model.layers.0.self_attn.{p}" for p in ("q_proj", "k_proj", "v_proj")]
+    scale_name = "weight_scale_inv" if kind.startswith("hf") else "weight_scale"
+    codes = torch.cat([ckpt[f"{n}.weight"] for n in names])
+    assert torch.equal(qkv.weight.view(torch.uint8), codes.view(torch.uint8))
+    assert torch.equal(qkv.weight_scale, torch.cat([ckpt[f"{n}.{scale_name}"] for n in names]))
+    bn, bk = BLOCKS[kind]
+    assert qkv.weight_scale.shape == (128 // bn, 64 // bk)
+    assert model.lm_head.weight_t.dtype == torch.float32  # no ignore list: the head is simply 16-bit
+    for layer in model.model.layers:
+        norms = (layer.input_layernorm, layer.post_attention_layernorm, layer.mlp.act)
+        assert not any(m.fp8_out for m in norms)
+    llm.shutdown()
+    assert tokens == reference_tokens(folder.parent / f"{kind}-ref", fake_quant_fp8=True, group=bk)
+
+
+def test_block_fp8_two_tensor_parallel_ranks_equal_one(checkpoints: Callable[[str], Path]) -> None:
+    """TP=2 over gloo: each rank holds whole blocks (rows for QKV / gate-up, inputs for O /
+    down) and quantizes whole input groups, so it computes what one rank does: the same tokens.
+    A layout that cuts blocks (32-row blocks of 16-row K/V shards) is refused, naming the fix;
+    the failed engine leaves no process group behind."""
+    folder = checkpoints("hf-block")
+    one, llm = engine_tokens(folder)
+    llm.shutdown()
+    two, llm = engine_tokens(folder, tensor_parallel_size=2)
+    llm.shutdown()
+    assert two == one
+    with pytest.raises(ValueError, match="cut blocks of 32 rows.*tensor_parallel_size"):
+        LLM(model=str(checkpoints("ct-block")), tensor_parallel_size=2, **ENGINE)
+    assert not torch.distributed.is_initialized()
 
 
 @pytest.mark.parametrize("kind", ["gptq-sym", "gptq-asym"])

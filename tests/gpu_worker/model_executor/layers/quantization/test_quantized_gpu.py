@@ -31,6 +31,7 @@ import torch
 
 from gpu_worker import LLM, SamplingParams
 from gpu_worker.model_executor.layers.quantization.fp8 import Fp8LinearMethod
+from gpu_worker.model_executor.layers.quantization.fp8_block import Fp8BlockLinearMethod
 from gpu_worker.model_executor.layers.quantization.gptq_format import GptqConfig, dequantize_gptq
 from gpu_worker.model_executor.layers.quantization.wna16 import WnA16LinearMethod, layer_state
 from gpu_worker.worker.model_runner import ModelRunner
@@ -61,6 +62,7 @@ def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("quantized-gpu")
     dense = make_tiny_model("llama", root / "dense", **SHAPE)
     write_fp8_checkpoint(dense, root / "fp8", per_channel=True, kv_scales=(0.05, 0.05))
+    write_fp8_checkpoint(dense, root / "fp8-block", naming="hf", block=(128, 128))  # DeepSeek-style
     write_gptq_checkpoint(dense, root / "gptq", bits=4, group_size=64, sym=False)
     # Symmetric, groups of 128 (heads of 32 so that o_proj has 128 inputs): 2-16 tokens take the
     # tensor-core GEMV (wna16.MMA_GEMV_MAX_M).
@@ -68,8 +70,8 @@ def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     write_gptq_checkpoint(dense128, root / "gptq-sym", bits=4, group_size=128, sym=True)
     write_gptq_checkpoint(dense128, root / "gptq-head", bits=4, group_size=128, sym=True, lm_head=True)
     write_gptq_checkpoint(dense128, root / "gptq-act", bits=4, group_size=128, sym=True, desc_act=True)
-    return {"dense": dense, "fp8": root / "fp8", "gptq": root / "gptq", "gptq-sym": root / "gptq-sym",
-            "gptq-head": root / "gptq-head", "gptq-act": root / "gptq-act"}
+    return {"dense": dense, "fp8": root / "fp8", "fp8-block": root / "fp8-block", "gptq": root / "gptq",
+            "gptq-sym": root / "gptq-sym", "gptq-head": root / "gptq-head", "gptq-act": root / "gptq-act"}
 
 
 def _runner(folder: Path, **engine: Any) -> ModelRunner:
@@ -79,7 +81,7 @@ def _runner(folder: Path, **engine: Any) -> ModelRunner:
 def _use_reference_linears(runner: ModelRunner) -> None:
     for module in runner.model.modules():
         method = getattr(module, "linear_method", None)
-        if isinstance(method, (Fp8LinearMethod, WnA16LinearMethod)):
+        if isinstance(method, (Fp8LinearMethod, Fp8BlockLinearMethod, WnA16LinearMethod)):
             method.ops = reference_ops()  # shared by the layers: every quantized linear
 
 
@@ -110,6 +112,16 @@ def test_fp8_model_vs_reference_linears(folders: dict[str, Path], kind: str) -> 
     ours, ref = _runner(folder, **extra), _runner(folder, **extra)
     _use_reference_linears(ref)
     _compare(kind, ours, ref)
+
+
+def test_block_fp8_model_vs_reference_linears(folders: dict[str, Path]) -> None:
+    """A block-wise fp8 checkpoint (128 x 128 blocks, HF ``weight_block_size``): one token on the
+    block-scaled GEMV, more on the block GEMM's tensor cores, against the torch references."""
+    if not _fp8_capable():
+        pytest.skip("fp8 needs compute capability >= 8.9")
+    ours, ref = _runner(folders["fp8-block"]), _runner(folders["fp8-block"])
+    _use_reference_linears(ref)
+    _compare("fp8-block", ours, ref)
 
 
 def test_w4a16_symmetric_model_vs_reference_linears(folders: dict[str, Path]) -> None:

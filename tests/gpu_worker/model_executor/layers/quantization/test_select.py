@@ -10,6 +10,7 @@ import torch
 
 from gpu_worker.model_executor.layers.quantization.base import UnquantizedLinearMethod
 from gpu_worker.model_executor.layers.quantization.fp8 import Fp8LinearMethod
+from gpu_worker.model_executor.layers.quantization.fp8_block import Fp8BlockLinearMethod
 from gpu_worker.model_executor.layers.quantization.select import (
     bytes_per_weight,
     kv_cache_torch_dtype,
@@ -31,6 +32,7 @@ FP8_CT = SimpleNamespace(
     }
 )
 GPTQ = SimpleNamespace(quantization_config={"quant_method": "gptq", "bits": 4, "group_size": 128})
+FP8_BLOCK = SimpleNamespace(quantization_config={"quant_method": "fp8", "weight_block_size": [128, 128]})
 
 
 def resolve(
@@ -50,6 +52,7 @@ def test_auto_serves_what_the_checkpoint_is() -> None:
     assert resolve("auto") == "none"
     assert resolve("auto", FP8_CT) == "fp8"
     assert resolve("auto", GPTQ) == "gptq"
+    assert resolve("auto", FP8_BLOCK) == "fp8"
     assert resolve("auto", gguf=True) == "none"  # the dequantized cache
     assert resolve("auto", gguf=True, quantized=True) == "gguf"
     assert resolve("fp8") == "fp8" and resolve("fp8", FP8_CT) == "fp8" and resolve("fp8", gguf=True) == "fp8"
@@ -68,10 +71,10 @@ def test_refusals() -> None:
         resolve("gguf")
     with pytest.raises(ValueError, match="not supported"):
         resolve("auto", SimpleNamespace(quantization_config={"quant_method": "awq"}))
-    with pytest.raises(ValueError, match="block-wise"):
+    with pytest.raises(ValueError, match="block_k a power of two"):
         resolve(
             "auto",
-            SimpleNamespace(quantization_config={"quant_method": "fp8", "weight_block_size": [128, 128]}),
+            SimpleNamespace(quantization_config={"quant_method": "fp8", "weight_block_size": [128, 96]}),
         )
 
 
@@ -98,6 +101,10 @@ def test_linear_methods_keep_the_head_and_ignored_modules_unquantized() -> None:
     assert isinstance(
         make_linear_methods("gptq", GPTQ, CPU)("model.layers.0.mlp.down_proj"), WnA16LinearMethod
     )
+    block = make_linear_methods("fp8", FP8_BLOCK, CPU)
+    method = block("model.layers.0.mlp.down_proj")
+    assert isinstance(method, Fp8BlockLinearMethod) and method.block == (128, 128)
+    assert isinstance(block("lm_head"), UnquantizedLinearMethod)
     assert isinstance(
         make_linear_methods("none", DENSE, CPU)("model.layers.0.mlp.down_proj"), UnquantizedLinearMethod
     )
