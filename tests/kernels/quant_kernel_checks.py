@@ -432,7 +432,8 @@ def check_fp8_block_gemm(t: Target) -> None:
     per-token-group quantization bit for bit. On CUDA the products sum on the tensor cores."""
     gen = torch.Generator().manual_seed(25)
     shapes = [(5, 48, 64, (16, 32)), (20, 72, 256, (32, 64)), (37, 130, 256, (128, 128)),
-              (70, 64, 128, (64, 128))] + ([(300, 1024, 4096, (128, 128))] if t.big else [])
+              (70, 64, 384, (64, 128))]
+    shapes += [(300, 1024, 4096, (128, 128)), (16, 6144, 4096, (128, 128))] if t.big else []
     for i, (m, n, k, block) in enumerate(shapes):
         x = _activations(m, k, t, gen)
         w, ws = _fp8_block_weight(n, k, block, t, gen)
@@ -442,12 +443,13 @@ def check_fp8_block_gemm(t: Target) -> None:
         assert_fp8_equal(got_q, want_q, f"per-token-group quantization {m}x{k} / {block[1]}")
         assert torch.equal(got_s, want_s), f"per-token-group scales {m}x{k} / {block[1]}"
         ref = qref.fp8_block_linear(x, w, ws, block, bias)
-        got = tops.fp8_block_linear(x, w, ws, block, bias)
-        what = f"fp8_block_linear {m}x{n}x{k} {block}"
-        if t.device == "cuda":
-            assert_fp8_product_close(got, ref, fp8_block_abs_products(x, w, ws, block), t.dtype, what)
-        else:
-            assert_linear_close(got, ref, t.dtype, what)
+        for use_scaled_mm in (True, False):  # torch._scaled_mm where it applies, the Triton GEMM
+            got = tops.fp8_block_linear(x, w, ws, block, bias, use_scaled_mm=use_scaled_mm)
+            what = f"fp8_block_linear {m}x{n}x{k} {block} scaled_mm={use_scaled_mm}"
+            if t.device == "cuda":
+                assert_fp8_product_close(got, ref, fp8_block_abs_products(x, w, ws, block), t.dtype, what)
+            else:
+                assert_linear_close(got, ref, t.dtype, what)
 
 
 def check_gemv_wna16(t: Target) -> None:

@@ -62,7 +62,9 @@ def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("quantized-gpu")
     dense = make_tiny_model("llama", root / "dense", **SHAPE)
     write_fp8_checkpoint(dense, root / "fp8", per_channel=True, kv_scales=(0.05, 0.05))
-    write_fp8_checkpoint(dense, root / "fp8-block", naming="hf", block=(128, 128))  # DeepSeek-style
+    # DeepSeek-style 128 x 128 blocks need rows and inputs in whole blocks: heads of 64.
+    dense64 = make_tiny_model("llama", root / "dense64", **SHAPE, head_dim=64)
+    write_fp8_checkpoint(dense64, root / "fp8-block", naming="hf", block=(128, 128))
     write_gptq_checkpoint(dense, root / "gptq", bits=4, group_size=64, sym=False)
     # Symmetric, groups of 128 (heads of 32 so that o_proj has 128 inputs): 2-16 tokens take the
     # tensor-core GEMV (wna16.MMA_GEMV_MAX_M).
