@@ -27,6 +27,9 @@ from kernels.quant_reference import fp8_block_linear as _reference_block_linear
 from kernels.triton_ops.fp8_common import quantize_e4m3, row_scales, software_fp8
 from kernels.triton_ops.gemv import MAX_M, GemvTiles, gemv_fp8_weight_only
 
+# torch._scaled_mm's block-wise path takes token counts that are multiples of this (H100,
+# torch 2.11: see bench; other counts are padded with zero rows).
+SCALED_MM_ROWS = 16
 # The smallest block_k the tensor-core GEMM takes on a GPU (an e4m3 dot needs k >= 32 there);
 # smaller blocks run the torch reference (tests' tiny models).
 MIN_DOT_BLOCK_K = 32
@@ -48,25 +51,32 @@ def _quantize_groups_kernel(x_ptr, q_ptr, s_ptr, M, K, stride_x, stride_q, GROUP
     tl.store(q_ptr + row * stride_q + cols, quantize_e4m3(x, inv[:, None], SOFT_FP8), mask=ok)
 
 
-def quantize_fp8_per_token_group(x: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_fp8_per_token_group(
+    x: torch.Tensor, group: int, *, pad_rows: int = 1
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton :func:`kernels.quant_reference.quantize_fp8_per_token_group`: ``x`` ``[M, K]``
     (``K % group == 0``, ``group`` a power of two) -> ``(e4m3 [M, K], scales [M, K / group]
     float32)``, bit for bit. The scales are stored token-minor (strides ``(1, M)``), the layout
-    ``torch._scaled_mm``'s block-wise scaling reads."""
+    ``torch._scaled_mm``'s block-wise scaling reads. ``pad_rows``: the results have ``M``
+    rounded up to a multiple of it, the extra rows zero codes with scale 1."""
     m, k = x.shape
     if k % group or group & (group - 1):
         raise ValueError(f"per-token-group quantization needs K ({k}) to be a multiple of {group}, "
                          "a power of two")
     if x.stride(-1) != 1:
         x = x.contiguous()
-    q = torch.empty((m, k), dtype=torch.float8_e4m3fn, device=x.device)
-    scale = torch.empty((k // group, m), dtype=torch.float32, device=x.device).t()
+    rows = -(-m // pad_rows) * pad_rows
+    q = torch.empty((rows, k), dtype=torch.float8_e4m3fn, device=x.device)
+    scale = torch.empty((k // group, rows), dtype=torch.float32, device=x.device).t()
+    if rows > m:
+        q[m:].zero_()
+        scale[m:].fill_(1.0)
     if m == 0:
         return q, scale
     groups = max(1, min(triton.next_power_of_2(k // group), 4096 // group))
     _quantize_groups_kernel[(m, triton.cdiv(k // group, groups))](
-        x, q, scale, m, k, x.stride(0), q.stride(0), GROUP=group, GROUPS=groups, SOFT_FP8=software_fp8(x),
-        num_warps=4,
+        x, q, scale, rows, k, x.stride(0), q.stride(0), GROUP=group, GROUPS=groups,
+        SOFT_FP8=software_fp8(x), num_warps=4,
     )
     return q, scale
 
@@ -179,15 +189,19 @@ def fp8_block_linear(
     n, k = w_fp8.shape
     if x.is_cuda and bk < MIN_DOT_BLOCK_K:
         return _reference_block_linear(x, w_fp8, w_scale, (bn, bk), bias)
-    xq, xs = quantize_fp8_per_token_group(x.reshape(-1, k), bk)
-    if use_scaled_mm and scaled_mm_blocks_apply(x, w_fp8, (bn, bk)) and xq.shape[0] > 0:
+    rows = x.reshape(-1, k)
+    if use_scaled_mm and scaled_mm_blocks_apply(x, w_fp8, (bn, bk)) and rows.shape[0] > 0:
         # Scales as cuBLASLt reads them: xs [M, K/128] token-minor (as quantized), the weight's
-        # [N/128, K/128] transposed to [K/128, N/128] (a view). A bias is added after the
-        # product's rounding to bf16 (one rounding more than the reference's).
+        # [N/128, K/128] transposed to [K/128, N/128] (a view); M padded to a multiple of
+        # SCALED_MM_ROWS (cuBLASLt refuses other counts: CUBLAS_STATUS_NOT_SUPPORTED). A bias
+        # is added after the product's rounding to bf16 (one rounding more than the reference's).
+        xq, xs = quantize_fp8_per_token_group(rows, bk, pad_rows=SCALED_MM_ROWS)
         y = torch._scaled_mm(xq, w_fp8.t(), scale_a=xs, scale_b=w_scale.t(), out_dtype=x.dtype)
+        y = y[: rows.shape[0]]
         if bias is not None:
             y = (y.float() + bias.float()).to(x.dtype)
     else:
+        xq, xs = quantize_fp8_per_token_group(rows, bk)
         y = fp8_block_gemm(xq, xs, w_fp8, w_scale, (bn, bk), bias, x.dtype, tiles=tiles)
     return y.reshape(*x.shape[:-1], n)
 
