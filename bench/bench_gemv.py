@@ -36,6 +36,8 @@ weights' (plus scales); the share is of a 1 GiB device-to-device copy measured f
   (``fixup``) (:func:`bench_w4_split`);
 - ``fp8_block``: block-wise fp8 (128 x 128) against per-channel fp8 and bf16 at 1, 16, 256 and
   2,048 tokens, as the engine calls them (:func:`bench_fp8_block`);
+- ``w4_act``: the one-token 4-bit linears of qkv, o and gate_up with and without act-order's
+  input ``index_select`` (:func:`bench_w4_act`);
 - ``small_m``: asymmetric 4-bit and 8-bit weights at 1-16 tokens: the default dispatch, and the
   one-token GEMV per token (``WnA16Config.gemv_token_loop``), the multi-token GEMV and the GEMM
   (:func:`bench_small_m_formats`).
@@ -683,6 +685,40 @@ def bench_w4_split(rec: Recorder) -> None:
         torch.cuda.empty_cache()
 
 
+def bench_w4_act(rec: Recorder) -> None:
+    """What act-order costs at one token: the engine's 4-bit linears (``get_ops``'s
+    ``wna16_linear`` / ``wna16_gated_linear``, PDL on) over 32 llama3-8b layers of qkv, o and
+    gate_up (down's order is folded into gate_up's rows at load), each with and without the
+    ``index_select`` that reorders its input (``wna16.Segment.perm``), alternating twice."""
+    from kernels import get_ops
+
+    ops = get_ops(DEV)
+    for shape in ("qkv", "o", "gate_up"):
+        n, k = SHAPES_8B[shape]
+        gated = shape == "gate_up"
+        linear = ops.wna16_gated_linear if gated else ops.wna16_linear
+        x = torch.randn(1, k, device=DEV, dtype=torch.bfloat16)
+        perm = torch.randperm(k, device=DEV)
+        w4 = w4_layers(n, k, 32)
+
+        def plain(q: torch.Tensor, s: torch.Tensor, linear: Any = linear,
+                  x: torch.Tensor = x) -> torch.Tensor:
+            return linear(x, q, s, None, 4, 128)
+
+        def reordered(q: torch.Tensor, s: torch.Tensor, linear: Any = linear, x: torch.Tensor = x,
+                      perm: torch.Tensor = perm) -> torch.Tensor:
+            return linear(x.index_select(-1, perm), q, s, None, 4, 128)
+
+        out = []
+        for _ in range(2):
+            for variant, fn in (("in order", plain), ("act-order index_select", reordered)):
+                row = rec.add("w4_act", shape, variant, time_chain(chain(fn, w4)), w4_nbytes(n, k), 32)
+                out.append(f"{variant} {row['us_per_layer']:.2f}")
+        print(f"w4 act-order {shape}: " + " | ".join(out), flush=True)
+        del w4
+        torch.cuda.empty_cache()
+
+
 def _engine_usable(variant: str) -> list[int] | None:
     """A ``w4_split`` variant's tiling if the engine can run it (it adds every split in the GEMV:
     fixup), else None."""
@@ -794,7 +830,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--parts", default="bf16,fp8,w4,fp8_70b,fp8_small_m",
                     help="comma-separated: bf16, fp8, w4, w4_bytes, fp8_70b, fp8_small_m, gated, linear16, "
-                         "w4_ptx, linear_fp8, pdl, w4mma, w4gemm, small_m, w4_split, fp8_block")
+                         "w4_ptx, linear_fp8, pdl, w4mma, w4gemm, small_m, w4_split, fp8_block, w4_act")
     ap.add_argument("--json", default="", help="append the rows here (JSON lines)")
     ap.add_argument("--tiles", default="",
                     help="the bf16/fp8 sweep's tilings instead of the default list: 'bn,bk,warps;...'")
@@ -830,6 +866,8 @@ def main() -> None:
             bench_w4_split(rec)
         elif part == "fp8_block":
             bench_fp8_block(rec)
+        elif part == "w4_act":
+            bench_w4_act(rec)
         else:
             bench_format(rec, part, tiles_list, splits)
     if args.w4_table:
