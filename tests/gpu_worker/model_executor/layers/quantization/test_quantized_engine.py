@@ -179,6 +179,18 @@ def test_block_fp8_checkpoint_loads_as_is_and_matches_reference(
     assert tokens == reference_tokens(folder.parent / f"{kind}-ref", fake_quant_fp8=True, group=bk)
 
 
+def test_block_fp8_qwen3_checkpoint(tiny_model: Callable[[str], Path], tmp_path: Path) -> None:
+    """Qwen3 (per-head q/k norms, as the Qwen3 FP8 releases are): a block-wise checkpoint of it
+    gives HF's tokens over the dequantized weights with inputs quantized per token group."""
+    qwen3 = tiny_model("qwen3")
+    dequantized = write_fp8_checkpoint(qwen3, tmp_path / "q", naming="hf", block=(16, 16))
+    write_dense_checkpoint(qwen3, tmp_path / "ref", dequantized)
+    tokens, llm = engine_tokens(tmp_path / "q")
+    assert llm.engine.config.quantization == "fp8"
+    llm.shutdown()
+    assert tokens == reference_tokens(tmp_path / "ref", fake_quant_fp8=True, group=16)
+
+
 def test_block_fp8_two_tensor_parallel_ranks_equal_one(checkpoints: Callable[[str], Path]) -> None:
     """TP=2 over gloo: each rank holds whole blocks (rows for QKV / gate-up, inputs for O /
     down) and quantizes whole input groups, so it computes what one rank does: the same tokens.
