@@ -689,7 +689,8 @@ def bench_w4_act(rec: Recorder) -> None:
     """What act-order costs at one token: the engine's 4-bit linears (``get_ops``'s
     ``wna16_linear`` / ``wna16_gated_linear``, PDL on) over 32 llama3-8b layers of qkv, o and
     gate_up (down's order is folded into gate_up's rows at load), each with and without the
-    ``index_select`` that reorders its input (``wna16.Segment.perm``), alternating twice."""
+    ``index_select`` that reorders its input, and with ``gather_columns`` (the engine's way since:
+    a kernel in the PDL chain; ``wna16.reorder_inputs``), alternating twice."""
     from kernels import get_ops
 
     ops = get_ops(DEV)
@@ -709,9 +710,15 @@ def bench_w4_act(rec: Recorder) -> None:
                       perm: torch.Tensor = perm) -> torch.Tensor:
             return linear(x.index_select(-1, perm), q, s, None, 4, 128)
 
+        def gathered(q: torch.Tensor, s: torch.Tensor, linear: Any = linear, x: torch.Tensor = x,
+                     perm: torch.Tensor = perm) -> torch.Tensor:
+            return linear(ops.gather_columns(x, perm), q, s, None, 4, 128)
+
         out = []
+        variants = (("in order", plain), ("act-order index_select", reordered),
+                    ("act-order gather_columns", gathered))
         for _ in range(2):
-            for variant, fn in (("in order", plain), ("act-order index_select", reordered)):
+            for variant, fn in variants:
                 row = rec.add("w4_act", shape, variant, time_chain(chain(fn, w4)), w4_nbytes(n, k), 32)
                 out.append(f"{variant} {row['us_per_layer']:.2f}")
         print(f"w4 act-order {shape}: " + " | ".join(out), flush=True)

@@ -62,6 +62,9 @@ class KernelOps:
     # quant_reference.fp8_block_linear and fp8_block_weight_only_linear): W8A8 with activations
     # quantized per token in groups of bk, and W8A16 for steps of at most fp8_weight_only_max_m
     # tokens; the gated one-token form as above (None: the linear, then silu_and_mul).
+    # Optional x.index_select(-1, index) (an act-order layer's input reorder) that launches in the
+    # decode chain (None: torch's index_select).
+    gather_columns: Callable[..., Any] | None = None
     fp8_block_linear: Callable[..., Any] | None = None
     fp8_block_weight_only_linear: Callable[..., Any] | None = None
     fp8_block_weight_only_gated_linear: Callable[..., Any] | None = None

@@ -427,6 +427,21 @@ def check_fp8_block_gemv(t: Target) -> None:
                 _assert_gated(got, unfused, f"fp8_block gated {n}x{k} {block} {tiles}")
 
 
+def check_gather_columns(t: Target) -> None:
+    """An act-order layer's input reorder: bit for bit ``index_select`` (one and several tokens,
+    a permutation and a shorter index; with PDL on CUDA, as the decode chain launches it)."""
+    gen = torch.Generator().manual_seed(26)
+    for m, k, n in [(1, 4096, 4096), (7, 130, 130), (3, 2000, 1500)]:
+        x = _randn(m, k, t=t, gen=gen)
+        index = torch.randperm(k, generator=gen)[:n].to(t.device)
+        for pdl in (False, True) if t.device == "cuda" else (False,):
+            got = tops.gather_columns(x, index, pdl=pdl)
+            assert torch.equal(got, x.index_select(-1, index)), f"gather_columns {m}x{k} -> {n} pdl={pdl}"
+    x3 = _randn(2, 3, 64, t=t, gen=gen)
+    index = torch.randperm(64, generator=gen).to(t.device)
+    assert torch.equal(tops.gather_columns(x3, index), x3.index_select(-1, index)), "gather_columns 3-D"
+
+
 def check_fp8_block_gemm(t: Target) -> None:
     """Block-wise W8A8 (activations per token in groups of block_k) against its reference; the
     per-token-group quantization bit for bit. On CUDA the products sum on the tensor cores."""
@@ -788,6 +803,7 @@ CHECKS: dict[str, Callable[[Target], None]] = {
     "gemv_fp8_weight_only": check_gemv_fp8_weight_only,
     "fp8_block_gemv": check_fp8_block_gemv,
     "fp8_block_gemm": check_fp8_block_gemm,
+    "gather_columns": check_gather_columns,
     "gemv_wna16": check_gemv_wna16,
     "gemv_gated": check_gemv_gated,
     "gemv_int4_mma": check_gemv_int4_mma,

@@ -29,6 +29,7 @@ _ALL = [
     "gemv_fp8_weight_only",
     "fp8_block_gemv",
     "fp8_block_gemm",
+    "gather_columns",
     "gemv_wna16",
     "gemv_gated",
     "gemv_int4_mma",
@@ -39,7 +40,7 @@ _ALL = [
     "paged_decode_attention_fp8",
 ]
 _BF16 = ["fp8_quantize", "fp8_gemv", "fp8_gemm", "fp8_linear", "gemv16", "gemv_fp8", "gemv_fp8_weight_only",
-         "fp8_block_gemv", "fp8_block_gemm", "fused_fp8_quant", "store_kvcache_fp8",
+         "fp8_block_gemv", "fp8_block_gemm", "gather_columns", "fused_fp8_quant", "store_kvcache_fp8",
          "rotary_store_kvcache_fp8"]
 _RUNS = {"float32": _ALL, "float16": _ALL, "bfloat16": _BF16}
 

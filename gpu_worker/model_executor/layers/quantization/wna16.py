@@ -43,6 +43,15 @@ _NIBBLE_STD = (255 / 12) ** 0.5
 Part = WnA16Weight | torch.Tensor  # a packed weight, or a dense [rows, K] one
 
 
+def reorder_inputs(ops: KernelOps, x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+    """``x.index_select(-1, perm)``: through ``ops.gather_columns`` where the op set has it (on
+    CUDA a kernel in the decode step's PDL chain), else torch's."""
+    if ops.gather_columns is not None:
+        out: torch.Tensor = ops.gather_columns(x, perm)
+        return out
+    return x.index_select(-1, perm)
+
+
 @dataclass(frozen=True)
 class Segment:
     """Consecutive output rows of one layer in one format; ``counters``: the one-token GEMV's
@@ -57,7 +66,7 @@ class Segment:
 
     def __call__(self, ops: KernelOps, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if self.perm is not None:
-            x = x.index_select(-1, self.perm)
+            x = reorder_inputs(ops, x, self.perm)
         if self.weight is None:
             assert self.dense is not None  # invariant: one of the two is set
             if ops.linear16 is not None and x.numel() == x.shape[-1]:  # one token: as a 16-bit layer
@@ -139,7 +148,7 @@ class WnA16LinearMethod(LinearMethod):
         if self.ops.wna16_gated_linear is None or w is None:
             return None  # gate and up in different formats (a mixed GGUF) or input orders
         if segments[0].perm is not None:
-            x = x.index_select(-1, segments[0].perm)
+            x = reorder_inputs(self.ops, x, segments[0].perm)
         y: torch.Tensor = self.ops.wna16_gated_linear(x, w.qweight, w.scales, w.offsets, w.bits, w.group_size,
                                                       bias)
         return y
