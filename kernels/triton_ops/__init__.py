@@ -72,8 +72,9 @@ def triton_ops(fp8_weight_only_max_m: int = FP8_WEIGHT_ONLY_MAX_M, pdl: bool = F
     """The Triton implementation of every op (CUDA tensors; CPU under ``TRITON_INTERPRET=1``);
     ``fp8_weight_only_max_m`` as in :class:`kernels.KernelOps`. ``pdl`` (sm_90+ only,
     :func:`~kernels.triton_ops.pdl.pdl_supported`): the ops of a one-token decode step (norms,
-    one-token linears, rotary + KV store, decode attention) launch with programmatic dependent
-    launch, each kernel's start overlapping the end of the one before (:mod:`kernels.triton_ops.pdl`;
+    one-token linears, act-order's input gather, rotary + KV store, decode attention) launch with
+    programmatic dependent launch, each kernel's start overlapping the end of the one before
+    (:mod:`kernels.triton_ops.pdl`;
     their weights must not be written by the kernel just before them, as no model weight is)."""
 
     def chained(fn: Callable[..., Any]) -> Callable[..., Any]:
