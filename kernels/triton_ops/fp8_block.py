@@ -28,7 +28,8 @@ from kernels.triton_ops.fp8_common import quantize_e4m3, row_scales, software_fp
 from kernels.triton_ops.gemv import MAX_M, GemvTiles, gemv_fp8_weight_only
 
 # torch._scaled_mm's block-wise path takes token counts that are multiples of this (H100,
-# torch 2.11: see bench; other counts are padded with zero rows).
+# torch 2.11, DECISIONS 145: others raised CUBLAS_STATUS_NOT_SUPPORTED); others are padded with
+# zero rows.
 SCALED_MM_ROWS = 4
 # ... and inputs that are multiples of this (scaled_mm_blocks_apply).
 SCALED_MM_K = 512
