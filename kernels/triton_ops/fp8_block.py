@@ -8,9 +8,10 @@ Numerics are those of :mod:`kernels.quant_reference` (``fp8_block_linear``,
   their blocks' scales in the loop (:func:`fp8_block_weight_only_linear`, gated too);
 - more tokens (prefill, decode batches): the activation quantized per token in groups of
   ``block_k`` (:func:`quantize_fp8_per_token_group`, the reference's codes and scales bit for
-  bit), then :func:`fp8_block_gemm`:
-  ``tl.dot`` on e4m3 tiles one ``block_k`` slice at a time, each slice's sum scaled by the token
-  group's and the weight block's scales before it joins the float32 accumulator.
+  bit), then ``torch._scaled_mm``'s block-wise scaling where it computes correctly
+  (:func:`scaled_mm_blocks_apply`, DECISIONS 145), else :func:`fp8_block_gemm`: ``tl.dot`` on
+  e4m3 tiles one ``block_k`` slice at a time, each slice's sum scaled by the token group's and
+  the weight block's scales before it joins the float32 accumulator.
 On sm_90 the tensor cores sum one slice's e4m3 products in their reduced-precision accumulator
 (about 13 fraction bits, docs/QUANTIZATION.md "Accumulation on the tensor cores"); the slice
 is at most ``block_k`` (128 in published checkpoints) long, as in vLLM's block-fp8 kernel.
