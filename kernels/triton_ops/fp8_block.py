@@ -173,11 +173,11 @@ def fp8_block_gemm(
 def scaled_mm_blocks_apply(x: torch.Tensor, w_fp8: torch.Tensor, block: tuple[int, int]) -> bool:
     """Whether ``torch._scaled_mm`` takes this block-wise product: a Hopper GPU (cuBLASLt's
     1 x 128 activation and 128 x 128 weight scaling), bf16 activations, 128 x 128 blocks, ``N`` a
-    multiple of 128 and ``K`` of 512. cuBLASLt reads the weight scales ``[K / 128, N / 128]``
-    with a leading dimension of ``K / 128`` floats: where that is not a multiple of 4 (16 bytes)
-    it returned garbage (H100, torch 2.11: relative errors 0.09 to 1e37 at every ``K`` from 128 to
-    1,280 and 11,008 whose ``K / 128`` is not a multiple of 4, exact at the 15 that are), with no
-    error raised; those layers run :func:`fp8_block_gemm`."""
+    multiple of 128 and ``K`` of 512. Elsewhere cuBLASLt returned garbage with no error raised
+    (H100, torch 2.11: relative errors from 0.09 up to infinity at the 9 of 24 ``K`` values from
+    128 to 28,672 whose ``K / 128`` is not a multiple of 4, right at the 15 that are; our reading:
+    the weight scales' leading dimension, ``K / 128`` floats, must be 16-byte aligned); those
+    layers run :func:`fp8_block_gemm`."""
     n, k = w_fp8.shape
     return (x.is_cuda and x.dtype == torch.bfloat16 and tuple(block) == (128, 128) and n % 128 == 0
             and k % SCALED_MM_K == 0 and torch.cuda.get_device_capability(x.device)[0] == 9)
