@@ -8,6 +8,9 @@
   one scale per ``[block_n, block_k]`` block (``[ceil(N / bn), ceil(K / bk)]``), HF's
   ``weight_block_size`` as DeepSeek-V3 publishes it (no ``modules_to_not_convert``: the head is
   simply not quantized) or compressed-tensors strategy ``block`` with ``block_structure``.
+- :func:`write_awq_checkpoint`: AWQ as AutoAWQ writes it (GEMM format: ``qweight`` int32
+  ``[K, N / 8]`` and ``qzeros`` packed along the outputs in AWQ's ``0 2 4 6 1 3 5 7`` order,
+  ``scales`` ``[G, N]``), round-to-nearest with zero points (AWQ's scale search left out).
 - :func:`write_gptq_checkpoint`: GPTQ as AutoGPTQ/optimum write it (``qweight``/``qzeros``/
   ``scales``/``g_idx``, :func:`autogptq_pack`), round-to-nearest on the GPTQ grid.
 
@@ -27,6 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from gpu_worker.model_executor.layers.quantization.awq_format import dequantize_awq, pack_awq
 from gpu_worker.model_executor.layers.quantization.gptq_format import GptqConfig, dequantize_gptq
 from kernels.quant_reference import (
     dequantize_fp8,
@@ -211,6 +215,29 @@ def act_order_perm(name: str, k: int) -> torch.Tensor:
     shared = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "gate_proj": "gate_up", "up_proj": "gate_up"}
     key = f"{layer.rsplit('.', 1)[0]}.{shared.get(proj, proj)}"
     return torch.randperm(k, generator=torch.Generator().manual_seed(zlib.crc32(key.encode())))
+
+
+def write_awq_checkpoint(src: Path, dst: Path, *, group_size: int = 32) -> dict[str, torch.Tensor]:
+    """An AWQ checkpoint (AutoAWQ GEMM format, module docstring) of ``src``'s projections; returns
+    their dequantized weights (float32, by HF name, AWQ's own formula)."""
+    out: dict[str, torch.Tensor] = {}
+    dequantized: dict[str, torch.Tensor] = {}
+    for name, t in _read(src).items():
+        if not _is_projection(name):
+            out[name] = t
+            continue
+        on_grid, scales, zeros = gptq_rtn(t, group_size, 4, sym=False)  # scales, zeros [G, N]
+        g = torch.arange(t.shape[1]) // group_size
+        q = torch.round(on_grid / scales.float().t()[:, g]).to(torch.int64) + zeros.t()[:, g]  # [N, K]
+        qweight, qzeros = pack_awq(q.t().contiguous()), pack_awq(zeros)
+        base = name[: -len("weight")]
+        out.update({base + "qweight": qweight, base + "qzeros": qzeros, base + "scales": scales})
+        dequantized[name] = dequantize_awq(qweight, qzeros, scales, group_size)
+    qc = {"quant_method": "awq", "bits": 4, "group_size": group_size, "zero_point": True, "version": "gemm",
+          "modules_to_not_convert": None}
+    _copy_folder(src, dst, qc)
+    _save(out, dst)
+    return dequantized
 
 
 def write_gptq_checkpoint(

@@ -11,6 +11,7 @@
   as it loads (per output channel), a pre-quantized fp8 checkpoint loads as it is (per tensor,
   per channel, or per block: ``Fp8BlockLinearMethod``).
 - ``gptq``: a GPTQ checkpoint, or random 4-bit weights with ``load_format="dummy"``.
+- ``awq``: an AWQ checkpoint (AutoAWQ's GEMM format), in the same 4-bit layers as GPTQ.
 - ``gguf``: a ``.gguf`` file served quantized (also on the CPU).
 
 The embeddings stay 16-bit whatever the choice (a lookup), and so does a head tied to them. An
@@ -32,6 +33,7 @@ from typing import Any
 import torch
 
 from gpu_worker.config import KV_CACHE_DTYPES, QUANTIZATIONS
+from gpu_worker.model_executor.layers.quantization.awq_format import AwqConfig
 from gpu_worker.model_executor.layers.quantization.base import LinearMethod, UnquantizedLinearMethod
 from gpu_worker.model_executor.layers.quantization.fp8 import Fp8LinearMethod
 from gpu_worker.model_executor.layers.quantization.fp8_block import Fp8BlockLinearMethod
@@ -68,8 +70,11 @@ def checkpoint_quantization(hf_config: Any) -> str | None:
     if method == "gptq":
         GptqConfig.from_hf(qc)
         return "gptq"
+    if method == "awq":
+        AwqConfig.from_hf(qc)
+        return "awq"
     raise ValueError(f"checkpoint quantization {method!r} is not supported "
-                     "(fp8, compressed-tensors fp8, gptq)")
+                     "(fp8, compressed-tensors fp8, gptq, awq)")
 
 
 def is_gguf(model: str | Path) -> bool:
@@ -86,7 +91,7 @@ def serves_gguf_quantized(requested: str, gguf_file: Path | None, device: torch.
 def resolve_quantization(
     requested: str, hf_config: Any, *, gguf_file: Path | None, gguf_quantized: bool, load_format: str
 ) -> str:
-    """The concrete quantization (``none``, ``fp8``, ``gptq``, ``gguf``) for a request (module
+    """The concrete quantization (``none``, ``fp8``, ``gptq``, ``awq``, ``gguf``) for a request (module
     docstring); ValueError where the model cannot be served that way."""
     if requested not in QUANTIZATIONS:
         raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {requested!r}")
@@ -104,13 +109,16 @@ def resolve_quantization(
     if requested == "gptq" and load_format != "dummy":
         raise ValueError("quantization 'gptq' needs a GPTQ checkpoint (quantization_config quant_method "
                          "'gptq'), or load_format='dummy' for random 4-bit weights")
+    if requested == "awq":
+        raise ValueError("quantization 'awq' needs an AWQ checkpoint (quantization_config quant_method "
+                         "'awq'); random 4-bit weights are quantization 'gptq' with load_format='dummy'")
     return "none" if requested == "auto" else requested
 
 
 def bytes_per_weight(quantization: str, element_size: int) -> float:
     """Bytes per weight of a linear layer as served (4-bit: a nibble plus a float16 scale per
     group of 32, an upper bound for GPTQ's 128), for sizing ahead of loading."""
-    return {"fp8": 1.0, "gptq": 0.5625, "gguf": 0.5625}.get(quantization, float(element_size))
+    return {"fp8": 1.0, "gptq": 0.5625, "awq": 0.5625, "gguf": 0.5625}.get(quantization, float(element_size))
 
 
 def kv_cache_torch_dtype(kv_cache_dtype: str, model_dtype: torch.dtype, device: torch.device) -> torch.dtype:
@@ -154,6 +162,12 @@ def make_linear_methods(
         gptq = GptqConfig.from_hf(qc) if qc is not None else None
         method = WnA16LinearMethod(ops, device, gptq)
         head_quantized = gptq is not None and gptq.lm_head
+    elif quantization == "awq":
+        if qc is None:
+            raise ValueError("quantization 'awq' needs the checkpoint's quantization_config")
+        awq = AwqConfig.from_hf(qc)
+        ignore = awq.ignore
+        method = WnA16LinearMethod(ops, device, awq=awq)
     elif quantization == "gguf":
         method = WnA16LinearMethod(ops, device)
         head_quantized = True  # output.weight in the file's type (dense types load dense)

@@ -24,6 +24,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
+from gpu_worker.model_executor.layers.quantization.awq_format import AwqConfig, awq_slice, convert_awq
 from gpu_worker.model_executor.layers.quantization.base import LinearMethod, WeightShard
 from gpu_worker.model_executor.layers.quantization.gptq_format import (
     GptqConfig,
@@ -111,8 +112,8 @@ def layer_state(layer: nn.Module) -> LayerState:
 class WnA16LinearMethod(LinearMethod):
     """Grouped integer weights dequantized in the kernel (``ops.wna16_linear``).
 
-    ``device``: where the layers live; ``gptq``: the checkpoint's GPTQ configuration (None: GGUF
-    tensors, or random weights)."""
+    ``device``: where the layers live; ``gptq`` / ``awq``: the checkpoint's GPTQ or AWQ
+    configuration (neither: GGUF tensors, or random weights)."""
 
     def __init__(
         self,
@@ -120,10 +121,12 @@ class WnA16LinearMethod(LinearMethod):
         device: torch.device,
         gptq: GptqConfig | None = None,
         random_group_size: int = 128,
+        awq: AwqConfig | None = None,
     ) -> None:
         self.ops = ops
         self.device = device
         self.gptq = gptq
+        self.awq = awq
         self.random_group_size = random_group_size
 
     def create_weights(
@@ -165,6 +168,8 @@ class WnA16LinearMethod(LinearMethod):
         if name == "weight":
             state.parts[shard.index] = self._weight_part(state, source, shard).to(self.device)
             return ()
+        if self.awq is not None and name in _GPTQ_NAMES:
+            return self._load_awq(state, name, source, shard, self.awq)
         if name not in _GPTQ_NAMES or self.gptq is None:
             raise ValueError(f"4-bit linear layers load weight or GPTQ tensors, not {name!r}")
         piece = _gptq_slice(name, source, shard, self.gptq)
@@ -190,6 +195,22 @@ class WnA16LinearMethod(LinearMethod):
             state.parts[shard.index] = part.to(self.device)
             if perm is not None:
                 state.perms[shard.index] = perm.to(self.device)
+        return ()
+
+    def _load_awq(self, state: LayerState, name: str, source: TensorSource, shard: WeightShard,
+                  config: AwqConfig) -> Iterable[str]:
+        """Stage this rank's part of an AWQ tensor; convert the layer part once all three are in."""
+        if name == "g_idx":
+            raise ValueError("AWQ checkpoints have no g_idx")
+        staged = state.staged.setdefault(shard.index, {})
+        staged[name] = awq_slice(name, source, shard.start, shard.length, shard.dim, config.group_size)
+        if {"qweight", "qzeros", "scales"} <= staged.keys():
+            group = config.group_size
+            if shard.dim == 1 and staged["scales"].shape[0] == 1:  # one group: it spans the shard
+                group = staged["qweight"].shape[0]
+            part = convert_awq(staged["qweight"], staged["qzeros"], staged["scales"], group)
+            del state.staged[shard.index]
+            state.parts[shard.index] = part.to(self.device)
         return ()
 
     def _weight_part(self, state: LayerState, source: TensorSource, shard: WeightShard) -> Part:

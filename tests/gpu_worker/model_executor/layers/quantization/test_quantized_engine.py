@@ -24,6 +24,7 @@ from gpu_worker import LLM, SamplingParams
 from kernels.quant_reference import FP8_DTYPE, quantize_fp8_rows
 from tests.gpu_worker.engine.engine_helpers import hf_greedy
 from tests.helpers.quantized_checkpoints import (
+    write_awq_checkpoint,
     write_dense_checkpoint,
     write_fp8_checkpoint,
     write_gptq_checkpoint,
@@ -95,6 +96,7 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory, llama: Path) -> Iterat
         "gptq-asym": lambda d: write_gptq_checkpoint(llama, d, bits=4, group_size=32, sym=False),
         "gptq-head": lambda d: write_gptq_checkpoint(llama, d, group_size=32, sym=False, lm_head=True),
         "gptq-act": lambda d: write_gptq_checkpoint(llama, d, group_size=32, sym=False, desc_act=True),
+        "awq": lambda d: write_awq_checkpoint(llama, d, group_size=32),
     }
     made: dict[str, Path] = {}
 
@@ -282,6 +284,22 @@ def test_16bit_checkpoint_quantized_at_load_equals_per_channel_checkpoint(
     assert at_load == stored
 
 
+def test_awq_checkpoint_matches_dequantized_reference(checkpoints: Callable[[str], Path]) -> None:
+    """AutoAWQ's GEMM format (outputs interleaved in their words, zero points as stored) in the
+    4-bit layers: HF's tokens over the dequantized weights; two TP ranks (QKV / gate-up split by
+    whole words of outputs, O / down by whole groups of inputs) give the same tokens as one."""
+    folder = checkpoints("awq")
+    tokens, llm = engine_tokens(folder)
+    assert llm.engine.config.quantization == "awq"
+    qkv = llm.engine.core.runner.model.model.layers[0].self_attn.qkv_proj
+    assert qkv.linear_method.awq is not None and qkv.wna16.segments[0].weight.offsets is not None
+    llm.shutdown()
+    assert tokens == reference_tokens(folder.parent / "awq-ref", fake_quant_fp8=False)
+    two, llm = engine_tokens(folder, tensor_parallel_size=2)
+    llm.shutdown()
+    assert two == tokens
+
+
 def test_gptq_two_tensor_parallel_ranks_equal_one(checkpoints: Callable[[str], Path]) -> None:
     """TP=2 over gloo: QKV / gate-up split by GPTQ columns (and packed zero points, 8 per
     word), O / down by whole groups of K: the same tokens as one rank."""
@@ -317,4 +335,6 @@ def test_refusals(checkpoints: Callable[[str], Path], llama: Path) -> None:
     with pytest.raises(ValueError, match="serves a .gguf file"):
         LLM(model=str(llama), quantization="gguf", **ENGINE)
     with pytest.raises(ValueError, match="quantization must be one of"):
+        LLM(model=str(llama), quantization="bnb", **ENGINE)
+    with pytest.raises(ValueError, match="needs an AWQ checkpoint"):
         LLM(model=str(llama), quantization="awq", **ENGINE)

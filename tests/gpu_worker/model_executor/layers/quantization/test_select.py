@@ -32,6 +32,8 @@ FP8_CT = SimpleNamespace(
     }
 )
 GPTQ = SimpleNamespace(quantization_config={"quant_method": "gptq", "bits": 4, "group_size": 128})
+AWQ = SimpleNamespace(quantization_config={"quant_method": "awq", "bits": 4, "group_size": 128,
+                                           "zero_point": True, "version": "gemm"})
 FP8_BLOCK = SimpleNamespace(quantization_config={"quant_method": "fp8", "weight_block_size": [128, 128]})
 
 
@@ -53,6 +55,7 @@ def test_auto_serves_what_the_checkpoint_is() -> None:
     assert resolve("auto", FP8_CT) == "fp8"
     assert resolve("auto", GPTQ) == "gptq"
     assert resolve("auto", FP8_BLOCK) == "fp8"
+    assert resolve("auto", AWQ) == "awq" and resolve("awq", AWQ) == "awq"
     assert resolve("auto", gguf=True) == "none"  # the dequantized cache
     assert resolve("auto", gguf=True, quantized=True) == "gguf"
     assert resolve("fp8") == "fp8" and resolve("fp8", FP8_CT) == "fp8" and resolve("fp8", gguf=True) == "fp8"
@@ -67,10 +70,14 @@ def test_refusals() -> None:
         resolve("none", FP8_CT)
     with pytest.raises(ValueError, match="needs a GPTQ checkpoint"):
         resolve("gptq")
+    with pytest.raises(ValueError, match="needs an AWQ checkpoint"):
+        resolve("awq")
+    with pytest.raises(ValueError, match="awq-quantized"):
+        resolve("gptq", AWQ)
     with pytest.raises(ValueError, match="serves a .gguf"):
         resolve("gguf")
     with pytest.raises(ValueError, match="not supported"):
-        resolve("auto", SimpleNamespace(quantization_config={"quant_method": "awq"}))
+        resolve("auto", SimpleNamespace(quantization_config={"quant_method": "bitsandbytes"}))
     with pytest.raises(ValueError, match="block_k a power of two"):
         resolve(
             "auto",
@@ -101,6 +108,9 @@ def test_linear_methods_keep_the_head_and_ignored_modules_unquantized() -> None:
     assert isinstance(
         make_linear_methods("gptq", GPTQ, CPU)("model.layers.0.mlp.down_proj"), WnA16LinearMethod
     )
+    awq = make_linear_methods("awq", AWQ, CPU)("model.layers.0.mlp.down_proj")
+    assert isinstance(awq, WnA16LinearMethod) and awq.awq is not None and awq.gptq is None
+    assert isinstance(make_linear_methods("awq", AWQ, CPU)("lm_head"), UnquantizedLinearMethod)
     block = make_linear_methods("fp8", FP8_BLOCK, CPU)
     method = block("model.layers.0.mlp.down_proj")
     assert isinstance(method, Fp8BlockLinearMethod) and method.block == (128, 128)
@@ -144,6 +154,8 @@ def test_worker_flags_and_variables() -> None:
     engine, _ = configs_from_args(build_parser({}).parse_args(["--model", "m"]))
     assert (engine.quantization, engine.kv_cache_dtype) == ("auto", "auto")
     with pytest.raises(ValueError, match="quantization must be one of"):
-        configs_from_args(build_parser({}).parse_args(["--model", "m", "--quantization", "awq"]))
+        configs_from_args(build_parser({}).parse_args(["--model", "m", "--quantization", "bnb"]))
+    engine, _ = configs_from_args(build_parser({}).parse_args(["--model", "m", "--quantization", "awq"]))
+    assert engine.quantization == "awq"
     with pytest.raises(ValueError, match="kv_cache_dtype must be one of"):
         configs_from_args(build_parser({}).parse_args(["--model", "m", "--kv-cache-dtype", "int8"]))
