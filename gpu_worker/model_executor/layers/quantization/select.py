@@ -3,7 +3,8 @@
 ``EngineConfig.quantization`` (``--quantization``):
 
 - ``auto`` (default): what the checkpoint is. A ``quantization_config`` with ``quant_method``
-  ``fp8`` or ``compressed-tensors`` (fp8 weights) -> ``fp8``; ``gptq`` -> ``gptq``. A ``.gguf`` file
+  ``fp8`` or ``compressed-tensors`` (fp8 weights) -> ``fp8``; ``gptq`` -> ``gptq``; ``awq`` ->
+  ``awq``. A ``.gguf`` file
   -> ``gguf`` (served quantized) on CUDA, ``none`` (the dequantized cache) on the CPU, where a
   dequantizing matmul per step is slower than 32-bit weights. Otherwise ``none``.
 - ``none``: 16/32-bit weights (a ``.gguf`` through its dequantized cache).
