@@ -4,9 +4,9 @@
 
 - ``auto`` (default): what the checkpoint is. A ``quantization_config`` with ``quant_method``
   ``fp8`` or ``compressed-tensors`` (fp8 weights) -> ``fp8``; ``gptq`` -> ``gptq``; ``awq`` ->
-  ``awq``. A ``.gguf`` file
-  -> ``gguf`` (served quantized) on CUDA, ``none`` (the dequantized cache) on the CPU, where a
-  dequantizing matmul per step is slower than 32-bit weights. Otherwise ``none``.
+  ``awq``. A ``.gguf`` file -> ``gguf`` (served quantized) on CUDA, ``none`` (the dequantized
+  cache) on the CPU, where a dequantizing matmul per step is slower than 32-bit weights.
+  Otherwise ``none``.
 - ``none``: 16/32-bit weights (a ``.gguf`` through its dequantized cache).
 - ``fp8``: fp8 weights; a 16/32-bit checkpoint (or a ``.gguf``'s dequantized cache) is quantized
   as it loads (per output channel), a pre-quantized fp8 checkpoint loads as it is (per tensor,
