@@ -41,7 +41,11 @@ from kernels.triton_ops import Fp8LinearConfig, WnA16Config
 from kernels.triton_ops import wna16 as twna16
 from kernels.triton_ops.gemv import GemvTiles
 from tests.gpu_worker.model_executor.triton_model_check import EveryShape, segment_counts
-from tests.helpers.quantized_checkpoints import write_fp8_checkpoint, write_gptq_checkpoint
+from tests.helpers.quantized_checkpoints import (
+    write_awq_checkpoint,
+    write_fp8_checkpoint,
+    write_gptq_checkpoint,
+)
 from tests.helpers.runners import build_runner
 from tests.helpers.smollm2_accuracy import sequence_logits
 from tests.helpers.tiny_models import make_tiny_model
@@ -66,14 +70,15 @@ def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     dense64 = make_tiny_model("llama", root / "dense64", **SHAPE, head_dim=64)
     write_fp8_checkpoint(dense64, root / "fp8-block", naming="hf", block=(128, 128))
     write_gptq_checkpoint(dense, root / "gptq", bits=4, group_size=64, sym=False)
+    write_awq_checkpoint(dense, root / "awq", group_size=64)
     # Symmetric, groups of 128 (heads of 32 so that o_proj has 128 inputs): 2-16 tokens take the
     # tensor-core GEMV (wna16.MMA_GEMV_MAX_M).
     dense128 = make_tiny_model("llama", root / "dense128", **SHAPE, head_dim=32)
     write_gptq_checkpoint(dense128, root / "gptq-sym", bits=4, group_size=128, sym=True)
     write_gptq_checkpoint(dense128, root / "gptq-head", bits=4, group_size=128, sym=True, lm_head=True)
     write_gptq_checkpoint(dense128, root / "gptq-act", bits=4, group_size=128, sym=True, desc_act=True)
-    return {"dense": dense, "fp8": root / "fp8", "fp8-block": root / "fp8-block", "gptq": root / "gptq",
-            "gptq-sym": root / "gptq-sym", "gptq-head": root / "gptq-head", "gptq-act": root / "gptq-act"}
+    names = ("fp8", "fp8-block", "awq", "gptq", "gptq-sym", "gptq-head", "gptq-act")
+    return {"dense": dense, **{name: root / name for name in names}}
 
 
 def _runner(folder: Path, **engine: Any) -> ModelRunner:
@@ -148,6 +153,13 @@ def test_w4a16_act_order_vs_reference_linears(folders: dict[str, Path]) -> None:
     assert layer_state(ours.model.model.layers[0].mlp.gate_up_proj).segments[0].perm is not None
     _use_reference_linears(ref)
     _compare("gptq-act", ours, ref)
+
+
+def test_awq_model_vs_reference_linears(folders: dict[str, Path]) -> None:
+    """An AWQ checkpoint (AutoAWQ's GEMM packing, zero points) in the 4-bit layers on the card."""
+    ours, ref = _runner(folders["awq"]), _runner(folders["awq"])
+    _use_reference_linears(ref)
+    _compare("gptq-awq", ours, ref)  # the GPTQ 4-bit layers' bounds
 
 
 def test_w4a16_model_vs_reference_linears(folders: dict[str, Path]) -> None:
