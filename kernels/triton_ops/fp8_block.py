@@ -27,6 +27,7 @@ from kernels.quant_reference import check_fp8_block
 from kernels.quant_reference import fp8_block_linear as _reference_block_linear
 from kernels.triton_ops.fp8_common import quantize_e4m3, row_scales, software_fp8
 from kernels.triton_ops.gemv import MAX_M, GemvTiles, gemv_fp8_weight_only
+from kernels.triton_ops.tiles import grouped_tile
 
 # torch._scaled_mm's block-wise path takes token counts that are multiples of this (H100,
 # torch 2.11, DECISIONS 145: others raised CUBLAS_STATUS_NOT_SUPPORTED); others are padded with
@@ -100,13 +101,7 @@ def _fp8_block_gemm_kernel(
     # BLOCK_K is the weight's block_k: each iteration is one block column, whose dot product is
     # scaled by xs[m, kb] * ws[n // SBN, kb] before it is added (the blocks' scales differ).
     pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
-    per_group = GROUP_M * num_n
-    first_m = (pid // per_group) * GROUP_M
-    group_rows = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % group_rows
-    pid_n = (pid % per_group) // group_rows
+    pid_m, pid_n = grouped_tile(pid, M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)

@@ -35,6 +35,7 @@ from kernels.quant_reference import Fp8Activation
 from kernels.triton_ops.fp8_common import quantize_e4m3, row_scales, software_fp8
 from kernels.triton_ops.gemv import MAX_M as MAX_GEMV_M
 from kernels.triton_ops.gemv import GemvTiles, gemv_fp8, gemv_fp8_weight_only
+from kernels.triton_ops.tiles import grouped_tile
 
 
 @dataclass(frozen=True)
@@ -135,15 +136,8 @@ def _fp8_gemm_kernel(
     GROUP_M: tl.constexpr,
     IMPRECISE_ACC: tl.constexpr,
 ):
-    # Grouped ordering: GROUP_M row tiles share each weight tile while it is in L2.
     pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
-    per_group = GROUP_M * num_n
-    first_m = (pid // per_group) * GROUP_M
-    group_rows = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % group_rows
-    pid_n = (pid % per_group) // group_rows
+    pid_m, pid_n = grouped_tile(pid, M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)

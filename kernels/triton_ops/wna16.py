@@ -45,6 +45,7 @@ from kernels.triton_ops.gemv import (
     reduce_splits,
     split_counters,
 )
+from kernels.triton_ops.tiles import grouped_tile
 from kernels.triton_ops.wna16_mma import MMA_MAX_M, gemv_int4_mma, mma_applies
 
 # One token (batch-1 decode), gemv.gemv_wna16 (4-bit: its int32-word kernel): fastest on an
@@ -242,13 +243,7 @@ def _wna16_gemm_kernel(
     pid_k = tl.program_id(1)
     k_lo = pid_k * K_PER_SPLIT
     k_hi = tl.minimum(k_lo + K_PER_SPLIT, K)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
-    per_group = GROUP_M * num_n
-    first_m = (pid // per_group) * GROUP_M
-    group_rows = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % group_rows
-    pid_n = (pid % per_group) // group_rows
+    pid_m, pid_n = grouped_tile(pid, M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
