@@ -26,7 +26,7 @@ per tensor), so each rank's e4m3 codes are those of one rank: TP=2 computes what
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 import torch
 from torch import nn
@@ -132,19 +132,29 @@ class Fp8LinearMethod(LinearMethod):
 
     def fill_random(self, layer: nn.Module, seed: int, std: float) -> bool:
         weight, weight_scale = param(layer, "weight"), param(layer, "weight_scale")
-        rows, cols = weight.shape
-        generator = torch.Generator(device=weight.device)
-        generator.manual_seed(seed)
-        step = max(1, _RANDOM_CHUNK_ELEMENTS // max(cols, 1))
         with torch.no_grad():
-            for r0 in range(0, rows, step):
-                n = min(step, rows - r0)
-                x = torch.empty(n, cols, dtype=torch.float32, device=weight.device)
-                x.normal_(0.0, std, generator=generator)
+            for r0, x in random_row_chunks(weight, seed, std):
                 q, scale = quantize_fp8_rows(x)
-                weight[r0 : r0 + n].copy_(q)
-                weight_scale[r0 : r0 + n].copy_(scale.reshape(-1))
+                weight[r0 : r0 + x.shape[0]].copy_(q)
+                weight_scale[r0 : r0 + x.shape[0]].copy_(scale.reshape(-1))
         return True
+
+
+def random_row_chunks(
+    weight: torch.Tensor, seed: int, std: float, row_multiple: int = 1
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """``(first row, float32 normal(0, std) rows)`` covering ``weight``'s rows in chunks of about
+    ``_RANDOM_CHUNK_ELEMENTS`` values (whole multiples of ``row_multiple`` rows), from one
+    generator seeded with ``seed`` on ``weight``'s device: random weights drawn a few rows at a
+    time, whatever the shape."""
+    rows, cols = weight.shape
+    generator = torch.Generator(device=weight.device)
+    generator.manual_seed(seed)
+    step = max(1, _RANDOM_CHUNK_ELEMENTS // max(cols * row_multiple, 1)) * row_multiple
+    for r0 in range(0, rows, step):
+        x = torch.empty(min(step, rows - r0), cols, dtype=torch.float32, device=weight.device)
+        x.normal_(0.0, std, generator=generator)
+        yield r0, x
 
 
 def _rows(t: torch.Tensor, shard: WeightShard) -> torch.Tensor:

@@ -22,13 +22,11 @@ import torch
 from torch import nn
 
 from gpu_worker.model_executor.layers.quantization.base import LinearMethod, WeightShard, param
+from gpu_worker.model_executor.layers.quantization.fp8 import random_row_chunks
 from gpu_worker.model_executor.layers.quantization.fp8_format import Fp8CheckpointFormat
 from gpu_worker.model_executor.weights import TensorSource
 from kernels import KernelOps
 from kernels.quant_reference import FP8_DTYPE, fp8_block_scale_shape, quantize_fp8_blocks
-
-# Rows of a random weight drawn at once (rounded to whole blocks): about 64M float32 values.
-_RANDOM_CHUNK_ELEMENTS = 1 << 26
 
 
 class Fp8BlockLinearMethod(LinearMethod):
@@ -136,17 +134,10 @@ class Fp8BlockLinearMethod(LinearMethod):
 
     def fill_random(self, layer: nn.Module, seed: int, std: float) -> bool:
         weight, weight_scale = param(layer, "weight"), param(layer, "weight_scale")
-        rows, cols = weight.shape
         bn = self.block[0]
-        generator = torch.Generator(device=weight.device)
-        generator.manual_seed(seed)
-        step = max(1, _RANDOM_CHUNK_ELEMENTS // max(cols * bn, 1)) * bn
-        with torch.no_grad():
-            for r0 in range(0, rows, step):
-                n = min(step, rows - r0)
-                x = torch.empty(n, cols, dtype=torch.float32, device=weight.device)
-                x.normal_(0.0, std, generator=generator)
+        with torch.no_grad():  # chunks of whole block rows: each chunk's scales are its own
+            for r0, x in random_row_chunks(weight, seed, std, row_multiple=bn):
                 q, scale = quantize_fp8_blocks(x, self.block)
-                weight[r0 : r0 + n].copy_(q)
+                weight[r0 : r0 + x.shape[0]].copy_(q)
                 weight_scale[r0 // bn : r0 // bn + scale.shape[0]].copy_(scale)
         return True
