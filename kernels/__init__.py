@@ -62,12 +62,12 @@ class KernelOps:
     # quant_reference.fp8_block_linear and fp8_block_weight_only_linear): W8A8 with activations
     # quantized per token in groups of bk, and W8A16 for steps of at most fp8_weight_only_max_m
     # tokens; the gated one-token form as above (None: the linear, then silu_and_mul).
-    # Optional x.index_select(-1, index) (an act-order layer's input reorder) that launches in the
-    # decode chain (None: torch's index_select).
-    gather_columns: Callable[..., Any] | None = None
     fp8_block_linear: Callable[..., Any] | None = None
     fp8_block_weight_only_linear: Callable[..., Any] | None = None
     fp8_block_weight_only_gated_linear: Callable[..., Any] | None = None
+    # Optional x.index_select(-1, index) (an act-order layer's input reorder) that launches in the
+    # decode chain (None: torch's index_select).
+    gather_columns: Callable[..., Any] | None = None
     # Optional (n, k, device) -> the arrival counts a one-token wna16_linear of an [n, k] weight
     # takes as ``counters=`` (its split-K sums added in the GEMV instead of a second launch), or
     # None where it needs none (None: the set's wna16_linear takes no counters).

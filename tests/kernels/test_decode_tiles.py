@@ -1,4 +1,5 @@
-"""How many KV heads one decode-attention program takes (host ints only).
+"""How many KV heads one decode-attention program takes and how long its partitions are (host
+ints only).
 
 The kernel is checked against the reference for several heads per program in
 ``kernel_checks.py`` (CPU interpreter, float32) and bit for bit against one head per program
@@ -11,7 +12,11 @@ import pytest
 
 pytest.importorskip("triton")
 
-from kernels.triton_ops.decode_attention import DecodeConfig, _heads_per_program  # noqa: E402
+from kernels.triton_ops.decode_attention import (  # noqa: E402
+    DecodeConfig,
+    _choose_tiles,
+    _heads_per_program,
+)
 
 
 @pytest.mark.parametrize(
@@ -42,3 +47,19 @@ def test_heads_per_program_must_be_a_power_of_two() -> None:
         DecodeConfig(heads_per_program=3)
     with pytest.raises(ValueError, match="power of two"):
         DecodeConfig(heads_per_program=0)
+
+
+@pytest.mark.parametrize(
+    ("groups", "max_seq_len", "partition"),
+    [
+        (8, 2048, 64),  # W2: batch 1 x 8 KV heads under a 2,048-token bound: 32 partitions of 64
+        (8, 8192, 128),  # the same at 8,192: splits stay about _TARGET_PROGRAMS / groups
+        (8, 131072, 2048),
+        (64, 2048, 256),  # batch 8: 8 splits
+        (512, 2048, 2048),  # enough programs: one partition
+        (2048, 100, 128),  # a short bound: one partition
+    ],
+)
+def test_default_partitions_split_small_batches_down_to_64_tokens(groups: int, max_seq_len: int,
+                                                                   partition: int) -> None:
+    assert _choose_tiles(DecodeConfig(), groups, max_seq_len, 2) == (partition, 64)
