@@ -17,7 +17,7 @@ _DTYPES = ("auto", "float32", "float16", "bfloat16")
 _LOAD_FORMATS = ("auto", "dummy")
 # Weight quantization (docs/QUANTIZATION.md; resolved by layers/quantization/select.py) and the
 # KV pool's element type.
-QUANTIZATIONS = ("auto", "none", "fp8", "gptq", "awq", "gguf")
+QUANTIZATIONS = ("auto", "none", "fp8", "gptq", "awq", "compressed-tensors", "gguf")
 KV_CACHE_DTYPES = ("auto", "fp8")
 AUTO_TENSOR_PARALLEL = 0  # tensor_parallel_size "auto": chosen from the model and the GPUs
 # Per-step token budgets when max_num_batched_tokens is left unset (see EngineConfig).
@@ -77,11 +77,13 @@ class EngineConfig:
     defaults to off.
 
     ``quantization`` picks the weights' format (docs/QUANTIZATION.md): ``auto`` serves what the
-    checkpoint is (fp8, GPTQ or AWQ when its ``quantization_config`` says so; a ``.gguf`` quantized on
+    checkpoint is (fp8, GPTQ, AWQ or compressed-tensors when its ``quantization_config`` says so; a
+    ``.gguf`` quantized on
     CUDA and through its dequantized cache on the CPU), ``none`` 16/32-bit weights, ``fp8`` e4m3
     weights (a 16/32-bit checkpoint quantized as it loads), ``gptq`` a GPTQ checkpoint (or random
-    4-bit weights with ``load_format="dummy"``), ``awq`` an AWQ checkpoint, ``gguf`` a ``.gguf``
-    served quantized.
+    4-bit weights with ``load_format="dummy"``), ``awq`` an AWQ checkpoint, ``compressed-tensors``
+    a compressed-tensors checkpoint (integer W4A16 / W8A16 in the 4-bit layers, fp8 as ``fp8``),
+    ``gguf`` a ``.gguf`` served quantized.
     ``kv_cache_dtype`` ``fp8`` stores K/V as e4m3 (about twice the tokens in the same memory;
     scales from the checkpoint, else computed from the first real prefill, per layer, with
     ``calculate_kv_scales`` (the default; off: 1.0)), ``auto`` in the model's dtype. Once the

@@ -88,7 +88,7 @@ def resolve_model(spec: str, gguf_quantized: bool = False) -> ModelSource:
 
 def resolve_served_model(config: EngineConfig, device: torch.device) -> tuple[EngineConfig, ModelSource, Any]:
     """``(config, source, hf_config)`` with ``config.quantization`` settled (``none``, ``fp8``,
-    ``gptq``, ``awq`` or ``gguf``): every rank then loads the same way."""
+    ``gptq``, ``awq``, ``compressed-tensors`` or ``gguf``): every rank then loads the same way."""
     path = model_path(config.model)
     gguf_quantized = serves_gguf_quantized(config.quantization, path if is_gguf(path) else None, device)
     source = resolve_model(config.model, gguf_quantized=gguf_quantized)

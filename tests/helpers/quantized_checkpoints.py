@@ -13,6 +13,10 @@
   ``scales`` ``[G, N]``), round-to-nearest with zero points (AWQ's scale search left out).
 - :func:`write_gptq_checkpoint`: GPTQ as AutoGPTQ/optimum write it (``qweight``/``qzeros``/
   ``scales``/``g_idx``, :func:`autogptq_pack`), round-to-nearest on the GPTQ grid.
+- :func:`write_ct_int_checkpoint`: compressed-tensors integer weights as llm-compressor writes its
+  W4A16 / W8A16 schemes (``format: "pack-quantized"``: ``weight_packed``, bfloat16
+  ``weight_scale``, ``weight_zero_point`` packed along the outputs when asymmetric,
+  ``weight_g_idx`` for ``actorder: "group"``, ``weight_shape``), round-to-nearest.
 
 Each writer also returns the weights the quantized checkpoint stands for, dequantized
 (float32), and :func:`write_dense_checkpoint` saves them as an ordinary folder: the reference a
@@ -24,6 +28,7 @@ from __future__ import annotations
 import json
 import shutil
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +36,7 @@ import numpy as np
 import torch
 
 from gpu_worker.model_executor.layers.quantization.awq_format import dequantize_awq, pack_awq
+from gpu_worker.model_executor.layers.quantization.ct_int_format import CtIntConfig, dequantize_ct, pack_ct
 from gpu_worker.model_executor.layers.quantization.gptq_format import GptqConfig, dequantize_gptq
 from kernels.quant_reference import (
     dequantize_fp8,
@@ -217,15 +223,21 @@ def act_order_perm(name: str, k: int) -> torch.Tensor:
     return torch.randperm(k, generator=torch.Generator().manual_seed(zlib.crc32(key.encode())))
 
 
+def _projections(src: Path, out: dict[str, torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
+    """``src``'s projection weights (name, tensor), the other tensors copied into ``out``."""
+    for name, t in _read(src).items():
+        if _is_projection(name):
+            yield name, t
+        else:
+            out[name] = t
+
+
 def write_awq_checkpoint(src: Path, dst: Path, *, group_size: int = 32) -> dict[str, torch.Tensor]:
     """An AWQ checkpoint (AutoAWQ GEMM format, module docstring) of ``src``'s projections; returns
     their dequantized weights (float32, by HF name, AWQ's own formula)."""
     out: dict[str, torch.Tensor] = {}
     dequantized: dict[str, torch.Tensor] = {}
-    for name, t in _read(src).items():
-        if not _is_projection(name):
-            out[name] = t
-            continue
+    for name, t in _projections(src, out):
         on_grid, scales, zeros = gptq_rtn(t, group_size, 4, sym=False)  # scales, zeros [G, N]
         g = torch.arange(t.shape[1]) // group_size
         q = torch.round(on_grid / scales.float().t()[:, g]).to(torch.int64) + zeros.t()[:, g]  # [N, K]
@@ -235,6 +247,59 @@ def write_awq_checkpoint(src: Path, dst: Path, *, group_size: int = 32) -> dict[
         dequantized[name] = dequantize_awq(qweight, qzeros, scales, group_size)
     qc = {"quant_method": "awq", "bits": 4, "group_size": group_size, "zero_point": True, "version": "gemm",
           "modules_to_not_convert": None}
+    _copy_folder(src, dst, qc)
+    _save(out, dst)
+    return dequantized
+
+
+def write_ct_int_checkpoint(
+    src: Path, dst: Path, *, bits: int = 4, group_size: int = 32, symmetric: bool = True,
+    actorder: str | None = None,
+) -> dict[str, torch.Tensor]:
+    """A compressed-tensors ``pack-quantized`` checkpoint of ``src``'s projections (module
+    docstring; ``group_size`` -1: strategy channel); returns their dequantized weights (float32,
+    by HF name, compressed-tensors' formula). ``actorder="group"``: each group a random set of
+    inputs (:func:`act_order_perm`) named by ``weight_g_idx``."""
+    config = CtIntConfig(bits=bits, group_size=group_size, symmetric=symmetric, actorder=actorder)
+    half = 1 << (bits - 1)
+    out: dict[str, torch.Tensor] = {}
+    dequantized: dict[str, torch.Tensor] = {}
+    for name, t in _projections(src, out):
+        n, k = t.shape
+        group = k if group_size == -1 else group_size
+        g_idx = torch.arange(k) // group
+        if actorder == "group":  # input perm[i] is in group i // group
+            scattered = torch.empty_like(g_idx)
+            scattered[act_order_perm(name, k)] = g_idx
+            g_idx = scattered
+        w = t.float()
+        low = torch.stack([w[:, g_idx == g].amin(1) for g in range(k // group)], 1).clamp(max=0)  # [N, G]
+        high = torch.stack([w[:, g_idx == g].amax(1) for g in range(k // group)], 1).clamp(min=0)
+        if symmetric:
+            scales = (torch.maximum(-low, high) / (half - 1)).clamp_min(1e-6).to(torch.bfloat16)
+            zeros = torch.zeros_like(low, dtype=torch.int64)
+        else:
+            scales = ((high - low) / (2 * half - 1)).clamp_min(1e-6).to(torch.bfloat16)
+            zeros = (torch.round(-low / scales.float()) - half).to(torch.int64).clamp(-half, half - 1)
+        q = (torch.round(w / scales.float()[:, g_idx]) + zeros[:, g_idx]).clamp(-half, half - 1)
+        base = name[: -len("weight")]
+        tensors = {"weight_packed": pack_ct(q.to(torch.int64) + half, bits), "weight_scale": scales,
+                   "weight_shape": torch.tensor([n, k], dtype=torch.int32)}
+        if not symmetric:
+            tensors["weight_zero_point"] = pack_ct(zeros + half, bits, dim=0)
+        if actorder == "group":
+            tensors["weight_g_idx"] = g_idx.to(torch.int32)
+        out.update({base + key: v for key, v in tensors.items()})
+        dequantized[name] = dequantize_ct(tensors["weight_packed"], scales, tensors.get("weight_zero_point"),
+                                          tensors.get("weight_g_idx"), config)
+    weights = {"num_bits": bits, "type": "int", "symmetric": symmetric,
+               "strategy": "channel" if group_size == -1 else "group",
+               "group_size": None if group_size == -1 else group_size, "dynamic": False,
+               "actorder": actorder, "observer": "minmax"}
+    qc = {"quant_method": "compressed-tensors", "format": "pack-quantized", "ignore": ["lm_head"],
+          "quantization_status": "compressed",
+          "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights,
+                                        "input_activations": None, "output_activations": None}}}
     _copy_folder(src, dst, qc)
     _save(out, dst)
     return dequantized

@@ -3,9 +3,11 @@
 ``EngineConfig.quantization`` (``--quantization``):
 
 - ``auto`` (default): what the checkpoint is. A ``quantization_config`` with ``quant_method``
-  ``fp8`` or ``compressed-tensors`` (fp8 weights) -> ``fp8``; ``gptq`` -> ``gptq``; ``awq`` ->
-  ``awq``. A ``.gguf`` file -> ``gguf`` (served quantized) on CUDA, ``none`` (the dequantized
-  cache) on the CPU, where a dequantizing matmul per step is slower than 32-bit weights.
+  ``fp8`` or ``compressed-tensors`` with fp8 weights -> ``fp8``; ``compressed-tensors`` with
+  integer weights (``pack-quantized``: W4A16, W8A16) -> ``compressed-tensors``; ``gptq`` ->
+  ``gptq``; ``awq`` -> ``awq``. A ``.gguf`` file -> ``gguf`` (served quantized) on CUDA,
+  ``none`` (the dequantized cache) on the CPU, where a dequantizing matmul per step is slower
+  than 32-bit weights.
   Otherwise ``none``.
 - ``none``: 16/32-bit weights (a ``.gguf`` through its dequantized cache).
 - ``fp8``: fp8 weights; a 16/32-bit checkpoint (or a ``.gguf``'s dequantized cache) is quantized
@@ -13,6 +15,8 @@
   per channel, or per block: ``Fp8BlockLinearMethod``).
 - ``gptq``: a GPTQ checkpoint, or random 4-bit weights with ``load_format="dummy"``.
 - ``awq``: an AWQ checkpoint (AutoAWQ's GEMM format), in the same 4-bit layers as GPTQ.
+- ``compressed-tensors``: a compressed-tensors checkpoint as it is (vLLM's name for the format):
+  integer weights in the GPTQ layers, fp8 weights as ``fp8``.
 - ``gguf``: a ``.gguf`` file served quantized (also on the CPU).
 
 The embeddings stay 16-bit whatever the choice (a lookup), and so does a head tied to them. An
@@ -36,6 +40,7 @@ import torch
 from gpu_worker.config import KV_CACHE_DTYPES, QUANTIZATIONS
 from gpu_worker.model_executor.layers.quantization.awq_format import AwqConfig
 from gpu_worker.model_executor.layers.quantization.base import LinearMethod, UnquantizedLinearMethod
+from gpu_worker.model_executor.layers.quantization.ct_int_format import CtIntConfig, is_ct_int
 from gpu_worker.model_executor.layers.quantization.fp8 import Fp8LinearMethod
 from gpu_worker.model_executor.layers.quantization.fp8_block import Fp8BlockLinearMethod
 from gpu_worker.model_executor.layers.quantization.fp8_format import parse_fp8_checkpoint, require_fp8
@@ -59,12 +64,16 @@ def quantization_config(hf_config: Any) -> Mapping[str, Any] | None:
 
 
 def checkpoint_quantization(hf_config: Any) -> str | None:
-    """``fp8`` / ``gptq`` for a pre-quantized checkpoint we serve, None for a 16/32-bit one;
-    ValueError for quantized formats we do not."""
+    """``fp8`` / ``gptq`` / ``awq`` / ``compressed-tensors`` (integer weights) for a
+    pre-quantized checkpoint we serve, None for a 16/32-bit one; ValueError for quantized
+    formats we do not."""
     qc = quantization_config(hf_config)
     if qc is None:
         return None
     method = qc.get("quant_method")
+    if method == "compressed-tensors" and is_ct_int(qc):
+        CtIntConfig.from_hf(qc)  # raises for schemes we do not serve, naming them
+        return "compressed-tensors"
     if method in ("fp8", "compressed-tensors"):
         parse_fp8_checkpoint(qc)  # raises for non-fp8 compressed-tensors and blocks we cannot tile
         return "fp8"
@@ -75,7 +84,7 @@ def checkpoint_quantization(hf_config: Any) -> str | None:
         AwqConfig.from_hf(qc)
         return "awq"
     raise ValueError(f"checkpoint quantization {method!r} is not supported "
-                     "(fp8, compressed-tensors fp8, gptq, awq)")
+                     "(fp8, compressed-tensors fp8 / W4A16 / W8A16, gptq, awq)")
 
 
 def is_gguf(model: str | Path) -> bool:
@@ -92,8 +101,9 @@ def serves_gguf_quantized(requested: str, gguf_file: Path | None, device: torch.
 def resolve_quantization(
     requested: str, hf_config: Any, *, gguf_file: Path | None, gguf_quantized: bool, load_format: str
 ) -> str:
-    """The concrete quantization (``none``, ``fp8``, ``gptq``, ``awq``, ``gguf``) for a request (module
-    docstring); ValueError where the model cannot be served that way."""
+    """The concrete quantization (``none``, ``fp8``, ``gptq``, ``awq``, ``compressed-tensors``,
+    ``gguf``) for a request (module docstring); ValueError where the model cannot be served that
+    way."""
     if requested not in QUANTIZATIONS:
         raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {requested!r}")
     if gguf_quantized:
@@ -103,6 +113,9 @@ def resolve_quantization(
     pre_quantized = gguf_file is None and load_format != "dummy"
     checkpoint = checkpoint_quantization(hf_config) if pre_quantized else None
     if checkpoint is not None:
+        qc = quantization_config(hf_config) or {}
+        if requested == "compressed-tensors" and qc.get("quant_method") == "compressed-tensors":
+            return checkpoint  # vLLM's name for every compressed-tensors checkpoint, fp8 ones too
         if requested not in ("auto", checkpoint):
             raise ValueError(f"the checkpoint is {checkpoint}-quantized: serve it with quantization "
                              f"'auto' or '{checkpoint}', not {requested!r}")
@@ -110,16 +123,19 @@ def resolve_quantization(
     if requested == "gptq" and load_format != "dummy":
         raise ValueError("quantization 'gptq' needs a GPTQ checkpoint (quantization_config quant_method "
                          "'gptq'), or load_format='dummy' for random 4-bit weights")
-    if requested == "awq":
-        raise ValueError("quantization 'awq' needs an AWQ checkpoint (quantization_config quant_method "
-                         "'awq'); random 4-bit weights are quantization 'gptq' with load_format='dummy'")
+    if requested in ("awq", "compressed-tensors"):
+        raise ValueError(f"quantization {requested!r} needs a checkpoint in that format (quantization_config "
+                         f"quant_method {requested!r}); random 4-bit weights are quantization 'gptq' with "
+                         "load_format='dummy'")
     return "none" if requested == "auto" else requested
 
 
 def bytes_per_weight(quantization: str, element_size: int) -> float:
     """Bytes per weight of a linear layer as served (4-bit: a nibble plus a float16 scale per
     group of 32, an upper bound for GPTQ's 128), for sizing ahead of loading."""
-    return {"fp8": 1.0, "gptq": 0.5625, "awq": 0.5625, "gguf": 0.5625}.get(quantization, float(element_size))
+    four_bit = 0.5625
+    return {"fp8": 1.0, "gptq": four_bit, "awq": four_bit, "compressed-tensors": four_bit,
+            "gguf": four_bit}.get(quantization, float(element_size))
 
 
 def kv_cache_torch_dtype(kv_cache_dtype: str, model_dtype: torch.dtype, device: torch.device) -> torch.dtype:
@@ -163,12 +179,15 @@ def make_linear_methods(
         gptq = GptqConfig.from_hf(qc) if qc is not None else None
         method = WnA16LinearMethod(ops, device, gptq)
         head_quantized = gptq is not None and gptq.lm_head
-    elif quantization == "awq":
+    elif quantization in ("awq", "compressed-tensors"):
         if qc is None:
-            raise ValueError("quantization 'awq' needs the checkpoint's quantization_config")
-        awq = AwqConfig.from_hf(qc)
-        ignore = awq.ignore
-        method = WnA16LinearMethod(ops, device, awq=awq)
+            raise ValueError(f"quantization {quantization!r} needs the checkpoint's quantization_config")
+        if quantization == "awq":
+            awq = AwqConfig.from_hf(qc)
+            ignore, method = awq.ignore, WnA16LinearMethod(ops, device, awq=awq)
+        else:
+            ct = CtIntConfig.from_hf(qc)
+            ignore, method = ct.ignore, WnA16LinearMethod(ops, device, ct=ct)
     elif quantization == "gguf":
         method = WnA16LinearMethod(ops, device)
         head_quantized = True  # output.weight in the file's type (dense types load dense)

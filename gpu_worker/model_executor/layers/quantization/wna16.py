@@ -26,6 +26,8 @@ from torch import nn
 
 from gpu_worker.model_executor.layers.quantization.awq_format import AwqConfig, awq_slice, convert_awq
 from gpu_worker.model_executor.layers.quantization.base import LinearMethod, WeightShard
+from gpu_worker.model_executor.layers.quantization.ct_int_format import NAMES as _CT_NAMES
+from gpu_worker.model_executor.layers.quantization.ct_int_format import CtIntConfig, convert_ct_int, ct_slice
 from gpu_worker.model_executor.layers.quantization.gptq_format import (
     GptqConfig,
     act_order,
@@ -112,8 +114,8 @@ def layer_state(layer: nn.Module) -> LayerState:
 class WnA16LinearMethod(LinearMethod):
     """Grouped integer weights dequantized in the kernel (``ops.wna16_linear``).
 
-    ``device``: where the layers live; ``gptq`` / ``awq``: the checkpoint's GPTQ or AWQ
-    configuration (neither: GGUF tensors, or random weights)."""
+    ``device``: where the layers live; ``gptq`` / ``awq`` / ``ct``: the checkpoint's GPTQ, AWQ or
+    compressed-tensors (``pack-quantized``) configuration (none: GGUF tensors, or random weights)."""
 
     def __init__(
         self,
@@ -122,11 +124,13 @@ class WnA16LinearMethod(LinearMethod):
         gptq: GptqConfig | None = None,
         random_group_size: int = 128,
         awq: AwqConfig | None = None,
+        ct: CtIntConfig | None = None,
     ) -> None:
         self.ops = ops
         self.device = device
         self.gptq = gptq
         self.awq = awq
+        self.ct = ct
         self.random_group_size = random_group_size
 
     def create_weights(
@@ -157,7 +161,7 @@ class WnA16LinearMethod(LinearMethod):
         return y
 
     def checkpoint_names(self) -> frozenset[str]:
-        return _GPTQ_NAMES | {"weight"}
+        return _GPTQ_NAMES | _CT_NAMES | {"weight"}
 
     # ------------------------------------------------------------------ loading
 
@@ -170,6 +174,8 @@ class WnA16LinearMethod(LinearMethod):
             return ()
         if self.awq is not None and name in _GPTQ_NAMES:
             return self._load_awq(state, name, source, shard, self.awq)
+        if self.ct is not None and name in _CT_NAMES:
+            return self._load_ct(state, name, source, shard, self.ct)
         if name not in _GPTQ_NAMES or self.gptq is None:
             raise ValueError(f"4-bit linear layers load weight or GPTQ tensors, not {name!r}")
         piece = _gptq_slice(name, source, shard, self.gptq)
@@ -211,6 +217,37 @@ class WnA16LinearMethod(LinearMethod):
             part = convert_awq(staged["qweight"], staged["qzeros"], staged["scales"], group)
             del state.staged[shard.index]
             state.parts[shard.index] = part.to(self.device)
+        return ()
+
+    def _load_ct(self, state: LayerState, name: str, source: TensorSource, shard: WeightShard,
+                 config: CtIntConfig) -> Iterable[str]:
+        """Stage this rank's part of a compressed-tensors tensor; convert the layer part once
+        the tensors its scheme needs are in (ct_int_format's module docstring)."""
+        if name == "weight_shape":
+            return ()  # the shapes follow from weight_packed and the layer
+        piece = ct_slice(name, source, shard.start, shard.length, shard.dim, config)
+        if shard.index in state.parts:  # converted already: only a g_idx the scheme did not need
+            if name == "weight_g_idx" and not groups_in_order(piece, config.group_size):
+                raise ValueError("compressed-tensors: an act-order weight_g_idx came after its layer's "
+                                 "other tensors in a checkpoint whose config has no actorder 'group'")
+            return ()
+        staged = state.staged.setdefault(shard.index, {})
+        staged[name] = piece
+        needed = {"weight_packed", "weight_scale"} | (set() if config.symmetric else {"weight_zero_point"})
+        if config.actorder == "group":
+            needed.add("weight_g_idx")
+        if needed <= staged.keys():
+            packed, scales = staged["weight_packed"], staged["weight_scale"]
+            group = config.group_size
+            if group == -1 or scales.shape[1] == 1:  # one group: it spans the shard
+                group = packed.shape[1] * config.pack
+            g_idx = staged.get("weight_g_idx")
+            perm = None if g_idx is None else act_order(g_idx, group)
+            part = convert_ct_int(packed, scales, staged.get("weight_zero_point"), config, perm=perm)
+            del state.staged[shard.index]
+            state.parts[shard.index] = part.to(self.device)
+            if perm is not None:
+                state.perms[shard.index] = perm.to(self.device)
         return ()
 
     def _weight_part(self, state: LayerState, source: TensorSource, shard: WeightShard) -> Part:

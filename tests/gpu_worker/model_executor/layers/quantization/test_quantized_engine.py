@@ -25,6 +25,7 @@ from kernels.quant_reference import FP8_DTYPE, quantize_fp8_rows
 from tests.gpu_worker.engine.engine_helpers import hf_greedy
 from tests.helpers.quantized_checkpoints import (
     write_awq_checkpoint,
+    write_ct_int_checkpoint,
     write_dense_checkpoint,
     write_fp8_checkpoint,
     write_gptq_checkpoint,
@@ -97,6 +98,11 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory, llama: Path) -> Iterat
         "gptq-head": lambda d: write_gptq_checkpoint(llama, d, group_size=32, sym=False, lm_head=True),
         "gptq-act": lambda d: write_gptq_checkpoint(llama, d, group_size=32, sym=False, desc_act=True),
         "awq": lambda d: write_awq_checkpoint(llama, d, group_size=32),
+        "ct-w4a16": lambda d: write_ct_int_checkpoint(llama, d, bits=4, group_size=32),
+        "ct-w4a16-asym": lambda d: write_ct_int_checkpoint(llama, d, bits=4, group_size=32, symmetric=False),
+        "ct-w8a16": lambda d: write_ct_int_checkpoint(llama, d, bits=8, group_size=-1),
+        "ct-w4a16-act": lambda d: write_ct_int_checkpoint(llama, d, group_size=32, symmetric=False,
+                                                          actorder="group"),
     }
     made: dict[str, Path] = {}
 
@@ -300,6 +306,47 @@ def test_awq_checkpoint_matches_dequantized_reference(checkpoints: Callable[[str
     assert two == tokens
 
 
+@pytest.mark.parametrize("kind", ["ct-w4a16", "ct-w4a16-asym", "ct-w8a16", "ct-w4a16-act"])
+def test_compressed_tensors_int_checkpoint_matches_dequantized_reference(
+    checkpoints: Callable[[str], Path], kind: str
+) -> None:
+    """llm-compressor's W4A16 / W8A16 (``pack-quantized``: symmetric groups of 32, asymmetric,
+    8-bit per channel, asymmetric act-order ``group``) in the 4-bit layers: HF's tokens over the
+    dequantized weights; the packed words are our layout as they are (4 bits, symmetric)."""
+    folder = checkpoints(kind)
+    tokens, llm = engine_tokens(folder)
+    assert llm.engine.config.quantization == "compressed-tensors"
+    qkv = llm.engine.core.runner.model.model.layers[0].self_attn.qkv_proj
+    segment = qkv.wna16.segments[0]
+    assert qkv.linear_method.ct is not None
+    assert (segment.weight.offsets is None) == (kind in ("ct-w4a16", "ct-w8a16"))
+    assert (segment.perm is not None) == kind.endswith("-act")
+    if kind == "ct-w4a16":
+        from safetensors.torch import load_file
+
+        ckpt = load_file(str(folder / "model.safetensors"))
+        words = torch.cat([ckpt[f"model.layers.0.self_attn.{p}.weight_packed"]
+                           for p in ("q_proj", "k_proj", "v_proj")])
+        assert torch.equal(segment.weight.qweight.cpu(), words.view(torch.uint8))
+    llm.shutdown()
+    assert tokens == reference_tokens(folder.parent / f"{kind}-ref", fake_quant_fp8=False)
+
+
+def test_compressed_tensors_two_tensor_parallel_ranks_equal_one(checkpoints: Callable[[str], Path]) -> None:
+    """TP=2 over gloo: QKV / gate-up split by output rows (zero points 8 per word), O / down by
+    whole words and groups of inputs; ``quantization="compressed-tensors"`` (vLLM's name) serves
+    compressed-tensors fp8 checkpoints as fp8 too."""
+    folder = checkpoints("ct-w4a16-asym")
+    one, llm = engine_tokens(folder, quantization="compressed-tensors")
+    llm.shutdown()
+    two, llm = engine_tokens(folder, tensor_parallel_size=2)
+    llm.shutdown()
+    assert two == one
+    _, llm = engine_tokens(checkpoints("ct-channel"), quantization="compressed-tensors")
+    assert llm.engine.config.quantization == "fp8"
+    llm.shutdown()
+
+
 def test_gptq_two_tensor_parallel_ranks_equal_one(checkpoints: Callable[[str], Path]) -> None:
     """TP=2 over gloo: QKV / gate-up split by GPTQ columns (and packed zero points, 8 per
     word), O / down by whole groups of K: the same tokens as one rank."""
@@ -336,5 +383,9 @@ def test_refusals(checkpoints: Callable[[str], Path], llama: Path) -> None:
         LLM(model=str(llama), quantization="gguf", **ENGINE)
     with pytest.raises(ValueError, match="quantization must be one of"):
         LLM(model=str(llama), quantization="bnb", **ENGINE)
-    with pytest.raises(ValueError, match="needs an AWQ checkpoint"):
+    with pytest.raises(ValueError, match="'awq' needs a checkpoint in that format"):
         LLM(model=str(llama), quantization="awq", **ENGINE)
+    with pytest.raises(ValueError, match="'compressed-tensors' needs a checkpoint in that format"):
+        LLM(model=str(llama), quantization="compressed-tensors", **ENGINE)
+    with pytest.raises(ValueError, match="compressed-tensors-quantized"):
+        LLM(model=str(checkpoints("ct-w4a16")), quantization="gptq", **ENGINE)

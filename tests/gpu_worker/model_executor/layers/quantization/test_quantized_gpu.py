@@ -43,6 +43,7 @@ from kernels.triton_ops.gemv import GemvTiles
 from tests.gpu_worker.model_executor.triton_model_check import EveryShape, segment_counts
 from tests.helpers.quantized_checkpoints import (
     write_awq_checkpoint,
+    write_ct_int_checkpoint,
     write_fp8_checkpoint,
     write_gptq_checkpoint,
 )
@@ -77,7 +78,8 @@ def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     write_gptq_checkpoint(dense128, root / "gptq-sym", bits=4, group_size=128, sym=True)
     write_gptq_checkpoint(dense128, root / "gptq-head", bits=4, group_size=128, sym=True, lm_head=True)
     write_gptq_checkpoint(dense128, root / "gptq-act", bits=4, group_size=128, sym=True, desc_act=True)
-    names = ("fp8", "fp8-block", "awq", "gptq", "gptq-sym", "gptq-head", "gptq-act")
+    write_ct_int_checkpoint(dense128, root / "ct-w4a16", bits=4, group_size=128)
+    names = ("fp8", "fp8-block", "awq", "gptq", "gptq-sym", "gptq-head", "gptq-act", "ct-w4a16")
     return {"dense": dense, **{name: root / name for name in names}}
 
 
@@ -160,6 +162,14 @@ def test_awq_model_vs_reference_linears(folders: dict[str, Path]) -> None:
     ours, ref = _runner(folders["awq"]), _runner(folders["awq"])
     _use_reference_linears(ref)
     _compare("gptq-awq", ours, ref)  # the GPTQ 4-bit layers' bounds
+
+
+def test_compressed_tensors_w4a16_model_vs_reference_linears(folders: dict[str, Path]) -> None:
+    """llm-compressor's W4A16 (``pack-quantized``, symmetric groups of 128, bfloat16 scales that
+    load as float16): the one-token GEMV, the tensor-core GEMV and the GEMM on the card."""
+    ours, ref = _runner(folders["ct-w4a16"]), _runner(folders["ct-w4a16"])
+    _use_reference_linears(ref)
+    _compare("gptq-ct-w4a16", ours, ref)  # the GPTQ 4-bit layers' bounds
 
 
 def test_w4a16_model_vs_reference_linears(folders: dict[str, Path]) -> None:

@@ -35,6 +35,11 @@ GPTQ = SimpleNamespace(quantization_config={"quant_method": "gptq", "bits": 4, "
 AWQ = SimpleNamespace(quantization_config={"quant_method": "awq", "bits": 4, "group_size": 128,
                                            "zero_point": True, "version": "gemm"})
 FP8_BLOCK = SimpleNamespace(quantization_config={"quant_method": "fp8", "weight_block_size": [128, 128]})
+CT_W4A16 = SimpleNamespace(quantization_config={
+    "quant_method": "compressed-tensors", "format": "pack-quantized", "ignore": ["lm_head"],
+    "config_groups": {"g": {"weights": {"type": "int", "num_bits": 4, "strategy": "group", "group_size": 128,
+                                        "symmetric": True}}},
+})
 
 
 def resolve(
@@ -56,6 +61,8 @@ def test_auto_serves_what_the_checkpoint_is() -> None:
     assert resolve("auto", GPTQ) == "gptq"
     assert resolve("auto", FP8_BLOCK) == "fp8"
     assert resolve("auto", AWQ) == "awq" and resolve("awq", AWQ) == "awq"
+    assert resolve("auto", CT_W4A16) == "compressed-tensors" == resolve("compressed-tensors", CT_W4A16)
+    assert resolve("compressed-tensors", FP8_CT) == "fp8"  # vLLM's name for both kinds
     assert resolve("auto", gguf=True) == "none"  # the dequantized cache
     assert resolve("auto", gguf=True, quantized=True) == "gguf"
     assert resolve("fp8") == "fp8" and resolve("fp8", FP8_CT) == "fp8" and resolve("fp8", gguf=True) == "fp8"
@@ -70,10 +77,17 @@ def test_refusals() -> None:
         resolve("none", FP8_CT)
     with pytest.raises(ValueError, match="needs a GPTQ checkpoint"):
         resolve("gptq")
-    with pytest.raises(ValueError, match="needs an AWQ checkpoint"):
+    with pytest.raises(ValueError, match="'awq' needs a checkpoint in that format"):
         resolve("awq")
     with pytest.raises(ValueError, match="awq-quantized"):
         resolve("gptq", AWQ)
+    with pytest.raises(ValueError, match="'compressed-tensors' needs a checkpoint in that format"):
+        resolve("compressed-tensors")
+    with pytest.raises(ValueError, match="compressed-tensors-quantized"):
+        resolve("gptq", CT_W4A16)
+    with pytest.raises(ValueError, match="pack-quantized"):
+        qc = {**CT_W4A16.quantization_config, "format": "int-quantized"}
+        resolve("auto", SimpleNamespace(quantization_config=qc))
     with pytest.raises(ValueError, match="serves a .gguf"):
         resolve("gguf")
     with pytest.raises(ValueError, match="not supported"):
@@ -111,6 +125,10 @@ def test_linear_methods_keep_the_head_and_ignored_modules_unquantized() -> None:
     awq = make_linear_methods("awq", AWQ, CPU)("model.layers.0.mlp.down_proj")
     assert isinstance(awq, WnA16LinearMethod) and awq.awq is not None and awq.gptq is None
     assert isinstance(make_linear_methods("awq", AWQ, CPU)("lm_head"), UnquantizedLinearMethod)
+    ct = make_linear_methods("compressed-tensors", CT_W4A16, CPU)
+    method = ct("model.layers.0.mlp.down_proj")
+    assert isinstance(method, WnA16LinearMethod) and method.ct is not None and method.ct.group_size == 128
+    assert isinstance(ct("lm_head"), UnquantizedLinearMethod)
     block = make_linear_methods("fp8", FP8_BLOCK, CPU)
     method = block("model.layers.0.mlp.down_proj")
     assert isinstance(method, Fp8BlockLinearMethod) and method.block == (128, 128)
@@ -137,7 +155,7 @@ def test_kv_cache_dtype_and_bytes_per_weight() -> None:
     assert kv_cache_torch_dtype("auto", torch.bfloat16, CPU) == torch.bfloat16
     assert kv_cache_torch_dtype("fp8", torch.bfloat16, CPU) == FP8_DTYPE
     assert bytes_per_weight("fp8", 2) == 1.0 and bytes_per_weight("none", 2) == 2.0
-    assert bytes_per_weight("gptq", 2) < 1.0
+    assert bytes_per_weight("gptq", 2) < 1.0 and bytes_per_weight("compressed-tensors", 2) < 1.0
 
 
 def test_worker_flags_and_variables() -> None:
