@@ -223,10 +223,12 @@ def act_order_perm(name: str, k: int) -> torch.Tensor:
     return torch.randperm(k, generator=torch.Generator().manual_seed(zlib.crc32(key.encode())))
 
 
-def _projections(src: Path, out: dict[str, torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
-    """``src``'s projection weights (name, tensor), the other tensors copied into ``out``."""
+def _projections(src: Path, out: dict[str, torch.Tensor], lm_head: bool = False
+                 ) -> Iterator[tuple[str, torch.Tensor]]:
+    """``src``'s projection weights (name, tensor; with ``lm_head`` its untied head too), the
+    other tensors copied into ``out``."""
     for name, t in _read(src).items():
-        if _is_projection(name):
+        if _is_projection(name) or (lm_head and name == "lm_head.weight"):
             yield name, t
         else:
             out[name] = t
@@ -254,17 +256,18 @@ def write_awq_checkpoint(src: Path, dst: Path, *, group_size: int = 32) -> dict[
 
 def write_ct_int_checkpoint(
     src: Path, dst: Path, *, bits: int = 4, group_size: int = 32, symmetric: bool = True,
-    actorder: str | None = None,
+    actorder: str | None = None, lm_head: bool = False,
 ) -> dict[str, torch.Tensor]:
     """A compressed-tensors ``pack-quantized`` checkpoint of ``src``'s projections (module
     docstring; ``group_size`` -1: strategy channel); returns their dequantized weights (float32,
     by HF name, compressed-tensors' formula). ``actorder="group"``: each group a random set of
-    inputs (:func:`act_order_perm`) named by ``weight_g_idx``."""
+    inputs (:func:`act_order_perm`) named by ``weight_g_idx``. ``lm_head``: the head is quantized
+    too (an empty ``ignore`` list, as a recipe that targets every Linear writes it)."""
     config = CtIntConfig(bits=bits, group_size=group_size, symmetric=symmetric, actorder=actorder)
     half = 1 << (bits - 1)
     out: dict[str, torch.Tensor] = {}
     dequantized: dict[str, torch.Tensor] = {}
-    for name, t in _projections(src, out):
+    for name, t in _projections(src, out, lm_head):
         n, k = t.shape
         group = k if group_size == -1 else group_size
         g_idx = torch.arange(k) // group
@@ -296,8 +299,8 @@ def write_ct_int_checkpoint(
                "strategy": "channel" if group_size == -1 else "group",
                "group_size": None if group_size == -1 else group_size, "dynamic": False,
                "actorder": actorder, "observer": "minmax"}
-    qc = {"quant_method": "compressed-tensors", "format": "pack-quantized", "ignore": ["lm_head"],
-          "quantization_status": "compressed",
+    qc = {"quant_method": "compressed-tensors", "format": "pack-quantized",
+          "ignore": [] if lm_head else ["lm_head"], "quantization_status": "compressed",
           "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights,
                                         "input_activations": None, "output_activations": None}}}
     _copy_folder(src, dst, qc)

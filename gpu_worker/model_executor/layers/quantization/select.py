@@ -21,7 +21,8 @@
 
 The embeddings stay 16-bit whatever the choice (a lookup), and so does a head tied to them. An
 untied LM head is quantized only where the checkpoint stores it so, as vLLM serves them: a GPTQ
-checkpoint with ``lm_head: true``, and a GGUF file's ``output.weight`` (4-bit layers read it in
+checkpoint with ``lm_head: true``, a compressed-tensors integer one whose ``ignore`` list does not
+name ``lm_head``, and a GGUF file's ``output.weight`` (4-bit layers read it in
 its own type: Q6_K in the common Q4_K_M files, dense 16-bit for types with no WnA16 form). fp8
 heads stay 16-bit (compressed-tensors and HF fp8 checkpoints leave ``lm_head`` out), and so does
 the head of random 4-bit weights unless the config's ``quantization_config`` says ``lm_head:
@@ -188,6 +189,8 @@ def make_linear_methods(
         else:
             ct = CtIntConfig.from_hf(qc)
             ignore, method = ct.ignore, WnA16LinearMethod(ops, device, ct=ct)
+            # A recipe that targets every Linear and does not ignore the head stores it quantized.
+            head_quantized = not any(_matches("lm_head", rule) for rule in ignore)
     elif quantization == "gguf":
         method = WnA16LinearMethod(ops, device)
         head_quantized = True  # output.weight in the file's type (dense types load dense)

@@ -21,6 +21,7 @@ import pytest
 import torch
 
 from gpu_worker import LLM, SamplingParams
+from gpu_worker.model_executor.layers.quantization.wna16 import WnA16LinearMethod
 from kernels.quant_reference import FP8_DTYPE, quantize_fp8_rows
 from tests.gpu_worker.engine.engine_helpers import hf_greedy
 from tests.helpers.quantized_checkpoints import (
@@ -103,6 +104,7 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory, llama: Path) -> Iterat
         "ct-w8a16": lambda d: write_ct_int_checkpoint(llama, d, bits=8, group_size=-1),
         "ct-w4a16-act": lambda d: write_ct_int_checkpoint(llama, d, group_size=32, symmetric=False,
                                                           actorder="group"),
+        "ct-w4a16-head": lambda d: write_ct_int_checkpoint(llama, d, group_size=32, lm_head=True),
     }
     made: dict[str, Path] = {}
 
@@ -306,20 +308,23 @@ def test_awq_checkpoint_matches_dequantized_reference(checkpoints: Callable[[str
     assert two == tokens
 
 
-@pytest.mark.parametrize("kind", ["ct-w4a16", "ct-w4a16-asym", "ct-w8a16", "ct-w4a16-act"])
+@pytest.mark.parametrize("kind", ["ct-w4a16", "ct-w4a16-asym", "ct-w8a16", "ct-w4a16-act", "ct-w4a16-head"])
 def test_compressed_tensors_int_checkpoint_matches_dequantized_reference(
     checkpoints: Callable[[str], Path], kind: str
 ) -> None:
     """llm-compressor's W4A16 / W8A16 (``pack-quantized``: symmetric groups of 32, asymmetric,
-    8-bit per channel, asymmetric act-order ``group``) in the 4-bit layers: HF's tokens over the
-    dequantized weights; the packed words are our layout as they are (4 bits, symmetric)."""
+    8-bit per channel, asymmetric act-order ``group``, the LM head quantized too where ``ignore``
+    leaves it) in the 4-bit layers: HF's tokens over the dequantized weights; the packed words are
+    our layout as they are (4 bits, symmetric)."""
     folder = checkpoints(kind)
     tokens, llm = engine_tokens(folder)
     assert llm.engine.config.quantization == "compressed-tensors"
     qkv = llm.engine.core.runner.model.model.layers[0].self_attn.qkv_proj
     segment = qkv.wna16.segments[0]
     assert qkv.linear_method.ct is not None
-    assert (segment.weight.offsets is None) == (kind in ("ct-w4a16", "ct-w8a16"))
+    assert (segment.weight.offsets is None) == (kind in ("ct-w4a16", "ct-w8a16", "ct-w4a16-head"))
+    head = llm.engine.core.runner.model.lm_head
+    assert isinstance(head.linear_method, WnA16LinearMethod) == kind.endswith("-head")
     assert (segment.perm is not None) == kind.endswith("-act")
     if kind == "ct-w4a16":
         from safetensors.torch import load_file

@@ -139,8 +139,9 @@ def test_linear_methods_keep_the_head_and_ignored_modules_unquantized() -> None:
 
 
 def test_the_head_is_quantized_only_where_the_checkpoint_stores_it_so() -> None:
-    """GPTQ's ``lm_head: true`` and a GGUF's ``output.weight`` give the untied head the 4-bit
-    method; a tied head asks for the embedding's method, always 16-bit; fp8 heads stay 16-bit."""
+    """GPTQ's ``lm_head: true``, a compressed-tensors integer checkpoint that does not ignore
+    ``lm_head`` and a GGUF's ``output.weight`` give the untied head the 4-bit method; a tied head
+    asks for the embedding's method, always 16-bit; fp8 heads stay 16-bit."""
     head_gptq = SimpleNamespace(quantization_config={**GPTQ.quantization_config, "lm_head": True})
     assert isinstance(make_linear_methods("gptq", head_gptq, CPU)("lm_head"), WnA16LinearMethod)
     assert isinstance(make_linear_methods("gptq", GPTQ, CPU)("lm_head"), UnquantizedLinearMethod)
@@ -149,6 +150,11 @@ def test_the_head_is_quantized_only_where_the_checkpoint_stores_it_so() -> None:
         assert isinstance(make_linear_methods(quantization, hf, CPU)("embed_tokens"), UnquantizedLinearMethod)
     no_ignore = SimpleNamespace(quantization_config={**FP8_CT.quantization_config, "ignore": []})
     assert isinstance(make_linear_methods("fp8", no_ignore, CPU)("lm_head"), UnquantizedLinearMethod)
+    # compressed-tensors integer weights: the head is stored quantized unless ``ignore`` names it.
+    ct_head = SimpleNamespace(quantization_config={**CT_W4A16.quantization_config, "ignore": []})
+    assert isinstance(make_linear_methods("compressed-tensors", ct_head, CPU)("lm_head"), WnA16LinearMethod)
+    ct_plain = make_linear_methods("compressed-tensors", CT_W4A16, CPU)("lm_head")
+    assert isinstance(ct_plain, UnquantizedLinearMethod)
 
 
 def test_kv_cache_dtype_and_bytes_per_weight() -> None:
