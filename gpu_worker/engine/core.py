@@ -115,7 +115,8 @@ class EngineCore:
         element_size = torch.empty((), dtype=self.dtype).element_size()
         kv_element_size = 1 if config.kv_cache_dtype == "fp8" else element_size
         config = resolve_parallel_sizes(
-            config, self.hf_config, self.device, bytes_per_weight(config.quantization, element_size),
+            config, self.hf_config, self.device,
+            bytes_per_weight(config.quantization, element_size, self.hf_config),
             kv_element_size=kv_element_size,
         )
         self.executor = make_executor(config, self.device, self.dtype, self.eos_token_ids)

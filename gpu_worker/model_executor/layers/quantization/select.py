@@ -131,12 +131,21 @@ def resolve_quantization(
     return "none" if requested == "auto" else requested
 
 
-def bytes_per_weight(quantization: str, element_size: int) -> float:
-    """Bytes per weight of a linear layer as served (4-bit: a nibble plus a float16 scale per
-    group of 32, an upper bound for GPTQ's 128), for sizing ahead of loading."""
-    four_bit = 0.5625
-    return {"fp8": 1.0, "gptq": four_bit, "awq": four_bit, "compressed-tensors": four_bit,
-            "gguf": four_bit}.get(quantization, float(element_size))
+def bytes_per_weight(quantization: str, element_size: int, hf_config: Any = None) -> float:
+    """Bytes per weight of a linear layer as served, for sizing ahead of loading: the integer
+    formats' bits (8 where ``hf_config``'s GPTQ / compressed-tensors ``quantization_config``
+    says so, else 4) plus a float16 scale per group of 32 (an upper bound for groups of 128)."""
+    if quantization == "fp8":
+        return 1.0
+    if quantization not in ("gptq", "awq", "compressed-tensors", "gguf"):
+        return float(element_size)
+    qc = (quantization_config(hf_config) if hf_config is not None else None) or {}
+    bits = 4  # a dummy load's random weights, AWQ, GGUF
+    if qc.get("quant_method") == "gptq" and quantization == "gptq":
+        bits = GptqConfig.from_hf(qc).bits
+    elif qc.get("quant_method") == "compressed-tensors" and quantization == "compressed-tensors":
+        bits = CtIntConfig.from_hf(qc).bits
+    return bits / 8 + 2 / 32
 
 
 def kv_cache_torch_dtype(kv_cache_dtype: str, model_dtype: torch.dtype, device: torch.device) -> torch.dtype:

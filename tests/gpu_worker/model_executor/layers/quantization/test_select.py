@@ -162,6 +162,15 @@ def test_kv_cache_dtype_and_bytes_per_weight() -> None:
     assert kv_cache_torch_dtype("fp8", torch.bfloat16, CPU) == FP8_DTYPE
     assert bytes_per_weight("fp8", 2) == 1.0 and bytes_per_weight("none", 2) == 2.0
     assert bytes_per_weight("gptq", 2) < 1.0 and bytes_per_weight("compressed-tensors", 2) < 1.0
+    # 8-bit checkpoints size as 8-bit: a byte plus the scales, not a nibble.
+    gptq8 = SimpleNamespace(quantization_config={**GPTQ.quantization_config, "bits": 8})
+    assert bytes_per_weight("gptq", 2, GPTQ) == 0.5625 and bytes_per_weight("gptq", 2, gptq8) == 1.0625
+    group = CT_W4A16.quantization_config["config_groups"]["g"]
+    ct8 = SimpleNamespace(quantization_config={**CT_W4A16.quantization_config, "config_groups": {
+        "g": {**group, "weights": {**group["weights"], "num_bits": 8}}}})
+    assert bytes_per_weight("compressed-tensors", 2, ct8) == 1.0625
+    assert bytes_per_weight("awq", 2, AWQ) == 0.5625 and bytes_per_weight("gptq", 2, DENSE) == 0.5625
+    assert bytes_per_weight("gptq", 2, FP8_CT) == 0.5625  # a dummy load ignores the checkpoint's config
 
 
 def test_worker_flags_and_variables() -> None:
