@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from gpu_worker.model_executor.layers.quantization.gptq_format import narrow_groups
 from kernels.quant_reference import WnA16Weight, pack_int4
 
 # Output j of a word's eight is in its field AWQ_ORDER.index(j): field i holds output AWQ_ORDER[i].
@@ -112,9 +113,4 @@ def awq_slice(name: str, source: Any, start: int, length: int, dim: int, group_s
         return source.narrow(1, start, length)
     if name == "qweight":
         return source.narrow(0, start, length)
-    if int(source.shape[0]) == 1:  # one group: it spans every shard
-        return source.full()
-    if start % group_size or length % group_size:
-        raise ValueError(f"AWQ groups of {group_size} inputs: a row-parallel shard of {length} at {start} "
-                         "cuts one")
-    return source.narrow(0, start // group_size, length // group_size)
+    return narrow_groups(source, 0, start, length, group_size, "AWQ")

@@ -37,7 +37,12 @@ from typing import Any
 
 import torch
 
-from gpu_worker.model_executor.layers.quantization.gptq_format import groups_in_order
+from gpu_worker.model_executor.layers.quantization.gptq_format import (
+    narrow_groups,
+    pack_fields,
+    shard_g_idx,
+    unpack_fields,
+)
 from kernels.quant_reference import WnA16Weight
 
 FORMAT = "pack-quantized"
@@ -118,20 +123,13 @@ def is_ct_int(quantization_config: Mapping[str, Any]) -> bool:
 
 def unpack_ct(packed: torch.Tensor, bits: int, dim: int = 1) -> torch.Tensor:
     """int32 words packed along ``dim`` -> int64 unsigned fields (lowest bits first)."""
-    shifts = torch.arange(0, 32, bits, dtype=torch.int64)
-    words = packed.to(torch.int64) if dim == 1 else packed.to(torch.int64).t()
-    fields = ((words[..., None] >> shifts) & ((1 << bits) - 1)).reshape(words.shape[0], -1)
-    return fields if dim == 1 else fields.t()
+    return unpack_fields(packed, bits) if dim == 1 else unpack_fields(packed.t(), bits).t()
 
 
 def pack_ct(values: torch.Tensor, bits: int, dim: int = 1) -> torch.Tensor:
     """Inverse of :func:`unpack_ct`: unsigned integers ``< 2^bits`` -> int32 words along ``dim``
     (tests, writers; the size along ``dim`` a multiple of ``32 / bits``)."""
-    per_word = 32 // bits
-    v = values.to(torch.int64) if dim == 1 else values.to(torch.int64).t()
-    words = (v.reshape(v.shape[0], -1, per_word) << torch.arange(0, 32, bits, dtype=torch.int64)).sum(-1)
-    words = torch.where(words >= 1 << 31, words - (1 << 32), words).to(torch.int32)
-    return words if dim == 1 else words.t().contiguous()
+    return pack_fields(values, bits) if dim == 1 else pack_fields(values.t(), bits).t().contiguous()
 
 
 def _scales(weight_scale: torch.Tensor) -> torch.Tensor:
@@ -225,17 +223,8 @@ def ct_slice(name: str, source: Any, start: int, length: int, dim: int, config: 
                              f"{start}+{length}")
         return source.narrow(1, start // p, length // p)
     if name == "weight_g_idx":
-        g_idx = source.narrow(0, start, length).to(torch.int64)
-        group = int(source.shape[0]) if config.group_size == -1 else config.group_size
-        own = g_idx - start // group
-        if length < int(source.shape[0]) and not groups_in_order(own, group):
-            raise ValueError("compressed-tensors actorder 'group' weights cannot be split by inputs: "
-                             "serve this checkpoint with tensor_parallel_size=1")
-        return own
-    if int(source.shape[1]) == 1:  # one group (strategy channel): it spans every shard
-        return source.full()
-    g = config.group_size
-    if start % g or length % g:
-        raise ValueError(f"compressed-tensors groups of {g} inputs: a row-parallel shard of {length} at "
-                         f"{start} cuts one")
-    return source.narrow(1, start // g, length // g)
+        return shard_g_idx(source, start, length, config.group_size,
+                           "compressed-tensors actorder 'group' weights cannot be split by inputs: "
+                           "serve this checkpoint with tensor_parallel_size=1")
+    # Scales and zero points: whole groups (strategy channel: one group, in every shard).
+    return narrow_groups(source, 1, start, length, config.group_size, "compressed-tensors")

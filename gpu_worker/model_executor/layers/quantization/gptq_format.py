@@ -82,7 +82,7 @@ class GptqConfig:
         )
 
 
-def _unpack_along_last(packed: torch.Tensor, bits: int) -> torch.Tensor:
+def unpack_fields(packed: torch.Tensor, bits: int) -> torch.Tensor:
     """int32 ``[..., C]`` -> int64 ``[..., C * 32 / bits]`` fields (lowest bits first)."""
     per_word = 32 // bits
     shifts = torch.arange(0, 32, bits, dtype=torch.int64)
@@ -90,9 +90,42 @@ def _unpack_along_last(packed: torch.Tensor, bits: int) -> torch.Tensor:
     return fields.reshape(*packed.shape[:-1], packed.shape[-1] * per_word)
 
 
+def pack_fields(fields: torch.Tensor, bits: int) -> torch.Tensor:
+    """Inverse of :func:`unpack_fields`: unsigned integers ``< 2^bits`` ``[R, C]`` -> int32
+    ``[R, C * bits / 32]`` words (the int32 with those bits; ``C`` a multiple of ``32 / bits``)."""
+    per_word = 32 // bits
+    shifts = torch.arange(0, 32, bits, dtype=torch.int64)
+    words = (fields.to(torch.int64).reshape(fields.shape[0], -1, per_word) << shifts).sum(-1)  # < 2^32
+    return torch.where(words >= 1 << 31, words - (1 << 32), words).to(torch.int32)
+
+
+def narrow_groups(source: Any, dim: int, start: int, length: int, group_size: int, fmt: str) -> torch.Tensor:
+    """A per-group tensor's groups (along ``dim``) of a row-parallel shard of inputs ``[start,
+    start + length)``: whole groups only (ValueError naming ``fmt`` otherwise); a single group
+    spans every shard."""
+    if int(source.shape[dim]) == 1:
+        return source.full()  # type: ignore[no-any-return]
+    if start % group_size or length % group_size:
+        raise ValueError(f"{fmt} groups of {group_size} inputs: a row-parallel shard of {length} at {start} "
+                         "cuts one")
+    return source.narrow(dim, start // group_size, length // group_size)  # type: ignore[no-any-return]
+
+
+def shard_g_idx(source: Any, start: int, length: int, group_size: int, refusal: str) -> torch.Tensor:
+    """An act-order ``g_idx``'s inputs ``[start, start + length)`` with this shard's groups
+    numbered from 0 (``group_size`` -1: one group); ValueError ``refusal`` where the shard holds
+    parts of groups (act-order weights split by inputs)."""
+    g_idx = source.narrow(0, start, length).to(torch.int64)
+    group = int(source.shape[0]) if group_size == -1 else group_size
+    own = g_idx - start // group
+    if length < int(source.shape[0]) and not groups_in_order(own, group):
+        raise ValueError(refusal)
+    return own  # type: ignore[no-any-return]
+
+
 def gptq_zero_points(qzeros: torch.Tensor, config: GptqConfig) -> torch.Tensor:
     """int64 ``[G, N]`` zero points as GPTQ kernels use them (module docstring)."""
-    zeros = _unpack_along_last(qzeros, config.bits)
+    zeros = unpack_fields(qzeros, config.bits)
     return zeros + 1 if config.checkpoint_format == "gptq" else zeros
 
 
@@ -122,12 +155,8 @@ def act_order(g_idx: torch.Tensor, group_size: int) -> torch.Tensor | None:
 def permute_inputs(qweight: torch.Tensor, perm: torch.Tensor, bits: int) -> torch.Tensor:
     """GPTQ ``qweight`` (int32 ``[K * bits / 32, N]``) with its inputs in the order ``perm``:
     input ``i`` of the result is input ``perm[i]`` of ``qweight`` (fields moved, exact)."""
-    per_word = 32 // bits
-    fields = _unpack_along_last(qweight.to(torch.int32).t(), bits)[:, perm]  # [N, K] in the new order
-    shifts = torch.arange(0, 32, bits, dtype=torch.int64)
-    words = (fields.reshape(fields.shape[0], -1, per_word) << shifts).sum(-1)  # [N, K / per_word] < 2^32
-    words = torch.where(words >= 1 << 31, words - (1 << 32), words)  # the int32 with those bits
-    return words.to(torch.int32).t().contiguous()
+    fields = unpack_fields(qweight.to(torch.int32).t(), bits)[:, perm]  # [N, K] in the new order
+    return pack_fields(fields, bits).t().contiguous()
 
 
 def convert_gptq(
@@ -176,7 +205,7 @@ def dequantize_gptq(
     config: GptqConfig,
 ) -> torch.Tensor:
     """float32 ``[N, K]`` by the GPTQ formula itself (a test oracle, independent of our layout)."""
-    q = _unpack_along_last(qweight.to(torch.int32).t(), config.bits)  # [N, K]
+    q = unpack_fields(qweight.to(torch.int32).t(), config.bits)  # [N, K]
     k = q.shape[1]
     group_size = k if config.group_size == -1 else config.group_size
     g = g_idx.to(torch.int64) if g_idx is not None else torch.arange(k) // group_size

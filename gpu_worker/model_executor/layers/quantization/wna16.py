@@ -33,7 +33,9 @@ from gpu_worker.model_executor.layers.quantization.gptq_format import (
     act_order,
     convert_gptq,
     groups_in_order,
+    narrow_groups,
     permute_inputs,
+    shard_g_idx,
 )
 from gpu_worker.model_executor.weights import TensorSource
 from kernels import KernelOps
@@ -181,7 +183,7 @@ class WnA16LinearMethod(LinearMethod):
         piece = _gptq_slice(name, source, shard, self.gptq)
         if shard.index in state.parts:  # converted already: only a late g_idx comes here
             if name == "g_idx":
-                _check_g_idx(piece, self.gptq)
+                _check_late_g_idx(piece, self.gptq.group_size, "GPTQ", "says desc_act: false")
             return ()
         staged = state.staged.setdefault(shard.index, {})
         staged[name] = piece
@@ -196,11 +198,8 @@ class WnA16LinearMethod(LinearMethod):
             qweight = staged["qweight"]
             if perm is not None:
                 qweight, g_idx = permute_inputs(qweight, perm, config.bits), None
-            part = convert_gptq(qweight, staged["qzeros"], staged["scales"], g_idx, config)
-            del state.staged[shard.index]
-            state.parts[shard.index] = part.to(self.device)
-            if perm is not None:
-                state.perms[shard.index] = perm.to(self.device)
+            self._store_part(state, shard, convert_gptq(qweight, staged["qzeros"], staged["scales"], g_idx,
+                                                        config), perm)
         return ()
 
     def _load_awq(self, state: LayerState, name: str, source: TensorSource, shard: WeightShard,
@@ -214,9 +213,8 @@ class WnA16LinearMethod(LinearMethod):
             group = config.group_size
             if shard.dim == 1 and staged["scales"].shape[0] == 1:  # one group: it spans the shard
                 group = staged["qweight"].shape[0]
-            part = convert_awq(staged["qweight"], staged["qzeros"], staged["scales"], group)
-            del state.staged[shard.index]
-            state.parts[shard.index] = part.to(self.device)
+            self._store_part(state, shard, convert_awq(staged["qweight"], staged["qzeros"], staged["scales"],
+                                                       group))
         return ()
 
     def _load_ct(self, state: LayerState, name: str, source: TensorSource, shard: WeightShard,
@@ -227,9 +225,8 @@ class WnA16LinearMethod(LinearMethod):
             return ()  # the shapes follow from weight_packed and the layer
         piece = ct_slice(name, source, shard.start, shard.length, shard.dim, config)
         if shard.index in state.parts:  # converted already: only a g_idx the scheme did not need
-            if name == "weight_g_idx" and not groups_in_order(piece, config.group_size):
-                raise ValueError("compressed-tensors: an act-order weight_g_idx came after its layer's "
-                                 "other tensors in a checkpoint whose config has no actorder 'group'")
+            if name == "weight_g_idx":
+                _check_late_g_idx(piece, config.group_size, "compressed-tensors", "has no actorder 'group'")
             return ()
         staged = state.staged.setdefault(shard.index, {})
         staged[name] = piece
@@ -243,12 +240,18 @@ class WnA16LinearMethod(LinearMethod):
                 group = packed.shape[1] * config.pack
             g_idx = staged.get("weight_g_idx")
             perm = None if g_idx is None else act_order(g_idx, group)
-            part = convert_ct_int(packed, scales, staged.get("weight_zero_point"), config, perm=perm)
-            del state.staged[shard.index]
-            state.parts[shard.index] = part.to(self.device)
-            if perm is not None:
-                state.perms[shard.index] = perm.to(self.device)
+            self._store_part(state, shard, convert_ct_int(packed, scales, staged.get("weight_zero_point"),
+                                                          config, perm=perm), perm)
         return ()
+
+    def _store_part(self, state: LayerState, shard: WeightShard, part: WnA16Weight,
+                    perm: torch.Tensor | None = None) -> None:
+        """A converted checkpoint part (and its act-order input order) on the device, its staged
+        tensors dropped."""
+        del state.staged[shard.index]
+        state.parts[shard.index] = part.to(self.device)
+        if perm is not None:
+            state.perms[shard.index] = perm.to(self.device)
 
     def _weight_part(self, state: LayerState, source: TensorSource, shard: WeightShard) -> Part:
         """A GGUF tensor repacked (when its type has an exact WnA16 form), else dense."""
@@ -332,10 +335,12 @@ def _rows_of(s: Segment) -> int:
     return s.weight.out_features if s.weight is not None else int(s.dense.shape[0])  # type: ignore[union-attr]
 
 
-def _check_g_idx(g_idx: torch.Tensor, config: GptqConfig) -> None:
-    if not groups_in_order(g_idx, config.group_size):
-        raise ValueError("GPTQ: an act-order g_idx (not k // group_size) came after its layer's other "
-                         "tensors in a checkpoint whose config says desc_act: false")
+def _check_late_g_idx(g_idx: torch.Tensor, group_size: int, fmt: str, config_says: str) -> None:
+    """A g_idx that came after its layer converted (its config did not ask for act-order) must
+    be the plain ``k // group_size``."""
+    if not groups_in_order(g_idx, group_size):
+        raise ValueError(f"{fmt}: an act-order g_idx (not k // group_size) came after its layer's other "
+                         f"tensors in a checkpoint whose config {config_says}")
 
 
 def _gptq_slice(name: str, source: TensorSource, shard: WeightShard, config: GptqConfig) -> torch.Tensor:
@@ -354,21 +359,11 @@ def _gptq_slice(name: str, source: TensorSource, shard: WeightShard, config: Gpt
     if name == "qweight":
         return source.narrow(0, start // pack, length // pack)
     if name == "g_idx":
-        g_idx = source.narrow(0, start, length).to(torch.int64)
-        group = int(source.shape[0]) if config.group_size == -1 else config.group_size
-        own = g_idx - start // group  # this shard's groups, numbered from 0
-        if length < int(source.shape[0]) and not groups_in_order(own, group):
-            raise ValueError("GPTQ act-order (desc_act) weights cannot be split by inputs: the "
-                             "o_proj/down_proj shards of tensor_parallel_size > 1 would hold parts of "
-                             "every group; serve this checkpoint with tensor_parallel_size=1")
-        return own
-    num_groups = int(source.shape[0])
-    if num_groups == 1:
-        return source.full()
-    g = config.group_size
-    if start % g or length % g:
-        raise ValueError(f"GPTQ groups of {g} inputs: a row-parallel shard of {length} at {start} cuts one")
-    return source.narrow(0, start // g, length // g)
+        return shard_g_idx(source, start, length, config.group_size,
+                           "GPTQ act-order (desc_act) weights cannot be split by inputs: the "
+                           "o_proj/down_proj shards of tensor_parallel_size > 1 would hold parts of "
+                           "every group; serve this checkpoint with tensor_parallel_size=1")
+    return narrow_groups(source, 0, start, length, config.group_size, "GPTQ")
 
 
 def _with_offsets(w: WnA16Weight) -> WnA16Weight:
