@@ -48,6 +48,7 @@ from results import ResultRow, append_results, new_run_id, today
 from kernels import resolve_fp8_weight_only_max_m
 from kernels.triton_ops import wna16 as twna16
 from kernels.triton_ops.gemv import GemvTiles
+from kernels.triton_ops.wna16_tma import TmaTiles
 
 # Bytes per weight of a projection as served: e4m3 (the float32 scale per row is negligible);
 # 4-bit: a nibble plus a float16 scale per group of 128.
@@ -330,12 +331,13 @@ def table(run: Run) -> str:
 
 def use_w4_tiles(path: Path) -> str:
     """Set the one-token settings in ``path`` (bench_gemv.py ``--w4-table``: ``{"tiles": {"N,K":
-    [block_n, block_k, warps, split]}}``, the key optional) before any engine loads (layers size
-    their split counts at load): ``wna16.M1_SHAPE_TILES``. Any other key (an older table's
+    [block_n, block_k, warps, split]}, "tma": {"N,K": [block_n, block_k, stages, warps]}}``, each
+    key optional) before any engine loads (layers size their split counts at load):
+    ``wna16.M1_SHAPE_TILES`` and ``wna16.M1_TMA_TILES``. Any other key (an older table's
     ``prefetch``, ``linear16_prefetch`` or ``fp8_prefetch``: switches since removed, DECISIONS 141)
     raises ValueError rather than applying the table in part. Returns the settings as text."""
     table = json.loads(path.read_text())
-    others = sorted(set(table) - {"tiles"})
+    others = sorted(set(table) - {"tiles", "tma"})
     if others:
         raise ValueError(f"{path}: unknown key(s) {', '.join(others)}: a one-token table holds only 'tiles' "
                          "(the prefetch switches were removed, DECISIONS 141)")
@@ -345,14 +347,24 @@ def use_w4_tiles(path: Path) -> str:
         twna16.M1_SHAPE_TILES = MappingProxyType({
             tuple(int(v) for v in key.split(",")): GemvTiles(*(int(v) for v in tiles))
             for key, tiles in table["tiles"].items()})
+    if "tma" in table:
+        if not isinstance(table["tma"], dict):
+            raise ValueError(f"{path}: 'tma' must map 'N,K' to [block_n, block_k, stages, warps]")
+        twna16.M1_TMA_TILES = MappingProxyType({
+            tuple(int(v) for v in key.split(",")): TmaTiles(*(int(v) for v in tiles))
+            for key, tiles in table["tma"].items()})
     return one_token_settings()
 
 
 def one_token_settings() -> str:
     """The one-token GEMV settings in effect (the defaults, or what :func:`use_w4_tiles` set), in
     :func:`use_w4_tiles`' format: every row of a run records them (``m1_shape_tiles``)."""
-    table = {"tiles": {f"{n},{k}": [t.block_n, t.block_k, t.num_warps, t.split_k]
-                       for (n, k), t in sorted(twna16.M1_SHAPE_TILES.items())}}
+    table: dict[str, dict[str, list[int]]] = {
+        "tiles": {f"{n},{k}": [t.block_n, t.block_k, t.num_warps, t.split_k]
+                  for (n, k), t in sorted(twna16.M1_SHAPE_TILES.items())}}
+    if twna16.M1_TMA_TILES:
+        table["tma"] = {f"{n},{k}": [t.block_n, t.block_k, t.stages, t.num_warps]
+                        for (n, k), t in sorted(twna16.M1_TMA_TILES.items())}
     return json.dumps(table, separators=(",", ":"), sort_keys=True)
 
 

@@ -47,6 +47,7 @@ from kernels.triton_ops.gemv import (
 )
 from kernels.triton_ops.tiles import grouped_tile
 from kernels.triton_ops.wna16_mma import MMA_MAX_M, gemv_int4_mma, mma_applies
+from kernels.triton_ops.wna16_tma import TmaTiles, gemv_int4_tma, tma_applies
 
 # One token (batch-1 decode), gemv.gemv_wna16 (4-bit: its int32-word kernel): fastest on an
 # H200 over the four llama3-8b projections in 4-bit groups of 128 among 19 tilings
@@ -64,6 +65,11 @@ M1_SHAPE_TILES: Mapping[tuple[int, int], GemvTiles] = MappingProxyType({
     (4096, 4096): GemvTiles(block_n=8, block_k=2048, num_warps=8, split_k=1),
     (4096, 14336): GemvTiles(block_n=8, block_k=2048, num_warps=8, split_k=1),
 })
+# One token, symmetric 4-bit weights, per weight shape (N, K; gate_up by its [gate; up] shape):
+# the TMA-pipelined GEMV (wna16_tma) at this tiling instead of the word kernel, where it applies
+# (Hopper-class cards). Empty until a card measures it (bench_gemv.py --parts w4_tma writes a
+# table, bench_gpu.py --w4-tiles applies it).
+M1_TMA_TILES: Mapping[tuple[int, int], TmaTiles] = MappingProxyType({})
 # One token, symmetric 4-bit weights and bf16 inputs: gemv_wna16's packed bf16 decode (``pairs``):
 # on an H200, llama3-8b's four projections 50.7 against 57.9 us per layer, W2 W4A16 413.8
 # against 381.8 tok/s; max error / sum|x w| 3.7e-4 against 2.5e-4 (docs/DECISIONS.md 132).
@@ -327,7 +333,12 @@ def one_token_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     one-token settings (:func:`m1_tiles`, ``M1_PAIRS`` / ``M1_PAIRS_F16``, ``M1_PEEL``,
     ``M1_XLOAD``): the single place the engine's one-token launches take them
     from. ``counters`` (:func:`m1_counters`): a split tiling's sums added in the GEMV; None: by a
-    second launch."""
+    second launch. A shape in ``M1_TMA_TILES`` takes the TMA-pipelined GEMV where it applies
+    (symmetric 4-bit, on a Hopper-class card)."""
+    tma = M1_TMA_TILES.get((qweight.shape[0], x.shape[-1]))
+    if tma is not None and offsets is None and tma_applies(x, qweight, offsets, bits, group_size, tma, gated):
+        return gemv_int4_tma(x, qweight, scales, group_size, bias, tiles=tma, gated=gated,
+                             pairs=_m1_pairs(x), xload=M1_XLOAD, pdl=pdl)
     tiles = m1_tiles(qweight.shape[0], x.shape[-1], gated)
     return gemv_wna16(x, qweight, scales, offsets, bits, group_size, bias, tiles=tiles,
                       gated=gated, pairs=_m1_pairs(x), pdl=pdl, peel=M1_PEEL, xload=M1_XLOAD,

@@ -33,6 +33,7 @@ _ALL = [
     "gemv_wna16",
     "gemv_gated",
     "gemv_int4_mma",
+    "gemv_int4_tma",
     "fused_fp8_quant",
     "store_kvcache_fp8",
     "rotary_store_kvcache_fp8",

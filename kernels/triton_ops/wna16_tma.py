@@ -1,0 +1,163 @@
+"""One-token GEMV over 4-bit words streamed by the Tensor Memory Accelerator (TMA) through a
+multi-stage shared-memory pipeline.
+
+Why: the one-token word kernel (:func:`kernels.triton_ops.gemv.gemv_wna16`) holds one tile of
+words in registers per program and reads its next tile only after summing this one, so the bytes
+an SM has in flight are (resident programs) x (one tile). On the H200 its four llama3-8b
+projections reach about 68% of the copy rate, with 22-32% achieved occupancy and no eligible warp
+in about half of the cycles (DECISIONS 139, 141): latency, not instruction issue, is what is left.
+Loading a register tile one step ahead cost registers and so programs (``rotate``, DECISIONS 139),
+and L2 prefetches competed with the loads they were meant to hide (DECISIONS 141). Here the
+weights come through tensor descriptors (``TensorDescriptor`` made on the host, passed by value,
+so a CUDA graph keeps it): inside ``tl.range(..., num_stages=STAGES)`` Triton's pipeliner issues
+``STAGES - 1`` tiles ahead with ``cp.async.bulk.tensor`` into shared memory and waits on their
+mbarriers, so each program keeps several tiles in flight without holding them in registers.
+
+The arithmetic is the word kernel's own (:func:`kernels.triton_ops.gemv._words_tile`: the packed
+bf16 decode and the inputs read in PTX where those apply), so the sums are the same as the word
+kernel's at the same ``BLOCK_K`` (its tile: the unit of the group scales' products); only the
+order of the final reduction over tiles can differ. Symmetric 4-bit weights, groups of 32 to
+``BLOCK_K``, whole tiles (``N`` a multiple of the rows per program, ``K`` of ``BLOCK_K``), 16-byte
+aligned rows: :func:`tma_applies`. ``gated``: the weight is ``[gate; up]`` (``N`` rows); a program
+loads ``BLOCK_N / 2`` gate rows and the matching up rows with two descriptor loads and stores
+``silu(gate) * up``.
+
+Not used by the engine until a card measures it (``wna16.M1_TMA``; ``bench_gemv.py --parts
+w4_tma``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.triton_ops.activation import silu_mul_tile
+from kernels.triton_ops.gemv import _as_words, _words_tile
+from kernels.triton_ops.pdl import pdl_begin, pdl_launch
+
+try:  # Triton 3.4+: host-side descriptors (our minimum is 3.4; the import is guarded for tools)
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover - older Triton
+    TensorDescriptor = None
+
+
+@dataclass(frozen=True)
+class TmaTiles:
+    """Weight rows per program (gated: gate and up rows together), inputs per pipeline stage
+    (a multiple of the group size, at most 2,048: a TMA box is at most 256 words wide), stages
+    in flight (``stages - 1`` tiles read ahead) and warps."""
+
+    block_n: int = 16
+    block_k: int = 512
+    stages: int = 4
+    num_warps: int = 4
+
+    def __post_init__(self) -> None:
+        for name in ("block_n", "block_k", "num_warps"):
+            v = getattr(self, name)
+            if v < 1 or v & (v - 1):
+                raise ValueError(f"{name} must be a power of two, got {v}")
+        if not 64 <= self.block_k <= 2048:
+            raise ValueError(f"block_k must be 64..2048 inputs (a TMA box of 8..256 words), "
+                             f"got {self.block_k}")
+        if self.stages < 1:
+            raise ValueError(f"stages must be at least 1, got {self.stages}")
+
+
+def tma_applies(x: torch.Tensor, qweight: torch.Tensor, offsets: torch.Tensor | None, bits: int,
+                group_size: int, tiles: TmaTiles, gated: bool = False) -> bool:
+    """Whether :func:`gemv_int4_tma` takes this product: one bf16 or float16 token, symmetric
+    4-bit weights readable as int32 words with 16-byte aligned rows, groups dividing the tile,
+    whole tiles; on CUDA a Hopper-class card (TMA, sm_90+)."""
+    if TensorDescriptor is None or bits != 4 or offsets is not None or x.dim() != 2 or x.shape[0] != 1 \
+            or x.stride(1) != 1:
+        return False
+    if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        return False
+    q = _as_words(qweight)
+    n, k = qweight.shape[0], x.shape[1]
+    rows = tiles.block_n // 2 if gated else tiles.block_n
+    if q is None or q.shape[1] * 8 != k or rows < 1 or (n // 2 if gated else n) % rows:
+        return False
+    if k % tiles.block_k or tiles.block_k % group_size or (q.stride(0) * 4) % 16 or q.data_ptr() % 16:
+        return False
+    if x.is_cuda:
+        return x.dtype != torch.float32 and torch.cuda.get_device_capability(x.device) >= (9, 0)
+    return True
+
+
+@triton.jit
+def _gemv_int4_tma_kernel(q_desc, x_ptr, s_ptr, bias_ptr, out_ptr, N, K, stride_sn,
+                          GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
+                          BLOCK_K: tl.constexpr, STAGES: tl.constexpr, GATED: tl.constexpr,
+                          ASM: tl.constexpr, PAIRS: tl.constexpr, XLOAD: tl.constexpr,
+                          PDL: tl.constexpr = False):
+    # q_desc: the [N, K / 8] int32 words, boxes of [ROWS, BLOCK_K / 8]. Program p owns rows
+    # p * ROWS .. + ROWS (gated: outputs p * ROWS .. + ROWS, gate rows there and up rows N / 2
+    # further). Every tile is whole (tma_applies), so no masks.
+    WORDS: tl.constexpr = BLOCK_K // 8
+    TILE_G: tl.constexpr = BLOCK_K // GROUP if BLOCK_K > GROUP else 1
+    WPG: tl.constexpr = WORDS // TILE_G
+    ROWS: tl.constexpr = BLOCK_N // 2 if GATED else BLOCK_N
+    r0 = tl.program_id(0) * ROWS
+    rn = r0 + tl.arange(0, ROWS)
+    ok = rn < N
+    s_rows = s_ptr + rn.to(tl.int64)[:, None] * stride_sn
+    u0 = r0 + N // 2
+    su_rows = s_ptr + (rn + N // 2).to(tl.int64)[:, None] * stride_sn
+    acc = tl.zeros([ROWS, TILE_G, WPG], dtype=tl.float32)
+    acc_u = tl.zeros([ROWS, TILE_G, WPG], dtype=tl.float32)
+    token = pdl_begin(PDL)
+    for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):
+        jj = k0 // 8 + tl.arange(0, WORDS)
+        w = q_desc.load([r0, k0 // 8])
+        acc = _words_tile(acc, w, jj, k0, K, K // 8, x_ptr, token, s_rows, s_rows, ok, GROUP, 8.0, False,
+                          ROWS, BLOCK_K, True, ASM, PAIRS, XLOAD)
+        if GATED:
+            wu = q_desc.load([u0, k0 // 8])
+            acc_u = _words_tile(acc_u, wu, jj, k0, K, K // 8, x_ptr, token, su_rows, su_rows, ok, GROUP, 8.0,
+                                False, ROWS, BLOCK_K, True, ASM, PAIRS, XLOAD)
+    y = tl.sum(tl.sum(acc, axis=2), axis=1)
+    if GATED:
+        u = tl.sum(tl.sum(acc_u, axis=2), axis=1)
+        if HAS_BIAS:
+            y += tl.load(bias_ptr + rn).to(tl.float32)
+            u += tl.load(bias_ptr + rn + N // 2).to(tl.float32)
+        # Rounded to the output dtype first, as the unfused GEMV's stores then silu_and_mul.
+        dt = out_ptr.dtype.element_ty
+        tl.store(out_ptr + rn, silu_mul_tile(y.to(dt), u.to(dt)).to(dt))
+    else:
+        if HAS_BIAS:
+            y += tl.load(bias_ptr + rn).to(tl.float32)
+        tl.store(out_ptr + rn, y.to(out_ptr.dtype.element_ty))
+
+
+def gemv_int4_tma(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, group_size: int,
+                  bias: torch.Tensor | None = None, *, tiles: TmaTiles | None = None, gated: bool = False,
+                  pairs: bool = True, xload: bool = True, pdl: bool = False) -> torch.Tensor:
+    """``x @ dequant(qweight).T + bias`` for one token ``x`` ``[1, K]`` and symmetric 4-bit
+    ``qweight`` (:class:`kernels.quant_reference.WnA16Weight` layout, ``[N, K / 2]`` bytes) with
+    ``scales`` ``[N, K / group_size]``; ``gated``: ``silu_and_mul`` of it, ``[1, N / 2]``.
+    ``pairs`` / ``xload``: the word kernel's packed 16-bit decode and PTX input loads (CUDA, 16-bit
+    ``x``). Refuses what :func:`tma_applies` refuses."""
+    tiles = tiles or TmaTiles()
+    if not tma_applies(x, qweight, None, 4, group_size, tiles, gated):
+        raise ValueError(f"gemv_int4_tma does not apply: x {tuple(x.shape)} {x.dtype}, qweight "
+                         f"{tuple(qweight.shape)}, group {group_size}, {tiles}, gated={gated}")
+    q = _as_words(qweight)
+    assert q is not None and TensorDescriptor is not None  # tma_applies
+    n, k = qweight.shape[0], x.shape[1]
+    rows = tiles.block_n // 2 if gated else tiles.block_n
+    desc = TensorDescriptor.from_tensor(q, [rows, tiles.block_k // 8])
+    out = torch.empty((1, n // 2 if gated else n), dtype=x.dtype, device=x.device)
+    sixteen = x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
+    _gemv_int4_tma_kernel[(out.shape[1] // rows,)](
+        desc, x, scales, bias if bias is not None else scales, out, n, k, scales.stride(0),
+        GROUP=group_size, HAS_BIAS=bias is not None, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
+        STAGES=tiles.stages, GATED=gated, ASM=x.is_cuda, PAIRS=pairs and sixteen,
+        XLOAD=xload and sixteen and x.data_ptr() % 16 == 0, PDL=pdl,
+        num_warps=tiles.num_warps, num_stages=tiles.stages, **pdl_launch(pdl))
+    return out
