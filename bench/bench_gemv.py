@@ -689,12 +689,11 @@ def bench_w4_split(rec: Recorder) -> None:
         torch.cuda.empty_cache()
 
 
-# The TMA-pipelined one-token 4-bit GEMV: (block_n, block_k, stages, warps, peel).
-TMA_SWEEP = [(8, 512, 4, 4, 0), (16, 512, 4, 4, 0), (16, 512, 6, 4, 0), (32, 512, 4, 4, 0),
-             (16, 1024, 3, 4, 0), (16, 1024, 4, 4, 0), (8, 1024, 4, 4, 0), (32, 1024, 3, 8, 0),
-             (16, 256, 6, 4, 0), (16, 256, 8, 4, 0), (8, 256, 8, 4, 0), (32, 256, 6, 4, 0),
-             (16, 2048, 2, 4, 0), (16, 512, 4, 8, 0), (64, 512, 3, 8, 0),
-             (16, 512, 4, 4, 1), (16, 1024, 3, 4, 1), (8, 1024, 4, 4, 1), (16, 256, 6, 4, 1)]
+# The TMA-pipelined one-token 4-bit GEMV: (block_n, block_k, stages, warps).
+TMA_SWEEP = [(8, 512, 4, 4), (16, 512, 4, 4), (16, 512, 6, 4), (32, 512, 4, 4), (16, 1024, 3, 4),
+             (16, 1024, 4, 4), (8, 1024, 4, 4), (32, 1024, 3, 8), (16, 256, 6, 4), (16, 256, 8, 4),
+             (8, 256, 8, 4), (32, 256, 6, 4), (16, 2048, 2, 4), (16, 512, 4, 8), (64, 512, 3, 8),
+             (8, 512, 6, 4), (4, 1024, 4, 4)]
 
 
 def _w4_tma(x: torch.Tensor, tiles: TmaTiles, gated: bool, q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
@@ -717,16 +716,16 @@ def bench_w4_tma(rec: Recorder) -> None:
         row = rec.add("w4_tma", shape, "word", time_chain(chain(word, w4)), w4_nbytes(n, k), 32)
         out = [f"word {row['us_per_layer']:.2f}"]
         fastest = (float("inf"), TmaTiles())
-        for bn, bk, stages, warps, peel in TMA_SWEEP:
-            tiles = TmaTiles(bn, bk, stages, warps, bool(peel))
+        for bn, bk, stages, warps in TMA_SWEEP:
+            tiles = TmaTiles(bn, bk, stages, warps)
             try:
                 got = _w4_tma(x, tiles, gated, *w4[0])
             except Exception as e:  # noqa: BLE001 - a tiling the card cannot run (shared memory): next one
-                out.append(f"{bn},{bk},{stages},{warps},{peel} failed: {type(e).__name__}")
+                out.append(f"{bn},{bk},{stages},{warps} failed: {type(e).__name__}")
                 continue
             err = float((got.float() - ref.float()).abs().max())
             ms = time_chain(chain(partial(_w4_tma, x, tiles, gated), w4))
-            row = rec.add("w4_tma", shape, f"{bn},{bk},{stages},{warps},{peel}", ms, w4_nbytes(n, k), 32)
+            row = rec.add("w4_tma", shape, f"{bn},{bk},{stages},{warps}", ms, w4_nbytes(n, k), 32)
             out.append(f"{row['variant']} {row['us_per_layer']:.2f} (|d| {err:.2g})")
             fastest = min(fastest, (row["us_per_layer"], tiles), key=lambda v: v[0])
         best[shape] = fastest[1]
@@ -824,7 +823,7 @@ def w4_split_table(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 def w4_tma_table(rows: Sequence[dict[str, Any]]) -> dict[str, list[int]]:
     """From ``w4_tma`` rows, the shapes where the TMA GEMV's fastest tiling beat the word kernel
-    (``wna16.M1_TMA_TILES``): ``{"N,K": [block_n, block_k, stages, warps, peel]}``."""
+    (``wna16.M1_TMA_TILES``): ``{"N,K": [block_n, block_k, stages, warps]}``."""
     table: dict[str, list[int]] = {}
     for shape, (n, k) in SHAPES_8B.items():
         mine = [r for r in rows if r["format"] == "w4_tma" and r["shape"] == shape]

@@ -331,7 +331,7 @@ def table(run: Run) -> str:
 
 def use_w4_tiles(path: Path) -> str:
     """Set the one-token settings in ``path`` (bench_gemv.py ``--w4-table``: ``{"tiles": {"N,K":
-    [block_n, block_k, warps, split]}, "tma": {"N,K": [block_n, block_k, stages, warps, peel]}}``, each
+    [block_n, block_k, warps, split]}, "tma": {"N,K": [block_n, block_k, stages, warps]}}``, each
     key optional) before any engine loads (layers size their split counts at load):
     ``wna16.M1_SHAPE_TILES`` and ``wna16.M1_TMA_TILES``. Any other key (an older table's
     ``prefetch``, ``linear16_prefetch`` or ``fp8_prefetch``: switches since removed, DECISIONS 141)
@@ -349,15 +349,11 @@ def use_w4_tiles(path: Path) -> str:
             for key, tiles in table["tiles"].items()})
     if "tma" in table:
         if not isinstance(table["tma"], dict):
-            raise ValueError(f"{path}: 'tma' must map 'N,K' to [block_n, block_k, stages, warps, peel]")
+            raise ValueError(f"{path}: 'tma' must map 'N,K' to [block_n, block_k, stages, warps]")
         twna16.M1_TMA_TILES = MappingProxyType({
-            tuple(int(v) for v in key.split(",")): _tma_tiles(tiles) for key, tiles in table["tma"].items()})
+            tuple(int(v) for v in key.split(",")): TmaTiles(*(int(v) for v in tiles))
+            for key, tiles in table["tma"].items()})
     return one_token_settings()
-
-
-def _tma_tiles(values: list[int]) -> TmaTiles:
-    """``[block_n, block_k, stages, warps(, peel)]`` as :class:`TmaTiles`."""
-    return TmaTiles(*(int(v) for v in values[:4]), peel=bool(values[4]) if len(values) > 4 else False)
 
 
 def one_token_settings() -> str:
@@ -367,7 +363,7 @@ def one_token_settings() -> str:
         "tiles": {f"{n},{k}": [t.block_n, t.block_k, t.num_warps, t.split_k]
                   for (n, k), t in sorted(twna16.M1_SHAPE_TILES.items())}}
     if twna16.M1_TMA_TILES:
-        table["tma"] = {f"{n},{k}": [t.block_n, t.block_k, t.stages, t.num_warps, int(t.peel)]
+        table["tma"] = {f"{n},{k}": [t.block_n, t.block_k, t.stages, t.num_warps]
                         for (n, k), t in sorted(twna16.M1_TMA_TILES.items())}
     return json.dumps(table, separators=(",", ":"), sort_keys=True)
 

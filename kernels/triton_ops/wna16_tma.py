@@ -48,15 +48,12 @@ except ImportError:  # pragma: no cover - older Triton
 class TmaTiles:
     """Weight rows per program (gated: gate and up rows together), inputs per pipeline stage
     (a multiple of the group size, at most 2,048: a TMA box is at most 256 words wide), stages
-    in flight (``stages - 1`` tiles read ahead) and warps. ``peel``: the first tile is read
-    before the PDL wait (the weights are not written by the kernel before), outside the pipeline,
-    which then starts at the second tile."""
+    in flight (``stages - 1`` tiles read ahead) and warps."""
 
     block_n: int = 16
     block_k: int = 512
     stages: int = 4
     num_warps: int = 4
-    peel: bool = False
 
     def __post_init__(self) -> None:
         for name in ("block_n", "block_k", "num_warps"):
@@ -97,7 +94,7 @@ def _gemv_int4_tma_kernel(q_desc, x_ptr, s_ptr, bias_ptr, out_ptr, N, K, stride_
                           GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
                           BLOCK_K: tl.constexpr, STAGES: tl.constexpr, GATED: tl.constexpr,
                           ASM: tl.constexpr, PAIRS: tl.constexpr, XLOAD: tl.constexpr,
-                          PDL: tl.constexpr = False, PEEL: tl.constexpr = False):
+                          PDL: tl.constexpr = False):
     # q_desc: the [N, K / 8] int32 words, boxes of [ROWS, BLOCK_K / 8]. Program p owns rows
     # p * ROWS .. + ROWS (gated: outputs p * ROWS .. + ROWS, gate rows there and up rows N / 2
     # further). Every tile is whole (tma_applies), so no masks.
@@ -113,24 +110,14 @@ def _gemv_int4_tma_kernel(q_desc, x_ptr, s_ptr, bias_ptr, out_ptr, N, K, stride_
     su_rows = s_ptr + (rn + N // 2).to(tl.int64)[:, None] * stride_sn
     acc = tl.zeros([ROWS, TILE_G, WPG], dtype=tl.float32)
     acc_u = tl.zeros([ROWS, TILE_G, WPG], dtype=tl.float32)
-    k_start = 0
-    if PEEL:  # the first tile's words before the PDL wait (weights only), then summed
-        w0 = q_desc.load([r0, 0])
-        if GATED:
-            wu0 = q_desc.load([u0, 0])
-        token = pdl_begin(PDL)
-        jj0 = tl.arange(0, WORDS)
-        acc = _words_tile(acc, w0, jj0, 0, K, K // 8, x_ptr, token, s_rows, s_rows, ok, GROUP, 8.0, False,
-                          ROWS, BLOCK_K, True, ASM, PAIRS, XLOAD)
-        if GATED:
-            acc_u = _words_tile(acc_u, wu0, jj0, 0, K, K // 8, x_ptr, token, su_rows, su_rows, ok, GROUP, 8.0,
-                                False, ROWS, BLOCK_K, True, ASM, PAIRS, XLOAD)
-        k_start = BLOCK_K
-    else:
-        token = pdl_begin(PDL)
-    for k0 in tl.range(k_start, K, BLOCK_K, num_stages=STAGES):
+    token = 0
+    for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):
         jj = k0 // 8 + tl.arange(0, WORDS)
         w = q_desc.load([r0, k0 // 8])
+        # The PDL wait inside the first iteration: the pipeline's prologue (its first STAGES - 1
+        # tiles, weights only) is asked for before it, the inputs (``token``) after it.
+        if k0 == 0:
+            token = pdl_begin(PDL)
         acc = _words_tile(acc, w, jj, k0, K, K // 8, x_ptr, token, s_rows, s_rows, ok, GROUP, 8.0, False,
                           ROWS, BLOCK_K, True, ASM, PAIRS, XLOAD)
         if GATED:
@@ -175,6 +162,6 @@ def gemv_int4_tma(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, 
         desc, x, scales, bias if bias is not None else scales, out, n, k, scales.stride(0),
         GROUP=group_size, HAS_BIAS=bias is not None, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
         STAGES=tiles.stages, GATED=gated, ASM=x.is_cuda, PAIRS=pairs and sixteen,
-        XLOAD=xload and sixteen and x.data_ptr() % 16 == 0, PDL=pdl, PEEL=tiles.peel,
+        XLOAD=xload and sixteen and x.data_ptr() % 16 == 0, PDL=pdl,
         num_warps=tiles.num_warps, num_stages=tiles.stages, **pdl_launch(pdl))
     return out

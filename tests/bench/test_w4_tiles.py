@@ -82,13 +82,13 @@ def test_an_older_table_with_a_prefetch_switch_is_refused_whole(
 
 def test_the_tma_table_takes_the_shapes_where_tma_beat_the_word_kernel() -> None:
     rows = [{"format": "w4_tma", "shape": "qkv", "variant": v, "us_per_layer": t}
-            for v, t in {"word": 6.0, "16,512,4,4,1": 5.0, "8,512,4,4,0": 5.5}.items()]
+            for v, t in {"word": 6.0, "16,512,4,4": 5.0, "8,512,4,4": 5.5}.items()]
     rows += [{"format": "w4_tma", "shape": "o", "variant": v, "us_per_layer": t}
-             for v, t in {"word": 4.0, "16,512,4,4,0": 4.5}.items()]
-    assert bench_gemv.w4_tma_table(rows) == {"6144,4096": [16, 512, 4, 4, 1]}  # o: the word kernel stays
-    assert bench_gemv.engine_settings(rows) == {"tma": {"6144,4096": [16, 512, 4, 4, 1]}}
+             for v, t in {"word": 4.0, "16,512,4,4": 4.5}.items()]
+    assert bench_gemv.w4_tma_table(rows) == {"6144,4096": [16, 512, 4, 4]}  # o: the word kernel stays
+    assert bench_gemv.engine_settings(rows) == {"tma": {"6144,4096": [16, 512, 4, 4]}}
     both = bench_gemv.engine_settings([*rows, *_sweep()])
-    assert both["tma"] == {"6144,4096": [16, 512, 4, 4, 1]}
+    assert both["tma"] == {"6144,4096": [16, 512, 4, 4]}
     assert both["tiles"] == bench_gemv.w4_split_table(_sweep())["tiles"]
 
 
@@ -97,11 +97,11 @@ def test_the_engine_bench_sets_the_tma_tiles(tmp_path: Path, monkeypatch: pytest
     monkeypatch.setattr(wna16, "M1_TMA_TILES", wna16.M1_TMA_TILES)
     from kernels.triton_ops.wna16_tma import TmaTiles
     path = tmp_path / "w4.json"
-    path.write_text(json.dumps({"tma": {"6144,4096": [16, 512, 4, 4, 1], "4096,4096": [8, 1024, 3, 4]}}))
+    path.write_text(json.dumps({"tma": {"6144,4096": [16, 512, 4, 4], "4096,4096": [8, 1024, 3, 4]}}))
     text = bench_gpu_quant.use_w4_tiles(path)
-    assert json.loads(text)["tma"] == {"6144,4096": [16, 512, 4, 4, 1], "4096,4096": [8, 1024, 3, 4, 0]}
+    assert json.loads(text)["tma"] == {"6144,4096": [16, 512, 4, 4], "4096,4096": [8, 1024, 3, 4]}
     assert text == bench_gpu_quant.one_token_settings()
-    assert wna16.M1_TMA_TILES == {(6144, 4096): TmaTiles(16, 512, 4, 4, peel=True),
+    assert wna16.M1_TMA_TILES == {(6144, 4096): TmaTiles(16, 512, 4, 4),
                                   (4096, 4096): TmaTiles(8, 1024, 3, 4)}
     path.write_text(json.dumps({"tma": [16, 512, 4, 4]}))
     with pytest.raises(ValueError, match="'tma' must map"):

@@ -741,7 +741,7 @@ def check_gemv_int4_tma(t: Target) -> None:
     """The TMA-pipelined one-token 4-bit GEMV (``wna16_tma``) against the torch reference with
     :func:`assert_wna16_gemv_close`'s bound (on CUDA with the packed 16-bit decode: four
     roundings), over tilings with one to five stages and pipelines longer and shorter than the
-    loop, the first tile peeled off the pipeline or not; on the CPU also bit for bit the word
+    loop (the PDL wait inside its first iteration); on the CPU also bit for bit the word
     kernel at the same ``block_k`` (the same tile sums, in the same order). Gated: bit for bit
     the product followed by the activation kernel. Shapes it cannot take are refused
     (``tma_applies``); the engine's one-token GEMV takes it where ``wna16.M1_TMA_TILES`` says so."""
@@ -755,7 +755,7 @@ def check_gemv_int4_tma(t: Target) -> None:
     shapes = [(32, 256, 128), (64, 1024, 128), (32, 512, 64)]
     big = [(6144, 4096, 128), (4096, 14336, 128), (28672, 4096, 128)] if t.big else []
     tilings = [ttma.TmaTiles(16, 256, 1, 4), ttma.TmaTiles(8, 128, 3, 4), ttma.TmaTiles(16, 256, 5, 4),
-               ttma.TmaTiles(32, 512, 2, 8), ttma.TmaTiles(16, 128, 3, 4, peel=True)]
+               ttma.TmaTiles(32, 512, 2, 8), ttma.TmaTiles(16, 128, 3, 4)]
     for i, (n, k, group) in enumerate(shapes + big):
         sdt = (torch.float16, torch.float32)[i % 2]
         w = random_wna16(n, k, 4, group, False, sdt, t.device, gen)
