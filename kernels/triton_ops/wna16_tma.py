@@ -19,7 +19,8 @@ kernel's at the same ``BLOCK_K`` (its tile: the unit of the group scales' produc
 order of the final reduction over tiles can differ. Symmetric 4-bit weights, groups of 32 to
 ``BLOCK_K``, whole tiles (``N`` a multiple of the rows per program, ``K`` of ``BLOCK_K``), 16-byte
 aligned rows: :func:`tma_applies`. ``gated``: the weight is ``[gate; up]`` (``N`` rows); a program
-loads ``BLOCK_N / 2`` gate rows and the matching up rows with two descriptor loads and stores
+loads ``BLOCK_N / 2`` gate rows and the matching up rows in one three-dimensional box (the
+weight seen as ``[2, N / 2, K / 8]``), so their inputs are read once, and stores
 ``silu(gate) * up``.
 
 Not used by the engine until a card measures it (``wna16.M1_TMA``; ``bench_gemv.py --parts
@@ -95,48 +96,43 @@ def _gemv_int4_tma_kernel(q_desc, x_ptr, s_ptr, bias_ptr, out_ptr, N, K, stride_
                           BLOCK_K: tl.constexpr, STAGES: tl.constexpr, GATED: tl.constexpr,
                           ASM: tl.constexpr, PAIRS: tl.constexpr, XLOAD: tl.constexpr,
                           PDL: tl.constexpr = False):
-    # q_desc: the [N, K / 8] int32 words, boxes of [ROWS, BLOCK_K / 8]. Program p owns rows
-    # p * ROWS .. + ROWS (gated: outputs p * ROWS .. + ROWS, gate rows there and up rows N / 2
-    # further). Every tile is whole (tma_applies), so no masks.
+    # q_desc: the [N, K / 8] int32 words, boxes of [BLOCK_N, BLOCK_K / 8]; gated, the same words
+    # as [2, N / 2, K / 8] (gate half, up half), boxes of [2, BLOCK_N / 2, BLOCK_K / 8]: program p
+    # owns outputs p * ROWS .. + ROWS and one load brings their gate rows then their up rows.
+    # Every tile is whole (tma_applies), so no masks.
     WORDS: tl.constexpr = BLOCK_K // 8
     TILE_G: tl.constexpr = BLOCK_K // GROUP if BLOCK_K > GROUP else 1
     WPG: tl.constexpr = WORDS // TILE_G
     ROWS: tl.constexpr = BLOCK_N // 2 if GATED else BLOCK_N
     r0 = tl.program_id(0) * ROWS
-    rn = r0 + tl.arange(0, ROWS)
+    r = tl.arange(0, BLOCK_N)
+    rn = (r // ROWS) * (N // 2) + r0 + r % ROWS if GATED else r0 + r  # the tile's weight rows
     ok = rn < N
     s_rows = s_ptr + rn.to(tl.int64)[:, None] * stride_sn
-    u0 = r0 + N // 2
-    su_rows = s_ptr + (rn + N // 2).to(tl.int64)[:, None] * stride_sn
-    acc = tl.zeros([ROWS, TILE_G, WPG], dtype=tl.float32)
-    acc_u = tl.zeros([ROWS, TILE_G, WPG], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_N, TILE_G, WPG], dtype=tl.float32)
     token = 0
     for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):
         jj = k0 // 8 + tl.arange(0, WORDS)
-        w = q_desc.load([r0, k0 // 8])
+        if GATED:
+            w = tl.reshape(q_desc.load([0, r0, k0 // 8]), [BLOCK_N, WORDS])
+        else:
+            w = q_desc.load([r0, k0 // 8])
         # The PDL wait inside the first iteration: the pipeline's prologue (its first STAGES - 1
         # tiles, weights only) is asked for before it, the inputs (``token``) after it.
         if k0 == 0:
             token = pdl_begin(PDL)
         acc = _words_tile(acc, w, jj, k0, K, K // 8, x_ptr, token, s_rows, s_rows, ok, GROUP, 8.0, False,
-                          ROWS, BLOCK_K, True, ASM, PAIRS, XLOAD)
-        if GATED:
-            wu = q_desc.load([u0, k0 // 8])
-            acc_u = _words_tile(acc_u, wu, jj, k0, K, K // 8, x_ptr, token, su_rows, su_rows, ok, GROUP, 8.0,
-                                False, ROWS, BLOCK_K, True, ASM, PAIRS, XLOAD)
+                          BLOCK_N, BLOCK_K, True, ASM, PAIRS, XLOAD)
     y = tl.sum(tl.sum(acc, axis=2), axis=1)
+    if HAS_BIAS:
+        y += tl.load(bias_ptr + rn).to(tl.float32)
+    dt = out_ptr.dtype.element_ty
     if GATED:
-        u = tl.sum(tl.sum(acc_u, axis=2), axis=1)
-        if HAS_BIAS:
-            y += tl.load(bias_ptr + rn).to(tl.float32)
-            u += tl.load(bias_ptr + rn + N // 2).to(tl.float32)
         # Rounded to the output dtype first, as the unfused GEMV's stores then silu_and_mul.
-        dt = out_ptr.dtype.element_ty
-        tl.store(out_ptr + rn, silu_mul_tile(y.to(dt), u.to(dt)).to(dt))
+        gate, up = tl.split(tl.permute(tl.reshape(y.to(dt), [2, ROWS]), [1, 0]))
+        tl.store(out_ptr + r0 + tl.arange(0, ROWS), silu_mul_tile(gate, up).to(dt))
     else:
-        if HAS_BIAS:
-            y += tl.load(bias_ptr + rn).to(tl.float32)
-        tl.store(out_ptr + rn, y.to(out_ptr.dtype.element_ty))
+        tl.store(out_ptr + rn, y.to(dt))
 
 
 def gemv_int4_tma(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, group_size: int,
@@ -155,7 +151,10 @@ def gemv_int4_tma(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, 
     assert q is not None and TensorDescriptor is not None  # tma_applies
     n, k = qweight.shape[0], x.shape[1]
     rows = tiles.block_n // 2 if gated else tiles.block_n
-    desc = TensorDescriptor.from_tensor(q, [rows, tiles.block_k // 8])
+    if gated:  # gate and up rows of one program in one box
+        desc = TensorDescriptor.from_tensor(q.view(2, n // 2, q.shape[1]), [2, rows, tiles.block_k // 8])
+    else:
+        desc = TensorDescriptor.from_tensor(q, [rows, tiles.block_k // 8])
     out = torch.empty((1, n // 2 if gated else n), dtype=x.dtype, device=x.device)
     sixteen = x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
     _gemv_int4_tma_kernel[(out.shape[1] // rows,)](
