@@ -711,8 +711,8 @@ def bench_w4_tma(rec: Recorder) -> None:
         gated = shape == "gate_up"
         x = torch.randn(1, k, device=DEV, dtype=torch.bfloat16)
         w4 = w4_layers(n, k, 32)
-        ref = _w4_xload(x, wna16.m1_tiles(n, k, gated), gated, *w4[0])
         word = partial(_w4_xload, x, wna16.m1_tiles(n, k, gated), gated)
+        ref = word(*w4[0])
         row = rec.add("w4_tma", shape, "word", time_chain(chain(word, w4)), w4_nbytes(n, k), 32)
         out = [f"word {row['us_per_layer']:.2f}"]
         fastest = (float("inf"), TmaTiles())

@@ -35,6 +35,7 @@ from __future__ import annotations
 import gc
 import json
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -340,20 +341,26 @@ def use_w4_tiles(path: Path) -> str:
     others = sorted(set(table) - {"tiles", "tma"})
     if others:
         raise ValueError(f"{path}: unknown key(s) {', '.join(others)}: a one-token table holds only 'tiles' "
-                         "(the prefetch switches were removed, DECISIONS 141)")
-    if "tiles" in table:
-        if not isinstance(table["tiles"], dict):
-            raise ValueError(f"{path}: 'tiles' must map 'N,K' to [block_n, block_k, warps, split]")
-        twna16.M1_SHAPE_TILES = MappingProxyType({
-            tuple(int(v) for v in key.split(",")): GemvTiles(*(int(v) for v in tiles))
-            for key, tiles in table["tiles"].items()})
-    if "tma" in table:
-        if not isinstance(table["tma"], dict):
-            raise ValueError(f"{path}: 'tma' must map 'N,K' to [block_n, block_k, stages, warps]")
-        twna16.M1_TMA_TILES = MappingProxyType({
-            tuple(int(v) for v in key.split(",")): TmaTiles(*(int(v) for v in tiles))
-            for key, tiles in table["tma"].items()})
+                         "and 'tma' (the prefetch switches were removed, DECISIONS 141)")
+    # Both parsed before either is set: a malformed part leaves the settings as they were.
+    tiles = _shape_table(path, table, "tiles", "block_n, block_k, warps, split", GemvTiles)
+    tma = _shape_table(path, table, "tma", "block_n, block_k, stages, warps", TmaTiles)
+    if tiles is not None:
+        twna16.M1_SHAPE_TILES = tiles
+    if tma is not None:
+        twna16.M1_TMA_TILES = tma
     return one_token_settings()
+
+
+def _shape_table(path: Path, table: dict[str, Any], key: str, fields: str,
+                 make: Callable[..., Any]) -> Mapping[tuple[int, ...], Any] | None:
+    """``table[key]`` (``{"N,K": [fields...]}``) as ``{(N, K): make(*fields)}``, None without it."""
+    if key not in table:
+        return None
+    if not isinstance(table[key], dict):
+        raise ValueError(f"{path}: '{key}' must map 'N,K' to [{fields}]")
+    return MappingProxyType({tuple(int(v) for v in shape.split(",")): make(*(int(v) for v in values))
+                             for shape, values in table[key].items()})
 
 
 def one_token_settings() -> str:

@@ -336,7 +336,7 @@ def one_token_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     second launch. A shape in ``M1_TMA_TILES`` takes the TMA-pipelined GEMV where it applies
     (symmetric 4-bit, on a Hopper-class card)."""
     tma = M1_TMA_TILES.get((qweight.shape[0], x.shape[-1]))
-    if tma is not None and offsets is None and tma_applies(x, qweight, offsets, bits, group_size, tma, gated):
+    if tma is not None and tma_applies(x, qweight, offsets, bits, group_size, tma, gated):
         return gemv_int4_tma(x, qweight, scales, group_size, bias, tiles=tma, gated=gated,
                              pairs=_m1_pairs(x), xload=M1_XLOAD, pdl=pdl)
     tiles = m1_tiles(qweight.shape[0], x.shape[-1], gated)

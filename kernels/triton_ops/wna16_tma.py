@@ -23,7 +23,7 @@ loads ``BLOCK_N / 2`` gate rows and the matching up rows in one three-dimensiona
 weight seen as ``[2, N / 2, K / 8]``), so their inputs are read once, and stores
 ``silu(gate) * up``.
 
-Not used by the engine until a card measures it (``wna16.M1_TMA``; ``bench_gemv.py --parts
+Not used by the engine until a card measures it (``wna16.M1_TMA_TILES``; ``bench_gemv.py --parts
 w4_tma``).
 """
 
@@ -67,12 +67,17 @@ class TmaTiles:
         if self.stages < 1:
             raise ValueError(f"stages must be at least 1, got {self.stages}")
 
+    def rows(self, gated: bool) -> int:
+        """Weight rows per descriptor box: ``block_n``, or gated ``block_n / 2`` of each half."""
+        return self.block_n // 2 if gated else self.block_n
+
 
 def tma_applies(x: torch.Tensor, qweight: torch.Tensor, offsets: torch.Tensor | None, bits: int,
                 group_size: int, tiles: TmaTiles, gated: bool = False) -> bool:
-    """Whether :func:`gemv_int4_tma` takes this product: one bf16 or float16 token, symmetric
-    4-bit weights readable as int32 words with 16-byte aligned rows, groups dividing the tile,
-    whole tiles; on CUDA a Hopper-class card (TMA, sm_90+)."""
+    """Whether :func:`gemv_int4_tma` takes this product: one contiguous token (bf16 or float16 on
+    CUDA, float32 too on the CPU interpreter), symmetric 4-bit weights readable as int32 words
+    with 16-byte aligned rows, groups dividing the tile, whole tiles; on CUDA a Hopper-class card
+    (TMA, sm_90+)."""
     if TensorDescriptor is None or bits != 4 or offsets is not None or x.dim() != 2 or x.shape[0] != 1 \
             or x.stride(1) != 1:
         return False
@@ -80,7 +85,7 @@ def tma_applies(x: torch.Tensor, qweight: torch.Tensor, offsets: torch.Tensor | 
         return False
     q = _as_words(qweight)
     n, k = qweight.shape[0], x.shape[1]
-    rows = tiles.block_n // 2 if gated else tiles.block_n
+    rows = tiles.rows(gated)
     if q is None or q.shape[1] * 8 != k or rows < 1 or (n // 2 if gated else n) % rows:
         return False
     if k % tiles.block_k or tiles.block_k % group_size or (q.stride(0) * 4) % 16 or q.data_ptr() % 16:
@@ -150,7 +155,7 @@ def gemv_int4_tma(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, 
     q = _as_words(qweight)
     assert q is not None and TensorDescriptor is not None  # tma_applies
     n, k = qweight.shape[0], x.shape[1]
-    rows = tiles.block_n // 2 if gated else tiles.block_n
+    rows = tiles.rows(gated)
     if gated:  # gate and up rows of one program in one box
         desc = TensorDescriptor.from_tensor(q.view(2, n // 2, q.shape[1]), [2, rows, tiles.block_k // 8])
     else:

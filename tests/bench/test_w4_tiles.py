@@ -106,3 +106,15 @@ def test_the_engine_bench_sets_the_tma_tiles(tmp_path: Path, monkeypatch: pytest
     path.write_text(json.dumps({"tma": [16, 512, 4, 4]}))
     with pytest.raises(ValueError, match="'tma' must map"):
         bench_gpu_quant.use_w4_tiles(path)
+
+
+def test_a_table_with_a_malformed_part_is_refused_whole(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(wna16, "M1_SHAPE_TILES", wna16.M1_SHAPE_TILES)  # restored after the test
+    monkeypatch.setattr(wna16, "M1_TMA_TILES", wna16.M1_TMA_TILES)
+    before = wna16.M1_SHAPE_TILES
+    path = tmp_path / "w4.json"
+    path.write_text(json.dumps({"tiles": {"6144,4096": [8, 2048, 4, 2]}, "tma": [16, 512, 4, 4]}))
+    with pytest.raises(ValueError, match="'tma' must map"):
+        bench_gpu_quant.use_w4_tiles(path)
+    assert wna16.M1_SHAPE_TILES is before  # the valid 'tiles' part was not applied either
