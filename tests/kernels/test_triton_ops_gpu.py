@@ -61,8 +61,10 @@ def test_decode_attention_heads_per_program_gives_the_same_bits_gpu(
     head_dim: int, group: int, num_kv_heads: int, dtype: torch.dtype
 ) -> None:
     """Several KV heads per decode program (block-diagonal query tiles: the extra products are
-    exact zeros) give the bits of one head per program, split and unsplit, on W3's layout
-    (llama3-1b: head dim 64, 8 KV heads of 4 query heads) and others."""
+    exact zeros) give the bits of one head per program at the same partitions, unsplit (one
+    partition of 2,048 tokens) and split (256, and 64 as small batches take), on W3's layout
+    (llama3-1b: head dim 64, 8 KV heads of 4 query heads) and others. The partition is set:
+    left to the kernel it depends on the program count, which the heads per program change."""
     from kernels import triton_ops as tops
 
     t = _checks.Target("cuda", dtype)
@@ -71,7 +73,7 @@ def test_decode_attention_heads_per_program_gives_the_same_bits_gpu(
     b = _checks.make_paged_batch([(n, 1) for n in lens], num_kv_heads, group, head_dim, 16, t, gen,
                                  seq_len_slack=40)
     args = (b.q, b.key_cache, b.value_cache, b.block_tables, b.seq_lens, b.scale, b.max_seq_len)
-    for partition in (None, 256):
+    for partition in (2048, 256, 64):
         one = tops.paged_decode_attention(*args, config=tops.DecodeConfig(partition, heads_per_program=1))
         for heads in (2, 4):
             many = tops.paged_decode_attention(
