@@ -116,6 +116,11 @@ class Run:
     run_id: str = field(default_factory=new_run_id)
     rows: list[ResultRow] = field(default_factory=list)
     m1_shape_tiles: str | None = None  # one_token_settings(): recorded on every row of the run
+    norm_handoff: bool = False  # --norm-handoff: EngineConfig.norm_handoff, recorded where on
+
+    def _settings(self) -> dict[str, Any]:
+        """What every row of the run records beside its own fields (None: left out)."""
+        return {"m1_shape_tiles": self.m1_shape_tiles, "norm_handoff": self.norm_handoff or None}
 
     def add(
         self, workload: str, shape: str, engine: str, tok_s: float, quantization: str, kv: str, **extra: Any
@@ -130,7 +135,7 @@ class Run:
                 shape,
                 engine,
                 tok_s,
-                {k: v for k, v in (extra | {"m1_shape_tiles": self.m1_shape_tiles}).items() if v is not None},
+                {k: v for k, v in (extra | self._settings()).items() if v is not None},
                 quantization=quantization,
                 kv_cache_dtype=kv,
             )
@@ -377,7 +382,7 @@ def one_token_settings() -> str:
 
 def run_suite(args: Any, card: str, ceilings: dict[str, float]) -> None:
     """The suite of the module docstring (``bench_gpu.py --suite quantization``)."""
-    run = Run(args, card, ceilings, run_id=args.run_id or new_run_id())
+    run = Run(args, card, ceilings, run_id=args.run_id or new_run_id(), norm_handoff=args.norm_handoff)
     if args.w4_tiles is not None:
         run.m1_shape_tiles = use_w4_tiles(args.w4_tiles)
         print(f"wna16.M1_SHAPE_TILES from {args.w4_tiles}: {run.m1_shape_tiles}", flush=True)
@@ -391,6 +396,8 @@ def run_suite(args: Any, card: str, ceilings: dict[str, float]) -> None:
         labels = args.quant_labels.split(",") if args.quant_labels else [label]  # --quant-labels
         if shape not in shapes or not workloads or label not in labels:
             continue
+        if run.norm_handoff:
+            engine_args = {**engine_args, "norm_handoff": True}
         try:
             bench_engine(run, shape, label, engine_args, workloads)
         except Exception as exc:  # one engine's failure is reported; the others still run

@@ -30,6 +30,7 @@ w4_tma``).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import triton
@@ -37,6 +38,13 @@ import triton.language as tl
 
 from kernels.triton_ops.activation import silu_mul_tile
 from kernels.triton_ops.gemv import _as_words, _words_tile
+from kernels.triton_ops.norm_handoff import (
+    PRODUCER,
+    handoff_args,
+    handoff_partials,
+    handoff_rstd,
+    handoff_store,
+)
 from kernels.triton_ops.pdl import pdl_begin, pdl_launch
 
 try:  # Triton 3.4+: host-side descriptors (our minimum is 3.4; the import is guarded for tools)
@@ -97,14 +105,16 @@ def tma_applies(x: torch.Tensor, qweight: torch.Tensor, offsets: torch.Tensor | 
 
 @triton.jit
 def _gemv_int4_tma_kernel(q_desc, x_ptr, s_ptr, bias_ptr, out_ptr, N, K, stride_sn,
+                          res_ptr, nw_ptr, z_ptr, ss_ptr, n_parts, eps,
                           GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
                           BLOCK_K: tl.constexpr, STAGES: tl.constexpr, GATED: tl.constexpr,
                           ASM: tl.constexpr, PAIRS: tl.constexpr, XLOAD: tl.constexpr,
-                          PDL: tl.constexpr = False):
+                          PDL: tl.constexpr = False, HANDOFF: tl.constexpr = 0, PARTS: tl.constexpr = 1):
     # q_desc: the [N, K / 8] int32 words, boxes of [BLOCK_N, BLOCK_K / 8]; gated, the same words
     # as [2, N / 2, K / 8] (gate half, up half), boxes of [2, BLOCK_N / 2, BLOCK_K / 8]: program p
     # owns outputs p * ROWS .. + ROWS and one load brings their gate rows then their up rows.
-    # Every tile is whole (tma_applies), so no masks.
+    # Every tile is whole (tma_applies), so no masks. HANDOFF as the word kernel's
+    # (kernels.triton_ops.norm_handoff): 1 producer (not gated), 2 consumer.
     WORDS: tl.constexpr = BLOCK_K // 8
     TILE_G: tl.constexpr = BLOCK_K // GROUP if BLOCK_K > GROUP else 1
     WPG: tl.constexpr = WORDS // TILE_G
@@ -129,10 +139,14 @@ def _gemv_int4_tma_kernel(q_desc, x_ptr, s_ptr, bias_ptr, out_ptr, N, K, stride_
         acc = _words_tile(acc, w, jj, k0, K, K // 8, x_ptr, token, s_rows, s_rows, ok, GROUP, 8.0, False,
                           BLOCK_N, BLOCK_K, True, ASM, PAIRS, XLOAD)
     y = tl.sum(tl.sum(acc, axis=2), axis=1)
+    if HANDOFF == 2:  # the partials are the kernel before's output: read after the wait (above)
+        y = y * handoff_rstd(handoff_partials(ss_ptr, n_parts, PARTS), K, eps)
     if HAS_BIAS:
         y += tl.load(bias_ptr + rn).to(tl.float32)
     dt = out_ptr.dtype.element_ty
-    if GATED:
+    if HANDOFF == 1:
+        handoff_store(y, rn, ok, res_ptr, nw_ptr, out_ptr, z_ptr, ss_ptr)
+    elif GATED:
         # Rounded to the output dtype first, as the unfused GEMV's stores then silu_and_mul.
         gate, up = tl.split(tl.permute(tl.reshape(y.to(dt), [2, ROWS]), [1, 0]))
         tl.store(out_ptr + r0 + tl.arange(0, ROWS), silu_mul_tile(gate, up).to(dt))
@@ -142,12 +156,14 @@ def _gemv_int4_tma_kernel(q_desc, x_ptr, s_ptr, bias_ptr, out_ptr, N, K, stride_
 
 def gemv_int4_tma(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, group_size: int,
                   bias: torch.Tensor | None = None, *, tiles: TmaTiles | None = None, gated: bool = False,
-                  pairs: bool = True, xload: bool = True, pdl: bool = False) -> torch.Tensor:
+                  pairs: bool = True, xload: bool = True, pdl: bool = False,
+                  handoff: dict[str, Any] | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """``x @ dequant(qweight).T + bias`` for one token ``x`` ``[1, K]`` and symmetric 4-bit
     ``qweight`` (:class:`kernels.quant_reference.WnA16Weight` layout, ``[N, K / 2]`` bytes) with
     ``scales`` ``[N, K / group_size]``; ``gated``: ``silu_and_mul`` of it, ``[1, N / 2]``.
     ``pairs`` / ``xload``: the word kernel's packed 16-bit decode and PTX input loads (CUDA, 16-bit
-    ``x``). Refuses what :func:`tma_applies` refuses."""
+    ``x``). ``handoff`` / ``out``: as :func:`kernels.triton_ops.gemv.gemv_wna16`'s (a producer is
+    not ``gated``). Refuses what :func:`tma_applies` refuses."""
     tiles = tiles or TmaTiles()
     if not tma_applies(x, qweight, None, 4, group_size, tiles, gated):
         raise ValueError(f"gemv_int4_tma does not apply: x {tuple(x.shape)} {x.dtype}, qweight "
@@ -160,12 +176,16 @@ def gemv_int4_tma(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, 
         desc = TensorDescriptor.from_tensor(q.view(2, n // 2, q.shape[1]), [2, rows, tiles.block_k // 8])
     else:
         desc = TensorDescriptor.from_tensor(q, [rows, tiles.block_k // 8])
-    out = torch.empty((1, n // 2 if gated else n), dtype=x.dtype, device=x.device)
+    if handoff is not None and gated and handoff["HANDOFF"] == PRODUCER:
+        raise ValueError("a norm handoff's producer is not gated")
+    if out is None:
+        out = torch.empty((1, n // 2 if gated else n), dtype=x.dtype, device=x.device)
     sixteen = x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
     _gemv_int4_tma_kernel[(out.shape[1] // rows,)](
         desc, x, scales, bias if bias is not None else scales, out, n, k, scales.stride(0),
+        **(handoff or handoff_args(dummy=out)),
         GROUP=group_size, HAS_BIAS=bias is not None, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
         STAGES=tiles.stages, GATED=gated, ASM=x.is_cuda, PAIRS=pairs and sixteen,
-        XLOAD=xload and sixteen and x.data_ptr() % 16 == 0, PDL=pdl,
+        XLOAD=xload and sixteen and x.data_ptr() % 16 == 0,
         num_warps=tiles.num_warps, num_stages=tiles.stages, **pdl_launch(pdl))
     return out

@@ -869,6 +869,78 @@ def check_gemv_int4_mma(t: Target) -> None:
                     assert_wna16_gemv_close(got, ref, x, wa, x.dtype, what)
 
 
+def check_norm_handoff(t: Target) -> None:
+    """The one-token 4/8-bit linears that hand an RMSNorm over (``wna16_handoff``; contract in
+    ``kernels.norm_handoff``), on the word kernel and (``wna16.M1_TMA_TILES`` set) the TMA one,
+    symmetric and asymmetric 4-bit and the 8-bit fallback, with and without bias. The producer:
+    its new residual is bit for bit the plain one-token GEMV plus the residual, its scaled output
+    bit for bit that times the norm weight, one partial sum of squares per program adding up to
+    the residual's. The consumer against the unfused path (``rms_norm`` then the reference
+    linear) within :func:`assert_wna16_gemv_close`'s bound with two more roundings (its input is
+    rounded once, the norm's output twice); gated, the activation kernel on its ungated output
+    (:func:`assert_linear_close`)."""
+    on_gpu = t.device != "cpu"
+    pdl = on_gpu
+    gen = torch.Generator().manual_seed(41)
+    eps = 1e-5
+    # (hidden, producer inputs, consumer outputs, group): o/down into qkv and gate_up.
+    shapes = [(256, 512, 384, 128), (128, 256, 256, 64)]
+    if t.big:
+        shapes.append((4096, 14336, 6144, 128))
+    before = twna16.M1_TMA_TILES
+    try:
+        for i, (hidden, k_in, n_out, group) in enumerate(shapes):
+            for bits, offsets, tma in ((4, False, False), (4, True, False), (8, False, False),
+                                       (4, False, True)):
+                if tma and (on_gpu and t.dtype == torch.float32):
+                    continue  # the TMA GEMV takes 16-bit inputs on CUDA
+                tiles = ttma.TmaTiles(16, 256 if group <= 256 else group, 2, 4)
+                shapes_tma = [(hidden, k_in), (n_out, hidden), (2 * n_out, hidden)]
+                twna16.M1_TMA_TILES = {shape: tiles for shape in shapes_tma} if tma else {}
+                what = f"norm handoff {hidden} {k_in}->{n_out} g={group} bits={bits} off={offsets} tma={tma}"
+                _check_handoff_case(t, gen, (hidden, k_in, n_out, group), bits, offsets, eps, pdl, what,
+                                    bias=bool((i + bits) % 2))
+    finally:
+        twna16.M1_TMA_TILES = before
+
+
+def _check_handoff_case(t: Target, gen: torch.Generator, shape: tuple[int, int, int, int], bits: int,
+                        offsets: bool, eps: float, pdl: bool, what: str, bias: bool) -> None:
+    hidden, k_in, n_out, group = shape
+    sdt = torch.float16 if t.dtype == torch.float32 else torch.float32
+    wp = random_wna16(hidden, k_in, bits, group, offsets, sdt, t.device, gen)
+    x = _randn(1, k_in, t=t, gen=gen)
+    residual = _randn(1, hidden, t=t, gen=gen)
+    nw = (1.0 + 0.1 * _randn(hidden, t=t, gen=gen, dtype=torch.float32)).to(t.dtype)
+    bias_p = _randn(hidden, t=t, gen=gen) if bias else None
+    pargs = (wp.qweight, wp.scales, wp.offsets, bits, group)
+    plain = twna16.one_token_gemv(x, *pargs, bias_p, pdl=pdl)
+    h = tops.wna16_add_norm_linear(x, *pargs, bias_p, residual, nw, eps, pdl=pdl)
+    want = (plain.float() + residual.float()).to(t.dtype)
+    assert torch.equal(h.summed, want), f"{what}: residual {(h.summed.float() - want.float()).abs().max()}"
+    assert torch.equal(h.scaled, (h.summed.float() * nw.float()).to(t.dtype)), f"{what}: scaled"
+    programs = twna16.m1_programs(x, wp.qweight, wp.offsets, bits, group)
+    assert h.partials.numel() == (programs or 1), f"{what}: {h.partials.numel()} partials, {programs}"
+    total = (h.summed.double() ** 2).sum()
+    assert abs(float(h.partials.double().sum() - total)) <= 1e-5 * float(total), f"{what}: partials"
+    for gated in (False, True):
+        n = 2 * n_out if gated else n_out
+        wc = random_wna16(n, hidden, bits, group, offsets, sdt, t.device, gen)
+        bias_c = _randn(n, t=t, gen=gen) if bias else None
+        cargs = (wc.qweight, wc.scales, wc.offsets, bits, group, bias_c)
+        got = tops.wna16_normed_linear(h, *cargs, gated=gated, pdl=pdl)
+        if gated:  # the activation kernel on the ungated product (on CUDA the scale-and-bias may
+            # contract into one FMA in one epilogue and not the other: one rounding apart)
+            ungated = tops.wna16_normed_linear(h, *cargs, pdl=pdl)
+            assert_linear_close(got, tops.silu_and_mul(ungated), t.dtype, what + " gated")
+            continue
+        normed = reference.rms_norm(h.summed, nw, eps)
+        ref = qref.wna16_linear(normed, *cargs)
+        pairs = pdl and t.dtype != torch.float32 and bits == 4 and not offsets
+        assert_wna16_gemv_close(got, ref, normed, wc, t.dtype, what + " consumer",
+                                roundings=(4 if pairs else 1) + 2)
+
+
 CHECKS: dict[str, Callable[[Target], None]] = {
     "fp8_quantize": check_fp8_quantize,
     "fp8_gemv": check_fp8_gemv,
@@ -886,6 +958,7 @@ CHECKS: dict[str, Callable[[Target], None]] = {
     "gemv_gated": check_gemv_gated,
     "gemv_int4_mma": check_gemv_int4_mma,
     "gemv_int4_tma": check_gemv_int4_tma,
+    "norm_handoff": check_norm_handoff,
     "fused_fp8_quant": check_fused_fp8_quant,
     "store_kvcache_fp8": check_store_kvcache_fp8,
     "rotary_store_kvcache_fp8": check_rotary_store_kvcache_fp8,

@@ -394,3 +394,58 @@ def test_refusals(checkpoints: Callable[[str], Path], llama: Path) -> None:
         LLM(model=str(llama), quantization="compressed-tensors", **ENGINE)
     with pytest.raises(ValueError, match="compressed-tensors-quantized"):
         LLM(model=str(checkpoints("ct-w4a16")), quantization="gptq", **ENGINE)
+
+
+@pytest.mark.parametrize("kind", ["gptq-sym", "gptq-asym"])
+def test_norm_handoff_gives_the_dequantized_reference_tokens(
+    checkpoints: Callable[[str], Path], kind: str
+) -> None:
+    """``norm_handoff``: one-token steps fold each RMSNorm between two 4-bit projections into
+    them (kernels/norm_handoff.py, the torch references on the CPU). Every layer takes it, the
+    step of one token hands off and a step of two does not, and the greedy tokens are HF's over
+    the dequantized weights (float32: the two paths differ only in the order of products)."""
+    folder = checkpoints(kind)
+    # One sequence at a time: every decode step is one token.
+    tokens, llm = engine_tokens(folder, norm_handoff=True, max_num_seqs=1)
+    model = llm.engine.core.runner.model
+    layers = model.model.layers
+    assert all(layer.hands_off_norms() for layer in layers)
+    assert model._hands_off_norms(1, layers) and not model._hands_off_norms(2, layers)
+    fused = _top_logprobs(llm)
+    llm.shutdown()
+    assert tokens == reference_tokens(folder.parent / f"{kind}-ref", fake_quant_fp8=False)
+    _, llm = engine_tokens(folder, max_num_seqs=1)
+    plain = _top_logprobs(llm)
+    llm.shutdown()
+    # The same top-5 tokens at every step, their log-probabilities equal to float32 rounding.
+    assert [ids for ids, _ in fused] == [ids for ids, _ in plain]
+    worst = max(abs(a - b) for (_, fa), (_, pa) in zip(fused, plain, strict=True)
+                for a, b in zip(fa, pa, strict=True))
+    assert worst < 1e-4, worst
+
+
+def _top_logprobs(llm: LLM) -> list[tuple[list[int], list[float]]]:
+    """Each generated step's top-5 token ids and their log-probabilities, over PROMPTS (greedy)."""
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True, logprobs=5)
+    steps = []
+    for out in llm.generate(PROMPTS, params):
+        for entry in out.outputs[0].logprobs or []:
+            top = sorted(entry.items(), key=lambda kv: kv[1].rank)[:5]
+            steps.append(([t for t, _ in top], [lp.logprob for _, lp in top]))
+    return steps
+
+
+def test_norm_handoff_leaves_what_cannot_take_it_unfused(checkpoints: Callable[[str], Path]) -> None:
+    """An act-order checkpoint (each layer reorders its input) and two pipeline stages (the
+    stage's last layer hands nothing over) with ``norm_handoff``: the act-order layers run
+    unfused, the stages hand off inside each; the tokens are the reference's either way."""
+    folder = checkpoints("gptq-act")
+    tokens, llm = engine_tokens(folder, norm_handoff=True, max_num_seqs=1)
+    model = llm.engine.core.runner.model
+    assert not model._hands_off_norms(1, model.model.layers)
+    llm.shutdown()
+    assert tokens == reference_tokens(folder.parent / "gptq-act-ref", fake_quant_fp8=False)
+    sym = checkpoints("gptq-sym")
+    staged, llm = engine_tokens(sym, norm_handoff=True, pipeline_parallel_size=2, max_num_seqs=1)
+    llm.shutdown()
+    assert staged == reference_tokens(sym.parent / "gptq-sym-ref", fake_quant_fp8=False)
