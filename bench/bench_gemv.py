@@ -36,9 +36,6 @@ weights' (plus scales); the share is of a 1 GiB device-to-device copy measured f
   (``fixup``) (:func:`bench_w4_split`);
 - ``fp8_block``: block-wise fp8 (128 x 128) against per-channel fp8 and bf16 at 1, 16, 256 and
   2,048 tokens, as the engine calls them (:func:`bench_fp8_block`);
-- ``w4_tma``: the one-token 4-bit GEMV with its words streamed by TMA through a multi-stage
-  shared-memory pipeline (``wna16_tma``) per llama3-8b projection over ``TMA_SWEEP``, against the
-  word kernel at the engine's tiling, and over 32 decoder layers of the four (:func:`bench_w4_tma`);
 - ``w4_act``: the one-token 4-bit linears of qkv, o and gate_up with and without act-order's
   input ``index_select`` (:func:`bench_w4_act`);
 - ``small_m``: asymmetric 4-bit and 8-bit weights at 1-16 tokens: the default dispatch, and the
@@ -72,7 +69,6 @@ from kernels.triton_ops.activation import silu_and_mul
 from kernels.triton_ops.norm import fused_add_rms_norm
 from kernels.triton_ops.wna16 import GEMV_M1_TILES, WnA16Config, wna16_linear
 from kernels.triton_ops.wna16_mma import MmaTiles, gemv_int4_mma, mma_tiles
-from kernels.triton_ops.wna16_tma import TmaTiles, gemv_int4_tma
 
 DEV = "cuda"
 SHAPES_8B = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
@@ -689,71 +685,6 @@ def bench_w4_split(rec: Recorder) -> None:
         torch.cuda.empty_cache()
 
 
-# The TMA-pipelined one-token 4-bit GEMV: (block_n, block_k, stages, warps).
-TMA_SWEEP = [(8, 512, 4, 4), (16, 512, 4, 4), (16, 512, 6, 4), (32, 512, 4, 4), (16, 1024, 3, 4),
-             (16, 1024, 4, 4), (8, 1024, 4, 4), (32, 1024, 3, 8), (16, 256, 6, 4), (16, 256, 8, 4),
-             (8, 256, 8, 4), (32, 256, 6, 4), (16, 2048, 2, 4), (16, 512, 4, 8), (64, 512, 3, 8),
-             (8, 512, 6, 4), (4, 1024, 4, 4)]
-
-
-def _w4_tma(x: torch.Tensor, tiles: TmaTiles, gated: bool, q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    return gemv_int4_tma(x, q, s, 128, tiles=tiles, gated=gated, pdl=True)
-
-
-def bench_w4_tma(rec: Recorder) -> None:
-    """The TMA-pipelined 4-bit GEMV (``wna16_tma``, PDL on) per llama3-8b projection over
-    ``TMA_SWEEP`` against the word kernel as the engine launches it (``wna16.m1_tiles``, xload,
-    pairs, peel, PDL); then 32 decoder layers of the four projections in one graph, the word
-    kernel against each shape's fastest TMA tiling, alternating three rounds."""
-    best: dict[str, TmaTiles] = {}
-    layers = {}
-    for shape, (n, k) in SHAPES_8B.items():
-        gated = shape == "gate_up"
-        x = torch.randn(1, k, device=DEV, dtype=torch.bfloat16)
-        w4 = w4_layers(n, k, 32)
-        word = partial(_w4_xload, x, wna16.m1_tiles(n, k, gated), gated)
-        ref = word(*w4[0])
-        row = rec.add("w4_tma", shape, "word", time_chain(chain(word, w4)), w4_nbytes(n, k), 32)
-        out = [f"word {row['us_per_layer']:.2f}"]
-        fastest = (float("inf"), TmaTiles())
-        for bn, bk, stages, warps in TMA_SWEEP:
-            tiles = TmaTiles(bn, bk, stages, warps)
-            try:
-                got = _w4_tma(x, tiles, gated, *w4[0])
-            except Exception as e:  # noqa: BLE001 - a tiling the card cannot run (shared memory): next one
-                out.append(f"{bn},{bk},{stages},{warps} failed: {type(e).__name__}")
-                continue
-            err = float((got.float() - ref.float()).abs().max())
-            ms = time_chain(chain(partial(_w4_tma, x, tiles, gated), w4))
-            row = rec.add("w4_tma", shape, f"{bn},{bk},{stages},{warps}", ms, w4_nbytes(n, k), 32)
-            out.append(f"{row['variant']} {row['us_per_layer']:.2f} (|d| {err:.2g})")
-            fastest = min(fastest, (row["us_per_layer"], tiles), key=lambda v: v[0])
-        best[shape] = fastest[1]
-        print(f"w4 tma {shape}: " + " | ".join(out), flush=True)
-        layers[shape] = w4
-    xs = {name: torch.randn(1, k, device=DEV, dtype=torch.bfloat16) for name, (_, k) in SHAPES_8B.items()}
-
-    def decoder(tma: bool) -> Callable[[], object]:
-        def run() -> None:
-            for i in range(len(layers["qkv"])):
-                for name, (n, k) in SHAPES_8B.items():
-                    gated = name == "gate_up"
-                    q, s = layers[name][i]
-                    if tma:
-                        _w4_tma(xs[name], best[name], gated, q, s)
-                    else:
-                        _w4_xload(xs[name], wna16.m1_tiles(n, k, gated), gated, q, s)
-        return run
-    total = sum(w4_nbytes(n, k) for n, k in SHAPES_8B.values())
-    for r in range(3):
-        for tma in (False, True):
-            ms = time_chain(decoder(tma))
-            row = rec.add("w4_tma_decoder", "all4", "tma" if tma else "word", ms, total, 32)
-            print(f"w4 tma decoder round {r}: {row['variant']} {row['us_per_layer']:.2f} us per layer "
-                  f"({row['share_of_copy']:.1%} of copy)", flush=True)
-    print("w4 tma fastest: " + ", ".join(f"{k} {v}" for k, v in best.items()), flush=True)
-
-
 def bench_w4_act(rec: Recorder) -> None:
     """What act-order costs at one token: the engine's 4-bit linears (``get_ops``'s
     ``wna16_linear`` / ``wna16_gated_linear``, PDL on) over 32 llama3-8b layers of qkv, o and
@@ -821,29 +752,12 @@ def w4_split_table(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return {"tiles": table}
 
 
-def w4_tma_table(rows: Sequence[dict[str, Any]]) -> dict[str, list[int]]:
-    """From ``w4_tma`` rows, the shapes where the TMA GEMV's fastest tiling beat the word kernel
-    (``wna16.M1_TMA_TILES``): ``{"N,K": [block_n, block_k, stages, warps]}``."""
-    table: dict[str, list[int]] = {}
-    for shape, (n, k) in SHAPES_8B.items():
-        mine = [r for r in rows if r["format"] == "w4_tma" and r["shape"] == shape]
-        word = [r["us_per_layer"] for r in mine if r["variant"] == "word"]
-        tma = [(r["us_per_layer"], [int(v) for v in r["variant"].split(",")])
-               for r in mine if r["variant"] != "word"]
-        if word and tma and min(tma)[0] < word[0]:
-            table[f"{n},{k}"] = min(tma)[1]
-    return table
-
-
 def engine_settings(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """The one-token settings the ``w4_split`` and ``w4_tma`` rows favour (bench_gpu.py
-    ``--w4-tiles``): :func:`w4_split_table`'s and :func:`w4_tma_table`'s, each where its part ran."""
-    table: dict[str, Any] = {}
+    """The one-token settings the ``w4_split`` rows favour (bench_gpu.py ``--w4-tiles``):
+    :func:`w4_split_table`'s where that part ran, else none."""
     if any(r["format"] == "w4_split" for r in rows):
-        table.update(w4_split_table(rows))
-    if any(r["format"] == "w4_tma" for r in rows):
-        table["tma"] = w4_tma_table(rows)
-    return table
+        return w4_split_table(rows)
+    return {}
 
 
 # WnA16 formats the tensor-core GEMV does not take: (bits, offsets).
@@ -925,8 +839,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--parts", default="bf16,fp8,w4,fp8_70b,fp8_small_m",
                     help="comma-separated: bf16, fp8, w4, w4_bytes, fp8_70b, fp8_small_m, gated, linear16, "
-                         "w4_ptx, linear_fp8, pdl, w4mma, w4gemm, small_m, w4_split, fp8_block, w4_act, "
-                         "w4_tma")
+                         "w4_ptx, linear_fp8, pdl, w4mma, w4gemm, small_m, w4_split, fp8_block, w4_act")
     ap.add_argument("--json", default="", help="append the rows here (JSON lines)")
     ap.add_argument("--tiles", default="",
                     help="the bf16/fp8 sweep's tilings instead of the default list: 'bn,bk,warps;...'")
@@ -964,8 +877,6 @@ def main() -> None:
             bench_fp8_block(rec)
         elif part == "w4_act":
             bench_w4_act(rec)
-        elif part == "w4_tma":
-            bench_w4_tma(rec)
         else:
             bench_format(rec, part, tiles_list, splits)
     if args.w4_table:

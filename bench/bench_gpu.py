@@ -544,8 +544,6 @@ def main() -> None:
                     help="--suite quantization: the one-token 4-bit GEMV's tiling per weight shape "
                     "(wna16.M1_SHAPE_TILES) from this JSON (bench_gemv.py --w4-table); rows record it as "
                     "m1_shape_tiles")
-    ap.add_argument("--norm-handoff", action="store_true",
-                    help="quantization suite: engines with EngineConfig.norm_handoff (4-bit, one token)")
     ap.add_argument("--run-id", default="",
                     help="the rows' run_id (default: a new one; pass one to join calls)")
     ap.add_argument("--engines", default="ours,hf,hf_batch",

@@ -49,7 +49,6 @@ from results import ResultRow, append_results, new_run_id, today
 from kernels import resolve_fp8_weight_only_max_m
 from kernels.triton_ops import wna16 as twna16
 from kernels.triton_ops.gemv import GemvTiles
-from kernels.triton_ops.wna16_tma import TmaTiles
 
 # Bytes per weight of a projection as served: e4m3 (the float32 scale per row is negligible);
 # 4-bit: a nibble plus a float16 scale per group of 128.
@@ -116,11 +115,6 @@ class Run:
     run_id: str = field(default_factory=new_run_id)
     rows: list[ResultRow] = field(default_factory=list)
     m1_shape_tiles: str | None = None  # one_token_settings(): recorded on every row of the run
-    norm_handoff: bool = False  # --norm-handoff: EngineConfig.norm_handoff, recorded where on
-
-    def _settings(self) -> dict[str, Any]:
-        """What every row of the run records beside its own fields (None: left out)."""
-        return {"m1_shape_tiles": self.m1_shape_tiles, "norm_handoff": self.norm_handoff or None}
 
     def add(
         self, workload: str, shape: str, engine: str, tok_s: float, quantization: str, kv: str, **extra: Any
@@ -135,7 +129,7 @@ class Run:
                 shape,
                 engine,
                 tok_s,
-                {k: v for k, v in (extra | self._settings()).items() if v is not None},
+                {k: v for k, v in (extra | {"m1_shape_tiles": self.m1_shape_tiles}).items() if v is not None},
                 quantization=quantization,
                 kv_cache_dtype=kv,
             )
@@ -336,24 +330,19 @@ def table(run: Run) -> str:
 
 
 def use_w4_tiles(path: Path) -> str:
-    """Set the one-token settings in ``path`` (bench_gemv.py ``--w4-table``: ``{"tiles": {"N,K":
-    [block_n, block_k, warps, split]}, "tma": {"N,K": [block_n, block_k, stages, warps]}}``, each
-    key optional) before any engine loads (layers size their split counts at load):
-    ``wna16.M1_SHAPE_TILES`` and ``wna16.M1_TMA_TILES``. Any other key (an older table's
-    ``prefetch``, ``linear16_prefetch`` or ``fp8_prefetch``: switches since removed, DECISIONS 141)
-    raises ValueError rather than applying the table in part. Returns the settings as text."""
+    """Set the one-token tilings in ``path`` (bench_gemv.py ``--w4-table``: ``{"tiles": {"N,K":
+    [block_n, block_k, warps, split]}}``) before any engine loads (layers size their split counts
+    at load): ``wna16.M1_SHAPE_TILES``. Any other key (an older table's ``prefetch``,
+    ``linear16_prefetch``, ``fp8_prefetch`` or ``tma``: switches since removed, DECISIONS 141 and
+    150) raises ValueError rather than applying the table in part. Returns the settings as text."""
     table = json.loads(path.read_text())
-    others = sorted(set(table) - {"tiles", "tma"})
+    others = sorted(set(table) - {"tiles"})
     if others:
         raise ValueError(f"{path}: unknown key(s) {', '.join(others)}: a one-token table holds only 'tiles' "
-                         "and 'tma' (the prefetch switches were removed, DECISIONS 141)")
-    # Both parsed before either is set: a malformed part leaves the settings as they were.
+                         "(the prefetch switches and the TMA GEMV were removed, DECISIONS 141 and 150)")
     tiles = _shape_table(path, table, "tiles", "block_n, block_k, warps, split", GemvTiles)
-    tma = _shape_table(path, table, "tma", "block_n, block_k, stages, warps", TmaTiles)
     if tiles is not None:
         twna16.M1_SHAPE_TILES = tiles
-    if tma is not None:
-        twna16.M1_TMA_TILES = tma
     return one_token_settings()
 
 
@@ -374,15 +363,12 @@ def one_token_settings() -> str:
     table: dict[str, dict[str, list[int]]] = {
         "tiles": {f"{n},{k}": [t.block_n, t.block_k, t.num_warps, t.split_k]
                   for (n, k), t in sorted(twna16.M1_SHAPE_TILES.items())}}
-    if twna16.M1_TMA_TILES:
-        table["tma"] = {f"{n},{k}": [t.block_n, t.block_k, t.stages, t.num_warps]
-                        for (n, k), t in sorted(twna16.M1_TMA_TILES.items())}
     return json.dumps(table, separators=(",", ":"), sort_keys=True)
 
 
 def run_suite(args: Any, card: str, ceilings: dict[str, float]) -> None:
     """The suite of the module docstring (``bench_gpu.py --suite quantization``)."""
-    run = Run(args, card, ceilings, run_id=args.run_id or new_run_id(), norm_handoff=args.norm_handoff)
+    run = Run(args, card, ceilings, run_id=args.run_id or new_run_id())
     if args.w4_tiles is not None:
         run.m1_shape_tiles = use_w4_tiles(args.w4_tiles)
         print(f"wna16.M1_SHAPE_TILES from {args.w4_tiles}: {run.m1_shape_tiles}", flush=True)
@@ -396,8 +382,6 @@ def run_suite(args: Any, card: str, ceilings: dict[str, float]) -> None:
         labels = args.quant_labels.split(",") if args.quant_labels else [label]  # --quant-labels
         if shape not in shapes or not workloads or label not in labels:
             continue
-        if run.norm_handoff:
-            engine_args = {**engine_args, "norm_handoff": True}
         try:
             bench_engine(run, shape, label, engine_args, workloads)
         except Exception as exc:  # one engine's failure is reported; the others still run

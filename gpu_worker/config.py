@@ -95,12 +95,6 @@ class EngineConfig:
     programmatic dependent launch, each one's start (its first weight tile) overlapping the end of
     the kernel before (kernels/triton_ops/pdl.py; the same outputs, bit for bit); False launches
     them one after another, as before sm_90.
-    ``norm_handoff``: at one token (batch-1 decode), with 4-bit weights on one rank, each RMSNorm
-    between two projections is folded into them (kernels/norm_handoff.py): the projection before
-    adds its product to the residual and stores the norm's input, the one after scales its sums
-    by the norm's reciprocal root; two norm launches fewer per layer. Off by default (not yet
-    measured faster on a card, docs/DECISIONS.md 151); the outputs differ from the unfused path
-    by rounding only (docs/QUANTIZATION.md).
 
     Left unset, ``max_num_batched_tokens`` (the per-step token budget, i.e. the chunked-prefill
     chunk) is chosen by device and use (:meth:`with_device_defaults`, docs/CONFIG.md): 8192 on
@@ -148,7 +142,6 @@ class EngineConfig:
     calculate_kv_scales: bool = True
     fp8_weight_only_max_tokens: int | None = None
     enable_pdl: bool = True
-    norm_handoff: bool = False
 
     def __post_init__(self) -> None:
         if self.speculative_config is not None:  # LLM(speculative_config={...}) passes a dict

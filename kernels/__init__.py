@@ -12,7 +12,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from kernels import norm_handoff as norm_handoff_ref
 from kernels import quant_reference, reference
 
 
@@ -79,13 +78,6 @@ class KernelOps:
     # The one-token 16/32-bit linear: x @ w.T + bias for x of one token (None: torch's linear,
     # cuBLAS on CUDA; not the same bits: its own order of sums).
     linear16: Callable[..., Any] | None = None
-    # Optional one-token 4/8-bit linears that hand an RMSNorm over (kernels.norm_handoff):
-    # wna16_add_norm_linear(x, qweight, scales, offsets, bits, group_size, bias, residual,
-    # norm_weight, eps) -> NormHandoff (the producer: o, down) and wna16_normed_linear(handoff,
-    # qweight, scales, offsets, bits, group_size, bias, gated=False) (the consumer: qkv, gate_up).
-    # None: layers run the linear, the norm, the linear (EngineConfig.norm_handoff turns it on).
-    wna16_add_norm_linear: Callable[..., Any] | None = None
-    wna16_normed_linear: Callable[..., Any] | None = None
 
     def __post_init__(self) -> None:
         if not 0 <= self.fp8_weight_only_max_m <= FP8_WEIGHT_ONLY_MAX_M_LIMIT:
@@ -118,12 +110,9 @@ def resolve_fp8_weight_only_max_m(value: int | None) -> int:
     return FP8_WEIGHT_ONLY_MAX_M if value is None else value
 
 
-def reference_ops(
-    fp8_weight_only_max_m: int = FP8_WEIGHT_ONLY_MAX_M, norm_handoff: bool = False
-) -> KernelOps:
+def reference_ops(fp8_weight_only_max_m: int = FP8_WEIGHT_ONLY_MAX_M) -> KernelOps:
     """The plain torch implementations (CPU path, and the ground truth in tests). The fp8
-    dispatch threshold is the CUDA set's, so the CPU emulates what the GPU computes.
-    ``norm_handoff``: with the references of the norm-handoff linears (:mod:`kernels.norm_handoff`)."""
+    dispatch threshold is the CUDA set's, so the CPU emulates what the GPU computes."""
     return KernelOps(
         name="reference",
         rms_norm=reference.rms_norm,
@@ -147,8 +136,6 @@ def reference_ops(
         fp8_weight_only_max_m=fp8_weight_only_max_m,
         fp8_block_linear=quant_reference.fp8_block_linear,
         fp8_block_weight_only_linear=quant_reference.fp8_block_weight_only_linear,
-        wna16_add_norm_linear=norm_handoff_ref.wna16_add_norm_linear if norm_handoff else None,
-        wna16_normed_linear=norm_handoff_ref.wna16_normed_linear if norm_handoff else None,
     )
 
 
@@ -165,19 +152,17 @@ def greedy_argmax(device: Any, vocab: int, max_rows: int) -> Callable[[Any], Any
     return GreedyArgmax(vocab, device, max_rows)
 
 
-def get_ops(device: Any, *, fp8_weight_only_max_m: int | None = None, pdl: bool = True,
-            norm_handoff: bool = False) -> KernelOps:
+def get_ops(device: Any, *, fp8_weight_only_max_m: int | None = None, pdl: bool = True) -> KernelOps:
     """The ops to use on ``device`` (a ``torch.device`` or string). ``fp8_weight_only_max_m``:
     tokens up to which fp8 linears run weight-only (None: :data:`FP8_WEIGHT_ONLY_MAX_M`).
     ``pdl``: on devices that have it (sm_90+), the decode ops launch with programmatic dependent
-    launch (:func:`kernels.triton_ops.triton_ops`). ``norm_handoff``: the set has the one-token
-    4/8-bit linears that hand RMSNorms over (:mod:`kernels.norm_handoff`)."""
+    launch (:func:`kernels.triton_ops.triton_ops`)."""
     max_m = resolve_fp8_weight_only_max_m(fp8_weight_only_max_m)
     if str(device).startswith("cuda"):
         try:
             from kernels.triton_ops import triton_ops
             from kernels.triton_ops.pdl import pdl_supported
         except ImportError:
-            return reference_ops(max_m, norm_handoff)
-        return triton_ops(max_m, pdl=pdl and pdl_supported(device), norm_handoff=norm_handoff)
-    return reference_ops(max_m, norm_handoff)
+            return reference_ops(max_m)
+        return triton_ops(max_m, pdl=pdl and pdl_supported(device))
+    return reference_ops(max_m)

@@ -211,8 +211,7 @@ def load_model(
         load_format=config.load_format,
     )
     # One op set for the layers and their linear methods: they agree on when fp8 runs weight-only.
-    ops = get_ops(device, fp8_weight_only_max_m=config.fp8_weight_only_max_tokens, pdl=config.enable_pdl,
-                  norm_handoff=config.norm_handoff)
+    ops = get_ops(device, fp8_weight_only_max_m=config.fp8_weight_only_max_tokens, pdl=config.enable_pdl)
     linear = make_linear_methods(quantization, hf_config, device, ops)
     model = build_model(hf_config, device, dtype, parallel, linear, ops)
     if config.load_format == "dummy":

@@ -35,7 +35,6 @@ from kernels.triton_ops.prefill_attention import PrefillConfig, paged_attention
 from kernels.triton_ops.rotary import rotary_embedding
 from kernels.triton_ops.rotary_kv import rotary_store_kvcache
 from kernels.triton_ops.wna16 import WnA16Config, m1_counters, wna16_gated_linear, wna16_linear
-from kernels.triton_ops.wna16_handoff import wna16_add_norm_linear, wna16_normed_linear
 
 __all__ = [
     "DecodeConfig",
@@ -64,24 +63,19 @@ __all__ = [
     "silu_and_mul_fp8",
     "store_kvcache",
     "triton_ops",
-    "wna16_add_norm_linear",
     "wna16_gated_linear",
     "wna16_linear",
-    "wna16_normed_linear",
 ]
 
 
-def triton_ops(fp8_weight_only_max_m: int = FP8_WEIGHT_ONLY_MAX_M, pdl: bool = False,
-               norm_handoff: bool = False) -> KernelOps:
+def triton_ops(fp8_weight_only_max_m: int = FP8_WEIGHT_ONLY_MAX_M, pdl: bool = False) -> KernelOps:
     """The Triton implementation of every op (CUDA tensors; CPU under ``TRITON_INTERPRET=1``);
     ``fp8_weight_only_max_m`` as in :class:`kernels.KernelOps`. ``pdl`` (sm_90+ only,
     :func:`~kernels.triton_ops.pdl.pdl_supported`): the ops of a one-token decode step (norms,
     one-token linears, act-order's input gather, rotary + KV store, decode attention) launch with
     programmatic dependent launch, each kernel's start overlapping the end of the one before
     (:mod:`kernels.triton_ops.pdl`;
-    their weights must not be written by the kernel just before them, as no model weight is).
-    ``norm_handoff``: with the one-token 4/8-bit linears that hand RMSNorms over
-    (:mod:`kernels.triton_ops.wna16_handoff`)."""
+    their weights must not be written by the kernel just before them, as no model weight is)."""
 
     def chained(fn: Callable[..., Any]) -> Callable[..., Any]:
         return functools.partial(fn, pdl=True) if pdl else fn
@@ -115,6 +109,4 @@ def triton_ops(fp8_weight_only_max_m: int = FP8_WEIGHT_ONLY_MAX_M, pdl: bool = F
         fp8_block_weight_only_gated_linear=chained(fp8_block_weight_only_gated_linear),
         linear16_gated=chained(gemv16_gated_linear),
         linear16=chained(gemv16_linear),
-        wna16_add_norm_linear=chained(wna16_add_norm_linear) if norm_handoff else None,
-        wna16_normed_linear=chained(wna16_normed_linear) if norm_handoff else None,
     )

@@ -57,13 +57,6 @@ import triton
 import triton.language as tl
 
 from kernels.triton_ops.activation import silu_and_mul, silu_mul_tile
-from kernels.triton_ops.norm_handoff import (
-    PRODUCER,
-    handoff_args,
-    handoff_partials,
-    handoff_rstd,
-    handoff_store,
-)
 from kernels.triton_ops.pdl import pdl_begin, pdl_launch
 
 
@@ -682,13 +675,13 @@ def _words_tile(acc, w, jj, k0, k_hi, w_hi, x_ptr, token, s_rows, o_rows, n_ok, 
 
 @triton.jit
 def _gemv_int4_words_kernel(x_ptr, q_ptr, s_ptr, o_ptr, bias_ptr, out_ptr, part_ptr, M, N, K, K_PER_SPLIT,
-                            stride_qn, stride_sn, cnt_ptr, res_ptr, nw_ptr, z_ptr, ss_ptr, n_parts, eps,
+                            stride_qn, stride_sn, cnt_ptr,
                             GROUP: tl.constexpr, SUB: tl.constexpr, HAS_OFFSET: tl.constexpr,
                             HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, BLOCK_N: tl.constexpr,
                             BLOCK_K: tl.constexpr, EVEN: tl.constexpr, GATED: tl.constexpr,
                             ASM: tl.constexpr, PAIRS: tl.constexpr, PDL: tl.constexpr = False,
                             PEEL: tl.constexpr = False, XLOAD: tl.constexpr = False,
-                            FIXUP: tl.constexpr = False, HANDOFF: tl.constexpr = 0, PARTS: tl.constexpr = 1):
+                            FIXUP: tl.constexpr = False):
     # 4-bit weights read as int32 words (``q_ptr``: [N, K / 8] int32, ``stride_qn`` in words):
     # word j holds inputs 8j .. 8j + 7, input 8j + i in bits 4i .. 4i + 3 (bytes little-endian,
     # low nibble first). Each nibble is masked in place (_nibble_as_float) and multiplied by the
@@ -700,10 +693,7 @@ def _gemv_int4_words_kernel(x_ptr, q_ptr, s_ptr, o_ptr, bias_ptr, out_ptr, part_
     # (CUDA, 16-bit inputs, symmetric): a word's sum in packed 16-bit arithmetic (_pairs_asm).
     # PEEL: the first tile is taken before the loop, its words read before the PDL wait (as the
     # dense kernel's). FIXUP (with SPLIT): the last split to finish adds the partial sums
-    # (_split_fixup, ``cnt_ptr``: one int32 count per row block, 0 between launches). HANDOFF
-    # (one split, norm_handoff): 1 the product is added to ``res_ptr`` into ``out_ptr`` and the
-    # next norm's input stored (``z_ptr``, ``ss_ptr``); 2 ``x_ptr`` is a norm's scaled input and
-    # the sums are scaled by the rstd of the ``n_parts`` partials at ``ss_ptr``.
+    # (_split_fixup, ``cnt_ptr``: one int32 count per row block, 0 between launches).
     WORDS: tl.constexpr = BLOCK_K // 8
     TILE_G: tl.constexpr = BLOCK_K // GROUP if BLOCK_K > GROUP else 1
     WPG: tl.constexpr = WORDS // TILE_G  # words of one group in a tile
@@ -721,28 +711,21 @@ def _gemv_int4_words_kernel(x_ptr, q_ptr, s_ptr, o_ptr, bias_ptr, out_ptr, part_
         k_start = k_lo + BLOCK_K
     else:
         token = pdl_begin(PDL)
-    if HANDOFF == 2:  # read now (after the wait), summed after the loop
-        parts = handoff_partials(ss_ptr, n_parts, PARTS)
     for k0 in range(k_start, k_hi, BLOCK_K):
         jj = k0 // 8 + tl.arange(0, WORDS)
         w = _load_words(q_rows, jj, n_ok, w_hi, EVEN)
         acc = _words_tile(acc, w, jj, k0, k_hi, w_hi, x_ptr, token, s_rows, o_rows, n_ok, GROUP, SUB,
                           HAS_OFFSET, BLOCK_N, BLOCK_K, EVEN, ASM, PAIRS, XLOAD)
-    y = tl.sum(tl.sum(acc, axis=2), axis=1)
-    if HANDOFF == 2:
-        y = y * handoff_rstd(parts, K, eps)
     rm = tl.arange(0, 1)
     if GATED:
-        _gated_epilogue(y, rn, n_ok, N, out_ptr, out_ptr, out_ptr, bias_ptr, False, False, HAS_BIAS, BLOCK_N)
+        _gated_epilogue(tl.sum(tl.sum(acc, axis=2), axis=1), rn, n_ok, N, out_ptr, out_ptr, out_ptr, bias_ptr,
+                        False, False, HAS_BIAS, BLOCK_N)
     elif SPLIT and FIXUP:
-        _split_fixup(y, rn, n_ok, N, part_ptr, cnt_ptr, out_ptr, bias_ptr, HAS_BIAS)
-    elif HANDOFF == 1:
-        if HAS_BIAS:
-            y += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
-        handoff_store(y, rn, n_ok, res_ptr, nw_ptr, out_ptr, z_ptr, ss_ptr)
+        _split_fixup(tl.sum(tl.sum(acc, axis=2), axis=1), rn, n_ok, N, part_ptr, cnt_ptr, out_ptr, bias_ptr,
+                     HAS_BIAS)
     else:
-        _epilogue(y[None, :], rm, rm < 1, rn, n_ok, tl.program_id(1), 1, N, N, part_ptr, out_ptr, out_ptr,
-                  out_ptr, bias_ptr, False, False, HAS_BIAS, SPLIT)
+        _epilogue(tl.sum(tl.sum(acc, axis=2), axis=1)[None, :], rm, rm < 1, rn, n_ok, tl.program_id(1), 1, N,
+                  N, part_ptr, out_ptr, out_ptr, out_ptr, bias_ptr, False, False, HAS_BIAS, SPLIT)
 
 
 def k_per_split(k: int, splits: int, block_k: int) -> int:
@@ -975,8 +958,7 @@ def gemv_wna16(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, off
                tiles: GemvTiles | None = None, factored: bool = True, words: bool = True,
                gated: bool = False, nibble_asm: bool | None = None, pairs: bool = False,
                pdl: bool = False, peel: bool = False, xload: bool = False,
-               counters: torch.Tensor | None = None, handoff: dict[str, Any] | None = None,
-               out: torch.Tensor | None = None) -> torch.Tensor:
+               counters: torch.Tensor | None = None) -> torch.Tensor:
     """WnA16 at one token (:class:`kernels.quant_reference.WnA16Weight` layout; checked by
     :func:`kernels.triton_ops.wna16.wna16_linear`): ``x`` ``[1, K]``, float32 sums, result in
     ``x.dtype``. ``factored``: scales applied per group sum (module docstring). ``words``:
@@ -995,10 +977,7 @@ def gemv_wna16(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, off
     :func:`_load_inputs_asm`, :func:`_load_groups_asm`; the same bits); else ignored.
     ``counters`` (:func:`split_counters` for these tiles): with several splits, the word kernel's
     last program of each row block adds the splits' sums (:func:`_split_fixup`; the same bits)
-    instead of a second launch; ignored by the other kernels and with one split. ``handoff``
-    (:func:`~kernels.triton_ops.norm_handoff.handoff_args`; the word kernel, one split, the
-    producer not ``gated``): the GEMV hands an RMSNorm over, its result in ``out``
-    (a producer's: the new residual)."""
+    instead of a second launch; ignored by the other kernels and with one split."""
     tiles = tiles or GemvTiles()
     tiles = GemvTiles(tiles.block_n, fit_block_k(tiles.block_k, group_size), tiles.num_warps, tiles.split_k)
     x = _one_row(x)
@@ -1010,16 +989,10 @@ def gemv_wna16(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, off
     q_words = _as_words(qweight) if (words and bits == 4) else None
     q = q_words if q_words is not None else qweight
     args = (x, q, scales, offsets if offsets is not None else scales, bias if bias is not None else scales)
-    if handoff is not None and (q_words is None or _k_per_split(k, tiles) < k
-                                or (gated and handoff["HANDOFF"] == PRODUCER)):
-        raise ValueError("a norm handoff takes the word kernel (4-bit words), one split, and a "
-                         "producer that is not gated")
     if gated and q_words is None:
         return silu_and_mul(gemv_wna16(x, qweight, scales, offsets, bits, group_size, bias, tiles=tiles,
                                        factored=factored, words=words, nibble_asm=nibble_asm, pdl=pdl))
-    if out is None:
-        out = (_gated_out(n, tiles, x, x.dtype) if gated
-               else torch.empty((1, n), dtype=x.dtype, device=x.device))
+    out = _gated_out(n, tiles, x, x.dtype) if gated else torch.empty((1, n), dtype=x.dtype, device=x.device)
     if q_words is not None:
         use_pairs = pairs and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and sub == 8.0
         # Whole tiles: no masks (every split, too, is whole tiles when its length divides K).
@@ -1035,7 +1008,7 @@ def gemv_wna16(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, off
                        ASM=x.is_cuda if nibble_asm is None else nibble_asm,
                        PAIRS=use_pairs, EVEN=even, PEEL=peel,
                        XLOAD=xload and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and even
-                       and x.data_ptr() % 16 == 0, pdl=pdl, **(handoff or handoff_args(dummy=out)))
+                       and x.data_ptr() % 16 == 0, pdl=pdl)
     return _launch(_gemv_int_kernel, args, 1, n, k, out, None, None, bias, tiles,
                    stride_qn=qweight.stride(0), stride_sn=scales.stride(0), BITS=bits, GROUP=group_size,
                    SUB=sub, SIGNED8=signed8, HAS_OFFSET=offsets is not None, FACTORED=factored, pdl=pdl)

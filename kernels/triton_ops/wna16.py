@@ -32,7 +32,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any
 
 import torch
 import triton
@@ -40,7 +39,6 @@ import triton.language as tl
 
 from kernels.triton_ops.gemv import (
     GemvTiles,
-    _as_words,
     fit_block_k,
     gemv_wna16,
     k_per_split,
@@ -49,7 +47,6 @@ from kernels.triton_ops.gemv import (
 )
 from kernels.triton_ops.tiles import grouped_tile
 from kernels.triton_ops.wna16_mma import MMA_MAX_M, gemv_int4_mma, mma_applies
-from kernels.triton_ops.wna16_tma import TmaTiles, gemv_int4_tma, tma_applies
 
 # One token (batch-1 decode), gemv.gemv_wna16 (4-bit: its int32-word kernel): fastest on an
 # H200 over the four llama3-8b projections in 4-bit groups of 128 among 19 tilings
@@ -67,11 +64,6 @@ M1_SHAPE_TILES: Mapping[tuple[int, int], GemvTiles] = MappingProxyType({
     (4096, 4096): GemvTiles(block_n=8, block_k=2048, num_warps=8, split_k=1),
     (4096, 14336): GemvTiles(block_n=8, block_k=2048, num_warps=8, split_k=1),
 })
-# One token, symmetric 4-bit weights, per weight shape (N, K; gate_up by its [gate; up] shape):
-# the TMA-pipelined GEMV (wna16_tma) at this tiling instead of the word kernel, where it applies
-# (Hopper-class cards). Empty until a card measures it (bench_gemv.py --parts w4_tma writes a
-# table, bench_gpu.py --w4-tiles applies it).
-M1_TMA_TILES: Mapping[tuple[int, int], TmaTiles] = MappingProxyType({})
 # One token, symmetric 4-bit weights and bf16 inputs: gemv_wna16's packed bf16 decode (``pairs``):
 # on an H200, llama3-8b's four projections 50.7 against 57.9 us per layer, W2 W4A16 413.8
 # against 381.8 tok/s; max error / sum|x w| 3.7e-4 against 2.5e-4 (docs/DECISIONS.md 132).
@@ -330,48 +322,16 @@ def m1_counters(n: int, k: int, device: torch.device) -> torch.Tensor | None:
 def one_token_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
                    offsets: torch.Tensor | None, bits: int, group_size: int,
                    bias: torch.Tensor | None, *, pdl: bool, gated: bool = False,
-                   counters: torch.Tensor | None = None, handoff: dict[str, Any] | None = None,
-                   out: torch.Tensor | None = None) -> torch.Tensor:
+                   counters: torch.Tensor | None = None) -> torch.Tensor:
     """:func:`~kernels.triton_ops.gemv.gemv_wna16` on one token ``x`` ``[1, K]`` with this module's
     one-token settings (:func:`m1_tiles`, ``M1_PAIRS`` / ``M1_PAIRS_F16``, ``M1_PEEL``,
     ``M1_XLOAD``): the single place the engine's one-token launches take them
     from. ``counters`` (:func:`m1_counters`): a split tiling's sums added in the GEMV; None: by a
-    second launch. A shape in ``M1_TMA_TILES`` takes the TMA-pipelined GEMV where it applies
-    (symmetric 4-bit, on a Hopper-class card). ``handoff`` / ``out``: a norm handoff's
-    (:mod:`kernels.triton_ops.wna16_handoff`, where :func:`m1_programs` is not None)."""
-    tma = m1_tma(x, qweight, offsets, bits, group_size, gated)
-    if tma is not None:
-        return gemv_int4_tma(x, qweight, scales, group_size, bias, tiles=tma, gated=gated,
-                             pairs=_m1_pairs(x), xload=M1_XLOAD, pdl=pdl, handoff=handoff, out=out)
+    second launch."""
     tiles = m1_tiles(qweight.shape[0], x.shape[-1], gated)
     return gemv_wna16(x, qweight, scales, offsets, bits, group_size, bias, tiles=tiles,
                       gated=gated, pairs=_m1_pairs(x), pdl=pdl, peel=M1_PEEL, xload=M1_XLOAD,
-                      counters=counters, handoff=handoff, out=out)
-
-
-def m1_tma(x: torch.Tensor, qweight: torch.Tensor, offsets: torch.Tensor | None, bits: int,
-           group_size: int, gated: bool) -> TmaTiles | None:
-    """The TMA GEMV's tiling where :func:`one_token_gemv` takes it for this product, else None."""
-    tma = M1_TMA_TILES.get((qweight.shape[0], x.shape[-1]))
-    if tma is not None and tma_applies(x, qweight, offsets, bits, group_size, tma, gated):
-        return tma
-    return None
-
-
-def m1_programs(x: torch.Tensor, qweight: torch.Tensor, offsets: torch.Tensor | None, bits: int,
-                group_size: int, gated: bool = False) -> int | None:
-    """The row-block programs of :func:`one_token_gemv`'s launch for one token ``x`` ``[1, K]``
-    where that launch can hand a norm over (the word or TMA kernel, one split), else None."""
-    n, k = qweight.shape[0], x.shape[-1]
-    if bits != 4 or _as_words(qweight) is None:
-        return None
-    tma = m1_tma(x, qweight, offsets, bits, group_size, gated)
-    if tma is not None:
-        return (n // 2 if gated else n) // tma.rows(gated)
-    tiles = m1_tiles(n, k, gated)
-    if k_per_split(k, tiles.split_k, fit_block_k(tiles.block_k, group_size)) < k:
-        return None
-    return triton.cdiv(n // 2 if gated else n, tiles.block_n // 2 if gated else tiles.block_n)
+                      counters=counters)
 
 
 def mma_tokens(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, group_size: int,

@@ -68,8 +68,8 @@ def test_the_engine_bench_sets_the_tiles_the_gemv_and_its_counts_follow(
     assert wna16.m1_counters(4096, 4096, torch.device("cpu")) is None  # one split: none
 
 
-@pytest.mark.parametrize("key", ["prefetch", "linear16_prefetch", "fp8_prefetch"])
-def test_an_older_table_with_a_prefetch_switch_is_refused_whole(
+@pytest.mark.parametrize("key", ["prefetch", "linear16_prefetch", "fp8_prefetch", "tma"])
+def test_an_older_table_with_a_removed_switch_is_refused_whole(
         key: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(wna16, "M1_SHAPE_TILES", wna16.M1_SHAPE_TILES)  # restored after the test
     before = wna16.M1_SHAPE_TILES
@@ -78,43 +78,3 @@ def test_an_older_table_with_a_prefetch_switch_is_refused_whole(
     with pytest.raises(ValueError, match=rf"key\(s\) {key}:"):
         bench_gpu_quant.use_w4_tiles(path)
     assert wna16.M1_SHAPE_TILES is before  # nothing of it applied
-
-
-def test_the_tma_table_takes_the_shapes_where_tma_beat_the_word_kernel() -> None:
-    rows = [{"format": "w4_tma", "shape": "qkv", "variant": v, "us_per_layer": t}
-            for v, t in {"word": 6.0, "16,512,4,4": 5.0, "8,512,4,4": 5.5}.items()]
-    rows += [{"format": "w4_tma", "shape": "o", "variant": v, "us_per_layer": t}
-             for v, t in {"word": 4.0, "16,512,4,4": 4.5}.items()]
-    assert bench_gemv.w4_tma_table(rows) == {"6144,4096": [16, 512, 4, 4]}  # o: the word kernel stays
-    assert bench_gemv.engine_settings(rows) == {"tma": {"6144,4096": [16, 512, 4, 4]}}
-    both = bench_gemv.engine_settings([*rows, *_sweep()])
-    assert both["tma"] == {"6144,4096": [16, 512, 4, 4]}
-    assert both["tiles"] == bench_gemv.w4_split_table(_sweep())["tiles"]
-
-
-def test_the_engine_bench_sets_the_tma_tiles(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(wna16, "M1_SHAPE_TILES", wna16.M1_SHAPE_TILES)  # restored after the test
-    monkeypatch.setattr(wna16, "M1_TMA_TILES", wna16.M1_TMA_TILES)
-    from kernels.triton_ops.wna16_tma import TmaTiles
-    path = tmp_path / "w4.json"
-    path.write_text(json.dumps({"tma": {"6144,4096": [16, 512, 4, 4], "4096,4096": [8, 1024, 3, 4]}}))
-    text = bench_gpu_quant.use_w4_tiles(path)
-    assert json.loads(text)["tma"] == {"6144,4096": [16, 512, 4, 4], "4096,4096": [8, 1024, 3, 4]}
-    assert text == bench_gpu_quant.one_token_settings()
-    assert wna16.M1_TMA_TILES == {(6144, 4096): TmaTiles(16, 512, 4, 4),
-                                  (4096, 4096): TmaTiles(8, 1024, 3, 4)}
-    path.write_text(json.dumps({"tma": [16, 512, 4, 4]}))
-    with pytest.raises(ValueError, match="'tma' must map"):
-        bench_gpu_quant.use_w4_tiles(path)
-
-
-def test_a_table_with_a_malformed_part_is_refused_whole(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(wna16, "M1_SHAPE_TILES", wna16.M1_SHAPE_TILES)  # restored after the test
-    monkeypatch.setattr(wna16, "M1_TMA_TILES", wna16.M1_TMA_TILES)
-    before = wna16.M1_SHAPE_TILES
-    path = tmp_path / "w4.json"
-    path.write_text(json.dumps({"tiles": {"6144,4096": [8, 2048, 4, 2]}, "tma": [16, 512, 4, 4]}))
-    with pytest.raises(ValueError, match="'tma' must map"):
-        bench_gpu_quant.use_w4_tiles(path)
-    assert wna16.M1_SHAPE_TILES is before  # the valid 'tiles' part was not applied either

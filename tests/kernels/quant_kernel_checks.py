@@ -41,7 +41,6 @@ from kernels.triton_ops import fp8_matmul as tfp8
 from kernels.triton_ops import gemv as tgemv
 from kernels.triton_ops import wna16 as twna16
 from kernels.triton_ops import wna16_mma as tmma
-from kernels.triton_ops import wna16_tma as ttma
 from tests.kernels.kernel_checks import (
     PagedBatch,
     Target,
@@ -737,83 +736,6 @@ def check_paged_decode_attention_fp8(t: Target) -> None:
             assert_close(got, ref, t.dtype, f"paged_decode_attention fp8 bs={bs} d={d} g={g} {cfg}")
 
 
-def check_gemv_int4_tma(t: Target) -> None:
-    """The TMA-pipelined one-token 4-bit GEMV (``wna16_tma``) against the torch reference with
-    :func:`assert_wna16_gemv_close`'s bound (on CUDA with the packed 16-bit decode: four
-    roundings), over tilings with one to five stages and pipelines longer and shorter than the
-    loop (the PDL wait inside its first iteration); on the CPU also bit for bit the word
-    kernel at the same ``block_k`` (the same tile sums, in the same order). Gated: bit for bit
-    the product followed by the activation kernel. Shapes it cannot take are refused
-    (``tma_applies``); the engine's one-token GEMV takes it where ``wna16.M1_TMA_TILES`` says so."""
-    on_gpu = t.device != "cpu"
-    if on_gpu and t.dtype == torch.float32:
-        x = torch.zeros(1, 256, device=t.device, dtype=t.dtype)
-        assert not ttma.tma_applies(x, torch.zeros(32, 128, dtype=torch.uint8, device=t.device), None, 4, 128,
-                                    ttma.TmaTiles(16, 256))
-        return
-    gen = torch.Generator().manual_seed(37)
-    shapes = [(32, 256, 128), (64, 1024, 128), (32, 512, 64)]
-    big = [(6144, 4096, 128), (4096, 14336, 128), (28672, 4096, 128)] if t.big else []
-    tilings = [ttma.TmaTiles(16, 256, 1, 4), ttma.TmaTiles(8, 128, 3, 4), ttma.TmaTiles(16, 256, 5, 4),
-               ttma.TmaTiles(32, 512, 2, 8), ttma.TmaTiles(16, 128, 3, 4)]
-    for i, (n, k, group) in enumerate(shapes + big):
-        sdt = (torch.float16, torch.float32)[i % 2]
-        w = random_wna16(n, k, 4, group, False, sdt, t.device, gen)
-        x = _randn(1, k, t=t, gen=gen)
-        bias = _randn(n, t=t, gen=gen) if i % 2 else None
-        ref = qref.wna16_linear(x, w.qweight, w.scales, None, 4, group, bias)
-        for tiles in tilings + ([ttma.TmaTiles(16, 1024, 4, 4)] if (n, k, group) in big else []):
-            what = f"gemv_int4_tma {n}x{k} g={group} scales={sdt} {tiles}"
-            if k % tiles.block_k or tiles.block_k % group:
-                assert not ttma.tma_applies(x, w.qweight, None, 4, group, tiles), what
-                continue
-            assert ttma.tma_applies(x, w.qweight, None, 4, group, tiles), what
-            got = ttma.gemv_int4_tma(x, w.qweight, w.scales, group, bias, tiles=tiles, pdl=on_gpu)
-            pairs = on_gpu and x.dtype != torch.float32
-            assert_wna16_gemv_close(got, ref, x, w, x.dtype, what, roundings=4 if pairs else 1)
-            if not on_gpu:  # the word kernel's sums at the same tile: the same bits
-                word = tgemv.gemv_wna16(x, w.qweight, w.scales, None, 4, group, bias,
-                                        tiles=tgemv.GemvTiles(tiles.block_n, tiles.block_k, 4, 1))
-                assert torch.equal(got, word), f"{what}: word kernel {(got - word).abs().max()}"
-            gated = ttma.gemv_int4_tma(x, w.qweight, w.scales, group, bias, tiles=tiles, gated=True,
-                                       pdl=on_gpu)
-            _assert_gated(gated, got, what + " gated")
-    _check_tma_dispatch(t, gen)
-    # What it refuses: offsets, 8 bits, two tokens, a partial row block.
-    w = random_wna16(40, 256, 4, 128, True, torch.float16, t.device, gen)
-    x = _randn(1, 256, t=t, gen=gen)
-    tiles = ttma.TmaTiles(16, 256)
-    assert not ttma.tma_applies(x, w.qweight, w.offsets, 4, 128, tiles)
-    assert not ttma.tma_applies(x, w.qweight, None, 4, 128, tiles)  # 40 rows: no whole 16-row blocks
-    assert not ttma.tma_applies(torch.cat([x, x]), w.qweight, None, 4, 128, tiles)
-
-
-def _check_tma_dispatch(t: Target, gen: torch.Generator) -> None:
-    """The engine's one-token GEMV (``wna16.one_token_gemv``) takes the TMA GEMV for a shape in
-    ``wna16.M1_TMA_TILES`` (gated too) and the word kernel otherwise or for asymmetric weights."""
-    n, k = 64, 256
-    tiles = ttma.TmaTiles(16, 128, 2, 4)
-    w = random_wna16(n, k, 4, 128, False, torch.float16, t.device, gen)
-    wa = random_wna16(n, k, 4, 128, True, torch.float16, t.device, gen)
-    x = _randn(1, k, t=t, gen=gen)
-    pdl = t.device != "cpu"
-    before = twna16.M1_TMA_TILES
-    word = twna16.one_token_gemv(x, w.qweight, w.scales, None, 4, 128, None, pdl=pdl)
-    asym = twna16.one_token_gemv(x, wa.qweight, wa.scales, wa.offsets, 4, 128, None, pdl=pdl)
-    try:
-        twna16.M1_TMA_TILES = {(n, k): tiles}
-        for gated in (False, True):
-            got = twna16.one_token_gemv(x, w.qweight, w.scales, None, 4, 128, None, pdl=pdl, gated=gated)
-            want = ttma.gemv_int4_tma(x, w.qweight, w.scales, 128, tiles=tiles, gated=gated, pdl=pdl,
-                                      pairs=twna16._m1_pairs(x), xload=twna16.M1_XLOAD)
-            assert torch.equal(got, want), f"one_token_gemv gated={gated}: not the TMA GEMV's bits"
-        again = twna16.one_token_gemv(x, wa.qweight, wa.scales, wa.offsets, 4, 128, None, pdl=pdl)
-        assert torch.equal(again, asym), "asymmetric weights left the word kernel"
-    finally:
-        twna16.M1_TMA_TILES = before
-    assert torch.equal(twna16.one_token_gemv(x, w.qweight, w.scales, None, 4, 128, None, pdl=pdl), word)
-
-
 def check_gemv_int4_mma(t: Target) -> None:
     """The tensor-core 4-bit GEMV (``wna16_mma``) against the torch reference with
     :func:`assert_wna16_gemv_close`'s bound: 1, 3 and 8 tokens, groups of 128 and of a whole row,
@@ -869,78 +791,6 @@ def check_gemv_int4_mma(t: Target) -> None:
                     assert_wna16_gemv_close(got, ref, x, wa, x.dtype, what)
 
 
-def check_norm_handoff(t: Target) -> None:
-    """The one-token 4/8-bit linears that hand an RMSNorm over (``wna16_handoff``; contract in
-    ``kernels.norm_handoff``), on the word kernel and (``wna16.M1_TMA_TILES`` set) the TMA one,
-    symmetric and asymmetric 4-bit and the 8-bit fallback, with and without bias. The producer:
-    its new residual is bit for bit the plain one-token GEMV plus the residual, its scaled output
-    bit for bit that times the norm weight, one partial sum of squares per program adding up to
-    the residual's. The consumer against the unfused path (``rms_norm`` then the reference
-    linear) within :func:`assert_wna16_gemv_close`'s bound with two more roundings (its input is
-    rounded once, the norm's output twice); gated, the activation kernel on its ungated output
-    (:func:`assert_linear_close`)."""
-    on_gpu = t.device != "cpu"
-    pdl = on_gpu
-    gen = torch.Generator().manual_seed(41)
-    eps = 1e-5
-    # (hidden, producer inputs, consumer outputs, group): o/down into qkv and gate_up.
-    shapes = [(256, 512, 384, 128), (128, 256, 256, 64)]
-    if t.big:
-        shapes.append((4096, 14336, 6144, 128))
-    before = twna16.M1_TMA_TILES
-    try:
-        for i, (hidden, k_in, n_out, group) in enumerate(shapes):
-            for bits, offsets, tma in ((4, False, False), (4, True, False), (8, False, False),
-                                       (4, False, True)):
-                if tma and (on_gpu and t.dtype == torch.float32):
-                    continue  # the TMA GEMV takes 16-bit inputs on CUDA
-                tiles = ttma.TmaTiles(16, 256 if group <= 256 else group, 2, 4)
-                shapes_tma = [(hidden, k_in), (n_out, hidden), (2 * n_out, hidden)]
-                twna16.M1_TMA_TILES = {shape: tiles for shape in shapes_tma} if tma else {}
-                what = f"norm handoff {hidden} {k_in}->{n_out} g={group} bits={bits} off={offsets} tma={tma}"
-                _check_handoff_case(t, gen, (hidden, k_in, n_out, group), bits, offsets, eps, pdl, what,
-                                    bias=bool((i + bits) % 2))
-    finally:
-        twna16.M1_TMA_TILES = before
-
-
-def _check_handoff_case(t: Target, gen: torch.Generator, shape: tuple[int, int, int, int], bits: int,
-                        offsets: bool, eps: float, pdl: bool, what: str, bias: bool) -> None:
-    hidden, k_in, n_out, group = shape
-    sdt = torch.float16 if t.dtype == torch.float32 else torch.float32
-    wp = random_wna16(hidden, k_in, bits, group, offsets, sdt, t.device, gen)
-    x = _randn(1, k_in, t=t, gen=gen)
-    residual = _randn(1, hidden, t=t, gen=gen)
-    nw = (1.0 + 0.1 * _randn(hidden, t=t, gen=gen, dtype=torch.float32)).to(t.dtype)
-    bias_p = _randn(hidden, t=t, gen=gen) if bias else None
-    pargs = (wp.qweight, wp.scales, wp.offsets, bits, group)
-    plain = twna16.one_token_gemv(x, *pargs, bias_p, pdl=pdl)
-    h = tops.wna16_add_norm_linear(x, *pargs, bias_p, residual, nw, eps, pdl=pdl)
-    want = (plain.float() + residual.float()).to(t.dtype)
-    assert torch.equal(h.summed, want), f"{what}: residual {(h.summed.float() - want.float()).abs().max()}"
-    assert torch.equal(h.scaled, (h.summed.float() * nw.float()).to(t.dtype)), f"{what}: scaled"
-    programs = twna16.m1_programs(x, wp.qweight, wp.offsets, bits, group)
-    assert h.partials.numel() == (programs or 1), f"{what}: {h.partials.numel()} partials, {programs}"
-    total = (h.summed.double() ** 2).sum()
-    assert abs(float(h.partials.double().sum() - total)) <= 1e-5 * float(total), f"{what}: partials"
-    for gated in (False, True):
-        n = 2 * n_out if gated else n_out
-        wc = random_wna16(n, hidden, bits, group, offsets, sdt, t.device, gen)
-        bias_c = _randn(n, t=t, gen=gen) if bias else None
-        cargs = (wc.qweight, wc.scales, wc.offsets, bits, group, bias_c)
-        got = tops.wna16_normed_linear(h, *cargs, gated=gated, pdl=pdl)
-        if gated:  # the activation kernel on the ungated product (on CUDA the scale-and-bias may
-            # contract into one FMA in one epilogue and not the other: one rounding apart)
-            ungated = tops.wna16_normed_linear(h, *cargs, pdl=pdl)
-            assert_linear_close(got, tops.silu_and_mul(ungated), t.dtype, what + " gated")
-            continue
-        normed = reference.rms_norm(h.summed, nw, eps)
-        ref = qref.wna16_linear(normed, *cargs)
-        pairs = pdl and t.dtype != torch.float32 and bits == 4 and not offsets
-        assert_wna16_gemv_close(got, ref, normed, wc, t.dtype, what + " consumer",
-                                roundings=(4 if pairs else 1) + 2)
-
-
 CHECKS: dict[str, Callable[[Target], None]] = {
     "fp8_quantize": check_fp8_quantize,
     "fp8_gemv": check_fp8_gemv,
@@ -957,8 +807,6 @@ CHECKS: dict[str, Callable[[Target], None]] = {
     "gemv_wna16": check_gemv_wna16,
     "gemv_gated": check_gemv_gated,
     "gemv_int4_mma": check_gemv_int4_mma,
-    "gemv_int4_tma": check_gemv_int4_tma,
-    "norm_handoff": check_norm_handoff,
     "fused_fp8_quant": check_fused_fp8_quant,
     "store_kvcache_fp8": check_store_kvcache_fp8,
     "rotary_store_kvcache_fp8": check_rotary_store_kvcache_fp8,

@@ -33,8 +33,6 @@ _ALL = [
     "gemv_wna16",
     "gemv_gated",
     "gemv_int4_mma",
-    "gemv_int4_tma",
-    "norm_handoff",
     "fused_fp8_quant",
     "store_kvcache_fp8",
     "rotary_store_kvcache_fp8",

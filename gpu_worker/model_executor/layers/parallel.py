@@ -29,7 +29,6 @@ from gpu_worker.model_executor.layers.quantization.base import (
     WeightShard,
 )
 from gpu_worker.model_executor.weights import TensorSource
-from kernels.norm_handoff import NormHandoff
 
 
 def divide(total: int, parts: int, what: str) -> int:
@@ -80,9 +79,7 @@ class ColumnParallelLinear(_Linear):
         out_local = sum(self.local_sizes)
         super().__init__(in_features, out_local, out_local if bias else None, dtype, method)
 
-    def forward(self, x: torch.Tensor | NormHandoff) -> torch.Tensor:
-        if isinstance(x, NormHandoff):  # a norm handed over by the layer before (one rank)
-            return self.linear_method.apply_normed(self, x, self.bias)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.matmul(x, self.bias)
 
     def shard_rows(self, shard: int) -> tuple[int, int, int]:
@@ -104,16 +101,11 @@ class ColumnParallelLinear(_Linear):
 class MergedColumnParallelLinear(ColumnParallelLinear):
     """Several column-parallel projections of one input in one matrix (gate and up)."""
 
-    def gated(self, x: torch.Tensor | NormHandoff) -> torch.Tensor | None:
+    def gated(self, x: torch.Tensor) -> torch.Tensor | None:
         """``silu(gate) * up`` of this ``[gate; up]`` layer's product with ``x``, when ``x`` is one
-        token and the linear method fuses the activation (``LinearMethod.apply_gated``, or a norm
-        handed over: ``apply_normed``); else None. Each rank holds its own shard of both halves,
-        so the pairs are rank-local."""
+        token and the linear method fuses the activation (``LinearMethod.apply_gated``); else
+        None. Each rank holds its own shard of both halves, so the pairs are rank-local."""
         halves = len(self.local_sizes) == 2 and self.local_sizes[0] == self.local_sizes[1]
-        if isinstance(x, NormHandoff):
-            if not halves:
-                raise ValueError("a norm handoff goes to a [gate; up] layer of two equal halves")
-            return self.linear_method.apply_normed(self, x, self.bias, gated=True)
         if not halves or x.numel() != x.shape[-1]:
             return None
         return self.linear_method.apply_gated(self, x, self.bias)
@@ -178,14 +170,6 @@ class RowParallelLinear(_Linear):
             return self.matmul(x, self.bias)
         y = self.tp.all_reduce(self.matmul(x, None))
         return y if self.bias is None else y + self.bias
-
-    def add_norm(self, x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor,
-                 eps: float) -> NormHandoff:
-        """One token's product added to ``residual`` and handed to the next RMSNorm
-        (``LinearMethod.apply_add_norm``; one rank: the sum needs no all-reduce first)."""
-        if self.tp.size != 1:
-            raise ValueError("a norm handoff needs the whole product on one rank (tensor_parallel_size 1)")
-        return self.linear_method.apply_add_norm(self, x, self.bias, residual, norm_weight, eps)
 
     def load(self, name: str, source: TensorSource, shard: int = 0) -> Iterable[str]:
         if name == "bias":  # replicated: added once, after the all-reduce

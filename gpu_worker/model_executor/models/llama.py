@@ -36,7 +36,6 @@ from gpu_worker.model_executor.layers.rotary import RotaryEmbedding
 from gpu_worker.model_executor.model_config import KVCacheSpec, head_dim_of
 from gpu_worker.model_executor.weights import TensorSource
 from kernels import KernelOps
-from kernels.norm_handoff import NormHandoff
 
 # The linear method of the layer at a parameter-name prefix ("model.layers.3.self_attn.qkv_proj").
 LinearMethods = Callable[[str], LinearMethod]
@@ -113,13 +112,6 @@ class DecoderAttention(nn.Module):
     def forward(
         self, positions: torch.Tensor, hidden: torch.Tensor, md: AttentionMetadata, kv_cache: torch.Tensor
     ) -> torch.Tensor:
-        return self.o_proj(self.attend(positions, hidden, md, kv_cache))
-
-    def attend(
-        self, positions: torch.Tensor, hidden: torch.Tensor | NormHandoff, md: AttentionMetadata,
-        kv_cache: torch.Tensor,
-    ) -> torch.Tensor:
-        """The attention's output ``[T, q_size]``, before ``o_proj``."""
         num_tokens = hidden.shape[0]
         q, k, v = self.qkv_proj(hidden).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.reshape(num_tokens, self.num_heads, self.head_dim)
@@ -136,7 +128,7 @@ class DecoderAttention(nn.Module):
         else:
             q, k = self.rotary(positions, q, k, md)
             out = self.attn(q, k, v, kv_cache, md)
-        return out.reshape(num_tokens, self.q_size)
+        return self.o_proj(out.reshape(num_tokens, self.q_size))
 
 
 class DecoderMLP(nn.Module):
@@ -158,18 +150,12 @@ class DecoderMLP(nn.Module):
         self.act.fp8_out = self.down_proj.linear_method.takes_fp8_activation
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.activated(x))
-
-    def activated(self, x: Any) -> Any:
-        """``silu_and_mul`` of gate_up's product: down_proj's input."""
-        if isinstance(x, NormHandoff):  # one token, the norm handed over: always fused
-            return self.gate_up_proj.gated(x)
         # One token on a fused kernel: SiLU-and-mul in gate_up's GEMV epilogue (the same bits).
         if isinstance(x, torch.Tensor) and not self.act.quantizes(x.numel() // x.shape[-1]):
             h = self.gate_up_proj.gated(x)
             if h is not None:
-                return h
-        return self.act(self.gate_up_proj(x))
+                return self.down_proj(h)
+        return self.down_proj(self.act(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
@@ -186,46 +172,21 @@ class DecoderLayer(nn.Module):
         self.input_layernorm.fp8_out = self.self_attn.qkv_proj.linear_method.takes_fp8_activation
         self.post_attention_layernorm.fp8_out = self.mlp.gate_up_proj.linear_method.takes_fp8_activation
 
-    def hands_off_norms(self) -> bool:
-        """Whether this layer's four projections take the RMSNorms between them handed over
-        (:mod:`kernels.norm_handoff`: one rank, linear methods that do, at one token)."""
-        attn, mlp = self.self_attn, self.mlp
-        linears = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
-        return attn.o_proj.tp.size == 1 and all(lin.linear_method.hands_off_norms(lin) for lin in linears)
-
     def forward(
         self,
         positions: torch.Tensor,
-        hidden: torch.Tensor | NormHandoff,
+        hidden: torch.Tensor,
         residual: torch.Tensor | None,
         md: AttentionMetadata,
         kv_cache: torch.Tensor,
-        hand_off: bool = False,
-        next_norm: RMSNorm | None = None,
-    ) -> tuple[torch.Tensor | NormHandoff, torch.Tensor]:
-        """``(hidden, residual)`` -> the next layer's. ``hand_off`` (one token, where every layer
-        :meth:`hands_off_norms`): o_proj hands the post-attention norm to gate_up, and down_proj
-        hands ``next_norm`` (the next layer's input norm; None: the last layer of the stage) to
-        the next layer's qkv: ``hidden`` is then a :class:`NormHandoff` whose ``summed`` is the
-        residual."""
-        if isinstance(hidden, NormHandoff):
-            pass  # the previous layer's down_proj normalised it for qkv
-        elif residual is None:
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if residual is None:
             residual = hidden
             hidden = self.input_layernorm(hidden)
         else:
             hidden, residual = self.input_layernorm(hidden, residual)
-        assert residual is not None  # invariant: set above, or the handoff's summed
-        out = self.self_attn.attend(positions, hidden, md, kv_cache)
-        if hand_off:
-            post = self.post_attention_layernorm
-            h = self.self_attn.o_proj.add_norm(out, residual, post.weight, post.eps)
-            act = self.mlp.activated(h)
-            if next_norm is None:
-                return self.mlp.down_proj(act), h.summed
-            nxt = self.mlp.down_proj.add_norm(act, h.summed, next_norm.weight, next_norm.eps)
-            return nxt, nxt.summed
-        hidden, residual = self.post_attention_layernorm(self.self_attn.o_proj(out), residual)
+        hidden = self.self_attn(positions, hidden, md, kv_cache)
+        hidden, residual = self.post_attention_layernorm(hidden, residual)
         return self.mlp(hidden), residual
 
 
@@ -273,7 +234,6 @@ class LlamaForCausalLM(nn.Module):
     ) -> None:
         super().__init__()
         ctx = BuildContext(ops, dtype, parallel or ModelParallel(), linear)
-        self.ops = ops
         self.config = hf_config
         self.parallel = ctx.parallel
         self.model = DecoderModel(hf_config, self.flags_for(hf_config), ctx)
@@ -319,25 +279,13 @@ class LlamaForCausalLM(nn.Module):
             assert intermediate is not None  # invariant: later stages receive the previous one's
             hidden, residual = intermediate.hidden, intermediate.residual
         layers = self.model.layers[self.model.start : self.model.end]
-        hand_off = self._hands_off_norms(positions.shape[0], layers)
-        for i, (layer, kv_cache) in enumerate(zip(layers, kv_caches, strict=True)):
-            next_norm = layers[i + 1].input_layernorm if hand_off and i + 1 < len(layers) else None
-            hidden, residual = layer(positions, hidden, residual, attn_metadata, kv_cache, hand_off,
-                                     next_norm)
-        assert not isinstance(hidden, NormHandoff)  # invariant: the stage's last layer hands none over
+        for layer, kv_cache in zip(layers, kv_caches, strict=True):
+            hidden, residual = layer(positions, hidden, residual, attn_metadata, kv_cache)
         if self.model.norm is None:
             assert residual is not None  # invariant: a stage computes at least one layer
             return IntermediateTensors(hidden, residual)
         hidden, _ = self.model.norm(hidden, residual)
         return hidden
-
-    def _hands_off_norms(self, num_tokens: int, layers: Any) -> bool:
-        """Whether this step's layers hand their RMSNorms over (one token, an op set with the
-        handoff, every layer's projections able to: :meth:`DecoderLayer.hands_off_norms`)."""
-        ops = self.ops
-        if num_tokens != 1 or ops.wna16_add_norm_linear is None or ops.wna16_normed_linear is None:
-            return False
-        return all(layer.hands_off_norms() for layer in layers)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
         """``[N, H]`` -> logits ``[N, V]`` in the model's dtype on the sampling rank (None on other

@@ -22,7 +22,6 @@ from torch import nn
 from gpu_worker.model_executor.layers.linear import transposed_linear
 from gpu_worker.model_executor.weights import TensorSource
 from kernels import KernelOps
-from kernels.norm_handoff import NormHandoff
 
 
 @dataclass(frozen=True)
@@ -73,28 +72,6 @@ class LinearMethod(ABC):
         (the one-token GEMVs: the activation in their epilogue); None otherwise, and the caller
         runs :meth:`apply` and the activation."""
         return None
-
-    def hands_off_norms(self, layer: nn.Module) -> bool:
-        """Whether :meth:`apply_add_norm` and :meth:`apply_normed` take this layer (one token;
-        :mod:`kernels.norm_handoff`): the model then drops the RMSNorm launches between such
-        layers. False here: no method has it unless it says so."""
-        return False
-
-    def apply_add_norm(
-        self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor,
-        norm_weight: torch.Tensor, eps: float,
-    ) -> NormHandoff:
-        """The product of one token ``x`` added to ``residual`` and handed to the next RMSNorm
-        (``norm_weight``, ``eps``) as :class:`~kernels.norm_handoff.NormHandoff` (where
-        :meth:`hands_off_norms`)."""
-        raise NotImplementedError(f"{type(self).__name__} does not hand norms over")
-
-    def apply_normed(
-        self, layer: nn.Module, h: NormHandoff, bias: torch.Tensor | None, gated: bool = False
-    ) -> torch.Tensor:
-        """The product of the normalised token ``h`` hands over (``gated``: a ``[gate; up]`` layer,
-        ``silu_and_mul`` of it), where :meth:`hands_off_norms`."""
-        raise NotImplementedError(f"{type(self).__name__} does not hand norms over")
 
     def load_weight(
         self, layer: nn.Module, name: str, source: TensorSource, shard: WeightShard

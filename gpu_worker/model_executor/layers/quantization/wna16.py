@@ -39,7 +39,6 @@ from gpu_worker.model_executor.layers.quantization.gptq_format import (
 )
 from gpu_worker.model_executor.weights import TensorSource
 from kernels import KernelOps
-from kernels.norm_handoff import NormHandoff
 from kernels.quant_reference import WnA16Weight, concat_rows
 
 _GPTQ_NAMES = frozenset({"qweight", "qzeros", "scales", "g_idx"})
@@ -109,16 +108,6 @@ class LayerState:
         self.segments: tuple[Segment, ...] = ()
 
 
-def _handoff_weight(method: WnA16LinearMethod, layer: nn.Module) -> WnA16Weight:
-    """The layer's one packed weight, where ``method.hands_off_norms(layer)``."""
-    if not method.hands_off_norms(layer):
-        raise ValueError("this 4-bit layer does not hand norms over (several segments, act-order, or an "
-                         "op set without the handoff)")
-    w = layer_state(layer).segments[0].weight
-    assert w is not None  # hands_off_norms
-    return w
-
-
 def layer_state(layer: nn.Module) -> LayerState:
     state: LayerState = layer.__dict__["wna16"]
     return state
@@ -171,33 +160,6 @@ class WnA16LinearMethod(LinearMethod):
             x = reorder_inputs(self.ops, x, segments[0].perm)
         y: torch.Tensor = self.ops.wna16_gated_linear(x, w.qweight, w.scales, w.offsets, w.bits, w.group_size,
                                                       bias)
-        return y
-
-    def hands_off_norms(self, layer: nn.Module) -> bool:
-        # One packed segment in the checkpoint's input order (no act-order reorder, no dense or
-        # mixed GGUF parts), and an op set that has the handoff.
-        segments = layer_state(layer).segments
-        return (self.ops.wna16_add_norm_linear is not None and self.ops.wna16_normed_linear is not None
-                and len(segments) == 1 and segments[0].weight is not None and segments[0].perm is None)
-
-    def apply_add_norm(
-        self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor,
-        norm_weight: torch.Tensor, eps: float,
-    ) -> NormHandoff:
-        w = _handoff_weight(self, layer)
-        producer = self.ops.wna16_add_norm_linear
-        assert producer is not None  # _handoff_weight checked hands_off_norms
-        h: NormHandoff = producer(x, w.qweight, w.scales, w.offsets, w.bits, w.group_size, bias, residual,
-                                  norm_weight, eps)
-        return h
-
-    def apply_normed(
-        self, layer: nn.Module, h: NormHandoff, bias: torch.Tensor | None, gated: bool = False
-    ) -> torch.Tensor:
-        w = _handoff_weight(self, layer)
-        consumer = self.ops.wna16_normed_linear
-        assert consumer is not None  # _handoff_weight checked hands_off_norms
-        y: torch.Tensor = consumer(h, w.qweight, w.scales, w.offsets, w.bits, w.group_size, bias, gated)
         return y
 
     def checkpoint_names(self) -> frozenset[str]:
