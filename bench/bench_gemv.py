@@ -754,10 +754,8 @@ def w4_split_table(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 def engine_settings(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """The one-token settings the ``w4_split`` rows favour (bench_gpu.py ``--w4-tiles``):
-    :func:`w4_split_table`'s where that part ran, else none."""
-    if any(r["format"] == "w4_split" for r in rows):
-        return w4_split_table(rows)
-    return {}
+    :func:`w4_split_table`'s, or none where that part did not run."""
+    return w4_split_table(rows) if any(r["format"] == "w4_split" for r in rows) else {}
 
 
 # WnA16 formats the tensor-core GEMV does not take: (bits, offsets).

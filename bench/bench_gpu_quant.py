@@ -35,7 +35,6 @@ from __future__ import annotations
 import gc
 import json
 import time
-from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -340,29 +339,20 @@ def use_w4_tiles(path: Path) -> str:
     if others:
         raise ValueError(f"{path}: unknown key(s) {', '.join(others)}: a one-token table holds only 'tiles' "
                          "(the prefetch switches and the TMA GEMV were removed, DECISIONS 141 and 150)")
-    tiles = _shape_table(path, table, "tiles", "block_n, block_k, warps, split", GemvTiles)
-    if tiles is not None:
-        twna16.M1_SHAPE_TILES = tiles
+    if "tiles" in table:
+        if not isinstance(table["tiles"], dict):
+            raise ValueError(f"{path}: 'tiles' must map 'N,K' to [block_n, block_k, warps, split]")
+        twna16.M1_SHAPE_TILES = MappingProxyType({
+            tuple(int(v) for v in key.split(",")): GemvTiles(*(int(v) for v in tiles))
+            for key, tiles in table["tiles"].items()})
     return one_token_settings()
-
-
-def _shape_table(path: Path, table: dict[str, Any], key: str, fields: str,
-                 make: Callable[..., Any]) -> Mapping[tuple[int, ...], Any] | None:
-    """``table[key]`` (``{"N,K": [fields...]}``) as ``{(N, K): make(*fields)}``, None without it."""
-    if key not in table:
-        return None
-    if not isinstance(table[key], dict):
-        raise ValueError(f"{path}: '{key}' must map 'N,K' to [{fields}]")
-    return MappingProxyType({tuple(int(v) for v in shape.split(",")): make(*(int(v) for v in values))
-                             for shape, values in table[key].items()})
 
 
 def one_token_settings() -> str:
     """The one-token GEMV settings in effect (the defaults, or what :func:`use_w4_tiles` set), in
     :func:`use_w4_tiles`' format: every row of a run records them (``m1_shape_tiles``)."""
-    table: dict[str, dict[str, list[int]]] = {
-        "tiles": {f"{n},{k}": [t.block_n, t.block_k, t.num_warps, t.split_k]
-                  for (n, k), t in sorted(twna16.M1_SHAPE_TILES.items())}}
+    table = {"tiles": {f"{n},{k}": [t.block_n, t.block_k, t.num_warps, t.split_k]
+                       for (n, k), t in sorted(twna16.M1_SHAPE_TILES.items())}}
     return json.dumps(table, separators=(",", ":"), sort_keys=True)
 
 
