@@ -544,6 +544,11 @@ def main() -> None:
                     help="--suite quantization: the one-token 4-bit GEMV's tiling per weight shape "
                     "(wna16.M1_SHAPE_TILES) from this JSON (bench_gemv.py --w4-table); rows record it as "
                     "m1_shape_tiles")
+    ap.add_argument("--early-reads", choices=("on", "off"), default=None,
+                    help="--suite quantization: a decode step's reads before the PDL wait, the decode "
+                    "attention's L2 prefetch and rotary's position / slot / cos-sin "
+                    "(decode_attention._PREFETCH, rotary_kv._EARLY_INPUTS; default: the engine's); rows "
+                    "record them as early_reads")
     ap.add_argument("--run-id", default="",
                     help="the rows' run_id (default: a new one; pass one to join calls)")
     ap.add_argument("--engines", default="ours,hf,hf_batch",

@@ -197,6 +197,46 @@ def w2_decode_rows(copy_gb_s: float) -> list[Row]:
     return [row("decode b1 ctx640 (default)", tops.DecodeConfig())] + sorted(swept, key=lambda r: r.ms)
 
 
+def w2_decode_chain_rows(copy_gb_s: float, layers: int = 32, rounds: int = 3) -> list[Row]:
+    """W2's attention as a decode step runs it: ``layers`` layers of rotary + KV store then the
+    decode attention (1 x 640 tokens, the grid sized for 2,048), each layer its own cache (84 MB
+    for 32: more than L2 holds, so a layer's keys come from DRAM), every launch with PDL, in one
+    CUDA graph; rotary's early inputs (``early_inputs``) and phase 1's L2 prefetch
+    (``DecodeConfig.prefetch``), both before the PDL wait, off and on, alternating ``rounds``
+    times. Rows: milliseconds per layer of the pair."""
+    hq, hk, d = LLAMA3_8B["num_heads"], LLAMA3_8B["num_kv_heads"], LLAMA3_8B["head_dim"]
+    ctx, block = 640, 16
+    pages = [make_paged([(ctx, 1)], block) for _ in range(layers)]
+    inv_freq = 1.0 / (10000.0 ** (torch.arange(0, d, 2, dtype=torch.float32, device="cuda") / d))
+    freqs = torch.outer(torch.arange(4096, dtype=torch.float32, device="cuda"), inv_freq)
+    cos_sin = torch.cat((freqs.cos(), freqs.sin()), dim=-1)
+    positions = torch.tensor([ctx - 1], device="cuda")
+    k = torch.randn(1, hk, d, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn(1, hk, d, device="cuda", dtype=torch.bfloat16)
+    out = torch.empty(1, hq, d, device="cuda", dtype=torch.bfloat16)
+    slots = [(p.block_tables[0, (ctx - 1) // block] * block + (ctx - 1) % block).view(1).long()
+             for p in pages]
+    kv_bytes = 2 * ctx * hk * d * 2
+
+    def step(early: bool, prefetch: bool) -> None:
+        cfg = tops.DecodeConfig(prefetch=prefetch)
+        for p, slot in zip(pages, slots, strict=True):
+            tops.rotary_store_kvcache(positions, p.q, k, v, cos_sin, p.key_cache, p.value_cache, slot,
+                                      pdl=True, early_inputs=early)
+            tops.paged_decode_attention(p.q, p.key_cache, p.value_cache, p.block_tables, p.seq_lens, p.scale,
+                                        2048, out=out, pdl=True, config=cfg)
+
+    rows = []
+    on = {True: "on", False: "off"}
+    for _ in range(rounds):
+        for early, prefetch in ((False, False), (True, False), (False, True), (True, True)):
+            us = graph_bench(functools.partial(step, early, prefetch)) * 1e3 / layers
+            gb_s = kv_bytes / us / 1e3
+            rows.append(Row(f"w2 rotary+decode x{layers} early {on[early]} prefetch {on[prefetch]}", us / 1e3,
+                            gb_s, gb_s / copy_gb_s, note="ms per layer"))
+    return rows
+
+
 def split_decode_rows(copy_gb_s: float) -> list[Row]:
     """Few sequences, long contexts: the split-KV path (8 x 8 KV heads, 16k tokens)."""
     batch, ctx = 8, 16384
@@ -387,7 +427,8 @@ def main() -> None:
     parser.add_argument("--only-batch-decode", action="store_true",
                         help="only W1/W3's decode attention (256 x 640 tokens) and its tiling sweep")
     parser.add_argument("--only-w2-decode", action="store_true",
-                        help="only W2's decode attention (1 x 640 tokens) and its tiling sweep")
+                        help="only W2's decode attention (1 x 640 tokens): 32 layers with rotary + KV "
+                             "store, early reads off and on, then (unless --no-sweep) its tiling sweep")
     parser.add_argument("--only-prompt-steps", action="store_true",
                         help="only W1/W3's prompt steps (16 x 512 fresh tokens beside decodes) and (unless "
                              "--no-sweep) the prefill cases at head dim 128 and 64, swept")
@@ -397,7 +438,8 @@ def main() -> None:
     copy = copy_bandwidth_gb_s()
     rows = [Row("copy 1 GiB d2d", 0.0, copy, 1.0)]
     if args.only_w2_decode:
-        _report(args.json, card, rows + w2_decode_rows(copy))
+        rows += w2_decode_chain_rows(copy)
+        _report(args.json, card, rows + ([] if args.no_sweep else w2_decode_rows(copy)))
         return
     if args.only_prompt_steps:
         rows += prompt_step_rows(not args.no_sweep)

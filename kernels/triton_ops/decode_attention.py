@@ -36,6 +36,10 @@ _TARGET_PROGRAMS = 512
 # tokens under the graphs' 2,048-token bound) runs 10 live partitions of 64 tokens instead of 3 of
 # 256: W4A16 TPOT 2.228 / 2.225 -> 2.192 / 2.190 ms on an H100 (DECISIONS 148).
 _MIN_PARTITION = 64
+# With PDL (CUDA), whether a phase-1 program asks L2 for its first tile of keys and values before
+# the PDL wait, by default (``DecodeConfig.prefetch`` None): :func:`_prefetch_first_tile`. Off
+# until a card times it (``bench_kernels.py --only-w2-decode``, ``bench_gpu.py --early-reads``).
+_PREFETCH = False
 
 
 @dataclass(frozen=True)
@@ -49,6 +53,10 @@ class DecodeConfig:
     # Adjacent KV heads per phase-1 program (a power of two dividing Hk; None: 128 // head_dim,
     # at least 1, so K/V rows of at least 256 bytes in 16-bit).
     heads_per_program: int | None = None
+    # With PDL on CUDA: each phase-1 program asks L2 for its first BLOCK_N keys' K and V rows
+    # before the PDL wait (:func:`_prefetch_first_tile`); None: ``_PREFETCH``. Without PDL, or
+    # in the CPU interpreter (no PTX), nothing is prefetched.
+    prefetch: bool | None = None
 
     def __post_init__(self) -> None:
         if self.block_n is not None and (self.block_n & (self.block_n - 1) or self.block_n < 16):
@@ -95,13 +103,18 @@ def _decode_partition_kernel(
     IEEE_DOT: tl.constexpr,
     KV_FP8: tl.constexpr,
     PDL: tl.constexpr = False,
+    PREFETCH: tl.constexpr = False,
 ):
-    pdl_begin(PDL)
     seq = tl.program_id(0)
     kv_head = tl.program_id(1) * HEADS  # the first of the program's HEADS adjacent KV heads
     split = tl.program_id(2)
-    seq_len = tl.load(seq_lens_ptr + seq)
     part_start = split * partition_size
+    bt_row = block_tables_ptr + seq.to(tl.int64) * stride_bt
+    if PREFETCH:  # before the wait: addresses only, nothing read is used (_prefetch_first_tile)
+        _prefetch_first_tile(k_cache_ptr, v_cache_ptr, bt_row, seq_lens_ptr + seq, part_start, partition_size,
+                             kv_head, stride_kb, stride_ks, stride_kh, HEADS * HEAD_DIM, BLOCK_SIZE, BLOCK_N)
+    pdl_begin(PDL)
+    seq_len = tl.load(seq_lens_ptr + seq)
     # Partitions past the end of this sequence write nothing; phase 2 never reads them.
     if part_start < seq_len:
         part_end = tl.minimum(part_start + partition_size, seq_len)
@@ -116,7 +129,6 @@ def _decode_partition_kernel(
         q_off = common.row_offsets(seq, head, stride_qs, stride_qh)
         q = tl.load(q_ptr + q_off[:, None] + head_dims[None, :], mask=own, other=0.0)
         m_i, l_i, acc = common.init_softmax_state(BLOCK_G, HEADS * HEAD_DIM)
-        bt_row = block_tables_ptr + seq.to(tl.int64) * stride_bt
         if KV_FP8:
             # Per row: the scale of the row's KV head (all equal for a per-tensor scale).
             row_kv = kv_head + rows // G
@@ -156,6 +168,54 @@ def _decode_partition_kernel(
             tl.store(part_m_ptr + stat_off, m_i, mask=row_ok)
             tl.store(part_l_ptr + stat_off, l_i, mask=row_ok)
             tl.store(part_out_ptr + stat_off[:, None] * HEAD_DIM + head_dims[None, :], out, mask=own)
+
+
+@triton.jit
+def _l2_prefetch(ptrs, ok):
+    """``prefetch.global.L2`` of the 128-byte line holding each of ``ptrs`` where ``ok``: a hint
+    that reads nothing into registers or L1, so it cannot make a later load see stale data (L2
+    is where the SMs' writes meet). CUDA only (inline PTX)."""
+    tl.inline_asm_elementwise(
+        "{ .reg .pred p; setp.ne.s32 p, $2, 0; @p prefetch.global.L2 [$1]; mov.u32 $0, 0; }",
+        "=r,l,r", [ptrs, ok.to(tl.int32)], dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def first_tile_lines(k_cache_ptr, bt_row, seq_len_ptr, part_start, partition_size, kv_head, stride_kb,
+                     stride_ks, stride_kh, ROW: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                     BLOCK_N: tl.constexpr):
+    """Element offsets of the 128-byte lines holding the K (or V: same offsets) rows of the
+    partition's first ``BLOCK_N`` keys, ``ROW`` elements from the program's first KV head, and
+    which of them exist (keys before the sequence length and the partition's end):
+    ``[BLOCK_N, lines]`` each. Reads the sequence length and the block-table entries past L1
+    (``.cg``): :func:`_prefetch_first_tile` calls this before the PDL wait."""
+    seq_len = tl.load(seq_len_ptr, cache_modifier=".cg")
+    kpos = part_start + tl.arange(0, BLOCK_N)
+    ok = (kpos < seq_len) & (kpos < part_start + partition_size)
+    block_id = tl.load(bt_row + kpos // BLOCK_SIZE, mask=ok, other=0, cache_modifier=".cg").to(tl.int64)
+    row = block_id * stride_kb + (kpos % BLOCK_SIZE) * stride_ks + kv_head * stride_kh
+    LINE: tl.constexpr = 1024 // k_cache_ptr.dtype.element_ty.primitive_bitwidth  # elements per 128 bytes
+    LINES: tl.constexpr = ROW // LINE if ROW > LINE else 1
+    off = row[:, None] + (tl.arange(0, LINES) * LINE)[None, :]
+    return off, tl.broadcast_to(ok[:, None], [BLOCK_N, LINES])
+
+
+@triton.jit
+def _prefetch_first_tile(k_cache_ptr, v_cache_ptr, bt_row, seq_len_ptr, part_start, partition_size, kv_head,
+                         stride_kb, stride_ks, stride_kh, ROW: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                         BLOCK_N: tl.constexpr):
+    """Before the PDL wait: L2 prefetches of the lines :func:`first_tile_lines` names, in K and
+    in V. At one token the attention is a chain of dependent reads after the wait (sequence
+    length, block table, keys, values), each a memory latency; the prefetch takes the keys and
+    values out of DRAM while the kernel before (rotary + KV store) ends. The sequence length
+    and block-table entries it reads only form addresses: the kernel before never writes them
+    (the host does, before the step), and the program reads both again after the wait. The one
+    cache row that kernel writes (this step's key and value) may be prefetched before its store
+    lands: the store updates the line in L2, and nothing was read into the SM."""
+    off, ok = first_tile_lines(k_cache_ptr, bt_row, seq_len_ptr, part_start, partition_size, kv_head,
+                               stride_kb, stride_ks, stride_kh, ROW, BLOCK_SIZE, BLOCK_N)
+    _l2_prefetch(k_cache_ptr + off, ok)
+    _l2_prefetch(v_cache_ptr + off, ok)
 
 
 @triton.jit
@@ -207,6 +267,13 @@ def _heads_per_program(config: DecodeConfig, num_kv_heads: int, head_dim: int) -
     while num_kv_heads % heads:
         heads //= 2
     return heads
+
+
+def prefetches(config: DecodeConfig, pdl: bool) -> bool:
+    """Whether phase 1 asks L2 for its first tile before the PDL wait (:func:`_prefetch_first_tile`):
+    with PDL only (CUDA sm_90+; the interpreter runs no PTX), as ``config.prefetch`` says, else
+    ``_PREFETCH``."""
+    return pdl and (_PREFETCH if config.prefetch is None else config.prefetch)
 
 
 def _choose_tiles(config: DecodeConfig, num_pairs: int, max_seq_len: int, elem_bytes: int) -> tuple[int, int]:
@@ -279,6 +346,7 @@ def paged_decode_attention(
         ONE_SPLIT=one_split,
         IEEE_DOT=q.dtype == torch.float32,
         KV_FP8=fp8.fp8,
+        PREFETCH=prefetches(config, pdl),
         num_warps=config.num_warps,
         num_stages=config.num_stages,
         **pdl_launch(pdl),

@@ -7,10 +7,17 @@ the latency of its first reads as much as by bandwidth; with PDL the next kernel
 resident and have their weight loads in flight when the previous kernel's last program ends.
 
 Contract of a kernel that takes ``PDL``: every program calls :func:`pdl_begin` exactly once,
-before it reads anything an earlier kernel in the stream may write (activations, the KV cache)
-and before its first store; only reads of data no kernel writes while serving (weights, norm
-weights) may come before it. A kernel that waits is then complete only after the kernel before
-it is complete, so the order of the stream holds transitively.
+before its first store and before it reads anything the kernel launched just before it may
+write (activations, the KV cache); before it, a program may read weights and norm weights, and
+what only the host or a kernel two or more launches back writes, past L1 (``.cg``). That last
+rule rests on the order :func:`pdl_begin` keeps: each program waits, then lets the next kernel
+launch, so kernel N + 1 starts only once every program of kernel N has passed its wait, that
+is once kernel N - 1 is complete and its writes are visible (a kernel without PDL, e.g. a torch
+op, lets the next one launch only when it ends). Kernels that read before the wait:
+``rotary_store_kvcache`` (positions, slots, cos/sin; ``early_inputs``) and the decode
+attention's L2 prefetch (sequence lengths and block tables, for addresses only; it reads both
+again after the wait). A kernel that waits is complete only after the kernel before it is
+complete, so the order of the stream holds transitively.
 """
 
 from __future__ import annotations

@@ -11,6 +11,12 @@ import triton.language as tl
 def _load_cos_sin(pos_ptr, cos_sin_ptr, stride_cos_sin, t, HALF: tl.constexpr):
     """The float32 cos and sin rows (each ``[1, HALF]``) of token ``t``'s position."""
     pos = tl.load(pos_ptr + t).to(tl.int64)
+    return _cos_sin_row(cos_sin_ptr, stride_cos_sin, pos, HALF)
+
+
+@triton.jit
+def _cos_sin_row(cos_sin_ptr, stride_cos_sin, pos, HALF: tl.constexpr):
+    """The float32 cos and sin rows (each ``[1, HALF]``) of position ``pos``."""
     dims = tl.arange(0, HALF)
     cos = tl.load(cos_sin_ptr + pos * stride_cos_sin + dims)[None, :]
     sin = tl.load(cos_sin_ptr + pos * stride_cos_sin + HALF + dims)[None, :]

@@ -18,7 +18,12 @@ from kernels.triton_ops.attention_common import kv_scale_args
 from kernels.triton_ops.fp8_common import quantize_e4m3, software_fp8
 from kernels.triton_ops.kv_store import _inverse_scales
 from kernels.triton_ops.pdl import pdl_begin, pdl_launch
-from kernels.triton_ops.rotary import _load_cos_sin, _rotate_heads
+from kernels.triton_ops.rotary import _cos_sin_row, _load_cos_sin, _rotate_heads
+
+# With PDL, whether the position, slot and cos/sin row are read before the PDL wait by default
+# (``rotary_store_kvcache(early_inputs=None)``). Off until a card times it (as the decode
+# attention's prefetch, ``decode_attention._PREFETCH``).
+_EARLY_INPUTS = False
 
 
 @triton.jit
@@ -49,16 +54,26 @@ def _rotary_store_kvcache_kernel(
     KV_FP8: tl.constexpr,
     SOFT_FP8: tl.constexpr,
     PDL: tl.constexpr = False,
+    EARLY: tl.constexpr = False,
 ):
     t = tl.program_id(0).to(tl.int64)
-    pdl_begin(PDL)
-    cos, sin = _load_cos_sin(pos_ptr, cos_sin_ptr, stride_cos_sin, t, HALF)
+    if EARLY:
+        # Before the PDL wait: the position, its cos/sin row and the slot, which the kernel just
+        # before (the qkv projection) never writes; read past L1 (``.cg``) where the host writes
+        # them between steps (rotary_store_kvcache's ``early_inputs``).
+        pos = tl.load(pos_ptr + t, cache_modifier=".cg").to(tl.int64)
+        slot = tl.load(slot_ptr + t, cache_modifier=".cg").to(tl.int64)
+        cos, sin = _cos_sin_row(cos_sin_ptr, stride_cos_sin, pos, HALF)
+        pdl_begin(PDL)
+    else:
+        pdl_begin(PDL)
+        cos, sin = _load_cos_sin(pos_ptr, cos_sin_ptr, stride_cos_sin, t, HALF)
+        # A negative slot is a padding token: nothing of its k/v is read or written.
+        slot = tl.load(slot_ptr + t).to(tl.int64)
     dims = tl.arange(0, HALF)
     # Every token's q is rotated, padding tokens included (their rows are simply unused).
     _rotate_heads(q_ptr, stride_qt, stride_qh, t, num_q_heads, cos, sin, HALF, BLOCK_HQ)
 
-    # A negative slot is a padding token: nothing of its k/v is read or written.
-    slot = tl.load(slot_ptr + t).to(tl.int64)
     heads = tl.arange(0, BLOCK_HK)
     keep = tl.full([BLOCK_HK, HALF], 0, tl.int64) + slot >= 0
     mask = (heads < num_kv_heads)[:, None] & keep
@@ -105,10 +120,15 @@ def rotary_store_kvcache(
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
     pdl: bool = False,
+    early_inputs: bool | None = None,
 ) -> torch.Tensor:
     """Triton :func:`kernels.reference.rotary_store_kvcache`: rotates ``q`` in place and
     returns it; writes the rotated ``k`` and ``v`` into their cache slots (negative: skipped).
     ``pdl``: launched with programmatic dependent launch (:mod:`kernels.triton_ops.pdl`).
+    ``early_inputs`` (with ``pdl``; None: ``_EARLY_INPUTS``): ``positions``, ``slot_mapping`` and
+    the cos/sin rows are read before the PDL wait, so the kernel launched just before this one
+    must not write ``positions`` or ``slot_mapping`` (in a decode step it is the qkv projection;
+    the host writes both before the step). See :mod:`kernels.triton_ops.pdl`.
 
     ``q``/``k``/``v`` may be strided views (e.g. slices of a fused qkv projection) as long as
     the head dim is unit-stride; ``k`` and ``v`` are not modified. The caches must be contiguous.
@@ -155,6 +175,7 @@ def rotary_store_kvcache(
         BLOCK_HK=triton.next_power_of_2(num_kv_heads),
         KV_FP8=fp8.fp8,
         SOFT_FP8=software_fp8(key_cache),
+        EARLY=pdl and (_EARLY_INPUTS if early_inputs is None else early_inputs),
         num_warps=4,
         **pdl_launch(pdl),
     )

@@ -18,9 +18,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import triton
+import triton.language as tl
 
 from kernels import reference
 from kernels import triton_ops as tops
+from kernels.triton_ops.decode_attention import first_tile_lines
 
 
 @dataclass(frozen=True)
@@ -285,6 +288,57 @@ def check_paged_decode_attention(t: Target) -> None:
             assert_close(got, reference.paged_decode_attention(*args), t.dtype, what)
 
 
+@triton.jit
+def _first_tile_lines_probe(k_cache_ptr, block_tables_ptr, seq_lens_ptr, out_ptr, stride_bt, stride_kb,
+                            stride_ks, stride_kh, partition_size, HEADS: tl.constexpr, ROW: tl.constexpr,
+                            BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, LINES: tl.constexpr):
+    # As _decode_partition_kernel's grid: (sequence, KV-head program, partition); stores each
+    # program's line offsets where they exist, -1 elsewhere.
+    seq, kv_head, split = tl.program_id(0), tl.program_id(1) * HEADS, tl.program_id(2)
+    bt_row = block_tables_ptr + seq.to(tl.int64) * stride_bt
+    off, ok = first_tile_lines(k_cache_ptr, bt_row, seq_lens_ptr + seq, split * partition_size,
+                               partition_size, kv_head, stride_kb, stride_ks, stride_kh, ROW, BLOCK_SIZE,
+                               BLOCK_N)
+    pid = (seq * tl.num_programs(1) + tl.program_id(1)) * tl.num_programs(2) + split
+    idx = tl.arange(0, BLOCK_N)[:, None] * LINES + tl.arange(0, LINES)[None, :]
+    tl.store(out_ptr + pid * BLOCK_N * LINES + idx, tl.where(ok, off, -1))
+
+
+def check_decode_prefetch_lines(t: Target) -> None:
+    """The lines phase 1 prefetches before the PDL wait (``first_tile_lines``; the prefetch
+    itself is PTX, run on the card): for every program, exactly the 128-byte lines of its first
+    ``block_n`` keys' rows that exist (below the sequence length and the partition's end), each
+    once, and nothing for partitions past the end."""
+    gen = torch.Generator().manual_seed(5)
+    elem = t.dtype.itemsize
+    line = 128 // elem
+    for bs, d, hk, heads, part, block_n in [(16, 128, 8, 1, 64, 64), (16, 64, 8, 2, 64, 32),
+                                           (8, 32, 2, 1, 32, 16), (16, 16, 4, 4, 16, 16)]:
+        lens = [1, bs, 2 * part + 3, 5 * part - 1, part]
+        b = make_paged_batch([(n, 1) for n in lens], hk, 1, d, bs, t, gen, seq_len_slack=37)
+        kc = b.key_cache
+        row = heads * d
+        lines = max(row // line, 1)
+        splits = -(-b.max_seq_len // part)
+        grid = (len(lens), hk // heads, splits)
+        out = torch.empty(*grid, block_n, lines, dtype=torch.int64)
+        _first_tile_lines_probe[grid](kc, b.block_tables, b.seq_lens, out, b.block_tables.stride(0),
+                                      kc.stride(0), kc.stride(1), kc.stride(2), part, HEADS=heads, ROW=row,
+                                      BLOCK_SIZE=bs, BLOCK_N=block_n, LINES=lines)
+        table = b.block_tables.tolist()
+        for s, n in enumerate(lens):
+            for p in range(grid[1]):
+                for split in range(splits):
+                    start = split * part
+                    keys = range(start, min(start + block_n, start + part, n))
+                    want = sorted(table[s][k // bs] * kc.stride(0) + (k % bs) * kc.stride(1)
+                                  + p * heads * kc.stride(2) + i * line for k in keys for i in range(lines))
+                    got = sorted(v for v in out[s, p, split].flatten().tolist() if v >= 0)
+                    what = f"first_tile_lines bs={bs} d={d} heads={heads} seq={s} len={n} program={p} " \
+                           f"split={split}"
+                    assert got == want, f"{what}: {got} != {want}"
+
+
 def check_store_kvcache(t: Target) -> None:
     gen = torch.Generator().manual_seed(3)
     for bs, d, hk in [(8, 64, 1), (16, 128, 2), (64, 64, 8), (32, 128, 3)]:
@@ -473,6 +527,7 @@ CHECKS: dict[str, Callable[[Target], None]] = {
     "paged_attention_split": check_paged_attention_split,
     "paged_attention_decodes": check_paged_attention_decodes,
     "paged_decode_attention": check_paged_decode_attention,
+    "decode_prefetch_lines": check_decode_prefetch_lines,
     "rms_norm": check_rms_norm,
     "fused_add_rms_norm": check_fused_add_rms_norm,
     "silu_and_mul": check_silu_and_mul,

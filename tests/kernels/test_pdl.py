@@ -6,6 +6,8 @@ launch-dependents instruction. (The kernels' bits with PDL on are checked on the
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 pytest.importorskip("triton")
@@ -76,3 +78,89 @@ def test_pdl_begin_compiles_to_the_wait_then_launch_dependents_for_sm90() -> Non
     assert 0 <= wait < launch
     assert wait < ptx[True].find("ld.global")  # nothing is read before the wait here
     assert "griddepcontrol" not in ptx[False]
+
+
+def _sm90_ptx(fn: Any, ptrs: dict[str, str], consts: dict[str, Any], floats: tuple[str, ...] = ()) -> str:
+    """``fn`` compiled for sm_90 (PTX); other arguments int32."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    sig = {n: "*" + ptrs[n] if n in ptrs else "constexpr" if n in consts else
+           ("fp32" if n in floats else "i32") for n in fn.arg_names}
+    try:
+        kernel = triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32),
+                                options={"num_warps": 2})
+    except (RuntimeError, FileNotFoundError) as exc:  # no CUDA toolchain in this Triton build
+        pytest.skip(f"cannot compile for sm_90 here: {exc}")
+    return str(kernel.asm["ptx"])
+
+
+def _decode_partition_ptx(prefetch: bool) -> str:
+    """Phase 1 of the decode attention compiled for sm_90 (llama3-8b's heads, bf16 cache)."""
+    from kernels.triton_ops.decode_attention import _decode_partition_kernel
+
+    ptrs = {"q_ptr": "bf16", "k_cache_ptr": "bf16", "v_cache_ptr": "bf16", "block_tables_ptr": "i32",
+            "seq_lens_ptr": "i32", "out_ptr": "bf16", "part_out_ptr": "fp32", "part_m_ptr": "fp32",
+            "part_l_ptr": "fp32", "k_scale_ptr": "fp32", "v_scale_ptr": "fp32"}
+    consts = {"G": 4, "HEADS": 1, "BLOCK_G": 16, "BLOCK_SIZE": 16, "HEAD_DIM": 128, "BLOCK_N": 64,
+              "ONE_SPLIT": False, "IEEE_DOT": False, "KV_FP8": False, "PDL": True, "PREFETCH": prefetch}
+    return _sm90_ptx(_decode_partition_kernel, ptrs, consts, ("qk_scale_log2",))
+
+
+def test_decode_attention_prefetches_before_the_wait_and_reads_nothing_it_uses_for_sm90() -> None:
+    """Phase 1's L2 prefetch (``decode_attention._prefetch_first_tile``) in the sm_90 code: the
+    prefetches come before ``griddepcontrol.wait``; before it the program reads only past L1
+    (``ld.global.cg``: the sequence length and block-table entries forming the addresses) and
+    stores nothing; without the prefetch nothing at all comes before the wait."""
+    import re
+
+    ptx = _decode_partition_ptx(prefetch=True)
+    wait = ptx.find("griddepcontrol.wait")
+    before = ptx[:wait]
+    assert wait > 0 and "prefetch.global.L2" in before
+    assert "prefetch.global.L2" not in ptx[wait:]
+    loads = re.findall(r"ld\.global[\w.]*", before)
+    assert loads and all(op.startswith("ld.global.cg") for op in loads), loads
+    assert "st.global" not in before and "cp.async" not in before
+    plain = _decode_partition_ptx(prefetch=False)
+    plain_before = plain[:plain.find("griddepcontrol.wait")]
+    assert "prefetch" not in plain and "ld.global" not in plain_before
+
+
+def test_decode_attention_prefetches_only_with_pdl() -> None:
+    from kernels.triton_ops.decode_attention import DecodeConfig, prefetches
+
+    from kernels.triton_ops import decode_attention
+
+    assert prefetches(DecodeConfig(), pdl=True) == decode_attention._PREFETCH
+    assert prefetches(DecodeConfig(prefetch=True), pdl=True)
+    assert not prefetches(DecodeConfig(), pdl=False)
+    assert not prefetches(DecodeConfig(prefetch=True), pdl=False)
+    assert not prefetches(DecodeConfig(prefetch=False), pdl=True)
+
+
+def test_rotary_store_reads_only_its_position_slot_and_cos_sin_before_the_wait_for_sm90() -> None:
+    """``rotary_store_kvcache``'s early inputs (``EARLY``) in the sm_90 code: before
+    ``griddepcontrol.wait`` the program reads the position and slot past L1 and the cos/sin row
+    (float32, at the position), and stores nothing; q, k and v (what the kernel before writes)
+    come after it. Without ``EARLY`` nothing comes before the wait."""
+    import re
+
+    from kernels.triton_ops.rotary_kv import _rotary_store_kvcache_kernel
+
+    ptrs = {"pos_ptr": "i64", "q_ptr": "bf16", "k_ptr": "bf16", "v_ptr": "bf16", "cos_sin_ptr": "fp32",
+            "key_cache_ptr": "bf16", "value_cache_ptr": "bf16", "slot_ptr": "i64", "k_scale_ptr": "fp32",
+            "v_scale_ptr": "fp32"}
+    consts = {"HALF": 64, "BLOCK_HQ": 32, "BLOCK_HK": 8, "KV_FP8": False, "SOFT_FP8": False, "PDL": True}
+    early = _sm90_ptx(_rotary_store_kvcache_kernel, ptrs, consts | {"EARLY": True})
+    before = early[:early.find("griddepcontrol.wait")]
+    assert len(re.findall(r"ld\.global\.cg", before)) == 2  # the position and the slot
+    assert "st.global" not in before
+    # q's, k's and v's loads (bf16) are all after the wait: as many as without EARLY there.
+    late = _sm90_ptx(_rotary_store_kvcache_kernel, ptrs, consts | {"EARLY": False})
+    late_before, late_after = late[:late.find("griddepcontrol.wait")], late[late.find("griddepcontrol.wait"):]
+    assert "ld.global" not in late_before
+    after = early[early.find("griddepcontrol.wait"):]
+    loads = len(re.findall(r"ld\.global", before)) + len(re.findall(r"ld\.global", after))
+    assert loads == len(re.findall(r"ld\.global", late_after))
+    assert len(re.findall(r"ld\.global", after)) < len(re.findall(r"ld\.global", late_after))

@@ -4,7 +4,8 @@ graph, over a chain of decoder layers where every kernel may start while the one
 fused add + RMSNorm, the one-token linears (bf16, fp8 weight-only, 4-bit words; gate_up with
 SiLU-and-mul; 4-bit also through the tensor-core GEMV, ``w4mma``, and with the word kernel's
 first tile not peeled, ``w4unpeeled``), rotary + KV store into the paged cache (bf16 and fp8) and
-split-KV decode attention (both phases). The KV caches the chain writes are compared too.
+split-KV decode attention (both phases), with the reads before the PDL wait (the attention's
+L2 prefetch, rotary's early inputs) on and off. The KV caches the chain writes are compared too.
 
 One command: ``python -m pytest -q tests/kernels/test_pdl_gpu.py``.
 """
@@ -22,7 +23,7 @@ pytest.importorskip("triton")
 
 from kernels import KernelOps, get_ops  # noqa: E402
 from kernels import quant_reference as qref  # noqa: E402
-from kernels.triton_ops import triton_ops  # noqa: E402
+from kernels.triton_ops import decode_attention, rotary_kv, triton_ops  # noqa: E402
 from kernels.triton_ops import wna16 as wna16_module  # noqa: E402
 from kernels.triton_ops.pdl import pdl_supported  # noqa: E402
 from tests.kernels.quant_kernel_checks import random_wna16  # noqa: E402
@@ -147,10 +148,17 @@ def _mma_for_words(calls: list[int]) -> Any:
 
 
 @pytest.mark.parametrize(("fmt", "kv_fp8"), [("bf16", False), ("fp8", True), ("w4", False), ("w4mma", False),
-                                             ("w4unpeeled", False)])
+                                             ("w4unpeeled", False), ("bf16-early", False),
+                                             ("fp8-early", True), ("bf16-late", False)])
 def test_pdl_decode_chain_is_bit_for_bit_the_plain_launches_gpu(fmt: str, kv_fp8: bool,
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """``-early`` / ``-late``: the reads before the PDL wait (the decode attention's L2 prefetch,
+    rotary's position, slot and cos/sin) on / off, whatever the defaults."""
     calls: list[int] = []
+    fmt, _, reads = fmt.partition("-")
+    if reads:
+        monkeypatch.setattr(decode_attention, "_PREFETCH", reads == "early")
+        monkeypatch.setattr(rotary_kv, "_EARLY_INPUTS", reads == "early")
     if fmt == "w4mma":  # the tensor-core 4-bit GEMV in every 4-bit linear of the one-token chain
         monkeypatch.setattr(wna16_module, "gemv_wna16", _mma_for_words(calls))
     if fmt == "w4unpeeled":  # the word kernel without its first tile peeled (peeled by default)

@@ -26,6 +26,7 @@ _KERNELS = [
     "paged_attention_split",
     "paged_attention_decodes",
     "paged_decode_attention",
+    "decode_prefetch_lines",
     "rms_norm",
     "fused_add_rms_norm",
     "silu_and_mul",
@@ -33,7 +34,7 @@ _KERNELS = [
     "rotary_store_kvcache",
     "argmax_rows",
 ]
-_KERNELS_BF16 = ["store_kvcache", "rotary_store_kvcache", "argmax_rows"]
+_KERNELS_BF16 = ["store_kvcache", "rotary_store_kvcache", "argmax_rows", "decode_prefetch_lines"]
 
 
 @pytest.fixture(scope="module")
