@@ -232,11 +232,16 @@ def _decode_reduce_kernel(
     HEAD_DIM: tl.constexpr,
     BLOCK_SPLITS: tl.constexpr,
     PDL: tl.constexpr = False,
+    EARLY: tl.constexpr = False,
 ):
-    pdl_begin(PDL)
     seq = tl.program_id(0)
     head = tl.program_id(1)
-    seq_len = tl.load(seq_lens_ptr + seq)
+    if EARLY:  # phase 1, the kernel just before, never writes it (kernels/triton_ops/pdl.py)
+        seq_len = tl.load(seq_lens_ptr + seq, cache_modifier=".cg")
+        pdl_begin(PDL)
+    else:
+        pdl_begin(PDL)
+        seq_len = tl.load(seq_lens_ptr + seq)
     used = tl.cdiv(seq_len, partition_size)  # partitions phase 1 wrote for this sequence
     if used > 1:  # one partition: phase 1 wrote the final output itself
         _merge_partitions(seq, head, used, out_ptr, part_out_ptr, part_m_ptr, part_l_ptr,
@@ -270,9 +275,9 @@ def _heads_per_program(config: DecodeConfig, num_kv_heads: int, head_dim: int) -
 
 
 def prefetches(config: DecodeConfig, pdl: bool) -> bool:
-    """Whether phase 1 asks L2 for its first tile before the PDL wait (:func:`_prefetch_first_tile`):
-    with PDL only (CUDA sm_90+; the interpreter runs no PTX), as ``config.prefetch`` says, else
-    ``_PREFETCH``."""
+    """Whether phase 1 asks L2 for its first tile before the PDL wait (:func:`_prefetch_first_tile`)
+    and phase 2 reads the sequence length before it: with PDL only (CUDA sm_90+; the interpreter
+    runs no PTX), as ``config.prefetch`` says, else ``_PREFETCH``."""
     return pdl and (_PREFETCH if config.prefetch is None else config.prefetch)
 
 
@@ -357,6 +362,7 @@ def paged_decode_attention(
             out.stride(0), out.stride(1), partition, num_splits,
             HEAD_DIM=head_dim,
             BLOCK_SPLITS=triton.next_power_of_2(num_splits),
+            EARLY=prefetches(config, pdl),
             num_warps=4,
             **pdl_launch(pdl),
         )

@@ -125,12 +125,21 @@ def test_decode_attention_prefetches_before_the_wait_and_reads_nothing_it_uses_f
     plain = _decode_partition_ptx(prefetch=False)
     plain_before = plain[:plain.find("griddepcontrol.wait")]
     assert "prefetch" not in plain and "ld.global" not in plain_before
+    # Phase 2 reads the sequence length (past L1) and nothing else before its wait.
+    from kernels.triton_ops.decode_attention import _decode_reduce_kernel
+
+    ptrs = {"seq_lens_ptr": "i32", "out_ptr": "bf16", "part_out_ptr": "fp32", "part_m_ptr": "fp32",
+            "part_l_ptr": "fp32"}
+    consts = {"HEAD_DIM": 128, "BLOCK_SPLITS": 32, "PDL": True}
+    for early, want in ((True, ["ld.global.cg.b32"]), (False, [])):
+        ptx = _sm90_ptx(_decode_reduce_kernel, ptrs, consts | {"EARLY": early})
+        before = ptx[:ptx.find("griddepcontrol.wait")]
+        assert re.findall(r"ld\.global[\w.]*", before) == want and "st.global" not in before
 
 
 def test_decode_attention_prefetches_only_with_pdl() -> None:
-    from kernels.triton_ops.decode_attention import DecodeConfig, prefetches
-
     from kernels.triton_ops import decode_attention
+    from kernels.triton_ops.decode_attention import DecodeConfig, prefetches
 
     assert prefetches(DecodeConfig(), pdl=True) == decode_attention._PREFETCH
     assert prefetches(DecodeConfig(prefetch=True), pdl=True)
