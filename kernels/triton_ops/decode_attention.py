@@ -110,11 +110,14 @@ def _decode_partition_kernel(
     split = tl.program_id(2)
     part_start = split * partition_size
     bt_row = block_tables_ptr + seq.to(tl.int64) * stride_bt
-    if PREFETCH:  # before the wait: addresses only, nothing read is used (_prefetch_first_tile)
-        _prefetch_first_tile(k_cache_ptr, v_cache_ptr, bt_row, seq_lens_ptr + seq, part_start, partition_size,
+    if PREFETCH:  # before the wait (kernels/triton_ops/pdl.py): rotary + KV store writes neither
+        seq_len = tl.load(seq_lens_ptr + seq, cache_modifier=".cg")
+        _prefetch_first_tile(k_cache_ptr, v_cache_ptr, bt_row, seq_len, part_start, partition_size,
                              kv_head, stride_kb, stride_ks, stride_kh, HEADS * HEAD_DIM, BLOCK_SIZE, BLOCK_N)
-    pdl_begin(PDL)
-    seq_len = tl.load(seq_lens_ptr + seq)
+        pdl_begin(PDL)
+    else:
+        pdl_begin(PDL)
+        seq_len = tl.load(seq_lens_ptr + seq)
     # Partitions past the end of this sequence write nothing; phase 2 never reads them.
     if part_start < seq_len:
         part_end = tl.minimum(part_start + partition_size, seq_len)
@@ -181,15 +184,14 @@ def _l2_prefetch(ptrs, ok):
 
 
 @triton.jit
-def first_tile_lines(k_cache_ptr, bt_row, seq_len_ptr, part_start, partition_size, kv_head, stride_kb,
+def first_tile_lines(k_cache_ptr, bt_row, seq_len, part_start, partition_size, kv_head, stride_kb,
                      stride_ks, stride_kh, ROW: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                      BLOCK_N: tl.constexpr):
     """Element offsets of the 128-byte lines holding the K (or V: same offsets) rows of the
     partition's first ``BLOCK_N`` keys, ``ROW`` elements from the program's first KV head, and
-    which of them exist (keys before the sequence length and the partition's end):
-    ``[BLOCK_N, lines]`` each. Reads the sequence length and the block-table entries past L1
-    (``.cg``): :func:`_prefetch_first_tile` calls this before the PDL wait."""
-    seq_len = tl.load(seq_len_ptr, cache_modifier=".cg")
+    which of them exist (keys before ``seq_len`` and the partition's end): ``[BLOCK_N, lines]``
+    each. Reads the block-table entries past L1 (``.cg``): :func:`_prefetch_first_tile` calls
+    this before the PDL wait."""
     kpos = part_start + tl.arange(0, BLOCK_N)
     ok = (kpos < seq_len) & (kpos < part_start + partition_size)
     block_id = tl.load(bt_row + kpos // BLOCK_SIZE, mask=ok, other=0, cache_modifier=".cg").to(tl.int64)
@@ -201,18 +203,20 @@ def first_tile_lines(k_cache_ptr, bt_row, seq_len_ptr, part_start, partition_siz
 
 
 @triton.jit
-def _prefetch_first_tile(k_cache_ptr, v_cache_ptr, bt_row, seq_len_ptr, part_start, partition_size, kv_head,
+def _prefetch_first_tile(k_cache_ptr, v_cache_ptr, bt_row, seq_len, part_start, partition_size, kv_head,
                          stride_kb, stride_ks, stride_kh, ROW: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                          BLOCK_N: tl.constexpr):
     """Before the PDL wait: L2 prefetches of the lines :func:`first_tile_lines` names, in K and
     in V. At one token the attention is a chain of dependent reads after the wait (sequence
-    length, block table, keys, values), each a memory latency; the prefetch takes the keys and
-    values out of DRAM while the kernel before (rotary + KV store) ends. The sequence length
-    and block-table entries it reads only form addresses: the kernel before never writes them
-    (the host does, before the step), and the program reads both again after the wait. The one
+    length, block table, keys, values), each a memory latency; reading the sequence length
+    before the wait and prefetching takes the first out of the chain and the keys and values out
+    of DRAM while the kernel before (rotary + KV store) ends. Neither the sequence lengths nor
+    the block tables are written by that kernel (the host writes them, before the step), so
+    they may be read before the wait (kernels/triton_ops/pdl.py); the block-table entries here
+    only form addresses, and the loop after the wait reads them again (from L2 now). The one
     cache row that kernel writes (this step's key and value) may be prefetched before its store
     lands: the store updates the line in L2, and nothing was read into the SM."""
-    off, ok = first_tile_lines(k_cache_ptr, bt_row, seq_len_ptr, part_start, partition_size, kv_head,
+    off, ok = first_tile_lines(k_cache_ptr, bt_row, seq_len, part_start, partition_size, kv_head,
                                stride_kb, stride_ks, stride_kh, ROW, BLOCK_SIZE, BLOCK_N)
     _l2_prefetch(k_cache_ptr + off, ok)
     _l2_prefetch(v_cache_ptr + off, ok)

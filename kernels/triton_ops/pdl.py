@@ -15,9 +15,9 @@ launch, so kernel N + 1 starts only once every program of kernel N has passed it
 is once kernel N - 1 is complete and its writes are visible (a kernel without PDL, e.g. a torch
 op, lets the next one launch only when it ends). Kernels that read before the wait:
 ``rotary_store_kvcache`` (positions, slots, cos/sin; ``early_inputs``) and the decode
-attention's L2 prefetch (sequence lengths and block tables, for addresses only; it reads both
-again after the wait). A kernel that waits is complete only after the kernel before it is
-complete, so the order of the stream holds transitively.
+attention with its L2 prefetch (sequence lengths; block tables for the prefetch's addresses).
+A kernel that waits is complete only after the kernel before it is complete, so the order of
+the stream holds transitively.
 """
 
 from __future__ import annotations

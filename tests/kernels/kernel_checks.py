@@ -296,7 +296,7 @@ def _first_tile_lines_probe(k_cache_ptr, block_tables_ptr, seq_lens_ptr, out_ptr
     # program's line offsets where they exist, -1 elsewhere.
     seq, kv_head, split = tl.program_id(0), tl.program_id(1) * HEADS, tl.program_id(2)
     bt_row = block_tables_ptr + seq.to(tl.int64) * stride_bt
-    off, ok = first_tile_lines(k_cache_ptr, bt_row, seq_lens_ptr + seq, split * partition_size,
+    off, ok = first_tile_lines(k_cache_ptr, bt_row, tl.load(seq_lens_ptr + seq), split * partition_size,
                                partition_size, kv_head, stride_kb, stride_ks, stride_kh, ROW, BLOCK_SIZE,
                                BLOCK_N)
     pid = (seq * tl.num_programs(1) + tl.program_id(1)) * tl.num_programs(2) + split
