@@ -21,9 +21,9 @@ from kernels.triton_ops.pdl import pdl_begin, pdl_launch
 from kernels.triton_ops.rotary import _cos_sin_row, _load_cos_sin, _rotate_heads
 
 # With PDL, whether the position, slot and cos/sin row are read before the PDL wait by default
-# (``rotary_store_kvcache(early_inputs=None)``). Off until a card times it (as the decode
-# attention's prefetch, ``decode_attention._PREFETCH``).
-_EARLY_INPUTS = False
+# (``rotary_store_kvcache(early_inputs=None)``); timed with the decode attention's prefetch
+# (``decode_attention._PREFETCH``, DECISIONS 152).
+_EARLY_INPUTS = True
 
 
 @triton.jit
