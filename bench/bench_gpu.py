@@ -39,6 +39,7 @@ import numpy as np
 import torch
 
 from gpu_worker.config import OFFLINE_LARGE_GPU_MAX_NUM_BATCHED_TOKENS
+from kernels.triton_ops import decode_attention, rotary_kv
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_gpu_report as report  # noqa: E402
@@ -407,7 +408,8 @@ class Ctx:
         price = self.args.price_per_gpu_hour  # one GPU per row here
         cost = cost_per_million_output_tokens(price, 1, tok_s)
         extra.update(gpu_price_per_hour_usd=price,
-                     cost_per_million_output_tokens_usd=None if cost is None else round(cost, 4))
+                     cost_per_million_output_tokens_usd=None if cost is None else round(cost, 4),
+                     early_reads=early_reads())
         self.rows.append(ResultRow(self.run_id, today(), self.args.commit, self.card, workload, shape,
                                    engine, tok_s, {k: v for k, v in extra.items() if v is not None}))
         print(f"  {workload} {shape} {engine}: {tok_s:,.0f} tok/s {extra}", flush=True)
@@ -528,6 +530,13 @@ def bench_hf(ctx: Ctx, shape: str, model_dir: Path, workloads: list[str], engine
     torch.cuda.empty_cache()
 
 
+def early_reads() -> str:
+    """A decode step's reads before the PDL wait in effect (``--early-reads``), recorded on every
+    row: ``"prefetch=on,rotary=on"``, the decode attention's L2 prefetch and rotary's early inputs."""
+    on = {True: "on", False: "off"}
+    return f"prefetch={on[decode_attention._PREFETCH]},rotary={on[rotary_kv._EARLY_INPUTS]}"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--commit", default="unknown")
@@ -545,7 +554,7 @@ def main() -> None:
                     "(wna16.M1_SHAPE_TILES) from this JSON (bench_gemv.py --w4-table); rows record it as "
                     "m1_shape_tiles")
     ap.add_argument("--early-reads", choices=("on", "off"), default=None,
-                    help="--suite quantization: a decode step's reads before the PDL wait, the decode "
+                    help="a decode step's reads before the PDL wait, the decode "
                     "attention's L2 prefetch and rotary's position / slot / cos-sin "
                     "(decode_attention._PREFETCH, rotary_kv._EARLY_INPUTS; default: the engine's); rows "
                     "record them as early_reads")
@@ -577,6 +586,8 @@ def main() -> None:
                     "card at a common cloud price)")
     args = ap.parse_args()
     args.out_dir.mkdir(parents=True, exist_ok=True)
+    if args.early_reads is not None:  # before any engine captures its graphs
+        decode_attention._PREFETCH = rotary_kv._EARLY_INPUTS = args.early_reads == "on"
     workloads = args.workloads.split(",")
     engines = args.engines.split(",")
     card = torch.cuda.get_device_name()

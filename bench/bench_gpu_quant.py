@@ -46,7 +46,6 @@ import torch
 from results import ResultRow, append_results, new_run_id, today
 
 from kernels import resolve_fp8_weight_only_max_m
-from kernels.triton_ops import decode_attention, rotary_kv
 from kernels.triton_ops import wna16 as twna16
 from kernels.triton_ops.gemv import GemvTiles
 
@@ -115,7 +114,7 @@ class Run:
     run_id: str = field(default_factory=new_run_id)
     rows: list[ResultRow] = field(default_factory=list)
     m1_shape_tiles: str | None = None  # one_token_settings(): recorded on every row of the run
-    early_reads: str | None = None  # early_reads(): on every row too
+    early_reads: str | None = None  # bench_gpu.early_reads(): on every row too
 
     def add(
         self, workload: str, shape: str, engine: str, tok_s: float, quantization: str, kv: str, **extra: Any
@@ -362,13 +361,6 @@ def one_token_settings() -> str:
     return json.dumps(table, separators=(",", ":"), sort_keys=True)
 
 
-def early_reads() -> str:
-    """A decode step's reads before the PDL wait in effect (``bench_gpu.py --early-reads``):
-    ``"prefetch=on,rotary=on"``, the decode attention's L2 prefetch and rotary's early inputs."""
-    on = {True: "on", False: "off"}
-    return f"prefetch={on[decode_attention._PREFETCH]},rotary={on[rotary_kv._EARLY_INPUTS]}"
-
-
 def run_suite(args: Any, card: str, ceilings: dict[str, float]) -> None:
     """The suite of the module docstring (``bench_gpu.py --suite quantization``)."""
     run = Run(args, card, ceilings, run_id=args.run_id or new_run_id())
@@ -377,9 +369,7 @@ def run_suite(args: Any, card: str, ceilings: dict[str, float]) -> None:
         print(f"wna16.M1_SHAPE_TILES from {args.w4_tiles}: {run.m1_shape_tiles}", flush=True)
     else:
         run.m1_shape_tiles = one_token_settings()
-    if args.early_reads is not None:  # before any engine captures its graphs
-        decode_attention._PREFETCH = rotary_kv._EARLY_INPUTS = args.early_reads == "on"
-    run.early_reads = early_reads()
+    run.early_reads = bench.early_reads()  # set by bench_gpu.main (--early-reads)
     shapes = args.quant_shapes.split(",")
     t0 = time.perf_counter()
     saved = 0
