@@ -114,7 +114,6 @@ class Run:
     run_id: str = field(default_factory=new_run_id)
     rows: list[ResultRow] = field(default_factory=list)
     m1_shape_tiles: str | None = None  # one_token_settings(): recorded on every row of the run
-    early_reads: str | None = None  # bench_gpu.early_reads(): on every row too
 
     def add(
         self, workload: str, shape: str, engine: str, tok_s: float, quantization: str, kv: str, **extra: Any
@@ -140,7 +139,7 @@ class Run:
 
     def settings(self) -> dict[str, Any]:
         """The run's engine settings every row records."""
-        return {"m1_shape_tiles": self.m1_shape_tiles, "early_reads": self.early_reads}
+        return {"m1_shape_tiles": self.m1_shape_tiles, "early_reads": bench.early_reads()}
 
     def find(self, shape: str, label: str, workload: str) -> ResultRow | None:
         return next(
@@ -369,7 +368,6 @@ def run_suite(args: Any, card: str, ceilings: dict[str, float]) -> None:
         print(f"wna16.M1_SHAPE_TILES from {args.w4_tiles}: {run.m1_shape_tiles}", flush=True)
     else:
         run.m1_shape_tiles = one_token_settings()
-    run.early_reads = bench.early_reads()  # set by bench_gpu.main (--early-reads)
     shapes = args.quant_shapes.split(",")
     t0 = time.perf_counter()
     saved = 0

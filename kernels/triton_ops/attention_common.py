@@ -132,13 +132,15 @@ def init_softmax_state(ROWS: tl.constexpr, HEAD_DIM: tl.constexpr):
 
 
 @triton.jit
-def paged_kv_offsets(bt_row, kpos, k_ok, kv_head, stride_kb, stride_ks, stride_kh, BLOCK_SIZE: tl.constexpr):
+def paged_kv_offsets(bt_row, kpos, k_ok, kv_head, stride_kb, stride_ks, stride_kh, BLOCK_SIZE: tl.constexpr,
+                     CACHE: tl.constexpr = tl.constexpr("")):
     """Cache offsets of the keys at positions ``kpos`` of the sequence whose block-table row
-    is ``bt_row``; ``k_ok`` masks the table reads (``None``: every position is valid)."""
+    is ``bt_row``; ``k_ok`` masks the table reads (``None``: every position is valid);
+    ``CACHE``: the table reads' cache modifier (``.cg``: past L1)."""
     if k_ok is None:
-        block_id = tl.load(bt_row + kpos // BLOCK_SIZE).to(tl.int64)
+        block_id = tl.load(bt_row + kpos // BLOCK_SIZE, cache_modifier=CACHE).to(tl.int64)
     else:
-        block_id = tl.load(bt_row + kpos // BLOCK_SIZE, mask=k_ok, other=0).to(tl.int64)
+        block_id = tl.load(bt_row + kpos // BLOCK_SIZE, mask=k_ok, other=0, cache_modifier=CACHE).to(tl.int64)
     return block_id * stride_kb + (kpos % BLOCK_SIZE) * stride_ks + kv_head * stride_kh
 
 

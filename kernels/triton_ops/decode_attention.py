@@ -195,8 +195,8 @@ def first_tile_lines(k_cache_ptr, bt_row, seq_len, part_start, partition_size, k
     this before the PDL wait."""
     kpos = part_start + tl.arange(0, BLOCK_N)
     ok = (kpos < seq_len) & (kpos < part_start + partition_size)
-    block_id = tl.load(bt_row + kpos // BLOCK_SIZE, mask=ok, other=0, cache_modifier=".cg").to(tl.int64)
-    row = block_id * stride_kb + (kpos % BLOCK_SIZE) * stride_ks + kv_head * stride_kh
+    row = common.paged_kv_offsets(bt_row, kpos, ok, kv_head, stride_kb, stride_ks, stride_kh, BLOCK_SIZE,
+                                  CACHE=".cg")
     LINE: tl.constexpr = 1024 // k_cache_ptr.dtype.element_ty.primitive_bitwidth  # elements per 128 bytes
     LINES: tl.constexpr = ROW // LINE if ROW > LINE else 1
     off = row[:, None] + (tl.arange(0, LINES) * LINE)[None, :]

@@ -62,18 +62,8 @@ def test_enable_pdl_defaults_on_and_the_worker_flag_turns_it_off() -> None:
 def test_pdl_begin_compiles_to_the_wait_then_launch_dependents_for_sm90() -> None:
     """Compiled for an H100/H200 without one: every Triton we support (3.4 and up) must accept it
     (3.4's own ``tl.extra.cuda.gdc_wait`` does not compile: pdl.py's docstring)."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    ptx = {}
-    for pdl in (True, False):
-        sig = {"x_ptr": "*fp32", "y_ptr": "*fp32", "PDL": "constexpr"}
-        src = ASTSource(_copy_after_wait, sig, {"PDL": pdl})
-        try:
-            kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32))
-        except (RuntimeError, FileNotFoundError) as exc:  # no CUDA toolchain in this Triton build
-            pytest.skip(f"cannot compile for sm_90 here: {exc}")
-        ptx[pdl] = kernel.asm["ptx"]
+    ptx = {pdl: _sm90_ptx(_copy_after_wait, {"x_ptr": "fp32", "y_ptr": "fp32"}, {"PDL": pdl})
+           for pdl in (True, False)}
     wait, launch = ptx[True].find("griddepcontrol.wait"), ptx[True].find("griddepcontrol.launch_dependents")
     assert 0 <= wait < launch
     assert wait < ptx[True].find("ld.global")  # nothing is read before the wait here
