@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from gpu_worker.config import OFFLINE_LARGE_GPU_MAX_NUM_BATCHED_TOKENS
-from kernels.triton_ops import decode_attention, rotary_kv
+from kernels.triton_ops import decode_attention, pdl, rotary_kv
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_gpu_report as report  # noqa: E402
@@ -409,7 +409,7 @@ class Ctx:
         cost = cost_per_million_output_tokens(price, 1, tok_s)
         extra.update(gpu_price_per_hour_usd=price,
                      cost_per_million_output_tokens_usd=None if cost is None else round(cost, 4),
-                     early_reads=early_reads())
+                     early_reads=early_reads(), pdl_trigger=pdl_trigger())
         self.rows.append(ResultRow(self.run_id, today(), self.args.commit, self.card, workload, shape,
                                    engine, tok_s, {k: v for k, v in extra.items() if v is not None}))
         print(f"  {workload} {shape} {engine}: {tok_s:,.0f} tok/s {extra}", flush=True)
@@ -537,6 +537,12 @@ def early_reads() -> str:
     return f"prefetch={on[decode_attention._PREFETCH]},rotary={on[rotary_kv._EARLY_INPUTS]}"
 
 
+def pdl_trigger() -> str:
+    """Where a PDL kernel lets the next one launch (``--pdl-trigger``), recorded on every row:
+    ``"first"`` (before its wait) or ``"after"`` (after it; ``pdl.TRIGGER_FIRST``)."""
+    return "first" if pdl.TRIGGER_FIRST else "after"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--commit", default="unknown")
@@ -558,6 +564,10 @@ def main() -> None:
                     "attention's L2 prefetch and rotary's position / slot / cos-sin "
                     "(decode_attention._PREFETCH, rotary_kv._EARLY_INPUTS; default: the engine's); rows "
                     "record them as early_reads")
+    ap.add_argument("--pdl-trigger", choices=("first", "after"), default=None,
+                    help="where each PDL kernel lets the next one launch: before its wait or after it "
+                    "(kernels/triton_ops/pdl.py TRIGGER_FIRST; default: the engine's); rows record it as "
+                    "pdl_trigger")
     ap.add_argument("--run-id", default="",
                     help="the rows' run_id (default: a new one; pass one to join calls)")
     ap.add_argument("--engines", default="ours,hf,hf_batch",
@@ -588,6 +598,8 @@ def main() -> None:
     args.out_dir.mkdir(parents=True, exist_ok=True)
     if args.early_reads is not None:  # before any engine captures its graphs
         decode_attention._PREFETCH = rotary_kv._EARLY_INPUTS = args.early_reads == "on"
+    if args.pdl_trigger is not None:
+        pdl.TRIGGER_FIRST = args.pdl_trigger == "first"
     workloads = args.workloads.split(",")
     engines = args.engines.split(",")
     card = torch.cuda.get_device_name()

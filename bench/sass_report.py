@@ -45,13 +45,15 @@ def _pairs(text: str) -> dict[str, str]:
 
 
 def compile_sm90(fn: triton.JITFunction, ptrs: dict[str, str], consts: dict[str, int | float],
-                 num_warps: int, num_stages: int) -> triton.compiler.CompiledKernel:
-    """``fn`` compiled for sm_90 (its ``asm`` holds ``ttgir``, ``ptx`` and ``cubin``)."""
+                 num_warps: int, num_stages: int,
+                 maxnreg: int | None = None) -> triton.compiler.CompiledKernel:
+    """``fn`` compiled for sm_90 (its ``asm`` holds ``ttgir``, ``ptx`` and ``cubin``); ``maxnreg``:
+    the registers per thread ptxas may use (Triton's launch option of that name)."""
     names = fn.arg_names
     sig = {n: ("*" + ptrs[n]) if n in ptrs else ("constexpr" if n in consts else "i32") for n in names}
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names if sig[n] != "constexpr"}
     return triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", 90, 32),
-                          options=dict(num_warps=num_warps, num_stages=num_stages))
+                          options=dict(num_warps=num_warps, num_stages=num_stages, maxnreg=maxnreg))
 
 
 def compile_sass(fn: triton.JITFunction, ptrs: dict[str, str], consts: dict[str, int | float],
@@ -112,13 +114,14 @@ def main() -> None:
                          "specialized to its value, as Triton does at run time for 1)")
     ap.add_argument("--warps", type=int, default=4)
     ap.add_argument("--stages", type=int, default=3)
+    ap.add_argument("--maxnreg", type=int, default=None, help="cap the registers per thread")
     ap.add_argument("--sass-out", default="", help="also write the whole SASS here")
     ap.add_argument("--ir-out", default="",
                     help="also write Triton's GPU IR (PREFIX.ttgir) and PTX (PREFIX.ptx)")
     args = ap.parse_args()
     fn = getattr(importlib.import_module(args.module), args.kernel)
     consts = {k: _value(v) for k, v in _pairs(args.const).items()}
-    kernel = compile_sm90(fn, _pairs(args.ptr), consts, args.warps, args.stages)
+    kernel = compile_sm90(fn, _pairs(args.ptr), consts, args.warps, args.stages, args.maxnreg)
     sass = disassemble(kernel)
     if args.ir_out:
         for ext in ("ttgir", "ptx"):

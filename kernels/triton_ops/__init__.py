@@ -74,8 +74,8 @@ def triton_ops(fp8_weight_only_max_m: int = FP8_WEIGHT_ONLY_MAX_M, pdl: bool = F
     :func:`~kernels.triton_ops.pdl.pdl_supported`): the ops of a one-token decode step (norms,
     one-token linears, act-order's input gather, rotary + KV store, decode attention) launch with
     programmatic dependent launch, each kernel's start overlapping the end of the one before
-    (:mod:`kernels.triton_ops.pdl`;
-    their weights must not be written by the kernel just before them, as no model weight is)."""
+    (:mod:`kernels.triton_ops.pdl`; what they read before their wait, weights and the host's
+    step inputs, must not be written by any kernel of the step, as no model weight is)."""
 
     def chained(fn: Callable[..., Any]) -> Callable[..., Any]:
         return functools.partial(fn, pdl=True) if pdl else fn

@@ -111,7 +111,7 @@ def _decode_partition_kernel(
     split = tl.program_id(2)
     part_start = split * partition_size
     bt_row = block_tables_ptr + seq.to(tl.int64) * stride_bt
-    if PREFETCH:  # before the wait (kernels/triton_ops/pdl.py): rotary + KV store writes neither
+    if PREFETCH:  # before the wait (kernels/triton_ops/pdl.py): only the host writes these
         seq_len = tl.load(seq_lens_ptr + seq, cache_modifier=".cg")
         _prefetch_first_tile(k_cache_ptr, v_cache_ptr, bt_row, seq_len, part_start, partition_size,
                              kv_head, stride_kb, stride_ks, stride_kh, HEADS * HEAD_DIM, BLOCK_SIZE, BLOCK_N)
@@ -211,8 +211,8 @@ def _prefetch_first_tile(k_cache_ptr, v_cache_ptr, bt_row, seq_len, part_start, 
     in V. At one token the attention is a chain of dependent reads after the wait (sequence
     length, block table, keys, values), each a memory latency; reading the sequence length
     before the wait and prefetching takes the first out of the chain and the keys and values out
-    of DRAM while the kernel before (rotary + KV store) ends. Neither the sequence lengths nor
-    the block tables are written by that kernel (the host writes them, before the step), so
+    of DRAM while the kernels before (rotary + KV store, the qkv projection) end. No kernel
+    writes the sequence lengths or the block tables (the host writes them, before the step), so
     they may be read before the wait (kernels/triton_ops/pdl.py); the block-table entries here
     only form addresses, and the loop after the wait reads them again (from L2 now). The one
     cache row that kernel writes (this step's key and value) may be prefetched before its store
@@ -241,7 +241,7 @@ def _decode_reduce_kernel(
 ):
     seq = tl.program_id(0)
     head = tl.program_id(1)
-    if EARLY:  # phase 1, the kernel just before, never writes it (kernels/triton_ops/pdl.py)
+    if EARLY:  # only the host writes it, before the step (kernels/triton_ops/pdl.py)
         seq_len = tl.load(seq_lens_ptr + seq, cache_modifier=".cg")
         pdl_begin(PDL)
     else:

@@ -7,17 +7,20 @@ the latency of its first reads as much as by bandwidth; with PDL the next kernel
 resident and have their weight loads in flight when the previous kernel's last program ends.
 
 Contract of a kernel that takes ``PDL``: every program calls :func:`pdl_begin` exactly once,
-before its first store and before it reads anything the kernel launched just before it may
-write (activations, the KV cache); before it, a program may read weights and norm weights, and
-what only the host or a kernel two or more launches back writes, past L1 (``.cg``). That last
-rule rests on the order :func:`pdl_begin` keeps: each program waits, then lets the next kernel
-launch, so kernel N + 1 starts only once every program of kernel N has passed its wait, that
-is once kernel N - 1 is complete and its writes are visible (a kernel without PDL, e.g. a torch
-op, lets the next one launch only when it ends). Kernels that read before the wait:
-``rotary_store_kvcache`` (positions, slots, cos/sin; ``early_inputs``) and the decode
-attention with its L2 prefetch (sequence lengths; block tables for the prefetch's addresses).
-A kernel that waits is complete only after the kernel before it is complete, so the order of
-the stream holds transitively.
+before its first store and before it reads anything a kernel of the step may write (activations,
+the KV cache, partial sums); before it, a program may read only what no kernel writes: weights,
+norm weights and other constant tables, and what the host writes before the step's kernels
+(positions, slots, sequence lengths, block tables), past L1 (``.cg``) where the host rewrites it
+between steps. :func:`pdl_begin` first lets the next kernel launch, then waits (``TRIGGER_FIRST``,
+the default): kernel N + 1 may start as soon as every program of kernel N has started, so while
+kernels N - 1, N - 2, ... still run, and its early reads must not depend on any of them. The
+wait itself waits until kernel N is complete and its writes are visible, and kernel N completes
+only after kernel N - 1 has (it waited too), so the order of the stream holds transitively, and
+a kernel launched without PDL (a torch op, a copy) lets the next one launch only when it ends.
+Kernels that read before the wait: the GEMVs (their first weight tile), the norms (their
+weight), ``gather_columns`` (its index), ``rotary_store_kvcache`` (positions, slots, cos/sin;
+``early_inputs``) and the decode attention (sequence lengths; block tables for its L2
+prefetch's addresses, a hint that reads nothing into the SM).
 """
 
 from __future__ import annotations
@@ -35,15 +38,26 @@ def pdl_supported(device: torch.device | str) -> bool:
     return torch.cuda.get_device_capability(device)[0] >= 9
 
 
-def pdl_launch(pdl: bool) -> dict[str, bool]:
-    """Launch keywords of a kernel taking ``PDL``: the constexpr and Triton's launch flag."""
-    return {"PDL": True, "launch_pdl": True} if pdl else {}
+# Where pdl_begin lets the next kernel launch: before its wait (TRIGGER_FIRST, PDL == 2) or after
+# it (PDL == 1). Read when a kernel is launched (pdl_launch), so it may be flipped between
+# launches (each value compiles its own kernels). Before: on an H100, W2 llama3-8b W4A16 462.3 /
+# 462.2 -> 469.1 / 468.9 tok/s in two calls of opposite order, bf16 +0.2%, W1 / W3 within their
+# run-to-run spread (DECISIONS 153).
+TRIGGER_FIRST = True
+
+
+def pdl_launch(pdl: bool) -> dict[str, int | bool]:
+    """Launch keywords of a kernel taking ``PDL``: the constexpr (2: ``TRIGGER_FIRST``, else 1)
+    and Triton's launch flag."""
+    return {"PDL": 2 if TRIGGER_FIRST else 1, "launch_pdl": True} if pdl else {}
 
 
 @triton.jit
 def pdl_begin(PDL: tl.constexpr):
-    """With ``PDL``: wait until the kernel before this one is complete and its writes are
-    visible, then let the kernel after this one launch (its programs wait in turn).
+    """With ``PDL``: let the kernel after this one launch (``PDL == 2``, ``TRIGGER_FIRST``; its
+    programs wait in turn), then wait until the kernel before this one is complete and its
+    writes are visible; ``PDL == 1``: the same two in the other order (the module docstring says
+    what each allows before the wait).
 
     The two ``griddepcontrol`` instructions are emitted here rather than through
     ``tl.extra.cuda.gdc_wait`` / ``gdc_launch_dependents``: Triton 3.4 (our minimum) ships those
@@ -55,7 +69,12 @@ def pdl_begin(PDL: tl.constexpr):
     assembly that reads memory an earlier kernel writes takes it as an operand, so that the
     compiler cannot move it above the wait (a pure assembly is otherwise free to move)."""
     token = 0
-    if PDL:
+    if PDL == 2:
+        tl.inline_asm_elementwise("griddepcontrol.launch_dependents; // dummy $0", "=r", [], dtype=tl.int32,
+                                  is_pure=False, pack=1)
+        token = tl.inline_asm_elementwise("griddepcontrol.wait; // dummy $0", "=r", [], dtype=tl.int32,
+                                          is_pure=False, pack=1)
+    elif PDL:
         token = tl.inline_asm_elementwise("griddepcontrol.wait; // dummy $0", "=r", [], dtype=tl.int32,
                                           is_pure=False, pack=1)
         tl.inline_asm_elementwise("griddepcontrol.launch_dependents; // dummy $0", "=r", [], dtype=tl.int32,

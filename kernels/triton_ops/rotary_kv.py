@@ -58,9 +58,10 @@ def _rotary_store_kvcache_kernel(
 ):
     t = tl.program_id(0).to(tl.int64)
     if EARLY:
-        # Before the PDL wait: the position, its cos/sin row and the slot, which the kernel just
-        # before (the qkv projection) never writes; read past L1 (``.cg``) where the host writes
-        # them between steps (rotary_store_kvcache's ``early_inputs``).
+        # Before the PDL wait: the position, its cos/sin row and the slot, which no kernel writes
+        # (the host writes the first two before the step, the table is constant); read past L1
+        # (``.cg``) where the host rewrites them between steps (rotary_store_kvcache's
+        # ``early_inputs``; kernels/triton_ops/pdl.py).
         pos = tl.load(pos_ptr + t, cache_modifier=".cg").to(tl.int64)
         slot = tl.load(slot_ptr + t, cache_modifier=".cg").to(tl.int64)
         cos, sin = _cos_sin_row(cos_sin_ptr, stride_cos_sin, pos, HALF)

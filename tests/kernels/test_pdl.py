@@ -1,8 +1,8 @@
 """Programmatic dependent launch wiring on a machine without sm_90: which ops the Triton set
 launches with it, that the CPU never asks for it, the engine flag that turns it off, and that
-``pdl_begin`` compiles for sm_90 with the installed Triton into the wait, then the
-launch-dependents instruction. (The kernels' bits with PDL on are checked on the GPU,
-``test_pdl_gpu.py``.)"""
+``pdl_begin`` compiles for sm_90 with the installed Triton into the launch-dependents
+instruction, then the wait (``TRIGGER_FIRST``), or the other way round. (The kernels' bits
+with PDL on are checked on the GPU, ``test_pdl_gpu.py``.)"""
 
 from __future__ import annotations
 
@@ -43,11 +43,16 @@ def test_triton_set_launches_exactly_the_decode_ops_with_pdl() -> None:
         assert not hasattr(getattr(chained, name), "keywords"), name
 
 
-def test_pdl_needs_a_cuda_device_of_compute_capability_9() -> None:
+def test_pdl_needs_a_cuda_device_of_compute_capability_9(monkeypatch: pytest.MonkeyPatch) -> None:
+    from kernels.triton_ops import pdl
+
     assert not pdl_supported("cpu")
     assert get_ops("cpu", pdl=True).name == "reference"
     assert pdl_launch(False) == {}
-    assert pdl_launch(True) == {"PDL": True, "launch_pdl": True}
+    assert pdl.TRIGGER_FIRST  # the default (DECISIONS 153)
+    assert pdl_launch(True) == {"PDL": 2, "launch_pdl": True}
+    monkeypatch.setattr(pdl, "TRIGGER_FIRST", False)
+    assert pdl_launch(True) == {"PDL": 1, "launch_pdl": True}
 
 
 def test_enable_pdl_defaults_on_and_the_worker_flag_turns_it_off() -> None:
@@ -59,14 +64,17 @@ def test_enable_pdl_defaults_on_and_the_worker_flag_turns_it_off() -> None:
     assert from_env.parse_args(["--model", "m"]).enable_pdl is False
 
 
-def test_pdl_begin_compiles_to_the_wait_then_launch_dependents_for_sm90() -> None:
+def test_pdl_begin_compiles_to_launch_dependents_and_the_wait_in_order_for_sm90() -> None:
     """Compiled for an H100/H200 without one: every Triton we support (3.4 and up) must accept it
-    (3.4's own ``tl.extra.cuda.gdc_wait`` does not compile: pdl.py's docstring)."""
+    (3.4's own ``tl.extra.cuda.gdc_wait`` does not compile: pdl.py's docstring). ``PDL`` 2
+    (``TRIGGER_FIRST``): launch-dependents, then the wait; 1: the wait, then launch-dependents."""
     ptx = {pdl: _sm90_ptx(_copy_after_wait, {"x_ptr": "fp32", "y_ptr": "fp32"}, {"PDL": pdl})
-           for pdl in (True, False)}
-    wait, launch = ptx[True].find("griddepcontrol.wait"), ptx[True].find("griddepcontrol.launch_dependents")
-    assert 0 <= wait < launch
-    assert wait < ptx[True].find("ld.global")  # nothing is read before the wait here
+           for pdl in (2, 1, False)}
+    for pdl in (2, 1):
+        wait, launch = ptx[pdl].find("griddepcontrol.wait"), ptx[pdl].find("griddepcontrol.launch_dependents")
+        assert wait >= 0 and launch >= 0
+        assert (launch < wait) == (pdl == 2)
+        assert wait < ptx[pdl].find("ld.global")  # nothing is read before the wait here
     assert "griddepcontrol" not in ptx[False]
 
 
@@ -93,7 +101,7 @@ def _decode_partition_ptx(prefetch: bool) -> str:
             "seq_lens_ptr": "i32", "out_ptr": "bf16", "part_out_ptr": "fp32", "part_m_ptr": "fp32",
             "part_l_ptr": "fp32", "k_scale_ptr": "fp32", "v_scale_ptr": "fp32"}
     consts = {"G": 4, "HEADS": 1, "BLOCK_G": 16, "BLOCK_SIZE": 16, "HEAD_DIM": 128, "BLOCK_N": 64,
-              "ONE_SPLIT": False, "IEEE_DOT": False, "KV_FP8": False, "PDL": True, "PREFETCH": prefetch}
+              "ONE_SPLIT": False, "IEEE_DOT": False, "KV_FP8": False, "PDL": 2, "PREFETCH": prefetch}
     return _sm90_ptx(_decode_partition_kernel, ptrs, consts, ("qk_scale_log2",))
 
 
@@ -120,7 +128,7 @@ def test_decode_attention_prefetches_before_the_wait_and_reads_nothing_it_uses_f
 
     ptrs = {"seq_lens_ptr": "i32", "out_ptr": "bf16", "part_out_ptr": "fp32", "part_m_ptr": "fp32",
             "part_l_ptr": "fp32"}
-    consts = {"HEAD_DIM": 128, "BLOCK_SPLITS": 32, "PDL": True}
+    consts = {"HEAD_DIM": 128, "BLOCK_SPLITS": 32, "PDL": 2}
     for early, want in ((True, ["ld.global.cg.b32"]), (False, [])):
         ptx = _sm90_ptx(_decode_reduce_kernel, ptrs, consts | {"EARLY": early})
         before = ptx[:ptx.find("griddepcontrol.wait")]
@@ -150,7 +158,7 @@ def test_rotary_store_reads_only_its_position_slot_and_cos_sin_before_the_wait_f
     ptrs = {"pos_ptr": "i64", "q_ptr": "bf16", "k_ptr": "bf16", "v_ptr": "bf16", "cos_sin_ptr": "fp32",
             "key_cache_ptr": "bf16", "value_cache_ptr": "bf16", "slot_ptr": "i64", "k_scale_ptr": "fp32",
             "v_scale_ptr": "fp32"}
-    consts = {"HALF": 64, "BLOCK_HQ": 32, "BLOCK_HK": 8, "KV_FP8": False, "SOFT_FP8": False, "PDL": True}
+    consts = {"HALF": 64, "BLOCK_HQ": 32, "BLOCK_HK": 8, "KV_FP8": False, "SOFT_FP8": False, "PDL": 2}
     early = _sm90_ptx(_rotary_store_kvcache_kernel, ptrs, consts | {"EARLY": True})
     before = early[:early.find("griddepcontrol.wait")]
     assert len(re.findall(r"ld\.global\.cg", before)) == 2  # the position and the slot
