@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from gpu_worker.config import OFFLINE_LARGE_GPU_MAX_NUM_BATCHED_TOKENS
-from kernels.triton_ops import decode_attention, pdl, rotary_kv
+from kernels.triton_ops import decode_attention, pdl, rotary_kv, wna16
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_gpu_report as report  # noqa: E402
@@ -409,7 +409,7 @@ class Ctx:
         cost = cost_per_million_output_tokens(price, 1, tok_s)
         extra.update(gpu_price_per_hour_usd=price,
                      cost_per_million_output_tokens_usd=None if cost is None else round(cost, 4),
-                     early_reads=early_reads(), pdl_trigger=pdl_trigger())
+                     early_reads=early_reads(), pdl_trigger=pdl_trigger(), qkv_rope=qkv_rope())
         self.rows.append(ResultRow(self.run_id, today(), self.args.commit, self.card, workload, shape,
                                    engine, tok_s, {k: v for k, v in extra.items() if v is not None}))
         print(f"  {workload} {shape} {engine}: {tok_s:,.0f} tok/s {extra}", flush=True)
@@ -543,6 +543,12 @@ def pdl_trigger() -> str:
     return "first" if pdl.TRIGGER_FIRST else "after"
 
 
+def qkv_rope() -> str:
+    """Whether a one-token 4-bit qkv GEMV rotates and stores K/V in its epilogue (``--qkv-rope``,
+    ``wna16.M1_ROPE``), recorded on every row: ``"on"`` or ``"off"``."""
+    return "on" if wna16.M1_ROPE else "off"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--commit", default="unknown")
@@ -568,6 +574,10 @@ def main() -> None:
                     help="where each PDL kernel lets the next one launch: before its wait or after it "
                     "(kernels/triton_ops/pdl.py TRIGGER_FIRST; default: the engine's); rows record it as "
                     "pdl_trigger")
+    ap.add_argument("--qkv-rope", choices=("on", "off"), default=None,
+                    help="rotary + K/V store in the one-token 4-bit qkv GEMV's epilogue "
+                    "(kernels/triton_ops/wna16.py M1_ROPE; default: the engine's); rows record it as "
+                    "qkv_rope")
     ap.add_argument("--run-id", default="",
                     help="the rows' run_id (default: a new one; pass one to join calls)")
     ap.add_argument("--engines", default="ours,hf,hf_batch",
@@ -600,6 +610,8 @@ def main() -> None:
         decode_attention._PREFETCH = rotary_kv._EARLY_INPUTS = args.early_reads == "on"
     if args.pdl_trigger is not None:
         pdl.TRIGGER_FIRST = args.pdl_trigger == "first"
+    if args.qkv_rope is not None:
+        wna16.M1_ROPE = args.qkv_rope == "on"
     workloads = args.workloads.split(",")
     engines = args.engines.split(",")
     card = torch.cuda.get_device_name()

@@ -12,7 +12,9 @@ gate_up with SiLU-and-mul (gated), down; the one-token linears as the engine run
   not alone;
 - ``attention``: the decode attention's partition / keys-per-step / warps in the whole 4-bit
   chain at contexts of 64 and 160 tokens (W2 runs 33-160);
-- ``pdl``: ``pdl.TRIGGER_FIRST`` on and off, alternating (DECISIONS 153).
+- ``pdl``: ``pdl.TRIGGER_FIRST`` on and off, alternating (DECISIONS 153);
+- ``fused``: rotary + K/V store in the 4-bit qkv GEMV's epilogue (``gemv.RopeStore``) or its
+  own launch, alternating.
 
 Prints microseconds per layer (median of 20 graph replays / 32 layers); ``--out`` writes the rows
 as JSON.
@@ -73,7 +75,8 @@ class Chain:
         return (G.gemv16_gated_linear if gated else G.gemv16_linear)(h, w[0], pdl=True)
 
     def step(self, rotary: bool = True, attention: bool = True, norms: bool = True, gemvs: bool = True,
-             config: tops.DecodeConfig | None = None) -> Callable[[], torch.Tensor]:
+             config: tops.DecodeConfig | None = None, fused: bool = False) -> Callable[[], torch.Tensor]:
+        """The chain's run; ``fused`` (4-bit): rotary + K/V store in the qkv GEMV's epilogue."""
         hidden, kv = self.hidden, self.hk * self.d
 
         def run() -> torch.Tensor:
@@ -81,9 +84,17 @@ class Chain:
             for w, p, slot in zip(self.weights, self.pages, self.slots, strict=True):
                 if norms:
                     h, res = fused_add_rms_norm(h, res, self.norm_w, 1e-5, pdl=True)
-                qkv = self.linear(h, w["qkv"]) if gemvs else None
-                q = qkv[:, :hidden].view(1, self.hq, self.d) if qkv is not None else p.q
-                if rotary:
+                if fused:
+                    rope = G.RopeStore(self.positions, self.cos_sin, p.key_cache, p.value_cache, slot,
+                                       self.hq, self.hk, self.d)
+                    qw = w["qkv"]
+                    q = wna16.one_token_gemv(h, qw[0], qw[1], None, 4, 128, None, pdl=True,
+                                             rope=rope).view(1, self.hq, self.d)
+                    qkv = None
+                else:
+                    qkv = self.linear(h, w["qkv"]) if gemvs else None
+                    q = qkv[:, :hidden].view(1, self.hq, self.d) if qkv is not None else p.q
+                if rotary and not fused:
                     kv_heads = p.q[:, :self.hk]
                     k = kv_heads if qkv is None else qkv[:, hidden:hidden + kv].view(1, self.hk, self.d)
                     v = kv_heads if qkv is None else qkv[:, hidden + kv:].view(1, self.hk, self.d)
@@ -144,6 +155,15 @@ def part_attention(rows: list[dict[str, Any]]) -> None:
         print(f"attention ctx {ctx} without rotary and attention: {us:.2f}", flush=True)
 
 
+def part_fused(rows: list[dict[str, Any]]) -> None:
+    chain = Chain("w4", 160)
+    for rnd in range(3):
+        for fused in ((False, True) if rnd % 2 == 0 else (True, False)):
+            us = us_per_layer(chain.step(fused=fused))
+            rows.append(dict(part="fused", fmt="w4", fused_rope=fused, round=rnd, us_per_layer=us))
+            print(f"fused w4 r{rnd} rotary in the qkv epilogue {fused}: {us:.2f}", flush=True)
+
+
 def part_pdl(rows: list[dict[str, Any]]) -> None:
     default = pdl.TRIGGER_FIRST
     for fmt in ("w4", "bf16"):
@@ -169,7 +189,7 @@ def main() -> None:
     args = ap.parse_args()
     print(torch.cuda.get_device_name(), flush=True)
     rows: list[dict[str, Any]] = []
-    parts = {"pieces": part_pieces, "attention": part_attention, "pdl": part_pdl}
+    parts = {"pieces": part_pieces, "attention": part_attention, "pdl": part_pdl, "fused": part_fused}
     for part in args.parts.split(","):
         parts[part](rows)
     if args.out:

@@ -68,6 +68,11 @@ class KernelOps:
     # Optional x.index_select(-1, index) (an act-order layer's input reorder) that launches in the
     # decode chain (None: torch's index_select).
     gather_columns: Callable[..., Any] | None = None
+    # Optional one-token [q; k; v] 4-bit linear with rotary + K/V store in its epilogue:
+    # (x, qweight, scales, offsets, bits, group_size, bias, rope: kernels.rope_store.RopeStore) ->
+    # the rotated q, bit for bit wna16_linear then rotary_store_kvcache, or None where the fused
+    # kernel does not apply (None: the layer runs the linear, then rotary_store_kvcache).
+    wna16_rope_linear: Callable[..., Any] | None = None
     # Optional (n, k, device) -> the arrival counts a one-token wna16_linear of an [n, k] weight
     # takes as ``counters=`` (its split-K sums added in the GEMV instead of a second launch), or
     # None where it needs none (None: the set's wna16_linear takes no counters).

@@ -34,7 +34,13 @@ from kernels.triton_ops.norm import fused_add_rms_norm, fused_add_rms_norm_fp8, 
 from kernels.triton_ops.prefill_attention import PrefillConfig, paged_attention
 from kernels.triton_ops.rotary import rotary_embedding
 from kernels.triton_ops.rotary_kv import rotary_store_kvcache
-from kernels.triton_ops.wna16 import WnA16Config, m1_counters, wna16_gated_linear, wna16_linear
+from kernels.triton_ops.wna16 import (
+    WnA16Config,
+    m1_counters,
+    wna16_gated_linear,
+    wna16_linear,
+    wna16_rope_linear,
+)
 
 __all__ = [
     "DecodeConfig",
@@ -65,6 +71,7 @@ __all__ = [
     "triton_ops",
     "wna16_gated_linear",
     "wna16_linear",
+    "wna16_rope_linear",
 ]
 
 
@@ -103,6 +110,7 @@ def triton_ops(fp8_weight_only_max_m: int = FP8_WEIGHT_ONLY_MAX_M, pdl: bool = F
         # GEMV sums per thread (DECISIONS 133; slower before it, docs/QUANTIZATION.md).
         fp8_weight_only_gated_linear=chained(fp8_weight_only_gated_linear),
         wna16_gated_linear=chained(wna16_gated_linear),
+        wna16_rope_linear=chained(wna16_rope_linear),
         gather_columns=chained(gather_columns),
         fp8_block_linear=fp8_block_linear,
         fp8_block_weight_only_linear=chained(fp8_block_weight_only_linear),

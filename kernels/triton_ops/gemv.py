@@ -56,8 +56,10 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.rope_store import RopeStore
 from kernels.triton_ops.activation import silu_and_mul, silu_mul_tile
 from kernels.triton_ops.pdl import pdl_begin, pdl_launch
+from kernels.triton_ops.rotary import rotate_pair
 
 
 @dataclass(frozen=True)
@@ -77,6 +79,14 @@ class GemvTiles:
                 raise ValueError(f"{name} must be a power of two, got {v}")
         if self.split_k < 1 or self.num_warps < 1:
             raise ValueError("split_k and num_warps must be >= 1")
+
+
+def _rope_args(rope: RopeStore) -> dict[str, object]:
+    """The word kernel's ``ROPE`` arguments for ``rope``."""
+    d = rope.head_dim
+    return dict(pos_ptr=rope.positions, cos_sin_ptr=rope.cos_sin, stride_cs=rope.cos_sin.stride(0),
+                slot_ptr=rope.slot_mapping, kc_ptr=rope.key_cache, vc_ptr=rope.value_cache,
+                NQ=rope.num_q_heads * d, NKV=rope.num_kv_heads * d, ROPE=d // 2)
 
 
 @triton.jit
@@ -147,13 +157,19 @@ def _split_fixup(acc, rn, n_ok, N, part_ptr, cnt_ptr, out_ptr, bias_ptr, HAS_BIA
 
 
 @triton.jit
-def _gemv_rows(N, BLOCK_N: tl.constexpr, GATED: tl.constexpr):
+def _gemv_rows(N, BLOCK_N: tl.constexpr, GATED: tl.constexpr, ROPE: tl.constexpr = 0):
     """The weight rows this program reads (``[BLOCK_N]``) and which exist. ``GATED``: the weight
     is ``[gate; up]`` (``N`` rows, gate rows ``< N / 2``) and the program owns outputs
     ``pid * BLOCK_N / 2 + i``, reading gate row ``o`` and up row ``o + N / 2`` of each, paired in
     the tile (rows ``2i`` and ``2i + 1``) for :func:`_gated_epilogue`; the tile holds ``BLOCK_N``
-    weight rows either way, so a tiling reads the same bytes per program gated or not."""
+    weight rows either way, so a tiling reads the same bytes per program gated or not.
+    ``ROPE`` (half the head dim, > 0): the weight is ``[q; k; v]`` by heads of ``2 ROPE`` rows and
+    the program owns rotary pairs ``j = pid * BLOCK_N / 2 + i``, rows ``h * 2 ROPE + d`` and
+    ``+ ROPE`` (``h = j // ROPE``, ``d = j % ROPE``), paired in the tile for :func:`_rope_epilogue`."""
     r = tl.arange(0, BLOCK_N)
+    if ROPE > 0:
+        j = tl.program_id(0) * (BLOCK_N // 2) + r // 2
+        return (j // ROPE) * (2 * ROPE) + j % ROPE + (r % 2) * ROPE, j < N // 2
     if GATED:
         o = tl.program_id(0) * (BLOCK_N // 2) + r // 2
         return o + (r % 2) * (N // 2), o < N // 2
@@ -179,6 +195,52 @@ def _gated_epilogue(acc, rows, ok, N, out_ptr, xs_ptr, ws_ptr, bias_ptr, HAS_XS:
     gate, up = tl.split(tl.reshape(y.to(out_ptr.dtype.element_ty), [BLOCK_N // 2, 2]))
     o = tl.program_id(0) * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
     tl.store(out_ptr + o, silu_mul_tile(gate, up).to(out_ptr.dtype.element_ty), mask=o < N // 2)
+
+
+@triton.jit
+def _rope_inputs(pos_ptr, cos_sin_ptr, stride_cs, slot_ptr, BLOCK_N: tl.constexpr, ROPE: tl.constexpr):
+    """The one token's cos and sin of this program's rotary pairs (float32 ``[BLOCK_N / 2]``) and
+    its cache slot: what only the host writes before the step (the position, the slot) or no one
+    (the table), so :func:`_rope_epilogue`'s GEMV reads them before its PDL wait, past L1."""
+    pos = tl.load(pos_ptr, cache_modifier=".cg").to(tl.int64)
+    slot = tl.load(slot_ptr, cache_modifier=".cg").to(tl.int64)
+    d = (tl.program_id(0) * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)) % ROPE
+    row = cos_sin_ptr + pos * stride_cs
+    return tl.load(row + d), tl.load(row + ROPE + d), slot
+
+
+@triton.jit
+def _rope_epilogue(acc, rows, ok, out_ptr, bias_ptr, cos, sin, slot, kc_ptr, vc_ptr, NQ, NKV,
+                   HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, ROPE: tl.constexpr):
+    """Rotary + K/V store in the epilogue of a one-token ``[q; k; v]`` GEMV (rows from
+    :func:`_gemv_rows` with ``ROPE``): each row's sum (``+ bias``) is rounded to the output dtype
+    as :func:`_epilogue` stores it, then the pair is rotated with
+    :func:`~kernels.triton_ops.rotary_kv.rotary_store_kvcache`'s arithmetic: q rows (``< NQ``) into
+    ``out`` (``[1, NQ]``), k rows rotated and v rows as they are into the caches at ``slot``
+    (``NKV`` elements per slot; a negative slot stores nothing). Bit for bit the GEMV followed by
+    ``rotary_store_kvcache``, without writing and reading the ``NQ + 2 NKV`` values."""
+    y = acc
+    if HAS_BIAS:
+        y += tl.load(bias_ptr + rows, mask=ok, other=0.0).to(tl.float32)
+    x1, x2 = tl.split(tl.reshape(y.to(out_ptr.dtype.element_ty), [BLOCK_N // 2, 2]))
+    r1, r2 = tl.split(tl.reshape(rows, [BLOCK_N // 2, 2]))
+    pair_ok = tl.max(tl.reshape(ok.to(tl.int32), [BLOCK_N // 2, 2]), axis=1) > 0
+    x1f = x1.to(tl.float32)
+    x2f = x2.to(tl.float32)
+    o1, o2 = rotate_pair(x1f, x2f, cos, sin)
+    o1 = o1.to(x1.dtype)
+    o2 = o2.to(x1.dtype)
+    is_q = pair_ok & (r1 < NQ)
+    tl.store(out_ptr + r1, o1, mask=is_q)
+    tl.store(out_ptr + r2, o2, mask=is_q)
+    kv_ok = pair_ok & (r1 >= NQ) & (tl.full([BLOCK_N // 2], 0, tl.int64) + slot >= 0)
+    base = slot * NKV - NQ
+    is_k = kv_ok & (r1 < NQ + NKV)
+    tl.store(kc_ptr + base + r1, o1.to(kc_ptr.dtype.element_ty), mask=is_k)
+    tl.store(kc_ptr + base + r2, o2.to(kc_ptr.dtype.element_ty), mask=is_k)
+    is_v = kv_ok & (r1 >= NQ + NKV)
+    tl.store(vc_ptr + base - NKV + r1, x1.to(vc_ptr.dtype.element_ty), mask=is_v)
+    tl.store(vc_ptr + base - NKV + r2, x2.to(vc_ptr.dtype.element_ty), mask=is_v)
 
 
 @triton.jit
@@ -299,11 +361,11 @@ def _int_as_float(b, SUB: tl.constexpr):
 
 @triton.jit
 def _int_program_rows(q_ptr, s_ptr, o_ptr, N, K, K_PER_SPLIT, stride_qn, stride_sn, BLOCK_N: tl.constexpr,
-                      GATED: tl.constexpr):
+                      GATED: tl.constexpr, ROPE: tl.constexpr = 0):
     """This program's rows of an integer GEMV (grid: row blocks x splits): the row indices and
     their mask (:func:`_gemv_rows`), ``[BLOCK_N, 1]`` pointers to each row's weights, scales and
     offsets, and the ``K`` range ``[k_lo, k_hi)`` of its split."""
-    rn, n_ok = _gemv_rows(N, BLOCK_N, GATED)
+    rn, n_ok = _gemv_rows(N, BLOCK_N, GATED, ROPE)
     rn64 = rn.to(tl.int64)[:, None]
     k_lo = tl.program_id(1) * K_PER_SPLIT
     return (rn, n_ok, q_ptr + rn64 * stride_qn, s_ptr + rn64 * stride_sn, o_ptr + rn64 * stride_sn,
@@ -681,7 +743,9 @@ def _gemv_int4_words_kernel(x_ptr, q_ptr, s_ptr, o_ptr, bias_ptr, out_ptr, part_
                             BLOCK_K: tl.constexpr, EVEN: tl.constexpr, GATED: tl.constexpr,
                             ASM: tl.constexpr, PAIRS: tl.constexpr, PDL: tl.constexpr = False,
                             PEEL: tl.constexpr = False, XLOAD: tl.constexpr = False,
-                            FIXUP: tl.constexpr = False):
+                            FIXUP: tl.constexpr = False, pos_ptr=None, cos_sin_ptr=None, stride_cs=0,
+                            slot_ptr=None, kc_ptr=None, vc_ptr=None, NQ=0, NKV=0,
+                            ROPE: tl.constexpr = 0):
     # 4-bit weights read as int32 words (``q_ptr``: [N, K / 8] int32, ``stride_qn`` in words):
     # word j holds inputs 8j .. 8j + 7, input 8j + i in bits 4i .. 4i + 3 (bytes little-endian,
     # low nibble first). Each nibble is masked in place (_nibble_as_float) and multiplied by the
@@ -693,15 +757,19 @@ def _gemv_int4_words_kernel(x_ptr, q_ptr, s_ptr, o_ptr, bias_ptr, out_ptr, part_
     # (CUDA, 16-bit inputs, symmetric): a word's sum in packed 16-bit arithmetic (_pairs_asm).
     # PEEL: the first tile is taken before the loop, its words read before the PDL wait (as the
     # dense kernel's). FIXUP (with SPLIT): the last split to finish adds the partial sums
-    # (_split_fixup, ``cnt_ptr``: one int32 count per row block, 0 between launches).
+    # (_split_fixup, ``cnt_ptr``: one int32 count per row block, 0 between launches). ROPE (half
+    # the head dim; one split): rotary + K/V store in the epilogue (_rope_epilogue), the position,
+    # slot and cos/sin read before the PDL wait (_rope_inputs).
     WORDS: tl.constexpr = BLOCK_K // 8
     TILE_G: tl.constexpr = BLOCK_K // GROUP if BLOCK_K > GROUP else 1
     WPG: tl.constexpr = WORDS // TILE_G  # words of one group in a tile
     rn, n_ok, q_rows, s_rows, o_rows, k_lo, k_hi = _int_program_rows(
-        q_ptr, s_ptr, o_ptr, N, K, K_PER_SPLIT, stride_qn, stride_sn, BLOCK_N, GATED)
+        q_ptr, s_ptr, o_ptr, N, K, K_PER_SPLIT, stride_qn, stride_sn, BLOCK_N, GATED, ROPE)
     w_hi = k_hi // 8
     acc = tl.zeros([BLOCK_N, TILE_G, WPG], dtype=tl.float32)
     k_start = k_lo
+    if ROPE > 0:
+        cos, sin, slot = _rope_inputs(pos_ptr, cos_sin_ptr, stride_cs, slot_ptr, BLOCK_N, ROPE)
     if PEEL:  # the first tile's words are read before the PDL wait (weights only)
         jj = k_lo // 8 + tl.arange(0, WORDS)
         w = _load_words(q_rows, jj, n_ok, w_hi, EVEN)
@@ -717,7 +785,10 @@ def _gemv_int4_words_kernel(x_ptr, q_ptr, s_ptr, o_ptr, bias_ptr, out_ptr, part_
         acc = _words_tile(acc, w, jj, k0, k_hi, w_hi, x_ptr, token, s_rows, o_rows, n_ok, GROUP, SUB,
                           HAS_OFFSET, BLOCK_N, BLOCK_K, EVEN, ASM, PAIRS, XLOAD)
     rm = tl.arange(0, 1)
-    if GATED:
+    if ROPE > 0:
+        _rope_epilogue(tl.sum(tl.sum(acc, axis=2), axis=1), rn, n_ok, out_ptr, bias_ptr, cos, sin, slot,
+                       kc_ptr, vc_ptr, NQ, NKV, HAS_BIAS, BLOCK_N, ROPE)
+    elif GATED:
         _gated_epilogue(tl.sum(tl.sum(acc, axis=2), axis=1), rn, n_ok, N, out_ptr, out_ptr, out_ptr, bias_ptr,
                         False, False, HAS_BIAS, BLOCK_N)
     elif SPLIT and FIXUP:
@@ -958,7 +1029,7 @@ def gemv_wna16(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, off
                tiles: GemvTiles | None = None, factored: bool = True, words: bool = True,
                gated: bool = False, nibble_asm: bool | None = None, pairs: bool = False,
                pdl: bool = False, peel: bool = False, xload: bool = False,
-               counters: torch.Tensor | None = None) -> torch.Tensor:
+               counters: torch.Tensor | None = None, rope: RopeStore | None = None) -> torch.Tensor:
     """WnA16 at one token (:class:`kernels.quant_reference.WnA16Weight` layout; checked by
     :func:`kernels.triton_ops.wna16.wna16_linear`): ``x`` ``[1, K]``, float32 sums, result in
     ``x.dtype``. ``factored``: scales applied per group sum (module docstring). ``words``:
@@ -977,7 +1048,11 @@ def gemv_wna16(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, off
     :func:`_load_inputs_asm`, :func:`_load_groups_asm`; the same bits); else ignored.
     ``counters`` (:func:`split_counters` for these tiles): with several splits, the word kernel's
     last program of each row block adds the splits' sums (:func:`_split_fixup`; the same bits)
-    instead of a second launch; ignored by the other kernels and with one split."""
+    instead of a second launch; ignored by the other kernels and with one split. ``rope``
+    (:class:`RopeStore`; the word kernel, one split, ``rope.applies``): the weight is a layer's
+    ``[q; k; v]`` and the GEMV rotates q and k and stores k and v into the caches in its epilogue
+    (:func:`_rope_epilogue`), returning the rotated q ``[1, Hq * D]``: bit for bit this GEMV then
+    ``rotary_store_kvcache``, one launch."""
     tiles = tiles or GemvTiles()
     tiles = GemvTiles(tiles.block_n, fit_block_k(tiles.block_k, group_size), tiles.num_warps, tiles.split_k)
     x = _one_row(x)
@@ -986,13 +1061,22 @@ def gemv_wna16(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, off
     # 8-bit signed: the kernel adds 128 to the sign-extended value and subtracts it again as a float.
     signed8 = bits == 8 and qweight.dtype == torch.int8
     sub = 8.0 if (bits == 4 and offsets is None) else (128.0 if signed8 else 0.0)
-    q_words = _as_words(qweight) if (words and bits == 4) else None
+    q_words = as_words(qweight) if (words and bits == 4) else None
     q = q_words if q_words is not None else qweight
     args = (x, q, scales, offsets if offsets is not None else scales, bias if bias is not None else scales)
     if gated and q_words is None:
         return silu_and_mul(gemv_wna16(x, qweight, scales, offsets, bits, group_size, bias, tiles=tiles,
                                        factored=factored, words=words, nibble_asm=nibble_asm, pdl=pdl))
-    out = _gated_out(n, tiles, x, x.dtype) if gated else torch.empty((1, n), dtype=x.dtype, device=x.device)
+    if rope is not None:
+        if (q_words is None or gated or not rope.applies(n) or tiles.block_n < 2
+                or _k_per_split(k, tiles) < k):
+            raise ValueError("gemv_wna16: rope needs 4-bit words, a [q; k; v] weight (RopeStore.applies), "
+                             f"block_n >= 2 ({tiles.block_n}) and one split ({tiles.split_k})")
+        out = torch.empty((1, rope.num_q_heads * rope.head_dim), dtype=x.dtype, device=x.device)
+    elif gated:
+        out = _gated_out(n, tiles, x, x.dtype)
+    else:
+        out = torch.empty((1, n), dtype=x.dtype, device=x.device)
     if q_words is not None:
         use_pairs = pairs and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and sub == 8.0
         # Whole tiles: no masks (every split, too, is whole tiles when its length divides K).
@@ -1008,13 +1092,14 @@ def gemv_wna16(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, off
                        ASM=x.is_cuda if nibble_asm is None else nibble_asm,
                        PAIRS=use_pairs, EVEN=even, PEEL=peel,
                        XLOAD=xload and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and even
-                       and x.data_ptr() % 16 == 0, pdl=pdl)
+                       and x.data_ptr() % 16 == 0, pdl=pdl,
+                       **(_rope_args(rope) if rope is not None else {}))
     return _launch(_gemv_int_kernel, args, 1, n, k, out, None, None, bias, tiles,
                    stride_qn=qweight.stride(0), stride_sn=scales.stride(0), BITS=bits, GROUP=group_size,
                    SUB=sub, SIGNED8=signed8, HAS_OFFSET=offsets is not None, FACTORED=factored, pdl=pdl)
 
 
-def _as_words(qweight: torch.Tensor) -> torch.Tensor | None:
+def as_words(qweight: torch.Tensor) -> torch.Tensor | None:
     """Packed 4-bit rows ``[N, K / 2]`` (bytes) as int32 words ``[N, K / 8]`` without a copy, or
     None where the storage does not allow it (a row stride or offset that is not whole words)."""
     if qweight.element_size() != 1 or qweight.shape[1] % 4 or qweight.stride(1) != 1:

@@ -24,6 +24,23 @@ def _cos_sin_row(cos_sin_ptr, stride_cos_sin, pos, HALF: tl.constexpr):
 
 
 @triton.jit
+def rotate_pair(x1f, x2f, cos, sin):
+    """The NeoX rotation of the float32 pair ``(x1, x2)``: ``(x1 cos - x2 sin, x2 cos + x1 sin)``,
+    each product rounded to float32 on its own, then summed (what torch computes). Written out
+    as ``a * b - c * d``, the compiler contracts one product and the sum into an FMA as it sees
+    fit, so two kernels could round it differently (DECISIONS 124 saw one float32 ulp between
+    two); each product here is an FMA with a +0.0 addend, which rounds once and which the
+    compiler may neither contract further nor turn back into a multiply (``-0.0 + 0.0`` is
+    ``+0.0``), so every kernel that rotates (rotary, rotary + K/V store, the qkv GEMV's epilogue)
+    gets the same bits on every device, the CPU interpreter included."""
+    p1 = tl.fma(x1f, cos, 0.0)
+    p2 = tl.fma(x2f, sin, 0.0)
+    p3 = tl.fma(x2f, cos, 0.0)
+    p4 = tl.fma(x1f, sin, 0.0)
+    return p1 - p2, p3 + p4
+
+
+@triton.jit
 def _rotate_heads(
     ptr, stride_t, stride_h, t, num_heads, cos, sin, HALF: tl.constexpr, BLOCK_H: tl.constexpr
 ):
@@ -35,8 +52,9 @@ def _rotate_heads(
     x2 = tl.load(base + HALF, mask=mask, other=0.0)
     x1f = x1.to(tl.float32)
     x2f = x2.to(tl.float32)
-    tl.store(base, (x1f * cos - x2f * sin).to(x1.dtype), mask=mask)
-    tl.store(base + HALF, (x2f * cos + x1f * sin).to(x1.dtype), mask=mask)
+    lo, hi = rotate_pair(x1f, x2f, cos, sin)
+    tl.store(base, lo.to(x1.dtype), mask=mask)
+    tl.store(base + HALF, hi.to(x1.dtype), mask=mask)
 
 
 @triton.jit

@@ -18,7 +18,7 @@ from kernels.triton_ops.attention_common import kv_scale_args
 from kernels.triton_ops.fp8_common import quantize_e4m3, software_fp8
 from kernels.triton_ops.kv_store import _inverse_scales
 from kernels.triton_ops.pdl import pdl_begin, pdl_launch
-from kernels.triton_ops.rotary import _cos_sin_row, _load_cos_sin, _rotate_heads
+from kernels.triton_ops.rotary import _cos_sin_row, _load_cos_sin, _rotate_heads, rotate_pair
 
 # With PDL, whether the position, slot and cos/sin row are read before the PDL wait by default
 # (``rotary_store_kvcache(early_inputs=None)``); timed with the decode attention's prefetch
@@ -90,8 +90,9 @@ def _rotary_store_kvcache_kernel(
     # Round to k's dtype first (what the rotary kernel writes back), then to the cache's.
     if KV_FP8:
         k_inv, v_inv = _inverse_scales(k_scale_ptr, v_scale_ptr, heads, num_kv_heads, stride_kv_scale)
-        k_lo = (k1f * cos - k2f * sin).to(k1.dtype).to(tl.float32)
-        k_hi = (k2f * cos + k1f * sin).to(k1.dtype).to(tl.float32)
+        k_lo, k_hi = rotate_pair(k1f, k2f, cos, sin)
+        k_lo = k_lo.to(k1.dtype).to(tl.float32)
+        k_hi = k_hi.to(k1.dtype).to(tl.float32)
         tl.store(key_cache_ptr + dst, quantize_e4m3(k_lo, k_inv[:, None], SOFT_FP8), mask=mask)
         tl.store(key_cache_ptr + dst + HALF, quantize_e4m3(k_hi, k_inv[:, None], SOFT_FP8), mask=mask)
         v_lo = tl.load(src_v, mask=mask).to(tl.float32)
@@ -100,8 +101,9 @@ def _rotary_store_kvcache_kernel(
         tl.store(value_cache_ptr + dst + HALF, quantize_e4m3(v_hi, v_inv[:, None], SOFT_FP8), mask=mask)
     else:
         cache_ty = key_cache_ptr.dtype.element_ty
-        tl.store(key_cache_ptr + dst, (k1f * cos - k2f * sin).to(k1.dtype).to(cache_ty), mask=mask)
-        tl.store(key_cache_ptr + dst + HALF, (k2f * cos + k1f * sin).to(k1.dtype).to(cache_ty), mask=mask)
+        k_lo, k_hi = rotate_pair(k1f, k2f, cos, sin)
+        tl.store(key_cache_ptr + dst, k_lo.to(k1.dtype).to(cache_ty), mask=mask)
+        tl.store(key_cache_ptr + dst + HALF, k_hi.to(k1.dtype).to(cache_ty), mask=mask)
 
         value_ty = value_cache_ptr.dtype.element_ty
         tl.store(value_cache_ptr + dst, tl.load(src_v, mask=mask).to(value_ty), mask=mask)

@@ -37,8 +37,10 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.rope_store import RopeStore
 from kernels.triton_ops.gemv import (
     GemvTiles,
+    as_words,
     fit_block_k,
     gemv_wna16,
     k_per_split,
@@ -80,6 +82,10 @@ M1_PEEL = True
 # in the word tile's layout (gemv.gemv_wna16 ``xload``; the same bits): on an H200 32 llama3-8b
 # layers 47.1-47.9 against 53.8-54.6 us per layer, W2 W4A16 498.8 against 450.0 tok/s (DECISIONS 139).
 M1_XLOAD = True
+# One token, a layer's [q; k; v] weight: rotary + K/V store in the GEMV's epilogue
+# (wna16_rope_linear; gemv.gemv_wna16 ``rope``), one launch fewer per layer in the decode chain.
+# False: wna16_rope_linear returns None and the layer runs the GEMV, then rotary_store_kvcache.
+M1_ROPE = True
 # From two tokens up to this many, symmetric 4-bit weights times bf16 inputs on CUDA take the
 # tensor-core GEMV (wna16_mma), eight tokens per launch; float16 inputs too, in the same
 # program with float16 types (DECISIONS 138: not timed on a card); asymmetric 4-bit weights too
@@ -322,16 +328,17 @@ def m1_counters(n: int, k: int, device: torch.device) -> torch.Tensor | None:
 def one_token_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
                    offsets: torch.Tensor | None, bits: int, group_size: int,
                    bias: torch.Tensor | None, *, pdl: bool, gated: bool = False,
-                   counters: torch.Tensor | None = None) -> torch.Tensor:
+                   counters: torch.Tensor | None = None, rope: RopeStore | None = None) -> torch.Tensor:
     """:func:`~kernels.triton_ops.gemv.gemv_wna16` on one token ``x`` ``[1, K]`` with this module's
     one-token settings (:func:`m1_tiles`, ``M1_PAIRS`` / ``M1_PAIRS_F16``, ``M1_PEEL``,
     ``M1_XLOAD``): the single place the engine's one-token launches take them
     from. ``counters`` (:func:`m1_counters`): a split tiling's sums added in the GEMV; None: by a
-    second launch."""
+    second launch. ``rope``: a ``[q; k; v]`` weight rotated and stored in the epilogue (returns
+    the rotated q; ``gemv_wna16``'s ``rope``)."""
     tiles = m1_tiles(qweight.shape[0], x.shape[-1], gated)
     return gemv_wna16(x, qweight, scales, offsets, bits, group_size, bias, tiles=tiles,
                       gated=gated, pairs=_m1_pairs(x), pdl=pdl, peel=M1_PEEL, xload=M1_XLOAD,
-                      counters=counters)
+                      counters=counters, rope=rope)
 
 
 def mma_tokens(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, group_size: int,
@@ -357,6 +364,26 @@ def wna16_gated_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Ten
     _check(x2, qweight, scales, offsets, bits, group_size)
     y = one_token_gemv(x2, qweight, scales, offsets, bits, group_size, bias, pdl=pdl, gated=True)
     return y.reshape(*x.shape[:-1], n // 2)
+
+
+def wna16_rope_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+                      offsets: torch.Tensor | None, bits: int, group_size: int, bias: torch.Tensor | None,
+                      rope: RopeStore, *, pdl: bool = False) -> torch.Tensor | None:
+    """For one token of ``x`` and a layer's ``[q; k; v]`` 4-bit weight: the one-token GEMV with
+    rotary and the K/V store in its epilogue (``gemv_wna16``'s ``rope``), returning the rotated q
+    ``[1, Hq * D]``, bit for bit ``wna16_linear`` then ``rotary_store_kvcache``; None where that
+    kernel does not apply (more tokens, 8-bit weights, rows that are not int32 words, a tiling
+    of ``M1_SHAPE_TILES`` with several splits or one row, a cache or shape ``rope`` refuses): the
+    caller then runs the two ops."""
+    n, k = qweight.shape[0], x.shape[-1]
+    x2 = x.reshape(-1, k)
+    tiles = m1_tiles(n, k)
+    if (not M1_ROPE or x2.shape[0] != 1 or bits != 4 or not rope.applies(n) or tiles.block_n < 2
+            or k_per_split(k, tiles.split_k, fit_block_k(tiles.block_k, group_size)) < k
+            or as_words(qweight) is None):
+        return None
+    _check(x2, qweight, scales, offsets, bits, group_size)
+    return one_token_gemv(x2, qweight, scales, offsets, bits, group_size, bias, pdl=pdl, rope=rope)
 
 
 def wna16_linear(

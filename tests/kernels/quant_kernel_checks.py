@@ -36,6 +36,7 @@ import torch
 from kernels import quant_reference as qref
 from kernels import reference
 from kernels import triton_ops as tops
+from kernels.rope_store import RopeStore
 from kernels.triton_ops import fp8_block as tblock
 from kernels.triton_ops import fp8_matmul as tfp8
 from kernels.triton_ops import gemv as tgemv
@@ -592,6 +593,76 @@ def check_gemv_gated(t: Target) -> None:
             raise AssertionError(f"gated GEMV with {tiles} was not refused")
 
 
+def _rope_case(t: Target, gen: torch.Generator, hq: int, hk: int, d: int) -> tuple[torch.Tensor, ...]:
+    """A position, a cos/sin table of ``d`` columns and two empty caches of 4 blocks of 8 slots."""
+    inv = 1.0 / (10000.0 ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
+    freqs = torch.outer(torch.arange(64, dtype=torch.float32), inv)
+    cos_sin = torch.cat((freqs.cos(), freqs.sin()), dim=-1).to(t.device)
+    caches = [torch.zeros(4, 8, hk, d, dtype=t.dtype, device=t.device) for _ in range(4)]
+    pos = torch.randint(0, 64, (1,), generator=gen).to(t.device)
+    return (pos, cos_sin, *caches)
+
+
+def check_gemv_rope(t: Target) -> None:
+    """Rotary + K/V store in the one-token 4-bit GEMV's epilogue (``gemv_wna16(rope=...)``) against
+    the same GEMV followed by ``rotary_store_kvcache``, bit for bit: the rotated q, the whole key
+    and value caches (one slot written, the rest untouched), with and without bias and offsets,
+    at several tilings (pairs of one head split over programs, several heads per program); a
+    negative slot stores nothing. ``wna16_rope_linear`` takes the same path or returns None where
+    the kernel does not apply (two tokens, a split tiling), and a rope that does not fit the
+    weight is refused."""
+    gen = torch.Generator().manual_seed(31)
+    cases = [(4, 2, 16, 128, False), (2, 1, 32, 256, True)] + ([(32, 8, 128, 4096, False)] if t.big else [])
+    for hq, hk, d, k, with_offsets in cases:
+        n = (hq + 2 * hk) * d
+        x = _randn(1, k, t=t, gen=gen)
+        w = random_wna16(n, k, 4, 64, with_offsets, torch.float16, t.device, gen)
+        for bias in (None, _randn(n, t=t, gen=gen)):
+            args = (x, w.qweight, w.scales, w.offsets, 4, 64, bias)
+            for tiles in (tgemv.GemvTiles(2, 64, 2, 1), tgemv.GemvTiles(8, 128, 4, 1),
+                          tgemv.GemvTiles(64, 64, 4, 1)):
+                for slot_value in (13, -1) if bias is None and tiles.block_n == 2 else (13,):
+                    pos, cos_sin, k1, v1, k2, v2 = _rope_case(t, gen, hq, hk, d)
+                    slot = torch.tensor([slot_value], device=t.device)
+                    y = tgemv.gemv_wna16(*args, tiles=tiles)
+                    q = y[:, :hq * d].reshape(1, hq, d).clone()
+                    tops.rotary_store_kvcache(pos, q, y[:, hq * d:(hq + hk) * d].reshape(1, hk, d),
+                                              y[:, (hq + hk) * d:].reshape(1, hk, d), cos_sin, k1, v1, slot)
+                    rope = RopeStore(pos, cos_sin, k2, v2, slot, hq, hk, d)
+                    got = tgemv.gemv_wna16(*args, tiles=tiles, rope=rope)
+                    what = f"{hq}/{hk}x{d} K={k} {tiles} bias={bias is not None} slot={slot_value}"
+                    assert got.shape == (1, hq * d) and torch.equal(got.reshape(1, hq, d), q), f"q {what}"
+                    assert torch.equal(k2, k1) and torch.equal(v2, v1), f"caches {what}"
+                    assert (k2.abs().sum() > 0) == (slot_value >= 0), f"store {what}"
+        # The op against the engine's one-token GEMV (its tiling, packed decode, PTX loads), then
+        # rotary_store_kvcache.
+        pos, cos_sin, k1, v1, k2, v2 = _rope_case(t, gen, hq, hk, d)
+        rope = RopeStore(pos, cos_sin, k2, v2, torch.tensor([5], device=t.device), hq, hk, d)
+        via_op = twna16.wna16_rope_linear(x, w.qweight, w.scales, w.offsets, 4, 64, None, rope)
+        y = twna16.one_token_gemv(x, w.qweight, w.scales, w.offsets, 4, 64, None, pdl=False)
+        q = y[:, :hq * d].reshape(1, hq, d).clone()
+        tops.rotary_store_kvcache(pos, q, y[:, hq * d:(hq + hk) * d].reshape(1, hk, d),
+                                  y[:, (hq + hk) * d:].reshape(1, hk, d), cos_sin, k1, v1, rope.slot_mapping)
+        assert via_op is not None and torch.equal(via_op.reshape(1, hq, d), q), "wna16_rope_linear q"
+        assert torch.equal(k2, k1) and torch.equal(v2, v1), "wna16_rope_linear caches"
+        assert twna16.wna16_rope_linear(torch.cat([x, x]), w.qweight, w.scales, w.offsets, 4, 64, None,
+                                        rope) is None, "two tokens must fall back"
+    saved = twna16.M1_SHAPE_TILES
+    twna16.M1_SHAPE_TILES = {(n, k): tgemv.GemvTiles(8, 64, 4, 2)}
+    try:
+        assert twna16.wna16_rope_linear(x, w.qweight, w.scales, w.offsets, 4, 64, None, rope) is None, \
+            "a split tiling must fall back"
+    finally:
+        twna16.M1_SHAPE_TILES = saved
+    wrong = RopeStore(pos, cos_sin, k2, v2, rope.slot_mapping, hq + 1, hk, d)
+    try:
+        tgemv.gemv_wna16(x, w.qweight, w.scales, w.offsets, 4, 64, rope=wrong)
+    except ValueError as exc:
+        assert "rope needs" in str(exc), exc
+    else:
+        raise AssertionError("a rope for another head count was not refused")
+
+
 def _assert_same_fp8(got: qref.Fp8Activation, want: qref.Fp8Activation, what: str) -> None:
     assert got.dtype == want.dtype, f"{what}: dtype {got.dtype} != {want.dtype}"
     assert got.q.shape == want.q.shape and got.scale.shape == want.scale.shape, f"{what}: shapes"
@@ -806,6 +877,7 @@ CHECKS: dict[str, Callable[[Target], None]] = {
     "gather_columns": check_gather_columns,
     "gemv_wna16": check_gemv_wna16,
     "gemv_gated": check_gemv_gated,
+    "gemv_rope": check_gemv_rope,
     "gemv_int4_mma": check_gemv_int4_mma,
     "fused_fp8_quant": check_fused_fp8_quant,
     "store_kvcache_fp8": check_store_kvcache_fp8,

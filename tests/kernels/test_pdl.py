@@ -30,7 +30,7 @@ def _copy_after_wait(x_ptr, y_ptr, PDL: tl.constexpr):
 
 DECODE_OPS = ("rms_norm", "fused_add_rms_norm", "rms_norm_fp8", "fused_add_rms_norm_fp8", "linear16",
               "linear16_gated", "fp8_weight_only_linear", "fp8_weight_only_gated_linear", "wna16_linear",
-              "wna16_gated_linear", "rotary_store_kvcache", "paged_decode_attention")
+              "wna16_gated_linear", "wna16_rope_linear", "rotary_store_kvcache", "paged_decode_attention")
 
 
 def test_triton_set_launches_exactly_the_decode_ops_with_pdl() -> None:
@@ -171,3 +171,33 @@ def test_rotary_store_reads_only_its_position_slot_and_cos_sin_before_the_wait_f
     loads = len(re.findall(r"ld\.global", before)) + len(re.findall(r"ld\.global", after))
     assert loads == len(re.findall(r"ld\.global", late_after))
     assert len(re.findall(r"ld\.global", after)) < len(re.findall(r"ld\.global", late_after))
+
+
+def test_qkv_gemv_with_rope_reads_only_host_inputs_weights_and_the_table_before_the_wait_for_sm90() -> None:
+    """The one-token 4-bit GEMV with rotary + K/V store in its epilogue (``ROPE``), compiled for
+    sm_90 with the engine's one-token settings: before ``griddepcontrol.wait`` it reads the
+    position and the slot past L1 (``.cg``, the host writes them), its cos/sin (the constant
+    table: two plain loads) and its first weight tile (evict-first), and stores nothing; the
+    inputs, which the norm before it writes, are read after the wait (in inline PTX)."""
+    import re
+
+    from kernels.triton_ops.gemv import _gemv_int4_words_kernel
+
+    ptrs = {"x_ptr": "bf16", "q_ptr": "i32", "s_ptr": "bf16", "o_ptr": "bf16", "bias_ptr": "bf16",
+            "out_ptr": "bf16", "part_ptr": "fp32", "cnt_ptr": "i32", "pos_ptr": "i64", "cos_sin_ptr": "fp32",
+            "slot_ptr": "i64", "kc_ptr": "bf16", "vc_ptr": "bf16"}
+    consts = {"GROUP": 128, "SUB": 8.0, "HAS_OFFSET": False, "HAS_BIAS": False, "SPLIT": False, "BLOCK_N": 4,
+              "BLOCK_K": 2048, "EVEN": True, "GATED": False, "ASM": True, "PAIRS": True, "PDL": 2,
+              "PEEL": True, "XLOAD": True, "FIXUP": False, "ROPE": 64}
+    ptx = _sm90_ptx(_gemv_int4_words_kernel, ptrs, consts)
+    wait = ptx.find("griddepcontrol.wait")
+    before, after = ptx[:wait], ptx[wait:]
+    loads = re.findall(r"ld\.global[\w:.]*", before)
+    assert wait > 0 and "st.global" not in before
+    assert sum(op.startswith("ld.global.cg") for op in loads) == 2, loads  # position, slot
+    # The rest: the weight tile (evict-first) and, plain, the cos/sin of the program's two rotary
+    # pairs (at most four float32 values: nothing as wide as the inputs' 16-byte loads).
+    plain = [op for op in loads if not op.startswith("ld.global.cg") and "evict_first" not in op]
+    assert len(plain) <= 4 and all(op in ("ld.global.b32", "ld.global.v2.b32") for op in plain), loads
+    assert any("evict_first" in op for op in loads), loads
+    assert "ld.global.v4.b32 {a, b, c, d}" in after  # the inputs (xload), after the wait

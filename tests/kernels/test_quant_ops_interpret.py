@@ -32,6 +32,7 @@ _ALL = [
     "gather_columns",
     "gemv_wna16",
     "gemv_gated",
+    "gemv_rope",
     "gemv_int4_mma",
     "fused_fp8_quant",
     "store_kvcache_fp8",

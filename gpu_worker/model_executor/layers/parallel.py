@@ -29,6 +29,7 @@ from gpu_worker.model_executor.layers.quantization.base import (
     WeightShard,
 )
 from gpu_worker.model_executor.weights import TensorSource
+from kernels.rope_store import RopeStore
 
 
 def divide(total: int, parts: int, what: str) -> int:
@@ -138,6 +139,14 @@ class QKVParallelLinear(ColumnParallelLinear):
         self.head_dim = head_dim
         q, kv = num_heads * head_dim, self.num_kv_heads * tp.size * head_dim
         super().__init__(hidden_size, [q, kv, kv], bias=bias, dtype=dtype, tp=tp, method=method)
+
+    def rotate_and_store(self, x: torch.Tensor, rope: RopeStore) -> torch.Tensor | None:
+        """The rotated q ``[1, Hq * D]`` of this rank's heads, its rotated k and v stored into
+        ``rope``'s cache, when ``x`` is one token and the linear method fuses rotary and the K/V
+        store into its one-token GEMV (``LinearMethod.apply_rope``); else None (nothing stored)."""
+        if x.numel() != x.shape[-1]:
+            return None
+        return self.linear_method.apply_rope(self, x, self.bias, rope)
 
     def shard_rows(self, shard: int) -> tuple[int, int, int]:
         if shard == 0:

@@ -15,6 +15,7 @@ from torch import nn
 
 from gpu_worker.model_executor.layers.attention import AttentionMetadata
 from kernels import KernelOps
+from kernels.rope_store import RopeStore
 
 
 def _rope_parameters(hf_config: Any) -> dict[str, Any]:
@@ -97,6 +98,18 @@ class RotaryEmbedding(nn.Module):
     def stores_kv(self) -> bool:
         """Whether the op set fuses rotary with the K/V store (:meth:`rotate_and_store`)."""
         return self.ops.rotary_store_kvcache is not None
+
+    def rope_store(self, positions: torch.Tensor, kv_cache: torch.Tensor, md: AttentionMetadata,
+                   num_q_heads: int, num_kv_heads: int) -> RopeStore | None:
+        """What a one-token ``[q; k; v]`` linear needs to rotate and store in its own epilogue
+        (``QKVParallelLinear.rotate_and_store``), or None where this layer cannot hand it over:
+        an op set without the fused rotary + store (:attr:`stores_kv`), or a cache or table the
+        fused kernel does not take (``RopeStore.applies``)."""
+        if not self.stores_kv:
+            return None
+        rope = RopeStore(positions, self.cos_sin_cache, kv_cache[0], kv_cache[1], md.slot_mapping,
+                         num_q_heads, num_kv_heads, self.head_dim)
+        return rope if rope.applies((num_q_heads + 2 * num_kv_heads) * self.head_dim) else None
 
     def rotate_and_store(
         self,

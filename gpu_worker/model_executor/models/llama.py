@@ -113,6 +113,14 @@ class DecoderAttention(nn.Module):
         self, positions: torch.Tensor, hidden: torch.Tensor, md: AttentionMetadata, kv_cache: torch.Tensor
     ) -> torch.Tensor:
         num_tokens = hidden.shape[0]
+        if num_tokens == 1 and self.q_norm is None and md.piecewise is None and not self.attn.calibrate:
+            # One token: the qkv GEMV may rotate and store K/V in its own epilogue (one launch
+            # fewer in the decode chain; the same bits as the linear then rotate_and_store).
+            rope = self.rotary.rope_store(positions, kv_cache, md, self.num_heads, self.num_kv_heads)
+            q_rot = self.qkv_proj.rotate_and_store(hidden, rope) if rope is not None else None
+            if q_rot is not None:
+                out = self.attn.attend(q_rot.view(1, self.num_heads, self.head_dim), kv_cache, md)
+                return self.o_proj(out.reshape(1, self.q_size))
         q, k, v = self.qkv_proj(hidden).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.reshape(num_tokens, self.num_heads, self.head_dim)
         k = k.reshape(num_tokens, self.num_kv_heads, self.head_dim)

@@ -18,6 +18,7 @@ from tests.helpers.tiny_models import FAMILIES
 
 GATED_CHECKS = ["gated_mlp_fp8", "gated_mlp_w4", "gated_mlp_16bit"]  # triton_model_check.GATED
 SPLIT_CHECK = "split_fixup_w4"  # triton_model_check.check_split_fixup
+ROPE_CHECK = "rope_qkv_w4"  # triton_model_check.check_rope_qkv
 
 pytest.importorskip("triton")
 
@@ -26,11 +27,11 @@ _HERE = Path(__file__).resolve().parent
 
 @pytest.fixture(scope="module")
 def interpreted_results() -> dict[str, str]:
-    """``{check: "ok" | traceback}`` from three interpreted runs at once: the two 4-bit checks
-    each on its own (most of the time: the interpreter runs their prefills' per-token GEMVs
-    program by program) and the rest."""
+    """``{check: "ok" | traceback}`` from four interpreted runs (two at a time): the three 4-bit
+    checks each on its own (most of the time: the interpreter runs their prefills' per-token
+    GEMVs program by program) and the rest."""
     script = str(_HERE / "triton_model_check.py")
-    alone = ["gated_mlp_w4", SPLIT_CHECK]
+    alone = ["gated_mlp_w4", SPLIT_CHECK, ROPE_CHECK]
     rest = [*FAMILIES, *(c for c in GATED_CHECKS if c not in alone)]
     runs = {name: InterpretedRun((script, name), (name,)) for name in alone}
     runs["rest"] = InterpretedRun((script, *rest), tuple(rest))
@@ -59,3 +60,11 @@ def test_split_k_added_in_the_gemv_gives_the_second_launchs_logits_interpreted(
     added by a second launch, bit for bit, and leaves every count 0
     (triton_model_check.check_split_fixup)."""
     assert interpreted_results[SPLIT_CHECK] == "ok", interpreted_results[SPLIT_CHECK]
+
+
+def test_rotary_and_kv_store_in_the_qkv_gemv_give_the_same_logits_interpreted(
+        interpreted_results: dict[str, str]) -> None:
+    """A tiny 4-bit llama whose one-token qkv GEMVs rotate and store K/V in their epilogue
+    (``KernelOps.wna16_rope_linear``) gives the logits of the same model running the GEMV, then
+    ``rotary_store_kvcache``, bit for bit (triton_model_check.check_rope_qkv)."""
+    assert interpreted_results[ROPE_CHECK] == "ok", interpreted_results[ROPE_CHECK]

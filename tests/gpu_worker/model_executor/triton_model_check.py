@@ -106,6 +106,30 @@ def check_gated_mlp(quantization: str) -> None:
             assert torch.equal(got, want), f"step {step}: max |diff| {(got - want).abs().max().item()}"
 
 
+def check_rope_qkv() -> None:
+    """A tiny 4-bit llama on the Triton set: the one-token decode steps' qkv GEMVs rotate q and k
+    and store k and v in their epilogue (``KernelOps.wna16_rope_linear``; counted, one per layer
+    and step), and the logits equal, bit for bit, those of the same model whose qkv GEMV is
+    followed by ``rotary_store_kvcache`` (the set without the fused op)."""
+    cfg = make_tiny_config("llama")
+    calls: list[int] = []
+
+    def rope_linear(*args: Any, **kwargs: Any) -> Any:  # counts the launches that took the fused path
+        q = tops.wna16_rope_linear(*args, **kwargs)
+        calls.extend([] if q is None else [1])
+        return q
+
+    fused = dataclasses.replace(triton_ops(), wna16_rope_linear=rope_linear)
+    unfused = dataclasses.replace(fused, wna16_rope_linear=None)
+    logits = []
+    for ops in (fused, unfused):
+        model = build_model(cfg, ops, linear=make_linear_methods("gptq", cfg, torch.device("cpu"), ops))
+        logits.append(run_steps(model, cfg, ONE_SEQUENCE))
+    assert len(calls) == 2 * cfg.num_hidden_layers, f"fused qkv GEMV calls: {len(calls)}"
+    for step, (got, want) in enumerate(zip(*logits, strict=True)):
+        assert torch.equal(got, want), f"step {step}: max |diff| {(got - want).abs().max().item()}"
+
+
 class EveryShape(Mapping[tuple[int, int], GemvTiles]):
     """``wna16.M1_SHAPE_TILES`` giving ``tiles`` for every weight shape but those in ``shapes``."""
 
@@ -183,6 +207,7 @@ def run_all(names: list[str] | None = None) -> dict[str, str]:
     checks: dict[str, Callable[[], None]] = {f: functools.partial(check_family, f) for f in FAMILIES}
     checks |= {name: functools.partial(check_gated_mlp, q) for name, q in GATED.items()}
     checks["split_fixup_w4"] = check_split_fixup
+    checks["rope_qkv_w4"] = check_rope_qkv
     for name in names or list(checks):
         check = checks[name]
         try:

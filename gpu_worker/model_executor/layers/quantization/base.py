@@ -22,6 +22,7 @@ from torch import nn
 from gpu_worker.model_executor.layers.linear import transposed_linear
 from gpu_worker.model_executor.weights import TensorSource
 from kernels import KernelOps
+from kernels.rope_store import RopeStore
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,15 @@ class LinearMethod(ABC):
         (``MergedColumnParallelLinear.gated`` asks only then), when this method has a fused kernel
         (the one-token GEMVs: the activation in their epilogue); None otherwise, and the caller
         runs :meth:`apply` and the activation."""
+        return None
+
+    def apply_rope(
+        self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None, rope: RopeStore
+    ) -> torch.Tensor | None:
+        """For a ``[q; k; v]`` layer and ``x`` of one token (``QKVParallelLinear.rotate_and_store``
+        asks only then): the rotated q ``[1, Hq * D]``, with the rotated k and v already stored in
+        ``rope``'s cache, when this method has a fused kernel (rotary + K/V store in the one-token
+        GEMV's epilogue); None otherwise, and the caller runs :meth:`apply`, then rotary + store."""
         return None
 
     def load_weight(

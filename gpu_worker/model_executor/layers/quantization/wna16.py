@@ -40,6 +40,7 @@ from gpu_worker.model_executor.layers.quantization.gptq_format import (
 from gpu_worker.model_executor.weights import TensorSource
 from kernels import KernelOps
 from kernels.quant_reference import WnA16Weight, concat_rows
+from kernels.rope_store import RopeStore
 
 _GPTQ_NAMES = frozenset({"qweight", "qzeros", "scales", "g_idx"})
 # Random 4-bit weights: (q - 8) is uniform on -8..7, whose standard deviation is this.
@@ -161,6 +162,19 @@ class WnA16LinearMethod(LinearMethod):
         y: torch.Tensor = self.ops.wna16_gated_linear(x, w.qweight, w.scales, w.offsets, w.bits, w.group_size,
                                                       bias)
         return y
+
+    def apply_rope(
+        self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None, rope: RopeStore
+    ) -> torch.Tensor | None:
+        segments = layer_state(layer).segments
+        w = segments[0].weight if len(segments) == 1 else None
+        if self.ops.wna16_rope_linear is None or w is None or segments[0].counters is not None:
+            return None  # q, k and v in different formats, or a split tiling (its own counts)
+        if segments[0].perm is not None:
+            x = reorder_inputs(self.ops, x, segments[0].perm)
+        q: torch.Tensor | None = self.ops.wna16_rope_linear(x, w.qweight, w.scales, w.offsets, w.bits,
+                                                            w.group_size, bias, rope)
+        return q
 
     def checkpoint_names(self) -> frozenset[str]:
         return _GPTQ_NAMES | _CT_NAMES | {"weight"}
