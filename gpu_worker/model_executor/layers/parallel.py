@@ -144,8 +144,8 @@ class QKVParallelLinear(ColumnParallelLinear):
         """The rotated q ``[1, Hq * D]`` of this rank's heads, its rotated k and v stored into
         ``rope``'s cache, when ``x`` is one token and the linear method fuses rotary and the K/V
         store into its one-token GEMV (``LinearMethod.apply_rope``); else None (nothing stored)."""
-        if x.numel() != x.shape[-1]:
-            return None
+        if not isinstance(x, torch.Tensor) or x.numel() != x.shape[-1]:
+            return None  # several tokens, or an fp8 activation the norm quantized (W8A8)
         return self.linear_method.apply_rope(self, x, self.bias, rope)
 
     def shard_rows(self, shard: int) -> tuple[int, int, int]:

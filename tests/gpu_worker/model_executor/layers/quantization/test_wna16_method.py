@@ -159,3 +159,50 @@ def test_split_counts_reach_only_a_set_that_takes_them() -> None:
     assert len(seen) == 1 and seen[0] is segment.counters
     layer.linear_method.ops = reference_ops()
     assert torch.equal(layer.linear_method.apply(layer, x, None), y)
+
+
+def test_rotate_and_store_asks_the_fused_op_only_where_it_can_run() -> None:
+    """``QKVParallelLinear.rotate_and_store``: with an op set that has the fused one-token qkv
+    GEMV (``KernelOps.wna16_rope_linear``) a one-token input of a 4-bit ``[q; k; v]`` layer goes
+    to it with the layer's weight and the ``RopeStore``, and what it returns is the layer's
+    answer (here None: the op's own fallback, so the caller runs the GEMV, then rotary); it is not
+    asked for two tokens, for an fp8 activation a norm quantized (W8A8), for a layer whose q/k/v
+    are in two formats, or by a set without the op (the CPU reference). The fused kernel's bits
+    are checked in the interpreter (triton_model_check.check_rope_qkv)."""
+    from dataclasses import replace
+
+    from kernels.quant_reference import Fp8Activation
+    from kernels.rope_store import RopeStore
+
+    asked: list[tuple[object, ...]] = []
+
+    def rope_linear(*args: object) -> None:
+        asked.append(args)
+        return None
+
+    heads, kv_heads, head_dim, hidden = 4, 2, 32, 256
+    ops = replace(reference_ops(), wna16_rope_linear=rope_linear)
+    layer = QKVParallelLinear(hidden, head_dim, heads, kv_heads, bias=False, dtype=torch.float32,
+                              tp=tp_group(0, 1), method=WnA16LinearMethod(ops, CPU))
+    assert layer.linear_method.fill_random(layer, seed=2, std=0.02)
+    cache = torch.zeros(2, 4, 8, kv_heads, head_dim)
+    rope = RopeStore(torch.tensor([3]), torch.zeros(16, head_dim), cache[0], cache[1], torch.tensor([9]),
+                     heads, kv_heads, head_dim)
+    x = torch.randn(1, hidden)
+    assert layer.rotate_and_store(x, rope) is None and len(asked) == 1
+    (w,) = [s.weight for s in layer_state(layer).segments]
+    assert asked[0][1] is w.qweight and asked[0][-1] is rope
+    assert layer.rotate_and_store(torch.randn(2, hidden), rope) is None
+    assert layer.rotate_and_store(Fp8Activation.of(x), rope) is None  # type: ignore[arg-type]
+    assert len(asked) == 1
+    layer.linear_method.ops = reference_ops()
+    assert layer.rotate_and_store(x, rope) is None and len(asked) == 1
+    rng = np.random.default_rng(4)
+    mixed = QKVParallelLinear(hidden, head_dim, heads, kv_heads, bias=False, dtype=torch.float32,
+                              tp=tp_group(0, 1), method=WnA16LinearMethod(ops, CPU))
+    for shard, qtype in enumerate(("Q4_K", "Q4_K", "Q6_K")):
+        rows = (heads if shard == 0 else kv_heads) * head_dim
+        mixed.load("weight", gguf_source(qtype, rows, hidden, rng), shard)
+    mixed.linear_method.process_weights_after_loading(mixed)
+    assert len(layer_state(mixed).segments) == 2
+    assert mixed.rotate_and_store(x, rope) is None and len(asked) == 1
