@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from gpu_worker.config import OFFLINE_LARGE_GPU_MAX_NUM_BATCHED_TOKENS
-from kernels.triton_ops import decode_attention, pdl, rotary_kv, wna16
+from kernels.triton_ops import decode_attention, gemv, pdl, rotary_kv, wna16
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_gpu_report as report  # noqa: E402
@@ -544,9 +544,11 @@ def pdl_trigger() -> str:
 
 
 def qkv_rope() -> str:
-    """Whether a one-token 4-bit qkv GEMV rotates and stores K/V in its epilogue (``--qkv-rope``,
-    ``wna16.M1_ROPE``), recorded on every row: ``"on"`` or ``"off"``."""
-    return "on" if wna16.M1_ROPE else "off"
+    """Whether the one-token qkv GEMVs rotate and store K/V in their epilogue (``--qkv-rope``),
+    recorded on every row: ``"w4=on,dense=on"``, 4-bit (``wna16.M1_ROPE``) and 16-bit / fp8
+    (``gemv.DENSE_ROPE``). (Rows of 2026-12-06's first A/B say ``"on"`` / ``"off"``: 4-bit only.)"""
+    on = {True: "on", False: "off"}
+    return f"w4={on[wna16.M1_ROPE]},dense={on[gemv.DENSE_ROPE]}"
 
 
 def main() -> None:
@@ -574,10 +576,10 @@ def main() -> None:
                     help="where each PDL kernel lets the next one launch: before its wait or after it "
                     "(kernels/triton_ops/pdl.py TRIGGER_FIRST; default: the engine's); rows record it as "
                     "pdl_trigger")
-    ap.add_argument("--qkv-rope", choices=("on", "off"), default=None,
-                    help="rotary + K/V store in the one-token 4-bit qkv GEMV's epilogue "
-                    "(kernels/triton_ops/wna16.py M1_ROPE; default: the engine's); rows record it as "
-                    "qkv_rope")
+    ap.add_argument("--qkv-rope", choices=("on", "off", "w4", "dense"), default=None,
+                    help="rotary + K/V store in the one-token qkv GEMVs' epilogue: all, none, the 4-bit "
+                    "one only or the 16-bit / fp8 ones only (wna16.M1_ROPE, gemv.DENSE_ROPE; default: "
+                    "the engine's); rows record it as qkv_rope")
     ap.add_argument("--run-id", default="",
                     help="the rows' run_id (default: a new one; pass one to join calls)")
     ap.add_argument("--engines", default="ours,hf,hf_batch",
@@ -611,7 +613,8 @@ def main() -> None:
     if args.pdl_trigger is not None:
         pdl.TRIGGER_FIRST = args.pdl_trigger == "first"
     if args.qkv_rope is not None:
-        wna16.M1_ROPE = args.qkv_rope == "on"
+        wna16.M1_ROPE = args.qkv_rope in ("on", "w4")
+        gemv.DENSE_ROPE = args.qkv_rope in ("on", "dense")
     workloads = args.workloads.split(",")
     engines = args.engines.split(",")
     card = torch.cuda.get_device_name()

@@ -50,6 +50,8 @@ def compile_sm90(fn: triton.JITFunction, ptrs: dict[str, str], consts: dict[str,
     """``fn`` compiled for sm_90 (its ``asm`` holds ``ttgir``, ``ptx`` and ``cubin``); ``maxnreg``:
     the registers per thread ptxas may use (Triton's launch option of that name)."""
     names = fn.arg_names
+    # constexpr parameters not named take their defaults (as a launch does), not an int32 type
+    consts = {p.name: p.default for p in fn.params if p.is_constexpr and p.has_default} | consts
     sig = {n: ("*" + ptrs[n]) if n in ptrs else ("constexpr" if n in consts else "i32") for n in names}
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names if sig[n] != "constexpr"}
     return triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", 90, 32),

@@ -13,8 +13,8 @@ gate_up with SiLU-and-mul (gated), down; the one-token linears as the engine run
 - ``attention``: the decode attention's partition / keys-per-step / warps in the whole 4-bit
   chain at contexts of 64 and 160 tokens (W2 runs 33-160);
 - ``pdl``: ``pdl.TRIGGER_FIRST`` on and off, alternating (DECISIONS 153);
-- ``fused``: rotary + K/V store in the 4-bit qkv GEMV's epilogue (``gemv.RopeStore``) or its
-  own launch, alternating.
+- ``fused``: rotary + K/V store in the qkv GEMV's epilogue (4-bit and bf16;
+  ``kernels.rope_store.RopeStore``) or its own launch, alternating.
 
 Prints microseconds per layer (median of 20 graph replays / 32 layers); ``--out`` writes the rows
 as JSON.
@@ -76,7 +76,7 @@ class Chain:
 
     def step(self, rotary: bool = True, attention: bool = True, norms: bool = True, gemvs: bool = True,
              config: tops.DecodeConfig | None = None, fused: bool = False) -> Callable[[], torch.Tensor]:
-        """The chain's run; ``fused`` (4-bit): rotary + K/V store in the qkv GEMV's epilogue."""
+        """The chain's run; ``fused``: rotary + K/V store in the qkv GEMV's epilogue."""
         hidden, kv = self.hidden, self.hk * self.d
 
         def run() -> torch.Tensor:
@@ -88,8 +88,11 @@ class Chain:
                     rope = G.RopeStore(self.positions, self.cos_sin, p.key_cache, p.value_cache, slot,
                                        self.hq, self.hk, self.d)
                     qw = w["qkv"]
-                    q = wna16.one_token_gemv(h, qw[0], qw[1], None, 4, 128, None, pdl=True,
-                                             rope=rope).view(1, self.hq, self.d)
+                    if self.fmt == "w4":
+                        q = wna16.one_token_gemv(h, qw[0], qw[1], None, 4, 128, None, pdl=True, rope=rope)
+                    else:
+                        q = G.gemv16_rope_linear(h, qw[0], None, rope, pdl=True)
+                    q = q.view(1, self.hq, self.d)
                     qkv = None
                 else:
                     qkv = self.linear(h, w["qkv"]) if gemvs else None
@@ -156,12 +159,15 @@ def part_attention(rows: list[dict[str, Any]]) -> None:
 
 
 def part_fused(rows: list[dict[str, Any]]) -> None:
-    chain = Chain("w4", 160)
-    for rnd in range(3):
-        for fused in ((False, True) if rnd % 2 == 0 else (True, False)):
-            us = us_per_layer(chain.step(fused=fused))
-            rows.append(dict(part="fused", fmt="w4", fused_rope=fused, round=rnd, us_per_layer=us))
-            print(f"fused w4 r{rnd} rotary in the qkv epilogue {fused}: {us:.2f}", flush=True)
+    for fmt in ("w4", "bf16"):
+        chain = Chain(fmt, 160)
+        for rnd in range(3):
+            for fused in ((False, True) if rnd % 2 == 0 else (True, False)):
+                us = us_per_layer(chain.step(fused=fused))
+                rows.append(dict(part="fused", fmt=fmt, fused_rope=fused, round=rnd, us_per_layer=us))
+                print(f"fused {fmt} r{rnd} rotary in the qkv epilogue {fused}: {us:.2f}", flush=True)
+        del chain
+        torch.cuda.empty_cache()
 
 
 def part_pdl(rows: list[dict[str, Any]]) -> None:

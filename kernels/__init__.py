@@ -73,6 +73,11 @@ class KernelOps:
     # the rotated q, bit for bit wna16_linear then rotary_store_kvcache, or None where the fused
     # kernel does not apply (None: the layer runs the linear, then rotary_store_kvcache).
     wna16_rope_linear: Callable[..., Any] | None = None
+    # The same for 16/32-bit weights, (x, w, bias, rope), and fp8 weight-only ones with
+    # per-channel scales, (x, w_fp8, w_scale, bias, rope) (16-bit: not the plain one-token
+    # GEMV's bits, its tiling pairs rows).
+    linear16_rope: Callable[..., Any] | None = None
+    fp8_weight_only_rope_linear: Callable[..., Any] | None = None
     # Optional (n, k, device) -> the arrival counts a one-token wna16_linear of an [n, k] weight
     # takes as ``counters=`` (its split-K sums added in the GEMV instead of a second launch), or
     # None where it needs none (None: the set's wna16_linear takes no counters).

@@ -25,10 +25,11 @@ from kernels.triton_ops.fp8_matmul import (
     fp8_linear,
     fp8_weight_only_gated_linear,
     fp8_weight_only_linear,
+    fp8_weight_only_rope_linear,
     quantize_fp8_per_token,
 )
 from kernels.triton_ops.gather import gather_columns
-from kernels.triton_ops.gemv import gemv16_gated_linear, gemv16_linear
+from kernels.triton_ops.gemv import gemv16_gated_linear, gemv16_linear, gemv16_rope_linear
 from kernels.triton_ops.kv_store import store_kvcache
 from kernels.triton_ops.norm import fused_add_rms_norm, fused_add_rms_norm_fp8, rms_norm, rms_norm_fp8
 from kernels.triton_ops.prefill_attention import PrefillConfig, paged_attention
@@ -53,11 +54,13 @@ __all__ = [
     "fp8_linear",
     "fp8_weight_only_gated_linear",
     "fp8_weight_only_linear",
+    "fp8_weight_only_rope_linear",
     "fused_add_rms_norm",
     "fused_add_rms_norm_fp8",
     "gather_columns",
     "gemv16_gated_linear",
     "gemv16_linear",
+    "gemv16_rope_linear",
     "paged_attention",
     "paged_decode_attention",
     "quantize_fp8_per_token",
@@ -111,6 +114,8 @@ def triton_ops(fp8_weight_only_max_m: int = FP8_WEIGHT_ONLY_MAX_M, pdl: bool = F
         fp8_weight_only_gated_linear=chained(fp8_weight_only_gated_linear),
         wna16_gated_linear=chained(wna16_gated_linear),
         wna16_rope_linear=chained(wna16_rope_linear),
+        linear16_rope=chained(gemv16_rope_linear),
+        fp8_weight_only_rope_linear=chained(fp8_weight_only_rope_linear),
         gather_columns=chained(gather_columns),
         fp8_block_linear=fp8_block_linear,
         fp8_block_weight_only_linear=chained(fp8_block_weight_only_linear),

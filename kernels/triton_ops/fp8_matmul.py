@@ -32,9 +32,11 @@ import triton
 import triton.language as tl
 
 from kernels.quant_reference import Fp8Activation
+from kernels.rope_store import RopeStore
+from kernels.triton_ops import gemv as gemv_mod
 from kernels.triton_ops.fp8_common import quantize_e4m3, row_scales, software_fp8
 from kernels.triton_ops.gemv import MAX_M as MAX_GEMV_M
-from kernels.triton_ops.gemv import GemvTiles, gemv_fp8, gemv_fp8_weight_only
+from kernels.triton_ops.gemv import GemvTiles, fp8_tiles, gemv_fp8, gemv_fp8_weight_only
 from kernels.triton_ops.tiles import grouped_tile
 
 
@@ -250,6 +252,24 @@ def fp8_weight_only_gated_linear(
     n, k = w_fp8.shape
     y = gemv_fp8_weight_only(x.reshape(-1, k), w_fp8, w_scale, bias, tiles=tiles, gated=True, pdl=pdl)
     return y.reshape(*x.shape[:-1], n // 2)
+
+
+def fp8_weight_only_rope_linear(
+    x: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None, rope: RopeStore,
+    *, pdl: bool = False,
+) -> torch.Tensor | None:
+    """For one token of ``x`` and a layer's fp8 ``[q; k; v]`` weight (per-channel scales): the
+    weight-only GEMV with rotary and the K/V store in its epilogue
+    (:func:`kernels.triton_ops.gemv.gemv_fp8_weight_only` with ``rope``), bit for bit
+    :func:`fp8_weight_only_linear` then ``rotary_store_kvcache``, returning the rotated q
+    ``[1, Hq * D]``; None where it does not apply (``gemv.DENSE_ROPE`` off, more tokens, a
+    one-row tiling, a cache or shape ``rope`` refuses)."""
+    n, k = w_fp8.shape
+    x2 = x.reshape(-1, k)
+    tiles = fp8_tiles(1, n, k)
+    if not gemv_mod.DENSE_ROPE or x2.shape[0] != 1 or tiles.block_n < 2 or not rope.applies(n):
+        return None
+    return gemv_fp8_weight_only(x2, w_fp8, w_scale, bias, tiles=tiles, pdl=pdl, rope=rope)
 
 
 def _fp8_gemm_path(xq: torch.Tensor, xs: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor,

@@ -81,7 +81,16 @@ class GemvTiles:
             raise ValueError("split_k and num_warps must be >= 1")
 
 
-def _rope_args(rope: RopeStore) -> dict[str, object]:
+def _rope_out(n: int, k: int, tiles: GemvTiles, x: torch.Tensor, rope: RopeStore, what: str) -> torch.Tensor:
+    """The rotated q ``[1, Hq * D]`` a ``rope`` GEMV of an ``[n, k]`` weight writes, after checking
+    that the tiling allows it (rotary pairs in one program: 2+ rows, one split)."""
+    if not rope.applies(n) or tiles.block_n < 2 or _k_per_split(k, tiles) < k:
+        raise ValueError(f"{what}: rope needs a [q; k; v] weight (RopeStore.applies; {n} rows), "
+                         f"block_n >= 2 ({tiles.block_n}) and one split ({tiles.split_k})")
+    return torch.empty((1, rope.num_q_heads * rope.head_dim), dtype=x.dtype, device=x.device)
+
+
+def _rope_args(rope: RopeStore) -> dict[str, Any]:
     """The word kernel's ``ROPE`` arguments for ``rope``."""
     d = rope.head_dim
     return dict(pos_ptr=rope.positions, cos_sin_ptr=rope.cos_sin, stride_cs=rope.cos_sin.stride(0),
@@ -210,16 +219,19 @@ def _rope_inputs(pos_ptr, cos_sin_ptr, stride_cs, slot_ptr, BLOCK_N: tl.constexp
 
 
 @triton.jit
-def _rope_epilogue(acc, rows, ok, out_ptr, bias_ptr, cos, sin, slot, kc_ptr, vc_ptr, NQ, NKV,
-                   HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, ROPE: tl.constexpr):
+def _rope_epilogue(acc, rows, ok, out_ptr, ws_ptr, bias_ptr, cos, sin, slot, kc_ptr, vc_ptr, NQ, NKV,
+                   HAS_WS: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, ROPE: tl.constexpr):
     """Rotary + K/V store in the epilogue of a one-token ``[q; k; v]`` GEMV (rows from
-    :func:`_gemv_rows` with ``ROPE``): each row's sum (``+ bias``) is rounded to the output dtype
-    as :func:`_epilogue` stores it, then the pair is rotated with
+    :func:`_gemv_rows` with ``ROPE``): each row's sum (``* ws``, an fp8 weight's per-channel
+    scale; ``+ bias``) is rounded to the output dtype as :func:`_epilogue` stores it, then the
+    pair is rotated with
     :func:`~kernels.triton_ops.rotary_kv.rotary_store_kvcache`'s arithmetic: q rows (``< NQ``) into
     ``out`` (``[1, NQ]``), k rows rotated and v rows as they are into the caches at ``slot``
     (``NKV`` elements per slot; a negative slot stores nothing). Bit for bit the GEMV followed by
     ``rotary_store_kvcache``, without writing and reading the ``NQ + 2 NKV`` values."""
     y = acc
+    if HAS_WS:
+        y = y * tl.load(ws_ptr + rows, mask=ok, other=0.0)
     if HAS_BIAS:
         y += tl.load(bias_ptr + rows, mask=ok, other=0.0).to(tl.float32)
     x1, x2 = tl.split(tl.reshape(y.to(out_ptr.dtype.element_ty), [BLOCK_N // 2, 2]))
@@ -298,7 +310,9 @@ def _gemv_dense_kernel(xq_ptr, xs_ptr, w_ptr, ws_ptr, bias_ptr, out_ptr, part_pt
                        HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr,
                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GATED: tl.constexpr,
                        PART: tl.constexpr = 0, PDL: tl.constexpr = False, SBN: tl.constexpr = 0,
-                       SBK: tl.constexpr = 0, SG: tl.constexpr = 1):
+                       SBK: tl.constexpr = 0, SG: tl.constexpr = 1, pos_ptr=None, cos_sin_ptr=None,
+                       stride_cs=0, slot_ptr=None, kc_ptr=None, vc_ptr=None, NQ=0, NKV=0,
+                       ROPE: tl.constexpr = 0):
     # 16/32-bit weights (no scales); fp8 weights on 16/32-bit activations (W8A16: HAS_WS, the
     # per-channel scale in the epilogue); fp8 W8A8 on quantized activations (HAS_XS and HAS_WS:
     # the per-token and per-channel scales; e4m3 x e4m3 products are exact in float32).
@@ -306,9 +320,11 @@ def _gemv_dense_kernel(xq_ptr, xs_ptr, w_ptr, ws_ptr, bias_ptr, out_ptr, part_pt
     # block scales, each tile's products scaled in the loop (_block_scaled; HAS_WS is False).
     # GATED (one token, one split): SiLU-and-mul of a [gate; up] weight (_gemv_rows).
     # PART (one token): products summed per thread in runs of PART inputs (_dense_part).
+    # ROPE (one token, one split; half the head dim): rotary + K/V store in the epilogue
+    # (_rope_epilogue), the position, slot and cos/sin read before the PDL wait (_rope_inputs).
     pid_k = tl.program_id(1)
     rm = tl.arange(0, BLOCK_M)  # every token (M <= BLOCK_M): each weight byte is read once
-    rn, n_ok = _gemv_rows(N, BLOCK_N, GATED)
+    rn, n_ok = _gemv_rows(N, BLOCK_N, GATED, ROPE)
     m_ok = rm < M
     x_rows = xq_ptr + rm.to(tl.int64)[:, None] * stride_xm
     w_rows = w_ptr + rn.to(tl.int64)[:, None] * stride_wn
@@ -321,6 +337,8 @@ def _gemv_dense_kernel(xq_ptr, xs_ptr, w_ptr, ws_ptr, bias_ptr, out_ptr, part_pt
         # H200 (qkv 17.9 against 13.1 us, gate_up 69.2 against 52.6; docs/QUANTIZATION.md).
         # PDL: the first weight tile is read before waiting for the kernel that writes x.
         w0 = _weight_tile(w_rows, k_lo, k_hi, n_ok, BLOCK_K)
+        if ROPE > 0:
+            cos, sin, slot = _rope_inputs(pos_ptr, cos_sin_ptr, stride_cs, slot_ptr, BLOCK_N, ROPE)
         pdl_begin(PDL)
         acc1 = _tile_part(xq_ptr, w0, k_lo, k_hi, BLOCK_N, BLOCK_K, PART)
         if SBN > 0:
@@ -330,7 +348,10 @@ def _gemv_dense_kernel(xq_ptr, xs_ptr, w_ptr, ws_ptr, bias_ptr, out_ptr, part_pt
             if SBN > 0:
                 part = _block_scaled(part, ws_ptr, rn, n_ok, k0, K, BLOCK_K, SBN, SBK, SG)
             acc1 += part
-        if GATED:
+        if ROPE > 0:
+            _rope_epilogue(tl.sum(acc1, axis=1), rn, n_ok, out_ptr, ws_ptr, bias_ptr, cos, sin, slot, kc_ptr,
+                           vc_ptr, NQ, NKV, HAS_WS, HAS_BIAS, BLOCK_N, ROPE)
+        elif GATED:
             _gated_epilogue(tl.sum(acc1, axis=1), rn, n_ok, N, out_ptr, xs_ptr, ws_ptr, bias_ptr,
                             HAS_XS, HAS_WS, HAS_BIAS, BLOCK_N)
         else:
@@ -786,8 +807,8 @@ def _gemv_int4_words_kernel(x_ptr, q_ptr, s_ptr, o_ptr, bias_ptr, out_ptr, part_
                           HAS_OFFSET, BLOCK_N, BLOCK_K, EVEN, ASM, PAIRS, XLOAD)
     rm = tl.arange(0, 1)
     if ROPE > 0:
-        _rope_epilogue(tl.sum(tl.sum(acc, axis=2), axis=1), rn, n_ok, out_ptr, bias_ptr, cos, sin, slot,
-                       kc_ptr, vc_ptr, NQ, NKV, HAS_BIAS, BLOCK_N, ROPE)
+        _rope_epilogue(tl.sum(tl.sum(acc, axis=2), axis=1), rn, n_ok, out_ptr, out_ptr, bias_ptr, cos, sin,
+                       slot, kc_ptr, vc_ptr, NQ, NKV, False, HAS_BIAS, BLOCK_N, ROPE)
     elif GATED:
         _gated_epilogue(tl.sum(tl.sum(acc, axis=2), axis=1), rn, n_ok, N, out_ptr, out_ptr, out_ptr, bias_ptr,
                         False, False, HAS_BIAS, BLOCK_N)
@@ -870,18 +891,26 @@ def _one_row(x: torch.Tensor) -> torch.Tensor:
 
 
 def gemv16(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, *,
-           tiles: GemvTiles | None = None, gated: bool = False, pdl: bool = False) -> torch.Tensor:
+           tiles: GemvTiles | None = None, gated: bool = False, pdl: bool = False,
+           rope: RopeStore | None = None) -> torch.Tensor:
     """``x @ w.T + bias`` for ``x`` ``[1, K]`` and a 16/32-bit ``w`` ``[N, K]`` (unit last stride):
     float32 sums, result in ``x.dtype``. ``gated``: ``w`` is ``[gate; up]`` and the result is
-    ``silu_and_mul`` of that product, ``[1, N / 2]``, bit-for-bit the two ops (one split only)."""
+    ``silu_and_mul`` of that product, ``[1, N / 2]``, bit-for-bit the two ops (one split only).
+    ``rope``: ``w`` is a layer's ``[q; k; v]``, rotated and stored in the epilogue as
+    :func:`gemv_wna16`'s ``rope`` (returns the rotated q ``[1, Hq * D]``)."""
     tiles = tiles or GemvTiles()
     x = _one_row(x)
     n, k = w.shape
-    out = _gated_out(n, tiles, x, x.dtype) if gated else torch.empty((1, n), dtype=x.dtype, device=x.device)
+    if rope is not None:
+        out = _rope_out(n, k, tiles, x, rope, "gemv16")
+    elif gated:
+        out = _gated_out(n, tiles, x, x.dtype)
+    else:
+        out = torch.empty((1, n), dtype=x.dtype, device=x.device)
     args = (x, out, w, out, bias if bias is not None else out)  # no scales: out stands in
     return _launch(_gemv_dense_kernel, args, 1, n, k, out, None, None, bias, tiles, stride_xm=x.stride(0),
                    stride_wn=w.stride(0), stride_om=out.stride(0), HAS_XS=False, HAS_WS=False, BLOCK_M=1,
-                   GATED=gated, pdl=pdl)
+                   GATED=gated, pdl=pdl, **(_rope_args(rope) if rope is not None else {}))
 
 
 def linear16_tiles(k: int, gated: bool = False) -> GemvTiles:
@@ -905,6 +934,26 @@ def gemv16_gated_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | N
     n, k = w.shape
     y = gemv16(x.reshape(-1, k), w, bias, tiles=linear16_tiles(k, gated=True), gated=True, pdl=pdl)
     return y.reshape(*x.shape[:-1], n // 2)
+
+
+# One token, a layer's [q; k; v] 16-bit or fp8 weight: rotary + K/V store in the GEMV's epilogue
+# (gemv16_rope_linear, fp8_matmul.fp8_weight_only_rope_linear; as the 4-bit word kernel's,
+# wna16.M1_ROPE). False: those return None and the layer runs the GEMV, then rotary_store_kvcache.
+DENSE_ROPE = True
+
+
+def gemv16_rope_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, rope: RopeStore, *,
+                       pdl: bool = False) -> torch.Tensor | None:
+    """For one token of ``x`` and a layer's 16/32-bit ``[q; k; v]`` ``w``: :func:`gemv16` with
+    rotary and the K/V store in its epilogue, returning the rotated q ``[1, Hq * D]``; None where
+    that does not apply (``DENSE_ROPE`` off, more tokens, a cache or shape ``rope`` refuses). Its
+    programs take a rotary pair of rows each (:func:`linear16_tiles`' gated tiling), where the
+    plain one-token GEMV takes one row: the same products, summed in another order."""
+    n, k = w.shape
+    x2 = x.reshape(-1, k)
+    if not DENSE_ROPE or x2.shape[0] != 1 or not rope.applies(n):
+        return None
+    return gemv16(x2, w, bias, tiles=linear16_tiles(k, gated=True), pdl=pdl, rope=rope)
 
 
 def gemv16_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, *,
@@ -931,7 +980,7 @@ def gemv_fp8(xq: torch.Tensor, xs: torch.Tensor, w_fp8: torch.Tensor, w_scale: t
 def gemv_fp8_weight_only(x: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor,
                          bias: torch.Tensor | None = None, *, tiles: GemvTiles | None = None,
                          gated: bool = False, pdl: bool = False,
-                         block: tuple[int, int] | None = None) -> torch.Tensor:
+                         block: tuple[int, int] | None = None, rope: RopeStore | None = None) -> torch.Tensor:
     """fp8 weights on 16/32-bit activations (W8A16) for a few tokens: ``x`` ``[M, K]``
     (``M <= MAX_M``), ``w_fp8`` ``[N, K]`` e4m3 with ``w_scale`` ``[N]``; returns
     ``(sum_k x w_q) * w_scale[n] + bias[n]`` ``[M, N]`` in ``x.dtype`` (float32 sums). The
@@ -940,18 +989,22 @@ def gemv_fp8_weight_only(x: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Te
     ``w_fp8`` is ``[gate; up]`` and the result ``silu_and_mul`` of the product, ``[1, N / 2]``.
     ``block`` ``(block_n, block_k)``: ``w_scale`` holds block-wise scales
     ``[ceil(N / block_n), ceil(K / block_k)]`` instead, each tile's sums scaled by its blocks'
-    (:func:`kernels.quant_reference.fp8_block_weight_only_linear`)."""
+    (:func:`kernels.quant_reference.fp8_block_weight_only_linear`). ``rope`` (one token,
+    per-channel scales): ``w_fp8`` is a layer's ``[q; k; v]``, rotated and stored in the epilogue
+    as :func:`gemv_wna16`'s ``rope`` (returns the rotated q ``[1, Hq * D]``)."""
     if x.dim() != 2 or x.shape[0] > MAX_M:
         raise ValueError(f"gemv_fp8_weight_only takes x [M <= {MAX_M}, K], got {tuple(x.shape)}")
-    if gated and x.shape[0] != 1:
-        raise ValueError(f"a gated GEMV takes one token, got {x.shape[0]}")
-    return _gemv_fp8_weights(x, None, w_fp8, w_scale, bias, x.dtype, tiles, gated, pdl, block)
+    if (gated or rope is not None) and x.shape[0] != 1:
+        raise ValueError(f"a gated or rope GEMV takes one token, got {x.shape[0]}")
+    if rope is not None and block is not None:
+        raise ValueError("gemv_fp8_weight_only: rope takes per-channel scales, not blocks")
+    return _gemv_fp8_weights(x, None, w_fp8, w_scale, bias, x.dtype, tiles, gated, pdl, block, rope)
 
 
 def _gemv_fp8_weights(x: torch.Tensor, xs: torch.Tensor | None, w_fp8: torch.Tensor, w_scale: torch.Tensor,
                       bias: torch.Tensor | None, out_dtype: torch.dtype,
                       tiles: GemvTiles | None, gated: bool = False, pdl: bool = False,
-                      block: tuple[int, int] | None = None) -> torch.Tensor:
+                      block: tuple[int, int] | None = None, rope: RopeStore | None = None) -> torch.Tensor:
     """The dense GEMV over e4m3 weights for ``M <= MAX_M`` tokens: ``x`` quantized with per-token
     scales ``xs`` (W8A8), or 16/32-bit with ``xs`` None (W8A16); ``block``: W8A16 with block scales."""
     if x.stride(-1) != 1:
@@ -959,7 +1012,9 @@ def _gemv_fp8_weights(x: torch.Tensor, xs: torch.Tensor | None, w_fp8: torch.Ten
     m, k = x.shape
     n = w_fp8.shape[0]
     tiles = tiles or fp8_tiles(m, n, k)
-    if gated:
+    if rope is not None:
+        out = _rope_out(n, k, tiles, x, rope, "gemv_fp8_weight_only")
+    elif gated:
         out = _gated_out(n, tiles, x, out_dtype)
     else:
         out = torch.empty((m, n), dtype=out_dtype, device=x.device)
@@ -982,7 +1037,8 @@ def _gemv_fp8_weights(x: torch.Tensor, xs: torch.Tensor | None, w_fp8: torch.Ten
     return _launch(_gemv_dense_kernel, args, m, n, k, out, xs, row_scales, bias, tiles, stride_xm=x.stride(0),
                    stride_wn=w_fp8.stride(0), stride_om=out.stride(0), HAS_XS=xs is not None,
                    HAS_WS=block is None, BLOCK_M=triton.next_power_of_2(m), GATED=gated,
-                   PART=min(FP8_PART, tiles.block_k), pdl=pdl, **blocks)
+                   PART=min(FP8_PART, tiles.block_k), pdl=pdl, **blocks,
+                   **(_rope_args(rope) if rope is not None else {}))
 
 
 MAX_M = 16  # tokens gemv_fp8 takes (its register tile is [BLOCK_M, BLOCK_N, BLOCK_K])
@@ -1068,11 +1124,9 @@ def gemv_wna16(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, off
         return silu_and_mul(gemv_wna16(x, qweight, scales, offsets, bits, group_size, bias, tiles=tiles,
                                        factored=factored, words=words, nibble_asm=nibble_asm, pdl=pdl))
     if rope is not None:
-        if (q_words is None or gated or not rope.applies(n) or tiles.block_n < 2
-                or _k_per_split(k, tiles) < k):
-            raise ValueError("gemv_wna16: rope needs 4-bit words, a [q; k; v] weight (RopeStore.applies), "
-                             f"block_n >= 2 ({tiles.block_n}) and one split ({tiles.split_k})")
-        out = torch.empty((1, rope.num_q_heads * rope.head_dim), dtype=x.dtype, device=x.device)
+        if q_words is None or gated:
+            raise ValueError("gemv_wna16: rope needs 4-bit rows of int32 words and no gating")
+        out = _rope_out(n, k, tiles, x, rope, "gemv_wna16")
     elif gated:
         out = _gated_out(n, tiles, x, x.dtype)
     else:

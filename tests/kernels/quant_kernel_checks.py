@@ -25,6 +25,7 @@ Tolerances (``dtype`` is the activation dtype):
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import sys
 import traceback
@@ -603,50 +604,82 @@ def _rope_case(t: Target, gen: torch.Generator, hq: int, hk: int, d: int) -> tup
     return (pos, cos_sin, *caches)
 
 
+def _assert_rope_matches(t: Target, gen: torch.Generator, gemv: Callable[..., torch.Tensor],
+                         hq: int, hk: int, d: int, slot_value: int, what: str) -> None:
+    """``gemv(rope=None)`` then ``rotary_store_kvcache`` against ``gemv(rope=...)``: bit for bit
+    the rotated q and both whole caches (a negative slot: nothing stored)."""
+    pos, cos_sin, k1, v1, k2, v2 = _rope_case(t, gen, hq, hk, d)
+    slot = torch.tensor([slot_value], device=t.device)
+    y = gemv(rope=None)
+    q = y[:, :hq * d].reshape(1, hq, d).clone()
+    tops.rotary_store_kvcache(pos, q, y[:, hq * d:(hq + hk) * d].reshape(1, hk, d),
+                              y[:, (hq + hk) * d:].reshape(1, hk, d), cos_sin, k1, v1, slot)
+    got = gemv(rope=RopeStore(pos, cos_sin, k2, v2, slot, hq, hk, d))
+    assert got.shape == (1, hq * d) and torch.equal(got.reshape(1, hq, d), q), f"q {what}"
+    assert torch.equal(k2, k1) and torch.equal(v2, v1), f"caches {what}"
+    assert (k2.abs().sum() > 0) == (slot_value >= 0), f"store {what}"
+
+
 def check_gemv_rope(t: Target) -> None:
-    """Rotary + K/V store in the one-token 4-bit GEMV's epilogue (``gemv_wna16(rope=...)``) against
-    the same GEMV followed by ``rotary_store_kvcache``, bit for bit: the rotated q, the whole key
-    and value caches (one slot written, the rest untouched), with and without bias and offsets,
-    at several tilings (pairs of one head split over programs, several heads per program); a
-    negative slot stores nothing. ``wna16_rope_linear`` takes the same path or returns None where
-    the kernel does not apply (two tokens, a split tiling), and a rope that does not fit the
-    weight is refused."""
+    """Rotary + K/V store in the epilogue of the one-token GEMVs (4-bit words, 16-bit and fp8
+    weight-only; ``rope=...``) against the same GEMV at the same tiling followed by
+    ``rotary_store_kvcache``, bit for bit: the rotated q, the whole key and value caches (one slot
+    written, the rest untouched), with and without bias (4-bit: and offsets), at several tilings
+    (pairs of one head split over programs, several heads per program); a negative slot stores
+    nothing. The ops (``wna16_rope_linear``, ``gemv16_rope_linear``,
+    ``fp8_weight_only_rope_linear``) take the same path as the engine's one-token GEMV (4-bit and
+    fp8: the same bits as it, then ``rotary_store_kvcache``) or return None where the kernel does
+    not apply (two tokens, a split tiling), and a rope that does not fit the weight is refused."""
     gen = torch.Generator().manual_seed(31)
     cases = [(4, 2, 16, 128, False), (2, 1, 32, 256, True)] + ([(32, 8, 128, 4096, False)] if t.big else [])
     for hq, hk, d, k, with_offsets in cases:
         n = (hq + 2 * hk) * d
         x = _randn(1, k, t=t, gen=gen)
         w = random_wna16(n, k, 4, 64, with_offsets, torch.float16, t.device, gen)
+        w16 = _randn(n, k, t=t, gen=gen) * 0.05
+        w8, ws = _fp8_weight(n, k, t, gen)
         for bias in (None, _randn(n, t=t, gen=gen)):
-            args = (x, w.qweight, w.scales, w.offsets, 4, 64, bias)
             for tiles in (tgemv.GemvTiles(2, 64, 2, 1), tgemv.GemvTiles(8, 128, 4, 1),
                           tgemv.GemvTiles(64, 64, 4, 1)):
-                for slot_value in (13, -1) if bias is None and tiles.block_n == 2 else (13,):
-                    pos, cos_sin, k1, v1, k2, v2 = _rope_case(t, gen, hq, hk, d)
-                    slot = torch.tensor([slot_value], device=t.device)
-                    y = tgemv.gemv_wna16(*args, tiles=tiles)
-                    q = y[:, :hq * d].reshape(1, hq, d).clone()
-                    tops.rotary_store_kvcache(pos, q, y[:, hq * d:(hq + hk) * d].reshape(1, hk, d),
-                                              y[:, (hq + hk) * d:].reshape(1, hk, d), cos_sin, k1, v1, slot)
-                    rope = RopeStore(pos, cos_sin, k2, v2, slot, hq, hk, d)
-                    got = tgemv.gemv_wna16(*args, tiles=tiles, rope=rope)
-                    what = f"{hq}/{hk}x{d} K={k} {tiles} bias={bias is not None} slot={slot_value}"
-                    assert got.shape == (1, hq * d) and torch.equal(got.reshape(1, hq, d), q), f"q {what}"
-                    assert torch.equal(k2, k1) and torch.equal(v2, v1), f"caches {what}"
-                    assert (k2.abs().sum() > 0) == (slot_value >= 0), f"store {what}"
-        # The op against the engine's one-token GEMV (its tiling, packed decode, PTX loads), then
-        # rotary_store_kvcache.
-        pos, cos_sin, k1, v1, k2, v2 = _rope_case(t, gen, hq, hk, d)
-        rope = RopeStore(pos, cos_sin, k2, v2, torch.tensor([5], device=t.device), hq, hk, d)
-        via_op = twna16.wna16_rope_linear(x, w.qweight, w.scales, w.offsets, 4, 64, None, rope)
-        y = twna16.one_token_gemv(x, w.qweight, w.scales, w.offsets, 4, 64, None, pdl=False)
-        q = y[:, :hq * d].reshape(1, hq, d).clone()
-        tops.rotary_store_kvcache(pos, q, y[:, hq * d:(hq + hk) * d].reshape(1, hk, d),
-                                  y[:, (hq + hk) * d:].reshape(1, hk, d), cos_sin, k1, v1, rope.slot_mapping)
-        assert via_op is not None and torch.equal(via_op.reshape(1, hq, d), q), "wna16_rope_linear q"
-        assert torch.equal(k2, k1) and torch.equal(v2, v1), "wna16_rope_linear caches"
-        assert twna16.wna16_rope_linear(torch.cat([x, x]), w.qweight, w.scales, w.offsets, 4, 64, None,
-                                        rope) is None, "two tokens must fall back"
+                gemvs = {
+                    "w4": functools.partial(tgemv.gemv_wna16, x, w.qweight, w.scales, w.offsets, 4, 64, bias,
+                                            tiles=tiles),
+                    "16-bit": functools.partial(tgemv.gemv16, x, w16, bias, tiles=tiles),
+                    "fp8": functools.partial(tgemv.gemv_fp8_weight_only, x, w8, ws, bias, tiles=tiles),
+                }
+                for name, gemv in gemvs.items():
+                    for slot_value in (13, -1) if bias is None and tiles.block_n == 2 else (13,):
+                        what = f"{name} {hq}/{hk}x{d} K={k} {tiles} bias={bias is not None} slot={slot_value}"
+                        _assert_rope_matches(t, gen, gemv, hq, hk, d, slot_value, what)
+        # The ops against the engine's one-token GEMVs (4-bit: its tiling, packed decode, PTX
+        # loads; fp8: fp8_tiles), then rotary_store_kvcache; 16-bit at the op's own tiling.
+        ops = {
+            "wna16_rope_linear": (functools.partial(twna16.wna16_rope_linear, x, w.qweight, w.scales,
+                                                    w.offsets, 4, 64, None),
+                                  twna16.one_token_gemv(x, w.qweight, w.scales, w.offsets, 4, 64, None,
+                                                        pdl=False)),
+            "fp8_weight_only_rope_linear": (
+                functools.partial(tfp8.fp8_weight_only_rope_linear, x, w8, ws, None),
+                tfp8.fp8_weight_only_linear(x, w8, ws)),
+            "gemv16_rope_linear": (functools.partial(tgemv.gemv16_rope_linear, x, w16, None),
+                                   tgemv.gemv16(x, w16, tiles=tgemv.linear16_tiles(k, gated=True))),
+        }
+        for name, (op, y) in ops.items():
+            pos, cos_sin, k1, v1, k2, v2 = _rope_case(t, gen, hq, hk, d)
+            rope = RopeStore(pos, cos_sin, k2, v2, torch.tensor([5], device=t.device), hq, hk, d)
+            via_op = op(rope)
+            q = y[:, :hq * d].reshape(1, hq, d).clone()
+            tops.rotary_store_kvcache(pos, q, y[:, hq * d:(hq + hk) * d].reshape(1, hk, d),
+                                      y[:, (hq + hk) * d:].reshape(1, hk, d), cos_sin, k1, v1,
+                                      rope.slot_mapping)
+            assert via_op is not None and torch.equal(via_op.reshape(1, hq, d), q), f"{name} q"
+            assert torch.equal(k2, k1) and torch.equal(v2, v1), f"{name} caches"
+        two = torch.cat([x, x])
+        assert twna16.wna16_rope_linear(two, w.qweight, w.scales, w.offsets, 4, 64, None, rope) is None, \
+            "two tokens must fall back (4-bit)"
+        assert tgemv.gemv16_rope_linear(two, w16, None, rope) is None, "two tokens must fall back (16-bit)"
+        assert tfp8.fp8_weight_only_rope_linear(two, w8, ws, None, rope) is None, \
+            "two tokens must fall back (fp8)"
     saved = twna16.M1_SHAPE_TILES
     twna16.M1_SHAPE_TILES = {(n, k): tgemv.GemvTiles(8, 64, 4, 2)}
     try:

@@ -115,7 +115,7 @@ def test_xload_loop_moves_nothing_through_shared_memory(x_dtype: str, pairs: boo
                 out_ptr=f"*{x_dtype}", part_ptr="*fp32", cnt_ptr="*i32")
     consts = dict(GROUP=128, SUB=8.0 if pairs else 0.0, HAS_OFFSET=not pairs, HAS_BIAS=False, SPLIT=False,
                   BLOCK_N=8, BLOCK_K=2048, EVEN=True, GATED=False, ASM=True, PAIRS=pairs, PDL=True, PEEL=True,
-                  XLOAD=True, FIXUP=False)
+                  XLOAD=True, FIXUP=False, ROPE=0)
     sig = {n: ptrs.get(n, "constexpr" if n in consts else "i32") for n in fn.arg_names}
     attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]]
              for n in fn.arg_names if sig[n] != "constexpr"}

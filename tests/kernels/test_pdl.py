@@ -30,7 +30,8 @@ def _copy_after_wait(x_ptr, y_ptr, PDL: tl.constexpr):
 
 DECODE_OPS = ("rms_norm", "fused_add_rms_norm", "rms_norm_fp8", "fused_add_rms_norm_fp8", "linear16",
               "linear16_gated", "fp8_weight_only_linear", "fp8_weight_only_gated_linear", "wna16_linear",
-              "wna16_gated_linear", "wna16_rope_linear", "rotary_store_kvcache", "paged_decode_attention")
+              "wna16_gated_linear", "wna16_rope_linear", "linear16_rope", "fp8_weight_only_rope_linear",
+              "rotary_store_kvcache", "paged_decode_attention")
 
 
 def test_triton_set_launches_exactly_the_decode_ops_with_pdl() -> None:

@@ -18,7 +18,7 @@ from tests.helpers.tiny_models import FAMILIES
 
 GATED_CHECKS = ["gated_mlp_fp8", "gated_mlp_w4", "gated_mlp_16bit"]  # triton_model_check.GATED
 SPLIT_CHECK = "split_fixup_w4"  # triton_model_check.check_split_fixup
-ROPE_CHECK = "rope_qkv_w4"  # triton_model_check.check_rope_qkv
+ROPE_CHECKS = ["rope_qkv_w4", "rope_qkv_fp8", "rope_qkv_16bit"]  # triton_model_check.ROPE
 
 pytest.importorskip("triton")
 
@@ -31,8 +31,8 @@ def interpreted_results() -> dict[str, str]:
     checks each on its own (most of the time: the interpreter runs their prefills' per-token
     GEMVs program by program) and the rest."""
     script = str(_HERE / "triton_model_check.py")
-    alone = ["gated_mlp_w4", SPLIT_CHECK, ROPE_CHECK]
-    rest = [*FAMILIES, *(c for c in GATED_CHECKS if c not in alone)]
+    alone = ["gated_mlp_w4", SPLIT_CHECK, "rope_qkv_w4"]
+    rest = [*FAMILIES, *(c for c in [*GATED_CHECKS, *ROPE_CHECKS] if c not in alone)]
     runs = {name: InterpretedRun((script, name), (name,)) for name in alone}
     runs["rest"] = InterpretedRun((script, *rest), tuple(rest))
     return {check: result for results in run_interpreted(runs, timeout_s=600).values()
@@ -62,9 +62,11 @@ def test_split_k_added_in_the_gemv_gives_the_second_launchs_logits_interpreted(
     assert interpreted_results[SPLIT_CHECK] == "ok", interpreted_results[SPLIT_CHECK]
 
 
+@pytest.mark.parametrize("check", ROPE_CHECKS)
 def test_rotary_and_kv_store_in_the_qkv_gemv_give_the_same_logits_interpreted(
-        interpreted_results: dict[str, str]) -> None:
-    """A tiny 4-bit llama whose one-token qkv GEMVs rotate and store K/V in their epilogue
-    (``KernelOps.wna16_rope_linear``) gives the logits of the same model running the GEMV, then
-    ``rotary_store_kvcache``, bit for bit (triton_model_check.check_rope_qkv)."""
-    assert interpreted_results[ROPE_CHECK] == "ok", interpreted_results[ROPE_CHECK]
+        interpreted_results: dict[str, str], check: str) -> None:
+    """Tiny llamas (4-bit, fp8, 16-bit weights) whose one-token qkv GEMVs rotate and store K/V in
+    their epilogue give the logits of the same model running the GEMV, then
+    ``rotary_store_kvcache`` (bit for bit where the sums are the same;
+    triton_model_check.check_rope_qkv)."""
+    assert interpreted_results[check] == "ok", interpreted_results[check]

@@ -88,6 +88,8 @@ def check_gated_mlp(quantization: str) -> None:
         # Coarse tiles: the interpreter runs programs one at a time, and the op's own tiling (one
         # row per program) would be 49,152 of them for the LM head; quant_kernel_checks checks it.
         linear16=_counted(functools.partial(tops.gemv16_linear, tiles=_COARSE_TILES), one_token),
+        # qkv as a plain one-token linear here (its rotary epilogue: check_rope_qkv)
+        linear16_rope=None, fp8_weight_only_rope_linear=None, wna16_rope_linear=None,
     )
     unfused = dataclasses.replace(fused, fp8_weight_only_gated_linear=None, wna16_gated_linear=None,
                                   linear16_gated=None, linear16=None)
@@ -106,28 +108,43 @@ def check_gated_mlp(quantization: str) -> None:
             assert torch.equal(got, want), f"step {step}: max |diff| {(got - want).abs().max().item()}"
 
 
-def check_rope_qkv() -> None:
-    """A tiny 4-bit llama on the Triton set: the one-token decode steps' qkv GEMVs rotate q and k
-    and store k and v in their epilogue (``KernelOps.wna16_rope_linear``; counted, one per layer
-    and step), and the logits equal, bit for bit, those of the same model whose qkv GEMV is
-    followed by ``rotary_store_kvcache`` (the set without the fused op)."""
-    cfg = make_tiny_config("llama")
-    calls: list[int] = []
+# name -> quantization of check_rope_qkv's tiny llama, and the op set field of its fused qkv GEMV
+ROPE = {"rope_qkv_w4": ("gptq", "wna16_rope_linear"), "rope_qkv_fp8": ("fp8", "fp8_weight_only_rope_linear"),
+        "rope_qkv_16bit": ("none", "linear16_rope")}
 
-    def rope_linear(*args: Any, **kwargs: Any) -> Any:  # counts the launches that took the fused path
-        q = tops.wna16_rope_linear(*args, **kwargs)
+
+def check_rope_qkv(quantization: str) -> None:
+    """A tiny llama on the Triton set: the one-token decode steps' qkv GEMVs rotate q and k and
+    store k and v in their epilogue (``KernelOps.wna16_rope_linear``, ``fp8_weight_only_rope_linear``
+    or ``linear16_rope``; counted where they took the fused path: one per layer and step), and the
+    logits equal those of the same model whose qkv GEMV is followed by ``rotary_store_kvcache`` (the
+    set without the fused op): bit for bit for 4-bit and fp8 weights (the same GEMV tiling), within
+    float32 rounding for 16-bit ones (the fused GEMV pairs rows where the plain one takes one)."""
+    cfg = make_tiny_config("llama")
+    field = next(f for q, f in ROPE.values() if q == quantization)
+    calls: list[int] = []
+    fused_op = getattr(triton_ops(), field)
+
+    def counted(*args: Any, **kwargs: Any) -> Any:  # counts the launches that took the fused path
+        q = fused_op(*args, **kwargs)
         calls.extend([] if q is None else [1])
         return q
 
-    fused = dataclasses.replace(triton_ops(), wna16_rope_linear=rope_linear)
-    unfused = dataclasses.replace(fused, wna16_rope_linear=None)
+    # Coarse one-token 16-bit tiles, as in check_gated_mlp (the interpreter runs one program at a time).
+    coarse = functools.partial(tops.gemv16_linear, tiles=_COARSE_TILES)
+    base = dataclasses.replace(triton_ops(), linear16=coarse)
+    fused = dataclasses.replace(base, **{field: counted})
+    unfused = dataclasses.replace(base, **{field: None})
     logits = []
     for ops in (fused, unfused):
-        model = build_model(cfg, ops, linear=make_linear_methods("gptq", cfg, torch.device("cpu"), ops))
+        model = build_model(cfg, ops, linear=_linear_methods(quantization, cfg, ops))
         logits.append(run_steps(model, cfg, ONE_SEQUENCE))
     assert len(calls) == 2 * cfg.num_hidden_layers, f"fused qkv GEMV calls: {len(calls)}"
     for step, (got, want) in enumerate(zip(*logits, strict=True)):
-        assert torch.equal(got, want), f"step {step}: max |diff| {(got - want).abs().max().item()}"
+        if quantization == "none":
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        else:
+            assert torch.equal(got, want), f"step {step}: max |diff| {(got - want).abs().max().item()}"
 
 
 class EveryShape(Mapping[tuple[int, int], GemvTiles]):
@@ -207,7 +224,7 @@ def run_all(names: list[str] | None = None) -> dict[str, str]:
     checks: dict[str, Callable[[], None]] = {f: functools.partial(check_family, f) for f in FAMILIES}
     checks |= {name: functools.partial(check_gated_mlp, q) for name, q in GATED.items()}
     checks["split_fixup_w4"] = check_split_fixup
-    checks["rope_qkv_w4"] = check_rope_qkv
+    checks |= {name: functools.partial(check_rope_qkv, q) for name, (q, _) in ROPE.items()}
     for name in names or list(checks):
         check = checks[name]
         try:

@@ -118,13 +118,16 @@ class UnquantizedLinearMethod(LinearMethod):
     the op set's one-token ``[gate; up]`` GEMV with SiLU-and-mul in its epilogue
     (``KernelOps.linear16_gated``; None: the MLP runs the product and the activation).
     ``one_token``: the op set's one-token GEMV (``KernelOps.linear16``) for inputs of one token
-    (None: torch's linear at every size)."""
+    (None: torch's linear at every size). ``rope``: the op set's one-token ``[q; k; v]`` GEMV with
+    rotary and the K/V store in its epilogue (``KernelOps.linear16_rope``; :meth:`apply_rope`)."""
 
     def __init__(self, transposed: bool = False, gated: Callable[..., torch.Tensor] | None = None,
-                 one_token: Callable[..., torch.Tensor] | None = None) -> None:
+                 one_token: Callable[..., torch.Tensor] | None = None,
+                 rope: Callable[..., torch.Tensor | None] | None = None) -> None:
         self.transposed = transposed
         self.gated = gated
         self.one_token = one_token
+        self.rope = rope
 
     @classmethod
     def for_ops(cls, ops: KernelOps, device: torch.device) -> UnquantizedLinearMethod:
@@ -132,7 +135,7 @@ class UnquantizedLinearMethod(LinearMethod):
         layout uses neither)."""
         if device.type == "cpu":
             return cls(transposed=True)
-        return cls(gated=ops.linear16_gated, one_token=ops.linear16)
+        return cls(gated=ops.linear16_gated, one_token=ops.linear16, rope=ops.linear16_rope)
 
     def create_weights(
         self, layer: nn.Module, in_features: int, out_features: int, dtype: torch.dtype
@@ -152,6 +155,13 @@ class UnquantizedLinearMethod(LinearMethod):
         if self.gated is None or self.transposed:
             return None
         return self.gated(x, param(layer, "weight"), bias)
+
+    def apply_rope(
+        self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None, rope: RopeStore
+    ) -> torch.Tensor | None:
+        if self.rope is None or self.transposed:
+            return None
+        return self.rope(x, param(layer, "weight"), bias, rope)
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
         if not self.transposed or not hasattr(layer, "weight"):

@@ -39,6 +39,7 @@ from gpu_worker.model_executor.layers.quantization.fp8_format import (
 from gpu_worker.model_executor.weights import TensorSource
 from kernels import KernelOps
 from kernels.quant_reference import FP8_DTYPE, Fp8Activation, quantize_fp8_rows
+from kernels.rope_store import RopeStore
 
 # Rows of a random weight drawn at once: about 64M float32 values (256 MiB) whatever the shape.
 _RANDOM_CHUNK_ELEMENTS = 1 << 26
@@ -84,6 +85,15 @@ class Fp8LinearMethod(LinearMethod):
             return None  # one token does not run weight-only
         y: torch.Tensor = gated(x, param(layer, "weight"), param(layer, "weight_scale"), bias)
         return y
+
+    def apply_rope(
+        self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None, rope: RopeStore
+    ) -> torch.Tensor | None:
+        fused = self.ops.fp8_weight_only_rope_linear
+        if fused is None or not self.ops.fp8_weight_only(1):
+            return None  # one token does not run weight-only (W8A8: the norm quantizes its input)
+        q: torch.Tensor | None = fused(x, param(layer, "weight"), param(layer, "weight_scale"), bias, rope)
+        return q
 
     def checkpoint_names(self) -> frozenset[str]:
         # HF fp8 names its (multiplying) scale weight_scale_inv; input_scale (static activation
