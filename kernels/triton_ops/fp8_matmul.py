@@ -36,7 +36,7 @@ from kernels.rope_store import RopeStore
 from kernels.triton_ops import gemv as gemv_mod
 from kernels.triton_ops.fp8_common import quantize_e4m3, row_scales, software_fp8
 from kernels.triton_ops.gemv import MAX_M as MAX_GEMV_M
-from kernels.triton_ops.gemv import GemvTiles, fp8_tiles, gemv_fp8, gemv_fp8_weight_only
+from kernels.triton_ops.gemv import GemvTiles, fp8_tiles, gemv_fp8, gemv_fp8_weight_only, rope_fits
 from kernels.triton_ops.tiles import grouped_tile
 
 
@@ -267,7 +267,7 @@ def fp8_weight_only_rope_linear(
     n, k = w_fp8.shape
     x2 = x.reshape(-1, k)
     tiles = fp8_tiles(1, n, k)
-    if not gemv_mod.DENSE_ROPE or x2.shape[0] != 1 or tiles.block_n < 2 or not rope.applies(n):
+    if not gemv_mod.DENSE_ROPE or x2.shape[0] != 1 or not rope_fits(n, k, tiles, rope):
         return None
     return gemv_fp8_weight_only(x2, w_fp8, w_scale, bias, tiles=tiles, pdl=pdl, rope=rope)
 

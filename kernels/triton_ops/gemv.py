@@ -81,17 +81,25 @@ class GemvTiles:
             raise ValueError("split_k and num_warps must be >= 1")
 
 
+def rope_fits(n: int, k: int, tiles: GemvTiles, rope: RopeStore) -> bool:
+    """Whether a one-token GEMV of an ``[n, k]`` weight at ``tiles`` can rotate and store ``rope``
+    in its epilogue: the weight is the layer's ``[q; k; v]`` (``RopeStore.applies``) and each
+    program holds whole rotary pairs (2+ rows, one split). The one test the GEMVs (which refuse
+    otherwise) and the ops choosing them (which fall back otherwise) share."""
+    return rope.applies(n) and tiles.block_n >= 2 and _k_per_split(k, tiles) >= k
+
+
 def _rope_out(n: int, k: int, tiles: GemvTiles, x: torch.Tensor, rope: RopeStore, what: str) -> torch.Tensor:
     """The rotated q ``[1, Hq * D]`` a ``rope`` GEMV of an ``[n, k]`` weight writes, after checking
-    that the tiling allows it (rotary pairs in one program: 2+ rows, one split)."""
-    if not rope.applies(n) or tiles.block_n < 2 or _k_per_split(k, tiles) < k:
+    that the tiling allows it (:func:`rope_fits`)."""
+    if not rope_fits(n, k, tiles, rope):
         raise ValueError(f"{what}: rope needs a [q; k; v] weight (RopeStore.applies; {n} rows), "
                          f"block_n >= 2 ({tiles.block_n}) and one split ({tiles.split_k})")
     return torch.empty((1, rope.num_q_heads * rope.head_dim), dtype=x.dtype, device=x.device)
 
 
 def _rope_args(rope: RopeStore) -> dict[str, Any]:
-    """The word kernel's ``ROPE`` arguments for ``rope``."""
+    """The GEMV kernels' ``ROPE`` arguments for ``rope``."""
     d = rope.head_dim
     return dict(pos_ptr=rope.positions, cos_sin_ptr=rope.cos_sin, stride_cs=rope.cos_sin.stride(0),
                 slot_ptr=rope.slot_mapping, kc_ptr=rope.key_cache, vc_ptr=rope.value_cache,
@@ -951,9 +959,10 @@ def gemv16_rope_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | No
     plain one-token GEMV takes one row: the same products, summed in another order."""
     n, k = w.shape
     x2 = x.reshape(-1, k)
-    if not DENSE_ROPE or x2.shape[0] != 1 or not rope.applies(n):
+    tiles = linear16_tiles(k, gated=True)
+    if not DENSE_ROPE or x2.shape[0] != 1 or not rope_fits(n, k, tiles, rope):
         return None
-    return gemv16(x2, w, bias, tiles=linear16_tiles(k, gated=True), pdl=pdl, rope=rope)
+    return gemv16(x2, w, bias, tiles=tiles, pdl=pdl, rope=rope)
 
 
 def gemv16_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, *,

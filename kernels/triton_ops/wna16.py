@@ -30,7 +30,7 @@ through a ``[rows, groups, group_size]`` view of the tile (no per-element gather
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import MappingProxyType
 
 import torch
@@ -45,6 +45,7 @@ from kernels.triton_ops.gemv import (
     gemv_wna16,
     k_per_split,
     reduce_splits,
+    rope_fits,
     split_counters,
 )
 from kernels.triton_ops.tiles import grouped_tile
@@ -378,9 +379,9 @@ def wna16_rope_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tens
     n, k = qweight.shape[0], x.shape[-1]
     x2 = x.reshape(-1, k)
     tiles = m1_tiles(n, k)
-    if (not M1_ROPE or x2.shape[0] != 1 or bits != 4 or not rope.applies(n) or tiles.block_n < 2
-            or k_per_split(k, tiles.split_k, fit_block_k(tiles.block_k, group_size)) < k
-            or as_words(qweight) is None):
+    tiles = replace(tiles, block_k=fit_block_k(tiles.block_k, group_size))  # what gemv_wna16 launches
+    if (not M1_ROPE or x2.shape[0] != 1 or bits != 4 or as_words(qweight) is None
+            or not rope_fits(n, k, tiles, rope)):
         return None
     _check(x2, qweight, scales, offsets, bits, group_size)
     return one_token_gemv(x2, qweight, scales, offsets, bits, group_size, bias, pdl=pdl, rope=rope)

@@ -102,14 +102,13 @@ class RotaryEmbedding(nn.Module):
     def rope_store(self, positions: torch.Tensor, kv_cache: torch.Tensor, md: AttentionMetadata,
                    num_q_heads: int, num_kv_heads: int) -> RopeStore | None:
         """What a one-token ``[q; k; v]`` linear needs to rotate and store in its own epilogue
-        (``QKVParallelLinear.rotate_and_store``), or None where this layer cannot hand it over:
-        an op set without the fused rotary + store (:attr:`stores_kv`), or a cache or table the
-        fused kernel does not take (``RopeStore.applies``)."""
+        (``QKVParallelLinear.rotate_and_store``), or None where the op set has no fused rotary +
+        store (:attr:`stores_kv`). Whether a cache or table fits the fused kernel is the op's to
+        say (``gemv.rope_fits``: it returns None, and the layer runs the linear, then rotary)."""
         if not self.stores_kv:
             return None
-        rope = RopeStore(positions, self.cos_sin_cache, kv_cache[0], kv_cache[1], md.slot_mapping,
+        return RopeStore(positions, self.cos_sin_cache, kv_cache[0], kv_cache[1], md.slot_mapping,
                          num_q_heads, num_kv_heads, self.head_dim)
-        return rope if rope.applies((num_q_heads + 2 * num_kv_heads) * self.head_dim) else None
 
     def rotate_and_store(
         self,

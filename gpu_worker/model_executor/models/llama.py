@@ -113,9 +113,7 @@ class DecoderAttention(nn.Module):
         self, positions: torch.Tensor, hidden: torch.Tensor, md: AttentionMetadata, kv_cache: torch.Tensor
     ) -> torch.Tensor:
         num_tokens = hidden.shape[0]
-        # (An fp8 W8A8 layer's input arrives quantized by the norm, an Fp8Activation: not here.)
-        if (num_tokens == 1 and isinstance(hidden, torch.Tensor) and self.q_norm is None
-                and md.piecewise is None and not self.attn.calibrate):
+        if num_tokens == 1 and self.q_norm is None and md.piecewise is None and not self.attn.calibrate:
             # One token: the qkv GEMV may rotate and store K/V in its own epilogue (one launch
             # fewer in the decode chain; the same bits as the linear then rotate_and_store).
             rope = self.rotary.rope_store(positions, kv_cache, md, self.num_heads, self.num_kv_heads)
