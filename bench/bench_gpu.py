@@ -409,8 +409,7 @@ class Ctx:
         cost = cost_per_million_output_tokens(price, 1, tok_s)
         extra.update(gpu_price_per_hour_usd=price,
                      cost_per_million_output_tokens_usd=None if cost is None else round(cost, 4),
-                     early_reads=early_reads(), pdl_trigger=pdl_trigger(), qkv_rope=qkv_rope(),
-                     attn_merge=attn_merge())
+                     early_reads=early_reads(), pdl_trigger=pdl_trigger(), qkv_rope=qkv_rope())
         self.rows.append(ResultRow(self.run_id, today(), self.args.commit, self.card, workload, shape,
                                    engine, tok_s, {k: v for k, v in extra.items() if v is not None}))
         print(f"  {workload} {shape} {engine}: {tok_s:,.0f} tok/s {extra}", flush=True)
@@ -552,13 +551,6 @@ def qkv_rope() -> str:
     return f"w4={on[wna16.M1_ROPE]},dense={on[gemv.DENSE_ROPE]}"
 
 
-def attn_merge() -> str:
-    """Where the split decode attention merges its partitions (``--attn-merge``), recorded on every
-    row: ``"in-kernel"`` (the last phase-1 program of each group; ``decode_attention.IN_KERNEL_MERGE``)
-    or ``"launch"`` (a second launch)."""
-    return "in-kernel" if decode_attention.IN_KERNEL_MERGE else "launch"
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--commit", default="unknown")
@@ -588,10 +580,6 @@ def main() -> None:
                     help="rotary + K/V store in the one-token qkv GEMVs' epilogue: all, none, the 4-bit "
                     "one only or the 16-bit / fp8 ones only (wna16.M1_ROPE, gemv.DENSE_ROPE; default: "
                     "the engine's); rows record it as qkv_rope")
-    ap.add_argument("--attn-merge", choices=("in-kernel", "launch"), default=None,
-                    help="where the split decode attention merges its partitions: in its last phase-1 "
-                    "program of each group or in a second launch (decode_attention.IN_KERNEL_MERGE; "
-                    "default: the engine's); rows record it as attn_merge")
     ap.add_argument("--run-id", default="",
                     help="the rows' run_id (default: a new one; pass one to join calls)")
     ap.add_argument("--engines", default="ours,hf,hf_batch",
@@ -627,8 +615,6 @@ def main() -> None:
     if args.qkv_rope is not None:
         wna16.M1_ROPE = args.qkv_rope in ("on", "w4")
         gemv.DENSE_ROPE = args.qkv_rope in ("on", "dense")
-    if args.attn_merge is not None:
-        decode_attention.IN_KERNEL_MERGE = args.attn_merge == "in-kernel"
     workloads = args.workloads.split(",")
     engines = args.engines.split(",")
     card = torch.cuda.get_device_name()

@@ -140,8 +140,7 @@ class Run:
     def settings(self) -> dict[str, Any]:
         """The run's engine settings every row records."""
         return {"m1_shape_tiles": self.m1_shape_tiles, "early_reads": bench.early_reads(),
-                "pdl_trigger": bench.pdl_trigger(), "qkv_rope": bench.qkv_rope(),
-                "attn_merge": bench.attn_merge()}
+                "pdl_trigger": bench.pdl_trigger(), "qkv_rope": bench.qkv_rope()}
 
     def find(self, shape: str, label: str, workload: str) -> ResultRow | None:
         return next(

@@ -1,6 +1,6 @@
 """W2's decode layer as the engine chains it at one token, timed in pieces (one CUDA GPU).
 
-    python bench/w2_layer_chain.py [--parts pieces,attention,pdl,fused,merge] [--out FILE]
+    python bench/w2_layer_chain.py [--parts pieces,attention,pdl] [--out FILE]
 
 32 llama3-8b layers in one CUDA graph, every launch with PDL: fused add + RMSNorm, qkv, rotary
 + KV store, decode attention (one sequence, its own paged cache per layer), o, add + RMSNorm,
@@ -14,10 +14,7 @@ gate_up with SiLU-and-mul (gated), down; the one-token linears as the engine run
   chain at contexts of 64 and 160 tokens (W2 runs 33-160);
 - ``pdl``: ``pdl.TRIGGER_FIRST`` on and off, alternating (DECISIONS 153);
 - ``fused``: rotary + K/V store in the qkv GEMV's epilogue (4-bit and bf16;
-  ``kernels.rope_store.RopeStore``) or its own launch, alternating;
-- ``merge``: the decode attention's partitions merged in its first launch (``counters``) or by
-  a second launch, alternating, with rotary in the qkv epilogue (the engine's chain), at contexts
-  of 160 and 640 tokens, and the partition sizes with the merge in the first launch.
+  ``kernels.rope_store.RopeStore``) or its own launch, alternating.
 
 Prints microseconds per layer (median of 20 graph replays / 32 layers); ``--out`` writes the rows
 as JSON.
@@ -60,7 +57,6 @@ class Chain:
         self.norm_w = torch.ones(self.hidden, device=DEV, dtype=torch.bfloat16)
         self.x0 = torch.randn(1, self.hidden, device=DEV, dtype=torch.bfloat16)
         self.out = torch.empty(1, hq, d, device=DEV, dtype=torch.bfloat16)
-        self.counters = tops.decode_attention.merge_counters(1, hk, DEV)
 
     def _weight(self, n: int, k: int) -> tuple[torch.Tensor, ...]:
         if self.fmt == "w4":
@@ -79,12 +75,9 @@ class Chain:
         return (G.gemv16_gated_linear if gated else G.gemv16_linear)(h, w[0], pdl=True)
 
     def step(self, rotary: bool = True, attention: bool = True, norms: bool = True, gemvs: bool = True,
-             config: tops.DecodeConfig | None = None, fused: bool = False,
-             merge: bool = False) -> Callable[[], torch.Tensor]:
-        """The chain's run; ``fused``: rotary + K/V store in the qkv GEMV's epilogue; ``merge``:
-        the decode attention merges its partitions in its first launch."""
+             config: tops.DecodeConfig | None = None, fused: bool = False) -> Callable[[], torch.Tensor]:
+        """The chain's run; ``fused``: rotary + K/V store in the qkv GEMV's epilogue."""
         hidden, kv = self.hidden, self.hk * self.d
-        counters = self.counters if merge else None
 
         def run() -> torch.Tensor:
             h, res = self.x0.clone(), self.x0.clone()
@@ -112,8 +105,7 @@ class Chain:
                                               p.value_cache, slot, pdl=True)
                 if attention:
                     tops.paged_decode_attention(q, p.key_cache, p.value_cache, p.block_tables, p.seq_lens,
-                                                p.scale, 2048, out=self.out, pdl=True, config=config,
-                                                counters=counters)
+                                                p.scale, 2048, out=self.out, pdl=True, config=config)
                     h = self.out.view(1, hidden)
                 if gemvs:
                     h = self.linear(h, w["o"])
@@ -178,29 +170,6 @@ def part_fused(rows: list[dict[str, Any]]) -> None:
         torch.cuda.empty_cache()
 
 
-def part_merge(rows: list[dict[str, Any]]) -> None:
-    for fmt in ("w4", "bf16"):
-        chain = Chain(fmt, 160)
-        for ctx in (160, 640):
-            chain.set_context(ctx)
-            for rnd in range(3):
-                for merge in ((False, True) if rnd % 2 == 0 else (True, False)):
-                    us = us_per_layer(chain.step(fused=True, merge=merge))
-                    rows.append(dict(part="merge", fmt=fmt, ctx=ctx, merge=merge, round=rnd, us_per_layer=us))
-                    print(f"merge {fmt} ctx {ctx} r{rnd} in the first launch {merge}: {us:.2f}", flush=True)
-        if fmt == "w4":
-            for ctx in (160, 640):
-                chain.set_context(ctx)
-                for part, bn in ((32, 32), (64, 32), (128, 64), (256, 64)):
-                    cfg = tops.DecodeConfig(partition_size=part, block_n=bn)
-                    us = us_per_layer(chain.step(fused=True, merge=True, config=cfg))
-                    rows.append(dict(part="merge", fmt=fmt, ctx=ctx, merge=True, variant=f"{part},{bn}",
-                                     us_per_layer=us))
-                    print(f"merge {fmt} ctx {ctx} partition {part}, keys per step {bn}: {us:.2f}", flush=True)
-        del chain
-        torch.cuda.empty_cache()
-
-
 def part_pdl(rows: list[dict[str, Any]]) -> None:
     default = pdl.TRIGGER_FIRST
     for fmt in ("w4", "bf16"):
@@ -226,8 +195,7 @@ def main() -> None:
     args = ap.parse_args()
     print(torch.cuda.get_device_name(), flush=True)
     rows: list[dict[str, Any]] = []
-    parts = {"pieces": part_pieces, "attention": part_attention, "pdl": part_pdl, "fused": part_fused,
-             "merge": part_merge}
+    parts = {"pieces": part_pieces, "attention": part_attention, "pdl": part_pdl, "fused": part_fused}
     for part in args.parts.split(","):
         parts[part](rows)
     if args.out:

@@ -82,10 +82,6 @@ class KernelOps:
     # takes as ``counters=`` (its split-K sums added in the GEMV instead of a second launch), or
     # None where it needs none (None: the set's wna16_linear takes no counters).
     wna16_split_counters: Callable[..., Any] | None = None
-    # Whether paged_decode_attention takes ``counters=`` (int32 zeros, one per (sequence, KV
-    # head), left zero): its partitions merged by the last program of its first launch instead
-    # of a second launch, the same bits (kernels.triton_ops.decode_attention).
-    decode_attention_counters: bool = False
     # The same for 16/32-bit weights: silu_and_mul(x @ w.T + bias) for x of one token (not the
     # same bits as cuBLAS + silu_and_mul: its own order of sums).
     linear16_gated: Callable[..., Any] | None = None

@@ -181,8 +181,7 @@ class ModelRunner:
             max_num_seqs, max_blocks_per_seq, max_model_len, self.eos_token_ids, self.device
         )
         self._inputs = StepInputBuffers(
-            self.config.token_budget, max_num_seqs, max_blocks_per_seq, self.block_size, self.device,
-            num_kv_heads=spec.num_kv_heads,
+            self.config.token_budget, max_num_seqs, max_blocks_per_seq, self.block_size, self.device
         )
 
     @property
@@ -290,7 +289,6 @@ class ModelRunner:
             seq_lens=ib.seq_lens.device[:size],
             max_query_len=1,
             max_seq_len=self.max_model_len,
-            decode_counters=ib.decode_counters,
         )
         return self.forward(ib.input_ids.device[:size], ib.positions.device[:size], md)
 

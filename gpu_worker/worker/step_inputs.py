@@ -127,9 +127,7 @@ class StepInputBuffers:
         max_blocks_per_seq: int,
         block_size: int,
         device: torch.device,
-        num_kv_heads: int = 1,
     ) -> None:
-        """``num_kv_heads``: this rank's, for :attr:`decode_counters`."""
         self.block_size = block_size
         self.max_num_tokens = max_num_tokens
         max_logits = max(max_num_seqs, max_num_tokens)  # one per sampled request, or per verified position
@@ -154,10 +152,6 @@ class StepInputBuffers:
         # The step's rows of the block tables (the model reads its rows at a fixed address, with
         # the full row stride); on CUDA they reach it through the staging region.
         self.block_tables = _Buffer.standalone((max_num_seqs, max_blocks_per_seq), torch.int32, device)
-        # The decode attention's arrival counts (AttentionMetadata.decode_counters): zeros that
-        # every launch leaves zero, never uploaded, shared by all layers and graphs.
-        self.decode_counters = torch.zeros(max_num_seqs * max(num_kv_heads, 1), dtype=torch.int32,
-                                           device=device)
         # Host buffers are rewritten each step: wait until the last step's async copies finished.
         self._uploaded = torch.cuda.Event() if device.type == "cuda" else None
 
@@ -261,7 +255,6 @@ class StepInputBuffers:
             max_query_len=int(q_lens.max()),
             max_seq_len=int(seq_lens.max()),
             num_decodes=_leading_decodes(q_lens),
-            decode_counters=self.decode_counters,
         )
         inputs = StepInputs(
             input_ids=self.input_ids.device[:num_tokens],

@@ -103,7 +103,6 @@ def triton_ops(fp8_weight_only_max_m: int = FP8_WEIGHT_ONLY_MAX_M, pdl: bool = F
         fp8_linear=fp8_linear,
         wna16_linear=chained(wna16_linear),
         wna16_split_counters=m1_counters,
-        decode_attention_counters=True,
         rotary_store_kvcache=chained(rotary_store_kvcache),
         rms_norm_fp8=chained(rms_norm_fp8),
         fused_add_rms_norm_fp8=chained(fused_add_rms_norm_fp8),

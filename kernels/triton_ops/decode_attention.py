@@ -14,13 +14,6 @@ partition, phase 1 writes the final output and phase 2 is not launched; a sequen
 in its first partition (a short one in a batch, or any under CUDA graphs, whose grid is sized
 for ``max_model_len``) is also written directly by phase 1 and skipped by phase 2, so a
 batch-1 decode with a short context does no reduction work.
-
-With ``counters`` (one int32 per (sequence, phase-1 program column), 0 between launches) there
-is no phase 2 launch: each phase-1 program counts its arrival after storing its partition, and
-the last of a (sequence, KV heads) group to arrive merges that group's query heads with phase
-2's own code (:func:`_merge_partitions`, the same warps: the same bits) and sets the count back
-to 0, so a CUDA graph can replay it (``IN_KERNEL_MERGE``; the split-K fixup of
-:func:`kernels.triton_ops.gemv._split_fixup`).
 """
 
 from __future__ import annotations
@@ -48,9 +41,6 @@ _MIN_PARTITION = 64
 # rotary's early inputs, on an H100: W2 llama3-8b W4A16 457.3 / 457.7 -> 462.1 / 463.3 tok/s, 32
 # layers of rotary + attention 9.2 -> 7.8 us each (DECISIONS 152).
 _PREFETCH = True
-# Whether ``counters`` passed to paged_decode_attention are used (phase 2 merged into the last
-# phase-1 program of each group) or ignored (two launches). A switch for bench_gpu --attn-merge.
-IN_KERNEL_MERGE = True
 
 
 @dataclass(frozen=True)
@@ -115,9 +105,6 @@ def _decode_partition_kernel(
     KV_FP8: tl.constexpr,
     PDL: tl.constexpr = False,
     PREFETCH: tl.constexpr = False,
-    cnt_ptr=None,
-    BLOCK_SPLITS: tl.constexpr = 1,
-    MERGE: tl.constexpr = False,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1) * HEADS  # the first of the program's HEADS adjacent KV heads
@@ -185,31 +172,6 @@ def _decode_partition_kernel(
             tl.store(part_m_ptr + stat_off, m_i, mask=row_ok)
             tl.store(part_l_ptr + stat_off, l_i, mask=row_ok)
             tl.store(part_out_ptr + stat_off[:, None] * HEAD_DIM + head_dims[None, :], out, mask=own)
-            if MERGE:
-                _merge_last(seq, kv_head * G, tl.cdiv(seq_len, partition_size), num_heads, cnt_ptr,
-                            out_ptr, part_out_ptr, part_m_ptr, part_l_ptr, stride_os, stride_oh,
-                            num_splits, G * HEADS, HEAD_DIM, BLOCK_SPLITS)
-
-
-@triton.jit
-def _merge_last(seq, first_head, used, num_heads, cnt_ptr, out_ptr, part_out_ptr, part_m_ptr, part_l_ptr,
-                stride_os, stride_oh, num_splits, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr,
-                BLOCK_SPLITS: tl.constexpr):
-    """Phase 2 inside phase 1: after this program stored its partition, count its arrival in the
-    group's counter (``cnt_ptr[seq, program column]``); the last of the ``used`` live partitions
-    to arrive merges the group's ``ROWS`` query heads from ``first_head`` (phase 2's code) and
-    sets the count back to 0 for the next launch."""
-    cnt = cnt_ptr + seq * tl.num_programs(1) + tl.program_id(1)
-    # Every thread's stores come before the count (one thread performs a scalar atomic; its
-    # release orders what the barrier ordered before it); the last arrival's acquire makes every
-    # partition's stores visible to it, read past L1 (.cg).
-    tl.debug_barrier()
-    arrived = tl.atomic_add(cnt, 1, sem="acq_rel", scope="gpu")
-    if arrived == used - 1:
-        for r in tl.static_range(ROWS):
-            _merge_partitions(seq, first_head + r, used, num_heads, out_ptr, part_out_ptr, part_m_ptr,
-                              part_l_ptr, stride_os, stride_oh, num_splits, HEAD_DIM, BLOCK_SPLITS, ".cg")
-        tl.atomic_xchg(cnt, 0, sem="relaxed", scope="gpu")
 
 
 @triton.jit
@@ -287,25 +249,23 @@ def _decode_reduce_kernel(
         seq_len = tl.load(seq_lens_ptr + seq)
     used = tl.cdiv(seq_len, partition_size)  # partitions phase 1 wrote for this sequence
     if used > 1:  # one partition: phase 1 wrote the final output itself
-        _merge_partitions(seq, head, used, tl.num_programs(1), out_ptr, part_out_ptr, part_m_ptr,
-                          part_l_ptr, stride_os, stride_oh, num_splits, HEAD_DIM, BLOCK_SPLITS)
+        _merge_partitions(seq, head, used, out_ptr, part_out_ptr, part_m_ptr, part_l_ptr,
+                          stride_os, stride_oh, num_splits, HEAD_DIM, BLOCK_SPLITS)
 
 
 @triton.jit
-def _merge_partitions(seq, head, used, num_heads, out_ptr, part_out_ptr, part_m_ptr, part_l_ptr,
-                      stride_os, stride_oh, num_splits, HEAD_DIM: tl.constexpr,
-                      BLOCK_SPLITS: tl.constexpr, CACHE: tl.constexpr = tl.constexpr("")):
-    """Query head ``head``'s output from its ``used`` partitions (``CACHE``: the partials'
-    loads' cache modifier)."""
+def _merge_partitions(seq, head, used, out_ptr, part_out_ptr, part_m_ptr, part_l_ptr,
+                      stride_os, stride_oh, num_splits,
+                      HEAD_DIM: tl.constexpr, BLOCK_SPLITS: tl.constexpr):
     splits = tl.arange(0, BLOCK_SPLITS)
     ok = splits < used
-    base = (seq.to(tl.int64) * num_heads + head) * num_splits
-    m = tl.load(part_m_ptr + base + splits, mask=ok, other=float("-inf"), cache_modifier=CACHE)
-    l_part = tl.load(part_l_ptr + base + splits, mask=ok, other=0.0, cache_modifier=CACHE)
+    base = (seq.to(tl.int64) * tl.num_programs(1) + head) * num_splits
+    m = tl.load(part_m_ptr + base + splits, mask=ok, other=float("-inf"))
+    l_part = tl.load(part_l_ptr + base + splits, mask=ok, other=0.0)
     weight = tl.exp2(m - tl.max(m, axis=0)) * l_part  # 0 for unused partitions
     dims = tl.arange(0, HEAD_DIM)
     part_ptrs = part_out_ptr + (base + splits)[:, None] * HEAD_DIM + dims[None, :]
-    part = tl.load(part_ptrs, mask=ok[:, None], other=0.0, cache_modifier=CACHE)
+    part = tl.load(part_ptrs, mask=ok[:, None], other=0.0)
     out = tl.sum(part * weight[:, None], axis=0) / tl.sum(weight, axis=0)
     o_off = seq.to(tl.int64) * stride_os + head * stride_oh
     tl.store(out_ptr + o_off + dims, out.to(out_ptr.dtype.element_ty))
@@ -353,16 +313,13 @@ def paged_decode_attention(
     out: torch.Tensor | None = None,
     config: DecodeConfig | None = None,
     pdl: bool = False,
-    counters: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Triton :func:`kernels.reference.paged_decode_attention` (split-KV, GQA-packed).
 
     Keyword-only extras: ``out`` receives the result (``[S, Hq, D]``); ``config`` sets the
     tiling; ``pdl`` launches both phases with programmatic dependent launch
-    (:mod:`kernels.triton_ops.pdl`); ``counters`` (int32, at least :func:`merge_counters`'s
-    count, all 0; each call leaves them 0) merges the partitions in the last phase-1 program of
-    each group instead of a second launch, the same bits (with ``IN_KERNEL_MERGE``; ignored
-    otherwise). ``max_seq_len`` only sizes the grid, so an upper bound (e.g. for CUDA graphs) works.
+    (:mod:`kernels.triton_ops.pdl`). ``max_seq_len`` only sizes the grid, so an upper bound (e.g.
+    for CUDA graphs) works.
     fp8 caches need ``k_scale``/``v_scale`` (as in the reference).
     """
     num_seqs, num_heads, head_dim, block_size, num_kv_heads, group = common.check_attention_inputs(
@@ -379,13 +336,6 @@ def paged_decode_attention(
     num_splits = max(triton.cdiv(max_seq_len, partition), 1)
     block_tables = common.unit_stride_rows(block_tables)
     one_split = num_splits == 1
-    merge = not one_split and counters is not None and IN_KERNEL_MERGE
-    if merge:
-        assert counters is not None
-        if counters.dtype != torch.int32 or counters.numel() < num_seqs * num_programs:
-            raise ValueError(f"counters must be int32 with one count per (sequence, KV head group) "
-                             f"({num_seqs} x {num_programs}), got {counters.dtype} x {counters.numel()}")
-    block_splits = triton.next_power_of_2(num_splits)
     shape = (num_seqs, num_heads, num_splits)
     # Unused on the one-split path: tiny placeholders keep the launch signature fixed.
     part_out = q.new_empty((1,) if one_split else (*shape, head_dim), dtype=torch.float32)
@@ -407,30 +357,18 @@ def paged_decode_attention(
         IEEE_DOT=q.dtype == torch.float32,
         KV_FP8=fp8.fp8,
         PREFETCH=prefetches(config, pdl),
-        cnt_ptr=counters if merge else seq_lens,
-        BLOCK_SPLITS=block_splits,
-        MERGE=merge,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
         **pdl_launch(pdl),
     )
-    if not one_split and not merge:
-        # The same warps as phase 1, whose in-kernel merge runs this code: the same bits.
+    if not one_split:
         _decode_reduce_kernel[(num_seqs, num_heads)](
             seq_lens, out, part_out, part_m, part_l,
             out.stride(0), out.stride(1), partition, num_splits,
             HEAD_DIM=head_dim,
-            BLOCK_SPLITS=block_splits,
+            BLOCK_SPLITS=triton.next_power_of_2(num_splits),
             EARLY=prefetches(config, pdl),
-            num_warps=config.num_warps,
+            num_warps=4,
             **pdl_launch(pdl),
         )
     return out
-
-
-def merge_counters(max_num_seqs: int, num_kv_heads: int, device: torch.device | str) -> torch.Tensor:
-    """Zeroed arrival counts for :func:`paged_decode_attention`'s ``counters``: enough for up to
-    ``max_num_seqs`` sequences and ``num_kv_heads`` KV heads at any tiling (one per KV head, the
-    most phase-1 program columns there can be). Every call leaves them 0, so one set serves every
-    layer of a model (its launches run one after another) and CUDA graph replays."""
-    return torch.zeros(max(max_num_seqs * num_kv_heads, 1), dtype=torch.int32, device=device)

@@ -23,7 +23,7 @@ import triton.language as tl
 
 from kernels import reference
 from kernels import triton_ops as tops
-from kernels.triton_ops.decode_attention import first_tile_lines, merge_counters
+from kernels.triton_ops.decode_attention import first_tile_lines
 
 
 @dataclass(frozen=True)
@@ -288,37 +288,6 @@ def check_paged_decode_attention(t: Target) -> None:
             assert_close(got, reference.paged_decode_attention(*args), t.dtype, what)
 
 
-def check_decode_merge(t: Target) -> None:
-    """``counters``: phase 2 merged into the last phase-1 program of each (sequence, KV heads)
-    group gives the two launches' output bit for bit (the same merge code and warps), leaves
-    every count at 0 (so a second call, as a CUDA graph replay, works) and still writes the
-    sequences that fit in one partition; a short ``counters`` is refused."""
-    gen = torch.Generator().manual_seed(3)
-    configs = [tops.DecodeConfig(partition_size=16, block_n=16, heads_per_program=1),
-               tops.DecodeConfig(partition_size=32, block_n=16, heads_per_program=2),
-               tops.DecodeConfig(partition_size=16, block_n=16, num_warps=4)]
-    for (bs, d, g, hk), cfg in zip(ATTN_SHAPES[:2] + [(16, 32, 2, 4)], configs, strict=True):
-        lens = [1, bs + 1, 2 * bs + 3, 7, 5 * bs - 1] + ([2048, 513] if t.big else [])
-        b = make_paged_batch([(n, 1) for n in lens], hk, g, d, bs, t, gen, seq_len_slack=37)
-        args = (b.q, b.key_cache, b.value_cache, b.block_tables, b.seq_lens, b.scale, b.max_seq_len)
-        what = f"paged_decode_attention merge bs={bs} d={d} g={g} hk={hk} {cfg}"
-        two = tops.paged_decode_attention(*args, config=cfg)
-        counters = merge_counters(len(lens), hk, t.device)
-        for call in range(2):
-            out = torch.full(b.q.shape, float("nan"), dtype=t.dtype, device=t.device)
-            got = tops.paged_decode_attention(*args, out=out, config=cfg, counters=counters)
-            assert got is out
-            assert torch.equal(got, two), f"{what}: call {call} is not the two launches' output"
-            assert not counters.any(), f"{what}: call {call} left counts {counters.tolist()}"
-        assert_close(two, reference.paged_decode_attention(*args), t.dtype, what)
-        try:
-            tops.paged_decode_attention(*args, config=cfg, counters=counters[:1])
-        except ValueError as e:
-            assert "counters" in str(e), f"{what}: {e}"
-        else:
-            raise AssertionError(f"{what}: a one-count counters was accepted")
-
-
 @triton.jit
 def _first_tile_lines_probe(k_cache_ptr, block_tables_ptr, seq_lens_ptr, out_ptr, stride_bt, stride_kb,
                             stride_ks, stride_kh, partition_size, HEADS: tl.constexpr, ROW: tl.constexpr,
@@ -558,7 +527,6 @@ CHECKS: dict[str, Callable[[Target], None]] = {
     "paged_attention_split": check_paged_attention_split,
     "paged_attention_decodes": check_paged_attention_decodes,
     "paged_decode_attention": check_paged_decode_attention,
-    "decode_merge": check_decode_merge,
     "decode_prefetch_lines": check_decode_prefetch_lines,
     "rms_norm": check_rms_norm,
     "fused_add_rms_norm": check_fused_add_rms_norm,

@@ -4,9 +4,8 @@ graph, over a chain of decoder layers where every kernel may start while the one
 fused add + RMSNorm, the one-token linears (bf16, fp8 weight-only, 4-bit words; gate_up with
 SiLU-and-mul; 4-bit also through the tensor-core GEMV, ``w4mma``, and with the word kernel's
 first tile not peeled, ``w4unpeeled``), rotary + KV store into the paged cache (bf16 and fp8) and
-split-KV decode attention (both phases, or phase 2 merged into phase 1's last programs with
-``counters``), with the reads before the PDL wait (the attention's L2 prefetch, rotary's early
-inputs) on and off. The KV caches the chain writes are compared too.
+split-KV decode attention (both phases), with the reads before the PDL wait (the attention's
+L2 prefetch, rotary's early inputs) on and off. The KV caches the chain writes are compared too.
 
 One command: ``python -m pytest -q tests/kernels/test_pdl_gpu.py``.
 """
@@ -115,11 +114,9 @@ def _caches(kv_fp8: bool, gen: torch.Generator) -> list[torch.Tensor]:
     return [c.to(torch.float8_e4m3fn) for c in caches] if kv_fp8 else caches
 
 
-def _decode(ops: KernelOps, layers: list[dict[str, Linear]], s: Step, caches: list[torch.Tensor],
-            counters: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The token through every layer (the model's order of ops); returns ``(h, residual)``.
-    ``counters``: the decode attention's (its partitions merged in phase 1)."""
-    merge = {} if counters is None else {"counters": counters}
+def _decode(ops: KernelOps, layers: list[dict[str, Linear]], s: Step,
+            caches: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The token through every layer (the model's order of ops); returns ``(h, residual)``."""
     h, res = s.x.clone(), s.x.clone()
     q_end, k_end = HEADS * HEAD_DIM, (HEADS + KV_HEADS) * HEAD_DIM
     for i, w in enumerate(layers):
@@ -132,7 +129,7 @@ def _decode(ops: KernelOps, layers: list[dict[str, Linear]], s: Step, caches: li
         assert ops.rotary_store_kvcache is not None
         q = ops.rotary_store_kvcache(s.positions, q, k, v, s.cos_sin, kc, vc, s.slots, **s.kv_scales)
         a = ops.paged_decode_attention(q, kc, vc, s.block_tables, s.seq_lens, HEAD_DIM**-0.5, CONTEXT + 1,
-                                       **s.kv_scales, **merge)
+                                       **s.kv_scales)
         h = w["o"](ops, a.view(1, -1))
         h, res = ops.fused_add_rms_norm(h, res, s.norm_w, EPS)
         h = w["down"](ops, w["gate_up"](ops, h, gated=True))
@@ -152,19 +149,14 @@ def _mma_for_words(calls: list[int]) -> Any:
 
 @pytest.mark.parametrize(("fmt", "kv_fp8"), [("bf16", False), ("fp8", True), ("w4", False), ("w4mma", False),
                                              ("w4unpeeled", False), ("bf16-early", False),
-                                             ("fp8-early", True), ("bf16-late", False),
-                                             ("bf16-merge", False), ("fp8-merge", True),
-                                             ("w4-merge", False)])
+                                             ("fp8-early", True), ("bf16-late", False)])
 def test_pdl_decode_chain_is_bit_for_bit_the_plain_launches_gpu(fmt: str, kv_fp8: bool,
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     """``-early`` / ``-late``: the reads before the PDL wait (the decode attention's L2 prefetch,
-    rotary's position, slot and cos/sin) on / off, whatever the defaults. ``-merge``: the PDL
-    chain's attention merges its partitions in phase 1 (``counters``), the plain one launches
-    phase 2."""
+    rotary's position, slot and cos/sin) on / off, whatever the defaults."""
     calls: list[int] = []
     fmt, _, reads = fmt.partition("-")
-    counters = decode_attention.merge_counters(1, KV_HEADS, "cuda") if reads == "merge" else None
-    if reads in ("early", "late"):
+    if reads:
         monkeypatch.setattr(decode_attention, "_PREFETCH", reads == "early")
         monkeypatch.setattr(rotary_kv, "_EARLY_INPUTS", reads == "early")
     if fmt == "w4mma":  # the tensor-core 4-bit GEMV in every 4-bit linear of the one-token chain
@@ -179,14 +171,14 @@ def test_pdl_decode_chain_is_bit_for_bit_the_plain_launches_gpu(fmt: str, kv_fp8
     ref_caches = [c.clone() for c in caches0]
     ref = _decode(plain, layers, step, ref_caches)
     eager_caches = [c.clone() for c in caches0]
-    eager = _decode(chained, layers, step, eager_caches, counters)
+    eager = _decode(chained, layers, step, eager_caches)
 
     graph_caches = [c.clone() for c in caches0]
-    _decode(chained, layers, step, graph_caches, counters)  # compile and warm up outside the capture
+    _decode(chained, layers, step, graph_caches)  # compile and warm up outside the capture
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        captured = _decode(chained, layers, step, graph_caches, counters)
+        captured = _decode(chained, layers, step, graph_caches)
     for got_outputs, got_caches, how in ((eager, eager_caches, "eager"), (captured, graph_caches, "graph")):
         if how == "graph":
             for c, c0 in zip(graph_caches, caches0, strict=True):
@@ -200,7 +192,6 @@ def test_pdl_decode_chain_is_bit_for_bit_the_plain_launches_gpu(fmt: str, kv_fp8
             same = torch.equal(got.view(torch.uint8), want.view(torch.uint8))
             assert same, f"{fmt} {how}: cache {i} differs"
     assert (fmt in ("w4mma", "w4unpeeled")) == bool(calls)
-    assert counters is None or not counters.any(), "the in-kernel merge left counts behind"
 
 
 def test_get_ops_launches_decode_ops_with_pdl_unless_told_not_to_gpu() -> None:

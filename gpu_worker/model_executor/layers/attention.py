@@ -52,10 +52,6 @@ class AttentionMetadata:
     # Set only while the runner captures a mixed step's piecewise CUDA graphs: each attention
     # call then ends a captured piece instead of attending (gpu_worker.worker.mixed_graphs).
     piecewise: Any = field(default=None, compare=False, repr=False)
-    # int32 zeros, at least one per (sequence, KV head), that the decode attention may use to
-    # merge its partitions in its first launch (KernelOps.decode_attention_counters); every
-    # launch leaves them zero, so one set serves every layer and every replay.
-    decode_counters: torch.Tensor | None = field(default=None, compare=False, repr=False)
 
     def plan(self, key: str, build: Callable[[], T]) -> T:
         """The step's plan named ``key``: ``build()`` on the first call, the same object after."""
@@ -209,8 +205,6 @@ class PagedAttention(nn.Module):
         if out is not None:
             kwargs["out"] = out
         if md.decode_only:
-            if md.decode_counters is not None and self.ops.decode_attention_counters:
-                kwargs["counters"] = md.decode_counters
             return self.ops.paged_decode_attention(
                 q, key_cache, value_cache, md.block_tables, md.seq_lens, self.scale, md.max_seq_len, **kwargs
             )

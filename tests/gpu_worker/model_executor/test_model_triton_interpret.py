@@ -19,7 +19,6 @@ from tests.helpers.tiny_models import FAMILIES
 GATED_CHECKS = ["gated_mlp_fp8", "gated_mlp_w4", "gated_mlp_16bit"]  # triton_model_check.GATED
 SPLIT_CHECK = "split_fixup_w4"  # triton_model_check.check_split_fixup
 ROPE_CHECKS = ["rope_qkv_w4", "rope_qkv_fp8", "rope_qkv_16bit"]  # triton_model_check.ROPE
-MERGE_CHECK = "decode_merge"  # triton_model_check.check_decode_merge
 
 pytest.importorskip("triton")
 
@@ -33,7 +32,7 @@ def interpreted_results() -> dict[str, str]:
     GEMVs program by program) and the rest."""
     script = str(_HERE / "triton_model_check.py")
     alone = ["gated_mlp_w4", SPLIT_CHECK, "rope_qkv_w4"]
-    rest = [*FAMILIES, *(c for c in [*GATED_CHECKS, *ROPE_CHECKS] if c not in alone), MERGE_CHECK]
+    rest = [*FAMILIES, *(c for c in [*GATED_CHECKS, *ROPE_CHECKS] if c not in alone)]
     runs = {name: InterpretedRun((script, name), (name,)) for name in alone}
     runs["rest"] = InterpretedRun((script, *rest), tuple(rest))
     return {check: result for results in run_interpreted(runs, timeout_s=600).values()
@@ -71,11 +70,3 @@ def test_rotary_and_kv_store_in_the_qkv_gemv_give_the_same_logits_interpreted(
     ``rotary_store_kvcache`` (bit for bit where the sums are the same;
     triton_model_check.check_rope_qkv)."""
     assert interpreted_results[check] == "ok", interpreted_results[check]
-
-
-def test_decode_attention_merged_in_its_first_launch_gives_the_same_logits_interpreted(
-        interpreted_results: dict[str, str]) -> None:
-    """A tiny llama whose decode steps carry ``AttentionMetadata.decode_counters`` merges the
-    decode attention's partitions in its first launch at every layer and gives the logits of
-    the two launches bit for bit, every count 0 afterwards (triton_model_check.check_decode_merge)."""
-    assert interpreted_results[MERGE_CHECK] == "ok", interpreted_results[MERGE_CHECK]

@@ -6,7 +6,6 @@ subprocess; see ``test_model_triton_interpret.py``).
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -45,19 +44,18 @@ def build_model(cfg: Any, ops: KernelOps, dtype: torch.dtype = torch.float32,
     return model.requires_grad_(False).eval()
 
 
-def step_metadata(seq_lens: list[int], q_lens: list[int],
-                  blocks: int = 10) -> tuple[AttentionMetadata, torch.Tensor]:
-    """Sequence ``s`` owns blocks ``blocks * s ..``; returns the metadata and the positions."""
+def step_metadata(seq_lens: list[int], q_lens: list[int]) -> tuple[AttentionMetadata, torch.Tensor]:
+    """Sequence ``s`` owns blocks ``10 s ..``; returns the metadata and the positions."""
     starts, slots, positions = [0], [], []
     for s, (n, q) in enumerate(zip(seq_lens, q_lens, strict=True)):
         starts.append(starts[-1] + q)
         for pos in range(n - q, n):
             positions.append(pos)
-            slots.append((blocks * s + pos // BLOCK) * BLOCK + pos % BLOCK)
+            slots.append((10 * s + pos // BLOCK) * BLOCK + pos % BLOCK)
     md = AttentionMetadata(
         slot_mapping=torch.tensor(slots),
         block_tables=torch.tensor(
-            [[blocks * s + b for b in range(blocks)] for s in range(len(seq_lens))], dtype=torch.int32
+            [[10 * s + b for b in range(10)] for s in range(len(seq_lens))], dtype=torch.int32
         ),
         query_start_loc=torch.tensor(starts, dtype=torch.int32),
         seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
@@ -69,19 +67,15 @@ def step_metadata(seq_lens: list[int], q_lens: list[int],
 
 
 def run_steps(
-    model: nn.Module, cfg: Any, steps: list[tuple[list[int], list[int]]], dtype: torch.dtype = torch.float32,
-    decode_counters: torch.Tensor | None = None,
+    model: nn.Module, cfg: Any, steps: list[tuple[list[int], list[int]]], dtype: torch.dtype = torch.float32
 ) -> list[torch.Tensor]:
-    """Logits of a prefill then decode steps over fresh caches (token ids from the positions);
-    ``decode_counters``: every step's ``AttentionMetadata.decode_counters``."""
-    blocks = max(10, -(-max(n for seq_lens, _ in steps for n in seq_lens) // BLOCK))
-    shape = (2, blocks * len(steps[0][0]), BLOCK, cfg.num_key_value_heads, head_dim_of(cfg))
+    """Logits of a prefill then decode steps over fresh caches (token ids from the positions)."""
+    shape = (2, 10 * len(steps[0][0]), BLOCK, cfg.num_key_value_heads, head_dim_of(cfg))
     caches = [torch.zeros(shape, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
     out = []
     with torch.inference_mode():
         for seq_lens, q_lens in steps:
-            md, positions = step_metadata(seq_lens, q_lens, blocks)
-            md = dataclasses.replace(md, decode_counters=decode_counters)
+            md, positions = step_metadata(seq_lens, q_lens)
             ids = (positions * 7 + 3) % cfg.vocab_size
             out.append(model.compute_logits(model(ids, positions, md, caches)))  # type: ignore[operator]
     return out

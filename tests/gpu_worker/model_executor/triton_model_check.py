@@ -147,30 +147,6 @@ def check_rope_qkv(quantization: str) -> None:
             assert torch.equal(got, want), f"step {step}: max |diff| {(got - want).abs().max().item()}"
 
 
-def check_decode_merge() -> None:
-    """A tiny llama on the Triton set whose decode steps carry ``decode_counters``: the decode
-    attention (which splits these contexts: more than 64 keys) takes them at every layer of both
-    one-token steps (counted) and merges its partitions in its first launch, giving the logits of
-    the same steps without them (two launches) bit for bit, and leaves every count 0."""
-    cfg = make_tiny_config("llama")
-    attention = triton_ops().paged_decode_attention
-    with_counts: list[int] = []
-
-    def counted(*args: Any, **kwargs: Any) -> Any:
-        with_counts.extend([1] if kwargs.get("counters") is not None else [])
-        return attention(*args, **kwargs)
-
-    model = build_model(cfg, dataclasses.replace(triton_ops(), paged_decode_attention=counted))
-    steps = [([70, 67], [70, 67]), ([71, 68], [1, 1]), ([72, 69], [1, 1])]
-    counters = torch.zeros(2 * cfg.num_key_value_heads, dtype=torch.int32)
-    got = run_steps(model, cfg, steps, decode_counters=counters)
-    assert len(with_counts) == 2 * cfg.num_hidden_layers, f"attention calls with counts: {len(with_counts)}"
-    assert not counters.any(), f"counts left: {counters.tolist()}"
-    want = run_steps(model, cfg, steps)
-    for step, (a, b) in enumerate(zip(got, want, strict=True)):
-        assert torch.equal(a, b), f"step {step}: max |diff| {(a - b).abs().max().item()}"
-
-
 class EveryShape(Mapping[tuple[int, int], GemvTiles]):
     """``wna16.M1_SHAPE_TILES`` giving ``tiles`` for every weight shape but those in ``shapes``."""
 
@@ -248,7 +224,6 @@ def run_all(names: list[str] | None = None) -> dict[str, str]:
     checks: dict[str, Callable[[], None]] = {f: functools.partial(check_family, f) for f in FAMILIES}
     checks |= {name: functools.partial(check_gated_mlp, q) for name, q in GATED.items()}
     checks["split_fixup_w4"] = check_split_fixup
-    checks["decode_merge"] = check_decode_merge
     checks |= {name: functools.partial(check_rope_qkv, q) for name, (q, _) in ROPE.items()}
     for name in names or list(checks):
         check = checks[name]
