@@ -531,13 +531,10 @@ def bench_hf(ctx: Ctx, shape: str, model_dir: Path, workloads: list[str], engine
 
 
 def early_reads() -> str:
-    """A decode step's reads before the PDL wait in effect (``--early-reads``, ``--early-kv``),
-    recorded on every row: ``"prefetch=on,rotary=on,kv=on"``, the decode attention's L2 prefetch,
-    rotary's early inputs and the attention's first tile of older keys in registers (rows before
-    2026-12-06's twenty-seventh session have no ``kv``: off)."""
+    """A decode step's reads before the PDL wait in effect (``--early-reads``), recorded on every
+    row: ``"prefetch=on,rotary=on"``, the decode attention's L2 prefetch and rotary's early inputs."""
     on = {True: "on", False: "off"}
-    return (f"prefetch={on[decode_attention._PREFETCH]},rotary={on[rotary_kv._EARLY_INPUTS]},"
-            f"kv={on[decode_attention._EARLY_KV]}")
+    return f"prefetch={on[decode_attention._PREFETCH]},rotary={on[rotary_kv._EARLY_INPUTS]}"
 
 
 def pdl_trigger() -> str:
@@ -575,10 +572,6 @@ def main() -> None:
                     "attention's L2 prefetch and rotary's position / slot / cos-sin "
                     "(decode_attention._PREFETCH, rotary_kv._EARLY_INPUTS; default: the engine's); rows "
                     "record them as early_reads")
-    ap.add_argument("--early-kv", choices=("on", "off"), default=None,
-                    help="the decode attention's first tile of keys and values but the newest read into "
-                    "registers before the PDL wait (decode_attention._EARLY_KV; default: the engine's); rows "
-                    "record it in early_reads")
     ap.add_argument("--pdl-trigger", choices=("first", "after"), default=None,
                     help="where each PDL kernel lets the next one launch: before its wait or after it "
                     "(kernels/triton_ops/pdl.py TRIGGER_FIRST; default: the engine's); rows record it as "
@@ -617,8 +610,6 @@ def main() -> None:
     args.out_dir.mkdir(parents=True, exist_ok=True)
     if args.early_reads is not None:  # before any engine captures its graphs
         decode_attention._PREFETCH = rotary_kv._EARLY_INPUTS = args.early_reads == "on"
-    if args.early_kv is not None:
-        decode_attention._EARLY_KV = args.early_kv == "on"
     if args.pdl_trigger is not None:
         pdl.TRIGGER_FIRST = args.pdl_trigger == "first"
     if args.qkv_rope is not None:

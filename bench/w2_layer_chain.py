@@ -1,6 +1,6 @@
 """W2's decode layer as the engine chains it at one token, timed in pieces (one CUDA GPU).
 
-    python bench/w2_layer_chain.py [--parts pieces,attention,pdl,fused,early_kv] [--out FILE]
+    python bench/w2_layer_chain.py [--parts pieces,attention,pdl] [--out FILE]
 
 32 llama3-8b layers in one CUDA graph, every launch with PDL: fused add + RMSNorm, qkv, rotary
 + KV store, decode attention (one sequence, its own paged cache per layer), o, add + RMSNorm,
@@ -14,10 +14,7 @@ gate_up with SiLU-and-mul (gated), down; the one-token linears as the engine run
   chain at contexts of 64 and 160 tokens (W2 runs 33-160);
 - ``pdl``: ``pdl.TRIGGER_FIRST`` on and off, alternating (DECISIONS 153);
 - ``fused``: rotary + K/V store in the qkv GEMV's epilogue (4-bit and bf16;
-  ``kernels.rope_store.RopeStore``) or its own launch, alternating;
-- ``early_kv``: the decode attention's first tile of older keys read before the PDL wait
-  (``DecodeConfig.early_kv``) or prefetched, alternating, in the engine's chain (rotary in the
-  qkv epilogue), at contexts of 160 and 640 tokens; then the partition sizes with it.
+  ``kernels.rope_store.RopeStore``) or its own launch, alternating.
 
 Prints microseconds per layer (median of 20 graph replays / 32 layers); ``--out`` writes the rows
 as JSON.
@@ -173,31 +170,6 @@ def part_fused(rows: list[dict[str, Any]]) -> None:
         torch.cuda.empty_cache()
 
 
-def part_early_kv(rows: list[dict[str, Any]]) -> None:
-    for fmt in ("w4", "bf16"):
-        chain = Chain(fmt, 160)
-        for ctx in (160, 640):
-            chain.set_context(ctx)
-            for rnd in range(3):
-                for early in ((False, True) if rnd % 2 == 0 else (True, False)):
-                    cfg = tops.DecodeConfig(early_kv=early)
-                    us = us_per_layer(chain.step(fused=True, config=cfg))
-                    rows.append(dict(part="early_kv", fmt=fmt, ctx=ctx, early_kv=early, round=rnd,
-                                     us_per_layer=us))
-                    print(f"early_kv {fmt} ctx {ctx} r{rnd} first tile before the wait {early}: {us:.2f}",
-                          flush=True)
-            if fmt == "w4":
-                for part, bn, warps in ((32, 32, 2), (64, 32, 2), (128, 64, 2), (64, 64, 4), (128, 128, 4)):
-                    cfg = tops.DecodeConfig(partition_size=part, block_n=bn, num_warps=warps, early_kv=True)
-                    us = us_per_layer(chain.step(fused=True, config=cfg))
-                    rows.append(dict(part="early_kv", fmt=fmt, ctx=ctx, early_kv=True,
-                                     variant=f"{part},{bn},{warps}", us_per_layer=us))
-                    print(f"early_kv {fmt} ctx {ctx} (partition, keys per step, warps) {part},{bn},{warps}: "
-                          f"{us:.2f}", flush=True)
-        del chain
-        torch.cuda.empty_cache()
-
-
 def part_pdl(rows: list[dict[str, Any]]) -> None:
     default = pdl.TRIGGER_FIRST
     for fmt in ("w4", "bf16"):
@@ -223,8 +195,7 @@ def main() -> None:
     args = ap.parse_args()
     print(torch.cuda.get_device_name(), flush=True)
     rows: list[dict[str, Any]] = []
-    parts = {"pieces": part_pieces, "attention": part_attention, "pdl": part_pdl, "fused": part_fused,
-             "early_kv": part_early_kv}
+    parts = {"pieces": part_pieces, "attention": part_attention, "pdl": part_pdl, "fused": part_fused}
     for part in args.parts.split(","):
         parts[part](rows)
     if args.out:

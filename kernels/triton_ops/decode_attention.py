@@ -41,11 +41,6 @@ _MIN_PARTITION = 64
 # rotary's early inputs, on an H100: W2 llama3-8b W4A16 457.3 / 457.7 -> 462.1 / 463.3 tok/s, 32
 # layers of rotary + attention 9.2 -> 7.8 us each (DECISIONS 152).
 _PREFETCH = True
-# With PDL (CUDA), whether a phase-1 program loads its first tile of keys and values into registers
-# before the PDL wait, all but the newest key (this step's, which the kernel before stores), by
-# default (``DecodeConfig.early_kv`` None): :func:`_stable_first_tile`. With it the first tile is
-# read, not prefetched.
-_EARLY_KV = True
 
 
 @dataclass(frozen=True)
@@ -63,11 +58,6 @@ class DecodeConfig:
     # before the PDL wait (:func:`_prefetch_first_tile`); None: ``_PREFETCH``. Without PDL, or
     # in the CPU interpreter (no PTX), nothing is prefetched.
     prefetch: bool | None = None
-    # Phase 1 loads its first BLOCK_N keys' K and V rows but the newest into registers before the
-    # PDL wait and the newest after it (:func:`_stable_first_tile`); None: ``_EARLY_KV`` with PDL
-    # on CUDA, off otherwise; True also without PDL (the same loads in the same program, only
-    # earlier: how the CPU interpreter checks it).
-    early_kv: bool | None = None
 
     def __post_init__(self) -> None:
         if self.block_n is not None and (self.block_n & (self.block_n - 1) or self.block_n < 16):
@@ -115,21 +105,13 @@ def _decode_partition_kernel(
     KV_FP8: tl.constexpr,
     PDL: tl.constexpr = False,
     PREFETCH: tl.constexpr = False,
-    EARLY_KV: tl.constexpr = False,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1) * HEADS  # the first of the program's HEADS adjacent KV heads
     split = tl.program_id(2)
     part_start = split * partition_size
     bt_row = block_tables_ptr + seq.to(tl.int64) * stride_bt
-    dims = tl.arange(0, HEADS * HEAD_DIM)
-    if EARLY_KV:  # before the wait: what only the host and earlier steps wrote (_stable_first_tile)
-        seq_len = tl.load(seq_lens_ptr + seq, cache_modifier=".cg")
-        ok0, newest0, new_off, k0, v0 = _stable_first_tile(
-            k_cache_ptr, v_cache_ptr, bt_row, seq_len, part_start, partition_size, kv_head, dims,
-            stride_kb, stride_ks, stride_kh, BLOCK_SIZE, BLOCK_N)
-        pdl_begin(PDL)
-    elif PREFETCH:  # before the wait (kernels/triton_ops/pdl.py): only the host writes these
+    if PREFETCH:  # before the wait (kernels/triton_ops/pdl.py): only the host writes these
         seq_len = tl.load(seq_lens_ptr + seq, cache_modifier=".cg")
         _prefetch_first_tile(k_cache_ptr, v_cache_ptr, bt_row, seq_len, part_start, partition_size,
                              kv_head, stride_kb, stride_ks, stride_kh, HEADS * HEAD_DIM, BLOCK_SIZE, BLOCK_N)
@@ -145,6 +127,7 @@ def _decode_partition_kernel(
         row_ok = rows < HEADS * G
         # Columns span the HEADS KV heads (adjacent in the cache row); a row reads and writes
         # only its own KV head's columns (``own``), so its query tile is block-diagonal.
+        dims = tl.arange(0, HEADS * HEAD_DIM)
         own = row_ok[:, None] & ((rows // G)[:, None] == (dims // HEAD_DIM)[None, :])
         head_dims = dims % HEAD_DIM
         q_off = common.row_offsets(seq, head, stride_qs, stride_qh)
@@ -155,29 +138,23 @@ def _decode_partition_kernel(
             row_kv = kv_head + rows // G
             k_scale = tl.load(k_scale_ptr + row_kv * stride_kv_scale, mask=row_ok, other=1.0)
             v_scale = tl.load(v_scale_ptr + row_kv * stride_kv_scale, mask=row_ok, other=1.0)
-        else:
-            k_scale = qk_scale_log2  # unused
-        first = part_start
-        if EARLY_KV:
-            # The first tile: the newest key's K and V rows now (the kernel before stored them),
-            # the others' came before the wait.
-            has_new = dims * 0 + (seq_len - 1 - part_start) < BLOCK_N  # the tile holds it
-            k_new = tl.load(k_cache_ptr + new_off + dims, mask=has_new, other=0.0)
-            v_new = tl.load(v_cache_ptr + new_off + dims, mask=has_new, other=0.0)
-            k = tl.where(newest0[None, :], k_new[:, None], k0)
-            v = tl.where(newest0[:, None], v_new[None, :], v0)
-            m_i, l_i, acc = _attend_tile(q, k, v, ok0, m_i, l_i, acc, qk_scale_log2, k_scale, IEEE_DOT,
-                                         KV_FP8)
-            first = part_start + BLOCK_N
-        for start in range(first, part_end, BLOCK_N):
+        for start in range(part_start, part_end, BLOCK_N):
             kpos = start + tl.arange(0, BLOCK_N)
             k_ok = kpos < part_end
             kv_off = common.paged_kv_offsets(bt_row, kpos, k_ok, kv_head, stride_kb, stride_ks,
                                              stride_kh, BLOCK_SIZE)
             k = tl.load(k_cache_ptr + kv_off[None, :] + dims[:, None], mask=k_ok[None, :], other=0.0)
             v = tl.load(v_cache_ptr + kv_off[:, None] + dims[None, :], mask=k_ok[:, None], other=0.0)
-            m_i, l_i, acc = _attend_tile(q, k, v, k_ok, m_i, l_i, acc, qk_scale_log2, k_scale, IEEE_DOT,
-                                         KV_FP8)
+            if KV_FP8:
+                k = k.to(q.dtype)
+                v = v.to(q.dtype)
+            # The query sits at position seq_len - 1, so every key below part_end is visible.
+            if KV_FP8:
+                s = common.dot(q, k, IEEE_DOT) * (qk_scale_log2 * k_scale)[:, None]
+            else:
+                s = common.dot(q, k, IEEE_DOT) * qk_scale_log2
+            s = tl.where(k_ok[None, :], s, float("-inf"))
+            m_i, l_i, acc = common.online_softmax_step(s, v, m_i, l_i, acc, IEEE_DOT)
 
         out = acc / l_i[:, None]
         if KV_FP8:
@@ -195,53 +172,6 @@ def _decode_partition_kernel(
             tl.store(part_m_ptr + stat_off, m_i, mask=row_ok)
             tl.store(part_l_ptr + stat_off, l_i, mask=row_ok)
             tl.store(part_out_ptr + stat_off[:, None] * HEAD_DIM + head_dims[None, :], out, mask=own)
-
-
-@triton.jit
-def _attend_tile(q, k, v, k_ok, m_i, l_i, acc, qk_scale_log2, k_scale, IEEE_DOT: tl.constexpr,
-                 KV_FP8: tl.constexpr):
-    """Fold one tile of keys ``k`` ``[dims, BLOCK_N]`` and values ``v`` ``[BLOCK_N, dims]`` (those
-    where ``k_ok``) into the softmax state; ``k_scale``: per row, fp8 caches only."""
-    if KV_FP8:
-        k = k.to(q.dtype)
-        v = v.to(q.dtype)
-    # The query sits at position seq_len - 1, so every key below the partition's end is visible.
-    if KV_FP8:
-        s = common.dot(q, k, IEEE_DOT) * (qk_scale_log2 * k_scale)[:, None]
-    else:
-        s = common.dot(q, k, IEEE_DOT) * qk_scale_log2
-    s = tl.where(k_ok[None, :], s, float("-inf"))
-    return common.online_softmax_step(s, v, m_i, l_i, acc, IEEE_DOT)
-
-
-@triton.jit
-def _stable_first_tile(k_cache_ptr, v_cache_ptr, bt_row, seq_len, part_start, partition_size, kv_head, dims,
-                       stride_kb, stride_ks, stride_kh, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Before the PDL wait: the partition's first ``BLOCK_N`` keys' K ``[dims, BLOCK_N]`` and V
-    ``[BLOCK_N, dims]`` rows, all but the newest key's (position ``seq_len - 1``, zeros there), past
-    L1 (``.cg``). Also returns which of the tile's keys exist, which is the newest and the newest
-    key's cache offset (a row the caller reads after the wait, if the tile holds it).
-
-    Why this may come before the wait (kernels/triton_ops/pdl.py): in a step only this layer's
-    rotary + K/V store (in the kernel before, or the qkv GEMV's epilogue) writes this cache, and
-    only each sequence's newest row; every older row was written by an earlier step, which
-    completed before this step's first launch. The sequence length and block table are the
-    host's. A padding row of a graphed batch (context 1, block 0, no store) has only its newest
-    key. So the loads here see final data, and the newest rows are read after the wait."""
-    kpos = part_start + tl.arange(0, BLOCK_N)
-    ok = (kpos < seq_len) & (kpos < part_start + partition_size)
-    newest = ok & (kpos == seq_len - 1)
-    stable = ok & (kpos < seq_len - 1)
-    kv_off = common.paged_kv_offsets(bt_row, kpos, ok, kv_head, stride_kb, stride_ks, stride_kh, BLOCK_SIZE,
-                                     CACHE=".cg")
-    k = tl.load(k_cache_ptr + kv_off[None, :] + dims[:, None], mask=stable[None, :], other=0.0,
-                cache_modifier=".cg")
-    v = tl.load(v_cache_ptr + kv_off[:, None] + dims[None, :], mask=stable[:, None], other=0.0,
-                cache_modifier=".cg")
-    last = tl.maximum(seq_len - 1, 0)
-    new_off = common.paged_kv_offsets(bt_row, last, None, kv_head, stride_kb, stride_ks, stride_kh,
-                                      BLOCK_SIZE, CACHE=".cg")
-    return ok, newest, new_off, k, v
 
 
 @triton.jit
@@ -349,12 +279,6 @@ def _heads_per_program(config: DecodeConfig, num_kv_heads: int, head_dim: int) -
     return heads
 
 
-def early_kv(config: DecodeConfig, pdl: bool) -> bool:
-    """Whether phase 1 loads its first tile's older keys before the PDL wait
-    (:func:`_stable_first_tile`): ``config.early_kv`` if set, else ``_EARLY_KV`` with PDL."""
-    return config.early_kv if config.early_kv is not None else pdl and _EARLY_KV
-
-
 def prefetches(config: DecodeConfig, pdl: bool) -> bool:
     """Whether phase 1 asks L2 for its first tile before the PDL wait (:func:`_prefetch_first_tile`)
     and phase 2 reads the sequence length before it: with PDL only (CUDA sm_90+; the interpreter
@@ -433,7 +357,6 @@ def paged_decode_attention(
         IEEE_DOT=q.dtype == torch.float32,
         KV_FP8=fp8.fp8,
         PREFETCH=prefetches(config, pdl),
-        EARLY_KV=early_kv(config, pdl),
         num_warps=config.num_warps,
         num_stages=config.num_stages,
         **pdl_launch(pdl),

@@ -288,29 +288,6 @@ def check_paged_decode_attention(t: Target) -> None:
             assert_close(got, reference.paged_decode_attention(*args), t.dtype, what)
 
 
-def check_decode_early_kv(t: Target) -> None:
-    """Phase 1 with its first tile's older keys loaded before the PDL wait and the newest after
-    it (``DecodeConfig.early_kv``; the wait's order itself is PTX: test_pdl.py) gives the plain
-    kernel's output bit for bit: contexts within one tile, across tiles and partitions, a newest
-    key first in a partition or a tile, one-key contexts (a graph's padding rows); 16-bit and
-    fp8 caches, one and several KV heads per program, split and not."""
-    gen = torch.Generator().manual_seed(4)
-    configs = [tops.DecodeConfig(partition_size=32, block_n=16, heads_per_program=1),
-               tops.DecodeConfig(partition_size=16, block_n=16, heads_per_program=2),
-               tops.DecodeConfig(heads_per_program=4)]
-    for (bs, d, g, hk), cfg, kv in zip([(16, 128, 4, 2), (8, 64, 1, 2), (16, 32, 2, 4)], configs,
-                                       ["", "fp8", ""], strict=True):
-        lens = [1, 16, 17, 33, 32, 5, 49] + ([2048, 700, 513] if t.big else [])
-        b, scales = with_kv_cache(make_paged_batch([(n, 1) for n in lens], hk, g, d, bs, t, gen,
-                                                   seq_len_slack=37), kv)
-        args = (b.q, b.key_cache, b.value_cache, b.block_tables, b.seq_lens, b.scale, b.max_seq_len)
-        what = f"paged_decode_attention early_kv bs={bs} d={d} g={g} kv={kv or t.dtype} {cfg}"
-        plain = tops.paged_decode_attention(*args, config=dataclasses.replace(cfg, early_kv=False), **scales)
-        early = tops.paged_decode_attention(*args, config=dataclasses.replace(cfg, early_kv=True), **scales)
-        assert torch.equal(early, plain), f"{what}: max |diff| {(early - plain).abs().max().item()}"
-        assert_close(early, reference.paged_decode_attention(*args, **scales), t.dtype, what)
-
-
 @triton.jit
 def _first_tile_lines_probe(k_cache_ptr, block_tables_ptr, seq_lens_ptr, out_ptr, stride_bt, stride_kb,
                             stride_ks, stride_kh, partition_size, HEADS: tl.constexpr, ROW: tl.constexpr,
@@ -550,7 +527,6 @@ CHECKS: dict[str, Callable[[Target], None]] = {
     "paged_attention_split": check_paged_attention_split,
     "paged_attention_decodes": check_paged_attention_decodes,
     "paged_decode_attention": check_paged_decode_attention,
-    "decode_early_kv": check_decode_early_kv,
     "decode_prefetch_lines": check_decode_prefetch_lines,
     "rms_norm": check_rms_norm,
     "fused_add_rms_norm": check_fused_add_rms_norm,

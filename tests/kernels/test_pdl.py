@@ -94,7 +94,7 @@ def _sm90_ptx(fn: Any, ptrs: dict[str, str], consts: dict[str, Any], floats: tup
     return str(kernel.asm["ptx"])
 
 
-def _decode_partition_ptx(prefetch: bool, early_kv: bool = False) -> str:
+def _decode_partition_ptx(prefetch: bool) -> str:
     """Phase 1 of the decode attention compiled for sm_90 (llama3-8b's heads, bf16 cache)."""
     from kernels.triton_ops.decode_attention import _decode_partition_kernel
 
@@ -102,8 +102,7 @@ def _decode_partition_ptx(prefetch: bool, early_kv: bool = False) -> str:
             "seq_lens_ptr": "i32", "out_ptr": "bf16", "part_out_ptr": "fp32", "part_m_ptr": "fp32",
             "part_l_ptr": "fp32", "k_scale_ptr": "fp32", "v_scale_ptr": "fp32"}
     consts = {"G": 4, "HEADS": 1, "BLOCK_G": 16, "BLOCK_SIZE": 16, "HEAD_DIM": 128, "BLOCK_N": 64,
-              "ONE_SPLIT": False, "IEEE_DOT": False, "KV_FP8": False, "PDL": 2, "PREFETCH": prefetch,
-              "EARLY_KV": early_kv}
+              "ONE_SPLIT": False, "IEEE_DOT": False, "KV_FP8": False, "PDL": 2, "PREFETCH": prefetch}
     return _sm90_ptx(_decode_partition_kernel, ptrs, consts, ("qk_scale_log2",))
 
 
@@ -135,39 +134,6 @@ def test_decode_attention_prefetches_before_the_wait_and_reads_nothing_it_uses_f
         ptx = _sm90_ptx(_decode_reduce_kernel, ptrs, consts | {"EARLY": early})
         before = ptx[:ptx.find("griddepcontrol.wait")]
         assert re.findall(r"ld\.global[\w.]*", before) == want and "st.global" not in before
-
-
-def test_decode_attention_reads_older_keys_before_the_wait_and_the_newest_after_it_for_sm90() -> None:
-    """Phase 1's early first tile (``decode_attention._stable_first_tile``) in the sm_90 code:
-    before ``griddepcontrol.wait`` only loads past L1 (``ld.global.cg``: the sequence length, the
-    block-table entries and the first tile's K and V elements), no store and no prefetch; after
-    it, beyond the plain kernel's loads (the query and the later tiles), only the newest key's K
-    and V rows: 2 x 128 elements over the 64 threads, 4 loads each (this offline compile knows no
-    alignment, so the 16-bit loads are not vectorized)."""
-    import re
-
-    ptx = _decode_partition_ptx(prefetch=True, early_kv=True)
-    wait = ptx.find("griddepcontrol.wait")
-    before, after = ptx[:wait], ptx[wait:]
-    loads = re.findall(r"ld\.global[\w.]*", before)
-    assert wait > 0 and all(op.startswith("ld.global.cg") for op in loads), loads
-    assert loads.count("ld.global.cg.b16") == 2 * 128 * 64 // 64, loads  # the tile's K and V
-    assert "st.global" not in before and "prefetch" not in ptx and "cp.async" not in before
-    plain = _decode_partition_ptx(prefetch=True)
-    plain_after = re.findall(r"ld\.global[\w.]*", plain[plain.find("griddepcontrol.wait"):])
-    after_loads = re.findall(r"ld\.global[\w.]*", after)
-    assert not any(op.startswith("ld.global.cg") for op in after_loads)
-    assert len(after_loads) == len(plain_after) + 4, (len(after_loads), len(plain_after))
-
-
-def test_decode_attention_early_kv_is_on_with_pdl_unless_configured() -> None:
-    from kernels.triton_ops import decode_attention
-    from kernels.triton_ops.decode_attention import DecodeConfig, early_kv
-
-    assert early_kv(DecodeConfig(), pdl=True) == decode_attention._EARLY_KV
-    assert not early_kv(DecodeConfig(), pdl=False)
-    assert early_kv(DecodeConfig(early_kv=True), pdl=False)  # the interpreter's check
-    assert not early_kv(DecodeConfig(early_kv=False), pdl=True)
 
 
 def test_decode_attention_prefetches_only_with_pdl() -> None:

@@ -5,8 +5,7 @@ fused add + RMSNorm, the one-token linears (bf16, fp8 weight-only, 4-bit words; 
 SiLU-and-mul; 4-bit also through the tensor-core GEMV, ``w4mma``, and with the word kernel's
 first tile not peeled, ``w4unpeeled``), rotary + KV store into the paged cache (bf16 and fp8) and
 split-KV decode attention (both phases), with the reads before the PDL wait (the attention's
-L2 prefetch or its first tile of older keys, rotary's early inputs) on and off. The KV caches
-the chain writes are compared too.
+L2 prefetch, rotary's early inputs) on and off. The KV caches the chain writes are compared too.
 
 One command: ``python -m pytest -q tests/kernels/test_pdl_gpu.py``.
 """
@@ -153,14 +152,12 @@ def _mma_for_words(calls: list[int]) -> Any:
                                              ("fp8-early", True), ("bf16-late", False)])
 def test_pdl_decode_chain_is_bit_for_bit_the_plain_launches_gpu(fmt: str, kv_fp8: bool,
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    """``-early`` / ``-late``: the reads before the PDL wait (the decode attention's L2 prefetch
-    and first tile of older keys, rotary's position, slot and cos/sin) on / off, whatever the
-    defaults."""
+    """``-early`` / ``-late``: the reads before the PDL wait (the decode attention's L2 prefetch,
+    rotary's position, slot and cos/sin) on / off, whatever the defaults."""
     calls: list[int] = []
     fmt, _, reads = fmt.partition("-")
     if reads:
         monkeypatch.setattr(decode_attention, "_PREFETCH", reads == "early")
-        monkeypatch.setattr(decode_attention, "_EARLY_KV", reads == "early")
         monkeypatch.setattr(rotary_kv, "_EARLY_INPUTS", reads == "early")
     if fmt == "w4mma":  # the tensor-core 4-bit GEMV in every 4-bit linear of the one-token chain
         monkeypatch.setattr(wna16_module, "gemv_wna16", _mma_for_words(calls))

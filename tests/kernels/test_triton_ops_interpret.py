@@ -26,7 +26,6 @@ _KERNELS = [
     "paged_attention_split",
     "paged_attention_decodes",
     "paged_decode_attention",
-    "decode_early_kv",
     "decode_prefetch_lines",
     "rms_norm",
     "fused_add_rms_norm",
