@@ -44,6 +44,7 @@ from kernels.triton_ops import decode_attention, gemv, pdl, rotary_kv, wna16
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_gpu_report as report  # noqa: E402
 import trace_gaps  # noqa: E402
+from gc_pauses import GcPauses  # noqa: E402
 from gpu_clocks import ClockSampler, smi_device_id  # noqa: E402
 from results import (  # noqa: E402
     DEFAULT_GPU_PRICE_PER_HOUR_USD,
@@ -102,11 +103,13 @@ TUNED_TOKEN_BUDGET = 8192
 
 class OurEngine:
     """The engine core as the worker runs it (scheduler + KV cache manager + model runner, the
-    KV pool sized by profiling), without tokenizer or detokenizer, like HF's token-id outputs."""
+    KV pool sized by profiling), without tokenizer or detokenizer, like HF's token-id outputs.
+    ``gc_freeze``: startup's objects frozen once the engine is warm, as the serving entry points
+    do (``llmserve.gc_tuning``; DECISIONS 157), and handed back at :meth:`close`."""
 
     def __init__(self, model_dir: Path, max_num_seqs: int = 256, enforce_eager: bool = False,
                  async_scheduling: bool = True, max_num_batched_tokens: int = STEP_TOKEN_BUDGET,
-                 **engine_args: Any) -> None:
+                 gc_freeze: bool = True, **engine_args: Any) -> None:
         from gpu_worker.config import EngineConfig
         from gpu_worker.engine.core import EngineCore
 
@@ -124,6 +127,11 @@ class OurEngine:
         torch.cuda.synchronize()
         self.load_s, self.warmup_s = t1 - t0, time.perf_counter() - t1
         self._ids = 0
+        self.gc_frozen = gc_freeze
+        if gc_freeze:
+            from llmserve.gc_tuning import freeze_startup_objects
+
+            freeze_startup_objects()
 
     def run(self, prompts: list[list[int]], max_tokens: int,
             on_step: Callable[[int], None] | None = None) -> dict[str, Any]:
@@ -152,6 +160,10 @@ class OurEngine:
                     ttft_s=(first[0] - t_start) if first else None)
 
     def close(self) -> None:
+        if self.gc_frozen:
+            from llmserve.gc_tuning import unfreeze_objects
+
+            unfreeze_objects()
         if self.core.runner.graphs is not None:
             self.core.runner.graphs.clear()
         del self.core
@@ -357,25 +369,33 @@ def hf_model(model_dir: Path) -> Any:
 def hf_static(
     model: Any, prompts: list[list[int]], batch: int, max_tokens: int, timed: int
 ) -> dict[str, Any]:
+    """HF ``generate`` over static batches of ``batch`` prompts, ``timed`` of them, twice: the first
+    pass is HF's first call at this shape (``first_elapsed_s``), the second the timed figure. The
+    first pass grows the caching allocator's pool as HF's cache grows by concatenation each step
+    (new, larger tensors every step: cudaMalloc calls inside the run); a serving process is past
+    that after its first batch. On an H100 (2026-12-06) W1's b256 batch ran 2,159 tok/s on its
+    first call and 4,762 / 4,840 on the next two (DECISIONS 157)."""
     from transformers import GenerationConfig
 
     gen = GenerationConfig(max_new_tokens=max_tokens, min_new_tokens=max_tokens, do_sample=False,
                            pad_token_id=0, eos_token_id=None)
     ids = torch.tensor(prompts, device="cuda")
-    with torch.inference_mode():
-        model.generate(ids[:2, :16], attention_mask=torch.ones_like(ids[:2, :16]),
-                       generation_config=GenerationConfig(max_new_tokens=4, do_sample=False,
-                                                          pad_token_id=0, eos_token_id=None))
+    batches = [ids[i : i + batch] for i in range(0, len(prompts), batch)][:timed]
+
+    def run() -> tuple[float, int]:
         torch.cuda.synchronize()
-        batches = [ids[i : i + batch] for i in range(0, len(prompts), batch)][:timed]
         t0 = time.perf_counter()
         n_out = 0
         for b in batches:
             out = model.generate(b, attention_mask=torch.ones_like(b), generation_config=gen)
             n_out += (out.shape[1] - b.shape[1]) * b.shape[0]
         torch.cuda.synchronize()
-    elapsed = time.perf_counter() - t0
-    return dict(elapsed_s=elapsed, output_tokens=n_out, batches_timed=len(batches),
+        return time.perf_counter() - t0, n_out
+
+    with torch.inference_mode():
+        first, _ = run()
+        elapsed, n_out = run()
+    return dict(elapsed_s=elapsed, output_tokens=n_out, first_elapsed_s=first, batches_timed=len(batches),
                 batches_total=-(-len(prompts) // batch))
 
 
@@ -423,7 +443,8 @@ def bench_ours(
     if ctx.args.mixed_graph_max_tokens is not None:
         extra_args["mixed_graph_max_tokens"] = ctx.args.mixed_graph_max_tokens
     engine = OurEngine(model_dir, enforce_eager=ctx.args.eager, async_scheduling=async_scheduling,
-                       max_num_batched_tokens=ctx.args.max_num_batched_tokens, **extra_args)
+                       max_num_batched_tokens=ctx.args.max_num_batched_tokens,
+                       gc_freeze=ctx.args.gc_freeze == "on", **extra_args)
     name = "llmserve" if async_scheduling else "llmserve_sync"
     cfg = report.shape_numbers(SHAPES[shape])
     smi = smi_device_id(torch.cuda.current_device())  # the card whose clocks the rows record
@@ -433,13 +454,14 @@ def bench_ours(
         _, n, p_len, o_len = WORKLOADS[w]
         warm_up(engine, w)
         if w == "W2":
-            with ClockSampler(smi) as clocks:
+            with ClockSampler(smi) as clocks, GcPauses() as pauses:
                 res = engine.run(prompts_for(1, p_len, 2), o_len)
             tpot = (res["elapsed_s"] - res["ttft_s"]) / (o_len - 1)
             floor = report.w2_roofline_tok_s(cfg, ctx.ceilings, p_len, o_len)
             ctx.add(w, shape, name, 1 / tpot, ttft_s=round(res["ttft_s"], 5),
                     tpot_ms=round(tpot * 1e3, 4), e2e_s=round(res["elapsed_s"], 4),
-                    floor_tok_s=round(floor, 1), share_of_floor=round(1 / tpot / floor, 4), **clocks.fields())
+                    floor_tok_s=round(floor, 1), share_of_floor=round(1 / tpot / floor, 4), **clocks.fields(),
+                    **pauses.fields())
             if ctx.args.profile:
                 stats = profile_decode(engine, prompts_for(1, p_len, 3), ctx.out_dir, f"{w}_{shape}")
                 print(f"  profile {w} {shape}: {stats}", flush=True)
@@ -447,12 +469,16 @@ def bench_ours(
             continue
         prompts = prompts_for(n, p_len, 1)
         host_ms = host_speed_ms()
-        with ClockSampler(smi) as clocks:
+        with ClockSampler(smi) as clocks, GcPauses() as pauses:
             res = engine.run(prompts, o_len)
         # Every step's (requests that got a token, end in seconds from the start): where a run's
         # time went beyond the median step.
         steps = [(k, round(end - res["t_start"], 6)) for k, end in res["steps"]]
-        (ctx.out_dir / f"steps_{w}_{shape}_{name}.json").write_text(json.dumps(steps))
+        path, again = ctx.out_dir / f"steps_{w}_{shape}_{name}.json", 1
+        while path.exists():  # a workload named twice (--workloads W1,W1): one file per run
+            again += 1
+            path = ctx.out_dir / f"steps_{w}_{shape}_{name}_{again}.json"
+        path.write_text(json.dumps(steps))
         tok_s = res["output_tokens"] / res["elapsed_s"]
         floor = report.w1_floor_tok_s(cfg, ctx.ceilings, n, p_len, o_len)
         ctx.add(w, shape, name, tok_s, elapsed_s=round(res["elapsed_s"], 3),
@@ -460,7 +486,8 @@ def bench_ours(
                 share_of_floor=round(tok_s / floor, 4), num_kv_blocks=engine.num_blocks,
                 cuda_graphs=not ctx.args.eager, max_num_batched_tokens=ctx.args.max_num_batched_tokens,
                 mixed_graph_max_tokens=ctx.args.mixed_graph_max_tokens,
-                host_sched_update_ms=host_ms, **decode_step_stats(res, n), **clocks.fields())
+                host_sched_update_ms=host_ms, **decode_step_stats(res, n), **clocks.fields(),
+                **pauses.fields())
         if ctx.args.profile:
             stats = profile_decode(engine, prompts, ctx.out_dir, f"{w}_{shape}", ctx.args.profile_step)
             print(f"  profile {w} {shape}: {stats}", flush=True)
@@ -516,7 +543,8 @@ def bench_hf(ctx: Ctx, shape: str, model_dir: Path, workloads: list[str], engine
                 res = hf_static(model, prompts, batch, o_len, ctx.args.hf_batches_timed)
                 ctx.add(w, shape, f"hf_generate_static_b{batch}", res["output_tokens"] / res["elapsed_s"],  # noqa: E501
                         elapsed_s=round(res["elapsed_s"], 3), batches_timed=res["batches_timed"],
-                        batches_total=res["batches_total"])
+                        batches_total=res["batches_total"], warm=True,
+                        first_call_tok_s=round(res["output_tokens"] / res["first_elapsed_s"], 1))
         if "hf_batch" in engines and w != "W2":
             sub = prompts[: ctx.args.gen_batch_requests]
             try:
@@ -580,6 +608,10 @@ def main() -> None:
                     help="rotary + K/V store in the one-token qkv GEMVs' epilogue: all, none, the 4-bit "
                     "one only or the 16-bit / fp8 ones only (wna16.M1_ROPE, gemv.DENSE_ROPE; default: "
                     "the engine's); rows record it as qkv_rope")
+    ap.add_argument("--gc-freeze", choices=("on", "off"), default="on",
+                    help="our engine core's startup objects frozen out of the cyclic GC once it is warm, as "
+                    "the serving entry points do (llmserve.gc_tuning); rows record the collector's pauses "
+                    "during each timed run (gc_*)")
     ap.add_argument("--run-id", default="",
                     help="the rows' run_id (default: a new one; pass one to join calls)")
     ap.add_argument("--engines", default="ours,hf,hf_batch",
