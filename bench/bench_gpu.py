@@ -9,9 +9,12 @@ W4A16, and W5: llama3-70b in fp8 on one card; ``bench_gpu_quant.py``).
 Models have random bf16 weights in the shapes of llama3-8b / llama3-1b (configs written here,
 ``load_format="dummy"``). Our engine runs as its engine core (scheduler + KV cache manager +
 model runner, the KV pool sized from ``gpu_memory_utilization`` by profiling): it excludes
-detokenization, like HF's token-id outputs. HF ``generate`` runs static batches; with
-``--hf-batches-timed k`` only ``k`` batches of each size are timed (throughput of one full
-batch is what a static batch of that size gives over the whole workload). HF
+detokenization, like HF's token-id outputs. HF ``generate`` runs static batches, timed on its
+second call at the timed shape (its first, recorded as ``first_call_tok_s``, runs at a quarter
+to a half of that: DECISIONS 157); with ``--hf-batches-timed k`` only ``k`` batches of each size
+are timed (throughput of one full batch is what a static batch of that size gives over the
+whole workload). Our engine core freezes its startup objects out of the cyclic GC after its
+warm-up, as the servers do (``--gc-freeze``); every timed run records the collector's pauses. HF
 ``generate_batch`` runs on ``--gen-batch-requests`` of W1's requests (its own warm-up
 included, as in BASELINES.md). Prints a table, appends JSON lines and writes a Markdown report.
 

@@ -12,6 +12,7 @@ from gpu_worker.engine.output_processor import OutputKind
 from gpu_worker.engine.processor import ProcessedRequest
 from gpu_worker.outputs import RequestOutput
 from gpu_worker.sampling_params import SamplingParams
+from llmserve.gc_tuning import objects_frozen
 from llmserve.prompt_input import ChatPrompt, PromptInput
 
 Conversation = Sequence[dict[str, str]]
@@ -111,10 +112,13 @@ class LLM:
         try:
             for request in processed:
                 self.engine.add_processed(request, OutputKind.FINAL_ONLY)
-            while self.engine.has_unfinished_requests():
-                for output in self.engine.step():
-                    if output.finished:
-                        results[output.request_id] = output
+            # Collections inside the run skip what was alive before it (the model, the caller's
+            # objects): a full one would stall every request (llmserve.gc_tuning).
+            with objects_frozen():
+                while self.engine.has_unfinished_requests():
+                    for output in self.engine.step():
+                        if output.finished:
+                            results[output.request_id] = output
         except BaseException:
             self.engine.abort_request(r.request_id for r in processed if r.request_id not in results)
             raise
