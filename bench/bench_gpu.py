@@ -373,11 +373,12 @@ def hf_static(
     model: Any, prompts: list[list[int]], batch: int, max_tokens: int, timed: int
 ) -> dict[str, Any]:
     """HF ``generate`` over static batches of ``batch`` prompts, ``timed`` of them, twice: the first
-    pass is HF's first call at this shape (``first_elapsed_s``), the second the timed figure. The
-    first pass grows the caching allocator's pool as HF's cache grows by concatenation each step
-    (new, larger tensors every step: cudaMalloc calls inside the run); a serving process is past
-    that after its first batch. On an H100 (2026-12-06) W1's b256 batch ran 2,159 tok/s on its
-    first call and 4,762 / 4,840 on the next two (DECISIONS 157)."""
+    pass is HF's first call at this shape (``first_elapsed_s``), the second the timed figure: a
+    serving process is past its first batch, and our engine is timed after a warm-up at the full
+    shape. (The first call's cost was not profiled; HF's cache grows by concatenation every step,
+    so the caching allocator's pool growing during the first run is the likely part.) On an H100
+    (2026-12-06) W1's b256 batch ran 2,159 tok/s on its first call and 4,762 / 4,840 on the next
+    two (DECISIONS 157)."""
     from transformers import GenerationConfig
 
     gen = GenerationConfig(max_new_tokens=max_tokens, min_new_tokens=max_tokens, do_sample=False,
