@@ -140,7 +140,8 @@ class Run:
     def settings(self) -> dict[str, Any]:
         """The run's engine settings every row records."""
         return {"m1_shape_tiles": self.m1_shape_tiles, "early_reads": bench.early_reads(),
-                "pdl_trigger": bench.pdl_trigger(), "qkv_rope": bench.qkv_rope()}
+                "pdl_trigger": bench.pdl_trigger(), "qkv_rope": bench.qkv_rope(),
+                "gc_freeze": self.args.gc_freeze}
 
     def find(self, shape: str, label: str, workload: str) -> ResultRow | None:
         return next(
@@ -159,7 +160,7 @@ def bench_engine(run: Run, shape: str, label: str, engine_args: dict[str, Any], 
     model_dir = bench.write_config(shape, run.args.out_dir / "configs", extra, folder)
     quantization = {"fp8": "fp8", "gptq": "w4a16"}.get(engine_args.get("quantization", ""), "none")
     kv = engine_args.get("kv_cache_dtype", "auto")
-    engine = bench.OurEngine(model_dir, **engine_args)
+    engine = bench.OurEngine(model_dir, gc_freeze=run.args.gc_freeze == "on", **engine_args)
     try:
         _bench_workloads(run, engine, shape, label, quantization, kv, workloads)
     finally:

@@ -49,7 +49,7 @@ that stream at the card's bandwidth:
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -98,8 +98,10 @@ def _rope_out(n: int, k: int, tiles: GemvTiles, x: torch.Tensor, rope: RopeStore
     return torch.empty((1, rope.num_q_heads * rope.head_dim), dtype=x.dtype, device=x.device)
 
 
-def _rope_args(rope: RopeStore) -> dict[str, Any]:
-    """The GEMV kernels' ``ROPE`` arguments for ``rope``."""
+def _rope_args(rope: RopeStore | None) -> dict[str, Any]:
+    """The GEMV kernels' ``ROPE`` arguments for ``rope`` (none without it: the kernels' defaults)."""
+    if rope is None:
+        return {}
     d = rope.head_dim
     return dict(pos_ptr=rope.positions, cos_sin_ptr=rope.cos_sin, stride_cs=rope.cos_sin.stride(0),
                 slot_ptr=rope.slot_mapping, kc_ptr=rope.key_cache, vc_ptr=rope.value_cache,
@@ -918,7 +920,7 @@ def gemv16(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, *
     args = (x, out, w, out, bias if bias is not None else out)  # no scales: out stands in
     return _launch(_gemv_dense_kernel, args, 1, n, k, out, None, None, bias, tiles, stride_xm=x.stride(0),
                    stride_wn=w.stride(0), stride_om=out.stride(0), HAS_XS=False, HAS_WS=False, BLOCK_M=1,
-                   GATED=gated, pdl=pdl, **(_rope_args(rope) if rope is not None else {}))
+                   GATED=gated, pdl=pdl, **_rope_args(rope))
 
 
 def linear16_tiles(k: int, gated: bool = False) -> GemvTiles:
@@ -1047,7 +1049,7 @@ def _gemv_fp8_weights(x: torch.Tensor, xs: torch.Tensor | None, w_fp8: torch.Ten
                    stride_wn=w_fp8.stride(0), stride_om=out.stride(0), HAS_XS=xs is not None,
                    HAS_WS=block is None, BLOCK_M=triton.next_power_of_2(m), GATED=gated,
                    PART=min(FP8_PART, tiles.block_k), pdl=pdl, **blocks,
-                   **(_rope_args(rope) if rope is not None else {}))
+                   **_rope_args(rope))
 
 
 MAX_M = 16  # tokens gemv_fp8 takes (its register tile is [BLOCK_M, BLOCK_N, BLOCK_K])
@@ -1089,6 +1091,12 @@ def fit_block_k(block_k: int, group_size: int) -> int:
     return block_k
 
 
+def fit_tiles(tiles: GemvTiles, group_size: int) -> GemvTiles:
+    """``tiles`` as :func:`gemv_wna16` launches them for groups of ``group_size``
+    (:func:`fit_block_k`)."""
+    return replace(tiles, block_k=fit_block_k(tiles.block_k, group_size))
+
+
 def gemv_wna16(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | None,
                bits: int, group_size: int, bias: torch.Tensor | None = None, *,
                tiles: GemvTiles | None = None, factored: bool = True, words: bool = True,
@@ -1118,8 +1126,7 @@ def gemv_wna16(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, off
     ``[q; k; v]`` and the GEMV rotates q and k and stores k and v into the caches in its epilogue
     (:func:`_rope_epilogue`), returning the rotated q ``[1, Hq * D]``: bit for bit this GEMV then
     ``rotary_store_kvcache``, one launch."""
-    tiles = tiles or GemvTiles()
-    tiles = GemvTiles(tiles.block_n, fit_block_k(tiles.block_k, group_size), tiles.num_warps, tiles.split_k)
+    tiles = fit_tiles(tiles or GemvTiles(), group_size)
     x = _one_row(x)
     n = qweight.shape[0]
     k = x.shape[1]
@@ -1156,7 +1163,7 @@ def gemv_wna16(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, off
                        PAIRS=use_pairs, EVEN=even, PEEL=peel,
                        XLOAD=xload and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and even
                        and x.data_ptr() % 16 == 0, pdl=pdl,
-                       **(_rope_args(rope) if rope is not None else {}))
+                       **_rope_args(rope))
     return _launch(_gemv_int_kernel, args, 1, n, k, out, None, None, bias, tiles,
                    stride_qn=qweight.stride(0), stride_sn=scales.stride(0), BITS=bits, GROUP=group_size,
                    SUB=sub, SIGNED8=signed8, HAS_OFFSET=offsets is not None, FACTORED=factored, pdl=pdl)

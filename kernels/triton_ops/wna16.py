@@ -30,7 +30,7 @@ through a ``[rows, groups, group_size]`` view of the tile (no per-element gather
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from types import MappingProxyType
 
 import torch
@@ -42,6 +42,7 @@ from kernels.triton_ops.gemv import (
     GemvTiles,
     as_words,
     fit_block_k,
+    fit_tiles,
     gemv_wna16,
     k_per_split,
     reduce_splits,
@@ -378,8 +379,7 @@ def wna16_rope_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tens
     caller then runs the two ops."""
     n, k = qweight.shape[0], x.shape[-1]
     x2 = x.reshape(-1, k)
-    tiles = m1_tiles(n, k)
-    tiles = replace(tiles, block_k=fit_block_k(tiles.block_k, group_size))  # what gemv_wna16 launches
+    tiles = fit_tiles(m1_tiles(n, k), group_size)  # what gemv_wna16 launches
     if (not M1_ROPE or x2.shape[0] != 1 or bits != 4 or as_words(qweight) is None
             or not rope_fits(n, k, tiles, rope)):
         return None

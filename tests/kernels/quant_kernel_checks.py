@@ -604,16 +604,23 @@ def _rope_case(t: Target, gen: torch.Generator, hq: int, hk: int, d: int) -> tup
     return (pos, cos_sin, *caches)
 
 
+def _unfused_rope(y: torch.Tensor, pos: torch.Tensor, cos_sin: torch.Tensor, key_cache: torch.Tensor,
+                  value_cache: torch.Tensor, slot: torch.Tensor, hq: int, hk: int, d: int) -> torch.Tensor:
+    """The plain path after a GEMV's ``[q; k; v]`` output ``y``: ``rotary_store_kvcache``, which
+    stores k and v into the caches; returns the rotated q ``[1, hq, d]``."""
+    q = y[:, :hq * d].reshape(1, hq, d).clone()
+    tops.rotary_store_kvcache(pos, q, y[:, hq * d:(hq + hk) * d].reshape(1, hk, d),
+                              y[:, (hq + hk) * d:].reshape(1, hk, d), cos_sin, key_cache, value_cache, slot)
+    return q
+
+
 def _assert_rope_matches(t: Target, gen: torch.Generator, gemv: Callable[..., torch.Tensor],
                          hq: int, hk: int, d: int, slot_value: int, what: str) -> None:
     """``gemv(rope=None)`` then ``rotary_store_kvcache`` against ``gemv(rope=...)``: bit for bit
     the rotated q and both whole caches (a negative slot: nothing stored)."""
     pos, cos_sin, k1, v1, k2, v2 = _rope_case(t, gen, hq, hk, d)
     slot = torch.tensor([slot_value], device=t.device)
-    y = gemv(rope=None)
-    q = y[:, :hq * d].reshape(1, hq, d).clone()
-    tops.rotary_store_kvcache(pos, q, y[:, hq * d:(hq + hk) * d].reshape(1, hk, d),
-                              y[:, (hq + hk) * d:].reshape(1, hk, d), cos_sin, k1, v1, slot)
+    q = _unfused_rope(gemv(rope=None), pos, cos_sin, k1, v1, slot, hq, hk, d)
     got = gemv(rope=RopeStore(pos, cos_sin, k2, v2, slot, hq, hk, d))
     assert got.shape == (1, hq * d) and torch.equal(got.reshape(1, hq, d), q), f"q {what}"
     assert torch.equal(k2, k1) and torch.equal(v2, v1), f"caches {what}"
@@ -668,10 +675,7 @@ def check_gemv_rope(t: Target) -> None:
             pos, cos_sin, k1, v1, k2, v2 = _rope_case(t, gen, hq, hk, d)
             rope = RopeStore(pos, cos_sin, k2, v2, torch.tensor([5], device=t.device), hq, hk, d)
             via_op = op(rope)
-            q = y[:, :hq * d].reshape(1, hq, d).clone()
-            tops.rotary_store_kvcache(pos, q, y[:, hq * d:(hq + hk) * d].reshape(1, hk, d),
-                                      y[:, (hq + hk) * d:].reshape(1, hk, d), cos_sin, k1, v1,
-                                      rope.slot_mapping)
+            q = _unfused_rope(y, pos, cos_sin, k1, v1, rope.slot_mapping, hq, hk, d)
             assert via_op is not None and torch.equal(via_op.reshape(1, hq, d), q), f"{name} q"
             assert torch.equal(k2, k1) and torch.equal(v2, v1), f"{name} caches"
         two = torch.cat([x, x])
