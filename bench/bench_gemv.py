@@ -685,6 +685,72 @@ def bench_w4_split(rec: Recorder) -> None:
         torch.cuda.empty_cache()
 
 
+# One-token tilings the integer decode is timed at (block_n, block_k, warps); None: the engine's.
+DP4A_TILES: list[tuple[int, int, int] | None] = [None, (8, 2048, 4), (4, 2048, 4), (8, 4096, 8),
+                                                 (16, 4096, 8)]
+
+
+def _w4_engine(x: torch.Tensor, tiles: G.GemvTiles, gated: bool, dp4a: bool, q: torch.Tensor,
+               s: torch.Tensor) -> torch.Tensor:
+    return G.gemv_wna16(x, q, s, None, 4, 128, tiles=tiles, gated=gated, pairs=True, peel=True, xload=True,
+                        pdl=True, dp4a=dp4a)
+
+
+def bench_w4_dp4a(rec: Recorder, rounds: int = 3) -> None:
+    """The one-token 4-bit word GEMV with the integer decode (``dp4a``: inputs as 16-bit fixed
+    point per word, ``dp4a`` on the nibbles in place) against the packed bf16 decode, both with
+    the engine's xload / peel / PDL: per llama3-8b projection (gate_up gated) at ``DP4A_TILES``,
+    alternating in ``rounds``; each shape's error against the torch reference (random inputs, and
+    with one input in 64 made 100 times larger); then 32 decoder layers (norms and the four
+    projections as ``wna16.one_token_gemv`` runs them) with ``wna16.M1_DP4A`` off and on."""
+    for shape, (n, k) in SHAPES_8B.items():
+        gated = shape == "gate_up"
+        x = torch.randn(1, k, device=DEV, dtype=torch.bfloat16)
+        w4 = w4_layers(n, k, 32)
+        nbytes = w4_nbytes(n, k)
+        errs = []
+        for name, xin in (("randn", x), ("outliers", x * (1 + 99 * (torch.arange(k, device=DEV) % 64 == 0)))):
+            ref = qref.wna16_linear(xin, w4[0][0], w4[0][1], None, 4, 128).float()
+            for dp in (False, True):
+                got = G.gemv_wna16(xin, *w4[0], None, 4, 128, tiles=wna16.m1_tiles(n, k), pairs=True,
+                                   xload=True, dp4a=dp).float()
+                err = float((got - ref).abs().max() / ref.abs().max())
+                errs.append(f"{name} {'dp4a' if dp else 'pairs'} {err:.1e}")
+        best: dict[str, float] = {}
+        for t in DP4A_TILES:
+            tiles = wna16.m1_tiles(n, k, gated) if t is None else G.GemvTiles(*t, 1)
+            label = "engine" if t is None else ",".join(map(str, t))
+            for _ in range(rounds):
+                for dp in (False, True):
+                    ms = time_chain(chain(partial(_w4_engine, x, tiles, gated, dp), w4))
+                    variant = f"{label} {'dp4a' if dp else 'pairs'}"
+                    row = rec.add("w4_dp4a", shape, variant, ms, nbytes, 32)
+                    best[variant] = min(best.get(variant, 1e9), row["us_per_layer"])
+        print(f"w4 dp4a {shape}{' gated' if gated else ''} (error / max |ref|: {'; '.join(errs)}): "
+              + " | ".join(f"{v} {us:.2f}" for v, us in best.items()), flush=True)
+        del w4
+        torch.cuda.empty_cache()
+    layers_w, nbytes, _ = _pdl_layers("w4")
+
+    def linear(h: torch.Tensor, w: Any, gated: bool = False) -> torch.Tensor:
+        return wna16.one_token_gemv(h, w[0], w[1], None, 4, 128, None, pdl=True, gated=gated)
+
+    saved = wna16.M1_DP4A
+    try:
+        for _ in range(rounds):
+            for dp in (False, True):
+                wna16.M1_DP4A = dp
+                run = decoder_chain(layers_w, linear, partial(linear, gated=True), norm_pdl=True)
+                variant = "dp4a" if dp else "pairs"
+                row = rec.add("w4_dp4a_decoder", "decoder", variant, time_chain(run, reps=20), nbytes, 32)
+                print(f"w4 decoder {row['variant']}: {row['us_per_layer']:.2f} us per layer "
+                      f"({row['share_of_copy']:.0%} of copy)", flush=True)
+    finally:
+        wna16.M1_DP4A = saved
+    layers_w.clear()
+    torch.cuda.empty_cache()
+
+
 def bench_w4_act(rec: Recorder) -> None:
     """What act-order costs at one token: the engine's 4-bit linears (``get_ops``'s
     ``wna16_linear`` / ``wna16_gated_linear``, PDL on) over 32 llama3-8b layers of qkv, o and
@@ -837,7 +903,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--parts", default="bf16,fp8,w4,fp8_70b,fp8_small_m",
                     help="comma-separated: bf16, fp8, w4, w4_bytes, fp8_70b, fp8_small_m, gated, linear16, "
-                         "w4_ptx, linear_fp8, pdl, w4mma, w4gemm, small_m, w4_split, fp8_block, w4_act")
+                         "w4_ptx, linear_fp8, pdl, w4mma, w4gemm, small_m, w4_split, fp8_block, w4_act, "
+                         "w4_dp4a")
     ap.add_argument("--json", default="", help="append the rows here (JSON lines)")
     ap.add_argument("--tiles", default="",
                     help="the bf16/fp8 sweep's tilings instead of the default list: 'bn,bk,warps;...'")
@@ -875,6 +942,8 @@ def main() -> None:
             bench_fp8_block(rec)
         elif part == "w4_act":
             bench_w4_act(rec)
+        elif part == "w4_dp4a":
+            bench_w4_dp4a(rec)
         else:
             bench_format(rec, part, tiles_list, splits)
     if args.w4_table:

@@ -583,6 +583,13 @@ def qkv_rope() -> str:
     return f"w4={on[wna16.M1_ROPE]},dense={on[gemv.DENSE_ROPE]}"
 
 
+def w4_decode() -> str:
+    """How the one-token 4-bit GEMV multiplies (``--w4-dp4a``), recorded on every quantization
+    row: ``"dp4a"`` (``wna16.M1_DP4A``: 16-bit fixed-point inputs, integer dot products) or
+    ``"pairs"`` (the packed bf16 decode)."""
+    return "dp4a" if wna16.M1_DP4A else "pairs"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--commit", default="unknown")
@@ -612,6 +619,9 @@ def main() -> None:
                     help="rotary + K/V store in the one-token qkv GEMVs' epilogue: all, none, the 4-bit "
                     "one only or the 16-bit / fp8 ones only (wna16.M1_ROPE, gemv.DENSE_ROPE; default: "
                     "the engine's); rows record it as qkv_rope")
+    ap.add_argument("--w4-dp4a", choices=("on", "off"), default=None,
+                    help="the one-token 4-bit GEMV's integer decode (wna16.M1_DP4A; default: the engine's); "
+                    "quantization rows record it as w4_decode")
     ap.add_argument("--gc-freeze", choices=("on", "off"), default="on",
                     help="our engine core's startup objects frozen out of the cyclic GC once it is warm, as "
                     "the serving entry points do (llmserve.gc_tuning); rows record the collector's pauses "
@@ -651,6 +661,8 @@ def main() -> None:
     if args.qkv_rope is not None:
         wna16.M1_ROPE = args.qkv_rope in ("on", "w4")
         gemv.DENSE_ROPE = args.qkv_rope in ("on", "dense")
+    if args.w4_dp4a is not None:
+        wna16.M1_DP4A = args.w4_dp4a == "on"
     workloads = args.workloads.split(",")
     engines = args.engines.split(",")
     card = torch.cuda.get_device_name()

@@ -141,7 +141,7 @@ class Run:
         """The run's engine settings every row records."""
         return {"m1_shape_tiles": self.m1_shape_tiles, "early_reads": bench.early_reads(),
                 "pdl_trigger": bench.pdl_trigger(), "qkv_rope": bench.qkv_rope(),
-                "gc_freeze": self.args.gc_freeze}
+                "w4_decode": bench.w4_decode(), "gc_freeze": self.args.gc_freeze}
 
     def find(self, shape: str, label: str, workload: str) -> ResultRow | None:
         return next(

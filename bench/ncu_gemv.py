@@ -11,7 +11,8 @@ the weight-only fp8 GEMV (``gemv_fp8_weight_only``, gate_up gated), ``bf16_*`` `
 ``gemv16_gated_linear``, ``w4_*`` ``wna16.one_token_gemv`` (the engine's one-token settings) on
 symmetric 4-bit words with groups of 128, ``w4x_*`` ``gemv_wna16`` with ``xload`` forced on
 (whatever ``wna16.M1_XLOAD`` says), ``w4mma_*`` the tensor-core 4-bit GEMV (``gemv_int4_mma``, its
-default tiles) on the same words. The printed times are medians of 20 CUDA-graph replays of one
+default tiles) on the same words, ``w4d_*`` the engine's settings with the integer decode
+(``gemv_wna16(dp4a=True)``). The printed times are medians of 20 CUDA-graph replays of one
 launch (L2 holding what the previous replay left), a sanity check only.
 """
 
@@ -29,7 +30,7 @@ from kernels.triton_ops import wna16
 from kernels.triton_ops.wna16_mma import gemv_int4_mma
 
 DEV = "cuda"
-FORMATS = ("fp8", "bf16", "w4", "w4x", "w4mma")
+FORMATS = ("fp8", "bf16", "w4", "w4x", "w4mma", "w4d")
 
 
 def make_call(name: str) -> Callable[[], torch.Tensor]:
@@ -50,6 +51,9 @@ def make_call(name: str) -> Callable[[], torch.Tensor]:
     sc = (torch.rand(n, k // 128, device=DEV) * 0.02 + 0.001).to(torch.bfloat16)
     if fmt == "w4mma":
         return partial(gemv_int4_mma, x, qw, sc, 128, gated=gated)
+    if fmt == "w4d":
+        return partial(G.gemv_wna16, x, qw, sc, None, 4, 128, tiles=wna16.m1_tiles(n, k, gated), gated=gated,
+                       pairs=True, peel=wna16.M1_PEEL, xload=True, dp4a=True)
     if fmt == "w4x":
         return partial(G.gemv_wna16, x, qw, sc, None, 4, 128, tiles=wna16.GEMV_M1_TILES, gated=gated,
                        pairs=wna16.M1_PAIRS, peel=wna16.M1_PEEL, xload=True)

@@ -84,6 +84,10 @@ M1_PEEL = True
 # in the word tile's layout (gemv.gemv_wna16 ``xload``; the same bits): on an H200 32 llama3-8b
 # layers 47.1-47.9 against 53.8-54.6 us per layer, W2 W4A16 498.8 against 450.0 tok/s (DECISIONS 139).
 M1_XLOAD = True
+# One token, symmetric 4-bit weights and bf16 inputs: the integer decode (gemv._dp4a_ptx: inputs
+# as 16-bit fixed point per word, dp4a on the nibbles in place) instead of the packed bf16 one.
+# Off until a card measures it.
+M1_DP4A = False
 # One token, a layer's [q; k; v] weight: rotary + K/V store in the GEMV's epilogue
 # (wna16_rope_linear; gemv.gemv_wna16 ``rope``), one launch fewer per layer in the decode chain.
 # False: wna16_rope_linear returns None and the layer runs the GEMV, then rotary_store_kvcache.
@@ -340,7 +344,7 @@ def one_token_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     tiles = m1_tiles(qweight.shape[0], x.shape[-1], gated)
     return gemv_wna16(x, qweight, scales, offsets, bits, group_size, bias, tiles=tiles,
                       gated=gated, pairs=_m1_pairs(x), pdl=pdl, peel=M1_PEEL, xload=M1_XLOAD,
-                      counters=counters, rope=rope)
+                      counters=counters, rope=rope, dp4a=M1_DP4A)
 
 
 def mma_tokens(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, group_size: int,

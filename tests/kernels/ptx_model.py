@@ -95,7 +95,37 @@ def _prmt(a: np.ndarray, b: np.ndarray, sel: int) -> np.ndarray:
     return out
 
 
+def _max_xorsign_abs_bf16x2(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``max.NaN.xorsign.abs.bf16x2``: per half the larger magnitude (a NaN if either is one),
+    its sign the XOR of the two signs."""
+    out = np.zeros_like(a)
+    for half in (0, 16):
+        ha, hb = (a >> half) & 0xFFFF, (b >> half) & 0xFFFF
+        ma, mb = ha & 0x7FFF, hb & 0x7FFF
+        nan = (ma > 0x7F80) | (mb > 0x7F80)
+        mag = np.where(nan, 0x7FC0, np.maximum(ma, mb))  # bf16 magnitudes order as integers
+        sign = (ha ^ hb) & 0x8000
+        out |= ((mag | sign) & 0xFFFF).astype(np.uint32) << half
+    return out
+
+
+def _dp4a(a: np.ndarray, b: np.ndarray, c: np.ndarray, a_signed: bool, b_signed: bool) -> np.ndarray:
+    """``dp4a``: the four byte products of ``a`` and ``b`` (each signed or not) added to ``c``, int32."""
+    total = c.view(np.int32).astype(np.int64)
+    for byte in range(4):
+        av = ((a >> (8 * byte)) & 0xFF).astype(np.int64)
+        bv = ((b >> (8 * byte)) & 0xFF).astype(np.int64)
+        if a_signed:
+            av = np.where(av > 127, av - 256, av)
+        if b_signed:
+            bv = np.where(bv > 127, bv - 256, bv)
+        total += av * bv
+    return (total & 0xFFFFFFFF).astype(np.uint32)
+
+
 MODELLED = frozenset({
+    "max.NaN.xorsign.abs.bf16x2", "max.u32", "bfe.u32", "sub.u32", "setp.ge.u32", "selp.b32",
+    "dp4a.s32.u32", "dp4a.s32.s32", "sub.f32",
     "mov.f32", "mov.b32", "mov.b16", "prmt.b32", "lop3.b32", "fma.rn.bf16x2", "fma.rn.f16x2", "shr.u32",
     "shl.b32", "and.b32", "add.f32", "ld.global.nc.b16", "ld.global.b16", "ld.global.u16",
     "ld.global.nc.f32", "ld.global.b32", "ld.global.v4.b32", "cvt.f32.f16", "mul.f32", "fma.rn.f32",
@@ -184,6 +214,23 @@ def run_ptx(ptx: str, operands: dict[int, np.ndarray], memory: bytes = b"") -> d
         elif op == "fma.rn.f32":
             a, b, c = (val(x).view(np.float32).astype(np.float64) for x in args[1:4])
             regs[dst] = (a * b + c).astype(np.float32).view(np.uint32)
+        elif op == "max.NaN.xorsign.abs.bf16x2":
+            regs[dst] = _max_xorsign_abs_bf16x2(val(args[1]), val(args[2]))
+        elif op == "max.u32":
+            regs[dst] = np.maximum(val(args[1]), val(args[2]))
+        elif op == "bfe.u32":
+            regs[dst] = (val(args[1]) >> int(args[2], 0)) & np.uint32((1 << int(args[3], 0)) - 1)
+        elif op == "sub.u32":
+            regs[dst] = ((val(args[1]).astype(np.int64) - val(args[2])) & 0xFFFFFFFF).astype(np.uint32)
+        elif op == "setp.ge.u32":
+            regs[dst] = (val(args[1]) >= val(args[2])).astype(np.uint32)
+        elif op == "selp.b32":
+            regs[dst] = np.where(val(args[3]) != 0, val(args[1]), val(args[2])).astype(np.uint32)
+        elif op in ("dp4a.s32.u32", "dp4a.s32.s32"):
+            regs[dst] = _dp4a(val(args[1]), val(args[2]), val(args[3]), True, op.endswith("s32.s32"))
+        elif op == "sub.f32":
+            diff = val(args[1]).view(np.float32) - val(args[2]).view(np.float32)
+            regs[dst] = diff.astype(np.float32).view(np.uint32)
         elif op == "mul.f32":
             prod = val(args[1]).view(np.float32) * val(args[2]).view(np.float32)
             regs[dst] = prod.astype(np.float32).view(np.uint32)

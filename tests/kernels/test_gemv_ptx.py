@@ -7,6 +7,9 @@ by the interpreter of ``ptx_model.py``:
 - the input loads: eight 16-bit inputs regrouped into the pairs ``(x_r, x_{r+4})`` the decode
   takes (``_pair_loads_ptx``), or as float32 (``_input_loads_ptx``, the float32 decode's);
 - the scale loads (``_GROUP_LOAD_*``): bf16, float16 and float32 scales read as float32;
+- the integer decode (``_limbs_ptx`` then ``_dp4a_ptx``, one or two words at a time): exact for
+  inputs that fit its 16-bit fixed point, within ``2^-15 max |x| sum |q - 8|`` otherwise, NaN
+  for an input that is not finite, 0 for zero inputs;
 - compiled for sm_90, the loop of the ``xload`` kernel moves nothing through shared memory.
 The whole kernel against the torch reference runs on a card (``quant_kernel_checks``).
 """
@@ -94,17 +97,88 @@ def test_group_loads_read_scales_as_float32(dtype: torch.dtype) -> None:
     np.testing.assert_array_equal(regs["$0"].view(np.float32), s.float().numpy())
 
 
+def _dp4a_sums(q: np.ndarray, x: torch.Tensor, words: int) -> np.ndarray:
+    """``sum (q - 8) x`` per lane by the integer decode: ``_limbs_ptx(words)`` on the bf16 inputs
+    ``x`` ``[lanes, 8 words]`` in memory, then ``_dp4a_ptx(words)`` on the words of nibbles ``q``
+    ``[lanes, 8 words]`` (the operands numbered as ``inline_asm_elementwise`` does with
+    ``pack=words``: result-major, then each operand's ``words`` values)."""
+    memory = x.contiguous().view(torch.uint8).numpy().tobytes()
+    lanes = np.arange(_LANES, dtype=np.uint32) * 16 * words
+    ops = {5 * words + u: lanes + 16 * u for u in range(words)}
+    ops |= {6 * words + u: np.zeros(_LANES, dtype=np.uint32) for u in range(words)}  # the PDL token
+    limbs = run_ptx(gemv._limbs_ptx(words), ops, memory)
+    ops = {}
+    for u in range(words):
+        word = np.zeros(_LANES, dtype=np.uint32)
+        for i in range(8):
+            word |= q[:, 8 * u + i].astype(np.uint32) << (4 * i)
+        ops[words + u] = word
+        for operand in range(5):  # lo of even inputs, lo of odd, hi of even, hi of odd, the unit
+            ops[words + (operand + 1) * words + u] = limbs[f"${operand * words + u}"]
+    out = run_ptx(gemv._dp4a_ptx(words), ops)
+    for u in range(1, words):  # the sum is the first word's result, the others are 0
+        np.testing.assert_array_equal(out[f"${u}"], 0)
+    return out["$0"].view(np.float32).astype(np.float64)
+
+
+@pytest.mark.parametrize("words", [1, 2])
+def test_dp4a_program_pairs_each_nibble_with_its_input(words: int) -> None:
+    """Small-integer inputs fit the 16-bit fixed point exactly, so every sum must be exact."""
+    gen = torch.Generator().manual_seed(11)
+    q = torch.randint(0, 16, (_LANES, 8 * words), generator=gen).numpy()
+    x = torch.randint(-4, 5, (_LANES, 8 * words), generator=gen).to(torch.bfloat16)
+    x[:, 0] = 3  # no lane of zeros
+    want = ((q - 8.0) * x.double().numpy()).sum(axis=1)
+    np.testing.assert_array_equal(_dp4a_sums(q, x, words), want)
+
+
+@pytest.mark.parametrize("words", [1, 2])
+def test_dp4a_program_rounds_as_documented(words: int) -> None:
+    """Each input rounds to 16-bit fixed point under the largest of its words' magnitudes: within
+    ``2^-15 max |x| sum |q - 8|`` (and float32's last roundings), over eleven decades of scale
+    and with one input of each lane a thousand times its neighbours."""
+    gen = torch.Generator().manual_seed(12)
+    for scale in (1e-6, 1e-3, 0.5, 3.0, 1e2, 1e4):
+        for outlier in (False, True):
+            q = torch.randint(0, 16, (_LANES, 8 * words), generator=gen).numpy()
+            x = torch.randn(_LANES, 8 * words, generator=gen) * scale
+            if outlier:
+                x[:, 3] *= 1000
+            x = x.to(torch.bfloat16)
+            xd = x.double().numpy()
+            terms = (q - 8.0) * xd
+            err = np.abs(_dp4a_sums(q, x, words) - terms.sum(axis=1))
+            bound = 2.0**-15 * np.abs(xd).max(axis=1) * np.abs(q - 8.0).sum(axis=1)
+            bound = bound * (1 + 2.0**-20) + 2.0**-23 * np.abs(terms).sum(axis=1)
+            assert (err <= bound).all(), (scale, outlier)
+
+
+@pytest.mark.parametrize("words", [1, 2])
+def test_dp4a_program_keeps_nan_and_zero(words: int) -> None:
+    gen = torch.Generator().manual_seed(13)
+    q = torch.randint(0, 16, (_LANES, 8 * words), generator=gen).numpy()
+    x = torch.randn(_LANES, 8 * words, generator=gen).to(torch.bfloat16)
+    x[0, 2], x[1, 8 * words - 1], x[2, 5] = float("nan"), float("inf"), float("-inf")
+    x[3:6] = 0
+    got = _dp4a_sums(q, x, words)
+    assert np.isnan(got[:3]).all()
+    np.testing.assert_array_equal(got[3:6], 0)
+    assert np.isfinite(got[6:]).all()
+
+
 def test_programs_use_only_modelled_instructions() -> None:
     programs = [gemv._pairs_ptx("bf16"), gemv._pairs_ptx("fp16"), gemv._pair_loads_ptx(),
+                gemv._limbs_ptx(1), gemv._limbs_ptx(2), gemv._dp4a_ptx(1), gemv._dp4a_ptx(2),
                 gemv._input_loads_ptx("bf16"), gemv._input_loads_ptx("fp16"),
                 gemv._GROUP_LOAD_BF16.value, gemv._GROUP_LOAD_F16.value, gemv._GROUP_LOAD_F32.value]
     for ptx in programs:
         assert opcodes(ptx) <= MODELLED, opcodes(ptx) - MODELLED
 
 
-@pytest.mark.parametrize(("x_dtype", "pairs"), [("bf16", True), ("fp16", True), ("bf16", False)],
-                         ids=["bf16-pairs", "fp16-pairs", "bf16-offsets"])
-def test_xload_loop_moves_nothing_through_shared_memory(x_dtype: str, pairs: bool) -> None:
+@pytest.mark.parametrize(("x_dtype", "pairs", "dp4a"),
+                         [("bf16", True, 0), ("fp16", True, 0), ("bf16", False, 0), ("bf16", True, 2)],
+                         ids=["bf16-pairs", "fp16-pairs", "bf16-offsets", "bf16-dp4a"])
+def test_xload_loop_moves_nothing_through_shared_memory(x_dtype: str, pairs: bool, dp4a: int) -> None:
     """Inputs and scales read in PTX take the word tile's layout: no layout conversion (shared
     memory and barriers) in the loop, where ``tl.load`` of the same inputs put eight."""
     from triton.backends.compiler import GPUTarget
@@ -115,7 +189,7 @@ def test_xload_loop_moves_nothing_through_shared_memory(x_dtype: str, pairs: boo
                 out_ptr=f"*{x_dtype}", part_ptr="*fp32", cnt_ptr="*i32")
     consts = dict(GROUP=128, SUB=8.0 if pairs else 0.0, HAS_OFFSET=not pairs, HAS_BIAS=False, SPLIT=False,
                   BLOCK_N=8, BLOCK_K=2048, EVEN=True, GATED=False, ASM=True, PAIRS=pairs, PDL=True, PEEL=True,
-                  XLOAD=True, FIXUP=False, ROPE=0)
+                  XLOAD=True, FIXUP=False, ROPE=0, DP4A=dp4a)
     sig = {n: ptrs.get(n, "constexpr" if n in consts else "i32") for n in fn.arg_names}
     attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]]
              for n in fn.arg_names if sig[n] != "constexpr"}

@@ -179,3 +179,49 @@ def test_gemv_wna16_packed_bf16_pairs_gpu() -> None:
               f"float32 decode {float(((word.double() - exact).abs() / scale).max()):.2e}")
         gated = gemv_wna16(x, q, s, None, 4, 128, tiles=tiles, gated=True, pairs=True)
         assert torch.equal(gated, silu_and_mul(got)), (n, k)
+
+
+@pytest.mark.gpu
+def test_gemv_wna16_dp4a_gpu() -> None:
+    """The integer decode (``dp4a``: each thread's two words of inputs as 16-bit fixed point
+    under their largest magnitude, ``dp4a`` on the nibbles) on llama3-8b's shapes, plain inputs
+    and inputs with one channel in 64 a hundred times larger: within ``2^-15`` of each 16-input
+    block's largest ``|x|`` times its ``sum |w|`` (the fixed point's rounding) plus the bf16
+    rounding of the output, of the float64 product of the dequantized weight; its gated form
+    bit for bit its GEMV followed by ``silu_and_mul``; tiles with one word per thread ignore it
+    (the packed bf16 decode's bits)."""
+    from kernels.quant_reference import dequantize_wna16
+    from kernels.triton_ops.activation import silu_and_mul
+    from kernels.triton_ops.gemv import GemvTiles, gemv_wna16
+
+    gen = torch.Generator().manual_seed(12)
+    for n, k, tiles in ((28672, 4096, GemvTiles(8, 2048, 4, 1)), (6144, 4096, GemvTiles(4, 2048, 4, 1)),
+                        (4096, 4096, GemvTiles(8, 4096, 8, 1)), (4096, 14336, GemvTiles(8, 2048, 4, 1))):
+        q = torch.randint(0, 256, (n, k // 2), generator=gen, dtype=torch.uint8).cuda()
+        s = (torch.rand(n, k // 128, generator=gen) * 0.02 + 0.001).half().cuda()
+        w = dequantize_wna16(q, s, None, 4, 128).double()
+        base = torch.randn(1, k, generator=gen)
+        for outliers in (False, True):
+            big = 1 + 99 * (torch.arange(k) % 64 == 0)
+            x = (base * big if outliers else base).to("cuda", torch.bfloat16)
+            got = gemv_wna16(x, q, s, None, 4, 128, tiles=tiles, pairs=True, xload=True, dp4a=True)
+            exact = x.double() @ w.t()
+            block_max = x.double().abs().view(1, k // 16, 16).amax(-1).repeat_interleave(16, -1)
+            bound = 2.0**-15 * (block_max @ w.abs().t()) + 2.0**-8 * exact.abs()
+            bound += 2.0**-20 * (x.double().abs() @ w.abs().t())
+            err = (got.double() - exact).abs()
+            assert bool((err <= bound).all()), (n, k, outliers, float((err / bound).max()))
+            pairs = gemv_wna16(x, q, s, None, 4, 128, tiles=tiles, pairs=True, xload=True)
+            scale = x.double().abs() @ w.abs().t()
+            print(f"{n}x{k} outliers={outliers}: dp4a max err / sum|xw| {float((err / scale).max()):.2e}, "
+                  f"pairs {float(((pairs.double() - exact).abs() / scale).max()):.2e}")
+            peeled = gemv_wna16(x, q, s, None, 4, 128, tiles=tiles, pairs=True, xload=True, peel=True,
+                                dp4a=True)
+            assert torch.equal(peeled, got), (n, k, "peel")
+            if n == 28672:
+                gated = gemv_wna16(x, q, s, None, 4, 128, tiles=tiles, gated=True, pairs=True, xload=True,
+                                   dp4a=True)
+                assert torch.equal(gated, silu_and_mul(got)), (n, k, "gated")
+        one_word = GemvTiles(8, 2048, 8, 1)  # one word per thread: the packed bf16 decode
+        a = gemv_wna16(x, q, s, None, 4, 128, tiles=one_word, pairs=True, xload=True, dp4a=True)
+        assert torch.equal(a, gemv_wna16(x, q, s, None, 4, 128, tiles=one_word, pairs=True, xload=True))
