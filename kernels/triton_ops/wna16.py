@@ -62,9 +62,12 @@ GEMV_M1_TILES = GemvTiles(block_n=8, block_k=2048, num_warps=4, split_k=1)
 # m1_counters; no second launch). The fastest of bench_gemv.py --parts w4_split on an H200
 # (DECISIONS 141), us per llama3-8b layer with xload and PDL against GEMV_M1_TILES: qkv 5.93 vs
 # 6.52, o 4.25 vs 4.71, down 11.16 vs 11.98; no split-K tiling won (fixup 7.50-10.25 on qkv).
-# W2 W4A16 512.2 / 511.8 against 496.7 / 496.2 tok/s, alternating in one call.
+# W2 W4A16 512.2 / 511.8 against 496.7 / 496.2 tok/s, alternating in one call. qkv since takes
+# 16 rows (the integer decode, M1_DP4A, shares each thread's input conversion over its rows): on
+# an H100 5.49 us per layer against 6.16 at 8 rows and 6.33 at 4 (the packed decode 6.56 at 4;
+# DECISIONS 160).
 M1_SHAPE_TILES: Mapping[tuple[int, int], GemvTiles] = MappingProxyType({
-    (6144, 4096): GemvTiles(block_n=4, block_k=2048, num_warps=4, split_k=1),
+    (6144, 4096): GemvTiles(block_n=16, block_k=2048, num_warps=4, split_k=1),
     (4096, 4096): GemvTiles(block_n=8, block_k=2048, num_warps=8, split_k=1),
     (4096, 14336): GemvTiles(block_n=8, block_k=2048, num_warps=8, split_k=1),
 })
@@ -86,8 +89,10 @@ M1_PEEL = True
 M1_XLOAD = True
 # One token, symmetric 4-bit weights and bf16 inputs: the integer decode (gemv._dp4a_ptx: inputs
 # as 16-bit fixed point per word, dp4a on the nibbles in place) instead of the packed bf16 one.
-# Off until a card measures it.
-M1_DP4A = False
+# On an H100 (DECISIONS 160): gate_up 21.43 against 23.71 us per layer, qkv at 16 x 2,048 on 4
+# warps 5.49 against 6.56 (o and down keep one word per thread: the packed decode), W2 W4A16
+# 492.0 / 492.2 against 474.3 / 474.6 tok/s (bf16 194.7-194.8).
+M1_DP4A = True
 # One token, a layer's [q; k; v] weight: rotary + K/V store in the GEMV's epilogue
 # (wna16_rope_linear; gemv.gemv_wna16 ``rope``), one launch fewer per layer in the decode chain.
 # False: wna16_rope_linear returns None and the layer runs the GEMV, then rotary_store_kvcache.
