@@ -701,10 +701,24 @@ def bench_w4_dp4a(rec: Recorder, rounds: int = 3) -> None:
     point per word, ``dp4a`` on the nibbles in place) against the packed bf16 decode, both with
     the engine's xload / peel / PDL: per llama3-8b projection (gate_up gated) at ``DP4A_TILES``,
     alternating in ``rounds``; each shape's error against the torch reference (random inputs, and
-    with one input in 64 made 100 times larger); then 32 decoder layers (norms and the four
-    projections as ``wna16.one_token_gemv`` runs them) with ``wna16.M1_DP4A`` off and on."""
+    with one input in 64 made 100 times larger); the same with float16 inputs at the engine's
+    tiling; then 32 decoder layers (norms and the four projections as ``wna16.one_token_gemv``
+    runs them) with ``wna16.M1_DP4A`` off and on."""
     for shape, (n, k) in SHAPES_8B.items():
         gated = shape == "gate_up"
+        w16 = w4_layers(n, k, 32)
+        x16 = torch.randn(1, k, device=DEV, dtype=torch.float16)
+        tiles16 = wna16.m1_tiles(n, k, gated)
+        best16: dict[str, float] = {}
+        for _ in range(rounds):
+            for dp in (False, True):
+                ms = time_chain(chain(partial(_w4_engine, x16, tiles16, gated, dp), w16))
+                variant = f"fp16 engine {'dp4a' if dp else 'pairs'}"
+                row = rec.add("w4_dp4a", shape, variant, ms, w4_nbytes(n, k), 32)
+                best16[variant] = min(best16.get(variant, 1e9), row["us_per_layer"])
+        timed = " | ".join(f"{v} {us:.2f}" for v, us in best16.items())
+        print(f"w4 dp4a {shape} float16: {timed}", flush=True)
+        del w16
         x = torch.randn(1, k, device=DEV, dtype=torch.bfloat16)
         w4 = w4_layers(n, k, 32)
         nbytes = w4_nbytes(n, k)

@@ -594,43 +594,62 @@ _MAGIC = 0x4B400000  # 1.5 * 2^23 as float32: y + 1.5 * 2^23 holds round(y) in i
 _NIBBLE_LUT = (0xF0 ^ 0xCC) & 0xAA  # lop3 (a ^ b) & c
 
 
-def _limbs_ptx(words: int = 1) -> str:
-    """PTX for :func:`_load_limbs_asm`: ``words`` (1 or 2) consecutive words' bf16 inputs, eight
-    per word, as 16-bit fixed point ``v_i = round(x_i 2^(15 - E))`` with ``2^E`` above the
-    largest ``|x_i|`` of the words (``E = e - 126``, ``e`` its exponent field, at least 19),
+# Per input dtype, for _limbs_ptx: the packed max of magnitudes, the exponent field (first bit,
+# width), its floor, the float32 bits of 2^(15 - E) and of the unit 2^(E - 19) as (constant +
+# sign * field) << 23, the field of a NaN or infinity, and how a half becomes a float32.
+_LIMB_TYPES = {
+    # bf16: E = e - 126 (2^E above |x|), 2^(141 - e), 2^(e - 145); fields below 19 count as 19
+    "bf16": ("max.NaN.xorsign.abs.bf16x2", 7, 8, 19, 268, -18, 255),
+    # float16: E = e - 14, 2^(29 - e), 2^(e - 33); subnormals (field 0) count as field 1
+    "fp16": ("max.NaN.xorsign.abs.f16x2", 10, 5, 1, 156, 94, 31),
+}
+
+
+def _limbs_ptx(words: int = 1, act: str = "bf16") -> str:
+    """PTX for :func:`_load_limbs_asm`: ``words`` (1 or 2) consecutive words' 16-bit inputs
+    (``act``: bf16 or float16), eight per word, as 16-bit fixed point ``v_i = round(x_i 2^(15 -
+    E))`` with ``2^E`` above the largest ``|x_i|`` of the words (``E`` from its exponent field
+    ``e``: ``e - 126`` in bf16, ``e - 14`` in float16, with a floor that only tiny inputs reach),
     split into bytes ``v = 256 hi + lo`` (``lo`` unsigned, ``hi`` signed) and packed for
     :func:`_dp4a_ptx`. Operands (result-major, as ``inline_asm_elementwise`` numbers them with
     ``pack=words``), per word ``u``: the ``lo`` of inputs 0, 2, 4, 6 (byte ``j`` input ``2 j``),
     of inputs 1, 3, 5, 7, the ``hi`` of each, the float32 unit of the dp4a sums ``2^(E - 19)``
     (NaN where an input is not finite); then each word's input address (16-byte aligned) and
-    the PDL wait's token. Each ``v`` is one FMA: ``x 2^(15 - E) + 1.5 2^23`` holds
-    ``round(x 2^(15 - E))`` in its low 16 bits (``|v| <= 32,640``)."""
+    the PDL wait's token. Each ``v`` is one FMA on the input as float32: ``x 2^(15 - E) + 1.5
+    2^23`` holds ``round(x 2^(15 - E))`` in its low 16 bits (``|v| <= 32,752``)."""
+    vmax, first, width, floor, g_const, unit_const, special = _LIMB_TYPES[act]
+
     def out(result: int, u: int) -> str:
         return f"${result * words + u}"
     addr = [f"${5 * words + u}" for u in range(words)]
     regs = [[f"{c}{u}" for c in "abcd"] for u in range(words)]
     lines = ["{", ".reg .b32 " + ", ".join(r for word in regs for r in word)
-             + ", m, t, e, g, y0, y1, y2, y3, y4, y5, y6, y7, s0, s1;", ".reg .pred p;",
+             + ", m, t, e, g, y0, y1, y2, y3, y4, y5, y6, y7, s0, s1;", ".reg .b16 l, h;", ".reg .pred p;",
              "// the last operands: the PDL wait's token"]
     lines += [f"ld.global.v4.b32 {{{', '.join(regs[u])}}}, [{addr[u]}];" for u in range(words)]
     # |x| by halves (NaN kept), then the larger of the two halves' fields
     flat = [r for word in regs for r in word]
-    lines.append(f"max.NaN.xorsign.abs.bf16x2 m, {flat[0]}, {flat[1]};")
+    lines.append(f"{vmax} m, {flat[0]}, {flat[1]};")
     for r in flat[2:]:
-        lines.append(f"max.NaN.xorsign.abs.bf16x2 m, m, {r};")
+        lines.append(f"{vmax} m, m, {r};")
+    unit = (f"sub.u32 t, e, {-unit_const << 23};" if unit_const < 0 else f"add.u32 t, e, {unit_const << 23};")
     lines += ["and.b32 m, m, 0x7FFF7FFF;", "shr.u32 t, m, 16;", "and.b32 m, m, 0xFFFF;", "max.u32 m, m, t;",
-              "bfe.u32 e, m, 7, 8;", "max.u32 e, e, 19;",
-              "shl.b32 e, e, 23;", f"sub.u32 g, {268 << 23}, e;",  # 2^(141 - e): 2^(15 - E)
-              f"sub.u32 t, e, {18 << 23};",  # 2^(e - 145): 2^(E - 19)
-              f"setp.ge.u32 p, e, {255 << 23};"]
+              f"bfe.u32 e, m, {first}, {width};", f"max.u32 e, e, {floor};",
+              "shl.b32 e, e, 23;", f"sub.u32 g, {g_const << 23}, e;",  # 2^(15 - E)
+              unit,  # 2^(E - 19)
+              f"setp.ge.u32 p, e, {special << 23};"]
     lines += [f"selp.b32 {out(4, u)}, 0x7FC00000, t, p;" for u in range(words)]
     for u in range(words):
         for i, reg in enumerate(regs[u]):
-            lines += [f"shl.b32 y{2 * i}, {reg}, 16;", f"and.b32 y{2 * i + 1}, {reg}, 0xFFFF0000;",
-                      f"fma.rn.f32 y{2 * i}, y{2 * i}, g, 0f{_MAGIC:08X};",
+            if act == "fp16":
+                lines += [f"mov.b32 {{l, h}}, {reg};", f"cvt.f32.f16 y{2 * i}, l;",
+                          f"cvt.f32.f16 y{2 * i + 1}, h;"]
+            else:
+                lines += [f"shl.b32 y{2 * i}, {reg}, 16;", f"and.b32 y{2 * i + 1}, {reg}, 0xFFFF0000;"]
+            lines += [f"fma.rn.f32 y{2 * i}, y{2 * i}, g, 0f{_MAGIC:08X};",
                       f"fma.rn.f32 y{2 * i + 1}, y{2 * i + 1}, g, 0f{_MAGIC:08X};"]
-        for first, lo, hi in ((0, 0, 2), (1, 1, 3)):
-            ys = [f"y{first + 2 * j}" for j in range(4)]
+        for first_input, lo, hi in ((0, 0, 2), (1, 1, 3)):
+            ys = [f"y{first_input + 2 * j}" for j in range(4)]
             lines += [f"prmt.b32 s0, {ys[0]}, {ys[1]}, 0x5140;", f"prmt.b32 s1, {ys[2]}, {ys[3]}, 0x5140;",
                       f"prmt.b32 {out(lo, u)}, s0, s1, 0x5410;", f"prmt.b32 {out(hi, u)}, s0, s1, 0x7632;"]
     lines.append("}")
@@ -671,19 +690,26 @@ def _dp4a_ptx(words: int = 1) -> str:
 _LIMBS_PTX = tl.constexpr(_limbs_ptx())
 _DP4A_PTX = tl.constexpr(_dp4a_ptx())
 _LIMBS_PTX_2 = tl.constexpr(_limbs_ptx(2))
+_LIMBS_PTX_2_F16 = tl.constexpr(_limbs_ptx(2, "fp16"))
+_LIMBS_PTX_F16 = tl.constexpr(_limbs_ptx(1, "fp16"))
 _DP4A_PTX_2 = tl.constexpr(_dp4a_ptx(2))
+_LIMBS_CONSTRAINTS_2 = tl.constexpr("=r,=r,=r,=r,=r,=r,=r,=r,=f,=f,l,l,r,r")
+_LIMBS_CONSTRAINTS = tl.constexpr("=r,=r,=r,=r,=f,l,r")
 
 
 @triton.jit
-def _load_limbs_asm(xw, token, WORDS: tl.constexpr):
-    """Each word's eight bf16 inputs (address ``xw``) as the packed fixed-point bytes and unit of
-    :func:`_limbs_ptx`, in the word tile's layout (as :func:`_load_pairs_asm`); ``WORDS`` 2: one
-    unit per two consecutive words of a thread. CUDA only."""
+def _load_limbs_asm(xw, token, WORDS: tl.constexpr, F16: tl.constexpr = False):
+    """Each word's eight 16-bit inputs (address ``xw``; bf16, ``F16`` float16) as the packed
+    fixed-point bytes and unit of :func:`_limbs_ptx`, in the word tile's layout (as
+    :func:`_load_pairs_asm`); ``WORDS`` 2: one unit per two consecutive words of a thread. CUDA
+    only."""
     if WORDS == 2:
-        return tl.inline_asm_elementwise(_LIMBS_PTX_2, "=r,=r,=r,=r,=r,=r,=r,=r,=f,=f,l,l,r,r", [xw, token],
+        ptx2: tl.constexpr = _LIMBS_PTX_2_F16 if F16 else _LIMBS_PTX_2
+        return tl.inline_asm_elementwise(ptx2, _LIMBS_CONSTRAINTS_2, [xw, token],
                                          dtype=(tl.int32, tl.int32, tl.int32, tl.int32, tl.float32),
                                          is_pure=True, pack=2)
-    return tl.inline_asm_elementwise(_LIMBS_PTX, "=r,=r,=r,=r,=f,l,r", [xw, token],
+    ptx1: tl.constexpr = _LIMBS_PTX_F16 if F16 else _LIMBS_PTX
+    return tl.inline_asm_elementwise(ptx1, _LIMBS_CONSTRAINTS, [xw, token],
                                      dtype=(tl.int32, tl.int32, tl.int32, tl.int32, tl.float32),
                                      is_pure=True, pack=1)
 
@@ -843,8 +869,8 @@ def _words_tile(acc, w, jj, k0, k_hi, w_hi, x_ptr, token, s_rows, o_rows, n_ok, 
                 DP4A: tl.constexpr = 0):
     """``acc`` (``[BLOCK_N, groups, words per group]``) plus the tile of words ``w`` (words ``jj``,
     inputs from ``k0``): its inputs' loads, the words' sums, their groups' scales (and offsets).
-    ``DP4A`` (with ``PAIRS`` and ``XLOAD``, bf16 inputs): the integer decode (:func:`_dp4a_ptx`),
-    over ``DP4A`` (1 or 2) consecutive words of a thread at a time."""
+    ``DP4A`` (with ``PAIRS`` and ``XLOAD``): the integer decode (:func:`_dp4a_ptx`), over ``DP4A``
+    (1 or 2) consecutive words of a thread at a time."""
     WORDS: tl.constexpr = BLOCK_K // 8
     TILE_G: tl.constexpr = BLOCK_K // GROUP if BLOCK_K > GROUP else 1
     WPG: tl.constexpr = WORDS // TILE_G
@@ -852,8 +878,8 @@ def _words_tile(acc, w, jj, k0, k_hi, w_hi, x_ptr, token, s_rows, o_rows, n_ok, 
     xw = x_ptr + 8 * jj
     F16: tl.constexpr = x_ptr.dtype.element_ty == tl.float16
     if PAIRS and XLOAD and DP4A:
-        tl.static_assert((SUB == 8.0) and (not HAS_OFFSET) and (not F16), "DP4A takes symmetric bf16")
-        l0, l1, h0, h1, unit = _load_limbs_asm(xw, token, DP4A)
+        tl.static_assert((SUB == 8.0) and (not HAS_OFFSET), "DP4A takes symmetric weights")
+        l0, l1, h0, h1, unit = _load_limbs_asm(xw, token, DP4A, F16)
         t = _dp4a_asm(w, l0[None, :], l1[None, :], h0[None, :], h1[None, :], unit[None, :], DP4A)
     elif PAIRS and XLOAD:
         tl.static_assert((SUB == 8.0) and (not HAS_OFFSET), "PAIRS takes symmetric weights")
@@ -872,7 +898,7 @@ def _words_tile(acc, w, jj, k0, k_hi, w_hi, x_ptr, token, s_rows, o_rows, n_ok, 
         s = _load_groups_asm(s_rows + (k0 // GROUP + gg)[None, :])
     else:
         s = _load_groups(s_rows, k0, gg, g_ok, GROUP, EVEN)
-    if PAIRS and F16:  # the float16 pair sums are a sixteenth of the word's (_pairs_ptx)
+    if PAIRS and F16 and not DP4A:  # the float16 pair sums are a sixteenth of the word's (_pairs_ptx)
         s = s * 16.0
     acc += tl.reshape(t, [BLOCK_N, TILE_G, WPG]) * s[:, :, None]
     if HAS_OFFSET:
@@ -1245,8 +1271,8 @@ def gemv_wna16(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, off
     ``[q; k; v]`` and the GEMV rotates q and k and stores k and v into the caches in its epilogue
     (:func:`_rope_epilogue`), returning the rotated q ``[1, Hq * D]``: bit for bit this GEMV then
     ``rotary_store_kvcache``, one launch. ``dp4a`` (with ``pairs`` and ``xload`` where they
-    apply, bf16 ``x``, tiles that give each thread two consecutive words, :func:`_dp4a_words`):
-    the integer decode instead of the packed bf16 one (:func:`_dp4a_ptx`)."""
+    apply, tiles that give each thread two consecutive words, :func:`_dp4a_words`): the integer
+    decode instead of the packed 16-bit one (:func:`_limbs_ptx`, :func:`_dp4a_ptx`)."""
     tiles = fit_tiles(tiles or GemvTiles(), group_size)
     x = _one_row(x)
     n = qweight.shape[0]
@@ -1284,8 +1310,7 @@ def gemv_wna16(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, off
                        HAS_OFFSET=offsets is not None, GATED=gated,
                        ASM=x.is_cuda if nibble_asm is None else nibble_asm,
                        PAIRS=use_pairs, EVEN=even, PEEL=peel, XLOAD=use_xload,
-                       DP4A=_dp4a_words(tiles) if (dp4a and use_pairs and use_xload
-                                                    and x.dtype == torch.bfloat16) else 0, pdl=pdl,
+                       DP4A=_dp4a_words(tiles) if (dp4a and use_pairs and use_xload) else 0, pdl=pdl,
                        **_rope_args(rope))
     return _launch(_gemv_int_kernel, args, 1, n, k, out, None, None, bias, tiles,
                    stride_qn=qweight.stride(0), stride_sn=scales.stride(0), BITS=bits, GROUP=group_size,

@@ -93,6 +93,11 @@ M1_XLOAD = True
 # warps 5.49 against 6.56 (o and down keep one word per thread: the packed decode), W2 W4A16
 # 492.0 / 492.2 against 474.3 / 474.6 tok/s (bf16 194.7-194.8).
 M1_DP4A = True
+# The same for float16 inputs (gemv._limbs_ptx(act="fp16")), against their packed float16 decode
+# (M1_PAIRS_F16) on an H100: gate_up 21.01 against 23.02 us per layer, qkv at 16 rows 5.51
+# against 6.33 at 4 (DECISIONS 160). The qkv entry of M1_SHAPE_TILES assumes the integer decode:
+# with it off, qkv is faster at 4 rows (bf16 6.54 against 8.14, float16 6.33 against 7.55).
+M1_DP4A_F16 = True
 # One token, a layer's [q; k; v] weight: rotary + K/V store in the GEMV's epilogue
 # (wna16_rope_linear; gemv.gemv_wna16 ``rope``), one launch fewer per layer in the decode chain.
 # False: wna16_rope_linear returns None and the layer runs the GEMV, then rotary_store_kvcache.
@@ -349,7 +354,7 @@ def one_token_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     tiles = m1_tiles(qweight.shape[0], x.shape[-1], gated)
     return gemv_wna16(x, qweight, scales, offsets, bits, group_size, bias, tiles=tiles,
                       gated=gated, pairs=_m1_pairs(x), pdl=pdl, peel=M1_PEEL, xload=M1_XLOAD,
-                      counters=counters, rope=rope, dp4a=M1_DP4A)
+                      counters=counters, rope=rope, dp4a=M1_DP4A_F16 if x.dtype == torch.float16 else M1_DP4A)
 
 
 def mma_tokens(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, group_size: int,

@@ -95,15 +95,16 @@ def _prmt(a: np.ndarray, b: np.ndarray, sel: int) -> np.ndarray:
     return out
 
 
-def _max_xorsign_abs_bf16x2(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """``max.NaN.xorsign.abs.bf16x2``: per half the larger magnitude (a NaN if either is one),
-    its sign the XOR of the two signs."""
+def _max_xorsign_abs_x2(a: np.ndarray, b: np.ndarray, typ: str) -> np.ndarray:
+    """``max.NaN.xorsign.abs.{bf16x2,f16x2}``: per half the larger magnitude (a NaN if either is
+    one), its sign the XOR of the two signs."""
+    inf, nan_bits = (0x7F80, 0x7FC0) if typ == "bf16" else (0x7C00, 0x7E00)
     out = np.zeros_like(a)
     for half in (0, 16):
         ha, hb = (a >> half) & 0xFFFF, (b >> half) & 0xFFFF
         ma, mb = ha & 0x7FFF, hb & 0x7FFF
-        nan = (ma > 0x7F80) | (mb > 0x7F80)
-        mag = np.where(nan, 0x7FC0, np.maximum(ma, mb))  # bf16 magnitudes order as integers
+        nan = (ma > inf) | (mb > inf)
+        mag = np.where(nan, nan_bits, np.maximum(ma, mb))  # magnitudes order as integers
         sign = (ha ^ hb) & 0x8000
         out |= ((mag | sign) & 0xFFFF).astype(np.uint32) << half
     return out
@@ -124,7 +125,8 @@ def _dp4a(a: np.ndarray, b: np.ndarray, c: np.ndarray, a_signed: bool, b_signed:
 
 
 MODELLED = frozenset({
-    "max.NaN.xorsign.abs.bf16x2", "max.u32", "bfe.u32", "sub.u32", "setp.ge.u32", "selp.b32",
+    "max.NaN.xorsign.abs.bf16x2", "max.NaN.xorsign.abs.f16x2", "max.u32", "bfe.u32", "sub.u32", "add.u32",
+    "setp.ge.u32", "selp.b32",
     "dp4a.s32.u32", "dp4a.s32.s32", "sub.f32",
     "mov.f32", "mov.b32", "mov.b16", "prmt.b32", "lop3.b32", "fma.rn.bf16x2", "fma.rn.f16x2", "shr.u32",
     "shl.b32", "and.b32", "add.f32", "ld.global.nc.b16", "ld.global.b16", "ld.global.u16",
@@ -214,14 +216,16 @@ def run_ptx(ptx: str, operands: dict[int, np.ndarray], memory: bytes = b"") -> d
         elif op == "fma.rn.f32":
             a, b, c = (val(x).view(np.float32).astype(np.float64) for x in args[1:4])
             regs[dst] = (a * b + c).astype(np.float32).view(np.uint32)
-        elif op == "max.NaN.xorsign.abs.bf16x2":
-            regs[dst] = _max_xorsign_abs_bf16x2(val(args[1]), val(args[2]))
+        elif op in ("max.NaN.xorsign.abs.bf16x2", "max.NaN.xorsign.abs.f16x2"):
+            regs[dst] = _max_xorsign_abs_x2(val(args[1]), val(args[2]), op.split(".")[-1][:-2])
         elif op == "max.u32":
             regs[dst] = np.maximum(val(args[1]), val(args[2]))
         elif op == "bfe.u32":
             regs[dst] = (val(args[1]) >> int(args[2], 0)) & np.uint32((1 << int(args[3], 0)) - 1)
         elif op == "sub.u32":
             regs[dst] = ((val(args[1]).astype(np.int64) - val(args[2])) & 0xFFFFFFFF).astype(np.uint32)
+        elif op == "add.u32":
+            regs[dst] = ((val(args[1]).astype(np.int64) + val(args[2])) & 0xFFFFFFFF).astype(np.uint32)
         elif op == "setp.ge.u32":
             regs[dst] = (val(args[1]) >= val(args[2])).astype(np.uint32)
         elif op == "selp.b32":

@@ -7,7 +7,8 @@ by the interpreter of ``ptx_model.py``:
 - the input loads: eight 16-bit inputs regrouped into the pairs ``(x_r, x_{r+4})`` the decode
   takes (``_pair_loads_ptx``), or as float32 (``_input_loads_ptx``, the float32 decode's);
 - the scale loads (``_GROUP_LOAD_*``): bf16, float16 and float32 scales read as float32;
-- the integer decode (``_limbs_ptx`` then ``_dp4a_ptx``, one or two words at a time): exact for
+- the integer decode (``_limbs_ptx`` then ``_dp4a_ptx``, one or two words at a time, bf16 and
+  float16 inputs): exact for
   inputs that fit its 16-bit fixed point, within ``2^-15 max |x| sum |q - 8|`` otherwise, NaN
   for an input that is not finite, 0 for zero inputs;
 - compiled for sm_90, the loop of the ``xload`` kernel moves nothing through shared memory.
@@ -98,7 +99,7 @@ def test_group_loads_read_scales_as_float32(dtype: torch.dtype) -> None:
 
 
 def _dp4a_sums(q: np.ndarray, x: torch.Tensor, words: int) -> np.ndarray:
-    """``sum (q - 8) x`` per lane by the integer decode: ``_limbs_ptx(words)`` on the bf16 inputs
+    """``sum (q - 8) x`` per lane by the integer decode: ``_limbs_ptx(words)`` on the 16-bit inputs
     ``x`` ``[lanes, 8 words]`` in memory, then ``_dp4a_ptx(words)`` on the words of nibbles ``q``
     ``[lanes, 8 words]`` (the operands numbered as ``inline_asm_elementwise`` does with
     ``pack=words``: result-major, then each operand's ``words`` values)."""
@@ -106,7 +107,8 @@ def _dp4a_sums(q: np.ndarray, x: torch.Tensor, words: int) -> np.ndarray:
     lanes = np.arange(_LANES, dtype=np.uint32) * 16 * words
     ops = {5 * words + u: lanes + 16 * u for u in range(words)}
     ops |= {6 * words + u: np.zeros(_LANES, dtype=np.uint32) for u in range(words)}  # the PDL token
-    limbs = run_ptx(gemv._limbs_ptx(words), ops, memory)
+    act = "fp16" if x.dtype == torch.float16 else "bf16"
+    limbs = run_ptx(gemv._limbs_ptx(words, act), ops, memory)
     ops = {}
     for u in range(words):
         word = np.zeros(_LANES, dtype=np.uint32)
@@ -121,43 +123,54 @@ def _dp4a_sums(q: np.ndarray, x: torch.Tensor, words: int) -> np.ndarray:
     return out["$0"].view(np.float32).astype(np.float64)
 
 
+@pytest.mark.parametrize("act", ["bf16", "fp16"])
 @pytest.mark.parametrize("words", [1, 2])
-def test_dp4a_program_pairs_each_nibble_with_its_input(words: int) -> None:
+def test_dp4a_program_pairs_each_nibble_with_its_input(words: int, act: str) -> None:
     """Small-integer inputs fit the 16-bit fixed point exactly, so every sum must be exact."""
     gen = torch.Generator().manual_seed(11)
     q = torch.randint(0, 16, (_LANES, 8 * words), generator=gen).numpy()
-    x = torch.randint(-4, 5, (_LANES, 8 * words), generator=gen).to(torch.bfloat16)
+    x = torch.randint(-4, 5, (_LANES, 8 * words), generator=gen).to(_DTYPES[act])
     x[:, 0] = 3  # no lane of zeros
     want = ((q - 8.0) * x.double().numpy()).sum(axis=1)
     np.testing.assert_array_equal(_dp4a_sums(q, x, words), want)
 
 
+# Per input dtype: scales of the inputs tried (bf16 over eleven decades, float16 across its
+# subnormals to near its largest values), and the magnitude below which inputs share the
+# fixed point of the exponent floor (bf16 2^-108, float16 its smallest normal 2^-14).
+_DP4A_SCALES = {"bf16": ((1e-6, 1e-3, 0.5, 3.0, 1e2, 1e4), 2.0**-108),
+                "fp16": ((1e-6, 1e-3, 0.5, 3.0, 10.0), 2.0**-14)}
+
+
+@pytest.mark.parametrize("act", ["bf16", "fp16"])
 @pytest.mark.parametrize("words", [1, 2])
-def test_dp4a_program_rounds_as_documented(words: int) -> None:
+def test_dp4a_program_rounds_as_documented(words: int, act: str) -> None:
     """Each input rounds to 16-bit fixed point under the largest of its words' magnitudes: within
-    ``2^-15 max |x| sum |q - 8|`` (and float32's last roundings), over eleven decades of scale
-    and with one input of each lane a thousand times its neighbours."""
+    ``2^-15 max |x| sum |q - 8|`` (and float32's last roundings), over the scales above and with
+    one input of each lane a thousand times its neighbours."""
     gen = torch.Generator().manual_seed(12)
-    for scale in (1e-6, 1e-3, 0.5, 3.0, 1e2, 1e4):
+    scales, lowest = _DP4A_SCALES[act]
+    for scale in scales:
         for outlier in (False, True):
             q = torch.randint(0, 16, (_LANES, 8 * words), generator=gen).numpy()
             x = torch.randn(_LANES, 8 * words, generator=gen) * scale
             if outlier:
                 x[:, 3] *= 1000
-            x = x.to(torch.bfloat16)
+            x = x.to(_DTYPES[act])
             xd = x.double().numpy()
             terms = (q - 8.0) * xd
             err = np.abs(_dp4a_sums(q, x, words) - terms.sum(axis=1))
-            bound = 2.0**-15 * np.abs(xd).max(axis=1) * np.abs(q - 8.0).sum(axis=1)
+            bound = 2.0**-15 * np.maximum(np.abs(xd).max(axis=1), lowest) * np.abs(q - 8.0).sum(axis=1)
             bound = bound * (1 + 2.0**-20) + 2.0**-23 * np.abs(terms).sum(axis=1)
             assert (err <= bound).all(), (scale, outlier)
 
 
+@pytest.mark.parametrize("act", ["bf16", "fp16"])
 @pytest.mark.parametrize("words", [1, 2])
-def test_dp4a_program_keeps_nan_and_zero(words: int) -> None:
+def test_dp4a_program_keeps_nan_and_zero(words: int, act: str) -> None:
     gen = torch.Generator().manual_seed(13)
     q = torch.randint(0, 16, (_LANES, 8 * words), generator=gen).numpy()
-    x = torch.randn(_LANES, 8 * words, generator=gen).to(torch.bfloat16)
+    x = torch.randn(_LANES, 8 * words, generator=gen).to(_DTYPES[act])
     x[0, 2], x[1, 8 * words - 1], x[2, 5] = float("nan"), float("inf"), float("-inf")
     x[3:6] = 0
     got = _dp4a_sums(q, x, words)
@@ -168,7 +181,8 @@ def test_dp4a_program_keeps_nan_and_zero(words: int) -> None:
 
 def test_programs_use_only_modelled_instructions() -> None:
     programs = [gemv._pairs_ptx("bf16"), gemv._pairs_ptx("fp16"), gemv._pair_loads_ptx(),
-                gemv._limbs_ptx(1), gemv._limbs_ptx(2), gemv._dp4a_ptx(1), gemv._dp4a_ptx(2),
+                *(gemv._limbs_ptx(words, act) for words in (1, 2) for act in ("bf16", "fp16")),
+                gemv._dp4a_ptx(1), gemv._dp4a_ptx(2),
                 gemv._input_loads_ptx("bf16"), gemv._input_loads_ptx("fp16"),
                 gemv._GROUP_LOAD_BF16.value, gemv._GROUP_LOAD_F16.value, gemv._GROUP_LOAD_F32.value]
     for ptx in programs:
@@ -176,8 +190,9 @@ def test_programs_use_only_modelled_instructions() -> None:
 
 
 @pytest.mark.parametrize(("x_dtype", "pairs", "dp4a"),
-                         [("bf16", True, 0), ("fp16", True, 0), ("bf16", False, 0), ("bf16", True, 2)],
-                         ids=["bf16-pairs", "fp16-pairs", "bf16-offsets", "bf16-dp4a"])
+                         [("bf16", True, 0), ("fp16", True, 0), ("bf16", False, 0), ("bf16", True, 2),
+                          ("fp16", True, 2)],
+                         ids=["bf16-pairs", "fp16-pairs", "bf16-offsets", "bf16-dp4a", "fp16-dp4a"])
 def test_xload_loop_moves_nothing_through_shared_memory(x_dtype: str, pairs: bool, dp4a: int) -> None:
     """Inputs and scales read in PTX take the word tile's layout: no layout conversion (shared
     memory and barriers) in the loop, where ``tl.load`` of the same inputs put eight."""

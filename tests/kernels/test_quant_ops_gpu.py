@@ -182,14 +182,15 @@ def test_gemv_wna16_packed_bf16_pairs_gpu() -> None:
 
 
 @pytest.mark.gpu
-def test_gemv_wna16_dp4a_gpu() -> None:
-    """The integer decode (``dp4a``: each thread's two words of inputs as 16-bit fixed point
-    under their largest magnitude, ``dp4a`` on the nibbles) on llama3-8b's shapes, plain inputs
-    and inputs with one channel in 64 a hundred times larger: within ``2^-15`` of each 16-input
-    block's largest ``|x|`` times its ``sum |w|`` (the fixed point's rounding) plus the bf16
-    rounding of the output, of the float64 product of the dequantized weight; its gated form
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_gemv_wna16_dp4a_gpu(dtype: torch.dtype) -> None:
+    """The integer decode (``dp4a``: each thread's two words of bf16 or float16 inputs as 16-bit
+    fixed point under their largest magnitude, ``dp4a`` on the nibbles) on llama3-8b's shapes,
+    plain inputs and inputs with one channel in 64 a hundred times larger: within ``2^-15`` of
+    each 16-input block's largest ``|x|`` times its ``sum |w|`` (the fixed point's rounding) plus
+    the rounding of the output, of the float64 product of the dequantized weight; its gated form
     bit for bit its GEMV followed by ``silu_and_mul``; tiles with one word per thread ignore it
-    (the packed bf16 decode's bits)."""
+    (the packed 16-bit decode's bits)."""
     from kernels.quant_reference import dequantize_wna16
     from kernels.triton_ops.activation import silu_and_mul
     from kernels.triton_ops.gemv import GemvTiles, gemv_wna16
@@ -203,18 +204,20 @@ def test_gemv_wna16_dp4a_gpu() -> None:
         base = torch.randn(1, k, generator=gen)
         for outliers in (False, True):
             big = 1 + 99 * (torch.arange(k) % 64 == 0)
-            x = (base * big if outliers else base).to("cuda", torch.bfloat16)
+            x = (base * big if outliers else base).to("cuda", dtype)
             got = gemv_wna16(x, q, s, None, 4, 128, tiles=tiles, pairs=True, xload=True, dp4a=True)
             exact = x.double() @ w.t()
             block_max = x.double().abs().view(1, k // 16, 16).amax(-1).repeat_interleave(16, -1)
-            bound = 2.0**-15 * (block_max @ w.abs().t()) + 2.0**-8 * exact.abs()
+            u = 2.0**-8 if dtype == torch.bfloat16 else 2.0**-11  # the output's rounding
+            bound = 2.0**-15 * (block_max @ w.abs().t()) + u * exact.abs()
             bound += 2.0**-20 * (x.double().abs() @ w.abs().t())
             err = (got.double() - exact).abs()
             assert bool((err <= bound).all()), (n, k, outliers, float((err / bound).max()))
             pairs = gemv_wna16(x, q, s, None, 4, 128, tiles=tiles, pairs=True, xload=True)
             scale = x.double().abs() @ w.abs().t()
-            print(f"{n}x{k} outliers={outliers}: dp4a max err / sum|xw| {float((err / scale).max()):.2e}, "
-                  f"pairs {float(((pairs.double() - exact).abs() / scale).max()):.2e}")
+            pairs_err = float(((pairs.double() - exact).abs() / scale).max())
+            print(f"{dtype} {n}x{k} outliers={outliers}: dp4a max err / sum|xw| "
+                  f"{float((err / scale).max()):.2e}, pairs {pairs_err:.2e}")
             peeled = gemv_wna16(x, q, s, None, 4, 128, tiles=tiles, pairs=True, xload=True, peel=True,
                                 dp4a=True)
             assert torch.equal(peeled, got), (n, k, "peel")
