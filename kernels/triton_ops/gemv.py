@@ -595,8 +595,8 @@ _NIBBLE_LUT = (0xF0 ^ 0xCC) & 0xAA  # lop3 (a ^ b) & c
 
 
 # Per input dtype, for _limbs_ptx: the packed max of magnitudes, the exponent field (first bit,
-# width), its floor, the float32 bits of 2^(15 - E) and of the unit 2^(E - 19) as (constant +
-# sign * field) << 23, the field of a NaN or infinity, and how a half becomes a float32.
+# width), its floor, the float32 bits of 2^(15 - E) as (constant - field) << 23 and of the unit
+# 2^(E - 19) as (field + constant) << 23, and the field of a NaN or infinity.
 _LIMB_TYPES = {
     # bf16: E = e - 126 (2^E above |x|), 2^(141 - e), 2^(e - 145); fields below 19 count as 19
     "bf16": ("max.NaN.xorsign.abs.bf16x2", 7, 8, 19, 268, -18, 255),
@@ -624,8 +624,10 @@ def _limbs_ptx(words: int = 1, act: str = "bf16") -> str:
     addr = [f"${5 * words + u}" for u in range(words)]
     regs = [[f"{c}{u}" for c in "abcd"] for u in range(words)]
     lines = ["{", ".reg .b32 " + ", ".join(r for word in regs for r in word)
-             + ", m, t, e, g, y0, y1, y2, y3, y4, y5, y6, y7, s0, s1;", ".reg .b16 l, h;", ".reg .pred p;",
+             + ", m, t, e, g, y0, y1, y2, y3, y4, y5, y6, y7, s0, s1;", ".reg .pred p;",
              "// the last operands: the PDL wait's token"]
+    if act == "fp16":
+        lines.insert(2, ".reg .b16 l, h;")
     lines += [f"ld.global.v4.b32 {{{', '.join(regs[u])}}}, [{addr[u]}];" for u in range(words)]
     # |x| by halves (NaN kept), then the larger of the two halves' fields
     flat = [r for word in regs for r in word]
@@ -1319,9 +1321,9 @@ def gemv_wna16(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, off
 
 def _dp4a_words(tiles: GemvTiles) -> int:
     """Words per integer-decode step: 2 where each thread holds at least two consecutive words
-    of a tile row (``block_k / 8`` words over ``32 num_warps`` threads), else 0 (the packed bf16
-    decode: one word per thread gains nothing, 225 against 209 loop instructions at 8 x 2,048 on
-    8 warps, sm_90)."""
+    of a tile row (``block_k / 8`` words over ``32 num_warps`` threads), else 0 (the packed 16-bit
+    decode: with one word per thread the conversion is shared by fewer rows and gains nothing, 225
+    against 209 loop instructions at 8 x 2,048 on 8 warps, sm_90)."""
     return 2 if tiles.block_k // 8 >= 64 * tiles.num_warps else 0
 
 

@@ -87,8 +87,9 @@ M1_PEEL = True
 # in the word tile's layout (gemv.gemv_wna16 ``xload``; the same bits): on an H200 32 llama3-8b
 # layers 47.1-47.9 against 53.8-54.6 us per layer, W2 W4A16 498.8 against 450.0 tok/s (DECISIONS 139).
 M1_XLOAD = True
-# One token, symmetric 4-bit weights and bf16 inputs: the integer decode (gemv._dp4a_ptx: inputs
-# as 16-bit fixed point per word, dp4a on the nibbles in place) instead of the packed bf16 one.
+# One token, symmetric 4-bit weights and bf16 inputs: the integer decode (gemv._limbs_ptx and
+# gemv._dp4a_ptx: each thread's two words of inputs as 16-bit fixed point, dp4a on the nibbles in
+# place) instead of the packed bf16 one, where the tiling gives each thread two words of a row.
 # On an H100 (DECISIONS 160): gate_up 21.43 against 23.71 us per layer, qkv at 16 x 2,048 on 4
 # warps 5.49 against 6.56 (o and down keep one word per thread: the packed decode), W2 W4A16
 # 492.0 / 492.2 against 474.3 / 474.6 tok/s (bf16 194.7-194.8).
