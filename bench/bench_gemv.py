@@ -652,9 +652,9 @@ W4_SPLIT_TILES = [(8, 2048, 4, 1), (4, 2048, 4, 1), (8, 2048, 8, 1), (2, 2048, 2
 
 
 def _w4_xload(x: torch.Tensor, tiles: G.GemvTiles, gated: bool, q: torch.Tensor, s: torch.Tensor,
-              counters: torch.Tensor | None = None) -> torch.Tensor:
+              counters: torch.Tensor | None = None, dp4a: bool = False) -> torch.Tensor:
     return G.gemv_wna16(x, q, s, None, 4, 128, tiles=tiles, gated=gated, pairs=True, peel=True, xload=True,
-                        pdl=True, counters=counters)
+                        pdl=True, counters=counters, dp4a=dp4a)
 
 
 def bench_w4_split(rec: Recorder) -> None:
@@ -690,38 +690,41 @@ DP4A_TILES: list[tuple[int, int, int] | None] = [None, (8, 2048, 4), (4, 2048, 4
                                                  (16, 4096, 8)]
 
 
-def _w4_engine(x: torch.Tensor, tiles: G.GemvTiles, gated: bool, dp4a: bool, q: torch.Tensor,
-               s: torch.Tensor) -> torch.Tensor:
-    return G.gemv_wna16(x, q, s, None, 4, 128, tiles=tiles, gated=gated, pairs=True, peel=True, xload=True,
-                        pdl=True, dp4a=dp4a)
+def _dp4a_rounds(rec: Recorder, shape: str, x: torch.Tensor, w4: list[tuple[torch.Tensor, torch.Tensor]],
+                 tiles_list: Sequence[tuple[int, int, int] | None], rounds: int, prefix: str = "") -> str:
+    """The packed and the integer decode of ``x`` times ``w4`` at each tiling (None: the engine's),
+    alternating in ``rounds``; rows ``w4_dp4a``; returns each variant's best, as text."""
+    n, k = w4[0][0].shape[0], x.shape[1]
+    gated = shape == "gate_up"
+    best: dict[str, float] = {}
+    for t in tiles_list:
+        tiles = wna16.m1_tiles(n, k, gated) if t is None else G.GemvTiles(*t, 1)
+        label = prefix + ("engine" if t is None else ",".join(map(str, t)))
+        for _ in range(rounds):
+            for dp in (False, True):
+                ms = time_chain(chain(partial(_w4_xload, x, tiles, gated, dp4a=dp), w4))
+                variant = f"{label} {'dp4a' if dp else 'pairs'}"
+                row = rec.add("w4_dp4a", shape, variant, ms, w4_nbytes(n, k), 32)
+                best[variant] = min(best.get(variant, 1e9), row["us_per_layer"])
+    return " | ".join(f"{v} {us:.2f}" for v, us in best.items())
 
 
 def bench_w4_dp4a(rec: Recorder, rounds: int = 3) -> None:
     """The one-token 4-bit word GEMV with the integer decode (``dp4a``: inputs as 16-bit fixed
-    point per word, ``dp4a`` on the nibbles in place) against the packed bf16 decode, both with
-    the engine's xload / peel / PDL: per llama3-8b projection (gate_up gated) at ``DP4A_TILES``,
-    alternating in ``rounds``; each shape's error against the torch reference (random inputs, and
-    with one input in 64 made 100 times larger); the same with float16 inputs at the engine's
-    tiling; then 32 decoder layers (norms and the four projections as ``wna16.one_token_gemv``
-    runs them) with ``wna16.M1_DP4A`` off and on."""
+    point per thread's two words, ``dp4a`` on the nibbles in place) against the packed 16-bit
+    decode, both with the engine's xload / peel / PDL: per llama3-8b projection (gate_up gated)
+    at ``DP4A_TILES`` with bf16 inputs and at the engine's tiling with float16 inputs,
+    alternating in ``rounds``; each shape's error against the torch reference (random bf16
+    inputs, and with one input in 64 made 100 times larger); then 32 decoder layers (norms and
+    the four projections as ``wna16.one_token_gemv`` runs them) with ``wna16.M1_DP4A`` off and
+    on, both at the engine's tilings (qkv's, 16 rows, is the integer decode's: the packed decode
+    is faster at 4)."""
     for shape, (n, k) in SHAPES_8B.items():
-        gated = shape == "gate_up"
-        w16 = w4_layers(n, k, 32)
-        x16 = torch.randn(1, k, device=DEV, dtype=torch.float16)
-        tiles16 = wna16.m1_tiles(n, k, gated)
-        best16: dict[str, float] = {}
-        for _ in range(rounds):
-            for dp in (False, True):
-                ms = time_chain(chain(partial(_w4_engine, x16, tiles16, gated, dp), w16))
-                variant = f"fp16 engine {'dp4a' if dp else 'pairs'}"
-                row = rec.add("w4_dp4a", shape, variant, ms, w4_nbytes(n, k), 32)
-                best16[variant] = min(best16.get(variant, 1e9), row["us_per_layer"])
-        timed = " | ".join(f"{v} {us:.2f}" for v, us in best16.items())
-        print(f"w4 dp4a {shape} float16: {timed}", flush=True)
-        del w16
-        x = torch.randn(1, k, device=DEV, dtype=torch.bfloat16)
         w4 = w4_layers(n, k, 32)
-        nbytes = w4_nbytes(n, k)
+        x16 = torch.randn(1, k, device=DEV, dtype=torch.float16)
+        timed16 = _dp4a_rounds(rec, shape, x16, w4, [None], rounds, "fp16 ")
+        print(f"w4 dp4a {shape} float16: {timed16}", flush=True)
+        x = torch.randn(1, k, device=DEV, dtype=torch.bfloat16)
         errs = []
         for name, xin in (("randn", x), ("outliers", x * (1 + 99 * (torch.arange(k, device=DEV) % 64 == 0)))):
             ref = qref.wna16_linear(xin, w4[0][0], w4[0][1], None, 4, 128).float()
@@ -730,18 +733,9 @@ def bench_w4_dp4a(rec: Recorder, rounds: int = 3) -> None:
                                    xload=True, dp4a=dp).float()
                 err = float((got - ref).abs().max() / ref.abs().max())
                 errs.append(f"{name} {'dp4a' if dp else 'pairs'} {err:.1e}")
-        best: dict[str, float] = {}
-        for t in DP4A_TILES:
-            tiles = wna16.m1_tiles(n, k, gated) if t is None else G.GemvTiles(*t, 1)
-            label = "engine" if t is None else ",".join(map(str, t))
-            for _ in range(rounds):
-                for dp in (False, True):
-                    ms = time_chain(chain(partial(_w4_engine, x, tiles, gated, dp), w4))
-                    variant = f"{label} {'dp4a' if dp else 'pairs'}"
-                    row = rec.add("w4_dp4a", shape, variant, ms, nbytes, 32)
-                    best[variant] = min(best.get(variant, 1e9), row["us_per_layer"])
-        print(f"w4 dp4a {shape}{' gated' if gated else ''} (error / max |ref|: {'; '.join(errs)}): "
-              + " | ".join(f"{v} {us:.2f}" for v, us in best.items()), flush=True)
+        timed = _dp4a_rounds(rec, shape, x, w4, DP4A_TILES, rounds)
+        gated = " gated" if shape == "gate_up" else ""
+        print(f"w4 dp4a {shape}{gated} (error / max |ref|: {'; '.join(errs)}): {timed}", flush=True)
         del w4
         torch.cuda.empty_cache()
     layers_w, nbytes, _ = _pdl_layers("w4")

@@ -689,43 +689,31 @@ def _dp4a_ptx(words: int = 1) -> str:
     return "\n".join(lines)
 
 
-_LIMBS_PTX = tl.constexpr(_limbs_ptx())
-_DP4A_PTX = tl.constexpr(_dp4a_ptx())
+# The kernel runs the two-word programs (pack=2: each thread's two consecutive words of a row,
+# _dp4a_words); the one-word forms of the generators are exercised by the PTX tests only.
 _LIMBS_PTX_2 = tl.constexpr(_limbs_ptx(2))
 _LIMBS_PTX_2_F16 = tl.constexpr(_limbs_ptx(2, "fp16"))
-_LIMBS_PTX_F16 = tl.constexpr(_limbs_ptx(1, "fp16"))
 _DP4A_PTX_2 = tl.constexpr(_dp4a_ptx(2))
-_LIMBS_CONSTRAINTS_2 = tl.constexpr("=r,=r,=r,=r,=r,=r,=r,=r,=f,=f,l,l,r,r")
-_LIMBS_CONSTRAINTS = tl.constexpr("=r,=r,=r,=r,=f,l,r")
 
 
 @triton.jit
-def _load_limbs_asm(xw, token, WORDS: tl.constexpr, F16: tl.constexpr = False):
-    """Each word's eight 16-bit inputs (address ``xw``; bf16, ``F16`` float16) as the packed
-    fixed-point bytes and unit of :func:`_limbs_ptx`, in the word tile's layout (as
-    :func:`_load_pairs_asm`); ``WORDS`` 2: one unit per two consecutive words of a thread. CUDA
-    only."""
-    if WORDS == 2:
-        ptx2: tl.constexpr = _LIMBS_PTX_2_F16 if F16 else _LIMBS_PTX_2
-        return tl.inline_asm_elementwise(ptx2, _LIMBS_CONSTRAINTS_2, [xw, token],
-                                         dtype=(tl.int32, tl.int32, tl.int32, tl.int32, tl.float32),
-                                         is_pure=True, pack=2)
-    ptx1: tl.constexpr = _LIMBS_PTX_F16 if F16 else _LIMBS_PTX
-    return tl.inline_asm_elementwise(ptx1, _LIMBS_CONSTRAINTS, [xw, token],
+def _load_limbs_asm(xw, token, F16: tl.constexpr):
+    """The eight 16-bit inputs of each word (address ``xw``; bf16, ``F16`` float16) as the packed
+    fixed-point bytes and unit of :func:`_limbs_ptx`, one unit per two consecutive words of a
+    thread, in the word tile's layout (as :func:`_load_pairs_asm`). CUDA only."""
+    ptx: tl.constexpr = _LIMBS_PTX_2_F16 if F16 else _LIMBS_PTX_2
+    return tl.inline_asm_elementwise(ptx, "=r,=r,=r,=r,=r,=r,=r,=r,=f,=f,l,l,r,r", [xw, token],
                                      dtype=(tl.int32, tl.int32, tl.int32, tl.int32, tl.float32),
-                                     is_pure=True, pack=1)
+                                     is_pure=True, pack=2)
 
 
 @triton.jit
-def _dp4a_asm(w, l0, l1, h0, h1, unit, WORDS: tl.constexpr):
-    """``sum_i (q_i - 8) x_i`` over int32 words of symmetric nibbles ``w`` by :func:`_dp4a_ptx`
-    from the inputs of :func:`_load_limbs_asm` (``WORDS`` 2: two words' sum in the first, 0 in
-    the second). CUDA only."""
-    if WORDS == 2:
-        return tl.inline_asm_elementwise(_DP4A_PTX_2, "=f,=f" + ",r" * 10 + ",f,f", [w, l0, l1, h0, h1, unit],
-                                         dtype=tl.float32, is_pure=True, pack=2)
-    return tl.inline_asm_elementwise(_DP4A_PTX, "=f,r,r,r,r,r,f", [w, l0, l1, h0, h1, unit],
-                                     dtype=tl.float32, is_pure=True, pack=1)
+def _dp4a_asm(w, l0, l1, h0, h1, unit):
+    """``sum_i (q_i - 8) x_i`` over each two consecutive int32 words of symmetric nibbles ``w`` of
+    a thread by :func:`_dp4a_ptx` from the inputs of :func:`_load_limbs_asm`: the two words' sum
+    in the first, 0 in the second. CUDA only."""
+    return tl.inline_asm_elementwise(_DP4A_PTX_2, "=f,=f" + ",r" * 10 + ",f,f", [w, l0, l1, h0, h1, unit],
+                                     dtype=tl.float32, is_pure=True, pack=2)
 
 
 def _input_loads_ptx(act: str) -> str:
@@ -871,8 +859,8 @@ def _words_tile(acc, w, jj, k0, k_hi, w_hi, x_ptr, token, s_rows, o_rows, n_ok, 
                 DP4A: tl.constexpr = 0):
     """``acc`` (``[BLOCK_N, groups, words per group]``) plus the tile of words ``w`` (words ``jj``,
     inputs from ``k0``): its inputs' loads, the words' sums, their groups' scales (and offsets).
-    ``DP4A`` (with ``PAIRS`` and ``XLOAD``): the integer decode (:func:`_dp4a_ptx`), over ``DP4A``
-    (1 or 2) consecutive words of a thread at a time."""
+    ``DP4A`` (with ``PAIRS`` and ``XLOAD``; 2, each thread's words taken two at a time, or 0):
+    the integer decode (:func:`_limbs_ptx`, :func:`_dp4a_ptx`)."""
     WORDS: tl.constexpr = BLOCK_K // 8
     TILE_G: tl.constexpr = BLOCK_K // GROUP if BLOCK_K > GROUP else 1
     WPG: tl.constexpr = WORDS // TILE_G
@@ -880,9 +868,9 @@ def _words_tile(acc, w, jj, k0, k_hi, w_hi, x_ptr, token, s_rows, o_rows, n_ok, 
     xw = x_ptr + 8 * jj
     F16: tl.constexpr = x_ptr.dtype.element_ty == tl.float16
     if PAIRS and XLOAD and DP4A:
-        tl.static_assert((SUB == 8.0) and (not HAS_OFFSET), "DP4A takes symmetric weights")
-        l0, l1, h0, h1, unit = _load_limbs_asm(xw, token, DP4A, F16)
-        t = _dp4a_asm(w, l0[None, :], l1[None, :], h0[None, :], h1[None, :], unit[None, :], DP4A)
+        tl.static_assert((SUB == 8.0) and (not HAS_OFFSET) and (DP4A == 2), "DP4A: two words, symmetric")
+        l0, l1, h0, h1, unit = _load_limbs_asm(xw, token, F16)
+        t = _dp4a_asm(w, l0[None, :], l1[None, :], h0[None, :], h1[None, :], unit[None, :])
     elif PAIRS and XLOAD:
         tl.static_assert((SUB == 8.0) and (not HAS_OFFSET), "PAIRS takes symmetric weights")
         p0, p1, p2, p3 = _load_pairs_asm(xw, token)
