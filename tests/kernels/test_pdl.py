@@ -80,10 +80,12 @@ def test_pdl_begin_compiles_to_launch_dependents_and_the_wait_in_order_for_sm90(
 
 
 def _sm90_ptx(fn: Any, ptrs: dict[str, str], consts: dict[str, Any], floats: tuple[str, ...] = ()) -> str:
-    """``fn`` compiled for sm_90 (PTX); other arguments int32."""
+    """``fn`` compiled for sm_90 (PTX); constexpr parameters not in ``consts`` take their defaults
+    (as a launch does), other arguments int32."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    consts = {p.name: p.default for p in fn.params if p.is_constexpr and p.has_default} | consts
     sig = {n: "*" + ptrs[n] if n in ptrs else "constexpr" if n in consts else
            ("fp32" if n in floats else "i32") for n in fn.arg_names}
     try:
