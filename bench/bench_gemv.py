@@ -698,10 +698,10 @@ def _dp4a_rounds(rec: Recorder, shape: str, x: torch.Tensor, w4: list[tuple[torc
     gated = shape == "gate_up"
     best: dict[str, float] = {}
     for t in tiles_list:
-        tiles = wna16.m1_tiles(n, k, gated) if t is None else G.GemvTiles(*t, 1)
         label = prefix + ("engine" if t is None else ",".join(map(str, t)))
         for _ in range(rounds):
             for dp in (False, True):
+                tiles = wna16.m1_tiles(n, k, gated, dp) if t is None else G.GemvTiles(*t, 1)
                 ms = time_chain(chain(partial(_w4_xload, x, tiles, gated, dp4a=dp), w4))
                 variant = f"{label} {'dp4a' if dp else 'pairs'}"
                 row = rec.add("w4_dp4a", shape, variant, ms, w4_nbytes(n, k), 32)
@@ -717,8 +717,7 @@ def bench_w4_dp4a(rec: Recorder, rounds: int = 3) -> None:
     alternating in ``rounds``; each shape's error against the torch reference (random bf16
     inputs, and with one input in 64 made 100 times larger); then 32 decoder layers (norms and
     the four projections as ``wna16.one_token_gemv`` runs them) with ``wna16.M1_DP4A`` off and
-    on, both at the engine's tilings (qkv's, 16 rows, is the integer decode's: the packed decode
-    is faster at 4)."""
+    on, both at the engine's tilings (each decode its own: ``wna16.m1_tiles``' ``dp4a``)."""
     for shape, (n, k) in SHAPES_8B.items():
         w4 = w4_layers(n, k, 32)
         x16 = torch.randn(1, k, device=DEV, dtype=torch.float16)
@@ -729,7 +728,7 @@ def bench_w4_dp4a(rec: Recorder, rounds: int = 3) -> None:
         for name, xin in (("randn", x), ("outliers", x * (1 + 99 * (torch.arange(k, device=DEV) % 64 == 0)))):
             ref = qref.wna16_linear(xin, w4[0][0], w4[0][1], None, 4, 128).float()
             for dp in (False, True):
-                got = G.gemv_wna16(xin, *w4[0], None, 4, 128, tiles=wna16.m1_tiles(n, k), pairs=True,
+                got = G.gemv_wna16(xin, *w4[0], None, 4, 128, tiles=wna16.m1_tiles(n, k, dp4a=dp), pairs=True,
                                    xload=True, dp4a=dp).float()
                 err = float((got - ref).abs().max() / ref.abs().max())
                 errs.append(f"{name} {'dp4a' if dp else 'pairs'} {err:.1e}")

@@ -604,8 +604,8 @@ def main() -> None:
                          "fp8-block, w4a16, w4a16+head)")
     ap.add_argument("--w4-tiles", type=Path, default=None,
                     help="--suite quantization: the one-token 4-bit GEMV's tiling per weight shape "
-                    "(wna16.M1_SHAPE_TILES) from this JSON (bench_gemv.py --w4-table); rows record it as "
-                    "m1_shape_tiles")
+                    "(wna16.M1_SHAPE_TILES; a 'packed_tiles' key: wna16.M1_PACKED_TILES, else none) from "
+                    "this JSON (bench_gemv.py --w4-table); rows record it as m1_shape_tiles")
     ap.add_argument("--early-reads", choices=("on", "off"), default=None,
                     help="a decode step's reads before the PDL wait, the decode "
                     "attention's L2 prefetch and rotary's position / slot / cos-sin "

@@ -35,6 +35,7 @@ from __future__ import annotations
 import gc
 import json
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -334,31 +335,43 @@ def table(run: Run) -> str:
     return "\n".join(out) + "\n"
 
 
+def _tiles_table(path: Path, table: dict[str, Any], key: str) -> Mapping[tuple[int, int], GemvTiles]:
+    """``table[key]`` (``{"N,K": [block_n, block_k, warps, split]}``) as a tiling table."""
+    if not isinstance(table.get(key, {}), dict):
+        raise ValueError(f"{path}: '{key}' must map 'N,K' to [block_n, block_k, warps, split]")
+    return MappingProxyType({tuple(int(v) for v in name.split(",")): GemvTiles(*(int(v) for v in tiles))
+                             for name, tiles in table.get(key, {}).items()})
+
+
 def use_w4_tiles(path: Path) -> str:
     """Set the one-token tilings in ``path`` (bench_gemv.py ``--w4-table``: ``{"tiles": {"N,K":
-    [block_n, block_k, warps, split]}}``) before any engine loads (layers size their split counts
-    at load): ``wna16.M1_SHAPE_TILES``. Any other key (an older table's ``prefetch``,
-    ``linear16_prefetch``, ``fp8_prefetch`` or ``tma``: switches since removed, DECISIONS 141 and
-    150) raises ValueError rather than applying the table in part. Returns the settings as text."""
+    [block_n, block_k, warps, split]}}``, optionally ``"packed_tiles"`` in the same form) before
+    any engine loads (layers size their split counts at load): ``wna16.M1_SHAPE_TILES`` and
+    ``wna16.M1_PACKED_TILES`` (empty where the file has none: the file is the whole table). Any
+    other key (an older table's ``prefetch``, ``linear16_prefetch``, ``fp8_prefetch`` or ``tma``:
+    switches since removed, DECISIONS 141 and 150) raises ValueError rather than applying the
+    table in part. Returns the settings as text."""
     table = json.loads(path.read_text())
-    others = sorted(set(table) - {"tiles"})
+    others = sorted(set(table) - {"tiles", "packed_tiles"})
     if others:
         raise ValueError(f"{path}: unknown key(s) {', '.join(others)}: a one-token table holds only 'tiles' "
-                         "(the prefetch switches and the TMA GEMV were removed, DECISIONS 141 and 150)")
+                         "and 'packed_tiles' (the prefetch switches and the TMA GEMV were removed, "
+                         "DECISIONS 141 and 150)")
+    tiles, packed = _tiles_table(path, table, "tiles"), _tiles_table(path, table, "packed_tiles")
     if "tiles" in table:
-        if not isinstance(table["tiles"], dict):
-            raise ValueError(f"{path}: 'tiles' must map 'N,K' to [block_n, block_k, warps, split]")
-        twna16.M1_SHAPE_TILES = MappingProxyType({
-            tuple(int(v) for v in key.split(",")): GemvTiles(*(int(v) for v in tiles))
-            for key, tiles in table["tiles"].items()})
+        twna16.M1_SHAPE_TILES = tiles
+    twna16.M1_PACKED_TILES = packed
     return one_token_settings()
 
 
 def one_token_settings() -> str:
     """The one-token GEMV settings in effect (the defaults, or what :func:`use_w4_tiles` set), in
-    :func:`use_w4_tiles`' format: every row of a run records them (``m1_shape_tiles``)."""
-    table = {"tiles": {f"{n},{k}": [t.block_n, t.block_k, t.num_warps, t.split_k]
-                       for (n, k), t in sorted(twna16.M1_SHAPE_TILES.items())}}
+    :func:`use_w4_tiles`' format (``packed_tiles`` only where there are some): every row of a
+    run records them (``m1_shape_tiles``)."""
+    table = {name: {f"{n},{k}": [t.block_n, t.block_k, t.num_warps, t.split_k]
+                    for (n, k), t in sorted(tab.items())}
+             for name, tab in (("tiles", twna16.M1_SHAPE_TILES), ("packed_tiles", twna16.M1_PACKED_TILES))
+             if tab or name == "tiles"}
     return json.dumps(table, separators=(",", ":"), sort_keys=True)
 
 

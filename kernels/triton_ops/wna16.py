@@ -97,8 +97,16 @@ M1_DP4A = True
 # The same for float16 inputs (gemv._limbs_ptx(act="fp16")), against their packed float16 decode
 # (M1_PAIRS_F16) on an H100: gate_up 21.01 against 23.02 us per layer, qkv at 16 rows 5.51
 # against 6.33 at 4 (DECISIONS 160). The qkv entry of M1_SHAPE_TILES assumes the integer decode:
-# with it off, qkv is faster at 4 rows (bf16 6.54 against 8.14, float16 6.33 against 7.55).
+# with it off, qkv is faster at 4 rows (bf16 6.54 against 8.14, float16 6.33 against 7.55), so
+# M1_PACKED_TILES holds that entry for the packed decodes.
 M1_DP4A_F16 = True
+# One token, the packed 16-bit decodes' own tilings where they differ from M1_SHAPE_TILES' (which
+# are the integer decode's): m1_tiles(dp4a=False), taken where the integer decode is off for the
+# inputs' dtype (M1_DP4A / M1_DP4A_F16, or the packed decode itself off). qkv at 4 rows: 6.54
+# against 8.14 us per layer at 16 in bf16, 6.33 against 7.55 in float16, on an H100 (DECISIONS 160).
+M1_PACKED_TILES: Mapping[tuple[int, int], GemvTiles] = MappingProxyType({
+    (6144, 4096): GemvTiles(block_n=4, block_k=2048, num_warps=4, split_k=1),
+})
 # One token, a layer's [q; k; v] weight: rotary + K/V store in the GEMV's epilogue
 # (wna16_rope_linear; gemv.gemv_wna16 ``rope``), one launch fewer per layer in the decode chain.
 # False: wna16_rope_linear returns None and the layer runs the GEMV, then rotary_store_kvcache.
@@ -322,11 +330,19 @@ def _m1_pairs(x: torch.Tensor) -> bool:
     return M1_PAIRS if x.dtype != torch.float16 else M1_PAIRS_F16
 
 
-def m1_tiles(n: int, k: int, gated: bool = False) -> GemvTiles:
-    """The one-token GEMV's tiling of an ``[n, k]`` weight: ``M1_SHAPE_TILES``' entry, else
+def _m1_dp4a(x: torch.Tensor) -> bool:
+    """Whether the one-token GEMV asks for the integer decode for inputs like ``x`` (it applies
+    only where the packed decode would: ``gemv_wna16``'s ``dp4a`` goes with ``pairs``)."""
+    return _m1_pairs(x) and (M1_DP4A_F16 if x.dtype == torch.float16 else M1_DP4A)
+
+
+def m1_tiles(n: int, k: int, gated: bool = False, dp4a: bool = True) -> GemvTiles:
+    """The one-token GEMV's tiling of an ``[n, k]`` weight: with ``dp4a`` False (the packed
+    decodes) ``M1_PACKED_TILES``' entry first, then ``M1_SHAPE_TILES``' entry, else
     ``GEMV_M1_TILES``. A gated GEMV takes one split and whole gate/up pairs: an entry that is not
     such a tiling gives it ``GEMV_M1_TILES``."""
-    tiles = M1_SHAPE_TILES.get((n, k), GEMV_M1_TILES)
+    packed = None if dp4a else M1_PACKED_TILES.get((n, k))
+    tiles = packed or M1_SHAPE_TILES.get((n, k), GEMV_M1_TILES)
     if gated and (tiles.split_k != 1 or tiles.block_n < 2):
         return GEMV_M1_TILES
     return tiles
@@ -334,12 +350,14 @@ def m1_tiles(n: int, k: int, gated: bool = False) -> GemvTiles:
 
 def m1_counters(n: int, k: int, device: torch.device) -> torch.Tensor | None:
     """The split-K arrival counts of the one-token GEMV of an ``[n, k]`` weight on ``device``
-    (:func:`~kernels.triton_ops.gemv.split_counters`), or None where its tiling has one split.
-    A layer allocates them once and passes them as ``counters``; they are 0 between launches."""
-    tiles = m1_tiles(n, k)
-    if tiles.split_k == 1:
+    (:func:`~kernels.triton_ops.gemv.split_counters`), or None where its tilings (the integer
+    decode's and the packed decodes') have one split; with several splits, as many counts as the
+    tiling of smaller row blocks needs (a launch uses the first of them). A layer allocates them
+    once and passes them as ``counters``; they are 0 between launches."""
+    split = [t for t in (m1_tiles(n, k), m1_tiles(n, k, dp4a=False)) if t.split_k > 1]
+    if not split:
         return None
-    return split_counters(n, tiles, device)
+    return split_counters(n, min(split, key=lambda t: t.block_n), device)
 
 
 def one_token_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
@@ -352,10 +370,11 @@ def one_token_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     from. ``counters`` (:func:`m1_counters`): a split tiling's sums added in the GEMV; None: by a
     second launch. ``rope``: a ``[q; k; v]`` weight rotated and stored in the epilogue (returns
     the rotated q; ``gemv_wna16``'s ``rope``)."""
-    tiles = m1_tiles(qweight.shape[0], x.shape[-1], gated)
+    dp4a = _m1_dp4a(x)
+    tiles = m1_tiles(qweight.shape[0], x.shape[-1], gated, dp4a)
     return gemv_wna16(x, qweight, scales, offsets, bits, group_size, bias, tiles=tiles,
                       gated=gated, pairs=_m1_pairs(x), pdl=pdl, peel=M1_PEEL, xload=M1_XLOAD,
-                      counters=counters, rope=rope, dp4a=M1_DP4A_F16 if x.dtype == torch.float16 else M1_DP4A)
+                      counters=counters, rope=rope, dp4a=dp4a)
 
 
 def mma_tokens(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, group_size: int,
@@ -394,7 +413,7 @@ def wna16_rope_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tens
     caller then runs the two ops."""
     n, k = qweight.shape[0], x.shape[-1]
     x2 = x.reshape(-1, k)
-    tiles = fit_tiles(m1_tiles(n, k), group_size)  # what gemv_wna16 launches
+    tiles = fit_tiles(m1_tiles(n, k, dp4a=_m1_dp4a(x)), group_size)  # what gemv_wna16 launches
     if (not M1_ROPE or x2.shape[0] != 1 or bits != 4 or as_words(qweight) is None
             or not rope_fits(n, k, tiles, rope)):
         return None

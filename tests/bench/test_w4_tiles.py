@@ -53,11 +53,14 @@ def test_engine_settings_take_the_w4_split_part_if_it_ran() -> None:
 def test_the_engine_bench_sets_the_tiles_the_gemv_and_its_counts_follow(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(wna16, "M1_SHAPE_TILES", wna16.M1_SHAPE_TILES)  # restored after the test
+    monkeypatch.setattr(wna16, "M1_PACKED_TILES", wna16.M1_PACKED_TILES)
     path = tmp_path / "w4.json"
     path.write_text(json.dumps({"tiles": {"6144,4096": [8, 2048, 4, 2], "4096,4096": [4, 2048, 4, 1]}}))
     text = bench_gpu_quant.use_w4_tiles(path)
+    # The file is the whole table: no packed-decode entries where it names none.
     assert json.loads(text) == {"tiles": {"4096,4096": [4, 2048, 4, 1], "6144,4096": [8, 2048, 4, 2]}}
     assert text == bench_gpu_quant.one_token_settings()
+    assert wna16.m1_tiles(6144, 4096, dp4a=False) == GemvTiles(8, 2048, 4, 2)
     assert wna16.m1_tiles(6144, 4096) == GemvTiles(8, 2048, 4, 2)
     assert wna16.m1_tiles(6144, 4096, gated=True) == wna16.GEMV_M1_TILES  # gated: one split only
     assert wna16.m1_tiles(4096, 4096, gated=True) == GemvTiles(4, 2048, 4, 1)
@@ -78,3 +81,54 @@ def test_an_older_table_with_a_removed_switch_is_refused_whole(
     with pytest.raises(ValueError, match=rf"key\(s\) {key}:"):
         bench_gpu_quant.use_w4_tiles(path)
     assert wna16.M1_SHAPE_TILES is before  # nothing of it applied
+
+
+def test_a_table_with_packed_tiles_sets_both_and_rows_record_both(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(wna16, "M1_SHAPE_TILES", wna16.M1_SHAPE_TILES)  # restored after the test
+    monkeypatch.setattr(wna16, "M1_PACKED_TILES", wna16.M1_PACKED_TILES)
+    table = {"tiles": {"6144,4096": [16, 2048, 4, 1]}, "packed_tiles": {"6144,4096": [4, 2048, 4, 2]}}
+    path = tmp_path / "w4.json"
+    path.write_text(json.dumps(table))
+    assert json.loads(bench_gpu_quant.use_w4_tiles(path)) == table
+    assert wna16.m1_tiles(6144, 4096) == GemvTiles(16, 2048, 4, 1)
+    assert wna16.m1_tiles(6144, 4096, dp4a=False) == GemvTiles(4, 2048, 4, 2)
+    # Counts for the packed decode's split: as many as its smaller row blocks need.
+    counts = wna16.m1_counters(6144, 4096, torch.device("cpu"))
+    assert counts is not None and counts.shape == (6144 // 4,)
+    path.write_text(json.dumps({"packed_tiles": [4, 2048, 4, 2]}))
+    with pytest.raises(ValueError, match="'packed_tiles' must map"):
+        bench_gpu_quant.use_w4_tiles(path)
+
+
+def test_the_default_tables_give_each_decode_its_own_qkv_tiling() -> None:
+    # The integer decode shares each thread's input conversion over 16 rows; the packed decodes
+    # are faster at 4 (DECISIONS 160). Other shapes: one entry for both.
+    assert wna16.m1_tiles(6144, 4096) == GemvTiles(16, 2048, 4, 1)
+    assert wna16.m1_tiles(6144, 4096, dp4a=False) == GemvTiles(4, 2048, 4, 1)
+    for n, k in ((4096, 4096), (4096, 14336), (28672, 4096)):
+        assert wna16.m1_tiles(n, k) == wna16.m1_tiles(n, k, dp4a=False)
+    assert json.loads(bench_gpu_quant.one_token_settings())["packed_tiles"] == {"6144,4096": [4, 2048, 4, 1]}
+
+
+@pytest.mark.parametrize(("dtype", "flag"), [(torch.bfloat16, "M1_DP4A"), (torch.float16, "M1_DP4A_F16"),
+                                             (torch.bfloat16, "M1_PAIRS")])
+def test_the_engine_launch_takes_the_packed_tiling_where_the_integer_decode_is_off(
+        dtype: torch.dtype, flag: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``wna16.one_token_gemv`` (the engine's one-token launch) passes ``gemv_wna16`` the tiling
+    of the decode it asks for: 16 qkv rows with the integer decode, 4 once the dtype's integer
+    decode (or the packed decode it needs) is off."""
+    launched: list[tuple[GemvTiles, bool]] = []
+
+    def record(*args: object, tiles: GemvTiles, dp4a: bool, **kw: object) -> torch.Tensor:
+        launched.append((tiles, dp4a))
+        return torch.zeros(1)
+
+    monkeypatch.setattr(wna16, "gemv_wna16", record)
+    x = torch.zeros(1, 4096, dtype=dtype)
+    qw = torch.zeros(6144, 2048, dtype=torch.uint8)
+    sc = torch.ones(6144, 32, dtype=dtype)
+    wna16.one_token_gemv(x, qw, sc, None, 4, 128, None, pdl=False)
+    monkeypatch.setattr(wna16, flag, False)
+    wna16.one_token_gemv(x, qw, sc, None, 4, 128, None, pdl=False)
+    assert launched == [(GemvTiles(16, 2048, 4, 1), True), (GemvTiles(4, 2048, 4, 1), False)]
