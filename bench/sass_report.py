@@ -29,8 +29,8 @@ import subprocess
 import tempfile
 
 import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+
+from kernels.sm90_compile import compile_sm90
 
 _OPCODE = re.compile(r"\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)")
 _BRANCH = re.compile(r"BRA `\(\.(L_x_\d+)\)")
@@ -42,20 +42,6 @@ def _value(text: str) -> int | float:
 
 def _pairs(text: str) -> dict[str, str]:
     return dict(item.split("=", 1) for item in text.split(",") if item)
-
-
-def compile_sm90(fn: triton.JITFunction, ptrs: dict[str, str], consts: dict[str, int | float],
-                 num_warps: int, num_stages: int,
-                 maxnreg: int | None = None) -> triton.compiler.CompiledKernel:
-    """``fn`` compiled for sm_90 (its ``asm`` holds ``ttgir``, ``ptx`` and ``cubin``); ``maxnreg``:
-    the registers per thread ptxas may use (Triton's launch option of that name)."""
-    names = fn.arg_names
-    # constexpr parameters not named take their defaults (as a launch does), not an int32 type
-    consts = {p.name: p.default for p in fn.params if p.is_constexpr and p.has_default} | consts
-    sig = {n: ("*" + ptrs[n]) if n in ptrs else ("constexpr" if n in consts else "i32") for n in names}
-    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names if sig[n] != "constexpr"}
-    return triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", 90, 32),
-                          options=dict(num_warps=num_warps, num_stages=num_stages, maxnreg=maxnreg))
 
 
 def compile_sass(fn: triton.JITFunction, ptrs: dict[str, str], consts: dict[str, int | float],

@@ -27,6 +27,7 @@ triton = pytest.importorskip("triton")
 
 from kernels.triton_ops import gemv  # noqa: E402
 from tests.kernels.ptx_model import _LANES, MODELLED, opcodes, run_ptx  # noqa: E402
+from tests.kernels.sm90 import compile_sm90_or_skip  # noqa: E402
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -196,23 +197,13 @@ def test_programs_use_only_modelled_instructions() -> None:
 def test_xload_loop_moves_nothing_through_shared_memory(x_dtype: str, pairs: bool, dp4a: int) -> None:
     """Inputs and scales read in PTX take the word tile's layout: no layout conversion (shared
     memory and barriers) in the loop, where ``tl.load`` of the same inputs put eight."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
     fn = gemv._gemv_int4_words_kernel
-    ptrs = dict(x_ptr=f"*{x_dtype}", q_ptr="*i32", s_ptr="*fp16", o_ptr="*fp16", bias_ptr="*fp16",
-                out_ptr=f"*{x_dtype}", part_ptr="*fp32", cnt_ptr="*i32")
+    ptrs = dict(x_ptr=x_dtype, q_ptr="i32", s_ptr="fp16", o_ptr="fp16", bias_ptr="fp16",
+                out_ptr=x_dtype, part_ptr="fp32", cnt_ptr="i32")
     consts = dict(GROUP=128, SUB=8.0 if pairs else 0.0, HAS_OFFSET=not pairs, HAS_BIAS=False, SPLIT=False,
                   BLOCK_N=8, BLOCK_K=2048, EVEN=True, GATED=False, ASM=True, PAIRS=pairs, PDL=True, PEEL=True,
                   XLOAD=True, FIXUP=False, ROPE=0, DP4A=dp4a)
-    sig = {n: ptrs.get(n, "constexpr" if n in consts else "i32") for n in fn.arg_names}
-    attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]]
-             for n in fn.arg_names if sig[n] != "constexpr"}
-    try:
-        kernel = triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", 90, 32),
-                                options=dict(num_warps=4))
-    except (RuntimeError, FileNotFoundError) as exc:  # no CUDA toolchain in this Triton build
-        pytest.skip(f"cannot compile for sm_90 here: {exc}")
+    kernel = compile_sm90_or_skip(fn, ptrs, consts, num_warps=4)
     ttgir = kernel.asm["ttgir"]
     loop = ttgir[ttgir.index("scf.for"): ttgir.index("scf.yield")]
     assert "ttg.convert_layout" not in loop and "ttg.local_" not in loop

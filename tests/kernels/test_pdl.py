@@ -17,6 +17,7 @@ from gpu_worker.config import EngineConfig  # noqa: E402
 from kernels import get_ops  # noqa: E402
 from kernels.triton_ops import gemv16_linear, triton_ops  # noqa: E402
 from kernels.triton_ops.pdl import pdl_begin, pdl_launch, pdl_supported  # noqa: E402
+from tests.kernels.sm90 import compile_sm90_or_skip  # noqa: E402
 
 triton = pytest.importorskip("triton")
 tl = pytest.importorskip("triton.language")
@@ -80,20 +81,10 @@ def test_pdl_begin_compiles_to_launch_dependents_and_the_wait_in_order_for_sm90(
 
 
 def _sm90_ptx(fn: Any, ptrs: dict[str, str], consts: dict[str, Any], floats: tuple[str, ...] = ()) -> str:
-    """``fn`` compiled for sm_90 (PTX); constexpr parameters not in ``consts`` take their defaults
-    (as a launch does), other arguments int32."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    consts = {p.name: p.default for p in fn.params if p.is_constexpr and p.has_default} | consts
-    sig = {n: "*" + ptrs[n] if n in ptrs else "constexpr" if n in consts else
-           ("fp32" if n in floats else "i32") for n in fn.arg_names}
-    try:
-        kernel = triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32),
-                                options={"num_warps": 2})
-    except (RuntimeError, FileNotFoundError) as exc:  # no CUDA toolchain in this Triton build
-        pytest.skip(f"cannot compile for sm_90 here: {exc}")
-    return str(kernel.asm["ptx"])
+    """``fn`` compiled for sm_90 (PTX) on 2 warps, no alignment assumed; constexpr parameters
+    not in ``consts`` take their defaults (as a launch does), other arguments int32 (float32 if
+    in ``floats``)."""
+    return str(compile_sm90_or_skip(fn, ptrs, consts, num_warps=2, floats=floats, aligned=False).asm["ptx"])
 
 
 def _decode_partition_ptx(prefetch: bool) -> str:

@@ -28,6 +28,7 @@ triton = pytest.importorskip("triton")
 
 from kernels.triton_ops import wna16_mma  # noqa: E402
 from tests.kernels.ptx_model import _LANES, MODELLED, opcodes, run_ptx  # noqa: E402
+from tests.kernels.sm90 import compile_sm90_or_skip  # noqa: E402
 
 
 def run_block_ptx(ptx: str, operands: dict[int, np.ndarray], memory: bytes) -> list[np.ndarray]:
@@ -120,23 +121,13 @@ def test_block_assembly_uses_only_the_modelled_instructions() -> None:
 
 def _compile_sm90(warps: int, bpi: int, gated: bool, sub_mma: bool, f16: bool = False,
                   offsets: bool = False) -> str:
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
     fn = wna16_mma._gemv_int4_mma_kernel
-    ptrs = dict(x_ptr="*i32", q_ptr="*i32", s_ptr="*fp16", o_ptr="*fp16", bias_ptr="*fp16",
-                out_ptr="*fp16" if f16 else "*bf16")
+    ptrs = dict(x_ptr="i32", q_ptr="i32", s_ptr="fp16", o_ptr="fp16", bias_ptr="fp16",
+                out_ptr="fp16" if f16 else "bf16")
     consts = dict(GROUP=128, BPI=bpi, WARPS=warps, GATED=gated, HAS_BIAS=False, EVEN=True, MODE=1,
                   PTX=wna16_mma._BLOCK_PTX[(False, sub_mma, f16, offsets)], PREFETCH=True, PDL=False,
                   HAS_OFFSET=offsets)
-    sig = {n: ptrs.get(n, "constexpr" if n in consts else "i32") for n in fn.arg_names}
-    attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]]
-             for n in fn.arg_names if sig[n] != "constexpr"}
-    try:
-        kernel = triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", 90, 32),
-                                options=dict(num_warps=warps))
-    except (RuntimeError, FileNotFoundError) as exc:  # no CUDA toolchain in this Triton build
-        pytest.skip(f"cannot compile for sm_90 here: {exc}")
+    kernel = compile_sm90_or_skip(fn, ptrs, consts, num_warps=warps)
     return kernel.asm["ttgir"]
 
 
