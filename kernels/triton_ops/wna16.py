@@ -96,14 +96,13 @@ M1_XLOAD = True
 M1_DP4A = True
 # The same for float16 inputs (gemv._limbs_ptx(act="fp16")), against their packed float16 decode
 # (M1_PAIRS_F16) on an H100: gate_up 21.01 against 23.02 us per layer, qkv at 16 rows 5.51
-# against 6.33 at 4 (DECISIONS 160). The qkv entry of M1_SHAPE_TILES assumes the integer decode:
-# with it off, qkv is faster at 4 rows (bf16 6.54 against 8.14, float16 6.33 against 7.55), so
-# M1_PACKED_TILES holds that entry for the packed decodes.
+# against 6.33 at 4 (DECISIONS 160). M1_SHAPE_TILES' qkv entry (16 rows) is the integer decode's.
 M1_DP4A_F16 = True
-# One token, the packed 16-bit decodes' own tilings where they differ from M1_SHAPE_TILES' (which
-# are the integer decode's): m1_tiles(dp4a=False), taken where the integer decode is off for the
-# inputs' dtype (M1_DP4A / M1_DP4A_F16, or the packed decode itself off). qkv at 4 rows: 6.54
-# against 8.14 us per layer at 16 in bf16, 6.33 against 7.55 in float16, on an H100 (DECISIONS 160).
+# One token, the other decodes' own tilings where they differ from M1_SHAPE_TILES' (which are the
+# integer decode's): m1_tiles(dp4a=False), taken where the integer decode does not run (its flag
+# off for the inputs' dtype, the packed decode it needs off, inputs not 16-bit, or asymmetric
+# weights). qkv at 4 rows: the packed decodes 6.54 against 8.14 us per layer at 16 in bf16, 6.33
+# against 7.55 in float16, on an H100 (DECISIONS 160-161).
 M1_PACKED_TILES: Mapping[tuple[int, int], GemvTiles] = MappingProxyType({
     (6144, 4096): GemvTiles(block_n=4, block_k=2048, num_warps=4, split_k=1),
 })
@@ -330,10 +329,13 @@ def _m1_pairs(x: torch.Tensor) -> bool:
     return M1_PAIRS if x.dtype != torch.float16 else M1_PAIRS_F16
 
 
-def _m1_dp4a(x: torch.Tensor) -> bool:
-    """Whether the one-token GEMV asks for the integer decode for inputs like ``x`` (it applies
-    only where the packed decode would: ``gemv_wna16``'s ``dp4a`` goes with ``pairs``)."""
-    return _m1_pairs(x) and (M1_DP4A_F16 if x.dtype == torch.float16 else M1_DP4A)
+def _m1_dp4a(x: torch.Tensor, offsets: torch.Tensor | None) -> bool:
+    """Whether the one-token GEMV takes the integer decode for inputs like ``x`` (16-bit, its
+    flag on) and weights with ``offsets``: as ``gemv_wna16`` takes it, only where the packed decode
+    would (``pairs``: symmetric weights)."""
+    if x.dtype not in (torch.bfloat16, torch.float16) or offsets is not None or not _m1_pairs(x):
+        return False
+    return M1_DP4A_F16 if x.dtype == torch.float16 else M1_DP4A
 
 
 def m1_tiles(n: int, k: int, gated: bool = False, dp4a: bool = True) -> GemvTiles:
@@ -370,7 +372,7 @@ def one_token_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     from. ``counters`` (:func:`m1_counters`): a split tiling's sums added in the GEMV; None: by a
     second launch. ``rope``: a ``[q; k; v]`` weight rotated and stored in the epilogue (returns
     the rotated q; ``gemv_wna16``'s ``rope``)."""
-    dp4a = _m1_dp4a(x)
+    dp4a = _m1_dp4a(x, offsets)
     tiles = m1_tiles(qweight.shape[0], x.shape[-1], gated, dp4a)
     return gemv_wna16(x, qweight, scales, offsets, bits, group_size, bias, tiles=tiles,
                       gated=gated, pairs=_m1_pairs(x), pdl=pdl, peel=M1_PEEL, xload=M1_XLOAD,
@@ -413,7 +415,7 @@ def wna16_rope_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tens
     caller then runs the two ops."""
     n, k = qweight.shape[0], x.shape[-1]
     x2 = x.reshape(-1, k)
-    tiles = fit_tiles(m1_tiles(n, k, dp4a=_m1_dp4a(x)), group_size)  # what gemv_wna16 launches
+    tiles = fit_tiles(m1_tiles(n, k, dp4a=_m1_dp4a(x, offsets)), group_size)  # what gemv_wna16 launches
     if (not M1_ROPE or x2.shape[0] != 1 or bits != 4 or as_words(qweight) is None
             or not rope_fits(n, k, tiles, rope)):
         return None

@@ -116,8 +116,8 @@ def test_the_default_tables_give_each_decode_its_own_qkv_tiling() -> None:
 def test_the_engine_launch_takes_the_packed_tiling_where_the_integer_decode_is_off(
         dtype: torch.dtype, flag: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """``wna16.one_token_gemv`` (the engine's one-token launch) passes ``gemv_wna16`` the tiling
-    of the decode it asks for: 16 qkv rows with the integer decode, 4 once the dtype's integer
-    decode (or the packed decode it needs) is off."""
+    of the decode it takes: 16 qkv rows with the integer decode, 4 for asymmetric weights,
+    float32 inputs, or once the dtype's integer decode (or the packed decode it needs) is off."""
     launched: list[tuple[GemvTiles, bool]] = []
 
     def record(*args: object, tiles: GemvTiles, dp4a: bool, **kw: object) -> torch.Tensor:
@@ -129,6 +129,9 @@ def test_the_engine_launch_takes_the_packed_tiling_where_the_integer_decode_is_o
     qw = torch.zeros(6144, 2048, dtype=torch.uint8)
     sc = torch.ones(6144, 32, dtype=dtype)
     wna16.one_token_gemv(x, qw, sc, None, 4, 128, None, pdl=False)
+    wna16.one_token_gemv(x, qw, sc, torch.zeros_like(sc), 4, 128, None, pdl=False)  # asymmetric
+    wna16.one_token_gemv(x.float(), qw, sc.float(), None, 4, 128, None, pdl=False)  # not 16-bit
     monkeypatch.setattr(wna16, flag, False)
     wna16.one_token_gemv(x, qw, sc, None, 4, 128, None, pdl=False)
-    assert launched == [(GemvTiles(16, 2048, 4, 1), True), (GemvTiles(4, 2048, 4, 1), False)]
+    packed = (GemvTiles(4, 2048, 4, 1), False)
+    assert launched == [(GemvTiles(16, 2048, 4, 1), True), packed, packed, packed]
