@@ -329,13 +329,6 @@ def _m1_pairs(x: torch.Tensor) -> bool:
     return M1_PAIRS if x.dtype != torch.float16 else M1_PAIRS_F16
 
 
-def _m1_dp4a(x: torch.Tensor, offsets: torch.Tensor | None) -> bool:
-    """Whether the one-token GEMV takes the integer decode for inputs like ``x`` (16-bit, its
-    flag on) and weights with ``offsets``: as ``gemv_wna16`` takes it, only where the packed decode
-    would (``pairs``: symmetric weights)."""
-    if x.dtype not in (torch.bfloat16, torch.float16) or offsets is not None or not _m1_pairs(x):
-        return False
-    return M1_DP4A_F16 if x.dtype == torch.float16 else M1_DP4A
 
 
 def m1_tiles(n: int, k: int, gated: bool = False, dp4a: bool = True) -> GemvTiles:
@@ -362,6 +355,18 @@ def m1_counters(n: int, k: int, device: torch.device) -> torch.Tensor | None:
     return split_counters(n, min(split, key=lambda t: t.block_n), device)
 
 
+def _m1_launch(x: torch.Tensor, n: int, offsets: torch.Tensor | None,
+               gated: bool = False) -> tuple[GemvTiles, bool]:
+    """The one-token GEMV's tiling of an ``[n, K]`` weight for inputs like ``x`` and weights with
+    ``offsets``, and whether it takes the integer decode: as ``gemv_wna16`` takes it, for 16-bit
+    inputs and symmetric weights where the packed decode is on (``pairs``) and the dtype's flag
+    too. The launch (:func:`one_token_gemv`) and the rotary check before it
+    (:func:`wna16_rope_linear`) both ask here, so they cannot disagree."""
+    dp4a = (x.dtype in (torch.bfloat16, torch.float16) and offsets is None and _m1_pairs(x)
+            and (M1_DP4A_F16 if x.dtype == torch.float16 else M1_DP4A))
+    return m1_tiles(n, x.shape[-1], gated, dp4a), dp4a
+
+
 def one_token_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
                    offsets: torch.Tensor | None, bits: int, group_size: int,
                    bias: torch.Tensor | None, *, pdl: bool, gated: bool = False,
@@ -372,8 +377,7 @@ def one_token_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     from. ``counters`` (:func:`m1_counters`): a split tiling's sums added in the GEMV; None: by a
     second launch. ``rope``: a ``[q; k; v]`` weight rotated and stored in the epilogue (returns
     the rotated q; ``gemv_wna16``'s ``rope``)."""
-    dp4a = _m1_dp4a(x, offsets)
-    tiles = m1_tiles(qweight.shape[0], x.shape[-1], gated, dp4a)
+    tiles, dp4a = _m1_launch(x, qweight.shape[0], offsets, gated)
     return gemv_wna16(x, qweight, scales, offsets, bits, group_size, bias, tiles=tiles,
                       gated=gated, pairs=_m1_pairs(x), pdl=pdl, peel=M1_PEEL, xload=M1_XLOAD,
                       counters=counters, rope=rope, dp4a=dp4a)
@@ -415,7 +419,7 @@ def wna16_rope_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tens
     caller then runs the two ops."""
     n, k = qweight.shape[0], x.shape[-1]
     x2 = x.reshape(-1, k)
-    tiles = fit_tiles(m1_tiles(n, k, dp4a=_m1_dp4a(x, offsets)), group_size)  # what gemv_wna16 launches
+    tiles = fit_tiles(_m1_launch(x2, n, offsets)[0], group_size)  # what gemv_wna16 launches
     if (not M1_ROPE or x2.shape[0] != 1 or bits != 4 or as_words(qweight) is None
             or not rope_fits(n, k, tiles, rope)):
         return None
