@@ -30,8 +30,10 @@ that stream at the card's bandwidth:
   (:func:`_nibble_as_float`) and multiplied by its input, the group's scale once per word
   (1.54x the byte kernel below on an H200; docs/QUANTIZATION.md, "4-bit weights as int32 words");
   with ``pairs`` (symmetric weights, bf16 inputs, CUDA) two nibbles at a time become a bf16
-  pair and meet their inputs in packed bf16 FMAs (:func:`_pairs_asm`: 438 instead of 554
-  instructions per loop of 128 weights per thread; products and four-term sums round to bf16);
+  pair and meet their inputs in packed bf16 FMAs (:func:`~kernels.triton_ops.gemv_ptx.pairs_asm`:
+  438 instead of 554 instructions per loop of 128 weights per thread; products and four-term
+  sums round to bf16); with ``dp4a`` (two words per thread) the integer decode; the inline PTX
+  of these decodes and of the loads in the word tile's layout is :mod:`kernels.triton_ops.gemv_ptx`;
 - ``gated=True`` (one token, one split): the weight is ``[gate; up]``, a program reads gate row
   ``o`` and up row ``o + N / 2`` side by side (:func:`_gemv_rows`) and its epilogue applies
   SiLU-and-mul with the activation kernel's arithmetic (:func:`_gated_epilogue`): ``[1, N / 2]``,
@@ -48,7 +50,6 @@ that stream at the card's bandwidth:
 
 from __future__ import annotations
 
-import struct
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -58,6 +59,15 @@ import triton.language as tl
 
 from kernels.rope_store import RopeStore
 from kernels.triton_ops.activation import silu_and_mul, silu_mul_tile
+from kernels.triton_ops.gemv_ptx import (
+    dp4a_asm,
+    load_groups_asm,
+    load_inputs_asm,
+    load_limbs_asm,
+    load_pairs_asm,
+    nibbles_asm,
+    pairs_asm,
+)
 from kernels.triton_ops.pdl import pdl_begin, pdl_launch
 from kernels.triton_ops.rotary import rotate_pair
 
@@ -471,308 +481,6 @@ def _nibble_as_float(w, SHIFT: tl.constexpr, SUB: tl.constexpr):
     return f - ((1 << (23 - SHIFT)) + SUB)
 
 
-def _nibbles_ptx(sub: float) -> str:
-    """PTX for :func:`_nibbles_asm`: the eight nibbles of word ``$8`` as float32 ``q - sub`` in
-    ``$0 .. $7``, each by one ``lop3`` (AND-OR) and one ``sub.f32``, the arithmetic of
-    :func:`_nibble_as_float` (the same bits)."""
-    fields = [("$8", 0), ("$8", 4), ("$8", 8), ("$8", 12), ("$8", 16), ("h", 0), ("h", 4), ("h", 8)]
-    lines = ["{", ".reg .b32 h;", "shr.u32 h, $8, 20;"]
-    for out, (src, shift) in enumerate(fields):
-        magic = struct.unpack(">I", struct.pack(">f", 2.0 ** (23 - shift) + sub))[0]
-        lines.append(f"lop3.b32 ${out}, {src}, {0xF << shift:#x}, {(150 - shift) << 23:#x}, 0xEA;")
-        lines.append(f"sub.f32 ${out}, ${out}, 0f{magic:08X};")
-    lines.append("}")
-    return "\n".join(lines)
-
-
-# Module globals read by a kernel are tl.constexpr (Triton 3.6).
-_NIBBLES_PTX_SYMMETRIC = tl.constexpr(_nibbles_ptx(8.0))
-_NIBBLES_PTX_OFFSETS = tl.constexpr(_nibbles_ptx(0.0))
-
-
-@triton.jit
-def _nibbles_asm(w, SUB: tl.constexpr):
-    """The eight nibbles of each int32 word of ``w`` as float32 ``q - SUB`` (SUB 8 or 0), eight
-    tensors, in inline PTX: Triton 3.6 emits the AND and the OR of :func:`_nibble_as_float` as
-    two LOP3s and rematerialises their constants; here one LOP3 each, the constants hoisted
-    (the loop of the llama3-8b tiling: 561 instructions per 128 weights per thread, against
-    719; ``bench/sass_report.py``). CUDA only: the CPU interpreter runs no PTX."""
-    tl.static_assert((SUB == 8.0) or (SUB == 0.0), "the PTX nibble decode takes SUB 8 or 0")
-    ptx: tl.constexpr = _NIBBLES_PTX_SYMMETRIC if SUB == 8.0 else _NIBBLES_PTX_OFFSETS
-    return tl.inline_asm_elementwise(ptx, "=f,=f,=f,=f,=f,=f,=f,=f,r", [w], dtype=(tl.float32,) * 8,
-                                     is_pure=True, pack=1)
-
-
-def _pairs_ptx(act: str = "bf16") -> str:
-    """PTX for :func:`_pairs_asm`: word ``$1``'s eight symmetric nibbles times the inputs paired
-    in ``$2 .. $5``, summed, in ``$0``. bf16: each AND-OR (LOP3) makes two nibbles bf16 ``128 + q``
-    side by side (nibbles ``i`` and ``i + 4``: bits ``4i`` and ``4i + 16``, so three shifts for
-    the eight), one packed FMA ``* 1 - 136`` makes them ``q - 8`` (exact), and packed FMAs
-    multiply them by their inputs and sum the four pairs per half in bf16; the two halves are
-    added in float32. 18 instructions per word against 25 for :func:`_nibbles_asm` and its eight
-    float32 FMAs; the products and the four-term sums round to bf16 (8 bits).
-    fp16 (``act``): float16's ten mantissa bits take a nibble at bits 0-3 (``1024 + q``) or 4-7
-    (``1024 + 16 q``) of each half, so one shift serves the eight, and the packed FMAs
-    ``* 1/16 - 64.5`` and ``* 1/256 - 4.5`` make both ``(q - 8) / 16`` (exact): the products
-    and four-term sums (rounded to float16, 11 bits) stay below ``2 |x|``, so inputs up to half
-    of float16's range cannot overflow them. The sum is a sixteenth of the word's: the caller
-    multiplies the group's scale by 16."""
-    if act == "fp16":
-        lines = ["{", ".reg .b32 t, a, b, c, d, k0, k1, b0, b1;", ".reg .b16 l, h;", ".reg .f32 fl, fh;",
-                 "mov.b32 k0, 0x2C002C00;", "mov.b32 b0, 0xD408D408;",  # 1/16, -64.5
-                 "mov.b32 k1, 0x1C001C00;", "mov.b32 b1, 0xC480C480;",  # 1/256, -4.5
-                 "lop3.b32 a, $1, 0x000F000F, 0x64006400, 0xEA;",
-                 "lop3.b32 b, $1, 0x00F000F0, 0x64006400, 0xEA;",
-                 "shr.u32 t, $1, 8;",
-                 "lop3.b32 c, t, 0x000F000F, 0x64006400, 0xEA;",
-                 "lop3.b32 d, t, 0x00F000F0, 0x64006400, 0xEA;",
-                 "fma.rn.f16x2 a, a, k0, b0;", "fma.rn.f16x2 b, b, k1, b1;",
-                 "fma.rn.f16x2 c, c, k0, b0;", "fma.rn.f16x2 d, d, k1, b1;",
-                 "mov.b32 t, 0x80008000;", "fma.rn.f16x2 a, a, $2, t;", "fma.rn.f16x2 a, b, $3, a;",
-                 "fma.rn.f16x2 a, c, $4, a;", "fma.rn.f16x2 a, d, $5, a;",
-                 "mov.b32 {l, h}, a;", "cvt.f32.f16 fl, l;", "cvt.f32.f16 fh, h;", "add.f32 $0, fl, fh;", "}"]
-        return "\n".join(lines)
-    lines = ["{", ".reg .b32 t, a, b, c, d, one, bias, lo, hi;",
-             "mov.b32 one, 0x3F803F80;", "mov.b32 bias, 0xC308C308;",
-             "lop3.b32 a, $1, 0x000F000F, 0x43004300, 0xEA;"]
-    for reg, shift in (("b", 4), ("c", 8), ("d", 12)):
-        lines.append(f"shr.u32 t, $1, {shift};")
-        lines.append(f"lop3.b32 {reg}, t, 0x000F000F, 0x43004300, 0xEA;")
-    for reg in "abcd":
-        lines.append(f"fma.rn.bf16x2 {reg}, {reg}, one, bias;")
-    lines += ["mov.b32 t, 0x80008000;", "fma.rn.bf16x2 a, a, $2, t;", "fma.rn.bf16x2 a, b, $3, a;",
-              "fma.rn.bf16x2 a, c, $4, a;", "fma.rn.bf16x2 a, d, $5, a;",
-              "shl.b32 lo, a, 16;", "and.b32 hi, a, 0xFFFF0000;", "add.f32 $0, lo, hi;", "}"]
-    return "\n".join(lines)
-
-
-_PAIRS_PTX = tl.constexpr(_pairs_ptx())
-_PAIRS_PTX_F16 = tl.constexpr(_pairs_ptx("fp16"))
-
-
-@triton.jit
-def _pairs_asm(w, p0, p1, p2, p3, F16: tl.constexpr):
-    """``sum_i (q_i - 8) x_i`` over each int32 word of symmetric nibbles ``w`` (``F16``: a
-    sixteenth of it), with the inputs as 16-bit pairs ``p_i = (x_i, x_{i+4})`` (:func:`_load_pair`),
-    in inline PTX (:func:`_pairs_ptx`). CUDA only, bf16 (``F16``: float16) inputs, no offsets."""
-    ptx: tl.constexpr = _PAIRS_PTX_F16 if F16 else _PAIRS_PTX
-    return tl.inline_asm_elementwise(ptx, "=f,r,r,r,r,r", [w, p0, p1, p2, p3], dtype=tl.float32,
-                                     is_pure=True, pack=1)
-
-
-def _pair_loads_ptx() -> str:
-    """PTX for :func:`_load_pairs_asm`: the eight bf16 inputs at address ``$4`` (16-byte aligned)
-    in one 16-byte load, regrouped by four byte permutes into the pairs :func:`_pairs_asm` takes,
-    ``(x_r, x_{r+4})`` in ``$r`` (the first in the low half)."""
-    lines = ["{", ".reg .b32 a, b, c, d;", "// $5: the PDL wait's token (an ordering operand only)",
-             "ld.global.v4.b32 {a, b, c, d}, [$4];"]
-    for out, (lo, hi, sel) in enumerate((("a", "c", "0x5410"), ("a", "c", "0x7632"),
-                                         ("b", "d", "0x5410"), ("b", "d", "0x7632"))):
-        lines.append(f"prmt.b32 ${out}, {lo}, {hi}, {sel};")
-    lines.append("}")
-    return "\n".join(lines)
-
-
-_PAIR_LOADS_PTX = tl.constexpr(_pair_loads_ptx())
-
-
-@triton.jit
-def _load_pairs_asm(xw, token):
-    """The four input pairs of each word (as :func:`_load_pair` makes them) from its inputs'
-    address ``xw``, in inline PTX: the loads then take the layout of the word tile's columns.
-    A ``tl.load`` here gets a layout of its own (strided bf16 loads spread over every thread),
-    and each pair then crossed to the word layout through shared memory behind two barriers
-    (eight barriers per tile). The inputs are what the kernel before wrote: ``token``
-    (:func:`~kernels.triton_ops.pdl.pdl_begin`'s) orders the loads after the PDL wait. CUDA only,
-    whole tiles (no mask), ``xw`` 16-byte aligned."""
-    return tl.inline_asm_elementwise(_PAIR_LOADS_PTX, "=r,=r,=r,=r,l,r", [xw, token], dtype=(tl.int32,) * 4,
-                                     is_pure=True, pack=1)
-
-
-# The integer decode (``dp4a``): 16-bit fixed-point inputs and ``dp4a`` on nibbles in place.
-_MAGIC = 0x4B400000  # 1.5 * 2^23 as float32: y + 1.5 * 2^23 holds round(y) in its low bits
-_NIBBLE_LUT = (0xF0 ^ 0xCC) & 0xAA  # lop3 (a ^ b) & c
-
-
-# Per input dtype, for _limbs_ptx: the packed max of magnitudes, the exponent field (first bit,
-# width), its floor, the float32 bits of 2^(15 - E) as (constant - field) << 23 and of the unit
-# 2^(E - 19) as (field + constant) << 23, and the field of a NaN or infinity.
-_LIMB_TYPES = {
-    # bf16: E = e - 126 (2^E above |x|), 2^(141 - e), 2^(e - 145); fields below 19 count as 19
-    "bf16": ("max.NaN.xorsign.abs.bf16x2", 7, 8, 19, 268, -18, 255),
-    # float16: E = e - 14, 2^(29 - e), 2^(e - 33); subnormals (field 0) count as field 1
-    "fp16": ("max.NaN.xorsign.abs.f16x2", 10, 5, 1, 156, 94, 31),
-}
-
-
-def _limbs_ptx(words: int = 1, act: str = "bf16") -> str:
-    """PTX for :func:`_load_limbs_asm`: ``words`` (1 or 2) consecutive words' 16-bit inputs
-    (``act``: bf16 or float16), eight per word, as 16-bit fixed point ``v_i = round(x_i 2^(15 -
-    E))`` with ``2^E`` above the largest ``|x_i|`` of the words (``E`` from its exponent field
-    ``e``: ``e - 126`` in bf16, ``e - 14`` in float16, with a floor that only tiny inputs reach),
-    split into bytes ``v = 256 hi + lo`` (``lo`` unsigned, ``hi`` signed) and packed for
-    :func:`_dp4a_ptx`. Operands (result-major, as ``inline_asm_elementwise`` numbers them with
-    ``pack=words``), per word ``u``: the ``lo`` of inputs 0, 2, 4, 6 (byte ``j`` input ``2 j``),
-    of inputs 1, 3, 5, 7, the ``hi`` of each, the float32 unit of the dp4a sums ``2^(E - 19)``
-    (NaN where an input is not finite); then each word's input address (16-byte aligned) and
-    the PDL wait's token. Each ``v`` is one FMA on the input as float32: ``x 2^(15 - E) + 1.5
-    2^23`` holds ``round(x 2^(15 - E))`` in its low 16 bits (``|v| <= 32,752``)."""
-    vmax, first, width, floor, g_const, unit_const, special = _LIMB_TYPES[act]
-
-    def out(result: int, u: int) -> str:
-        return f"${result * words + u}"
-    addr = [f"${5 * words + u}" for u in range(words)]
-    regs = [[f"{c}{u}" for c in "abcd"] for u in range(words)]
-    lines = ["{", ".reg .b32 " + ", ".join(r for word in regs for r in word)
-             + ", m, t, e, g, y0, y1, y2, y3, y4, y5, y6, y7, s0, s1;", ".reg .pred p;",
-             "// the last operands: the PDL wait's token"]
-    if act == "fp16":
-        lines.insert(2, ".reg .b16 l, h;")
-    lines += [f"ld.global.v4.b32 {{{', '.join(regs[u])}}}, [{addr[u]}];" for u in range(words)]
-    # |x| by halves (NaN kept), then the larger of the two halves' fields
-    flat = [r for word in regs for r in word]
-    lines.append(f"{vmax} m, {flat[0]}, {flat[1]};")
-    for r in flat[2:]:
-        lines.append(f"{vmax} m, m, {r};")
-    unit = (f"sub.u32 t, e, {-unit_const << 23};" if unit_const < 0 else f"add.u32 t, e, {unit_const << 23};")
-    lines += ["and.b32 m, m, 0x7FFF7FFF;", "shr.u32 t, m, 16;", "and.b32 m, m, 0xFFFF;", "max.u32 m, m, t;",
-              f"bfe.u32 e, m, {first}, {width};", f"max.u32 e, e, {floor};",
-              "shl.b32 e, e, 23;", f"sub.u32 g, {g_const << 23}, e;",  # 2^(15 - E)
-              unit,  # 2^(E - 19)
-              f"setp.ge.u32 p, e, {special << 23};"]
-    lines += [f"selp.b32 {out(4, u)}, 0x7FC00000, t, p;" for u in range(words)]
-    for u in range(words):
-        for i, reg in enumerate(regs[u]):
-            if act == "fp16":
-                lines += [f"mov.b32 {{l, h}}, {reg};", f"cvt.f32.f16 y{2 * i}, l;",
-                          f"cvt.f32.f16 y{2 * i + 1}, h;"]
-            else:
-                lines += [f"shl.b32 y{2 * i}, {reg}, 16;", f"and.b32 y{2 * i + 1}, {reg}, 0xFFFF0000;"]
-            lines += [f"fma.rn.f32 y{2 * i}, y{2 * i}, g, 0f{_MAGIC:08X};",
-                      f"fma.rn.f32 y{2 * i + 1}, y{2 * i + 1}, g, 0f{_MAGIC:08X};"]
-        for first_input, lo, hi in ((0, 0, 2), (1, 1, 3)):
-            ys = [f"y{first_input + 2 * j}" for j in range(4)]
-            lines += [f"prmt.b32 s0, {ys[0]}, {ys[1]}, 0x5140;", f"prmt.b32 s1, {ys[2]}, {ys[3]}, 0x5140;",
-                      f"prmt.b32 {out(lo, u)}, s0, s1, 0x5410;", f"prmt.b32 {out(hi, u)}, s0, s1, 0x7632;"]
-    lines.append("}")
-    return "\n".join(lines)
-
-
-def _dp4a_ptx(words: int = 1) -> str:
-    """PTX for :func:`_dp4a_asm`: ``words`` (1 or 2) consecutive words of symmetric nibbles times
-    their inputs from :func:`_limbs_ptx` (one unit), summed, in the first word's result (the
-    second's is 0). Operands (result-major, ``pack=words``): the results, then per operand the
-    words' values: the words, the four packed inputs, the unit. One LOP3 puts nibbles ``1, 3,
-    5, 7`` in the high halves of the four bytes with their top bit flipped, so each byte read as
-    int8 is ``16 (q - 8)``; a shift and a LOP3 do the same for ``0, 2, 4, 6``; ``dp4a`` sums
-    ``16 (q - 8)`` times the ``lo`` and the ``hi`` bytes in int32 (exact), started at ``1.5
-    2^23`` so that each sum read as float32 is ``1.5 2^23`` more than it (both stay below
-    ``2^22`` in magnitude), and ``(256 hi + lo) * unit`` is the words' sum: 11 instructions for
-    one word, 18 for two, against 18 per word for :func:`_pairs_ptx`."""
-    lut = f"0x{_NIBBLE_LUT:02X}"
-
-    def arg(operand: int, u: int) -> str:  # operand 0 the words, 1-4 lo_e, lo_o, hi_e, hi_o, 5 the unit
-        return f"${words + operand * words + u}"
-    lines = ["{", ".reg .b32 t, we, wo, sl, sh, mg;", ".reg .f32 fl, fh;", f"mov.b32 mg, {_MAGIC};"]
-    for u in range(words):
-        acc_l, acc_h = ("mg", "mg") if u == 0 else ("sl", "sh")
-        lines += [f"shl.b32 t, {arg(0, u)}, 4;",
-                  f"lop3.b32 we, t, 0x88888888, 0xF0F0F0F0, {lut};",
-                  f"lop3.b32 wo, {arg(0, u)}, 0x88888888, 0xF0F0F0F0, {lut};",
-                  f"dp4a.s32.u32 sl, we, {arg(1, u)}, {acc_l};", f"dp4a.s32.u32 sl, wo, {arg(2, u)}, sl;",
-                  f"dp4a.s32.s32 sh, we, {arg(3, u)}, {acc_h};", f"dp4a.s32.s32 sh, wo, {arg(4, u)}, sh;"]
-    lines += [f"sub.f32 fl, sl, 0f{_MAGIC:08X};", f"sub.f32 fh, sh, 0f{_MAGIC:08X};",
-              "fma.rn.f32 fl, fh, 0f43800000, fl;",  # 256 hi + lo
-              f"mul.f32 $0, fl, {arg(5, 0)};"]
-    lines += [f"mov.b32 ${u}, 0;" for u in range(1, words)]
-    lines.append("}")
-    return "\n".join(lines)
-
-
-# The kernel runs the two-word programs (pack=2: each thread's two consecutive words of a row,
-# _dp4a_words); the one-word forms of the generators are exercised by the PTX tests only.
-_LIMBS_PTX_2 = tl.constexpr(_limbs_ptx(2))
-_LIMBS_PTX_2_F16 = tl.constexpr(_limbs_ptx(2, "fp16"))
-_DP4A_PTX_2 = tl.constexpr(_dp4a_ptx(2))
-
-
-@triton.jit
-def _load_limbs_asm(xw, token, F16: tl.constexpr):
-    """The eight 16-bit inputs of each word (address ``xw``; bf16, ``F16`` float16) as the packed
-    fixed-point bytes and unit of :func:`_limbs_ptx`, one unit per two consecutive words of a
-    thread, in the word tile's layout (as :func:`_load_pairs_asm`). CUDA only."""
-    ptx: tl.constexpr = _LIMBS_PTX_2_F16 if F16 else _LIMBS_PTX_2
-    return tl.inline_asm_elementwise(ptx, "=r,=r,=r,=r,=r,=r,=r,=r,=f,=f,l,l,r,r", [xw, token],
-                                     dtype=(tl.int32, tl.int32, tl.int32, tl.int32, tl.float32),
-                                     is_pure=True, pack=2)
-
-
-@triton.jit
-def _dp4a_asm(w, l0, l1, h0, h1, unit):
-    """``sum_i (q_i - 8) x_i`` over each two consecutive int32 words of symmetric nibbles ``w`` of
-    a thread by :func:`_dp4a_ptx` from the inputs of :func:`_load_limbs_asm`: the two words' sum
-    in the first, 0 in the second. CUDA only."""
-    return tl.inline_asm_elementwise(_DP4A_PTX_2, "=f,=f" + ",r" * 10 + ",f,f", [w, l0, l1, h0, h1, unit],
-                                     dtype=tl.float32, is_pure=True, pack=2)
-
-
-def _input_loads_ptx(act: str) -> str:
-    """PTX for :func:`_load_inputs_asm`: the eight 16-bit inputs at address ``$8`` (16-byte
-    aligned) in one 16-byte load, as float32 ``$0 .. $7`` (bf16: a shift or a mask each; float16:
-    a conversion each). ``$9``: the PDL wait's token (an ordering operand only)."""
-    lines = ["{", ".reg .b32 a, b, c, d;", ".reg .b16 l, h;", "// $9: the PDL wait's token",
-             "ld.global.v4.b32 {a, b, c, d}, [$8];"]
-    for i, reg in enumerate("abcd"):
-        if act == "fp16":
-            lines += [f"mov.b32 {{l, h}}, {reg};", f"cvt.f32.f16 ${2 * i}, l;",
-                      f"cvt.f32.f16 ${2 * i + 1}, h;"]
-        else:
-            lines += [f"shl.b32 ${2 * i}, {reg}, 16;", f"and.b32 ${2 * i + 1}, {reg}, 0xFFFF0000;"]
-    lines.append("}")
-    return "\n".join(lines)
-
-
-_INPUT_LOADS_PTX_BF16 = tl.constexpr(_input_loads_ptx("bf16"))
-_INPUT_LOADS_PTX_F16 = tl.constexpr(_input_loads_ptx("fp16"))
-
-
-@triton.jit
-def _load_inputs_asm(xw, token, F16: tl.constexpr):
-    """The eight inputs of each word from its inputs' address ``xw`` as float32, in inline PTX in
-    the word tile's layout (as :func:`_load_pairs_asm`, whose reasons and ``token`` apply). CUDA
-    only, bf16 (``F16``: float16) inputs, whole tiles, ``xw`` 16-byte aligned."""
-    ptx: tl.constexpr = _INPUT_LOADS_PTX_F16 if F16 else _INPUT_LOADS_PTX_BF16
-    x0, x1, x2, x3, x4, x5, x6, x7 = tl.inline_asm_elementwise(
-        ptx, "=r,=r,=r,=r,=r,=r,=r,=r,l,r", [xw, token], dtype=(tl.int32,) * 8, is_pure=True, pack=1)
-    return (x0.to(tl.float32, bitcast=True), x1.to(tl.float32, bitcast=True), x2.to(tl.float32, bitcast=True),
-            x3.to(tl.float32, bitcast=True), x4.to(tl.float32, bitcast=True), x5.to(tl.float32, bitcast=True),
-            x6.to(tl.float32, bitcast=True), x7.to(tl.float32, bitcast=True))
-
-
-# Scale loads in inline PTX, per dtype, as float32 (see _load_groups_asm).
-_GROUP_LOAD_BF16 = tl.constexpr("{\n.reg .b32 r;\nld.global.u16 r, [$1];\nshl.b32 $0, r, 16;\n}")
-_GROUP_LOAD_F16 = tl.constexpr("{\n.reg .b16 h;\nld.global.b16 h, [$1];\ncvt.f32.f16 $0, h;\n}")
-_GROUP_LOAD_F32 = tl.constexpr("ld.global.b32 $0, [$1];")
-
-
-@triton.jit
-def _load_groups_asm(ptrs):
-    """The scales at ``ptrs`` (bf16, float16 or float32 weights) as float32, in inline PTX, so that
-    they take the layout of the sums they multiply (a ``tl.load`` gets one of its own and crosses
-    to it through shared memory behind barriers). Pure: weights only. CUDA only, no mask."""
-    ty: tl.constexpr = ptrs.dtype.element_ty
-    if ty == tl.bfloat16:
-        bits = tl.inline_asm_elementwise(_GROUP_LOAD_BF16, "=r,l", [ptrs], dtype=tl.int32, is_pure=True,
-                                         pack=1)
-    elif ty == tl.float16:
-        bits = tl.inline_asm_elementwise(_GROUP_LOAD_F16, "=r,l", [ptrs], dtype=tl.int32, is_pure=True,
-                                         pack=1)
-    else:
-        bits = tl.inline_asm_elementwise(_GROUP_LOAD_F32, "=r,l", [ptrs], dtype=tl.int32, is_pure=True,
-                                         pack=1)
-    return bits.to(tl.float32, bitcast=True)
-
-
 @triton.jit
 def _load_pair(xw, LANE: tl.constexpr, jj, w_hi, EVEN: tl.constexpr):
     """Inputs ``8 jj + LANE`` and ``8 jj + LANE + 4`` (bf16) as one int32, the first in the low half."""
@@ -817,9 +525,9 @@ def _word_sums(w, xw, jj, w_hi, token, SUB: tl.constexpr, EVEN: tl.constexpr, AS
                XLOAD: tl.constexpr, F16: tl.constexpr):
     """Each word's eight products ``(q_i - SUB) x_i`` summed in float32 (``[rows, words]``), and
     each word's eight inputs summed (``[words]``, for offsets). ``XLOAD``: the inputs read in
-    inline PTX (:func:`_load_inputs_asm`)."""
+    inline PTX (:func:`load_inputs_asm`)."""
     if XLOAD:
-        x0, x1, x2, x3, x4, x5, x6, x7 = _load_inputs_asm(xw, token, F16)
+        x0, x1, x2, x3, x4, x5, x6, x7 = load_inputs_asm(xw, token, F16)
     else:
         x0 = _load_input(xw, 0, jj, w_hi, EVEN)
         x1 = _load_input(xw, 1, jj, w_hi, EVEN)
@@ -829,8 +537,8 @@ def _word_sums(w, xw, jj, w_hi, token, SUB: tl.constexpr, EVEN: tl.constexpr, AS
         x5 = _load_input(xw, 5, jj, w_hi, EVEN)
         x6 = _load_input(xw, 6, jj, w_hi, EVEN)
         x7 = _load_input(xw, 7, jj, w_hi, EVEN)
-    if ASM:  # the same floats, fewer instructions (_nibbles_asm)
-        q0, q1, q2, q3, q4, q5, q6, q7 = _nibbles_asm(w, SUB)
+    if ASM:  # the same floats, fewer instructions (nibbles_asm)
+        q0, q1, q2, q3, q4, q5, q6, q7 = nibbles_asm(w, SUB)
     else:
         h = w >> 20  # nibbles 5, 6, 7 at bits 0, 4, 8 (the sign bits above are masked off)
         q0 = _nibble_as_float(w, 0, SUB)
@@ -860,7 +568,7 @@ def _words_tile(acc, w, jj, k0, k_hi, w_hi, x_ptr, token, s_rows, o_rows, n_ok, 
     """``acc`` (``[BLOCK_N, groups, words per group]``) plus the tile of words ``w`` (words ``jj``,
     inputs from ``k0``): its inputs' loads, the words' sums, their groups' scales (and offsets).
     ``DP4A`` (with ``PAIRS`` and ``XLOAD``; 2, each thread's words taken two at a time, or 0):
-    the integer decode (:func:`_limbs_ptx`, :func:`_dp4a_ptx`)."""
+    the integer decode (:func:`limbs_ptx`, :func:`dp4a_ptx`)."""
     WORDS: tl.constexpr = BLOCK_K // 8
     TILE_G: tl.constexpr = BLOCK_K // GROUP if BLOCK_K > GROUP else 1
     WPG: tl.constexpr = WORDS // TILE_G
@@ -869,15 +577,15 @@ def _words_tile(acc, w, jj, k0, k_hi, w_hi, x_ptr, token, s_rows, o_rows, n_ok, 
     F16: tl.constexpr = x_ptr.dtype.element_ty == tl.float16
     if PAIRS and XLOAD and DP4A:
         tl.static_assert((SUB == 8.0) and (not HAS_OFFSET) and (DP4A == 2), "DP4A: two words, symmetric")
-        l0, l1, h0, h1, unit = _load_limbs_asm(xw, token, F16)
-        t = _dp4a_asm(w, l0[None, :], l1[None, :], h0[None, :], h1[None, :], unit[None, :])
+        l0, l1, h0, h1, unit = load_limbs_asm(xw, token, F16)
+        t = dp4a_asm(w, l0[None, :], l1[None, :], h0[None, :], h1[None, :], unit[None, :])
     elif PAIRS and XLOAD:
         tl.static_assert((SUB == 8.0) and (not HAS_OFFSET), "PAIRS takes symmetric weights")
-        p0, p1, p2, p3 = _load_pairs_asm(xw, token)
-        t = _pairs_asm(w, p0[None, :], p1[None, :], p2[None, :], p3[None, :], F16)
+        p0, p1, p2, p3 = load_pairs_asm(xw, token)
+        t = pairs_asm(w, p0[None, :], p1[None, :], p2[None, :], p3[None, :], F16)
     elif PAIRS:
         tl.static_assert((SUB == 8.0) and (not HAS_OFFSET), "PAIRS takes symmetric weights")
-        t = _pairs_asm(w, _load_pair(xw, 0, jj, w_hi, EVEN)[None, :],
+        t = pairs_asm(w, _load_pair(xw, 0, jj, w_hi, EVEN)[None, :],
                        _load_pair(xw, 1, jj, w_hi, EVEN)[None, :],
                        _load_pair(xw, 2, jj, w_hi, EVEN)[None, :],
                        _load_pair(xw, 3, jj, w_hi, EVEN)[None, :], F16)
@@ -885,15 +593,15 @@ def _words_tile(acc, w, jj, k0, k_hi, w_hi, x_ptr, token, s_rows, o_rows, n_ok, 
         t, xsum = _word_sums(w, xw, jj, w_hi, token, SUB, EVEN, ASM, XLOAD, F16)
     g_ok = n_ok[:, None] & (k0 + gg * (BLOCK_K // TILE_G) < k_hi)[None, :]
     if XLOAD:
-        s = _load_groups_asm(s_rows + (k0 // GROUP + gg)[None, :])
+        s = load_groups_asm(s_rows + (k0 // GROUP + gg)[None, :])
     else:
         s = _load_groups(s_rows, k0, gg, g_ok, GROUP, EVEN)
-    if PAIRS and F16 and not DP4A:  # the float16 pair sums are a sixteenth of the word's (_pairs_ptx)
+    if PAIRS and F16 and not DP4A:  # the float16 pair sums are a sixteenth of the word's (pairs_ptx)
         s = s * 16.0
     acc += tl.reshape(t, [BLOCK_N, TILE_G, WPG]) * s[:, :, None]
     if HAS_OFFSET:
         if XLOAD:
-            o = _load_groups_asm(o_rows + (k0 // GROUP + gg)[None, :])
+            o = load_groups_asm(o_rows + (k0 // GROUP + gg)[None, :])
         else:
             o = _load_groups(o_rows, k0, gg, g_ok, GROUP, EVEN)
         acc += o[:, :, None] * tl.reshape(xsum, [TILE_G, WPG])[None, :, :]
@@ -919,7 +627,7 @@ def _gemv_int4_words_kernel(x_ptr, q_ptr, s_ptr, o_ptr, bias_ptr, out_ptr, part_
     # products sum in ``t``; its group's scale multiplies the word's sum (and the offset the
     # word's activation sum), one FMA per word. EVEN: whole tiles only (BLOCK_N divides N,
     # BLOCK_K divides K, the split length divides K): no masks. GATED: see _gemv_rows. PAIRS
-    # (CUDA, 16-bit inputs, symmetric): a word's sum in packed 16-bit arithmetic (_pairs_asm).
+    # (CUDA, 16-bit inputs, symmetric): a word's sum in packed 16-bit arithmetic (pairs_asm).
     # PEEL: the first tile is taken before the loop, its words read before the PDL wait (as the
     # dense kernel's). FIXUP (with SPLIT): the last split to finish adds the partial sums
     # (_split_fixup, ``cnt_ptr``: one int32 count per row block, 0 between launches). ROPE (half
@@ -1245,15 +953,15 @@ def gemv_wna16(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, off
     (``factored`` is then implied: it scales each word's sum). ``gated``: the weight is
     ``[gate; up]`` and the result ``silu_and_mul`` of the product, ``[1, N / 2]``, bit-for-bit
     the two ops (fused in the word kernel; other layouts run the two ops). ``nibble_asm``: the
-    word kernel decodes nibbles in inline PTX (:func:`_nibbles_asm`; the same bits); None: on
+    word kernel decodes nibbles in inline PTX (:func:`nibbles_asm`; the same bits); None: on
     CUDA (the CPU interpreter cannot). ``pairs``: symmetric 4-bit words times bf16 inputs in
-    packed bf16 arithmetic (:func:`_pairs_asm`: fewer instructions, products and four-term sums
+    packed bf16 arithmetic (:func:`pairs_asm`: fewer instructions, products and four-term sums
     rounded to bf16), where that applies (CUDA, bf16 ``x``, no offsets); else ignored. ``peel``:
     the word kernel takes its first tile before the loop, reading its words before the PDL wait
     (the same bits; ``wna16.M1_PEEL`` turns it on at one token, DECISIONS 137). ``xload``: the
     word kernel on whole tiles, bf16 or float16 ``x`` 16-byte aligned, on CUDA reads the inputs
-    and the scales (and offsets) in inline PTX, in the words' layout (:func:`_load_pairs_asm`,
-    :func:`_load_inputs_asm`, :func:`_load_groups_asm`; the same bits); else ignored.
+    and the scales (and offsets) in inline PTX, in the words' layout (:func:`load_pairs_asm`,
+    :func:`load_inputs_asm`, :func:`load_groups_asm`; the same bits); else ignored.
     ``counters`` (:func:`split_counters` for these tiles): with several splits, the word kernel's
     last program of each row block adds the splits' sums (:func:`_split_fixup`; the same bits)
     instead of a second launch; ignored by the other kernels and with one split. ``rope``
@@ -1262,7 +970,7 @@ def gemv_wna16(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, off
     (:func:`_rope_epilogue`), returning the rotated q ``[1, Hq * D]``: bit for bit this GEMV then
     ``rotary_store_kvcache``, one launch. ``dp4a`` (with ``pairs`` and ``xload`` where they
     apply, tiles that give each thread two consecutive words, :func:`_dp4a_words`): the integer
-    decode instead of the packed 16-bit one (:func:`_limbs_ptx`, :func:`_dp4a_ptx`)."""
+    decode instead of the packed 16-bit one (:func:`limbs_ptx`, :func:`dp4a_ptx`)."""
     tiles = fit_tiles(tiles or GemvTiles(), group_size)
     x = _one_row(x)
     n = qweight.shape[0]

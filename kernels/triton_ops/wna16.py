@@ -75,7 +75,7 @@ M1_SHAPE_TILES: Mapping[tuple[int, int], GemvTiles] = MappingProxyType({
 # on an H200, llama3-8b's four projections 50.7 against 57.9 us per layer, W2 W4A16 413.8
 # against 381.8 tok/s; max error / sum|x w| 3.7e-4 against 2.5e-4 (docs/DECISIONS.md 132).
 M1_PAIRS = True
-# The same for float16 inputs (gemv._pairs_ptx("fp16"): one shift per word instead of three,
+# The same for float16 inputs (gemv_ptx.pairs_ptx("fp16"): one shift per word instead of three,
 # products and sums of a sixteenth in float16): on an H200 with xload 6.62 / 5.14 / 20.09 / 12.26
 # us per llama3-8b projection, error / max |ref| 4.8e-4 to 8.9e-4 (DECISIONS 139).
 M1_PAIRS_F16 = True
@@ -87,14 +87,14 @@ M1_PEEL = True
 # in the word tile's layout (gemv.gemv_wna16 ``xload``; the same bits): on an H200 32 llama3-8b
 # layers 47.1-47.9 against 53.8-54.6 us per layer, W2 W4A16 498.8 against 450.0 tok/s (DECISIONS 139).
 M1_XLOAD = True
-# One token, symmetric 4-bit weights and bf16 inputs: the integer decode (gemv._limbs_ptx and
-# gemv._dp4a_ptx: each thread's two words of inputs as 16-bit fixed point, dp4a on the nibbles in
+# One token, symmetric 4-bit weights and bf16 inputs: the integer decode (gemv_ptx.limbs_ptx and
+# gemv_ptx.dp4a_ptx: each thread's two words of inputs as 16-bit fixed point, dp4a on the nibbles in
 # place) instead of the packed bf16 one, where the tiling gives each thread two words of a row.
 # On an H100 (DECISIONS 160): gate_up 21.43 against 23.71 us per layer, qkv at 16 x 2,048 on 4
 # warps 5.49 against 6.56 (o and down keep one word per thread: the packed decode), W2 W4A16
 # 492.0 / 492.2 against 474.3 / 474.6 tok/s (bf16 194.7-194.8).
 M1_DP4A = True
-# The same for float16 inputs (gemv._limbs_ptx(act="fp16")), against their packed float16 decode
+# The same for float16 inputs (gemv_ptx.limbs_ptx(act="fp16")), against their packed float16 decode
 # (M1_PAIRS_F16) on an H100: gate_up 21.01 against 23.02 us per layer, qkv at 16 rows 5.51
 # against 6.33 at 4 (DECISIONS 160). M1_SHAPE_TILES' qkv entry (16 rows) is the integer decode's.
 M1_DP4A_F16 = True

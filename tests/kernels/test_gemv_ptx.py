@@ -1,13 +1,13 @@
-"""The one-token 4-bit word GEMV's inline PTX (``kernels/triton_ops/gemv.py``) without a GPU, run
+"""The one-token 4-bit word GEMV's inline PTX (``kernels/triton_ops/gemv_ptx.py``) without a GPU, run
 by the interpreter of ``ptx_model.py``:
 
-- the packed decode (``_pairs_ptx``, bf16 and float16 inputs): each word's eight nibbles meet the
+- the packed decode (``pairs_ptx``, bf16 and float16 inputs): each word's eight nibbles meet the
   right inputs (small integers: every product and sum exact, so the result must be too), and
   random inputs stay within the stated roundings of ``sum (q_i - 8) x_i`` (float16: a sixteenth);
 - the input loads: eight 16-bit inputs regrouped into the pairs ``(x_r, x_{r+4})`` the decode
-  takes (``_pair_loads_ptx``), or as float32 (``_input_loads_ptx``, the float32 decode's);
+  takes (``pair_loads_ptx``), or as float32 (``input_loads_ptx``, the float32 decode's);
 - the scale loads (``_GROUP_LOAD_*``): bf16, float16 and float32 scales read as float32;
-- the integer decode (``_limbs_ptx`` then ``_dp4a_ptx``, one or two words at a time, bf16 and
+- the integer decode (``limbs_ptx`` then ``dp4a_ptx``, one or two words at a time, bf16 and
   float16 inputs): exact for
   inputs that fit its 16-bit fixed point, within ``2^-15 max |x| sum |q - 8|`` otherwise, NaN
   for an input that is not finite, 0 for zero inputs;
@@ -25,7 +25,7 @@ import torch
 
 triton = pytest.importorskip("triton")
 
-from kernels.triton_ops import gemv  # noqa: E402
+from kernels.triton_ops import gemv, gemv_ptx  # noqa: E402
 from tests.kernels.ptx_model import _LANES, MODELLED, opcodes, run_ptx  # noqa: E402
 from tests.kernels.sm90 import compile_sm90_or_skip  # noqa: E402
 
@@ -51,7 +51,7 @@ def test_pairs_program_pairs_each_nibble_with_its_input(act: str) -> None:
     gen = torch.Generator().manual_seed(5)
     q = torch.randint(0, 16, (_LANES, 8), generator=gen).numpy()
     x = torch.randint(-4, 5, (_LANES, 8), generator=gen).to(_DTYPES[act])  # every sum exact
-    got = run_ptx(gemv._pairs_ptx(act), _pair_operands(q, x))["$0"].view(np.float32).astype(np.float64)
+    got = run_ptx(gemv_ptx.pairs_ptx(act), _pair_operands(q, x))["$0"].view(np.float32).astype(np.float64)
     want = ((q - 8.0) * x.double().numpy()).sum(axis=1) / (16.0 if act == "fp16" else 1.0)
     np.testing.assert_array_equal(got, want)
 
@@ -63,7 +63,7 @@ def test_pairs_program_rounds_as_documented(act: str) -> None:
     gen = torch.Generator().manual_seed(6)
     q = torch.randint(0, 16, (_LANES, 8), generator=gen).numpy()
     x = (torch.randn(_LANES, 8, generator=gen) * 3).to(_DTYPES[act])
-    got = run_ptx(gemv._pairs_ptx(act), _pair_operands(q, x))["$0"].view(np.float32).astype(np.float64)
+    got = run_ptx(gemv_ptx.pairs_ptx(act), _pair_operands(q, x))["$0"].view(np.float32).astype(np.float64)
     terms = (q - 8.0) * x.double().numpy()
     scale = 16.0 if act == "fp16" else 1.0
     u = {"bf16": 2.0**-8, "fp16": 2.0**-11}[act]
@@ -74,7 +74,7 @@ def test_pairs_program_rounds_as_documented(act: str) -> None:
 def test_pair_loads_regroup_the_inputs() -> None:
     x = torch.randn(_LANES, 8, generator=torch.Generator().manual_seed(7)).to(torch.bfloat16)
     memory = x.view(torch.uint8).numpy().tobytes()
-    regs = run_ptx(gemv._pair_loads_ptx(), {4: np.arange(_LANES, dtype=np.uint32) * 16}, memory)
+    regs = run_ptx(gemv_ptx.pair_loads_ptx(), {4: np.arange(_LANES, dtype=np.uint32) * 16}, memory)
     xb = _bits16(x)
     for r in range(4):
         np.testing.assert_array_equal(regs[f"${r}"], xb[:, r] | (xb[:, r + 4] << 16))
@@ -83,7 +83,7 @@ def test_pair_loads_regroup_the_inputs() -> None:
 @pytest.mark.parametrize("act", ["bf16", "fp16"])
 def test_input_loads_read_eight_inputs_as_float32(act: str) -> None:
     x = torch.randn(_LANES, 8, generator=torch.Generator().manual_seed(9)).to(_DTYPES[act])
-    regs = run_ptx(gemv._input_loads_ptx(act), {8: np.arange(_LANES, dtype=np.uint32) * 16},
+    regs = run_ptx(gemv_ptx.input_loads_ptx(act), {8: np.arange(_LANES, dtype=np.uint32) * 16},
                    x.view(torch.uint8).numpy().tobytes())
     for i in range(8):
         np.testing.assert_array_equal(regs[f"${i}"].view(np.float32), x[:, i].float().numpy())
@@ -92,16 +92,16 @@ def test_input_loads_read_eight_inputs_as_float32(act: str) -> None:
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_group_loads_read_scales_as_float32(dtype: torch.dtype) -> None:
     s = (torch.rand(_LANES, generator=torch.Generator().manual_seed(8)) * 0.02 + 0.001).to(dtype)
-    ptx = {torch.bfloat16: gemv._GROUP_LOAD_BF16, torch.float16: gemv._GROUP_LOAD_F16,
-           torch.float32: gemv._GROUP_LOAD_F32}[dtype].value
+    ptx = {torch.bfloat16: gemv_ptx._GROUP_LOAD_BF16, torch.float16: gemv_ptx._GROUP_LOAD_F16,
+           torch.float32: gemv_ptx._GROUP_LOAD_F32}[dtype].value
     regs = run_ptx(ptx, {1: np.arange(_LANES, dtype=np.uint32) * s.element_size()},
                    s.view(torch.uint8).numpy().tobytes())
     np.testing.assert_array_equal(regs["$0"].view(np.float32), s.float().numpy())
 
 
 def _dp4a_sums(q: np.ndarray, x: torch.Tensor, words: int) -> np.ndarray:
-    """``sum (q - 8) x`` per lane by the integer decode: ``_limbs_ptx(words)`` on the 16-bit inputs
-    ``x`` ``[lanes, 8 words]`` in memory, then ``_dp4a_ptx(words)`` on the words of nibbles ``q``
+    """``sum (q - 8) x`` per lane by the integer decode: ``limbs_ptx(words)`` on the 16-bit inputs
+    ``x`` ``[lanes, 8 words]`` in memory, then ``dp4a_ptx(words)`` on the words of nibbles ``q``
     ``[lanes, 8 words]`` (the operands numbered as ``inline_asm_elementwise`` does with
     ``pack=words``: result-major, then each operand's ``words`` values)."""
     memory = x.contiguous().view(torch.uint8).numpy().tobytes()
@@ -109,7 +109,7 @@ def _dp4a_sums(q: np.ndarray, x: torch.Tensor, words: int) -> np.ndarray:
     ops = {5 * words + u: lanes + 16 * u for u in range(words)}
     ops |= {6 * words + u: np.zeros(_LANES, dtype=np.uint32) for u in range(words)}  # the PDL token
     act = "fp16" if x.dtype == torch.float16 else "bf16"
-    limbs = run_ptx(gemv._limbs_ptx(words, act), ops, memory)
+    limbs = run_ptx(gemv_ptx.limbs_ptx(words, act), ops, memory)
     ops = {}
     for u in range(words):
         word = np.zeros(_LANES, dtype=np.uint32)
@@ -118,7 +118,7 @@ def _dp4a_sums(q: np.ndarray, x: torch.Tensor, words: int) -> np.ndarray:
         ops[words + u] = word
         for operand in range(5):  # lo of even inputs, lo of odd, hi of even, hi of odd, the unit
             ops[words + (operand + 1) * words + u] = limbs[f"${operand * words + u}"]
-    out = run_ptx(gemv._dp4a_ptx(words), ops)
+    out = run_ptx(gemv_ptx.dp4a_ptx(words), ops)
     for u in range(1, words):  # the sum is the first word's result, the others are 0
         np.testing.assert_array_equal(out[f"${u}"], 0)
     return out["$0"].view(np.float32).astype(np.float64)
@@ -181,11 +181,12 @@ def test_dp4a_program_keeps_nan_and_zero(words: int, act: str) -> None:
 
 
 def test_programs_use_only_modelled_instructions() -> None:
-    programs = [gemv._pairs_ptx("bf16"), gemv._pairs_ptx("fp16"), gemv._pair_loads_ptx(),
-                *(gemv._limbs_ptx(words, act) for words in (1, 2) for act in ("bf16", "fp16")),
-                gemv._dp4a_ptx(1), gemv._dp4a_ptx(2),
-                gemv._input_loads_ptx("bf16"), gemv._input_loads_ptx("fp16"),
-                gemv._GROUP_LOAD_BF16.value, gemv._GROUP_LOAD_F16.value, gemv._GROUP_LOAD_F32.value]
+    programs = [gemv_ptx.pairs_ptx("bf16"), gemv_ptx.pairs_ptx("fp16"), gemv_ptx.pair_loads_ptx(),
+                *(gemv_ptx.limbs_ptx(words, act) for words in (1, 2) for act in ("bf16", "fp16")),
+                gemv_ptx.dp4a_ptx(1), gemv_ptx.dp4a_ptx(2),
+                gemv_ptx.input_loads_ptx("bf16"), gemv_ptx.input_loads_ptx("fp16"),
+                gemv_ptx._GROUP_LOAD_BF16.value, gemv_ptx._GROUP_LOAD_F16.value,
+                gemv_ptx._GROUP_LOAD_F32.value]
     for ptx in programs:
         assert opcodes(ptx) <= MODELLED, opcodes(ptx) - MODELLED
 
