@@ -217,6 +217,22 @@ def decode_step_stats(res: dict[str, Any], num_seqs: int) -> dict[str, float]:
                 slowest_step_ms=round(1e3 * slowest, 1), prefill_phase_s=round(first_full or 0.0, 4))
 
 
+def latency_step_stats(res: dict[str, Any]) -> dict[str, float]:
+    """W2's token gaps: the time between consecutive steps that returned a token after the first
+    (one request, so each is one output token's time). Their median (``decode_step_ms``), the
+    slowest (``slowest_gap_ms``), and the gaps over twice the median (``stalls``) with the time
+    they took beyond it (``stall_ms``): a run's TPOT (its mean gap) that is above the median by
+    ``stall_ms / gaps`` lost its time in a few stalls, not in every step."""
+    ends = [end for k, end in res["steps"] if k]
+    gaps = np.diff(np.asarray(ends, dtype=np.float64)) * 1e3
+    if gaps.size == 0:
+        return {}
+    median = float(np.median(gaps))
+    over = gaps[gaps > 2 * median]
+    return dict(decode_step_ms=round(median, 4), slowest_gap_ms=round(float(gaps.max()), 3),
+                stalls=int(over.size), stall_ms=round(float((over - median).sum()), 3))
+
+
 def host_speed_ms() -> float:
     """This host's speed at the engine core's own Python: ``schedule`` + ``update`` medians (ms)
     of a W1/W3-shaped decode step (256 requests, 512-token prompts; ``bench_host_step.py``'s
@@ -465,7 +481,7 @@ def bench_ours(
             ctx.add(w, shape, name, 1 / tpot, ttft_s=round(res["ttft_s"], 5),
                     tpot_ms=round(tpot * 1e3, 4), e2e_s=round(res["elapsed_s"], 4),
                     floor_tok_s=round(floor, 1), share_of_floor=round(1 / tpot / floor, 4), **clocks.fields(),
-                    **pauses.fields())
+                    **pauses.fields(), **latency_step_stats(res))
             if ctx.args.profile:
                 stats = profile_decode(engine, prompts_for(1, p_len, 3), ctx.out_dir, f"{w}_{shape}")
                 print(f"  profile {w} {shape}: {stats}", flush=True)

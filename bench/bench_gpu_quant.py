@@ -222,6 +222,7 @@ def _bench_workloads(
                 ttft_s=round(res["ttft_s"], 4),
                 floor_tok_s=round(floor, 1),
                 share_of_floor=round(1 / tpot / floor, 4),
+                **bench.latency_step_stats(res),
                 **common,
             )
             if run.args.profile:  # bench_gpu.py --profile: the kernels of six batch-1 decode steps

@@ -7,6 +7,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
@@ -32,6 +33,31 @@ def test_decode_step_stats_median_of_full_steps_and_slowest_of_all() -> None:
 def test_decode_step_stats_without_a_full_batch_step_is_empty() -> None:
     res = {"t_start": 0.0, "steps": [(1, 0.1), (2, 0.2)]}
     assert bench_gpu.decode_step_stats(res, num_seqs=4) == {}
+
+
+def test_latency_step_stats_tells_stalls_from_slower_steps() -> None:
+    # W2's shape: a 9 ms first step (the prompt) then ten 2 ms token gaps, one of them 18 ms.
+    t0 = 5.0
+    gaps = [2.0] * 4 + [18.0] + [2.0] * 5
+    ends = np.cumsum([9.0] + gaps) / 1e3
+    res = {"t_start": t0, "steps": [(1, t0 + e) for e in ends]}
+    stats = bench_gpu.latency_step_stats(res)
+    assert stats["decode_step_ms"] == pytest.approx(2.0)
+    assert stats["slowest_gap_ms"] == pytest.approx(18.0)
+    assert stats["stalls"] == 1
+    assert stats["stall_ms"] == pytest.approx(16.0)
+    # The same time spread over every gap: no stall, a higher median.
+    even = np.cumsum([9.0] + [sum(gaps) / len(gaps)] * len(gaps)) / 1e3
+    stats = bench_gpu.latency_step_stats({"t_start": t0, "steps": [(1, t0 + e) for e in even]})
+    assert stats["decode_step_ms"] == pytest.approx(3.6)
+    assert stats["stalls"] == 0 and stats["stall_ms"] == 0.0
+
+
+def test_latency_step_stats_skips_steps_without_a_token_and_needs_two() -> None:
+    res = {"t_start": 0.0, "steps": [(0, 0.004), (1, 0.009), (0, 0.010), (1, 0.011), (1, 0.013)]}
+    stats = bench_gpu.latency_step_stats(res)
+    assert stats["decode_step_ms"] == pytest.approx(2.0)  # gaps 2 and 2 ms between token steps
+    assert bench_gpu.latency_step_stats({"t_start": 0.0, "steps": [(1, 0.009)]}) == {}
 
 
 def test_kernel_us_counts_device_events_only() -> None:
