@@ -60,6 +60,32 @@ def test_latency_step_stats_skips_steps_without_a_token_and_needs_two() -> None:
     assert bench_gpu.latency_step_stats({"t_start": 0.0, "steps": [(1, 0.009)]}) == {}
 
 
+class _TimedRuns:
+    """An engine whose ``run`` reports the given TPOTs in turn (the selection, not the engine, is
+    under test here; the engine itself runs in bench_gpu.py on a card)."""
+
+    def __init__(self, tpots_ms: list[float]) -> None:
+        self.tpots_ms = list(tpots_ms)
+        self.calls: list[tuple[int, int]] = []
+
+    def run(self, prompts: list[list[int]], max_tokens: int) -> dict[str, object]:
+        self.calls.append((len(prompts[0]), max_tokens))
+        tpot = self.tpots_ms.pop(0) / 1e3
+        return {"elapsed_s": 0.01 + tpot * (max_tokens - 1), "ttft_s": 0.01, "tag": len(self.calls)}
+
+
+def test_latency_runs_keeps_the_median_run_and_every_tpot() -> None:
+    engine = _TimedRuns([2.15, 2.03, 2.02])
+    res, tpots = bench_gpu.latency_runs(engine, 32, 128, 3)
+    assert engine.calls == [(32, 128)] * 3  # W2's request, each run the same
+    assert res["tag"] == 2  # the 2.03 ms run: the median, not the first or the fastest
+    assert tpots == pytest.approx([2.15, 2.03, 2.02])
+    res, tpots = bench_gpu.latency_runs(_TimedRuns([2.0, 3.0]), 32, 128, 2)
+    assert res["tag"] == 2 and len(tpots) == 2  # an even count takes the upper middle
+    res, tpots = bench_gpu.latency_runs(_TimedRuns([2.5]), 32, 128, 0)
+    assert res["tag"] == 1 and tpots == pytest.approx([2.5])  # at least one run
+
+
 def test_kernel_us_counts_device_events_only() -> None:
     """An operator whose kernel the profiler also lists carries that kernel's time as its own
     device time: only the device's rows (kernels, copies) are summed."""
