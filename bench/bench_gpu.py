@@ -217,17 +217,19 @@ def decode_step_stats(res: dict[str, Any], num_seqs: int) -> dict[str, float]:
                 slowest_step_ms=round(1e3 * slowest, 1), prefill_phase_s=round(first_full or 0.0, 4))
 
 
-def latency_runs(engine: Any, p_len: int, o_len: int, runs: int) -> tuple[dict[str, Any], list[float]]:
+def latency_runs(engine: Any, p_len: int, o_len: int,
+                 runs: int) -> tuple[dict[str, Any], float, list[float]]:
     """W2 timed ``runs`` times in this process (the same request, prefix caching off, so each run
-    computes its prompt): the run of median TPOT (the upper one of an even count) and every run's
-    TPOT in ms, in run order. One run of 128 tokens is about a quarter of a second; repeating it
-    tells a slow run from a slow process (two levels 6% apart on one H100, docs/BENCHMARKS.md)."""
+    computes its prompt): the run of median TPOT (the upper one of an even count), its TPOT in
+    seconds, and every run's TPOT in ms, in run order. One run of 128 tokens is about a quarter
+    of a second; repeating it tells a slow run from a slow process (two levels 6% apart on one
+    H100, docs/BENCHMARKS.md)."""
     timed = []
     for _ in range(max(1, runs)):
         res = engine.run(prompts_for(1, p_len, 2), o_len)
         timed.append(((res["elapsed_s"] - res["ttft_s"]) / (o_len - 1), res))
-    ranked = sorted(timed, key=lambda run: run[0])
-    return ranked[len(ranked) // 2][1], [round(tpot * 1e3, 4) for tpot, _ in timed]
+    tpot, res = sorted(timed, key=lambda run: run[0])[len(timed) // 2]
+    return res, tpot, [round(t * 1e3, 4) for t, _ in timed]
 
 
 def latency_step_stats(res: dict[str, Any]) -> dict[str, float]:
@@ -488,8 +490,7 @@ def bench_ours(
         warm_up(engine, w)
         if w == "W2":
             with ClockSampler(smi) as clocks, GcPauses() as pauses:
-                res, tpot_runs = latency_runs(engine, p_len, o_len, ctx.args.w2_runs)
-            tpot = (res["elapsed_s"] - res["ttft_s"]) / (o_len - 1)
+                res, tpot, tpot_runs = latency_runs(engine, p_len, o_len, ctx.args.w2_runs)
             floor = report.w2_roofline_tok_s(cfg, ctx.ceilings, p_len, o_len)
             ctx.add(w, shape, name, 1 / tpot, ttft_s=round(res["ttft_s"], 5),
                     tpot_ms=round(tpot * 1e3, 4), e2e_s=round(res["elapsed_s"], 4),

@@ -208,8 +208,7 @@ def _bench_workloads(
         name = "W5" if shape == "llama3-70b" else w
         bench.warm_up(engine, w)
         if w == "W2":
-            res, tpot_runs = bench.latency_runs(engine, p_len, o_len, run.args.w2_runs)
-            tpot = (res["elapsed_s"] - res["ttft_s"]) / (o_len - 1)
+            res, tpot, tpot_runs = bench.latency_runs(engine, p_len, o_len, run.args.w2_runs)
             floor = report.w2_roofline_tok_s(cfg, ceilings, p_len, o_len)
             run.add(
                 f"{name}-W2" if name == "W5" else w,

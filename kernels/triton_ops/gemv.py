@@ -568,7 +568,8 @@ def _words_tile(acc, w, jj, k0, k_hi, w_hi, x_ptr, token, s_rows, o_rows, n_ok, 
     """``acc`` (``[BLOCK_N, groups, words per group]``) plus the tile of words ``w`` (words ``jj``,
     inputs from ``k0``): its inputs' loads, the words' sums, their groups' scales (and offsets).
     ``DP4A`` (with ``PAIRS`` and ``XLOAD``; 2, each thread's words taken two at a time, or 0):
-    the integer decode (:func:`limbs_ptx`, :func:`dp4a_ptx`)."""
+    the integer decode (:func:`~kernels.triton_ops.gemv_ptx.limbs_ptx`,
+    :func:`~kernels.triton_ops.gemv_ptx.dp4a_ptx`)."""
     WORDS: tl.constexpr = BLOCK_K // 8
     TILE_G: tl.constexpr = BLOCK_K // GROUP if BLOCK_K > GROUP else 1
     WPG: tl.constexpr = WORDS // TILE_G
@@ -970,7 +971,8 @@ def gemv_wna16(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, off
     (:func:`_rope_epilogue`), returning the rotated q ``[1, Hq * D]``: bit for bit this GEMV then
     ``rotary_store_kvcache``, one launch. ``dp4a`` (with ``pairs`` and ``xload`` where they
     apply, tiles that give each thread two consecutive words, :func:`_dp4a_words`): the integer
-    decode instead of the packed 16-bit one (:func:`limbs_ptx`, :func:`dp4a_ptx`)."""
+    decode instead of the packed 16-bit one (:func:`~kernels.triton_ops.gemv_ptx.limbs_ptx`,
+    :func:`~kernels.triton_ops.gemv_ptx.dp4a_ptx`)."""
     tiles = fit_tiles(tiles or GemvTiles(), group_size)
     x = _one_row(x)
     n = qweight.shape[0]

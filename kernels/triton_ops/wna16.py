@@ -329,8 +329,6 @@ def _m1_pairs(x: torch.Tensor) -> bool:
     return M1_PAIRS if x.dtype != torch.float16 else M1_PAIRS_F16
 
 
-
-
 def m1_tiles(n: int, k: int, gated: bool = False, dp4a: bool = True) -> GemvTiles:
     """The one-token GEMV's tiling of an ``[n, k]`` weight: with ``dp4a`` False (the packed
     decodes) ``M1_PACKED_TILES``' entry first, then ``M1_SHAPE_TILES``' entry, else

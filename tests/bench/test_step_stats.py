@@ -76,13 +76,14 @@ class _TimedRuns:
 
 def test_latency_runs_keeps_the_median_run_and_every_tpot() -> None:
     engine = _TimedRuns([2.15, 2.03, 2.02])
-    res, tpots = bench_gpu.latency_runs(engine, 32, 128, 3)
+    res, tpot, tpots = bench_gpu.latency_runs(engine, 32, 128, 3)
     assert engine.calls == [(32, 128)] * 3  # W2's request, each run the same
     assert res["tag"] == 2  # the 2.03 ms run: the median, not the first or the fastest
+    assert tpot == pytest.approx(2.03e-3)
     assert tpots == pytest.approx([2.15, 2.03, 2.02])
-    res, tpots = bench_gpu.latency_runs(_TimedRuns([2.0, 3.0]), 32, 128, 2)
+    res, _, tpots = bench_gpu.latency_runs(_TimedRuns([2.0, 3.0]), 32, 128, 2)
     assert res["tag"] == 2 and len(tpots) == 2  # an even count takes the upper middle
-    res, tpots = bench_gpu.latency_runs(_TimedRuns([2.5]), 32, 128, 0)
+    res, _, tpots = bench_gpu.latency_runs(_TimedRuns([2.5]), 32, 128, 0)
     assert res["tag"] == 1 and tpots == pytest.approx([2.5])  # at least one run
 
 
