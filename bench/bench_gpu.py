@@ -248,6 +248,45 @@ def latency_step_stats(res: dict[str, Any]) -> dict[str, float]:
                 stalls=int(over.size), stall_ms=round(float((over - median).sum()), 3))
 
 
+def graph_step_ms(engine: Any, replays: int = 100, rounds: int = 5) -> dict[str, float]:
+    """The device's own time for one batch-1 decode step: the captured one-token decode graph
+    (the model and the LM head, as a graphed step launches them) replayed ``replays`` times back
+    to back between CUDA events, ``rounds`` times; the median round per replay (``graph_step_ms``)
+    and the W2 token gap's excess over it (``host_gap_ms``: sampling, the host's step and any wait
+    between steps, given ``decode_step_ms``). Run after W2's timed runs, with nothing running:
+    the graph rewrites the last step's KV slot of a finished request. Empty without CUDA graphs
+    (``--eager``, CPU)."""
+    graphs = getattr(engine.core.runner, "graphs", None)
+    size = graphs.bucket_for(1) if graphs is not None else None
+    if size is None:
+        return {}
+    per = []
+    for _ in range(max(1, rounds)):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(replays):
+            graphs.replay(size)
+        end.record()
+        end.synchronize()
+        per.append(start.elapsed_time(end) / replays)
+    return {"graph_step_ms": round(float(np.median(per)), 4)}
+
+
+def host_gap(stats: dict[str, float]) -> dict[str, float]:
+    """``host_gap_ms``: W2's median token gap (``decode_step_ms``) less the graph's device time
+    (``graph_step_ms``), where both were measured; else nothing."""
+    if "graph_step_ms" not in stats or "decode_step_ms" not in stats:
+        return {}
+    return {"host_gap_ms": round(stats["decode_step_ms"] - stats["graph_step_ms"], 4)}
+
+
+def w2_step_fields(engine: Any, res: dict[str, Any]) -> dict[str, float]:
+    """A W2 row's step fields: :func:`latency_step_stats` of its median run, the graph's device
+    time (:func:`graph_step_ms`) and the gap between the two (:func:`host_gap`)."""
+    stats = {**latency_step_stats(res), **graph_step_ms(engine)}
+    return {**stats, **host_gap(stats)}
+
+
 def host_speed_ms() -> float:
     """This host's speed at the engine core's own Python: ``schedule`` + ``update`` medians (ms)
     of a W1/W3-shaped decode step (256 requests, 512-token prompts; ``bench_host_step.py``'s
@@ -495,7 +534,7 @@ def bench_ours(
             ctx.add(w, shape, name, 1 / tpot, ttft_s=round(res["ttft_s"], 5),
                     tpot_ms=round(tpot * 1e3, 4), e2e_s=round(res["elapsed_s"], 4),
                     floor_tok_s=round(floor, 1), share_of_floor=round(1 / tpot / floor, 4), **clocks.fields(),
-                    **pauses.fields(), **latency_step_stats(res), tpot_runs_ms=tpot_runs)
+                    **pauses.fields(), **w2_step_fields(engine, res), tpot_runs_ms=tpot_runs)
             if ctx.args.profile:
                 stats = profile_decode(engine, prompts_for(1, p_len, 3), ctx.out_dir, f"{w}_{shape}")
                 print(f"  profile {w} {shape}: {stats}", flush=True)

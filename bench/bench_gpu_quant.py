@@ -221,7 +221,7 @@ def _bench_workloads(
                 ttft_s=round(res["ttft_s"], 4),
                 floor_tok_s=round(floor, 1),
                 share_of_floor=round(1 / tpot / floor, 4),
-                **bench.latency_step_stats(res),
+                **bench.w2_step_fields(engine, res),
                 tpot_runs_ms=tpot_runs,
                 **common,
             )

@@ -112,3 +112,50 @@ def test_host_speed_runs_the_real_scheduler_on_a_w3_shaped_step() -> None:
     ms = bench_gpu.host_speed_ms()
     assert ms > 0 and math.isfinite(ms)
     assert ms == round(ms, 3)
+
+
+def _engine_with(graphs: object) -> object:
+    """The attribute path ``graph_step_ms`` reads (``engine.core.runner.graphs``)."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(core=SimpleNamespace(runner=SimpleNamespace(graphs=graphs)))
+
+
+def test_graph_step_ms_needs_a_captured_one_token_graph() -> None:
+    from gpu_worker.worker.cuda_graphs import DecodeGraphs
+
+    assert bench_gpu.graph_step_ms(_engine_with(None)) == {}  # --eager, CPU: no graphs
+    assert bench_gpu.graph_step_ms(_engine_with(DecodeGraphs([1, 2, 4]))) == {}  # not captured
+
+
+def test_host_gap_is_the_token_gap_beyond_the_graph() -> None:
+    assert bench_gpu.host_gap({"decode_step_ms": 2.03, "graph_step_ms": 1.91}) == {
+        "host_gap_ms": pytest.approx(0.12)}
+    assert bench_gpu.host_gap({"decode_step_ms": 2.03}) == {}  # no graph time (eager)
+    assert bench_gpu.host_gap({"graph_step_ms": 1.91}) == {}  # no token gaps (one token)
+
+
+@pytest.mark.skipif(not bench_gpu.torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_graph_step_ms_times_the_one_token_graph_on_the_card() -> None:
+    """A captured graph of a known amount of work: its replays are timed by CUDA events, and a
+    graph of ten times the work takes longer per replay."""
+    import torch
+
+    from gpu_worker.worker.cuda_graphs import DecodeGraphs
+
+    x = torch.randn(2048, 2048, device="cuda")
+
+    def times(matmuls: int) -> float:
+        graphs = DecodeGraphs([1])
+
+        def body(size: int) -> torch.Tensor:
+            y = x[:size]
+            for _ in range(matmuls):
+                y = y @ x
+            return y
+
+        graphs.capture(body, x.device)
+        return bench_gpu.graph_step_ms(_engine_with(graphs), replays=10, rounds=3)["graph_step_ms"]
+
+    one, ten = times(1), times(10)
+    assert 0 < one < ten
