@@ -251,11 +251,10 @@ def latency_step_stats(res: dict[str, Any]) -> dict[str, float]:
 def graph_step_ms(engine: Any, replays: int = 100, rounds: int = 5) -> dict[str, float]:
     """The device's own time for one batch-1 decode step: the captured one-token decode graph
     (the model and the LM head, as a graphed step launches them) replayed ``replays`` times back
-    to back between CUDA events, ``rounds`` times; the median round per replay (``graph_step_ms``)
-    and the W2 token gap's excess over it (``host_gap_ms``: sampling, the host's step and any wait
-    between steps, given ``decode_step_ms``). Run after W2's timed runs, with nothing running:
-    the graph rewrites the last step's KV slot of a finished request. Empty without CUDA graphs
-    (``--eager``, CPU)."""
+    to back between CUDA events, ``rounds`` times; the median round per replay
+    (``graph_step_ms``; :func:`host_gap` sets the token gap against it). Run after W2's timed
+    runs, with nothing running: the graph rewrites the last step's KV slot of a finished request.
+    Empty without CUDA graphs (``--eager``, CPU)."""
     graphs = getattr(engine.core.runner, "graphs", None)
     size = graphs.bucket_for(1) if graphs is not None else None
     if size is None:
