@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,14 +31,17 @@ class StructuredOutputsParams:
     def __post_init__(self) -> None:
         schema: Any = self.json
         if schema is not None:
-            if isinstance(schema, str):
-                try:
-                    schema = json.loads(schema)
-                except ValueError as exc:
-                    raise ValueError(f"structured_output.json is not valid JSON: {exc}") from None
-            if not isinstance(schema, dict | bool):
-                raise ValueError("structured_output.json must be a JSON schema (an object)")
-            object.__setattr__(self, "json", json.dumps(schema, ensure_ascii=False))
+            try:
+                if isinstance(schema, str):
+                    try:
+                        schema = json.loads(schema)
+                    except ValueError as exc:
+                        raise ValueError(f"structured_output.json is not valid JSON: {exc}") from None
+                if not isinstance(schema, dict | bool):
+                    raise ValueError("structured_output.json must be a JSON schema (an object)")
+                object.__setattr__(self, "json", json.dumps(schema, ensure_ascii=False))
+            except RecursionError:  # the parser's (or the encoder's) own nesting bound
+                raise ValueError("structured_output.json is nested too deeply") from None
         if self.choice is not None:
             choice = self.choice
             if isinstance(choice, str) or not all(isinstance(c, str) for c in choice):
@@ -199,7 +203,10 @@ class SamplingParams:
                 self.max_tokens is None or self.min_tokens <= self.max_tokens,
                 f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})",
             ),
-            (self.temperature >= 0.0, f"temperature must be >= 0, got {self.temperature}"),
+            (
+                0.0 <= self.temperature < math.inf,
+                f"temperature must be finite and >= 0, got {self.temperature}",
+            ),
             (0.0 < self.top_p <= 1.0, f"top_p must be in (0, 1], got {self.top_p}"),
             (self.top_k >= 0, f"top_k must be -1 (disabled), 0 (disabled) or positive, got {self.top_k}"),
             (0.0 <= self.min_p <= 1.0, f"min_p must be in [0, 1], got {self.min_p}"),
@@ -220,6 +227,10 @@ class SamplingParams:
                 f"logprobs must be between 0 and 20, got {self.logprobs}",
             ),
             (all(s for s in self.stop), "stop must not contain empty strings"),
+            (
+                all(math.isfinite(v) for v in self.logit_bias.values()),
+                "logit_bias values must be finite numbers",
+            ),
             (self.seed is None or self.seed >= 0, f"seed must be >= 0, got {self.seed}"),
         ]
         if self.structured_output is not None:

@@ -11,6 +11,7 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from llmserve.limits import RequestLimits
 from llmserve.v1 import generation_pb2 as gen_pb
 
 STRUCTURED_KINDS = ("json", "regex", "grammar", "choice", "json_object")
@@ -67,3 +68,16 @@ def plugin_call_messages(field: str, values: Sequence[Any] | None) -> list[gen_p
         else:
             raise ValueError(f"{field} entries must be names or {{'name', 'args'}} objects, got {value!r}")
     return calls
+
+
+def check_sampling_limits(limits: RequestLimits, sampling: gen_pb.SamplingParams) -> None:
+    """The stop strings and the structured-output format of ``sampling`` within ``limits``
+    (``LimitExceeded``), before the format is parsed or compiled: router and worker alike."""
+    limits.check_stop(sampling.stop)
+    if sampling.HasField("structured_output"):
+        fmt = sampling.structured_output
+        kind = fmt.WhichOneof("kind")
+        if kind == "choice":
+            limits.check_format(kind, choices=fmt.choice.choices)
+        elif kind in ("json", "regex", "grammar"):
+            limits.check_format(kind, getattr(fmt, kind))

@@ -44,6 +44,12 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
                    help="priority of MODEL's requests that set none (repeatable, or comma-separated in "
                         "the variable; lower runs first on workers whose scheduling policy is priority)")
     add_limit_flags(p)
+    sizes = p.add_argument_group("message sizes")
+    sizes.add_argument("--max-message-bytes", type=int, default=RouterConfig.max_message_bytes,
+                       help="largest gRPC message received from clients or sent to workers; a request "
+                            "whose message to the worker would be larger is INVALID_ARGUMENT (HTTP 413)")
+    sizes.add_argument("--max-http-body-bytes", type=int, default=RouterConfig.max_http_body_bytes,
+                       help="largest OpenAI HTTP request body; larger is refused with 413 while it is read")
     add_failover_flags(p)
     add_security_flags(p)
     group = p.add_argument_group("observability (tracing: OTEL_* variables)")
@@ -76,6 +82,8 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
         limits=limits_from_args(args),
         failover=failover_from_args(args),
         max_metadata_bytes=args.max_metadata_bytes,
+        max_message_bytes=args.max_message_bytes,
+        max_http_body_bytes=args.max_http_body_bytes,
         security=security_from_args(args),
         default_priority=parse_default_priority(args.default_priority),
     )

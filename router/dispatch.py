@@ -4,7 +4,8 @@ The router is a gRPC proxy here: it forwards the (re-tokenized) request message 
 worker's response chunks as they are, so protobuf crosses this module by design.
 Before the first chunk reaches the client, a failure that another worker may not share
 (UNAVAILABLE, including a worker that cannot be connected to or whose connection stops answering
-keepalive pings; UNKNOWN, ABORTED, RESOURCE_EXHAUSTED, a stream that ends early) moves the
+keepalive pings, and a call cut by the router closing its channel; UNKNOWN, ABORTED,
+RESOURCE_EXHAUSTED other than a message over gRPC's size limit, a stream that ends early) moves the
 request to the next candidate after a jittered exponential backoff. After it, a one-sequence
 stream is *resumed* on the next candidate with the prompt plus the tokens already relayed
 (``GenerateRequest.resume``), so the client sees one unbroken stream; other statuses, and
@@ -12,7 +13,9 @@ failures of ``n > 1`` streams, are passed through. At most ``max_attempts`` call
 (retries and resumptions together), each to a different worker whose circuit breaker lets it
 through (``router.failover``). Cancelling the iterator (client gone) cancels the worker's call,
 which aborts the request there and frees its KV blocks; the client's remaining deadline bounds
-every attempt and every backoff.
+every attempt and every backoff. grpc.aio also raises ``CancelledError`` when a call's channel is
+closed under it; only one raised in a task being cancelled is the client's cancel
+(``router.errors.cancelled_by_caller``), any other is a failure of the call (UNAVAILABLE).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import re
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable, Sequence
@@ -36,11 +40,13 @@ from llmserve.v1 import generation_pb2 as gen_pb
 from llmserve.v1 import generation_pb2_grpc as gen_grpc
 from llmserve.v1 import internal_pb2 as int_pb
 from llmserve.v1 import internal_pb2_grpc as int_grpc
-from router.errors import ModelUnavailable, NoTokenizer, UpstreamError, WorkersBusy
+from router.errors import ModelUnavailable, NoTokenizer, UpstreamError, WorkersBusy, cancelled_by_caller
 from router.failover import CircuitBreakers, FailoverConfig, StreamRelay, backoff_s
 
 log = logging.getLogger(__name__)
 
+# gRPC's own refusal of a message over max_send/receive_message_length (RESOURCE_EXHAUSTED)
+_TOO_LARGE = re.compile(r"(Sent|Received) message larger than max")
 RETRYABLE = frozenset({
     grpc.StatusCode.UNAVAILABLE,
     grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -57,6 +63,8 @@ class ChannelPool:
     client certificate, ``llmserve.security.tls.ClientTls``) channels are secure; when its files
     change, the next call to a worker dials a new channel with the new credentials, and the old
     one closes once its calls end (at most ``retire_grace_s`` later).
+
+    Channels of workers gone from the registry are retired the same way (:meth:`retain`).
 
     A worker in this process (``llmserve up``) is reached in-process: :meth:`add_local` maps its
     address to an ``InProcessChannel`` to its ``InProcessServer`` (``llmserve.grpc_inprocess``),
@@ -106,11 +114,24 @@ class ChannelPool:
         self._retiring[channel] = task
         task.add_done_callback(lambda _: self._retiring.pop(channel, None))
 
-    async def retain(self, addresses: Iterable[str]) -> None:
-        """Close the channels of addresses not in ``addresses``."""
+    def retain(self, addresses: Iterable[str]) -> None:
+        """Retire the channels of addresses not in ``addresses`` (workers gone from the registry).
+
+        A retired channel takes no new call (the next call to its address dials a new one) and
+        closes once its calls in flight end, at most ``retire_grace_s`` later: a worker whose
+        record expired (a stalled heartbeat, a store that lost its data) may still be serving
+        streams, which must not be cut under it."""
         keep = set(addresses)
         for address in [a for a in self._channels if a not in keep]:
-            await self._channels.pop(address)[0].close(None)
+            self._retire(self._channels.pop(address)[0])
+
+    def dialed(self, address: str) -> bool:
+        """True while the pool holds a channel to ``address`` (retired ones excluded)."""
+        return address in self._channels or address in self._local
+
+    def retiring(self) -> int:
+        """Retired channels still open: their calls have not all ended yet."""
+        return len(self._retiring)
 
     async def close(self) -> None:
         for channel, _ in self._channels.values():
@@ -319,12 +340,28 @@ class Dispatcher:
             code, details = exc.code(), exc.details() or ""
             if relay.done:  # failed after the stream's last chunk: the client has it all
                 return
+            if code == grpc.StatusCode.RESOURCE_EXHAUSTED and _TOO_LARGE.match(details):
+                # a message over a gRPC size limit (the router's sending, or the worker's receiving):
+                # the request's fault, the same on every worker, and no sign of a busy worker
+                raise UpstreamError(grpc.StatusCode.INVALID_ARGUMENT,
+                                    f"request is too large: {details} (max_message_bytes, flag "
+                                    "--max-message-bytes)") from None
             if code not in RETRYABLE:
                 if code not in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED):
                     served = True  # it answered: the request is at fault, not the worker
                 raise UpstreamError(code, details) from None
             served = None if code == grpc.StatusCode.RESOURCE_EXHAUSTED else False
             outcome.failure = Attempt(worker_id, code, details)
+        except asyncio.CancelledError:
+            if cancelled_by_caller():
+                raise  # the client is gone: the finally cancels the worker's call
+            # No one cancelled this task: the call's channel was closed under it (a worker gone
+            # from the registry for longer than the pool's retire grace). A failure of the call.
+            if relay.done:
+                return
+            outcome.failure = Attempt(
+                worker_id, grpc.StatusCode.UNAVAILABLE,
+                "the router closed its connection to the worker (gone from the registry)")
         finally:
             call.cancel()  # no-op when finished; aborts the worker's request otherwise
             self._tracker.finish(worker_id, token)

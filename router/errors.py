@@ -5,6 +5,7 @@ Handlers raise these; ``interceptor.py`` turns them into statuses with the messa
 
 from __future__ import annotations
 
+import asyncio
 import math
 from collections.abc import Iterable
 
@@ -30,6 +31,15 @@ class LimitRefused(InvalidRequest):
     def __init__(self, limit: str, message: str) -> None:
         super().__init__(message)
         self.limit = limit
+
+
+class RequestTooLarge(LimitRefused):
+    """A request whose size in bytes is over a limit (HTTP 413 on the OpenAI door)."""
+
+    def __init__(self, what: str, size: int | None, limit: str, limit_bytes: int, flag: str) -> None:
+        size_text = f"{size} bytes" if size is not None else f"more than {limit_bytes} bytes"
+        super().__init__(limit, f"{what} is too large: {size_text}; the limit is {limit_bytes} bytes "
+                                f"({limit}, flag {flag})")
 
 
 class NoTokenizer(InvalidRequest):
@@ -108,3 +118,13 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     if isinstance(exc, RouterError):
         return exc.code, str(exc)
     return grpc.StatusCode.INTERNAL, "internal router error"
+
+
+def cancelled_by_caller() -> bool:
+    """Is the running task being cancelled (its client went away, the server stops)?
+
+    Call it while handling ``asyncio.CancelledError``: grpc.aio also raises one in a task that
+    nobody cancelled, when the channel of a call is closed under it; that one is a failure of
+    the call (UNAVAILABLE), not a cancellation, and must not be passed on as one."""
+    task = asyncio.current_task()
+    return task is None or task.cancelling() > 0

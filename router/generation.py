@@ -18,8 +18,10 @@ are, so the native door adds no re-encoding; the other doors convert only shapes
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
-from contextlib import contextmanager
+import asyncio
+import secrets
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Mapping
+from contextlib import aclosing, contextmanager
 from dataclasses import dataclass
 
 from llmserve.fleet import WorkerRecord
@@ -27,7 +29,7 @@ from llmserve.prompt_input import PromptInput
 from llmserve.v1 import generation_pb2 as gen_pb
 from router.access import AccessConfig, AccessControl
 from router.dispatch import Dispatcher
-from router.errors import ModelUnavailable, WorkersBusy
+from router.errors import InvalidRequest, ModelUnavailable, RequestTooLarge, WorkersBusy, cancelled_by_caller
 from router.policy import Ranked
 from router.request_telemetry import RequestObservation, RouterTelemetry
 from router.routing import ModelSummary, Router
@@ -49,6 +51,9 @@ class RouterRequest:
     API's default of 16; the core sets it from the model's ``max_model_len`` and the prompt.
     ``priority``: lower runs first on workers with ``--scheduling-policy priority``; None takes the
     model's default (router flag ``--default-priority``), else the worker's (0).
+    ``request_id``: what the client sees in every chunk, log line and span. A client's own id
+    need not be unique (another caller may use the same one), so workers, which key running
+    requests on it, get :func:`worker_request_id` instead, unless ``request_id_unique``.
     """
 
     model: str
@@ -57,6 +62,7 @@ class RouterRequest:
     request_id: str
     max_tokens_to_context: bool = False
     priority: int | None = None
+    request_id_unique: bool = False  # the door made the id itself (unique): workers get it as it is
 
 
 class RequestScope:
@@ -75,16 +81,32 @@ class RequestScope:
     async def generate(
         self, request: RouterRequest, time_remaining: TimeRemaining = _no_deadline
     ) -> AsyncIterator[gen_pb.GenerateResponse]:
-        """The worker's chunks for ``request``; a ``RouterError`` when it cannot be served.
+        """The worker's chunks for ``request`` (their ``request_id`` the client's); a
+        ``RouterError`` when it cannot be served.
 
         ``time_remaining`` gives the client's remaining deadline in seconds (None: none).
         Closing the iteration cancels the worker's call, which aborts the request there."""
+        try:
+            async with aclosing(self._generate(request, time_remaining)) as chunks:
+                async for chunk in chunks:
+                    chunk.request_id = request.request_id
+                    yield chunk
+        except asyncio.CancelledError:
+            if cancelled_by_caller():
+                raise
+            # Nobody cancelled this request: a call under it was cut (grpc.aio raises
+            # CancelledError when a channel closes under its calls). A failure, never a cancel.
+            raise ModelUnavailable(self._obs.model or request.model,
+                                   "a call to its worker was cut by the router") from None
+
+    async def _generate(
+        self, request: RouterRequest, time_remaining: TimeRemaining
+    ) -> AsyncGenerator[gen_pb.GenerateResponse, None]:
         router = self._core.router
         obs = self._obs
         model, workers = await router.resolve(request.model)
         obs.set_model(model)
-        sampling_n = request.sampling.n if request.sampling.HasField("n") else 1
-        router.admit(request.request_id, request.prompt, sampling_n)  # before the prompt costs anything
+        router.admit(request.request_id, request.prompt, request.sampling)  # before the prompt costs anything
         self._core.access.admit(model)  # the caller's key may use the model; its request budget
         token_ids = await router.token_ids(model, workers, request.prompt)
         ranked = await router.rank(model, workers, token_ids, request.request_id)
@@ -95,18 +117,10 @@ class RequestScope:
             sampling.CopyFrom(request.sampling)
             context = min(w.max_model_len for w in workers)
             sampling.max_tokens = max(1, context - len(token_ids))
+        forward = self._forward(request, model, token_ids, sampling)
         charge = self._core.access.charge_tokens(
             model, len(token_ids), sampling.max_tokens if sampling.HasField("max_tokens") else None,
             sampling.n if sampling.HasField("n") else 1)
-        forward = gen_pb.GenerateRequest(
-            model=model,
-            prompt_token_ids=gen_pb.TokenIds(ids=token_ids),
-            sampling=sampling,
-            request_id=request.request_id,
-        )
-        priority = self._core.default_priority.get(model) if request.priority is None else request.priority
-        if priority is not None:
-            forward.priority = priority
         chunks = self._dispatch(forward, ranked, token_ids, time_remaining)
         generated = 0
         try:
@@ -121,6 +135,27 @@ class RequestScope:
                 yield chunk
         finally:
             charge.settle(len(token_ids) + generated)  # the unused part of the estimate goes back
+
+    def _forward(self, request: RouterRequest, model: str, token_ids: list[int],
+                 sampling: gen_pb.SamplingParams) -> gen_pb.GenerateRequest:
+        """The message workers get; INVALID_ARGUMENT when it cannot be sent (ids past int32, a
+        message over ``--max-message-bytes``)."""
+        try:
+            prompt_ids = gen_pb.TokenIds(ids=token_ids)
+        except ValueError:  # ids past int32 (the tokenizer never makes such ids)
+            raise InvalidRequest("prompt_token_ids must be token ids below 2^31") from None
+        forward = gen_pb.GenerateRequest(
+            model=model,
+            prompt_token_ids=prompt_ids,
+            sampling=sampling,
+            request_id=(request.request_id if request.request_id_unique
+                        else worker_request_id(request.request_id)),
+        )
+        priority = self._core.default_priority.get(model) if request.priority is None else request.priority
+        if priority is not None:
+            forward.priority = priority
+        self._core.check_message_size(forward)
+        return forward
 
     async def _dispatch(
         self, forward: gen_pb.GenerateRequest, ranked: Ranked, token_ids: list[int],
@@ -172,10 +207,13 @@ class GenerationCore:
 
     def __init__(self, router: Router, dispatcher: Dispatcher, telemetry: RouterTelemetry,
                  access: AccessControl | None = None,
-                 default_priority: Mapping[str, int] | None = None) -> None:
+                 default_priority: Mapping[str, int] | None = None,
+                 max_message_bytes: int | None = None) -> None:
         """``access``: API-key model allow-lists and rate limits (default: everyone, unlimited);
-        ``default_priority``: per model, the priority of requests that set none."""
+        ``default_priority``: per model, the priority of requests that set none;
+        ``max_message_bytes``: the largest message the channels to workers send (None: no check)."""
         self.default_priority: Mapping[str, int] = dict(default_priority or {})
+        self.max_message_bytes = max_message_bytes
         self.router = router
         self.dispatcher = dispatcher
         self.telemetry = telemetry
@@ -197,5 +235,28 @@ class GenerationCore:
         return [m for m in models if m.name in visible]
 
     async def model_ready(self, model: str) -> bool:
-        """True when ``model`` has at least one live worker."""
-        return any(m.name == model for m in await self.router.list_models())
+        """True when ``model`` has at least one live worker and the caller may use it (as
+        :meth:`list_models` shows it)."""
+        return any(m.name == model for m in await self.list_models())
+
+    def check_message_size(self, forward: gen_pb.GenerateRequest) -> None:
+        """:class:`RequestTooLarge` when the message to the worker is over the channels' message
+        limit: gRPC would refuse to send it (RESOURCE_EXHAUSTED, which is no worker's fault)."""
+        limit = self.max_message_bytes
+        if limit is not None:
+            size = forward.ByteSize()
+            if size > limit:
+                raise RequestTooLarge("request", size, "max_message_bytes", limit, "--max-message-bytes")
+
+
+_ID_SUFFIX_CHARS = 17  # "~" and 16 hex digits
+_SHORT_ID_CHARS = 64  # ids up to 47 characters are kept whole, with their suffix
+
+
+def worker_request_id(client_id: str) -> str:
+    """The id a worker gets for a request whose client chose ``client_id``: that id (cut when
+    needed) plus a random suffix, ``"order-1~5f0c...`` (greppable in the worker's logs, unique
+    per router request). Never longer than ``client_id`` or 64 characters, whichever is longer,
+    so a worker with the router's ``--max-request-id-len`` takes it."""
+    keep = max(len(client_id), _SHORT_ID_CHARS) - _ID_SUFFIX_CHARS
+    return f"{client_id[:keep]}~{secrets.token_hex(8)}"

@@ -16,6 +16,8 @@ from llmserve.fleet import FleetSnapshot, Registry, WorkerRecord
 from llmserve.hashing import block_hashes
 from llmserve.limits import LimitExceeded, RequestLimits, flag_of
 from llmserve.prompt_input import ChatPrompt, PromptInput, input_field
+from llmserve.sampling_extras import check_sampling_limits
+from llmserve.v1 import generation_pb2 as gen_pb
 from router.dispatch import InflightTracker
 from router.errors import InvalidRequest, LimitRefused, ModelNotFound, ModelUnavailable, WorkersBusy
 from router.policy import Candidate, Policy, Ranked, RouteQuery
@@ -62,12 +64,14 @@ class Router:
         self.tracker = tracker
         self.limits = limits if limits is not None else RequestLimits()
 
-    def admit(self, request_id: str, prompt: PromptInput, n: int) -> None:
-        """Request id, ``n``, chat turns and prompt characters within the limits, else
-        :class:`LimitRefused` (INVALID_ARGUMENT) naming the field, the limit and its flag."""
+    def admit(self, request_id: str, prompt: PromptInput, sampling: gen_pb.SamplingParams) -> None:
+        """Request id, ``n``, stop strings, the structured-output format's size and nesting, chat
+        turns and prompt characters within the limits, else :class:`LimitRefused`
+        (INVALID_ARGUMENT) naming the field, the limit and its flag."""
         try:
             self.limits.check_request_id(request_id)
-            self.limits.check_n(n)
+            self.limits.check_n(sampling.n if sampling.HasField("n") else 1)
+            check_sampling_limits(self.limits, sampling)
             self.limits.check_prompt(prompt)
         except LimitExceeded as exc:
             raise LimitRefused(exc.limit, str(exc)) from None

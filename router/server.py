@@ -51,15 +51,17 @@ if TYPE_CHECKING:  # FastAPI and uvicorn load only when the HTTP door is on
 
 log = logging.getLogger(__name__)
 
-_CHANNEL_SWEEP_S = 10.0
-
 
 @dataclass(frozen=True)
 class RouterConfig:
     """How one router replica serves. ``port=0`` binds a free port (see ``RouterServer.port``);
     ``metrics_port``: None = no ``/metrics``, 0 = a free port (see ``RouterServer.metrics_port``);
     ``http_port``: the OpenAI HTTP API, None = off, 0 = a free port (``RouterServer.http_port``);
-    ``security``: TLS, API keys and rate limits, trust in the state store (``router/security.py``)."""
+    ``security``: TLS, API keys and rate limits, trust in the state store (``router/security.py``).
+    ``max_http_body_bytes``: the largest OpenAI HTTP request body (413 beyond, refused while it
+    is read). ``channel_sweep_s``: how often channels of workers gone from the registry are
+    retired; ``channel_retire_grace_s``: how long a retired channel's calls in flight may still
+    run (``router.dispatch.ChannelPool``)."""
 
     host: str = "127.0.0.1"
     port: int = 50050
@@ -68,6 +70,9 @@ class RouterConfig:
     registry_grace_s: float = 5.0
     max_attempts: int = 3
     max_message_bytes: int = 16 * 1024 * 1024
+    max_http_body_bytes: int = 16 * 1024 * 1024
+    channel_sweep_s: float = 10.0
+    channel_retire_grace_s: float = 300.0
     drain_grace_s: float = 30.0
     metrics_port: int | None = None
     http_port: int | None = None
@@ -86,6 +91,10 @@ class RouterConfig:
             (self.registry_grace_s >= 0, "registry_grace_s must be >= 0"),
             (self.max_attempts >= 1, "max_attempts must be >= 1"),
             (self.max_metadata_bytes >= 1024, "max_metadata_bytes must be at least 1024"),
+            (self.max_message_bytes >= 65536, "max_message_bytes must be at least 65536"),
+            (self.max_http_body_bytes >= 1024, "max_http_body_bytes must be at least 1024"),
+            (self.channel_sweep_s > 0, "channel_sweep_s must be positive"),
+            (self.channel_retire_grace_s >= 0, "channel_retire_grace_s must be >= 0"),
             (self.drain_grace_s >= 0, "drain_grace_s must be >= 0"),
             (self.metrics_port is None or 0 <= self.metrics_port < 65536,
              f"metrics_port must be in [0, 65535], got {self.metrics_port}"),
@@ -110,7 +119,8 @@ class RouterServer:
             *config.failover.channel_options(),
         ]
         security = config.security
-        self.channels = ChannelPool(options, self.tracing.client_interceptors(), tls=security.tls.client())
+        self.channels = ChannelPool(options, self.tracing.client_interceptors(), tls=security.tls.client(),
+                                    retire_grace_s=config.channel_retire_grace_s)
         self.tracker = InflightTracker()
         self.registry = Registry(store, cache_s=config.registry_cache_s, grace_s=config.registry_grace_s,
                                  on_refresh=self._update_fleet_metrics, reader=security.record_reader(),
@@ -127,6 +137,7 @@ class RouterServer:
         self._health = health_aio.HealthServicer()
         self._port = 0
         self._sweeper: asyncio.Task[None] | None = None
+        self._sweep_stop = asyncio.Event()
         self._metrics_server: MetricsServer | None = None
         self._http_server: HttpServer | None = None
         self._serving = False
@@ -186,7 +197,7 @@ class RouterServer:
         )
         core = GenerationCore(self.router, self.dispatcher,
                               RouterTelemetry(self.tracing, self.metrics, self.config.policy), self.access,
-                              self.config.default_priority)
+                              self.config.default_priority, self.config.max_message_bytes)
         generation_pb2_grpc.add_GenerationServicer_to_server(RouterServicer(core), server)
         kserve_grpc.add_GRPCInferenceServiceServicer_to_server(
             KServeServicer(core, self.is_serving, _version()), server)
@@ -211,7 +222,8 @@ class RouterServer:
         from router.frontends.http_server import HttpServer
         from router.frontends.openai_http import OpenAIDoor
 
-        app = ApiKeyMiddleware(OpenAIDoor(core, self.tracing, self.is_serving).app(), self.access)
+        door = OpenAIDoor(core, self.tracing, self.is_serving, self.config.max_http_body_bytes)
+        app = ApiKeyMiddleware(door.app(), self.access)
         tls = self.config.security.tls.http()
         http = HttpServer(app, self.config.host, int(self.config.http_port or 0), self.config.drain_grace_s,
                           ssl_context=tls.context if tls is not None else None)
@@ -223,19 +235,24 @@ class RouterServer:
         return tls.credentials() if tls is not None else None
 
     async def _sweep_channels(self) -> None:
-        while True:
-            await asyncio.sleep(_CHANNEL_SWEEP_S)
+        """Retire the channels of workers gone from the registry, every ``channel_sweep_s``, until
+        :meth:`stop`. Stopping waits for a registry read in flight rather than cancel it: redis-py
+        can hang a pipeline cancelled mid-read."""
+        while not self._sweep_stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._sweep_stop.wait(), self.config.channel_sweep_s)
+            if self._sweep_stop.is_set():
+                return
             snap = await self.registry.snapshot()
-            await self.channels.retain(w.address for w in snap.workers)
+            self.channels.retain(w.address for w in snap.workers)
 
     async def stop(self, grace_s: float | None = None) -> None:
         """Drain and stop: health NOT_SERVING, new calls refused, in-flight streams get
         ``grace_s`` (default ``config.drain_grace_s``) to end, then channels close."""
         grace = self.config.drain_grace_s if grace_s is None else grace_s
         if self._sweeper is not None:
-            self._sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sweeper
+            self._sweep_stop.set()
+            await self._sweeper
         self._serving = False
         await self._health.enter_graceful_shutdown()
         stops = []

@@ -3,7 +3,9 @@ through :class:`~router.generation.GenerationCore`, the path every front door sh
 
 The router serves the same service as a worker. Requests reach workers as ``prompt_token_ids``
 (tokenized here, so every router hashes the same tokens the worker will cache) with the caller's
-sampling parameters and request id; the worker's chunks come back unchanged.
+sampling parameters; a request id the client chose reaches the worker with a random suffix
+(``generation.worker_request_id``: clients need not make theirs unique), and the worker's chunks come
+back unchanged but for their ``request_id``, the client's own.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ class RouterServicer(gen_grpc.GenerationServicer):
     async def Generate(  # noqa: N802
         self, request: gen_pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[gen_pb.GenerateResponse]:
-        request_id = request.request_id or uuid.uuid4().hex
+        request_id = request.request_id or uuid.uuid4().hex  # a client's own id may not be unique
         with self._core.observe(request.model, request_id) as scope:
             if request.HasField("resume"):
                 raise InvalidRequest("resume is internal: routers set it when they move a stream to "
@@ -40,6 +42,7 @@ class RouterServicer(gen_grpc.GenerationServicer):
                 sampling=request.sampling,
                 request_id=request_id,
                 priority=request.priority if request.HasField("priority") else None,
+                request_id_unique=not request.request_id,
             )
             async for chunk in scope.generate(routed, context.time_remaining):
                 yield chunk

@@ -50,6 +50,7 @@ class RouterTokenizer:
         """Token ids of a plain prompt, as the worker computes them."""
         if not text:
             raise InvalidRequest("prompt must not be empty")
+        _check_unicode("prompt", text)
         return list(self._tok.encode(text))
 
     def decode(self, token_ids: Sequence[int]) -> str:
@@ -72,6 +73,9 @@ class RouterTokenizer:
         """Token ids of a chat rendered with the model's template, as the worker computes them."""
         if not messages:
             raise InvalidRequest("messages must not be empty")
+        for i, message in enumerate(messages):
+            for key, value in message.items():
+                _check_unicode(f"messages[{i}].{key}", value)
         try:
             text = self._tok.apply_chat_template(
                 [dict(m) for m in messages], add_generation_prompt=add_generation_prompt, tokenize=False
@@ -79,6 +83,16 @@ class RouterTokenizer:
         except Exception as exc:  # template errors (bad roles, no template) are the client's
             raise InvalidRequest(f"messages could not be rendered with the chat template: {exc}") from exc
         return list(self._tok.encode(str(text), add_special_tokens=False))
+
+
+def _check_unicode(field: str, text: str) -> None:
+    """InvalidRequest naming ``field`` when ``text`` holds a lone UTF-16 surrogate (JSON's
+    ``"\\ud800"``): no tokenizer takes one (it is no Unicode character)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidRequest(f"{field} is not valid Unicode: a lone surrogate at character {exc.start}"
+                             ) from None
 
 
 class TokenizerCache:

@@ -130,11 +130,21 @@ class IncrementalDetokenizer:
     def _stop_prefix_tail(self) -> int:
         """Length of the longest tail of the text that is a proper prefix of a stop string."""
         longest = 0
+        text = self._text
         for stop_str in self._stop:
-            for k in range(min(len(stop_str) - 1, len(self._text)), longest, -1):
-                if self._text.endswith(stop_str[:k]):
-                    longest = k
+            # A tail of m characters that is a prefix of stop_str starts with stop_str[0]: only
+            # those starts are tried, longest first, so the usual token costs one find per string.
+            m = min(len(stop_str) - 1, len(text))
+            if m <= longest:
+                continue
+            tail = text[len(text) - m:]
+            first = stop_str[0]
+            i = tail.find(first, 0, m - longest)
+            while i >= 0:
+                if stop_str.startswith(tail[i:]):
+                    longest = m - i
                     break
+                i = tail.find(first, i + 1, m - longest)
         return longest
 
 

@@ -9,6 +9,7 @@ raised as exceptions and mapped to statuses by the interceptor.
 from __future__ import annotations
 
 import json
+import math
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
@@ -22,6 +23,7 @@ from gpu_worker.server.service import WorkerService, WorkerSnapshot
 from gpu_worker.server.types import GenerateCall
 from llmserve.limits import LimitExceeded, RequestLimits
 from llmserve.prompt_input import decode_prompt_input
+from llmserve.sampling_extras import check_sampling_limits
 from llmserve.v1 import generation_pb2 as gen_pb
 from llmserve.v1 import generation_pb2_grpc as gen_grpc
 from llmserve.v1 import internal_pb2 as int_pb
@@ -77,18 +79,22 @@ def decode_plugin_call(field: str, msg: gen_pb.PluginCall) -> PluginCall:
         args = json.loads(msg.args_json) if msg.args_json else None
     except ValueError as exc:
         raise InvalidRequest(f"{field}: args_json of {msg.name!r} is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise InvalidRequest(f"{field}: args_json of {msg.name!r} is nested too deeply") from None
     return PluginCall(msg.name, args)
 
 
 def decode_generate(request: gen_pb.GenerateRequest, limits: RequestLimits | None = None) -> GenerateCall:
     """A GenerateRequest as a domain call; a request id is generated when empty.
 
-    With ``limits``, the request id, ``n`` and the input's turns and characters are checked
-    first (``LimitExceeded``), before anything is copied, templated or tokenized."""
+    With ``limits``, the request id, ``n``, the stop strings, the structured-output format's size
+    and nesting and the input's turns and characters are checked first (``LimitExceeded``),
+    before anything is copied, parsed, templated or tokenized."""
     if limits is not None:
         limits.check_request_id(request.request_id)
         if request.sampling.HasField("n"):
             limits.check_n(request.sampling.n)
+        check_sampling_limits(limits, request.sampling)
     resumed = tuple(request.resume.output_token_ids) if request.HasField("resume") else ()
     return GenerateCall(
         model=request.model,
@@ -251,7 +257,7 @@ class WorkerControlServicer(int_grpc.WorkerControlServicer):
     async def Drain(
         self, request: int_pb.DrainRequest, context: grpc.aio.ServicerContext
     ) -> int_pb.DrainResponse:  # noqa: N802
-        if request.grace_period_s < 0:
-            raise InvalidRequest(f"grace_period_s must be >= 0, got {request.grace_period_s}")
+        if not 0 <= request.grace_period_s < math.inf:  # NaN fails both comparisons
+            raise InvalidRequest(f"grace_period_s must be a finite number >= 0, got {request.grace_period_s}")
         in_flight = await self._start_drain(request.grace_period_s)
         return int_pb.DrainResponse(in_flight=in_flight)

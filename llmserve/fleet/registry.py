@@ -101,6 +101,7 @@ class Registry:
         self._carry_until = 0.0
         self._lock = asyncio.Lock()
         self._refreshing = False
+        self._read_task: asyncio.Task[None] | None = None  # the store read in flight, if any
 
     async def snapshot(self) -> FleetSnapshot:
         """The fleet as of at most ``cache_s`` ago (or the last known one if the store is down).
@@ -134,6 +135,18 @@ class Registry:
         return self._snapshot
 
     async def _refresh(self) -> None:
+        """Read the store and merge what it holds, in a task of its own that no caller's
+        cancellation reaches: a request cancelled during a refresh (its client went away) must
+        not cancel a Redis read midway, since redis-py (8.2) can then hang the cancelled task,
+        here with the lock held and every later refresh waiting on it. A read left by a
+        cancelled caller finishes on its own, and the next refresh awaits it."""
+        task = self._read_task
+        if task is None or task.done():
+            task = self._read_task = asyncio.get_running_loop().create_task(self._read())
+            task.add_done_callback(_retrieve_exception)
+        await asyncio.shield(task)
+
+    async def _read(self) -> None:
         now = self._clock()
         self._next_refresh = now + self._cache_s
         self._read_at = now
@@ -207,11 +220,20 @@ class Registry:
         """Matched leading blocks per worker id, in one store round trip; zeros if the store is down."""
         if not chains:
             return {}
+        task = asyncio.get_running_loop().create_task(self._store.match_prefixes(chains))
+        task.add_done_callback(_retrieve_exception)
         try:
-            return await self._store.match_prefixes(chains)
+            return await asyncio.shield(task)  # a cancelled request leaves the read to finish (above)
         except StoreUnavailable as exc:
             log.debug("prefix lookup skipped: %s", exc)
             return {wid: 0 for wid in chains}
+
+
+def _retrieve_exception(task: asyncio.Task[object]) -> None:
+    """Done callback of a store read no caller may be left to await (its caller was cancelled):
+    its failure is logged once instead of asyncio's "exception was never retrieved"."""
+    if not task.cancelled() and (exc := task.exception()) is not None:
+        log.debug("fleet store read failed: %r", exc)
 
 
 __all__ = [

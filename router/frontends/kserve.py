@@ -32,7 +32,7 @@ import grpc
 from llmserve.kserve import grpc_service_pb2 as kserve_pb
 from llmserve.kserve import grpc_service_pb2_grpc as kserve_grpc
 from llmserve.v1 import generation_pb2 as gen_pb
-from router.errors import InvalidRequest, ModelNotFound, RouterError
+from router.errors import InvalidRequest, ModelNotFound, RouterError, cancelled_by_caller
 from router.frontends.kserve_requests import (
     FINISH_REASON,
     INPUTS,
@@ -154,15 +154,14 @@ class KServeServicer(kserve_grpc.GRPCInferenceServiceServicer):
                 call = decode_infer(request, request_id)
                 async for message in _responses(scope, call, time_remaining):
                     emit(message)
+        except asyncio.CancelledError:
+            if cancelled_by_caller():
+                raise  # the stream is closing: nobody is left to tell
+            emit(_failed(request, "the request was interrupted: a call under it was cut; retry"))
         except Exception as exc:  # noqa: BLE001 - one failed request never ends the stream
             if not isinstance(exc, RouterError):
                 log.error("KServe stream request failed", exc_info=exc)
-            failed = kserve_pb.ModelStreamInferResponse(
-                error_message=str(exc) if isinstance(exc, RouterError) else "internal router error")
-            failed.infer_response.model_name = request.model_name
-            failed.infer_response.id = request.id
-            failed.infer_response.parameters[FINAL_RESPONSE].bool_param = True
-            emit(failed)
+            emit(_failed(request, str(exc) if isinstance(exc, RouterError) else "internal router error"))
 
 
 class _StreamMux:
@@ -190,6 +189,15 @@ class _StreamMux:
     def _maybe_end(self) -> None:
         if not self._reading and not self.tasks:
             self.queue.put_nowait(None)
+
+
+def _failed(request: kserve_pb.ModelInferRequest, error: str) -> kserve_pb.ModelStreamInferResponse:
+    """The one response of a streamed request that failed."""
+    failed = kserve_pb.ModelStreamInferResponse(error_message=error)
+    failed.infer_response.model_name = request.model_name
+    failed.infer_response.id = request.id
+    failed.infer_response.parameters[FINAL_RESPONSE].bool_param = True
+    return failed
 
 
 def _request_id() -> str:

@@ -189,7 +189,7 @@ def decode_infer(request: kserve_pb.ModelInferRequest, request_id: str) -> Infer
     exclude_input = bool(one_element(values, "exclude_input_in_output", False))
     return InferCall(
         routed=RouterRequest(model=request.model_name, prompt=text, sampling=sampling, request_id=request_id,
-                             priority=priority_from(params)),
+                             priority=priority_from(params), request_id_unique=True),
         client_id=request.id,
         model_name=request.model_name,
         stream=stream,
@@ -211,6 +211,8 @@ def _sampling_parameters(
         params = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise InvalidRequest(f"input 'sampling_parameters' is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise InvalidRequest("input 'sampling_parameters' is nested too deeply") from None
     if not isinstance(params, dict):
         raise InvalidRequest("input 'sampling_parameters' must be a JSON object")
     return params

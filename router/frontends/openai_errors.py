@@ -1,8 +1,9 @@
 """Errors of the OpenAI door: a router error becomes an HTTP status and OpenAI's error JSON.
 
 ``{"error": {"message": ..., "type": ..., "param": ..., "code": ...}}`` with 400 for a bad
-parameter (``param`` names it), 401 for a missing or unknown API key, 403 for a model the key
-may not use, 404 for an unknown model, 429 when every worker is full or the key is over a rate
+parameter (``param`` names it), 413 for a request body or a message to the workers over its size
+limit (the message names the limit and its flag), 401 for a missing or unknown API key, 403 for
+a model the key may not use, 404 for an unknown model, 429 when every worker is full or the key is over a rate
 limit (then with ``Retry-After``), 503 when no worker can serve, 504 past the deadline, 500
 otherwise. The gRPC status of a router
 error (``router/errors.py``) decides the HTTP status, so the door follows the native API's rules.
@@ -17,7 +18,7 @@ from typing import Any
 
 import grpc
 
-from router.errors import InvalidRequest, RateLimited, RouterError
+from router.errors import InvalidRequest, RateLimited, RequestTooLarge, RouterError
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +78,10 @@ def http_error(exc: BaseException, prompt_param: str = "prompt") -> HttpError:
     if isinstance(exc, RateLimited):  # OpenAI's rate-limit error, with the wait in Retry-After
         return HttpError(429, _body(str(exc), "requests" if exc.limit.endswith("rps") else "tokens", None,
                                     "rate_limit_exceeded"), (("Retry-After", str(exc.retry_after_s)),))
+    if isinstance(exc, RequestTooLarge):
+        # the client may still be sending a body nobody reads: end the connection after the reply
+        return HttpError(413, _body(str(exc), "invalid_request_error", None, "request_too_large"),
+                         (("Connection", "close"),))
     status, kind, code = _BY_STATUS.get(exc.code, _INTERNAL)
     message = str(exc)
     param: str | None

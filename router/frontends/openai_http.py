@@ -9,6 +9,8 @@ are shaped by ``openai_responses``; errors become OpenAI's error JSON (``openai_
 The HTTP SERVER span continues the caller's W3C ``traceparent``; the router's Generate span and
 its calls to workers are its children, so one trace runs from the HTTP client to the worker.
 A client that disconnects cancels its request on the worker (``sse.ReplyOrStream``).
+A request body over ``max_body_bytes`` (flag ``--max-http-body-bytes``) is refused with 413 as
+soon as its ``Content-Length``, or the bytes read so far, pass the limit: never read whole.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from fastapi import FastAPI, Request
 from starlette.responses import Response
 
 from llmserve.telemetry.tracing import Tracing
+from router.errors import RequestTooLarge
 from router.frontends.openai_errors import InvalidParam, http_error
 from router.frontends.openai_responses import (
     DONE_EVENT,
@@ -61,23 +64,25 @@ class OpenAIDoor:
     """Builds the FastAPI app of the OpenAI API over a :class:`GenerationCore`.
 
     ``serving`` tells whether the router takes requests (False while it drains: ``/health``
-    answers 503).
+    answers 503); ``max_body_bytes``: the largest request body.
     """
 
-    def __init__(self, core: GenerationCore, tracing: Tracing, serving: Callable[[], bool]) -> None:
+    def __init__(self, core: GenerationCore, tracing: Tracing, serving: Callable[[], bool],
+                 max_body_bytes: int = 16 * 1024 * 1024) -> None:
         self._core = core
         self._tracing = tracing
         self._serving = serving
+        self._max_body_bytes = max_body_bytes
 
     def app(self) -> FastAPI:
         app = FastAPI(title="llmserve OpenAI-compatible API", docs_url=None, redoc_url=None,
                       openapi_url=None)
 
         async def completions(request: Request) -> Response:
-            return ReplyOrStream(self._serve(_COMPLETIONS, await request.body(), request.headers))
+            return ReplyOrStream(self._serve(_COMPLETIONS, await self._body(request), request.headers))
 
         async def chat(request: Request) -> Response:
-            return ReplyOrStream(self._serve(_CHAT, await request.body(), request.headers))
+            return ReplyOrStream(self._serve(_CHAT, await self._body(request), request.headers))
 
         app.add_api_route(COMPLETIONS_ROUTE, completions, methods=["POST"])
         app.add_api_route(CHAT_ROUTE, chat, methods=["POST"])
@@ -86,17 +91,36 @@ class OpenAIDoor:
         app.add_api_route("/health", self._health, methods=["GET"])
         return app
 
-    async def _serve(self, endpoint: _Endpoint, body: bytes, headers: Mapping[str, str]
+    async def _body(self, request: Request) -> bytes | RequestTooLarge:
+        """The request body, or the error of one over the limit (refused by its Content-Length,
+        else as soon as the bytes received pass the limit; the rest is never read)."""
+        limit = self._max_body_bytes
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            return _body_too_large(int(declared), limit)
+        parts: list[bytes] = []
+        size = 0
+        async for part in request.stream():
+            size += len(part)
+            if size > limit:
+                return _body_too_large(None, limit)
+            parts.append(part)
+        return b"".join(parts)
+
+    async def _serve(self, endpoint: _Endpoint, body: bytes | RequestTooLarge, headers: Mapping[str, str]
                      ) -> AsyncGenerator[Reply | bytes, None]:
         """One request, start to end, in one task: a JSON reply or SSE events."""
         request_id = f"{endpoint.id_prefix}-{uuid.uuid4().hex}"
-        data = _json_object(body)
+        data = _json_object(body) if isinstance(body, bytes) else None
         model_hint = data.get("model") if isinstance(data, dict) else None
+        whole: Reply | None = None  # a whole reply is sent after the observation closes (as a success)
         with self._tracing.http_server(method="POST", route=endpoint.route, headers=headers) as http_span:
             streaming = False
             try:
                 with self._core.observe(model_hint if isinstance(model_hint, str) else "", request_id,
                                         operation=endpoint.operation) as scope:
+                    if isinstance(body, RequestTooLarge):
+                        raise body
                     if not isinstance(data, dict):
                         raise InvalidParam("body", "the request body must be a JSON object")
                     parsed = validate(endpoint.schema, data)
@@ -108,18 +132,18 @@ class OpenAIDoor:
                             renderer = renderer or await self._renderer(endpoint, parsed, scope, request_id)
                             renderer.add(chunk)
                         assert renderer is not None  # the dispatcher never ends a stream empty
+                        whole = Reply(200, json_bytes(renderer.full()))
                         http_span.set_status_code(200)
-                        yield Reply(200, json_bytes(renderer.full()))
-                        return
-                    renderer = None
-                    async for chunk in chunks:
-                        if renderer is None:
-                            renderer = await self._renderer(endpoint, parsed, scope, request_id)
-                            http_span.set_status_code(200)
-                            streaming = True
-                        for event in renderer.event(chunk):
-                            yield event
-                    yield DONE_EVENT
+                    else:
+                        renderer = None
+                        async for chunk in chunks:
+                            if renderer is None:
+                                renderer = await self._renderer(endpoint, parsed, scope, request_id)
+                                http_span.set_status_code(200)
+                                streaming = True
+                            for event in renderer.event(chunk):
+                                yield event
+                        yield DONE_EVENT
             except Exception as exc:  # noqa: BLE001 - every error becomes the door's error JSON
                 error = http_error(exc, endpoint.prompt_param)
                 if streaming:  # the status is sent: the error goes in the stream
@@ -128,6 +152,9 @@ class OpenAIDoor:
                     return
                 http_span.set_status_code(error.status)
                 yield Reply(error.status, json_bytes(error.body), error.headers)
+                return
+            if whole is not None:
+                yield whole
 
     async def _renderer(self, endpoint: _Endpoint, parsed: Any, scope: RequestScope,
                         request_id: str) -> ChoiceRenderer:
@@ -169,9 +196,14 @@ def _model_card(name: str, max_model_len: int) -> dict[str, Any]:
 
 
 def _json_object(body: bytes) -> Any:
-    """The parsed body, or None when it is not JSON (the validation reports it)."""
+    """The parsed body, or None when it is not JSON (the validation reports it), nested too deep
+    for the parser included."""
     try:
         return json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         return None
+
+
+def _body_too_large(size: int | None, limit: int) -> RequestTooLarge:
+    return RequestTooLarge("the request body", size, "max_http_body_bytes", limit, "--max-http-body-bytes")
 

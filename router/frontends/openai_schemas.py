@@ -25,6 +25,10 @@ from router.generation import RouterRequest
 
 MAX_N = 128
 MAX_LOGPROBS = 20
+# What the worker's message fields hold (llmserve.v1.SamplingParams, TokenIds): uint32 counts,
+# int32 token ids and top_k. Larger values are refused here, naming the parameter.
+UINT32_END = 2**32
+INT32_END = 2**31
 
 
 class StreamOptions(BaseModel):
@@ -41,7 +45,7 @@ class _SamplingRequest(BaseModel):
 
     model: str = ""
     n: int = Field(1, ge=1, le=MAX_N)
-    max_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=1, lt=UINT32_END)
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     seed: int | None = Field(None, ge=0, lt=2**64)
@@ -53,11 +57,11 @@ class _SamplingRequest(BaseModel):
     stream_options: StreamOptions | None = None
     user: str | None = None
     # vLLM's extras
-    top_k: int | None = Field(None, ge=-1)
+    top_k: int | None = Field(None, ge=-1, lt=INT32_END)
     min_p: float | None = Field(None, ge=0.0, le=1.0)
     repetition_penalty: float | None = Field(None, gt=0.0, le=2.0)
     ignore_eos: bool = False
-    min_tokens: int = Field(0, ge=0)
+    min_tokens: int = Field(0, ge=0, lt=UINT32_END)
     stop_token_ids: list[int] | None = None
     include_stop_str_in_output: bool = False
     priority: int | None = Field(None, ge=-(2**31), lt=2**31)
@@ -137,12 +141,13 @@ class _SamplingRequest(BaseModel):
         for token_id, bias in (self.logit_bias or {}).items():
             if not -100.0 <= bias <= 100.0:
                 raise InvalidParam("logit_bias", f"logit_bias[{token_id}] must be in [-100, 100], got {bias}")
-            if token_id < 0:
-                raise InvalidParam("logit_bias", f"logit_bias keys must be token ids >= 0, got {token_id}")
+            if not 0 <= token_id < INT32_END:
+                raise InvalidParam("logit_bias",
+                                   f"logit_bias keys must be token ids in [0, 2^31), got {token_id}")
         if isinstance(self.stop, list) and any(not s for s in self.stop) or self.stop == "":
             raise InvalidParam("stop", "stop must not contain empty strings")
-        if any(t < 0 for t in self.stop_token_ids or []):
-            raise InvalidParam("stop_token_ids", "stop_token_ids must be token ids >= 0")
+        if any(not 0 <= t < INT32_END for t in self.stop_token_ids or []):
+            raise InvalidParam("stop_token_ids", "stop_token_ids must be token ids in [0, 2^31)")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             raise InvalidParam("min_tokens", f"min_tokens ({self.min_tokens}) must not exceed max_tokens "
                                f"({self.max_tokens})")
@@ -166,8 +171,8 @@ class CompletionRequest(_SamplingRequest):
             prompt = prompt[0]
         if not prompt:
             raise InvalidParam("prompt", "prompt must not be empty")
-        if isinstance(prompt, list) and any(t < 0 for t in prompt):
-            raise InvalidParam("prompt", "prompt token ids must be >= 0")
+        if isinstance(prompt, list) and any(not 0 <= t < INT32_END for t in prompt):
+            raise InvalidParam("prompt", "prompt token ids must be in [0, 2^31)")
         return prompt  # type: ignore[no-any-return]
 
     def to_router_request(self, request_id: str) -> RouterRequest:
@@ -180,7 +185,7 @@ class CompletionRequest(_SamplingRequest):
             raise InvalidParam("echo", "echo with logprobs is not supported (no prompt logprobs)")
         return RouterRequest(model=self.model, prompt=self.prompt_input(),
                              sampling=self.sampling(self.max_tokens, self.logprobs), request_id=request_id,
-                             priority=self.priority)
+                             priority=self.priority, request_id_unique=True)
 
 
 class TextPart(BaseModel):
@@ -208,7 +213,7 @@ class ChatCompletionRequest(_SamplingRequest):
     """``POST /v1/chat/completions``."""
 
     messages: list[ChatMessageIn] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1, lt=UINT32_END)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     tools: list[Any] | None = None
@@ -229,7 +234,7 @@ class ChatCompletionRequest(_SamplingRequest):
         return RouterRequest(
             model=self.model, prompt=ChatPrompt(messages, self.add_generation_prompt),
             sampling=self.sampling(max_tokens, logprobs), request_id=request_id,
-            max_tokens_to_context=max_tokens is None, priority=self.priority,
+            max_tokens_to_context=max_tokens is None, priority=self.priority, request_id_unique=True,
         )
 
 

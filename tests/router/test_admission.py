@@ -84,6 +84,18 @@ async def test_request_id_and_n_are_bounded(router: Any) -> None:
     assert _refusals(router, "max_n") == 1
 
 
+async def test_stop_strings_and_formats_are_bounded_before_the_prompt_is_tokenized(router: Any) -> None:
+    """The worker's limits of the same flags, checked first at the router (counted there)."""
+    many_stops = gen_pb.SamplingParams(stop=[f"s{i}" for i in range(10_000)])
+    await _refused(router, gen_pb.GenerateRequest(prompt="Hi", sampling=many_stops),
+                   "stop is too large: 10000 strings", "--max-stop-strings")
+    deep = '{"type":"array","items":' * 200 + "{}" + "}" * 200
+    await _refused(router, gen_pb.GenerateRequest(prompt="Hi", sampling=gen_pb.SamplingParams(
+        structured_output=gen_pb.StructuredOutput(json=deep))), "structured_output.json is nested too deeply",
+        "--max-format-depth")
+    assert (_refusals(router, "max_stop_strings"), _refusals(router, "max_format_depth")) == (1, 1)
+
+
 async def test_the_workers_max_tokens_refusal_passes_through(router: Any) -> None:
     await _refused(router, gen_pb.GenerateRequest(prompt="Hi", sampling=gen_pb.SamplingParams(
         max_tokens=4294967295)), "max_tokens is too large: 4294967295", "max_model_len")

@@ -33,3 +33,13 @@ def test_help_shows_the_variables() -> None:
     text = " ".join(build_parser({}).format_help().split())  # undo line wrapping
     names = ("LLMSERVE_METRICS_PORT", "LLMSERVE_LOG_FORMAT", "LLMSERVE_DRAIN_GRACE_S", "LLMSERVE_REDIS_URL")
     assert all(f"env: {name}" in text for name in names)
+
+
+def test_size_limit_flags_reach_the_config_and_are_checked() -> None:
+    env = {"LLMSERVE_MAX_HTTP_BODY_BYTES": "1048576"}
+    config = config_from_args(parse_args(["--redis-url", "redis://x", "--max-message-bytes", "65536"], env))
+    assert (config.max_message_bytes, config.max_http_body_bytes) == (65536, 1 << 20)
+    defaults = config_from_args(parse_args(["--redis-url", "redis://x"], {}))
+    assert defaults.max_message_bytes == defaults.max_http_body_bytes == 16 << 20
+    with pytest.raises(ValueError, match="max_http_body_bytes"):
+        config_from_args(parse_args(["--redis-url", "redis://x", "--max-http-body-bytes", "10"], {}))

@@ -160,8 +160,8 @@ async def test_one_trace_from_client_through_router_to_worker(
         client = next(sp for sp in spans if sp.kind == SpanKind.CLIENT and sp.parent is None
                       and sp.context.trace_id == span.context.trace_id)
         assert client.name == "/llmserve.v1.Generation/Generate"
-        worker = [sp for sp in _spans(observed.exporter, s.WORKER_GENERATE_SPAN)
-                  if _attrs(sp)[s.LLMSERVE_REQUEST_ID] == rid]
+        worker = [sp for sp in _spans(observed.exporter, s.WORKER_GENERATE_SPAN)  # the client's id + suffix
+                  if _attrs(sp)[s.LLMSERVE_REQUEST_ID].startswith(f"{rid}~")]
         assert len(worker) == 1 and worker[0].context.trace_id == span.context.trace_id
         calls = [sp for sp in spans if sp.kind == SpanKind.CLIENT and sp.parent is not None
                  and sp.parent.span_id == span.context.span_id]

@@ -222,6 +222,19 @@ async def test_the_kserve_door_needs_a_key_but_its_probes_do_not(secure: Secure)
         assert reply.name == MODEL
 
 
+async def test_model_ready_answers_for_the_callers_key_as_model_metadata_does(secure: Secure) -> None:
+    async with secure.channel() as channel:
+        stub = kserve_grpc.GRPCInferenceServiceStub(channel)
+        request = kserve_pb.ModelReadyRequest(name=MODEL)
+        assert (await stub.ModelReady(request, metadata=bearer("alice"))).ready
+        ready = await stub.ModelReady(request, metadata=bearer("other-model"))
+        assert not ready.ready, "a key that may not use the model does not see it ready"
+        metadata = kserve_pb.ModelMetadataRequest(name=MODEL)
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.ModelMetadata(metadata, metadata=bearer("other-model"))
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
 async def test_the_worker_refuses_callers_without_a_fleet_client_certificate(secure: Secure) -> None:
     """Finding 2 over mTLS: Drain needs a client certificate of the fleet CA."""
     target = secure.worker.target

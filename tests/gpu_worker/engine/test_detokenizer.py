@@ -142,3 +142,35 @@ def test_the_backend_decoder_gives_the_deltas_of_transformers_decode(smollm2_tok
         general = IncrementalDetokenizer(_DecodeOnly(tok), prompt, stop)
         assert feed(fast, ids) == feed(general, ids)
         assert (fast.text, fast.stop_reason) == (general.text, general.stop_reason)
+
+
+def _held_reference(text: str, stops: list[str]) -> int:
+    """The longest tail of ``text`` that is a proper prefix of a stop string, by brute force."""
+    return max((k for s in stops for k in range(1, min(len(s) - 1, len(text)) + 1) if text.endswith(s[:k])),
+               default=0)
+
+
+def test_held_back_tail_equals_the_brute_force_search(smollm2_tokenizer: Any) -> None:
+    """Random texts over a tiny alphabet (many partial matches) and random stop strings: after
+    every token the shown text is the decoded text less exactly the brute-force held tail, and a
+    stop ends it at the earliest match."""
+    import random
+
+    tok = smollm2_tokenizer
+    rng = random.Random(7)
+    stopped_runs = 0
+    for _ in range(60):
+        text = "".join(rng.choice("ab ") for _ in range(rng.randint(5, 40)))
+        stops = ["".join(rng.choice("ab ") for _ in range(rng.randint(2, 9)))
+                 for _ in range(rng.randint(1, 4))]
+        detok = IncrementalDetokenizer(tok, [], stop=stops)
+        for token_id in tok.encode(text):
+            if detok.add_token(token_id):
+                break
+            full = detok._text
+            assert detok.text == full[: len(full) - _held_reference(full, stops)]
+        if detok.stopped:
+            stopped_runs += 1
+            first = min((text.find(s), s) for s in stops if s in text)
+            assert detok.text == text[: first[0]]
+    assert 0 < stopped_runs < 60  # both paths were exercised

@@ -234,6 +234,77 @@ async def test_a_chat_over_the_context_names_messages(worker: Worker) -> None:
     assert worker.refusals("max_model_len") >= 1
 
 
+# -- the second probe: stop strings, structured-output formats, non-finite numbers -------------
+
+
+def _nested_arrays(depth: int) -> str:
+    """A JSON schema whose document nests ``depth`` objects (arrays of arrays ... of strings)."""
+    return '{"type":"array","items":' * (depth - 1) + '{"type":"string"}' + "}" * (depth - 1)
+
+
+async def test_stop_strings_are_bounded_in_count_and_characters(worker: Worker) -> None:
+    """10^6 stop strings made every token of every request cost 2.5 s (each is looked for after
+    every token); 32 strings and 1024 characters pass, one more of either is refused."""
+    before = worker.refusals("max_stop_strings"), worker.refusals("max_stop_chars")
+    many = greedy(2, stop=[f"s{i}" for i in range(33)])
+    await worker.refused(pb.GenerateRequest(prompt="Hi", sampling=many), INVALID,
+                         "stop is too large: 33 strings", "max_stop_strings", "--max-stop-strings")
+    await worker.refused(pb.GenerateRequest(prompt="Hi", sampling=greedy(2, stop=["x" * 1000, "y" * 25])),
+                         INVALID, "stop is too large: 1025 characters", "max_stop_chars", "--max-stop-chars")
+    assert (worker.refusals("max_stop_strings"), worker.refusals("max_stop_chars")) == (before[0] + 1,
+                                                                                        before[1] + 1)
+    stops = [f"zq{i}" for i in range(31)] + ["w" * (1024 - sum(len(f"zq{i}") for i in range(31)))]
+    got = await collect(worker.gen.Generate(req(prompt="Hi", sampling=greedy(2, stop=stops))))
+    assert len(got.token_ids[0]) == 2
+
+
+async def test_structured_output_formats_are_bounded_in_size_and_nesting(worker: Worker) -> None:
+    """A 15 KB schema nested 600 deep froze the worker's event loop for 20 s (xgrammar's schema
+    conversion is about cubic in the depth): the nesting is refused before any conversion, and
+    a document too deep for the JSON parser itself is INVALID_ARGUMENT too, not INTERNAL."""
+    def fmt(**kind: object) -> pb.SamplingParams:
+        return pb.SamplingParams(max_tokens=2, temperature=0.0,
+                                 structured_output=pb.StructuredOutput(**kind))  # type: ignore[arg-type]
+
+    before = worker.refusals("max_format_depth")
+    # 5,000 bare arrays (10,000 characters) are past the JSON parser's own recursion bound.
+    for schema in (_nested_arrays(65), _nested_arrays(600), "[" * 5000 + "]" * 5000):
+        await worker.refused(pb.GenerateRequest(prompt="Hi", sampling=fmt(json=schema)), INVALID,
+                             "structured_output.json is nested too deeply", "max_format_depth",
+                             "--max-format-depth")
+    assert worker.refusals("max_format_depth") == before + 3
+    await worker.refused(pb.GenerateRequest(prompt="Hi", sampling=fmt(regex="a" * 16385)), INVALID,
+                         "structured_output.regex is too large: 16385 characters", "max_format_chars",
+                         "--max-format-chars")
+    choices = pb.ChoiceList(choices=[f"c{i:05d}" for i in range(11_000)])
+    await worker.refused(pb.GenerateRequest(prompt="Hi", sampling=fmt(choice=choices)), INVALID,
+                         "structured_output.choice is too large: 66000 characters", "max_format_chars")
+    got = await collect(worker.gen.Generate(req(prompt="A list:", sampling=fmt(json=_nested_arrays(64)))))
+    assert got.token_ids[0]  # at the limit: served
+
+
+async def test_non_finite_numbers_and_deep_plugin_args_are_invalid(worker: Worker) -> None:
+    await worker.refused(pb.GenerateRequest(prompt="Hi", sampling=greedy(2, logit_bias={5: float("nan")})),
+                         INVALID, "logit_bias values must be finite")
+    await worker.refused(pb.GenerateRequest(prompt="Hi", sampling=greedy(2, logit_bias={5: float("-inf")})),
+                         INVALID, "logit_bias values must be finite")
+    hot = pb.SamplingParams(temperature=float("inf"))
+    await worker.refused(pb.GenerateRequest(prompt="Hi", sampling=hot), INVALID, "temperature must be finite")
+    deep = pb.PluginCall(name="anything", args_json="[" * 100_000 + "]" * 100_000)
+    await worker.refused(pb.GenerateRequest(prompt="Hi", sampling=greedy(2, logits_processors=[deep])),
+                         INVALID, "args_json", "nested too deeply")
+
+
+async def test_drain_refuses_a_grace_that_is_not_a_finite_non_negative_number(worker: Worker) -> None:
+    """A NaN grace passed the ``< 0`` check and drained the worker."""
+    for grace in (float("nan"), float("inf"), -1.0):
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await worker.control.Drain(ipb.DrainRequest(grace_period_s=grace))
+        assert err.value.code() == INVALID and "grace_period_s" in (err.value.details() or "")
+    info = await worker.control.GetWorkerInfo(ipb.GetWorkerInfoRequest())
+    assert not info.draining
+
+
 async def test_still_serving_after_refusals(worker: Worker) -> None:
     got = await collect(worker.gen.Generate(req(prompt="Hello",
                                                                sampling=greedy(4))))

@@ -114,6 +114,20 @@ def test_structured_output_excludes_ignore_eos_and_min_tokens() -> None:
         SamplingParams(min_tokens=2, structured_output={"regex": "a"})
 
 
+def test_a_schema_too_deep_for_the_json_parser_is_a_value_error() -> None:
+    """The parser's own recursion bound (a network request meets ``max_format_depth`` first)."""
+    for deep in ("[" * 100_000 + "]" * 100_000, {"a": _nested_dict(5000)}):
+        with pytest.raises(ValueError, match="structured_output.json is nested too deeply"):
+            StructuredOutputsParams(json=deep)  # type: ignore[arg-type]
+
+
+def _nested_dict(depth: int) -> dict[str, object]:
+    node: dict[str, object] = {}
+    for _ in range(depth):
+        node = {"k": node}
+    return node
+
+
 def test_vllm_style_params_object_is_accepted(llm: LLM) -> None:
     spec = StructuredOutputsParams(json_object=True)
     (out,) = llm.generate(PROMPTS[:1], SamplingParams(max_tokens=40, temperature=0.0, structured_output=spec))

@@ -89,3 +89,41 @@ async def test_a_burst_on_a_cold_registry_waits_for_the_read(redis_server: Any) 
         await admin.aclose()
         await store.close()
     assert all([w.worker_id for w in s.workers] == ["w1"] for s in snaps)
+
+
+async def test_a_caller_cancelled_during_a_read_leaves_the_read_to_finish(redis_server: Any) -> None:
+    """A request cancelled while it refreshes the registry (its client went away) must not cancel
+    the Redis read under it: redis-py can hang a task cancelled inside a pipeline read, and this
+    one holds the registry's lock. The read finishes on its own and its snapshot is kept."""
+    import asyncio
+
+    import redis.asyncio as aioredis
+
+    store, clock = RedisStateStore(redis_server.url), Clock()
+    reg = Registry(store, cache_s=1.0, clock=clock)
+    assert (await reg.snapshot()).workers == ()
+    await store.heartbeat(rec("w1"), 60)
+    clock.t += 2
+    admin = aioredis.from_url(redis_server.url)
+    try:
+        await admin.execute_command("CLIENT", "PAUSE", "400", "ALL")  # the next read takes 0.4 s
+        caller = asyncio.create_task(reg.snapshot())
+        await asyncio.sleep(0.1)  # inside the read
+        caller.cancel()
+        try:
+            await caller
+        except asyncio.CancelledError:
+            pass
+        assert caller.cancelled()
+        # No new read is due (the clock stands still): what the next caller gets is what the
+        # cancelled caller's read brought back, once it has.
+        snap = await asyncio.wait_for(reg.snapshot(), timeout=5)
+        for _ in range(100):
+            if snap.workers:
+                break
+            await asyncio.sleep(0.05)
+            snap = await reg.snapshot()
+        assert [w.worker_id for w in snap.workers] == ["w1"]
+    finally:
+        await admin.aclose()
+        await store.close()

@@ -42,6 +42,7 @@ def _sampling(params: dict[str, Any] | str) -> Any:
 BAD_INFERS: list[tuple[str, Any, list[str]]] = [
     ("sampling_parameters not JSON", _sampling("{max_tokens: 2"), ["not valid JSON"]),
     ("sampling_parameters not an object", _sampling("[1, 2]"), ["JSON object"]),
+    ("sampling_parameters nested too deeply", _sampling("[" * 100_000), ["sampling_parameters", "nested"]),
     ("unknown sampling parameter", _sampling({"beam_width": 2}), ["beam_width"]),
     ("temperature not a number", _sampling({"temperature": "hot"}), ["temperature"]),
     ("max_tokens zero", _sampling({"max_tokens": 0}), ["max_tokens"]),

@@ -65,6 +65,18 @@ BAD_REQUESTS: list[tuple[str, str, dict[str, Any], str]] = [
     ("stream_options without stream", CHAT, {**_C, "stream_options": {"include_usage": True}},
      "stream_options"),
     ("top_logprobs over 20", CHAT, {**_C, "logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+    # past what the worker's message fields hold (uint32 counts, int32 token ids)
+    ("max_tokens 2^32", COMPLETIONS, {**_P, "max_tokens": 2**32}, "max_tokens"),
+    ("min_tokens 2^32", COMPLETIONS, {**_P, "max_tokens": None, "min_tokens": 2**32}, "min_tokens"),
+    ("top_k 2^31", COMPLETIONS, {**_P, "top_k": 2**31}, "top_k"),
+    ("logit_bias key 2^31", COMPLETIONS, {**_P, "logit_bias": {str(2**31): 1}}, "logit_bias"),
+    ("stop_token_ids 2^31", COMPLETIONS, {**_P, "stop_token_ids": [2**31]}, "stop_token_ids"),
+    ("prompt token id 2^31", COMPLETIONS, {**_P, "prompt": [2**31]}, "prompt"),
+    ("max_completion_tokens 2^32", CHAT, {**_C, "max_completion_tokens": 2**32}, "max_completion_tokens"),
+    # a lone UTF-16 surrogate is no Unicode character: no tokenizer takes it
+    ("lone surrogate in the prompt", COMPLETIONS, {**_P, "prompt": "Hi \ud800"}, "prompt"),
+    ("lone surrogate in a message", CHAT, {**_C, "messages": [{"role": "user", "content": "\udc00"}]},
+     "messages"),
 ]
 
 
@@ -82,7 +94,8 @@ def test_bad_parameter_is_400_naming_it(stack: StackProc, path: str, body: dict[
         assert error["param"] == param or error["param"].startswith(param), error
 
 
-@pytest.mark.parametrize("body", [b"{not json", b"[1, 2]", b""], ids=["not json", "not an object", "empty"])
+@pytest.mark.parametrize("body", [b"{not json", b"[1, 2]", b"", b"[" * 100_000],
+                         ids=["not json", "not an object", "empty", "nested too deeply"])
 def test_malformed_body_is_400(stack: StackProc, body: bytes) -> None:
     status, reply = http_json("POST", stack.http_url + CHAT, body)
     assert status == 400 and reply["error"]["param"] == "body", reply
