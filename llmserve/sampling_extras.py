@@ -71,8 +71,10 @@ def plugin_call_messages(field: str, values: Sequence[Any] | None) -> list[gen_p
 
 
 def check_sampling_limits(limits: RequestLimits, sampling: gen_pb.SamplingParams) -> None:
-    """The stop strings and the structured-output format of ``sampling`` within ``limits``
+    """``n``, the stop strings and the structured-output format of ``sampling`` within ``limits``
     (``LimitExceeded``), before the format is parsed or compiled: router and worker alike."""
+    if sampling.HasField("n"):
+        limits.check_n(sampling.n)
     limits.check_stop(sampling.stop)
     if sampling.HasField("structured_output"):
         fmt = sampling.structured_output

@@ -70,7 +70,6 @@ class Router:
         (INVALID_ARGUMENT) naming the field, the limit and its flag."""
         try:
             self.limits.check_request_id(request_id)
-            self.limits.check_n(sampling.n if sampling.HasField("n") else 1)
             check_sampling_limits(self.limits, sampling)
             self.limits.check_prompt(prompt)
         except LimitExceeded as exc:

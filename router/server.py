@@ -137,7 +137,6 @@ class RouterServer:
         self._health = health_aio.HealthServicer()
         self._port = 0
         self._sweeper: asyncio.Task[None] | None = None
-        self._sweep_stop = asyncio.Event()
         self._metrics_server: MetricsServer | None = None
         self._http_server: HttpServer | None = None
         self._serving = False
@@ -236,13 +235,10 @@ class RouterServer:
 
     async def _sweep_channels(self) -> None:
         """Retire the channels of workers gone from the registry, every ``channel_sweep_s``, until
-        :meth:`stop`. Stopping waits for a registry read in flight rather than cancel it: redis-py
-        can hang a pipeline cancelled mid-read."""
-        while not self._sweep_stop.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._sweep_stop.wait(), self.config.channel_sweep_s)
-            if self._sweep_stop.is_set():
-                return
+        :meth:`stop` cancels it (a registry read in flight is not cancelled with it: the
+        ``Registry`` shields its reads)."""
+        while True:
+            await asyncio.sleep(self.config.channel_sweep_s)
             snap = await self.registry.snapshot()
             self.channels.retain(w.address for w in snap.workers)
 
@@ -251,8 +247,9 @@ class RouterServer:
         ``grace_s`` (default ``config.drain_grace_s``) to end, then channels close."""
         grace = self.config.drain_grace_s if grace_s is None else grace_s
         if self._sweeper is not None:
-            self._sweep_stop.set()
-            await self._sweeper
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
         self._serving = False
         await self._health.enter_graceful_shutdown()
         stops = []

@@ -92,8 +92,6 @@ def decode_generate(request: gen_pb.GenerateRequest, limits: RequestLimits | Non
     before anything is copied, parsed, templated or tokenized."""
     if limits is not None:
         limits.check_request_id(request.request_id)
-        if request.sampling.HasField("n"):
-            limits.check_n(request.sampling.n)
         check_sampling_limits(limits, request.sampling)
     resumed = tuple(request.resume.output_token_ids) if request.HasField("resume") else ()
     return GenerateCall(
