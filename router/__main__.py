@@ -17,6 +17,7 @@ from llmserve.envflags import apply_env_defaults
 from llmserve.limits import add_limit_flags, limits_from_args
 from llmserve.telemetry.logging import LOG_FORMATS
 from router.failover import add_failover_flags, failover_from_args
+from router.frontends.http_limits import add_http_flags, http_limits_from_args
 from router.policy import POLICY_NAMES
 from router.security_cli import add_security_flags, redis_tls, security_from_args
 from router.server import RouterConfig, serve
@@ -50,6 +51,7 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
                             "whose message to the worker would be larger is INVALID_ARGUMENT (HTTP 413)")
     sizes.add_argument("--max-http-body-bytes", type=int, default=RouterConfig.max_http_body_bytes,
                        help="largest OpenAI HTTP request body; larger is refused with 413 while it is read")
+    add_http_flags(p)
     add_failover_flags(p)
     add_security_flags(p)
     group = p.add_argument_group("observability (tracing: OTEL_* variables)")
@@ -84,6 +86,7 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
         max_metadata_bytes=args.max_metadata_bytes,
         max_message_bytes=args.max_message_bytes,
         max_http_body_bytes=args.max_http_body_bytes,
+        http_limits=http_limits_from_args(args),
         security=security_from_args(args),
         default_priority=parse_default_priority(args.default_priority),
     )

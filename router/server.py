@@ -36,11 +36,12 @@ from router.access import AccessControl
 from router.auth import ApiKeyInterceptor, ApiKeyMiddleware
 from router.dispatch import ChannelPool, Dispatcher, InflightTracker, fetch_tokenizer_files
 from router.failover import CircuitBreakers, FailoverConfig
+from router.frontends.http_limits import HttpConnectionLimits
 from router.frontends.kserve import KSERVE_SERVICE, KServeServicer
 from router.generation import GenerationCore
 from router.interceptor import ErrorInterceptor
 from router.policy import POLICY_NAMES, make_policy
-from router.request_telemetry import RouterTelemetry
+from router.request_telemetry import UNKNOWN_MODEL, RouterTelemetry
 from router.routing import Router
 from router.security import RouterSecurityConfig
 from router.servicer import RouterServicer
@@ -59,7 +60,8 @@ class RouterConfig:
     ``http_port``: the OpenAI HTTP API, None = off, 0 = a free port (``RouterServer.http_port``);
     ``security``: TLS, API keys and rate limits, trust in the state store (``router/security.py``).
     ``max_http_body_bytes``: the largest OpenAI HTTP request body (413 beyond, refused while it
-    is read). ``channel_sweep_s``: how often channels of workers gone from the registry are
+    is read); ``http_limits``: the HTTP door's connection limits (header and body timeouts, header
+    size, open connections). ``channel_sweep_s``: how often channels of workers gone from the registry are
     retired; ``channel_retire_grace_s``: how long a retired channel's calls in flight may still
     run (``router.dispatch.ChannelPool``)."""
 
@@ -71,6 +73,7 @@ class RouterConfig:
     max_attempts: int = 3
     max_message_bytes: int = 16 * 1024 * 1024
     max_http_body_bytes: int = 16 * 1024 * 1024
+    http_limits: HttpConnectionLimits = HttpConnectionLimits()
     channel_sweep_s: float = 10.0
     channel_retire_grace_s: float = 300.0
     drain_grace_s: float = 30.0
@@ -225,7 +228,9 @@ class RouterServer:
         app = ApiKeyMiddleware(door.app(), self.access)
         tls = self.config.security.tls.http()
         http = HttpServer(app, self.config.host, int(self.config.http_port or 0), self.config.drain_grace_s,
-                          ssl_context=tls.context if tls is not None else None)
+                          ssl_context=tls.context if tls is not None else None,
+                          limits=self.config.http_limits,
+                          on_refusal=lambda limit: self.metrics.on_refusal(UNKNOWN_MODEL, limit))
         await http.start()
         self._http_server = http
 

@@ -26,6 +26,7 @@ import sys
 import threading
 from collections import deque
 from collections.abc import AsyncGenerator, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,6 +41,7 @@ from gpu_worker.engine.core_messages import (
     StepResult,
 )
 from gpu_worker.engine.errors import EngineClosedError, EngineDeadError, QueueFullError
+from gpu_worker.engine.feature_checks import check_syntax
 from gpu_worker.engine.output_processor import OutputKind, OutputProcessor, merge_deltas
 from gpu_worker.engine.processor import InputProcessor, ProcessedRequest
 from gpu_worker.outputs import RequestOutput
@@ -99,6 +101,10 @@ class AsyncLLM:
         self._dead: BaseException | None = None  # set once the core failed
         self._dead_callbacks: list[tuple[asyncio.AbstractEventLoop, Callable[[BaseException], None]]] = []
         self._closed = False  # no new requests (shutdown started)
+        # Formats (structured output) not seen before are parsed on this thread, one at a time;
+        # the parses in flight by format key (event-loop side).
+        self._format_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="format-check")
+        self._format_parses: dict[tuple[str, str], asyncio.Future[None]] = {}
         # Every torch call releases the GIL and must win it back from the event loop, which by
         # default waits out a 5 ms switch interval each time: W4 measured decode steps twice as
         # long as offline with the core on a thread. A short interval keeps the core moving.
@@ -168,6 +174,7 @@ class AsyncLLM:
         when the engine's scheduling policy is ``priority``."""
         self._check_accepting()
         self._check_sequence_room(params.n if params is not None else 1)  # before tokenizing
+        await self._check_format_syntax(params)
         processed = self._processor.process(
             request_id, prompt, params, priority=priority, resumed_token_ids=resumed_token_ids,
             core_tag=f"@{next(self._submissions)}",
@@ -206,6 +213,34 @@ class AsyncLLM:
             self._queues.pop(request_id, None)
             if not finished:
                 self._abort_on_loop(request_id)
+
+    async def _check_format_syntax(self, params: SamplingParams | None) -> None:
+        """Parse a structured-output format not seen before on the format-check thread, so a
+        large or deeply nested one (and xgrammar's first import) never holds the event loop;
+        ``ValueError`` when it does not parse. Requests with the same format share one parse."""
+        features = self._processor.features
+        spec = features.unchecked_format(params)
+        if spec is None:
+            return
+        key = spec.key
+        parse = self._format_parses.get(key)
+        if parse is None:
+            parse = asyncio.wrap_future(self._format_pool.submit(check_syntax, spec))
+            self._format_parses[key] = parse
+            parse.add_done_callback(lambda done: self._parse_done(key, done))
+        try:
+            await asyncio.shield(parse)  # one caller's cancel leaves the parse to the others
+        except asyncio.CancelledError:
+            if not parse.cancelled():
+                raise  # this request was cancelled
+            raise EngineClosedError("the engine shut down") from None  # the pool was
+        features.note_valid(spec)
+        self._check_accepting()  # the engine may have shut down or died meanwhile
+
+    def _parse_done(self, key: tuple[str, str], parse: asyncio.Future[None]) -> None:
+        self._format_parses.pop(key, None)
+        if not parse.cancelled():
+            parse.exception()  # retrieved: every waiter may have left (no "never retrieved" log)
 
     async def abort(self, request_id: str) -> None:
         """Abort a request: its stream ends with a ``finish_reason="abort"`` output."""
@@ -310,6 +345,7 @@ class AsyncLLM:
         for request_id, queue in list(self._queues.items()):
             self._abort_on_loop(request_id)
             queue.put_nowait(EngineClosedError("the engine shut down"))
+        self._format_pool.shutdown(wait=False, cancel_futures=True)
         await asyncio.get_running_loop().run_in_executor(None, self.client.shutdown)
 
     # ------------------------------------------------------------------ the client's thread

@@ -15,7 +15,7 @@ from gpu_worker.plugins.registry import (
     logits_processor_registry,
     stopping_criterion_registry,
 )
-from gpu_worker.sampling_params import PluginCall, SamplingParams
+from gpu_worker.sampling_params import PluginCall, SamplingParams, StructuredOutputsParams
 
 _CHECKED_FORMATS = 1024  # formats remembered as valid (LRU): a repeated schema is parsed once
 
@@ -42,21 +42,41 @@ class FeatureChecks:
                 self._criteria = stopping_criterion_registry()
             _check_calls("stopping_criteria", params.stopping_criteria, self._criteria)
 
+    def unchecked_format(self, params: SamplingParams | None) -> StructuredOutputsParams | None:
+        """The request's format when its syntax is still to be parsed (None: no format, a format
+        parsed before, or no tokenizer, which :meth:`check` refuses at once). An async front
+        parses it off its event loop (:func:`check_syntax`), notes it with :meth:`note_valid`,
+        and :meth:`check` then finds it parsed."""
+        spec = params.structured_output if params is not None else None
+        if spec is None or self.tokenizer is None or spec.key in self._valid_formats:
+            return None
+        return spec
+
+    def note_valid(self, spec: StructuredOutputsParams) -> None:
+        """``spec`` parsed: later requests with the same format skip the parse."""
+        self._valid_formats[spec.key] = None
+        self._valid_formats.move_to_end(spec.key)
+        if len(self._valid_formats) > _CHECKED_FORMATS:
+            self._valid_formats.popitem(last=False)
+
     def _check_format(self, params: SamplingParams) -> None:
         spec = params.structured_output
         assert spec is not None
         if self.tokenizer is None:
             raise ValueError("structured_output: this model has no tokenizer")
-        key = spec.key
-        if key in self._valid_formats:
-            self._valid_formats.move_to_end(key)
+        if spec.key in self._valid_formats:
+            self._valid_formats.move_to_end(spec.key)
             return
-        from gpu_worker.structured.grammar import check_syntax
-
         check_syntax(spec)
-        self._valid_formats[key] = None
-        if len(self._valid_formats) > _CHECKED_FORMATS:
-            self._valid_formats.popitem(last=False)
+        self.note_valid(spec)
+
+
+def check_syntax(spec: StructuredOutputsParams) -> None:
+    """``ValueError`` naming the problem when the format does not parse (xgrammar, imported on
+    first use: the first call costs its import, about 0.7 s on a CPU)."""
+    from gpu_worker.structured.grammar import check_syntax as parse
+
+    parse(spec)
 
 
 def _check_calls(field: str, calls: list[PluginCall], registry: PluginRegistry[Any]) -> None:

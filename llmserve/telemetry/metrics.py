@@ -16,6 +16,7 @@ standby's promotion. Router: ``on_request_finished``, ``on_routing_decision``, `
 from __future__ import annotations
 
 import socket
+import sys
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -421,19 +422,61 @@ def _text_format_app(registry: CollectorRegistry) -> Callable[..., Any]:
 
 
 class _QuietHandler(WSGIRequestHandler):
+    timeout = 10.0  # seconds a read of the request may wait (StreamRequestHandler sets it on the socket)
+
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - scrapes need no access log
         pass
 
 
-class _IPv6Server(ThreadingWSGIServer):
+class _BoundedServer(ThreadingWSGIServer):
+    """prometheus_client's threading server serving at most ``max_connections`` connections at
+    once (a thread each; one past it is closed unanswered), quiet about clients that time out or
+    hang up (no traceback on stderr per connection). A client that opens idle connections by the
+    thousand then holds a bounded number of threads, each for a bounded time."""
+
+    max_connections = 32
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._slots = threading.BoundedSemaphore(self.max_connections)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)  # starts the connection's thread
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        if not isinstance(sys.exc_info()[1], OSError):  # TimeoutError, resets: the client's doing
+            super().handle_error(request, client_address)
+
+
+class _IPv6Server(_BoundedServer):
     address_family = socket.AF_INET6
 
 
-def start_metrics_server(port: int, registry: CollectorRegistry, addr: str = "0.0.0.0") -> MetricsServer:
+def start_metrics_server(port: int, registry: CollectorRegistry, addr: str = "0.0.0.0", *,
+                         read_timeout_s: float = 10.0, max_connections: int = 32) -> MetricsServer:
     """Serve ``registry`` in the Prometheus text format (0.0.4, whatever the scraper's Accept header)
-    at ``http://addr:port/metrics`` from a daemon thread (port 0 picks a free one: read ``.port``)."""
-    server_class = _IPv6Server if ":" in addr else ThreadingWSGIServer
-    httpd = make_server(addr, port, _text_format_app(registry), server_class, handler_class=_QuietHandler)
+    at ``http://addr:port/metrics`` from a daemon thread (port 0 picks a free one: read ``.port``).
+    ``read_timeout_s``: how long each read of a request may wait; ``max_connections``: served at
+    once (a scraper needs one)."""
+    base: type[_BoundedServer] = _IPv6Server if ":" in addr else _BoundedServer
+    server_class: type[_BoundedServer] = type("MetricsHttpServer", (base,),
+                                              {"max_connections": max_connections})
+    handler_class = type("MetricsHandler", (_QuietHandler,), {"timeout": read_timeout_s})
+    httpd: WSGIServer = make_server(addr, port, _text_format_app(registry), server_class,
+                                    handler_class=handler_class)
     thread = threading.Thread(target=httpd.serve_forever, name="metrics-http", daemon=True)
     thread.start()
     return MetricsServer(httpd, thread)

@@ -1,4 +1,5 @@
-"""An ASGI app served by uvicorn inside the router's own asyncio loop (no thread, no process).
+"""An ASGI app served by uvicorn inside the router's own asyncio loop (no thread, no process),
+over httptools with the door's connection limits (:class:`GuardedHttpProtocol`).
 
 The router binds the socket itself, so a taken port is an ``OSError`` at start (uvicorn would
 exit the process) and port 0 picks a free one; uvicorn's signal handling is off (the router
@@ -11,16 +12,211 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import math
 import socket
 import ssl
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from http import HTTPStatus
 from typing import Any
 
 import uvicorn
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from router.frontends.http_limits import HttpConnectionLimits
 
 log = logging.getLogger(__name__)
+
+_HEADERS, _BODY = "headers", "body"  # what a connection is reading (None: between requests)
+_LINGER_S = 2.0  # after a refusal: input read and dropped this long, so the reply is not reset away
+
+
+class GuardedHttpProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with the door's connection limits
+    (:class:`HttpConnectionLimits`); :func:`guarded_protocol` binds the limits.
+
+    Invariants: ``_reading`` is ``"headers"`` from a connection's start or a request's first
+    byte to the end of its headers, ``"body"`` from there to the end of its body, None between
+    requests (uvicorn's keep-alive timeout governs that idle time) and once refused; at most one
+    timer runs. A refusal writes its reply itself, tells the request's ASGI task (if any) that
+    the client left, half-closes, and drops what still arrives for ``_LINGER_S`` before closing
+    (closing with unread input would reset the connection, and the client could lose the reply).
+    """
+
+    limits = HttpConnectionLimits()
+    on_refusal: Callable[[str], None] = staticmethod(lambda limit: None)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._reading: str | None = _HEADERS
+        self._header_bytes = 0  # this request's, as chunks that end inside its headers arrive
+        self._parsed_header_bytes = 0  # this request's, as the parser completes its URL and headers
+        self._refused = False
+        self._timer: asyncio.TimerHandle | None = None
+        self._last_read = 0.0
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        limit = self.limits.max_connections
+        if len(self.connections) > limit:
+            self._refuse(503, "max_http_connections",
+                         f"the router holds at most {limit} HTTP connections (max_http_connections, flag "
+                         f"--max-http-connections); try again shortly", retry_after_s=1)
+            return
+        self._arm(self.limits.header_timeout_s)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        self._reading = None
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self._refused:
+            return  # lingering: dropped
+        self._last_read = self.loop.time()
+        super().data_received(data)
+        if self._reading == _HEADERS:
+            # every byte of a chunk that ends inside a request's headers counts (an over-count
+            # by the previous request's tail at most): httptools holds an unfinished line whole
+            self._header_bytes += len(data)
+            if self._header_bytes > self.limits.max_header_bytes:
+                self._refuse_header_size()
+
+    # Parser callbacks, inside super().data_received. After a refusal the parser runs to the
+    # end of its chunk with every callback a no-op: no request starts, nothing is kept.
+    def on_message_begin(self) -> None:
+        if self._refused:
+            return
+        super().on_message_begin()
+        self._header_bytes = self._parsed_header_bytes = 0
+        if self._reading != _HEADERS:  # a kept-alive connection's next request: its own deadline
+            self._reading = _HEADERS
+            self._arm(self.limits.header_timeout_s)
+
+    def on_url(self, url: bytes) -> None:
+        if not self._count_header(len(url)):
+            super().on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if not self._count_header(len(name) + len(value) + 4):  # ": " and CRLF
+            super().on_header(name, value)
+
+    def _count_header(self, size: int) -> bool:
+        """Count what the parser completed (headers that arrive whole in one chunk); True when
+        the request is refused."""
+        if not self._refused:
+            self._parsed_header_bytes += size
+            if self._parsed_header_bytes > self.limits.max_header_bytes:
+                self._refuse_header_size()
+        return self._refused
+
+    def on_headers_complete(self) -> None:
+        if self._refused:
+            return
+        self._reading = _BODY
+        self._arm(self.limits.body_timeout_s)
+        super().on_headers_complete()
+
+    def on_body(self, body: bytes) -> None:
+        if not self._refused:
+            super().on_body(body)
+
+    def on_message_complete(self) -> None:
+        if self._refused:
+            return
+        self._reading = None
+        self._disarm()
+        super().on_message_complete()
+
+    # timers
+    def _arm(self, delay_s: float, callback: Callable[[], None] | None = None) -> None:
+        self._disarm()
+        self._timer = self.loop.call_later(delay_s, callback or self._on_timer)
+
+    def _disarm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        if self.transport.is_closing():
+            return
+        if self._reading == _HEADERS:
+            self._time_out("http_header_timeout_s", "--http-header-timeout-s", self.limits.header_timeout_s,
+                           "the request's headers did not arrive within")
+        elif self._reading == _BODY:
+            timeout = self.limits.body_timeout_s
+            now = self.loop.time()
+            if self.flow.read_paused:  # the router paused reading (its reader is behind): not the client
+                self._last_read = now
+            idle = now - self._last_read
+            if idle < timeout:
+                self._arm(timeout - idle)
+                return
+            self._time_out("http_body_timeout_s", "--http-body-timeout-s", timeout,
+                           "the request body paused for longer than")
+
+    def _time_out(self, limit: str, flag: str, seconds: float, what: str) -> None:
+        cycle = self.cycle
+        answering = cycle is not None and cycle.response_started and (
+            self._reading == _BODY or not cycle.response_complete)
+        if not answering:
+            self._refuse(408, limit, f"{what} {seconds:g} s ({limit}, flag {flag})")
+            return
+        # a reply is on its way: sent before the body was read, or the previous request's
+        assert cycle is not None
+        self.on_refusal(limit)
+        self._reading = None
+        if cycle.response_complete:
+            self.transport.close()
+        else:
+            cycle.keep_alive = False  # the connection closes once the reply is out
+
+    # refusals
+    def _refuse_header_size(self) -> None:
+        self._refuse(431, "max_http_header_bytes",
+                     f"the request line and headers are larger than {self.limits.max_header_bytes} bytes "
+                     "(max_http_header_bytes, flag --max-http-header-bytes)")
+
+    def _refuse(self, status: int, limit: str, message: str, retry_after_s: int | None = None) -> None:
+        """Answer ``status`` with OpenAI's error JSON naming the limit, count it, and close."""
+        if self._refused:
+            return
+        self._refused = True
+        self._reading = None
+        self.on_refusal(limit)
+        body = json.dumps({"error": {"message": message, "type": "invalid_request_error" if status != 503
+                                     else "server_error", "param": None, "code": limit}}).encode()
+        head = [f"HTTP/1.1 {status} {HTTPStatus(status).phrase}", "content-type: application/json",
+                f"content-length: {len(body)}", "connection: close"]
+        if retry_after_s is not None:
+            head.append(f"retry-after: {retry_after_s}")
+        self.transport.write(("\r\n".join(head) + "\r\n\r\n").encode("ascii") + body)
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_complete:
+            cycle.disconnected = True  # its ASGI task reads a disconnect and sends nothing more
+            cycle.message_event.set()
+        if self.transport.can_write_eof():  # TLS cannot half-close: it closes at once
+            self.transport.write_eof()
+            self.flow.resume_reading()
+            self._arm(_LINGER_S, self.transport.close)
+        else:
+            self._disarm()
+            self.transport.close()
+
+
+def guarded_protocol(limits: HttpConnectionLimits,
+                     on_refusal: Callable[[str], None]) -> type[GuardedHttpProtocol]:
+    """:class:`GuardedHttpProtocol` bound to ``limits``; ``on_refusal(limit)`` counts a refusal."""
+
+    class Bound(GuardedHttpProtocol):
+        pass
+
+    Bound.limits = limits
+    Bound.on_refusal = staticmethod(on_refusal)  # type: ignore[method-assign, assignment]
+    return Bound
 
 
 class _EmbeddedServer(uvicorn.Server):
@@ -51,13 +247,17 @@ class HttpServer:
     """Serves ``app`` on ``host:port`` in the running loop until :meth:`stop`."""
 
     def __init__(self, app: Any, host: str, port: int, grace_s: float = 30.0,
-                 ssl_context: ssl.SSLContext | None = None) -> None:
-        """``ssl_context``: serve HTTPS with it (``llmserve.security.tls.HttpTls``)."""
+                 ssl_context: ssl.SSLContext | None = None,
+                 limits: HttpConnectionLimits = HttpConnectionLimits(),
+                 on_refusal: Callable[[str], None] = lambda limit: None) -> None:
+        """``ssl_context``: serve HTTPS with it (``llmserve.security.tls.HttpTls``); ``limits``:
+        the connections' (:class:`GuardedHttpProtocol`), ``on_refusal(limit)`` counts a refusal."""
         self._host = host
         self._requested_port = port
         self._config = uvicorn.Config(
             app, log_config=None, access_log=False, lifespan="off", ws="none",
             timeout_graceful_shutdown=_whole_seconds(grace_s), server_header=False,
+            http=guarded_protocol(limits, on_refusal),
         )
         if ssl_context is not None:
             self._config.load()

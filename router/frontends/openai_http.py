@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI, Request
+from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 
 from llmserve.telemetry.tracing import Tracing
@@ -79,10 +80,10 @@ class OpenAIDoor:
                       openapi_url=None)
 
         async def completions(request: Request) -> Response:
-            return ReplyOrStream(self._serve(_COMPLETIONS, await self._body(request), request.headers))
+            return await self._post(_COMPLETIONS, request)
 
         async def chat(request: Request) -> Response:
-            return ReplyOrStream(self._serve(_CHAT, await self._body(request), request.headers))
+            return await self._post(_CHAT, request)
 
         app.add_api_route(COMPLETIONS_ROUTE, completions, methods=["POST"])
         app.add_api_route(CHAT_ROUTE, chat, methods=["POST"])
@@ -91,9 +92,17 @@ class OpenAIDoor:
         app.add_api_route("/health", self._health, methods=["GET"])
         return app
 
+    async def _post(self, endpoint: _Endpoint, request: Request) -> Response:
+        try:
+            body = await self._body(request)
+        except ClientDisconnect:  # the client left before its body ended, or the connection
+            return Response(status_code=499)  # was refused (a body timeout): nobody reads this
+        return ReplyOrStream(self._serve(endpoint, body, request.headers))
+
     async def _body(self, request: Request) -> bytes | RequestTooLarge:
         """The request body, or the error of one over the limit (refused by its Content-Length,
-        else as soon as the bytes received pass the limit; the rest is never read)."""
+        else as soon as the bytes received pass the limit; the rest is never read).
+        ``ClientDisconnect`` when the connection ends first."""
         limit = self._max_body_bytes
         declared = request.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > limit:

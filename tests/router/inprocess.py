@@ -3,14 +3,55 @@ loopback, each configured as the test needs (TLS, API keys, fleet secret, Redis)
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from gpu_worker.config import EngineConfig
 from gpu_worker.server import ServerConfig, WorkerServer
 from llmserve.fleet import StateStore
+from llmserve.fleet.redis_store import RedisStateStore
 from router.server import RouterConfig, RouterServer
 from tests.helpers.redis_server import free_port
+from tests.helpers.service_procs import scrape_metrics
+
+
+@contextlib.asynccontextmanager
+async def router_stack(redis_url: str, model_dir: Path, model: str, **router_config: Any
+                       ) -> AsyncIterator[RouterStack]:
+    """A worker serving ``model_dir`` as ``model`` and a router (HTTP door and ``/metrics`` on a
+    free port, plus ``router_config``) over the Redis at ``redis_url``; both stopped after."""
+    store = RedisStateStore(redis_url)
+    worker = await start_worker(model_dir, model, redis_url)
+    router = await start_router(store, http_port=0, metrics_port=0, **router_config)
+    try:
+        yield RouterStack(worker, router)
+    finally:
+        await router.stop(grace_s=0.5)
+        await worker.drain(0.5)
+        await store.close()
+
+
+@dataclass
+class RouterStack:
+    """A worker and a router with its HTTP door and ``/metrics`` on."""
+
+    worker: WorkerServer
+    router: RouterServer
+
+    @property
+    def http_port(self) -> int:
+        assert self.router.http_port is not None
+        return self.router.http_port
+
+    def metric(self, name: str, **labels: str) -> float:
+        """The sum of ``name``'s samples whose labels include ``labels``, scraped now."""
+        assert self.router.metrics_port is not None
+        want = set(labels.items())
+        return sum(v for (n, ls), v in scrape_metrics(self.router.metrics_port).items()
+                   if n == name and want <= ls)
 
 
 async def start_worker(model_dir: Path, name: str, redis_url: str, **server: Any) -> WorkerServer:

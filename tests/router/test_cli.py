@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from router.__main__ import build_parser, config_from_args, parse_args
+from router.frontends.http_limits import HttpConnectionLimits
 
 
 def test_variables_supply_every_observability_and_drain_flag() -> None:
@@ -43,3 +44,20 @@ def test_size_limit_flags_reach_the_config_and_are_checked() -> None:
     assert defaults.max_message_bytes == defaults.max_http_body_bytes == 16 << 20
     with pytest.raises(ValueError, match="max_http_body_bytes"):
         config_from_args(parse_args(["--redis-url", "redis://x", "--max-http-body-bytes", "10"], {}))
+
+
+def test_http_connection_flags_reach_the_config_and_are_checked() -> None:
+    env = {"LLMSERVE_HTTP_HEADER_TIMEOUT_S": "2.5", "LLMSERVE_MAX_HTTP_CONNECTIONS": "64"}
+    config = config_from_args(parse_args(
+        ["--redis-url", "redis://x", "--http-body-timeout-s", "7", "--max-http-header-bytes", "4096"], env))
+    assert config.http_limits == HttpConnectionLimits(header_timeout_s=2.5, body_timeout_s=7.0,
+                                                      max_header_bytes=4096, max_connections=64)
+    defaults = config_from_args(parse_args(["--redis-url", "redis://x"], {}))
+    assert defaults.http_limits == HttpConnectionLimits()
+    for flag, value, name in [("--http-header-timeout-s", "nan", "http_header_timeout_s"),
+                              ("--http-body-timeout-s", "0", "http_body_timeout_s"),
+                              ("--http-body-timeout-s", "inf", "http_body_timeout_s"),
+                              ("--max-http-header-bytes", "100", "max_http_header_bytes"),
+                              ("--max-http-connections", "0", "max_http_connections")]:
+        with pytest.raises(ValueError, match=name):
+            config_from_args(parse_args(["--redis-url", "redis://x", flag, value], {}))

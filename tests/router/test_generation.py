@@ -12,7 +12,6 @@ import json
 import socket
 import urllib.request
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,13 +19,9 @@ import grpc
 import pytest
 import pytest_asyncio
 
-from gpu_worker.server import WorkerServer
-from llmserve.fleet.redis_store import RedisStateStore
 from llmserve.v1 import generation_pb2 as gen_pb
 from llmserve.v1 import generation_pb2_grpc as gen_grpc
-from router.server import RouterServer
-from tests.helpers.service_procs import scrape_metrics
-from tests.router.inprocess import start_router, start_worker
+from tests.router.inprocess import RouterStack, router_stack
 from tests.router.router_procs import RedisProc
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -36,35 +31,11 @@ MESSAGE_LIMIT = 1 << 16  # the router's channels receive no tokenizer under it: 
 PROMPT_IDS = [1, 2, 3, 4]
 
 
-@dataclass
-class Stack:
-    worker: WorkerServer
-    router: RouterServer
-
-    @property
-    def http_port(self) -> int:
-        assert self.router.http_port is not None
-        return self.router.http_port
-
-    def metric(self, name: str, **labels: str) -> float:
-        assert self.router.metrics_port is not None
-        want = set(labels.items())
-        return sum(v for (n, ls), v in scrape_metrics(self.router.metrics_port).items()
-                   if n == name and want <= ls)
-
-
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def stack(module_redis: RedisProc, router_tiny_model: Path) -> AsyncIterator[Stack]:
-    store = RedisStateStore(module_redis.url)
-    worker = await start_worker(router_tiny_model, MODEL, module_redis.url)
-    router = await start_router(store, http_port=0, metrics_port=0, max_http_body_bytes=BODY_LIMIT,
-                                max_message_bytes=MESSAGE_LIMIT)
-    try:
-        yield Stack(worker, router)
-    finally:
-        await router.stop(grace_s=0.5)
-        await worker.drain(0.5)
-        await store.close()
+async def stack(module_redis: RedisProc, router_tiny_model: Path) -> AsyncIterator[RouterStack]:
+    async with router_stack(module_redis.url, router_tiny_model, MODEL, max_http_body_bytes=BODY_LIMIT,
+                            max_message_bytes=MESSAGE_LIMIT) as stack:
+        yield stack
 
 
 def _completion(**params: Any) -> dict[str, Any]:
@@ -121,7 +92,7 @@ def _assert_body_refused(status: int, reply: dict[str, Any]) -> None:
     assert f"the limit is {BODY_LIMIT} bytes" in message and "--max-http-body-bytes" in message, message
 
 
-async def test_a_body_declared_too_large_is_refused_before_it_is_sent(stack: Stack) -> None:
+async def test_a_body_declared_too_large_is_refused_before_it_is_sent(stack: RouterStack) -> None:
     head = (b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
             b"content-length: 200000000\r\n\r\n")
     status, reply, _ = await asyncio.to_thread(_raw_post, stack.http_port, head, [b"{" + b" " * 1000])
@@ -129,7 +100,7 @@ async def test_a_body_declared_too_large_is_refused_before_it_is_sent(stack: Sta
     assert "200000000 bytes" in reply["error"]["message"]
 
 
-async def test_a_chunked_body_is_refused_once_it_passes_the_limit(stack: Stack) -> None:
+async def test_a_chunked_body_is_refused_once_it_passes_the_limit(stack: RouterStack) -> None:
     head = (b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
             b"transfer-encoding: chunked\r\n\r\n")
     chunk = b" " * 65536
@@ -142,7 +113,7 @@ async def test_a_chunked_body_is_refused_once_it_passes_the_limit(stack: Stack) 
     assert status == 200, "the router still serves"
 
 
-async def test_a_request_over_the_message_limit_never_reaches_a_worker(stack: Stack) -> None:
+async def test_a_request_over_the_message_limit_never_reaches_a_worker(stack: RouterStack) -> None:
     # ~88 KB of logit_bias in a ~98 KB body: under the body limit, over the 64 KiB message limit
     bias = {str(token_id): 1.0 for token_id in range(8000)}
     status, reply = await asyncio.to_thread(_post, stack.http_port, _completion(logit_bias=bias))
@@ -154,7 +125,7 @@ async def test_a_request_over_the_message_limit_never_reaches_a_worker(stack: St
     assert stack.metric("llmserve:router_retries_total") == 0, "not retried as a busy worker"
 
 
-async def test_two_callers_may_use_the_same_request_id_at_once(stack: Stack) -> None:
+async def test_two_callers_may_use_the_same_request_id_at_once(stack: RouterStack) -> None:
     def request(max_tokens: int) -> gen_pb.GenerateRequest:
         return gen_pb.GenerateRequest(
             model=MODEL, prompt_token_ids=gen_pb.TokenIds(ids=PROMPT_IDS), request_id="order-1",
@@ -180,7 +151,7 @@ async def _rest(call: Any) -> list[gen_pb.GenerateResponse]:
     return chunks
 
 
-async def test_whole_and_streamed_replies_count_as_successes(stack: Stack) -> None:
+async def test_whole_and_streamed_replies_count_as_successes(stack: RouterStack) -> None:
     def outcomes() -> dict[str, float]:
         return {o: stack.metric("llmserve:router_requests_total", model=MODEL, outcome=o)
                 for o in ("ok", "cancelled")}

@@ -7,6 +7,9 @@ answer every scraper in the text format instead, so dashboards and alerts find t
 
 from __future__ import annotations
 
+import socket
+import threading
+import time
 import urllib.request
 from collections.abc import Iterator
 
@@ -48,3 +51,25 @@ def test_stop_releases_the_port(served: MetricsServer) -> None:
     served.stop()
     with pytest.raises(OSError):
         urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2)
+
+
+def test_idle_connections_hold_a_bounded_number_of_threads_for_a_bounded_time(
+        capfd: pytest.CaptureFixture[str]) -> None:
+    registry = CollectorRegistry()
+    Counter("llmserve:router_requests", "Requests.", ["model"], registry=registry).labels("m").inc()
+    server = start_metrics_server(0, registry, "127.0.0.1", read_timeout_s=2.0, max_connections=4)
+    idle = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(50)]
+    try:
+        time.sleep(0.2)
+        serving = [t for t in threading.enumerate() if "process_request_thread" in t.name]
+        assert 1 <= len(serving) <= 4, len(serving)
+        for sock in idle:  # each either timed out or was closed unanswered: the server hung up
+            sock.settimeout(10)
+            assert sock.recv(1) == b""
+        with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/metrics", timeout=5) as reply:
+            assert b"llmserve:router_requests_total" in reply.read()
+    finally:
+        for sock in idle:
+            sock.close()
+        server.stop()
+    assert "Traceback" not in capfd.readouterr().err

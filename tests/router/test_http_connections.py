@@ -1,0 +1,215 @@
+"""The HTTP door's connection limits (``router.frontends.http_limits``), on a real worker (tiny
+model) and a real router in this event loop, driven by raw sockets as a slow or hostile client
+would: headers that never end or end too late are answered 408, headers over the size limit
+431, a body that stalls 408, a connection past the limit 503; each reply names its limit and
+flag, is counted, closes the connection, and logs no error. Clients within the limits (a slow
+but steady body, a long stream read slowly, a kept-alive connection) are served in full.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import socket
+import time
+import urllib.request
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_asyncio
+
+from router.frontends.http_limits import HttpConnectionLimits
+from tests.router.inprocess import RouterStack, router_stack
+from tests.router.router_procs import RedisProc
+
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+MODEL = "eta"
+LIMITS = HttpConnectionLimits(header_timeout_s=1.0, body_timeout_s=1.0, max_header_bytes=4096,
+                              max_connections=6)
+HEAD = b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def stack(module_redis: RedisProc, router_tiny_model: Path) -> AsyncIterator[RouterStack]:
+    async with router_stack(module_redis.url, router_tiny_model, MODEL, http_limits=LIMITS) as stack:
+        yield stack
+
+
+@pytest.fixture(autouse=True)
+def _no_errors_logged(caplog: pytest.LogCaptureFixture) -> Any:
+    """A refused or abandoned connection is not an application error."""
+    with caplog.at_level(logging.WARNING):
+        yield
+    errors = [r for r in caplog.get_records("call") if r.levelno >= logging.ERROR]
+    assert not errors, [r.getMessage() for r in errors]
+
+
+def refusals(stack: RouterStack, limit: str) -> float:
+    return stack.metric("llmserve:router_refusals_total", limit=limit)
+
+
+def completion_body(**params: Any) -> bytes:
+    return json.dumps({"model": MODEL, "prompt": [1, 2, 3], "max_tokens": 2, **params}).encode()
+
+
+def read_reply(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
+    """Status, headers and body of the reply, read until the server closes the connection."""
+    sock.settimeout(30)
+    data = b""
+    while more := sock.recv(65536):
+        data += more
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = dict(line.lower().split(": ", 1) for line in lines[1:])
+    return int(lines[0].split()[1]), headers, body
+
+
+def assert_refused(reply: tuple[int, dict[str, str], bytes], status: int, limit: str, flag: str) -> None:
+    got, headers, body = reply
+    assert got == status, reply
+    assert headers["connection"] == "close" and headers["content-type"] == "application/json"
+    error = json.loads(body)["error"]
+    assert error["code"] == limit and limit in error["message"] and flag in error["message"], error
+
+
+def connect(port: int) -> socket.socket:
+    return socket.create_connection(("127.0.0.1", port), timeout=30)
+
+
+def post(port: int, body: bytes) -> int:
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", data=body,
+                                     headers={"content-type": "application/json"}, method="POST")
+    with urllib.request.urlopen(request, timeout=60) as reply:  # noqa: S310 - loopback
+        return int(reply.status)
+
+
+def silent(port: int) -> tuple[int, dict[str, str], bytes]:
+    with connect(port) as sock:
+        return read_reply(sock)
+
+
+def trickled_headers(port: int) -> tuple[tuple[int, dict[str, str], bytes], int]:
+    """A header line every 0.2 s, never the blank line: (reply, header lines sent)."""
+    sent = 0
+    with connect(port) as sock:
+        sock.sendall(HEAD)
+        try:
+            while sent < 100:  # 20 s: far past the deadline
+                sock.sendall(b"x-slow-%d: 1\r\n" % sent)
+                sent += 1
+                time.sleep(0.2)
+        except OSError:
+            pass  # closed under us: the reply is in the receive buffer
+        return read_reply(sock), sent
+
+
+async def test_a_connection_that_sends_nothing_is_answered_408(stack: RouterStack) -> None:
+    before = refusals(stack, "http_header_timeout_s")
+    reply = await asyncio.to_thread(silent, stack.http_port)
+    assert_refused(reply, 408, "http_header_timeout_s", "--http-header-timeout-s")
+    assert refusals(stack, "http_header_timeout_s") == before + 1
+
+
+async def test_headers_trickled_byte_by_byte_meet_one_deadline(stack: RouterStack) -> None:
+    reply, sent = await asyncio.to_thread(trickled_headers, stack.http_port)
+    assert_refused(reply, 408, "http_header_timeout_s", "--http-header-timeout-s")
+    assert sent < 50, f"{sent} header lines taken: each line restarted the deadline"
+
+
+async def test_headers_over_the_size_limit_are_answered_431(stack: RouterStack) -> None:
+    def send(head: bytes) -> tuple[int, dict[str, str], bytes]:
+        with connect(stack.http_port) as sock:
+            try:
+                sock.sendall(head)
+            except OSError:
+                pass
+            return read_reply(sock)
+
+    many = HEAD + b"".join(b"x-pad-%d: %s\r\n" % (i, b"a" * 100) for i in range(100)) + b"\r\n"
+    one_endless_line = HEAD + b"x-pad: " + b"a" * 1_000_000
+    for head in (many, one_endless_line):
+        assert_refused(await asyncio.to_thread(send, head), 431, "max_http_header_bytes",
+                       "--max-http-header-bytes")
+    assert refusals(stack, "max_http_header_bytes") == 2
+    assert await asyncio.to_thread(post, stack.http_port, completion_body()) == 200
+
+
+async def test_a_stalled_body_is_answered_408_and_the_router_serves_on(stack: RouterStack) -> None:
+    def stall() -> tuple[int, dict[str, str], bytes]:
+        body = completion_body()
+        with connect(stack.http_port) as sock:
+            sock.sendall(HEAD + b"content-length: %d\r\n\r\n" % len(body) + body[:10])
+            return read_reply(sock)
+
+    assert_refused(await asyncio.to_thread(stall), 408, "http_body_timeout_s", "--http-body-timeout-s")
+    assert refusals(stack, "http_body_timeout_s") == 1
+    assert await asyncio.to_thread(post, stack.http_port, completion_body()) == 200
+
+
+async def test_a_slow_but_steady_body_and_a_kept_alive_connection_are_served(stack: RouterStack) -> None:
+    def steady() -> list[int]:
+        body = completion_body()
+        statuses = []
+        with connect(stack.http_port) as sock:
+            sock.sendall(HEAD + b"content-length: %d\r\n\r\n" % len(body))
+            for i in range(0, len(body), len(body) // 5 + 1):  # six pauses of 0.4 s: 2.4 s in all
+                time.sleep(0.4)
+                sock.sendall(body[i:i + len(body) // 5 + 1])
+            statuses.append(_one_reply(sock))
+            sock.sendall(HEAD + b"content-length: %d\r\n\r\n" % len(body) + body)  # the same connection
+            statuses.append(_one_reply(sock))
+        return statuses
+
+    assert await asyncio.to_thread(steady) == [200, 200]
+
+
+def _one_reply(sock: socket.socket) -> int:
+    """The status of one whole (Content-Length) reply on a kept-alive connection."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += sock.recv(65536)
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                  if line.lower().startswith(b"content-length"))
+    while len(body) < length:
+        body += sock.recv(65536)
+    return int(head.split()[1])
+
+
+async def test_a_long_stream_read_slowly_is_not_cut(stack: RouterStack) -> None:
+    def stream() -> list[bytes]:
+        body = completion_body(max_tokens=40, ignore_eos=True, stream=True)
+        events: list[bytes] = []
+        with connect(stack.http_port) as sock:
+            sock.sendall(HEAD + b"content-length: %d\r\n\r\n" % len(body) + body)
+            data = b""
+            while b"data: [DONE]" not in data:
+                time.sleep(0.1)  # 40 events or more at 0.1 s: past both timeouts
+                more = sock.recv(256)
+                assert more, "the stream was cut"
+                data += more
+            events = [line for line in data.split(b"\n") if line.startswith(b"data: {")]
+        return events
+
+    assert len(await asyncio.to_thread(stream)) >= 40
+
+
+async def test_connections_past_the_limit_are_answered_503(stack: RouterStack) -> None:
+    def crowd() -> tuple[int, dict[str, str], bytes]:
+        held = [connect(stack.http_port) for _ in range(LIMITS.max_connections)]
+        try:
+            time.sleep(0.2)  # all accepted
+            with connect(stack.http_port) as extra:
+                return read_reply(extra)
+        finally:
+            for sock in held:
+                sock.close()
+
+    reply = await asyncio.to_thread(crowd)
+    assert_refused(reply, 503, "max_http_connections", "--max-http-connections")
+    assert reply[1]["retry-after"] == "1"
+    await asyncio.sleep(0.2)  # the crowd's connections closed
+    assert await asyncio.to_thread(post, stack.http_port, completion_body()) == 200
