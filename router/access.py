@@ -26,7 +26,7 @@ from pathlib import Path
 from llmserve.security.api_keys import ApiKey, ApiKeyFile, AuthFailure
 from llmserve.security.rate_limit import KeyLimiter, RateLimits, Refusal
 from llmserve.telemetry.metrics import RouterMetrics
-from router.errors import PermissionDenied, RateLimited, Unauthenticated
+from router.errors import PermissionDenied, RateLimited, Unauthenticated, model_name
 
 # The API key the current call acts for. Each gRPC call and each HTTP request runs in its own
 # asyncio task, and a task's context is its own: setting this in one call never leaks into another.
@@ -113,7 +113,7 @@ class AccessControl:
         key = self.caller()
         if not key.allows(model):
             self._count_auth_failure("model_not_allowed")
-            raise PermissionDenied(f"this API key may not use model {model!r}")
+            raise PermissionDenied(f"this API key may not use model {model_name(model)}")
         if self._keys is not None and self._keys.generation != self._keys_generation:
             self._keys_generation = self._keys.generation  # the file changed: drop removed keys' buckets
             self.limiter.retain(k.key_id for k in self._keys.keys())

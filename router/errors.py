@@ -11,6 +11,15 @@ from collections.abc import Iterable
 
 import grpc
 
+_SHOWN_NAME_CHARS = 200
+
+
+def model_name(model: str) -> str:
+    """``model`` quoted for an error message, cut past 200 characters (a name echoed whole could
+    push the reply's trailers past the client's metadata limit, hiding the real status)."""
+    if len(model) <= _SHOWN_NAME_CHARS:
+        return repr(model)
+    return f"{model[:_SHOWN_NAME_CHARS]!r}... ({len(model)} characters)"
 
 class RouterError(Exception):
     """Base of the errors a client may see; the message is sent as the status details."""
@@ -46,7 +55,7 @@ class NoTokenizer(InvalidRequest):
     """The model's workers serve it without a tokenizer: only ``prompt_token_ids`` can be routed."""
 
     def __init__(self, model: str) -> None:
-        super().__init__(f"model {model!r}: this model has no tokenizer: send prompt_token_ids")
+        super().__init__(f"model {model_name(model)}: this model has no tokenizer: send prompt_token_ids")
 
 
 class ModelNotFound(RouterError):
@@ -55,7 +64,8 @@ class ModelNotFound(RouterError):
     code = grpc.StatusCode.NOT_FOUND
 
     def __init__(self, model: str, live: Iterable[str]) -> None:
-        super().__init__(f"model {model!r} is not served by any worker; available models: {sorted(live)}")
+        super().__init__(f"model {model_name(model)} is not served by any worker; "
+                         f"available models: {sorted(live)}")
 
 
 class ModelUnavailable(RouterError):
@@ -64,7 +74,7 @@ class ModelUnavailable(RouterError):
     code = grpc.StatusCode.UNAVAILABLE
 
     def __init__(self, model: str, why: str = "all of its workers are gone") -> None:
-        super().__init__(f"model {model!r} is unavailable: {why}")
+        super().__init__(f"model {model_name(model)} is unavailable: {why}")
 
 
 class WorkersBusy(RouterError):
@@ -73,7 +83,7 @@ class WorkersBusy(RouterError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
     def __init__(self, model: str) -> None:
-        super().__init__(f"every worker of model {model!r} is over its queue limit; retry later")
+        super().__init__(f"every worker of model {model_name(model)} is over its queue limit; retry later")
 
 
 class Unauthenticated(RouterError):

@@ -422,7 +422,27 @@ def _text_format_app(registry: CollectorRegistry) -> Callable[..., Any]:
 
 
 class _QuietHandler(WSGIRequestHandler):
-    timeout = 10.0  # seconds a read of the request may wait (StreamRequestHandler sets it on the socket)
+    """Each read may wait ``timeout`` seconds, and the whole connection gets ``timeout`` seconds
+    (a client trickling a byte per read would otherwise hold its thread for ever): then its
+    socket is shut down, which ends the handler's blocked read or write."""
+
+    timeout = 10.0  # StreamRequestHandler sets it on the socket
+
+    def setup(self) -> None:
+        super().setup()
+        self._deadline = threading.Timer(self.timeout or 10.0, self._expire)
+        self._deadline.daemon = True
+        self._deadline.start()
+
+    def finish(self) -> None:
+        self._deadline.cancel()
+        super().finish()
+
+    def _expire(self) -> None:
+        try:
+            self.connection.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass  # closed already
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - scrapes need no access log
         pass
@@ -435,6 +455,8 @@ class _BoundedServer(ThreadingWSGIServer):
     thousand then holds a bounded number of threads, each for a bounded time."""
 
     max_connections = 32
+    # the listen backlog (socketserver's is 5: a burst of connects waited out SYN retries, seconds)
+    request_queue_size = 128
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

@@ -36,12 +36,15 @@ class GuardedHttpProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol with the door's connection limits
     (:class:`HttpConnectionLimits`); :func:`guarded_protocol` binds the limits.
 
-    Invariants: ``_reading`` is ``"headers"`` from a connection's start or a request's first
-    byte to the end of its headers, ``"body"`` from there to the end of its body, None between
-    requests (uvicorn's keep-alive timeout governs that idle time) and once refused; at most one
-    timer runs. A refusal writes its reply itself, tells the request's ASGI task (if any) that
-    the client left, half-closes, and drops what still arrives for ``_LINGER_S`` before closing
-    (closing with unread input would reset the connection, and the client could lose the reply).
+    Invariants: ``_reading`` is ``"headers"`` from a connection's start, or the first byte
+    after a request (a CRLF the parser skips included), to the end of a request's headers,
+    ``"body"`` from there to the end of its body (trailers included), None between requests
+    (uvicorn's keep-alive timeout governs that idle time) and once refused; at most one timer
+    runs. A refusal writes its reply itself, tells the request's ASGI task (if any) that the
+    client left, half-closes, and drops what still arrives for ``_LINGER_S`` before closing
+    (closing with unread input would reset the connection, and the client could lose the
+    reply); while an earlier request's reply is still going out it writes nothing, drops the
+    input and closes the connection after that reply.
     """
 
     limits = HttpConnectionLimits()
@@ -50,8 +53,11 @@ class GuardedHttpProtocol(HttpToolsProtocol):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._reading: str | None = _HEADERS
-        self._header_bytes = 0  # this request's, as chunks that end inside its headers arrive
+        self._header_bytes = 0  # this request's: chunks read wholly inside its headers
         self._parsed_header_bytes = 0  # this request's, as the parser completes its URL and headers
+        self._framing_bytes = 0  # body chunks read since the last body byte: sizes, trailers
+        self._began_in_chunk = False  # a request began in the chunk being parsed
+        self._body_in_chunk = 0  # body bytes of the chunk being parsed
         self._refused = False
         self._timer: asyncio.TimerHandle | None = None
         self._last_read = 0.0
@@ -73,15 +79,30 @@ class GuardedHttpProtocol(HttpToolsProtocol):
 
     def data_received(self, data: bytes) -> None:
         if self._refused:
-            return  # lingering: dropped
+            return  # dropped
         self._last_read = self.loop.time()
+        if self._reading is None:
+            # The next request's deadline starts with the first byte after the last one, even
+            # when the parser starts no message (llhttp skips CRLFs between requests, and any
+            # byte stops uvicorn's keep-alive timer: a CRLF now and then held a connection).
+            self._reading = _HEADERS
+            self._header_bytes = self._parsed_header_bytes = 0
+            self._arm(self.limits.header_timeout_s)
+        self._began_in_chunk = False
+        self._body_in_chunk = 0
         super().data_received(data)
-        if self._reading == _HEADERS:
-            # every byte of a chunk that ends inside a request's headers counts (an over-count
-            # by the previous request's tail at most): httptools holds an unfinished line whole
+        if self._refused:
+            return
+        # httptools holds an unfinished header (or trailer) line whole, so what the parser has
+        # not completed is bounded by the bytes read: a chunk read wholly inside the headers
+        # counts in full (one in which the request began may hold the previous one's body, and
+        # is bounded by the read size), as does a body chunk that held no body byte.
+        if self._reading == _HEADERS and not self._began_in_chunk:
             self._header_bytes += len(data)
-            if self._header_bytes > self.limits.max_header_bytes:
-                self._refuse_header_size()
+        elif self._reading == _BODY:
+            self._framing_bytes = 0 if self._body_in_chunk else self._framing_bytes + len(data)
+        if max(self._header_bytes, self._framing_bytes) > self.limits.max_header_bytes:
+            self._refuse_header_size()
 
     # Parser callbacks, inside super().data_received. After a refusal the parser runs to the
     # end of its chunk with every callback a no-op: no request starts, nothing is kept.
@@ -89,6 +110,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         if self._refused:
             return
         super().on_message_begin()
+        self._began_in_chunk = True
         self._header_bytes = self._parsed_header_bytes = 0
         if self._reading != _HEADERS:  # a kept-alive connection's next request: its own deadline
             self._reading = _HEADERS
@@ -115,11 +137,13 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         if self._refused:
             return
         self._reading = _BODY
+        self._framing_bytes = 0
         self._arm(self.limits.body_timeout_s)
         super().on_headers_complete()
 
     def on_body(self, body: bytes) -> None:
         if not self._refused:
+            self._body_in_chunk += len(body)
             super().on_body(body)
 
     def on_message_complete(self) -> None:
@@ -160,33 +184,39 @@ class GuardedHttpProtocol(HttpToolsProtocol):
 
     def _time_out(self, limit: str, flag: str, seconds: float, what: str) -> None:
         cycle = self.cycle
-        answering = cycle is not None and cycle.response_started and (
-            self._reading == _BODY or not cycle.response_complete)
-        if not answering:
-            self._refuse(408, limit, f"{what} {seconds:g} s ({limit}, flag {flag})")
+        if self._reading == _BODY and cycle is not None and cycle.response_started:
+            # answered before its body was read (a 413, a GET): the client has its reply, so
+            # nothing is counted; the connection ends after it
+            self._reading = None
+            if cycle.response_complete:
+                self.transport.close()
+            else:
+                cycle.keep_alive = False
             return
-        # a reply is on its way: sent before the body was read, or the previous request's
-        assert cycle is not None
-        self.on_refusal(limit)
-        self._reading = None
-        if cycle.response_complete:
-            self.transport.close()
-        else:
-            cycle.keep_alive = False  # the connection closes once the reply is out
+        self._refuse(408, limit, f"{what} {seconds:g} s ({limit}, flag {flag})")
 
     # refusals
     def _refuse_header_size(self) -> None:
         self._refuse(431, "max_http_header_bytes",
-                     f"the request line and headers are larger than {self.limits.max_header_bytes} bytes "
-                     "(max_http_header_bytes, flag --max-http-header-bytes)")
+                     f"the request line and headers (or a chunked body's framing and trailers) are larger "
+                     f"than {self.limits.max_header_bytes} bytes (max_http_header_bytes, flag "
+                     "--max-http-header-bytes)")
 
     def _refuse(self, status: int, limit: str, message: str, retry_after_s: int | None = None) -> None:
         """Answer ``status`` with OpenAI's error JSON naming the limit, count it, and close."""
         if self._refused:
             return
+        own = self._reading == _BODY  # the cycle is the refused request's own (else an earlier one's)
         self._refused = True
         self._reading = None
         self.on_refusal(limit)
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_complete and not own:
+            # an earlier request is still being answered (pipelining): a reply now would land
+            # in or before its reply, so this one gets none; the connection closes after it
+            self._disarm()
+            cycle.keep_alive = False
+            return
         body = json.dumps({"error": {"message": message, "type": "invalid_request_error" if status != 503
                                      else "server_error", "param": None, "code": limit}}).encode()
         head = [f"HTTP/1.1 {status} {HTTPStatus(status).phrase}", "content-type: application/json",
@@ -194,17 +224,19 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         if retry_after_s is not None:
             head.append(f"retry-after: {retry_after_s}")
         self.transport.write(("\r\n".join(head) + "\r\n\r\n").encode("ascii") + body)
-        cycle = self.cycle
         if cycle is not None and not cycle.response_complete:
             cycle.disconnected = True  # its ASGI task reads a disconnect and sends nothing more
             cycle.message_event.set()
-        if self.transport.can_write_eof():  # TLS cannot half-close: it closes at once
-            self.transport.write_eof()
-            self.flow.resume_reading()
-            self._arm(_LINGER_S, self.transport.close)
-        else:
-            self._disarm()
-            self.transport.close()
+        self._disarm()
+        try:
+            if self.transport.can_write_eof():  # TLS cannot half-close: it closes at once
+                self.transport.write_eof()
+                self.flow.resume_reading()
+                self._arm(_LINGER_S, self.transport.close)
+                return
+        except OSError:  # the client has gone already
+            pass
+        self.transport.close()
 
 
 def guarded_protocol(limits: HttpConnectionLimits,

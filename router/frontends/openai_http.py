@@ -22,11 +22,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI, Request
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 
 from llmserve.telemetry.tracing import Tracing
-from router.errors import RequestTooLarge
+from router.errors import RequestTooLarge, model_name
 from router.frontends.openai_errors import InvalidParam, http_error
 from router.frontends.openai_responses import (
     DONE_EVENT,
@@ -90,6 +91,7 @@ class OpenAIDoor:
         app.add_api_route("/v1/models", self._models, methods=["GET"])
         app.add_api_route("/v1/models/{model:path}", self._model, methods=["GET"])
         app.add_api_route("/health", self._health, methods=["GET"])
+        app.add_exception_handler(StarletteHTTPException, _http_exception)  # 404, 405 as OpenAI errors
         return app
 
     async def _post(self, endpoint: _Endpoint, request: Request) -> Response:
@@ -189,7 +191,7 @@ class OpenAIDoor:
             if m.name == model:
                 card = _model_card(m.name, m.max_model_len)
                 return Response(json_bytes(card), media_type="application/json")
-        body = {"error": {"message": f"model {model!r} is not served by any worker",
+        body = {"error": {"message": f"model {model_name(model)} is not served by any worker",
                           "type": "invalid_request_error", "param": "model", "code": "model_not_found"}}
         return Response(json_bytes(body), status_code=404, media_type="application/json")
 
@@ -202,6 +204,16 @@ class OpenAIDoor:
 def _model_card(name: str, max_model_len: int) -> dict[str, Any]:
     return {"id": name, "object": "model", "created": 0, "owned_by": "llmserve",
             "max_model_len": max_model_len}
+
+
+async def _http_exception(request: Request, exc: Exception) -> Response:
+    """Starlette's routing errors (an unknown path 404, a wrong method 405) in OpenAI's error
+    JSON rather than ``{"detail": ...}``."""
+    assert isinstance(exc, StarletteHTTPException)
+    body = {"error": {"message": f"{request.method} {request.url.path}: {exc.detail}",
+                      "type": "invalid_request_error", "param": None, "code": None}}
+    return Response(json_bytes(body), status_code=exc.status_code, headers=exc.headers,
+                    media_type="application/json")
 
 
 def _json_object(body: bytes) -> Any:

@@ -12,6 +12,7 @@ import asyncio
 import json
 import logging
 import socket
+import struct
 import time
 import urllib.request
 from collections.abc import AsyncIterator
@@ -212,4 +213,92 @@ async def test_connections_past_the_limit_are_answered_503(stack: RouterStack) -
     assert_refused(reply, 503, "max_http_connections", "--max-http-connections")
     assert reply[1]["retry-after"] == "1"
     await asyncio.sleep(0.2)  # the crowd's connections closed
+    assert await asyncio.to_thread(post, stack.http_port, completion_body()) == 200
+
+
+async def test_a_crlf_after_a_reply_does_not_hold_the_connection(stack: RouterStack) -> None:
+    """llhttp skips CRLFs between requests and any byte stops uvicorn's keep-alive timer: the
+    header deadline covers them."""
+    def hold() -> tuple[int, dict[str, str], bytes]:
+        with connect(stack.http_port) as sock:
+            sock.sendall(b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n")
+            assert _one_reply(sock) == 200
+            sock.sendall(b"\r\n")
+            return read_reply(sock)
+
+    assert_refused(await asyncio.to_thread(hold), 408, "http_header_timeout_s", "--http-header-timeout-s")
+
+
+async def test_endless_chunked_trailers_are_answered_431(stack: RouterStack) -> None:
+    def trailers() -> tuple[int, dict[str, str], bytes]:
+        body = completion_body()
+        with connect(stack.http_port) as sock:
+            sock.sendall(HEAD + b"transfer-encoding: chunked\r\n\r\n"
+                         + b"%x\r\n%s\r\n0\r\nx-trailer: " % (len(body), body))
+            try:
+                for _ in range(100):  # 1 MB of one trailer line, never ended
+                    sock.sendall(b"a" * 10_000)
+            except OSError:
+                pass
+            return read_reply(sock)
+
+    assert_refused(await asyncio.to_thread(trailers), 431, "max_http_header_bytes", "--max-http-header-bytes")
+
+
+async def test_a_pipelined_request_after_a_large_body_is_served(stack: RouterStack) -> None:
+    """The first request's body tail shares a read with the second's first bytes: it is not
+    counted as the second's headers."""
+    def pipelined() -> list[int]:
+        body = completion_body()[:-1] + b" " * 20_000 + b"}"  # 20 KB > the 4 KiB header limit
+        with connect(stack.http_port) as sock:
+            sock.sendall(HEAD + b"content-length: %d\r\n\r\n" % len(body) + body
+                         + b"GET /v1/models HTTP/1.1\r\n")
+            time.sleep(0.3)
+            sock.sendall(b"host: x\r\n\r\n")
+            return [_one_reply(sock), _one_reply(sock)]
+
+    assert await asyncio.to_thread(pipelined) == [200, 200]
+
+
+async def test_a_refusal_during_an_earlier_stream_waits_for_its_end(stack: RouterStack) -> None:
+    """A pipelined request over the header limit arrives while a stream is going out: the stream
+    ends whole, nothing is written inside it, then the connection closes."""
+    def stream_then_refused() -> bytes:
+        body = completion_body(max_tokens=30, ignore_eos=True, stream=True)
+        with connect(stack.http_port) as sock:
+            sock.sendall(HEAD + b"content-length: %d\r\n\r\n" % len(body) + body)
+            first = sock.recv(65536)
+            assert first.startswith(b"HTTP/1.1 200"), first
+            sock.sendall(b"GET /v1/models HTTP/1.1\r\nx-pad: " + b"a" * 8000 + b"\r\n\r\n")
+            return first + read_reply_bytes(sock)
+
+    data = await asyncio.to_thread(stream_then_refused)
+    assert data.count(b"HTTP/1.1") == 1 and data.rstrip().endswith(b"0"), data[-200:]  # the last chunk
+    assert b"data: [DONE]" in data
+
+
+def read_reply_bytes(sock: socket.socket) -> bytes:
+    sock.settimeout(30)
+    data = b""
+    while more := sock.recv(65536):
+        data += more
+    return data
+
+
+async def test_a_client_gone_before_its_refusal_is_not_an_error(stack: RouterStack) -> None:
+    def crowd_and_leave() -> None:
+        held = [connect(stack.http_port) for _ in range(LIMITS.max_connections)]
+        try:
+            time.sleep(0.2)
+            for _ in range(20):  # connect and reset at once: the 503 meets a closed socket
+                sock = connect(stack.http_port)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                sock.close()
+            time.sleep(0.3)
+        finally:
+            for sock in held:
+                sock.close()
+
+    await asyncio.to_thread(crowd_and_leave)  # the autouse fixture: no ERROR logged
+    await asyncio.sleep(0.2)
     assert await asyncio.to_thread(post, stack.http_port, completion_body()) == 200

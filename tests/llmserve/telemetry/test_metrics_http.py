@@ -73,3 +73,38 @@ def test_idle_connections_hold_a_bounded_number_of_threads_for_a_bounded_time(
             sock.close()
         server.stop()
     assert "Traceback" not in capfd.readouterr().err
+
+
+def test_a_connection_trickling_its_request_is_cut_at_its_deadline() -> None:
+    """The read timeout alone restarts with every byte: each connection also has a deadline."""
+    registry = CollectorRegistry()
+    Counter("llmserve:router_requests", "Requests.", ["model"], registry=registry).labels("m").inc()
+    server = start_metrics_server(0, registry, "127.0.0.1", read_timeout_s=1.0, max_connections=2)
+    trickling = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(2)]
+    try:
+        cut: set[int] = set()
+        for _ in range(40):  # a byte per connection every 0.25 s, for up to 10 s
+            for sock in trickling:
+                try:
+                    sock.sendall(b"G")
+                except OSError:
+                    pass
+            time.sleep(0.25)
+            for i, sock in enumerate(trickling):
+                sock.setblocking(False)
+                try:
+                    if sock.recv(1) == b"":
+                        cut.add(i)
+                except BlockingIOError:
+                    pass
+                except OSError:
+                    cut.add(i)  # reset: cut as well
+            if len(cut) == len(trickling):
+                break
+        assert len(cut) == len(trickling), "a trickling connection outlived its deadline"
+        with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/metrics", timeout=5) as reply:
+            assert b"llmserve:router_requests_total" in reply.read()
+    finally:
+        for sock in trickling:
+            sock.close()
+        server.stop()

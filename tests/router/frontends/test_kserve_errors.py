@@ -87,12 +87,16 @@ def test_unknown_output_is_invalid_argument(triton: grpcclient.InferenceServerCl
     assert failure.value.status() == "StatusCode.INVALID_ARGUMENT" and "logits" in failure.value.message()
 
 
-def test_unknown_model_is_not_found(triton: grpcclient.InferenceServerClient) -> None:
-    for call in (lambda: triton.infer("no-such-model", text_inputs(PROMPT, sampling=OK)),
-                 lambda: triton.get_model_metadata("no-such-model")):
+@pytest.mark.parametrize("name", ["no-such-model", "m" * 20_000], ids=["short", "20k characters"])
+def test_unknown_model_is_not_found(triton: grpcclient.InferenceServerClient, name: str) -> None:
+    """A long name is cut in the message: echoed whole it pushed the trailers past the client's
+    metadata limit, and the client saw RESOURCE_EXHAUSTED instead."""
+    for call in (lambda: triton.infer(name, text_inputs(PROMPT, sampling=OK)),
+                 lambda: triton.get_model_metadata(name)):
         with pytest.raises(InferenceServerException) as failure:
             call()
-        assert failure.value.status() == "StatusCode.NOT_FOUND"
+        assert failure.value.status() == "StatusCode.NOT_FOUND", failure.value.message()
+        assert len(failure.value.message()) < 1000
 
 
 def _raw_request(**fields: Any) -> service_pb2.ModelInferRequest:

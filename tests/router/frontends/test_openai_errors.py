@@ -107,6 +107,13 @@ def test_unknown_model_is_404(stack: StackProc) -> None:
     assert reply["error"]["code"] == "model_not_found" and reply["error"]["param"] == "model"
 
 
+@pytest.mark.parametrize(("method", "path", "status"), [("GET", "/v1/nope", 404), ("GET", COMPLETIONS, 405)])
+def test_routing_errors_are_openai_errors(stack: StackProc, method: str, path: str, status: int) -> None:
+    got, reply = http_json(method, stack.http_url + path)
+    assert got == status and isinstance(reply, dict), reply
+    assert path in reply["error"]["message"] and reply["error"]["type"] == "invalid_request_error", reply
+
+
 def test_sdk_raises_its_typed_errors(stack: StackProc) -> None:
     client = openai.OpenAI(base_url=stack.openai_url, api_key="unused", max_retries=0)
     with pytest.raises(openai.BadRequestError) as bad:
