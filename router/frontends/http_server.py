@@ -49,6 +49,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
 
     limits = HttpConnectionLimits()
     on_refusal: Callable[[str], None] = staticmethod(lambda limit: None)
+    tls: ssl.SSLContext | None = None  # HTTPS: the handshake runs in the protocol (``_handshake``)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -61,8 +62,38 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._refused = False
         self._timer: asyncio.TimerHandle | None = None
         self._last_read = 0.0
+        self._handshake_task: asyncio.Task[None] | None = None
+        self._early: list[bytes] = []  # HTTPS: bytes decrypted right after the handshake, before _start
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        if self.tls is None:
+            self._start(transport, self.loop.time())
+            return
+        # HTTPS: the TLS handshake is done here (asyncio's STARTTLS), so a connection counts
+        # towards --max-http-connections and its header deadline runs from the first byte, not
+        # from the end of a handshake a silent client never starts.
+        self.connections.add(self)
+        self.transport = transport  # uvicorn's shutdown() closes it meanwhile
+        transport.pause_reading()  # no byte reaches the HTTP parser before TLS is on
+        self._handshake_task = self.loop.create_task(self._handshake(transport, self.tls))
+
+    async def _handshake(self, raw: asyncio.Transport, context: ssl.SSLContext) -> None:
+        started = self.loop.time()
+        try:
+            transport = await self.loop.start_tls(raw, self, context, server_side=True,
+                                                  ssl_handshake_timeout=self.limits.header_timeout_s)
+        except Exception as exc:  # noqa: BLE001 - the client's doing: a timeout, a bad hello, a reset
+            self.connections.discard(self)
+            raw.close()
+            if isinstance(exc, (TimeoutError, ConnectionAbortedError)):  # asyncio's handshake timeout
+                self.on_refusal("http_header_timeout_s")
+            return
+        if transport is None:  # the loop closed meanwhile
+            self.connections.discard(self)
+            return
+        self._start(transport, started)  # type: ignore[arg-type]
+
+    def _start(self, transport: asyncio.Transport, started: float) -> None:
         super().connection_made(transport)
         limit = self.limits.max_connections
         if len(self.connections) > limit:
@@ -70,7 +101,10 @@ class GuardedHttpProtocol(HttpToolsProtocol):
                          f"the router holds at most {limit} HTTP connections (max_http_connections, flag "
                          f"--max-http-connections); try again shortly", retry_after_s=1)
             return
-        self._arm(self.limits.header_timeout_s)
+        self._arm(max(0.0, started + self.limits.header_timeout_s - self.loop.time()))
+        if self._early:
+            early, self._early = b"".join(self._early), []
+            self.data_received(early)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
@@ -80,6 +114,9 @@ class GuardedHttpProtocol(HttpToolsProtocol):
     def data_received(self, data: bytes) -> None:
         if self._refused:
             return  # dropped
+        if self.flow is None:  # HTTPS: the handshake is done but _start has not run yet
+            self._early.append(data)  # one TLS read (a record or two), replayed by _start
+            return
         self._last_read = self.loop.time()
         if self._reading is None:
             # The next request's deadline starts with the first byte after the last one, even
@@ -239,15 +276,17 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self.transport.close()
 
 
-def guarded_protocol(limits: HttpConnectionLimits,
-                     on_refusal: Callable[[str], None]) -> type[GuardedHttpProtocol]:
-    """:class:`GuardedHttpProtocol` bound to ``limits``; ``on_refusal(limit)`` counts a refusal."""
+def guarded_protocol(limits: HttpConnectionLimits, on_refusal: Callable[[str], None],
+                     tls: ssl.SSLContext | None = None) -> type[GuardedHttpProtocol]:
+    """:class:`GuardedHttpProtocol` bound to ``limits``; ``on_refusal(limit)`` counts a refusal;
+    ``tls``: serve HTTPS with it."""
 
     class Bound(GuardedHttpProtocol):
         pass
 
     Bound.limits = limits
     Bound.on_refusal = staticmethod(on_refusal)  # type: ignore[method-assign, assignment]
+    Bound.tls = tls
     return Bound
 
 
@@ -289,11 +328,8 @@ class HttpServer:
         self._config = uvicorn.Config(
             app, log_config=None, access_log=False, lifespan="off", ws="none",
             timeout_graceful_shutdown=_whole_seconds(grace_s), server_header=False,
-            http=guarded_protocol(limits, on_refusal),
+            http=guarded_protocol(limits, on_refusal, ssl_context),  # TLS in the protocol, not uvicorn
         )
-        if ssl_context is not None:
-            self._config.load()
-            self._config.ssl = ssl_context  # uvicorn hands it to loop.create_server
         self._server = _EmbeddedServer(self._config)
         self._task: asyncio.Task[None] | None = None
         self._port = 0

@@ -12,18 +12,27 @@ import asyncio
 import json
 import logging
 import socket
+import ssl
 import struct
 import time
+import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 import pytest_asyncio
 
+from llmserve.fleet.redis_store import RedisStateStore
+from llmserve.security.tls import TlsSettings
 from router.frontends.http_limits import HttpConnectionLimits
-from tests.router.inprocess import RouterStack, router_stack
+from router.security import RouterSecurityConfig
+from router.server import RouterServer
+from tests.helpers.certs import CertificateAuthority
+from tests.helpers.service_procs import scrape_metrics
+from tests.router.inprocess import RouterStack, router_stack, start_router
 from tests.router.router_procs import RedisProc
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -181,21 +190,23 @@ def _one_reply(sock: socket.socket) -> int:
 
 
 async def test_a_long_stream_read_slowly_is_not_cut(stack: RouterStack) -> None:
-    def stream() -> list[bytes]:
-        body = completion_body(max_tokens=40, ignore_eos=True, stream=True)
-        events: list[bytes] = []
+    def stream() -> dict[str, Any]:
+        body = completion_body(max_tokens=40, ignore_eos=True, stream=True,
+                               stream_options={"include_usage": True})
         with connect(stack.http_port) as sock:
             sock.sendall(HEAD + b"content-length: %d\r\n\r\n" % len(body) + body)
             data = b""
             while b"data: [DONE]" not in data:
-                time.sleep(0.1)  # 40 events or more at 0.1 s: past both timeouts
+                time.sleep(0.1)  # 256 bytes per 0.1 s: the stream lasts past both timeouts
                 more = sock.recv(256)
                 assert more, "the stream was cut"
                 data += more
-            events = [line for line in data.split(b"\n") if line.startswith(b"data: {")]
-        return events
+        # the last event before [DONE] carries the usage (deltas a slow reader lags behind are
+        # merged, so the events are fewer than the tokens)
+        events = [line for line in data.split(b"\n") if line.startswith(b"data: {")]
+        return dict(json.loads(events[-1][len(b"data: "):]))
 
-    assert len(await asyncio.to_thread(stream)) >= 40
+    assert (await asyncio.to_thread(stream))["usage"]["completion_tokens"] == 40
 
 
 async def test_connections_past_the_limit_are_answered_503(stack: RouterStack) -> None:
@@ -302,3 +313,68 @@ async def test_a_client_gone_before_its_refusal_is_not_an_error(stack: RouterSta
     await asyncio.to_thread(crowd_and_leave)  # the autouse fixture: no ERROR logged
     await asyncio.sleep(0.2)
     assert await asyncio.to_thread(post, stack.http_port, completion_body()) == 200
+
+
+@dataclass(frozen=True)
+class Https:
+    router: RouterServer
+    ca_file: Path
+
+    @property
+    def port(self) -> int:
+        assert self.router.http_port is not None
+        return self.router.http_port
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def https(module_redis: RedisProc, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Https]:
+    """A router alone (no worker: these tests never reach one) with its door on HTTPS."""
+    authority = CertificateAuthority(tmp_path_factory.mktemp("pki"), "edge")
+    cert = authority.issue("router")
+    store = RedisStateStore(module_redis.url)
+    security = RouterSecurityConfig(tls=TlsSettings(cert=str(cert.cert), key=str(cert.key)))
+    router = await start_router(store, http_port=0, metrics_port=0, http_limits=LIMITS, security=security)
+    try:
+        yield Https(router, authority.ca_file)
+    finally:
+        await router.stop(grace_s=0.5)
+        await store.close()
+
+
+def https_health(https: Https) -> int:
+    context = ssl.create_default_context(cafile=str(https.ca_file))
+    try:
+        with urllib.request.urlopen(f"https://localhost:{https.port}/health", context=context,  # noqa: S310
+                                    timeout=30) as reply:
+            return int(reply.status)
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+async def test_https_connections_that_never_shake_hands_meet_the_header_deadline(https: Https) -> None:
+    """The handshake runs inside the header deadline and the connection count: silent TCP
+    connections fill the limit (an HTTPS request is answered 503), then are closed and counted."""
+    def silent_crowd() -> tuple[int, list[bytes], int]:
+        crowd = [connect(https.port) for _ in range(LIMITS.max_connections)]
+        try:
+            time.sleep(0.2)
+            crowded = https_health(https)
+            closed = []
+            for sock in crowd:
+                sock.settimeout(30)
+                try:
+                    closed.append(sock.recv(1))
+                except OSError:
+                    closed.append(b"")
+            return crowded, closed, https_health(https)
+        finally:
+            for sock in crowd:
+                sock.close()
+
+    crowded, closed, after = await asyncio.to_thread(silent_crowd)
+    assert crowded == 503 and closed == [b""] * LIMITS.max_connections and after == 200
+    metrics = scrape_metrics(https.router.metrics_port or 0)
+    counted = {labels: v for (name, labels), v in metrics.items() if name == "llmserve:router_refusals_total"}
+    by_limit = {dict(labels)["limit"]: v for labels, v in counted.items()}
+    assert by_limit.get("http_header_timeout_s") == LIMITS.max_connections, by_limit
+    assert by_limit.get("max_http_connections") == 1, by_limit
