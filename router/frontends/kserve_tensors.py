@@ -46,20 +46,27 @@ def read_inputs(
             raise InvalidRequest(f"input {tensor.name!r} is given twice")
         if tensor.datatype != spec.datatype:
             raise InvalidRequest(f"input {tensor.name!r} must be {spec.datatype}, got {tensor.datatype!r}")
-        elements = _decode_raw(tensor, raw[i]) if raw else _decode_contents(tensor)
         count = math.prod(tensor.shape) if tensor.shape else 0
+        most = math.prod(spec.shape) if all(d >= 0 for d in spec.shape) else None
+        if most is not None and count > most:  # before decoding: millions of elements are never read
+            takes = "exactly one element" if most == 1 else f"at most {most} elements"
+            raise InvalidRequest(f"input {tensor.name!r} must hold {takes}; its shape {list(tensor.shape)} "
+                                 f"has {count}")
+        elements = _decode_raw(tensor, raw[i], count) if raw else _decode_contents(tensor)
         if any(d < 0 for d in tensor.shape) or count != len(elements):
+            found = f"{len(elements)}" if len(elements) <= max(count, 0) else f"more than {max(count, 0)}"
             raise InvalidRequest(f"input {tensor.name!r}: shape {list(tensor.shape)} does not match its "
-                                 f"{len(elements)} element(s)")
+                                 f"{found} element(s)")
         values[tensor.name] = elements
     return values
 
 
-def _decode_raw(tensor: kserve_pb.ModelInferRequest.InferInputTensor, data: bytes) -> list[Any]:
+def _decode_raw(tensor: kserve_pb.ModelInferRequest.InferInputTensor, data: bytes, count: int) -> list[Any]:
+    """The elements of a raw buffer, reading no more than one past the ``count`` its shape says."""
     if tensor.datatype == "BOOL":
-        return [b != 0 for b in data]
+        return [b != 0 for b in data[:count + 1]]
     if tensor.datatype == "BYTES":
-        return decode_bytes_elements(data, tensor.name)
+        return decode_bytes_elements(data, tensor.name, most=count + 1)
     raise InvalidRequest(f"input {tensor.name!r}: data type {tensor.datatype} is not supported")
 
 
@@ -71,11 +78,12 @@ def _decode_contents(tensor: kserve_pb.ModelInferRequest.InferInputTensor) -> li
     raise InvalidRequest(f"input {tensor.name!r}: data type {tensor.datatype} is not supported")
 
 
-def decode_bytes_elements(data: bytes, name: str) -> list[bytes]:
-    """The elements of a raw BYTES tensor (each a 4-byte little-endian length, then the bytes)."""
-    out = []
+def decode_bytes_elements(data: bytes, name: str, most: int | None = None) -> list[bytes]:
+    """The elements of a raw BYTES tensor (each a 4-byte little-endian length, then the bytes);
+    ``most``: stop after that many (the caller finds the count wrong)."""
+    out: list[bytes] = []
     offset = 0
-    while offset < len(data):
+    while offset < len(data) and (most is None or len(out) < most):
         if offset + 4 > len(data):
             raise InvalidRequest(f"input {name!r}: truncated BYTES element length")
         (length,) = _LENGTH.unpack_from(data, offset)

@@ -117,6 +117,12 @@ MALFORMED: list[tuple[str, Any]] = [
         inputs=[_text_tensor([1])], raw_input_contents=[struct.pack("<I", 50) + b"Hello"])),
     ("shape not matching the data", lambda: _raw_request(
         inputs=[_text_tensor([3])], raw_input_contents=[struct.pack("<I", 5) + b"Hello"])),
+    ("a shape past the model's", lambda: _raw_request(
+        inputs=[_text_tensor([1_000_000_000])], raw_input_contents=[struct.pack("<I", 5) + b"Hello"])),
+    # 4M empty elements (16 MB) under a shape of one: read no further than the second (the
+    # whole buffer had held the router's event loop for about a second)
+    ("millions of elements under a shape of one", lambda: _raw_request(
+        inputs=[_text_tensor([1])], raw_input_contents=[b"\0\0\0\0" * 4_000_000])),
     ("input given twice", lambda: _raw_request(
         inputs=[_text_tensor([1]), _text_tensor([1])],
         raw_input_contents=[struct.pack("<I", 1) + b"a", struct.pack("<I", 1) + b"b"])),
