@@ -21,6 +21,7 @@ import grpc
 from llmserve.security.api_keys import ApiKey, bearer_token
 from router.access import AccessControl, act_as
 from router.errors import Unauthenticated
+from router.frontends.openai_errors import error_body
 
 OPEN_GRPC_PREFIXES = (
     "/grpc.health.v1.Health/",
@@ -154,8 +155,8 @@ class ApiKeyMiddleware:
 
 
 async def _send_401(send: Any, message: str, missing: bool) -> None:
-    body = json.dumps({"error": {"message": message, "type": "invalid_request_error", "param": None,
-                                 "code": None if missing else "invalid_api_key"}}).encode()
+    body = json.dumps(error_body(message, "invalid_request_error", None,
+                                 None if missing else "invalid_api_key")).encode()
     await send({"type": "http.response.start", "status": 401, "headers": [
         (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
         (b"www-authenticate", b"Bearer")]})

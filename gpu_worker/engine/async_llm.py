@@ -41,11 +41,11 @@ from gpu_worker.engine.core_messages import (
     StepResult,
 )
 from gpu_worker.engine.errors import EngineClosedError, EngineDeadError, QueueFullError
-from gpu_worker.engine.feature_checks import check_syntax
 from gpu_worker.engine.output_processor import OutputKind, OutputProcessor, merge_deltas
 from gpu_worker.engine.processor import InputProcessor, ProcessedRequest
 from gpu_worker.outputs import RequestOutput
 from gpu_worker.sampling_params import SamplingParams
+from gpu_worker.structured.grammar import check_syntax
 from llmserve.kv_events import KVEvent
 from llmserve.limits import LimitExceeded, flag_of
 from llmserve.prompt_input import PromptInput

@@ -16,6 +16,7 @@ from gpu_worker.plugins.registry import (
     stopping_criterion_registry,
 )
 from gpu_worker.sampling_params import PluginCall, SamplingParams, StructuredOutputsParams
+from gpu_worker.structured.grammar import check_syntax  # imports xgrammar on its first call
 
 _CHECKED_FORMATS = 1024  # formats remembered as valid (LRU): a repeated schema is parsed once
 
@@ -69,15 +70,6 @@ class FeatureChecks:
             return
         check_syntax(spec)
         self.note_valid(spec)
-
-
-def check_syntax(spec: StructuredOutputsParams) -> None:
-    """``ValueError`` naming the problem when the format does not parse (xgrammar, imported on
-    first use: the first call costs its import, about 0.7 s on a CPU)."""
-    from gpu_worker.structured.grammar import check_syntax as parse
-
-    parse(spec)
-
 
 def _check_calls(field: str, calls: list[PluginCall], registry: PluginRegistry[Any]) -> None:
     for call in calls:

@@ -25,6 +25,7 @@ import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from router.frontends.http_limits import HttpConnectionLimits
+from router.frontends.openai_errors import error_body
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +63,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._refused = False
         self._timer: asyncio.TimerHandle | None = None
         self._last_read = 0.0
-        self._handshake_task: asyncio.Task[None] | None = None
+        self._handshake_task: asyncio.Task[None] | None = None  # held: the loop keeps tasks weakly
         self._early: list[bytes] = []  # HTTPS: bytes decrypted right after the handshake, before _start
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -254,8 +255,8 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             self._disarm()
             cycle.keep_alive = False
             return
-        body = json.dumps({"error": {"message": message, "type": "invalid_request_error" if status != 503
-                                     else "server_error", "param": None, "code": limit}}).encode()
+        kind = "server_error" if status == 503 else "invalid_request_error"
+        body = json.dumps(error_body(message, kind, None, limit)).encode()
         head = [f"HTTP/1.1 {status} {HTTPStatus(status).phrase}", "content-type: application/json",
                 f"content-length: {len(body)}", "connection: close"]
         if retry_after_s is not None:

@@ -74,13 +74,14 @@ def http_error(exc: BaseException, prompt_param: str = "prompt") -> HttpError:
     if not isinstance(exc, RouterError):
         log.error("OpenAI request failed", exc_info=exc)
         status, kind, code = _INTERNAL
-        return HttpError(status, _body("internal router error", kind, None, code))
+        return HttpError(status, error_body("internal router error", kind, None, code))
     if isinstance(exc, RateLimited):  # OpenAI's rate-limit error, with the wait in Retry-After
-        return HttpError(429, _body(str(exc), "requests" if exc.limit.endswith("rps") else "tokens", None,
-                                    "rate_limit_exceeded"), (("Retry-After", str(exc.retry_after_s)),))
+        kind = "requests" if exc.limit.endswith("rps") else "tokens"
+        return HttpError(429, error_body(str(exc), kind, None, "rate_limit_exceeded"),
+                         (("Retry-After", str(exc.retry_after_s)),))
     if isinstance(exc, RequestTooLarge):
         # the client may still be sending a body nobody reads: end the connection after the reply
-        return HttpError(413, _body(str(exc), "invalid_request_error", None, "request_too_large"),
+        return HttpError(413, error_body(str(exc), "invalid_request_error", None, "request_too_large"),
                          (("Connection", "close"),))
     status, kind, code = _BY_STATUS.get(exc.code, _INTERNAL)
     message = str(exc)
@@ -91,7 +92,7 @@ def http_error(exc: BaseException, prompt_param: str = "prompt") -> HttpError:
         param = "model"
     else:
         param = _param_in(message, prompt_param) if status == 400 else None
-    return HttpError(status, _body(message, kind, param, code))
+    return HttpError(status, error_body(message, kind, param, code))
 
 
 def _param_in(message: str, prompt_param: str) -> str | None:
@@ -102,7 +103,8 @@ def _param_in(message: str, prompt_param: str) -> str | None:
     return name if name in _SAME_NAME_PARAMS else None
 
 
-def _body(message: str, kind: str, param: str | None, code: str | None) -> dict[str, Any]:
+def error_body(message: str, kind: str, param: str | None, code: str | None) -> dict[str, Any]:
+    """OpenAI's error JSON: ``{"error": {"message", "type", "param", "code"}}``."""
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 

@@ -28,7 +28,7 @@ from starlette.responses import Response
 
 from llmserve.telemetry.tracing import Tracing
 from router.errors import RequestTooLarge, model_name
-from router.frontends.openai_errors import InvalidParam, http_error
+from router.frontends.openai_errors import InvalidParam, error_body, http_error
 from router.frontends.openai_responses import (
     DONE_EVENT,
     ChatRenderer,
@@ -191,8 +191,8 @@ class OpenAIDoor:
             if m.name == model:
                 card = _model_card(m.name, m.max_model_len)
                 return Response(json_bytes(card), media_type="application/json")
-        body = {"error": {"message": f"model {model_name(model)} is not served by any worker",
-                          "type": "invalid_request_error", "param": "model", "code": "model_not_found"}}
+        body = error_body(f"model {model_name(model)} is not served by any worker", "invalid_request_error",
+                          "model", "model_not_found")
         return Response(json_bytes(body), status_code=404, media_type="application/json")
 
     async def _health(self) -> Response:
@@ -210,8 +210,8 @@ async def _http_exception(request: Request, exc: Exception) -> Response:
     """Starlette's routing errors (an unknown path 404, a wrong method 405) in OpenAI's error
     JSON rather than ``{"detail": ...}``."""
     assert isinstance(exc, StarletteHTTPException)
-    body = {"error": {"message": f"{request.method} {request.url.path}: {exc.detail}",
-                      "type": "invalid_request_error", "param": None, "code": None}}
+    body = error_body(f"{request.method} {request.url.path}: {exc.detail}", "invalid_request_error",
+                      None, None)
     return Response(json_bytes(body), status_code=exc.status_code, headers=exc.headers,
                     media_type="application/json")
 

@@ -24,11 +24,16 @@ PROMETHEUS_2_ACCEPT = ("application/openmetrics-text;version=1.0.0,"
                        "text/plain;version=0.0.4;q=0.5,*/*;q=0.1")
 
 
+def counted_registry(count: int) -> CollectorRegistry:
+    """A registry holding ``llmserve:router_requests_total{model="m"} count``."""
+    registry = CollectorRegistry()
+    Counter("llmserve:router_requests", "Requests.", ["model"], registry=registry).labels("m").inc(count)
+    return registry
+
+
 @pytest.fixture
 def served() -> Iterator[MetricsServer]:
-    registry = CollectorRegistry()
-    Counter("llmserve:router_requests", "Requests.", ["model"], registry=registry).labels("m").inc(3)
-    server = start_metrics_server(0, registry, "127.0.0.1")
+    server = start_metrics_server(0, counted_registry(3), "127.0.0.1")
     yield server
     server.stop()
 
@@ -55,9 +60,7 @@ def test_stop_releases_the_port(served: MetricsServer) -> None:
 
 def test_idle_connections_hold_a_bounded_number_of_threads_for_a_bounded_time(
         capfd: pytest.CaptureFixture[str]) -> None:
-    registry = CollectorRegistry()
-    Counter("llmserve:router_requests", "Requests.", ["model"], registry=registry).labels("m").inc()
-    server = start_metrics_server(0, registry, "127.0.0.1", read_timeout_s=2.0, max_connections=4)
+    server = start_metrics_server(0, counted_registry(1), "127.0.0.1", read_timeout_s=2.0, max_connections=4)
     idle = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(50)]
     try:
         time.sleep(0.2)
@@ -77,9 +80,7 @@ def test_idle_connections_hold_a_bounded_number_of_threads_for_a_bounded_time(
 
 def test_a_connection_trickling_its_request_is_cut_at_its_deadline() -> None:
     """The read timeout alone restarts with every byte: each connection also has a deadline."""
-    registry = CollectorRegistry()
-    Counter("llmserve:router_requests", "Requests.", ["model"], registry=registry).labels("m").inc()
-    server = start_metrics_server(0, registry, "127.0.0.1", read_timeout_s=1.0, max_connections=2)
+    server = start_metrics_server(0, counted_registry(1), "127.0.0.1", read_timeout_s=1.0, max_connections=2)
     trickling = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(2)]
     try:
         cut: set[int] = set()
