@@ -24,6 +24,7 @@ from typing import Any
 from gpu_worker.config import AUTO_TENSOR_PARALLEL, EngineConfig
 from gpu_worker.spec_decode.config import SpeculativeConfig
 from llmserve.envflags import apply_env_defaults
+from llmserve.grpc_limits import WORKER_PORT_LIMITS, add_grpc_port_flags, grpc_port_limits_from_args
 from llmserve.limits import add_limit_flags, limits_from_args
 from llmserve.security.flags import add_worker_security_flags, redis_tls_from_args, tls_from_args
 
@@ -112,6 +113,7 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
         help="on SIGTERM/Drain, seconds in-flight streams get before they are aborted",
     )
     server.add_argument("--worker-id", default=None, help="unique id (default hostname-port-random)")
+    add_grpc_port_flags(parser, WORKER_PORT_LIMITS)
     add_limit_flags(parser)
     add_worker_security_flags(parser)
     _add_operations_flags(parser)
@@ -167,6 +169,7 @@ def configs_from_args(args: argparse.Namespace) -> tuple[EngineConfig, Any]:
         metrics_port=args.metrics_port,
         limits=limits_from_args(args),
         max_metadata_bytes=args.max_metadata_bytes,
+        grpc_limits=grpc_port_limits_from_args(args),
         tls=tls_from_args(args),
         allow_remote_control=args.allow_remote_control,
         fleet_secret_file=args.fleet_secret_file,

@@ -30,6 +30,7 @@ from gpu_worker.config import KV_CACHE_DTYPES, QUANTIZATIONS
 from llmserve.envflags import apply_env_defaults
 from llmserve.fleet import open_store
 from llmserve.gc_tuning import freeze_startup_objects, unfreeze_objects
+from llmserve.open_files import raise_open_file_limit
 
 log = logging.getLogger(__name__)
 
@@ -93,18 +94,21 @@ async def run_stack(config: StackConfig, started: asyncio.Event | None = None,
         kv_cache_dtype=config.kv_cache_dtype,
         calculate_kv_scales=config.calculate_kv_scales,
     )
+    server_config = ServerConfig(host=config.host, port=config.worker_port,
+                                 drain_grace_s=config.drain_grace_s,
+                                 advertise_address=f"{config.host}:{config.worker_port}")
+    router_config = RouterConfig(host=config.host, port=config.router_port, policy=config.policy,
+                                 http_port=config.http_port)
+    raise_open_file_limit(router_config.connection_count() + server_config.grpc_limits.max_connections)
     worker = WorkerServer(
         engine_config,
-        ServerConfig(host=config.host, port=config.worker_port, drain_grace_s=config.drain_grace_s,
-                     advertise_address=f"{config.host}:{config.worker_port}"),
+        server_config,
         fleet_store=store,
         tracing=tracing,
     )
     await worker.start()
     log.info("loading %s ...", config.model)
     await worker.wait_ready()
-    router_config = RouterConfig(host=config.host, port=config.router_port, policy=config.policy,
-                                 http_port=config.http_port)
     router = RouterServer(router_config, store, tracing=tracing)
     if config.inprocess_worker:
         router.channels.add_local(worker.service.address, worker.in_process)

@@ -14,6 +14,7 @@ import sys
 from collections.abc import Mapping, Sequence
 
 from llmserve.envflags import apply_env_defaults
+from llmserve.grpc_limits import GrpcPortLimits, add_grpc_port_flags, grpc_port_limits_from_args
 from llmserve.limits import add_limit_flags, limits_from_args
 from llmserve.telemetry.logging import LOG_FORMATS
 from router.failover import add_failover_flags, failover_from_args
@@ -52,6 +53,10 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
     sizes.add_argument("--max-http-body-bytes", type=int, default=RouterConfig.max_http_body_bytes,
                        help="largest OpenAI HTTP request body; larger is refused with 413 while it is read")
     add_http_flags(p)
+    grpc_group = add_grpc_port_flags(p, GrpcPortLimits())
+    grpc_group.add_argument("--max-concurrent-rpcs", type=int, default=RouterConfig.max_concurrent_rpcs,
+                            help="calls in flight on the gRPC port (health probes aside); one past this is "
+                                 "answered RESOURCE_EXHAUSTED")
     add_failover_flags(p)
     add_security_flags(p)
     group = p.add_argument_group("observability (tracing: OTEL_* variables)")
@@ -87,6 +92,8 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
         max_message_bytes=args.max_message_bytes,
         max_http_body_bytes=args.max_http_body_bytes,
         http_limits=http_limits_from_args(args),
+        grpc_limits=grpc_port_limits_from_args(args),
+        max_concurrent_rpcs=args.max_concurrent_rpcs,
         security=security_from_args(args),
         default_priority=parse_default_priority(args.default_priority),
     )

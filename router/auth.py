@@ -18,17 +18,19 @@ from typing import Any
 
 import grpc
 
+from llmserve.grpc_handlers import behavior_of, refusing, with_behavior
+from llmserve.grpc_limits import HEALTH_PREFIX
 from llmserve.security.api_keys import ApiKey, bearer_token
 from router.access import AccessControl, act_as
 from router.errors import Unauthenticated
 from router.frontends.openai_errors import error_body
 
 OPEN_GRPC_PREFIXES = (
-    "/grpc.health.v1.Health/",
+    HEALTH_PREFIX,
     "/grpc.reflection.v1alpha.ServerReflection/",
     "/grpc.reflection.v1.ServerReflection/",
 )
-OPEN_GRPC_METHODS = frozenset({
+PROBE_GRPC_METHODS = frozenset({
     "/inference.GRPCInferenceService/ServerLive",
     "/inference.GRPCInferenceService/ServerReady",
 })
@@ -36,7 +38,12 @@ OPEN_HTTP_PATHS = frozenset({"/health"})
 
 
 def _is_open(method: str) -> bool:
-    return method in OPEN_GRPC_METHODS or method.startswith(OPEN_GRPC_PREFIXES)
+    return method in PROBE_GRPC_METHODS or method.startswith(OPEN_GRPC_PREFIXES)
+
+
+def is_probe(method: str) -> bool:
+    """gRPC health and KServe's liveness / readiness: answered under any load."""
+    return method in PROBE_GRPC_METHODS or method.startswith(HEALTH_PREFIX)
 
 
 def _authorization(metadata: Any) -> str | None:
@@ -63,52 +70,13 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
         try:
             key = self._access.authenticate(bearer_token(_authorization(details.invocation_metadata)))
         except Unauthenticated as exc:
-            return _with_behavior(handler, _refusing(handler, str(exc)))
-        return _with_behavior(handler, _acting_for(handler, key))
-
-
-def _behavior(handler: grpc.RpcMethodHandler) -> Callable[..., Any]:
-    return (handler.unary_unary or handler.unary_stream or handler.stream_unary  # type: ignore[return-value]
-            or handler.stream_stream)
-
-
-def _with_behavior(handler: grpc.RpcMethodHandler, behavior: Callable[..., Any]) -> grpc.RpcMethodHandler:
-    """A handler of the same kind and (de)serializers as ``handler`` running ``behavior``."""
-    kinds = {
-        "unary_unary": grpc.unary_unary_rpc_method_handler,
-        "unary_stream": grpc.unary_stream_rpc_method_handler,
-        "stream_unary": grpc.stream_unary_rpc_method_handler,
-        "stream_stream": grpc.stream_stream_rpc_method_handler,
-    }
-    for kind, make in kinds.items():
-        if getattr(handler, kind) is not None:
-            return make(behavior, request_deserializer=handler.request_deserializer,  # type: ignore[operator]
-                        response_serializer=handler.response_serializer)
-    return handler
-
-
-def _streams(handler: grpc.RpcMethodHandler) -> bool:
-    return handler.unary_stream is not None or handler.stream_stream is not None
-
-
-def _refusing(handler: grpc.RpcMethodHandler, message: str) -> Callable[..., Any]:
-    """A behavior of the handler's shape that answers UNAUTHENTICATED."""
-    if _streams(handler) and inspect.isasyncgenfunction(_behavior(handler)):
-        async def refuse_stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
-            yield  # pragma: no cover - abort raises
-
-        return refuse_stream
-
-    async def refuse(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
-
-    return refuse
+            return refusing(handler, grpc.StatusCode.UNAUTHENTICATED, str(exc))
+        return with_behavior(handler, _acting_for(handler, key))
 
 
 def _acting_for(handler: grpc.RpcMethodHandler, key: ApiKey) -> Callable[..., Any]:
     """The handler's behavior, run as ``key`` (its kind kept: async generator or coroutine)."""
-    behavior = _behavior(handler)
+    behavior = behavior_of(handler)
     if inspect.isasyncgenfunction(behavior):
         async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             act_as(key)

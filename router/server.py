@@ -26,14 +26,16 @@ from grpc_health.v1 import health_pb2
 
 from llmserve.fleet import FleetSnapshot, Registry, StateStore, WorkerRecord
 from llmserve.gc_tuning import freeze_startup_objects, unfreeze_objects
+from llmserve.grpc_limits import CallLimitInterceptor, GrpcPortLimits
 from llmserve.grpc_server import GENERATION_SERVICE, add_health_and_reflection, bind_server, dial_target
 from llmserve.kserve import grpc_service_pb2_grpc as kserve_grpc
 from llmserve.limits import RequestLimits
+from llmserve.open_files import raise_open_file_limit
 from llmserve.telemetry.metrics import MetricsServer, RouterMetrics, WorkerQueueDepth, start_metrics_server
 from llmserve.telemetry.tracing import Tracing
 from llmserve.v1 import generation_pb2_grpc
 from router.access import AccessControl
-from router.auth import ApiKeyInterceptor, ApiKeyMiddleware
+from router.auth import ApiKeyInterceptor, ApiKeyMiddleware, is_probe
 from router.dispatch import ChannelPool, Dispatcher, InflightTracker, fetch_tokenizer_files
 from router.failover import CircuitBreakers, FailoverConfig
 from router.frontends.http_limits import HttpConnectionLimits
@@ -61,7 +63,9 @@ class RouterConfig:
     ``security``: TLS, API keys and rate limits, trust in the state store (``router/security.py``).
     ``max_http_body_bytes``: the largest OpenAI HTTP request body (413 beyond, refused while it
     is read); ``http_limits``: the HTTP door's connection limits (header and body timeouts, header
-    size, open connections). ``channel_sweep_s``: how often channels of workers gone from the registry are
+    size, open connections). ``grpc_limits``: the gRPC port's connections and handshake / idle
+    timeouts; ``max_concurrent_rpcs``: its calls in flight, probes aside
+    (``llmserve.grpc_limits``). ``channel_sweep_s``: how often channels of workers gone from the registry are
     retired; ``channel_retire_grace_s``: how long a retired channel's calls in flight may still
     run (``router.dispatch.ChannelPool``)."""
 
@@ -74,6 +78,8 @@ class RouterConfig:
     max_message_bytes: int = 16 * 1024 * 1024
     max_http_body_bytes: int = 16 * 1024 * 1024
     http_limits: HttpConnectionLimits = HttpConnectionLimits()
+    grpc_limits: GrpcPortLimits = GrpcPortLimits()
+    max_concurrent_rpcs: int = 8192
     channel_sweep_s: float = 10.0
     channel_retire_grace_s: float = 300.0
     drain_grace_s: float = 30.0
@@ -93,6 +99,7 @@ class RouterConfig:
             (self.registry_cache_s >= 0, "registry_cache_s must be >= 0"),
             (self.registry_grace_s >= 0, "registry_grace_s must be >= 0"),
             (self.max_attempts >= 1, "max_attempts must be >= 1"),
+            (self.max_concurrent_rpcs >= 1, "max_concurrent_rpcs must be >= 1"),
             (self.max_metadata_bytes >= 1024, "max_metadata_bytes must be at least 1024"),
             (self.max_message_bytes >= 65536, "max_message_bytes must be at least 65536"),
             (self.max_http_body_bytes >= 1024, "max_http_body_bytes must be at least 1024"),
@@ -107,6 +114,11 @@ class RouterConfig:
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+
+    def connection_count(self) -> int:
+        """Connections the router's doors may hold at once (its open-file need)."""
+        http = self.http_limits.max_connections if self.http_port is not None else 0
+        return self.grpc_limits.max_connections + http
 
 
 class RouterServer:
@@ -129,6 +141,8 @@ class RouterServer:
                                  on_refresh=self._update_fleet_metrics, reader=security.record_reader(),
                                  max_workers_per_model=security.max_workers_per_model)
         self.access = AccessControl(security.access, self.metrics)
+        self._call_limit = CallLimitInterceptor(
+            config.max_concurrent_rpcs, lambda limit: self.metrics.on_refusal(UNKNOWN_MODEL, limit), is_probe)
         self.router = Router(
             self.registry, TokenizerCache(self._fetch_tokenizer), make_policy(config.policy), self.tracker,
             config.limits,
@@ -164,6 +178,11 @@ class RouterServer:
         return self._serving
 
     @property
+    def calls_in_flight(self) -> int:
+        """gRPC calls counted against ``max_concurrent_rpcs`` now."""
+        return self._call_limit.in_flight
+
+    @property
     def metrics_port(self) -> int | None:
         """Port of ``/metrics`` once started (None when off)."""
         return None if self._metrics_server is None else self._metrics_server.port
@@ -188,14 +207,17 @@ class RouterServer:
         server, self._port = bind_server(
             self.config.host,
             self.config.port,
-            # API keys last: the error interceptor maps what the calls it lets through raise.
-            interceptors=[*self.tracing.server_interceptors(), ErrorInterceptor(),
+            # The call limit first: a refused call costs nothing further. API keys last: the
+            # error interceptor maps what the calls it lets through raise.
+            interceptors=[self._call_limit, *self.tracing.server_interceptors(), ErrorInterceptor(),
                           ApiKeyInterceptor(self.access)],
             options=[("grpc.max_receive_message_length", self.config.max_message_bytes),
                      ("grpc.max_send_message_length", self.config.max_message_bytes),
                      ("grpc.max_metadata_size", self.config.max_metadata_bytes),
                      ("grpc.absolute_max_metadata_size", self.config.max_metadata_bytes)],
             credentials=self._server_credentials(),
+            port_limits=self.config.grpc_limits,
+            max_calls=self.config.max_concurrent_rpcs,
         )
         core = GenerationCore(self.router, self.dispatcher,
                               RouterTelemetry(self.tracing, self.metrics, self.config.policy), self.access,
@@ -294,6 +316,7 @@ def _version() -> str:
 
 async def serve(config: RouterConfig, store: StateStore, tracing: Tracing | None = None) -> None:
     """Run a router until SIGTERM / SIGINT, then drain."""
+    raise_open_file_limit(config.connection_count())
     server = RouterServer(config, store, tracing=tracing)
     await server.start()
     freeze_startup_objects()

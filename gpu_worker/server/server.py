@@ -36,8 +36,10 @@ from gpu_worker.server.service import WorkerService
 from gpu_worker.server.types import ServedEngine
 from llmserve.gc_tuning import freeze_startup_objects, unfreeze_objects
 from llmserve.grpc_inprocess import InProcessServer
+from llmserve.grpc_limits import WORKER_PORT_LIMITS, GrpcPortLimits
 from llmserve.grpc_server import GENERATION_SERVICE, add_health_and_reflection, bind_server, dial_target
 from llmserve.limits import RequestLimits
+from llmserve.open_files import raise_open_file_limit
 from llmserve.security.control import ControlAccessInterceptor
 from llmserve.security.tls import RedisTls, TlsSettings
 from llmserve.telemetry.tracing import Tracing
@@ -66,6 +68,8 @@ class ServerConfig:
     engine stats are copied into the metrics every ``stats_interval_s`` and on each scrape.
     ``limits``: per-request admission limits (``llmserve.limits``); ``max_metadata_bytes`` caps a
     call's metadata (refused by the gRPC transport with RESOURCE_EXHAUSTED beyond).
+    ``grpc_limits``: the port's connections and handshake / idle timeouts (``llmserve.grpc_limits``;
+    idle connections are kept: routers hold theirs open on purpose).
     Security (docs/SECURITY.md): ``tls`` serves the port over TLS, with ``tls.ca`` requiring
     client certificates from the fleet CA; ``WorkerControl`` answers only mTLS-authenticated
     and loopback peers unless ``allow_remote_control``; ``fleet_secret_file`` signs the
@@ -89,6 +93,7 @@ class ServerConfig:
     stats_interval_s: float = 1.0
     limits: RequestLimits = RequestLimits()
     max_metadata_bytes: int = 8192
+    grpc_limits: GrpcPortLimits = WORKER_PORT_LIMITS
     tls: TlsSettings = field(default_factory=TlsSettings)
     allow_remote_control: bool = False
     fleet_secret_file: str | None = None
@@ -214,8 +219,12 @@ class WorkerServer:
         interceptors = [*self.tracing.server_interceptors(), ErrorInterceptor(),
                         ControlAccessInterceptor(self.config.allow_remote_control)]
         tls = self.config.tls.server(require_client_certs=self.config.tls.ca is not None)
+        # gRPC's own call limit stands behind max_concurrent_streams (counted once a Generate's
+        # request has arrived), bounding calls whose request never comes.
         server, self._port = bind_server(self.config.host, self.config.port, interceptors, options,
-                                         tls.credentials() if tls is not None else None)
+                                         tls.credentials() if tls is not None else None,
+                                         port_limits=self.config.grpc_limits,
+                                         max_calls=self.config.max_concurrent_streams)
         address = self.config.advertise_address or f"{socket.gethostname()}:{self._port}"
         worker_id = self.config.worker_id or f"{socket.gethostname()}-{self._port}-{uuid.uuid4().hex[:8]}"
         model_name = self.engine_config.model_name
@@ -408,6 +417,7 @@ async def serve(
     tracing: Tracing | None = None,
 ) -> None:
     """Run a worker until it is drained (SIGTERM, SIGINT or the Drain RPC)."""
+    raise_open_file_limit(server_config.grpc_limits.max_connections)
     server = WorkerServer(engine_config, server_config, engine_factory, fleet_store, tracing=tracing)
     await server.start()
     server.install_signal_handlers()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from llmserve.grpc_limits import GrpcPortLimits
 from router.__main__ import build_parser, config_from_args, parse_args
 from router.frontends.http_limits import HttpConnectionLimits
 
@@ -59,5 +60,26 @@ def test_http_connection_flags_reach_the_config_and_are_checked() -> None:
                               ("--http-body-timeout-s", "inf", "http_body_timeout_s"),
                               ("--max-http-header-bytes", "100", "max_http_header_bytes"),
                               ("--max-http-connections", "0", "max_http_connections")]:
+        with pytest.raises(ValueError, match=name):
+            config_from_args(parse_args(["--redis-url", "redis://x", flag, value], {}))
+
+
+def test_grpc_port_flags_reach_the_config_and_are_checked() -> None:
+    env = {"LLMSERVE_MAX_GRPC_CONNECTIONS": "64", "LLMSERVE_MAX_CONCURRENT_RPCS": "100"}
+    flags = ["--grpc-handshake-timeout-s", "2.5", "--grpc-max-connection-idle-s", "0"]
+    config = config_from_args(parse_args(["--redis-url", "redis://x", *flags], env))
+    assert config.grpc_limits == GrpcPortLimits(max_connections=64, handshake_timeout_s=2.5,
+                                                max_connection_idle_s=0.0)
+    assert config.max_concurrent_rpcs == 100
+    defaults = config_from_args(parse_args(["--redis-url", "redis://x"], {}))
+    assert (defaults.grpc_limits, defaults.max_concurrent_rpcs) == (GrpcPortLimits(), 8192)
+    # The doors' connections together: what the router's open-file limit is raised for.
+    assert defaults.connection_count() == 4096
+    with_http = config_from_args(parse_args(["--redis-url", "redis://x", "--http-port", "8000"], {}))
+    assert with_http.connection_count() == 4096 + 4096
+    for flag, value, name in [("--max-grpc-connections", "0", "max_grpc_connections"),
+                              ("--grpc-handshake-timeout-s", "nan", "grpc_handshake_timeout_s"),
+                              ("--grpc-max-connection-idle-s", "-1", "grpc_max_connection_idle_s"),
+                              ("--max-concurrent-rpcs", "0", "max_concurrent_rpcs")]:
         with pytest.raises(ValueError, match=name):
             config_from_args(parse_args(["--redis-url", "redis://x", flag, value], {}))

@@ -1,5 +1,6 @@
-"""The worker's operations flags (warm standby, device cost): parsed from flags and LLMSERVE_*
-variables, validated, and refused where they cannot work (a standby without a fleet)."""
+"""The worker's operations flags (warm standby, device cost) and its gRPC port's limits: parsed
+from flags and LLMSERVE_* variables, validated, and refused where they cannot work (a standby
+without a fleet)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import pytest
 from gpu_worker.__main__ import build_parser, configs_from_args
 from gpu_worker.config import EngineConfig
 from gpu_worker.server import ServerConfig, WorkerServer
+from llmserve.grpc_limits import WORKER_PORT_LIMITS, GrpcPortLimits
 
 
 def test_flags_and_variables_reach_the_server_config() -> None:
@@ -37,3 +39,16 @@ def test_a_standby_needs_a_fleet_to_watch() -> None:
 def test_invalid_values_are_refused_naming_the_setting(field: str, value: float, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         ServerConfig(**{field: value})  # type: ignore[arg-type]
+
+
+def test_grpc_port_flags_reach_the_server_config() -> None:
+    args = build_parser({"LLMSERVE_MAX_GRPC_CONNECTIONS": "32"}).parse_args(
+        ["--model", "m", "--grpc-handshake-timeout-s", "3", "--grpc-max-connection-idle-s", "900"])
+    _, server = configs_from_args(args)
+    assert server.grpc_limits == GrpcPortLimits(max_connections=32, handshake_timeout_s=3.0,
+                                                max_connection_idle_s=900.0)
+    _, plain = configs_from_args(build_parser({}).parse_args(["--model", "m"]))
+    # Routers hold their channels to a worker open on purpose: a worker never closes idle ones.
+    assert plain.grpc_limits == WORKER_PORT_LIMITS
+    assert (WORKER_PORT_LIMITS.max_connections, WORKER_PORT_LIMITS.max_connection_idle_s) == (1024, 0.0)
+    assert ("grpc.max_connection_idle_ms", 0) not in WORKER_PORT_LIMITS.server_options()
