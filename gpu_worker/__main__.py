@@ -113,7 +113,11 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
         help="on SIGTERM/Drain, seconds in-flight streams get before they are aborted",
     )
     server.add_argument("--worker-id", default=None, help="unique id (default hostname-port-random)")
-    add_grpc_port_flags(parser, WORKER_PORT_LIMITS)
+    grpc_group = add_grpc_port_flags(parser, WORKER_PORT_LIMITS)
+    grpc_group.add_argument("--max-concurrent-rpcs", type=int, default=2048,
+                            help="calls in flight on the gRPC port, counted from their headers (Generate "
+                                 "streams are also held to --max-concurrent-streams); one past this is "
+                                 "answered RESOURCE_EXHAUSTED")
     add_limit_flags(parser)
     add_worker_security_flags(parser)
     _add_operations_flags(parser)
@@ -162,6 +166,7 @@ def configs_from_args(args: argparse.Namespace) -> tuple[EngineConfig, Any]:
         port=args.port,
         advertise_address=args.advertise_address,
         max_concurrent_streams=args.max_concurrent_streams,
+        max_concurrent_rpcs=args.max_concurrent_rpcs,
         max_message_bytes=args.max_message_bytes,
         drain_grace_s=args.drain_grace_s,
         redis_url=args.redis_url,

@@ -12,7 +12,7 @@ from grpc_health.v1 import _async as health_aio
 from grpc_health.v1 import health, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from llmserve.grpc_limits import GrpcPortLimits, core_call_limit
+from llmserve.grpc_limits import GrpcPortLimits
 from llmserve.v1 import generation_pb2
 
 GENERATION_SERVICE = generation_pb2.DESCRIPTOR.services_by_name["Generation"].full_name
@@ -32,19 +32,16 @@ def bind_server(
     credentials: grpc.ServerCredentials | None = None,
     *,
     port_limits: GrpcPortLimits | None = None,
-    max_calls: int | None = None,
 ) -> tuple[grpc.aio.Server, int]:
     """A new server, not started yet, bound to ``host:port``, and the port it bound (``port=0``:
     a free one). Raises OSError when the address cannot be bound: ``SO_REUSEPORT`` is off, so a
     second server on a taken port fails instead of silently sharing it. ``credentials``: TLS
     (``llmserve.security.tls.ServerTls``); None serves plaintext. ``port_limits``: connections and
-    handshake / idle timeouts; ``max_calls``: the calls in flight a limit above gRPC enforces
-    (``llmserve.grpc_limits``), behind which gRPC's own limiter is set."""
+    handshake / idle timeouts (``llmserve.grpc_limits``; its call guard is an interceptor)."""
     limit_options = port_limits.server_options() if port_limits is not None else []
     server = grpc.aio.server(
         interceptors=list(interceptors),
         options=[*options, *limit_options, ("grpc.so_reuseport", 0)],
-        maximum_concurrent_rpcs=core_call_limit(max_calls) if max_calls is not None else None,
     )
     address = f"{host}:{port}"
     bound = (server.add_insecure_port(address) if credentials is None

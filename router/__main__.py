@@ -55,8 +55,14 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
     add_http_flags(p)
     grpc_group = add_grpc_port_flags(p, GrpcPortLimits())
     grpc_group.add_argument("--max-concurrent-rpcs", type=int, default=RouterConfig.max_concurrent_rpcs,
-                            help="calls in flight on the gRPC port (health probes aside); one past this is "
-                                 "answered RESOURCE_EXHAUSTED")
+                            help="calls in flight on the gRPC port, counted from their headers (health "
+                                 "checks and KServe liveness / readiness may pass it by 64); one past this "
+                                 "is answered RESOURCE_EXHAUSTED")
+    grpc_group.add_argument("--max-kserve-stream-requests", type=int,
+                            default=RouterConfig.max_kserve_stream_requests,
+                            help="requests of one KServe ModelStreamInfer stream served at once (and its "
+                                 "responses waiting to be read); the stream reads no further request "
+                                 "until one finishes")
     add_failover_flags(p)
     add_security_flags(p)
     group = p.add_argument_group("observability (tracing: OTEL_* variables)")
@@ -94,6 +100,7 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
         http_limits=http_limits_from_args(args),
         grpc_limits=grpc_port_limits_from_args(args),
         max_concurrent_rpcs=args.max_concurrent_rpcs,
+        max_kserve_stream_requests=args.max_kserve_stream_requests,
         security=security_from_args(args),
         default_priority=parse_default_priority(args.default_priority),
     )

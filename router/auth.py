@@ -19,7 +19,7 @@ from typing import Any
 import grpc
 
 from llmserve.grpc_handlers import behavior_of, refusing, with_behavior
-from llmserve.grpc_limits import HEALTH_PREFIX
+from llmserve.grpc_limits import HEALTH_PREFIX, is_health_check
 from llmserve.security.api_keys import ApiKey, bearer_token
 from router.access import AccessControl, act_as
 from router.errors import Unauthenticated
@@ -42,8 +42,8 @@ def _is_open(method: str) -> bool:
 
 
 def is_probe(method: str) -> bool:
-    """gRPC health and KServe's liveness / readiness: answered under any load."""
-    return method in PROBE_GRPC_METHODS or method.startswith(HEALTH_PREFIX)
+    """gRPC's health check and KServe's liveness / readiness: answered by a full port."""
+    return method in PROBE_GRPC_METHODS or is_health_check(method)
 
 
 def _authorization(metadata: Any) -> str | None:

@@ -380,7 +380,7 @@ def _exhausted(request: gen_pb.GenerateRequest, relay: StreamRelay, failures: li
     if relay.started:  # mid-stream, and no worker left to resume on
         return UpstreamError(failures[-1].code, failures[-1].details)
     if all(f.code == grpc.StatusCode.RESOURCE_EXHAUSTED for f in failures):
-        return WorkersBusy(request.model)
+        return WorkersBusy(request.model, failures[-1].details)
     summary = "; ".join(f"{f.worker_id}: {f.code.name} {f.details}" for f in failures)
     return ModelUnavailable(request.model, f"no worker could serve the request ({summary})")
 

@@ -78,12 +78,18 @@ class ModelUnavailable(RouterError):
 
 
 class WorkersBusy(RouterError):
-    """Every candidate worker is over its queue limit."""
+    """Every candidate worker is over its queue limit (as the registry says), or every worker
+    tried refused the request with RESOURCE_EXHAUSTED (``reason``: the last one's words, which
+    name its limit: the queue, its streams or calls in flight)."""
 
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
-    def __init__(self, model: str) -> None:
-        super().__init__(f"every worker of model {model_name(model)} is over its queue limit; retry later")
+    def __init__(self, model: str, reason: str | None = None) -> None:
+        workers = f"every worker of model {model_name(model)}"
+        if reason is None:
+            super().__init__(f"{workers} is over its queue limit; retry later")
+        else:
+            super().__init__(f"{workers} tried is busy (the last: {reason[:300]}); retry later")
 
 
 class Unauthenticated(RouterError):

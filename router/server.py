@@ -26,7 +26,7 @@ from grpc_health.v1 import health_pb2
 
 from llmserve.fleet import FleetSnapshot, Registry, StateStore, WorkerRecord
 from llmserve.gc_tuning import freeze_startup_objects, unfreeze_objects
-from llmserve.grpc_limits import CallLimitInterceptor, GrpcPortLimits
+from llmserve.grpc_limits import CallGuard, GrpcPortLimits
 from llmserve.grpc_server import GENERATION_SERVICE, add_health_and_reflection, bind_server, dial_target
 from llmserve.kserve import grpc_service_pb2_grpc as kserve_grpc
 from llmserve.limits import RequestLimits
@@ -64,10 +64,12 @@ class RouterConfig:
     ``max_http_body_bytes``: the largest OpenAI HTTP request body (413 beyond, refused while it
     is read); ``http_limits``: the HTTP door's connection limits (header and body timeouts, header
     size, open connections). ``grpc_limits``: the gRPC port's connections and handshake / idle
-    timeouts; ``max_concurrent_rpcs``: its calls in flight, probes aside
-    (``llmserve.grpc_limits``). ``channel_sweep_s``: how often channels of workers gone from the registry are
-    retired; ``channel_retire_grace_s``: how long a retired channel's calls in flight may still
-    run (``router.dispatch.ChannelPool``)."""
+    timeouts and its calls' request timeout; ``max_concurrent_rpcs``: its calls in flight
+    (``llmserve.grpc_limits.CallGuard``); ``max_kserve_stream_requests``: requests of one KServe
+    ``ModelStreamInfer`` stream served at once (``router.frontends.kserve``).
+    ``channel_sweep_s``: how often channels of workers gone from the registry are retired;
+    ``channel_retire_grace_s``: how long a retired channel's calls in flight may still run
+    (``router.dispatch.ChannelPool``)."""
 
     host: str = "127.0.0.1"
     port: int = 50050
@@ -80,6 +82,7 @@ class RouterConfig:
     http_limits: HttpConnectionLimits = HttpConnectionLimits()
     grpc_limits: GrpcPortLimits = GrpcPortLimits()
     max_concurrent_rpcs: int = 8192
+    max_kserve_stream_requests: int = 64
     channel_sweep_s: float = 10.0
     channel_retire_grace_s: float = 300.0
     drain_grace_s: float = 30.0
@@ -100,6 +103,7 @@ class RouterConfig:
             (self.registry_grace_s >= 0, "registry_grace_s must be >= 0"),
             (self.max_attempts >= 1, "max_attempts must be >= 1"),
             (self.max_concurrent_rpcs >= 1, "max_concurrent_rpcs must be >= 1"),
+            (self.max_kserve_stream_requests >= 1, "max_kserve_stream_requests must be >= 1"),
             (self.max_metadata_bytes >= 1024, "max_metadata_bytes must be at least 1024"),
             (self.max_message_bytes >= 65536, "max_message_bytes must be at least 65536"),
             (self.max_http_body_bytes >= 1024, "max_http_body_bytes must be at least 1024"),
@@ -141,8 +145,9 @@ class RouterServer:
                                  on_refresh=self._update_fleet_metrics, reader=security.record_reader(),
                                  max_workers_per_model=security.max_workers_per_model)
         self.access = AccessControl(security.access, self.metrics)
-        self._call_limit = CallLimitInterceptor(
-            config.max_concurrent_rpcs, lambda limit: self.metrics.on_refusal(UNKNOWN_MODEL, limit), is_probe)
+        self._call_guard = CallGuard(
+            config.max_concurrent_rpcs, config.grpc_limits,
+            lambda limit: self.metrics.on_refusal(UNKNOWN_MODEL, limit), is_probe=is_probe)
         self.router = Router(
             self.registry, TokenizerCache(self._fetch_tokenizer), make_policy(config.policy), self.tracker,
             config.limits,
@@ -180,7 +185,7 @@ class RouterServer:
     @property
     def calls_in_flight(self) -> int:
         """gRPC calls counted against ``max_concurrent_rpcs`` now."""
-        return self._call_limit.in_flight
+        return self._call_guard.in_flight
 
     @property
     def metrics_port(self) -> int | None:
@@ -207,9 +212,9 @@ class RouterServer:
         server, self._port = bind_server(
             self.config.host,
             self.config.port,
-            # The call limit first: a refused call costs nothing further. API keys last: the
-            # error interceptor maps what the calls it lets through raise.
-            interceptors=[self._call_limit, *self.tracing.server_interceptors(), ErrorInterceptor(),
+            # The call guard first: it sees every call, and a refused one costs nothing further.
+            # API keys last: the error interceptor maps what the calls it lets through raise.
+            interceptors=[self._call_guard, *self.tracing.server_interceptors(), ErrorInterceptor(),
                           ApiKeyInterceptor(self.access)],
             options=[("grpc.max_receive_message_length", self.config.max_message_bytes),
                      ("grpc.max_send_message_length", self.config.max_message_bytes),
@@ -217,14 +222,13 @@ class RouterServer:
                      ("grpc.absolute_max_metadata_size", self.config.max_metadata_bytes)],
             credentials=self._server_credentials(),
             port_limits=self.config.grpc_limits,
-            max_calls=self.config.max_concurrent_rpcs,
         )
         core = GenerationCore(self.router, self.dispatcher,
                               RouterTelemetry(self.tracing, self.metrics, self.config.policy), self.access,
                               self.config.default_priority, self.config.max_message_bytes)
         generation_pb2_grpc.add_GenerationServicer_to_server(RouterServicer(core), server)
         kserve_grpc.add_GRPCInferenceServiceServicer_to_server(
-            KServeServicer(core, self.is_serving, _version()), server)
+            KServeServicer(core, self.is_serving, _version(), self.config.max_kserve_stream_requests), server)
         # Reflection lists llmserve.v1 only: the KServe descriptors live in a pool of their own
         # (protos/codegen.py); KServe clients bring their own stubs.
         add_health_and_reflection(server, self._health, [GENERATION_SERVICE])

@@ -36,7 +36,7 @@ from gpu_worker.server.service import WorkerService
 from gpu_worker.server.types import ServedEngine
 from llmserve.gc_tuning import freeze_startup_objects, unfreeze_objects
 from llmserve.grpc_inprocess import InProcessServer
-from llmserve.grpc_limits import WORKER_PORT_LIMITS, GrpcPortLimits
+from llmserve.grpc_limits import WORKER_PORT_LIMITS, CallGuard, GrpcPortLimits
 from llmserve.grpc_server import GENERATION_SERVICE, add_health_and_reflection, bind_server, dial_target
 from llmserve.limits import RequestLimits
 from llmserve.open_files import raise_open_file_limit
@@ -68,8 +68,10 @@ class ServerConfig:
     engine stats are copied into the metrics every ``stats_interval_s`` and on each scrape.
     ``limits``: per-request admission limits (``llmserve.limits``); ``max_metadata_bytes`` caps a
     call's metadata (refused by the gRPC transport with RESOURCE_EXHAUSTED beyond).
-    ``grpc_limits``: the port's connections and handshake / idle timeouts (``llmserve.grpc_limits``;
-    idle connections are kept: routers hold theirs open on purpose).
+    ``grpc_limits``: the port's connections and handshake / idle / request timeouts
+    (``llmserve.grpc_limits``; idle connections are kept: routers hold theirs open on purpose);
+    ``max_concurrent_rpcs``: the port's calls in flight, counted from their headers (Generate
+    streams are also held to ``max_concurrent_streams``, once their request has arrived).
     Security (docs/SECURITY.md): ``tls`` serves the port over TLS, with ``tls.ca`` requiring
     client certificates from the fleet CA; ``WorkerControl`` answers only mTLS-authenticated
     and loopback peers unless ``allow_remote_control``; ``fleet_secret_file`` signs the
@@ -85,6 +87,7 @@ class ServerConfig:
     port: int = 50051
     advertise_address: str | None = None
     max_concurrent_streams: int = 1024
+    max_concurrent_rpcs: int = 2048
     max_message_bytes: int = 16 * 1024 * 1024
     drain_grace_s: float = 30.0
     redis_url: str | None = None
@@ -108,6 +111,7 @@ class ServerConfig:
             (0 <= self.port < 65536, f"port must be in [0, 65535], got {self.port}"),
             (self.max_metadata_bytes >= 1024, "max_metadata_bytes must be at least 1024"),
             (self.max_concurrent_streams > 0, "max_concurrent_streams must be positive"),
+            (self.max_concurrent_rpcs > 0, "max_concurrent_rpcs must be positive"),
             (self.max_message_bytes > 0, "max_message_bytes must be positive"),
             (self.drain_grace_s >= 0, "drain_grace_s must be >= 0"),
             (
@@ -162,6 +166,7 @@ class WorkerServer:
         self._engine_factory = engine_factory
         self._server: grpc.aio.Server | None = None
         self._in_process: InProcessServer | None = None
+        self._call_guard: CallGuard | None = None
         self._health = health_aio.HealthServicer()
         self._service: WorkerService | None = None
         self._fleet: Any = None
@@ -176,6 +181,11 @@ class WorkerServer:
     @property
     def port(self) -> int:
         return self._port
+
+    @property
+    def calls_in_flight(self) -> int:
+        """Calls on the gRPC port counted against ``max_concurrent_rpcs`` now (0 before start)."""
+        return 0 if self._call_guard is None else self._call_guard.in_flight
 
     @property
     def target(self) -> str:
@@ -219,15 +229,18 @@ class WorkerServer:
         interceptors = [*self.tracing.server_interceptors(), ErrorInterceptor(),
                         ControlAccessInterceptor(self.config.allow_remote_control)]
         tls = self.config.tls.server(require_client_certs=self.config.tls.ca is not None)
-        # gRPC's own call limit stands behind max_concurrent_streams (counted once a Generate's
-        # request has arrived), bounding calls whose request never comes.
-        server, self._port = bind_server(self.config.host, self.config.port, interceptors, options,
+        # The port's call guard first (every call counted from its headers, its request read with a
+        # deadline); the in-process hop has no port to guard.
+        model_name = self.engine_config.model_name
+        self._call_guard = CallGuard(
+            self.config.max_concurrent_rpcs, self.config.grpc_limits,
+            lambda limit: self.engine_metrics.metrics.on_refusal(model_name, limit))
+        server, self._port = bind_server(self.config.host, self.config.port,
+                                         [self._call_guard, *interceptors], options,
                                          tls.credentials() if tls is not None else None,
-                                         port_limits=self.config.grpc_limits,
-                                         max_calls=self.config.max_concurrent_streams)
+                                         port_limits=self.config.grpc_limits)
         address = self.config.advertise_address or f"{socket.gethostname()}:{self._port}"
         worker_id = self.config.worker_id or f"{socket.gethostname()}-{self._port}-{uuid.uuid4().hex[:8]}"
-        model_name = self.engine_config.model_name
         telemetry = RequestTelemetry(self.tracing, self.engine_metrics.metrics, model_name, worker_id)
         self._service = WorkerService(
             model_name, worker_id, address, self.config.max_concurrent_streams, telemetry, self.config.limits

@@ -7,8 +7,13 @@ and the worker's chunks are written back as output tensors:
 
 - ``ModelInfer`` (unary): one response with the whole completion (``stream`` must be false).
 - ``ModelStreamInfer`` (bidirectional): any number of requests on one stream, served
-  concurrently; with ``stream`` true each chunk is one response, otherwise one response per
-  request. Every response carries the request's ``id`` and the parameter
+  concurrently, at most ``max_stream_requests`` at once (``--max-kserve-stream-requests``: the
+  stream reads no further request until one finishes, so a client that sends faster than it is
+  served is slowed by flow control, never buffered); with ``stream`` true each chunk is one
+  response, otherwise one response per request. Responses wait in a queue of at most
+  ``max_stream_requests`` messages for the client to read them; a request whose response finds
+  it full waits too, so a client that stops reading holds at most that much. Every response
+  carries the request's ``id`` and the parameter
   ``triton_final_response`` (true on a request's last response). A request that fails gets one
   response with ``error_message`` set; the stream stays open for the others.
 
@@ -23,7 +28,7 @@ import asyncio
 import contextlib
 import logging
 import uuid
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -51,6 +56,7 @@ KSERVE_SERVICE = kserve_pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].f
 FINAL_RESPONSE = "triton_final_response"
 MODEL_VERSION = "1"
 PLATFORM = "llmserve"
+_INTERNAL = "internal router error"
 UNFINISHED = "None"  # finish_reason of a sequence still running, as Triton's vLLM backend sends it
 
 
@@ -67,13 +73,18 @@ class KServeServicer(kserve_grpc.GRPCInferenceServiceServicer):
     """``inference.GRPCInferenceService`` over the router's :class:`GenerationCore`.
 
     ``serving`` is False while the router drains (ServerReady answers false); ``version`` is
-    the server version of ServerMetadata.
+    the server version of ServerMetadata; ``max_stream_requests``: requests of one
+    ModelStreamInfer stream in flight at once, and its responses waiting to be read.
     """
 
-    def __init__(self, core: GenerationCore, serving: Callable[[], bool], version: str) -> None:
+    def __init__(self, core: GenerationCore, serving: Callable[[], bool], version: str,
+                 max_stream_requests: int = 64) -> None:
+        if max_stream_requests < 1:
+            raise ValueError(f"max_kserve_stream_requests must be at least 1, got {max_stream_requests}")
         self._core = core
         self._serving = serving
         self._version = version
+        self._max_stream_requests = max_stream_requests
 
     # -- health and metadata -----------------------------------------------------------------
     async def ServerLive(self, request: kserve_pb.ServerLiveRequest,  # noqa: N802
@@ -123,10 +134,10 @@ class KServeServicer(kserve_grpc.GRPCInferenceServiceServicer):
     async def ModelStreamInfer(  # noqa: N802
         self, request_iterator: AsyncIterator[kserve_pb.ModelInferRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[kserve_pb.ModelStreamInferResponse]:
-        streams = _StreamMux()
+        streams = _StreamMux(self._max_stream_requests)
         reader = asyncio.ensure_future(self._read(request_iterator, streams, context.time_remaining))
         try:
-            while (message := await streams.queue.get()) is not None:
+            while (message := await streams.next()) is not None:
                 yield message
             reader.result()  # the request stream's own error, if any
         finally:
@@ -141,54 +152,72 @@ class KServeServicer(kserve_grpc.GRPCInferenceServiceServicer):
                     time_remaining: Callable[[], float | None]) -> None:
         try:
             async for request in request_iterator:
-                streams.start(self._serve_streamed(request, streams.queue.put_nowait, time_remaining))
+                await streams.start(self._serve_streamed(request, streams.queue.put, time_remaining))
         finally:
             streams.done_reading()
 
     async def _serve_streamed(self, request: kserve_pb.ModelInferRequest,
-                              emit: Callable[[kserve_pb.ModelStreamInferResponse], None],
+                              emit: Callable[[kserve_pb.ModelStreamInferResponse], Awaitable[None]],
                               time_remaining: Callable[[], float | None]) -> None:
         request_id = _request_id()
         try:
             with self._core.observe(request.model_name, request_id) as scope:
                 call = decode_infer(request, request_id)
                 async for message in _responses(scope, call, time_remaining):
-                    emit(message)
+                    await emit(message)  # waits while the client is behind: flow control, not memory
         except asyncio.CancelledError:
             if cancelled_by_caller():
                 raise  # the stream is closing: nobody is left to tell
-            emit(_failed(request, "the request was interrupted: a call under it was cut; retry"))
+            await emit(_failed(request, "the request was interrupted: a call under it was cut; retry"))
         except Exception as exc:  # noqa: BLE001 - one failed request never ends the stream
             if not isinstance(exc, RouterError):
                 log.error("KServe stream request failed", exc_info=exc)
-            emit(_failed(request, str(exc) if isinstance(exc, RouterError) else "internal router error"))
+            await emit(_failed(request, str(exc) if isinstance(exc, RouterError) else _INTERNAL))
 
 
 class _StreamMux:
-    """The requests of one ModelStreamInfer stream: their tasks, and the queue their responses
-    share; ``None`` is queued once reading has ended and every task is done."""
+    """The requests of one ModelStreamInfer stream: their tasks (at most ``max_requests`` at
+    once: :meth:`start` waits for a free place), and the queue their responses share (at most
+    ``max_requests`` waiting, read with :meth:`next`)."""
 
-    def __init__(self) -> None:
-        self.queue: asyncio.Queue[kserve_pb.ModelStreamInferResponse | None] = asyncio.Queue()
+    def __init__(self, max_requests: int) -> None:
+        self.queue: asyncio.Queue[kserve_pb.ModelStreamInferResponse | None] = asyncio.Queue(max_requests)
         self.tasks: set[asyncio.Task[None]] = set()
+        self._places = asyncio.Semaphore(max_requests)
         self._reading = True
+        self._ended = False
 
-    def start(self, work: Coroutine[Any, Any, None]) -> None:
+    async def start(self, work: Coroutine[Any, Any, None]) -> None:
+        try:
+            await self._places.acquire()
+        except BaseException:
+            work.close()  # never started: no "coroutine was never awaited" warning
+            raise
         task = asyncio.ensure_future(work)
         self.tasks.add(task)
         task.add_done_callback(self._finished)
 
     def _finished(self, task: asyncio.Task[None]) -> None:
         self.tasks.discard(task)
+        self._places.release()
         self._maybe_end()
 
     def done_reading(self) -> None:
         self._reading = False
         self._maybe_end()
 
+    async def next(self) -> kserve_pb.ModelStreamInferResponse | None:
+        """The next response, or None once reading has ended, every request is done and every
+        response was taken."""
+        if self._ended and self.queue.empty():
+            return None
+        return await self.queue.get()
+
     def _maybe_end(self) -> None:
-        if not self._reading and not self.tasks:
-            self.queue.put_nowait(None)
+        if not self._reading and not self.tasks and not self._ended:
+            self._ended = True
+            if self.queue.empty():  # the reader may be waiting in get(): wake it (an empty queue has room)
+                self.queue.put_nowait(None)
 
 
 def _failed(request: kserve_pb.ModelInferRequest, error: str) -> kserve_pb.ModelStreamInferResponse:

@@ -66,10 +66,11 @@ def test_http_connection_flags_reach_the_config_and_are_checked() -> None:
 
 def test_grpc_port_flags_reach_the_config_and_are_checked() -> None:
     env = {"LLMSERVE_MAX_GRPC_CONNECTIONS": "64", "LLMSERVE_MAX_CONCURRENT_RPCS": "100"}
-    flags = ["--grpc-handshake-timeout-s", "2.5", "--grpc-max-connection-idle-s", "0"]
+    flags = ["--grpc-handshake-timeout-s", "2.5", "--grpc-max-connection-idle-s", "0",
+             "--grpc-request-timeout-s", "5"]
     config = config_from_args(parse_args(["--redis-url", "redis://x", *flags], env))
     assert config.grpc_limits == GrpcPortLimits(max_connections=64, handshake_timeout_s=2.5,
-                                                max_connection_idle_s=0.0)
+                                                max_connection_idle_s=0.0, request_timeout_s=5.0)
     assert config.max_concurrent_rpcs == 100
     defaults = config_from_args(parse_args(["--redis-url", "redis://x"], {}))
     assert (defaults.grpc_limits, defaults.max_concurrent_rpcs) == (GrpcPortLimits(), 8192)
@@ -80,6 +81,7 @@ def test_grpc_port_flags_reach_the_config_and_are_checked() -> None:
     for flag, value, name in [("--max-grpc-connections", "0", "max_grpc_connections"),
                               ("--grpc-handshake-timeout-s", "nan", "grpc_handshake_timeout_s"),
                               ("--grpc-max-connection-idle-s", "-1", "grpc_max_connection_idle_s"),
+                              ("--grpc-request-timeout-s", "0", "grpc_request_timeout_s"),
                               ("--max-concurrent-rpcs", "0", "max_concurrent_rpcs")]:
         with pytest.raises(ValueError, match=name):
             config_from_args(parse_args(["--redis-url", "redis://x", flag, value], {}))

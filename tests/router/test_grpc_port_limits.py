@@ -1,26 +1,29 @@
 """The gRPC ports' limits as the router and the worker apply them (``llmserve.grpc_limits``): a
 real worker (tiny model) and a real router in this event loop over a real Redis. On the router:
-a call past ``--max-concurrent-rpcs`` is refused naming it and counted while probes still
-answer, and a connection that never handshakes is closed. On the worker: the same handshake
-deadline, and gRPC's own limiter standing behind ``--max-concurrent-streams`` against calls
-whose request never comes. Served in full again once the held calls go.
+a call past ``--max-concurrent-rpcs`` is refused at once naming it and counted while probes
+still answer, a Generate whose stream ends without its request is answered, a KServe stream
+serves its requests within ``--max-kserve-stream-requests``, and a connection that never
+handshakes is closed. On the worker: the same handshake deadline, its own
+``--max-concurrent-rpcs`` against calls whose request never comes, and those calls ended by
+``--grpc-request-timeout-s``. Served in full again once the held calls go.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
 import pytest_asyncio
+import tritonclient.grpc.aio as grpcclient_aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gpu_worker.server import WorkerServer
 from llmserve.fleet.redis_store import RedisStateStore
-from llmserve.grpc_limits import GrpcPortLimits, core_call_limit
+from llmserve.grpc_limits import GrpcPortLimits
 from llmserve.kserve import grpc_service_pb2 as kserve_pb
 from llmserve.kserve import grpc_service_pb2_grpc as kserve_grpc
 from llmserve.v1 import generation_pb2 as gen_pb
@@ -28,12 +31,13 @@ from llmserve.v1 import generation_pb2_grpc as gen_grpc
 from router.request_telemetry import UNKNOWN_MODEL
 from router.server import RouterServer
 from tests.helpers.stalled_clients import half_open, silent_connection_closed
+from tests.router.frontends.kserve_inputs import is_final, text_inputs
 from tests.router.inprocess import start_router, start_worker
 from tests.router.router_procs import RedisProc
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 MODEL = "kilo"
-WORKER_STREAMS = 2
+WORKER_CALLS = 3
 GENERATE = "/llmserve.v1.Generation/Generate"
 
 
@@ -42,9 +46,10 @@ async def servers(module_redis: RedisProc, router_tiny_model: Path) -> AsyncIter
                                                                                            RouterServer]]:
     store = RedisStateStore(module_redis.url)
     worker = await start_worker(router_tiny_model, MODEL, module_redis.url,
-                                grpc_limits=GrpcPortLimits(handshake_timeout_s=0.3, max_connection_idle_s=0),
-                                max_concurrent_streams=WORKER_STREAMS)
-    router = await start_router(store, max_concurrent_rpcs=1, metrics_port=None,
+                                grpc_limits=GrpcPortLimits(handshake_timeout_s=0.3, max_connection_idle_s=0,
+                                                           request_timeout_s=3.0),
+                                max_concurrent_rpcs=WORKER_CALLS)
+    router = await start_router(store, max_concurrent_rpcs=1, metrics_port=None, max_kserve_stream_requests=1,
                                 grpc_limits=GrpcPortLimits(handshake_timeout_s=0.3))
     try:
         yield worker, router
@@ -59,6 +64,12 @@ def request() -> gen_pb.GenerateRequest:
                                   sampling=gen_pb.SamplingParams(max_tokens=2, temperature=0.0))
 
 
+async def settled(condition: Callable[[], bool]) -> None:
+    async with asyncio.timeout(10):
+        while not condition():
+            await asyncio.sleep(0.02)
+
+
 async def tokens(target: str) -> list[int]:
     async with grpc.aio.insecure_channel(target) as channel:
         chunks = [c async for c in gen_grpc.GenerationStub(channel).Generate(request(), timeout=60)]
@@ -69,11 +80,10 @@ async def test_the_router_refuses_calls_past_its_limit_naming_it(servers: tuple[
                                                                ) -> None:
     _, router = servers
     assert len(await tokens(router.target)) == 2
+    await settled(lambda: router.calls_in_flight == 0)  # that call's task has ended
     async with grpc.aio.insecure_channel(router.target) as channel:
         held = half_open(channel, GENERATE)
-        async with asyncio.timeout(10):
-            while router.calls_in_flight < 1:  # its headers reach the router
-                await asyncio.sleep(0.02)
+        await settled(lambda: router.calls_in_flight == 1)  # its headers reached the router
         with pytest.raises(grpc.aio.AioRpcError) as info:
             async for _ in gen_grpc.GenerationStub(channel).Generate(request(), timeout=30):
                 pass
@@ -89,9 +99,7 @@ async def test_the_router_refuses_calls_past_its_limit_naming_it(servers: tuple[
             kserve_pb.ServerLiveRequest(), timeout=5)
         assert live.live
         held.cancel()
-        async with asyncio.timeout(10):
-            while router.calls_in_flight:
-                await asyncio.sleep(0.02)
+        await settled(lambda: router.calls_in_flight == 0)
     assert len(await tokens(router.target)) == 2  # the held call's place is free again
 
 
@@ -102,24 +110,77 @@ async def test_both_ports_close_a_connection_that_never_handshakes(servers: tupl
     assert await silent_connection_closed(worker.port)
 
 
+async def test_the_router_answers_a_generate_ended_without_its_request(
+        servers: tuple[WorkerServer, RouterServer]) -> None:
+    _, router = servers
+    async with grpc.aio.insecure_channel(router.target) as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            async with asyncio.timeout(5):  # grpc.aio alone never answers it
+                async for _ in channel.stream_stream(GENERATE)(iter(())):
+                    pass
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    await settled(lambda: router.calls_in_flight == 0)
+
+
 async def test_the_worker_bounds_calls_whose_request_never_comes(servers: tuple[WorkerServer, RouterServer]
                                                                ) -> None:
     worker, router = servers
-    flood = core_call_limit(WORKER_STREAMS) + 4
+    await settled(lambda: worker.calls_in_flight == 0)
     async with grpc.aio.insecure_channel(worker.target) as channel:
-        calls = [half_open(channel, GENERATE) for _ in range(flood)]
-
-        async def ending(call: Any) -> grpc.StatusCode:
-            try:
-                async for _ in call:
+        held = [half_open(channel, GENERATE) for _ in range(WORKER_CALLS)]
+        await settled(lambda: worker.calls_in_flight == WORKER_CALLS)  # their headers reached the worker
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            async with asyncio.timeout(5):
+                async for _ in half_open(channel, GENERATE):
                     pass
-            except grpc.aio.AioRpcError as exc:
-                return exc.code()
-            return grpc.StatusCode.OK
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        details = refused.value.details() or ""
+        assert "limit is 3 (max_concurrent_rpcs, flag --max-concurrent-rpcs)" in details
+        # through the router: busy, in the worker's own words
+        with pytest.raises(grpc.aio.AioRpcError) as busy:
+            await tokens(router.target)
+        assert busy.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "tried is busy" in (busy.value.details() or "")
+        assert "flag --max-concurrent-rpcs" in (busy.value.details() or "")
+        for call in held:  # each ended by the worker's request timeout
+            with pytest.raises(grpc.aio.AioRpcError) as late:
+                async with asyncio.timeout(10):
+                    async for _ in call:
+                        pass
+            assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
 
-        done, pending = await asyncio.wait([asyncio.create_task(ending(c)) for c in calls], timeout=3)
-        assert [t.result() for t in done] == [grpc.StatusCode.RESOURCE_EXHAUSTED] * 4  # at once
-        for call in calls:
-            call.cancel()
-        await asyncio.wait(pending, timeout=5)
+    def refusals(limit: str) -> float | None:
+        return worker.engine_metrics.metrics.registry.get_sample_value(
+            "llmserve:request_refusals_total", {"model_name": MODEL, "limit": limit})
+
+    assert (refusals("max_concurrent_rpcs"), refusals("grpc_request_timeout_s")) == (2, WORKER_CALLS)
     assert len(await tokens(router.target)) == 2  # through the router, on the freed worker
+
+
+async def test_a_kserve_stream_serves_its_requests_within_its_bound(servers: tuple[WorkerServer, RouterServer]
+                                                                  ) -> None:
+    """With ``--max-kserve-stream-requests 1`` a stream's requests run one at a time: they finish
+    in the order sent, although the second is much shorter than the first."""
+    _, router = servers
+    await settled(lambda: router.calls_in_flight == 0)
+    client = grpcclient_aio.InferenceServerClient(router.target)
+    lengths = [8, 1, 1]
+
+    async def requests() -> AsyncIterator[dict[str, Any]]:
+        for i, max_tokens in enumerate(lengths):
+            sampling = {"max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
+            yield {"model_name": MODEL, "request_id": f"k-{i}",
+                   "inputs": text_inputs("Hello there", stream=False, sampling=sampling)}
+
+    finals: list[str] = []
+    try:
+        async with asyncio.timeout(60):
+            async for result, error in client.stream_infer(requests()):
+                assert error is None, error
+                if is_final(result):
+                    finals.append(result.get_response().id)
+                if len(finals) == len(lengths):
+                    break
+    finally:
+        await client.close()
+    assert finals == ["k-0", "k-1", "k-2"]

@@ -43,12 +43,14 @@ def test_invalid_values_are_refused_naming_the_setting(field: str, value: float,
 
 def test_grpc_port_flags_reach_the_server_config() -> None:
     args = build_parser({"LLMSERVE_MAX_GRPC_CONNECTIONS": "32"}).parse_args(
-        ["--model", "m", "--grpc-handshake-timeout-s", "3", "--grpc-max-connection-idle-s", "900"])
+        ["--model", "m", "--grpc-handshake-timeout-s", "3", "--grpc-max-connection-idle-s", "900",
+         "--grpc-request-timeout-s", "7", "--max-concurrent-rpcs", "100"])
     _, server = configs_from_args(args)
     assert server.grpc_limits == GrpcPortLimits(max_connections=32, handshake_timeout_s=3.0,
-                                                max_connection_idle_s=900.0)
+                                                max_connection_idle_s=900.0, request_timeout_s=7.0)
+    assert server.max_concurrent_rpcs == 100
     _, plain = configs_from_args(build_parser({}).parse_args(["--model", "m"]))
     # Routers hold their channels to a worker open on purpose: a worker never closes idle ones.
-    assert plain.grpc_limits == WORKER_PORT_LIMITS
+    assert (plain.grpc_limits, plain.max_concurrent_rpcs) == (WORKER_PORT_LIMITS, 2048)
     assert (WORKER_PORT_LIMITS.max_connections, WORKER_PORT_LIMITS.max_connection_idle_s) == (1024, 0.0)
     assert ("grpc.max_connection_idle_ms", 0) not in WORKER_PORT_LIMITS.server_options()
