@@ -214,6 +214,10 @@ class CallGuard(grpc.aio.ServerInterceptor):
                 timer = loop.call_later(self.write_timeout_s, stall.fire)
                 try:
                     await context.write(message)
+                except Exception:
+                    if stall.fired or context.cancelled() or context.done():
+                        return  # the call ended under the write (the client left): nobody to tell
+                    raise
                 finally:
                     timer.cancel()
                 if stall.fired:

@@ -298,3 +298,22 @@ async def test_a_slow_but_steady_reader_gets_its_whole_stream() -> None:
             await asyncio.sleep(0.02)  # slower than the server writes, never 1 s behind
         assert received == BIG_MESSAGES
         assert port.refusals == []
+
+
+async def test_a_stalled_stream_whose_client_then_leaves_ends_quietly(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The write held by flow control fails when the client goes: the call is over, not an error."""
+    CLOSED.clear()
+    async with serving(GrpcPortLimits(write_timeout_s=0.5)) as port:
+        with caplog.at_level(logging.INFO):
+            channel = grpc.aio.insecure_channel(port.target)
+            call = channel.unary_stream("/t.Echo/Big")(b"")
+            await wait_for(lambda: CLOSED and port.in_flight() == 0, "the stalled stream ended", within_s=15)
+            call.cancel()
+            await channel.close()
+            await asyncio.sleep(0.5)  # the held write fails now
+        assert port.refusals == ["grpc_write_timeout_s"]
+        assert not [r for r in caplog.records if r.levelno >= logging.ERROR], \
+            [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+        async with grpc.aio.insecure_channel(port.target) as fresh:
+            assert await fresh.unary_unary(UNARY)(b"next") == b"next"
