@@ -61,9 +61,9 @@ PROBE_HEADROOM = 64
 
 @dataclass(frozen=True)
 class GrpcPortLimits:
-    """How many connections a gRPC port holds and how long it waits on a silent one or on a
-    call's request message (see the module docstring). Defaults are the router's public port;
-    :data:`WORKER_PORT_LIMITS` the worker's."""
+    """How many connections a gRPC port holds and how long it waits on a silent one, on a
+    call's request message and on a stream's reader (see the module docstring). Defaults are
+    the router's public port; :data:`WORKER_PORT_LIMITS` the worker's."""
 
     max_connections: int = 4096
     handshake_timeout_s: float = 10.0
@@ -74,10 +74,9 @@ class GrpcPortLimits:
     def __post_init__(self) -> None:
         if self.max_connections < 1:
             raise ValueError(f"max_grpc_connections must be at least 1, got {self.max_connections}")
-        if not (self.handshake_timeout_s > 0 and math.isfinite(self.handshake_timeout_s)):
-            raise ValueError(f"grpc_handshake_timeout_s must be a positive number of seconds, "
-                             f"got {self.handshake_timeout_s}")
-        for name, value in ((REQUEST_TIMEOUT, self.request_timeout_s), (WRITE_TIMEOUT, self.write_timeout_s)):
+        timeouts = (("grpc_handshake_timeout_s", self.handshake_timeout_s),
+                    (REQUEST_TIMEOUT, self.request_timeout_s), (WRITE_TIMEOUT, self.write_timeout_s))
+        for name, value in timeouts:
             if not (value > 0 and math.isfinite(value)):
                 raise ValueError(f"{name} must be a positive number of seconds, got {value}")
         if not (self.max_connection_idle_s >= 0 and math.isfinite(self.max_connection_idle_s)):
@@ -139,27 +138,25 @@ class CallGuard(grpc.aio.ServerInterceptor):
     """Counts every call from its headers to its end, refuses one past ``limit`` at once, reads
     the request message of unary-request methods itself within ``timeouts.request_timeout_s``
     and writes streams' messages itself within ``timeouts.write_timeout_s`` each (see the module
-    docstring). ``limit_name`` is the setting the refusal names (its flag derived);
-    ``on_refusal(limit)`` counts each refusal (``limit_name``, ``grpc_request_timeout_s`` or
-    ``grpc_write_timeout_s``);
+    docstring); a refusal past the limit names ``max_concurrent_rpcs`` and its flag.
+    ``on_refusal(limit)`` counts each refusal (``max_concurrent_rpcs``, ``grpc_request_timeout_s``
+    or ``grpc_write_timeout_s``);
     ``is_probe(method)``: unary probes, admitted up to :data:`PROBE_HEADROOM` past the limit.
     Install it first: it sees every call and a refused call costs nothing further."""
 
     def __init__(self, limit: int, timeouts: GrpcPortLimits, on_refusal: Callable[[str], None], *,
-                 limit_name: str = CALL_LIMIT, is_probe: Callable[[str], bool] = is_health_check) -> None:
+                 is_probe: Callable[[str], bool] = is_health_check) -> None:
         if limit < 1:
-            raise ValueError(f"{limit_name} must be at least 1, got {limit}")
+            raise ValueError(f"{CALL_LIMIT} must be at least 1, got {limit}")
         self.limit = limit
-        request_timeout_s = timeouts.request_timeout_s
-        self.request_timeout_s = request_timeout_s
+        self.request_timeout_s = timeouts.request_timeout_s
         self.write_timeout_s = timeouts.write_timeout_s
         self._on_refusal = on_refusal
-        self._limit_name = limit_name
         self._is_probe = is_probe
         self._in_flight = 0
-        self._full = (f"too many calls in flight: the limit is {limit} ({limit_name}, flag "
-                      f"{flag_of(limit_name)}); retry later")
-        self._late = (f"the request message did not arrive within {request_timeout_s:g} s of the call's "
+        self._full = (f"too many calls in flight: the limit is {limit} ({CALL_LIMIT}, flag "
+                      f"{flag_of(CALL_LIMIT)}); retry later")
+        self._late = (f"the request message did not arrive within {self.request_timeout_s:g} s of the call's "
                       f"start ({REQUEST_TIMEOUT}, flag {flag_of(REQUEST_TIMEOUT)})")
         self._stalled = (f"the client took no message of the stream for {self.write_timeout_s:g} s "
                          f"({WRITE_TIMEOUT}, flag {flag_of(WRITE_TIMEOUT)})")
@@ -181,7 +178,7 @@ class CallGuard(grpc.aio.ServerInterceptor):
         probe = unary_request and not handler.response_streaming and self._is_probe(details.method)
         bound = self.limit + (PROBE_HEADROOM if probe else 0)
         if self._in_flight >= bound:
-            self._on_refusal(self._limit_name)
+            self._on_refusal(CALL_LIMIT)
             return _refusing_at_once(handler, grpc.StatusCode.RESOURCE_EXHAUSTED, self._full)
         # grpc.aio runs each call in a task of its own, interceptors included, which now ends with
         # the call whatever happens: the handler below always answers, also when the message

@@ -23,14 +23,21 @@ async def closed_by_server(reader: asyncio.StreamReader, within_s: float = 10.0)
         return True
 
 
-async def silent_connection_closed(port: int, first: bytes = b"", within_s: float = 10.0) -> bool:
-    """Open a TCP connection to ``port`` on loopback, send ``first`` (nothing: not even the
-    HTTP/2 preface) and nothing more: whether the server closes it within ``within_s``."""
+async def silent_connection(port: int, first: bytes = b""
+                            ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A TCP connection to ``port`` on loopback that has sent ``first`` (nothing: not even the
+    HTTP/2 preface) and will send nothing more."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    if first:
+        writer.write(first)
+        await writer.drain()
+    return reader, writer
+
+
+async def silent_connection_closed(port: int, first: bytes = b"", within_s: float = 10.0) -> bool:
+    """Whether the server closes a :func:`silent_connection` within ``within_s``."""
+    reader, writer = await silent_connection(port, first)
     try:
-        if first:
-            writer.write(first)
-            await writer.drain()
         return await closed_by_server(reader, within_s)
     finally:
         writer.close()

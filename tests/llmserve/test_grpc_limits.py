@@ -23,7 +23,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from llmserve.grpc_limits import PROBE_HEADROOM, CallGuard, GrpcPortLimits
 from llmserve.grpc_server import bind_server
-from tests.helpers.stalled_clients import closed_by_server, half_open, silent_connection_closed
+from tests.helpers.stalled_clients import (
+    closed_by_server,
+    half_open,
+    silent_connection,
+    silent_connection_closed,
+)
 
 pytestmark = pytest.mark.asyncio
 STREAM = "/t.Echo/Stream"
@@ -77,13 +82,6 @@ class Port:
     @property
     def target(self) -> str:
         return f"127.0.0.1:{self.port}"
-
-    async def open_socket(self, first: bytes = b"") -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
-        if first:
-            writer.write(first)
-            await writer.drain()
-        return reader, writer
 
 
 @contextlib.asynccontextmanager
@@ -156,7 +154,7 @@ async def test_an_idle_connection_is_closed_and_clients_reconnect_transparently(
 
 async def test_connections_past_the_limit_are_turned_away_until_others_close() -> None:
     async with serving(GrpcPortLimits(max_connections=2, handshake_timeout_s=30)) as port:
-        held = [await port.open_socket(H2_PREFACE) for _ in range(2)]
+        held = [await silent_connection(port.port, H2_PREFACE) for _ in range(2)]
         await asyncio.sleep(0.2)
         async with grpc.aio.insecure_channel(port.target) as channel:
             with pytest.raises(grpc.aio.AioRpcError) as info:
