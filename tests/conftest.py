@@ -7,6 +7,7 @@ are imported inside the fixtures that need them, so suites without models never 
 
 from __future__ import annotations
 
+import faulthandler
 import importlib.util
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -32,6 +33,18 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+_EXIT_WATCHDOG_S = 120.0
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """The interpreter joins every non-daemon thread at exit (asyncio.to_thread's among them): a
+    test thread stuck in a loop would hold the run open until CI's own limit. Past
+    ``_EXIT_WATCHDOG_S`` after the session, every thread's stack is printed and the process
+    exits 1."""
+    faulthandler.dump_traceback_later(_EXIT_WATCHDOG_S, exit=True)
 
 
 @pytest.fixture
