@@ -39,7 +39,6 @@ import inspect
 import logging
 import math
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
-from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
@@ -206,7 +205,7 @@ class CallGuard(grpc.aio.ServerInterceptor):
         the handler is closed at once (what it holds is freed) and the call ended."""
         loop = asyncio.get_running_loop()
         stall = _Stall(self, messages, slot)
-        async with aclosing(messages):
+        try:
             async for message in messages:
                 timer = loop.call_later(self.write_timeout_s, stall.fire)
                 try:
@@ -219,6 +218,8 @@ class CallGuard(grpc.aio.ServerInterceptor):
                     timer.cancel()
                 if stall.fired:
                     break
+        finally:
+            await stall.close_handler()
         if stall.fired:
             await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, self._stalled)
 
@@ -290,6 +291,15 @@ class _Stall:
         # The handler is suspended at its yield (its message is the one being written), so it
         # can be closed from here.
         self._closing = asyncio.ensure_future(self._messages.aclose())
+
+    async def close_handler(self) -> None:
+        """Close the handler once: wait for the close :meth:`fire` started (a handler's cleanup
+        can outlast the held write: a second ``aclose`` meanwhile would fail the call with
+        "asynchronous generator is already running"), else close it now."""
+        if self._closing is None:
+            await self._messages.aclose()
+        else:
+            await self._closing
 
 
 class _RequestReader:

@@ -63,6 +63,18 @@ async def _big(request: bytes, context: grpc.aio.ServicerContext) -> AsyncIterat
 
 
 CLOSED: list[float] = []
+SLOW_CLOSE_S = 2.0
+
+
+async def _big_slow_close(request: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+    """:func:`_big` whose cleanup takes ``SLOW_CLOSE_S`` (a KServe stream's waits for its
+    requests' tasks): the client can read again while it runs."""
+    try:
+        for _ in range(BIG_MESSAGES):
+            yield b"x" * (1 << 20)
+    finally:
+        await asyncio.sleep(SLOW_CLOSE_S)
+        CLOSED.append(asyncio.get_running_loop().time())
 
 
 async def _parsed(request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext) -> bytes:
@@ -93,6 +105,7 @@ async def serving(limits: GrpcPortLimits = GrpcPortLimits(), max_calls: int = 10
         "Stream": grpc.unary_stream_rpc_method_handler(_stream),
         "Unary": grpc.unary_unary_rpc_method_handler(_unary),
         "Big": grpc.unary_stream_rpc_method_handler(_big),
+        "BigSlowClose": grpc.unary_stream_rpc_method_handler(_big_slow_close),
         "Parsed": grpc.unary_unary_rpc_method_handler(
             _parsed, request_deserializer=health_pb2.HealthCheckRequest.FromString),
     }),))
@@ -284,6 +297,28 @@ async def test_a_stream_whose_client_stopped_reading_is_ended_and_its_handler_cl
         assert 0 < received < BIG_MESSAGES
         assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         assert "(grpc_write_timeout_s, flag --grpc-write-timeout-s)" in (info.value.details() or "")
+
+
+async def test_a_stalled_stream_whose_handler_closes_slowly_ends_with_its_status(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The client reads again while the handler's cleanup still runs: the call waits for that
+    cleanup (it is not closed a second time, which failed the call UNKNOWN with "asynchronous
+    generator is already running" and an ERROR), then ends DEADLINE_EXCEEDED."""
+    CLOSED.clear()
+    async with serving(GrpcPortLimits(write_timeout_s=0.5)) as port, \
+            grpc.aio.insecure_channel(port.target) as channel:
+        with caplog.at_level(logging.INFO):
+            call = channel.unary_stream("/t.Echo/BigSlowClose")(b"")
+            await wait_for(lambda: port.in_flight() == 1, "the stream began")
+            await wait_for(lambda: port.in_flight() == 0, "the stalled stream left the count", within_s=15)
+            assert not CLOSED  # its cleanup is still running
+            code, details = await ending(call)
+        assert code == grpc.StatusCode.DEADLINE_EXCEEDED, details
+        assert "(grpc_write_timeout_s, flag --grpc-write-timeout-s)" in details
+        assert CLOSED  # the status came once the cleanup was done
+        assert port.refusals == ["grpc_write_timeout_s"]
+        assert not [r for r in caplog.records if r.levelno >= logging.ERROR], \
+            [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
 
 
 async def test_a_slow_but_steady_reader_gets_its_whole_stream() -> None:

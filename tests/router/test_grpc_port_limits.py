@@ -2,8 +2,9 @@
 real worker (tiny model) and a real router in this event loop over a real Redis. On the router:
 a call past ``--max-concurrent-rpcs`` is refused at once naming it and counted while probes
 still answer, a Generate whose stream ends without its request is answered, a KServe stream
-serves its requests within ``--max-kserve-stream-requests``, and a connection that never
-handshakes is closed. On the worker: the same handshake deadline, its own
+serves its requests within ``--max-kserve-stream-requests`` and is cut when its client stops
+reading (``--grpc-write-timeout-s``: the worker freed, the status DEADLINE_EXCEEDED), and a
+connection that never handshakes is closed. On the worker: the same handshake deadline, its own
 ``--max-concurrent-rpcs`` against calls whose request never comes, and those calls ended by
 ``--grpc-request-timeout-s``. Served in full again once the held calls go.
 """
@@ -11,6 +12,8 @@ handshakes is closed. On the worker: the same handshake deadline, its own
 from __future__ import annotations
 
 import asyncio
+import json
+import struct
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -64,8 +67,8 @@ def request() -> gen_pb.GenerateRequest:
                                   sampling=gen_pb.SamplingParams(max_tokens=2, temperature=0.0))
 
 
-async def settled(condition: Callable[[], bool]) -> None:
-    async with asyncio.timeout(10):
+async def settled(condition: Callable[[], bool], within_s: float = 10.0) -> None:
+    async with asyncio.timeout(within_s):
         while not condition():
             await asyncio.sleep(0.02)
 
@@ -184,3 +187,61 @@ async def test_a_kserve_stream_serves_its_requests_within_its_bound(servers: tup
     finally:
         await client.close()
     assert finals == ["k-0", "k-1", "k-2"]
+
+
+def streamed_request(i: int, max_tokens: int) -> kserve_pb.ModelInferRequest:
+    """A raw KServe v2 request for ``max_tokens`` streamed tokens (one response each)."""
+    def tensor(name: str, datatype: str) -> kserve_pb.ModelInferRequest.InferInputTensor:
+        return kserve_pb.ModelInferRequest.InferInputTensor(name=name, datatype=datatype, shape=[1])
+
+    sampling = json.dumps({"max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}).encode()
+    return kserve_pb.ModelInferRequest(
+        model_name=MODEL, id=f"s-{i}",
+        inputs=[tensor("text_input", "BYTES"), tensor("stream", "BOOL"),
+                tensor("sampling_parameters", "BYTES")],
+        raw_input_contents=[struct.pack("<I", 5) + b"Hello", b"\x01",
+                            struct.pack("<I", len(sampling)) + sampling])
+
+
+async def test_a_kserve_stream_whose_client_stopped_reading_is_cut(
+        servers: tuple[WorkerServer, RouterServer], module_redis: RedisProc) -> None:
+    """A client that keeps sending requests on one ModelStreamInfer stream but reads nothing:
+    once flow control holds a response past ``--grpc-write-timeout-s`` the stream is ended (the
+    call leaves the count, its requests leave the worker, every KV block is free) without
+    waiting for the client, which gets what was in flight, then DEADLINE_EXCEEDED naming the
+    flag."""
+    worker, _ = servers
+    store = RedisStateStore(module_redis.url)
+    router = await start_router(store, metrics_port=None, max_kserve_stream_requests=8,
+                                grpc_limits=GrpcPortLimits(write_timeout_s=1.0))
+    try:
+        # no BDP probing: the client's window stays at HTTP/2's 64 KiB, which a few hundred
+        # token responses fill
+        async with grpc.aio.insecure_channel(router.target, options=[("grpc.http2.bdp_probe", 0)]) as channel:
+            async def requests() -> AsyncIterator[kserve_pb.ModelInferRequest]:
+                for i in range(400):
+                    yield streamed_request(i, 64)
+                    await asyncio.sleep(0.02)
+                await asyncio.Event().wait()
+
+            call = kserve_grpc.GRPCInferenceServiceStub(channel).ModelStreamInfer(requests())
+            await settled(lambda: router.calls_in_flight == 1, within_s=30)  # the stream began
+            await settled(lambda: router.calls_in_flight == 0, within_s=30)  # cut, nothing read
+            await settled(lambda: kv_free(worker), within_s=30)
+            received = 0
+            with pytest.raises(grpc.aio.AioRpcError) as cut:
+                async with asyncio.timeout(30):
+                    async for _ in call:  # what was in flight, then the status
+                        received += 1
+            assert received > 0
+            assert cut.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            assert "(grpc_write_timeout_s, flag --grpc-write-timeout-s)" in (cut.value.details() or "")
+        assert len(await tokens(router.target)) == 2  # served on
+    finally:
+        await router.stop(grace_s=0.5)
+        await store.close()
+
+
+def kv_free(worker: WorkerServer) -> bool:
+    stats = worker.service.engine.stats()
+    return not worker.service.in_flight and stats.num_free_blocks == stats.num_total_blocks
