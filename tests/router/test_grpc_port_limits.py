@@ -212,7 +212,8 @@ async def test_a_kserve_stream_whose_client_stopped_reading_is_cut(
     flag."""
     worker, _ = servers
     store = RedisStateStore(module_redis.url)
-    router = await start_router(store, metrics_port=None, max_kserve_stream_requests=8,
+    # two requests at once: within the worker's --max-concurrent-rpcs (WORKER_CALLS)
+    router = await start_router(store, metrics_port=None, max_kserve_stream_requests=2,
                                 grpc_limits=GrpcPortLimits(write_timeout_s=1.0))
     try:
         # no BDP probing: the client's window stays at HTTP/2's 64 KiB, which a few hundred
@@ -236,6 +237,7 @@ async def test_a_kserve_stream_whose_client_stopped_reading_is_cut(
             assert received > 0
             assert cut.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
             assert "(grpc_write_timeout_s, flag --grpc-write-timeout-s)" in (cut.value.details() or "")
+        await settled(lambda: worker.calls_in_flight == 0)  # the router's calls to it have ended
         assert len(await tokens(router.target)) == 2  # served on
     finally:
         await router.stop(grace_s=0.5)
