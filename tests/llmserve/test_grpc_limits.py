@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
@@ -52,29 +52,24 @@ async def _unary(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
 BIG_MESSAGES = 64
 
 
-async def _big(request: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
-    """64 messages of 1 MiB, more than HTTP/2 flow control lets through to a client not reading;
-    ``CLOSED`` records when the handler was closed (its ``finally``)."""
-    try:
-        for _ in range(BIG_MESSAGES):
-            yield b"x" * (1 << 20)
-    finally:
-        CLOSED.append(asyncio.get_running_loop().time())
+def _big(close_s: float = 0.0) -> Callable[[bytes, grpc.aio.ServicerContext], AsyncIterator[bytes]]:
+    """A handler of 64 messages of 1 MiB, more than HTTP/2 flow control lets through to a client
+    not reading; its cleanup takes ``close_s`` (a KServe stream's waits for its requests'
+    tasks), then ``CLOSED`` records when it ended (its ``finally``)."""
+    async def big(request: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+        try:
+            for _ in range(BIG_MESSAGES):
+                yield b"x" * (1 << 20)
+        finally:
+            if close_s:
+                await asyncio.sleep(close_s)
+            CLOSED.append(asyncio.get_running_loop().time())
+
+    return big
 
 
 CLOSED: list[float] = []
 SLOW_CLOSE_S = 2.0
-
-
-async def _big_slow_close(request: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
-    """:func:`_big` whose cleanup takes ``SLOW_CLOSE_S`` (a KServe stream's waits for its
-    requests' tasks): the client can read again while it runs."""
-    try:
-        for _ in range(BIG_MESSAGES):
-            yield b"x" * (1 << 20)
-    finally:
-        await asyncio.sleep(SLOW_CLOSE_S)
-        CLOSED.append(asyncio.get_running_loop().time())
 
 
 async def _parsed(request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext) -> bytes:
@@ -104,8 +99,8 @@ async def serving(limits: GrpcPortLimits = GrpcPortLimits(), max_calls: int = 10
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("t.Echo", {
         "Stream": grpc.unary_stream_rpc_method_handler(_stream),
         "Unary": grpc.unary_unary_rpc_method_handler(_unary),
-        "Big": grpc.unary_stream_rpc_method_handler(_big),
-        "BigSlowClose": grpc.unary_stream_rpc_method_handler(_big_slow_close),
+        "Big": grpc.unary_stream_rpc_method_handler(_big()),
+        "BigSlowClose": grpc.unary_stream_rpc_method_handler(_big(SLOW_CLOSE_S)),
         "Parsed": grpc.unary_unary_rpc_method_handler(
             _parsed, request_deserializer=health_pb2.HealthCheckRequest.FromString),
     }),))

@@ -76,3 +76,9 @@ async def start_router(store: StateStore, **config: Any) -> RouterServer:
     router = RouterServer(RouterConfig(**fields), store)
     await router.start()
     return router
+
+
+def worker_idle(worker: WorkerServer) -> bool:
+    """No request in flight on ``worker`` and every KV block of its engine free."""
+    stats = worker.service.engine.stats()
+    return not worker.service.in_flight and stats.num_free_blocks == stats.num_total_blocks

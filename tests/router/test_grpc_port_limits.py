@@ -35,7 +35,7 @@ from router.request_telemetry import UNKNOWN_MODEL
 from router.server import RouterServer
 from tests.helpers.stalled_clients import half_open, silent_connection_closed
 from tests.router.frontends.kserve_inputs import is_final, text_inputs
-from tests.router.inprocess import start_router, start_worker
+from tests.router.inprocess import start_router, start_worker, worker_idle
 from tests.router.router_procs import RedisProc
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -228,7 +228,7 @@ async def test_a_kserve_stream_whose_client_stopped_reading_is_cut(
             call = kserve_grpc.GRPCInferenceServiceStub(channel).ModelStreamInfer(requests())
             await settled(lambda: router.calls_in_flight == 1, within_s=30)  # the stream began
             await settled(lambda: router.calls_in_flight == 0, within_s=30)  # cut, nothing read
-            await settled(lambda: kv_free(worker), within_s=30)
+            await settled(lambda: worker_idle(worker), within_s=30)
             received = 0
             with pytest.raises(grpc.aio.AioRpcError) as cut:
                 async with asyncio.timeout(30):
@@ -242,8 +242,3 @@ async def test_a_kserve_stream_whose_client_stopped_reading_is_cut(
     finally:
         await router.stop(grace_s=0.5)
         await store.close()
-
-
-def kv_free(worker: WorkerServer) -> bool:
-    stats = worker.service.engine.stats()
-    return not worker.service.in_flight and stats.num_free_blocks == stats.num_total_blocks

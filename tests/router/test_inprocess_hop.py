@@ -35,6 +35,7 @@ from llmserve.v1 import generation_pb2 as pb
 from llmserve.v1 import generation_pb2_grpc as pb_grpc
 from router.policy import rendezvous
 from router.server import RouterConfig, RouterServer
+from tests.router.inprocess import worker_idle
 from tests.router.router_procs import free_port
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -109,10 +110,10 @@ async def _generate(stack: Stack, hop: str, request: pb.GenerateRequest,
 async def _wait_kv_free(worker: WorkerServer) -> None:
     """Until no request is in flight and every KV block is free again (bounded)."""
     for _ in range(500):
-        stats = worker.service.engine.stats()
-        if not worker.service.in_flight and stats.num_free_blocks == stats.num_total_blocks:
+        if worker_idle(worker):
             return
         await asyncio.sleep(0.01)
+    stats = worker.service.engine.stats()
     raise AssertionError(f"still in flight {sorted(worker.service.in_flight)}; KV {stats}")
 
 
