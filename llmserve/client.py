@@ -18,6 +18,7 @@ from typing import Any
 import grpc
 
 from llmserve.sampling_extras import plugin_call_messages, structured_output_message
+from llmserve.stop_reason import stop_reason
 from llmserve.v1 import generation_pb2 as pb
 from llmserve.v1 import generation_pb2_grpc as pb_grpc
 
@@ -70,7 +71,7 @@ class GenerationChunk:
     token_ids: tuple[int, ...]
     logprobs: tuple[TokenLogprob, ...] = ()
     finish_reason: str | None = None
-    stop_reason: str | None = None
+    stop_reason: int | str | None = None
     usage: Usage | None = None
     worker_id: str | None = None
 
@@ -84,7 +85,7 @@ class CompletionSequence:
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: str | None = None
-    stop_reason: str | None = None
+    stop_reason: int | str | None = None
 
 
 @dataclass
@@ -188,7 +189,7 @@ def chunk_from_proto(msg: pb.GenerateResponse) -> GenerationChunk:
             for lp in msg.logprobs
         ),
         finish_reason=msg.finish_reason or None,
-        stop_reason=msg.stop_reason or None,
+        stop_reason=stop_reason(msg),
         usage=Usage(msg.usage.prompt_tokens, msg.usage.completion_tokens, msg.usage.cached_prompt_tokens,
                     msg.usage.device_seconds)
         if msg.HasField("usage")
@@ -213,7 +214,7 @@ class CompletionCollector:
         seq.token_ids.extend(chunk.token_ids)
         seq.logprobs.extend(chunk.logprobs)
         seq.finish_reason = chunk.finish_reason or seq.finish_reason
-        seq.stop_reason = chunk.stop_reason or seq.stop_reason
+        seq.stop_reason = seq.stop_reason if chunk.stop_reason is None else chunk.stop_reason
         self._usage = chunk.usage or self._usage
         self._worker_id = chunk.worker_id or self._worker_id
 

@@ -138,7 +138,7 @@ class OutputProcessor:
             state.device_s += out.device_s
             if out.num_cached_tokens > state.num_cached_tokens:
                 state.num_cached_tokens = out.num_cached_tokens
-            if self._apply(sample, out) and not out.finished:
+            if self._apply(sample, out, state.params) and not out.finished:
                 to_abort.append(out.request_id)
             touched.setdefault(state.request_id, (state, []))[1].append(sample)
         request_outputs = []
@@ -164,7 +164,7 @@ class OutputProcessor:
         self._forget(state)
         return core_ids, result
 
-    def _apply(self, sample: _Sample, out: EngineCoreOutput) -> bool:
+    def _apply(self, sample: _Sample, out: EngineCoreOutput, params: SamplingParams) -> bool:
         """Add a core output's tokens to a sample; True if a stop string ended it."""
         for i, token_id in enumerate(out.new_token_ids):
             sample.token_ids.append(token_id)
@@ -182,7 +182,10 @@ class OutputProcessor:
                     return True
         if out.finish_reason is not None:
             sample.finish_reason = out.finish_reason.value
-            sample.stop_reason = out.stop_token_id
+            # vLLM's rule: one of the request's stop_token_ids is the stop reason; the model's
+            # end-of-sequence token is none (the core reports either as stop_token_id).
+            if out.stop_token_id is not None and out.stop_token_id in params.stop_token_ids:
+                sample.stop_reason = out.stop_token_id
             sample.detokenizer.finish()
         return False
 

@@ -153,6 +153,8 @@ class _StreamEncoder:
                 finish_reason=_finish_reason(seq.finish_reason),
                 stop_reason="" if seq.stop_reason is None else str(seq.stop_reason),
             )
+            if isinstance(seq.stop_reason, int):  # a stop token id, typed (a stop string is text)
+                chunk.stop_token_id = seq.stop_reason
             if seq.logprobs:
                 chunk.logprobs.extend(encode_logprobs(token_ids, seq.logprobs, top_n))
             chunks.append(chunk)

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from llmserve.stop_reason import stop_reason
 from llmserve.v1 import generation_pb2 as gen_pb
 from router.tokenizers import RouterTokenizer
 
@@ -47,7 +48,7 @@ class _Choice:
     texts: list[str] = field(default_factory=list)
     logprobs: list[gen_pb.TokenLogprobs] = field(default_factory=list)
     finish_reason: str | None = None
-    stop_reason: str | None = None
+    stop_reason: int | str | None = None
     text_offset: int = 0  # completions: character offset of the next token (echo included)
     started: bool = False  # streaming: the first chunk of this choice was sent
 
@@ -114,7 +115,7 @@ class ChoiceRenderer:
         choice.logprobs.extend(chunk.logprobs)
         if chunk.finish_reason:
             choice.finish_reason = chunk.finish_reason
-            choice.stop_reason = chunk.stop_reason or None
+            choice.stop_reason = stop_reason(chunk)
         if chunk.HasField("usage"):
             self.usage = chunk.usage
 
@@ -156,7 +157,7 @@ class CompletionRenderer(ChoiceRenderer):
             "text": text,
             "logprobs": self._logprobs(choice, chunk.logprobs) if self.logprobs else None,
             "finish_reason": chunk.finish_reason or None,
-            "stop_reason": (chunk.stop_reason or None) if chunk.finish_reason else None,
+            "stop_reason": stop_reason(chunk) if chunk.finish_reason else None,
         }
 
     def _full_choice(self, choice: _Choice) -> dict[str, Any]:
@@ -200,7 +201,7 @@ class ChatRenderer(ChoiceRenderer):
             "delta": delta,
             "logprobs": {"content": self._logprobs(chunk.logprobs)} if self.logprobs else None,
             "finish_reason": chunk.finish_reason or None,
-            "stop_reason": (chunk.stop_reason or None) if chunk.finish_reason else None,
+            "stop_reason": stop_reason(chunk) if chunk.finish_reason else None,
         }
 
     def _full_choice(self, choice: _Choice) -> dict[str, Any]:

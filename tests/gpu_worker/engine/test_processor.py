@@ -119,6 +119,25 @@ def test_stop_string_finishes_and_asks_for_abort(processor: InputProcessor, smol
     assert tok.decode(c.token_ids) == " alpha beta gamma"  # up to the token completing the stop
 
 
+@pytest.mark.parametrize(
+    ("params", "token", "reason"),
+    [
+        (SamplingParams(stop_token_ids=[7]), 7, 7),  # one of the request's stop token ids: the reason
+        (SamplingParams(stop_token_ids=[7]), 2, None),  # the model's EOS: none (vLLM's rule)
+        (SamplingParams(stop_token_ids=[2]), 2, 2),  # EOS named by the request: the reason
+    ],
+)
+def test_stop_reason_is_a_requested_stop_token_not_the_eos(
+    processor: InputProcessor, smollm2_tokenizer: Any, params: SamplingParams, token: int, reason: int | None
+) -> None:
+    op = OutputProcessor(smollm2_tokenizer)
+    op.add_request(processor.process("t", "x", params), OutputKind.CUMULATIVE)
+    finished = out("t", [11, token], FinishReason.STOP, stop_token_id=token)
+    (ro,) = op.process_outputs([finished]).request_outputs
+    c = ro.outputs[0]
+    assert ro.finished and c.finish_reason == "stop" and c.stop_reason == reason
+
+
 def test_logprobs_and_final_only(processor: InputProcessor, smollm2_tokenizer: Any) -> None:
     tok = smollm2_tokenizer
     op = OutputProcessor(tok)

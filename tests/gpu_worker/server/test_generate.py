@@ -130,7 +130,8 @@ async def test_stream_equals_offline_api(
 
 
 async def test_chat_messages_and_stop_string(gen: pb_grpc.GenerationStub, tiny_model_dir: Path) -> None:
-    """Chat input is rendered with the template; a stop string ends the sequence and is cut."""
+    """Chat input is rendered with the template; a stop string ends the sequence and is cut; a
+    stop token id ends it and is reported as an id."""
     first = await collect(
         gen.Generate(
             pb.GenerateRequest(
@@ -157,7 +158,22 @@ async def test_chat_messages_and_stop_string(gen: pb_grpc.GenerationStub, tiny_m
         )
     )
     assert cut.finish[0] == "stop" and cut.last.stop_reason == stop
+    assert not cut.last.HasField("stop_token_id")  # a stop string is text only
     assert cut.text[0] == text[:k]
+    # A stop token id ends the sequence with that token and is reported typed as well as as text.
+    token = first.token_ids[0][5]
+    end = first.token_ids[0].index(token) + 1
+    by_id = await collect(
+        gen.Generate(
+            pb.GenerateRequest(
+                model=SERVED_NAME,
+                sampling=greedy(16, stop_token_ids=[token]),
+                messages=pb.ChatMessages(messages=[pb.ChatMessage(role="user", content="Hi there")]),
+            )
+        )
+    )
+    assert by_id.token_ids[0] == first.token_ids[0][:end] and by_id.finish[0] == "stop"
+    assert by_id.last.stop_token_id == token and by_id.last.stop_reason == str(token)
 
 
 async def test_logprobs_are_streamed(gen: pb_grpc.GenerationStub) -> None:

@@ -177,6 +177,30 @@ def test_echo_and_vllm_extras(client: OpenAI, stack: StackProc) -> None:
     assert ids.usage is not None and ids.usage.prompt_tokens == 4
 
 
+def test_stop_reason_is_the_stop_token_id_or_the_stop_string(client: OpenAI, stack: StackProc) -> None:
+    """vLLM's ``stop_reason``: the stop token id as a JSON number, a stop string as a string, in
+    whole and streamed replies and through the native client."""
+    with Client(stack.grpc_target) as native:
+        greedy = native.complete(MODEL, prompt=PROMPT, max_tokens=6, temperature=0.0, ignore_eos=True)
+        token = greedy.token_ids[3]
+        by_id = native.complete(MODEL, prompt=PROMPT, max_tokens=6, temperature=0.0, ignore_eos=True,
+                                stop_token_ids=[token])
+    assert by_id.token_ids == greedy.token_ids[: greedy.token_ids.index(token) + 1]
+    assert by_id.sequences[0].stop_reason == token  # an int, not its text
+    args = {"model": MODEL, "prompt": PROMPT, "max_tokens": 6, "temperature": 0}
+    extra = {"ignore_eos": True, "stop_token_ids": [token]}
+    whole = client.completions.create(**args, extra_body=extra)  # type: ignore[call-overload]
+    assert whole.choices[0].finish_reason == "stop"
+    assert (whole.choices[0].model_extra or {})["stop_reason"] == token
+    stream = client.completions.create(**args, extra_body=extra, stream=True)  # type: ignore[call-overload]
+    ends = [(c.choices[0].model_extra or {}).get("stop_reason")
+            for c in stream if c.choices and c.choices[0].finish_reason]
+    assert ends == [token]
+    stop = greedy.text[-3:]
+    by_text = client.completions.create(**args, stop=[stop], extra_body={"ignore_eos": True})  # type: ignore[call-overload]
+    assert (by_text.choices[0].model_extra or {})["stop_reason"] == stop
+
+
 def test_chat_max_completion_tokens_and_context_default(client: OpenAI) -> None:
     capped = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_completion_tokens=3,  # type: ignore[arg-type]
                                             temperature=0, extra_body={"ignore_eos": True})
