@@ -132,46 +132,28 @@ async def test_stream_equals_offline_api(
 async def test_chat_messages_and_stop_string(gen: pb_grpc.GenerationStub, tiny_model_dir: Path) -> None:
     """Chat input is rendered with the template; a stop string ends the sequence and is cut; a
     stop token id ends it and is reported as an id."""
-    first = await collect(
-        gen.Generate(
-            pb.GenerateRequest(
-                model=SERVED_NAME,
-                request_id="chat-1",
-                sampling=greedy(16),
-                messages=pb.ChatMessages(messages=[pb.ChatMessage(role="user", content="Hi there")]),
-            )
-        )
-    )
+    messages = pb.ChatMessages(messages=[pb.ChatMessage(role="user", content="Hi there")])
+
+    async def chat(sampling: pb.SamplingParams, request_id: str = "") -> Collected:
+        request = pb.GenerateRequest(model=SERVED_NAME, sampling=sampling, messages=messages)
+        request.request_id = request_id
+        return await collect(gen.Generate(request))
+
+    first = await chat(greedy(16), "chat-1")
     text = first.text[0]
     assert first.last.request_id == "chat-1" and len(first.token_ids[0]) == 16
     assert first.last.usage.prompt_tokens > 3  # the template added its role markers
     # Stop at a piece of what greedy decoding produces: the output is the text before it.
     k = next(i for i in range(len(text) // 2, len(text) - 2) if text.find(text[i : i + 2]) == i)
     stop = text[k : k + 2]
-    cut = await collect(
-        gen.Generate(
-            pb.GenerateRequest(
-                model=SERVED_NAME,
-                sampling=greedy(16, stop=[stop]),
-                messages=pb.ChatMessages(messages=[pb.ChatMessage(role="user", content="Hi there")]),
-            )
-        )
-    )
+    cut = await chat(greedy(16, stop=[stop]))
     assert cut.finish[0] == "stop" and cut.last.stop_reason == stop
     assert not cut.last.HasField("stop_token_id")  # a stop string is text only
     assert cut.text[0] == text[:k]
     # A stop token id ends the sequence with that token and is reported typed as well as as text.
     token = first.token_ids[0][5]
     end = first.token_ids[0].index(token) + 1
-    by_id = await collect(
-        gen.Generate(
-            pb.GenerateRequest(
-                model=SERVED_NAME,
-                sampling=greedy(16, stop_token_ids=[token]),
-                messages=pb.ChatMessages(messages=[pb.ChatMessage(role="user", content="Hi there")]),
-            )
-        )
-    )
+    by_id = await chat(greedy(16, stop_token_ids=[token]))
     assert by_id.token_ids[0] == first.token_ids[0][:end] and by_id.finish[0] == "stop"
     assert by_id.last.stop_token_id == token and by_id.last.stop_reason == str(token)
 
