@@ -250,7 +250,7 @@ class RouterServer:
         from router.frontends.http_server import HttpServer
         from router.frontends.openai_http import OpenAIDoor
 
-        door = OpenAIDoor(core, self.tracing, self.is_serving, self.config.max_http_body_bytes)
+        door = OpenAIDoor(core, self.tracing, self.is_serving, self.config.max_http_body_bytes, _version())
         app = ApiKeyMiddleware(door.app(), self.access)
         tls = self.config.security.tls.http()
         http = HttpServer(app, self.config.host, int(self.config.http_port or 0), self.config.drain_grace_s,

@@ -46,12 +46,22 @@ class RouterTokenizer:
                 (Path(tmp) / name).write_bytes(content)
             return cls(AutoTokenizer.from_pretrained(tmp))
 
-    def encode_prompt(self, text: str) -> list[int]:
-        """Token ids of a plain prompt, as the worker computes them."""
+    @property
+    def vocab_size(self) -> int:
+        """Ids below this are the tokenizer's (added tokens included)."""
+        return len(self._tok)
+
+    def encode_prompt(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of a plain prompt, as the worker computes them (``add_special_tokens``
+        False: without the BOS or other tokens the tokenizer adds, as vLLM's ``/tokenize``)."""
         if not text:
             raise InvalidRequest("prompt must not be empty")
         _check_unicode("prompt", text)
-        return list(self._tok.encode(text))
+        return list(self._tok.encode(text, add_special_tokens=add_special_tokens))
+
+    def token_strs(self, token_ids: Sequence[int]) -> list[str]:
+        """The vocabulary's string of each id (``"Ġworld"``, not the decoded ``" world"``)."""
+        return [str(t) for t in self._tok.convert_ids_to_tokens(list(token_ids))]
 
     def decode(self, token_ids: Sequence[int]) -> str:
         """The text of ``token_ids`` (special tokens kept, as the worker's output text)."""
@@ -68,9 +78,11 @@ class RouterTokenizer:
         return [cache[t] for t in token_ids]
 
     def encode_chat(
-        self, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool = True
+        self, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool = True,
+        add_special_tokens: bool = False,
     ) -> list[int]:
-        """Token ids of a chat rendered with the model's template, as the worker computes them."""
+        """Token ids of a chat rendered with the model's template, as the worker computes them
+        (the template holds the special tokens; ``add_special_tokens`` adds the tokenizer's too)."""
         if not messages:
             raise InvalidRequest("messages must not be empty")
         for i, message in enumerate(messages):
@@ -82,7 +94,7 @@ class RouterTokenizer:
             )
         except Exception as exc:  # template errors (bad roles, no template) are the client's
             raise InvalidRequest(f"messages could not be rendered with the chat template: {exc}") from exc
-        return list(self._tok.encode(str(text), add_special_tokens=False))
+        return list(self._tok.encode(str(text), add_special_tokens=add_special_tokens))
 
 
 def _check_unicode(field: str, text: str) -> None:

@@ -1,7 +1,8 @@
 """The OpenAI-compatible HTTP door of the router (FastAPI), served by ``http_server``.
 
 ``POST /v1/completions`` and ``POST /v1/chat/completions`` (streamed as server-sent events ending
-with ``data: [DONE]``, or whole), ``GET /v1/models``, ``GET /v1/models/{model}``, ``GET /health``.
+with ``data: [DONE]``, or whole), ``GET /v1/models``, ``GET /v1/models/{model}``, ``GET /health``,
+and vLLM's ``POST /tokenize``, ``POST /detokenize`` (``openai_tokenize``) and ``GET /version``.
 A request is validated (``openai_schemas``), translated into a
 :class:`~router.generation.RouterRequest` and run by the shared
 :class:`~router.generation.GenerationCore` inside the request's observation; the worker's chunks
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import AsyncGenerator, Callable, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,6 +39,7 @@ from router.frontends.openai_responses import (
     sse_event,
 )
 from router.frontends.openai_schemas import ChatCompletionRequest, CompletionRequest, validate
+from router.frontends.openai_tokenize import DETOKENIZE_ROUTE, TOKENIZE_ROUTE, TokenizerEndpoints
 from router.frontends.sse import Reply, ReplyOrStream
 from router.generation import GenerationCore, RequestScope
 
@@ -61,20 +63,25 @@ _COMPLETIONS = _Endpoint(COMPLETIONS_ROUTE, "text_completion", "cmpl", Completio
                          "prompt")
 _CHAT = _Endpoint(CHAT_ROUTE, "chat", "chatcmpl", ChatCompletionRequest, ChatRenderer, "messages")
 
+JsonHandler = Callable[[dict[str, Any], str], Awaitable[dict[str, Any]]]
+
 
 class OpenAIDoor:
     """Builds the FastAPI app of the OpenAI API over a :class:`GenerationCore`.
 
     ``serving`` tells whether the router takes requests (False while it drains: ``/health``
-    answers 503); ``max_body_bytes``: the largest request body.
+    answers 503); ``max_body_bytes``: the largest request body; ``version``: what ``/version``
+    reports.
     """
 
     def __init__(self, core: GenerationCore, tracing: Tracing, serving: Callable[[], bool],
-                 max_body_bytes: int = 16 * 1024 * 1024) -> None:
+                 max_body_bytes: int = 16 * 1024 * 1024, version: str = "unknown") -> None:
         self._core = core
         self._tracing = tracing
         self._serving = serving
         self._max_body_bytes = max_body_bytes
+        self._version = version
+        self._tokenizer_endpoints = TokenizerEndpoints(core)
 
     def app(self) -> FastAPI:
         app = FastAPI(title="llmserve OpenAI-compatible API", docs_url=None, redoc_url=None,
@@ -86,8 +93,17 @@ class OpenAIDoor:
         async def chat(request: Request) -> Response:
             return await self._post(_CHAT, request)
 
+        async def tokenize(request: Request) -> Response:
+            return await self._post_json(TOKENIZE_ROUTE, self._tokenizer_endpoints.tokenize, request)
+
+        async def detokenize(request: Request) -> Response:
+            return await self._post_json(DETOKENIZE_ROUTE, self._tokenizer_endpoints.detokenize, request)
+
         app.add_api_route(COMPLETIONS_ROUTE, completions, methods=["POST"])
         app.add_api_route(CHAT_ROUTE, chat, methods=["POST"])
+        app.add_api_route(TOKENIZE_ROUTE, tokenize, methods=["POST"])
+        app.add_api_route(DETOKENIZE_ROUTE, detokenize, methods=["POST"])
+        app.add_api_route("/version", self._version_reply, methods=["GET"])
         app.add_api_route("/v1/models", self._models, methods=["GET"])
         app.add_api_route("/v1/models/{model:path}", self._model, methods=["GET"])
         app.add_api_route("/health", self._health, methods=["GET"])
@@ -100,6 +116,30 @@ class OpenAIDoor:
         except ClientDisconnect:  # the client left before its body ended, or the connection
             return Response(status_code=499)  # was refused (a body timeout): nobody reads this
         return ReplyOrStream(self._serve(endpoint, body, request.headers))
+
+    async def _post_json(self, route: str, handle: JsonHandler, request: Request) -> Response:
+        """A JSON body in, one JSON reply out (``handle`` gets the body and a request id)."""
+        try:
+            body = await self._body(request)
+        except ClientDisconnect:
+            return Response(status_code=499)
+        return ReplyOrStream(self._reply(route, handle, body, request.headers))
+
+    async def _reply(self, route: str, handle: JsonHandler, body: bytes | RequestTooLarge,
+                     headers: Mapping[str, str]) -> AsyncGenerator[Reply, None]:
+        with self._tracing.http_server(method="POST", route=route, headers=headers) as http_span:
+            try:
+                if isinstance(body, RequestTooLarge):
+                    raise body
+                data = _json_object(body)
+                if not isinstance(data, dict):
+                    raise InvalidParam("body", "the request body must be a JSON object")
+                reply = Reply(200, json_bytes(await handle(data, f"{route[1:]}-{uuid.uuid4().hex}")))
+            except Exception as exc:  # noqa: BLE001 - every error becomes the door's error JSON
+                error = http_error(exc)
+                reply = Reply(error.status, json_bytes(error.body), error.headers)
+            http_span.set_status_code(reply.status)
+        yield reply
 
     async def _body(self, request: Request) -> bytes | RequestTooLarge:
         """The request body, or the error of one over the limit (refused by its Content-Length,
@@ -194,6 +234,9 @@ class OpenAIDoor:
         body = error_body(f"model {model_name(model)} is not served by any worker", "invalid_request_error",
                           "model", "model_not_found")
         return Response(json_bytes(body), status_code=404, media_type="application/json")
+
+    async def _version_reply(self) -> Response:
+        return Response(json_bytes({"version": self._version}), media_type="application/json")
 
     async def _health(self) -> Response:
         status = 200 if self._serving() else 503

@@ -200,11 +200,22 @@ async def test_the_http_door_over_https_with_openai_errors(secure: Secure) -> No
     assert status == 401 and reply["error"]["code"] == "invalid_api_key"
     status, _, reply = await asyncio.to_thread(http, secure, "/v1/completions", "other-model", body)
     assert status == 403 and reply["error"]["code"] == "model_not_allowed"
+    # "limited" has one request per 100 s: the first call here uses it, unless a test before did.
+    await asyncio.to_thread(http, secure, "/v1/completions", "limited", body)
     status, headers, reply = await asyncio.to_thread(http, secure, "/v1/completions", "limited", body)
     assert status == 429 and reply["error"]["code"] == "rate_limit_exceeded"
     assert int(headers["retry-after"]) >= 1
     status, _, reply = await asyncio.to_thread(http, secure, "/health", None)
     assert status == 200
+    # vLLM's tokenizer endpoints: the same key and model checks as a generation.
+    tokenize = {"model": MODEL, "prompt": "Hello"}
+    status, _, reply = await asyncio.to_thread(http, secure, "/tokenize", "alice", tokenize)
+    assert status == 200 and reply["count"] == len(reply["tokens"]) >= 1
+    for key, refused, code in ((None, 401, None), ("unknown", 401, "invalid_api_key"),
+                               ("other-model", 403, "model_not_allowed")):
+        detokenize = {"model": MODEL, "tokens": [1]}
+        status, _, reply = await asyncio.to_thread(http, secure, "/detokenize", key, detokenize)
+        assert (status, reply["error"]["code"]) == (refused, code)
 
 
 async def test_the_kserve_door_needs_a_key_but_its_probes_do_not(secure: Secure) -> None:
