@@ -52,6 +52,9 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
                             "whose message to the worker would be larger is INVALID_ARGUMENT (HTTP 413)")
     sizes.add_argument("--max-http-body-bytes", type=int, default=RouterConfig.max_http_body_bytes,
                        help="largest OpenAI HTTP request body; larger is refused with 413 while it is read")
+    sizes.add_argument("--max-batch-prompts", type=int, default=RouterConfig.max_batch_prompts,
+                       help="most prompts of one /v1/completions request (a list of prompts: one request "
+                            "each); more is refused with 400")
     add_http_flags(p)
     grpc_group = add_grpc_port_flags(p, GrpcPortLimits())
     grpc_group.add_argument("--max-concurrent-rpcs", type=int, default=RouterConfig.max_concurrent_rpcs,
@@ -97,6 +100,7 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
         max_metadata_bytes=args.max_metadata_bytes,
         max_message_bytes=args.max_message_bytes,
         max_http_body_bytes=args.max_http_body_bytes,
+        max_batch_prompts=args.max_batch_prompts,
         http_limits=http_limits_from_args(args),
         grpc_limits=grpc_port_limits_from_args(args),
         max_concurrent_rpcs=args.max_concurrent_rpcs,

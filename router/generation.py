@@ -19,6 +19,7 @@ are, so the native door adds no re-encoding; the other doors convert only shapes
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import secrets
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Mapping
 from contextlib import aclosing, contextmanager
@@ -227,6 +228,14 @@ class GenerationCore:
         everything the door does inside, its own decoding included, is counted."""
         with self.telemetry.observe(model, request_id, operation=operation) as obs:
             yield RequestScope(self, obs)
+
+    def refused(self, model: str, request_id: str, exc: BaseException,
+                operation: str = "text_completion") -> None:
+        """Count ``exc``, raised by a door before its request reached :meth:`observe` (its own
+        validation), as that request's outcome: the span, metrics and log line a refusal inside
+        :meth:`observe` gets. The caller raises it on."""
+        with contextlib.suppress(type(exc)), self.observe(model, request_id, operation=operation):
+            raise exc
 
     async def list_models(self) -> list[ModelSummary]:
         """The live models the caller may use, sorted by name."""

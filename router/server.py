@@ -62,9 +62,11 @@ class RouterConfig:
     ``http_port``: the OpenAI HTTP API, None = off, 0 = a free port (``RouterServer.http_port``);
     ``security``: TLS, API keys and rate limits, trust in the state store (``router/security.py``).
     ``max_http_body_bytes``: the largest OpenAI HTTP request body (413 beyond, refused while it
-    is read); ``http_limits``: the HTTP door's connection limits (header and body timeouts, header
-    size, open connections). ``grpc_limits``: the gRPC port's connections and handshake / idle
-    timeouts and its calls' request timeout; ``max_concurrent_rpcs``: its calls in flight
+    is read); ``max_batch_prompts``: the most prompts of one ``/v1/completions`` request (a
+    batch: one request each; more is refused with 400); ``http_limits``: the HTTP door's
+    connection limits (header and body timeouts, header size, open connections).
+    ``grpc_limits``: the gRPC port's connections and handshake / idle timeouts and its calls'
+    request timeout; ``max_concurrent_rpcs``: its calls in flight
     (``llmserve.grpc_limits.CallGuard``); ``max_kserve_stream_requests``: requests of one KServe
     ``ModelStreamInfer`` stream served at once (``router.frontends.kserve``).
     ``channel_sweep_s``: how often channels of workers gone from the registry are retired;
@@ -79,6 +81,7 @@ class RouterConfig:
     max_attempts: int = 3
     max_message_bytes: int = 16 * 1024 * 1024
     max_http_body_bytes: int = 16 * 1024 * 1024
+    max_batch_prompts: int = 128
     http_limits: HttpConnectionLimits = HttpConnectionLimits()
     grpc_limits: GrpcPortLimits = GrpcPortLimits()
     max_concurrent_rpcs: int = 8192
@@ -107,6 +110,7 @@ class RouterConfig:
             (self.max_metadata_bytes >= 1024, "max_metadata_bytes must be at least 1024"),
             (self.max_message_bytes >= 65536, "max_message_bytes must be at least 65536"),
             (self.max_http_body_bytes >= 1024, "max_http_body_bytes must be at least 1024"),
+            (self.max_batch_prompts >= 1, "max_batch_prompts must be >= 1"),
             (self.channel_sweep_s > 0, "channel_sweep_s must be positive"),
             (self.channel_retire_grace_s >= 0, "channel_retire_grace_s must be >= 0"),
             (self.drain_grace_s >= 0, "drain_grace_s must be >= 0"),
@@ -250,7 +254,8 @@ class RouterServer:
         from router.frontends.http_server import HttpServer
         from router.frontends.openai_http import OpenAIDoor
 
-        door = OpenAIDoor(core, self.tracing, self.is_serving, self.config.max_http_body_bytes, _version())
+        door = OpenAIDoor(core, self.tracing, self.is_serving, self.config.max_http_body_bytes,
+                          version=_version(), max_batch_prompts=self.config.max_batch_prompts)
         app = ApiKeyMiddleware(door.app(), self.access)
         tls = self.config.security.tls.http()
         http = HttpServer(app, self.config.host, int(self.config.http_port or 0), self.config.drain_grace_s,

@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequence
+from contextlib import aclosing
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from fastapi import FastAPI, Request
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -28,7 +29,9 @@ from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 
 from llmserve.telemetry.tracing import Tracing
+from llmserve.v1 import generation_pb2 as gen_pb
 from router.errors import RequestTooLarge, model_name
+from router.frontends.merged import merged
 from router.frontends.openai_errors import InvalidParam, error_body, http_error
 from router.frontends.openai_responses import (
     DONE_EVENT,
@@ -41,7 +44,8 @@ from router.frontends.openai_responses import (
 from router.frontends.openai_schemas import ChatCompletionRequest, CompletionRequest, validate
 from router.frontends.openai_tokenize import DETOKENIZE_ROUTE, TOKENIZE_ROUTE, TokenizerEndpoints
 from router.frontends.sse import Reply, ReplyOrStream
-from router.generation import GenerationCore, RequestScope
+from router.generation import GenerationCore, RouterRequest
+from router.tokenizers import RouterTokenizer
 
 COMPLETIONS_ROUTE = "/v1/completions"
 CHAT_ROUTE = "/v1/chat/completions"
@@ -63,6 +67,8 @@ _COMPLETIONS = _Endpoint(COMPLETIONS_ROUTE, "text_completion", "cmpl", Completio
                          "prompt")
 _CHAT = _Endpoint(CHAT_ROUTE, "chat", "chatcmpl", ChatCompletionRequest, ChatRenderer, "messages")
 
+# (request index, chunk, resolved model, its tokenizer when the response renders tokens)
+_Observed = tuple[int, gen_pb.GenerateResponse, str, RouterTokenizer | None]
 JsonHandler = Callable[[dict[str, Any], str], Awaitable[dict[str, Any]]]
 
 
@@ -71,16 +77,18 @@ class OpenAIDoor:
 
     ``serving`` tells whether the router takes requests (False while it drains: ``/health``
     answers 503); ``max_body_bytes``: the largest request body; ``version``: what ``/version``
-    reports.
+    reports; ``max_batch_prompts``: the most prompts of one completions request.
     """
 
     def __init__(self, core: GenerationCore, tracing: Tracing, serving: Callable[[], bool],
-                 max_body_bytes: int = 16 * 1024 * 1024, version: str = "unknown") -> None:
+                 max_body_bytes: int = 16 * 1024 * 1024, version: str = "unknown",
+                 max_batch_prompts: int = 128) -> None:
         self._core = core
         self._tracing = tracing
         self._serving = serving
         self._max_body_bytes = max_body_bytes
         self._version = version
+        self._max_batch_prompts = max_batch_prompts
         self._tokenizer_endpoints = TokenizerEndpoints(core)
 
     def app(self) -> FastAPI:
@@ -160,41 +168,54 @@ class OpenAIDoor:
 
     async def _serve(self, endpoint: _Endpoint, body: bytes | RequestTooLarge, headers: Mapping[str, str]
                      ) -> AsyncGenerator[Reply | bytes, None]:
-        """One request, start to end, in one task: a JSON reply or SSE events."""
+        """One request, start to end, in one task: a JSON reply or SSE events. A completions
+        batch (a list of prompts) runs one router request per prompt, each in a task of its own,
+        rendered as one response: choice ``i * n + j`` is prompt ``i``'s sample ``j``, usage the
+        sum (vLLM's shape)."""
         request_id = f"{endpoint.id_prefix}-{uuid.uuid4().hex}"
         data = _json_object(body) if isinstance(body, bytes) else None
-        model_hint = data.get("model") if isinstance(data, dict) else None
-        whole: Reply | None = None  # a whole reply is sent after the observation closes (as a success)
+        hint = data.get("model") if isinstance(data, dict) else None
+        model_hint = hint if isinstance(hint, str) else ""
+        whole: Reply | None = None  # a whole reply is sent after the observations close (as a success)
         with self._tracing.http_server(method="POST", route=endpoint.route, headers=headers) as http_span:
             streaming = False
             try:
-                with self._core.observe(model_hint if isinstance(model_hint, str) else "", request_id,
-                                        operation=endpoint.operation) as scope:
-                    if isinstance(body, RequestTooLarge):
-                        raise body
-                    if not isinstance(data, dict):
-                        raise InvalidParam("body", "the request body must be a JSON object")
-                    parsed = validate(endpoint.schema, data)
-                    routed = parsed.to_router_request(request_id)
-                    chunks = scope.generate(routed)
-                    if not parsed.stream:
-                        renderer = None
-                        async for chunk in chunks:
-                            renderer = renderer or await self._renderer(endpoint, parsed, scope, request_id)
-                            renderer.add(chunk)
-                        assert renderer is not None  # the dispatcher never ends a stream empty
-                        whole = Reply(200, json_bytes(renderer.full()))
-                        http_span.set_status_code(200)
-                    else:
-                        renderer = None
-                        async for chunk in chunks:
-                            if renderer is None:
-                                renderer = await self._renderer(endpoint, parsed, scope, request_id)
-                                http_span.set_status_code(200)
-                                streaming = True
+                try:
+                    parsed = _parsed(endpoint, body, data)
+                    routed = parsed.to_router_requests(request_id, self._max_batch_prompts)
+                except Exception as exc:  # the door's own refusals count as requests too
+                    self._core.refused(model_hint, request_id, exc, operation=endpoint.operation)
+                    raise
+                tokens = _needs_tokenizer(endpoint, parsed)
+                batch = _Batch(len(routed), parsed.n) if len(routed) > 1 else None
+                chunks = (self._observed(0, routed[0], endpoint, tokens) if batch is None else merged(
+                    [self._observed(i, r, endpoint, tokens) for i, r in enumerate(routed)]))
+                renderer: ChoiceRenderer | None = None
+                async with aclosing(chunks) as items:
+                    async for i, chunk, model, tokenizer in items:
+                        if renderer is None:
+                            renderer = self._renderer(endpoint, parsed, routed, model, tokenizer, request_id)
+                            http_span.set_status_code(200)
+                            streaming = parsed.stream
+                        if batch is not None:
+                            chunk = batch.chunk(i, chunk)
+                        if parsed.stream:
                             for event in renderer.event(chunk):
                                 yield event
-                        yield DONE_EVENT
+                        else:
+                            renderer.add(chunk)
+                assert renderer is not None  # the dispatcher never ends a stream empty
+                if batch is not None:  # the summed usage, as the last chunk of one request
+                    last = gen_pb.GenerateResponse(usage=batch.usage)
+                    if parsed.stream:
+                        for event in renderer.event(last):
+                            yield event
+                    else:
+                        renderer.add(last)
+                if parsed.stream:
+                    yield DONE_EVENT
+                else:
+                    whole = Reply(200, json_bytes(renderer.full()))
             except Exception as exc:  # noqa: BLE001 - every error becomes the door's error JSON
                 error = http_error(exc, endpoint.prompt_param)
                 if streaming:  # the status is sent: the error goes in the stream
@@ -207,19 +228,29 @@ class OpenAIDoor:
             if whole is not None:
                 yield whole
 
-    async def _renderer(self, endpoint: _Endpoint, parsed: Any, scope: RequestScope,
-                        request_id: str) -> ChoiceRenderer:
+    async def _observed(self, index: int, request: RouterRequest, endpoint: _Endpoint, tokens: bool
+                        ) -> AsyncGenerator[_Observed, None]:
+        """One router request's chunks inside its own observation (span, metrics, log line), each
+        with the request's index, the resolved model and (``tokens``) its tokenizer, which is
+        fetched inside the observation, so a failure to fetch it is counted as the request's."""
+        with self._core.observe(request.model, request.request_id, operation=endpoint.operation) as scope:
+            tokenizer = None
+            async for chunk in scope.generate(request):
+                if tokens and tokenizer is None:
+                    tokenizer = await scope.tokenizer()
+                yield index, chunk, scope.model, tokenizer
+
+    def _renderer(self, endpoint: _Endpoint, parsed: Any, routed: list[RouterRequest], model: str,
+                  tokenizer: RouterTokenizer | None, request_id: str) -> ChoiceRenderer:
         """The renderer of a request whose first chunk arrived (the model is resolved by then)."""
-        wants_logprobs = parsed.logprobs is not None if endpoint is _COMPLETIONS else bool(parsed.logprobs)
-        echo = endpoint is _COMPLETIONS and parsed.echo
-        tokenizer = await scope.tokenizer() if wants_logprobs or echo else None
-        echo_text = ""
-        if echo:
-            prompt = parsed.prompt_input()
+        echoes: str | tuple[str, ...] = ""
+        if endpoint is _COMPLETIONS and parsed.echo:
             assert tokenizer is not None
-            echo_text = prompt if isinstance(prompt, str) else tokenizer.decode(prompt)
-        return endpoint.renderer(request_id, scope.model, logprobs=wants_logprobs,
-                                 include_usage=parsed.include_usage, tokenizer=tokenizer, echo=echo_text)
+            echoes = tuple(r.prompt if isinstance(r.prompt, str)
+                           else tokenizer.decode(cast(Sequence[int], r.prompt)) for r in routed)
+        return endpoint.renderer(request_id, model, logprobs=_wants_logprobs(endpoint, parsed),
+                                 include_usage=parsed.include_usage, tokenizer=tokenizer, echo=echoes,
+                                 n=parsed.n)
 
     async def _models(self) -> Response:
         models = await self._core.list_models()
@@ -242,6 +273,48 @@ class OpenAIDoor:
         status = 200 if self._serving() else 503
         return Response(json_bytes({"status": "ok" if status == 200 else "draining"}), status_code=status,
                         media_type="application/json")
+
+
+class _Batch:
+    """A completions batch's chunks as one response's: choice indexes per prompt, usage summed."""
+
+    def __init__(self, prompts: int, n: int) -> None:
+        self.prompts = prompts
+        self.n = n
+        self.usage = gen_pb.Usage()
+
+    def chunk(self, prompt: int, chunk: gen_pb.GenerateResponse) -> gen_pb.GenerateResponse:
+        """``chunk`` of prompt ``prompt`` with its choice index in the response; its usage moves
+        into the sum (sent once, at the end)."""
+        out = gen_pb.GenerateResponse()
+        out.CopyFrom(chunk)
+        out.index = prompt * self.n + chunk.index
+        if out.HasField("usage"):
+            u, total = out.usage, self.usage
+            total.prompt_tokens += u.prompt_tokens
+            total.completion_tokens += u.completion_tokens
+            total.cached_prompt_tokens += u.cached_prompt_tokens
+            total.device_seconds += u.device_seconds
+            out.ClearField("usage")
+        return out
+
+
+def _parsed(endpoint: _Endpoint, body: bytes | RequestTooLarge, data: Any) -> Any:
+    """The validated body of ``endpoint``; the door's refusal otherwise."""
+    if isinstance(body, RequestTooLarge):
+        raise body
+    if not isinstance(data, dict):
+        raise InvalidParam("body", "the request body must be a JSON object")
+    return validate(endpoint.schema, data)
+
+
+def _wants_logprobs(endpoint: _Endpoint, parsed: Any) -> bool:
+    return parsed.logprobs is not None if endpoint is _COMPLETIONS else bool(parsed.logprobs)
+
+
+def _needs_tokenizer(endpoint: _Endpoint, parsed: Any) -> bool:
+    """Logprobs and echo render tokens with the model's tokenizer."""
+    return _wants_logprobs(endpoint, parsed) or (endpoint is _COMPLETIONS and bool(parsed.echo))
 
 
 def _model_card(name: str, max_model_len: int) -> dict[str, Any]:

@@ -57,29 +57,39 @@ class ChoiceRenderer:
     """Shared by completions and chat: per-choice state, usage, the response envelope.
 
     ``tokenizer`` is needed only when logprobs were asked for; ``echo`` (completions) is
-    prepended to each choice's first text.
+    prepended to each choice's first text: one text for every choice, or one per prompt of a
+    batch, whose choices ``i * n .. i * n + n - 1`` are prompt ``i``'s (``n``: samples per prompt).
     """
 
     object_full = ""
     object_chunk = ""
 
     def __init__(self, response_id: str, model: str, *, logprobs: bool, include_usage: bool,
-                 tokenizer: RouterTokenizer | None = None, echo: str = "") -> None:
+                 tokenizer: RouterTokenizer | None = None, echo: str | tuple[str, ...] = "",
+                 n: int = 1) -> None:
         self.response_id = response_id
         self.model = model
         self.created = int(time.time())
         self.logprobs = logprobs
         self.include_usage = include_usage
         self.tokenizer = tokenizer
-        self.echo = echo
+        self._echo = echo
+        self._n = n
         self.usage: gen_pb.Usage | None = None
         self._choices: dict[int, _Choice] = {}
 
     def _choice(self, index: int) -> _Choice:
         choice = self._choices.get(index)
         if choice is None:
-            choice = self._choices[index] = _Choice(index, text_offset=len(self.echo))
+            choice = self._choices[index] = _Choice(index, text_offset=len(self.echo(index)))
         return choice
+
+    def echo(self, index: int) -> str:
+        """The prompt text echoed before choice ``index`` ("" without echo)."""
+        if isinstance(self._echo, str):  # one prompt: every choice
+            return self._echo
+        prompt = index // self._n
+        return self._echo[prompt] if prompt < len(self._echo) else ""
 
     def _envelope(self, obj: str, choices: list[dict[str, Any]]) -> dict[str, Any]:
         return {"id": self.response_id, "object": obj, "created": self.created, "model": self.model,
@@ -151,7 +161,7 @@ class CompletionRenderer(ChoiceRenderer):
     object_chunk = "text_completion"
 
     def _stream_choice(self, choice: _Choice, chunk: gen_pb.GenerateResponse, first: bool) -> dict[str, Any]:
-        text = self.echo + chunk.text if first else chunk.text
+        text = self.echo(chunk.index) + chunk.text if first else chunk.text
         return {
             "index": chunk.index,
             "text": text,
@@ -163,7 +173,7 @@ class CompletionRenderer(ChoiceRenderer):
     def _full_choice(self, choice: _Choice) -> dict[str, Any]:
         return {
             "index": choice.index,
-            "text": self.echo + "".join(choice.texts),
+            "text": self.echo(choice.index) + "".join(choice.texts),
             "logprobs": self._logprobs(choice, choice.logprobs) if self.logprobs else None,
             "finish_reason": choice.finish_reason,
             "stop_reason": choice.stop_reason,

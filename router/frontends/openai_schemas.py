@@ -7,8 +7,9 @@ the older ``guided_json`` / ``guided_regex`` / ``guided_choice`` / ``guided_gram
 OpenAI's documented ranges; ``response_format`` (``text``, ``json_object``, ``json_schema``) on
 both endpoints, and llmserve's ``logits_processors`` / ``stopping_criteria`` (docs/PLUGINS.md).
 Unknown fields are ignored, as OpenAI-compatible servers do. A value out of range, of the wrong
-type, or a feature this server does not have (tools, image parts, ``suffix``, several prompts in
-one request) is an :class:`~router.frontends.openai_errors.InvalidParam` naming the parameter.
+type, or a feature this server does not have (tools, image parts, ``suffix``) is an
+:class:`~router.frontends.openai_errors.InvalidParam` naming the parameter. A completions
+``prompt`` may be a list of prompts (a batch): one router request each.
 """
 
 from __future__ import annotations
@@ -17,14 +18,17 @@ from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from llmserve.limits import flag_of
 from llmserve.prompt_input import ChatPrompt, PromptInput
 from llmserve.sampling_extras import GUIDED_FIELDS, plugin_call_messages, structured_output_message
 from llmserve.v1 import generation_pb2 as gen_pb
+from router.errors import LimitRefused
 from router.frontends.openai_errors import InvalidParam, validation_param
 from router.generation import RouterRequest
 
 MAX_N = 128
 MAX_LOGPROBS = 20
+BATCH_LIMIT = "max_batch_prompts"  # prompts of one /v1/completions request (a router flag)
 # What the worker's message fields hold (llmserve.v1.SamplingParams, TokenIds): uint32 counts,
 # int32 token ids and top_k. Larger values are refused here, naming the parameter.
 UINT32_END = 2**32
@@ -73,6 +77,15 @@ class _SamplingRequest(BaseModel):
     guided_grammar: str | None = None
     logits_processors: list[Any] | None = None
     stopping_criteria: list[Any] | None = None
+
+    def to_router_requests(self, request_id: str, max_prompts: int) -> list[RouterRequest]:
+        """The router requests this body asks for (several: a completions batch)."""
+        raise NotImplementedError
+
+    def to_router_request(self, request_id: str) -> RouterRequest:
+        """The one router request of a body that is not a batch (``LimitRefused`` for a batch)."""
+        (one,) = self.to_router_requests(request_id, max_prompts=1)
+        return one
 
     @property
     def include_usage(self) -> bool:
@@ -162,20 +175,26 @@ class CompletionRequest(_SamplingRequest):
     suffix: str | None = None
     best_of: int | None = None
 
-    def prompt_input(self) -> PromptInput:
-        """The one prompt: text or token ids (a list holding one of them is accepted too)."""
+    def prompt_inputs(self, max_prompts: int) -> list[PromptInput]:
+        """The prompts: one text or token-id list, or a list of them (a batch: each a request of
+        its own, as vLLM serves it). More than ``max_prompts`` is refused (``LimitRefused``)."""
         prompt: Any = self.prompt
-        if isinstance(prompt, list) and prompt and isinstance(prompt[0], str | list):
-            if len(prompt) != 1:
-                raise InvalidParam("prompt", f"one prompt per request is supported, got {len(prompt)}")
-            prompt = prompt[0]
-        if not prompt:
-            raise InvalidParam("prompt", "prompt must not be empty")
-        if isinstance(prompt, list) and any(not 0 <= t < INT32_END for t in prompt):
-            raise InvalidParam("prompt", "prompt token ids must be in [0, 2^31)")
-        return prompt  # type: ignore[no-any-return]
+        batch = isinstance(prompt, list) and prompt and isinstance(prompt[0], str | list)
+        prompts: list[Any] = list(prompt) if batch else [prompt]
+        if len(prompts) > max_prompts:
+            raise LimitRefused(BATCH_LIMIT, (
+                f"prompt is too large: {len(prompts)} prompts; the limit is {max_prompts} "
+                f"({BATCH_LIMIT}, flag {flag_of(BATCH_LIMIT)})"))
+        for i, one in enumerate(prompts):
+            name = f"prompt[{i}]" if batch else "prompt"
+            if not one:
+                raise InvalidParam("prompt", f"{name} must not be empty")
+            if isinstance(one, list) and any(not 0 <= t < INT32_END for t in one):
+                raise InvalidParam("prompt", f"{name}: token ids must be in [0, 2^31)")
+        return prompts
 
-    def to_router_request(self, request_id: str) -> RouterRequest:
+    def to_router_requests(self, request_id: str, max_prompts: int) -> list[RouterRequest]:
+        """One router request per prompt; a batch's ids are ``{request_id}-{i}`` (vLLM's)."""
         self.check_common()
         if self.suffix:
             raise InvalidParam("suffix", "suffix is not supported")
@@ -183,9 +202,12 @@ class CompletionRequest(_SamplingRequest):
             raise InvalidParam("best_of", "best_of is not supported (only best_of == n)")
         if self.echo and self.logprobs is not None:
             raise InvalidParam("echo", "echo with logprobs is not supported (no prompt logprobs)")
-        return RouterRequest(model=self.model, prompt=self.prompt_input(),
-                             sampling=self.sampling(self.max_tokens, self.logprobs), request_id=request_id,
-                             priority=self.priority, request_id_unique=True)
+        prompts = self.prompt_inputs(max_prompts)
+        sampling = self.sampling(self.max_tokens, self.logprobs)
+        return [RouterRequest(model=self.model, prompt=prompt, sampling=sampling,
+                              request_id=request_id if len(prompts) == 1 else f"{request_id}-{i}",
+                              priority=self.priority, request_id_unique=True)
+                for i, prompt in enumerate(prompts)]
 
 
 class TextPart(BaseModel):
@@ -220,7 +242,8 @@ class ChatCompletionRequest(_SamplingRequest):
     tool_choice: Any = None
     add_generation_prompt: bool = True
 
-    def to_router_request(self, request_id: str) -> RouterRequest:
+    def to_router_requests(self, request_id: str, max_prompts: int) -> list[RouterRequest]:
+        """The one router request of a chat (``max_prompts`` is the completions' batch limit)."""
         self.check_common()
         if self.tools:
             raise InvalidParam("tools", "tools are not supported")
@@ -231,11 +254,11 @@ class ChatCompletionRequest(_SamplingRequest):
         max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
         messages = tuple({"role": m.role, "content": m.text()} for m in self.messages)
-        return RouterRequest(
+        return [RouterRequest(
             model=self.model, prompt=ChatPrompt(messages, self.add_generation_prompt),
             sampling=self.sampling(max_tokens, logprobs), request_id=request_id,
             max_tokens_to_context=max_tokens is None, priority=self.priority, request_id_unique=True,
-        )
+        )]
 
 
 RequestT = TypeVar("RequestT", bound=BaseModel)

@@ -35,7 +35,9 @@ BAD_REQUESTS: list[tuple[str, str, dict[str, Any], str]] = [
     ("logprobs over 20", COMPLETIONS, {**_P, "logprobs": 21}, "logprobs"),
     ("no prompt", COMPLETIONS, {"model": MODEL}, "prompt"),
     ("empty prompt", COMPLETIONS, {**_P, "prompt": ""}, "prompt"),
-    ("two prompts", COMPLETIONS, {**_P, "prompt": ["a", "b"]}, "prompt"),
+    ("more prompts than max_batch_prompts", COMPLETIONS, {**_P, "prompt": ["a"] * 129}, "prompt"),
+    ("an empty prompt in a batch", COMPLETIONS, {**_P, "prompt": ["a", ""]}, "prompt"),
+    ("a batch prompt longer than the context", COMPLETIONS, {**_P, "prompt": [[5], [5] * 600]}, "prompt"),
     ("suffix", COMPLETIONS, {**_P, "suffix": "end"}, "suffix"),
     ("echo with logprobs", COMPLETIONS, {**_P, "echo": True, "logprobs": 1}, "echo"),
     ("presence_penalty over 2", COMPLETIONS, {**_P, "presence_penalty": 3}, "presence_penalty"),
@@ -185,3 +187,22 @@ def test_disconnect_before_a_whole_response_aborts_too(stack: StackProc, otlp_re
     connection.close()  # gone before the whole response exists
     _wait_for(lambda: cancelled() - before, "the worker never saw the request cancelled")
     _wait_for(lambda: _worker_idle(stack), "the worker still runs the request")
+
+
+def test_disconnect_during_a_batch_aborts_every_prompt(stack: StackProc, otlp_receiver: OtlpReceiver) -> None:
+    body = {**_P, "prompt": ["Hello", "Hi there", "Once"], "max_tokens": 480, "stream": True,
+            "ignore_eos": True, "temperature": 0}
+    connection = http.client.HTTPConnection("127.0.0.1", stack.http_port, timeout=60)
+    connection.request("POST", COMPLETIONS, json.dumps(body), {"content-type": "application/json"})
+    reply = connection.getresponse()
+    assert reply.status == 200
+    request_id = json.loads(reply.readline().removeprefix(b"data: "))["id"]
+    connection.close()  # mid-stream: three prompts of 480 tokens each are far from done
+
+    def cancelled_on_worker() -> set[str]:
+        return {str(s.attributes.get("llmserve.request.id")) for s in otlp_receiver.spans()
+                if s.name == "llmserve.worker.generate" and "cancelled" in s.events}
+
+    expected = {f"{request_id}-{i}" for i in range(3)}
+    _wait_for(lambda: expected <= cancelled_on_worker(), "the worker never saw every prompt cancelled")
+    _wait_for(lambda: _worker_idle(stack), "the worker still runs the batch")

@@ -201,6 +201,31 @@ def test_stop_reason_is_the_stop_token_id_or_the_stop_string(client: OpenAI, sta
     assert (by_text.choices[0].model_extra or {})["stop_reason"] == stop
 
 
+def test_a_batch_of_prompts_is_served_as_one_request_each(client: OpenAI) -> None:
+    """A list of prompts (vLLM's batch): choice ``i * n + j`` is prompt ``i``'s sample ``j`` with
+    the text the prompt alone gets, echo per prompt, usage summed, one usage chunk when streamed."""
+    prompts = [PROMPT, "Hello there", "Count: one, two"]
+    args = {"model": MODEL, "max_tokens": 5, "temperature": 0, "extra_body": {"ignore_eos": True}}
+    alone = [client.completions.create(prompt=p, **args) for p in prompts]  # type: ignore[call-overload]
+    batch = client.completions.create(prompt=prompts, n=2, echo=True, **args)  # type: ignore[call-overload]
+    assert [c.index for c in batch.choices] == list(range(6))
+    expected = [p + a.choices[0].text for p, a in zip(prompts, alone, strict=True) for _ in range(2)]
+    assert [c.text for c in batch.choices] == expected
+    assert batch.usage is not None and batch.usage.completion_tokens == 30
+    assert batch.usage.prompt_tokens == sum(a.usage.prompt_tokens for a in alone if a.usage is not None)
+    texts = dict.fromkeys(range(6), "")
+    usages = []
+    for chunk in client.completions.create(prompt=prompts, n=2, echo=True, stream=True,  # type: ignore[call-overload]
+                                           stream_options={"include_usage": True}, **args):
+        usages += [chunk.usage] if chunk.usage is not None else []
+        for choice in chunk.choices:
+            texts[choice.index] += choice.text
+    assert texts == {c.index: c.text for c in batch.choices}
+    assert [(u.prompt_tokens, u.completion_tokens) for u in usages] == [(batch.usage.prompt_tokens, 30)]
+    ids = client.completions.create(prompt=[[1, 2, 3], [4, 5, 6, 7]], **args)  # type: ignore[call-overload]
+    assert len(ids.choices) == 2 and ids.usage is not None and ids.usage.prompt_tokens == 7
+
+
 def test_chat_max_completion_tokens_and_context_default(client: OpenAI) -> None:
     capped = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_completion_tokens=3,  # type: ignore[arg-type]
                                             temperature=0, extra_body={"ignore_eos": True})

@@ -76,3 +76,22 @@ def test_without_traceparent_a_new_trace_starts(stack: StackProc, otlp_receiver:
     spans = _spans_of(otlp_receiver, routers[0].trace_id, {("POST /v1/completions", SERVER)})
     http = _one(spans, "POST /v1/completions", SERVER)
     assert http.parent_span_id == "" and routers[0].parent_span_id == http.span_id
+
+
+def test_a_batch_of_prompts_has_one_router_span_per_prompt(stack: StackProc,
+                                                           otlp_receiver: OtlpReceiver) -> None:
+    trace_id = secrets.token_hex(16)
+    client = OpenAI(base_url=stack.openai_url, api_key="unused", max_retries=0,
+                    default_headers={"traceparent": f"00-{trace_id}-{secrets.token_hex(8)}-01"})
+    reply = client.completions.create(model=MODEL, prompt=["Hi", "Hello", "Hey"], max_tokens=2, temperature=0)
+    deadline = time.monotonic() + 60
+    while len(routers := [s for s in otlp_receiver.spans()
+                          if s.trace_id == trace_id and s.name == "llmserve.router.generate"]) < 3:
+        assert time.monotonic() < deadline, len(routers)
+        time.sleep(0.05)
+    route = "POST /v1/completions"
+    http = _one(_spans_of(otlp_receiver, trace_id, {(route, SERVER)}), route, SERVER)
+    ids = sorted(r.attributes["llmserve.request.id"] for r in routers)
+    assert ids == [f"{reply.id}-{i}" for i in range(3)]
+    assert all(r.parent_span_id == http.span_id and r.attributes["gen_ai.usage.output_tokens"] == 2
+               for r in routers)
