@@ -57,14 +57,18 @@ class LLM:
         messages: Conversation | Sequence[Conversation],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
     ) -> list[RequestOutput]:
-        """Complete one conversation or a list of them, rendered with the model's chat template."""
+        """Complete one conversation or a list of them, rendered with the model's chat template
+        (``continue_final_message``: the last message is continued, with
+        ``add_generation_prompt=False``, as vLLM's ``LLM.chat``)."""
         if messages and isinstance(messages[0], dict):
             conversations = [messages]
         else:
             conversations = list(messages)  # type: ignore[arg-type]
         prompts: list[PromptInput] = [
-            ChatPrompt(tuple(c), add_generation_prompt) for c in conversations  # type: ignore[arg-type]
+            ChatPrompt(tuple(c), add_generation_prompt, continue_final_message)  # type: ignore[arg-type]
+            for c in conversations
         ]
         return self._run(prompts, sampling_params)
 

@@ -129,6 +129,7 @@ def build_request(
     prompt_token_ids: Sequence[int] | None = None,
     messages: Sequence[Mapping[str, str]] | None = None,
     add_generation_prompt: bool | None = None,
+    continue_final_message: bool = False,
     request_id: str = "",
     priority: int | None = None,
     **sampling: Any,
@@ -158,6 +159,8 @@ def build_request(
             request.messages.messages.add(role=m["role"], content=m["content"])
         if add_generation_prompt is not None:
             request.messages.add_generation_prompt = add_generation_prompt
+        if continue_final_message:  # the last message is the start of the answer
+            request.messages.continue_final_message = True
     for name, value in sampling.items():
         if value is None:
             continue

@@ -22,14 +22,18 @@ class ChatPrompt:
     """A conversation to render with the model's chat template.
 
     ``messages`` are mappings with at least ``role`` and ``content`` (as ``apply_chat_template``
-    takes them).
+    takes them). ``continue_final_message``: the last message is left open for the model to
+    continue (a prefill of its answer); it excludes ``add_generation_prompt``.
     """
 
     messages: Sequence[Mapping[str, str]]
     add_generation_prompt: bool = True
+    continue_final_message: bool = False
 
 
 PromptInput = str | Sequence[int] | ChatPrompt
+CONTINUE_NEEDS_NO_GENERATION_PROMPT = (
+    "continue_final_message needs add_generation_prompt false (they exclude each other)")
 
 
 def input_field(prompt: PromptInput) -> str:
@@ -50,6 +54,8 @@ def check_prompt_input(prompt: PromptInput) -> None:
     if isinstance(prompt, ChatPrompt):
         if not prompt.messages:
             raise ValueError("messages must not be empty")
+        if prompt.continue_final_message and prompt.add_generation_prompt:
+            raise ValueError(CONTINUE_NEEDS_NO_GENERATION_PROMPT)
         for i, message in enumerate(prompt.messages):
             if not isinstance(message, Mapping) or not isinstance(message.get("content"), str):
                 raise ValueError(f"messages[{i}] must have a role and a content")
@@ -89,7 +95,8 @@ def decode_prompt_input(
         if limits is not None:
             limits.check_chat_turns(len(chat.messages))
         add = chat.add_generation_prompt if chat.HasField("add_generation_prompt") else True
-        prompt = ChatPrompt(tuple({"role": m.role, "content": m.content} for m in chat.messages), add)
+        prompt = ChatPrompt(tuple({"role": m.role, "content": m.content} for m in chat.messages), add,
+                            chat.continue_final_message)
     if limits is not None:
         limits.check_prompt(prompt)
     try:

@@ -103,7 +103,8 @@ class Router:
                 ids = await asyncio.to_thread(tok.encode_prompt, prompt)
             else:
                 messages = [dict(m) for m in prompt.messages]
-                ids = await asyncio.to_thread(tok.encode_chat, messages, prompt.add_generation_prompt)
+                ids = await asyncio.to_thread(tok.encode_chat, messages, prompt.add_generation_prompt, False,
+                                              prompt.continue_final_message)
         else:
             ids = list(prompt)
         context = min((w.max_model_len for w in workers), default=0)

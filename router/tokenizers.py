@@ -79,10 +79,11 @@ class RouterTokenizer:
 
     def encode_chat(
         self, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool = True,
-        add_special_tokens: bool = False,
+        add_special_tokens: bool = False, continue_final_message: bool = False,
     ) -> list[int]:
         """Token ids of a chat rendered with the model's template, as the worker computes them
-        (the template holds the special tokens; ``add_special_tokens`` adds the tokenizer's too)."""
+        (the template holds the special tokens; ``add_special_tokens`` adds the tokenizer's too;
+        ``continue_final_message`` leaves the last message open)."""
         if not messages:
             raise InvalidRequest("messages must not be empty")
         for i, message in enumerate(messages):
@@ -90,7 +91,8 @@ class RouterTokenizer:
                 _check_unicode(f"messages[{i}].{key}", value)
         try:
             text = self._tok.apply_chat_template(
-                [dict(m) for m in messages], add_generation_prompt=add_generation_prompt, tokenize=False
+                [dict(m) for m in messages], add_generation_prompt=add_generation_prompt,
+                continue_final_message=continue_final_message, tokenize=False,
             )
         except Exception as exc:  # template errors (bad roles, no template) are the client's
             raise InvalidRequest(f"messages could not be rendered with the chat template: {exc}") from exc

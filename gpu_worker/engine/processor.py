@@ -67,7 +67,7 @@ class InputProcessor:
         self._require_tokenizer("messages")
         text = self.tokenizer.apply_chat_template(
             [dict(m) for m in prompt.messages], add_generation_prompt=prompt.add_generation_prompt,
-            tokenize=False,
+            continue_final_message=prompt.continue_final_message, tokenize=False,
         )
         return str(text)
 

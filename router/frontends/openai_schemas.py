@@ -19,7 +19,7 @@ from typing import Any, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from llmserve.limits import flag_of
-from llmserve.prompt_input import ChatPrompt, PromptInput
+from llmserve.prompt_input import CONTINUE_NEEDS_NO_GENERATION_PROMPT, ChatPrompt, PromptInput
 from llmserve.sampling_extras import GUIDED_FIELDS, plugin_call_messages, structured_output_message
 from llmserve.v1 import generation_pb2 as gen_pb
 from router.errors import LimitRefused
@@ -241,6 +241,7 @@ class ChatCompletionRequest(_SamplingRequest):
     tools: list[Any] | None = None
     tool_choice: Any = None
     add_generation_prompt: bool = True
+    continue_final_message: bool = False
 
     def to_router_requests(self, request_id: str, max_prompts: int) -> list[RouterRequest]:
         """The one router request of a chat (``max_prompts`` is the completions' batch limit)."""
@@ -253,12 +254,22 @@ class ChatCompletionRequest(_SamplingRequest):
             raise InvalidParam("top_logprobs", "top_logprobs needs logprobs=true")
         max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
-        messages = tuple({"role": m.role, "content": m.text()} for m in self.messages)
         return [RouterRequest(
-            model=self.model, prompt=ChatPrompt(messages, self.add_generation_prompt),
+            model=self.model,
+            prompt=chat_prompt(self.messages, self.add_generation_prompt, self.continue_final_message),
             sampling=self.sampling(max_tokens, logprobs), request_id=request_id,
             max_tokens_to_context=max_tokens is None, priority=self.priority, request_id_unique=True,
         )]
+
+
+def chat_prompt(messages: list[ChatMessageIn], add_generation_prompt: bool,
+                continue_final_message: bool) -> ChatPrompt:
+    """The conversation to render; ``continue_final_message`` with ``add_generation_prompt`` is
+    refused naming the first (vLLM refuses the pair too)."""
+    if continue_final_message and add_generation_prompt:
+        raise InvalidParam("continue_final_message", CONTINUE_NEEDS_NO_GENERATION_PROMPT)
+    return ChatPrompt(tuple({"role": m.role, "content": m.text()} for m in messages), add_generation_prompt,
+                      continue_final_message)
 
 
 RequestT = TypeVar("RequestT", bound=BaseModel)

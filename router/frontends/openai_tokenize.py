@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from llmserve.prompt_input import ChatPrompt, PromptInput
 from llmserve.v1 import generation_pb2 as gen_pb
 from router.frontends.openai_errors import InvalidParam
-from router.frontends.openai_schemas import ChatMessageIn, validate
+from router.frontends.openai_schemas import ChatMessageIn, chat_prompt, validate
 from router.generation import GenerationCore
 from router.tokenizers import RouterTokenizer
 
@@ -50,14 +50,11 @@ class TokenizeRequest(BaseModel):
     def prompt_input(self) -> str | ChatPrompt:
         if (self.prompt is None) == (self.messages is None):
             raise InvalidParam("prompt", "send exactly one of prompt and messages")
-        if self.continue_final_message:
-            raise InvalidParam("continue_final_message", "continue_final_message is not supported")
         if self.messages is None:
             if not self.prompt:
                 raise InvalidParam("prompt", "prompt must not be empty")
             return self.prompt
-        messages = tuple({"role": m.role, "content": m.text()} for m in self.messages)
-        return ChatPrompt(messages, self.add_generation_prompt)
+        return chat_prompt(self.messages, self.add_generation_prompt, self.continue_final_message)
 
 
 class DetokenizeRequest(BaseModel):
@@ -82,7 +79,8 @@ class TokenizerEndpoints:
         if isinstance(prompt, ChatPrompt):
             special = bool(parsed.add_special_tokens)
             messages = [dict(m) for m in prompt.messages]
-            ids = await asyncio.to_thread(tok.encode_chat, messages, prompt.add_generation_prompt, special)
+            ids = await asyncio.to_thread(tok.encode_chat, messages, prompt.add_generation_prompt, special,
+                                          prompt.continue_final_message)
         else:
             special = parsed.add_special_tokens is not False
             ids = await asyncio.to_thread(tok.encode_prompt, prompt, special)

@@ -39,6 +39,11 @@ def test_text_tokens_and_chat(processor: InputProcessor, smollm2_tokenizer: Any)
     assert req.prompt_token_ids == tuple(tok.encode(rendered, add_special_tokens=False))
     req = processor.process("r4", ChatPrompt(messages, add_generation_prompt=False), SamplingParams())
     assert not (req.prompt or "").endswith("assistant\n")
+    # A prefill of the answer: the last message is left open for the model to continue.
+    prefill = [*messages, {"role": "assistant", "content": "The answer is"}]
+    req = processor.process("r5", ChatPrompt(prefill, False, continue_final_message=True), SamplingParams())
+    assert req.prompt == tok.apply_chat_template(prefill, continue_final_message=True, tokenize=False)
+    assert (req.prompt or "").endswith("The answer is")
 
 
 def test_fan_out_with_seeds(processor: InputProcessor) -> None:

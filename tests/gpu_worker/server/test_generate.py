@@ -251,6 +251,13 @@ BAD_REQUESTS = [
         INVALID,
         "role",
     ),
+    (
+        "continue_final_message with the generation prompt",
+        _req(messages=pb.ChatMessages(messages=[pb.ChatMessage(role="user", content="x")],
+                                      continue_final_message=True)),
+        INVALID,
+        "continue_final_message needs add_generation_prompt false",
+    ),
     ("unknown model", _req(model="gpt-17"), grpc.StatusCode.NOT_FOUND, SERVED_NAME),
     ("negative temperature", _req(sampling=pb.SamplingParams(temperature=-1)), INVALID, "temperature"),
     ("top_p zero", _req(sampling=pb.SamplingParams(top_p=0)), INVALID, "top_p"),

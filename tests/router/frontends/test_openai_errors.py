@@ -57,6 +57,8 @@ BAD_REQUESTS: list[tuple[str, str, dict[str, Any], str]] = [
      {**_C, "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
      "messages[0].content"),
     ("top_logprobs without logprobs", CHAT, {**_C, "top_logprobs": 2}, "top_logprobs"),
+    ("continue_final_message with the generation prompt", CHAT, {**_C, "continue_final_message": True},
+     "continue_final_message"),
     ("tools", CHAT, {**_C, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
     ("unknown response_format", CHAT, {**_C, "response_format": {"type": "xml"}}, "response_format"),
     ("json_schema without a schema", COMPLETIONS, {**_P, "response_format": {"type": "json_schema"}},

@@ -10,7 +10,7 @@ import pytest
 from openai import AsyncOpenAI, OpenAI
 
 from llmserve.client import AsyncClient, Client
-from tests.router.frontends.stack_proc import MODEL, StackProc
+from tests.router.frontends.stack_proc import MODEL, StackProc, http_json
 
 PROMPT = "The quick brown fox jumps over the lazy dog. Once upon a time"
 MESSAGES = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name a color."}]
@@ -224,6 +224,25 @@ def test_a_batch_of_prompts_is_served_as_one_request_each(client: OpenAI) -> Non
     assert [(u.prompt_tokens, u.completion_tokens) for u in usages] == [(batch.usage.prompt_tokens, 30)]
     ids = client.completions.create(prompt=[[1, 2, 3], [4, 5, 6, 7]], **args)  # type: ignore[call-overload]
     assert len(ids.choices) == 2 and ids.usage is not None and ids.usage.prompt_tokens == 7
+
+
+def test_continue_final_message_prefills_the_answer(client: OpenAI, stack: StackProc) -> None:
+    """vLLM's ``continue_final_message``: the last (assistant) message is continued, not answered;
+    the text is what the same ids get as a plain completion, through both doors and /tokenize."""
+    prefill = [*MESSAGES, {"role": "assistant", "content": "My favourite color is"}]
+    extra = {"continue_final_message": True, "add_generation_prompt": False, "ignore_eos": True}
+    chat = client.chat.completions.create(model=MODEL, messages=prefill, max_tokens=6, temperature=0,  # type: ignore[arg-type]
+                                          extra_body=extra)
+    body = {"model": MODEL, "messages": prefill, **extra}
+    ids = http_json("POST", f"{stack.http_url}/tokenize", body)[1]["tokens"]
+    plain = client.completions.create(model=MODEL, prompt=ids, max_tokens=6, temperature=0,
+                                      extra_body={"ignore_eos": True})
+    assert chat.choices[0].message.content == plain.choices[0].text
+    assert chat.usage is not None and chat.usage.prompt_tokens == len(ids)
+    with Client(stack.grpc_target) as native:
+        got = native.complete(MODEL, messages=prefill, add_generation_prompt=False,
+                              continue_final_message=True, max_tokens=6, temperature=0.0, ignore_eos=True)
+    assert got.text == plain.choices[0].text
 
 
 def test_chat_max_completion_tokens_and_context_default(client: OpenAI) -> None:

@@ -74,7 +74,7 @@ def test_detokenize_round_trips(stack: StackProc, hf_tokenizer: Any) -> None:
         ("/tokenize", {"model": MODEL, "prompt": ""}, 400, "prompt", "empty"),
         ("/tokenize", {"model": MODEL, "messages": []}, 400, "messages", "messages"),
         ("/tokenize", {"model": MODEL, "messages": MESSAGES, "continue_final_message": True}, 400,
-         "continue_final_message", "not supported"),
+         "continue_final_message", "add_generation_prompt false"),
         ("/tokenize", {"model": MODEL, "prompt": "x" * 1_000_001}, 400, "prompt", "max_prompt_chars"),
         ("/tokenize", b"[1, 2]", 400, "body", "JSON object"),
         ("/detokenize", {"model": MODEL, "tokens": [1, 10**9]}, 400, "tokens", "vocabulary"),
