@@ -17,8 +17,9 @@ async def merged(sources: Sequence[AsyncIterator[T]], buffer: int = 4) -> AsyncG
     """The items of every source in the order they arrive.
 
     Each source runs in its own task, which copies the caller's context, so what a source opens
-    (its spans, its request observation) is its own. At most ``buffer`` items per source wait to
-    be read: a slow reader slows the sources rather than the items piling up. The first source to
+    (its spans, its request observation) is its own. At most ``buffer`` times the number of
+    sources items wait to be read (sources blocked on a full queue resume in turn): a slow
+    reader slows the sources rather than the items piling up. The first source to
     fail ends the stream with its exception; closing or cancelling the stream, or a failure,
     cancels the sources still running and waits for them to end.
     """
