@@ -14,7 +14,9 @@ from __future__ import annotations
 import asyncio
 import json
 import struct
-from collections.abc import AsyncIterator, Callable
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -238,6 +240,58 @@ async def test_a_kserve_stream_whose_client_stopped_reading_is_cut(
             assert cut.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
             assert "(grpc_write_timeout_s, flag --grpc-write-timeout-s)" in (cut.value.details() or "")
         await settled(lambda: worker.calls_in_flight == 0)  # the router's calls to it have ended
+        assert len(await tokens(router.target)) == 2  # served on
+    finally:
+        await router.stop(grace_s=0.5)
+        await store.close()
+
+
+
+async def test_a_kserve_stream_read_slower_than_it_is_written_is_cut_with_its_status(
+        servers: tuple[WorkerServer, RouterServer], module_redis: RedisProc) -> None:
+    """A client that reads in bursts with pauses past ``--grpc-write-timeout-s`` while it keeps
+    sending requests (the pattern of the second probe) gets DEADLINE_EXCEEDED naming the flag.
+    Read with grpc's synchronous client: grpc.aio's client reports its own INTERNAL ("Internal
+    error from Core") instead when the server's status races one of its request writes, for any
+    server (DECISIONS 175)."""
+    worker, _ = servers
+    store = RedisStateStore(module_redis.url)
+    router = await start_router(store, metrics_port=None, max_kserve_stream_requests=2,
+                                grpc_limits=GrpcPortLimits(write_timeout_s=1.0))
+
+    def read_in_bursts() -> tuple[int, grpc.RpcError]:
+        ended = threading.Event()
+
+        def requests() -> Iterator[kserve_pb.ModelInferRequest]:
+            for i in range(2000):
+                if ended.wait(0.02):
+                    return
+                yield streamed_request(i, 64)
+
+        # a small receive window (no BDP probing, 4 KiB of lookahead): a pause fills it at once
+        options = [("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", 4096)]
+        with grpc.insecure_channel(router.target, options=options) as channel:
+            stream = kserve_grpc.GRPCInferenceServiceStub(channel).ModelStreamInfer(requests(), timeout=60)
+            received = 0
+            try:
+                for _ in stream:
+                    received += 1
+                    if received % 50 == 0:
+                        time.sleep(2.0)  # a pause past the write timeout
+            except grpc.RpcError as err:
+                return received, err
+            finally:
+                ended.set()
+        raise AssertionError("the stream was never cut")
+
+    try:
+        received, err = await asyncio.to_thread(read_in_bursts)
+        assert received >= 50
+        assert err.code() == grpc.StatusCode.DEADLINE_EXCEEDED, (err.code(), err.details())
+        assert "(grpc_write_timeout_s, flag --grpc-write-timeout-s)" in (err.details() or "")
+        await settled(lambda: router.calls_in_flight == 0, within_s=30)
+        await settled(lambda: worker_idle(worker), within_s=30)
+        await settled(lambda: worker.calls_in_flight == 0)
         assert len(await tokens(router.target)) == 2  # served on
     finally:
         await router.stop(grace_s=0.5)
