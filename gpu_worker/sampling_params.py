@@ -137,7 +137,8 @@ class SamplingParams:
     probability of each chosen token plus the top-N alternatives (N may be 0); logprobs
     are those of the model's raw distribution, before penalties, temperature and
     truncation, as in vLLM. ``seed`` makes one request's sampling reproducible whatever
-    else runs in the batch.
+    else runs in the batch. ``truncate_prompt_tokens`` keeps only the prompt's last N tokens
+    (-1: as many as the context holds with room for one output token), as vLLM's.
 
     ``structured_output`` constrains the output to a format (a dict such as ``{"json": schema}``
     or a :class:`StructuredOutputsParams`; docs/STRUCTURED_OUTPUT.md). ``logits_processors``
@@ -165,6 +166,7 @@ class SamplingParams:
     structured_output: StructuredOutputsParams | None = None
     logits_processors: list[PluginCall] = field(default_factory=list)
     stopping_criteria: list[PluginCall] = field(default_factory=list)
+    truncate_prompt_tokens: int | None = None
 
     def __post_init__(self) -> None:
         if self.structured_output is not None:
@@ -232,6 +234,11 @@ class SamplingParams:
                 "logit_bias values must be finite numbers",
             ),
             (self.seed is None or self.seed >= 0, f"seed must be >= 0, got {self.seed}"),
+            (
+                self.truncate_prompt_tokens is None or self.truncate_prompt_tokens == -1
+                or self.truncate_prompt_tokens >= 1,
+                f"truncate_prompt_tokens must be -1 or at least 1, got {self.truncate_prompt_tokens}",
+            ),
         ]
         if self.structured_output is not None:
             checks += [

@@ -44,6 +44,20 @@ def input_field(prompt: PromptInput) -> str:
     return "prompt" if isinstance(prompt, str) else "prompt_token_ids"
 
 
+def truncate_prompt(ids: Sequence[int], keep: int | None, max_model_len: int) -> Sequence[int]:
+    """vLLM's ``truncate_prompt_tokens``: the last ``keep`` prompt token ids (-1: as many as the
+    context holds with room for one output token); ``ids`` as they are when ``keep`` is None or
+    not shorter. ``ValueError`` naming the parameter when ``keep`` leaves no room for output."""
+    if keep is None:
+        return ids
+    if keep == -1:
+        keep = max_model_len - 1
+    if not 1 <= keep < max_model_len:
+        raise ValueError(f"truncate_prompt_tokens must be -1 or in [1, {max_model_len}) (the model's "
+                         f"context, max_model_len, less one token for the output), got {keep}")
+    return ids[-keep:] if len(ids) > keep else ids
+
+
 def check_prompt_input(prompt: PromptInput) -> None:
     """Raise ``ValueError`` naming the field when ``prompt`` is empty or malformed.
 

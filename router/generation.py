@@ -109,7 +109,9 @@ class RequestScope:
         obs.set_model(model)
         router.admit(request.request_id, request.prompt, request.sampling)  # before the prompt costs anything
         self._core.access.admit(model)  # the caller's key may use the model; its request budget
-        token_ids = await router.token_ids(model, workers, request.prompt)
+        truncate = (request.sampling.truncate_prompt_tokens
+                    if request.sampling.HasField("truncate_prompt_tokens") else None)
+        token_ids = await router.token_ids(model, workers, request.prompt, truncate)
         ranked = await router.rank(model, workers, token_ids, request.request_id)
         obs.on_ranked(ranked)
         sampling = request.sampling

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from llmserve.fleet import FleetSnapshot, Registry, WorkerRecord
 from llmserve.hashing import block_hashes
 from llmserve.limits import LimitExceeded, RequestLimits, flag_of
-from llmserve.prompt_input import ChatPrompt, PromptInput, input_field
+from llmserve.prompt_input import ChatPrompt, PromptInput, input_field, truncate_prompt
 from llmserve.sampling_extras import check_sampling_limits
 from llmserve.v1 import generation_pb2 as gen_pb
 from router.dispatch import InflightTracker
@@ -93,8 +93,10 @@ class Router:
             raise ModelUnavailable(model)
         raise ModelNotFound(model, live)
 
-    async def token_ids(self, model: str, workers: Sequence[WorkerRecord], prompt: PromptInput) -> list[int]:
-        """The prompt's token ids, tokenized exactly as the model's workers would; a prompt that
+    async def token_ids(self, model: str, workers: Sequence[WorkerRecord], prompt: PromptInput,
+                        truncate: int | None = None) -> list[int]:
+        """The prompt's token ids, tokenized exactly as the model's workers would, and cut to
+        their last ``truncate`` (``truncate_prompt_tokens``) as the workers would; a prompt that
         leaves no room for an output token in the smallest context of ``workers`` is refused
         (:class:`LimitRefused`, limit ``max_model_len``) naming the field the client sent."""
         if isinstance(prompt, ChatPrompt | str):
@@ -108,6 +110,11 @@ class Router:
         else:
             ids = list(prompt)
         context = min((w.max_model_len for w in workers), default=0)
+        if workers and truncate is not None:
+            try:
+                ids = list(truncate_prompt(ids, truncate, context))
+            except ValueError as exc:
+                raise InvalidRequest(str(exc)) from None
         if workers and len(ids) >= context:
             raise LimitRefused("max_model_len", (
                 f"{input_field(prompt)} is too long: {len(ids)} tokens; the model's context (max_model_len, "

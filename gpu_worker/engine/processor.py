@@ -21,7 +21,7 @@ from gpu_worker.core.types import EngineCoreRequest
 from gpu_worker.engine.feature_checks import FeatureChecks
 from gpu_worker.sampling_params import SamplingParams
 from llmserve.limits import LimitExceeded, flag_of
-from llmserve.prompt_input import ChatPrompt, PromptInput, check_prompt_input, input_field
+from llmserve.prompt_input import ChatPrompt, PromptInput, check_prompt_input, input_field, truncate_prompt
 
 NO_TOKENIZER = "this model has no tokenizer"
 
@@ -110,6 +110,7 @@ class InputProcessor:
             raise ValueError(f"stop: {NO_TOKENIZER}; stop strings cannot be matched (use stop_token_ids)")
         self.features.check(params)
         text, ids = self.tokenize(prompt)
+        ids = tuple(truncate_prompt(ids, params.truncate_prompt_tokens, self.max_model_len))
         field = input_field(prompt)
         self.check_prompt_token_ids(ids, field=field)
         resumed = tuple(int(t) for t in resumed_token_ids)

@@ -45,6 +45,7 @@ _OPTIONAL_SAMPLING_FIELDS = (
     "include_stop_str_in_output",
     "ignore_eos",
     "logprobs",
+    "truncate_prompt_tokens",
 )
 
 

@@ -101,6 +101,7 @@ _SCALARS: dict[str, tuple[Callable[[Any], Any], float | None]] = {
     "min_p": (_as_float, None), "seed": (_as_int, 0), "presence_penalty": (_as_float, None),
     "frequency_penalty": (_as_float, None), "repetition_penalty": (_as_float, None),
     "ignore_eos": (_as_bool, None), "include_stop_str_in_output": (_as_bool, None),
+    "truncate_prompt_tokens": (_as_int, -1),
 }
 _UINT32_MAX = 2**32 - 1
 

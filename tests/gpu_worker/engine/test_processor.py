@@ -46,6 +46,18 @@ def test_text_tokens_and_chat(processor: InputProcessor, smollm2_tokenizer: Any)
     assert (req.prompt or "").endswith("The answer is")
 
 
+def test_truncate_prompt_tokens_keeps_the_last_tokens(processor: InputProcessor) -> None:
+    ids = list(range(100, 200))  # 100 tokens: over the context of 64
+    req = processor.process("t1", ids, SamplingParams(truncate_prompt_tokens=10))
+    assert req.prompt_token_ids == tuple(ids[-10:])
+    req = processor.process("t2", ids, SamplingParams(truncate_prompt_tokens=-1, max_tokens=1))
+    assert req.prompt_token_ids == tuple(ids[-63:])  # the context less one output token
+    with pytest.raises(ValueError, match="truncate_prompt_tokens"):
+        processor.process("t3", ids, SamplingParams(truncate_prompt_tokens=64))
+    with pytest.raises(ValueError, match="truncate_prompt_tokens"):
+        SamplingParams(truncate_prompt_tokens=0)
+
+
 def test_fan_out_with_seeds(processor: InputProcessor) -> None:
     req = processor.process("r", "x", SamplingParams(n=3, seed=7, temperature=1.0))
     assert req.child_ids == ["r#0", "r#1", "r#2"]

@@ -245,6 +245,23 @@ def test_continue_final_message_prefills_the_answer(client: OpenAI, stack: Stack
     assert got.text == plain.choices[0].text
 
 
+def test_truncate_prompt_tokens_serves_the_prompts_end(client: OpenAI) -> None:
+    """vLLM's ``truncate_prompt_tokens``: a prompt over the context (512) is served as its last
+    N tokens, the same text as sending those alone; -1 keeps what the context holds."""
+    ids = [(7 * i) % 900 + 10 for i in range(600)]
+    args = {"model": MODEL, "max_tokens": 4, "temperature": 0}
+    cut = client.completions.create(prompt=ids, extra_body={"truncate_prompt_tokens": 100}, **args)  # type: ignore[call-overload]
+    alone = client.completions.create(prompt=ids[-100:], **args)  # type: ignore[call-overload]
+    assert cut.usage is not None and cut.usage.prompt_tokens == 100
+    assert cut.choices[0].text == alone.choices[0].text
+    full = client.completions.create(prompt=ids, extra_body={"truncate_prompt_tokens": -1},  # type: ignore[call-overload]
+                                     **{**args, "max_tokens": 1})
+    assert full.usage is not None and full.usage.prompt_tokens == 511
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.completions.create(prompt=ids, extra_body={"truncate_prompt_tokens": 512}, **args)  # type: ignore[call-overload]
+    assert refused.value.param == "truncate_prompt_tokens"  # type: ignore[attr-defined]
+
+
 def test_chat_max_completion_tokens_and_context_default(client: OpenAI) -> None:
     capped = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_completion_tokens=3,  # type: ignore[arg-type]
                                             temperature=0, extra_body={"ignore_eos": True})
