@@ -94,7 +94,10 @@ def test_sampling_parameters_take_strings_as_the_backend_does() -> None:
     assert (round(s.temperature, 3), s.max_tokens, s.ignore_eos, list(s.stop), s.top_k) == (0.7, 12, True,
                                                                                             ["###"], -1)
     assert dict(s.logit_bias) == {3: 1.5}
-    for bad in ({"n": 0}, {"seed": -1}, {"max_tokens": 2**40}, {"lora_name": "x"}, {"stop": 5}):
+    assert sampling_from({"truncate_prompt_tokens": "100"}).truncate_prompt_tokens == 100
+    assert sampling_from({"truncate_prompt_tokens": -1}).truncate_prompt_tokens == -1
+    for bad in ({"n": 0}, {"seed": -1}, {"max_tokens": 2**40}, {"lora_name": "x"}, {"stop": 5},
+                {"truncate_prompt_tokens": -2}, {"truncate_prompt_tokens": 2**31}):
         with pytest.raises(InvalidRequest):
             sampling_from(bad)
 
