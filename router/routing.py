@@ -101,12 +101,7 @@ class Router:
         (:class:`LimitRefused`, limit ``max_model_len``) naming the field the client sent."""
         if isinstance(prompt, ChatPrompt | str):
             tok = await self.tokenizers.get(model, workers)
-            if isinstance(prompt, str):
-                ids = await asyncio.to_thread(tok.encode_prompt, prompt)
-            else:
-                messages = [dict(m) for m in prompt.messages]
-                ids = await asyncio.to_thread(tok.encode_chat, messages, prompt.add_generation_prompt, False,
-                                              prompt.continue_final_message)
+            ids = await asyncio.to_thread(tok.encode, prompt)
         else:
             ids = list(prompt)
         context = min((w.max_model_len for w in workers), default=0)

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from llmserve.fleet import WorkerRecord
+from llmserve.prompt_input import ChatPrompt
 from router.errors import InvalidRequest, ModelUnavailable, NoTokenizer
 
 log = logging.getLogger(__name__)
@@ -77,13 +78,17 @@ class RouterTokenizer:
                 cache[token_id] = str(text)
         return [cache[t] for t in token_ids]
 
-    def encode_chat(
-        self, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool = True,
-        add_special_tokens: bool = False, continue_final_message: bool = False,
-    ) -> list[int]:
+    def encode(self, prompt: str | ChatPrompt, add_special_tokens: bool | None = None) -> list[int]:
+        """Token ids of a text or chat prompt, as the worker computes them; ``add_special_tokens``
+        None: the worker's way (added to a text, not to a chat, whose template holds them)."""
+        if isinstance(prompt, ChatPrompt):
+            return self.encode_chat(prompt, bool(add_special_tokens))
+        return self.encode_prompt(prompt, add_special_tokens is not False)
+
+    def encode_chat(self, chat: ChatPrompt, add_special_tokens: bool = False) -> list[int]:
         """Token ids of a chat rendered with the model's template, as the worker computes them
-        (the template holds the special tokens; ``add_special_tokens`` adds the tokenizer's too;
-        ``continue_final_message`` leaves the last message open)."""
+        (the template holds the special tokens; ``add_special_tokens`` adds the tokenizer's too)."""
+        messages = chat.messages
         if not messages:
             raise InvalidRequest("messages must not be empty")
         for i, message in enumerate(messages):
@@ -91,8 +96,8 @@ class RouterTokenizer:
                 _check_unicode(f"messages[{i}].{key}", value)
         try:
             text = self._tok.apply_chat_template(
-                [dict(m) for m in messages], add_generation_prompt=add_generation_prompt,
-                continue_final_message=continue_final_message, tokenize=False,
+                [dict(m) for m in messages], add_generation_prompt=chat.add_generation_prompt,
+                continue_final_message=chat.continue_final_message, tokenize=False,
             )
         except Exception as exc:  # template errors (bad roles, no template) are the client's
             raise InvalidRequest(f"messages could not be rendered with the chat template: {exc}") from exc

@@ -29,8 +29,6 @@ async def merged(sources: Sequence[AsyncIterator[T]], buffer: int = 4) -> AsyncG
         try:
             async for item in source:
                 await queue.put((item, None))
-        except asyncio.CancelledError:
-            raise
         except Exception as exc:  # noqa: BLE001 - handed to the reader, which raises it
             await queue.put((_END, exc))
             return

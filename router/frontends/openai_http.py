@@ -137,11 +137,7 @@ class OpenAIDoor:
                      headers: Mapping[str, str]) -> AsyncGenerator[Reply, None]:
         with self._tracing.http_server(method="POST", route=route, headers=headers) as http_span:
             try:
-                if isinstance(body, RequestTooLarge):
-                    raise body
-                data = _json_object(body)
-                if not isinstance(data, dict):
-                    raise InvalidParam("body", "the request body must be a JSON object")
+                data = _body_object(body, _json_object(body) if isinstance(body, bytes) else None)
                 reply = Reply(200, json_bytes(await handle(data, f"{route[1:]}-{uuid.uuid4().hex}")))
             except Exception as exc:  # noqa: BLE001 - every error becomes the door's error JSON
                 error = http_error(exc)
@@ -187,7 +183,7 @@ class OpenAIDoor:
                     self._core.refused(model_hint, request_id, exc, operation=endpoint.operation)
                     raise
                 tokens = _needs_tokenizer(endpoint, parsed)
-                batch = _Batch(len(routed), parsed.n) if len(routed) > 1 else None
+                batch = _Batch(parsed.n) if len(routed) > 1 else None
                 chunks = (self._observed(0, routed[0], endpoint, tokens) if batch is None else merged(
                     [self._observed(i, r, endpoint, tokens) for i, r in enumerate(routed)]))
                 renderer: ChoiceRenderer | None = None
@@ -278,8 +274,7 @@ class OpenAIDoor:
 class _Batch:
     """A completions batch's chunks as one response's: choice indexes per prompt, usage summed."""
 
-    def __init__(self, prompts: int, n: int) -> None:
-        self.prompts = prompts
+    def __init__(self, n: int) -> None:
         self.n = n
         self.usage = gen_pb.Usage()
 
@@ -299,13 +294,18 @@ class _Batch:
         return out
 
 
-def _parsed(endpoint: _Endpoint, body: bytes | RequestTooLarge, data: Any) -> Any:
-    """The validated body of ``endpoint``; the door's refusal otherwise."""
+def _body_object(body: bytes | RequestTooLarge, data: Any) -> dict[str, Any]:
+    """The request's JSON object (``data``, parsed from ``body``); the door's refusal otherwise."""
     if isinstance(body, RequestTooLarge):
         raise body
     if not isinstance(data, dict):
         raise InvalidParam("body", "the request body must be a JSON object")
-    return validate(endpoint.schema, data)
+    return data
+
+
+def _parsed(endpoint: _Endpoint, body: bytes | RequestTooLarge, data: Any) -> Any:
+    """The validated body of ``endpoint``; the door's refusal otherwise."""
+    return validate(endpoint.schema, _body_object(body, data))
 
 
 def _wants_logprobs(endpoint: _Endpoint, parsed: Any) -> bool:

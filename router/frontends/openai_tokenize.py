@@ -76,14 +76,7 @@ class TokenizerEndpoints:
         parsed = validate(TokenizeRequest, data)
         prompt = parsed.prompt_input()
         tok, context = await self._tokenizer(parsed.model, request_id, prompt)
-        if isinstance(prompt, ChatPrompt):
-            special = bool(parsed.add_special_tokens)
-            messages = [dict(m) for m in prompt.messages]
-            ids = await asyncio.to_thread(tok.encode_chat, messages, prompt.add_generation_prompt, special,
-                                          prompt.continue_final_message)
-        else:
-            special = parsed.add_special_tokens is not False
-            ids = await asyncio.to_thread(tok.encode_prompt, prompt, special)
+        ids = await asyncio.to_thread(tok.encode, prompt, parsed.add_special_tokens)
         strs = await asyncio.to_thread(tok.token_strs, ids) if parsed.return_token_strs else None
         return {"count": len(ids), "max_model_len": context, "tokens": ids, "token_strs": strs}
 

@@ -217,7 +217,8 @@ async def test_router_tokenizes_like_the_worker(
         assert tok.encode_prompt(prompt) == list(worker_side.tokenize(prompt)[1]), prompt
     for chat in chats:
         for add in (True, False):
-            assert tok.encode_chat(chat, add) == list(worker_side.tokenize(ChatPrompt(chat, add))[1])
+            chat_prompt = ChatPrompt(chat, add)
+            assert tok.encode_chat(chat_prompt) == list(worker_side.tokenize(chat_prompt)[1])
     # End to end: router (token ids forwarded) and worker (text) generate the same greedy tokens.
     sampling = gen_pb.SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
     msgs = gen_pb.ChatMessages(messages=[gen_pb.ChatMessage(role=m["role"], content=m["content"])
