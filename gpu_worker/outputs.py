@@ -50,6 +50,12 @@ class RequestOutput:
     completion has finished. ``device_s``: device seconds the request has used so far, all
     samples together (its share of each engine step's time, split by tokens; cumulative in
     every output kind, delta outputs included).
+
+    ``prompt_logprobs`` (vLLM's shape; None unless ``SamplingParams.prompt_logprobs`` was set):
+    one entry per prompt token, the first None (nothing precedes it), then each maps the prompt
+    token's id and the top-N alternatives at its position to their :class:`Logprob`. A
+    streaming (delta) request gets them once, on the first output that has them (with the
+    first token); the other kinds carry them on every output from then on.
     """
 
     request_id: str
@@ -59,3 +65,4 @@ class RequestOutput:
     finished: bool
     num_cached_tokens: int = 0
     device_s: float = 0.0
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None

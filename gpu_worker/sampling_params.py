@@ -136,7 +136,9 @@ class SamplingParams:
     of None means "up to the model's context length". ``logprobs`` asks for the log
     probability of each chosen token plus the top-N alternatives (N may be 0); logprobs
     are those of the model's raw distribution, before penalties, temperature and
-    truncation, as in vLLM. ``seed`` makes one request's sampling reproducible whatever
+    truncation, as in vLLM. ``prompt_logprobs`` asks for the same at every prompt position from
+    the second on (the prompt token itself plus the top-N; a request with it computes its whole
+    prompt: no prefix-cache hit, as in vLLM). ``seed`` makes one request's sampling reproducible whatever
     else runs in the batch. ``truncate_prompt_tokens`` keeps only the prompt's last N tokens
     (-1: as many as the context holds with room for one output token), as vLLM's.
 
@@ -162,6 +164,7 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     ignore_eos: bool = False
     logprobs: int | None = None
+    prompt_logprobs: int | None = None
     logit_bias: dict[int, float] = field(default_factory=dict)
     structured_output: StructuredOutputsParams | None = None
     logits_processors: list[PluginCall] = field(default_factory=list)
@@ -227,6 +230,10 @@ class SamplingParams:
             (
                 self.logprobs is None or 0 <= self.logprobs <= 20,
                 f"logprobs must be between 0 and 20, got {self.logprobs}",
+            ),
+            (
+                self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= 20,
+                f"prompt_logprobs must be between 0 and 20, got {self.prompt_logprobs}",
             ),
             (all(s for s in self.stop), "stop must not contain empty strings"),
             (

@@ -53,7 +53,8 @@ class Usage:
 
 @dataclass(frozen=True)
 class TokenLogprob:
-    """Logprob of one generated token and the asked-for top alternatives (id, logprob, text)."""
+    """Logprob of one generated (or prompt) token and the asked-for top alternatives (id, logprob,
+    text)."""
 
     token_id: int
     logprob: float
@@ -63,7 +64,11 @@ class TokenLogprob:
 
 @dataclass(frozen=True)
 class GenerationChunk:
-    """One streamed delta of sequence ``index``; the last chunk of the stream has ``usage``."""
+    """One streamed delta of sequence ``index``; the last chunk of the stream has ``usage``.
+
+    ``prompt_logprobs``: a piece of the prompt's logprobs (``prompt_logprobs=N`` asked for them),
+    in chunks with no token before the first token; the pieces in order cover the prompt's
+    positions from the second on."""
 
     request_id: str
     index: int
@@ -74,6 +79,7 @@ class GenerationChunk:
     stop_reason: int | str | None = None
     usage: Usage | None = None
     worker_id: str | None = None
+    prompt_logprobs: tuple[TokenLogprob, ...] = ()
 
 
 @dataclass
@@ -90,12 +96,17 @@ class CompletionSequence:
 
 @dataclass
 class Completion:
-    """A whole response: the sequences in index order, usage and the serving worker."""
+    """A whole response: the sequences in index order, usage and the serving worker.
+
+    ``prompt_logprobs`` (asked with ``prompt_logprobs=N``): one per prompt token from the second on
+    (the first has none: vLLM's list less its leading None), the prompt token's logprob and rank
+    and the position's top N; empty when not asked for."""
 
     request_id: str
     sequences: list[CompletionSequence]
     usage: Usage | None
     worker_id: str | None
+    prompt_logprobs: tuple[TokenLogprob, ...] = ()
 
     @property
     def text(self) -> str:
@@ -178,6 +189,14 @@ def build_request(
     return request
 
 
+def _token_logprobs(entries: Sequence[pb.TokenLogprobs]) -> tuple[TokenLogprob, ...]:
+    return tuple(
+        TokenLogprob(lp.token_id, lp.logprob, lp.rank,
+                     tuple((t.token_id, t.logprob, t.token) for t in lp.top))
+        for lp in entries
+    )
+
+
 def chunk_from_proto(msg: pb.GenerateResponse) -> GenerationChunk:
     """Protobuf chunk -> :class:`GenerationChunk`."""
     return GenerationChunk(
@@ -185,12 +204,7 @@ def chunk_from_proto(msg: pb.GenerateResponse) -> GenerationChunk:
         index=msg.index,
         text=msg.text,
         token_ids=tuple(msg.token_ids),
-        logprobs=tuple(
-            TokenLogprob(
-                lp.token_id, lp.logprob, lp.rank, tuple((t.token_id, t.logprob, t.token) for t in lp.top)
-            )
-            for lp in msg.logprobs
-        ),
+        logprobs=_token_logprobs(msg.logprobs),
         finish_reason=msg.finish_reason or None,
         stop_reason=stop_reason(msg),
         usage=Usage(msg.usage.prompt_tokens, msg.usage.completion_tokens, msg.usage.cached_prompt_tokens,
@@ -198,6 +212,7 @@ def chunk_from_proto(msg: pb.GenerateResponse) -> GenerationChunk:
         if msg.HasField("usage")
         else None,
         worker_id=msg.worker_id or None,
+        prompt_logprobs=_token_logprobs(msg.prompt_logprobs),
     )
 
 
@@ -209,9 +224,13 @@ class CompletionCollector:
         self._request_id = ""
         self._usage: Usage | None = None
         self._worker_id: str | None = None
+        self._prompt_logprobs: list[TokenLogprob] = []
 
     def add(self, chunk: GenerationChunk) -> None:
         self._request_id = chunk.request_id
+        if chunk.prompt_logprobs:  # such a chunk carries nothing else
+            self._prompt_logprobs.extend(chunk.prompt_logprobs)
+            return
         seq = self._sequences.setdefault(chunk.index, CompletionSequence(chunk.index))
         seq.text += chunk.text
         seq.token_ids.extend(chunk.token_ids)
@@ -223,7 +242,8 @@ class CompletionCollector:
 
     def result(self) -> Completion:
         sequences = [self._sequences[i] for i in sorted(self._sequences)]
-        return Completion(self._request_id, sequences, self._usage, self._worker_id)
+        return Completion(self._request_id, sequences, self._usage, self._worker_id,
+                          tuple(self._prompt_logprobs))
 
 
 def _models(response: pb.ListModelsResponse) -> list[ModelInfo]:

@@ -9,7 +9,8 @@ RESOURCE_EXHAUSTED other than a message over gRPC's size limit, a stream that en
 request to the next candidate after a jittered exponential backoff. After it, a one-sequence
 stream is *resumed* on the next candidate with the prompt plus the tokens already relayed
 (``GenerateRequest.resume``), so the client sees one unbroken stream; other statuses, and
-failures of ``n > 1`` streams, are passed through. At most ``max_attempts`` calls per request
+failures of streams that cannot be resumed (``n > 1``, prompt logprobs relayed in part:
+``StreamRelay.resumable``), are passed through. At most ``max_attempts`` calls per request
 (retries and resumptions together), each to a different worker whose circuit breaker lets it
 through (``router.failover``). Cancelling the iterator (client gone) cancels the worker's call,
 which aborts the request there and frees its KV blocks; the client's remaining deadline bounds

@@ -261,25 +261,39 @@ class StreamRelay:
     *done* at its last chunk (the one carrying ``usage``). A worker that gives a sequence up
     itself (``finish_reason`` "abort": its drain grace ran out, it shut down) fails like a broken
     stream when the request can be resumed; its tokens are forwarded, its end is not.
+
+    The prompt's logprobs (``GenerateResponse.prompt_logprobs``, in messages before the first
+    token) start the stream too. A resumed request gets none (the worker drops them), so a stream
+    is resumable only while the client has all of them or none.
     """
 
     def __init__(self, request: gen_pb.GenerateRequest) -> None:
         self.request = request
         n = request.sampling.n if request.sampling.HasField("n") else 1
-        self.resumable = n == 1 and request.WhichOneof("input") == "prompt_token_ids"
+        self._one_sequence = n == 1 and request.WhichOneof("input") == "prompt_token_ids"
+        self._prompt_positions = max(0, len(request.prompt_token_ids.ids) - 1)  # all prompt logprobs
         self.sent_token_ids: list[int] = []  # sequence 0's tokens that reached the client
+        self.sent_prompt_logprobs = 0  # prompt positions whose logprobs reached the client
         self.started = False
         self.done = False
         self.aborted_by_worker = False
+
+    @property
+    def resumable(self) -> bool:
+        """Can another worker continue the stream? Only a one-sequence request sent as token ids
+        whose prompt logprobs, if it asked for them, reached the client all or not at all: the
+        resuming worker does not send them (the rest would be lost)."""
+        return self._one_sequence and self.sent_prompt_logprobs in (0, self._prompt_positions)
 
     def forward(self, chunk: gen_pb.GenerateResponse) -> gen_pb.GenerateResponse | None:
         """The chunk to send to the client (None: nothing to send)."""
         if chunk.finish_reason == ABORT and self.resumable:
             self.aborted_by_worker = True
-            if not chunk.token_ids:
+            if not chunk.token_ids and not chunk.prompt_logprobs:
                 return None
             trimmed = gen_pb.GenerateResponse(request_id=chunk.request_id, index=chunk.index, text=chunk.text,
-                                              token_ids=chunk.token_ids, logprobs=chunk.logprobs)
+                                              token_ids=chunk.token_ids, logprobs=chunk.logprobs,
+                                              prompt_logprobs=chunk.prompt_logprobs)
             return self._sent(trimmed)
         if chunk.HasField("usage"):
             self.done = True
@@ -287,6 +301,7 @@ class StreamRelay:
 
     def _sent(self, chunk: gen_pb.GenerateResponse) -> gen_pb.GenerateResponse:
         self.started = True
+        self.sent_prompt_logprobs += len(chunk.prompt_logprobs)
         if chunk.index == 0:
             self.sent_token_ids.extend(chunk.token_ids)
         return chunk
@@ -302,6 +317,7 @@ class StreamRelay:
         """The same request, continuing after the tokens already sent."""
         resumed = gen_pb.GenerateRequest()
         resumed.CopyFrom(self.request)
+        resumed.resume.SetInParent()  # set even before the first token: no prompt logprobs again
         resumed.resume.output_token_ids[:] = self.sent_token_ids
         return resumed
 

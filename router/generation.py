@@ -67,12 +67,13 @@ class RouterRequest:
 
 
 class RequestScope:
-    """One observed request: :meth:`generate` runs it; the resolved model and its tokenizer
-    are there for doors that render tokens (logprobs, echo)."""
+    """One observed request: :meth:`generate` runs it; the resolved model, its tokenizer and the
+    prompt's token ids are there for doors that render tokens (logprobs, echo)."""
 
     def __init__(self, core: GenerationCore, obs: RequestObservation) -> None:
         self._core = core
         self._obs = obs
+        self.prompt_token_ids: list[int] = []  # as workers get them: set once tokenized
 
     @property
     def model(self) -> str:
@@ -112,6 +113,7 @@ class RequestScope:
         truncate = (request.sampling.truncate_prompt_tokens
                     if request.sampling.HasField("truncate_prompt_tokens") else None)
         token_ids = await router.token_ids(model, workers, request.prompt, truncate)
+        self.prompt_token_ids = token_ids
         ranked = await router.rank(model, workers, token_ids, request.request_id)
         obs.on_ranked(ranked)
         sampling = request.sampling

@@ -11,7 +11,7 @@ import enum
 from collections.abc import Iterable
 from typing import Any
 
-from gpu_worker.core.types import EngineCoreRequest
+from gpu_worker.core.types import EngineCoreRequest, TokenLogprobs
 from gpu_worker.sampling_params import SamplingParams
 from llmserve.hashing import BlockHash, block_hashes
 
@@ -83,6 +83,12 @@ class Request:
         self.status = RequestStatus.WAITING
         self.stop_token_id: int | None = None
         self.unreported_device_s = 0.0  # step time attributed since the last output (Scheduler.update)
+        # Prompt logprobs gathered so far (positions 1 .. in order; None: not asked for), and
+        # whether they went out (on the first sampled output).
+        self.prompt_logprobs: list[TokenLogprobs] | None = (
+            None if params.prompt_logprobs is None else []
+        )
+        self.prompt_logprobs_sent = False
         self.block_hashes: list[BlockHash] = (
             [] if hash_seed is None else block_hashes(self.all_token_ids, block_size, hash_seed)
         )
@@ -118,6 +124,36 @@ class Request:
     @property
     def num_output_tokens(self) -> int:
         return len(self.output_token_ids)
+
+    @property
+    def needs_prompt_logprobs(self) -> bool:
+        """It asked for prompt logprobs and some are still missing: every prompt position must
+        be computed (a prefix-cache hit would skip them)."""
+        acc = self.prompt_logprobs
+        return acc is not None and len(acc) < len(self.prompt_token_ids) - 1
+
+    def add_prompt_logprobs(self, first: int, logprobs: tuple[TokenLogprobs, ...]) -> None:
+        """Record a step's prompt logprobs (positions ``first ..``). Positions already held are
+        skipped: after a preemption the prompt is computed again, and a step planned before it
+        may still report."""
+        acc = self.prompt_logprobs
+        if acc is None:
+            return
+        skip = len(acc) + 1 - first  # the next position wanted is len(acc) + 1
+        if skip < 0:
+            raise ValueError(f"request {self.request_id}: prompt logprobs from position {first} leave a gap "
+                             f"after position {len(acc)}")
+        acc.extend(logprobs[skip:])
+
+    def take_prompt_logprobs(self) -> tuple[TokenLogprobs, ...] | None:
+        """The prompt logprobs to put on the request's first sampled output (None afterwards, or
+        when not asked for)."""
+        if self.prompt_logprobs is None or self.prompt_logprobs_sent:
+            return None
+        if self.needs_prompt_logprobs:
+            raise RuntimeError(f"request {self.request_id}: sampled before its prompt logprobs were complete")
+        self.prompt_logprobs_sent = True
+        return tuple(self.prompt_logprobs)
 
     def append_output_token(self, token_id: int) -> None:
         """Append a sampled token and extend the hash chain if a block became full."""

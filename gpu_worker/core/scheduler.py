@@ -181,6 +181,9 @@ class Scheduler:
         self._preempted_ids: set[str] = set()  # since the last schedule()
         self._num_preemptions = 0
         self._device_seconds = 0.0  # step time attributed to requests, cumulative
+        # Live requests whose prompt logprobs have not gone out yet: while there are any, steps
+        # take ``update``'s general loop (the one that attaches them).
+        self._unsent_prompt_logprobs: set[str] = set()
 
     # ------------------------------------------------------------------ requests in and out
 
@@ -199,6 +202,8 @@ class Scheduler:
         seed = self.hash_seed if self.kv.enable_caching else None
         request = Request.from_core_request(core_request, self.block_size, seed)
         self._requests[rid] = request
+        if request.prompt_logprobs is not None:
+            self._unsent_prompt_logprobs.add(rid)
         self._num_waiting_tokens += request.num_tokens
         request.rank = self.policy.rank(request)
         key = (request.rank, request.arrival_time, next(self._arrivals))
@@ -409,7 +414,10 @@ class Scheduler:
                 # A request preempted while a step in flight samples for it resumes once that
                 # token is known (the next update); nobody overtakes the head of the queue.
                 return
-            cached_ids, num_cached = self.kv.match_prefix(request)
+            # A request still gathering prompt logprobs computes every prompt position.
+            cached_ids, num_cached = (
+                ([], 0) if request.needs_prompt_logprobs else self.kv.match_prefix(request)
+            )
             num_tokens = min(request.num_tokens - num_cached, plan.token_budget)
             new_block_ids = self.kv.allocate(request, num_tokens, cached_ids)
             if new_block_ids is None:
@@ -521,7 +529,7 @@ class Scheduler:
     ) -> list[EngineCoreOutput]:
         """Account for a computed step: advance, cache full blocks, append samples, stop checks;
         ``device_s`` (the step's device time) is split over its requests by tokens."""
-        if self._FAST_PATHS and not runner_output.accepted_draft_ids:
+        if self._FAST_PATHS and not runner_output.accepted_draft_ids and not self._unsent_prompt_logprobs:
             cols = scheduler_output.step_columns()
             if (
                 not any(cols.num_draft_tokens)
@@ -537,6 +545,10 @@ class Scheduler:
         if missing:  # checked before any state changes
             raise ValueError(f"runner output has no sampled token for requests {missing}")
         accepted = self._accepted_drafts(scheduler_output, runner_output)
+        for prompt in runner_output.prompt_logprobs:  # before the outputs that may carry them
+            prompt_request = self._requests.get(prompt.req_id)
+            if prompt_request is not None:
+                prompt_request.add_prompt_logprobs(prompt.first, prompt.logprobs)
         outputs: list[EngineCoreOutput] = []
         append, requests, commit_computed = outputs.append, self._requests, self.kv.commit_computed
         running, fast_paths = RequestStatus.RUNNING, self._FAST_PATHS
@@ -567,6 +579,8 @@ class Scheduler:
             if not entry.sample:
                 continue
             request.num_pending_outputs -= 1
+            # Taken before the stop checks, which may finish the request (max_tokens 1).
+            prompt_logprobs = self._take_prompt_logprobs(request)
             token_logprobs = logprobs.get(req_id) if logprobs else None
             if not num_drafts and fast_paths:
                 # One sampled token and no drafts: ``_append_tokens`` for one token, inlined.
@@ -587,6 +601,7 @@ class Scheduler:
                 make_output(
                     req_id, new_ids, new_logprobs, finish_reason, request.num_cached_tokens,
                     request.stop_token_id, request.unreported_device_s,
+                    prompt_logprobs=prompt_logprobs,
                 )
             )
             request.unreported_device_s = 0.0
@@ -666,11 +681,19 @@ class Scheduler:
                 "num_cached_tokens": request.num_cached_tokens,
                 "stop_token_id": request.stop_token_id,
                 "device_s": request.unreported_device_s,
+                "prompt_logprobs": None,  # a step with prompt logprobs takes ``update``'s loop
             })
             append(output)
             request.unreported_device_s = 0.0
         self._device_seconds = device_seconds
         return outputs
+
+    def _take_prompt_logprobs(self, request: Request) -> tuple[TokenLogprobs, ...] | None:
+        """What the request's sampled output carries as prompt logprobs (once; None mostly)."""
+        if request.request_id not in self._unsent_prompt_logprobs:
+            return None
+        self._unsent_prompt_logprobs.discard(request.request_id)
+        return request.take_prompt_logprobs()
 
     @staticmethod
     def _accepted_drafts(
@@ -740,6 +763,7 @@ class Scheduler:
         if self._drafts is not None:
             self._drafts.proposer.drop((request.request_id,))
         del self._requests[request.request_id]
+        self._unsent_prompt_logprobs.discard(request.request_id)
         self._finished_ids.add(request.request_id)
 
     # ------------------------------------------------------------------ observability

@@ -223,6 +223,17 @@ class TokenLogprobs:
 
 
 @dataclass(frozen=True)
+class PromptLogprobs:
+    """Prompt logprobs one step computed for one request (``SamplingParams.prompt_logprobs``):
+    ``logprobs[i]`` is that of the prompt token at position ``first + i`` (``first >= 1``),
+    given the tokens before it."""
+
+    req_id: str
+    first: int
+    logprobs: tuple[TokenLogprobs, ...]
+
+
+@dataclass(frozen=True)
 class RunnerOutput:
     """Sampled tokens, for the requests of the step whose ``sample`` flag was True, in order.
 
@@ -231,6 +242,9 @@ class RunnerOutput:
     (the target's own token after the last accepted draft), and ``accepted_logprobs[i]`` holds
     the accepted drafts' logprobs when the request asked for them. Both are empty when no
     request of the step had drafts.
+
+    ``prompt_logprobs``: those the step computed, for the requests that asked for them and
+    had prompt positions in it (sampled or not).
     """
 
     req_ids: tuple[str, ...]
@@ -238,6 +252,7 @@ class RunnerOutput:
     logprobs: tuple[TokenLogprobs | None, ...] = ()
     accepted_draft_ids: tuple[tuple[int, ...], ...] = ()
     accepted_logprobs: tuple[tuple[TokenLogprobs, ...], ...] = ()
+    prompt_logprobs: tuple[PromptLogprobs, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -253,6 +268,9 @@ class EngineCoreOutput:
     # Device seconds attributed to the request since its previous output (its share of each
     # step's time, split by tokens: ``Scheduler.update``); a finishing output carries the rest.
     device_s: float = 0.0
+    # The whole prompt's logprobs (positions 1 ..), once, on the request's first sampled output,
+    # when it asked for them (``SamplingParams.prompt_logprobs``).
+    prompt_logprobs: tuple[TokenLogprobs, ...] | None = None
 
     @property
     def finished(self) -> bool:
@@ -262,7 +280,7 @@ class EngineCoreOutput:
     def fast(
         cls, request_id: str, new_token_ids: tuple[int, ...], new_logprobs: tuple[TokenLogprobs, ...],
         finish_reason: FinishReason | None, num_cached_tokens: int, stop_token_id: int | None,
-        device_s: float,
+        device_s: float, prompt_logprobs: tuple[TokenLogprobs, ...] | None = None,
     ) -> EngineCoreOutput:
         """The same record as the constructor with these (all) fields, built ~3x faster:
         ``Scheduler.update`` builds one per sampled request per step (:func:`_fast_record`; its
@@ -275,6 +293,7 @@ class EngineCoreOutput:
             "num_cached_tokens": num_cached_tokens,
             "stop_token_id": stop_token_id,
             "device_s": device_s,
+            "prompt_logprobs": prompt_logprobs,
         })
 
 

@@ -60,6 +60,9 @@ class _RequestState:
     core_ids: list[str] = field(default_factory=list)  # core request id of each sample
     num_cached_tokens: int = 0
     device_s: float = 0.0  # device seconds of all samples so far
+    # vLLM's shape (None first), once the core sent them; whether a delta output carried them.
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None
+    prompt_logprobs_sent: bool = False
 
     @property
     def finished(self) -> bool:
@@ -138,6 +141,8 @@ class OutputProcessor:
             state.device_s += out.device_s
             if out.num_cached_tokens > state.num_cached_tokens:
                 state.num_cached_tokens = out.num_cached_tokens
+            if out.prompt_logprobs is not None:
+                state.prompt_logprobs = [None, *map(self._logprob_entry, out.prompt_logprobs)]
             if self._apply(sample, out, state.params) and not out.finished:
                 to_abort.append(out.request_id)
             touched.setdefault(state.request_id, (state, []))[1].append(sample)
@@ -197,13 +202,17 @@ class OutputProcessor:
         return SampleCriteria(params.stopping_criteria, self._criteria)
 
     def _add_logprobs(self, sample: _Sample, lp: TokenLogprobs) -> None:
+        assert sample.logprobs is not None and sample.cumulative_logprob is not None
+        sample.logprobs.append(self._logprob_entry(lp))
+        sample.cumulative_logprob += lp.logprob
+
+    def _logprob_entry(self, lp: TokenLogprobs) -> dict[int, Logprob]:
+        """The chosen token and the top-N alternatives, by id (vLLM's logprobs entry)."""
         entry = {lp.token_id: Logprob(lp.logprob, lp.rank, self._decode_token(lp.token_id))}
         for rank, (token_id, logprob) in enumerate(lp.top, start=1):
             if token_id not in entry:
                 entry[token_id] = Logprob(logprob, rank, self._decode_token(token_id))
-        assert sample.logprobs is not None and sample.cumulative_logprob is not None
-        sample.logprobs.append(entry)
-        sample.cumulative_logprob += lp.logprob
+        return entry
 
     def _decode_token(self, token_id: int) -> str | None:
         if self._tokenizer is None:
@@ -221,6 +230,11 @@ class OutputProcessor:
             completions = [self._delta(s) for s in sorted(changed, key=lambda s: s.index)]
         else:
             completions = [self._cumulative(s) for s in state.samples]
+        prompt_logprobs = state.prompt_logprobs
+        if state.kind is OutputKind.DELTA and prompt_logprobs is not None:
+            if state.prompt_logprobs_sent:
+                prompt_logprobs = None
+            state.prompt_logprobs_sent = True
         return RequestOutput(
             request_id=state.request_id,
             prompt=state.prompt,
@@ -229,6 +243,7 @@ class OutputProcessor:
             finished=state.finished,
             num_cached_tokens=state.num_cached_tokens,
             device_s=state.device_s,
+            prompt_logprobs=prompt_logprobs,
         )
 
     @staticmethod
@@ -302,4 +317,7 @@ def merge_deltas(earlier: RequestOutput, later: RequestOutput) -> RequestOutput:
         finished=later.finished,
         num_cached_tokens=max(earlier.num_cached_tokens, later.num_cached_tokens),
         device_s=later.device_s,  # cumulative
+        prompt_logprobs=(
+            earlier.prompt_logprobs if earlier.prompt_logprobs is not None else later.prompt_logprobs
+        ),
     )

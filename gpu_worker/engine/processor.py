@@ -115,12 +115,18 @@ class InputProcessor:
         self.check_prompt_token_ids(ids, field=field)
         resumed = tuple(int(t) for t in resumed_token_ids)
         self._check_resumed(resumed, params)
+        if resumed and params.prompt_logprobs is not None:
+            # The worker that started the stream sent them (a router resumes only a stream whose
+            # prompt logprobs all went out).
+            params = dataclasses.replace(params, prompt_logprobs=None)
         self._check_max_tokens(len(ids), params, field)  # max_tokens counts resumed tokens too
         arrival = time.monotonic() if arrival_time is None else arrival_time
         children = []
         for i in range(params.n):
             seed = None if params.seed is None else params.seed + i
             child_params = dataclasses.replace(params, n=1, seed=seed) if params.n > 1 else params
+            if i and params.prompt_logprobs is not None:  # the request's, not each sample's: one computes
+                child_params = dataclasses.replace(child_params, prompt_logprobs=None)
             children.append(
                 EngineCoreRequest(
                     request_id=child_request_id(request_id + core_tag, i, params.n),

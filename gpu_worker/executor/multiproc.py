@@ -111,7 +111,7 @@ class MultiprocExecutor(Executor):
     def execute_async(self, sched: SchedulerOutput) -> PendingRunnerOutput:
         self._control.send(Op.STEP, encode_step(sched))
         pending = self.runner.execute_async(sched)
-        if self._sampler_rank == 0 or not any(r.sample for r in sched.requests):
+        if self._sampler_rank == 0 or not self.runner.last_step_reports:
             return pending
         rank = self._sampler_rank
         return PendingRunnerOutput(lambda: decode_output(self._control.recv_from(rank)))
@@ -191,7 +191,7 @@ def serve_rank(runner: ModelRunner, control: RankChannel) -> None:
     def step(data: bytes) -> None:
         sched = decode_step(data)
         pending = runner.execute_async(sched)
-        if sender is not None and any(r.sample for r in sched.requests):
+        if sender is not None and runner.last_step_reports:
             results.put(pending)
 
     handlers: dict[Op, Any] = {

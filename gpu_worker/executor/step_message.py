@@ -20,6 +20,7 @@ import numpy as np
 
 from gpu_worker.core.types import (
     GrammarBitmask,
+    PromptLogprobs,
     RunnerOutput,
     ScheduledRequest,
     SchedulerOutput,
@@ -147,26 +148,32 @@ def _sampling_params(fields: dict[str, Any]) -> SamplingParams:
 
 
 def encode_output(out: RunnerOutput) -> bytes:
-    """A step's sampled ids (and logprobs; accepted drafts), from a pipeline's sampling rank to the
-    driver."""
+    """A step's sampled ids (and logprobs; accepted drafts; prompt logprobs), from a pipeline's
+    sampling rank to the driver."""
     ids = np.asarray(out.sampled_token_ids, dtype=np.int64).tobytes()
     logprobs = [None if lp is None else _logprob_json(lp) for lp in out.logprobs]
     drafts = [list(d) for d in out.accepted_draft_ids]
     draft_logprobs = [[_logprob_json(lp) for lp in lps] for lps in out.accepted_logprobs]
-    rest = json.dumps([list(out.req_ids), logprobs, drafts, draft_logprobs], separators=(",", ":")).encode()
+    prompt = [[p.req_id, p.first, [_logprob_json(lp) for lp in p.logprobs]] for p in out.prompt_logprobs]
+    rest = json.dumps(
+        [list(out.req_ids), logprobs, drafts, draft_logprobs, prompt], separators=(",", ":")
+    ).encode()
     return np.array([len(ids)], dtype=np.int64).tobytes() + ids + rest
 
 
 def decode_output(data: bytes) -> RunnerOutput:
     size = int(np.frombuffer(data, dtype=np.int64, count=1)[0])
     ids = tuple(np.frombuffer(data, dtype=np.int64, count=size // 8, offset=8).tolist())
-    req_ids, logprobs, drafts, draft_logprobs = json.loads(data[8 + size :])
+    req_ids, logprobs, drafts, draft_logprobs, prompt = json.loads(data[8 + size :])
     return RunnerOutput(
         req_ids=tuple(req_ids),
         sampled_token_ids=ids,
         logprobs=tuple(None if lp is None else _logprob(lp) for lp in logprobs),
         accepted_draft_ids=tuple(tuple(d) for d in drafts),
         accepted_logprobs=tuple(tuple(_logprob(lp) for lp in lps) for lps in draft_logprobs),
+        prompt_logprobs=tuple(
+            PromptLogprobs(req_id, first, tuple(_logprob(lp) for lp in lps)) for req_id, first, lps in prompt
+        ),
     )
 
 

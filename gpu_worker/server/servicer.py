@@ -11,9 +11,9 @@ from __future__ import annotations
 import json
 import math
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import aclosing
-from typing import Any
+from typing import Any, cast
 
 import grpc
 
@@ -46,14 +46,25 @@ _OPTIONAL_SAMPLING_FIELDS = (
     "ignore_eos",
     "logprobs",
     "truncate_prompt_tokens",
+    "prompt_logprobs",
 )
+# Prompt positions per message of `GenerateResponse.prompt_logprobs`: a message stays far below
+# max_message_bytes (16 MiB) whatever the prompt (1024 positions with 20 alternatives: ~0.4 MB;
+# all of a 128k-token prompt's in one message: ~50 MB).
+PROMPT_LOGPROBS_PER_MESSAGE = 1024
 
 
-def decode_sampling(msg: gen_pb.SamplingParams) -> SamplingParams:
-    """Proto sampling params -> domain ``SamplingParams`` (ValueError names a bad field)."""
+def decode_sampling(msg: gen_pb.SamplingParams, *, resumed: bool = False) -> SamplingParams:
+    """Proto sampling params -> domain ``SamplingParams`` (ValueError names a bad field).
+
+    ``resumed``: the request continues a stream another worker started (``GenerateRequest.resume``)."""
     kwargs: dict[str, Any] = {
         name: getattr(msg, name) for name in _OPTIONAL_SAMPLING_FIELDS if msg.HasField(name)
     }
+    if resumed:
+        # The client already has the prompt's logprobs, from the worker that started the stream
+        # (a router resumes only a stream that relayed all of them): sent again, they would repeat.
+        kwargs.pop("prompt_logprobs", None)
     kwargs["stop"] = list(msg.stop)
     kwargs["stop_token_ids"] = list(msg.stop_token_ids)
     kwargs["logit_bias"] = dict(msg.logit_bias)
@@ -98,7 +109,7 @@ def decode_generate(request: gen_pb.GenerateRequest, limits: RequestLimits | Non
     return GenerateCall(
         model=request.model,
         prompt=decode_prompt_input(request, InvalidRequest, limits),
-        params=decode_sampling(request.sampling),
+        params=decode_sampling(request.sampling, resumed=request.HasField("resume")),
         request_id=request.request_id or uuid.uuid4().hex,
         resumed_token_ids=resumed,
         priority=request.priority,
@@ -132,6 +143,23 @@ def encode_logprobs(
     return encoded
 
 
+def encode_prompt_logprobs(
+    request_id: str, prompt_token_ids: Sequence[int], prompt_logprobs: Sequence[dict[int, Any] | None],
+    top_n: int,
+) -> Iterator[gen_pb.GenerateResponse]:
+    """The prompt's logprobs (vLLM's list, the first entry None) as messages of at most
+    :data:`PROMPT_LOGPROBS_PER_MESSAGE` positions each, from the second prompt token on; each piece
+    is encoded when the caller asks for its message."""
+    positions = len(prompt_token_ids)
+    for start in range(1, positions, PROMPT_LOGPROBS_PER_MESSAGE):
+        end = min(start + PROMPT_LOGPROBS_PER_MESSAGE, positions)
+        by_id = cast(list[dict[int, Any]], prompt_logprobs[start:end])  # only the first entry is None
+        yield gen_pb.GenerateResponse(
+            request_id=request_id,
+            prompt_logprobs=encode_logprobs(list(prompt_token_ids[start:end]), by_id, top_n),
+        )
+
+
 class _StreamEncoder:
     """Turns one request's delta RequestOutputs into GenerateResponse chunks."""
 
@@ -139,8 +167,19 @@ class _StreamEncoder:
         self._call = call
         self._worker_id = worker_id
         self._completion_tokens = len(call.resumed_token_ids)  # usage covers the whole stream
+        self._prompt_logprobs_sent = False
 
-    def encode(self, output: Any) -> list[gen_pb.GenerateResponse]:
+    def encode(self, output: Any) -> Iterator[gen_pb.GenerateResponse]:
+        """The messages of one delta output: the prompt's logprobs first when it carries them
+        (the first time only), then one chunk per sequence with news."""
+        prompt_logprobs = getattr(output, "prompt_logprobs", None)
+        if prompt_logprobs is not None and not self._prompt_logprobs_sent:
+            self._prompt_logprobs_sent = True
+            yield from encode_prompt_logprobs(output.request_id, output.prompt_token_ids or (),
+                                              prompt_logprobs, self._call.params.prompt_logprobs or 0)
+        yield from self._chunks(output)
+
+    def _chunks(self, output: Any) -> list[gen_pb.GenerateResponse]:
         chunks = []
         top_n = self._call.params.logprobs or 0
         for seq in output.outputs:

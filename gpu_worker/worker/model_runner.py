@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any
 
@@ -23,6 +23,7 @@ from gpu_worker.worker.cuda_graphs import DecodeGraphs, decode_buckets
 from gpu_worker.worker.kv_scales import KVScaleCalibration
 from gpu_worker.worker.logits_processing import LogitsProcessing
 from gpu_worker.worker.mixed_graphs import MixedGraphs, PiecewiseCapture, mixed_buckets
+from gpu_worker.worker.prompt_logprobs import compute_prompt_logprobs, plan_prompt_logprobs
 from gpu_worker.worker.request_state import RequestStates
 from gpu_worker.worker.sampler import Sampler, SamplerOutput
 from gpu_worker.worker.sampling_metadata import build_sampling_metadata
@@ -118,6 +119,10 @@ class ModelRunner:
         self.logits_processing = LogitsProcessing(self.vocab_size, device)  # plug-ins, grammar masks
         self._last_sample: _LastSample | None = None
         self._pending: PendingRunnerOutput | None = None  # the newest step's output
+        # Whether the step launched last reports anything (sampled rows or prompt logprobs): a
+        # pipeline's sampling rank sends the driver exactly those steps' outputs. Every rank
+        # derives it from the same plan and the same request states.
+        self.last_step_reports = False
         self.graphs: DecodeGraphs | None = None
         self.mixed_graphs: MixedGraphs | None = None
         # fp8 KV scales the checkpoint lacks: computed by the first real step (worker/kv_scales.py).
@@ -201,13 +206,21 @@ class ModelRunner:
         """
         for req_id in sched.finished_req_ids | sched.preempted_req_ids:
             self.states.remove(req_id)
+        self.last_step_reports = False
         if sched.is_empty:
             return PendingRunnerOutput.ready(_EMPTY_OUTPUT)
         columns = sched.step_columns()
         rows = self.states.update_batch(sched.requests, columns)
+        prompt_plan = None
+        if self.states.num_prompt_logprob_rows:
+            prompt_plan = plan_prompt_logprobs(self.states, rows, columns)
+        self.last_step_reports = prompt_plan is not None or any(columns.sample)
         bucket = None
         calibrate = self.kv_scales.pending and not self._dummy  # the first real step: eager
-        if self.graphs is not None and not calibrate and sched.num_scheduled_tokens == len(sched.requests):
+        # A decode graph's output is logits of the sampled rows only: prompt positions need the
+        # hidden states (a one-token prefill chunk makes a step look like decodes).
+        if (self.graphs is not None and not calibrate and prompt_plan is None
+                and sched.num_scheduled_tokens == len(sched.requests)):
             bucket = self.graphs.bucket_for(len(sched.requests))  # decode-only step
         mixed = None
         if bucket is None and self.mixed_graphs is not None and not calibrate:
@@ -237,11 +250,23 @@ class ModelRunner:
             hidden = self._forward_stage(inputs)
         else:
             hidden = self.graphs.replay(bucket)  # type: ignore[union-attr]
-        if hidden is None or not inputs.sample_req_ids:  # None: the activations went to the next stage
+        if hidden is None:  # the activations went to the next stage
             return PendingRunnerOutput.ready(_EMPTY_OUTPUT)
+        prompt = None
+        if prompt_plan is not None:  # every TP rank: the LM head's gather is a collective
+            prompt = compute_prompt_logprobs(self.model, hidden, prompt_plan, self.vocab_size)
+        if not inputs.sample_req_ids:
+            if prompt is None:
+                return PendingRunnerOutput.ready(_EMPTY_OUTPUT)
+            prompt_only = prompt
+            return PendingRunnerOutput(lambda: replace(_EMPTY_OUTPUT, prompt_logprobs=prompt_only.result()))
         # A replayed decode graph ran the LM head too (one TP rank): ``hidden`` holds its logits.
         graphed_logits = bucket is not None and self._graph_logits
-        return self._sample(hidden, inputs, sched.grammar, is_logits=graphed_logits)
+        pending = self._sample(hidden, inputs, sched.grammar, is_logits=graphed_logits)
+        if prompt is None:
+            return pending
+        with_prompt = prompt
+        return PendingRunnerOutput(lambda: replace(pending.result(), prompt_logprobs=with_prompt.result()))
 
     @torch.inference_mode()
     def _forward_stage(self, inputs: StepInputs) -> torch.Tensor | None:

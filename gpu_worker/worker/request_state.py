@@ -70,6 +70,8 @@ class RequestStates:
         self.repetition = np.ones(max_num_seqs, dtype=np.float32)
         self.min_tokens = np.zeros(max_num_seqs, dtype=np.int64)
         self.num_logprobs = np.full(max_num_seqs, -1, dtype=np.int64)  # -1: not requested
+        self.num_prompt_logprobs = np.full(max_num_seqs, -1, dtype=np.int64)  # -1: not requested
+        self.num_prompt_logprob_rows = 0  # live rows that asked for prompt logprobs
         self.seeded = np.zeros(max_num_seqs, dtype=bool)
         self.has_bias = np.zeros(max_num_seqs, dtype=bool)
         self.needs_penalties = np.zeros(max_num_seqs, dtype=bool)
@@ -93,6 +95,9 @@ class RequestStates:
         row = self.rows.pop(req_id, None)
         if row is not None:
             self.sampling[row] = None
+            if self.num_prompt_logprobs[row] >= 0:
+                self.num_prompt_logprobs[row] = -1
+                self.num_prompt_logprob_rows -= 1
             self._free_rows.append(row)
             self.num_removals += 1
 
@@ -223,6 +228,9 @@ class RequestStates:
         self.repetition[row] = params.repetition_penalty
         self.min_tokens[row] = params.min_tokens
         self.num_logprobs[row] = -1 if params.logprobs is None else params.logprobs
+        if params.prompt_logprobs is not None:
+            self.num_prompt_logprobs[row] = params.prompt_logprobs
+            self.num_prompt_logprob_rows += 1
         self.seeded[row] = params.seed is not None and not params.greedy
         self.has_bias[row] = bool(params.logit_bias)
         self.needs_penalties[row] = params.needs_penalties

@@ -21,7 +21,7 @@ import uuid
 from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 from fastapi import FastAPI, Request
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -67,8 +67,17 @@ _COMPLETIONS = _Endpoint(COMPLETIONS_ROUTE, "text_completion", "cmpl", Completio
                          "prompt")
 _CHAT = _Endpoint(CHAT_ROUTE, "chat", "chatcmpl", ChatCompletionRequest, ChatRenderer, "messages")
 
-# (request index, chunk, resolved model, its tokenizer when the response renders tokens)
-_Observed = tuple[int, gen_pb.GenerateResponse, str, RouterTokenizer | None]
+
+class _Observed(NamedTuple):
+    """One chunk of a router request, with what its rendering needs."""
+
+    request_index: int  # which of the door's router requests (a batch's prompt)
+    chunk: gen_pb.GenerateResponse
+    model: str  # resolved
+    tokenizer: RouterTokenizer | None  # when the response renders tokens
+    prompt_token_ids: list[int]  # as the workers got them (empty until tokenized)
+
+
 JsonHandler = Callable[[dict[str, Any], str], Awaitable[dict[str, Any]]]
 
 
@@ -188,11 +197,12 @@ class OpenAIDoor:
                     [self._observed(i, r, endpoint, tokens) for i, r in enumerate(routed)]))
                 renderer: ChoiceRenderer | None = None
                 async with aclosing(chunks) as items:
-                    async for i, chunk, model, tokenizer in items:
+                    async for i, chunk, model, tokenizer, prompt_ids in items:
                         if renderer is None:
                             renderer = self._renderer(endpoint, parsed, routed, model, tokenizer, request_id)
                             http_span.set_status_code(200)
                             streaming = parsed.stream
+                        renderer.prompt_token_ids(i, prompt_ids)
                         if batch is not None:
                             chunk = batch.chunk(i, chunk)
                         if parsed.stream:
@@ -234,19 +244,23 @@ class OpenAIDoor:
             async for chunk in scope.generate(request):
                 if tokens and tokenizer is None:
                     tokenizer = await scope.tokenizer()
-                yield index, chunk, scope.model, tokenizer
+                yield _Observed(index, chunk, scope.model, tokenizer, scope.prompt_token_ids)
 
     def _renderer(self, endpoint: _Endpoint, parsed: Any, routed: list[RouterRequest], model: str,
                   tokenizer: RouterTokenizer | None, request_id: str) -> ChoiceRenderer:
         """The renderer of a request whose first chunk arrived (the model is resolved by then)."""
-        echoes: str | tuple[str, ...] = ""
-        if endpoint is _COMPLETIONS and parsed.echo:
-            assert tokenizer is not None
-            echoes = tuple(r.prompt if isinstance(r.prompt, str)
-                           else tokenizer.decode(cast(Sequence[int], r.prompt)) for r in routed)
-        return endpoint.renderer(request_id, model, logprobs=_wants_logprobs(endpoint, parsed),
-                                 include_usage=parsed.include_usage, tokenizer=tokenizer, echo=echoes,
-                                 n=parsed.n)
+        options: dict[str, Any] = {
+            "logprobs": _wants_logprobs(endpoint, parsed), "include_usage": parsed.include_usage,
+            "tokenizer": tokenizer, "n": parsed.n, "prompt_logprobs": parsed.prompt_logprobs,
+        }
+        if endpoint is _COMPLETIONS:
+            echoes: str | tuple[str, ...] = ""
+            if parsed.echo:
+                assert tokenizer is not None
+                echoes = tuple(r.prompt if isinstance(r.prompt, str)
+                               else tokenizer.decode(cast(Sequence[int], r.prompt)) for r in routed)
+            options.update(echo=echoes, echo_logprobs=parsed.echo_logprobs, echo_only=parsed.echo_only)
+        return endpoint.renderer(request_id, model, **options)
 
     async def _models(self) -> Response:
         models = await self._core.list_models()
@@ -313,8 +327,9 @@ def _wants_logprobs(endpoint: _Endpoint, parsed: Any) -> bool:
 
 
 def _needs_tokenizer(endpoint: _Endpoint, parsed: Any) -> bool:
-    """Logprobs and echo render tokens with the model's tokenizer."""
-    return _wants_logprobs(endpoint, parsed) or (endpoint is _COMPLETIONS and bool(parsed.echo))
+    """Logprobs (the prompt's included) and echo render tokens with the model's tokenizer."""
+    return (_wants_logprobs(endpoint, parsed) or parsed.prompt_logprobs is not None
+            or (endpoint is _COMPLETIONS and bool(parsed.echo)))
 
 
 def _model_card(name: str, max_model_len: int) -> dict[str, Any]:

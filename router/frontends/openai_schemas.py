@@ -2,8 +2,9 @@
 
 The parameters are OpenAI's (``/v1/completions``, ``/v1/chat/completions``) plus vLLM's extras
 (``top_k``, ``min_p``, ``repetition_penalty``, ``ignore_eos``, ``min_tokens``, ``stop_token_ids``,
-``include_stop_str_in_output``, ``add_generation_prompt``, ``priority``, ``structured_outputs`` and
-the older ``guided_json`` / ``guided_regex`` / ``guided_choice`` / ``guided_grammar``), with
+``include_stop_str_in_output``, ``add_generation_prompt``, ``priority``, ``prompt_logprobs``,
+``structured_outputs`` and the older ``guided_json`` / ``guided_regex`` / ``guided_choice`` /
+``guided_grammar``), with
 OpenAI's documented ranges; ``response_format`` (``text``, ``json_object``, ``json_schema``) on
 both endpoints, and llmserve's ``logits_processors`` / ``stopping_criteria`` (docs/PLUGINS.md).
 Unknown fields are ignored, as OpenAI-compatible servers do. A value out of range, of the wrong
@@ -70,6 +71,7 @@ class _SamplingRequest(BaseModel):
     include_stop_str_in_output: bool = False
     priority: int | None = Field(None, ge=-(2**31), lt=2**31)
     truncate_prompt_tokens: int | None = Field(None, ge=-1, lt=INT32_END)
+    prompt_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     response_format: dict[str, Any] | None = None
     structured_outputs: dict[str, Any] | None = None
     guided_json: dict[str, Any] | str | None = None
@@ -92,8 +94,13 @@ class _SamplingRequest(BaseModel):
     def include_usage(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
 
-    def sampling(self, max_tokens: int | None, logprobs: int | None) -> gen_pb.SamplingParams:
-        """The request's sampling as the worker takes it (unset fields keep vLLM's defaults)."""
+    def sampling(self, max_tokens: int | None, logprobs: int | None,
+                 prompt_logprobs: int | None = None) -> gen_pb.SamplingParams:
+        """The request's sampling as the worker takes it (unset fields keep vLLM's defaults);
+        ``prompt_logprobs``: the alternatives the worker computes per prompt position (the
+        request's own ``prompt_logprobs`` when not given)."""
+        if prompt_logprobs is None:
+            prompt_logprobs = self.prompt_logprobs
         s = gen_pb.SamplingParams(n=self.n, ignore_eos=self.ignore_eos, min_tokens=self.min_tokens,
                                   include_stop_str_in_output=self.include_stop_str_in_output)
         optional = {
@@ -101,7 +108,7 @@ class _SamplingRequest(BaseModel):
             "seed": self.seed, "presence_penalty": self.presence_penalty,
             "frequency_penalty": self.frequency_penalty, "top_k": self.top_k, "min_p": self.min_p,
             "repetition_penalty": self.repetition_penalty, "logprobs": logprobs,
-            "truncate_prompt_tokens": self.truncate_prompt_tokens,
+            "truncate_prompt_tokens": self.truncate_prompt_tokens, "prompt_logprobs": prompt_logprobs,
         }
         for name, value in optional.items():
             if value is not None:
@@ -153,6 +160,8 @@ class _SamplingRequest(BaseModel):
     def check_common(self) -> None:
         if self.stream_options is not None and not self.stream:
             raise InvalidParam("stream_options", "stream_options is only allowed with stream=true")
+        if self.prompt_logprobs is not None and self.stream:  # vLLM refuses the pair too
+            raise InvalidParam("prompt_logprobs", "prompt_logprobs is not available with stream=true")
         for token_id, bias in (self.logit_bias or {}).items():
             if not -100.0 <= bias <= 100.0:
                 raise InvalidParam("logit_bias", f"logit_bias[{token_id}] must be in [-100, 100], got {bias}")
@@ -169,9 +178,15 @@ class _SamplingRequest(BaseModel):
 
 
 class CompletionRequest(_SamplingRequest):
-    """``POST /v1/completions``."""
+    """``POST /v1/completions``.
+
+    ``echo`` with ``logprobs`` N asks the worker for the prompt's logprobs too (N alternatives, or
+    ``prompt_logprobs`` when larger), shown before the generated ones; ``echo`` with
+    ``max_tokens`` 0 (vLLM's) returns the prompt alone: the worker generates one token, not shown.
+    """
 
     prompt: str | list[int] | list[str] | list[list[int]]
+    max_tokens: int | None = Field(None, ge=0, lt=UINT32_END)  # 0: with echo only
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     suffix: str | None = None
@@ -202,14 +217,35 @@ class CompletionRequest(_SamplingRequest):
             raise InvalidParam("suffix", "suffix is not supported")
         if self.best_of is not None and self.best_of != self.n:
             raise InvalidParam("best_of", "best_of is not supported (only best_of == n)")
-        if self.echo and self.logprobs is not None:
-            raise InvalidParam("echo", "echo with logprobs is not supported (no prompt logprobs)")
+        if self.max_tokens == 0 and not self.echo:
+            raise InvalidParam("max_tokens", "max_tokens must be at least 1 (0 only with echo: the prompt "
+                               "alone)")
         prompts = self.prompt_inputs(max_prompts)
-        sampling = self.sampling(self.max_tokens, self.logprobs)
+        if self.echo_only:  # the worker generates one token, which the response leaves out
+            sampling = self.sampling(1, None, self.prompt_logprobs_to_compute())
+        else:
+            sampling = self.sampling(self.max_tokens, self.logprobs, self.prompt_logprobs_to_compute())
         return [RouterRequest(model=self.model, prompt=prompt, sampling=sampling,
                               request_id=request_id if len(prompts) == 1 else f"{request_id}-{i}",
                               priority=self.priority, request_id_unique=True)
                 for i, prompt in enumerate(prompts)]
+
+    @property
+    def echo_only(self) -> bool:
+        """vLLM's echo without generation: ``echo`` with ``max_tokens`` 0."""
+        return self.echo and self.max_tokens == 0
+
+    @property
+    def echo_logprobs(self) -> int | None:
+        """Alternatives per prompt position shown in the choices' logprobs (``echo`` with
+        ``logprobs``), None when the prompt's tokens are not shown there."""
+        return self.logprobs if self.echo else None
+
+    def prompt_logprobs_to_compute(self) -> int | None:
+        """Alternatives per prompt position the worker computes: enough for ``prompt_logprobs``
+        and for the echoed prompt's logprobs (each shows its own number)."""
+        asked = [n for n in (self.prompt_logprobs, self.echo_logprobs) if n is not None]
+        return max(asked) if asked else None
 
 
 class TextPart(BaseModel):

@@ -10,7 +10,16 @@ import grpc
 import pytest
 import pytest_asyncio
 
-from llmserve.client import AsyncClient, Client, LLMServeError, build_request
+from llmserve.client import (
+    AsyncClient,
+    Client,
+    CompletionCollector,
+    LLMServeError,
+    TokenLogprob,
+    build_request,
+    chunk_from_proto,
+)
+from llmserve.v1 import generation_pb2 as pb
 from tests.llmserve.loopback_worker import loopback_worker
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -92,3 +101,22 @@ async def test_build_request_rejects_bad_arguments() -> None:
     req = build_request(MODEL, "hi", stop="END", logit_bias={5: -1.0}, max_tokens=3)
     assert list(req.sampling.stop) == ["END"] and dict(req.sampling.logit_bias) == {5: -1.0}
     assert req.sampling.HasField("max_tokens") and not req.sampling.HasField("temperature")
+
+
+async def test_prompt_logprobs_pieces_are_concatenated() -> None:
+    """``prompt_logprobs=N`` is a sampling keyword; the stream's pieces of the prompt's logprobs
+    (messages with no token, before the first token) become one ``Completion.prompt_logprobs``."""
+    assert build_request(MODEL, "hi", prompt_logprobs=2).sampling.prompt_logprobs == 2
+    collector = CompletionCollector()
+    for ids in ([11, 12], [13]):
+        piece = pb.GenerateResponse(request_id="r", prompt_logprobs=[
+            pb.TokenLogprobs(token_id=t, logprob=-1.5, rank=2, top=[pb.TopLogprob(token_id=9, logprob=-0.5,
+                                                                                  token="x")])
+            for t in ids])
+        collector.add(chunk_from_proto(piece))
+    collector.add(chunk_from_proto(pb.GenerateResponse(request_id="r", text="a", token_ids=[5],
+                                                       finish_reason="length")))
+    done = collector.result()
+    assert [lp.token_id for lp in done.prompt_logprobs] == [11, 12, 13]
+    assert done.prompt_logprobs[0] == TokenLogprob(11, -1.5, 2, ((9, -0.5, "x"),))
+    assert done.token_ids == [5] and done.text == "a" and len(done.sequences) == 1

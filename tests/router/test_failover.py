@@ -133,3 +133,36 @@ def test_relay_of_several_samples_is_not_resumable() -> None:
     end = gen_pb.GenerateResponse(request_id="r", index=1, finish_reason="abort")
     end.usage.completion_tokens = 1
     assert relay.forward(end) is end and relay.done and not relay.resumable
+
+
+def _prompt_logprobs(token_ids: list[int]) -> gen_pb.GenerateResponse:
+    """A message of prompt logprobs (no token), one entry per position."""
+    return gen_pb.GenerateResponse(request_id="r", prompt_logprobs=[
+        gen_pb.TokenLogprobs(token_id=t, logprob=-1.0, rank=1) for t in token_ids])
+
+
+def test_relay_forwards_prompt_logprobs_and_resumes_only_with_all_or_none_sent() -> None:
+    """Prompt logprobs (prompt [1, 2, 3]: positions 2 and 3) start the stream; a resumed request
+    gets none, so a stream that relayed only part of them cannot be resumed, one with all can
+    (its resume is set even before the first token: the worker then computes none again)."""
+    request = _request()
+    request.sampling.prompt_logprobs = 2
+    relay = StreamRelay(request)
+    first = _prompt_logprobs([2])
+    assert relay.forward(first) is first and relay.started
+    assert relay.sent_prompt_logprobs == 1 and not relay.resumable
+    relay.forward(_prompt_logprobs([3]))
+    assert relay.sent_prompt_logprobs == 2 and relay.resumable and relay.sent_token_ids == []
+    resumed = relay.request_for_next_attempt()
+    assert resumed.HasField("resume") and list(resumed.resume.output_token_ids) == []
+    assert resumed.sampling.prompt_logprobs == 2, "the worker drops them for a resumed request"
+
+
+def test_relay_passes_a_worker_abort_through_after_part_of_the_prompt_logprobs() -> None:
+    request = _request()
+    request.sampling.prompt_logprobs = 0
+    relay = StreamRelay(request)
+    relay.forward(_prompt_logprobs([2]))
+    end = gen_pb.GenerateResponse(request_id="r", finish_reason="abort", worker_id="w")
+    end.usage.completion_tokens = 0
+    assert relay.forward(end) is end and relay.done and not relay.aborted_by_worker

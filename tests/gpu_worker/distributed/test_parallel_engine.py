@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -67,3 +68,24 @@ def test_more_ranks_than_kv_heads_replicates_them(
 ) -> None:
     tokens, _ = run(tiny_model("qwen3"), 4, 1)  # 4 query heads, 2 KV heads: each KV head on 2 ranks
     assert tokens == reference("qwen3")
+
+
+@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)], ids=["tp2", "pp2"])
+def test_sharded_prompt_logprobs_equal_one_ranks(tiny_model: Callable[[str], Path], tp: int, pp: int) -> None:
+    """The LM head's gather over the prompt positions (TP), and the sampling stage sending them
+    to the driver (PP), through chunked prefill."""
+    params = SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True, prompt_logprobs=2)
+
+    def prompt_logprobs(tp: int, pp: int) -> list[Any]:
+        with LLM(model=str(tiny_model("llama")), tensor_parallel_size=tp, pipeline_parallel_size=pp,
+                 **ENGINE) as llm:
+            return [o.prompt_logprobs for o in llm.generate(PROMPTS[:2], params)]
+
+    one, sharded = prompt_logprobs(1, 1), prompt_logprobs(tp, pp)
+    for want, got, prompt in zip(one, sharded, PROMPTS[:2], strict=True):
+        assert want is not None and got is not None and len(got) == len(want) == len(prompt)
+        assert got[0] is None
+        for pos in range(1, len(prompt)):
+            token = prompt[pos]
+            assert got[pos][token].logprob == pytest.approx(want[pos][token].logprob, abs=1e-4)
+            assert sorted(got[pos]) == sorted(want[pos])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -38,3 +40,17 @@ def hf_token_logprobs(model: Any, prompt_ids: list[int], output_ids: list[int]) 
     logprobs = torch.log_softmax(logits, dim=-1)
     start = len(prompt_ids) - 1
     return [float(logprobs[start + i, t]) for i, t in enumerate(output_ids)]
+
+
+def gpu_llama_config(path: Path) -> Path:
+    """A folder with only the config of a 2-layer Llama of 1024 hidden units and a 32k vocabulary
+    (``load_format="dummy"`` fills its weights): the GPU tests' model."""
+    path.mkdir(parents=True, exist_ok=True)
+    cfg = dict(
+        architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=1024, intermediate_size=4096,
+        num_hidden_layers=2, num_attention_heads=16, num_key_value_heads=4, head_dim=64,
+        vocab_size=32000, rope_theta=500000.0, max_position_embeddings=2048, rms_norm_eps=1e-5,
+        tie_word_embeddings=False, torch_dtype="bfloat16", hidden_act="silu", eos_token_id=2,
+    )
+    (path / "config.json").write_text(json.dumps(cfg))
+    return path

@@ -10,7 +10,6 @@ the previous step's ids) and seeded random sampling are mixed in.
 from __future__ import annotations
 
 import gc
-import json
 import random
 from pathlib import Path
 
@@ -20,24 +19,13 @@ import torch
 from gpu_worker import LLM, SamplingParams
 from gpu_worker.config import CUDA_MAX_NUM_BATCHED_TOKENS, OFFLINE_LARGE_GPU_MAX_NUM_BATCHED_TOKENS
 from gpu_worker.model_executor import loader
+from tests.gpu_worker.engine.engine_helpers import gpu_llama_config
 
 pytestmark = pytest.mark.gpu
 
 
-def _config(path: Path) -> Path:
-    path.mkdir(parents=True, exist_ok=True)
-    cfg = dict(
-        architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=1024, intermediate_size=4096,
-        num_hidden_layers=2, num_attention_heads=16, num_key_value_heads=4, head_dim=64,
-        vocab_size=32000, rope_theta=500000.0, max_position_embeddings=2048, rms_norm_eps=1e-5,
-        tie_word_embeddings=False, torch_dtype="bfloat16", hidden_act="silu", eos_token_id=2,
-    )
-    (path / "config.json").write_text(json.dumps(cfg))
-    return path
-
-
 def test_async_scheduling_equals_sync_on_cuda(tmp_path: Path) -> None:
-    folder = _config(tmp_path / "llama")
+    folder = gpu_llama_config(tmp_path / "llama")
     rng = random.Random(1)
     prompts = [[rng.randrange(3, 32000) for _ in range(rng.randrange(3, 200))] for _ in range(20)]
     params = [

@@ -1,7 +1,7 @@
 """The official ``openai`` SDK (sync and async) against the router's OpenAI door of a real
 ``llmserve up`` stack: completions and chat, streamed and whole, n=2, stop strings, logprobs,
-cached-token usage, vLLM's extras; greedy text equals the same request through
-``llmserve.v1.Generation``."""
+cached-token usage, vLLM's extras (prompt logprobs and echo without generation included); greedy
+text equals the same request through ``llmserve.v1.Generation``."""
 
 from __future__ import annotations
 
@@ -272,3 +272,68 @@ def test_chat_max_completion_tokens_and_context_default(client: OpenAI) -> None:
     usage = open_ended.usage
     assert usage is not None and open_ended.choices[0].finish_reason == "length"
     assert usage.prompt_tokens + usage.completion_tokens == 512
+
+
+def test_echo_with_logprobs_scores_the_prompt_as_lm_eval_asks(client: OpenAI, stack: StackProc) -> None:
+    """lm-eval's ``local-completions`` loglikelihood request (prompt ids, ``max_tokens`` 1,
+    ``logprobs`` 1, ``echo``): the prompt's tokens lead the logprobs, the first null; where the
+    prompt continues with the model's own greedy tokens, their logprobs are those the tokens got
+    when generated; the native client's ``prompt_logprobs`` (through the router) agree; streamed,
+    the first chunk has the same."""
+    ids = http_json("POST", f"{stack.http_url}/tokenize", {"model": MODEL, "prompt": PROMPT})[1]["tokens"]
+    with Client(stack.grpc_target) as native:
+        made = native.complete(MODEL, prompt_token_ids=ids, max_tokens=3, temperature=0.0, logprobs=0,
+                               ignore_eos=True)
+        context = ids + made.token_ids
+        scored_natively = native.complete(MODEL, prompt_token_ids=context, max_tokens=1, temperature=0.0,
+                                          prompt_logprobs=1)
+    args = {"model": MODEL, "prompt": context, "max_tokens": 1, "logprobs": 1, "echo": True, "temperature": 0}
+    reply = client.completions.create(**args)  # type: ignore[call-overload]
+    logprobs = reply.choices[0].logprobs
+    assert logprobs is not None and logprobs.token_logprobs is not None and logprobs.top_logprobs is not None
+    assert logprobs.tokens is not None and len(logprobs.tokens) == len(context) + 1
+    assert logprobs.token_logprobs[0] is None and logprobs.top_logprobs[0] is None
+    scored = logprobs.token_logprobs[len(ids):len(context)]
+    assert scored == pytest.approx([lp.logprob for lp in made.sequences[0].logprobs], abs=1e-4)
+    assert [lp.token_id for lp in scored_natively.prompt_logprobs] == context[1:]
+    assert logprobs.token_logprobs[1:len(context)] == pytest.approx(
+        [lp.logprob for lp in scored_natively.prompt_logprobs], abs=1e-6)
+    for token, value, top in zip(logprobs.tokens[1:], logprobs.token_logprobs[1:], logprobs.top_logprobs[1:],
+                                 strict=True):
+        assert top is not None and top[token] == pytest.approx(value) and len(top) <= 2
+        assert max(top.values()) >= value - 1e-6
+    assert logprobs.text_offset == [sum(len(t) for t in logprobs.tokens[:i]) for i in range(len(context) + 1)]
+    streamed = list(client.completions.create(stream=True, **args))  # type: ignore[call-overload]
+    first = streamed[0].choices[0].logprobs
+    assert first is not None and first.tokens == logprobs.tokens
+    assert first.token_logprobs is not None and first.token_logprobs[0] is None
+    assert first.token_logprobs[1:] == pytest.approx(logprobs.token_logprobs[1:], abs=1e-6)
+
+
+def test_echo_without_generation_and_vllm_prompt_logprobs(client: OpenAI, stack: StackProc) -> None:
+    """vLLM's echo with ``max_tokens`` 0: each prompt of a batch alone, with its logprobs, finish
+    "length", no completion tokens; vLLM's ``prompt_logprobs`` (its shape: null, then token id ->
+    logprob, rank, decoded token) on each completions choice and at a chat response's top level."""
+    prompts = [PROMPT, "Hello there"]
+    reply = client.completions.create(model=MODEL, prompt=prompts, max_tokens=0, echo=True, logprobs=1,
+                                      extra_body={"prompt_logprobs": 2})
+    assert reply.usage is not None and reply.usage.completion_tokens == 0
+    for prompt, choice in zip(prompts, reply.choices, strict=True):
+        ids = http_json("POST", f"{stack.http_url}/tokenize", {"model": MODEL, "prompt": prompt})[1]["tokens"]
+        assert choice.text == prompt and choice.finish_reason == "length"
+        assert choice.logprobs is not None and choice.logprobs.token_logprobs is not None
+        assert len(choice.logprobs.token_logprobs) == len(ids)
+        entries = (choice.model_extra or {})["prompt_logprobs"]
+        assert len(entries) == len(ids) and entries[0] is None
+        values = choice.logprobs.token_logprobs
+        for token_id, value, entry in zip(ids[1:], values[1:], entries[1:], strict=True):
+            own = entry[str(token_id)]
+            assert own["logprob"] == pytest.approx(value) and own["rank"] >= 1
+            ranked = sorted(entry.values(), key=lambda e: e["rank"])  # the prompt token and the top 2
+            assert len(entry) in (2, 3) and {e["rank"] for e in ranked} >= {1, 2}
+            assert [e["logprob"] for e in ranked] == sorted((e["logprob"] for e in ranked), reverse=True)
+    chat = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=1, temperature=0,  # type: ignore[arg-type]
+                                          extra_body={"prompt_logprobs": 0})
+    entries = (chat.model_extra or {})["prompt_logprobs"]
+    assert chat.usage is not None and len(entries) == chat.usage.prompt_tokens and entries[0] is None
+    assert all(len(entry) == 1 for entry in entries[1:])

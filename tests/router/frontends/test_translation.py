@@ -16,6 +16,7 @@ from router.frontends.kserve_tensors import decode_bytes_elements, encode_bytes_
 from router.frontends.openai_errors import InvalidParam, validation_param
 from router.frontends.openai_responses import ChatRenderer, CompletionRenderer
 from router.frontends.openai_schemas import ChatCompletionRequest, CompletionRequest, validate
+from router.tokenizers import RouterTokenizer
 
 
 def test_completion_body_becomes_the_internal_request() -> None:
@@ -148,3 +149,115 @@ def test_kserve_sampling_parameters_carry_formats_priority_and_plugins() -> None
     assert priority_from({"priority": "3"}) == 3 and priority_from({}) is None
     with pytest.raises(InvalidRequest, match="priority"):
         priority_from({"priority": 1.5})
+
+
+def test_prompt_logprobs_requests_become_the_internal_request() -> None:
+    """echo with logprobs N asks the worker for the prompt's logprobs (the larger of N and
+    ``prompt_logprobs``); echo with max_tokens 0 generates one token; the refusals name the field."""
+    lm_eval = {"prompt": [1, 2, 3], "max_tokens": 1, "logprobs": 1, "echo": True, "temperature": 0}
+    s = validate(CompletionRequest, lm_eval).to_router_request("c").sampling
+    assert (s.max_tokens, s.logprobs, s.prompt_logprobs) == (1, 1, 1)
+    both = validate(CompletionRequest, {**lm_eval, "prompt_logprobs": 4}).to_router_request("c").sampling
+    assert both.prompt_logprobs == 4
+    assert not validate(CompletionRequest, {"prompt": "x"}).to_router_request("c").sampling.HasField(
+        "prompt_logprobs")
+    echo_only = validate(CompletionRequest, {**lm_eval, "max_tokens": 0})
+    s = echo_only.to_router_request("c").sampling
+    assert echo_only.echo_only and s.max_tokens == 1 and s.prompt_logprobs == 1 and not s.HasField("logprobs")
+    chat = {"messages": [{"role": "user", "content": "x"}], "prompt_logprobs": 0}
+    assert validate(ChatCompletionRequest, chat).to_router_request("c").sampling.prompt_logprobs == 0
+    for schema, body, param in (
+        (CompletionRequest, {"prompt": "x", "max_tokens": 0}, "max_tokens"),
+        (CompletionRequest, {"prompt": "x", "prompt_logprobs": 1, "stream": True}, "prompt_logprobs"),
+        (ChatCompletionRequest, {**chat, "stream": True}, "prompt_logprobs"),
+        (CompletionRequest, {"prompt": "x", "prompt_logprobs": 21}, "prompt_logprobs"),
+    ):
+        with pytest.raises(InvalidParam) as refused:
+            validate(schema, body).to_router_request("c")  # type: ignore[attr-defined]
+        assert refused.value.param == param
+
+
+def _position(token_id: int, logprob: float, rank: int, top: list[tuple[int, float]]) -> gen_pb.TokenLogprobs:
+    return gen_pb.TokenLogprobs(token_id=token_id, logprob=logprob, rank=rank,
+                                top=[gen_pb.TopLogprob(token_id=t, logprob=lp) for t, lp in top])
+
+
+# prompt [504, 3458, 282]: positions 2 and 3 with 3 alternatives each (the worker computed the
+# larger of the two asks), then one generated token per choice
+PROMPT_IDS = [504, 3458, 282]
+PROMPT_POSITIONS = [_position(3458, -2.0, 3, [(30, -0.5), (31, -1.0), (3458, -2.0)]),
+                    _position(282, -0.25, 1, [(282, -0.25), (32, -3.0), (33, -4.0)])]
+
+
+def _prompt_chunk() -> gen_pb.GenerateResponse:
+    return gen_pb.GenerateResponse(prompt_logprobs=PROMPT_POSITIONS)
+
+
+def _token_chunk(index: int, usage: bool = False) -> gen_pb.GenerateResponse:
+    chunk = _chunk(index, " a", [264], "length", usage=usage)
+    chunk.logprobs.append(_position(264, -0.1, 1, [(264, -0.1)]))
+    return chunk
+
+
+def test_completion_renderer_shows_the_prompts_logprobs(smollm2_tokenizer: object) -> None:
+    """echo with logprobs 1: the prompt's tokens lead each choice's logprobs (the first null,
+    each position's top cut to 1 plus its own token, offsets from the prompt's start); vLLM's
+    ``prompt_logprobs`` 2 on each choice; streamed, the prompt's part is in each choice's first
+    chunk; echo with max_tokens 0 shows only the prompt."""
+    tokenizer = RouterTokenizer(smollm2_tokenizer)
+    texts = tokenizer.token_texts([*PROMPT_IDS, 264])
+    args = {"logprobs": True, "include_usage": False, "tokenizer": tokenizer, "n": 2,
+            "echo": "".join(texts[:3]), "echo_logprobs": 1}
+    whole = CompletionRenderer("cmpl-1", "m", prompt_logprobs=2, **args)  # type: ignore[arg-type]
+    whole.prompt_token_ids(0, PROMPT_IDS)
+    for chunk in (_prompt_chunk(), _token_chunk(0), _token_chunk(1, usage=True)):
+        whole.add(chunk)
+    choices = whole.full()["choices"]
+    for choice in choices:
+        logprobs = choice["logprobs"]
+        assert logprobs["tokens"] == texts
+        assert logprobs["token_logprobs"] == [None, -2.0, -0.25, pytest.approx(-0.1)]
+        assert logprobs["top_logprobs"][:3] == [None, {texts_of(tokenizer, 30): -0.5, texts[1]: -2.0},
+                                                 {texts[2]: -0.25}]
+        assert logprobs["text_offset"] == [sum(len(t) for t in texts[:i]) for i in range(4)]
+        assert choice["prompt_logprobs"] == [
+            None,
+            {"3458": {"logprob": -2.0, "rank": 3, "decoded_token": texts[1]},
+             "30": {"logprob": -0.5, "rank": 1, "decoded_token": texts_of(tokenizer, 30)},
+             "31": {"logprob": -1.0, "rank": 2, "decoded_token": texts_of(tokenizer, 31)}},
+            {"282": {"logprob": -0.25, "rank": 1, "decoded_token": texts[2]},
+             "32": {"logprob": -3.0, "rank": 2, "decoded_token": texts_of(tokenizer, 32)}},
+        ]
+        assert choice["text"] == "".join(texts[:3]) + " a"
+    streamed = CompletionRenderer("cmpl-2", "m", **args)  # type: ignore[arg-type]
+    streamed.prompt_token_ids(0, PROMPT_IDS)
+    assert streamed.event(_prompt_chunk()) == []
+    for index in (0, 1):
+        (event,) = streamed.event(_token_chunk(index))
+        body = json.loads(event[len(b"data: "):])
+        choice = body["choices"][0]
+        assert choice["logprobs"]["tokens"] == texts and "prompt_logprobs" not in choice
+    echo_only = CompletionRenderer("cmpl-3", "m", echo_only=True, **{**args, "n": 1})  # type: ignore[arg-type]
+    echo_only.prompt_token_ids(0, PROMPT_IDS)
+    for chunk in (_prompt_chunk(), _token_chunk(0, usage=True)):
+        echo_only.add(chunk)
+    full = echo_only.full()
+    (choice,) = full["choices"]
+    assert choice["text"] == "".join(texts[:3]) and choice["finish_reason"] == "length"
+    assert choice["logprobs"]["tokens"] == texts[:3] and choice["stop_reason"] is None
+    assert full["usage"]["completion_tokens"] == 0 and full["usage"]["total_tokens"] == 5
+
+
+def texts_of(tokenizer: RouterTokenizer, token_id: int) -> str:
+    return tokenizer.token_texts([token_id])[0]
+
+
+def test_chat_renderer_puts_prompt_logprobs_at_the_top_level(smollm2_tokenizer: object) -> None:
+    chat = ChatRenderer("chatcmpl-1", "m", logprobs=False, include_usage=False,
+                        tokenizer=RouterTokenizer(smollm2_tokenizer), prompt_logprobs=0)
+    chat.prompt_token_ids(0, PROMPT_IDS)
+    for chunk in (_prompt_chunk(), _token_chunk(0, usage=True)):
+        chat.add(chunk)
+    full = chat.full()
+    assert [list(p) if p else p for p in full["prompt_logprobs"]] == [None, ["3458"], ["282"]]
+    assert full["prompt_logprobs"][1]["3458"]["rank"] == 3 and "prompt_logprobs" not in full["choices"][0]
