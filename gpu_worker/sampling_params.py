@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 _GREEDY_EPS = 1e-5
+MAX_BAD_WORDS = 128  # bad_words per request: each is checked against every sampled token
+MAX_BAD_WORD_TOKENS = 64  # tokens of one bad word
 STRUCTURED_OUTPUT_KINDS = ("json", "regex", "grammar", "choice", "json_object")
 
 
@@ -142,6 +144,12 @@ class SamplingParams:
     else runs in the batch. ``truncate_prompt_tokens`` keeps only the prompt's last N tokens
     (-1: as many as the context holds with room for one output token), as vLLM's.
 
+    ``allowed_token_ids`` keeps only those tokens samplable; ``bad_words`` are never generated:
+    the last token of a word's token sequence is masked whenever the output so far ends with
+    the rest of it (each word as tokenized alone and after a space, as vLLM;
+    ``bad_words_token_ids`` holds those sequences: the worker's input processor fills it from
+    its tokenizer, and a caller without a tokenizer may give it directly).
+
     ``structured_output`` constrains the output to a format (a dict such as ``{"json": schema}``
     or a :class:`StructuredOutputsParams`; docs/STRUCTURED_OUTPUT.md). ``logits_processors``
     and ``stopping_criteria`` name installed plug-ins, each a name or ``{"name", "args"}``
@@ -170,6 +178,9 @@ class SamplingParams:
     logits_processors: list[PluginCall] = field(default_factory=list)
     stopping_criteria: list[PluginCall] = field(default_factory=list)
     truncate_prompt_tokens: int | None = None
+    allowed_token_ids: list[int] | None = None
+    bad_words: list[str] = field(default_factory=list)
+    bad_words_token_ids: tuple[tuple[int, ...], ...] = ()
 
     def __post_init__(self) -> None:
         if self.structured_output is not None:
@@ -180,6 +191,12 @@ class SamplingParams:
             self.stop = [self.stop]
         self.stop = list(self.stop)
         self.stop_token_ids = list(self.stop_token_ids)
+        if self.allowed_token_ids is not None:
+            self.allowed_token_ids = [int(t) for t in self.allowed_token_ids]
+        if isinstance(self.bad_words, str):
+            self.bad_words = [self.bad_words]
+        self.bad_words = list(self.bad_words)
+        self.bad_words_token_ids = tuple(tuple(int(t) for t in ids) for ids in self.bad_words_token_ids)
         self.logit_bias = {int(k): float(v) for k, v in (self.logit_bias or {}).items()}
         if self.top_k == -1:
             self.top_k = 0
@@ -237,6 +254,22 @@ class SamplingParams:
             ),
             (all(s for s in self.stop), "stop must not contain empty strings"),
             (
+                self.allowed_token_ids is None or len(self.allowed_token_ids) > 0,
+                "allowed_token_ids must not be empty (leave it unset to allow every token)",
+            ),
+            (
+                all(isinstance(w, str) and w.strip() for w in self.bad_words),
+                "bad_words must be non-blank strings",
+            ),
+            (
+                len(self.bad_words) <= MAX_BAD_WORDS and len(self.bad_words_token_ids) <= 2 * MAX_BAD_WORDS,
+                f"bad_words may hold at most {MAX_BAD_WORDS} words",
+            ),
+            (
+                all(0 < len(ids) <= MAX_BAD_WORD_TOKENS for ids in self.bad_words_token_ids),
+                f"bad_words: a word must be 1 to {MAX_BAD_WORD_TOKENS} tokens long",
+            ),
+            (
                 all(math.isfinite(v) for v in self.logit_bias.values()),
                 "logit_bias values must be finite numbers",
             ),
@@ -258,7 +291,10 @@ class SamplingParams:
             if not ok:
                 raise ValueError(message)
         if vocab_size is not None:
-            for name, ids in (("stop_token_ids", self.stop_token_ids), ("logit_bias", self.logit_bias)):
+            bad_word_ids = [t for ids in self.bad_words_token_ids for t in ids]
+            for name, ids in (("stop_token_ids", self.stop_token_ids), ("logit_bias", self.logit_bias),
+                              ("allowed_token_ids", self.allowed_token_ids or ()),
+                              ("bad_words_token_ids", bad_word_ids)):
                 bad = [t for t in ids if not 0 <= t < vocab_size]
                 if bad:
                     raise ValueError(

@@ -182,7 +182,7 @@ def build_request(
             target.CopyFrom(structured_output_message(value))
         elif name in ("logits_processors", "stopping_criteria"):
             target.extend(plugin_call_messages(name, list(value)))
-        elif name in ("stop", "stop_token_ids"):
+        elif name in ("stop", "stop_token_ids", "allowed_token_ids", "bad_words"):
             target.extend([value] if isinstance(value, str) else value)
         else:
             setattr(request.sampling, name, value)

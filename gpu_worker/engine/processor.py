@@ -109,6 +109,8 @@ class InputProcessor:
         if params.stop and self.tokenizer is None:
             raise ValueError(f"stop: {NO_TOKENIZER}; stop strings cannot be matched (use stop_token_ids)")
         self.features.check(params)
+        if params.bad_words:
+            params = self._with_bad_word_ids(params)
         text, ids = self.tokenize(prompt)
         ids = tuple(truncate_prompt(ids, params.truncate_prompt_tokens, self.max_model_len))
         field = input_field(prompt)
@@ -139,6 +141,24 @@ class InputProcessor:
                 )
             )
         return ProcessedRequest(request_id, text, ids, params, tuple(children), resumed)
+
+    def _with_bad_word_ids(self, params: SamplingParams) -> SamplingParams:
+        """``params`` with each bad word's token sequences added to ``bad_words_token_ids``: the
+        word alone (at the start of the output) and after a space (mid-text), when that is another
+        sequence. vLLM adds the second only when it has as many tokens, which lets a word whose
+        spaced form is one token (" cabinets", where "cabinets" is two) through mid-text."""
+        if self.tokenizer is None:
+            raise ValueError(f"bad_words: {NO_TOKENIZER}; give bad_words_token_ids instead")
+        sequences = list(params.bad_words_token_ids)
+        for word in params.bad_words:
+            alone = tuple(self.tokenizer.encode(word.lstrip(), add_special_tokens=False))
+            spaced = tuple(self.tokenizer.encode(" " + word.lstrip(), add_special_tokens=False))
+            sequences.append(alone)
+            if spaced and spaced != alone:
+                sequences.append(spaced)
+        out = dataclasses.replace(params, bad_words_token_ids=tuple(dict.fromkeys(sequences)))
+        out.validate(self.vocab_size)
+        return out
 
     def _check_max_tokens(self, num_tokens: int, params: SamplingParams, field: str) -> None:
         """``prompt + max_tokens`` must fit the context (vLLM refuses such requests too)."""

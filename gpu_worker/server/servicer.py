@@ -68,6 +68,9 @@ def decode_sampling(msg: gen_pb.SamplingParams, *, resumed: bool = False) -> Sam
     kwargs["stop"] = list(msg.stop)
     kwargs["stop_token_ids"] = list(msg.stop_token_ids)
     kwargs["logit_bias"] = dict(msg.logit_bias)
+    if msg.allowed_token_ids:  # empty: every token (a repeated field has no unset state)
+        kwargs["allowed_token_ids"] = list(msg.allowed_token_ids)
+    kwargs["bad_words"] = list(msg.bad_words)
     if msg.HasField("structured_output"):
         kwargs["structured_output"] = decode_structured_output(msg.structured_output)
     kwargs["logits_processors"] = [decode_plugin_call("logits_processors", c) for c in msg.logits_processors]

@@ -28,6 +28,8 @@ class RowSampling:
     bias_ids: np.ndarray  # int64
     bias_values: np.ndarray  # float32
     generator: torch.Generator | None  # seeded requests only
+    allowed_ids: np.ndarray | None = None  # int64: the only samplable tokens (None: all)
+    bad_words: tuple[tuple[int, ...], ...] = ()  # token sequences whose last token is masked
 
 
 def seed_for_draw(seed: int, output_index: int) -> int:
@@ -74,6 +76,8 @@ class RequestStates:
         self.num_prompt_logprob_rows = 0  # live rows that asked for prompt logprobs
         self.seeded = np.zeros(max_num_seqs, dtype=bool)
         self.has_bias = np.zeros(max_num_seqs, dtype=bool)
+        self.has_allowed = np.zeros(max_num_seqs, dtype=bool)  # allowed_token_ids
+        self.has_bad_words = np.zeros(max_num_seqs, dtype=bool)
         self.needs_penalties = np.zeros(max_num_seqs, dtype=bool)
         self.has_logits_processors = np.zeros(max_num_seqs, dtype=bool)  # plug-ins named by the request
         # Sampling reads the output so far (penalties, plug-ins): wait for the step in flight first.
@@ -233,12 +237,18 @@ class RequestStates:
             self.num_prompt_logprob_rows += 1
         self.seeded[row] = params.seed is not None and not params.greedy
         self.has_bias[row] = bool(params.logit_bias)
+        self.has_allowed[row] = params.allowed_token_ids is not None
+        self.has_bad_words[row] = bool(params.bad_words_token_ids)
         self.needs_penalties[row] = params.needs_penalties
         self.has_logits_processors[row] = bool(params.logits_processors)
-        self.needs_history[row] = params.needs_penalties or bool(params.logits_processors)
+        # A bad word of several tokens is matched against the output so far.
+        multi_token_bad_word = any(len(ids) > 1 for ids in params.bad_words_token_ids)
+        self.needs_history[row] = (params.needs_penalties or bool(params.logits_processors)
+                                   or multi_token_bad_word)
         self.plain_greedy[row] = (
             params.greedy and not params.logit_bias and not params.needs_penalties
             and not params.logits_processors and params.logprobs is None and params.min_tokens == 0
+            and params.allowed_token_ids is None and not params.bad_words_token_ids
         )
 
     def _row_sampling(self, params: SamplingParams) -> RowSampling:
@@ -254,4 +264,7 @@ class RequestStates:
                 params.logit_bias.values(), dtype=np.float32, count=len(params.logit_bias)
             ),
             generator=generator,
+            allowed_ids=None if params.allowed_token_ids is None else np.unique(
+                np.asarray(params.allowed_token_ids, dtype=np.int64)),
+            bad_words=params.bad_words_token_ids,
         )

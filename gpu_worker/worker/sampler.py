@@ -1,8 +1,8 @@
 """Batched sampling on the device, vLLM semantics.
 
-Order: raw logprobs (``log_softmax`` of the model's logits) -> logit bias -> min_tokens mask
--> penalties -> logits stages (plug-in processors, grammar mask) -> greedy argmax, or
-temperature -> min-p -> top-k/top-p -> exponential race.
+Order: raw logprobs (``log_softmax`` of the model's logits) -> allowed_token_ids mask -> logit
+bias -> min_tokens and bad words masks -> penalties -> logits stages (plug-in processors,
+grammar mask) -> greedy argmax, or temperature -> min-p -> top-k/top-p -> exponential race.
 Random rows draw ``q ~ Exp(1)`` per token and take ``argmax(probs / q)`` (a categorical
 sample); a seeded row draws its ``q`` from its own generator, so its tokens do not depend
 on what else is in the batch.
@@ -42,7 +42,10 @@ class SamplingMetadata:
     seeded: tuple[tuple[int, torch.Generator], ...] = ()  # (row, generator seeded for this draw)
     penalties: PenaltyInputs | None = None
     logit_bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # rows, token ids, values
-    banned: tuple[torch.Tensor, torch.Tensor] | None = None  # rows, token ids set to -inf (min_tokens)
+    # Rows and token ids set to -inf (min_tokens, bad words).
+    banned: tuple[torch.Tensor, torch.Tensor] | None = None
+    # allowed_token_ids: rows [K] and their masks [K, V] (True: samplable); the rest is set to -inf.
+    allowed: tuple[torch.Tensor, torch.Tensor] | None = None
     num_logprobs: tuple[int | None, ...] | None = None  # per row top-N (None: none); None: no row asks
     # Logits processing (plug-in processors, then the grammar mask), applied after penalties:
     # each maps the [N, V] logits to new ones (gpu_worker/worker/logits_processing.py).
@@ -51,8 +54,8 @@ class SamplingMetadata:
     @property
     def plain_greedy(self) -> bool:
         """Every row greedy, with nothing that changes or reads the logits before the argmax
-        (no bias, banned tokens, penalties, logits stages or logprobs)."""
-        return (self.all_greedy and self.logit_bias is None and self.banned is None
+        (no bias, allowed or banned tokens, penalties, logits stages or logprobs)."""
+        return (self.all_greedy and self.logit_bias is None and self.banned is None and self.allowed is None
                 and self.penalties is None and not self.logits_stages and self.num_logprobs is None)
 
 
@@ -175,7 +178,11 @@ class Sampler:
 
     @staticmethod
     def process(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
-        """Bias, min_tokens mask, penalties and logits stages: what greedy rows take the argmax of."""
+        """Allowed tokens, bias, banned tokens (min_tokens, bad words), penalties and logits stages:
+        what greedy rows take the argmax of."""
+        if md.allowed is not None:
+            rows, mask = md.allowed
+            logits = logits.index_put((rows,), logits.index_select(0, rows).masked_fill(~mask, float("-inf")))
         if md.logit_bias is not None:
             rows, cols, values = md.logit_bias
             logits = logits.index_put((rows, cols), values, accumulate=True)

@@ -62,7 +62,8 @@ def build_sampling_metadata(
         if states.needs_penalties[rows].any()
         else None,
         logit_bias=_logit_bias(states, rows, device),
-        banned=_banned(states, rows, num_outputs, device),
+        banned=_banned(states, rows, n_tok, num_outputs, device),
+        allowed=_allowed(states, rows, vocab_size, device),
         num_logprobs=tuple(int(n) if n >= 0 else None for n in logprobs) if np.any(logprobs >= 0) else None,
     )
 
@@ -126,20 +127,47 @@ def _logit_bias(
 
 
 def _banned(
-    states: RequestStates, rows: np.ndarray, num_outputs: np.ndarray, device: torch.device
+    states: RequestStates, rows: np.ndarray, n_tok: np.ndarray, num_outputs: np.ndarray, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """EOS and stop ids of rows still short of ``min_tokens``."""
+    """EOS and stop ids of rows still short of ``min_tokens``, and the bad words' last tokens
+    where the output so far (its ``num_outputs`` tokens before ``n_tok``) ends with the rest."""
     which = np.flatnonzero(num_outputs < states.min_tokens[rows])
     row_ids: list[int] = []
     token_ids: list[int] = []
-    for i in which:
+    for i in which.tolist():
         rs = states.sampling[rows[i]]
         if rs is not None and rs.stop_ids:
             row_ids.extend([int(i)] * len(rs.stop_ids))
             token_ids.extend(rs.stop_ids)
+    for i in np.flatnonzero(states.has_bad_words[rows]).tolist():
+        rs = states.sampling[rows[i]]
+        assert rs is not None  # invariant: a live row has its sampling settings
+        end = int(n_tok[i])
+        k = min(max(len(ids) for ids in rs.bad_words) - 1, int(num_outputs[i]))  # output tokens only
+        recent = tuple(states.token_ids[rows[i], end - k : end].tolist()) if k > 0 else ()
+        for ids in rs.bad_words:
+            prefix = ids[:-1]
+            if not prefix or (len(prefix) <= len(recent) and recent[len(recent) - len(prefix):] == prefix):
+                row_ids.append(i)
+                token_ids.append(ids[-1])
     if not row_ids:
         return None
     return (
         torch.tensor(row_ids, dtype=torch.int64, device=device),
         torch.tensor(token_ids, dtype=torch.int64, device=device),
     )
+
+
+def _allowed(
+    states: RequestStates, rows: np.ndarray, vocab_size: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The rows with ``allowed_token_ids`` and their masks (True: samplable)."""
+    which = np.flatnonzero(states.has_allowed[rows])
+    if not len(which):
+        return None
+    mask = np.zeros((len(which), vocab_size), dtype=bool)
+    for k, i in enumerate(which.tolist()):
+        rs = states.sampling[rows[i]]
+        assert rs is not None and rs.allowed_ids is not None  # invariant: has_allowed rows have them
+        mask[k, rs.allowed_ids] = True
+    return torch.from_numpy(which).to(device), torch.from_numpy(mask).to(device)

@@ -122,8 +122,10 @@ def sampling_from(params: Mapping[str, Any]) -> gen_pb.SamplingParams:
                 setattr(s, name, converted)
             elif name == "stop":
                 s.stop.extend(_as_stop(value))
-            elif name == "stop_token_ids":
-                s.stop_token_ids.extend(_as_ids(value))
+            elif name in ("stop_token_ids", "allowed_token_ids"):
+                getattr(s, name).extend(_as_ids(value))
+            elif name == "bad_words":
+                s.bad_words.extend(_as_stop(value))
             elif name == "logit_bias":
                 for token_id, bias in _as_bias(value).items():
                     s.logit_bias[token_id] = bias

@@ -72,6 +72,8 @@ class _SamplingRequest(BaseModel):
     priority: int | None = Field(None, ge=-(2**31), lt=2**31)
     truncate_prompt_tokens: int | None = Field(None, ge=-1, lt=INT32_END)
     prompt_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    allowed_token_ids: list[int] | None = None
+    bad_words: list[str] | None = None
     response_format: dict[str, Any] | None = None
     structured_outputs: dict[str, Any] | None = None
     guided_json: dict[str, Any] | str | None = None
@@ -115,6 +117,8 @@ class _SamplingRequest(BaseModel):
                 setattr(s, name, value)
         s.stop.extend([self.stop] if isinstance(self.stop, str) else self.stop or [])
         s.stop_token_ids.extend(self.stop_token_ids or [])
+        s.allowed_token_ids.extend(self.allowed_token_ids or [])
+        s.bad_words.extend(self.bad_words or [])
         for token_id, bias in (self.logit_bias or {}).items():
             s.logit_bias[token_id] = bias
         self._add_extras(s)
@@ -170,8 +174,13 @@ class _SamplingRequest(BaseModel):
                                    f"logit_bias keys must be token ids in [0, 2^31), got {token_id}")
         if isinstance(self.stop, list) and any(not s for s in self.stop) or self.stop == "":
             raise InvalidParam("stop", "stop must not contain empty strings")
-        if any(not 0 <= t < INT32_END for t in self.stop_token_ids or []):
-            raise InvalidParam("stop_token_ids", "stop_token_ids must be token ids in [0, 2^31)")
+        for name in ("stop_token_ids", "allowed_token_ids"):
+            if any(not 0 <= t < INT32_END for t in getattr(self, name) or []):
+                raise InvalidParam(name, f"{name} must be token ids in [0, 2^31)")
+        if self.allowed_token_ids is not None and not self.allowed_token_ids:
+            raise InvalidParam("allowed_token_ids", "allowed_token_ids must not be empty")
+        if self.bad_words is not None and not all(w.strip() for w in self.bad_words):
+            raise InvalidParam("bad_words", "bad_words must be non-blank strings")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             raise InvalidParam("min_tokens", f"min_tokens ({self.min_tokens}) must not exceed max_tokens "
                                f"({self.max_tokens})")

@@ -77,6 +77,8 @@ BAD_REQUESTS: list[tuple[str, str, dict[str, Any], str]] = [
     ("top_k 2^31", COMPLETIONS, {**_P, "top_k": 2**31}, "top_k"),
     ("logit_bias key 2^31", COMPLETIONS, {**_P, "logit_bias": {str(2**31): 1}}, "logit_bias"),
     ("stop_token_ids 2^31", COMPLETIONS, {**_P, "stop_token_ids": [2**31]}, "stop_token_ids"),
+    ("allowed_token_ids -1", COMPLETIONS, {**_P, "allowed_token_ids": [-1]}, "allowed_token_ids"),
+    ("bad_words blank", COMPLETIONS, {**_P, "bad_words": [" "]}, "bad_words"),
     ("prompt token id 2^31", COMPLETIONS, {**_P, "prompt": [2**31]}, "prompt"),
     ("max_completion_tokens 2^32", CHAT, {**_C, "max_completion_tokens": 2**32}, "max_completion_tokens"),
     # a lone UTF-16 surrogate is no Unicode character: no tokenizer takes it

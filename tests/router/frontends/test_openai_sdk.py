@@ -337,3 +337,26 @@ def test_echo_without_generation_and_vllm_prompt_logprobs(client: OpenAI, stack:
     entries = (chat.model_extra or {})["prompt_logprobs"]
     assert chat.usage is not None and len(entries) == chat.usage.prompt_tokens and entries[0] is None
     assert all(len(entry) == 1 for entry in entries[1:])
+
+
+def test_allowed_token_ids_and_bad_words(client: OpenAI, stack: StackProc, smollm2_tokenizer: object) -> None:
+    """vLLM's extras: only the allowed tokens are generated; a bad word's token is never
+    generated where the plain reply had it; both through the native API alike."""
+    args = {"model": MODEL, "prompt": PROMPT, "max_tokens": 6, "temperature": 0, "logprobs": 0}
+    letters = [smollm2_tokenizer.convert_tokens_to_ids(c) for c in "abc"]  # type: ignore[attr-defined]
+    allowed = client.completions.create(**args, extra_body={"allowed_token_ids": letters, "ignore_eos": True})  # type: ignore[call-overload]
+    text = allowed.choices[0].text
+    assert len(text) == 6 and set(text) <= set("abc")
+    plain = client.completions.create(**args, extra_body={"ignore_eos": True})  # type: ignore[call-overload]
+    assert plain.choices[0].logprobs is not None and plain.choices[0].logprobs.tokens is not None
+    tokens = plain.choices[0].logprobs.tokens
+    position, word = next((i, t) for i, t in enumerate(tokens) if t.strip().isalpha())
+    banned = client.completions.create(**args, extra_body={"bad_words": [word], "ignore_eos": True})  # type: ignore[call-overload]
+    assert banned.choices[0].logprobs is not None and banned.choices[0].logprobs.tokens is not None
+    assert banned.choices[0].logprobs.tokens[:position] == plain.choices[0].logprobs.tokens[:position]
+    assert banned.choices[0].logprobs.tokens[position] != word
+    native = _native(stack, prompt=PROMPT, max_tokens=6, temperature=0.0, ignore_eos=True, bad_words=[word])
+    assert banned.choices[0].text == native
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.completions.create(**args, extra_body={"allowed_token_ids": []})  # type: ignore[call-overload]
+    assert refused.value.param == "allowed_token_ids"  # type: ignore[attr-defined]

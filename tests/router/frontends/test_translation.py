@@ -97,8 +97,11 @@ def test_sampling_parameters_take_strings_as_the_backend_does() -> None:
     assert dict(s.logit_bias) == {3: 1.5}
     assert sampling_from({"truncate_prompt_tokens": "100"}).truncate_prompt_tokens == 100
     assert sampling_from({"truncate_prompt_tokens": -1}).truncate_prompt_tokens == -1
+    masks = sampling_from({"allowed_token_ids": [5, "6"], "bad_words": ["x y", "z"]})
+    assert (list(masks.allowed_token_ids), list(masks.bad_words)) == ([5, 6], ["x y", "z"])
     for bad in ({"n": 0}, {"seed": -1}, {"max_tokens": 2**40}, {"lora_name": "x"}, {"stop": 5},
-                {"truncate_prompt_tokens": -2}, {"truncate_prompt_tokens": 2**31}):
+                {"truncate_prompt_tokens": -2}, {"truncate_prompt_tokens": 2**31},
+                {"allowed_token_ids": 5}, {"bad_words": [1]}):
         with pytest.raises(InvalidRequest):
             sampling_from(bad)
 
@@ -133,6 +136,9 @@ def test_openai_formats_priority_and_plugins_become_the_internal_request() -> No
     assert list(guided.sampling.structured_output.choice.choices) == ["a", "b"]
     vllm = validate(CompletionRequest, {"prompt": "x", "structured_outputs": {"regex": "[0-9]+"}})
     assert vllm.to_router_request("c4").sampling.structured_output.regex == "[0-9]+"
+    masked = validate(CompletionRequest, {"prompt": "x", "allowed_token_ids": [1, 2], "bad_words": ["no"]})
+    s = masked.to_router_request("c6").sampling
+    assert (list(s.allowed_token_ids), list(s.bad_words)) == ([1, 2], ["no"])
     text = validate(CompletionRequest, {"prompt": "x", "response_format": {"type": "text"}})
     plain = text.to_router_request("c5")
     assert not plain.sampling.HasField("structured_output") and plain.priority is None
