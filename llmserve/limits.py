@@ -22,6 +22,7 @@ import argparse
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from llmserve.prompt_input import ChatPrompt, PromptInput, input_field
 
@@ -121,7 +122,8 @@ class RequestLimits:
         """Turns and characters of a text or chat prompt (token ids are the engine's to count)."""
         if isinstance(prompt, ChatPrompt):
             self.check_chat_turns(len(prompt.messages))
-            self.check_prompt_chars(input_field(prompt), sum(_chars(m) for m in prompt.messages))
+            tools = len(json.dumps(list(prompt.tools), ensure_ascii=False)) if prompt.tools else 0
+            self.check_prompt_chars(input_field(prompt), sum(_chars(m) for m in prompt.messages) + tools)
         elif isinstance(prompt, str):
             self.check_prompt_chars(input_field(prompt), len(prompt))
 
@@ -164,9 +166,12 @@ def json_depth(text: str, bound: int) -> int:
     return deepest
 
 
-def _chars(message: Mapping[str, str]) -> int:
+def _chars(message: Mapping[str, Any]) -> int:
+    """A message's role and content, plus its tool calls as JSON (an assistant's earlier calls)."""
     role, content = message.get("role"), message.get("content")
-    return (len(role) if isinstance(role, str) else 0) + (len(content) if isinstance(content, str) else 0)
+    chars = (len(role) if isinstance(role, str) else 0) + (len(content) if isinstance(content, str) else 0)
+    calls = message.get("tool_calls")
+    return chars + (len(json.dumps(calls, ensure_ascii=False)) if calls else 0)
 
 
 def add_limit_flags(parser: argparse.ArgumentParser) -> None:

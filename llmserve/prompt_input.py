@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # the servicers pass requests in; offline users need no protobuf
     from llmserve.limits import RequestLimits
@@ -22,13 +22,16 @@ class ChatPrompt:
     """A conversation to render with the model's chat template.
 
     ``messages`` are mappings with at least ``role`` and ``content`` (as ``apply_chat_template``
-    takes them). ``continue_final_message``: the last message is left open for the model to
-    continue (a prefill of its answer); it excludes ``add_generation_prompt``.
+    takes them; an assistant's ``tool_calls`` and a tool result's ``tool_call_id`` too).
+    ``continue_final_message``: the last message is left open for the model to continue (a
+    prefill of its answer); it excludes ``add_generation_prompt``. ``tools``: function
+    definitions (OpenAI's ``tools``) for the template to show the model.
     """
 
-    messages: Sequence[Mapping[str, str]]
+    messages: Sequence[Mapping[str, Any]]
     add_generation_prompt: bool = True
     continue_final_message: bool = False
+    tools: Sequence[Mapping[str, Any]] | None = None
 
 
 PromptInput = str | Sequence[int] | ChatPrompt

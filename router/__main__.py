@@ -19,6 +19,7 @@ from llmserve.limits import add_limit_flags, limits_from_args
 from llmserve.telemetry.logging import LOG_FORMATS
 from router.failover import add_failover_flags, failover_from_args
 from router.frontends.http_limits import add_http_flags, http_limits_from_args
+from router.frontends.tool_calls import TOOL_CALL_PARSERS
 from router.policy import POLICY_NAMES
 from router.security_cli import add_security_flags, redis_tls, security_from_args
 from router.server import RouterConfig, serve
@@ -52,6 +53,10 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
                             "whose message to the worker would be larger is INVALID_ARGUMENT (HTTP 413)")
     sizes.add_argument("--max-http-body-bytes", type=int, default=RouterConfig.max_http_body_bytes,
                        help="largest OpenAI HTTP request body; larger is refused with 413 while it is read")
+    p.add_argument("--tool-call-parser", action="append", default=[], metavar="[MODEL=]PARSER",
+                   help="how the OpenAI door reads a model's tool calls for tool_choice \"auto\" (vLLM's "
+                        "flag): PARSER for every model or MODEL=PARSER (repeatable, or comma-separated in "
+                        "the variable); parsers: hermes. Without one, \"auto\" is refused with 400")
     sizes.add_argument("--max-batch-prompts", type=int, default=RouterConfig.max_batch_prompts,
                        help="most prompts of one /v1/completions request (a list of prompts: one request "
                             "each); more is refused with 400")
@@ -107,6 +112,7 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
         max_kserve_stream_requests=args.max_kserve_stream_requests,
         security=security_from_args(args),
         default_priority=parse_default_priority(args.default_priority),
+        tool_call_parsers=parse_tool_call_parsers(args.tool_call_parser),
     )
 
 
@@ -124,6 +130,21 @@ def parse_default_priority(values: Sequence[str] | str) -> dict[str, int]:
             out[model] = int(priority)
         except ValueError:
             raise ValueError(f"--default-priority takes MODEL=PRIORITY (an integer), got {value!r}") from None
+    return out
+
+
+def parse_tool_call_parsers(values: Sequence[str] | str) -> dict[str, str]:
+    """``["hermes", "MODEL=hermes", ...]`` -> {model: parser}, every model's under "" ; ValueError
+    names a bad one."""
+    if isinstance(values, str):
+        values = [v for v in values.split(",") if v.strip()]
+    out: dict[str, str] = {}
+    for value in values:
+        model, _, parser = value.strip().rpartition("=")
+        if parser not in TOOL_CALL_PARSERS:
+            raise ValueError(f"--tool-call-parser takes [MODEL=]PARSER with PARSER one of "
+                             f"{', '.join(TOOL_CALL_PARSERS)}, got {value!r}")
+        out[model] = parser
     return out
 
 

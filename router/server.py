@@ -97,6 +97,8 @@ class RouterConfig:
     security: RouterSecurityConfig = field(default_factory=RouterSecurityConfig)
     # model -> priority of its requests that set none (--default-priority MODEL=P)
     default_priority: Mapping[str, int] = field(default_factory=dict)
+    # The OpenAI door's tool-call parser per model ("": every model's): tool_choice "auto".
+    tool_call_parsers: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         checks = [
@@ -255,7 +257,8 @@ class RouterServer:
         from router.frontends.openai_http import OpenAIDoor
 
         door = OpenAIDoor(core, self.tracing, self.is_serving, self.config.max_http_body_bytes,
-                          version=_version(), max_batch_prompts=self.config.max_batch_prompts)
+                          version=_version(), max_batch_prompts=self.config.max_batch_prompts,
+                          tool_call_parsers=self.config.tool_call_parsers)
         app = ApiKeyMiddleware(door.app(), self.access)
         tls = self.config.security.tls.http()
         http = HttpServer(app, self.config.host, int(self.config.http_port or 0), self.config.drain_grace_s,

@@ -93,14 +93,17 @@ class RouterTokenizer:
             raise InvalidRequest("messages must not be empty")
         for i, message in enumerate(messages):
             for key, value in message.items():
-                _check_unicode(f"messages[{i}].{key}", value)
+                if isinstance(value, str):
+                    _check_unicode(f"messages[{i}].{key}", value)
         try:
             text = self._tok.apply_chat_template(
                 [dict(m) for m in messages], add_generation_prompt=chat.add_generation_prompt,
                 continue_final_message=chat.continue_final_message, tokenize=False,
+                tools=[dict(t) for t in chat.tools] if chat.tools else None,
             )
         except Exception as exc:  # template errors (bad roles, no template) are the client's
             raise InvalidRequest(f"messages could not be rendered with the chat template: {exc}") from exc
+        _check_unicode("messages", str(text))  # tools and tool calls: strings nested in JSON
         return list(self._tok.encode(str(text), add_special_tokens=add_special_tokens))
 
 

@@ -86,18 +86,21 @@ class OpenAIDoor:
 
     ``serving`` tells whether the router takes requests (False while it drains: ``/health``
     answers 503); ``max_body_bytes``: the largest request body; ``version``: what ``/version``
-    reports; ``max_batch_prompts``: the most prompts of one completions request.
+    reports; ``max_batch_prompts``: the most prompts of one completions request;
+    ``tool_call_parsers``: the tool-call parser of each model ("": of every model), for chat's
+    ``tool_choice`` "auto".
     """
 
     def __init__(self, core: GenerationCore, tracing: Tracing, serving: Callable[[], bool],
                  max_body_bytes: int = 16 * 1024 * 1024, version: str = "unknown",
-                 max_batch_prompts: int = 128) -> None:
+                 max_batch_prompts: int = 128, tool_call_parsers: Mapping[str, str] | None = None) -> None:
         self._core = core
         self._tracing = tracing
         self._serving = serving
         self._max_body_bytes = max_body_bytes
         self._version = version
         self._max_batch_prompts = max_batch_prompts
+        self._tool_call_parsers = dict(tool_call_parsers or {})
         self._tokenizer_endpoints = TokenizerEndpoints(core)
 
     def app(self) -> FastAPI:
@@ -187,7 +190,8 @@ class OpenAIDoor:
             try:
                 try:
                     parsed = _parsed(endpoint, body, data)
-                    routed = parsed.to_router_requests(request_id, self._max_batch_prompts)
+                    parser = self._tool_call_parsers.get(parsed.model, self._tool_call_parsers.get(""))
+                    routed = parsed.to_router_requests(request_id, self._max_batch_prompts, parser)
                 except Exception as exc:  # the door's own refusals count as requests too
                     self._core.refused(model_hint, request_id, exc, operation=endpoint.operation)
                     raise
@@ -199,7 +203,8 @@ class OpenAIDoor:
                 async with aclosing(chunks) as items:
                     async for i, chunk, model, tokenizer, prompt_ids in items:
                         if renderer is None:
-                            renderer = self._renderer(endpoint, parsed, routed, model, tokenizer, request_id)
+                            renderer = self._renderer(endpoint, parsed, routed, model, tokenizer, request_id,
+                                                      parser)
                             http_span.set_status_code(200)
                             streaming = parsed.stream
                         renderer.prompt_token_ids(i, prompt_ids)
@@ -247,7 +252,8 @@ class OpenAIDoor:
                 yield _Observed(index, chunk, scope.model, tokenizer, scope.prompt_token_ids)
 
     def _renderer(self, endpoint: _Endpoint, parsed: Any, routed: list[RouterRequest], model: str,
-                  tokenizer: RouterTokenizer | None, request_id: str) -> ChoiceRenderer:
+                  tokenizer: RouterTokenizer | None, request_id: str, tool_parser: str | None
+                  ) -> ChoiceRenderer:
         """The renderer of a request whose first chunk arrived (the model is resolved by then)."""
         options: dict[str, Any] = {
             "logprobs": _wants_logprobs(endpoint, parsed), "include_usage": parsed.include_usage,
@@ -260,6 +266,8 @@ class OpenAIDoor:
                 echoes = tuple(r.prompt if isinstance(r.prompt, str)
                                else tokenizer.decode(cast(Sequence[int], r.prompt)) for r in routed)
             options.update(echo=echoes, echo_logprobs=parsed.echo_logprobs, echo_only=parsed.echo_only)
+        else:
+            options.update(tool_choice=parsed.tool_choice_spec(tool_parser))
         return endpoint.renderer(request_id, model, **options)
 
     async def _models(self) -> Response:

@@ -24,6 +24,7 @@ from typing import Any
 
 from llmserve.stop_reason import stop_reason
 from llmserve.v1 import generation_pb2 as gen_pb
+from router.frontends.tool_calls import ToolCallStream, ToolChoice
 from router.tokenizers import RouterTokenizer
 
 DONE_EVENT = b"data: [DONE]\n\n"
@@ -318,20 +319,49 @@ class CompletionRenderer(ChoiceRenderer):
 
 
 class ChatRenderer(ChoiceRenderer):
-    """``/v1/chat/completions``: ``chat.completion`` / ``chat.completion.chunk`` objects."""
+    """``/v1/chat/completions``: ``chat.completion`` / ``chat.completion.chunk`` objects.
+
+    ``tool_choice`` (a request with tools): each choice's text becomes its message's ``content``
+    and ``tool_calls`` (router/frontends/tool_calls.py); a reply of calls ends with finish reason
+    ``tool_calls`` unless a named function was asked for (vLLM's rule)."""
 
     object_full = "chat.completion"
     object_chunk = "chat.completion.chunk"
 
+    def __init__(self, response_id: str, model: str, *, tool_choice: ToolChoice | None = None,
+                 **kwargs: Any) -> None:
+        super().__init__(response_id, model, **kwargs)
+        self.tool_choice = tool_choice if tool_choice is not None and tool_choice.kind != "none" else None
+        self._tool_streams: dict[int, ToolCallStream] = {}
+
+    def _tool_stream(self, index: int) -> ToolCallStream | None:
+        if self.tool_choice is None:
+            return None
+        stream = self._tool_streams.get(index)
+        if stream is None:
+            stream = self._tool_streams[index] = ToolCallStream(self.tool_choice)
+        return stream
+
+    def _finish_reason(self, stream: ToolCallStream | None, reason: str | None) -> str | None:
+        if reason and stream is not None and stream.called and stream.choice.kind != "named":
+            return "tool_calls"
+        return reason
+
     def _stream_choice(self, choice: _Choice, chunk: gen_pb.GenerateResponse, first: bool) -> dict[str, Any]:
-        delta: dict[str, Any] = {"content": chunk.text}
+        stream = self._tool_stream(chunk.index)
+        if stream is None:
+            delta: dict[str, Any] = {"content": chunk.text}
+        else:
+            delta = stream.feed(chunk.text) if chunk.text else {}
+            if chunk.finish_reason:
+                delta = _merged_delta(delta, stream.finish())
         if first:
             delta = {"role": "assistant", **delta}
         return {
             "index": chunk.index,
             "delta": delta,
             "logprobs": {"content": self._logprobs(chunk.logprobs)} if self.logprobs else None,
-            "finish_reason": chunk.finish_reason or None,
+            "finish_reason": self._finish_reason(stream, chunk.finish_reason or None),
             "stop_reason": stop_reason(chunk) if chunk.finish_reason else None,
         }
 
@@ -343,11 +373,18 @@ class ChatRenderer(ChoiceRenderer):
         return body
 
     def _full_choice(self, choice: _Choice) -> dict[str, Any]:
+        text = "".join(choice.texts)
+        stream = self._tool_stream(choice.index)
+        message: dict[str, Any] = {"role": "assistant", "content": text}
+        if stream is not None:
+            stream.feed(text)
+            stream.finish()
+            message = stream.message()
         return {
             "index": choice.index,
-            "message": {"role": "assistant", "content": "".join(choice.texts)},
+            "message": message,
             "logprobs": {"content": self._logprobs(choice.logprobs)} if self.logprobs else None,
-            "finish_reason": choice.finish_reason,
+            "finish_reason": self._finish_reason(stream, choice.finish_reason),
             "stop_reason": choice.stop_reason,
         }
 
@@ -364,3 +401,13 @@ class ChatRenderer(ChoiceRenderer):
             }
             for lp, token, alternatives in zip(logprobs, chosen, top_texts, strict=True)
         ]
+
+
+def _merged_delta(first: dict[str, Any], second: dict[str, Any]) -> dict[str, Any]:
+    """Two chat deltas of one chunk as one: contents joined, tool calls in order."""
+    out = dict(first)
+    if "content" in second:
+        out["content"] = out.get("content", "") + second["content"]
+    if "tool_calls" in second:
+        out["tool_calls"] = [*out.get("tool_calls", []), *second["tool_calls"]]
+    return out

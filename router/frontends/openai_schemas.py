@@ -15,6 +15,7 @@ type, or a feature this server does not have (tools, image parts, ``suffix``) is
 
 from __future__ import annotations
 
+import json
 from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -25,6 +26,7 @@ from llmserve.sampling_extras import GUIDED_FIELDS, plugin_call_messages, struct
 from llmserve.v1 import generation_pb2 as gen_pb
 from router.errors import LimitRefused
 from router.frontends.openai_errors import InvalidParam, validation_param
+from router.frontends.tool_calls import ToolChoice, function_tools
 from router.generation import RouterRequest
 
 MAX_N = 128
@@ -83,13 +85,15 @@ class _SamplingRequest(BaseModel):
     logits_processors: list[Any] | None = None
     stopping_criteria: list[Any] | None = None
 
-    def to_router_requests(self, request_id: str, max_prompts: int) -> list[RouterRequest]:
-        """The router requests this body asks for (several: a completions batch)."""
+    def to_router_requests(self, request_id: str, max_prompts: int,
+                           tool_parser: str | None = None) -> list[RouterRequest]:
+        """The router requests this body asks for (several: a completions batch);
+        ``tool_parser``: the model's tool-call parser (chat's ``tool_choice`` "auto")."""
         raise NotImplementedError
 
-    def to_router_request(self, request_id: str) -> RouterRequest:
+    def to_router_request(self, request_id: str, tool_parser: str | None = None) -> RouterRequest:
         """The one router request of a body that is not a batch (``LimitRefused`` for a batch)."""
-        (one,) = self.to_router_requests(request_id, max_prompts=1)
+        (one,) = self.to_router_requests(request_id, max_prompts=1, tool_parser=tool_parser)
         return one
 
     @property
@@ -97,10 +101,12 @@ class _SamplingRequest(BaseModel):
         return self.stream_options is not None and self.stream_options.include_usage
 
     def sampling(self, max_tokens: int | None, logprobs: int | None,
-                 prompt_logprobs: int | None = None) -> gen_pb.SamplingParams:
+                 prompt_logprobs: int | None = None, tool_format: dict[str, Any] | None = None
+                 ) -> gen_pb.SamplingParams:
         """The request's sampling as the worker takes it (unset fields keep vLLM's defaults);
         ``prompt_logprobs``: the alternatives the worker computes per prompt position (the
-        request's own ``prompt_logprobs`` when not given)."""
+        request's own ``prompt_logprobs`` when not given); ``tool_format``: the structured
+        output a tool choice asks for."""
         if prompt_logprobs is None:
             prompt_logprobs = self.prompt_logprobs
         s = gen_pb.SamplingParams(n=self.n, ignore_eos=self.ignore_eos, min_tokens=self.min_tokens,
@@ -121,12 +127,14 @@ class _SamplingRequest(BaseModel):
         s.bad_words.extend(self.bad_words or [])
         for token_id, bias in (self.logit_bias or {}).items():
             s.logit_bias[token_id] = bias
-        self._add_extras(s)
+        self._add_extras(s, tool_format)
         return s
 
-    def _add_extras(self, s: gen_pb.SamplingParams) -> None:
-        """Structured output (one way of asking for it) and plug-in calls."""
+    def _add_extras(self, s: gen_pb.SamplingParams, tool_format: dict[str, Any] | None = None) -> None:
+        """Structured output (one way of asking for it: ``tool_format`` is a tool choice's) and
+        plug-in calls."""
         formats = [(param, spec) for param, spec in (
+            ("tool_choice", tool_format),
             ("response_format", self._response_format()),
             ("structured_outputs", self.structured_outputs),
             *((name, {kind: getattr(self, name)}) for name, kind in GUIDED_FIELDS.items()
@@ -219,7 +227,8 @@ class CompletionRequest(_SamplingRequest):
                 raise InvalidParam("prompt", f"{name}: token ids must be in [0, 2^31)")
         return prompts
 
-    def to_router_requests(self, request_id: str, max_prompts: int) -> list[RouterRequest]:
+    def to_router_requests(self, request_id: str, max_prompts: int,
+                           tool_parser: str | None = None) -> list[RouterRequest]:
         """One router request per prompt; a batch's ids are ``{request_id}-{i}`` (vLLM's)."""
         self.check_common()
         if self.suffix:
@@ -265,21 +274,60 @@ class TextPart(BaseModel):
     text: str
 
 
+class ToolCallIn(BaseModel):
+    """A call in an earlier assistant message (``messages[i].tool_calls``)."""
+
+    model_config = ConfigDict(extra="ignore")
+    id: str = ""
+    type: Literal["function"] = "function"
+    function: dict[str, Any]
+
+
 class ChatMessageIn(BaseModel):
-    """One message: role and content (a string, or text parts joined by newlines)."""
+    """One message: role and content (a string, or text parts joined by newlines); an assistant's
+    earlier ``tool_calls`` and a tool result's ``tool_call_id`` go to the chat template."""
 
     model_config = ConfigDict(extra="ignore")
     role: str = Field(min_length=1)
     content: str | list[TextPart] | None = None
+    tool_calls: list[ToolCallIn] | None = None
+    tool_call_id: str | None = None
+    name: str | None = None
 
     def text(self) -> str:
         if isinstance(self.content, list):
             return "\n".join(part.text for part in self.content)
         return self.content or ""
 
+    def template_message(self, index: int) -> dict[str, Any]:
+        """The message as chat templates take it: a call's ``arguments`` as an object (vLLM's
+        conversion; templates render them as JSON), ``content`` "" rather than null."""
+        message: dict[str, Any] = {"role": self.role, "content": self.text()}
+        if self.tool_calls:
+            calls = []
+            for j, call in enumerate(self.tool_calls):
+                arguments = call.function.get("arguments", "{}")
+                try:
+                    parsed = json.loads(arguments) if isinstance(arguments, str) else arguments
+                except ValueError:
+                    parsed = None
+                if not isinstance(parsed, dict) or not isinstance(call.function.get("name"), str):
+                    raise InvalidParam("messages", f"messages[{index}].tool_calls[{j}] must name a function "
+                                       "and hold its arguments as a JSON object")
+                calls.append({"id": call.id, "type": "function",
+                              "function": {"name": call.function["name"], "arguments": parsed}})
+            message["tool_calls"] = calls
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
+        if self.name is not None:
+            message["name"] = self.name
+        return message
+
 
 class ChatCompletionRequest(_SamplingRequest):
-    """``POST /v1/chat/completions``."""
+    """``POST /v1/chat/completions``. ``tools`` and ``tool_choice`` as vLLM serves them
+    (router/frontends/tool_calls.py): ``tool_choice`` defaults to "auto" with tools, which needs
+    the model's tool-call parser (``--tool-call-parser``)."""
 
     messages: list[ChatMessageIn] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1, lt=UINT32_END)
@@ -287,36 +335,67 @@ class ChatCompletionRequest(_SamplingRequest):
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     tools: list[Any] | None = None
     tool_choice: Any = None
+    parallel_tool_calls: bool = True
     add_generation_prompt: bool = True
     continue_final_message: bool = False
 
-    def to_router_requests(self, request_id: str, max_prompts: int) -> list[RouterRequest]:
+    def tool_choice_spec(self, parser: str | None) -> ToolChoice:
+        """The request's use of its tools; ``parser``: the model's tool-call parser (None: none,
+        then "auto" is refused, as vLLM refuses it without one)."""
+        try:
+            tools = function_tools(self.tools or [])
+        except ValueError as exc:
+            raise InvalidParam("tools", str(exc)) from None
+        choice = self.tool_choice if self.tool_choice is not None else ("auto" if tools else "none")
+        if choice == "none":
+            return ToolChoice("none", tools)
+        if not tools:
+            raise InvalidParam("tool_choice", "tool_choice needs tools")
+        if choice == "auto":
+            if parser is None:
+                raise InvalidParam("tool_choice", "tool_choice \"auto\" needs the model's tool-call parser "
+                                   f"(flag {flag_of('tool_call_parser')}); name a function or use "
+                                   "\"required\"")
+            return ToolChoice("auto", tools, parallel=self.parallel_tool_calls, parser=parser)
+        if choice == "required":
+            return ToolChoice("required", tools, parallel=self.parallel_tool_calls)
+        function = choice.get("function") if isinstance(choice, dict) and choice.get("type") == "function" \
+            else None
+        name = function.get("name") if isinstance(function, dict) else None
+        if not isinstance(name, str):
+            raise InvalidParam("tool_choice", "tool_choice must be \"none\", \"auto\", \"required\" or "
+                               "{\"type\": \"function\", \"function\": {\"name\": ...}}")
+        if name not in {t.name for t in tools}:
+            raise InvalidParam("tool_choice", f"tool_choice names {name!r}, which is not among the tools")
+        return ToolChoice("named", tools, name=name)
+
+    def to_router_requests(self, request_id: str, max_prompts: int,
+                           tool_parser: str | None = None) -> list[RouterRequest]:
         """The one router request of a chat (``max_prompts`` is the completions' batch limit)."""
         self.check_common()
-        if self.tools:
-            raise InvalidParam("tools", "tools are not supported")
-        if self.tool_choice not in (None, "none"):
-            raise InvalidParam("tool_choice", "tool_choice is not supported")
+        tool_choice = self.tool_choice_spec(tool_parser)
         if self.top_logprobs is not None and not self.logprobs:
             raise InvalidParam("top_logprobs", "top_logprobs needs logprobs=true")
         max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
+        prompt = chat_prompt(self.messages, self.add_generation_prompt, self.continue_final_message,
+                             tools=self.tools or None)
         return [RouterRequest(
-            model=self.model,
-            prompt=chat_prompt(self.messages, self.add_generation_prompt, self.continue_final_message),
-            sampling=self.sampling(max_tokens, logprobs), request_id=request_id,
-            max_tokens_to_context=max_tokens is None, priority=self.priority, request_id_unique=True,
+            model=self.model, prompt=prompt,
+            sampling=self.sampling(max_tokens, logprobs, tool_format=tool_choice.structured_output()),
+            request_id=request_id, max_tokens_to_context=max_tokens is None, priority=self.priority,
+            request_id_unique=True,
         )]
 
 
 def chat_prompt(messages: list[ChatMessageIn], add_generation_prompt: bool,
-                continue_final_message: bool) -> ChatPrompt:
+                continue_final_message: bool, tools: list[Any] | None = None) -> ChatPrompt:
     """The conversation to render; ``continue_final_message`` with ``add_generation_prompt`` is
-    refused naming the first (vLLM refuses the pair too)."""
+    refused naming the first (vLLM refuses the pair too). ``tools`` go to the template as given."""
     if continue_final_message and add_generation_prompt:
         raise InvalidParam("continue_final_message", CONTINUE_NEEDS_NO_GENERATION_PROMPT)
-    return ChatPrompt(tuple({"role": m.role, "content": m.text()} for m in messages), add_generation_prompt,
-                      continue_final_message)
+    return ChatPrompt(tuple(m.template_message(i) for i, m in enumerate(messages)), add_generation_prompt,
+                      continue_final_message, tools=tuple(tools) if tools else None)
 
 
 RequestT = TypeVar("RequestT", bound=BaseModel)

@@ -5,6 +5,8 @@ text equals the same request through ``llmserve.v1.Generation``."""
 
 from __future__ import annotations
 
+import json
+
 import openai
 import pytest
 from openai import AsyncOpenAI, OpenAI
@@ -360,3 +362,94 @@ def test_allowed_token_ids_and_bad_words(client: OpenAI, stack: StackProc, smoll
     with pytest.raises(openai.BadRequestError) as refused:
         client.completions.create(**args, extra_body={"allowed_token_ids": []})  # type: ignore[call-overload]
     assert refused.value.param == "allowed_token_ids"  # type: ignore[attr-defined]
+
+
+def _function(name: str, argument: str, values: list[str]) -> dict[str, object]:
+    """A tool taking one string argument out of ``values``."""
+    parameters = {"type": "object", "properties": {argument: {"type": "string", "enum": values}},
+                  "required": [argument], "additionalProperties": False}
+    return {"type": "function",
+            "function": {"name": name, "description": f"{name} of a place", "parameters": parameters}}
+
+
+WEATHER_TOOL = _function("get_weather", "city", ["Paris", "Rome"])
+TIME_TOOL = _function("get_time", "zone", ["UTC", "CET"])
+TOOL_CONVERSATION = [
+    {"role": "user", "content": "Weather in Paris?"},
+    {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function", "function": {
+        "name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+    {"role": "tool", "tool_call_id": "c1", "content": "sunny"},
+    {"role": "user", "content": "And Rome?"},
+]
+
+
+def _streamed_calls(stream: object) -> tuple[list[dict[str, str]], str | None]:
+    """The tool calls a streamed chat reply sent (deltas merged by index) and its finish reason."""
+    calls: dict[int, dict[str, str]] = {}
+    finish = None
+    for chunk in stream:  # type: ignore[attr-defined]
+        choice = chunk.choices[0]
+        finish = choice.finish_reason or finish
+        for delta in choice.delta.tool_calls or []:
+            call = calls.setdefault(delta.index, {"id": "", "name": "", "arguments": ""})
+            call["id"] = delta.id or call["id"]
+            call["name"] = (delta.function.name if delta.function else None) or call["name"]
+            call["arguments"] += (delta.function.arguments if delta.function else None) or ""
+    return [calls[i] for i in sorted(calls)], finish
+
+
+def test_a_named_tool_choice_calls_it_whole_and_streamed(client: OpenAI) -> None:
+    """The earlier call and its result go through the template; the reply is a call of the named
+    function with arguments its schema allows (structured output), finish "stop" as vLLM's."""
+    args = {"model": MODEL, "messages": TOOL_CONVERSATION, "tools": [WEATHER_TOOL, TIME_TOOL],
+            "temperature": 0, "max_tokens": 60,
+            "tool_choice": {"type": "function", "function": {"name": "get_weather"}}}
+    whole = client.chat.completions.create(**args)  # type: ignore[call-overload]
+    message = whole.choices[0].message
+    assert message.content is None and message.tool_calls is not None and len(message.tool_calls) == 1
+    call = message.tool_calls[0]
+    assert call.type == "function" and call.function.name == "get_weather" and call.id
+    assert json.loads(call.function.arguments)["city"] in ("Paris", "Rome")
+    assert whole.choices[0].finish_reason == "stop"
+    calls, finish = _streamed_calls(client.chat.completions.create(**args, stream=True))  # type: ignore[call-overload]
+    assert [(c["name"], c["arguments"]) for c in calls] == [("get_weather", call.function.arguments)]
+    assert calls[0]["id"] and finish == "stop"
+
+
+def test_required_tool_choice_calls_some_tool(client: OpenAI) -> None:
+    args = {"model": MODEL, "messages": TOOL_CONVERSATION, "tools": [WEATHER_TOOL, TIME_TOOL],
+            "temperature": 0, "max_tokens": 80, "tool_choice": "required", "parallel_tool_calls": False}
+    whole = client.chat.completions.create(**args)  # type: ignore[call-overload]
+    message = whole.choices[0].message
+    assert message.tool_calls is not None and len(message.tool_calls) == 1
+    function = message.tool_calls[0].function
+    name, arguments = function.name, json.loads(function.arguments)
+    assert (name, sorted(arguments)) in [("get_weather", ["city"]), ("get_time", ["zone"])]
+    assert whole.choices[0].finish_reason == "tool_calls"
+    calls, finish = _streamed_calls(client.chat.completions.create(**args, stream=True))  # type: ignore[call-overload]
+    assert [(c["name"], json.loads(c["arguments"])) for c in calls] == [(name, arguments)]
+    assert finish == "tool_calls"
+
+
+def test_auto_tool_choice_reads_hermes_calls_from_the_text(client: OpenAI) -> None:
+    """The stack's parser is hermes: a reply written as a <tool_call> (forced here by a regex, as a
+    random model writes none) is a call, finish "tool_calls"; without one the text is content."""
+    call = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Rome"}}\n</tool_call>'
+    regex = call.replace("{", "\\{").replace("}", "\\}")
+    args = {"model": MODEL, "messages": TOOL_CONVERSATION, "tools": [WEATHER_TOOL], "temperature": 0,
+            "max_tokens": 60}
+    forced = {"structured_outputs": {"regex": regex}}
+    whole = client.chat.completions.create(**args, extra_body=forced)  # type: ignore[call-overload]
+    message = whole.choices[0].message
+    assert message.content is None and message.tool_calls is not None
+    assert [(c.function.name, json.loads(c.function.arguments)) for c in message.tool_calls] == [
+        ("get_weather", {"city": "Rome"})]
+    assert whole.choices[0].finish_reason == "tool_calls"
+    stream = client.chat.completions.create(**args, stream=True, extra_body=forced)  # type: ignore[call-overload]
+    calls, finish = _streamed_calls(stream)
+    assert [(c["name"], json.loads(c["arguments"])) for c in calls] == [("get_weather", {"city": "Rome"})]
+    assert finish == "tool_calls"
+    words = {"structured_outputs": {"regex": "[a-z ]{5,20}"}}
+    plain = client.chat.completions.create(**args, extra_body=words)  # type: ignore[call-overload]
+    assert plain.choices[0].message.tool_calls is None and plain.choices[0].message.content
+    assert plain.choices[0].finish_reason in ("stop", "length")

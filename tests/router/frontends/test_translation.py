@@ -267,3 +267,71 @@ def test_chat_renderer_puts_prompt_logprobs_at_the_top_level(smollm2_tokenizer: 
     full = chat.full()
     assert [list(p) if p else p for p in full["prompt_logprobs"]] == [None, ["3458"], ["282"]]
     assert full["prompt_logprobs"][1]["3458"]["rank"] == 3 and "prompt_logprobs" not in full["choices"][0]
+
+
+_WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+_TOOL_MESSAGES = [
+    {"role": "user", "content": "Weather in Paris?"},
+    {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function", "function": {
+        "name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+    {"role": "tool", "tool_call_id": "c1", "content": "sunny"},
+]
+# A Hermes-style template (as Qwen 2.5's): tools in a system turn, calls as <tool_call> JSON.
+_HERMES_TEMPLATE = (
+    "{%- if tools %}<|im_start|>system\n<tools>{% for tool in tools %}\n{{ tool | tojson }}{% endfor %}\n"
+    "</tools><|im_end|>\n{% endif %}"
+    "{%- for message in messages %}"
+    "{%- if message.role == 'assistant' and message.tool_calls %}<|im_start|>assistant"
+    "{% for call in message.tool_calls %}\n<tool_call>\n{\"name\": \"{{ call.function.name }}\", "
+    "\"arguments\": {{ call.function.arguments | tojson }}}\n</tool_call>{% endfor %}<|im_end|>\n"
+    "{%- elif message.role == 'tool' %}<|im_start|>user\n<tool_response>\n{{ message.content }}\n"
+    "</tool_response><|im_end|>\n"
+    "{%- else %}<|im_start|>{{ message.role }}\n{{ message.content }}<|im_end|>\n{% endif %}"
+    "{%- endfor %}{%- if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def test_tools_and_tool_messages_reach_the_chat_template(smollm2_tokenizer: object) -> None:
+    """The tools and the earlier calls (their arguments as objects, as vLLM gives templates)
+    rendered by a Hermes-style template, as the router tokenizes every chat."""
+    import copy
+
+    tok = copy.deepcopy(smollm2_tokenizer)
+    tok.chat_template = _HERMES_TEMPLATE  # type: ignore[attr-defined]
+    body = {"model": "m", "messages": _TOOL_MESSAGES, "tools": [_WEATHER], "tool_choice": "auto"}
+    routed = validate(ChatCompletionRequest, body).to_router_request("c1", tool_parser="hermes")
+    assert isinstance(routed.prompt, ChatPrompt) and routed.prompt.tools == (_WEATHER,)
+    text = RouterTokenizer(tok).decode(RouterTokenizer(tok).encode(routed.prompt))
+    assert json.dumps(_WEATHER) in text
+    assert '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>' in text
+    assert "<tool_response>\nsunny\n</tool_response>" in text and text.endswith("<|im_start|>assistant\n")
+    assert not routed.sampling.HasField("structured_output")  # auto: the model decides
+
+
+def test_tool_choices_become_formats_and_bad_ones_are_refused() -> None:
+    base = {"model": "m", "messages": [{"role": "user", "content": "x"}], "tools": [_WEATHER]}
+    named = validate(ChatCompletionRequest, {**base, "tool_choice": {"type": "function", "function": {
+        "name": "get_weather"}}}).to_router_request("c1")
+    assert json.loads(named.sampling.structured_output.json) == _WEATHER["function"]["parameters"]
+    one_call = {**base, "tool_choice": "required", "parallel_tool_calls": False}
+    required = validate(ChatCompletionRequest, one_call)
+    schema = json.loads(required.to_router_request("c2").sampling.structured_output.json)
+    assert schema["type"] == "array" and schema["maxItems"] == 1
+    none = validate(ChatCompletionRequest, {**base, "tool_choice": "none"}).to_router_request("c3")
+    assert not none.sampling.HasField("structured_output")
+    bad_tool = [{"type": "function", "function": {"name": "a b"}}]
+    bad_call = [{"role": "assistant", "content": None, "tool_calls": [
+        {"id": "c", "type": "function", "function": {"name": "f", "arguments": "not json"}}]}]
+    for body, param in [
+        (base, "tool_choice"),  # auto by default, and no parser for the model
+        ({**base, "tool_choice": {"type": "function", "function": {"name": "other"}}}, "tool_choice"),
+        ({**base, "tool_choice": "sometimes"}, "tool_choice"),
+        ({**base, "tools": bad_tool, "tool_choice": "none"}, "tools"),
+        ({**base, "tool_choice": "required", "response_format": {"type": "json_object"}}, "response_format"),
+        ({**base, "tools": None, "tool_choice": "required"}, "tool_choice"),
+        ({**base, "tool_choice": "none", "messages": bad_call}, "messages"),
+    ]:
+        with pytest.raises(InvalidParam) as refused:
+            validate(ChatCompletionRequest, body).to_router_request("c4")
+        assert refused.value.param == param, body
