@@ -5,9 +5,15 @@
   ``{"name", "parameters"}`` calls, constrained to the tools' schemas; both turned into
   ``tool_calls`` here. ``"none"``: plain text.
 * ``"auto"``: the model decides, in its own format, which a *tool-call parser* reads from the
-  text (a router flag per model, as vLLM's ``--tool-call-parser``). ``hermes``: calls as
-  ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>``, text before the first one is the
-  reply's content (Hermes, Qwen 2.5 / 3 and others' templates).
+  text (a router flag per model, as vLLM's ``--tool-call-parser``):
+
+  - ``hermes``: ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>`` blocks, text before
+    the first one is the reply's content (Hermes, Qwen 2.5 / 3 and others' templates);
+  - ``llama3_json``: a reply that is ``{"name": ..., "parameters": {...}}`` objects separated by
+    ``;`` (Llama 3.1 / 3.2 / 3.3; their ``<|python_tag|>`` is a special token, not in the text);
+  - ``mistral``: ``[TOOL_CALLS]`` then a JSON array of ``{"name", "arguments"}`` (Mistral v0.3 and
+    later); the marker is a special token, dropped with the others from the text, so a reply
+    that is such an array is read as calls too.
 
 :class:`ToolCallStream` turns one choice's text, whole or streamed, into the message's
 ``content`` and ``tool_calls`` (streamed: OpenAI's deltas). Nothing from the model's text is
@@ -19,12 +25,13 @@ from __future__ import annotations
 import json
 import re
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-TOOL_CALL_PARSERS = ("hermes",)
+TOOL_CALL_PARSERS = ("hermes", "llama3_json", "mistral")
 _HERMES_OPEN, _HERMES_CLOSE = "<tool_call>", "</tool_call>"
+_MISTRAL_OPEN = "[TOOL_CALLS]"
 _NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")  # OpenAI's function names
 
 
@@ -154,6 +161,90 @@ def parse_hermes(text: str) -> tuple[str | None, list[ToolCall]]:
     return content or None, calls
 
 
+def _calls_from(items: Any, arguments_keys: tuple[str, ...]) -> list[ToolCall] | None:
+    """``[{"name", <arguments key>: {...}}, ...]`` as calls; None when ``items`` is not that."""
+    if not isinstance(items, list) or not items:
+        return None
+    calls = []
+    for item in items:
+        if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+            return None
+        key = next((k for k in arguments_keys if k in item), None)
+        arguments = _json_object_text(item[key]) if key is not None else None
+        if arguments is None:
+            return None
+        calls.append(ToolCall(item["name"], arguments))
+    return calls
+
+
+def parse_llama3_json(text: str) -> tuple[str | None, list[ToolCall]]:
+    """Llama 3's JSON calls: the whole reply is ``{...}`` objects joined by ``;`` (``parameters``, or
+    ``arguments``); anything else is content."""
+    stripped = text.strip()
+    if not stripped.startswith("{"):
+        return text, []
+    decoder, items, at = json.JSONDecoder(), [], 0
+    try:
+        while at < len(stripped):
+            item, at = decoder.raw_decode(stripped, at)
+            items.append(item)
+            rest = stripped[at:].lstrip()
+            if rest.startswith(";"):
+                rest = rest[1:].lstrip()
+            at = len(stripped) - len(rest)
+    except ValueError:
+        return text, []
+    calls = _calls_from(items, ("parameters", "arguments"))
+    return (None, calls) if calls else (text, [])
+
+
+def parse_mistral(text: str) -> tuple[str | None, list[ToolCall]]:
+    """Mistral's calls: ``[TOOL_CALLS]`` (when the text kept it) then a JSON array of
+    ``{"name", "arguments"}``; the text before the marker is the content."""
+    start = text.find(_MISTRAL_OPEN)
+    body = text[start + len(_MISTRAL_OPEN):] if start >= 0 else text
+    try:
+        items = json.loads(body)
+    except ValueError:
+        return text, []
+    calls = _calls_from(items, ("arguments", "parameters"))
+    if not calls:
+        return text, []
+    content = text[:start].strip() if start >= 0 else ""
+    return content or None, calls
+
+
+@dataclass(frozen=True)
+class _Parser:
+    """Where a parser's calls start in a reply (-1: not yet; ``opening``: the text held back while
+    it could still become a start) and how the text from there reads."""
+
+    marker: str | None  # a tag anywhere in the text (None: calls make the whole reply)
+    openers: tuple[str, ...]  # without a marker: the characters a reply of calls starts with
+    parse: Callable[[str], tuple[str | None, list[ToolCall]]]
+
+    def start(self, text: str, since: int) -> int:
+        if self.marker is not None:
+            at = text.find(self.marker, since)
+            if at >= 0 or not self.openers:
+                return at
+        stripped = text.lstrip()
+        return len(text) - len(stripped) if stripped.startswith(self.openers) and since == 0 else -1
+
+    def opening(self, text: str, since: int) -> int:
+        """Characters at the end of ``text`` (streamed from ``since``) to hold back."""
+        if self.openers and since == 0 and not text.strip():
+            return len(text)  # only whitespace so far: a reply of calls may still start
+        return _held_prefix(text, self.marker) if self.marker is not None else 0
+
+
+_PARSERS = {
+    "hermes": _Parser(_HERMES_OPEN, (), parse_hermes),
+    "llama3_json": _Parser(None, ("{",), parse_llama3_json),
+    "mistral": _Parser(_MISTRAL_OPEN, ("[",), parse_mistral),
+}
+
+
 def _held_prefix(text: str, tag: str) -> int:
     """How many characters at the end of ``text`` could start ``tag`` (kept back while streaming)."""
     for size in range(min(len(tag) - 1, len(text)), 0, -1):
@@ -205,9 +296,10 @@ class ToolCallStream:
             return {}
         if kind == "none" or self.choice.parser is None:
             return {"content": chunk}
+        parser = _PARSERS[self.choice.parser]
         text = self.text
-        start = text.find(_HERMES_OPEN, self._sent_content)
-        end = start if start >= 0 else len(text) - _held_prefix(text, _HERMES_OPEN)
+        start = parser.start(text, self._sent_content)
+        end = start if start >= 0 else len(text) - parser.opening(text, self._sent_content)
         if start >= 0:
             self._holding = True
         out = text[self._sent_content: end]
@@ -230,7 +322,7 @@ class ToolCallStream:
                 return {"content": held} if held else {}
             self.calls = calls
         elif kind == "auto" and self.choice.parser is not None:
-            content, calls = parse_hermes(held)
+            content, calls = _PARSERS[self.choice.parser].parse(held)
             if not calls:
                 self._sent_content = len(text)
                 return {"content": held} if held else {}
@@ -247,6 +339,6 @@ class ToolCallStream:
         if kind == "named" or (kind == "required" and self.calls):
             return {"role": "assistant", "content": None, "tool_calls": [c.message() for c in self.calls]}
         if kind == "auto" and self.choice.parser is not None and self.calls:
-            content, _ = parse_hermes(self.text)
+            content, _ = _PARSERS[self.choice.parser].parse(self.text)
             return {"role": "assistant", "content": content, "tool_calls": [c.message() for c in self.calls]}
         return {"role": "assistant", "content": self.text}

@@ -128,3 +128,40 @@ def test_named_schema_is_the_functions_parameters() -> None:
 def test_bad_tools_are_refused(tools: list[Any], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         function_tools(tools)
+
+
+WEATHER_AND_TIME = [("get_weather", {"city": "Paris"}), ("get_time", {})]
+
+
+@pytest.mark.parametrize("parser,text,content", [
+    ("llama3_json", '{"name": "get_weather", "parameters": {"city": "Paris"}}; {"name": "get_time", '
+                    '"parameters": {}}', None),
+    ("llama3_json", ' {"name": "get_weather", "arguments": {"city": "Paris"}};{"name": "get_time", '
+                    '"arguments": {}}', None),
+    ("mistral", 'Sure.[TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "Paris"}}, '
+                '{"name": "get_time", "arguments": {}}]', "Sure."),
+    ("mistral", '[{"name": "get_weather", "arguments": {"city": "Paris"}}, {"name": "get_time", '
+                '"arguments": {}}]', None),  # the marker is a special token: usually not in the text
+])
+def test_llama3_and_mistral_calls(parser: str, text: str, content: str | None) -> None:
+    choice = ToolChoice("auto", TOOLS, parser=parser)
+    for pieces in splits(text):
+        streamed_content, deltas, stream = streamed(choice, pieces)
+        assert streamed_content.strip() == (content or "")
+        assert [(d["function"]["name"], json.loads(d["function"]["arguments"])) for d in deltas] == \
+            WEATHER_AND_TIME
+        assert stream.message()["content"] == content
+
+
+@pytest.mark.parametrize("parser,text", [
+    ("llama3_json", "The weather is {unknown}."),
+    ("llama3_json", '{"city": "Paris"}'),  # JSON, but no call
+    ("llama3_json", '{"name": "get_time", "parameters": {}} and more'),
+    ("mistral", "[1, 2, 3]"),
+    ("mistral", "Lists look like [this]."),
+])
+def test_llama3_and_mistral_texts_that_are_no_call(parser: str, text: str) -> None:
+    choice = ToolChoice("auto", TOOLS, parser=parser)
+    for pieces in splits(text):
+        content, deltas, stream = streamed(choice, pieces)
+        assert content == text and not deltas and not stream.called
