@@ -31,6 +31,7 @@ from llmserve.envflags import apply_env_defaults
 from llmserve.fleet import open_store
 from llmserve.gc_tuning import freeze_startup_objects, unfreeze_objects
 from llmserve.open_files import raise_open_file_limit
+from router.frontends.reasoning import REASONING_PARSERS
 from router.frontends.tool_calls import TOOL_CALL_PARSERS
 
 log = logging.getLogger(__name__)
@@ -59,6 +60,7 @@ class StackConfig:
     drain_grace_s: float = 5.0
     inprocess_worker: bool = True  # the router calls this worker in-process (False: over gRPC)
     tool_call_parser: str | None = None  # the OpenAI door's, for tool_choice "auto" (None: refused)
+    reasoning_parser: str | None = None  # the OpenAI door's, for reasoning_content (None: off)
 
     def __post_init__(self) -> None:
         if not (0 < self.router_port < 65536 and 0 < self.worker_port < 65536):
@@ -100,8 +102,10 @@ async def run_stack(config: StackConfig, started: asyncio.Event | None = None,
                                  drain_grace_s=config.drain_grace_s,
                                  advertise_address=f"{config.host}:{config.worker_port}")
     parsers = {"": config.tool_call_parser} if config.tool_call_parser else {}
+    reasoning = {"": config.reasoning_parser} if config.reasoning_parser else {}
     router_config = RouterConfig(host=config.host, port=config.router_port, policy=config.policy,
-                                 http_port=config.http_port, tool_call_parsers=parsers)
+                                 http_port=config.http_port, tool_call_parsers=parsers,
+                                 reasoning_parsers=reasoning)
     raise_open_file_limit(router_config.connection_count() + server_config.grpc_limits.max_connections)
     worker = WorkerServer(
         engine_config,
@@ -176,6 +180,8 @@ def register(subparsers: Any) -> None:
                    help="the router calls this worker in-process, not over its gRPC port (default on)")
     p.add_argument("--tool-call-parser", default=None, choices=TOOL_CALL_PARSERS,
                    help="how the OpenAI door reads the model's tool calls (tool_choice \"auto\")")
+    p.add_argument("--reasoning-parser", default=None, choices=REASONING_PARSERS,
+                   help="how the OpenAI door splits the model's reasoning from its answer")
     p.add_argument("--log-level", default="INFO")
     p.add_argument("--log-format", default="text", choices=("text", "json"))
     apply_env_defaults(p)
@@ -204,6 +210,7 @@ def _run_up(args: argparse.Namespace) -> int:
         quantization=args.quantization,
         kv_cache_dtype=args.kv_cache_dtype,
         tool_call_parser=args.tool_call_parser,
+        reasoning_parser=args.reasoning_parser,
         calculate_kv_scales=args.calculate_kv_scales,
         inprocess_worker=args.inprocess_worker,
     )

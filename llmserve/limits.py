@@ -122,8 +122,10 @@ class RequestLimits:
         """Turns and characters of a text or chat prompt (token ids are the engine's to count)."""
         if isinstance(prompt, ChatPrompt):
             self.check_chat_turns(len(prompt.messages))
-            tools = len(json.dumps(list(prompt.tools), ensure_ascii=False)) if prompt.tools else 0
-            self.check_prompt_chars(input_field(prompt), sum(_chars(m) for m in prompt.messages) + tools)
+            extra = len(json.dumps(list(prompt.tools), ensure_ascii=False)) if prompt.tools else 0
+            if prompt.template_kwargs:
+                extra += len(json.dumps(dict(prompt.template_kwargs), ensure_ascii=False))
+            self.check_prompt_chars(input_field(prompt), sum(_chars(m) for m in prompt.messages) + extra)
         elif isinstance(prompt, str):
             self.check_prompt_chars(input_field(prompt), len(prompt))
 

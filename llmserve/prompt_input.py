@@ -25,13 +25,16 @@ class ChatPrompt:
     takes them; an assistant's ``tool_calls`` and a tool result's ``tool_call_id`` too).
     ``continue_final_message``: the last message is left open for the model to continue (a
     prefill of its answer); it excludes ``add_generation_prompt``. ``tools``: function
-    definitions (OpenAI's ``tools``) for the template to show the model.
+    definitions (OpenAI's ``tools``) for the template to show the model. ``template_kwargs``:
+    more variables for the template (vLLM's ``chat_template_kwargs``, e.g. Qwen3's
+    ``enable_thinking``).
     """
 
     messages: Sequence[Mapping[str, Any]]
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     tools: Sequence[Mapping[str, Any]] | None = None
+    template_kwargs: Mapping[str, Any] | None = None
 
 
 PromptInput = str | Sequence[int] | ChatPrompt

@@ -19,6 +19,7 @@ from llmserve.limits import add_limit_flags, limits_from_args
 from llmserve.telemetry.logging import LOG_FORMATS
 from router.failover import add_failover_flags, failover_from_args
 from router.frontends.http_limits import add_http_flags, http_limits_from_args
+from router.frontends.reasoning import REASONING_PARSERS
 from router.frontends.tool_calls import TOOL_CALL_PARSERS
 from router.policy import POLICY_NAMES
 from router.security_cli import add_security_flags, redis_tls, security_from_args
@@ -56,7 +57,12 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
     p.add_argument("--tool-call-parser", action="append", default=[], metavar="[MODEL=]PARSER",
                    help="how the OpenAI door reads a model's tool calls for tool_choice \"auto\" (vLLM's "
                         "flag): PARSER for every model or MODEL=PARSER (repeatable, or comma-separated in "
-                        "the variable); parsers: hermes. Without one, \"auto\" is refused with 400")
+                        "the variable); parsers: hermes, llama3_json, mistral. Without one, \"auto\" is "
+                        "refused with 400")
+    p.add_argument("--reasoning-parser", action="append", default=[], metavar="[MODEL=]PARSER",
+                   help="how the OpenAI door splits a thinking model's reasoning from its answer (the "
+                        "message's reasoning_content; vLLM's flag): PARSER for every model or "
+                        "MODEL=PARSER; parsers: qwen3, deepseek_r1")
     sizes.add_argument("--max-batch-prompts", type=int, default=RouterConfig.max_batch_prompts,
                        help="most prompts of one /v1/completions request (a list of prompts: one request "
                             "each); more is refused with 400")
@@ -112,7 +118,8 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
         max_kserve_stream_requests=args.max_kserve_stream_requests,
         security=security_from_args(args),
         default_priority=parse_default_priority(args.default_priority),
-        tool_call_parsers=parse_tool_call_parsers(args.tool_call_parser),
+        tool_call_parsers=parse_model_parsers(args.tool_call_parser, "--tool-call-parser", TOOL_CALL_PARSERS),
+        reasoning_parsers=parse_model_parsers(args.reasoning_parser, "--reasoning-parser", REASONING_PARSERS),
     )
 
 
@@ -133,17 +140,17 @@ def parse_default_priority(values: Sequence[str] | str) -> dict[str, int]:
     return out
 
 
-def parse_tool_call_parsers(values: Sequence[str] | str) -> dict[str, str]:
-    """``["hermes", "MODEL=hermes", ...]`` -> {model: parser}, every model's under "" ; ValueError
-    names a bad one."""
+def parse_model_parsers(values: Sequence[str] | str, flag: str, known: Sequence[str]) -> dict[str, str]:
+    """``["hermes", "MODEL=hermes", ...]`` (``flag``'s values; its variable holds them
+    comma-separated) -> {model: parser}, every model's under ""; ValueError names a bad one."""
     if isinstance(values, str):
         values = [v for v in values.split(",") if v.strip()]
     out: dict[str, str] = {}
     for value in values:
         model, _, parser = value.strip().rpartition("=")
-        if parser not in TOOL_CALL_PARSERS:
-            raise ValueError(f"--tool-call-parser takes [MODEL=]PARSER with PARSER one of "
-                             f"{', '.join(TOOL_CALL_PARSERS)}, got {value!r}")
+        if parser not in known:
+            raise ValueError(f"{flag} takes [MODEL=]PARSER with PARSER one of {', '.join(known)}, "
+                             f"got {value!r}")
         out[model] = parser
     return out
 

@@ -99,6 +99,7 @@ class RouterConfig:
     default_priority: Mapping[str, int] = field(default_factory=dict)
     # The OpenAI door's tool-call parser per model ("": every model's): tool_choice "auto".
     tool_call_parsers: Mapping[str, str] = field(default_factory=dict)
+    reasoning_parsers: Mapping[str, str] = field(default_factory=dict)  # the same, for reasoning_content
 
     def __post_init__(self) -> None:
         checks = [
@@ -258,7 +259,8 @@ class RouterServer:
 
         door = OpenAIDoor(core, self.tracing, self.is_serving, self.config.max_http_body_bytes,
                           version=_version(), max_batch_prompts=self.config.max_batch_prompts,
-                          tool_call_parsers=self.config.tool_call_parsers)
+                          tool_call_parsers=self.config.tool_call_parsers,
+                          reasoning_parsers=self.config.reasoning_parsers)
         app = ApiKeyMiddleware(door.app(), self.access)
         tls = self.config.security.tls.http()
         http = HttpServer(app, self.config.host, int(self.config.http_port or 0), self.config.drain_grace_s,

@@ -43,7 +43,7 @@ _SAME_NAME_PARAMS = frozenset({
     "n", "max_tokens", "min_tokens", "temperature", "top_p", "top_k", "min_p", "seed",
     "presence_penalty", "frequency_penalty", "repetition_penalty", "stop", "stop_token_ids",
     "logit_bias", "logprobs", "model", "truncate_prompt_tokens", "prompt_logprobs",
-    "allowed_token_ids", "bad_words",
+    "allowed_token_ids", "bad_words", "chat_template_kwargs",
 })
 # ... and the names the worker gives the prompt (the router always sends it as token ids)
 _PROMPT_NAMES = frozenset({"prompt", "prompt_token_ids", "messages"})

@@ -88,12 +88,13 @@ class OpenAIDoor:
     answers 503); ``max_body_bytes``: the largest request body; ``version``: what ``/version``
     reports; ``max_batch_prompts``: the most prompts of one completions request;
     ``tool_call_parsers``: the tool-call parser of each model ("": of every model), for chat's
-    ``tool_choice`` "auto".
+    ``tool_choice`` "auto"; ``reasoning_parsers``: the same for chat's ``reasoning_content``.
     """
 
     def __init__(self, core: GenerationCore, tracing: Tracing, serving: Callable[[], bool],
                  max_body_bytes: int = 16 * 1024 * 1024, version: str = "unknown",
-                 max_batch_prompts: int = 128, tool_call_parsers: Mapping[str, str] | None = None) -> None:
+                 max_batch_prompts: int = 128, tool_call_parsers: Mapping[str, str] | None = None,
+                 reasoning_parsers: Mapping[str, str] | None = None) -> None:
         self._core = core
         self._tracing = tracing
         self._serving = serving
@@ -101,6 +102,7 @@ class OpenAIDoor:
         self._version = version
         self._max_batch_prompts = max_batch_prompts
         self._tool_call_parsers = dict(tool_call_parsers or {})
+        self._reasoning_parsers = dict(reasoning_parsers or {})
         self._tokenizer_endpoints = TokenizerEndpoints(core)
 
     def app(self) -> FastAPI:
@@ -267,7 +269,9 @@ class OpenAIDoor:
                                else tokenizer.decode(cast(Sequence[int], r.prompt)) for r in routed)
             options.update(echo=echoes, echo_logprobs=parsed.echo_logprobs, echo_only=parsed.echo_only)
         else:
-            options.update(tool_choice=parsed.tool_choice_spec(tool_parser))
+            reasoning = self._reasoning_parsers.get(parsed.model, self._reasoning_parsers.get(""))
+            options.update(tool_choice=parsed.tool_choice_spec(tool_parser),
+                           reasoning_parser=reasoning, include_reasoning=parsed.include_reasoning)
         return endpoint.renderer(request_id, model, **options)
 
     async def _models(self) -> Response:

@@ -24,6 +24,7 @@ from typing import Any
 
 from llmserve.stop_reason import stop_reason
 from llmserve.v1 import generation_pb2 as gen_pb
+from router.frontends.reasoning import ReasoningStream
 from router.frontends.tool_calls import ToolCallStream, ToolChoice
 from router.tokenizers import RouterTokenizer
 
@@ -321,18 +322,43 @@ class CompletionRenderer(ChoiceRenderer):
 class ChatRenderer(ChoiceRenderer):
     """``/v1/chat/completions``: ``chat.completion`` / ``chat.completion.chunk`` objects.
 
-    ``tool_choice`` (a request with tools): each choice's text becomes its message's ``content``
-    and ``tool_calls`` (router/frontends/tool_calls.py); a reply of calls ends with finish reason
+    ``reasoning_parser`` (the model's): each choice's reasoning goes to ``reasoning_content``
+    (router/frontends/reasoning.py; dropped without ``include_reasoning``), its answer on.
+    ``tool_choice`` (a request with tools): the answer becomes the message's ``content`` and
+    ``tool_calls`` (router/frontends/tool_calls.py); a reply of calls ends with finish reason
     ``tool_calls`` unless a named function was asked for (vLLM's rule)."""
 
     object_full = "chat.completion"
     object_chunk = "chat.completion.chunk"
 
     def __init__(self, response_id: str, model: str, *, tool_choice: ToolChoice | None = None,
-                 **kwargs: Any) -> None:
+                 reasoning_parser: str | None = None, include_reasoning: bool = True, **kwargs: Any) -> None:
         super().__init__(response_id, model, **kwargs)
         self.tool_choice = tool_choice if tool_choice is not None and tool_choice.kind != "none" else None
+        self.reasoning_parser = reasoning_parser
+        self.include_reasoning = include_reasoning
         self._tool_streams: dict[int, ToolCallStream] = {}
+        self._reasoning_streams: dict[int, ReasoningStream] = {}
+
+    def _reasoning_stream(self, index: int) -> ReasoningStream | None:
+        if self.reasoning_parser is None:
+            return None
+        stream = self._reasoning_streams.get(index)
+        if stream is None:
+            stream = self._reasoning_streams[index] = ReasoningStream(self.reasoning_parser)
+        return stream
+
+    def _answer(self, index: int, text: str, finished: bool) -> tuple[str, str]:
+        """(reasoning, answer) of a choice's new ``text`` (``finished``: its last)."""
+        stream = self._reasoning_stream(index)
+        if stream is None:
+            return "", text
+        split = stream.feed(text)
+        reasoning, answer = split.reasoning, split.content
+        if finished:
+            last = stream.finish()
+            reasoning, answer = reasoning + last.reasoning, answer + last.content
+        return (reasoning if self.include_reasoning else ""), answer
 
     def _tool_stream(self, index: int) -> ToolCallStream | None:
         if self.tool_choice is None:
@@ -348,13 +374,16 @@ class ChatRenderer(ChoiceRenderer):
         return reason
 
     def _stream_choice(self, choice: _Choice, chunk: gen_pb.GenerateResponse, first: bool) -> dict[str, Any]:
+        reasoning, text = self._answer(chunk.index, chunk.text, bool(chunk.finish_reason))
         stream = self._tool_stream(chunk.index)
         if stream is None:
-            delta: dict[str, Any] = {"content": chunk.text}
+            delta: dict[str, Any] = {"content": text} if text or not reasoning else {}
         else:
-            delta = stream.feed(chunk.text) if chunk.text else {}
+            delta = stream.feed(text) if text else {}
             if chunk.finish_reason:
                 delta = _merged_delta(delta, stream.finish())
+        if reasoning:
+            delta = {"reasoning_content": reasoning, **delta}
         if first:
             delta = {"role": "assistant", **delta}
         return {
@@ -373,13 +402,15 @@ class ChatRenderer(ChoiceRenderer):
         return body
 
     def _full_choice(self, choice: _Choice) -> dict[str, Any]:
-        text = "".join(choice.texts)
+        reasoning, text = self._answer(choice.index, "".join(choice.texts), finished=True)
         stream = self._tool_stream(choice.index)
         message: dict[str, Any] = {"role": "assistant", "content": text}
         if stream is not None:
             stream.feed(text)
             stream.finish()
             message = stream.message()
+        if self.reasoning_parser is not None:  # vLLM's field: null when the reply had none
+            message = {**message, "reasoning_content": reasoning or None}
         return {
             "index": choice.index,
             "message": message,

@@ -338,6 +338,8 @@ class ChatCompletionRequest(_SamplingRequest):
     parallel_tool_calls: bool = True
     add_generation_prompt: bool = True
     continue_final_message: bool = False
+    chat_template_kwargs: dict[str, Any] | None = None
+    include_reasoning: bool = True
 
     def tool_choice_spec(self, parser: str | None) -> ToolChoice:
         """The request's use of its tools; ``parser``: the model's tool-call parser (None: none,
@@ -379,7 +381,7 @@ class ChatCompletionRequest(_SamplingRequest):
         max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
         prompt = chat_prompt(self.messages, self.add_generation_prompt, self.continue_final_message,
-                             tools=self.tools or None)
+                             tools=self.tools or None, template_kwargs=self.chat_template_kwargs)
         return [RouterRequest(
             model=self.model, prompt=prompt,
             sampling=self.sampling(max_tokens, logprobs, tool_format=tool_choice.structured_output()),
@@ -389,13 +391,16 @@ class ChatCompletionRequest(_SamplingRequest):
 
 
 def chat_prompt(messages: list[ChatMessageIn], add_generation_prompt: bool,
-                continue_final_message: bool, tools: list[Any] | None = None) -> ChatPrompt:
+                continue_final_message: bool, tools: list[Any] | None = None,
+                template_kwargs: dict[str, Any] | None = None) -> ChatPrompt:
     """The conversation to render; ``continue_final_message`` with ``add_generation_prompt`` is
-    refused naming the first (vLLM refuses the pair too). ``tools`` go to the template as given."""
+    refused naming the first (vLLM refuses the pair too). ``tools`` and ``template_kwargs``
+    (``chat_template_kwargs``: the router's tokenizer refuses names it owns) go to the template."""
     if continue_final_message and add_generation_prompt:
         raise InvalidParam("continue_final_message", CONTINUE_NEEDS_NO_GENERATION_PROMPT)
     return ChatPrompt(tuple(m.template_message(i) for i, m in enumerate(messages)), add_generation_prompt,
-                      continue_final_message, tools=tuple(tools) if tools else None)
+                      continue_final_message, tools=tuple(tools) if tools else None,
+                      template_kwargs=template_kwargs or None)
 
 
 RequestT = TypeVar("RequestT", bound=BaseModel)

@@ -46,6 +46,8 @@ class TokenizeRequest(BaseModel):
     continue_final_message: bool = False
     add_special_tokens: bool | None = None  # None: True for a prompt, False for messages (vLLM's)
     return_token_strs: bool = False
+    tools: list[Any] | None = None  # as a chat's: shown to the template
+    chat_template_kwargs: dict[str, Any] | None = None
 
     def prompt_input(self) -> str | ChatPrompt:
         if (self.prompt is None) == (self.messages is None):
@@ -54,7 +56,8 @@ class TokenizeRequest(BaseModel):
             if not self.prompt:
                 raise InvalidParam("prompt", "prompt must not be empty")
             return self.prompt
-        return chat_prompt(self.messages, self.add_generation_prompt, self.continue_final_message)
+        return chat_prompt(self.messages, self.add_generation_prompt, self.continue_final_message,
+                           tools=self.tools or None, template_kwargs=self.chat_template_kwargs)
 
 
 class DetokenizeRequest(BaseModel):

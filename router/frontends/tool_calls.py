@@ -235,7 +235,7 @@ class _Parser:
         """Characters at the end of ``text`` (streamed from ``since``) to hold back."""
         if self.openers and since == 0 and not text.strip():
             return len(text)  # only whitespace so far: a reply of calls may still start
-        return _held_prefix(text, self.marker) if self.marker is not None else 0
+        return held_prefix(text, self.marker) if self.marker is not None else 0
 
 
 _PARSERS = {
@@ -245,7 +245,7 @@ _PARSERS = {
 }
 
 
-def _held_prefix(text: str, tag: str) -> int:
+def held_prefix(text: str, tag: str) -> int:
     """How many characters at the end of ``text`` could start ``tag`` (kept back while streaming)."""
     for size in range(min(len(tag) - 1, len(text)), 0, -1):
         if tag.startswith(text[-size:]):

@@ -30,7 +30,8 @@ class StackProc(ServiceProc):
         cmd = [sys.executable, "-m", "llmserve.cli", "up", "--model", str(model_dir),
                "--served-model-name", MODEL, "--port", str(self.router_port),
                "--worker-port", str(self.worker_port), "--http-port", str(self.http_port),
-               "--num-kv-blocks", "512", "--max-num-seqs", "8", "--tool-call-parser", "hermes"]
+               "--num-kv-blocks", "512", "--max-num-seqs", "8", "--tool-call-parser", "hermes",
+               "--reasoning-parser", "qwen3"]
         env = {**ONE_THREAD_ENV,
                "OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_ENDPOINT": otlp_endpoint,
                "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc", "OTEL_BSP_SCHEDULE_DELAY": "50"}

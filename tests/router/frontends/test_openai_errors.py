@@ -62,6 +62,8 @@ BAD_REQUESTS: list[tuple[str, str, dict[str, Any], str]] = [
     ("continue_final_message with the generation prompt", CHAT, {**_C, "continue_final_message": True},
      "continue_final_message"),
     ("tools not functions", CHAT, {**_C, "tools": [{"type": "retrieval"}], "tool_choice": "none"}, "tools"),
+    ("chat_template_kwargs reserved", CHAT, {**_C, "chat_template_kwargs": {"tokenize": True}},
+     "chat_template_kwargs"),
     ("tool_choice names no tool", CHAT, {**_C, "tools": [{"type": "function", "function": {"name": "f"}}],
                                          "tool_choice": {"type": "function", "function": {"name": "g"}}},
      "tool_choice"),

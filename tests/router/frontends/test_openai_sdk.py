@@ -453,3 +453,22 @@ def test_auto_tool_choice_reads_hermes_calls_from_the_text(client: OpenAI) -> No
     plain = client.chat.completions.create(**args, extra_body=words)  # type: ignore[call-overload]
     assert plain.choices[0].message.tool_calls is None and plain.choices[0].message.content
     assert plain.choices[0].finish_reason in ("stop", "length")
+
+
+def test_reasoning_is_apart_from_the_answer_whole_and_streamed(client: OpenAI) -> None:
+    """The stack's reasoning parser is qwen3: a reply with a <think> part (forced by a regex: a
+    random model writes none) has it as reasoning_content; a reply without one has none."""
+    args = {"model": MODEL, "messages": MESSAGES, "temperature": 0, "max_tokens": 40,
+            "extra_body": {"structured_outputs": {"regex": "<think>[a-z]{3,8}</think>[a-z]{3,8}"}}}
+    whole = client.chat.completions.create(**args)  # type: ignore[call-overload]
+    message = whole.choices[0].message.model_dump()
+    reasoning, content = message["reasoning_content"], message["content"]
+    assert reasoning.isalpha() and content.isalpha() and 3 <= len(reasoning) <= 8
+    streamed_reasoning, streamed_content = "", ""
+    for chunk in client.chat.completions.create(**args, stream=True):  # type: ignore[call-overload]
+        delta = chunk.choices[0].delta.model_dump()
+        streamed_reasoning += delta.get("reasoning_content") or ""
+        streamed_content += delta.get("content") or ""
+    assert (streamed_reasoning, streamed_content) == (reasoning, content)
+    plain = client.chat.completions.create(model=MODEL, messages=MESSAGES, temperature=0, max_tokens=5)  # type: ignore[arg-type]
+    assert plain.choices[0].message.model_dump()["reasoning_content"] is None

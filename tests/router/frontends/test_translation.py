@@ -335,3 +335,29 @@ def test_tool_choices_become_formats_and_bad_ones_are_refused() -> None:
         with pytest.raises(InvalidParam) as refused:
             validate(ChatCompletionRequest, body).to_router_request("c4")
         assert refused.value.param == param, body
+
+
+def test_chat_template_kwargs_reach_the_template_and_reserved_names_are_refused(
+        smollm2_tokenizer: object) -> None:
+    """Qwen3's ``enable_thinking`` as vLLM passes it: a template variable; a name the renderer owns
+    (``tokenize`` would make it return ids) is refused naming the parameter."""
+    import copy
+
+    tok = copy.deepcopy(smollm2_tokenizer)
+    tok.chat_template = (  # type: ignore[attr-defined]
+        "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+        "<|im_start|>assistant\n{% if enable_thinking is defined and not enable_thinking %}"
+        "<think>\n\n</think>\n\n{% endif %}")
+    router_tok = RouterTokenizer(tok)
+    body = {"model": "m", "messages": [{"role": "user", "content": "Hi"}]}
+    plain = validate(ChatCompletionRequest, body).to_router_request("c1")
+    off = validate(ChatCompletionRequest, {**body, "chat_template_kwargs": {"enable_thinking": False}})
+    thinking_off = off.to_router_request("c2")
+    assert isinstance(thinking_off.prompt, ChatPrompt)
+    assert router_tok.decode(router_tok.encode(thinking_off.prompt)).endswith("<think>\n\n</think>\n\n")
+    assert not router_tok.decode(router_tok.encode(plain.prompt)).endswith("</think>\n\n")  # type: ignore[arg-type]
+    for reserved in ({"tokenize": True}, {"messages": []}, {"eos_token": "x"}, {"not a name": 1}):
+        refused = validate(ChatCompletionRequest, {**body, "chat_template_kwargs": reserved})
+        chat = refused.to_router_request("c3")
+        with pytest.raises(InvalidRequest, match="^chat_template_kwargs: "):
+            router_tok.encode(chat.prompt)  # type: ignore[arg-type]
