@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from gpu_worker.config import EngineConfig
@@ -58,16 +58,20 @@ class LLM:
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         add_generation_prompt: bool = True,
         continue_final_message: bool = False,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        chat_template_kwargs: Mapping[str, Any] | None = None,
     ) -> list[RequestOutput]:
         """Complete one conversation or a list of them, rendered with the model's chat template
         (``continue_final_message``: the last message is continued, with
-        ``add_generation_prompt=False``, as vLLM's ``LLM.chat``)."""
+        ``add_generation_prompt=False``; ``tools`` and ``chat_template_kwargs`` go to the template,
+        as vLLM's ``LLM.chat``)."""
         if messages and isinstance(messages[0], dict):
             conversations = [messages]
         else:
             conversations = list(messages)  # type: ignore[arg-type]
         prompts: list[PromptInput] = [
-            ChatPrompt(tuple(c), add_generation_prompt, continue_final_message)  # type: ignore[arg-type]
+            ChatPrompt(tuple(c), add_generation_prompt, continue_final_message,  # type: ignore[arg-type]
+                       tools=tuple(tools) if tools else None, template_kwargs=chat_template_kwargs)
             for c in conversations
         ]
         return self._run(prompts, sampling_params)

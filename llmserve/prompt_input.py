@@ -8,6 +8,7 @@ One type per concept, shared by every side and torch-free (the router imports it
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -64,6 +65,30 @@ def truncate_prompt(ids: Sequence[int], keep: int | None, max_model_len: int) ->
     return ids[-keep:] if len(ids) > keep else ids
 
 
+def template_messages(chat: ChatPrompt) -> list[dict[str, Any]]:
+    """The messages as chat templates take them: a ``content`` of None (an assistant turn of
+    tool calls) as "", which every template can concatenate."""
+    return [{**m, "content": m.get("content") or ""} for m in chat.messages]
+
+
+def check_template_kwargs(kwargs: Mapping[str, Any] | None, apply_chat_template: Callable[..., Any]) -> None:
+    """``ValueError`` naming ``chat_template_kwargs`` for a name it may not set: not an
+    identifier, one of ``apply_chat_template``'s own parameters (``tokenize`` would make it
+    return ids), the conversation, or a special token (``*_token``)."""
+    if not kwargs:
+        return
+    try:
+        reserved = set(inspect.signature(apply_chat_template).parameters)
+    except (TypeError, ValueError):
+        reserved = set()
+    reserved |= {"messages", "conversation", "kwargs", "self"}
+    for name in kwargs:
+        if not isinstance(name, str) or not name.isidentifier() or name in reserved \
+                or name.endswith("_token"):
+            raise ValueError(f"chat_template_kwargs: {name!r} cannot be set (not a name, or one the renderer "
+                             "or the tokenizer's special tokens own)")
+
+
 def check_prompt_input(prompt: PromptInput) -> None:
     """Raise ``ValueError`` naming the field when ``prompt`` is empty or malformed.
 
@@ -77,7 +102,11 @@ def check_prompt_input(prompt: PromptInput) -> None:
         if prompt.continue_final_message and prompt.add_generation_prompt:
             raise ValueError(CONTINUE_NEEDS_NO_GENERATION_PROMPT)
         for i, message in enumerate(prompt.messages):
-            if not isinstance(message, Mapping) or not isinstance(message.get("content"), str):
+            # An assistant turn of tool calls may have no content (OpenAI's null).
+            no_content = isinstance(message, Mapping) and message.get("content") is None \
+                and bool(message.get("tool_calls"))
+            has_content = isinstance(message, Mapping) and isinstance(message.get("content"), str)
+            if not (has_content or no_content):
                 raise ValueError(f"messages[{i}] must have a role and a content")
             role = message.get("role")
             if not isinstance(role, str) or not role:

@@ -13,7 +13,6 @@ as they are, text and chat requests get INVALID_ARGUMENT (:class:`~router.errors
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
 import tempfile
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -21,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from llmserve.fleet import WorkerRecord
-from llmserve.prompt_input import ChatPrompt
+from llmserve.prompt_input import ChatPrompt, check_template_kwargs, template_messages
 from router.errors import InvalidRequest, ModelUnavailable, NoTokenizer
 
 log = logging.getLogger(__name__)
@@ -86,17 +85,6 @@ class RouterTokenizer:
             return self.encode_chat(prompt, bool(add_special_tokens))
         return self.encode_prompt(prompt, add_special_tokens is not False)
 
-    def _check_template_kwargs(self, kwargs: Mapping[str, Any]) -> None:
-        """InvalidRequest naming ``chat_template_kwargs`` for a name it may not set."""
-        if not kwargs:
-            return
-        reserved = _reserved_template_names(self._tok.apply_chat_template)
-        for name in kwargs:
-            if not isinstance(name, str) or not name.isidentifier() or name in reserved \
-                    or name.endswith("_token"):
-                raise InvalidRequest(f"chat_template_kwargs: {name!r} cannot be set (not a name, or one the "
-                                     "renderer or the tokenizer's special tokens own)")
-
     def encode_chat(self, chat: ChatPrompt, add_special_tokens: bool = False) -> list[int]:
         """Token ids of a chat rendered with the model's template, as the worker computes them
         (the template holds the special tokens; ``add_special_tokens`` adds the tokenizer's too)."""
@@ -107,10 +95,13 @@ class RouterTokenizer:
             for key, value in message.items():
                 if isinstance(value, str):
                     _check_unicode(f"messages[{i}].{key}", value)
-        self._check_template_kwargs(chat.template_kwargs or {})
+        try:
+            check_template_kwargs(chat.template_kwargs, self._tok.apply_chat_template)
+        except ValueError as exc:
+            raise InvalidRequest(str(exc)) from None
         try:
             text = self._tok.apply_chat_template(
-                [dict(m) for m in messages], add_generation_prompt=chat.add_generation_prompt,
+                template_messages(chat), add_generation_prompt=chat.add_generation_prompt,
                 continue_final_message=chat.continue_final_message, tokenize=False,
                 tools=[dict(t) for t in chat.tools] if chat.tools else None,
                 **dict(chat.template_kwargs or {}),
@@ -119,16 +110,6 @@ class RouterTokenizer:
             raise InvalidRequest(f"messages could not be rendered with the chat template: {exc}") from exc
         _check_unicode("messages", str(text))  # tools and tool calls: strings nested in JSON
         return list(self._tok.encode(str(text), add_special_tokens=add_special_tokens))
-
-
-def _reserved_template_names(apply_chat_template: Any) -> frozenset[str]:
-    """Names ``chat_template_kwargs`` may not set: ``apply_chat_template``'s own parameters (one
-    would change what it returns, ``tokenize`` for one), the conversation, and special tokens."""
-    try:
-        params = set(inspect.signature(apply_chat_template).parameters)
-    except (TypeError, ValueError):
-        params = set()
-    return frozenset(params | {"messages", "conversation", "kwargs", "self"})
 
 
 def _check_unicode(field: str, text: str) -> None:

@@ -21,7 +21,15 @@ from gpu_worker.core.types import EngineCoreRequest
 from gpu_worker.engine.feature_checks import FeatureChecks
 from gpu_worker.sampling_params import SamplingParams
 from llmserve.limits import LimitExceeded, flag_of
-from llmserve.prompt_input import ChatPrompt, PromptInput, check_prompt_input, input_field, truncate_prompt
+from llmserve.prompt_input import (
+    ChatPrompt,
+    PromptInput,
+    check_prompt_input,
+    check_template_kwargs,
+    input_field,
+    template_messages,
+    truncate_prompt,
+)
 
 NO_TOKENIZER = "this model has no tokenizer"
 
@@ -65,9 +73,12 @@ class InputProcessor:
     def render_chat(self, prompt: ChatPrompt) -> str:
         """The prompt text of a (checked) conversation, through the tokenizer's chat template."""
         self._require_tokenizer("messages")
+        check_template_kwargs(prompt.template_kwargs, self.tokenizer.apply_chat_template)
         text = self.tokenizer.apply_chat_template(
-            [dict(m) for m in prompt.messages], add_generation_prompt=prompt.add_generation_prompt,
+            template_messages(prompt), add_generation_prompt=prompt.add_generation_prompt,
             continue_final_message=prompt.continue_final_message, tokenize=False,
+            tools=[dict(t) for t in prompt.tools] if prompt.tools else None,
+            **dict(prompt.template_kwargs or {}),
         )
         return str(text)
 

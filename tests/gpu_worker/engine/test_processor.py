@@ -180,3 +180,33 @@ def test_abort_request(processor: InputProcessor, smollm2_tokenizer: Any) -> Non
     assert core_ids == ["a#1"]
     assert final is not None and final.finished and [c.finish_reason for c in final.outputs] == ["abort"]
     assert op.abort_request("a") == ([], None) and op.num_unfinished == 0
+
+
+def test_tools_tool_calls_and_template_kwargs_render_as_the_router_renders(
+        smollm2_tokenizer: Any) -> None:
+    """``LLM.chat``'s tools and chat_template_kwargs reach the template on the worker exactly as
+    on the router (one ``template_messages`` and one reserved-name rule); an assistant turn of
+    tool calls may have no content."""
+    import copy
+
+    from router.tokenizers import RouterTokenizer
+
+    tok = copy.deepcopy(smollm2_tokenizer)
+    tok.chat_template = (
+        "{% if tools %}TOOLS {{ tools | tojson }}\n{% endif %}{% for m in messages %}{{ m.role }}: "
+        "{{ m.content }}{% for c in m.tool_calls or [] %}CALL {{ c.function.name }} "
+        "{{ c.function.arguments | tojson }}{% endfor %}\n{% endfor %}"
+        "{% if enable_thinking is defined and not enable_thinking %}NO THINKING{% endif %}")
+    tool = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object"}}}
+    call = {"id": "1", "type": "function", "function": {"name": "get_time", "arguments": {}}}
+    chat = ChatPrompt(({"role": "user", "content": "time?"},
+                       {"role": "assistant", "content": None, "tool_calls": [call]},
+                       {"role": "tool", "content": "noon", "tool_call_id": "1"}),
+                      tools=(tool,), template_kwargs={"enable_thinking": False})
+    worker = InputProcessor(tok, VOCAB, max_model_len=512, eos_token_ids=frozenset({2}))
+    text = worker.render_chat(chat)
+    assert text.startswith("TOOLS [{") and "assistant: CALL get_time {}" in text
+    assert text.endswith("NO THINKING")
+    assert list(worker.tokenize(chat)[1]) == RouterTokenizer(tok).encode(chat)
+    with pytest.raises(ValueError, match="^chat_template_kwargs: 'tokenize' cannot be set"):
+        worker.render_chat(ChatPrompt(chat.messages, template_kwargs={"tokenize": True}))
