@@ -11,6 +11,8 @@ from typing import Any
 _GREEDY_EPS = 1e-5
 MAX_BAD_WORDS = 128  # bad_words per request: each is checked against every sampled token
 MAX_BAD_WORD_TOKENS = 64  # tokens of one bad word
+MAX_BAD_WORDS_CHARS = 8192  # characters of a request's bad words together: checked before tokenizing
+MAX_ALLOWED_TOKEN_IDS = 1 << 20  # entries of allowed_token_ids (each is checked against the vocabulary)
 STRUCTURED_OUTPUT_KINDS = ("json", "regex", "grammar", "choice", "json_object")
 
 
@@ -256,6 +258,14 @@ class SamplingParams:
             (
                 self.allowed_token_ids is None or len(self.allowed_token_ids) > 0,
                 "allowed_token_ids must not be empty (leave it unset to allow every token)",
+            ),
+            (
+                self.allowed_token_ids is None or len(self.allowed_token_ids) <= MAX_ALLOWED_TOKEN_IDS,
+                f"allowed_token_ids may hold at most {MAX_ALLOWED_TOKEN_IDS} ids",
+            ),
+            (
+                sum(len(w) for w in self.bad_words if isinstance(w, str)) <= MAX_BAD_WORDS_CHARS,
+                f"bad_words may hold at most {MAX_BAD_WORDS_CHARS} characters together",
             ),
             (
                 all(isinstance(w, str) and w.strip() for w in self.bad_words),

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from router.frontends.tool_calls import held_prefix
+from router.frontends.tool_calls import MAX_LEADING_SPACE, held_prefix
 
 REASONING_PARSERS = ("qwen3", "deepseek_r1")
 _OPEN, _CLOSE = "<think>", "</think>"
@@ -38,14 +38,22 @@ class ReasoningStream:
         if parser not in REASONING_PARSERS:
             raise ValueError(f"unknown reasoning parser {parser!r}; known: {', '.join(REASONING_PARSERS)}")
         self.parser = parser
-        self._text = ""
-        self._done = 0  # characters of the text already split
+        self._rest = ""  # the text not split yet (held back: it may be part of a tag)
         self._state = "start"  # -> "thinking" -> "answer" (qwen3 without <think>: straight to "answer")
-        self.reasoning = ""
-        self.content = ""
+        # What was split, joined only when read (a string grown per chunk costs quadratic time).
+        self._reasoning: list[str] = []
+        self._content: list[str] = []
+
+    @property
+    def reasoning(self) -> str:
+        return "".join(self._reasoning)
+
+    @property
+    def content(self) -> str:
+        return "".join(self._content)
 
     def feed(self, chunk: str) -> ReasoningSplit:
-        self._text += chunk
+        self._rest += chunk
         return self._split(final=False)
 
     def finish(self) -> ReasoningSplit:
@@ -54,14 +62,14 @@ class ReasoningStream:
     def _split(self, final: bool) -> ReasoningSplit:
         reasoning, content = "", ""
         while True:
-            rest = self._text[self._done:]
+            rest = self._rest
             if self._state == "start":  # an opening <think> (after whitespace) is dropped
                 stripped = rest.lstrip()
                 if stripped.startswith(_OPEN):
-                    self._done += len(rest) - len(stripped) + len(_OPEN)
+                    self._rest = stripped[len(_OPEN):]
                     self._state = "thinking"
                     continue
-                if not final and _OPEN.startswith(stripped):
+                if not final and _OPEN.startswith(stripped) and len(rest) <= MAX_LEADING_SPACE:
                     break  # nothing yet, or maybe the start of <think>: wait
                 self._state = "thinking" if self.parser == "deepseek_r1" else "answer"
                 continue
@@ -69,16 +77,16 @@ class ReasoningStream:
                 end = rest.find(_CLOSE)
                 if end >= 0:
                     reasoning += rest[:end]
-                    self._done += end + len(_CLOSE)
+                    self._rest = rest[end + len(_CLOSE):]
                     self._state = "answer"
                     continue
                 keep = 0 if final else held_prefix(rest, _CLOSE)
                 reasoning += rest[:len(rest) - keep]
-                self._done += len(rest) - keep
+                self._rest = rest[len(rest) - keep:]
                 break
             content += rest  # the answer
-            self._done += len(rest)
+            self._rest = ""
             break
-        self.reasoning += reasoning
-        self.content += content
+        self._reasoning.append(reasoning)
+        self._content.append(content)
         return ReasoningSplit(reasoning, content)

@@ -32,6 +32,9 @@ from typing import Any, Literal
 TOOL_CALL_PARSERS = ("hermes", "llama3_json", "mistral")
 _HERMES_OPEN, _HERMES_CLOSE = "<tool_call>", "</tool_call>"
 _MISTRAL_OPEN = "[TOOL_CALLS]"
+# Leading whitespace held back while a reply may still turn out to be calls (or reasoning): past
+# this much it is a text reply (and holding more would rescan a growing text at every chunk).
+MAX_LEADING_SPACE = 256
 _NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")  # OpenAI's function names
 
 
@@ -223,19 +226,20 @@ class _Parser:
     openers: tuple[str, ...]  # without a marker: the characters a reply of calls starts with
     parse: Callable[[str], tuple[str | None, list[ToolCall]]]
 
-    def start(self, text: str, since: int) -> int:
+    def start(self, tail: str, fresh: bool) -> int:
+        """Where calls start in ``tail`` (the text not streamed yet; ``fresh``: none was)."""
         if self.marker is not None:
-            at = text.find(self.marker, since)
+            at = tail.find(self.marker)
             if at >= 0 or not self.openers:
                 return at
-        stripped = text.lstrip()
-        return len(text) - len(stripped) if stripped.startswith(self.openers) and since == 0 else -1
+        stripped = tail.lstrip()
+        return len(tail) - len(stripped) if fresh and stripped.startswith(self.openers) else -1
 
-    def opening(self, text: str, since: int) -> int:
-        """Characters at the end of ``text`` (streamed from ``since``) to hold back."""
-        if self.openers and since == 0 and not text.strip():
-            return len(text)  # only whitespace so far: a reply of calls may still start
-        return held_prefix(text, self.marker) if self.marker is not None else 0
+    def opening(self, tail: str, fresh: bool) -> int:
+        """Characters at the end of ``tail`` to hold back: they may still start calls."""
+        if self.openers and fresh and not tail.strip() and len(tail) <= MAX_LEADING_SPACE:
+            return len(tail)  # only whitespace so far: a reply of calls may still start
+        return held_prefix(tail, self.marker) if self.marker is not None else 0
 
 
 _PARSERS = {
@@ -265,15 +269,18 @@ class ToolCallStream:
 
     def __init__(self, choice: ToolChoice) -> None:
         self.choice = choice
-        self._text: list[str] = []
+        # The pieces, joined only at the end: joining on every chunk would cost a long reply
+        # quadratic time on the router's event loop.
+        self._parts: list[str] = []
         self._named_id = new_call_id() if choice.kind == "named" else None
         self._sent_content = 0  # characters of the text streamed as content
+        self._tail = ""  # auto: text after those, held back while it may start a call
         self._holding = False  # auto: a call started, the rest waits for the end
         self.calls: list[ToolCall] = []
 
     @property
     def text(self) -> str:
-        return "".join(self._text)
+        return "".join(self._parts)
 
     @property
     def called(self) -> bool:
@@ -282,10 +289,10 @@ class ToolCallStream:
         return bool(self.calls)
 
     def feed(self, chunk: str) -> dict[str, Any]:
-        self._text.append(chunk)
+        self._parts.append(chunk)
         kind = self.choice.kind
         if kind == "named":
-            first = len(self._text) == 1
+            first = len(self._parts) == 1
             call: dict[str, Any] = {"index": 0, "function": {"arguments": chunk}}
             if first:
                 assert self._named_id is not None and self.choice.name is not None
@@ -297,13 +304,12 @@ class ToolCallStream:
         if kind == "none" or self.choice.parser is None:
             return {"content": chunk}
         parser = _PARSERS[self.choice.parser]
-        text = self.text
-        start = parser.start(text, self._sent_content)
-        end = start if start >= 0 else len(text) - parser.opening(text, self._sent_content)
-        if start >= 0:
-            self._holding = True
-        out = text[self._sent_content: end]
-        self._sent_content = end
+        tail, fresh = self._tail + chunk, self._sent_content == 0
+        start = parser.start(tail, fresh)
+        end = start if start >= 0 else len(tail) - parser.opening(tail, fresh)
+        self._holding = start >= 0
+        out, self._tail = tail[:end], tail[end:]
+        self._sent_content += len(out)
         return {"content": out} if out else {}
 
     def finish(self) -> dict[str, Any]:

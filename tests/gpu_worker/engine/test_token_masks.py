@@ -98,6 +98,8 @@ def test_bad_words_are_tokenized_alone_and_after_a_space(smollm2_tokenizer: Any)
     (dict(allowed_token_ids=[49152]), "allowed_token_ids has token ids outside the vocabulary"),
     (dict(bad_words=[" "]), "bad_words must be non-blank strings"),
     (dict(bad_words=[f"w{i}" for i in range(129)]), "bad_words may hold at most 128 words"),
+    (dict(bad_words=["x" * 8193]), "bad_words may hold at most 8192 characters together"),
+    (dict(allowed_token_ids=[1] * (2**20 + 1)), "allowed_token_ids may hold at most 1048576 ids"),
     (dict(bad_words_token_ids=[tuple(range(65))]), "bad_words: a word must be 1 to 64 tokens long"),
 ])
 def test_invalid_masks_name_the_field(params: dict[str, Any], message: str) -> None:

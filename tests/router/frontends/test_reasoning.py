@@ -88,3 +88,11 @@ def test_the_chat_renderer_puts_reasoning_apart_and_reads_calls_from_the_answer(
     for chunk in _chunks(text, 7):
         hidden.add(chunk)
     assert hidden.full()["choices"][0]["message"]["reasoning_content"] is None
+
+
+def test_leading_whitespace_is_held_only_so_far() -> None:
+    """A reply of blank tokens is not held (and rescanned) without end: past 256 characters of
+    leading whitespace it is the answer."""
+    stream = ReasoningStream("qwen3")
+    sent = "".join(stream.feed(" ").content for _ in range(300))
+    assert sent == " " * 300 and stream.finish().content == ""
