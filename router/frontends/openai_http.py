@@ -260,6 +260,7 @@ class OpenAIDoor:
         options: dict[str, Any] = {
             "logprobs": _wants_logprobs(endpoint, parsed), "include_usage": parsed.include_usage,
             "tokenizer": tokenizer, "n": parsed.n, "prompt_logprobs": parsed.prompt_logprobs,
+            "continuous_usage": parsed.continuous_usage,
         }
         if endpoint is _COMPLETIONS:
             echoes: str | tuple[str, ...] = ""

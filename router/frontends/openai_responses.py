@@ -64,6 +64,7 @@ class _Choice:
     stop_reason: int | str | None = None
     text_offset: int = 0  # completions: character offset of the next token (echo included)
     started: bool = False  # streaming: the first chunk of this choice was sent
+    num_tokens: int = 0  # tokens generated so far
 
 
 @dataclass
@@ -73,6 +74,7 @@ class _PromptLogprobs:
 
     first_token_id: int | None = None
     positions: list[gen_pb.TokenLogprobs] = field(default_factory=list)
+    num_tokens: int = 0  # the prompt's tokens (continuous usage)
 
 
 class ChoiceRenderer:
@@ -90,7 +92,7 @@ class ChoiceRenderer:
 
     def __init__(self, response_id: str, model: str, *, logprobs: bool, include_usage: bool,
                  tokenizer: RouterTokenizer | None = None, echo: str | tuple[str, ...] = "",
-                 n: int = 1, prompt_logprobs: int | None = None) -> None:
+                 n: int = 1, prompt_logprobs: int | None = None, continuous_usage: bool = False) -> None:
         self.response_id = response_id
         self.model = model
         self.created = int(time.time())
@@ -98,6 +100,7 @@ class ChoiceRenderer:
         self.include_usage = include_usage
         self.tokenizer = tokenizer
         self.prompt_logprobs = prompt_logprobs
+        self.continuous_usage = continuous_usage
         self._echo = echo
         self._n = n
         self.usage: gen_pb.Usage | None = None
@@ -126,6 +129,7 @@ class ChoiceRenderer:
         part = self._prompt(prompt)
         if part.first_token_id is None and token_ids:
             part.first_token_id = token_ids[0]
+        part.num_tokens = len(token_ids)
 
     def _collect_prompt_logprobs(self, chunk: gen_pb.GenerateResponse) -> bool:
         """Keep the prompt logprobs ``chunk`` carries (True when it does)."""
@@ -136,6 +140,16 @@ class ChoiceRenderer:
 
     def _usage_json(self, usage: gen_pb.Usage) -> dict[str, Any]:
         return usage_json(usage)
+
+    def _choice_usage(self, choice: _Choice) -> dict[str, int]:
+        """vLLM's continuous usage: the choice's prompt and its tokens so far."""
+        prompt = self._prompt(choice.index // self._n).num_tokens
+        completion = self._shown_tokens(choice.num_tokens)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+    def _shown_tokens(self, generated: int) -> int:
+        """Completion tokens the response counts of ``generated``."""
+        return generated
 
     def echo(self, index: int) -> str:
         """The prompt text echoed before choice ``index`` ("" without echo)."""
@@ -157,10 +171,11 @@ class ChoiceRenderer:
             choice = self._choice(chunk.index)
             first = not choice.started
             choice.started = True
+            choice.num_tokens += len(chunk.token_ids)
             delta = self._stream_choice(choice, chunk, first)
             body = self._envelope(self.object_chunk, [delta])
             if self.include_usage:
-                body["usage"] = None
+                body["usage"] = self._choice_usage(choice) if self.continuous_usage else None
             events.append(sse_event(body))
         if chunk.HasField("usage") and self.include_usage:
             body = self._envelope(self.object_chunk, [])
@@ -247,6 +262,9 @@ class CompletionRenderer(ChoiceRenderer):
 
     def _first_offset(self, index: int) -> int:
         return 0 if self.echo_logprobs is not None else len(self.echo(index))
+
+    def _shown_tokens(self, generated: int) -> int:
+        return 0 if self.echo_only else generated
 
     def _usage_json(self, usage: gen_pb.Usage) -> dict[str, Any]:
         if not self.echo_only:

@@ -39,10 +39,12 @@ INT32_END = 2**31
 
 
 class StreamOptions(BaseModel):
-    """``stream_options``: ``include_usage`` adds a last chunk with the usage and no choices."""
+    """``stream_options``: ``include_usage`` adds a last chunk with the usage and no choices;
+    vLLM's ``continuous_usage_stats`` (with it) puts each choice's usage so far in every chunk."""
 
     model_config = ConfigDict(extra="ignore")
     include_usage: bool = False
+    continuous_usage_stats: bool = False
 
 
 class _SamplingRequest(BaseModel):
@@ -99,6 +101,12 @@ class _SamplingRequest(BaseModel):
     @property
     def include_usage(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
+
+    @property
+    def continuous_usage(self) -> bool:
+        """Usage in every streamed chunk (vLLM's ``continuous_usage_stats``, with ``include_usage``)."""
+        return self.include_usage and self.stream_options is not None \
+            and self.stream_options.continuous_usage_stats
 
     def sampling(self, max_tokens: int | None, logprobs: int | None,
                  prompt_logprobs: int | None = None, tool_format: dict[str, Any] | None = None

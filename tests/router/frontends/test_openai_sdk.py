@@ -472,3 +472,24 @@ def test_reasoning_is_apart_from_the_answer_whole_and_streamed(client: OpenAI) -
     assert (streamed_reasoning, streamed_content) == (reasoning, content)
     plain = client.chat.completions.create(model=MODEL, messages=MESSAGES, temperature=0, max_tokens=5)  # type: ignore[arg-type]
     assert plain.choices[0].message.model_dump()["reasoning_content"] is None
+
+
+def test_continuous_usage_stats_count_each_choice_so_far(client: OpenAI) -> None:
+    """vLLM's ``stream_options.continuous_usage_stats``: every chunk of a choice carries its
+    prompt and its tokens so far; the last usage chunk is the whole request's."""
+    stream = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=6, temperature=0, n=2,  # type: ignore[call-overload]
+                                       stream=True, extra_body={"ignore_eos": True}, stream_options={
+                                           "include_usage": True, "continuous_usage_stats": True})
+    seen: dict[int, list[int]] = {}
+    final = None
+    for chunk in stream:
+        if not chunk.choices:
+            final = chunk.usage
+            continue
+        usage = chunk.usage
+        assert usage is not None and usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+        seen.setdefault(chunk.choices[0].index, []).append(usage.completion_tokens)
+    assert final is not None and final.completion_tokens == 12
+    for counts in seen.values():
+        assert counts == sorted(counts) and counts[-1] == 6
+    assert usage.prompt_tokens == final.prompt_tokens
