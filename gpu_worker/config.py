@@ -28,6 +28,12 @@ OFFLINE_LARGE_GPU_MAX_NUM_BATCHED_TOKENS = 16384
 CPU_MAX_NUM_BATCHED_TOKENS = 2048
 
 
+# "generate": text; "pooling": one embedding per prompt (the last token's normalized hidden state,
+# vLLM's ``--runner pooling`` with its default pooler for decoder embedding models such as
+# Qwen3-Embedding): each request is a prefill that ends after it.
+RUNNERS = ("generate", "pooling")
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """Everything that shapes one engine instance.
@@ -68,6 +74,9 @@ class EngineConfig:
     ``scheduling_policy`` orders the waiting queue and picks who is preempted: ``fcfs`` (arrival
     order, the default), ``priority`` (the request's ``priority``, lower first, as vLLM's
     ``--scheduling-policy priority``) or a policy from an installed package (docs/PLUGINS.md).
+
+    ``runner``: ``"generate"`` (text) or ``"pooling"`` (:data:`RUNNERS`: each request is one
+    prefill whose result is an embedding, ``RequestOutput.embedding``; vLLM's ``--runner``).
 
     ``speculative_config`` turns on speculative decoding (docs/SPEC_DECODE.md; vLLM's shape, a
     :class:`~gpu_worker.spec_decode.config.SpeculativeConfig` or its dict, e.g.
@@ -142,6 +151,7 @@ class EngineConfig:
     calculate_kv_scales: bool = True
     fp8_weight_only_max_tokens: int | None = None
     enable_pdl: bool = True
+    runner: str = "generate"
 
     def __post_init__(self) -> None:
         if self.speculative_config is not None:  # LLM(speculative_config={...}) passes a dict
@@ -161,6 +171,11 @@ class EngineConfig:
                 "max_num_batched_tokens must be positive",
             ),
             (self.mixed_graph_max_tokens >= 0, "mixed_graph_max_tokens must be >= 0"),
+            (self.runner in RUNNERS, f"runner must be one of {RUNNERS}, got {self.runner!r}"),
+            (
+                self.runner == "generate" or self.speculative_config is None,
+                "speculative_config needs runner generate (a pooling runner generates nothing)",
+            ),
             (self.max_num_seqs > 0, "max_num_seqs must be positive"),
             (self.num_kv_blocks is None or self.num_kv_blocks > 0, "num_kv_blocks must be positive"),
             (

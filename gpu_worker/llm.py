@@ -52,6 +52,15 @@ class LLM:
             batch = list(prompts)  # type: ignore[arg-type]
         return self._run(batch, sampling_params, priority)
 
+    def embed(
+        self, prompts: str | Sequence[int] | Sequence[str] | Sequence[Sequence[int]]
+    ) -> list[RequestOutput]:
+        """Each prompt's embedding (``RequestOutput.embedding``), in input order: the engine must
+        have been built with ``runner="pooling"`` (vLLM's ``LLM.embed``)."""
+        if self.engine.core.config.runner != "pooling":
+            raise ValueError('embed needs an engine built with runner="pooling" (LLM(..., runner="pooling"))')
+        return self.generate(prompts)
+
     def chat(
         self,
         messages: Conversation | Sequence[Conversation],

@@ -56,6 +56,9 @@ class RequestOutput:
     token's id and the top-N alternatives at its position to their :class:`Logprob`. A
     streaming (delta) request gets them once, on the first output that has them (with the
     first token); the other kinds carry them on every output from then on.
+
+    ``embedding``: a pooling engine's result (``runner`` "pooling"; L2-normalized), set on the
+    request's final output; None from a generating engine.
     """
 
     request_id: str
@@ -66,3 +69,4 @@ class RequestOutput:
     num_cached_tokens: int = 0
     device_s: float = 0.0
     prompt_logprobs: list[dict[int, Logprob] | None] | None = None
+    embedding: list[float] | None = None

@@ -26,7 +26,7 @@ import signal
 from dataclasses import dataclass
 from typing import Any
 
-from gpu_worker.config import KV_CACHE_DTYPES, QUANTIZATIONS
+from gpu_worker.config import KV_CACHE_DTYPES, QUANTIZATIONS, RUNNERS
 from llmserve.envflags import apply_env_defaults
 from llmserve.fleet import open_store
 from llmserve.gc_tuning import freeze_startup_objects, unfreeze_objects
@@ -59,6 +59,7 @@ class StackConfig:
     calculate_kv_scales: bool = True  # fp8 KV scales the checkpoint lacks, from the first prefill
     drain_grace_s: float = 5.0
     inprocess_worker: bool = True  # the router calls this worker in-process (False: over gRPC)
+    runner: str = "generate"  # "pooling": the model embeds (/v1/embeddings)
     tool_call_parser: str | None = None  # the OpenAI door's, for tool_choice "auto" (None: refused)
     reasoning_parser: str | None = None  # the OpenAI door's, for reasoning_content (None: off)
 
@@ -97,6 +98,7 @@ async def run_stack(config: StackConfig, started: asyncio.Event | None = None,
         quantization=config.quantization,
         kv_cache_dtype=config.kv_cache_dtype,
         calculate_kv_scales=config.calculate_kv_scales,
+        runner=config.runner,
     )
     server_config = ServerConfig(host=config.host, port=config.worker_port,
                                  drain_grace_s=config.drain_grace_s,
@@ -180,6 +182,8 @@ def register(subparsers: Any) -> None:
                    help="the router calls this worker in-process, not over its gRPC port (default on)")
     p.add_argument("--tool-call-parser", default=None, choices=TOOL_CALL_PARSERS,
                    help="how the OpenAI door reads the model's tool calls (tool_choice \"auto\")")
+    p.add_argument("--runner", default="generate", choices=RUNNERS,
+                   help="generate (text) or pooling (embeddings, /v1/embeddings)")
     p.add_argument("--reasoning-parser", default=None, choices=REASONING_PARSERS,
                    help="how the OpenAI door splits the model's reasoning from its answer")
     p.add_argument("--log-level", default="INFO")
@@ -209,6 +213,7 @@ def _run_up(args: argparse.Namespace) -> int:
         pipeline_parallel_size=args.pipeline_parallel_size,
         quantization=args.quantization,
         kv_cache_dtype=args.kv_cache_dtype,
+        runner=args.runner,
         tool_call_parser=args.tool_call_parser,
         reasoning_parser=args.reasoning_parser,
         calculate_kv_scales=args.calculate_kv_scales,

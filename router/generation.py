@@ -64,6 +64,7 @@ class RouterRequest:
     max_tokens_to_context: bool = False
     priority: int | None = None
     request_id_unique: bool = False  # the door made the id itself (unique): workers get it as it is
+    embed: bool = False  # the prompt's embedding (GenerateRequest.task TASK_EMBED), not text
 
 
 class RequestScope:
@@ -155,6 +156,7 @@ class RequestScope:
             sampling=sampling,
             request_id=(request.request_id if request.request_id_unique
                         else worker_request_id(request.request_id)),
+            task=gen_pb.TASK_EMBED if request.embed else gen_pb.TASK_GENERATE,
         )
         priority = self._core.default_priority.get(model) if request.priority is None else request.priority
         if priority is not None:

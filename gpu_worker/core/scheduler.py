@@ -529,7 +529,8 @@ class Scheduler:
     ) -> list[EngineCoreOutput]:
         """Account for a computed step: advance, cache full blocks, append samples, stop checks;
         ``device_s`` (the step's device time) is split over its requests by tokens."""
-        if self._FAST_PATHS and not runner_output.accepted_draft_ids and not self._unsent_prompt_logprobs:
+        if (self._FAST_PATHS and not runner_output.accepted_draft_ids and not self._unsent_prompt_logprobs
+                and not runner_output.pooled):
             cols = scheduler_output.step_columns()
             if (
                 not any(cols.num_draft_tokens)
@@ -545,6 +546,7 @@ class Scheduler:
         if missing:  # checked before any state changes
             raise ValueError(f"runner output has no sampled token for requests {missing}")
         accepted = self._accepted_drafts(scheduler_output, runner_output)
+        pooled = dict(zip(runner_output.req_ids, runner_output.pooled, strict=False))
         for prompt in runner_output.prompt_logprobs:  # before the outputs that may carry them
             prompt_request = self._requests.get(prompt.req_id)
             if prompt_request is not None:
@@ -601,7 +603,7 @@ class Scheduler:
                 make_output(
                     req_id, new_ids, new_logprobs, finish_reason, request.num_cached_tokens,
                     request.stop_token_id, request.unreported_device_s,
-                    prompt_logprobs=prompt_logprobs,
+                    prompt_logprobs=prompt_logprobs, embedding=pooled.get(req_id),
                 )
             )
             request.unreported_device_s = 0.0
@@ -682,6 +684,7 @@ class Scheduler:
                 "stop_token_id": request.stop_token_id,
                 "device_s": request.unreported_device_s,
                 "prompt_logprobs": None,  # a step with prompt logprobs takes ``update``'s loop
+                "embedding": None,  # so does a pooling step
             })
             append(output)
             request.unreported_device_s = 0.0

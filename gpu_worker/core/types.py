@@ -253,6 +253,8 @@ class RunnerOutput:
     accepted_draft_ids: tuple[tuple[int, ...], ...] = ()
     accepted_logprobs: tuple[tuple[TokenLogprobs, ...], ...] = ()
     prompt_logprobs: tuple[PromptLogprobs, ...] = ()
+    # A pooling runner's step: each sampled request's embedding (its token is a placeholder 0).
+    pooled: tuple[tuple[float, ...], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -271,6 +273,7 @@ class EngineCoreOutput:
     # The whole prompt's logprobs (positions 1 ..), once, on the request's first sampled output,
     # when it asked for them (``SamplingParams.prompt_logprobs``).
     prompt_logprobs: tuple[TokenLogprobs, ...] | None = None
+    embedding: tuple[float, ...] | None = None  # a pooling runner's result (its only output)
 
     @property
     def finished(self) -> bool:
@@ -281,6 +284,7 @@ class EngineCoreOutput:
         cls, request_id: str, new_token_ids: tuple[int, ...], new_logprobs: tuple[TokenLogprobs, ...],
         finish_reason: FinishReason | None, num_cached_tokens: int, stop_token_id: int | None,
         device_s: float, prompt_logprobs: tuple[TokenLogprobs, ...] | None = None,
+        embedding: tuple[float, ...] | None = None,
     ) -> EngineCoreOutput:
         """The same record as the constructor with these (all) fields, built ~3x faster:
         ``Scheduler.update`` builds one per sampled request per step (:func:`_fast_record`; its
@@ -294,6 +298,7 @@ class EngineCoreOutput:
             "stop_token_id": stop_token_id,
             "device_s": device_s,
             "prompt_logprobs": prompt_logprobs,
+            "embedding": embedding,
         })
 
 

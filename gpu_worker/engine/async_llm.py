@@ -81,7 +81,8 @@ class AsyncLLM:
         self._tokenizer = info.tokenizer
         self._config = info.config  # the effective one (max_model_len filled in)
         self._processor = InputProcessor(
-            info.tokenizer, info.vocab_size, info.max_model_len, info.eos_token_ids
+            info.tokenizer, info.vocab_size, info.max_model_len, info.eos_token_ids,
+            pooling=info.config.runner == "pooling",
         )
         self._outputs = OutputProcessor(info.tokenizer)  # event-loop side only
         self._queues: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}  # event-loop side

@@ -81,8 +81,8 @@ class PackedOutputs:
     """One step's :class:`EngineCoreOutput` list as flat columns (cheap to pickle).
 
     ``extras`` holds, sparsely, what most outputs lack: ``(row, new_logprobs, finish_reason,
-    stop_token_id, prompt_logprobs)`` for rows with logprobs, a finish reason, a stop token or
-    prompt logprobs.
+    stop_token_id, prompt_logprobs, embedding)`` for rows with logprobs, a finish reason, a stop
+    token, prompt logprobs or an embedding.
     """
 
     request_ids: list[str]
@@ -90,17 +90,18 @@ class PackedOutputs:
     num_cached_tokens: list[int]
     device_s: list[float]
     extras: list[
-        tuple[int, tuple[TokenLogprobs, ...], str | None, int | None, tuple[TokenLogprobs, ...] | None]
+        tuple[int, tuple[TokenLogprobs, ...], str | None, int | None, tuple[TokenLogprobs, ...] | None,
+              tuple[float, ...] | None]
     ]
 
     @staticmethod
     def pack(outputs: list[EngineCoreOutput]) -> PackedOutputs:
         extras = [
             (row, o.new_logprobs, None if o.finish_reason is None else o.finish_reason.value, o.stop_token_id,
-             o.prompt_logprobs)
+             o.prompt_logprobs, o.embedding)
             for row, o in enumerate(outputs)
             if o.new_logprobs or o.finish_reason is not None or o.stop_token_id is not None
-            or o.prompt_logprobs is not None
+            or o.prompt_logprobs is not None or o.embedding is not None
         ]
         return PackedOutputs(
             [o.request_id for o in outputs],
@@ -117,7 +118,7 @@ class PackedOutputs:
                 self.request_ids, self.new_token_ids, self.num_cached_tokens, self.device_s, strict=True
             )
         ]
-        for row, logprobs, reason, stop_token_id, prompt_logprobs in self.extras:
+        for row, logprobs, reason, stop_token_id, prompt_logprobs, embedding in self.extras:
             outputs[row] = EngineCoreOutput(
                 self.request_ids[row],
                 self.new_token_ids[row],
@@ -127,6 +128,7 @@ class PackedOutputs:
                 stop_token_id=stop_token_id,
                 device_s=self.device_s[row],
                 prompt_logprobs=prompt_logprobs,
+                embedding=embedding,
             )
         return outputs
 

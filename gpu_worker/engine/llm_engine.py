@@ -27,7 +27,8 @@ class LLMEngine:
     def __init__(self, core: EngineCore) -> None:
         self.core = core
         self.processor = InputProcessor(
-            core.tokenizer, core.vocab_size, core.max_model_len, core.eos_token_ids
+            core.tokenizer, core.vocab_size, core.max_model_len, core.eos_token_ids,
+            pooling=core.config.runner == "pooling",
         )
         self.output_processor = OutputProcessor(core.tokenizer)
 

@@ -63,6 +63,7 @@ class _RequestState:
     # vLLM's shape (None first), once the core sent them; whether a delta output carried them.
     prompt_logprobs: list[dict[int, Logprob] | None] | None = None
     prompt_logprobs_sent: bool = False
+    embedding: list[float] | None = None  # a pooling engine's result
 
     @property
     def finished(self) -> bool:
@@ -143,6 +144,8 @@ class OutputProcessor:
                 state.num_cached_tokens = out.num_cached_tokens
             if out.prompt_logprobs is not None:
                 state.prompt_logprobs = [None, *map(self._logprob_entry, out.prompt_logprobs)]
+            if out.embedding is not None:
+                state.embedding = list(out.embedding)
             if self._apply(sample, out, state.params) and not out.finished:
                 to_abort.append(out.request_id)
             touched.setdefault(state.request_id, (state, []))[1].append(sample)
@@ -244,6 +247,7 @@ class OutputProcessor:
             num_cached_tokens=state.num_cached_tokens,
             device_s=state.device_s,
             prompt_logprobs=prompt_logprobs,
+            embedding=state.embedding,
         )
 
     @staticmethod
@@ -320,4 +324,5 @@ def merge_deltas(earlier: RequestOutput, later: RequestOutput) -> RequestOutput:
         prompt_logprobs=(
             earlier.prompt_logprobs if earlier.prompt_logprobs is not None else later.prompt_logprobs
         ),
+        embedding=later.embedding if later.embedding is not None else earlier.embedding,
     )

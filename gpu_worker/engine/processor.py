@@ -31,6 +31,8 @@ from llmserve.prompt_input import (
     truncate_prompt,
 )
 
+# A pooling engine's requests: the one token its last prefill step "samples" ends them.
+POOLING_PARAMS = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
 NO_TOKENIZER = "this model has no tokenizer"
 
 
@@ -60,10 +62,14 @@ class InputProcessor:
 
     ``vocab_size`` is the model's (embedding rows), ``max_model_len`` the context length
     the engine serves (already capped to the KV pool). With ``tokenizer=None`` (a model served
-    without one) only token-id prompts without stop strings are accepted.
+    without one) only token-id prompts without stop strings are accepted. ``pooling``: the engine
+    embeds (``runner`` "pooling"): every request becomes one greedy token (:data:`POOLING_PARAMS`),
+    whose step returns the embedding.
     """
 
-    def __init__(self, tokenizer: Any, vocab_size: int, max_model_len: int, eos_token_ids: frozenset[int]):
+    def __init__(self, tokenizer: Any, vocab_size: int, max_model_len: int, eos_token_ids: frozenset[int],
+                 pooling: bool = False):
+        self.pooling = pooling
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
         self.max_model_len = max_model_len
@@ -116,6 +122,8 @@ class InputProcessor:
         if not request_id:
             raise ValueError("request_id must not be empty")
         params = params if params is not None else SamplingParams()
+        if self.pooling:  # what to generate is not the caller's to say: one prefill, one vector
+            params = dataclasses.replace(POOLING_PARAMS, truncate_prompt_tokens=params.truncate_prompt_tokens)
         params.validate(self.vocab_size)
         if params.stop and self.tokenizer is None:
             raise ValueError(f"stop: {NO_TOKENIZER}; stop strings cannot be matched (use stop_token_ids)")

@@ -156,7 +156,8 @@ def encode_output(out: RunnerOutput) -> bytes:
     draft_logprobs = [[_logprob_json(lp) for lp in lps] for lps in out.accepted_logprobs]
     prompt = [[p.req_id, p.first, [_logprob_json(lp) for lp in p.logprobs]] for p in out.prompt_logprobs]
     rest = json.dumps(
-        [list(out.req_ids), logprobs, drafts, draft_logprobs, prompt], separators=(",", ":")
+        [list(out.req_ids), logprobs, drafts, draft_logprobs, prompt, [list(v) for v in out.pooled]],
+        separators=(",", ":")
     ).encode()
     return np.array([len(ids)], dtype=np.int64).tobytes() + ids + rest
 
@@ -164,7 +165,7 @@ def encode_output(out: RunnerOutput) -> bytes:
 def decode_output(data: bytes) -> RunnerOutput:
     size = int(np.frombuffer(data, dtype=np.int64, count=1)[0])
     ids = tuple(np.frombuffer(data, dtype=np.int64, count=size // 8, offset=8).tolist())
-    req_ids, logprobs, drafts, draft_logprobs, prompt = json.loads(data[8 + size :])
+    req_ids, logprobs, drafts, draft_logprobs, prompt, pooled = json.loads(data[8 + size :])
     return RunnerOutput(
         req_ids=tuple(req_ids),
         sampled_token_ids=ids,
@@ -174,6 +175,7 @@ def decode_output(data: bytes) -> RunnerOutput:
         prompt_logprobs=tuple(
             PromptLogprobs(req_id, first, tuple(_logprob(lp) for lp in lps)) for req_id, first, lps in prompt
         ),
+        pooled=tuple(tuple(v) for v in pooled),
     )
 
 

@@ -17,7 +17,7 @@ from typing import Any
 
 from gpu_worker.core.types import SchedulerStats
 from gpu_worker.engine.errors import QueueFullError
-from gpu_worker.server.errors import ModelNotFound, NoTokenizer, Overloaded, Unavailable
+from gpu_worker.server.errors import InvalidRequest, ModelNotFound, NoTokenizer, Overloaded, Unavailable
 from gpu_worker.server.request_telemetry import RequestTelemetry
 from gpu_worker.server.tokenizer_files import tokenizer_files
 from gpu_worker.server.types import GenerateCall, ServedEngine
@@ -138,6 +138,16 @@ class WorkerService:
         if model and model != self.model_name:
             raise ModelNotFound(model, [self.model_name])
 
+    def check_task(self, embed: bool) -> None:
+        """INVALID_ARGUMENT unless the request's task is what this worker's runner serves."""
+        pooling = getattr(self.engine.config, "runner", "generate") == "pooling"
+        if embed and not pooling:
+            raise InvalidRequest(f"model {self.model_name!r} generates text (runner generate): it has no "
+                                 "embeddings; serve an embedding model with --runner pooling")
+        if pooling and not embed:
+            raise InvalidRequest(f"model {self.model_name!r} serves embeddings (runner pooling): ask for "
+                                 "task TASK_EMBED (the OpenAI door's /v1/embeddings)")
+
     async def generate(self, call: GenerateCall) -> AsyncGenerator[Any, None]:
         """Admit ``call`` and yield the engine's delta ``RequestOutput``s.
 
@@ -148,6 +158,7 @@ class WorkerService:
             raise Unavailable("worker is draining")
         engine = self.engine
         self.check_model(call.model)
+        self.check_task(call.embed)
         if len(self._in_flight) >= self.max_concurrent_streams:
             self.on_refusal("max_concurrent_streams")
             raise Overloaded(

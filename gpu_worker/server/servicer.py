@@ -116,6 +116,7 @@ def decode_generate(request: gen_pb.GenerateRequest, limits: RequestLimits | Non
         request_id=request.request_id or uuid.uuid4().hex,
         resumed_token_ids=resumed,
         priority=request.priority,
+        embed=request.task == gen_pb.TASK_EMBED,
     )
 
 
@@ -174,13 +175,28 @@ class _StreamEncoder:
 
     def encode(self, output: Any) -> Iterator[gen_pb.GenerateResponse]:
         """The messages of one delta output: the prompt's logprobs first when it carries them
-        (the first time only), then one chunk per sequence with news."""
+        (the first time only), then one chunk per sequence with news. An embedding request has
+        one message: its embedding and usage (the token its step "sampled" is not shown)."""
+        if self._call.embed:
+            if output.finished:
+                yield self._embedding(output)
+            return
         prompt_logprobs = getattr(output, "prompt_logprobs", None)
         if prompt_logprobs is not None and not self._prompt_logprobs_sent:
             self._prompt_logprobs_sent = True
             yield from encode_prompt_logprobs(output.request_id, output.prompt_token_ids or (),
                                               prompt_logprobs, self._call.params.prompt_logprobs or 0)
         yield from self._chunks(output)
+
+    def _embedding(self, output: Any) -> gen_pb.GenerateResponse:
+        message = gen_pb.GenerateResponse(request_id=output.request_id, finish_reason="stop",
+                                          embedding=output.embedding or (), worker_id=self._worker_id)
+        message.usage.CopyFrom(gen_pb.Usage(
+            prompt_tokens=len(output.prompt_token_ids or ()),
+            cached_prompt_tokens=output.num_cached_tokens or 0,
+            device_seconds=getattr(output, "device_s", 0.0),
+        ))
+        return message
 
     def _chunks(self, output: Any) -> list[gen_pb.GenerateResponse]:
         chunks = []

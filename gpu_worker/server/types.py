@@ -57,3 +57,4 @@ class GenerateCall:
     request_id: str
     resumed_token_ids: tuple[int, ...] = ()
     priority: int = 0  # lower runs first (with --scheduling-policy priority)
+    embed: bool = False  # GenerateRequest.task TASK_EMBED: the prompt's embedding

@@ -133,8 +133,12 @@ class ModelRunner:
         # Pipeline stages run eagerly: their activations arrive by point-to-point transfers.
         # Decode graphs end with the LM head (their output is logits) on a single TP rank.
         self._graph_logits = self.parallel.tp.size == 1
+        # A pooling runner's steps are prefills (a one-token prompt looks like a decode, whose graph
+        # returns logits): no decode graphs; mixed steps' piecewise graphs return hidden states.
+        self.pooling = config.runner == "pooling"
         if device.type == "cuda" and not config.enforce_eager and self.parallel.pp_size == 1:
-            self.graphs = DecodeGraphs(decode_buckets(min(config.max_num_seqs, config.token_budget)))
+            if not self.pooling:
+                self.graphs = DecodeGraphs(decode_buckets(min(config.max_num_seqs, config.token_budget)))
             # Piecewise: the attention between pieces sees the step's metadata; a piece must not
             # hold collectives (tensor parallelism), which the decode graphs capture whole.
             buckets = mixed_buckets(config.mixed_graph_max_tokens, config.token_budget)
@@ -252,6 +256,8 @@ class ModelRunner:
             hidden = self.graphs.replay(bucket)  # type: ignore[union-attr]
         if hidden is None:  # the activations went to the next stage
             return PendingRunnerOutput.ready(_EMPTY_OUTPUT)
+        if self.pooling:
+            return self._pool(hidden, inputs)
         prompt = None
         if prompt_plan is not None:  # every TP rank: the LM head's gather is a collective
             prompt = compute_prompt_logprobs(self.model, hidden, prompt_plan, self.vocab_size)
@@ -419,6 +425,31 @@ class ModelRunner:
         self._last_sample = _LastSample(inputs.sample_req_ids, out.token_ids)
         self._pending = self._pending_output(out, inputs)
         return self._pending
+
+    @torch.inference_mode()
+    def _pool(self, hidden: torch.Tensor, inputs: StepInputs) -> PendingRunnerOutput:
+        """A pooling runner's step: each finished prompt's last hidden state, L2-normalized (the
+        last-token pooler of decoder embedding models), in float32; its token is 0 (the request
+        ends with it: ``max_tokens`` 1)."""
+        req_ids = inputs.sample_req_ids
+        ids = torch.zeros(len(req_ids), dtype=torch.int64, device=self.device)
+        self._last_sample = _LastSample(req_ids, ids)
+        if not req_ids or not self.parallel.samples:
+            return PendingRunnerOutput.ready(_EMPTY_OUTPUT)
+        vectors = torch.nn.functional.normalize(hidden.index_select(0, inputs.logits_indices).float(), dim=-1)
+        host = vectors.to("cpu", non_blocking=True)
+        copied = None
+        if self.device.type == "cuda":
+            copied = torch.cuda.Event()
+            copied.record()
+
+        def finalize() -> RunnerOutput:
+            if copied is not None:
+                copied.synchronize()
+            pooled = tuple(tuple(row) for row in host.tolist())
+            return RunnerOutput(req_ids=req_ids, sampled_token_ids=(0,) * len(req_ids), pooled=pooled)
+
+        return PendingRunnerOutput(finalize)
 
     def _pending_output(self, out: SamplerOutput, inputs: StepInputs) -> PendingRunnerOutput:
         """Start the copies of the sampled ids (and logprobs) to the host; the returned

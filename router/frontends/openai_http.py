@@ -16,7 +16,10 @@ soon as its ``Content-Length``, or the bytes read so far, pass the limit: never 
 
 from __future__ import annotations
 
+import base64
 import json
+import struct
+import time
 import uuid
 from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequence
 from contextlib import aclosing
@@ -41,7 +44,12 @@ from router.frontends.openai_responses import (
     json_bytes,
     sse_event,
 )
-from router.frontends.openai_schemas import ChatCompletionRequest, CompletionRequest, validate
+from router.frontends.openai_schemas import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    EmbeddingRequest,
+    validate,
+)
 from router.frontends.openai_tokenize import DETOKENIZE_ROUTE, TOKENIZE_ROUTE, TokenizerEndpoints
 from router.frontends.sse import Reply, ReplyOrStream
 from router.generation import GenerationCore, RouterRequest
@@ -49,6 +57,7 @@ from router.tokenizers import RouterTokenizer
 
 COMPLETIONS_ROUTE = "/v1/completions"
 CHAT_ROUTE = "/v1/chat/completions"
+EMBEDDINGS_ROUTE = "/v1/embeddings"
 
 
 @dataclass(frozen=True)
@@ -66,6 +75,9 @@ class _Endpoint:
 _COMPLETIONS = _Endpoint(COMPLETIONS_ROUTE, "text_completion", "cmpl", CompletionRequest, CompletionRenderer,
                          "prompt")
 _CHAT = _Endpoint(CHAT_ROUTE, "chat", "chatcmpl", ChatCompletionRequest, ChatRenderer, "messages")
+# Embeddings: only the route and the operation are read (their own handler renders the reply).
+_EMBEDDINGS = _Endpoint(EMBEDDINGS_ROUTE, "embeddings", "embd", CompletionRequest, CompletionRenderer,
+                        "input")
 
 
 class _Observed(NamedTuple):
@@ -115,6 +127,13 @@ class OpenAIDoor:
         async def chat(request: Request) -> Response:
             return await self._post(_CHAT, request)
 
+        async def embeddings(request: Request) -> Response:
+            try:
+                body = await self._body(request)
+            except ClientDisconnect:
+                return Response(status_code=499)
+            return ReplyOrStream(self._serve_embeddings(body, request.headers))
+
         async def tokenize(request: Request) -> Response:
             return await self._post_json(TOKENIZE_ROUTE, self._tokenizer_endpoints.tokenize, request)
 
@@ -123,6 +142,7 @@ class OpenAIDoor:
 
         app.add_api_route(COMPLETIONS_ROUTE, completions, methods=["POST"])
         app.add_api_route(CHAT_ROUTE, chat, methods=["POST"])
+        app.add_api_route(EMBEDDINGS_ROUTE, embeddings, methods=["POST"])
         app.add_api_route(TOKENIZE_ROUTE, tokenize, methods=["POST"])
         app.add_api_route(DETOKENIZE_ROUTE, detokenize, methods=["POST"])
         app.add_api_route("/version", self._version_reply, methods=["GET"])
@@ -240,6 +260,40 @@ class OpenAIDoor:
                 return
             if whole is not None:
                 yield whole
+
+    async def _serve_embeddings(self, body: bytes | RequestTooLarge, headers: Mapping[str, str]
+                                ) -> AsyncGenerator[Reply, None]:
+        """``/v1/embeddings``: one router request per input (each in a task of its own, as a
+        completions batch), one JSON reply with the vectors in input order and the summed usage."""
+        request_id = f"embd-{uuid.uuid4().hex}"
+        data = _json_object(body) if isinstance(body, bytes) else None
+        hint = data.get("model") if isinstance(data, dict) else None
+        model_hint = hint if isinstance(hint, str) else ""
+        with self._tracing.http_server(method="POST", route=EMBEDDINGS_ROUTE, headers=headers) as http_span:
+            try:
+                try:
+                    parsed = validate(EmbeddingRequest, _body_object(body, data))
+                    routed = parsed.to_router_requests(request_id, self._max_batch_prompts)
+                except Exception as exc:  # the door's own refusals count as requests too
+                    self._core.refused(model_hint, request_id, exc, operation="embeddings")
+                    raise
+                sources = [self._observed(i, r, _EMBEDDINGS, False) for i, r in enumerate(routed)]
+                vectors: dict[int, list[float]] = {}
+                usage, model = gen_pb.Usage(), ""
+                async with aclosing(sources[0] if len(sources) == 1 else merged(sources)) as items:
+                    async for i, chunk, resolved, _, _ in items:
+                        model = resolved
+                        if chunk.HasField("usage"):
+                            vectors[i] = list(chunk.embedding)
+                            usage.prompt_tokens += chunk.usage.prompt_tokens
+                reply = Reply(200, json_bytes(embeddings_response(
+                    request_id, model, [vectors[i] for i in range(len(routed))], usage.prompt_tokens,
+                    parsed.encoding_format)))
+            except Exception as exc:  # noqa: BLE001 - every error becomes the door's error JSON
+                error = http_error(exc, "input")
+                reply = Reply(error.status, json_bytes(error.body), error.headers)
+            http_span.set_status_code(reply.status)
+        yield reply
 
     async def _observed(self, index: int, request: RouterRequest, endpoint: _Endpoint, tokens: bool
                         ) -> AsyncGenerator[_Observed, None]:
@@ -372,3 +426,17 @@ def _json_object(body: bytes) -> Any:
 def _body_too_large(size: int | None, limit: int) -> RequestTooLarge:
     return RequestTooLarge("the request body", size, "max_http_body_bytes", limit, "--max-http-body-bytes")
 
+
+
+def embeddings_response(request_id: str, model: str, vectors: list[list[float]], prompt_tokens: int,
+                        encoding_format: str) -> dict[str, Any]:
+    """OpenAI's embeddings reply: each vector as floats or, ``base64``, its float32 little-endian
+    bytes in base64 (what the ``openai`` SDK decodes)."""
+    def encoded(vector: list[float]) -> list[float] | str:
+        if encoding_format == "base64":
+            return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
+        return vector
+
+    data = [{"object": "embedding", "index": i, "embedding": encoded(v)} for i, v in enumerate(vectors)]
+    return {"id": request_id, "object": "list", "created": int(time.time()), "model": model, "data": data,
+            "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens}}

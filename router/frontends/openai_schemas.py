@@ -218,22 +218,8 @@ class CompletionRequest(_SamplingRequest):
     best_of: int | None = None
 
     def prompt_inputs(self, max_prompts: int) -> list[PromptInput]:
-        """The prompts: one text or token-id list, or a list of them (a batch: each a request of
-        its own, as vLLM serves it). More than ``max_prompts`` is refused (``LimitRefused``)."""
-        prompt: Any = self.prompt
-        batch = isinstance(prompt, list) and prompt and isinstance(prompt[0], str | list)
-        prompts: list[Any] = list(prompt) if batch else [prompt]
-        if len(prompts) > max_prompts:
-            raise LimitRefused(BATCH_LIMIT, (
-                f"prompt is too large: {len(prompts)} prompts; the limit is {max_prompts} "
-                f"({BATCH_LIMIT}, flag {flag_of(BATCH_LIMIT)})"))
-        for i, one in enumerate(prompts):
-            name = f"prompt[{i}]" if batch else "prompt"
-            if not one:
-                raise InvalidParam("prompt", f"{name} must not be empty")
-            if isinstance(one, list) and any(not 0 <= t < INT32_END for t in one):
-                raise InvalidParam("prompt", f"{name}: token ids must be in [0, 2^31)")
-        return prompts
+        """The prompts (:func:`prompt_batch` of ``prompt``)."""
+        return prompt_batch(self.prompt, max_prompts, "prompt")
 
     def to_router_requests(self, request_id: str, max_prompts: int,
                            tool_parser: str | None = None) -> list[RouterRequest]:
@@ -272,6 +258,52 @@ class CompletionRequest(_SamplingRequest):
         and for the echoed prompt's logprobs (each shows its own number)."""
         asked = [n for n in (self.prompt_logprobs, self.echo_logprobs) if n is not None]
         return max(asked) if asked else None
+
+
+def prompt_batch(prompt: Any, max_prompts: int, param: str) -> list[PromptInput]:
+    """``param``'s prompts: one text or token-id list, or a list of them (a batch: each a request
+    of its own, as vLLM serves it). More than ``max_prompts`` is refused (``LimitRefused``)."""
+    batch = isinstance(prompt, list) and prompt and isinstance(prompt[0], str | list)
+    prompts: list[Any] = list(prompt) if batch else [prompt]
+    if len(prompts) > max_prompts:
+        raise LimitRefused(BATCH_LIMIT, (
+            f"{param} is too large: {len(prompts)} prompts; the limit is {max_prompts} "
+            f"({BATCH_LIMIT}, flag {flag_of(BATCH_LIMIT)})"))
+    for i, one in enumerate(prompts):
+        name = f"{param}[{i}]" if batch else param
+        if not one:
+            raise InvalidParam(param, f"{name} must not be empty")
+        if isinstance(one, list) and any(not 0 <= t < INT32_END for t in one):
+            raise InvalidParam(param, f"{name}: token ids must be in [0, 2^31)")
+    return prompts
+
+
+class EmbeddingRequest(BaseModel):
+    """``POST /v1/embeddings`` (a model served by workers with ``--runner pooling``): one router
+    request per input, as a completions batch. ``encoding_format`` "base64" is the float32 vector's
+    little-endian bytes (what the ``openai`` SDK asks for by default); ``dimensions`` is refused
+    (no model here is trained to be cut)."""
+
+    model_config = ConfigDict(extra="ignore")
+    model: str = ""
+    input: str | list[int] | list[str] | list[list[int]]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = None
+    user: str | None = None
+    truncate_prompt_tokens: int | None = Field(None, ge=-1, lt=INT32_END)
+    priority: int | None = Field(None, ge=-(2**31), lt=2**31)
+
+    def to_router_requests(self, request_id: str, max_prompts: int) -> list[RouterRequest]:
+        if self.dimensions is not None:
+            raise InvalidParam("dimensions", "dimensions is not supported (the model's size is served whole)")
+        prompts = prompt_batch(self.input, max_prompts, "input")
+        sampling = gen_pb.SamplingParams()
+        if self.truncate_prompt_tokens is not None:
+            sampling.truncate_prompt_tokens = self.truncate_prompt_tokens
+        return [RouterRequest(model=self.model, prompt=prompt, sampling=sampling,
+                              request_id=request_id if len(prompts) == 1 else f"{request_id}-{i}",
+                              priority=self.priority, request_id_unique=True, embed=True)
+                for i, prompt in enumerate(prompts)]
 
 
 class TextPart(BaseModel):

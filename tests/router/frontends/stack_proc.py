@@ -21,7 +21,8 @@ MODEL = "tiny"
 class StackProc(ServiceProc):
     """One ``llmserve up`` process on free loopback ports."""
 
-    def __init__(self, model_dir: Path, log_path: Path, otlp_endpoint: str) -> None:
+    def __init__(self, model_dir: Path, log_path: Path, otlp_endpoint: str, extra_args: tuple[str, ...] = ()
+                 ) -> None:
         self.router_port, self.worker_port, self.http_port = free_port(), free_port(), free_port()
         self.grpc_target = f"127.0.0.1:{self.router_port}"
         self.worker_target = f"127.0.0.1:{self.worker_port}"
@@ -31,7 +32,7 @@ class StackProc(ServiceProc):
                "--served-model-name", MODEL, "--port", str(self.router_port),
                "--worker-port", str(self.worker_port), "--http-port", str(self.http_port),
                "--num-kv-blocks", "512", "--max-num-seqs", "8", "--tool-call-parser", "hermes",
-               "--reasoning-parser", "qwen3"]
+               "--reasoning-parser", "qwen3", *extra_args]
         env = {**ONE_THREAD_ENV,
                "OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_ENDPOINT": otlp_endpoint,
                "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc", "OTEL_BSP_SCHEDULE_DELAY": "50"}

@@ -1,0 +1,56 @@
+"""``/v1/embeddings`` through the official ``openai`` SDK on a real ``llmserve up`` stack whose
+worker embeds (``--runner pooling``, a tiny Qwen3): the vectors equal the offline engine's, base64
+(the SDK's default) and float alike, one per input of a batch; a task the worker does not serve is
+refused with 400, both ways."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+from openai import OpenAI
+
+from gpu_worker import LLM
+from tests.router.frontends.stack_proc import MODEL, StackProc
+
+INPUTS = [[(11 * i + 7 * j) % 3000 + 5 for j in range(4 + 9 * i)] for i in range(3)]
+
+
+@pytest.fixture(scope="module")
+def pooling_stack(tiny_model: Callable[[str], Path], otlp_receiver: Any,
+                  tmp_path_factory: pytest.TempPathFactory) -> Iterator[StackProc]:
+    proc = StackProc(tiny_model("qwen3"), tmp_path_factory.mktemp("pooling") / "llmserve-up.log",
+                     otlp_receiver.endpoint, extra_args=("--runner", "pooling"))
+    try:
+        proc.wait_ready()
+        yield proc
+    finally:
+        proc.stop()
+
+
+def test_embeddings_equal_the_offline_engines(pooling_stack: StackProc,
+                                              tiny_model: Callable[[str], Path]) -> None:
+    with LLM(model=str(tiny_model("qwen3")), runner="pooling", num_kv_blocks=64) as llm:
+        expected = [o.embedding for o in llm.embed(INPUTS + ["A text input."])]
+    client = OpenAI(base_url=pooling_stack.openai_url, api_key="unused", max_retries=0)
+    batch = client.embeddings.create(model=MODEL, input=INPUTS)  # the SDK asks for base64
+    assert [d.index for d in batch.data] == [0, 1, 2] and batch.model == MODEL
+    for item, want in zip(batch.data, expected, strict=False):
+        assert item.embedding == pytest.approx(want, abs=1e-6)
+    assert batch.usage.prompt_tokens == sum(len(i) for i in INPUTS) == batch.usage.total_tokens
+    text = client.embeddings.create(model=MODEL, input="A text input.", encoding_format="float")
+    assert text.data[0].embedding == pytest.approx(expected[3], abs=1e-6)
+    with pytest.raises(openai.BadRequestError, match="serves embeddings"):
+        client.completions.create(model=MODEL, prompt="Hi", max_tokens=2)
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.embeddings.create(model=MODEL, input="x", dimensions=8)
+    assert refused.value.param == "dimensions"  # type: ignore[attr-defined]
+
+
+def test_a_generating_model_has_no_embeddings(stack: StackProc) -> None:
+    client = OpenAI(base_url=stack.openai_url, api_key="unused", max_retries=0)
+    with pytest.raises(openai.BadRequestError, match="has no embeddings"):
+        client.embeddings.create(model=MODEL, input="Hi")
