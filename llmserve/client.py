@@ -80,6 +80,7 @@ class GenerationChunk:
     usage: Usage | None = None
     worker_id: str | None = None
     prompt_logprobs: tuple[TokenLogprob, ...] = ()
+    embedding: tuple[float, ...] = ()  # an embedding request's (``embed=True``), on its one chunk
 
 
 @dataclass
@@ -107,6 +108,7 @@ class Completion:
     usage: Usage | None
     worker_id: str | None
     prompt_logprobs: tuple[TokenLogprob, ...] = ()
+    embedding: tuple[float, ...] = ()  # an embedding request's vector (``embed=True``)
 
     @property
     def text(self) -> str:
@@ -143,9 +145,12 @@ def build_request(
     continue_final_message: bool = False,
     request_id: str = "",
     priority: int | None = None,
+    embed: bool = False,
     **sampling: Any,
 ) -> pb.GenerateRequest:
     """A GenerateRequest from Python values; exactly one of the three inputs must be given.
+    ``embed``: ask for the prompt's embedding (``TASK_EMBED``, a model served with
+    ``--runner pooling``; ``Completion.embedding``) rather than text.
 
     ``sampling`` holds ``SamplingParams`` fields by name; ``structured_output`` is a dict such
     as ``{"json": schema}``, ``logits_processors`` / ``stopping_criteria`` lists of names or
@@ -156,7 +161,8 @@ def build_request(
     unknown = sorted(set(sampling) - _SAMPLING_FIELDS)
     if unknown:
         raise TypeError(f"unknown sampling parameters {unknown}; known: {sorted(_SAMPLING_FIELDS)}")
-    request = pb.GenerateRequest(model=model, request_id=request_id)
+    request = pb.GenerateRequest(model=model, request_id=request_id,
+                                 task=pb.TASK_EMBED if embed else pb.TASK_GENERATE)
     if priority is not None:
         request.priority = priority
     if prompt is not None:
@@ -213,6 +219,7 @@ def chunk_from_proto(msg: pb.GenerateResponse) -> GenerationChunk:
         else None,
         worker_id=msg.worker_id or None,
         prompt_logprobs=_token_logprobs(msg.prompt_logprobs),
+        embedding=tuple(msg.embedding),
     )
 
 
@@ -225,9 +232,13 @@ class CompletionCollector:
         self._usage: Usage | None = None
         self._worker_id: str | None = None
         self._prompt_logprobs: list[TokenLogprob] = []
+        self._embedding: tuple[float, ...] = ()
 
     def add(self, chunk: GenerationChunk) -> None:
         self._request_id = chunk.request_id
+        if chunk.embedding:  # an embedding request's one message: the vector and the usage
+            self._embedding, self._usage, self._worker_id = chunk.embedding, chunk.usage, chunk.worker_id
+            return
         if chunk.prompt_logprobs:  # such a chunk carries nothing else
             self._prompt_logprobs.extend(chunk.prompt_logprobs)
             return
@@ -243,7 +254,7 @@ class CompletionCollector:
     def result(self) -> Completion:
         sequences = [self._sequences[i] for i in sorted(self._sequences)]
         return Completion(self._request_id, sequences, self._usage, self._worker_id,
-                          tuple(self._prompt_logprobs))
+                          tuple(self._prompt_logprobs), self._embedding)
 
 
 def _models(response: pb.ListModelsResponse) -> list[ModelInfo]:

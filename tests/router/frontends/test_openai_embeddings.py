@@ -1,7 +1,7 @@
 """``/v1/embeddings`` through the official ``openai`` SDK on a real ``llmserve up`` stack whose
 worker embeds (``--runner pooling``, a tiny Qwen3): the vectors equal the offline engine's, base64
 (the SDK's default) and float alike, one per input of a batch; a task the worker does not serve is
-refused with 400, both ways."""
+refused with 400, both ways; the native client's ``embed=True`` gets the same vector."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import pytest
 from openai import OpenAI
 
 from gpu_worker import LLM
+from llmserve.client import Client
 from tests.router.frontends.stack_proc import MODEL, StackProc
 
 INPUTS = [[(11 * i + 7 * j) % 3000 + 5 for j in range(4 + 9 * i)] for i in range(3)]
@@ -43,6 +44,10 @@ def test_embeddings_equal_the_offline_engines(pooling_stack: StackProc,
     assert batch.usage.prompt_tokens == sum(len(i) for i in INPUTS) == batch.usage.total_tokens
     text = client.embeddings.create(model=MODEL, input="A text input.", encoding_format="float")
     assert text.data[0].embedding == pytest.approx(expected[3], abs=1e-6)
+    with Client(pooling_stack.grpc_target) as native:  # llmserve.v1.Generation, TASK_EMBED
+        one = native.complete(MODEL, prompt_token_ids=INPUTS[1], embed=True)
+    assert list(one.embedding) == pytest.approx(expected[1], abs=1e-6)
+    assert one.usage is not None and one.usage.prompt_tokens == len(INPUTS[1]) and not one.sequences
     with pytest.raises(openai.BadRequestError, match="serves embeddings"):
         client.completions.create(model=MODEL, prompt="Hi", max_tokens=2)
     with pytest.raises(openai.BadRequestError) as refused:
