@@ -432,9 +432,11 @@ class ModelRunner:
         last-token pooler of decoder embedding models), in float32; its token is 0 (the request
         ends with it: ``max_tokens`` 1)."""
         req_ids = inputs.sample_req_ids
-        ids = torch.zeros(len(req_ids), dtype=torch.int64, device=self.device)
-        self._last_sample = _LastSample(req_ids, ids)
-        if not req_ids or not self.parallel.samples:
+        if not req_ids:  # prefill chunks that end no prompt
+            return PendingRunnerOutput.ready(_EMPTY_OUTPUT)
+        placeholders = torch.zeros(len(req_ids), dtype=torch.int64, device=self.device)
+        self._last_sample = _LastSample(req_ids, placeholders)
+        if not self.parallel.samples:
             return PendingRunnerOutput.ready(_EMPTY_OUTPUT)
         vectors = torch.nn.functional.normalize(hidden.index_select(0, inputs.logits_indices).float(), dim=-1)
         host = vectors.to("cpu", non_blocking=True)
