@@ -8,12 +8,15 @@ learns from ``ScheduledRequest`` records).
 from __future__ import annotations
 
 import enum
+import logging
 from collections.abc import Iterable
 from typing import Any
 
 from gpu_worker.core.types import EngineCoreRequest, TokenLogprobs
 from gpu_worker.sampling_params import SamplingParams
 from llmserve.hashing import BlockHash, block_hashes
+
+log = logging.getLogger(__name__)
 
 
 class RequestStatus(enum.Enum):
@@ -140,9 +143,10 @@ class Request:
         if acc is None:
             return
         skip = len(acc) + 1 - first  # the next position wanted is len(acc) + 1
-        if skip < 0:
-            raise ValueError(f"request {self.request_id}: prompt logprobs from position {first} leave a gap "
-                             f"after position {len(acc)}")
+        if skip < 0:  # never by the scheduler's order; a request's bug must not end the engine
+            log.error("request %s: prompt logprobs from position %d leave a gap after position %d; dropped",
+                      self.request_id, first, len(acc))
+            return
         acc.extend(logprobs[skip:])
 
     def take_prompt_logprobs(self) -> tuple[TokenLogprobs, ...] | None:
@@ -150,8 +154,9 @@ class Request:
         when not asked for)."""
         if self.prompt_logprobs is None or self.prompt_logprobs_sent:
             return None
-        if self.needs_prompt_logprobs:
-            raise RuntimeError(f"request {self.request_id}: sampled before its prompt logprobs were complete")
+        if self.needs_prompt_logprobs:  # never by the scheduler's order: sent as they are
+            log.error("request %s: sampled with %d of its %d prompt logprobs", self.request_id,
+                      len(self.prompt_logprobs), len(self.prompt_token_ids) - 1)
         self.prompt_logprobs_sent = True
         return tuple(self.prompt_logprobs)
 
