@@ -164,6 +164,7 @@ def test_engine_core_modules_never_import_torch() -> None:
         "dataclasses",
         "enum",
         "itertools",
+        "logging",
         "types",
         "typing",
     } == {
