@@ -75,9 +75,6 @@ class _Endpoint:
 _COMPLETIONS = _Endpoint(COMPLETIONS_ROUTE, "text_completion", "cmpl", CompletionRequest, CompletionRenderer,
                          "prompt")
 _CHAT = _Endpoint(CHAT_ROUTE, "chat", "chatcmpl", ChatCompletionRequest, ChatRenderer, "messages")
-# Embeddings: only the route and the operation are read (their own handler renders the reply).
-_EMBEDDINGS = _Endpoint(EMBEDDINGS_ROUTE, "embeddings", "embd", CompletionRequest, CompletionRenderer,
-                        "input")
 
 
 class _Observed(NamedTuple):
@@ -219,8 +216,9 @@ class OpenAIDoor:
                     raise
                 tokens = _needs_tokenizer(endpoint, parsed)
                 batch = _Batch(parsed.n) if len(routed) > 1 else None
-                chunks = (self._observed(0, routed[0], endpoint, tokens) if batch is None else merged(
-                    [self._observed(i, r, endpoint, tokens) for i, r in enumerate(routed)]))
+                operation = endpoint.operation
+                chunks = (self._observed(0, routed[0], operation, tokens) if batch is None else merged(
+                    [self._observed(i, r, operation, tokens) for i, r in enumerate(routed)]))
                 renderer: ChoiceRenderer | None = None
                 async with aclosing(chunks) as items:
                     async for i, chunk, model, tokenizer, prompt_ids in items:
@@ -277,7 +275,7 @@ class OpenAIDoor:
                 except Exception as exc:  # the door's own refusals count as requests too
                     self._core.refused(model_hint, request_id, exc, operation="embeddings")
                     raise
-                sources = [self._observed(i, r, _EMBEDDINGS, False) for i, r in enumerate(routed)]
+                sources = [self._observed(i, r, "embeddings", False) for i, r in enumerate(routed)]
                 vectors: dict[int, list[float]] = {}
                 usage, model = gen_pb.Usage(), ""
                 async with aclosing(sources[0] if len(sources) == 1 else merged(sources)) as items:
@@ -295,12 +293,13 @@ class OpenAIDoor:
             http_span.set_status_code(reply.status)
         yield reply
 
-    async def _observed(self, index: int, request: RouterRequest, endpoint: _Endpoint, tokens: bool
+    async def _observed(self, index: int, request: RouterRequest, operation: str, tokens: bool
                         ) -> AsyncGenerator[_Observed, None]:
-        """One router request's chunks inside its own observation (span, metrics, log line), each
+        """One router request's chunks inside its own observation (span, metrics, log line; its
+        GenAI ``operation``), each
         with the request's index, the resolved model and (``tokens``) its tokenizer, which is
         fetched inside the observation, so a failure to fetch it is counted as the request's."""
-        with self._core.observe(request.model, request.request_id, operation=endpoint.operation) as scope:
+        with self._core.observe(request.model, request.request_id, operation=operation) as scope:
             tokenizer = None
             async for chunk in scope.generate(request):
                 if tokens and tokenizer is None:

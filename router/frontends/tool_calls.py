@@ -124,17 +124,7 @@ def parse_required(text: str) -> list[ToolCall] | None:
         items = json.loads(text)
     except ValueError:
         return None
-    if not isinstance(items, list) or not items:
-        return None
-    calls = []
-    for item in items:
-        if not isinstance(item, dict) or not isinstance(item.get("name"), str):
-            return None
-        arguments = _json_object_text(item.get("parameters"))
-        if arguments is None:
-            return None
-        calls.append(ToolCall(item["name"], arguments))
-    return calls
+    return _calls_from(items, ("parameters",))
 
 
 def parse_hermes(text: str) -> tuple[str | None, list[ToolCall]]:
