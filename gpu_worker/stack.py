@@ -28,10 +28,15 @@ from typing import Any
 
 from gpu_worker.config import KV_CACHE_DTYPES, QUANTIZATIONS, RUNNERS
 from llmserve.envflags import apply_env_defaults
-from llmserve.fleet import open_store
+from llmserve.fleet import DEFAULT_MEMORY_DOCUMENT_BYTES, open_store
 from llmserve.gc_tuning import freeze_startup_objects, unfreeze_objects
 from llmserve.open_files import raise_open_file_limit
 from router.frontends.reasoning import REASONING_PARSERS
+from router.frontends.responses_config import (
+    ResponsesStoreConfig,
+    add_responses_flags,
+    responses_config_from_args,
+)
 from router.frontends.tool_calls import TOOL_CALL_PARSERS
 
 log = logging.getLogger(__name__)
@@ -62,6 +67,9 @@ class StackConfig:
     runner: str = "generate"  # "pooling": the model embeds (/v1/embeddings)
     tool_call_parser: str | None = None  # the OpenAI door's, for tool_choice "auto" (None: refused)
     reasoning_parser: str | None = None  # the OpenAI door's, for reasoning_content (None: off)
+    responses: ResponsesStoreConfig = ResponsesStoreConfig()  # stored responses of /v1/responses
+    # the in-process state store's room for stored responses (no --redis-url)
+    local_store_bytes: int = DEFAULT_MEMORY_DOCUMENT_BYTES
 
     def __post_init__(self) -> None:
         if not (0 < self.router_port < 65536 and 0 < self.worker_port < 65536):
@@ -86,7 +94,7 @@ async def run_stack(config: StackConfig, started: asyncio.Event | None = None,
     from gpu_worker.server import ServerConfig, WorkerServer
     from router.server import RouterConfig, RouterServer
 
-    store = open_store(config.redis_url)
+    store = open_store(config.redis_url, config.local_store_bytes)
     engine_config = EngineConfig(
         model=config.model,
         served_model_name=config.served_model_name,
@@ -107,7 +115,7 @@ async def run_stack(config: StackConfig, started: asyncio.Event | None = None,
     reasoning = {"": config.reasoning_parser} if config.reasoning_parser else {}
     router_config = RouterConfig(host=config.host, port=config.router_port, policy=config.policy,
                                  http_port=config.http_port, tool_call_parsers=parsers,
-                                 reasoning_parsers=reasoning)
+                                 reasoning_parsers=reasoning, responses=config.responses)
     raise_open_file_limit(router_config.connection_count() + server_config.grpc_limits.max_connections)
     worker = WorkerServer(
         engine_config,
@@ -186,6 +194,10 @@ def register(subparsers: Any) -> None:
                    help="generate (text) or pooling (embeddings, /v1/embeddings)")
     p.add_argument("--reasoning-parser", default=None, choices=REASONING_PARSERS,
                    help="how the OpenAI door splits the model's reasoning from its answer")
+    add_responses_flags(p)
+    p.add_argument("--local-store-bytes", type=int, default=DEFAULT_MEMORY_DOCUMENT_BYTES,
+                   help="without --redis-url: the in-process store's room for stored responses (the "
+                        "oldest are dropped past it)")
     p.add_argument("--log-level", default="INFO")
     p.add_argument("--log-format", default="text", choices=("text", "json"))
     apply_env_defaults(p)
@@ -218,6 +230,8 @@ def _run_up(args: argparse.Namespace) -> int:
         reasoning_parser=args.reasoning_parser,
         calculate_kv_scales=args.calculate_kv_scales,
         inprocess_worker=args.inprocess_worker,
+        responses=responses_config_from_args(args),
+        local_store_bytes=args.local_store_bytes,
     )
     try:
         asyncio.run(run_stack(config, tracing=tracing))

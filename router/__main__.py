@@ -20,6 +20,7 @@ from llmserve.telemetry.logging import LOG_FORMATS
 from router.failover import add_failover_flags, failover_from_args
 from router.frontends.http_limits import add_http_flags, http_limits_from_args
 from router.frontends.reasoning import REASONING_PARSERS
+from router.frontends.responses_config import add_responses_flags, responses_config_from_args
 from router.frontends.tool_calls import TOOL_CALL_PARSERS
 from router.policy import POLICY_NAMES
 from router.security_cli import add_security_flags, redis_tls, security_from_args
@@ -67,6 +68,7 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
                        help="most prompts of one /v1/completions request (a list of prompts: one request "
                             "each); more is refused with 400")
     add_http_flags(p)
+    add_responses_flags(p)
     grpc_group = add_grpc_port_flags(p, GrpcPortLimits())
     grpc_group.add_argument("--max-concurrent-rpcs", type=int, default=RouterConfig.max_concurrent_rpcs,
                             help="calls in flight on the gRPC port, counted from their headers (health "
@@ -120,6 +122,7 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
         default_priority=parse_default_priority(args.default_priority),
         tool_call_parsers=parse_model_parsers(args.tool_call_parser, "--tool-call-parser", TOOL_CALL_PARSERS),
         reasoning_parsers=parse_model_parsers(args.reasoning_parser, "--reasoning-parser", REASONING_PARSERS),
+        responses=responses_config_from_args(args),
     )
 
 

@@ -120,6 +120,35 @@ class RateLimited(RouterError):
         return (("retry-after", str(self.retry_after_s)),)
 
 
+class ResponseNotFound(RouterError):
+    """No stored response of this id that the caller may read (``param``: where the id came from)."""
+
+    code = grpc.StatusCode.NOT_FOUND
+
+    def __init__(self, response_id: str, param: str | None) -> None:
+        super().__init__(f"response {response_id[:64]!r} not found")
+        self.param = param
+
+
+class StoreDown(RouterError):
+    """The state store holding shared documents (stored responses) could not be reached."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+
+    def __init__(self, what: str) -> None:
+        super().__init__(f"the state store is unavailable: {what}; retry later")
+
+
+class BackgroundFull(RouterError):
+    """The router runs as many background responses as its limit allows."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"this router runs {limit} background responses, its limit "
+                         f"(max_background_responses, flag --max-background-responses); retry later")
+
+
 class UpstreamError(RouterError):
     """A worker's error that the router passes through unchanged (after the first token, or
     a non-retryable status such as INVALID_ARGUMENT)."""

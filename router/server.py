@@ -31,6 +31,7 @@ from llmserve.grpc_server import GENERATION_SERVICE, add_health_and_reflection, 
 from llmserve.kserve import grpc_service_pb2_grpc as kserve_grpc
 from llmserve.limits import RequestLimits
 from llmserve.open_files import raise_open_file_limit
+from llmserve.security.records import FleetSecretFile
 from llmserve.telemetry.metrics import MetricsServer, RouterMetrics, WorkerQueueDepth, start_metrics_server
 from llmserve.telemetry.tracing import Tracing
 from llmserve.v1 import generation_pb2_grpc
@@ -40,6 +41,7 @@ from router.dispatch import ChannelPool, Dispatcher, InflightTracker, fetch_toke
 from router.failover import CircuitBreakers, FailoverConfig
 from router.frontends.http_limits import HttpConnectionLimits
 from router.frontends.kserve import KSERVE_SERVICE, KServeServicer
+from router.frontends.responses_config import ResponsesStoreConfig
 from router.generation import GenerationCore
 from router.interceptor import ErrorInterceptor
 from router.policy import POLICY_NAMES, make_policy
@@ -51,6 +53,7 @@ from router.tokenizers import TokenizerCache
 
 if TYPE_CHECKING:  # FastAPI and uvicorn load only when the HTTP door is on
     from router.frontends.http_server import HttpServer
+    from router.frontends.openai_http import OpenAIDoor
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +103,7 @@ class RouterConfig:
     # The OpenAI door's tool-call parser per model ("": every model's): tool_choice "auto".
     tool_call_parsers: Mapping[str, str] = field(default_factory=dict)
     reasoning_parsers: Mapping[str, str] = field(default_factory=dict)  # the same, for reasoning_content
+    responses: ResponsesStoreConfig = ResponsesStoreConfig()  # stored responses of /v1/responses
 
     def __post_init__(self) -> None:
         checks = [
@@ -137,6 +141,7 @@ class RouterServer:
 
     def __init__(self, config: RouterConfig, store: StateStore, *, tracing: Tracing | None = None) -> None:
         self.config = config
+        self.store = store
         self.tracing = tracing if tracing is not None else Tracing("llmserve-router")
         self.metrics = RouterMetrics()
         options = [
@@ -168,6 +173,7 @@ class RouterServer:
         self._sweeper: asyncio.Task[None] | None = None
         self._metrics_server: MetricsServer | None = None
         self._http_server: HttpServer | None = None
+        self._door: OpenAIDoor | None = None
         self._serving = False
         self._stopping: asyncio.Task[None] | None = None
         self._stopped = asyncio.Event()
@@ -184,6 +190,10 @@ class RouterServer:
     def http_port(self) -> int | None:
         """Port of the OpenAI HTTP API once started (None when off)."""
         return None if self._http_server is None else self._http_server.port
+
+    def responses_running(self) -> frozenset[str]:
+        """The background responses (``/v1/responses``) this router runs now."""
+        return self._door.responses.running() if self._door is not None else frozenset()
 
     def is_serving(self) -> bool:
         """True from start until a drain begins (readiness of the HTTP and KServe doors)."""
@@ -256,11 +266,16 @@ class RouterServer:
     async def _start_http(self, core: GenerationCore) -> None:
         from router.frontends.http_server import HttpServer
         from router.frontends.openai_http import OpenAIDoor
+        from router.frontends.responses_store import ResponseStore
 
+        secret_file = self.config.security.fleet_secret_file
+        secret = FleetSecretFile(secret_file).current if secret_file else None
         door = OpenAIDoor(core, self.tracing, self.is_serving, self.config.max_http_body_bytes,
                           version=_version(), max_batch_prompts=self.config.max_batch_prompts,
                           tool_call_parsers=self.config.tool_call_parsers,
-                          reasoning_parsers=self.config.reasoning_parsers)
+                          reasoning_parsers=self.config.reasoning_parsers,
+                          responses=ResponseStore(self.store, self.config.responses, secret))
+        self._door = door
         app = ApiKeyMiddleware(door.app(), self.access)
         tls = self.config.security.tls.http()
         http = HttpServer(app, self.config.host, int(self.config.http_port or 0), self.config.drain_grace_s,
@@ -300,6 +315,8 @@ class RouterServer:
         if self._http_server is not None:
             stops.append(self._http_server.stop(grace))
             self._http_server = None
+        if self._door is not None:  # background responses get the same grace
+            stops.append(self._door.responses.drain(grace))
         await asyncio.gather(*stops)
         await self.channels.close()
         if self._metrics_server is not None:

@@ -8,6 +8,8 @@ model names ever served;  ``{p}:kv:{id}``  set of 16-byte block hashes, TTL refr
 ``{p}:epoch``  random token set once (``SET NX``) per Redis lifetime: a change tells routers that
 Redis lost its data and workers are re-registering. Every heartbeat offers a *fresh* random
 token, so the first heartbeat after a loss writes a new epoch (no worker re-writes an old one).
+``{p}:doc:{kind}:{key}``  an opaque document the routers share (a stored Responses API
+response), TTL.
 
 Authentication and TLS come with the URL (``rediss://user:password@host:6380/0``, an ACL user
 and password) and :class:`RedisTls` (CA bundle, client certificate). Everything read back is
@@ -178,6 +180,19 @@ class RedisStateStore(StateStore):
         for (wid, _), flags in zip(asked, results, strict=True):
             out[wid] = leading_matches(flags)
         return out
+
+    async def put_document(self, kind: str, key: str, blob: bytes, ttl_s: float) -> None:
+        ttl_ms = max(1, int(ttl_s * 1000))
+        await self._call(lambda: self._redis.set(self._k("doc", kind, key), blob, px=ttl_ms))
+
+    async def get_document(self, kind: str, key: str) -> bytes | None:
+        raw = await self._call(lambda: self._redis.get(self._k("doc", kind, key)))
+        if raw is None:
+            return None
+        return raw if isinstance(raw, bytes) else raw.encode()
+
+    async def delete_document(self, kind: str, key: str) -> bool:
+        return bool(await self._call(lambda: self._redis.delete(self._k("doc", kind, key))))
 
     async def close(self) -> None:
         try:

@@ -93,6 +93,20 @@ class StateStore(abc.ABC):
         One round trip for all workers; the match ends at the first missing hash.
         """
 
+    # -- documents: opaque blobs the routers share (stored responses of the Responses API) -------
+    @abc.abstractmethod
+    async def put_document(self, kind: str, key: str, blob: bytes, ttl_s: float) -> None:
+        """Store ``blob`` under (``kind``, ``key``) for ``ttl_s`` seconds, replacing any earlier one."""
+
+    @abc.abstractmethod
+    async def get_document(self, kind: str, key: str) -> bytes | None:
+        """The blob under (``kind``, ``key``), None when there is none (or it expired). Untrusted:
+        the caller checks it as it checks anything read from the store."""
+
+    @abc.abstractmethod
+    async def delete_document(self, kind: str, key: str) -> bool:
+        """Drop the blob under (``kind``, ``key``); True when there was one."""
+
     async def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections."""
 
@@ -105,11 +119,24 @@ def leading_matches(flags: Sequence[bool | int]) -> int:
     return len(flags)
 
 
-class MemoryStateStore(StateStore):
-    """In-process store with the same semantics as Redis, TTLs included (one event loop)."""
+DEFAULT_MEMORY_DOCUMENT_BYTES = 256 * 1024 * 1024
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+
+class MemoryStateStore(StateStore):
+    """In-process store with the same semantics as Redis, TTLs included (one event loop).
+
+    Documents take at most ``max_document_bytes`` in all: past it the oldest stored are dropped
+    first (as a Redis with ``maxmemory-policy`` ``volatile-*`` evicts keys with a TTL)."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic,
+                 max_document_bytes: int = DEFAULT_MEMORY_DOCUMENT_BYTES) -> None:
+        if max_document_bytes < 0:
+            raise ValueError("max_document_bytes must be >= 0")
         self._now = clock
+        self._max_document_bytes = max_document_bytes
+        # (kind, key) -> (blob, expiry), oldest stored first; _document_bytes is their blobs' sum
+        self._documents: dict[tuple[str, str], tuple[bytes, float]] = {}
+        self._document_bytes = 0
         self._records: dict[str, tuple[str, float]] = {}  # id -> (JSON, expiry), as Redis holds them
         self._kv: dict[str, set[bytes]] = {}
         self._kv_expiry: dict[str, float] = {}
@@ -178,3 +205,29 @@ class MemoryStateStore(StateStore):
             kv = self._kv.get(wid, set()) if self._alive(self._kv_expiry, wid) else set()
             out[wid] = leading_matches([h in kv for h in chain])
         return out
+
+    async def put_document(self, kind: str, key: str, blob: bytes, ttl_s: float) -> None:
+        await self.delete_document(kind, key)  # a replaced document counts as stored now
+        if len(blob) > self._max_document_bytes:
+            return  # never fits: as if evicted at once
+        self._documents[(kind, key)] = (bytes(blob), self._now() + ttl_s)
+        self._document_bytes += len(blob)
+        while self._document_bytes > self._max_document_bytes:
+            oldest = next(iter(self._documents))
+            self._document_bytes -= len(self._documents.pop(oldest)[0])
+
+    async def get_document(self, kind: str, key: str) -> bytes | None:
+        entry = self._documents.get((kind, key))
+        if entry is None:
+            return None
+        if entry[1] <= self._now():
+            await self.delete_document(kind, key)
+            return None
+        return entry[0]
+
+    async def delete_document(self, kind: str, key: str) -> bool:
+        entry = self._documents.pop((kind, key), None)
+        if entry is None:
+            return False
+        self._document_bytes -= len(entry[0])
+        return entry[1] > self._now()

@@ -100,17 +100,19 @@ class FleetSecret:
         lines = [line.strip() for line in text.splitlines()]
         return cls([line.encode() for line in lines if line and not line.startswith("#")])
 
-    def sign(self, fields: Mapping[str, Any]) -> str:
-        """Hex HMAC-SHA256 of the canonical JSON of ``fields`` under the first secret."""
-        message = _SIGNING_CONTEXT + canonical_json(fields)
+    def sign(self, fields: Mapping[str, Any], context: bytes = _SIGNING_CONTEXT) -> str:
+        """Hex HMAC-SHA256 of the canonical JSON of ``fields`` under the first secret; ``context``
+        names what is signed (a worker record by default), so one kind never passes for another."""
+        message = context + canonical_json(fields)
         return hmac.new(self._secrets[0], message, hashlib.sha256).hexdigest()
 
-    def verify(self, fields: Mapping[str, Any]) -> bool:
-        """True when ``fields[SIGNATURE_FIELD]`` is the signature under one of the secrets."""
+    def verify(self, fields: Mapping[str, Any], context: bytes = _SIGNING_CONTEXT) -> bool:
+        """True when ``fields[SIGNATURE_FIELD]`` is the signature (of ``context``) under one of
+        the secrets."""
         sig = fields.get(SIGNATURE_FIELD)
         if not isinstance(sig, str):
             return False
-        message = _SIGNING_CONTEXT + canonical_json(fields)
+        message = context + canonical_json(fields)
         ok = False
         for secret in self._secrets:  # every secret is tried: the time does not depend on which matched
             expected = hmac.new(secret, message, hashlib.sha256).hexdigest()

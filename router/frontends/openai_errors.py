@@ -18,7 +18,7 @@ from typing import Any
 
 import grpc
 
-from router.errors import InvalidRequest, RateLimited, RequestTooLarge, RouterError
+from router.errors import InvalidRequest, RateLimited, RequestTooLarge, ResponseNotFound, RouterError
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +84,8 @@ def http_error(exc: BaseException, prompt_param: str = "prompt") -> HttpError:
         # the client may still be sending a body nobody reads: end the connection after the reply
         return HttpError(413, error_body(str(exc), "invalid_request_error", None, "request_too_large"),
                          (("Connection", "close"),))
+    if isinstance(exc, ResponseNotFound):
+        return HttpError(404, error_body(str(exc), "invalid_request_error", exc.param, "response_not_found"))
     status, kind, code = _BY_STATUS.get(exc.code, _INTERNAL)
     message = str(exc)
     param: str | None

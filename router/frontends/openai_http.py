@@ -1,8 +1,10 @@
 """The OpenAI-compatible HTTP door of the router (FastAPI), served by ``http_server``.
 
 ``POST /v1/completions`` and ``POST /v1/chat/completions`` (streamed as server-sent events ending
-with ``data: [DONE]``, or whole), ``GET /v1/models``, ``GET /v1/models/{model}``, ``GET /health``,
-and vLLM's ``POST /tokenize``, ``POST /detokenize`` (``openai_tokenize``) and ``GET /version``.
+with ``data: [DONE]``, or whole), ``POST /v1/embeddings``, the Responses API
+(``/v1/responses``: ``responses_api``), ``GET /v1/models``, ``GET /v1/models/{model}``,
+``GET /health``, and vLLM's ``POST /tokenize``, ``POST /detokenize`` (``openai_tokenize``) and
+``GET /version``.
 A request is validated (``openai_schemas``), translated into a
 :class:`~router.generation.RouterRequest` and run by the shared
 :class:`~router.generation.GenerationCore` inside the request's observation; the worker's chunks
@@ -17,7 +19,6 @@ soon as its ``Content-Length``, or the bytes read so far, pass the limit: never 
 from __future__ import annotations
 
 import base64
-import json
 import struct
 import time
 import uuid
@@ -48,9 +49,12 @@ from router.frontends.openai_schemas import (
     ChatCompletionRequest,
     CompletionRequest,
     EmbeddingRequest,
+    json_body,
     validate,
 )
 from router.frontends.openai_tokenize import DETOKENIZE_ROUTE, TOKENIZE_ROUTE, TokenizerEndpoints
+from router.frontends.responses_api import RESPONSES_ROUTE, ResponsesEndpoints
+from router.frontends.responses_store import ResponseStore
 from router.frontends.sse import Reply, ReplyOrStream
 from router.generation import GenerationCore, RouterRequest
 from router.tokenizers import RouterTokenizer
@@ -58,6 +62,8 @@ from router.tokenizers import RouterTokenizer
 COMPLETIONS_ROUTE = "/v1/completions"
 CHAT_ROUTE = "/v1/chat/completions"
 EMBEDDINGS_ROUTE = "/v1/embeddings"
+RESPONSE_ROUTE = RESPONSES_ROUTE + "/{response_id}"
+CANCEL_ROUTE = RESPONSE_ROUTE + "/cancel"
 
 
 @dataclass(frozen=True)
@@ -88,6 +94,7 @@ class _Observed(NamedTuple):
 
 
 JsonHandler = Callable[[dict[str, Any], str], Awaitable[dict[str, Any]]]
+JsonCall = Callable[[], Awaitable[dict[str, Any]]]
 
 
 class OpenAIDoor:
@@ -97,13 +104,15 @@ class OpenAIDoor:
     answers 503); ``max_body_bytes``: the largest request body; ``version``: what ``/version``
     reports; ``max_batch_prompts``: the most prompts of one completions request;
     ``tool_call_parsers``: the tool-call parser of each model ("": of every model), for chat's
-    ``tool_choice`` "auto"; ``reasoning_parsers``: the same for chat's ``reasoning_content``.
+    ``tool_choice`` "auto"; ``reasoning_parsers``: the same for chat's ``reasoning_content``;
+    ``responses``: where the Responses API stores responses (None: nowhere, ``store`` is false).
     """
 
     def __init__(self, core: GenerationCore, tracing: Tracing, serving: Callable[[], bool],
                  max_body_bytes: int = 16 * 1024 * 1024, version: str = "unknown",
                  max_batch_prompts: int = 128, tool_call_parsers: Mapping[str, str] | None = None,
-                 reasoning_parsers: Mapping[str, str] | None = None) -> None:
+                 reasoning_parsers: Mapping[str, str] | None = None,
+                 responses: ResponseStore | None = None) -> None:
         self._core = core
         self._tracing = tracing
         self._serving = serving
@@ -113,6 +122,8 @@ class OpenAIDoor:
         self._tool_call_parsers = dict(tool_call_parsers or {})
         self._reasoning_parsers = dict(reasoning_parsers or {})
         self._tokenizer_endpoints = TokenizerEndpoints(core)
+        self.responses = ResponsesEndpoints(core, tracing, lambda r, op, t: self._observed(0, r, op, t),
+                                            responses, self._tool_call_parsers, self._reasoning_parsers)
 
     def app(self) -> FastAPI:
         app = FastAPI(title="llmserve OpenAI-compatible API", docs_url=None, redoc_url=None,
@@ -131,6 +142,26 @@ class OpenAIDoor:
                 return Response(status_code=499)
             return ReplyOrStream(self._serve_embeddings(body, request.headers))
 
+        async def create_response(request: Request) -> Response:
+            try:
+                body = await self._body(request)
+            except ClientDisconnect:
+                return Response(status_code=499)
+            return ReplyOrStream(self.responses.create(body, request.headers))
+
+        async def get_response(request: Request, response_id: str) -> Response:
+            stream = request.query_params.get("stream", "false").lower() == "true"
+            return self._call("GET", RESPONSE_ROUTE, lambda: self.responses.retrieve(response_id, stream),
+                              request.headers)
+
+        async def delete_response(request: Request, response_id: str) -> Response:
+            return self._call("DELETE", RESPONSE_ROUTE, lambda: self.responses.delete(response_id),
+                              request.headers)
+
+        async def cancel_response(request: Request, response_id: str) -> Response:
+            return self._call("POST", CANCEL_ROUTE, lambda: self.responses.cancel(response_id),
+                              request.headers)
+
         async def tokenize(request: Request) -> Response:
             return await self._post_json(TOKENIZE_ROUTE, self._tokenizer_endpoints.tokenize, request)
 
@@ -140,6 +171,10 @@ class OpenAIDoor:
         app.add_api_route(COMPLETIONS_ROUTE, completions, methods=["POST"])
         app.add_api_route(CHAT_ROUTE, chat, methods=["POST"])
         app.add_api_route(EMBEDDINGS_ROUTE, embeddings, methods=["POST"])
+        app.add_api_route(RESPONSES_ROUTE, create_response, methods=["POST"])
+        app.add_api_route(RESPONSE_ROUTE, get_response, methods=["GET"])
+        app.add_api_route(RESPONSE_ROUTE, delete_response, methods=["DELETE"])
+        app.add_api_route(CANCEL_ROUTE, cancel_response, methods=["POST"])
         app.add_api_route(TOKENIZE_ROUTE, tokenize, methods=["POST"])
         app.add_api_route(DETOKENIZE_ROUTE, detokenize, methods=["POST"])
         app.add_api_route("/version", self._version_reply, methods=["GET"])
@@ -164,11 +199,25 @@ class OpenAIDoor:
             return Response(status_code=499)
         return ReplyOrStream(self._reply(route, handle, body, request.headers))
 
+    def _call(self, method: str, route: str, call: JsonCall, headers: Mapping[str, str]) -> Response:
+        """A request without a body: ``call``'s JSON, or the door's error JSON."""
+        async def reply() -> AsyncGenerator[Reply, None]:
+            with self._tracing.http_server(method=method, route=route, headers=headers) as http_span:
+                try:
+                    result = Reply(200, json_bytes(await call()))
+                except Exception as exc:  # noqa: BLE001 - every error becomes the door's error JSON
+                    error = http_error(exc, "input")
+                    result = Reply(error.status, json_bytes(error.body), error.headers)
+                http_span.set_status_code(result.status)
+            yield result
+
+        return ReplyOrStream(reply())
+
     async def _reply(self, route: str, handle: JsonHandler, body: bytes | RequestTooLarge,
                      headers: Mapping[str, str]) -> AsyncGenerator[Reply, None]:
         with self._tracing.http_server(method="POST", route=route, headers=headers) as http_span:
             try:
-                data = _body_object(body, _json_object(body) if isinstance(body, bytes) else None)
+                data = _body_object(body, json_body(body) if isinstance(body, bytes) else None)
                 reply = Reply(200, json_bytes(await handle(data, f"{route[1:]}-{uuid.uuid4().hex}")))
             except Exception as exc:  # noqa: BLE001 - every error becomes the door's error JSON
                 error = http_error(exc)
@@ -200,7 +249,7 @@ class OpenAIDoor:
         rendered as one response: choice ``i * n + j`` is prompt ``i``'s sample ``j``, usage the
         sum (vLLM's shape)."""
         request_id = f"{endpoint.id_prefix}-{uuid.uuid4().hex}"
-        data = _json_object(body) if isinstance(body, bytes) else None
+        data = json_body(body) if isinstance(body, bytes) else None
         hint = data.get("model") if isinstance(data, dict) else None
         model_hint = hint if isinstance(hint, str) else ""
         whole: Reply | None = None  # a whole reply is sent after the observations close (as a success)
@@ -264,7 +313,7 @@ class OpenAIDoor:
         """``/v1/embeddings``: one router request per input (each in a task of its own, as a
         completions batch), one JSON reply with the vectors in input order and the summed usage."""
         request_id = f"embd-{uuid.uuid4().hex}"
-        data = _json_object(body) if isinstance(body, bytes) else None
+        data = json_body(body) if isinstance(body, bytes) else None
         hint = data.get("model") if isinstance(data, dict) else None
         model_hint = hint if isinstance(hint, str) else ""
         with self._tracing.http_server(method="POST", route=EMBEDDINGS_ROUTE, headers=headers) as http_span:
@@ -411,15 +460,6 @@ async def _http_exception(request: Request, exc: Exception) -> Response:
                       None, None)
     return Response(json_bytes(body), status_code=exc.status_code, headers=exc.headers,
                     media_type="application/json")
-
-
-def _json_object(body: bytes) -> Any:
-    """The parsed body, or None when it is not JSON (the validation reports it), nested too deep
-    for the parser included."""
-    try:
-        return json.loads(body)
-    except (ValueError, UnicodeDecodeError, RecursionError):
-        return None
 
 
 def _body_too_large(size: int | None, limit: int) -> RequestTooLarge:

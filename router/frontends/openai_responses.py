@@ -165,7 +165,11 @@ class ChoiceRenderer:
     # -- streaming -------------------------------------------------------------------------
     def event(self, chunk: gen_pb.GenerateResponse) -> list[bytes]:
         """The SSE events for one chunk: its choice delta, then the usage chunk when asked."""
-        events = []
+        return [sse_event(body) for body in self.event_objects(chunk)]
+
+    def event_objects(self, chunk: gen_pb.GenerateResponse) -> list[dict[str, Any]]:
+        """The streamed objects for one chunk (what :meth:`event` sends as SSE)."""
+        events: list[dict[str, Any]] = []
         self._collect_prompt_logprobs(chunk)
         if chunk.text or chunk.token_ids or chunk.finish_reason:
             choice = self._choice(chunk.index)
@@ -176,11 +180,11 @@ class ChoiceRenderer:
             body = self._envelope(self.object_chunk, [delta])
             if self.include_usage:
                 body["usage"] = self._choice_usage(choice) if self.continuous_usage else None
-            events.append(sse_event(body))
+            events.append(body)
         if chunk.HasField("usage") and self.include_usage:
             body = self._envelope(self.object_chunk, [])
             body["usage"] = self._usage_json(chunk.usage)
-            events.append(sse_event(body))
+            events.append(body)
         return events
 
     def _stream_choice(self, choice: _Choice, chunk: gen_pb.GenerateResponse, first: bool) -> dict[str, Any]:

@@ -446,6 +446,15 @@ def chat_prompt(messages: list[ChatMessageIn], add_generation_prompt: bool,
 RequestT = TypeVar("RequestT", bound=BaseModel)
 
 
+def json_body(body: bytes) -> Any:
+    """The parsed body, or None when it is not JSON (the validation reports it), nested too deep
+    for the parser included."""
+    try:
+        return json.loads(body)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return None
+
+
 def validate(model: type[RequestT], data: dict[str, Any]) -> RequestT:
     """The validated request; :class:`InvalidParam` naming the first bad field otherwise."""
     try:

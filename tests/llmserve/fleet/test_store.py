@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 
-from llmserve.fleet import KVDelta, LoadReport, StateStore, WorkerRecord
+from llmserve.fleet import KVDelta, LoadReport, MemoryStateStore, StateStore, WorkerRecord
 from llmserve.hashing import block_hashes
 
 
@@ -66,3 +66,34 @@ async def test_remove_worker(store: StateStore) -> None:
     assert (await store.read_fleet()).workers == ()
     assert await store.match_prefixes({"w1": chain}) == {"w1": 0}
     assert await store.heartbeat(record("w1"), ttl_s=5) is False  # marker gone: resync needed
+
+
+async def test_documents_roundtrip_replace_delete_and_expire(store: StateStore) -> None:
+    assert await store.get_document("response", "r1") is None
+    await store.put_document("response", "r1", b"one", ttl_s=30)
+    await store.put_document("other", "r1", b"kind apart", ttl_s=30)
+    assert await store.get_document("response", "r1") == b"one"
+    await store.put_document("response", "r1", b"\x00two", ttl_s=30)
+    assert await store.get_document("response", "r1") == b"\x00two"
+    assert await store.delete_document("response", "r1") is True
+    assert await store.delete_document("response", "r1") is False
+    assert await store.get_document("response", "r1") is None
+    assert await store.get_document("other", "r1") == b"kind apart"
+    await store.put_document("response", "short", b"x", ttl_s=0.2)
+    for _ in range(100):
+        if await store.get_document("response", "short") is None:
+            break
+        await asyncio.sleep(0.05)
+    assert await store.get_document("response", "short") is None
+
+
+async def test_the_memory_store_drops_its_oldest_documents_past_its_room() -> None:
+    store = MemoryStateStore(max_document_bytes=10)
+    await store.put_document("d", "a", b"1234", ttl_s=30)
+    await store.put_document("d", "b", b"1234", ttl_s=30)
+    await store.put_document("d", "a", b"12", ttl_s=30)  # replaced: now the newest
+    await store.put_document("d", "c", b"1234", ttl_s=30)  # 4 + 2 + 4 = 10: all fit
+    await store.put_document("d", "e", b"123", ttl_s=30)  # b goes first, the oldest
+    assert [await store.get_document("d", k) for k in "abce"] == [b"12", None, b"1234", b"123"]
+    await store.put_document("d", "huge", b"x" * 11, ttl_s=30)  # never fits, evicts nothing
+    assert await store.get_document("d", "huge") is None and await store.get_document("d", "a") == b"12"
