@@ -18,9 +18,6 @@ soon as its ``Content-Length``, or the bytes read so far, pass the limit: never 
 
 from __future__ import annotations
 
-import base64
-import struct
-import time
 import uuid
 from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequence
 from contextlib import aclosing
@@ -48,11 +45,11 @@ from router.frontends.openai_responses import (
 from router.frontends.openai_schemas import (
     ChatCompletionRequest,
     CompletionRequest,
-    EmbeddingRequest,
     json_body,
     validate,
 )
 from router.frontends.openai_tokenize import DETOKENIZE_ROUTE, TOKENIZE_ROUTE, TokenizerEndpoints
+from router.frontends.pooling_api import EMBEDDINGS_ROUTE, RERANK_ROUTES, SCORE_ROUTES, PoolingEndpoints
 from router.frontends.responses_api import RESPONSES_ROUTE, ResponsesEndpoints
 from router.frontends.responses_store import ResponseStore
 from router.frontends.sse import Reply, ReplyOrStream
@@ -61,7 +58,6 @@ from router.tokenizers import RouterTokenizer
 
 COMPLETIONS_ROUTE = "/v1/completions"
 CHAT_ROUTE = "/v1/chat/completions"
-EMBEDDINGS_ROUTE = "/v1/embeddings"
 RESPONSE_ROUTE = RESPONSES_ROUTE + "/{response_id}"
 CANCEL_ROUTE = RESPONSE_ROUTE + "/cancel"
 
@@ -122,6 +118,8 @@ class OpenAIDoor:
         self._tool_call_parsers = dict(tool_call_parsers or {})
         self._reasoning_parsers = dict(reasoning_parsers or {})
         self._tokenizer_endpoints = TokenizerEndpoints(core)
+        self._pooling = PoolingEndpoints(core, tracing, lambda i, r, op: self._observed(i, r, op, False),
+                                         max_batch_prompts)
         self.responses = ResponsesEndpoints(core, tracing, lambda r, op, t: self._observed(0, r, op, t),
                                             responses, self._tool_call_parsers, self._reasoning_parsers)
 
@@ -135,12 +133,14 @@ class OpenAIDoor:
         async def chat(request: Request) -> Response:
             return await self._post(_CHAT, request)
 
-        async def embeddings(request: Request) -> Response:
-            try:
-                body = await self._body(request)
-            except ClientDisconnect:
-                return Response(status_code=499)
-            return ReplyOrStream(self._serve_embeddings(body, request.headers))
+        def pooling(route: str) -> Callable[[Request], Awaitable[Response]]:
+            async def handle(request: Request) -> Response:
+                try:
+                    body = await self._body(request)
+                except ClientDisconnect:
+                    return Response(status_code=499)
+                return ReplyOrStream(self._pooling.serve(route, body, request.headers))
+            return handle
 
         async def create_response(request: Request) -> Response:
             try:
@@ -170,7 +170,8 @@ class OpenAIDoor:
 
         app.add_api_route(COMPLETIONS_ROUTE, completions, methods=["POST"])
         app.add_api_route(CHAT_ROUTE, chat, methods=["POST"])
-        app.add_api_route(EMBEDDINGS_ROUTE, embeddings, methods=["POST"])
+        for route in (EMBEDDINGS_ROUTE, *SCORE_ROUTES, *RERANK_ROUTES):
+            app.add_api_route(route, pooling(route), methods=["POST"])
         app.add_api_route(RESPONSES_ROUTE, create_response, methods=["POST"])
         app.add_api_route(RESPONSE_ROUTE, get_response, methods=["GET"])
         app.add_api_route(RESPONSE_ROUTE, delete_response, methods=["DELETE"])
@@ -308,40 +309,6 @@ class OpenAIDoor:
             if whole is not None:
                 yield whole
 
-    async def _serve_embeddings(self, body: bytes | RequestTooLarge, headers: Mapping[str, str]
-                                ) -> AsyncGenerator[Reply, None]:
-        """``/v1/embeddings``: one router request per input (each in a task of its own, as a
-        completions batch), one JSON reply with the vectors in input order and the summed usage."""
-        request_id = f"embd-{uuid.uuid4().hex}"
-        data = json_body(body) if isinstance(body, bytes) else None
-        hint = data.get("model") if isinstance(data, dict) else None
-        model_hint = hint if isinstance(hint, str) else ""
-        with self._tracing.http_server(method="POST", route=EMBEDDINGS_ROUTE, headers=headers) as http_span:
-            try:
-                try:
-                    parsed = validate(EmbeddingRequest, _body_object(body, data))
-                    routed = parsed.to_router_requests(request_id, self._max_batch_prompts)
-                except Exception as exc:  # the door's own refusals count as requests too
-                    self._core.refused(model_hint, request_id, exc, operation="embeddings")
-                    raise
-                sources = [self._observed(i, r, "embeddings", False) for i, r in enumerate(routed)]
-                vectors: dict[int, list[float]] = {}
-                usage, model = gen_pb.Usage(), ""
-                async with aclosing(sources[0] if len(sources) == 1 else merged(sources)) as items:
-                    async for i, chunk, resolved, _, _ in items:
-                        model = resolved
-                        if chunk.HasField("usage"):
-                            vectors[i] = list(chunk.embedding)
-                            usage.prompt_tokens += chunk.usage.prompt_tokens
-                reply = Reply(200, json_bytes(embeddings_response(
-                    request_id, model, [vectors[i] for i in range(len(routed))], usage.prompt_tokens,
-                    parsed.encoding_format)))
-            except Exception as exc:  # noqa: BLE001 - every error becomes the door's error JSON
-                error = http_error(exc, "input")
-                reply = Reply(error.status, json_bytes(error.body), error.headers)
-            http_span.set_status_code(reply.status)
-        yield reply
-
     async def _observed(self, index: int, request: RouterRequest, operation: str, tokens: bool
                         ) -> AsyncGenerator[_Observed, None]:
         """One router request's chunks inside its own observation (span, metrics, log line; its
@@ -464,18 +431,3 @@ async def _http_exception(request: Request, exc: Exception) -> Response:
 
 def _body_too_large(size: int | None, limit: int) -> RequestTooLarge:
     return RequestTooLarge("the request body", size, "max_http_body_bytes", limit, "--max-http-body-bytes")
-
-
-
-def embeddings_response(request_id: str, model: str, vectors: list[list[float]], prompt_tokens: int,
-                        encoding_format: str) -> dict[str, Any]:
-    """OpenAI's embeddings reply: each vector as floats or, ``base64``, its float32 little-endian
-    bytes in base64 (what the ``openai`` SDK decodes)."""
-    def encoded(vector: list[float]) -> list[float] | str:
-        if encoding_format == "base64":
-            return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
-        return vector
-
-    data = [{"object": "embedding", "index": i, "embedding": encoded(v)} for i, v in enumerate(vectors)]
-    return {"id": request_id, "object": "list", "created": int(time.time()), "model": model, "data": data,
-            "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens}}
