@@ -10,6 +10,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from gpu_worker.config import EngineConfig
+from gpu_worker.lora.request import LoRARequest
 from gpu_worker.outputs import CompletionOutput, Logprob, RequestOutput
 from gpu_worker.sampling_params import PluginCall, SamplingParams, StructuredOutputsParams
 
@@ -21,6 +22,7 @@ __all__ = [
     "CompletionOutput",
     "EngineConfig",
     "Logprob",
+    "LoRARequest",
     "PluginCall",
     "RequestOutput",
     "SamplingParams",

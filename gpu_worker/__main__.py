@@ -69,6 +69,8 @@ def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
             group.add_argument(
                 flag, dest=field.name, action=argparse.BooleanOptionalAction, default=field.default
             )
+        elif field.name == "lora_modules":  # vLLM's form: --lora-modules a=/p b=/q (or "a=/p,b=/q")
+            group.add_argument(flag, dest=field.name, nargs="+", default=None, metavar="NAME=PATH")
         else:
             required = field.name == "model"
             group.add_argument(
@@ -161,6 +163,8 @@ def configs_from_args(args: argparse.Namespace) -> tuple[EngineConfig, Any]:
     from gpu_worker.server import ServerConfig
 
     engine_args = {f.name: getattr(args, f.name) for f in dataclasses.fields(EngineConfig)}
+    if isinstance(engine_args["lora_modules"], list):  # the flag's items (the variable: one string)
+        engine_args["lora_modules"] = ",".join(engine_args["lora_modules"])
     server_config = ServerConfig(
         host=args.host,
         port=args.port,

@@ -32,6 +32,8 @@ CPU_MAX_NUM_BATCHED_TOKENS = 2048
 # vLLM's ``--runner pooling`` with its default pooler for decoder embedding models such as
 # Qwen3-Embedding): each request is a prefill that ends after it.
 RUNNERS = ("generate", "pooling")
+MAX_LORA_ADAPTERS = 64  # adapters one engine serves (all resident: each is a slot of every LoRA layer)
+MAX_LORA_RANK_LIMIT = 256
 
 
 @dataclass(frozen=True)
@@ -113,6 +115,12 @@ class EngineConfig:
     steps and a shorter tail); and 2048 on the CPU, where a step's time grows with its tokens
     and a smaller chunk keeps decodes of other requests flowing.
 
+    ``lora_modules``: LoRA adapters served beside the base model, each under its own model name
+    (vLLM's ``--lora-modules``): ``"NAME=PATH,NAME=PATH"`` (PEFT adapter folders; at most
+    :data:`MAX_LORA_ADAPTERS`); every adapter stays resident, a request names one by its model
+    name (docs/LORA.md). ``max_lora_rank``: the largest rank an adapter may have (its slot's
+    size in every LoRA layer; vLLM's flag).
+
     ``mixed_graph_max_tokens``: on CUDA (unless ``enforce_eager``; one GPU per stage and no tensor
     parallelism), steps of prefill chunks beside decodes of up to this many tokens replay
     piecewise CUDA graphs (everything but the attention, per token-count bucket: 16, 32, ...,
@@ -152,6 +160,8 @@ class EngineConfig:
     fp8_weight_only_max_tokens: int | None = None
     enable_pdl: bool = True
     runner: str = "generate"
+    lora_modules: str | None = None
+    max_lora_rank: int = 16
 
     def __post_init__(self) -> None:
         if self.speculative_config is not None:  # LLM(speculative_config={...}) passes a dict
@@ -212,8 +222,39 @@ class EngineConfig:
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+        self._check_lora()
         if self.scheduling_policy not in BUILTIN_POLICIES:
             self._check_policy_plugin()
+
+    def _check_lora(self) -> None:
+        if not 1 <= self.max_lora_rank <= MAX_LORA_RANK_LIMIT:
+            raise ValueError(f"max_lora_rank must be in [1, {MAX_LORA_RANK_LIMIT}], got {self.max_lora_rank}")
+        adapters = self.lora_adapters
+        if not adapters:
+            return
+        names = [name for name, _ in adapters]
+        if len(adapters) > MAX_LORA_ADAPTERS:
+            raise ValueError(f"lora_modules names {len(adapters)} adapters; at most {MAX_LORA_ADAPTERS}")
+        if len(set(names)) != len(names) or self.model_name in names:
+            raise ValueError("lora_modules: adapter names must be distinct and differ from the served "
+                             "model name")
+        if self.runner != "generate" or self.speculative_config is not None:
+            raise ValueError("lora_modules needs runner generate and no speculative_config")
+        if self.quantization not in ("auto", "none"):
+            raise ValueError("lora_modules needs 16/32-bit weights (quantization auto or none)")
+
+    @property
+    def lora_adapters(self) -> tuple[tuple[str, str], ...]:
+        """``lora_modules`` as (name, path) pairs, in order (adapter i takes LoRA slot i + 1)."""
+        out = []
+        for item in (self.lora_modules or "").split(","):
+            if not item.strip():
+                continue
+            name, sep, path = item.strip().partition("=")
+            if not sep or not name or not path:
+                raise ValueError(f"lora_modules takes NAME=PATH items, got {item.strip()!r}")
+            out.append((name, path))
+        return tuple(out)
 
     def _check_policy_plugin(self) -> None:
         from gpu_worker.plugins.registry import scheduling_policy_registry

@@ -10,6 +10,7 @@ from gpu_worker.config import EngineConfig
 from gpu_worker.engine.llm_engine import LLMEngine
 from gpu_worker.engine.output_processor import OutputKind
 from gpu_worker.engine.processor import ProcessedRequest
+from gpu_worker.lora.request import LoraChoice, lora_names
 from gpu_worker.outputs import RequestOutput
 from gpu_worker.sampling_params import SamplingParams
 from llmserve.gc_tuning import objects_frozen
@@ -37,12 +38,15 @@ class LLM:
         prompts: str | Sequence[int] | Sequence[str] | Sequence[Sequence[int]],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         priority: Sequence[int] | None = None,
+        lora_request: LoraChoice | Sequence[LoraChoice] = None,
     ) -> list[RequestOutput]:
         """Complete each prompt (a string or a list of token ids); results in input order.
 
         Every prompt is validated before any runs: an invalid one raises ``ValueError``
         naming the field and nothing is generated. ``priority`` (one per prompt, lower runs
         first) orders them when the engine's ``scheduling_policy`` is ``priority``.
+        ``lora_request``: the LoRA adapter (a :class:`LoRARequest` or its name, one for all
+        prompts or one per prompt) among the engine's ``lora_modules``; None: the base model.
         """
         if isinstance(prompts, str) or (
             isinstance(prompts, Sequence) and prompts and isinstance(prompts[0], int)
@@ -50,7 +54,7 @@ class LLM:
             batch: list[PromptInput] = [prompts]  # type: ignore[list-item]
         else:
             batch = list(prompts)  # type: ignore[arg-type]
-        return self._run(batch, sampling_params, priority)
+        return self._run(batch, sampling_params, priority, lora_request)
 
     def embed(
         self, prompts: str | Sequence[int] | Sequence[str] | Sequence[Sequence[int]]
@@ -69,6 +73,7 @@ class LLM:
         continue_final_message: bool = False,
         tools: Sequence[Mapping[str, Any]] | None = None,
         chat_template_kwargs: Mapping[str, Any] | None = None,
+        lora_request: LoraChoice | Sequence[LoraChoice] = None,
     ) -> list[RequestOutput]:
         """Complete one conversation or a list of them, rendered with the model's chat template
         (``continue_final_message``: the last message is continued, with
@@ -83,7 +88,7 @@ class LLM:
                        tools=tuple(tools) if tools else None, template_kwargs=chat_template_kwargs)
             for c in conversations
         ]
-        return self._run(prompts, sampling_params)
+        return self._run(prompts, sampling_params, lora_request=lora_request)
 
     def shutdown(self) -> None:
         """Release the engine's other ranks (tensor/pipeline parallel) now; with one rank there is
@@ -106,6 +111,7 @@ class LLM:
         prompts: list[PromptInput],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None,
         priority: Sequence[int] | None = None,
+        lora_request: LoraChoice | Sequence[LoraChoice] = None,
     ) -> list[RequestOutput]:
         if sampling_params is None or isinstance(sampling_params, SamplingParams):
             params_list = [sampling_params or SamplingParams()] * len(prompts)
@@ -118,9 +124,10 @@ class LLM:
         priorities = [0] * len(prompts) if priority is None else [int(p) for p in priority]
         if len(priorities) != len(prompts):
             raise ValueError(f"priority has {len(priorities)} entries for {len(prompts)} prompts")
+        adapters = lora_names(lora_request, len(prompts), dict(self.engine.config.lora_adapters))
         processed = [
-            self.engine.processor.process(str(next(self._ids)), prompt, params, priority=p)
-            for prompt, params, p in zip(prompts, params_list, priorities, strict=True)
+            self.engine.processor.process(str(next(self._ids)), prompt, params, priority=p, lora_name=name)
+            for prompt, params, p, name in zip(prompts, params_list, priorities, adapters, strict=True)
         ]
         return self._run_to_completion(processed)
 

@@ -65,6 +65,8 @@ class StackConfig:
     drain_grace_s: float = 5.0
     inprocess_worker: bool = True  # the router calls this worker in-process (False: over gRPC)
     runner: str = "generate"  # "pooling": the model embeds (/v1/embeddings)
+    lora_modules: str | None = None  # "NAME=PATH,..." LoRA adapters served as models of their own
+    max_lora_rank: int = 16
     tool_call_parser: str | None = None  # the OpenAI door's, for tool_choice "auto" (None: refused)
     reasoning_parser: str | None = None  # the OpenAI door's, for reasoning_content (None: off)
     responses: ResponsesStoreConfig = ResponsesStoreConfig()  # stored responses of /v1/responses
@@ -107,6 +109,8 @@ async def run_stack(config: StackConfig, started: asyncio.Event | None = None,
         kv_cache_dtype=config.kv_cache_dtype,
         calculate_kv_scales=config.calculate_kv_scales,
         runner=config.runner,
+        lora_modules=config.lora_modules,
+        max_lora_rank=config.max_lora_rank,
     )
     server_config = ServerConfig(host=config.host, port=config.worker_port,
                                  drain_grace_s=config.drain_grace_s,
@@ -192,6 +196,9 @@ def register(subparsers: Any) -> None:
                    help="how the OpenAI door reads the model's tool calls (tool_choice \"auto\")")
     p.add_argument("--runner", default="generate", choices=RUNNERS,
                    help="generate (text) or pooling (embeddings, /v1/embeddings)")
+    p.add_argument("--lora-modules", nargs="+", default=None, metavar="NAME=PATH",
+                   help="LoRA adapters (PEFT folders) served beside the model, each as a model of its own")
+    p.add_argument("--max-lora-rank", type=int, default=16, help="the largest rank a LoRA adapter may have")
     p.add_argument("--reasoning-parser", default=None, choices=REASONING_PARSERS,
                    help="how the OpenAI door splits the model's reasoning from its answer")
     add_responses_flags(p)
@@ -226,6 +233,9 @@ def _run_up(args: argparse.Namespace) -> int:
         quantization=args.quantization,
         kv_cache_dtype=args.kv_cache_dtype,
         runner=args.runner,
+        lora_modules=(",".join(args.lora_modules) if isinstance(args.lora_modules, list)
+                      else args.lora_modules),
+        max_lora_rank=args.max_lora_rank,
         tool_call_parser=args.tool_call_parser,
         reasoning_parser=args.reasoning_parser,
         calculate_kv_scales=args.calculate_kv_scales,

@@ -88,6 +88,12 @@ class KernelOps:
     # The one-token 16/32-bit linear: x @ w.T + bias for x of one token (None: torch's linear,
     # cuBLAS on CUDA; not the same bits: its own order of sums).
     linear16: Callable[..., Any] | None = None
+    # Multi-LoRA, one adapter slot per token (reference.lora_shrink / lora_expand have the
+    # contracts; slot 0 is "no adapter"): lora_shrink(x, a, slots) -> float32 [T, R], and
+    # lora_expand(y, xa, b, slots, scales), in place on y. Without them (None) a set serves no
+    # adapters; every set of this package has them.
+    lora_shrink: Callable[..., Any] | None = None
+    lora_expand: Callable[..., Any] | None = None
 
     def __post_init__(self) -> None:
         if not 0 <= self.fp8_weight_only_max_m <= FP8_WEIGHT_ONLY_MAX_M_LIMIT:
@@ -146,6 +152,8 @@ def reference_ops(fp8_weight_only_max_m: int = FP8_WEIGHT_ONLY_MAX_M) -> KernelO
         fp8_weight_only_max_m=fp8_weight_only_max_m,
         fp8_block_linear=quant_reference.fp8_block_linear,
         fp8_block_weight_only_linear=quant_reference.fp8_block_weight_only_linear,
+        lora_shrink=reference.lora_shrink,
+        lora_expand=reference.lora_expand,
     )
 
 

@@ -416,3 +416,37 @@ def _attend(
     ).transpose(1, 2)  # [S, Qmax, Hq, D]
     out = out.reshape(num_tokens, num_heads, head_dim) if plan.scatter is None else out[plan.scatter]
     return out if out.dtype == q.dtype else out.to(q.dtype)
+
+
+# Multi-LoRA (kernels.triton_ops.lora): a layer's adapters stacked in slots, a ``[S, R, K]``,
+# b ``[S, N, R]``, scales ``[S]``, and one slot per token. Slot 0 is "no adapter": its a and b
+# are zeros and its scale 0. Both ops skip such tokens (as the kernels may, without loads): a
+# slot-0 token's shrink row is exactly zero and a token whose scale is 0 keeps its y bit for bit
+# (even a -0.0, which y + 0.0 would turn into +0.0). One product per slot over every token, then
+# each token keeps its own slot's row: plain, and no host sync (a CUDA graph can capture it).
+
+
+def lora_shrink(x: torch.Tensor, a: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """``x`` ``[T, K]`` times its tokens' adapters ``a`` ``[S, R, K]`` (``x``'s dtype): float32
+    ``[T, R]`` whose row ``t`` is ``x[t].float() @ a[slots[t]].float().T``; ``slots`` ``[T]``
+    int32/int64 in ``[0, S)``. Rows of slot 0 are zeros."""
+    xf = x.float()
+    out = xf.new_zeros(x.shape[0], a.shape[1])
+    for s in range(1, a.shape[0]):
+        out = torch.where((slots == s)[:, None], xf @ a[s].float().T, out)
+    return out
+
+
+def lora_expand(
+    y: torch.Tensor, xa: torch.Tensor, b: torch.Tensor, slots: torch.Tensor, scales: torch.Tensor
+) -> torch.Tensor:
+    """In place on ``y`` ``[T, N]`` (returned): ``y[t] = (y[t].float() + scales[slots[t]] *
+    (xa[t] @ b[slots[t]].float().T)).to(y.dtype)`` for ``xa`` float32 ``[T, R]`` (a
+    :func:`lora_shrink`), ``b`` ``[S, N, R]`` of ``y``'s dtype, float32 ``scales`` ``[S]``. Tokens
+    whose scale is 0 keep their row of ``y`` as it is."""
+    delta = xa.new_zeros(y.shape)
+    for s in range(1, b.shape[0]):
+        delta = torch.where((slots == s)[:, None], xa @ b[s].float().T, delta)
+    token_scales = scales.index_select(0, slots)[:, None]
+    updated = (y.float() + token_scales * delta).to(y.dtype)
+    return y.copy_(torch.where(token_scales != 0, updated, y))

@@ -133,6 +133,7 @@ class ModelInfo:
     kv_cache_dtype: str = ""  # "auto" or "fp8"
     weight_bytes: int = 0  # the weights as the worker stores them
     kv_cache_tokens: int = 0  # the KV pool's capacity
+    parent: str = ""  # a LoRA adapter's base model ("" for a base model)
 
 
 def build_request(
@@ -260,7 +261,7 @@ class CompletionCollector:
 def _models(response: pb.ListModelsResponse) -> list[ModelInfo]:
     return [
         ModelInfo(m.name, m.max_model_len, m.num_workers, m.num_standby_workers, m.quantization,
-                  m.kv_cache_dtype, m.weight_bytes, m.kv_cache_tokens)
+                  m.kv_cache_dtype, m.weight_bytes, m.kv_cache_tokens, m.parent)
         for m in response.models
     ]
 

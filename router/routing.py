@@ -35,7 +35,8 @@ FRESH_VIEW_S = 0.1
 class ModelSummary:
     """One live model for ListModels (``num_standby_workers``: its warm standbys). Its workers'
     weight format and KV cache dtype (distinct values joined by ","), their largest weight size
-    and smallest KV pool in tokens."""
+    and smallest KV pool in tokens. ``parent``: the base model of a LoRA adapter, "" for a base
+    model."""
 
     name: str
     max_model_len: int
@@ -45,6 +46,7 @@ class ModelSummary:
     kv_cache_dtype: str = ""
     weight_bytes: int = 0
     kv_cache_tokens: int = 0
+    parent: str = ""
 
 
 class Router:
@@ -76,12 +78,15 @@ class Router:
             raise LimitRefused(exc.limit, str(exc)) from None
 
     async def resolve(self, model: str) -> tuple[str, list[WorkerRecord]]:
-        """(model name, its live workers); NOT_FOUND / UNAVAILABLE / INVALID_ARGUMENT otherwise."""
+        """(model name, its live workers); NOT_FOUND / UNAVAILABLE / INVALID_ARGUMENT otherwise.
+        A LoRA adapter's name resolves to the workers that have it; no name, to the one base
+        model when only one is live (as vLLM: its adapters need their names)."""
         snap = await self.registry.snapshot()
         live = snap.live_models()
         if not model:
-            if len(live) == 1:
-                model = next(iter(live))
+            bases = [name for name in live if not snap.parent_of(name)]  # a lone model's adapters aside
+            if len(bases) == 1:
+                model = bases[0]
             else:
                 raise InvalidRequest(f"model is required; available models: {sorted(live)}")
         workers = snap.workers_of(model)
@@ -149,6 +154,9 @@ class Router:
         for w in workers:
             chain = by_block_size.get(w.block_size)
             if chain is None:
+                # Seeded with the requested name, an adapter's own name for a LoRA adapter, as the
+                # worker seeds that request's blocks: adapters and their base model never share
+                # cached blocks (their K/V differ), so a prefix never matches across them.
                 chain = block_hashes(token_ids, w.block_size, seed=model)
                 by_block_size[w.block_size] = chain
             out[w.worker_id] = chain
@@ -162,7 +170,8 @@ class Router:
 
     async def list_models(self) -> list[ModelSummary]:
         """Models with a live worker, with their standby capacity (a model with standbys only is
-        about to have one promoted, and is not listed until then)."""
+        about to have one promoted, and is not listed until then). A LoRA adapter is listed as a
+        model of its own, its workers those that have it, with its base model as ``parent``."""
         snap: FleetSnapshot = await self.registry.snapshot()
         standby = snap.standby_counts()
         return [
@@ -172,6 +181,7 @@ class Router:
                 ",".join(sorted({w.kv_cache_dtype for w in ws} - {""})),
                 max(w.weight_bytes for w in ws),
                 min(w.load.num_kv_blocks * w.block_size for w in ws),
+                snap.parent_of(name),
             )
             for name, ws in sorted(snap.live_models().items())
         ]

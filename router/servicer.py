@@ -56,6 +56,6 @@ class RouterServicer(gen_grpc.GenerationServicer):
             models=[gen_pb.ModelInfo(name=m.name, max_model_len=m.max_model_len, num_workers=m.num_workers,
                                      num_standby_workers=m.num_standby_workers, quantization=m.quantization,
                                      kv_cache_dtype=m.kv_cache_dtype, weight_bytes=m.weight_bytes,
-                                     kv_cache_tokens=m.kv_cache_tokens)
+                                     kv_cache_tokens=m.kv_cache_tokens, parent=m.parent)
                     for m in models]
         )

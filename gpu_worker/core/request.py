@@ -61,8 +61,10 @@ class Request:
         arrival_time: float = 0.0,
         priority: int = 0,
         output_token_ids: Iterable[int] = (),
+        lora_name: str = "",
     ) -> None:
         self.request_id = request_id
+        self.lora_name = lora_name  # its LoRA adapter ("": the base model)
         self.prompt_token_ids: tuple[int, ...] = tuple(prompt_token_ids)
         self.params = params
         self.eos_token_ids = eos_token_ids
@@ -109,6 +111,7 @@ class Request:
             arrival_time=core.arrival_time,
             priority=core.priority,
             output_token_ids=core.output_token_ids,
+            lora_name=core.lora_name,
         )
 
     @property

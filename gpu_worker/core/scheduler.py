@@ -199,7 +199,9 @@ class Scheduler:
                 f"max_model_len ({self.max_model_len})"
             )
         # Without prefix caching no block hash is ever read: the request gets none (Request).
-        seed = self.hash_seed if self.kv.enable_caching else None
+        # An adapter's requests hash from its name: its blocks never serve the base model's, nor
+        # another adapter's, prefix (the router hashes with the requested name too).
+        seed = (core_request.lora_name or self.hash_seed) if self.kv.enable_caching else None
         request = Request.from_core_request(core_request, self.block_size, seed)
         self._requests[rid] = request
         if request.prompt_logprobs is not None:
@@ -504,6 +506,7 @@ class Scheduler:
                     prompt_len=request.num_prompt_tokens,
                     output_token_ids=tuple(request.output_token_ids),
                     prompt_token_ids=tuple(request.prompt_token_ids),
+                    lora_name=request.lora_name,
                 )
             else:
                 entry = for_known(

@@ -44,6 +44,9 @@ class EngineCoreRequest:
     # worker failed): the request starts as a preempted one would resume, so max_tokens,
     # min_tokens, penalties and seeded draws count them.
     output_token_ids: tuple[int, ...] = ()
+    # The LoRA adapter the request runs with ("": the base model); also its prefix-cache
+    # namespace (its blocks hash from the adapter's name, as the router hashes them).
+    lora_name: str = ""
 
 
 @dataclass(frozen=True)
@@ -78,6 +81,7 @@ class ScheduledRequest:
     output_token_ids: tuple[int, ...] = ()  # tokens generated before a preemption (for penalties)
     prompt_token_ids: tuple[int, ...] = ()  # whole prompt when is_new (repetition penalty sees cached tokens)
     num_draft_tokens: int = 0  # speculative decoding: drafts at the end of token_ids
+    lora_name: str = ""  # when is_new: the request's LoRA adapter ("": none)
 
     @classmethod
     def for_known(

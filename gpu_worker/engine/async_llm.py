@@ -83,6 +83,7 @@ class AsyncLLM:
         self._processor = InputProcessor(
             info.tokenizer, info.vocab_size, info.max_model_len, info.eos_token_ids,
             pooling=info.config.runner == "pooling",
+            lora_names=frozenset(name for name, _ in info.config.lora_adapters),
         )
         self._outputs = OutputProcessor(info.tokenizer)  # event-loop side only
         self._queues: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}  # event-loop side
@@ -167,18 +168,20 @@ class AsyncLLM:
         request_id: str,
         resumed_token_ids: Sequence[int] = (),
         priority: int = 0,
+        lora_name: str = "",
     ) -> AsyncGenerator[RequestOutput, None]:
         """Stream the request's outputs as deltas; the last one has ``finished=True``.
 
         ``resumed_token_ids``: outputs another worker produced before it failed; the stream
         continues after them (see :meth:`InputProcessor.process`). ``priority``: lower runs first
-        when the engine's scheduling policy is ``priority``."""
+        when the engine's scheduling policy is ``priority``. ``lora_name``: the LoRA adapter
+        ("": the base model)."""
         self._check_accepting()
         self._check_sequence_room(params.n if params is not None else 1)  # before tokenizing
         await self._check_format_syntax(params)
         processed = self._processor.process(
             request_id, prompt, params, priority=priority, resumed_token_ids=resumed_token_ids,
-            core_tag=f"@{next(self._submissions)}",
+            core_tag=f"@{next(self._submissions)}", lora_name=lora_name,
         )
         if request_id in self._queues:
             raise ValueError(f"request_id {request_id!r} is already in flight")

@@ -68,8 +68,9 @@ class InputProcessor:
     """
 
     def __init__(self, tokenizer: Any, vocab_size: int, max_model_len: int, eos_token_ids: frozenset[int],
-                 pooling: bool = False):
+                 pooling: bool = False, lora_names: frozenset[str] = frozenset()):
         self.pooling = pooling
+        self.lora_names = lora_names  # the LoRA adapters the engine serves
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
         self.max_model_len = max_model_len
@@ -109,6 +110,7 @@ class InputProcessor:
         priority: int = 0,
         resumed_token_ids: Sequence[int] = (),
         core_tag: str = "",
+        lora_name: str = "",
     ) -> ProcessedRequest:
         """Validate and tokenize; fan ``n > 1`` out into ``n`` core requests.
 
@@ -118,9 +120,14 @@ class InputProcessor:
         exactly as if it had generated them (they count toward ``max_tokens``). ``core_tag`` is
         appended to the core request ids: a serving front makes them unique per submission, so
         outputs still in flight for an earlier request of the same id never reach this one.
+        ``lora_name``: the LoRA adapter to run with ("": the base model); one the engine does not
+        serve is refused.
         """
         if not request_id:
             raise ValueError("request_id must not be empty")
+        if lora_name and lora_name not in self.lora_names:
+            raise ValueError(f"LoRA adapter {lora_name[:64]!r} is not served here; served: "
+                             f"{sorted(self.lora_names)}")
         params = params if params is not None else SamplingParams()
         if self.pooling:  # what to generate is not the caller's to say: one prefill, one vector
             params = dataclasses.replace(POOLING_PARAMS, truncate_prompt_tokens=params.truncate_prompt_tokens)
@@ -157,6 +164,7 @@ class InputProcessor:
                     arrival_time=arrival,
                     priority=priority,
                     output_token_ids=resumed,
+                    lora_name=lora_name,
                 )
             )
         return ProcessedRequest(request_id, text, ids, params, tuple(children), resumed)

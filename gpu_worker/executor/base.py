@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import resource
 from abc import ABC, abstractmethod
+from typing import Any
 
 import torch
 
@@ -20,6 +21,7 @@ from gpu_worker.distributed.parallel_state import ModelParallel
 from gpu_worker.model_executor import loader
 from gpu_worker.worker import kv_sizing
 from gpu_worker.worker.model_runner import ModelRunner, PendingRunnerOutput
+from kernels import get_ops
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +78,8 @@ def load_runner(
     hf_config = loader.load_hf_config(source)
     rss_before = _reset_peak_resident()
     model = loader.load_model(config, device, dtype, source=source, hf_config=hf_config, parallel=parallel)
+    if config.lora_adapters:
+        _attach_lora(model, config, hf_config, device, dtype)
     grew = _peak_resident() - rss_before
     rank = 0 if parallel is None else parallel.pp_rank * parallel.tp.size + parallel.tp.rank
     runner = ModelRunner(config, model, hf_config, device, dtype, eos_token_ids)
@@ -84,6 +88,30 @@ def load_runner(
         "grew by %d MiB", rank, runner.weight_bytes >> 20, config.quantization, device, max(grew, 0) >> 20,
     )
     return runner
+
+
+def _attach_lora(model: Any, config: EngineConfig, hf_config: Any, device: torch.device,
+                 dtype: torch.dtype) -> None:
+    """Load ``config.lora_modules`` (each adapter checked against the model's sizes) into this
+    rank's layers (gpu_worker/lora/layers.py). 16/32-bit weights only: a quantized layer's
+    input may be an fp8 activation, which the adapters' product cannot take."""
+    from gpu_worker.lora.adapter import adapter_shapes_of, load_adapter
+    from gpu_worker.lora.layers import attach_lora
+    from gpu_worker.model_executor.layers.quantization.base import UnquantizedLinearMethod
+
+    if any(not isinstance(getattr(m, "linear_method", UnquantizedLinearMethod()), UnquantizedLinearMethod)
+           for m in model.modules() if hasattr(m, "in_features_local")):
+        raise ValueError("lora_modules needs 16/32-bit weights; this checkpoint is quantized")
+    shapes = adapter_shapes_of(hf_config)
+    adapters = [load_adapter(name, path, **shapes, max_rank=config.max_lora_rank)
+                for name, path in config.lora_adapters]
+    ops = get_ops(device, fp8_weight_only_max_m=config.fp8_weight_only_max_tokens, pdl=config.enable_pdl)
+    # the most tokens of a step, a graph's padding included
+    max_tokens = max(config.max_num_batched_tokens or 0, config.max_num_seqs) + 1
+    attach_lora(model, adapters, max_rank=config.max_lora_rank, max_tokens=max_tokens, device=device,
+                dtype=dtype, ops=ops)
+    logger.info("LoRA adapters %s loaded (max rank %d)", ", ".join(a.name for a in adapters),
+                config.max_lora_rank)
 
 
 def _reset_peak_resident() -> int:

@@ -58,6 +58,7 @@ def encode_step(sched: SchedulerOutput) -> bytes:
             "prompt_len": r.prompt_len,
             "output_token_ids": list(r.output_token_ids),
             "prompt_token_ids": list(r.prompt_token_ids),
+            "lora_name": r.lora_name,
         }
         for r in reqs
         if r.is_new
@@ -110,6 +111,7 @@ def decode_step(data: bytes) -> SchedulerOutput:
                 output_token_ids=tuple(extra["output_token_ids"]),
                 prompt_token_ids=tuple(extra["prompt_token_ids"]),
                 num_draft_tokens=n_draft,
+                lora_name=extra["lora_name"],
             )
         )
     return SchedulerOutput(

@@ -68,7 +68,7 @@ class FleetLink:
         served = service.list_models()[0]
         identity = WorkerIdentity(
             snap.worker_id, snap.model, snap.address, snap.block_size, snap.max_model_len,
-            served.quantization, served.kv_cache_dtype, served.weight_bytes,
+            served.quantization, served.kv_cache_dtype, served.weight_bytes, adapters=service.adapters,
         )
         self._publisher = WorkerPublisher(
             self._store,

@@ -243,7 +243,8 @@ class WorkerServer:
         worker_id = self.config.worker_id or f"{socket.gethostname()}-{self._port}-{uuid.uuid4().hex[:8]}"
         telemetry = RequestTelemetry(self.tracing, self.engine_metrics.metrics, model_name, worker_id)
         self._service = WorkerService(
-            model_name, worker_id, address, self.config.max_concurrent_streams, telemetry, self.config.limits
+            model_name, worker_id, address, self.config.max_concurrent_streams, telemetry, self.config.limits,
+            adapters=tuple(name for name, _ in self.engine_config.lora_adapters)
         )
         self._service.standby = self.config.standby
         self._add_services(server, self._service)

@@ -38,6 +38,7 @@ class ModelEntry:
     kv_cache_dtype: str = ""
     weight_bytes: int = 0
     kv_cache_tokens: int = 0
+    parent: str = ""  # a LoRA adapter's base model ("" for the base model)
 
 
 @dataclass(frozen=True)
@@ -72,8 +73,10 @@ class WorkerService:
         max_concurrent_streams: int,
         telemetry: RequestTelemetry,
         limits: RequestLimits | None = None,
+        adapters: tuple[str, ...] = (),
     ) -> None:
         self.model_name = model_name
+        self.adapters = adapters  # LoRA adapters served beside the model, each a model name
         self.worker_id = worker_id
         self.address = address
         self.max_concurrent_streams = max_concurrent_streams
@@ -133,10 +136,14 @@ class WorkerService:
         """Count a request refused by ``limit``."""
         self._telemetry.metrics.on_refusal(self.model_name, limit)
 
-    def check_model(self, model: str) -> None:
-        """NOT_FOUND unless ``model`` is the served name (an empty name means the served one)."""
-        if model and model != self.model_name:
-            raise ModelNotFound(model, [self.model_name])
+    def check_model(self, model: str) -> str:
+        """The LoRA adapter ``model`` names ("" for the served model, or an empty name);
+        NOT_FOUND unless it is one of the served names."""
+        if not model or model == self.model_name:
+            return ""
+        if model in self.adapters:
+            return model
+        raise ModelNotFound(model, [self.model_name, *self.adapters])
 
     def check_task(self, embed: bool) -> None:
         """INVALID_ARGUMENT unless the request's task is what this worker's runner serves."""
@@ -157,7 +164,7 @@ class WorkerService:
         if self._draining:
             raise Unavailable("worker is draining")
         engine = self.engine
-        self.check_model(call.model)
+        lora_name = self.check_model(call.model)
         self.check_task(call.embed)
         if len(self._in_flight) >= self.max_concurrent_streams:
             self.on_refusal("max_concurrent_streams")
@@ -172,7 +179,7 @@ class WorkerService:
         try:
             with self._telemetry.observe(call) as observation:
                 outputs = engine.generate(call.prompt, call.params, call.request_id, call.resumed_token_ids,
-                                          priority=call.priority)
+                                          priority=call.priority, lora_name=lora_name)
                 async with aclosing(outputs):
                     async for output in outputs:
                         observation.on_output(output)
@@ -190,8 +197,10 @@ class WorkerService:
         if engine is None:
             return [ModelEntry(self.model_name, 0, self.standby)]
         config = engine.config
-        return [ModelEntry(self.model_name, engine.max_model_len, self.standby, config.quantization,
-                           config.kv_cache_dtype, engine.weight_bytes, engine.kv_cache_tokens)]
+        return [ModelEntry(name, engine.max_model_len, self.standby, config.quantization,
+                           config.kv_cache_dtype, engine.weight_bytes, engine.kv_cache_tokens,
+                           parent=self.model_name if name != self.model_name else "")
+                for name in (self.model_name, *self.adapters)]
 
     def snapshot(self) -> WorkerSnapshot:
         """Current identity and load (GetWorkerInfo, heartbeats)."""

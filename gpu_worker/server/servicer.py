@@ -267,7 +267,8 @@ class GenerationServicer(gen_grpc.GenerationServicer):
                 gen_pb.ModelInfo(name=m.name, max_model_len=m.max_model_len,
                                  num_workers=0 if m.standby else 1, num_standby_workers=int(m.standby),
                                  quantization=m.quantization, kv_cache_dtype=m.kv_cache_dtype,
-                                 weight_bytes=m.weight_bytes, kv_cache_tokens=m.kv_cache_tokens)
+                                 weight_bytes=m.weight_bytes, kv_cache_tokens=m.kv_cache_tokens,
+                                 parent=m.parent)
                 for m in self._service.list_models()
             ]
         )

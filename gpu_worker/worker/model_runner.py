@@ -14,6 +14,7 @@ from torch import nn
 from gpu_worker.config import EngineConfig
 from gpu_worker.core.types import GrammarBitmask, RunnerOutput, ScheduledRequest, SchedulerOutput
 from gpu_worker.distributed.parallel_state import IntermediateTensors, ModelParallel
+from gpu_worker.lora.layers import LoraSlots
 from gpu_worker.model_executor.layers.attention import AttentionMetadata
 from gpu_worker.model_executor.layers.quantization.select import kv_cache_torch_dtype
 from gpu_worker.model_executor.model_config import KVCacheSpec
@@ -144,6 +145,12 @@ class ModelRunner:
             buckets = mixed_buckets(config.mixed_graph_max_tokens, config.token_budget)
             if buckets and self.parallel.tp.size == 1:
                 self.mixed_graphs = MixedGraphs(buckets)
+        # LoRA (gpu_worker/lora): the model's shared token -> adapter slot map, each live
+        # request's slot (adapter i of config.lora_modules is slot i + 1; absent: the base model).
+        lora_slots = getattr(model, "lora_slots", None)
+        self.lora_slots: LoraSlots | None = lora_slots if isinstance(lora_slots, LoraSlots) else None
+        self._lora_slot_of = {name: i for i, (name, _) in enumerate(config.lora_adapters, start=1)}
+        self._request_lora_slot: dict[str, int] = {}
         # Set by _allocate (initialize_kv_cache, or a scratch pool during profile_run).
         self.num_kv_blocks = 0
         self.max_model_len = 0
@@ -210,6 +217,7 @@ class ModelRunner:
         """
         for req_id in sched.finished_req_ids | sched.preempted_req_ids:
             self.states.remove(req_id)
+            self._request_lora_slot.pop(req_id, None)
         self.last_step_reports = False
         if sched.is_empty:
             return PendingRunnerOutput.ready(_EMPTY_OUTPUT)
@@ -234,6 +242,8 @@ class ModelRunner:
             sched.requests, rows, self.states, pad_to=bucket,
             prev_sample_ids=None if last is None else last.req_ids, pad_tokens_to=mixed, columns=columns,
         )
+        if self.lora_slots is not None:
+            self._set_lora_slots(sched, inputs.num_tokens)
         if inputs.placeholder_dst is not None:
             assert last is not None and inputs.placeholder_src is not None  # checked by prepare
             with torch.inference_mode():
@@ -273,6 +283,17 @@ class ModelRunner:
             return pending
         with_prompt = prompt
         return PendingRunnerOutput(lambda: replace(pending.result(), prompt_logprobs=with_prompt.result()))
+
+    def _set_lora_slots(self, sched: SchedulerOutput, num_tokens: int) -> None:
+        """Write the step's token -> adapter slot map (tokens packed in the plan's order, as the
+        step's inputs are; padding rows up to ``num_tokens`` run without an adapter)."""
+        slot_of = self._request_lora_slot
+        for r in sched.requests:
+            if r.is_new:
+                slot_of[r.req_id] = self._lora_slot_of.get(r.lora_name, 0)
+        assert self.lora_slots is not None
+        self.lora_slots.set([len(r.token_ids) for r in sched.requests],
+                            [slot_of.get(r.req_id, 0) for r in sched.requests], num_tokens)
 
     @torch.inference_mode()
     def _forward_stage(self, inputs: StepInputs) -> torch.Tensor | None:

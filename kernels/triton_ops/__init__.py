@@ -37,6 +37,7 @@ from kernels.triton_ops.fp8_matmul import (
 from kernels.triton_ops.gather import gather_columns
 from kernels.triton_ops.gemv import gemv16_gated_linear, gemv16_linear, gemv16_rope_linear
 from kernels.triton_ops.kv_store import store_kvcache
+from kernels.triton_ops.lora import lora_expand, lora_shrink
 from kernels.triton_ops.norm import fused_add_rms_norm, fused_add_rms_norm_fp8, rms_norm, rms_norm_fp8
 from kernels.triton_ops.prefill_attention import PrefillConfig, paged_attention
 from kernels.triton_ops.rotary import rotary_embedding
@@ -67,6 +68,8 @@ __all__ = [
     "gemv16_gated_linear",
     "gemv16_linear",
     "gemv16_rope_linear",
+    "lora_expand",
+    "lora_shrink",
     "paged_attention",
     "paged_decode_attention",
     "quantize_fp8_per_token",
@@ -128,4 +131,6 @@ def triton_ops(fp8_weight_only_max_m: int = FP8_WEIGHT_ONLY_MAX_M, pdl: bool = F
         fp8_block_weight_only_gated_linear=chained(fp8_block_weight_only_gated_linear),
         linear16_gated=chained(gemv16_gated_linear),
         linear16=chained(gemv16_linear),
+        lora_shrink=lora_shrink,
+        lora_expand=lora_expand,
     )

@@ -55,6 +55,7 @@ class WorkerIdentity:
     quantization: str = ""  # weights' format ("none", "fp8", "gptq", "gguf")
     kv_cache_dtype: str = ""  # "auto" or "fp8"
     weight_bytes: int = 0
+    adapters: tuple[str, ...] = ()  # LoRA adapters served besides ``model``, each its own model name
 
 
 @dataclass(frozen=True)
@@ -132,6 +133,7 @@ class WorkerPublisher:
             quantization=i.quantization,
             kv_cache_dtype=i.kv_cache_dtype,
             weight_bytes=i.weight_bytes,
+            adapters=i.adapters,
         )
         if self._secret is None:
             return record

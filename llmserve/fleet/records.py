@@ -39,7 +39,9 @@ class WorkerRecord:
     promotes itself (``llmserve.fleet.standby``). Stored only when True, so a live worker's record
     is what it was before standbys existed. ``quantization``, ``kv_cache_dtype``, ``weight_bytes``:
     the served weights' format, the KV cache's element type and the weights' size (ListModels
-    on a router; docs/QUANTIZATION.md); stored only when set.
+    on a router; docs/QUANTIZATION.md); stored only when set. ``adapters``: the LoRA adapters
+    the worker serves besides ``model``, each under its own model name (routed like a model);
+    stored only when there are some.
     """
 
     worker_id: str
@@ -55,12 +57,14 @@ class WorkerRecord:
     quantization: str = ""
     kv_cache_dtype: str = ""
     weight_bytes: int = 0
+    adapters: tuple[str, ...] = ()
 
     def fields(self) -> dict[str, Any]:
         """The JSON object stored for this record (``sig`` only when signed, ``standby`` only
-        when True, the model's formats and size only when known)."""
+        when True, the model's formats and size only when known, ``adapters`` only when some)."""
         out = asdict(self)
-        for name in ("sig", "standby", "quantization", "kv_cache_dtype", "weight_bytes"):
+        out["adapters"] = list(self.adapters)  # a JSON list: the same canonical bytes signed and read back
+        for name in ("sig", "standby", "quantization", "kv_cache_dtype", "weight_bytes", "adapters"):
             if not out[name]:
                 del out[name]
         return out

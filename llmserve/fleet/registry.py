@@ -35,33 +35,50 @@ class FleetSnapshot:
     """What the router knows of the fleet at one instant."""
 
     workers: tuple[WorkerRecord, ...]
-    models: frozenset[str]  # every model ever served (NOT_FOUND vs UNAVAILABLE)
+    models: frozenset[str]  # every model (LoRA adapters included) ever served (NOT_FOUND vs UNAVAILABLE)
     stale: bool = False  # True while serving the last known state (store down or re-syncing)
     rejected: tuple[Rejection, ...] = ()  # records the read that made this snapshot skipped
     epoch_changed: bool = False  # the read that made this snapshot found a new store epoch
 
     def workers_of(self, model: str) -> list[WorkerRecord]:
-        """Workers of ``model`` that accept new requests (neither draining nor standby), by id."""
+        """Workers that serve ``model`` (as their model or as one of their LoRA adapters) and
+        accept new requests (neither draining nor standby), by id."""
         return sorted(
-            (w for w in self.workers if w.model == model and not w.draining and not w.standby),
+            (w for w in self.workers if _serves(w, model) and not w.draining and not w.standby),
             key=lambda w: w.worker_id,
         )
 
     def live_models(self) -> dict[str, list[WorkerRecord]]:
-        """Model name -> its workers that accept new requests (neither draining nor standby)."""
+        """Model name -> its workers that accept new requests (neither draining nor standby); a
+        LoRA adapter is a model of its own here, listing the workers that have it."""
         out: dict[str, list[WorkerRecord]] = {}
         for w in self.workers:
             if not w.draining and not w.standby:
-                out.setdefault(w.model, []).append(w)
+                for name in (w.model, *w.adapters):
+                    out.setdefault(name, []).append(w)
         return out
 
     def standby_counts(self) -> dict[str, int]:
-        """Model name -> its warm standby workers (not draining); models without one are absent."""
+        """Model name (adapters included) -> its warm standby workers (not draining); models
+        without one are absent."""
         out: dict[str, int] = {}
         for w in self.workers:
             if w.standby and not w.draining:
-                out[w.model] = out.get(w.model, 0) + 1
+                for name in (w.model, *w.adapters):
+                    out[name] = out.get(name, 0) + 1
         return out
+
+    def parent_of(self, name: str) -> str:
+        """The base model of the LoRA adapter ``name``: "" for a base model (a name some worker
+        serves as its model) or a name no listed worker serves. Workers that disagree: the
+        smallest base model name, so every router answers the same."""
+        if any(w.model == name for w in self.workers):
+            return ""
+        return min((w.model for w in self.workers if name in w.adapters), default="")
+
+
+def _serves(worker: WorkerRecord, model: str) -> bool:
+    return worker.model == model or model in worker.adapters
 
 
 class Registry:
@@ -192,7 +209,7 @@ class Registry:
             carried = [w for w in self._carry if w.worker_id not in fresh_ids]
             workers.extend(carried)
             stale = bool(carried)
-        models = view.models | {w.model for w in workers}
+        models = view.models | {name for w in workers for name in (w.model, *w.adapters)}
         if len(models | self._snapshot.models) <= self._reader.max_records:  # bounded whatever Redis holds
             models |= self._snapshot.models
         return FleetSnapshot(tuple(sorted(workers, key=lambda w: w.worker_id)), frozenset(models), stale,

@@ -9,7 +9,9 @@ user's prompt is sent to, so a router accepts it only when
   bounded, ``block_size`` a power of two in [1, 2048], ``max_model_len`` >= 1, load counters
   non-negative integers, ``kv_usage`` in [0, 1], ``max_num_seqs`` >= 1, booleans (``draining``,
   ``standby``) real booleans, ``quantization`` / ``kv_cache_dtype`` short lowercase names and
-  ``weight_bytes`` a non-negative integer when present,
+  ``weight_bytes`` a non-negative integer when present, ``adapters`` (LoRA adapters served
+  besides ``model``) a list of at most ``MAX_ADAPTERS`` distinct model names, none of them
+  ``model``, when present,
 - its ``worker_id`` is the id under which it is stored,
 - its ``heartbeat_at`` (the worker's wall clock) is at most ``max_age_s`` old and not in the
   future, allowing ``clock_skew_s`` either way: a record whose key never expires is ignored
@@ -52,6 +54,7 @@ MAX_BLOCK_SIZE = 2048
 MAX_MODEL_LEN = 1 << 30
 MAX_COUNT = 1 << 31  # load counters
 MAX_WEIGHT_BYTES = 1 << 50
+MAX_ADAPTERS = 256  # LoRA adapters per worker record
 _FORMAT_NAME = re.compile(r"[a-z0-9_+-]{1,32}")
 SIGNATURE_FIELD = "sig"
 _SIGNING_CONTEXT = b"llmserve.worker-record.v1\n"
@@ -246,7 +249,22 @@ def record_from_fields(fields: Mapping[str, Any]) -> WorkerRecord:
         quantization=_format_name(fields, "quantization"),
         kv_cache_dtype=_format_name(fields, "kv_cache_dtype"),
         weight_bytes=_int(fields, "weight_bytes", 0, MAX_WEIGHT_BYTES, 0),
+        adapters=_adapters(fields, model),
     )
+
+
+def _adapters(fields: Mapping[str, Any], model: str) -> tuple[str, ...]:
+    """The optional LoRA adapter names: distinct model names other than ``model``; () when absent."""
+    if "adapters" not in fields:
+        return ()
+    names: list[Any] = _field(fields, "adapters", list)
+    _check(len(names) <= MAX_ADAPTERS, f"adapters has {len(names)} names (at most {MAX_ADAPTERS})")
+    if not all(isinstance(name, str) for name in names):
+        raise RecordRejected("schema", "adapters holds a value that is not a string")
+    _check(all(check_model_name(name) for name in names), "adapters holds a name that is no model name")
+    _check(len(set(names)) == len(names), "adapters holds a name twice")
+    _check(model not in names, "adapters holds the record's own model")
+    return tuple(names)
 
 
 def _format_name(fields: Mapping[str, Any], name: str) -> str:

@@ -346,13 +346,13 @@ class OpenAIDoor:
 
     async def _models(self) -> Response:
         models = await self._core.list_models()
-        data = [_model_card(m.name, m.max_model_len) for m in models]
+        data = [_model_card(m.name, m.max_model_len, m.parent) for m in models]
         return Response(json_bytes({"object": "list", "data": data}), media_type="application/json")
 
     async def _model(self, model: str) -> Response:
         for m in await self._core.list_models():
             if m.name == model:
-                card = _model_card(m.name, m.max_model_len)
+                card = _model_card(m.name, m.max_model_len, m.parent)
                 return Response(json_bytes(card), media_type="application/json")
         body = error_body(f"model {model_name(model)} is not served by any worker", "invalid_request_error",
                           "model", "model_not_found")
@@ -414,9 +414,11 @@ def _needs_tokenizer(endpoint: _Endpoint, parsed: Any) -> bool:
             or (endpoint is _COMPLETIONS and bool(parsed.echo)))
 
 
-def _model_card(name: str, max_model_len: int) -> dict[str, Any]:
+def _model_card(name: str, max_model_len: int, parent: str) -> dict[str, Any]:
+    """A model of GET /v1/models, in vLLM's shape: a LoRA adapter names its base model as
+    ``parent`` (null for a base model); ``root`` is the model's own name."""
     return {"id": name, "object": "model", "created": 0, "owned_by": "llmserve",
-            "max_model_len": max_model_len}
+            "root": name, "parent": parent or None, "max_model_len": max_model_len}
 
 
 async def _http_exception(request: Request, exc: Exception) -> Response:

@@ -446,20 +446,21 @@ def check_rotary_embedding(t: Target) -> None:
         assert torch.equal(q, got_q) and torch.equal(k, got_k), "rotary must return its in-place results"
 
 
-def assert_one_rounding_apart(out: torch.Tensor, ref: torch.Tensor, what: str) -> None:
+def assert_one_rounding_apart(out: torch.Tensor, ref: torch.Tensor, what: str, atol: float = 0.0) -> None:
     """bf16 outputs that both round the same float32 value: at most one bf16 ulp apart.
 
     Kernel and reference compute in float32 (agreeing to a few float32 ulps) and round once
     to bf16. Torch and the GPU round to nearest even, Triton's interpreter toward zero (its
     bias pushes the relative norm error to ~4e-3, past :func:`assert_close`'s bound), so the
-    two bf16 results may land on neighbouring values, never further apart.
+    two bf16 results may land on neighbouring values, never further apart. ``atol``: the float32
+    error of terms that may cancel (a sum near 0 has a bf16 ulp below its terms' float32 error).
     """
     assert not torch.isnan(out).any(), f"{what}: NaN in output"
     assert out.shape == ref.shape and out.dtype == ref.dtype == torch.bfloat16, what
     o, r = out.double(), ref.double()
     top = torch.maximum(o.abs(), r.abs()).clamp_min(2.0**-100)
     ulp = torch.exp2(torch.floor(torch.log2(top)) - 7)  # bf16: 7 explicit mantissa bits
-    bad = (o - r).abs() > ulp
+    bad = (o - r).abs() > ulp + atol
     assert not bad.any(), f"{what}: {int(bad.sum())}/{bad.numel()} elements more than one bf16 ulp off"
 
 
@@ -521,6 +522,83 @@ def check_rotary_store_kvcache(t: Target) -> None:
                 assert_close(got, ref, t.dtype, f"{what} {name}", scale=4)
 
 
+
+# Multi-LoRA: (tokens T, slots S, rank R, K or N, block_k or block_n: None for the default).
+# K and N are not multiples of the blocks; R pads to 16 (8), fills it (16) or takes two shrink
+# blocks (24); the small blocks make the kernels loop over K and tile N with a tail.
+_LORA_SHAPES = [(0, 3, 8, 80, None), (1, 3, 16, 64, None), (5, 3, 8, 88, 32), (5, 3, 16, 72, 16),
+                (7, 4, 24, 90, None)]
+_LORA_BIG_SHAPES = [(64, 4, 16, 4096, None), (64, 8, 64, 4096, None), (33, 3, 8, 5000, None),
+                    (200, 5, 32, 14336, None)]
+
+
+def _lora_slots(tokens: int, num_slots: int, gen: torch.Generator, t: Target) -> torch.Tensor:
+    """Random slots with the first token on slot 0 (no adapter) and the last on the last slot;
+    int32 for odd token counts, int64 for even ones (the ops take both)."""
+    slots = torch.randint(0, num_slots, (tokens,), generator=gen)
+    if tokens:
+        slots[0], slots[-1] = 0, num_slots - 1
+    return slots.to(device=t.device, dtype=torch.int32 if tokens % 2 else torch.int64)
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bit-for-bit equal (``torch.equal`` takes -0.0 for 0.0)."""
+    ints = {2: torch.int16, 4: torch.int32}[a.element_size()]
+    return a.dtype == b.dtype and torch.equal(a.view(ints), b.view(ints))
+
+
+def check_lora_shrink(t: Target) -> None:
+    """Per-token ``x @ a[slot].T`` in float32, rows of slot 0 exact zeros (written: ``out`` starts
+    as NaN), x rows strided. bf16/fp16 products are exact in float32, so only the order of the
+    sums differs from the reference: float32 tolerances in every dtype."""
+    gen = torch.Generator().manual_seed(12)
+    for tokens, num_slots, rank, k, block_k in _LORA_SHAPES + (_LORA_BIG_SHAPES if t.big else []):
+        what = f"lora_shrink T={tokens} S={num_slots} R={rank} K={k} block_k={block_k}"
+        x = _randn(tokens, k + 5, t=t, gen=gen)[:, :k]  # rows strided, as a column slice
+        a = _randn(num_slots, rank, k, t=t, gen=gen) * k**-0.5
+        a[0] = 0
+        slots = _lora_slots(tokens, num_slots, gen, t)
+        out = torch.full((tokens, rank), float("nan"), device=t.device)
+        got = tops.lora_shrink(x, a, slots, out=out, block_k=block_k)
+        assert got is out, what
+        ref = reference.lora_shrink(x, a, slots)
+        assert_close(got, ref, torch.float32, what)
+        none = slots == 0
+        assert _same_bits(got[none], torch.zeros_like(got[none])), f"{what}: slot-0 rows are not +0.0"
+        assert_close(tops.lora_shrink(x, a, slots), ref, torch.float32, f"{what} (fresh output)")
+
+
+def check_lora_expand(t: Target) -> None:
+    """In place ``y += scale * xa @ b[slot].T`` against the reference; tokens whose scale is 0
+    (slot 0, and in a second round the last slot disabled) keep their y bit for bit, -0.0 too."""
+    gen = torch.Generator().manual_seed(13)
+    for tokens, num_slots, rank, n, block_n in _LORA_SHAPES + (_LORA_BIG_SHAPES if t.big else []):
+        for disabled in (False, True):
+            what = f"lora_expand T={tokens} S={num_slots} R={rank} N={n} block_n={block_n} off={disabled}"
+            y = _randn(tokens, n, t=t, gen=gen)
+            xa = torch.randn(tokens, rank, generator=gen).to(t.device)
+            b = _randn(num_slots, n, rank, t=t, gen=gen) * rank**-0.5
+            b[0] = 0
+            scales = (torch.rand(num_slots, generator=gen) + 0.5).to(t.device)
+            scales[0] = 0
+            if disabled:
+                scales[-1] = 0  # an adapter with weights but scale 0
+            slots = _lora_slots(tokens, num_slots, gen, t)
+            kept = scales.index_select(0, slots) == 0
+            y[kept, 0] = -0.0  # y + 0.0 would give +0.0: a skipped token keeps the sign
+            want = reference.lora_expand(y.clone(), xa, b, slots, scales)
+            got_y = y.clone()
+            got = tops.lora_expand(got_y, xa, b, slots, scales, block_n=block_n)
+            assert got is got_y, f"{what}: not in place"
+            assert _same_bits(got[kept], y[kept]), f"{what}: a token of scale 0 changed y"
+            assert _same_bits(want[kept], y[kept]), f"{what}: the reference changed a token of scale 0"
+            if t.dtype == torch.bfloat16:
+                # y + scale * delta may cancel: float32 slack of terms of order 1 (R products).
+                assert_one_rounding_apart(got, want, what, atol=1e-5)
+            else:
+                assert_close(got, want, t.dtype, what, scale=4)
+
+
 CHECKS: dict[str, Callable[[Target], None]] = {
     "store_kvcache": check_store_kvcache,
     "paged_attention": check_paged_attention,
@@ -534,6 +612,8 @@ CHECKS: dict[str, Callable[[Target], None]] = {
     "rotary_embedding": check_rotary_embedding,
     "rotary_store_kvcache": check_rotary_store_kvcache,
     "argmax_rows": check_argmax_rows,
+    "lora_shrink": check_lora_shrink,
+    "lora_expand": check_lora_expand,
 }
 
 

@@ -44,12 +44,20 @@ def _copy_rows(target: torch.Tensor, dst: int, source: TensorSource, dim: int, s
 
 
 class _Linear(nn.Module):
-    """Weight ``[out_local, in_local]`` through ``method``, optional bias ``[bias_size]``."""
+    """Weight ``[out_local, in_local]`` through ``method``, optional bias ``[bias_size]``.
+
+    ``lora``: the LoRA adapters of the layer (``gpu_worker.lora.layers.LoraLinear``, set by
+    ``attach_lora``; None without): their term joins the layer's product (before a row-parallel
+    layer's all-reduce), and the fused one-token paths (gated, rotary) step aside for it."""
+
+    lora: Any = None
 
     def __init__(
         self, in_local: int, out_local: int, bias_size: int | None, dtype: torch.dtype, method: LinearMethod
     ) -> None:
         super().__init__()
+        self.in_features_local = in_local
+        self.out_features_local = out_local
         self.linear_method = method
         method.create_weights(self, in_local, out_local, dtype)
         self.bias = None
@@ -81,7 +89,8 @@ class ColumnParallelLinear(_Linear):
         super().__init__(in_features, out_local, out_local if bias else None, dtype, method)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.matmul(x, self.bias)
+        y = self.matmul(x, self.bias)
+        return y if self.lora is None else self.lora.apply(x, y)
 
     def shard_rows(self, shard: int) -> tuple[int, int, int]:
         """(first local row, first checkpoint row, rows) of fused sub-matrix ``shard``."""
@@ -107,7 +116,7 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         token and the linear method fuses the activation (``LinearMethod.apply_gated``); else
         None. Each rank holds its own shard of both halves, so the pairs are rank-local."""
         halves = len(self.local_sizes) == 2 and self.local_sizes[0] == self.local_sizes[1]
-        if not halves or x.numel() != x.shape[-1]:
+        if not halves or x.numel() != x.shape[-1] or self.lora is not None:
             return None
         return self.linear_method.apply_gated(self, x, self.bias)
 
@@ -144,8 +153,8 @@ class QKVParallelLinear(ColumnParallelLinear):
         """The rotated q ``[1, Hq * D]`` of this rank's heads, its rotated k and v stored into
         ``rope``'s cache, when ``x`` is one token and the linear method fuses rotary and the K/V
         store into its one-token GEMV (``LinearMethod.apply_rope``); else None (nothing stored)."""
-        if not isinstance(x, torch.Tensor) or x.numel() != x.shape[-1]:
-            return None  # several tokens, or an fp8 activation the norm quantized (W8A8)
+        if not isinstance(x, torch.Tensor) or x.numel() != x.shape[-1] or self.lora is not None:
+            return None  # several tokens, an fp8 activation the norm quantized (W8A8), or LoRA
         return self.linear_method.apply_rope(self, x, self.bias, rope)
 
     def shard_rows(self, shard: int) -> tuple[int, int, int]:
@@ -176,8 +185,12 @@ class RowParallelLinear(_Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp.size == 1:
-            return self.matmul(x, self.bias)
-        y = self.tp.all_reduce(self.matmul(x, None))
+            y = self.matmul(x, self.bias)
+            return y if self.lora is None else self.lora.apply(x, y)
+        partial = self.matmul(x, None)
+        if self.lora is not None:  # this rank's share of the adapter term: summed with the product
+            partial = self.lora.apply(x, partial)
+        y = self.tp.all_reduce(partial)
         return y if self.bias is None else y + self.bias
 
     def load(self, name: str, source: TensorSource, shard: int = 0) -> Iterable[str]:
