@@ -215,3 +215,25 @@ def test_merged_model_applies_the_adapter(
     zero_b = lambda t: t.update({k: torch.zeros_like(v) for k, v in t.items() if "lora_B" in k})
     _edit_tensors(adapter_dir, zero_b)
     assert torch.equal(_logits(merged_model(model_dir, adapter_dir), PROMPT), base)
+
+
+def test_lora_flags_take_vllms_form_and_the_variable() -> None:
+    """``--lora-modules a=/p b=/q`` (vLLM's) and ``LLMSERVE_LORA_MODULES="a=/p,b=/q"`` give the
+    same adapters; a malformed item or a name taken twice is refused."""
+    from gpu_worker.__main__ import build_parser, configs_from_args
+    from gpu_worker.config import EngineConfig
+
+    flags = build_parser({}).parse_args(["--model", "m", "--lora-modules", "a=/p", "b=/q",
+                                         "--max-lora-rank", "32"])
+    variable = build_parser({"LLMSERVE_MODEL": "m", "LLMSERVE_LORA_MODULES": "a=/p,b=/q"}).parse_args([])
+    for args in (flags, variable):
+        engine, _ = configs_from_args(args)
+        assert engine.lora_adapters == (("a", "/p"), ("b", "/q"))
+    assert configs_from_args(flags)[0].max_lora_rank == 32
+    for bad, match in (("a", "NAME=PATH"), ("a=/p,a=/q", "distinct"), ("m=/p", "distinct")):
+        with pytest.raises(ValueError, match=match):
+            EngineConfig(model="m", lora_modules=bad)
+    with pytest.raises(ValueError, match="max_lora_rank"):
+        EngineConfig(model="m", max_lora_rank=0)
+    with pytest.raises(ValueError, match="16/32-bit"):
+        EngineConfig(model="m", lora_modules="a=/p", quantization="fp8")
