@@ -37,7 +37,9 @@ LORA_LAYERS: dict[str, tuple[str, ...]] = {
     "mlp.gate_up_proj": ("gate_proj", "up_proj"),
     "mlp.down_proj": ("down_proj",),
 }
-_HOST_RING = 4  # host staging buffers: a step's copy may still be in flight while the next is planned
+# Host staging buffers, reused in turn: a step's copy may not have run yet while the next steps
+# are planned (async scheduling: 2 in flight; pipeline stages: one per stage, up to 8 here).
+_HOST_RING = 16
 
 
 class LoraSlots:
