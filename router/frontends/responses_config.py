@@ -17,7 +17,7 @@ class ResponsesStoreConfig:
     ``cancel_poll_s``: how often a background response checks for a cancel request that reached
     another router."""
 
-    ttl_s: float = 86400.0
+    ttl_s: float = 3600.0
     max_record_bytes: int = 4 * 1024 * 1024
     max_background: int = 256
     cancel_poll_s: float = 1.0
