@@ -16,8 +16,9 @@ is future work.
 Slot 0 is "no adapter": its ``a`` and ``b`` are zeros and ``scales[0] == 0``. The kernels exploit
 it: a token of slot 0 gets a shrink row of zeros without loading anything, and a token whose
 slot's scale is 0 leaves ``y`` untouched (no loads, no store), bit for bit what the reference
-gives (it skips the same tokens). ``R`` is a LoRA rank (1..64 in practice): the kernels pad it to
-a power-of-two block of at least 16 with masks; ``K`` and ``N`` need not be multiples of a block.
+gives (it skips the same tokens). ``R`` is a layer's rank columns (a fused layer's sub-projections
+together: q/k/v at rank 64 is 192): the kernels take it in power-of-two blocks of 16 to 64 with
+masks; ``K`` and ``N`` need not be multiples of a block.
 """
 
 from __future__ import annotations
@@ -26,9 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
-# The most rank the expand kernel takes: it holds a token's whole xa row in one block.
-MAX_RANK = 256
 _MIN_BLOCK_R = 16  # tl.arange and the masks want a power of two; 16 keeps the tiles regular
+_MAX_BLOCK_R = 64  # the expand kernel's rank block; larger ranks loop over blocks of it
 # Register tile of a program (elements of [BLOCK_R, BLOCK_K] or [BLOCK_N, BLOCK_R]): 64 float32
 # values a thread on 4 warps.
 _TILE = 8192
@@ -69,12 +69,15 @@ def _lora_expand_kernel(y_ptr, xa_ptr, b_ptr, slots_ptr, scales_ptr, R, N, strid
         return
     n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = n < N
-    r = tl.arange(0, BLOCK_R)
-    r_ok = r < R
-    xa = tl.load(xa_ptr + t * stride_xa + r, mask=r_ok, other=0.0)
-    bv = tl.load(b_ptr + slot * N * R + n[:, None] * R + r[None, :], mask=n_ok[:, None] & r_ok[None, :],
-                 other=0.0)
-    delta = tl.sum(bv.to(tl.float32) * xa[None, :], axis=1)
+    rs = tl.arange(0, BLOCK_R)
+    b_rows = b_ptr + slot * N * R + n[:, None] * R
+    acc = tl.zeros([BLOCK_N, BLOCK_R], dtype=tl.float32)
+    for r0 in range(0, R, BLOCK_R):
+        r_ok = r0 + rs < R
+        xa = tl.load(xa_ptr + t * stride_xa + r0 + rs, mask=r_ok, other=0.0)
+        bv = tl.load(b_rows + r0 + rs[None, :], mask=n_ok[:, None] & r_ok[None, :], other=0.0)
+        acc += bv.to(tl.float32) * xa[None, :]
+    delta = tl.sum(acc, axis=1)
     y_ptrs = y_ptr + t * stride_y + n
     y = tl.load(y_ptrs, mask=n_ok, other=0.0)
     tl.store(y_ptrs, (y.to(tl.float32) + scale * delta).to(y_ptr.dtype.element_ty), mask=n_ok)
@@ -112,7 +115,7 @@ def lora_shrink(x: torch.Tensor, a: torch.Tensor, slots: torch.Tensor, *, out: t
 def lora_expand(y: torch.Tensor, xa: torch.Tensor, b: torch.Tensor, slots: torch.Tensor,
                 scales: torch.Tensor, *, block_n: int | None = None) -> torch.Tensor:
     """Triton :func:`kernels.reference.lora_expand`, in place on ``y`` ``[T, N]`` (returned):
-    ``xa`` float32 ``[T, R]`` (``R <= MAX_RANK``), ``b`` ``[S, N, R]`` of ``y``'s dtype, ``slots``
+    ``xa`` float32 ``[T, R]``, ``b`` ``[S, N, R]`` of ``y``'s dtype, ``slots``
     ``[T]`` (int32/int64 in ``[0, S)``, not checked), ``scales`` float32 ``[S]``. ``block_n``:
     outputs per program, a power of two >= 16 (default: an ``[block_n, R]`` tile of 8k elements,
     at most ``N`` rounded up to a power of two)."""
@@ -127,10 +130,8 @@ def lora_expand(y: torch.Tensor, xa: torch.Tensor, b: torch.Tensor, slots: torch
     if scales.shape != (b.shape[0],) or scales.dtype != torch.float32 or not scales.is_contiguous():
         raise ValueError(f"lora_expand: scales must be float32 [{b.shape[0]}], got {tuple(scales.shape)} "
                          f"{scales.dtype}")
-    if rank > MAX_RANK:
-        raise ValueError(f"lora_expand takes ranks up to {MAX_RANK}, got {rank}")
     _check_slots(slots, t, "lora_expand")
-    block_r = max(_MIN_BLOCK_R, triton.next_power_of_2(rank))
+    block_r = min(_MAX_BLOCK_R, max(_MIN_BLOCK_R, triton.next_power_of_2(rank)))
     if block_n is None:
         block_n = max(16, min(triton.next_power_of_2(n), _TILE // block_r))
     _check_block(block_n, "block_n")

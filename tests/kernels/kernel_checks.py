@@ -526,10 +526,12 @@ def check_rotary_store_kvcache(t: Target) -> None:
 # Multi-LoRA: (tokens T, slots S, rank R, K or N, block_k or block_n: None for the default).
 # K and N are not multiples of the blocks; R pads to 16 (8), fills it (16) or takes two shrink
 # blocks (24); the small blocks make the kernels loop over K and tile N with a tail.
+# (tokens, slots, rank columns, K or N, block); ranks past 64 take the expand kernel's rank loop
+# (a fused q/k/v layer at rank 48 has 144 columns)
 _LORA_SHAPES = [(0, 3, 8, 80, None), (1, 3, 16, 64, None), (5, 3, 8, 88, 32), (5, 3, 16, 72, 16),
-                (7, 4, 24, 90, None)]
+                (7, 4, 24, 90, None), (3, 3, 144, 72, None)]
 _LORA_BIG_SHAPES = [(64, 4, 16, 4096, None), (64, 8, 64, 4096, None), (33, 3, 8, 5000, None),
-                    (200, 5, 32, 14336, None)]
+                    (200, 5, 32, 14336, None), (16, 3, 192, 4096, None)]
 
 
 def _lora_slots(tokens: int, num_slots: int, gen: torch.Generator, t: Target) -> torch.Tensor:
