@@ -29,6 +29,7 @@ import triton.language as tl
 
 _MIN_BLOCK_R = 16  # tl.arange and the masks want a power of two; 16 keeps the tiles regular
 _MAX_BLOCK_R = 64  # the expand kernel's rank block; larger ranks loop over blocks of it
+_K_SPLIT = 512  # inputs one shrink program sums (K 4096: 8 programs per token and rank block)
 # Register tile of a program (elements of [BLOCK_R, BLOCK_K] or [BLOCK_N, BLOCK_R]): 64 float32
 # values a thread on 4 warps.
 _TILE = 8192
@@ -36,26 +37,31 @@ _NUM_WARPS = 4
 
 
 @triton.jit
-def _lora_shrink_kernel(x_ptr, a_ptr, slots_ptr, out_ptr, R, K, stride_x, stride_o,
+def _lora_shrink_kernel(x_ptr, a_ptr, slots_ptr, out_ptr, R, K, K_SPLIT, stride_x, stride_o,
                         BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
-    # Program (token, block of ranks): out[t, r] = sum_k x[t, k] a[slot, r, k], float32 sums.
+    # Program (token, block of ranks, split of K): out[t, split, r] = the split's share of
+    # sum_k x[t, k] a[slot, r, k] (float32); the wrapper sums the splits in a fixed order.
     t = tl.program_id(0).to(tl.int64)
     r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+    split = tl.program_id(2)
     r_ok = r < R
+    out_row = out_ptr + (t * tl.num_programs(2) + split) * stride_o
     slot = tl.load(slots_ptr + t).to(tl.int64)
     if slot == 0:  # no adapter: zero weights give zeros, so skip the loads
-        tl.store(out_ptr + t * stride_o + r, tl.zeros([BLOCK_R], dtype=tl.float32), mask=r_ok)
+        tl.store(out_row + r, tl.zeros([BLOCK_R], dtype=tl.float32), mask=r_ok)
         return
     ks = tl.arange(0, BLOCK_K)
     x_row = x_ptr + t * stride_x
     a_rows = a_ptr + slot * R * K + r[:, None] * K
     acc = tl.zeros([BLOCK_R, BLOCK_K], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        k_ok = k0 + ks < K
+    k_start = split * K_SPLIT
+    k_end = tl.minimum(k_start + K_SPLIT, K)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        k_ok = k0 + ks < k_end
         xv = tl.load(x_row + k0 + ks, mask=k_ok, other=0.0).to(tl.float32)
         av = tl.load(a_rows + k0 + ks[None, :], mask=r_ok[:, None] & k_ok[None, :], other=0.0)
         acc += av.to(tl.float32) * xv[None, :]
-    tl.store(out_ptr + t * stride_o + r, tl.sum(acc, axis=1), mask=r_ok)
+    tl.store(out_row + r, tl.sum(acc, axis=1), mask=r_ok)
 
 
 @triton.jit
@@ -84,12 +90,16 @@ def _lora_expand_kernel(y_ptr, xa_ptr, b_ptr, slots_ptr, scales_ptr, R, N, strid
 
 
 def lora_shrink(x: torch.Tensor, a: torch.Tensor, slots: torch.Tensor, *, out: torch.Tensor | None = None,
-                block_r: int = _MIN_BLOCK_R, block_k: int | None = None) -> torch.Tensor:
+                block_r: int = _MIN_BLOCK_R, block_k: int | None = None,
+                k_split: int = _K_SPLIT) -> torch.Tensor:
     """Triton :func:`kernels.reference.lora_shrink`: ``x`` ``[T, K]``, ``a`` ``[S, R, K]`` of
     ``x``'s dtype, ``slots`` ``[T]`` (int32/int64 in ``[0, S)``, not checked) -> float32 ``[T, R]``.
     ``out`` (optional, float32 ``[T, R]``) receives the result. Tiling: ``block_r`` ranks (a power
     of two >= 16) and ``block_k`` inputs per step (default: a ``[block_r, block_k]`` tile of 8k
-    elements, at most ``K`` rounded up to a power of two)."""
+    elements, at most ``K`` rounded up to a power of two); each program sums ``k_split`` inputs
+    (rounded up to a multiple of ``block_k``), so a decode token's row is spread over
+    ``K / k_split`` programs (one program walking all of K took 16 us at K 4096 on an H100);
+    their partial sums are added in split order (deterministic: no atomics)."""
     t, k = _rows(x, "x")
     if a.dim() != 3 or a.shape[2] != k or a.dtype != x.dtype or not a.is_contiguous():
         raise ValueError(f"lora_shrink: a must be a contiguous [S, R, {k}] {x.dtype} tensor, "
@@ -106,9 +116,15 @@ def lora_shrink(x: torch.Tensor, a: torch.Tensor, slots: torch.Tensor, *, out: t
     _check_block(block_r, "block_r")
     _check_block(block_k, "block_k")
     if t and rank:
-        grid = (t, triton.cdiv(rank, block_r))
-        _lora_shrink_kernel[grid](x, a, slots, out, rank, k, x.stride(0), out.stride(0),
+        span = triton.cdiv(max(k_split, 1), block_k) * block_k
+        splits = triton.cdiv(k, span)
+        target = out if splits == 1 else torch.empty((t, splits, rank), dtype=torch.float32, device=x.device)
+        grid = (t, triton.cdiv(rank, block_r), splits)
+        _lora_shrink_kernel[grid](x, a, slots, target, rank, k, span, x.stride(0),
+                                  out.stride(0) if splits == 1 else rank,
                                   BLOCK_R=block_r, BLOCK_K=block_k, num_warps=_NUM_WARPS)
+        if splits > 1:
+            torch.sum(target, dim=1, out=out)
     return out
 
 

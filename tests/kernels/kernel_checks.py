@@ -568,6 +568,10 @@ def check_lora_shrink(t: Target) -> None:
         none = slots == 0
         assert _same_bits(got[none], torch.zeros_like(got[none])), f"{what}: slot-0 rows are not +0.0"
         assert_close(tops.lora_shrink(x, a, slots), ref, torch.float32, f"{what} (fresh output)")
+        # K split over several programs (the small shapes' K fits one split by default)
+        split = tops.lora_shrink(x, a, slots, out=torch.full_like(out, float("nan")), k_split=16, block_k=16)
+        assert_close(split, ref, torch.float32, f"{what} (split K)")
+        assert _same_bits(split[none], torch.zeros_like(split[none])), f"{what}: split slot-0 rows"
 
 
 def check_lora_expand(t: Target) -> None:
