@@ -29,7 +29,10 @@ import triton.language as tl
 
 _MIN_BLOCK_R = 16  # tl.arange and the masks want a power of two; 16 keeps the tiles regular
 _MAX_BLOCK_R = 64  # the expand kernel's rank block; larger ranks loop over blocks of it
-_K_SPLIT = 512  # inputs one shrink program sums (K 4096: 8 programs per token and rank block)
+# Inputs one shrink program sums; 0: all of K (one program per token and rank block, the variant
+# measured on an H100). Split K (e.g. 512: 8 programs at K 4096) is checked under the interpreter
+# and waits for a GPU run to be measured and made the default (docs/BENCHMARKS.md).
+_K_SPLIT = 0
 # Register tile of a program (elements of [BLOCK_R, BLOCK_K] or [BLOCK_N, BLOCK_R]): 64 float32
 # values a thread on 4 warps.
 _TILE = 8192
@@ -96,10 +99,10 @@ def lora_shrink(x: torch.Tensor, a: torch.Tensor, slots: torch.Tensor, *, out: t
     ``x``'s dtype, ``slots`` ``[T]`` (int32/int64 in ``[0, S)``, not checked) -> float32 ``[T, R]``.
     ``out`` (optional, float32 ``[T, R]``) receives the result. Tiling: ``block_r`` ranks (a power
     of two >= 16) and ``block_k`` inputs per step (default: a ``[block_r, block_k]`` tile of 8k
-    elements, at most ``K`` rounded up to a power of two); each program sums ``k_split`` inputs
-    (rounded up to a multiple of ``block_k``), so a decode token's row is spread over
-    ``K / k_split`` programs (one program walking all of K took 16 us at K 4096 on an H100);
-    their partial sums are added in split order (deterministic: no atomics)."""
+    elements, at most ``K`` rounded up to a power of two); ``k_split`` > 0: each program sums
+    that many inputs (rounded up to a multiple of ``block_k``), so a decode token's row is spread
+    over ``K / k_split`` programs (one program walking all of K took 16 us at K 4096 on an H100),
+    their partial sums added in split order (deterministic: no atomics); 0: one split."""
     t, k = _rows(x, "x")
     if a.dim() != 3 or a.shape[2] != k or a.dtype != x.dtype or not a.is_contiguous():
         raise ValueError(f"lora_shrink: a must be a contiguous [S, R, {k}] {x.dtype} tensor, "
@@ -116,7 +119,7 @@ def lora_shrink(x: torch.Tensor, a: torch.Tensor, slots: torch.Tensor, *, out: t
     _check_block(block_r, "block_r")
     _check_block(block_k, "block_k")
     if t and rank:
-        span = triton.cdiv(max(k_split, 1), block_k) * block_k
+        span = triton.cdiv(k_split, block_k) * block_k if k_split > 0 else triton.cdiv(k, block_k) * block_k
         splits = triton.cdiv(k, span)
         target = out if splits == 1 else torch.empty((t, splits, rank), dtype=torch.float32, device=x.device)
         grid = (t, triton.cdiv(rank, block_r), splits)
