@@ -21,7 +21,7 @@ import typing
 from collections.abc import Mapping
 from typing import Any
 
-from gpu_worker.config import AUTO_TENSOR_PARALLEL, EngineConfig
+from gpu_worker.config import AUTO_TENSOR_PARALLEL, EngineConfig, lora_modules_value
 from gpu_worker.spec_decode.config import SpeculativeConfig
 from llmserve.envflags import apply_env_defaults
 from llmserve.grpc_limits import WORKER_PORT_LIMITS, add_grpc_port_flags, grpc_port_limits_from_args
@@ -163,8 +163,7 @@ def configs_from_args(args: argparse.Namespace) -> tuple[EngineConfig, Any]:
     from gpu_worker.server import ServerConfig
 
     engine_args = {f.name: getattr(args, f.name) for f in dataclasses.fields(EngineConfig)}
-    if isinstance(engine_args["lora_modules"], list):  # the flag's items (the variable: one string)
-        engine_args["lora_modules"] = ",".join(engine_args["lora_modules"])
+    engine_args["lora_modules"] = lora_modules_value(engine_args["lora_modules"])
     server_config = ServerConfig(
         host=args.host,
         port=args.port,

@@ -36,6 +36,12 @@ MAX_LORA_ADAPTERS = 64  # adapters one engine serves (all resident: each is a sl
 MAX_LORA_RANK_LIMIT = 256
 
 
+def lora_modules_value(value: str | list[str] | None) -> str | None:
+    """``--lora-modules`` as ``EngineConfig.lora_modules``: the flag's items (vLLM's form,
+    ``a=/p b=/q``) joined by commas; the variable's one string as it is."""
+    return ",".join(value) if isinstance(value, list) else value
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """Everything that shapes one engine instance.

@@ -26,7 +26,7 @@ import signal
 from dataclasses import dataclass
 from typing import Any
 
-from gpu_worker.config import KV_CACHE_DTYPES, QUANTIZATIONS, RUNNERS
+from gpu_worker.config import KV_CACHE_DTYPES, QUANTIZATIONS, RUNNERS, lora_modules_value
 from llmserve.envflags import apply_env_defaults
 from llmserve.fleet import DEFAULT_MEMORY_DOCUMENT_BYTES, open_store
 from llmserve.gc_tuning import freeze_startup_objects, unfreeze_objects
@@ -233,8 +233,7 @@ def _run_up(args: argparse.Namespace) -> int:
         quantization=args.quantization,
         kv_cache_dtype=args.kv_cache_dtype,
         runner=args.runner,
-        lora_modules=(",".join(args.lora_modules) if isinstance(args.lora_modules, list)
-                      else args.lora_modules),
+        lora_modules=lora_modules_value(args.lora_modules),
         max_lora_rank=args.max_lora_rank,
         tool_call_parser=args.tool_call_parser,
         reasoning_parser=args.reasoning_parser,

@@ -99,8 +99,8 @@ def _attach_lora(model: Any, config: EngineConfig, hf_config: Any, device: torch
     from gpu_worker.lora.layers import attach_lora
     from gpu_worker.model_executor.layers.quantization.base import UnquantizedLinearMethod
 
-    if any(not isinstance(getattr(m, "linear_method", UnquantizedLinearMethod()), UnquantizedLinearMethod)
-           for m in model.modules() if hasattr(m, "in_features_local")):
+    if any(not isinstance(m.linear_method, UnquantizedLinearMethod)
+           for m in model.modules() if hasattr(m, "in_features_local")):  # the parallel linear layers
         raise ValueError("lora_modules needs 16/32-bit weights; this checkpoint is quantized")
     shapes = adapter_shapes_of(hf_config)
     adapters = [load_adapter(name, path, **shapes, max_rank=config.max_lora_rank)

@@ -59,6 +59,11 @@ class WorkerRecord:
     weight_bytes: int = 0
     adapters: tuple[str, ...] = ()
 
+    @property
+    def served_names(self) -> tuple[str, ...]:
+        """Every model name this worker answers to: its model, then its LoRA adapters."""
+        return (self.model, *self.adapters)
+
     def fields(self) -> dict[str, Any]:
         """The JSON object stored for this record (``sig`` only when signed, ``standby`` only
         when True, the model's formats and size only when known, ``adapters`` only when some)."""

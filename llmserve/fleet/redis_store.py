@@ -86,7 +86,7 @@ class RedisStateStore(StateStore):
             pipe = self._redis.pipeline(transaction=False)
             pipe.set(self._k("worker", wid), record.to_json(), px=ttl_ms)
             pipe.sadd(self._k("workers"), wid)
-            pipe.sadd(self._k("models"), record.model, *record.adapters)
+            pipe.sadd(self._k("models"), *record.served_names)
             pipe.pexpire(self._k("kv", wid), ttl_ms)
             pipe.pexpire(self._k("kvsync", wid), ttl_ms)
             # A fresh token each time: only the first write after the store lost its data lands.

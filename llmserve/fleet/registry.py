@@ -44,7 +44,7 @@ class FleetSnapshot:
         """Workers that serve ``model`` (as their model or as one of their LoRA adapters) and
         accept new requests (neither draining nor standby), by id."""
         return sorted(
-            (w for w in self.workers if _serves(w, model) and not w.draining and not w.standby),
+            (w for w in self.workers if model in w.served_names and not w.draining and not w.standby),
             key=lambda w: w.worker_id,
         )
 
@@ -54,7 +54,7 @@ class FleetSnapshot:
         out: dict[str, list[WorkerRecord]] = {}
         for w in self.workers:
             if not w.draining and not w.standby:
-                for name in (w.model, *w.adapters):
+                for name in w.served_names:
                     out.setdefault(name, []).append(w)
         return out
 
@@ -64,7 +64,7 @@ class FleetSnapshot:
         out: dict[str, int] = {}
         for w in self.workers:
             if w.standby and not w.draining:
-                for name in (w.model, *w.adapters):
+                for name in w.served_names:
                     out[name] = out.get(name, 0) + 1
         return out
 
@@ -75,10 +75,6 @@ class FleetSnapshot:
         if any(w.model == name for w in self.workers):
             return ""
         return min((w.model for w in self.workers if name in w.adapters), default="")
-
-
-def _serves(worker: WorkerRecord, model: str) -> bool:
-    return worker.model == model or model in worker.adapters
 
 
 class Registry:
@@ -209,7 +205,7 @@ class Registry:
             carried = [w for w in self._carry if w.worker_id not in fresh_ids]
             workers.extend(carried)
             stale = bool(carried)
-        models = view.models | {name for w in workers for name in (w.model, *w.adapters)}
+        models = view.models | {name for w in workers for name in w.served_names}
         if len(models | self._snapshot.models) <= self._reader.max_records:  # bounded whatever Redis holds
             models |= self._snapshot.models
         return FleetSnapshot(tuple(sorted(workers, key=lambda w: w.worker_id)), frozenset(models), stale,

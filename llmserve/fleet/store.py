@@ -161,7 +161,7 @@ class MemoryStateStore(StateStore):
     async def heartbeat(self, record: WorkerRecord, ttl_s: float) -> bool:
         deadline = self._now() + ttl_s
         self._records[record.worker_id] = (record.to_json(), deadline)
-        self._models.update((record.model, *record.adapters))
+        self._models.update(record.served_names)
         if self._alive(self._kv_expiry, record.worker_id):
             self._kv_expiry[record.worker_id] = deadline
         if self._alive(self._markers, record.worker_id):

@@ -46,6 +46,7 @@ from router.frontends.openai_schemas import (
     ChatCompletionRequest,
     CompletionRequest,
     json_body,
+    model_hint,
     validate,
 )
 from router.frontends.openai_tokenize import DETOKENIZE_ROUTE, TOKENIZE_ROUTE, TokenizerEndpoints
@@ -118,7 +119,7 @@ class OpenAIDoor:
         self._tool_call_parsers = dict(tool_call_parsers or {})
         self._reasoning_parsers = dict(reasoning_parsers or {})
         self._tokenizer_endpoints = TokenizerEndpoints(core)
-        self._pooling = PoolingEndpoints(core, tracing, lambda i, r, op: self._observed(i, r, op, False),
+        self._pooling = PoolingEndpoints(core, lambda i, r, op: self._observed(i, r, op, False),
                                          max_batch_prompts)
         self.responses = ResponsesEndpoints(core, tracing, lambda r, op, t: self._observed(0, r, op, t),
                                             responses, self._tool_call_parsers, self._reasoning_parsers)
@@ -135,19 +136,14 @@ class OpenAIDoor:
 
         def pooling(route: str) -> Callable[[Request], Awaitable[Response]]:
             async def handle(request: Request) -> Response:
-                try:
-                    body = await self._body(request)
-                except ClientDisconnect:
-                    return Response(status_code=499)
-                return ReplyOrStream(self._pooling.serve(route, body, request.headers))
+                return await self._with_body(request, lambda body: self._call(
+                    "POST", route, lambda: self._pooling.reply(route, _request_object(body)), request.headers,
+                    self._pooling.input_param(route)))
             return handle
 
         async def create_response(request: Request) -> Response:
-            try:
-                body = await self._body(request)
-            except ClientDisconnect:
-                return Response(status_code=499)
-            return ReplyOrStream(self.responses.create(body, request.headers))
+            return await self._with_body(
+                request, lambda body: ReplyOrStream(self.responses.create(body, request.headers)))
 
         async def get_response(request: Request, response_id: str) -> Response:
             stream = request.query_params.get("stream", "false").lower() == "true"
@@ -185,46 +181,40 @@ class OpenAIDoor:
         app.add_exception_handler(StarletteHTTPException, _http_exception)  # 404, 405 as OpenAI errors
         return app
 
-    async def _post(self, endpoint: _Endpoint, request: Request) -> Response:
+    async def _with_body(self, request: Request, respond: Callable[[bytes | RequestTooLarge], Response]
+                         ) -> Response:
+        """``respond`` to the request's body (or the refusal of one over the limit)."""
         try:
             body = await self._body(request)
         except ClientDisconnect:  # the client left before its body ended, or the connection
             return Response(status_code=499)  # was refused (a body timeout): nobody reads this
-        return ReplyOrStream(self._serve(endpoint, body, request.headers))
+        return respond(body)
+
+    async def _post(self, endpoint: _Endpoint, request: Request) -> Response:
+        return await self._with_body(request, lambda body: ReplyOrStream(self._serve(endpoint, body,
+                                                                                     request.headers)))
 
     async def _post_json(self, route: str, handle: JsonHandler, request: Request) -> Response:
         """A JSON body in, one JSON reply out (``handle`` gets the body and a request id)."""
-        try:
-            body = await self._body(request)
-        except ClientDisconnect:
-            return Response(status_code=499)
-        return ReplyOrStream(self._reply(route, handle, body, request.headers))
+        return await self._with_body(request, lambda body: self._call(
+            "POST", route, lambda: handle(_request_object(body), f"{route[1:]}-{uuid.uuid4().hex}"),
+            request.headers, "prompt"))
 
-    def _call(self, method: str, route: str, call: JsonCall, headers: Mapping[str, str]) -> Response:
-        """A request without a body: ``call``'s JSON, or the door's error JSON."""
+    def _call(self, method: str, route: str, call: JsonCall, headers: Mapping[str, str],
+              prompt_param: str = "input") -> Response:
+        """One JSON reply: ``call``'s, or the door's error JSON (``prompt_param``: what the
+        endpoint calls its input, named when a worker refuses it), inside the HTTP span."""
         async def reply() -> AsyncGenerator[Reply, None]:
             with self._tracing.http_server(method=method, route=route, headers=headers) as http_span:
                 try:
                     result = Reply(200, json_bytes(await call()))
                 except Exception as exc:  # noqa: BLE001 - every error becomes the door's error JSON
-                    error = http_error(exc, "input")
+                    error = http_error(exc, prompt_param)
                     result = Reply(error.status, json_bytes(error.body), error.headers)
                 http_span.set_status_code(result.status)
             yield result
 
         return ReplyOrStream(reply())
-
-    async def _reply(self, route: str, handle: JsonHandler, body: bytes | RequestTooLarge,
-                     headers: Mapping[str, str]) -> AsyncGenerator[Reply, None]:
-        with self._tracing.http_server(method="POST", route=route, headers=headers) as http_span:
-            try:
-                data = _body_object(body, json_body(body) if isinstance(body, bytes) else None)
-                reply = Reply(200, json_bytes(await handle(data, f"{route[1:]}-{uuid.uuid4().hex}")))
-            except Exception as exc:  # noqa: BLE001 - every error becomes the door's error JSON
-                error = http_error(exc)
-                reply = Reply(error.status, json_bytes(error.body), error.headers)
-            http_span.set_status_code(reply.status)
-        yield reply
 
     async def _body(self, request: Request) -> bytes | RequestTooLarge:
         """The request body, or the error of one over the limit (refused by its Content-Length,
@@ -251,8 +241,7 @@ class OpenAIDoor:
         sum (vLLM's shape)."""
         request_id = f"{endpoint.id_prefix}-{uuid.uuid4().hex}"
         data = json_body(body) if isinstance(body, bytes) else None
-        hint = data.get("model") if isinstance(data, dict) else None
-        model_hint = hint if isinstance(hint, str) else ""
+        hint = model_hint(data)
         whole: Reply | None = None  # a whole reply is sent after the observations close (as a success)
         with self._tracing.http_server(method="POST", route=endpoint.route, headers=headers) as http_span:
             streaming = False
@@ -262,7 +251,7 @@ class OpenAIDoor:
                     parser = self._tool_call_parsers.get(parsed.model, self._tool_call_parsers.get(""))
                     routed = parsed.to_router_requests(request_id, self._max_batch_prompts, parser)
                 except Exception as exc:  # the door's own refusals count as requests too
-                    self._core.refused(model_hint, request_id, exc, operation=endpoint.operation)
+                    self._core.refused(hint, request_id, exc, operation=endpoint.operation)
                     raise
                 tokens = _needs_tokenizer(endpoint, parsed)
                 batch = _Batch(parsed.n) if len(routed) > 1 else None
@@ -397,6 +386,11 @@ def _body_object(body: bytes | RequestTooLarge, data: Any) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise InvalidParam("body", "the request body must be a JSON object")
     return data
+
+
+def _request_object(body: bytes | RequestTooLarge) -> dict[str, Any]:
+    """The request body's JSON object; the door's refusal otherwise."""
+    return _body_object(body, json_body(body) if isinstance(body, bytes) else None)
 
 
 def _parsed(endpoint: _Endpoint, body: bytes | RequestTooLarge, data: Any) -> Any:

@@ -446,6 +446,13 @@ def chat_prompt(messages: list[ChatMessageIn], add_generation_prompt: bool,
 RequestT = TypeVar("RequestT", bound=BaseModel)
 
 
+def model_hint(data: Any) -> str:
+    """The ``model`` a body names, before it is validated ("" when it names none): what a refusal
+    of the body is counted under."""
+    hint = data.get("model") if isinstance(data, dict) else None
+    return hint if isinstance(hint, str) else ""
+
+
 def json_body(body: bytes) -> Any:
     """The parsed body, or None when it is not JSON (the validation reports it), nested too deep
     for the parser included."""

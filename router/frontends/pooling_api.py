@@ -21,21 +21,17 @@ import math
 import struct
 import time
 import uuid
-from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from llmserve.telemetry.tracing import Tracing
 from llmserve.v1 import generation_pb2 as gen_pb
-from router.errors import RequestTooLarge
 from router.frontends.merged import merged
-from router.frontends.openai_errors import InvalidParam, http_error
-from router.frontends.openai_responses import json_bytes
-from router.frontends.openai_schemas import INT32_END, EmbeddingRequest, json_body, prompt_batch, validate
-from router.frontends.sse import Reply
+from router.frontends.openai_errors import InvalidParam
+from router.frontends.openai_schemas import INT32_END, EmbeddingRequest, model_hint, prompt_batch, validate
 from router.generation import GenerationCore, RouterRequest
 
 EMBEDDINGS_ROUTE = "/v1/embeddings"
@@ -134,9 +130,8 @@ class _Embedded:
 class PoolingEndpoints:
     """Embeddings, score and rerank over the door's generation path (``observe``)."""
 
-    def __init__(self, core: GenerationCore, tracing: Tracing, observe: Observe, max_texts: int) -> None:
+    def __init__(self, core: GenerationCore, observe: Observe, max_texts: int) -> None:
         self._core = core
-        self._tracing = tracing
         self._observe = observe
         self._max_texts = max_texts
 
@@ -153,28 +148,17 @@ class PoolingEndpoints:
                     tokens += chunk.usage.prompt_tokens
         return _Embedded([vectors[i] for i in range(len(requests))], tokens, model)
 
-    async def serve(self, route: str, body: bytes | RequestTooLarge, headers: Mapping[str, str]
-                    ) -> AsyncGenerator[Reply, None]:
-        """One pooling request (``route``: which), start to end: one JSON reply."""
+    @staticmethod
+    def input_param(route: str) -> str:
+        """What ``route`` calls its input (errors about the prompt name it)."""
+        return "input" if route == EMBEDDINGS_ROUTE else "text_1" if route in SCORE_ROUTES else "query"
+
+    async def reply(self, route: str, data: dict[str, Any]) -> dict[str, Any]:
+        """The JSON reply to one pooling request (``route``: which; ``data``: its body); raises
+        what the door turns into its error JSON."""
         kind = "embd" if route == EMBEDDINGS_ROUTE else "score" if route in SCORE_ROUTES else "rerank"
-        request_id = f"{kind}-{uuid.uuid4().hex}"
-        data = json_body(body) if isinstance(body, bytes) else None
-        hint = data.get("model") if isinstance(data, dict) else None
-        model_hint = hint if isinstance(hint, str) else ""
-        param = "input" if kind == "embd" else "text_1" if kind == "score" else "query"
-        with self._tracing.http_server(method="POST", route=route, headers=headers) as http_span:
-            try:
-                if isinstance(body, RequestTooLarge):
-                    raise body
-                if not isinstance(data, dict):
-                    raise InvalidParam("body", "the request body must be a JSON object")
-                handle = {"embd": self._embeddings, "score": self._score, "rerank": self._rerank}[kind]
-                reply = Reply(200, json_bytes(await handle(data, request_id, model_hint)))
-            except Exception as exc:  # noqa: BLE001 - every error becomes the door's error JSON
-                error = http_error(exc, param)
-                reply = Reply(error.status, json_bytes(error.body), error.headers)
-            http_span.set_status_code(reply.status)
-        yield reply
+        handle = {"embd": self._embeddings, "score": self._score, "rerank": self._rerank}[kind]
+        return await handle(data, f"{kind}-{uuid.uuid4().hex}", model_hint(data))
 
     def _refused(self, model: str, request_id: str, exc: Exception) -> Exception:
         """The door's own refusal, counted as the request's outcome."""

@@ -36,7 +36,7 @@ from llmserve.v1 import generation_pb2 as gen_pb
 from router.errors import BackgroundFull, RequestTooLarge, ResponseNotFound, StoreDown
 from router.frontends.openai_errors import InvalidParam, http_error
 from router.frontends.openai_responses import ChatRenderer, json_bytes
-from router.frontends.openai_schemas import ChatCompletionRequest, json_body, validate
+from router.frontends.openai_schemas import ChatCompletionRequest, json_body, model_hint, validate
 from router.frontends.responses_output import (
     TERMINAL_STATUSES,
     ResponseEcho,
@@ -46,14 +46,10 @@ from router.frontends.responses_output import (
     response_object,
     usage_object,
 )
-from router.frontends.responses_schema import (
-    ResponsesRequest,
-    chat_tool_choice,
-    items_as_messages,
-    text_config,
-)
-from router.frontends.responses_store import ResponseStore, StoredResponse, valid_response_id
+from router.frontends.responses_schema import ResponsesRequest, items_as_messages, text_config
+from router.frontends.responses_store import ResponseStore, StoredResponse
 from router.frontends.sse import Reply
+from router.frontends.tool_calls import ToolChoice
 from router.generation import GenerationCore, RouterRequest
 from router.tokenizers import RouterTokenizer
 
@@ -85,8 +81,10 @@ class _Plan:
     response_id: str
     request: ResponsesRequest
     chat: ChatCompletionRequest
+    tool_choice: ToolChoice  # the chat's, with the model's tool-call parser
     routed: RouterRequest
     history: list[dict[str, Any]]
+    inputs: list[dict[str, Any]]  # the request's input as chat messages
     owner: str
     echo: ResponseEcho
     created_at: int = field(default_factory=lambda: int(time.time()))
@@ -118,8 +116,7 @@ class ResponsesEndpoints:
                      ) -> AsyncGenerator[Reply | bytes, None]:
         response_id = new_response_id()
         data = json_body(body) if isinstance(body, bytes) else None
-        hint = data.get("model") if isinstance(data, dict) else None
-        model_hint = hint if isinstance(hint, str) else ""
+        hint = model_hint(data)
         whole: Reply | None = None
         with self._tracing.http_server(method="POST", route=RESPONSES_ROUTE, headers=headers) as http_span:
             streaming = False
@@ -128,7 +125,7 @@ class ResponsesEndpoints:
                 try:
                     plan = await self._plan(response_id, body, data)
                 except Exception as exc:  # the door's own refusals count as requests too
-                    self._core.refused(model_hint, response_id, exc, operation=_OPERATION)
+                    self._core.refused(hint, response_id, exc, operation=_OPERATION)
                     raise
                 if plan.request.background:
                     whole = Reply(200, json_bytes(await self._start_background(plan)))
@@ -186,6 +183,7 @@ class ResponsesEndpoints:
         chat = request.chat_request(history, data)
         parser = self._tool_call_parsers.get(chat.model, self._tool_call_parsers.get(""))
         routed = chat.to_router_request(response_id, parser)
+        tool_choice = chat.tool_choice_spec(parser)
         echo = ResponseEcho(
             model=request.model, instructions=request.instructions,
             max_output_tokens=request.max_output_tokens,
@@ -197,8 +195,8 @@ class ResponsesEndpoints:
             reasoning=request.reasoning, store=request.store and self._store is not None,
             background=request.background, previous_response_id=request.previous_response_id,
             metadata=dict(request.metadata or {}), user=request.user)
-        chat_tool_choice(echo.tool_choice)  # checked in chat's terms already; the echo keeps the client's
-        return _Plan(response_id, request, chat, routed, history, owner, echo)
+        return _Plan(response_id, request, chat, tool_choice, routed, history, request.input_messages(),
+                     owner, echo)
 
     async def _run(self, plan: _Plan) -> AsyncGenerator[list[dict[str, Any]], None]:
         """The response's events, a list per chunk (the first list starts with
@@ -235,15 +233,13 @@ class ResponsesEndpoints:
 
     def _renderer(self, plan: _Plan, model: str, tokenizer: RouterTokenizer | None) -> ChatRenderer:
         chat = plan.chat
-        parser = self._tool_call_parsers.get(chat.model, self._tool_call_parsers.get(""))
         reasoning = self._reasoning_parsers.get(chat.model, self._reasoning_parsers.get(""))
         return ChatRenderer(plan.response_id, model, logprobs=chat.logprobs, include_usage=True,
-                            tokenizer=tokenizer, tool_choice=chat.tool_choice_spec(parser),
+                            tokenizer=tokenizer, tool_choice=plan.tool_choice,
                             reasoning_parser=reasoning, include_reasoning=chat.include_reasoning)
 
     def _stored(self, plan: _Plan, response: dict[str, Any]) -> StoredResponse:
-        conversation = [*plan.history, *plan.request.input_messages(),
-                        *items_as_messages(response["output"], "output")]
+        conversation = [*plan.history, *plan.inputs, *items_as_messages(response["output"], "output")]
         return StoredResponse(response, tuple(conversation), plan.owner)
 
     async def _store_final(self, plan: _Plan) -> bool:
@@ -348,10 +344,10 @@ class ResponsesEndpoints:
 
     # -- retrieve, delete, cancel -----------------------------------------------------------------
     async def _get(self, response_id: str, owner: str, param: str | None) -> StoredResponse:
-        if self._store is None or not valid_response_id(response_id):
+        if self._store is None:
             raise ResponseNotFound(response_id, param)
         try:
-            stored = await self._store.get(response_id, owner)
+            stored = await self._store.get(response_id, owner)  # None for an id of no response's form
         except StoreUnavailable as exc:
             raise StoreDown(str(exc)) from None
         if stored is None:
@@ -401,8 +397,7 @@ class ResponsesEndpoints:
             await self._store.request_cancel(response_id)
             return
         task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await asyncio.wait({task}, timeout=_CANCEL_WAIT_S)
+        await asyncio.wait({task}, timeout=_CANCEL_WAIT_S)  # returns when it ended; raises nothing of its own
 
 
 def _error_object(body: dict[str, Any]) -> dict[str, Any]:
