@@ -131,6 +131,11 @@ class EngineConfig:
     parallelism), steps of prefill chunks beside decodes of up to this many tokens replay
     piecewise CUDA graphs (everything but the attention, per token-count bucket: 16, 32, ...,
     this; gpu_worker/worker/mixed_graphs.py). Larger steps, and every step when 0, run eagerly.
+
+    Images (a model that takes them, LLaVA; docs/MULTIMODAL.md): ``max_images_per_prompt`` images
+    in one prompt, each at most ``max_image_bytes`` as sent (the encoded file) and
+    ``max_image_pixels`` (width x height, read from the file's header before it is decoded: a
+    small file may hold a huge picture).
     """
 
     model: str = "smollm2-135m"
@@ -168,6 +173,9 @@ class EngineConfig:
     runner: str = "generate"
     lora_modules: str | None = None
     max_lora_rank: int = 16
+    max_images_per_prompt: int = 8
+    max_image_bytes: int = 10 << 20
+    max_image_pixels: int = 4096 * 4096
 
     def __post_init__(self) -> None:
         if self.speculative_config is not None:  # LLM(speculative_config={...}) passes a dict
@@ -187,6 +195,9 @@ class EngineConfig:
                 "max_num_batched_tokens must be positive",
             ),
             (self.mixed_graph_max_tokens >= 0, "mixed_graph_max_tokens must be >= 0"),
+            (self.max_images_per_prompt >= 0, "max_images_per_prompt must be >= 0"),
+            (self.max_image_bytes > 0, "max_image_bytes must be positive"),
+            (self.max_image_pixels > 0, "max_image_pixels must be positive"),
             (self.runner in RUNNERS, f"runner must be one of {RUNNERS}, got {self.runner!r}"),
             (
                 self.runner == "generate" or self.speculative_config is None,

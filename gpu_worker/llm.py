@@ -14,9 +14,70 @@ from gpu_worker.lora.request import LoraChoice, lora_names
 from gpu_worker.outputs import RequestOutput
 from gpu_worker.sampling_params import SamplingParams
 from llmserve.gc_tuning import objects_frozen
+from llmserve.multimodal import decode_data_url
 from llmserve.prompt_input import ChatPrompt, PromptInput
 
 Conversation = Sequence[dict[str, str]]
+# A text, token ids, or vLLM's dict prompt ({"prompt" | "prompt_token_ids", "multi_modal_data"}).
+OfflinePrompt = str | Sequence[int] | Mapping[str, Any]
+_PROMPT_KEYS = frozenset({"prompt", "prompt_token_ids", "multi_modal_data"})
+
+
+def _offline_prompt(prompt: Any) -> tuple[PromptInput, tuple[Any, ...]]:
+    """(the prompt, its images) of one :data:`OfflinePrompt`; ``ValueError`` naming the key."""
+    if not isinstance(prompt, Mapping):
+        return prompt, ()
+    unknown = set(prompt) - _PROMPT_KEYS
+    if unknown:
+        raise ValueError(f"prompt dict: unknown keys {sorted(unknown)}; known: {sorted(_PROMPT_KEYS)}")
+    if ("prompt" in prompt) == ("prompt_token_ids" in prompt):
+        raise ValueError("prompt dict: give exactly one of prompt and prompt_token_ids")
+    text_or_ids: PromptInput = prompt["prompt"] if "prompt" in prompt else list(prompt["prompt_token_ids"])
+    data = prompt.get("multi_modal_data") or {}
+    if not isinstance(data, Mapping) or set(data) - {"image"}:
+        raise ValueError("multi_modal_data: only {'image': image or [images]} is served")
+    images = data.get("image", ())
+    if not isinstance(images, (list, tuple)):
+        images = (images,)
+    return text_or_ids, tuple(images)
+
+
+def _chat_images(conversation: Sequence[Mapping[str, Any]]
+                 ) -> tuple[list[Mapping[str, Any]], tuple[Any, ...]]:
+    """(the messages as the chat template takes them, their images in order): content parts
+    ``text`` stay, ``image_url`` / ``image_pil`` become ``{"type": "image"}`` and their picture
+    joins the images; a message of text parts only is their text joined by newlines."""
+    messages: list[Mapping[str, Any]] = []
+    images: list[Any] = []
+    for i, message in enumerate(conversation):
+        content = message.get("content") if isinstance(message, Mapping) else None
+        if not isinstance(content, list):
+            messages.append(message)
+            continue
+        parts: list[dict[str, Any]] = []
+        for j, part in enumerate(content):
+            kind = part.get("type") if isinstance(part, Mapping) else None
+            field = f"messages[{i}].content[{j}]"
+            if kind == "text" and isinstance(part.get("text"), str):
+                parts.append({"type": "text", "text": part["text"]})
+            elif kind == "image_url":
+                url = part.get("image_url")
+                url = url.get("url") if isinstance(url, Mapping) else url
+                if not isinstance(url, str):
+                    raise ValueError(f"{field}.image_url must hold a url")
+                images.append(decode_data_url(url, f"{field}.image_url"))
+                parts.append({"type": "image"})
+            elif kind == "image_pil":
+                images.append(part.get("image_pil"))
+                parts.append({"type": "image"})
+            else:
+                raise ValueError(f"{field}: parts of type text, image_url or image_pil are served, "
+                                 f"got {kind!r}")
+        if any(p["type"] == "image" for p in parts):
+            messages.append({**message, "content": parts})
+        else:
+            messages.append({**message, "content": "\n".join(p["text"] for p in parts)})
+    return messages, tuple(images)
 
 
 class LLM:
@@ -35,12 +96,15 @@ class LLM:
 
     def generate(
         self,
-        prompts: str | Sequence[int] | Sequence[str] | Sequence[Sequence[int]],
+        prompts: OfflinePrompt | Sequence[OfflinePrompt],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         priority: Sequence[int] | None = None,
         lora_request: LoraChoice | Sequence[LoraChoice] = None,
     ) -> list[RequestOutput]:
-        """Complete each prompt (a string or a list of token ids); results in input order.
+        """Complete each prompt (a string, a list of token ids, or vLLM's dict: ``{"prompt": ...}``
+        or ``{"prompt_token_ids": [...]}`` with ``"multi_modal_data": {"image": image or
+        [images]}``, each a ``PIL.Image`` or an encoded file's bytes, one per image token of the
+        prompt); results in input order.
 
         Every prompt is validated before any runs: an invalid one raises ``ValueError``
         naming the field and nothing is generated. ``priority`` (one per prompt, lower runs
@@ -48,13 +112,15 @@ class LLM:
         ``lora_request``: the LoRA adapter (a :class:`LoRARequest` or its name, one for all
         prompts or one per prompt) among the engine's ``lora_modules``; None: the base model.
         """
-        if isinstance(prompts, str) or (
+        if isinstance(prompts, (str, Mapping)) or (
             isinstance(prompts, Sequence) and prompts and isinstance(prompts[0], int)
         ):
-            batch: list[PromptInput] = [prompts]  # type: ignore[list-item]
+            batch = [prompts]
         else:
             batch = list(prompts)  # type: ignore[arg-type]
-        return self._run(batch, sampling_params, priority, lora_request)
+        inputs = [_offline_prompt(p) for p in batch]
+        return self._run([p for p, _ in inputs], sampling_params, priority, lora_request,
+                         images=[i for _, i in inputs])
 
     def embed(
         self, prompts: str | Sequence[int] | Sequence[str] | Sequence[Sequence[int]]
@@ -78,17 +144,20 @@ class LLM:
         """Complete one conversation or a list of them, rendered with the model's chat template
         (``continue_final_message``: the last message is continued, with
         ``add_generation_prompt=False``; ``tools`` and ``chat_template_kwargs`` go to the template,
-        as vLLM's ``LLM.chat``)."""
+        as vLLM's ``LLM.chat``). A message's ``content`` may be a list of parts: ``text``, and for
+        a model that takes images ``image_url`` (a ``data:`` URL) or ``image_pil`` (a
+        ``PIL.Image``), as vLLM takes them."""
         if messages and isinstance(messages[0], dict):
             conversations = [messages]
         else:
             conversations = list(messages)  # type: ignore[arg-type]
+        chats = [_chat_images(c) for c in conversations]  # type: ignore[arg-type]
         prompts: list[PromptInput] = [
-            ChatPrompt(tuple(c), add_generation_prompt, continue_final_message,  # type: ignore[arg-type]
+            ChatPrompt(tuple(c), add_generation_prompt, continue_final_message,
                        tools=tuple(tools) if tools else None, template_kwargs=chat_template_kwargs)
-            for c in conversations
+            for c, _ in chats
         ]
-        return self._run(prompts, sampling_params, lora_request=lora_request)
+        return self._run(prompts, sampling_params, lora_request=lora_request, images=[i for _, i in chats])
 
     def shutdown(self) -> None:
         """Release the engine's other ranks (tensor/pipeline parallel) now; with one rank there is
@@ -112,6 +181,7 @@ class LLM:
         sampling_params: SamplingParams | Sequence[SamplingParams] | None,
         priority: Sequence[int] | None = None,
         lora_request: LoraChoice | Sequence[LoraChoice] = None,
+        images: Sequence[Sequence[Any]] | None = None,
     ) -> list[RequestOutput]:
         if sampling_params is None or isinstance(sampling_params, SamplingParams):
             params_list = [sampling_params or SamplingParams()] * len(prompts)
@@ -125,9 +195,12 @@ class LLM:
         if len(priorities) != len(prompts):
             raise ValueError(f"priority has {len(priorities)} entries for {len(prompts)} prompts")
         adapters = lora_names(lora_request, len(prompts), dict(self.engine.config.lora_adapters))
+        per_prompt = images if images is not None else [()] * len(prompts)
         processed = [
-            self.engine.processor.process(str(next(self._ids)), prompt, params, priority=p, lora_name=name)
-            for prompt, params, p, name in zip(prompts, params_list, priorities, adapters, strict=True)
+            self.engine.processor.process(str(next(self._ids)), prompt, params, priority=p, lora_name=name,
+                                          images=pictures)
+            for prompt, params, p, name, pictures in zip(
+                prompts, params_list, priorities, adapters, per_prompt, strict=True)
         ]
         return self._run_to_completion(processed)
 

@@ -147,11 +147,14 @@ def build_request(
     request_id: str = "",
     priority: int | None = None,
     embed: bool = False,
+    images: Sequence[bytes] = (),
     **sampling: Any,
 ) -> pb.GenerateRequest:
     """A GenerateRequest from Python values; exactly one of the three inputs must be given.
     ``embed``: ask for the prompt's embedding (``TASK_EMBED``, a model served with
-    ``--runner pooling``; ``Completion.embedding``) rather than text.
+    ``--runner pooling``; ``Completion.embedding``) rather than text. ``images``: encoded image
+    files (PNG, JPEG ...) for a model that takes images, one per image token (``"<image>"``) of the
+    prompt, in order (docs/MULTIMODAL.md).
 
     ``sampling`` holds ``SamplingParams`` fields by name; ``structured_output`` is a dict such
     as ``{"json": schema}``, ``logits_processors`` / ``stopping_criteria`` lists of names or
@@ -163,7 +166,7 @@ def build_request(
     if unknown:
         raise TypeError(f"unknown sampling parameters {unknown}; known: {sorted(_SAMPLING_FIELDS)}")
     request = pb.GenerateRequest(model=model, request_id=request_id,
-                                 task=pb.TASK_EMBED if embed else pb.TASK_GENERATE)
+                                 task=pb.TASK_EMBED if embed else pb.TASK_GENERATE, images=list(images))
     if priority is not None:
         request.priority = priority
     if prompt is not None:

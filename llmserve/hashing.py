@@ -3,7 +3,9 @@
 A prompt is cut into full blocks of ``block_size`` tokens. Block ``i`` hashes to
 ``h_i = H(h_{i-1} || tokens of block i || extra keys)`` with ``h_{-1}`` derived from a
 seed (the served model name), so two token sequences share ``h_i`` exactly when their
-first ``(i + 1) * block_size`` tokens are equal (up to a 128-bit collision). The hash is
+first ``(i + 1) * block_size`` tokens are equal (up to a 128-bit collision). A block that an
+image's placeholder run overlaps (``llmserve.multimodal``) adds the image's hash to its extra
+keys, so equal placeholder tokens of different images never share a block. The hash is
 BLAKE2b, never Python's randomized ``hash()``: every process on every host must agree.
 This module must stay free of torch: the router imports it.
 """
@@ -13,6 +15,10 @@ from __future__ import annotations
 import hashlib
 from array import array
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from llmserve.multimodal import ImageSpan
 
 BlockHash = bytes
 _DIGEST_SIZE = 16
@@ -40,11 +46,13 @@ def block_hashes(
     start: int = 0,
     parent: BlockHash | None = None,
     extra: bytes = b"",
+    images: Sequence[ImageSpan] = (),
 ) -> list[BlockHash]:
     """Hashes of the full blocks of ``token_ids`` from block index ``start`` on.
 
     ``parent`` must be the hash of block ``start - 1`` when ``start > 0``; this lets a
-    caller extend a chain incrementally as tokens are appended.
+    caller extend a chain incrementally as tokens are appended. ``images``: the prompt's image
+    spans, in order; a block's extra keys end with the hash of each image it overlaps.
     """
     if block_size <= 0:
         raise ValueError(f"block_size must be positive, got {block_size}")
@@ -53,6 +61,10 @@ def block_hashes(
         raise ValueError("parent is required when start > 0")
     out: list[BlockHash] = []
     for i in range(start, len(token_ids) // block_size):
-        prev = hash_block(prev, token_ids[i * block_size : (i + 1) * block_size], extra)
+        begin, end = i * block_size, (i + 1) * block_size
+        block_extra = extra
+        if images:
+            block_extra += b"".join(s.hash for s in images if s.offset < end and s.offset + s.length > begin)
+        prev = hash_block(prev, token_ids[begin:end], block_extra)
         out.append(prev)
     return out

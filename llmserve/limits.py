@@ -59,6 +59,7 @@ class RequestLimits:
     together (each is looked for after every token). ``max_format_chars``: characters of a
     structured-output format (the schema, regex or grammar text, or the choices together);
     ``max_format_depth``: nesting of a JSON schema document (objects and arrays).
+    ``max_images_per_request``: images of one request (each an encoded file the worker decodes).
     """
 
     max_n: int = 16
@@ -69,6 +70,7 @@ class RequestLimits:
     max_stop_chars: int = 1024
     max_format_chars: int = 16384
     max_format_depth: int = 64
+    max_images_per_request: int = 8
 
     def __post_init__(self) -> None:
         for name in _LIMIT_FIELDS:
@@ -91,6 +93,10 @@ class RequestLimits:
     def check_prompt_chars(self, field: str, chars: int) -> None:
         if chars > self.max_prompt_chars:
             raise too_large(field, chars, "characters", "max_prompt_chars", self.max_prompt_chars)
+
+    def check_images(self, count: int) -> None:
+        if count > self.max_images_per_request:
+            raise too_large("images", count, "images", "max_images_per_request", self.max_images_per_request)
 
     def check_stop(self, stop: Sequence[str]) -> None:
         """Count and total characters of the stop strings."""
@@ -140,6 +146,7 @@ _LIMIT_HELP: tuple[tuple[str, str], ...] = (
     ("max_stop_chars", "most characters of a request's stop strings together"),
     ("max_format_chars", "longest structured-output format (schema, regex, grammar, or choices together)"),
     ("max_format_depth", "deepest nesting of objects and arrays in a structured-output JSON schema"),
+    ("max_images_per_request", "most images of one request (a model that takes images)"),
 )
 _LIMIT_FIELDS = tuple(name for name, _ in _LIMIT_HELP)
 
@@ -172,6 +179,9 @@ def _chars(message: Mapping[str, Any]) -> int:
     """A message's role and content, plus its tool calls as JSON (an assistant's earlier calls)."""
     role, content = message.get("role"), message.get("content")
     chars = (len(role) if isinstance(role, str) else 0) + (len(content) if isinstance(content, str) else 0)
+    if isinstance(content, list):  # content parts (a message with images): their texts count
+        chars += sum(len(p["text"]) for p in content
+                     if isinstance(p, Mapping) and isinstance(p.get("text"), str))
     calls = message.get("tool_calls")
     return chars + (len(json.dumps(calls, ensure_ascii=False)) if calls else 0)
 

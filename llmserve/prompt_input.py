@@ -65,6 +65,15 @@ def truncate_prompt(ids: Sequence[int], keep: int | None, max_model_len: int) ->
     return ids[-keep:] if len(ids) > keep else ids
 
 
+def _is_parts(content: Any) -> bool:
+    """Whether ``content`` is a list of content parts as multimodal chat templates take them:
+    ``{"type": "text", "text": str}`` and ``{"type": "image"}`` (its picture travels apart)."""
+    return isinstance(content, list) and bool(content) and all(
+        isinstance(part, Mapping) and (
+            (part.get("type") == "text" and isinstance(part.get("text"), str)) or part.get("type") == "image")
+        for part in content)
+
+
 def template_messages(chat: ChatPrompt) -> list[dict[str, Any]]:
     """The messages as chat templates take them: a ``content`` of None (an assistant turn of
     tool calls) as "", which every template can concatenate."""
@@ -93,7 +102,8 @@ def check_prompt_input(prompt: PromptInput) -> None:
     """Raise ``ValueError`` naming the field when ``prompt`` is empty or malformed.
 
     Text must be non-empty, token ids a non-empty list of integers, a chat at least one message,
-    each with a non-empty string ``role`` and a string ``content``. Whether the ids fit the
+    each with a non-empty string ``role`` and a string ``content`` (or a list of text and image
+    parts, a message with images). Whether the ids fit the
     model (vocabulary, context length) is the engine's to say.
     """
     if isinstance(prompt, ChatPrompt):
@@ -105,7 +115,8 @@ def check_prompt_input(prompt: PromptInput) -> None:
             # An assistant turn of tool calls may have no content (OpenAI's null).
             no_content = isinstance(message, Mapping) and message.get("content") is None \
                 and bool(message.get("tool_calls"))
-            has_content = isinstance(message, Mapping) and isinstance(message.get("content"), str)
+            has_content = isinstance(message, Mapping) and (
+                isinstance(message.get("content"), str) or _is_parts(message.get("content")))
             if not (has_content or no_content):
                 raise ValueError(f"messages[{i}] must have a role and a content")
             role = message.get("role")

@@ -26,11 +26,13 @@ from contextlib import aclosing, contextmanager
 from dataclasses import dataclass
 
 from llmserve.fleet import WorkerRecord
+from llmserve.multimodal import ImageSpan
 from llmserve.prompt_input import PromptInput
 from llmserve.v1 import generation_pb2 as gen_pb
 from router.access import AccessConfig, AccessControl
 from router.dispatch import Dispatcher
 from router.errors import InvalidRequest, ModelUnavailable, RequestTooLarge, WorkersBusy, cancelled_by_caller
+from router.images import spans_of
 from router.policy import Ranked
 from router.request_telemetry import RequestObservation, RouterTelemetry
 from router.routing import ModelSummary, Router
@@ -65,6 +67,7 @@ class RouterRequest:
     priority: int | None = None
     request_id_unique: bool = False  # the door made the id itself (unique): workers get it as it is
     embed: bool = False  # the prompt's embedding (GenerateRequest.task TASK_EMBED), not text
+    images: tuple[bytes, ...] = ()  # the prompt's images, encoded files, one per image token in order
 
 
 class RequestScope:
@@ -75,6 +78,7 @@ class RequestScope:
         self._core = core
         self._obs = obs
         self.prompt_token_ids: list[int] = []  # as workers get them: set once tokenized
+        self._image_spans: tuple[ImageSpan, ...] = ()  # their images' spans (prefix hashes)
 
     @property
     def model(self) -> str:
@@ -109,13 +113,20 @@ class RequestScope:
         obs = self._obs
         model, workers = await router.resolve(request.model)
         obs.set_model(model)
-        router.admit(request.request_id, request.prompt, request.sampling)  # before the prompt costs anything
+        # before the prompt costs anything
+        router.admit(request.request_id, request.prompt, request.sampling, len(request.images))
+        if request.images and request.embed:
+            raise InvalidRequest("images: embeddings of prompts with images are not served")
         self._core.access.admit(model)  # the caller's key may use the model; its request budget
         truncate = (request.sampling.truncate_prompt_tokens
                     if request.sampling.HasField("truncate_prompt_tokens") else None)
-        token_ids = await router.token_ids(model, workers, request.prompt, truncate)
+        token_ids = await router.token_ids(model, workers, request.prompt, truncate, request.images)
         self.prompt_token_ids = token_ids
-        ranked = await router.rank(model, workers, token_ids, request.request_id)
+        if request.images:
+            tok = router.tokenizers.cached(model)
+            self._image_spans = spans_of(tok.image_tokens if tok is not None else None, token_ids,
+                                         request.images)
+        ranked = await router.rank(model, workers, token_ids, request.request_id, self._image_spans)
         obs.on_ranked(ranked)
         sampling = request.sampling
         if request.max_tokens_to_context and not sampling.HasField("max_tokens"):
@@ -157,6 +168,7 @@ class RequestScope:
             request_id=(request.request_id if request.request_id_unique
                         else worker_request_id(request.request_id)),
             task=gen_pb.TASK_EMBED if request.embed else gen_pb.TASK_GENERATE,
+            images=request.images,
         )
         priority = self._core.default_priority.get(model) if request.priority is None else request.priority
         if priority is not None:
@@ -182,7 +194,8 @@ class RequestScope:
             if not fresh:
                 return []
             try:
-                return (await core.router.rank(forward.model, fresh, token_ids, forward.request_id)).workers
+                return (await core.router.rank(forward.model, fresh, token_ids, forward.request_id,
+                                               self._image_spans)).workers
             except WorkersBusy:  # every queue looks full: resuming there beats failing the stream
                 return fresh
 
@@ -196,7 +209,8 @@ class RequestScope:
             fresh = [] if started else await core.router.fresh_workers(forward.model, ranked.workers)
             if not fresh:
                 raise
-        ranked = await core.router.rank(forward.model, fresh, token_ids, forward.request_id)
+        ranked = await core.router.rank(forward.model, fresh, token_ids, forward.request_id,
+                                        self._image_spans)
         obs.on_ranked(ranked)
         async for chunk in core.dispatcher.generate(forward, ranked.workers, time_remaining, obs,
                                                     more_workers):

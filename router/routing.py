@@ -15,11 +15,13 @@ from dataclasses import dataclass
 from llmserve.fleet import FleetSnapshot, Registry, WorkerRecord
 from llmserve.hashing import block_hashes
 from llmserve.limits import LimitExceeded, RequestLimits, flag_of
+from llmserve.multimodal import ImageSpan
 from llmserve.prompt_input import ChatPrompt, PromptInput, input_field, truncate_prompt
 from llmserve.sampling_extras import check_sampling_limits
 from llmserve.v1 import generation_pb2 as gen_pb
 from router.dispatch import InflightTracker
 from router.errors import InvalidRequest, LimitRefused, ModelNotFound, ModelUnavailable, WorkersBusy
+from router.images import expand_images
 from router.policy import Candidate, Policy, Ranked, RouteQuery
 from router.tokenizers import TokenizerCache
 
@@ -66,11 +68,13 @@ class Router:
         self.tracker = tracker
         self.limits = limits if limits is not None else RequestLimits()
 
-    def admit(self, request_id: str, prompt: PromptInput, sampling: gen_pb.SamplingParams) -> None:
+    def admit(self, request_id: str, prompt: PromptInput, sampling: gen_pb.SamplingParams,
+              num_images: int = 0) -> None:
         """Request id, ``n``, stop strings, the structured-output format's size and nesting, chat
-        turns and prompt characters within the limits, else :class:`LimitRefused`
+        turns, prompt characters and images within the limits, else :class:`LimitRefused`
         (INVALID_ARGUMENT) naming the field, the limit and its flag."""
         try:
+            self.limits.check_images(num_images)
             self.limits.check_request_id(request_id)
             check_sampling_limits(self.limits, sampling)
             self.limits.check_prompt(prompt)
@@ -99,14 +103,19 @@ class Router:
         raise ModelNotFound(model, live)
 
     async def token_ids(self, model: str, workers: Sequence[WorkerRecord], prompt: PromptInput,
-                        truncate: int | None = None) -> list[int]:
+                        truncate: int | None = None, images: Sequence[bytes] = ()) -> list[int]:
         """The prompt's token ids, tokenized exactly as the model's workers would, and cut to
         their last ``truncate`` (``truncate_prompt_tokens``) as the workers would; a prompt that
         leaves no room for an output token in the smallest context of ``workers`` is refused
-        (:class:`LimitRefused`, limit ``max_model_len``) naming the field the client sent."""
-        if isinstance(prompt, ChatPrompt | str):
+        (:class:`LimitRefused`, limit ``max_model_len``) naming the field the client sent.
+        With ``images``, each image token becomes its run of tokens, as the workers expand it
+        (``llmserve.multimodal``), so the context arithmetic counts what the workers run."""
+        if isinstance(prompt, ChatPrompt | str) or images:
             tok = await self.tokenizers.get(model, workers)
-            ids = await asyncio.to_thread(tok.encode, prompt)
+            ids = await asyncio.to_thread(tok.encode, prompt) if isinstance(prompt, ChatPrompt | str) \
+                else list(prompt)
+            if images or tok.image_tokens is not None:
+                ids = expand_images(model, tok.image_tokens, ids, len(images), input_field(prompt), truncate)
         else:
             ids = list(prompt)
         context = min((w.max_model_len for w in workers), default=0)
@@ -123,9 +132,10 @@ class Router:
         return ids
 
     async def rank(self, model: str, workers: Sequence[WorkerRecord], token_ids: Sequence[int],
-                   request_id: str) -> Ranked:
-        """Candidates best first; RESOURCE_EXHAUSTED when all are over their queue limit."""
-        chains = self._chains(model, workers, token_ids) if self.policy.uses_prefix else {}
+                   request_id: str, images: Sequence[ImageSpan] = ()) -> Ranked:
+        """Candidates best first; RESOURCE_EXHAUSTED when all are over their queue limit.
+        ``images``: the prompt's image spans (their hashes join the prefix hashes, as on workers)."""
+        chains = self._chains(model, workers, token_ids, images) if self.policy.uses_prefix else {}
         matched: Mapping[str, int] = await self.registry.longest_prefixes(chains) if chains else {}
         candidates = [
             Candidate(w, matched.get(w.worker_id, 0), self.tracker.unreported(w)) for w in workers
@@ -147,7 +157,8 @@ class Router:
 
     @staticmethod
     def _chains(
-        model: str, workers: Sequence[WorkerRecord], token_ids: Sequence[int]
+        model: str, workers: Sequence[WorkerRecord], token_ids: Sequence[int],
+        images: Sequence[ImageSpan] = (),
     ) -> dict[str, list[bytes]]:
         by_block_size: dict[int, list[bytes]] = {}
         out: dict[str, list[bytes]] = {}
@@ -157,7 +168,7 @@ class Router:
                 # Seeded with the requested name, an adapter's own name for a LoRA adapter, as the
                 # worker seeds that request's blocks: adapters and their base model never share
                 # cached blocks (their K/V differ), so a prefix never matches across them.
-                chain = block_hashes(token_ids, w.block_size, seed=model)
+                chain = block_hashes(token_ids, w.block_size, seed=model, images=images)
                 by_block_size[w.block_size] = chain
             out[w.worker_id] = chain
         return out

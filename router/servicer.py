@@ -44,6 +44,7 @@ class RouterServicer(gen_grpc.GenerationServicer):
                 priority=request.priority if request.HasField("priority") else None,
                 request_id_unique=not request.request_id,
                 embed=request.task == gen_pb.TASK_EMBED,
+                images=tuple(request.images),
             )
             async for chunk in scope.generate(routed, context.time_remaining):
                 yield chunk

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from llmserve.fleet import WorkerRecord
+from llmserve.multimodal import IMAGE_TOKENS_FILE, ImageTokens
 from llmserve.prompt_input import ChatPrompt, check_template_kwargs, template_messages
 from router.errors import InvalidRequest, ModelUnavailable, NoTokenizer
 
@@ -31,21 +32,27 @@ FetchTokenizer = Callable[[WorkerRecord], Awaitable[Mapping[str, bytes]]]
 class RouterTokenizer:
     """One model's tokenizer, used from worker threads (the Rust tokenizer releases the GIL)."""
 
-    def __init__(self, tokenizer: Any) -> None:
+    def __init__(self, tokenizer: Any, image_tokens: ImageTokens | None = None) -> None:
         self._tok = tokenizer
         self._token_texts: dict[int, str] = {}
+        self.image_tokens = image_tokens  # how the model marks an image (None: it takes none)
 
     @classmethod
     def from_files(cls, files: Mapping[str, bytes]) -> RouterTokenizer:
-        """Load from a tokenizer's files (names as ``save_pretrained`` writes them)."""
+        """Load from a tokenizer's files (names as ``save_pretrained`` writes them), and the
+        model's image tokens from ``IMAGE_TOKENS_FILE`` when the worker sent one."""
         from transformers import AutoTokenizer
 
+        image_tokens = None
         with tempfile.TemporaryDirectory(prefix="llmserve-router-tok-") as tmp:
             for name, content in files.items():
                 if Path(name).name != name:
                     raise ValueError(f"bad tokenizer file name {name!r}")
+                if name == IMAGE_TOKENS_FILE:
+                    image_tokens = ImageTokens.from_json(content)
+                    continue
                 (Path(tmp) / name).write_bytes(content)
-            return cls(AutoTokenizer.from_pretrained(tmp))
+            return cls(AutoTokenizer.from_pretrained(tmp), image_tokens)
 
     @property
     def vocab_size(self) -> int:

@@ -12,7 +12,7 @@ import logging
 from collections.abc import Iterable
 from typing import Any
 
-from gpu_worker.core.types import EngineCoreRequest, TokenLogprobs
+from gpu_worker.core.types import EngineCoreRequest, ImageInput, TokenLogprobs
 from gpu_worker.sampling_params import SamplingParams
 from llmserve.hashing import BlockHash, block_hashes
 
@@ -62,9 +62,11 @@ class Request:
         priority: int = 0,
         output_token_ids: Iterable[int] = (),
         lora_name: str = "",
+        images: tuple[ImageInput, ...] = (),
     ) -> None:
         self.request_id = request_id
         self.lora_name = lora_name  # its LoRA adapter ("": the base model)
+        self.images = images  # the prompt's images: their hashes join the blocks they overlap
         self.prompt_token_ids: tuple[int, ...] = tuple(prompt_token_ids)
         self.params = params
         self.eos_token_ids = eos_token_ids
@@ -95,7 +97,8 @@ class Request:
         )
         self.prompt_logprobs_sent = False
         self.block_hashes: list[BlockHash] = (
-            [] if hash_seed is None else block_hashes(self.all_token_ids, block_size, hash_seed)
+            [] if hash_seed is None else block_hashes(self.all_token_ids, block_size, hash_seed,
+                                                      images=[i.span for i in images])
         )
 
     @classmethod
@@ -112,6 +115,7 @@ class Request:
             priority=core.priority,
             output_token_ids=core.output_token_ids,
             lora_name=core.lora_name,
+            images=core.images,
         )
 
     @property
@@ -179,7 +183,8 @@ class Request:
         start = len(self.block_hashes)
         parent = self.block_hashes[-1] if self.block_hashes else None
         self.block_hashes.extend(
-            block_hashes(self.all_token_ids, self.block_size, self.hash_seed, start=start, parent=parent)
+            block_hashes(self.all_token_ids, self.block_size, self.hash_seed, start=start, parent=parent,
+                         images=[i.span for i in self.images] if self.images else ())
         )
 
     def __repr__(self) -> str:

@@ -507,6 +507,7 @@ class Scheduler:
                     output_token_ids=tuple(request.output_token_ids),
                     prompt_token_ids=tuple(request.prompt_token_ids),
                     lora_name=request.lora_name,
+                    images=request.images,
                 )
             else:
                 entry = for_known(

@@ -15,6 +15,7 @@ from types import MappingProxyType
 from typing import Any
 
 from gpu_worker.sampling_params import SamplingParams
+from llmserve.multimodal import ImageSpan
 
 # In ``ScheduledRequest.token_ids``: the token the step in flight samples for this request
 # (async scheduling). The runner fills it in on the device from that step's sampled ids.
@@ -27,6 +28,16 @@ class FinishReason(str, enum.Enum):
     STOP = "stop"  # EOS, a stop token id or a stop string
     LENGTH = "length"  # max_tokens or the model's context length
     ABORT = "abort"  # cancelled by the client, a deadline or a drain
+
+
+@dataclass(frozen=True)
+class ImageInput:
+    """One image of a prompt, ready for the model: where its placeholder run lies (``span``, with
+    the image's hash) and its preprocessed ``pixel_values`` (a float32 ``[3, H, W]`` CPU tensor:
+    core/ stays free of torch, so typed Any). Never mutated after the front built it."""
+
+    span: ImageSpan
+    pixel_values: Any
 
 
 @dataclass(frozen=True)
@@ -47,6 +58,8 @@ class EngineCoreRequest:
     # The LoRA adapter the request runs with ("": the base model); also its prefix-cache
     # namespace (its blocks hash from the adapter's name, as the router hashes them).
     lora_name: str = ""
+    # The prompt's images, in the order of their spans (a model that takes images).
+    images: tuple[ImageInput, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -82,6 +95,7 @@ class ScheduledRequest:
     prompt_token_ids: tuple[int, ...] = ()  # whole prompt when is_new (repetition penalty sees cached tokens)
     num_draft_tokens: int = 0  # speculative decoding: drafts at the end of token_ids
     lora_name: str = ""  # when is_new: the request's LoRA adapter ("": none)
+    images: tuple[ImageInput, ...] = ()  # when is_new: the prompt's images (their features fill their spans)
 
     @classmethod
     def for_known(

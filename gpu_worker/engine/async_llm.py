@@ -28,6 +28,7 @@ from collections import deque
 from collections.abc import AsyncGenerator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from gpu_worker.config import EngineConfig
@@ -41,6 +42,7 @@ from gpu_worker.engine.core_messages import (
     StepResult,
 )
 from gpu_worker.engine.errors import EngineClosedError, EngineDeadError, QueueFullError
+from gpu_worker.engine.image_inputs import ImageInputs
 from gpu_worker.engine.output_processor import OutputKind, OutputProcessor, merge_deltas
 from gpu_worker.engine.processor import InputProcessor, ProcessedRequest
 from gpu_worker.outputs import RequestOutput
@@ -83,7 +85,7 @@ class AsyncLLM:
         self._processor = InputProcessor(
             info.tokenizer, info.vocab_size, info.max_model_len, info.eos_token_ids,
             pooling=info.config.runner == "pooling",
-            lora_names=frozenset(name for name, _ in info.config.lora_adapters),
+            lora_names=frozenset(name for name, _ in info.config.lora_adapters), images=info.images,
         )
         self._outputs = OutputProcessor(info.tokenizer)  # event-loop side only
         self._queues: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}  # event-loop side
@@ -129,6 +131,11 @@ class AsyncLLM:
         return self._tokenizer
 
     @property
+    def images(self) -> ImageInputs | None:
+        """The model's image preprocessing (None: a model that takes no images)."""
+        return self._processor.images
+
+    @property
     def config(self) -> EngineConfig:
         return self._config
 
@@ -169,20 +176,24 @@ class AsyncLLM:
         resumed_token_ids: Sequence[int] = (),
         priority: int = 0,
         lora_name: str = "",
+        images: Sequence[Any] = (),
     ) -> AsyncGenerator[RequestOutput, None]:
         """Stream the request's outputs as deltas; the last one has ``finished=True``.
 
         ``resumed_token_ids``: outputs another worker produced before it failed; the stream
         continues after them (see :meth:`InputProcessor.process`). ``priority``: lower runs first
         when the engine's scheduling policy is ``priority``. ``lora_name``: the LoRA adapter
-        ("": the base model)."""
+        ("": the base model). ``images``: the prompt's images (encoded files or ``PIL.Image``s),
+        decoded and preprocessed on a thread, off the event loop."""
         self._check_accepting()
         self._check_sequence_room(params.n if params is not None else 1)  # before tokenizing
         await self._check_format_syntax(params)
-        processed = self._processor.process(
-            request_id, prompt, params, priority=priority, resumed_token_ids=resumed_token_ids,
-            core_tag=f"@{next(self._submissions)}", lora_name=lora_name,
+        process = partial(
+            self._processor.process, request_id, prompt, params, priority=priority,
+            resumed_token_ids=resumed_token_ids, core_tag=f"@{next(self._submissions)}", lora_name=lora_name,
+            images=images,
         )
+        processed = await asyncio.to_thread(process) if images else process()
         if request_id in self._queues:
             raise ValueError(f"request_id {request_id!r} is already in flight")
         self._check_queue_room(processed)

@@ -36,6 +36,7 @@ from gpu_worker.engine.core_messages import (
     Shutdown,
     StepResult,
 )
+from gpu_worker.engine.image_inputs import ImageInputs, ImageLimits, check_image_model
 from gpu_worker.executor.factory import make_executor
 from gpu_worker.model_executor import loader
 from gpu_worker.model_executor.layers.quantization.select import bytes_per_weight
@@ -109,6 +110,10 @@ class EngineCore:
         self.tokenizer: Any = None if skip else loader.load_tokenizer(source, config.tokenizer)
         self.eos_token_ids = loader.eos_token_ids(source, self.hf_config, self.tokenizer)
         self.vocab_size = int(self.hf_config.vocab_size)
+        self.images = ImageInputs.load(source.model_dir, self.hf_config, self.tokenizer, ImageLimits(
+            config.max_images_per_prompt, config.max_image_bytes, config.max_image_pixels))
+        if self.images is not None:
+            check_image_model(config)
         self.dtype = loader.resolve_dtype(config.dtype, self.device)
         config = config.with_device_defaults(self.device.type, offline=offline,
                                              large_gpu=loader.is_large_gpu(self.device))
@@ -183,7 +188,7 @@ class EngineCore:
         """What a front needs to know of this core (also sent by a child process when ready)."""
         return CoreInfo(
             self.config, self.tokenizer, self.vocab_size, self.max_model_len,
-            frozenset(self.eos_token_ids), self.stats(), weight_bytes=self.weight_bytes,
+            frozenset(self.eos_token_ids), self.stats(), weight_bytes=self.weight_bytes, images=self.images,
         )
 
     def warmup(self) -> None:

@@ -22,6 +22,7 @@ from gpu_worker.core.types import (
     SchedulerStats,
     TokenLogprobs,
 )
+from gpu_worker.engine.image_inputs import ImageInputs
 from llmserve.kv_events import KVEvent
 
 # ---------------------------------------------------------------------- commands
@@ -171,6 +172,7 @@ class CoreInfo:
     eos_token_ids: frozenset[int]
     stats: SchedulerStats
     weight_bytes: int = 0  # the model's weights over all ranks, as stored
+    images: ImageInputs | None = None  # a model that takes images: their preprocessing
 
 
 @dataclass(frozen=True)

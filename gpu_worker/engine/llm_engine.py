@@ -29,7 +29,7 @@ class LLMEngine:
         self.processor = InputProcessor(
             core.tokenizer, core.vocab_size, core.max_model_len, core.eos_token_ids,
             pooling=core.config.runner == "pooling",
-            lora_names=frozenset(name for name, _ in core.config.lora_adapters),
+            lora_names=frozenset(name for name, _ in core.config.lora_adapters), images=core.images,
         )
         self.output_processor = OutputProcessor(core.tokenizer)
 

@@ -17,8 +17,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from gpu_worker.core.types import EngineCoreRequest
+from gpu_worker.core.types import EngineCoreRequest, ImageInput
 from gpu_worker.engine.feature_checks import FeatureChecks
+from gpu_worker.engine.image_inputs import ImageInputs
 from gpu_worker.sampling_params import SamplingParams
 from llmserve.limits import LimitExceeded, flag_of
 from llmserve.prompt_input import (
@@ -64,12 +65,15 @@ class InputProcessor:
     the engine serves (already capped to the KV pool). With ``tokenizer=None`` (a model served
     without one) only token-id prompts without stop strings are accepted. ``pooling``: the engine
     embeds (``runner`` "pooling"): every request becomes one greedy token (:data:`POOLING_PARAMS`),
-    whose step returns the embedding.
+    whose step returns the embedding. ``images``: the model's image preprocessing (None: a model
+    that takes no images, which refuses them).
     """
 
     def __init__(self, tokenizer: Any, vocab_size: int, max_model_len: int, eos_token_ids: frozenset[int],
-                 pooling: bool = False, lora_names: frozenset[str] = frozenset()):
+                 pooling: bool = False, lora_names: frozenset[str] = frozenset(),
+                 images: ImageInputs | None = None):
         self.pooling = pooling
+        self.images = images
         self.lora_names = lora_names  # the LoRA adapters the engine serves
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
@@ -111,6 +115,7 @@ class InputProcessor:
         resumed_token_ids: Sequence[int] = (),
         core_tag: str = "",
         lora_name: str = "",
+        images: Sequence[Any] = (),
     ) -> ProcessedRequest:
         """Validate and tokenize; fan ``n > 1`` out into ``n`` core requests.
 
@@ -121,7 +126,8 @@ class InputProcessor:
         appended to the core request ids: a serving front makes them unique per submission, so
         outputs still in flight for an earlier request of the same id never reach this one.
         ``lora_name``: the LoRA adapter to run with ("": the base model); one the engine does not
-        serve is refused.
+        serve is refused. ``images``: the prompt's images (encoded files or ``PIL.Image``s), one
+        per image token of the prompt, in order (:mod:`gpu_worker.engine.image_inputs`).
         """
         if not request_id:
             raise ValueError("request_id must not be empty")
@@ -138,8 +144,15 @@ class InputProcessor:
         if params.bad_words:
             params = self._with_bad_word_ids(params)
         text, ids = self.tokenize(prompt)
-        ids = tuple(truncate_prompt(ids, params.truncate_prompt_tokens, self.max_model_len))
         field = input_field(prompt)
+        image_inputs: tuple[ImageInput, ...] = ()
+        if self.images is not None:  # a prompt's image tokens need their images, and back
+            if images and params.truncate_prompt_tokens is not None:
+                raise ValueError("truncate_prompt_tokens cannot be used with images (it could cut an image)")
+            ids, image_inputs = self.images.prepare(ids, images, field)
+        elif images:
+            raise ValueError("images: this model takes no images")
+        ids = tuple(truncate_prompt(ids, params.truncate_prompt_tokens, self.max_model_len))
         self.check_prompt_token_ids(ids, field=field)
         resumed = tuple(int(t) for t in resumed_token_ids)
         self._check_resumed(resumed, params)
@@ -165,6 +178,7 @@ class InputProcessor:
                     priority=priority,
                     output_token_ids=resumed,
                     lora_name=lora_name,
+                    images=image_inputs,
                 )
             )
         return ProcessedRequest(request_id, text, ids, params, tuple(children), resumed)

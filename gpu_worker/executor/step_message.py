@@ -6,8 +6,10 @@ request: integer columns (start positions, token and block counts, flags) and th
 token and block ids as int64 arrays, request ids as one NUL-separated UTF-8 string, and, only
 for requests new to the runner (admitted or resumed), their sampling parameters and token
 history as JSON; a structured-output bitmask as raw int32 words (and its rows per request when
-speculative decoding verifies several positions of one). Draft tokens travel at the end of their
-request's token ids, counted by a column. Nothing is unpickled on the receiving side.
+speculative decoding verifies several positions of one); a new request's images as their spans in
+that JSON and their pixels as raw float32 (every rank runs the replicated vision tower itself).
+Draft tokens travel at the end of their request's token ids, counted by a column. Nothing is
+unpickled on the receiving side.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import numpy as np
 
 from gpu_worker.core.types import (
     GrammarBitmask,
+    ImageInput,
     PromptLogprobs,
     RunnerOutput,
     ScheduledRequest,
@@ -27,6 +30,7 @@ from gpu_worker.core.types import (
     TokenLogprobs,
 )
 from gpu_worker.sampling_params import SamplingParams
+from llmserve.multimodal import ImageSpan
 
 _SEP = "\0"
 _COLUMNS = ("start_pos", "num_tokens", "num_blocks", "sample", "is_new", "num_draft_tokens")
@@ -52,6 +56,7 @@ def encode_step(sched: SchedulerOutput) -> bytes:
     ).reshape(len(reqs), len(_COLUMNS))
     tokens = np.fromiter((t for r in reqs for t in r.token_ids), dtype=np.int64)
     blocks = np.fromiter((b for r in reqs for b in r.block_ids), dtype=np.int64)
+    pixels: list[bytes] = []
     new = [
         {
             "params": dataclasses.asdict(r.params) if r.params is not None else None,
@@ -59,6 +64,7 @@ def encode_step(sched: SchedulerOutput) -> bytes:
             "output_token_ids": list(r.output_token_ids),
             "prompt_token_ids": list(r.prompt_token_ids),
             "lora_name": r.lora_name,
+            "images": [_image_entry(image, pixels) for image in r.images],
         }
         for r in reqs
         if r.is_new
@@ -73,6 +79,7 @@ def encode_step(sched: SchedulerOutput) -> bytes:
         _ids(sorted(sched.preempted_req_ids)),
         json.dumps(new, separators=(",", ":")).encode(),
         *_grammar_sections(sched.grammar),
+        b"".join(pixels),
     ]
     header = np.array([len(s) for s in sections], dtype=np.int64).tobytes()
     return np.array([len(sections)], dtype=np.int64).tobytes() + header + b"".join(sections)
@@ -92,6 +99,7 @@ def decode_step(data: bytes) -> SchedulerOutput:
     blocks = np.frombuffer(sections[3], dtype=np.int64).tolist()
     req_ids = _names(sections[4])
     new = iter(json.loads(sections[7]))
+    pixels = _Pixels(sections[11])
     requests, t, b = [], 0, 0
     for req_id, (start, n_tok, n_blk, sample, is_new, n_draft) in zip(req_ids, cols, strict=True):
         token_ids, block_ids = tuple(tokens[t : t + n_tok]), tuple(blocks[b : b + n_blk])
@@ -112,6 +120,7 @@ def decode_step(data: bytes) -> SchedulerOutput:
                 prompt_token_ids=tuple(extra["prompt_token_ids"]),
                 num_draft_tokens=n_draft,
                 lora_name=extra["lora_name"],
+                images=tuple(pixels.image(entry) for entry in extra["images"]),
             )
         )
     return SchedulerOutput(
@@ -121,6 +130,31 @@ def decode_step(data: bytes) -> SchedulerOutput:
         preempted_req_ids=frozenset(_names(sections[6])),
         grammar=_grammar(sections[8], sections[9], sections[10]),
     )
+
+
+def _image_entry(image: ImageInput, pixels: list[bytes]) -> dict[str, Any]:
+    """An image's span and pixel shape as JSON; its float32 pixels appended to ``pixels``."""
+    values = np.ascontiguousarray(np.asarray(image.pixel_values, dtype=np.float32))
+    pixels.append(values.tobytes())
+    span = image.span
+    return {"offset": span.offset, "length": span.length, "hash": span.hash.hex(),
+            "shape": list(values.shape)}
+
+
+class _Pixels:
+    """Reads the step's images' pixels in the order :func:`_image_entry` wrote them."""
+
+    def __init__(self, data: bytes) -> None:
+        self._data = data
+        self._offset = 0
+
+    def image(self, entry: dict[str, Any]) -> ImageInput:
+        shape = tuple(int(d) for d in entry["shape"])
+        count = int(np.prod(shape))
+        values = np.frombuffer(self._data, dtype=np.float32, count=count, offset=self._offset)
+        self._offset += 4 * count
+        span = ImageSpan(int(entry["offset"]), int(entry["length"]), bytes.fromhex(entry["hash"]))
+        return ImageInput(span, values.reshape(shape).copy())
 
 
 def _grammar_sections(grammar: GrammarBitmask | None) -> list[bytes]:

@@ -10,6 +10,7 @@ also settles the quantization (``layers/quantization/select.py``).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import importlib.util
 import json
@@ -35,7 +36,7 @@ from gpu_worker.model_executor.layers.quantization.select import (
 from gpu_worker.model_executor.layers.quantization.wna16 import fold_input_order
 from gpu_worker.model_executor.layers.rotary import RotaryEmbedding
 from gpu_worker.model_executor.models.llama import DecoderMLP, LinearMethods
-from gpu_worker.model_executor.models.registry import resolve_model_class
+from gpu_worker.model_executor.models.registry import MULTIMODAL_ARCHITECTURES, resolve_model_class
 from gpu_worker.model_executor.weights import fill_random, iter_safetensors
 from kernels import KernelOps, get_ops
 
@@ -134,7 +135,24 @@ def load_hf_config(source: ModelSource) -> Any:
 
     config = AutoConfig.from_pretrained(source.model_dir)
     fill_architectures(config)
-    return config
+    return flatten_multimodal(config)
+
+
+def flatten_multimodal(config: Any) -> Any:
+    """A model that takes images (LLaVA) as the engine reads it: a copy of its text config (every
+    reader of ``num_hidden_layers``, ``vocab_size``, ``eos_token_id`` ... sees the decoder's),
+    with the checkpoint's ``architectures`` and ``tie_word_embeddings`` and the whole config as
+    ``multimodal_config``. Any other config is returned as it is."""
+    if not MULTIMODAL_ARCHITECTURES.intersection(getattr(config, "architectures", None) or ()):
+        return config
+    from gpu_worker.model_executor.models.llava import check_llava_config
+
+    check_llava_config(config)
+    text = copy.deepcopy(config.get_text_config())
+    text.architectures = list(config.architectures)
+    text.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", text.tie_word_embeddings))
+    text.multimodal_config = config
+    return text
 
 
 def load_tokenizer(source: ModelSource, tokenizer: str | None = None) -> Any:

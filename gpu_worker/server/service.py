@@ -179,7 +179,7 @@ class WorkerService:
         try:
             with self._telemetry.observe(call) as observation:
                 outputs = engine.generate(call.prompt, call.params, call.request_id, call.resumed_token_ids,
-                                          priority=call.priority, lora_name=lora_name)
+                                          priority=call.priority, lora_name=lora_name, images=call.images)
                 async with aclosing(outputs):
                     async for output in outputs:
                         observation.on_output(output)
@@ -224,5 +224,7 @@ class WorkerService:
         if tokenizer is None:
             raise NoTokenizer(self.model_name)
         if self._tokenizer_files is None:
-            self._tokenizer_files = await asyncio.to_thread(tokenizer_files, tokenizer)
+            images = getattr(self.engine, "images", None)  # the engine's image inputs (a model taking images)
+            self._tokenizer_files = await asyncio.to_thread(
+                tokenizer_files, tokenizer, None if images is None else images.tokens)
         return self._tokenizer_files

@@ -102,11 +102,12 @@ def decode_plugin_call(field: str, msg: gen_pb.PluginCall) -> PluginCall:
 def decode_generate(request: gen_pb.GenerateRequest, limits: RequestLimits | None = None) -> GenerateCall:
     """A GenerateRequest as a domain call; a request id is generated when empty.
 
-    With ``limits``, the request id, ``n``, the stop strings, the structured-output format's size
-    and nesting and the input's turns and characters are checked first (``LimitExceeded``),
-    before anything is copied, parsed, templated or tokenized."""
+    With ``limits``, the request id, the number of images, ``n``, the stop strings, the
+    structured-output format's size and nesting and the input's turns and characters are checked
+    first (``LimitExceeded``), before anything is copied, parsed, templated or tokenized."""
     if limits is not None:
         limits.check_request_id(request.request_id)
+        limits.check_images(len(request.images))
         check_sampling_limits(limits, request.sampling)
     resumed = tuple(request.resume.output_token_ids) if request.HasField("resume") else ()
     return GenerateCall(
@@ -117,6 +118,7 @@ def decode_generate(request: gen_pb.GenerateRequest, limits: RequestLimits | Non
         resumed_token_ids=resumed,
         priority=request.priority,
         embed=request.task == gen_pb.TASK_EMBED,
+        images=tuple(request.images),
     )
 
 

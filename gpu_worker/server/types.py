@@ -37,6 +37,7 @@ class ServedEngine(Protocol):
     def generate(
         self, prompt: PromptInput, params: SamplingParams, request_id: str,
         resumed_token_ids: Sequence[int] = (), priority: int = 0, lora_name: str = "",
+        images: Sequence[bytes] = (),
     ) -> AsyncGenerator[Any, None]: ...
     async def abort(self, request_id: str) -> None: ...
     def stats(self) -> SchedulerStats: ...
@@ -58,3 +59,4 @@ class GenerateCall:
     resumed_token_ids: tuple[int, ...] = ()
     priority: int = 0  # lower runs first (with --scheduling-policy priority)
     embed: bool = False  # GenerateRequest.task TASK_EMBED: the prompt's embedding
+    images: tuple[bytes, ...] = ()  # the prompt's images, as encoded files (GenerateRequest.images)

@@ -21,6 +21,7 @@ from gpu_worker.model_executor.model_config import KVCacheSpec
 from gpu_worker.sampling_params import SamplingParams
 from gpu_worker.spec_decode.verify_step import verify_drafts
 from gpu_worker.worker.cuda_graphs import DecodeGraphs, decode_buckets
+from gpu_worker.worker.image_features import ImageFeatures
 from gpu_worker.worker.kv_scales import KVScaleCalibration
 from gpu_worker.worker.logits_processing import LogitsProcessing
 from gpu_worker.worker.mixed_graphs import MixedGraphs, PiecewiseCapture, mixed_buckets
@@ -151,6 +152,10 @@ class ModelRunner:
         self.lora_slots: LoraSlots | None = lora_slots if isinstance(lora_slots, LoraSlots) else None
         self._lora_slot_of = {name: i for i, (name, _) in enumerate(config.lora_adapters, start=1)}
         self._request_lora_slot: dict[str, int] = {}
+        # A model that takes images (LLaVA): the live requests' images and their features.
+        self.images: ImageFeatures | None = None
+        if hasattr(model, "embed_images"):
+            self.images = ImageFeatures(model, device, dtype, self.parallel.is_first_stage)
         # Set by _allocate (initialize_kv_cache, or a scratch pool during profile_run).
         self.num_kv_blocks = 0
         self.max_model_len = 0
@@ -218,6 +223,8 @@ class ModelRunner:
         for req_id in sched.finished_req_ids | sched.preempted_req_ids:
             self.states.remove(req_id)
             self._request_lora_slot.pop(req_id, None)
+            if self.images is not None:
+                self.images.remove(req_id)
         self.last_step_reports = False
         if sched.is_empty:
             return PendingRunnerOutput.ready(_EMPTY_OUTPUT)
@@ -228,14 +235,17 @@ class ModelRunner:
             prompt_plan = plan_prompt_logprobs(self.states, rows, columns)
         self.last_step_reports = prompt_plan is not None or any(columns.sample)
         bucket = None
+        # Image positions take their features as input embeddings: such a step runs eagerly.
+        image_pieces = self.images.plan(sched) if self.images is not None else []
         calibrate = self.kv_scales.pending and not self._dummy  # the first real step: eager
+        eager = calibrate or bool(image_pieces)
         # A decode graph's output is logits of the sampled rows only: prompt positions need the
         # hidden states (a one-token prefill chunk makes a step look like decodes).
-        if (self.graphs is not None and not calibrate and prompt_plan is None
+        if (self.graphs is not None and not eager and prompt_plan is None
                 and sched.num_scheduled_tokens == len(sched.requests)):
             bucket = self.graphs.bucket_for(len(sched.requests))  # decode-only step
         mixed = None
-        if bucket is None and self.mixed_graphs is not None and not calibrate:
+        if bucket is None and self.mixed_graphs is not None and not eager:
             mixed = self.mixed_graphs.bucket_for(sched.num_scheduled_tokens)
         last = self._last_sample
         inputs = self.inputs.prepare(
@@ -253,15 +263,19 @@ class ModelRunner:
                     inputs.input_ids.index_copy_(
                         0, inputs.placeholder_dst, last.token_ids.index_select(0, inputs.placeholder_src)
                     )
+        embeds = None
+        if image_pieces:  # after the placeholders are filled: the embeddings read the ids
+            assert self.images is not None  # invariant: pieces come from it
+            embeds = self.images.embeds(image_pieces, inputs.input_ids)
         if calibrate:
             with self.kv_scales.first_forward():
-                hidden = self._forward_stage(inputs)
+                hidden = self._forward_stage(inputs, embeds)
         elif mixed is not None:
             with torch.inference_mode():
                 hidden = self.mixed_graphs.replay(  # type: ignore[union-attr]
                     mixed, inputs.num_tokens, inputs.attn_metadata)
         elif bucket is None:
-            hidden = self._forward_stage(inputs)
+            hidden = self._forward_stage(inputs, embeds)
         else:
             hidden = self.graphs.replay(bucket)  # type: ignore[union-attr]
         if hidden is None:  # the activations went to the next stage
@@ -296,23 +310,27 @@ class ModelRunner:
                             [slot_of.get(r.req_id, 0) for r in sched.requests], num_tokens)
 
     @torch.inference_mode()
-    def _forward_stage(self, inputs: StepInputs) -> torch.Tensor | None:
+    def _forward_stage(self, inputs: StepInputs, embeds: torch.Tensor | None = None) -> torch.Tensor | None:
         """This rank's pipeline stage of the model: take the previous stage's activations (or the
-        token ids), run the stage's layers, and hand the result on (None) or return the hidden
-        states (last stage)."""
+        token ids, or ``embeds``: input embeddings with image features), run the stage's layers,
+        and hand the result on (None) or return the hidden states (last stage)."""
         parallel = self.parallel
         if parallel.pp_size == 1:
-            return self.forward(inputs.input_ids, inputs.positions, inputs.attn_metadata)
+            return self.forward(inputs.input_ids, inputs.positions, inputs.attn_metadata, embeds)
         intermediate = None
         if not parallel.is_first_stage:
             hidden_size = int(self.hf_config.hidden_size)
             intermediate = parallel.recv_from_prev_stage(
                 inputs.num_tokens, hidden_size, self.dtype, self.device
             )
-        out = self.model(
-            inputs.input_ids if parallel.is_first_stage else None, inputs.positions, inputs.attn_metadata,
-            self.kv_caches, intermediate,
-        )
+        if embeds is None:
+            out = self.model(
+                inputs.input_ids if parallel.is_first_stage else None, inputs.positions, inputs.attn_metadata,
+                self.kv_caches, intermediate,
+            )
+        else:
+            out = self.model(None, inputs.positions, inputs.attn_metadata, self.kv_caches, intermediate,
+                             inputs_embeds=embeds)
         if isinstance(out, IntermediateTensors):
             parallel.send_to_next_stage(out)
             return None
@@ -321,9 +339,14 @@ class ModelRunner:
 
     @torch.inference_mode()
     def forward(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, md: AttentionMetadata
+        self, input_ids: torch.Tensor, positions: torch.Tensor, md: AttentionMetadata,
+        embeds: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """The model call alone (the unit a CUDA graph would capture): ``[T]`` -> hidden ``[T, H]``."""
+        """The model call alone (the unit a CUDA graph would capture): ``[T]`` -> hidden ``[T, H]``
+        (``embeds``: the ``[T, H]`` input embeddings of an image step, instead of the ids)."""
+        if embeds is not None:
+            out: torch.Tensor = self.model(None, positions, md, self.kv_caches, inputs_embeds=embeds)
+            return out
         hidden: torch.Tensor = self.model(input_ids, positions, md, self.kv_caches)
         return hidden
 

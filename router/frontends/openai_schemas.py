@@ -16,11 +16,12 @@ type, or a feature this server does not have (tools, image parts, ``suffix``) is
 from __future__ import annotations
 
 import json
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from llmserve.limits import flag_of
+from llmserve.multimodal import decode_data_url
 from llmserve.prompt_input import CONTINUE_NEEDS_NO_GENERATION_PROMPT, ChatPrompt, PromptInput
 from llmserve.sampling_extras import GUIDED_FIELDS, plugin_call_messages, structured_output_message
 from llmserve.v1 import generation_pb2 as gen_pb
@@ -307,11 +308,35 @@ class EmbeddingRequest(BaseModel):
 
 
 class TextPart(BaseModel):
-    """A text part of a message's content; other part types (images, audio) are refused."""
+    """A text part of a message's content; part types other than text and images (audio, video,
+    files) are refused."""
 
     model_config = ConfigDict(extra="ignore")
     type: Literal["text"]
     text: str
+
+
+class ImageUrl(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    url: str
+    detail: str | None = None  # OpenAI's; the model's processor decides the resolution
+
+
+class ImageUrlPart(BaseModel):
+    """An image part (``{"type": "image_url", "image_url": {"url": "data:image/png;base64,..."}}``;
+    vLLM also takes the URL as a string). Only ``data:`` URLs are served: the router fetches
+    nothing."""
+
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["image_url"]
+    image_url: ImageUrl | str
+
+    @property
+    def url(self) -> str:
+        return self.image_url if isinstance(self.image_url, str) else self.image_url.url
+
+
+ContentPart = Annotated[TextPart | ImageUrlPart, Field(discriminator="type")]
 
 
 class ToolCallIn(BaseModel):
@@ -329,20 +354,47 @@ class ChatMessageIn(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
     role: str = Field(min_length=1)
-    content: str | list[TextPart] | None = None
+    content: str | list[ContentPart] | None = None
     tool_calls: list[ToolCallIn] | None = None
     tool_call_id: str | None = None
     name: str | None = None
 
     def text(self) -> str:
         if isinstance(self.content, list):
-            return "\n".join(part.text for part in self.content)
+            return "\n".join(part.text for part in self.content if isinstance(part, TextPart))
         return self.content or ""
+
+    @property
+    def num_images(self) -> int:
+        return sum(isinstance(p, ImageUrlPart) for p in self.content) if isinstance(self.content, list) else 0
+
+    @property
+    def has_images(self) -> bool:
+        return self.num_images > 0
+
+    def images(self, index: int) -> list[bytes]:
+        """The message's images, decoded from their data URLs in order; InvalidParam naming the
+        part for any other URL or a payload that is not base64."""
+        out = []
+        for j, part in enumerate(self.content if isinstance(self.content, list) else ()):
+            if isinstance(part, ImageUrlPart):
+                field = f"messages[{index}].content[{j}].image_url"
+                try:
+                    out.append(decode_data_url(part.url, field))
+                except ValueError as exc:
+                    raise InvalidParam("messages", str(exc)) from None
+        return out
 
     def template_message(self, index: int) -> dict[str, Any]:
         """The message as chat templates take it: a call's ``arguments`` as an object (vLLM's
-        conversion; templates render them as JSON), ``content`` "" rather than null."""
-        message: dict[str, Any] = {"role": self.role, "content": self.text()}
+        conversion; templates render them as JSON), ``content`` "" rather than null, and the
+        content parts in order (``{"type": "image"}`` for each image, as multimodal templates
+        take them) when the message has images."""
+        content: Any = self.text()
+        if self.has_images and isinstance(self.content, list):
+            content = [{"type": "text", "text": p.text} if isinstance(p, TextPart) else {"type": "image"}
+                       for p in self.content]
+        message: dict[str, Any] = {"role": self.role, "content": content}
         if self.tool_calls:
             calls = []
             for j, call in enumerate(self.tool_calls):
@@ -426,7 +478,7 @@ class ChatCompletionRequest(_SamplingRequest):
             model=self.model, prompt=prompt,
             sampling=self.sampling(max_tokens, logprobs, tool_format=tool_choice.structured_output()),
             request_id=request_id, max_tokens_to_context=max_tokens is None, priority=self.priority,
-            request_id_unique=True,
+            request_id_unique=True, images=chat_images(self.messages),
         )]
 
 
@@ -441,6 +493,11 @@ def chat_prompt(messages: list[ChatMessageIn], add_generation_prompt: bool,
     return ChatPrompt(tuple(m.template_message(i) for i, m in enumerate(messages)), add_generation_prompt,
                       continue_final_message, tools=tuple(tools) if tools else None,
                       template_kwargs=template_kwargs or None)
+
+
+def chat_images(messages: list[ChatMessageIn]) -> tuple[bytes, ...]:
+    """Every image of a conversation, in order of appearance (the template's image tokens' order)."""
+    return tuple(image for i, m in enumerate(messages) if m.has_images for image in m.images(i))
 
 
 RequestT = TypeVar("RequestT", bound=BaseModel)

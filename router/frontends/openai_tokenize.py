@@ -29,6 +29,7 @@ from llmserve.v1 import generation_pb2 as gen_pb
 from router.frontends.openai_errors import InvalidParam
 from router.frontends.openai_schemas import ChatMessageIn, chat_prompt, validate
 from router.generation import GenerationCore
+from router.images import expand_images
 from router.tokenizers import RouterTokenizer
 
 TOKENIZE_ROUTE = "/tokenize"
@@ -80,6 +81,9 @@ class TokenizerEndpoints:
         prompt = parsed.prompt_input()
         tok, context = await self._tokenizer(parsed.model, request_id, prompt)
         ids = await asyncio.to_thread(tok.encode, prompt, parsed.add_special_tokens)
+        num_images = sum(m.num_images for m in parsed.messages or ())
+        if num_images:  # counted as the workers run them: each image token its run
+            ids = expand_images(parsed.model, tok.image_tokens, ids, num_images, "messages", None)
         strs = await asyncio.to_thread(tok.token_strs, ids) if parsed.return_token_strs else None
         return {"count": len(ids), "max_model_len": context, "tokens": ids, "token_strs": strs}
 

@@ -119,6 +119,19 @@ def make_tiny_config(family: str) -> Any:
     return FAMILIES[family]()
 
 
+def _randomize(model: Any, weights_of: tuple[str, ...] = ()) -> None:
+    """Biases N(0, 0.1) and norm scales N(1, 0.1) (so loading them is tested), and the weights of
+    the modules named in ``weights_of`` N(0, 0.1) (a vision tower's init is too small to matter)."""
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(".bias"):
+                param.normal_(0.0, 0.1)
+            elif "norm" in name:
+                param.normal_(1.0, 0.1)
+            elif any(part in name for part in weights_of):
+                param.normal_(0.0, 0.1)
+
+
 def make_tiny_model(
     family: str,
     dst: Path,
@@ -134,6 +147,8 @@ def make_tiny_model(
     ``max_shard_size`` (e.g. ``"1MB"``) writes a sharded checkpoint with its index json.
     ``shape``: config fields to change (``hidden_size=512``, ...) for a larger model.
     """
+    if family == "llava":
+        return make_tiny_llava(dst, tokenizer_dir=tokenizer_dir, seed=seed)
     from transformers import AutoModelForCausalLM
 
     config = make_tiny_config(family)
@@ -142,12 +157,7 @@ def make_tiny_model(
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        with torch.no_grad():
-            for name, param in model.named_parameters():
-                if name.endswith(".bias"):
-                    param.normal_(0.0, 0.1)
-                elif "norm" in name:
-                    param.normal_(1.0, 0.1)
+        _randomize(model)
     dst.mkdir(parents=True, exist_ok=True)
     kwargs: dict[str, Any] = {"safe_serialization": True}
     if max_shard_size is not None:
@@ -157,4 +167,60 @@ def make_tiny_model(
         for file in Path(tokenizer_dir).iterdir():
             if file.is_file():
                 shutil.copy(file, dst / file.name)
+    return dst
+
+
+IMAGE_TOKEN_ID = VOCAB_SIZE  # "<image>", added to the SmolLM2 vocabulary by make_tiny_llava
+# ChatML as SmolLM2's, with content parts: {"type": "image"} -> "<image>", {"type": "text"} -> its text.
+LLAVA_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}<image>{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def make_tiny_llava(dst: Path, *, tokenizer_dir: Path | None, seed: int = 0) -> Path:
+    """A tiny random LLaVA-1.5: a 2-layer CLIP vision tower (32 px images, 8 px patches: 16 image
+    tokens), a gelu projector and a Llama text model like the other tiny models, with the SmolLM2
+    tokenizer plus ``<image>`` (id :data:`IMAGE_TOKEN_ID`), a chat template that renders image
+    parts, and HF's CLIP image processor and LLaVA processor saved beside it."""
+    from transformers import (
+        AutoTokenizer,
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
+
+    if tokenizer_dir is None:
+        raise ValueError("make_tiny_llava needs the SmolLM2 tokenizer_dir")
+    text = _llama(vocab_size=VOCAB_SIZE + 1, tie_word_embeddings=False)
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                              num_attention_heads=4, image_size=32, patch_size=8, hidden_act="quick_gelu",
+                              layer_norm_eps=1e-5, projection_dim=32, initializer_range=0.1)
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=IMAGE_TOKEN_ID,
+                         projector_hidden_act="gelu", vision_feature_layer=-2,
+                         vision_feature_select_strategy="default", image_seq_length=16,
+                         tie_word_embeddings=False)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = LlavaForConditionalGeneration(config).to(torch.float32)
+        _randomize(model, weights_of=("vision_tower", "multi_modal_projector"))
+    dst.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(dst, safe_serialization=True)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    if tokenizer.convert_tokens_to_ids("<image>") != IMAGE_TOKEN_ID:
+        raise RuntimeError("<image> did not get the id after the SmolLM2 vocabulary")
+    tokenizer.chat_template = LLAVA_CHAT_TEMPLATE
+    image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=8,
+                               vision_feature_select_strategy="default", image_token="<image>",
+                               num_additional_image_tokens=1, chat_template=LLAVA_CHAT_TEMPLATE)
+    processor.save_pretrained(dst)
+    tokenizer.save_pretrained(dst)
     return dst

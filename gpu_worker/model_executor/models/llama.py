@@ -273,15 +273,19 @@ class LlamaForCausalLM(nn.Module):
         attn_metadata: AttentionMetadata,
         kv_caches: list[torch.Tensor],
         intermediate: IntermediateTensors | None = None,
+        inputs_embeds: torch.Tensor | None = None,
     ) -> torch.Tensor | IntermediateTensors:
         """``input_ids`` (first stage) or the previous stage's ``intermediate``, ``positions``
         ``[T]`` -> final hidden states ``[T, H]`` (last stage) or this stage's intermediate.
 
         ``kv_caches[i]`` is the ``[2, num_blocks, block_size, Hk, D]`` cache of this stage's
-        ``i``-th layer.
+        ``i``-th layer. ``inputs_embeds`` (first stage): the ``[T, H]`` input embeddings instead
+        of the ids' (a step with image features in place of image tokens).
         """
         residual: torch.Tensor | None
-        if self.model.embed_tokens is not None:
+        if inputs_embeds is not None:
+            hidden, residual = inputs_embeds, None
+        elif self.model.embed_tokens is not None:
             hidden, residual = self.model.embed_tokens(input_ids), None
         else:
             assert intermediate is not None  # invariant: later stages receive the previous one's
@@ -294,6 +298,13 @@ class LlamaForCausalLM(nn.Module):
             return IntermediateTensors(hidden, residual)
         hidden, _ = self.model.norm(hidden, residual)
         return hidden
+
+    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """``[T]`` -> the token embeddings ``[T, H]`` (first pipeline stage only)."""
+        if self.model.embed_tokens is None:
+            raise RuntimeError("only the first pipeline stage embeds tokens")
+        embeds: torch.Tensor = self.model.embed_tokens(input_ids)
+        return embeds
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
         """``[N, H]`` -> logits ``[N, V]`` in the model's dtype on the sampling rank (None on other

@@ -14,11 +14,16 @@ _PKG = "gpu_worker.model_executor.models"
 _MODELS = MappingProxyType(
     {
         "LlamaForCausalLM": (f"{_PKG}.llama", "LlamaForCausalLM"),
+        "LlavaForConditionalGeneration": (f"{_PKG}.llava", "LlavaForConditionalGeneration"),
         "MistralForCausalLM": (f"{_PKG}.llama", "MistralForCausalLM"),
         "Qwen2ForCausalLM": (f"{_PKG}.llama", "Qwen2ForCausalLM"),
         "Qwen3ForCausalLM": (f"{_PKG}.qwen3", "Qwen3ForCausalLM"),
     }
 )
+
+
+# Architectures that take images: their configs are read flattened (loader.load_hf_config).
+MULTIMODAL_ARCHITECTURES = frozenset({"LlavaForConditionalGeneration"})
 
 
 def resolve_model_class(architectures: Sequence[str] | None) -> type[nn.Module]:

@@ -6,6 +6,7 @@ import numpy as np
 
 from gpu_worker.core.types import (
     GrammarBitmask,
+    ImageInput,
     PromptLogprobs,
     RunnerOutput,
     ScheduledRequest,
@@ -14,6 +15,7 @@ from gpu_worker.core.types import (
 )
 from gpu_worker.executor.step_message import decode_output, decode_step, encode_output, encode_step
 from gpu_worker.sampling_params import SamplingParams
+from llmserve.multimodal import ImageSpan
 
 
 def test_step_plan_round_trip() -> None:
@@ -32,6 +34,26 @@ def test_step_plan_round_trip() -> None:
     assert got.grammar is not None and got.grammar.req_ids == ("a#0", "b")
     assert np.array_equal(got.grammar.bitmask, mask)
     assert decode_step(encode_step(SchedulerOutput((), 0))) == SchedulerOutput((), 0)
+
+
+def test_new_requests_images_round_trip() -> None:
+    """Pixels travel as raw float32 with their spans: each rank encodes the images itself."""
+    rng = np.random.default_rng(0)
+    first = ImageInput(ImageSpan(2, 4, b"\x01" * 16), rng.standard_normal((3, 4, 5)).astype(np.float32))
+    second = ImageInput(ImageSpan(7, 4, b"\x02" * 16), rng.standard_normal((3, 2, 2)).astype(np.float32))
+    third = ImageInput(ImageSpan(0, 4, b"\x03" * 16), rng.standard_normal((3, 4, 5)).astype(np.float32))
+    a = ScheduledRequest("a", (1, 2, 9, 9), 0, (1,), False, is_new=True, params=SamplingParams(),
+                         prompt_len=12, prompt_token_ids=tuple(range(12)), images=(first, second))
+    b = ScheduledRequest("b", (5,), 3, (), True)
+    c = ScheduledRequest("c", (9, 9), 0, (2,), False, is_new=True, params=SamplingParams(), prompt_len=6,
+                         prompt_token_ids=(9,) * 6, images=(third,))
+    got = decode_step(encode_step(SchedulerOutput((a, b, c), 7)))
+    for sent, received in zip((a, b, c), got.requests, strict=True):
+        assert len(received.images) == len(sent.images)
+        for image, back in zip(sent.images, received.images, strict=True):
+            assert back.span == image.span
+            assert back.pixel_values.dtype == np.float32
+            assert np.array_equal(back.pixel_values, image.pixel_values)
 
 
 def test_step_result_round_trip() -> None:

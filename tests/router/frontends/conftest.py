@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers.otlp_receiver import OtlpReceiver
-from tests.router.frontends.stack_proc import StackProc
+from tests.router.frontends.stack_proc import StackProc, running_stack
 
 
 @pytest.fixture(scope="session")
@@ -22,10 +22,6 @@ def otlp_receiver() -> Iterator[OtlpReceiver]:
 @pytest.fixture(scope="session")
 def stack(tiny_model: Callable[[str], Path], otlp_receiver: OtlpReceiver,
           tmp_path_factory: pytest.TempPathFactory) -> Iterator[StackProc]:
-    proc = StackProc(tiny_model("llama"), tmp_path_factory.mktemp("stack") / "llmserve-up.log",
-                     otlp_receiver.endpoint)
-    try:
-        proc.wait_ready()
+    with running_stack(tiny_model("llama"), tmp_path_factory.mktemp("stack") / "llmserve-up.log",
+                       otlp_receiver.endpoint) as proc:
         yield proc
-    finally:
-        proc.stop()

@@ -9,6 +9,8 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +50,18 @@ class StackProc(ServiceProc):
             self.check_alive()
             assert time.monotonic() < deadline, f"HTTP door not healthy: {self.log_tail()}"
             time.sleep(0.1)
+
+
+@contextmanager
+def running_stack(model_dir: Path, log_path: Path, otlp_endpoint: str,
+                  extra_args: tuple[str, ...] = ()) -> Iterator[StackProc]:
+    """A started, ready :class:`StackProc`, stopped on leaving (what a stack fixture yields)."""
+    proc = StackProc(model_dir, log_path, otlp_endpoint, extra_args)
+    try:
+        proc.wait_ready()
+        yield proc
+    finally:
+        proc.stop()
 
 
 def http_json(method: str, url: str, body: bytes | dict[str, Any] | None = None,
