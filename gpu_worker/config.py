@@ -125,7 +125,10 @@ class EngineConfig:
     (vLLM's ``--lora-modules``): ``"NAME=PATH,NAME=PATH"`` (PEFT adapter folders; at most
     :data:`MAX_LORA_ADAPTERS`); every adapter stays resident, a request names one by its model
     name (docs/LORA.md). ``max_lora_rank``: the largest rank an adapter may have (its slot's
-    size in every LoRA layer; vLLM's flag).
+    size in every LoRA layer; vLLM's flag). ``lora_root``: adapters may also be loaded and unloaded
+    while the engine serves (vLLM's ``/v1/load_lora_adapter``), from folders under this one only;
+    None: no runtime loading. ``max_loras``: LoRA slots (resident adapters at once; vLLM's flag);
+    default the ``lora_modules`` plus 4 free slots when ``lora_root`` is set.
 
     ``mixed_graph_max_tokens``: on CUDA (unless ``enforce_eager``; one GPU per stage and no tensor
     parallelism), steps of prefill chunks beside decodes of up to this many tokens replay
@@ -173,6 +176,8 @@ class EngineConfig:
     runner: str = "generate"
     lora_modules: str | None = None
     max_lora_rank: int = 16
+    max_loras: int | None = None
+    lora_root: str | None = None
     max_images_per_prompt: int = 8
     max_image_bytes: int = 10 << 20
     max_image_pixels: int = 4096 * 4096
@@ -247,7 +252,10 @@ class EngineConfig:
         if not 1 <= self.max_lora_rank <= MAX_LORA_RANK_LIMIT:
             raise ValueError(f"max_lora_rank must be in [1, {MAX_LORA_RANK_LIMIT}], got {self.max_lora_rank}")
         adapters = self.lora_adapters
-        if not adapters:
+        if self.max_loras is not None and not len(adapters) <= self.max_loras <= MAX_LORA_ADAPTERS:
+            raise ValueError(f"max_loras must be in [{len(adapters)} (the lora_modules), "
+                             f"{MAX_LORA_ADAPTERS}], got {self.max_loras}")
+        if not self.num_lora_slots:
             return
         names = [name for name, _ in adapters]
         if len(adapters) > MAX_LORA_ADAPTERS:
@@ -256,9 +264,17 @@ class EngineConfig:
             raise ValueError("lora_modules: adapter names must be distinct and differ from the served "
                              "model name")
         if self.runner != "generate" or self.speculative_config is not None:
-            raise ValueError("lora_modules needs runner generate and no speculative_config")
+            raise ValueError("lora_modules / lora_root need runner generate and no speculative_config")
         if self.quantization not in ("auto", "none"):
-            raise ValueError("lora_modules needs 16/32-bit weights (quantization auto or none)")
+            raise ValueError("lora_modules / lora_root need 16/32-bit weights (quantization auto or none)")
+
+    @property
+    def num_lora_slots(self) -> int:
+        """LoRA slots of every LoRA layer (0: no LoRA): ``max_loras``, else the ``lora_modules``
+        plus 4 free ones for runtime loading when ``lora_root`` is set."""
+        if self.max_loras is not None:
+            return self.max_loras
+        return min(len(self.lora_adapters) + (4 if self.lora_root else 0), MAX_LORA_ADAPTERS)
 
     @property
     def lora_adapters(self) -> tuple[tuple[str, str], ...]:

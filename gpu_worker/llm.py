@@ -90,6 +90,7 @@ class LLM:
     def __init__(self, model: str = "smollm2-135m", **engine_args: Any) -> None:
         self.engine = LLMEngine.from_config(EngineConfig.from_kwargs(model, **engine_args))
         self._ids = itertools.count()
+        self._lora_paths: dict[str, str] = {}  # adapters loaded by load_lora_adapter: their folders
 
     def get_tokenizer(self) -> Any:
         return self.engine.tokenizer
@@ -159,6 +160,17 @@ class LLM:
         ]
         return self._run(prompts, sampling_params, lora_request=lora_request, images=[i for _, i in chats])
 
+    def load_lora_adapter(self, name: str, path: str) -> None:
+        """Serve the PEFT adapter at ``path`` (a folder under the engine's ``lora_root``) as
+        ``name`` from now on, in a free LoRA slot (``max_loras``); ``ValueError`` naming why when
+        refused (docs/LORA.md)."""
+        self.engine.load_lora_adapter(name, path)
+        self._lora_paths[name] = path
+
+    def unload_lora_adapter(self, name: str) -> None:
+        """Stop serving the adapter ``name`` (its slot is freed once its requests end)."""
+        self.engine.unload_lora_adapter(name)
+
     def shutdown(self) -> None:
         """Release the engine's other ranks (tensor/pipeline parallel) now; with one rank there is
         nothing to release. Also what leaving a ``with LLM(...) as llm:`` block does."""
@@ -194,7 +206,9 @@ class LLM:
         priorities = [0] * len(prompts) if priority is None else [int(p) for p in priority]
         if len(priorities) != len(prompts):
             raise ValueError(f"priority has {len(priorities)} entries for {len(prompts)} prompts")
-        adapters = lora_names(lora_request, len(prompts), dict(self.engine.config.lora_adapters))
+        paths = {**dict(self.engine.config.lora_adapters), **self._lora_paths}
+        served = {name: paths[name] for name in self.engine.processor.lora_names}
+        adapters = lora_names(lora_request, len(prompts), served)
         per_prompt = images if images is not None else [()] * len(prompts)
         processed = [
             self.engine.processor.process(str(next(self._ids)), prompt, params, priority=p, lora_name=name,

@@ -67,6 +67,10 @@ class StackConfig:
     runner: str = "generate"  # "pooling": the model embeds (/v1/embeddings)
     lora_modules: str | None = None  # "NAME=PATH,..." LoRA adapters served as models of their own
     max_lora_rank: int = 16
+    # adapters loadable at run time from folders under it (the HTTP door's /v1/load_lora_adapter
+    # is then on: a local stack's operator is its only user); None: off
+    lora_root: str | None = None
+    max_loras: int | None = None
     tool_call_parser: str | None = None  # the OpenAI door's, for tool_choice "auto" (None: refused)
     reasoning_parser: str | None = None  # the OpenAI door's, for reasoning_content (None: off)
     responses: ResponsesStoreConfig = ResponsesStoreConfig()  # stored responses of /v1/responses
@@ -111,6 +115,8 @@ async def run_stack(config: StackConfig, started: asyncio.Event | None = None,
         runner=config.runner,
         lora_modules=config.lora_modules,
         max_lora_rank=config.max_lora_rank,
+        lora_root=config.lora_root,
+        max_loras=config.max_loras,
     )
     server_config = ServerConfig(host=config.host, port=config.worker_port,
                                  drain_grace_s=config.drain_grace_s,
@@ -119,7 +125,8 @@ async def run_stack(config: StackConfig, started: asyncio.Event | None = None,
     reasoning = {"": config.reasoning_parser} if config.reasoning_parser else {}
     router_config = RouterConfig(host=config.host, port=config.router_port, policy=config.policy,
                                  http_port=config.http_port, tool_call_parsers=parsers,
-                                 reasoning_parsers=reasoning, responses=config.responses)
+                                 reasoning_parsers=reasoning, responses=config.responses,
+                                 allow_lora_updates=config.lora_root is not None)
     raise_open_file_limit(router_config.connection_count() + server_config.grpc_limits.max_connections)
     worker = WorkerServer(
         engine_config,
@@ -199,6 +206,12 @@ def register(subparsers: Any) -> None:
     p.add_argument("--lora-modules", nargs="+", default=None, metavar="NAME=PATH",
                    help="LoRA adapters (PEFT folders) served beside the model, each as a model of its own")
     p.add_argument("--max-lora-rank", type=int, default=16, help="the largest rank a LoRA adapter may have")
+    p.add_argument("--lora-root", default=None, metavar="DIR",
+                   help="LoRA adapters may be loaded while serving from folders under DIR "
+                        "(POST /v1/load_lora_adapter, /v1/unload_lora_adapter)")
+    p.add_argument("--max-loras", type=int, default=None,
+                   help="LoRA slots (adapters resident at once; default: --lora-modules, plus 4 with "
+                        "--lora-root)")
     p.add_argument("--reasoning-parser", default=None, choices=REASONING_PARSERS,
                    help="how the OpenAI door splits the model's reasoning from its answer")
     add_responses_flags(p)
@@ -235,6 +248,8 @@ def _run_up(args: argparse.Namespace) -> int:
         runner=args.runner,
         lora_modules=lora_modules_value(args.lora_modules),
         max_lora_rank=args.max_lora_rank,
+        lora_root=args.lora_root,
+        max_loras=args.max_loras,
         tool_call_parser=args.tool_call_parser,
         reasoning_parser=args.reasoning_parser,
         calculate_kv_scales=args.calculate_kv_scales,

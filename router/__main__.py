@@ -60,6 +60,10 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
                         "flag): PARSER for every model or MODEL=PARSER (repeatable, or comma-separated in "
                         "the variable); parsers: hermes, llama3_json, mistral. Without one, \"auto\" is "
                         "refused with 400")
+    p.add_argument("--allow-lora-updates", action="store_true",
+                   help="serve vLLM's POST /v1/load_lora_adapter and /v1/unload_lora_adapter at the HTTP "
+                   "door (with an API key file: admin keys only); workers load from folders under their "
+                   "LoRA root")
     p.add_argument("--reasoning-parser", action="append", default=[], metavar="[MODEL=]PARSER",
                    help="how the OpenAI door splits a thinking model's reasoning from its answer (the "
                         "message's reasoning_content; vLLM's flag): PARSER for every model or "
@@ -123,6 +127,7 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
         tool_call_parsers=parse_model_parsers(args.tool_call_parser, "--tool-call-parser", TOOL_CALL_PARSERS),
         reasoning_parsers=parse_model_parsers(args.reasoning_parser, "--reasoning-parser", REASONING_PARSERS),
         responses=responses_config_from_args(args),
+        allow_lora_updates=args.allow_lora_updates,
     )
 
 

@@ -126,6 +126,16 @@ class AccessControl:
         self._check(self.limiter.admit_tokens(key.key_id, key.limits, estimate), model)
         return TokenCharge(self if key.limits.tokens_per_s is not None else None, key, estimate)
 
+    def admit_admin(self, action: str) -> None:
+        """The caller may ``action`` (manage the fleet: LoRA adapters); PermissionDenied unless
+        its key is an ``admin`` one. Without a key file every caller is the anonymous admin: the
+        operator turned the endpoint on (``--allow-lora-updates``) for a trusted network."""
+        key = self.caller()
+        if self._keys is not None and not key.admin:
+            self._count_auth_failure("not_admin")
+            raise PermissionDenied(f"this API key may not {action} (an admin key may: 'admin' on its line "
+                                   "of the API key file)")
+
     def visible_models(self, names: Iterable[str]) -> list[str]:
         """The names the caller may use (ListModels and ``/v1/models`` show only those)."""
         key = _CALLER.get() or self._anonymous

@@ -15,15 +15,24 @@ from llmserve.multimodal import ImageSpan, ImageTokens, expand_image_tokens, ima
 from router.errors import InvalidRequest
 
 
-def expand_images(model: str, spec: ImageTokens | None, token_ids: Sequence[int], num_images: int,
-                  field: str, truncate: int | None) -> list[int]:
-    """``token_ids`` with one run of the model's image tokens per image; InvalidRequest when the
-    model takes no images, ``truncate_prompt_tokens`` is set with images (it could cut one), or
-    the prompt's image tokens and the images do not match one to one."""
+def check_takes_images(model: str, spec: ImageTokens | None, truncate: int | None) -> ImageTokens:
+    """The image tokens of a model asked for a request with images; InvalidRequest when it takes
+    none, or ``truncate_prompt_tokens`` is set (it could cut an image). Checked before a chat is
+    rendered too: a text model's template cannot render image parts (its error would name no
+    image)."""
     if spec is None:
         raise InvalidRequest(f"images: model {model!r} takes no images")
-    if num_images and truncate is not None:
+    if truncate is not None:
         raise InvalidRequest("truncate_prompt_tokens cannot be used with images (it could cut an image)")
+    return spec
+
+
+def expand_images(model: str, spec: ImageTokens | None, token_ids: Sequence[int], num_images: int,
+                  field: str, truncate: int | None) -> list[int]:
+    """``token_ids`` with one run of the model's image tokens per image; InvalidRequest as
+    :func:`check_takes_images` says, or when the prompt's image tokens and the images do not match
+    one to one."""
+    spec = check_takes_images(model, spec, truncate if num_images else None)
     try:
         return expand_image_tokens(token_ids, spec, num_images)
     except ValueError as exc:

@@ -21,7 +21,7 @@ from llmserve.sampling_extras import check_sampling_limits
 from llmserve.v1 import generation_pb2 as gen_pb
 from router.dispatch import InflightTracker
 from router.errors import InvalidRequest, LimitRefused, ModelNotFound, ModelUnavailable, WorkersBusy
-from router.images import expand_images
+from router.images import check_takes_images, expand_images
 from router.policy import Candidate, Policy, Ranked, RouteQuery
 from router.tokenizers import TokenizerCache
 
@@ -112,6 +112,8 @@ class Router:
         (``llmserve.multimodal``), so the context arithmetic counts what the workers run."""
         if isinstance(prompt, ChatPrompt | str) or images:
             tok = await self.tokenizers.get(model, workers)
+            if images:  # before the template renders a text model's chat with image parts
+                check_takes_images(model, tok.image_tokens, truncate)
             ids = await asyncio.to_thread(tok.encode, prompt) if isinstance(prompt, ChatPrompt | str) \
                 else list(prompt)
             if images or tok.image_tokens is not None:

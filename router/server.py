@@ -53,6 +53,7 @@ from router.tokenizers import TokenizerCache
 
 if TYPE_CHECKING:  # FastAPI and uvicorn load only when the HTTP door is on
     from router.frontends.http_server import HttpServer
+    from router.frontends.lora_api import LoraEndpoints
     from router.frontends.openai_http import OpenAIDoor
 
 log = logging.getLogger(__name__)
@@ -74,7 +75,8 @@ class RouterConfig:
     ``ModelStreamInfer`` stream served at once (``router.frontends.kserve``).
     ``channel_sweep_s``: how often channels of workers gone from the registry are retired;
     ``channel_retire_grace_s``: how long a retired channel's calls in flight may still run
-    (``router.dispatch.ChannelPool``)."""
+    (``router.dispatch.ChannelPool``). ``allow_lora_updates``: serve vLLM's runtime LoRA
+    endpoints (``router.frontends.lora_api``; admin keys only when there is a key file)."""
 
     host: str = "127.0.0.1"
     port: int = 50050
@@ -104,6 +106,8 @@ class RouterConfig:
     tool_call_parsers: Mapping[str, str] = field(default_factory=dict)
     reasoning_parsers: Mapping[str, str] = field(default_factory=dict)  # the same, for reasoning_content
     responses: ResponsesStoreConfig = ResponsesStoreConfig()  # stored responses of /v1/responses
+    # vLLM's /v1/load_lora_adapter and /v1/unload_lora_adapter at the HTTP door (admin keys only)
+    allow_lora_updates: bool = False
 
     def __post_init__(self) -> None:
         checks = [
@@ -263,6 +267,15 @@ class RouterServer:
         self._sweeper = asyncio.create_task(self._sweep_channels())
         log.info("router listening on %s:%d (policy %s)", self.config.host, self._port, self.config.policy)
 
+    def _lora_endpoints(self) -> LoraEndpoints | None:
+        """vLLM's runtime LoRA endpoints when ``allow_lora_updates`` (docs/LORA.md)."""
+        if not self.config.allow_lora_updates:
+            return None
+        from router.frontends.lora_api import LoraEndpoints
+        from router.lora_admin import LoraAdmin
+
+        return LoraEndpoints(LoraAdmin(self.registry, self.channels), self.access)
+
     async def _start_http(self, core: GenerationCore) -> None:
         from router.frontends.http_server import HttpServer
         from router.frontends.openai_http import OpenAIDoor
@@ -274,7 +287,8 @@ class RouterServer:
                           version=_version(), max_batch_prompts=self.config.max_batch_prompts,
                           tool_call_parsers=self.config.tool_call_parsers,
                           reasoning_parsers=self.config.reasoning_parsers,
-                          responses=ResponseStore(self.store, self.config.responses, secret))
+                          responses=ResponseStore(self.store, self.config.responses, secret),
+                          lora=self._lora_endpoints())
         self._door = door
         app = ApiKeyMiddleware(door.app(), self.access)
         tls = self.config.security.tls.http()

@@ -211,6 +211,10 @@ class Scheduler:
         key = (request.rank, request.arrival_time, next(self._arrivals))
         bisect.insort(self._waiting, (key, request), key=lambda item: item[0])
 
+    def live_lora_names(self) -> set[str]:
+        """The LoRA adapters live requests run with (a slot is freed only when none does)."""
+        return {r.lora_name for r in self._requests.values() if r.lora_name}
+
     def abort(self, request_ids: Iterable[str]) -> list[EngineCoreOutput]:
         """Finish live requests with ABORT and free their blocks; unknown ids are ignored.
 

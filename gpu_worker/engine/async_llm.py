@@ -37,9 +37,11 @@ from gpu_worker.engine.core_client import EngineCoreClient, make_core_client
 from gpu_worker.engine.core_messages import (
     AbortRequests,
     AddRequest,
+    LoadLora,
     QueryCachedHashes,
     ResetPrefixCache,
     StepResult,
+    UnloadLora,
 )
 from gpu_worker.engine.errors import EngineClosedError, EngineDeadError, QueueFullError
 from gpu_worker.engine.image_inputs import ImageInputs
@@ -342,6 +344,27 @@ class AsyncLLM:
         """Forget every cached block (benchmarks' cold runs); False while requests hold blocks."""
         done: bool = await self._query(ResetPrefixCache)
         return done
+
+    @property
+    def lora_adapters(self) -> tuple[str, ...]:
+        """The LoRA adapters new requests may name (configured and loaded at run time)."""
+        return tuple(sorted(self._processor.lora_names))
+
+    async def load_lora_adapter(self, name: str, path: str) -> None:
+        """Serve the adapter at ``path`` as ``name`` (the core loads it between two steps on
+        every rank); ``LoraUpdateError`` / ``ValueError`` naming why when refused."""
+        error = await self._query(lambda query_id: LoadLora(query_id, name, path))
+        if error is not None:
+            raise error
+        self._processor.lora_names = self._processor.lora_names | {name}
+
+    async def unload_lora_adapter(self, name: str) -> None:
+        """Refuse new requests for ``name`` from now on; its slot is freed once its running
+        requests end. ``LoraUpdateError`` (kind ``not_found``) when it is not loaded."""
+        self._processor.lora_names = self._processor.lora_names - {name}
+        error = await self._query(lambda query_id: UnloadLora(query_id, name))
+        if error is not None:
+            raise error
 
     async def _query(self, make: Callable[[int], Any]) -> Any:
         loop = asyncio.get_running_loop()

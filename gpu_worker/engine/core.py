@@ -31,13 +31,16 @@ from gpu_worker.engine.core_messages import (
     AddRequest,
     Command,
     CoreInfo,
+    LoadLora,
     QueryCachedHashes,
     ResetPrefixCache,
     Shutdown,
     StepResult,
+    UnloadLora,
 )
 from gpu_worker.engine.image_inputs import ImageInputs, ImageLimits, check_image_model
 from gpu_worker.executor.factory import make_executor
+from gpu_worker.lora.registry import LoraRegistry
 from gpu_worker.model_executor import loader
 from gpu_worker.model_executor.layers.quantization.select import bytes_per_weight
 from gpu_worker.model_executor.model_config import max_context_len
@@ -174,6 +177,9 @@ class EngineCore:
         self._last_step_done = 0.0  # perf_counter() when the previous step's results arrived
         self._num_steps = 0  # steps run by run_once (reported in stats().extra)
         self._step_time_s = 0.0  # seconds inside step() during run_once (busy fraction = its rate)
+        # LoRA adapters by slot: runtime loads and unloads (lora_root) go through it.
+        self.lora = LoraRegistry(config.lora_adapters, config.num_lora_slots, config.lora_root,
+                                 config.model_name)
         self._stats_key: tuple[int, int, int] | None = None
         self._stats_sent_at = 0.0
         logger.info(
@@ -210,6 +216,9 @@ class EngineCore:
         added: list[str] = []
         try:
             for request in core_requests:
+                if request.lora_name and not self.lora.holds(request.lora_name):  # unloaded meanwhile
+                    raise ValueError(f"LoRA adapter {request.lora_name[:64]!r} is not served here; served: "
+                                     f"{list(self.lora.served)}")
                 self.scheduler.add_request(request)
                 added.append(request.request_id)
                 self.structured.add(request)
@@ -220,6 +229,40 @@ class EngineCore:
     def abort(self, request_ids: Iterable[str]) -> list[EngineCoreOutput]:
         """Finish requests with ABORT and free their KV blocks; unknown ids are ignored."""
         return self.scheduler.abort(request_ids)
+
+    def load_lora_adapter(self, name: str, path: str) -> None:
+        """Serve the adapter at ``path`` (under ``lora_root``) as ``name`` from the next step on
+        (every rank writes it into a free slot); :class:`LoraUpdateError` or the adapter's
+        ``ValueError`` when refused."""
+        self.release_lora_slots()  # a slot whose last request finished is free for it
+        change, digest = self.lora.plan_load(name, path)
+        assert change.path is not None  # invariant: a load's change has its folder
+        self.executor.load_lora(change.slot, name, change.path)
+        self.lora.commit_load(change, digest)
+        logger.info("LoRA adapter %s loaded from %s into slot %d", name, change.path, change.slot)
+
+    def unload_lora_adapter(self, name: str) -> None:
+        """Stop serving ``name`` to new requests; its slot is emptied once its live requests end
+        (:meth:`release_lora_slots`). :class:`LoraUpdateError` when it is not loaded."""
+        self.lora.begin_unload(name)
+        self.release_lora_slots()
+        logger.info("LoRA adapter %s unloaded (its slot is freed once its requests end)", name)
+
+    def release_lora_slots(self) -> None:
+        """Empty the slots of unloaded adapters that no live request holds any more."""
+        for change in self.lora.releasable(self.scheduler.live_lora_names()):
+            self.executor.unload_lora(change.slot, change.name)
+
+    def _lora_update(self, command: LoadLora | UnloadLora) -> BaseException | None:
+        """A runtime load or unload's reply: None, or the error that refused it."""
+        try:
+            if isinstance(command, LoadLora):
+                self.load_lora_adapter(command.name, command.path)
+            else:
+                self.unload_lora_adapter(command.name)
+        except ValueError as exc:  # the adapter's own checks and LoraUpdateError: the caller's
+            return exc
+        return None
 
     def has_unfinished(self) -> bool:
         """Requests are live, or a launched step still has to be accounted for."""
@@ -295,12 +338,15 @@ class EngineCore:
                 replies.append((command.query_id, self.cached_block_hashes()))
             elif isinstance(command, ResetPrefixCache):
                 replies.append((command.query_id, self.reset_prefix_cache()))
+            elif isinstance(command, LoadLora | UnloadLora):
+                replies.append((command.query_id, self._lora_update(command)))
         outputs: list[EngineCoreOutput] = []
         if self.has_unfinished():
             start = time.perf_counter()
             outputs = self.step()
             self._num_steps += 1
             self._step_time_s += time.perf_counter() - start
+        self.release_lora_slots()
         eventful = bool(num_adds or failed or replies)
         return StepResult(outputs, self._stats_to_report(eventful), self.take_kv_events(), num_adds,
                           failed, replies)

@@ -168,6 +168,9 @@ class ProcessCoreClient(EngineCoreClient):
                         code = self._process.exitcode
                         on_dead(RuntimeError(f"the engine core process died (exit code {code})"))
                     return
+                except Exception as exc:  # noqa: BLE001 - an unreadable message must not hang every caller
+                    on_dead(RuntimeError(f"a message from the engine core could not be read: {exc!r}"))
+                    return
                 if isinstance(message, Failed):
                     on_dead(message.error)
                     return

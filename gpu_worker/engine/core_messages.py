@@ -59,11 +59,29 @@ class ResetPrefixCache:
 
 
 @dataclass(frozen=True)
+class LoadLora:
+    """Load a LoRA adapter at run time (``EngineCore.load_lora_adapter``); the reply is None, or
+    the ``LoraUpdateError`` / ``ValueError`` that refused it."""
+
+    query_id: int
+    name: str
+    path: str
+
+
+@dataclass(frozen=True)
+class UnloadLora:
+    """Stop serving a LoRA adapter (``EngineCore.unload_lora_adapter``); reply as :class:`LoadLora`'s."""
+
+    query_id: int
+    name: str
+
+
+@dataclass(frozen=True)
 class Shutdown:
     """Stop the busy loop."""
 
 
-Command = AddRequest | AbortRequests | QueryCachedHashes | ResetPrefixCache | Shutdown
+Command = AddRequest | AbortRequests | QueryCachedHashes | ResetPrefixCache | LoadLora | UnloadLora | Shutdown
 
 
 # ---------------------------------------------------------------------- results

@@ -61,7 +61,7 @@ def check_image_model(config: Any) -> None:
     if config.speculative_config is not None:
         raise ValueError("speculative_config: speculative decoding is not served for a model that takes "
                          "images")
-    if config.lora_adapters:
+    if config.num_lora_slots:
         raise ValueError("lora_modules: LoRA adapters are not served for a model that takes images")
     if config.runner != "generate":
         raise ValueError("runner: a model that takes images is served with runner generate only")

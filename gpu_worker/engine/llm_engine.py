@@ -69,6 +69,16 @@ class LLMEngine:
             self.output_processor.abort_request(processed.request_id)
             raise
 
+    def load_lora_adapter(self, name: str, path: str) -> None:
+        """Serve the adapter at ``path`` (under ``lora_root``) as ``name`` from now on."""
+        self.core.load_lora_adapter(name, path)
+        self.processor.lora_names = self.processor.lora_names | {name}
+
+    def unload_lora_adapter(self, name: str) -> None:
+        """Stop serving ``name``; its slot is freed once its requests end."""
+        self.processor.lora_names = self.processor.lora_names - {name}
+        self.core.unload_lora_adapter(name)
+
     def abort_request(self, request_ids: Iterable[str]) -> None:
         """Forget requests and free their KV blocks; unknown ids are ignored."""
         for request_id in request_ids:

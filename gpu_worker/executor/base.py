@@ -59,6 +59,15 @@ class Executor(ABC):
     def execute(self, sched: SchedulerOutput) -> RunnerOutput:
         return self.execute_async(sched).result()
 
+    def load_lora(self, slot: int, name: str, path: str) -> None:
+        """Load an adapter into LoRA slot ``slot`` on every rank (between steps; ``ValueError``
+        naming the adapter's problem, found on this rank before any other reads it)."""
+        self.runner.load_lora(slot, name, path)
+
+    def unload_lora(self, slot: int, name: str) -> None:
+        """Empty LoRA slot ``slot`` on every rank (no request holds it)."""
+        self.runner.unload_lora(slot, name)
+
     def shutdown(self) -> None:  # noqa: B027 - one rank holds nothing to release
         """Stop the other ranks (if any)."""
 
@@ -78,7 +87,7 @@ def load_runner(
     hf_config = loader.load_hf_config(source)
     rss_before = _reset_peak_resident()
     model = loader.load_model(config, device, dtype, source=source, hf_config=hf_config, parallel=parallel)
-    if config.lora_adapters:
+    if config.num_lora_slots:
         _attach_lora(model, config, hf_config, device, dtype)
     grew = _peak_resident() - rss_before
     rank = 0 if parallel is None else parallel.pp_rank * parallel.tp.size + parallel.tp.rank
@@ -109,9 +118,9 @@ def _attach_lora(model: Any, config: EngineConfig, hf_config: Any, device: torch
     # the most tokens of a step, a graph's padding included
     max_tokens = max(config.max_num_batched_tokens or 0, config.max_num_seqs) + 1
     attach_lora(model, adapters, max_rank=config.max_lora_rank, max_tokens=max_tokens, device=device,
-                dtype=dtype, ops=ops)
-    logger.info("LoRA adapters %s loaded (max rank %d)", ", ".join(a.name for a in adapters),
-                config.max_lora_rank)
+                dtype=dtype, ops=ops, num_slots=config.num_lora_slots)
+    logger.info("LoRA: %d slots (max rank %d), adapters loaded: %s", config.num_lora_slots,
+                config.max_lora_rank, ", ".join(a.name for a in adapters) or "none")
 
 
 def _reset_peak_resident() -> int:

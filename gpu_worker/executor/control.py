@@ -22,6 +22,8 @@ class Op(enum.IntEnum):
     WARMUP = 3
     STEP = 4  # payload: step_message.encode_step(SchedulerOutput)
     SHUTDOWN = 5
+    LORA_LOAD = 6  # payload: JSON {"slot", "name", "path"} (runtime LoRA loading; no reply)
+    LORA_UNLOAD = 7  # payload: JSON {"slot", "name"}
 
 
 def pack_ints(*values: int) -> bytes:

@@ -16,6 +16,7 @@ orchestrator restarts it; nothing waits forever on a collective with a dead peer
 
 from __future__ import annotations
 
+import json
 import logging
 import multiprocessing
 import os
@@ -116,6 +117,16 @@ class MultiprocExecutor(Executor):
         rank = self._sampler_rank
         return PendingRunnerOutput(lambda: decode_output(self._control.recv_from(rank)))
 
+    def load_lora(self, slot: int, name: str, path: str) -> None:
+        # This rank reads and checks the adapter first: a refused one never reaches the others. A
+        # rank that then fails to read it (the files changed in between) ends, and the engine with it.
+        self.runner.load_lora(slot, name, path)
+        self._control.send(Op.LORA_LOAD, json.dumps({"slot": slot, "name": name, "path": path}).encode())
+
+    def unload_lora(self, slot: int, name: str) -> None:
+        self.runner.unload_lora(slot, name)
+        self._control.send(Op.LORA_UNLOAD, json.dumps({"slot": slot, "name": name}).encode())
+
     def shutdown(self) -> None:
         if self._stopping:
             return
@@ -201,6 +212,8 @@ def serve_rank(runner: ModelRunner, control: RankChannel) -> None:
         Op.INIT_KV: lambda data: runner.initialize_kv_cache(*unpack_ints(data)),
         Op.WARMUP: lambda data: runner.warmup(),
         Op.STEP: step,
+        Op.LORA_LOAD: lambda data: runner.load_lora(**json.loads(data)),
+        Op.LORA_UNLOAD: lambda data: runner.unload_lora(**json.loads(data)),
     }
     try:
         while True:

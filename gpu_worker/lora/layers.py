@@ -88,14 +88,17 @@ def _decoder_layers(model: nn.Module) -> list[tuple[int, nn.Module]]:
 
 
 def _stack(linear: Any, layer: int, projections: tuple[str, ...], adapters: Sequence[LoraAdapter],
-           max_rank: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """This rank's ``A`` ``[S, R, in_local]`` and ``B`` ``[S, out_local, R]`` of one layer."""
+           max_rank: int, dtype: torch.dtype, device: torch.device,
+           num_slots: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's ``A`` ``[S, R, in_local]`` and ``B`` ``[S, out_local, R]`` of one layer
+    (``S``: ``num_slots + 1``, default one slot per adapter; the slots past them zero)."""
     rank_cols = len(projections) * max_rank
     column = isinstance(linear, ColumnParallelLinear)
     assert column or isinstance(linear, RowParallelLinear)
     out_local, in_local = int(linear.out_features_local), int(linear.in_features_local)
-    a = torch.zeros(len(adapters) + 1, rank_cols, in_local, dtype=torch.float32)
-    b = torch.zeros(len(adapters) + 1, out_local, rank_cols, dtype=torch.float32)
+    slots = (len(adapters) if num_slots is None else num_slots) + 1
+    a = torch.zeros(slots, rank_cols, in_local, dtype=torch.float32)
+    b = torch.zeros(slots, out_local, rank_cols, dtype=torch.float32)
     for slot, adapter in enumerate(adapters, start=1):
         for i, proj in enumerate(projections):
             pair = adapter.weights.get((layer, proj))
@@ -115,15 +118,42 @@ def _stack(linear: Any, layer: int, projections: tuple[str, ...], adapters: Sequ
 
 
 def attach_lora(model: nn.Module, adapters: Sequence[LoraAdapter], *, max_rank: int, max_tokens: int,
-                device: torch.device, dtype: torch.dtype, ops: KernelOps) -> LoraSlots:
+                device: torch.device, dtype: torch.dtype, ops: KernelOps,
+                num_slots: int | None = None) -> LoraSlots:
     """Give every LoRA'd projection of ``model`` (this rank's shard) its :class:`LoraLinear`;
-    returns the shared slot map (also ``model.lora_slots``)."""
+    returns the shared slot map (also ``model.lora_slots``). ``num_slots`` (at least the
+    adapters; default as many): slots past the adapters stay empty for :func:`write_slot`."""
+    total = len(adapters) if num_slots is None else num_slots
     slots = LoraSlots(max_tokens, device)
-    scales = torch.tensor([0.0, *(a.scaling for a in adapters)], dtype=torch.float32, device=device)
+    scaling = [a.scaling for a in adapters] + [0.0] * (total - len(adapters))
+    scales = torch.tensor([0.0, *scaling], dtype=torch.float32, device=device)
     for index, layer in _decoder_layers(model):
         for path, projections in LORA_LAYERS.items():
             linear: Any = layer.get_submodule(path)
-            a, b = _stack(linear, index, projections, adapters, max_rank, dtype, device)
+            a, b = _stack(linear, index, projections, adapters, max_rank, dtype, device, total)
             linear.lora = LoraLinear(a, b, scales, slots, ops)
     setattr(model, "lora_slots", slots)  # noqa: B010 - a plain attribute, not a submodule
     return slots
+
+
+def write_slot(model: nn.Module, adapter: LoraAdapter | None, slot: int, max_rank: int) -> None:
+    """Put ``adapter`` in LoRA slot ``slot`` of every LoRA layer of ``model`` (None: empty it), in
+    place: the stacks never move, so captured CUDA graphs replay with it. The caller makes sure no
+    token of a step in flight reads the slot (a slot is written only while no request holds it)."""
+    scales = None
+    with torch.no_grad():
+        for index, layer in _decoder_layers(model):
+            for path, projections in LORA_LAYERS.items():
+                linear: Any = layer.get_submodule(path)
+                lora: LoraLinear = linear.lora
+                if adapter is None:
+                    lora.a[slot].zero_()
+                    lora.b[slot].zero_()
+                else:
+                    a, b = _stack(linear, index, projections, [adapter], max_rank, lora.a.dtype,
+                                  lora.a.device)
+                    lora.a[slot].copy_(a[1])
+                    lora.b[slot].copy_(b[1])
+                scales = lora.scales
+        if scales is not None:  # one tensor shared by the layers
+            scales[slot] = 0.0 if adapter is None else adapter.scaling

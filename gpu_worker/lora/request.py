@@ -8,9 +8,9 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class LoRARequest:
-    """An adapter the engine serves (``lora_modules``), by name. ``lora_int_id`` and
-    ``lora_path`` are vLLM's fields: adapters are loaded when the engine starts, so a path, when
-    given, must be the one the engine loaded under that name."""
+    """An adapter the engine serves (``lora_modules``, or loaded with ``LLM.load_lora_adapter``),
+    by name. ``lora_int_id`` and ``lora_path`` are vLLM's fields: adapters are loaded before they
+    are named, so a path, when given, must be the one the engine loaded under that name."""
 
     lora_name: str
     lora_int_id: int = 0
@@ -34,7 +34,8 @@ def lora_names(choice: LoraChoice | Sequence[LoraChoice], count: int,
         name = one.lora_name if isinstance(one, LoRARequest) else (one or "")
         if name and name not in served:
             raise ValueError(f"LoRA adapter {name!r} is not served; start the engine with "
-                             f"lora_modules=\"{name}=PATH\" (served: {sorted(served)})")
+                             f"lora_modules=\"{name}=PATH\" or load it with load_lora_adapter (served: "
+                             f"{sorted(served)})")
         if isinstance(one, LoRARequest) and one.lora_path and name and one.lora_path != served[name]:
             raise ValueError(f"LoRA adapter {name!r} was loaded from {served[name]!r}, not "
                              f"{one.lora_path!r}")

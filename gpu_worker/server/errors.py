@@ -12,6 +12,7 @@ import asyncio
 import grpc
 
 from gpu_worker.engine.errors import EngineClosedError, EngineDeadError, QueueFullError
+from gpu_worker.lora.registry import LoraUpdateError
 
 
 class WorkerError(Exception):
@@ -66,6 +67,14 @@ _ENGINE_ERROR_CODES: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
     (EngineDeadError, grpc.StatusCode.UNAVAILABLE),  # the engine loop crashed: try another worker
 )
 
+# A refused runtime LoRA load or unload, by its kind.
+_LORA_UPDATE_CODES = {
+    "invalid": grpc.StatusCode.INVALID_ARGUMENT,
+    "not_found": grpc.StatusCode.NOT_FOUND,
+    "conflict": grpc.StatusCode.ALREADY_EXISTS,
+    "full": grpc.StatusCode.RESOURCE_EXHAUSTED,
+}
+
 
 def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     """The status code and client-visible message for an exception raised by a handler.
@@ -75,6 +84,8 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     """
     if isinstance(exc, WorkerError):
         return exc.code, str(exc)
+    if isinstance(exc, LoraUpdateError):
+        return _LORA_UPDATE_CODES[exc.kind], str(exc)
     if isinstance(exc, ValueError):
         return grpc.StatusCode.INVALID_ARGUMENT, str(exc) or "invalid request"
     if isinstance(exc, asyncio.TimeoutError):

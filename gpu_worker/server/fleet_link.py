@@ -79,6 +79,7 @@ class FleetLink:
             secret=secret,
             standby=standby is not None,
         )
+        service.on_adapters_changed(self._publisher.set_adapters)
         self._standby: Any = None
         if standby is not None:
             from gpu_worker.server.standby_link import StandbyLink

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any
@@ -76,7 +76,8 @@ class WorkerService:
         adapters: tuple[str, ...] = (),
     ) -> None:
         self.model_name = model_name
-        self.adapters = adapters  # LoRA adapters served beside the model, each a model name
+        self._adapters = adapters  # until the engine is attached: the configured ones
+        self._adapter_listeners: list[Callable[[tuple[str, ...]], Awaitable[None]]] = []
         self.worker_id = worker_id
         self.address = address
         self.max_concurrent_streams = max_concurrent_streams
@@ -100,6 +101,34 @@ class WorkerService:
         if self._engine is None:
             raise Unavailable("worker is not ready: the model is still loading")
         return self._engine
+
+    @property
+    def adapters(self) -> tuple[str, ...]:
+        """LoRA adapters served beside the model, each a model name (runtime loads included)."""
+        return self._engine.lora_adapters if self._engine is not None else self._adapters
+
+    def on_adapters_changed(self, listener: Callable[[tuple[str, ...]], Awaitable[None]]) -> None:
+        """Call ``listener(adapters)`` after each runtime load or unload (the fleet record)."""
+        self._adapter_listeners.append(listener)
+
+    async def load_lora_adapter(self, name: str, path: str) -> tuple[str, ...]:
+        """Serve the adapter at ``path`` (under the engine's ``lora_root``) as ``name``; the
+        adapters served afterwards. ``LoraUpdateError`` / ``ValueError`` when refused."""
+        if self._draining:
+            raise Unavailable("worker is draining")
+        await self.engine.load_lora_adapter(name, path)
+        return await self._adapters_changed()
+
+    async def unload_lora_adapter(self, name: str) -> tuple[str, ...]:
+        """Stop serving ``name`` to new requests (its running ones finish on it)."""
+        await self.engine.unload_lora_adapter(name)
+        return await self._adapters_changed()
+
+    async def _adapters_changed(self) -> tuple[str, ...]:
+        adapters = self.adapters
+        for listener in self._adapter_listeners:
+            await listener(adapters)
+        return adapters
 
     @property
     def ready(self) -> bool:

@@ -323,3 +323,18 @@ class WorkerControlServicer(int_grpc.WorkerControlServicer):
             raise InvalidRequest(f"grace_period_s must be a finite number >= 0, got {request.grace_period_s}")
         in_flight = await self._start_drain(request.grace_period_s)
         return int_pb.DrainResponse(in_flight=in_flight)
+
+    async def LoadLoraAdapter(  # noqa: N802
+        self, request: int_pb.LoadLoraAdapterRequest, context: grpc.aio.ServicerContext
+    ) -> int_pb.LoraAdapters:
+        if not request.lora_name or not request.lora_path:
+            raise InvalidRequest("lora_name and lora_path are required")
+        adapters = await self._service.load_lora_adapter(request.lora_name, request.lora_path)
+        return int_pb.LoraAdapters(adapters=adapters)
+
+    async def UnloadLoraAdapter(  # noqa: N802
+        self, request: int_pb.UnloadLoraAdapterRequest, context: grpc.aio.ServicerContext
+    ) -> int_pb.LoraAdapters:
+        if not request.lora_name:
+            raise InvalidRequest("lora_name is required")
+        return int_pb.LoraAdapters(adapters=await self._service.unload_lora_adapter(request.lora_name))

@@ -298,6 +298,28 @@ class ModelRunner:
         with_prompt = prompt
         return PendingRunnerOutput(lambda: replace(pending.result(), prompt_logprobs=with_prompt.result()))
 
+    def load_lora(self, slot: int, name: str, path: str) -> None:
+        """Read the adapter at ``path`` (checked against the model's sizes) into LoRA slot ``slot``
+        of this rank's layers, serving it as ``name`` (runtime loading; the engine core picks a
+        slot no request holds). ``ValueError`` naming the adapter and the problem."""
+        from gpu_worker.lora.adapter import adapter_shapes_of, load_adapter
+        from gpu_worker.lora.layers import write_slot
+
+        if self.lora_slots is None:
+            raise ValueError("this engine has no LoRA slots (lora_root or max_loras)")
+        adapter = load_adapter(name, path, **adapter_shapes_of(self.hf_config),
+                               max_rank=self.config.max_lora_rank)
+        write_slot(self.model, adapter, slot, self.config.max_lora_rank)
+        self._lora_slot_of[name] = slot
+
+    def unload_lora(self, slot: int, name: str) -> None:
+        """Empty LoRA slot ``slot`` (no request holds it any more) and forget ``name``."""
+        from gpu_worker.lora.layers import write_slot
+
+        write_slot(self.model, None, slot, self.config.max_lora_rank)
+        if self._lora_slot_of.get(name) == slot:
+            del self._lora_slot_of[name]
+
     def _set_lora_slots(self, sched: SchedulerOutput, num_tokens: int) -> None:
         """Write the step's token -> adapter slot map (tokens packed in the plan's order, as the
         step's inputs are; padding rows up to ``num_tokens`` run without an adapter)."""

@@ -45,7 +45,8 @@ _STOP_RETRY_S = 1.0  # stop(): how long to wait for the loop to end before cance
 
 @dataclass(frozen=True)
 class WorkerIdentity:
-    """What does not change during a worker's life."""
+    """What does not change during a worker's life, but for ``adapters`` (runtime LoRA loading:
+    :meth:`WorkerPublisher.set_adapters`)."""
 
     worker_id: str
     model: str  # served model name (also the block-hash seed)
@@ -161,6 +162,13 @@ class WorkerPublisher:
             await asyncio.wait({task}, timeout=_STOP_RETRY_S)
         with contextlib.suppress(asyncio.CancelledError):
             task.result()
+
+    async def set_adapters(self, adapters: tuple[str, ...]) -> None:
+        """Publish the LoRA adapters the worker serves now (after a runtime load or unload) at
+        once: routers see the change on their next registry read."""
+        self._identity = replace(self._identity, adapters=tuple(adapters))
+        self._next_heartbeat = 0.0
+        await self.publish_once()
 
     async def drain(self) -> None:
         """Announce draining at once: routers stop sending new requests here."""

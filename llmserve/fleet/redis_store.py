@@ -136,6 +136,12 @@ class RedisStateStore(StateStore):
 
         await self._call(run)
 
+    async def forget_model(self, name: str) -> None:
+        async def run() -> None:
+            await self._redis.srem(self._k("models"), name)
+
+        await self._call(run)
+
     async def read_fleet(self, reader: RecordReader | None = None) -> FleetView:
         reader = reader or RecordReader()
 

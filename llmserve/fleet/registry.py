@@ -20,7 +20,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from llmserve.fleet.publisher import PublisherTiming, WorkerIdentity, WorkerPublisher
 from llmserve.fleet.records import KVDelta, LoadReport, WorkerRecord
@@ -144,6 +144,15 @@ class Registry:
     async def refresh(self) -> FleetSnapshot:
         """Read the store now, ignoring the cache."""
         async with self._lock:
+            await self._refresh()
+        return self._snapshot
+
+    async def forget_model(self, name: str) -> FleetSnapshot:
+        """Forget that ``name`` was ever served (an unloaded LoRA adapter; ``StateStore.forget_model``)
+        and read the store again: requests for it are NOT_FOUND unless a worker still serves it."""
+        async with self._lock:
+            await self._store.forget_model(name)
+            self._snapshot = replace(self._snapshot, models=self._snapshot.models - {name})
             await self._refresh()
         return self._snapshot
 

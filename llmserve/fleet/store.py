@@ -79,6 +79,11 @@ class StateStore(abc.ABC):
         """Deregister: drop the record, the KV set and the marker."""
 
     @abc.abstractmethod
+    async def forget_model(self, name: str) -> None:
+        """Drop ``name`` from the models ever served (an unloaded LoRA adapter): unknown from now
+        on (NOT_FOUND rather than UNAVAILABLE), unless a worker serves it again."""
+
+    @abc.abstractmethod
     async def read_fleet(self, reader: RecordReader | None = None) -> FleetView:
         """Live workers (stale ids are pruned), models ever served, and the epoch.
 
@@ -187,6 +192,9 @@ class MemoryStateStore(StateStore):
         self._kv.pop(worker_id, None)
         self._kv_expiry.pop(worker_id, None)
         self._markers.pop(worker_id, None)
+
+    async def forget_model(self, name: str) -> None:
+        self._models.discard(name)
 
     async def read_fleet(self, reader: RecordReader | None = None) -> FleetView:
         reader = reader or RecordReader()

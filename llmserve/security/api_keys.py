@@ -13,6 +13,8 @@ File format (``--api-keys-file``; ``#`` starts a comment; re-read when it change
 - ``rps=`` / ``tps=``: requests and tokens per second for this key (a number or ``unlimited``;
   default: the router's ``--rate-limit-rps`` / ``--rate-limit-tps``).
 - ``revoked``: the key is refused (UNAUTHENTICATED, "revoked"); deleting the line works too.
+- ``admin``: the key may also manage the fleet through the router (load and unload LoRA
+  adapters: ``/v1/load_lora_adapter``); other keys are refused with PERMISSION_DENIED (HTTP 403).
 
 Why SHA-256 and not a slow hash: keys are 256-bit random tokens (``new`` below), which no
 guessing can reach, so a slow KDF would add only CPU per request (DECISIONS). A presented key
@@ -52,6 +54,7 @@ class ApiKey:
     models: frozenset[str] | None = None  # allow-list; None: every model
     limits: RateLimits = RateLimits()
     revoked: bool = False
+    admin: bool = False  # may load and unload LoRA adapters (docs/LORA.md)
 
     def allows(self, model: str) -> bool:
         return self.models is None or model in self.models
@@ -107,15 +110,17 @@ def parse_line(line: str, defaults: RateLimits, where: str) -> ApiKey | None:
         raise ValueError(f"{where}: the first field must be a SHA-256 hex digest (64 hex digits)")
     rest = fields[1:]
     name = f"key-{digest_hex[:8]}"
-    if rest and "=" not in rest[0] and rest[0] != "revoked":
+    if rest and "=" not in rest[0] and rest[0] not in ("revoked", "admin"):
         name, rest = rest[0], rest[1:]
     models: frozenset[str] | None = None
     rps, tps = defaults.requests_per_s, defaults.tokens_per_s
-    revoked = False
+    revoked = admin = False
     for option in rest:
         key, eq, value = option.partition("=")
         if option == "revoked":
             revoked = True
+        elif option == "admin":
+            admin = True
         elif key == "models" and eq and value:
             models = frozenset(m for m in value.split(",") if m)
         elif key == "rps" and eq:
@@ -123,8 +128,8 @@ def parse_line(line: str, defaults: RateLimits, where: str) -> ApiKey | None:
         elif key == "tps" and eq:
             tps = _rate(value, f"{where}: tps")
         else:
-            raise ValueError(f"{where}: unknown option {option!r} (models=, rps=, tps=, revoked)")
-    return ApiKey(name, bytes.fromhex(digest_hex), models, RateLimits(rps, tps), revoked)
+            raise ValueError(f"{where}: unknown option {option!r} (models=, rps=, tps=, revoked, admin)")
+    return ApiKey(name, bytes.fromhex(digest_hex), models, RateLimits(rps, tps), revoked, admin)
 
 
 def parse_key_file(text: str, defaults: RateLimits, source: str = "api keys") -> list[ApiKey]:
@@ -183,7 +188,7 @@ def _main(argv: Sequence[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     new = sub.add_parser("new", help="print a new key (stderr) and its key-file line (stdout)")
     new.add_argument("--name", default=None, help="name of the key (logs, rate limits)")
-    new.add_argument("options", nargs="*", help="models=a,b rps=N tps=N")
+    new.add_argument("options", nargs="*", help="models=a,b rps=N tps=N admin")
     sub.add_parser("hash", help="print the digest of the key read from stdin")
     args = parser.parse_args(argv)
     if args.command == "hash":

@@ -285,7 +285,7 @@ class RouterMetrics:
             "1 half-open, 2 open.", ["worker_id"], registry=r)
         self.auth_failures = Counter(
             p + "auth_failures", "Calls refused for their API key, by reason (missing, unknown, revoked, "
-            "model_not_allowed).", ["reason"], registry=r)
+            "model_not_allowed, not_admin).", ["reason"], registry=r)
         self.invalid_worker_records = Counter(
             p + "invalid_worker_records", "Worker records read from the state store and skipped, by reason "
             "(not_json, schema, out_of_range, stale, unsigned, bad_signature, ...).", ["reason"], registry=r)

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1allmserve/v1/internal.proto\x12\x0bllmserve.v1\"\x16\n\x14GetWorkerInfoRequest\"\xa8\x01\n\nLoadReport\x12\x13\n\x0bnum_running\x18\x01 \x01(\r\x12\x13\n\x0bnum_waiting\x18\x02 \x01(\r\x12\x10\n\x08kv_usage\x18\x03 \x01(\x02\x12\x14\n\x0cmax_num_seqs\x18\x04 \x01(\r\x12\x15\n\rmax_queue_len\x18\x05 \x01(\r\x12\x15\n\rnum_kv_blocks\x18\x06 \x01(\r\x12\x1a\n\x12num_free_kv_blocks\x18\x07 \x01(\r\"\xa3\x01\n\nWorkerInfo\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\x12\n\nblock_size\x18\x04 \x01(\r\x12\x15\n\rmax_model_len\x18\x05 \x01(\r\x12%\n\x04load\x18\x06 \x01(\x0b\x32\x17.llmserve.v1.LoadReport\x12\x10\n\x08\x64raining\x18\x07 \x01(\x08\"\x15\n\x13GetTokenizerRequest\"\x84\x01\n\x0eTokenizerFiles\x12\x35\n\x05\x66iles\x18\x01 \x03(\x0b\x32&.llmserve.v1.TokenizerFiles.FilesEntry\x12\r\n\x05model\x18\x02 \x01(\t\x1a,\n\nFilesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x0c:\x02\x38\x01\"&\n\x0c\x44rainRequest\x12\x16\n\x0egrace_period_s\x18\x01 \x01(\x02\"\"\n\rDrainResponse\x12\x11\n\tin_flight\x18\x01 \x01(\r2\xeb\x01\n\rWorkerControl\x12K\n\rGetWorkerInfo\x12!.llmserve.v1.GetWorkerInfoRequest\x1a\x17.llmserve.v1.WorkerInfo\x12M\n\x0cGetTokenizer\x12 .llmserve.v1.GetTokenizerRequest\x1a\x1b.llmserve.v1.TokenizerFiles\x12>\n\x05\x44rain\x12\x19.llmserve.v1.DrainRequest\x1a\x1a.llmserve.v1.DrainResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1allmserve/v1/internal.proto\x12\x0bllmserve.v1\"\x16\n\x14GetWorkerInfoRequest\"\xa8\x01\n\nLoadReport\x12\x13\n\x0bnum_running\x18\x01 \x01(\r\x12\x13\n\x0bnum_waiting\x18\x02 \x01(\r\x12\x10\n\x08kv_usage\x18\x03 \x01(\x02\x12\x14\n\x0cmax_num_seqs\x18\x04 \x01(\r\x12\x15\n\rmax_queue_len\x18\x05 \x01(\r\x12\x15\n\rnum_kv_blocks\x18\x06 \x01(\r\x12\x1a\n\x12num_free_kv_blocks\x18\x07 \x01(\r\"\xa3\x01\n\nWorkerInfo\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\x12\n\nblock_size\x18\x04 \x01(\r\x12\x15\n\rmax_model_len\x18\x05 \x01(\r\x12%\n\x04load\x18\x06 \x01(\x0b\x32\x17.llmserve.v1.LoadReport\x12\x10\n\x08\x64raining\x18\x07 \x01(\x08\"\x15\n\x13GetTokenizerRequest\"\x84\x01\n\x0eTokenizerFiles\x12\x35\n\x05\x66iles\x18\x01 \x03(\x0b\x32&.llmserve.v1.TokenizerFiles.FilesEntry\x12\r\n\x05model\x18\x02 \x01(\t\x1a,\n\nFilesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x0c:\x02\x38\x01\"&\n\x0c\x44rainRequest\x12\x16\n\x0egrace_period_s\x18\x01 \x01(\x02\"\"\n\rDrainResponse\x12\x11\n\tin_flight\x18\x01 \x01(\r\">\n\x16LoadLoraAdapterRequest\x12\x11\n\tlora_name\x18\x01 \x01(\t\x12\x11\n\tlora_path\x18\x02 \x01(\t\"-\n\x18UnloadLoraAdapterRequest\x12\x11\n\tlora_name\x18\x01 \x01(\t\" \n\x0cLoraAdapters\x12\x10\n\x08\x61\x64\x61pters\x18\x01 \x03(\t2\x95\x03\n\rWorkerControl\x12K\n\rGetWorkerInfo\x12!.llmserve.v1.GetWorkerInfoRequest\x1a\x17.llmserve.v1.WorkerInfo\x12M\n\x0cGetTokenizer\x12 .llmserve.v1.GetTokenizerRequest\x1a\x1b.llmserve.v1.TokenizerFiles\x12>\n\x05\x44rain\x12\x19.llmserve.v1.DrainRequest\x1a\x1a.llmserve.v1.DrainResponse\x12Q\n\x0fLoadLoraAdapter\x12#.llmserve.v1.LoadLoraAdapterRequest\x1a\x19.llmserve.v1.LoraAdapters\x12U\n\x11UnloadLoraAdapter\x12%.llmserve.v1.UnloadLoraAdapterRequest\x1a\x19.llmserve.v1.LoraAdaptersb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -49,6 +49,12 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DRAINREQUEST']._serialized_end=600
   _globals['_DRAINRESPONSE']._serialized_start=602
   _globals['_DRAINRESPONSE']._serialized_end=636
-  _globals['_WORKERCONTROL']._serialized_start=639
-  _globals['_WORKERCONTROL']._serialized_end=874
+  _globals['_LOADLORAADAPTERREQUEST']._serialized_start=638
+  _globals['_LOADLORAADAPTERREQUEST']._serialized_end=700
+  _globals['_UNLOADLORAADAPTERREQUEST']._serialized_start=702
+  _globals['_UNLOADLORAADAPTERREQUEST']._serialized_end=747
+  _globals['_LORAADAPTERS']._serialized_start=749
+  _globals['_LORAADAPTERS']._serialized_end=781
+  _globals['_WORKERCONTROL']._serialized_start=784
+  _globals['_WORKERCONTROL']._serialized_end=1189
 # @@protoc_insertion_point(module_scope)

@@ -50,6 +50,16 @@ class WorkerControlStub(object):
                 request_serializer=llmserve_dot_v1_dot_internal__pb2.DrainRequest.SerializeToString,
                 response_deserializer=llmserve_dot_v1_dot_internal__pb2.DrainResponse.FromString,
                 _registered_method=True)
+        self.LoadLoraAdapter = channel.unary_unary(
+                '/llmserve.v1.WorkerControl/LoadLoraAdapter',
+                request_serializer=llmserve_dot_v1_dot_internal__pb2.LoadLoraAdapterRequest.SerializeToString,
+                response_deserializer=llmserve_dot_v1_dot_internal__pb2.LoraAdapters.FromString,
+                _registered_method=True)
+        self.UnloadLoraAdapter = channel.unary_unary(
+                '/llmserve.v1.WorkerControl/UnloadLoraAdapter',
+                request_serializer=llmserve_dot_v1_dot_internal__pb2.UnloadLoraAdapterRequest.SerializeToString,
+                response_deserializer=llmserve_dot_v1_dot_internal__pb2.LoraAdapters.FromString,
+                _registered_method=True)
 
 
 class WorkerControlServicer(object):
@@ -78,6 +88,23 @@ class WorkerControlServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def LoadLoraAdapter(self, request, context):
+        """Serve a LoRA adapter from a folder under the worker's --lora-root from now on (vLLM's
+        /v1/load_lora_adapter). INVALID_ARGUMENT: loading is off, the folder or adapter is not usable;
+        ALREADY_EXISTS: the name is loaded, or once meant other files; RESOURCE_EXHAUSTED: no free slot.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnloadLoraAdapter(self, request, context):
+        """Stop serving a LoRA adapter to new requests; its running requests finish on it.
+        NOT_FOUND: it is not loaded.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WorkerControlServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -95,6 +122,16 @@ def add_WorkerControlServicer_to_server(servicer, server):
                     servicer.Drain,
                     request_deserializer=llmserve_dot_v1_dot_internal__pb2.DrainRequest.FromString,
                     response_serializer=llmserve_dot_v1_dot_internal__pb2.DrainResponse.SerializeToString,
+            ),
+            'LoadLoraAdapter': grpc.unary_unary_rpc_method_handler(
+                    servicer.LoadLoraAdapter,
+                    request_deserializer=llmserve_dot_v1_dot_internal__pb2.LoadLoraAdapterRequest.FromString,
+                    response_serializer=llmserve_dot_v1_dot_internal__pb2.LoraAdapters.SerializeToString,
+            ),
+            'UnloadLoraAdapter': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnloadLoraAdapter,
+                    request_deserializer=llmserve_dot_v1_dot_internal__pb2.UnloadLoraAdapterRequest.FromString,
+                    response_serializer=llmserve_dot_v1_dot_internal__pb2.LoraAdapters.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -179,6 +216,60 @@ class WorkerControl(object):
             '/llmserve.v1.WorkerControl/Drain',
             llmserve_dot_v1_dot_internal__pb2.DrainRequest.SerializeToString,
             llmserve_dot_v1_dot_internal__pb2.DrainResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LoadLoraAdapter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmserve.v1.WorkerControl/LoadLoraAdapter',
+            llmserve_dot_v1_dot_internal__pb2.LoadLoraAdapterRequest.SerializeToString,
+            llmserve_dot_v1_dot_internal__pb2.LoraAdapters.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnloadLoraAdapter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmserve.v1.WorkerControl/UnloadLoraAdapter',
+            llmserve_dot_v1_dot_internal__pb2.UnloadLoraAdapterRequest.SerializeToString,
+            llmserve_dot_v1_dot_internal__pb2.LoraAdapters.FromString,
             options,
             channel_credentials,
             insecure,

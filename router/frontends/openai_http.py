@@ -4,7 +4,8 @@
 with ``data: [DONE]``, or whole), ``POST /v1/embeddings``, the Responses API
 (``/v1/responses``: ``responses_api``), ``GET /v1/models``, ``GET /v1/models/{model}``,
 ``GET /health``, and vLLM's ``POST /tokenize``, ``POST /detokenize`` (``openai_tokenize``) and
-``GET /version``.
+``GET /version``, and with ``--allow-lora-updates`` vLLM's ``POST /v1/load_lora_adapter`` and
+``/v1/unload_lora_adapter`` (``lora_api``).
 A request is validated (``openai_schemas``), translated into a
 :class:`~router.generation.RouterRequest` and run by the shared
 :class:`~router.generation.GenerationCore` inside the request's observation; the worker's chunks
@@ -32,6 +33,7 @@ from starlette.responses import Response
 from llmserve.telemetry.tracing import Tracing
 from llmserve.v1 import generation_pb2 as gen_pb
 from router.errors import RequestTooLarge, model_name
+from router.frontends.lora_api import LOAD_ROUTE, UNLOAD_ROUTE, LoraEndpoints
 from router.frontends.merged import merged
 from router.frontends.openai_errors import InvalidParam, error_body, http_error
 from router.frontends.openai_responses import (
@@ -92,6 +94,7 @@ class _Observed(NamedTuple):
 
 JsonHandler = Callable[[dict[str, Any], str], Awaitable[dict[str, Any]]]
 JsonCall = Callable[[], Awaitable[dict[str, Any]]]
+TextCall = Callable[[], Awaitable[str]]
 
 
 class OpenAIDoor:
@@ -102,15 +105,17 @@ class OpenAIDoor:
     reports; ``max_batch_prompts``: the most prompts of one completions request;
     ``tool_call_parsers``: the tool-call parser of each model ("": of every model), for chat's
     ``tool_choice`` "auto"; ``reasoning_parsers``: the same for chat's ``reasoning_content``;
-    ``responses``: where the Responses API stores responses (None: nowhere, ``store`` is false).
+    ``responses``: where the Responses API stores responses (None: nowhere, ``store`` is false);
+    ``lora``: vLLM's runtime LoRA endpoints (None: not served, ``--allow-lora-updates`` off).
     """
 
     def __init__(self, core: GenerationCore, tracing: Tracing, serving: Callable[[], bool],
                  max_body_bytes: int = 16 * 1024 * 1024, version: str = "unknown",
                  max_batch_prompts: int = 128, tool_call_parsers: Mapping[str, str] | None = None,
                  reasoning_parsers: Mapping[str, str] | None = None,
-                 responses: ResponseStore | None = None) -> None:
+                 responses: ResponseStore | None = None, lora: LoraEndpoints | None = None) -> None:
         self._core = core
+        self._lora = lora
         self._tracing = tracing
         self._serving = serving
         self._max_body_bytes = max_body_bytes
@@ -174,6 +179,10 @@ class OpenAIDoor:
         app.add_api_route(CANCEL_ROUTE, cancel_response, methods=["POST"])
         app.add_api_route(TOKENIZE_ROUTE, tokenize, methods=["POST"])
         app.add_api_route(DETOKENIZE_ROUTE, detokenize, methods=["POST"])
+        if self._lora is not None:
+            lora = self._lora
+            for route, handle in ((LOAD_ROUTE, lora.load), (UNLOAD_ROUTE, lora.unload)):
+                app.add_api_route(route, self._text_post(route, handle), methods=["POST"])
         app.add_api_route("/version", self._version_reply, methods=["GET"])
         app.add_api_route("/v1/models", self._models, methods=["GET"])
         app.add_api_route("/v1/models/{model:path}", self._model, methods=["GET"])
@@ -200,14 +209,25 @@ class OpenAIDoor:
             "POST", route, lambda: handle(_request_object(body), f"{route[1:]}-{uuid.uuid4().hex}"),
             request.headers, "prompt"))
 
-    def _call(self, method: str, route: str, call: JsonCall, headers: Mapping[str, str],
+    def _text_post(self, route: str, handle: Callable[[dict[str, Any]], Awaitable[str]]
+                   ) -> Callable[[Request], Awaitable[Response]]:
+        """A handler of a JSON body whose success is a plain-text reply (vLLM's admin endpoints)."""
+        async def post(request: Request) -> Response:
+            return await self._with_body(request, lambda body: self._call(
+                "POST", route, lambda: handle(_request_object(body)), request.headers))
+        return post
+
+    def _call(self, method: str, route: str, call: JsonCall | TextCall, headers: Mapping[str, str],
               prompt_param: str = "input") -> Response:
-        """One JSON reply: ``call``'s, or the door's error JSON (``prompt_param``: what the
-        endpoint calls its input, named when a worker refuses it), inside the HTTP span."""
+        """One reply: ``call``'s (JSON, or plain text when it returns a string), or the door's
+        error JSON (``prompt_param``: what the endpoint calls its input, named when a worker
+        refuses it), inside the HTTP span."""
         async def reply() -> AsyncGenerator[Reply, None]:
             with self._tracing.http_server(method=method, route=route, headers=headers) as http_span:
                 try:
-                    result = Reply(200, json_bytes(await call()))
+                    value = await call()
+                    result = (Reply(200, value.encode(), content_type="text/plain; charset=utf-8")
+                              if isinstance(value, str) else Reply(200, json_bytes(value)))
                 except Exception as exc:  # noqa: BLE001 - every error becomes the door's error JSON
                     error = http_error(exc, prompt_param)
                     result = Reply(error.status, json_bytes(error.body), error.headers)

@@ -382,7 +382,7 @@ class ChatMessageIn(BaseModel):
                 try:
                     out.append(decode_data_url(part.url, field))
                 except ValueError as exc:
-                    raise InvalidParam("messages", str(exc)) from None
+                    raise InvalidParam(field, str(exc)) from None
         return out
 
     def template_message(self, index: int) -> dict[str, Any]:

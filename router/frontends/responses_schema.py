@@ -185,6 +185,29 @@ def _text_of(content: Any, where: str) -> str:
     return "\n".join(texts)
 
 
+def _content_of(content: Any, where: str) -> str | list[dict[str, Any]]:
+    """A message's content as chat takes it: :func:`_text_of`, or with ``input_image`` parts
+    (``image_url`` a ``data:`` URL, the router fetches nothing) the list of text and
+    ``image_url`` parts in order (docs/MULTIMODAL.md)."""
+    if not isinstance(content, list) or not any(
+            isinstance(p, dict) and p.get("type") == "input_image" for p in content):
+        return _text_of(content, where)
+    parts: list[dict[str, Any]] = []
+    for j, part in enumerate(content):
+        if isinstance(part, dict) and part.get("type") == "input_image":
+            url = part.get("image_url")
+            if not isinstance(url, str):
+                raise InvalidParam(f"{where}[{j}]", f"{where}[{j}]: an input_image needs its image_url "
+                                   "(a data: URL); file_id is not served")
+            if not url.startswith("data:"):
+                raise InvalidParam(f"{where}[{j}]", f"{where}[{j}].image_url: only data: URLs "
+                                   "(data:image/png;base64,...) are served; nothing is fetched")
+            parts.append({"type": "image_url", "image_url": {"url": url}})
+        else:
+            parts.append({"type": "text", "text": _text_of([part], f"{where}[{j}]")})
+    return parts
+
+
 def _string(item: Mapping[str, Any], name: str, where: str) -> str:
     value = item.get(name)
     if not isinstance(value, str) or not value:
@@ -207,7 +230,7 @@ def items_as_messages(items: list[Any], param: str) -> list[dict[str, Any]]:
             if role is None:
                 raise InvalidParam(f"{where}.role",
                                    f"{where}.role must be user, assistant, system or developer")
-            messages.append({"role": role, "content": _text_of(item.get("content"), f"{where}.content")})
+            messages.append({"role": role, "content": _content_of(item.get("content"), f"{where}.content")})
         elif kind == "function_call":
             arguments = item.get("arguments")
             try:

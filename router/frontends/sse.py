@@ -32,11 +32,13 @@ _SSE_HEADERS = [
 
 @dataclass(frozen=True)
 class Reply:
-    """A whole JSON response (``headers``: extra ones, e.g. ``Retry-After``)."""
+    """A whole response, JSON unless ``content_type`` says otherwise (``headers``: extra ones,
+    e.g. ``Retry-After``)."""
 
     status: int
     body: bytes
     headers: tuple[tuple[str, str], ...] = ()
+    content_type: str = "application/json"
 
 
 EventSource = AsyncGenerator["Reply | bytes", None]
@@ -69,7 +71,7 @@ class ReplyOrStream(Response):
             if first is None:
                 raise RuntimeError("the event source yielded nothing")
             if isinstance(first, Reply):
-                headers = [(b"content-type", b"application/json"),
+                headers = [(b"content-type", first.content_type.encode("latin-1")),
                            (b"content-length", str(len(first.body)).encode()),
                            *((k.encode("latin-1"), v.encode("latin-1")) for k, v in first.headers)]
                 await send({"type": "http.response.start", "status": first.status, "headers": headers})

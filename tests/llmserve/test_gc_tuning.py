@@ -32,7 +32,9 @@ def test_objects_alive_at_the_start_are_frozen_inside_and_handed_back_after() ->
         made_inside.append(made_inside)  # a cycle made inside: still collectable
         del made_inside
         assert gc.collect() >= 1
-        assert gc.get_freeze_count() == frozen
+        # nothing made inside is frozen; frozen objects freed meanwhile (a leftover thread of an
+        # earlier test drops its last reference) only lower the count
+        assert 0 < gc.get_freeze_count() <= frozen
     assert gc.get_freeze_count() == 0
 
 

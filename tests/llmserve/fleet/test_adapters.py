@@ -56,6 +56,35 @@ async def test_an_adapter_is_remembered_after_its_worker_is_gone(store: StateSto
     assert snap.workers_of("sql-lora") == [] and "sql-lora" in snap.models  # UNAVAILABLE, not NOT_FOUND
 
 
+async def test_an_unloaded_adapter_is_forgotten_unless_a_worker_still_has_it(store: StateStore) -> None:
+    registry = Registry(store, cache_s=0.0)
+    await store.heartbeat(rec("w1", adapters=("sql-lora", "chat-lora")), ttl_s=5)
+    await store.heartbeat(rec("w2", adapters=("chat-lora",)), ttl_s=5)
+    assert {"sql-lora", "chat-lora"} <= (await registry.snapshot()).models
+    await store.heartbeat(rec("w1"), ttl_s=5)  # w1 unloaded both; w2 still has chat-lora
+    for name in ("sql-lora", "chat-lora"):
+        await registry.forget_model(name)
+    snap = await registry.snapshot()
+    assert "sql-lora" not in snap.models and "sql-lora" not in (await store.read_fleet()).models
+    assert "chat-lora" in snap.models and ids(snap.workers_of("chat-lora")) == ["w2"]  # re-learned
+    assert "base" in snap.models
+
+
+async def test_the_publisher_republishes_when_its_adapters_change() -> None:
+    store = MemoryStateStore()
+
+    async def no_hashes() -> list[bytes]:
+        return []
+
+    publisher = WorkerPublisher(store, WorkerIdentity("w1", "base", "127.0.0.1:1", 16, 2048),
+                                load_fn=LoadReport, kv_events_fn=list, cached_hashes_fn=no_hashes,
+                                timing=PublisherTiming(heartbeat_interval_s=60, ttl_s=300))
+    assert await publisher.publish_once()
+    await publisher.set_adapters(("sql-lora",))  # at once, not at the next heartbeat a minute later
+    [record] = (await store.read_fleet()).workers
+    assert record.adapters == ("sql-lora",) and publisher.identity.adapters == ("sql-lora",)
+
+
 async def test_the_publisher_copies_its_adapters_into_every_record() -> None:
     store = MemoryStateStore()
 

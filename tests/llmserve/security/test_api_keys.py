@@ -35,6 +35,14 @@ def test_parse_names_options_and_defaults() -> None:
     assert bob.key_id == f"key-{hash_key(BOB)[:8]}" and bob.models is None and bob.allows("anything")
     assert bob.limits == RateLimits(1.0, 10.0)
     assert mallory.revoked and mallory.limits == RateLimits(1.0, None)
+    assert not (alice.admin or bob.admin or mallory.admin)
+
+
+def test_admin_keys_with_or_without_a_name() -> None:
+    named, unnamed = parse_key_file(f"{hash_key(ALICE)} ops admin models=m1\n{hash_key(BOB)} admin\n",
+                                    RateLimits())
+    assert named.key_id == "ops" and named.admin and named.models == {"m1"}
+    assert unnamed.key_id == f"key-{hash_key(BOB)[:8]}" and unnamed.admin  # "admin" is no name
 
 
 @pytest.mark.parametrize("text", [

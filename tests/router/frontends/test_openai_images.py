@@ -85,6 +85,22 @@ def test_image_chats_equal_the_offline_engine(llava_stack: StackProc, offline: C
     assert status == 200 and reply["count"] == usage.prompt_tokens
 
 
+def test_responses_take_input_images(llava_stack: StackProc, offline: Callable[..., str]) -> None:
+    client = OpenAI(base_url=llava_stack.openai_url, api_key="unused", max_retries=0)
+    image = png(picture(14))
+    response = client.responses.create(
+        model=MODEL, input=[{"role": "user", "content": [  # type: ignore[list-item]
+            {"type": "input_image", "image_url": data_url(image), "detail": "auto"},
+            {"type": "input_text", "text": ASK}]}],
+        max_output_tokens=8, temperature=0, extra_body={"ignore_eos": True})
+    assert response.output_text == offline(chat(image))
+    chained = client.responses.create(model=MODEL, input="And now?", previous_response_id=response.id,
+                                      max_output_tokens=8, temperature=0, extra_body={"ignore_eos": True})
+    history = [*chat(image), {"role": "assistant", "content": response.output_text},
+               {"role": "user", "content": "And now?"}]
+    assert chained.output_text == offline(history)  # the stored turn kept its image
+
+
 def test_native_client_sends_files(llava_stack: StackProc, offline: Callable[..., str]) -> None:
     prompt = "<|im_start|>user\n<image>\nWhat is it?<|im_end|>\n<|im_start|>assistant\n"
     image = png(picture(13))
