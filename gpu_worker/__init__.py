@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from gpu_worker.beam_search import BeamSearchOutput, BeamSearchParams, BeamSearchSequence
 from gpu_worker.config import EngineConfig
 from gpu_worker.lora.request import LoRARequest
 from gpu_worker.outputs import CompletionOutput, Logprob, RequestOutput
@@ -19,6 +20,9 @@ if TYPE_CHECKING:
 
 __all__ = [
     "LLM",
+    "BeamSearchOutput",
+    "BeamSearchParams",
+    "BeamSearchSequence",
     "CompletionOutput",
     "EngineConfig",
     "Logprob",

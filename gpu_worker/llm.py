@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
+from gpu_worker.beam_search import BeamSearch, BeamSearchOutput, BeamSearchParams, resolve_max_tokens
 from gpu_worker.config import EngineConfig
 from gpu_worker.engine.llm_engine import LLMEngine
 from gpu_worker.engine.output_processor import OutputKind
@@ -122,6 +124,53 @@ class LLM:
         inputs = [_offline_prompt(p) for p in batch]
         return self._run([p for p, _ in inputs], sampling_params, priority, lora_request,
                          images=[i for _, i in inputs])
+
+    def beam_search(
+        self,
+        prompts: OfflinePrompt | Sequence[OfflinePrompt],
+        params: BeamSearchParams,
+        lora_request: LoraChoice | Sequence[LoraChoice] = None,
+    ) -> list[BeamSearchOutput]:
+        """vLLM's ``LLM.beam_search``: each prompt's ``params.beam_width`` best beams, best first
+        (``gpu_worker/beam_search.py``). Every step runs one token of every live beam of every
+        prompt in one batch (the prefix cache serves what the beams share); ``text`` is each
+        beam's tokens, the prompt's included, decoded (None without a tokenizer)."""
+        if isinstance(prompts, (str, Mapping)) or (
+            isinstance(prompts, Sequence) and prompts and isinstance(prompts[0], int)
+        ):
+            batch: list[OfflinePrompt] = [prompts]  # type: ignore[list-item]
+        else:
+            batch = list(prompts)  # type: ignore[arg-type]
+        adapters: list[LoraChoice] = (list(lora_request) if isinstance(lora_request, list | tuple)  # type: ignore[arg-type]
+                                      else [lora_request] * len(batch))  # type: ignore[list-item]
+        if len(adapters) != len(batch):
+            raise ValueError(f"lora_request has {len(adapters)} entries for {len(batch)} prompts")
+        eos = self.engine.processor.eos_token_ids
+        prompt_ids = [self._token_ids(p) for p in batch]
+        max_len = self.engine.core.max_model_len
+        searches = [BeamSearch(ids, resolve_max_tokens(params, len(ids), max_len), eos) for ids in prompt_ids]
+        step = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True, logprobs=2 * params.beam_width)
+        while not all(s.done for s in searches):
+            live = [(i, beam) for i, s in enumerate(searches) if not s.done for beam in s.live]
+            outputs = self._run([list(beam.tokens) for _, beam in live], step,
+                                lora_request=[adapters[i] for i, _ in live])
+            candidates: list[list[Any]] = [[] for _ in searches]
+            for (i, _), output in zip(live, outputs, strict=True):
+                logprobs = output.outputs[0].logprobs
+                candidates[i].append(logprobs[0] if logprobs else {})
+            for search, found in zip(searches, candidates, strict=True):
+                if not search.done:
+                    search.step(found)
+        tokenizer = self.engine.tokenizer
+        return [BeamSearchOutput([replace(b, text=None if tokenizer is None else tokenizer.decode(b.tokens))
+                                  for b in s.best()]) for s in searches]
+
+    def _token_ids(self, prompt: OfflinePrompt) -> list[int]:
+        """A prompt's token ids (text through the engine's tokenizer); images are not served here."""
+        text_or_ids, images = _offline_prompt(prompt)
+        if images:
+            raise ValueError("beam_search: prompts with images are not served")
+        return list(self.engine.processor.tokenize(text_or_ids)[1])
 
     def embed(
         self, prompts: str | Sequence[int] | Sequence[str] | Sequence[Sequence[int]]

@@ -94,6 +94,10 @@ class KernelOps:
     # adapters; every set of this package has them.
     lora_shrink: Callable[..., Any] | None = None
     lora_expand: Callable[..., Any] | None = None
+    # Mixture of experts (reference.fused_moe has the contract): fused_moe(x, w13, w2,
+    # topk_weights, topk_ids) -> [T, H]. Without it (None) a set serves no MoE model; every set of
+    # this package has it.
+    fused_moe: Callable[..., Any] | None = None
 
     def __post_init__(self) -> None:
         if not 0 <= self.fp8_weight_only_max_m <= FP8_WEIGHT_ONLY_MAX_M_LIMIT:
@@ -154,6 +158,7 @@ def reference_ops(fp8_weight_only_max_m: int = FP8_WEIGHT_ONLY_MAX_M) -> KernelO
         fp8_block_weight_only_linear=quant_reference.fp8_block_weight_only_linear,
         lora_shrink=reference.lora_shrink,
         lora_expand=reference.lora_expand,
+        fused_moe=reference.fused_moe,
     )
 
 

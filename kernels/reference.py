@@ -450,3 +450,47 @@ def lora_expand(
     token_scales = scales.index_select(0, slots)[:, None]
     updated = (y.float() + token_scales * delta).to(y.dtype)
     return y.copy_(torch.where(token_scales != 0, updated, y))
+
+
+# Mixture of experts (kernels.triton_ops.moe): a layer's experts stacked, w13 ``[E, 2I, H]``
+# (each expert's gate rows, then its up rows) and w2 ``[E, H, I]``, and each token's top-k
+# experts with their routing weights.
+
+
+def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+              topk_ids: torch.Tensor, w13_scale: torch.Tensor | None = None,
+              w2_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """``[T, H]``: for each token ``t``, ``sum_k topk_weights[t, k] * down_e(silu(gate_e(x[t])) *
+    up_e(x[t]))`` with ``e = topk_ids[t, k]`` (float32 ``topk_weights`` ``[T, K]``, int
+    ``topk_ids`` ``[T, K]`` in ``[0, E)``), in ``x``'s dtype. Expert by expert, as HF transformers
+    computes it (its per-expert products, its order of sums): a float32 model matches HF's.
+
+    FP8 experts (W8A16): ``w13`` / ``w2`` e4m3 with float32 per-row scales ``w13_scale``
+    ``[E, 2I]`` and ``w2_scale`` ``[E, H]``; each product is the activation (rounded to ``x``'s
+    dtype, as the kernel feeds it) times the e4m3 codes, exact, summed in float32, times the row's
+    scale: what the kernel computes but for the order of the sums."""
+    if w13_scale is not None and w2_scale is not None:
+        return _fused_moe_fp8(x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale)
+    out = torch.zeros_like(x)
+    num_experts = w13.shape[0]
+    mask = torch.nn.functional.one_hot(topk_ids.long(), num_classes=num_experts).permute(2, 1, 0)  # [E, K, T]
+    for e in torch.nonzero(mask.sum(dim=(1, 2)) > 0).flatten().tolist():
+        slot, token = torch.where(mask[e])
+        gate, up = torch.nn.functional.linear(x[token], w13[e]).chunk(2, dim=-1)
+        h = torch.nn.functional.linear(torch.nn.functional.silu(gate) * up, w2[e])
+        h = h * topk_weights[token, slot, None]
+        out.index_add_(0, token, h.to(out.dtype))
+    return out
+
+
+def _fused_moe_fp8(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+                   topk_ids: torch.Tensor, w13_scale: torch.Tensor, w2_scale: torch.Tensor) -> torch.Tensor:
+    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    for e in torch.unique(topk_ids).tolist():
+        token, slot = torch.where(topk_ids == e)
+        gate_up = (x[token].float() @ w13[e].float().t()) * w13_scale[e].float()
+        gate, up = gate_up.chunk(2, dim=-1)
+        h = (torch.nn.functional.silu(gate) * up).to(x.dtype)  # the kernel's intermediate
+        y = (h.float() @ w2[e].float().t()) * w2_scale[e].float()
+        out.index_add_(0, token, y * topk_weights[token, slot, None])
+    return out.to(x.dtype)

@@ -158,7 +158,9 @@ def build_request(
 
     ``sampling`` holds ``SamplingParams`` fields by name; ``structured_output`` is a dict such
     as ``{"json": schema}``, ``logits_processors`` / ``stopping_criteria`` lists of names or
-    ``{"name", "args"}`` dicts. ``priority``: lower runs first (``--scheduling-policy priority``)."""
+    ``{"name", "args"}`` dicts, ``beam_search`` a dict ``{"beam_width", "length_penalty"}`` (the
+    ``n`` best beams come back, best first). ``priority``: lower runs first
+    (``--scheduling-policy priority``)."""
     given = [x for x in (prompt, prompt_token_ids, messages) if x is not None]
     if len(given) != 1:
         raise ValueError("give exactly one of prompt, prompt_token_ids, messages")
@@ -192,6 +194,8 @@ def build_request(
             target.CopyFrom(structured_output_message(value))
         elif name in ("logits_processors", "stopping_criteria"):
             target.extend(plugin_call_messages(name, list(value)))
+        elif name == "beam_search":  # {"beam_width": 4, "length_penalty": 1.0}
+            target.CopyFrom(pb.BeamSearch(**value))
         elif name in ("stop", "stop_token_ids", "allowed_token_ids", "bad_words"):
             target.extend([value] if isinstance(value, str) else value)
         else:

@@ -70,11 +70,18 @@ def plugin_call_messages(field: str, values: Sequence[Any] | None) -> list[gen_p
     return calls
 
 
+# The widest beam search served (SamplingParams.beam_search): a step asks the engine for the top
+# 2 * beam_width log probabilities of each beam, and it gives at most 20.
+MAX_BEAM_WIDTH = 10
+
+
 def check_sampling_limits(limits: RequestLimits, sampling: gen_pb.SamplingParams) -> None:
     """``n``, the stop strings and the structured-output format of ``sampling`` within ``limits``
     (``LimitExceeded``), before the format is parsed or compiled: router and worker alike."""
     if sampling.HasField("n"):
         limits.check_n(sampling.n)
+    if sampling.HasField("beam_search"):  # each beam is a sequence in the engine, as a sample is
+        limits.check_n(sampling.beam_search.beam_width)
     limits.check_stop(sampling.stop)
     if sampling.HasField("structured_output"):
         fmt = sampling.structured_output

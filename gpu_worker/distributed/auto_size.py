@@ -13,7 +13,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from gpu_worker.model_executor.model_config import head_dim_of, max_context_len
+from gpu_worker.model_executor.model_config import head_dim_of, is_sparse_layer, max_context_len, moe_shape
 
 logger = logging.getLogger(__name__)
 
@@ -34,13 +34,26 @@ def weight_bytes(hf_config: Any, element_size: float) -> int:
     """Bytes of the model's weights in the serving dtype (embeddings and LM head included;
     ``element_size`` below 2 for quantized linear layers, an upper bound there: their embedding
     and LM head stay 16-bit)."""
-    h, inter, vocab = hf_config.hidden_size, hf_config.intermediate_size, hf_config.vocab_size
+    h, vocab = hf_config.hidden_size, hf_config.vocab_size
     d = head_dim_of(hf_config)
     q, kv = hf_config.num_attention_heads * d, hf_config.num_key_value_heads * d
-    per_layer = h * (q + 2 * kv) + q * h + 3 * h * inter + 2 * h
+    attention = h * (q + 2 * kv) + q * h + 2 * h
+    layers = hf_config.num_hidden_layers
+    params = layers * attention + sum(_mlp_params(hf_config, i) for i in range(layers))
     tied = bool(getattr(hf_config, "tie_word_embeddings", False))
-    params = hf_config.num_hidden_layers * per_layer + vocab * h * (1 if tied else 2) + h
+    params += vocab * h * (1 if tied else 2) + h
     return int(params * element_size)
+
+
+def _mlp_params(hf_config: Any, index: int) -> int:
+    """Parameters of layer ``index``'s MLP: dense, or a sparse one's router, experts and shared
+    expert (every expert is resident)."""
+    h = hf_config.hidden_size
+    shape = moe_shape(hf_config)
+    if shape is None or not is_sparse_layer(hf_config, index):
+        return 3 * h * hf_config.intermediate_size
+    shared = 3 * h * shape.shared_intermediate_size + h if shape.shared_intermediate_size else 0
+    return shape.num_experts * (3 * h * shape.intermediate_size + h) + shared
 
 
 def kv_bytes_per_token(hf_config: Any, element_size: int) -> int:

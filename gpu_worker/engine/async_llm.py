@@ -27,10 +27,12 @@ import threading
 from collections import deque
 from collections.abc import AsyncGenerator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import aclosing
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
+from gpu_worker.beam_search import BeamSearch, BeamSearchParams, BeamSearchSequence, resolve_max_tokens
 from gpu_worker.config import EngineConfig
 from gpu_worker.core.types import EngineCoreOutput, SchedulerStats
 from gpu_worker.engine.core_client import EngineCoreClient, make_core_client
@@ -47,7 +49,7 @@ from gpu_worker.engine.errors import EngineClosedError, EngineDeadError, QueueFu
 from gpu_worker.engine.image_inputs import ImageInputs
 from gpu_worker.engine.output_processor import OutputKind, OutputProcessor, merge_deltas
 from gpu_worker.engine.processor import InputProcessor, ProcessedRequest
-from gpu_worker.outputs import RequestOutput
+from gpu_worker.outputs import Logprob, RequestOutput
 from gpu_worker.sampling_params import SamplingParams
 from gpu_worker.structured.grammar import check_syntax
 from llmserve.kv_events import KVEvent
@@ -230,6 +232,44 @@ class AsyncLLM:
             self._queues.pop(request_id, None)
             if not finished:
                 self._abort_on_loop(request_id)
+
+    async def beam_search(self, prompt: PromptInput, params: BeamSearchParams, request_id: str,
+                          lora_name: str = "", priority: int = 0
+                          ) -> tuple[list[int], list[BeamSearchSequence]]:
+        """(the prompt's token ids, its ``params.beam_width`` best beams, best first):
+        ``gpu_worker/beam_search.py``, each step one request per live beam (``{request_id}~bS.I``)
+        for one token and its ``2 * beam_width`` top log probabilities. Cancelling it aborts the
+        step's requests. ``ValueError`` when the prompt and ``max_tokens`` pass the context."""
+        self._check_accepting()
+        _, ids = self._processor.tokenize(prompt)
+        params = resolve_max_tokens(params, len(ids), self.max_model_len)
+        search = BeamSearch(ids, params, self._processor.eos_token_ids)
+        step = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True,
+                              logprobs=2 * params.beam_width)
+
+        async def next_token(tokens: tuple[int, ...], sub_id: str) -> dict[int, Logprob]:
+            async with aclosing(self.generate(list(tokens), step, sub_id, priority=priority,
+                                              lora_name=lora_name)) as outputs:
+                async for output in outputs:
+                    logprobs = output.outputs[0].logprobs
+                    if logprobs:
+                        return dict(logprobs[0])
+            return {}
+
+        while not search.done:
+            tasks = [asyncio.ensure_future(next_token(beam.tokens, f"{request_id}~b{search.steps}.{i}"))
+                     for i, beam in enumerate(search.live)]
+            try:  # one beam's failure (or a cancel) cancels the others, which aborts them
+                await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+            finally:
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+            failure = next((t.exception() for t in tasks if not t.cancelled() and t.exception()), None)
+            if failure is not None:
+                raise failure
+            search.step([task.result() for task in tasks])
+        return list(ids), search.best()
 
     async def _check_format_syntax(self, params: SamplingParams | None) -> None:
         """Parse a structured-output format not seen before on the format-check thread, so a

@@ -124,6 +124,9 @@ def attach_lora(model: nn.Module, adapters: Sequence[LoraAdapter], *, max_rank: 
     returns the shared slot map (also ``model.lora_slots``). ``num_slots`` (at least the
     adapters; default as many): slots past the adapters stay empty for :func:`write_slot`."""
     total = len(adapters) if num_slots is None else num_slots
+    if any(not hasattr(layer.get_submodule("mlp"), "gate_up_proj") for _, layer in _decoder_layers(model)):
+        raise ValueError("lora_modules / lora_root: LoRA adapters are not served for mixture-of-experts "
+                         "models (their expert layers take no adapter)")
     slots = LoraSlots(max_tokens, device)
     scaling = [a.scaling for a in adapters] + [0.0] * (total - len(adapters))
     scales = torch.tensor([0.0, *scaling], dtype=torch.float32, device=device)

@@ -33,3 +33,39 @@ class KVCacheSpec:
 
     def bytes_per_block(self, block_size: int, element_size: int) -> int:
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * element_size * block_size
+
+
+@dataclass(frozen=True)
+class MoeShape:
+    """A mixture-of-experts model's sparse MLP: ``num_experts`` of ``intermediate_size`` each,
+    ``top_k`` per token (renormalized when ``renormalize``), and Qwen2-MoE's shared expert of
+    ``shared_intermediate_size`` (0: none)."""
+
+    num_experts: int
+    top_k: int
+    intermediate_size: int
+    renormalize: bool
+    shared_intermediate_size: int = 0
+
+
+def moe_shape(hf_config: Any) -> MoeShape | None:
+    """The config's sparse MLP (Mixtral, Qwen2-MoE, Qwen3-MoE names), None for a dense model."""
+    experts = int(getattr(hf_config, "num_experts", 0) or getattr(hf_config, "num_local_experts", 0) or 0)
+    if not experts:
+        return None
+    return MoeShape(
+        num_experts=experts,
+        top_k=int(hf_config.num_experts_per_tok),
+        intermediate_size=int(getattr(hf_config, "moe_intermediate_size", 0) or hf_config.intermediate_size),
+        renormalize=bool(getattr(hf_config, "norm_topk_prob", True)),  # Mixtral always renormalizes
+        shared_intermediate_size=int(getattr(hf_config, "shared_expert_intermediate_size", 0) or 0),
+    )
+
+
+def is_sparse_layer(hf_config: Any, index: int) -> bool:
+    """Whether layer ``index`` has the sparse MLP (HF's rule: every ``decoder_sparse_step``-th
+    layer but the ``mlp_only_layers``; every layer of Mixtral)."""
+    if moe_shape(hf_config) is None:
+        return False
+    step = int(getattr(hf_config, "decoder_sparse_step", 1) or 1)
+    return index not in (getattr(hf_config, "mlp_only_layers", None) or []) and (index + 1) % step == 0

@@ -75,6 +75,9 @@ def fill_random(model: nn.Module, seed: int, std: float = 0.02) -> None:
         method = getattr(module, "linear_method", None)
         if method is not None and method.fill_random(module, seed + _stable_offset(f"{prefix}.weight"), std):
             drawn |= {f"{prefix}.{n}" for n, _ in module.named_parameters(recurse=False) if n != "bias"}
+        own_fill = getattr(module, "fill_random", None)  # a layout of its own (fp8 experts: FusedMoE)
+        if method is None and callable(own_fill) and own_fill(seed + _stable_offset(prefix), std):
+            drawn |= {f"{prefix}.{n}" for n, _ in module.named_parameters(recurse=False)}
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name in drawn:

@@ -17,6 +17,7 @@ from typing import Any
 
 from gpu_worker.core.types import SchedulerStats
 from gpu_worker.engine.errors import QueueFullError
+from gpu_worker.outputs import CompletionOutput, RequestOutput
 from gpu_worker.server.errors import InvalidRequest, ModelNotFound, NoTokenizer, Overloaded, Unavailable
 from gpu_worker.server.request_telemetry import RequestTelemetry
 from gpu_worker.server.tokenizer_files import tokenizer_files
@@ -207,6 +208,11 @@ class WorkerService:
         self._idle.clear()
         try:
             with self._telemetry.observe(call) as observation:
+                if call.beam is not None:
+                    output = await self._beam_search(call, lora_name)
+                    observation.on_output(output)
+                    yield output
+                    return
                 outputs = engine.generate(call.prompt, call.params, call.request_id, call.resumed_token_ids,
                                           priority=call.priority, lora_name=lora_name, images=call.images)
                 async with aclosing(outputs):
@@ -220,6 +226,22 @@ class WorkerService:
             self._in_flight.discard(call.request_id)
             if not self._in_flight:
                 self._idle.set()
+
+    async def _beam_search(self, call: GenerateCall, lora_name: str) -> RequestOutput:
+        """A beam search call's one output: its ``n`` best beams as finished sequences."""
+        assert call.beam is not None  # invariant: called for beam search calls only
+        engine = self.engine
+        prompt_ids, beams = await engine.beam_search(call.prompt, call.beam, call.request_id,
+                                                     lora_name=lora_name, priority=call.priority)
+        tokenizer = engine.tokenizer
+        sequences = []
+        for index, beam in enumerate(beams[: call.params.n]):
+            ids = list(beam.output_token_ids)
+            text = "" if tokenizer is None else tokenizer.decode(ids, skip_special_tokens=True)
+            logprobs = [dict(p) for p in beam.logprobs] if call.params.logprobs is not None else None
+            sequences.append(CompletionOutput(index, text, ids, beam.cum_logprob, logprobs,
+                                              beam.finish_reason))
+        return RequestOutput(call.request_id, None, prompt_ids, sequences, finished=True)
 
     def list_models(self) -> list[ModelEntry]:
         engine = self._engine

@@ -17,6 +17,7 @@ from typing import Any, cast
 
 import grpc
 
+from gpu_worker.beam_search import served_beam_params
 from gpu_worker.sampling_params import PluginCall, SamplingParams
 from gpu_worker.server.errors import InvalidRequest
 from gpu_worker.server.service import WorkerService, WorkerSnapshot
@@ -110,15 +111,24 @@ def decode_generate(request: gen_pb.GenerateRequest, limits: RequestLimits | Non
         limits.check_images(len(request.images))
         check_sampling_limits(limits, request.sampling)
     resumed = tuple(request.resume.output_token_ids) if request.HasField("resume") else ()
+    params = decode_sampling(request.sampling, resumed=request.HasField("resume"))
+    beam = None
+    if request.sampling.HasField("beam_search"):
+        if resumed or request.task == gen_pb.TASK_EMBED or request.images:
+            raise InvalidRequest("beam_search: not served with resume, TASK_EMBED or images")
+        search = request.sampling.beam_search
+        length_penalty = search.length_penalty if search.HasField("length_penalty") else 1.0
+        beam = served_beam_params(params, search.beam_width, length_penalty)
     return GenerateCall(
         model=request.model,
         prompt=decode_prompt_input(request, InvalidRequest, limits),
-        params=decode_sampling(request.sampling, resumed=request.HasField("resume")),
+        params=params,
         request_id=request.request_id or uuid.uuid4().hex,
         resumed_token_ids=resumed,
         priority=request.priority,
         embed=request.task == gen_pb.TASK_EMBED,
         images=tuple(request.images),
+        beam=beam,
     )
 
 

@@ -38,6 +38,7 @@ from kernels.triton_ops.gather import gather_columns
 from kernels.triton_ops.gemv import gemv16_gated_linear, gemv16_linear, gemv16_rope_linear
 from kernels.triton_ops.kv_store import store_kvcache
 from kernels.triton_ops.lora import lora_expand, lora_shrink
+from kernels.triton_ops.moe import fused_moe
 from kernels.triton_ops.norm import fused_add_rms_norm, fused_add_rms_norm_fp8, rms_norm, rms_norm_fp8
 from kernels.triton_ops.prefill_attention import PrefillConfig, paged_attention
 from kernels.triton_ops.rotary import rotary_embedding
@@ -64,6 +65,7 @@ __all__ = [
     "fp8_weight_only_rope_linear",
     "fused_add_rms_norm",
     "fused_add_rms_norm_fp8",
+    "fused_moe",
     "gather_columns",
     "gemv16_gated_linear",
     "gemv16_linear",
@@ -133,4 +135,5 @@ def triton_ops(fp8_weight_only_max_m: int = FP8_WEIGHT_ONLY_MAX_M, pdl: bool = F
         linear16=chained(gemv16_linear),
         lora_shrink=lora_shrink,
         lora_expand=lora_expand,
+        fused_moe=fused_moe,
     )

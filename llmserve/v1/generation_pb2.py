@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cllmserve/v1/generation.proto\x12\x0bllmserve.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xb8\x01\n\x0c\x43hatMessages\x12*\n\x08messages\x18\x01 \x03(\x0b\x32\x18.llmserve.v1.ChatMessage\x12\"\n\x15\x61\x64\x64_generation_prompt\x18\x02 \x01(\x08H\x00\x88\x01\x01\x12#\n\x16\x63ontinue_final_message\x18\x03 \x01(\x08H\x01\x88\x01\x01\x42\x18\n\x16_add_generation_promptB\x19\n\x17_continue_final_message\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\xa6\x08\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x17\n\nmin_tokens\x18\x02 \x01(\rH\x01\x88\x01\x01\x12\x18\n\x0btemperature\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_p\x18\x04 \x01(\x02H\x03\x88\x01\x01\x12\x12\n\x05top_k\x18\x05 \x01(\x05H\x04\x88\x01\x01\x12\x12\n\x05min_p\x18\x06 \x01(\x02H\x05\x88\x01\x01\x12\x11\n\x04seed\x18\x07 \x01(\x04H\x06\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x08 \x01(\x02H\x07\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\t \x01(\x02H\x08\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\n \x01(\x02H\t\x88\x01\x01\x12\x0c\n\x04stop\x18\x0b \x03(\t\x12\x16\n\x0estop_token_ids\x18\x0c \x03(\x05\x12\'\n\x1ainclude_stop_str_in_output\x18\r \x01(\x08H\n\x88\x01\x01\x12\x17\n\nignore_eos\x18\x0e \x01(\x08H\x0b\x88\x01\x01\x12\x15\n\x08logprobs\x18\x0f \x01(\rH\x0c\x88\x01\x01\x12>\n\nlogit_bias\x18\x10 \x03(\x0b\x32*.llmserve.v1.SamplingParams.LogitBiasEntry\x12\x0e\n\x01n\x18\x11 \x01(\rH\r\x88\x01\x01\x12\x38\n\x11structured_output\x18\x12 \x01(\x0b\x32\x1d.llmserve.v1.StructuredOutput\x12\x32\n\x11logits_processors\x18\x13 \x03(\x0b\x32\x17.llmserve.v1.PluginCall\x12\x32\n\x11stopping_criteria\x18\x14 \x03(\x0b\x32\x17.llmserve.v1.PluginCall\x12#\n\x16truncate_prompt_tokens\x18\x15 \x01(\x05H\x0e\x88\x01\x01\x12\x1c\n\x0fprompt_logprobs\x18\x16 \x01(\x05H\x0f\x88\x01\x01\x12\x19\n\x11\x61llowed_token_ids\x18\x17 \x03(\x05\x12\x11\n\tbad_words\x18\x18 \x03(\t\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\r\n\x0b_max_tokensB\r\n\x0b_min_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x07\n\x05_seedB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x15\n\x13_repetition_penaltyB\x1d\n\x1b_include_stop_str_in_outputB\r\n\x0b_ignore_eosB\x0b\n\t_logprobsB\x04\n\x02_nB\x19\n\x17_truncate_prompt_tokensB\x12\n\x10_prompt_logprobs\"\x90\x01\n\x10StructuredOutput\x12\x0e\n\x04json\x18\x01 \x01(\tH\x00\x12\x0f\n\x05regex\x18\x02 \x01(\tH\x00\x12\x11\n\x07grammar\x18\x03 \x01(\tH\x00\x12)\n\x06\x63hoice\x18\x04 \x01(\x0b\x32\x17.llmserve.v1.ChoiceListH\x00\x12\x15\n\x0bjson_object\x18\x05 \x01(\x08H\x00\x42\x06\n\x04kind\"\x1d\n\nChoiceList\x12\x0f\n\x07\x63hoices\x18\x01 \x03(\t\"-\n\nPluginCall\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\targs_json\x18\x02 \x01(\t\"&\n\nResumeFrom\x12\x18\n\x10output_token_ids\x18\x01 \x03(\x05\"\xde\x02\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12\x31\n\x10prompt_token_ids\x18\x03 \x01(\x0b\x32\x15.llmserve.v1.TokenIdsH\x00\x12-\n\x08messages\x18\x04 \x01(\x0b\x32\x19.llmserve.v1.ChatMessagesH\x00\x12-\n\x08sampling\x18\x05 \x01(\x0b\x32\x1b.llmserve.v1.SamplingParams\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12\'\n\x06resume\x18\x07 \x01(\x0b\x32\x17.llmserve.v1.ResumeFrom\x12\x15\n\x08priority\x18\x08 \x01(\x05H\x01\x88\x01\x01\x12\x1f\n\x04task\x18\t \x01(\x0e\x32\x11.llmserve.v1.Task\x12\x0e\n\x06images\x18\n \x03(\x0c\x42\x07\n\x05inputB\x0b\n\t_priority\">\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\r\n\x05token\x18\x03 \x01(\t\"f\n\rTokenLogprobs\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\x0c\n\x04rank\x18\x03 \x01(\r\x12$\n\x03top\x18\x04 \x03(\x0b\x32\x17.llmserve.v1.TopLogprob\"o\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x03 \x01(\r\x12\x16\n\x0e\x64\x65vice_seconds\x18\x04 \x01(\x01\"\xdc\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x11\n\ttoken_ids\x18\x04 \x03(\x05\x12,\n\x08logprobs\x18\x05 \x03(\x0b\x32\x1a.llmserve.v1.TokenLogprobs\x12\x15\n\rfinish_reason\x18\x06 \x01(\t\x12\x13\n\x0bstop_reason\x18\x07 \x01(\t\x12!\n\x05usage\x18\x08 \x01(\x0b\x32\x12.llmserve.v1.Usage\x12\x11\n\tworker_id\x18\t \x01(\t\x12\x1a\n\rstop_token_id\x18\n \x01(\x05H\x00\x88\x01\x01\x12\x33\n\x0fprompt_logprobs\x18\x0b \x03(\x0b\x32\x1a.llmserve.v1.TokenLogprobs\x12\x11\n\tembedding\x18\x0c \x03(\x02\x42\x10\n\x0e_stop_token_id\"\x13\n\x11ListModelsRequest\"\xcf\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\r\x12\x13\n\x0bnum_workers\x18\x03 \x01(\r\x12\x1b\n\x13num_standby_workers\x18\x04 \x01(\r\x12\x14\n\x0cquantization\x18\x05 \x01(\t\x12\x16\n\x0ekv_cache_dtype\x18\x06 \x01(\t\x12\x14\n\x0cweight_bytes\x18\x07 \x01(\x04\x12\x17\n\x0fkv_cache_tokens\x18\x08 \x01(\x04\x12\x0e\n\x06parent\x18\t \x01(\t\"<\n\x12ListModelsResponse\x12&\n\x06models\x18\x01 \x03(\x0b\x32\x16.llmserve.v1.ModelInfo*)\n\x04Task\x12\x11\n\rTASK_GENERATE\x10\x00\x12\x0e\n\nTASK_EMBED\x10\x01\x32\xa6\x01\n\nGeneration\x12I\n\x08Generate\x12\x1c.llmserve.v1.GenerateRequest\x1a\x1d.llmserve.v1.GenerateResponse0\x01\x12M\n\nListModels\x12\x1e.llmserve.v1.ListModelsRequest\x1a\x1f.llmserve.v1.ListModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cllmserve/v1/generation.proto\x12\x0bllmserve.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xb8\x01\n\x0c\x43hatMessages\x12*\n\x08messages\x18\x01 \x03(\x0b\x32\x18.llmserve.v1.ChatMessage\x12\"\n\x15\x61\x64\x64_generation_prompt\x18\x02 \x01(\x08H\x00\x88\x01\x01\x12#\n\x16\x63ontinue_final_message\x18\x03 \x01(\x08H\x01\x88\x01\x01\x42\x18\n\x16_add_generation_promptB\x19\n\x17_continue_final_message\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\xd4\x08\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x17\n\nmin_tokens\x18\x02 \x01(\rH\x01\x88\x01\x01\x12\x18\n\x0btemperature\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_p\x18\x04 \x01(\x02H\x03\x88\x01\x01\x12\x12\n\x05top_k\x18\x05 \x01(\x05H\x04\x88\x01\x01\x12\x12\n\x05min_p\x18\x06 \x01(\x02H\x05\x88\x01\x01\x12\x11\n\x04seed\x18\x07 \x01(\x04H\x06\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x08 \x01(\x02H\x07\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\t \x01(\x02H\x08\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\n \x01(\x02H\t\x88\x01\x01\x12\x0c\n\x04stop\x18\x0b \x03(\t\x12\x16\n\x0estop_token_ids\x18\x0c \x03(\x05\x12\'\n\x1ainclude_stop_str_in_output\x18\r \x01(\x08H\n\x88\x01\x01\x12\x17\n\nignore_eos\x18\x0e \x01(\x08H\x0b\x88\x01\x01\x12\x15\n\x08logprobs\x18\x0f \x01(\rH\x0c\x88\x01\x01\x12>\n\nlogit_bias\x18\x10 \x03(\x0b\x32*.llmserve.v1.SamplingParams.LogitBiasEntry\x12\x0e\n\x01n\x18\x11 \x01(\rH\r\x88\x01\x01\x12\x38\n\x11structured_output\x18\x12 \x01(\x0b\x32\x1d.llmserve.v1.StructuredOutput\x12\x32\n\x11logits_processors\x18\x13 \x03(\x0b\x32\x17.llmserve.v1.PluginCall\x12\x32\n\x11stopping_criteria\x18\x14 \x03(\x0b\x32\x17.llmserve.v1.PluginCall\x12#\n\x16truncate_prompt_tokens\x18\x15 \x01(\x05H\x0e\x88\x01\x01\x12\x1c\n\x0fprompt_logprobs\x18\x16 \x01(\x05H\x0f\x88\x01\x01\x12\x19\n\x11\x61llowed_token_ids\x18\x17 \x03(\x05\x12\x11\n\tbad_words\x18\x18 \x03(\t\x12,\n\x0b\x62\x65\x61m_search\x18\x19 \x01(\x0b\x32\x17.llmserve.v1.BeamSearch\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\r\n\x0b_max_tokensB\r\n\x0b_min_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x07\n\x05_seedB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x15\n\x13_repetition_penaltyB\x1d\n\x1b_include_stop_str_in_outputB\r\n\x0b_ignore_eosB\x0b\n\t_logprobsB\x04\n\x02_nB\x19\n\x17_truncate_prompt_tokensB\x12\n\x10_prompt_logprobs\"P\n\nBeamSearch\x12\x12\n\nbeam_width\x18\x01 \x01(\r\x12\x1b\n\x0elength_penalty\x18\x02 \x01(\x02H\x00\x88\x01\x01\x42\x11\n\x0f_length_penalty\"\x90\x01\n\x10StructuredOutput\x12\x0e\n\x04json\x18\x01 \x01(\tH\x00\x12\x0f\n\x05regex\x18\x02 \x01(\tH\x00\x12\x11\n\x07grammar\x18\x03 \x01(\tH\x00\x12)\n\x06\x63hoice\x18\x04 \x01(\x0b\x32\x17.llmserve.v1.ChoiceListH\x00\x12\x15\n\x0bjson_object\x18\x05 \x01(\x08H\x00\x42\x06\n\x04kind\"\x1d\n\nChoiceList\x12\x0f\n\x07\x63hoices\x18\x01 \x03(\t\"-\n\nPluginCall\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\targs_json\x18\x02 \x01(\t\"&\n\nResumeFrom\x12\x18\n\x10output_token_ids\x18\x01 \x03(\x05\"\xde\x02\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12\x31\n\x10prompt_token_ids\x18\x03 \x01(\x0b\x32\x15.llmserve.v1.TokenIdsH\x00\x12-\n\x08messages\x18\x04 \x01(\x0b\x32\x19.llmserve.v1.ChatMessagesH\x00\x12-\n\x08sampling\x18\x05 \x01(\x0b\x32\x1b.llmserve.v1.SamplingParams\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12\'\n\x06resume\x18\x07 \x01(\x0b\x32\x17.llmserve.v1.ResumeFrom\x12\x15\n\x08priority\x18\x08 \x01(\x05H\x01\x88\x01\x01\x12\x1f\n\x04task\x18\t \x01(\x0e\x32\x11.llmserve.v1.Task\x12\x0e\n\x06images\x18\n \x03(\x0c\x42\x07\n\x05inputB\x0b\n\t_priority\">\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\r\n\x05token\x18\x03 \x01(\t\"f\n\rTokenLogprobs\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\x0c\n\x04rank\x18\x03 \x01(\r\x12$\n\x03top\x18\x04 \x03(\x0b\x32\x17.llmserve.v1.TopLogprob\"o\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x03 \x01(\r\x12\x16\n\x0e\x64\x65vice_seconds\x18\x04 \x01(\x01\"\xdc\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x11\n\ttoken_ids\x18\x04 \x03(\x05\x12,\n\x08logprobs\x18\x05 \x03(\x0b\x32\x1a.llmserve.v1.TokenLogprobs\x12\x15\n\rfinish_reason\x18\x06 \x01(\t\x12\x13\n\x0bstop_reason\x18\x07 \x01(\t\x12!\n\x05usage\x18\x08 \x01(\x0b\x32\x12.llmserve.v1.Usage\x12\x11\n\tworker_id\x18\t \x01(\t\x12\x1a\n\rstop_token_id\x18\n \x01(\x05H\x00\x88\x01\x01\x12\x33\n\x0fprompt_logprobs\x18\x0b \x03(\x0b\x32\x1a.llmserve.v1.TokenLogprobs\x12\x11\n\tembedding\x18\x0c \x03(\x02\x42\x10\n\x0e_stop_token_id\"\x13\n\x11ListModelsRequest\"\xcf\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\r\x12\x13\n\x0bnum_workers\x18\x03 \x01(\r\x12\x1b\n\x13num_standby_workers\x18\x04 \x01(\r\x12\x14\n\x0cquantization\x18\x05 \x01(\t\x12\x16\n\x0ekv_cache_dtype\x18\x06 \x01(\t\x12\x14\n\x0cweight_bytes\x18\x07 \x01(\x04\x12\x17\n\x0fkv_cache_tokens\x18\x08 \x01(\x04\x12\x0e\n\x06parent\x18\t \x01(\t\"<\n\x12ListModelsResponse\x12&\n\x06models\x18\x01 \x03(\x0b\x32\x16.llmserve.v1.ModelInfo*)\n\x04Task\x12\x11\n\rTASK_GENERATE\x10\x00\x12\x0e\n\nTASK_EMBED\x10\x01\x32\xa6\x01\n\nGeneration\x12I\n\x08Generate\x12\x1c.llmserve.v1.GenerateRequest\x1a\x1d.llmserve.v1.GenerateResponse0\x01\x12M\n\nListModels\x12\x1e.llmserve.v1.ListModelsRequest\x1a\x1f.llmserve.v1.ListModelsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,8 +33,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._loaded_options = None
   _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_options = b'8\001'
-  _globals['_TASK']._serialized_start=2911
-  _globals['_TASK']._serialized_end=2952
+  _globals['_TASK']._serialized_start=3039
+  _globals['_TASK']._serialized_end=3080
   _globals['_CHATMESSAGE']._serialized_start=45
   _globals['_CHATMESSAGE']._serialized_end=89
   _globals['_CHATMESSAGES']._serialized_start=92
@@ -42,33 +42,35 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TOKENIDS']._serialized_start=278
   _globals['_TOKENIDS']._serialized_end=301
   _globals['_SAMPLINGPARAMS']._serialized_start=304
-  _globals['_SAMPLINGPARAMS']._serialized_end=1366
-  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=1055
-  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_end=1103
-  _globals['_STRUCTUREDOUTPUT']._serialized_start=1369
-  _globals['_STRUCTUREDOUTPUT']._serialized_end=1513
-  _globals['_CHOICELIST']._serialized_start=1515
-  _globals['_CHOICELIST']._serialized_end=1544
-  _globals['_PLUGINCALL']._serialized_start=1546
-  _globals['_PLUGINCALL']._serialized_end=1591
-  _globals['_RESUMEFROM']._serialized_start=1593
-  _globals['_RESUMEFROM']._serialized_end=1631
-  _globals['_GENERATEREQUEST']._serialized_start=1634
-  _globals['_GENERATEREQUEST']._serialized_end=1984
-  _globals['_TOPLOGPROB']._serialized_start=1986
-  _globals['_TOPLOGPROB']._serialized_end=2048
-  _globals['_TOKENLOGPROBS']._serialized_start=2050
-  _globals['_TOKENLOGPROBS']._serialized_end=2152
-  _globals['_USAGE']._serialized_start=2154
-  _globals['_USAGE']._serialized_end=2265
-  _globals['_GENERATERESPONSE']._serialized_start=2268
-  _globals['_GENERATERESPONSE']._serialized_end=2616
-  _globals['_LISTMODELSREQUEST']._serialized_start=2618
-  _globals['_LISTMODELSREQUEST']._serialized_end=2637
-  _globals['_MODELINFO']._serialized_start=2640
-  _globals['_MODELINFO']._serialized_end=2847
-  _globals['_LISTMODELSRESPONSE']._serialized_start=2849
-  _globals['_LISTMODELSRESPONSE']._serialized_end=2909
-  _globals['_GENERATION']._serialized_start=2955
-  _globals['_GENERATION']._serialized_end=3121
+  _globals['_SAMPLINGPARAMS']._serialized_end=1412
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=1101
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_end=1149
+  _globals['_BEAMSEARCH']._serialized_start=1414
+  _globals['_BEAMSEARCH']._serialized_end=1494
+  _globals['_STRUCTUREDOUTPUT']._serialized_start=1497
+  _globals['_STRUCTUREDOUTPUT']._serialized_end=1641
+  _globals['_CHOICELIST']._serialized_start=1643
+  _globals['_CHOICELIST']._serialized_end=1672
+  _globals['_PLUGINCALL']._serialized_start=1674
+  _globals['_PLUGINCALL']._serialized_end=1719
+  _globals['_RESUMEFROM']._serialized_start=1721
+  _globals['_RESUMEFROM']._serialized_end=1759
+  _globals['_GENERATEREQUEST']._serialized_start=1762
+  _globals['_GENERATEREQUEST']._serialized_end=2112
+  _globals['_TOPLOGPROB']._serialized_start=2114
+  _globals['_TOPLOGPROB']._serialized_end=2176
+  _globals['_TOKENLOGPROBS']._serialized_start=2178
+  _globals['_TOKENLOGPROBS']._serialized_end=2280
+  _globals['_USAGE']._serialized_start=2282
+  _globals['_USAGE']._serialized_end=2393
+  _globals['_GENERATERESPONSE']._serialized_start=2396
+  _globals['_GENERATERESPONSE']._serialized_end=2744
+  _globals['_LISTMODELSREQUEST']._serialized_start=2746
+  _globals['_LISTMODELSREQUEST']._serialized_end=2765
+  _globals['_MODELINFO']._serialized_start=2768
+  _globals['_MODELINFO']._serialized_end=2975
+  _globals['_LISTMODELSRESPONSE']._serialized_start=2977
+  _globals['_LISTMODELSRESPONSE']._serialized_end=3037
+  _globals['_GENERATION']._serialized_start=3083
+  _globals['_GENERATION']._serialized_end=3249
 # @@protoc_insertion_point(module_scope)

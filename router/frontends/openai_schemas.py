@@ -23,7 +23,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from llmserve.limits import flag_of
 from llmserve.multimodal import decode_data_url
 from llmserve.prompt_input import CONTINUE_NEEDS_NO_GENERATION_PROMPT, ChatPrompt, PromptInput
-from llmserve.sampling_extras import GUIDED_FIELDS, plugin_call_messages, structured_output_message
+from llmserve.sampling_extras import (
+    GUIDED_FIELDS,
+    MAX_BEAM_WIDTH,
+    plugin_call_messages,
+    structured_output_message,
+)
 from llmserve.v1 import generation_pb2 as gen_pb
 from router.errors import LimitRefused
 from router.frontends.openai_errors import InvalidParam, validation_param
@@ -87,6 +92,9 @@ class _SamplingRequest(BaseModel):
     guided_grammar: str | None = None
     logits_processors: list[Any] | None = None
     stopping_criteria: list[Any] | None = None
+    # vLLM's beam search: the n best of n beams (n is the beam width)
+    use_beam_search: bool = False
+    length_penalty: float = Field(1.0, ge=-10.0, le=10.0)
 
     def to_router_requests(self, request_id: str, max_prompts: int,
                            tool_parser: str | None = None) -> list[RouterRequest]:
@@ -137,6 +145,11 @@ class _SamplingRequest(BaseModel):
         for token_id, bias in (self.logit_bias or {}).items():
             s.logit_bias[token_id] = bias
         self._add_extras(s, tool_format)
+        if self.use_beam_search:  # a stream gets each beam whole when the search ends
+            if self.n > MAX_BEAM_WIDTH:
+                raise InvalidParam("n", f"n (the beam width with use_beam_search) must be at most "
+                                   f"{MAX_BEAM_WIDTH}")
+            s.beam_search.CopyFrom(gen_pb.BeamSearch(beam_width=self.n, length_penalty=self.length_penalty))
         return s
 
     def _add_extras(self, s: gen_pb.SamplingParams, tool_format: dict[str, Any] | None = None) -> None:

@@ -85,6 +85,33 @@ def _config_qwen3() -> Any:
     )
 
 
+def _config_mixtral() -> Any:
+    from transformers import MixtralConfig
+
+    return MixtralConfig(**{**_COMMON, "head_dim": 16, "sliding_window": None, "tie_word_embeddings": False,
+                            "num_local_experts": 4, "num_experts_per_tok": 2, "intermediate_size": 64})
+
+
+def _config_qwen3_moe() -> Any:
+    from transformers import Qwen3MoeConfig
+
+    # layer 1 dense (mlp_only_layers), layers 0 and 2 sparse: 8 experts, top 2 renormalized
+    return Qwen3MoeConfig(**{**_COMMON, "num_hidden_layers": 3, "head_dim": 16, "tie_word_embeddings": False,
+                             "use_sliding_window": False, "num_experts": 8, "num_experts_per_tok": 2,
+                             "moe_intermediate_size": 32, "decoder_sparse_step": 1, "mlp_only_layers": [1],
+                             "norm_topk_prob": True})
+
+
+def _config_qwen2_moe() -> Any:
+    from transformers import Qwen2MoeConfig
+
+    # layer 0 dense, layer 1 sparse (decoder_sparse_step 2) with a shared expert; top 2 not renormalized
+    return Qwen2MoeConfig(**{**_COMMON, "tie_word_embeddings": False, "use_sliding_window": False,
+                             "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+                             "shared_expert_intermediate_size": 48, "decoder_sparse_step": 2,
+                             "norm_topk_prob": False})
+
+
 # family -> config builder; "llama" uses llama3 rope scaling, "llama_tied" linear scaling + biases.
 FAMILIES: MappingProxyType[str, Callable[[], Any]] = MappingProxyType(
     {
@@ -93,6 +120,15 @@ FAMILIES: MappingProxyType[str, Callable[[], Any]] = MappingProxyType(
         "mistral": _config_mistral,
         "qwen2": _config_qwen2,
         "qwen3": _config_qwen3,
+    }
+)
+# The mixture-of-experts families, apart (the dense tests iterate FAMILIES); their routers are
+# randomized when built (HF initializes Qwen's at zero).
+MOE_FAMILIES: MappingProxyType[str, Callable[[], Any]] = MappingProxyType(
+    {
+        "mixtral": _config_mixtral,
+        "qwen3_moe": _config_qwen3_moe,
+        "qwen2_moe": _config_qwen2_moe,
     }
 )
 
@@ -113,10 +149,11 @@ def save_smollm2_tokenizer(dst: Path, gguf_file: Path) -> Path:
 
 
 def make_tiny_config(family: str) -> Any:
-    """The HF config of one tiny family (see :data:`FAMILIES`)."""
-    if family not in FAMILIES:
-        raise ValueError(f"unknown family {family!r}; known: {list(FAMILIES)}")
-    return FAMILIES[family]()
+    """The HF config of one tiny family (see :data:`FAMILIES` and :data:`MOE_FAMILIES`)."""
+    builder = FAMILIES.get(family) or MOE_FAMILIES.get(family)
+    if builder is None:
+        raise ValueError(f"unknown family {family!r}; known: {[*FAMILIES, *MOE_FAMILIES]}")
+    return builder()
 
 
 def _randomize(model: Any, weights_of: tuple[str, ...] = ()) -> None:
@@ -157,7 +194,7 @@ def make_tiny_model(
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        _randomize(model)
+        _randomize(model, ("gate.weight",) if family in MOE_FAMILIES else ())
     dst.mkdir(parents=True, exist_ok=True)
     kwargs: dict[str, Any] = {"safe_serialization": True}
     if max_shard_size is not None:

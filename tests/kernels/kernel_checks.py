@@ -14,7 +14,7 @@ import dataclasses
 import json
 import sys
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -23,7 +23,10 @@ import triton.language as tl
 
 from kernels import reference
 from kernels import triton_ops as tops
+from kernels.quant_reference import quantize_fp8_rows
 from kernels.triton_ops.decode_attention import first_tile_lines
+from kernels.triton_ops.fp8_common import software_fp8
+from kernels.triton_ops.moe import e4m3_to
 
 
 @dataclass(frozen=True)
@@ -605,6 +608,188 @@ def check_lora_expand(t: Target) -> None:
                 assert_close(got, want, t.dtype, what, scale=4)
 
 
+# Mixture of experts: (tokens T, hidden H, intermediate I, experts E, top-k K, routing, block_m,
+# block_n, block_k; None: the op's default). H 48 and I 24 are not multiples of any block; the
+# small blocks make the products loop over H (3 steps of 16) and I, and tile the columns with a
+# tail. Routing: "random" (a softmax router's top-k), "some" (only experts 0, 3 and 6 of 8 get
+# pairs: the others none), "all" (expert 2 in every token's top-k: with K 1 it gets every token).
+_MOE_SHAPES = [(0, 32, 24, 4, 2, "random", None, None, None), (1, 32, 24, 4, 1, "random", None, None, None),
+               (1, 48, 64, 8, 2, "random", None, None, None), (5, 48, 24, 8, 2, "random", None, None, 16),
+               (5, 32, 64, 4, 2, "random", 32, 16, 16), (37, 48, 64, 8, 2, "random", None, None, None),
+               (37, 32, 24, 4, 1, "random", None, 16, 16), (37, 48, 24, 8, 2, "some", None, None, None),
+               (37, 48, 64, 4, 1, "all", None, None, None), (37, 32, 24, 4, 2, "all", 64, None, None)]
+_MOE_BIG_SHAPES = [(1, 2048, 768, 64, 8, "random", None, None, None),
+                   (200, 1024, 512, 16, 4, "random", None, None, None),
+                   (3000, 512, 352, 8, 2, "random", None, None, None),
+                   (513, 4096, 1408, 8, 2, "some", None, None, None),
+                   (700, 1000, 200, 4, 1, "all", None, None, None)]
+
+
+def moe_routing(tokens: int, num_experts: int, top_k: int, routing: str,
+                gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(topk_weights, topk_ids)`` as a softmax router gives them (``torch.topk``: distinct ids per
+    token), float32 and int64 on the CPU; ``routing`` as in ``_MOE_SHAPES``."""
+    logits = torch.randn(tokens, num_experts, generator=gen)
+    if routing == "some":  # only experts 0, 3, 6, ... may be picked
+        logits[:, torch.arange(num_experts) % 3 != 0] = float("-inf")
+    elif routing == "all":  # expert 2 first in every token's top-k (the others keep real weights)
+        logits[:, 2] = logits.amax(dim=-1) + 0.5
+    return torch.topk(torch.softmax(logits, dim=-1), top_k, dim=-1)
+
+
+def check_fused_moe(t: Target) -> None:
+    """The op against the reference. float32: the same float32 arithmetic in another order
+    (:func:`assert_close`'s float32 bounds). 16-bit: the reference rounds to bf16/fp16 each linear's
+    output, SiLU, the product, each expert's weighted term and each partial sum (about 7 roundings
+    of half an ulp); the op rounds the SiLU-and-mul product and the final sum only (the partial
+    sums are float32). So up to 4 ulps (3.2e-2 bf16, 4e-3 fp16) of absolute and relative slack and
+    a relative norm error of 1e-2 (bf16) / 1.5e-3 (fp16) between them; and the op must be about as
+    close to the float64 result as the reference (relative norm error at most twice the
+    reference's: it is usually below it, but a one-token output of 32 values is noisy and the
+    interpreter rounds the bf16 product toward zero, twice the error of the GPU's rounding)."""
+    gen = torch.Generator().manual_seed(14)
+    shapes = _MOE_SHAPES + (_MOE_BIG_SHAPES if t.big else [])
+    for i, (tokens, hidden, inter, num_experts, top_k, routing, bm, bn, bk) in enumerate(shapes):
+        what = (f"fused_moe T={tokens} H={hidden} I={inter} E={num_experts} K={top_k} {routing} "
+                f"blocks={bm},{bn},{bk}")
+        x = _randn(tokens, hidden + 3, t=t, gen=gen)[:, :hidden]  # rows strided, as a column slice
+        w13 = _randn(num_experts, 2 * inter, hidden, t=t, gen=gen) * hidden**-0.5
+        w2 = _randn(num_experts, hidden, inter, t=t, gen=gen) * inter**-0.5
+        weights, ids = moe_routing(tokens, num_experts, top_k, routing, gen)
+        weights = weights.to(t.device)
+        ids = ids.to(device=t.device, dtype=torch.int32 if i % 2 else torch.int64)  # the op takes both
+        got = tops.fused_moe(x, w13, w2, weights, ids, block_m=bm, block_n=bn, block_k=bk)
+        ref = reference.fused_moe(x, w13, w2, weights, ids)
+        if tokens == 0:
+            assert got.shape == (0, hidden) and got.dtype == t.dtype, what
+            continue
+        scale = max(1.0, float(ref.abs().max()))
+        if t.dtype == torch.float32:
+            assert_close(got, ref, t.dtype, what, scale=scale)
+            continue
+        exact = reference.fused_moe(x.double(), w13.double(), w2.double(), weights.double(), ids)
+        ulps = 4 * (2.0**-8 if t.dtype == torch.bfloat16 else 2.0**-11)
+        assert not torch.isnan(got).any() and got.shape == ref.shape and got.dtype == ref.dtype, what
+        err = (got.double() - ref.double()).abs()
+        bad = err > ulps * (scale + ref.double().abs())
+        assert not bad.any(), f"{what}: {int(bad.sum())}/{bad.numel()} off, max err {float(err.max()):.3e}"
+        norm_err = float((got.double() - ref.double()).norm() / ref.double().norm())
+        bound = 1e-2 if t.dtype == torch.bfloat16 else 1.5e-3
+        assert norm_err <= bound, f"{what}: relative norm error {norm_err:.3e} > {bound}"
+        got_exact = float((got.double() - exact).norm() / exact.norm())
+        ref_exact = float((ref.double() - exact).norm() / exact.norm())
+        assert got_exact <= 2 * ref_exact, f"{what}: {got_exact:.3e} from float64, reference {ref_exact:.3e}"
+
+
+
+# FP8 experts (W8A16), as _MOE_SHAPES: H 48 and I 24/40 are not multiples of the blocks; "some"
+# leaves 5 of 8 experts without pairs (and 5 tokens over 8 experts with "random" leave some too).
+_MOE_FP8_SHAPES = [(0, 32, 24, 4, 2, "random", None, None, None),
+                   (1, 32, 24, 4, 1, "random", None, None, None),
+                   (5, 48, 24, 8, 2, "random", None, None, 16),
+                   (37, 48, 40, 8, 2, "some", None, 16, 16),
+                   (37, 48, 24, 4, 2, "all", 32, None, None)]
+_MOE_FP8_BIG_SHAPES = [(1, 2048, 768, 64, 8, "random", None, None, None),
+                       (513, 4096, 1408, 8, 2, "some", None, None, None),
+                       (700, 1000, 200, 4, 1, "all", None, None, None)]
+
+
+def quantize_experts(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stacked experts ``[E, R, C]`` -> ``(e4m3 [E, R, C], float32 scales [E, R])``:
+    :func:`kernels.quant_reference.quantize_fp8_rows` on each expert's ``[R, C]`` (one scale per
+    row), as the MoE layer quantizes its experts while loading."""
+    parts = [quantize_fp8_rows(expert) for expert in w]
+    return torch.stack([q for q, _ in parts]), torch.stack([scale.squeeze(-1) for _, scale in parts])
+
+
+@triton.jit
+def _e4m3_decode_kernel(w_ptr, out_ptr, SOFT_FP8: tl.constexpr):
+    codes = tl.arange(0, 256)
+    tl.store(out_ptr + codes, e4m3_to(tl.load(w_ptr + codes), out_ptr.dtype.element_ty, SOFT_FP8))
+
+
+def check_e4m3_decode(t: Target) -> None:
+    """``moe.e4m3_to`` on all 256 e4m3 codes against torch's conversion, bit for bit (NaN codes:
+    NaN, payload and sign free): the integer decode under the interpreter, the hardware one on a
+    GPU. The interpreter's own conversion decodes 0x7F/0xFF as +-480."""
+    codes = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(torch.float8_e4m3fn).to(t.device)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        out = torch.full((256,), 7.0, dtype=dtype, device=t.device)
+        _e4m3_decode_kernel[(1,)](codes, out, SOFT_FP8=software_fp8(codes))
+        want = codes.to(dtype)
+        nan = want.isnan()
+        assert torch.equal(out.isnan(), nan), f"e4m3 -> {dtype}: NaN at {torch.nonzero(out.isnan() != nan)}"
+        assert _same_bits(out[~nan], want[~nan]), f"e4m3 -> {dtype}: {out[~nan]} != {want[~nan]}"
+
+
+def fused_moe_fp8_runs(t: Target,
+                       gen: torch.Generator) -> Iterator[tuple[str, bool, torch.Tensor, torch.Tensor]]:
+    """``(what, big, op, reference)`` on fp8 experts for each shape of ``_MOE_FP8_SHAPES`` (and of
+    ``_MOE_FP8_BIG_SHAPES`` with ``t.big``), operands drawn from ``gen``."""
+    shapes = [(s, False) for s in _MOE_FP8_SHAPES]
+    shapes += [(s, True) for s in (_MOE_FP8_BIG_SHAPES if t.big else [])]
+    for i, ((tokens, hidden, inter, num_experts, top_k, routing, bm, bn, bk), big) in enumerate(shapes):
+        what = (f"fused_moe fp8 T={tokens} H={hidden} I={inter} E={num_experts} K={top_k} {routing} "
+                f"blocks={bm},{bn},{bk}")
+        x = _randn(tokens, hidden + 3, t=t, gen=gen)[:, :hidden]  # rows strided
+        w13, w13_scale = quantize_experts(torch.randn(num_experts, 2 * inter, hidden, generator=gen)
+                                          * hidden**-0.5)
+        w2, w2_scale = quantize_experts(torch.randn(num_experts, hidden, inter, generator=gen) * inter**-0.5)
+        # Strided operands: w13 a slice of wider rows, w2_scale column-major.
+        wide = torch.zeros(num_experts, 2 * inter, hidden + 5, dtype=w13.dtype)
+        wide[:, :, :hidden] = w13
+        w13 = wide.to(t.device)[:, :, :hidden]
+        w2, w13_scale = w2.to(t.device), w13_scale.to(t.device)
+        w2_scale = w2_scale.t().contiguous().to(t.device).t()
+        weights, ids = moe_routing(tokens, num_experts, top_k, routing, gen)
+        weights = weights.to(t.device)
+        ids = ids.to(device=t.device, dtype=torch.int32 if i % 2 else torch.int64)
+        got = tops.fused_moe(x, w13, w2, weights, ids, w13_scale, w2_scale,
+                             block_m=bm, block_n=bn, block_k=bk)
+        yield what, big, got, reference.fused_moe(x, w13, w2, weights, ids, w13_scale, w2_scale)
+
+
+# Per-element bound of check_fused_moe_fp8, times ``scale + |ref|``, and the relative norm bound.
+_MOE_FP8_TOLERANCE = {torch.float32: (2e-6, 2e-6), torch.bfloat16: (2.0**-6, 1.2e-2),
+                      torch.float16: (2.0**-9, 5e-4)}
+
+
+def check_fused_moe_fp8(t: Target) -> None:
+    """FP8 experts (W8A16: e4m3 ``w13``/``w2``, float32 row scales) against the reference's fp8
+    path, after :func:`check_e4m3_decode`. Both multiply the activation by the exact e4m3 values
+    (products of 16-bit activations and e4m3 values are exact in float32; float32 activations
+    round each product once, as the reference does), sum in float32 in another order, scale the
+    sums by the rows' scales and round ``silu(gate) * up`` to ``x``'s dtype; the kernel's SiLU is
+    ``g / (1 + exp(-g))``, torch's its own float32 formula.
+
+    Per element ``|op - ref| <= tol * (scale + |ref|)`` (``scale``: the output's largest magnitude,
+    at least 1), and a relative norm error bound (``_MOE_FP8_TOLERANCE``). float32: only float32
+    rounding differs, tol 2e-6, norm 2e-6 (the small shapes under the interpreter, 15 seeds: at
+    most 3.3e-7 and 4.6e-7); the big shapes (GPU) sum up to 4096 terms and get
+    :func:`assert_close`'s float32 bounds, as :func:`check_fused_moe`. 16-bit: a sum that differs
+    in its last float32 bit can round the intermediate the other way, and the interpreter rounds
+    the intermediate toward zero where the reference (and the GPU) rounds to nearest, an error
+    of up to 1 ulp on every term of the down product: tol 4 half-ulps (2^-6 bf16, 2^-9 fp16),
+    norm 1.2e-2 (bf16) / 5e-4 (fp16). Measured under the interpreter, 15 seeds: bf16 at most
+    5.5e-3 (1.6e-2 absolute at ``scale`` 2), norm 6.1e-3; fp16 at most 1.1e-4, norm 1.4e-5."""
+    check_e4m3_decode(t)
+    for what, big, got, ref in fused_moe_fp8_runs(t, torch.Generator().manual_seed(15)):
+        assert got.shape == ref.shape and got.dtype == t.dtype, what
+        if ref.numel() == 0:
+            continue
+        scale = max(1.0, float(ref.abs().max()))
+        if big and t.dtype == torch.float32:
+            assert_close(got, ref, t.dtype, what, scale=scale)
+            continue
+        assert not torch.isnan(got).any(), what
+        tol, norm_bound = _MOE_FP8_TOLERANCE[t.dtype]
+        err = (got.double() - ref.double()).abs()
+        bad = err > tol * (scale + ref.double().abs())
+        assert not bad.any(), f"{what}: {int(bad.sum())}/{bad.numel()} off, max err {float(err.max()):.3e}"
+        norm_err = float(err.norm() / ref.double().norm())
+        assert norm_err <= norm_bound, f"{what}: relative norm error {norm_err:.3e} > {norm_bound}"
+
+
 CHECKS: dict[str, Callable[[Target], None]] = {
     "store_kvcache": check_store_kvcache,
     "paged_attention": check_paged_attention,
@@ -620,6 +805,8 @@ CHECKS: dict[str, Callable[[Target], None]] = {
     "argmax_rows": check_argmax_rows,
     "lora_shrink": check_lora_shrink,
     "lora_expand": check_lora_expand,
+    "fused_moe": check_fused_moe,
+    "fused_moe_fp8": check_fused_moe_fp8,
 }
 
 

@@ -140,11 +140,12 @@ class DecoderAttention(nn.Module):
 
 
 class DecoderMLP(nn.Module):
-    def __init__(self, cfg: Any, flags: DecoderFlags, ctx: BuildContext, prefix: str) -> None:
+    def __init__(self, cfg: Any, flags: DecoderFlags, ctx: BuildContext, prefix: str,
+                 intermediate_size: int | None = None) -> None:
         super().__init__()
         if getattr(cfg, "hidden_act", "silu") != "silu":
             raise ValueError(f"unsupported hidden_act {cfg.hidden_act!r} (only silu)")
-        size, tp = cfg.intermediate_size, ctx.parallel.tp
+        size, tp = intermediate_size or cfg.intermediate_size, ctx.parallel.tp
         self.gate_up_proj = MergedColumnParallelLinear(
             cfg.hidden_size, [size, size], bias=flags.mlp_bias, dtype=ctx.dtype, tp=tp,
             method=ctx.linear(f"{prefix}.gate_up_proj"),
@@ -166,19 +167,31 @@ class DecoderMLP(nn.Module):
         return self.down_proj(self.act(self.gate_up_proj(x)))
 
 
+# The MLP of the layer at a parameter-name prefix ("model.layers.3"), or None for the dense one
+# (a mixture-of-experts family builds its sparse layers here: models/moe.py).
+MlpBuilder = Callable[[Any, DecoderFlags, BuildContext, int, str], nn.Module | None]
+
+
+def dense_mlp(cfg: Any, flags: DecoderFlags, ctx: BuildContext, index: int, prefix: str) -> nn.Module | None:
+    return None
+
+
 class DecoderLayer(nn.Module):
     def __init__(
-        self, cfg: Any, flags: DecoderFlags, rotary: RotaryEmbedding, ctx: BuildContext, prefix: str
+        self, cfg: Any, flags: DecoderFlags, rotary: RotaryEmbedding, ctx: BuildContext, prefix: str,
+        mlp: nn.Module | None = None,
     ) -> None:
         super().__init__()
         self.self_attn = DecoderAttention(cfg, flags, rotary, ctx, f"{prefix}.self_attn")
-        self.mlp = DecoderMLP(cfg, flags, ctx, f"{prefix}.mlp")
+        self.mlp = mlp if mlp is not None else DecoderMLP(cfg, flags, ctx, f"{prefix}.mlp")
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ctx.ops, ctx.dtype)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ctx.ops, ctx.dtype)
         # Each norm's output feeds one projection only (qkv, gate_up): an fp8 one takes it
         # quantized by the norm kernel (kernels.quant_reference.Fp8Activation).
         self.input_layernorm.fp8_out = self.self_attn.qkv_proj.linear_method.takes_fp8_activation
-        self.post_attention_layernorm.fp8_out = self.mlp.gate_up_proj.linear_method.takes_fp8_activation
+        gate_up = getattr(self.mlp, "gate_up_proj", None)  # a sparse MLP's experts take no fp8 input
+        self.post_attention_layernorm.fp8_out = (gate_up is not None
+                                                 and gate_up.linear_method.takes_fp8_activation)
 
     def forward(
         self,
@@ -203,7 +216,8 @@ class MissingLayer(nn.Module):
 
 
 class DecoderModel(nn.Module):
-    def __init__(self, cfg: Any, flags: DecoderFlags, ctx: BuildContext) -> None:
+    def __init__(self, cfg: Any, flags: DecoderFlags, ctx: BuildContext, build_mlp: MlpBuilder = dense_mlp
+                 ) -> None:
         super().__init__()
         parallel = ctx.parallel
         self.start, self.end = parallel.layers(cfg.num_hidden_layers)
@@ -215,7 +229,8 @@ class DecoderModel(nn.Module):
         # One cos/sin cache shared by all layers (registered once, under the first layer's path).
         rotary = RotaryEmbedding(cfg, head_dim_of(cfg), cfg.max_position_embeddings, ctx.ops)
         self.layers = nn.ModuleList(
-            DecoderLayer(cfg, flags, rotary, ctx, f"model.layers.{i}") if self.start <= i < self.end
+            DecoderLayer(cfg, flags, rotary, ctx, f"model.layers.{i}",
+                         build_mlp(cfg, flags, ctx, i, f"model.layers.{i}.mlp")) if self.start <= i < self.end
             else MissingLayer()
             for i in range(cfg.num_hidden_layers)
         )
@@ -232,6 +247,9 @@ class LlamaForCausalLM(nn.Module):
         bias = bool(getattr(hf_config, "attention_bias", False))
         return DecoderFlags(qkv_bias=bias, o_bias=bias, mlp_bias=bool(getattr(hf_config, "mlp_bias", False)))
 
+    # The family's MLP per layer (dense: None); a mixture-of-experts subclass overrides it.
+    build_mlp: MlpBuilder = staticmethod(dense_mlp)
+
     def __init__(
         self,
         hf_config: Any,
@@ -244,7 +262,7 @@ class LlamaForCausalLM(nn.Module):
         ctx = BuildContext(ops, dtype, parallel or ModelParallel(), linear)
         self.config = hf_config
         self.parallel = ctx.parallel
-        self.model = DecoderModel(hf_config, self.flags_for(hf_config), ctx)
+        self.model = DecoderModel(hf_config, self.flags_for(hf_config), ctx, self.build_mlp)
         self.lm_head: ParallelLMHead | None = None
         if ctx.parallel.is_last_stage:
             # A tied head shares the embedding's shard when this stage has it; a last stage

@@ -16,8 +16,11 @@ _MODELS = MappingProxyType(
         "LlamaForCausalLM": (f"{_PKG}.llama", "LlamaForCausalLM"),
         "LlavaForConditionalGeneration": (f"{_PKG}.llava", "LlavaForConditionalGeneration"),
         "MistralForCausalLM": (f"{_PKG}.llama", "MistralForCausalLM"),
+        "MixtralForCausalLM": (f"{_PKG}.moe", "MixtralForCausalLM"),
         "Qwen2ForCausalLM": (f"{_PKG}.llama", "Qwen2ForCausalLM"),
+        "Qwen2MoeForCausalLM": (f"{_PKG}.moe", "Qwen2MoeForCausalLM"),
         "Qwen3ForCausalLM": (f"{_PKG}.qwen3", "Qwen3ForCausalLM"),
+        "Qwen3MoeForCausalLM": (f"{_PKG}.moe", "Qwen3MoeForCausalLM"),
     }
 )
 

@@ -23,6 +23,18 @@ def test_weight_bytes_match_the_published_sizes() -> None:
     assert round(weight_bytes(LLAMA3_70B, 2) / 1e9) == 141  # 70.6 B parameters
 
 
+def test_weight_bytes_count_every_expert_of_a_moe_model() -> None:
+    mixtral = SimpleNamespace(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                              num_attention_heads=32, num_key_value_heads=8, vocab_size=32000,
+                              num_local_experts=8, num_experts_per_tok=2, tie_word_embeddings=False)
+    assert round(weight_bytes(mixtral, 2) / 1e9, 1) == 93.4  # Mixtral-8x7B: 46.7 B parameters
+    qwen3 = SimpleNamespace(hidden_size=2048, intermediate_size=6144, num_hidden_layers=48, head_dim=128,
+                            num_attention_heads=32, num_key_value_heads=4, vocab_size=151936, num_experts=128,
+                            num_experts_per_tok=8, moe_intermediate_size=768, decoder_sparse_step=1,
+                            mlp_only_layers=[], norm_topk_prob=True, tie_word_embeddings=False)
+    assert round(weight_bytes(qwen3, 2) / 1e9) == 61  # Qwen3-30B-A3B: 30.5 B parameters
+
+
 def test_smallest_tensor_parallel_size_that_fits() -> None:
     small = choose(LLAMA3_8B, 2, H200, 4, 0.9)
     assert (small.tensor_parallel_size, small.pipeline_parallel_size) == (1, 1)
