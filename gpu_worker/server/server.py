@@ -291,6 +291,8 @@ class WorkerServer:
             await engine.shutdown()
             return
         self.service.attach_engine(engine)
+        await self._export_lora(self.service.adapters)
+        self.service.on_adapters_changed(self._export_lora)
         engine.on_dead(self._on_engine_dead)
         if self.config.redis_url or self._fleet_store is not None:
             try:
@@ -307,6 +309,10 @@ class WorkerServer:
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         self._ready.set()
         logger.info("worker %s serving %s", self.service.worker_id, self.service.model_name)
+
+    async def _export_lora(self, adapters: tuple[str, ...]) -> None:
+        self.engine_metrics.metrics.set_lora(self.engine_config.model_name, self.engine_config.num_lora_slots,
+                                             len(adapters))
 
     async def _join_fleet(self) -> None:
         from gpu_worker.server.fleet_link import FleetLink

@@ -158,12 +158,24 @@ class WorkerMetrics:
         self.standby_promotions = Counter(
             PREFIX + "standby_promotions", "Times this worker, started as a warm standby, promoted itself to "
             "serve (0 or 1 per worker).", m, registry=r)
+        self.lora_slots = Gauge(
+            PREFIX + "lora_slots", "LoRA slots: adapters the worker holds at once (--max-loras; 0: no LoRA).",
+            m, registry=r)
+        self.lora_adapters_loaded = Gauge(
+            PREFIX + "lora_adapters_loaded", "LoRA adapters served now (--lora-modules and runtime loads).",
+            m, registry=r)
         self._cumulative: dict[str, _Cumulative] = {}
         self._lock = threading.Lock()  # update_scheduler_stats may run on the engine thread
 
     def on_refusal(self, model: str, limit: str) -> None:
         """A request was refused because it exceeded ``limit`` (a bounded set of setting names)."""
         self.request_refusals.labels(model, limit).inc()
+
+    def set_lora(self, model: str, slots: int, loaded: int) -> None:
+        """The worker's LoRA slots and the adapters it serves now (set at start and after each
+        runtime load or unload)."""
+        self.lora_slots.labels(model).set(slots)
+        self.lora_adapters_loaded.labels(model).set(loaded)
 
     def set_kv_cache_capacity(self, model: str, tokens: int) -> None:
         """The KV pool's capacity in tokens (fixed once the engine has sized it)."""

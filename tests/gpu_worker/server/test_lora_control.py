@@ -2,7 +2,8 @@
 model of its own at once (``ListModels``, its fleet record, ``Generate`` by its name), each
 refusal has its status (INVALID_ARGUMENT outside ``--lora-root``, ALREADY_EXISTS for a loaded
 name, RESOURCE_EXHAUSTED with every slot taken, NOT_FOUND for an unload of an unknown name), an
-unload takes the adapter out of the record and the list and frees its slot."""
+unload takes the adapter out of the record and the list and frees its slot; the worker's
+``llmserve:lora_slots`` / ``llmserve:lora_adapters_loaded`` gauges follow."""
 
 from __future__ import annotations
 
@@ -34,6 +35,13 @@ class Worker:
     target: str
     store: MemoryStateStore
     root: Path
+    server: WorkerServer
+
+    def lora_gauges(self) -> tuple[float | None, float | None]:
+        """(llmserve:lora_slots, llmserve:lora_adapters_loaded) as a scrape reads them."""
+        registry = self.server.engine_metrics.metrics.registry
+        return tuple(registry.get_sample_value(f"llmserve:{name}", {"model_name": MODEL})  # type: ignore[return-value]
+                     for name in ("lora_slots", "lora_adapters_loaded"))
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
@@ -51,7 +59,7 @@ async def worker(tiny_model: Callable[[str], Path], tmp_path_factory: pytest.Tem
                                                advertise_address=f"127.0.0.1:{port}"), fleet_store=store)
     await server.start()
     await server.wait_ready()
-    yield Worker(server.target, store, root)
+    yield Worker(server.target, store, root, server)
     await server.drain(0.1)
 
 
@@ -69,6 +77,7 @@ async def test_load_serve_refuse_and_unload(worker: Worker) -> None:
         reply = await control.LoadLoraAdapter(ipb.LoadLoraAdapterRequest(lora_name="a",
                                                                           lora_path=str(worker.root / "a")))
         assert list(reply.adapters) == ["a"]
+        assert worker.lora_gauges() == (1.0, 1.0)
         models = await generation.ListModels(pb.ListModelsRequest())
         assert {m.name: m.parent for m in models.models} == {MODEL: "", "a": MODEL}
         [record] = (await worker.store.read_fleet()).workers
@@ -94,6 +103,7 @@ async def test_load_serve_refuse_and_unload(worker: Worker) -> None:
 
         reply = await control.UnloadLoraAdapter(ipb.UnloadLoraAdapterRequest(lora_name="a"))
         assert list(reply.adapters) == []
+        assert worker.lora_gauges() == (1.0, 0.0)
         [record] = (await worker.store.read_fleet()).workers
         assert record.adapters == ()
         err = await refusal(collect(generation.Generate(pb.GenerateRequest(
