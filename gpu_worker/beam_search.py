@@ -19,7 +19,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 
-from gpu_worker.outputs import Logprob
+from gpu_worker.outputs import Logprob, RequestOutput
 from gpu_worker.sampling_params import SamplingParams
 from llmserve.sampling_extras import MAX_BEAM_WIDTH
 
@@ -116,9 +116,9 @@ def beam_score(beam: BeamSearchSequence, eos_token_ids: frozenset[int], length_p
 
 class BeamSearch:
     """One prompt's search. Each step: :attr:`live` are the beams to extend (one engine request
-    each, ``max_tokens`` 1, ``logprobs`` :attr:`candidates_per_beam`), :meth:`step` takes each
-    live beam's candidates; :attr:`done` once no beam is left to extend or the budget is spent;
-    :meth:`best` then ranks."""
+    each, :meth:`step_params`), :meth:`step` takes each live beam's candidates
+    (:func:`candidates_of` its request's output); :attr:`done` once no beam is left to extend or
+    the budget is spent; :meth:`best` then ranks."""
 
     def __init__(self, prompt: Sequence[int], params: BeamSearchParams, eos_token_ids: frozenset[int]
                  ) -> None:
@@ -132,9 +132,11 @@ class BeamSearch:
         self.completed: list[BeamSearchSequence] = []
         self.steps = 0
 
-    @property
-    def candidates_per_beam(self) -> int:
-        return 2 * self.params.beam_width
+    def step_params(self) -> SamplingParams:
+        """What each live beam's request of a step asks for: one token and its top
+        ``2 * beam_width`` log probabilities (greedy: the drawn token is the first of them)."""
+        return SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True,
+                              logprobs=2 * self.params.beam_width)
 
     @property
     def done(self) -> bool:
@@ -167,6 +169,12 @@ class BeamSearch:
         everything = self.completed + [_finished(b, "length") for b in self.live]
         everything.sort(key=self._score, reverse=True)
         return everything[: self.params.beam_width]
+
+
+def candidates_of(output: RequestOutput) -> dict[int, Logprob]:
+    """A beam's next-token candidates from its one-token request's output."""
+    logprobs = output.outputs[0].logprobs
+    return dict(logprobs[0]) if logprobs else {}
 
 
 def _finished(beam: BeamSearchSequence, reason: str) -> BeamSearchSequence:

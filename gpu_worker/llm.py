@@ -7,7 +7,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
-from gpu_worker.beam_search import BeamSearch, BeamSearchOutput, BeamSearchParams, resolve_max_tokens
+from gpu_worker.beam_search import (
+    BeamSearch,
+    BeamSearchOutput,
+    BeamSearchParams,
+    candidates_of,
+    resolve_max_tokens,
+)
 from gpu_worker.config import EngineConfig
 from gpu_worker.engine.llm_engine import LLMEngine
 from gpu_worker.engine.output_processor import OutputKind
@@ -42,6 +48,15 @@ def _offline_prompt(prompt: Any) -> tuple[PromptInput, tuple[Any, ...]]:
     if not isinstance(images, (list, tuple)):
         images = (images,)
     return text_or_ids, tuple(images)
+
+
+def _prompt_batch(prompts: OfflinePrompt | Sequence[OfflinePrompt]) -> list[OfflinePrompt]:
+    """The prompts of one call: a single prompt (a text, token ids, a dict) or a list of them."""
+    if isinstance(prompts, (str, Mapping)) or (
+        isinstance(prompts, Sequence) and prompts and isinstance(prompts[0], int)
+    ):
+        return [prompts]  # type: ignore[list-item]
+    return list(prompts)  # type: ignore[arg-type]
 
 
 def _chat_images(conversation: Sequence[Mapping[str, Any]]
@@ -115,13 +130,7 @@ class LLM:
         ``lora_request``: the LoRA adapter (a :class:`LoRARequest` or its name, one for all
         prompts or one per prompt) among the engine's ``lora_modules``; None: the base model.
         """
-        if isinstance(prompts, (str, Mapping)) or (
-            isinstance(prompts, Sequence) and prompts and isinstance(prompts[0], int)
-        ):
-            batch = [prompts]
-        else:
-            batch = list(prompts)  # type: ignore[arg-type]
-        inputs = [_offline_prompt(p) for p in batch]
+        inputs = [_offline_prompt(p) for p in _prompt_batch(prompts)]
         return self._run([p for p, _ in inputs], sampling_params, priority, lora_request,
                          images=[i for _, i in inputs])
 
@@ -135,29 +144,19 @@ class LLM:
         (``gpu_worker/beam_search.py``). Every step runs one token of every live beam of every
         prompt in one batch (the prefix cache serves what the beams share); ``text`` is each
         beam's tokens, the prompt's included, decoded (None without a tokenizer)."""
-        if isinstance(prompts, (str, Mapping)) or (
-            isinstance(prompts, Sequence) and prompts and isinstance(prompts[0], int)
-        ):
-            batch: list[OfflinePrompt] = [prompts]  # type: ignore[list-item]
-        else:
-            batch = list(prompts)  # type: ignore[arg-type]
-        adapters: list[LoraChoice] = (list(lora_request) if isinstance(lora_request, list | tuple)  # type: ignore[arg-type]
-                                      else [lora_request] * len(batch))  # type: ignore[list-item]
-        if len(adapters) != len(batch):
-            raise ValueError(f"lora_request has {len(adapters)} entries for {len(batch)} prompts")
+        batch = _prompt_batch(prompts)
+        adapters = lora_names(lora_request, len(batch), self._served_loras())
         eos = self.engine.processor.eos_token_ids
         prompt_ids = [self._token_ids(p) for p in batch]
         max_len = self.engine.core.max_model_len
         searches = [BeamSearch(ids, resolve_max_tokens(params, len(ids), max_len), eos) for ids in prompt_ids]
-        step = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True, logprobs=2 * params.beam_width)
         while not all(s.done for s in searches):
             live = [(i, beam) for i, s in enumerate(searches) if not s.done for beam in s.live]
-            outputs = self._run([list(beam.tokens) for _, beam in live], step,
+            outputs = self._run([list(beam.tokens) for _, beam in live], searches[0].step_params(),
                                 lora_request=[adapters[i] for i, _ in live])
             candidates: list[list[Any]] = [[] for _ in searches]
             for (i, _), output in zip(live, outputs, strict=True):
-                logprobs = output.outputs[0].logprobs
-                candidates[i].append(logprobs[0] if logprobs else {})
+                candidates[i].append(candidates_of(output))
             for search, found in zip(searches, candidates, strict=True):
                 if not search.done:
                     search.step(found)
@@ -255,9 +254,7 @@ class LLM:
         priorities = [0] * len(prompts) if priority is None else [int(p) for p in priority]
         if len(priorities) != len(prompts):
             raise ValueError(f"priority has {len(priorities)} entries for {len(prompts)} prompts")
-        paths = {**dict(self.engine.config.lora_adapters), **self._lora_paths}
-        served = {name: paths[name] for name in self.engine.processor.lora_names}
-        adapters = lora_names(lora_request, len(prompts), served)
+        adapters = lora_names(lora_request, len(prompts), self._served_loras())
         per_prompt = images if images is not None else [()] * len(prompts)
         processed = [
             self.engine.processor.process(str(next(self._ids)), prompt, params, priority=p, lora_name=name,
@@ -266,6 +263,11 @@ class LLM:
                 prompts, params_list, priorities, adapters, per_prompt, strict=True)
         ]
         return self._run_to_completion(processed)
+
+    def _served_loras(self) -> dict[str, str]:
+        """Adapter name -> folder of every adapter the engine serves now (configured or loaded)."""
+        paths = {**dict(self.engine.config.lora_adapters), **self._lora_paths}
+        return {name: paths[name] for name in self.engine.processor.lora_names}
 
     def _run_to_completion(self, processed: list[ProcessedRequest]) -> list[RequestOutput]:
         results: dict[str, RequestOutput] = {}

@@ -32,7 +32,13 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
-from gpu_worker.beam_search import BeamSearch, BeamSearchParams, BeamSearchSequence, resolve_max_tokens
+from gpu_worker.beam_search import (
+    BeamSearch,
+    BeamSearchParams,
+    BeamSearchSequence,
+    candidates_of,
+    resolve_max_tokens,
+)
 from gpu_worker.config import EngineConfig
 from gpu_worker.core.types import EngineCoreOutput, SchedulerStats
 from gpu_worker.engine.core_client import EngineCoreClient, make_core_client
@@ -244,16 +250,15 @@ class AsyncLLM:
         _, ids = self._processor.tokenize(prompt)
         params = resolve_max_tokens(params, len(ids), self.max_model_len)
         search = BeamSearch(ids, params, self._processor.eos_token_ids)
-        step = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True,
-                              logprobs=2 * params.beam_width)
+        step = search.step_params()
 
         async def next_token(tokens: tuple[int, ...], sub_id: str) -> dict[int, Logprob]:
             async with aclosing(self.generate(list(tokens), step, sub_id, priority=priority,
                                               lora_name=lora_name)) as outputs:
                 async for output in outputs:
-                    logprobs = output.outputs[0].logprobs
-                    if logprobs:
-                        return dict(logprobs[0])
+                    found = candidates_of(output)
+                    if found:
+                        return found
             return {}
 
         while not search.done:

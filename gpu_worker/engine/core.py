@@ -249,7 +249,10 @@ class EngineCore:
         logger.info("LoRA adapter %s unloaded (its slot is freed once its requests end)", name)
 
     def release_lora_slots(self) -> None:
-        """Empty the slots of unloaded adapters that no live request holds any more."""
+        """Empty the slots of unloaded adapters that no live request holds any more (called after
+        every step: the live requests are walked only while an unload waits)."""
+        if not self.lora.unloading:
+            return
         for change in self.lora.releasable(self.scheduler.live_lora_names()):
             self.executor.unload_lora(change.slot, change.name)
 

@@ -122,10 +122,13 @@ class LoraRegistry:
                                   f"{sorted(self._slot_of)}")
         self._unloading[name] = slot
 
+    @property
+    def unloading(self) -> bool:
+        """Whether an unload waits for its adapter's requests to end."""
+        return bool(self._unloading)
+
     def releasable(self, live_names: Iterable[str]) -> list[SlotChange]:
         """The unloads no live request holds back any more (their slots are free from now on)."""
-        if not self._unloading:
-            return []
         live = set(live_names)
         done = [SlotChange(slot, name, None) for name, slot in self._unloading.items() if name not in live]
         for change in done:

@@ -96,15 +96,15 @@ class FusedMoE(nn.Module):
             self.w13[expert, span].copy_(q)
             self.w13_scale[expert, span].copy_(scale.squeeze(-1))
 
-    def _put_down(self, expert: int, rows: torch.Tensor) -> None:
-        """One expert's whole down projection ``[H, I]``: this rank's columns (a row's fp8 scale
-        from the whole row)."""
+    def _put_down(self, expert: int, source: TensorSource) -> None:
+        """One expert's down projection ``[H, I]``: this rank's columns, read alone (16/32-bit) or
+        with the whole rows (fp8: a row's scale comes from the whole row)."""
         start, local = self.tp.rank * self.intermediate_local, self.intermediate_local
         with torch.no_grad():
             if self.w2_scale is None:
-                self.w2[expert].copy_(rows[:, start:start + local])
+                self.w2[expert].copy_(source.narrow(1, start, local))
                 return
-            rows = rows.to(self.w2.device)
+            rows = source.full().to(self.w2.device)
             amax = rows.float().abs().amax(dim=-1, keepdim=True)
             q, scale = quantize_fp8_rows(rows[:, start:start + local], amax)
             self.w2[expert].copy_(q)
@@ -117,7 +117,7 @@ class FusedMoE(nn.Module):
             raise ValueError(f"expert {expert} is outside [0, {self.num_experts})")
         kind = _EXPERT_PARTS[part]
         if kind == 2:
-            self._put_down(expert, source.full())
+            self._put_down(expert, source)
         else:
             self._put_rows(expert, kind, source.narrow(0, self.tp.rank * self.intermediate_local,
                                                        self.intermediate_local))
@@ -130,7 +130,7 @@ class FusedMoE(nn.Module):
         for expert in range(self.num_experts):
             tensor = source.narrow(0, expert, 1)[0]
             if name == "down_proj":
-                self._put_down(expert, tensor)
+                self._put_down(expert, TensorSource.of(tensor))
             else:
                 self._put_rows(expert, 0, tensor[start:start + local])
                 self._put_rows(expert, 1, tensor[full + start:full + start + local])
@@ -170,5 +170,5 @@ class FusedMoE(nn.Module):
                 self._put_rows(expert, kind, torch.randn(local, hidden, generator=generator,
                                                          device=self.w13.device) * std)
             down = torch.randn(hidden, local * self.tp.size, generator=generator, device=self.w2.device) * std
-            self._put_down(expert, down)
+            self._put_down(expert, TensorSource.of(down))
         return True

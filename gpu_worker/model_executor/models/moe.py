@@ -22,7 +22,14 @@ from gpu_worker.model_executor.layers.fused_moe import FusedMoE
 from gpu_worker.model_executor.layers.quantization.base import UnquantizedLinearMethod
 from gpu_worker.model_executor.layers.quantization.fp8 import Fp8LinearMethod
 from gpu_worker.model_executor.model_config import MoeShape, is_sparse_layer, moe_shape
-from gpu_worker.model_executor.models.llama import BuildContext, DecoderFlags, DecoderMLP, LlamaForCausalLM
+from gpu_worker.model_executor.models.llama import (
+    BuildContext,
+    DecoderFlags,
+    DecoderMLP,
+    LlamaForCausalLM,
+    Qwen2ForCausalLM,
+)
+from gpu_worker.model_executor.models.qwen3 import Qwen3ForCausalLM
 from gpu_worker.model_executor.weights import TensorSource
 
 # A sparse layer's router and experts as checkpoints name them (Mixtral's block_sparse_moe,
@@ -105,15 +112,10 @@ class MixtralForCausalLM(MoeForCausalLM):
 class Qwen3MoeForCausalLM(MoeForCausalLM):
     """Qwen3-MoE: Qwen3's attention (per-head q/k RMSNorm), sparse layers as the config says."""
 
-    @staticmethod
-    def flags_for(hf_config: Any) -> DecoderFlags:
-        bias = bool(getattr(hf_config, "attention_bias", False))
-        return DecoderFlags(qkv_bias=bias, o_bias=bias, qk_norm=True)
+    flags_for = staticmethod(Qwen3ForCausalLM.flags_for)
 
 
 class Qwen2MoeForCausalLM(MoeForCausalLM):
     """Qwen2-MoE: Qwen2's attention (q/k/v bias), sparse layers with a shared expert."""
 
-    @staticmethod
-    def flags_for(hf_config: Any) -> DecoderFlags:
-        return DecoderFlags(qkv_bias=True, o_bias=False)
+    flags_for = staticmethod(Qwen2ForCausalLM.flags_for)
